@@ -1,0 +1,322 @@
+"""The noise-scale monitor: three changed lines in an existing PyTorch training loop.
+
+    monitor = NoiseScaleMonitor(model, per_example_loss)     # 1. per_example_loss(outputs, targets) -> (B,)
+    for inputs, targets in loader:
+        optimizer.zero_grad()
+        loss = monitor(inputs, targets)                       # 2. replaces forward, loss and loss.backward()
+        optimizer.step()
+    monitor.history                                           # 3. a pandas DataFrame, one row per step
+
+Each measured step runs the one forward and backward the training needs, leaves every ``p.grad`` exactly as
+``per_example_loss(model(inputs), targets).mean().backward()`` would, and reads the per-example squared
+gradient norms from it (:mod:`noisescale.per_example`). From them come the unbiased estimates of |G|^2 and
+tr(Sigma) of McCandlish et al. (2018, appendix A), their exponential moving averages and B_simple =
+tr(Sigma)/|G|^2 with a confidence interval (:mod:`noisescale.estimators`); every ``hessian_every`` steps the
+Hessian proxies tr(H), G^T H G and B_noise = tr(H Sigma)/(G^T H G) (:mod:`noisescale.hessian`).
+
+The monitor never changes the training it observes: the gradients are those of a plain backward, and the
+Hessian probes and any torch.func fallback run on a forked random-number stream.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale
+from noisescale.hessian import hessian_noise_scale
+from noisescale.per_example import PerExampleGradNorms
+
+HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "gHg", "trace_h_sigma", "b_noise", "fisher_trace")
+
+
+@dataclass(frozen=True)
+class NoiseScaleSummary:
+    """The state of the averages after the steps seen so far."""
+
+    steps: int
+    examples_seen: int
+    b_simple: float
+    b_simple_interval: tuple[float, float]
+    confidence: float
+    trace_sigma: float
+    grad_sqnorm: float
+    b_noise: float
+    nonfinite_steps: int
+
+    @property
+    def suggested_batch_size(self) -> float:
+        """B_noise when measured, else B_simple: the critical batch size it predicts (McCandlish et al.)."""
+        return self.b_noise if math.isfinite(self.b_noise) else self.b_simple
+
+    def __str__(self) -> str:
+        low, high = self.b_simple_interval
+        lines = [
+            f"after {self.steps} steps ({self.examples_seen} examples):",
+            f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {high:.4g})",
+            f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}",
+            f"  B_noise = {self.b_noise:.4g}" if math.isfinite(self.b_noise) else "  B_noise: not measured",
+            f"  critical batch size suggested: about {self.suggested_batch_size:.0f} examples",
+        ]
+        if self.nonfinite_steps:
+            lines.append(f"  {self.nonfinite_steps} step(s) with a non-finite loss or gradient were left out")
+        return "\n".join(lines)
+
+
+class NoiseScaleMonitor:
+    """Measures the gradient noise scale of the training it is called in (module docstring).
+
+    Args:
+        model: the model being trained.
+        loss_fn: ``loss_fn(outputs, targets)`` -> per-example losses of shape (B,); the training loss is their mean.
+        backend: per-example norm backend, ``"auto"`` | ``"ghost"`` | ``"vmap"`` (:mod:`noisescale.per_example`).
+        measure_every: measure every k-th step; the other steps run a plain forward and backward.
+        ema_decay: decay of the moving averages of tr(Sigma) and |G|^2 (averaging window ~ 1/(1 - decay) steps).
+        confidence: level of the B_simple interval (delta method, :class:`~noisescale.estimators.ExponentialMovingRatio`).
+        hessian_every: run the Hessian proxies every k-th step (0: never).
+        hessian_examples: examples of the batch used for tr(H Sigma) (per-example Hessian-vector products).
+        hessian_probes: Rademacher probes of the Hutchinson trace.
+        grad_scaler: a ``torch.amp.GradScaler`` under mixed precision: gradients are scaled as
+            ``scaler.scale(loss).backward()`` would scale them, and the norms are measured unscaled.
+        writer: anything with ``add_scalar(tag, value, step)`` (a TensorBoard ``SummaryWriter``).
+        seed: seed of the Hessian probes.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        backend: str = "auto",
+        measure_every: int = 1,
+        ema_decay: float = 0.95,
+        confidence: float = 0.9,
+        hessian_every: int = 0,
+        hessian_examples: int = 32,
+        hessian_probes: int = 8,
+        grad_scaler: Any = None,
+        writer: Any = None,
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
+        for name, value, smallest in (
+            ("measure_every", measure_every, 1),
+            ("hessian_every", hessian_every, 0),
+            ("hessian_examples", hessian_examples, 2),
+            ("hessian_probes", hessian_probes, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"{name} must be an int >= {smallest}, got {value!r}")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.norms = PerExampleGradNorms(model, loss_fn, backend=backend, chunk_size=chunk_size)
+        self.average = ExponentialMovingNoiseScale(ema_decay)
+        self.measure_every = measure_every
+        self.confidence = confidence
+        self.hessian_every = hessian_every
+        self.hessian_examples = hessian_examples
+        self.hessian_probes = hessian_probes
+        self.grad_scaler = grad_scaler
+        self.writer = writer
+        self.seed = seed
+        self.step = 0
+        self.examples_seen = 0
+        self.nonfinite_steps = 0
+        self.last_b_noise = math.nan
+        self._rows: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ the training step
+    def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """Forward, per-example loss, backward (p.grad as a plain backward would leave it); returns the mean loss."""
+        loss_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        batch_size = _batch_size(inputs)
+        measured = self.step % self.measure_every == 0
+        if measured:
+            result = self.norms(inputs, targets, loss_scale=loss_scale)
+            loss = result.loss
+            row = self._measure(result.losses, result.sqnorms, result.grad_sqnorm, batch_size)
+        else:
+            with self.norms.paused():
+                losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)
+                (losses.mean() * loss_scale).backward()
+            loss = losses.detach().mean()
+            row = {"loss": loss.item(), "measured": False}
+        if self.hessian_every and self.step % self.hessian_every == 0:
+            row |= self._hessian(inputs, targets)
+        self.examples_seen += batch_size
+        row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size, **row}
+        self._record(row)
+        self.step += 1
+        return loss
+
+    def _measure(self, losses, sqnorms, grad_sqnorm, batch_size: int) -> dict[str, Any]:
+        loss = losses.mean().item()
+        finite = math.isfinite(loss) and bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item())
+        if not finite:
+            self.nonfinite_steps += 1
+            self._warn_once(
+                "nonfinite",
+                f"step {self.step}: non-finite loss or gradient; the step is marked in the history and left out "
+                "of the averages (warned once)",
+            )
+            return {"loss": loss, "measured": True, "nonfinite": True}
+        if batch_size < 2:
+            self._warn_once("batch1", "a batch of 1 example carries no gradient-variance information: tr(Sigma) "
+                            "and B_simple are recorded as NaN for such steps (warned once)")
+            return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
+        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        self.average.update_estimate(estimate)
+        low, high = self.average.interval(self.confidence)
+        return {
+            "loss": loss,
+            "measured": True,
+            "nonfinite": False,
+            "grad_sqnorm": estimate.grad_sqnorm,
+            "trace_sigma": estimate.trace_sigma,
+            "b_simple_batch": estimate.b_simple,
+            "grad_sqnorm_ema": self.average.grad_sqnorm,
+            "trace_sigma_ema": self.average.trace_sigma,
+            "b_simple": self.average.b_simple,
+            "b_simple_low": low,
+            "b_simple_high": high,
+        }
+
+    def _hessian(self, inputs, targets) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.seed + self.step)
+        proxies = hessian_noise_scale(
+            self.model,
+            self.loss_fn,
+            inputs,
+            targets,
+            num_probes=self.hessian_probes,
+            num_deviation_examples=self.hessian_examples,
+            generator=generator,
+        )
+        if math.isfinite(proxies.b_noise):
+            self.last_b_noise = proxies.b_noise
+        return {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "measured", "nonfinite") and isinstance(value, (int, float)):
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"noisescale/{key}", value, self.step)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per step: step, examples_seen, batch_size, loss, the batch and averaged estimates, the
+        B_simple interval, and the Hessian proxies on the steps where they ran (NaN elsewhere)."""
+        return pd.DataFrame(self._rows)
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.history.to_csv(path, index=False)
+        return path
+
+    def summary(self) -> NoiseScaleSummary:
+        return NoiseScaleSummary(
+            steps=self.step,
+            examples_seen=self.examples_seen,
+            b_simple=self.average.b_simple,
+            b_simple_interval=self.average.interval(self.confidence),
+            confidence=self.confidence,
+            trace_sigma=self.average.trace_sigma,
+            grad_sqnorm=self.average.grad_sqnorm,
+            b_noise=self.last_b_noise,
+            nonfinite_steps=self.nonfinite_steps,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "examples_seen": self.examples_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "last_b_noise": self.last_b_noise,
+            "average": self.average.state_dict(),
+            "history": list(self._rows),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.examples_seen = int(state["examples_seen"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.last_b_noise = float(state["last_b_noise"])
+        self.average.load_state_dict(state["average"])
+        self._rows = list(state["history"])
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self.norms.close()
+
+    def __enter__(self) -> NoiseScaleMonitor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _batch_size(inputs: Any) -> int:
+    return _as_tuple(inputs)[0].shape[0]
+
+
+def measure(
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batches: Any,
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    **monitor_options: Any,
+) -> NoiseScaleMonitor:
+    """Noise scale of a trained checkpoint: run the monitor over ``batches`` (a DataLoader or any iterable of
+    (inputs, targets)) without taking optimizer steps. The model's parameters and gradients are left as they
+    were. Returns the monitor: ``.summary()`` and ``.history`` hold the result.
+
+    With ``ema_decay`` close to 1 the averages approach the plain means over the batches seen, which is the
+    right average here since the parameters do not move (default 0.999 unless given).
+    """
+    from tqdm.auto import tqdm
+
+    monitor_options.setdefault("ema_decay", 0.999)
+    saved_grads = {name: p.grad for name, p in model.named_parameters()}
+    with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
+        for index, (inputs, targets) in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
+            if max_batches is not None and index >= max_batches:
+                break
+            if device is not None:
+                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+            model.zero_grad(set_to_none=True)
+            monitor(inputs, targets)
+    for name, p in model.named_parameters():
+        p.grad = saved_grads[name]
+    return monitor
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, tuple):
+        return tuple(v.to(device) for v in value)
+    return value.to(device)
