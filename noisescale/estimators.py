@@ -1,0 +1,285 @@
+"""Unbiased estimators of the gradient noise scale B_simple = tr(Sigma)/|G|^2 and their running averages.
+
+Source: McCandlish, Kaplan, Amodei et al. (2018), "An Empirical Model of Large-Batch Training", appendix A.
+G is the true (expected) gradient, Sigma the covariance of a single example's gradient, and g_B the mean
+gradient of a batch of B examples drawn i.i.d. Then
+
+    E|g_B|^2 = |G|^2 + tr(Sigma)/B.                                                          (A.1)
+
+Two-batch estimator. Measure |g|^2 at two batch sizes B_small < B_big and solve (A.1) for the two unknowns:
+
+    |G|^2     ~ (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small)
+    tr(Sigma) ~ (|g_small|^2 - |g_big|^2) / (1/B_small - 1/B_big)
+
+Unbiased, one line each, by linearity and (A.1):
+    E[B_big|g_big|^2 - B_small|g_small|^2] = (B_big - B_small)|G|^2 + tr(Sigma) - tr(Sigma) = (B_big - B_small)|G|^2;
+    E[|g_small|^2 - |g_big|^2] = tr(Sigma)(1/B_small - 1/B_big).
+With K accumulated micro-batches of size b, B_small = b (average the K micro-batch squared norms, which
+keeps the estimate unbiased and lowers its variance) and B_big = K b.
+
+Per-example estimator. With per-example gradients g_i, s_i = |g_i|^2 and gbar their mean, the per-example
+norms are the two-batch estimator at B_small = 1, B_big = B:
+
+    tr(Sigma) ~ S = B/(B-1) (mean_i s_i - |gbar|^2),      |G|^2 ~ |gbar|^2 - S/B.
+
+This assumes the batch loss is the *mean* of the per-example losses (not the sum) and i.i.d. sampling;
+sampling without replacement from a dataset of N examples shrinks tr(Sigma)/B by (N-B)/(N-1), negligible
+for B << N.
+
+Bias of the ratio. Both estimates are unbiased but their ratio is not: E[S/|G|^2 estimate] != tr(Sigma)/|G|^2
+(Jensen); when |G|^2 is small relative to the noise of its estimate the single-batch ratio is heavily biased,
+can be negative or infinite. :class:`ExponentialMovingNoiseScale` therefore averages numerator and denominator
+separately over steps (an exponential moving average, as McCandlish et al. do) and reports the ratio of the
+averages, whose bias shrinks like 1/(effective number of steps averaged).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "NoiseScaleEstimate",
+    "simple_noise_scale",
+    "two_batch_noise_scale",
+    "ExponentialMovingRatio",
+    "ExponentialMovingNoiseScale",
+]
+
+# Relative slack allowed when checking |mean g|^2 <= mean |g_i|^2 (float32 rounding in the caller).
+_JENSEN_RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """Unbiased estimates of |G|^2 and tr(Sigma) from one batch of ``batch_size`` examples."""
+
+    grad_sqnorm: float
+    trace_sigma: float
+    batch_size: int
+
+    @property
+    def b_simple(self) -> float:
+        """tr(Sigma)/|G|^2 of this single batch: biased and noisy, average with ExponentialMovingNoiseScale."""
+        if self.grad_sqnorm <= 0:
+            return math.inf
+        return self.trace_sigma / self.grad_sqnorm
+
+
+def _as_float_array(value: Any, name: str) -> np.ndarray:
+    """Convert a torch tensor, numpy array, list or number to a float64 numpy array."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach().to("cpu").double().numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a number, array or tensor, got {type(value).__name__}") from error
+    if np.any(array < 0):
+        raise ValueError(f"{name} holds squared norms and must be >= 0, got minimum {np.nanmin(array)!r}")
+    return array
+
+
+def _as_scalar(value: Any, name: str) -> float:
+    array = _as_float_array(value, name)
+    if array.size != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {array.shape}")
+    return float(array.reshape(()))
+
+
+def _check_batch_size(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_mean_dominates(mean_small: float, big: float, what: str) -> None:
+    """|mean of vectors|^2 <= mean of |vector|^2 always; a violation means inconsistent inputs."""
+    if big > mean_small * (1 + _JENSEN_RELATIVE_TOLERANCE) + 1e-30:
+        raise ValueError(
+            f"{what}: the squared norm of the mean gradient ({big!r}) exceeds the mean of the smaller-batch "
+            f"squared norms ({mean_small!r}), impossible for a mean of those gradients; was the loss summed "
+            "instead of averaged, or do the norms come from different batches?"
+        )
+
+
+def two_batch_noise_scale(small_sqnorms: Any, b_small: int, big_sqnorm: Any, b_big: int) -> NoiseScaleEstimate:
+    """Two-batch-size estimator (module docstring): unbiased |G|^2 and tr(Sigma) from |g|^2 at two sizes.
+
+    ``small_sqnorms`` is |g_small|^2 of one small batch (scalar) or of K micro-batches (shape (K,), averaged);
+    ``big_sqnorm`` is |g_big|^2 of the batch of ``b_big`` examples. Non-finite inputs give NaN estimates.
+    When the big batch is the mean of the K micro-batches, |g_big|^2 <= mean |g_small|^2 is checked.
+    """
+    b_small = _check_batch_size(b_small, "b_small")
+    b_big = _check_batch_size(b_big, "b_big")
+    if b_big <= b_small:
+        raise ValueError(f"b_big must exceed b_small, got b_small={b_small}, b_big={b_big}")
+    small = _as_float_array(small_sqnorms, "small_sqnorms")
+    if small.ndim > 1 or small.size == 0:
+        raise ValueError(f"small_sqnorms must be a scalar or a non-empty 1-D array, got shape {small.shape}")
+    big = _as_scalar(big_sqnorm, "big_sqnorm")
+    mean_small = float(small.mean())
+    if small.size * b_small == b_big and math.isfinite(mean_small) and math.isfinite(big):
+        _check_mean_dominates(mean_small, big, "two_batch_noise_scale")
+    grad_sqnorm = (b_big * big - b_small * mean_small) / (b_big - b_small)
+    trace_sigma = (mean_small - big) / (1.0 / b_small - 1.0 / b_big)
+    return NoiseScaleEstimate(grad_sqnorm=grad_sqnorm, trace_sigma=trace_sigma, batch_size=b_big)
+
+
+def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = "raise") -> NoiseScaleEstimate:
+    """Per-example estimator: S = B/(B-1)(mean_i s_i - |gbar|^2), |G|^2 = |gbar|^2 - S/B (McCandlish app. A).
+
+    ``sqnorms`` (B,) are the per-example squared gradient norms s_i = |g_i|^2 and ``grad_sqnorm`` is |gbar|^2
+    of their mean. B = 1 carries no variance information: ``on_small_batch="raise"`` raises ValueError,
+    ``"nan"`` warns and returns NaN estimates. Non-finite inputs give NaN estimates (no error).
+    """
+    if on_small_batch not in ("raise", "nan"):
+        raise ValueError(f"on_small_batch must be 'raise' or 'nan', got {on_small_batch!r}")
+    per_example = _as_float_array(sqnorms, "sqnorms")
+    if per_example.ndim != 1:
+        raise ValueError(f"sqnorms must be 1-D with one entry per example, got shape {per_example.shape}")
+    batch_size = per_example.shape[0]
+    if batch_size < 2:
+        message = f"simple_noise_scale needs a batch of at least 2 examples, got {batch_size}"
+        if on_small_batch == "raise":
+            raise ValueError(message)
+        warnings.warn(message + "; returning NaN", RuntimeWarning, stacklevel=2)
+        return NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=batch_size)
+    return two_batch_noise_scale(per_example, 1, grad_sqnorm, batch_size)
+
+
+class ExponentialMovingRatio:
+    """Exponential moving averages of a numerator and a denominator, their ratio, and a confidence interval.
+
+    After t accepted updates with values x_1..x_t the weights are w_k = (1 - decay) decay^(t-k) and the
+    average is sum_k w_k x_k / sum_k w_k: the EMA with Adam's start-up bias correction (divide by
+    1 - decay^t). The reported ratio is mean(numerator)/mean(denominator); +inf when the averaged
+    denominator is <= 0 (the signal is not resolved yet).
+
+    Interval: delta method on the ratio of two weighted means. The per-step variances and covariance of
+    (numerator, denominator) are the weighted sample moments with the reliability-weight correction
+    1/(1 - sum w^2/(sum w)^2); the variance of a weighted mean of independent steps is variance/n_eff with
+    Kish's effective sample size n_eff = (sum w)^2 / sum w^2, and
+        Var(R) ~ [Var(num) - 2 R Cov(num, den) + R^2 Var(den)] / (n_eff mean(den)^2).
+    The interval is R +- t_{n_eff - 1} sd(R). It assumes steps are independent and stationary over the
+    averaging window (1/(1 - decay) steps); correlated steps in real training make it too narrow.
+    Non-finite updates are skipped and counted in ``num_skipped``.
+    """
+
+    _STATE_KEYS = ("weight_sum", "weight_sqsum", "num_sum", "den_sum", "num_sqsum", "den_sqsum", "cross_sum")
+
+    def __init__(self, decay: float = 0.95) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            raise TypeError(f"decay must be a float in [0, 1), got {type(decay).__name__}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.num_skipped = 0
+        self._sums = dict.fromkeys(self._STATE_KEYS, 0.0)
+
+    def update(self, numerator: float, denominator: float) -> bool:
+        """Add one step; returns False (and counts it) when either value is NaN or infinite."""
+        numerator, denominator = float(numerator), float(denominator)
+        if not (math.isfinite(numerator) and math.isfinite(denominator)):
+            self.num_skipped += 1
+            return False
+        weight, decay = 1.0 - self.decay, self.decay
+        step_values = {
+            "weight_sum": 1.0,
+            "num_sum": numerator,
+            "den_sum": denominator,
+            "num_sqsum": numerator * numerator,
+            "den_sqsum": denominator * denominator,
+            "cross_sum": numerator * denominator,
+        }
+        for key, value in step_values.items():
+            self._sums[key] = decay * self._sums[key] + weight * value
+        self._sums["weight_sqsum"] = decay * decay * self._sums["weight_sqsum"] + weight * weight
+        self.num_updates += 1
+        return True
+
+    @property
+    def effective_sample_size(self) -> float:
+        """Kish's n_eff = (sum w)^2 / sum w^2 of the current weights (0 before any update)."""
+        if self.num_updates == 0:
+            return 0.0
+        return self._sums["weight_sum"] ** 2 / self._sums["weight_sqsum"]
+
+    @property
+    def numerator(self) -> float:
+        """Bias-corrected EMA of the numerator (NaN before any update)."""
+        return self._sums["num_sum"] / self._sums["weight_sum"] if self.num_updates else math.nan
+
+    @property
+    def denominator(self) -> float:
+        """Bias-corrected EMA of the denominator (NaN before any update)."""
+        return self._sums["den_sum"] / self._sums["weight_sum"] if self.num_updates else math.nan
+
+    @property
+    def ratio(self) -> float:
+        """mean(numerator)/mean(denominator); +inf when mean(denominator) <= 0, NaN before any update."""
+        if self.num_updates == 0:
+            return math.nan
+        if self.denominator <= 0:
+            return math.inf
+        return self.numerator / self.denominator
+
+    def interval(self, confidence: float = 0.9) -> tuple[float, float]:
+        """Delta-method confidence interval of the ratio (class docstring); (nan, nan) until n_eff > 1.5."""
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+        n_eff = self.effective_sample_size
+        if n_eff <= 1.5 or not self.denominator > 0:
+            return (math.nan, math.nan)
+        total = self._sums["weight_sum"]
+        mean_num, mean_den = self.numerator, self.denominator
+        correction = 1.0 / (1.0 - 1.0 / n_eff)
+        var_num = (self._sums["num_sqsum"] / total - mean_num**2) * correction
+        var_den = (self._sums["den_sqsum"] / total - mean_den**2) * correction
+        cov = (self._sums["cross_sum"] / total - mean_num * mean_den) * correction
+        ratio = mean_num / mean_den
+        var_ratio = max(var_num - 2 * ratio * cov + ratio**2 * var_den, 0.0) / (n_eff * mean_den**2)
+        half_width = stats.t.ppf(0.5 + confidence / 2, df=n_eff - 1) * math.sqrt(var_ratio)
+        return (ratio - half_width, ratio + half_width)
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "num_skipped": self.num_skipped, **self._sums}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        missing = {"decay", "num_updates", "num_skipped", *self._STATE_KEYS} - set(state)
+        if missing:
+            raise ValueError(f"state dict misses keys {sorted(missing)}")
+        if float(state["decay"]) != self.decay:
+            raise ValueError(f"state dict has decay {state['decay']!r}, this average has decay {self.decay!r}")
+        self.num_updates = int(state["num_updates"])
+        self.num_skipped = int(state["num_skipped"])
+        self._sums = {key: float(state[key]) for key in self._STATE_KEYS}
+
+
+class ExponentialMovingNoiseScale(ExponentialMovingRatio):
+    """EMA of the unbiased tr(Sigma) and |G|^2 estimates; ``b_simple`` is the ratio of the two averages."""
+
+    def update_estimate(self, estimate: NoiseScaleEstimate) -> bool:
+        """Add one batch's :class:`NoiseScaleEstimate`; False if it was skipped as non-finite."""
+        if not isinstance(estimate, NoiseScaleEstimate):
+            raise TypeError(f"estimate must be a NoiseScaleEstimate, got {type(estimate).__name__}")
+        return self.update(estimate.trace_sigma, estimate.grad_sqnorm)
+
+    @property
+    def b_simple(self) -> float:
+        return self.ratio
+
+    @property
+    def trace_sigma(self) -> float:
+        return self.numerator
+
+    @property
+    def grad_sqnorm(self) -> float:
+        return self.denominator
