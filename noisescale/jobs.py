@@ -74,6 +74,10 @@ def evaluate_accuracy(model: torch.nn.Module, dataset, device: torch.device, bat
     return correct / len(dataset)
 
 
+def _describe(info) -> str:
+    return f"{info.name}, {info.n_train} training / {info.n_test} test images ({info.source}: {info.path})"
+
+
 def run_measure(
     *,
     model_spec: str | None = None,
@@ -97,7 +101,7 @@ def run_measure(
     start = time.perf_counter()
     torch.manual_seed(seed)
     target_device = resolve_device(device)
-    train, test, info = load_fashion_mnist(data)
+    train, test = load_fashion_mnist(data)
     model = load_model_factory(model_spec)().to(target_device)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -122,7 +126,7 @@ def run_measure(
     return MeasureOutcome(
         summary=monitor.summary(),
         test_accuracy=evaluate_accuracy(model, test, target_device),
-        data_source=info.source,
+        data_source=_describe(train.info),
         history_csv=history_csv,
         figure_png=figure_png,
         seconds=time.perf_counter() - start,
