@@ -1,0 +1,201 @@
+"""NoiseScaleMonitor: never changes training, marks bad steps, and converges to exact full-data values."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noisescale.data import dataset_as_tensors, load_fashion_mnist
+from noisescale.monitor import NoiseScaleMonitor, measure
+
+
+def per_example_cross_entropy(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def small_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.2),  # consumes the global RNG: the monitor must not shift its stream
+        torch.nn.Linear(4 * 5 * 5, 16),
+        torch.nn.LayerNorm(16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )
+
+
+def synthetic_batches(steps: int, batch_size: int = 8, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch_size, 1, 12, 12, generator=generator), torch.randint(0, 3, (batch_size,), generator=generator))
+        for _ in range(steps)
+    ]
+
+
+def train(steps: int, monitor_options: dict | None) -> tuple[list[torch.Tensor], NoiseScaleMonitor | None]:
+    torch.manual_seed(0)
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    monitor = None if monitor_options is None else NoiseScaleMonitor(model, per_example_cross_entropy, **monitor_options)
+    for inputs, targets in synthetic_batches(steps):
+        optimizer.zero_grad()
+        if monitor is None:
+            per_example_cross_entropy(model(inputs), targets).mean().backward()
+        else:
+            monitor(inputs, targets)
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], monitor
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"backend": "auto", "hessian_every": 10, "hessian_examples": 4, "hessian_probes": 2},
+        {"backend": "vmap"},
+        {"backend": "auto", "measure_every": 3},
+    ],
+    ids=["auto+hessian", "vmap", "every-3"],
+)
+def test_monitor_leaves_training_bit_identical(options):
+    plain, _ = train(50, None)
+    monitored, monitor = train(50, options)
+    for expected, actual in zip(plain, monitored):
+        assert torch.equal(expected, actual)
+    history = monitor.history
+    assert len(history) == 50
+    assert history["measured"].sum() == (50 if options.get("measure_every", 1) == 1 else 17)
+    assert history.loc[history["measured"], "b_simple"].notna().all()
+    if options.get("hessian_every"):
+        assert history["trace_h"].notna().sum() == 5
+
+
+def test_history_columns_csv_and_writer(tmp_path):
+    class RecordingWriter:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    writer = RecordingWriter()
+    torch.manual_seed(0)
+    model = small_cnn()
+    monitor = NoiseScaleMonitor(model, per_example_cross_entropy, writer=writer, hessian_every=2, hessian_examples=4,
+                                hessian_probes=2)
+    for inputs, targets in synthetic_batches(4):
+        model.zero_grad()
+        monitor(inputs, targets)
+    path = monitor.to_csv(tmp_path / "history.csv")
+    loaded = pd.read_csv(path)
+    for column in ("step", "examples_seen", "loss", "grad_sqnorm", "trace_sigma", "b_simple", "b_simple_low",
+                   "b_simple_high", "trace_h", "gHg", "b_noise"):
+        assert column in loaded.columns, column
+    assert loaded["examples_seen"].tolist() == [8, 16, 24, 32]
+    assert ("noisescale/b_simple", monitor.history["b_simple"].iloc[-1], 3) in writer.scalars
+
+
+def test_nonfinite_loss_is_marked_and_left_out_of_the_averages():
+    torch.manual_seed(0)
+    model = small_cnn()
+    monitor = NoiseScaleMonitor(model, per_example_cross_entropy)
+    batches = synthetic_batches(3)
+    for inputs, targets in batches[:2]:
+        model.zero_grad()
+        monitor(inputs, targets)
+    state_before = monitor.average.state_dict()
+    bad_inputs = batches[2][0].clone()
+    bad_inputs[0, 0, 0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        model.zero_grad()
+        monitor(bad_inputs, batches[2][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        model.zero_grad()
+        monitor(bad_inputs, batches[2][1])
+    assert monitor.average.state_dict() == state_before
+    assert monitor.history["nonfinite"].tolist() == [False, False, True, True]
+    assert monitor.summary().nonfinite_steps == 2
+
+
+def test_batch_of_one_records_nan_with_a_warning():
+    torch.manual_seed(0)
+    model = small_cnn()
+    monitor = NoiseScaleMonitor(model, per_example_cross_entropy)
+    inputs, targets = synthetic_batches(1, batch_size=1)[0]
+    with pytest.warns(RuntimeWarning, match="batch of 1"):
+        monitor(inputs, targets)
+    assert math.isnan(monitor.history["trace_sigma"].iloc[0])
+    assert monitor.average.num_updates == 0
+
+
+def test_grad_scaler_scales_gradients_and_not_the_norms():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    torch.manual_seed(0)
+    model = small_cnn().eval()  # no dropout: compare two passes
+    inputs, targets = synthetic_batches(1)[0]
+    plain = NoiseScaleMonitor(model, per_example_cross_entropy)
+    plain(inputs, targets)
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    scaled = NoiseScaleMonitor(model, per_example_cross_entropy, grad_scaler=scaler)
+    scaled(inputs, targets)
+    for expected, actual in zip(plain_grads, model.parameters()):
+        torch.testing.assert_close(actual.grad, 1024.0 * expected, rtol=1e-5, atol=1e-7)
+    for column in ("grad_sqnorm", "trace_sigma"):
+        assert scaled.history[column].iloc[0] == pytest.approx(plain.history[column].iloc[0], rel=1e-4)
+
+
+def test_bad_arguments_name_the_argument():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="measure_every"):
+        NoiseScaleMonitor(model, per_example_cross_entropy, measure_every=0)
+    with pytest.raises(ValueError, match="confidence"):
+        NoiseScaleMonitor(model, per_example_cross_entropy, confidence=1.5)
+
+
+def test_softmax_regression_on_real_data_converges_to_exact_full_dataset_values():
+    """Ground truth: on 3,000 shipped Fashion-MNIST images, softmax regression's per-example gradients are
+    g_i = (p_i - y_i) [x_i, 1]^T, so the population tr(Sigma) = mean_i |g_i|^2 - |mean_i g_i|^2 and |G|^2 =
+    |mean_i g_i|^2 are exact. The monitor, fed random batches at fixed parameters, must converge to them."""
+    train_set, _ = load_fashion_mnist(source="subset")
+    images, labels = dataset_as_tensors(train_set, dtype=torch.float64)
+    images, labels = images[:3000].flatten(1), labels[:3000]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(784, 10).double()
+    with torch.no_grad():
+        model.weight.mul_(0.1)
+        probabilities = torch.softmax(model(images), dim=1)
+    residuals = probabilities - F.one_hot(labels, 10).double()
+    with_bias = torch.cat([images, torch.ones(len(images), 1, dtype=torch.float64)], dim=1)
+    per_example_sqnorms = residuals.square().sum(1) * with_bias.square().sum(1)
+    mean_gradient = residuals.T @ with_bias / len(images)
+    true_grad_sqnorm = mean_gradient.square().sum().item()
+    true_trace_sigma = per_example_sqnorms.mean().item() - true_grad_sqnorm
+    batch_size, num_batches = 64, 400
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (images[index], labels[index])
+        for index in (torch.randperm(len(images), generator=generator)[:batch_size] for _ in range(num_batches))
+    ]
+    monitor = measure(model, per_example_cross_entropy, batches, ema_decay=0.999, progress=False)
+    summary = monitor.summary()
+    # Each batch samples without replacement from N examples; with the population variance
+    # V = mean_i |g_i - G|^2, E|gbar|^2 = |G|^2 + V (N-B)/(B(N-1)), so the estimators' expectations are
+    # E[S] = V N/(N-1) and E[|G|^2 estimate] = |G|^2 - V/(N-1) (a few per cent here: B_simple/N is not small).
+    n = len(images)
+    expected_trace_sigma = true_trace_sigma * n / (n - 1)
+    expected_grad_sqnorm = true_grad_sqnorm - true_trace_sigma / (n - 1)
+    assert summary.trace_sigma == pytest.approx(expected_trace_sigma, rel=0.03)
+    assert summary.grad_sqnorm == pytest.approx(expected_grad_sqnorm, rel=0.05)
+    assert summary.b_simple == pytest.approx(expected_trace_sigma / expected_grad_sqnorm, rel=0.07)
+    low, high = summary.b_simple_interval
+    assert low < summary.b_simple < high
+    assert all(p.grad is None for p in model.parameters())  # measure() leaves gradients as they were
