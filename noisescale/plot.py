@@ -105,13 +105,15 @@ def _figure_and_axes(ax: Axes | None) -> tuple[Figure, Axes]:
 
 
 def _log_log_axes(ax: Axes) -> None:
-    """Log scales on both axes with labels on the decades only (minor labels collide on short ranges)."""
-    from matplotlib.ticker import NullFormatter
+    """Log scales on both axes; on a range under two decades the minor ticks at 2 and 5 times each decade
+    are labelled too (matplotlib's default labels all minor ticks there, and they collide)."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        axis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 2)))
 
 
 def _curve_batch_sizes(fit: TradeoffFit) -> np.ndarray:
