@@ -1,56 +1,174 @@
-"""Seaborn figures shared by the command line, the analysis scripts and the notebooks (PNG, Agg backend)."""
+"""Seaborn figures shared by the CLI, analysis scripts and notebooks.
+
+A flat module of independent functions. Each builds its figure on the Agg canvas (``matplotlib.use("Agg")``
+inside the function, never at import) or draws on a given ``ax``, and returns the
+:class:`matplotlib.figure.Figure`; :func:`save_figure` writes it as a PNG.
+"""
 
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from noisescale.tradeoff import TradeoffFit
+
+__all__ = ["plot_noise_scale_history", "plot_steps_vs_batch", "plot_tradeoff", "save_figure"]
+
+_FIGURE_SIZE = (6.0, 4.5)
+_CURVE_POINTS = 400
+_CURVE_MARGIN = 2.0  # the fitted curve spans the sampled batch sizes widened by this factor each way
 
 
-def _pyplot():
-    import matplotlib
+def plot_tradeoff(fit: TradeoffFit, ax: Axes | None = None, *, palette: str = "viridis") -> Figure:
+    """Steps against examples to the target (McCandlish et al. 2018, fig. 2): the Pareto front.
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_noise_scale_history(history: pd.DataFrame):
-    """B_simple (moving average with its interval, single-batch estimates faint, B_noise where measured) and
-    the training loss against examples seen."""
-    import seaborn as sns
-
-    plt = _pyplot()
-    sns.set_theme(style="whitegrid")
-    figure, (noise_axis, loss_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    measured = history[history.get("measured", True) & ~history.get("nonfinite", False).fillna(False).astype(bool)]
-    if "b_simple_batch" in measured:
-        positive = measured[measured["b_simple_batch"] > 0]
-        noise_axis.scatter(positive["examples_seen"], positive["b_simple_batch"], s=4, alpha=0.25,
-                           color="tab:blue", label="B_simple, single batch")
-        noise_axis.plot(measured["examples_seen"], measured["b_simple"], color="tab:blue", label="B_simple, EMA")
-        noise_axis.fill_between(measured["examples_seen"], measured["b_simple_low"], measured["b_simple_high"],
-                                color="tab:blue", alpha=0.2, label="interval")
-    if "b_noise" in history and history["b_noise"].notna().any():
-        points = history[history["b_noise"].notna()]
-        noise_axis.plot(points["examples_seen"], points["b_noise"], "o-", color="tab:red", label="B_noise")
-    noise_axis.set_yscale("log")
-    noise_axis.set_ylabel("noise scale (examples)")
-    noise_axis.legend(loc="best", fontsize="small")
-    sns.lineplot(data=history, x="examples_seen", y="loss", ax=loss_axis, color="tab:gray")
-    loss_axis.set_xlabel("examples seen")
-    loss_axis.set_ylabel("training loss")
-    figure.tight_layout()
+    Draws the runs as a log-log scatter of (E, S) coloured by batch size, the fitted hyperbola
+    (S / S_min - 1)(E / E_min - 1) = 1 traced by B through S_min (1 + B_crit / B) and E_min (1 + B / B_crit),
+    its asymptotes S = S_min and E = E_min, and the point B = B_crit where S = 2 S_min and E = 2 E_min.
+    """
+    figure, ax = _figure_and_axes(ax)
+    curve_batch_sizes = _curve_batch_sizes(fit)
+    ax.plot(
+        fit.predict_examples(curve_batch_sizes), fit.predict_steps(curve_batch_sizes),
+        color="black", label="fit: $(S/S_{min}-1)(E/E_{min}-1)=1$", zorder=2,
+    )
+    ax.axhline(fit.s_min, color="grey", linestyle="--", linewidth=1, label=f"$S_{{min}}$ = {fit.s_min:.3g}")
+    ax.axvline(fit.e_min, color="grey", linestyle=":", linewidth=1, label=f"$E_{{min}}$ = {fit.e_min:.3g}")
+    ax.plot(
+        [2 * fit.e_min], [2 * fit.s_min], marker="*", markersize=14, color="crimson", linestyle="none",
+        label=f"$B_{{crit}}$ = {fit.b_crit:.3g}", zorder=4,
+    )
+    _scatter_by_batch_size(ax, fit.examples, fit.steps, fit.batch_sizes, palette)
+    _log_log_axes(ax)
+    ax.set_xlabel("examples to target $E$")
+    ax.set_ylabel("steps to target $S$")
+    ax.set_title("Steps-examples tradeoff")
+    ax.legend(loc="upper right", fontsize="small")
     return figure
 
 
-def save_figure(figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write ``figure`` as a PNG (folders created) and close it."""
-    plt = _pyplot()
+def plot_steps_vs_batch(fit: TradeoffFit, ax: Axes | None = None, *, palette: str = "viridis") -> Figure:
+    """Steps to the target against batch size: the runs, the fit S = S_min (1 + B_crit / B), the asymptote
+    S_min, and B_crit as a vertical line with its confidence interval shaded."""
+    figure, ax = _figure_and_axes(ax)
+    curve_batch_sizes = _curve_batch_sizes(fit)
+    ax.plot(curve_batch_sizes, fit.predict_steps(curve_batch_sizes), color="black",
+            label="fit: $S_{min}(1 + B_{crit}/B)$", zorder=2)
+    ax.axhline(fit.s_min, color="grey", linestyle="--", linewidth=1, label=f"$S_{{min}}$ = {fit.s_min:.3g}")
+    ax.axvline(fit.b_crit, color="crimson", linewidth=1, label=f"$B_{{crit}}$ = {fit.b_crit:.3g}")
+    ax.axvspan(*fit.b_crit_interval, color="crimson", alpha=0.12,
+               label=f"{100 * fit.confidence:g}% interval of $B_{{crit}}$")
+    _scatter_by_batch_size(ax, fit.batch_sizes, fit.steps, fit.batch_sizes, palette)
+    _log_log_axes(ax)
+    ax.set_xlabel("batch size $B$")
+    ax.set_ylabel("steps to target $S$")
+    ax.set_title("Steps against batch size")
+    ax.legend(loc="upper right", fontsize="small")
+    return figure
+
+
+def save_figure(figure: Figure, path: str | PathLike[str]) -> Path:
+    """Write ``figure`` as a PNG (dpi 150, tight bounding box), creating the parent folder; returns the path."""
+    from matplotlib.figure import Figure
+
+    if not isinstance(figure, Figure):
+        raise TypeError(f"figure must be a matplotlib Figure, got {type(figure).__name__}")
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"save_figure writes PNG files; the path must end in .png, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
+    figure.savefig(path, dpi=150, bbox_inches="tight", format="png")
     return path
+
+
+def _figure_and_axes(ax: Axes | None) -> tuple[Figure, Axes]:
+    """The given axes and their figure, or a new seaborn-styled figure on the Agg canvas."""
+    if ax is not None:
+        return ax.figure, ax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    with sns.axes_style("whitegrid"):
+        figure, ax = plt.subplots(figsize=_FIGURE_SIZE)
+    plt.close(figure)  # the caller owns the figure; pyplot keeps no reference to it
+    return figure, ax
+
+
+def _log_log_axes(ax: Axes) -> None:
+    """Log scales on both axes; on a range under two decades the minor ticks at 2 and 5 times each decade
+    are labelled too (matplotlib's default labels all minor ticks there, and they collide)."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        axis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 2)))
+
+
+def _curve_batch_sizes(fit: TradeoffFit) -> np.ndarray:
+    """Log-spaced batch sizes around the sampled ones, always including B_crit."""
+    low = min(fit.batch_sizes.min(), fit.b_crit) / _CURVE_MARGIN
+    high = max(fit.batch_sizes.max(), fit.b_crit) * _CURVE_MARGIN
+    return np.union1d(np.geomspace(low, high, _CURVE_POINTS), [fit.b_crit])
+
+
+def _scatter_by_batch_size(
+    ax: Axes, x: np.ndarray, y: np.ndarray, batch_sizes: np.ndarray, palette: str
+) -> None:
+    """Scatter of the runs with hue on a log scale of batch size and a colour bar instead of a legend."""
+    import seaborn as sns
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    norm = LogNorm(vmin=batch_sizes.min(), vmax=batch_sizes.max())
+    sns.scatterplot(x=x, y=y, hue=batch_sizes, hue_norm=norm, palette=palette, ax=ax,
+                    legend=False, s=40, edgecolor="black", linewidth=0.4, zorder=3)
+    colour_bar = ax.figure.colorbar(ScalarMappable(norm=norm, cmap=palette), ax=ax)
+    colour_bar.set_label("batch size $B$")
+
+
+def plot_noise_scale_history(history: pd.DataFrame) -> Figure:
+    """A monitor's history (:attr:`noisescale.monitor.NoiseScaleMonitor.history`) against examples seen: above,
+    B_simple as its moving average with the confidence band, the single-batch estimates faint, and B_noise
+    where it was measured; below, the training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    with sns.axes_style("whitegrid"):
+        figure, (noise_ax, loss_ax) = plt.subplots(2, 1, figsize=(7.0, 6.0), sharex=True)
+    plt.close(figure)
+    measured = history[history["measured"].astype(bool) & ~history["nonfinite"].fillna(False).astype(bool)]
+    if "b_simple" in measured and measured["b_simple"].notna().any():
+        single = measured[measured["b_simple_batch"] > 0]
+        noise_ax.scatter(single["examples_seen"], single["b_simple_batch"], s=4, alpha=0.25, color="tab:blue",
+                         label="$B_{simple}$, single batch")
+        noise_ax.plot(measured["examples_seen"], measured["b_simple"], color="tab:blue",
+                      label="$B_{simple}$, moving average")
+        noise_ax.fill_between(measured["examples_seen"], measured["b_simple_low"], measured["b_simple_high"],
+                              color="tab:blue", alpha=0.2, label="interval")
+    if "b_noise" in history and history["b_noise"].notna().any():
+        points = history[history["b_noise"].notna()]
+        noise_ax.plot(points["examples_seen"], points["b_noise"], "o-", color="crimson", label="$B_{noise}$")
+    noise_ax.set_yscale("log")
+    noise_ax.set_ylabel("noise scale (examples)")
+    noise_ax.legend(loc="best", fontsize="small")
+    sns.lineplot(data=history, x="examples_seen", y="loss", ax=loss_ax, color="tab:gray")
+    loss_ax.set_xlabel("examples seen")
+    loss_ax.set_ylabel("training loss")
+    figure.tight_layout()
+    return figure

@@ -230,7 +230,7 @@ def read_sweep_csv(
         raise ValueError(f"{path}: not a well-formed CSV file ({error})") from error
     frame.index = pd.RangeIndex(2, len(frame) + 2, name="line")
     blank = frame.apply(lambda column: column.str.strip() == "").all(axis=1)
-    frame = frame[~blank]
+    frame = frame[~blank].copy()
     for column in (batch_size_column, steps_column):
         if column not in frame.columns:
             raise ValueError(f"{path}: missing column {column!r}; the header has {list(frame.columns)}")
