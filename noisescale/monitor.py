@@ -146,9 +146,8 @@ class NoiseScaleMonitor:
             loss = result.loss
             row = self._measure(result.losses, result.sqnorms, result.grad_sqnorm, batch_size)
         else:
-            with self.norms.paused():
-                losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)
-                (losses.mean() * loss_scale).backward()
+            losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)  # the hooks are inert here
+            (losses.mean() * loss_scale).backward()
             loss = losses.detach().mean()
             row = {"loss": loss.item(), "measured": False}
         if self.hessian_every and self.step % self.hessian_every == 0:
