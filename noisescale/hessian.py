@@ -90,11 +90,16 @@ def trainable_parameters(model: nn.Module) -> Parameters:
 
 
 def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Parameters, Tensor, Tensor], Tensor]:
-    """params, inputs, targets -> mean per-example loss, with detached copies of the buffers."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    """params, inputs, targets -> mean per-example loss; each call works on fresh copies of the buffers.
+
+    Copying inside the transformed function lets BatchNorm in training mode update its running statistics
+    (on the copy) without torch.func rejecting the mutation of a captured tensor.
+    """
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
 
     def mean_loss(params: Parameters, inputs: Tensor, targets: Tensor) -> Tensor:
-        outputs = functional_call(model, {**params, **buffers}, (inputs,))
+        buffer_copies = {name: b.clone() for name, b in buffers.items()}
+        outputs = functional_call(model, {**params, **buffer_copies}, (inputs,))
         losses = loss_fn(outputs, targets)
         if losses.shape != (inputs.shape[0],):
             raise ValueError(
