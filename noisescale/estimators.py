@@ -101,6 +101,8 @@ def _check_batch_size(value: Any, name: str) -> int:
 
 def _check_mean_dominates(mean_small: float, big: float, what: str) -> None:
     """|mean of vectors|^2 <= mean of |vector|^2 always; a violation means inconsistent inputs."""
+    if not (math.isfinite(big) and math.isfinite(mean_small)):
+        return  # non-finite inputs propagate to non-finite estimates, which averages skip
     if big > mean_small * (1 + _JENSEN_RELATIVE_TOLERANCE) + 1e-30:
         raise ValueError(
             f"{what}: the squared norm of the mean gradient ({big!r}) exceeds the mean of the smaller-batch "
@@ -109,12 +111,20 @@ def _check_mean_dominates(mean_small: float, big: float, what: str) -> None:
         )
 
 
+def _two_batch_estimate(mean_small_sqnorm: float, b_small: int, big_sqnorm: float, b_big: int) -> NoiseScaleEstimate:
+    """Solve E|g_B|^2 = |G|^2 + tr(Sigma)/B at B = b_small and b_big (validated inputs)."""
+    grad_sqnorm = (b_big * big_sqnorm - b_small * mean_small_sqnorm) / (b_big - b_small)
+    trace_sigma = (mean_small_sqnorm - big_sqnorm) / (1.0 / b_small - 1.0 / b_big)
+    return NoiseScaleEstimate(grad_sqnorm=grad_sqnorm, trace_sigma=trace_sigma, batch_size=b_big)
+
+
 def two_batch_noise_scale(small_sqnorms: Any, b_small: int, big_sqnorm: Any, b_big: int) -> NoiseScaleEstimate:
     """Two-batch-size estimator (module docstring): unbiased |G|^2 and tr(Sigma) from |g|^2 at two sizes.
 
     ``small_sqnorms`` is |g_small|^2 of one small batch (scalar) or of K micro-batches (shape (K,), averaged);
     ``big_sqnorm`` is |g_big|^2 of the batch of ``b_big`` examples. Non-finite inputs give NaN estimates.
-    When the big batch is the mean of the K micro-batches, |g_big|^2 <= mean |g_small|^2 is checked.
+    When the big batch is the K micro-batches together (K b_small = b_big), |g_big|^2 <= mean |g_small|^2
+    is checked.
     """
     b_small = _check_batch_size(b_small, "b_small")
     b_big = _check_batch_size(b_big, "b_big")
@@ -125,11 +135,9 @@ def two_batch_noise_scale(small_sqnorms: Any, b_small: int, big_sqnorm: Any, b_b
         raise ValueError(f"small_sqnorms must be a scalar or a non-empty 1-D array, got shape {small.shape}")
     big = _as_scalar(big_sqnorm, "big_sqnorm")
     mean_small = float(small.mean())
-    if small.size * b_small == b_big and math.isfinite(mean_small) and math.isfinite(big):
+    if small.size * b_small == b_big:
         _check_mean_dominates(mean_small, big, "two_batch_noise_scale")
-    grad_sqnorm = (b_big * big - b_small * mean_small) / (b_big - b_small)
-    trace_sigma = (mean_small - big) / (1.0 / b_small - 1.0 / b_big)
-    return NoiseScaleEstimate(grad_sqnorm=grad_sqnorm, trace_sigma=trace_sigma, batch_size=b_big)
+    return _two_batch_estimate(mean_small, b_small, big, b_big)
 
 
 def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = "raise") -> NoiseScaleEstimate:
@@ -144,6 +152,7 @@ def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = 
     per_example = _as_float_array(sqnorms, "sqnorms")
     if per_example.ndim != 1:
         raise ValueError(f"sqnorms must be 1-D with one entry per example, got shape {per_example.shape}")
+    mean_gradient_sqnorm = _as_scalar(grad_sqnorm, "grad_sqnorm")
     batch_size = per_example.shape[0]
     if batch_size < 2:
         message = f"simple_noise_scale needs a batch of at least 2 examples, got {batch_size}"
@@ -151,7 +160,9 @@ def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = 
             raise ValueError(message)
         warnings.warn(message + "; returning NaN", RuntimeWarning, stacklevel=2)
         return NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=batch_size)
-    return two_batch_noise_scale(per_example, 1, grad_sqnorm, batch_size)
+    mean_sqnorm = float(per_example.mean())
+    _check_mean_dominates(mean_sqnorm, mean_gradient_sqnorm, "simple_noise_scale")
+    return _two_batch_estimate(mean_sqnorm, 1, mean_gradient_sqnorm, batch_size)
 
 
 class ExponentialMovingRatio:

@@ -1,0 +1,194 @@
+"""Tests of noisescale.estimators against exact enumeration, naive references and Monte-Carlo coverage."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from noisescale.estimators import (
+    ExponentialMovingNoiseScale,
+    ExponentialMovingRatio,
+    NoiseScaleEstimate,
+    simple_noise_scale,
+    two_batch_noise_scale,
+)
+
+
+def _population(seed: int = 0, size: int = 5, dim: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(size, dim)) + np.array([0.7, -0.3, 0.2])[:dim]
+
+
+def _population_truth(population: np.ndarray) -> tuple[float, float]:
+    """|G|^2 and tr(Sigma) of one example drawn uniformly (with replacement) from the population."""
+    mean = population.mean(axis=0)
+    trace_sigma = float(((population - mean) ** 2).sum(axis=1).mean())
+    return float(mean @ mean), trace_sigma
+
+
+def test_per_example_estimates_are_exactly_unbiased_over_all_batches():
+    population = _population()
+    true_grad_sqnorm, true_trace_sigma = _population_truth(population)
+    batch_size = 3
+    estimates = []
+    for indices in itertools.product(range(len(population)), repeat=batch_size):  # all equally likely batches
+        gradients = population[list(indices)]
+        sqnorms = (gradients**2).sum(axis=1)
+        mean_gradient = gradients.mean(axis=0)
+        estimates.append(simple_noise_scale(sqnorms, mean_gradient @ mean_gradient))
+    assert np.mean([e.grad_sqnorm for e in estimates]) == pytest.approx(true_grad_sqnorm, rel=1e-12)
+    assert np.mean([e.trace_sigma for e in estimates]) == pytest.approx(true_trace_sigma, rel=1e-12)
+    # the ratio of unbiased estimates is not unbiased (documented): its mean differs from the truth
+    finite_ratios = [e.b_simple for e in estimates if e.grad_sqnorm > 0]
+    assert np.mean(finite_ratios) != pytest.approx(true_trace_sigma / true_grad_sqnorm, rel=0.05)
+
+
+def test_two_batch_estimates_are_exactly_unbiased_over_all_batches():
+    population = _population(seed=1, size=4)
+    true_grad_sqnorm, true_trace_sigma = _population_truth(population)
+    micro_batch, num_micro_batches = 2, 2
+    grad_sqnorms, trace_sigmas = [], []
+    for indices in itertools.product(range(len(population)), repeat=micro_batch * num_micro_batches):
+        gradients = population[list(indices)].reshape(num_micro_batches, micro_batch, -1)
+        micro_means = gradients.mean(axis=1)
+        big_mean = micro_means.mean(axis=0)
+        estimate = two_batch_noise_scale((micro_means**2).sum(axis=1), micro_batch, big_mean @ big_mean,
+                                         micro_batch * num_micro_batches)
+        grad_sqnorms.append(estimate.grad_sqnorm)
+        trace_sigmas.append(estimate.trace_sigma)
+    assert np.mean(grad_sqnorms) == pytest.approx(true_grad_sqnorm, rel=1e-12)
+    assert np.mean(trace_sigmas) == pytest.approx(true_trace_sigma, rel=1e-12)
+
+
+def test_per_example_estimator_matches_closed_form_and_accepts_tensors():
+    rng = np.random.default_rng(2)
+    gradients = rng.normal(size=(6, 4))
+    sqnorms = (gradients**2).sum(axis=1)
+    mean_gradient = gradients.mean(axis=0)
+    # tr(Sigma) estimate = trace of the unbiased sample covariance
+    expected_trace = np.trace(np.cov(gradients, rowvar=False, ddof=1))
+    estimate = simple_noise_scale(torch.tensor(sqnorms), torch.tensor(mean_gradient @ mean_gradient))
+    assert estimate.batch_size == 6
+    assert estimate.trace_sigma == pytest.approx(expected_trace, rel=1e-12)
+    assert estimate.grad_sqnorm == pytest.approx(mean_gradient @ mean_gradient - expected_trace / 6, rel=1e-12)
+    assert estimate.b_simple == pytest.approx(estimate.trace_sigma / estimate.grad_sqnorm)
+
+
+def test_b_simple_is_infinite_when_gradient_estimate_not_positive():
+    assert NoiseScaleEstimate(grad_sqnorm=-0.1, trace_sigma=2.0, batch_size=4).b_simple == math.inf
+    assert math.isnan(NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=2.0, batch_size=4).b_simple)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: simple_noise_scale([1.0, -2.0], 0.5), "sqnorms"),
+        (lambda: simple_noise_scale([[1.0, 2.0]], 0.5), "1-D"),
+        (lambda: simple_noise_scale([1.0, 2.0], -0.5), "grad_sqnorm"),
+        (lambda: simple_noise_scale([1.0, 2.0], [0.5, 0.5]), "scalar"),
+        (lambda: simple_noise_scale([1.0], 0.5), "at least 2"),
+        (lambda: simple_noise_scale([1.0, 2.0], 0.5, on_small_batch="ignore"), "on_small_batch"),
+        (lambda: simple_noise_scale([1.0, 2.0], 6.0), "summed instead of averaged"),
+        (lambda: simple_noise_scale("abc", 1.0), "sqnorms"),
+        (lambda: two_batch_noise_scale([1.0, 2.0], 4, 0.5, 4), "b_big must exceed"),
+        (lambda: two_batch_noise_scale([1.0, 2.0], 2.0, 0.5, 4), "b_small must be an int"),
+        (lambda: two_batch_noise_scale([], 2, 0.5, 4), "non-empty"),
+        (lambda: ExponentialMovingRatio(decay=1.0), "decay"),
+        (lambda: ExponentialMovingRatio(decay="0.9"), "decay"),
+        (lambda: ExponentialMovingRatio().interval(confidence=1.5), "confidence"),
+        (lambda: ExponentialMovingNoiseScale().update_estimate((1.0, 2.0)), "NoiseScaleEstimate"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_single_example_batch_can_return_nan_with_warning():
+    with pytest.warns(RuntimeWarning, match="at least 2"):
+        estimate = simple_noise_scale([1.0], 0.5, on_small_batch="nan")
+    assert math.isnan(estimate.trace_sigma) and math.isnan(estimate.grad_sqnorm)
+
+
+def test_nan_inputs_give_nan_estimates_and_are_skipped_by_the_average():
+    estimate = simple_noise_scale([1.0, math.nan], 0.5)
+    assert math.isnan(estimate.trace_sigma)
+    assert not math.isfinite(simple_noise_scale([1.0, 2.0], math.inf).grad_sqnorm)
+    average = ExponentialMovingNoiseScale(decay=0.9)
+    average.update(3.0, 1.0)
+    state_before = average.state_dict()
+    assert average.update_estimate(estimate) is False
+    assert average.update(math.inf, 1.0) is False
+    assert average.num_skipped == 2
+    state_after = average.state_dict()
+    assert state_after.pop("num_skipped") == 2 and state_before.pop("num_skipped") == 0
+    assert state_after == state_before
+
+
+def test_average_matches_explicitly_weighted_mean_with_bias_correction():
+    rng = np.random.default_rng(3)
+    numerators, denominators = rng.normal(5.0, 1.0, size=12), rng.normal(2.0, 0.3, size=12)
+    decay = 0.8
+    average = ExponentialMovingRatio(decay=decay)
+    for numerator, denominator in zip(numerators, denominators):
+        average.update(numerator, denominator)
+    weights = (1 - decay) * decay ** np.arange(11, -1, -1)
+    assert average.numerator == pytest.approx(np.average(numerators, weights=weights), rel=1e-12)
+    assert average.denominator == pytest.approx(np.average(denominators, weights=weights), rel=1e-12)
+    assert average.ratio == pytest.approx(average.numerator / average.denominator)
+    assert average.effective_sample_size == pytest.approx(weights.sum() ** 2 / (weights**2).sum(), rel=1e-12)
+    low, high = average.interval(0.9)
+    assert low < average.ratio < high
+
+
+def test_average_before_updates_and_with_unresolved_signal():
+    average = ExponentialMovingRatio()
+    assert math.isnan(average.ratio) and average.effective_sample_size == 0.0
+    assert all(math.isnan(bound) for bound in average.interval())
+    average.update(1.0, -0.5)
+    assert average.ratio == math.inf
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(4)
+    values = rng.normal(3.0, 1.0, size=(20, 2))
+    original = ExponentialMovingNoiseScale(decay=0.9)
+    for numerator, denominator in values[:10]:
+        original.update(numerator, denominator)
+    original.update(math.nan, 1.0)
+    restored = ExponentialMovingNoiseScale(decay=0.9)
+    restored.load_state_dict(original.state_dict())
+    for numerator, denominator in values[10:]:
+        original.update(numerator, denominator)
+        restored.update(numerator, denominator)
+    assert restored.state_dict() == original.state_dict()
+    assert restored.b_simple == original.b_simple and restored.interval() == original.interval()
+    with pytest.raises(ValueError, match="decay"):
+        ExponentialMovingNoiseScale(decay=0.5).load_state_dict(original.state_dict())
+    with pytest.raises(ValueError, match="misses keys"):
+        restored.load_state_dict({"decay": 0.9})
+
+
+@pytest.mark.parametrize(("decay", "num_steps"), [(0.9, 60), (0.95, 25)])  # steady state; start-up phase
+def test_interval_coverage_by_simulation(decay, num_steps):
+    """Nominal 90% intervals must cover the true B_simple in 85-95% of independent simulated runs."""
+    rng = np.random.default_rng(5)
+    dim, batch_size, num_runs = 50, 16, 400
+    per_example_sd = np.sqrt(np.linspace(0.5, 1.5, dim))  # Sigma = diag(per_example_sd^2)
+    true_gradient = np.full(dim, 0.25)
+    true_b_simple = (per_example_sd**2).sum() / (true_gradient @ true_gradient)
+    covered = 0
+    for _ in range(num_runs):
+        average = ExponentialMovingNoiseScale(decay=decay)
+        gradients = true_gradient + per_example_sd * rng.standard_normal((num_steps, batch_size, dim))
+        sqnorms = (gradients**2).sum(axis=-1)
+        grad_sqnorms = (gradients.mean(axis=1) ** 2).sum(axis=-1)
+        for step in range(num_steps):
+            average.update_estimate(simple_noise_scale(sqnorms[step], grad_sqnorms[step]))
+        low, high = average.interval(0.9)
+        covered += low <= true_b_simple <= high
+    assert 0.85 <= covered / num_runs <= 0.95
