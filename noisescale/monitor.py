@@ -30,11 +30,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale
+from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
 from noisescale.hessian import hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 
-HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "gHg", "trace_h_sigma", "b_noise", "fisher_trace")
+HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ class NoiseScaleMonitor:
         ema_decay: decay of the moving averages of tr(Sigma) and |G|^2 (averaging window ~ 1/(1 - decay) steps).
         confidence: level of the B_simple interval (delta method, :class:`~noisescale.estimators.ExponentialMovingRatio`).
         hessian_every: run the Hessian proxies every k-th step (0: never).
+        hessian_ema_decay: decay of the moving averages of tr(H Sigma) and G^T H G, whose ratio is B_noise
+            (they are measured only every ``hessian_every`` steps, hence a shorter memory than ``ema_decay``).
         hessian_examples: examples of the batch used for tr(H Sigma) (per-example Hessian-vector products).
         hessian_probes: Rademacher probes of the Hutchinson trace.
         grad_scaler: a ``torch.amp.GradScaler`` under mixed precision: gradients are scaled as
@@ -99,7 +101,8 @@ class NoiseScaleMonitor:
         ema_decay: float = 0.95,
         confidence: float = 0.9,
         hessian_every: int = 0,
-        hessian_examples: int = 32,
+        hessian_ema_decay: float = 0.8,
+        hessian_examples: int = 8,
         hessian_probes: int = 8,
         grad_scaler: Any = None,
         writer: Any = None,
@@ -120,6 +123,7 @@ class NoiseScaleMonitor:
         self.loss_fn = loss_fn
         self.norms = PerExampleGradNorms(model, loss_fn, backend=backend, chunk_size=chunk_size)
         self.average = ExponentialMovingNoiseScale(ema_decay)
+        self.hessian_average = ExponentialMovingRatio(hessian_ema_decay)
         self.measure_every = measure_every
         self.confidence = confidence
         self.hessian_every = hessian_every
@@ -131,7 +135,6 @@ class NoiseScaleMonitor:
         self.step = 0
         self.examples_seen = 0
         self.nonfinite_steps = 0
-        self.last_b_noise = math.nan
         self._rows: list[dict[str, Any]] = []
         self._warned: set[str] = set()
 
@@ -198,12 +201,12 @@ class NoiseScaleMonitor:
             inputs,
             targets,
             num_probes=self.hessian_probes,
-            num_deviation_examples=self.hessian_examples,
+            num_sigma_examples=self.hessian_examples,
             generator=generator,
         )
-        if math.isfinite(proxies.b_noise):
-            self.last_b_noise = proxies.b_noise
-        return {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
+        self.hessian_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
+        return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
 
     def _record(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
@@ -240,7 +243,7 @@ class NoiseScaleMonitor:
             confidence=self.confidence,
             trace_sigma=self.average.trace_sigma,
             grad_sqnorm=self.average.grad_sqnorm,
-            b_noise=self.last_b_noise,
+            b_noise=self.hessian_average.ratio if self.hessian_average.num_updates else math.nan,
             nonfinite_steps=self.nonfinite_steps,
         )
 
@@ -249,8 +252,8 @@ class NoiseScaleMonitor:
             "step": self.step,
             "examples_seen": self.examples_seen,
             "nonfinite_steps": self.nonfinite_steps,
-            "last_b_noise": self.last_b_noise,
             "average": self.average.state_dict(),
+            "hessian_average": self.hessian_average.state_dict(),
             "history": list(self._rows),
         }
 
@@ -258,8 +261,8 @@ class NoiseScaleMonitor:
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
-        self.last_b_noise = float(state["last_b_noise"])
         self.average.load_state_dict(state["average"])
+        self.hessian_average.load_state_dict(state["hessian_average"])
         self._rows = list(state["history"])
 
     def close(self) -> None:

@@ -96,7 +96,7 @@ def test_history_columns_csv_and_writer(tmp_path):
     path = monitor.to_csv(tmp_path / "history.csv")
     loaded = pd.read_csv(path)
     for column in ("step", "examples_seen", "loss", "grad_sqnorm", "trace_sigma", "b_simple", "b_simple_low",
-                   "b_simple_high", "trace_h", "gHg", "b_noise"):
+                   "b_simple_high", "trace_h", "g_h_g", "b_noise"):
         assert column in loaded.columns, column
     assert loaded["examples_seen"].tolist() == [8, 16, 24, 32]
     assert ("noisescale/b_simple", monitor.history["b_simple"].iloc[-1], 3) in writer.scalars
