@@ -1,0 +1,109 @@
+"""Small default models used by the tests, the benchmark and the CLI, and a per-example sequence loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["mlp", "lenet5", "tiny_transformer", "TinyTransformer", "sequence_cross_entropy"]
+
+
+def mlp(in_features: int = 784, hidden: tuple[int, ...] = (512, 512), classes: int = 10) -> nn.Sequential:
+    """Flatten -> [Linear -> ReLU] per hidden width -> Linear to ``classes`` logits."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    widths = (in_features, *hidden)
+    for width_in, width_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], classes))
+    return nn.Sequential(*layers)
+
+
+def lenet5(classes: int = 10) -> nn.Sequential:
+    """LeNet-5-like CNN for 1x28x28 images (LeCun et al. 1998) with ReLU and max pooling, no BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # 6x14x14
+        nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),             # 16x5x5
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, classes),
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention from nn.Linear projections and F.scaled_dot_product_attention."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.projection = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.projection(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(d_model)
+        self.attention = CausalSelfAttention(d_model, n_heads, dropout)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyTransformer(nn.Module):
+    """nanoGPT-like decoder: token + position embeddings, pre-LN blocks, final LayerNorm, head tied to the tokens.
+
+    Positions are embedded per example (indices expanded to (B, T)), so every module sees the batch in dim 0.
+    """
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
+                 block_size: int = 64, tied: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.block_size = block_size
+        self.token = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(block_size, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if tied:
+            self.head.weight = self.token.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        batch, length = tokens.shape
+        if length > self.block_size:
+            raise ValueError(f"sequence length {length} exceeds block_size {self.block_size}")
+        positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        x = self.token(tokens) + self.position(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+
+def tiny_transformer(vocab_size: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
+                     block_size: int = 64, tied: bool = True, dropout: float = 0.0) -> TinyTransformer:
+    """The small default language model: logits (B, T, vocab_size) for tokens (B, T)."""
+    return TinyTransformer(vocab_size, d_model, n_heads, n_layers, block_size, tied, dropout)
+
+
+def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-example loss of a sequence model: mean token cross-entropy, (B, T, V) logits and (B, T) -> (B,)."""
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and targets (B, T), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return tokens.view(targets.shape).mean(1)

@@ -1,0 +1,208 @@
+"""One entry point for per-example squared gradient norms that replaces ``loss.mean().backward()``.
+
+For per-example losses l_i, g_i = dl_i/dtheta over all trainable parameters and the batch gradient is
+gbar = mean_i g_i. A call runs the one real forward and backward of mean_i l_i (times ``loss_scale``), accumulates
+into ``p.grad`` exactly as ``backward()`` would, and returns |g_i|^2 (B,) and |gbar|^2 -- the inputs of the
+gradient noise scale estimators (McCandlish et al. 2018, appendix A).
+
+Backends: "ghost" computes the norms from hooks during that pass (``ghost.py``, ``layers.py``); "vmap" from a
+separate torch.func pass (``vmap.py``); "auto" uses ghost for every parameter whose module has a rule and vmap for
+the rest only.
+
+Limits of ghost: every hooked module must see tensors whose dim 0 is the example index (a position embedding
+applied to ``arange(T)`` without the batch dim would be wrong when T == B and is an error otherwise); a parameter
+used directly in a forward (``F.linear(x, self.embedding.weight)``) rather than through its module is invisible to
+hooks -- give such a model backend="vmap"; activation checkpointing (which re-runs forwards) is not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.per_example.ghost import GhostModule, GhostNormEngine
+from noisescale.per_example.layers import rule_for, uses_batch_statistics
+from noisescale.per_example.vmap import vmap_sqnorms
+
+__all__ = ["PerExampleNorms", "PerExampleGradNorms", "per_example_sqnorms", "BACKENDS"]
+
+BACKENDS = ("auto", "ghost", "vmap")
+
+
+@dataclass(frozen=True)
+class PerExampleNorms:
+    """Result of one step.
+
+    loss: scalar, detached mean of the per-example losses.
+    losses: (B,) detached per-example losses l_i.
+    sqnorms: (B,) |g_i|^2 summed over all trainable parameters (unscaled by loss_scale).
+    grad_sqnorm: scalar |gbar|^2 of this batch's mean gradient (independent of what p.grad held before).
+    by_parameter: parameter name -> (B,) contribution to sqnorms, when asked for.
+    backend_of: parameter name -> "ghost" | "vmap".
+    """
+
+    loss: Tensor
+    losses: Tensor
+    sqnorms: Tensor
+    grad_sqnorm: Tensor
+    by_parameter: dict[str, Tensor] | None
+    backend_of: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    ghost: dict[nn.Module, GhostModule]
+    vmap_names: list[str]
+    backend_of: dict[str, str]
+
+
+def _as_input_tuple(inputs: Any) -> tuple[Tensor, ...]:
+    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
+    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise TypeError(f"inputs must be a tensor or a non-empty tuple of tensors, got {type(inputs).__name__}")
+    batch_sizes = {t.shape[0] if t.dim() else None for t in inputs}
+    if len(batch_sizes) != 1 or None in batch_sizes:
+        raise ValueError(f"all inputs need the same batch size in dim 0, got shapes {[tuple(t.shape) for t in inputs]}")
+    if inputs[0].shape[0] == 0:
+        raise ValueError("empty batch: inputs have 0 examples in dim 0")
+    return inputs
+
+
+def _checked_losses(losses: Any, batch_size: int) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.shape != (batch_size,):
+        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn(outputs, targets) must return per-example losses of shape ({batch_size},), got {got}; "
+            "use reduction='none' and reduce any token dims per example")
+    return losses
+
+
+def _accumulate_grad(parameter: nn.Parameter, grad: Tensor) -> None:
+    """What AccumulateGrad does in backward(): adopt the gradient (in the parameter's layout) or add in place."""
+    if parameter.grad is None:
+        if grad.stride() != parameter.stride():
+            grad = torch.empty_strided(parameter.shape, parameter.stride(), dtype=grad.dtype,
+                                       device=grad.device).copy_(grad)
+        parameter.grad = grad
+    else:
+        parameter.grad.add_(grad)
+
+
+class PerExampleGradNorms:
+    """Stateful shell: installs the ghost hooks once and measures every step it is called on.
+
+    ``norms = PerExampleGradNorms(model, loss_fn)(inputs, targets)`` replaces ``loss.mean().backward()``: p.grad
+    ends as that backward leaves it (bit-identical under ghost and auto). Use as a context manager or call
+    ``close()`` to remove the hooks.
+
+    Parameters shared by several modules or calls are measured by summing their per-example gradients before the
+    norm, which materialises (B x numel) for those parameters only.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
+                 chunk_size: int | None = None, by_parameter: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.model, self.loss_fn, self.backend = model, loss_fn, backend
+        self.chunk_size, self.by_parameter = chunk_size, by_parameter
+        self._path_of = {module: path for path, module in model.named_modules()}
+        hooked = [] if backend == "vmap" else [m for m in self._path_of if rule_for(m) is not None]
+        self._engine = GhostNormEngine(hooked)
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self._engine.close()
+
+    def __enter__(self) -> PerExampleGradNorms:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _plan(self) -> _Plan:
+        """Which trainable parameters go to ghost and which to vmap (decided per call: freezing may change)."""
+        name_of = {p: name for name, p in self.model.named_parameters()}
+        owners: dict[str, list[tuple[nn.Module, str]]] = {}
+        vmap_names: set[str] = set()
+        for module, path in self._path_of.items():
+            if uses_batch_statistics(module):
+                raise ValueError(
+                    f"module {path!r} ({type(module).__name__}) normalises with batch statistics (train mode), so "
+                    "the examples are coupled and a per-example gradient is undefined; put it in eval mode "
+                    "(module.eval()) or use GroupNorm/LayerNorm")
+            local = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not local:
+                continue
+            rule = rule_for(module)
+            reason = "no ghost rule for this module type" if rule is None else rule.unsupported_reason(module)
+            if self.backend == "ghost" and reason is not None:
+                raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): {reason}; "
+                                 "use backend='auto' to route its parameters to vmap")
+            for n, p in local:
+                owners.setdefault(name_of[p], []).append((module, n))
+                if self.backend == "vmap" or reason is not None:
+                    vmap_names.add(name_of[p])
+        ghost: dict[nn.Module, GhostModule] = {}
+        for name, uses in owners.items():
+            if name in vmap_names:
+                continue
+            for module, local_name in uses:
+                entry = ghost.setdefault(module, GhostModule(self._path_of[module], rule_for(module), {}))
+                entry.names[local_name] = name
+        backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in owners}
+        return _Plan(ghost, sorted(vmap_names), backend_of)
+
+    def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
+        inputs = _as_input_tuple(inputs)
+        batch_size = inputs[0].shape[0]
+        scale = float(loss_scale)
+        if not scale > 0:
+            raise ValueError(f"loss_scale must be positive, got {scale}")
+        plan = self._plan()
+        if not plan.backend_of:
+            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        parameters = dict(self.model.named_parameters())
+        names = list(plan.backend_of)
+        with self._engine.recording(plan.ghost, batch_size, scale) as ghost_pass:
+            losses = _checked_losses(self.loss_fn(self.model(*inputs), targets), batch_size)
+            loss = losses.mean()
+            objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
+            grads = torch.autograd.grad(objective, [parameters[n] for n in names], allow_unused=True)
+        by_parameter = ghost_pass.result()
+        grad_sqnorm = torch.zeros((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
+        for name, grad in zip(names, grads):
+            if grad is not None:
+                _accumulate_grad(parameters[name], grad)
+                grad_sqnorm = grad_sqnorm + grad.to(grad_sqnorm.dtype).square().sum()
+        grad_sqnorm = grad_sqnorm / scale ** 2
+        if plan.vmap_names:
+            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, plan.vmap_names,
+                                             self.chunk_size))
+        zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
+        by_parameter = {name: by_parameter[name].to(zeros.dtype) if name in by_parameter else zeros
+                        for name in names}
+        return PerExampleNorms(
+            loss=loss.detach(),
+            losses=losses.detach(),
+            sqnorms=torch.stack(list(by_parameter.values())).sum(0),
+            grad_sqnorm=grad_sqnorm,
+            by_parameter=by_parameter if self.by_parameter else None,
+            backend_of=plan.backend_of,
+        )
+
+
+def per_example_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
+                        backend: str = "auto", chunk_size: int | None = None, by_parameter: bool = False,
+                        loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
+    """One-shot form of ``PerExampleGradNorms``: hooks are installed for this call only."""
+    with PerExampleGradNorms(model, loss_fn, backend, chunk_size, by_parameter) as measure:
+        return measure(inputs, targets, loss_scale=loss_scale)

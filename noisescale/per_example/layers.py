@@ -1,0 +1,274 @@
+"""Per-layer rules for per-example gradients, one rule per module type in a registry (as BackPACK does).
+
+A rule turns what the ghost engine recorded for one call of a module -- its input ``x`` (batch first) and the
+gradient ``g`` of the *per-example* losses with respect to its output -- into, per parameter,
+
+- ``per_example_sqnorms``: the (B,) squared norms |dl_i/dtheta|^2, without materialising per-example gradients
+  where that is cheaper ("ghost norms", Goodfellow 2015; Li et al. 2021, arXiv:2110.05679), and
+- ``per_example_grads``: the (B, *theta.shape) per-example gradients, needed when a parameter is used by several
+  calls (tied weights, a module applied twice): their per-example gradients are summed before the norm.
+
+For a weight applied position-wise, W a_t = z_t at positions t of example i, dl_i/dW = sum_t g_t a_t^T and
+
+    |dl_i/dW|^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t')                    (Gram form, cost T^2 (d_in + d_out))
+                = |G_i^T A_i|_F^2                                          (materialised, cost T d_in d_out)
+
+The cheaper one is chosen per layer and per call; for T = 1 it is |a|^2 |g|^2.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerRule",
+    "LinearRule",
+    "ConvRule",
+    "EmbeddingRule",
+    "AffineNormRule",
+    "RULES",
+    "rule_for",
+    "position_weight_sqnorms",
+]
+
+
+def _compute_dtype(t: Tensor) -> Tensor:
+    """Half-precision tensors are upcast so that squared sums neither overflow nor lose their small terms."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
+    """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out); Gram or materialised form."""
+    positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if positions == 1:
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    if positions * positions <= d_in * d_out:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+
+
+class LayerRule:
+    """Base rule: the squared norms default to materialising the per-example gradients."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why this configuration of ``module`` cannot be handled by the rule, or None when it can."""
+        return None
+
+    def per_example_grads(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def per_example_sqnorms(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Tensor]:
+        grads = self.per_example_grads(module, x, g, names)
+        return {name: grad.flatten(1).square().sum(1) for name, grad in grads.items()}
+
+
+class LinearRule(LayerRule):
+    """nn.Linear on (B, d_in) or (B, *, d_in): weight by the position formula, bias |sum_t g_t|^2."""
+
+    @staticmethod
+    def _positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[0]
+        return _compute_dtype(x).reshape(batch, -1, x.shape[-1]), _compute_dtype(g).reshape(batch, -1, g.shape[-1])
+
+    def per_example_grads(self, module, x, g, names):
+        a, g = self._positions(x, g)
+        grads = {}
+        if "weight" in names:
+            grads["weight"] = torch.bmm(g.transpose(1, 2), a)
+        if "bias" in names:
+            grads["bias"] = g.sum(1)
+        return grads
+
+    def per_example_sqnorms(self, module, x, g, names):
+        a, g = self._positions(x, g)
+        sqnorms = {}
+        if "weight" in names:
+            sqnorms["weight"] = position_weight_sqnorms(a, g)
+        if "bias" in names:
+            sqnorms["bias"] = g.sum(1).square().sum(1)
+        return sqnorms
+
+
+class ConvRule(LayerRule):
+    """nn.Conv1d / nn.Conv2d through unfold (im2col): a convolution is a Linear over the L output positions.
+
+    Stride, padding (ints, "same", "valid", non-zero padding modes), dilation and groups are handled; each group is
+    a separate Linear, so groups are folded into the batch of the position formula.
+    """
+
+    def __init__(self, spatial_dims: int):
+        self.spatial_dims = spatial_dims
+
+    def _patches(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """(B * groups, L, C_in / groups * prod(k)) patches and (B * groups, L, C_out / groups) output grads."""
+        x, g = _compute_dtype(x), _compute_dtype(g)
+        batch, groups = x.shape[0], module.groups
+        padding = module.padding
+        if isinstance(padding, str) or module.padding_mode != "zeros":
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * self.spatial_dims
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        if self.spatial_dims == 1:
+            x = x.unsqueeze(2)
+            kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        positions = patches.shape[-1]
+        a = patches.view(batch, groups, -1, positions).transpose(2, 3).reshape(batch * groups, positions, -1)
+        g = g.reshape(batch, groups, -1, positions).transpose(2, 3).reshape(batch * groups, positions, -1)
+        return a, g
+
+    def per_example_grads(self, module, x, g, names):
+        batch = x.shape[0]
+        a, g = self._patches(module, x, g)
+        grads = {}
+        if "weight" in names:
+            grads["weight"] = torch.bmm(g.transpose(1, 2), a).reshape(batch, *module.weight.shape)
+        if "bias" in names:
+            grads["bias"] = g.sum(1).reshape(batch, -1)
+        return grads
+
+    def per_example_sqnorms(self, module, x, g, names):
+        batch = x.shape[0]
+        a, g = self._patches(module, x, g)
+        sqnorms = {}
+        if "weight" in names:
+            sqnorms["weight"] = position_weight_sqnorms(a, g).view(batch, -1).sum(1)
+        if "bias" in names:
+            sqnorms["bias"] = g.sum(1).square().view(batch, -1).sum(1)
+        return sqnorms
+
+
+class EmbeddingRule(LayerRule):
+    """nn.Embedding: row idx_t receives g_t, so |dl_i/dW|^2 = sum_{t,t'} [idx_t == idx_t'] (g_t . g_t').
+
+    Rows hit several times in one example add up; positions holding ``padding_idx`` get no gradient. The Gram form
+    costs T^2 d, the materialised (B, V, d) scatter V d per example; the cheaper is chosen per call.
+    """
+
+    def unsupported_reason(self, module):
+        if module.sparse:
+            return "sparse=True gives sparse gradients"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True scales by counts over the whole batch, which couples the examples"
+        return None
+
+    @staticmethod
+    def _indices_and_grads(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[0]
+        indices = x.reshape(batch, -1)
+        g = _compute_dtype(g).reshape(batch, indices.shape[1], -1)
+        if module.padding_idx is not None:
+            g = g * (indices != module.padding_idx).unsqueeze(-1).to(g.dtype)
+        return indices, g
+
+    def per_example_grads(self, module, x, g, names):
+        indices, g = self._indices_and_grads(module, x, g)
+        grads = g.new_zeros(indices.shape[0], *module.weight.shape)
+        grads.scatter_add_(1, indices.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
+        return {"weight": grads}
+
+    def per_example_sqnorms(self, module, x, g, names):
+        indices, g = self._indices_and_grads(module, x, g)
+        positions = indices.shape[1]
+        if positions == 1:
+            return {"weight": g.square().sum((1, 2))}
+        if positions * positions > module.weight.numel():
+            return super().per_example_sqnorms(module, x, g, names)
+        same_row = (indices.unsqueeze(2) == indices.unsqueeze(1)).to(g.dtype)
+        return {"weight": (torch.bmm(g, g.transpose(1, 2)) * same_row).sum((1, 2))}
+
+
+class AffineNormRule(LayerRule):
+    """Elementwise affine of a normalisation layer, y = x_hat * weight + bias (LayerNorm, RMSNorm, GroupNorm,
+    BatchNorm in eval mode): dl_i/dweight = sum over positions of g * x_hat, dl_i/dbias = sum over positions of g.
+    These gradients are as small as the parameters, so they are always materialised. x_hat is recomputed from the
+    kept input (the layer's own forward, without affine).
+
+    ``channels_first``: the affine acts on dim 1 (GroupNorm, BatchNorm) rather than on the trailing dims.
+    """
+
+    def __init__(self, normalize: Callable[[nn.Module, Tensor], Tensor], channels_first: bool,
+                 unsupported: Callable[[nn.Module], str | None] | None = None):
+        self.normalize = normalize
+        self.channels_first = channels_first
+        self.unsupported = unsupported
+
+    def unsupported_reason(self, module):
+        return None if self.unsupported is None else self.unsupported(module)
+
+    def per_example_grads(self, module, x, g, names):
+        x, g = _compute_dtype(x), _compute_dtype(g)
+        batch, shape = x.shape[0], module.weight.shape if module.weight is not None else module.bias.shape
+        if self.channels_first:
+            def over_positions(t: Tensor) -> Tensor:
+                return t.reshape(batch, shape.numel(), -1).sum(2).view(batch, *shape)
+        else:
+            def over_positions(t: Tensor) -> Tensor:
+                return t.reshape(batch, -1, shape.numel()).sum(1).view(batch, *shape)
+        grads = {}
+        if "weight" in names:
+            grads["weight"] = over_positions(g * self.normalize(module, x))
+        if "bias" in names:
+            grads["bias"] = over_positions(g)
+        return grads
+
+
+def _layer_norm_hat(module: nn.LayerNorm, x: Tensor) -> Tensor:
+    return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+
+
+def _rms_norm_hat(module: nn.Module, x: Tensor) -> Tensor:
+    return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+
+
+def _group_norm_hat(module: nn.GroupNorm, x: Tensor) -> Tensor:
+    return F.group_norm(x, module.num_groups, eps=module.eps)
+
+
+def _batch_norm_eval_hat(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    mean, var = module.running_mean.to(x.dtype), module.running_var.to(x.dtype)
+    return (x - mean.view(view)) * torch.rsqrt(var.view(view) + module.eps)
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True for a BatchNorm that normalises with the statistics of the current batch (train mode, or no running
+    statistics): the examples are then coupled and a per-example gradient is undefined."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None)
+
+
+def _batch_norm_unsupported(module: nn.Module) -> str | None:
+    return "it normalises with batch statistics" if uses_batch_statistics(module) else None
+
+
+_BATCH_NORM_RULE = AffineNormRule(_batch_norm_eval_hat, channels_first=True, unsupported=_batch_norm_unsupported)
+
+RULES: dict[type, LayerRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(1),
+    nn.Conv2d: ConvRule(2),
+    nn.Embedding: EmbeddingRule(),
+    nn.LayerNorm: AffineNormRule(_layer_norm_hat, channels_first=False),
+    nn.GroupNorm: AffineNormRule(_group_norm_hat, channels_first=True),
+    nn.BatchNorm1d: _BATCH_NORM_RULE,
+    nn.BatchNorm2d: _BATCH_NORM_RULE,
+    nn.BatchNorm3d: _BATCH_NORM_RULE,
+}
+if hasattr(nn, "RMSNorm"):
+    RULES[nn.RMSNorm] = AffineNormRule(_rms_norm_hat, channels_first=False)
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule of ``type(module)`` or of a base class whose ``forward`` it does not override; None if none."""
+    module_type = type(module)
+    for base in module_type.__mro__:
+        rule = RULES.get(base)
+        if rule is not None:
+            return rule if module_type.forward is base.forward else None
+    return None
