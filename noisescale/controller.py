@@ -21,6 +21,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+from noisescale._checks import check_finite, check_int, check_real
+
+
 __all__ = [
     "NoiseScalePolicyState",
     "NoiseScaleBatchPolicy",
@@ -33,28 +36,9 @@ __all__ = [
 ]
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_finite(value: Any, name: str) -> float:
-    value = _check_real(value, name)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
-
-
-def _check_multiple(value: int, name: str, granularity: int) -> int:
+def _check_batch_size(value: Any, name: str, granularity: int) -> int:
+    """A batch size: an int >= 1 that is a multiple of granularity."""
+    value = check_int(value, name, 1)
     if value % granularity:
         raise ValueError(f"{name}={value} is not a multiple of granularity={granularity}")
     return value
@@ -110,23 +94,22 @@ class NoiseScaleBatchPolicy:
         max_factor: float = 2.0,
         allow_decrease: bool = False,
     ) -> None:
-        self.granularity = _check_int(granularity, "granularity", 1)
-        self.min_batch_size = _check_multiple(_check_int(min_batch_size, "min_batch_size", 1), "min_batch_size", granularity)
-        self.max_batch_size = _check_multiple(_check_int(max_batch_size, "max_batch_size", 1), "max_batch_size", granularity)
+        self.granularity = check_int(granularity, "granularity", 1)
+        self.min_batch_size = _check_batch_size(min_batch_size, "min_batch_size", granularity)
+        self.max_batch_size = _check_batch_size(max_batch_size, "max_batch_size", granularity)
         if min_batch_size > max_batch_size:
             raise ValueError(f"min_batch_size={min_batch_size} exceeds max_batch_size={max_batch_size}")
-        _check_int(initial_batch_size, "initial_batch_size", 1)
-        _check_multiple(initial_batch_size, "initial_batch_size", granularity)
+        _check_batch_size(initial_batch_size, "initial_batch_size", granularity)
         if not min_batch_size <= initial_batch_size <= max_batch_size:
             raise ValueError(
                 f"initial_batch_size={initial_batch_size} lies outside [min_batch_size, max_batch_size] = "
                 f"[{min_batch_size}, {max_batch_size}]"
             )
-        self.kappa = _check_real(kappa, "kappa")
+        self.kappa = check_real(kappa, "kappa")
         if not (self.kappa > 0 and math.isfinite(self.kappa)):
             raise ValueError(f"kappa must be a finite number > 0, got {kappa!r}")
-        self.hold_steps = _check_int(hold_steps, "hold_steps", 1)
-        self.max_factor = _check_real(max_factor, "max_factor")
+        self.hold_steps = check_int(hold_steps, "hold_steps", 1)
+        self.max_factor = check_real(max_factor, "max_factor")
         if not self.max_factor > 1:
             raise ValueError(f"max_factor must be > 1, got {max_factor!r}")
         if min_batch_size * (self.max_factor - 1) < granularity:
@@ -154,7 +137,7 @@ class NoiseScaleBatchPolicy:
     def decide(self, state: NoiseScalePolicyState, noise_scale: float) -> NoiseScalePolicyState:
         """Pure decision: the state after one more step at ``state.batch_size`` given this estimate."""
         steps = state.steps_since_change + 1
-        noise_scale = _check_real(noise_scale, "noise_scale")
+        noise_scale = check_real(noise_scale, "noise_scale")
         if not (math.isfinite(noise_scale) and noise_scale > 0) or steps < self.hold_steps:
             return NoiseScalePolicyState(state.batch_size, steps)
         target = self.target_batch_size(state.batch_size, noise_scale)
@@ -185,10 +168,10 @@ class NoiseScaleBatchPolicy:
         """Restore the batch size and hold counter; the saved configuration must equal this one."""
         if state["config"] != self.config():
             raise ValueError(f"state_dict was saved with config {state['config']}, this policy has {self.config()}")
-        batch_size = _check_multiple(_check_int(state["batch_size"], "batch_size", 1), "batch_size", self.granularity)
+        batch_size = _check_batch_size(state["batch_size"], "batch_size", self.granularity)
         if not self.min_batch_size <= batch_size <= self.max_batch_size:
             raise ValueError(f"state_dict batch_size={batch_size} lies outside [min_batch_size, max_batch_size]")
-        steps = _check_int(state["steps_since_change"], "steps_since_change", 0)
+        steps = check_int(state["steps_since_change"], "steps_since_change", 0)
         self.state = NoiseScalePolicyState(batch_size, steps)
 
 
@@ -254,21 +237,21 @@ class BatchSizeSchedule:
         if mode not in SCHEDULE_MODES:
             raise ValueError(f"mode must be one of {SCHEDULE_MODES}, got {mode!r}")
         self.mode = mode
-        self.base_learning_rate = _check_real(base_learning_rate, "base_learning_rate")
+        self.base_learning_rate = check_real(base_learning_rate, "base_learning_rate")
         if not (self.base_learning_rate > 0 and math.isfinite(self.base_learning_rate)):
             raise ValueError(f"base_learning_rate must be a finite number > 0, got {base_learning_rate!r}")
-        self.granularity = _check_int(granularity, "granularity", 1)
-        self.base_batch_size = _check_multiple(_check_int(base_batch_size, "base_batch_size", 1), "base_batch_size", granularity)
-        self.milestones = [_check_real(epoch, "milestones[i]") for epoch in milestones]
+        self.granularity = check_int(granularity, "granularity", 1)
+        self.base_batch_size = _check_batch_size(base_batch_size, "base_batch_size", granularity)
+        self.milestones = [check_real(epoch, "milestones[i]") for epoch in milestones]
         if any(not math.isfinite(epoch) or epoch < 0 for epoch in self.milestones):
             raise ValueError(f"milestones must be finite epochs >= 0, got {list(milestones)}")
         if any(later <= earlier for earlier, later in zip(self.milestones, self.milestones[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {list(milestones)}")
-        self.decay_factor = _check_real(decay_factor, "decay_factor")
+        self.decay_factor = check_real(decay_factor, "decay_factor")
         if not 0 < self.decay_factor < 1:
             raise ValueError(f"decay_factor must lie in (0, 1) (a decay), got {decay_factor!r}")
         if max_batch_size is not None:
-            _check_multiple(_check_int(max_batch_size, "max_batch_size", 1), "max_batch_size", granularity)
+            _check_batch_size(max_batch_size, "max_batch_size", granularity)
             if max_batch_size < base_batch_size:
                 raise ValueError(f"max_batch_size={max_batch_size} is below base_batch_size={base_batch_size}")
         self.max_batch_size = max_batch_size
@@ -284,14 +267,14 @@ class BatchSizeSchedule:
             if batch_share is not None:
                 raise ValueError(f"batch_share applies to mode 'hybrid' only, got it with mode {mode!r}")
             return {"fixed": 0.0, "lr-decay": 0.0, "batch-increase": 1.0}[mode]
-        share = 0.5 if batch_share is None else _check_real(batch_share, "batch_share")
+        share = 0.5 if batch_share is None else check_real(batch_share, "batch_share")
         if not 0 < share < 1:
             raise ValueError(f"batch_share must lie in (0, 1) for mode 'hybrid', got {batch_share!r}")
         return share
 
     @staticmethod
     def _check_momentum(momentum: Any, name: str) -> float:
-        momentum = _check_real(momentum, name)
+        momentum = check_real(momentum, name)
         if not 0 <= momentum < 1:
             raise ValueError(f"{name} must lie in [0, 1), got {momentum!r}")
         return momentum
@@ -302,7 +285,7 @@ class BatchSizeSchedule:
 
     def at(self, epoch: float, momentum: float | None = None) -> ScheduleValue:
         """(batch size, learning rate) at a fractional epoch (examples seen / N); see the class docstring."""
-        epoch = _check_real(epoch, "epoch")
+        epoch = check_real(epoch, "epoch")
         if not (math.isfinite(epoch) and epoch >= 0):
             raise ValueError(f"epoch must be a finite number >= 0, got {epoch!r}")
         if momentum is None:
@@ -355,9 +338,9 @@ def adascale_gain(variance: float, grad_sqnorm: float, scale: float) -> float:
     r -> S when sigma^2 dominates, r -> 1 when mu^2 dominates. Negative estimates are clipped to 0 as in
     fairscale's AdaScale.
     """
-    variance = _check_finite(variance, "variance")
-    grad_sqnorm = _check_finite(grad_sqnorm, "grad_sqnorm")
-    scale = _check_finite(scale, "scale")
+    variance = check_finite(variance, "variance")
+    grad_sqnorm = check_finite(grad_sqnorm, "grad_sqnorm")
+    scale = check_finite(scale, "scale")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
     variance, grad_sqnorm = max(variance, 0.0), max(grad_sqnorm, 0.0)
@@ -387,9 +370,9 @@ def couple_learning_rate(
     (McCandlish et al. 2018); they are needed by ``adascale`` only. Gains compose: going B1 -> B2 -> B3
     gives the same learning rate as B1 -> B3.
     """
-    learning_rate = _check_real(learning_rate, "learning_rate")
-    _check_int(old_batch_size, "old_batch_size", 1)
-    _check_int(new_batch_size, "new_batch_size", 1)
+    learning_rate = check_real(learning_rate, "learning_rate")
+    check_int(old_batch_size, "old_batch_size", 1)
+    check_int(new_batch_size, "new_batch_size", 1)
     if rule == "none":
         return learning_rate
     if rule == "linear":
@@ -399,6 +382,6 @@ def couple_learning_rate(
     if rule == "adascale":
         if trace_sigma is None or grad_sqnorm is None:
             raise ValueError("rule 'adascale' needs trace_sigma and grad_sqnorm (from the noise-scale estimators)")
-        trace_sigma = _check_real(trace_sigma, "trace_sigma")
+        trace_sigma = check_real(trace_sigma, "trace_sigma")
         return learning_rate * adascale_gain(trace_sigma / old_batch_size, grad_sqnorm, new_batch_size / old_batch_size)
     raise ValueError(f"rule must be one of {COUPLING_RULES}, got {rule!r}")

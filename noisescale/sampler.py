@@ -6,10 +6,11 @@ cannot do. :class:`ResizableBatchSampler` reads its batch size afresh for every 
 
 Epochs are counted in examples. The sampler walks one endless stream of indices, the concatenation of one
 permutation of ``range(num_examples)`` per epoch (epoch ``e`` shuffled by a ``torch.Generator`` seeded with
-``seed + e``, reordered only at its start as described under "Epoch boundary"), and every global batch is the next ``batch_size`` indices of that stream. Each example
-therefore appears exactly once in every epoch's stretch of the stream whatever the batch size does, every
-batch has exactly the requested size, and ``epoch = examples_seen / num_examples`` is the fractional epoch
-that :class:`noisescale.controller.BatchSizeSchedule` takes.
+``seed + e``, reordered only at its start as described under "Epoch boundary"), and every global batch
+is the next ``batch_size`` indices of that stream. Each example therefore appears exactly once in every
+epoch's stretch of the stream whatever the batch size does, every batch has exactly the requested size,
+and ``epoch = examples_seen / num_examples`` is the fractional epoch that
+:class:`noisescale.controller.BatchSizeSchedule` takes.
 
 Epoch boundary: the batch that crosses the end of an epoch is topped up by *borrowing* from the next epoch
 (it is never short and nothing is padded). It takes the first indices of the next epoch's permutation that
@@ -36,15 +37,10 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from noisescale._checks import check_int
+
+
 __all__ = ["ResizableBatchSampler", "split_micro_batches"]
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class ResizableBatchSampler(Sampler[list[int]]):
@@ -69,22 +65,22 @@ class ResizableBatchSampler(Sampler[list[int]]):
         rank: int = 0,
     ) -> None:
         super().__init__()
-        self.num_examples = _check_int(num_examples, "num_examples", 1)
-        self.num_replicas = _check_int(num_replicas, "num_replicas", 1)
-        self.rank = _check_int(rank, "rank", 0)
+        self.num_examples = check_int(num_examples, "num_examples", 1)
+        self.num_replicas = check_int(num_replicas, "num_replicas", 1)
+        self.rank = check_int(rank, "rank", 0)
         if self.rank >= self.num_replicas:
             raise ValueError(f"rank must lie in [0, num_replicas={self.num_replicas}), got {rank}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
         self.shuffle = shuffle
-        self.seed = _check_int(seed, "seed", 0)
+        self.seed = check_int(seed, "seed", 0)
         self.examples_seen = 0
         self._batch_size = self._check_batch_size(batch_size)
         self._borrowed: list[int] = []  # indices the previous epoch's last batch took from this epoch
         self._order_cache: tuple[int, torch.Tensor] | None = None
 
     def _check_batch_size(self, batch_size: Any) -> int:
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         if batch_size > self.num_examples:
             raise ValueError(f"batch_size={batch_size} exceeds the dataset size num_examples={self.num_examples}")
         if batch_size % self.num_replicas:
@@ -173,10 +169,11 @@ class ResizableBatchSampler(Sampler[list[int]]):
         for key in ("num_examples", "shuffle", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]!r} but this sampler has {getattr(self, key)!r}")
-        examples_seen = _check_int(state["examples_seen"], "examples_seen", 0)
+        examples_seen = check_int(state["examples_seen"], "examples_seen", 0)
         borrowed = [int(index) for index in state["borrowed"]]
         offset = examples_seen % self.num_examples
-        if len(borrowed) > offset or len(set(borrowed)) != len(borrowed) or not all(0 <= i < self.num_examples for i in borrowed):
+        in_range = all(0 <= index < self.num_examples for index in borrowed)
+        if len(borrowed) > offset or len(set(borrowed)) != len(borrowed) or not in_range:
             raise ValueError(
                 f"state_dict 'borrowed' must hold at most examples_seen % num_examples = {offset} distinct indices "
                 f"in [0, {self.num_examples}), got {len(borrowed)} entries"
@@ -194,8 +191,8 @@ def split_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     For gradient accumulation of a mean loss, weight micro-batch k's mean loss by size_k / B; use the
     sizes with ``torch.split(batch, sizes)``.
     """
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    max_micro_batch = _check_int(max_micro_batch, "max_micro_batch", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    max_micro_batch = check_int(max_micro_batch, "max_micro_batch", 1)
     count = math.ceil(batch_size / max_micro_batch)
     base, extra = divmod(batch_size, count)
     return [base + 1] * extra + [base] * (count - extra)

@@ -91,6 +91,7 @@ def test_policy_rounds_to_nearest_multiple_and_clips_below():
     assert policy.step(110.0) == 96  # 110 -> 3 * 32 (nearest)
     assert policy.step(113.0) == 128  # 113 -> 4 * 32
     assert policy.step(1.0) == 32  # clipped at B_min (and within 128 / 4)
+    assert policy.step(80.0) == 96  # 80 = 2.5 * 32: halves round up
 
 
 def test_policy_state_dict_round_trip_continues_identically():
