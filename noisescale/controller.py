@@ -74,7 +74,8 @@ class NoiseScaleBatchPolicy:
     Args:
         initial_batch_size: B at step 0, a multiple of granularity in [B_min, B_max].
         min_batch_size, max_batch_size: B_min <= B_max, both multiples of granularity.
-        kappa: B = kappa * noise scale (> 0); McCandlish et al. train near kappa ~ 1.
+        kappa: B = kappa * noise scale (> 0); kappa = 1 aims at the critical batch B_crit ~ B_noise
+            (McCandlish et al. 2018).
         granularity: batch sizes are multiples of it (e.g. num_replicas * micro-batch size).
         hold_steps: the batch is changed at most once every hold_steps steps (>= 1).
         max_factor: one change multiplies or divides B by at most this (> 1); B_min * (max_factor - 1)
