@@ -1,0 +1,30 @@
+"""Argument checks shared by the controller and sampler modules: clear TypeError/ValueError naming the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int >= minimum (bool rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(value: Any, name: str) -> float:
+    """``value`` as a float (ints and floats accepted, bool rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_finite(value: Any, name: str) -> float:
+    """``value`` as a finite float."""
+    value = check_real(value, name)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
