@@ -360,7 +360,7 @@ def expected_risk(
     for piece, (start, end) in enumerate(zip(boundaries[:-1], boundaries[1:])):
         s_inf = dynamics.start[:, 1:, piece] / batch
         offset = second_moment - s_inf
-        powers = _binary_powers(dynamics.transition[:, :, piece], max(end - start, 1).bit_length())
+        powers = _binary_powers(dynamics.transition[:, :, piece, None], max(end - start, 1).bit_length())
         inside = (steps >= start) & (steps < end)
         local = _propagate(powers, np.repeat(offset[:, :, None], inside.sum(), 2), steps[inside] - start)
         risk[inside] = (local + s_inf[:, :, None])[dynamics.readout, 0] @ dynamics.weights
