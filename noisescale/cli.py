@@ -70,7 +70,86 @@ def _run_measure(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_measure_command]
+def _parse_batch_sizes(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be positive numbers, got {text!r}")
+    return values
+
+
+def _run_nqm(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from noisescale import nqm
+
+    model = nqm.paper_model(args.dim, None if args.bins == 0 else args.bins)
+    optimizer = nqm.OptimizerSetting(
+        momentum=args.momentum if args.optimizer == "momentum" else 0.0,
+        precondition_power=args.precondition_power,
+        ema=args.ema,
+    )
+    curve = nqm.steps_vs_batch_size(
+        model, optimizer, args.batch_sizes,
+        momenta=nqm.DEFAULT_MOMENTUM_GRID if args.tune_momentum else None,
+        emas=nqm.DEFAULT_EMA_GRID if args.tune_ema else None,
+        target=args.target, max_steps=args.max_steps, progress=not args.no_progress,
+    )
+    bound = nqm.lower_bound_steps(model, curve.batch_sizes, args.target)
+    print(f"NQM d={model.dim} ({model.curvatures.size} bins), target risk {args.target:g}, {optimizer.label}")
+    print(f"{'batch_size':>12} {'steps':>12} {'learning_rate':>14} {'effective_lr':>13} {'momentum':>9} "
+          f"{'ema':>9} {'lower_bound':>12}")
+    for row, lower in zip(curve.to_frame().itertuples(), bound):
+        steps = "inf" if not np.isfinite(row.steps) else f"{int(row.steps)}"
+        print(f"{row.batch_size:>12g} {steps:>12} {row.learning_rate:>14.4g} {row.effective_learning_rate:>13.4g} "
+              f"{row.momentum:>9.6g} {row.ema:>9.6g} {lower:>12.4g}")
+    finite = np.isfinite(curve.steps)
+    if finite.sum() < 2:
+        print("critical batch size: undefined (fewer than two batch sizes reach the target)")
+        return 0
+    critical = nqm.critical_batch_size(curve.batch_sizes, curve.steps)
+    print(f"critical batch size (steps = 2x perfect linear scaling): {critical:.4g}")
+    if finite.sum() >= 3:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
+        low, high = fit.b_crit_interval
+        print(f"McCandlish fit: B_crit = {fit.b_crit:.4g} (90% interval {low:.4g} .. {high:.4g}), "
+              f"S_min = {fit.s_min:.4g}, E_min = {fit.e_min:.4g}")
+        for warning in caught:
+            print(f"note: {warning.message}")
+    return 0
+
+
+def _add_nqm_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "nqm",
+        help="steps to target and critical batch size in the noisy quadratic model (Zhang et al. 2019)",
+        description="Tune the constant learning rate per batch size in the noisy quadratic model and print "
+        "the steps to reach the target risk and the critical batch size.",
+    )
+    parser.add_argument("--optimizer", choices=["sgd", "momentum"], default="sgd")
+    parser.add_argument("--momentum", type=float, default=0.9, help="heavy-ball beta for --optimizer momentum")
+    parser.add_argument("--tune-momentum", action="store_true", help="grid-search beta as well (slower)")
+    parser.add_argument("--precondition-power", type=float, default=0.0, help="p of the preconditioner H^p")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA coefficient gamma of the iterates (0: off)")
+    parser.add_argument("--tune-ema", action="store_true", help="grid-search gamma as well (slower)")
+    parser.add_argument("--batch-sizes", type=_parse_batch_sizes,
+                        default=[2.0**k for k in range(21)], help="comma-separated (default 2^0..2^20)")
+    parser.add_argument("--dim", type=int, default=10_000, help="dimension d, h_i = 1/i, C = H")
+    parser.add_argument("--bins", type=int, default=100, help="eigenvalue bins (0: exact spectrum)")
+    parser.add_argument("--target", type=float, default=0.01, help="target expected risk")
+    parser.add_argument("--max-steps", type=int, default=2**30)
+    parser.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap replicates of the fit")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(run=_run_nqm)
+
+
+_COMMANDS: list = [_add_measure_command, _add_nqm_command]
 
 
 def main(argv: list[str] | None = None) -> int:

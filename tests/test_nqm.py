@@ -1,0 +1,273 @@
+"""Tests of noisescale.nqm against a Monte-Carlo simulation of the noisy updates, the paper's closed forms
+(eqs. 4, 6, 9, 12 and Theorem 1 of Zhang et al. 2019) and the paper's qualitative claims (section 3.7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from noisescale import nqm
+from noisescale.cli import main
+
+BATCH_SIZES = 2.0 ** np.arange(21)
+TUNED_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(2.0, 21.0, 2.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Monte-Carlo simulation of the actual noisy update (independent of the closed forms)
+
+
+def simulate_risk(model, optimizer, learning_rate_at, batch_size, times, *, replicas=20_000, seed=0):
+    """Mean and standard error of L over ``replicas`` runs of eqs. (2), (5), (8), (11) with sampled noise."""
+    rng = np.random.default_rng(seed)
+    h, c = model.curvatures, model.noise_variances
+    preconditioner = h ** (-optimizer.precondition_power)
+    theta = rng.normal(0.0, np.sqrt(model.initial_variance), size=(replicas, h.size))
+    buffer = np.zeros_like(theta)
+    average = theta.copy()
+    means, errors = [], []
+    for step in range(max(times) + 1):
+        if step in times:
+            evaluated = average if optimizer.ema else theta
+            loss = 0.5 * (h * evaluated**2).sum(axis=1)
+            means.append(loss.mean())
+            errors.append(loss.std(ddof=1) / np.sqrt(replicas))
+        gradient = h * theta + np.sqrt(c / batch_size) * rng.standard_normal(theta.shape)
+        buffer = optimizer.momentum * buffer + preconditioner * gradient
+        theta = theta - learning_rate_at(step) * buffer
+        average = optimizer.ema * average + (1.0 - optimizer.ema) * theta
+    return np.array(means), np.array(errors)
+
+
+SMALL_MODEL = nqm.noisy_quadratic_model(1.0 / np.arange(1, 7))  # exact mode, d = 6, C = H
+TIMES = [1, 5, 20, 60, 150]
+
+
+@pytest.mark.parametrize(
+    "optimizer, learning_rate, batch_size",
+    [
+        (nqm.OptimizerSetting(), 0.5, 2.0),
+        (nqm.OptimizerSetting(momentum=0.9), 0.08, 4.0),
+        (nqm.OptimizerSetting(precondition_power=0.5), 0.3, 2.0),
+        (nqm.OptimizerSetting(ema=0.9), 0.5, 1.0),
+        (nqm.OptimizerSetting(momentum=0.8, precondition_power=0.5, ema=0.7), 0.1, 3.0),
+    ],
+    ids=["sgd", "momentum", "precondition", "ema", "momentum-precondition-ema"],
+)
+def test_expected_risk_matches_monte_carlo(optimizer, learning_rate, batch_size):
+    exact = nqm.expected_risk(SMALL_MODEL, optimizer, learning_rate, batch_size, TIMES)
+    mean, error = simulate_risk(SMALL_MODEL, optimizer, lambda step: learning_rate, batch_size, TIMES)
+    assert np.all(np.abs(exact - mean) < 3 * error), (exact, mean, error)
+
+
+def test_schedule_risk_matches_monte_carlo():
+    schedule = nqm.PiecewiseConstantSchedule(learning_rates=(0.9, 0.3, 0.05), boundaries=(10, 40))
+    optimizer = nqm.OptimizerSetting(momentum=0.5, ema=0.5)
+    times = [5, 10, 25, 40, 41, 100]
+    exact = nqm.expected_risk(SMALL_MODEL, optimizer, schedule, 2.0, times)
+
+    def learning_rate_at(step):
+        return 0.9 if step < 10 else 0.3 if step < 40 else 0.05
+
+    mean, error = simulate_risk(SMALL_MODEL, optimizer, learning_rate_at, 2.0, times, seed=1)
+    assert np.all(np.abs(exact - mean) < 3 * error), (exact, mean, error)
+
+
+def test_one_piece_schedule_equals_constant_learning_rate():
+    optimizer = nqm.OptimizerSetting(momentum=0.7)
+    times = np.array([0, 3, 17, 400])
+    constant = nqm.expected_risk(SMALL_MODEL, optimizer, 0.2, 8.0, times)
+    pieces = nqm.PiecewiseConstantSchedule(learning_rates=(0.2, 0.2), boundaries=(9,))
+    np.testing.assert_allclose(nqm.expected_risk(SMALL_MODEL, optimizer, pieces, 8.0, times), constant, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed forms of the paper
+
+
+def one_direction(h, c):
+    return nqm.noisy_quadratic_model([h], [c])
+
+
+def test_sgd_matches_eq4():
+    h, c, alpha, batch = 0.3, 0.7, 0.9, 5.0
+    times = np.array([0, 1, 7, 50])
+    decay = (1 - alpha * h) ** (2 * times)
+    eq4 = decay * 0.5 * h + alpha * c / (2 * batch * (2 - alpha * h)) * (1 - decay)
+    np.testing.assert_allclose(nqm.expected_risk(one_direction(h, c), nqm.OptimizerSetting(), alpha, batch, times),
+                               eq4, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 1.5])  # overdamped (real roots) and underdamped (complex roots)
+def test_deterministic_momentum_follows_theorem1_roots(alpha):
+    h, beta = 0.5, 0.6
+    r1, r2 = nqm.momentum_roots(alpha, h, beta)
+    assert r1 * r2 == pytest.approx(beta) and r1 + r2 == pytest.approx(1 - alpha * h + beta)
+    times = np.arange(0, 30)
+    amplitude = ((r1 ** (times + 1) - r2 ** (times + 1)) - beta * (r1**times - r2**times)) / (r1 - r2)
+    expected = np.real(amplitude) ** 2 * 0.5 * h
+    risk = nqm.expected_risk(one_direction(h, 0.0), nqm.OptimizerSetting(momentum=beta), alpha, 1.0, times)
+    np.testing.assert_allclose(risk, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_steady_states_match_eqs_6_9_12():
+    h, c, alpha, batch = 0.2, 0.5, 0.7, 3.0
+    model = one_direction(h, c)
+    beta, gamma, p = 0.8, 0.9, 0.5
+    eq6 = (1 + beta) * alpha * c / (2 * batch * (2 * beta + 2 - alpha * h) * (1 - beta))
+    eq9 = alpha * c * h**-p / (2 * batch * (2 - alpha * h ** (1 - p)))
+    eq12 = (alpha * c * (1 - gamma) * (1 + (1 - alpha * h) * gamma)
+            / (2 * batch * (2 - alpha * h) * (1 + gamma) * (1 - (1 - alpha * h) * gamma)))
+    assert nqm.steady_state_risk(model, nqm.OptimizerSetting(momentum=beta), alpha, batch) == pytest.approx(eq6, rel=1e-10)
+    assert nqm.steady_state_risk(model, nqm.OptimizerSetting(precondition_power=p), alpha, batch) == pytest.approx(eq9, rel=1e-10)
+    assert nqm.steady_state_risk(model, nqm.OptimizerSetting(ema=gamma), alpha, batch) == pytest.approx(eq12, rel=1e-10)
+
+
+def test_steps_to_target_is_the_first_step_below_target():
+    model = nqm.paper_model(dim=200, n_bins=20)
+    optimizer = nqm.OptimizerSetting(momentum=0.5)
+    steps = nqm.steps_to_target(model, optimizer, [0.02, 0.1], [16.0, 256.0], target=0.05)
+    assert np.all(np.isfinite(steps))
+    for i, rate in enumerate([0.02, 0.1]):
+        for j, batch in enumerate([16.0, 256.0]):
+            t = int(steps[i, j])
+            before, at = nqm.expected_risk(model, optimizer, rate, batch, [t - 1, t])
+            assert before > 0.05 >= at
+
+
+def test_steps_to_target_is_inf_when_steady_state_is_above_target():
+    model = nqm.paper_model(dim=100, n_bins=10)
+    floor = nqm.steady_state_risk(model, nqm.OptimizerSetting(), 0.5, 1.0)
+    steps = nqm.steps_to_target(model, nqm.OptimizerSetting(), [0.5, 5.0], [1.0], target=floor / 2)
+    assert np.all(np.isinf(steps))  # 0.5: steady state too high; 5.0: diverges (alpha h_1 > 2)
+
+
+def test_binned_model_agrees_with_exact_spectrum():
+    exact, binned = nqm.paper_model(n_bins=None), nqm.paper_model(n_bins=100)
+    assert binned.curvatures.size <= 100 and binned.dim == exact.dim
+    assert binned.initial_risk == pytest.approx(exact.initial_risk, rel=1e-12)
+    optimizer = nqm.OptimizerSetting(momentum=0.9)
+    times = [100, 3000, 100_000]
+    np.testing.assert_allclose(nqm.expected_risk(binned, optimizer, 0.05, 64.0, times),
+                               nqm.expected_risk(exact, optimizer, 0.05, 64.0, times), rtol=0.01)
+    rates, batches = [0.01, 0.2], [4.0, 4096.0]
+    np.testing.assert_allclose(nqm.steps_to_target(binned, optimizer, rates, batches),
+                               nqm.steps_to_target(exact, optimizer, rates, batches), rtol=0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims of section 3.7 on the paper's default model (d = 10^4, 100 bins, target 0.01)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return nqm.paper_model()
+
+
+@pytest.fixture(scope="module")
+def curves(paper):
+    settings = {
+        "sgd": (nqm.OptimizerSetting(), {}),
+        "momentum": (nqm.OptimizerSetting(momentum=0.9), {}),
+        "p=0.5": (nqm.OptimizerSetting(precondition_power=0.5), {}),
+        "p=0.75": (nqm.OptimizerSetting(precondition_power=0.75), {}),
+        "p=1": (nqm.OptimizerSetting(precondition_power=1.0), {}),
+        "ema": (nqm.OptimizerSetting(), {"emas": TUNED_EMA_GRID}),
+    }
+    return {name: nqm.steps_vs_batch_size(paper, opt, BATCH_SIZES, **kw) for name, (opt, kw) in settings.items()}
+
+
+def critical(curve):
+    return nqm.critical_batch_size(curve.batch_sizes, curve.steps)
+
+
+def test_perfect_scaling_at_small_batch(curves):
+    for name in ("sgd", "momentum", "p=0.5", "ema"):
+        small = slice(0, 4)  # B = 1..8
+        slope = np.polyfit(np.log2(BATCH_SIZES[small]), np.log2(curves[name].steps[small]), 1)[0]
+        assert slope == pytest.approx(-1.0, abs=0.1), name
+
+
+def test_momentum_no_benefit_at_small_batch_but_larger_critical_batch(curves):
+    sgd, momentum = curves["sgd"], curves["momentum"]
+    small = BATCH_SIZES <= 64
+    np.testing.assert_allclose(momentum.steps[small], sgd.steps[small], rtol=0.03)
+    assert critical(momentum) > 8 * critical(sgd)
+    assert momentum.steps[-1] < sgd.steps[-1] / 8
+    # small-batch equivalence is in the effective learning rate alpha / (1 - beta)
+    np.testing.assert_allclose(momentum.effective_learning_rates[small], sgd.learning_rates[small], rtol=0.25)
+
+
+def test_preconditioning_power_increases_critical_batch_and_helps_small_batch(curves):
+    sizes = [critical(curves[name]) for name in ("sgd", "p=0.5", "p=0.75", "p=1")]
+    assert all(a < b for a, b in zip(sizes, sizes[1:])), sizes
+    assert curves["p=0.5"].steps[0] < curves["sgd"].steps[0]  # constant-factor gain even at B = 1
+
+
+def test_ema_helps_at_small_batch_only_and_lowers_critical_batch(curves):
+    sgd, ema = curves["sgd"], curves["ema"]
+    assert ema.steps[0] < 0.7 * sgd.steps[0]
+    assert ema.steps[-1] == pytest.approx(sgd.steps[-1], rel=0.02)
+    assert np.all(ema.steps <= sgd.steps)
+    assert critical(ema) < critical(sgd) / 2
+
+
+def test_optimal_sgd_learning_rate_linear_then_flat(curves, paper):
+    sgd = curves["sgd"]
+    small = BATCH_SIZES <= 64
+    slope = np.polyfit(np.log2(BATCH_SIZES[small]), np.log2(sgd.learning_rates[small]), 1)[0]
+    assert slope == pytest.approx(1.0, abs=0.1)
+    large = sgd.learning_rates[BATCH_SIZES >= 2**14]
+    assert large.max() / large.min() < 1.25
+    assert large.max() < 2.0 / paper.curvatures.max()
+
+
+def test_no_optimizer_beats_the_lower_bounds(curves, paper):
+    bound = nqm.lower_bound_steps(paper, BATCH_SIZES, 0.01)
+    for name, curve in curves.items():
+        finite = np.isfinite(curve.steps)
+        assert np.all(curve.steps[finite] >= bound[finite]), name
+        examples = BATCH_SIZES[finite] * curve.steps[finite]
+        assert np.all(nqm.bayes_lower_bound_risk(paper, examples) <= 0.01), name
+    examples = np.array([1e3, 1e6])
+    assert np.all(nqm.bayes_lower_bound_risk(paper, examples) <= paper.dim / (2 * examples))
+
+
+def test_mccandlish_fit_of_a_curve(curves):
+    fit = nqm.fit_scaling_curve(curves["momentum"], n_bootstrap=200)
+    assert fit.b_crit_interval[0] <= fit.b_crit <= fit.b_crit_interval[1]
+    assert fit.b_crit == pytest.approx(critical(curves["momentum"]), rel=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and CLI
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="momentum"):
+        nqm.OptimizerSetting(momentum=1.0)
+    with pytest.raises(ValueError, match="precondition_power"):
+        nqm.OptimizerSetting(precondition_power=-0.1)
+    with pytest.raises(ValueError, match="diverge"):
+        nqm.expected_risk(SMALL_MODEL, nqm.OptimizerSetting(), 2.5, 1.0, [1])
+    with pytest.raises(ValueError, match="curvatures"):
+        nqm.noisy_quadratic_model([1.0, -1.0])
+    with pytest.raises(ValueError, match="boundaries"):
+        nqm.PiecewiseConstantSchedule((0.1, 0.2), (5, 6))
+    with pytest.raises(TypeError, match="OptimizerSetting"):
+        nqm.expected_risk(SMALL_MODEL, "sgd", 0.1, 1.0, [1])
+    with pytest.raises(ValueError, match="steps"):
+        nqm.expected_risk(SMALL_MODEL, nqm.OptimizerSetting(), 0.1, 1.0, [1.5])
+
+
+def test_cli_prints_steps_and_critical_batch(capsys, paper):
+    code = main(["nqm", "--optimizer", "momentum", "--momentum", "0.9", "--batch-sizes", "1,16,256,4096,65536",
+                 "--no-progress", "--n-bootstrap", "50"])
+    assert code == 0
+    out = capsys.readouterr().out
+    curve = nqm.steps_vs_batch_size(paper, nqm.OptimizerSetting(momentum=0.9), [1.0, 16.0, 256.0, 4096.0, 65536.0])
+    for steps in curve.steps:
+        assert f"{int(steps)}" in out
+    assert "critical batch size" in out
+    expected = nqm.critical_batch_size(curve.batch_sizes, curve.steps)
+    assert f"{expected:.4g}" in out
