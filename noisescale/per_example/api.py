@@ -10,9 +10,11 @@ separate torch.func pass (``vmap.py``); "auto" uses ghost for every parameter wh
 the rest only.
 
 Limits of ghost: every hooked module must see tensors whose dim 0 is the example index (a position embedding
-applied to ``arange(T)`` without the batch dim would be wrong when T == B and is an error otherwise); a parameter
-used directly in a forward (``F.linear(x, self.embedding.weight)``) rather than through its module is invisible to
-hooks -- give such a model backend="vmap"; activation checkpointing (which re-runs forwards) is not supported.
+applied to ``arange(T)`` without the batch dim would be wrong when T == B and is an error otherwise). A parameter
+used only outside its module's forward (nn.MultiheadAttention's out_proj) is detected -- it gets a gradient but no
+hooked call -- and auto sends it to vmap; one used both through its module and directly
+(``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible to hooks: give such a model
+backend="vmap". Activation checkpointing (which re-runs forwards) is not supported.
 """
 
 from __future__ import annotations
@@ -161,6 +163,18 @@ class PerExampleGradNorms:
         backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in owners}
         return _Plan(ghost, sorted(vmap_names), backend_of)
 
+    def _used_outside_their_module(self, plan: _Plan, names: list[str], grads: tuple, use_count: dict[str, int]
+                                   ) -> list[str]:
+        """Ghost parameters that received a gradient although no hooked call used them: their module's forward
+        was bypassed (e.g. nn.MultiheadAttention reads out_proj.weight directly). Auto sends them to vmap."""
+        bypassed = [name for name, grad in zip(names, grads)
+                    if grad is not None and plan.backend_of[name] == "ghost" and use_count[name] == 0]
+        if bypassed and self.backend == "ghost":
+            raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they received a gradient but "
+                             "their module's forward was never called (used directly by another module); use "
+                             "backend='auto' to route them to vmap")
+        return bypassed
+
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
         inputs = _as_input_tuple(inputs)
         batch_size = inputs[0].shape[0]
@@ -177,6 +191,8 @@ class PerExampleGradNorms:
             loss = losses.mean()
             objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
             grads = torch.autograd.grad(objective, [parameters[n] for n in names], allow_unused=True)
+        vmap_names = plan.vmap_names + self._used_outside_their_module(plan, names, grads, ghost_pass.use_count)
+        backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in names}
         by_parameter = ghost_pass.result()
         grad_sqnorm = torch.zeros((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
         for name, grad in zip(names, grads):
@@ -184,9 +200,8 @@ class PerExampleGradNorms:
                 _accumulate_grad(parameters[name], grad)
                 grad_sqnorm = grad_sqnorm + grad.to(grad_sqnorm.dtype).square().sum()
         grad_sqnorm = grad_sqnorm / scale ** 2
-        if plan.vmap_names:
-            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, plan.vmap_names,
-                                             self.chunk_size))
+        if vmap_names:
+            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, self.chunk_size))
         zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
         by_parameter = {name: by_parameter[name].to(zeros.dtype) if name in by_parameter else zeros
                         for name in names}
@@ -196,7 +211,7 @@ class PerExampleGradNorms:
             sqnorms=torch.stack(list(by_parameter.values())).sum(0),
             grad_sqnorm=grad_sqnorm,
             by_parameter=by_parameter if self.by_parameter else None,
-            backend_of=plan.backend_of,
+            backend_of=backend_of,
         )
 
 

@@ -1,0 +1,435 @@
+"""Per-example squared gradient norms against a naive loop (one backward per example), in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
+from noisescale.per_example import PerExampleGradNorms, per_example_sqnorms
+
+BACKENDS = ("ghost", "vmap", "auto")
+
+
+# --------------------------------------------------------------------------- reference and helpers
+
+def naive_per_example(model, loss_fn, inputs, targets):
+    """(B,) |dl_i/dtheta|^2 per trainable parameter, one forward/backward per example on a copy of the model."""
+    model = copy.deepcopy(model)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    rows = {name: [] for name in parameters}
+    for i in range(inputs[0].shape[0]):
+        loss = loss_fn(model(*(t[i:i + 1] for t in inputs)), targets[i:i + 1]).sum()
+        grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+        for name, grad in zip(parameters, grads):
+            rows[name].append(torch.zeros((), dtype=torch.float64) if grad is None else grad.square().sum())
+    return {name: torch.stack(values) for name, values in rows.items()}
+
+
+def plain_backward_grads(model, loss_fn, inputs, targets, loss_scale=1.0, steps=1):
+    model = copy.deepcopy(model)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    for _ in range(steps):
+        loss = loss_fn(model(*inputs), targets).mean()
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_relclose(got, expected):
+    scale = expected.abs().max().clamp_min(1e-300)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12 * float(scale))
+
+
+def assert_matches_reference(model, loss_fn, inputs, targets, backend, **kwargs):
+    expected = naive_per_example(model, loss_fn, inputs, targets)
+    grads = plain_backward_grads(model, loss_fn, inputs, targets)
+    measured = copy.deepcopy(model)
+    result = per_example_sqnorms(measured, loss_fn, inputs, targets, backend=backend, by_parameter=True, **kwargs)
+    assert result.by_parameter.keys() == expected.keys()
+    for name in expected:
+        assert_relclose(result.by_parameter[name], expected[name])
+    assert_relclose(result.sqnorms, sum(expected.values()))
+    for name, p in measured.named_parameters():
+        assert (p.grad is None) == (grads[name] is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[name]), f"{name}: p.grad differs from a plain backward"
+    gbar_sqnorm = sum(g.square().sum() for g in grads.values() if g is not None)
+    assert_relclose(result.grad_sqnorm, gbar_sqnorm)
+    return result
+
+
+def regression_loss(outputs, targets):
+    return (outputs - targets).square().flatten(1).sum(1)
+
+
+def classification_loss(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- single layers
+
+def _layer_case(layer, input_shape, integer_inputs=None, seed=0):
+    torch.manual_seed(seed)
+    layer = layer.double()
+    if integer_inputs is None:
+        x = torch.randn(*input_shape, dtype=torch.float64, generator=generator(seed))
+    else:
+        x = torch.randint(0, integer_inputs, input_shape, generator=generator(seed))
+    with torch.no_grad():
+        y = torch.randn_like(layer(x))
+    return layer, x, y
+
+
+def _embedding_with_padding():
+    layer, x, y = _layer_case(nn.Embedding(7, 3, padding_idx=0), (4, 6), integer_inputs=3)   # repeats and zeros
+    assert (x == 0).any() and (x == 1).sum() > 1
+    return layer, x, y
+
+
+def _batch_norm_eval():
+    layer, x, y = _layer_case(nn.BatchNorm2d(3), (5, 3, 4, 4))
+    with torch.no_grad():
+        layer.running_mean.normal_(generator=generator(1))
+        layer.running_var.uniform_(0.5, 2.0, generator=generator(2))
+        layer.weight.normal_(generator=generator(3))
+    return layer.eval(), x, y
+
+
+LAYER_CASES = {
+    "linear_2d": lambda: _layer_case(nn.Linear(5, 3), (6, 5)),
+    "linear_2d_no_bias": lambda: _layer_case(nn.Linear(5, 3, bias=False), (6, 5)),
+    "linear_3d_gram": lambda: _layer_case(nn.Linear(4, 3), (5, 3, 4)),                 # T^2 = 9 <= 12
+    "linear_3d_materialised": lambda: _layer_case(nn.Linear(4, 3), (5, 6, 4)),         # T^2 = 36 > 12
+    "linear_4d": lambda: _layer_case(nn.Linear(4, 3, bias=False), (3, 2, 3, 4)),
+    "conv1d": lambda: _layer_case(nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), (4, 2, 11)),
+    "conv2d_stride_padding_dilation": lambda: _layer_case(
+        nn.Conv2d(2, 3, 3, stride=2, padding=(1, 2), dilation=2), (4, 2, 9, 8)),
+    "conv2d_groups": lambda: _layer_case(nn.Conv2d(4, 6, 3, groups=2), (3, 4, 6, 6)),
+    "conv2d_same_reflect": lambda: _layer_case(nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"),
+                                               (3, 2, 7, 7)),
+    "conv2d_no_bias_1x1": lambda: _layer_case(nn.Conv2d(3, 2, 1, bias=False), (3, 3, 5, 5)),
+    "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
+    "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
+    "embedding_single_index": lambda: _layer_case(nn.Embedding(6, 3), (4,), integer_inputs=6),
+    "layer_norm": lambda: _layer_case(nn.LayerNorm(4), (5, 3, 4)),
+    "layer_norm_2d_shape": lambda: _layer_case(nn.LayerNorm((3, 4)), (5, 3, 4)),
+    "group_norm": lambda: _layer_case(nn.GroupNorm(2, 4), (5, 4, 3, 3)),
+    "rms_norm": lambda: _layer_case(nn.RMSNorm(4), (5, 3, 4)),
+    "batch_norm_eval": _batch_norm_eval,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_single_layer_matches_naive_loop(case, backend):
+    layer, x, y = LAYER_CASES[case]()
+    result = assert_matches_reference(layer, regression_loss, x, y, backend)
+    assert set(result.backend_of.values()) == {"vmap" if backend == "vmap" else "ghost"}
+
+
+def test_gram_and_materialised_forms_agree_on_the_same_layer():
+    """The two ghost forms of a sequence Linear give the same norms (checked via the reference for both T)."""
+    from noisescale.per_example.layers import position_weight_sqnorms
+    a = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator(4))
+    g = torch.randn(3, 5, 2, dtype=torch.float64, generator=generator(5))
+    materialised = torch.einsum("bto,bti->boi", g, a).square().sum((1, 2))
+    assert_relclose(position_weight_sqnorms(a, g), materialised)          # 25 > 8: materialised branch
+    assert_relclose(position_weight_sqnorms(a[:, :2], g[:, :2]),          # 4 <= 8: Gram branch
+                    torch.einsum("bto,bti->boi", g[:, :2], a[:, :2]).square().sum((1, 2)))
+
+
+# --------------------------------------------------------------------------- composite models
+
+class LinearTwice(nn.Module):
+    """The same Linear applied twice in one forward: its parameters get two uses per example."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.shared = nn.Linear(width, width)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.out(self.shared(torch.tanh(self.shared(x))))
+
+
+class LinearTwiceUntied(nn.Module):
+    """LinearTwice with the two uses as separate copies of the same weights: per-use per-example gradients."""
+
+    def __init__(self, tied: LinearTwice):
+        super().__init__()
+        self.first, self.second, self.out = (copy.deepcopy(tied.shared), copy.deepcopy(tied.shared),
+                                             copy.deepcopy(tied.out))
+
+    def forward(self, x):
+        return self.out(self.second(torch.tanh(self.first(x))))
+
+
+class ScaledMLP(nn.Module):
+    """A raw nn.Parameter used in forward: no module rule, so auto routes it to vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(5, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)) * self.scale)
+
+
+class AttentionClassifier(nn.Module):
+    """nn.MultiheadAttention has no ghost rule (its projections are raw parameters used in F functions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = self.norm(h + self.attention(h, h, h, need_weights=False)[0])
+        return self.out(h.mean(1))
+
+
+def _float64(model, seed=0):
+    torch.manual_seed(seed)
+    return model().double()
+
+
+def _mlp_case():
+    x = torch.randn(6, 12, dtype=torch.float64, generator=generator(1))
+    return _float64(lambda: mlp(12, (8, 6), 5)), x, torch.randint(0, 5, (6,), generator=generator(2)), \
+        classification_loss
+
+
+def _cnn_case():
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64, generator=generator(1))
+    return _float64(lambda: lenet5(10)), x, torch.randint(0, 10, (4,), generator=generator(2)), classification_loss
+
+
+def _transformer_case():
+    tokens = torch.randint(0, 16, (3, 8), generator=generator(1))
+    targets = torch.randint(0, 16, (3, 8), generator=generator(2))
+    model = _float64(lambda: tiny_transformer(vocab_size=16, d_model=8, n_heads=2, n_layers=2, block_size=8))
+    return model, tokens, targets, sequence_cross_entropy
+
+
+def _frozen_case():
+    model, x, y, loss_fn = _mlp_case()
+    model[1].weight.requires_grad_(False)
+    model[3].requires_grad_(False)
+    return model, x, y, loss_fn
+
+
+def _twice_case():
+    x = torch.randn(5, 4, dtype=torch.float64, generator=generator(1))
+    return _float64(LinearTwice), x, torch.randn(5, 2, dtype=torch.float64, generator=generator(2)), \
+        regression_loss
+
+
+def _raw_parameter_case():
+    x = torch.randn(5, 5, dtype=torch.float64, generator=generator(1))
+    return _float64(ScaledMLP), x, torch.randint(0, 3, (5,), generator=generator(2)), classification_loss
+
+
+def _attention_case():
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(1))
+    return _float64(AttentionClassifier), x, torch.randint(0, 2, (4,), generator=generator(2)), \
+        classification_loss
+
+
+SUPPORTED_MODELS = {"mlp": _mlp_case, "lenet5": _cnn_case, "tiny_transformer": _transformer_case,
+                    "frozen_parameters": _frozen_case, "module_called_twice": _twice_case}
+UNSUPPORTED_MODELS = {"raw_parameter": (_raw_parameter_case, "scale", "ScaledMLP"),
+                      "multihead_attention": (_attention_case, "attention", "MultiheadAttention")}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(SUPPORTED_MODELS))
+def test_model_matches_naive_loop(case, backend):
+    model, x, y, loss_fn = SUPPORTED_MODELS[case]()
+    result = assert_matches_reference(model, loss_fn, x, y, backend)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert result.backend_of.keys() == trainable
+
+
+def test_frozen_parameters_are_skipped():
+    model, x, y, loss_fn = _frozen_case()
+    result = per_example_sqnorms(model, loss_fn, x, y, by_parameter=True)
+    assert "1.weight" not in result.by_parameter and "3.bias" not in result.by_parameter
+    assert model[1].weight.grad is None and model[3].weight.grad is None
+
+
+def test_tied_embedding_and_head_sum_per_example_gradients_before_the_norm():
+    model, tokens, targets, loss_fn = _transformer_case()
+    assert model.head.weight is model.token.weight
+    expected = naive_per_example(model, loss_fn, tokens, targets)["token.weight"]
+    untied = copy.deepcopy(model)
+    untied.head.weight = nn.Parameter(untied.token.weight.detach().clone())
+    per_use = naive_per_example(untied, loss_fn, tokens, targets)
+    per_use_sum = per_use["token.weight"] + per_use["head.weight"]
+    assert not torch.allclose(per_use_sum, expected, rtol=1e-3)
+    result = per_example_sqnorms(model, loss_fn, tokens, targets, backend="ghost", by_parameter=True)
+    assert_relclose(result.by_parameter["token.weight"], expected)
+
+
+def test_module_called_twice_sums_per_example_gradients_before_the_norm():
+    model, x, y, loss_fn = _twice_case()
+    expected = naive_per_example(model, loss_fn, x, y)
+    per_use = naive_per_example(LinearTwiceUntied(model), loss_fn, x, y)
+    for parameter in ("weight", "bias"):
+        per_use_sum = per_use[f"first.{parameter}"] + per_use[f"second.{parameter}"]
+        assert not torch.allclose(per_use_sum, expected[f"shared.{parameter}"], rtol=1e-3)
+    result = per_example_sqnorms(model, loss_fn, x, y, backend="ghost", by_parameter=True)
+    for parameter in ("weight", "bias"):
+        assert_relclose(result.by_parameter[f"shared.{parameter}"], expected[f"shared.{parameter}"])
+
+
+@pytest.mark.parametrize("backend", ["vmap", "auto"])
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED_MODELS))
+def test_unsupported_module_falls_back_to_vmap_under_auto(case, backend):
+    make, module_path, _ = UNSUPPORTED_MODELS[case]
+    model, x, y, loss_fn = make()
+    result = assert_matches_reference(model, loss_fn, x, y, backend)
+    for name, used in result.backend_of.items():
+        expected = "vmap" if backend == "vmap" or name.startswith(module_path) else "ghost"
+        assert used == expected, name
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED_MODELS))
+def test_ghost_alone_names_the_unsupported_module(case):
+    make, module_path, type_name = UNSUPPORTED_MODELS[case]
+    model, x, y, loss_fn = make()
+    with pytest.raises(ValueError, match=rf"'{module_path if case != 'raw_parameter' else ''}'.*{type_name}"):
+        per_example_sqnorms(model, loss_fn, x, y, backend="ghost")
+
+
+# --------------------------------------------------------------------------- training-loop behaviour
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_of_one(backend):
+    model, x, y, loss_fn = _mlp_case()
+    assert_matches_reference(model, loss_fn, x[:1], y[:1], backend)
+
+
+def test_vmap_chunks_match():
+    model, x, y, loss_fn = _cnn_case()
+    assert_matches_reference(model, loss_fn, x, y, "vmap", chunk_size=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_scale_scales_grad_but_not_norms(backend):
+    model, x, y, loss_fn = _mlp_case()
+    expected = naive_per_example(model, loss_fn, x, y)
+    grads = plain_backward_grads(model, loss_fn, x, y, loss_scale=1024.0)
+    result = per_example_sqnorms(model, loss_fn, x, y, backend=backend, loss_scale=1024.0)
+    assert_relclose(result.sqnorms, sum(expected.values()))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    assert_relclose(result.grad_sqnorm, sum(g.square().sum() for g in grads.values()) / 1024.0 ** 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_calls_accumulate_like_two_backward_calls(backend):
+    model, x, y, loss_fn = _transformer_case()
+    grads = plain_backward_grads(model, loss_fn, x, y, steps=2)
+    single_grads = plain_backward_grads(model, loss_fn, x, y)
+    with PerExampleGradNorms(model, loss_fn, backend=backend) as measure:
+        first, second = measure(x, y), measure(x, y)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    assert_relclose(first.sqnorms, second.sqnorms)
+    gbar_sqnorm = sum(g.square().sum() for g in single_grads.values())
+    assert_relclose(second.grad_sqnorm, gbar_sqnorm)      # this batch's gradient, not the accumulated p.grad
+    assert all(not module._forward_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_rng_and_buffers_are_untouched(backend):
+    """With dropout, the real pass draws the same masks as plain training and the RNG ends in the same state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    model[2].eval()
+    with torch.no_grad():
+        model[2].running_mean.uniform_(generator=generator(3))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 3, (6,), generator=generator(2))
+    torch.manual_seed(7)
+    grads = plain_backward_grads(model, classification_loss, x, y)
+    after_plain = torch.rand(3)
+    torch.manual_seed(7)
+    result = per_example_sqnorms(model, classification_loss, x, y, backend=backend)
+    assert torch.equal(torch.rand(3), after_plain)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    assert result.sqnorms.shape == (6,) and (result.sqnorms > 0).all()
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_in_train_mode_is_rejected(backend):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\).*batch statistics.*eval"):
+        per_example_sqnorms(model, regression_loss, x, torch.zeros(5, 4, dtype=torch.float64), backend=backend)
+
+
+def test_empty_batch_is_rejected():
+    model, x, y, loss_fn = _mlp_case()
+    with pytest.raises(ValueError, match="empty batch"):
+        per_example_sqnorms(model, loss_fn, x[:0], y[:0])
+
+
+def test_loss_of_wrong_shape_is_rejected():
+    model, x, y, _ = _mlp_case()
+    with pytest.raises(ValueError, match=r"shape \(6,\), got \(\)"):
+        per_example_sqnorms(model, lambda out, t: F.cross_entropy(out, t), x, y)
+
+
+def test_bad_arguments_are_rejected():
+    model, x, y, loss_fn = _mlp_case()
+    with pytest.raises(ValueError, match="backend"):
+        PerExampleGradNorms(model, loss_fn, backend="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        PerExampleGradNorms(model, loss_fn, chunk_size=0)
+    with pytest.raises(ValueError, match="same batch size"):
+        per_example_sqnorms(model, lambda out, t: out.sum(1), (x, x[:3]), y)
+    with pytest.raises(ValueError, match="loss_scale"):
+        per_example_sqnorms(model, loss_fn, x, y, loss_scale=0.0)
+
+
+def test_ghost_rejects_module_without_batch_dimension():
+    class UnbatchedPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.position = nn.Embedding(4, 3)
+
+        def forward(self, x):
+            return x + self.position(torch.arange(x.shape[1]))
+
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    model = UnbatchedPositions().double()
+    with pytest.raises(ValueError, match=r"'position' \(Embedding\).*dim 0"):
+        per_example_sqnorms(model, regression_loss, x, torch.zeros_like(x), backend="ghost")
+
+
+def test_sequence_cross_entropy_is_mean_token_loss_per_example():
+    logits = torch.randn(3, 4, 5, dtype=torch.float64, generator=generator(1))
+    targets = torch.randint(0, 5, (3, 4), generator=generator(2))
+    expected = torch.stack([F.cross_entropy(logits[i], targets[i]) for i in range(3)])
+    assert_relclose(sequence_cross_entropy(logits, targets), expected)
