@@ -134,9 +134,9 @@ def opacus_step(model, loss_fn):
 
     def step(inputs, targets):
         loss_fn(module(inputs), targets).mean().backward()
-        batch = inputs.shape[0]
+        # with loss_reduction="mean" Opacus rescales grad_sample to the per-example gradients g_i themselves
         sqnorms = sum(
-            (p.grad_sample.reshape(batch, -1) * batch).square().sum(1) for p in model.parameters() if p.requires_grad
+            p.grad_sample.reshape(inputs.shape[0], -1).square().sum(1) for p in model.parameters() if p.requires_grad
         )
         for p in model.parameters():  # Opacus accumulates grad_sample across steps unless it is cleared
             p.grad_sample = None
