@@ -18,6 +18,7 @@ The cheaper one is chosen per layer and per call; for T = 1 it is |a|^2 |g|^2.
 
 from __future__ import annotations
 
+from math import prod
 from typing import Callable
 
 import torch
@@ -94,50 +95,49 @@ class LinearRule(LayerRule):
 
 
 class ConvRule(LayerRule):
-    """nn.Conv1d / nn.Conv2d through unfold (im2col): a convolution is a Linear over the L output positions.
+    """nn.Conv1d / Conv2d / Conv3d through im2col: a convolution is a Linear over its L output positions.
 
-    Stride, padding (ints, "same", "valid", non-zero padding modes), dilation and groups are handled; each group is
-    a separate Linear, so groups are folded into the batch of the position formula.
+    Patches are strided views of the padded input (Tensor.unfold per spatial dim), copied once into
+    (B, C_in * prod(k), L) -- much faster than F.unfold on CPU. Stride, padding (ints, "same", "valid", non-zero
+    padding modes), dilation and groups are handled; each group is a separate Linear, folded into the batch.
     """
 
-    def __init__(self, spatial_dims: int):
-        self.spatial_dims = spatial_dims
-
-    def _patches(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """(B * groups, L, C_in / groups * prod(k)) patches and (B * groups, L, C_out / groups) output grads."""
-        x, g = _compute_dtype(x), _compute_dtype(g)
-        batch, groups = x.shape[0], module.groups
-        padding = module.padding
-        if isinstance(padding, str) or module.padding_mode != "zeros":
+    @staticmethod
+    def _patches(module: nn.Module, x: Tensor) -> Tensor:
+        """(B * groups, L, C_in / groups * prod(k)) input patches."""
+        x = _compute_dtype(x)
+        batch, spatial = x.shape[0], len(module.kernel_size)
+        if any(module._reversed_padding_repeated_twice):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding = (0,) * self.spatial_dims
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        if self.spatial_dims == 1:
-            x = x.unsqueeze(2)
-            kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        positions = patches.shape[-1]
-        a = patches.view(batch, groups, -1, positions).transpose(2, 3).reshape(batch * groups, positions, -1)
-        g = g.reshape(batch, groups, -1, positions).transpose(2, 3).reshape(batch * groups, positions, -1)
-        return a, g
+        windows = x
+        for dim, (size, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+            windows = windows.unfold(2 + dim, (size - 1) * dilation + 1, stride)[..., ::dilation]
+        # (B, C, out_1..out_n, k_1..k_n) -> (B, C, k_1..k_n, out_1..out_n)
+        order = (0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial))
+        patches = windows.permute(order).reshape(batch * module.groups, -1, prod(windows.shape[2:2 + spatial]))
+        return patches.transpose(1, 2)
+
+    @staticmethod
+    def _output_grads(module: nn.Module, g: Tensor) -> Tensor:
+        """(B * groups, L, C_out / groups) output gradients."""
+        return _compute_dtype(g).reshape(g.shape[0] * module.groups, g.shape[1] // module.groups, -1).transpose(1, 2)
 
     def per_example_grads(self, module, x, g, names):
-        batch = x.shape[0]
-        a, g = self._patches(module, x, g)
+        batch, g = x.shape[0], self._output_grads(module, g)
         grads = {}
         if "weight" in names:
+            a = self._patches(module, x)
             grads["weight"] = torch.bmm(g.transpose(1, 2), a).reshape(batch, *module.weight.shape)
         if "bias" in names:
             grads["bias"] = g.sum(1).reshape(batch, -1)
         return grads
 
     def per_example_sqnorms(self, module, x, g, names):
-        batch = x.shape[0]
-        a, g = self._patches(module, x, g)
+        batch, g = x.shape[0], self._output_grads(module, g)
         sqnorms = {}
         if "weight" in names:
-            sqnorms["weight"] = position_weight_sqnorms(a, g).view(batch, -1).sum(1)
+            sqnorms["weight"] = position_weight_sqnorms(self._patches(module, x), g).view(batch, -1).sum(1)
         if "bias" in names:
             sqnorms["bias"] = g.sum(1).square().view(batch, -1).sum(1)
         return sqnorms
@@ -251,8 +251,9 @@ _BATCH_NORM_RULE = AffineNormRule(_batch_norm_eval_hat, channels_first=True, uns
 
 RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(),
-    nn.Conv1d: ConvRule(1),
-    nn.Conv2d: ConvRule(2),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
     nn.Embedding: EmbeddingRule(),
     nn.LayerNorm: AffineNormRule(_layer_norm_hat, channels_first=False),
     nn.GroupNorm: AffineNormRule(_group_norm_hat, channels_first=True),
