@@ -198,7 +198,7 @@ class PerExampleGradNorms:
         for name, grad in zip(names, grads):
             if grad is not None:
                 _accumulate_grad(parameters[name], grad)
-                grad_sqnorm = grad_sqnorm + grad.to(grad_sqnorm.dtype).square().sum()
+                grad_sqnorm = grad_sqnorm + torch.linalg.vector_norm(grad, dtype=grad_sqnorm.dtype).square()
         grad_sqnorm = grad_sqnorm / scale ** 2
         if vmap_names:
             by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, self.chunk_size))

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.layers import LayerRule
+from noisescale.per_example.layers import LayerRule, per_example_sqnorm
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
@@ -53,7 +53,7 @@ class GhostPass:
         """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
         sqnorms = dict(self.sqnorms)
         for name, grads in self.shared_grads.items():
-            sqnorms[name] = grads.flatten(1).square().sum(1)
+            sqnorms[name] = per_example_sqnorm(grads)
         return {name: sqnorm * self.grad_factor ** 2 for name, sqnorm in sqnorms.items()}
 
 

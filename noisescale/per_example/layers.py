@@ -34,6 +34,7 @@ __all__ = [
     "RULES",
     "rule_for",
     "position_weight_sqnorms",
+    "per_example_sqnorm",
 ]
 
 
@@ -42,14 +43,20 @@ def _compute_dtype(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def per_example_sqnorm(t: Tensor) -> Tensor:
+    """(B,) squared Euclidean norm of each t[i], in one pass without a squared copy."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+
+
 def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
     """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out); Gram or materialised form."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if positions == 1:
-        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+        return per_example_sqnorm(a) * per_example_sqnorm(g)
     if positions * positions <= d_in * d_out:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+        gram_a, gram_g = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+        return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
+    return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))
 
 
 class LayerRule:
@@ -64,7 +71,7 @@ class LayerRule:
 
     def per_example_sqnorms(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Tensor]:
         grads = self.per_example_grads(module, x, g, names)
-        return {name: grad.flatten(1).square().sum(1) for name, grad in grads.items()}
+        return {name: per_example_sqnorm(grad) for name, grad in grads.items()}
 
 
 class LinearRule(LayerRule):
@@ -90,7 +97,7 @@ class LinearRule(LayerRule):
         if "weight" in names:
             sqnorms["weight"] = position_weight_sqnorms(a, g)
         if "bias" in names:
-            sqnorms["bias"] = g.sum(1).square().sum(1)
+            sqnorms["bias"] = per_example_sqnorm(g.sum(1))
         return sqnorms
 
 
@@ -139,7 +146,7 @@ class ConvRule(LayerRule):
         if "weight" in names:
             sqnorms["weight"] = position_weight_sqnorms(self._patches(module, x), g).view(batch, -1).sum(1)
         if "bias" in names:
-            sqnorms["bias"] = g.sum(1).square().view(batch, -1).sum(1)
+            sqnorms["bias"] = per_example_sqnorm(g.sum(1).view(batch, -1))
         return sqnorms
 
 
@@ -176,11 +183,11 @@ class EmbeddingRule(LayerRule):
         indices, g = self._indices_and_grads(module, x, g)
         positions = indices.shape[1]
         if positions == 1:
-            return {"weight": g.square().sum((1, 2))}
+            return {"weight": per_example_sqnorm(g)}
         if positions * positions > module.weight.numel():
             return super().per_example_sqnorms(module, x, g, names)
         same_row = (indices.unsqueeze(2) == indices.unsqueeze(1)).to(g.dtype)
-        return {"weight": (torch.bmm(g, g.transpose(1, 2)) * same_row).sum((1, 2))}
+        return {"weight": torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1), same_row.flatten(1))}
 
 
 class AffineNormRule(LayerRule):
