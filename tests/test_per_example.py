@@ -116,6 +116,8 @@ LAYER_CASES = {
     "conv2d_groups": lambda: _layer_case(nn.Conv2d(4, 6, 3, groups=2), (3, 4, 6, 6)),
     "conv2d_same_reflect": lambda: _layer_case(nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"),
                                                (3, 2, 7, 7)),
+    "conv1d_groups_same": lambda: _layer_case(nn.Conv1d(4, 2, 3, groups=2, padding="same"), (3, 4, 7)),
+    "conv3d": lambda: _layer_case(nn.Conv3d(2, 2, (2, 3, 2), stride=(1, 2, 1), padding=1), (3, 2, 4, 5, 4)),
     "conv2d_no_bias_1x1": lambda: _layer_case(nn.Conv2d(3, 2, 1, bias=False), (3, 3, 5, 5)),
     "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
     "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
@@ -433,3 +435,22 @@ def test_sequence_cross_entropy_is_mean_token_loss_per_example():
     targets = torch.randint(0, 5, (3, 4), generator=generator(2))
     expected = torch.stack([F.cross_entropy(logits[i], targets[i]) for i in range(3)])
     assert_relclose(sequence_cross_entropy(logits, targets), expected)
+
+
+def test_ghost_rejects_parameter_used_outside_its_module():
+    class BypassedLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.linear(x, self.projection.weight, self.projection.bias)
+
+    model = _float64(BypassedLinear)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=generator(2))
+    with pytest.raises(ValueError, match=r"projection\.weight.*never called"):
+        per_example_sqnorms(model, regression_loss, x, y, backend="ghost")
+    assert model.projection.weight.grad is None
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert set(result.backend_of.values()) == {"vmap"}
