@@ -116,7 +116,7 @@ class PerExampleGradNorms:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
-        self._path_of = {module: path for path, module in model.named_modules()}
+        self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
         hooked = [] if backend == "vmap" else [m for m in self._path_of if rule_for(m) is not None]
         self._engine = GhostNormEngine(hooked)
 
