@@ -116,6 +116,8 @@ LAYER_CASES = {
     "conv2d_groups": lambda: _layer_case(nn.Conv2d(4, 6, 3, groups=2), (3, 4, 6, 6)),
     "conv2d_same_reflect": lambda: _layer_case(nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"),
                                                (3, 2, 7, 7)),
+    "conv1d_groups_same": lambda: _layer_case(nn.Conv1d(4, 2, 3, groups=2, padding="same"), (3, 4, 7)),
+    "conv3d": lambda: _layer_case(nn.Conv3d(2, 2, (2, 3, 2), stride=(1, 2, 1), padding=1), (3, 2, 4, 5, 4)),
     "conv2d_no_bias_1x1": lambda: _layer_case(nn.Conv2d(3, 2, 1, bias=False), (3, 3, 5, 5)),
     "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
     "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
@@ -251,8 +253,8 @@ def _attention_case():
 
 SUPPORTED_MODELS = {"mlp": _mlp_case, "lenet5": _cnn_case, "tiny_transformer": _transformer_case,
                     "frozen_parameters": _frozen_case, "module_called_twice": _twice_case}
-UNSUPPORTED_MODELS = {"raw_parameter": (_raw_parameter_case, "scale", "ScaledMLP"),
-                      "multihead_attention": (_attention_case, "attention", "MultiheadAttention")}
+UNSUPPORTED_MODELS = {"raw_parameter": (_raw_parameter_case, "scale", "<model>", "ScaledMLP"),
+                      "multihead_attention": (_attention_case, "attention", "attention", "MultiheadAttention")}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -299,19 +301,19 @@ def test_module_called_twice_sums_per_example_gradients_before_the_norm():
 @pytest.mark.parametrize("backend", ["vmap", "auto"])
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED_MODELS))
 def test_unsupported_module_falls_back_to_vmap_under_auto(case, backend):
-    make, module_path, _ = UNSUPPORTED_MODELS[case]
+    make, parameter_prefix, _, _ = UNSUPPORTED_MODELS[case]
     model, x, y, loss_fn = make()
     result = assert_matches_reference(model, loss_fn, x, y, backend)
     for name, used in result.backend_of.items():
-        expected = "vmap" if backend == "vmap" or name.startswith(module_path) else "ghost"
+        expected = "vmap" if backend == "vmap" or name.startswith(parameter_prefix) else "ghost"
         assert used == expected, name
 
 
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED_MODELS))
 def test_ghost_alone_names_the_unsupported_module(case):
-    make, module_path, type_name = UNSUPPORTED_MODELS[case]
+    make, _, module_path, type_name = UNSUPPORTED_MODELS[case]
     model, x, y, loss_fn = make()
-    with pytest.raises(ValueError, match=rf"'{module_path if case != 'raw_parameter' else ''}'.*{type_name}"):
+    with pytest.raises(ValueError, match=rf"module '{module_path}' \({type_name}\)"):
         per_example_sqnorms(model, loss_fn, x, y, backend="ghost")
 
 
@@ -433,3 +435,22 @@ def test_sequence_cross_entropy_is_mean_token_loss_per_example():
     targets = torch.randint(0, 5, (3, 4), generator=generator(2))
     expected = torch.stack([F.cross_entropy(logits[i], targets[i]) for i in range(3)])
     assert_relclose(sequence_cross_entropy(logits, targets), expected)
+
+
+def test_ghost_rejects_parameter_used_outside_its_module():
+    class BypassedLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.linear(x, self.projection.weight, self.projection.bias)
+
+    model = _float64(BypassedLinear)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=generator(2))
+    with pytest.raises(ValueError, match=r"projection\.weight.*never called"):
+        per_example_sqnorms(model, regression_loss, x, y, backend="ghost")
+    assert model.projection.weight.grad is None
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert set(result.backend_of.values()) == {"vmap"}

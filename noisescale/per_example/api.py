@@ -116,7 +116,7 @@ class PerExampleGradNorms:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
-        self._path_of = {module: path for path, module in model.named_modules()}
+        self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
         hooked = [] if backend == "vmap" else [m for m in self._path_of if rule_for(m) is not None]
         self._engine = GhostNormEngine(hooked)
 
@@ -198,7 +198,7 @@ class PerExampleGradNorms:
         for name, grad in zip(names, grads):
             if grad is not None:
                 _accumulate_grad(parameters[name], grad)
-                grad_sqnorm = grad_sqnorm + grad.to(grad_sqnorm.dtype).square().sum()
+                grad_sqnorm = grad_sqnorm + torch.linalg.vector_norm(grad, dtype=grad_sqnorm.dtype).square()
         grad_sqnorm = grad_sqnorm / scale ** 2
         if vmap_names:
             by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, self.chunk_size))

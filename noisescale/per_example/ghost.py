@@ -5,7 +5,7 @@ a tensor hook on that call's output, so a module called several times in one for
 When backward reaches the output, the hook hands (input, output gradient) to the layer rule of ``layers.py``.
 
 Scale: the pass differentiates loss_scale * mean_i l_i, so the output gradient of example i is
-loss_scale / B * dl_i/dz_i; hooks multiply by B / loss_scale (norms by its square).
+loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once at the end.
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their per-example gradients (B x numel) are materialised and summed
@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.layers import LayerRule
+from noisescale.per_example.layers import LayerRule, per_example_sqnorm
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
@@ -39,7 +39,8 @@ class GhostModule:
 
 @dataclass
 class GhostPass:
-    """What one forward/backward accumulates: per-parameter (B,) squared norms and shared per-example grads."""
+    """What one forward/backward accumulates: per-parameter (B,) squared norms and shared per-example grads, both
+    of the loss_scale * mean loss (rescaled by grad_factor = B / loss_scale in ``result``)."""
 
     modules: dict[nn.Module, GhostModule]
     batch_size: int
@@ -52,12 +53,16 @@ class GhostPass:
         """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
         sqnorms = dict(self.sqnorms)
         for name, grads in self.shared_grads.items():
-            sqnorms[name] = grads.flatten(1).square().sum(1)
-        return sqnorms
+            sqnorms[name] = per_example_sqnorm(grads)
+        return {name: sqnorm * self.grad_factor ** 2 for name, sqnorm in sqnorms.items()}
 
 
 def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
-    store[name] = value if name not in store else store[name] + value
+    """Sum per name; rules return fresh tensors, so the stored one can be added to in place."""
+    if name in store:
+        store[name].add_(value)
+    else:
+        store[name] = value
 
 
 class GhostNormEngine:
@@ -108,11 +113,10 @@ class GhostNormEngine:
         x = call.pop("x")
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
-        factor = ghost_pass.grad_factor
         with torch.no_grad():
             if single:
                 for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
-                    _add(ghost_pass.sqnorms, entry.names[local], sqnorm * factor ** 2)
+                    _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
             if shared:
                 for local, grads in entry.rule.per_example_grads(module, x, grad_output, shared).items():
-                    _add(ghost_pass.shared_grads, entry.names[local], grads * factor)
+                    _add(ghost_pass.shared_grads, entry.names[local], grads)

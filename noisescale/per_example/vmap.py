@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from noisescale.per_example.layers import per_example_sqnorm
+
 __all__ = ["vmap_sqnorms"]
 
 
@@ -56,5 +58,5 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
             grads = per_example_grad(trainable, tree_map(lambda t: t[rows], inputs),
                                      tree_map(lambda t: t[rows], targets))
             for name, g in grads.items():
-                chunks[name].append(g.flatten(1).square().sum(1))
+                chunks[name].append(per_example_sqnorm(g))
     return {name: torch.cat(parts) for name, parts in chunks.items()}
