@@ -20,6 +20,7 @@ backend="vmap". Activation checkpointing (which re-runs forwards) is not support
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -82,15 +83,23 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
     return losses
 
 
-def _accumulate_grad(parameter: nn.Parameter, grad: Tensor) -> None:
-    """What AccumulateGrad does in backward(): adopt the gradient (in the parameter's layout) or add in place."""
-    if parameter.grad is None:
-        if grad.stride() != parameter.stride():
-            grad = torch.empty_strided(parameter.shape, parameter.stride(), dtype=grad.dtype,
-                                       device=grad.device).copy_(grad)
-        parameter.grad = grad
-    else:
-        parameter.grad.add_(grad)
+def _leaves_in_graph(output: Tensor) -> set[int]:
+    """The ids of the leaf tensors (parameters) that ``output`` depends on, from its autograd graph."""
+    leaves, seen, stack = set(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad
+            leaves.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _record_sqnorm(received: dict[str, Tensor], name: str, dtype: torch.dtype, grad: Tensor) -> None:
+    """Tensor hook on a parameter: keeps |grad|^2 of the gradient this backward brings (before accumulation)."""
+    received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, dtype)).square()
 
 
 class PerExampleGradNorms:
@@ -163,14 +172,18 @@ class PerExampleGradNorms:
         backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in owners}
         return _Plan(ghost, sorted(vmap_names), backend_of)
 
-    def _used_outside_their_module(self, plan: _Plan, names: list[str], grads: tuple, use_count: dict[str, int]
-                                   ) -> list[str]:
-        """Ghost parameters that received a gradient although no hooked call used them: their module's forward
-        was bypassed (e.g. nn.MultiheadAttention reads out_proj.weight directly). Auto sends them to vmap."""
-        bypassed = [name for name, grad in zip(names, grads)
-                    if grad is not None and plan.backend_of[name] == "ghost" and use_count[name] == 0]
+    def _used_outside_their_module(self, plan: _Plan, parameters: dict[str, Tensor], loss: Tensor,
+                                   use_count: dict[str, int]) -> list[str]:
+        """Ghost parameters in the loss's graph although no hooked call used them: their module's forward was
+        bypassed (e.g. nn.MultiheadAttention reads out_proj.weight directly). Auto sends them to vmap; ghost
+        raises before the backward, so a failed call leaves p.grad untouched."""
+        unused = {name for name, backend in plan.backend_of.items() if backend == "ghost" and use_count[name] == 0}
+        if not unused:
+            return []
+        in_graph = _leaves_in_graph(loss)
+        bypassed = sorted(name for name in unused if id(parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
-            raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they received a gradient but "
+            raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
                              "their module's forward was never called (used directly by another module); use "
                              "backend='auto' to route them to vmap")
         return bypassed
@@ -186,20 +199,25 @@ class PerExampleGradNorms:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
         parameters = dict(self.model.named_parameters())
         names = list(plan.backend_of)
-        with self._engine.recording(plan.ghost, batch_size, scale) as ghost_pass:
-            losses = _checked_losses(self.loss_fn(self.model(*inputs), targets), batch_size)
-            loss = losses.mean()
-            objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
-            grads = torch.autograd.grad(objective, [parameters[n] for n in names], allow_unused=True)
-        vmap_names = plan.vmap_names + self._used_outside_their_module(plan, names, grads, ghost_pass.use_count)
+        accumulate_dtype = torch.float32
+        received: dict[str, Tensor] = {}  # name -> |this pass's gradient|^2, read before it is accumulated
+        handles = [parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
+                   for name in names]
+        try:
+            with self._engine.recording(plan.ghost, batch_size, scale) as ghost_pass:
+                losses = _checked_losses(self.loss_fn(self.model(*inputs), targets), batch_size)
+                loss = losses.mean()
+                objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
+                bypassed = self._used_outside_their_module(plan, parameters, loss, ghost_pass.use_count)
+                objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
+        finally:
+            for handle in handles:
+                handle.remove()
+        vmap_names = plan.vmap_names + bypassed
         backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in names}
         by_parameter = ghost_pass.result()
-        grad_sqnorm = torch.zeros((), dtype=torch.promote_types(loss.dtype, torch.float32), device=loss.device)
-        for name, grad in zip(names, grads):
-            if grad is not None:
-                _accumulate_grad(parameters[name], grad)
-                grad_sqnorm = grad_sqnorm + torch.linalg.vector_norm(grad, dtype=grad_sqnorm.dtype).square()
-        grad_sqnorm = grad_sqnorm / scale ** 2
+        grad_sqnorm = sum(received.values(), torch.zeros((), dtype=accumulate_dtype, device=loss.device))
+        grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, accumulate_dtype)) / scale ** 2
         if vmap_names:
             by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, self.chunk_size))
         zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
