@@ -16,7 +16,8 @@ allocator statistics; on CUDA the allocator's peak is used), both as ratios to `
 run. Peers that cannot be installed or that reject a model are listed with the reason. Each method's
 per-example squared norms are also compared with noisescale's `vmap` result (max relative difference).
 
-    python analysis/bench_per_example.py [--repeats 15] [--device cpu|cuda] [--out data/bench/per_example.csv]
+    python analysis/bench_per_example.py [--repeats 15] [--device cpu|cuda] [--models mlp cnn transformer]
+                                         [--out data/bench/per_example.csv]
 """
 
 from __future__ import annotations
@@ -238,12 +239,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"],
+                        choices=["mlp", "cnn", "transformer"])
     parser.add_argument("--out", type=Path, default=Path("data/bench/per_example.csv"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     factories, missing = available_methods()
     rows = []
     for name, case in make_cases(device).items():
+        if name not in args.models:
+            continue
         rows += bench_model(name, case, factories, args.repeats, args.warmup, device)
         rows += [{"model": name, "method": method, "status": why} for method, why in missing.items()]
     table = pd.DataFrame(rows)

@@ -19,11 +19,15 @@ The cheaper one is chosen per layer and per call; for T = 1 it is |a|^2 |g|^2.
 from __future__ import annotations
 
 from math import prod
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# A convolution's im2col patches are built over chunks of examples of at most this many times the layer
+# input's size, which bounds the extra memory of its ghost norm (the patches of a 5x5 kernel are 25x the input).
+_PATCH_MEMORY_FACTOR = 4
 
 __all__ = [
     "LayerRule",
@@ -130,23 +134,37 @@ class ConvRule(LayerRule):
         """(B * groups, L, C_out / groups) output gradients."""
         return _compute_dtype(g).reshape(g.shape[0] * module.groups, g.shape[1] // module.groups, -1).transpose(1, 2)
 
+    @staticmethod
+    def _example_chunks(module: nn.Module, x: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, g) split over examples so that one chunk's patches hold at most _PATCH_MEMORY_FACTOR times the
+        layer input's elements: im2col multiplies the input by about prod(kernel) / prod(stride)."""
+        patch_elements = module.in_channels * prod(module.kernel_size) * prod(g.shape[2:])
+        input_elements = x[0].numel()
+        chunk = max(1, x.shape[0] * input_elements * _PATCH_MEMORY_FACTOR // max(patch_elements, 1))
+        return zip(x.split(chunk), g.split(chunk))
+
     def per_example_grads(self, module, x, g, names):
-        batch, g = x.shape[0], self._output_grads(module, g)
         grads = {}
         if "weight" in names:
-            a = self._patches(module, x)
-            grads["weight"] = torch.bmm(g.transpose(1, 2), a).reshape(batch, *module.weight.shape)
+            grads["weight"] = torch.cat([
+                torch.bmm(self._output_grads(module, gc).transpose(1, 2), self._patches(module, xc))
+                .reshape(xc.shape[0], *module.weight.shape)
+                for xc, gc in self._example_chunks(module, x, g)
+            ])
         if "bias" in names:
-            grads["bias"] = g.sum(1).reshape(batch, -1)
+            grads["bias"] = self._output_grads(module, g).sum(1).reshape(x.shape[0], -1)
         return grads
 
     def per_example_sqnorms(self, module, x, g, names):
-        batch, g = x.shape[0], self._output_grads(module, g)
         sqnorms = {}
         if "weight" in names:
-            sqnorms["weight"] = position_weight_sqnorms(self._patches(module, x), g).view(batch, -1).sum(1)
+            sqnorms["weight"] = torch.cat([
+                position_weight_sqnorms(self._patches(module, xc), self._output_grads(module, gc))
+                .view(xc.shape[0], -1).sum(1)
+                for xc, gc in self._example_chunks(module, x, g)
+            ])
         if "bias" in names:
-            sqnorms["bias"] = per_example_sqnorm(g.sum(1).view(batch, -1))
+            sqnorms["bias"] = per_example_sqnorm(self._output_grads(module, g).sum(1).view(x.shape[0], -1))
         return sqnorms
 
 
