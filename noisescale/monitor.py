@@ -62,12 +62,20 @@ class NoiseScaleSummary:
             f"after {self.steps} steps ({self.examples_seen} examples):",
             f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {high:.4g})",
             f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}",
-            f"  B_noise = {self.b_noise:.4g}" if math.isfinite(self.b_noise) else "  B_noise: not measured",
+            _describe_b_noise(self.b_noise),
             f"  critical batch size suggested: about {self.suggested_batch_size:.0f} examples",
         ]
         if self.nonfinite_steps:
             lines.append(f"  {self.nonfinite_steps} step(s) with a non-finite loss or gradient were left out")
         return "\n".join(lines)
+
+
+def _describe_b_noise(b_noise: float) -> str:
+    if math.isnan(b_noise):
+        return "  B_noise: not measured (hessian_every=0)"
+    if math.isinf(b_noise):
+        return "  B_noise: not resolved yet (the averaged G^T H G estimate is not positive)"
+    return f"  B_noise = {b_noise:.4g}"
 
 
 class NoiseScaleMonitor:
