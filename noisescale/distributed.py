@@ -16,10 +16,12 @@ How: :class:`DDPNoiseScale` registers a DDP communication hook that wraps PyTorc
 ``allreduce_hook``. For every gradient bucket it adds the squared norm of the bucket buffer before the
 all-reduce (this rank's local gradient; under ``no_sync()`` accumulation the buffer is filled on the
 synchronising backward with the accumulated local gradient) and, in the future's callback, the squared norm of
-the all-reduced (averaged) bucket. Summing over buckets gives |g_r|^2 and |g_big|^2. ``step_estimate()`` then
-makes one extra all-reduce of four float64 numbers per step: the local and global squared norms and the local
-batch size and its square. Every rank therefore decides from identical numbers whether the step is finite and
-whether the local batch sizes agree, and records the same estimate.
+the all-reduced (averaged) bucket. Summing over buckets gives |g_r|^2 and |g_big|^2. The hook of the last bucket
+(``GradBucket.is_last()``) launches the one extra all-reduce per step, asynchronously so that it overlaps DDP's
+final bucket: three float64 numbers, the local squared norm and the local batch size and its square, whose
+sums give the mean of |g_r|^2 over ranks and tell whether the local batch sizes agree. |g_big|^2 is computed on
+every rank from the same all-reduced bytes. Every rank therefore decides from identical numbers whether the step
+is finite (a NaN on one rank reaches all of them through both all-reduces) and records the same estimate.
 
 The hook leaves the gradients as the wrapped hook makes them: with ``allreduce_hook`` they are bit-identical
 to plain DDP (PyTorch documents this hook as DDP's own behaviour) for the world sizes tested here.
@@ -117,22 +119,36 @@ class DDPNoiseScale:
                 "squared norms and the accumulated gradient's squared norm to "
                 "noisescale.estimators.two_batch_noise_scale, or use NoiseScaleMonitor"
             )
-        self.local_batch_size = _check_batch_size(local_batch_size, "local_batch_size")
+        self.local_batch_size = local_batch_size
         self.average = ExponentialMovingNoiseScale(ema_decay)
         self.step = 0
         self._wrapped_hook = wrapped_hook
         self._local_sqnorm: torch.Tensor | None = None
         self._global_sqnorm: torch.Tensor | None = None
-        self._buckets_seen = 0
+        self._pending: tuple[torch.Tensor, dist.Work] | None = None
         self._rows: list[dict[str, Any]] = []
         ddp_model.register_comm_hook(self.process_group, self._hook)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Examples per rank per optimizer step; set it before the synchronising backward when it changes."""
+        return self._local_batch_size
+
+    @local_batch_size.setter
+    def local_batch_size(self, value: int) -> None:
+        self._local_batch_size = _check_batch_size(value, "local_batch_size")
 
     # ------------------------------------------------------------------ the hook (runs inside DDP's backward)
     def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations
         """Communication hook: add |local bucket|^2, run the wrapped hook, add |reduced bucket|^2 when done."""
         local = _squared_norm(bucket.buffer())  # before the wrapped hook averages the buffer in place
         self._local_sqnorm = local if self._local_sqnorm is None else self._local_sqnorm + local
-        self._buckets_seen += 1
+        if bucket.is_last():  # every other bucket's hook has run: reduce the local total alongside this bucket
+            batch = float(self._local_batch_size)
+            moments = torch.tensor([batch, batch * batch], dtype=torch.float64, device=local.device)
+            totals = torch.cat([self._local_sqnorm.reshape(1), moments])
+            self._pending = (totals, dist.all_reduce(totals, group=self.process_group, async_op=True))
+            self._local_sqnorm = None
 
         def add_reduced_sqnorm(future: torch.futures.Future) -> torch.Tensor:
             reduced = future.value()
@@ -145,31 +161,27 @@ class DDPNoiseScale:
         return self._wrapped_hook(state, bucket).then(add_reduced_sqnorm)
 
     # ------------------------------------------------------------------ per step
-    def step_estimate(self, *, local_batch_size: int | None = None, grad_scale: float = 1.0) -> NoiseScaleEstimate:
+    def step_estimate(self, *, grad_scale: float = 1.0) -> NoiseScaleEstimate:
         """Estimate of this step's |G|^2 and tr(Sigma); call on every rank after each synchronising backward.
 
-        ``local_batch_size`` overrides the constructor's value for this step (all ranks must agree: checked);
         ``grad_scale`` is the factor the gradients carry (AMP loss scale), removed from the squared norms.
         A step whose all-reduced norms are NaN or infinite is recorded as skipped on every rank and left out
-        of the averages; the returned estimate is then NaN.
+        of the averages; the returned estimate is then NaN. Raises ValueError (on every rank) when the ranks'
+        ``local_batch_size`` differ.
         """
-        if self._buckets_seen == 0 or self._local_sqnorm is None or self._global_sqnorm is None:
+        if self._pending is None or self._global_sqnorm is None:
             raise RuntimeError(
                 "step_estimate() found no synchronising backward since the last call: call it after the "
                 "backward that runs outside no_sync(), once per optimizer step, on every rank"
             )
-        batch = self.local_batch_size if local_batch_size is None else _check_batch_size(
-            local_batch_size, "local_batch_size"
-        )
         if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
-        device = self._local_sqnorm.device
-        batch_moments = torch.tensor([float(batch), float(batch) ** 2], dtype=torch.float64, device=device)
-        sums = torch.cat([self._local_sqnorm.reshape(1), self._global_sqnorm.reshape(1), batch_moments])
-        dist.all_reduce(sums, group=self.process_group)
-        local_sum, global_sum, batch_sum, batch_sqsum = sums.tolist()
-        self._local_sqnorm = self._global_sqnorm = None
-        self._buckets_seen = 0
+        totals, work = self._pending
+        work.wait()
+        local_sum, batch_sum, batch_sqsum = totals.tolist()
+        global_sqnorm = float(self._global_sqnorm)
+        self._pending = self._global_sqnorm = None
+        batch = self._local_batch_size
 
         ranks = self.world_size
         if batch_sqsum * ranks != batch_sum**2:  # zero variance <=> every rank has the same local batch size
@@ -179,7 +191,7 @@ class DDPNoiseScale:
             )
         unscale = 1.0 / float(grad_scale) ** 2
         local_sqnorm = local_sum / ranks * unscale
-        global_sqnorm = global_sum / ranks * unscale
+        global_sqnorm = global_sqnorm * unscale
         skipped = not (math.isfinite(local_sqnorm) and math.isfinite(global_sqnorm))
         if skipped:
             estimate = NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=ranks * batch)

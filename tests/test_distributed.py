@@ -126,10 +126,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results["nan_num_skipped"] = poisoned_noise.average.num_skipped
 
     # 4. local batch sizes that differ across ranks.
+    poisoned_noise.local_batch_size = LOCAL_BATCH + rank
     _accumulated_backward(poisoned, inputs64[0, rank], labels[0, rank])
-    results["batch_mismatch_error"] = _capture_error(
-        lambda: poisoned_noise.step_estimate(local_batch_size=LOCAL_BATCH + rank)
-    )
+    results["batch_mismatch_error"] = _capture_error(poisoned_noise.step_estimate)
 
     # 5. per-example sums: naive per-example loop on this rank, |gbar|^2 from DDP's all-reduced gradient.
     reference = _make_model(torch.float64)
