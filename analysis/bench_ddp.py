@@ -4,11 +4,13 @@ Each rank holds identical DistributedDataParallel copies of an MLP 784-512-512-1
 parameters), one plain and one with :class:`noisescale.distributed.DDPNoiseScale`, and times full training
 steps (forward, cross-entropy, backward with DDP's all-reduce, SGD step; plus ``step_estimate()`` for the
 hooked copy) on synthetic data, rotating which copy goes first. A third copy registers PyTorch's own Python
-``allreduce_hook`` and nothing else, to separate the cost of any Python communication hook from noisescale's. Reported: the median over the timed steps
-after warm-up (rank 0's clock, after a barrier), and the ratio hooked/plain.
+``allreduce_hook`` and nothing else, to separate the cost of any Python communication hook from noisescale's;
+a fourth measures only every ``--sparse-every``-th step (``measure_every``). Reported: the median over the timed steps
+after warm-up (rank 0's clock, after a barrier) and its ratio to plain DDP, and the mean and its ratio (the
+median hides the measured steps of the sparse variant; the mean does not).
 
-    python analysis/bench_ddp.py [--world-size 2] [--backend gloo|nccl] [--batch 64] [--steps 30]
-                                 [--warmup 5] [--out data/bench/ddp.csv]
+    PYTHONPATH=. python analysis/bench_ddp.py [--world-size 2] [--backend gloo|nccl] [--batch 64] [--steps 30]
+                                 [--warmup 5] [--sparse-every 10] [--out data/bench/ddp.csv]
 
 gloo runs on CPU (one thread per rank); nccl puts rank r on GPU r and needs world-size GPUs.
 """
@@ -72,13 +74,17 @@ def _worker(rank: int, args: argparse.Namespace, port: int, result_path: str) ->
         timeout=timedelta(seconds=120),
     )
     device_ids = [rank] if device.type == "cuda" else None
-    plain, python_hook, hooked = (DistributedDataParallel(_mlp().to(device), device_ids=device_ids) for _ in range(3))
+    plain, python_hook, hooked, sparse = (
+        DistributedDataParallel(_mlp().to(device), device_ids=device_ids) for _ in range(4)
+    )
     python_hook.register_comm_hook(None, allreduce_hook)
-    noise = DDPNoiseScale(hooked, args.batch)
     methods = {
         "plain DDP": (plain, None),
         "DDP + allreduce_hook (Python hook only)": (python_hook, None),
-        "DDP + noise-scale hook": (hooked, noise),
+        "DDP + noise-scale hook, every step": (hooked, DDPNoiseScale(hooked, args.batch)),
+        f"DDP + noise-scale hook, every {args.sparse_every}th step": (
+            sparse, DDPNoiseScale(sparse, args.batch, measure_every=args.sparse_every)
+        ),
     }
     methods = {name: (model, torch.optim.SGD(model.parameters(), lr=0.01), noise) for name, (model, noise) in methods.items()}
     generator = torch.Generator().manual_seed(1 + rank)
@@ -100,6 +106,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, result_path: str) ->
                 "method": name,
                 "median_ms": 1e3 * statistics.median(values),
                 "ratio_to_plain": statistics.median(values) / baseline,
+                "mean_ms": 1e3 * statistics.fmean(values),
+                "mean_ratio_to_plain": statistics.fmean(values) / statistics.fmean(times["plain DDP"]),
                 "backend": args.backend,
                 "world_size": args.world_size,
                 "local_batch": args.batch,
@@ -127,6 +135,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="examples per rank per step")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (>= 20)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sparse-every", type=int, default=10, help="measure_every of the fourth variant")
     parser.add_argument("--out", type=Path, default=Path("data/bench/ddp.csv"))
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args()

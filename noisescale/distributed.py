@@ -88,7 +88,9 @@ class DDPNoiseScale:
     Args:
         ddp_model: the DistributedDataParallel model; its communication hook slot must still be free.
         local_batch_size: examples per rank per optimizer step (micro-batch x accumulation steps).
-        ema_decay: decay of the exponential moving averages of tr(Sigma) and |G|^2.
+        ema_decay: decay of the exponential moving averages of tr(Sigma) and |G|^2 (one update per measurement).
+        measure_every: measure every k-th optimizer step; on the others the hook only calls ``wrapped_hook``
+            and ``step_estimate()`` returns None, so the extra all-reduce and norms cost 1/k per step.
         wrapped_hook: the communication hook that does the actual reduction and returns the averaged bucket
             (default PyTorch's ``allreduce_hook``; e.g. ``fp16_compress_hook`` works too).
 
@@ -104,6 +106,7 @@ class DDPNoiseScale:
         local_batch_size: int,
         *,
         ema_decay: float = 0.95,
+        measure_every: int = 1,
         wrapped_hook: CommHook = allreduce_hook,
     ) -> None:
         if not isinstance(ddp_model, DistributedDataParallel):
@@ -120,12 +123,14 @@ class DDPNoiseScale:
                 "noisescale.estimators.two_batch_noise_scale, or use NoiseScaleMonitor"
             )
         self.local_batch_size = local_batch_size
+        self.measure_every = _check_batch_size(measure_every, "measure_every")
         self.average = ExponentialMovingNoiseScale(ema_decay)
         self.step = 0
         self._wrapped_hook = wrapped_hook
         self._local_sqnorm: torch.Tensor | None = None
         self._global_sqnorm: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, dist.Work] | None = None
+        self._unread_backwards = 0
         self._rows: list[dict[str, Any]] = []
         ddp_model.register_comm_hook(self.process_group, self._hook)
 
@@ -141,6 +146,11 @@ class DDPNoiseScale:
     # ------------------------------------------------------------------ the hook (runs inside DDP's backward)
     def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations
         """Communication hook: add |local bucket|^2, run the wrapped hook, add |reduced bucket|^2 when done."""
+        measuring = (self.step + self._unread_backwards) % self.measure_every == 0
+        if bucket.is_last():
+            self._unread_backwards += 1
+        if not measuring:
+            return self._wrapped_hook(state, bucket)
         local = _squared_norm(bucket.buffer())  # before the wrapped hook averages the buffer in place
         self._local_sqnorm = local if self._local_sqnorm is None else self._local_sqnorm + local
         if bucket.is_last():  # every other bucket's hook has run: reduce the local total alongside this bucket
@@ -161,19 +171,28 @@ class DDPNoiseScale:
         return self._wrapped_hook(state, bucket).then(add_reduced_sqnorm)
 
     # ------------------------------------------------------------------ per step
-    def step_estimate(self, *, grad_scale: float = 1.0) -> NoiseScaleEstimate:
+    def step_estimate(self, *, grad_scale: float = 1.0) -> NoiseScaleEstimate | None:
         """Estimate of this step's |G|^2 and tr(Sigma); call on every rank after each synchronising backward.
 
+        Returns None on the steps that ``measure_every`` leaves out.
         ``grad_scale`` is the factor the gradients carry (AMP loss scale), removed from the squared norms.
         A step whose all-reduced norms are NaN or infinite is recorded as skipped on every rank and left out
         of the averages; the returned estimate is then NaN. Raises ValueError (on every rank) when the ranks'
         ``local_batch_size`` differ.
         """
-        if self._pending is None or self._global_sqnorm is None:
+        if self._unread_backwards != 1:
+            unread, self._unread_backwards = self._unread_backwards, 0
+            self._pending = self._global_sqnorm = None
             raise RuntimeError(
-                "step_estimate() found no synchronising backward since the last call: call it after the "
-                "backward that runs outside no_sync(), once per optimizer step, on every rank"
+                f"step_estimate() found {unread} synchronising backwards since the last call, "
+                "expected 1: call it after the backward that runs outside no_sync(), once per optimizer step, "
+                "on every rank"
             )
+        self._unread_backwards = 0
+        step = self.step
+        self.step += 1
+        if self._pending is None:
+            return None
         if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
         totals, work = self._pending
@@ -201,7 +220,7 @@ class DDPNoiseScale:
         low, high = self.average.interval()
         self._rows.append(
             {
-                "step": self.step,
+                "step": step,
                 "local_batch_size": batch,
                 "global_batch_size": ranks * batch,
                 "local_sqnorm": local_sqnorm,
@@ -215,7 +234,6 @@ class DDPNoiseScale:
                 "skipped": skipped,
             }
         )
-        self.step += 1
         return estimate
 
     # ------------------------------------------------------------------ results

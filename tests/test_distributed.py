@@ -110,6 +110,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results["estimate_history"] = noise.history
     results["estimate_state"] = noise.state_dict()
 
+    sparse = _ddp(_make_model(torch.float64))
+    sparse_noise = DDPNoiseScale(sparse, LOCAL_BATCH, ema_decay=0.5, measure_every=2)
+    _train(sparse, sparse_noise, inputs64, labels, rank)
+    results["every_other_history"] = sparse_noise.history
+
     # 2. float32 training with and without the hook, momentum SGD.
     inputs32 = inputs64.float()
     plain = _ddp(_make_model(torch.float32))
@@ -196,6 +201,15 @@ def test_ddp_estimate_matches_single_process_two_batch_estimate(rank_results):
             torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_measure_every_measures_the_same_steps_as_every_step_measurement(rank_results):
+    for result in rank_results:
+        every_step, every_other = result["estimate_history"], result["every_other_history"]
+        assert list(every_other["step"]) == list(range(0, STEPS, 2))
+        columns = ["local_sqnorm", "global_sqnorm", "grad_sqnorm", "trace_sigma"]
+        expected = every_step.set_index("step").loc[every_other["step"], columns].to_numpy()
+        assert every_other[columns].to_numpy() == pytest.approx(expected, rel=1e-12)
+
+
 def test_ema_in_history_matches_estimators_average(rank_results):
     from noisescale.estimators import ExponentialMovingNoiseScale
 
@@ -230,7 +244,7 @@ def test_errors_are_raised_on_every_rank(rank_results):
         kind, message = result["batch_mismatch_error"]
         assert kind == "ValueError" and "local batch sizes differ across ranks" in message
         kind, message = result["no_backward_error"]
-        assert kind == "RuntimeError" and "no synchronising backward" in message
+        assert kind == "RuntimeError" and "found 0 synchronising backwards" in message
 
 
 def test_all_reduce_per_example_sums_matches_simple_noise_scale(rank_results):
