@@ -12,19 +12,20 @@ and ``two_batch_noise_scale`` turns them into unbiased |G|^2 and tr(Sigma). Both
 parameters in the same step, unlike the consecutive-step estimator of gpt-neox, whose two measurements straddle
 an optimizer step.
 
-How: :class:`DDPNoiseScale` registers a DDP communication hook that wraps PyTorch's default
-``allreduce_hook``. For every gradient bucket it adds the squared norm of the bucket buffer before the
-all-reduce (this rank's local gradient; under ``no_sync()`` accumulation the buffer is filled on the
-synchronising backward with the accumulated local gradient) and, in the future's callback, the squared norm of
-the all-reduced (averaged) bucket. Summing over buckets gives |g_r|^2 and |g_big|^2. The hook of the last bucket
+How: :class:`DDPNoiseScale` registers a DDP communication hook that wraps a reducing hook (default
+:func:`mean_allreduce_hook`, DDP's own scale-then-sum all-reduce written as a hook). For every gradient bucket
+it adds the squared norm of the bucket buffer before the all-reduce (this rank's local gradient; under
+``no_sync()`` accumulation the buffer is filled on the synchronising backward with the accumulated local
+gradient) and, in the future's callback, the squared norm of the all-reduced (averaged) bucket. Summing over buckets gives |g_r|^2 and |g_big|^2. The hook of the last bucket
 (``GradBucket.is_last()``) launches the one extra all-reduce per step, asynchronously so that it overlaps DDP's
 final bucket: three float64 numbers, the local squared norm and the local batch size and its square, whose
 sums give the mean of |g_r|^2 over ranks and tell whether the local batch sizes agree. |g_big|^2 is computed on
 every rank from the same all-reduced bytes. Every rank therefore decides from identical numbers whether the step
 is finite (a NaN on one rank reaches all of them through both all-reduces) and records the same estimate.
 
-The hook leaves the gradients as the wrapped hook makes them: with ``allreduce_hook`` they are bit-identical
-to plain DDP (PyTorch documents this hook as DDP's own behaviour) for the world sizes tested here.
+The hook leaves the gradients as the wrapped hook makes them: with the default they are bit-identical to DDP
+without a hook (PyTorch's ``allreduce_hook`` divides by R where DDP multiplies by 1/R, which differs in the last
+bit when R is not a power of two).
 
 The gradients must be the mean over the local batch (divide each micro-batch loss by the number of
 accumulation steps); with AMP, pass the loss scale as ``grad_scale`` so the squared norms are unscaled.
@@ -39,7 +40,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from noisescale.estimators import (
@@ -49,7 +49,7 @@ from noisescale.estimators import (
     two_batch_noise_scale,
 )
 
-__all__ = ["DDPNoiseScale", "combine_per_example_sums", "all_reduce_per_example_sums"]
+__all__ = ["DDPNoiseScale", "mean_allreduce_hook", "combine_per_example_sums", "all_reduce_per_example_sums"]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
@@ -58,6 +58,22 @@ def _squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     """|tensor|^2 as a float64 scalar on the tensor's device, accumulated in at least float32."""
     accumulate_dtype = torch.promote_types(tensor.dtype, torch.float32)
     return torch.linalg.vector_norm(tensor, dtype=accumulate_dtype).double().square()
+
+
+def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP's built-in reduction as a Python hook: multiply the bucket by 1/R, then all-reduce by sum.
+
+    PyTorch's ``allreduce_hook`` divides by R instead; x * (1/R) and x / R differ in the last bit when R is not a
+    power of two, and DDP without a hook multiplies (while copying the gradients into the bucket). This hook
+    keeps the gradients bit-identical to DDP without a hook for every world size.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / group.size())
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda future: future.value()[0])
+
+
+mean_allreduce_hook.__annotations__ = {}  # DDP checks annotations and rejects the strings of __future__.annotations
 
 
 def _world_size(group: dist.ProcessGroup | None) -> int:
@@ -92,7 +108,8 @@ class DDPNoiseScale:
         measure_every: measure every k-th optimizer step; on the others the hook only calls ``wrapped_hook``
             and ``step_estimate()`` returns None, so the extra all-reduce and norms cost 1/k per step.
         wrapped_hook: the communication hook that does the actual reduction and returns the averaged bucket
-            (default PyTorch's ``allreduce_hook``; e.g. ``fp16_compress_hook`` works too).
+            (default :func:`mean_allreduce_hook`, DDP's own arithmetic; PyTorch's ``allreduce_hook`` or
+            ``fp16_compress_hook`` work too).
 
     Raises:
         TypeError: ``ddp_model`` is not a DistributedDataParallel.
@@ -107,7 +124,7 @@ class DDPNoiseScale:
         *,
         ema_decay: float = 0.95,
         measure_every: int = 1,
-        wrapped_hook: CommHook = allreduce_hook,
+        wrapped_hook: CommHook = mean_allreduce_hook,
     ) -> None:
         if not isinstance(ddp_model, DistributedDataParallel):
             raise TypeError(
