@@ -1,0 +1,313 @@
+"""The gradient noise scale of DistributedDataParallel training, read from DDP's own gradient all-reduce.
+
+Two-batch estimator across ranks (McCandlish et al. 2018, appendix A; :mod:`noisescale.estimators`). With R
+ranks that each hold a local batch of b examples (micro-batch x accumulation steps on that rank), DDP's
+all-reduce turns the R local mean gradients g_r into their mean g_big, the mean gradient of the global batch
+of R b examples. Both are already in hand during a DDP step, so
+
+    B_small = b,      |g_small|^2 = (1/R) sum_r |g_r|^2      (the mean over ranks lowers the variance),
+    B_big   = R b,    |g_big|^2   = |all-reduced gradient|^2,
+
+and ``two_batch_noise_scale`` turns them into unbiased |G|^2 and tr(Sigma). Both norms are taken on the same
+parameters in the same step, unlike the consecutive-step estimator of gpt-neox, whose two measurements straddle
+an optimizer step.
+
+How: :class:`DDPNoiseScale` registers a DDP communication hook that wraps a reducing hook (default
+:func:`mean_allreduce_hook`, DDP's own scale-then-sum all-reduce written as a hook). For every gradient bucket
+it adds the squared norm of the bucket buffer before the all-reduce (this rank's local gradient; under
+``no_sync()`` accumulation the buffer is filled on the synchronising backward with the accumulated local
+gradient) and, in the future's callback, the squared norm of the all-reduced (averaged) bucket. Summing over buckets gives |g_r|^2 and |g_big|^2. The hook of the last bucket
+(``GradBucket.is_last()``) launches the one extra all-reduce per step, asynchronously so that it overlaps DDP's
+final bucket: three float64 numbers, the local squared norm and the local batch size and its square, whose
+sums give the mean of |g_r|^2 over ranks and tell whether the local batch sizes agree. |g_big|^2 is computed on
+every rank from the same all-reduced bytes. Every rank therefore decides from identical numbers whether the step
+is finite (a NaN on one rank reaches all of them through both all-reduces) and records the same estimate.
+
+The hook leaves the gradients as the wrapped hook makes them: with the default they are bit-identical to DDP
+without a hook (PyTorch's ``allreduce_hook`` divides by R where DDP multiplies by 1/R, which differs in the last
+bit when R is not a power of two).
+
+The gradients must be the mean over the local batch (divide each micro-batch loss by the number of
+accumulation steps); with AMP, pass the loss scale as ``grad_scale`` so the squared norms are unscaled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from noisescale.estimators import (
+    ExponentialMovingNoiseScale,
+    NoiseScaleEstimate,
+    _check_batch_size,
+    two_batch_noise_scale,
+)
+
+__all__ = ["DDPNoiseScale", "mean_allreduce_hook", "combine_per_example_sums", "all_reduce_per_example_sums"]
+
+CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+
+
+def _squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """|tensor|^2 as a float64 scalar on the tensor's device, accumulated in at least float32."""
+    accumulate_dtype = torch.promote_types(tensor.dtype, torch.float32)
+    return torch.linalg.vector_norm(tensor, dtype=accumulate_dtype).double().square()
+
+
+def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP's built-in reduction as a Python hook: multiply the bucket by 1/R, then all-reduce by sum.
+
+    PyTorch's ``allreduce_hook`` divides by R instead; x * (1/R) and x / R differ in the last bit when R is not a
+    power of two, and DDP without a hook multiplies (while copying the gradients into the bucket). This hook
+    keeps the gradients bit-identical to DDP without a hook for every world size.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / group.size())
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda future: future.value()[0])
+
+
+mean_allreduce_hook.__annotations__ = {}  # DDP checks annotations and rejects the strings of __future__.annotations
+
+
+def _world_size(group: dist.ProcessGroup | None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group (torchrun sets "
+            "the environment for it) before building the DistributedDataParallel model"
+        )
+    return dist.get_world_size(group)
+
+
+class DDPNoiseScale:
+    """B_simple of a DistributedDataParallel model from local vs all-reduced gradients (module docstring).
+
+    Usage, after ``init_process_group`` and before the first backward::
+
+        model = DistributedDataParallel(net)
+        noise = DDPNoiseScale(model, local_batch_size=micro_batch * accumulation_steps)
+        for step in ...:
+            for k, (x, y) in enumerate(micro_batches):
+                context = model.no_sync() if k < accumulation_steps - 1 else contextlib.nullcontext()
+                with context:
+                    (loss_fn(model(x), y) / accumulation_steps).backward()
+            noise.step_estimate()          # on every rank, after each synchronising backward
+            optimizer.step(); optimizer.zero_grad()
+        noise.average.b_simple, noise.history
+
+    Args:
+        ddp_model: the DistributedDataParallel model; its communication hook slot must still be free.
+        local_batch_size: examples per rank per optimizer step (micro-batch x accumulation steps).
+        ema_decay: decay of the exponential moving averages of tr(Sigma) and |G|^2 (one update per measurement).
+        measure_every: measure every k-th optimizer step; on the others the hook only calls ``wrapped_hook``
+            and ``step_estimate()`` returns None, so the extra all-reduce and norms cost 1/k per step.
+        wrapped_hook: the communication hook that does the actual reduction and returns the averaged bucket
+            (default :func:`mean_allreduce_hook`, DDP's own arithmetic; PyTorch's ``allreduce_hook`` or
+            ``fp16_compress_hook`` work too).
+
+    Raises:
+        TypeError: ``ddp_model`` is not a DistributedDataParallel.
+        RuntimeError: torch.distributed is not initialised.
+        ValueError: world size 1 (no second batch size to compare with).
+    """
+
+    def __init__(
+        self,
+        ddp_model: DistributedDataParallel,
+        local_batch_size: int,
+        *,
+        ema_decay: float = 0.95,
+        measure_every: int = 1,
+        wrapped_hook: CommHook = mean_allreduce_hook,
+    ) -> None:
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise TypeError(
+                f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
+            )
+        self.process_group = ddp_model.process_group
+        self.world_size = _world_size(self.process_group)
+        if self.world_size < 2:
+            raise ValueError(
+                "world size is 1: local and all-reduced gradients coincide, so there is no second batch size. "
+                "On one process the two-batch estimate needs gradient accumulation: pass the K micro-batch "
+                "squared norms and the accumulated gradient's squared norm to "
+                "noisescale.estimators.two_batch_noise_scale, or use NoiseScaleMonitor"
+            )
+        self.local_batch_size = local_batch_size
+        self.measure_every = _check_batch_size(measure_every, "measure_every")
+        self.average = ExponentialMovingNoiseScale(ema_decay)
+        self.step = 0
+        self._wrapped_hook = wrapped_hook
+        self._local_sqnorm: torch.Tensor | None = None
+        self._global_sqnorm: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, dist.Work] | None = None
+        self._unread_backwards = 0
+        self._rows: list[dict[str, Any]] = []
+        ddp_model.register_comm_hook(self.process_group, self._hook)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Examples per rank per optimizer step; set it before the synchronising backward when it changes."""
+        return self._local_batch_size
+
+    @local_batch_size.setter
+    def local_batch_size(self, value: int) -> None:
+        self._local_batch_size = _check_batch_size(value, "local_batch_size")
+
+    # ------------------------------------------------------------------ the hook (runs inside DDP's backward)
+    def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations
+        """Communication hook: add |local bucket|^2, run the wrapped hook, add |reduced bucket|^2 when done."""
+        measuring = (self.step + self._unread_backwards) % self.measure_every == 0
+        if bucket.is_last():
+            self._unread_backwards += 1
+        if not measuring:
+            return self._wrapped_hook(state, bucket)
+        local = _squared_norm(bucket.buffer())  # before the wrapped hook averages the buffer in place
+        self._local_sqnorm = local if self._local_sqnorm is None else self._local_sqnorm + local
+        if bucket.is_last():  # every other bucket's hook has run: reduce the local total alongside this bucket
+            batch = float(self._local_batch_size)
+            moments = torch.tensor([batch, batch * batch], dtype=torch.float64, device=local.device)
+            totals = torch.cat([self._local_sqnorm.reshape(1), moments])
+            self._pending = (totals, dist.all_reduce(totals, group=self.process_group, async_op=True))
+            self._local_sqnorm = None
+
+        def add_reduced_sqnorm(future: torch.futures.Future) -> torch.Tensor:
+            reduced = future.value()
+            reduced_sqnorm = _squared_norm(reduced)
+            self._global_sqnorm = (
+                reduced_sqnorm if self._global_sqnorm is None else self._global_sqnorm + reduced_sqnorm
+            )
+            return reduced
+
+        return self._wrapped_hook(state, bucket).then(add_reduced_sqnorm)
+
+    # ------------------------------------------------------------------ per step
+    def step_estimate(self, *, grad_scale: float = 1.0) -> NoiseScaleEstimate | None:
+        """Estimate of this step's |G|^2 and tr(Sigma); call on every rank after each synchronising backward.
+
+        Returns None on the steps that ``measure_every`` leaves out.
+        ``grad_scale`` is the factor the gradients carry (AMP loss scale), removed from the squared norms.
+        A step whose all-reduced norms are NaN or infinite is recorded as skipped on every rank and left out
+        of the averages; the returned estimate is then NaN. Raises ValueError (on every rank) when the ranks'
+        ``local_batch_size`` differ.
+        """
+        if self._unread_backwards != 1:
+            unread, self._unread_backwards = self._unread_backwards, 0
+            self._pending = self._global_sqnorm = None
+            raise RuntimeError(
+                f"step_estimate() found {unread} synchronising backwards since the last call, "
+                "expected 1: call it after the backward that runs outside no_sync(), once per optimizer step, "
+                "on every rank"
+            )
+        self._unread_backwards = 0
+        step = self.step
+        self.step += 1
+        if self._pending is None:
+            return None
+        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+        totals, work = self._pending
+        work.wait()
+        local_sum, batch_sum, batch_sqsum = totals.tolist()
+        global_sqnorm = float(self._global_sqnorm)
+        self._pending = self._global_sqnorm = None
+        batch = self._local_batch_size
+
+        ranks = self.world_size
+        if batch_sqsum * ranks != batch_sum**2:  # zero variance <=> every rank has the same local batch size
+            raise ValueError(
+                f"local batch sizes differ across ranks (mean {batch_sum / ranks:g}, this rank {batch}): DDP "
+                "averages the rank gradients with equal weights, so the two-batch estimate needs equal local batches"
+            )
+        unscale = 1.0 / float(grad_scale) ** 2
+        local_sqnorm = local_sum / ranks * unscale
+        global_sqnorm = global_sqnorm * unscale
+        skipped = not (math.isfinite(local_sqnorm) and math.isfinite(global_sqnorm))
+        if skipped:
+            estimate = NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=ranks * batch)
+        else:
+            estimate = two_batch_noise_scale(local_sqnorm, batch, global_sqnorm, ranks * batch)
+        self.average.update_estimate(estimate)
+        low, high = self.average.interval()
+        self._rows.append(
+            {
+                "step": step,
+                "local_batch_size": batch,
+                "global_batch_size": ranks * batch,
+                "local_sqnorm": local_sqnorm,
+                "global_sqnorm": global_sqnorm,
+                "grad_sqnorm": estimate.grad_sqnorm,
+                "trace_sigma": estimate.trace_sigma,
+                "b_simple_batch": estimate.b_simple if not skipped else math.nan,
+                "b_simple": self.average.b_simple,
+                "b_simple_low": low,
+                "b_simple_high": high,
+                "skipped": skipped,
+            }
+        )
+        return estimate
+
+    # ------------------------------------------------------------------ results
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per step_estimate(): batch sizes, the mean local and the global squared norm, the step's
+        unbiased |G|^2 and tr(Sigma), the averaged B_simple with its 90% interval, and ``skipped``."""
+        return pd.DataFrame(self._rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "average": self.average.state_dict(), "history": list(self._rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"step", "average", "history"} - set(state)
+        if missing:
+            raise ValueError(f"state dict misses keys {sorted(missing)}")
+        self.average.load_state_dict(state["average"])
+        self.step = int(state["step"])
+        self._rows = list(state["history"])
+
+
+def combine_per_example_sums(sqnorm_sums: Any, counts: Any, grad_sqnorm: Any) -> NoiseScaleEstimate:
+    """Per-example estimator over all ranks from per-rank sums: ``simple_noise_scale`` without the vectors.
+
+    ``sqnorm_sums[r]`` = sum of s_i = |g_i|^2 over rank r's examples, ``counts[r]`` their number, and
+    ``grad_sqnorm`` = |gbar|^2 of the mean gradient over all sum(counts) examples (the all-reduced DDP gradient
+    when every rank holds the same count). With B = sum counts and mean s = sum s_i / B, McCandlish et al.
+    (2018, app. A): tr(Sigma) ~ B/(B-1)(mean s - |gbar|^2), |G|^2 ~ |gbar|^2 - tr(Sigma)/B.
+    """
+    sums = torch.as_tensor(sqnorm_sums, dtype=torch.float64).reshape(-1)
+    count_values = torch.as_tensor(counts).reshape(-1)
+    if count_values.is_floating_point() and not torch.equal(count_values, count_values.round()):
+        raise ValueError(f"counts must be whole numbers of examples, got {count_values.tolist()}")
+    if sums.shape != count_values.shape:
+        raise ValueError(f"sqnorm_sums and counts must have one entry per rank, got {sums.shape} and {count_values.shape}")
+    if torch.any(count_values < 0):
+        raise ValueError(f"counts must be >= 0, got {count_values.tolist()}")
+    total = int(count_values.sum())
+    if total < 2:
+        raise ValueError(f"the per-example estimate needs at least 2 examples over all ranks, got {total}")
+    return two_batch_noise_scale(float(sums.sum()) / total, 1, grad_sqnorm, total)
+
+
+def all_reduce_per_example_sums(
+    local_sqnorm_sum: Any, local_count: int, grad_sqnorm: Any, *, group: dist.ProcessGroup | None = None
+) -> NoiseScaleEstimate:
+    """:func:`combine_per_example_sums` across the ranks of ``group``: one all-reduce of (sum s_i, count).
+
+    Call on every rank with that rank's sum of per-example squared norms and its example count;
+    ``grad_sqnorm`` (|gbar|^2 of the global mean gradient) must be the same on every rank, e.g.
+    ``DDPNoiseScale.history["global_sqnorm"]`` or the squared norm of the all-reduced gradient.
+    """
+    _world_size(group)
+    if isinstance(local_count, bool) or not isinstance(local_count, int) or local_count < 0:
+        raise ValueError(f"local_count must be an int >= 0 (examples on this rank), got {local_count!r}")
+    local_sum = torch.as_tensor(local_sqnorm_sum, dtype=torch.float64).reshape(())
+    totals = torch.stack([local_sum, torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
+    dist.all_reduce(totals, group=group)  # with NCCL, pass local_sqnorm_sum as a CUDA tensor
+    total_sum, total_count = totals.tolist()
+    return combine_per_example_sums([total_sum], [round(total_count)], grad_sqnorm)

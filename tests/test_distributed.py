@@ -1,0 +1,300 @@
+"""Tests for noisescale.distributed: 3 gloo processes on CPU against a single-process float64 reference.
+
+One spawn of 3 ranks (module fixture) runs every distributed scenario and saves its results with torch.save;
+the tests compare them with references computed here in one process from the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from noisescale.distributed import DDPNoiseScale, all_reduce_per_example_sums, combine_per_example_sums
+from noisescale.estimators import simple_noise_scale, two_batch_noise_scale
+
+WORLD_SIZE = 3  # not a power of two: DDP scales by 1/R, which is not exact then
+MICRO_BATCH = 4
+ACCUMULATION_STEPS = 2
+LOCAL_BATCH = MICRO_BATCH * ACCUMULATION_STEPS
+STEPS = 3
+LEARNING_RATE = 0.1
+NAN_STEP, NAN_RANK = 1, 1
+INPUTS, HIDDEN, CLASSES = 6, 8, 3
+SPAWN_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _make_model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(INPUTS, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES)
+    ).to(dtype)
+
+
+def _make_data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (STEPS, WORLD_SIZE, LOCAL_BATCH, INPUTS) and labels: step s, rank r holds [s, r]."""
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(STEPS, WORLD_SIZE, LOCAL_BATCH, INPUTS, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (STEPS, WORLD_SIZE, LOCAL_BATCH), generator=generator)
+    return inputs.to(dtype), labels
+
+
+def _ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    return DistributedDataParallel(model, bucket_cap_mb=1e-4)  # tiny buckets: several buckets per backward
+
+
+def _accumulated_backward(model: DistributedDataParallel, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """ACCUMULATION_STEPS micro-batches, no_sync() for all but the last, each loss divided by the count."""
+    for k in range(ACCUMULATION_STEPS):
+        part = slice(k * MICRO_BATCH, (k + 1) * MICRO_BATCH)
+        if k < ACCUMULATION_STEPS - 1:
+            with model.no_sync():
+                (F.cross_entropy(model(inputs[part]), labels[part]) / ACCUMULATION_STEPS).backward()
+        else:
+            (F.cross_entropy(model(inputs[part]), labels[part]) / ACCUMULATION_STEPS).backward()
+
+
+def _train(model, noise, inputs, labels, rank, *, momentum=0.0, poison=None):
+    """STEPS steps of SGD; ``poison=(step, rank)`` feeds NaN inputs to that rank at that step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=momentum)
+    for step in range(STEPS):
+        step_inputs = inputs[step, rank]
+        if poison == (step, rank):
+            step_inputs = step_inputs * math.nan
+        _accumulated_backward(model, step_inputs, labels[step, rank])
+        estimate = noise.step_estimate() if noise is not None else None
+        if estimate is None or math.isfinite(estimate.grad_sqnorm):
+            optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _capture_error(function) -> tuple[str, str] | None:
+    try:
+        function()
+    except Exception as error:  # noqa: BLE001 - the test compares the type and message
+        return (type(error).__name__, str(error))
+    return None
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
+    )
+    results = {}
+    inputs64, labels = _make_data(torch.float64)
+
+    # 1. float64 estimates and parameters, compared with the single-process reference.
+    model = _ddp(_make_model(torch.float64))
+    noise = DDPNoiseScale(model, LOCAL_BATCH, ema_decay=0.5)
+    results["no_backward_error"] = _capture_error(noise.step_estimate)
+    results["estimate_params"] = _train(model, noise, inputs64, labels, rank)
+    results["estimate_history"] = noise.history
+    results["estimate_state"] = noise.state_dict()
+
+    sparse = _ddp(_make_model(torch.float64))
+    sparse_noise = DDPNoiseScale(sparse, LOCAL_BATCH, ema_decay=0.5, measure_every=2)
+    _train(sparse, sparse_noise, inputs64, labels, rank)
+    results["every_other_history"] = sparse_noise.history
+
+    # 2. float32 training with and without the hook, momentum SGD.
+    inputs32 = inputs64.float()
+    plain = _ddp(_make_model(torch.float32))
+    hooked = _ddp(_make_model(torch.float32))
+    hooked_noise = DDPNoiseScale(hooked, LOCAL_BATCH)
+    results["plain_params"] = _train(plain, None, inputs32, labels, rank, momentum=0.9)
+    results["hooked_params"] = _train(hooked, hooked_noise, inputs32, labels, rank, momentum=0.9)
+
+    # 3. NaN on one rank at one step; the optimizer skips the step when the estimate is NaN.
+    poisoned = _ddp(_make_model(torch.float64))
+    poisoned_noise = DDPNoiseScale(poisoned, LOCAL_BATCH)
+    _train(poisoned, poisoned_noise, inputs64, labels, rank, poison=(NAN_STEP, NAN_RANK))
+    results["nan_history"] = poisoned_noise.history
+    results["nan_num_skipped"] = poisoned_noise.average.num_skipped
+
+    # 4. local batch sizes that differ across ranks.
+    poisoned_noise.local_batch_size = LOCAL_BATCH + rank
+    _accumulated_backward(poisoned, inputs64[0, rank], labels[0, rank])
+    results["batch_mismatch_error"] = _capture_error(poisoned_noise.step_estimate)
+
+    # 5. per-example sums: naive per-example loop on this rank, |gbar|^2 from DDP's all-reduced gradient.
+    reference = _make_model(torch.float64)
+    sqnorms = []
+    for i in range(LOCAL_BATCH):
+        reference.zero_grad()
+        F.cross_entropy(reference(inputs64[0, rank, i : i + 1]), labels[0, rank, i : i + 1]).backward()
+        sqnorms.append(sum(float(p.grad.square().sum()) for p in reference.parameters()))
+    plain64 = _ddp(_make_model(torch.float64))
+    F.cross_entropy(plain64(inputs64[0, rank]), labels[0, rank]).backward()
+    grad_sqnorm = sum(float(p.grad.square().sum()) for p in plain64.parameters())
+    results["per_example_estimate"] = all_reduce_per_example_sums(sum(sqnorms), LOCAL_BATCH, grad_sqnorm)
+
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {WORLD_SIZE} DDP ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+
+
+def _gradient(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    F.cross_entropy(model(inputs), labels).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _sqnorm(gradient: list[torch.Tensor]) -> float:
+    return sum(float(g.square().sum()) for g in gradient)
+
+
+def test_ddp_estimate_matches_single_process_two_batch_estimate(rank_results):
+    """Single process: the two rank-local gradients of the two shards and the full-batch gradient, directly."""
+    inputs, labels = _make_data(torch.float64)
+    model = _make_model(torch.float64)
+    expected = []
+    for step in range(STEPS):
+        local = [_sqnorm(_gradient(model, inputs[step, r], labels[step, r])) for r in range(WORLD_SIZE)]
+        full_gradient = _gradient(model, inputs[step].reshape(-1, INPUTS), labels[step].reshape(-1))
+        expected.append(
+            two_batch_noise_scale(sum(local) / WORLD_SIZE, LOCAL_BATCH, _sqnorm(full_gradient), WORLD_SIZE * LOCAL_BATCH)
+        )
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), full_gradient):
+                p -= LEARNING_RATE * g
+    for result in rank_results:
+        history = result["estimate_history"]
+        assert list(history["skipped"]) == [False] * STEPS
+        assert list(history["global_batch_size"]) == [WORLD_SIZE * LOCAL_BATCH] * STEPS
+        for row, reference in zip(history.itertuples(), expected):
+            assert row.grad_sqnorm == pytest.approx(reference.grad_sqnorm, rel=1e-6)
+            assert row.trace_sigma == pytest.approx(reference.trace_sigma, rel=1e-6)
+        for trained, p in zip(result["estimate_params"], model.parameters()):
+            torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_measure_every_measures_the_same_steps_as_every_step_measurement(rank_results):
+    for result in rank_results:
+        every_step, every_other = result["estimate_history"], result["every_other_history"]
+        assert list(every_other["step"]) == list(range(0, STEPS, 2))
+        columns = ["local_sqnorm", "global_sqnorm", "grad_sqnorm", "trace_sigma"]
+        expected = every_step.set_index("step").loc[every_other["step"], columns].to_numpy()
+        assert every_other[columns].to_numpy() == pytest.approx(expected, rel=1e-12)
+
+
+def test_ema_in_history_matches_estimators_average(rank_results):
+    from noisescale.estimators import ExponentialMovingNoiseScale
+
+    history = rank_results[0]["estimate_history"]
+    average = ExponentialMovingNoiseScale(0.5)
+    for row in history.itertuples():
+        average.update(row.trace_sigma, row.grad_sqnorm)
+    assert history["b_simple"].iloc[-1] == pytest.approx(average.b_simple, rel=1e-12)
+    state = rank_results[0]["estimate_state"]
+    assert state["step"] == STEPS and state["average"]["num_updates"] == STEPS
+
+
+def test_hook_leaves_training_bit_identical(rank_results):
+    for result in rank_results:
+        for plain, hooked in zip(result["plain_params"], result["hooked_params"]):
+            assert torch.equal(plain, hooked)
+    for other in rank_results[1:]:
+        for rank0, rank_r in zip(rank_results[0]["hooked_params"], other["hooked_params"]):
+            assert torch.equal(rank0, rank_r)
+
+
+def test_nan_on_one_rank_is_skipped_by_every_rank(rank_results):
+    histories = [result["nan_history"] for result in rank_results]
+    for history in histories:
+        assert list(history["skipped"]) == [step == NAN_STEP for step in range(STEPS)]
+        assert history.drop(index=NAN_STEP)[["grad_sqnorm", "trace_sigma"]].map(math.isfinite).all().all()
+    assert all(histories[0].equals(history) for history in histories[1:])  # every column, NaNs alike
+    assert [result["nan_num_skipped"] for result in rank_results] == [1] * WORLD_SIZE
+
+
+def test_errors_are_raised_on_every_rank(rank_results):
+    for result in rank_results:
+        kind, message = result["batch_mismatch_error"]
+        assert kind == "ValueError" and "local batch sizes differ across ranks" in message
+        kind, message = result["no_backward_error"]
+        assert kind == "RuntimeError" and "found 0 synchronising backwards" in message
+
+
+def test_all_reduce_per_example_sums_matches_simple_noise_scale(rank_results):
+    inputs, labels = _make_data(torch.float64)
+    model = _make_model(torch.float64)
+    batch_inputs, batch_labels = inputs[0].reshape(-1, INPUTS), labels[0].reshape(-1)
+    sqnorms = [_sqnorm(_gradient(model, batch_inputs[i : i + 1], batch_labels[i : i + 1])) for i in range(len(batch_labels))]
+    expected = simple_noise_scale(sqnorms, _sqnorm(_gradient(model, batch_inputs, batch_labels)))
+    for result in rank_results:
+        estimate = result["per_example_estimate"]
+        assert estimate.batch_size == WORLD_SIZE * LOCAL_BATCH
+        assert estimate.trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-10)
+        assert estimate.grad_sqnorm == pytest.approx(expected.grad_sqnorm, rel=1e-10)
+
+
+def test_combine_per_example_sums_with_unequal_counts():
+    generator = torch.Generator().manual_seed(2)
+    vectors = torch.randn(9, 5, generator=generator, dtype=torch.float64) + 0.3
+    sqnorms = vectors.square().sum(dim=1)
+    grad_sqnorm = float(vectors.mean(dim=0).square().sum())
+    counts = [2, 7, 0]
+    sums = torch.stack([sqnorms[:2].sum(), sqnorms[2:].sum(), torch.tensor(0.0, dtype=torch.float64)])
+    combined = combine_per_example_sums(sums, counts, grad_sqnorm)
+    expected = simple_noise_scale(sqnorms, grad_sqnorm)
+    assert combined.trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-12)
+    assert combined.grad_sqnorm == pytest.approx(expected.grad_sqnorm, rel=1e-12)
+    assert combined.batch_size == 9
+
+
+@pytest.mark.parametrize(
+    ("sums", "counts", "match"),
+    [([1.0, 2.0], [3], "one entry per rank"), ([1.0], [1], "at least 2 examples"), ([1.0, 1.0], [2, -1], ">= 0"),
+     ([1.0], [2.5], "whole numbers")],
+)
+def test_combine_per_example_sums_rejects_bad_input(sums, counts, match):
+    with pytest.raises(ValueError, match=match):
+        combine_per_example_sums(sums, counts, 0.1)
+
+
+def test_construction_errors_single_process():
+    model = _make_model(torch.float32)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        DDPNoiseScale(model, 8)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp_model = DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="world size is 1.*accumulation"):
+            DDPNoiseScale(ddp_model, 8)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        DDPNoiseScale(ddp_model, 8)
