@@ -1,18 +1,19 @@
-"""Argument checks shared by the controller and sampler modules: clear TypeError/ValueError naming the argument."""
+"""Argument checks shared across noisescale: a clear TypeError/ValueError naming the argument."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
 def check_int(value: Any, name: str, minimum: int) -> int:
-    """``value`` as an int >= minimum (bool rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int >= minimum (Python or numpy integers; bool rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_real(value: Any, name: str) -> float:

@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from noisescale._checks import check_int
 from noisescale.estimators import (
     ExponentialMovingNoiseScale,
     NoiseScaleEstimate,
-    _check_batch_size,
     two_batch_noise_scale,
 )
 
@@ -140,7 +140,7 @@ class DDPNoiseScale:
                 "noisescale.estimators.two_batch_noise_scale, or use NoiseScaleMonitor"
             )
         self.local_batch_size = local_batch_size
-        self.measure_every = _check_batch_size(measure_every, "measure_every")
+        self.measure_every = check_int(measure_every, "measure_every", 1)
         self.average = ExponentialMovingNoiseScale(ema_decay)
         self.step = 0
         self._wrapped_hook = wrapped_hook
@@ -158,7 +158,7 @@ class DDPNoiseScale:
 
     @local_batch_size.setter
     def local_batch_size(self, value: int) -> None:
-        self._local_batch_size = _check_batch_size(value, "local_batch_size")
+        self._local_batch_size = check_int(value, "local_batch_size", 1)
 
     # ------------------------------------------------------------------ the hook (runs inside DDP's backward)
     def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from noisescale._checks import check_int
+
 __all__ = [
     "NoiseScaleEstimate",
     "simple_noise_scale",
@@ -91,14 +93,6 @@ def _as_scalar(value: Any, name: str) -> float:
     return float(array.reshape(()))
 
 
-def _check_batch_size(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _check_mean_dominates(mean_small: float, big: float, what: str) -> None:
     """|mean of vectors|^2 <= mean of |vector|^2 always; a violation means inconsistent inputs."""
     if not (math.isfinite(big) and math.isfinite(mean_small)):
@@ -126,8 +120,8 @@ def two_batch_noise_scale(small_sqnorms: Any, b_small: int, big_sqnorm: Any, b_b
     When the big batch is the K micro-batches together (K b_small = b_big), |g_big|^2 <= mean |g_small|^2
     is checked.
     """
-    b_small = _check_batch_size(b_small, "b_small")
-    b_big = _check_batch_size(b_big, "b_big")
+    b_small = check_int(b_small, "b_small", 1)
+    b_big = check_int(b_big, "b_big", 1)
     if b_big <= b_small:
         raise ValueError(f"b_big must exceed b_small, got b_small={b_small}, b_big={b_big}")
     small = _as_float_array(small_sqnorms, "small_sqnorms")

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from noisescale._checks import check_int
+
 __all__ = [
     "HessianNoiseScale",
     "HutchinsonTrace",
@@ -124,14 +126,6 @@ def _check_batch(inputs: Tensor, targets: Tensor, minimum: int) -> int:
     return int(inputs.shape[0])
 
 
-def _check_count(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _dot(left: Parameters, right: Parameters) -> Tensor:
     return sum((left[name] * right[name]).sum() for name in left)
 
@@ -203,7 +197,7 @@ def hutchinson_trace(
 ) -> HutchinsonTrace:
     """tr(H) of the batch mean loss by Hutchinson's estimator with Rademacher probes from ``generator``."""
     _check_batch(inputs, targets, minimum=1)
-    _check_count(num_probes, "num_probes", 2)
+    check_int(num_probes, "num_probes", 2)
     generator = _default_generator(generator)
     params = trainable_parameters(model)
     with _rng_isolated(params):
@@ -238,8 +232,8 @@ def hessian_noise_scale(
     num_probes + num_sigma_examples + 1 Hessian-vector products; ``chunk_size`` bounds the vmap batch.
     """
     batch_size = _check_batch(inputs, targets, minimum=4)
-    _check_count(num_probes, "num_probes", 2)
-    _check_count(num_sigma_examples, "num_sigma_examples", 2)
+    check_int(num_probes, "num_probes", 2)
+    check_int(num_sigma_examples, "num_sigma_examples", 2)
     generator = _default_generator(generator)
     _reject_training_batch_norm(model)
     params = trainable_parameters(model)

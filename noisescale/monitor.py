@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from noisescale._checks import check_int
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
 from noisescale.hessian import hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
@@ -117,14 +118,10 @@ class NoiseScaleMonitor:
         seed: int = 0,
         chunk_size: int | None = None,
     ) -> None:
-        for name, value, smallest in (
-            ("measure_every", measure_every, 1),
-            ("hessian_every", hessian_every, 0),
-            ("hessian_examples", hessian_examples, 2),
-            ("hessian_probes", hessian_probes, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-                raise ValueError(f"{name} must be an int >= {smallest}, got {value!r}")
+        check_int(measure_every, "measure_every", 1)
+        check_int(hessian_every, "hessian_every", 0)
+        check_int(hessian_examples, "hessian_examples", 2)
+        check_int(hessian_probes, "hessian_probes", 2)
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
         self.model = model
