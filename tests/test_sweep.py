@@ -34,8 +34,7 @@ def small_mlp():
 
 TINY = SweepSettings(
     target_metric="test_accuracy", target=0.65, model=f"{__name__}:small_mlp", train_examples=384,
-    eval_examples=200, eval_every=4, smoothing_window=3, max_steps=120, noise_batches=1, noise_batch_size=64,
-    noise_sigma_examples=4, seed=3,
+    eval_examples=200, eval_every=4, smoothing_window=3, max_steps=120, seed=3,
 )
 BATCH_SIZES = [8, 16, 32]
 # 1e-4 cannot reach 65 % in 120 steps: those cells are censored
@@ -110,11 +109,6 @@ def test_cli_sweep_on_a_finished_file_trains_nothing_and_prints_the_fit(tiny_swe
                  "8", "--lr-scaling", "constant", "--lr-factors", "0.01,1,3", "--max-lr", "1", "--target", "0.65",
                  "--model", TINY.model, "--train-examples", "384", "--eval-examples", "200", "--eval-every", "4",
                  "--max-steps", "120", "--seed", "3", "--no-progress"]
-    # the CLI's B_noise settings are the defaults, TINY's are not: the file belongs to another sweep
-    with pytest.raises(ValueError, match="noise_batches"):
-        main(arguments)
-    monkeypatch.setattr(sweep, "SweepSettings", lambda **kw: SweepSettings(
-        **{**kw, "noise_batches": 1, "noise_batch_size": 64, "noise_sigma_examples": 4}))
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert f"B_crit = {fit_sweep(frame).b_crit:.4g}" in printed
