@@ -29,7 +29,7 @@ def test_notebook_runs_and_prints_the_fit_of_the_shipped_sweep():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         NotebookClient(notebook, kernel_name="python3", timeout=120,
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+                       resources={"metadata": {"path": str(ROOT)}}).execute()  # cwd: the checkout, so noisescale imports
     printed = _printed(notebook)
     frame = read_sweep_results(CSV)
     fit = fit_sweep(frame)
