@@ -149,7 +149,78 @@ def _add_nqm_command(subparsers) -> None:
     parser.set_defaults(run=_run_nqm)
 
 
-_COMMANDS: list = [_add_measure_command, _add_nqm_command]
+def _comma_separated(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from error
+
+    return parse
+
+
+def _add_sweep_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="train to a target across batch sizes and learning rates; fit B_crit (McCandlish et al. 2018)",
+        description="For each batch size of a geometric range and each learning rate of a per-B log grid, "
+        "train the model until a smoothed test metric reaches the target; append one CSV row per cell (an "
+        "interrupted sweep resumes), then fit S = S_min (1 + B_crit / B) to the best learning rate per B.",
+    )
+    parser.add_argument("--out", default="data/sweep.csv", help="CSV of cells (appended to; resumed)")
+    parser.add_argument("--batch-sizes", type=_comma_separated(int), default=None, metavar="B1,B2,...",
+                        help="explicit geometric batch sizes (overrides --min-batch/--max-batch)")
+    parser.add_argument("--min-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=0.05, help="centre learning rate at --lr-reference-batch")
+    parser.add_argument("--lr-reference-batch", type=int, default=128)
+    parser.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt", "constant"])
+    parser.add_argument("--lr-factors", type=_comma_separated(float), default=[0.5, 1.0, 2.0],
+                        help="grid = centre times each factor")
+    parser.add_argument("--max-lr", type=float, default=0.2, help="cap of the centre learning rate")
+    parser.add_argument("--target-metric", default="test_accuracy",
+                        help="test_accuracy (reach at least) or test_loss (reach at most)")
+    parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--model", default="noisescale.models:lenet5", metavar="PACKAGE.MODULE:FACTORY")
+    parser.add_argument("--data-source", default="subset", choices=["subset", "debian", "auto"])
+    parser.add_argument("--train-examples", type=int, default=0, help="0: all")
+    parser.add_argument("--eval-examples", type=int, default=0, help="0: the whole test split")
+    parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+    parser.add_argument("--smoothing-window", type=int, default=3, help="centred moving average, evaluations")
+    parser.add_argument("--max-steps", type=int, default=4000)
+    parser.add_argument("--max-examples", type=int, default=0, help="per-cell example budget (0: none)")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained in parallel processes")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from noisescale.sweep import (
+        SweepSettings, best_learning_rate_cells, fit_sweep, geometric_batch_sizes, learning_rate_grid, run_sweep,
+    )
+
+    batch_sizes = args.batch_sizes or geometric_batch_sizes(args.min_batch, args.max_batch)
+    grid = learning_rate_grid(batch_sizes, args.lr, args.lr_reference_batch, factors=args.lr_factors,
+                              scaling=args.lr_scaling, max_learning_rate=args.max_lr)
+    settings = SweepSettings(
+        target_metric=args.target_metric, target=args.target, model=args.model, data_source=args.data_source,
+        train_examples=args.train_examples, eval_examples=args.eval_examples, eval_every=args.eval_every,
+        smoothing_window=args.smoothing_window, max_steps=args.max_steps, max_examples=args.max_examples,
+        momentum=args.momentum, seed=args.seed, device=args.device,
+    )
+    frame = run_sweep(args.out, batch_sizes, grid, settings, jobs=args.jobs, progress=not args.no_progress)
+    best = best_learning_rate_cells(frame)
+    columns = ["batch_size", "learning_rate", "steps", "examples", "lr_at_grid_edge", "b_simple", "b_noise"]
+    print(f"{len(frame)} cells in {args.out}; best learning rate per batch size:")
+    print(best[columns].to_string(index=False))
+    print(fit_sweep(frame).summary())
+    return 0
+
+
+_COMMANDS: list = [_add_measure_command, _add_nqm_command, _add_sweep_command]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,3 +172,26 @@ def plot_noise_scale_history(history: pd.DataFrame) -> Figure:
     loss_ax.set_ylabel("training loss")
     figure.tight_layout()
     return figure
+
+
+def plot_noise_scale_vs_b_crit(frame: pd.DataFrame, fit: TradeoffFit, ax: Axes | None = None) -> Figure:
+    """Noise scale measured at the target in each sweep cell (B_simple, B_noise; best learning rate per B
+    filled, others faint) against the batch size, beside the fitted B_crit and its interval (horizontal band).
+
+    McCandlish et al. (2018) predict B_crit ~ B_noise: the points should lie near the band.
+    """
+    figure, ax = _figure_and_axes(ax)
+    reached = frame[frame["outcome"] == "reached"]
+    best = reached.sort_values(["steps", "learning_rate"]).groupby("batch_size").head(1)
+    for column, colour, label in (("b_simple", "tab:blue", "B_simple"), ("b_noise", "tab:red", "B_noise")):
+        ax.scatter(reached["batch_size"], reached[column], color=colour, alpha=0.25, s=18)
+        ordered = best.sort_values("batch_size")
+        ax.plot(ordered["batch_size"], ordered[column], "o-", color=colour, label=f"{label} at the target (best lr)")
+    low, high = fit.b_crit_interval
+    ax.axhspan(low, high, color="tab:gray", alpha=0.2, label=f"B_crit interval ({fit.confidence:.0%})")
+    ax.axhline(fit.b_crit, color="black", linestyle="--", label=f"fitted B_crit = {fit.b_crit:.3g}")
+    _log_log_axes(ax)
+    ax.set_xlabel("batch size B of the run")
+    ax.set_ylabel("noise scale / B_crit (examples)")
+    ax.legend(loc="best", fontsize="small")
+    return figure

@@ -1,0 +1,447 @@
+"""Batch-size sweep: measure steps-to-target across batch sizes and fit the tradeoff of McCandlish et al. (2018).
+
+For every batch size B of a geometric range and every learning rate of a small per-B log grid, one *cell*
+trains a fresh model (same seed, same initial weights) with SGD + momentum until a test metric reaches a
+target, as McCandlish et al. (2018, section 3) did: per B the learning rate reaching the target in the
+fewest steps is kept, and the best steps S(B) are fitted with S = S_min (1 + B_crit / B)
+(:func:`noisescale.tradeoff.fit_tradeoff`).
+
+Target crossing. The metric (``test_accuracy`` or ``test_loss``) is evaluated on a fixed evaluation set
+after 0, k, 2k, ... optimizer steps (k = ``eval_every``). The curve is smoothed by a centred moving average
+over ``smoothing_window`` consecutive evaluations (odd; 1 means no smoothing; a centred window adds no lag to
+a locally linear curve). The target is reached at the first evaluation where the smoothed curve meets it;
+the step count is interpolated linearly between that evaluation and the one before, so it is a real number.
+A cell that does not reach the target within ``max_steps`` is *censored* (``outcome = "censored"``, no
+steps); one whose loss becomes non-finite is ``"diverged"``.
+
+Noise scale at the target. ``b_simple`` is the moving average of B_simple = tr(Sigma)/|G|^2 that the
+:class:`~noisescale.monitor.NoiseScaleMonitor` measured during the run, read at the crossing step, with its
+interval. ``b_noise`` = tr(H Sigma)/(G^T H G) (McCandlish et al. eq. 2.8) is measured once when the run stops
+(``(smoothing_window - 1) / 2`` evaluations after the crossing): ``trace_h_sigma`` and ``g_h_g`` from
+:func:`noisescale.hessian.hessian_noise_scale` are averaged over ``noise_batches`` fixed training batches
+before taking the ratio.
+
+Each finished cell is appended at once as one row to the CSV (all settings included), so an interrupted
+sweep resumes: cells already in the file are skipped. Cells run in spawned worker processes (``jobs``).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "SweepSettings",
+    "TARGET_METRICS",
+    "best_learning_rate_cells",
+    "first_crossing",
+    "fit_sweep",
+    "geometric_batch_sizes",
+    "learning_rate_grid",
+    "read_sweep_results",
+    "run_sweep",
+    "smooth_centered",
+    "train_cell",
+]
+
+TARGET_METRICS = ("test_accuracy", "test_loss")
+RESULT_COLUMNS = (
+    "batch_size", "learning_rate", "outcome", "steps", "examples", "steps_trained", "metric_at_stop",
+    "b_simple", "b_simple_low", "b_simple_high", "b_noise", "seconds",
+)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything a cell depends on besides (batch_size, learning_rate); every field is a CSV column."""
+
+    target_metric: str = "test_accuracy"
+    target: float = 0.8
+    model: str = "noisescale.models:lenet5"
+    data_source: str = "subset"
+    train_examples: int = 0  # 0: all training images of the source
+    eval_examples: int = 0  # 0: all test images of the source
+    eval_every: int = 10
+    smoothing_window: int = 3
+    max_steps: int = 3000
+    max_examples: int = 0  # 0: no limit; else a cell stops at min(max_steps, max_examples // B) steps
+    momentum: float = 0.9
+    ema_decay: float = 0.95
+    noise_batches: int = 2
+    noise_batch_size: int = 256
+    noise_sigma_examples: int = 16
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.target_metric not in TARGET_METRICS:
+            raise ValueError(f"target_metric must be one of {TARGET_METRICS}, got {self.target_metric!r}")
+        if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and self.target > 0):
+            raise ValueError(f"target must be a positive finite number, got {self.target!r}")
+        if self.target_metric == "test_accuracy" and not self.target < 1:
+            raise ValueError(f"a test_accuracy target must lie in (0, 1), got {self.target!r}")
+        for name, smallest in (("train_examples", 0), ("eval_examples", 0), ("eval_every", 1),
+                               ("smoothing_window", 1), ("max_steps", 1), ("max_examples", 0), ("noise_batches", 1),
+                               ("noise_sigma_examples", 2),
+                               ("noise_batch_size", 8), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"{name} must be an int >= {smallest}, got {value!r}")
+        if self.smoothing_window % 2 == 0:
+            raise ValueError(f"smoothing_window must be odd (a centred window), got {self.smoothing_window}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay!r}")
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+def geometric_batch_sizes(smallest: int, largest: int, factor: int = 2) -> list[int]:
+    """smallest, smallest * factor, ... up to and including ``largest`` (which must be on the progression)."""
+    for name, value in (("smallest", smallest), ("largest", largest), ("factor", factor)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    sizes = [smallest]
+    while sizes[-1] < largest:
+        sizes.append(sizes[-1] * factor)
+    if sizes[-1] != largest:
+        raise ValueError(f"largest={largest} is not smallest={smallest} times a power of factor={factor}")
+    return sizes
+
+
+def _validate_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    sizes = list(batch_sizes)
+    if not sizes:
+        raise ValueError("batch_sizes is empty; give a geometric range such as geometric_batch_sizes(8, 2048)")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
+            raise ValueError(f"batch sizes must be ints >= 2 (a gradient variance needs 2 examples), got {size!r}")
+    ratios = np.array(sizes[1:], dtype=float) / np.array(sizes[:-1], dtype=float)
+    if ratios.size and (ratios.min() <= 1 or not np.allclose(ratios, ratios[0], rtol=1e-9)):
+        raise ValueError(f"batch_sizes must be an increasing geometric progression (constant ratio), got {sizes}")
+    return [int(size) for size in sizes]
+
+
+def learning_rate_grid(
+    batch_sizes: Sequence[int],
+    base_learning_rate: float,
+    reference_batch_size: int,
+    *,
+    factors: Sequence[float] = (0.5, 1.0, 2.0),
+    scaling: str = "linear",
+    max_learning_rate: float = math.inf,
+) -> dict[int, tuple[float, ...]]:
+    """Per-B log grid of learning rates centred on a scaling rule.
+
+    The centre is base_learning_rate (B / reference_batch_size)^p with p = 1 (``"linear"``, Goyal et al.
+    2017), 1/2 (``"sqrt"``) or 0 (``"constant"``), capped at ``max_learning_rate`` (the curvature limit of
+    SGD); the grid is the centre times each of ``factors``.
+    """
+    exponents = {"linear": 1.0, "sqrt": 0.5, "constant": 0.0}
+    if scaling not in exponents:
+        raise ValueError(f"scaling must be one of {tuple(exponents)}, got {scaling!r}")
+    if not base_learning_rate > 0 or not max_learning_rate > 0:
+        raise ValueError(f"learning rates must be positive, got base {base_learning_rate!r}, max {max_learning_rate!r}")
+    if not factors or any(not factor > 0 for factor in factors):
+        raise ValueError(f"factors must be a non-empty list of positive numbers, got {list(factors)}")
+    grid = {}
+    for size in _validate_batch_sizes(batch_sizes):
+        centre = min(base_learning_rate * (size / reference_batch_size) ** exponents[scaling], max_learning_rate)
+        grid[size] = tuple(sorted(float(f"{centre * factor:.6g}") for factor in factors))
+    return grid
+
+
+def _cells(batch_sizes: Sequence[int], learning_rates) -> list[tuple[int, float]]:
+    sizes = _validate_batch_sizes(batch_sizes)
+    if isinstance(learning_rates, Mapping):
+        missing = [size for size in sizes if size not in learning_rates]
+        if missing:
+            raise ValueError(f"learning_rates has no grid for batch size(s) {missing}")
+        grids = {size: list(learning_rates[size]) for size in sizes}
+    else:
+        grids = {size: list(learning_rates) for size in sizes}
+    for size, grid in grids.items():
+        if not grid or any(not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0) for lr in grid):
+            raise ValueError(f"the learning rates for batch size {size} must be positive and finite, got {grid}")
+    return [(size, float(lr)) for size in sizes for lr in sorted(set(grids[size]))]
+
+
+# ---------------------------------------------------------------------------------------------- smoothing
+def smooth_centered(values: Sequence[float], window: int) -> np.ndarray:
+    """Centred moving average; entries without a full window on both sides are NaN."""
+    values = np.asarray(values, dtype=float)
+    smoothed = np.full(values.shape, np.nan)
+    half = window // 2
+    if values.size >= window:
+        smoothed[half: values.size - half] = np.convolve(values, np.ones(window) / window, mode="valid")
+    return smoothed
+
+
+def first_crossing(steps: Sequence[float], values: Sequence[float], target: float, *, higher_is_better: bool,
+                   window: int) -> float:
+    """Step at which the smoothed curve first meets ``target`` (linear interpolation), or NaN if it never does."""
+    steps = np.asarray(steps, dtype=float)
+    smoothed = smooth_centered(values, window)
+    sign = 1.0 if higher_is_better else -1.0
+    margin = sign * (smoothed - target)  # >= 0 where the target is met
+    met = np.flatnonzero(margin >= 0)
+    if met.size == 0:
+        return math.nan
+    index = int(met[0])
+    if index == 0 or np.isnan(margin[index - 1]):
+        return float(steps[index])
+    before, after = margin[index - 1], margin[index]
+    return float(steps[index - 1] + (steps[index] - steps[index - 1]) * (-before) / (after - before))
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+def _load_data(settings: SweepSettings):
+    import torch
+
+    from noisescale.data import load_fashion_mnist
+
+    train, test = load_fashion_mnist(source=settings.data_source)
+    picker = torch.Generator().manual_seed(settings.seed)
+    train_x, train_y = train.images, train.labels
+    test_x, test_y = test.images, test.labels
+    if settings.train_examples:
+        keep = torch.randperm(len(train_y), generator=picker)[: settings.train_examples]
+        train_x, train_y = train_x[keep], train_y[keep]
+    if settings.eval_examples:
+        keep = torch.randperm(len(test_y), generator=picker)[: settings.eval_examples]
+        test_x, test_y = test_x[keep], test_y[keep]
+    return train_x, train_y, test_x, test_y
+
+
+def _evaluate(model, inputs, targets, metric: str, batch_size: int = 1000) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(targets), batch_size):
+            outputs = model(inputs[start: start + batch_size])
+            batch_targets = targets[start: start + batch_size]
+            if metric == "test_accuracy":
+                total += (outputs.argmax(1) == batch_targets).sum().item()
+            else:
+                total += F.cross_entropy(outputs, batch_targets, reduction="sum").item()
+    model.train()
+    return total / len(targets)
+
+
+def _b_noise(model, loss_fn, train_x, train_y, settings: SweepSettings) -> float:
+    """tr(H Sigma)/(G^T H G) with numerator and denominator averaged over fixed training batches."""
+    import torch
+
+    from noisescale.hessian import hessian_noise_scale
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(train_y), generator=generator)
+    batch_size = min(settings.noise_batch_size, len(train_y))
+    numerators, denominators = [], []
+    for index in range(settings.noise_batches):
+        chosen = order.roll(-index * batch_size)[:batch_size]
+        proxies = hessian_noise_scale(model, loss_fn, train_x[chosen], train_y[chosen], num_probes=2,
+                                      num_sigma_examples=settings.noise_sigma_examples, generator=generator)
+        numerators.append(proxies.trace_h_sigma)
+        denominators.append(proxies.g_h_g)
+    denominator = float(np.mean(denominators))
+    return float(np.mean(numerators)) / denominator if denominator > 0 else math.inf
+
+
+def train_cell(settings: SweepSettings, batch_size: int, learning_rate: float, *, threads: int = 0,
+               progress: bool = False) -> dict[str, Any]:
+    """Train one (batch size, learning rate) cell to the target (module docstring); returns its CSV row."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from noisescale.jobs import load_model_factory, per_example_cross_entropy, resolve_device
+    from noisescale.monitor import NoiseScaleMonitor
+
+    start_time = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(settings.device)
+    train_x, train_y, test_x, test_y = (tensor.to(device) for tensor in _load_data(settings))
+    if batch_size > len(train_y):
+        raise ValueError(f"batch size {batch_size} exceeds the {len(train_y)} training examples")
+    torch.manual_seed(settings.seed)
+    model = load_model_factory(settings.model)().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=settings.momentum)
+    shuffler = torch.Generator().manual_seed(settings.seed)
+    higher_is_better = settings.target_metric == "test_accuracy"
+    step_budget = settings.max_steps
+    if settings.max_examples:
+        step_budget = min(step_budget, max(1, settings.max_examples // batch_size))
+    half_window = settings.smoothing_window // 2
+    eval_steps = [0]
+    eval_values = [_evaluate(model, test_x, test_y, settings.target_metric)]
+    crossing, outcome, batches = math.nan, "censored", iter(())
+    with NoiseScaleMonitor(model, per_example_cross_entropy, ema_decay=settings.ema_decay) as monitor, \
+            tqdm(total=step_budget, desc=f"B={batch_size} lr={learning_rate:g}", disable=not progress,
+                 leave=False) as bar:
+        while monitor.step < step_budget + half_window * settings.eval_every:
+            chosen = next(batches, None)
+            if chosen is None:
+                epoch = torch.randperm(len(train_y), generator=shuffler).split(batch_size)
+                batches = iter(epoch[: len(train_y) // batch_size])  # full batches only
+                continue
+            chosen = chosen.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = monitor(train_x[chosen], train_y[chosen])
+            if not torch.isfinite(loss):
+                outcome = "diverged"
+                break
+            optimizer.step()
+            bar.update()
+            if monitor.step % settings.eval_every == 0:
+                eval_steps.append(monitor.step)
+                eval_values.append(_evaluate(model, test_x, test_y, settings.target_metric))
+                crossing = first_crossing(eval_steps, eval_values, settings.target,
+                                          higher_is_better=higher_is_better, window=settings.smoothing_window)
+                if math.isfinite(crossing):
+                    outcome = "reached" if crossing <= step_budget else "censored"
+                    break
+        history = monitor.history
+    reached = outcome == "reached"
+    at_crossing = history.iloc[min(int(crossing), len(history) - 1)] if reached else history.iloc[-1]
+    return {
+        **asdict(settings),
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "outcome": outcome,
+        "steps": crossing if reached else math.nan,
+        "examples": crossing * batch_size if reached else math.nan,
+        "steps_trained": monitor.step,
+        "metric_at_stop": eval_values[-1],
+        "b_simple": float(at_crossing.get("b_simple", math.nan)),
+        "b_simple_low": float(at_crossing.get("b_simple_low", math.nan)),
+        "b_simple_high": float(at_crossing.get("b_simple_high", math.nan)),
+        "b_noise": _b_noise(model, per_example_cross_entropy, train_x, train_y, settings) if reached else math.nan,
+        "seconds": time.perf_counter() - start_time,
+    }
+
+
+def _train_cell_job(settings: SweepSettings, batch_size: int, learning_rate: float, threads: int) -> dict[str, Any]:
+    return train_cell(settings, batch_size, learning_rate, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def read_sweep_results(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The sweep CSV as a DataFrame (floats read back exactly), sorted by batch size and learning rate."""
+    path = Path(path)
+    frame = pd.read_csv(path)
+    missing = [column for column in (*RESULT_COLUMNS, *(f.name for f in fields(SweepSettings)))
+               if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a sweep result file, missing column(s) {missing}")
+    return frame.sort_values(["batch_size", "learning_rate"], kind="stable").reset_index(drop=True)
+
+
+def _finished_cells(path: Path, settings: SweepSettings) -> set[tuple[int, float]]:
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    frame = read_sweep_results(path)
+    for name, value in asdict(settings).items():
+        differing = frame[frame[name] != value]
+        if len(differing):
+            raise ValueError(
+                f"{path}: holds cells of another sweep ({name} = {differing[name].tolist()[0]!r}, this sweep has "
+                f"{value!r}); write to another file or use the same settings"
+            )
+    return {(int(size), float(lr)) for size, lr in zip(frame["batch_size"], frame["learning_rate"])}
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    frame = pd.DataFrame([row])
+    header = not path.exists() or path.stat().st_size == 0
+    with path.open("a") as handle:
+        handle.write(frame.to_csv(index=False, header=header))
+
+
+def run_sweep(
+    path: str | os.PathLike[str],
+    batch_sizes: Sequence[int],
+    learning_rates: Sequence[float] | Mapping[int, Sequence[float]],
+    settings: SweepSettings = SweepSettings(),
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train every (B, lr) cell not yet in the CSV at ``path`` and append its row; return the whole sweep.
+
+    ``learning_rates``: one grid for all batch sizes or a mapping B -> grid (e.g. :func:`learning_rate_grid`).
+    ``jobs`` > 1 trains cells in that many spawned processes, each with cpu_count // jobs torch threads.
+    Each cell is seeded by ``settings.seed`` alone, so its result does not depend on the order or the jobs.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(settings, SweepSettings):
+        raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    path = Path(path)
+    cells = _cells(batch_sizes, learning_rates)
+    finished = _finished_cells(path, settings)
+    todo = [cell for cell in cells if cell not in finished]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep cells", disable=not progress) as bar:
+        if jobs == 1:
+            for size, lr in todo:
+                _append_row(path, train_cell(settings, size, lr, progress=progress))
+                bar.update()
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = [pool.submit(_train_cell_job, settings, size, lr, threads) for size, lr in todo]
+                for future in as_completed(futures):
+                    _append_row(path, future.result())
+                    bar.update()
+    frame = read_sweep_results(path)
+    frame.to_csv(path, index=False)  # rewritten in (batch size, learning rate) order
+    return frame
+
+
+def best_learning_rate_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per batch size, the cell that reached the target in the fewest steps (ties: the smaller learning rate).
+
+    Columns added: ``learning_rates_tried``, ``cells_reached`` and ``lr_at_grid_edge`` (True when the best
+    learning rate is the smallest or largest of the grid tried at that B, so the grid may be too narrow).
+    Batch sizes where no cell reached the target are left out.
+    """
+    missing = [column for column in ("batch_size", "learning_rate", "outcome", "steps") if column not in frame]
+    if missing:
+        raise ValueError(f"frame has no column(s) {missing}; columns are {list(frame.columns)}")
+    rows = []
+    for size, group in frame.groupby("batch_size", sort=True):
+        reached = group[group["outcome"] == "reached"].sort_values(["steps", "learning_rate"], kind="stable")
+        if reached.empty:
+            continue
+        best = reached.iloc[0].copy()
+        tried = np.sort(group["learning_rate"].unique())
+        best["learning_rates_tried"] = len(tried)
+        best["cells_reached"] = len(reached)
+        best["lr_at_grid_edge"] = len(tried) > 1 and best["learning_rate"] in (tried[0], tried[-1])
+        rows.append(best)
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def fit_sweep(frame: pd.DataFrame, **fit_options: Any):
+    """:func:`noisescale.tradeoff.fit_tradeoff` on the best-learning-rate cell of each batch size."""
+    from noisescale.tradeoff import fit_tradeoff
+
+    best = best_learning_rate_cells(frame)
+    return fit_tradeoff(best["batch_size"].to_numpy(float), best["steps"].to_numpy(float), **fit_options)

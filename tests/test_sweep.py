@@ -1,0 +1,182 @@
+"""Tests for the batch-size sweep: a tiny end-to-end sweep (MLP on a few hundred subset images), resume,
+censored cells, best-learning-rate selection against a hand-made table, smoothing/crossing against
+hand computations, and argument errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import noisescale.sweep as sweep
+from noisescale.cli import main
+from noisescale.sweep import (
+    SweepSettings,
+    best_learning_rate_cells,
+    first_crossing,
+    fit_sweep,
+    geometric_batch_sizes,
+    learning_rate_grid,
+    read_sweep_results,
+    run_sweep,
+    smooth_centered,
+)
+from noisescale.models import mlp
+from noisescale.tradeoff import fit_tradeoff
+
+
+def small_mlp():
+    """784 -> 32 -> 10: fast enough for a whole sweep in seconds (importable by the spawned workers)."""
+    return mlp(hidden=(32,))
+
+
+TINY = SweepSettings(
+    target_metric="test_accuracy", target=0.65, model=f"{__name__}:small_mlp", train_examples=384,
+    eval_examples=200, eval_every=4, smoothing_window=3, max_steps=120, seed=3,
+)
+BATCH_SIZES = [8, 16, 32]
+# 1e-4 cannot reach 65 % in 120 steps: those cells are censored
+LEARNING_RATES = [1e-4, 0.01, 0.03]
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "cells.csv"
+    return path, run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
+
+
+def test_tiny_sweep_rows_settings_and_outcomes(tiny_sweep):
+    path, frame = tiny_sweep
+    assert len(frame) == len(BATCH_SIZES) * len(LEARNING_RATES)
+    assert sorted(zip(frame.batch_size, frame.learning_rate)) == [(b, lr) for b in BATCH_SIZES for lr in LEARNING_RATES]
+    assert (frame["model"] == TINY.model).all() and (frame["target"] == TINY.target).all()
+    censored = frame[frame.learning_rate == 1e-4]
+    assert (censored.outcome == "censored").all() and censored.steps.isna().all() and censored.b_noise.isna().all()
+    assert (censored.steps_trained >= TINY.max_steps).all()
+    reached = frame[frame.outcome == "reached"]
+    assert len(reached) >= len(BATCH_SIZES)  # at least one learning rate per batch size reaches 65 %
+    assert (reached.steps > 0).all() and (reached.steps <= TINY.max_steps).all()
+    np.testing.assert_allclose(reached.examples, reached.steps * reached.batch_size)
+    # the run stops (window - 1) / 2 evaluations after the evaluation where the smoothed curve crossed
+    assert (reached.steps_trained - reached.steps <= 2 * TINY.eval_every).all()
+    assert (reached.b_simple > 0).all() and (reached.b_simple_low <= reached.b_simple).all()
+    assert np.isfinite(reached.b_noise).all()
+    pd.testing.assert_frame_equal(read_sweep_results(path), frame)
+
+
+def test_resume_trains_only_missing_cells_and_reproduces_them(tiny_sweep, tmp_path, monkeypatch):
+    path, frame = tiny_sweep
+    partial = tmp_path / "partial.csv"
+    dropped = [(16, 0.01), (32, 0.03)]
+    keep = ~pd.Series(list(zip(frame.batch_size, frame.learning_rate))).isin(dropped)
+    frame[keep.to_numpy()].to_csv(partial, index=False)
+    trained = []
+    original = sweep.train_cell
+    monkeypatch.setattr(sweep, "train_cell", lambda *args, **kw: trained.append(args[1:3]) or original(*args, **kw))
+    resumed = run_sweep(partial, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
+    assert sorted(trained) == dropped
+    deterministic = [column for column in frame.columns if column != "seconds"]
+    pd.testing.assert_frame_equal(resumed[deterministic], frame[deterministic])
+    trained.clear()
+    run_sweep(partial, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
+    assert trained == []
+
+
+def test_resume_refuses_a_file_of_other_settings(tiny_sweep):
+    path, _ = tiny_sweep
+    with pytest.raises(ValueError, match="target = 0.65.*0.7"):
+        run_sweep(path, BATCH_SIZES, LEARNING_RATES, SweepSettings(**{**TINY.__dict__, "target": 0.7}),
+                  progress=False)
+
+
+def test_fit_uses_the_best_learning_rate_per_batch_size(tiny_sweep):
+    _, frame = tiny_sweep
+    best = best_learning_rate_cells(frame)
+    for size, group in frame[frame.outcome == "reached"].groupby("batch_size"):
+        assert best.set_index("batch_size").loc[size, "steps"] == group.steps.min()
+    fit = fit_sweep(frame, n_bootstrap=50)
+    reference = fit_tradeoff(best.batch_size.to_numpy(float), best.steps.to_numpy(float), n_bootstrap=50)
+    assert fit.b_crit == reference.b_crit and fit.s_min == reference.s_min
+    assert fit.b_crit_interval[0] <= fit.b_crit <= fit.b_crit_interval[1]
+
+
+def test_cli_sweep_on_a_finished_file_trains_nothing_and_prints_the_fit(tiny_sweep, capsys, monkeypatch):
+    path, frame = tiny_sweep
+    monkeypatch.setattr(sweep, "train_cell", lambda *args, **kw: pytest.fail("a finished cell was retrained"))
+    arguments = ["sweep", "--out", str(path), "--batch-sizes", "8,16,32", "--lr", "0.01", "--lr-reference-batch",
+                 "8", "--lr-scaling", "constant", "--lr-factors", "0.01,1,3", "--max-lr", "1", "--target", "0.65",
+                 "--model", TINY.model, "--train-examples", "384", "--eval-examples", "200", "--eval-every", "4",
+                 "--max-steps", "120", "--seed", "3", "--no-progress"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert f"B_crit = {fit_sweep(frame).b_crit:.4g}" in printed
+
+
+def test_parallel_jobs_give_the_same_cells(tmp_path):
+    settings = SweepSettings(**{**TINY.__dict__, "max_steps": 40, "target": 0.5})
+    sizes, rates = [16, 32], [0.03]
+    serial = run_sweep(tmp_path / "serial.csv", sizes, rates, settings, progress=False)
+    parallel = run_sweep(tmp_path / "parallel.csv", sizes, rates, settings, jobs=2, progress=False)
+    assert list(parallel.outcome) == list(serial.outcome)
+    np.testing.assert_allclose(parallel.steps, serial.steps, rtol=0.05)
+
+
+def test_best_learning_rate_cells_against_a_hand_made_table():
+    table = pd.DataFrame({
+        "batch_size": [8, 8, 8, 16, 16, 16, 32, 32],
+        "learning_rate": [0.01, 0.02, 0.04, 0.02, 0.04, 0.08, 0.04, 0.08],
+        "outcome": ["reached", "reached", "diverged", "censored", "reached", "reached", "censored", "censored"],
+        "steps": [300.0, 250.0, np.nan, np.nan, 140.0, 140.0, np.nan, np.nan],
+    })
+    best = best_learning_rate_cells(table)
+    assert best.batch_size.tolist() == [8, 16]  # B = 32 never reached the target
+    assert best.learning_rate.tolist() == [0.02, 0.04]  # B = 16: a tie goes to the smaller learning rate
+    assert best.steps.tolist() == [250.0, 140.0]
+    assert best.lr_at_grid_edge.tolist() == [False, False]
+    assert best.cells_reached.tolist() == [2, 2]
+    edge = best_learning_rate_cells(table.assign(steps=[200.0, 250.0, np.nan, np.nan, 140.0, 140.0, np.nan, np.nan]))
+    assert edge.lr_at_grid_edge.tolist() == [True, False]
+
+
+def test_smoothing_and_crossing_against_hand_computation():
+    values = [0.1, 0.5, 0.3, 0.7, 0.8, 0.9]
+    naive = [np.nan] + [np.mean(values[i - 1: i + 2]) for i in range(1, 5)] + [np.nan]
+    np.testing.assert_allclose(smooth_centered(values, 3), naive)
+    steps = [0, 10, 20, 30, 40, 50]
+    # smoothed: nan, 0.3, 0.5, 0.6, 0.8, nan -> 0.55 crossed between step 20 (0.5) and 30 (0.6)
+    assert first_crossing(steps, values, 0.55, higher_is_better=True, window=3) == pytest.approx(25.0)
+    assert first_crossing(steps, values, 0.3, higher_is_better=True, window=3) == 10.0
+    assert math.isnan(first_crossing(steps, values, 0.95, higher_is_better=True, window=3))
+    losses = [2.0, 1.0, 0.5]
+    assert first_crossing([0, 5, 10], losses, 0.75, higher_is_better=False, window=1) == pytest.approx(7.5)
+
+
+def test_grids():
+    assert geometric_batch_sizes(8, 64) == [8, 16, 32, 64]
+    grid = learning_rate_grid([8, 16, 32, 64], 0.05, 16, factors=(0.5, 1.0), max_learning_rate=0.1)
+    assert grid == {8: (0.0125, 0.025), 16: (0.025, 0.05), 32: (0.05, 0.1), 64: (0.05, 0.1)}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: run_sweep("unused.csv", [], [0.1], TINY), "batch_sizes is empty"),
+        (lambda: run_sweep("unused.csv", [8, 16, 24], [0.1], TINY), "geometric"),
+        (lambda: run_sweep("unused.csv", [32, 16, 8], [0.1], TINY), "increasing geometric"),
+        (lambda: run_sweep("unused.csv", [1, 2, 4], [0.1], TINY), "ints >= 2"),
+        (lambda: run_sweep("unused.csv", [8, 16], {8: [0.1]}, TINY), r"no grid for batch size\(s\) \[16\]"),
+        (lambda: run_sweep("unused.csv", [8, 16], [0.1, -1.0], TINY), "positive and finite"),
+        (lambda: run_sweep("unused.csv", [8, 16], [0.1], TINY, jobs=0), "jobs must be"),
+        (lambda: SweepSettings(target_metric="train_loss"), "target_metric must be one of"),
+        (lambda: SweepSettings(target=1.5), "test_accuracy target must lie in"),
+        (lambda: SweepSettings(smoothing_window=4), "must be odd"),
+        (lambda: SweepSettings(eval_every=0), "eval_every must be an int >= 1"),
+        (lambda: geometric_batch_sizes(8, 100), "not smallest=8 times a power"),
+        (lambda: learning_rate_grid([8, 16], 0.1, 8, scaling="cubic"), "scaling must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
