@@ -35,6 +35,8 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -48,7 +50,16 @@ from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_s
 from noisescale.monitor import NoiseScaleMonitor
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 
-__all__ = ["AdaptiveTrainer", "AccumulatingNoiseScaleMonitor", "AMP_MODES", "is_out_of_memory"]
+__all__ = [
+    "AdaptiveTrainer",
+    "AccumulatingNoiseScaleMonitor",
+    "AMP_MODES",
+    "TRAIN_MODES",
+    "TrainOutcome",
+    "is_out_of_memory",
+    "make_batch_size_source",
+    "run_train",
+]
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -430,3 +441,137 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------- the `noisescale train` job
+
+TRAIN_MODES = ("fixed", "lr-decay", "batch-increase", "hybrid", "noise-adaptive")
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What ``noisescale train`` reports: final test accuracy, optimizer steps, examples seen, wall-clock."""
+
+    mode: str
+    test_accuracy: float
+    steps: int
+    examples_seen: int
+    seconds: float
+    final_batch_size: int
+    history_csv: Path
+    evaluations_csv: Path
+    figure_png: Path
+
+    def __str__(self) -> str:
+        return (f"{self.mode}: test accuracy {self.test_accuracy:.4f} after {self.steps} optimizer steps, "
+                f"{self.examples_seen} examples, final batch size {self.final_batch_size}, "
+                f"{self.seconds:.1f} s of training")
+
+
+def make_batch_size_source(
+    mode: str,
+    *,
+    epochs: float,
+    batch_size: int,
+    max_batch_size: int,
+    learning_rate: float,
+    milestones: list[float] | None = None,
+    decay_factor: float = 0.2,
+    kappa: float = 1.0,
+    hold_steps: int = 10,
+) -> dict[str, Any]:
+    """``{"schedule": BatchSizeSchedule}`` or ``{"policy": NoiseScaleBatchPolicy}`` for a TRAIN_MODES name.
+
+    Default milestones: 30 %, 55 % and 80 % of the epochs with decay_factor 0.2 (factor-5 stages as in the
+    MNIST replication of Smith et al., seed 004). noise-adaptive grows B to kappa * B_simple, at most doubling
+    every ``hold_steps`` steps, between ``batch_size`` and ``max_batch_size``.
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"mode must be one of {TRAIN_MODES}, got {mode!r}")
+    if mode == "noise-adaptive":
+        return {"policy": NoiseScaleBatchPolicy(batch_size, min_batch_size=batch_size, max_batch_size=max_batch_size,
+                                                kappa=kappa, hold_steps=hold_steps)}
+    if milestones is None:
+        milestones = [round(epochs * share, 3) for share in (0.3, 0.55, 0.8)]
+    return {"schedule": BatchSizeSchedule(mode, base_learning_rate=learning_rate, base_batch_size=batch_size,
+                                          milestones=[] if mode == "fixed" else milestones,
+                                          decay_factor=decay_factor, max_batch_size=max_batch_size)}
+
+
+def run_train(
+    *,
+    mode: str,
+    model_spec: str | None = None,
+    data: str | None = None,
+    epochs: float = 10.0,
+    batch_size: int = 32,
+    max_batch_size: int = 1024,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    milestones: list[float] | None = None,
+    decay_factor: float = 0.2,
+    kappa: float = 1.0,
+    lr_coupling: str = "none",
+    max_micro_batch: int | None = None,
+    train_examples: int | None = None,
+    device: str = "auto",
+    amp: str = "none",
+    checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
+    out_dir: str | Path = "runs/train",
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train a model (default LeNet-5 on Fashion-MNIST) with SGD + momentum in one of TRAIN_MODES; evaluate on
+    the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given."""
+    from noisescale.data import load_fashion_mnist
+    from noisescale.jobs import evaluate_accuracy, load_model_factory, per_example_cross_entropy, resolve_device
+    from noisescale.plot import plot_training_curves, save_figure
+
+    torch.manual_seed(seed)
+    target_device = resolve_device(device)
+    train_set, test_set = load_fashion_mnist(data)
+    if train_examples is not None:
+        check_int(train_examples, "train_examples", 2)
+        train_set = TensorDataset(*(tensor[:train_examples] for tensor in train_set.tensors))
+    model = load_model_factory(model_spec)().to(target_device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
+                                    learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
+                                    kappa=kappa)
+    trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train_set, **source,
+                              max_micro_batch=max_micro_batch, lr_coupling=lr_coupling, device=target_device,
+                              amp=amp, seed=seed, progress=progress)
+    evaluations: list[dict[str, Any]] = []
+    if resume is not None:
+        state = torch.load(resume, map_location=target_device, weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        evaluations = list(state["evaluations"])
+
+    def after_epoch(trainer: AdaptiveTrainer) -> None:
+        row = trainer.history.iloc[-1]
+        evaluations.append({"epoch": trainer.epoch, "step": trainer.steps, "examples_seen": int(row["examples_seen"]),
+                            "seconds": trainer.seconds, "batch_size": int(row["batch_size"]),
+                            "learning_rate": float(row["learning_rate"]),
+                            "test_accuracy": evaluate_accuracy(model, test_set, target_device)})
+        if checkpoint is not None:
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
+
+    with trainer:
+        history = trainer.train(epochs, callback=after_epoch)
+    if not evaluations or evaluations[-1]["step"] != trainer.steps:
+        after_epoch(trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history.insert(0, "mode", mode)
+    history_csv = out_dir / f"train_{mode}_history.csv"
+    history.to_csv(history_csv, index=False)
+    evaluations_frame = pd.DataFrame(evaluations).assign(mode=mode)
+    evaluations_csv = out_dir / f"train_{mode}_evaluations.csv"
+    evaluations_frame.to_csv(evaluations_csv, index=False)
+    figure_png = save_figure(plot_training_curves(history, evaluations_frame), out_dir / f"train_{mode}.png")
+    return TrainOutcome(mode=mode, test_accuracy=evaluations[-1]["test_accuracy"], steps=trainer.steps,
+                        examples_seen=trainer.sampler.examples_seen, seconds=trainer.seconds,
+                        final_batch_size=int(history["batch_size"].iloc[-1]), history_csv=history_csv,
+                        evaluations_csv=evaluations_csv, figure_png=figure_png)
