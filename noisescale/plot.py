@@ -197,6 +197,7 @@ def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Fi
     sns.lineplot(data=history, x="epoch", y="batch_size", ax=batch_ax, drawstyle="steps-post", **lines)
     sns.lineplot(data=history, x="epoch", y="learning_rate", ax=rate_ax, drawstyle="steps-post", **lines)
     accuracy_step_ax.set_xscale("log")
+    accuracy_step_ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (batch_ax, rate_ax):
         ax.set_yscale("log")
     accuracy_epoch_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy against epochs")
