@@ -184,6 +184,7 @@ def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Fi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import NullFormatter
 
     with sns.axes_style("whitegrid"):
         figure, axes = plt.subplots(2, 2, figsize=(11.0, 7.5))
@@ -197,7 +198,7 @@ def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Fi
     sns.lineplot(data=history, x="epoch", y="batch_size", ax=batch_ax, drawstyle="steps-post", **lines)
     sns.lineplot(data=history, x="epoch", y="learning_rate", ax=rate_ax, drawstyle="steps-post", **lines)
     accuracy_step_ax.set_xscale("log")
-    accuracy_step_ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    accuracy_step_ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in (batch_ax, rate_ax):
         ax.set_yscale("log")
     accuracy_epoch_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy against epochs")
