@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
     from noisescale.tradeoff import TradeoffFit
 
-__all__ = ["plot_noise_scale_history", "plot_steps_vs_batch", "plot_tradeoff", "save_figure"]
+__all__ = [
+    "plot_noise_scale_history", "plot_noise_scale_vs_b_crit", "plot_steps_vs_batch", "plot_tradeoff",
+    "plot_training_curves", "save_figure",
+]
 
 _FIGURE_SIZE = (6.0, 4.5)
 _CURVE_POINTS = 400
@@ -194,4 +197,41 @@ def plot_noise_scale_vs_b_crit(frame: pd.DataFrame, fit: TradeoffFit, ax: Axes |
     ax.set_xlabel("batch size B of the run")
     ax.set_ylabel("noise scale / B_crit (examples)")
     ax.legend(loc="best", fontsize="small")
+
+
+def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Figure:
+    """Adaptive-batch training (:mod:`noisescale.training`): test accuracy against epochs and against optimizer
+    steps, and the batch size and learning rate against epochs. ``history`` has one row per step (epoch,
+    step, batch_size, learning_rate), ``evaluations`` one per evaluation (epoch, step, test_accuracy); with
+    ``mode`` (and ``seed``) columns each mode gets a colour and each seed its own line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.ticker import NullFormatter
+
+    with sns.axes_style("whitegrid"):
+        figure, axes = plt.subplots(2, 2, figsize=(11.0, 7.5))
+    plt.close(figure)
+    hue = "mode" if "mode" in history else None
+    units = "seed" if "seed" in history else None
+    lines = {"hue": hue, "units": units, "estimator": None if units else "mean", "linewidth": 1.2}
+    (accuracy_epoch_ax, accuracy_step_ax), (batch_ax, rate_ax) = axes
+    sns.lineplot(data=evaluations, x="epoch", y="test_accuracy", marker="o", ax=accuracy_epoch_ax, **lines)
+    sns.lineplot(data=evaluations, x="step", y="test_accuracy", marker="o", ax=accuracy_step_ax, **lines)
+    sns.lineplot(data=history, x="epoch", y="batch_size", ax=batch_ax, drawstyle="steps-post", **lines)
+    sns.lineplot(data=history, x="epoch", y="learning_rate", ax=rate_ax, drawstyle="steps-post", **lines)
+    accuracy_step_ax.set_xscale("log")
+    accuracy_step_ax.xaxis.set_minor_formatter(NullFormatter())
+    for ax in (batch_ax, rate_ax):
+        ax.set_yscale("log")
+    accuracy_epoch_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy against epochs")
+    accuracy_step_ax.set(xlabel="optimizer steps", ylabel="test accuracy", title="Test accuracy against steps")
+    batch_ax.set(xlabel="epoch", ylabel="batch size $B$", title="Batch size")
+    rate_ax.set(xlabel="epoch", ylabel="learning rate $\\epsilon$", title="Learning rate")
+    for ax in axes.flat[1:]:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    figure.tight_layout()
     return figure

@@ -1,0 +1,577 @@
+"""Training in which noisescale chooses the batch size: a plain loop around the existing pieces.
+
+    trainer = AdaptiveTrainer(model, per_example_loss, optimizer, train_set,
+                              policy=NoiseScaleBatchPolicy(32, min_batch_size=32, max_batch_size=1024))
+    trainer.train(epochs=10)          # or trainer.step() one optimizer step at a time
+    trainer.history                   # one row per optimizer step (pandas DataFrame)
+
+Where the batch size comes from (exactly one):
+
+* ``schedule``: a :class:`~noisescale.controller.BatchSizeSchedule` (modes fixed, lr-decay, batch-increase,
+  hybrid of Smith, Kindermans & Le 2017); before every step (B, eps) = schedule.at(epoch), epoch = examples
+  seen / N, and eps replaces the learning rate (every parameter group scaled by eps / eps_0);
+* ``policy``: a :class:`~noisescale.controller.NoiseScaleBatchPolicy` fed after every step with the monitor's
+  moving-average B_simple (McCandlish et al. 2018); when B changes the learning rate follows ``lr_coupling``
+  (:func:`~noisescale.controller.couple_learning_rate`);
+* ``batch_size``: a constant batch.
+
+Batches come from a :class:`~noisescale.sampler.ResizableBatchSampler` (every example once per epoch whatever
+B does). A batch larger than ``max_micro_batch`` runs as accumulated micro-batches
+(:func:`~noisescale.sampler.split_micro_batches`): micro-batch k's mean loss is weighted by b_k / B, so p.grad
+ends as the mean gradient of the whole batch. The noise scale of the step is the per-example estimate of the
+*whole* batch (McCandlish et al. appendix A): the per-example squared norms s_i of all micro-batches together
+and |gbar|^2 of the accumulated gradient go into :func:`~noisescale.estimators.simple_noise_scale`. Beside it
+the two-batch estimate from the micro-batch norms |g_k|^2 (B_small = b) and |gbar|^2 (B_big = B) is recorded
+(:func:`~noisescale.estimators.two_batch_noise_scale`; only when the micro-batches have equal sizes).
+
+An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients and the
+random state it started with; nothing is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+from tqdm.auto import tqdm
+
+from noisescale._checks import check_int, check_real
+from noisescale.controller import COUPLING_RULES, BatchSizeSchedule, NoiseScaleBatchPolicy, couple_learning_rate
+from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
+from noisescale.monitor import NoiseScaleMonitor
+from noisescale.sampler import ResizableBatchSampler, split_micro_batches
+
+__all__ = [
+    "AdaptiveTrainer",
+    "AccumulatingNoiseScaleMonitor",
+    "AMP_MODES",
+    "TRAIN_MODES",
+    "TrainOutcome",
+    "is_out_of_memory",
+    "make_batch_size_source",
+    "run_train",
+]
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or a RuntimeError whose message says "out of memory" (CPU, MPS, older torch)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
+
+
+class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
+    """A :class:`~noisescale.monitor.NoiseScaleMonitor` whose step may span several accumulated micro-batches.
+
+    :meth:`accumulate` runs the forward and backward of each micro-batch with its mean loss weighted by
+    b_k / B (times ``loss_scale`` under fp16), then records the step through the monitor's own estimate,
+    average and history code with the per-example estimate of the whole batch; the two-batch estimate from
+    the micro-batch norms is averaged in ``two_batch_average`` and added to the row. Everything else
+    (summary, history, state) is the monitor's.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], **options: Any) -> None:
+        super().__init__(model, loss_fn, **options)
+        self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)
+
+    def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of the micro-batches into p.grad (which must start at zero or None); one
+        history row for the whole batch. Returns the batch's mean loss (detached)."""
+        sizes = [_as_tuple(inputs)[0].shape[0] for inputs, _ in micro_batches]
+        batch_size = sum(sizes)
+        measured = self.step % self.measure_every == 0
+        losses, sqnorms, micro_sqnorms = [], [], []
+        for (inputs, targets), size in zip(micro_batches, sizes):
+            share = size / batch_size
+            if measured:
+                result = self.norms(inputs, targets, loss_scale=loss_scale * share)
+                losses.append(result.losses)
+                sqnorms.append(result.sqnorms)
+                micro_sqnorms.append(result.grad_sqnorm)
+            else:  # the ghost hooks are inert outside a measured pass
+                micro_losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)
+                (micro_losses.mean() * (loss_scale * share)).backward()
+                losses.append(micro_losses.detach())
+        all_losses = torch.cat(losses)
+        loss = all_losses.float().mean()
+        if measured:
+            grad_sqnorm = micro_sqnorms[0] if len(sizes) == 1 else self._accumulated_grad_sqnorm(loss_scale)
+            row = self._measure(all_losses, torch.cat(sqnorms), grad_sqnorm, batch_size)
+            row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
+        else:
+            row = {"loss": loss.item(), "measured": False}
+        if self.hessian_every and self.step % self.hessian_every == 0:
+            row |= self._hessian(*micro_batches[0])
+        self.examples_seen += batch_size
+        self._record({"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
+                      "micro_batches": len(sizes), **row})
+        self.step += 1
+        return loss.detach()
+
+    @property
+    def last_row(self) -> dict[str, Any]:
+        """The history row of the latest step."""
+        return self._rows[-1]
+
+    def _accumulated_grad_sqnorm(self, loss_scale: float) -> torch.Tensor:
+        """|gbar|^2 of the batch: the squared norm of the accumulated p.grad, unscaled, in float64."""
+        total = sum(p.grad.double().square().sum() for p in self.model.parameters()
+                    if p.requires_grad and p.grad is not None)
+        return total / loss_scale**2
+
+    def _two_batch(self, micro_sqnorms: list[torch.Tensor], sizes: list[int], grad_sqnorm: torch.Tensor) -> dict:
+        """Two-batch estimate (B_small = b, B_big = B) when there are >= 2 micro-batches of one size b."""
+        if len(sizes) < 2 or len(set(sizes)) > 1 or not torch.isfinite(grad_sqnorm):
+            return {}
+        small = torch.stack([value.double() for value in micro_sqnorms])
+        estimate = two_batch_noise_scale(small, sizes[0], grad_sqnorm, sum(sizes))
+        self.two_batch_average.update_estimate(estimate)
+        return {
+            "grad_sqnorm_two_batch": estimate.grad_sqnorm,
+            "trace_sigma_two_batch": estimate.trace_sigma,
+            "b_simple_two_batch": self.two_batch_average.b_simple,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"two_batch_average": self.two_batch_average.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.two_batch_average.load_state_dict(state["two_batch_average"])
+
+
+class AdaptiveTrainer:
+    """SGD-style training whose batch size follows a schedule, a noise-scale policy or a constant (module docstring).
+
+    Args:
+        model: the model (already on ``device``).
+        loss_fn: ``loss_fn(outputs, targets)`` -> per-example losses (B,); the training loss is their mean.
+        optimizer: any torch optimizer over the model's parameters.
+        dataset: a map-style dataset of (inputs, targets); a TensorDataset is indexed in one call.
+        batch_size, schedule, policy: where B comes from -- exactly one of them.
+        max_micro_batch: the most examples in one forward/backward (None: the whole batch).
+        lr_coupling: with ``policy``, how the learning rate follows a change of B: one of COUPLING_RULES.
+        monitor_options: keyword arguments of :class:`~noisescale.monitor.NoiseScaleMonitor` (backend,
+            measure_every, ema_decay, hessian_every, ...).
+        device: where batches are moved (default: the device of the model's first parameter).
+        amp: "none", "bf16" (autocast) or "fp16" (autocast and a GradScaler; CUDA only).
+        seed: seed of the sampler's shuffling.
+        progress: show a tqdm bar in :meth:`train`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        dataset: Dataset,
+        *,
+        batch_size: int | None = None,
+        schedule: BatchSizeSchedule | None = None,
+        policy: NoiseScaleBatchPolicy | None = None,
+        max_micro_batch: int | None = None,
+        lr_coupling: str = "none",
+        monitor_options: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        amp: str = "none",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        sources = {"batch_size": batch_size, "schedule": schedule, "policy": policy}
+        given = [name for name, value in sources.items() if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of batch_size, schedule, policy; got {given or 'none'}")
+        if schedule is not None and not isinstance(schedule, BatchSizeSchedule):
+            raise TypeError(f"schedule must be a BatchSizeSchedule, got {type(schedule).__name__}")
+        if policy is not None and not isinstance(policy, NoiseScaleBatchPolicy):
+            raise TypeError(f"policy must be a NoiseScaleBatchPolicy, got {type(policy).__name__}")
+        if lr_coupling not in COUPLING_RULES:
+            raise ValueError(f"lr_coupling must be one of {COUPLING_RULES}, got {lr_coupling!r}")
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        self.model, self.optimizer, self.dataset = model, optimizer, dataset
+        self.schedule, self.policy, self.lr_coupling = schedule, policy, lr_coupling
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device (GradScaler), got device {self.device}")
+        self.amp = amp
+        self.grad_scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.max_micro_batch = None if max_micro_batch is None else check_int(max_micro_batch, "max_micro_batch", 1)
+        num_examples = len(dataset)
+        first_batch = self._check_largest_batch(batch_size, num_examples)
+        self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed)
+        self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **(monitor_options or {}))
+        self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
+        self.steps = 0
+        self.seconds = 0.0
+        self.progress = progress
+        self._rows: list[dict[str, Any]] = []
+
+    def _check_largest_batch(self, batch_size: int | None, num_examples: int) -> int:
+        """The first batch size; the largest one any source can ask for must fit in the dataset."""
+        if batch_size is not None:
+            first = largest = check_int(batch_size, "batch_size", 1)
+        elif self.policy is not None:
+            first, largest = self.policy.batch_size, self.policy.max_batch_size
+        else:
+            epochs = [0.0, *self.schedule.milestones]
+            first, largest = self.schedule.at(0.0).batch_size, max(self.schedule.at(e).batch_size for e in epochs)
+        if largest > num_examples:
+            raise ValueError(f"the batch size can reach {largest} but the dataset has only {num_examples} examples; "
+                             "lower batch_size or the schedule's / policy's max_batch_size")
+        return first
+
+    # ------------------------------------------------------------------ one step
+    @property
+    def epoch(self) -> float:
+        """Fractional epoch: examples seen / dataset size."""
+        return self.sampler.epoch
+
+    def _learning_rates(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _set_learning_rates(self, rates: list[float]) -> None:
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+
+    def _batch_size_for_step(self) -> int:
+        """B for the coming step; a schedule also sets the learning rates (base rates times eps / eps_0)."""
+        if self.schedule is not None:
+            batch_size, rate = self.schedule.at(self.epoch)
+            factor = rate / self.schedule.base_learning_rate
+            self._set_learning_rates([base * factor for base in self.base_learning_rates])
+            return batch_size
+        if self.policy is not None:
+            return self.policy.batch_size
+        return self.sampler.batch_size
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step on the next batch; returns its history row."""
+        started = time.perf_counter()
+        batch_size = self._batch_size_for_step()
+        self.sampler.set_batch_size(batch_size)
+        inputs, targets = _fetch(self.dataset, next(iter(self.sampler)))
+        inputs, targets = _to_device(inputs, self.device), _to_device(targets, self.device)
+        self._accumulate_with_retry(inputs, targets, batch_size)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        learning_rate = self._learning_rates()[0]
+        if self.policy is not None:
+            self._follow_policy(batch_size)
+        self.steps += 1
+        self.seconds += time.perf_counter() - started
+        row = {**self.monitor.last_row, "epoch": self.epoch, "learning_rate": learning_rate,
+               "micro_batch_size": min(self.max_micro_batch or batch_size, batch_size), "seconds": self.seconds}
+        self._rows.append(row)
+        return row
+
+    def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int) -> torch.Tensor:
+        """Accumulate the batch's gradient; on out-of-memory halve max_micro_batch and run the step again."""
+        self.optimizer.zero_grad(set_to_none=True)
+        rng_state = _rng_state(self.device)
+        while True:
+            sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
+            micro_batches = list(zip(_split(inputs, sizes), _split(targets, sizes)))
+            scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+            try:
+                with self._autocast():
+                    return self.monitor.accumulate(micro_batches, loss_scale=scale)
+            except Exception as error:
+                if not is_out_of_memory(error) or max(sizes) == 1:
+                    raise
+                self.max_micro_batch = max(1, max(sizes) // 2)
+                warnings.warn(f"step {self.steps}: out of memory with micro-batches of {max(sizes)}; retrying the "
+                              f"step with max_micro_batch={self.max_micro_batch}", RuntimeWarning, stacklevel=3)
+                del micro_batches, error
+                self.optimizer.zero_grad(set_to_none=True)
+                _set_rng_state(rng_state, self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _autocast(self):
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _follow_policy(self, batch_size: int) -> None:
+        """Feed the policy the smoothed B_simple; couple the learning rates when it changes B."""
+        average = self.monitor.average
+        noise_scale = average.b_simple if average.num_updates else math.nan
+        new_batch_size = self.policy.step(noise_scale)
+        if new_batch_size != batch_size:
+            self._set_learning_rates([
+                couple_learning_rate(rate, batch_size, new_batch_size, self.lr_coupling,
+                                     trace_sigma=average.trace_sigma, grad_sqnorm=average.grad_sqnorm)
+                for rate in self._learning_rates()
+            ])
+
+    # ------------------------------------------------------------------ loops and results
+    def train(self, epochs: float, *, callback: Callable[[AdaptiveTrainer], None] | None = None) -> pd.DataFrame:
+        """Take steps until ``epochs`` epochs in total have been seen (a resumed run continues to the same
+        total); ``callback(trainer)`` after every completed epoch. Returns the history."""
+        epochs = check_real(epochs, "epochs")
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
+        total = len(self.dataset)
+        with tqdm(total=round(epochs * total), initial=min(self.sampler.examples_seen, round(epochs * total)),
+                  unit="ex", desc="train", disable=not self.progress) as bar:
+            while self.epoch < epochs:
+                completed = int(self.epoch)
+                row = self.step()
+                bar.update(min(row["batch_size"], bar.total - bar.n))
+                bar.set_postfix(B=row["batch_size"], lr=f"{row['learning_rate']:.3g}", loss=f"{row['loss']:.3f}")
+                if callback is not None and int(self.epoch) > completed:
+                    callback(self)
+        return self.history
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per optimizer step: step, epoch, examples_seen, batch_size, micro_batches, micro_batch_size,
+        learning_rate (used by the step), loss, seconds (training wall-clock so far), and the monitor's columns
+        (b_simple, trace_sigma, grad_sqnorm, ..., b_simple_two_batch when micro-batches were used)."""
+        return pd.DataFrame(self._rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue identically (save with torch.save)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "monitor": self.monitor.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "base_learning_rates": list(self.base_learning_rates),
+            "max_micro_batch": self.max_micro_batch,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "history": list(self._rows),
+            "rng": _rng_state(self.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; the trainer must be built with the same kind of batch-size source."""
+        for name in ("policy", "schedule"):
+            if (state[name] is None) != (getattr(self, name) is None):
+                raise ValueError(f"the checkpoint was saved {'with' if state[name] is not None else 'without'} a "
+                                 f"{name}, this trainer has {'one' if getattr(self, name) is not None else 'none'}")
+        if self.schedule is not None and state["schedule"] != self.schedule.state_dict():
+            raise ValueError(f"the checkpoint's schedule {state['schedule']} differs from this trainer's "
+                             f"{self.schedule.state_dict()}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+        self.monitor.load_state_dict(state["monitor"])
+        if self.grad_scaler is not None and state["grad_scaler"] is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.base_learning_rates = list(state["base_learning_rates"])
+        self.max_micro_batch = state["max_micro_batch"]
+        self.steps = int(state["steps"])
+        self.seconds = float(state["seconds"])
+        self._rows = list(state["history"])
+        _set_rng_state(state["rng"], self.device)
+
+    def close(self) -> None:
+        """Remove the monitor's hooks from the model."""
+        self.monitor.close()
+
+    def __enter__(self) -> AdaptiveTrainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _fetch(dataset: Dataset, indices: list[int]) -> tuple[Any, Any]:
+    """The batch at ``indices`` as (inputs, targets): one indexing call for a TensorDataset, else collated items."""
+    if isinstance(dataset, TensorDataset):
+        inputs, targets = dataset[torch.tensor(indices)]
+        return inputs, targets
+    inputs, targets = default_collate([dataset[index] for index in indices])
+    return inputs, targets
+
+
+def _split(value: Any, sizes: list[int]) -> list[Any]:
+    """Micro-batches of a tensor or a tuple of tensors along dim 0."""
+    if isinstance(value, tuple):
+        return list(zip(*(torch.split(part, sizes) for part in value)))
+    return list(torch.split(value, sizes))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, tuple):
+        return tuple(part.to(device) for part in value)
+    return value.to(device)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------- the `noisescale train` job
+
+TRAIN_MODES = ("fixed", "lr-decay", "batch-increase", "hybrid", "noise-adaptive")
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What ``noisescale train`` reports: final test accuracy, optimizer steps, examples seen, wall-clock."""
+
+    mode: str
+    test_accuracy: float
+    steps: int
+    examples_seen: int
+    seconds: float
+    final_batch_size: int
+    history_csv: Path
+    evaluations_csv: Path
+    figure_png: Path
+
+    def __str__(self) -> str:
+        return (f"{self.mode}: test accuracy {self.test_accuracy:.4f} after {self.steps} optimizer steps, "
+                f"{self.examples_seen} examples, final batch size {self.final_batch_size}, "
+                f"{self.seconds:.1f} s of training")
+
+
+def make_batch_size_source(
+    mode: str,
+    *,
+    epochs: float,
+    batch_size: int,
+    max_batch_size: int,
+    learning_rate: float,
+    milestones: list[float] | None = None,
+    decay_factor: float = 0.2,
+    kappa: float = 1.0,
+    hold_steps: int = 10,
+) -> dict[str, Any]:
+    """``{"schedule": BatchSizeSchedule}`` or ``{"policy": NoiseScaleBatchPolicy}`` for a TRAIN_MODES name.
+
+    Default milestones: 30 %, 55 % and 80 % of the epochs with decay_factor 0.2 (factor-5 stages as in the
+    MNIST replication of Smith et al., seed 004). noise-adaptive grows B to kappa * B_simple, at most doubling
+    every ``hold_steps`` steps, between ``batch_size`` and ``max_batch_size``.
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"mode must be one of {TRAIN_MODES}, got {mode!r}")
+    if mode == "noise-adaptive":
+        return {"policy": NoiseScaleBatchPolicy(batch_size, min_batch_size=batch_size, max_batch_size=max_batch_size,
+                                                kappa=kappa, hold_steps=hold_steps)}
+    if milestones is None:
+        milestones = [round(epochs * share, 3) for share in (0.3, 0.55, 0.8)]
+    return {"schedule": BatchSizeSchedule(mode, base_learning_rate=learning_rate, base_batch_size=batch_size,
+                                          milestones=[] if mode == "fixed" else milestones,
+                                          decay_factor=decay_factor, max_batch_size=max_batch_size)}
+
+
+def run_train(
+    *,
+    mode: str,
+    model_spec: str | None = None,
+    data: str | None = None,
+    epochs: float = 10.0,
+    batch_size: int = 32,
+    max_batch_size: int = 1024,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    milestones: list[float] | None = None,
+    decay_factor: float = 0.2,
+    kappa: float = 1.0,
+    lr_coupling: str = "none",
+    max_micro_batch: int | None = None,
+    train_examples: int | None = None,
+    device: str = "auto",
+    amp: str = "none",
+    checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
+    out_dir: str | Path = "runs/train",
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train a model (default LeNet-5 on Fashion-MNIST) with SGD + momentum in one of TRAIN_MODES; evaluate on
+    the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given."""
+    from noisescale.data import load_fashion_mnist
+    from noisescale.jobs import evaluate_accuracy, load_model_factory, per_example_cross_entropy, resolve_device
+    from noisescale.plot import plot_training_curves, save_figure
+
+    torch.manual_seed(seed)
+    target_device = resolve_device(device)
+    train_set, test_set = load_fashion_mnist(data)
+    if train_examples is not None:
+        check_int(train_examples, "train_examples", 2)
+        train_set = TensorDataset(*(tensor[:train_examples] for tensor in train_set.tensors))
+    model = load_model_factory(model_spec)().to(target_device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
+                                    learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
+                                    kappa=kappa)
+    trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train_set, **source,
+                              max_micro_batch=max_micro_batch, lr_coupling=lr_coupling, device=target_device,
+                              amp=amp, seed=seed, progress=progress)
+    evaluations: list[dict[str, Any]] = []
+    if resume is not None:
+        state = torch.load(resume, map_location=target_device, weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        evaluations = list(state["evaluations"])
+
+    def after_epoch(trainer: AdaptiveTrainer) -> None:
+        row = trainer.history.iloc[-1]
+        evaluations.append({"epoch": trainer.epoch, "step": trainer.steps, "examples_seen": int(row["examples_seen"]),
+                            "seconds": trainer.seconds, "batch_size": int(row["batch_size"]),
+                            "learning_rate": float(row["learning_rate"]),
+                            "test_accuracy": evaluate_accuracy(model, test_set, target_device)})
+        if checkpoint is not None:
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
+
+    with trainer:
+        history = trainer.train(epochs, callback=after_epoch)
+    if not evaluations or evaluations[-1]["step"] != trainer.steps:
+        after_epoch(trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history.insert(0, "mode", mode)
+    history_csv = out_dir / f"train_{mode}_history.csv"
+    history.to_csv(history_csv, index=False)
+    evaluations_frame = pd.DataFrame(evaluations).assign(mode=mode)
+    evaluations_csv = out_dir / f"train_{mode}_evaluations.csv"
+    evaluations_frame.to_csv(evaluations_csv, index=False)
+    figure_png = save_figure(plot_training_curves(history, evaluations_frame), out_dir / f"train_{mode}.png")
+    return TrainOutcome(mode=mode, test_accuracy=evaluations[-1]["test_accuracy"], steps=trainer.steps,
+                        examples_seen=trainer.sampler.examples_seen, seconds=trainer.seconds,
+                        final_batch_size=int(history["batch_size"].iloc[-1]), history_csv=history_csv,
+                        evaluations_csv=evaluations_csv, figure_png=figure_png)

@@ -1,0 +1,298 @@
+"""AdaptiveTrainer: accumulation equals the big batch, exact resume, OOM retry, B <= B_max, every example once per
+epoch, the schedules' B and LR, the noise-adaptive policy, and the `noisescale train` command."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from noisescale.cli import main
+from noisescale.controller import BatchSizeSchedule, NoiseScaleBatchPolicy
+from noisescale.training import AdaptiveTrainer, is_out_of_memory
+
+
+def per_example_cross_entropy(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def per_example_squared_error(outputs, targets):
+    return (outputs.squeeze(1) - targets).square()
+
+
+def classification_data(n: int = 96, features: int = 6, classes: int = 3, seed: int = 0,
+                        dtype=torch.float64) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, features, generator=generator, dtype=dtype)
+    weights = torch.randn(features, classes, generator=generator, dtype=dtype)
+    targets = (inputs @ weights + 0.5 * torch.randn(n, classes, generator=generator, dtype=dtype)).argmax(1)
+    return TensorDataset(inputs, targets)
+
+
+def small_net(seed: int = 0, dropout: float = 0.0, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(6, 8), torch.nn.Tanh()]
+    if dropout:
+        layers.append(torch.nn.Dropout(dropout))  # consumes the global RNG: resume must restore it
+    layers.append(torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def make_trainer(model, dataset, *, lr=0.1, momentum=0.0, loss_fn=per_example_cross_entropy, **options):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    options.setdefault("progress", False)
+    return AdaptiveTrainer(model, loss_fn, optimizer, dataset, **options)
+
+
+def parameters_of(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def test_accumulated_micro_batches_give_the_full_batch_gradient_and_noise_scale():
+    """One SGD step (lr 1) with micro-batches [5, 4, 4, 4] moves the parameters by the full batch's mean
+    gradient; the recorded |G|^2 and tr(Sigma) equal a naive per-example loop over the whole batch."""
+    dataset = classification_data()
+    model = small_net()
+    start = parameters_of(model)
+    trainer = make_trainer(model, dataset, lr=1.0, batch_size=17, max_micro_batch=5, seed=3)
+    indices = next(iter(type(trainer.sampler)(len(dataset), 17, seed=3)))
+    row = trainer.step()
+    assert row["micro_batches"] == 4
+
+    reference = small_net()
+    inputs, targets = dataset[torch.tensor(indices)]
+    per_example = []
+    for x, y in zip(inputs, targets):
+        grads = torch.autograd.grad(per_example_cross_entropy(reference(x[None]), y[None]).sum(),
+                                    list(reference.parameters()))
+        per_example.append(torch.cat([g.reshape(-1) for g in grads]))
+    per_example = torch.stack(per_example)
+    mean_gradient = per_example.mean(0)
+    offset = 0
+    for before, after in zip(start, model.parameters()):
+        size = before.numel()
+        torch.testing.assert_close(after.detach(), before - mean_gradient[offset:offset + size].view_as(before),
+                                   rtol=0, atol=1e-13)
+        offset += size
+    batch = 17
+    trace_sigma = batch / (batch - 1) * (per_example.square().sum(1).mean() - mean_gradient.square().sum())
+    grad_sqnorm = mean_gradient.square().sum() - trace_sigma / batch
+    assert row["trace_sigma"] == pytest.approx(trace_sigma.item(), rel=1e-10)
+    assert row["grad_sqnorm"] == pytest.approx(grad_sqnorm.item(), rel=1e-10)
+    assert "trace_sigma_two_batch" not in row  # unequal micro-batches: no two-batch estimate
+
+
+def test_two_batch_estimate_from_equal_micro_batches_matches_a_naive_reference():
+    """Micro-batches of 4 in a batch of 16: tr(Sigma) = (mean_k |g_k|^2 - |g|^2) / (1/4 - 1/16) and
+    |G|^2 = (16 |g|^2 - 4 mean_k |g_k|^2) / 12, with g_k the micro-batch mean gradients computed naively."""
+    dataset = classification_data()
+    trainer = make_trainer(small_net(), dataset, batch_size=16, max_micro_batch=4, seed=1)
+    indices = next(iter(type(trainer.sampler)(len(dataset), 16, seed=1)))
+    row = trainer.step()
+    reference = small_net()
+    inputs, targets = dataset[torch.tensor(indices)]
+
+    def mean_gradient(x, y):
+        grads = torch.autograd.grad(per_example_cross_entropy(reference(x), y).mean(), list(reference.parameters()))
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    micro = torch.stack([mean_gradient(inputs[k:k + 4], targets[k:k + 4]) for k in range(0, 16, 4)])
+    small, big = micro.square().sum(1).mean(), micro.mean(0).square().sum()
+    assert row["trace_sigma_two_batch"] == pytest.approx(((small - big) / (1 / 4 - 1 / 16)).item(), rel=1e-10)
+    assert row["grad_sqnorm_two_batch"] == pytest.approx(((16 * big - 4 * small) / 12).item(), rel=1e-10)
+
+
+# --------------------------------------------------------------------------- checkpoints and faults
+
+
+def noise_adaptive_trainer(seed_of_model: int = 0):
+    model = small_net(seed_of_model, dropout=0.2)
+    policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=32, hold_steps=2, kappa=2.0)
+    trainer = make_trainer(model, classification_data(), lr=0.2, momentum=0.9, policy=policy,
+                           lr_coupling="sqrt", max_micro_batch=6, seed=5)
+    return model, trainer
+
+
+def test_resume_from_a_checkpoint_continues_the_run_identically():
+    model, trainer = noise_adaptive_trainer()
+    trainer.train(epochs=3)
+    assert trainer.history["batch_size"].nunique() > 1  # the policy changed B during the run
+
+    interrupted_model, interrupted = noise_adaptive_trainer()
+    interrupted.train(epochs=1.5)
+    buffer = io.BytesIO()
+    torch.save(interrupted.state_dict(), buffer)
+    torch.rand(7)  # the global RNG moves on in between; the checkpoint restores it
+    resumed_model, resumed = noise_adaptive_trainer(seed_of_model=1)  # different initial weights
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.train(epochs=3)
+    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(expected, actual)
+    pd.testing.assert_frame_equal(trainer.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
+
+
+class FailsOnce(torch.nn.Module):
+    """Wraps a model; the first forward of a batch larger than ``limit`` raises a CUDA-style OOM error."""
+
+    def __init__(self, inner: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.inner, self.limit, self.failures = inner, limit, 0
+
+    def forward(self, inputs):
+        if inputs.shape[0] > self.limit and self.failures == 0:
+            self.failures += 1
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return self.inner(inputs)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_repeats_the_step():
+    schedule = BatchSizeSchedule("batch-increase", base_learning_rate=0.1, base_batch_size=8, milestones=[1.0],
+                                 decay_factor=0.5, max_batch_size=16)
+    faulty = FailsOnce(small_net(dropout=0.3), limit=4)
+    trainer = make_trainer(faulty, classification_data(), momentum=0.9, schedule=schedule, max_micro_batch=8)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        trainer.train(epochs=2)
+    assert faulty.failures == 1 and trainer.max_micro_batch == 4
+
+    clean = FailsOnce(small_net(dropout=0.3), limit=10**9)  # starts where the faulty run ended up
+    reference = make_trainer(clean, classification_data(), momentum=0.9, schedule=BatchSizeSchedule(
+        **schedule.state_dict()), max_micro_batch=4)
+    reference.train(epochs=2)
+    for expected, actual in zip(clean.parameters(), faulty.parameters()):
+        assert torch.equal(expected, actual)
+    assert trainer.steps == reference.steps and trainer.sampler.examples_seen == reference.sampler.examples_seen
+    assert trainer.monitor.step == trainer.steps  # the failed attempt left no history row
+
+
+def test_out_of_memory_is_recognised_and_other_errors_pass_through():
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    trainer = make_trainer(FailsOnce(small_net(), limit=0), classification_data(), batch_size=1)
+    with pytest.raises(RuntimeError, match="out of memory"):  # a micro-batch of 1 cannot be halved
+        trainer.step()
+
+
+# --------------------------------------------------------------------------- batch sizes and data order
+
+
+class IndexLogging(Dataset):
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset, self.seen = dataset, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.seen.append(index)
+        return self.dataset[index]
+
+
+def regression_data(noise: float, n: int = 256, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    targets = inputs @ torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=torch.float64)
+    return TensorDataset(inputs, targets + noise * torch.randn(n, generator=generator, dtype=torch.float64))
+
+
+def linear_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 1).double()
+
+
+def test_noise_adaptive_batch_stays_within_b_max_and_every_example_is_seen_once_per_epoch():
+    dataset = IndexLogging(regression_data(noise=3.0))
+    policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=48, hold_steps=1, max_factor=2.0)
+    trainer = make_trainer(linear_model(), dataset, loss_fn=per_example_squared_error, lr=0.05, policy=policy,
+                           max_micro_batch=16)
+    trainer.train(epochs=4)
+    sizes = trainer.history["batch_size"]
+    assert sizes.max() == 48 and (sizes <= 48).all()  # reaches B_max, never exceeds it
+    assert (sizes.diff().dropna() >= 0).all()
+    assert sum(sizes) == len(dataset.seen) == trainer.sampler.examples_seen
+    for epoch in range(4):
+        assert sorted(dataset.seen[epoch * 256:(epoch + 1) * 256]) == list(range(256))
+
+
+def test_noise_adaptive_follows_the_measured_noise_scale():
+    """Noisy targets keep tr(Sigma) large while |G|^2 shrinks: B_simple grows and B follows it; every change
+    is the policy's target for the smoothed B_simple of that step, and the linear coupling keeps eps / B."""
+    finals = {}
+    for noise in (0.05, 3.0):
+        policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=128, hold_steps=3, max_factor=2.0)
+        trainer = make_trainer(linear_model(), regression_data(noise), loss_fn=per_example_squared_error, lr=0.02,
+                               policy=policy, lr_coupling="linear")
+        history = trainer.train(epochs=3)
+        changes = history.index[history["batch_size"].diff() > 0]
+        for index in changes:
+            before = history.loc[index - 1]
+            assert history.loc[index, "batch_size"] == policy.target_batch_size(int(before["batch_size"]),
+                                                                                before["b_simple"])
+        ratio = history["learning_rate"] / history["batch_size"]
+        assert ratio.to_numpy() == pytest.approx(0.02 / 4, rel=1e-12)
+        finals[noise] = history["batch_size"].iloc[-1]
+    assert finals[3.0] >= 2 * finals[0.05] and finals[3.0] > 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [  # (B, eps) in the epochs [0, 1), [1, 2), [2, 3) with B_0 = 4, eps_0 = 0.1, f = 1/4, B_max = 32
+        ("fixed", [(4, 0.1), (4, 0.1), (4, 0.1)]),
+        ("lr-decay", [(4, 0.1), (4, 0.025), (4, 0.00625)]),
+        ("batch-increase", [(4, 0.1), (16, 0.1), (32, 0.05)]),
+        ("hybrid", [(4, 0.1), (8, 0.05), (16, 0.025)]),
+    ],
+)
+def test_each_schedule_sets_batch_size_and_learning_rate_by_epoch(mode, expected):
+    schedule = BatchSizeSchedule(mode, base_learning_rate=0.1, base_batch_size=4,
+                                 milestones=[] if mode == "fixed" else [1.0, 2.0], decay_factor=0.25,
+                                 max_batch_size=32)
+    dataset = classification_data(n=64)
+    trainer = make_trainer(small_net(), dataset, lr=0.1, schedule=schedule, max_micro_batch=8)
+    history = trainer.train(epochs=3)
+    epoch_before_step = (history["examples_seen"] - history["batch_size"]) / len(dataset)
+    for stage, (batch_size, learning_rate) in enumerate(expected):
+        rows = history[epoch_before_step.floordiv(1) == stage]
+        assert len(rows) > 0
+        assert (rows["batch_size"] == batch_size).all()
+        assert rows["learning_rate"].to_numpy() == pytest.approx(learning_rate, rel=1e-12)
+
+
+def test_bad_arguments_are_rejected_with_the_cause():
+    dataset = classification_data(n=32)
+    with pytest.raises(ValueError, match="exactly one of batch_size, schedule, policy"):
+        make_trainer(small_net(), dataset)
+    with pytest.raises(ValueError, match="dataset has only 32"):
+        make_trainer(small_net(), dataset, policy=NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=64))
+    with pytest.raises(ValueError, match="lr_coupling"):
+        make_trainer(small_net(), dataset, batch_size=4, lr_coupling="cubic")
+    with pytest.raises(ValueError, match="fp16"):
+        make_trainer(small_net(), dataset, batch_size=4, amp="fp16", device="cpu")
+    with pytest.raises(ValueError, match="epochs"):
+        make_trainer(small_net(), dataset, batch_size=4).train(epochs=math.nan)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_train_command_runs_checkpoints_and_resumes(tmp_path, capsys):
+    common = ["train", "--schedule", "batch-increase", "--model", "noisescale.models:mlp", "--train-examples", "256", "--batch-size", "16", "--max-batch-size", "128", "--milestones", "1",
+              "--max-micro-batch", "32", "--no-progress", "--device", "cpu"]
+    assert main([*common, "--epochs", "1", "--checkpoint", str(tmp_path / "run.pt"), "--out", str(tmp_path)]) == 0
+    assert main([*common, "--epochs", "2", "--resume", str(tmp_path / "run.pt"), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "batch-increase: test accuracy" in printed and "optimizer steps" in printed
+    history = pd.read_csv(tmp_path / "train_batch-increase_history.csv")
+    # 16 steps of 16 examples in epoch 0, then B = 80 (16 / 0.2) from epoch 1 on
+    assert list(history["batch_size"].iloc[:16]) == [16] * 16 and set(history["batch_size"].iloc[16:]) == {80}
+    evaluations = pd.read_csv(tmp_path / "train_batch-increase_evaluations.csv")
+    assert len(evaluations) == 2 and evaluations["test_accuracy"].between(0, 1).all()
+    assert (tmp_path / "train_batch-increase.png").stat().st_size > 10_000
