@@ -183,13 +183,14 @@ def plot_noise_scale_vs_b_crit(frame: pd.DataFrame, fit: TradeoffFit, ax: Axes |
 
     McCandlish et al. (2018) predict B_crit ~ B_noise: the points should lie near the band.
     """
+    from noisescale.sweep import best_learning_rate_cells
+
     figure, ax = _figure_and_axes(ax)
     reached = frame[frame["outcome"] == "reached"]
-    best = reached.sort_values(["steps", "learning_rate"]).groupby("batch_size").head(1)
+    best = best_learning_rate_cells(frame)  # sorted by batch size
     for column, colour, label in (("b_simple", "tab:blue", "B_simple"), ("b_noise", "tab:red", "B_noise")):
         ax.scatter(reached["batch_size"], reached[column], color=colour, alpha=0.25, s=18)
-        ordered = best.sort_values("batch_size")
-        ax.plot(ordered["batch_size"], ordered[column], "o-", color=colour, label=f"{label} at the target (best lr)")
+        ax.plot(best["batch_size"], best[column], "o-", color=colour, label=f"{label} at the target (best lr)")
     low, high = fit.b_crit_interval
     ax.axhspan(low, high, color="tab:gray", alpha=0.2, label=f"B_crit interval ({fit.confidence:.0%})")
     ax.axhline(fit.b_crit, color="black", linestyle="--", label=f"fitted B_crit = {fit.b_crit:.3g}")
@@ -197,6 +198,7 @@ def plot_noise_scale_vs_b_crit(frame: pd.DataFrame, fit: TradeoffFit, ax: Axes |
     ax.set_xlabel("batch size B of the run")
     ax.set_ylabel("noise scale / B_crit (examples)")
     ax.legend(loc="best", fontsize="small")
+    return figure
 
 
 def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Figure:

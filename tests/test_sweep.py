@@ -102,6 +102,26 @@ def test_fit_uses_the_best_learning_rate_per_batch_size(tiny_sweep):
     assert fit.b_crit_interval[0] <= fit.b_crit <= fit.b_crit_interval[1]
 
 
+def test_noise_scale_plot_returns_its_figure_with_the_best_cells_and_the_b_crit_band(tiny_sweep, tmp_path):
+    from matplotlib.figure import Figure
+
+    from noisescale.plot import plot_noise_scale_vs_b_crit, save_figure
+
+    _, frame = tiny_sweep
+    fit = fit_sweep(frame, n_bootstrap=50)
+    best = best_learning_rate_cells(frame)
+    figure = plot_noise_scale_vs_b_crit(frame, fit)
+    assert isinstance(figure, Figure)
+    (ax,) = figure.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for column, label in (("b_simple", "B_simple"), ("b_noise", "B_noise")):
+        drawn = lines[f"{label} at the target (best lr)"]
+        np.testing.assert_array_equal(drawn.get_xdata(), best["batch_size"])
+        np.testing.assert_array_equal(drawn.get_ydata(), best[column])
+    assert lines[f"fitted B_crit = {fit.b_crit:.3g}"].get_ydata()[0] == fit.b_crit
+    assert save_figure(figure, tmp_path / "noise_vs_b_crit.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_sweep_on_a_finished_file_trains_nothing_and_prints_the_fit(tiny_sweep, capsys, monkeypatch):
     path, frame = tiny_sweep
     monkeypatch.setattr(sweep, "train_cell", lambda *args, **kw: pytest.fail("a finished cell was retrained"))
