@@ -21,6 +21,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_and_data_arguments(parser) -> None:
+    """--model and --data, shared by the commands that train on Fashion-MNIST-shaped data."""
+    parser.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                        help="a callable returning an nn.Module for 1x28x28 images and 10 classes "
+                        "(default: noisescale.models:lenet5)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="a directory of Fashion-MNIST/MNIST IDX files (default: the Debian copy when "
+                        "installed, else the subset shipped with noisescale)")
+
+
+def _add_run_arguments(parser, *, out: str) -> None:
+    """--device, --out, --seed and --no-progress, shared by the commands that run a training job."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--out", default=out, help="output folder for the CSV and PNG")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def _add_measure_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "measure",
@@ -28,22 +46,14 @@ def _add_measure_command(subparsers) -> None:
         description="Train a model for a few hundred steps while measuring B_simple every step and B_noise "
         "periodically; print the summary and write the history (CSV) and a figure (PNG).",
     )
-    parser.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
-                        help="a callable returning an nn.Module for 1x28x28 images and 10 classes "
-                        "(default: noisescale.models:lenet5)")
-    parser.add_argument("--data", default=None, metavar="DIR",
-                        help="a directory of Fashion-MNIST/MNIST IDX files (default: the Debian copy when "
-                        "installed, else the subset shipped with noisescale)")
+    _add_model_and_data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--backend", default="auto", choices=["auto", "ghost", "vmap"],
                         help="per-example gradient norm backend")
     parser.add_argument("--hessian-every", type=int, default=50, help="steps between B_noise measurements (0: never)")
-    parser.add_argument("--out", default="runs/measure", help="output folder for the CSV and PNG")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_run_arguments(parser, out="runs/measure")
     parser.set_defaults(run=_run_measure)
 
 
@@ -231,12 +241,7 @@ def _add_train_command(subparsers) -> None:
     )
     parser.add_argument("--schedule", required=True,
                         choices=["fixed", "lr-decay", "batch-increase", "hybrid", "noise-adaptive"])
-    parser.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
-                        help="a callable returning an nn.Module for 1x28x28 images and 10 classes "
-                        "(default: noisescale.models:lenet5)")
-    parser.add_argument("--data", default=None, metavar="DIR",
-                        help="a directory of Fashion-MNIST/MNIST IDX files (default: the Debian copy when "
-                        "installed, else the subset shipped with noisescale)")
+    _add_model_and_data_arguments(parser)
     parser.add_argument("--train-examples", type=int, default=None, metavar="N",
                         help="use only the first N training examples (quick trials)")
     parser.add_argument("--epochs", type=float, default=10.0)
@@ -250,13 +255,10 @@ def _add_train_command(subparsers) -> None:
                         help="noise-adaptive: how the learning rate follows a change of B")
     parser.add_argument("--max-micro-batch", type=int, default=None,
                         help="largest forward/backward; bigger batches accumulate micro-batches")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision on CUDA")
     parser.add_argument("--checkpoint", default=None, metavar="PATH", help="save a checkpoint after every epoch")
     parser.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
-    parser.add_argument("--out", default="runs/train", help="output folder for the CSV and PNG")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_run_arguments(parser, out="runs/train")
     parser.set_defaults(run=_run_train)
 
 
