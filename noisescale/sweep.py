@@ -48,7 +48,9 @@ __all__ = [
     "fit_sweep",
     "geometric_batch_sizes",
     "learning_rate_grid",
+    "noise_scale_at_target",
     "read_sweep_results",
+    "refine_learning_rate_grid",
     "run_sweep",
     "smooth_centered",
     "train_cell",
@@ -437,6 +439,44 @@ def best_learning_rate_cells(frame: pd.DataFrame) -> pd.DataFrame:
         best["lr_at_grid_edge"] = len(tried) > 1 and best["learning_rate"] in (tried[0], tried[-1])
         rows.append(best)
     return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def refine_learning_rate_grid(frame: pd.DataFrame, factor: float = 2.0) -> dict[int, tuple[float, ...]]:
+    """Per batch size, the learning rates tried plus one more past the grid's edge where the best one sits.
+
+    Where the fewest steps came from the smallest (largest) learning rate tried, the optimum may lie outside the
+    grid and the steps to target are overestimated; this adds best / ``factor`` (best * ``factor``). Batch sizes
+    whose best learning rate is inside the grid, or with one learning rate tried, or none reaching the target,
+    keep their grid. Pass the result to :func:`run_sweep` (finished cells are skipped) and repeat until it
+    returns the grids already tried.
+    """
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+        raise ValueError(f"factor must be a finite number > 1, got {factor!r}")
+    best = best_learning_rate_cells(frame).set_index("batch_size")
+    grids = {}
+    for size, group in frame.groupby("batch_size", sort=True):
+        tried = sorted(group["learning_rate"].unique())
+        if size in best.index and best.loc[size, "lr_at_grid_edge"]:
+            best_rate = best.loc[size, "learning_rate"]
+            tried.append(best_rate * factor if best_rate == tried[-1] else best_rate / factor)
+        grids[int(size)] = tuple(sorted(float(f"{rate:.6g}") for rate in tried))
+    return grids
+
+
+def noise_scale_at_target(best: pd.DataFrame) -> dict[str, float]:
+    """Medians of B_simple and B_noise at the target over the best-learning-rate cells, each over its finite values.
+
+    B_noise is infinite where the unbiased G^T H G estimate came out <= 0 (the curvature-weighted gradient
+    unresolved against its noise at the batch measured): such cells are counted in ``b_noise_unresolved`` and
+    left out of the median rather than dragging it up. NaN when no cell has a finite value.
+    """
+    result: dict[str, float] = {}
+    for column in ("b_simple", "b_noise"):
+        values = best[column].to_numpy(float)
+        finite = values[np.isfinite(values)]
+        result[column] = float(np.median(finite)) if finite.size else math.nan
+        result[f"{column}_unresolved"] = int(values.size - finite.size)
+    return result
 
 
 def fit_sweep(frame: pd.DataFrame, **fit_options: Any):

@@ -19,7 +19,9 @@ from noisescale.sweep import (
     fit_sweep,
     geometric_batch_sizes,
     learning_rate_grid,
+    noise_scale_at_target,
     read_sweep_results,
+    refine_learning_rate_grid,
     run_sweep,
     smooth_centered,
 )
@@ -158,6 +160,52 @@ def test_best_learning_rate_cells_against_a_hand_made_table():
     assert best.cells_reached.tolist() == [2, 2]
     edge = best_learning_rate_cells(table.assign(steps=[200.0, 250.0, np.nan, np.nan, 140.0, 140.0, np.nan, np.nan]))
     assert edge.lr_at_grid_edge.tolist() == [True, False]
+
+
+def test_refined_grid_steps_past_the_edge_where_the_best_learning_rate_sits():
+    table = pd.DataFrame({
+        "batch_size": [8, 8, 8, 16, 16, 16, 32, 32, 64],
+        "learning_rate": [0.01, 0.02, 0.04, 0.02, 0.04, 0.08, 0.04, 0.08, 0.1],
+        "outcome": ["reached", "reached", "diverged", "reached", "reached", "reached", "censored", "censored",
+                    "reached"],
+        "steps": [200.0, 250.0, np.nan, 300.0, 200.0, 150.0, np.nan, np.nan, 90.0],
+    })
+    grids = refine_learning_rate_grid(table)
+    assert grids == {
+        8: (0.005, 0.01, 0.02, 0.04),  # best at the smallest rate tried: one step down
+        16: (0.02, 0.04, 0.08, 0.16),  # best at the largest: one step up
+        32: (0.04, 0.08),  # never reached the target: nothing to go by
+        64: (0.1,),  # a single rate tried has no edge
+    }
+    interior = table.assign(steps=[250.0, 200.0, np.nan, 300.0, 150.0, 200.0, np.nan, np.nan, 90.0])
+    assert refine_learning_rate_grid(interior) == {8: (0.01, 0.02, 0.04), 16: (0.02, 0.04, 0.08), 32: (0.04, 0.08),
+                                                    64: (0.1,)}
+    assert refine_learning_rate_grid(table, factor=4)[16][-1] == 0.32
+    with pytest.raises(ValueError, match="factor must be a finite number > 1"):
+        refine_learning_rate_grid(table, factor=1)
+
+
+def test_refined_grid_resumes_the_sweep_training_only_the_new_cells(tiny_sweep, tmp_path, monkeypatch):
+    path, frame = tiny_sweep
+    copy = tmp_path / "cells.csv"
+    frame.to_csv(copy, index=False)
+    grids = refine_learning_rate_grid(frame)
+    new_cells = sorted((size, lr) for size, grid in grids.items() for lr in grid
+                       if not ((frame.batch_size == size) & (frame.learning_rate == lr)).any())
+    assert new_cells  # the grid [1e-4, 0.01, 0.03] is narrow: some best rate sits at 0.03, its top edge
+    trained = []
+    monkeypatch.setattr(sweep, "train_cell", lambda settings, size, lr, **kw: trained.append((size, lr)) or {
+        **frame.iloc[0].to_dict(), "batch_size": size, "learning_rate": lr})
+    refined = run_sweep(copy, BATCH_SIZES, grids, TINY, progress=False)
+    assert sorted(trained) == new_cells and len(refined) == len(frame) + len(new_cells)
+
+
+def test_noise_scale_at_target_takes_medians_over_finite_values_and_counts_the_rest():
+    best = pd.DataFrame({"b_simple": [10.0, 30.0, 20.0, 40.0], "b_noise": [100.0, np.inf, 300.0, np.nan]})
+    assert noise_scale_at_target(best) == {"b_simple": 25.0, "b_simple_unresolved": 0,
+                                           "b_noise": 200.0, "b_noise_unresolved": 2}
+    unresolved = noise_scale_at_target(best.assign(b_noise=np.inf))
+    assert math.isnan(unresolved["b_noise"]) and unresolved["b_noise_unresolved"] == 4
 
 
 def test_smoothing_and_crossing_against_hand_computation():
