@@ -46,9 +46,11 @@ __all__ = [
     "hessian_vector_product",
     "hutchinson_trace",
     "hessian_noise_scale",
+    "HESSIAN_NOISE_SCALE_MIN_BATCH",
 ]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
+HESSIAN_NOISE_SCALE_MIN_BATCH = 4  # two halves (gradient, Hessian) of at least two examples each
 Parameters = dict[str, Tensor]
 
 
@@ -231,7 +233,7 @@ def hessian_noise_scale(
     gradients (a random subsample drawn with ``generator``); the second half gives the Hessian. Cost:
     num_probes + num_sigma_examples + 1 Hessian-vector products; ``chunk_size`` bounds the vmap batch.
     """
-    batch_size = _check_batch(inputs, targets, minimum=4)
+    batch_size = _check_batch(inputs, targets, minimum=HESSIAN_NOISE_SCALE_MIN_BATCH)
     check_int(num_probes, "num_probes", 2)
     check_int(num_sigma_examples, "num_sigma_examples", 2)
     generator = _default_generator(generator)

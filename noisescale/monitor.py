@@ -32,7 +32,7 @@ import torch
 
 from noisescale._checks import check_int
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
-from noisescale.hessian import hessian_noise_scale
+from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
@@ -146,7 +146,7 @@ class NoiseScaleMonitor:
     # ------------------------------------------------------------------ the training step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
         """Forward, per-example loss, backward (p.grad as a plain backward would leave it); returns the mean loss."""
-        loss_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        loss_scale = loss_scale_of(self.grad_scaler, next(self.model.parameters()).device)
         batch_size = _batch_size(inputs)
         measured = self.step % self.measure_every == 0
         if measured:
@@ -159,7 +159,12 @@ class NoiseScaleMonitor:
             loss = losses.detach().mean()
             row = {"loss": loss.item(), "measured": False}
         if self.hessian_every and self.step % self.hessian_every == 0:
-            row |= self._hessian(inputs, targets)
+            if batch_size >= HESSIAN_NOISE_SCALE_MIN_BATCH:
+                row |= self._hessian(inputs, targets)
+            else:
+                self._warn_once("hessian_batch", f"step {self.step}: B_noise needs a batch of at least "
+                                f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {batch_size}; the Hessian proxies "
+                                "are skipped on such steps (warned once)")
         self.examples_seen += batch_size
         row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size, **row}
         self._record(row)
@@ -279,6 +284,17 @@ class NoiseScaleMonitor:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def loss_scale_of(grad_scaler: Any, device: torch.device) -> float:
+    """The factor ``grad_scaler.scale(loss)`` multiplies a loss by (1.0 without a scaler).
+
+    Asked of the scaler itself rather than read with ``get_scale()``: like ``scaler.scale(loss)``, this creates the
+    scaler's scale tensor on ``device`` on first use, which ``scaler.step`` and ``scaler.update`` require.
+    """
+    if grad_scaler is None:
+        return 1.0
+    return float(grad_scaler.scale(torch.ones((), device=device)))
 
 
 def _as_tuple(inputs: Any) -> tuple:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from noisescale._checks import check_int, check_real
 from noisescale.controller import COUPLING_RULES, BatchSizeSchedule, NoiseScaleBatchPolicy, couple_learning_rate
 from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
-from noisescale.monitor import NoiseScaleMonitor
+from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 
 __all__ = [
@@ -291,7 +291,7 @@ class AdaptiveTrainer:
         while True:
             sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
             micro_batches = list(zip(_split(inputs, sizes), _split(targets, sizes)))
-            scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+            scale = loss_scale_of(self.grad_scaler, self.device)
             try:
                 with self._autocast():
                     return self.monitor.accumulate(micro_batches, loss_scale=scale)

@@ -151,6 +151,29 @@ def test_grad_scaler_scales_gradients_and_not_the_norms():
         torch.testing.assert_close(actual.grad, 1024.0 * expected, rtol=1e-5, atol=1e-7)
     for column in ("grad_sqnorm", "trace_sigma"):
         assert scaled.history[column].iloc[0] == pytest.approx(plain.history[column].iloc[0], rel=1e-4)
+    # the rest of an AMP iteration: the scaler unscales, steps and updates as after scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler.update()
+    for start, expected, actual in zip(before, plain_grads, model.parameters()):
+        torch.testing.assert_close(actual.detach(), start - 0.1 * expected, rtol=1e-5, atol=1e-7)
+    assert scaler.get_scale() == 1024.0  # finite gradients: no back-off
+
+
+def test_hessian_proxies_skip_batches_too_small_for_them_and_leave_training_alone():
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    inputs, targets = synthetic_batches(1, batch_size=3)[0]
+    per_example_cross_entropy(model(inputs), targets).mean().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monitor = NoiseScaleMonitor(model, per_example_cross_entropy, hessian_every=1, hessian_examples=2)
+    with pytest.warns(RuntimeWarning, match="B_noise needs a batch of at least 4 examples, got 3"):
+        monitor(inputs, targets)
+    for expected, parameter in zip(reference, model.parameters()):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-6, atol=1e-8)
+    assert len(monitor.history) == 1 and monitor.history["trace_sigma"].notna().all()
+    assert "b_noise" not in monitor.history or monitor.history["b_noise"].isna().all()
 
 
 def test_bad_arguments_name_the_argument():

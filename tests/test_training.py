@@ -56,6 +56,21 @@ def parameters_of(model) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- accumulation
 
 
+def test_a_grad_scaler_step_equals_a_plain_step():
+    """The fp16 path's loss scaling, with a CPU GradScaler in place of the CUDA one: the scaled, accumulated
+    gradients are unscaled by scaler.step, so two steps move the parameters as without a scaler."""
+    dataset = classification_data()
+    plain_model, scaled_model = small_net(), small_net()
+    plain = make_trainer(plain_model, dataset, batch_size=16, max_micro_batch=8, seed=1)
+    scaled = make_trainer(scaled_model, dataset, batch_size=16, max_micro_batch=8, seed=1)
+    scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for _ in range(2):
+        plain_row, scaled_row = plain.step(), scaled.step()
+        assert scaled_row["b_simple"] == pytest.approx(plain_row["b_simple"], rel=1e-9)
+    for expected, actual in zip(plain_model.parameters(), scaled_model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_accumulated_micro_batches_give_the_full_batch_gradient_and_noise_scale():
     """One SGD step (lr 1) with micro-batches [5, 4, 4, 4] moves the parameters by the full batch's mean
     gradient; the recorded |G|^2 and tr(Sigma) equal a naive per-example loop over the whole batch."""
