@@ -49,7 +49,14 @@ from noisescale.estimators import (
     two_batch_noise_scale,
 )
 
-__all__ = ["DDPNoiseScale", "mean_allreduce_hook", "combine_per_example_sums", "all_reduce_per_example_sums"]
+__all__ = [
+    "DDPNoiseScale",
+    "mean_allreduce_hook",
+    "combine_per_example_sums",
+    "all_reduce_per_example_sums",
+    "all_gather_concat",
+    "broadcast_from_first_rank",
+]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
@@ -311,3 +318,24 @@ def all_reduce_per_example_sums(
     dist.all_reduce(totals, group=group)  # with NCCL, pass local_sqnorm_sum as a CUDA tensor
     total_sum, total_count = totals.tolist()
     return combine_per_example_sums([total_sum], [round(total_count)], grad_sqnorm)
+
+
+def all_gather_concat(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The 1-D ``tensor`` of every rank of ``group`` (equal lengths), concatenated in rank order, on every rank.
+
+    With a global batch sharded in rank order (:class:`~noisescale.sampler.ResizableBatchSampler`), per-example
+    values gathered this way come back in the order of the global batch.
+    """
+    parts = [torch.empty_like(tensor) for _ in range(_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def broadcast_from_first_rank(value: Any, group: dist.ProcessGroup | None = None) -> Any:
+    """The picklable ``value`` of the group's first rank, on every rank (``broadcast_object_list``): one rank
+    decides, the others adopt its decision, so they cannot drift apart."""
+    _world_size(group)
+    box = [value]
+    source = dist.get_global_rank(group, 0) if group is not None and group is not dist.group.WORLD else 0
+    dist.broadcast_object_list(box, src=source, group=group)
+    return box[0]

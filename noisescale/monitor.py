@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from noisescale._checks import check_int
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
@@ -205,8 +206,9 @@ class NoiseScaleMonitor:
 
     def _hessian(self, inputs, targets) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed + self.step)
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model  # no all-reduce
         proxies = hessian_noise_scale(
-            self.model,
+            model,
             self.loss_fn,
             inputs,
             targets,

@@ -26,6 +26,17 @@ the two-batch estimate from the micro-batch norms |g_k|^2 (B_small = b) and |gba
 
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients and the
 random state it started with; nothing is lost or counted twice.
+
+DistributedDataParallel: pass the DDP-wrapped model (after ``init_process_group``; torchrun sets it up). B is
+the global batch, world size x micro-batch x accumulation steps: every rank draws the same global batch from
+the sampler (same seed) and trains on its equal shard, accumulating its micro-batches under ``no_sync()``
+except the last, whose backward all-reduces the gradient. One all-gather of the per-example losses and squared
+norms (B numbers) per step gives every rank the single-process estimate of the whole global batch, so the
+history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
+on every rank and rank 0's state is broadcast (one small object per step), so the ranks cannot disagree on B.
+B must stay divisible by the world size (the policy's granularity a multiple of it). Under DDP an
+out-of-memory error is raised, not retried (the other ranks already wait in the step's all-reduce), and the
+Hessian proxies (B_noise) are measured on each rank's first micro-batch, so they differ by rank.
 """
 
 from __future__ import annotations
@@ -41,11 +52,14 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from noisescale._checks import check_int, check_real
 from noisescale.controller import COUPLING_RULES, BatchSizeSchedule, NoiseScaleBatchPolicy, couple_learning_rate
+from noisescale.distributed import all_gather_concat, broadcast_from_first_rank
 from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
@@ -84,6 +98,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], **options: Any) -> None:
         super().__init__(model, loss_fn, **options)
         self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)
+        self.process_group = model.process_group if isinstance(model, DistributedDataParallel) else None
 
     def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of the micro-batches into p.grad (which must start at zero or None); one
@@ -92,20 +107,27 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         batch_size = sum(sizes)
         measured = self.step % self.measure_every == 0
         losses, sqnorms, micro_sqnorms = [], [], []
-        for (inputs, targets), size in zip(micro_batches, sizes):
+        for index, ((inputs, targets), size) in enumerate(zip(micro_batches, sizes)):
             share = size / batch_size
-            if measured:
-                result = self.norms(inputs, targets, loss_scale=loss_scale * share)
-                losses.append(result.losses)
-                sqnorms.append(result.sqnorms)
-                micro_sqnorms.append(result.grad_sqnorm)
-            else:  # the ghost hooks are inert outside a measured pass
-                micro_losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)
-                (micro_losses.mean() * (loss_scale * share)).backward()
-                losses.append(micro_losses.detach())
+            # under DDP only the last micro-batch's backward all-reduces the accumulated gradient
+            synchronise = self.process_group is None or index == len(sizes) - 1
+            with contextlib.nullcontext() if synchronise else self.model.no_sync():
+                if measured:
+                    result = self.norms(inputs, targets, loss_scale=loss_scale * share)
+                    losses.append(result.losses)
+                    sqnorms.append(result.sqnorms)
+                    micro_sqnorms.append(result.grad_sqnorm)
+                else:  # the ghost hooks are inert outside a measured pass
+                    micro_losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)
+                    (micro_losses.mean() * (loss_scale * share)).backward()
+                    losses.append(micro_losses.detach())
         all_losses = torch.cat(losses)
+        if self.process_group is not None:
+            all_losses, sqnorms, micro_sqnorms, sizes = self._gather_ranks(all_losses, sqnorms, micro_sqnorms, sizes)
+            batch_size = sum(sizes)
         loss = all_losses.float().mean()
         if measured:
+            # one micro-batch on one process: the hooks read |gbar|^2; else p.grad holds the (all-reduced) sum
             grad_sqnorm = micro_sqnorms[0] if len(sizes) == 1 else self._accumulated_grad_sqnorm(loss_scale)
             row = self._measure(all_losses, torch.cat(sqnorms), grad_sqnorm, batch_size)
             row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
@@ -118,6 +140,19 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                       "micro_batches": len(sizes), **row})
         self.step += 1
         return loss.detach()
+
+    def _gather_ranks(self, losses, sqnorms, micro_sqnorms, sizes):
+        """Every rank's per-example losses and squared norms and its micro-batch squared norms, in rank order
+        (the order of the global batch), by one all-gather; the sizes of all ranks' micro-batches."""
+        local = [losses.double(), *(value.double().reshape(-1) for value in (*sqnorms, *micro_sqnorms))]
+        gathered = all_gather_concat(torch.cat(local), self.process_group)
+        world_size = dist.get_world_size(self.process_group)
+        per_rank = gathered.reshape(world_size, -1)
+        batch, parts = losses.shape[0], len(micro_sqnorms)
+        all_losses = per_rank[:, :batch].reshape(-1)
+        all_sqnorms = [per_rank[:, batch: 2 * batch].reshape(-1)] if sqnorms else []
+        all_micro = list(per_rank[:, per_rank.shape[1] - parts:].reshape(-1)) if parts else []
+        return all_losses, all_sqnorms, all_micro, sizes * world_size
 
     @property
     def last_row(self) -> dict[str, Any]:
@@ -214,8 +249,13 @@ class AdaptiveTrainer:
         self.max_micro_batch = None if max_micro_batch is None else check_int(max_micro_batch, "max_micro_batch", 1)
         num_examples = len(dataset)
         first_batch = self._check_largest_batch(batch_size, num_examples)
-        self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed)
         self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **(monitor_options or {}))
+        group = self.monitor.process_group
+        world_size, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+        if policy is not None and policy.granularity % world_size:
+            raise ValueError(f"policy.granularity={policy.granularity} must be a multiple of the world size "
+                             f"{world_size}: every global batch is split into equal parts, one per rank")
+        self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed, num_replicas=world_size, rank=rank)
         self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
         self.steps = 0
         self.seconds = 0.0
@@ -265,9 +305,10 @@ class AdaptiveTrainer:
         started = time.perf_counter()
         batch_size = self._batch_size_for_step()
         self.sampler.set_batch_size(batch_size)
+        local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
         inputs, targets = _fetch(self.dataset, next(iter(self.sampler)))
         inputs, targets = _to_device(inputs, self.device), _to_device(targets, self.device)
-        self._accumulate_with_retry(inputs, targets, batch_size)
+        self._accumulate_with_retry(inputs, targets, local_batch_size)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -280,7 +321,8 @@ class AdaptiveTrainer:
         self.steps += 1
         self.seconds += time.perf_counter() - started
         row = {**self.monitor.last_row, "epoch": self.epoch, "learning_rate": learning_rate,
-               "micro_batch_size": min(self.max_micro_batch or batch_size, batch_size), "seconds": self.seconds}
+               "micro_batch_size": min(self.max_micro_batch or local_batch_size, local_batch_size),
+               "seconds": self.seconds}
         self._rows.append(row)
         return row
 
@@ -296,8 +338,8 @@ class AdaptiveTrainer:
                 with self._autocast():
                     return self.monitor.accumulate(micro_batches, loss_scale=scale)
             except Exception as error:
-                if not is_out_of_memory(error) or max(sizes) == 1:
-                    raise
+                if not is_out_of_memory(error) or max(sizes) == 1 or self.monitor.process_group is not None:
+                    raise  # under DDP the other ranks are already waiting in this step's all-reduce
                 self.max_micro_batch = max(1, max(sizes) // 2)
                 warnings.warn(f"step {self.steps}: out of memory with micro-batches of {max(sizes)}; retrying the "
                               f"step with max_micro_batch={self.max_micro_batch}", RuntimeWarning, stacklevel=3)
@@ -318,6 +360,9 @@ class AdaptiveTrainer:
         average = self.monitor.average
         noise_scale = average.b_simple if average.num_updates else math.nan
         new_batch_size = self.policy.step(noise_scale)
+        if self.monitor.process_group is not None:  # rank 0 decides; every rank adopts its policy state
+            self.policy.load_state_dict(broadcast_from_first_rank(self.policy.state_dict(), self.monitor.process_group))
+            new_batch_size = self.policy.batch_size
         if new_batch_size != batch_size:
             self._set_learning_rates([
                 couple_learning_rate(rate, batch_size, new_batch_size, self.lr_coupling,

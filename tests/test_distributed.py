@@ -12,15 +12,21 @@ import socket
 import time
 from datetime import timedelta
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import TensorDataset
 
+from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.distributed import DDPNoiseScale, all_reduce_per_example_sums, combine_per_example_sums
 from noisescale.estimators import simple_noise_scale, two_batch_noise_scale
+from noisescale.jobs import per_example_cross_entropy
+from noisescale.training import AdaptiveTrainer
 
 WORLD_SIZE = 3  # not a power of two: DDP scales by 1/R, which is not exact then
 MICRO_BATCH = 4
@@ -29,6 +35,7 @@ LOCAL_BATCH = MICRO_BATCH * ACCUMULATION_STEPS
 STEPS = 3
 LEARNING_RATE = 0.1
 NAN_STEP, NAN_RANK = 1, 1
+TRAINER_STEPS, NAN_EXAMPLE = 8, 40
 INPUTS, HIDDEN, CLASSES = 6, 8, 3
 SPAWN_TIMEOUT_S = 120
 
@@ -82,6 +89,23 @@ def _train(model, noise, inputs, labels, rank, *, momentum=0.0, poison=None):
             optimizer.step()
         optimizer.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def _trainer_data(poison: bool = False) -> TensorDataset:
+    """96 labelled examples; ``poison`` makes one input NaN (whichever rank's shard holds it, at whatever step)."""
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(96, INPUTS, generator=generator, dtype=torch.float64)
+    if poison:
+        inputs[NAN_EXAMPLE, 0] = math.nan
+    return TensorDataset(inputs, torch.randint(0, CLASSES, (96,), generator=generator))
+
+
+def _adaptive_trainer(model: torch.nn.Module, dataset: TensorDataset) -> AdaptiveTrainer:
+    """B follows 4 B_simple from 12 up to 48 in multiples of 6 (= 3 ranks x 2), micro-batches of 2 per process."""
+    policy = NoiseScaleBatchPolicy(12, min_batch_size=12, max_batch_size=48, kappa=4.0, granularity=6, hold_steps=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, dataset, policy=policy, max_micro_batch=2,
+                           lr_coupling="sqrt", monitor_options={"ema_decay": 0.5}, seed=4, progress=False)
 
 
 def _capture_error(function) -> tuple[str, str] | None:
@@ -146,6 +170,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     F.cross_entropy(plain64(inputs64[0, rank]), labels[0, rank]).backward()
     grad_sqnorm = sum(float(p.grad.square().sum()) for p in plain64.parameters())
     results["per_example_estimate"] = all_reduce_per_example_sums(sum(sqnorms), LOCAL_BATCH, grad_sqnorm)
+
+    # 6. the adaptive trainer under DDP (noise-scale policy, micro-batches), and with a NaN example.
+    for key, dataset in (("adaptive", _trainer_data()), ("adaptive_nan", _trainer_data(poison=True))):
+        trainer = _adaptive_trainer(_ddp(_make_model(torch.float64)), dataset)
+        with trainer:
+            for _ in range(TRAINER_STEPS):
+                trainer.step()
+        results[f"{key}_params"] = [p.detach().clone() for p in trainer.model.parameters()]
+        results[f"{key}_history"] = trainer.history
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -238,6 +271,37 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(rank_results):
         assert history.drop(index=NAN_STEP)[["grad_sqnorm", "trace_sigma"]].map(math.isfinite).all().all()
     assert all(histories[0].equals(history) for history in histories[1:])  # every column, NaNs alike
     assert [result["nan_num_skipped"] for result in rank_results] == [1] * WORLD_SIZE
+
+
+def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_batches(rank_results):
+    """Same policy, seed and micro-batches of 2 on one process: the global batch the 3 ranks share is the batch
+    the single process draws, so batch sizes, noise scales and parameters must agree (float64 tolerance)."""
+    reference = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
+    with reference:
+        for _ in range(TRAINER_STEPS):
+            reference.step()
+    expected = reference.history
+    assert expected["batch_size"].nunique() > 1  # the policy did change B during the run
+    for result in rank_results:
+        history = result["adaptive_history"]
+        assert history["batch_size"].tolist() == expected["batch_size"].tolist()
+        assert history["examples_seen"].tolist() == expected["examples_seen"].tolist()
+        assert history["micro_batches"].tolist() == expected["micro_batches"].tolist()  # all ranks' together
+        assert history["micro_batch_size"].tolist() == [2] * TRAINER_STEPS
+        for column in ("learning_rate", "loss", "grad_sqnorm", "trace_sigma", "b_simple", "b_simple_two_batch"):
+            np.testing.assert_allclose(history[column], expected[column], rtol=1e-9, err_msg=column)
+        for trained, p in zip(result["adaptive_params"], reference.model.parameters()):
+            torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
+    histories = [result["adaptive_nan_history"].drop(columns="seconds") for result in rank_results]
+    nonfinite = histories[0]["nonfinite"].astype(bool)
+    assert nonfinite.any() and not nonfinite.iloc[0]  # the poisoned example was drawn, after a finite step
+    for history, result in zip(histories[1:], rank_results[1:]):
+        pd.testing.assert_frame_equal(history, histories[0])  # the same rows on every rank, NaNs alike
+        for rank0, rank_r in zip(rank_results[0]["adaptive_nan_params"], result["adaptive_nan_params"]):
+            torch.testing.assert_close(rank_r, rank0, rtol=0, atol=0, equal_nan=True)
 
 
 def test_errors_are_raised_on_every_rank(rank_results):
