@@ -58,7 +58,7 @@ def _add_measure_command(subparsers) -> None:
 
 
 def _run_measure(args) -> int:
-    from noisescale.jobs import run_measure
+    from noisescale.jobs import is_main_process, run_measure
 
     outcome = run_measure(
         model_spec=args.model,
@@ -73,10 +73,11 @@ def _run_measure(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    print(f"data: {outcome.data_source}")
-    print(outcome.summary)
-    print(f"test accuracy after training: {outcome.test_accuracy:.3f}")
-    print(f"history: {outcome.history_csv}\nfigure: {outcome.figure_png}\ntook {outcome.seconds:.1f} s")
+    if is_main_process():
+        print(f"data: {outcome.data_source}")
+        print(outcome.summary)
+        print(f"test accuracy after training: {outcome.test_accuracy:.3f}")
+        print(f"history: {outcome.history_csv}\nfigure: {outcome.figure_png}\ntook {outcome.seconds:.1f} s")
     return 0
 
 
@@ -263,6 +264,7 @@ def _add_train_command(subparsers) -> None:
 
 
 def _run_train(args) -> int:
+    from noisescale.jobs import is_main_process
     from noisescale.training import run_train
 
     outcome = run_train(
@@ -286,8 +288,9 @@ def _run_train(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    print(outcome)
-    print(f"history: {outcome.history_csv}\nevaluations: {outcome.evaluations_csv}\nfigure: {outcome.figure_png}")
+    if is_main_process():
+        print(outcome)
+        print(f"history: {outcome.history_csv}\nevaluations: {outcome.evaluations_csv}\nfigure: {outcome.figure_png}")
     return 0
 
 

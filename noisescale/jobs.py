@@ -1,26 +1,36 @@
 """The ready-made jobs behind the command line.
 
 ``measure``: train a model (the default LeNet-5-like CNN on the shipped Fashion-MNIST subset) for a few hundred
-steps of SGD with momentum while a :class:`~noisescale.monitor.NoiseScaleMonitor` measures B_simple every step
-and B_noise periodically; write the history as CSV and a figure as PNG, and return the summary.
+steps of SGD with momentum at a fixed batch size (an :class:`~noisescale.training.AdaptiveTrainer`) while its
+monitor measures B_simple every step and B_noise periodically; write the history as CSV and a figure as PNG, and
+return the summary.
+
+Under torchrun (``WORLD_SIZE`` > 1 in the environment) ``measure`` and ``train`` run data-parallel
+(:func:`distributed_job`): NCCL with one GPU per process on CUDA, gloo on CPU, the model wrapped in
+DistributedDataParallel, the batch size global. Every rank computes the same history; rank 0 alone prints,
+shows progress and writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from noisescale.data import load_fashion_mnist
 from noisescale.models import lenet5
-from noisescale.monitor import NoiseScaleMonitor, NoiseScaleSummary
+from noisescale.monitor import NoiseScaleSummary
 
 
 def per_example_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -53,13 +63,45 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def is_main_process() -> bool:
+    """True except on the ranks > 0 of a torchrun launch (``RANK`` in the environment)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def distributed_job(device_name: str) -> Iterator[torch.device]:
+    """This process's device; under torchrun (``WORLD_SIZE`` > 1) also the process group for the job's duration.
+
+    On CUDA each process takes GPU ``LOCAL_RANK`` and NCCL; on CPU, gloo. Outside torchrun: just the device.
+    """
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel when a process group is up (:func:`distributed_job`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 @dataclass(frozen=True)
 class MeasureOutcome:
     summary: NoiseScaleSummary
     test_accuracy: float
     data_source: str
-    history_csv: Path
-    figure_png: Path
+    history_csv: Path | None  # None on the ranks > 0 of a torchrun launch, which write nothing
+    figure_png: Path | None
     seconds: float
 
 
@@ -94,38 +136,40 @@ def run_measure(
     progress: bool = True,
 ) -> MeasureOutcome:
     """Train while measuring (module docstring). Deterministic for a given seed on CPU."""
+    from noisescale.training import AdaptiveTrainer
+
     if batch_size < 2:
         raise ValueError(f"--batch-size must be >= 2 to estimate a gradient variance, got {batch_size}")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    target_device = resolve_device(device)
-    train, test = load_fashion_mnist(data)
-    model = load_model_factory(model_spec)().to(target_device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
-    monitor = NoiseScaleMonitor(model, per_example_cross_entropy, backend=backend, hessian_every=hessian_every,
-                                seed=seed)
-    with monitor, tqdm(total=steps, desc="measure", disable=not progress) as bar:
-        while monitor.step < steps:
-            for inputs, targets in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = monitor(inputs.to(target_device), targets.to(target_device))
-                optimizer.step()
+    main = is_main_process()
+    with distributed_job(device) as target_device:
+        torch.manual_seed(seed)
+        train, test = load_fashion_mnist(data)
+        network = load_model_factory(model_spec)().to(target_device)
+        model = data_parallel(network, target_device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+        trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train, batch_size=batch_size,
+                                  monitor_options={"backend": backend, "hessian_every": hessian_every, "seed": seed},
+                                  device=target_device, seed=seed, progress=False)
+        with trainer, tqdm(total=steps, desc="measure", disable=not (progress and main)) as bar:
+            for _ in range(steps):
+                row = trainer.step()
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}", b_simple=f"{monitor.average.b_simple:.4g}")
-                if monitor.step >= steps:
-                    break
-    out_dir = Path(out_dir)
-    history_csv = monitor.to_csv(out_dir / "measure_history.csv")
-    from noisescale.plot import plot_noise_scale_history, save_figure
+                bar.set_postfix(loss=f"{row['loss']:.3f}", b_simple=f"{trainer.monitor.average.b_simple:.4g}")
+        monitor = trainer.monitor
+        test_accuracy = evaluate_accuracy(network, test, target_device)  # the bare module: no collectives
+    history_csv = figure_png = None
+    if main:
+        out_dir = Path(out_dir)
+        history_csv = monitor.to_csv(out_dir / "measure_history.csv")
+        from noisescale.plot import plot_noise_scale_history, save_figure
 
-    figure_png = save_figure(plot_noise_scale_history(monitor.history), out_dir / "measure.png")
+        figure_png = save_figure(plot_noise_scale_history(monitor.history), out_dir / "measure.png")
     return MeasureOutcome(
         summary=monitor.summary(),
-        test_accuracy=evaluate_accuracy(model, test, target_device),
+        test_accuracy=test_accuracy,
         data_source=_describe(train.info),
         history_csv=history_csv,
         figure_png=figure_png,

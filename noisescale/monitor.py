@@ -65,11 +65,18 @@ class NoiseScaleSummary:
             f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {high:.4g})",
             f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}",
             _describe_b_noise(self.b_noise),
-            f"  critical batch size suggested: about {self.suggested_batch_size:.0f} examples",
+            _describe_suggestion(self.suggested_batch_size),
         ]
         if self.nonfinite_steps:
             lines.append(f"  {self.nonfinite_steps} step(s) with a non-finite loss or gradient were left out")
         return "\n".join(lines)
+
+
+def _describe_suggestion(batch_size: float) -> str:
+    if math.isfinite(batch_size):
+        return f"  critical batch size suggested: about {batch_size:.0f} examples"
+    return ("  critical batch size: not resolved (the averaged |G|^2 estimate is not positive: the mean gradient is "
+            "lost in the noise at this batch size; measure longer or with larger batches)")
 
 
 def _describe_b_noise(b_noise: float) -> str:

@@ -524,18 +524,20 @@ def make_batch_size_source(
     decay_factor: float = 0.2,
     kappa: float = 1.0,
     hold_steps: int = 10,
+    granularity: int = 1,
 ) -> dict[str, Any]:
     """``{"schedule": BatchSizeSchedule}`` or ``{"policy": NoiseScaleBatchPolicy}`` for a TRAIN_MODES name.
 
     Default milestones: 30 %, 55 % and 80 % of the epochs with decay_factor 0.2 (factor-5 stages as in the
     MNIST replication of Smith et al., seed 004). noise-adaptive grows B to kappa * B_simple, at most doubling
-    every ``hold_steps`` steps, between ``batch_size`` and ``max_batch_size``.
+    every ``hold_steps`` steps, between ``batch_size`` and ``max_batch_size``, in multiples of ``granularity``
+    (the world size under DDP).
     """
     if mode not in TRAIN_MODES:
         raise ValueError(f"mode must be one of {TRAIN_MODES}, got {mode!r}")
     if mode == "noise-adaptive":
         return {"policy": NoiseScaleBatchPolicy(batch_size, min_batch_size=batch_size, max_batch_size=max_batch_size,
-                                                kappa=kappa, hold_steps=hold_steps)}
+                                                kappa=kappa, hold_steps=hold_steps, granularity=granularity)}
     if milestones is None:
         milestones = [round(epochs * share, 3) for share in (0.3, 0.55, 0.8)]
     return {"schedule": BatchSizeSchedule(mode, base_learning_rate=learning_rate, base_batch_size=batch_size,
@@ -568,55 +570,63 @@ def run_train(
     progress: bool = True,
 ) -> TrainOutcome:
     """Train a model (default LeNet-5 on Fashion-MNIST) with SGD + momentum in one of TRAIN_MODES; evaluate on
-    the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given."""
+    the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given. Under
+    torchrun it runs data-parallel (:func:`noisescale.jobs.distributed_job`); rank 0 alone writes files."""
     from noisescale.data import load_fashion_mnist
-    from noisescale.jobs import evaluate_accuracy, load_model_factory, per_example_cross_entropy, resolve_device
+    from noisescale.jobs import (
+        data_parallel, distributed_job, evaluate_accuracy, is_main_process, load_model_factory,
+        per_example_cross_entropy,
+    )
     from noisescale.plot import plot_training_curves, save_figure
 
-    torch.manual_seed(seed)
-    target_device = resolve_device(device)
-    train_set, test_set = load_fashion_mnist(data)
-    if train_examples is not None:
-        check_int(train_examples, "train_examples", 2)
-        train_set = TensorDataset(*(tensor[:train_examples] for tensor in train_set.tensors))
-    model = load_model_factory(model_spec)().to(target_device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
-                                    learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
-                                    kappa=kappa)
-    trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train_set, **source,
-                              max_micro_batch=max_micro_batch, lr_coupling=lr_coupling, device=target_device,
-                              amp=amp, seed=seed, progress=progress)
-    evaluations: list[dict[str, Any]] = []
-    if resume is not None:
-        state = torch.load(resume, map_location=target_device, weights_only=False)
-        trainer.load_state_dict(state["trainer"])
-        evaluations = list(state["evaluations"])
+    main = is_main_process()
+    with distributed_job(device) as target_device:
+        torch.manual_seed(seed)
+        train_set, test_set = load_fashion_mnist(data)
+        if train_examples is not None:
+            check_int(train_examples, "train_examples", 2)
+            train_set = TensorDataset(*(tensor[:train_examples] for tensor in train_set.tensors))
+        network = load_model_factory(model_spec)().to(target_device)
+        model = data_parallel(network, target_device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
+                                        learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
+                                        kappa=kappa, granularity=world_size)
+        trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train_set, **source,
+                                  max_micro_batch=max_micro_batch, lr_coupling=lr_coupling, device=target_device,
+                                  amp=amp, seed=seed, progress=progress and main)
+        evaluations: list[dict[str, Any]] = []
+        if resume is not None:
+            state = torch.load(resume, map_location=target_device, weights_only=False)
+            trainer.load_state_dict(state["trainer"])
+            evaluations = list(state["evaluations"])
 
-    def after_epoch(trainer: AdaptiveTrainer) -> None:
-        row = trainer.history.iloc[-1]
-        evaluations.append({"epoch": trainer.epoch, "step": trainer.steps, "examples_seen": int(row["examples_seen"]),
-                            "seconds": trainer.seconds, "batch_size": int(row["batch_size"]),
-                            "learning_rate": float(row["learning_rate"]),
-                            "test_accuracy": evaluate_accuracy(model, test_set, target_device)})
-        if checkpoint is not None:
-            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
+        def after_epoch(trainer: AdaptiveTrainer) -> None:
+            row = trainer.history.iloc[-1]
+            evaluations.append({"epoch": trainer.epoch, "step": trainer.steps,
+                                "examples_seen": int(row["examples_seen"]), "seconds": trainer.seconds,
+                                "batch_size": int(row["batch_size"]), "learning_rate": float(row["learning_rate"]),
+                                "test_accuracy": evaluate_accuracy(network, test_set, target_device)})
+            if checkpoint is not None and main:
+                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
 
-    with trainer:
-        history = trainer.train(epochs, callback=after_epoch)
-    if not evaluations or evaluations[-1]["step"] != trainer.steps:
-        after_epoch(trainer)
+        with trainer:
+            history = trainer.train(epochs, callback=after_epoch)
+        if not evaluations or evaluations[-1]["step"] != trainer.steps:
+            after_epoch(trainer)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     history.insert(0, "mode", mode)
-    history_csv = out_dir / f"train_{mode}_history.csv"
-    history.to_csv(history_csv, index=False)
     evaluations_frame = pd.DataFrame(evaluations).assign(mode=mode)
-    evaluations_csv = out_dir / f"train_{mode}_evaluations.csv"
-    evaluations_frame.to_csv(evaluations_csv, index=False)
-    figure_png = save_figure(plot_training_curves(history, evaluations_frame), out_dir / f"train_{mode}.png")
+    paths = [out_dir / f"train_{mode}_history.csv", out_dir / f"train_{mode}_evaluations.csv",
+             out_dir / f"train_{mode}.png"]
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        history.to_csv(paths[0], index=False)
+        evaluations_frame.to_csv(paths[1], index=False)
+        save_figure(plot_training_curves(history, evaluations_frame), paths[2])
     return TrainOutcome(mode=mode, test_accuracy=evaluations[-1]["test_accuracy"], steps=trainer.steps,
                         examples_seen=trainer.sampler.examples_seen, seconds=trainer.seconds,
-                        final_batch_size=int(history["batch_size"].iloc[-1]), history_csv=history_csv,
-                        evaluations_csv=evaluations_csv, figure_png=figure_png)
+                        final_batch_size=int(history["batch_size"].iloc[-1]), history_csv=paths[0],
+                        evaluations_csv=paths[1], figure_png=paths[2])

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -27,14 +31,15 @@ def test_readme_api_example_runs_and_measures():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     generator = torch.Generator().manual_seed(0)
-    loader = [(torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator))
-              for _ in range(120)]
+    teacher = torch.randn(5, 3, generator=generator)  # learnable labels: the gradient stays above the noise
+    inputs = [torch.randn(128, 5, generator=generator) for _ in range(120)]
+    loader = [(x, (x @ teacher).argmax(1)) for x in inputs]
     namespace = {"model": model, "loader": loader, "optimizer": torch.optim.SGD(model.parameters(), lr=0.05)}
     exec(compile(block, str(README), "exec"), namespace)
     monitor = namespace["monitor"]
     assert len(monitor.history) == 120
     summary = monitor.summary()
-    assert summary.b_simple > 0 and summary.b_noise > 0
+    assert 0 < summary.b_simple < math.inf and 0 < summary.b_noise < math.inf
     assert monitor.history["trace_h"].notna().sum() == 2  # hessian_every=100: steps 0 and 100
 
 
@@ -44,7 +49,8 @@ def test_measure_command_end_to_end(tmp_path, capsys, shipped_subset_only):
                  "--no-progress", "--model", "noisescale.models:mlp"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "12000 training" in printed and "B_simple =" in printed and "B_noise" in printed
+    assert "12000 training" in printed and "B_simple =" in printed
+    assert re.search(r"B_noise( = [0-9.]+|: not resolved yet)", printed)  # a value, or why there is none
     history = pd.read_csv(out / "measure_history.csv")
     assert len(history) == 12 and history["examples_seen"].iloc[-1] == 12 * 32
     assert history["b_noise"].notna().sum() == 3
@@ -64,3 +70,36 @@ def test_model_spec_errors_name_the_problem(spec, message):
 def test_measure_rejects_a_batch_of_one(shipped_subset_only):
     with pytest.raises(ValueError, match="--batch-size"):
         main(["measure", "--batch-size", "1", "--steps", "2", "--no-progress"])
+
+
+def _torchrun(*arguments: str) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m noisescale ...`` on CPU (gloo); returns what it printed."""
+    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noisescale",
+         *arguments, "--no-progress"],
+        capture_output=True, text=True, timeout=240, env=environment,
+        cwd=README.parent,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path):
+    """Two gloo ranks: `measure` records the single-process history (same global batches), printed once;
+    `train --schedule noise-adaptive` runs and writes its files once."""
+    options = ["--steps", "4", "--batch-size", "16", "--hessian-every", "0", "--model", "noisescale.models:mlp"]
+    printed = _torchrun("measure", *options, "--out", str(tmp_path / "ddp"))
+    assert printed.count("B_simple =") == 1
+    assert main(["measure", *options, "--out", str(tmp_path / "single"), "--no-progress"]) == 0
+    ddp, single = (pd.read_csv(tmp_path / run / "measure_history.csv") for run in ("ddp", "single"))
+    assert ddp["batch_size"].tolist() == single["batch_size"].tolist() == [16] * 4
+    for column in ("loss", "grad_sqnorm", "trace_sigma", "b_simple"):
+        pd.testing.assert_series_equal(ddp[column], single[column], rtol=1e-4, check_exact=False)
+
+    printed = _torchrun("train", "--schedule", "noise-adaptive", "--epochs", "0.5", "--train-examples", "512",
+                        "--batch-size", "16", "--max-batch-size", "64", "--model", "noisescale.models:mlp",
+                        "--out", str(tmp_path / "train"))
+    assert printed.count("noise-adaptive: test accuracy") == 1
+    history = pd.read_csv(tmp_path / "train" / "train_noise-adaptive_history.csv")
+    assert (history["batch_size"] % 2 == 0).all() and history["examples_seen"].iloc[-1] >= 256
