@@ -254,6 +254,10 @@ def _add_train_command(subparsers) -> None:
     parser.add_argument("--kappa", type=float, default=1.0, help="noise-adaptive: B = kappa * B_simple")
     parser.add_argument("--lr-coupling", default="none", choices=["none", "linear", "sqrt", "adascale"],
                         help="noise-adaptive: how the learning rate follows a change of B")
+    parser.add_argument("--noise-scale", default="b_simple", choices=["b_simple", "b_noise"],
+                        help="noise-adaptive: the estimate B follows (b_noise needs --hessian-every)")
+    parser.add_argument("--hessian-every", type=int, default=0,
+                        help="steps between B_noise measurements (0: never)")
     parser.add_argument("--max-micro-batch", type=int, default=None,
                         help="largest forward/backward; bigger batches accumulate micro-batches")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision on CUDA")
@@ -278,6 +282,8 @@ def _run_train(args) -> int:
         milestones=args.milestones,
         kappa=args.kappa,
         lr_coupling=args.lr_coupling,
+        noise_scale=args.noise_scale,
+        hessian_every=args.hessian_every,
         max_micro_batch=args.max_micro_batch,
         train_examples=args.train_examples,
         device=args.device,

@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 AMP_MODES = ("none", "bf16", "fp16")
+POLICY_NOISE_SCALES = ("b_simple", "b_noise")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -197,6 +198,9 @@ class AdaptiveTrainer:
         batch_size, schedule, policy: where B comes from -- exactly one of them.
         max_micro_batch: the most examples in one forward/backward (None: the whole batch).
         lr_coupling: with ``policy``, how the learning rate follows a change of B: one of COUPLING_RULES.
+        policy_noise_scale: with ``policy``, the moving average it follows: ``"b_simple"`` (every measured step)
+            or ``"b_noise"`` (tr(H Sigma)/G^T H G, measured every ``hessian_every`` steps of ``monitor_options``;
+            McCandlish et al.'s better predictor of B_crit, noisier). An unresolved (infinite) value holds B.
         monitor_options: keyword arguments of :class:`~noisescale.monitor.NoiseScaleMonitor` (backend,
             measure_every, ema_decay, hessian_every, ...).
         device: where batches are moved (default: the device of the model's first parameter).
@@ -217,6 +221,7 @@ class AdaptiveTrainer:
         policy: NoiseScaleBatchPolicy | None = None,
         max_micro_batch: int | None = None,
         lr_coupling: str = "none",
+        policy_noise_scale: str = "b_simple",
         monitor_options: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         amp: str = "none",
@@ -239,6 +244,12 @@ class AdaptiveTrainer:
             raise ValueError(f"lr_coupling must be one of {COUPLING_RULES}, got {lr_coupling!r}")
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        if policy_noise_scale not in POLICY_NOISE_SCALES:
+            raise ValueError(f"policy_noise_scale must be one of {POLICY_NOISE_SCALES}, got {policy_noise_scale!r}")
+        if policy_noise_scale == "b_noise" and not (monitor_options or {}).get("hessian_every"):
+            raise ValueError("policy_noise_scale='b_noise' needs the Hessian proxies: pass monitor_options="
+                             "{'hessian_every': k} with k >= 1")
+        self.policy_noise_scale = policy_noise_scale
         self.model, self.optimizer, self.dataset = model, optimizer, dataset
         self.schedule, self.policy, self.lr_coupling = schedule, policy, lr_coupling
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -356,9 +367,13 @@ class AdaptiveTrainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _follow_policy(self, batch_size: int) -> None:
-        """Feed the policy the smoothed B_simple; couple the learning rates when it changes B."""
+        """Feed the policy the smoothed B_simple or B_noise; couple the learning rates when it changes B."""
         average = self.monitor.average
-        noise_scale = average.b_simple if average.num_updates else math.nan
+        if self.policy_noise_scale == "b_noise":
+            followed = self.monitor.hessian_average
+            noise_scale = followed.ratio if followed.num_updates else math.nan
+        else:
+            noise_scale = average.b_simple if average.num_updates else math.nan
         new_batch_size = self.policy.step(noise_scale)
         if self.monitor.process_group is not None:  # rank 0 decides; every rank adopts its policy state
             self.policy.load_state_dict(broadcast_from_first_rank(self.policy.state_dict(), self.monitor.process_group))
@@ -559,6 +574,8 @@ def run_train(
     decay_factor: float = 0.2,
     kappa: float = 1.0,
     lr_coupling: str = "none",
+    noise_scale: str = "b_simple",
+    hessian_every: int = 0,
     max_micro_batch: int | None = None,
     train_examples: int | None = None,
     device: str = "auto",
@@ -594,8 +611,9 @@ def run_train(
                                         learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
                                         kappa=kappa, granularity=world_size)
         trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train_set, **source,
-                                  max_micro_batch=max_micro_batch, lr_coupling=lr_coupling, device=target_device,
-                                  amp=amp, seed=seed, progress=progress and main)
+                                  max_micro_batch=max_micro_batch, lr_coupling=lr_coupling,
+                                  policy_noise_scale=noise_scale, monitor_options={"hessian_every": hessian_every},
+                                  device=target_device, amp=amp, seed=seed, progress=progress and main)
         evaluations: list[dict[str, Any]] = []
         if resume is not None:
             state = torch.load(resume, map_location=target_device, weights_only=False)

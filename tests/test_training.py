@@ -257,6 +257,25 @@ def test_noise_adaptive_follows_the_measured_noise_scale():
     assert finals[3.0] >= 2 * finals[0.05] and finals[3.0] > 4
 
 
+def test_noise_adaptive_can_follow_b_noise():
+    """policy_noise_scale='b_noise': every change of B is the policy's target for the moving-average B_noise as of
+    the step before (the history records it on the Hessian steps; it holds in between)."""
+    policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=128, hold_steps=3, max_factor=2.0)
+    trainer = make_trainer(linear_model(), regression_data(3.0), loss_fn=per_example_squared_error, lr=0.02,
+                           policy=policy, policy_noise_scale="b_noise",
+                           monitor_options={"hessian_every": 2, "hessian_examples": 4, "hessian_probes": 2})
+    history = trainer.train(epochs=3)
+    b_noise = history["b_noise"].ffill()
+    changes = history.index[history["batch_size"].diff() > 0]
+    assert len(changes) >= 2
+    for index in changes:
+        assert history.loc[index, "batch_size"] == policy.target_batch_size(
+            int(history.loc[index - 1, "batch_size"]), b_noise.loc[index - 1])
+    with pytest.raises(ValueError, match="b_noise' needs the Hessian proxies"):
+        make_trainer(linear_model(), regression_data(3.0), policy=NoiseScaleBatchPolicy(4, min_batch_size=4,
+                     max_batch_size=8), policy_noise_scale="b_noise")
+
+
 @pytest.mark.parametrize(
     ("mode", "expected"),
     [  # (B, eps) in the epochs [0, 1), [1, 2), [2, 3) with B_0 = 4, eps_0 = 0.1, f = 1/4, B_max = 32
