@@ -119,6 +119,8 @@ LAYER_CASES = {
     "conv1d_groups_same": lambda: _layer_case(nn.Conv1d(4, 2, 3, groups=2, padding="same"), (3, 4, 7)),
     "conv3d": lambda: _layer_case(nn.Conv3d(2, 2, (2, 3, 2), stride=(1, 2, 1), padding=1), (3, 2, 4, 5, 4)),
     "conv2d_no_bias_1x1": lambda: _layer_case(nn.Conv2d(3, 2, 1, bias=False), (3, 3, 5, 5)),
+    "conv2d_gram": lambda: _layer_case(nn.Conv2d(3, 4, 3), (3, 3, 4, 4)),          # L^2 = 16 <= 27 * 4 positions
+    "conv1d_groups_gram": lambda: _layer_case(nn.Conv1d(4, 6, 3, groups=2), (3, 4, 5)),  # L^2 = 9 <= 6 * 3
     "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
     "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
     "embedding_single_index": lambda: _layer_case(nn.Embedding(6, 3), (4,), integer_inputs=6),
