@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from noisescale._checks import check_int
+from noisescale.per_example.layers import uses_batch_statistics
 
 __all__ = [
     "HessianNoiseScale",
@@ -207,12 +208,13 @@ def hutchinson_trace(
         return _hutchinson(hvp, params, num_probes, generator)
 
 
-def _reject_training_batch_norm(model: nn.Module) -> None:
+def _reject_batch_statistics(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if uses_batch_statistics(module):
             raise ValueError(
-                f"per-example gradients are undefined for BatchNorm in training mode (module {path!r}, "
-                f"{type(module).__name__}); call model.eval() around hessian_noise_scale"
+                f"per-example gradients are undefined for a BatchNorm that normalises with batch statistics "
+                f"(module {path!r}, {type(module).__name__}: train mode or track_running_stats=False); call "
+                "model.eval() around hessian_noise_scale, or use running statistics"
             )
 
 
@@ -237,7 +239,7 @@ def hessian_noise_scale(
     check_int(num_probes, "num_probes", 2)
     check_int(num_sigma_examples, "num_sigma_examples", 2)
     generator = _default_generator(generator)
-    _reject_training_batch_norm(model)
+    _reject_batch_statistics(model)
     params = trainable_parameters(model)
     mean_loss = _mean_loss_function(model, loss_fn)
     half = batch_size // 2

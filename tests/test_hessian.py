@@ -109,8 +109,12 @@ def test_calls_leave_model_gradients_buffers_and_global_rng_unchanged():
         assert torch.equal(value, state[name]), name
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, grads[name]), name
-    with pytest.raises(ValueError, match=r"BatchNorm in training mode \(module '1'"):
+    with pytest.raises(ValueError, match=r"normalises with batch statistics \(module '1', BatchNorm1d: train mode"):
         hessian_noise_scale(model, _cross_entropy, inputs, targets, generator=generator)
+    no_running_statistics = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False),
+                                          nn.Linear(6, 3)).double().eval()  # batch statistics even in eval mode
+    with pytest.raises(ValueError, match=r"batch statistics \(module '1'"):
+        hessian_noise_scale(no_running_statistics, _cross_entropy, inputs, targets, generator=generator)
 
 
 def test_dropout_in_training_mode_is_supported():
