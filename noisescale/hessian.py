@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from noisescale._checks import check_int
+from noisescale._rng import isolated_rng
 from noisescale.per_example.layers import uses_batch_statistics
 
 __all__ = [
@@ -133,12 +134,6 @@ def _dot(left: Parameters, right: Parameters) -> Tensor:
     return sum((left[name] * right[name]).sum() for name in left)
 
 
-def _rng_isolated(params: Parameters):
-    """fork_rng over the devices the parameters live on, so dropout cannot advance the global RNG."""
-    cuda_devices = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
-    return torch.random.fork_rng(devices=cuda_devices)
-
-
 def _hvp_function(mean_loss, inputs: Tensor, targets: Tensor) -> Callable[[Parameters, Parameters], Parameters]:
     """(params, vector) -> H v, forward-over-reverse: jvp of grad."""
 
@@ -158,7 +153,7 @@ def hessian_vector_product(
         raise ValueError(
             f"vector must have the trainable parameters' names and shapes {[(n, tuple(p.shape)) for n, p in params.items()]}"
         )
-    with _rng_isolated(params):
+    with isolated_rng(params.values()):
         return _hvp_function(_mean_loss_function(model, loss_fn), inputs, targets)(params, vector)
 
 
@@ -203,7 +198,7 @@ def hutchinson_trace(
     check_int(num_probes, "num_probes", 2)
     generator = _default_generator(generator)
     params = trainable_parameters(model)
-    with _rng_isolated(params):
+    with isolated_rng(params.values()):
         hvp = _hvp_function(_mean_loss_function(model, loss_fn), inputs, targets)
         return _hutchinson(hvp, params, num_probes, generator)
 
@@ -249,7 +244,7 @@ def hessian_noise_scale(
     def single_example_loss(p: Parameters, example_input: Tensor, example_target: Tensor) -> Tensor:
         return mean_loss(p, example_input.unsqueeze(0), example_target.unsqueeze(0))
 
-    with _rng_isolated(params):
+    with isolated_rng(params.values()):
         trace_h = _hutchinson(_hvp_function(mean_loss, inputs, targets), params, num_probes, generator)
         curvature_hvp = _hvp_function(mean_loss, inputs[half:], targets[half:])
         mean_gradient = grad(mean_loss)(params, gradient_inputs, gradient_targets)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from noisescale._rng import isolated_rng
+
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -146,8 +148,7 @@ def epsilon_sharpness(
     bound = (epsilon * (x_coordinates.abs() + 1)).double().cpu().numpy()
     start = (2 * torch.rand(len(bound), generator=generator, dtype=torch.float64) - 1).numpy() * bound
 
-    cuda_devices = sorted({t.device.index or 0 for t in (x, inputs) if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda_devices):
+    with isolated_rng((x, inputs)):
         loss, _ = mean_loss(x)
         max_loss = loss
 

@@ -20,15 +20,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from noisescale._rng import isolated_rng
 from noisescale.per_example.layers import per_example_sqnorm
 
 __all__ = ["vmap_sqnorms"]
-
-
-def _cuda_devices() -> list[int]:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return list(range(torch.cuda.device_count()))
-    return []
 
 
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: tuple[Tensor, ...],
@@ -52,7 +47,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
     batch_size = inputs[0].shape[0]
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
-    with torch.random.fork_rng(devices=_cuda_devices()):
+    with isolated_rng(trainable.values()):
         for start in range(0, batch_size, step):
             rows = slice(start, start + step)
             grads = per_example_grad(trainable, tree_map(lambda t: t[rows], inputs),
