@@ -81,16 +81,6 @@ def _run_measure(args) -> int:
     return 0
 
 
-def _parse_batch_sizes(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-sizes must be comma-separated numbers, got {text!r}") from None
-    if not values or any(not value > 0 for value in values):
-        raise argparse.ArgumentTypeError(f"--batch-sizes must be positive numbers, got {text!r}")
-    return values
-
-
 def _run_nqm(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -149,7 +139,7 @@ def _add_nqm_command(subparsers) -> None:
     parser.add_argument("--precondition-power", type=float, default=0.0, help="p of the preconditioner H^p")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA coefficient gamma of the iterates (0: off)")
     parser.add_argument("--tune-ema", action="store_true", help="grid-search gamma as well (slower)")
-    parser.add_argument("--batch-sizes", type=_parse_batch_sizes,
+    parser.add_argument("--batch-sizes", type=_comma_separated(float, positive=True),
                         default=[2.0**k for k in range(21)], help="comma-separated (default 2^0..2^20)")
     parser.add_argument("--dim", type=int, default=10_000, help="dimension d, h_i = 1/i, C = H")
     parser.add_argument("--bins", type=int, default=100, help="eigenvalue bins (0: exact spectrum)")
@@ -160,12 +150,16 @@ def _add_nqm_command(subparsers) -> None:
     parser.set_defaults(run=_run_nqm)
 
 
-def _comma_separated(kind):
+def _comma_separated(kind, *, positive: bool = False):
+    """An argparse type: "a,b,c" -> [kind(a), kind(b), kind(c)], optionally all > 0."""
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from error
+        if positive and (not values or any(not value > 0 for value in values)):
+            raise argparse.ArgumentTypeError(f"expected positive comma-separated {kind.__name__} values, got {text!r}")
+        return values
 
     return parse
 
