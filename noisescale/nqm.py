@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from noisescale._checks import check_finite, check_int
+
 __all__ = [
     "DEFAULT_EMA_GRID",
     "DEFAULT_LEARNING_RATES",
@@ -118,10 +120,9 @@ def noisy_quadratic_model(
         counts = np.ones_like(curvatures)
         return NoisyQuadraticModel(_read_only(curvatures), _read_only(noise_variances), _read_only(counts),
                                    float(initial_variance))
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer or None, got {n_bins!r}")
-    edges = np.geomspace(curvatures.min(), curvatures.max(), int(n_bins) + 1)
-    index = np.clip(np.searchsorted(edges, curvatures, side="right") - 1, 0, int(n_bins) - 1)
+    n_bins = check_int(n_bins, "n_bins", 1)
+    edges = np.geomspace(curvatures.min(), curvatures.max(), n_bins + 1)
+    index = np.clip(np.searchsorted(edges, curvatures, side="right") - 1, 0, n_bins - 1)
     counts = np.bincount(index, minlength=n_bins).astype(np.float64)
     sum_h = np.bincount(index, weights=curvatures, minlength=n_bins)
     sum_c = np.bincount(index, weights=noise_variances, minlength=n_bins)
@@ -136,8 +137,7 @@ def noisy_quadratic_model(
 
 def paper_model(dim: int = 10_000, n_bins: int | None = 100, *, initial_variance: float = 1.0) -> NoisyQuadraticModel:
     """The paper's default NQM (section 3.5): h_i = 1/i for i = 1..d, C = H, d = 10^4, 100 bins."""
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    dim = check_int(dim, "dim", 1)
     return noisy_quadratic_model(1.0 / np.arange(1, dim + 1), n_bins=n_bins, initial_variance=initial_variance)
 
 
@@ -466,11 +466,12 @@ def _exact_crossings(model: NoisyQuadraticModel, precondition_power: float, lear
     return current + 1
 
 
-def _validate_target(target: float, max_steps: int) -> None:
+def _validate_target(target: float, max_steps: int | None = None) -> None:
+    """A positive finite target risk and, unless None, an int max_steps in [1, 2^50]."""
     if not (np.isfinite(target) and target > 0):
         raise ValueError(f"target must be a positive risk, got {target!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or not 1 <= max_steps <= 2**50:
-        raise ValueError(f"max_steps must be an integer in [1, 2^50], got {max_steps!r}")
+    if max_steps is not None and check_int(max_steps, "max_steps", 1) > 2**50:
+        raise ValueError(f"max_steps must be <= 2^50, got {max_steps}")
 
 
 def _finish_steps(model, optimizer_power, learning_rate, momentum, ema, batch_size, index, times, target,
@@ -632,13 +633,24 @@ def steps_vs_batch_size(
 # Critical batch size and bounds
 
 
-def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0) -> float:
+def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0, min_steps: float = 1.0) -> float:
     """Batch size where the steps first exceed perfect linear scaling by ``factor`` (log-log interpolation).
 
     Perfect scaling is S_lin(B) = E_min / B with E_min = min_B B S(B) (examples at the most data-efficient
-    batch size, normally the smallest); the crossing is searched above that batch size. For the McCandlish form S = S_min (1 + B_crit / B) the factor-2
-    crossing is exactly B_crit = E_min / S_min. Returns inf if the curve never deviates by ``factor``.
-    Points with infinite steps are ignored.
+    batch size, normally the smallest); the crossing is searched above that batch size. For the McCandlish
+    form S = S_min (1 + B_crit / B) sampled from B_0 up, the factor-2 crossing is B_crit + 2 B_0 (so B_crit
+    when B_0 << B_crit). Points with infinite or non-positive steps are ignored.
+
+    Steps to target cannot fall below one step: once one step suffices, at B_1, every larger batch also
+    takes one step, so B S grows like B and reaches ``factor`` E_min by ``factor`` B_1 at the latest, whatever
+    the optimizer does; such a crossing is an artifact of the floor, not a critical batch size. Hence points at
+    the floor (steps <= ``min_steps``) count towards E_min (one step of B_1 examples does reach the target)
+    but cannot show the crossing, and points beyond the first of them are ignored. Pass ``min_steps=0`` for a
+    continuous curve (e.g. a fitted S(B)) that has no floor.
+
+    Returns inf when the critical batch size is not resolved by the samples: the curve stays within
+    ``factor`` of perfect scaling up to the largest batch size, or up to the batch size where the steps
+    reach the floor (e.g. the NQM with p = 1 preconditioning, which needs one step from B = 2^19 on).
     """
     batch_sizes = _positive_1d(batch_sizes, "batch_sizes")
     steps = np.asarray(steps, dtype=np.float64).reshape(-1)
@@ -646,16 +658,24 @@ def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0) ->
         raise ValueError(f"steps must match batch_sizes in length, got {steps.size} and {batch_sizes.size}")
     if not factor > 1:
         raise ValueError(f"factor must exceed 1, got {factor!r}")
+    if check_finite(min_steps, "min_steps") < 0:
+        raise ValueError(f"min_steps must be >= 0, got {min_steps!r}")
     order = np.argsort(batch_sizes)
     batch_sizes, steps = batch_sizes[order], steps[order]
     finite = np.isfinite(steps) & (steps > 0)
     if finite.sum() < 2:
         raise ValueError("critical_batch_size needs at least two batch sizes with finite positive steps")
     batch_sizes, steps = batch_sizes[finite], steps[finite]
+    at_floor = np.nonzero(steps <= min_steps)[0]
+    if at_floor.size:  # larger batches than the first one at the floor say nothing about the scaling
+        batch_sizes, steps = batch_sizes[: at_floor[0] + 1], steps[: at_floor[0] + 1]
     log_ratio = np.log(batch_sizes * steps / np.min(batch_sizes * steps))  # log(S / S_lin)
     threshold = np.log(factor)
     most_efficient = int(np.argmin(log_ratio))
-    above = np.nonzero(log_ratio[most_efficient:] >= threshold)[0]
+    crossing = log_ratio[most_efficient:] >= threshold
+    if at_floor.size:
+        crossing[-1] = False  # the point at the floor cannot show the crossing
+    above = np.nonzero(crossing)[0]
     if above.size == 0:
         return float("inf")
     first = most_efficient + above[0]
@@ -686,8 +706,7 @@ def lower_bound_steps(model: NoisyQuadraticModel, batch_sizes: Any, target: floa
     """
     _validate_model(model)
     batch_sizes = _positive_1d(batch_sizes, "batch_sizes")
-    if not (np.isfinite(target) and target > 0):
-        raise ValueError(f"target must be a positive risk, got {target!r}")
+    _validate_target(target)
     examples = np.sum(model.counts * model.noise_variances / model.curvatures) / (2.0 * target)
     return examples / batch_sizes
 

@@ -233,10 +233,92 @@ def test_no_optimizer_beats_the_lower_bounds(curves, paper):
     assert np.all(nqm.bayes_lower_bound_risk(paper, examples) <= paper.dim / (2 * examples))
 
 
-def test_mccandlish_fit_of_a_curve(curves):
-    fit = nqm.fit_scaling_curve(curves["momentum"], n_bootstrap=200)
+def scaling_curve(batch_sizes, steps):
+    """A hand-made ScalingCurve (hyperparameters unknown: nan)."""
+    batch_sizes, steps = np.asarray(batch_sizes, dtype=float), np.asarray(steps, dtype=float)
+    nan = np.full(batch_sizes.size, np.nan)
+    return nqm.ScalingCurve(nqm.OptimizerSetting(), batch_sizes, steps, nan, nan, nan, 0.01,
+                            np.zeros(batch_sizes.size, dtype=bool))
+
+
+def test_mccandlish_fit_recovers_an_exact_curve():
+    s_min, b_crit = 37.0, 3000.0
+    steps = s_min * (1.0 + b_crit / BATCH_SIZES)
+    steps[3] = np.inf  # a batch size that never reached the target is left out of the fit
+    fit = nqm.fit_scaling_curve(scaling_curve(BATCH_SIZES, steps), n_bootstrap=20)
+    assert fit.b_crit == pytest.approx(b_crit, rel=1e-6)
+    assert fit.s_min == pytest.approx(s_min, rel=1e-6)
+    assert fit.e_min == pytest.approx(s_min * b_crit, rel=1e-6)
+    assert fit.log_residual_std < 1e-6
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_mccandlish_fit_agrees_with_the_factor_2_critical_batch_size(curves, name):
+    curve = curves[name]
+    fit = nqm.fit_scaling_curve(curve, n_bootstrap=200)
     assert fit.b_crit_interval[0] <= fit.b_crit <= fit.b_crit_interval[1]
-    assert fit.b_crit == pytest.approx(critical(curves["momentum"]), rel=1.0)
+    # Why the bound holds: let r = max_i |log S_i - log S_fit(B_i)| over the sampled points (all finite
+    # here). Then B_i S_i = E_fit(B_i) e^(+-r) with E_fit(B) = S_min (B + B_crit) increasing in B, so the
+    # data's E_min lies within e^(+-r) of E_fit(B_0) and the ratio B S / E_min of critical_batch_size lies
+    # within e^(+-2r) of f(B) = (B + B_crit) / (B_0 + B_crit). The crossing B_2 interpolates that ratio
+    # linearly in log-log between two grid points one octave apart (BATCH_SIZES are powers of 2, all
+    # finite and above the one-step floor here); log f is convex in log B with second derivative <= 1/4,
+    # so the chord exceeds log f by at most gap = (1/4) (log 2)^2 / 8. Hence
+    # 2 e^(-2r - gap) <= f(B_2) <= 2 e^(2r), which brackets B_2 since f is increasing.
+    # The McCandlish form describes these curves to r < 0.25, so the bracket is informative: within
+    # [0.19, 2.3] B_crit at worst; for the actual r = 0.16 (SGD and momentum) it is [0.42, 1.78] B_crit,
+    # and the factor-2 critical batch sizes sit at 1.41 and 1.32 B_crit.
+    residuals = np.log(curve.steps) - np.log(fit.s_min * (1.0 + fit.b_crit / curve.batch_sizes))
+    r = np.max(np.abs(residuals))
+    assert r < 0.25, r
+    gap = np.log(2.0) ** 2 / 32
+    b0 = curve.batch_sizes.min()
+    low = 2.0 * np.exp(-2 * r - gap) * (b0 + fit.b_crit) - fit.b_crit
+    high = 2.0 * np.exp(2 * r) * (b0 + fit.b_crit) - fit.b_crit
+    assert low <= critical(curve) <= high, (low, critical(curve), high, fit.b_crit)
+
+
+def test_critical_batch_size_of_the_mccandlish_form():
+    # S = S_min (1 + B_crit / B) sampled from B_0 up: B S / E_min = (B + B_crit) / (B_0 + B_crit) = 2 exactly
+    # at B = B_crit + 2 B_0, here a sampled batch size, so no interpolation error.
+    s_min, b_crit, b0 = 0.5, 1000.0, 1.0
+    batch_sizes = np.array([1.0, 10.0, 100.0, 500.0, 1002.0, 2000.0, 10_000.0])
+    steps = s_min * (1.0 + b_crit / batch_sizes)
+    assert nqm.critical_batch_size(batch_sizes, steps, min_steps=0) == pytest.approx(b_crit + 2 * b0, rel=1e-9)
+    # with the default one-step floor, S < 1 at B >= 1002 would hide the crossing
+    assert nqm.critical_batch_size(batch_sizes, steps) == np.inf
+
+
+def test_critical_batch_size_is_not_an_artifact_of_the_one_step_floor():
+    batch_sizes = 2.0 ** np.arange(10)
+    # perfect scaling down to one step at B = 2^7; at 2^8 and 2^9 one step is still the least possible, so
+    # B S = 2 and 4 E_min there without any departure from linear scaling: unresolved, not 2^8
+    perfect = [128, 64, 32, 16, 8, 4, 2, 1, 1, 1]
+    assert nqm.critical_batch_size(batch_sizes, perfect) == np.inf
+    assert nqm.critical_batch_size(batch_sizes, perfect, min_steps=0) == pytest.approx(256.0)  # the artifact
+    # the shape of the NQM p = 1 curve: E_min is reached at the first one-step point (B = 2^7 here)
+    preconditioned = [600, 300, 160, 74, 37, 18, 10, 1, 1, 1]
+    assert nqm.critical_batch_size(batch_sizes, preconditioned) == np.inf
+    # sparse sampling: the factor-2 point is the first one-step point itself, which cannot show a bend
+    assert nqm.critical_batch_size([1.0, 8.0], [4.0, 1.0]) == np.inf
+    assert nqm.critical_batch_size([1.0, 8.0], [4.0, 1.0], min_steps=0) == pytest.approx(8.0)
+    # a bend resolved above the floor is kept: B S = 64, 64, 80, 128 (= 2 E_min at B = 8), ..., then one step
+    bent = [64, 32, 20, 16, 12, 4, 1]
+    assert nqm.critical_batch_size(batch_sizes[:7], bent) == pytest.approx(8.0)
+    assert nqm.critical_batch_size(batch_sizes[:7], bent, min_steps=0) == pytest.approx(8.0)
+    # an unsorted curve with an unreached batch size gives the same answer
+    order = np.array([6, 2, 0, 5, 1, 4, 3])
+    assert nqm.critical_batch_size(np.r_[batch_sizes[:7][order], 2.0**10],
+                                   np.r_[np.array(bent, float)[order], np.inf]) == pytest.approx(8.0)
+
+
+def test_critical_batch_size_of_the_nqm_p1_curve_is_unresolved(curves):
+    p1 = curves["p=1"]
+    first_one_step = p1.batch_sizes[np.argmax(p1.steps == 1)]
+    assert p1.steps.min() == 1 and first_one_step < p1.batch_sizes.max()
+    assert critical(p1) == np.inf
+    # without the floor handling, the answer would be twice the first one-step batch size: the artifact
+    assert nqm.critical_batch_size(p1.batch_sizes, p1.steps, min_steps=0) == pytest.approx(2 * first_one_step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +340,38 @@ def test_bad_inputs_raise_clear_errors():
         nqm.expected_risk(SMALL_MODEL, "sgd", 0.1, 1.0, [1])
     with pytest.raises(ValueError, match="steps"):
         nqm.expected_risk(SMALL_MODEL, nqm.OptimizerSetting(), 0.1, 1.0, [1.5])
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: nqm.paper_model(dim=0), ValueError, "dim must be >= 1"),
+        (lambda: nqm.paper_model(dim=10.0), TypeError, "dim must be an int"),
+        (lambda: nqm.paper_model(dim=10, n_bins=0), ValueError, "n_bins must be >= 1"),
+        (lambda: nqm.paper_model(dim=10, n_bins=True), TypeError, "n_bins must be an int"),
+        (lambda: nqm.noisy_quadratic_model([1.0, 0.5], n_bins=2.5), TypeError, "n_bins must be an int"),
+        (lambda: nqm.steps_to_target(SMALL_MODEL, nqm.OptimizerSetting(), 0.1, 1.0, max_steps=0), ValueError,
+         "max_steps must be >= 1"),
+        (lambda: nqm.steps_to_target(SMALL_MODEL, nqm.OptimizerSetting(), 0.1, 1.0, max_steps=2**51), ValueError,
+         "max_steps must be <= 2"),
+        (lambda: nqm.steps_to_target(SMALL_MODEL, nqm.OptimizerSetting(), 0.1, 1.0, max_steps=1e6), TypeError,
+         "max_steps must be an int"),
+        (lambda: nqm.steps_vs_batch_size(SMALL_MODEL, nqm.OptimizerSetting(), [1.0], target=0.0), ValueError,
+         "target"),
+        (lambda: nqm.lower_bound_steps(SMALL_MODEL, [1.0], target=-1.0), ValueError, "target"),
+        (lambda: nqm.critical_batch_size([1.0, 2.0], [2.0, 1.5], min_steps=-1), ValueError, "min_steps"),
+    ],
+)
+def test_integer_and_target_arguments_are_checked(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_numpy_integers_are_accepted():
+    model = nqm.paper_model(dim=np.int64(20), n_bins=np.int32(5))
+    assert model.dim == 20 and model.curvatures.size <= 5
+    steps = nqm.steps_to_target(model, nqm.OptimizerSetting(), 0.5, 4.0, target=0.5, max_steps=np.int64(1000))
+    assert np.isfinite(steps).all()
 
 
 def test_cli_prints_steps_and_critical_batch(capsys, paper):
