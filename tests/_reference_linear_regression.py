@@ -46,6 +46,48 @@ class LinearRegressionProblem:
         gradient, r = self.gradient, self.offset
         return np.outer(gradient, gradient) + (r @ self.covariance @ r + self.noise_sd**2) * self.covariance
 
+    # Scalar closed forms of the module docstring, written with r and D only (not through gradient_covariance),
+    # so that the tests can check them against the matrix expressions as well.
+    def _quadratic(self, power: int) -> float:
+        """r^T D^power r."""
+        r = self.offset
+        return float(r @ np.linalg.matrix_power(self.covariance, power) @ r)
+
+    @property
+    def _isotropic_factor(self) -> float:
+        """r^T D r + sigma^2, the factor of D in Sigma."""
+        return self._quadratic(1) + self.noise_sd**2
+
+    @property
+    def trace_sigma(self) -> float:
+        """tr(Sigma) = r^T D^2 r + (r^T D r + sigma^2) tr(D)."""
+        return self._quadratic(2) + self._isotropic_factor * float(np.trace(self.covariance))
+
+    @property
+    def grad_sqnorm(self) -> float:
+        """|G|^2 = r^T D^2 r."""
+        return self._quadratic(2)
+
+    @property
+    def trace_h_sigma(self) -> float:
+        """tr(H Sigma) = r^T D^3 r + (r^T D r + sigma^2) tr(D^2)."""
+        return self._quadratic(3) + self._isotropic_factor * float(np.trace(self.covariance @ self.covariance))
+
+    @property
+    def g_h_g(self) -> float:
+        """G^T H G = r^T D^3 r."""
+        return self._quadratic(3)
+
+    @property
+    def b_simple(self) -> float:
+        """B_simple = tr(Sigma)/|G|^2."""
+        return self.trace_sigma / self.grad_sqnorm
+
+    @property
+    def b_noise(self) -> float:
+        """B_noise = tr(H Sigma)/(G^T H G)."""
+        return self.trace_h_sigma / self.g_h_g
+
     def sample(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
         inputs = rng.multivariate_normal(np.zeros(len(self.true_weights)), self.covariance, size=size)
         targets = inputs @ self.true_weights + self.noise_sd * rng.standard_normal(size)

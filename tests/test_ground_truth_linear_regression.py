@@ -10,6 +10,7 @@ from torch import nn
 from _reference_linear_regression import random_problem
 from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale, two_batch_noise_scale
 from noisescale.hessian import hessian_noise_scale
+from noisescale.monitor import measure
 
 DIM = 6
 
@@ -45,6 +46,15 @@ def test_closed_form_sigma_matches_monte_carlo():
     # the closed form is not trivially close: dropping the D r r^T D term must be detected
     isotropic_part = problem.gradient_covariance - np.outer(problem.gradient, problem.gradient)
     assert np.any(np.abs(sample_covariance - isotropic_part) > 4.5 * standard_error)
+
+
+def test_scalar_closed_forms_match_the_matrix_expressions():
+    problem = random_problem(seed=12, dim=DIM, offset_scale=1.0)
+    covariance, sigma, gradient = problem.covariance, problem.gradient_covariance, problem.gradient
+    assert problem.trace_sigma == pytest.approx(np.trace(sigma), rel=1e-12)
+    assert problem.grad_sqnorm == pytest.approx(gradient @ gradient, rel=1e-12)
+    assert problem.trace_h_sigma == pytest.approx(np.trace(problem.hessian @ sigma), rel=1e-12)
+    assert problem.g_h_g == pytest.approx(gradient @ covariance @ gradient, rel=1e-12)
 
 
 def test_analytic_per_example_gradients_match_the_torch_model():
@@ -112,3 +122,54 @@ def test_hessian_quantities_match_closed_forms():
     _assert_within_standard_errors([r.fisher_trace for r in results], np.trace(sigma) + problem.gradient @ problem.gradient)
     for result in results[:5]:  # the probe standard error is a per-batch quantity, present and positive
         assert result.trace_h_stderr > 0
+
+
+def _ratio_of_means_relative_stderr(numerators, denominators) -> float:
+    """Delta-method relative standard error of mean(numerators)/mean(denominators) over independent batches."""
+    numerators, denominators = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    ratio = numerators.mean() / denominators.mean()
+    residual_sd = np.std(numerators - ratio * denominators, ddof=1)
+    return residual_sd / np.sqrt(len(numerators)) / abs(denominators.mean()) / abs(ratio)
+
+
+def test_monitor_b_simple_and_b_noise_at_fixed_weights_match_closed_forms():
+    """The monitor itself (through the offline ``measure``: many independent batches at the same w, no optimizer
+    step, gradients zeroed between batches) against the closed forms tr(Sigma)/|G|^2 and tr(H Sigma)/(G^T H G)."""
+    problem = random_problem(seed=15, dim=DIM, offset_scale=1.0)
+    # B_simple ~ 9.9 and B_noise ~ 14.2 here: they differ by ~44 %, so reporting one for the other fails both checks
+    assert abs(problem.b_noise / problem.b_simple - 1) > 0.25
+    model = _torch_model(problem)
+    weights_before = model.weight.detach().clone()
+    rng = np.random.default_rng(13)
+    num_batches, batch_size, hessian_every = 400, 256, 2
+    batches = [tuple(torch.from_numpy(a) for a in problem.sample(rng, batch_size)) for _ in range(num_batches)]
+    # Averaging windows: the parameters do not move, so the right average is the plain mean over all batches. With
+    # decay 0.9999 the EMA weights decay^(t-k) over t = 400 batches (200 Hessian steps) all lie in [0.96, 1]: Kish's
+    # effective sample size is > 99.9 % of the number of updates, i.e. the monitor's averages are the means over all
+    # batches up to < 0.1 % reweighting. Their sampling errors, computed below from the per-batch estimates in the
+    # history, come out at ~0.7 % for B_simple (limit 5 %) and ~2.6 % for B_noise (limit 10 %; 128 per-example
+    # deviations and a 128-example Hessian half per Hessian step); the test asserts both are below a third of the
+    # limit, so a deviation beyond the limit is a > 3-sigma event, not sampling noise.
+    monitor = measure(model, _squared_error, batches, progress=False, ema_decay=0.9999, hessian_every=hessian_every,
+                      hessian_ema_decay=0.9999, hessian_examples=batch_size // 2, hessian_probes=2, seed=14)
+    summary, history = monitor.summary(), monitor.history
+
+    assert torch.equal(model.weight.detach(), weights_before) and model.weight.grad is None  # fixed w, no step
+    assert summary.steps == num_batches and summary.examples_seen == num_batches * batch_size
+    hessian_rows = history.dropna(subset=["g_h_g"])
+    assert len(hessian_rows) == num_batches // hessian_every
+    assert monitor.average.effective_sample_size > 0.999 * num_batches
+    assert monitor.hessian_average.effective_sample_size > 0.999 * len(hessian_rows)
+
+    b_simple_stderr = _ratio_of_means_relative_stderr(history["trace_sigma"], history["grad_sqnorm"])
+    b_noise_stderr = _ratio_of_means_relative_stderr(hessian_rows["trace_h_sigma"], hessian_rows["g_h_g"])
+    assert b_simple_stderr < 0.05 / 3 and b_noise_stderr < 0.10 / 3, (b_simple_stderr, b_noise_stderr)
+
+    # the monitor's final moving-average B_simple (summary and last history row agree) within 5 %
+    assert history["b_simple"].iloc[-1] == summary.b_simple
+    assert summary.b_simple == pytest.approx(problem.b_simple, rel=0.05)
+    # its moving-average B_noise within 10 %
+    assert hessian_rows["b_noise"].iloc[-1] == summary.b_noise
+    assert summary.b_noise == pytest.approx(problem.b_noise, rel=0.10)
+    # the monitor's Hutchinson tr(H) within 3 standard errors of tr(D)
+    _assert_within_standard_errors(hessian_rows["trace_h"], np.trace(problem.covariance))
