@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,26 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+class TrainingJob(NamedTuple):
+    train_set: Any
+    test_set: Any
+    network: torch.nn.Module  # the bare model: evaluate on it (no collectives)
+    model: torch.nn.Module  # the one to train: ``network`` in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+
+
+def build_training_job(model_spec: str | None, data: str | None, device: torch.device, *, seed: int,
+                       learning_rate: float, momentum: float) -> TrainingJob:
+    """Seeded set-up shared by ``measure`` and ``train``: Fashion-MNIST, the model on ``device`` (wrapped for DDP
+    inside :func:`distributed_job`) and SGD with momentum over it."""
+    torch.manual_seed(seed)
+    train_set, test_set = load_fashion_mnist(data)
+    network = load_model_factory(model_spec)().to(device)
+    model = data_parallel(network, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    return TrainingJob(train_set, test_set, network, model, optimizer)
+
+
 @dataclass(frozen=True)
 class MeasureOutcome:
     summary: NoiseScaleSummary
@@ -145,12 +166,10 @@ def run_measure(
     start = time.perf_counter()
     main = is_main_process()
     with distributed_job(device) as target_device:
-        torch.manual_seed(seed)
-        train, test = load_fashion_mnist(data)
-        network = load_model_factory(model_spec)().to(target_device)
-        model = data_parallel(network, target_device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-        trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train, batch_size=batch_size,
+        job = build_training_job(model_spec, data, target_device, seed=seed, learning_rate=learning_rate,
+                                 momentum=momentum)
+        trainer = AdaptiveTrainer(job.model, per_example_cross_entropy, job.optimizer, job.train_set,
+                                  batch_size=batch_size,
                                   monitor_options={"backend": backend, "hessian_every": hessian_every, "seed": seed},
                                   device=target_device, seed=seed, progress=False)
         with trainer, tqdm(total=steps, desc="measure", disable=not (progress and main)) as bar:
@@ -159,7 +178,7 @@ def run_measure(
                 bar.update()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", b_simple=f"{trainer.monitor.average.b_simple:.4g}")
         monitor = trainer.monitor
-        test_accuracy = evaluate_accuracy(network, test, target_device)  # the bare module: no collectives
+        test_accuracy = evaluate_accuracy(job.network, job.test_set, target_device)
     history_csv = figure_png = None
     if main:
         out_dir = Path(out_dir)
@@ -170,7 +189,7 @@ def run_measure(
     return MeasureOutcome(
         summary=monitor.summary(),
         test_accuracy=test_accuracy,
-        data_source=_describe(train.info),
+        data_source=_describe(job.train_set.info),
         history_csv=history_csv,
         figure_png=figure_png,
         seconds=time.perf_counter() - start,

@@ -375,7 +375,7 @@ class AdaptiveTrainer:
         else:
             noise_scale = average.b_simple if average.num_updates else math.nan
         new_batch_size = self.policy.step(noise_scale)
-        if self.monitor.process_group is not None:  # rank 0 decides; every rank adopts its policy state
+        if self.monitor.process_group is not None:  # every rank adopts rank 0's policy state: one decision
             self.policy.load_state_dict(broadcast_from_first_rank(self.policy.state_dict(), self.monitor.process_group))
             new_batch_size = self.policy.batch_size
         if new_batch_size != batch_size:
@@ -589,28 +589,24 @@ def run_train(
     """Train a model (default LeNet-5 on Fashion-MNIST) with SGD + momentum in one of TRAIN_MODES; evaluate on
     the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given. Under
     torchrun it runs data-parallel (:func:`noisescale.jobs.distributed_job`); rank 0 alone writes files."""
-    from noisescale.data import load_fashion_mnist
     from noisescale.jobs import (
-        data_parallel, distributed_job, evaluate_accuracy, is_main_process, load_model_factory,
-        per_example_cross_entropy,
+        build_training_job, distributed_job, evaluate_accuracy, is_main_process, per_example_cross_entropy,
     )
     from noisescale.plot import plot_training_curves, save_figure
 
     main = is_main_process()
     with distributed_job(device) as target_device:
-        torch.manual_seed(seed)
-        train_set, test_set = load_fashion_mnist(data)
+        job = build_training_job(model_spec, data, target_device, seed=seed, learning_rate=learning_rate,
+                                 momentum=momentum)
+        train_set = job.train_set
         if train_examples is not None:
             check_int(train_examples, "train_examples", 2)
             train_set = TensorDataset(*(tensor[:train_examples] for tensor in train_set.tensors))
-        network = load_model_factory(model_spec)().to(target_device)
-        model = data_parallel(network, target_device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
                                         learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
                                         kappa=kappa, granularity=world_size)
-        trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, train_set, **source,
+        trainer = AdaptiveTrainer(job.model, per_example_cross_entropy, job.optimizer, train_set, **source,
                                   max_micro_batch=max_micro_batch, lr_coupling=lr_coupling,
                                   policy_noise_scale=noise_scale, monitor_options={"hessian_every": hessian_every},
                                   device=target_device, amp=amp, seed=seed, progress=progress and main)
@@ -625,7 +621,7 @@ def run_train(
             evaluations.append({"epoch": trainer.epoch, "step": trainer.steps,
                                 "examples_seen": int(row["examples_seen"]), "seconds": trainer.seconds,
                                 "batch_size": int(row["batch_size"]), "learning_rate": float(row["learning_rate"]),
-                                "test_accuracy": evaluate_accuracy(network, test_set, target_device)})
+                                "test_accuracy": evaluate_accuracy(job.network, job.test_set, target_device)})
             if checkpoint is not None and main:
                 Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
