@@ -16,16 +16,21 @@ How: :class:`DDPNoiseScale` registers a DDP communication hook that wraps a redu
 :func:`mean_allreduce_hook`, DDP's own scale-then-sum all-reduce written as a hook). For every gradient bucket
 it adds the squared norm of the bucket buffer before the all-reduce (this rank's local gradient; under
 ``no_sync()`` accumulation the buffer is filled on the synchronising backward with the accumulated local
-gradient) and, in the future's callback, the squared norm of the all-reduced (averaged) bucket. Summing over buckets gives |g_r|^2 and |g_big|^2. The hook of the last bucket
-(``GradBucket.is_last()``) launches the one extra all-reduce per step, asynchronously so that it overlaps DDP's
-final bucket: three float64 numbers, the local squared norm and the local batch size and its square, whose
-sums give the mean of |g_r|^2 over ranks and tell whether the local batch sizes agree. |g_big|^2 is computed on
-every rank from the same all-reduced bytes. Every rank therefore decides from identical numbers whether the step
-is finite (a NaN on one rank reaches all of them through both all-reduces) and records the same estimate.
+gradient) and, in the future's callback, the squared norm of the all-reduced (averaged) bucket. Summing over
+buckets gives |g_r|^2 and |g_big|^2. The ranks' |g_r|^2 must be summed too: the hook of the last bucket
+(``GradBucket.is_last()``) appends two numbers to that bucket's own all-reduce, this rank's local squared norm
+and a flag that its local batch size changed, so the default costs no extra collective (one bucket-sized copy
+instead). A wrapped hook of your own, or a half-precision bucket, gets one extra asynchronous all-reduce of the
+two numbers in float64. When the flags sum to more than zero, every rank runs one more all-reduce of (b, b^2) to
+check that the local batch sizes agree. |g_big|^2 is computed on every rank from the same all-reduced bytes.
+Every rank therefore decides from identical numbers whether the step is finite (a NaN on one rank reaches all
+of them through the all-reduce) and records the same estimate.
 
-The hook leaves the gradients as the wrapped hook makes them: with the default they are bit-identical to DDP
-without a hook (PyTorch's ``allreduce_hook`` divides by R where DDP multiplies by 1/R, which differs in the last
-bit when R is not a power of two).
+The hook leaves the gradients as the wrapped hook makes them. With the default they equal DDP without a hook:
+bit for bit in the tests (3 gloo ranks, float32 and float64), since the bucket is scaled by 1/R as DDP does it
+(PyTorch's ``allreduce_hook`` divides by R instead, which differs in the last bit when R is not a power of two).
+For R > 2 a backend that splits the lengthened last bucket into different chunks could add an element's R terms
+in another order, a last-bit difference; two ranks add in one order only.
 
 The gradients must be the mean over the local batch (divide each micro-batch loss by the number of
 accumulation steps); with AMP, pass the loss scale as ``grad_scale`` so the squared norms are unscaled.
@@ -48,14 +53,17 @@ from noisescale.estimators import (
     NoiseScaleEstimate,
     two_batch_noise_scale,
 )
+from noisescale.hessian import HessianNoiseScale
 
 __all__ = [
     "DDPNoiseScale",
     "mean_allreduce_hook",
     "combine_per_example_sums",
     "all_reduce_per_example_sums",
+    "all_reduce_hessian_proxies",
     "all_gather_concat",
     "broadcast_from_first_rank",
+    "unwrapped_module",
 ]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -81,6 +89,13 @@ def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.Gr
 
 
 mean_allreduce_hook.__annotations__ = {}  # DDP checks annotations and rejects the strings of __future__.annotations
+
+
+def unwrapped_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the model itself otherwise): its forward runs
+    without DDP's gradient all-reduce, and its state_dict has no ``module.`` prefix, so a checkpoint saved
+    under DDP loads into a single-process model and back."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _world_size(group: dist.ProcessGroup | None) -> int:
@@ -153,7 +168,8 @@ class DDPNoiseScale:
         self._wrapped_hook = wrapped_hook
         self._local_sqnorm: torch.Tensor | None = None
         self._global_sqnorm: torch.Tensor | None = None
-        self._pending: tuple[torch.Tensor, dist.Work] | None = None
+        self._pending: tuple[torch.futures.Future, int, int] | None = None  # (totals future, offset, batch)
+        self._agreed_batch_size: int | None = None  # the local batch size all ranks were last checked to share
         self._unread_backwards = 0
         self._rows: list[dict[str, Any]] = []
         ddp_model.register_comm_hook(self.process_group, self._hook)
@@ -169,30 +185,68 @@ class DDPNoiseScale:
 
     # ------------------------------------------------------------------ the hook (runs inside DDP's backward)
     def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations
-        """Communication hook: add |local bucket|^2, run the wrapped hook, add |reduced bucket|^2 when done."""
+        """Communication hook: add |local bucket|^2, reduce the bucket, add |reduced bucket|^2 when done.
+
+        The last bucket's hook also reduces this step's totals (the local squared norm, summed over buckets,
+        and a flag for a changed local batch size): inside that bucket's own all-reduce when the reduction is
+        the default :func:`mean_allreduce_hook` on a float32/float64 bucket, else in one extra all-reduce.
+        """
         measuring = (self.step + self._unread_backwards) % self.measure_every == 0
         if bucket.is_last():
             self._unread_backwards += 1
         if not measuring:
             return self._wrapped_hook(state, bucket)
-        local = _squared_norm(bucket.buffer())  # before the wrapped hook averages the buffer in place
+        buffer = bucket.buffer()
+        local = _squared_norm(buffer)  # before the reduction averages the buffer in place
         self._local_sqnorm = local if self._local_sqnorm is None else self._local_sqnorm + local
-        if bucket.is_last():  # every other bucket's hook has run: reduce the local total alongside this bucket
-            batch = float(self._local_batch_size)
-            moments = torch.tensor([batch, batch * batch], dtype=torch.float64, device=local.device)
-            totals = torch.cat([self._local_sqnorm.reshape(1), moments])
-            self._pending = (totals, dist.all_reduce(totals, group=self.process_group, async_op=True))
+        totals = None
+        if bucket.is_last():  # every other bucket's hook has run: the local total is complete
+            changed = float(self._local_batch_size != self._agreed_batch_size)
+            totals = torch.stack([self._local_sqnorm, torch.tensor(changed, dtype=torch.float64, device=local.device)])
             self._local_sqnorm = None
+        if self._wrapped_hook is mean_allreduce_hook and buffer.dtype in (torch.float32, torch.float64):
+            return self._mean_allreduce(buffer, totals)
+        if totals is not None:
+            future = dist.all_reduce(totals, group=self.process_group, async_op=True).get_future()
+            self._pending = (future, 0, self._local_batch_size)
 
-        def add_reduced_sqnorm(future: torch.futures.Future) -> torch.Tensor:
-            reduced = future.value()
-            reduced_sqnorm = _squared_norm(reduced)
-            self._global_sqnorm = (
-                reduced_sqnorm if self._global_sqnorm is None else self._global_sqnorm + reduced_sqnorm
-            )
-            return reduced
+        def add_reduced_sqnorm(done: torch.futures.Future) -> torch.Tensor:
+            return self._add_global_sqnorm(done.value())
 
         return self._wrapped_hook(state, bucket).then(add_reduced_sqnorm)
+
+    def _mean_allreduce(self, buffer: torch.Tensor, totals: torch.Tensor | None) -> torch.futures.Future:
+        """:func:`mean_allreduce_hook` whose one callback also adds |averaged bucket|^2. With ``totals`` (last
+        bucket) they ride along, appended unscaled in the bucket's dtype: one collective instead of two, for one
+        bucket-sized copy. The future's value is the averaged bucket (a view DDP copies out when it is one)."""
+        size = buffer.numel()
+        tensor = buffer if totals is None else torch.cat([buffer, totals.to(buffer.dtype)])
+        tensor[:size].mul_(1.0 / self.world_size)  # DDP's own arithmetic, as in mean_allreduce_hook
+        future = dist.all_reduce(tensor, group=self.process_group, async_op=True).get_future()
+        if totals is not None:
+            self._pending = (future, size, self._local_batch_size)
+        return future.then(lambda done: self._add_global_sqnorm(done.value()[0][:size]))
+
+    def _add_global_sqnorm(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Add |all-reduced bucket|^2 to the step's global squared norm; returns the bucket."""
+        reduced_sqnorm = _squared_norm(reduced)
+        self._global_sqnorm = reduced_sqnorm if self._global_sqnorm is None else self._global_sqnorm + reduced_sqnorm
+        return reduced
+
+    def _check_batch_sizes_agree(self, batch: int, device: torch.device) -> None:
+        """One float64 all-reduce of (b, b^2), run by every rank when any rank's local batch size changed:
+        zero variance over ranks <=> every rank has the same local batch size."""
+        moments = torch.tensor([batch, batch * batch], dtype=torch.float64, device=device)
+        dist.all_reduce(moments, group=self.process_group)
+        batch_sum, batch_sqsum = moments.tolist()
+        if batch_sqsum * self.world_size != batch_sum**2:
+            self._agreed_batch_size = None
+            raise ValueError(
+                f"local batch sizes differ across ranks (mean {batch_sum / self.world_size:g}, this rank {batch}): "
+                "DDP averages the rank gradients with equal weights, so the two-batch estimate needs equal local "
+                "batches"
+            )
+        self._agreed_batch_size = batch
 
     # ------------------------------------------------------------------ per step
     def step_estimate(self, *, grad_scale: float = 1.0) -> NoiseScaleEstimate | None:
@@ -219,19 +273,15 @@ class DDPNoiseScale:
             return None
         if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
-        totals, work = self._pending
-        work.wait()
-        local_sum, batch_sum, batch_sqsum = totals.tolist()
+        future, start, batch = self._pending
+        totals = future.wait()[0][start:]
+        local_sum, changed = totals.tolist()
         global_sqnorm = float(self._global_sqnorm)
         self._pending = self._global_sqnorm = None
-        batch = self._local_batch_size
+        if changed > 0:  # the same sum on every rank, so every rank joins the check
+            self._check_batch_sizes_agree(batch, totals.device)
 
         ranks = self.world_size
-        if batch_sqsum * ranks != batch_sum**2:  # zero variance <=> every rank has the same local batch size
-            raise ValueError(
-                f"local batch sizes differ across ranks (mean {batch_sum / ranks:g}, this rank {batch}): DDP "
-                "averages the rank gradients with equal weights, so the two-batch estimate needs equal local batches"
-            )
         unscale = 1.0 / float(grad_scale) ** 2
         local_sqnorm = local_sum / ranks * unscale
         global_sqnorm = global_sqnorm * unscale
@@ -320,6 +370,33 @@ def all_reduce_per_example_sums(
     return combine_per_example_sums([total_sum], [round(total_count)], grad_sqnorm)
 
 
+def all_reduce_hessian_proxies(proxies: HessianNoiseScale, *, group: dist.ProcessGroup | None = None,
+                               device: torch.device | str = "cpu") -> HessianNoiseScale:
+    """The mean over the ranks of ``group`` of each rank's Hessian proxies (one all-reduce of five numbers).
+
+    Each rank's proxies are independent unbiased estimates from its own batch at the same parameters, so their
+    mean is one from all R batches: tr(H), G^T H G, tr(H Sigma) and the Fisher trace average, the standard error
+    of the mean tr(H) is sqrt(sum_r se_r^2) / R, and the example counts add up. Every rank gets the same result.
+    ``device`` holds the reduced numbers (this rank's GPU with NCCL).
+    """
+    ranks = _world_size(group)
+    values = torch.tensor(
+        [proxies.trace_h, proxies.trace_h_stderr**2, proxies.g_h_g, proxies.trace_h_sigma, proxies.fisher_trace],
+        dtype=torch.float64, device=device,
+    )
+    dist.all_reduce(values, group=group)
+    trace_h, stderr_sqsum, g_h_g, trace_h_sigma, fisher_trace = values.tolist()
+    return HessianNoiseScale(
+        trace_h=trace_h / ranks,
+        trace_h_stderr=math.sqrt(stderr_sqsum) / ranks,
+        g_h_g=g_h_g / ranks,
+        trace_h_sigma=trace_h_sigma / ranks,
+        fisher_trace=fisher_trace / ranks,
+        gradient_batch_size=proxies.gradient_batch_size * ranks,
+        num_sigma_examples=proxies.num_sigma_examples * ranks,
+    )
+
+
 def all_gather_concat(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The 1-D ``tensor`` of every rank of ``group`` (equal lengths), concatenated in rank order, on every rank.
 
@@ -331,11 +408,10 @@ def all_gather_concat(tensor: torch.Tensor, group: dist.ProcessGroup | None = No
     return torch.cat(parts)
 
 
-def broadcast_from_first_rank(value: Any, group: dist.ProcessGroup | None = None) -> Any:
-    """The picklable ``value`` of the group's first rank, on every rank (``broadcast_object_list``): one rank
-    decides, the others adopt its decision, so they cannot drift apart."""
+def broadcast_from_first_rank(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``tensor`` as the group's first rank holds it, on every rank (in place; one broadcast): one rank decides,
+    the others adopt its decision, so they cannot drift apart. With NCCL the tensor must be on this rank's GPU."""
     _world_size(group)
-    box = [value]
     source = dist.get_global_rank(group, 0) if group is not None and group is not dist.group.WORLD else 0
-    dist.broadcast_object_list(box, src=source, group=group)
-    return box[0]
+    dist.broadcast(tensor, src=source, group=group)
+    return tensor

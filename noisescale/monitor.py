@@ -29,11 +29,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from noisescale._checks import check_int
+from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
-from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, hessian_noise_scale
+from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
@@ -167,12 +167,7 @@ class NoiseScaleMonitor:
             loss = losses.detach().mean()
             row = {"loss": loss.item(), "measured": False}
         if self.hessian_every and self.step % self.hessian_every == 0:
-            if batch_size >= HESSIAN_NOISE_SCALE_MIN_BATCH:
-                row |= self._hessian(inputs, targets)
-            else:
-                self._warn_once("hessian_batch", f"step {self.step}: B_noise needs a batch of at least "
-                                f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {batch_size}; the Hessian proxies "
-                                "are skipped on such steps (warned once)")
+            row |= self._hessian(inputs, targets)
         self.examples_seen += batch_size
         row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size, **row}
         self._record(row)
@@ -212,10 +207,22 @@ class NoiseScaleMonitor:
         }
 
     def _hessian(self, inputs, targets) -> dict[str, float]:
+        """The Hessian proxies' history columns for this batch; none (warned once) below the minimum batch."""
+        batch_size = _batch_size(inputs)
+        if batch_size < HESSIAN_NOISE_SCALE_MIN_BATCH:
+            self._warn_once("hessian_batch", f"step {self.step}: B_noise needs a batch of at least "
+                            f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {batch_size}; the Hessian proxies "
+                            "are skipped on such steps (warned once)")
+            return {}
+        proxies = self._hessian_proxies(inputs, targets)
+        self.hessian_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
+        return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
+
+    def _hessian_proxies(self, inputs, targets) -> HessianNoiseScale:
         generator = torch.Generator().manual_seed(self.seed + self.step)
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model  # no all-reduce
-        proxies = hessian_noise_scale(
-            model,
+        return hessian_noise_scale(
+            unwrapped_module(self.model),  # no all-reduce
             self.loss_fn,
             inputs,
             targets,
@@ -223,9 +230,6 @@ class NoiseScaleMonitor:
             num_sigma_examples=self.hessian_examples,
             generator=generator,
         )
-        self.hessian_average.update(proxies.trace_h_sigma, proxies.g_h_g)
-        row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
-        return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
 
     def _record(self, row: dict[str, Any]) -> None:
         self._rows.append(row)

@@ -33,10 +33,11 @@ the sampler (same seed) and trains on its equal shard, accumulating its micro-ba
 except the last, whose backward all-reduces the gradient. One all-gather of the per-example losses and squared
 norms (B numbers) per step gives every rank the single-process estimate of the whole global batch, so the
 history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
-on every rank and rank 0's state is broadcast (one small object per step), so the ranks cannot disagree on B.
-B must stay divisible by the world size (the policy's granularity a multiple of it). Under DDP an
-out-of-memory error is raised, not retried (the other ranks already wait in the step's all-reduce), and the
-Hessian proxies (B_noise) are measured on each rank's first micro-batch, so they differ by rank.
+on every rank and rank 0's state is broadcast (two integers per step), so the ranks cannot disagree on B.
+B must stay divisible by the world size (the policy's granularity a multiple of it). The Hessian
+proxies (B_noise) are measured on each rank's first micro-batch and averaged over the ranks (one all-reduce of
+five numbers). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
+step's all-reduce).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,19 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from noisescale._checks import check_int, check_real
-from noisescale.controller import COUPLING_RULES, BatchSizeSchedule, NoiseScaleBatchPolicy, couple_learning_rate
-from noisescale.distributed import all_gather_concat, broadcast_from_first_rank
+from noisescale.controller import (
+    COUPLING_RULES,
+    BatchSizeSchedule,
+    NoiseScaleBatchPolicy,
+    NoiseScalePolicyState,
+    couple_learning_rate,
+)
+from noisescale.distributed import (
+    all_gather_concat,
+    all_reduce_hessian_proxies,
+    broadcast_from_first_rank,
+    unwrapped_module,
+)
 from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
@@ -155,14 +167,23 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         all_micro = list(per_rank[:, per_rank.shape[1] - parts:].reshape(-1)) if parts else []
         return all_losses, all_sqnorms, all_micro, sizes * world_size
 
+    def _hessian_proxies(self, inputs, targets):
+        """Under DDP the mean of every rank's proxies from its own first micro-batch: the same on every rank."""
+        proxies = super()._hessian_proxies(inputs, targets)
+        if self.process_group is None:
+            return proxies
+        device = next(self.model.parameters()).device
+        return all_reduce_hessian_proxies(proxies, group=self.process_group, device=device)
+
     @property
     def last_row(self) -> dict[str, Any]:
         """The history row of the latest step."""
         return self._rows[-1]
 
     def _accumulated_grad_sqnorm(self, loss_scale: float) -> torch.Tensor:
-        """|gbar|^2 of the batch: the squared norm of the accumulated p.grad, unscaled, in float64."""
-        total = sum(p.grad.double().square().sum() for p in self.model.parameters()
+        """|gbar|^2 of the batch: the squared norm of the accumulated p.grad, unscaled, accumulated in float64
+        (without a float64 copy of the gradient: ten times faster on CPU)."""
+        total = sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64).square() for p in self.model.parameters()
                     if p.requires_grad and p.grad is not None)
         return total / loss_scale**2
 
@@ -376,7 +397,9 @@ class AdaptiveTrainer:
             noise_scale = average.b_simple if average.num_updates else math.nan
         new_batch_size = self.policy.step(noise_scale)
         if self.monitor.process_group is not None:  # every rank adopts rank 0's policy state: one decision
-            self.policy.load_state_dict(broadcast_from_first_rank(self.policy.state_dict(), self.monitor.process_group))
+            state = torch.tensor(astuple(self.policy.state), dtype=torch.int64, device=self.device)
+            decided = broadcast_from_first_rank(state, self.monitor.process_group).tolist()
+            self.policy.state = NoiseScalePolicyState(*decided)
             new_batch_size = self.policy.batch_size
         if new_batch_size != batch_size:
             self._set_learning_rates([
@@ -414,7 +437,7 @@ class AdaptiveTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue identically (save with torch.save)."""
         return {
-            "model": self.model.state_dict(),
+            "model": unwrapped_module(self.model).state_dict(),  # no DDP "module." prefix: loads either way
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else None,
@@ -438,7 +461,7 @@ class AdaptiveTrainer:
         if self.schedule is not None and state["schedule"] != self.schedule.state_dict():
             raise ValueError(f"the checkpoint's schedule {state['schedule']} differs from this trainer's "
                              f"{self.schedule.state_dict()}")
-        self.model.load_state_dict(state["model"])
+        unwrapped_module(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         if self.policy is not None:

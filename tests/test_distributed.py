@@ -6,6 +6,7 @@ the tests compare them with references computed here in one process from the sam
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -19,13 +20,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from noisescale.controller import NoiseScaleBatchPolicy
-from noisescale.distributed import DDPNoiseScale, all_reduce_per_example_sums, combine_per_example_sums
+from noisescale.distributed import (
+    DDPNoiseScale,
+    all_reduce_per_example_sums,
+    combine_per_example_sums,
+    mean_allreduce_hook,
+)
 from noisescale.estimators import simple_noise_scale, two_batch_noise_scale
+from noisescale.hessian import hessian_noise_scale
 from noisescale.jobs import per_example_cross_entropy
+from noisescale.sampler import ResizableBatchSampler
 from noisescale.training import AdaptiveTrainer
 
 WORLD_SIZE = 3  # not a power of two: DDP scales by 1/R, which is not exact then
@@ -36,6 +45,7 @@ STEPS = 3
 LEARNING_RATE = 0.1
 NAN_STEP, NAN_RANK = 1, 1
 TRAINER_STEPS, NAN_EXAMPLE = 8, 40
+HESSIAN_STEPS, HESSIAN_SEED = 2, 7
 INPUTS, HIDDEN, CLASSES = 6, 8, 3
 SPAWN_TIMEOUT_S = 120
 
@@ -100,12 +110,36 @@ def _trainer_data(poison: bool = False) -> TensorDataset:
     return TensorDataset(inputs, torch.randint(0, CLASSES, (96,), generator=generator))
 
 
-def _adaptive_trainer(model: torch.nn.Module, dataset: TensorDataset) -> AdaptiveTrainer:
-    """B follows 4 B_simple from 12 up to 48 in multiples of 6 (= 3 ranks x 2), micro-batches of 2 per process."""
-    policy = NoiseScaleBatchPolicy(12, min_batch_size=12, max_batch_size=48, kappa=4.0, granularity=6, hold_steps=2)
+def _adaptive_trainer(model: torch.nn.Module, dataset: TensorDataset, kappa: float = 4.0) -> AdaptiveTrainer:
+    """B follows kappa B_simple from 12 up to 48 in multiples of 6 (= 3 ranks x 2), micro-batches of 2 per process."""
+    policy = NoiseScaleBatchPolicy(12, min_batch_size=12, max_batch_size=48, kappa=kappa, granularity=6, hold_steps=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
     return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, dataset, policy=policy, max_micro_batch=2,
                            lr_coupling="sqrt", monitor_options={"ema_decay": 0.5}, seed=4, progress=False)
+
+
+@contextlib.contextmanager
+def _counting_all_reduces(counter: list[int]):
+    """Count the all-reduce calls made in this process (DDP's buckets go through the Python hooks)."""
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield counter
+    finally:
+        dist.all_reduce = original
+
+
+def _hessian_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
+    """A fixed global batch of 12 (4 per rank, one micro-batch), the Hessian proxies at every step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    options = {"hessian_every": 1, "hessian_examples": MICRO_BATCH, "hessian_probes": 4, "seed": HESSIAN_SEED}
+    return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, _trainer_data(), batch_size=WORLD_SIZE * 4,
+                           monitor_options=options, seed=4, progress=False)
 
 
 def _capture_error(function) -> tuple[str, str] | None:
@@ -138,6 +172,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     sparse_noise = DDPNoiseScale(sparse, LOCAL_BATCH, ema_decay=0.5, measure_every=2)
     _train(sparse, sparse_noise, inputs64, labels, rank)
     results["every_other_history"] = sparse_noise.history
+
+    # 1b. collectives per step: the default reduction carries the totals in the last bucket's all-reduce;
+    # a wrapped hook of PyTorch's needs one extra all-reduce per measured step. Both give the same estimates.
+    for key, hook in (("mean_allreduce", mean_allreduce_hook), ("torch_allreduce", default_hooks.allreduce_hook)):
+        with _counting_all_reduces([0]) as counter:
+            bare = _ddp(_make_model(torch.float64))
+            bare.register_comm_hook(None, hook)
+            _train(bare, None, inputs64, labels, rank)
+            results[f"{key}_bare_all_reduces"] = counter[0]
+        with _counting_all_reduces([0]) as counter:
+            wrapped = _ddp(_make_model(torch.float64))
+            wrapped_noise = DDPNoiseScale(wrapped, LOCAL_BATCH, ema_decay=0.5, wrapped_hook=hook)
+            _train(wrapped, wrapped_noise, inputs64, labels, rank)
+            results[f"{key}_all_reduces"] = counter[0]
+        results[f"{key}_history"] = wrapped_noise.history
 
     # 2. float32 training with and without the hook, momentum SGD.
     inputs32 = inputs64.float()
@@ -172,13 +221,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results["per_example_estimate"] = all_reduce_per_example_sums(sum(sqnorms), LOCAL_BATCH, grad_sqnorm)
 
     # 6. the adaptive trainer under DDP (noise-scale policy, micro-batches), and with a NaN example.
-    for key, dataset in (("adaptive", _trainer_data()), ("adaptive_nan", _trainer_data(poison=True))):
-        trainer = _adaptive_trainer(_ddp(_make_model(torch.float64)), dataset)
+    # "adaptive_kappa": every rank but the first would keep the smallest batch; rank 0's decisions must rule.
+    for key, dataset, kappa in (("adaptive", _trainer_data(), 4.0), ("adaptive_nan", _trainer_data(poison=True), 4.0),
+                                ("adaptive_kappa", _trainer_data(), 4.0 if rank == 0 else 1e-3)):
+        trainer = _adaptive_trainer(_ddp(_make_model(torch.float64)), dataset, kappa)
         with trainer:
             for _ in range(TRAINER_STEPS):
                 trainer.step()
         results[f"{key}_params"] = [p.detach().clone() for p in trainer.model.parameters()]
         results[f"{key}_history"] = trainer.history
+        results[f"{key}_checkpoint"] = trainer.state_dict()
+
+    # 7. B_noise under DDP: every rank's Hessian proxies from its own shard, averaged over the ranks.
+    trainer = _hessian_trainer(_ddp(_make_model(torch.float64)))
+    with trainer:
+        for _ in range(HESSIAN_STEPS):
+            trainer.step()
+    results["hessian_history"] = trainer.history
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -243,6 +302,20 @@ def test_measure_every_measures_the_same_steps_as_every_step_measurement(rank_re
         assert every_other[columns].to_numpy() == pytest.approx(expected, rel=1e-12)
 
 
+def test_default_reduction_carries_the_totals_without_an_extra_collective(rank_results):
+    """Per step DDP all-reduces each bucket once; the default adds nothing but one (b, b^2) check at the first
+    step (the local batch size is new); a wrapped PyTorch hook adds one all-reduce per step for the totals."""
+    for result in rank_results:
+        assert result["mean_allreduce_all_reduces"] == result["mean_allreduce_bare_all_reduces"] + 1
+        assert result["torch_allreduce_all_reduces"] == result["torch_allreduce_bare_all_reduces"] + STEPS + 1
+        assert result["mean_allreduce_bare_all_reduces"] > STEPS  # more than one bucket in some backward
+        columns = ["local_sqnorm", "global_sqnorm", "grad_sqnorm", "trace_sigma", "b_simple"]
+        for key in ("mean_allreduce", "torch_allreduce"):
+            np.testing.assert_allclose(
+                result[f"{key}_history"][columns], result["estimate_history"][columns], rtol=1e-12, err_msg=key
+            )
+
+
 def test_ema_in_history_matches_estimators_average(rank_results):
     from noisescale.estimators import ExponentialMovingNoiseScale
 
@@ -292,6 +365,26 @@ def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_bat
             np.testing.assert_allclose(history[column], expected[column], rtol=1e-9, err_msg=column)
         for trained, p in zip(result["adaptive_params"], reference.model.parameters()):
             torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
+        # ranks 1 and 2 run policies with a tiny kappa, yet every rank follows rank 0's (the reference's) batches
+        assert result["adaptive_kappa_history"]["batch_size"].tolist() == expected["batch_size"].tolist()
+
+
+def test_ddp_checkpoint_resumes_in_a_single_process(rank_results):
+    """Rank 0's checkpoint after the DDP run, loaded into a one-process trainer, continues as the one-process
+    reference does: the model state has no DDP prefix and the sampler takes any number of replicas."""
+    reference = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
+    resumed = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
+    with reference, resumed:
+        for _ in range(TRAINER_STEPS):
+            reference.step()
+        resumed.load_state_dict(rank_results[0]["adaptive_checkpoint"])
+        for _ in range(2):
+            reference.step()
+            resumed.step()
+    assert resumed.history["batch_size"].tolist() == reference.history["batch_size"].tolist()
+    np.testing.assert_allclose(resumed.history["b_simple"], reference.history["b_simple"], rtol=1e-9)
+    for resumed_p, reference_p in zip(resumed.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(resumed_p, reference_p, rtol=1e-10, atol=1e-12)
 
 
 def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
@@ -302,6 +395,32 @@ def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
         pd.testing.assert_frame_equal(history, histories[0])  # the same rows on every rank, NaNs alike
         for rank0, rank_r in zip(rank_results[0]["adaptive_nan_params"], result["adaptive_nan_params"]):
             torch.testing.assert_close(rank_r, rank0, rtol=0, atol=0, equal_nan=True)
+
+
+def test_hessian_proxies_are_the_mean_over_ranks_of_each_shard(rank_results):
+    """Step 0 in one process: hessian_noise_scale on each rank's shard of the first global batch (same probes),
+    averaged; the standard errors combine as sqrt(sum se^2) / R. Every rank records the same B_noise."""
+    dataset = _trainer_data()
+    model = _make_model(torch.float64)
+    per_rank = []
+    for rank in range(WORLD_SIZE):
+        sampler = ResizableBatchSampler(len(dataset), WORLD_SIZE * 4, seed=4, num_replicas=WORLD_SIZE, rank=rank)
+        inputs, targets = dataset[next(iter(sampler))]
+        per_rank.append(hessian_noise_scale(model, per_example_cross_entropy, inputs, targets, num_probes=4,
+                                            num_sigma_examples=MICRO_BATCH,
+                                            generator=torch.Generator().manual_seed(HESSIAN_SEED)))
+    assert len({proxies.trace_h for proxies in per_rank}) == WORLD_SIZE  # the shards do differ
+    histories = [result["hessian_history"] for result in rank_results]
+    first = histories[0].iloc[0]
+    for column in ("trace_h", "g_h_g", "trace_h_sigma", "fisher_trace"):
+        expected = np.mean([getattr(proxies, column) for proxies in per_rank])
+        assert first[column] == pytest.approx(expected, rel=1e-10), column
+    expected_stderr = math.sqrt(sum(proxies.trace_h_stderr**2 for proxies in per_rank)) / WORLD_SIZE
+    assert first["trace_h_stderr"] == pytest.approx(expected_stderr, rel=1e-10)
+    columns = ["trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace", "b_noise"]
+    assert histories[0][columns].notna().all().all() and len(histories[0]) == HESSIAN_STEPS
+    for history in histories[1:]:
+        pd.testing.assert_frame_equal(history[columns], histories[0][columns])
 
 
 def test_errors_are_raised_on_every_rank(rank_results):
