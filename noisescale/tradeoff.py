@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
+from scipy.special import expit
 
 __all__ = [
     "TradeoffFit",
@@ -259,11 +260,11 @@ def _model_log_steps(log_params: np.ndarray, log_batch_sizes: np.ndarray) -> np.
 
 
 def _model_log_steps_jacobian(log_params: np.ndarray, log_batch_sizes: np.ndarray) -> np.ndarray:
-    """d log S / d (log S_min, log B_crit) = (1, B_crit / (B + B_crit))."""
+    """d log S / d (log S_min, log B_crit) = (1, B_crit / (B + B_crit)) = (1, expit(log B_crit - log B))."""
     log_b_crit = log_params[1]
     jacobian = np.empty((log_batch_sizes.size, 2))
     jacobian[:, 0] = 1.0
-    jacobian[:, 1] = 1.0 / (1.0 + np.exp(log_batch_sizes - log_b_crit))
+    jacobian[:, 1] = expit(log_b_crit - log_batch_sizes)  # no overflow when B_crit runs off to 0 in a fit
     return jacobian
 
 
