@@ -71,8 +71,8 @@ def _make_data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs.to(dtype), labels
 
 
-def _ddp(model: torch.nn.Module) -> DistributedDataParallel:
-    return DistributedDataParallel(model, bucket_cap_mb=1e-4)  # tiny buckets: several buckets per backward
+def _ddp(model: torch.nn.Module, **options) -> DistributedDataParallel:
+    return DistributedDataParallel(model, bucket_cap_mb=1e-4, **options)  # tiny buckets: several per backward
 
 
 def _accumulated_backward(model: DistributedDataParallel, inputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -195,6 +195,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     hooked_noise = DDPNoiseScale(hooked, LOCAL_BATCH)
     results["plain_params"] = _train(plain, None, inputs32, labels, rank, momentum=0.9)
     results["hooked_params"] = _train(hooked, hooked_noise, inputs32, labels, rank, momentum=0.9)
+    as_view = _ddp(_make_model(torch.float32), gradient_as_bucket_view=True)  # p.grad are views of the buckets
+    as_view_noise = DDPNoiseScale(as_view, LOCAL_BATCH)
+    results["bucket_view_params"] = _train(as_view, as_view_noise, inputs32, labels, rank, momentum=0.9)
+    results["bucket_view_history"] = as_view_noise.history
+    results["float32_history"] = hooked_noise.history
 
     # 3. NaN on one rank at one step; the optimizer skips the step when the estimate is NaN.
     poisoned = _ddp(_make_model(torch.float64))
@@ -330,8 +335,11 @@ def test_ema_in_history_matches_estimators_average(rank_results):
 
 def test_hook_leaves_training_bit_identical(rank_results):
     for result in rank_results:
-        for plain, hooked in zip(result["plain_params"], result["hooked_params"]):
+        for plain, hooked, as_view in zip(result["plain_params"], result["hooked_params"],
+                                          result["bucket_view_params"]):
             assert torch.equal(plain, hooked)
+            assert torch.equal(plain, as_view)  # gradient_as_bucket_view=True too
+        pd.testing.assert_frame_equal(result["bucket_view_history"], result["float32_history"])
     for other in rank_results[1:]:
         for rank0, rank_r in zip(rank_results[0]["hooked_params"], other["hooked_params"]):
             assert torch.equal(rank0, rank_r)
