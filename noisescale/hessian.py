@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
+Inputs = Tensor | tuple[Tensor, ...]  # the model's positional inputs, each with the batch in dim 0
 HESSIAN_NOISE_SCALE_MIN_BATCH = 4  # two halves (gradient, Hessian) of at least two examples each
 Parameters = dict[str, Tensor]
 
@@ -95,21 +96,21 @@ def trainable_parameters(model: nn.Module) -> Parameters:
     return params
 
 
-def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Parameters, Tensor, Tensor], Tensor]:
-    """params, inputs, targets -> mean per-example loss; each call works on fresh copies of the buffers.
+def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Parameters, tuple, Tensor], Tensor]:
+    """params, inputs (a tuple), targets -> mean per-example loss; each call works on fresh copies of the buffers.
 
     Copying inside the transformed function lets BatchNorm in training mode update its running statistics
     (on the copy) without torch.func rejecting the mutation of a captured tensor.
     """
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
-    def mean_loss(params: Parameters, inputs: Tensor, targets: Tensor) -> Tensor:
+    def mean_loss(params: Parameters, inputs: tuple[Tensor, ...], targets: Tensor) -> Tensor:
         buffer_copies = {name: b.clone() for name, b in buffers.items()}
-        outputs = functional_call(model, {**params, **buffer_copies}, (inputs,))
+        outputs = functional_call(model, {**params, **buffer_copies}, inputs)
         losses = loss_fn(outputs, targets)
-        if losses.shape != (inputs.shape[0],):
+        if losses.shape != (targets.shape[0],):
             raise ValueError(
-                f"loss_fn must return per-example losses of shape ({inputs.shape[0]},) (use reduction='none'), "
+                f"loss_fn must return per-example losses of shape ({targets.shape[0]},) (use reduction='none'), "
                 f"got shape {tuple(losses.shape)}"
             )
         return losses.mean()
@@ -117,24 +118,31 @@ def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Pa
     return mean_loss
 
 
-def _check_batch(inputs: Tensor, targets: Tensor, minimum: int) -> int:
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError(f"inputs and targets must be tensors, got {type(inputs).__name__}, {type(targets).__name__}")
-    if inputs.ndim == 0 or targets.ndim == 0 or inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"inputs and targets need the same leading batch dimension, got {tuple(inputs.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-    if inputs.shape[0] < minimum:
-        raise ValueError(f"this estimate needs a batch of at least {minimum} examples, got {inputs.shape[0]}")
-    return int(inputs.shape[0])
+def _check_batch(inputs: Inputs, targets: Tensor, minimum: int) -> tuple[tuple[Tensor, ...], int]:
+    """The inputs as a tuple (a single tensor becomes a 1-tuple) and the batch size, validated."""
+    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
+    if not (isinstance(inputs, tuple) and inputs and all(isinstance(t, Tensor) for t in inputs)) or not isinstance(
+        targets, Tensor
+    ):
+        raise TypeError(f"inputs must be a tensor or a non-empty tuple of tensors and targets a tensor, got "
+                        f"{type(inputs).__name__}, {type(targets).__name__}")
+    shapes = [tuple(t.shape) for t in (*inputs, targets)]
+    if any(len(shape) == 0 or shape[0] != shapes[-1][0] for shape in shapes):
+        raise ValueError(f"inputs and targets need the same leading batch dimension, got shapes {shapes}")
+    if targets.shape[0] < minimum:
+        raise ValueError(f"this estimate needs a batch of at least {minimum} examples, got {targets.shape[0]}")
+    return inputs, int(targets.shape[0])
+
+
+def _rows(inputs: tuple[Tensor, ...], index: slice | Tensor) -> tuple[Tensor, ...]:
+    return tuple(t[index] for t in inputs)
 
 
 def _dot(left: Parameters, right: Parameters) -> Tensor:
     return sum((left[name] * right[name]).sum() for name in left)
 
 
-def _hvp_function(mean_loss, inputs: Tensor, targets: Tensor) -> Callable[[Parameters, Parameters], Parameters]:
+def _hvp_function(mean_loss, inputs: tuple, targets: Tensor) -> Callable[[Parameters, Parameters], Parameters]:
     """(params, vector) -> H v, forward-over-reverse: jvp of grad."""
 
     def hvp(params: Parameters, vector: Parameters) -> Parameters:
@@ -144,10 +152,10 @@ def _hvp_function(mean_loss, inputs: Tensor, targets: Tensor) -> Callable[[Param
 
 
 def hessian_vector_product(
-    model: nn.Module, loss_fn: LossFunction, inputs: Tensor, targets: Tensor, vector: Parameters
+    model: nn.Module, loss_fn: LossFunction, inputs: Inputs, targets: Tensor, vector: Parameters
 ) -> Parameters:
     """H v for the Hessian H of the mean loss over the batch; ``vector`` maps trainable names to tensors."""
-    _check_batch(inputs, targets, minimum=1)
+    inputs, _ = _check_batch(inputs, targets, minimum=1)
     params = trainable_parameters(model)
     if set(vector) != set(params) or any(vector[n].shape != params[n].shape for n in params):
         raise ValueError(
@@ -187,14 +195,14 @@ def _default_generator(generator: torch.Generator | None) -> torch.Generator:
 def hutchinson_trace(
     model: nn.Module,
     loss_fn: LossFunction,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     *,
     num_probes: int = 16,
     generator: torch.Generator | None = None,
 ) -> HutchinsonTrace:
     """tr(H) of the batch mean loss by Hutchinson's estimator with Rademacher probes from ``generator``."""
-    _check_batch(inputs, targets, minimum=1)
+    inputs, _ = _check_batch(inputs, targets, minimum=1)
     check_int(num_probes, "num_probes", 2)
     generator = _default_generator(generator)
     params = trainable_parameters(model)
@@ -216,7 +224,7 @@ def _reject_batch_statistics(model: nn.Module) -> None:
 def hessian_noise_scale(
     model: nn.Module,
     loss_fn: LossFunction,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     *,
     num_probes: int = 8,
@@ -229,8 +237,9 @@ def hessian_noise_scale(
     The first half of the batch gives the mean gradient gbar and ``num_sigma_examples`` per-example
     gradients (a random subsample drawn with ``generator``); the second half gives the Hessian. Cost:
     num_probes + num_sigma_examples + 1 Hessian-vector products; ``chunk_size`` bounds the vmap batch.
+    ``inputs`` is the model's input tensor or a tuple of its positional inputs (e.g. tokens and a mask).
     """
-    batch_size = _check_batch(inputs, targets, minimum=HESSIAN_NOISE_SCALE_MIN_BATCH)
+    inputs, batch_size = _check_batch(inputs, targets, minimum=HESSIAN_NOISE_SCALE_MIN_BATCH)
     check_int(num_probes, "num_probes", 2)
     check_int(num_sigma_examples, "num_sigma_examples", 2)
     generator = _default_generator(generator)
@@ -238,20 +247,20 @@ def hessian_noise_scale(
     params = trainable_parameters(model)
     mean_loss = _mean_loss_function(model, loss_fn)
     half = batch_size // 2
-    gradient_inputs, gradient_targets = inputs[:half], targets[:half]
+    gradient_inputs, gradient_targets = _rows(inputs, slice(half)), targets[:half]
     num_sigma_examples = min(num_sigma_examples, half)
 
-    def single_example_loss(p: Parameters, example_input: Tensor, example_target: Tensor) -> Tensor:
-        return mean_loss(p, example_input.unsqueeze(0), example_target.unsqueeze(0))
+    def single_example_loss(p: Parameters, example_inputs: tuple, example_target: Tensor) -> Tensor:
+        return mean_loss(p, tuple(t.unsqueeze(0) for t in example_inputs), example_target.unsqueeze(0))
 
     with isolated_rng(params.values()):
         trace_h = _hutchinson(_hvp_function(mean_loss, inputs, targets), params, num_probes, generator)
-        curvature_hvp = _hvp_function(mean_loss, inputs[half:], targets[half:])
+        curvature_hvp = _hvp_function(mean_loss, _rows(inputs, slice(half, None)), targets[half:])
         mean_gradient = grad(mean_loss)(params, gradient_inputs, gradient_targets)
         subsample = torch.randperm(half, generator=generator, device=generator.device)[:num_sigma_examples]
-        subsample = subsample.to(inputs.device)
+        subsample = subsample.to(targets.device)
         per_example = vmap(grad(single_example_loss), in_dims=(None, 0, 0), randomness="different",
-                           chunk_size=chunk_size)(params, gradient_inputs[subsample], gradient_targets[subsample])
+                           chunk_size=chunk_size)(params, _rows(gradient_inputs, subsample), gradient_targets[subsample])
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
         curvature_of_deviations = vmap(curvature_hvp, in_dims=(None, 0), randomness="same", chunk_size=chunk_size)(params, deviations)
         trace_h_sigma = sum(

@@ -149,3 +149,31 @@ def test_model_without_trainable_parameters_is_rejected():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=True"):
         hutchinson_trace(model, _cross_entropy, inputs, targets)
+
+
+class _TwoInputs(nn.Module):
+    """net(cat(x, z)): the same function as ``net`` on the concatenated input, taking it in two parts."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, z], dim=1))
+
+
+def test_tuple_inputs_give_what_the_concatenated_tensor_gives():
+    model, inputs, targets = _problem(seed=5, batch_size=12)
+    two_inputs = _TwoInputs(model)
+    parts = (inputs[:, :3], inputs[:, 3:])
+    for function in (hutchinson_trace, hessian_noise_scale):
+        expected = function(model, _cross_entropy, inputs, targets, num_probes=4,
+                            generator=torch.Generator().manual_seed(0))
+        got = function(two_inputs, _cross_entropy, parts, targets, num_probes=4,
+                       generator=torch.Generator().manual_seed(0))
+        for field, value in vars(expected).items():
+            assert getattr(got, field) == pytest.approx(value, rel=1e-12), field
+    with pytest.raises(ValueError, match="same leading batch dimension"):
+        hessian_noise_scale(two_inputs, _cross_entropy, (parts[0], parts[1][:5]), targets)
+    with pytest.raises(TypeError, match="tuple of tensors"):
+        hessian_noise_scale(two_inputs, _cross_entropy, [parts[0], parts[1]], targets)

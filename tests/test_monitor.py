@@ -222,3 +222,32 @@ def test_softmax_regression_on_real_data_converges_to_exact_full_dataset_values(
     low, high = summary.b_simple_interval
     assert low < summary.b_simple < high
     assert all(p.grad is None for p in model.parameters())  # measure() leaves gradients as they were
+
+
+class _TwoInputs(torch.nn.Module):
+    """net(cat(x, z)): a model whose forward takes two tensors."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, z], dim=1))
+
+
+def test_tuple_inputs_measure_what_the_concatenated_tensor_does_b_noise_included():
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    generator = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(10, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (10,), generator=generator))
+               for _ in range(3)]
+    histories = []
+    for model, split in ((net, False), (_TwoInputs(net), True)):
+        monitor = NoiseScaleMonitor(model, per_example_cross_entropy, hessian_every=1, hessian_probes=3, seed=1)
+        for inputs, targets in batches:
+            monitor((inputs[:, :2], inputs[:, 2:]) if split else inputs, targets)
+            model.zero_grad()
+        histories.append(monitor.history)
+    columns = ["grad_sqnorm", "trace_sigma", "trace_h", "g_h_g", "trace_h_sigma", "b_noise"]
+    assert histories[0][columns].notna().all().all()
+    pd.testing.assert_frame_equal(histories[1][columns], histories[0][columns], rtol=1e-10)
