@@ -168,7 +168,8 @@ def fit_tradeoff(
         n_bootstrap, np.random.default_rng(seed),
     )
     tail = (1.0 - confidence) / 2.0
-    low, high = np.exp(np.quantile(replicates, [tail, 1.0 - tail], axis=0))
+    with np.errstate(over="ignore"):  # a bound that runs off (no bend in the data) is reported as inf
+        low, high = np.exp(np.quantile(replicates, [tail, 1.0 - tail], axis=0))
 
     log_s_min, log_b_crit = log_params
     fit = TradeoffFit(
