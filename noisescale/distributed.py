@@ -128,7 +128,8 @@ class DDPNoiseScale:
         local_batch_size: examples per rank per optimizer step (micro-batch x accumulation steps).
         ema_decay: decay of the exponential moving averages of tr(Sigma) and |G|^2 (one update per measurement).
         measure_every: measure every k-th optimizer step; on the others the hook only calls ``wrapped_hook``
-            and ``step_estimate()`` returns None, so the extra all-reduce and norms cost 1/k per step.
+            and ``step_estimate()`` returns None, so the norms (and the extra all-reduce of a wrapped hook) cost
+            1/k per step.
         wrapped_hook: the communication hook that does the actual reduction and returns the averaged bucket
             (default :func:`mean_allreduce_hook`, DDP's own arithmetic; PyTorch's ``allreduce_hook`` or
             ``fp16_compress_hook`` work too).

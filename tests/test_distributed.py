@@ -237,6 +237,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results[f"{key}_history"] = trainer.history
         results[f"{key}_checkpoint"] = trainer.state_dict()
 
+    # 6b. the reverse resume: a one-process checkpoint (trained here on every rank) continued under DDP.
+    single = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
+    with single:
+        for _ in range(TRAINER_STEPS):
+            single.step()
+    resumed = _adaptive_trainer(_ddp(_make_model(torch.float64)), _trainer_data())
+    with resumed:
+        resumed.load_state_dict(single.state_dict())
+        for _ in range(2):
+            resumed.step()
+    results["resumed_from_single_history"] = resumed.history
+    results["resumed_from_single_params"] = [p.detach().clone() for p in resumed.model.parameters()]
+
     # 7. B_noise under DDP: every rank's Hessian proxies from its own shard, averaged over the ranks.
     trainer = _hessian_trainer(_ddp(_make_model(torch.float64)))
     with trainer:
@@ -377,9 +390,10 @@ def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_bat
         assert result["adaptive_kappa_history"]["batch_size"].tolist() == expected["batch_size"].tolist()
 
 
-def test_ddp_checkpoint_resumes_in_a_single_process(rank_results):
+def test_checkpoints_move_between_ddp_and_a_single_process(rank_results):
     """Rank 0's checkpoint after the DDP run, loaded into a one-process trainer, continues as the one-process
-    reference does: the model state has no DDP prefix and the sampler takes any number of replicas."""
+    reference does, and a one-process checkpoint continued by the 3 ranks too: the model state has no DDP prefix
+    and the sampler takes any number of replicas."""
     reference = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
     resumed = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
     with reference, resumed:
@@ -393,6 +407,13 @@ def test_ddp_checkpoint_resumes_in_a_single_process(rank_results):
     np.testing.assert_allclose(resumed.history["b_simple"], reference.history["b_simple"], rtol=1e-9)
     for resumed_p, reference_p in zip(resumed.model.parameters(), reference.model.parameters()):
         torch.testing.assert_close(resumed_p, reference_p, rtol=1e-10, atol=1e-12)
+    # and back: a one-process checkpoint continued by the 3 ranks gives the same two steps
+    for result in rank_results:
+        history = result["resumed_from_single_history"]
+        assert history["batch_size"].tolist() == reference.history["batch_size"].tolist()
+        np.testing.assert_allclose(history["b_simple"], reference.history["b_simple"], rtol=1e-9)
+        for resumed_p, reference_p in zip(result["resumed_from_single_params"], reference.model.parameters()):
+            torch.testing.assert_close(resumed_p, reference_p, rtol=1e-10, atol=1e-12)
 
 
 def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
