@@ -12,7 +12,7 @@ Writes data/adaptive/: adaptive_runs.csv (one row per run), adaptive_summary.csv
 adaptive_evaluations.csv (test accuracy after each epoch), adaptive_history.csv (per step, selected columns),
 adaptive_curves.png. Run from the repository root:
 
-    nice python3 analysis/adaptive_fashion_mnist.py [--seeds 3] [--epochs 11] [--quick]
+    nice python3 analysis/adaptive_fashion_mnist.py [--seeds 3] [--epochs 11] [--model mlp|cnn] [--out DIR]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from noisescale.data import load_fashion_mnist  # noqa: E402
 from noisescale.jobs import evaluate_accuracy, per_example_cross_entropy  # noqa: E402
-from noisescale.models import mlp  # noqa: E402
+from noisescale.models import lenet5, mlp  # noqa: E402
 from noisescale.plot import plot_training_curves, save_figure  # noqa: E402
 from noisescale.training import TRAIN_MODES, AdaptiveTrainer, make_batch_size_source  # noqa: E402
 
@@ -41,7 +41,7 @@ MODE_ORDER = ["lr-decay", "batch-increase", "hybrid", "noise-adaptive", "fixed"]
 
 def run_one(mode: str, seed: int, train_set, test_set, args) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     torch.manual_seed(seed)
-    model = mlp(hidden=(args.hidden,))
+    model = mlp(hidden=(args.hidden,)) if args.model == "mlp" else lenet5()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     source = make_batch_size_source(mode, epochs=args.epochs, batch_size=args.batch_size,
                                     max_batch_size=args.max_batch_size, learning_rate=args.lr,
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--kappa", type=float, default=1.0)
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="an MLP with one hidden layer, or the LeNet-5-like CNN of noisescale.models")
     parser.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layer")
     parser.add_argument("--modes", nargs="+", default=MODE_ORDER[:4], choices=TRAIN_MODES)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
