@@ -167,8 +167,10 @@ class DDPNoiseScale:
         self.average = ExponentialMovingNoiseScale(ema_decay)
         self.step = 0
         self._wrapped_hook = wrapped_hook
-        self._local_sqnorm: torch.Tensor | None = None
-        self._global_sqnorm: torch.Tensor | None = None
+        # per-bucket squared norms of this step; lists, because the reduced norms are added by future callbacks
+        # that may run on several communication threads at once (list.append is atomic, a += is not)
+        self._local_sqnorms: list[torch.Tensor] = []
+        self._global_sqnorms: list[torch.Tensor] = []
         self._pending: tuple[torch.futures.Future, int, int] | None = None  # (totals future, offset, batch)
         self._agreed_batch_size: int | None = None  # the local batch size all ranks were last checked to share
         self._unread_backwards = 0
@@ -199,12 +201,13 @@ class DDPNoiseScale:
             return self._wrapped_hook(state, bucket)
         buffer = bucket.buffer()
         local = _squared_norm(buffer)  # before the reduction averages the buffer in place
-        self._local_sqnorm = local if self._local_sqnorm is None else self._local_sqnorm + local
+        self._local_sqnorms.append(local)
         totals = None
         if bucket.is_last():  # every other bucket's hook has run: the local total is complete
-            changed = float(self._local_batch_size != self._agreed_batch_size)
-            totals = torch.stack([self._local_sqnorm, torch.tensor(changed, dtype=torch.float64, device=local.device)])
-            self._local_sqnorm = None
+            changed = torch.tensor(float(self._local_batch_size != self._agreed_batch_size), dtype=torch.float64,
+                                   device=local.device)
+            totals = torch.stack([torch.stack(self._local_sqnorms).sum(), changed])
+            self._local_sqnorms = []
         if self._wrapped_hook is mean_allreduce_hook and buffer.dtype in (torch.float32, torch.float64):
             return self._mean_allreduce(buffer, totals)
         if totals is not None:
@@ -212,26 +215,26 @@ class DDPNoiseScale:
             self._pending = (future, 0, self._local_batch_size)
 
         def add_reduced_sqnorm(done: torch.futures.Future) -> torch.Tensor:
-            return self._add_global_sqnorm(done.value())
+            return self._record_global_sqnorm(done.value())
 
         return self._wrapped_hook(state, bucket).then(add_reduced_sqnorm)
 
     def _mean_allreduce(self, buffer: torch.Tensor, totals: torch.Tensor | None) -> torch.futures.Future:
-        """:func:`mean_allreduce_hook` whose one callback also adds |averaged bucket|^2. With ``totals`` (last
-        bucket) they ride along, appended unscaled in the bucket's dtype: one collective instead of two, for one
-        bucket-sized copy. The future's value is the averaged bucket (a view DDP copies out when it is one)."""
+        """:func:`mean_allreduce_hook` whose one callback also records |averaged bucket|^2. With ``totals`` (last
+        bucket) they ride along, appended unscaled in the bucket's dtype (float32 for float32 gradients: the summed
+        local squared norm is then rounded to float32, about 1e-7 relative): one collective instead of two, for
+        one bucket-sized copy. The future's value is the averaged bucket (a view DDP copies out)."""
         size = buffer.numel()
         tensor = buffer if totals is None else torch.cat([buffer, totals.to(buffer.dtype)])
         tensor[:size].mul_(1.0 / self.world_size)  # DDP's own arithmetic, as in mean_allreduce_hook
         future = dist.all_reduce(tensor, group=self.process_group, async_op=True).get_future()
         if totals is not None:
             self._pending = (future, size, self._local_batch_size)
-        return future.then(lambda done: self._add_global_sqnorm(done.value()[0][:size]))
+        return future.then(lambda done: self._record_global_sqnorm(done.value()[0][:size]))
 
-    def _add_global_sqnorm(self, reduced: torch.Tensor) -> torch.Tensor:
-        """Add |all-reduced bucket|^2 to the step's global squared norm; returns the bucket."""
-        reduced_sqnorm = _squared_norm(reduced)
-        self._global_sqnorm = reduced_sqnorm if self._global_sqnorm is None else self._global_sqnorm + reduced_sqnorm
+    def _record_global_sqnorm(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Future callback: keep |all-reduced bucket|^2 for the step's global squared norm; returns the bucket."""
+        self._global_sqnorms.append(_squared_norm(reduced))
         return reduced
 
     def _check_batch_sizes_agree(self, batch: int, device: torch.device) -> None:
@@ -259,9 +262,10 @@ class DDPNoiseScale:
         of the averages; the returned estimate is then NaN. Raises ValueError (on every rank) when the ranks'
         ``local_batch_size`` differ.
         """
+        pending, global_sqnorms = self._pending, self._global_sqnorms
+        self._pending, self._global_sqnorms, self._local_sqnorms = None, [], []  # nothing leaks into the next step
         if self._unread_backwards != 1:
             unread, self._unread_backwards = self._unread_backwards, 0
-            self._pending = self._global_sqnorm = None
             raise RuntimeError(
                 f"step_estimate() found {unread} synchronising backwards since the last call, "
                 "expected 1: call it after the backward that runs outside no_sync(), once per optimizer step, "
@@ -270,17 +274,16 @@ class DDPNoiseScale:
         self._unread_backwards = 0
         step = self.step
         self.step += 1
-        if self._pending is None:
+        if pending is None:
             return None
-        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
-            raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
-        future, start, batch = self._pending
+        future, start, batch = pending
         totals = future.wait()[0][start:]
         local_sum, changed = totals.tolist()
-        global_sqnorm = float(self._global_sqnorm)
-        self._pending = self._global_sqnorm = None
+        global_sqnorm = float(torch.stack(global_sqnorms).sum())
         if changed > 0:  # the same sum on every rank, so every rank joins the check
             self._check_batch_sizes_agree(batch, totals.device)
+        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")  # after the collectives
 
         ranks = self.world_size
         unscale = 1.0 / float(grad_scale) ** 2
@@ -328,6 +331,7 @@ class DDPNoiseScale:
         self.average.load_state_dict(state["average"])
         self.step = int(state["step"])
         self._rows = list(state["history"])
+        self._pending, self._global_sqnorms, self._local_sqnorms, self._unread_backwards = None, [], [], 0
 
 
 def combine_per_example_sums(sqnorm_sums: Any, counts: Any, grad_sqnorm: Any) -> NoiseScaleEstimate:
@@ -375,10 +379,12 @@ def all_reduce_hessian_proxies(proxies: HessianNoiseScale, *, group: dist.Proces
                                device: torch.device | str = "cpu") -> HessianNoiseScale:
     """The mean over the ranks of ``group`` of each rank's Hessian proxies (one all-reduce of five numbers).
 
-    Each rank's proxies are independent unbiased estimates from its own batch at the same parameters, so their
-    mean is one from all R batches: tr(H), G^T H G, tr(H Sigma) and the Fisher trace average, the standard error
-    of the mean tr(H) is sqrt(sum_r se_r^2) / R, and the example counts add up. Every rank gets the same result.
-    ``device`` holds the reduced numbers (this rank's GPU with NCCL).
+    Each rank's proxies are unbiased estimates from its own batch at the same parameters; with probes drawn from
+    a different generator on every rank they are independent, and their mean is an estimate from all R batches:
+    tr(H), G^T H G, tr(H Sigma) and the Fisher trace average, and the standard error of the mean tr(H) is
+    sqrt(sum_r se_r^2) / R (too small by up to sqrt(R) if the ranks share their probes). The example counts stay
+    those of one rank, so that g_h_g = gbar^T H gbar - tr(H Sigma) / gradient_batch_size holds rank by rank.
+    Every rank gets the same result; ``device`` holds the reduced numbers (this rank's GPU with NCCL).
     """
     ranks = _world_size(group)
     values = torch.tensor(
@@ -393,8 +399,8 @@ def all_reduce_hessian_proxies(proxies: HessianNoiseScale, *, group: dist.Proces
         g_h_g=g_h_g / ranks,
         trace_h_sigma=trace_h_sigma / ranks,
         fisher_trace=fisher_trace / ranks,
-        gradient_batch_size=proxies.gradient_batch_size * ranks,
-        num_sigma_examples=proxies.num_sigma_examples * ranks,
+        gradient_batch_size=proxies.gradient_batch_size,
+        num_sigma_examples=proxies.num_sigma_examples,
     )
 
 

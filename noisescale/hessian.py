@@ -258,9 +258,10 @@ def hessian_noise_scale(
         curvature_hvp = _hvp_function(mean_loss, _rows(inputs, slice(half, None)), targets[half:])
         mean_gradient = grad(mean_loss)(params, gradient_inputs, gradient_targets)
         subsample = torch.randperm(half, generator=generator, device=generator.device)[:num_sigma_examples]
-        subsample = subsample.to(targets.device)
+        subsample = subsample.to(gradient_inputs[0].device)
         per_example = vmap(grad(single_example_loss), in_dims=(None, 0, 0), randomness="different",
-                           chunk_size=chunk_size)(params, _rows(gradient_inputs, subsample), gradient_targets[subsample])
+                           chunk_size=chunk_size)(params, _rows(gradient_inputs, subsample),
+                                                  gradient_targets[subsample])
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
         curvature_of_deviations = vmap(curvature_hvp, in_dims=(None, 0), randomness="same", chunk_size=chunk_size)(params, deviations)
         trace_h_sigma = sum(

@@ -219,8 +219,12 @@ class NoiseScaleMonitor:
         row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
         return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
 
+    def _hessian_seed(self) -> int:
+        """Seed of this step's Hutchinson probes and Sigma subsample: reproducible, new at every step."""
+        return self.seed + self.step
+
     def _hessian_proxies(self, inputs, targets) -> HessianNoiseScale:
-        generator = torch.Generator().manual_seed(self.seed + self.step)
+        generator = torch.Generator().manual_seed(self._hessian_seed())
         return hessian_noise_scale(
             unwrapped_module(self.model),  # no all-reduce
             self.loss_fn,

@@ -43,6 +43,7 @@ step's all-reduce).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
@@ -54,6 +55,7 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
@@ -166,6 +168,13 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         all_sqnorms = [per_rank[:, batch: 2 * batch].reshape(-1)] if sqnorms else []
         all_micro = list(per_rank[:, per_rank.shape[1] - parts:].reshape(-1)) if parts else []
         return all_losses, all_sqnorms, all_micro, sizes * world_size
+
+    def _hessian_seed(self) -> int:
+        """Under DDP every rank draws its own probes (rank r of R: (seed + step) R + r), so that the ranks'
+        proxies are independent and their mean's standard error is sqrt(sum se_r^2) / R."""
+        if self.process_group is None:
+            return super()._hessian_seed()
+        return super()._hessian_seed() * dist.get_world_size(self.process_group) + dist.get_rank(self.process_group)
 
     def _hessian_proxies(self, inputs, targets):
         """Under DDP the mean of every rank's proxies from its own first micro-batch: the same on every rank."""
@@ -437,7 +446,7 @@ class AdaptiveTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue identically (save with torch.save)."""
         return {
-            "model": unwrapped_module(self.model).state_dict(),  # no DDP "module." prefix: loads either way
+            "model": unwrapped_module(self.model).state_dict(),  # no DDP "module." prefix
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else None,
@@ -461,7 +470,9 @@ class AdaptiveTrainer:
         if self.schedule is not None and state["schedule"] != self.schedule.state_dict():
             raise ValueError(f"the checkpoint's schedule {state['schedule']} differs from this trainer's "
                              f"{self.schedule.state_dict()}")
-        unwrapped_module(self.model).load_state_dict(state["model"])
+        model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
+        consume_prefix_in_state_dict_if_present(model_state, "module.")  # DDP checkpoints of earlier versions
+        unwrapped_module(self.model).load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         if self.policy is not None:

@@ -213,6 +213,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     _accumulated_backward(poisoned, inputs64[0, rank], labels[0, rank])
     results["batch_mismatch_error"] = _capture_error(poisoned_noise.step_estimate)
 
+    # 4b. a rejected grad_scale leaves nothing behind: the next step's |g_big|^2 is that of its own gradient.
+    recovering = _ddp(_make_model(torch.float64))
+    recovering_noise = DDPNoiseScale(recovering, LOCAL_BATCH)
+    _accumulated_backward(recovering, inputs64[0, rank], labels[0, rank])
+    results["grad_scale_error"] = _capture_error(lambda: recovering_noise.step_estimate(grad_scale=0.0))
+    recovering.zero_grad()
+    _accumulated_backward(recovering, inputs64[1, rank], labels[1, rank])
+    recovering_noise.step_estimate()
+    results["recovered_global_sqnorm"] = recovering_noise.history["global_sqnorm"].iloc[-1]
+    results["recovered_grad_sqnorm"] = sum(float(p.grad.square().sum()) for p in recovering.parameters())
+
     # 5. per-example sums: naive per-example loop on this rank, |gbar|^2 from DDP's all-reduced gradient.
     reference = _make_model(torch.float64)
     sqnorms = []
@@ -427,8 +438,9 @@ def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
 
 
 def test_hessian_proxies_are_the_mean_over_ranks_of_each_shard(rank_results):
-    """Step 0 in one process: hessian_noise_scale on each rank's shard of the first global batch (same probes),
-    averaged; the standard errors combine as sqrt(sum se^2) / R. Every rank records the same B_noise."""
+    """Step 0 in one process: hessian_noise_scale on each rank's shard of the first global batch with that rank's
+    probes (seed (seed + step) R + r), averaged; the standard errors combine as sqrt(sum se^2) / R. Every rank
+    records the same B_noise."""
     dataset = _trainer_data()
     model = _make_model(torch.float64)
     per_rank = []
@@ -437,7 +449,7 @@ def test_hessian_proxies_are_the_mean_over_ranks_of_each_shard(rank_results):
         inputs, targets = dataset[next(iter(sampler))]
         per_rank.append(hessian_noise_scale(model, per_example_cross_entropy, inputs, targets, num_probes=4,
                                             num_sigma_examples=MICRO_BATCH,
-                                            generator=torch.Generator().manual_seed(HESSIAN_SEED)))
+                                            generator=torch.Generator().manual_seed(HESSIAN_SEED * WORLD_SIZE + rank)))
     assert len({proxies.trace_h for proxies in per_rank}) == WORLD_SIZE  # the shards do differ
     histories = [result["hessian_history"] for result in rank_results]
     first = histories[0].iloc[0]
@@ -458,6 +470,9 @@ def test_errors_are_raised_on_every_rank(rank_results):
         assert kind == "ValueError" and "local batch sizes differ across ranks" in message
         kind, message = result["no_backward_error"]
         assert kind == "RuntimeError" and "found 0 synchronising backwards" in message
+        kind, message = result["grad_scale_error"]
+        assert kind == "ValueError" and "grad_scale must be a finite number > 0" in message
+        assert result["recovered_global_sqnorm"] == pytest.approx(result["recovered_grad_sqnorm"], rel=1e-12)
 
 
 def test_all_reduce_per_example_sums_matches_simple_noise_scale(rank_results):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import OrderedDict
 
 import pandas as pd
 import pytest
@@ -153,6 +154,19 @@ def test_resume_from_a_checkpoint_continues_the_run_identically():
     for expected, actual in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(expected, actual)
     pd.testing.assert_frame_equal(trainer.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
+
+
+def test_checkpoint_with_ddp_module_prefix_of_earlier_versions_still_loads():
+    """Earlier versions saved a DDP model's state with DDP's "module." prefix; such a checkpoint still resumes."""
+    _, trainer = noise_adaptive_trainer()
+    trainer.train(epochs=1)
+    state = trainer.state_dict()
+    state["model"] = OrderedDict((f"module.{name}", value) for name, value in state["model"].items())
+    resumed_model, resumed = noise_adaptive_trainer(seed_of_model=1)
+    resumed.load_state_dict(state)
+    assert all(name.startswith("module.") for name in state["model"])  # the caller's dict is left as it was
+    for expected, actual in zip(trainer.model.parameters(), resumed_model.parameters()):
+        assert torch.equal(expected, actual)
 
 
 class FailsOnce(torch.nn.Module):
