@@ -82,13 +82,19 @@ def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.Gr
     power of two, and DDP without a hook multiplies (while copying the gradients into the bucket). This hook
     keeps the gradients bit-identical to DDP without a hook for every world size.
     """
-    group = process_group if process_group is not None else dist.group.WORLD
-    buffer = bucket.buffer()
-    buffer.mul_(1.0 / group.size())
-    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda future: future.value()[0])
+    return _mean_all_reduce(bucket.buffer(), process_group).then(lambda future: future.value()[0])
 
 
 mean_allreduce_hook.__annotations__ = {}  # DDP checks annotations and rejects the strings of __future__.annotations
+
+
+def _mean_all_reduce(buffer: torch.Tensor, group: dist.ProcessGroup | None,
+                     appended: torch.Tensor | None = None) -> torch.futures.Future:
+    """DDP's arithmetic on ``buffer`` (times 1/R, then an async all-reduce by sum); ``appended`` rides along
+    unscaled at the end, in the buffer's dtype (a copy of the buffer). The future's value is [reduced tensor]."""
+    tensor = buffer if appended is None else torch.cat([buffer, appended.to(buffer.dtype)])
+    tensor[:buffer.numel()].mul_(1.0 / dist.get_world_size(group))
+    return dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
 
 def unwrapped_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -225,9 +231,7 @@ class DDPNoiseScale:
         local squared norm is then rounded to float32, about 1e-7 relative): one collective instead of two, for
         one bucket-sized copy. The future's value is the averaged bucket (a view DDP copies out)."""
         size = buffer.numel()
-        tensor = buffer if totals is None else torch.cat([buffer, totals.to(buffer.dtype)])
-        tensor[:size].mul_(1.0 / self.world_size)  # DDP's own arithmetic, as in mean_allreduce_hook
-        future = dist.all_reduce(tensor, group=self.process_group, async_op=True).get_future()
+        future = _mean_all_reduce(buffer, self.process_group, totals)
         if totals is not None:
             self._pending = (future, size, self._local_batch_size)
         return future.then(lambda done: self._record_global_sqnorm(done.value()[0][:size]))
