@@ -9,6 +9,8 @@ from torch.func import functional_call
 
 from noisescale.hessian import hessian_noise_scale, hessian_vector_product, hutchinson_trace, trainable_parameters
 
+from _two_inputs import TwoInputs
+
 
 def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
@@ -151,20 +153,9 @@ def test_model_without_trainable_parameters_is_rejected():
         hutchinson_trace(model, _cross_entropy, inputs, targets)
 
 
-class _TwoInputs(nn.Module):
-    """net(cat(x, z)): the same function as ``net`` on the concatenated input, taking it in two parts."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, z], dim=1))
-
-
 def test_tuple_inputs_give_what_the_concatenated_tensor_gives():
     model, inputs, targets = _problem(seed=5, batch_size=12)
-    two_inputs = _TwoInputs(model)
+    two_inputs = TwoInputs(model)
     parts = (inputs[:, :3], inputs[:, 3:])
     for function in (hutchinson_trace, hessian_noise_scale):
         expected = function(model, _cross_entropy, inputs, targets, num_probes=4,

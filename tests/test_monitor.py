@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from noisescale.data import dataset_as_tensors, load_fashion_mnist
 from noisescale.monitor import NoiseScaleMonitor, measure
 
+from _two_inputs import TwoInputs
+
 
 def per_example_cross_entropy(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
@@ -224,17 +226,6 @@ def test_softmax_regression_on_real_data_converges_to_exact_full_dataset_values(
     assert all(p.grad is None for p in model.parameters())  # measure() leaves gradients as they were
 
 
-class _TwoInputs(torch.nn.Module):
-    """net(cat(x, z)): a model whose forward takes two tensors."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, z], dim=1))
-
-
 def test_tuple_inputs_measure_what_the_concatenated_tensor_does_b_noise_included():
     torch.manual_seed(6)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
@@ -242,7 +233,7 @@ def test_tuple_inputs_measure_what_the_concatenated_tensor_does_b_noise_included
     batches = [(torch.randn(10, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (10,), generator=generator))
                for _ in range(3)]
     histories = []
-    for model, split in ((net, False), (_TwoInputs(net), True)):
+    for model, split in ((net, False), (TwoInputs(net), True)):
         monitor = NoiseScaleMonitor(model, per_example_cross_entropy, hessian_every=1, hessian_probes=3, seed=1)
         for inputs, targets in batches:
             monitor((inputs[:, :2], inputs[:, 2:]) if split else inputs, targets)
