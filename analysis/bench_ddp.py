@@ -175,6 +175,14 @@ def _worker(rank: int, args: argparse.Namespace, port: int, result_path: str) ->
     )
     device_ids = [rank] if device.type == "cuda" else None
     builders = {"hook": _hook_variants, "trainer": _trainer_variants}
+    setting = {  # the same in every row
+        "backend": args.backend,
+        "world_size": args.world_size,
+        "local_batch": args.batch,
+        "parameters": sum(p.numel() for p in _mlp().parameters()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "host_cpus": os.cpu_count(),
+    }
     rows = []
     for section in args.sections:
         variants = builders[section](args, device, device_ids, rank)
@@ -190,13 +198,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, result_path: str) ->
                 "ratio_to_baseline": statistics.median(values) / statistics.median(baseline),
                 "mean_ms": 1e3 * statistics.fmean(values),
                 "mean_ratio_to_baseline": statistics.fmean(values) / statistics.fmean(baseline),
-                "backend": args.backend,
-                "world_size": args.world_size,
-                "local_batch": args.batch,
-                "parameters": sum(p.numel() for p in _mlp().parameters()),
                 "timed_steps": len(values),
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                "host_cpus": os.cpu_count(),
+                **setting,
             })
     if rank == 0:
         pd.DataFrame(rows).to_csv(result_path, index=False)
