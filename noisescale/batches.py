@@ -1,0 +1,99 @@
+"""Batches as users hold them: how noisescale calls a model on ``inputs`` and splits, selects and moves them.
+
+``inputs`` (what the model is called with) may be
+
+- a tensor: ``model(inputs)``;
+- a tuple of positional arguments: ``model(*inputs)`` (tokens and a mask, say);
+- a mapping of keyword arguments: ``model(**inputs)`` (a HuggingFace batch: ``input_ids``, ``attention_mask``,
+  ``labels``, ...).
+
+Every tensor in ``inputs`` holds the batch in dim 0 (B examples); values that are not tensors (``use_cache=False``,
+``return_dict=True``) are passed unchanged to every call. ``targets`` is anything the per-example loss takes
+(a tensor, a tuple or mapping of tensors, or None); its tensors, too, hold the batch in dim 0.
+Nested tuples, lists and dicts are walked as pytrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples", "to_device",
+           "tensors_of"]
+
+
+def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) of the model call for ``inputs`` (a tensor, a tuple of positional inputs or a mapping)."""
+    if isinstance(inputs, Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    if isinstance(inputs, Mapping):
+        if not all(isinstance(key, str) for key in inputs):
+            raise TypeError(f"keyword inputs need string keys, got {[type(k).__name__ for k in inputs]}")
+        return (), dict(inputs)
+    raise TypeError(f"inputs must be a tensor, a tuple of positional inputs or a mapping of keyword inputs, got "
+                    f"{type(inputs).__name__}")
+
+
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``, ``model(*inputs)`` or ``model(**inputs)`` (module docstring)."""
+    args, kwargs = call_arguments(inputs)
+    return model(*args, **kwargs)
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """The tensors in a pytree (a tensor, tuples, lists, dicts), in flattening order."""
+    leaves, _ = tree_flatten(dict(value) if isinstance(value, Mapping) else value)
+    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+
+
+def batch_size_of(inputs: Any) -> int:
+    """B, the size of dim 0 shared by every tensor in ``inputs``; a clear error when they disagree or there is none."""
+    call_arguments(inputs)  # validates the container
+    tensors = tensors_of(inputs)
+    if not tensors:
+        raise ValueError("inputs hold no tensor: noisescale needs at least one tensor with the batch in dim 0")
+    if any(t.dim() == 0 for t in tensors):
+        raise ValueError(f"every input tensor needs the batch in dim 0; got a 0-dimensional tensor among shapes "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"all input tensors need the same batch size in dim 0, got shapes "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    size = sizes.pop()
+    if size == 0:
+        raise ValueError("empty batch: inputs have 0 examples in dim 0")
+    return size
+
+
+def _map_tensors(function, value: Any) -> Any:
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        value = dict(value)  # a BatchEncoding or other Mapping: a plain dict of the same items
+    return tree_map(lambda leaf: function(leaf) if isinstance(leaf, Tensor) else leaf, value)
+
+
+def select_examples(value: Any, index: slice | Tensor | Sequence[int]) -> Any:
+    """The examples ``index`` of every tensor in ``value`` (inputs or targets), other leaves unchanged."""
+    if isinstance(index, Sequence) and not isinstance(index, Tensor):
+        index = torch.as_tensor(index, dtype=torch.long)
+
+    def rows(t: Tensor) -> Tensor:
+        return t[index.to(t.device)] if isinstance(index, Tensor) else t[index]
+
+    return _map_tensors(rows, value)
+
+
+def split_examples(value: Any, sizes: Sequence[int]) -> list[Any]:
+    """``value`` (inputs or targets) cut along dim 0 into consecutive parts of ``sizes`` examples."""
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [select_examples(value, slice(start, start + size)) for start, size in zip(starts, sizes)]
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Every tensor of ``value`` on ``device`` (no copy when already there)."""
+    return _map_tensors(lambda t: t.to(device), value)

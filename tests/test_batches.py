@@ -1,0 +1,53 @@
+"""Batches as users hold them: tensors, positional tuples and keyword mappings (noisescale.batches)."""
+
+import pytest
+import torch
+
+from noisescale.batches import (
+    batch_size_of, call_arguments, call_model, select_examples, split_examples, tensors_of, to_device,
+)
+
+
+class KeywordModel(torch.nn.Module):
+    def forward(self, input_ids, attention_mask=None, scale=1.0):
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        return (input_ids * mask).sum(1) * scale
+
+
+def test_call_forms_give_the_same_call():
+    ids, mask = torch.arange(6.).view(3, 2), torch.tensor([[1., 0.], [1., 1.], [0., 1.]])
+    model = KeywordModel()
+    expected = model(ids, mask)
+    assert torch.equal(call_model(model, (ids, mask)), expected)
+    assert torch.equal(call_model(model, {"input_ids": ids, "attention_mask": mask}), expected)
+    assert torch.equal(call_model(model, ids), model(ids))
+    assert call_arguments({"input_ids": ids, "scale": 2.0})[1]["scale"] == 2.0
+
+
+def test_batch_size_checks_every_tensor_and_names_the_shapes():
+    assert batch_size_of({"a": torch.zeros(4, 3), "b": torch.zeros(4), "flag": True}) == 4
+    with pytest.raises(ValueError, match=r"same batch size.*\(4, 3\).*\(5,\)"):
+        batch_size_of({"a": torch.zeros(4, 3), "b": torch.zeros(5)})
+    with pytest.raises(ValueError, match="no tensor"):
+        batch_size_of({"flag": True})
+    with pytest.raises(ValueError, match="empty batch"):
+        batch_size_of(torch.zeros(0, 3))
+    with pytest.raises(TypeError, match="tensor, a tuple"):
+        batch_size_of([torch.zeros(2)])
+
+
+def test_select_and_split_keep_non_tensors_and_cover_every_example():
+    batch = {"x": torch.arange(10).view(5, 2), "y": (torch.arange(5), None), "flag": "keep"}
+    parts = split_examples(batch, [2, 3])
+    assert [batch_size_of({"x": p["x"]}) for p in parts] == [2, 3]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
+    assert parts[1]["flag"] == "keep" and parts[1]["y"][1] is None
+    picked = select_examples(batch, [4, 0])
+    assert torch.equal(picked["y"][0], torch.tensor([4, 0]))
+    assert torch.equal(select_examples(torch.arange(5), torch.tensor([1, 3])), torch.tensor([1, 3]))
+    assert len(tensors_of(batch)) == 2
+
+
+def test_to_device_moves_every_tensor():
+    moved = to_device({"x": torch.zeros(2, dtype=torch.float64), "n": 3}, "cpu")
+    assert moved["x"].device.type == "cpu" and moved["n"] == 3
