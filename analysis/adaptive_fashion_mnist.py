@@ -27,10 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from noisescale.app.jobs import evaluate_accuracy  # noqa: E402
+from noisescale.app.plot import plot_training_curves, save_figure  # noqa: E402
 from noisescale.data import load_fashion_mnist  # noqa: E402
-from noisescale.jobs import evaluate_accuracy, per_example_cross_entropy  # noqa: E402
+from noisescale.losses import per_example_cross_entropy  # noqa: E402
 from noisescale.models import lenet5, mlp  # noqa: E402
-from noisescale.plot import plot_training_curves, save_figure  # noqa: E402
 from noisescale.training import TRAIN_MODES, AdaptiveTrainer, make_batch_size_source  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "adaptive"

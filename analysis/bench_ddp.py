@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.distributed import DDPNoiseScale, mean_allreduce_hook
-from noisescale.jobs import per_example_cross_entropy
+from noisescale.losses import per_example_cross_entropy
 from noisescale.sampler import ResizableBatchSampler
 from noisescale.training import AdaptiveTrainer
 

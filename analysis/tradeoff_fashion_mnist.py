@@ -62,7 +62,7 @@ def main() -> None:
               "b_crit_over_b_simple": fit.b_crit / noise["b_simple"], "cells": len(frame),
               "cells_compute_seconds": float(frame["seconds"].sum()), "wall_seconds_this_run": wall}
     (OUT / "fit_fashion_mnist.json").write_text(json.dumps(result, indent=2))
-    from noisescale.plot import plot_noise_scale_vs_b_crit, plot_tradeoff, save_figure
+    from noisescale.app.plot import plot_noise_scale_vs_b_crit, plot_tradeoff, save_figure
 
     save_figure(plot_tradeoff(fit), OUT / "tradeoff_fashion_mnist.png")
     save_figure(plot_noise_scale_vs_b_crit(frame, fit), OUT / "noise_scale_vs_b_crit_fashion_mnist.png")

@@ -1,5 +1,5 @@
 import sys
 
-from noisescale.cli import main
+from noisescale.app.cli import main
 
 sys.exit(main())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["mlp", "lenet5", "tiny_transformer", "TinyTransformer", "sequence_cross_entropy"]
+__all__ = ["mlp", "lenet5", "tiny_transformer", "TinyTransformer", "sequence_cross_entropy", "load_model_factory"]
 
 
 def mlp(in_features: int = 784, hidden: tuple[int, ...] = (512, 512), classes: int = 10) -> nn.Sequential:
@@ -107,3 +110,19 @@ def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
                          f"{tuple(targets.shape)}")
     tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     return tokens.view(targets.shape).mean(1)
+
+
+def load_model_factory(spec: str | None) -> Callable[[], nn.Module]:
+    """``"package.module:factory"`` -> the factory (a callable returning an nn.Module); None -> the default CNN."""
+    if spec is None:
+        return lenet5
+    module_name, separator, attribute = spec.partition(":")
+    if not separator or not module_name or not attribute:
+        raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--model {spec!r}: cannot load {attribute!r} from module {module_name!r}: {error}") from error
+    if not callable(factory):
+        raise TypeError(f"--model {spec!r}: {attribute!r} is a {type(factory).__name__}, not a callable")
+    return factory

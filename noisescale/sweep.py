@@ -269,7 +269,9 @@ def train_cell(settings: SweepSettings, batch_size: int, learning_rate: float, *
     import torch
     from tqdm.auto import tqdm
 
-    from noisescale.jobs import load_model_factory, per_example_cross_entropy, resolve_device
+    from noisescale.devices import resolve_device
+    from noisescale.losses import per_example_cross_entropy
+    from noisescale.models import load_model_factory
     from noisescale.monitor import NoiseScaleMonitor
 
     start_time = time.perf_counter()

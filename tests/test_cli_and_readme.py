@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import noisescale.data
-from noisescale.cli import main
-from noisescale.jobs import load_model_factory
+from noisescale.app.cli import main
+from noisescale.models import load_model_factory
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

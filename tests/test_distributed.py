@@ -33,7 +33,7 @@ from noisescale.distributed import (
 )
 from noisescale.estimators import simple_noise_scale, two_batch_noise_scale
 from noisescale.hessian import hessian_noise_scale
-from noisescale.jobs import per_example_cross_entropy
+from noisescale.losses import per_example_cross_entropy
 from noisescale.sampler import ResizableBatchSampler
 from noisescale.training import AdaptiveTrainer
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from noisescale import nqm
-from noisescale.cli import main
+from noisescale.app.cli import main
 
 BATCH_SIZES = 2.0 ** np.arange(21)
 TUNED_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(2.0, 21.0, 2.0))

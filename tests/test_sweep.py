@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import noisescale.sweep as sweep
-from noisescale.cli import main
+from noisescale.app.cli import main
 from noisescale.sweep import (
     SweepSettings,
     best_learning_rate_cells,
@@ -107,7 +107,7 @@ def test_fit_uses_the_best_learning_rate_per_batch_size(tiny_sweep):
 def test_noise_scale_plot_returns_its_figure_with_the_best_cells_and_the_b_crit_band(tiny_sweep, tmp_path):
     from matplotlib.figure import Figure
 
-    from noisescale.plot import plot_noise_scale_vs_b_crit, save_figure
+    from noisescale.app.plot import plot_noise_scale_vs_b_crit, save_figure
 
     _, frame = tiny_sweep
     fit = fit_sweep(frame, n_bootstrap=50)

@@ -1,4 +1,4 @@
-"""Tests of noisescale.tradeoff and its figures in noisescale.plot against data drawn from the model
+"""Tests of noisescale.tradeoff and its figures in noisescale.app.plot against data drawn from the model
 S = S_min (1 + B_crit / B) of McCandlish et al. (2018) with multiplicative log-normal noise."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from noisescale.plot import plot_steps_vs_batch, plot_tradeoff, save_figure
+from noisescale.app.plot import plot_steps_vs_batch, plot_tradeoff, save_figure
 from noisescale.tradeoff import TradeoffFit, fit_tradeoff, fit_tradeoff_frame, read_sweep_csv
 
 S_MIN = 1000.0

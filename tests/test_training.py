@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from noisescale.cli import main
+from noisescale.app.cli import main
 from noisescale.controller import BatchSizeSchedule, NoiseScaleBatchPolicy
 from noisescale.training import AdaptiveTrainer, is_out_of_memory
 

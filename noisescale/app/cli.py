@@ -58,7 +58,8 @@ def _add_measure_command(subparsers) -> None:
 
 
 def _run_measure(args) -> int:
-    from noisescale.jobs import is_main_process, run_measure
+    from noisescale.app.jobs import is_main_process
+    from noisescale.app.measure import run_measure
 
     outcome = run_measure(
         model_spec=args.model,
@@ -262,8 +263,8 @@ def _add_train_command(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from noisescale.jobs import is_main_process
-    from noisescale.training import run_train
+    from noisescale.app.jobs import is_main_process
+    from noisescale.app.train import run_train
 
     outcome = run_train(
         mode=args.schedule,
