@@ -106,14 +106,16 @@ class TradeoffFit:
         }
 
     def summary(self) -> str:
-        """One line: the three estimates with their intervals (B_crit's bound alone when it is not resolved),
-        the number of points and the scatter."""
+        """One line: the three estimates with their intervals, the number of points and the scatter; an
+        unresolved B_crit says so in words after its interval."""
         percent = f"{100 * self.confidence:g}%"
 
         def estimate(name: str, value: float, interval: tuple[float, float]) -> str:
             return f"{name} = {value:.4g} [{interval[0]:.4g}, {interval[1]:.4g}]"
 
-        b_crit = estimate("B_crit", self.b_crit, self.b_crit_interval) if self.resolved else self._unresolved()
+        b_crit = estimate("B_crit", self.b_crit, self.b_crit_interval)
+        if not self.resolved:
+            b_crit += f" ({self._unresolved()})"
         return (
             f"{estimate('S_min', self.s_min, self.s_min_interval)}, "
             f"{estimate('E_min', self.e_min, self.e_min_interval)}, "
@@ -122,15 +124,14 @@ class TradeoffFit:
         )
 
     def _unresolved(self) -> str:
-        """What an unresolved B_crit interval says, in words."""
+        """Why the B_crit interval is unbounded, in words."""
         low, high = self.b_crit_interval
         if low > 0:
-            return (f"B_crit > {low:.4g} (not resolved: the steps still fall like 1/B at the largest batch "
-                    "sizes, no saturation in the data)")
+            return "not resolved: no saturation in the data, the steps still fall like 1/B at the largest batch sizes"
         if high < np.inf:
-            return (f"B_crit < {high:.4g} (not resolved: the steps do not fall like 1/B at the smallest batch "
-                    "sizes, no perfect-scaling part in the data)")
-        return "B_crit not resolved (the data fit any value from 0 to inf)"
+            return ("not resolved: no perfect-scaling part in the data, the steps do not fall like 1/B at the "
+                    "smallest batch sizes")
+        return "not resolved: the data fit any B_crit from 0 to inf"
 
     def __str__(self) -> str:
         return self.summary()
@@ -238,8 +239,9 @@ def fit_tradeoff(
     )
     if not fit.resolved:
         warnings.warn(
-            f"B_crit is not resolved by these data: {fit._unresolved()}; sample batch sizes on both sides "
-            "of the bend, where the steps stop falling like 1/B",
+            f"B_crit = {fit.b_crit:.4g} [{fit.b_crit_interval[0]:.4g}, {fit.b_crit_interval[1]:.4g}] is "
+            f"{fit._unresolved()}; sample batch sizes on both sides of the bend, where the steps stop "
+            "falling like 1/B",
             RuntimeWarning,
             stacklevel=2,
         )
