@@ -51,6 +51,7 @@ __all__ = [
     "two_batch_noise_scale",
     "ExponentialMovingRatio",
     "ExponentialMovingNoiseScale",
+    "fieller_interval",
 ]
 
 # Relative slack allowed when checking |mean g|^2 <= mean |g_i|^2 (float32 rounding in the caller).
@@ -159,6 +160,32 @@ def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = 
     return _two_batch_estimate(mean_sqnorm, 1, mean_gradient_sqnorm, batch_size)
 
 
+def fieller_interval(
+    num: float, den: float, var_num: float, var_den: float, cov: float, quantile: float, *, nonnegative: bool = False
+) -> tuple[float, float]:
+    """Fieller's (1954) interval for E[num]/E[den] from the means ``num``, ``den``, the variances and covariance
+    of those means and the t (or normal) ``quantile``; the three cases and ``nonnegative`` are described in
+    :class:`ExponentialMovingRatio`."""
+    t2 = quantile * quantile
+    quad = den * den - t2 * var_den  # q(R) = quad R^2 - 2 lin R + const
+    lin = num * den - t2 * cov
+    const = num * num - t2 * var_num
+    disc = lin * lin - quad * const
+    floor = 0.0 if nonnegative else -math.inf
+    if quad > 0:  # denominator resolved from 0: q has real roots (q(num/den) <= 0) and the set lies between them
+        root = lin + math.copysign(math.sqrt(max(disc, 0.0)), lin)  # stable roots: root/quad and const/root
+        low, high = sorted((root / quad, const / root if root != 0 else root / quad))
+        if high < floor:  # the whole interval lies below 0: no non-negative ratio fits the data
+            return (floor, math.inf)
+        return (max(low, floor), high)
+    if not nonnegative or const <= 0 or disc <= 0:  # 0 lies in the set, or the whole line: report the hull
+        return (floor, math.inf)
+    # two rays around a gap that holds 0: the non-negative part is [larger root, inf)
+    root = lin + math.copysign(math.sqrt(disc), lin)
+    roots = [const / root] + ([root / quad] if quad < 0 else [])
+    return (max(roots), math.inf)
+
+
 class ExponentialMovingRatio:
     """Exponential moving averages of a numerator and a denominator, their ratio, and a confidence interval.
 
@@ -167,24 +194,41 @@ class ExponentialMovingRatio:
     1 - decay^t). The reported ratio is mean(numerator)/mean(denominator); +inf when the averaged
     denominator is <= 0 (the signal is not resolved yet).
 
-    Interval: delta method on the ratio of two weighted means. The per-step variances and covariance of
-    (numerator, denominator) are the weighted sample moments with the reliability-weight correction
-    1/(1 - sum w^2/(sum w)^2); the variance of a weighted mean of independent steps is variance/n_eff with
-    Kish's effective sample size n_eff = (sum w)^2 / sum w^2, and
-        Var(R) ~ [Var(num) - 2 R Cov(num, den) + R^2 Var(den)] / (n_eff mean(den)^2).
-    The interval is R +- t_{n_eff - 1} sd(R). It assumes steps are independent and stationary over the
-    averaging window (1/(1 - decay) steps); correlated steps in real training make it too narrow.
+    Interval: Fieller's (Fieller 1954, "Some problems in interval estimation", J. R. Stat. Soc. B 16:175-185),
+    exact for the ratio R = E[num]/E[den] of two jointly normal means. With a = mean(num), b = mean(den) and
+    v_nn, v_dd, v_nd the variances and covariance of those means, it is the set of R that a t-test of
+    a - R b = 0 does not reject:
+
+        (a - R b)^2 <= t^2 (v_nn - 2 R v_nd + R^2 v_dd),   t = t_{n_eff - 1} quantile at (1 + confidence)/2,
+
+    i.e. q(R) = (b^2 - t^2 v_dd) R^2 - 2 (a b - t^2 v_nd) R + (a^2 - t^2 v_nn) <= 0. Three cases:
+      * b^2 > t^2 v_dd (the denominator is resolved from 0): a bounded interval between the roots of q;
+      * b^2 <= t^2 v_dd and q has real roots r1 < r2: the two rays (-inf, r1] and [r2, inf);
+      * b^2 <= t^2 v_dd and no real roots: the whole line.
+    An unbounded set is reported by its hull, (-inf, inf). With ``nonnegative=True`` (the true ratio is known
+    to be >= 0, as tr(Sigma)/|G|^2 is) the set is intersected with [0, inf): the two-ray case becomes (r2, inf)
+    when 0 is excluded (the numerator is resolved from 0) and (0, inf) otherwise, the whole line (0, inf), a
+    bounded interval is clipped at 0, and a bounded interval wholly below 0 (the data contradict a
+    non-negative ratio) is reported as (0, inf), i.e. nothing resolved. high = inf therefore means the
+    denominator is not resolved from 0 at this confidence. The per-step variances and covariance are the
+    weighted sample moments with the reliability-weight correction 1/(1 - sum w^2/(sum w)^2); a weighted
+    mean of independent steps has variance (per-step variance)/n_eff with Kish's effective sample size
+    n_eff = (sum w)^2 / sum w^2. It assumes steps are independent and stationary over the averaging
+    window (1/(1 - decay) steps); correlated steps in real training make it too narrow.
     Non-finite updates are skipped and counted in ``num_skipped``.
     """
 
     _STATE_KEYS = ("weight_sum", "weight_sqsum", "num_sum", "den_sum", "num_sqsum", "den_sqsum", "cross_sum")
 
-    def __init__(self, decay: float = 0.95) -> None:
+    def __init__(self, decay: float = 0.95, *, nonnegative: bool = False) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
             raise TypeError(f"decay must be a float in [0, 1), got {type(decay).__name__}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
+        if not isinstance(nonnegative, bool):
+            raise TypeError(f"nonnegative must be a bool, got {type(nonnegative).__name__}")
         self.decay = float(decay)
+        self.nonnegative = nonnegative
         self.num_updates = 0
         self.num_skipped = 0
         self._sums = dict.fromkeys(self._STATE_KEYS, 0.0)
@@ -237,22 +281,24 @@ class ExponentialMovingRatio:
         return self.numerator / self.denominator
 
     def interval(self, confidence: float = 0.9) -> tuple[float, float]:
-        """Delta-method confidence interval of the ratio (class docstring); (nan, nan) until n_eff > 1.5."""
+        """Fieller's confidence interval of the ratio (class docstring); (nan, nan) until n_eff > 1.5.
+
+        ``high`` is +inf when the averaged denominator is not resolved from 0 at this confidence.
+        """
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
         n_eff = self.effective_sample_size
-        if n_eff <= 1.5 or not self.denominator > 0:
+        if n_eff <= 1.5:
             return (math.nan, math.nan)
         total = self._sums["weight_sum"]
         mean_num, mean_den = self.numerator, self.denominator
-        correction = 1.0 / (1.0 - 1.0 / n_eff)
-        var_num = (self._sums["num_sqsum"] / total - mean_num**2) * correction
-        var_den = (self._sums["den_sqsum"] / total - mean_den**2) * correction
-        cov = (self._sums["cross_sum"] / total - mean_num * mean_den) * correction
-        ratio = mean_num / mean_den
-        var_ratio = max(var_num - 2 * ratio * cov + ratio**2 * var_den, 0.0) / (n_eff * mean_den**2)
-        half_width = stats.t.ppf(0.5 + confidence / 2, df=n_eff - 1) * math.sqrt(var_ratio)
-        return (ratio - half_width, ratio + half_width)
+        scale = 1.0 / (n_eff - 1.0)  # reliability-weight correction n_eff/(n_eff - 1), then / n_eff for the mean
+        var_num = (self._sums["num_sqsum"] / total - mean_num**2) * scale
+        var_den = (self._sums["den_sqsum"] / total - mean_den**2) * scale
+        cov = (self._sums["cross_sum"] / total - mean_num * mean_den) * scale
+        quantile = float(stats.t.ppf(0.5 + confidence / 2, df=n_eff - 1))
+        return fieller_interval(mean_num, mean_den, max(var_num, 0.0), max(var_den, 0.0), cov, quantile,
+                                nonnegative=self.nonnegative)
 
     def state_dict(self) -> dict[str, float | int]:
         return {"decay": self.decay, "num_updates": self.num_updates, "num_skipped": self.num_skipped, **self._sums}
@@ -269,7 +315,13 @@ class ExponentialMovingRatio:
 
 
 class ExponentialMovingNoiseScale(ExponentialMovingRatio):
-    """EMA of the unbiased tr(Sigma) and |G|^2 estimates; ``b_simple`` is the ratio of the two averages."""
+    """EMA of the unbiased tr(Sigma) and |G|^2 estimates; ``b_simple`` is the ratio of the two averages.
+
+    Its interval is Fieller's with ``nonnegative=True``: the true tr(Sigma) and |G|^2 are >= 0, so is B_simple.
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        super().__init__(decay, nonnegative=True)
 
     def update_estimate(self, estimate: NoiseScaleEstimate) -> bool:
         """Add one batch's :class:`NoiseScaleEstimate`; False if it was skipped as non-finite."""

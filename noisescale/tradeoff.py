@@ -10,7 +10,9 @@ equivalently S = S_min (1 + B_crit / B) and E = E_min (1 + B / B_crit), with the
 B_crit = E_min / S_min. At B = B_crit training takes 2 S_min steps and 2 E_min examples.
 
 :func:`fit_tradeoff` fits S_min and B_crit by nonlinear least squares in log space and gives bootstrap
-confidence intervals; :func:`read_sweep_csv` loads and validates a sweep of (batch size, steps) results.
+confidence intervals, or says that B_crit is not resolved when the sweep shows only one end of the curve
+(only perfect scaling S ~ 1/B, only saturation S ~ constant, or steps that do not fall with B);
+:func:`read_sweep_csv` loads and validates a sweep of (batch size, steps) results.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from scipy.optimize import least_squares
 from scipy.special import expit
 
@@ -34,6 +37,13 @@ __all__ = [
 ]
 
 _MIN_DISTINCT_BATCH_SIZES = 3
+# Data-driven starts: log B_crit on a grid over the sampled batch sizes widened by e^3 (x20) at each end.
+_START_GRID_POINTS = 25
+_START_GRID_MARGIN = 3.0
+# A fit whose residual sum of squares is within this relative amount of a limit's has run off to that limit.
+_LIMIT_RELATIVE_TOLERANCE = 1e-9
+# Finite stand-in for log B_crit = +-inf in the bootstrap percentiles (exp of it gives inf or 0).
+_LOG_UNBOUNDED = 1e300
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +53,11 @@ class TradeoffFit:
     ``batch_sizes`` and ``steps`` are the (read-only) data the fit used; ``log_residual_std`` is the
     standard deviation of the residuals of log S (n - 2 degrees of freedom), i.e. roughly the relative
     scatter of the measured steps around the model.
+
+    ``resolved`` is False when the data do not bound B_crit on both sides; the unresolved bound of
+    ``b_crit_interval`` is then 0 or inf (with S_min's lower bound 0 when B_crit may be infinite, E_min's
+    when it may be 0). When the best fit is a limit of the model, the estimates are that limit: B_crit = inf,
+    S_min = 0 (the steps fall like E_min / B throughout) or B_crit = 0, E_min = 0 (constant steps).
     """
 
     s_min: float
@@ -56,16 +71,17 @@ class TradeoffFit:
     steps: np.ndarray
     log_residual_std: float
     n_bootstrap: int
+    resolved: bool
 
     def predict_steps(self, batch_size: Any) -> np.ndarray | float:
-        """Steps to the target at ``batch_size``: S = S_min (1 + B_crit / B)."""
+        """Steps to the target at ``batch_size``: S = S_min (1 + B_crit / B) = S_min + E_min / B."""
         batch_size = _positive_finite_array(batch_size, "batch_size")
-        return self.s_min * (1.0 + self.b_crit / batch_size)
+        return self.s_min + self.e_min / batch_size
 
     def predict_examples(self, batch_size: Any) -> np.ndarray | float:
-        """Examples to the target at ``batch_size``: E = E_min (1 + B / B_crit)."""
+        """Examples to the target at ``batch_size``: E = E_min (1 + B / B_crit) = E_min + S_min B."""
         batch_size = _positive_finite_array(batch_size, "batch_size")
-        return self.e_min * (1.0 + batch_size / self.b_crit)
+        return self.e_min + self.s_min * batch_size
 
     @property
     def examples(self) -> np.ndarray:
@@ -84,23 +100,38 @@ class TradeoffFit:
             "confidence": self.confidence,
             "log_residual_std": self.log_residual_std,
             "n_bootstrap": self.n_bootstrap,
+            "resolved": self.resolved,
             "batch_sizes": self.batch_sizes.tolist(),
             "steps": self.steps.tolist(),
         }
 
     def summary(self) -> str:
-        """One line: the three estimates with their intervals, the number of points and the scatter."""
+        """One line: the three estimates with their intervals, the number of points and the scatter; an
+        unresolved B_crit says so in words after its interval."""
         percent = f"{100 * self.confidence:g}%"
 
         def estimate(name: str, value: float, interval: tuple[float, float]) -> str:
             return f"{name} = {value:.4g} [{interval[0]:.4g}, {interval[1]:.4g}]"
 
+        b_crit = estimate("B_crit", self.b_crit, self.b_crit_interval)
+        if not self.resolved:
+            b_crit += f" ({self._unresolved()})"
         return (
             f"{estimate('S_min', self.s_min, self.s_min_interval)}, "
             f"{estimate('E_min', self.e_min, self.e_min_interval)}, "
-            f"{estimate('B_crit', self.b_crit, self.b_crit_interval)} "
+            f"{b_crit} "
             f"({percent} intervals, {self.steps.size} points, log residual sd {self.log_residual_std:.3g})"
         )
+
+    def _unresolved(self) -> str:
+        """Why the B_crit interval is unbounded, in words."""
+        low, high = self.b_crit_interval
+        if low > 0:
+            return "not resolved: no saturation in the data, the steps still fall like 1/B at the largest batch sizes"
+        if high < np.inf:
+            return ("not resolved: no perfect-scaling part in the data, the steps do not fall like 1/B at the "
+                    "smallest batch sizes")
+        return "not resolved: the data fit any B_crit from 0 to inf"
 
     def __str__(self) -> str:
         return self.summary()
@@ -119,17 +150,28 @@ def fit_tradeoff(
     The fit minimises sum_i (log S_i - log S_min - log(1 + B_crit / B_i))^2 over the unconstrained
     parameters (log S_min, log B_crit) with scipy's Levenberg-Marquardt, so S_min, B_crit and
     E_min = S_min B_crit stay positive. Least squares in log space treats the scatter of steps as
-    multiplicative, as run-to-run variation is. The start takes S_min from the largest batch size
-    (S there is S_min (1 + B_crit / B_max), just above S_min) and E_min from the smallest one (E there is
-    just above E_min). Repeated measurements at one batch size are separate points.
+    multiplicative, as run-to-run variation is. The start is data-driven: the best log B_crit on a grid
+    over the sampled batch sizes (widened 20x at each end) with log S_min profiled out (for a fixed B_crit
+    it is the mean of log S_i - log(1 + B_crit / B_i)). Repeated measurements at one batch size are separate
+    points. The model has two limits, fitted in closed form: B_crit -> 0 (S = S_min, constant) and
+    B_crit -> inf (S = E_min / B, perfect scaling); a fit that runs off to one (its residual sum of squares
+    is no lower than the limit's) is reported as that limit.
 
     Intervals come from a parametric bootstrap in log space: each replicate adds normal noise to the
-    fitted log S_i and refits. The noise sd of each replicate is itself drawn from the sampling
-    distribution of the residual sd, sigma* = s sqrt((n - 2) / chi2_{n-2}), so that the percentile
-    intervals have Student-t rather than normal widths. With the ~10 batch sizes of a typical sweep a
-    plain residual bootstrap undercovers: it resamples only n residuals, which are shrunk by fitting
-    two parameters, and it ignores that s itself is uncertain. Intervals are the central ``confidence``
-    percentiles of the replicates.
+    fitted log S_i and refits (from its own data-driven start, limits included). The noise sd of each
+    replicate is itself drawn from the sampling distribution of the residual sd,
+    sigma* = s sqrt((n - 2) / chi2_{n-2}), so that the percentile intervals have Student-t rather than
+    normal widths. With the ~10 batch sizes of a typical sweep a plain residual bootstrap undercovers: it
+    resamples only n residuals, which are shrunk by fitting two parameters, and it ignores that s itself is
+    uncertain. Intervals are the central ``confidence`` percentiles of the replicates.
+
+    Resolution. A limit that the data do not reject is a value B_crit can take: by the profile-likelihood
+    F test (Bates & Watts 1988, "Nonlinear Regression Analysis", sec. 6.1), the limit with residual sum of
+    squares RSS_limit is in the ``confidence`` region when
+    (RSS_limit - RSS) / (RSS / (n - 2)) <= F_{1, n-2}(confidence). Then that bound of B_crit is 0 or inf
+    (and S_min's or E_min's lower bound 0), as it is when more than the tail fraction of the bootstrap
+    replicates run off to the limit; ``resolved`` is False and one RuntimeWarning says so. Well-resolved
+    sweeps (the bend inside the sampled batch sizes) are unaffected.
 
     Args:
         batch_sizes: batch size B of each run (1-D, positive, finite; at least 3 distinct values).
@@ -157,25 +199,34 @@ def fit_tradeoff(
 
     log_batch_sizes = np.log(batch_sizes)
     log_steps = np.log(steps)
-    start = _starting_log_parameters(batch_sizes, steps)
-    log_params = _least_squares_log_parameters(log_batch_sizes, log_steps, start)
-    fitted = _model_log_steps(log_params, log_batch_sizes)
+    limit_params, limit_sqsums = _limit_fits(log_batch_sizes, log_steps)
+    log_params, residual_sqsum = _fit_log_parameters(
+        log_batch_sizes, log_steps, _profile_start(log_batch_sizes, log_steps), limit_params, limit_sqsums
+    )
+    fitted = _fitted_log_steps(log_params, log_batch_sizes)
     degrees_of_freedom = steps.size - 2
-    log_residual_std = float(np.sqrt(np.sum((log_steps - fitted) ** 2) / degrees_of_freedom))
+    log_residual_std = float(np.sqrt(residual_sqsum / degrees_of_freedom))
 
     replicates = _parametric_bootstrap(
-        log_batch_sizes, fitted, log_params, log_residual_std, degrees_of_freedom,
-        n_bootstrap, np.random.default_rng(seed),
+        log_batch_sizes, fitted, log_residual_std, degrees_of_freedom, n_bootstrap, np.random.default_rng(seed)
     )
     tail = (1.0 - confidence) / 2.0
-    with np.errstate(over="ignore"):  # a bound that runs off (no bend in the data) is reported as inf
-        low, high = np.exp(np.quantile(replicates, [tail, 1.0 - tail], axis=0))
-
-    log_s_min, log_b_crit = log_params
+    bounds = np.quantile(np.clip(replicates, -_LOG_UNBOUNDED, _LOG_UNBOUNDED), [tail, 1.0 - tail], axis=0)
+    with np.errstate(over="ignore"):  # a bound that runs off to a limit of the model is reported as 0 or inf
+        low, high = np.exp(bounds)
+        s_min, b_crit, e_min = np.exp(log_params)
+    zero_in_region, infinity_in_region = _limits_in_confidence_region(
+        limit_sqsums, residual_sqsum, degrees_of_freedom, confidence
+    )
+    if zero_in_region:
+        low[1] = low[2] = 0.0
+    if infinity_in_region:
+        low[0] = 0.0
+        high[1] = np.inf
     fit = TradeoffFit(
-        s_min=float(np.exp(log_s_min)),
-        e_min=float(np.exp(log_s_min + log_b_crit)),
-        b_crit=float(np.exp(log_b_crit)),
+        s_min=float(s_min),
+        e_min=float(e_min),
+        b_crit=float(b_crit),
         s_min_interval=(float(low[0]), float(high[0])),
         e_min_interval=(float(low[2]), float(high[2])),
         b_crit_interval=(float(low[1]), float(high[1])),
@@ -184,8 +235,17 @@ def fit_tradeoff(
         steps=_read_only(steps),
         log_residual_std=log_residual_std,
         n_bootstrap=int(n_bootstrap),
+        resolved=bool(0.0 < low[1] and high[1] < np.inf),
     )
-    if not distinct[0] <= fit.b_crit <= distinct[-1]:
+    if not fit.resolved:
+        warnings.warn(
+            f"B_crit = {fit.b_crit:.4g} [{fit.b_crit_interval[0]:.4g}, {fit.b_crit_interval[1]:.4g}] is "
+            f"{fit._unresolved()}; sample batch sizes on both sides of the bend, where the steps stop "
+            "falling like 1/B",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif not distinct[0] <= fit.b_crit <= distinct[-1]:
         warnings.warn(
             f"fitted B_crit = {fit.b_crit:.4g} lies outside the sampled batch sizes "
             f"[{distinct[0]:g}, {distinct[-1]:g}]; S_min or E_min is an extrapolation",
@@ -284,33 +344,98 @@ def _least_squares_log_parameters(
     return result.x
 
 
-def _starting_log_parameters(batch_sizes: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """log S_min from the steps at the largest batch size, log E_min from the examples at the smallest."""
-    largest = batch_sizes == batch_sizes.max()
-    smallest = batch_sizes == batch_sizes.min()
-    log_s_min = np.mean(np.log(steps[largest]))
-    log_e_min = np.mean(np.log(batch_sizes[smallest] * steps[smallest]))
-    return np.array([log_s_min, log_e_min - log_s_min])
+def _limit_fits(log_batch_sizes: np.ndarray, log_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form least squares at the two limits of the model, for data ``log_steps`` of shape (..., n).
+
+    Returns (log S_min, log B_crit, log E_min) of shape (..., 2, 3) and the residual sums of squares (..., 2)
+    of B_crit -> 0 (log S = log S_min, the mean of log S) and B_crit -> inf (log S = log E_min - log B).
+    """
+    log_examples = log_steps + log_batch_sizes
+    log_s_min, log_e_min = log_steps.mean(axis=-1), log_examples.mean(axis=-1)
+    sqsums = np.stack(
+        [
+            np.sum((log_steps - log_s_min[..., None]) ** 2, axis=-1),
+            np.sum((log_examples - log_e_min[..., None]) ** 2, axis=-1),
+        ],
+        axis=-1,
+    )
+    infinite = np.full_like(log_s_min, np.inf)
+    params = np.stack(
+        [np.stack([log_s_min, -infinite, -infinite], axis=-1), np.stack([-infinite, infinite, log_e_min], axis=-1)],
+        axis=-2,
+    )
+    return params, sqsums
+
+
+def _fit_log_parameters(
+    log_batch_sizes: np.ndarray, log_steps: np.ndarray, start: np.ndarray, limit_params: np.ndarray,
+    limit_sqsums: np.ndarray,
+) -> tuple[np.ndarray, float]:
+    """(log S_min, log B_crit, log E_min) minimising the residual sum of squares, and that sum: the
+    Levenberg-Marquardt fit from ``start``, or the better limit (from :func:`_limit_fits` of the same data)
+    when the fit is no better than it."""
+    log_s_min, log_b_crit = _least_squares_log_parameters(log_batch_sizes, log_steps, start)
+    log_params = np.array([log_s_min, log_b_crit, log_s_min + log_b_crit])
+    residual_sqsum = float(np.sum((_model_log_steps(log_params[:2], log_batch_sizes) - log_steps) ** 2))
+    best_limit = int(np.argmin(limit_sqsums))
+    if limit_sqsums[best_limit] <= residual_sqsum * (1.0 + _LIMIT_RELATIVE_TOLERANCE):
+        return limit_params[best_limit], float(limit_sqsums[best_limit])
+    return log_params, residual_sqsum
+
+
+def _fitted_log_steps(log_params: np.ndarray, log_batch_sizes: np.ndarray) -> np.ndarray:
+    """log S of the fit (log S_min, log B_crit, log E_min) at each batch size, the two limits included."""
+    log_s_min, log_b_crit, log_e_min = log_params
+    if log_b_crit == -np.inf:
+        return np.full_like(log_batch_sizes, log_s_min)
+    if log_b_crit == np.inf:
+        return log_e_min - log_batch_sizes
+    return _model_log_steps(log_params[:2], log_batch_sizes)
+
+
+def _profile_start(log_batch_sizes: np.ndarray, log_steps: np.ndarray) -> np.ndarray:
+    """Data-driven starts (log S_min, log B_crit) for data ``log_steps`` of shape (..., n): the best log B_crit
+    on a grid over the sampled batch sizes, with log S_min profiled out (the mean of log S - log(1 + B_crit/B))."""
+    grid = np.linspace(
+        log_batch_sizes.min() - _START_GRID_MARGIN, log_batch_sizes.max() + _START_GRID_MARGIN, _START_GRID_POINTS
+    )
+    shapes = np.logaddexp(0.0, grid[:, None] - log_batch_sizes[None, :])  # (grid, n)
+    residuals = log_steps[..., None, :] - shapes  # (..., grid, n)
+    log_s_min = residuals.mean(axis=-1)
+    sqsums = np.sum((residuals - log_s_min[..., None]) ** 2, axis=-1)
+    best = np.argmin(sqsums, axis=-1)[..., None]
+    return np.stack([np.take_along_axis(log_s_min, best, axis=-1)[..., 0], grid[best[..., 0]]], axis=-1)
+
+
+def _limits_in_confidence_region(
+    limit_sqsums: np.ndarray, residual_sqsum: float, degrees_of_freedom: int, confidence: float
+) -> tuple[bool, bool]:
+    """Whether B_crit -> 0 and B_crit -> inf (residual sums of squares ``limit_sqsums``) pass the
+    profile-likelihood F test at ``confidence``: (RSS_limit - RSS) / (RSS / (n - 2)) <= F_{1, n-2}(confidence)."""
+    threshold = residual_sqsum * (1.0 + stats.f.ppf(confidence, 1, degrees_of_freedom) / degrees_of_freedom)
+    return bool(limit_sqsums[0] <= threshold), bool(limit_sqsums[1] <= threshold)
 
 
 def _parametric_bootstrap(
     log_batch_sizes: np.ndarray,
     fitted_log_steps: np.ndarray,
-    log_params: np.ndarray,
     log_residual_std: float,
     degrees_of_freedom: int,
     n_bootstrap: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Refits on simulated data; returns rows (log S_min, log B_crit, log E_min), one per replicate."""
+    """Refits on simulated data; returns rows (log S_min, log B_crit, log E_min), one per replicate (+-inf at a
+    limit of the model)."""
     noise_stds = log_residual_std * np.sqrt(degrees_of_freedom / rng.chisquare(degrees_of_freedom, n_bootstrap))
     noise = rng.standard_normal((n_bootstrap, fitted_log_steps.size)) * noise_stds[:, None]
+    simulated = fitted_log_steps + noise
+    starts = _profile_start(log_batch_sizes, simulated)
+    limit_params, limit_sqsums = _limit_fits(log_batch_sizes, simulated)
     replicates = np.empty((n_bootstrap, 3))
     for index in range(n_bootstrap):
-        replicates[index, :2] = _least_squares_log_parameters(
-            log_batch_sizes, fitted_log_steps + noise[index], log_params
+        replicates[index], _ = _fit_log_parameters(
+            log_batch_sizes, simulated[index], starts[index], limit_params[index], limit_sqsums[index]
         )
-    replicates[:, 2] = replicates[:, 0] + replicates[:, 1]
     return replicates
 
 

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from scipy import stats
+
 from noisescale.estimators import (
     ExponentialMovingNoiseScale,
     ExponentialMovingRatio,
     NoiseScaleEstimate,
+    fieller_interval,
     simple_noise_scale,
     two_batch_noise_scale,
 )
@@ -99,6 +102,7 @@ def test_b_simple_is_infinite_when_gradient_estimate_not_positive():
         (lambda: two_batch_noise_scale([], 2, 0.5, 4), "non-empty"),
         (lambda: ExponentialMovingRatio(decay=1.0), "decay"),
         (lambda: ExponentialMovingRatio(decay="0.9"), "decay"),
+        (lambda: ExponentialMovingRatio(nonnegative=1), "nonnegative must be a bool"),
         (lambda: ExponentialMovingRatio().interval(confidence=1.5), "confidence"),
         (lambda: ExponentialMovingNoiseScale().update_estimate((1.0, 2.0)), "NoiseScaleEstimate"),
     ],
@@ -192,3 +196,125 @@ def test_interval_coverage_by_simulation(decay, num_steps):
         low, high = average.interval(0.9)
         covered += low <= true_b_simple <= high
     assert 0.85 <= covered / num_runs <= 0.95
+
+
+# ---------------------------------------------------------------- Fieller's interval of the ratio
+
+
+def _fed_average(pairs: np.ndarray, decay: float, nonnegative: bool = True) -> ExponentialMovingRatio:
+    average = ExponentialMovingRatio(decay=decay, nonnegative=nonnegative)
+    for numerator, denominator in pairs:
+        average.update(numerator, denominator)
+    return average
+
+
+def _t_test_accepts(pairs: np.ndarray, decay: float, ratios: np.ndarray, confidence: float) -> np.ndarray:
+    """Independent reference: the ratios R for which a t-test of mean(num - R den) = 0 over the EMA-weighted
+    steps does not reject (weighted mean and variance of the step values num - R den, Kish's n_eff)."""
+    weights = decay ** np.arange(len(pairs) - 1, -1, -1)
+    n_eff = weights.sum() ** 2 / (weights**2).sum()
+    contrasts = pairs[:, :1] - ratios[None, :] * pairs[:, 1:]  # (steps, ratios)
+    mean = np.average(contrasts, axis=0, weights=weights)
+    variance = np.average((contrasts - mean) ** 2, axis=0, weights=weights) * n_eff / (n_eff - 1)
+    quantile = stats.t.ppf(0.5 + confidence / 2, df=n_eff - 1)
+    return mean**2 <= quantile**2 * variance / n_eff
+
+
+@pytest.mark.parametrize(
+    ("mean_denominator", "sd_denominator", "nonnegative", "expected"),
+    [
+        (2.0, 1.5, False, "bounded"),  # denominator resolved from 0
+        (0.3, 3.0, True, "ray"),  # not resolved, numerator resolved: [r2, inf)
+        (0.3, 3.0, False, "whole line"),  # the same two rays, reported by their hull
+        (0.0, 3.0, True, "ray"),
+    ],
+)
+def test_fieller_interval_is_the_set_a_t_test_does_not_reject(mean_denominator, sd_denominator, nonnegative, expected):
+    rng = np.random.default_rng(6)
+    decay, confidence = 0.9, 0.9
+    pairs = np.array([10.0, 0.0]) + rng.standard_normal((40, 2)) * [3.0, sd_denominator]
+    weights = decay ** np.arange(39, -1, -1)
+    pairs[:, 1] += mean_denominator - np.average(pairs[:, 1], weights=weights)  # the averaged denominator, exactly
+    low, high = _fed_average(pairs, decay, nonnegative).interval(confidence)
+    grid = np.linspace(-200.0, 200.0, 100_001)
+    accepted = grid[_t_test_accepts(pairs, decay, grid, confidence)]
+    spacing = grid[1] - grid[0]
+    if expected == "bounded":
+        assert math.isfinite(low) and math.isfinite(high)
+        assert (low, high) == (pytest.approx(accepted.min(), abs=spacing), pytest.approx(accepted.max(), abs=spacing))
+        assert np.all(np.diff(accepted) < 1.5 * spacing)  # one interval
+    elif expected == "ray":
+        assert high == math.inf
+        positive = accepted[accepted >= 0]
+        assert positive.max() == grid[-1]  # the accepted set runs off to +inf
+        assert low == pytest.approx(positive.min(), abs=spacing) and low > 0
+    else:
+        assert (low, high) == (-math.inf, math.inf)
+        assert accepted.min() == grid[0] and accepted.max() == grid[-1]
+
+
+def test_fieller_interval_closed_form_cases():
+    # bounded: var_den = 0 gives a / b -+ t sd(a) / b exactly
+    assert fieller_interval(6.0, 2.0, 1.0, 0.0, 0.0, 2.0) == pytest.approx((2.0, 4.0))
+    # bounded but partly below 0: clipped only when the ratio is known to be non-negative
+    assert fieller_interval(1.0, 2.0, 4.0, 0.0, 0.0, 1.0) == pytest.approx((-0.5, 1.5))
+    assert fieller_interval(1.0, 2.0, 4.0, 0.0, 0.0, 1.0, nonnegative=True) == pytest.approx((0.0, 1.5))
+    # denominator not resolved (b^2 < t^2 v_dd), numerator resolved: q(R) = -3 R^2 - 6 R + 8 <= 0 for R >= (-3 + sqrt(33))/3
+    low, high = fieller_interval(3.0, 1.0, 1.0, 4.0, 0.0, 1.0, nonnegative=True)
+    assert high == math.inf and low == pytest.approx((-3.0 + math.sqrt(9.0 + 24.0)) / 3.0)
+    # neither resolved: the whole line, or [0, inf) for a non-negative ratio
+    assert fieller_interval(0.5, 0.1, 1.0, 1.0, 0.0, 2.0) == (-math.inf, math.inf)
+    assert fieller_interval(0.5, 0.1, 1.0, 1.0, 0.0, 2.0, nonnegative=True) == (0.0, math.inf)
+    # a denominator resolved below 0 contradicts a non-negative ratio: nothing is resolved
+    assert fieller_interval(5.0, -2.0, 0.01, 0.01, 0.0, 2.0, nonnegative=True) == (0.0, math.inf)
+    assert fieller_interval(5.0, -2.0, 0.01, 0.01, 0.0, 2.0)[1] < 0
+
+
+@pytest.mark.parametrize(
+    ("mean_denominator", "sd_denominator", "correlation", "decay", "num_steps"),
+    [
+        (2.0, 1.0, 0.5, 0.9, 60),  # well resolved, positively correlated, steady state
+        (2.0, 1.0, -0.5, 0.95, 10),  # well resolved, negatively correlated, start-up (n_eff about 5)
+        (0.5, 1.5, 0.3, 0.9, 60),  # weakly resolved: many intervals are unbounded above
+    ],
+)
+def test_fieller_coverage_by_simulation(mean_denominator, sd_denominator, correlation, decay, num_steps):
+    """Coverage of the true ratio over independent runs of i.i.d. normal (numerator, denominator) steps is
+    the nominal 90% within 3 Monte-Carlo standard errors; no interval goes below 0."""
+    rng = np.random.default_rng(7)
+    num_runs, confidence = 2000, 0.9
+    sds = np.array([3.0, sd_denominator])
+    covariance = np.outer(sds, sds) * np.array([[1.0, correlation], [correlation, 1.0]])
+    true_ratio = 10.0 / mean_denominator
+    draws = rng.multivariate_normal([10.0, mean_denominator], covariance, size=(num_runs, num_steps))
+    intervals = np.array([_fed_average(pairs, decay).interval(confidence) for pairs in draws])
+    coverage = np.mean((intervals[:, 0] <= true_ratio) & (true_ratio <= intervals[:, 1]))
+    standard_error = math.sqrt(confidence * (1 - confidence) / num_runs)
+    assert abs(coverage - confidence) <= 3 * standard_error, coverage
+    assert np.all(intervals[:, 0] >= 0)
+    unbounded = np.mean(intervals[:, 1] == math.inf)
+    assert (unbounded > 0.3) if mean_denominator < sd_denominator else (unbounded == 0)
+
+
+def test_unresolved_denominator_gives_an_interval_unbounded_above():
+    """|G|^2 = 0 in truth: the interval must be unbounded above except in about 1 - confidence of runs."""
+    rng = np.random.default_rng(8)
+    num_runs = 1000
+    draws = np.array([10.0, 0.0]) + rng.standard_normal((num_runs, 60, 2)) * [3.0, 1.5]
+    intervals = np.array([_fed_average(pairs, 0.9).interval(0.9) for pairs in draws])
+    assert np.mean(intervals[:, 1] == math.inf) >= 0.9 - 3 * math.sqrt(0.09 / num_runs)
+    assert np.all(intervals[:, 0] >= 0)
+
+
+def test_noise_scale_interval_is_clipped_at_zero():
+    """B_simple's average clips at 0; a generic ratio's average does not."""
+    rng = np.random.default_rng(9)
+    pairs = np.column_stack([rng.normal(0.0, 3.0, 30), rng.normal(1.0, 0.2, 30)])
+    pairs[:, 0] += 1.0 - np.average(pairs[:, 0], weights=0.9 ** np.arange(29, -1, -1))  # not resolved from 0
+    noise_scale = ExponentialMovingNoiseScale(decay=0.9)
+    for numerator, denominator in pairs:
+        noise_scale.update(numerator, denominator)
+    generic = _fed_average(pairs, 0.9, nonnegative=False)
+    low, high = noise_scale.interval(0.9)
+    generic_low, generic_high = generic.interval(0.9)
+    assert generic_low < 0 and low == 0.0 and high == generic_high
