@@ -406,3 +406,17 @@ def test_save_figure_rejects_other_formats_and_objects(noisy_fit, tmp_path):
         save_figure(plot_tradeoff(noisy_fit), tmp_path / "tradeoff.pdf")
     with pytest.raises(TypeError, match="matplotlib Figure"):
         save_figure("figure", tmp_path / "tradeoff.png")
+
+
+@pytest.mark.filterwarnings("ignore:.*not resolved")
+def test_figures_of_an_unresolved_fit_draw_without_warnings():
+    batch_sizes = 2.0 ** np.arange(3, 13)
+    steps = 1e5 / batch_sizes * np.exp(np.random.default_rng(4).normal(0, 0.1, batch_sizes.size))
+    fit = fit_tradeoff(batch_sizes, steps, n_bootstrap=50)
+    assert not fit.resolved and fit.b_crit_interval[1] == np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for plot in (plot_tradeoff, plot_steps_vs_batch):
+            figure = plot(fit)
+            lines = [line for ax in figure.axes for line in ax.get_lines()]
+            assert all(np.isfinite(line.get_xdata()).all() for line in lines)

@@ -121,7 +121,7 @@ def _run_nqm(args: argparse.Namespace) -> int:
             fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
         low, high = fit.b_crit_interval
         print(f"McCandlish fit: B_crit = {fit.b_crit:.4g} (90% interval {low:.4g} .. {high:.4g}), "
-              f"S_min = {fit.s_min:.4g}, E_min = {fit.e_min:.4g}")
+              f"S_min = {fit.s_min:.4g}, E_min = {fit.e_min:.4g}{'' if fit.resolved else ' -- not resolved'}")
         for warning in caught:
             print(f"note: {warning.message}")
     return 0

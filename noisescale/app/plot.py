@@ -45,10 +45,11 @@ def plot_tradeoff(fit: TradeoffFit, ax: Axes | None = None, *, palette: str = "v
     )
     ax.axhline(fit.s_min, color="grey", linestyle="--", linewidth=1, label=f"$S_{{min}}$ = {fit.s_min:.3g}")
     ax.axvline(fit.e_min, color="grey", linestyle=":", linewidth=1, label=f"$E_{{min}}$ = {fit.e_min:.3g}")
-    ax.plot(
-        [2 * fit.e_min], [2 * fit.s_min], marker="*", markersize=14, color="crimson", linestyle="none",
-        label=f"$B_{{crit}}$ = {fit.b_crit:.3g}", zorder=4,
-    )
+    if _is_finite_positive(fit.b_crit):
+        ax.plot(
+            [2 * fit.e_min], [2 * fit.s_min], marker="*", markersize=14, color="crimson", linestyle="none",
+            label=f"$B_{{crit}}$ = {fit.b_crit:.3g}", zorder=4,
+        )
     _scatter_by_batch_size(ax, fit.examples, fit.steps, fit.batch_sizes, palette)
     _log_log_axes(ax)
     ax.set_xlabel("examples to target $E$")
@@ -66,8 +67,9 @@ def plot_steps_vs_batch(fit: TradeoffFit, ax: Axes | None = None, *, palette: st
     ax.plot(curve_batch_sizes, fit.predict_steps(curve_batch_sizes), color="black",
             label="fit: $S_{min}(1 + B_{crit}/B)$", zorder=2)
     ax.axhline(fit.s_min, color="grey", linestyle="--", linewidth=1, label=f"$S_{{min}}$ = {fit.s_min:.3g}")
-    ax.axvline(fit.b_crit, color="crimson", linewidth=1, label=f"$B_{{crit}}$ = {fit.b_crit:.3g}")
-    ax.axvspan(*fit.b_crit_interval, color="crimson", alpha=0.12,
+    if _is_finite_positive(fit.b_crit):
+        ax.axvline(fit.b_crit, color="crimson", linewidth=1, label=f"$B_{{crit}}$ = {fit.b_crit:.3g}")
+    ax.axvspan(*_drawable_interval(fit), color="crimson", alpha=0.12,
                label=f"{100 * fit.confidence:g}% interval of $B_{{crit}}$")
     _scatter_by_batch_size(ax, fit.batch_sizes, fit.steps, fit.batch_sizes, palette)
     _log_log_axes(ax)
@@ -120,11 +122,23 @@ def _log_log_axes(ax: Axes) -> None:
         axis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 2)))
 
 
+def _is_finite_positive(value: float) -> bool:
+    return bool(0 < value < np.inf)
+
+
+def _drawable_interval(fit: TradeoffFit) -> tuple[float, float]:
+    """B_crit's interval on a log axis: an unresolved side (0 or inf) runs to the edge of the drawn curve."""
+    low, high = fit.b_crit_interval
+    curve = _curve_batch_sizes(fit)
+    return (low if low > 0 else curve[0], high if high < np.inf else curve[-1])
+
+
 def _curve_batch_sizes(fit: TradeoffFit) -> np.ndarray:
-    """Log-spaced batch sizes around the sampled ones, always including B_crit."""
-    low = min(fit.batch_sizes.min(), fit.b_crit) / _CURVE_MARGIN
-    high = max(fit.batch_sizes.max(), fit.b_crit) * _CURVE_MARGIN
-    return np.union1d(np.geomspace(low, high, _CURVE_POINTS), [fit.b_crit])
+    """Log-spaced batch sizes around the sampled ones, always including a resolved B_crit."""
+    critical = [fit.b_crit] if _is_finite_positive(fit.b_crit) else []
+    low = min([fit.batch_sizes.min(), *critical]) / _CURVE_MARGIN
+    high = max([fit.batch_sizes.max(), *critical]) * _CURVE_MARGIN
+    return np.union1d(np.geomspace(low, high, _CURVE_POINTS), critical)
 
 
 def _scatter_by_batch_size(
@@ -191,9 +205,9 @@ def plot_noise_scale_vs_b_crit(frame: pd.DataFrame, fit: TradeoffFit, ax: Axes |
     for column, colour, label in (("b_simple", "tab:blue", "B_simple"), ("b_noise", "tab:red", "B_noise")):
         ax.scatter(reached["batch_size"], reached[column], color=colour, alpha=0.25, s=18)
         ax.plot(best["batch_size"], best[column], "o-", color=colour, label=f"{label} at the target (best lr)")
-    low, high = fit.b_crit_interval
-    ax.axhspan(low, high, color="tab:gray", alpha=0.2, label=f"B_crit interval ({fit.confidence:.0%})")
-    ax.axhline(fit.b_crit, color="black", linestyle="--", label=f"fitted B_crit = {fit.b_crit:.3g}")
+    ax.axhspan(*_drawable_interval(fit), color="tab:gray", alpha=0.2, label=f"B_crit interval ({fit.confidence:.0%})")
+    if _is_finite_positive(fit.b_crit):
+        ax.axhline(fit.b_crit, color="black", linestyle="--", label=f"fitted B_crit = {fit.b_crit:.3g}")
     _log_log_axes(ax)
     ax.set_xlabel("batch size B of the run")
     ax.set_ylabel("noise scale / B_crit (examples)")
