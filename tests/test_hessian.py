@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import UserDict
 
 import pytest
 import torch
@@ -375,3 +376,91 @@ def test_recurrent_models_match_dense_hessian(layer, batch_first):
     vector = _random_vector(model)
     torch.testing.assert_close(_flat(hessian_vector_product(model, _cross_entropy, sequences, labels, vector)),
                                hessian @ _flat(vector))
+
+
+# Keyword inputs and pytree targets (noisescale.batches), and a HuggingFace model called with them.
+
+class _KeywordModel(nn.Module):
+    """net(cat(x, z)) * scale by keyword, or the per-example cross-entropy itself when ``labels`` are given."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *, x, z, scale=1.0, labels=None):
+        logits = self.net(torch.cat([x, z], dim=1)) * scale
+        return logits if labels is None else {"loss": _cross_entropy(logits, labels)}
+
+
+def test_keyword_inputs_and_pytree_or_no_targets_give_what_the_tensor_batch_gives():
+    model, inputs, targets = _problem(seed=11, batch_size=12)
+    keyword_model = _KeywordModel(model)
+    keywords = {"x": inputs[:, :3], "z": inputs[:, 3:], "scale": 1.0}  # a non-tensor value goes to every call
+    calls = [  # (inputs, targets, loss_fn)
+        (keywords, targets, _cross_entropy),
+        (UserDict(keywords), {"labels": targets}, lambda outputs, t: _cross_entropy(outputs, t["labels"])),
+        ({**keywords, "labels": targets}, None, lambda outputs, _: outputs["loss"]),
+    ]
+    expected = hessian_noise_scale(model, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=5,
+                                   generator=torch.Generator().manual_seed(0))
+    expected_trace = hutchinson_trace(model, _cross_entropy, inputs, targets, num_probes=4,
+                                      generator=torch.Generator().manual_seed(0))
+    vector = _random_vector(model)
+    expected_product = _flat(hessian_vector_product(model, _cross_entropy, inputs, targets, vector))
+    for call_inputs, call_targets, loss_fn in calls:
+        got = hessian_noise_scale(keyword_model, loss_fn, call_inputs, call_targets, num_probes=4,
+                                  num_sigma_examples=5, generator=torch.Generator().manual_seed(0))
+        _assert_same_results(got, expected, rel=1e-12)
+        got_trace = hutchinson_trace(keyword_model, loss_fn, call_inputs, call_targets, num_probes=4,
+                                     generator=torch.Generator().manual_seed(0))
+        assert got_trace.estimate == pytest.approx(expected_trace.estimate, rel=1e-12)
+        keyword_vector = {f"net.{name}": value for name, value in vector.items()}
+        product = hessian_vector_product(keyword_model, loss_fn, call_inputs, call_targets, keyword_vector)
+        torch.testing.assert_close(_flat(product), expected_product, rtol=1e-12, atol=1e-14)
+    assert hvp_method(keyword_model) == "forward-over-reverse"
+    with pytest.raises(ValueError, match=r"same leading batch dimension, got input shapes \[\(12, 3\), \(12, 1\)\] "
+                                         r"and target shapes \[\(5,\)\]"):
+        hessian_noise_scale(keyword_model, _cross_entropy, keywords, targets[:5])
+    with pytest.raises(ValueError, match=r"per-example losses of shape \(12,\).*got \(\)"):
+        hutchinson_trace(keyword_model, lambda outputs, _: outputs["loss"].sum(), {**keywords, "labels": targets},
+                         None)
+
+
+def _tiny_gpt2(attn_implementation: str):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=31, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0, attn_implementation=attn_implementation)
+    torch.manual_seed(12)
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def _masked_token_loss(outputs, targets):
+    """Per-example mean next-token cross-entropy over the unpadded positions (``outputs`` a ModelOutput)."""
+    labels, mask = targets["labels"], targets["mask"].to(torch.float64)
+    tokens = nn.functional.cross_entropy(outputs.logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return (tokens.view(labels.shape) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def test_gpt2_with_keyword_inputs_and_sdpa_matches_eager_attention_and_double_backward():
+    model = _tiny_gpt2("sdpa")  # transformers' default; CPU flash attention: neither jvp nor double backward
+    eager = _tiny_gpt2("eager")
+    eager.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 31, (8, 6))
+    mask = torch.ones(8, 6, dtype=torch.long)
+    mask[0, 4:] = mask[5, 3:] = 0  # right padding
+    inputs = {"input_ids": tokens, "attention_mask": mask}
+    targets = {"labels": torch.randint(0, 31, (8, 6)), "mask": mask}
+    results = [hessian_noise_scale(m, _masked_token_loss, inputs, targets, num_probes=3, num_sigma_examples=3,
+                                   generator=torch.Generator().manual_seed(0)) for m in (model, eager)]
+    _assert_same_results(*results)
+    assert hvp_method(model) == "reverse-over-reverse, composite kernels"
+    assert hvp_method(eager) == "forward-over-reverse"
+
+    vector = _random_vector(model)
+    parameters = [p for p in eager.parameters() if p.requires_grad]
+    loss = _masked_token_loss(eager(**inputs), targets).mean()
+    gradient = torch.autograd.grad(loss, parameters, create_graph=True)
+    reference = torch.autograd.grad(gradient, parameters, grad_outputs=list(vector.values()))
+    product = hessian_vector_product(model, _masked_token_loss, inputs, targets, vector)
+    torch.testing.assert_close(_flat(product), torch.cat([r.flatten() for r in reference]))
