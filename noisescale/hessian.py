@@ -45,7 +45,7 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -115,6 +115,7 @@ class _Methods:
     hvp: int = 0  # index into HVP_METHODS
     vmap_examples: bool = True  # per-example gradients under vmap, else a loop
     vmap_vectors: bool = True  # Hessian-vector products of several vectors under vmap, else a loop
+    twice_differentiable: set[int] = field(default_factory=set)  # reverse-over-reverse methods checked
 
 
 _methods_of_model: weakref.WeakKeyDictionary[nn.Module, _Methods] = weakref.WeakKeyDictionary()
@@ -204,16 +205,38 @@ def _kernels(method: int):
         yield
 
 
+def _check_twice_differentiable(mean_loss, params: Parameters, inputs: Any, targets: Any) -> None:
+    """Raise where a backward in the model is not differentiable (a custom autograd.Function whose backward is
+    marked @once_differentiable): double backward would silently drop its second derivative, not raise."""
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    with torch.enable_grad():
+        gradient = torch.autograd.grad(mean_loss(leaves, inputs, targets), list(leaves.values()),
+                                       create_graph=True, allow_unused=True)
+    stack, seen = [g.grad_fn for g in gradient if g is not None and g.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name().endswith("Error"):
+            raise RuntimeError("the derivative of a backward in this model is not implemented (a custom "
+                               "autograd.Function whose backward is marked @once_differentiable): double backward "
+                               "would drop its second derivative")
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+
+
 class _HessianOperator:
     """v -> H v for the Hessian H of the mean loss on one batch at ``params``, by the model's first working method.
 
     Reverse-over-reverse builds the pullback of the gradient once (one forward and backward kept for double
-    backward) and applies it to each vector. A method that fails for a missing derivative is given up for
-    the model, and the call retried with the next one.
+    backward) and applies it to each vector; before its first use on a model, the double-backward graph is
+    checked for backwards that are not differentiable. A method that fails for a missing derivative is given
+    up for the model, and the call retried with the next one.
     """
 
     def __init__(self, methods: _Methods, mean_loss, params: Parameters, inputs: Any, targets: Any):
         self.methods, self.params = methods, params
+        self.batch = (mean_loss, inputs, targets)
         self.gradient = lambda p: grad(mean_loss)(p, inputs, targets)
         self._pullback: tuple[int, Callable] | None = None  # (method, pullback of the gradient)
 
@@ -222,6 +245,10 @@ class _HessianOperator:
             return lambda vector: jvp(self.gradient, (self.params,), (vector,))[1]
         if self._pullback is None or self._pullback[0] != method:
             with _kernels(method):
+                if method not in self.methods.twice_differentiable:
+                    mean_loss, inputs, targets = self.batch
+                    _check_twice_differentiable(mean_loss, self.params, inputs, targets)
+                    self.methods.twice_differentiable.add(method)
                 self._pullback = (method, vjp(self.gradient, self.params)[1])
         pullback = self._pullback[1]
 
@@ -246,14 +273,17 @@ class _HessianOperator:
 
     def batched(self, vectors: Parameters, chunk_size: int | None) -> Parameters:
         """H v_k for the vectors stacked in dim 0 of ``vectors``: under vmap, else (remembered) in a loop."""
+        vmap_failed = False
         if self.methods.vmap_vectors:
             try:
                 product = self._product_function(self.methods.hvp)
                 return vmap(product, randomness="same", chunk_size=chunk_size)(vectors)
             except (NotImplementedError, RuntimeError) as error:
-                if not _missing_derivative(error):  # vmap cannot run the model; a missing derivative is
-                    self.methods.vmap_vectors = False  # resolved by __call__ in the loop, then vmap again
-        return _stack([self(vector) for vector in _unstack(vectors)])
+                vmap_failed = not _missing_derivative(error)  # a missing derivative is resolved by __call__
+        products = _stack([self(vector) for vector in _unstack(vectors)])
+        if vmap_failed:
+            self.methods.vmap_vectors = False  # vmap cannot run the model where the loop can: remembered
+        return products
 
 
 def hessian_vector_product(model: nn.Module, loss_fn: LossFunction, inputs: Any, targets: Any,
@@ -345,10 +375,12 @@ def _per_example_gradients(methods: _Methods, mean_loss, params: Parameters, inp
             return vmap(grad(example_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
                 params, [leaves[k] for k in batched])
         except (NotImplementedError, RuntimeError):  # an op vmap cannot run (fused RNN kernels, control flow)
-            methods.vmap_examples = False
-    count = batch_size_of(inputs)
-    return _stack([grad(mean_loss)(params, select_examples(inputs, slice(k, k + 1)),
-                                   select_examples(targets, slice(k, k + 1))) for k in range(count)])
+            pass
+    gradients = _stack([grad(mean_loss)(params, select_examples(inputs, slice(k, k + 1)),
+                                        select_examples(targets, slice(k, k + 1)))
+                        for k in range(batch_size_of(inputs))])
+    methods.vmap_examples = False  # vmap failed where the loop works: remembered for this model
+    return gradients
 
 
 def hessian_noise_scale(

@@ -9,6 +9,7 @@ from collections import UserDict
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 import noisescale.hessian as hessian_module
@@ -269,6 +270,26 @@ def test_model_without_forward_ad_or_vmap_gives_what_its_plain_twin_gives(functi
                                _explicit_hessian(model, inputs, targets) @ _flat(vector))
 
 
+class _TanhDifferentiableOnce(_TanhWithoutForwardAD):
+    """tanh without jvp whose backward is marked @once_differentiable: no method gives its second derivative."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gradient):
+        (output,) = ctx.saved_tensors
+        return gradient * (1 - output * output)
+
+
+def test_model_with_a_once_differentiable_backward_raises_rather_than_dropping_curvature():
+    """torch's double backward silently treats such a backward as constant (a wrong H v, no error)."""
+    model, inputs, targets = _problem(seed=6, batch_size=12)
+    twin = nn.Sequential(model[0], _Activation(_TanhDifferentiableOnce), model[2])
+    with pytest.raises(RuntimeError, match=r"no Hessian-vector product method works for this model: tried "
+                                           r"forward-over-reverse, reverse-over-reverse, reverse-over-reverse, "
+                                           r"composite kernels; the last failed with: .*@once_differentiable"):
+        hessian_vector_product(twin, _cross_entropy, inputs, targets, _random_vector(twin))
+
+
 def test_forced_fallback_agrees_with_forward_over_reverse_and_is_not_retried(monkeypatch):
     """jvp and vmap made to fail as torch does for a missing forward derivative and a missing batching rule:
     reverse-over-reverse and the loops give the jvp/vmap path's numbers, and jvp is tried once per model."""
@@ -326,6 +347,7 @@ def _with_explicit_attention(model: TinyTransformer) -> TinyTransformer:
     return twin
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
 def test_tiny_transformer_with_flash_attention_matches_explicit_attention_and_dense_hessian():
     torch.manual_seed(8)
     model = tiny_transformer(vocab_size=7, d_model=4, n_heads=2, n_layers=1, block_size=4).double()
