@@ -121,6 +121,10 @@ class _Methods:
 _methods_of_model: weakref.WeakKeyDictionary[nn.Module, _Methods] = weakref.WeakKeyDictionary()
 
 
+def _methods_of(model: nn.Module) -> _Methods:
+    return _methods_of_model.setdefault(model, _Methods())
+
+
 def hvp_method(model: nn.Module) -> str | None:
     """The entry of HVP_METHODS that Hessian-vector products on ``model`` use; None before the first one."""
     methods = _methods_of_model.get(model)
@@ -234,8 +238,8 @@ class _HessianOperator:
     up for the model, and the call retried with the next one.
     """
 
-    def __init__(self, methods: _Methods, mean_loss, params: Parameters, inputs: Any, targets: Any):
-        self.methods, self.params = methods, params
+    def __init__(self, model: nn.Module, mean_loss, params: Parameters, inputs: Any, targets: Any):
+        self.model_type, self.methods, self.params = type(model).__name__, _methods_of(model), params
         self.batch = (mean_loss, inputs, targets)
         self.gradient = lambda p: grad(mean_loss)(p, inputs, targets)
         self._pullback: tuple[int, Callable] | None = None  # (method, pullback of the gradient)
@@ -267,8 +271,11 @@ class _HessianOperator:
                 if not _missing_derivative(error):
                     raise
                 if method + 1 == len(HVP_METHODS):
-                    raise RuntimeError(f"no Hessian-vector product method works for this model: tried "
-                                       f"{', '.join(HVP_METHODS)}; the last failed with: {error}") from error
+                    raise RuntimeError(
+                        f"no Hessian-vector product method works for this {self.model_type}: tried "
+                        f"{', '.join(HVP_METHODS)}; the last failed with: {error}. Give the op a forward "
+                        "derivative (jvp) or a differentiable backward, or measure B_simple only (hessian_every=0)"
+                    ) from error
                 self.methods.hvp = method + 1  # remembered: later calls on this model start there
 
     def batched(self, vectors: Parameters, chunk_size: int | None) -> Parameters:
@@ -292,12 +299,10 @@ def hessian_vector_product(model: nn.Module, loss_fn: LossFunction, inputs: Any,
     inputs, _ = _check_batch(inputs, targets, minimum=1)
     params = trainable_parameters(model)
     if set(vector) != set(params) or any(vector[n].shape != params[n].shape for n in params):
-        raise ValueError(
-            f"vector must have the trainable parameters' names and shapes {[(n, tuple(p.shape)) for n, p in params.items()]}"
-        )
-    methods = _methods_of_model.setdefault(model, _Methods())
+        expected = [(name, tuple(p.shape)) for name, p in params.items()]
+        raise ValueError(f"vector must have the trainable parameters' names and shapes {expected}")
     with isolated_rng(params.values()):
-        return _HessianOperator(methods, _mean_loss_function(model, loss_fn), params, inputs, targets)(vector)
+        return _HessianOperator(model, _mean_loss_function(model, loss_fn), params, inputs, targets)(vector)
 
 
 def _rademacher_like(params: Parameters, generator: torch.Generator) -> Parameters:
@@ -342,9 +347,8 @@ def hutchinson_trace(
     check_int(num_probes, "num_probes", 2)
     generator = _default_generator(generator)
     params = trainable_parameters(model)
-    methods = _methods_of_model.setdefault(model, _Methods())
     with isolated_rng(params.values()):
-        hvp = _HessianOperator(methods, _mean_loss_function(model, loss_fn), params, inputs, targets)
+        hvp = _HessianOperator(model, _mean_loss_function(model, loss_fn), params, inputs, targets)
         return _hutchinson(hvp, params, num_probes, generator)
 
 
@@ -408,7 +412,6 @@ def hessian_noise_scale(
     generator = _default_generator(generator)
     _reject_batch_statistics(model)
     params = trainable_parameters(model)
-    methods = _methods_of_model.setdefault(model, _Methods())
     mean_loss = _mean_loss_function(model, loss_fn)
     half = batch_size // 2
     gradient_inputs, gradient_targets = select_examples(inputs, slice(half)), select_examples(targets, slice(half))
@@ -417,12 +420,13 @@ def hessian_noise_scale(
     num_sigma_examples = min(num_sigma_examples, half)
 
     with isolated_rng(params.values()):
-        trace_h = _hutchinson(_HessianOperator(methods, mean_loss, params, inputs, targets), params, num_probes,
+        trace_h = _hutchinson(_HessianOperator(model, mean_loss, params, inputs, targets), params, num_probes,
                               generator)
-        curvature_hvp = _HessianOperator(methods, mean_loss, params, curvature_inputs, curvature_targets)
+        curvature_hvp = _HessianOperator(model, mean_loss, params, curvature_inputs, curvature_targets)
         mean_gradient = grad(mean_loss)(params, gradient_inputs, gradient_targets)
         subsample = torch.randperm(half, generator=generator, device=generator.device)[:num_sigma_examples]
-        per_example = _per_example_gradients(methods, mean_loss, params, select_examples(gradient_inputs, subsample),
+        per_example = _per_example_gradients(_methods_of(model), mean_loss, params,
+                                             select_examples(gradient_inputs, subsample),
                                              select_examples(gradient_targets, subsample), chunk_size)
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
         raw_g_h_g = _dot(mean_gradient, curvature_hvp(mean_gradient)).item()

@@ -284,7 +284,7 @@ def test_model_with_a_once_differentiable_backward_raises_rather_than_dropping_c
     """torch's double backward silently treats such a backward as constant (a wrong H v, no error)."""
     model, inputs, targets = _problem(seed=6, batch_size=12)
     twin = nn.Sequential(model[0], _Activation(_TanhDifferentiableOnce), model[2])
-    with pytest.raises(RuntimeError, match=r"no Hessian-vector product method works for this model: tried "
+    with pytest.raises(RuntimeError, match=r"no Hessian-vector product method works for this Sequential: tried "
                                            r"forward-over-reverse, reverse-over-reverse, reverse-over-reverse, "
                                            r"composite kernels; the last failed with: .*@once_differentiable"):
         hessian_vector_product(twin, _cross_entropy, inputs, targets, _random_vector(twin))
