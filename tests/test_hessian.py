@@ -486,3 +486,21 @@ def test_gpt2_with_keyword_inputs_and_sdpa_matches_eager_attention_and_double_ba
     reference = torch.autograd.grad(gradient, parameters, grad_outputs=list(vector.values()))
     product = hessian_vector_product(model, _masked_token_loss, inputs, targets, vector)
     torch.testing.assert_close(_flat(product), torch.cat([r.flatten() for r in reference]))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_float32_lstm_on_the_onednn_kernel_matches_the_float64_dense_hessian():
+    """In float32 on CPU, nn.LSTM runs oneDNN's mkldnn_rnn_layer, which has no forward derivative."""
+    torch.manual_seed(13)
+    reference = _RecurrentClassifier(nn.LSTM, batch_first=True).double()
+    model = copy.deepcopy(reference).float()
+    sequences, labels = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    vector = _random_vector(reference)
+    product = hessian_vector_product(model, _cross_entropy, sequences.float(), labels,
+                                     {name: value.float() for name, value in vector.items()})
+    torch.testing.assert_close(_flat(product).double(), _explicit_hessian(reference, sequences, labels) @ _flat(vector),
+                               rtol=1e-4, atol=1e-5)
+    result = hessian_noise_scale(model, _cross_entropy, sequences.float(), labels, num_probes=2,
+                                 num_sigma_examples=3, generator=torch.Generator().manual_seed(0))
+    for field, value in _naive_curvature(reference, sequences, labels, 3).items():
+        assert getattr(result, field) == pytest.approx(value, rel=1e-4, abs=1e-6), field
