@@ -11,6 +11,8 @@ Estimators (all from one batch of B i.i.d. examples, loss = mean of the per-exam
   and where an op's backward has no derivative either (flash and memory-efficient attention kernels, cuDNN
   RNNs), by reverse-over-reverse with attention on SDPA's math kernel and cuDNN off (same function, composite
   ops). The first method that works is remembered per model (:func:`hvp_method`); later calls start there.
+  A backward marked @once_differentiable, which torch's double backward silently treats as constant, is
+  found in the graph before reverse-over-reverse is first used on a model, and refused with an error.
   Per-example gradients and the per-example Hessian-vector products run under torch.func.vmap, or in a loop
   over examples for a model vmap cannot run (fused RNN kernels, data-dependent control flow), also remembered.
 - tr(H) by Hutchinson's estimator: E[v^T H v] = tr(H) for Rademacher v (entries +-1, E[v v^T] = I);
