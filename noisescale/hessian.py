@@ -6,6 +6,15 @@ noiseless one, B_noise = tr(H Sigma)/(G^T H G); B_simple = tr(Sigma)/|G|^2 is th
 
 Estimators (all from one batch of B i.i.d. examples, loss = mean of the per-example losses):
 - Hessian-vector products H v by forward-over-reverse differentiation, torch.func.jvp of torch.func.grad.
+  Where an op has no forward derivative (CPU flash attention, cuDNN RNNs, a custom autograd.Function without
+  jvp), H v = (v^T H)^T by reverse-over-reverse differentiation (torch.func.vjp of grad, a double backward),
+  and where an op's backward has no derivative either (flash and memory-efficient attention kernels, cuDNN
+  RNNs), by reverse-over-reverse with attention on SDPA's math kernel and cuDNN off (same function, composite
+  ops). The first method that works is remembered per model (:func:`hvp_method`); later calls start there.
+  A backward marked @once_differentiable, which torch's double backward silently treats as constant, is
+  found in the graph before reverse-over-reverse is first used on a model, and refused with an error.
+  Per-example gradients and the per-example Hessian-vector products run under torch.func.vmap, or in a loop
+  over examples for a model vmap cannot run (fused RNN kernels, data-dependent control flow), also remembered.
 - tr(H) by Hutchinson's estimator: E[v^T H v] = tr(H) for Rademacher v (entries +-1, E[v v^T] = I);
   its standard error is the sample standard deviation over probes / sqrt(num_probes).
 - G^T H G: E[gbar^T H gbar] = G^T H G + tr(H Sigma)/B (because E[gbar gbar^T] = G G^T + Sigma/B), so the
@@ -22,6 +31,10 @@ same-example terms bias gbar^T H_hat gbar and d_i^T H_hat d_i by O(tr(H)/B) rela
 gives gbar and the per-example gradients, the second half gives the Hessian those are multiplied with.
 Hutchinson's tr(H) uses the whole batch.
 
+Batches follow :mod:`noisescale.batches`: ``inputs`` is a tensor, a tuple of positional inputs or a mapping
+of keyword inputs (``model(**inputs)``), ``targets`` a tensor, a pytree of tensors or None; every tensor holds
+the batch in dim 0. ``loss_fn(outputs, targets)`` gets what the model returns (a HuggingFace ModelOutput too).
+
 None of these calls changes the model or training: parameters and buffers enter torch.func.functional_call
 as detached copies, no .grad is written, and the global RNG (dropout) runs inside torch.random.fork_rng.
 Probes come from an explicit torch.Generator.
@@ -29,16 +42,23 @@ Probes come from an explicit torch.Generator.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._checks import check_int
 from noisescale._rng import isolated_rng
+from noisescale.batches import batch_size_of, call_arguments, select_examples, tensors_of
 from noisescale.per_example.layers import uses_batch_statistics
 
 __all__ = [
@@ -48,13 +68,17 @@ __all__ = [
     "hessian_vector_product",
     "hutchinson_trace",
     "hessian_noise_scale",
+    "hvp_method",
+    "HVP_METHODS",
     "HESSIAN_NOISE_SCALE_MIN_BATCH",
 ]
 
-LossFunction = Callable[[Tensor, Tensor], Tensor]
-Inputs = Tensor | tuple[Tensor, ...]  # the model's positional inputs, each with the batch in dim 0
+LossFunction = Callable[[Any, Any], Tensor]  # (model outputs, targets) -> per-example losses (B,)
 HESSIAN_NOISE_SCALE_MIN_BATCH = 4  # two halves (gradient, Hessian) of at least two examples each
 Parameters = dict[str, Tensor]
+HVP_METHODS = ("forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse, composite kernels")
+_DIFFERENTIATION = re.compile(r"forward[- ]?(mode )?AD|derivative|double backward|jvp", re.IGNORECASE)
+_NOT_IMPLEMENTED = re.compile(r"not (been )?implemented|not supported|must implement", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,36 @@ class HessianNoiseScale:
         return self.trace_h_sigma / self.g_h_g
 
 
+@dataclass
+class _Methods:
+    """How torch.func runs on one model, learnt from its first failures (module docstring)."""
+
+    hvp: int = 0  # index into HVP_METHODS
+    vmap_examples: bool = True  # per-example gradients under vmap, else a loop
+    vmap_vectors: bool = True  # Hessian-vector products of several vectors under vmap, else a loop
+    twice_differentiable: set[int] = field(default_factory=set)  # reverse-over-reverse methods checked
+
+
+_methods_of_model: weakref.WeakKeyDictionary[nn.Module, _Methods] = weakref.WeakKeyDictionary()
+
+
+def _methods_of(model: nn.Module) -> _Methods:
+    return _methods_of_model.setdefault(model, _Methods())
+
+
+def hvp_method(model: nn.Module) -> str | None:
+    """The entry of HVP_METHODS that Hessian-vector products on ``model`` use; None before the first one."""
+    methods = _methods_of_model.get(model)
+    return None if methods is None else HVP_METHODS[methods.hvp]
+
+
+def _missing_derivative(error: Exception) -> bool:
+    """Whether torch raised ``error`` for an op without a forward derivative or a twice-differentiable backward."""
+    message = str(error)
+    return isinstance(error, (NotImplementedError, RuntimeError)) and bool(
+        _DIFFERENTIATION.search(message) and _NOT_IMPLEMENTED.search(message))
+
+
 def trainable_parameters(model: nn.Module) -> Parameters:
     """Detached copies of the parameters that require grad, by name."""
     if not isinstance(model, nn.Module):
@@ -96,73 +150,161 @@ def trainable_parameters(model: nn.Module) -> Parameters:
     return params
 
 
-def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Parameters, tuple, Tensor], Tensor]:
-    """params, inputs (a tuple), targets -> mean per-example loss; each call works on fresh copies of the buffers.
+def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Parameters, Any, Any], Tensor]:
+    """params, inputs, targets -> mean per-example loss; each call works on fresh copies of the buffers.
 
     Copying inside the transformed function lets BatchNorm in training mode update its running statistics
     (on the copy) without torch.func rejecting the mutation of a captured tensor.
     """
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
-    def mean_loss(params: Parameters, inputs: tuple[Tensor, ...], targets: Tensor) -> Tensor:
+    def mean_loss(params: Parameters, inputs: Any, targets: Any) -> Tensor:
         buffer_copies = {name: b.clone() for name, b in buffers.items()}
-        outputs = functional_call(model, {**params, **buffer_copies}, inputs)
+        args, kwargs = call_arguments(inputs)
+        outputs = functional_call(model, {**params, **buffer_copies}, args, kwargs)
         losses = loss_fn(outputs, targets)
-        if losses.shape != (targets.shape[0],):
-            raise ValueError(
-                f"loss_fn must return per-example losses of shape ({targets.shape[0]},) (use reduction='none'), "
-                f"got shape {tuple(losses.shape)}"
-            )
+        batch_size = batch_size_of(inputs)
+        if not isinstance(losses, Tensor) or losses.shape != (batch_size,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"loss_fn must return per-example losses of shape ({batch_size},) (use "
+                             f"reduction='none'), got {shape}")
         return losses.mean()
 
     return mean_loss
 
 
-def _check_batch(inputs: Inputs, targets: Tensor, minimum: int) -> tuple[tuple[Tensor, ...], int]:
-    """The inputs as a tuple (a single tensor becomes a 1-tuple) and the batch size, validated."""
-    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
-    if not (isinstance(inputs, tuple) and inputs and all(isinstance(t, Tensor) for t in inputs)) or not isinstance(
-        targets, Tensor
-    ):
-        raise TypeError(f"inputs must be a tensor or a non-empty tuple of tensors and targets a tensor, got "
-                        f"{type(inputs).__name__}, {type(targets).__name__}")
-    shapes = [tuple(t.shape) for t in (*inputs, targets)]
-    if any(len(shape) == 0 or shape[0] != shapes[-1][0] for shape in shapes):
-        raise ValueError(f"inputs and targets need the same leading batch dimension, got shapes {shapes}")
-    if targets.shape[0] < minimum:
-        raise ValueError(f"this estimate needs a batch of at least {minimum} examples, got {targets.shape[0]}")
-    return inputs, int(targets.shape[0])
-
-
-def _rows(inputs: tuple[Tensor, ...], index: slice | Tensor) -> tuple[Tensor, ...]:
-    return tuple(t[index] for t in inputs)
+def _check_batch(inputs: Any, targets: Any, minimum: int) -> tuple[Any, int]:
+    """The inputs (a mapping as a plain dict) and the batch size B taken from them, validated against targets."""
+    if isinstance(inputs, Mapping):
+        inputs = dict(inputs)  # a BatchEncoding or other Mapping: a dict that torch's pytrees walk
+    batch_size = batch_size_of(inputs)
+    target_shapes = [tuple(t.shape) for t in tensors_of(targets)]
+    if any(len(shape) == 0 or shape[0] != batch_size for shape in target_shapes):
+        raise ValueError(f"inputs and targets need the same leading batch dimension, got input shapes "
+                         f"{[tuple(t.shape) for t in tensors_of(inputs)]} and target shapes {target_shapes}")
+    if batch_size < minimum:
+        raise ValueError(f"this estimate needs a batch of at least {minimum} examples, got {batch_size}")
+    return inputs, batch_size
 
 
 def _dot(left: Parameters, right: Parameters) -> Tensor:
     return sum((left[name] * right[name]).sum() for name in left)
 
 
-def _hvp_function(mean_loss, inputs: tuple, targets: Tensor) -> Callable[[Parameters, Parameters], Parameters]:
-    """(params, vector) -> H v, forward-over-reverse: jvp of grad."""
-
-    def hvp(params: Parameters, vector: Parameters) -> Parameters:
-        return jvp(lambda p: grad(mean_loss)(p, inputs, targets), (params,), (vector,))[1]
-
-    return hvp
+def _stack(rows: list[Parameters]) -> Parameters:
+    return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
 
-def hessian_vector_product(
-    model: nn.Module, loss_fn: LossFunction, inputs: Inputs, targets: Tensor, vector: Parameters
-) -> Parameters:
+def _unstack(batched: Parameters) -> list[Parameters]:
+    count = next(iter(batched.values())).shape[0]
+    return [{name: value[k] for name, value in batched.items()} for k in range(count)]
+
+
+@contextlib.contextmanager
+def _kernels(method: int):
+    """For the last of HVP_METHODS: attention on SDPA's math kernel and cuDNN off, whose ops are twice
+    differentiable; no change for the others."""
+    if HVP_METHODS[method] != "reverse-over-reverse, composite kernels":
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH), torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
+def _check_twice_differentiable(mean_loss, params: Parameters, inputs: Any, targets: Any) -> None:
+    """Raise where a backward in the model is not differentiable (a custom autograd.Function whose backward is
+    marked @once_differentiable): double backward would silently drop its second derivative, not raise."""
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    with torch.enable_grad():
+        gradient = torch.autograd.grad(mean_loss(leaves, inputs, targets), list(leaves.values()),
+                                       create_graph=True, allow_unused=True)
+    stack, seen = [g.grad_fn for g in gradient if g is not None and g.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name().endswith("Error"):
+            raise RuntimeError("the derivative of a backward in this model is not implemented (a custom "
+                               "autograd.Function whose backward is marked @once_differentiable): double backward "
+                               "would drop its second derivative")
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+
+
+class _HessianOperator:
+    """v -> H v for the Hessian H of the mean loss on one batch at ``params``, by the model's first working method.
+
+    Reverse-over-reverse builds the pullback of the gradient once (one forward and backward kept for double
+    backward) and applies it to each vector; before its first use on a model, the double-backward graph is
+    checked for backwards that are not differentiable. A method that fails for a missing derivative is given
+    up for the model, and the call retried with the next one.
+    """
+
+    def __init__(self, model: nn.Module, mean_loss, params: Parameters, inputs: Any, targets: Any):
+        self.model_type, self.methods, self.params = type(model).__name__, _methods_of(model), params
+        self.batch = (mean_loss, inputs, targets)
+        self.gradient = lambda p: grad(mean_loss)(p, inputs, targets)
+        self._pullback: tuple[int, Callable] | None = None  # (method, pullback of the gradient)
+
+    def _product_function(self, method: int) -> Callable[[Parameters], Parameters]:
+        if HVP_METHODS[method] == "forward-over-reverse":
+            return lambda vector: jvp(self.gradient, (self.params,), (vector,))[1]
+        if self._pullback is None or self._pullback[0] != method:
+            with _kernels(method):
+                if method not in self.methods.twice_differentiable:
+                    mean_loss, inputs, targets = self.batch
+                    _check_twice_differentiable(mean_loss, self.params, inputs, targets)
+                    self.methods.twice_differentiable.add(method)
+                self._pullback = (method, vjp(self.gradient, self.params)[1])
+        pullback = self._pullback[1]
+
+        def product(vector: Parameters) -> Parameters:
+            with _kernels(method):
+                return pullback(vector)[0]  # v^T H = (H v)^T, H symmetric
+
+        return product
+
+    def __call__(self, vector: Parameters) -> Parameters:
+        while True:
+            method = self.methods.hvp
+            try:
+                return self._product_function(method)(vector)
+            except (NotImplementedError, RuntimeError) as error:
+                if not _missing_derivative(error):
+                    raise
+                if method + 1 == len(HVP_METHODS):
+                    raise RuntimeError(
+                        f"no Hessian-vector product method works for this {self.model_type}: tried "
+                        f"{', '.join(HVP_METHODS)}; the last failed with: {error}. Give the op a forward "
+                        "derivative (jvp) or a differentiable backward, or measure B_simple only (hessian_every=0)"
+                    ) from error
+                self.methods.hvp = method + 1  # remembered: later calls on this model start there
+
+    def batched(self, vectors: Parameters, chunk_size: int | None) -> Parameters:
+        """H v_k for the vectors stacked in dim 0 of ``vectors``: under vmap, else (remembered) in a loop."""
+        vmap_failed = False
+        if self.methods.vmap_vectors:
+            try:
+                product = self._product_function(self.methods.hvp)
+                return vmap(product, randomness="same", chunk_size=chunk_size)(vectors)
+            except (NotImplementedError, RuntimeError) as error:
+                vmap_failed = not _missing_derivative(error)  # a missing derivative is resolved by __call__
+        products = _stack([self(vector) for vector in _unstack(vectors)])
+        if vmap_failed:
+            self.methods.vmap_vectors = False  # vmap cannot run the model where the loop can: remembered
+        return products
+
+
+def hessian_vector_product(model: nn.Module, loss_fn: LossFunction, inputs: Any, targets: Any,
+                           vector: Parameters) -> Parameters:
     """H v for the Hessian H of the mean loss over the batch; ``vector`` maps trainable names to tensors."""
     inputs, _ = _check_batch(inputs, targets, minimum=1)
     params = trainable_parameters(model)
     if set(vector) != set(params) or any(vector[n].shape != params[n].shape for n in params):
-        raise ValueError(
-            f"vector must have the trainable parameters' names and shapes {[(n, tuple(p.shape)) for n, p in params.items()]}"
-        )
+        expected = [(name, tuple(p.shape)) for name, p in params.items()]
+        raise ValueError(f"vector must have the trainable parameters' names and shapes {expected}")
     with isolated_rng(params.values()):
-        return _hvp_function(_mean_loss_function(model, loss_fn), inputs, targets)(params, vector)
+        return _HessianOperator(model, _mean_loss_function(model, loss_fn), params, inputs, targets)(vector)
 
 
 def _rademacher_like(params: Parameters, generator: torch.Generator) -> Parameters:
@@ -172,11 +314,12 @@ def _rademacher_like(params: Parameters, generator: torch.Generator) -> Paramete
     }
 
 
-def _hutchinson(hvp, params: Parameters, num_probes: int, generator: torch.Generator) -> HutchinsonTrace:
+def _hutchinson(hvp: _HessianOperator, params: Parameters, num_probes: int,
+                generator: torch.Generator) -> HutchinsonTrace:
     samples = []
     for _ in range(num_probes):
         probe = _rademacher_like(params, generator)
-        samples.append(_dot(probe, hvp(params, probe)))
+        samples.append(_dot(probe, hvp(probe)))
     values = torch.stack(samples).double()
     return HutchinsonTrace(
         estimate=values.mean().item(), stderr=(values.std() / math.sqrt(num_probes)).item(), num_probes=num_probes
@@ -195,8 +338,8 @@ def _default_generator(generator: torch.Generator | None) -> torch.Generator:
 def hutchinson_trace(
     model: nn.Module,
     loss_fn: LossFunction,
-    inputs: Inputs,
-    targets: Tensor,
+    inputs: Any,
+    targets: Any,
     *,
     num_probes: int = 16,
     generator: torch.Generator | None = None,
@@ -207,7 +350,7 @@ def hutchinson_trace(
     generator = _default_generator(generator)
     params = trainable_parameters(model)
     with isolated_rng(params.values()):
-        hvp = _hvp_function(_mean_loss_function(model, loss_fn), inputs, targets)
+        hvp = _HessianOperator(model, _mean_loss_function(model, loss_fn), params, inputs, targets)
         return _hutchinson(hvp, params, num_probes, generator)
 
 
@@ -221,11 +364,36 @@ def _reject_batch_statistics(model: nn.Module) -> None:
             )
 
 
+def _per_example_gradients(methods: _Methods, mean_loss, params: Parameters, inputs: Any, targets: Any,
+                           chunk_size: int | None) -> Parameters:
+    """grad of each example's loss, stacked in dim 0: under vmap, else (remembered) in a loop over examples."""
+    if methods.vmap_examples:
+        leaves, spec = tree_flatten((inputs, targets))
+        batched = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+        def example_loss(p: Parameters, example_tensors: list[Tensor]) -> Tensor:
+            example_leaves = list(leaves)
+            for k, tensor in zip(batched, example_tensors):
+                example_leaves[k] = tensor.unsqueeze(0)
+            return mean_loss(p, *tree_unflatten(example_leaves, spec))
+
+        try:
+            return vmap(grad(example_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
+                params, [leaves[k] for k in batched])
+        except (NotImplementedError, RuntimeError):  # an op vmap cannot run (fused RNN kernels, control flow)
+            pass
+    gradients = _stack([grad(mean_loss)(params, select_examples(inputs, slice(k, k + 1)),
+                                        select_examples(targets, slice(k, k + 1)))
+                        for k in range(batch_size_of(inputs))])
+    methods.vmap_examples = False  # vmap failed where the loop works: remembered for this model
+    return gradients
+
+
 def hessian_noise_scale(
     model: nn.Module,
     loss_fn: LossFunction,
-    inputs: Inputs,
-    targets: Tensor,
+    inputs: Any,
+    targets: Any,
     *,
     num_probes: int = 8,
     num_sigma_examples: int = 8,
@@ -237,7 +405,8 @@ def hessian_noise_scale(
     The first half of the batch gives the mean gradient gbar and ``num_sigma_examples`` per-example
     gradients (a random subsample drawn with ``generator``); the second half gives the Hessian. Cost:
     num_probes + num_sigma_examples + 1 Hessian-vector products; ``chunk_size`` bounds the vmap batch.
-    ``inputs`` is the model's input tensor or a tuple of its positional inputs (e.g. tokens and a mask).
+    ``inputs``: the model's input tensor, a tuple of its positional inputs or a mapping of keyword inputs;
+    ``targets``: a tensor, a pytree of tensors or None (every tensor with the batch in dim 0).
     """
     inputs, batch_size = _check_batch(inputs, targets, minimum=HESSIAN_NOISE_SCALE_MIN_BATCH)
     check_int(num_probes, "num_probes", 2)
@@ -247,27 +416,26 @@ def hessian_noise_scale(
     params = trainable_parameters(model)
     mean_loss = _mean_loss_function(model, loss_fn)
     half = batch_size // 2
-    gradient_inputs, gradient_targets = _rows(inputs, slice(half)), targets[:half]
+    gradient_inputs, gradient_targets = select_examples(inputs, slice(half)), select_examples(targets, slice(half))
+    curvature_inputs = select_examples(inputs, slice(half, None))
+    curvature_targets = select_examples(targets, slice(half, None))
     num_sigma_examples = min(num_sigma_examples, half)
 
-    def single_example_loss(p: Parameters, example_inputs: tuple, example_target: Tensor) -> Tensor:
-        return mean_loss(p, tuple(t.unsqueeze(0) for t in example_inputs), example_target.unsqueeze(0))
-
     with isolated_rng(params.values()):
-        trace_h = _hutchinson(_hvp_function(mean_loss, inputs, targets), params, num_probes, generator)
-        curvature_hvp = _hvp_function(mean_loss, _rows(inputs, slice(half, None)), targets[half:])
+        trace_h = _hutchinson(_HessianOperator(model, mean_loss, params, inputs, targets), params, num_probes,
+                              generator)
+        curvature_hvp = _HessianOperator(model, mean_loss, params, curvature_inputs, curvature_targets)
         mean_gradient = grad(mean_loss)(params, gradient_inputs, gradient_targets)
         subsample = torch.randperm(half, generator=generator, device=generator.device)[:num_sigma_examples]
-        subsample = subsample.to(gradient_inputs[0].device)
-        per_example = vmap(grad(single_example_loss), in_dims=(None, 0, 0), randomness="different",
-                           chunk_size=chunk_size)(params, _rows(gradient_inputs, subsample),
-                                                  gradient_targets[subsample])
+        per_example = _per_example_gradients(_methods_of(model), mean_loss, params,
+                                             select_examples(gradient_inputs, subsample),
+                                             select_examples(gradient_targets, subsample), chunk_size)
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
-        curvature_of_deviations = vmap(curvature_hvp, in_dims=(None, 0), randomness="same", chunk_size=chunk_size)(params, deviations)
+        raw_g_h_g = _dot(mean_gradient, curvature_hvp(mean_gradient)).item()
+        curvature_of_deviations = curvature_hvp.batched(deviations, chunk_size)
         trace_h_sigma = sum(
             (deviations[n] * curvature_of_deviations[n]).flatten(1).sum(1) for n in params
         ).sum().item() / (num_sigma_examples - 1)
-        raw_g_h_g = _dot(mean_gradient, curvature_hvp(params, mean_gradient)).item()
         fisher_trace = sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()).mean().item()
     return HessianNoiseScale(
         trace_h=trace_h.estimate,

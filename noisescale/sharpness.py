@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.optimize
@@ -27,8 +28,9 @@ from torch import nn
 from torch.func import functional_call
 
 from noisescale._rng import isolated_rng
+from noisescale.batches import batch_size_of, call_arguments, select_examples, tensors_of
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFunction = Callable[[Any, Any], torch.Tensor]  # (model outputs, targets) -> per-example losses (B,)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class _MeanLoss:
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
         self.constants = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
         self.constants.update({name: b.detach().clone() for name, b in model.named_buffers()})
-        self.chunk = len(inputs) if batch_size is None else batch_size
+        self.count = batch_size_of(inputs)
+        self.chunk = self.count if batch_size is None else batch_size
         self.numels = [p.numel() for _, p in self.trainable]
 
     def flat_parameters(self) -> torch.Tensor:
@@ -75,19 +78,20 @@ class _MeanLoss:
         pieces = theta.split(self.numels)
         parameters = {name: piece.view_as(p) for (name, p), piece in zip(self.trainable, pieces)}
         total, gradient = 0.0, torch.zeros_like(theta)
-        for start in range(0, len(self.inputs), self.chunk):
-            batch_inputs = self.inputs[start : start + self.chunk]
-            outputs = functional_call(self.model, {**parameters, **self.constants}, (batch_inputs,))
-            losses = self.loss_fn(outputs, self.targets[start : start + self.chunk])
-            if losses.shape != (len(batch_inputs),):
-                raise ValueError(
-                    f"loss_fn must return per-example losses of shape ({len(batch_inputs)},), got "
-                    f"{tuple(losses.shape)} (use reduction='none')"
-                )
+        for start in range(0, self.count, self.chunk):
+            rows = slice(start, start + self.chunk)
+            args, kwargs = call_arguments(select_examples(self.inputs, rows))
+            outputs = functional_call(self.model, {**parameters, **self.constants}, args, kwargs)
+            losses = self.loss_fn(outputs, select_examples(self.targets, rows))
+            expected = (min(self.chunk, self.count - start),)
+            if not isinstance(losses, torch.Tensor) or losses.shape != expected:
+                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise ValueError(f"loss_fn must return per-example losses of shape {expected}, got {shape} "
+                                 "(use reduction='none')")
             batch_sum = losses.sum()
             gradient += torch.autograd.grad(batch_sum, theta)[0]
             total += batch_sum.item()
-        return total / len(self.inputs), gradient / len(self.inputs)
+        return total / self.count, gradient / self.count
 
 
 def _validate(epsilon: float, max_iterations: int, inputs, targets, batch_size: int | None) -> None:
@@ -95,10 +99,11 @@ def _validate(epsilon: float, max_iterations: int, inputs, targets, batch_size: 
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
     if not (isinstance(max_iterations, int) and max_iterations >= 1):
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
-    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
-        raise TypeError(f"inputs and targets must be tensors, got {type(inputs).__name__}, {type(targets).__name__}")
-    if len(inputs) == 0 or len(inputs) != len(targets):
-        raise ValueError(f"inputs and targets need the same positive length, got {len(inputs)} and {len(targets)}")
+    count = batch_size_of(inputs)  # a clear error for a container that is not a batch, or an empty one
+    target_shapes = [tuple(t.shape) for t in tensors_of(targets)]
+    if any(len(shape) == 0 or shape[0] != count for shape in target_shapes):
+        raise ValueError(f"inputs and targets need the same positive length (examples in dim 0), got input shapes "
+                         f"{[tuple(t.shape) for t in tensors_of(inputs)]} and target shapes {target_shapes}")
     if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be None or a positive integer, got {batch_size!r}")
 
@@ -120,8 +125,8 @@ def _subspace_matrix(subspace, parameter_count: int, generator: torch.Generator,
 def epsilon_sharpness(
     model: nn.Module,
     loss_fn: LossFunction,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: Any,
+    targets: Any,
     *,
     epsilon: float = 1e-3,
     subspace: int | torch.Tensor | None = None,
@@ -137,6 +142,8 @@ def epsilon_sharpness(
     point of C_eps and runs at most ``max_iterations`` iterations (Keskar used 10). ``generator`` (CPU,
     default: seeded with 0) draws A (first) and the start point. Put the model in eval mode for a
     deterministic f (dropout, batch norm); buffers are copied, the global RNG state is restored.
+    ``inputs``: a tensor, a tuple of positional inputs or a mapping of keyword inputs; ``targets``: a tensor,
+    a pytree of tensors or None; every tensor holds the examples in dim 0 (:mod:`noisescale.batches`).
     """
     _validate(epsilon, max_iterations, inputs, targets, batch_size)
     if generator is None:
@@ -148,7 +155,7 @@ def epsilon_sharpness(
     bound = (epsilon * (x_coordinates.abs() + 1)).double().cpu().numpy()
     start = (2 * torch.rand(len(bound), generator=generator, dtype=torch.float64) - 1).numpy() * bound
 
-    with isolated_rng((x, inputs)):
+    with isolated_rng([x, *tensors_of(inputs)]):
         loss, _ = mean_loss(x)
         max_loss = loss
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import math
+from collections import UserDict
+
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from noisescale.hessian import hessian_noise_scale, hessian_vector_product, hutchinson_trace, trainable_parameters
+import noisescale.hessian as hessian_module
+from noisescale.batches import batch_size_of, call_arguments, select_examples
+from noisescale.hessian import (hessian_noise_scale, hessian_vector_product, hutchinson_trace, hvp_method,
+                                trainable_parameters)
+from noisescale.models import CausalSelfAttention, TinyTransformer, sequence_cross_entropy, tiny_transformer
 
 from _two_inputs import TwoInputs
 
@@ -24,33 +33,66 @@ def _problem(seed: int = 0, batch_size: int = 12):
     return model, inputs, targets
 
 
-def _flat_loss(model, inputs, targets):
+def _flat_loss(model, inputs, targets, loss_fn=_cross_entropy):
     """Mean loss as a function of one flat parameter vector, for torch.autograd.functional.hessian."""
     params = trainable_parameters(model)
     names, shapes = list(params), [p.shape for p in params.values()]
     sizes = [p.numel() for p in params.values()]
+    args, kwargs = call_arguments(inputs)
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
         pieces = dict(zip(names, (c.reshape(s) for c, s in zip(flat.split(sizes), shapes))))
-        return _cross_entropy(functional_call(model, pieces, (inputs,)), targets).mean()
+        return loss_fn(functional_call(model, pieces, args, kwargs), targets).mean()
 
     flat = torch.cat([p.flatten() for p in params.values()])
     return loss, flat, names, shapes, sizes
 
 
-def _explicit_hessian(model, inputs, targets) -> torch.Tensor:
-    loss, flat, *_ = _flat_loss(model, inputs, targets)
+def _explicit_hessian(model, inputs, targets, loss_fn=_cross_entropy) -> torch.Tensor:
+    loss, flat, *_ = _flat_loss(model, inputs, targets, loss_fn)
     return torch.autograd.functional.hessian(loss, flat)
 
 
-def _per_example_gradients(model, inputs, targets) -> torch.Tensor:
+def _per_example_gradients(model, inputs, targets, loss_fn=_cross_entropy) -> torch.Tensor:
     """Naive loop: one autograd.grad per example, flattened (B, P)."""
     rows = []
-    for example_input, example_target in zip(inputs, targets):
-        loss, flat, *_ = _flat_loss(model, example_input[None], example_target[None])
+    for k in range(batch_size_of(inputs)):
+        example = slice(k, k + 1)
+        loss, flat, *_ = _flat_loss(model, select_examples(inputs, example), select_examples(targets, example),
+                                    loss_fn)
         flat.requires_grad_(True)
         rows.append(torch.autograd.grad(loss(flat), flat)[0])
     return torch.stack(rows)
+
+
+def _naive_curvature(model, inputs, targets, half: int, loss_fn=_cross_entropy) -> dict[str, float]:
+    """tr(H Sigma), unbiased G^T H G and the Fisher trace with every example of the first half, from the dense
+    Hessian of the second half and a loop of per-example gradients (the quantities of hessian_noise_scale)."""
+    per_example = _per_example_gradients(model, select_examples(inputs, slice(half)),
+                                         select_examples(targets, slice(half)), loss_fn)
+    mean_gradient = per_example.mean(dim=0)
+    curvature = _explicit_hessian(model, select_examples(inputs, slice(half, None)),
+                                  select_examples(targets, slice(half, None)), loss_fn)
+    deviations = per_example - mean_gradient
+    trace_h_sigma = torch.einsum("ip,pq,iq->", deviations, curvature, deviations).item() / (half - 1)
+    return {"trace_h_sigma": trace_h_sigma,
+            "g_h_g": (mean_gradient @ curvature @ mean_gradient).item() - trace_h_sigma / half,
+            "fisher_trace": per_example.pow(2).sum(dim=1).mean().item()}
+
+
+def _random_vector(model, generator_seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(generator_seed)
+    return {name: torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            for name, p in trainable_parameters(model).items()}
+
+
+def _flat(vector: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([value.flatten() for value in vector.values()])
+
+
+def _assert_same_results(got, expected, rel: float = 1e-9):
+    for field, value in vars(expected).items():
+        assert getattr(got, field) == pytest.approx(value, rel=rel), field
 
 
 def test_hessian_vector_product_matches_explicit_hessian():
@@ -80,15 +122,8 @@ def test_hessian_noise_scale_matches_naive_computation_on_the_same_batch():
     half = 6
     result = hessian_noise_scale(model, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=half,
                                  generator=torch.Generator().manual_seed(0))
-    per_example = _per_example_gradients(model, inputs[:half], targets[:half])
-    mean_gradient = per_example.mean(dim=0)
-    curvature = _explicit_hessian(model, inputs[half:], targets[half:])
-    deviations = per_example - mean_gradient
-    trace_h_sigma = torch.einsum("ip,pq,iq->", deviations, curvature, deviations).item() / (half - 1)
-    assert result.trace_h_sigma == pytest.approx(trace_h_sigma, rel=1e-9)
-    assert result.g_h_g == pytest.approx((mean_gradient @ curvature @ mean_gradient).item() - trace_h_sigma / half,
-                                         rel=1e-9)
-    assert result.fisher_trace == pytest.approx(per_example.pow(2).sum(dim=1).mean().item(), rel=1e-9)
+    for field, value in _naive_curvature(model, inputs, targets, half).items():
+        assert getattr(result, field) == pytest.approx(value, rel=1e-9), field
     assert result.b_noise == pytest.approx(result.trace_h_sigma / result.g_h_g)
     assert (result.gradient_batch_size, result.num_sigma_examples) == (half, half)
 
@@ -164,7 +199,308 @@ def test_tuple_inputs_give_what_the_concatenated_tensor_gives():
                        generator=torch.Generator().manual_seed(0))
         for field, value in vars(expected).items():
             assert getattr(got, field) == pytest.approx(value, rel=1e-12), field
-    with pytest.raises(ValueError, match="same leading batch dimension"):
+    with pytest.raises(ValueError, match=r"same batch size in dim 0, got shapes \[\(12, 3\), \(5, 1\)\]"):
         hessian_noise_scale(two_inputs, _cross_entropy, (parts[0], parts[1][:5]), targets)
-    with pytest.raises(TypeError, match="tuple of tensors"):
+    with pytest.raises(TypeError, match="tuple of positional inputs or a mapping of keyword inputs, got list"):
         hessian_noise_scale(two_inputs, _cross_entropy, [parts[0], parts[1]], targets)
+
+
+# Models where forward-over-reverse or vmap cannot run: the fallbacks give the same numbers.
+
+class _TanhWithoutForwardAD(torch.autograd.Function):
+    """tanh with a (twice differentiable) backward and no jvp: forward-mode AD raises NotImplementedError."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        (output,) = ctx.saved_tensors
+        return gradient * (1 - output * output)
+
+
+class _TanhWithoutBatchingRule(_TanhWithoutForwardAD):
+    """tanh that torch.func.vmap refuses (no vmap rule), with forward-mode AD."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (output,) = ctx.saved_tensors
+        return tangent * (1 - output * output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+
+class _Activation(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function.apply(x)
+
+
+@pytest.mark.parametrize("function", [_TanhWithoutForwardAD, _TanhWithoutBatchingRule])
+def test_model_without_forward_ad_or_vmap_gives_what_its_plain_twin_gives(function):
+    model, inputs, targets = _problem(seed=6, batch_size=12)
+    twin = nn.Sequential(model[0], _Activation(function), model[2])
+    generator_seed = 3
+    expected = hessian_noise_scale(model, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=5,
+                                   generator=torch.Generator().manual_seed(generator_seed))
+    for _ in range(2):  # the second call starts from the remembered method and loops
+        got = hessian_noise_scale(twin, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=5,
+                                  generator=torch.Generator().manual_seed(generator_seed))
+        _assert_same_results(got, expected, rel=1e-10)
+    assert hvp_method(model) == "forward-over-reverse"
+    assert hvp_method(twin) == ("reverse-over-reverse" if function is _TanhWithoutForwardAD
+                                else "forward-over-reverse")
+    vector = _random_vector(twin)
+    torch.testing.assert_close(_flat(hessian_vector_product(twin, _cross_entropy, inputs, targets, vector)),
+                               _explicit_hessian(model, inputs, targets) @ _flat(vector))
+
+
+class _TanhDifferentiableOnce(_TanhWithoutForwardAD):
+    """tanh without jvp whose backward is marked @once_differentiable: no method gives its second derivative."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gradient):
+        (output,) = ctx.saved_tensors
+        return gradient * (1 - output * output)
+
+
+def test_model_with_a_once_differentiable_backward_raises_rather_than_dropping_curvature():
+    """torch's double backward silently treats such a backward as constant (a wrong H v, no error)."""
+    model, inputs, targets = _problem(seed=6, batch_size=12)
+    twin = nn.Sequential(model[0], _Activation(_TanhDifferentiableOnce), model[2])
+    with pytest.raises(RuntimeError, match=r"no Hessian-vector product method works for this Sequential: tried "
+                                           r"forward-over-reverse, reverse-over-reverse, reverse-over-reverse, "
+                                           r"composite kernels; the last failed with: .*@once_differentiable"):
+        hessian_vector_product(twin, _cross_entropy, inputs, targets, _random_vector(twin))
+
+
+def test_forced_fallback_agrees_with_forward_over_reverse_and_is_not_retried(monkeypatch):
+    """jvp and vmap made to fail as torch does for a missing forward derivative and a missing batching rule:
+    reverse-over-reverse and the loops give the jvp/vmap path's numbers, and jvp is tried once per model."""
+    model, inputs, targets = _problem(seed=7, batch_size=12)
+    expected = hessian_noise_scale(model, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=6,
+                                   generator=torch.Generator().manual_seed(0))
+    vector = _random_vector(model)
+    expected_product = hessian_vector_product(model, _cross_entropy, inputs, targets, vector)
+    attempts = []
+
+    def jvp_without_forward_ad(*args, **kwargs):
+        attempts.append("jvp")
+        raise NotImplementedError("Trying to use forward AD with some_op that does not support it because it has "
+                                  "not been implemented yet.")
+
+    def vmap_without_batching_rule(*args, **kwargs):
+        def refuse(*inner_args, **inner_kwargs):
+            attempts.append("vmap")
+            raise RuntimeError("output with shape [1, 4] doesn't match the broadcast shape [6, 1, 4]")
+        return refuse
+
+    monkeypatch.setattr(hessian_module, "jvp", jvp_without_forward_ad)
+    monkeypatch.setattr(hessian_module, "vmap", vmap_without_batching_rule)
+    fresh = _problem(seed=7, batch_size=12)[0]  # the same function, no remembered method
+    got = hessian_noise_scale(fresh, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=6,
+                              generator=torch.Generator().manual_seed(0))
+    _assert_same_results(got, expected, rel=1e-10)
+    assert attempts == ["jvp", "vmap", "vmap"]  # per-example gradients, then Hessian-vector products
+    assert hvp_method(fresh) == "reverse-over-reverse"
+    product = hessian_vector_product(fresh, _cross_entropy, inputs, targets, vector)
+    hessian_noise_scale(fresh, _cross_entropy, inputs, targets, num_probes=2, generator=torch.Generator())
+    assert attempts == ["jvp", "vmap", "vmap"]  # remembered: neither is tried again on this model
+    for name in vector:
+        torch.testing.assert_close(product[name], expected_product[name], rtol=1e-10, atol=1e-12)
+
+
+class _ExplicitCausalSelfAttention(CausalSelfAttention):
+    """The same attention written out, softmax(Q K^T/sqrt(d) + causal mask) V: plain ops that jvp and vmap run."""
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        y = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
+        return self.projection(y.transpose(1, 2).reshape(batch, length, width))
+
+
+def _with_explicit_attention(model: TinyTransformer) -> TinyTransformer:
+    twin = copy.deepcopy(model)
+    for block in twin.blocks:
+        explicit = _ExplicitCausalSelfAttention(block.attention.qkv.in_features, block.attention.n_heads).double()
+        explicit.load_state_dict(block.attention.state_dict())
+        block.attention = explicit
+    return twin
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_tiny_transformer_with_flash_attention_matches_explicit_attention_and_dense_hessian():
+    torch.manual_seed(8)
+    model = tiny_transformer(vocab_size=7, d_model=4, n_heads=2, n_layers=1, block_size=4).double()
+    twin = _with_explicit_attention(model)
+    tokens, next_tokens = torch.randint(0, 7, (8, 4)), torch.randint(0, 7, (8, 4))
+    torch.testing.assert_close(model(tokens), twin(tokens), rtol=1e-12, atol=1e-12)  # the same function
+    results = [hessian_noise_scale(m, sequence_cross_entropy, tokens, next_tokens, num_probes=3,
+                                   num_sigma_examples=4, generator=torch.Generator().manual_seed(0))
+               for m in (model, twin)]
+    assert hvp_method(model) == "reverse-over-reverse, composite kernels"  # CPU flash attention: neither AD
+    assert hvp_method(twin) == "forward-over-reverse"
+    _assert_same_results(*results)
+    for field, value in _naive_curvature(twin, tokens, next_tokens, 4, sequence_cross_entropy).items():
+        assert getattr(results[0], field) == pytest.approx(value, rel=1e-9), field
+    vector = _random_vector(model)
+    torch.testing.assert_close(
+        _flat(hessian_vector_product(model, sequence_cross_entropy, tokens, next_tokens, vector)),
+        _explicit_hessian(twin, tokens, next_tokens, sequence_cross_entropy) @ _flat(vector))
+
+
+class _RecurrentClassifier(nn.Module):
+    """A recurrent layer over batch-first sequences (transposed to time-first for batch_first=False), the last
+    step's state to logits."""
+
+    def __init__(self, layer: type[nn.Module], batch_first: bool):
+        super().__init__()
+        self.recurrent = layer(3, 4, batch_first=batch_first)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, sequences):
+        batch_first = self.recurrent.batch_first
+        outputs, _ = self.recurrent(sequences if batch_first else sequences.transpose(0, 1))
+        return self.head(outputs[:, -1] if batch_first else outputs[-1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("layer", [nn.LSTM, nn.GRU])
+def test_recurrent_models_match_dense_hessian(layer, batch_first):
+    torch.manual_seed(9)
+    model = _RecurrentClassifier(layer, batch_first).double()
+    sequences, labels = torch.randn(8, 5, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    result = hessian_noise_scale(model, _cross_entropy, sequences, labels, num_probes=16, num_sigma_examples=4,
+                                 generator=torch.Generator().manual_seed(0))
+    for field, value in _naive_curvature(model, sequences, labels, 4).items():
+        assert getattr(result, field) == pytest.approx(value, rel=1e-9), field
+    hessian = _explicit_hessian(model, sequences, labels)
+    assert abs(result.trace_h - torch.trace(hessian).item()) < 3 * result.trace_h_stderr
+    vector = _random_vector(model)
+    torch.testing.assert_close(_flat(hessian_vector_product(model, _cross_entropy, sequences, labels, vector)),
+                               hessian @ _flat(vector))
+
+
+# Keyword inputs and pytree targets (noisescale.batches), and a HuggingFace model called with them.
+
+class _KeywordModel(nn.Module):
+    """net(cat(x, z)) * scale by keyword, or the per-example cross-entropy itself when ``labels`` are given."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *, x, z, scale=1.0, labels=None):
+        logits = self.net(torch.cat([x, z], dim=1)) * scale
+        return logits if labels is None else {"loss": _cross_entropy(logits, labels)}
+
+
+def test_keyword_inputs_and_pytree_or_no_targets_give_what_the_tensor_batch_gives():
+    model, inputs, targets = _problem(seed=11, batch_size=12)
+    keyword_model = _KeywordModel(model)
+    keywords = {"x": inputs[:, :3], "z": inputs[:, 3:], "scale": 1.0}  # a non-tensor value goes to every call
+    calls = [  # (inputs, targets, loss_fn)
+        (keywords, targets, _cross_entropy),
+        (UserDict(keywords), {"labels": targets}, lambda outputs, t: _cross_entropy(outputs, t["labels"])),
+        ({**keywords, "labels": targets}, None, lambda outputs, _: outputs["loss"]),
+    ]
+    expected = hessian_noise_scale(model, _cross_entropy, inputs, targets, num_probes=4, num_sigma_examples=5,
+                                   generator=torch.Generator().manual_seed(0))
+    expected_trace = hutchinson_trace(model, _cross_entropy, inputs, targets, num_probes=4,
+                                      generator=torch.Generator().manual_seed(0))
+    vector = _random_vector(model)
+    expected_product = _flat(hessian_vector_product(model, _cross_entropy, inputs, targets, vector))
+    for call_inputs, call_targets, loss_fn in calls:
+        got = hessian_noise_scale(keyword_model, loss_fn, call_inputs, call_targets, num_probes=4,
+                                  num_sigma_examples=5, generator=torch.Generator().manual_seed(0))
+        _assert_same_results(got, expected, rel=1e-12)
+        got_trace = hutchinson_trace(keyword_model, loss_fn, call_inputs, call_targets, num_probes=4,
+                                     generator=torch.Generator().manual_seed(0))
+        assert got_trace.estimate == pytest.approx(expected_trace.estimate, rel=1e-12)
+        keyword_vector = {f"net.{name}": value for name, value in vector.items()}
+        product = hessian_vector_product(keyword_model, loss_fn, call_inputs, call_targets, keyword_vector)
+        torch.testing.assert_close(_flat(product), expected_product, rtol=1e-12, atol=1e-14)
+    assert hvp_method(keyword_model) == "forward-over-reverse"
+    with pytest.raises(ValueError, match=r"same leading batch dimension, got input shapes \[\(12, 3\), \(12, 1\)\] "
+                                         r"and target shapes \[\(5,\)\]"):
+        hessian_noise_scale(keyword_model, _cross_entropy, keywords, targets[:5])
+    with pytest.raises(ValueError, match=r"per-example losses of shape \(12,\).*got \(\)"):
+        hutchinson_trace(keyword_model, lambda outputs, _: outputs["loss"].sum(), {**keywords, "labels": targets},
+                         None)
+
+
+def _tiny_gpt2(attn_implementation: str):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=31, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0, attn_implementation=attn_implementation)
+    torch.manual_seed(12)
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def _masked_token_loss(outputs, targets):
+    """Per-example mean next-token cross-entropy over the unpadded positions (``outputs`` a ModelOutput)."""
+    labels, mask = targets["labels"], targets["mask"].to(torch.float64)
+    tokens = nn.functional.cross_entropy(outputs.logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return (tokens.view(labels.shape) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def test_gpt2_with_keyword_inputs_and_sdpa_matches_eager_attention_and_double_backward():
+    model = _tiny_gpt2("sdpa")  # transformers' default; CPU flash attention: neither jvp nor double backward
+    eager = _tiny_gpt2("eager")
+    eager.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 31, (8, 6))
+    mask = torch.ones(8, 6, dtype=torch.long)
+    mask[0, 4:] = mask[5, 3:] = 0  # right padding
+    inputs = {"input_ids": tokens, "attention_mask": mask}
+    targets = {"labels": torch.randint(0, 31, (8, 6)), "mask": mask}
+    results = [hessian_noise_scale(m, _masked_token_loss, inputs, targets, num_probes=3, num_sigma_examples=3,
+                                   generator=torch.Generator().manual_seed(0)) for m in (model, eager)]
+    _assert_same_results(*results)
+    assert hvp_method(model) == "reverse-over-reverse, composite kernels"
+    assert hvp_method(eager) == "forward-over-reverse"
+
+    vector = _random_vector(model)
+    parameters = [p for p in eager.parameters() if p.requires_grad]
+    loss = _masked_token_loss(eager(**inputs), targets).mean()
+    gradient = torch.autograd.grad(loss, parameters, create_graph=True)
+    reference = torch.autograd.grad(gradient, parameters, grad_outputs=list(vector.values()))
+    product = hessian_vector_product(model, _masked_token_loss, inputs, targets, vector)
+    torch.testing.assert_close(_flat(product), torch.cat([r.flatten() for r in reference]))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_float32_lstm_on_the_onednn_kernel_matches_the_float64_dense_hessian():
+    """In float32 on CPU, nn.LSTM runs oneDNN's mkldnn_rnn_layer, which has no forward derivative."""
+    torch.manual_seed(13)
+    reference = _RecurrentClassifier(nn.LSTM, batch_first=True).double()
+    model = copy.deepcopy(reference).float()
+    sequences, labels = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    vector = _random_vector(reference)
+    product = hessian_vector_product(model, _cross_entropy, sequences.float(), labels,
+                                     {name: value.float() for name, value in vector.items()})
+    torch.testing.assert_close(_flat(product).double(), _explicit_hessian(reference, sequences, labels) @ _flat(vector),
+                               rtol=1e-4, atol=1e-5)
+    result = hessian_noise_scale(model, _cross_entropy, sequences.float(), labels, num_probes=2,
+                                 num_sigma_examples=3, generator=torch.Generator().manual_seed(0))
+    for field, value in _naive_curvature(reference, sequences, labels, 3).items():
+        assert getattr(result, field) == pytest.approx(value, rel=1e-4, abs=1e-6), field

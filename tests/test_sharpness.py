@@ -177,6 +177,41 @@ def test_model_parameters_buffers_grads_and_rng_state_unchanged(subspace):
     assert model.training
 
 
+class _KeywordClassifier(nn.Module):
+    """net(cat(x, z)) by keyword, returning the per-example cross-entropy itself when ``labels`` are given."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *, x, z, labels=None):
+        logits = self.net(torch.cat([x, z], dim=1))
+        return logits if labels is None else nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def test_keyword_tuple_and_pytree_batches_give_what_the_tensor_batch_gives():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    keyword_model = _KeywordClassifier(model)
+    inputs, targets = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    cross_entropy = nn.CrossEntropyLoss(reduction="none")
+    keywords = {"x": inputs[:, :2], "z": inputs[:, 2:]}
+    expected = epsilon_sharpness(model, cross_entropy, inputs, targets, subspace=3, batch_size=4)
+    for call_inputs, call_targets, loss_fn in [
+        (keywords, {"labels": targets}, lambda outputs, t: cross_entropy(outputs, t["labels"])),
+        ({**keywords, "labels": targets}, None, per_example_outputs_are_losses),
+    ]:
+        got = epsilon_sharpness(keyword_model, loss_fn, call_inputs, call_targets, subspace=3, batch_size=4)
+        assert got.loss == pytest.approx(expected.loss, rel=1e-12)
+        assert got.max_loss == pytest.approx(expected.max_loss, rel=1e-9)
+        assert (got.iterations, got.parameter_count) == (expected.iterations, expected.parameter_count)
+    with pytest.raises(ValueError, match=r"same positive length \(examples in dim 0\), got input shapes "
+                                         r"\[\(10, 2\), \(10, 3\)\] and target shapes \[\(9,\)\]"):
+        epsilon_sharpness(keyword_model, cross_entropy, keywords, targets[:9])
+    with pytest.raises(TypeError, match="tuple of positional inputs or a mapping of keyword inputs, got list"):
+        epsilon_sharpness(model, cross_entropy, [inputs], targets)
+
+
 def _quadratic_call(**overrides):
     model, centres, _, _, _, _ = make_quadratic_problem(4, 0.0, seed=5)
     arguments = {"model": model, "loss_fn": per_example_outputs_are_losses, "inputs": centres,
