@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 
 __all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_checkpoint", "to_plain"]
 
@@ -72,6 +71,8 @@ def _fsync_directory(directory: Path) -> None:
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """``torch.save(state, path)`` written atomically (the parent folder is created). Returns the path."""
+    import torch  # here, so that modules writing only results (the sweep) need no torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as handle:
@@ -84,6 +85,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None, r
     """Load a checkpoint with ``torch.load(..., weights_only=True)`` (no code runs); ``source`` names where the
     path came from in the error message (e.g. ``"--resume"``). Raises :class:`CheckpointError` when the file is
     missing, empty, damaged, holds other than tensors and plain types, or misses one of ``required_keys``."""
+    import torch
+
     path = Path(path)
     where = f"{source} {path}"
     if not path.is_file():
