@@ -451,8 +451,8 @@ def _row_problems(frame: pd.DataFrame) -> list[str | None]:
 
 def _warn_damaged(path: Path, problems: list[str]) -> None:
     if problems:
-        warnings.warn(f"{path}: {len(problems)} damaged row(s) left out and their cells to be trained again: "
-                      + "; ".join(problems), RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{path}: {len(problems)} damaged row(s) left out, not trusted (a resumed sweep trains the "
+                      "cells they leave missing again): " + "; ".join(problems), RuntimeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

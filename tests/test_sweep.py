@@ -354,7 +354,7 @@ def test_a_damaged_row_is_dropped_with_a_warning_and_its_cell_retrained(tiny_swe
     assert len(read) == len(frame) - (cell is not None)
     trained = []
     monkeypatch.setattr(sweep, "train_cell", rows_of(frame, trained))
-    with pytest.warns(RuntimeWarning, match="damaged row.*trained again"):
+    with pytest.warns(RuntimeWarning, match="damaged row.*not trusted.*trains the cells they leave missing again"):
         resumed = run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
     assert trained == ([cell] if cell is not None else [])
     pd.testing.assert_frame_equal(resumed, frame)
