@@ -21,6 +21,7 @@ Hessian probes and any torch.func fallback run on a forked random-number stream.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 
 from noisescale._checks import check_int
+from noisescale.checkpoints import to_plain
 from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale
@@ -39,9 +41,18 @@ from noisescale.per_example import PerExampleGradNorms
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
 
 
+# a run whose recent loss exceeds this multiple of its first loss is reported as diverged
+DIVERGED_LOSS_FACTOR = 10.0
+
+
 @dataclass(frozen=True)
 class NoiseScaleSummary:
-    """The state of the averages after the steps seen so far."""
+    """The state of the averages after the steps seen so far.
+
+    ``divergence`` says why the run is taken as diverged (None if it is not): its latest step had a non-finite
+    loss or gradient, or the median loss of its latest steps exceeds DIVERGED_LOSS_FACTOR times its first loss.
+    The noise scale of a diverged run describes no useful training, so no value and no batch size is suggested.
+    """
 
     steps: int
     examples_seen: int
@@ -52,13 +63,25 @@ class NoiseScaleSummary:
     grad_sqnorm: float
     b_noise: float
     nonfinite_steps: int
+    divergence: str | None = None
 
     @property
     def suggested_batch_size(self) -> float:
-        """B_noise when measured, else B_simple: the critical batch size it predicts (McCandlish et al.)."""
+        """B_noise when measured, else B_simple: the critical batch size it predicts (McCandlish et al.);
+        NaN for a diverged run."""
+        if self.divergence is not None:
+            return math.nan
         return self.b_noise if math.isfinite(self.b_noise) else self.b_simple
 
     def __str__(self) -> str:
+        if self.divergence is not None:
+            return "\n".join([
+                f"after {self.steps} steps ({self.examples_seen} examples):",
+                f"  the run diverged ({self.divergence}): its noise scale describes no useful training, so none "
+                "is reported and no batch size is suggested; lower the learning rate and measure again",
+                *([f"  {self.nonfinite_steps} step(s) had a non-finite loss or gradient"] if self.nonfinite_steps
+                  else []),
+            ])
         low, high = self.b_simple_interval
         lines = [
             f"after {self.steps} steps ({self.examples_seen} examples):",
@@ -272,16 +295,28 @@ class NoiseScaleMonitor:
             grad_sqnorm=self.average.grad_sqnorm,
             b_noise=self.hessian_average.ratio if self.hessian_average.num_updates else math.nan,
             nonfinite_steps=self.nonfinite_steps,
+            divergence=divergence_of(self._rows),
         )
 
+    @property
+    def last_step_finite(self) -> bool:
+        """Whether the latest step's loss (and, on a measured step, every per-example gradient norm and the
+        mean gradient) was finite. When False, p.grad may hold inf or NaN: skip ``optimizer.step()`` as
+        ``GradScaler`` does, or stop."""
+        if not self._rows:
+            raise RuntimeError("no step has been taken yet")
+        row = self._rows[-1]
+        return not row.get("nonfinite", False) and math.isfinite(row["loss"])
+
     def state_dict(self) -> dict[str, Any]:
+        """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""
         return {
             "step": self.step,
             "examples_seen": self.examples_seen,
             "nonfinite_steps": self.nonfinite_steps,
             "average": self.average.state_dict(),
             "hessian_average": self.hessian_average.state_dict(),
-            "history": list(self._rows),
+            "history": [to_plain(row) for row in self._rows],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +336,25 @@ class NoiseScaleMonitor:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def divergence_of(rows: list[dict[str, Any]]) -> str | None:
+    """Why the history ``rows`` show a diverged run, or None: the latest step's loss or gradient is not finite,
+    or the median loss of the latest steps (the last fifth, 1 to 10 of them) exceeds DIVERGED_LOSS_FACTOR times
+    the first finite loss (the loss at the start of the measurement)."""
+    if not rows:
+        return None
+    latest = rows[-1]
+    if latest.get("nonfinite", False) or not math.isfinite(latest["loss"]):
+        return f"the loss or gradient of the latest step ({latest['step']}) is not finite"
+    losses = [row["loss"] for row in rows if math.isfinite(row["loss"])]
+    first = losses[0]
+    window = min(10, max(1, len(losses) // 5))
+    recent = statistics.median(losses[-window:])
+    if first > 0 and recent > DIVERGED_LOSS_FACTOR * first:
+        return (f"the loss rose from {first:.4g} at the first step to {recent:.4g} over the latest {window} "
+                f"step(s), more than {DIVERGED_LOSS_FACTOR:g} times")
+    return None
 
 
 def loss_scale_of(grad_scaler: Any, device: torch.device) -> float:

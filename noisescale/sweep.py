@@ -21,17 +21,31 @@ interval. ``b_noise`` = tr(H Sigma)/(G^T H G) (McCandlish et al. eq. 2.8) is mea
 :func:`noisescale.hessian.hessian_noise_scale` are averaged over ``noise_batches`` fixed training batches
 before taking the ratio.
 
-Each finished cell is appended at once as one row to the CSV (all settings included), so an interrupted
-sweep resumes: cells already in the file are skipped. Cells run in spawned worker processes (``jobs``).
+Each finished cell is appended at once as one row to the CSV (all settings included, one write, fsync'ed),
+so an interrupted sweep resumes: cells already in the file are skipped. Cells run in spawned worker processes
+(``jobs``). Nothing is lost or trusted by mistake:
+
+* on resume every row is checked (:func:`read_sweep_results`); a row cut short by a kill (no line end), with
+  the wrong number of fields, unparseable or impossible values (NaN steps of a reached cell, examples other
+  than steps x B, NaN seconds, an unknown outcome) or a repeated cell is dropped with a warning and its cell
+  trained again; the file is rewritten without it before anything is appended;
+* the final rewrite in (B, lr) order goes through a temporary file and an atomic replace
+  (:func:`noisescale.checkpoints.atomic_write`): a kill leaves the old file or the new one, never a stub;
+* one sweep at a time per file: a second process on the same CSV is refused while the first holds an exclusive
+  lock (``fcntl.flock``) on ``<csv>.lock`` (the lock goes with the process; the empty .lock file stays).
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import math
 import multiprocessing
 import os
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,6 +53,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from noisescale.checkpoints import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 __all__ = [
     "SweepSettings",
@@ -57,6 +78,7 @@ __all__ = [
 ]
 
 TARGET_METRICS = ("test_accuracy", "test_loss")
+RESULT_OUTCOMES = ("reached", "censored", "diverged")
 RESULT_COLUMNS = (
     "batch_size", "learning_rate", "outcome", "steps", "examples", "steps_trained", "metric_at_stop",
     "b_simple", "b_simple_low", "b_simple_high", "b_noise", "seconds",
@@ -342,22 +364,125 @@ def _train_cell_job(settings: SweepSettings, batch_size: int, learning_rate: flo
     return train_cell(settings, batch_size, learning_rate, threads=threads)
 
 
-# ---------------------------------------------------------------------------------------------- the sweep
+# ---------------------------------------------------------------------------------------------- the file
 def read_sweep_results(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """The sweep CSV as a DataFrame (floats read back exactly), sorted by batch size and learning rate."""
+    """The sweep CSV as a DataFrame (floats read back exactly), sorted by batch size and learning rate.
+
+    Damaged rows (module docstring) are left out with a RuntimeWarning that names their lines."""
     path = Path(path)
-    frame = pd.read_csv(path)
-    missing = [column for column in (*RESULT_COLUMNS, *(f.name for f in fields(SweepSettings)))
-               if column not in frame.columns]
+    header, rows, problems = _checked_lines(path)
+    _warn_damaged(path, problems)
+    return _frame_of(header, rows).sort_values(["batch_size", "learning_rate"], kind="stable").reset_index(drop=True)
+
+
+def _header() -> str:
+    """The CSV header line a sweep writes: the settings' fields, then RESULT_COLUMNS (the order of a row)."""
+    return ",".join([*(field.name for field in fields(SweepSettings)), *RESULT_COLUMNS]) + "\n"
+
+
+def _frame_of(header: str, rows: list[str]) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(header + "".join(rows)))
+
+
+def _checked_lines(path: Path) -> tuple[str, list[str], list[str]]:
+    """The header line, the intact row lines (with their line ends) and a description of each dropped one."""
+    text = path.read_text()
+    lines = text.split("\n")
+    if len(lines) < 2:  # not even a complete header: a kill during the first write
+        return _header(), [], [f"line 1: header cut short ({text[:40]!r})"] if text else []
+    header, body, tail = lines[0] + "\n", lines[1:-1], lines[-1]
+    names = next(csv.reader([header]))
+    missing = [column for column in next(csv.reader([_header()])) if column not in names]
     if missing:
         raise ValueError(f"{path}: not a sweep result file, missing column(s) {missing}")
-    return frame.sort_values(["batch_size", "learning_rate"], kind="stable").reset_index(drop=True)
+    problems, candidates, numbers = [], [], []
+    for number, line in enumerate(body, start=2):
+        fields_found = len(next(csv.reader([line]), []))
+        if fields_found != len(names):
+            problems.append(f"line {number}: {fields_found} fields, the header has {len(names)}")
+        else:
+            candidates.append(line + "\n")
+            numbers.append(number)
+    if tail:
+        problems.append(f"line {len(lines)}: cut short (no line end)")
+    if not candidates:
+        return header, [], problems
+    frame = _frame_of(header, candidates)
+    reasons = _row_problems(frame)
+    seen: dict[tuple[str, str], int] = {}
+    rows = []
+    for line, number, reason, cell in zip(candidates, numbers, reasons,
+                                          zip(frame["batch_size"].astype(str), frame["learning_rate"].astype(str))):
+        if reason is None and cell in seen:
+            reason = f"repeats the cell of line {seen[cell]}"
+        if reason is not None:
+            problems.append(f"line {number}: {reason}")
+            continue
+        seen[cell] = number
+        rows.append(line)
+    return header, rows, problems
 
 
-def _finished_cells(path: Path, settings: SweepSettings) -> set[tuple[int, float]]:
+def _row_problems(frame: pd.DataFrame) -> list[str | None]:
+    """Per row, why its values cannot be trusted (None: they can)."""
+    def number(column: str) -> np.ndarray:
+        return pd.to_numeric(frame[column], errors="coerce").to_numpy(float)
+
+    size, rate, steps, examples = number("batch_size"), number("learning_rate"), number("steps"), number("examples")
+    trained, seconds = number("steps_trained"), number("seconds")
+    outcome = frame["outcome"].astype(str).to_numpy()
+    reached = outcome == "reached"
+    with np.errstate(invalid="ignore"):
+        checks = [
+            (~(np.isfinite(size) & (size >= 1) & (np.mod(size, 1) == 0)), "batch_size is not a positive integer"),
+            (~(np.isfinite(rate) & (rate > 0)), "learning_rate is not a positive number"),
+            (~np.isin(outcome, RESULT_OUTCOMES), f"outcome is not one of {RESULT_OUTCOMES}"),
+            (~(np.isfinite(trained) & (trained >= 0)), "steps_trained is not a number >= 0"),
+            (~(np.isfinite(seconds) & (seconds >= 0)), "seconds is not a number >= 0"),
+            (reached & ~(np.isfinite(steps) & (steps > 0)), "a reached cell without a positive number of steps"),
+            (reached & ~np.isclose(examples, steps * size, rtol=1e-9, atol=0), "examples is not steps x batch_size"),
+        ]
+    reasons: list[str | None] = [None] * len(frame)
+    for failed, reason in reversed(checks):  # the first failed check is reported
+        for index in np.flatnonzero(failed):
+            reasons[index] = reason
+    return reasons
+
+
+def _warn_damaged(path: Path, problems: list[str]) -> None:
+    if problems:
+        warnings.warn(f"{path}: {len(problems)} damaged row(s) left out, not trusted (a resumed sweep trains the "
+                      "cells they leave missing again): " + "; ".join(problems), RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` for the block, or refuse at once if another process holds it."""
+    if fcntl is None:  # Windows: no flock; sweeps on one file are not serialised there
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{path} is in use by another sweep, which holds the lock {lock_path}; wait for it "
+                               "to finish (then run again to resume) or write this sweep to another file") from None
+        yield  # the lock is released when the handle closes (or the process ends)
+
+
+def _resume(path: Path, settings: SweepSettings) -> set[tuple[int, float]]:
+    """The cells already in the file; damaged rows are dropped (warned) and the file rewritten without them."""
     if not path.exists() or path.stat().st_size == 0:
         return set()
-    frame = read_sweep_results(path)
+    header, rows, problems = _checked_lines(path)
+    if problems:
+        _warn_damaged(path, problems)
+        with atomic_write(path) as handle:
+            handle.write(header + "".join(rows) if rows else "")
+    if not rows:
+        return set()
+    frame = _frame_of(header, rows)
     for name, value in asdict(settings).items():
         differing = frame[frame[name] != value]
         if len(differing):
@@ -369,10 +494,17 @@ def _finished_cells(path: Path, settings: SweepSettings) -> set[tuple[int, float
 
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
+    """One row (with the header if the file is new) in one write, fsync'ed; a kill leaves at most a row without
+    its line end, which the next resume drops."""
     frame = pd.DataFrame([row])
     header = not path.exists() or path.stat().st_size == 0
     with path.open("a") as handle:
         handle.write(frame.to_csv(index=False, header=header))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
 
 
 def run_sweep(
@@ -389,18 +521,25 @@ def run_sweep(
     ``learning_rates``: one grid for all batch sizes or a mapping B -> grid (e.g. :func:`learning_rate_grid`).
     ``jobs`` > 1 trains cells in that many spawned processes, each with cpu_count // jobs torch threads.
     Each cell is seeded by ``settings.seed`` alone, so its result does not depend on the order or the jobs.
+    Another process running a sweep on the same file is refused with a RuntimeError (module docstring).
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(settings, SweepSettings):
         raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     path = Path(path)
     cells = _cells(batch_sizes, learning_rates)
-    finished = _finished_cells(path, settings)
-    todo = [cell for cell in cells if cell not in finished]
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(path):
+        return _run_cells(path, cells, settings, jobs, progress)
+
+
+def _run_cells(path: Path, cells: list[tuple[int, float]], settings: SweepSettings, jobs: int,
+               progress: bool) -> pd.DataFrame:
+    from tqdm.auto import tqdm
+
+    finished = _resume(path, settings)
+    todo = [cell for cell in cells if cell not in finished]
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep cells", disable=not progress) as bar:
         if jobs == 1:
             for size, lr in todo:
@@ -415,7 +554,8 @@ def run_sweep(
                     _append_row(path, future.result())
                     bar.update()
     frame = read_sweep_results(path)
-    frame.to_csv(path, index=False)  # rewritten in (batch size, learning rate) order
+    with atomic_write(path) as handle:  # rewritten in (batch size, learning rate) order
+        frame.to_csv(handle, index=False)
     return frame
 
 
@@ -440,7 +580,8 @@ def best_learning_rate_cells(frame: pd.DataFrame) -> pd.DataFrame:
         best["cells_reached"] = len(reached)
         best["lr_at_grid_edge"] = len(tried) > 1 and best["learning_rate"] in (tried[0], tried[-1])
         rows.append(best)
-    return pd.DataFrame(rows).reset_index(drop=True)
+    columns = [*frame.columns, "learning_rates_tried", "cells_reached", "lr_at_grid_edge"]
+    return pd.DataFrame(rows, columns=columns).reset_index(drop=True)  # the columns even when no cell reached
 
 
 def refine_learning_rate_grid(frame: pd.DataFrame, factor: float = 2.0) -> dict[int, tuple[float, ...]]:
@@ -486,4 +627,11 @@ def fit_sweep(frame: pd.DataFrame, **fit_options: Any):
     from noisescale.tradeoff import fit_tradeoff
 
     best = best_learning_rate_cells(frame)
+    if best["batch_size"].nunique() < 3:
+        target = (f" ({frame['target_metric'].iloc[0]} {frame['target'].iloc[0]:g})"
+                  if len(frame) and {"target_metric", "target"} <= set(frame.columns) else "")
+        raise ValueError(f"{best['batch_size'].nunique()} of {frame['batch_size'].nunique()} batch sizes reached the "
+                         f"target{target}; the fit S = S_min (1 + B_crit / B) needs at least 3. Lower the target or "
+                         "raise max_steps or the learning rates, then run the sweep again into the same file: the "
+                         "cells already trained are kept there and skipped")
     return fit_tradeoff(best["batch_size"].to_numpy(float), best["steps"].to_numpy(float), **fit_options)

@@ -24,6 +24,11 @@ and |gbar|^2 of the accumulated gradient go into :func:`~noisescale.estimators.s
 the two-batch estimate from the micro-batch norms |g_k|^2 (B_small = b) and |gbar|^2 (B_big = B) is recorded
 (:func:`~noisescale.estimators.two_batch_noise_scale`; only when the micro-batches have equal sizes).
 
+A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
+gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
+counted in ``skipped_steps``, warned once. The monitor's summary then reports a diverged run rather than a
+noise scale.
+
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients and the
 random state it started with; nothing is lost or counted twice.
 
@@ -60,6 +65,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from noisescale._checks import check_int, check_real
+from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
     BatchSizeSchedule,
@@ -296,6 +302,7 @@ class AdaptiveTrainer:
         self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed, num_replicas=world_size, rank=rank)
         self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
         self.steps = 0
+        self.skipped_steps = 0
         self.seconds = 0.0
         self.progress = progress
         self._rows: list[dict[str, Any]] = []
@@ -347,7 +354,10 @@ class AdaptiveTrainer:
         inputs, targets = _fetch(self.dataset, next(iter(self.sampler)))
         inputs, targets = _to_device(inputs, self.device), _to_device(targets, self.device)
         self._accumulate_with_retry(inputs, targets, local_batch_size)
-        if self.grad_scaler is not None:
+        finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or _gradients_finite(self.model))
+        if not finite:
+            self._skip_step()
+        elif self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
@@ -360,9 +370,21 @@ class AdaptiveTrainer:
         self.seconds += time.perf_counter() - started
         row = {**self.monitor.last_row, "epoch": self.epoch, "learning_rate": learning_rate,
                "micro_batch_size": min(self.max_micro_batch or local_batch_size, local_batch_size),
-               "seconds": self.seconds}
+               "seconds": self.seconds, "skipped": not finite}
         self._rows.append(row)
         return row
+
+    def _skip_step(self) -> None:
+        """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the
+        loss scale backs off as GradScaler would. Counted in ``skipped_steps``; warned once."""
+        self.skipped_steps += 1
+        if self.grad_scaler is not None:
+            self.grad_scaler.update(self.grad_scaler.get_scale() * self.grad_scaler.get_backoff_factor())
+        if self.skipped_steps == 1:
+            warnings.warn(f"step {self.steps}: the loss or gradient is not finite; the optimizer step is skipped "
+                          "(as GradScaler does) and its history row is marked skipped; trainer.skipped_steps "
+                          "counts such steps (warned once). If it keeps happening the run has diverged: lower "
+                          "the learning rate", RuntimeWarning, stacklevel=3)
 
     def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int) -> torch.Tensor:
         """Accumulate the batch's gradient; on out-of-memory halve max_micro_batch and run the step again."""
@@ -436,12 +458,15 @@ class AdaptiveTrainer:
     @property
     def history(self) -> pd.DataFrame:
         """One row per optimizer step: step, epoch, examples_seen, batch_size, micro_batches, micro_batch_size,
-        learning_rate (used by the step), loss, seconds (training wall-clock so far), and the monitor's columns
+        learning_rate (used by the step), loss, seconds (training wall-clock so far), skipped (True where the loss
+        or gradient was not finite and no optimizer step was taken), and the monitor's columns
         (b_simple, trace_sigma, grad_sqnorm, ..., b_simple_two_batch when micro-batches were used)."""
         return pd.DataFrame(self._rows)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue identically (save with torch.save)."""
+        """Everything a resumed run needs to continue identically: tensors and plain Python types only (the
+        history rows as dicts of numbers and strings), so that it loads with ``torch.load(..., weights_only=True)``
+        (:func:`noisescale.checkpoints.save_checkpoint` and :func:`~noisescale.checkpoints.load_checkpoint`)."""
         return {
             "model": unwrapped_module(self.model).state_dict(),  # no DDP "module." prefix
             "optimizer": self.optimizer.state_dict(),
@@ -453,8 +478,9 @@ class AdaptiveTrainer:
             "base_learning_rates": list(self.base_learning_rates),
             "max_micro_batch": self.max_micro_batch,
             "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
-            "history": list(self._rows),
+            "history": [to_plain(row) for row in self._rows],
             "rng": _rng_state(self.device),
         }
 
@@ -480,6 +506,7 @@ class AdaptiveTrainer:
         self.base_learning_rates = list(state["base_learning_rates"])
         self.max_micro_batch = state["max_micro_batch"]
         self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))  # absent in checkpoints of earlier versions
         self.seconds = float(state["seconds"])
         self._rows = list(state["history"])
         _set_rng_state(state["rng"], self.device)
@@ -497,6 +524,12 @@ class AdaptiveTrainer:
 
 def _as_tuple(inputs: Any) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _gradients_finite(model: torch.nn.Module) -> bool:
+    """Whether every p.grad is finite (one float64 sum: inf and NaN propagate, finite values cannot overflow)."""
+    grads = [p.grad.sum(dtype=torch.float64) for p in model.parameters() if p.grad is not None]
+    return not grads or math.isfinite(torch.stack(grads).sum().item())
 
 
 def _fetch(dataset: Dataset, indices: list[int]) -> tuple[Any, Any]:

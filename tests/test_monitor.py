@@ -242,3 +242,89 @@ def test_tuple_inputs_measure_what_the_concatenated_tensor_does_b_noise_included
     columns = ["grad_sqnorm", "trace_sigma", "trace_h", "g_h_g", "trace_h_sigma", "b_noise"]
     assert histories[0][columns].notna().all().all()
     pd.testing.assert_frame_equal(histories[1][columns], histories[0][columns], rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- diverged runs
+
+
+def linear_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 3))
+
+
+def test_last_step_finite_lets_a_hand_written_loop_skip_the_step():
+    """The README loop with `if monitor.last_step_finite: optimizer.step()`: a batch with a NaN input changes
+    nothing, so the parameters equal those of the same loop without that batch."""
+    batches = synthetic_batches(4)
+    bad_inputs = batches[2][0].clone()
+    bad_inputs[3, 0, 5, 5] = math.nan
+    with_bad_batch = [*batches[:2], (bad_inputs, batches[2][1]), batches[3]]
+
+    def run(loop_batches):
+        model = linear_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        monitor = NoiseScaleMonitor(model, per_example_cross_entropy)
+        with pytest.raises(RuntimeError, match="no step"):
+            monitor.last_step_finite
+        finite = []
+        for inputs, targets in loop_batches:
+            optimizer.zero_grad()
+            monitor(inputs, targets)
+            finite.append(monitor.last_step_finite)
+            if monitor.last_step_finite:
+                optimizer.step()
+        return model, finite
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        skipped_model, finite = run(with_bad_batch)
+    reference_model, _ = run([*batches[:2], batches[3]])
+    assert finite == [True, True, False, True]
+    for expected, actual in zip(reference_model.parameters(), skipped_model.parameters()):
+        assert torch.equal(expected, actual)
+
+
+def test_summary_of_a_run_whose_loss_exploded_or_went_non_finite_suggests_nothing():
+    model = linear_model()
+    monitor = NoiseScaleMonitor(model, per_example_cross_entropy)
+    batches = synthetic_batches(6)
+    for inputs, targets in batches[:3]:
+        model.zero_grad()
+        monitor(inputs, targets)
+    healthy = monitor.summary()
+    assert healthy.divergence is None and "B_simple =" in str(healthy)
+    with torch.no_grad():
+        model[1].weight.mul_(1e4)  # logits 1e4 times larger: the loss explodes but stays finite
+    for inputs, targets in batches[3:5]:
+        model.zero_grad()
+        monitor(inputs, targets)
+    exploded = monitor.summary()
+    assert "loss rose from" in exploded.divergence and math.isnan(exploded.suggested_batch_size)
+    text = str(exploded)
+    assert "diverged" in text and "no batch size is suggested" in text
+    assert "B_simple =" not in text and "interval" not in text
+    bad_inputs = batches[5][0].clone()
+    bad_inputs[0, 0, 0, 0] = math.inf
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        model.zero_grad()
+        monitor(bad_inputs, batches[5][1])
+    latest = monitor.summary()
+    assert "latest step (5) is not finite" in latest.divergence and "1 step(s) had a non-finite" in str(latest)
+    restored = NoiseScaleMonitor(linear_model(), per_example_cross_entropy)
+    restored.load_state_dict(monitor.state_dict())
+    assert str(restored.summary()) == str(latest)  # the state keeps what the summary needs
+
+
+@pytest.mark.parametrize("losses, diverged", [
+    ([], False),
+    ([2.0, 3.0, 21.0], True),  # 3 steps: the window is the last step; 21 > 10 x 2
+    ([2.0, 3.0, 19.0], False),
+    ([2.0] * 45 + [30.0] * 5, False),  # the median of the last 10 is (2 + 30) / 2 = 16 < 20
+    ([2.0] * 44 + [30.0] * 6, True),  # now it is 30
+    ([math.nan, 2.0, 25.0], True),  # the reference is the first finite loss
+    ([2.0, 2.0, math.nan], True),  # the latest step is not finite
+])
+def test_divergence_rule_against_hand_made_histories(losses, diverged):
+    from noisescale.monitor import divergence_of
+
+    rows = [{"step": step, "loss": loss, "nonfinite": not math.isfinite(loss)} for step, loss in enumerate(losses)]
+    assert (divergence_of(rows) is not None) == diverged

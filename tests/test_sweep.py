@@ -4,7 +4,13 @@ hand computations, and argument errors."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import math
+import multiprocessing
+import shutil
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -248,3 +254,176 @@ def test_grids():
 def test_bad_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# --------------------------------------------------------------------------- nothing lost, nothing trusted by mistake
+
+
+class Killed(Exception):
+    """Stands for the process being killed during a write."""
+
+
+def copy_of(tiny_sweep, tmp_path) -> tuple[Path, pd.DataFrame]:
+    path, frame = tiny_sweep
+    copy = tmp_path / "cells.csv"
+    shutil.copyfile(path, copy)
+    return copy, frame
+
+
+def rows_of(frame: pd.DataFrame, trained: list):
+    """A train_cell stand-in that returns the fixture's row of the cell (no training) and records the cell."""
+    def train_cell(settings, batch_size, learning_rate, **options):
+        trained.append((batch_size, learning_rate))
+        match = frame[(frame.batch_size == batch_size) & (frame.learning_rate == learning_rate)]
+        return match.iloc[0].to_dict()
+
+    return train_cell
+
+
+def test_a_kill_during_the_final_rewrite_leaves_every_row(tiny_sweep, tmp_path, monkeypatch):
+    """The rewrite in (B, lr) order is killed after half its bytes: the file still holds every row (before, a
+    stub of the first rows was left and accepted by the next resume)."""
+    path, frame = copy_of(tiny_sweep, tmp_path)
+    before = path.read_bytes()
+    to_csv = pd.DataFrame.to_csv
+
+    def killed_half_way(self, path_or_buf=None, *args, **options):
+        text = to_csv(self, None, *args, **options)
+        if path_or_buf is None:
+            return text
+        with contextlib.ExitStack() as stack:
+            handle = path_or_buf if hasattr(path_or_buf, "write") else stack.enter_context(open(path_or_buf, "w"))
+            handle.write(text[: len(text) // 2])
+            handle.flush()
+        raise Killed
+
+    monkeypatch.setattr(sweep, "train_cell", lambda *args, **kw: pytest.fail("a finished cell was retrained"))
+    monkeypatch.setattr(pd.DataFrame, "to_csv", killed_half_way)
+    with pytest.raises(Killed):
+        run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv", "cells.csv.lock"]  # no temporary left
+    pd.testing.assert_frame_equal(run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False), frame)
+
+
+def damage(path: Path, frame: pd.DataFrame, how: str) -> tuple[int, float] | None:
+    """Damage one row of the sweep CSV at ``path`` as a kill or a bad disk would; returns its cell (None when the
+    damaged row repeats a cell that is also intact in the file)."""
+    lines = path.read_text().split("\n")[:-1]  # header and rows, without their line ends
+    reached = int(np.flatnonzero(frame.outcome == "reached")[0])
+    cell = (int(frame.batch_size[reached]), float(frame.learning_rate[reached]))
+    columns = list(frame.columns)
+
+    def set_field(index: int, column: str, value: str) -> None:
+        fields = next(csv.reader([lines[index + 1]]))
+        fields[columns.index(column)] = value
+        lines[index + 1] = ",".join(fields)
+
+    if how == "cut in the last row":  # a kill during the append: the last line has no line end
+        path.write_text("\n".join(lines) + "\n")
+        text = path.read_text()
+        path.write_text(text[:-5])
+        return int(frame.batch_size.iloc[-1]), float(frame.learning_rate.iloc[-1])
+    if how == "too few fields":
+        lines[reached + 1] = lines[reached + 1].rsplit(",", 2)[0]
+    elif how == "too many fields":
+        lines[reached + 1] += ",7"
+    elif how == "NaN steps":
+        set_field(reached, "steps", "nan")
+    elif how == "unparseable steps":
+        set_field(reached, "steps", "1.2e")
+    elif how == "NaN seconds":
+        set_field(reached, "seconds", "")
+    elif how == "examples not steps x B":
+        set_field(reached, "examples", "3.5")
+    elif how == "repeated cell":
+        lines.append(lines[reached + 1])
+        cell = None
+    path.write_text("\n".join(lines) + "\n")
+    return cell
+
+
+@pytest.mark.parametrize("how", ["cut in the last row", "too few fields", "too many fields", "NaN steps",
+                                 "unparseable steps", "NaN seconds", "examples not steps x B", "repeated cell"])
+def test_a_damaged_row_is_dropped_with_a_warning_and_its_cell_retrained(tiny_sweep, tmp_path, monkeypatch, how):
+    path, frame = copy_of(tiny_sweep, tmp_path)
+    cell = damage(path, frame, how)
+    with pytest.warns(RuntimeWarning, match="1 damaged row"):
+        read = read_sweep_results(path)
+    assert len(read) == len(frame) - (cell is not None)
+    trained = []
+    monkeypatch.setattr(sweep, "train_cell", rows_of(frame, trained))
+    with pytest.warns(RuntimeWarning, match="damaged row.*not trusted.*trains the cells they leave missing again"):
+        resumed = run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
+    assert trained == ([cell] if cell is not None else [])
+    pd.testing.assert_frame_equal(resumed, frame)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file is whole again: the appended row did not join a cut line
+        pd.testing.assert_frame_equal(read_sweep_results(path), frame)
+
+
+def hold_the_lock(path: str, holding, release) -> None:
+    """In another process: hold the sweep's lock on ``path`` until ``release`` is set."""
+    with sweep._exclusive_lock(Path(path)):
+        holding.set()
+        release.wait()
+
+
+def test_a_second_sweep_on_the_same_file_is_refused_while_another_process_runs_one(tiny_sweep, tmp_path,
+                                                                                  monkeypatch):
+    path, frame = copy_of(tiny_sweep, tmp_path)
+    before = path.read_bytes()
+    monkeypatch.setattr(sweep, "train_cell", lambda *args, **kw: pytest.fail("a cell was trained"))
+    context = multiprocessing.get_context("spawn")
+    holding, release = context.Event(), context.Event()
+    holder = context.Process(target=hold_the_lock, args=(str(path), holding, release))
+    holder.start()
+    try:
+        assert holding.wait(timeout=600), "the lock holder did not start"  # catches a hang only
+        with pytest.raises(RuntimeError, match=r"cells\.csv is in use by another sweep.*cells\.csv\.lock"):
+            run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False)
+        assert path.read_bytes() == before
+        with sweep._exclusive_lock(path.with_name("other.csv")):  # another file's sweep is not held up
+            pass
+    finally:
+        release.set()
+        holder.join(timeout=600)
+    assert holder.exitcode == 0
+    pd.testing.assert_frame_equal(run_sweep(path, BATCH_SIZES, LEARNING_RATES, TINY, progress=False), frame)
+
+
+def test_two_lock_holders_in_one_process_are_serialised_too(tmp_path):
+    """flock belongs to the open file, so a second sweep in the same process (a thread, a notebook cell) is
+    refused as well while the first runs; after it the lock is free again."""
+    path = tmp_path / "cells.csv"
+    with sweep._exclusive_lock(path):
+        with pytest.raises(RuntimeError, match="in use by another sweep"):
+            with sweep._exclusive_lock(path):
+                pass
+    with sweep._exclusive_lock(path):
+        pass
+
+
+def test_a_sweep_in_which_no_cell_reaches_the_target_keeps_its_rows_and_says_so(tmp_path, capsys):
+    out = tmp_path / "none.csv"
+    arguments = ["sweep", "--out", str(out), "--batch-sizes", "8,16", "--lr", "0.01", "--lr-reference-batch", "8",
+                 "--lr-scaling", "constant", "--lr-factors", "1", "--target", "0.99", "--model", TINY.model,
+                 "--train-examples", "384", "--eval-examples", "100", "--eval-every", "4", "--max-steps", "8",
+                 "--seed", "3", "--no-progress"]
+    assert main(arguments) == 1
+    printed = capsys.readouterr().out
+    assert "no fit: 0 of 2 batch sizes reached the target (test_accuracy 0.99)" in printed
+    frame = read_sweep_results(out)
+    assert list(frame.outcome) == ["censored", "censored"]
+    best = best_learning_rate_cells(frame)
+    assert best.empty and {"batch_size", "steps", "lr_at_grid_edge"} <= set(best.columns)
+
+
+@pytest.mark.parametrize("flag", ["--batch-sizes", "--lr-factors"])
+def test_an_empty_list_flag_is_an_error_naming_the_flag(flag, capsys, tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        main(["sweep", "--out", str(tmp_path / "cells.csv"), flag, ""])
+    assert raised.value.code == 2
+    assert f"argument {flag}: expected comma-separated" in capsys.readouterr().err
+    assert not (tmp_path / "cells.csv").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections import OrderedDict
 
 import pandas as pd
@@ -149,11 +150,110 @@ def test_resume_from_a_checkpoint_continues_the_run_identically():
     torch.rand(7)  # the global RNG moves on in between; the checkpoint restores it
     resumed_model, resumed = noise_adaptive_trainer(seed_of_model=1)  # different initial weights
     buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))  # plain types: no code can run on load
     resumed.train(epochs=3)
     for expected, actual in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(expected, actual)
     pd.testing.assert_frame_equal(trainer.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
+
+
+def plain_types_in(value, path="state") -> set[str]:
+    """The paths of every value in a nested state that is not a tensor or a plain Python type."""
+    if isinstance(value, dict):
+        return set().union(*(plain_types_in(item, f"{path}/{key}") for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(plain_types_in(item, f"{path}[]") for item in value))
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return set()
+    return {f"{path}: {type(value).__module__}.{type(value).__name__}"}
+
+
+def test_state_dict_holds_only_tensors_and_plain_types_and_loads_with_weights_only():
+    """History rows (b_simple interval, two-batch and Hessian columns included), policy, sampler, monitor and
+    RNG states: nothing that needs an unsafe unpickler."""
+    model = small_net()
+    policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32, hold_steps=2, granularity=4)
+    trainer = make_trainer(model, classification_data(), policy=policy, max_micro_batch=4, seed=2,
+                           monitor_options={"hessian_every": 2, "hessian_examples": 4, "hessian_probes": 2})
+    trainer.train(epochs=1)
+    assert {"b_simple_low", "b_simple_two_batch", "b_noise", "skipped"} <= set(trainer.history.columns)
+    state = trainer.state_dict()
+    assert plain_types_in(state) == set()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    pd.testing.assert_frame_equal(pd.DataFrame(loaded["history"]), trainer.history)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_warned_once():
+    """Examples with NaN features: their steps take no optimizer step (parameters and momentum as they were),
+    the rows are marked skipped, a warning comes once; the other steps train as usual."""
+    dataset = classification_data()
+    inputs, targets = dataset.tensors
+    inputs = inputs.clone()
+    trainer = make_trainer(small_net(), TensorDataset(inputs, targets), momentum=0.9, batch_size=16, seed=4,
+                           monitor_options={"measure_every": 2})
+    batches = list(type(trainer.sampler)(len(dataset), 16, seed=4))  # the first epoch's batches
+    inputs[batches[1][3]] = math.nan  # in step 1 (not measured)
+    inputs[batches[2][5]] = math.nan  # in step 2 (measured)
+    trainer.step()
+    before = parameters_of(trainer.model)
+    momentum = [trainer.optimizer.state[p]["momentum_buffer"].clone() for p in trainer.model.parameters()]
+    with pytest.warns(RuntimeWarning, match="optimizer step is skipped"):
+        first_skipped = trainer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # warned once only
+        warnings.filterwarnings("ignore", message=".*non-finite loss or gradient.*")  # the monitor's own warning
+        second_skipped = trainer.step()
+        after_skips = parameters_of(trainer.model)
+        momentum_after_skips = [trainer.optimizer.state[p]["momentum_buffer"].clone()
+                                for p in trainer.model.parameters()]
+        trained = trainer.step()
+    assert first_skipped["skipped"] and second_skipped["skipped"] and not trained["skipped"]
+    assert trainer.skipped_steps == 2
+    for expected, actual in zip(before, after_skips):
+        assert torch.equal(expected, actual)
+    for expected, actual in zip(momentum, momentum_after_skips):
+        assert torch.equal(expected, actual)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not torch.equal(after_skips[0], trainer.model[0].weight)  # the finite step did train
+    assert trainer.history["skipped"].tolist() == [False, True, True, False]
+
+
+@pytest.mark.filterwarnings("ignore:.*non-finite loss or gradient:RuntimeWarning")
+def test_a_grad_scaler_overflow_is_skipped_and_the_scale_backs_off():
+    """fp16-style loss scaling with a scale so large that the scaled gradients overflow float32: no step is taken
+    and the scale halves (GradScaler's backoff) until the gradients fit."""
+    model = small_net(dtype=torch.float32)
+    trainer = make_trainer(model, classification_data(dtype=torch.float32), batch_size=16, seed=1)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    before = parameters_of(model)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        row = trainer.step()
+    assert row["skipped"] and trainer.grad_scaler.get_scale() == 2.0**126
+    assert all(torch.equal(expected, actual) for expected, actual in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("learning_rate, diverges", [(50.0, True), (0.1, False)])
+def test_a_diverged_run_suggests_no_batch_size(learning_rate, diverges):
+    """`measure --lr 50` in small: the loss explodes; the parameters stay finite, and the summary says the run
+    diverged instead of printing B_simple with an interval and a suggested batch size. At lr 0.1 it does print them."""
+    model = small_net(dtype=torch.float32)
+    trainer = make_trainer(model, classification_data(n=256, dtype=torch.float32), lr=learning_rate,
+                           momentum=0.9, batch_size=32, seed=0)
+    for _ in range(40):
+        trainer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    summary = trainer.monitor.summary()
+    text = str(summary)
+    if diverges:
+        assert summary.divergence is not None and "diverged" in text and "no batch size is suggested" in text
+        assert "B_simple =" not in text and "interval" not in text and "suggested: about" not in text
+        assert math.isnan(summary.suggested_batch_size)
+    else:
+        assert summary.divergence is None and "diverged" not in text
+        assert "B_simple =" in text and "critical batch size suggested: about" in text
 
 
 def test_checkpoint_with_ddp_module_prefix_of_earlier_versions_still_loads():

@@ -158,8 +158,9 @@ def _comma_separated(kind, *, positive: bool = False):
             values = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from error
-        if positive and (not values or any(not value > 0 for value in values)):
-            raise argparse.ArgumentTypeError(f"expected positive comma-separated {kind.__name__} values, got {text!r}")
+        if not values or (positive and any(not value > 0 for value in values)):
+            raise argparse.ArgumentTypeError(f"expected {'positive ' * positive}comma-separated {kind.__name__} "
+                                             f"values, got {text!r}")
         return values
 
     return parse
@@ -222,7 +223,12 @@ def _run_sweep(args) -> int:
     columns = ["batch_size", "learning_rate", "steps", "examples", "lr_at_grid_edge", "b_simple", "b_noise"]
     print(f"{len(frame)} cells in {args.out}; best learning rate per batch size:")
     print(best[columns].to_string(index=False))
-    print(fit_sweep(frame).summary())
+    try:
+        fit = fit_sweep(frame)
+    except ValueError as error:  # too few batch sizes reached the target; the cells stay in the file
+        print(f"no fit: {error}")
+        return 1
+    print(fit.summary())
     return 0
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 from noisescale._checks import check_int
 from noisescale.app.jobs import build_training_job, distributed_job, evaluate_accuracy, is_main_process
 from noisescale.app.plot import plot_training_curves, save_figure
+from noisescale.checkpoints import load_checkpoint, save_checkpoint
 from noisescale.losses import per_example_cross_entropy
 from noisescale.training import AdaptiveTrainer, make_batch_size_source
 
@@ -87,7 +87,8 @@ def run_train(
                                   device=target_device, amp=amp, seed=seed, progress=progress and main)
         evaluations: list[dict[str, Any]] = []
         if resume is not None:
-            state = torch.load(resume, map_location=target_device, weights_only=False)
+            state = load_checkpoint(resume, map_location=target_device, required_keys=("trainer", "evaluations"),
+                                    source="--resume")
             trainer.load_state_dict(state["trainer"])
             evaluations = list(state["evaluations"])
 
@@ -98,8 +99,7 @@ def run_train(
                                 "batch_size": int(row["batch_size"]), "learning_rate": float(row["learning_rate"]),
                                 "test_accuracy": evaluate_accuracy(job.network, job.test_set, target_device)})
             if checkpoint is not None and main:
-                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
+                save_checkpoint({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
 
         with trainer:
             history = trainer.train(epochs, callback=after_epoch)
