@@ -94,6 +94,8 @@ def run_measure(
         raise option_error("--steps", steps, "must be >= 1")
     if hessian_every < 0:
         raise option_error("--hessian-every", hessian_every, "must be >= 0 (0: never)")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise option_error("--checkpoint", checkpoint, "no such file")
     start = time.perf_counter()
     main = is_main_process()
     out_dir = prepare_output_folder(out_dir) if main else Path(out_dir)
@@ -157,6 +159,22 @@ def _measurement_batches(dataset, batch_size: int, count: int, seed: int) -> Ite
             produced += 1
 
 
+def _numpy_scalars_allowed():
+    """weights_only loading that also accepts numpy float/int scalars (a train checkpoint's history may hold them):
+    numpy's scalar constructor and dtypes, no other global."""
+    import contextlib
+
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtypes = [type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    return allowed([scalar, np.dtype, *dtypes]) if allowed is not None else contextlib.nullcontext()
+
+
 def load_checkpoint_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load ``--checkpoint`` into ``model``: a state_dict file (``torch.save(model.state_dict(), path)``) or a
     ``noisescale train`` checkpoint (``{"trainer": {"model": state_dict, ...}, ...}``), read with
@@ -165,9 +183,8 @@ def load_checkpoint_weights(model: torch.nn.Module, path: str | Path) -> None:
 
     device = next(model.parameters()).device
     try:
-        content = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError as error:
-        raise option_error("--checkpoint", path, "no such file") from error
+        with _numpy_scalars_allowed():
+            content = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         raise option_error("--checkpoint", path, f"not a readable torch checkpoint ({one_line(error)}); expected "
                            "torch.save(model.state_dict()) or a `noisescale train --checkpoint` file") from error

@@ -172,10 +172,10 @@ def load_job_data(dataset: str | None, data: str | None, seed: int) -> JobData:
         raise option_error("--data", data, "names Fashion-MNIST files; it cannot be combined with --dataset")
     result = _call_factory(load_callable(dataset, "--dataset"), "--dataset", dataset)
     if isinstance(result, (tuple, list)) and len(result) == 2 and not _is_example(result):
-        train, test = (_as_dataset(part, dataset, name) for part, name in zip(result, ("train", "test")))
+        train, test = (_as_dataset(part, dataset, name) for part, name in zip(result, ("training set", "test set")))
         held_out = ""
     else:
-        whole = _as_dataset(result, dataset, "dataset")
+        whole = _as_dataset(result, dataset, "dataset")  # names as in "item 0 of the dataset"
         test_size = max(1, round(HELD_OUT_SHARE * len(whole)))
         if len(whole) - test_size < 2:
             raise option_error("--dataset", dataset, f"has {len(whole)} examples; at least {test_size + 2} are "
@@ -201,12 +201,12 @@ def _as_dataset(value: Any, spec: str, name: str) -> Dataset:
         raise option_error("--dataset", spec, f"the {name} is a {type(value).__name__}; expected a map-style "
                            "Dataset (len and indexing) of (inputs, targets) pairs, or a (train, test) pair of them")
     if len(value) == 0:
-        raise option_error("--dataset", spec, f"the {name} dataset is empty")
+        raise option_error("--dataset", spec, f"the {name} is empty")
     first = value[0]
     if not (isinstance(first, (tuple, list)) and len(first) == 2):
         described = f"a {len(first)}-item {type(first).__name__}" if isinstance(first, (tuple, list)) else \
             f"a {type(first).__name__}"
-        raise option_error("--dataset", spec, f"item 0 of the {name} dataset is {described}; expected an "
+        raise option_error("--dataset", spec, f"item 0 of the {name} is {described}; expected an "
                            "(inputs, targets) pair")
     return value
 
@@ -223,7 +223,7 @@ def load_fashion_mnist_option(data: str | None) -> JobData:
         else:
             train, test = load_fashion_mnist(value)
     except ValueError as error:
-        raise option_error("--data", value, one_line(error)) from error
+        raise option_error("--data", value, " ".join(str(error).split())) from error
     info = train.info
     return JobData(train, test, f"{info.name}, {info.n_train} training / {info.n_test} test images "
                                 f"({info.source}: {info.path})")

@@ -167,7 +167,9 @@ def plot_noise_scale_history(history: pd.DataFrame) -> Figure:
     if "b_noise" in history and history["b_noise"].notna().any():
         points = history[history["b_noise"].notna()]
         noise_ax.plot(points["examples_seen"], points["b_noise"], "o-", color="crimson", label="$B_{noise}$")
-    noise_ax.set_yscale("log")
+    plotted = [line.get_ydata() for line in noise_ax.get_lines()]
+    if any(((values > 0) & np.isfinite(values)).any() for values in map(np.asarray, plotted)):
+        noise_ax.set_yscale("log")  # else linear: no finite positive estimate (|G|^2 not resolved) to log-scale
     noise_ax.set_ylabel("noise scale (examples)")
     noise_ax.legend(loc="best", fontsize="small")
     sns.lineplot(data=history, x="examples_seen", y="loss", ax=loss_ax, color="tab:gray")
