@@ -182,7 +182,8 @@ def _add_nqm_command(subparsers) -> None:
         description="Tune the constant learning rate per batch size in the noisy quadratic model and print "
         "the steps to reach the target risk and the critical batch size.",
     )
-    parser.add_argument("--optimizer", choices=["sgd", "momentum"], default="sgd")
+    parser.add_argument("--optimizer", choices=["sgd", "momentum"], default="sgd",
+                        help="plain SGD or heavy-ball momentum (--momentum)")
     parser.add_argument("--momentum", type=float, default=0.9, help="heavy-ball beta for --optimizer momentum")
     parser.add_argument("--tune-momentum", action="store_true", help="grid-search beta as well (slower)")
     parser.add_argument("--precondition-power", type=float, default=0.0, help="p of the preconditioner H^p")
