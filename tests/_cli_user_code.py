@@ -75,3 +75,17 @@ def make_vectors() -> TensorDataset:
 def make_unlabelled() -> TensorDataset:
     """Items of one tensor each, not (inputs, targets) pairs."""
     return TensorDataset(torch.randn(50, 7))
+
+
+def make_text_loaders():
+    """A (train, test) pair of DataLoaders with the default collate: noisescale uses their datasets."""
+    from torch.utils.data import DataLoader
+
+    train, test = make_text_splits()
+    return DataLoader(train, batch_size=10, shuffle=True), DataLoader(test, batch_size=10)
+
+
+def make_loader_with_own_collate():
+    from torch.utils.data import DataLoader
+
+    return DataLoader(make_text_data(), batch_size=10, collate_fn=lambda items: items)

@@ -41,6 +41,8 @@ def _error_line(capsys) -> str:
                                                       "dataset is a 1-item tuple; expected an (inputs, targets) pair"),
     (["--model", "_cli_user_code:make_text_model", "--dataset", "_cli_user_code:make_text_data", "--loss",
       "_cli_user_code:mean_loss"], "--loss '_cli_user_code:mean_loss': returned () for 2 examples"),
+    (["--dataset", "_cli_user_code:make_loader_with_own_collate"], "--dataset "
+     "'_cli_user_code:make_loader_with_own_collate': the dataset DataLoader has its own collate_fn"),
     (["--checkpoint", "no-such-file.pt"], "--checkpoint 'no-such-file.pt': no such file"),
     (["--data", "no-such-folder"], "--data 'no-such-folder':"),
     (["--threads", "0"], "--threads '0': must be >= 1"),

@@ -61,6 +61,13 @@ def test_measure_without_accuracy_reports_the_mean_test_loss(tmp_path, capsys):
     assert 0 < summary["test_loss"] < math.inf
 
 
+def test_a_pair_of_data_loaders_gives_the_training_and_test_sets(tmp_path, capsys):
+    code = main(["measure", *TEXT, "--dataset", "_cli_user_code:make_text_loaders", "--steps", "2", "--batch-size",
+                 "8", "--hessian-every", "0", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    assert "data: _cli_user_code:make_text_loaders, 160 training / 40 test examples\n" in capsys.readouterr().out
+
+
 def _naive_batch_estimates(model, loss_fn, inputs, targets):
     """|G|^2 and tr(Sigma) of one batch from per-example gradients computed one example at a time (float64)."""
     model = model.double()
