@@ -26,7 +26,7 @@ from noisescale.app.plot import plot_training_curves, save_figure
 from noisescale.monitor import NoiseScaleSummary
 from noisescale.training import AdaptiveTrainer, make_batch_size_source
 
-_SHOWN_BATCH_SIZE_CHANGES = 8  # more changes are printed as the first and last few
+_SHOWN_BATCH_SIZE_CHANGES = 12  # more changes are printed as the first and last few
 
 
 @dataclass(frozen=True)
