@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, random_split
 
 from noisescale.batches import batch_size_of, call_model, to_device
+from noisescale.devices import resolve_device
 
 DEFAULT_MODEL = "noisescale.models:lenet5"
 DEFAULT_LOSS = "noisescale.losses:per_example_cross_entropy"
@@ -101,7 +102,7 @@ def resolve_device_option(name: str) -> torch.device:
     """``--device``: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...; a device
     that torch does not know or this machine does not have is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(name)
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
