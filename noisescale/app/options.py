@@ -249,14 +249,22 @@ def check_first_batch(model: torch.nn.Module, loss_fn: Callable, dataset: Datase
     """Run the model and the loss on two training examples (eval mode, no gradient, no random numbers drawn) so
     that a model, data and loss that do not fit together fail before training, with the options to check."""
     named = ", ".join(f"{flag} {value!r}" for flag, value in specs.items())
-    inputs, targets = fetch_batch(dataset, torch.arange(min(2, len(dataset))))
+    try:
+        inputs, targets = fetch_batch(dataset, torch.arange(min(2, len(dataset))))
+    except Exception as error:
+        raise UsageError(f"cannot make a batch of the first two training examples: {one_line(error)}; check "
+                         f"{named}") from error
     described = _shapes(inputs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             inputs, targets = to_device(inputs, device), to_device(targets, device)
-            count = batch_size_of(inputs)
+            try:
+                count = batch_size_of(inputs)
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"the examples' inputs {described} are not a batch noisescale can call the model "
+                                 f"on: {one_line(error)}; check {named}") from error
             try:
                 outputs = call_model(model, inputs)
             except Exception as error:
