@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples", "to_device",
-           "tensors_of"]
+           "tensors_of", "collate_examples", "fetch_examples"]
 
 
 def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -97,3 +98,19 @@ def split_examples(value: Any, sizes: Sequence[int]) -> list[Any]:
 def to_device(value: Any, device: torch.device | str) -> Any:
     """Every tensor of ``value`` on ``device`` (no copy when already there)."""
     return _map_tensors(lambda t: t.to(device), value)
+
+
+def collate_examples(items: Sequence[Any]) -> tuple[Any, Any]:
+    """(inputs, targets) of a list of (inputs, targets) examples; tuple inputs stay tuples (``default_collate``
+    makes them lists, which a model would receive as one argument)."""
+    inputs, targets = default_collate(list(items))
+    return (tuple(inputs) if isinstance(inputs, list) else inputs), targets
+
+
+def fetch_examples(dataset: Dataset, indices: Sequence[int] | Tensor) -> tuple[Any, Any]:
+    """The examples ``indices`` of a map-style dataset of (inputs, targets) pairs as one batch: a single indexing
+    call for a two-tensor TensorDataset, else the items collated by :func:`collate_examples`."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        inputs, targets = dataset[torch.as_tensor(indices, dtype=torch.long)]
+        return inputs, targets
+    return collate_examples([dataset[int(index)] for index in indices])

@@ -93,7 +93,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None, r
         raise CheckpointError(f"{where}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{where}: the checkpoint is empty (0 bytes; a save was probably interrupted); "
-                              "resume from an earlier checkpoint or start again without it")
+                              "use an earlier checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError, ... here
@@ -101,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = None, r
         raise CheckpointError(
             f"{where}: cannot be loaded as a checkpoint of tensors and plain types ({cause}). The file is "
             "truncated or damaged, is not a torch checkpoint, or holds objects whose loading could run code, "
-            "which is refused. Resume from an intact checkpoint or start again without it."
+            "which is refused. Use an intact checkpoint file."
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{where}: holds a {type(state).__name__}, not a checkpoint dict")

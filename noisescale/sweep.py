@@ -92,7 +92,7 @@ class SweepSettings:
     target_metric: str = "test_accuracy"
     target: float = 0.8
     model: str = "noisescale.models:lenet5"
-    data_source: str = "subset"
+    data_source: str = "subset"  # "subset", "debian", "auto" or a folder of Fashion-MNIST/MNIST IDX files
     train_examples: int = 0  # 0: all training images of the source
     eval_examples: int = 0  # 0: all test images of the source
     eval_every: int = 10
@@ -232,9 +232,10 @@ def first_crossing(steps: Sequence[float], values: Sequence[float], target: floa
 def _load_data(settings: SweepSettings):
     import torch
 
-    from noisescale.data import load_fashion_mnist
+    from noisescale.data import SOURCES, load_fashion_mnist
 
-    train, test = load_fashion_mnist(source=settings.data_source)
+    source = settings.data_source  # "subset", "debian", "auto" or a folder of IDX files
+    train, test = load_fashion_mnist(source=source) if source in SOURCES else load_fashion_mnist(source)
     picker = torch.Generator().manual_seed(settings.seed)
     train_x, train_y = train.images, train.labels
     test_x, test_y = test.images, test.labels

@@ -61,10 +61,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from noisescale._checks import check_int, check_real
+from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
@@ -121,7 +122,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of the micro-batches into p.grad (which must start at zero or None); one
         history row for the whole batch. Returns the batch's mean loss (detached)."""
-        sizes = [_as_tuple(inputs)[0].shape[0] for inputs, _ in micro_batches]
+        sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
         batch_size = sum(sizes)
         measured = self.step % self.measure_every == 0
         losses, sqnorms, micro_sqnorms = [], [], []
@@ -136,7 +137,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                     sqnorms.append(result.sqnorms)
                     micro_sqnorms.append(result.grad_sqnorm)
                 else:  # the ghost hooks are inert outside a measured pass
-                    micro_losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)
+                    micro_losses = self.loss_fn(call_model(self.model, inputs), targets)
                     (micro_losses.mean() * (loss_scale * share)).backward()
                     losses.append(micro_losses.detach())
         all_losses = torch.cat(losses)
@@ -351,8 +352,7 @@ class AdaptiveTrainer:
         batch_size = self._batch_size_for_step()
         self.sampler.set_batch_size(batch_size)
         local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
-        inputs, targets = _fetch(self.dataset, next(iter(self.sampler)))
-        inputs, targets = _to_device(inputs, self.device), _to_device(targets, self.device)
+        inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
         self._accumulate_with_retry(inputs, targets, local_batch_size)
         finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or _gradients_finite(self.model))
         if not finite:
@@ -392,7 +392,7 @@ class AdaptiveTrainer:
         rng_state = _rng_state(self.device)
         while True:
             sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
-            micro_batches = list(zip(_split(inputs, sizes), _split(targets, sizes)))
+            micro_batches = list(zip(split_examples(inputs, sizes), split_examples(targets, sizes)))
             scale = loss_scale_of(self.grad_scaler, self.device)
             try:
                 with self._autocast():
@@ -522,9 +522,6 @@ class AdaptiveTrainer:
         self.close()
 
 
-def _as_tuple(inputs: Any) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
 
 def _gradients_finite(model: torch.nn.Module) -> bool:
     """Whether every p.grad is finite (one float64 sum: inf and NaN propagate, finite values cannot overflow)."""
@@ -532,26 +529,7 @@ def _gradients_finite(model: torch.nn.Module) -> bool:
     return not grads or math.isfinite(torch.stack(grads).sum().item())
 
 
-def _fetch(dataset: Dataset, indices: list[int]) -> tuple[Any, Any]:
-    """The batch at ``indices`` as (inputs, targets): one indexing call for a TensorDataset, else collated items."""
-    if isinstance(dataset, TensorDataset):
-        inputs, targets = dataset[torch.tensor(indices)]
-        return inputs, targets
-    inputs, targets = default_collate([dataset[index] for index in indices])
-    return inputs, targets
 
-
-def _split(value: Any, sizes: list[int]) -> list[Any]:
-    """Micro-batches of a tensor or a tuple of tensors along dim 0."""
-    if isinstance(value, tuple):
-        return list(zip(*(torch.split(part, sizes) for part in value)))
-    return list(torch.split(value, sizes))
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, tuple):
-        return tuple(part.to(device) for part in value)
-    return value.to(device)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from noisescale.app.cli import main
 from noisescale.checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, to_plain
 
 
-class Killed(Exception):
-    """Stands for the process being killed during a write."""
+class Killed(BaseException):
+    """Stands for the process being killed during a write (not an Exception: nothing may catch it)."""
 
 
 def files_in(folder) -> list[str]:
@@ -133,11 +133,13 @@ TRAIN = ["train", "--schedule", "fixed", "--model", "noisescale.models:mlp", "--
          "--batch-size", "32", "--max-batch-size", "32", "--no-progress", "--device", "cpu"]
 
 
-def test_train_command_refuses_a_damaged_resume_file_naming_resume(tmp_path):
+def test_train_command_refuses_a_damaged_resume_file_naming_resume(tmp_path, capsys):
     damaged = tmp_path / "run.pt"
     damaged.write_bytes(b"PK\x03\x04 half a zip")
+    assert main([*TRAIN, "--epochs", "1", "--resume", str(damaged), "--out", str(tmp_path)]) == 2
+    assert f"CheckpointError: --resume {damaged}: cannot be loaded" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=f"--resume {damaged}: "):
-        main([*TRAIN, "--epochs", "1", "--resume", str(damaged), "--out", str(tmp_path)])
+        main([*TRAIN, "--epochs", "1", "--resume", str(damaged), "--out", str(tmp_path), "--debug"])
 
 
 def test_train_command_killed_while_saving_keeps_the_last_whole_checkpoint(tmp_path, monkeypatch):

@@ -67,9 +67,10 @@ def test_model_spec_errors_name_the_problem(spec, message):
         load_model_factory(spec)
 
 
-def test_measure_rejects_a_batch_of_one(shipped_subset_only):
-    with pytest.raises(ValueError, match="--batch-size"):
-        main(["measure", "--batch-size", "1", "--steps", "2", "--no-progress"])
+def test_measure_rejects_a_batch_of_one(shipped_subset_only, tmp_path, capsys):
+    assert main(["measure", "--batch-size", "1", "--steps", "2", "--no-progress", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "noisescale: error: --batch-size '1': must be >= 2 to estimate a " \
+        "gradient variance"
 
 
 def _torchrun(*arguments: str) -> str:

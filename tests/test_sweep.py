@@ -8,6 +8,7 @@ import contextlib
 import csv
 import math
 import multiprocessing
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -126,7 +127,10 @@ def test_noise_scale_plot_returns_its_figure_with_the_best_cells_and_the_b_crit_
         drawn = lines[f"{label} at the target (best lr)"]
         np.testing.assert_array_equal(drawn.get_xdata(), best["batch_size"])
         np.testing.assert_array_equal(drawn.get_ydata(), best[column])
-    assert lines[f"fitted B_crit = {fit.b_crit:.3g}"].get_ydata()[0] == fit.b_crit
+    if 0 < fit.b_crit < np.inf:  # the tiny sweep's fit may sit at a limit (not resolved): then no B_crit line
+        assert lines[f"fitted B_crit = {fit.b_crit:.3g}"].get_ydata()[0] == fit.b_crit
+    else:
+        assert not fit.resolved and not any(label.startswith("fitted B_crit") for label in lines)
     assert save_figure(figure, tmp_path / "noise_vs_b_crit.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -259,8 +263,8 @@ def test_bad_arguments_raise_clear_errors(call, message):
 # --------------------------------------------------------------------------- nothing lost, nothing trusted by mistake
 
 
-class Killed(Exception):
-    """Stands for the process being killed during a write."""
+class Killed(BaseException):
+    """Stands for the process being killed during a write (not an Exception: nothing may catch it)."""
 
 
 def copy_of(tiny_sweep, tmp_path) -> tuple[Path, pd.DataFrame]:
@@ -425,5 +429,5 @@ def test_an_empty_list_flag_is_an_error_naming_the_flag(flag, capsys, tmp_path):
     with pytest.raises(SystemExit) as raised:
         main(["sweep", "--out", str(tmp_path / "cells.csv"), flag, ""])
     assert raised.value.code == 2
-    assert f"argument {flag}: expected comma-separated" in capsys.readouterr().err
+    assert re.search(f"argument {flag}: expected (positive )?comma-separated .* got ''", capsys.readouterr().err)
     assert not (tmp_path / "cells.csv").exists()

@@ -8,62 +8,113 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default after its help, unless the help already states it."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from noisescale import __version__
+
     parser = argparse.ArgumentParser(
         prog="noisescale",
         description="Measure the gradient noise scale of PyTorch training and choose the batch size from it.",
+        epilog="Errors are printed as one line (exit status 2 for a problem with the options, 1 otherwise); "
+        "--debug prints the full traceback instead.",
     )
+    parser.add_argument("--version", action="version", version=f"noisescale {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in _COMMANDS:
         add_command(subparsers)
     return parser
 
 
-def _add_model_and_data_arguments(parser) -> None:
-    """--model and --data, shared by the commands that train on Fashion-MNIST-shaped data."""
-    parser.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
-                        help="a callable returning an nn.Module for 1x28x28 images and 10 classes "
-                        "(default: noisescale.models:lenet5)")
-    parser.add_argument("--data", default=None, metavar="DIR",
-                        help="a directory of Fashion-MNIST/MNIST IDX files (default: the Debian copy when "
-                        "installed, else the subset shipped with noisescale)")
+def _command_parser(subparsers, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the full traceback (default: one line)")
+    return parser
 
 
-def _add_run_arguments(parser, *, out: str) -> None:
-    """--device, --out, --seed and --no-progress, shared by the commands that run a training job."""
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--out", default=out, help="output folder for the CSV and PNG")
-    parser.add_argument("--seed", type=int, default=0)
+def _add_model_and_data_arguments(parser, *, user_data: bool, data_default: str) -> None:
+    """--model and --data (and --dataset, --loss where the command takes the user's own data), shared."""
+    from noisescale.app.options import DEFAULT_LOSS, DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="PACKAGE.MODULE:FACTORY",
+                        help="a callable (no arguments) returning the torch.nn.Module to train")
+    parser.add_argument("--data", default=data_default, metavar="DIR",
+                        help="Fashion-MNIST: a folder of its (or MNIST's) IDX files, 'subset' (the 12,000/2,000 "
+                        "images shipped with noisescale), 'debian' (the Debian package's copy) or 'auto' (debian "
+                        "when installed, else subset)")
+    if user_data:
+        parser.add_argument("--dataset", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                            help="your own data instead of Fashion-MNIST: a callable (no arguments) returning a "
+                            "map-style Dataset of (inputs, targets) pairs (a seeded 10%% is held out for testing), "
+                            "a (train, test) pair of them, or a DataLoader of one (its dataset is used)")
+        parser.add_argument("--loss", default=DEFAULT_LOSS, metavar="PACKAGE.MODULE:FUNCTION",
+                            help="per-example loss: loss(outputs, targets) -> shape (B,); the training loss is its "
+                            "mean")
+
+
+def _add_run_arguments(parser, *, out: str, out_help: str, json_name: str | None) -> None:
+    """--device, --out, --seed, --threads, --no-progress (and --json), shared by the commands that train."""
+    from noisescale.app.options import DEFAULT_THREADS
+
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    parser.add_argument("--out", default=out, help=out_help + "; created and checked before any training")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and the batches")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                        help="torch CPU threads (torch.set_num_threads); None: torch's own default")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    if json_name is not None:
+        parser.add_argument("--json", action="store_true",
+                            help=f"print the summary as JSON instead of text (it is always written to "
+                            f"OUT/{json_name}; NaN = not measured is null, an unresolved infinite value is \"inf\")")
 
 
 def _add_measure_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "measure",
-        help="train a model while measuring its gradient noise scale (default: a CNN on Fashion-MNIST)",
-        description="Train a model for a few hundred steps while measuring B_simple every step and B_noise "
-        "periodically; print the summary and write the history (CSV) and a figure (PNG).",
+    parser = _command_parser(
+        subparsers, "measure",
+        help="measure the gradient noise scale while training a model, or of a trained checkpoint",
+        description="Train a model (default: a CNN on Fashion-MNIST) for --steps steps while measuring B_simple "
+        "every step and B_noise every --hessian-every; or, with --checkpoint, measure a trained model over --steps "
+        "batches without optimizer steps. Prints the summary and the test accuracy (classification) or the mean "
+        "test loss, and writes the history (CSV), a figure (PNG) and the summary (JSON).",
     )
-    _add_model_and_data_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=300)
+    _add_model_and_data_arguments(parser, user_data=True, data_default="auto")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="measure these trained weights without optimizer steps: a torch.save(model."
+                        "state_dict()) file or a `noisescale train --checkpoint` file (loaded with weights_only)")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per step (>= 2)")
+    parser.add_argument("--steps", type=int, default=300, help="steps (with --checkpoint: batches measured)")
     parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--backend", default="auto", choices=["auto", "ghost", "vmap"],
                         help="per-example gradient norm backend")
     parser.add_argument("--hessian-every", type=int, default=50, help="steps between B_noise measurements (0: never)")
-    _add_run_arguments(parser, out="runs/measure")
+    _add_run_arguments(parser, out="runs/measure", out_help="output folder", json_name="measure_summary.json")
     parser.set_defaults(run=_run_measure)
 
 
 def _run_measure(args) -> int:
-    from noisescale.app.jobs import is_main_process
+    from noisescale.app.jobs import is_main_process, summary_json
     from noisescale.app.measure import run_measure
+    from noisescale.app.options import set_threads
 
+    set_threads(args.threads)
     outcome = run_measure(
         model_spec=args.model,
+        dataset=args.dataset,
         data=args.data,
+        loss=args.loss,
+        checkpoint=args.checkpoint,
         batch_size=args.batch_size,
         steps=args.steps,
         learning_rate=args.lr,
@@ -75,10 +126,7 @@ def _run_measure(args) -> int:
         progress=not args.no_progress,
     )
     if is_main_process():
-        print(f"data: {outcome.data_source}")
-        print(outcome.summary)
-        print(f"test accuracy after training: {outcome.test_accuracy:.3f}")
-        print(f"history: {outcome.history_csv}\nfigure: {outcome.figure_png}\ntook {outcome.seconds:.1f} s")
+        print(summary_json(outcome.to_dict()) if args.json else outcome.report())
     return 0
 
 
@@ -128,24 +176,25 @@ def _run_nqm(args: argparse.Namespace) -> int:
 
 
 def _add_nqm_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "nqm",
+    parser = _command_parser(
+        subparsers, "nqm",
         help="steps to target and critical batch size in the noisy quadratic model (Zhang et al. 2019)",
         description="Tune the constant learning rate per batch size in the noisy quadratic model and print "
         "the steps to reach the target risk and the critical batch size.",
     )
-    parser.add_argument("--optimizer", choices=["sgd", "momentum"], default="sgd")
+    parser.add_argument("--optimizer", choices=["sgd", "momentum"], default="sgd",
+                        help="plain SGD or heavy-ball momentum (--momentum)")
     parser.add_argument("--momentum", type=float, default=0.9, help="heavy-ball beta for --optimizer momentum")
     parser.add_argument("--tune-momentum", action="store_true", help="grid-search beta as well (slower)")
     parser.add_argument("--precondition-power", type=float, default=0.0, help="p of the preconditioner H^p")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA coefficient gamma of the iterates (0: off)")
     parser.add_argument("--tune-ema", action="store_true", help="grid-search gamma as well (slower)")
     parser.add_argument("--batch-sizes", type=_comma_separated(float, positive=True),
-                        default=[2.0**k for k in range(21)], help="comma-separated (default 2^0..2^20)")
+                        default=[2.0**k for k in range(21)], help="comma-separated (default: 2^0 .. 2^20)")
     parser.add_argument("--dim", type=int, default=10_000, help="dimension d, h_i = 1/i, C = H")
     parser.add_argument("--bins", type=int, default=100, help="eigenvalue bins (0: exact spectrum)")
     parser.add_argument("--target", type=float, default=0.01, help="target expected risk")
-    parser.add_argument("--max-steps", type=int, default=2**30)
+    parser.add_argument("--max-steps", type=int, default=2**30, help="give up on a batch size after this many steps")
     parser.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap replicates of the fit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=_run_nqm)
@@ -167,57 +216,78 @@ def _comma_separated(kind, *, positive: bool = False):
 
 
 def _add_sweep_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sweep",
+    parser = _command_parser(
+        subparsers, "sweep",
         help="train to a target across batch sizes and learning rates; fit B_crit (McCandlish et al. 2018)",
         description="For each batch size of a geometric range and each learning rate of a per-B log grid, "
         "train the model until a smoothed test metric reaches the target; append one CSV row per cell (an "
         "interrupted sweep resumes), then fit S = S_min (1 + B_crit / B) to the best learning rate per B.",
     )
-    parser.add_argument("--out", default="data/sweep.csv", help="CSV of cells (appended to; resumed)")
-    parser.add_argument("--batch-sizes", type=_comma_separated(int), default=None, metavar="B1,B2,...",
+    parser.add_argument("--batch-sizes", type=_comma_separated(int, positive=True), default=None, metavar="B1,B2,...",
                         help="explicit geometric batch sizes (overrides --min-batch/--max-batch)")
-    parser.add_argument("--min-batch", type=int, default=8)
-    parser.add_argument("--max-batch", type=int, default=2048)
+    parser.add_argument("--min-batch", type=int, default=8, help="smallest batch size of the geometric range")
+    parser.add_argument("--max-batch", type=int, default=2048, help="largest batch size of the geometric range")
     parser.add_argument("--lr", type=float, default=0.05, help="centre learning rate at --lr-reference-batch")
-    parser.add_argument("--lr-reference-batch", type=int, default=128)
-    parser.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt", "constant"])
-    parser.add_argument("--lr-factors", type=_comma_separated(float), default=[0.5, 1.0, 2.0],
+    parser.add_argument("--lr-reference-batch", type=int, default=128, help="batch size the --lr is for")
+    parser.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt", "constant"],
+                        help="how the centre learning rate follows the batch size")
+    parser.add_argument("--lr-factors", type=_comma_separated(float, positive=True), default=[0.5, 1.0, 2.0],
                         help="grid = centre times each factor")
     parser.add_argument("--max-lr", type=float, default=0.2, help="cap of the centre learning rate")
-    parser.add_argument("--target-metric", default="test_accuracy",
+    parser.add_argument("--target-metric", default="test_accuracy", choices=["test_accuracy", "test_loss"],
                         help="test_accuracy (reach at least) or test_loss (reach at most)")
-    parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--model", default="noisescale.models:lenet5", metavar="PACKAGE.MODULE:FACTORY")
-    parser.add_argument("--data-source", default="subset", choices=["subset", "debian", "auto"])
-    parser.add_argument("--train-examples", type=int, default=0, help="0: all")
-    parser.add_argument("--eval-examples", type=int, default=0, help="0: the whole test split")
+    parser.add_argument("--target", type=float, default=0.8, help="the value of --target-metric to reach")
+    _add_model_and_data_arguments(parser, user_data=False, data_default="subset")
+    parser.add_argument("--train-examples", type=int, default=0, help="training examples used (0: all)")
+    parser.add_argument("--eval-examples", type=int, default=0, help="test examples used (0: the whole test split)")
     parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
     parser.add_argument("--smoothing-window", type=int, default=3, help="centred moving average, evaluations")
-    parser.add_argument("--max-steps", type=int, default=4000)
+    parser.add_argument("--max-steps", type=int, default=4000, help="per-cell step budget")
     parser.add_argument("--max-examples", type=int, default=0, help="per-cell example budget (0: none)")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--jobs", type=int, default=1, help="cells trained in parallel processes")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained in parallel processes (each with cpu_count // jobs threads)")
+    _add_run_arguments(parser, out="runs/sweep/sweep.csv", out_help="CSV of cells (appended to; resumed)",
+                       json_name=None)
     parser.set_defaults(run=_run_sweep)
 
 
 def _run_sweep(args) -> int:
+    from noisescale.app.options import (
+        FASHION_MNIST_SOURCES, UsageError, build_model, option_error, prepare_output_file, resolve_device_option,
+        set_threads,
+    )
     from noisescale.sweep import (
         SweepSettings, best_learning_rate_cells, fit_sweep, geometric_batch_sizes, learning_rate_grid, run_sweep,
     )
 
-    batch_sizes = args.batch_sizes or geometric_batch_sizes(args.min_batch, args.max_batch)
-    grid = learning_rate_grid(batch_sizes, args.lr, args.lr_reference_batch, factors=args.lr_factors,
-                              scaling=args.lr_scaling, max_learning_rate=args.max_lr)
-    settings = SweepSettings(
-        target_metric=args.target_metric, target=args.target, model=args.model, data_source=args.data_source,
-        train_examples=args.train_examples, eval_examples=args.eval_examples, eval_every=args.eval_every,
-        smoothing_window=args.smoothing_window, max_steps=args.max_steps, max_examples=args.max_examples,
-        momentum=args.momentum, seed=args.seed, device=args.device,
-    )
+    set_threads(args.threads)
+    if args.data not in FASHION_MNIST_SOURCES and not Path(args.data).is_dir():
+        raise option_error("--data", args.data, "is neither a folder of IDX files nor one of "
+                           f"{', '.join(FASHION_MNIST_SOURCES)}")
+    device = resolve_device_option(args.device)
+    build_model(args.model)  # a wrong --model fails here, not in the first cell
+    prepare_output_file(args.out, "--out")
+    try:
+        batch_sizes = args.batch_sizes or geometric_batch_sizes(args.min_batch, args.max_batch)
+    except ValueError as error:
+        raise UsageError(f"--min-batch {args.min_batch} --max-batch {args.max_batch}: {error}") from error
+    try:
+        grid = learning_rate_grid(batch_sizes, args.lr, args.lr_reference_batch, factors=args.lr_factors,
+                                  scaling=args.lr_scaling, max_learning_rate=args.max_lr)
+    except ValueError as error:
+        raise UsageError(f"--lr {args.lr} --lr-reference-batch {args.lr_reference_batch} --max-lr {args.max_lr} "
+                         f"--batch-sizes {','.join(map(str, batch_sizes))}: {error}") from error
+    try:
+        settings = SweepSettings(
+            target_metric=args.target_metric, target=args.target, model=args.model, data_source=args.data,
+            train_examples=args.train_examples, eval_examples=args.eval_examples, eval_every=args.eval_every,
+            smoothing_window=args.smoothing_window, max_steps=args.max_steps, max_examples=args.max_examples,
+            momentum=args.momentum, seed=args.seed, device=str(device),
+        )
+    except ValueError as error:  # "<field> must ...": the field is the option's name with underscores
+        field = str(error).split()[0]
+        raise UsageError(f"--{field.replace('_', '-')}: {error}") from error
     frame = run_sweep(args.out, batch_sizes, grid, settings, jobs=args.jobs, progress=not args.no_progress)
     best = best_learning_rate_cells(frame)
     columns = ["batch_size", "learning_rate", "steps", "examples", "lr_at_grid_edge", "b_simple", "b_noise"]
@@ -233,20 +303,22 @@ def _run_sweep(args) -> int:
 
 
 def _add_train_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train",
+    parser = _command_parser(
+        subparsers, "train",
         help="train with noisescale choosing the batch size (Smith et al. schedules or the noise scale)",
         description="Train a model (default: LeNet-5 on Fashion-MNIST) with SGD and momentum 0.9 while the batch "
         "size follows a schedule (fixed, lr-decay, batch-increase, hybrid: Smith, Kindermans & Le 2017, factor-5 "
-        "stages at 30/55/80%% of the epochs) or the measured noise scale (noise-adaptive: B = kappa * B_simple). "
-        "Prints the final test accuracy, optimizer steps, examples seen and wall-clock; writes CSV and PNG.",
+        "stages at 30/55/80% of the epochs) or the measured noise scale (noise-adaptive: B = kappa * B_simple). "
+        "Prints the final test accuracy (or test loss), optimizer steps, examples seen, wall-clock, the noise scale "
+        "at the end and the batch sizes chosen; writes CSV, PNG and JSON.",
     )
     parser.add_argument("--schedule", required=True,
-                        choices=["fixed", "lr-decay", "batch-increase", "hybrid", "noise-adaptive"])
-    _add_model_and_data_arguments(parser)
+                        choices=["fixed", "lr-decay", "batch-increase", "hybrid", "noise-adaptive"],
+                        help="where the batch size comes from (required)")
+    _add_model_and_data_arguments(parser, user_data=True, data_default="auto")
     parser.add_argument("--train-examples", type=int, default=None, metavar="N",
-                        help="use only the first N training examples (quick trials)")
-    parser.add_argument("--epochs", type=float, default=10.0)
+                        help="use only the first N training examples (quick trials); None: all")
+    parser.add_argument("--epochs", type=float, default=10.0, help="epochs of training (fractions allowed)")
     parser.add_argument("--batch-size", type=int, default=32, help="initial (base) batch size B_0")
     parser.add_argument("--max-batch-size", type=int, default=1024, help="B_max")
     parser.add_argument("--lr", type=float, default=0.05, help="base learning rate eps_0")
@@ -260,22 +332,27 @@ def _add_train_command(subparsers) -> None:
     parser.add_argument("--hessian-every", type=int, default=0,
                         help="steps between B_noise measurements (0: never)")
     parser.add_argument("--max-micro-batch", type=int, default=None,
-                        help="largest forward/backward; bigger batches accumulate micro-batches")
+                        help="largest forward/backward; bigger batches accumulate micro-batches (None: no limit)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision on CUDA")
-    parser.add_argument("--checkpoint", default=None, metavar="PATH", help="save a checkpoint after every epoch")
-    parser.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
-    _add_run_arguments(parser, out="runs/train")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="save a checkpoint after every epoch (None: no checkpoint)")
+    parser.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (None: start anew)")
+    _add_run_arguments(parser, out="runs/train", out_help="output folder", json_name="train_<schedule>_summary.json")
     parser.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
-    from noisescale.app.jobs import is_main_process
+    from noisescale.app.jobs import is_main_process, summary_json
+    from noisescale.app.options import set_threads
     from noisescale.app.train import run_train
 
+    set_threads(args.threads)
     outcome = run_train(
         mode=args.schedule,
         model_spec=args.model,
+        dataset=args.dataset,
         data=args.data,
+        loss=args.loss,
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_batch_size=args.max_batch_size,
@@ -296,8 +373,12 @@ def _run_train(args) -> int:
         progress=not args.no_progress,
     )
     if is_main_process():
-        print(outcome)
-        print(f"history: {outcome.history_csv}\nevaluations: {outcome.evaluations_csv}\nfigure: {outcome.figure_png}")
+        if args.json:
+            print(summary_json(outcome.to_dict()))
+        else:
+            print(outcome)
+            print(f"history: {outcome.history_csv}\nevaluations: {outcome.evaluations_csv}\n"
+                  f"figure: {outcome.figure_png}\nsummary: {outcome.summary_json}")
     return 0
 
 
@@ -305,9 +386,25 @@ _COMMANDS: list = [_add_measure_command, _add_nqm_command, _add_sweep_command, _
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    """Run one command. An error prints one line, ``noisescale: error: ...``, and returns 2 for a problem with the
+    options or the user's model, data or files (UsageError, ValueError, TypeError, OSError), 1 otherwise;
+    ``--debug`` raises it with its traceback instead."""
+    from noisescale.app.options import UsageError, one_line
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("noisescale: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, UsageError):
+            print(f"noisescale: error: {error}", file=sys.stderr)
+            return 2
+        print(f"noisescale: error: {one_line(error)} (run with --debug for the traceback)", file=sys.stderr)
+        return 2 if isinstance(error, (ValueError, TypeError, OSError)) else 1
 
 
 if __name__ == "__main__":

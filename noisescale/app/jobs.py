@@ -1,5 +1,5 @@
-"""What the commands share: the seeded set-up of a training job (data, model, optimizer, DDP), the process
-group under torchrun, and test accuracy.
+"""What the commands share: the seeded set-up of a training job (data, model, loss, optimizer, DDP), the process
+group under torchrun, evaluation on the test set, and atomic writes of the outputs.
 
 Under torchrun (``WORLD_SIZE`` > 1 in the environment) ``measure`` and ``train`` run data-parallel
 (:func:`distributed_job`): NCCL with one GPU per process on CUDA, gloo on CPU, the model wrapped in
@@ -10,18 +10,26 @@ shows progress and writes files.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import numbers
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
-from noisescale.data import load_fashion_mnist
-from noisescale.devices import resolve_device
-from noisescale.models import load_model_factory
+from noisescale.app.options import (
+    DEFAULT_LOSS, DEFAULT_MODEL, JobData, build_model, check_first_batch, load_job_data, load_loss,
+    resolve_device_option,
+)
+from noisescale.batches import call_model, fetch_examples, to_device
 
 
 def is_main_process() -> bool:
@@ -35,7 +43,7 @@ def distributed_job(device_name: str) -> Iterator[torch.device]:
 
     On CUDA each process takes GPU ``LOCAL_RANK`` and NCCL; on CPU, gloo. Outside torchrun: just the device.
     """
-    device = resolve_device(device_name)
+    device = resolve_device_option(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield device
         return
@@ -57,31 +65,147 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
 
 class TrainingJob(NamedTuple):
-    train_set: Any
-    test_set: Any
+    data: JobData
     network: torch.nn.Module  # the bare model: evaluate on it (no collectives)
     model: torch.nn.Module  # the one to train: ``network`` in DistributedDataParallel under torchrun
+    loss_fn: Callable[[Any, Any], torch.Tensor]
     optimizer: torch.optim.Optimizer
 
 
-def build_training_job(model_spec: str | None, data: str | None, device: torch.device, *, seed: int,
-                       learning_rate: float, momentum: float) -> TrainingJob:
-    """Seeded set-up shared by ``measure`` and ``train``: Fashion-MNIST, the model on ``device`` (wrapped for DDP
-    inside :func:`distributed_job`) and SGD with momentum over it."""
+def build_training_job(device: torch.device, *, model: str | None = None, dataset: str | None = None,
+                       data: str | None = None, loss: str | None = None, seed: int, learning_rate: float,
+                       momentum: float) -> TrainingJob:
+    """Seeded set-up shared by ``measure`` and ``train``: the data (``--dataset``, else Fashion-MNIST from
+    ``--data``), the model on ``device`` (initialised from ``seed`` whatever the dataset factory drew; wrapped for
+    DDP inside :func:`distributed_job`), the per-example loss and SGD with momentum over the model. The model and
+    loss are run once on two training examples first, so that a mismatch fails here with the options to check."""
+    model, loss = model or DEFAULT_MODEL, loss or DEFAULT_LOSS
+    loss_fn = load_loss(loss)
     torch.manual_seed(seed)
-    train_set, test_set = load_fashion_mnist(data)
-    network = load_model_factory(model_spec)().to(device)
-    model = data_parallel(network, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    return TrainingJob(train_set, test_set, network, model, optimizer)
+    job_data = load_job_data(dataset, data, seed)
+    torch.manual_seed(seed)
+    network = build_model(model).to(device)
+    specs = {"--model": model, "--dataset" if dataset else "--data": dataset or data or "auto", "--loss": loss}
+    check_first_batch(network, loss_fn, job_data.train, device, specs)
+    wrapped = data_parallel(network, device)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=learning_rate, momentum=momentum)
+    return TrainingJob(job_data, network, wrapped, loss_fn, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class Evaluation:
+    """The model on the test set: mean per-example loss, and accuracy where it applies (classification: integer
+    targets with one logit vector per target, ``outputs.shape[:-1] == targets.shape``; negative targets, such as
+    the ignore index -100, are left out); otherwise ``accuracy`` is None."""
+
+    loss: float
+    accuracy: float | None
+    examples: int
+
+    def describe(self, when: str) -> str:
+        """The line the commands print: the accuracy where it applies, else the mean test loss."""
+        if self.accuracy is not None:
+            return f"test accuracy {when}: {self.accuracy:.3f}"
+        return f"test loss {when}: {self.loss:.4g} (mean per-example loss over {self.examples} test examples)"
+
+    def fields(self) -> dict[str, Any]:
+        return {"test_accuracy": self.accuracy, "test_loss": self.loss, "test_examples": self.examples}
+
+
+def evaluate(model: torch.nn.Module, loss_fn: Callable, dataset: Dataset, device: torch.device,
+             batch_size: int = 1000) -> Evaluation:
+    """:class:`Evaluation` of ``model`` (in eval mode, without gradients) on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, counted, classification = 0.0, 0, 0, True
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            indices = torch.arange(start, min(start + batch_size, len(dataset)))
+            inputs, targets = to_device(fetch_examples(dataset, indices), device)
+            outputs = call_model(model, inputs)
+            loss_sum += loss_fn(outputs, targets).double().sum().item()
+            classification = classification and _is_classification(outputs, targets)
+            if classification:
+                kept = targets >= 0
+                correct += (outputs.argmax(-1) == targets)[kept].sum().item()
+                counted += int(kept.sum())
+    model.train(was_training)
+    accuracy = correct / counted if classification and counted else None
+    return Evaluation(loss=loss_sum / len(dataset), accuracy=accuracy, examples=len(dataset))
+
+
+def _is_classification(outputs: Any, targets: Any) -> bool:
+    return (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
+            and not targets.dtype.is_floating_point and not targets.dtype.is_complex and targets.dtype != torch.bool
+            and outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] == targets.shape)
 
 
 def evaluate_accuracy(model: torch.nn.Module, dataset, device: torch.device, batch_size: int = 1000) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for inputs, targets in DataLoader(dataset, batch_size=batch_size):
-            correct += (model(inputs.to(device)).argmax(1) == targets.to(device)).sum().item()
-    model.train(was_training)
-    return correct / len(dataset)
+    """Test accuracy of a classifier under cross-entropy (:func:`evaluate`)."""
+    from noisescale.losses import per_example_cross_entropy
+
+    return evaluate(model, per_example_cross_entropy, dataset, device, batch_size).accuracy
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; on success it replaces ``path`` in one step (os.replace),
+    so that a reader or a killed run never finds a half-written file; on failure it is removed."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def json_ready(value: Any) -> Any:
+    """Strict-JSON values: NaN (not measured) -> None, +-inf (not resolved) -> "inf" / "-inf", paths -> str,
+    tuples -> lists, recursively."""
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    return json.dumps(json_ready(summary), indent=2, allow_nan=False)
+
+
+def write_summary_json(summary: dict[str, Any], path: str | Path) -> Path:
+    """``summary`` as strict JSON (:func:`json_ready`), written atomically."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(summary_json(summary) + "\n")
+    return path
+
+
+def noise_scale_fields(summary) -> dict[str, Any]:
+    """The JSON fields of a :class:`~noisescale.monitor.NoiseScaleSummary`."""
+    return {
+        "b_simple": summary.b_simple,
+        "b_simple_interval": list(summary.b_simple_interval),
+        "confidence": summary.confidence,
+        "trace_sigma": summary.trace_sigma,
+        "grad_sqnorm": summary.grad_sqnorm,
+        "b_noise": summary.b_noise,
+        "suggested_batch_size": summary.suggested_batch_size,
+        "nonfinite_steps": summary.nonfinite_steps,
+    }

@@ -181,7 +181,9 @@ def plot_noise_scale_history(history: pd.DataFrame) -> Figure:
     if "b_noise" in history and history["b_noise"].notna().any():
         points = history[history["b_noise"].notna()]
         noise_ax.plot(points["examples_seen"], points["b_noise"], "o-", color="crimson", label="$B_{noise}$")
-    noise_ax.set_yscale("log")
+    plotted = [line.get_ydata() for line in noise_ax.get_lines()]
+    if any(((values > 0) & np.isfinite(values)).any() for values in map(np.asarray, plotted)):
+        noise_ax.set_yscale("log")  # else linear: no finite positive estimate (|G|^2 not resolved) to log-scale
     noise_ax.set_ylabel("noise scale (examples)")
     noise_ax.legend(loc="best", fontsize="small")
     sns.lineplot(data=history, x="examples_seen", y="loss", ax=loss_ax, color="tab:gray")
@@ -216,15 +218,19 @@ def plot_noise_scale_vs_b_crit(frame: pd.DataFrame, fit: TradeoffFit, ax: Axes |
 
 
 def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Figure:
-    """Adaptive-batch training (:mod:`noisescale.training`): test accuracy against epochs and against optimizer
-    steps, and the batch size and learning rate against epochs. ``history`` has one row per step (epoch,
-    step, batch_size, learning_rate), ``evaluations`` one per evaluation (epoch, step, test_accuracy); with
-    ``mode`` (and ``seed``) columns each mode gets a colour and each seed its own line."""
+    """Adaptive-batch training (:mod:`noisescale.training`): the test metric (accuracy, or the test loss where
+    there is no accuracy) against epochs and against optimizer steps; the batch size with the noise scale measured
+    during training (B_simple's moving average, dashed, and B_noise, dotted, where measured) against epochs, on
+    one axis in examples, so that one sees what the batch size followed; and the learning rate against epochs.
+    ``history`` has one row per step (epoch, step, batch_size, learning_rate, optionally b_simple and b_noise),
+    ``evaluations`` one per evaluation (epoch, step, test_accuracy or test_loss); with ``mode`` (and ``seed``)
+    columns each mode gets a colour and each seed its own line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
     with sns.axes_style("whitegrid"):
@@ -233,21 +239,33 @@ def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Fi
     hue = "mode" if "mode" in history else None
     units = "seed" if "seed" in history else None
     lines = {"hue": hue, "units": units, "estimator": None if units else "mean", "linewidth": 1.2}
-    (accuracy_epoch_ax, accuracy_step_ax), (batch_ax, rate_ax) = axes
-    sns.lineplot(data=evaluations, x="epoch", y="test_accuracy", marker="o", ax=accuracy_epoch_ax, **lines)
-    sns.lineplot(data=evaluations, x="step", y="test_accuracy", marker="o", ax=accuracy_step_ax, **lines)
+    (metric_epoch_ax, metric_step_ax), (batch_ax, rate_ax) = axes
+    metric = "test_accuracy" if "test_accuracy" in evaluations and evaluations["test_accuracy"].notna().any() \
+        else "test_loss"
+    label = "test accuracy" if metric == "test_accuracy" else "test loss"
+    sns.lineplot(data=evaluations, x="epoch", y=metric, marker="o", ax=metric_epoch_ax, **lines)
+    sns.lineplot(data=evaluations, x="step", y=metric, marker="o", ax=metric_step_ax, **lines)
     sns.lineplot(data=history, x="epoch", y="batch_size", ax=batch_ax, drawstyle="steps-post", **lines)
+    legend = [Line2D([], [], color="grey", label="batch size $B$")]
+    for column, style, name in (("b_simple", "--", "$B_{simple}$ (moving average)"), ("b_noise", ":", "$B_{noise}$")):
+        if column in history and history[column].notna().any():
+            measured = history[history[column].notna() & np.isfinite(history[column].astype(float))]
+            sns.lineplot(data=measured, x="epoch", y=column, ax=batch_ax, linestyle=style, alpha=0.8,
+                         marker="o" if column == "b_noise" else None, **lines)
+            legend.append(Line2D([], [], color="grey", linestyle=style, label=name))
     sns.lineplot(data=history, x="epoch", y="learning_rate", ax=rate_ax, drawstyle="steps-post", **lines)
-    accuracy_step_ax.set_xscale("log")
-    accuracy_step_ax.xaxis.set_minor_formatter(NullFormatter())
+    metric_step_ax.set_xscale("log")
+    metric_step_ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in (batch_ax, rate_ax):
         ax.set_yscale("log")
-    accuracy_epoch_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy against epochs")
-    accuracy_step_ax.set(xlabel="optimizer steps", ylabel="test accuracy", title="Test accuracy against steps")
-    batch_ax.set(xlabel="epoch", ylabel="batch size $B$", title="Batch size")
+    metric_epoch_ax.set(xlabel="epoch", ylabel=label, title=f"{label.capitalize()} against epochs")
+    metric_step_ax.set(xlabel="optimizer steps", ylabel=label, title=f"{label.capitalize()} against steps")
+    batch_ax.set(xlabel="epoch", ylabel="examples", title="Batch size and measured noise scale")
     rate_ax.set(xlabel="epoch", ylabel="learning rate $\\epsilon$", title="Learning rate")
     for ax in axes.flat[1:]:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
+    if len(legend) > 1:
+        batch_ax.legend(handles=legend, loc="best", fontsize="small")
     figure.tight_layout()
     return figure

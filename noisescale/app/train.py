@@ -1,50 +1,111 @@
-"""The ``noisescale train`` job: train a model (default LeNet-5 on Fashion-MNIST) with SGD + momentum while the
-batch size follows one of :data:`~noisescale.training.TRAIN_MODES`; evaluate after every epoch, checkpoint, resume,
-and write the history, the evaluations and a figure. Under torchrun it runs data-parallel."""
+"""The ``noisescale train`` job: train a model (default LeNet-5 on Fashion-MNIST; any ``--model``, ``--dataset`` and
+``--loss``) with SGD + momentum while the batch size follows one of :data:`~noisescale.training.TRAIN_MODES`;
+evaluate after every epoch, checkpoint, resume, and write the history, the evaluations, a figure and the summary
+(JSON) to ``--out``, which is created and checked before training. Under torchrun it runs data-parallel."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch.distributed as dist
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
+import noisescale
 from noisescale._checks import check_int
-from noisescale.app.jobs import build_training_job, distributed_job, evaluate_accuracy, is_main_process
+from noisescale.app.jobs import (
+    Evaluation, atomic_path, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
+    write_summary_json,
+)
+from noisescale.app.options import prepare_output_file, prepare_output_folder
 from noisescale.app.plot import plot_training_curves, save_figure
 from noisescale.checkpoints import load_checkpoint, save_checkpoint
-from noisescale.losses import per_example_cross_entropy
+from noisescale.monitor import NoiseScaleSummary
 from noisescale.training import AdaptiveTrainer, make_batch_size_source
+
+_SHOWN_BATCH_SIZE_CHANGES = 12  # more changes are printed as the first and last few
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What ``noisescale train`` reports: final test accuracy, optimizer steps, examples seen, wall-clock."""
+    """What ``noisescale train`` reports: the final test metric, optimizer steps, examples seen, wall-clock, the
+    noise scale measured at the end and the batch sizes used (with the step each began at)."""
 
     mode: str
-    test_accuracy: float
+    evaluation: Evaluation
     steps: int
     examples_seen: int
     seconds: float
     final_batch_size: int
+    noise_scale: NoiseScaleSummary
+    batch_sizes: list[tuple[int, int]]  # (first step, batch size) of every stretch of constant B
     history_csv: Path
     evaluations_csv: Path
     figure_png: Path
+    summary_json: Path
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.evaluation.accuracy
 
     def __str__(self) -> str:
-        return (f"{self.mode}: test accuracy {self.test_accuracy:.4f} after {self.steps} optimizer steps, "
-                f"{self.examples_seen} examples, final batch size {self.final_batch_size}, "
-                f"{self.seconds:.1f} s of training")
+        metric = (f"test accuracy {self.test_accuracy:.4f}" if self.test_accuracy is not None
+                  else f"test loss {self.evaluation.loss:.4g}")
+        lines = [f"{self.mode}: {metric} after {self.steps} optimizer steps, {self.examples_seen} examples, "
+                 f"final batch size {self.final_batch_size}, {self.seconds:.1f} s of training"]
+        summary = self.noise_scale
+        low, high = summary.b_simple_interval
+        b_noise = "not measured (--hessian-every 0)" if math.isnan(summary.b_noise) else (
+            "not resolved" if math.isinf(summary.b_noise) else f"{summary.b_noise:.4g}")
+        lines.append(f"  noise scale at the end: B_simple = {summary.b_simple:.4g} ({summary.confidence:.0%} interval "
+                     f"{low:.4g} .. {high:.4g}), B_noise = {b_noise}")
+        if self.mode == "noise-adaptive":
+            lines.append(f"  batch sizes chosen (from step): {_describe_changes(self.batch_sizes)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary of ``--json`` and ``train_<mode>_summary.json`` (non-finite values: see jobs.json_ready)."""
+        return {
+            "command": "train", "noisescale_version": noisescale.__version__, "mode": self.mode,
+            "steps": self.steps, "examples": self.examples_seen, "final_batch_size": self.final_batch_size,
+            "batch_sizes": [{"step": step, "batch_size": size} for step, size in self.batch_sizes],
+            **noise_scale_fields(self.noise_scale), **self.evaluation.fields(),
+            "history_csv": self.history_csv, "evaluations_csv": self.evaluations_csv, "figure_png": self.figure_png,
+            "summary_json": self.summary_json, "seconds": self.seconds,
+        }
+
+
+def _describe_changes(changes: list[tuple[int, int]]) -> str:
+    parts = [f"{size} ({step})" for step, size in changes]
+    if len(parts) > _SHOWN_BATCH_SIZE_CHANGES:
+        parts = [*parts[:4], f"... {len(parts) - 7} more ...", *parts[-3:]]
+    return " -> ".join(parts)
+
+
+def batch_size_changes(history: pd.DataFrame) -> list[tuple[int, int]]:
+    """(first step, B) of every stretch of steps with the same batch size, in order."""
+    sizes = history["batch_size"].to_numpy()
+    steps = history["step"].to_numpy()
+    return [(int(steps[index]), int(sizes[index])) for index in range(len(sizes))
+            if index == 0 or sizes[index] != sizes[index - 1]]
+
+
+def _first_examples(dataset, count: int):
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(tensor[:count] for tensor in dataset.tensors))
+    return Subset(dataset, range(min(count, len(dataset))))
 
 
 def run_train(
     *,
     mode: str,
     model_spec: str | None = None,
+    dataset: str | None = None,
     data: str | None = None,
+    loss: str | None = None,
     epochs: float = 10.0,
     batch_size: int = 32,
     max_batch_size: int = 1024,
@@ -70,22 +131,28 @@ def run_train(
     the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given. Under
     torchrun it runs data-parallel (:func:`noisescale.app.jobs.distributed_job`); rank 0 alone writes files."""
     main = is_main_process()
+    out_dir = Path(out_dir)
+    if main:
+        prepare_output_folder(out_dir)
+        if checkpoint is not None:
+            prepare_output_file(checkpoint, "--checkpoint")
     with distributed_job(device) as target_device:
-        job = build_training_job(model_spec, data, target_device, seed=seed, learning_rate=learning_rate,
-                                 momentum=momentum)
-        train_set = job.train_set
+        job = build_training_job(target_device, model=model_spec, dataset=dataset, data=data, loss=loss, seed=seed,
+                                 learning_rate=learning_rate, momentum=momentum)
+        train_set = job.data.train
         if train_examples is not None:
             check_int(train_examples, "train_examples", 2)
-            train_set = TensorDataset(*(tensor[:train_examples] for tensor in train_set.tensors))
+            train_set = _first_examples(train_set, train_examples)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
                                         learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
                                         kappa=kappa, granularity=world_size)
-        trainer = AdaptiveTrainer(job.model, per_example_cross_entropy, job.optimizer, train_set, **source,
+        trainer = AdaptiveTrainer(job.model, job.loss_fn, job.optimizer, train_set, **source,
                                   max_micro_batch=max_micro_batch, lr_coupling=lr_coupling,
                                   policy_noise_scale=noise_scale, monitor_options={"hessian_every": hessian_every},
                                   device=target_device, amp=amp, seed=seed, progress=progress and main)
         evaluations: list[dict[str, Any]] = []
+        latest: list[Evaluation] = []
         if resume is not None:
             state = load_checkpoint(resume, map_location=target_device, required_keys=("trainer", "evaluations"),
                                     source="--resume")
@@ -94,10 +161,13 @@ def run_train(
 
         def after_epoch(trainer: AdaptiveTrainer) -> None:
             row = trainer.history.iloc[-1]
+            evaluation = evaluate(job.network, job.loss_fn, job.data.test, target_device)
+            latest.append(evaluation)
             evaluations.append({"epoch": trainer.epoch, "step": trainer.steps,
                                 "examples_seen": int(row["examples_seen"]), "seconds": trainer.seconds,
                                 "batch_size": int(row["batch_size"]), "learning_rate": float(row["learning_rate"]),
-                                "test_accuracy": evaluate_accuracy(job.network, job.test_set, target_device)})
+                                "test_accuracy": math.nan if evaluation.accuracy is None else evaluation.accuracy,
+                                "test_loss": evaluation.loss})
             if checkpoint is not None and main:
                 save_checkpoint({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
 
@@ -105,17 +175,22 @@ def run_train(
             history = trainer.train(epochs, callback=after_epoch)
         if not evaluations or evaluations[-1]["step"] != trainer.steps:
             after_epoch(trainer)
-    out_dir = Path(out_dir)
+        final = latest[-1] if latest else evaluate(job.network, job.loss_fn, job.data.test, target_device)
     history.insert(0, "mode", mode)
     evaluations_frame = pd.DataFrame(evaluations).assign(mode=mode)
-    paths = [out_dir / f"train_{mode}_history.csv", out_dir / f"train_{mode}_evaluations.csv",
-             out_dir / f"train_{mode}.png"]
+    outcome = TrainOutcome(
+        mode=mode, evaluation=final, steps=trainer.steps, examples_seen=trainer.sampler.examples_seen,
+        seconds=trainer.seconds, final_batch_size=int(history["batch_size"].iloc[-1]),
+        noise_scale=trainer.monitor.summary(), batch_sizes=batch_size_changes(history),
+        history_csv=out_dir / f"train_{mode}_history.csv", evaluations_csv=out_dir / f"train_{mode}_evaluations.csv",
+        figure_png=out_dir / f"train_{mode}.png", summary_json=out_dir / f"train_{mode}_summary.json",
+    )
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        history.to_csv(paths[0], index=False)
-        evaluations_frame.to_csv(paths[1], index=False)
-        save_figure(plot_training_curves(history, evaluations_frame), paths[2])
-    return TrainOutcome(mode=mode, test_accuracy=evaluations[-1]["test_accuracy"], steps=trainer.steps,
-                        examples_seen=trainer.sampler.examples_seen, seconds=trainer.seconds,
-                        final_batch_size=int(history["batch_size"].iloc[-1]), history_csv=paths[0],
-                        evaluations_csv=paths[1], figure_png=paths[2])
+        with atomic_path(outcome.history_csv) as temporary:
+            history.to_csv(temporary, index=False)
+        with atomic_path(outcome.evaluations_csv) as temporary:
+            evaluations_frame.to_csv(temporary, index=False)
+        with atomic_path(outcome.figure_png) as temporary:
+            save_figure(plot_training_curves(history, evaluations_frame), temporary)
+        write_summary_json(outcome.to_dict(), outcome.summary_json)
+    return outcome

@@ -1,0 +1,189 @@
+"""Errors a person can act on: one line naming the option and its value, exit status 2, a traceback only with
+--debug, the output folder checked before any training; --help shows every default; the commands share options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import noisescale
+import noisescale.app.measure as measure_job
+import noisescale.app.train as train_job
+from noisescale.app.cli import build_parser, main
+from noisescale.app.options import DEFAULT_THREADS, set_threads
+
+FAST = ["--steps", "2", "--batch-size", "4", "--hessian-every", "0", "--no-progress"]
+
+
+def _error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("noisescale: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["--model", "_cli_user_code:not_a_module"],
+     "--model '_cli_user_code:not_a_module': the factory returned a str, not a torch.nn.Module"),
+    (["--model", "no_colon"], "--model 'no_colon': expected 'package.module:name'"),
+    (["--model", "noisescale.models:nothing"], "--model 'noisescale.models:nothing': module 'noisescale.models' has "
+                                               "no attribute 'nothing'"),
+    (["--device", "mps"], "--device 'mps': mps is not available on this machine"),
+    (["--device", "banana"], "--device 'banana': not a torch device name"),
+    (["--dataset", "_cli_user_code:make_unlabelled"], "--dataset '_cli_user_code:make_unlabelled': item 0 of the "
+                                                      "dataset is a 1-item tuple; expected an (inputs, targets) pair"),
+    (["--model", "_cli_user_code:make_text_model", "--dataset", "_cli_user_code:make_text_data", "--loss",
+      "_cli_user_code:mean_loss"], "--loss '_cli_user_code:mean_loss': returned () for 2 examples"),
+    (["--dataset", "_cli_user_code:make_loader_with_own_collate"], "--dataset "
+     "'_cli_user_code:make_loader_with_own_collate': the dataset DataLoader has its own collate_fn"),
+    (["--checkpoint", "no-such-file.pt"], "--checkpoint 'no-such-file.pt': no such file"),
+    (["--data", "no-such-folder"], "--data 'no-such-folder':"),
+    (["--threads", "0"], "--threads '0': must be >= 1"),
+    (["--batch-size", "1"], "--batch-size '1': must be >= 2"),
+])
+def test_measure_errors_are_one_line_naming_the_option(arguments, expected, tmp_path, capsys):
+    code = main(["measure", *FAST, "--out", str(tmp_path / "out"), *arguments])
+    assert code == 2
+    assert expected in _error_line(capsys)
+
+
+def test_a_dataset_that_does_not_fit_the_model_names_the_options_to_check(tmp_path, capsys):
+    code = main(["measure", *FAST, "--dataset", "_cli_user_code:make_vectors", "--out", str(tmp_path)])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "the model cannot run on the data (inputs (2, 7) float32)" in line
+    assert "--model 'noisescale.models:lenet5'" in line and "--dataset '_cli_user_code:make_vectors'" in line
+
+
+def test_a_bad_checkpoint_file_names_the_option(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(["measure", *FAST, "--checkpoint", str(garbage), "--out", str(tmp_path / "out")]) == 2
+    assert f"--checkpoint {garbage}: cannot be loaded as a checkpoint" in _error_line(capsys)
+    other_model = tmp_path / "mlp.pt"
+    torch.save(noisescale.models.mlp().state_dict(), other_model)
+    assert main(["measure", *FAST, "--checkpoint", str(other_model), "--out", str(tmp_path / "out")]) == 2
+    assert f"--checkpoint '{other_model}': does not fit the --model" in _error_line(capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="not a torch.nn.Module"):
+        main(["measure", *FAST, "--model", "_cli_user_code:not_a_module", "--out", str(tmp_path), "--debug"])
+
+
+def _out_cases(tmp_path: Path) -> list[tuple[Path, str]]:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [(a_file, "exists and is not a folder"), (a_file / "below", "a part of the path is a file")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked, "cannot write there"))
+    return cases
+
+
+@pytest.mark.parametrize("command", ["measure", "train"])
+def test_an_unusable_out_fails_before_any_data_model_or_training(command, tmp_path, capsys, monkeypatch):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the job started before --out was checked")
+
+    monkeypatch.setattr(measure_job, "build_training_job", not_reached)
+    monkeypatch.setattr(train_job, "build_training_job", not_reached)
+    arguments = FAST if command == "measure" else ["--schedule", "fixed", "--epochs", "0.1", "--no-progress"]
+    for out, reason in _out_cases(tmp_path):
+        assert main([command, *arguments, "--out", str(out)]) == 2
+        assert f"--out '{out}': {reason}" in _error_line(capsys)
+
+
+def test_the_unexpected_error_is_one_line_with_exit_status_1(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside\nwent wrong")
+
+    monkeypatch.setattr(measure_job, "build_training_job", broken)
+    assert main(["measure", *FAST, "--out", str(tmp_path)]) == 1
+    assert "RuntimeError: something inside went wrong (run with --debug for the traceback)" in _error_line(capsys)
+
+
+def test_sweep_checks_its_options_before_training(tmp_path, capsys):
+    arguments = ["sweep", "--batch-sizes", "8,16", "--max-steps", "5", "--no-progress"]
+    assert main([*arguments, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "--data '" in _error_line(capsys)
+    assert main([*arguments, "--device", "mps", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "--device 'mps'" in _error_line(capsys)
+    assert main([*arguments, "--out", str(tmp_path)]) == 2
+    assert "is a folder; name a file" in _error_line(capsys)
+    assert main([*arguments, "--smoothing-window", "2", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "--smoothing-window: smoothing_window must be odd" in _error_line(capsys)
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_the_command_line_fails_in_one_line_from_a_shell(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(noisescale.__file__).parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "noisescale", "measure", "--model", "nowhere:make"],
+                          capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("noisescale: error: --model 'nowhere:make': cannot import module 'nowhere': "
+                                   "ModuleNotFoundError: No module named 'nowhere'")
+
+
+# ---------------------------------------------------------------------------------------------- help and options
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", ["measure", "train", "sweep", "nqm"])
+def test_help_shows_every_default(command):
+    parser = _subcommands()[command]
+    formatter = parser.formatter_class(prog=parser.prog)
+    for action in parser._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS or action.required:
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        assert "default" in formatter._get_help_string(action), f"{command} {action.option_strings[0]}"
+    text = " ".join(parser.format_help().split())
+    assert "%%" not in text and "%(" not in text
+    if command != "nqm":
+        assert "--device DEVICE auto (CUDA when present, else CPU) | cpu | cuda | cuda:N (default: auto)" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"noisescale {noisescale.__version__}"
+
+
+def test_the_training_commands_share_option_names_and_defaults():
+    parsers = _subcommands()
+    shared = ["--model", "--data", "--device", "--out", "--seed", "--threads", "--no-progress", "--debug"]
+    defaults = {}
+    for command in ("measure", "train", "sweep"):
+        actions = {option: action for action in parsers[command]._actions for option in action.option_strings}
+        assert all(option in actions for option in shared), command
+        assert "--data-source" not in actions
+        defaults[command] = {option: actions[option].default for option in ("--model", "--device", "--seed",
+                                                                             "--threads")}
+        assert str(actions["--out"].default).startswith("runs/")
+    assert defaults["measure"] == defaults["train"] == defaults["sweep"]
+    assert defaults["sweep"] == {"--model": "noisescale.models:lenet5", "--device": "auto", "--seed": 0,
+                                 "--threads": DEFAULT_THREADS}
+
+
+def test_threads_sets_torch_threads_and_the_default_leaves_them(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        set_threads(None)
+        assert torch.get_num_threads() == before
+        assert main(["measure", *FAST, "--model", "_cli_user_code:make_text_model", "--dataset",
+                     "_cli_user_code:make_text_data", "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

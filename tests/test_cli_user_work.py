@@ -1,0 +1,198 @@
+"""`noisescale measure` and `train` on a user's own model, data and loss, a checkpoint, and the JSON summary,
+checked against independent references (a naive per-example loop, a plain evaluation loop)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import _cli_user_code as user
+import noisescale.app.measure as measure_job
+from noisescale.app.cli import main
+from noisescale.app.jobs import json_ready, write_summary_json
+from noisescale.app.plot import plot_training_curves
+
+TESTS = Path(__file__).resolve().parent
+TEXT = ["--model", "_cli_user_code:make_text_model"]
+
+
+def _run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    return subprocess.run([sys.executable, "-m", "noisescale", *arguments], capture_output=True, text=True,
+                          timeout=600, env=environment, cwd=cwd)
+
+
+def test_measure_a_text_model_from_the_command_line(tmp_path):
+    """The user's module is found from the current folder, as `python -m` finds it; a single dataset is split 9:1."""
+    out = tmp_path / "run"
+    done = _run_cli("measure", *TEXT, "--dataset", "_cli_user_code:make_text_data", "--steps", "5",
+                    "--batch-size", "16", "--hessian-every", "0", "--no-progress", "--out", str(out), cwd=TESTS)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout
+    assert "data: _cli_user_code:make_text_data, 216 training / 24 test examples, 10% held out" in printed
+    assert "after 5 steps (80 examples):" in printed and "B_simple =" in printed
+    assert "test accuracy after training:" in printed
+    history = pd.read_csv(out / "measure_history.csv")
+    assert len(history) == 5 and history["examples_seen"].iloc[-1] == 80 and history["b_simple"].notna().all()
+    summary = json.loads((out / "measure_summary.json").read_text())
+    assert summary["b_simple"] == pytest.approx(history["b_simple"].iloc[-1], rel=1e-12)
+    assert f"B_simple = {summary['b_simple']:.4g}" in printed
+    assert summary["optimizer_steps"] == 5 and summary["b_noise"] is None  # not measured: null
+    assert (out / "measure.png").stat().st_size > 10_000
+
+
+def test_measure_without_accuracy_reports_the_mean_test_loss(tmp_path, capsys):
+    code = main(["measure", "--model", "_cli_user_code:make_regression_model", "--dataset",
+                 "_cli_user_code:make_regression_data", "--loss", "_cli_user_code:per_example_squared_error",
+                 "--steps", "5", "--batch-size", "16", "--hessian-every", "0", "--no-progress", "--json",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)  # --json: stdout is the JSON alone
+    assert summary["test_accuracy"] is None and summary["test_examples"] == 12
+    assert 0 < summary["test_loss"] < math.inf
+
+
+def test_a_pair_of_data_loaders_gives_the_training_and_test_sets(tmp_path, capsys):
+    code = main(["measure", *TEXT, "--dataset", "_cli_user_code:make_text_loaders", "--steps", "2", "--batch-size",
+                 "8", "--hessian-every", "0", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    assert "data: _cli_user_code:make_text_loaders, 160 training / 40 test examples\n" in capsys.readouterr().out
+
+
+def _naive_batch_estimates(model, loss_fn, inputs, targets):
+    """|G|^2 and tr(Sigma) of one batch from per-example gradients computed one example at a time (float64)."""
+    model = model.double()
+    gradients = []
+    for index in range(len(targets)):
+        model.zero_grad()
+        loss_fn(model(inputs[index: index + 1]), targets[index: index + 1]).sum().backward()
+        gradients.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+    per_example = torch.stack(gradients)
+    size = len(targets)
+    mean_sqnorm = per_example.square().sum(1).mean().item()
+    grad_sqnorm = per_example.mean(0).square().sum().item()
+    trace_sigma = size / (size - 1) * (mean_sqnorm - grad_sqnorm)
+    return grad_sqnorm - trace_sigma / size, trace_sigma
+
+
+def _saved_text_model(path: Path) -> dict:
+    torch.manual_seed(7)
+    model = user.make_text_model()
+    for _ in range(20):  # a few steps so that the checkpoint is not the initialisation
+        train, _ = user.make_text_splits()
+        torch.optim.SGD(model.parameters(), lr=0.5).zero_grad()
+        tokens, labels = train.tensors
+        torch.nn.functional.cross_entropy(model(tokens), labels).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+                p.grad = None
+    torch.save(model.state_dict(), path)
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def test_measure_a_checkpoint_takes_no_step_and_measures_its_batches(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "model.pt"
+    saved = _saved_text_model(weights)
+    file_bytes = weights.read_bytes()
+    seen = {}
+    real_evaluate = measure_job.evaluate
+
+    def evaluate_and_keep_weights(model, *args, **kwargs):  # the weights after measuring, before evaluation
+        seen.update({name: tensor.clone() for name, tensor in model.state_dict().items()})
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(measure_job, "evaluate", evaluate_and_keep_weights)
+    code = main(["measure", *TEXT, "--dataset", "_cli_user_code:make_text_splits", "--checkpoint", str(weights),
+                 "--steps", "3", "--batch-size", "16", "--hessian-every", "0", "--seed", "5", "--no-progress",
+                 "--json", "--out", str(tmp_path / "run")])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["optimizer_steps"] == 0 and summary["steps"] == 3 and summary["checkpoint"] == str(weights)
+    assert seen.keys() == saved.keys() and all(torch.equal(seen[name], saved[name]) for name in saved)
+    assert weights.read_bytes() == file_bytes
+
+    # the measured batches: seeded shuffles of the training set (--seed 5), from a naive per-example loop
+    model = user.make_text_model()
+    model.load_state_dict(saved)
+    train, test = user.make_text_splits()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(5))
+    history = pd.read_csv(tmp_path / "run" / "measure_history.csv")
+    for step in range(3):
+        tokens, labels = train[order[16 * step: 16 * step + 16]]
+        grad_sqnorm, trace_sigma = _naive_batch_estimates(model, measure_job_loss(), tokens, labels)
+        assert history["grad_sqnorm"][step] == pytest.approx(grad_sqnorm, rel=1e-4, abs=1e-7)
+        assert history["trace_sigma"][step] == pytest.approx(trace_sigma, rel=1e-4)
+    with torch.no_grad():
+        tokens, labels = test.tensors
+        accuracy = (model.float()(tokens).argmax(1) == labels).double().mean().item()
+    assert summary["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert json.loads((tmp_path / "run" / "measure_summary.json").read_text()) == summary
+
+
+def measure_job_loss():
+    from noisescale.losses import per_example_cross_entropy
+
+    return per_example_cross_entropy
+
+
+def test_measure_reads_a_train_checkpoint(tmp_path, capsys):
+    """A `noisescale train --checkpoint` file is measured with the trained weights: same test accuracy."""
+    checkpoint = tmp_path / "train.pt"
+    assert main(["train", "--schedule", "fixed", *TEXT, "--dataset", "_cli_user_code:make_text_splits",
+                 "--epochs", "1", "--batch-size", "32", "--checkpoint", str(checkpoint), "--no-progress", "--json",
+                 "--out", str(tmp_path / "train")]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["measure", *TEXT, "--dataset", "_cli_user_code:make_text_splits", "--checkpoint", str(checkpoint),
+                 "--steps", "2", "--batch-size", "16", "--hessian-every", "0", "--no-progress", "--json",
+                 "--out", str(tmp_path / "measure")]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["test_accuracy"] == trained["test_accuracy"] and measured["optimizer_steps"] == 0
+
+
+def test_json_values_are_strict_json_and_the_summary_is_replaced_atomically(tmp_path):
+    assert json_ready({"a": math.inf, "b": math.nan, "c": (1.0, -math.inf), "d": Path("x"), "e": None}) == \
+        {"a": "inf", "b": None, "c": [1.0, "-inf"], "d": "x", "e": None}
+    path = write_summary_json({"b_simple": 12.5, "b_noise": math.inf}, tmp_path / "summary.json")
+    assert json.loads(path.read_text()) == {"b_simple": 12.5, "b_noise": "inf"}
+    before = path.read_bytes()
+    with pytest.raises(TypeError):  # a failure while writing (here: an unserialisable value)
+        write_summary_json({"b_simple": object()}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_train_prints_and_plots_the_noise_scale_it_acted_on(tmp_path, capsys):
+    out = tmp_path / "train"
+    assert main(["train", "--schedule", "noise-adaptive", *TEXT, "--dataset", "_cli_user_code:make_text_data",
+                 "--epochs", "3", "--batch-size", "8", "--max-batch-size", "64", "--lr", "0.2", "--no-progress",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    history = pd.read_csv(out / "train_noise-adaptive_history.csv")
+    last = history.iloc[-1]
+    assert (f"B_simple = {last['b_simple']:.4g} (90% interval {last['b_simple_low']:.4g} .. "
+            f"{last['b_simple_high']:.4g})") in printed
+    changes = history[history["batch_size"].diff().fillna(1) != 0]
+    assert len(changes) >= 2  # the policy changed B at least once
+    chosen = " -> ".join(f"{b} ({s})" for s, b in zip(changes["step"], changes["batch_size"]))
+    assert f"batch sizes chosen (from step): {chosen}" in printed
+    summary = json.loads((out / "train_noise-adaptive_summary.json").read_text())
+    assert [row["batch_size"] for row in summary["batch_sizes"]] == changes["batch_size"].tolist()
+    assert summary["b_simple"] == pytest.approx(last["b_simple"], rel=1e-12)
+
+    evaluations = pd.read_csv(out / "train_noise-adaptive_evaluations.csv")
+    figure = plot_training_curves(history, evaluations)
+    batch_axes = next(ax for ax in figure.axes if ax.get_title() == "Batch size and measured noise scale")
+    dashed = [line for line in batch_axes.get_lines() if line.get_linestyle() == "--" and len(line.get_ydata())]
+    assert len(dashed) == 1
+    b_simple = history["b_simple"].to_numpy()
+    assert dashed[0].get_ydata() == pytest.approx(b_simple[np.isfinite(b_simple)], rel=1e-12)
+    assert "B_{simple}" in " ".join(text.get_text() for text in batch_axes.get_legend().get_texts())
