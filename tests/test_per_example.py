@@ -456,3 +456,47 @@ def test_ghost_rejects_parameter_used_outside_its_module():
     assert model.projection.weight.grad is None
     result = assert_matches_reference(model, regression_loss, x, y, "auto")
     assert set(result.backend_of.values()) == {"vmap"}
+
+
+class KeywordClassifier(nn.Module):
+    """Called as model(**batch) like a HuggingFace model: keyword tensors, a flag, a dict output, the per-example
+    loss computed inside from ``labels`` (so the loss_fn gets no targets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, scale_by_mask=True):
+        h = self.embed(input_ids)
+        if scale_by_mask:
+            h = h * attention_mask.unsqueeze(-1)
+        logits = self.out(torch.tanh(h).sum(1))
+        return {"logits": logits, "losses": F.cross_entropy(logits, labels, reduction="none")}
+
+
+def _keyword_case():
+    batch = {"input_ids": torch.randint(0, 11, (5, 4), generator=generator(1)),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]],
+                                            dtype=torch.float64),
+             "labels": torch.randint(0, 3, (5,), generator=generator(2)),
+             "scale_by_mask": True}
+    return _float64(KeywordClassifier), batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keyword_inputs_and_no_targets_match_a_per_example_loop(backend):
+    from noisescale.batches import select_examples
+    model, batch = _keyword_case()
+    loss_fn = lambda outputs, targets: outputs["losses"]  # noqa: E731 - targets is None here
+    reference = copy.deepcopy(model)
+    parameters = dict(reference.named_parameters())
+    expected = torch.stack([
+        sum(g.square().sum() for g in torch.autograd.grad(reference(**select_examples(batch, [i]))["losses"].sum(),
+                                                          list(parameters.values())))
+        for i in range(5)])
+    reference(**batch)["losses"].mean().backward()
+    result = per_example_sqnorms(model, loss_fn, batch, None, backend=backend)
+    assert_relclose(result.sqnorms, expected)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, parameters[name].grad), name

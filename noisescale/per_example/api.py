@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from noisescale.batches import batch_size_of, call_model
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine
 from noisescale.per_example.layers import rule_for, uses_batch_statistics
 from noisescale.per_example.vmap import vmap_sqnorms
@@ -60,18 +61,6 @@ class _Plan:
     ghost: dict[nn.Module, GhostModule]
     vmap_names: list[str]
     backend_of: dict[str, str]
-
-
-def _as_input_tuple(inputs: Any) -> tuple[Tensor, ...]:
-    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
-    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError(f"inputs must be a tensor or a non-empty tuple of tensors, got {type(inputs).__name__}")
-    batch_sizes = {t.shape[0] if t.dim() else None for t in inputs}
-    if len(batch_sizes) != 1 or None in batch_sizes:
-        raise ValueError(f"all inputs need the same batch size in dim 0, got shapes {[tuple(t.shape) for t in inputs]}")
-    if inputs[0].shape[0] == 0:
-        raise ValueError("empty batch: inputs have 0 examples in dim 0")
-    return inputs
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -189,8 +178,11 @@ class PerExampleGradNorms:
         return bypassed
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
-        inputs = _as_input_tuple(inputs)
-        batch_size = inputs[0].shape[0]
+        """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every
+        tensor batch-first: :mod:`noisescale.batches`) and ``targets`` (any pytree of batch-first tensors, or
+        None); ``loss_fn(outputs, targets)`` receives whatever the model returns (a HuggingFace ModelOutput, say)
+        and must return (B,) per-example losses."""
+        batch_size = batch_size_of(inputs)
         scale = float(loss_scale)
         if not scale > 0:
             raise ValueError(f"loss_scale must be positive, got {scale}")
@@ -205,7 +197,7 @@ class PerExampleGradNorms:
                    for name in names]
         try:
             with self._engine.recording(plan.ghost, batch_size, scale) as ghost_pass:
-                losses = _checked_losses(self.loss_fn(self.model(*inputs), targets), batch_size)
+                losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
                 bypassed = self._used_outside_their_module(plan, parameters, loss, ghost_pass.use_count)
