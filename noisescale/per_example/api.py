@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.batches import batch_size_of, call_model
-from noisescale.per_example.ghost import GhostModule, GhostNormEngine
+from noisescale.per_example.errors import PerExampleError
+from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import rule_for, uses_batch_statistics
 from noisescale.per_example.vmap import vmap_sqnorms
 
@@ -92,14 +93,14 @@ def _record_sqnorm(received: dict[str, Tensor], name: str, dtype: torch.dtype, g
 
 
 class PerExampleGradNorms:
-    """Stateful shell: installs the ghost hooks once and measures every step it is called on.
+    """Stateful shell: installs the hooks once and measures every step it is called on.
 
     ``norms = PerExampleGradNorms(model, loss_fn)(inputs, targets)`` replaces ``loss.mean().backward()``: p.grad
     ends as that backward leaves it (bit-identical under ghost and auto). Use as a context manager or call
     ``close()`` to remove the hooks.
 
-    Parameters shared by several modules or calls are measured by summing their per-example gradients before the
-    norm, which materialises (B x numel) for those parameters only.
+    Parameters shared by several modules or calls, and those measured by the per-module fallback, are measured by
+    summing their per-example gradients before the norm, which materialises (B x numel) for those parameters only.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -115,7 +116,12 @@ class PerExampleGradNorms:
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
-        hooked = [] if backend == "vmap" else [m for m in self._path_of if rule_for(m) is not None]
+        if backend == "vmap":
+            hooked = []
+        elif backend == "ghost":
+            hooked = [m for m in self._path_of if rule_for(m) is not None]
+        else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
+            hooked = [m for m in self._path_of if any(True for _ in m.parameters(recurse=False))]
         self._engine = GhostNormEngine(hooked)
 
     def close(self) -> None:
@@ -129,10 +135,10 @@ class PerExampleGradNorms:
         self.close()
 
     def _plan(self) -> _Plan:
-        """Which trainable parameters go to ghost and which to vmap (decided per call: freezing may change)."""
+        """Which trainable parameters go to ghost, the per-module fallback and vmap (decided per call: freezing
+        may change)."""
         name_of = {p: name for name, p in self.model.named_parameters()}
-        owners: dict[str, list[tuple[nn.Module, str]]] = {}
-        vmap_names: set[str] = set()
+        owners: dict[str, list[tuple[nn.Module, str, str]]] = {}
         for module, path in self._path_of.items():
             if uses_batch_statistics(module):
                 raise ValueError(
@@ -146,42 +152,54 @@ class PerExampleGradNorms:
             reason = "no ghost rule for this module type" if rule is None else rule.unsupported_reason(module)
             if self.backend == "ghost" and reason is not None:
                 raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): {reason}; "
-                                 "use backend='auto' to route its parameters to vmap")
+                                 "use backend='auto' to measure it by the per-module fallback")
+            backend = "vmap" if self.backend == "vmap" else "ghost" if reason is None else "module"
             for n, p in local:
-                owners.setdefault(name_of[p], []).append((module, n))
-                if self.backend == "vmap" or reason is not None:
-                    vmap_names.add(name_of[p])
-        ghost: dict[nn.Module, GhostModule] = {}
+                owners.setdefault(name_of[p], []).append((module, n, backend))
+        backend_of: dict[str, str] = {}
         for name, uses in owners.items():
-            if name in vmap_names:
+            backends = {backend for _, _, backend in uses}
+            backend_of[name] = backends.pop() if len(backends) == 1 else "module"
+        hooked: dict[nn.Module, GhostModule] = {}
+        for name, uses in owners.items():
+            if backend_of[name] == "vmap":
                 continue
-            for module, local_name in uses:
-                entry = ghost.setdefault(module, GhostModule(self._path_of[module], rule_for(module), {}))
+            for module, local_name, _ in uses:
+                rule = rule_for(module) if backend_of[name] == "ghost" else None
+                entry = hooked.get(module)
+                if entry is None or (entry.rule is not None and rule is None):
+                    entry = hooked[module] = GhostModule(self._path_of[module], rule, dict(entry.names) if entry else {})
                 entry.names[local_name] = name
-        backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in owners}
-        return _Plan(ghost, sorted(vmap_names), backend_of)
+        vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
+        return _Plan(hooked, vmap_names, backend_of)
 
-    def _used_outside_their_module(self, plan: _Plan, parameters: dict[str, Tensor], loss: Tensor,
-                                   use_count: dict[str, int]) -> list[str]:
-        """Ghost parameters in the loss's graph although no hooked call used them: their module's forward was
-        bypassed (e.g. nn.MultiheadAttention reads out_proj.weight directly). Auto sends them to vmap; ghost
-        raises before the backward, so a failed call leaves p.grad untouched."""
-        unused = {name for name, backend in plan.backend_of.items() if backend == "ghost" and use_count[name] == 0}
+    def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, loss: Tensor) -> list[str]:
+        """Parameters in the loss's graph although no hooked call of their module used them: their module's
+        forward was bypassed (nn.MultiheadAttention reads out_proj.weight directly). They are measured with the
+        nearest enclosing module that went through the per-module fallback, else by the whole-model vmap (auto);
+        ghost raises before the backward, so a failed call leaves p.grad untouched. Returns the vmap ones."""
+        unused = {name for name, backend in plan.backend_of.items()
+                  if backend != "vmap" and ghost_pass.use_count[name] == 0}
         if not unused:
             return []
         in_graph = _leaves_in_graph(loss)
+        parameters = dict(self.model.named_parameters())
         bypassed = sorted(name for name in unused if id(parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
                              "their module's forward was never called (used directly by another module); use "
-                             "backend='auto' to route them to vmap")
-        return bypassed
+                             "backend='auto' to measure them with the module that uses them")
+        return [name for name in bypassed if not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name
+                                                                     else "")]
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
         """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every
         tensor batch-first: :mod:`noisescale.batches`) and ``targets`` (any pytree of batch-first tensors, or
         None); ``loss_fn(outputs, targets)`` receives whatever the model returns (a HuggingFace ModelOutput, say)
-        and must return (B,) per-example losses."""
+        and must return (B,) per-example losses.
+
+        If anything fails, every p.grad is put back as it was before the call (None stays None, accumulated
+        gradients are restored in place) and the error names the module, the parameters and the backend."""
         batch_size = batch_size_of(inputs)
         scale = float(loss_scale)
         if not scale > 0:
@@ -191,6 +209,14 @@ class PerExampleGradNorms:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
         parameters = dict(self.model.named_parameters())
         names = list(plan.backend_of)
+        saved = _GradSnapshot([parameters[name] for name in names])
+        try:
+            return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
+        except BaseException:
+            saved.restore()
+            raise
+
+    def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         accumulate_dtype = torch.float32
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|^2, read before it is accumulated
         handles = [parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
@@ -200,18 +226,28 @@ class PerExampleGradNorms:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
-                bypassed = self._used_outside_their_module(plan, parameters, loss, ghost_pass.use_count)
+                bypassed = self._bypassed(plan, ghost_pass, loss)
                 objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
+                ghost_pass.finish()
         finally:
             for handle in handles:
                 handle.remove()
-        vmap_names = plan.vmap_names + bypassed
-        backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in names}
+        vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
+        backend_of = {name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
+                      else plan.backend_of[name] for name in names}
         by_parameter = ghost_pass.result()
         grad_sqnorm = sum(received.values(), torch.zeros((), dtype=accumulate_dtype, device=loss.device))
         grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, accumulate_dtype)) / scale ** 2
         if vmap_names:
-            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, self.chunk_size))
+            try:
+                by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names,
+                                                 self.chunk_size))
+            except Exception as error:
+                raise PerExampleError(
+                    f"parameters {vmap_names}", "vmap", f"{type(error).__name__}: {error}",
+                    "These parameters are used outside any module call or by a module the per-module fallback "
+                    "declined, so the whole model must run under torch.func.vmap; use them through a module's own "
+                    "forward, or register a rule (noisescale.per_example.register_rule)") from error
         zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
         by_parameter = {name: by_parameter[name].to(zeros.dtype) if name in by_parameter else zeros
                         for name in names}
@@ -223,6 +259,21 @@ class PerExampleGradNorms:
             by_parameter=by_parameter if self.by_parameter else None,
             backend_of=backend_of,
         )
+
+
+class _GradSnapshot:
+    """p.grad of each parameter before a call, to put back if the call fails: None stays None, an existing
+    gradient is copied back into the same tensor (so views into it, such as DDP's buckets, stay valid)."""
+
+    def __init__(self, parameters: list[nn.Parameter]):
+        self._saved = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in parameters]
+
+    def restore(self) -> None:
+        for p, grad, values in self._saved:
+            if grad is not None:
+                with torch.no_grad():
+                    grad.copy_(values)
+            p.grad = grad
 
 
 def per_example_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,

@@ -1,11 +1,21 @@
-"""Hook engine for ghost per-example gradient norms, computed during the one real backward pass.
+"""Hook engine for per-example gradient norms, computed from the one real backward pass.
 
 Forward hooks, installed once, keep a reference to each call's input (a tensor autograd saves anyway) and register
 a tensor hook on that call's output, so a module called several times in one forward gets one closure per call.
-When backward reaches the output, the hook hands (input, output gradient) to the layer rule of ``layers.py``.
+
+- A module with a layer rule (``layers.py``): when backward reaches the output, the hook hands (input, output
+  gradient) to the rule ("ghost" norms).
+- A module without one (or whose rule declined it): the call's args, kwargs and output gradients are kept and, once
+  the backward is over, its parameters' per-example gradients are computed from that module alone
+  (``fallback.py``, backend "module").
 
 Scale: the pass differentiates loss_scale * mean_i l_i, so the output gradient of example i is
 loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once at the end.
+
+Broadcast calls: a module called with a batch of 1 inside a forward over B examples (HuggingFace position
+embeddings on ``position_ids`` of shape (1, T)) has its output replaced by ``output.expand(B, ...)`` (same values;
+a forward hook may replace the output) so that the output gradient arrives per example, and its input is
+treated as shared by every example.
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their per-example gradients (B x numel) are materialised and summed
@@ -18,29 +28,37 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
+from noisescale.per_example.errors import PerExampleError
+from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
+                                             module_per_example_grads, output_tensors, rng_state)
 from noisescale.per_example.layers import LayerRule, per_example_sqnorm
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
+_FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example.register_rule), or use "
+                    "backend='vmap' for the whole model")
+
 
 @dataclass(frozen=True)
 class GhostModule:
-    """A module handled by ghost norms in this pass: its rule and its trainable parameters (local -> global)."""
+    """A module measured in this pass: its rule (None: the per-module fallback) and its trainable parameters
+    (local name -> global name)."""
 
     path: str
-    rule: LayerRule
+    rule: LayerRule | None
     names: dict[str, str]
 
 
 @dataclass
 class GhostPass:
-    """What one forward/backward accumulates: per-parameter (B,) squared norms and shared per-example grads, both
-    of the loss_scale * mean loss (rescaled by grad_factor = B / loss_scale in ``result``)."""
+    """What one forward/backward accumulates: per-parameter (B,) squared norms and per-example grads, both of the
+    loss_scale * mean loss (rescaled by grad_factor = B / loss_scale in ``result``)."""
 
     modules: dict[nn.Module, GhostModule]
     batch_size: int
@@ -48,6 +66,47 @@ class GhostPass:
     use_count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sqnorms: dict[str, Tensor] = field(default_factory=dict)
     shared_grads: dict[str, Tensor] = field(default_factory=dict)
+    fallback_calls: list[tuple[nn.Module, GhostModule, FallbackCall]] = field(default_factory=list)
+    fallback_names: set[str] = field(default_factory=set)
+    rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
+    declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
+    vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
+    replaying: bool = False
+
+    def attach(self, name: str, owner_path: str) -> bool:
+        """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
+        -- with the nearest enclosing module that went through the fallback in this pass; False if none did."""
+        best = None
+        for module, entry, _ in self.fallback_calls:
+            prefix = "" if entry.path == "<model>" else entry.path + "."
+            if owner_path.startswith(prefix) and (best is None or len(prefix) > len(best[1])):
+                best = (module, prefix, entry)
+        if best is None:
+            return False
+        module, prefix, entry = best
+        entry.names[name[len(prefix):]] = name
+        self.use_count[name] += sum(1 for m, _, _ in self.fallback_calls if m is module)
+        self.fallback_names.add(name)
+        return True
+
+    def finish(self) -> None:
+        """Per-example gradients of every fallback call, once the backward has brought all output gradients."""
+        self.replaying = True  # the hooks stay inert while modules are re-run
+        try:
+            for module, entry, call in self.fallback_calls:
+                try:
+                    grads, _ = module_per_example_grads(module, call, list(entry.names), self.batch_size)
+                except PerExampleError:
+                    raise
+                except Exception as error:  # any failure of torch.func or of the module's own code
+                    raise PerExampleError(
+                        f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
+                        "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
+                for local, grad in grads.items():
+                    _add(self.shared_grads, entry.names[local], grad)
+            self.fallback_calls.clear()
+        finally:
+            self.replaying = False
 
     def result(self) -> dict[str, Tensor]:
         """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
@@ -65,14 +124,23 @@ def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
         store[name] = value
 
 
+def _broadcast(t: Tensor, batch_size: int) -> Tensor:
+    return t.expand(batch_size, *t.shape[1:])
+
+
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+
+
 class GhostNormEngine:
-    """Installs one forward hook per module that has a layer rule; inactive outside ``recording``."""
+    """Installs a forward pre-hook and a forward hook on each given module; inactive outside ``recording``."""
 
     def __init__(self, modules: list[nn.Module]):
         self._pass: GhostPass | None = None
-        self._handles = [
-            module.register_forward_hook(self._on_forward, with_kwargs=True) for module in modules
-        ]
+        self._handles = []
+        for module in modules:
+            self._handles.append(module.register_forward_pre_hook(self._before_forward))
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
 
     def close(self) -> None:
         for handle in self._handles:
@@ -89,23 +157,80 @@ class GhostNormEngine:
         finally:
             self._pass = None
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
-        if ghost_pass is None or module not in ghost_pass.modules:
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return
+        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules:
+            return None
+        return ghost_pass
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        ghost_pass = self._active(module)
+        if ghost_pass is not None and ghost_pass.modules[module].rule is None:
+            ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        ghost_pass = self._active(module)
+        if ghost_pass is None:
+            return None
         entry = ghost_pass.modules[module]
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or x.shape[:1] != (ghost_pass.batch_size,) or output.shape[0] != x.shape[0]:
+        if entry.rule is None:
+            return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        x, batch = _first_input(args, kwargs), ghost_pass.batch_size
+        replaced = None
+        if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and output.shape[0] == 1 and batch > 1:
+            x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
+            output = replaced
+        if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was called with an input of shape "
                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}; ghost norms need dim 0 to be "
-                f"the batch of {ghost_pass.batch_size} examples (use backend='vmap' for this model)")
+                f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         call = {"x": x}
         output.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        return replaced
+
+    @staticmethod
+    def _record_fallback_call(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple,
+                              kwargs: dict, output: Any) -> Any:
+        before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
+        spec, batch = batch_dims_for(module), ghost_pass.batch_size
+        reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
+        if reason is not None:  # auto measures this module's parameters with the whole-model vmap instead
+            ghost_pass.declined[entry.path] = reason
+            ghost_pass.vmap_names.update(entry.names.values())
+            return None
+        replaced = None
+        if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 and batch > 1 \
+                and type(spec) is BatchDims:
+            output = replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
+        outputs = output_tensors(output)
+        dims = spec.output_dims(module, len(outputs))
+        for t, dim in zip(outputs, dims):
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):
+                raise PerExampleError(
+                    f"module {entry.path!r} ({type(module).__name__})", "module",
+                    f"an output of shape {tuple(t.shape)} does not hold the {batch} examples in dim {dim}",
+                    "Give the model inputs whose dim 0 is the batch, or use backend='vmap'")
+        after = rng_state(_device_of(module))
+        consumed = before is not None and not all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(before, after))
+        leaves, _ = tree_flatten((args, kwargs))
+        call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
+                            _device_of(module),
+                            [(t, t._version) for t in leaves if isinstance(t, Tensor)])
+        for k, t in enumerate(outputs):
+            if t.requires_grad:
+                t.register_hook(partial(_keep_grad, call, k))
+        for name in entry.names.values():
+            ghost_pass.use_count[name] += 1
+        ghost_pass.fallback_calls.append((module, entry, call))
+        ghost_pass.fallback_names.update(entry.names.values())
+        return replaced
 
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
@@ -113,10 +238,27 @@ class GhostNormEngine:
         x = call.pop("x")
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
-        with torch.no_grad():
-            if single:
-                for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
-                    _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
-            if shared:
-                for local, grads in entry.rule.per_example_grads(module, x, grad_output, shared).items():
-                    _add(ghost_pass.shared_grads, entry.names[local], grads)
+        try:
+            with torch.no_grad():
+                if single:
+                    for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
+                        _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
+                if shared:
+                    for local, grads in entry.rule.per_example_grads(module, x, grad_output, shared).items():
+                        _add(ghost_pass.shared_grads, entry.names[local], grads)
+        except Exception as error:
+            raise PerExampleError(
+                f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
+                "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
+                "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
+            ) from error
+
+
+def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:
+    call.grads[index] = grad
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for p in module.parameters(recurse=False):
+        return p.device
+    return None
