@@ -179,7 +179,7 @@ class PerExampleGradNorms:
         nearest enclosing module that went through the per-module fallback, else by the whole-model vmap (auto);
         ghost raises before the backward, so a failed call leaves p.grad untouched. Returns the vmap ones."""
         unused = {name for name, backend in plan.backend_of.items()
-                  if backend != "vmap" and ghost_pass.use_count[name] == 0}
+                  if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names}
         if not unused:
             return []
         in_graph = _leaves_in_graph(loss)
@@ -222,7 +222,7 @@ class PerExampleGradNorms:
         handles = [parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
                    for name in names]
         try:
-            with self._engine.recording(plan.ghost, batch_size, scale) as ghost_pass:
+            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost") as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale

@@ -71,6 +71,7 @@ class GhostPass:
     rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
     declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
+    strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
 
     def attach(self, name: str, owner_path: str) -> bool:
@@ -148,10 +149,10 @@ class GhostNormEngine:
         self._handles = []
 
     @contextmanager
-    def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int,
-                  loss_scale: float) -> Iterator[GhostPass]:
+    def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
+                  strict: bool) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
-        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale)
+        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict)
         try:
             yield self._pass
         finally:
@@ -183,9 +184,13 @@ class GhostNormEngine:
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
             output = replaced
         if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
+            if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
+                ghost_pass.declined[entry.path] = f"called with an input of shape {_shape(x)}"
+                ghost_pass.vmap_names.update(entry.names.values())
+                return None
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was called with an input of shape "
-                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}; ghost norms need dim 0 to be "
+                f"{_shape(x)}; ghost norms need dim 0 to be "
                 f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
@@ -252,6 +257,10 @@ class GhostNormEngine:
                 "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
 
 
 def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:

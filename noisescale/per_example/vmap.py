@@ -2,7 +2,8 @@
 
 Follows the torch.func per-sample-gradients recipe (functional_call + vmap(grad)), in chunks of ``chunk_size``
 examples (each reduced to norms before the next) to bound the memory of the (chunk, *theta.shape)
-per-example gradients. Inputs may be a tensor, a tuple of positional inputs or a mapping of keyword inputs
+per-example gradients; where torch.func cannot vmap the model (``.item()``, data-dependent control flow, as in
+T5's relative position buckets), one example at a time. Inputs may be a tensor, a tuple of positional inputs or a mapping of keyword inputs
 (:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets (batch in dim 0), other
 leaves (flags such as ``use_cache=False``, a ``None`` target) are passed unchanged. It runs its own forward, so it
 must leave training untouched:
@@ -69,13 +70,33 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
         return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(
             trainable, input_tensors, target_tensors)
 
+    def per_example_grads_by_loop(rows_inputs: Any, rows_targets: Any) -> dict[str, Tensor]:
+        """The same, one example at a time: for models torch.func cannot vmap (data-dependent control flow)."""
+        rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        for i in range(_split_leaves(rows_inputs)[0][0].shape[0]):
+            variables = {name: t.detach().requires_grad_() for name, t in trainable.items()}
+            args, kwargs = call_arguments(select_examples(rows_inputs, [i]))
+            with torch.enable_grad():
+                outputs = functional_call(model, (variables, constants, buffers), args, kwargs)
+                loss = loss_fn(outputs, select_examples(rows_targets, [i])).sum()
+                grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
+            for (name, t), g in zip(variables.items(), grads):
+                rows[name].append(torch.zeros_like(t) if g is None else g)
+        return {name: torch.stack(values) for name, values in rows.items()}
+
     batch_size = _split_leaves(inputs)[0][0].shape[0]
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
     with isolated_rng(trainable.values()):
         for start in range(0, batch_size, step):
             rows = slice(start, start + step)
-            grads = per_example_grads(select_examples(inputs, rows), select_examples(targets, rows))
+            rows_inputs, rows_targets = select_examples(inputs, rows), select_examples(targets, rows)
+            try:
+                grads = per_example_grads(rows_inputs, rows_targets)
+            except (RuntimeError, NotImplementedError) as error:
+                if "vmap" not in str(error) and "batching rule" not in str(error):
+                    raise
+                grads = per_example_grads_by_loop(rows_inputs, rows_targets)
             for name, g in grads.items():
                 chunks[name].append(per_example_sqnorm(g))
     return {name: torch.cat(parts) for name, parts in chunks.items()}
