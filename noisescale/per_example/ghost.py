@@ -24,6 +24,7 @@ over calls first; everything else stays in ghost form.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ class GhostNormEngine:
 
     def __init__(self, modules: list[nn.Module]):
         self._pass: GhostPass | None = None
+        self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward))
@@ -166,7 +168,7 @@ class GhostNormEngine:
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         ghost_pass = self._active(module)
-        if ghost_pass is not None and ghost_pass.modules[module].rule is None:
+        if ghost_pass is not None and (ghost_pass.modules[module].rule is None or self._verified.get(module) is False):
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -174,7 +176,7 @@ class GhostNormEngine:
         if ghost_pass is None:
             return None
         entry = ghost_pass.modules[module]
-        if entry.rule is None:
+        if entry.rule is None or self._verified.get(module) is False:
             return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
@@ -192,6 +194,14 @@ class GhostNormEngine:
                 f"module {entry.path!r} ({type(module).__name__}) was called with an input of shape "
                 f"{_shape(x)}; ghost norms need dim 0 to be "
                 f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
+        if module not in self._verified:  # the first call of each instance checks the rule's formula
+            with torch.no_grad():
+                self._verified[module] = bool(entry.rule.verify(module, x, output))
+            if not self._verified[module]:
+                if ghost_pass.strict:
+                    raise ValueError(f"backend='ghost': the rule {type(entry.rule).__name__} does not reproduce the "
+                                     f"output of module {entry.path!r} ({type(module).__name__}); use backend='auto'")
+                return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         call = {"x": x}
