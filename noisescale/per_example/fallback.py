@@ -66,6 +66,7 @@ class FallbackCall:
     rng_before: tuple[Tensor, Tensor | None] | None
     device: torch.device | None
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
 
 
 # ----------------------------------------------------------------------------------------------- batch dims
@@ -261,7 +262,8 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     parameters = {name: module.get_parameter(name).detach() for name in names}
     leaves, rebuild = _flatten_call(call.args, call.kwargs)
     leaves = _detached(leaves)
-    dims = batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size)
+    dims = ([None] * len(leaves) if call.shared else
+            batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size))
     with torch.no_grad():
         if call.rng_before is not None:
             return _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked, batch_size,

@@ -237,7 +237,7 @@ class GhostNormEngine:
         leaves, _ = tree_flatten((args, kwargs))
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
-                            [(t, t._version) for t in leaves if isinstance(t, Tensor)])
+                            [(t, t._version) for t in leaves if isinstance(t, Tensor)], shared=replaced is not None)
         for k, t in enumerate(outputs):
             if t.requires_grad:
                 t.register_hook(partial(_keep_grad, call, k))
