@@ -502,3 +502,147 @@ def test_keyword_inputs_and_no_targets_match_a_per_example_loop(backend):
     assert_relclose(result.sqnorms, expected)
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, parameters[name].grad), name
+
+
+# --------------------------------------------------------------------------- the per-module fallback, rules, failures
+
+def _batched_reference(model, loss_fn, inputs, targets, seed):
+    """Per-example |g_i|^2 from one batched forward (seeded) and one backward of each l_i: the reference when the
+    model draws random numbers (dropout), which a per-example loop would draw differently."""
+    model = copy.deepcopy(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    losses = loss_fn(model(*inputs), targets)
+    return torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses[i], parameters, retain_graph=True))
+                        for i in range(losses.shape[0])])
+
+
+def test_fallback_replays_the_dropout_masks_of_the_real_pass():
+    """nn.MultiheadAttention with attention dropout in train mode: the fallback re-runs it from the generator
+    state saved before its call, so its masks are those of the real pass."""
+    torch.manual_seed(0)
+    model = AttentionClassifier().double()
+    model.attention.dropout = 0.5
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 2, (4,), generator=generator(2))
+    expected = _batched_reference(model, classification_loss, (x,), y, seed=3)
+    torch.manual_seed(3)
+    result = per_example_sqnorms(model, classification_loss, x, y)
+    assert_relclose(result.sqnorms, expected)
+    assert result.backend_of["attention.in_proj_weight"] == "module"
+    torch.manual_seed(4)
+    assert not torch.allclose(_batched_reference(model, classification_loss, (x,), y, seed=4), expected)
+
+
+class Scale(nn.Module):
+    """y = x * w over the last dim: a layer of one's own."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaleRule:
+    """dl_i/dw = sum over positions of g * x."""
+
+    def per_example_grads(self, module, x, g, names):
+        return {"weight": (x * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+
+def test_a_registered_rule_measures_ones_own_layer(monkeypatch):
+    from noisescale.per_example import RULES, LayerRule, register_rule
+    monkeypatch.setattr("noisescale.per_example.layers.RULES", dict(RULES))
+    rule = type("ScaleLayerRule", (ScaleRule, LayerRule), {})()
+    with pytest.raises(TypeError, match="LayerRule"):
+        register_rule(Scale, ScaleRule())
+    register_rule(Scale, rule)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 6, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 6, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "ghost")
+    assert set(result.backend_of.values()) == {"ghost"}
+
+
+class FailsOnSecondCall(nn.Module):
+    """A layer without a rule whose forward cannot be run again (as a stateful layer might): the fallback fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("forward called twice")
+        return x * self.weight
+
+
+@pytest.mark.parametrize("prefilled", [False, True])
+def test_a_failing_fallback_leaves_every_grad_as_it_was(prefilled):
+    from noisescale.per_example import PerExampleError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), FailsOnSecondCall(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    if prefilled:
+        regression_loss(model(x), y).mean().backward()
+        model[1].calls = 0
+    before = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    with pytest.raises(PerExampleError, match=r"module '1' \(FailsOnSecondCall\), parameters \['1\.weight'\]: "
+                                              r"backend 'module' failed: .*forward called twice.*register_rule"):
+        per_example_sqnorms(model, regression_loss, x, y)
+    for name, p in model.named_parameters():
+        grad, values = before[name]
+        assert p.grad is grad, name
+        if grad is not None:
+            assert torch.equal(p.grad, values), name
+
+
+class SharedPositions(nn.Module):
+    """Position tables called with a batch of 1, (1, T), and broadcast over the batch by an addition, as
+    HuggingFace models do; ``scale`` has no rule (per-module fallback) and is called on a (1, T, d) table."""
+
+    def __init__(self, length=4, width=3):
+        super().__init__()
+        self.position = nn.Embedding(length, width)
+        self.scale = Scale(width)
+        self.register_buffer("table", torch.linspace(-1.0, 1.0, length * width).view(1, length, width))
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
+        return self.out(torch.tanh(x + self.position(positions) + self.scale(self.table[:, :x.shape[1]])))
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])   # 4 == T: a (1, T) call is still told apart from the batch
+def test_calls_with_a_batch_of_one_are_shared_by_every_example(batch):
+    """Their outputs are expanded to B in the forward hook (same values), so p.grad stays bit-identical when the
+    output feeds a broadcasting operation directly, as here."""
+    model = _float64(SharedPositions)
+    x = torch.randn(batch, 4, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(batch, 4, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert result.backend_of["position.weight"] == "ghost" and result.backend_of["scale.weight"] == "module"
+
+
+def test_positions_without_a_batch_dim_go_to_vmap_under_auto_and_arange_b_warns():
+    class UnbatchedPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.position = nn.Embedding(5, 3)
+
+        def forward(self, x):
+            return x + self.position(torch.arange(x.shape[1]))
+
+    model = _float64(UnbatchedPositions)
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=generator(1))     # T = 4 != B = 5: detected
+    result = assert_matches_reference(model, regression_loss, x, torch.zeros_like(x), "auto")
+    assert result.backend_of["position.weight"] == "vmap"
+    square = torch.randn(4, 4, 3, dtype=torch.float64, generator=generator(1))  # T == B: cannot be told apart
+    with pytest.warns(RuntimeWarning, match=r"'position' \(Embedding\).*arange.*\(1, T\)"):
+        per_example_sqnorms(model, regression_loss, square, torch.zeros_like(square))

@@ -24,6 +24,7 @@ over calls first; everything else stays in ghost form.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -140,6 +141,7 @@ class GhostNormEngine:
     def __init__(self, modules: list[nn.Module]):
         self._pass: GhostPass | None = None
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
+        self._warned: weakref.WeakSet = weakref.WeakSet()
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward))
@@ -185,6 +187,7 @@ class GhostNormEngine:
         if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and output.shape[0] == 1 and batch > 1:
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
             output = replaced
+        self._warn_if_positions(entry, module, x, batch)
         if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
             if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
                 ghost_pass.declined[entry.path] = f"called with an input of shape {_shape(x)}"
@@ -207,6 +210,17 @@ class GhostNormEngine:
         call = {"x": x}
         output.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
         return replaced
+
+    def _warn_if_positions(self, entry: GhostModule, module: nn.Module, x: Any, batch: int) -> None:
+        """Indices arange(B) without a batch dim look like positions 0..T-1 with T == B, which cannot be told
+        apart from one index per example: warn (once per module) since the norms are wrong if they are."""
+        if (isinstance(x, Tensor) and x.dim() == 1 and batch > 1 and not x.is_floating_point()
+                and module not in self._warned and torch.equal(x, torch.arange(batch, device=x.device))):
+            self._warned.add(module)
+            warnings.warn(
+                f"module {entry.path!r} ({type(module).__name__}) was called with arange({batch}) and no batch dim; "
+                f"if these are positions shared by every example (T == B), its per-example norms are wrong: call it "
+                f"with a batch dim, shape (1, T), as HuggingFace models do", RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _record_fallback_call(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple,
