@@ -5,16 +5,43 @@ gbar = mean_i g_i. A call runs the one real forward and backward of mean_i l_i (
 into ``p.grad`` exactly as ``backward()`` would, and returns |g_i|^2 (B,) and |gbar|^2 -- the inputs of the
 gradient noise scale estimators (McCandlish et al. 2018, appendix A).
 
-Backends: "ghost" computes the norms from hooks during that pass (``ghost.py``, ``layers.py``); "vmap" from a
-separate torch.func pass (``vmap.py``); "auto" uses ghost for every parameter whose module has a rule and vmap for
-the rest only.
+Inputs: a tensor, a tuple of positional inputs or a mapping of keyword inputs (``model(**batch)``), every tensor
+batch-first (:mod:`noisescale.batches`); the loss may read a HuggingFace ``ModelOutput`` (:mod:`noisescale.losses`).
 
-Limits of ghost: every hooked module must see tensors whose dim 0 is the example index (a position embedding
-applied to ``arange(T)`` without the batch dim would be wrong when T == B and is an error otherwise). A parameter
-used only outside its module's forward (nn.MultiheadAttention's out_proj) is detected -- it gets a gradient but no
-hooked call -- and auto sends it to vmap; one used both through its module and directly
-(``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible to hooks: give such a model
-backend="vmap". Activation checkpointing (which re-runs forwards) is not supported.
+Backends, per parameter (``PerExampleNorms.backend_of``):
+
+- "ghost": a layer rule (``layers.py``) turns the module's input and output gradient, kept by hooks during the real
+  pass, into the norms (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm in eval mode,
+  HF GPT-2's Conv1D and third-party RMSNorm layers matched by structure, and rules registered with
+  ``register_rule``).
+- "module": the per-module fallback (``fallback.py``) for a module without a rule: vmap of the VJP of that
+  module's own forward over the examples, fed with the output gradients of the real pass (or a per-example loop
+  through that module where vmap cannot run it, as for fused RNN kernels). Covers nn.MultiheadAttention (with
+  its out_proj), nn.RNN/LSTM/GRU in either layout, and parameters used directly inside a module's forward (ViT's
+  cls_token and position table).
+- "vmap": a separate whole-model torch.func pass (``vmap.py``, a per-example loop where vmap fails), for
+  backend="vmap" and, under auto, for what the hooks cannot reach.
+
+backend="auto" uses ghost where a rule applies, the per-module fallback for other modules and the whole-model
+vmap only for parameters used outside every module call that could measure them; backend="ghost" allows rules
+only and raises otherwise.
+
+Broadcast calls: a module called with a batch of 1 inside a forward over B examples (HF position embeddings on
+``position_ids`` of shape (1, T)) is measured exactly: its output is expanded to B in the forward hook (the same
+values). p.grad stays bit-identical when that output feeds a broadcasting operation directly (an addition, as in
+HF models); if other layers run on it first, they now run on B copies and p.grad may differ in the last bits.
+
+What cannot be detected: positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
+one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
+arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
+through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
+to hooks: give such a model backend="vmap". Activation checkpointing (which re-runs forwards) is not supported.
+Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
+global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
+
+Failures: if anything fails (a rule, the fallback, vmap, the loss's shape), every p.grad is put back as it was
+before the call and ``PerExampleError`` names the module, its type, the parameters, the backend and what to do.
+Under DDP, gradients already all-reduced by the failed backward cannot be taken back on the other ranks.
 """
 
 from __future__ import annotations
