@@ -146,6 +146,30 @@ def _recurrent(cell, batch_first):
     return make
 
 
+class _BidirectionalWithState(nn.Module):
+    """A bidirectional two-layer RNN whose initial state is computed from the input (hx passed in)."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+        self.rnn = cell(4, 5, num_layers=2, bidirectional=True)
+        self.state = nn.Linear(4, 4 * 5)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.state(x.mean(1))).view(x.shape[0], 4, 5).transpose(0, 1).contiguous()
+        states, _ = self.rnn(x.transpose(0, 1), (h0, torch.zeros_like(h0)) if self.cell is nn.LSTM else h0)
+        return self.out(states[-1])
+
+
+def _bidirectional(cell):
+    def make():
+        x = torch.randn(BATCH, LENGTH, 4, generator=generator(1), dtype=torch.float64)
+        return _BidirectionalWithState(cell), per_example_cross_entropy, x, \
+            torch.randint(0, 3, (BATCH,), generator=generator(2))
+    return make
+
+
 MODELS = {
     "gpt2": lambda: _gpt2(with_mask=False),
     "gpt2_attention_mask": lambda: _gpt2(with_mask=True),
@@ -158,6 +182,8 @@ MODELS = {
     "lstm_batch_first": _recurrent(nn.LSTM, batch_first=True),
     "gru": _recurrent(nn.GRU, batch_first=False),
     "gru_batch_first": _recurrent(nn.GRU, batch_first=True),
+    "lstm_bidirectional_with_state": _bidirectional(nn.LSTM),
+    "gru_bidirectional_with_state": _bidirectional(nn.GRU),
 }
 
 

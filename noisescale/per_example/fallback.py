@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+
+from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
@@ -249,7 +251,7 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
                              batch_size: int) -> tuple[dict[str, Tensor], str]:
     """(B, *shape) gradients of the call's output gradients with respect to the module's parameters ``names``
     (dotted local names: its own and those of children it uses without calling them), and how they were computed
-    ("vmap", "loop" or "replay")."""
+    ("unrolled" for RNN/LSTM/GRU, ``recurrent.py``; "vmap", "loop" or "replay")."""
     for tensor, version in call.versions:
         if tensor._version != version:
             raise RuntimeError("an input of this call was modified in place after the call, so the call cannot be "
@@ -265,6 +267,9 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     dims = ([None] * len(leaves) if call.shared else
             batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size))
     with torch.no_grad():
+        if call.rng_before is None and not call.shared and unrolled_supported(module):
+            arguments = bound_arguments(module, call.args, call.kwargs)
+            return unrolled_per_example_grads(module, arguments, call.grads, names), "unrolled"
         if call.rng_before is not None:
             return _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked, batch_size,
                               call), "replay"
