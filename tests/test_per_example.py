@@ -646,3 +646,39 @@ def test_positions_without_a_batch_dim_go_to_vmap_under_auto_and_arange_b_warns(
     square = torch.randn(4, 4, 3, dtype=torch.float64, generator=generator(1))  # T == B: cannot be told apart
     with pytest.warns(RuntimeWarning, match=r"'position' \(Embedding\).*arange.*\(1, T\)"):
         per_example_sqnorms(model, regression_loss, square, torch.zeros_like(square))
+
+
+class MaskedAttention(nn.Module):
+    """nn.MultiheadAttention in either layout, with a key padding mask and a causal 2-D mask (bool or float)."""
+
+    def __init__(self, batch_first, mask_kind, bias):
+        super().__init__()
+        self.batch_first, self.mask_kind = batch_first, mask_kind
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x, padding_mask):
+        length = x.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        mask = {None: None, "bool": causal, "float": torch.zeros(length, length, dtype=x.dtype).masked_fill(
+            causal, float("-inf"))}[self.mask_kind]
+        h = x if self.batch_first else x.transpose(0, 1)
+        y, _ = self.attention(h, h, h, key_padding_mask=padding_mask, attn_mask=mask, need_weights=False)
+        return self.out((y if self.batch_first else y.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask_kind,bias", [(None, True), ("bool", False), ("float", True)])
+def test_multihead_attention_is_measured_from_one_rerun_of_its_call(batch_first, mask_kind, bias, monkeypatch):
+    """The attention re-run (attention.py), not vmap or a per-example loop, for every layout and mask."""
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the generic fallback was used")
+    monkeypatch.setattr("noisescale.per_example.fallback._by_vmap", not_expected)
+    monkeypatch.setattr("noisescale.per_example.fallback._by_loop", not_expected)
+    model = _float64(lambda: MaskedAttention(batch_first, mask_kind, bias))
+    x = torch.randn(4, 5, 8, dtype=torch.float64, generator=generator(1))
+    padding = torch.zeros(4, 5, dtype=torch.bool)
+    padding[1, 3:] = padding[2, 4:] = True
+    result = assert_matches_reference(model, classification_loss, (x, padding), torch.tensor([0, 1, 1, 0]), "auto")
+    assert {name for name, used in result.backend_of.items() if used == "module"} == {
+        name for name, _ in model.attention.named_parameters(prefix="attention")}

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from noisescale.per_example.attention import attention_per_example_grads, attention_supported
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -251,7 +252,8 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
                              batch_size: int) -> tuple[dict[str, Tensor], str]:
     """(B, *shape) gradients of the call's output gradients with respect to the module's parameters ``names``
     (dotted local names: its own and those of children it uses without calling them), and how they were computed
-    ("unrolled" for RNN/LSTM/GRU, ``recurrent.py``; "vmap", "loop" or "replay")."""
+    ("unrolled" for RNN/LSTM/GRU, ``recurrent.py``; "attention" for nn.MultiheadAttention, ``attention.py``;
+    "vmap", "loop" or "replay")."""
     for tensor, version in call.versions:
         if tensor._version != version:
             raise RuntimeError("an input of this call was modified in place after the call, so the call cannot be "
@@ -267,9 +269,12 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     dims = ([None] * len(leaves) if call.shared else
             batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size))
     with torch.no_grad():
-        if call.rng_before is None and not call.shared and unrolled_supported(module):
+        if call.rng_before is None and not call.shared:
             arguments = bound_arguments(module, call.args, call.kwargs)
-            return unrolled_per_example_grads(module, arguments, call.grads, names), "unrolled"
+            if unrolled_supported(module):
+                return unrolled_per_example_grads(module, arguments, call.grads, names), "unrolled"
+            if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
+                return attention_per_example_grads(module, arguments, call.grads, names), "attention"
         if call.rng_before is not None:
             return _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked, batch_size,
                               call), "replay"
