@@ -195,7 +195,8 @@ class PerExampleGradNorms:
                 rule = rule_for(module) if backend_of[name] == "ghost" else None
                 entry = hooked.get(module)
                 if entry is None or (entry.rule is not None and rule is None):
-                    entry = hooked[module] = GhostModule(self._path_of[module], rule, dict(entry.names) if entry else {})
+                    names = dict(entry.names) if entry else {}
+                    entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
         return _Plan(hooked, vmap_names, backend_of)

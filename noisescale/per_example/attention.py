@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noisescale.per_example.layers import LinearFactors
+
 __all__ = ["attention_supported", "attention_per_example_grads"]
 
 
@@ -43,9 +45,10 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def attention_per_example_grads(module: nn.MultiheadAttention, arguments: dict, grads: list,
-                                names: list[str]) -> dict[str, Tensor]:
-    """(B, *shape) per-example gradients of ``names`` (in_proj_weight, in_proj_bias, out_proj.weight,
-    out_proj.bias) from the call's ``arguments`` and the gradient of its attention output, ``grads[0]``."""
+                                names: list[str]) -> dict[str, Tensor | LinearFactors]:
+    """(B, *shape) per-example gradients (weights as LinearFactors) of ``names`` (in_proj_weight, in_proj_bias,
+    out_proj.weight, out_proj.bias) from the call's ``arguments`` and the gradient of its attention output,
+    ``grads[0]``."""
     batch_first = module.batch_first
 
     def examples_first(t: Tensor) -> Tensor:
@@ -76,14 +79,13 @@ def attention_per_example_grads(module: nn.MultiheadAttention, arguments: dict, 
             scores = scores + padding.view(batch, 1, 1, -1)
         context = (scores.softmax(-1) @ heads_first(v)).transpose(1, 2).reshape(batch, length, embed)
         g_q, g_k, g_v = torch.autograd.grad(context, [q, k, v], g_y @ module.out_proj.weight.detach())
-    result: dict[str, Tensor] = {}
+    result: dict[str, Tensor | LinearFactors] = {}
     if "in_proj_weight" in names:
-        result["in_proj_weight"] = torch.cat([torch.bmm(g.transpose(1, 2), x) for g, x in
-                                              ((g_q, query), (g_k, key), (g_v, value))], 1)
+        result["in_proj_weight"] = LinearFactors([(query, g_q), (key, g_k), (value, g_v)])
     if "in_proj_bias" in names:
         result["in_proj_bias"] = torch.cat([g_q.sum(1), g_k.sum(1), g_v.sum(1)], 1)
     if "out_proj.weight" in names:
-        result["out_proj.weight"] = torch.bmm(g_y.transpose(1, 2), context.detach())
+        result["out_proj.weight"] = LinearFactors([(context.detach(), g_y)])
     if "out_proj.bias" in names:
         result["out_proj.bias"] = g_y.sum(1)
     return result

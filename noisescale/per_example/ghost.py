@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              module_per_example_grads, output_tensors, rng_state)
-from noisescale.per_example.layers import LayerRule, per_example_sqnorm
+from noisescale.per_example.layers import LayerRule, LinearFactors, per_example_sqnorm
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
@@ -106,7 +106,11 @@ class GhostPass:
                         f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
                         "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
                 for local, grad in grads.items():
-                    _add(self.shared_grads, entry.names[local], grad)
+                    name = entry.names[local]
+                    if isinstance(grad, LinearFactors) and self.use_count[name] == 1:
+                        _add(self.sqnorms, name, grad.sqnorms())       # ghost form: no (B, *shape) gradients
+                    else:
+                        _add(self.shared_grads, name, grad.grads() if isinstance(grad, LinearFactors) else grad)
             self.fallback_calls.clear()
         finally:
             self.replaying = False

@@ -44,6 +44,7 @@ __all__ = [
     "register_rule",
     "rule_for",
     "position_weight_sqnorms",
+    "LinearFactors",
     "per_example_sqnorm",
 ]
 
@@ -67,6 +68,21 @@ def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
         gram_a, gram_g = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
     return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))
+
+
+class LinearFactors:
+    """The per-example gradient of a weight used as a Linear at every position, kept as its factors: blocks of
+    rows (a, g), a (B, T, d_in), g (B, T, d_out_block), gradient_i = cat over blocks of sum_t g_t a_t^T. Its norm
+    is taken in ghost form without the (B, d_out, d_in) gradients, which are built only when needed."""
+
+    def __init__(self, blocks: list[tuple[Tensor, Tensor]]):
+        self.blocks = [(_compute_dtype(a), _compute_dtype(g)) for a, g in blocks]
+
+    def sqnorms(self) -> Tensor:
+        return sum(position_weight_sqnorms(a, g) for a, g in self.blocks)
+
+    def grads(self) -> Tensor:
+        return torch.cat([torch.bmm(g.transpose(1, 2), a) for a, g in self.blocks], 1)
 
 
 class LayerRule:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noisescale.per_example.layers import LinearFactors
+
 __all__ = ["unrolled_supported", "unrolled_per_example_grads"]
 
 
@@ -44,9 +46,10 @@ def _cell(mode: str, u: Tensor, v: Tensor, h: Tensor, c: Tensor | None) -> tuple
 
 
 def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[Tensor | None],
-                               names: list[str]) -> dict[str, Tensor]:
-    """(B, *shape) per-example gradients of ``names`` from the call's ``arguments`` (input, hx) and the output
-    gradients ``grads`` (output, h_n[, c_n]; None where no gradient arrived), in the module's own layouts."""
+                               names: list[str]) -> dict[str, Tensor | LinearFactors]:
+    """(B, *shape) per-example gradients (weights as LinearFactors) of ``names`` from the call's ``arguments``
+    (input, hx) and the output gradients ``grads`` (output, h_n[, c_n]; None where no gradient arrived), in the
+    module's own layouts."""
     x = arguments["input"].detach()
     x = x if module.batch_first else x.transpose(0, 1)                       # (B, T, H_in)
     batch, length = x.shape[:2]
@@ -96,7 +99,7 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
         for key, (affine, _) in kept.items():
             targets.extend([affine] if key.startswith("ih") else affine)
         found = torch.autograd.grad([p for p, _ in pairs], targets, [g for _, g in pairs], allow_unused=True)
-    result: dict[str, Tensor] = {}
+    result: dict[str, Tensor | LinearFactors] = {}
     position = 0
     for key, (affine, inputs) in kept.items():
         if key.startswith("ih"):
@@ -111,7 +114,7 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
             d_affine = torch.zeros_like(affine)
         kind, suffix = key[:2], key[2:]
         if f"weight_{kind}{suffix}" in names:
-            result[f"weight_{kind}{suffix}"] = torch.bmm(d_affine.transpose(1, 2), a)
+            result[f"weight_{kind}{suffix}"] = LinearFactors([(a.detach(), d_affine)])
         if f"bias_{kind}{suffix}" in names:
             result[f"bias_{kind}{suffix}"] = d_affine.sum(1)
     return result

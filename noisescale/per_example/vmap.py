@@ -3,8 +3,8 @@
 Follows the torch.func per-sample-gradients recipe (functional_call + vmap(grad)), in chunks of ``chunk_size``
 examples (each reduced to norms before the next) to bound the memory of the (chunk, *theta.shape)
 per-example gradients; where torch.func cannot vmap the model (``.item()``, data-dependent control flow, as in
-T5's relative position buckets), one example at a time. Inputs may be a tensor, a tuple of positional inputs or a mapping of keyword inputs
-(:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets (batch in dim 0), other
+T5's relative position buckets), one example at a time. Inputs may be a tensor, a tuple of positional inputs or a
+mapping of keyword inputs (:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets (batch in dim 0), other
 leaves (flags such as ``use_cache=False``, a ``None`` target) are passed unchanged. It runs its own forward, so it
 must leave training untouched:
 
