@@ -271,11 +271,13 @@ class PerExampleGradNorms:
                 by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names,
                                                  self.chunk_size))
             except Exception as error:
+                declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
                 raise PerExampleError(
                     f"parameters {vmap_names}", "vmap", f"{type(error).__name__}: {error}",
-                    "These parameters are used outside any module call or by a module the per-module fallback "
-                    "declined, so the whole model must run under torch.func.vmap; use them through a module's own "
-                    "forward, or register a rule (noisescale.per_example.register_rule)") from error
+                    "These parameters are used outside any module call, or by modules the hooks could not measure "
+                    f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
+                    "with the examples in dim 0 (or 1, shared), or register a rule "
+                    "(noisescale.per_example.register_rule)") from error
         zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
         by_parameter = {name: by_parameter[name].to(zeros.dtype) if name in by_parameter else zeros
                         for name in names}

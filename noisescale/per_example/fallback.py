@@ -8,7 +8,9 @@ backward is over, computes dl_i/dtheta for the module's parameters theta only:
 
 with torch.func (``vmap`` over the examples of ``vjp`` of ``functional_call(module, theta, x_i)``). The children's
 parameters enter as constants, so a module with a rule inside a module without one is not counted twice. Where
-vmap cannot run an op (fused RNN kernels, data-dependent control flow) the same is done one example at a time.
+vmap cannot run an op (fused kernels, data-dependent control flow) the same is done one example at a time.
+Two layers get a cheaper exact path, one re-run of the whole call with their affine maps written out:
+nn.MultiheadAttention (``attention.py``) and nn.RNN/LSTM/GRU (``recurrent.py``).
 
 Which dim of each tensor holds the examples (``BatchDims``): by default dim 0 of every tensor whose dim 0 is B;
 a tensor with dim 0 of size 1 is shared by every example (broadcast), any other tensor is a constant. Layers that
@@ -32,10 +34,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale.per_example.attention import attention_per_example_grads, attention_supported
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
            "module_per_example_grads", "rng_state"]

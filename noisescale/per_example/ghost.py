@@ -174,7 +174,8 @@ class GhostNormEngine:
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         ghost_pass = self._active(module)
-        if ghost_pass is not None and (ghost_pass.modules[module].rule is None or self._verified.get(module) is False):
+        if ghost_pass is not None and (ghost_pass.modules[module].rule is None
+                                       or self._verified.get(module) is False):
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -232,7 +233,7 @@ class GhostNormEngine:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
         reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
-        if reason is not None:  # auto measures this module's parameters with the whole-model vmap instead
+        if reason is not None:  # the whole-model vmap measures this module's parameters instead
             ghost_pass.declined[entry.path] = reason
             ghost_pass.vmap_names.update(entry.names.values())
             return None
@@ -243,11 +244,10 @@ class GhostNormEngine:
         outputs = output_tensors(output)
         dims = spec.output_dims(module, len(outputs))
         for t, dim in zip(outputs, dims):
-            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):
-                raise PerExampleError(
-                    f"module {entry.path!r} ({type(module).__name__})", "module",
-                    f"an output of shape {tuple(t.shape)} does not hold the {batch} examples in dim {dim}",
-                    "Give the model inputs whose dim 0 is the batch, or use backend='vmap'")
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):  # not per example: whole-model vmap
+                ghost_pass.declined[entry.path] = f"output of shape {tuple(t.shape)}: no examples in dim {dim}"
+                ghost_pass.vmap_names.update(entry.names.values())
+                return None
         after = rng_state(_device_of(module))
         consumed = before is not None and not all(
             (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
