@@ -682,3 +682,41 @@ def test_multihead_attention_is_measured_from_one_rerun_of_its_call(batch_first,
     result = assert_matches_reference(model, classification_loss, (x, padding), torch.tensor([0, 1, 1, 0]), "auto")
     assert {name for name, used in result.backend_of.items() if used == "module"} == {
         name for name, _ in model.attention.named_parameters(prefix="attention")}
+
+
+class OffsetRMSNorm(nn.Module):
+    """An RMSNorm of another library, written as Gemma's: y = (1 + w) * x_hat, x_hat computed in float32."""
+
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, width))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x_hat * (1.0 + self.weight.float())).type_as(x)
+
+
+class MisnamedRMSNorm(nn.Module):
+    """Looks like an RMSNorm (name, eps, one (d,) weight) but computes y = w * x: verification must reject it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        return self.weight * x
+
+
+@pytest.mark.parametrize("norm,backend", [(OffsetRMSNorm, "ghost"), (MisnamedRMSNorm, "module")])
+def test_third_party_rms_norms_are_matched_by_structure_and_verified(norm, backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), norm(4), nn.Linear(4, 2))      # float32: Gemma's float32 product
+    x = torch.randn(6, 5, 3, generator=generator(1))
+    y = torch.randn(6, 5, 2, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)["1.weight"]
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    torch.testing.assert_close(result.by_parameter["1.weight"], expected, rtol=1e-5, atol=0)
+    assert result.backend_of["1.weight"] == backend
