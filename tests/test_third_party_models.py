@@ -236,3 +236,19 @@ def test_a_failing_rule_leaves_every_grad_as_it_was(prefilled, monkeypatch):
         assert p.grad is grad, name                      # the same tensor object (DDP bucket views survive)
         if grad is not None:
             assert torch.equal(p.grad, values), name
+
+
+def test_the_monitor_runs_on_a_transformers_batch_and_reports_the_backends():
+    """NoiseScaleMonitor on a HuggingFace batch (model(**batch)) leaves training as a plain step would."""
+    from noisescale.monitor import NoiseScaleMonitor
+    model, loss_fn, inputs, targets = _case("gpt2_attention_mask")
+    plain = copy.deepcopy(model)
+    with NoiseScaleMonitor(model, loss_fn) as monitor:
+        for _ in range(2):
+            model.zero_grad()
+            monitor(inputs, targets)
+    plain.zero_grad()
+    loss_fn(call_model(plain, inputs), targets).mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters()))
+    assert monitor.history["grad_sqnorm"].notna().all() and len(monitor.history) == 2
+    assert set(monitor.backend_of.values()) == {"ghost"}
