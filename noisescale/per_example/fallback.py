@@ -37,6 +37,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale.per_example.attention import attention_per_example_grads, attention_supported
+from noisescale.per_example.layers import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
@@ -194,31 +195,31 @@ def _with_examples(leaves: list[Any], dims: list[int | None], examples: dict[int
     return filled
 
 
-def _selected_outputs(module, parameters, rebuild, leaves, hooked: list[int]) -> tuple[Tensor, ...]:
+def _selected_outputs(module, parameters, constants, rebuild, leaves, hooked: list[int]) -> tuple[Tensor, ...]:
     args, kwargs = rebuild(leaves)
-    outputs = output_tensors(functional_call(module, parameters, args, kwargs, strict=False))
+    outputs = output_tensors(functional_call(module, (parameters, constants), args, kwargs, strict=False))
     return tuple(outputs[k] for k in hooked)
 
 
-def _by_vmap(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked):
+def _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked):
     batched = [k for k, d in enumerate(dims) if d is not None]
 
     def one_example(example_inputs: list[Tensor], example_grads: list[Tensor]) -> dict[str, Tensor]:
         filled = _with_examples(leaves, dims, dict(zip(batched, example_inputs)))
-        _, pullback = vjp(lambda p: _selected_outputs(module, p, rebuild, filled, hooked), parameters)
+        _, pullback = vjp(lambda p: _selected_outputs(module, p, constants, rebuild, filled, hooked), parameters)
         return pullback(tuple(g.unsqueeze(d) for g, d in zip(example_grads, output_dims)))[0]
 
     return vmap(one_example, randomness="error")(
         [leaves[k].movedim(dims[k], 0) for k in batched], [g.movedim(d, 0) for g, d in zip(grads, output_dims)])
 
 
-def _by_loop(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked, batch_size):
+def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size):
     rows: dict[str, list[Tensor]] = {name: [] for name in parameters}
     for i in range(batch_size):
         filled = [t.narrow(d, i, 1) if d is not None else t for t, d in zip(leaves, dims)]
         variables = {name: p.detach().requires_grad_() for name, p in parameters.items()}
         with torch.enable_grad():
-            outputs = _selected_outputs(module, variables, rebuild, filled, hooked)
+            outputs = _selected_outputs(module, variables, constants, rebuild, filled, hooked)
             example = torch.autograd.grad(outputs, list(variables.values()),
                                           [g.narrow(d, i, 1) for g, d in zip(grads, output_dims)], allow_unused=True)
         for (name, p), grad in zip(variables.items(), example):
@@ -226,7 +227,7 @@ def _by_loop(module, parameters, rebuild, leaves, dims, grads, output_dims, hook
     return {name: torch.stack(values) for name, values in rows.items()}
 
 
-def _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):
+def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):
     """Re-run the whole batch from the saved generator state (same dropout masks), one backward per example."""
     cpu_state, cuda_state = call.rng_before
     devices = [call.device] if cuda_state is not None else []
@@ -236,7 +237,7 @@ def _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, ho
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, call.device)
-        outputs = _selected_outputs(module, variables, rebuild, leaves, hooked)
+        outputs = _selected_outputs(module, variables, constants, rebuild, leaves, hooked)
         for i in range(batch_size):
             masked = []
             for g, d in zip(grads, output_dims):
@@ -251,21 +252,22 @@ def _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, ho
 
 
 def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[str],
-                             batch_size: int) -> tuple[dict[str, Tensor], str]:
-    """(B, *shape) gradients of the call's output gradients with respect to the module's parameters ``names``
-    (dotted local names: its own and those of children it uses without calling them), and how they were computed
-    ("unrolled" for RNN/LSTM/GRU, ``recurrent.py``; "attention" for nn.MultiheadAttention, ``attention.py``;
-    "vmap", "loop" or "replay")."""
+                             batch_size: int) -> dict[str, Tensor | LinearFactors]:
+    """Per-example gradients, (B, *shape) or as LinearFactors, of the call's output gradients with respect to the
+    module's parameters ``names`` (dotted local names: its own and those of children it uses without calling
+    them). By one re-run of the call for RNN/LSTM/GRU (``recurrent.py``) and nn.MultiheadAttention
+    (``attention.py``), else by vmap, a per-example loop, or the replay of a call that drew random numbers."""
     for tensor, version in call.versions:
         if tensor._version != version:
             raise RuntimeError("an input of this call was modified in place after the call, so the call cannot be "
                                "re-run; avoid in-place operations on the module's inputs")
     hooked = [k for k, g in enumerate(call.grads) if g is not None]
     if not hooked:
-        return {}, "none"
+        return {}
     grads = [call.grads[k] for k in hooked]
     output_dims = [call.output_dims[k] for k in hooked]
     parameters = {name: module.get_parameter(name).detach() for name in names}
+    constants = {name: p.detach() for name, p in module.named_parameters() if name not in parameters}
     leaves, rebuild = _flatten_call(call.args, call.kwargs)
     leaves = _detached(leaves)
     dims = ([None] * len(leaves) if call.shared else
@@ -274,15 +276,15 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
         if call.rng_before is None and not call.shared:
             arguments = bound_arguments(module, call.args, call.kwargs)
             if unrolled_supported(module):
-                return unrolled_per_example_grads(module, arguments, call.grads, names), "unrolled"
+                return unrolled_per_example_grads(module, arguments, call.grads, names)
             if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
-                return attention_per_example_grads(module, arguments, call.grads, names), "attention"
+                return attention_per_example_grads(module, arguments, call.grads, names)
         if call.rng_before is not None:
-            return _by_replay(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked, batch_size,
-                              call), "replay"
+            return _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
+                              batch_size, call)
         try:
-            return _by_vmap(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked), "vmap"
+            return _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked)
         except (RuntimeError, NotImplementedError, ValueError, TypeError):
             # torch.func cannot batch some ops (fused RNN kernels, .item(), data-dependent control flow)
-            return _by_loop(module, parameters, rebuild, leaves, dims, grads, output_dims, hooked,
-                            batch_size), "loop"
+            return _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
+                            batch_size)

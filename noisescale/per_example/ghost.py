@@ -98,7 +98,7 @@ class GhostPass:
         try:
             for module, entry, call in self.fallback_calls:
                 try:
-                    grads, _ = module_per_example_grads(module, call, list(entry.names), self.batch_size)
+                    grads = module_per_example_grads(module, call, list(entry.names), self.batch_size)
                 except PerExampleError:
                     raise
                 except Exception as error:  # any failure of torch.func or of the module's own code
