@@ -449,7 +449,18 @@ STRUCTURAL_RULES: list = [TransposedLinearRule(), ThirdPartyRMSNormRule()]
 
 def register_rule(module_type: type, rule: LayerRule) -> None:
     """Measure every module of ``module_type`` (and of its subclasses that do not override ``forward``) by
-    ``rule`` (see ``LayerRule`` for the contract); replaces the rule registered for that type before."""
+    ``rule`` (see ``LayerRule`` for the contract); replaces the rule registered for that type before.
+
+    For a layer y = x * w with w of shape (d,), dl_i/dw = sum over positions of g * x::
+
+        class ScaleRule(LayerRule):
+            def per_example_grads(self, module, x, g, names):
+                return {"weight": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+        register_rule(Scale, ScaleRule())
+
+    Without a rule such a layer is still measured exactly by the per-module fallback (backend "module"), at the
+    cost of re-running it; a rule makes it as cheap as the layers above."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
     if not isinstance(rule, LayerRule):
