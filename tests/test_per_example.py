@@ -720,3 +720,35 @@ def test_third_party_rms_norms_are_matched_by_structure_and_verified(norm, backe
     result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
     torch.testing.assert_close(result.by_parameter["1.weight"], expected, rtol=1e-5, atol=0)
     assert result.backend_of["1.weight"] == backend
+
+
+class WindowBias(nn.Module):
+    """A bias computed from parameters alone, shape (1, N, d), broadcast over windows rather than examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-1.0, 1.0, 6).view(1, 2, 3))
+
+    def forward(self):
+        return self.table * 2.0
+
+
+class Windowed(nn.Module):
+    """Swin-like: (B, 4, 3) cut into 2 windows of 2 positions, (2B, 2, 3), plus a bias shared by every window."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = WindowBias()
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        windows = x.reshape(-1, 2, 3) + self.bias()
+        return self.out(torch.tanh(windows).reshape(x.shape[0], 4, 3).mean(1))
+
+
+def test_an_output_of_one_from_parameters_alone_is_not_taken_for_a_broadcast_call():
+    """Expanding it to B would break the model's own forward (2B windows); it goes to the whole-model vmap."""
+    model = _float64(Windowed)
+    x = torch.randn(3, 4, 3, dtype=torch.float64, generator=generator(1))
+    result = assert_matches_reference(model, regression_loss, x, torch.zeros(3, 2, dtype=torch.float64), "auto")
+    assert result.backend_of["bias.table"] == "vmap" and result.backend_of["out.weight"] == "ghost"

@@ -31,7 +31,10 @@ Broadcast calls: a module called with a batch of 1 inside a forward over B examp
 values). p.grad stays bit-identical when that output feeds a broadcasting operation directly (an addition, as in
 HF models); if other layers run on it first, they now run on B copies and p.grad may differ in the last bits.
 
-What cannot be detected: positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
+What cannot be detected: hooked modules must see the examples in dim 0 (or 1 shared by all). A layer called on
+another layout -- sequence-first (T, B, d) tensors outside nn.MultiheadAttention and the RNNs, windows or flattened
+(B * T, d) rows -- is sent to the whole-model vmap when dim 0 differs from B, but is measured wrongly when it
+happens to equal B. Positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
 one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
 arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
 through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible

@@ -135,6 +135,15 @@ def _broadcast(t: Tensor, batch_size: int) -> Tensor:
     return t.expand(batch_size, *t.shape[1:])
 
 
+def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
+    """A call with a batch of 1 inside a forward over B > 1 examples: its output has dim 0 of size 1 and it has
+    tensor inputs (HF position embeddings on position_ids (1, T)). A call without tensor inputs (a bias computed
+    from parameters alone, as Swin's relative position bias) is not one: its output may broadcast over another
+    dim than the examples (windows), so it is left alone (and measured by the whole-model vmap)."""
+    return (batch > 1 and isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1
+            and any(isinstance(t, Tensor) for t in tree_flatten((args, kwargs))[0]))
+
+
 def _first_input(args: tuple, kwargs: dict) -> Any:
     return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
 
@@ -189,7 +198,7 @@ class GhostNormEngine:
             return None
         x, batch = _first_input(args, kwargs), ghost_pass.batch_size
         replaced = None
-        if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and output.shape[0] == 1 and batch > 1:
+        if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and _batch_of_one(args, kwargs, output, batch):
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
             output = replaced
         self._warn_if_positions(entry, module, x, batch)
@@ -238,8 +247,7 @@ class GhostNormEngine:
             ghost_pass.vmap_names.update(entry.names.values())
             return None
         replaced = None
-        if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 and batch > 1 \
-                and type(spec) is BatchDims:
+        if type(spec) is BatchDims and _batch_of_one(args, kwargs, output, batch):
             output = replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
         outputs = output_tensors(output)
         dims = spec.output_dims(module, len(outputs))
