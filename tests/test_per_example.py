@@ -603,20 +603,26 @@ def test_a_failing_fallback_leaves_every_grad_as_it_was(prefilled):
             assert torch.equal(p.grad, values), name
 
 
+class OffsetPositions(nn.Embedding):
+    """A position table with its own forward (as BART's): no rule, so the per-module fallback measures it."""
+
+    def forward(self, positions):
+        return super().forward(positions + 1)
+
+
 class SharedPositions(nn.Module):
     """Position tables called with a batch of 1, (1, T), and broadcast over the batch by an addition, as
-    HuggingFace models do; ``scale`` has no rule (per-module fallback) and is called on a (1, T, d) table."""
+    HuggingFace models do: one with a rule (ghost), one without (per-module fallback)."""
 
     def __init__(self, length=4, width=3):
         super().__init__()
         self.position = nn.Embedding(length, width)
-        self.scale = Scale(width)
-        self.register_buffer("table", torch.linspace(-1.0, 1.0, length * width).view(1, length, width))
+        self.offset_position = OffsetPositions(length + 1, width)
         self.out = nn.Linear(width, 2)
 
     def forward(self, x):
         positions = torch.arange(x.shape[1]).unsqueeze(0)
-        return self.out(torch.tanh(x + self.position(positions) + self.scale(self.table[:, :x.shape[1]])))
+        return self.out(torch.tanh(x + self.position(positions) + self.offset_position(positions)))
 
 
 @pytest.mark.parametrize("batch", [1, 4, 5])   # 4 == T: a (1, T) call is still told apart from the batch
@@ -627,7 +633,7 @@ def test_calls_with_a_batch_of_one_are_shared_by_every_example(batch):
     x = torch.randn(batch, 4, 3, dtype=torch.float64, generator=generator(1))
     y = torch.randn(batch, 4, 2, dtype=torch.float64, generator=generator(2))
     result = assert_matches_reference(model, regression_loss, x, y, "auto")
-    assert result.backend_of["position.weight"] == "ghost" and result.backend_of["scale.weight"] == "module"
+    assert result.backend_of["position.weight"] == "ghost" and result.backend_of["offset_position.weight"] == "module"
 
 
 def test_positions_without_a_batch_dim_go_to_vmap_under_auto_and_arange_b_warns():

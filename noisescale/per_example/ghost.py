@@ -136,12 +136,14 @@ def _broadcast(t: Tensor, batch_size: int) -> Tensor:
 
 
 def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
-    """A call with a batch of 1 inside a forward over B > 1 examples: its output has dim 0 of size 1 and it has
-    tensor inputs (HF position embeddings on position_ids (1, T)). A call without tensor inputs (a bias computed
-    from parameters alone, as Swin's relative position bias) is not one: its output may broadcast over another
-    dim than the examples (windows), so it is left alone (and measured by the whole-model vmap)."""
-    return (batch > 1 and isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1
-            and any(isinstance(t, Tensor) for t in tree_flatten((args, kwargs))[0]))
+    """A call shared by the B > 1 examples: its output has dim 0 of size 1 and its inputs are index tensors
+    (HF position embeddings on position_ids (1, T); BART's on (T,) positions). Only index inputs are taken for
+    positions: a float input of batch 1 (Swin-v2's coordinate table) or no input at all (Swin's bias table) may
+    broadcast over windows or heads rather than examples, where an expanded output would break the model's own
+    forward; such calls are left alone (and measured by the whole-model vmap)."""
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    return (batch > 1 and isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1 and bool(tensors)
+            and not any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in tensors))
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
