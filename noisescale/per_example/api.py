@@ -26,9 +26,10 @@ backend="auto" uses ghost where a rule applies, the per-module fallback for othe
 vmap only for parameters used outside every module call that could measure them; backend="ghost" allows rules
 only and raises otherwise.
 
-Broadcast calls: a module called with a batch of 1 inside a forward over B examples (HF position embeddings on
-``position_ids`` of shape (1, T)) is measured exactly: its output is expanded to B in the forward hook (the same
-values). p.grad stays bit-identical when that output feeds a broadcasting operation directly (an addition, as in
+Broadcast calls: a module called on index tensors that returns a batch of 1 inside a forward over B examples (HF
+position embeddings on ``position_ids`` of shape (1, T)) is measured exactly: its output is expanded to B in the
+forward hook (the same values). Calls of batch 1 on float inputs or on no input (window or head biases) are not
+expanded, since they may broadcast over another dim than the examples; the whole-model vmap measures them. p.grad stays bit-identical when that output feeds a broadcasting operation directly (an addition, as in
 HF models); if other layers run on it first, they now run on B copies and p.grad may differ in the last bits.
 
 What cannot be detected: hooked modules must see the examples in dim 0 (or 1 shared by all). A layer called on

@@ -12,10 +12,10 @@ a tensor hook on that call's output, so a module called several times in one for
 Scale: the pass differentiates loss_scale * mean_i l_i, so the output gradient of example i is
 loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once at the end.
 
-Broadcast calls: a module called with a batch of 1 inside a forward over B examples (HuggingFace position
-embeddings on ``position_ids`` of shape (1, T)) has its output replaced by ``output.expand(B, ...)`` (same values;
-a forward hook may replace the output) so that the output gradient arrives per example, and its input is
-treated as shared by every example.
+Broadcast calls: a module called on index tensors with an output of batch 1 inside a forward over B examples
+(HuggingFace position embeddings on ``position_ids`` of shape (1, T)) has its output replaced by
+``output.expand(B, ...)`` (same values; a forward hook may replace the output) so that the output gradient arrives
+per example, and its input is treated as shared by every example (``_batch_of_one``).
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their per-example gradients (B x numel) are materialised and summed
