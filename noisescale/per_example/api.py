@@ -77,7 +77,8 @@ class PerExampleNorms:
     sqnorms: (B,) |g_i|^2 summed over all trainable parameters (unscaled by loss_scale).
     grad_sqnorm: scalar |gbar|^2 of this batch's mean gradient (independent of what p.grad held before).
     by_parameter: parameter name -> (B,) contribution to sqnorms, when asked for.
-    backend_of: parameter name -> "ghost" | "vmap".
+    backend_of: parameter name -> "ghost" (a layer rule) | "module" (the per-module fallback) | "vmap" (the
+        whole-model torch.func pass).
     """
 
     loss: Tensor
