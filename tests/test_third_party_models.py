@@ -252,3 +252,21 @@ def test_the_monitor_runs_on_a_transformers_batch_and_reports_the_backends():
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters()))
     assert monitor.history["grad_sqnorm"].notna().all() and len(monitor.history) == 2
     assert set(monitor.backend_of.values()) == {"ghost"}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_norms(use_reentrant):
+    """HF gradient checkpointing re-runs each layer's forward during the backward: the re-run calls count as
+    further uses (their per-example gradients are summed before the norm), so the norms are those without it."""
+    model, loss_fn, inputs, targets = _case("llama_attention_mask")
+    expected = per_example_sqnorms(copy.deepcopy(model), loss_fn, inputs, targets).sqnorms
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()   # checkpointing runs in train mode only; the tiny config has no dropout
+    grads = plain_grads(model, loss_fn, inputs, targets)
+    mlp, runs = model.model.layers[0].mlp, []
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
+    result = per_example_sqnorms(model, loss_fn, inputs, targets)
+    assert len(runs) == 2                      # the layer was re-run in the backward
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())

@@ -39,7 +39,8 @@ happens to equal B. Positions passed *without* a batch dim (``embedding(torch.ar
 one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
 arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
 through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
-to hooks: give such a model backend="vmap". Activation checkpointing (which re-runs forwards) is not supported.
+to hooks: give such a model backend="vmap". Activation checkpointing (HF gradient checkpointing, reentrant or not)
+gives the same norms (tested): re-run calls count as further uses, whose per-example gradients are summed.
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
