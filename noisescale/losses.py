@@ -1,13 +1,69 @@
-"""Per-example losses: shape (B,), and the training loss is their mean."""
+"""Per-example losses l_i (shape (B,)) whose mean is the training loss, for classifiers and sequence models.
+
+The noise-scale estimators need the gradient of each example's loss, so a loss here never reduces over the batch.
+Both functions accept the logits themselves or a model output that holds them (a HuggingFace ``ModelOutput`` or
+a dict with a ``"logits"`` entry), so they can be passed as ``loss_fn(outputs, targets)`` directly.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping
+from typing import Any
+
 import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["per_example_cross_entropy"]
+__all__ = ["logits_of", "per_example_cross_entropy", "sequence_cross_entropy", "WEIGHTINGS"]
+
+WEIGHTINGS = ("example", "token")
 
 
-def per_example_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example classification loss, shape (B,): the mean of it is the usual cross-entropy."""
-    return F.cross_entropy(outputs, targets, reduction="none")
+def logits_of(outputs: Any) -> Tensor:
+    """The logits tensor of a model output: the tensor itself, ``outputs.logits`` or ``outputs["logits"]``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"expected logits as a tensor or a model output with a 'logits' tensor, got "
+                        f"{type(outputs).__name__}")
+    return logits
+
+
+def per_example_cross_entropy(outputs: Any, targets: Tensor) -> Tensor:
+    """Classification: l_i = -log softmax(z_i)[y_i] for logits (B, C) and class indices (B,) -> (B,)."""
+    logits = logits_of(outputs)
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (B, C) and targets (B,), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}; for sequences use sequence_cross_entropy")
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = -100, shift: bool = False,
+                           weighting: str = "example") -> Tensor:
+    """Per-example loss of a sequence model from token cross-entropies c_it, logits (B, T, V) and labels (B, T).
+
+    Tokens whose label is ``ignore_index`` (padding, prompt tokens; -100 as in HuggingFace) count for nothing.
+    ``shift=True`` predicts token t+1 from position t (logits[:, :-1] against labels[:, 1:]), as HuggingFace's
+    causal-LM models do when given ``labels`` equal to the input ids. With n_i the counted tokens of example i and
+    N = sum_i n_i:
+
+    - ``weighting="example"``: l_i = sum_t c_it / n_i, each example's mean token loss (0 for an example without
+      counted tokens); the training loss mean_i l_i weighs examples equally.
+    - ``weighting="token"``: l_i = B sum_t c_it / N, so that mean_i l_i = sum_{i,t} c_it / N is exactly the
+      token-mean loss HuggingFace models train on; l_i then depends on the batch through N, a constant of the
+      labels, so dl_i/dtheta is still example i's own gradient (scaled by B n_i / N).
+    """
+    logits = logits_of(outputs)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    tokens = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="none")
+    counted = labels != ignore_index
+    totals = tokens.view(labels.shape).sum(1)
+    if weighting == "example":
+        return totals / counted.sum(1).clamp_min(1).to(totals.dtype)
+    return totals * (labels.shape[0] / max(int(counted.sum()), 1))

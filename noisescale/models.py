@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noisescale.losses import sequence_cross_entropy  # the per-example sequence loss, kept importable from here
+
 __all__ = ["mlp", "lenet5", "tiny_transformer", "TinyTransformer", "sequence_cross_entropy", "load_model_factory"]
 
 
@@ -101,15 +103,6 @@ def tiny_transformer(vocab_size: int = 256, d_model: int = 128, n_heads: int = 4
                      block_size: int = 64, tied: bool = True, dropout: float = 0.0) -> TinyTransformer:
     """The small default language model: logits (B, T, vocab_size) for tokens (B, T)."""
     return TinyTransformer(vocab_size, d_model, n_heads, n_layers, block_size, tied, dropout)
-
-
-def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-example loss of a sequence model: mean token cross-entropy, (B, T, V) logits and (B, T) -> (B,)."""
-    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and targets (B, T), got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-    tokens = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return tokens.view(targets.shape).mean(1)
 
 
 def load_model_factory(spec: str | None) -> Callable[[], nn.Module]:

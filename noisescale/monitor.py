@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from noisescale._checks import check_int
+from noisescale.batches import batch_size_of, call_model, to_device
 from noisescale.checkpoints import to_plain
 from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
@@ -172,20 +173,27 @@ class NoiseScaleMonitor:
         self.examples_seen = 0
         self.nonfinite_steps = 0
         self._rows: list[dict[str, Any]] = []
+        self.backend_of: dict[str, str] = {}
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ the training step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
-        """Forward, per-example loss, backward (p.grad as a plain backward would leave it); returns the mean loss."""
+        """Forward, per-example loss, backward (p.grad as a plain backward would leave it); returns the mean loss.
+
+        ``inputs``: a tensor, a tuple of positional inputs or a mapping of keyword inputs (``model(**inputs)``,
+        a HuggingFace batch), every tensor batch-first (:mod:`noisescale.batches`); ``targets``: any pytree of
+        batch-first tensors, or None when the loss needs none. After a measured step ``backend_of`` maps each
+        trainable parameter name to the backend that measured it ("ghost", "module" or "vmap")."""
         loss_scale = loss_scale_of(self.grad_scaler, next(self.model.parameters()).device)
-        batch_size = _batch_size(inputs)
+        batch_size = batch_size_of(inputs)
         measured = self.step % self.measure_every == 0
         if measured:
             result = self.norms(inputs, targets, loss_scale=loss_scale)
+            self.backend_of = dict(result.backend_of)
             loss = result.loss
             row = self._measure(result.losses, result.sqnorms, result.grad_sqnorm, batch_size)
         else:
-            losses = self.loss_fn(self.model(*_as_tuple(inputs)), targets)  # the hooks are inert here
+            losses = self.loss_fn(call_model(self.model, inputs), targets)  # the hooks are inert here
             (losses.mean() * loss_scale).backward()
             loss = losses.detach().mean()
             row = {"loss": loss.item(), "measured": False}
@@ -231,7 +239,7 @@ class NoiseScaleMonitor:
 
     def _hessian(self, inputs, targets) -> dict[str, float]:
         """The Hessian proxies' history columns for this batch; none (warned once) below the minimum batch."""
-        batch_size = _batch_size(inputs)
+        batch_size = batch_size_of(inputs)
         if batch_size < HESSIAN_NOISE_SCALE_MIN_BATCH:
             self._warn_once("hessian_batch", f"step {self.step}: B_noise needs a batch of at least "
                             f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {batch_size}; the Hessian proxies "
@@ -368,14 +376,6 @@ def loss_scale_of(grad_scaler: Any, device: torch.device) -> float:
     return float(grad_scaler.scale(torch.ones((), device=device)))
 
 
-def _as_tuple(inputs: Any) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def _batch_size(inputs: Any) -> int:
-    return _as_tuple(inputs)[0].shape[0]
-
-
 def measure(
     model: torch.nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -402,15 +402,10 @@ def measure(
             if max_batches is not None and index >= max_batches:
                 break
             if device is not None:
-                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
             model.zero_grad(set_to_none=True)
             monitor(inputs, targets)
     for name, p in model.named_parameters():
         p.grad = saved_grads[name]
     return monitor
 
-
-def _to_device(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, tuple):
-        return tuple(v.to(device) for v in value)
-    return value.to(device)

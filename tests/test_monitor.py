@@ -328,3 +328,31 @@ def test_divergence_rule_against_hand_made_histories(losses, diverged):
 
     rows = [{"step": step, "loss": loss, "nonfinite": not math.isfinite(loss)} for step, loss in enumerate(losses)]
     assert (divergence_of(rows) is not None) == diverged
+
+
+def test_keyword_inputs_measure_what_the_tuple_does_and_report_the_backends():
+    """model(**inputs) with a dict batch (as HuggingFace batches are called) gives the same history as the tuple
+    of the same tensors, on measured and on plain steps, and the monitor says which backend measured what."""
+    torch.manual_seed(6)
+    model = TwoInputs(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double())
+    generator = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(10, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (10,), generator=generator))
+               for _ in range(4)]
+    histories, grads = [], []
+    for keyword in (False, True):
+        monitor = NoiseScaleMonitor(model, per_example_cross_entropy, measure_every=2)
+        assert monitor.backend_of == {}
+        for inputs, targets in batches:
+            model.zero_grad(set_to_none=True)
+            x, z = inputs[:, :2], inputs[:, 2:]
+            monitor({"x": x, "z": z} if keyword else (x, z), targets)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        histories.append(monitor.history)
+        assert monitor.backend_of == {name: "ghost" for name, _ in model.named_parameters()}
+        monitor.close()
+    pd.testing.assert_frame_equal(histories[1], histories[0])
+    assert histories[0]["measured"].tolist() == [True, False, True, False]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    measured = measure(model, per_example_cross_entropy, [({"x": x[:, :2], "z": x[:, 2:]}, y) for x, y in batches],
+                       device="cpu", progress=False)
+    assert measured.history["b_simple"].notna().all()

@@ -178,7 +178,7 @@ class LinearTwiceUntied(nn.Module):
 
 
 class ScaledMLP(nn.Module):
-    """A raw nn.Parameter used in forward: no module rule, so auto routes it to vmap."""
+    """A raw nn.Parameter used in forward: no module rule, so auto measures it by the per-module fallback."""
 
     def __init__(self):
         super().__init__()
@@ -302,12 +302,14 @@ def test_module_called_twice_sums_per_example_gradients_before_the_norm():
 
 @pytest.mark.parametrize("backend", ["vmap", "auto"])
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED_MODELS))
-def test_unsupported_module_falls_back_to_vmap_under_auto(case, backend):
+def test_module_without_rule_falls_back_to_that_module_alone_under_auto(case, backend):
+    """Under auto a module without a rule is measured by the per-module fallback ("module"), the rest by ghost;
+    MHA's out_proj, used inside MHA's forward without a call of its own, goes with MHA."""
     make, parameter_prefix, _, _ = UNSUPPORTED_MODELS[case]
     model, x, y, loss_fn = make()
     result = assert_matches_reference(model, loss_fn, x, y, backend)
     for name, used in result.backend_of.items():
-        expected = "vmap" if backend == "vmap" or name.startswith(parameter_prefix) else "ghost"
+        expected = "vmap" if backend == "vmap" else "module" if name.startswith(parameter_prefix) else "ghost"
         assert used == expected, name
 
 
@@ -456,3 +458,303 @@ def test_ghost_rejects_parameter_used_outside_its_module():
     assert model.projection.weight.grad is None
     result = assert_matches_reference(model, regression_loss, x, y, "auto")
     assert set(result.backend_of.values()) == {"vmap"}
+
+
+class KeywordClassifier(nn.Module):
+    """Called as model(**batch) like a HuggingFace model: keyword tensors, a flag, a dict output, the per-example
+    loss computed inside from ``labels`` (so the loss_fn gets no targets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, scale_by_mask=True):
+        h = self.embed(input_ids)
+        if scale_by_mask:
+            h = h * attention_mask.unsqueeze(-1)
+        logits = self.out(torch.tanh(h).sum(1))
+        return {"logits": logits, "losses": F.cross_entropy(logits, labels, reduction="none")}
+
+
+def _keyword_case():
+    batch = {"input_ids": torch.randint(0, 11, (5, 4), generator=generator(1)),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]],
+                                            dtype=torch.float64),
+             "labels": torch.randint(0, 3, (5,), generator=generator(2)),
+             "scale_by_mask": True}
+    return _float64(KeywordClassifier), batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keyword_inputs_and_no_targets_match_a_per_example_loop(backend):
+    from noisescale.batches import select_examples
+    model, batch = _keyword_case()
+    loss_fn = lambda outputs, targets: outputs["losses"]  # noqa: E731 - targets is None here
+    reference = copy.deepcopy(model)
+    parameters = dict(reference.named_parameters())
+    expected = torch.stack([
+        sum(g.square().sum() for g in torch.autograd.grad(reference(**select_examples(batch, [i]))["losses"].sum(),
+                                                          list(parameters.values())))
+        for i in range(5)])
+    reference(**batch)["losses"].mean().backward()
+    result = per_example_sqnorms(model, loss_fn, batch, None, backend=backend)
+    assert_relclose(result.sqnorms, expected)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, parameters[name].grad), name
+
+
+# --------------------------------------------------------------------------- the per-module fallback, rules, failures
+
+def _batched_reference(model, loss_fn, inputs, targets, seed):
+    """Per-example |g_i|^2 from one batched forward (seeded) and one backward of each l_i: the reference when the
+    model draws random numbers (dropout), which a per-example loop would draw differently."""
+    model = copy.deepcopy(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    losses = loss_fn(model(*inputs), targets)
+    return torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses[i], parameters, retain_graph=True))
+                        for i in range(losses.shape[0])])
+
+
+def test_fallback_replays_the_dropout_masks_of_the_real_pass():
+    """nn.MultiheadAttention with attention dropout in train mode: the fallback re-runs it from the generator
+    state saved before its call, so its masks are those of the real pass."""
+    torch.manual_seed(0)
+    model = AttentionClassifier().double()
+    model.attention.dropout = 0.5
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 2, (4,), generator=generator(2))
+    expected = _batched_reference(model, classification_loss, (x,), y, seed=3)
+    torch.manual_seed(3)
+    result = per_example_sqnorms(model, classification_loss, x, y)
+    assert_relclose(result.sqnorms, expected)
+    assert result.backend_of["attention.in_proj_weight"] == "module"
+    torch.manual_seed(4)
+    assert not torch.allclose(_batched_reference(model, classification_loss, (x,), y, seed=4), expected)
+
+
+class Scale(nn.Module):
+    """y = x * w over the last dim: a layer of one's own."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaleRule:
+    """dl_i/dw = sum over positions of g * x."""
+
+    def per_example_grads(self, module, x, g, names):
+        return {"weight": (x * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+
+def test_a_registered_rule_measures_ones_own_layer(monkeypatch):
+    from noisescale.per_example import RULES, LayerRule, register_rule
+    monkeypatch.setattr("noisescale.per_example.layers.RULES", dict(RULES))
+    rule = type("ScaleLayerRule", (ScaleRule, LayerRule), {})()
+    with pytest.raises(TypeError, match="LayerRule"):
+        register_rule(Scale, ScaleRule())
+    register_rule(Scale, rule)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 6, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 6, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "ghost")
+    assert set(result.backend_of.values()) == {"ghost"}
+
+
+class FailsOnSecondCall(nn.Module):
+    """A layer without a rule whose forward cannot be run again (as a stateful layer might): the fallback fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("forward called twice")
+        return x * self.weight
+
+
+@pytest.mark.parametrize("prefilled", [False, True])
+def test_a_failing_fallback_leaves_every_grad_as_it_was(prefilled):
+    from noisescale.per_example import PerExampleError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), FailsOnSecondCall(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    if prefilled:
+        regression_loss(model(x), y).mean().backward()
+        model[1].calls = 0
+    before = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    with pytest.raises(PerExampleError, match=r"module '1' \(FailsOnSecondCall\), parameters \['1\.weight'\]: "
+                                              r"backend 'module' failed: .*forward called twice.*register_rule"):
+        per_example_sqnorms(model, regression_loss, x, y)
+    for name, p in model.named_parameters():
+        grad, values = before[name]
+        assert p.grad is grad, name
+        if grad is not None:
+            assert torch.equal(p.grad, values), name
+
+
+class OffsetPositions(nn.Embedding):
+    """A position table with its own forward (as BART's): no rule, so the per-module fallback measures it."""
+
+    def forward(self, positions):
+        return super().forward(positions + 1)
+
+
+class SharedPositions(nn.Module):
+    """Position tables called with a batch of 1, (1, T), and broadcast over the batch by an addition, as
+    HuggingFace models do: one with a rule (ghost), one without (per-module fallback)."""
+
+    def __init__(self, length=4, width=3):
+        super().__init__()
+        self.position = nn.Embedding(length, width)
+        self.offset_position = OffsetPositions(length + 1, width)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
+        return self.out(torch.tanh(x + self.position(positions) + self.offset_position(positions)))
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])   # 4 == T: a (1, T) call is still told apart from the batch
+def test_calls_with_a_batch_of_one_are_shared_by_every_example(batch):
+    """Their outputs are expanded to B in the forward hook (same values), so p.grad stays bit-identical when the
+    output feeds a broadcasting operation directly, as here."""
+    model = _float64(SharedPositions)
+    x = torch.randn(batch, 4, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(batch, 4, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert result.backend_of["position.weight"] == "ghost" and result.backend_of["offset_position.weight"] == "module"
+
+
+def test_positions_without_a_batch_dim_go_to_vmap_under_auto_and_arange_b_warns():
+    class UnbatchedPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.position = nn.Embedding(5, 3)
+
+        def forward(self, x):
+            return x + self.position(torch.arange(x.shape[1]))
+
+    model = _float64(UnbatchedPositions)
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=generator(1))     # T = 4 != B = 5: detected
+    result = assert_matches_reference(model, regression_loss, x, torch.zeros_like(x), "auto")
+    assert result.backend_of["position.weight"] == "vmap"
+    square = torch.randn(4, 4, 3, dtype=torch.float64, generator=generator(1))  # T == B: cannot be told apart
+    with pytest.warns(RuntimeWarning, match=r"'position' \(Embedding\).*arange.*\(1, T\)"):
+        per_example_sqnorms(model, regression_loss, square, torch.zeros_like(square))
+
+
+class MaskedAttention(nn.Module):
+    """nn.MultiheadAttention in either layout, with a key padding mask and a causal 2-D mask (bool or float)."""
+
+    def __init__(self, batch_first, mask_kind, bias):
+        super().__init__()
+        self.batch_first, self.mask_kind = batch_first, mask_kind
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x, padding_mask):
+        length = x.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        mask = {None: None, "bool": causal, "float": torch.zeros(length, length, dtype=x.dtype).masked_fill(
+            causal, float("-inf"))}[self.mask_kind]
+        h = x if self.batch_first else x.transpose(0, 1)
+        y, _ = self.attention(h, h, h, key_padding_mask=padding_mask, attn_mask=mask, need_weights=False)
+        return self.out((y if self.batch_first else y.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask_kind,bias", [(None, True), ("bool", False), ("float", True)])
+def test_multihead_attention_is_measured_from_one_rerun_of_its_call(batch_first, mask_kind, bias, monkeypatch):
+    """The attention re-run (attention.py), not vmap or a per-example loop, for every layout and mask."""
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the generic fallback was used")
+    monkeypatch.setattr("noisescale.per_example.fallback._by_vmap", not_expected)
+    monkeypatch.setattr("noisescale.per_example.fallback._by_loop", not_expected)
+    model = _float64(lambda: MaskedAttention(batch_first, mask_kind, bias))
+    x = torch.randn(4, 5, 8, dtype=torch.float64, generator=generator(1))
+    padding = torch.zeros(4, 5, dtype=torch.bool)
+    padding[1, 3:] = padding[2, 4:] = True
+    result = assert_matches_reference(model, classification_loss, (x, padding), torch.tensor([0, 1, 1, 0]), "auto")
+    assert {name for name, used in result.backend_of.items() if used == "module"} == {
+        name for name, _ in model.attention.named_parameters(prefix="attention")}
+
+
+class OffsetRMSNorm(nn.Module):
+    """An RMSNorm of another library, written as Gemma's: y = (1 + w) * x_hat, x_hat computed in float32."""
+
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, width))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x_hat * (1.0 + self.weight.float())).type_as(x)
+
+
+class MisnamedRMSNorm(nn.Module):
+    """Looks like an RMSNorm (name, eps, one (d,) weight) but computes y = w * x: verification must reject it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        return self.weight * x
+
+
+@pytest.mark.parametrize("norm,backend", [(OffsetRMSNorm, "ghost"), (MisnamedRMSNorm, "module")])
+def test_third_party_rms_norms_are_matched_by_structure_and_verified(norm, backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), norm(4), nn.Linear(4, 2))      # float32: Gemma's float32 product
+    x = torch.randn(6, 5, 3, generator=generator(1))
+    y = torch.randn(6, 5, 2, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)["1.weight"]
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    torch.testing.assert_close(result.by_parameter["1.weight"], expected, rtol=1e-5, atol=0)
+    assert result.backend_of["1.weight"] == backend
+
+
+class WindowBias(nn.Module):
+    """A bias computed from parameters alone, shape (1, N, d), broadcast over windows rather than examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-1.0, 1.0, 6).view(1, 2, 3))
+
+    def forward(self):
+        return self.table * 2.0
+
+
+class Windowed(nn.Module):
+    """Swin-like: (B, 4, 3) cut into 2 windows of 2 positions, (2B, 2, 3), plus a bias shared by every window."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = WindowBias()
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        windows = x.reshape(-1, 2, 3) + self.bias()
+        return self.out(torch.tanh(windows).reshape(x.shape[0], 4, 3).mean(1))
+
+
+def test_an_output_of_one_from_parameters_alone_is_not_taken_for_a_broadcast_call():
+    """Expanding it to B would break the model's own forward (2B windows); it goes to the whole-model vmap."""
+    model = _float64(Windowed)
+    x = torch.randn(3, 4, 3, dtype=torch.float64, generator=generator(1))
+    result = assert_matches_reference(model, regression_loss, x, torch.zeros(3, 2, dtype=torch.float64), "auto")
+    assert result.backend_of["bias.table"] == "vmap" and result.backend_of["out.weight"] == "ghost"

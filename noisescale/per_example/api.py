@@ -5,16 +5,48 @@ gbar = mean_i g_i. A call runs the one real forward and backward of mean_i l_i (
 into ``p.grad`` exactly as ``backward()`` would, and returns |g_i|^2 (B,) and |gbar|^2 -- the inputs of the
 gradient noise scale estimators (McCandlish et al. 2018, appendix A).
 
-Backends: "ghost" computes the norms from hooks during that pass (``ghost.py``, ``layers.py``); "vmap" from a
-separate torch.func pass (``vmap.py``); "auto" uses ghost for every parameter whose module has a rule and vmap for
-the rest only.
+Inputs: a tensor, a tuple of positional inputs or a mapping of keyword inputs (``model(**batch)``), every tensor
+batch-first (:mod:`noisescale.batches`); the loss may read a HuggingFace ``ModelOutput`` (:mod:`noisescale.losses`).
 
-Limits of ghost: every hooked module must see tensors whose dim 0 is the example index (a position embedding
-applied to ``arange(T)`` without the batch dim would be wrong when T == B and is an error otherwise). A parameter
-used only outside its module's forward (nn.MultiheadAttention's out_proj) is detected -- it gets a gradient but no
-hooked call -- and auto sends it to vmap; one used both through its module and directly
-(``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible to hooks: give such a model
-backend="vmap". Activation checkpointing (which re-runs forwards) is not supported.
+Backends, per parameter (``PerExampleNorms.backend_of``):
+
+- "ghost": a layer rule (``layers.py``) turns the module's input and output gradient, kept by hooks during the real
+  pass, into the norms (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm in eval mode,
+  HF GPT-2's Conv1D and third-party RMSNorm layers matched by structure, and rules registered with
+  ``register_rule``).
+- "module": the per-module fallback (``fallback.py``) for a module without a rule: vmap of the VJP of that
+  module's own forward over the examples, fed with the output gradients of the real pass (or a per-example loop
+  through that module where vmap cannot run it, as for fused RNN kernels). Covers nn.MultiheadAttention (with
+  its out_proj), nn.RNN/LSTM/GRU in either layout, and parameters used directly inside a module's forward (ViT's
+  cls_token and position table).
+- "vmap": a separate whole-model torch.func pass (``vmap.py``, a per-example loop where vmap fails), for
+  backend="vmap" and, under auto, for what the hooks cannot reach.
+
+backend="auto" uses ghost where a rule applies, the per-module fallback for other modules and the whole-model
+vmap only for parameters used outside every module call that could measure them; backend="ghost" allows rules
+only and raises otherwise.
+
+Broadcast calls: a module called on index tensors that returns a batch of 1 inside a forward over B examples (HF
+position embeddings on ``position_ids`` of shape (1, T)) is measured exactly: its output is expanded to B in the
+forward hook (the same values). Calls of batch 1 on float inputs or on no input (window or head biases) are not
+expanded, since they may broadcast over another dim than the examples; the whole-model vmap measures them. p.grad stays bit-identical when that output feeds a broadcasting operation directly (an addition, as in
+HF models); if other layers run on it first, they now run on B copies and p.grad may differ in the last bits.
+
+What cannot be detected: hooked modules must see the examples in dim 0 (or 1 shared by all). A layer called on
+another layout -- sequence-first (T, B, d) tensors outside nn.MultiheadAttention and the RNNs, windows or flattened
+(B * T, d) rows -- is sent to the whole-model vmap when dim 0 differs from B, but is measured wrongly when it
+happens to equal B. Positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
+one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
+arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
+through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
+to hooks: give such a model backend="vmap". Activation checkpointing (HF gradient checkpointing, reentrant or not)
+gives the same norms (tested): re-run calls count as further uses, whose per-example gradients are summed.
+Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
+global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
+
+Failures: if anything fails (a rule, the fallback, vmap, the loss's shape), every p.grad is put back as it was
+before the call and ``PerExampleError`` names the module, its type, the parameters, the backend and what to do.
+Under DDP, gradients already all-reduced by the failed backward cannot be taken back on the other ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +58,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.ghost import GhostModule, GhostNormEngine
+from noisescale.batches import batch_size_of, call_model
+from noisescale.per_example.errors import PerExampleError
+from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import rule_for, uses_batch_statistics
 from noisescale.per_example.vmap import vmap_sqnorms
 
@@ -44,7 +78,8 @@ class PerExampleNorms:
     sqnorms: (B,) |g_i|^2 summed over all trainable parameters (unscaled by loss_scale).
     grad_sqnorm: scalar |gbar|^2 of this batch's mean gradient (independent of what p.grad held before).
     by_parameter: parameter name -> (B,) contribution to sqnorms, when asked for.
-    backend_of: parameter name -> "ghost" | "vmap".
+    backend_of: parameter name -> "ghost" (a layer rule) | "module" (the per-module fallback) | "vmap" (the
+        whole-model torch.func pass).
     """
 
     loss: Tensor
@@ -60,18 +95,6 @@ class _Plan:
     ghost: dict[nn.Module, GhostModule]
     vmap_names: list[str]
     backend_of: dict[str, str]
-
-
-def _as_input_tuple(inputs: Any) -> tuple[Tensor, ...]:
-    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
-    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError(f"inputs must be a tensor or a non-empty tuple of tensors, got {type(inputs).__name__}")
-    batch_sizes = {t.shape[0] if t.dim() else None for t in inputs}
-    if len(batch_sizes) != 1 or None in batch_sizes:
-        raise ValueError(f"all inputs need the same batch size in dim 0, got shapes {[tuple(t.shape) for t in inputs]}")
-    if inputs[0].shape[0] == 0:
-        raise ValueError("empty batch: inputs have 0 examples in dim 0")
-    return inputs
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -103,14 +126,14 @@ def _record_sqnorm(received: dict[str, Tensor], name: str, dtype: torch.dtype, g
 
 
 class PerExampleGradNorms:
-    """Stateful shell: installs the ghost hooks once and measures every step it is called on.
+    """Stateful shell: installs the hooks once and measures every step it is called on.
 
     ``norms = PerExampleGradNorms(model, loss_fn)(inputs, targets)`` replaces ``loss.mean().backward()``: p.grad
     ends as that backward leaves it (bit-identical under ghost and auto). Use as a context manager or call
     ``close()`` to remove the hooks.
 
-    Parameters shared by several modules or calls are measured by summing their per-example gradients before the
-    norm, which materialises (B x numel) for those parameters only.
+    Parameters shared by several modules or calls, and those measured by the per-module fallback, are measured by
+    summing their per-example gradients before the norm, which materialises (B x numel) for those parameters only.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -126,7 +149,12 @@ class PerExampleGradNorms:
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
-        hooked = [] if backend == "vmap" else [m for m in self._path_of if rule_for(m) is not None]
+        if backend == "vmap":
+            hooked = []
+        elif backend == "ghost":
+            hooked = [m for m in self._path_of if rule_for(m) is not None]
+        else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
+            hooked = [m for m in self._path_of if any(True for _ in m.parameters(recurse=False))]
         self._engine = GhostNormEngine(hooked)
 
     def close(self) -> None:
@@ -140,10 +168,10 @@ class PerExampleGradNorms:
         self.close()
 
     def _plan(self) -> _Plan:
-        """Which trainable parameters go to ghost and which to vmap (decided per call: freezing may change)."""
+        """Which trainable parameters go to ghost, the per-module fallback and vmap (decided per call: freezing
+        may change)."""
         name_of = {p: name for name, p in self.model.named_parameters()}
-        owners: dict[str, list[tuple[nn.Module, str]]] = {}
-        vmap_names: set[str] = set()
+        owners: dict[str, list[tuple[nn.Module, str, str]]] = {}
         for module, path in self._path_of.items():
             if uses_batch_statistics(module):
                 raise ValueError(
@@ -157,40 +185,56 @@ class PerExampleGradNorms:
             reason = "no ghost rule for this module type" if rule is None else rule.unsupported_reason(module)
             if self.backend == "ghost" and reason is not None:
                 raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): {reason}; "
-                                 "use backend='auto' to route its parameters to vmap")
+                                 "use backend='auto' to measure it by the per-module fallback")
+            backend = "vmap" if self.backend == "vmap" else "ghost" if reason is None else "module"
             for n, p in local:
-                owners.setdefault(name_of[p], []).append((module, n))
-                if self.backend == "vmap" or reason is not None:
-                    vmap_names.add(name_of[p])
-        ghost: dict[nn.Module, GhostModule] = {}
+                owners.setdefault(name_of[p], []).append((module, n, backend))
+        backend_of: dict[str, str] = {}
         for name, uses in owners.items():
-            if name in vmap_names:
+            backends = {backend for _, _, backend in uses}
+            backend_of[name] = backends.pop() if len(backends) == 1 else "module"
+        hooked: dict[nn.Module, GhostModule] = {}
+        for name, uses in owners.items():
+            if backend_of[name] == "vmap":
                 continue
-            for module, local_name in uses:
-                entry = ghost.setdefault(module, GhostModule(self._path_of[module], rule_for(module), {}))
+            for module, local_name, _ in uses:
+                rule = rule_for(module) if backend_of[name] == "ghost" else None
+                entry = hooked.get(module)
+                if entry is None or (entry.rule is not None and rule is None):
+                    names = dict(entry.names) if entry else {}
+                    entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
-        backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in owners}
-        return _Plan(ghost, sorted(vmap_names), backend_of)
+        vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
+        return _Plan(hooked, vmap_names, backend_of)
 
-    def _used_outside_their_module(self, plan: _Plan, parameters: dict[str, Tensor], loss: Tensor,
-                                   use_count: dict[str, int]) -> list[str]:
-        """Ghost parameters in the loss's graph although no hooked call used them: their module's forward was
-        bypassed (e.g. nn.MultiheadAttention reads out_proj.weight directly). Auto sends them to vmap; ghost
-        raises before the backward, so a failed call leaves p.grad untouched."""
-        unused = {name for name, backend in plan.backend_of.items() if backend == "ghost" and use_count[name] == 0}
+    def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, loss: Tensor) -> list[str]:
+        """Parameters in the loss's graph although no hooked call of their module used them: their module's
+        forward was bypassed (nn.MultiheadAttention reads out_proj.weight directly). They are measured with the
+        nearest enclosing module that went through the per-module fallback, else by the whole-model vmap (auto);
+        ghost raises before the backward, so a failed call leaves p.grad untouched. Returns the vmap ones."""
+        unused = {name for name, backend in plan.backend_of.items()
+                  if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names}
         if not unused:
             return []
         in_graph = _leaves_in_graph(loss)
+        parameters = dict(self.model.named_parameters())
         bypassed = sorted(name for name in unused if id(parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
                              "their module's forward was never called (used directly by another module); use "
-                             "backend='auto' to route them to vmap")
-        return bypassed
+                             "backend='auto' to measure them with the module that uses them")
+        return [name for name in bypassed if not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name
+                                                                     else "")]
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
-        inputs = _as_input_tuple(inputs)
-        batch_size = inputs[0].shape[0]
+        """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every
+        tensor batch-first: :mod:`noisescale.batches`) and ``targets`` (any pytree of batch-first tensors, or
+        None); ``loss_fn(outputs, targets)`` receives whatever the model returns (a HuggingFace ModelOutput, say)
+        and must return (B,) per-example losses.
+
+        If anything fails, every p.grad is put back as it was before the call (None stays None, accumulated
+        gradients are restored in place) and the error names the module, the parameters and the backend."""
+        batch_size = batch_size_of(inputs)
         scale = float(loss_scale)
         if not scale > 0:
             raise ValueError(f"loss_scale must be positive, got {scale}")
@@ -199,27 +243,47 @@ class PerExampleGradNorms:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
         parameters = dict(self.model.named_parameters())
         names = list(plan.backend_of)
+        saved = _GradSnapshot([parameters[name] for name in names])
+        try:
+            return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
+        except BaseException:
+            saved.restore()
+            raise
+
+    def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         accumulate_dtype = torch.float32
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|^2, read before it is accumulated
         handles = [parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
                    for name in names]
         try:
-            with self._engine.recording(plan.ghost, batch_size, scale) as ghost_pass:
-                losses = _checked_losses(self.loss_fn(self.model(*inputs), targets), batch_size)
+            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost") as ghost_pass:
+                losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
-                bypassed = self._used_outside_their_module(plan, parameters, loss, ghost_pass.use_count)
+                bypassed = self._bypassed(plan, ghost_pass, loss)
                 objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
+                ghost_pass.finish()
         finally:
             for handle in handles:
                 handle.remove()
-        vmap_names = plan.vmap_names + bypassed
-        backend_of = {name: "vmap" if name in vmap_names else "ghost" for name in names}
+        vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
+        backend_of = {name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
+                      else plan.backend_of[name] for name in names}
         by_parameter = ghost_pass.result()
         grad_sqnorm = sum(received.values(), torch.zeros((), dtype=accumulate_dtype, device=loss.device))
         grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, accumulate_dtype)) / scale ** 2
         if vmap_names:
-            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, self.chunk_size))
+            try:
+                by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names,
+                                                 self.chunk_size))
+            except Exception as error:
+                declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
+                raise PerExampleError(
+                    f"parameters {vmap_names}", "vmap", f"{type(error).__name__}: {error}",
+                    "These parameters are used outside any module call, or by modules the hooks could not measure "
+                    f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
+                    "with the examples in dim 0 (or 1, shared), or register a rule "
+                    "(noisescale.per_example.register_rule)") from error
         zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
         by_parameter = {name: by_parameter[name].to(zeros.dtype) if name in by_parameter else zeros
                         for name in names}
@@ -231,6 +295,21 @@ class PerExampleGradNorms:
             by_parameter=by_parameter if self.by_parameter else None,
             backend_of=backend_of,
         )
+
+
+class _GradSnapshot:
+    """p.grad of each parameter before a call, to put back if the call fails: None stays None, an existing
+    gradient is copied back into the same tensor (so views into it, such as DDP's buckets, stay valid)."""
+
+    def __init__(self, parameters: list[nn.Parameter]):
+        self._saved = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in parameters]
+
+    def restore(self) -> None:
+        for p, grad, values in self._saved:
+            if grad is not None:
+                with torch.no_grad():
+                    grad.copy_(values)
+            p.grad = grad
 
 
 def per_example_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,

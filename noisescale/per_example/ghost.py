@@ -1,11 +1,21 @@
-"""Hook engine for ghost per-example gradient norms, computed during the one real backward pass.
+"""Hook engine for per-example gradient norms, computed from the one real backward pass.
 
 Forward hooks, installed once, keep a reference to each call's input (a tensor autograd saves anyway) and register
 a tensor hook on that call's output, so a module called several times in one forward gets one closure per call.
-When backward reaches the output, the hook hands (input, output gradient) to the layer rule of ``layers.py``.
+
+- A module with a layer rule (``layers.py``): when backward reaches the output, the hook hands (input, output
+  gradient) to the rule ("ghost" norms).
+- A module without one (or whose rule declined it): the call's args, kwargs and output gradients are kept and, once
+  the backward is over, its parameters' per-example gradients are computed from that module alone
+  (``fallback.py``, backend "module").
 
 Scale: the pass differentiates loss_scale * mean_i l_i, so the output gradient of example i is
 loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once at the end.
+
+Broadcast calls: a module called on index tensors with an output of batch 1 inside a forward over B examples
+(HuggingFace position embeddings on ``position_ids`` of shape (1, T)) has its output replaced by
+``output.expand(B, ...)`` (same values; a forward hook may replace the output) so that the output gradient arrives
+per example, and its input is treated as shared by every example (``_batch_of_one``).
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their per-example gradients (B x numel) are materialised and summed
@@ -14,33 +24,43 @@ over calls first; everything else stays in ghost form.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
-from noisescale.per_example.layers import LayerRule, per_example_sqnorm
+from noisescale.per_example.errors import PerExampleError
+from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
+                                             module_per_example_grads, output_tensors, rng_state)
+from noisescale.per_example.layers import LayerRule, LinearFactors, per_example_sqnorm
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
+
+_FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example.register_rule), or use "
+                    "backend='vmap' for the whole model")
 
 
 @dataclass(frozen=True)
 class GhostModule:
-    """A module handled by ghost norms in this pass: its rule and its trainable parameters (local -> global)."""
+    """A module measured in this pass: its rule (None: the per-module fallback) and its trainable parameters
+    (local name -> global name)."""
 
     path: str
-    rule: LayerRule
+    rule: LayerRule | None
     names: dict[str, str]
 
 
 @dataclass
 class GhostPass:
-    """What one forward/backward accumulates: per-parameter (B,) squared norms and shared per-example grads, both
-    of the loss_scale * mean loss (rescaled by grad_factor = B / loss_scale in ``result``)."""
+    """What one forward/backward accumulates: per-parameter (B,) squared norms and per-example grads, both of the
+    loss_scale * mean loss (rescaled by grad_factor = B / loss_scale in ``result``)."""
 
     modules: dict[nn.Module, GhostModule]
     batch_size: int
@@ -48,6 +68,52 @@ class GhostPass:
     use_count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sqnorms: dict[str, Tensor] = field(default_factory=dict)
     shared_grads: dict[str, Tensor] = field(default_factory=dict)
+    fallback_calls: list[tuple[nn.Module, GhostModule, FallbackCall]] = field(default_factory=list)
+    fallback_names: set[str] = field(default_factory=set)
+    rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
+    declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
+    vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
+    strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
+    replaying: bool = False
+
+    def attach(self, name: str, owner_path: str) -> bool:
+        """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
+        -- with the nearest enclosing module that went through the fallback in this pass; False if none did."""
+        best = None
+        for module, entry, _ in self.fallback_calls:
+            prefix = "" if entry.path == "<model>" else entry.path + "."
+            if owner_path.startswith(prefix) and (best is None or len(prefix) > len(best[1])):
+                best = (module, prefix, entry)
+        if best is None:
+            return False
+        module, prefix, entry = best
+        entry.names[name[len(prefix):]] = name
+        self.use_count[name] += sum(1 for m, _, _ in self.fallback_calls if m is module)
+        self.fallback_names.add(name)
+        return True
+
+    def finish(self) -> None:
+        """Per-example gradients of every fallback call, once the backward has brought all output gradients."""
+        self.replaying = True  # the hooks stay inert while modules are re-run
+        try:
+            for module, entry, call in self.fallback_calls:
+                try:
+                    grads = module_per_example_grads(module, call, list(entry.names), self.batch_size)
+                except PerExampleError:
+                    raise
+                except Exception as error:  # any failure of torch.func or of the module's own code
+                    raise PerExampleError(
+                        f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
+                        "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
+                for local, grad in grads.items():
+                    name = entry.names[local]
+                    if isinstance(grad, LinearFactors) and self.use_count[name] == 1:
+                        _add(self.sqnorms, name, grad.sqnorms())       # ghost form: no (B, *shape) gradients
+                    else:
+                        _add(self.shared_grads, name, grad.grads() if isinstance(grad, LinearFactors) else grad)
+            self.fallback_calls.clear()
+        finally:
+            self.replaying = False
 
     def result(self) -> dict[str, Tensor]:
         """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
@@ -65,14 +131,36 @@ def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
         store[name] = value
 
 
+def _broadcast(t: Tensor, batch_size: int) -> Tensor:
+    return t.expand(batch_size, *t.shape[1:])
+
+
+def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
+    """A call shared by the B > 1 examples: its output has dim 0 of size 1 and its inputs are index tensors
+    (HF position embeddings on position_ids (1, T); BART's on (T,) positions). Only index inputs are taken for
+    positions: a float input of batch 1 (Swin-v2's coordinate table) or no input at all (Swin's bias table) may
+    broadcast over windows or heads rather than examples, where an expanded output would break the model's own
+    forward; such calls are left alone (and measured by the whole-model vmap)."""
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    return (batch > 1 and isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1 and bool(tensors)
+            and not any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in tensors))
+
+
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+
+
 class GhostNormEngine:
-    """Installs one forward hook per module that has a layer rule; inactive outside ``recording``."""
+    """Installs a forward pre-hook and a forward hook on each given module; inactive outside ``recording``."""
 
     def __init__(self, modules: list[nn.Module]):
         self._pass: GhostPass | None = None
-        self._handles = [
-            module.register_forward_hook(self._on_forward, with_kwargs=True) for module in modules
-        ]
+        self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
+        self._warned: weakref.WeakSet = weakref.WeakSet()
+        self._handles = []
+        for module in modules:
+            self._handles.append(module.register_forward_pre_hook(self._before_forward))
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
 
     def close(self) -> None:
         for handle in self._handles:
@@ -80,32 +168,112 @@ class GhostNormEngine:
         self._handles = []
 
     @contextmanager
-    def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int,
-                  loss_scale: float) -> Iterator[GhostPass]:
+    def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
+                  strict: bool) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
-        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale)
+        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict)
         try:
             yield self._pass
         finally:
             self._pass = None
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
-        if ghost_pass is None or module not in ghost_pass.modules:
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return
+        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules:
+            return None
+        return ghost_pass
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        ghost_pass = self._active(module)
+        if ghost_pass is not None and (ghost_pass.modules[module].rule is None
+                                       or self._verified.get(module) is False):
+            ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        ghost_pass = self._active(module)
+        if ghost_pass is None:
+            return None
         entry = ghost_pass.modules[module]
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or x.shape[:1] != (ghost_pass.batch_size,) or output.shape[0] != x.shape[0]:
+        if entry.rule is None or self._verified.get(module) is False:
+            return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        x, batch = _first_input(args, kwargs), ghost_pass.batch_size
+        replaced = None
+        if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and _batch_of_one(args, kwargs, output, batch):
+            x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
+            output = replaced
+        self._warn_if_positions(entry, module, x, batch)
+        if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
+            if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
+                ghost_pass.declined[entry.path] = f"called with an input of shape {_shape(x)}"
+                ghost_pass.vmap_names.update(entry.names.values())
+                return None
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was called with an input of shape "
-                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}; ghost norms need dim 0 to be "
-                f"the batch of {ghost_pass.batch_size} examples (use backend='vmap' for this model)")
+                f"{_shape(x)}; ghost norms need dim 0 to be "
+                f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
+        if module not in self._verified:  # the first call of each instance checks the rule's formula
+            with torch.no_grad():
+                self._verified[module] = bool(entry.rule.verify(module, x, output))
+            if not self._verified[module]:
+                if ghost_pass.strict:
+                    raise ValueError(f"backend='ghost': the rule {type(entry.rule).__name__} does not reproduce the "
+                                     f"output of module {entry.path!r} ({type(module).__name__}); use backend='auto'")
+                return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         call = {"x": x}
         output.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        return replaced
+
+    def _warn_if_positions(self, entry: GhostModule, module: nn.Module, x: Any, batch: int) -> None:
+        """Indices arange(B) without a batch dim look like positions 0..T-1 with T == B, which cannot be told
+        apart from one index per example: warn (once per module) since the norms are wrong if they are."""
+        if (isinstance(x, Tensor) and x.dim() == 1 and batch > 1 and not x.is_floating_point()
+                and module not in self._warned and torch.equal(x, torch.arange(batch, device=x.device))):
+            self._warned.add(module)
+            warnings.warn(
+                f"module {entry.path!r} ({type(module).__name__}) was called with arange({batch}) and no batch dim; "
+                f"if these are positions shared by every example (T == B), its per-example norms are wrong: call it "
+                f"with a batch dim, shape (1, T), as HuggingFace models do", RuntimeWarning, stacklevel=2)
+
+    @staticmethod
+    def _record_fallback_call(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple,
+                              kwargs: dict, output: Any) -> Any:
+        before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
+        spec, batch = batch_dims_for(module), ghost_pass.batch_size
+        reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
+        if reason is not None:  # the whole-model vmap measures this module's parameters instead
+            ghost_pass.declined[entry.path] = reason
+            ghost_pass.vmap_names.update(entry.names.values())
+            return None
+        replaced = None
+        if type(spec) is BatchDims and _batch_of_one(args, kwargs, output, batch):
+            output = replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
+        outputs = output_tensors(output)
+        dims = spec.output_dims(module, len(outputs))
+        for t, dim in zip(outputs, dims):
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):  # not per example: whole-model vmap
+                ghost_pass.declined[entry.path] = f"output of shape {tuple(t.shape)}: no examples in dim {dim}"
+                ghost_pass.vmap_names.update(entry.names.values())
+                return None
+        after = rng_state(_device_of(module))
+        consumed = before is not None and not all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(before, after))
+        leaves, _ = tree_flatten((args, kwargs))
+        call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
+                            _device_of(module),
+                            [(t, t._version) for t in leaves if isinstance(t, Tensor)], shared=replaced is not None)
+        for k, t in enumerate(outputs):
+            if t.requires_grad:
+                t.register_hook(partial(_keep_grad, call, k))
+        for name in entry.names.values():
+            ghost_pass.use_count[name] += 1
+        ghost_pass.fallback_calls.append((module, entry, call))
+        ghost_pass.fallback_names.update(entry.names.values())
+        return replaced
 
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
@@ -113,10 +281,31 @@ class GhostNormEngine:
         x = call.pop("x")
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
-        with torch.no_grad():
-            if single:
-                for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
-                    _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
-            if shared:
-                for local, grads in entry.rule.per_example_grads(module, x, grad_output, shared).items():
-                    _add(ghost_pass.shared_grads, entry.names[local], grads)
+        try:
+            with torch.no_grad():
+                if single:
+                    for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
+                        _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
+                if shared:
+                    for local, grads in entry.rule.per_example_grads(module, x, grad_output, shared).items():
+                        _add(ghost_pass.shared_grads, entry.names[local], grads)
+        except Exception as error:
+            raise PerExampleError(
+                f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
+                "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
+                "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
+            ) from error
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:
+    call.grads[index] = grad
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for p in module.parameters(recurse=False):
+        return p.device
+    return None

@@ -18,6 +18,8 @@ The cheaper one is chosen per layer and per call; for T = 1 it is |a|^2 |g|^2.
 
 from __future__ import annotations
 
+import re
+import weakref
 from math import prod
 from typing import Callable, Iterator
 
@@ -35,9 +37,14 @@ __all__ = [
     "ConvRule",
     "EmbeddingRule",
     "AffineNormRule",
+    "TransposedLinearRule",
+    "ThirdPartyRMSNormRule",
     "RULES",
+    "STRUCTURAL_RULES",
+    "register_rule",
     "rule_for",
     "position_weight_sqnorms",
+    "LinearFactors",
     "per_example_sqnorm",
 ]
 
@@ -63,12 +70,50 @@ def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
     return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))
 
 
+class LinearFactors:
+    """The per-example gradient of a weight used as a Linear at every position, kept as its factors: blocks of
+    rows (a, g), a (B, T, d_in), g (B, T, d_out_block), gradient_i = cat over blocks of sum_t g_t a_t^T. Its norm
+    is taken in ghost form without the (B, d_out, d_in) gradients, which are built only when needed."""
+
+    def __init__(self, blocks: list[tuple[Tensor, Tensor]]):
+        self.blocks = [(_compute_dtype(a), _compute_dtype(g)) for a, g in blocks]
+
+    def sqnorms(self) -> Tensor:
+        return sum(position_weight_sqnorms(a, g) for a, g in self.blocks)
+
+    def grads(self) -> Tensor:
+        return torch.cat([torch.bmm(g.transpose(1, 2), a) for a, g in self.blocks], 1)
+
+
 class LayerRule:
-    """Base rule: the squared norms default to materialising the per-example gradients."""
+    """A per-example gradient rule for one layer type: subclass it and register it with ``register_rule``.
+
+    The contract. For each call of a module of that type, the engine hands the rule
+
+    - ``module``: the layer itself (read its parameters and settings from it);
+    - ``x``: the call's first input, with the B examples in dim 0;
+    - ``g``: the gradient, with respect to the call's output (a tensor, examples in dim 0), of
+      c * sum_i l_i for a known constant c (the engine rescales at the end, so a rule can ignore c);
+    - ``names``: the local names of the parameters to handle (``"weight"``, ``"bias"``; frozen ones are left out),
+
+    and the rule returns, per name, either the (B, *parameter.shape) per-example gradients (``per_example_grads``,
+    required) or only their (B,) squared norms (``per_example_sqnorms``; the default squares the gradients,
+    override it when the norms are cheaper than the gradients). Both run under ``torch.no_grad()`` and must not
+    change ``x`` or ``g``. Example i's gradient must depend on x[i] and g[i] only.
+
+    Optional: ``unsupported_reason(module)`` declines a configuration (the module then goes to the per-module
+    fallback under backend="auto"); ``verify(module, x, output)`` is called on the first call of each module
+    instance with the real output and returns False when the rule's formula does not reproduce it (again: the
+    per-module fallback).
+    """
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this configuration of ``module`` cannot be handled by the rule, or None when it can."""
         return None
+
+    def verify(self, module: nn.Module, x: Tensor, output: Tensor) -> bool:
+        """Whether the rule's formula reproduces ``output`` of this call (checked once per module instance)."""
+        return True
 
     def per_example_grads(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -290,11 +335,148 @@ if hasattr(nn, "RMSNorm"):
     RULES[nn.RMSNorm] = AffineNormRule(_rms_norm_hat, channels_first=False)
 
 
+# ------------------------------------------------------------------------ third-party layers, matched by structure
+
+def _close(reconstruction: Tensor, output: Tensor) -> bool:
+    """Equal up to the rounding of the output's dtype (a few rows of the first call are compared)."""
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(output.dtype, 1e-2)
+    return reconstruction.shape == output.shape and torch.allclose(reconstruction, output, rtol=tolerance,
+                                                                   atol=tolerance * float(output.abs().max()))
+
+
+_VERIFY_ROWS = 2
+
+
+class TransposedLinearRule(LinearRule):
+    """A Linear that stores its weight transposed, y = x W + b with W of shape (d_in, d_out): HuggingFace GPT-2's
+    ``Conv1D``. The norms are those of the Linear formula; the per-example weight gradients are transposed."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
+                and getattr(module, "nx", None) == weight.shape[0] and getattr(module, "nf", None) == weight.shape[1]
+                and (bias is None or (isinstance(bias, Tensor) and bias.shape == weight.shape[1:]))
+                and not any(True for _ in module.children()))
+
+    def verify(self, module, x, output):
+        rows = x[:_VERIFY_ROWS]
+        reconstruction = rows @ module.weight
+        if module.bias is not None:
+            reconstruction = reconstruction + module.bias
+        return _close(reconstruction, output[:_VERIFY_ROWS])
+
+    def per_example_grads(self, module, x, g, names):
+        grads = super().per_example_grads(module, x, g, names)
+        if "weight" in grads:
+            grads["weight"] = grads["weight"].transpose(1, 2)
+        return grads
+
+
+class _RMSNormVariant:
+    """How a library computes y = (offset + w) * x_hat, x_hat = x / sqrt(mean(x^2) + eps) with the mean in
+    float32 (as HuggingFace does): which dtype x_hat and the product have."""
+
+    def __init__(self, name: str, offset: float):
+        self.name, self.offset = name, offset
+
+    def normalized(self, x: Tensor, eps: float) -> Tensor:
+        x32 = x.to(torch.float32)
+        inverse_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        if self.name == "cast_back":           # Llama, Mistral, Qwen: x_hat in float32, cast to x's dtype
+            return (x32 * inverse_rms).to(x.dtype)
+        if self.name == "mixed":               # T5: x times a float32 factor (promoted)
+            return x * inverse_rms
+        return x32 * inverse_rms               # Gemma: x_hat and the product in float32
+
+    def output(self, module: nn.Module, x: Tensor, eps: float) -> Tensor:
+        x_hat = self.normalized(x, eps)
+        if self.name == "float32_product":
+            return (x_hat * (self.offset + module.weight.float())).type_as(x)
+        if self.name == "mixed" and module.weight.dtype in (torch.float16, torch.bfloat16):
+            x_hat = x_hat.to(module.weight.dtype)
+        return (module.weight + self.offset if self.offset else module.weight) * x_hat
+
+
+_RMS_VARIANTS = [_RMSNormVariant(name, offset) for offset in (0.0, 1.0)
+                 for name in ("cast_back", "mixed", "float32_product")]
+
+
+class ThirdPartyRMSNormRule(LayerRule):
+    """RMSNorm layers of other libraries (LlamaRMSNorm, T5LayerNorm, GemmaRMSNorm, ...): one weight of shape (d,),
+    y = w * x_hat or (1 + w) * x_hat (Gemma), x_hat = x / sqrt(mean_d(x^2) + eps); dl_i/dw = sum over positions
+    of g * x_hat. Matched by structure (class name, an ``eps`` or ``variance_epsilon``, a single (d,) weight, no
+    children); the first call of each instance picks the variant that reproduces its output (else the module goes
+    to the per-module fallback)."""
+
+    _NAME = re.compile(r"rms_?norm|T5LayerNorm", re.IGNORECASE)
+
+    def __init__(self):
+        self._variant_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        own = dict(module.named_parameters(recurse=False))
+        return (bool(cls._NAME.search(type(module).__name__)) and isinstance(cls._eps(module), float)
+                and list(own) == ["weight"] and own["weight"].dim() == 1 and not any(True for _ in module.children()))
+
+    @staticmethod
+    def _eps(module: nn.Module) -> float | None:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        return float(eps) if isinstance(eps, (int, float)) else None
+
+    def verify(self, module, x, output):
+        rows, expected, eps = x[:_VERIFY_ROWS], output[:_VERIFY_ROWS], self._eps(module)
+        if rows.shape[-1] != module.weight.shape[0]:
+            return False
+        candidates = [variant for variant in _RMS_VARIANTS if _close(variant.output(module, rows, eps), expected)]
+        exact = [v for v in candidates if torch.equal(v.output(module, rows, eps), expected)]
+        chosen = (exact or candidates or [None])[0]
+        if chosen is not None:
+            self._variant_of[module] = chosen
+        return chosen is not None
+
+    def per_example_grads(self, module, x, g, names):
+        variant = self._variant_of[module]
+        x_hat = variant.normalized(x, self._eps(module))
+        product = _compute_dtype(g).to(x_hat.dtype) * x_hat if variant.name == "float32_product" else \
+            _compute_dtype(g) * _compute_dtype(x_hat)
+        return {"weight": product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+
+STRUCTURAL_RULES: list = [TransposedLinearRule(), ThirdPartyRMSNormRule()]
+
+
+def register_rule(module_type: type, rule: LayerRule) -> None:
+    """Measure every module of ``module_type`` (and of its subclasses that do not override ``forward``) by
+    ``rule`` (see ``LayerRule`` for the contract); replaces the rule registered for that type before.
+
+    For a layer y = x * w with w of shape (d,), dl_i/dw = sum over positions of g * x::
+
+        class ScaleRule(LayerRule):
+            def per_example_grads(self, module, x, g, names):
+                return {"weight": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+        register_rule(Scale, ScaleRule())
+
+    Without a rule such a layer is still measured exactly by the per-module fallback (backend "module"), at the
+    cost of re-running it; a rule makes it as cheap as the layers above."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"rule must be a LayerRule instance, got {type(rule).__name__}")
+    RULES[module_type] = rule
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule of ``type(module)`` or of a base class whose ``forward`` it does not override; None if none."""
+    """The rule of ``type(module)`` or of a base class whose ``forward`` it does not override; else a rule whose
+    structure matches (third-party layers: ``STRUCTURAL_RULES``); None if none."""
     module_type = type(module)
     for base in module_type.__mro__:
         rule = RULES.get(base)
         if rule is not None:
             return rule if module_type.forward is base.forward else None
+    for rule in STRUCTURAL_RULES:
+        if rule.matches(module):
+            return rule
     return None

@@ -2,7 +2,10 @@
 
 Follows the torch.func per-sample-gradients recipe (functional_call + vmap(grad)), in chunks of ``chunk_size``
 examples (each reduced to norms before the next) to bound the memory of the (chunk, *theta.shape)
-per-example gradients. It runs its own forward, so it
+per-example gradients; where torch.func cannot vmap the model (``.item()``, data-dependent control flow, as in
+T5's relative position buckets), one example at a time. Inputs may be a tensor, a tuple of positional inputs or a
+mapping of keyword inputs (:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets (batch in dim 0), other
+leaves (flags such as ``use_cache=False``, a ``None`` target) are passed unchanged. It runs its own forward, so it
 must leave training untouched:
 
 - the global RNG (CPU and initialised CUDA devices) is forked, so training's random stream is not consumed; the
@@ -13,21 +16,37 @@ must leave training untouched:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._rng import isolated_rng
+from noisescale.batches import call_arguments, select_examples
 from noisescale.per_example.layers import per_example_sqnorm
 
 __all__ = ["vmap_sqnorms"]
 
 
-def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: tuple[Tensor, ...],
-                 targets: Any, names: list[str], chunk_size: int | None = None) -> dict[str, Tensor]:
+def _split_leaves(value: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """The tensor leaves of a pytree and a function that rebuilds the pytree from (new) tensor leaves."""
+    leaves, spec = tree_flatten(dict(value) if isinstance(value, Mapping) else value)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+    def rebuild(tensors: list[Tensor]) -> Any:
+        filled = list(leaves)
+        for i, tensor in zip(where, tensors):
+            filled[i] = tensor
+        return tree_unflatten(filled, spec)
+
+    return [leaves[i] for i in where], rebuild
+
+
+def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
+                 names: list[str], chunk_size: int | None = None) -> dict[str, Tensor]:
     """(B,) squared norms |dl_i/dtheta|^2 for each parameter named in ``names`` (names of model.named_parameters).
 
     Parameters not in ``names`` enter as constants. Tied parameters appear once in named_parameters and are
@@ -38,20 +57,46 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
     constants = {name: p.detach() for name, p in all_parameters.items() if name not in trainable}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
 
-    def example_loss(parameters: dict[str, Tensor], example_inputs: tuple, example_targets: Any) -> Tensor:
-        batch_of_one = tree_map(lambda t: t.unsqueeze(0), example_inputs)
-        outputs = functional_call(model, (parameters, constants, buffers), batch_of_one)
-        return loss_fn(outputs, tree_map(lambda t: t.unsqueeze(0), example_targets)).sum()
+    def per_example_grads(rows_inputs: Any, rows_targets: Any) -> dict[str, Tensor]:
+        (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
+            _split_leaves(rows_inputs), _split_leaves(rows_targets))
 
-    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")
-    batch_size = inputs[0].shape[0]
+        def example_loss(parameters: dict[str, Tensor], example_inputs: list[Tensor],
+                         example_targets: list[Tensor]) -> Tensor:
+            args, kwargs = call_arguments(rebuild_inputs([t.unsqueeze(0) for t in example_inputs]))
+            outputs = functional_call(model, (parameters, constants, buffers), args, kwargs)
+            return loss_fn(outputs, rebuild_targets([t.unsqueeze(0) for t in example_targets])).sum()
+
+        return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(
+            trainable, input_tensors, target_tensors)
+
+    def per_example_grads_by_loop(rows_inputs: Any, rows_targets: Any) -> dict[str, Tensor]:
+        """The same, one example at a time: for models torch.func cannot vmap (data-dependent control flow)."""
+        rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        for i in range(_split_leaves(rows_inputs)[0][0].shape[0]):
+            variables = {name: t.detach().requires_grad_() for name, t in trainable.items()}
+            args, kwargs = call_arguments(select_examples(rows_inputs, [i]))
+            with torch.enable_grad():
+                outputs = functional_call(model, (variables, constants, buffers), args, kwargs)
+                loss = loss_fn(outputs, select_examples(rows_targets, [i])).sum()
+                grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
+            for (name, t), g in zip(variables.items(), grads):
+                rows[name].append(torch.zeros_like(t) if g is None else g)
+        return {name: torch.stack(values) for name, values in rows.items()}
+
+    batch_size = _split_leaves(inputs)[0][0].shape[0]
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
     with isolated_rng(trainable.values()):
         for start in range(0, batch_size, step):
             rows = slice(start, start + step)
-            grads = per_example_grad(trainable, tree_map(lambda t: t[rows], inputs),
-                                     tree_map(lambda t: t[rows], targets))
+            rows_inputs, rows_targets = select_examples(inputs, rows), select_examples(targets, rows)
+            try:
+                grads = per_example_grads(rows_inputs, rows_targets)
+            except (RuntimeError, NotImplementedError) as error:
+                if "vmap" not in str(error) and "batching rule" not in str(error):
+                    raise
+                grads = per_example_grads_by_loop(rows_inputs, rows_targets)
             for name, g in grads.items():
                 chunks[name].append(per_example_sqnorm(g))
     return {name: torch.cat(parts) for name, parts in chunks.items()}

@@ -1,0 +1,290 @@
+"""Per-module fallback: per-example gradients of one module's own parameters from one recorded call.
+
+For a module without a layer rule, the ghost engine keeps what its forward hook sees -- the call's ``args`` and
+``kwargs`` and the gradient g of (loss_scale / B) sum_i l_i with respect to each tensor output -- and, once the
+backward is over, computes dl_i/dtheta for the module's parameters theta only:
+
+    dl_i/dtheta ~ vjp_theta(f(theta, x_i))(g_i)      for each example i, x_i its slice of the inputs
+
+with torch.func (``vmap`` over the examples of ``vjp`` of ``functional_call(module, theta, x_i)``). The children's
+parameters enter as constants, so a module with a rule inside a module without one is not counted twice. Where
+vmap cannot run an op (fused kernels, data-dependent control flow) the same is done one example at a time.
+Two layers get a cheaper exact path, one re-run of the whole call with their affine maps written out:
+nn.MultiheadAttention (``attention.py``) and nn.RNN/LSTM/GRU (``recurrent.py``).
+
+Which dim of each tensor holds the examples (``BatchDims``): by default dim 0 of every tensor whose dim 0 is B;
+a tensor with dim 0 of size 1 is shared by every example (broadcast), any other tensor is a constant. Layers that
+are not batch-first have their own spec (``BATCH_DIMS``): nn.MultiheadAttention and nn.RNN/LSTM/GRU with
+``batch_first=False`` hold the examples in dim 1, their hidden states always in dim 1.
+
+Randomness: when the module drew random numbers in its forward (dropout in train mode, detected by a change of
+the global generator's state across the call), it is re-run once on the whole batch from the generator state
+saved before the call, which reproduces the masks of the real pass exactly when the module draws from the global
+CPU/CUDA generators in a deterministic order; the per-example gradients then come from one backward of that re-run
+per example. Random numbers drawn from a user's own ``torch.Generator`` are not reproduced.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from noisescale.per_example.attention import attention_per_example_grads, attention_supported
+from noisescale.per_example.layers import LinearFactors
+from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
+
+__all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
+           "module_per_example_grads", "rng_state"]
+
+
+def output_tensors(output: Any) -> list[Tensor]:
+    """The tensors of a module's output, in a fixed order: a tensor, tuples/lists, mappings (HF ModelOutput)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in output_tensors(value)]
+    if isinstance(output, (tuple, list)):
+        return [t for value in output for t in output_tensors(value)]
+    return []
+
+
+def rng_state(device: torch.device | None) -> tuple[Tensor, Tensor | None]:
+    """The global CPU generator's state and that of ``device``'s CUDA generator (None on CPU)."""
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@dataclass
+class FallbackCall:
+    """One recorded call of a fallback module: its inputs, its outputs' batch dims and their gradients."""
+
+    args: tuple
+    kwargs: dict
+    output_dims: list[int]
+    grads: list[Tensor | None]
+    rng_before: tuple[Tensor, Tensor | None] | None
+    device: torch.device | None
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
+
+
+# ----------------------------------------------------------------------------------------------- batch dims
+
+class BatchDims:
+    """Default spec: dim 0 of every input tensor with B rows is the example index, size-1 dim 0 is broadcast,
+    anything else is a constant; every output that requires grad holds the examples in dim 0.
+
+    A spec for another layout overrides ``argument_dim`` (by the forward's argument name) and ``output_dims``."""
+
+    def argument_dim(self, module: nn.Module, name: str, t: Tensor, batch_size: int) -> int | None:
+        return 0 if t.dim() and t.shape[0] == batch_size else None
+
+    def output_dims(self, module: nn.Module, count: int) -> list[int]:
+        return [0] * count
+
+    def unsupported_reason(self, module: nn.Module, arguments: dict[str, Any]) -> str | None:
+        return None
+
+    def input_dims(self, module: nn.Module, args: tuple, kwargs: dict, batch_size: int) -> list[int | None]:
+        """One dim (or None) per leaf of tree_flatten((args, kwargs)), in that order."""
+        names = _argument_names(module, len(args))
+        dims = []
+        for name, value in [*zip(names, args), *kwargs.items()]:
+            leaves, _ = tree_flatten(value)
+            dims.extend(self.argument_dim(module, name, t, batch_size) if isinstance(t, Tensor) else None
+                        for t in leaves)
+        return dims
+
+
+def _argument_names(module: nn.Module, count: int) -> list[str]:
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    return [names[j] if j < len(names) else f"arg{j}" for j in range(count)]
+
+
+def _data_dim(module: nn.Module) -> int:
+    return 0 if getattr(module, "batch_first", False) else 1
+
+
+class MultiheadAttentionDims(BatchDims):
+    """nn.MultiheadAttention: query/key/value (L, B, E), or (B, L, E) with batch_first; key_padding_mask (B, S);
+    a 2-D attn_mask (L, S) is shared; outputs attn_output like the query, attention weights (B, ...)."""
+
+    def unsupported_reason(self, module, arguments):
+        query, mask = arguments.get("query"), arguments.get("attn_mask")
+        if not isinstance(query, Tensor) or query.dim() != 3:
+            return "it was called without a batch dimension"
+        if isinstance(mask, Tensor) and mask.dim() == 3:
+            return "a 3-D attn_mask (B * num_heads, L, S) is not split per example; pass a 2-D mask"
+        return None
+
+    def argument_dim(self, module, name, t, batch_size):
+        if name in ("query", "key", "value"):
+            return _data_dim(module)
+        return 0 if name == "key_padding_mask" else None
+
+    def output_dims(self, module, count):
+        return [_data_dim(module)] + [0] * (count - 1)
+
+
+class RecurrentDims(BatchDims):
+    """nn.RNN / LSTM / GRU: input (T, B, H_in), or (B, T, H_in) with batch_first; hidden states (layers, B, H)
+    in every layout; outputs (output, h_n) or (output, (h_n, c_n))."""
+
+    def unsupported_reason(self, module, arguments):
+        first = arguments.get("input")
+        if not isinstance(first, Tensor):
+            return f"its input is a {type(first).__name__} (PackedSequence is not supported)"
+        if first.dim() != 3:
+            return "it was called without a batch dimension"
+        return None
+
+    def argument_dim(self, module, name, t, batch_size):
+        return _data_dim(module) if name == "input" else 1
+
+    def output_dims(self, module, count):
+        return [_data_dim(module)] + [1] * (count - 1)
+
+
+BATCH_DIMS: dict[type, BatchDims] = {nn.MultiheadAttention: MultiheadAttentionDims(), nn.RNNBase: RecurrentDims()}
+_DEFAULT_DIMS = BatchDims()
+
+
+def batch_dims_for(module: nn.Module) -> BatchDims:
+    """The spec of ``type(module)`` or of its nearest base class in BATCH_DIMS; the default one otherwise."""
+    for base in type(module).__mro__:
+        if base in BATCH_DIMS:
+            return BATCH_DIMS[base]
+    return _DEFAULT_DIMS
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name (positional ones named after the forward's signature)."""
+    return {**dict(zip(_argument_names(module, len(args)), args)), **kwargs}
+
+
+# ----------------------------------------------------------------------------------------------- per-example grads
+
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Callable[[list[Any]], tuple[tuple, dict]]]:
+    leaves, spec = tree_flatten((args, kwargs))
+
+    def rebuild(new_leaves: list[Any]) -> tuple[tuple, dict]:
+        return tree_unflatten(new_leaves, spec)
+
+    return leaves, rebuild
+
+
+def _detached(leaves: list[Any]) -> list[Any]:
+    return [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+
+
+def _with_examples(leaves: list[Any], dims: list[int | None], examples: dict[int, Tensor]) -> list[Any]:
+    """``leaves`` with leaf k replaced by examples[k] (its batch dim restored as size 1)."""
+    filled = list(leaves)
+    for k, example in examples.items():
+        filled[k] = example.unsqueeze(dims[k])
+    return filled
+
+
+def _selected_outputs(module, parameters, constants, rebuild, leaves, hooked: list[int]) -> tuple[Tensor, ...]:
+    args, kwargs = rebuild(leaves)
+    outputs = output_tensors(functional_call(module, (parameters, constants), args, kwargs, strict=False))
+    return tuple(outputs[k] for k in hooked)
+
+
+def _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked):
+    batched = [k for k, d in enumerate(dims) if d is not None]
+
+    def one_example(example_inputs: list[Tensor], example_grads: list[Tensor]) -> dict[str, Tensor]:
+        filled = _with_examples(leaves, dims, dict(zip(batched, example_inputs)))
+        _, pullback = vjp(lambda p: _selected_outputs(module, p, constants, rebuild, filled, hooked), parameters)
+        return pullback(tuple(g.unsqueeze(d) for g, d in zip(example_grads, output_dims)))[0]
+
+    return vmap(one_example, randomness="error")(
+        [leaves[k].movedim(dims[k], 0) for k in batched], [g.movedim(d, 0) for g, d in zip(grads, output_dims)])
+
+
+def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size):
+    rows: dict[str, list[Tensor]] = {name: [] for name in parameters}
+    for i in range(batch_size):
+        filled = [t.narrow(d, i, 1) if d is not None else t for t, d in zip(leaves, dims)]
+        variables = {name: p.detach().requires_grad_() for name, p in parameters.items()}
+        with torch.enable_grad():
+            outputs = _selected_outputs(module, variables, constants, rebuild, filled, hooked)
+            example = torch.autograd.grad(outputs, list(variables.values()),
+                                          [g.narrow(d, i, 1) for g, d in zip(grads, output_dims)], allow_unused=True)
+        for (name, p), grad in zip(variables.items(), example):
+            rows[name].append(torch.zeros_like(p) if grad is None else grad)
+    return {name: torch.stack(values) for name, values in rows.items()}
+
+
+def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):
+    """Re-run the whole batch from the saved generator state (same dropout masks), one backward per example."""
+    cpu_state, cuda_state = call.rng_before
+    devices = [call.device] if cuda_state is not None else []
+    variables = {name: p.detach().requires_grad_() for name, p in parameters.items()}
+    rows: dict[str, list[Tensor]] = {name: [] for name in parameters}
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, call.device)
+        outputs = _selected_outputs(module, variables, constants, rebuild, leaves, hooked)
+        for i in range(batch_size):
+            masked = []
+            for g, d in zip(grads, output_dims):
+                one = torch.zeros_like(g)
+                one.narrow(d, i, 1).copy_(g.narrow(d, i, 1))
+                masked.append(one)
+            example = torch.autograd.grad(outputs, list(variables.values()), masked, retain_graph=True,
+                                          allow_unused=True)
+            for (name, p), grad in zip(variables.items(), example):
+                rows[name].append(torch.zeros_like(p) if grad is None else grad)
+    return {name: torch.stack(values) for name, values in rows.items()}
+
+
+def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[str],
+                             batch_size: int) -> dict[str, Tensor | LinearFactors]:
+    """Per-example gradients, (B, *shape) or as LinearFactors, of the call's output gradients with respect to the
+    module's parameters ``names`` (dotted local names: its own and those of children it uses without calling
+    them). By one re-run of the call for RNN/LSTM/GRU (``recurrent.py``) and nn.MultiheadAttention
+    (``attention.py``), else by vmap, a per-example loop, or the replay of a call that drew random numbers."""
+    for tensor, version in call.versions:
+        if tensor._version != version:
+            raise RuntimeError("an input of this call was modified in place after the call, so the call cannot be "
+                               "re-run; avoid in-place operations on the module's inputs")
+    hooked = [k for k, g in enumerate(call.grads) if g is not None]
+    if not hooked:
+        return {}
+    grads = [call.grads[k] for k in hooked]
+    output_dims = [call.output_dims[k] for k in hooked]
+    parameters = {name: module.get_parameter(name).detach() for name in names}
+    constants = {name: p.detach() for name, p in module.named_parameters() if name not in parameters}
+    leaves, rebuild = _flatten_call(call.args, call.kwargs)
+    leaves = _detached(leaves)
+    dims = ([None] * len(leaves) if call.shared else
+            batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size))
+    with torch.no_grad():
+        if call.rng_before is None and not call.shared:
+            arguments = bound_arguments(module, call.args, call.kwargs)
+            if unrolled_supported(module):
+                return unrolled_per_example_grads(module, arguments, call.grads, names)
+            if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
+                return attention_per_example_grads(module, arguments, call.grads, names)
+        if call.rng_before is not None:
+            return _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
+                              batch_size, call)
+        try:
+            return _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            # torch.func cannot batch some ops (fused RNN kernels, .item(), data-dependent control flow)
+            return _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
+                            batch_size)

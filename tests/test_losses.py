@@ -1,0 +1,62 @@
+"""Per-example losses against plain F.cross_entropy on each example or on the whole batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noisescale.losses import per_example_cross_entropy, sequence_cross_entropy
+
+
+def _sequence_batch():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 7, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 7, (4, 6), generator=generator)
+    labels[1, 3:] = -100        # right padding
+    labels[2, :2] = -100        # a masked prompt
+    labels[3, :] = -100         # no counted token at all
+    return logits, labels
+
+
+def test_classification_is_cross_entropy_per_example_and_reads_model_outputs():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 3, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 3, (5,), generator=generator)
+    expected = torch.stack([F.cross_entropy(logits[i], targets[i]) for i in range(5)])
+    torch.testing.assert_close(per_example_cross_entropy(logits, targets), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(per_example_cross_entropy({"logits": logits}, targets), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"logits \(B, C\)"):
+        per_example_cross_entropy(logits, targets[:4])
+    with pytest.raises(TypeError, match="logits"):
+        per_example_cross_entropy({"scores": logits}, targets)
+
+
+def test_example_weighting_is_each_examples_mean_over_its_counted_tokens():
+    logits, labels = _sequence_batch()
+    losses = sequence_cross_entropy(logits, labels)
+    for i in range(3):
+        counted = labels[i] != -100
+        torch.testing.assert_close(losses[i], F.cross_entropy(logits[i][counted], labels[i][counted]),
+                                   rtol=1e-12, atol=0)
+    assert losses[3] == 0
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_token_weighting_means_to_the_batch_token_mean_loss(shift):
+    logits, labels = _sequence_batch()
+    losses = sequence_cross_entropy(logits, labels, weighting="token", shift=shift)
+    if shift:  # what a HuggingFace causal LM computes from labels = input ids
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    batch_token_mean = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(losses.mean(), batch_token_mean, rtol=1e-12, atol=0)
+    totals = [F.cross_entropy(logits[i], labels[i], ignore_index=-100, reduction="sum") for i in range(4)]
+    torch.testing.assert_close(losses, torch.stack(totals) * 4 / (labels != -100).sum(), rtol=1e-12, atol=0)
+
+
+def test_sequence_loss_rejects_bad_shapes_and_weightings():
+    logits, labels = _sequence_batch()
+    with pytest.raises(ValueError, match="weighting"):
+        sequence_cross_entropy(logits, labels, weighting="batch")
+    with pytest.raises(ValueError, match=r"logits \(B, T, V\)"):
+        sequence_cross_entropy(logits[0], labels[0])

@@ -1,0 +1,272 @@
+"""Per-example norms on models nobody here wrote: HuggingFace transformers (tiny configs, random init, nothing
+downloaded) and torch's own attention and recurrent layers, against a per-example loop in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from noisescale.batches import call_model, select_examples
+from noisescale.losses import per_example_cross_entropy, sequence_cross_entropy
+from noisescale.per_example import RULES, LayerRule, PerExampleError, per_example_sqnorms
+
+# B a power of two: the mean's 1/B is exact, so parts a model computes in float32 even in a float64 model (HF's
+# RMSNorm) round the same in the batch as in the per-example loop; with B = 3 they differ by ~1e-8 relative.
+BATCH, LENGTH, VOCAB = 4, 6, 37
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def naive_sqnorms(model, loss_fn, inputs, targets):
+    """(B,) |dl_i/dtheta|^2: each example alone through a copy of the model, torch.autograd.grad."""
+    model = copy.deepcopy(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(BATCH):
+        loss = loss_fn(call_model(model, select_examples(inputs, [i])), select_examples(targets, [i])).sum()
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        rows.append(sum(g.square().sum() for g in grads if g is not None))
+    return torch.stack(rows)
+
+
+def plain_grads(model, loss_fn, inputs, targets):
+    model = copy.deepcopy(model)
+    loss_fn(call_model(model, inputs), targets).mean().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- the models
+
+def _tokens(seed=1):
+    return torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator(seed))
+
+
+def _padding_mask():
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return mask
+
+
+def _causal_lm_loss(outputs, labels):
+    return sequence_cross_entropy(outputs, labels, shift=True)
+
+
+def _gpt2(with_mask):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
+                                     attn_implementation="eager")
+    tokens = _tokens()
+    inputs = {"input_ids": tokens, "attention_mask": _padding_mask()} if with_mask else {"input_ids": tokens}
+    labels = tokens.masked_fill(_padding_mask() == 0, -100) if with_mask else tokens
+    return transformers.GPT2LMHeadModel(config), _causal_lm_loss, inputs, labels
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=VOCAB, max_position_embeddings=16, num_labels=3,
+                                     attn_implementation="eager")
+    inputs = {"input_ids": _tokens(), "attention_mask": _padding_mask()}
+    return (transformers.BertForSequenceClassification(config), per_example_cross_entropy, inputs,
+            torch.randint(0, 3, (BATCH,), generator=generator(2)))
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=32, vocab_size=VOCAB,
+                                      max_position_embeddings=16, attn_implementation="eager")
+    tokens = _tokens()
+    inputs = {"input_ids": tokens, "attention_mask": _padding_mask()}
+    return (transformers.LlamaForCausalLM(config), _causal_lm_loss, inputs,
+            tokens.masked_fill(_padding_mask() == 0, -100))
+
+
+def _vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                    image_size=8, patch_size=4, num_channels=3, num_labels=3,
+                                    attn_implementation="eager")
+    inputs = {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=generator(1), dtype=torch.float64)}
+    return (transformers.ViTForImageClassification(config), per_example_cross_entropy, inputs,
+            torch.randint(0, 3, (BATCH,), generator=generator(2)))
+
+
+def _bart():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BartConfig(encoder_layers=1, decoder_layers=1, d_model=16, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                     vocab_size=VOCAB, max_position_embeddings=16, attn_implementation="eager")
+    labels = torch.randint(3, VOCAB, (BATCH, 4), generator=generator(2))
+    inputs = {"input_ids": _tokens(), "attention_mask": _padding_mask(), "labels": labels}
+    return transformers.BartForConditionalGeneration(config), sequence_cross_entropy, inputs, labels
+
+
+class _EncoderClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens, padding_mask):
+        return self.out(self.encoder(self.embed(tokens), src_key_padding_mask=padding_mask)[:, 0])
+
+
+def _torch_encoder():
+    inputs = (_tokens(), _padding_mask() == 0)
+    return _EncoderClassifier(), per_example_cross_entropy, inputs, torch.randint(0, 3, (BATCH,),
+                                                                                    generator=generator(2))
+
+
+class _RecurrentClassifier(nn.Module):
+    def __init__(self, cell, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cell(4, 5, num_layers=2, batch_first=batch_first)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        states, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.out(states.mean(1 if self.batch_first else 0))
+
+
+def _recurrent(cell, batch_first):
+    def make():
+        x = torch.randn(BATCH, LENGTH, 4, generator=generator(1), dtype=torch.float64)
+        return _RecurrentClassifier(cell, batch_first), per_example_cross_entropy, x, \
+            torch.randint(0, 3, (BATCH,), generator=generator(2))
+    return make
+
+
+class _BidirectionalWithState(nn.Module):
+    """A bidirectional two-layer RNN whose initial state is computed from the input (hx passed in)."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+        self.rnn = cell(4, 5, num_layers=2, bidirectional=True)
+        self.state = nn.Linear(4, 4 * 5)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.state(x.mean(1))).view(x.shape[0], 4, 5).transpose(0, 1).contiguous()
+        states, _ = self.rnn(x.transpose(0, 1), (h0, torch.zeros_like(h0)) if self.cell is nn.LSTM else h0)
+        return self.out(states[-1])
+
+
+def _bidirectional(cell):
+    def make():
+        x = torch.randn(BATCH, LENGTH, 4, generator=generator(1), dtype=torch.float64)
+        return _BidirectionalWithState(cell), per_example_cross_entropy, x, \
+            torch.randint(0, 3, (BATCH,), generator=generator(2))
+    return make
+
+
+MODELS = {
+    "gpt2": lambda: _gpt2(with_mask=False),
+    "gpt2_attention_mask": lambda: _gpt2(with_mask=True),
+    "bert_padding_mask": _bert,
+    "llama_attention_mask": _llama,
+    "vit": _vit,
+    "bart": _bart,
+    "torch_transformer_encoder": _torch_encoder,
+    "lstm": _recurrent(nn.LSTM, batch_first=False),
+    "lstm_batch_first": _recurrent(nn.LSTM, batch_first=True),
+    "gru": _recurrent(nn.GRU, batch_first=False),
+    "gru_batch_first": _recurrent(nn.GRU, batch_first=True),
+    "lstm_bidirectional_with_state": _bidirectional(nn.LSTM),
+    "gru_bidirectional_with_state": _bidirectional(nn.GRU),
+}
+
+
+def _case(name):
+    torch.manual_seed(0)
+    model, loss_fn, inputs, targets = MODELS[name]()
+    return model.double().eval(), loss_fn, inputs, targets
+
+
+# --------------------------------------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_auto_matches_a_per_example_loop_without_the_whole_model_vmap(name):
+    model, loss_fn, inputs, targets = _case(name)
+    expected = naive_sqnorms(model, loss_fn, inputs, targets)
+    grads = plain_grads(model, loss_fn, inputs, targets)
+    result = per_example_sqnorms(model, loss_fn, inputs, targets, backend="auto")
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)
+    for parameter_name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[parameter_name]), f"{parameter_name}: p.grad differs from a plain backward"
+    assert "vmap" not in result.backend_of.values(), result.backend_of
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_attention_mask", "bert_padding_mask"])
+def test_transformers_layers_are_measured_by_rules(name):
+    """GPT-2's Conv1D, Llama's RMSNorm and position tables called with (1, T) ids all go to ghost rules."""
+    model, loss_fn, inputs, targets = _case(name)
+    result = per_example_sqnorms(model, loss_fn, inputs, targets, backend="auto")
+    assert set(result.backend_of.values()) == {"ghost"}
+
+
+class _RaisingRule(LayerRule):
+    def per_example_grads(self, module, x, g, names):
+        raise RuntimeError("forced failure")
+
+
+@pytest.mark.parametrize("prefilled", [False, True])
+def test_a_failing_rule_leaves_every_grad_as_it_was(prefilled, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    model, loss_fn, inputs, targets = _case("gpt2")
+    monkeypatch.setitem(RULES, transformers.pytorch_utils.Conv1D, _RaisingRule())
+    if prefilled:
+        loss_fn(call_model(model, inputs), targets).mean().backward()
+    before = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    with pytest.raises(PerExampleError, match=r"module 'transformer\.h\.1\.mlp\.c_proj' \(Conv1D\).*'ghost'.*"
+                                              r"forced failure.*register_rule"):
+        per_example_sqnorms(model, loss_fn, inputs, targets)
+    for name, p in model.named_parameters():
+        grad, values = before[name]
+        assert p.grad is grad, name                      # the same tensor object (DDP bucket views survive)
+        if grad is not None:
+            assert torch.equal(p.grad, values), name
+
+
+def test_the_monitor_runs_on_a_transformers_batch_and_reports_the_backends():
+    """NoiseScaleMonitor on a HuggingFace batch (model(**batch)) leaves training as a plain step would."""
+    from noisescale.monitor import NoiseScaleMonitor
+    model, loss_fn, inputs, targets = _case("gpt2_attention_mask")
+    plain = copy.deepcopy(model)
+    with NoiseScaleMonitor(model, loss_fn) as monitor:
+        for _ in range(2):
+            model.zero_grad()
+            monitor(inputs, targets)
+    plain.zero_grad()
+    loss_fn(call_model(plain, inputs), targets).mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters()))
+    assert monitor.history["grad_sqnorm"].notna().all() and len(monitor.history) == 2
+    assert set(monitor.backend_of.values()) == {"ghost"}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_norms(use_reentrant):
+    """HF gradient checkpointing re-runs each layer's forward during the backward: the re-run calls count as
+    further uses (their per-example gradients are summed before the norm), so the norms are those without it."""
+    model, loss_fn, inputs, targets = _case("llama_attention_mask")
+    expected = per_example_sqnorms(copy.deepcopy(model), loss_fn, inputs, targets).sqnorms
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()   # checkpointing runs in train mode only; the tiny config has no dropout
+    grads = plain_grads(model, loss_fn, inputs, targets)
+    mlp, runs = model.model.layers[0].mlp, []
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
+    result = per_example_sqnorms(model, loss_fn, inputs, targets)
+    assert len(runs) == 2                      # the layer was re-run in the backward
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
