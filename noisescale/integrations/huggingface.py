@@ -1,0 +1,96 @@
+"""The noise scale of a HuggingFace ``transformers.Trainer`` run, measured in its own training steps.
+
+One changed line in an existing script::
+
+    from noisescale.integrations.huggingface import NoiseScaleTrainer
+    trainer = NoiseScaleTrainer(model=model, args=args, train_dataset=train_set)   # was: Trainer(...)
+    trainer.train()                 # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma (, b_noise)
+    trainer.noise_scale.history     # one row per optimizer step (pandas DataFrame)
+
+Options go in ``noise_scale=NoiseScaleOptions(ema_decay=..., measure_every=..., hessian_every=...)``; a project
+with its own ``Trainer`` subclass (trl's ``SFTTrainer``, say) mixes in ``NoiseScaleTrainerMixin`` first:
+``class MyTrainer(NoiseScaleTrainerMixin, SFTTrainer)``.
+
+Why a ``training_step`` override and not a ``TrainerCallback``: the per-example norms come from hooks that must
+be armed around each micro-batch's forward and backward and read after it, and |gbar|^2 must be read from p.grad
+after the optimizer step's last backward but before gradient clipping. A callback sees neither: ``on_step_begin``
+fires once per optimizer step, no hook receives the micro-batch, and ``on_pre_optimizer_step`` comes after
+clipping. ``training_step(model, inputs, num_items_in_batch)`` is the documented extension point that runs once per
+micro-batch; the override calls the Trainer's own ``training_step`` unchanged inside
+:meth:`~noisescale.per_example.PerExampleGradNorms.observe`, so the loss (the model's own, ``compute_loss_func`` or
+an overridden ``compute_loss``), its scaling for gradient accumulation or ``num_items_in_batch``, mixed precision,
+``no_sync`` and DDP's all-reduce are the Trainer's, and training is bit-identical to ``Trainer``'s. How the
+per-example gradients of the accumulated global batch follow from that loss, whatever its weighting, is in
+:mod:`noisescale.integrations.observer`; with HuggingFace's token-mean loss they are the gradients of the "token"
+per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. The values reach every ``report_to``
+(TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
+
+Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
+every rank logs the estimate of the global batch. Not supported: gradient checkpointing (it re-runs forwards
+inside the backward), DeepSpeed / FSDP (sharded gradients), B_noise on keyword batches (``hessian_every``; the
+Hessian proxies take positional inputs only), and the moving averages are not saved in Trainer checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from noisescale.integrations.observer import (
+    NoiseScaleOptions,
+    ObservingNoiseScaleMonitor,
+    batch_size_of_framework_batch,
+)
+
+__all__ = ["NoiseScaleTrainerMixin", "NoiseScaleTrainer", "NoiseScaleOptions"]
+
+
+class NoiseScaleTrainerMixin:
+    """Measures the gradient noise scale in every training step of the ``Trainer`` it is mixed into (module
+    docstring). ``noise_scale``: a :class:`~noisescale.integrations.observer.NoiseScaleOptions` (defaults if None).
+    After ``train()``, ``self.noise_scale`` is the monitor (history, summary(), state_dict())."""
+
+    def __init__(self, *args: Any, noise_scale: NoiseScaleOptions | None = None, **kwargs: Any) -> None:
+        if noise_scale is not None and not isinstance(noise_scale, NoiseScaleOptions):
+            raise TypeError(f"noise_scale must be a NoiseScaleOptions, got {type(noise_scale).__name__}")
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_checkpointing:
+            raise ValueError("noise_scale cannot be measured with gradient_checkpointing=True: checkpointing re-runs "
+                             "forwards inside the backward, which the ghost hooks would count twice; turn it off")
+        self.noise_scale_options = noise_scale or NoiseScaleOptions()
+        self.noise_scale: ObservingNoiseScaleMonitor | None = None
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The Trainer's own step on one micro-batch, observed (module docstring)."""
+        monitor = self._noise_scale_monitor(model, inputs)
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        monitor.end_micro_batch(loss)
+        if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete
+            scaler = getattr(self.accelerator, "scaler", None)
+            scale = 1.0 if scaler is None else float(scaler.get_scale())
+            monitor.end_step(contribution_scale=scale, grad_scale=scale)
+        return loss
+
+    def _noise_scale_monitor(self, model: torch.nn.Module, inputs: Any) -> ObservingNoiseScaleMonitor:
+        if self.noise_scale is None:
+            options = self.noise_scale_options
+            if options.hessian_every and isinstance(inputs, Mapping):
+                raise ValueError("hessian_every > 0 (B_noise) is not supported on keyword (dict) batches yet: the "
+                                 "Hessian proxies call the model with positional inputs; set hessian_every=0")
+            self.noise_scale = ObservingNoiseScaleMonitor(model, options)
+        return self.noise_scale
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the noise-scale averages added to every training log (the one holding "loss")."""
+        if self.noise_scale is not None and self.noise_scale.step and "loss" in logs:
+            logs = {**logs, **self.noise_scale.logged_metrics()}
+        super().log(logs, *args, **kwargs)
+
+
+class NoiseScaleTrainer(NoiseScaleTrainerMixin, Trainer):
+    """``transformers.Trainer`` that measures the gradient noise scale of its training (module docstring)."""

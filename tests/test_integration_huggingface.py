@@ -1,0 +1,185 @@
+"""NoiseScaleTrainer: the real transformers.Trainer, tiny models, CPU, a few steps, nothing downloaded.
+
+References: the same run with the plain Trainer (bit-identical parameters), and the per-example norms of the
+optimizer step's whole batch computed independently with per_example_sqnorms at the step's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale  # noqa: E402
+from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
+from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
+from noisescale.losses import sequence_cross_entropy  # noqa: E402
+
+VOCAB, LENGTH = 11, 7
+
+
+class TinyCausalLM(nn.Module):
+    """A causal-LM-shaped model whose forward takes **kwargs, so the Trainer passes num_items_in_batch and the
+    loss is HuggingFace's token mean over the whole accumulated batch (sum of token losses / N); ``loss_type``
+    tells the Trainer to count N over the shifted labels, as for its own causal LMs."""
+
+    loss_type = "ForCausalLM"
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.mix = nn.Linear(8, 8)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(8, VOCAB)
+        self.double()
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.head(self.dropout(torch.tanh(self.mix(self.embed(input_ids)))))
+        loss = None
+        if labels is not None:
+            token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+            count = num_items_in_batch if num_items_in_batch is not None else labels[:, 1:].ne(-100).sum()
+            loss = token_losses / count
+        return {"loss": loss, "logits": logits}
+
+
+class TinyClassifier(nn.Module):
+    """forward without **kwargs: the Trainer divides each micro-batch's mean loss by the accumulation steps."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": None if labels is None else F.cross_entropy(logits, labels), "logits": logits}
+
+
+def _token_dataset(n=24):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (n, LENGTH), generator=generator)
+    labels = ids.clone()
+    for i in range(n):  # padded tails of different lengths: examples weigh differently in the token mean
+        labels[i, LENGTH - i % 4:] = -100
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def _class_dataset(n=24):
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def _args(tmp_path, accumulation):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+        max_steps=3, learning_rate=0.1, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        seed=3, disable_tqdm=True, dataloader_num_workers=0)
+
+
+class RecordingTrainer(NoiseScaleTrainer):
+    """Test-only: keeps each micro-batch and the weights at the start of each optimizer step."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        steps = self.__dict__.setdefault("recorded", [])
+        if not steps or steps[-1]["closed"]:
+            steps.append({"weights": copy.deepcopy(model.state_dict()), "batches": [], "closed": False})
+        steps[-1]["batches"].append({key: value.clone() for key, value in inputs.items()})
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        steps[-1]["closed"] = self.accelerator.sync_gradients
+        return loss
+
+
+CASES = {
+    "causal-lm": (TinyCausalLM, _token_dataset,
+                  lambda outputs, labels: sequence_cross_entropy(outputs, labels, shift=True, weighting="token")),
+    "classifier": (TinyClassifier, _class_dataset, lambda outputs, labels: F.cross_entropy(outputs["logits"], labels,
+                                                                                           reduction="none")),
+}
+
+
+def _naive_norms(model, per_example_loss, inputs, targets):
+    """|g_i|^2 one example at a time and |mean_i g_i|^2, from the per-example losses of the whole batch."""
+    losses = per_example_loss(model(**inputs), targets)
+    parameters = list(model.parameters())
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters, retain_graph=True)])
+             for loss in losses]
+    grads = torch.stack(grads)
+    return grads.square().sum(1), grads.mean(0).square().sum()
+
+
+def _train(trainer_class, make_model, data, path, accumulation, dropout=0.0, **kwargs):
+    trainer = trainer_class(model=make_model(dropout), args=_args(path, accumulation), train_dataset=data, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def _assert_same_parameters(plain, measured):
+    for (name, p), q in zip(plain.model.named_parameters(), measured.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path, case):
+    make_model, make_data, _ = CASES[case]
+    data = make_data()
+    plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", 2, dropout=0.3)
+    measured = _train(NoiseScaleTrainer, make_model, data, tmp_path / "measured", 2, dropout=0.3)
+    _assert_same_parameters(plain, measured)
+    assert measured.noise_scale.step == 3
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_optimizer_steps_batch(
+        tmp_path, case, accumulation):
+    make_model, make_data, reference_loss = CASES[case]
+    data = make_data()
+    options = NoiseScaleOptions(ema_decay=0.5)
+    plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", accumulation)
+    measured = _train(RecordingTrainer, make_model, data, tmp_path / "measured", accumulation, noise_scale=options)
+    _assert_same_parameters(plain, measured)
+
+    # reference: the per-example estimate of each optimizer step's whole batch at the step's weights
+    average, reference_rows = ExponentialMovingNoiseScale(options.ema_decay), []
+    for step in measured.recorded:
+        model = make_model()
+        model.load_state_dict(step["weights"])
+        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+        targets = batch.pop("labels")
+        sqnorms, grad_sqnorm = _naive_norms(model, reference_loss, batch, targets)
+        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        average.update_estimate(estimate)
+        reference_rows.append((estimate, average.b_simple, average.grad_sqnorm, average.trace_sigma,
+                               average.interval(options.confidence)))
+    history = measured.noise_scale.history
+    assert list(history["batch_size"]) == [4 * accumulation] * 3
+    assert list(history["micro_batches"]) == [accumulation] * 3
+    logs = [entry for entry in measured.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for row, log, reference in zip(history.itertuples(), logs, reference_rows):
+        estimate, b_simple, grad_sqnorm, trace_sigma, interval = reference
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
+        assert log["noise_scale/grad_sqnorm"] == pytest.approx(grad_sqnorm, rel=1e-9)
+        assert log["noise_scale/trace_sigma"] == pytest.approx(trace_sigma, rel=1e-9)
+        if math.isfinite(b_simple):  # unresolved (|G|^2 average <= 0): neither B_simple nor its interval is logged
+            assert row.b_simple == pytest.approx(b_simple, rel=1e-9)
+            assert log["noise_scale/b_simple"] == pytest.approx(b_simple, rel=1e-9)
+            for key, bound in zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), interval):
+                if math.isfinite(bound):  # (nan, nan) until the averages hold 1.5 effective steps
+                    assert log[key] == pytest.approx(bound, rel=1e-9)
+                else:
+                    assert key not in log
+        else:
+            assert "noise_scale/b_simple" not in log
+        assert row.loss == pytest.approx(log["loss"], rel=1e-6)  # the Trainer sums its losses in float32
