@@ -89,14 +89,21 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     :meth:`end_step` after the last backward and before gradient clipping. History, summary, averages, state and
     the Hessian proxies (per rank under DDP, averaged) are the monitor's.
 
-    ``model`` is the module the framework runs, DistributedDataParallel-wrapped under DDP.
+    ``model``: the module the framework runs (DistributedDataParallel-wrapped under DDP, whose process group is
+    then used) or the user's module itself with its DDP ``process_group`` given (Lightning wraps its module in a
+    DDP whose forward is the training step, so the Hessian proxies must call the module itself).
     """
 
-    def __init__(self, model: torch.nn.Module, options: NoiseScaleOptions) -> None:
+    def __init__(self, model: torch.nn.Module, options: NoiseScaleOptions, *,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        if not isinstance(options, NoiseScaleOptions):
+            raise TypeError(f"options must be a NoiseScaleOptions, got {type(options).__name__}")
         if options.hessian_every and options.per_example_loss is None:
             _per_example_loss_not_given(None, None)
         super().__init__(model, options.per_example_loss or _per_example_loss_not_given,
                          **options.monitor_options())
+        if process_group is not None:
+            self.process_group = process_group
         self.options = options
         self._step_open = False
         self._micro_batch: contextlib.AbstractContextManager | None = None

@@ -1,0 +1,142 @@
+"""NoiseScaleCallback: the real PyTorch Lightning Trainer, a tiny module, CPU, a few steps.
+
+References: the same run without the callback (bit-identical parameters), and the per-example norms of each
+optimizer step's whole batch computed one example at a time at the step's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale  # noqa: E402
+from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
+from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
+
+STEPS = 3
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def _loader():
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+
+
+class RecordBatches(pl.Callback):
+    """Test-only: each optimizer step's micro-batches and the weights at its start."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.steps.append({"weights": copy.deepcopy(pl_module.state_dict()), "batches": []})
+        self.steps[-1]["batches"].append([t.clone() for t in batch])
+
+
+def _fit(tmp_path, accumulation, callbacks, dropout=0.0):
+    pl.seed_everything(5, verbose=False)
+    module = TinyModule(dropout)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=accumulation,
+                         logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, _loader())
+    return module, trainer
+
+
+def _naive_norms(module, x, y):
+    """|g_i|^2 one example at a time and |mean_i g_i|^2."""
+    parameters = list(module.parameters())
+    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), parameters)]) for i in range(len(x))])
+    return grads.square().sum(1), grads.mean(0).square().sum()
+
+
+def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path):
+    plain, _ = _fit(tmp_path / "plain", 2, [], dropout=0.3)
+    callback = NoiseScaleCallback()
+    measured, _ = _fit(tmp_path / "measured", 2, [callback], dropout=0.3)
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+    assert callback.monitor.step == STEPS
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_optimizer_steps_batch(
+        tmp_path, accumulation):
+    plain, _ = _fit(tmp_path / "plain", accumulation, [])
+    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+    measured, trainer = _fit(tmp_path / "measured", accumulation, [recorder, callback])
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+
+    average, expected = ExponentialMovingNoiseScale(0.5), []
+    for step in recorder.steps:
+        module = TinyModule()
+        module.load_state_dict(step["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+        sqnorms, grad_sqnorm = _naive_norms(module, x, y)
+        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        average.update_estimate(estimate)
+        expected.append({"noise_scale/grad_sqnorm": average.grad_sqnorm, "noise_scale/trace_sigma": average.trace_sigma,
+                         "noise_scale/b_simple": average.b_simple})
+        expected[-1].update(zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), average.interval(0.9)))
+    history = callback.monitor.history
+    assert list(history["batch_size"]) == [4 * accumulation] * STEPS
+    assert list(history["micro_batches"]) == [accumulation] * STEPS
+    columns = {"noise_scale/grad_sqnorm": "grad_sqnorm_ema", "noise_scale/trace_sigma": "trace_sigma_ema",
+               "noise_scale/b_simple": "b_simple", "noise_scale/b_simple_low": "b_simple_low",
+               "noise_scale/b_simple_high": "b_simple_high"}
+    for (_, row), reference in zip(history.iterrows(), expected):
+        for key, value in reference.items():
+            assert row[columns[key]] == pytest.approx(value, rel=1e-9, nan_ok=True), key
+
+    with open(trainer.logger.experiment.metrics_file_path) as file:
+        logged = [row for row in csv.DictReader(file)]
+    assert len(logged) == STEPS
+    for row, reference in zip(logged, expected):
+        for key, value in reference.items():
+            if math.isfinite(value):  # Lightning logs float32
+                assert float(row[key]) == pytest.approx(value, rel=1e-6), key
+            else:  # not resolved yet: not logged
+                assert row[key] == "", key
+    final = {key: value for key, value in expected[-1].items() if math.isfinite(value)}
+    assert {key: float(trainer.logged_metrics[key]) for key in final} == pytest.approx(final, rel=1e-6)
+
+
+def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
+    class Manual(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NoiseScaleCallback()])
+    with pytest.raises(ValueError, match="automatic optimization"):
+        trainer.fit(Manual(), _loader())
