@@ -9,9 +9,13 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
+import socket
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -42,10 +46,10 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
-def _loader():
+def _loader(shuffle=True):
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle, generator=torch.Generator().manual_seed(2))
 
 
 class RecordBatches(pl.Callback):
@@ -140,3 +144,62 @@ def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[NoiseScaleCallback()])
     with pytest.raises(ValueError, match="automatic optimization"):
         trainer.fit(Manual(), _loader())
+
+
+# ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
+WORLD_SIZE = 2
+HANG_GUARD_S = 900  # only against a deadlock; a busy machine finishes far sooner
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank, port, out_dir):
+    """One rank of Lightning's ddp strategy (the environment variables say the processes exist already): a run
+    without the callback and one with it, same seed; parameters, history and batches saved for the test."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    results = {}
+    for name in ("plain", "measured"):
+        recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+        pl.seed_everything(5, verbose=False)
+        module = TinyModule()
+        trainer = pl.Trainer(accelerator="cpu", devices=WORLD_SIZE, strategy="ddp", max_steps=STEPS,
+                             accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[recorder, callback] if name == "measured" else [])
+        trainer.fit(module, _loader(shuffle=False))
+        results[name] = [p.detach().clone() for p in module.parameters()]
+    results["history"], results["steps"] = callback.monitor.history, recorder.steps
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path):
+    context = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {WORLD_SIZE} DDP ranks hang (no result after {HANG_GUARD_S} s)")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
+    history = ranks[0]["history"]
+    assert history.equals(ranks[1]["history"])
+    assert list(history["batch_size"]) == [WORLD_SIZE * 2 * 4] * STEPS
+
+    average = ExponentialMovingNoiseScale(0.5)
+    for k, row in history.iterrows():
+        module = TinyModule()
+        module.load_state_dict(ranks[0]["steps"][k]["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
+        average.update_estimate(simple_noise_scale(*_naive_norms(module, x, y)))
+        assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=1e-9)
+        assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=1e-9)
+        assert row["b_simple"] == pytest.approx(average.b_simple, rel=1e-9)
