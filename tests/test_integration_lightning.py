@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
-from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale  # noqa: E402
+from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
+from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
 from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
 
@@ -47,8 +48,8 @@ class TinyModule(pl.LightningModule):
 
 
 def _loader(shuffle=True):
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # learnable: G^T H G resolves, B_noise is finite
     return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle, generator=torch.Generator().manual_seed(2))
 
 
@@ -82,9 +83,13 @@ def _naive_norms(module, x, y):
     return grads.square().sum(1), grads.mean(0).square().sum()
 
 
-def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path):
+def _per_example_loss(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical(tmp_path):
     plain, _ = _fit(tmp_path / "plain", 2, [], dropout=0.3)
-    callback = NoiseScaleCallback()
+    callback = NoiseScaleCallback(NoiseScaleOptions(hessian_every=1, per_example_loss=_per_example_loss))
     measured, _ = _fit(tmp_path / "measured", 2, [callback], dropout=0.3)
     for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
         assert torch.equal(p, q), name
@@ -95,31 +100,39 @@ def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path):
 def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_optimizer_steps_batch(
         tmp_path, accumulation):
     plain, _ = _fit(tmp_path / "plain", accumulation, [])
-    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+    options = NoiseScaleOptions(ema_decay=0.5, hessian_every=1, per_example_loss=_per_example_loss)
+    recorder, callback = RecordBatches(), NoiseScaleCallback(options)
     measured, trainer = _fit(tmp_path / "measured", accumulation, [recorder, callback])
     for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
         assert torch.equal(p, q), name
 
-    average, expected = ExponentialMovingNoiseScale(0.5), []
-    for step in recorder.steps:
+    average, curvature_average, expected, curvature = ExponentialMovingNoiseScale(0.5), ExponentialMovingRatio(0.8), [], []
+    for k, step in enumerate(recorder.steps):
         module = TinyModule()
         module.load_state_dict(step["weights"])
         x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
         sqnorms, grad_sqnorm = _naive_norms(module, x, y)
         estimate = simple_noise_scale(sqnorms, grad_sqnorm)
         average.update_estimate(estimate)
+        # B_noise: the Hessian proxies of the step's first micro-batch, probes seeded with seed + step
+        proxies = hessian_noise_scale(module, _per_example_loss, *step["batches"][0],
+                                      generator=torch.Generator().manual_seed(k))
+        curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        curvature.append({"trace_h_sigma": proxies.trace_h_sigma, "g_h_g": proxies.g_h_g, "trace_h": proxies.trace_h})
         expected.append({"noise_scale/grad_sqnorm": average.grad_sqnorm, "noise_scale/trace_sigma": average.trace_sigma,
-                         "noise_scale/b_simple": average.b_simple})
+                         "noise_scale/b_simple": average.b_simple, "noise_scale/b_noise": curvature_average.ratio})
         expected[-1].update(zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), average.interval(0.9)))
     history = callback.monitor.history
     assert list(history["batch_size"]) == [4 * accumulation] * STEPS
     assert list(history["micro_batches"]) == [accumulation] * STEPS
     columns = {"noise_scale/grad_sqnorm": "grad_sqnorm_ema", "noise_scale/trace_sigma": "trace_sigma_ema",
                "noise_scale/b_simple": "b_simple", "noise_scale/b_simple_low": "b_simple_low",
-               "noise_scale/b_simple_high": "b_simple_high"}
-    for (_, row), reference in zip(history.iterrows(), expected):
+               "noise_scale/b_simple_high": "b_simple_high", "noise_scale/b_noise": "b_noise"}
+    for (_, row), reference, proxies in zip(history.iterrows(), expected, curvature):
         for key, value in reference.items():
             assert row[columns[key]] == pytest.approx(value, rel=1e-9, nan_ok=True), key
+        for key, value in proxies.items():
+            assert row[key] == pytest.approx(value, rel=1e-9), key
 
     with open(trainer.logger.experiment.metrics_file_path) as file:
         logged = [row for row in csv.DictReader(file)]
@@ -129,7 +142,7 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
             if math.isfinite(value):  # Lightning logs float32
                 assert float(row[key]) == pytest.approx(value, rel=1e-6), key
             else:  # not resolved yet: not logged
-                assert row[key] == "", key
+                assert row.get(key, "") == "", key
     final = {key: value for key, value in expected[-1].items() if math.isfinite(value)}
     assert {key: float(trainer.logged_metrics[key]) for key in final} == pytest.approx(final, rel=1e-6)
 

@@ -27,13 +27,14 @@ per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. The values
 
 Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
 every rank logs the estimate of the global batch. Not supported: gradient checkpointing (it re-runs forwards
-inside the backward), DeepSpeed / FSDP (sharded gradients), B_noise on keyword batches (``hessian_every``; the
-Hessian proxies take positional inputs only), and the moving averages are not saved in Trainer checkpoints.
+inside the backward), DeepSpeed / FSDP (sharded gradients); the moving averages are not saved in Trainer
+checkpoints. B_noise (``hessian_every``) runs the Hessian proxies on the step's first micro-batch, the batch without
+``labels`` as the model's inputs and ``labels`` as the targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g.
+``functools.partial(noisescale.losses.sequence_cross_entropy, shift=True)`` for a causal LM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from noisescale.integrations.observer import (
     NoiseScaleOptions,
     ObservingNoiseScaleMonitor,
     batch_size_of_framework_batch,
+    split_labels,
 )
 
 __all__ = ["NoiseScaleTrainerMixin", "NoiseScaleTrainer", "NoiseScaleOptions"]
@@ -66,8 +68,8 @@ class NoiseScaleTrainerMixin:
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         """The Trainer's own step on one micro-batch, observed (module docstring)."""
-        monitor = self._noise_scale_monitor(model, inputs)
-        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=inputs)
+        monitor = self._noise_scale_monitor(model)
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=split_labels(inputs))
         loss = super().training_step(model, inputs, num_items_in_batch)
         monitor.end_micro_batch(loss)
         if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete
@@ -76,13 +78,9 @@ class NoiseScaleTrainerMixin:
             monitor.end_step(contribution_scale=scale, grad_scale=scale)
         return loss
 
-    def _noise_scale_monitor(self, model: torch.nn.Module, inputs: Any) -> ObservingNoiseScaleMonitor:
+    def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
         if self.noise_scale is None:
-            options = self.noise_scale_options
-            if options.hessian_every and isinstance(inputs, Mapping):
-                raise ValueError("hessian_every > 0 (B_noise) is not supported on keyword (dict) batches yet: the "
-                                 "Hessian proxies call the model with positional inputs; set hessian_every=0")
-            self.noise_scale = ObservingNoiseScaleMonitor(model, options)
+            self.noise_scale = ObservingNoiseScaleMonitor(model, self.noise_scale_options)
         return self.noise_scale
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

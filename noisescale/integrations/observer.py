@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from noisescale.batches import batch_size_of
-from noisescale.distributed import all_gather_concat
+from noisescale.distributed import all_gather_concat, unwrapped_module
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
 __all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]
@@ -44,7 +44,8 @@ class NoiseScaleOptions:
     """What the integrations measure (the arguments of :class:`~noisescale.monitor.NoiseScaleMonitor`).
 
     per_example_loss: ``per_example_loss(outputs, targets) -> (B,)``, needed only for B_noise (``hessian_every``),
-        whose Hessian-vector products run the model again on the step's first micro-batch.
+        whose Hessian-vector products run the model again on the step's first micro-batch (on a forked random
+        stream; the training's own passes and gradients are untouched).
     log_prefix: the prefix of the logged names (``noise_scale/b_simple``, ...).
     """
 
@@ -197,6 +198,19 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1).cpu()
         return per_rank[:, 0], per_rank[:, 1:].reshape(-1)
 
+    def _hessian_proxies(self, inputs: Any, targets: Any):
+        """The monitor's Hessian proxies (averaged over the ranks under DDP); a keyword batch (HuggingFace) is
+        passed to them as positional tensors of a module that calls the model with keywords."""
+        if not isinstance(inputs, Mapping):
+            return super()._hessian_proxies(inputs, targets)
+        keys = [key for key, value in inputs.items() if isinstance(value, torch.Tensor)]
+        constants = {key: value for key, value in inputs.items() if key not in keys}
+        model, self.model = self.model, _KeywordCall(unwrapped_module(self.model), keys, constants)
+        try:
+            return super()._hessian_proxies(tuple(inputs[key] for key in keys), targets)
+        finally:
+            self.model = model
+
     def logged_metrics(self) -> dict[str, float]:
         """What the integrations log, finite values only, named ``log_prefix + name``: B_simple with its interval,
         the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise when measured."""
@@ -205,6 +219,17 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         values = {"b_simple": summary.b_simple, "b_simple_low": low, "b_simple_high": high,
                   "grad_sqnorm": summary.grad_sqnorm, "trace_sigma": summary.trace_sigma, "b_noise": summary.b_noise}
         return {self.options.log_prefix + name: float(value) for name, value in values.items() if math.isfinite(value)}
+
+
+class _KeywordCall(torch.nn.Module):
+    """``model(**dict(zip(keys, tensors)), **constants)`` as a module of positional tensors."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str], constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.model, self.keys, self.constants = model, keys, constants
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.keys, tensors)), **self.constants)
 
 
 def split_labels(batch: Mapping[str, Any], key: str = "labels") -> tuple[dict[str, Any], Any]:
