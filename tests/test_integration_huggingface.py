@@ -20,7 +20,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale  # noqa: E402
+from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
+from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
 from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
 from noisescale.losses import sequence_cross_entropy  # noqa: E402
@@ -31,11 +32,12 @@ RTOL = 1e-6  # float64 models, but HuggingFace's causal-LM loss upcasts the logi
 
 def tiny_gpt2(dropout=0.0):
     """GPT2LMHeadModel from a config: Conv1D layers, tied embedding and head, position embeddings on (1, T) ids;
-    given labels it trains on HuggingFace's token mean over the whole accumulated batch (num_items_in_batch)."""
+    given labels it trains on HuggingFace's token mean over the whole accumulated batch (num_items_in_batch).
+    Eager attention: the Hessian proxies' forward-mode AD has no rule for the CPU flash kernel of SDPA."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                                     bos_token_id=0, eos_token_id=0)
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
     return transformers.GPT2LMHeadModel(config).double()
 
 
@@ -44,7 +46,8 @@ def tiny_bert(dropout=0.0):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=3,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                     attn_implementation="eager")
     return transformers.BertForSequenceClassification(config).double()
 
 
@@ -130,6 +133,23 @@ CASES = {  # model, data, accumulation steps -> the per-example loss whose mean 
 }
 
 
+class _Positional(nn.Module):
+    """The model called with keyword inputs given positionally, for hessian_noise_scale (the test's own adapter)."""
+
+    def __init__(self, model, keys):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.keys, tensors)))
+
+
+# B_noise's per-example loss: the Hessian proxies vmap it over single examples, where the "token" weighting's
+# batch-wide token count cannot be taken (it calls int() on a tensor), so GPT-2's is each example's mean token loss
+HESSIAN_LOSS = {"gpt2": lambda outputs, labels: sequence_cross_entropy(outputs, labels, shift=True),
+                "bert": _class_loss, "no-kwargs-classifier": _class_loss}
+
+
 def _naive_norms(model, per_example_loss, inputs, targets):
     """|g_i|^2 one example at a time and |mean_i g_i|^2, from the per-example losses of the whole batch."""
     losses = per_example_loss(model(**inputs), targets)
@@ -156,9 +176,11 @@ def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path, case)
     make_model, make_data, _ = CASES[case]
     data = make_data()
     plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", 2, dropout=0.3)
-    measured = _train(NoiseScaleTrainer, make_model, data, tmp_path / "measured", 2, dropout=0.3)
+    options = NoiseScaleOptions(hessian_every=2, per_example_loss=HESSIAN_LOSS[case])  # B_noise: a forked stream
+    measured = _train(NoiseScaleTrainer, make_model, data, tmp_path / "measured", 2, dropout=0.3, noise_scale=options)
     _assert_same_parameters(plain, measured)
     assert measured.noise_scale.step == 3
+    assert measured.noise_scale.history["trace_h"].notna().tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize(("case", "accumulation"), [("gpt2", 1), ("gpt2", 2), ("bert", 2),
@@ -168,14 +190,15 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
     make_model, make_data, reference_loss = CASES[case]
     reference_loss = reference_loss(accumulation)
     data = make_data()
-    options = NoiseScaleOptions(ema_decay=0.5)
+    options = NoiseScaleOptions(ema_decay=0.5, hessian_every=1, per_example_loss=HESSIAN_LOSS[case])
     plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", accumulation)
     measured = _train(RecordingTrainer, make_model, data, tmp_path / "measured", accumulation, noise_scale=options)
     _assert_same_parameters(plain, measured)
 
     # reference: the per-example estimate of each optimizer step's whole batch at the step's weights
     average, reference_rows = ExponentialMovingNoiseScale(options.ema_decay), []
-    for step in measured.recorded:
+    curvature_average, curvature = ExponentialMovingRatio(options.hessian_ema_decay), []
+    for k, step in enumerate(measured.recorded):
         model = make_model()
         model.load_state_dict(step["weights"])
         batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
@@ -183,6 +206,12 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         sqnorms, grad_sqnorm = _naive_norms(model, reference_loss, batch, targets)
         estimate = simple_noise_scale(sqnorms, grad_sqnorm)
         average.update_estimate(estimate)
+        first = dict(step["batches"][0])  # B_noise: the Hessian proxies of the first micro-batch, probes seeded k
+        first_targets = first.pop("labels")
+        proxies = hessian_noise_scale(_Positional(model, list(first)), HESSIAN_LOSS[case], tuple(first.values()),
+                                      first_targets, generator=torch.Generator().manual_seed(k))
+        curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        curvature.append((proxies, curvature_average.ratio))
         reference_rows.append((estimate, average.b_simple, average.grad_sqnorm, average.trace_sigma,
                                average.interval(options.confidence)))
     history = measured.noise_scale.history
@@ -207,6 +236,10 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         else:
             assert "noise_scale/b_simple" not in log
         assert row.loss == pytest.approx(log["loss"], rel=1e-6)  # the Trainer sums its losses in float32
+    for row, log, (proxies, b_noise) in zip(history.itertuples(), logs, curvature):
+        assert (row.trace_h_sigma, row.g_h_g, row.trace_h) == pytest.approx(
+            (proxies.trace_h_sigma, proxies.g_h_g, proxies.trace_h), rel=RTOL)
+        assert log.get("noise_scale/b_noise", math.inf) == pytest.approx(b_noise, rel=RTOL)
 
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
