@@ -80,6 +80,12 @@ class NoiseScaleTrainerMixin:
 
     def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
         if self.noise_scale is None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("noise_scale cannot be measured under DeepSpeed or FSDP (sharded gradients); use DDP "
+                                 "(torchrun / accelerate launch without a DeepSpeed or FSDP config)")
+            if self.args.n_gpu > 1:
+                raise ValueError(f"noise_scale cannot be measured under torch.nn.DataParallel ({self.args.n_gpu} GPUs "
+                                 "in one process); launch one process per GPU with torchrun or accelerate launch")
             self.noise_scale = ObservingNoiseScaleMonitor(model, self.noise_scale_options)
         return self.noise_scale
 

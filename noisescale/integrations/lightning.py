@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from pytorch_lightning import Callback
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from noisescale.integrations.observer import (
     NoiseScaleOptions,
@@ -59,6 +60,9 @@ class NoiseScaleCallback(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("NoiseScaleCallback supports automatic optimization only (the loss Lightning "
                              "backpropagates is what it reads); this module sets automatic_optimization=False")
+        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            raise ValueError(f"NoiseScaleCallback cannot measure under {type(trainer.strategy).__name__} (sharded "
+                             "gradients); use strategy='ddp' or a single device")
         previous = self.monitor.state_dict() if self.monitor is not None else self._restored
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options,

@@ -113,7 +113,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def _reset_step(self) -> None:
         self._sizes: list[int] = []
         self._sqnorms: list[torch.Tensor] = []
-        self._loss = 0.0
+        self._loss: torch.Tensor | float = 0.0  # kept as a tensor: no device synchronisation per micro-batch
         self._hessian_batch: tuple[Any, Any] | None = None
 
     @property
@@ -135,7 +135,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:
         """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it."""
-        self._loss += float(loss)
+        self._loss = self._loss + torch.as_tensor(loss).detach().double()
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             micro_batch.__exit__(None, None, None)
@@ -156,7 +156,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._drop_open_micro_batch()
         if not self._step_open:
             return None
-        sizes, sqnorms, loss = self._sizes, self._sqnorms, torch.tensor([self._loss], dtype=torch.float64)
+        sizes, sqnorms = self._sizes, self._sqnorms
+        loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1)
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
         if self.measures_this_step:
             sqnorms = torch.cat(sqnorms).double()
@@ -168,7 +169,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             row = self._measure(loss, sqnorms, grad_sqnorm, batch_size)
         else:
             if world_size > 1:
-                loss = all_gather_concat(loss.to(self._device()), self.process_group).cpu()
+                loss = all_gather_concat(loss, self.process_group)
             batch_size = sum(sizes) * world_size
             row = {"loss": loss.mean().item(), "measured": False}
         if self._hessian_batch is not None:
@@ -194,8 +195,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         if not bool((counts == count).all()):
             raise ValueError(f"the ranks' batches differ in size ({counts.tolist()}); the noise-scale integrations "
                              "need equal shares of the global batch (DistributedSampler pads them to equal sizes)")
-        gathered = all_gather_concat(torch.cat([loss.to(device), sqnorms.to(device)]), self.process_group)
-        per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1).cpu()
+        gathered = all_gather_concat(torch.cat([loss, sqnorms.to(device)]), self.process_group)
+        per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1)
         return per_rank[:, 0], per_rank[:, 1:].reshape(-1)
 
     def _hessian_proxies(self, inputs: Any, targets: Any):
