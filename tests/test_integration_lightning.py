@@ -216,3 +216,21 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
         assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=1e-9)
         assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=1e-9)
         assert row["b_simple"] == pytest.approx(average.b_simple, rel=1e-9)
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
+    callback = NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+    _, trainer = _fit(tmp_path / "first", 1, [callback])
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")  # loaded below with torch.load(weights_only=True)
+    resumed = NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2 * STEPS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[resumed])
+    trainer.fit(TinyModule(), _loader(), ckpt_path=tmp_path / "step3.ckpt")
+    assert resumed.monitor.step == 2 * STEPS
+    history = resumed.monitor.history
+    assert history.iloc[:STEPS].equals(callback.monitor.history)
+    assert history["step"].tolist() == list(range(2 * STEPS))
+    average = ExponentialMovingNoiseScale(0.5)  # the averages over all six steps, not restarted at the resume
+    for row in history.itertuples():
+        average.update(row.trace_sigma, row.grad_sqnorm)
+    assert resumed.monitor.summary().b_simple == pytest.approx(average.b_simple, rel=1e-12)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -212,6 +213,11 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         finally:
             self.model = model
 
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state in plain Python types (numpy and 0-d tensor scalars as numbers), so that a
+        checkpoint holding it loads with ``torch.load(weights_only=True)``, as Lightning's resume does."""
+        return _plain(super().state_dict())
+
     def logged_metrics(self) -> dict[str, float]:
         """What the integrations log, finite values only, named ``log_prefix + name``: B_simple with its interval,
         the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise when measured."""
@@ -220,6 +226,16 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         values = {"b_simple": summary.b_simple, "b_simple_low": low, "b_simple_high": high,
                   "grad_sqnorm": summary.grad_sqnorm, "trace_sigma": summary.trace_sigma, "b_noise": summary.b_noise}
         return {self.options.log_prefix + name: float(value) for name, value in values.items() if math.isfinite(value)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    return value
 
 
 class _KeywordCall(torch.nn.Module):
