@@ -242,6 +242,18 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         assert log.get("noise_scale/b_noise", math.inf) == pytest.approx(b_noise, rel=RTOL)
 
 
+def test_gradient_checkpointing_and_bad_options_are_rejected_before_any_step(tmp_path):
+    with pytest.raises(TypeError, match="noise_scale must be a NoiseScaleOptions"):
+        NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})
+    model = tiny_gpt2()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = _args(tmp_path, 1)
+    args.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        NoiseScaleTrainer(model=model, args=args, train_dataset=_token_dataset()).train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
 HANG_GUARD_S = 900  # only against a deadlock; a busy machine finishes far sooner

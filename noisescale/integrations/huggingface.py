@@ -59,18 +59,15 @@ class NoiseScaleTrainerMixin:
         if noise_scale is not None and not isinstance(noise_scale, NoiseScaleOptions):
             raise TypeError(f"noise_scale must be a NoiseScaleOptions, got {type(noise_scale).__name__}")
         super().__init__(*args, **kwargs)
-        if self.args.gradient_checkpointing:
-            raise ValueError("noise_scale cannot be measured with gradient_checkpointing=True: checkpointing re-runs "
-                             "forwards inside the backward, which the ghost hooks would count twice; turn it off")
         self.noise_scale_options = noise_scale or NoiseScaleOptions()
         self.noise_scale: ObservingNoiseScaleMonitor | None = None
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        """The Trainer's own step on one micro-batch, observed (module docstring)."""
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
+        transformers passes go through unchanged), observed (module docstring)."""
         monitor = self._noise_scale_monitor(model)
         monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=split_labels(inputs))
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)
         if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete
             scaler = getattr(self.accelerator, "scaler", None)
@@ -80,6 +77,9 @@ class NoiseScaleTrainerMixin:
 
     def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
         if self.noise_scale is None:
+            if self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False):
+                raise ValueError("noise_scale cannot be measured with gradient checkpointing: it re-runs forwards "
+                                 "inside the backward, which the ghost hooks would count twice; turn it off")
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("noise_scale cannot be measured under DeepSpeed or FSDP (sharded gradients); use DDP "
                                  "(torchrun / accelerate launch without a DeepSpeed or FSDP config)")
