@@ -176,11 +176,13 @@ def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path, case)
     make_model, make_data, _ = CASES[case]
     data = make_data()
     plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", 2, dropout=0.3)
-    options = NoiseScaleOptions(hessian_every=2, per_example_loss=HESSIAN_LOSS[case])  # B_noise: a forked stream
+    options = NoiseScaleOptions(measure_every=2, hessian_every=3, per_example_loss=HESSIAN_LOSS[case])
     measured = _train(NoiseScaleTrainer, make_model, data, tmp_path / "measured", 2, dropout=0.3, noise_scale=options)
     _assert_same_parameters(plain, measured)
-    assert measured.noise_scale.step == 3
-    assert measured.noise_scale.history["trace_h"].notna().tolist() == [True, False, True]
+    history = measured.noise_scale.history
+    assert history["measured"].tolist() == [True, False, True]
+    assert history["trace_h"].notna().tolist() == [True, False, False]  # B_noise on a forked random stream
+    assert history["batch_size"].tolist() == [8, 8, 8]
 
 
 @pytest.mark.parametrize(("case", "accumulation"), [("gpt2", 1), ("gpt2", 2), ("bert", 2),
