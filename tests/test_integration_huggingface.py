@@ -256,6 +256,26 @@ def test_gradient_checkpointing_and_bad_options_are_rejected_before_any_step(tmp
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
+    args = _args(tmp_path, 1)
+    args.save_strategy, args.save_steps = "steps", 3
+    options = NoiseScaleOptions(ema_decay=0.5)
+    first = NoiseScaleTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(), noise_scale=options)
+    first.train()
+    args = _args(tmp_path, 1)
+    args.max_steps = 5
+    resumed = NoiseScaleTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(), noise_scale=options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert resumed.noise_scale.step == 5
+    assert resumed.noise_scale.history["step"].tolist() == [3, 4]  # the history in the JSON checkpoint is left out
+    average = ExponentialMovingNoiseScale(0.5)  # the averages over all five steps, not restarted at the resume
+    for history in (first.noise_scale.history, resumed.noise_scale.history):
+        for row in history.itertuples():
+            average.update(row.trace_sigma, row.grad_sqnorm)
+    assert resumed.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
+    assert resumed.noise_scale.summary().grad_sqnorm == pytest.approx(average.grad_sqnorm, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
 HANG_GUARD_S = 900  # only against a deadlock; a busy machine finishes far sooner

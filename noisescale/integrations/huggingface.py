@@ -26,11 +26,14 @@ per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. The values
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
 
 Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
-every rank logs the estimate of the global batch. Not supported: gradient checkpointing (it re-runs forwards
-inside the backward), DeepSpeed / FSDP (sharded gradients); the moving averages are not saved in Trainer
-checkpoints. B_noise (``hessian_every``) runs the Hessian proxies on the step's first micro-batch, the batch without
-``labels`` as the model's inputs and ``labels`` as the targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g.
-``functools.partial(noisescale.losses.sequence_cross_entropy, shift=True)`` for a causal LM.
+every rank logs the estimate of the global batch. The averages travel in the Trainer's checkpoints
+(:class:`NoiseScaleCheckpointState`), so a resumed run continues them. B_noise (``hessian_every``) runs the Hessian
+proxies on the step's first micro-batch, the batch without ``labels`` as the model's inputs and ``labels`` as the
+targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g. ``functools.partial(sequence_cross_entropy,
+shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "example" weighting: the proxies vmap the
+loss over single examples), with ``attn_implementation="eager"`` (forward-mode AD has no rule for some SDPA
+kernels). Not supported: gradient checkpointing (it re-runs forwards inside the backward), DeepSpeed, FSDP and
+DataParallel (each raises a clear error at the first step).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from noisescale.integrations.observer import (
     NoiseScaleOptions,
@@ -47,7 +51,21 @@ from noisescale.integrations.observer import (
     split_labels,
 )
 
-__all__ = ["NoiseScaleTrainerMixin", "NoiseScaleTrainer", "NoiseScaleOptions"]
+__all__ = ["NoiseScaleTrainerMixin", "NoiseScaleTrainer", "NoiseScaleOptions", "NoiseScaleCheckpointState"]
+
+
+class NoiseScaleCheckpointState(TrainerCallback, ExportableState):
+    """Carries the monitor's averages and counters in the Trainer's checkpoints (``stateful_callbacks`` of
+    ``trainer_state.json``, the documented ``ExportableState``); ``train(resume_from_checkpoint=...)`` reads them back
+    from the restored ``trainer.state``. The per-step history is left out of the JSON (it would grow by a row per
+    step): after a resume it holds the resumed steps only."""
+
+    def __init__(self) -> None:
+        self.monitor: ObservingNoiseScaleMonitor | None = None
+
+    def state(self) -> dict[str, Any]:
+        saved = None if self.monitor is None else {**self.monitor.state_dict(), "history": []}
+        return {"args": {}, "attributes": {"monitor_state": saved}}
 
 
 class NoiseScaleTrainerMixin:
@@ -61,6 +79,7 @@ class NoiseScaleTrainerMixin:
         super().__init__(*args, **kwargs)
         self.noise_scale_options = noise_scale or NoiseScaleOptions()
         self.noise_scale: ObservingNoiseScaleMonitor | None = None
+        self.add_callback(NoiseScaleCheckpointState())
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
@@ -87,6 +106,14 @@ class NoiseScaleTrainerMixin:
                 raise ValueError(f"noise_scale cannot be measured under torch.nn.DataParallel ({self.args.n_gpu} GPUs "
                                  "in one process); launch one process per GPU with torchrun or accelerate launch")
             self.noise_scale = ObservingNoiseScaleMonitor(model, self.noise_scale_options)
+            stored = self.state.stateful_callbacks.get(NoiseScaleCheckpointState.__name__)
+            stored = stored[0] if isinstance(stored, list) else stored
+            saved = (stored or {}).get("attributes", {}).get("monitor_state")
+            if self.state.global_step > 0 and saved is not None:  # resumed from a checkpoint
+                self.noise_scale.load_state_dict(saved)
+        for callback in self.callback_handler.callbacks:  # the Trainer may have replaced it when resuming
+            if isinstance(callback, NoiseScaleCheckpointState):
+                callback.monitor = self.noise_scale
         return self.noise_scale
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
