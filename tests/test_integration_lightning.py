@@ -89,7 +89,8 @@ def _per_example_loss(outputs, targets):
 
 def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical(tmp_path):
     plain, _ = _fit(tmp_path / "plain", 2, [], dropout=0.3)
-    callback = NoiseScaleCallback(NoiseScaleOptions(measure_every=2, hessian_every=1, per_example_loss=_per_example_loss))
+    options = NoiseScaleOptions(measure_every=2, hessian_every=1, per_example_loss=_per_example_loss)
+    callback = NoiseScaleCallback(options)
     measured, _ = _fit(tmp_path / "measured", 2, [callback], dropout=0.3)
     for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
         assert torch.equal(p, q), name
@@ -108,7 +109,8 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
     for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
         assert torch.equal(p, q), name
 
-    average, curvature_average, expected, curvature = ExponentialMovingNoiseScale(0.5), ExponentialMovingRatio(0.8), [], []
+    average, curvature_average = ExponentialMovingNoiseScale(0.5), ExponentialMovingRatio(0.8)
+    expected, curvature = [], []
     for k, step in enumerate(recorder.steps):
         module = TinyModule()
         module.load_state_dict(step["weights"])

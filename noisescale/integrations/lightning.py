@@ -3,8 +3,8 @@
 One added line in an existing script::
 
     from noisescale.integrations.lightning import NoiseScaleCallback
-    callback = NoiseScaleCallback()                                 # options: NoiseScaleCallback(NoiseScaleOptions(...))
-    trainer = pl.Trainer(..., callbacks=[callback])   # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma
+    callback = NoiseScaleCallback()                  # options: NoiseScaleCallback(NoiseScaleOptions(...))
+    trainer = pl.Trainer(..., callbacks=[callback])  # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma
     trainer.fit(module, loader)
     callback.monitor.history        # one row per optimizer step (pandas DataFrame); callback.monitor.summary()
 
@@ -21,9 +21,10 @@ averages go to every logger through ``pl_module.log_dict`` (``on_step=True``, wr
 The training step's loss must be a mean (or any fixed-weight sum) of per-example terms over dim 0 of the batch;
 the batch is a tensor, a tuple or list (``[x, y]``) or a dict of tensors with the batch in dim 0. Under the ddp
 strategy each rank's norms are all-gathered once per step (the estimate of the global batch on every rank). The
-averages and history are saved in Lightning checkpoints and continue when a fit resumes from one. B_noise (``hessian_every``) needs ``NoiseScaleOptions(per_example_loss=...)`` and batches ``(inputs, targets)``;
-it calls ``pl_module(inputs)``. Not supported: manual optimization, several optimizers, sharded strategies
-(FSDP, DeepSpeed), activation checkpointing.
+averages and history are saved in Lightning checkpoints and continue when a fit resumes from one. B_noise
+(``hessian_every``) needs ``NoiseScaleOptions(per_example_loss=...)`` and batches ``(inputs, targets)``; it calls
+``pl_module(inputs)``. Not supported: manual optimization, several optimizers, sharded strategies (FSDP,
+DeepSpeed), activation checkpointing.
 """
 
 from __future__ import annotations
