@@ -51,6 +51,8 @@ Under DDP, gradients already all-reduced by the failed backward cannot be taken 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -64,7 +66,7 @@ from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import rule_for, uses_batch_statistics
 from noisescale.per_example.vmap import vmap_sqnorms
 
-__all__ = ["PerExampleNorms", "PerExampleGradNorms", "per_example_sqnorms", "BACKENDS"]
+__all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
 
 BACKENDS = ("auto", "ghost", "vmap")
 
@@ -88,6 +90,16 @@ class PerExampleNorms:
     grad_sqnorm: Tensor
     by_parameter: dict[str, Tensor] | None
     backend_of: dict[str, str]
+
+
+@dataclass
+class ObservedNorms:
+    """What :meth:`PerExampleGradNorms.observe` read from a forward and backward run by the caller; filled when the
+    ``with`` block ends. sqnorms: (B,) |g_i|^2 summed over all trainable parameters; by_parameter: name -> (B,)
+    contribution, when asked for."""
+
+    sqnorms: Tensor | None = None
+    by_parameter: dict[str, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,11 @@ def _leaves_in_graph(output: Tensor) -> set[int]:
 def _record_sqnorm(received: dict[str, Tensor], name: str, dtype: torch.dtype, grad: Tensor) -> None:
     """Tensor hook on a parameter: keeps |grad|^2 of the gradient this backward brings (before accumulation)."""
     received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, dtype)).square()
+
+
+def _mark_received(received: set[str], name: str, grad: Tensor) -> None:
+    """Tensor hook on a parameter: notes that this backward brought it a gradient."""
+    received.add(name)
 
 
 class PerExampleGradNorms:
@@ -295,6 +312,59 @@ class PerExampleGradNorms:
             by_parameter=by_parameter if self.by_parameter else None,
             backend_of=backend_of,
         )
+
+
+    @contextmanager
+    def observe(self, batch_size: int, *, loss_scale: float = 1.0) -> Iterator[ObservedNorms]:
+        """Read the per-example norms of a forward and backward that the caller runs itself inside the ``with``
+        block (a training framework's own step), leaving that step untouched: p.grad is the caller's.
+
+        The caller's backward must differentiate ``loss_scale * mean_i l_i`` over the ``batch_size`` examples
+        held in dim 0 of every hooked module's input; on exit ``observed.sqnorms`` holds |dl_i/dtheta|^2.
+        Equivalently, with ``loss_scale=batch_size`` the objective is any sum of per-example terms and the norms
+        are those of each term's gradient. Ghost rules and the per-module fallback (which works from the recorded
+        calls) can observe; parameters that would need the whole-model vmap (a separate pass over the model,
+        which only ``__call__`` runs) raise a ValueError naming them, after the caller's pass.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        scale = float(loss_scale)
+        if not scale > 0:
+            raise ValueError(f"loss_scale must be positive, got {scale}")
+        plan = self._plan()
+        if not plan.backend_of:
+            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        if plan.vmap_names:
+            raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
+                             "backend='auto' or 'ghost'")
+        parameters = dict(self.model.named_parameters())
+        received: set[str] = set()
+        handles = [parameters[name].register_hook(partial(_mark_received, received, name)) for name in plan.backend_of]
+        observed = ObservedNorms()
+        try:
+            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost") as ghost_pass:
+                yield observed
+        finally:
+            for handle in handles:
+                handle.remove()
+        bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
+                    and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
+        need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))
+        if need_vmap:
+            reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items())
+            raise ValueError(f"parameters {need_vmap} cannot be measured from the caller's own pass: they would need "
+                             f"the whole-model vmap, a separate pass ({reasons or 'used outside any module call'}); "
+                             "measure this model with NoiseScaleMonitor, which runs that pass itself")
+        ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
+        by_parameter = ghost_pass.result()
+        reference = next(iter(by_parameter.values()), None)
+        dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
+        device = next(iter(parameters.values())).device if reference is None else reference.device
+        zeros = torch.zeros(batch_size, dtype=dtype, device=device)
+        by_parameter = {name: by_parameter[name].to(dtype) if name in by_parameter else zeros
+                        for name in plan.backend_of}
+        observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
+        observed.by_parameter = by_parameter if self.by_parameter else None
 
 
 class _GradSnapshot:

@@ -1,0 +1,127 @@
+"""The noise scale of a HuggingFace ``transformers.Trainer`` run, measured in its own training steps.
+
+One changed line in an existing script::
+
+    from noisescale.integrations.huggingface import NoiseScaleTrainer
+    trainer = NoiseScaleTrainer(model=model, args=args, train_dataset=train_set)   # was: Trainer(...)
+    trainer.train()                 # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma (, b_noise)
+    trainer.noise_scale.history     # one row per optimizer step (pandas DataFrame)
+
+Options go in ``noise_scale=NoiseScaleOptions(ema_decay=..., measure_every=..., hessian_every=...)``; a project
+with its own ``Trainer`` subclass (trl's ``SFTTrainer``, say) mixes in ``NoiseScaleTrainerMixin`` first:
+``class MyTrainer(NoiseScaleTrainerMixin, SFTTrainer)``.
+
+Why a ``training_step`` override and not a ``TrainerCallback``: the per-example norms come from hooks that must
+be armed around each micro-batch's forward and backward and read after it, and |gbar|^2 must be read from p.grad
+after the optimizer step's last backward but before gradient clipping. A callback sees neither: ``on_step_begin``
+fires once per optimizer step, no hook receives the micro-batch, and ``on_pre_optimizer_step`` comes after
+clipping. ``training_step(model, inputs, num_items_in_batch)`` is the documented extension point that runs once per
+micro-batch; the override calls the Trainer's own ``training_step`` unchanged inside
+:meth:`~noisescale.per_example.PerExampleGradNorms.observe`, so the loss (the model's own, ``compute_loss_func`` or
+an overridden ``compute_loss``), its scaling for gradient accumulation or ``num_items_in_batch``, mixed precision,
+``no_sync`` and DDP's all-reduce are the Trainer's, and training is bit-identical to ``Trainer``'s. How the
+per-example gradients of the accumulated global batch follow from that loss, whatever its weighting, is in
+:mod:`noisescale.integrations.observer`; with HuggingFace's token-mean loss they are the gradients of the "token"
+per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. The values reach every ``report_to``
+(TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
+
+Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
+every rank logs the estimate of the global batch. The averages travel in the Trainer's checkpoints
+(:class:`NoiseScaleCheckpointState`), so a resumed run continues them. B_noise (``hessian_every``) runs the Hessian
+proxies on the step's first micro-batch, the batch without ``labels`` as the model's inputs and ``labels`` as the
+targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g. ``functools.partial(sequence_cross_entropy,
+shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "example" weighting: the proxies vmap the
+loss over single examples), with ``attn_implementation="eager"`` (forward-mode AD has no rule for some SDPA
+kernels). Not supported: gradient checkpointing (it re-runs forwards inside the backward), DeepSpeed, FSDP and
+DataParallel (each raises a clear error at the first step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from noisescale.integrations.observer import (
+    NoiseScaleOptions,
+    ObservingNoiseScaleMonitor,
+    batch_size_of_framework_batch,
+    split_labels,
+)
+
+__all__ = ["NoiseScaleTrainerMixin", "NoiseScaleTrainer", "NoiseScaleOptions", "NoiseScaleCheckpointState"]
+
+
+class NoiseScaleCheckpointState(TrainerCallback, ExportableState):
+    """Carries the monitor's averages and counters in the Trainer's checkpoints (``stateful_callbacks`` of
+    ``trainer_state.json``, the documented ``ExportableState``); ``train(resume_from_checkpoint=...)`` reads them back
+    from the restored ``trainer.state``. The per-step history is left out of the JSON (it would grow by a row per
+    step): after a resume it holds the resumed steps only."""
+
+    def __init__(self) -> None:
+        self.monitor: ObservingNoiseScaleMonitor | None = None
+
+    def state(self) -> dict[str, Any]:
+        saved = None if self.monitor is None else {**self.monitor.state_dict(), "history": []}
+        return {"args": {}, "attributes": {"monitor_state": saved}}
+
+
+class NoiseScaleTrainerMixin:
+    """Measures the gradient noise scale in every training step of the ``Trainer`` it is mixed into (module
+    docstring). ``noise_scale``: a :class:`~noisescale.integrations.observer.NoiseScaleOptions` (defaults if None).
+    After ``train()``, ``self.noise_scale`` is the monitor (history, summary(), state_dict())."""
+
+    def __init__(self, *args: Any, noise_scale: NoiseScaleOptions | None = None, **kwargs: Any) -> None:
+        if noise_scale is not None and not isinstance(noise_scale, NoiseScaleOptions):
+            raise TypeError(f"noise_scale must be a NoiseScaleOptions, got {type(noise_scale).__name__}")
+        super().__init__(*args, **kwargs)
+        self.noise_scale_options = noise_scale or NoiseScaleOptions()
+        self.noise_scale: ObservingNoiseScaleMonitor | None = None
+        self.add_callback(NoiseScaleCheckpointState())
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
+        transformers passes go through unchanged), observed (module docstring)."""
+        monitor = self._noise_scale_monitor(model)
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=split_labels(inputs))
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        monitor.end_micro_batch(loss)
+        if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete
+            scaler = getattr(self.accelerator, "scaler", None)
+            scale = 1.0 if scaler is None else float(scaler.get_scale())
+            monitor.end_step(contribution_scale=scale, grad_scale=scale)
+        return loss
+
+    def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
+        if self.noise_scale is None:
+            if self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False):
+                raise ValueError("noise_scale cannot be measured with gradient checkpointing: it re-runs forwards "
+                                 "inside the backward, which the ghost hooks would count twice; turn it off")
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("noise_scale cannot be measured under DeepSpeed or FSDP (sharded gradients); use DDP "
+                                 "(torchrun / accelerate launch without a DeepSpeed or FSDP config)")
+            if self.args.n_gpu > 1:
+                raise ValueError(f"noise_scale cannot be measured under torch.nn.DataParallel ({self.args.n_gpu} GPUs "
+                                 "in one process); launch one process per GPU with torchrun or accelerate launch")
+            self.noise_scale = ObservingNoiseScaleMonitor(model, self.noise_scale_options)
+            stored = self.state.stateful_callbacks.get(NoiseScaleCheckpointState.__name__)
+            stored = stored[0] if isinstance(stored, list) else stored
+            saved = (stored or {}).get("attributes", {}).get("monitor_state")
+            if self.state.global_step > 0 and saved is not None:  # resumed from a checkpoint
+                self.noise_scale.load_state_dict(saved)
+        for callback in self.callback_handler.callbacks:  # the Trainer may have replaced it when resuming
+            if isinstance(callback, NoiseScaleCheckpointState):
+                callback.monitor = self.noise_scale
+        return self.noise_scale
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the noise-scale averages added to every training log (the one holding "loss")."""
+        if self.noise_scale is not None and self.noise_scale.step and "loss" in logs:
+            logs = {**logs, **self.noise_scale.logged_metrics()}
+        super().log(logs, *args, **kwargs)
+
+
+class NoiseScaleTrainer(NoiseScaleTrainerMixin, Trainer):
+    """``transformers.Trainer`` that measures the gradient noise scale of its training (module docstring)."""

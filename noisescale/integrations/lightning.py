@@ -1,0 +1,106 @@
+"""The noise scale of a PyTorch Lightning run, measured from the forward and backward passes Lightning runs.
+
+One added line in an existing script::
+
+    from noisescale.integrations.lightning import NoiseScaleCallback
+    callback = NoiseScaleCallback()                  # options: NoiseScaleCallback(NoiseScaleOptions(...))
+    trainer = pl.Trainer(..., callbacks=[callback])  # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma
+    trainer.fit(module, loader)
+    callback.monitor.history        # one row per optimizer step (pandas DataFrame); callback.monitor.summary()
+
+Why a ``Callback``: Lightning's hooks bracket every micro-batch of automatic optimization exactly where the ghost
+hooks need it -- ``on_train_batch_start`` (the batch, before the forward: arm the hooks), ``on_before_backward``
+(the loss Lightning backpropagates, already divided by ``accumulate_grad_batches``), ``on_after_backward`` (read
+the norms) and ``on_before_optimizer_step`` (p.grad accumulated, all-reduced under DDP and unscaled under 16-mixed,
+before clipping: read |gbar|^2). The user's ``training_step``, Lightning's closure, ``no_sync`` and the optimizer
+step run unchanged, so training is bit-identical to the run without the callback. The per-example gradients of the
+optimizer step's whole batch follow from that loss as :mod:`noisescale.integrations.observer` explains; the
+averages go to every logger through ``pl_module.log_dict`` (``on_step=True``, written every
+``log_every_n_steps``; also in ``trainer.callback_metrics``).
+
+The training step's loss must be a mean (or any fixed-weight sum) of per-example terms over dim 0 of the batch;
+the batch is a tensor, a tuple or list (``[x, y]``) or a dict of tensors with the batch in dim 0. Under the ddp
+strategy each rank's norms are all-gathered once per step (the estimate of the global batch on every rank). The
+averages and history are saved in Lightning checkpoints and continue when a fit resumes from one. B_noise
+(``hessian_every``) needs ``NoiseScaleOptions(per_example_loss=...)`` and batches ``(inputs, targets)``; it calls
+``pl_module(inputs)``. Not supported: manual optimization, several optimizers, sharded strategies (FSDP,
+DeepSpeed), activation checkpointing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning import Callback
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+from noisescale.integrations.observer import (
+    NoiseScaleOptions,
+    ObservingNoiseScaleMonitor,
+    batch_size_of_framework_batch,
+)
+
+__all__ = ["NoiseScaleCallback", "NoiseScaleOptions"]
+
+
+class NoiseScaleCallback(Callback):
+    """Measures the gradient noise scale of ``Trainer.fit`` (module docstring); ``options``: a
+    :class:`~noisescale.integrations.observer.NoiseScaleOptions` (defaults if None). ``self.monitor`` holds the
+    history, ``summary()`` and ``state_dict()`` once training has started."""
+
+    def __init__(self, options: NoiseScaleOptions | None = None) -> None:
+        if options is not None and not isinstance(options, NoiseScaleOptions):
+            raise TypeError(f"options must be a NoiseScaleOptions, got {type(options).__name__}")
+        self.options = options or NoiseScaleOptions()
+        self.monitor: ObservingNoiseScaleMonitor | None = None
+        self._loss: torch.Tensor | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError("NoiseScaleCallback supports automatic optimization only (the loss Lightning "
+                             "backpropagates is what it reads); this module sets automatic_optimization=False")
+        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            raise ValueError(f"NoiseScaleCallback cannot measure under {type(trainer.strategy).__name__} (sharded "
+                             "gradients); use strategy='ddp' or a single device")
+        previous = self.monitor.state_dict() if self.monitor is not None else self._restored
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options,
+                                                  process_group=dist.group.WORLD if distributed else None)
+        if previous is not None:  # a second fit, or a fit resumed from a checkpoint: the averages continue
+            self.monitor.load_state_dict(previous)
+        self._restored = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        hessian_batch = tuple(batch) if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+        if self.options.hessian_every and hessian_batch is None:
+            raise ValueError("hessian_every > 0 (B_noise) needs batches (inputs, targets); set hessian_every=0")
+        self.monitor.begin_micro_batch(batch_size_of_framework_batch(batch), hessian_batch=hessian_batch)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self._loss = loss.detach()
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self.monitor.end_micro_batch(self._loss)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: p.grad is already unscaled here
+        contribution_scale = 1.0 if scaler is None else float(scaler.get_scale())
+        if self.monitor.end_step(contribution_scale=contribution_scale) is not None:
+            metrics = self.monitor.logged_metrics()
+            if metrics:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.monitor.close()  # the hooks go; the averages and history stay, and a later fit continues them
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: the monitor's averages and history."""
+        return {} if self.monitor is None else {"monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("monitor")
+        if self.monitor is not None and self._restored is not None:
+            self.monitor.load_state_dict(self._restored)

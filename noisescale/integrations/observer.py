@@ -1,0 +1,255 @@
+"""The noise scale of a training framework's own steps, read from the forward and backward passes it runs itself.
+
+The framework (HuggingFace ``Trainer``, Lightning) keeps its loss, its scaling for gradient accumulation and mixed
+precision, its DDP all-reduce and its optimizer step; noisescale runs no pass of its own (except the Hessian
+proxies, when asked for, on a forked random stream). Around each micro-batch's forward and backward the ghost hooks
+record |c_i|^2, the squared norm of example i's contribution c_i to the gradient that backward accumulates
+(:meth:`~noisescale.per_example.PerExampleGradNorms.observe` with ``loss_scale = b``).
+
+Per-example gradients of the step: whatever weighting the framework applies (a per-batch mean divided by the
+accumulation steps, HuggingFace's token mean over the whole accumulated batch with ``num_items_in_batch``), the
+gradient the optimizer sees is gbar = (1/R) sum_r sum_i c_i^r / S over the R ranks (DDP averages) and the
+loss scale S of fp16. With B the examples of the optimizer step on all ranks, g_i = B c_i / (R S) satisfies
+mean_i g_i = gbar exactly, so (|g_i|^2, |gbar|^2) go into :func:`~noisescale.estimators.simple_noise_scale`
+(McCandlish et al. 2018, appendix A) as the per-example estimate of the whole global batch, exactly as
+:class:`~noisescale.training.AccumulatingNoiseScaleMonitor` does for its own loop; |gbar|^2 is read from p.grad
+after the step's last backward (accumulated, all-reduced, before clipping). For HuggingFace's token mean
+g_i is the gradient of the "token" per-example loss of :func:`noisescale.losses.sequence_cross_entropy`.
+Under DDP one all-gather of the per-example norms (B numbers) per step gives every rank the same estimate.
+
+Requirement: the loss is a sum of per-example terms (no in-batch coupling such as a contrastive loss or
+BatchNorm in train mode), and every trainable parameter belongs to a module with a ghost rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from noisescale.batches import batch_size_of
+from noisescale.distributed import all_gather_concat, unwrapped_module
+from noisescale.training import AccumulatingNoiseScaleMonitor
+
+__all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]
+
+
+@dataclass(frozen=True)
+class NoiseScaleOptions:
+    """What the integrations measure (the arguments of :class:`~noisescale.monitor.NoiseScaleMonitor`).
+
+    per_example_loss: ``per_example_loss(outputs, targets) -> (B,)``, needed only for B_noise (``hessian_every``),
+        whose Hessian-vector products run the model again on the step's first micro-batch (on a forked random
+        stream; the training's own passes and gradients are untouched).
+    log_prefix: the prefix of the logged names (``noise_scale/b_simple``, ...).
+    """
+
+    measure_every: int = 1
+    ema_decay: float = 0.95
+    confidence: float = 0.9
+    hessian_every: int = 0
+    hessian_ema_decay: float = 0.8
+    hessian_examples: int = 8
+    hessian_probes: int = 8
+    seed: int = 0
+    per_example_loss: Callable[[Any, Any], torch.Tensor] | None = None
+    log_prefix: str = "noise_scale/"
+
+    def monitor_options(self) -> dict[str, Any]:
+        return {
+            "measure_every": self.measure_every,
+            "ema_decay": self.ema_decay,
+            "confidence": self.confidence,
+            "hessian_every": self.hessian_every,
+            "hessian_ema_decay": self.hessian_ema_decay,
+            "hessian_examples": self.hessian_examples,
+            "hessian_probes": self.hessian_probes,
+            "seed": self.seed,
+        }
+
+
+def _per_example_loss_not_given(outputs: Any, targets: Any) -> torch.Tensor:
+    raise ValueError("hessian_every > 0 needs NoiseScaleOptions(per_example_loss=...): B_noise runs the model's "
+                     "Hessian-vector products on per-example losses")
+
+
+def batch_size_of_framework_batch(batch: Any) -> int:
+    """B of a batch as a data loader yields it: a tensor, a tuple or list (``default_collate``'s [x, y]) or a
+    mapping, every tensor with the batch in dim 0."""
+    return batch_size_of(tuple(batch) if isinstance(batch, list) else batch)
+
+
+class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
+    """A monitor fed by the framework's own passes (module docstring): per optimizer step,
+    :meth:`begin_micro_batch` / :meth:`end_micro_batch` around each micro-batch's forward and backward, then
+    :meth:`end_step` after the last backward and before gradient clipping. History, summary, averages, state and
+    the Hessian proxies (per rank under DDP, averaged) are the monitor's.
+
+    ``model``: the module the framework runs (DistributedDataParallel-wrapped under DDP, whose process group is
+    then used) or the user's module itself with its DDP ``process_group`` given (Lightning wraps its module in a
+    DDP whose forward is the training step, so the Hessian proxies must call the module itself).
+    """
+
+    def __init__(self, model: torch.nn.Module, options: NoiseScaleOptions, *,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        if not isinstance(options, NoiseScaleOptions):
+            raise TypeError(f"options must be a NoiseScaleOptions, got {type(options).__name__}")
+        if options.hessian_every and options.per_example_loss is None:
+            _per_example_loss_not_given(None, None)
+        super().__init__(model, options.per_example_loss or _per_example_loss_not_given,
+                         **options.monitor_options())
+        if process_group is not None:
+            self.process_group = process_group
+        self.options = options
+        self._step_open = False
+        self._micro_batch: contextlib.AbstractContextManager | None = None
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._sizes: list[int] = []
+        self._sqnorms: list[torch.Tensor] = []
+        self._loss: torch.Tensor | float = 0.0  # kept as a tensor: no device synchronisation per micro-batch
+        self._hessian_batch: tuple[Any, Any] | None = None
+
+    @property
+    def measures_this_step(self) -> bool:
+        return self.step % self.measure_every == 0
+
+    def begin_micro_batch(self, batch_size: int, hessian_batch: tuple[Any, Any] | None = None) -> None:
+        """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
+        begun but never ended, e.g. skipped by the framework, is dropped). ``hessian_batch``: (inputs, targets) of
+        this micro-batch for the Hessian proxies, kept from the step's first micro-batch."""
+        self._drop_open_micro_batch()
+        self._step_open = True
+        if self.hessian_every and self.step % self.hessian_every == 0 and self._hessian_batch is None:
+            self._hessian_batch = hessian_batch
+        self._sizes.append(batch_size)
+        if self.measures_this_step:
+            self._micro_batch = self.norms.observe(batch_size, loss_scale=batch_size)
+            self._observed = self._micro_batch.__enter__()
+
+    def end_micro_batch(self, loss: torch.Tensor | float) -> None:
+        """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it."""
+        self._loss = self._loss + torch.as_tensor(loss).detach().double()
+        if self._micro_batch is not None:
+            micro_batch, self._micro_batch = self._micro_batch, None
+            micro_batch.__exit__(None, None, None)
+            self._sqnorms.append(self._observed.sqnorms)
+
+    def _drop_open_micro_batch(self) -> None:
+        """Forget a micro-batch whose backward never came (the framework skipped it or raised)."""
+        if self._micro_batch is not None:
+            micro_batch, self._micro_batch = self._micro_batch, None
+            dropped = RuntimeError("micro-batch dropped")
+            micro_batch.__exit__(type(dropped), dropped, None)  # removes the hooks' state, records nothing
+            self._sizes.pop()
+
+    def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0) -> dict[str, Any] | None:
+        """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
+        whole global batch, or None when no micro-batch was seen. ``contribution_scale``: the loss scale S the
+        backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled)."""
+        self._drop_open_micro_batch()
+        if not self._step_open:
+            return None
+        sizes, sqnorms = self._sizes, self._sqnorms
+        loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1)
+        world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
+        if self.measures_this_step:
+            sqnorms = torch.cat(sqnorms).double()
+            if world_size > 1:
+                loss, sqnorms = self._gather_step(loss, sqnorms)
+            batch_size = sqnorms.shape[0]
+            sqnorms = sqnorms * (batch_size / (world_size * contribution_scale)) ** 2
+            grad_sqnorm = self._accumulated_grad_sqnorm(grad_scale)
+            row = self._measure(loss, sqnorms, grad_sqnorm, batch_size)
+        else:
+            if world_size > 1:
+                loss = all_gather_concat(loss, self.process_group)
+            batch_size = sum(sizes) * world_size
+            row = {"loss": loss.mean().item(), "measured": False}
+        if self._hessian_batch is not None:
+            row |= self._hessian(*self._hessian_batch)
+        self.examples_seen += batch_size
+        row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
+               "micro_batches": len(sizes), **row}
+        self._record(row)
+        self.step += 1
+        self._step_open = False
+        self._reset_step()
+        return row
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _gather_step(self, loss: torch.Tensor, sqnorms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's step loss and per-example |c_i|^2, in rank order, by one all-gather (the ranks' shares of
+        the global batch must have equal sizes, as DistributedSampler and accelerate's even batches make them)."""
+        device = self._device()
+        count = torch.tensor([float(sqnorms.shape[0])], dtype=torch.float64, device=device)
+        counts = all_gather_concat(count, self.process_group)
+        if not bool((counts == count).all()):
+            raise ValueError(f"the ranks' batches differ in size ({counts.tolist()}); the noise-scale integrations "
+                             "need equal shares of the global batch (DistributedSampler pads them to equal sizes)")
+        gathered = all_gather_concat(torch.cat([loss, sqnorms.to(device)]), self.process_group)
+        per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1)
+        return per_rank[:, 0], per_rank[:, 1:].reshape(-1)
+
+    def _hessian_proxies(self, inputs: Any, targets: Any):
+        """The monitor's Hessian proxies (averaged over the ranks under DDP); a keyword batch (HuggingFace) is
+        passed to them as positional tensors of a module that calls the model with keywords."""
+        if not isinstance(inputs, Mapping):
+            return super()._hessian_proxies(inputs, targets)
+        keys = [key for key, value in inputs.items() if isinstance(value, torch.Tensor)]
+        constants = {key: value for key, value in inputs.items() if key not in keys}
+        model, self.model = self.model, _KeywordCall(unwrapped_module(self.model), keys, constants)
+        try:
+            return super()._hessian_proxies(tuple(inputs[key] for key in keys), targets)
+        finally:
+            self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state in plain Python types (numpy and 0-d tensor scalars as numbers), so that a
+        checkpoint holding it loads with ``torch.load(weights_only=True)``, as Lightning's resume does."""
+        return _plain(super().state_dict())
+
+    def logged_metrics(self) -> dict[str, float]:
+        """What the integrations log, finite values only, named ``log_prefix + name``: B_simple with its interval,
+        the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise when measured."""
+        summary = self.summary()
+        low, high = summary.b_simple_interval
+        values = {"b_simple": summary.b_simple, "b_simple_low": low, "b_simple_high": high,
+                  "grad_sqnorm": summary.grad_sqnorm, "trace_sigma": summary.trace_sigma, "b_noise": summary.b_noise}
+        return {self.options.log_prefix + name: float(value) for name, value in values.items() if math.isfinite(value)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    return value
+
+
+class _KeywordCall(torch.nn.Module):
+    """``model(**dict(zip(keys, tensors)), **constants)`` as a module of positional tensors."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str], constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.model, self.keys, self.constants = model, keys, constants
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.keys, tensors)), **self.constants)
+
+
+def split_labels(batch: Mapping[str, Any], key: str = "labels") -> tuple[dict[str, Any], Any]:
+    """(inputs without ``key``, batch[key]): a keyword batch as the Hessian proxies take it."""
+    inputs = {name: value for name, value in batch.items() if name != key}
+    return inputs, batch.get(key)

@@ -1,0 +1,335 @@
+"""NoiseScaleTrainer: the real transformers.Trainer, tiny models, CPU, a few steps, nothing downloaded.
+
+References: the same run with the plain Trainer (bit-identical parameters), and the per-example norms of the
+optimizer step's whole batch computed one example at a time (autograd) at the step's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
+from noisescale.hessian import hessian_noise_scale  # noqa: E402
+from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
+from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
+from noisescale.losses import sequence_cross_entropy  # noqa: E402
+
+VOCAB, LENGTH = 32, 8
+RTOL = 1e-6  # float64 models, but HuggingFace's causal-LM loss upcasts the logits to float32
+
+
+def tiny_gpt2(dropout=0.0):
+    """GPT2LMHeadModel from a config: Conv1D layers, tied embedding and head, position embeddings on (1, T) ids;
+    given labels it trains on HuggingFace's token mean over the whole accumulated batch (num_items_in_batch).
+    Eager attention: the Hessian proxies' forward-mode AD has no rule for the CPU flash kernel of SDPA."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def tiny_bert(dropout=0.0):
+    """BertForSequenceClassification from a config (token type and position embeddings, pooler, classifier)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                     attn_implementation="eager")
+    return transformers.BertForSequenceClassification(config).double()
+
+
+class TinyClassifier(nn.Module):
+    """forward without **kwargs: the Trainer divides each micro-batch's mean loss by the accumulation steps."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": None if labels is None else F.cross_entropy(logits, labels), "logits": logits}
+
+
+def _token_dataset(n=24):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (n, LENGTH), generator=generator)
+    labels = ids.clone()
+    for i in range(n):  # prompt tokens left out (-100) in different numbers: examples weigh differently
+        labels[i, :i % 4] = -100
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def _sentence_dataset(n=24):
+    generator = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, VOCAB, (n, LENGTH), generator=generator), torch.randint(0, 3, (n,), generator=generator)
+    return [{"input_ids": ids[i], "labels": y[i]} for i in range(n)]
+
+
+def _class_dataset(n=24):
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def _args(tmp_path, accumulation):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+        max_steps=3, learning_rate=0.1, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        seed=3, disable_tqdm=True, dataloader_num_workers=0)
+
+
+class RecordingTrainer(NoiseScaleTrainer):
+    """Test-only: keeps each micro-batch and the weights at the start of each optimizer step."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        steps = self.__dict__.setdefault("recorded", [])
+        if not steps or steps[-1]["closed"]:
+            steps.append({"weights": copy.deepcopy(self.model.state_dict()), "batches": [], "closed": False})
+        steps[-1]["batches"].append({key: value.clone() for key, value in inputs.items()})
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        steps[-1]["closed"] = self.accelerator.sync_gradients
+        return loss
+
+
+def _class_loss(outputs, labels):
+    return F.cross_entropy(outputs["logits"], labels, reduction="none")
+
+
+def _bert_loss(accumulation):
+    """BERT's forward takes **kwargs, so the Trainer passes num_items_in_batch and does not divide the loss by the
+    accumulation steps, but BERT's loss ignores it and stays the micro-batch mean: the gradient the optimizer gets
+    is the sum of the micro-batches' mean gradients, ``accumulation`` times their mean (transformers 5.24)."""
+    return lambda outputs, labels: accumulation * _class_loss(outputs, labels)
+
+
+def _gpt2_loss(accumulation):
+    """The token-weighted per-example loss (mean: the token mean over the shifted labels), times N_shifted / N:
+    for GPT2LMHeadModel (loss_type None) transformers 5.24's Trainer counts num_items_in_batch N over the unshifted
+    labels, so the loss it trains on is sum_{i,t} c_it / N."""
+    def loss(outputs, labels):
+        shifted, unshifted = labels[:, 1:].ne(-100).sum(), labels.ne(-100).sum()
+        return sequence_cross_entropy(outputs, labels, shift=True, weighting="token") * (shifted / unshifted)
+    return loss
+
+
+CASES = {  # model, data, accumulation steps -> the per-example loss whose mean the optimizer step descends
+    "gpt2": (tiny_gpt2, _token_dataset, _gpt2_loss),
+    "bert": (tiny_bert, _sentence_dataset, _bert_loss),
+    "no-kwargs-classifier": (TinyClassifier, _class_dataset, lambda accumulation: _class_loss),
+}
+
+
+class _Positional(nn.Module):
+    """The model called with keyword inputs given positionally, for hessian_noise_scale (the test's own adapter)."""
+
+    def __init__(self, model, keys):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.keys, tensors)))
+
+
+# B_noise's per-example loss: the Hessian proxies vmap it over single examples, where the "token" weighting's
+# batch-wide token count cannot be taken (it calls int() on a tensor), so GPT-2's is each example's mean token loss
+HESSIAN_LOSS = {"gpt2": lambda outputs, labels: sequence_cross_entropy(outputs, labels, shift=True),
+                "bert": _class_loss, "no-kwargs-classifier": _class_loss}
+
+
+def _naive_norms(model, per_example_loss, inputs, targets):
+    """|g_i|^2 one example at a time and |mean_i g_i|^2, from the per-example losses of the whole batch."""
+    losses = per_example_loss(model(**inputs), targets)
+    parameters = list(model.parameters())
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters, retain_graph=True)])
+             for loss in losses]
+    grads = torch.stack(grads)
+    return grads.square().sum(1), grads.mean(0).square().sum()
+
+
+def _train(trainer_class, make_model, data, path, accumulation, dropout=0.0, **kwargs):
+    trainer = trainer_class(model=make_model(dropout), args=_args(path, accumulation), train_dataset=data, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def _assert_same_parameters(plain, measured):
+    for (name, p), q in zip(plain.model.named_parameters(), measured.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("case", ["gpt2", "bert"])
+def test_training_with_dropout_and_accumulation_is_bit_identical(tmp_path, case):
+    make_model, make_data, _ = CASES[case]
+    data = make_data()
+    plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", 2, dropout=0.3)
+    options = NoiseScaleOptions(measure_every=2, hessian_every=3, per_example_loss=HESSIAN_LOSS[case])
+    measured = _train(NoiseScaleTrainer, make_model, data, tmp_path / "measured", 2, dropout=0.3, noise_scale=options)
+    _assert_same_parameters(plain, measured)
+    history = measured.noise_scale.history
+    assert history["measured"].tolist() == [True, False, True]
+    assert history["trace_h"].notna().tolist() == [True, False, False]  # B_noise on a forked random stream
+    assert history["batch_size"].tolist() == [8, 8, 8]
+
+
+@pytest.mark.parametrize(("case", "accumulation"), [("gpt2", 1), ("gpt2", 2), ("bert", 2),
+                                                    ("no-kwargs-classifier", 2)])
+def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_optimizer_steps_batch(
+        tmp_path, case, accumulation):
+    make_model, make_data, reference_loss = CASES[case]
+    reference_loss = reference_loss(accumulation)
+    data = make_data()
+    options = NoiseScaleOptions(ema_decay=0.5, hessian_every=1, per_example_loss=HESSIAN_LOSS[case])
+    plain = _train(transformers.Trainer, make_model, data, tmp_path / "plain", accumulation)
+    measured = _train(RecordingTrainer, make_model, data, tmp_path / "measured", accumulation, noise_scale=options)
+    _assert_same_parameters(plain, measured)
+
+    # reference: the per-example estimate of each optimizer step's whole batch at the step's weights
+    average, reference_rows = ExponentialMovingNoiseScale(options.ema_decay), []
+    curvature_average, curvature = ExponentialMovingRatio(options.hessian_ema_decay), []
+    for k, step in enumerate(measured.recorded):
+        model = make_model()
+        model.load_state_dict(step["weights"])
+        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+        targets = batch.pop("labels")
+        sqnorms, grad_sqnorm = _naive_norms(model, reference_loss, batch, targets)
+        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        average.update_estimate(estimate)
+        first = dict(step["batches"][0])  # B_noise: the Hessian proxies of the first micro-batch, probes seeded k
+        first_targets = first.pop("labels")
+        proxies = hessian_noise_scale(_Positional(model, list(first)), HESSIAN_LOSS[case], tuple(first.values()),
+                                      first_targets, generator=torch.Generator().manual_seed(k))
+        curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        curvature.append((proxies, curvature_average.ratio))
+        reference_rows.append((estimate, average.b_simple, average.grad_sqnorm, average.trace_sigma,
+                               average.interval(options.confidence)))
+    history = measured.noise_scale.history
+    assert list(history["batch_size"]) == [4 * accumulation] * 3
+    assert list(history["micro_batches"]) == [accumulation] * 3
+    logs = [entry for entry in measured.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for row, log, reference in zip(history.itertuples(), logs, reference_rows):
+        estimate, b_simple, grad_sqnorm, trace_sigma, interval = reference
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
+        assert log["noise_scale/grad_sqnorm"] == pytest.approx(grad_sqnorm, rel=RTOL)
+        assert log["noise_scale/trace_sigma"] == pytest.approx(trace_sigma, rel=RTOL)
+        if math.isfinite(b_simple):  # unresolved (|G|^2 average <= 0): neither B_simple nor its interval is logged
+            assert row.b_simple == pytest.approx(b_simple, rel=RTOL)
+            assert log["noise_scale/b_simple"] == pytest.approx(b_simple, rel=RTOL)
+            for key, bound in zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), interval):
+                if math.isfinite(bound):  # (nan, nan) until the averages hold 1.5 effective steps
+                    assert log[key] == pytest.approx(bound, rel=RTOL)
+                else:
+                    assert key not in log
+        else:
+            assert "noise_scale/b_simple" not in log
+        assert row.loss == pytest.approx(log["loss"], rel=1e-6)  # the Trainer sums its losses in float32
+    for row, log, (proxies, b_noise) in zip(history.itertuples(), logs, curvature):
+        assert (row.trace_h_sigma, row.g_h_g, row.trace_h) == pytest.approx(
+            (proxies.trace_h_sigma, proxies.g_h_g, proxies.trace_h), rel=RTOL)
+        assert log.get("noise_scale/b_noise", math.inf) == pytest.approx(b_noise, rel=RTOL)
+
+
+def test_gradient_checkpointing_and_bad_options_are_rejected_before_any_step(tmp_path):
+    with pytest.raises(TypeError, match="noise_scale must be a NoiseScaleOptions"):
+        NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})
+    model = tiny_gpt2()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = _args(tmp_path, 1)
+    args.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        NoiseScaleTrainer(model=model, args=args, train_dataset=_token_dataset()).train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
+    args = _args(tmp_path, 1)
+    args.save_strategy, args.save_steps = "steps", 3
+    options = NoiseScaleOptions(ema_decay=0.5)
+    first = NoiseScaleTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(), noise_scale=options)
+    first.train()
+    args = _args(tmp_path, 1)
+    args.max_steps = 5
+    resumed = NoiseScaleTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(), noise_scale=options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert resumed.noise_scale.step == 5
+    assert resumed.noise_scale.history["step"].tolist() == [3, 4]  # the history in the JSON checkpoint is left out
+    average = ExponentialMovingNoiseScale(0.5)  # the averages over all five steps, not restarted at the resume
+    for history in (first.noise_scale.history, resumed.noise_scale.history):
+        for row in history.itertuples():
+            average.update(row.trace_sigma, row.grad_sqnorm)
+    assert resumed.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
+    assert resumed.noise_scale.summary().grad_sqnorm == pytest.approx(average.grad_sqnorm, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
+WORLD_SIZE = 2
+HANG_GUARD_S = 900  # only against a deadlock; a busy machine finishes far sooner
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank, port, out_dir):
+    """One rank as torchrun would start it (accelerate reads the environment): GPT-2 with accumulation 2, a run
+    with the plain Trainer and one with NoiseScaleTrainer; parameters, history and batches saved for the test."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+    data = _token_dataset(32)
+    plain = _train(transformers.Trainer, tiny_gpt2, data, os.path.join(out_dir, "plain"), 2)
+    measured = _train(RecordingTrainer, tiny_gpt2, data, os.path.join(out_dir, "measured"), 2,
+                      noise_scale=NoiseScaleOptions(ema_decay=0.5))
+    assert measured.args.world_size == WORLD_SIZE
+    torch.save({"plain": [p.detach().clone() for p in plain.model.parameters()],
+                "measured": [p.detach().clone() for p in measured.model.parameters()],
+                "history": measured.noise_scale.history, "steps": measured.recorded,
+                "logs": measured.state.log_history}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path):
+    context = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {WORLD_SIZE} DDP ranks hang (no result after {HANG_GUARD_S} s)")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
+    history = ranks[0]["history"]
+    assert history.equals(ranks[1]["history"])
+    assert list(history["batch_size"]) == [WORLD_SIZE * 2 * 4] * 3
+
+    average, loss = ExponentialMovingNoiseScale(0.5), _gpt2_loss(2)
+    for k, row in history.iterrows():
+        model = tiny_gpt2()
+        model.load_state_dict(ranks[0]["steps"][k]["weights"])
+        batches = [b for r in ranks for b in r["steps"][k]["batches"]]
+        batch = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+        targets = batch.pop("labels")
+        average.update_estimate(simple_noise_scale(*_naive_norms(model, loss, batch, targets)))
+        assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=RTOL)
+        assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=RTOL)
+        assert row["b_simple"] == pytest.approx(average.b_simple, rel=RTOL)
+    logged = [entry for entry in ranks[0]["logs"] if "noise_scale/trace_sigma" in entry]
+    assert logged[-1]["noise_scale/trace_sigma"] == pytest.approx(average.trace_sigma, rel=RTOL)

@@ -1,0 +1,240 @@
+"""NoiseScaleCallback: the real PyTorch Lightning Trainer, a tiny module, CPU, a few steps.
+
+References: the same run without the callback (bit-identical parameters), and the per-example norms of each
+optimizer step's whole batch computed one example at a time at the step's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
+from noisescale.hessian import hessian_noise_scale  # noqa: E402
+from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
+from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
+
+STEPS = 3
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def _loader(shuffle=True):
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # learnable: G^T H G resolves, B_noise is finite
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle, generator=torch.Generator().manual_seed(2))
+
+
+class RecordBatches(pl.Callback):
+    """Test-only: each optimizer step's micro-batches and the weights at its start."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.steps.append({"weights": copy.deepcopy(pl_module.state_dict()), "batches": []})
+        self.steps[-1]["batches"].append([t.clone() for t in batch])
+
+
+def _fit(tmp_path, accumulation, callbacks, dropout=0.0):
+    pl.seed_everything(5, verbose=False)
+    module = TinyModule(dropout)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=accumulation,
+                         logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, _loader())
+    return module, trainer
+
+
+def _naive_norms(module, x, y):
+    """|g_i|^2 one example at a time and |mean_i g_i|^2."""
+    parameters = list(module.parameters())
+    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), parameters)]) for i in range(len(x))])
+    return grads.square().sum(1), grads.mean(0).square().sum()
+
+
+def _per_example_loss(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical(tmp_path):
+    plain, _ = _fit(tmp_path / "plain", 2, [], dropout=0.3)
+    options = NoiseScaleOptions(measure_every=2, hessian_every=1, per_example_loss=_per_example_loss)
+    callback = NoiseScaleCallback(options)
+    measured, _ = _fit(tmp_path / "measured", 2, [callback], dropout=0.3)
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+    history = callback.monitor.history
+    assert history["measured"].tolist() == [True, False, True]
+    assert history["trace_h"].notna().all()  # B_noise on a forked random stream, every step
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_optimizer_steps_batch(
+        tmp_path, accumulation):
+    plain, _ = _fit(tmp_path / "plain", accumulation, [])
+    options = NoiseScaleOptions(ema_decay=0.5, hessian_every=1, per_example_loss=_per_example_loss)
+    recorder, callback = RecordBatches(), NoiseScaleCallback(options)
+    measured, trainer = _fit(tmp_path / "measured", accumulation, [recorder, callback])
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+
+    average, curvature_average = ExponentialMovingNoiseScale(0.5), ExponentialMovingRatio(0.8)
+    expected, curvature = [], []
+    for k, step in enumerate(recorder.steps):
+        module = TinyModule()
+        module.load_state_dict(step["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+        sqnorms, grad_sqnorm = _naive_norms(module, x, y)
+        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        average.update_estimate(estimate)
+        # B_noise: the Hessian proxies of the step's first micro-batch, probes seeded with seed + step
+        proxies = hessian_noise_scale(module, _per_example_loss, *step["batches"][0],
+                                      generator=torch.Generator().manual_seed(k))
+        curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        curvature.append({"trace_h_sigma": proxies.trace_h_sigma, "g_h_g": proxies.g_h_g, "trace_h": proxies.trace_h})
+        expected.append({"noise_scale/grad_sqnorm": average.grad_sqnorm, "noise_scale/trace_sigma": average.trace_sigma,
+                         "noise_scale/b_simple": average.b_simple, "noise_scale/b_noise": curvature_average.ratio})
+        expected[-1].update(zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), average.interval(0.9)))
+    history = callback.monitor.history
+    assert list(history["batch_size"]) == [4 * accumulation] * STEPS
+    assert list(history["micro_batches"]) == [accumulation] * STEPS
+    columns = {"noise_scale/grad_sqnorm": "grad_sqnorm_ema", "noise_scale/trace_sigma": "trace_sigma_ema",
+               "noise_scale/b_simple": "b_simple", "noise_scale/b_simple_low": "b_simple_low",
+               "noise_scale/b_simple_high": "b_simple_high", "noise_scale/b_noise": "b_noise"}
+    for (_, row), reference, proxies in zip(history.iterrows(), expected, curvature):
+        for key, value in reference.items():
+            assert row[columns[key]] == pytest.approx(value, rel=1e-9, nan_ok=True), key
+        for key, value in proxies.items():
+            assert row[key] == pytest.approx(value, rel=1e-9), key
+
+    with open(trainer.logger.experiment.metrics_file_path) as file:
+        logged = [row for row in csv.DictReader(file)]
+    assert len(logged) == STEPS
+    for row, reference in zip(logged, expected):
+        for key, value in reference.items():
+            if math.isfinite(value):  # Lightning logs float32
+                assert float(row[key]) == pytest.approx(value, rel=1e-6), key
+            else:  # not resolved yet: not logged
+                assert row.get(key, "") == "", key
+    final = {key: value for key, value in expected[-1].items() if math.isfinite(value)}
+    assert {key: float(trainer.logged_metrics[key]) for key in final} == pytest.approx(final, rel=1e-6)
+
+
+def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
+    class Manual(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NoiseScaleCallback()])
+    with pytest.raises(ValueError, match="automatic optimization"):
+        trainer.fit(Manual(), _loader())
+
+
+# ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
+WORLD_SIZE = 2
+HANG_GUARD_S = 900  # only against a deadlock; a busy machine finishes far sooner
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank, port, out_dir):
+    """One rank of Lightning's ddp strategy (the environment variables say the processes exist already): a run
+    without the callback and one with it, same seed; parameters, history and batches saved for the test."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    results = {}
+    for name in ("plain", "measured"):
+        recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+        pl.seed_everything(5, verbose=False)
+        module = TinyModule()
+        trainer = pl.Trainer(accelerator="cpu", devices=WORLD_SIZE, strategy="ddp", max_steps=STEPS,
+                             accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[recorder, callback] if name == "measured" else [])
+        trainer.fit(module, _loader(shuffle=False))
+        results[name] = [p.detach().clone() for p in module.parameters()]
+    results["history"], results["steps"] = callback.monitor.history, recorder.steps
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path):
+    context = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {WORLD_SIZE} DDP ranks hang (no result after {HANG_GUARD_S} s)")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
+    history = ranks[0]["history"]
+    assert history.equals(ranks[1]["history"])
+    assert list(history["batch_size"]) == [WORLD_SIZE * 2 * 4] * STEPS
+
+    average = ExponentialMovingNoiseScale(0.5)
+    for k, row in history.iterrows():
+        module = TinyModule()
+        module.load_state_dict(ranks[0]["steps"][k]["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
+        average.update_estimate(simple_noise_scale(*_naive_norms(module, x, y)))
+        assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=1e-9)
+        assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=1e-9)
+        assert row["b_simple"] == pytest.approx(average.b_simple, rel=1e-9)
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
+    callback = NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+    _, trainer = _fit(tmp_path / "first", 1, [callback])
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")  # loaded below with torch.load(weights_only=True)
+    resumed = NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2 * STEPS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[resumed])
+    trainer.fit(TinyModule(), _loader(), ckpt_path=tmp_path / "step3.ckpt")
+    assert resumed.monitor.step == 2 * STEPS
+    history = resumed.monitor.history
+    assert history.iloc[:STEPS].equals(callback.monitor.history)
+    assert history["step"].tolist() == list(range(2 * STEPS))
+    average = ExponentialMovingNoiseScale(0.5)  # the averages over all six steps, not restarted at the resume
+    for row in history.itertuples():
+        average.update(row.trace_sigma, row.grad_sqnorm)
+    assert resumed.monitor.summary().b_simple == pytest.approx(average.b_simple, rel=1e-12)

@@ -1,0 +1,109 @@
+"""PerExampleGradNorms.observe: ghost norms read from a forward and backward the caller runs itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisescale.per_example import PerExampleGradNorms
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _per_example_loss(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _naive_sqnorms(model, inputs, targets):
+    """|dl_i/dtheta|^2 one example at a time: the independent reference."""
+    sqnorms = []
+    for x, y in zip(inputs, targets):
+        grads = torch.autograd.grad(_per_example_loss(model(x[None]), y[None]).sum(), list(model.parameters()))
+        sqnorms.append(sum(g.pow(2).sum() for g in grads))
+    return torch.stack(sqnorms)
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(6, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (6,), generator=generator)
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 0.25])
+def test_observed_norms_match_a_naive_loop_and_leave_the_gradient_as_it_was(loss_scale):
+    model, (inputs, targets) = _model(), _batch()
+    plain = _model()
+    (_per_example_loss(plain(inputs), targets).mean() * loss_scale).backward()
+    norms = PerExampleGradNorms(model, _per_example_loss)
+    with norms.observe(6, loss_scale=loss_scale) as observed:
+        (_per_example_loss(model(inputs), targets).mean() * loss_scale).backward()
+    torch.testing.assert_close(observed.sqnorms, _naive_sqnorms(_model(), inputs, targets), rtol=1e-10, atol=0)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_a_sum_of_weighted_terms_observed_with_loss_scale_batch_size_gives_each_terms_norm():
+    model, (inputs, targets) = _model(), _batch()
+    weights = torch.arange(1.0, 7.0, dtype=torch.float64) / 10
+    with PerExampleGradNorms(model, _per_example_loss).observe(6, loss_scale=6) as observed:
+        (weights * _per_example_loss(model(inputs), targets)).sum().backward()
+    expected = weights.square() * _naive_sqnorms(_model(), inputs, targets)
+    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-10, atol=0)
+
+
+class _Scale(nn.Module):
+    """A module with a parameter but no ghost rule: the per-module fallback measures it from its recorded call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_module_without_a_rule_is_observed_by_the_per_module_fallback():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 3), _Scale()).double()
+
+    model, (inputs, targets) = make(), _batch()
+    with PerExampleGradNorms(model, _per_example_loss).observe(6) as observed:
+        _per_example_loss(model(inputs), targets).mean().backward()
+    torch.testing.assert_close(observed.sqnorms, _naive_sqnorms(make(), inputs, targets), rtol=1e-10, atol=0)
+
+
+class _SharedHead(nn.Module):
+    """``head`` uses the embedding's weight directly, outside the embedding's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 3).double()
+        self.other = nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return F.linear(self.body(x), self.other.weight)
+
+
+def test_parameters_used_outside_their_module_are_named_after_the_pass_which_is_left_intact():
+    model, (inputs, targets) = _SharedHead(), _batch()
+    with pytest.raises(ValueError, match=r"\['other.weight'\] cannot be measured from the caller's own pass"):
+        with PerExampleGradNorms(model, _per_example_loss).observe(6):
+            _per_example_loss(model(inputs), targets).mean().backward()
+    assert model.other.weight.grad is not None and model.other.bias.grad is None
+
+
+def test_hooks_are_inert_outside_the_block_and_bad_arguments_are_rejected():
+    model, (inputs, targets) = _model(), _batch()
+    norms = PerExampleGradNorms(model, _per_example_loss)
+    _per_example_loss(model(inputs[:2]), targets[:2]).mean().backward()  # another batch size: no error, no record
+    with pytest.raises(ValueError, match="batch_size"):
+        with norms.observe(0):
+            pass
+    with pytest.raises(ValueError, match="loss_scale"):
+        with norms.observe(6, loss_scale=0.0):
+            pass
