@@ -66,4 +66,4 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
     totals = tokens.view(labels.shape).sum(1)
     if weighting == "example":
         return totals / counted.sum(1).clamp_min(1).to(totals.dtype)
-    return totals * (labels.shape[0] / max(int(counted.sum()), 1))
+    return totals * labels.shape[0] / counted.sum().clamp_min(1).to(totals.dtype)  # tensor ops: vmap-able

@@ -33,7 +33,7 @@ import torch
 
 from noisescale._checks import check_int
 from noisescale.batches import batch_size_of, call_model, to_device
-from noisescale.checkpoints import to_plain
+from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale
@@ -84,12 +84,20 @@ class NoiseScaleSummary:
                   else []),
             ])
         low, high = self.b_simple_interval
+        unbounded = high == math.inf
+        upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
+                 if unbounded else f"{high:.4g}")
+        if unbounded and not math.isfinite(self.b_noise) and math.isfinite(self.b_simple):
+            suggestion = (f"  critical batch size: not resolved (at least about {low:.0f} examples at "
+                          f"{self.confidence:.0%} confidence)")
+        else:
+            suggestion = _describe_suggestion(self.suggested_batch_size)
         lines = [
             f"after {self.steps} steps ({self.examples_seen} examples):",
-            f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {high:.4g})",
+            f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {upper})",
             f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}",
             _describe_b_noise(self.b_noise),
-            _describe_suggestion(self.suggested_batch_size),
+            suggestion,
         ]
         if self.nonfinite_steps:
             lines.append(f"  {self.nonfinite_steps} step(s) with a non-finite loss or gradient were left out")
@@ -120,7 +128,7 @@ class NoiseScaleMonitor:
         backend: per-example norm backend, ``"auto"`` | ``"ghost"`` | ``"vmap"`` (:mod:`noisescale.per_example`).
         measure_every: measure every k-th step; the other steps run a plain forward and backward.
         ema_decay: decay of the moving averages of tr(Sigma) and |G|^2 (averaging window ~ 1/(1 - decay) steps).
-        confidence: level of the B_simple interval (delta method, :class:`~noisescale.estimators.ExponentialMovingRatio`).
+        confidence: level of the B_simple interval (Fieller's, :class:`~noisescale.estimators.ExponentialMovingRatio`).
         hessian_every: run the Hessian proxies every k-th step (0: never).
         hessian_ema_decay: decay of the moving averages of tr(H Sigma) and G^T H G, whose ratio is B_noise
             (they are measured only every ``hessian_every`` steps, hence a shorter memory than ``ema_decay``).
@@ -287,9 +295,11 @@ class NoiseScaleMonitor:
         return pd.DataFrame(self._rows)
 
     def to_csv(self, path: str | Path) -> Path:
+        """Write the history as CSV, atomically (a temporary file replaced into ``path``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.history.to_csv(path, index=False)
+        with atomic_write(path, newline="") as handle:
+            self.history.to_csv(handle, index=False)
         return path
 
     def summary(self) -> NoiseScaleSummary:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -356,3 +357,19 @@ def test_keyword_inputs_measure_what_the_tuple_does_and_report_the_backends():
     measured = measure(model, per_example_cross_entropy, [({"x": x[:, :2], "z": x[:, 2:]}, y) for x, y in batches],
                        device="cpu", progress=False)
     assert measured.history["b_simple"].notna().all()
+
+
+def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
+    """Fieller's interval is unbounded above while |G|^2 is not resolved from 0: the text says so and suggests no
+    point value, only the lower bound; a measured B_noise is still suggested."""
+    from noisescale.monitor import NoiseScaleSummary
+
+    unresolved = NoiseScaleSummary(steps=10, examples_seen=640, b_simple=58.2, b_simple_interval=(12.3, math.inf),
+                                   confidence=0.9, trace_sigma=1.0, grad_sqnorm=0.017, b_noise=math.nan,
+                                   nonfinite_steps=0)
+    text = str(unresolved)
+    assert "interval 12.3 .. unbounded: |G|^2 is not resolved from 0" in text
+    assert "critical batch size: not resolved (at least about 12 examples at 90% confidence)" in text
+    assert "suggested: about" not in text
+    with_b_noise = dataclasses.replace(unresolved, b_noise=40.0)
+    assert "critical batch size suggested: about 40 examples" in str(with_b_noise)
