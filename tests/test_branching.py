@@ -193,3 +193,32 @@ def test_run_branches_resumes_without_retraining_and_retrains_a_damaged_row(tmp_
 
 def test_encode_of_the_corpus_slice_matches_the_file(corpus):
     assert torch.equal(torch.cat([corpus.train, corpus.validation]), encode(SHIPPED_CORPUS_PATH.read_bytes()[:20_000]))
+
+
+def test_branch_command_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from noisescale.app.branch import add_branch_command
+
+    parser = argparse.ArgumentParser()
+    add_branch_command(parser.add_subparsers())
+    text = tmp_path / "my_text.txt"
+    text.write_bytes(SHIPPED_CORPUS_PATH.read_bytes()[:20_000])
+    argv = ["branch", "--text", str(text), "--block-size", "8", "--batch-size", "4", "--steps", "20",
+            "--checkpoints", "0.5", "--branch-batch-sizes", "4,8", "--branch-examples", "16", "--seeds", "2",
+            "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "critical_batch_size.csv")
+    assert table["checkpoint_step"].tolist() == [10] and table["seeds"].tolist() == [2]
+    assert f"B_crit = {table['b_crit'].iloc[0]}" in printed and "unigram baseline" in printed
+    assert len(pd.read_csv(tmp_path / "out" / "branches.csv")) == 4
+
+    calls = []
+    monkeypatch.setattr(branching, "train_language_model", lambda *a, **k: calls.append(1))
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    assert calls == [] and "reference run reloaded" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--checkpoints", "1.5"])
