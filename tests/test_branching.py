@@ -222,3 +222,18 @@ def test_branch_command_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert calls == [] and "reference run reloaded" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--checkpoints", "1.5"])
+
+
+def test_byte_gpt_starts_near_the_uniform_loss_unlike_the_default_init():
+    from noisescale.models import byte_gpt, sequence_cross_entropy
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        tokens = torch.randint(0, 256, (16, 33))
+        gpt = byte_gpt(d_model=32, n_heads=2, n_layers=2, block_size=32)
+        loss = float(sequence_cross_entropy(gpt(tokens[:, :-1]), tokens[:, 1:]).mean())
+        assert abs(loss - math.log(256)) < 0.05  # near-uniform predictions at initialisation
+        assert float(gpt.token.weight.std()) == pytest.approx(0.02, rel=0.05)
+        assert float(gpt.blocks[0].mlp[2].weight.std()) == pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(2 * 2)
+        default = tiny_transformer(d_model=32, n_heads=2, n_layers=2, block_size=32)
+        assert float(sequence_cross_entropy(default(tokens[:, :-1]), tokens[:, 1:]).mean()) > math.log(256) + 2

@@ -40,7 +40,7 @@ def add_branch_command(subparsers) -> None:
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="a text file, read as bytes (default: the shipped SymPy-core source corpus)")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="trailing share that validates")
-    parser.add_argument("--model", default="noisescale.models:tiny_transformer", metavar="PACKAGE.MODULE:FACTORY",
+    parser.add_argument("--model", default="noisescale.models:byte_gpt", metavar="PACKAGE.MODULE:FACTORY",
                         help="a callable returning a model mapping byte tokens (B, T) to logits (B, T, 256)")
     parser.add_argument("--block-size", type=int, default=64, help="tokens (bytes) per sequence")
     parser.add_argument("--batch-size", type=int, default=32, help="the reference run's batch size (sequences)")
