@@ -38,10 +38,19 @@ def test_notebook_runs_and_prints_the_shipped_results():
     np.testing.assert_allclose(printed_ratio, np.median(ratio), rtol=1e-2)
     final = pd.read_csv(LM / "warmup_curves.csv").sort_values("examples_seen").groupby(["arm", "seed"]).tail(1)
     steps = final.groupby("arm")["step"].mean()
-    printed_reduction = float(re.search(r"warmup: ([0-9.-]+)% fewer optimizer steps", printed).group(1))
-    np.testing.assert_allclose(printed_reduction, 100 * (1 - steps["warmup"] / steps["fixed"]), atol=0.051)
-    assert ("target (>= 40 % fewer steps at equal or better loss within one SE): "
-            f"{'met' if summary['target_met'] else 'not met'}") in printed
+    losses = final.groupby("arm")["validation_loss"]
+    for arm in ("warmup", "warmup_floor"):
+        match = re.search(rf"{arm}: ([0-9.-]+)% fewer optimizer steps than the fixed batch; validation loss "
+                          r"difference ([0-9.+-]+) \(SE ([0-9.]+)\); target [^:]*: (met|not met)", printed)
+        np.testing.assert_allclose(float(match.group(1)), 100 * (1 - steps[arm] / steps["fixed"]), atol=0.051)
+        gap = losses.mean()[arm] - losses.mean()["fixed"]
+        np.testing.assert_allclose(float(match.group(2)), gap, atol=5.1e-5)
+        se = np.hypot(losses.std()[arm] / np.sqrt(losses.count()[arm]),
+                      losses.std()["fixed"] / np.sqrt(losses.count()["fixed"]))
+        np.testing.assert_allclose(float(match.group(3)), se, atol=5.1e-5)
+        met = (1 - steps[arm] / steps["fixed"] >= 0.4) and gap <= se
+        assert match.group(4) == ("met" if met else "not met")
+        assert summary["warmup"][arm]["target_met"] == met
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert len(images) == 2  # noise scale against branching, and the warmup comparison
