@@ -66,7 +66,8 @@ def experiment(quick: bool) -> dict:
                     reference_steps=60, checkpoint_steps=(10, 30), hessian_every=20, branch_batch_sizes=(4, 8, 16, 32),
                     branch_examples=128, branch_seeds=(0, 1), tolerance=0.01, warmup_seeds=(0, 1), evaluations=4)
     return dict(model=dict(d_model=64, n_heads=4, n_layers=2, block_size=64),
-                settings=LanguageModelSettings(block_size=64, batch_size=32, learning_rate=3e-3, validation_windows=256),
+                settings=LanguageModelSettings(block_size=64, batch_size=32, learning_rate=3e-3,
+                                               validation_windows=256),
                 reference_steps=600, checkpoint_steps=(30, 75, 150, 300, 450), hessian_every=50,
                 branch_batch_sizes=(8, 16, 32, 64, 128, 256), branch_examples=2048, branch_seeds=(0, 1),
                 tolerance=0.01, warmup_seeds=(0, 1, 2), evaluations=8)
@@ -182,7 +183,8 @@ def side_by_side(table: pd.DataFrame, history: pd.DataFrame, checkpoints) -> pd.
                "b_simple": float(at.loc[mark, "b_simple_all"]),
                "b_noise": _resolved(float(previous["b_noise"].iloc[-1])) if len(previous) else math.nan}
         for group in LAYER_TYPES:
-            row[f"b_simple_{group}"] = float(at.loc[mark, f"b_simple_{group}"]) if f"b_simple_{group}" in at else math.nan
+            column = f"b_simple_{group}"
+            row[column] = float(at.loc[mark, column]) if column in at else math.nan
         row["b_crit_over_b_simple"] = row["b_crit"] / row["b_simple"]
         row["b_crit_over_b_noise"] = row["b_crit"] / row["b_noise"]
         rows.append(row)
