@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 
 from noisescale.losses import sequence_cross_entropy  # the per-example sequence loss, kept importable from here
 
-__all__ = ["mlp", "lenet5", "tiny_transformer", "TinyTransformer", "sequence_cross_entropy", "load_model_factory"]
+__all__ = ["mlp", "lenet5", "tiny_transformer", "byte_gpt", "TinyTransformer", "sequence_cross_entropy",
+           "load_model_factory"]
 
 
 def mlp(in_features: int = 784, hidden: tuple[int, ...] = (512, 512), classes: int = 10) -> nn.Sequential:
@@ -119,3 +121,19 @@ def load_model_factory(spec: str | None) -> Callable[[], nn.Module]:
     if not callable(factory):
         raise TypeError(f"--model {spec!r}: {attribute!r} is a {type(factory).__name__}, not a callable")
     return factory
+
+
+def byte_gpt(d_model: int = 64, n_heads: int = 4, n_layers: int = 2, block_size: int = 64,
+             dropout: float = 0.0) -> TinyTransformer:
+    """A byte-level (vocabulary 256) :class:`TinyTransformer` with nanoGPT's initialisation (Radford et al. 2019):
+    weights of Linear and Embedding layers ~ N(0, 0.02^2), the residual output projections ~ N(0, (0.02 /
+    sqrt(2 n_layers))^2), biases 0. PyTorch's default N(0, 1) embeddings, tied to the head, start the loss far
+    above log(256) nats; this starts it near log(256)."""
+    model = TinyTransformer(256, d_model, n_heads, n_layers, block_size, tied=True, dropout=dropout)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = name.endswith("attention.projection") or name.endswith("mlp.2")
+            nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    return model

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from noisescale.app.branch import add_branch_command
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default after its help, unless the help already states it."""
@@ -382,7 +384,8 @@ def _run_train(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_measure_command, _add_nqm_command, _add_sweep_command, _add_train_command]
+_COMMANDS: list = [_add_measure_command, _add_nqm_command, _add_sweep_command, _add_train_command,
+                   add_branch_command]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,56 @@
+"""Execute notebooks/language_model.ipynb headless on the shipped data/lm results and check its printed numbers
+against values computed here from the CSVs."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "language_model.ipynb"
+LM = ROOT / "data" / "lm"
+FILES = ["summary.json", "reference_history.csv", "critical_batch_size.csv", "branches.csv", "warmup_curves.csv",
+         "warmup_summary.csv"]
+
+
+@pytest.mark.skipif(not all((LM / name).exists() for name in FILES), reason="the shipped data/lm results are missing")
+def test_notebook_runs_and_prints_the_shipped_results():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        NotebookClient(notebook, kernel_name="python3", timeout=120,
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
+    printed = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.get("outputs", []) if output.get("output_type") == "stream")
+    summary = json.loads((LM / "summary.json").read_text())
+    assert f"unigram baseline: {summary['unigram_nats_per_byte']:.3f} nats/byte" in printed
+    table = pd.read_csv(LM / "critical_batch_size.csv")
+    ratio = (table["b_crit"] / table["b_simple"]).to_numpy()
+    printed_ratio = float(re.search(r"B_crit / B_simple: median ([0-9.e+-]+)", printed).group(1))
+    np.testing.assert_allclose(printed_ratio, np.median(ratio), rtol=1e-2)
+    final = pd.read_csv(LM / "warmup_curves.csv").sort_values("examples_seen").groupby(["arm", "seed"]).tail(1)
+    steps = final.groupby("arm")["step"].mean()
+    losses = final.groupby("arm")["validation_loss"]
+    for arm in ("warmup", "warmup_floor"):
+        match = re.search(rf"{arm}: ([0-9.-]+)% fewer optimizer steps than the fixed batch; validation loss "
+                          r"difference ([0-9.+-]+) \(SE ([0-9.]+)\); target [^:]*: (met|not met)", printed)
+        np.testing.assert_allclose(float(match.group(1)), 100 * (1 - steps[arm] / steps["fixed"]), atol=0.051)
+        gap = losses.mean()[arm] - losses.mean()["fixed"]
+        np.testing.assert_allclose(float(match.group(2)), gap, atol=5.1e-5)
+        se = np.hypot(losses.std()[arm] / np.sqrt(losses.count()[arm]),
+                      losses.std()["fixed"] / np.sqrt(losses.count()["fixed"]))
+        np.testing.assert_allclose(float(match.group(3)), se, atol=5.1e-5)
+        met = (1 - steps[arm] / steps["fixed"] >= 0.4) and gap <= se
+        assert match.group(4) == ("met" if met else "not met")
+        assert summary["warmup"][arm]["target_met"] == met
+    images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+              if "image/png" in output.get("data", {})]
+    assert len(images) == 2  # noise scale against branching, and the warmup comparison
