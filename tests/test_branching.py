@@ -196,12 +196,9 @@ def test_encode_of_the_corpus_slice_matches_the_file(corpus):
 
 
 def test_branch_command_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
-    import argparse
+    from noisescale.app.cli import build_parser
 
-    from noisescale.app.branch import add_branch_command
-
-    parser = argparse.ArgumentParser()
-    add_branch_command(parser.add_subparsers())
+    parser = build_parser()
     text = tmp_path / "my_text.txt"
     text.write_bytes(SHIPPED_CORPUS_PATH.read_bytes()[:20_000])
     argv = ["branch", "--text", str(text), "--block-size", "8", "--batch-size", "4", "--steps", "20",

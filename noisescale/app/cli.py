@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from noisescale.app.branch import add_branch_command
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default after its help, unless the help already states it."""
@@ -384,8 +382,55 @@ def _run_train(args) -> int:
     return 0
 
 
+def _fractions_of_one(text: str) -> list[float]:
+    """An argparse type: "a,b" -> [a, b], each strictly between 0 and 1."""
+    values = _comma_separated(float, positive=True)(text)
+    if not all(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions in (0, 1), got {text!r}")
+    return values
+
+
+def _add_branch_command(subparsers) -> None:
+    parser = _command_parser(
+        subparsers, "branch",
+        help="critical batch size of a language model measured directly by branching (Merrill et al. 2025)",
+        description="Train a reference run (AdamW, warmup + cosine) of a byte-level language model, branch short "
+        "runs at batch sizes B_0 2^k from its checkpoints (learning rate scaled by --rule, equal tokens), and print "
+        "the largest batch size whose validation loss stays within --tolerance of the smallest batch's. A rerun "
+        "with the same --out resumes (the reference run's checkpoints and every finished branch are kept).",
+    )
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="a text file, read as bytes (default: the shipped SymPy-core source corpus)")
+    parser.add_argument("--validation-fraction", type=float, default=0.1, help="trailing share that validates")
+    parser.add_argument("--model", default="noisescale.models:byte_gpt", metavar="PACKAGE.MODULE:FACTORY",
+                        help="a callable returning a model mapping byte tokens (B, T) to logits (B, T, 256)")
+    parser.add_argument("--block-size", type=int, default=64, help="tokens (bytes) per sequence")
+    parser.add_argument("--batch-size", type=int, default=32, help="the reference run's batch size (sequences)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="the reference run's peak AdamW learning rate")
+    parser.add_argument("--steps", type=int, default=600, help="the reference run's optimizer steps")
+    parser.add_argument("--checkpoints", type=_fractions_of_one, default=[0.05, 0.125, 0.25, 0.5, 0.75],
+                        help="where to branch, as fractions of the reference run (comma-separated)")
+    parser.add_argument("--branch-batch-sizes", type=_comma_separated(int, positive=True),
+                        default=[8, 16, 32, 64, 128, 256],
+                        help="B_0, 2 B_0, ... (comma-separated); the smallest is the reference of the tolerance")
+    parser.add_argument("--branch-examples", type=int, default=2048, help="sequences each branch trains on")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per branch (the uncertainty of B_crit)")
+    parser.add_argument("--rule", choices=["sqrt", "linear", "none"], default="sqrt",
+                        help="learning rate of a branch at B: eta_c times sqrt/linear/none of B / --batch-size")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="relative loss tolerance (0.01: 1 %%)")
+    _add_run_arguments(parser, out="runs/branch", out_help="output folder (checkpoints, CSVs; a rerun resumes)",
+                       json_name=None)
+    parser.set_defaults(run=_run_branch)
+
+
+def _run_branch(args) -> int:
+    from noisescale.app.branch import run_branch_command
+
+    return run_branch_command(args)
+
+
 _COMMANDS: list = [_add_measure_command, _add_nqm_command, _add_sweep_command, _add_train_command,
-                   add_branch_command]
+                   _add_branch_command]
 
 
 def main(argv: list[str] | None = None) -> int:
