@@ -45,9 +45,9 @@ OUT = ROOT / "data" / "adaptive_frontier"
 B0, LR0, B_MAX = 32, 0.05, 1024  # the README's adaptive defaults: B_0 = 32, learning rate 0.05
 
 
-def _policy(kappa: float, hold_steps: int = 10) -> dict:
-    return {"policy": NoiseScaleBatchPolicy(B0, min_batch_size=B0, max_batch_size=B_MAX, kappa=kappa,
-                                            hold_steps=hold_steps)}
+def _policy(kappa: float, hold_steps: int = 10, first_batch_size: int = B0) -> dict:
+    return {"policy": NoiseScaleBatchPolicy(first_batch_size, min_batch_size=first_batch_size, max_batch_size=B_MAX,
+                                            kappa=kappa, hold_steps=hold_steps)}
 
 
 def _schedule(mode: str) -> dict:
@@ -70,8 +70,12 @@ KINDS = {
                                                      {"ema_decay": 0.8}),
     "noise-adaptive kappa=1 adascale fast (ema 0.8, hold 1)": (lambda: _policy(1.0, hold_steps=1), LR0,
                                                                "adascale", {"ema_decay": 0.8}),
+    # start where the noise scale is: B_0 = 8 (B_simple is small early in training), at the learning rate the sweep
+    # found best at B = 8, AdaScale coupling raising it as B grows
+    **{f"noise-adaptive kappa={kappa:g} adascale B0=8 (lr 0.0125)": (
+        lambda kappa=kappa: _policy(kappa, first_batch_size=8), 0.0125, "adascale", {}) for kappa in (1.0, 2.0)},
 }
-DEFAULT_KINDS = [name for name in KINDS if "fast" not in name]
+DEFAULT_KINDS = [name for name in KINDS if "fast" not in name and "B0=8" not in name]
 
 
 def run_one(kind: str, seed: int, data, settings: SweepSettings) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -86,7 +90,8 @@ def run_one(kind: str, seed: int, data, settings: SweepSettings) -> tuple[dict, 
                          monitor_options={"ema_decay": settings.ema_decay, **monitor_options}) as trainer:
         result = train_to_target(trainer, lambda: _evaluate(model, test_x, test_y, settings.target_metric),
                                  target=settings.target, eval_every=settings.eval_every,
-                                 window=settings.smoothing_window, max_steps=settings.max_steps)
+                                 window=settings.smoothing_window, max_steps=settings.max_steps,
+                                 max_examples=settings.max_examples)
     wall = time.perf_counter() - started
     crossing = min(int(result["steps"]), len(result["batch_sizes"]) - 1) if result["outcome"] == "reached" else -1
     run = {"kind": kind, "seed": seed, "outcome": result["outcome"], "steps": result["steps"],

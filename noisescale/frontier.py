@@ -70,12 +70,14 @@ def steps_and_examples_to_target(
 
 def train_to_target(
     trainer: Any, evaluate: Callable[[], float], *, target: float, higher_is_better: bool = True,
-    eval_every: int = 10, window: int = 3, max_steps: int = 4000,
+    eval_every: int = 10, window: int = 3, max_steps: int = 4000, max_examples: int = 0,
 ) -> dict[str, Any]:
     """Step ``trainer`` (an :class:`~noisescale.training.AdaptiveTrainer`) until the target is met, evaluating
     ``evaluate()`` after 0, k, 2k, ... steps, with the stopping rule of a sweep cell: stop at the first
     evaluation at which the smoothed curve has crossed (``window // 2`` evaluations after the crossing one),
-    or after max_steps + (window // 2) k steps (then censored).
+    or (window // 2) k steps after the budget is spent: max_steps steps or, if ``max_examples`` > 0, the
+    step at which the examples trained reach max_examples (the sweep's min(max_steps, max_examples // B)).
+    A crossing past either budget is censored.
 
     Returns the outcome ("reached", "censored", or "diverged" at a non-finite training loss), steps and
     examples to the target (NaN unless reached), the evaluations, the batch size of every
@@ -88,10 +90,15 @@ def train_to_target(
     eval_seconds += time.perf_counter() - started
     steps = examples = math.nan
     outcome = "censored"
-    while trainer.steps < max_steps + (window // 2) * eval_every:
-        if not math.isfinite(trainer.step()["loss"]):
+    budget_steps, examples_trained = max_steps, 0
+    while trainer.steps < budget_steps + (window // 2) * eval_every:
+        row = trainer.step()
+        if not math.isfinite(row["loss"]):
             outcome = "diverged"
             break
+        examples_trained += row["batch_size"]
+        if max_examples and examples_trained >= max_examples:
+            budget_steps = min(budget_steps, trainer.steps)
         if trainer.steps % eval_every:
             continue
         started = time.perf_counter()
@@ -102,7 +109,8 @@ def train_to_target(
                                                        target=target, higher_is_better=higher_is_better,
                                                        window=window)
         if math.isfinite(steps):
-            outcome = "reached" if steps <= max_steps else "censored"
+            within = steps <= max_steps and (not max_examples or examples <= max_examples)
+            outcome = "reached" if within else "censored"
             break
     if outcome != "reached":
         steps = examples = math.nan

@@ -115,6 +115,11 @@ def test_train_to_target_stops_like_a_sweep_cell_one_evaluation_after_the_crossi
     censored = train_to_target(_ScriptedTrainer(), lambda: 0.1, target=0.75, eval_every=10, window=3, max_steps=30)
     assert censored["outcome"] == "censored" and math.isnan(censored["steps"])
     assert censored["steps_trained"] == 40
+    # an examples budget as in the sweep: 8 * 10 + 16 * 10 = 240 examples are spent after step 20
+    curve = iter([0.1, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    limited = train_to_target(_ScriptedTrainer(), lambda: next(curve), target=0.75, eval_every=10, window=3,
+                              max_examples=240)
+    assert limited["outcome"] == "censored" and limited["steps_trained"] == 30
 
 
 def test_train_to_target_with_a_real_adaptive_trainer_counts_the_examples_it_trained():
