@@ -164,16 +164,16 @@ def plot(frame: pd.DataFrame, fit, runs: pd.DataFrame, summary: pd.DataFrame, pa
     best = reached.loc[reached.groupby("batch_size")["steps"].idxmin()]
     ax.scatter(reached["examples"], reached["steps"], s=14, color="grey", alpha=0.5, label="sweep cells (all lr)")
     ax.scatter(best["examples"], best["steps"], s=30, color="black", marker="s", label="sweep, best lr per B")
-    for (_, row), colour in zip(best.iterrows(), [None] * len(best)):
+    for _, row in best.iterrows():
         ax.annotate(f"{row['batch_size']:g}", (row["examples"], row["steps"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
-    colours = plt.get_cmap("tab10")
+    colours, markers = plt.get_cmap("tab20"), "oDv^P"
     for index, row in summary.reset_index(drop=True).iterrows():
-        colour = colours(index % 10)
+        colour, marker = colours(index % 20), markers[index % len(markers)]
         kind_runs = runs[(runs["kind"] == row["kind"]) & (runs["outcome"] == "reached")]
         ax.scatter(kind_runs["examples"], kind_runs["steps"], s=14, color=colour, alpha=0.45)
         ax.errorbar(row["examples_mean"], row["steps_mean"], xerr=row["examples_se"], yerr=row["steps_se"],
-                    marker="o", markersize=7, color=colour, markeredgecolor="black", label=row["kind"])
+                    marker=marker, markersize=7, color=colour, markeredgecolor="black", label=row["kind"])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("examples to 75 % test accuracy $E$")
