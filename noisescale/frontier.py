@@ -72,7 +72,7 @@ def train_to_target(
     trainer: Any, evaluate: Callable[[], float], *, target: float, higher_is_better: bool = True,
     eval_every: int = 10, window: int = 3, max_steps: int = 4000, max_examples: int = 0,
 ) -> dict[str, Any]:
-    """Step ``trainer`` (an :class:`~noisescale.training.AdaptiveTrainer`) until the target is met, evaluating
+    """Step a fresh ``trainer`` (an :class:`~noisescale.training.AdaptiveTrainer`) until the target is met, evaluating
     ``evaluate()`` after 0, k, 2k, ... steps, with the stopping rule of a sweep cell: stop at the first
     evaluation at which the smoothed curve has crossed (``window // 2`` evaluations after the crossing one),
     or (window // 2) k steps after the budget is spent: max_steps steps or, if ``max_examples`` > 0, the
@@ -84,6 +84,9 @@ def train_to_target(
     step, the steps and examples trained, the trainer's seconds (training and measurement) and the seconds
     spent in ``evaluate``.
     """
+    if trainer.steps != 0:
+        raise ValueError(f"train_to_target needs a fresh trainer (its steps and examples count from 0); this one has "
+                         f"taken {trainer.steps} steps")
     eval_steps, eval_values, eval_seconds = [0], [], 0.0
     started = time.perf_counter()
     eval_values.append(float(evaluate()))

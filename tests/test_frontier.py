@@ -120,6 +120,10 @@ def test_train_to_target_stops_like_a_sweep_cell_one_evaluation_after_the_crossi
     limited = train_to_target(_ScriptedTrainer(), lambda: next(curve), target=0.75, eval_every=10, window=3,
                               max_examples=240)
     assert limited["outcome"] == "censored" and limited["steps_trained"] == 30
+    started = _ScriptedTrainer()
+    started.step()
+    with pytest.raises(ValueError, match="fresh trainer"):
+        train_to_target(started, lambda: 0.1, target=0.75)
 
 
 def test_train_to_target_with_a_real_adaptive_trainer_counts_the_examples_it_trained():
