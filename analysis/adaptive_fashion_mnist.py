@@ -13,6 +13,13 @@ adaptive_evaluations.csv (test accuracy after each epoch), adaptive_history.csv 
 adaptive_curves.png. Run from the repository root:
 
     nice python3 analysis/adaptive_fashion_mnist.py [--seeds 3] [--epochs 11] [--model mlp|cnn] [--out DIR]
+
+``--fixed-grid`` adds the strongest plain baseline instead: fixed batch sizes (``--fixed-batch-sizes``) at the
+same epochs with no schedule, the learning rate tuned per B over ``--fixed-lrs`` on seed 0 (by test accuracy,
+as the sweep of data/tradeoff/ tunes by it), then the other seeds at each B's chosen rate. It reads the modes'
+runs from OUT/adaptive_runs.csv (made by the plain invocation with the same options) and writes
+fixed_grid_runs.csv and fixed_vs_adaptive_summary.csv: every mode and every tuned fixed B, with step ratios
+against lr-decay and against the best fixed B (the tuned B with the highest mean accuracy).
 """
 
 from __future__ import annotations
@@ -40,12 +47,15 @@ HISTORY_COLUMNS = ["mode", "seed", "step", "epoch", "examples_seen", "batch_size
 MODE_ORDER = ["lr-decay", "batch-increase", "hybrid", "noise-adaptive", "fixed"]
 
 
-def run_one(mode: str, seed: int, train_set, test_set, args) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+def run_one(mode: str, seed: int, train_set, test_set, args, *, batch_size: int | None = None,
+            lr: float | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    batch_size = args.batch_size if batch_size is None else batch_size
+    lr = args.lr if lr is None else lr
     torch.manual_seed(seed)
     model = mlp(hidden=(args.hidden,)) if args.model == "mlp" else lenet5()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    source = make_batch_size_source(mode, epochs=args.epochs, batch_size=args.batch_size,
-                                    max_batch_size=args.max_batch_size, learning_rate=args.lr,
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
+    source = make_batch_size_source(mode, epochs=args.epochs, batch_size=batch_size,
+                                    max_batch_size=max(args.max_batch_size, batch_size), learning_rate=lr,
                                     milestones=args.milestones, decay_factor=0.2, kappa=args.kappa)
     # the schedules need no measurement (every 10th step, for the B_simple curves); noise-adaptive measures all
     measure_every = 1 if mode == "noise-adaptive" else 10
@@ -61,10 +71,11 @@ def run_one(mode: str, seed: int, train_set, test_set, args) -> tuple[dict, pd.D
                          progress=False) as trainer:
         history = trainer.train(args.epochs, callback=after_epoch)
     history = history.assign(mode=mode, seed=seed)
-    run = {"mode": mode, "seed": seed, "test_accuracy": evaluations[-1]["test_accuracy"], "steps": trainer.steps,
+    run = {"mode": mode, "seed": seed, "batch_size": batch_size, "learning_rate": lr,
+           "test_accuracy": evaluations[-1]["test_accuracy"], "steps": trainer.steps,
            "examples_seen": trainer.sampler.examples_seen, "seconds": trainer.seconds,
            "final_batch_size": int(history["batch_size"].iloc[-1])}
-    print(f"{mode:>15} seed {seed}: accuracy {run['test_accuracy']:.4f}, {run['steps']} steps, "
+    print(f"{mode:>15} B={batch_size} lr={lr:g} seed {seed}: accuracy {run['test_accuracy']:.4f}, {run['steps']} steps, "
           f"final B {run['final_batch_size']}, {run['seconds']:.1f} s", flush=True)
     return run, pd.DataFrame(evaluations), history[[c for c in HISTORY_COLUMNS if c in history]]
 
@@ -84,6 +95,38 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
+def run_fixed_grid(train_set, test_set, args) -> pd.DataFrame:
+    """Seed 0 over every (B, lr); then the other seeds at each B's learning rate of highest seed-0 accuracy."""
+    runs = [run_one("fixed", 0, train_set, test_set, args, batch_size=size, lr=lr)[0]
+            for size in args.fixed_batch_sizes for lr in args.fixed_lrs]
+    first = pd.DataFrame(runs)
+    chosen = first.loc[first.groupby("batch_size")["test_accuracy"].idxmax(), ["batch_size", "learning_rate"]]
+    runs += [run_one("fixed", seed, train_set, test_set, args, batch_size=int(size), lr=float(lr))[0]
+             for size, lr in chosen.itertuples(index=False) for seed in range(1, args.seeds)]
+    grid = pd.DataFrame(runs)
+    grid["tuned"] = [(size, lr) in set(chosen.itertuples(index=False, name=None))
+                     for size, lr in zip(grid["batch_size"], grid["learning_rate"])]
+    return grid
+
+
+def fixed_vs_adaptive(modes: pd.DataFrame, grid: pd.DataFrame) -> pd.DataFrame:
+    """One row per mode and per tuned fixed B: accuracy (mean, standard error over seeds), steps, examples, and
+    the step ratios against lr-decay and against the best fixed B (highest mean accuracy among the tuned B)."""
+    tuned = grid[grid["tuned"]].assign(mode=lambda f: [f"fixed B={b} (lr {lr:g})" for b, lr in
+                                                       zip(f["batch_size"], f["learning_rate"])])
+    runs = pd.concat([modes, tuned], ignore_index=True)
+    table = runs.groupby("mode", sort=False).agg(
+        seeds=("seed", "count"), accuracy_mean=("test_accuracy", "mean"), accuracy_sd=("test_accuracy", "std"),
+        steps_mean=("steps", "mean"), examples_seen_mean=("examples_seen", "mean"), seconds_mean=("seconds", "mean"))
+    table["accuracy_se"] = table["accuracy_sd"] / table["seeds"] ** 0.5
+    fixed_rows = table.loc[table.index.str.startswith("fixed B=")]
+    best = fixed_rows["accuracy_mean"].idxmax()
+    table["best_fixed"] = table.index == best
+    table["fewer_steps_than_lr_decay"] = table.loc["lr-decay", "steps_mean"] / table["steps_mean"]
+    table["fewer_steps_than_best_fixed"] = table.loc[best, "steps_mean"] / table["steps_mean"]
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -100,11 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layer")
     parser.add_argument("--modes", nargs="+", default=MODE_ORDER[:4], choices=TRAIN_MODES)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--fixed-grid", action="store_true",
+                        help="run the tuned fixed-batch baseline and compare with OUT/adaptive_runs.csv")
+    parser.add_argument("--fixed-batch-sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--fixed-lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     args = parser.parse_args(argv)
     if "lr-decay" not in args.modes:
         parser.error("--modes must include the lr-decay baseline")
     torch.set_num_threads(1)
     train_set, test_set = load_fashion_mnist(source="subset")
+    if args.fixed_grid:
+        modes_path = args.out / "adaptive_runs.csv"
+        if not modes_path.exists():
+            parser.error(f"--fixed-grid compares with {modes_path}: run without --fixed-grid first")
+        started = time.perf_counter()
+        grid = run_fixed_grid(train_set, test_set, args)
+        wall = time.perf_counter() - started
+        grid.to_csv(args.out / "fixed_grid_runs.csv", index=False)
+        table = fixed_vs_adaptive(pd.read_csv(modes_path), grid)
+        table.to_csv(args.out / "fixed_vs_adaptive_summary.csv")
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+            print(table)
+        print(f"total wall-clock {wall:.0f} s for {len(grid)} fixed-batch runs")
+        return 0
     started = time.perf_counter()
     results = [run_one(mode, seed, train_set, test_set, args) for mode in args.modes for seed in range(args.seeds)]
     wall = time.perf_counter() - started
