@@ -14,10 +14,10 @@ an optimizer step.
 
 How: :class:`DDPNoiseScale` registers a DDP communication hook that wraps a reducing hook (default
 :func:`mean_allreduce_hook`, DDP's own scale-then-sum all-reduce written as a hook). For every gradient bucket
-it takes the norm of the bucket buffer before the all-reduce (this rank's local gradient; under ``no_sync()``
-accumulation the buffer is filled on the synchronising backward with the accumulated local gradient) and, in
-the future's callback, the norm of the all-reduced (averaged) bucket: one read of each bucket, no copy. Summing
-the squares over buckets gives |g_r|^2 and |g_big|^2. The ranks' |g_r|^2 must be summed too: the hook of the
+it takes the squared norm of the bucket buffer before the all-reduce (this rank's local gradient; under
+``no_sync()`` accumulation the buffer is filled on the synchronising backward with the accumulated local
+gradient) and, in the future's callback, that of the all-reduced (averaged) bucket: one read of each bucket, no
+copy. Summing over buckets gives |g_r|^2 and |g_big|^2. The ranks' |g_r|^2 must be summed too: the hook of the
 last bucket (``GradBucket.is_last()``) appends two numbers to that bucket's own all-reduce, this rank's local
 squared norm and a flag that its local batch size changed, so the default costs no extra collective. It writes
 the scaled bucket into a buffer of its own, two entries longer, kept from step to step: the scaling by 1/R that
@@ -74,14 +74,18 @@ __all__ = [
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
-def _norm(tensor: torch.Tensor) -> torch.Tensor:
-    """|tensor| as a scalar on the tensor's device, accumulated in at least float32 (one read, no copy)."""
-    return torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
+def _squared_norm(bucket: torch.Tensor) -> torch.Tensor:
+    """|bucket|^2 of a flat bucket as a scalar on its device, in one read without a copy. A float32 or float64
+    bucket uses the BLAS dot product: on CPU faster than ``vector_norm`` and more accurate (1e-5 against 3e-5
+    relative error in float32 over 670k entries); a half-precision one accumulates in float32."""
+    if bucket.dtype in (torch.float32, torch.float64):
+        return torch.dot(bucket, bucket)
+    return torch.linalg.vector_norm(bucket, dtype=torch.float32).square()
 
 
-def _sum_of_squares(norms: list[torch.Tensor]) -> torch.Tensor:
-    """sum_k norms[k]^2 in float64: the squared norm of the concatenated buckets."""
-    return torch.stack(norms).double().square().sum()
+def _sum(sqnorms: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the buckets' squared norms in float64: the squared norm of all the gradients."""
+    return torch.stack(sqnorms).double().sum()
 
 
 def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -185,10 +189,10 @@ class DDPNoiseScale:
         self.average = ExponentialMovingNoiseScale(ema_decay)
         self.step = 0
         self._wrapped_hook = wrapped_hook
-        # per-bucket norms of this step; lists, because the reduced norms are added by future callbacks that may
-        # run on several communication threads at once (list.append is atomic, a += is not)
-        self._local_norms: list[torch.Tensor] = []
-        self._global_norms: list[torch.Tensor] = []
+        # per-bucket squared norms of this step; lists, because the reduced ones are added by future callbacks
+        # that may run on several communication threads at once (list.append is atomic, a += is not)
+        self._local_sqnorms: list[torch.Tensor] = []
+        self._global_sqnorms: list[torch.Tensor] = []
         self._pending: tuple[torch.futures.Future, int, int] | None = None  # (totals future, offset, batch)
         self._last_bucket: torch.Tensor | None = None  # the scaled last bucket and the two totals, reused
         self._agreed_batch_size: int | None = None  # the local batch size all ranks were last checked to share
@@ -208,7 +212,7 @@ class DDPNoiseScale:
 
     # ------------------------------------------------------------------ the hook (runs inside DDP's backward)
     def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations
-        """Communication hook: keep |local bucket|, reduce the bucket, keep |reduced bucket| when done.
+        """Communication hook: keep |local bucket|^2, reduce the bucket, keep |reduced bucket|^2 when done.
 
         The last bucket's hook also reduces this step's totals (the local squared norm, summed over buckets,
         and a flag for a changed local batch size): inside that bucket's own all-reduce when the reduction is
@@ -221,25 +225,25 @@ class DDPNoiseScale:
         if not measuring:
             return self._wrapped_hook(state, bucket)
         buffer = bucket.buffer()
-        self._local_norms.append(_norm(buffer))  # before the reduction averages the buffer in place
+        self._local_sqnorms.append(_squared_norm(buffer))  # before the reduction averages the buffer in place
         if self._wrapped_hook is mean_allreduce_hook and buffer.dtype in (torch.float32, torch.float64):
             return self._mean_allreduce(buffer, last)
         if last:
             totals = self._write_totals(torch.empty(2, dtype=torch.float64, device=buffer.device))
             future = dist.all_reduce(totals, group=self.process_group, async_op=True).get_future()
             self._pending = (future, 0, self._local_batch_size)
-        return self._wrapped_hook(state, bucket).then(lambda done: self._record_global_norm(done.value()))
+        return self._wrapped_hook(state, bucket).then(lambda done: self._record_global_sqnorm(done.value()))
 
     def _write_totals(self, totals: torch.Tensor) -> torch.Tensor:
         """Write (this rank's local squared norm, 1.0 if its local batch size changed since the last check,
         else 0.0) into the two entries of ``totals``; every other bucket's hook has run, so the sum is complete."""
-        totals[0] = _sum_of_squares(self._local_norms)
+        totals[0] = _sum(self._local_sqnorms)
         totals[1] = float(self._local_batch_size != self._agreed_batch_size)
-        self._local_norms = []
+        self._local_sqnorms = []
         return totals
 
     def _mean_allreduce(self, buffer: torch.Tensor, last: bool) -> torch.futures.Future:
-        """:func:`mean_allreduce_hook` whose one callback also keeps |averaged bucket|. On the last bucket the
+        """:func:`mean_allreduce_hook` whose one callback also keeps |averaged bucket|^2. On the last bucket the
         totals ride along: the bucket, scaled by 1/R, is written into a buffer two entries longer that is kept
         from step to step (the scaling the in-place reduction does anyway, so no extra pass and no allocation),
         and the totals follow it unscaled in the bucket's dtype (float32 for float32 gradients: the summed local
@@ -247,7 +251,7 @@ class DDPNoiseScale:
         (a view DDP copies out)."""
         if not last:
             return _mean_all_reduce(buffer, self.process_group).then(
-                lambda done: self._record_global_norm(done.value()[0]))
+                lambda done: self._record_global_sqnorm(done.value()[0]))
         size = buffer.numel()
         padded = self._last_bucket
         if padded is None or (padded.numel(), padded.dtype, padded.device) != (size + 2, buffer.dtype, buffer.device):
@@ -255,11 +259,11 @@ class DDPNoiseScale:
         self._write_totals(padded[size:])
         future = _mean_all_reduce(buffer, self.process_group, out=padded)
         self._pending = (future, size, self._local_batch_size)
-        return future.then(lambda done: self._record_global_norm(done.value()[0][:size]))
+        return future.then(lambda done: self._record_global_sqnorm(done.value()[0][:size]))
 
-    def _record_global_norm(self, reduced: torch.Tensor) -> torch.Tensor:
-        """Future callback: keep |all-reduced bucket| for the step's global squared norm; returns the bucket."""
-        self._global_norms.append(_norm(reduced))
+    def _record_global_sqnorm(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Future callback: keep |all-reduced bucket|^2 for the step's global squared norm; returns the bucket."""
+        self._global_sqnorms.append(_squared_norm(reduced))
         return reduced
 
     def _check_batch_sizes_agree(self, batch: int, device: torch.device) -> None:
@@ -287,8 +291,8 @@ class DDPNoiseScale:
         of the averages; the returned estimate is then NaN. Raises ValueError (on every rank) when the ranks'
         ``local_batch_size`` differ.
         """
-        pending, global_norms = self._pending, self._global_norms
-        self._pending, self._global_norms, self._local_norms = None, [], []  # nothing leaks into the next step
+        pending, global_sqnorms = self._pending, self._global_sqnorms
+        self._pending, self._global_sqnorms, self._local_sqnorms = None, [], []  # nothing leaks into the next step
         if self._unread_backwards != 1:
             unread, self._unread_backwards = self._unread_backwards, 0
             raise RuntimeError(
@@ -304,7 +308,7 @@ class DDPNoiseScale:
         future, start, batch = pending
         totals = future.wait()[0][start:start + 2]
         local_sum, changed = totals.tolist()
-        global_sqnorm = float(_sum_of_squares(global_norms))
+        global_sqnorm = float(_sum(global_sqnorms))
         if changed > 0:  # the same sum on every rank, so every rank joins the check
             self._check_batch_sizes_agree(batch, totals.device)
         if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
@@ -368,7 +372,7 @@ class DDPNoiseScale:
         self.average.load_state_dict(state["average"])
         self.step = int(state["step"])
         self._rows, self._rows_without_interval = list(state["history"]), []
-        self._pending, self._global_norms, self._local_norms, self._unread_backwards = None, [], [], 0
+        self._pending, self._global_sqnorms, self._local_sqnorms, self._unread_backwards = None, [], [], 0
 
 
 def combine_per_example_sums(sqnorm_sums: Any, counts: Any, grad_sqnorm: Any) -> NoiseScaleEstimate:
