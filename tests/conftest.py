@@ -3,7 +3,7 @@ a hung child process rather than a slow one.
 
 Threads: torch's default is one OpenMP thread per core. On a machine whose cores other processes also use, every
 parallel operation then waits at its closing barrier for the thread that the scheduler has put aside, while the
-threads that are done spin and take CPU time from the others (a 50-step ``measure`` took 4 times longer at 2
+threads that are done spin and take CPU time from the others (a 50-step ``measure`` took 2.5 to 4 times longer at 2
 threads than at 1 on a loaded 2-core machine). Every test process therefore runs torch in
 ``NOISESCALE_TEST_THREADS`` threads (default 1): this one through ``torch.set_num_threads``, the processes it
 starts (DDP ranks, torchrun, notebook kernels, sweep workers) through ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``,
