@@ -73,24 +73,25 @@ def test_measure_rejects_a_batch_of_one(shipped_subset_only, tmp_path, capsys):
         "gradient variance"
 
 
-def _torchrun(*arguments: str) -> str:
-    """``torchrun --standalone --nproc_per_node 2 -m noisescale ...`` on CPU (gloo); returns what it printed."""
-    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+def _torchrun(*arguments: str, deadline_s: float) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m noisescale ...`` on CPU (gloo), one torch thread per rank;
+    returns what it printed. ``deadline_s`` only catches a hang (tests/conftest.py)."""
+    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noisescale",
          *arguments, "--no-progress"],
-        capture_output=True, text=True, timeout=240, env=environment,
+        capture_output=True, text=True, timeout=deadline_s, env=environment,
         cwd=README.parent,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
 
 
-def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path):
+def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadline_s):
     """Two gloo ranks: `measure` records the single-process history (same global batches), printed once;
     `train --schedule noise-adaptive` runs and writes its files once."""
     options = ["--steps", "4", "--batch-size", "16", "--hessian-every", "0", "--model", "noisescale.models:mlp"]
-    printed = _torchrun("measure", *options, "--out", str(tmp_path / "ddp"))
+    printed = _torchrun("measure", *options, "--out", str(tmp_path / "ddp"), deadline_s=hang_deadline_s)
     assert printed.count("B_simple =") == 1
     assert main(["measure", *options, "--out", str(tmp_path / "single"), "--no-progress"]) == 0
     ddp, single = (pd.read_csv(tmp_path / run / "measure_history.csv") for run in ("ddp", "single"))
@@ -100,7 +101,7 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path):
 
     printed = _torchrun("train", "--schedule", "noise-adaptive", "--epochs", "0.5", "--train-examples", "512",
                         "--batch-size", "16", "--max-batch-size", "64", "--model", "noisescale.models:mlp",
-                        "--out", str(tmp_path / "train"))
+                        "--out", str(tmp_path / "train"), deadline_s=hang_deadline_s)
     assert printed.count("noise-adaptive: test accuracy") == 1
     history = pd.read_csv(tmp_path / "train" / "train_noise-adaptive_history.csv")
     assert (history["batch_size"] % 2 == 0).all() and history["examples_seen"].iloc[-1] >= 256
