@@ -187,3 +187,17 @@ def test_threads_sets_torch_threads_and_the_default_leaves_them(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_command_line_asks_openmp_for_sleeping_threads_unless_the_user_chose(monkeypatch, capsys):
+    """OMP_WAIT_POLICY=PASSIVE before torch loads (tests/conftest.py measured why); a user's own value is kept."""
+    import os
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

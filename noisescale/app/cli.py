@@ -7,6 +7,7 @@ which imports its implementation lazily so that ``noisescale --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -437,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An error prints one line, ``noisescale: error: ...``, and returns 2 for a problem with the
     options or the user's model, data or files (UsageError, ValueError, TypeError, OSError), 1 otherwise;
     ``--debug`` raises it with its traceback instead."""
+    # Read by OpenMP when torch loads (the imports below): threads that finish an operation sleep instead of
+    # spinning, so a busy machine slows the run by its share of the cores rather than 2.5 to 4 times (measured on a
+    # loaded 2-core machine, tests/conftest.py). A value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from noisescale.app.options import UsageError, one_line
 
     args = build_parser().parse_args(argv)

@@ -37,7 +37,8 @@ DEFAULT_MODEL = "noisescale.models:lenet5"
 DEFAULT_LOSS = "noisescale.losses:per_example_cross_entropy"
 FASHION_MNIST_SOURCES = ("auto", "subset", "debian")
 HELD_OUT_SHARE = 0.1  # of a single user dataset, held out as its test set
-DEFAULT_THREADS: int | None = None  # torch threads of measure/train/sweep; None leaves torch's own default
+DEFAULT_THREADS: int | None = None  # torch threads of the commands; None leaves torch's own default (one per core,
+# with OMP_WAIT_POLICY=PASSIVE set by cli.main so that a busy machine degrades gracefully)
 
 
 class UsageError(Exception):
