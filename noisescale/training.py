@@ -521,11 +521,7 @@ class AdaptiveTrainer:
                              f"{self.schedule.state_dict()}")
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
         consume_prefix_in_state_dict_if_present(model_state, "module.")  # DDP checkpoints of earlier versions
-        if self.monitor.sharded:
-            _load_sharded_state(self.model, self.optimizer, model_state, state["optimizer"])
-        else:
-            unwrapped_module(self.model).load_state_dict(model_state)
-            self.optimizer.load_state_dict(state["optimizer"])
+        _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"], self.monitor.sharded)
         self.sampler.load_state_dict(state["sampler"])
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"])
@@ -573,15 +569,22 @@ def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Op
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
 
-def _load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                        optimizer_state: dict) -> None:
-    """Load full state dicts of :func:`_model_and_optimizer_state` into an FSDP model and its optimizer (every
-    rank reads its own copy and keeps its shards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    if isinstance(next(iter(optimizer_state.get("state", {})), ""), int) or (
-            optimizer_state.get("param_groups") and isinstance(optimizer_state["param_groups"][0]["params"][0], int)):
-        raise ValueError("this checkpoint's optimizer state is keyed by parameter index (saved without FSDP); "
+def _load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                              optimizer_state: dict, sharded: bool) -> None:
+    """Load the states of :func:`_model_and_optimizer_state`. One saved under FSDP (the optimizer's state keyed
+    by parameter names) loads through torch.distributed.checkpoint.state_dict into an FSDP model on any world size
+    (every rank reads its own full copy and keeps its shards) or into an unsharded one; one saved without FSDP
+    (keyed by parameter index) loads without FSDP only."""
+    groups = optimizer_state.get("param_groups") or [{"params": []}]
+    keyed_by_name = any(isinstance(name, str) for group in groups for name in group["params"])
+    if not (sharded or keyed_by_name):
+        unwrapped_module(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    if not keyed_by_name:
+        raise ValueError("this checkpoint was saved without FSDP (its optimizer state is keyed by parameter index): "
                          "resume it without FSDP, or under FSDP from a checkpoint saved under FSDP")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
 

@@ -200,7 +200,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for _ in range(TRAINER_STEPS - TRAINER_STEPS // 2):
                 resumed.step()
         results[f"{kind}_resumed_history"] = resumed.history
-        results[f"{kind}_checkpoint_model"] = checkpoint_state["model"]
+        results[f"{kind}_checkpoint"] = checkpoint_state
 
     # 5. a module the hooks cannot measure per example (examples not in dim 0) is an error naming its parameters
     class Transposed(nn.Module):
@@ -329,9 +329,25 @@ def test_fsdp_checkpoint_resumes_the_same_run(rank_results, kind):
         for column in ("batch_size", "learning_rate", "loss", "b_simple"):
             np.testing.assert_allclose(resumed[column].iloc[half:], full[column].iloc[half:], rtol=1e-12,
                                        err_msg=column)
-        state = result[f"{kind}_checkpoint_model"]
+        state = result[f"{kind}_checkpoint"]["model"]
         assert set(state) == set(_make_model().state_dict())
         assert all(not math.isnan(float(v.sum())) for v in state.values())
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1_flat"])
+def test_fsdp_checkpoint_resumes_in_one_process(rank_results, kind):
+    """Another world size: rank 0's FSDP checkpoint (full state dicts, parameters by name) continued by one
+    process gives the steps of the 2-rank run."""
+    half = TRAINER_STEPS // 2
+    resumed = _adaptive_trainer(_make_model())
+    with resumed:
+        resumed.load_state_dict(rank_results[0][f"{kind}_checkpoint"])
+        for _ in range(TRAINER_STEPS - half):
+            resumed.step()
+    full = rank_results[0][f"{kind}_trainer_history"]
+    for column in ("batch_size", "learning_rate", "loss", "b_simple"):
+        np.testing.assert_allclose(resumed.history[column].iloc[half:], full[column].iloc[half:], rtol=1e-9,
+                                   err_msg=column)
 
 
 def test_unmeasurable_parameters_are_named_under_fsdp(rank_results):
