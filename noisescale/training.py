@@ -43,6 +43,16 @@ B must stay divisible by the world size (the policy's granularity a multiple of 
 proxies (B_noise) are measured on each rank's first micro-batch and averaged over the ranks (one all-reduce of
 five numbers). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
 step's all-reduce).
+
+FSDP: pass the model sharded by FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``, flat parameters
+or ``use_orig_params=True``); the process group is the sharding group (:mod:`noisescale.sharded`). Everything
+above holds as under DDP (one all-gather of the per-example numbers, the policy's state broadcast, micro-batches
+without gradient reduction but the last); |gbar|^2 is the squared norm of the sharded accumulated gradient, summed
+over the shards by one all-reduce. Activation checkpointing inside the model and FSDP's mixed precision work (the
+norms are reduced in float32 or wider). The Hessian proxies (B_noise) need torch.func on whole parameters and are
+refused. Checkpoints hold the full (unsharded) model and optimizer states by parameter name
+(torch.distributed.checkpoint.state_dict, gathered on every rank): they resume under FSDP on any world size, or
+in one process.
 """
 
 from __future__ import annotations

@@ -40,7 +40,17 @@ one index per example when T == B, and their norms are then wrong (a warning is 
 arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
 through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
 to hooks: give such a model backend="vmap". Activation checkpointing (HF gradient checkpointing, reentrant or not)
-gives the same norms (tested): re-run calls count as further uses, whose per-example gradients are summed.
+gives the same norms (tested): a non-reentrant recomputation inside the backward is not recorded again (its
+outputs get no gradient); under reentrant checkpointing the recomputed call is the one recorded.
+
+FSDP (FSDP2 ``fully_shard``, FSDP1 with flat parameters or ``use_orig_params=True``; :mod:`noisescale.sharded`):
+ghost rules and the per-module fallback work unchanged, since every example and its activations live on one rank
+and FSDP unshards each layer around its forward and backward; the rules take shapes from the call, never from
+``module.weight`` (a shard between calls), a fallback call keeps copies of its parameters, and FSDP1's flat
+parameters are measured under their original names. The norms and |gbar|^2 are those of this rank's batch (scale
+from the local loss); the whole-model vmap cannot run on sharded parameters, so a parameter that would need it is
+an error naming it, raised before the backward. A parameter used outside every call of its module is not detected
+under FSDP (it keeps zero norms).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
