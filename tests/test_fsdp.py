@@ -397,3 +397,20 @@ def test_cli_rejects_hessian_proxies_under_fsdp(tmp_path, capsys):
     assert main(["train", "--schedule", "fixed", "--parallel", "fsdp", "--hessian-every", "5", "--no-progress",
                  "--out", str(tmp_path)]) == 2
     assert "--hessian-every '5': must be 0 with --parallel fsdp" in capsys.readouterr().err
+
+
+def test_non_reentrant_recomputation_is_not_recorded_twice(monkeypatch):
+    """One process: under non-reentrant activation checkpointing every Linear is still measured in ghost form from
+    its one recorded call (a second, recomputed record would make it a shared parameter whose per-example
+    gradients are materialised), and the norms equal the naive loop."""
+    from noisescale.per_example.layers import LinearRule
+
+    def materialised(*args, **kwargs):
+        raise AssertionError("per-example gradients were materialised: a recomputed call was recorded")
+
+    monkeypatch.setattr(LinearRule, "per_example_grads", materialised)
+    model = _make_model(recompute=True)
+    inputs, labels = _global_batch()
+    with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
+        result = norms(inputs, labels)
+    torch.testing.assert_close(result.sqnorms, _reference_sqnorms(_make_model(), inputs, labels), rtol=1e-12, atol=0)
