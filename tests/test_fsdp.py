@@ -81,17 +81,17 @@ def _global_batch(step: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, tor
     return inputs.to(dtype), torch.randint(0, CLASSES, (WORLD_SIZE * LOCAL_BATCH,), generator=generator)
 
 
-def _trainer_data() -> TensorDataset:
+def _trainer_data(dtype=torch.float64) -> TensorDataset:
     generator = torch.Generator().manual_seed(2)
     inputs = torch.randn(64, POSITIONS, WIDTH, generator=generator, dtype=torch.float64)
-    return TensorDataset(inputs, torch.randint(0, CLASSES, (64,), generator=generator))
+    return TensorDataset(inputs.to(dtype), torch.randint(0, CLASSES, (64,), generator=generator))
 
 
-def _adaptive_trainer(model: nn.Module) -> AdaptiveTrainer:
+def _adaptive_trainer(model: nn.Module, dtype=torch.float64) -> AdaptiveTrainer:
     """B follows 4 B_simple from 8 up to 32 in multiples of 4 (2 ranks x 2), micro-batches of 2 per process."""
     policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32, kappa=4.0, granularity=4, hold_steps=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
-    return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, _trainer_data(), policy=policy,
+    return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, _trainer_data(dtype), policy=policy,
                            max_micro_batch=2, lr_coupling="sqrt", monitor_options={"ema_decay": 0.5}, seed=4,
                            progress=False)
 
@@ -201,6 +201,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 resumed.step()
         results[f"{kind}_resumed_history"] = resumed.history
         results[f"{kind}_checkpoint"] = checkpoint_state
+
+    # 4b. the adaptive trainer with bf16 parameters in FSDP2's forward and backward (float32 master weights)
+    trainer = _adaptive_trainer(_shard(_make_model(torch.float32), "fsdp2", mixed_bf16=True), torch.float32)
+    with trainer:
+        for _ in range(3):
+            trainer.step()
+    results["bf16_trainer_history"] = trainer.history
 
     # 5. a module the hooks cannot measure per example (examples not in dim 0) is an error naming its parameters
     class Transposed(nn.Module):
@@ -316,6 +323,21 @@ def test_adaptive_fsdp_run_equals_the_single_process_run(rank_results, kind):
         assert history["micro_batch_size"].tolist() == [2] * TRAINER_STEPS
         for column in ("learning_rate", "loss", "grad_sqnorm", "trace_sigma", "b_simple", "b_simple_two_batch"):
             np.testing.assert_allclose(history[column], expected[column], rtol=1e-9, err_msg=column)
+
+
+def test_adaptive_trainer_with_bf16_mixed_precision_is_within_bf16_error(rank_results):
+    """3 steps with bf16 parameters in the forward and backward: the same history on both ranks, and the
+    per-step estimates within bf16's error of the float64 single-process run."""
+    reference = _adaptive_trainer(_make_model())
+    with reference:
+        for _ in range(3):
+            reference.step()
+    histories = [result["bf16_trainer_history"] for result in rank_results]
+    columns = ["batch_size", "loss", "grad_sqnorm", "trace_sigma"]
+    pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns])
+    assert histories[0]["batch_size"].tolist() == reference.history["batch_size"].tolist()
+    for column in ("loss", "trace_sigma"):
+        np.testing.assert_allclose(histories[0][column], reference.history[column], rtol=5e-2, err_msg=column)
 
 
 @pytest.mark.parametrize("kind", ["fsdp2", "fsdp1_flat"])
