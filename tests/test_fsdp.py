@@ -174,6 +174,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[f"{kind}_{recompute}_by_parameter"] = {n: v.sum().item() for n, v in result.by_parameter.items()}
             results[f"{kind}_{recompute}_grad_sqnorm"] = result.grad_sqnorm
 
+    # 1b. torch's activation-checkpoint wrapper around every block (names gain _checkpoint_wrapped_module)
+    from functools import partial
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    for kind in KINDS:
+        model = _make_model()
+        apply_activation_checkpointing(
+            model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda module: isinstance(module, Block))
+        with PerExampleGradNorms(_shard(model, kind), per_example_cross_entropy, by_parameter=True) as norms:
+            result = norms(inputs, labels)
+        results[f"{kind}_wrapper_norms"] = result.sqnorms
+        results[f"{kind}_wrapper_names"] = sorted(result.by_parameter)
+
     # 2. bf16 parameters in the forward and backward (FSDP2's MixedPrecisionPolicy), float32 master weights
     model = _shard(_make_model(torch.float32), "fsdp2", mixed_bf16=True)
     with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
@@ -274,6 +288,17 @@ def test_per_example_norms_equal_the_unsharded_per_example_loop(rank_results, ki
             _reference_grad_sqnorm(model, local_inputs, local_labels), rel=1e-12)  # this rank's batch
         names = {name for name, _ in model.named_parameters()}
         assert set(result[f"{kind}_{recompute}_by_parameter"]) == names or kind != "fsdp1_flat"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpoint_wrapper_gives_the_same_norms(rank_results, kind):
+    model = _make_model()
+    inputs, labels = _global_batch()
+    expected = _reference_sqnorms(model, inputs, labels)
+    for rank, result in enumerate(rank_results):
+        torch.testing.assert_close(result[f"{kind}_wrapper_norms"], _local(expected, rank), rtol=1e-12, atol=0)
+        if kind == "fsdp1_flat":  # the original parameters, under the unwrapped model's names
+            assert result[f"{kind}_wrapper_names"] == sorted(name for name, _ in model.named_parameters())
 
 
 def test_bf16_mixed_precision_norms_are_within_bf16_error(rank_results):
