@@ -43,6 +43,16 @@ B must stay divisible by the world size (the policy's granularity a multiple of 
 proxies (B_noise) are measured on each rank's first micro-batch and averaged over the ranks (one all-reduce of
 five numbers). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
 step's all-reduce).
+
+FSDP: pass the model sharded by FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``, flat parameters
+or ``use_orig_params=True``); the process group is the sharding group (:mod:`noisescale.sharded`). Everything
+above holds as under DDP (one all-gather of the per-example numbers, the policy's state broadcast, micro-batches
+without gradient reduction but the last); |gbar|^2 is the squared norm of the sharded accumulated gradient, summed
+over the shards by one all-reduce. Activation checkpointing inside the model and FSDP's mixed precision work (the
+norms are reduced in float32 or wider). The Hessian proxies (B_noise) need torch.func on whole parameters and are
+refused. Checkpoints hold the full (unsharded) model and optimizer states by parameter name
+(torch.distributed.checkpoint.state_dict, gathered on every rank): they resume under FSDP on any world size, or
+in one process.
 """
 
 from __future__ import annotations
@@ -83,6 +93,13 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
+from noisescale.sharded import (
+    gradient_sync,
+    is_sharded,
+    sharded_grad_sqnorm,
+    sharded_gradients_finite,
+    sharding_group,
+)
 
 __all__ = [
     "AdaptiveTrainer",
@@ -117,7 +134,12 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], **options: Any) -> None:
         super().__init__(model, loss_fn, **options)
         self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)
-        self.process_group = model.process_group if isinstance(model, DistributedDataParallel) else None
+        self.sharded = is_sharded(model)
+        if self.sharded and self.hessian_every:
+            raise ValueError("the Hessian proxies (B_noise) need torch.func on whole parameters, which cannot run "
+                             "on an FSDP-sharded model; set hessian_every=0 (B_simple is measured as usual)")
+        self.process_group = (model.process_group if isinstance(model, DistributedDataParallel)
+                              else sharding_group(model) if self.sharded else None)
 
     def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of the micro-batches into p.grad (which must start at zero or None); one
@@ -130,7 +152,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             share = size / batch_size
             # under DDP only the last micro-batch's backward all-reduces the accumulated gradient
             synchronise = self.process_group is None or index == len(sizes) - 1
-            with contextlib.nullcontext() if synchronise else self.model.no_sync():
+            with self._gradient_sync(synchronise):
                 if measured:
                     result = self.norms(inputs, targets, loss_scale=loss_scale * share)
                     losses.append(result.losses)
@@ -159,6 +181,12 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                       "micro_batches": len(sizes), **row})
         self.step += 1
         return loss.detach()
+
+    def _gradient_sync(self, enabled: bool):
+        """Gradients are reduced over the ranks only on the last micro-batch (DDP's no_sync, FSDP's own)."""
+        if enabled or self.process_group is None:
+            return contextlib.nullcontext()
+        return gradient_sync(self.model, False) if self.sharded else self.model.no_sync()
 
     def _gather_ranks(self, losses, sqnorms, micro_sqnorms, sizes):
         """Every rank's per-example losses and squared norms and its micro-batch squared norms, in rank order
@@ -195,7 +223,9 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
 
     def _accumulated_grad_sqnorm(self, loss_scale: float) -> torch.Tensor:
         """|gbar|^2 of the batch: the squared norm of the accumulated p.grad, unscaled, accumulated in float64
-        (without a float64 copy of the gradient: ten times faster on CPU)."""
+        (without a float64 copy of the gradient: ten times faster on CPU); under FSDP summed over the shards."""
+        if self.sharded:
+            return sharded_grad_sqnorm(self.model, self.process_group) / loss_scale**2
         total = sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64).square() for p in self.model.parameters()
                     if p.requires_grad and p.grad is not None)
         return total / loss_scale**2
@@ -354,7 +384,7 @@ class AdaptiveTrainer:
         local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
         inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
         self._accumulate_with_retry(inputs, targets, local_batch_size)
-        finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or _gradients_finite(self.model))
+        finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or self._gradients_finite())
         if not finite:
             self._skip_step()
         elif self.grad_scaler is not None:
@@ -373,6 +403,11 @@ class AdaptiveTrainer:
                "seconds": self.seconds, "skipped": not finite}
         self._rows.append(row)
         return row
+
+    def _gradients_finite(self) -> bool:
+        if self.monitor.sharded:
+            return sharded_gradients_finite(self.model, self.monitor.process_group)
+        return _gradients_finite(self.model)
 
     def _skip_step(self) -> None:
         """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the
@@ -467,9 +502,10 @@ class AdaptiveTrainer:
         """Everything a resumed run needs to continue identically: tensors and plain Python types only (the
         history rows as dicts of numbers and strings), so that it loads with ``torch.load(..., weights_only=True)``
         (:func:`noisescale.checkpoints.save_checkpoint` and :func:`~noisescale.checkpoints.load_checkpoint`)."""
+        model_state, optimizer_state = _model_and_optimizer_state(self.model, self.optimizer, self.monitor.sharded)
         return {
-            "model": unwrapped_module(self.model).state_dict(),  # no DDP "module." prefix
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "sampler": self.sampler.state_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else None,
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
@@ -495,8 +531,7 @@ class AdaptiveTrainer:
                              f"{self.schedule.state_dict()}")
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
         consume_prefix_in_state_dict_if_present(model_state, "module.")  # DDP checkpoints of earlier versions
-        unwrapped_module(self.model).load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"], self.monitor.sharded)
         self.sampler.load_state_dict(state["sampler"])
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"])
@@ -530,6 +565,38 @@ def _gradients_finite(model: torch.nn.Module) -> bool:
 
 
 
+
+
+def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                               sharded: bool) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts, without DDP's ``module.`` prefix. Under FSDP the full
+    (unsharded) ones on every rank, through torch.distributed.checkpoint.state_dict: parameter names without
+    FSDP's or the activation-checkpoint wrappers' prefixes, the optimizer's state keyed by those names, so a
+    checkpoint resumes on any world size (and its model state loads into an unsharded model)."""
+    if not sharded:
+        return unwrapped_module(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                              optimizer_state: dict, sharded: bool) -> None:
+    """Load the states of :func:`_model_and_optimizer_state`. One saved under FSDP (the optimizer's state keyed
+    by parameter names) loads through torch.distributed.checkpoint.state_dict into an FSDP model on any world size
+    (every rank reads its own full copy and keeps its shards) or into an unsharded one; one saved without FSDP
+    (keyed by parameter index) loads without FSDP only."""
+    groups = optimizer_state.get("param_groups") or [{"params": []}]
+    keyed_by_name = any(isinstance(name, str) for group in groups for name in group["params"])
+    if not (sharded or keyed_by_name):
+        unwrapped_module(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    if not keyed_by_name:
+        raise ValueError("this checkpoint was saved without FSDP (its optimizer state is keyed by parameter index): "
+                         "resume it without FSDP, or under FSDP from a checkpoint saved under FSDP")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -75,7 +75,10 @@ def _add_run_arguments(parser, *, out: str, out_help: str, json_name: str | None
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
                         help="torch CPU threads (torch.set_num_threads); None: torch's own default")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    if json_name is not None:
+    if json_name is not None:  # the commands that train: measure and train
+        parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                            help="under torchrun: DistributedDataParallel, or FSDP2 sharding (fully_shard on each "
+                            "top-level child with parameters; needs --hessian-every 0); ignored in one process")
         parser.add_argument("--json", action="store_true",
                             help=f"print the summary as JSON instead of text (it is always written to "
                             f"OUT/{json_name}; NaN = not measured is null, an unresolved infinite value is \"inf\")")
@@ -125,6 +128,7 @@ def _run_measure(args) -> int:
         out_dir=args.out,
         seed=args.seed,
         progress=not args.no_progress,
+        parallel=args.parallel,
     )
     if is_main_process():
         print(summary_json(outcome.to_dict()) if args.json else outcome.report())
@@ -372,6 +376,7 @@ def _run_train(args) -> int:
         out_dir=args.out,
         seed=args.seed,
         progress=not args.no_progress,
+        parallel=args.parallel,
     )
     if is_main_process():
         if args.json:

@@ -4,7 +4,8 @@ group under torchrun, evaluation on the test set, and atomic writes of the outpu
 Under torchrun (``WORLD_SIZE`` > 1 in the environment) ``measure`` and ``train`` run data-parallel
 (:func:`distributed_job`): NCCL with one GPU per process on CUDA, gloo on CPU, the model wrapped in
 DistributedDataParallel, the batch size global. Every rank computes the same history; rank 0 alone prints,
-shows progress and writes files.
+shows progress and writes files. ``--parallel fsdp`` shards the model with FSDP2 instead (``fully_shard`` on every
+top-level child with parameters and on the model; :mod:`noisescale.sharded`); outside torchrun it changes nothing.
 """
 
 from __future__ import annotations
@@ -57,16 +58,31 @@ def distributed_job(device_name: str) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
-def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``model`` wrapped in DistributedDataParallel when a process group is up (:func:`distributed_job`)."""
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, parallel: str = "ddp") -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel (``parallel="ddp"``) or sharded in place by FSDP2
+    (``"fsdp"``: ``fully_shard`` on each top-level child with parameters, then on the model, over all ranks)
+    when a process group is up (:func:`distributed_job`)."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if not (dist.is_available() and dist.is_initialized()):
         return model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class TrainingJob(NamedTuple):
     data: JobData
-    network: torch.nn.Module  # the bare model: evaluate on it (no collectives)
+    network: torch.nn.Module  # the bare model: evaluate on it (no collectives; under FSDP the sharded model)
     model: torch.nn.Module  # the one to train: ``network`` in DistributedDataParallel under torchrun
     loss_fn: Callable[[Any, Any], torch.Tensor]
     optimizer: torch.optim.Optimizer
@@ -74,7 +90,7 @@ class TrainingJob(NamedTuple):
 
 def build_training_job(device: torch.device, *, model: str | None = None, dataset: str | None = None,
                        data: str | None = None, loss: str | None = None, seed: int, learning_rate: float,
-                       momentum: float) -> TrainingJob:
+                       momentum: float, parallel: str = "ddp") -> TrainingJob:
     """Seeded set-up shared by ``measure`` and ``train``: the data (``--dataset``, else Fashion-MNIST from
     ``--data``), the model on ``device`` (initialised from ``seed`` whatever the dataset factory drew; wrapped for
     DDP inside :func:`distributed_job`), the per-example loss and SGD with momentum over the model. The model and
@@ -87,7 +103,7 @@ def build_training_job(device: torch.device, *, model: str | None = None, datase
     network = build_model(model).to(device)
     specs = {"--model": model, "--dataset" if dataset else "--data": dataset or data or "auto", "--loss": loss}
     check_first_batch(network, loss_fn, job_data.train, device, specs)
-    wrapped = data_parallel(network, device)
+    wrapped = data_parallel(network, device, parallel)  # FSDP shards ``network`` itself: evaluation runs on every rank
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=learning_rate, momentum=momentum)
     return TrainingJob(job_data, network, wrapped, loss_fn, optimizer)
 

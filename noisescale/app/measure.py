@@ -88,6 +88,7 @@ def run_measure(
     out_dir: str | Path = "runs/measure",
     seed: int = 0,
     progress: bool = True,
+    parallel: str = "ddp",
 ) -> MeasureOutcome:
     """Train while measuring, or measure a checkpoint (module docstring). Deterministic for a given seed on CPU."""
     if batch_size < 2:
@@ -98,13 +99,18 @@ def run_measure(
         raise option_error("--hessian-every", hessian_every, "must be >= 0 (0: never)")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise option_error("--checkpoint", checkpoint, "no such file")
+    if parallel == "fsdp" and hessian_every:
+        raise option_error("--hessian-every", hessian_every, "must be 0 with --parallel fsdp (the Hessian proxies "
+                           "need torch.func on whole parameters)")
+    if parallel == "fsdp" and checkpoint is not None:
+        raise option_error("--checkpoint", checkpoint, "cannot be measured with --parallel fsdp; use --parallel ddp")
     start = time.perf_counter()
     main = is_main_process()
     out_dir = prepare_output_folder(out_dir) if main else Path(out_dir)
     monitor_options = {"backend": backend, "hessian_every": hessian_every, "seed": seed}
     with distributed_job(device) as target_device:
         job = build_training_job(target_device, model=model_spec, dataset=dataset, data=data, loss=loss, seed=seed,
-                                 learning_rate=learning_rate, momentum=momentum)
+                                 learning_rate=learning_rate, momentum=momentum, parallel=parallel)
         if batch_size > len(job.data.train):
             raise option_error("--batch-size", batch_size, f"exceeds the {len(job.data.train)} training examples")
         if checkpoint is None:

@@ -20,7 +20,7 @@ from noisescale.app.jobs import (
     Evaluation, atomic_path, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
 )
-from noisescale.app.options import prepare_output_file, prepare_output_folder
+from noisescale.app.options import option_error, prepare_output_file, prepare_output_folder
 from noisescale.app.plot import plot_training_curves, save_figure
 from noisescale.checkpoints import load_checkpoint, save_checkpoint
 from noisescale.monitor import NoiseScaleSummary
@@ -126,19 +126,23 @@ def run_train(
     out_dir: str | Path = "runs/train",
     seed: int = 0,
     progress: bool = True,
+    parallel: str = "ddp",
 ) -> TrainOutcome:
     """Train a model (default LeNet-5 on Fashion-MNIST) with SGD + momentum in one of TRAIN_MODES; evaluate on
     the test set after every epoch; save a checkpoint after every epoch when ``checkpoint`` is given. Under
     torchrun it runs data-parallel (:func:`noisescale.app.jobs.distributed_job`); rank 0 alone writes files."""
     main = is_main_process()
     out_dir = Path(out_dir)
+    if parallel == "fsdp" and hessian_every:
+        raise option_error("--hessian-every", hessian_every, "must be 0 with --parallel fsdp (the Hessian proxies "
+                           "need torch.func on whole parameters)")
     if main:
         prepare_output_folder(out_dir)
         if checkpoint is not None:
             prepare_output_file(checkpoint, "--checkpoint")
     with distributed_job(device) as target_device:
         job = build_training_job(target_device, model=model_spec, dataset=dataset, data=data, loss=loss, seed=seed,
-                                 learning_rate=learning_rate, momentum=momentum)
+                                 learning_rate=learning_rate, momentum=momentum, parallel=parallel)
         train_set = job.data.train
         if train_examples is not None:
             check_int(train_examples, "train_examples", 2)
@@ -168,8 +172,10 @@ def run_train(
                                 "batch_size": int(row["batch_size"]), "learning_rate": float(row["learning_rate"]),
                                 "test_accuracy": math.nan if evaluation.accuracy is None else evaluation.accuracy,
                                 "test_loss": evaluation.loss})
-            if checkpoint is not None and main:
-                save_checkpoint({"trainer": trainer.state_dict(), "evaluations": evaluations}, checkpoint)
+            if checkpoint is not None:
+                state = trainer.state_dict()  # on every rank: under FSDP it gathers the shards (a collective)
+                if main:
+                    save_checkpoint({"trainer": state, "evaluations": evaluations}, checkpoint)
 
         with trainer:
             history = trainer.train(epochs, callback=after_epoch)

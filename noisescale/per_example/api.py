@@ -40,7 +40,17 @@ one index per example when T == B, and their norms are then wrong (a warning is 
 arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
 through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
 to hooks: give such a model backend="vmap". Activation checkpointing (HF gradient checkpointing, reentrant or not)
-gives the same norms (tested): re-run calls count as further uses, whose per-example gradients are summed.
+gives the same norms (tested): a non-reentrant recomputation inside the backward is not recorded again (its
+outputs get no gradient); under reentrant checkpointing the recomputed call is the one recorded.
+
+FSDP (FSDP2 ``fully_shard``, FSDP1 with flat parameters or ``use_orig_params=True``; :mod:`noisescale.sharded`):
+ghost rules and the per-module fallback work unchanged, since every example and its activations live on one rank
+and FSDP unshards each layer around its forward and backward; the rules take shapes from the call, never from
+``module.weight`` (a shard between calls), a fallback call keeps copies of its parameters, and FSDP1's flat
+parameters are measured under their original names. The norms and |gbar|^2 are those of this rank's batch (scale
+from the local loss); the whole-model vmap cannot run on sharded parameters, so a parameter that would need it is
+an error naming it, raised before the backward. A parameter used outside every call of its module is not detected
+under FSDP (it keeps zero norms).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
@@ -65,6 +75,7 @@ from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import rule_for, uses_batch_statistics
 from noisescale.per_example.vmap import vmap_sqnorms
+from noisescale.sharded import flat_parameter_owners, is_sharded
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
 
@@ -118,16 +129,16 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
     return losses
 
 
-def _leaves_in_graph(output: Tensor) -> set[int]:
-    """The ids of the leaf tensors (parameters) that ``output`` depends on, from its autograd graph."""
-    leaves, seen, stack = set(), set(), [output.grad_fn]
+def _leaves_in_graph(output: Tensor) -> dict[int, Tensor]:
+    """The leaf tensors (parameters) that ``output`` depends on, by id, from its autograd graph."""
+    leaves, seen, stack = {}, set(), [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         if hasattr(node, "variable"):  # AccumulateGrad
-            leaves.add(id(node.variable))
+            leaves[id(node.variable)] = node.variable
         stack.extend(next_node for next_node, _ in node.next_functions)
     return leaves
 
@@ -166,12 +177,18 @@ class PerExampleGradNorms:
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
+        # FSDP (noisescale.sharded): the parameters are shards between calls; FSDP1 may keep them in flat parameters
+        self._sharded = is_sharded(model)
+        if self._sharded and backend == "vmap":
+            raise ValueError("backend='vmap' cannot run on an FSDP-sharded model (torch.func needs whole "
+                             "parameters); use backend='auto' or 'ghost'")
+        flat_owners = {module for module, _, _, _ in flat_parameter_owners(model)} if self._sharded else set()
         if backend == "vmap":
             hooked = []
         elif backend == "ghost":
             hooked = [m for m in self._path_of if rule_for(m) is not None]
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
-            hooked = [m for m in self._path_of if any(True for _ in m.parameters(recurse=False))]
+            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in m.parameters(recurse=False))]
         self._engine = GhostNormEngine(hooked)
 
     def close(self) -> None:
@@ -188,6 +205,12 @@ class PerExampleGradNorms:
         """Which trainable parameters go to ghost, the per-module fallback and vmap (decided per call: freezing
         may change)."""
         name_of = {p: name for name, p in self.model.named_parameters()}
+        owned = {module: [(n, name_of[p]) for n, p in module.named_parameters(recurse=False)
+                          if p.requires_grad and not _is_flat(p)] for module in self._path_of}
+        if self._sharded:  # FSDP1 flat parameters: measured by the modules that own their original parameters
+            for module, local_name, name, requires_grad in flat_parameter_owners(self.model):
+                if requires_grad:
+                    owned.setdefault(module, []).append((local_name, name))
         owners: dict[str, list[tuple[nn.Module, str, str]]] = {}
         for module, path in self._path_of.items():
             if uses_batch_statistics(module):
@@ -195,7 +218,7 @@ class PerExampleGradNorms:
                     f"module {path!r} ({type(module).__name__}) normalises with batch statistics (train mode), so "
                     "the examples are coupled and a per-example gradient is undefined; put it in eval mode "
                     "(module.eval()) or use GroupNorm/LayerNorm")
-            local = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            local = owned.get(module)
             if not local:
                 continue
             rule = rule_for(module)
@@ -204,8 +227,8 @@ class PerExampleGradNorms:
                 raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): {reason}; "
                                  "use backend='auto' to measure it by the per-module fallback")
             backend = "vmap" if self.backend == "vmap" else "ghost" if reason is None else "module"
-            for n, p in local:
-                owners.setdefault(name_of[p], []).append((module, n, backend))
+            for n, name in local:
+                owners.setdefault(name, []).append((module, n, backend))
         backend_of: dict[str, str] = {}
         for name, uses in owners.items():
             backends = {backend for _, _, backend in uses}
@@ -232,6 +255,12 @@ class PerExampleGradNorms:
         unused = {name for name, backend in plan.backend_of.items()
                   if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names}
         if not unused:
+            return []
+        if self._sharded:
+            # the graph holds FSDP's unsharded parameters, not the model's shards: only a module that went through
+            # the fallback can take them (an unused parameter keeps zero norms)
+            for name in sorted(unused):
+                ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")
             return []
         in_graph = _leaves_in_graph(loss)
         parameters = dict(self.model.named_parameters())
@@ -260,7 +289,7 @@ class PerExampleGradNorms:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
         parameters = dict(self.model.named_parameters())
         names = list(plan.backend_of)
-        saved = _GradSnapshot([parameters[name] for name in names])
+        saved = _GradSnapshot(list(parameters.values()) if self._sharded else [parameters[name] for name in names])
         try:
             return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
         except BaseException:
@@ -270,14 +299,21 @@ class PerExampleGradNorms:
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         accumulate_dtype = torch.float32
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|^2, read before it is accumulated
-        handles = [parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
-                   for name in names]
+        handles = [] if self._sharded else [
+            parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
+            for name in names]
         try:
-            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost") as ghost_pass:
+            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
+                                        sharded=self._sharded) as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
                 bypassed = self._bypassed(plan, ghost_pass, loss)
+                if self._sharded:
+                    self._check_sharded_measurable(ghost_pass, bypassed)
+                    # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
+                    handles = [leaf.register_hook(partial(_record_sqnorm, received, key, accumulate_dtype))
+                               for key, leaf in _leaves_in_graph(objective).items() if isinstance(leaf, nn.Parameter)]
                 objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
                 ghost_pass.finish()
         finally:
@@ -314,6 +350,20 @@ class PerExampleGradNorms:
         )
 
 
+    @staticmethod
+    def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str]) -> None:
+        """Under FSDP the whole-model vmap cannot run (torch.func needs whole parameters): raise, before the
+        backward, naming the parameters that would need it and why."""
+        need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))
+        if need_vmap:
+            reasons = "; ".join(f"module {path!r}: {why}" for path, why in ghost_pass.declined.items())
+            reasons = reasons or "used outside any module call"
+            raise ValueError(
+                f"parameters {need_vmap} cannot be measured on this FSDP-sharded model: they would need the "
+                f"whole-model torch.func vmap, which cannot run on sharded parameters ({reasons}). Call their "
+                "modules with the examples in dim 0, register a rule for them "
+                "(noisescale.per_example.register_rule), or measure the model unsharded (DDP)")
+
     @contextmanager
     def observe(self, batch_size: int, *, loss_scale: float = 1.0) -> Iterator[ObservedNorms]:
         """Read the per-example norms of a forward and backward that the caller runs itself inside the ``with``
@@ -339,10 +389,12 @@ class PerExampleGradNorms:
                              "backend='auto' or 'ghost'")
         parameters = dict(self.model.named_parameters())
         received: set[str] = set()
-        handles = [parameters[name].register_hook(partial(_mark_received, received, name)) for name in plan.backend_of]
+        handles = [] if self._sharded else [parameters[name].register_hook(partial(_mark_received, received, name))
+                                            for name in plan.backend_of]
         observed = ObservedNorms()
         try:
-            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost") as ghost_pass:
+            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
+                                        sharded=self._sharded) as ghost_pass:
                 yield observed
         finally:
             for handle in handles:
@@ -365,6 +417,11 @@ class PerExampleGradNorms:
                         for name in plan.backend_of}
         observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         observed.by_parameter = by_parameter if self.by_parameter else None
+
+
+def _is_flat(p: Tensor) -> bool:
+    """An FSDP1 flat parameter (its original parameters are measured instead)."""
+    return getattr(p, "_is_flat_param", False)
 
 
 class _GradSnapshot:

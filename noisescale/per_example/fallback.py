@@ -73,6 +73,7 @@ class FallbackCall:
     device: torch.device | None
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
+    parameters: dict[str, Tensor] | None = None  # the module's parameters as the call used them (FSDP), by name
 
 
 # ----------------------------------------------------------------------------------------------- batch dims
@@ -266,8 +267,12 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
         return {}
     grads = [call.grads[k] for k in hooked]
     output_dims = [call.output_dims[k] for k in hooked]
-    parameters = {name: module.get_parameter(name).detach() for name in names}
-    constants = {name: p.detach() for name, p in module.named_parameters() if name not in parameters}
+    if call.parameters is not None:  # FSDP: copies taken in the forward, the module's own are shards by now
+        parameters = {name: call.parameters[name] for name in names}
+        constants = {name: p for name, p in call.parameters.items() if name not in parameters}
+    else:
+        parameters = {name: module.get_parameter(name).detach() for name in names}
+        constants = {name: p.detach() for name, p in module.named_parameters() if name not in parameters}
     leaves, rebuild = _flatten_call(call.args, call.kwargs)
     leaves = _detached(leaves)
     dims = ([None] * len(leaves) if call.shared else

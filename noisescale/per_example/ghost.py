@@ -75,6 +75,7 @@ class GhostPass:
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
+    sharded: bool = False      # FSDP: a fallback call keeps copies of its parameters (they are resharded later)
 
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
@@ -169,9 +170,9 @@ class GhostNormEngine:
 
     @contextmanager
     def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
-                  strict: bool) -> Iterator[GhostPass]:
+                  strict: bool, sharded: bool = False) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
-        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict)
+        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded)
         try:
             yield self._pass
         finally:
@@ -179,7 +180,7 @@ class GhostNormEngine:
 
     def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
-        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules:
+        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules or _recomputing():
             return None
         return ghost_pass
 
@@ -265,7 +266,8 @@ class GhostNormEngine:
         leaves, _ = tree_flatten((args, kwargs))
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
-                            [(t, t._version) for t in leaves if isinstance(t, Tensor)], shared=replaced is not None)
+                            [(t, t._version) for t in leaves if isinstance(t, Tensor)], shared=replaced is not None,
+                            parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None)
         for k, t in enumerate(outputs):
             if t.requires_grad:
                 t.register_hook(partial(_keep_grad, call, k))
@@ -295,6 +297,27 @@ class GhostNormEngine:
                 "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
+
+
+def _recomputing() -> bool:
+    """Whether this forward call is non-reentrant activation checkpointing recomputing a block inside the
+    backward: its calls were recorded in the real forward already, and the recomputed outputs get no gradient.
+    (Reentrant checkpointing runs its first forward without grad, so its recomputation is the call to record.)"""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
+
+
+def _parameter_copies(module: nn.Module, entry: GhostModule) -> dict[str, Tensor]:
+    """Copies of the parameters a call of ``module`` used, taken in the forward: under FSDP they are
+    unsharded only around the module's forward and backward, and the fallback re-runs the module afterwards."""
+    names = {name for name, _ in module.named_parameters()} | set(entry.names)
+    copies = {}
+    for name in names:
+        value = module
+        for part in name.split("."):
+            value = getattr(value, part)
+        copies[name] = value.detach().clone()
+    return copies
 
 
 def _shape(x: Any) -> Any:

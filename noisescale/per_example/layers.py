@@ -193,7 +193,7 @@ class ConvRule(LayerRule):
         if "weight" in names:
             grads["weight"] = torch.cat([
                 torch.bmm(self._output_grads(module, gc).transpose(1, 2), self._patches(module, xc))
-                .reshape(xc.shape[0], *module.weight.shape)
+                .reshape(xc.shape[0], module.out_channels, module.in_channels // module.groups, *module.kernel_size)
                 for xc, gc in self._example_chunks(module, x, g)
             ])
         if "bias" in names:
@@ -238,7 +238,7 @@ class EmbeddingRule(LayerRule):
 
     def per_example_grads(self, module, x, g, names):
         indices, g = self._indices_and_grads(module, x, g)
-        grads = g.new_zeros(indices.shape[0], *module.weight.shape)
+        grads = g.new_zeros(indices.shape[0], module.num_embeddings, g.shape[-1])
         grads.scatter_add_(1, indices.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
         return {"weight": grads}
 
@@ -247,7 +247,7 @@ class EmbeddingRule(LayerRule):
         positions = indices.shape[1]
         if positions == 1:
             return {"weight": per_example_sqnorm(g)}
-        if positions * positions > module.weight.numel():
+        if positions * positions > module.num_embeddings * g.shape[-1]:
             return super().per_example_sqnorms(module, x, g, names)
         same_row = (indices.unsqueeze(2) == indices.unsqueeze(1)).to(g.dtype)
         return {"weight": torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1), same_row.flatten(1))}
@@ -273,7 +273,9 @@ class AffineNormRule(LayerRule):
 
     def per_example_grads(self, module, x, g, names):
         x, g = _compute_dtype(x), _compute_dtype(g)
-        batch, shape = x.shape[0], module.weight.shape if module.weight is not None else module.bias.shape
+        # the affine's shape from the input, never from module.weight (a shard under FSDP)
+        batch = x.shape[0]
+        shape = x.shape[1:2] if self.channels_first else torch.Size(module.normalized_shape)
         if self.channels_first:
             def over_positions(t: Tensor) -> Tensor:
                 return t.reshape(batch, shape.numel(), -1).sum(2).view(batch, *shape)

@@ -1,0 +1,154 @@
+"""What noisescale needs to know about a model sharded by PyTorch's FSDP: FSDP2 (``fully_shard``) and FSDP1
+(``FullyShardedDataParallel``, flat parameters or ``use_orig_params=True``).
+
+Per-example gradient norms need no gathering under sharding: every example and its activations live on one rank
+and only the parameters are sharded, so the ghost hooks see whole layers (FSDP unshards them for the forward and
+the backward). What changes is where the parameters are: between calls a parameter is a sharded DTensor (FSDP2),
+a slice of a flat parameter (FSDP1) or an empty (0,) shard, so nothing here or in the rules reads its values or
+shape outside a module's forward; the accumulated gradient is sharded too, so its squared norm is summed over the
+shards (one all-reduce).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "is_sharded",
+    "sharding_group",
+    "flat_parameter_owners",
+    "local_part",
+    "gradient_sync",
+    "sharded_grad_sqnorm",
+    "sharded_gradients_finite",
+    "clean_name",
+]
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _fsdp1_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` or any of its submodules is sharded by FSDP2 or FSDP1."""
+    return bool(_fsdp2_modules(model) or _fsdp1_modules(model))
+
+
+def sharding_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The process group over which ``model``'s parameters are sharded (None when it is not sharded).
+
+    FSDP1: the wrapper's ``process_group``; FSDP2: the group of its one-dimensional device mesh (the parameters'
+    DTensor mesh). Hybrid sharding (a 2-D mesh, or FSDP1's hybrid strategies) is refused: the examples would be
+    split over more ranks than the parameters are."""
+    fsdp1 = _fsdp1_modules(model)
+    if fsdp1:
+        from torch.distributed.fsdp import ShardingStrategy
+        if fsdp1[0].sharding_strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
+            raise ValueError("hybrid sharding (HYBRID_SHARD) is not supported: use FULL_SHARD, SHARD_GRAD_OP or "
+                             "NO_SHARD over one process group")
+        return fsdp1[0].process_group
+    if not _fsdp2_modules(model):
+        return None
+    from torch.distributed.tensor import DTensor
+    meshes = {p.device_mesh for p in model.parameters() if isinstance(p, DTensor)}
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise ValueError(f"the model's parameters lie on {len(meshes)} device meshes of dims "
+                         f"{sorted(m.ndim for m in meshes)}; noisescale supports fully_shard over one 1-D mesh "
+                         "(hybrid sharding is not supported)")
+    return next(iter(meshes)).get_group()
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the prefixes of FSDP1's and the activation-checkpoint wrappers."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def flat_parameter_owners(model: nn.Module) -> list[tuple[nn.Module, str, str, bool]]:
+    """(module, local name, name in the model, requires_grad) of every original parameter that FSDP1 keeps in a
+    flat parameter (``use_orig_params=False``): those parameters are no longer registered on their modules, but
+    the ghost hooks still measure them by their modules' calls. Shared parameters are listed for every module
+    that uses them, under the name of their first owner. Empty for FSDP2 and ``use_orig_params=True``."""
+    from torch.distributed.fsdp._flat_param import FlatParameter
+    path_of = {module: path for path, module in model.named_modules()}
+    owners = []
+    for flat in model.parameters():
+        if not isinstance(flat, FlatParameter) or getattr(flat, "_params", None) is not None:
+            continue  # use_orig_params=True keeps the original parameters registered (flat._params)
+        for info in flat._param_infos:
+            name = clean_name(f"{path_of[info.module]}.{info.param_name}".lstrip("."))
+            owners.append((info.module, info.param_name, name, flat.requires_grad))
+        for info in flat._shared_param_infos:
+            name = clean_name(f"{path_of[info.prim_module]}.{info.prim_param_name}".lstrip("."))
+            owners.append((info.module, info.param_name, name, flat.requires_grad))
+    return owners
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, a backward reduces the gradients over the ranks only when ``enabled`` (accumulation:
+    disable it for every micro-batch but the last). FSDP1: ``no_sync()``; FSDP2:
+    ``set_requires_gradient_sync``, restored to True on exit."""
+    if enabled:
+        yield
+        return
+    fsdp1 = _fsdp1_modules(model)
+    if fsdp1:
+        with fsdp1[0].no_sync():
+            yield
+        return
+    roots = [m for m in _fsdp2_modules(model)]
+    for module in roots:
+        module.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in roots:
+            module.set_requires_gradient_sync(True, recurse=False)
+
+
+def _local_grads(model: nn.Module) -> list[Tensor]:
+    return [local_part(p.grad) for p in model.parameters() if p.grad is not None]
+
+
+def sharded_grad_sqnorm(model: nn.Module, group: dist.ProcessGroup | None) -> Tensor:
+    """|gbar|^2 of the sharded accumulated gradient (FSDP averages it over the ranks): the squared norms of this
+    rank's shards, accumulated in float64, summed over the ranks by one all-reduce. Every rank gets the sum."""
+    grads = _local_grads(model)
+    device = grads[0].device if grads else next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for grad in grads:
+        total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def sharded_gradients_finite(model: nn.Module, group: dist.ProcessGroup | None) -> bool:
+    """Whether every shard of every p.grad on every rank is finite (one float64 sum, all-reduced)."""
+    grads = _local_grads(model)
+    device = grads[0].device if grads else next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for grad in grads:
+        total += grad.sum(dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    return bool(torch.isfinite(total))

@@ -1,0 +1,463 @@
+"""FSDP2 (fully_shard) and FSDP1 (flat parameters, use_orig_params=True) on 2 gloo CPU ranks against one process.
+
+One spawn of 2 ranks (module fixture) runs every scenario, one thread per rank, and saves its results; the tests
+compare them with float64 references computed here: a naive per-example loop of the unsharded model and the
+single-process AdaptiveTrainer on the same global batches. No wall-clock deadline: a rank that fails ends the
+spawn with its error; only a hang (no rank alive and no result) would block.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import TensorDataset
+
+from noisescale.app.cli import main
+from noisescale.controller import NoiseScaleBatchPolicy
+from noisescale.losses import per_example_cross_entropy
+from noisescale.per_example import PerExampleGradNorms
+from noisescale.training import AdaptiveTrainer
+
+WORLD_SIZE = 2
+LOCAL_BATCH, POSITIONS, WIDTH, CLASSES = 4, 3, 8, 3
+KINDS = ("fsdp2", "fsdp1_flat", "fsdp1_orig")
+TRAINER_STEPS, LEARNING_RATE = 6, 0.1
+
+
+class Block(nn.Module):
+    """x + W2 gelu(W1 LayerNorm(x)), optionally under non-reentrant activation checkpointing."""
+
+    def __init__(self, recompute: bool):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 2 * WIDTH), nn.Linear(2 * WIDTH, WIDTH)
+        self.recompute = recompute
+
+    def _forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+    def forward(self, x):
+        return checkpoint(self._forward, x, use_reentrant=False) if self.recompute else self._forward(x)
+
+
+class Net(nn.Module):
+    """Two blocks over (B, T, d) inputs, a LayerNorm and a head on the mean over positions."""
+
+    def __init__(self, recompute: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(WIDTH, WIDTH)
+        self.blocks = nn.ModuleList([Block(recompute), Block(recompute)])
+        self.norm, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def _make_model(dtype=torch.float64, recompute=False) -> Net:
+    torch.manual_seed(0)
+    return Net(recompute).to(dtype)
+
+
+def _global_batch(step: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(10 + step)
+    inputs = torch.randn(WORLD_SIZE * LOCAL_BATCH, POSITIONS, WIDTH, generator=generator, dtype=torch.float64)
+    return inputs.to(dtype), torch.randint(0, CLASSES, (WORLD_SIZE * LOCAL_BATCH,), generator=generator)
+
+
+def _trainer_data(dtype=torch.float64) -> TensorDataset:
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(64, POSITIONS, WIDTH, generator=generator, dtype=torch.float64)
+    return TensorDataset(inputs.to(dtype), torch.randint(0, CLASSES, (64,), generator=generator))
+
+
+def _adaptive_trainer(model: nn.Module, dtype=torch.float64) -> AdaptiveTrainer:
+    """B follows 4 B_simple from 8 up to 32 in multiples of 4 (2 ranks x 2), micro-batches of 2 per process."""
+    policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32, kappa=4.0, granularity=4, hold_steps=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, _trainer_data(dtype), policy=policy,
+                           max_micro_batch=2, lr_coupling="sqrt", monitor_options={"ema_decay": 0.5}, seed=4,
+                           progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- the ranks
+
+def _shard(model: nn.Module, kind: str, mixed_bf16: bool = False) -> nn.Module:
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        options = {"mesh": mesh}
+        if mixed_bf16:
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, **options)
+        return fully_shard(model, **options)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({Block}),
+                                    use_orig_params=kind == "fsdp1_orig")
+
+
+def _local(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    return tensor[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+
+
+def _plain_fsdp_training(model: nn.Module, rank: int) -> list[torch.Tensor]:
+    """FSDP without any monitor: TRAINER_STEPS steps on fixed global batches, 2 micro-batches per rank."""
+    from noisescale.sharded import gradient_sync, local_part
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    for step in range(TRAINER_STEPS):
+        inputs, labels = (_local(t, rank) for t in _global_batch(step))
+        for k, part in enumerate((slice(0, 2), slice(2, 4))):
+            with gradient_sync(model, k == 1):
+                (F.cross_entropy(model(inputs[part]), labels[part]) * 0.5).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [local_part(p).detach().clone() for p in model.parameters()]
+
+
+def _monitored_fsdp_training(model: nn.Module, rank: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """The same steps through the AccumulatingNoiseScaleMonitor (as AdaptiveTrainer runs them)."""
+    from noisescale.sharded import local_part
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    monitor = AccumulatingNoiseScaleMonitor(model, per_example_cross_entropy)
+    for step in range(TRAINER_STEPS):
+        inputs, labels = (_local(t, rank) for t in _global_batch(step))
+        monitor.accumulate([(inputs[:2], labels[:2]), (inputs[2:], labels[2:])])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    monitor.close()
+    return [local_part(p).detach().clone() for p in model.parameters()], monitor._rows
+
+
+def _capture_error(function) -> tuple[str, str] | None:
+    try:
+        function()
+    except Exception as error:  # noqa: BLE001 - the test compares the type and message
+        return (type(error).__name__, str(error))
+    return None
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(minutes=30))
+    results = {}
+    inputs, labels = (_local(t, rank) for t in _global_batch())
+
+    # 1. per-example norms of this rank's shard, float64, with and without activation checkpointing
+    for kind in KINDS:
+        for recompute in (False, True):
+            model = _shard(_make_model(recompute=recompute), kind)
+            with PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True) as norms:
+                result = norms(inputs, labels)
+            results[f"{kind}_{recompute}_norms"] = result.sqnorms
+            results[f"{kind}_{recompute}_by_parameter"] = {n: v.sum().item() for n, v in result.by_parameter.items()}
+            results[f"{kind}_{recompute}_grad_sqnorm"] = result.grad_sqnorm
+
+    # 1b. torch's activation-checkpoint wrapper around every block (names gain _checkpoint_wrapped_module)
+    from functools import partial
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    for kind in KINDS:
+        model = _make_model()
+        apply_activation_checkpointing(
+            model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda module: isinstance(module, Block))
+        with PerExampleGradNorms(_shard(model, kind), per_example_cross_entropy, by_parameter=True) as norms:
+            result = norms(inputs, labels)
+        results[f"{kind}_wrapper_norms"] = result.sqnorms
+        results[f"{kind}_wrapper_names"] = sorted(result.by_parameter)
+
+    # 2. bf16 parameters in the forward and backward (FSDP2's MixedPrecisionPolicy), float32 master weights
+    model = _shard(_make_model(torch.float32), "fsdp2", mixed_bf16=True)
+    with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
+        results["bf16_norms"] = norms(inputs.float(), labels).sqnorms
+
+    # 3. training with the monitor leaves the parameters bit-identical to plain FSDP; the history is the global one
+    for kind in KINDS:
+        results[f"{kind}_plain_params"] = _plain_fsdp_training(_shard(_make_model(), kind), rank)
+        params, rows = _monitored_fsdp_training(_shard(_make_model(recompute=True), kind), rank)
+        results[f"{kind}_monitored_params"], results[f"{kind}_monitored_rows"] = params, rows
+
+    # 4. the adaptive trainer, and a resume from its checkpoint after half the steps
+    for kind in ("fsdp2", "fsdp1_flat"):
+        trainer = _adaptive_trainer(_shard(_make_model(), kind))
+        with trainer:
+            for step in range(TRAINER_STEPS):
+                trainer.step()
+                if step == TRAINER_STEPS // 2 - 1:
+                    checkpoint_state = trainer.state_dict()
+        results[f"{kind}_trainer_history"] = trainer.history
+        resumed = _adaptive_trainer(_shard(_make_model(), kind))
+        with resumed:
+            resumed.load_state_dict(checkpoint_state)
+            for _ in range(TRAINER_STEPS - TRAINER_STEPS // 2):
+                resumed.step()
+        results[f"{kind}_resumed_history"] = resumed.history
+        results[f"{kind}_checkpoint"] = checkpoint_state
+
+    # 4b. the adaptive trainer with bf16 parameters in FSDP2's forward and backward (float32 master weights)
+    trainer = _adaptive_trainer(_shard(_make_model(torch.float32), "fsdp2", mixed_bf16=True), torch.float32)
+    with trainer:
+        for _ in range(3):
+            trainer.step()
+    results["bf16_trainer_history"] = trainer.history
+
+    # 5. a module the hooks cannot measure per example (examples not in dim 0) is an error naming its parameters
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh())
+            self.scale = nn.Parameter(torch.ones(WIDTH, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.inner(x.transpose(0, 1)).transpose(0, 1).mean(1) * self.scale
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    odd = fully_shard(Transposed().double(), mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
+    with PerExampleGradNorms(odd, lambda out, y: out.square().sum(1)) as norms:
+        results["unmeasurable_error"] = _capture_error(lambda: norms(inputs, labels))
+    results["vmap_error"] = _capture_error(lambda: PerExampleGradNorms(odd, per_example_cross_entropy, backend="vmap"))
+
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+def _reference_sqnorms(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """|g_i|^2 by a naive loop of backward passes, one example at a time."""
+    sqnorms = []
+    for i in range(inputs.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(inputs[i:i + 1]), labels[i:i + 1]).backward()
+        sqnorms.append(sum(p.grad.square().sum() for p in model.parameters()))
+    return torch.stack(sqnorms)
+
+
+def _reference_grad_sqnorm(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    model.zero_grad()
+    F.cross_entropy(model(inputs), labels).backward()
+    return float(sum(p.grad.square().sum() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "activation_checkpointing"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_example_norms_equal_the_unsharded_per_example_loop(rank_results, kind, recompute):
+    model = _make_model()
+    inputs, labels = _global_batch()
+    expected = _reference_sqnorms(model, inputs, labels)
+    for rank, result in enumerate(rank_results):
+        torch.testing.assert_close(result[f"{kind}_{recompute}_norms"], _local(expected, rank), rtol=1e-12, atol=0)
+        local_inputs, local_labels = _local(inputs, rank), _local(labels, rank)
+        assert float(result[f"{kind}_{recompute}_grad_sqnorm"]) == pytest.approx(
+            _reference_grad_sqnorm(model, local_inputs, local_labels), rel=1e-12)  # this rank's batch
+        names = {name for name, _ in model.named_parameters()}
+        assert set(result[f"{kind}_{recompute}_by_parameter"]) == names or kind != "fsdp1_flat"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpoint_wrapper_gives_the_same_norms(rank_results, kind):
+    model = _make_model()
+    inputs, labels = _global_batch()
+    expected = _reference_sqnorms(model, inputs, labels)
+    for rank, result in enumerate(rank_results):
+        torch.testing.assert_close(result[f"{kind}_wrapper_norms"], _local(expected, rank), rtol=1e-12, atol=0)
+        if kind == "fsdp1_flat":  # the original parameters, under the unwrapped model's names
+            assert result[f"{kind}_wrapper_names"] == sorted(name for name, _ in model.named_parameters())
+
+
+def test_bf16_mixed_precision_norms_are_within_bf16_error(rank_results):
+    inputs, labels = _global_batch()
+    expected = _reference_sqnorms(_make_model(), inputs, labels)
+    for rank, result in enumerate(rank_results):
+        norms = result["bf16_norms"]
+        assert norms.dtype == torch.float32
+        torch.testing.assert_close(norms.double(), _local(expected, rank), rtol=3e-2, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_monitor_leaves_fsdp_training_bit_identical_and_records_the_global_estimate(rank_results, kind):
+    """Activation checkpointing and 2 micro-batches per rank; the history is the per-example estimate of the
+    global batch of 8, the same on both ranks, equal to one process on the whole batch (float64)."""
+    from noisescale.estimators import simple_noise_scale
+    model = _make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    expected = []
+    for step in range(TRAINER_STEPS):
+        inputs, labels = _global_batch(step)
+        expected.append(simple_noise_scale(_reference_sqnorms(model, inputs, labels),
+                                           _reference_grad_sqnorm(model, inputs, labels)))
+        optimizer.step()  # p.grad holds the mean gradient of the global batch
+        optimizer.zero_grad()
+    for result in rank_results:
+        for plain, monitored in zip(result[f"{kind}_plain_params"], result[f"{kind}_monitored_params"]):
+            assert torch.equal(plain, monitored)
+        rows = result[f"{kind}_monitored_rows"]
+        assert [row["batch_size"] for row in rows] == [WORLD_SIZE * LOCAL_BATCH] * TRAINER_STEPS
+        for row, estimate in zip(rows, expected):
+            assert row["trace_sigma"] == pytest.approx(estimate.trace_sigma, rel=1e-9)
+            assert row["grad_sqnorm"] == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1_flat"])
+def test_adaptive_fsdp_run_equals_the_single_process_run(rank_results, kind):
+    reference = _adaptive_trainer(_make_model())
+    with reference:
+        for _ in range(TRAINER_STEPS):
+            reference.step()
+    expected = reference.history
+    assert expected["batch_size"].nunique() > 1  # the policy did change B
+    for result in rank_results:
+        history = result[f"{kind}_trainer_history"]
+        assert history["batch_size"].tolist() == expected["batch_size"].tolist()
+        assert history["micro_batch_size"].tolist() == [2] * TRAINER_STEPS
+        for column in ("learning_rate", "loss", "grad_sqnorm", "trace_sigma", "b_simple", "b_simple_two_batch"):
+            np.testing.assert_allclose(history[column], expected[column], rtol=1e-9, err_msg=column)
+
+
+def test_adaptive_trainer_with_bf16_mixed_precision_is_within_bf16_error(rank_results):
+    """3 steps with bf16 parameters in the forward and backward: the same history on both ranks, and the
+    per-step estimates within bf16's error of the float64 single-process run."""
+    reference = _adaptive_trainer(_make_model())
+    with reference:
+        for _ in range(3):
+            reference.step()
+    histories = [result["bf16_trainer_history"] for result in rank_results]
+    columns = ["batch_size", "loss", "grad_sqnorm", "trace_sigma"]
+    pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns])
+    assert histories[0]["batch_size"].tolist() == reference.history["batch_size"].tolist()
+    for column in ("loss", "trace_sigma"):
+        np.testing.assert_allclose(histories[0][column], reference.history[column], rtol=5e-2, err_msg=column)
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1_flat"])
+def test_fsdp_checkpoint_resumes_the_same_run(rank_results, kind):
+    """The resumed trainer's steps equal the uninterrupted run's last steps; the checkpoint's model state is the
+    full unsharded one with the unsharded model's parameter names."""
+    half = TRAINER_STEPS // 2
+    for result in rank_results:
+        full, resumed = result[f"{kind}_trainer_history"], result[f"{kind}_resumed_history"]
+        assert len(resumed) == TRAINER_STEPS
+        for column in ("batch_size", "learning_rate", "loss", "b_simple"):
+            np.testing.assert_allclose(resumed[column].iloc[half:], full[column].iloc[half:], rtol=1e-12,
+                                       err_msg=column)
+        state = result[f"{kind}_checkpoint"]["model"]
+        assert set(state) == set(_make_model().state_dict())
+        assert all(not math.isnan(float(v.sum())) for v in state.values())
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1_flat"])
+def test_fsdp_checkpoint_resumes_in_one_process(rank_results, kind):
+    """Another world size: rank 0's FSDP checkpoint (full state dicts, parameters by name) continued by one
+    process gives the steps of the 2-rank run."""
+    half = TRAINER_STEPS // 2
+    resumed = _adaptive_trainer(_make_model())
+    with resumed:
+        resumed.load_state_dict(rank_results[0][f"{kind}_checkpoint"])
+        for _ in range(TRAINER_STEPS - half):
+            resumed.step()
+    full = rank_results[0][f"{kind}_trainer_history"]
+    for column in ("batch_size", "learning_rate", "loss", "b_simple"):
+        np.testing.assert_allclose(resumed.history[column].iloc[half:], full[column].iloc[half:], rtol=1e-9,
+                                   err_msg=column)
+
+
+def test_unmeasurable_parameters_are_named_under_fsdp(rank_results):
+    for result in rank_results:
+        kind, message = result["unmeasurable_error"]
+        assert kind == "ValueError" and "inner.0.weight" in message and "FSDP" in message
+        kind, message = result["vmap_error"]
+        assert kind == "ValueError" and "backend='vmap'" in message
+
+
+def _torchrun(*arguments: str) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m noisescale ...`` on CPU (gloo); returns what it printed."""
+    repository = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(repository), os.environ.get("PYTHONPATH", "")])}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noisescale",
+         *arguments, "--no-progress"], capture_output=True, text=True, env=environment, cwd=repository)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_cli_measure_and_train_run_sharded_under_torchrun(tmp_path):
+    """`measure --parallel fsdp` on 2 ranks records the single-process history (same global batches), printed once;
+    `train --parallel fsdp --checkpoint` saves a checkpoint whose model state is the unsharded model's."""
+    options = ["--steps", "3", "--batch-size", "16", "--hessian-every", "0", "--model", "noisescale.models:mlp"]
+    printed = _torchrun("measure", *options, "--parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
+    assert printed.count("B_simple =") == 1
+    assert main(["measure", *options, "--out", str(tmp_path / "single"), "--no-progress"]) == 0
+    sharded, single = (pd.read_csv(tmp_path / run / "measure_history.csv") for run in ("fsdp", "single"))
+    assert sharded["batch_size"].tolist() == single["batch_size"].tolist() == [16] * 3
+    for column in ("loss", "grad_sqnorm", "trace_sigma", "b_simple"):
+        pd.testing.assert_series_equal(sharded[column], single[column], rtol=1e-4, check_exact=False)
+
+    checkpoint_path = tmp_path / "train.pt"
+    _torchrun("train", "--schedule", "fixed", "--epochs", "0.1", "--train-examples", "320", "--batch-size", "16",
+              "--model", "noisescale.models:mlp", "--parallel", "fsdp", "--checkpoint", str(checkpoint_path),
+              "--out", str(tmp_path / "train"))
+    state = torch.load(checkpoint_path, weights_only=True)["trainer"]["model"]
+    torch.manual_seed(0)
+    from noisescale.app.options import build_model
+    assert {name: tuple(v.shape) for name, v in state.items()} == {
+        name: tuple(v.shape) for name, v in build_model("noisescale.models:mlp").state_dict().items()}
+
+
+def test_cli_rejects_hessian_proxies_under_fsdp(tmp_path, capsys):
+    assert main(["train", "--schedule", "fixed", "--parallel", "fsdp", "--hessian-every", "5", "--no-progress",
+                 "--out", str(tmp_path)]) == 2
+    assert "--hessian-every '5': must be 0 with --parallel fsdp" in capsys.readouterr().err
+
+
+def test_non_reentrant_recomputation_is_not_recorded_twice(monkeypatch):
+    """One process: under non-reentrant activation checkpointing every Linear is still measured in ghost form from
+    its one recorded call (a second, recomputed record would make it a shared parameter whose per-example
+    gradients are materialised), and the norms equal the naive loop."""
+    from noisescale.per_example.layers import LinearRule
+
+    def materialised(*args, **kwargs):
+        raise AssertionError("per-example gradients were materialised: a recomputed call was recorded")
+
+    monkeypatch.setattr(LinearRule, "per_example_grads", materialised)
+    model = _make_model(recompute=True)
+    inputs, labels = _global_batch()
+    with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
+        result = norms(inputs, labels)
+    torch.testing.assert_close(result.sqnorms, _reference_sqnorms(_make_model(), inputs, labels), rtol=1e-12, atol=0)
