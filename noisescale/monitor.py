@@ -38,6 +38,7 @@ from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
+from noisescale.sharded import is_sharded
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
 
@@ -164,6 +165,9 @@ class NoiseScaleMonitor:
         check_int(hessian_probes, "hessian_probes", 2)
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+        if hessian_every and is_sharded(model):
+            raise ValueError("the Hessian proxies (B_noise) need torch.func on whole parameters, which cannot run "
+                             "on an FSDP-sharded model; set hessian_every=0 (B_simple is measured as usual)")
         self.model = model
         self.loss_fn = loss_fn
         self.norms = PerExampleGradNorms(model, loss_fn, backend=backend, chunk_size=chunk_size)

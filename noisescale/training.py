@@ -135,9 +135,6 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         super().__init__(model, loss_fn, **options)
         self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)
         self.sharded = is_sharded(model)
-        if self.sharded and self.hessian_every:
-            raise ValueError("the Hessian proxies (B_noise) need torch.func on whole parameters, which cannot run "
-                             "on an FSDP-sharded model; set hessian_every=0 (B_simple is measured as usual)")
         self.process_group = (model.process_group if isinstance(model, DistributedDataParallel)
                               else sharding_group(model) if self.sharded else None)
 

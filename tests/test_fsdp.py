@@ -30,6 +30,7 @@ from torch.utils.data import TensorDataset
 from noisescale.app.cli import main
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.losses import per_example_cross_entropy
+from noisescale.monitor import NoiseScaleMonitor
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.training import AdaptiveTrainer
 
@@ -239,6 +240,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     with PerExampleGradNorms(odd, lambda out, y: out.square().sum(1)) as norms:
         results["unmeasurable_error"] = _capture_error(lambda: norms(inputs, labels))
     results["vmap_error"] = _capture_error(lambda: PerExampleGradNorms(odd, per_example_cross_entropy, backend="vmap"))
+    hooks_before = len(odd._forward_hooks)
+    results["hessian_error"] = _capture_error(
+        lambda: NoiseScaleMonitor(odd, per_example_cross_entropy, hessian_every=5))
+    results["hooks_left_by_the_refused_monitor"] = len(odd._forward_hooks) - hooks_before
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -403,6 +408,9 @@ def test_unmeasurable_parameters_are_named_under_fsdp(rank_results):
         assert kind == "ValueError" and "inner.0.weight" in message and "FSDP" in message
         kind, message = result["vmap_error"]
         assert kind == "ValueError" and "backend='vmap'" in message
+        kind, message = result["hessian_error"]
+        assert kind == "ValueError" and "FSDP-sharded" in message and "hessian_every=0" in message
+        assert result["hooks_left_by_the_refused_monitor"] == 0
 
 
 def _torchrun(*arguments: str) -> str:
