@@ -548,6 +548,18 @@ def _modes(system: _FirstMoment) -> _Modes:
                   np.where(np.isfinite(log_size), log_size, 1e300))
 
 
+def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
+    """values^exponent by repeated squaring (exponent >= 0)."""
+    result, square = np.ones_like(values), values
+    while exponent:
+        if exponent & 1:
+            result = result * square
+        exponent >>= 1
+        if exponent:
+            square = square * square
+    return result
+
+
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
                          span: int) -> np.ndarray:
     """Lower bound of D(t) over integers t in [t0, t0 + span], from the terms c mu^(t0 - 1) (first) and
@@ -612,6 +624,9 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     modes = _modes(system)
     single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
+    if not single:  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows near the target need it
+        base, since = modes.coefficients.copy(), 0
+        mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # mu^(2^e), mu^(2^e - 2)
     exponent = 0
     for j in range(1, times.size):
         busy = active.any(axis=1)
@@ -621,14 +636,21 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             live, active, risk, clear = live[busy], active[busy], risk[busy], clear[busy]
             v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes = modes.subset(busy)
+            if not single:
+                base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
         while exponent < gaps[j - 1]:
             power, block = _doubled(power, block)
+            if not single:
+                base, since = base * _integer_power(mu_gap, since), 0
+                if exponent >= 1:
+                    mu_inner = mu_inner * mu_gap
+                mu_gap = mu_gap * mu_gap
             exponent += 1
             if not single:  # one floor for the octave ahead spares most rows the floor of every interval
-                end = int(times[min(j - 1 + _GRID_RESOLUTION, times.size - 1)])
-                span = end - 1 - int(times[j - 1])
-                terms = modes.coefficients * modes.values ** int(times[j - 1])
-                octave_floor = _deterministic_floor(modes, weights, terms, terms * modes.values**span, span)
+                # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
+                octave_floor = _deterministic_floor(modes, weights, base,
+                                                    base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
+                                                    _GRID_RESOLUTION * 2**exponent - 2)
                 clear = octave_floor[:, None] + noise[:, None] * inverse_batch > target
         previous_noise, previous_risk = noise, risk
         noise = noise + _quadratic(v, block) @ weights
@@ -650,17 +672,20 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 unsure = active & ~clear
                 near = np.nonzero(unsure.any(axis=1))[0]
                 if near.size:
-                    nearby = modes.subset(near)
-                    first = nearby.coefficients * nearby.values ** int(times[j - 1])
-                    span = 2**exponent - 2
-                    floor = _deterministic_floor(nearby, weights, first, first * nearby.values**span, span)
+                    first = base[:, near] * _integer_power(mu_gap[:, near], since)
+                    floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
+                                                 2**exponent - 2)
                     unsure[near] &= ~(floor[:, None] + previous_noise[near, None] * inverse_batch > target)
             rows, columns = np.nonzero(unsure)
             doubt[live[rows], columns] = j
             active = active & ~unsure
+        if not single:
+            since += 1
         active = active & ~(noise[:, None] * inverse_batch > target)  # N never decreases: never below target
         active = active & ~(times[j] > bound)[None, :]
-        if j % _GRID_RESOLUTION == 0 and active.any():
+        octaves = j // _GRID_RESOLUTION  # the check passes over every term once per batch size: with many
+        if j % _GRID_RESOLUTION == 0 and active.any() and (  # directions only after 1, 2, 4, 8, ... octaves
+                weights.size <= 1000 or octaves & (octaves - 1) == 0):
             active = active & ~_hopeless(modes, weights, noise, inverse_batch, target, active, int(times[j]),
                                          times[np.minimum(np.searchsorted(times, bound, side="right"), times.size - 1)])
     return _GridCrossings(point, doubt, before, at)
@@ -689,29 +714,29 @@ def _hopeless(modes: _Modes, weights: np.ndarray, noise: np.ndarray, inverse_bat
     return hopeless
 
 
-def _octave_bound(system: _FirstMoment, batch_sizes: np.ndarray, target: float, last_time: int) -> np.ndarray:
-    """Per batch size, the first time 2^e - 1 (a grid time) at which some configuration's risk is <= target.
+def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float,
+                      last_time: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per (configuration, batch size), the first time 2^e - 1 (a grid time) with risk <= target (inf if none)
+    and the risk then.
 
-    The first crossing of that configuration is at or before it, hence so is its ranking time: an upper bound
-    for the grid search, from ~30 steps per configuration (inf where none reaches the target by ``last_time``).
+    The first crossing is at or before it, hence so is the ranking time: from ~30 steps per configuration, an
+    upper bound for the grid search and a guess of which configurations will win.
     """
-    bound = np.full(batch_sizes.size, np.inf)
     v = _readout_row(system)
-    if np.any(system.stable & (_deterministic(system, v) <= target)):
-        return np.zeros(batch_sizes.size)
+    risk = np.repeat(_deterministic(system, v)[:, None], batch_sizes.size, axis=1)
+    reached = np.where(system.stable[:, None] & (risk <= target), 0.0, np.inf)
+    risk_then = np.where(np.isfinite(reached), risk, np.inf)
     noise, time = np.zeros(system.stable.size), 0
     power, block = system.matrix, _noise_block(system)
-    while time < last_time:
+    while time < last_time and np.isinf(reached).any():
         noise = noise + _quadratic(v, block) @ system.weights
         v = _advance(v, power)
         time = 2 * time + 1
         risk = _deterministic(system, v)[:, None] + noise[:, None] / batch_sizes
-        reached = (system.stable[:, None] & (risk <= target)).any(axis=0)
-        bound[reached] = np.minimum(bound[reached], time)
-        if np.isfinite(bound).all():
-            break
+        new = system.stable[:, None] & (risk <= target) & np.isinf(reached)
+        reached[new], risk_then[new] = time, risk[new]
         power, block = _doubled(power, block)
-    return bound
+    return reached, risk_then
 
 
 def _interpolated(lower_time, upper_time, before, at, target):
@@ -949,17 +974,25 @@ def steps_vs_batch_size(
     best_config = np.full(n_batches, -1)
     best_step = np.full(n_batches, np.nan)  # exact first crossing when known (a dip), else nan
     best_point = np.full(n_batches, -1)
-    order = np.argsort(-config_lr, kind="stable")  # fast configurations first: they settle the bests early
     chunk = max(1, _CHUNK_ELEMENTS // model.curvatures.size)
-    chunks = [order[start:start + chunk] for start in range(0, order.size, chunk)]
 
     def system_of(index):
         return _first_moment(model, optimizer.precondition_power, config_lr[index], config_momentum[index],
                              config_ema[index])
 
-    give_up = np.full(n_batches, np.inf)
-    for index in chunks:
-        give_up = np.minimum(give_up, _octave_bound(system_of(index), batch_sizes, target, int(times[-1])))
+    octave = [_octave_crossings(system_of(np.arange(start, min(start + chunk, config_lr.size))), batch_sizes,
+                                target, int(times[-1])) for start in range(0, config_lr.size, chunk)]
+    reached, risk_then = (np.concatenate(parts) for parts in zip(*octave))
+    give_up = reached.min(axis=0)
+    # the configuration first (and lowest) at each batch size on the octave grid goes first, then the fastest
+    # configurations: they settle the bests early
+    leading = np.zeros(config_lr.size, dtype=bool)
+    for column in np.nonzero(np.isfinite(give_up))[0]:
+        leading[np.lexsort((risk_then[:, column], reached[:, column]))[0]] = True
+    rest = np.nonzero(~leading)[0]
+    order = np.concatenate([np.nonzero(leading)[0], rest[np.argsort(-config_lr[rest], kind="stable")]])
+    chunks = [order[:leading.sum()]] if leading.any() else []
+    chunks += [order[start:start + chunk] for start in range(leading.sum(), order.size, chunk)]
     for index in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
         system = system_of(index)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
