@@ -1,7 +1,7 @@
 """Regenerate the NQM figures of Zhang et al. 2019 (Figure 3a: momentum and preconditioning; Figure 4:
 exponential moving average; Figure 14: optimal learning rate vs batch size) on the paper's model
 (h_i = 1/i, d = 10^4, C = H, 100 bins, target risk 0.01, batch sizes 2^0..2^20), and the critical batch size of
-tuned momentum with tuned EMA, a combination the paper does not plot (9.5 of the script's 11 minutes here).
+tuned momentum with tuned EMA, a combination the paper does not plot (most of the script's time).
 
 Writes under data/nqm/: curves.csv (one row per setting and batch size), critical_batch_sizes.csv,
 lower_bound.csv and the PNGs momentum_preconditioning.png, ema.png, optimal_learning_rate.png.

@@ -23,6 +23,7 @@ paper does (section 3.7), or kept exact.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,7 @@ DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 DEFAULT_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(1.0, 21.0))
 
 _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per octave (gap <= 1/32 of t)
-_CONFIG_CHUNK = 128  # optimizer configurations propagated at once
+_CHUNK_ELEMENTS = 2**18  # configurations x bins walked at once
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,27 +200,33 @@ class PiecewiseConstantSchedule:
 
 
 @dataclass(frozen=True, eq=False)
-class _Dynamics:
-    """vec S(t+1) = T vec S(t) + n / B for K optimizer configurations x bins.
+class _FirstMoment:
+    """x(t+1) = M x(t) + b xi(t), Var(xi) = c~ / B, for K optimizer configurations x bins; the risk reads x_r.
 
-    Arrays keep the small matrix axes first ("structure of arrays": T is (n, n, K, bins)), which makes the
+    Arrays keep the small matrix axes first ("structure of arrays": M is (k, k, K, bins)), which makes the
     many tiny matrix products elementwise numpy operations over (K, bins).
     """
 
-    transition: np.ndarray  # (n, n, K, bins), T = M kron M; zero for unstable configurations
-    start: np.ndarray  # (n, 2, K, bins): [vec S0, vec S_inf for B = 1]
-    readout: int  # index of E[readout^2] in vec S
-    weights: np.ndarray  # (bins,): 1/2 h count
+    matrix: np.ndarray  # (k, k, K, bins) M; zero for unstable configurations
+    noise_input: np.ndarray  # (k, K, bins) b
+    noise_variance: np.ndarray  # (bins,) c~
+    initial: np.ndarray  # (k,) x(0) = initial * theta_0 (m = 0, theta~ = theta)
+    readout: int  # state read by the risk: theta, or theta~ when the average is kept
+    weights: np.ndarray  # (bins,) 1/2 h count
+    initial_variance: float
+    modes: np.ndarray  # (3, K, bins) complex eigenvalues of M: heavy-ball roots r1, r2 (eq. 7) and gamma
+    active: np.ndarray  # (3, K) whether each mode can show in the read-out (r2 needs beta > 0, gamma > 0)
     stable: np.ndarray  # (K,) spectral radius of M < 1 in every bin
-    risk_at_infinity: np.ndarray  # (K,): R_inf for B = 1
 
 
-def _build_dynamics(model: NoisyQuadraticModel, precondition_power: float, learning_rate: np.ndarray,
-                    momentum: np.ndarray, ema: np.ndarray) -> _Dynamics:
-    """Per-direction first-moment system x(t+1) = M x(t) + b xi and its second-moment recurrence.
+def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learning_rate: np.ndarray,
+                  momentum: np.ndarray, ema: np.ndarray) -> _FirstMoment:
+    """Per-direction first-moment system of SGD with heavy-ball momentum, H^-p preconditioning and an EMA.
 
     State (theta, m, theta~): theta' = (1 - alpha h~) theta - alpha beta m - alpha xi, m' = h~ theta + beta m
     + xi, theta~' = gamma theta~ + (1 - gamma) theta'; m and theta~ are kept only when some beta or gamma > 0.
+    M is block lower-triangular, so its eigenvalues are the roots of x^2 - (1 - alpha h~ + beta) x + beta
+    (r1 = 1 - alpha h~ and r2 = 0 without momentum) and gamma.
     """
     alpha, beta, gamma = (np.asarray(v, dtype=np.float64)[:, None] for v in (learning_rate, momentum, ema))
     h_eff = model.curvatures ** (1.0 - precondition_power)
@@ -234,37 +241,68 @@ def _build_dynamics(model: NoisyQuadraticModel, precondition_power: float, learn
     ])
     full_b = np.array([-alpha * one, one, -(1 - gamma) * alpha * one])
     states = [0] + ([1] if np.any(beta > 0) else []) + ([2] if np.any(gamma > 0) else [])
-    k = len(states)
-    m_matrix = full_m[np.ix_(states, states)]  # (k, k, K, bins)
-    b_vector = full_b[states]  # (k, K, bins)
-    readout_state = k - 1 if 2 in states else 0
-    initial = np.array([1.0, 0.0, 1.0])[states]
 
+    trace = decay + beta
+    discriminant = trace**2 - 4.0 * beta * one
+    root = np.sqrt(np.abs(discriminant))
+    real = discriminant >= 0
+    larger = 0.5 * (trace + np.copysign(root, trace))  # the real root of larger modulus (no cancellation)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smaller = np.where(larger != 0, beta / larger, 0.0)  # r1 r2 = beta
+    r1 = np.where(real, larger + 0j, 0.5 * (trace + 1j * root))
+    r2 = np.where(real, smaller + 0j, 0.5 * (trace - 1j * root))
+    stable = np.maximum(np.abs(r1), np.abs(r2)).max(axis=1) < 1.0
+    active = np.stack([np.ones(alpha.shape[0], dtype=bool), beta[:, 0] > 0, gamma[:, 0] > 0])
+
+    m_matrix = full_m[np.ix_(states, states)]
+    return _FirstMoment(
+        matrix=np.where(stable[:, None], m_matrix, 0.0),
+        noise_input=full_b[states],
+        noise_variance=c_eff,
+        initial=np.array([1.0, 0.0, 1.0])[states],
+        readout=len(states) - 1 if 2 in states else 0,
+        weights=0.5 * model.curvatures * model.counts,
+        initial_variance=model.initial_variance,
+        modes=np.stack([r1, r2, gamma * one + 0j]),
+        active=active,
+        stable=stable,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Dynamics:
+    """vec S(t+1) = T vec S(t) + n / B with T = M kron M, for K optimizer configurations x bins."""
+
+    transition: np.ndarray  # (n, n, K, bins), T = M kron M; zero for unstable configurations
+    start: np.ndarray  # (n, 2, K, bins): [vec S0, vec S_inf for B = 1]
+    readout: int  # index of E[readout^2] in vec S
+    weights: np.ndarray  # (bins,): 1/2 h count
+    stable: np.ndarray  # (K,) spectral radius of M < 1 in every bin
+    risk_at_infinity: np.ndarray  # (K,): R_inf for B = 1
+
+
+def _build_dynamics(model: NoisyQuadraticModel, precondition_power: float, learning_rate: np.ndarray,
+                    momentum: np.ndarray, ema: np.ndarray) -> _Dynamics:
+    """Second-moment recurrence of :func:`_first_moment` and its limit S_inf = (I - T)^-1 n for B = 1."""
+    system = _first_moment(model, precondition_power, learning_rate, momentum, ema)
+    m_matrix, b_vector = system.matrix, system.noise_input
+    k = m_matrix.shape[0]
     n = k * k
-    eigenvalues = np.linalg.eigvals(np.moveaxis(m_matrix, (0, 1), (-2, -1)))
-    stable = np.abs(eigenvalues).max(axis=(-1, -2)) < 1.0
     transition = np.einsum("ijab,klab->ikjlab", m_matrix, m_matrix).reshape(n, n, *m_matrix.shape[2:])
-    transition = np.where(stable[:, None], transition, 0.0)
-    noise = c_eff * np.einsum("iab,jab->ijab", b_vector, b_vector).reshape(n, *b_vector.shape[1:])
+    noise = system.noise_variance * np.einsum("iab,jab->ijab", b_vector, b_vector).reshape(n, *b_vector.shape[1:])
     last_axes = np.moveaxis(np.eye(n)[:, :, None, None] - transition, (0, 1), (-2, -1))
     s_inf = np.moveaxis(np.linalg.solve(last_axes, np.moveaxis(noise, 0, -1)[..., None])[..., 0], -1, 0)
-    s0 = np.broadcast_to(model.initial_variance * np.outer(initial, initial).reshape(n, 1, 1), s_inf.shape)
-    readout = readout_state * k + readout_state
-    weights = 0.5 * model.curvatures * model.counts
+    s0 = np.broadcast_to(model.initial_variance * np.outer(system.initial, system.initial).reshape(n, 1, 1),
+                         s_inf.shape)
+    readout = system.readout * k + system.readout
     return _Dynamics(
         transition=transition,
         start=np.stack([s0, s_inf], 1),
         readout=readout,
-        weights=weights,
-        stable=stable,
-        risk_at_infinity=s_inf[readout] @ weights,
+        weights=system.weights,
+        stable=system.stable,
+        risk_at_infinity=s_inf[readout] @ system.weights,
     )
-
-
-def _risk_parts(dynamics: _Dynamics, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """D and Q of E[L] = D + (R_inf - Q) / B from propagated states (n, 2, ..., bins)."""
-    read = state[dynamics.readout]
-    return read[0] @ dynamics.weights, read[1] @ dynamics.weights
 
 
 def _apply(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -395,10 +433,22 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 
 # --------------------------------------------------------------------------------------------------
 # Steps to target
+#
+# With the row vector v(t) = e_r M^t per direction, the read-out of S(t) = M^t S0 M^tT + sum_{s<t} M^s N M^sT / B
+# is E[L(t)] = D(t) + N(t) / B: D(t) = sigma0^2 sum_bins w (v(t) x0)^2, N(t) = sum_bins w sum_{s<t} v(s) N v(s)^T.
+# Blocks of L steps compose: v(t + L) = v(t) M^L and N(t + L) = N(t) + v(t) A_L v(t)^T with
+# A_L = sum_{s<L} M^s N M^sT, A_2L = A_L + M^L A_L M^LT (k x k per direction, against k^2 x k^2 for T).
+# N(t) never decreases. D(t) = sigma0^2 sum_bins w u(t)^2 with u(t) = v(t) x0 = sum_i a_i lambda_i^(t-1) for
+# t >= 1 over the eigenvalues of M, so sigma0^2 u^2 = Re sum_p c_p mu_p^(t-1) with mu = lambda_i lambda_j: a term
+# is monotone when mu is real and positive and at least -|c| |mu|^(t-1) otherwise. That bounds the risk from
+# below between grid times, so a dip below the target between them (momentum oscillates) is never missed.
+
+_LEAF_STEPS = 16  # intervals this short are checked step by step
+_MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
 def _time_grid(max_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Times 0..2R-1, then R points per octave (gaps 2^e), up to the first time >= max_steps."""
+    """Times 0..2R-1, then R points per octave (gaps 2^e, e stored), up to the first time >= max_steps."""
     times = list(range(2 * _GRID_RESOLUTION))
     gaps = [0] * (2 * _GRID_RESOLUTION - 1)
     exponent = 1
@@ -410,60 +460,373 @@ def _time_grid(max_steps: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(times, dtype=np.int64), np.array(gaps, dtype=np.int64)
 
 
-def _grid_risk_parts(dynamics: _Dynamics, times: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """D(t) and Q(t) (each (K, G)) on the time grid by stepping T^(gap) from one grid time to the next."""
-    powers = _binary_powers(dynamics.transition, int(gaps.max()) + 1)
-    state = dynamics.start
-    deterministic = np.empty((dynamics.stable.size, times.size))
-    noise_decay = np.empty_like(deterministic)
-    deterministic[:, 0], noise_decay[:, 0] = _risk_parts(dynamics, state)
-    for index, gap in enumerate(gaps, start=1):
-        state = _apply(powers[gap], state)
-        deterministic[:, index], noise_decay[:, index] = _risk_parts(dynamics, state)
-    return deterministic, noise_decay
+def _advance(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Row vectors times matrices, matrix axes first: (v M)_j = sum_i v_i M_ij for v (k, ...), M (k, k, ...)."""
+    out = v[0] * matrix[0]
+    for i in range(1, v.shape[0]):
+        out = out + v[i] * matrix[i]
+    return out
 
 
-def _grid_crossings(dynamics: _Dynamics, batch_sizes: np.ndarray, target: float, times: np.ndarray,
-                    gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First grid index with risk <= target (-1 if none) and a log-interpolated crossing time, (K, B)."""
-    deterministic, noise_decay = _grid_risk_parts(dynamics, times, gaps)
-    risk = deterministic[:, None, :] + (dynamics.risk_at_infinity[:, None, None] - noise_decay[:, None, :]) / batch_sizes[None, :, None]
-    below = risk <= target
-    index = np.where(below.any(-1), np.argmax(below, axis=-1), -1)
-    index[~dynamics.stable] = -1
-    previous = np.maximum(index - 1, 0)
-    hi = np.take_along_axis(risk, np.maximum(index, 0)[..., None], -1)[..., 0]
-    lo = np.take_along_axis(risk, previous[..., None], -1)[..., 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fraction = np.clip(np.log(lo / target) / np.log(lo / hi), 0.0, 1.0)
-    estimate = times[previous] + fraction * (times[np.maximum(index, 0)] - times[previous])
-    estimate = np.where(index > 0, estimate, 0.0)
-    estimate[index < 0] = np.inf
-    return index, estimate
+def _quadratic(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """v A v^T for row vectors v (k, ...) and matrices A (k, k, ...)."""
+    return (_advance(v, matrix) * v).sum(axis=0)
 
 
-def _exact_crossings(model: NoisyQuadraticModel, precondition_power: float, learning_rate: np.ndarray,
-                     momentum: np.ndarray, ema: np.ndarray, batch_size: np.ndarray, lower: np.ndarray,
-                     upper: np.ndarray, target: float) -> np.ndarray:
-    """Smallest integer t in (lower, upper] with risk <= target, one per row, by binary lifting.
+def _noise_block(system: _FirstMoment) -> np.ndarray:
+    """A_1 = c~ b b^T, (k, k, K, bins)."""
+    b = system.noise_input
+    return system.noise_variance * b[:, None] * b[None, :]
 
-    Assumes risk(lower) > target >= risk(upper) and a single crossing in between (the risk is a sum of
-    decaying exponentials; between neighbouring grid times it is monotone in all the sweeps checked).
+
+def _doubled(power: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M^2L, A_2L) from (M^L, A_L): A_2L = A_L + M^L A_L M^LT."""
+    return _apply(power, power), block + _apply(_apply(power, block), power.swapaxes(0, 1))
+
+
+def _readout_row(system: _FirstMoment) -> np.ndarray:
+    v = np.zeros((system.matrix.shape[0],) + system.matrix.shape[2:])
+    v[system.readout] = 1.0
+    return v
+
+
+def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
+    """D = sigma0^2 sum_bins w (v x0)^2, (K,)."""
+    u = np.tensordot(system.initial, v, axes=1)
+    return (u * u) @ (system.initial_variance * system.weights)
+
+
+@dataclass(frozen=True, eq=False)
+class _Modes:
+    """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin)."""
+
+    values: np.ndarray  # (P, K, bins) complex mu = lambda_i lambda_j, for the pairs of modes in use
+    coefficients: np.ndarray  # (P, K, bins) complex
+    monotone: np.ndarray  # (P, K, bins) mu real and positive
+    log_size: np.ndarray  # (P, K, bins) |log mu| (inf for mu = 0)
+
+    def subset(self, keep: np.ndarray) -> _Modes:
+        return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
+                      self.log_size[:, keep])
+
+
+def _modes(system: _FirstMoment) -> _Modes:
+    """Coefficients of u(t) = sum_i a_i lambda_i^(t-1) (Lagrange on u(1), u(2), u(3), active modes only).
+
+    Where eigenvalues coincide (a defective M) the coefficients are not finite; such a bin gets coefficient 0,
+    and its floor is then 0 <= D_bin, still a valid (if loose) bound.
     """
-    dynamics = _build_dynamics(model, precondition_power, learning_rate, momentum, ema)
-    n_powers = max(int(upper.max(initial=1)).bit_length(), 1)
-    powers = _binary_powers(dynamics.transition, n_powers)
-    state = _propagate(powers, dynamics.start, lower)
-    current = lower.copy()
-    for bit in range(n_powers - 1, -1, -1):
-        candidate_time = current + 2**bit
-        candidate = _apply(powers[bit], state)
-        deterministic, noise_decay = _risk_parts(dynamics, candidate)
-        risk = deterministic + (dynamics.risk_at_infinity - noise_decay) / batch_size
-        accept = (candidate_time < upper) & (risk > target)
-        state = np.where(accept[:, None], candidate, state)
-        current = np.where(accept, candidate_time, current)
-    return current + 1
+    v = _readout_row(system)
+    u = []
+    for _ in range(3):
+        v = _advance(v, system.matrix)
+        u.append(np.tensordot(system.initial, v, axes=1))
+    u1, u2, u3 = u
+    l1, l2, l3 = system.modes
+    second, third = system.active[1][:, None], system.active[2][:, None]
+    with np.errstate(all="ignore"):
+        a1_two = {2: (u2 - l2 * u1) / (l1 - l2), 3: (u2 - l3 * u1) / (l1 - l3)}
+        ax_two = {2: (l1 * u1 - u2) / (l1 - l2), 3: (l1 * u1 - u2) / (l1 - l3)}
+        a1 = (u3 - (l2 + l3) * u2 + l2 * l3 * u1) / ((l1 - l2) * (l1 - l3))
+        a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
+        a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
+        both = second & third
+        coefficients = np.stack([
+            np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + 0j))),
+            np.where(both, a2, np.where(second, ax_two[2], 0j)),
+            np.where(both, a3, np.where(third, ax_two[3], 0j)),
+        ])
+        valid = np.isfinite(coefficients).all(axis=0)
+        coefficients = np.where(valid, coefficients, 0j)
+        used = system.active.any(axis=1)
+        pairs = [(i, j) for i, j in _MODE_PAIRS if used[i] and used[j]]
+        values = np.stack([system.modes[i] * system.modes[j] for i, j in pairs])
+        values = np.where(system.stable[:, None], values, 0j)  # unstable configurations are never walked
+        products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
+        log_size = np.abs(np.log(values))
+    return _Modes(values, system.initial_variance * products, (values.imag == 0) & (values.real > 0),
+                  np.where(np.isfinite(log_size), log_size, 1e300))
+
+
+def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
+    """values^exponent by repeated squaring (exponent >= 0)."""
+    result, square = np.ones_like(values), values
+    while exponent:
+        if exponent & 1:
+            result = result * square
+        exponent >>= 1
+        if exponent:
+            square = square * square
+    return result
+
+
+def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
+                         span: int) -> np.ndarray:
+    """Lower bound of D(t) over integers t in [t0, t0 + span], from the terms c mu^(t0 - 1) (first) and
+    c mu^(t0 + span - 1) (last).
+
+    A term with mu real and positive is monotone; any other term z mu^s (s <= span) is at least
+    max(-|z|, Re z - |z| s |log mu|), since |mu^s| <= 1 and |mu^s - 1| <= s |log mu| when |mu| <= 1.
+    """
+    size = np.abs(first)  # >= |term| on the whole interval since |mu| < 1
+    with np.errstate(over="ignore"):
+        drift = np.minimum(span * modes.log_size, 2.0)  # |mu^s - 1| <= 2
+    terms = np.where(modes.monotone, np.minimum(first.real, last.real), first.real - size * drift)
+    terms = np.maximum(terms, -size)
+    per_bin = terms.sum(axis=0) - 1e-10 * size.sum(axis=0)  # slack for the rounding of cancelling terms
+    return np.maximum(per_bin, 0.0) @ weights
+
+
+@dataclass(frozen=True, eq=False)
+class _GridCrossings:
+    """Per (configuration, batch size): the grid index whose interval (t_{j-1}, t_j] holds the first crossing
+    with risk(t_j) <= target (``point``, 0 for t = 0), or the first index whose interval's interior may hold one
+    while risk(t_j) > target (``doubt``); -1 when neither (never, diverges, or given up). ``before``/``at``:
+    the risk at t_{j-1} and t_j of ``point``."""
+
+    point: np.ndarray
+    doubt: np.ndarray
+    before: np.ndarray
+    at: np.ndarray
+
+
+def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
+               give_up_after: np.ndarray | None = None) -> _GridCrossings:
+    """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
+
+    A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
+    its value at the interval's start) reaches the target, or when N(t) / B > target (never after). Once per
+    octave a row is also dropped when the floor stays above the target up to the grid time after
+    ``give_up_after`` (per batch size: the best ranking time so far, lowered by the crossings found here; without
+    it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
+    before the best. Finished configurations are dropped from the arrays as the walk goes.
+    """
+    n_configs, n_batches = system.stable.size, batch_sizes.size
+    inverse_batch = 1.0 / batch_sizes
+    point = np.full((n_configs, n_batches), -1)
+    doubt = np.full((n_configs, n_batches), -1)
+    before = np.full((n_configs, n_batches), np.nan)
+    at = np.full((n_configs, n_batches), np.nan)
+    weights = system.weights
+    ranking = give_up_after is not None  # rows may be given up for the best found so far
+    bound = np.array(give_up_after, dtype=np.float64) if ranking else np.full(n_batches, np.inf)
+
+    v = _readout_row(system)
+    noise = np.zeros(n_configs)
+    risk = np.repeat(_deterministic(system, v)[:, None], n_batches, axis=1)
+    start = system.stable[:, None] & (risk <= target)
+    point[start], at[start] = 0, risk[start]
+    active = system.stable[:, None] & ~start
+    if ranking:
+        bound[start.any(axis=0)] = 0.0
+    live = np.arange(n_configs)
+    power, block = system.matrix, _noise_block(system)
+    modes = _modes(system)
+    single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
+    clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
+    if not single:  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows near the target need it
+        base, since = modes.coefficients.copy(), 0
+        mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # mu^(2^e), mu^(2^e - 2)
+    exponent = 0
+    for j in range(1, times.size):
+        busy = active.any(axis=1)
+        if not busy.any():
+            break
+        if busy.sum() < 0.9 * live.size:  # drop configurations whose rows are all settled
+            live, active, risk, clear = live[busy], active[busy], risk[busy], clear[busy]
+            v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
+            modes = modes.subset(busy)
+            if not single:
+                base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
+        while exponent < gaps[j - 1]:
+            power, block = _doubled(power, block)
+            if not single:
+                base, since = base * _integer_power(mu_gap, since), 0
+                if exponent >= 1:
+                    mu_inner = mu_inner * mu_gap
+                mu_gap = mu_gap * mu_gap
+            exponent += 1
+            if not single:  # one floor for the octave ahead spares most rows the floor of every interval
+                # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
+                octave_floor = _deterministic_floor(modes, weights, base,
+                                                    base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
+                                                    _GRID_RESOLUTION * 2**exponent - 2)
+                clear = octave_floor[:, None] + noise[:, None] * inverse_batch > target
+        previous_noise, previous_risk = noise, risk
+        noise = noise + _quadratic(v, block) @ weights
+        v = _advance(v, power)
+        deterministic = _deterministic(system, v)
+        risk = deterministic[:, None] + noise[:, None] * inverse_batch
+        hit = active & (risk <= target)
+        rows, columns = np.nonzero(hit)
+        point[live[rows], columns] = j
+        before[live[rows], columns] = previous_risk[rows, columns]
+        at[live[rows], columns] = risk[rows, columns]
+        active = active & ~hit
+        if ranking and rows.size:
+            np.minimum.at(bound, columns, float(times[j]))  # a ranking time at or before t_j
+        if exponent >= 1:  # integers strictly between t_{j-1} and t_j
+            if single:
+                unsure = active & ~(deterministic[:, None] + previous_noise[:, None] * inverse_batch > target)
+            else:
+                unsure = active & ~clear
+                near = np.nonzero(unsure.any(axis=1))[0]
+                if near.size:
+                    first = base[:, near] * _integer_power(mu_gap[:, near], since)
+                    floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
+                                                 2**exponent - 2)
+                    unsure[near] &= ~(floor[:, None] + previous_noise[near, None] * inverse_batch > target)
+            rows, columns = np.nonzero(unsure)
+            doubt[live[rows], columns] = j
+            active = active & ~unsure
+        if not single:
+            since += 1
+        active = active & ~(noise[:, None] * inverse_batch > target)  # N never decreases: never below target
+        active = active & ~(times[j] > bound)[None, :]
+        octaves = j // _GRID_RESOLUTION  # the check passes over every term once per batch size: with many
+        if j % _GRID_RESOLUTION == 0 and active.any() and (  # directions only after 1, 2, 4, 8, ... octaves
+                weights.size <= 1000 or octaves & (octaves - 1) == 0):
+            active = active & ~_hopeless(modes, weights, noise, inverse_batch, target, active, int(times[j]),
+                                         times[np.minimum(np.searchsorted(times, bound, side="right"), times.size - 1)])
+    return _GridCrossings(point, doubt, before, at)
+
+
+def _hopeless(modes: _Modes, weights: np.ndarray, noise: np.ndarray, inverse_batch: np.ndarray, target: float,
+              active: np.ndarray, now: int, until: np.ndarray) -> np.ndarray:
+    """Active rows whose risk stays above the target on every step in (now, until[column]].
+
+    The floor of D on that interval: monotone terms that decrease are taken at its end, all others at its start
+    (oscillating terms at -|c mu^now|), clamped at 0 per bin; N at its value now.
+    """
+    first = modes.coefficients * modes.values**now
+    size = np.abs(first)
+    decreasing = modes.monotone & (first.real > 0)
+    shared = np.where(decreasing, 0.0, np.where(modes.monotone, first.real, -size)).sum(axis=0)
+    shared -= 1e-10 * size.sum(axis=0)
+    log_values = np.log(np.where(decreasing, modes.values.real, 1.0))
+    hopeless = np.zeros_like(active)
+    for column in np.nonzero(active.any(axis=0) & (until > now))[0]:
+        rows = np.nonzero(active[:, column])[0]
+        decay = np.exp((until[column] - 1 - now) * log_values[:, rows])
+        late = np.where(decreasing[:, rows], first.real[:, rows] * decay, 0.0)
+        floor = np.maximum(shared[rows] + late.sum(axis=0), 0.0) @ weights
+        hopeless[rows, column] = floor + noise[rows] * inverse_batch[column] > target
+    return hopeless
+
+
+def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float,
+                      last_time: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per (configuration, batch size), the first time 2^e - 1 (a grid time) with risk <= target (inf if none)
+    and the risk then.
+
+    The first crossing is at or before it, hence so is the ranking time: from ~30 steps per configuration, an
+    upper bound for the grid search and a guess of which configurations will win.
+    """
+    v = _readout_row(system)
+    risk = np.repeat(_deterministic(system, v)[:, None], batch_sizes.size, axis=1)
+    reached = np.where(system.stable[:, None] & (risk <= target), 0.0, np.inf)
+    risk_then = np.where(np.isfinite(reached), risk, np.inf)
+    noise, time = np.zeros(system.stable.size), 0
+    power, block = system.matrix, _noise_block(system)
+    while time < last_time and np.isinf(reached).any():
+        noise = noise + _quadratic(v, block) @ system.weights
+        v = _advance(v, power)
+        time = 2 * time + 1
+        risk = _deterministic(system, v)[:, None] + noise[:, None] / batch_sizes
+        new = system.stable[:, None] & (risk <= target) & np.isinf(reached)
+        reached[new], risk_then[new] = time, risk[new]
+        power, block = _doubled(power, block)
+    return reached, risk_then
+
+
+def _interpolated(lower_time, upper_time, before, at, target):
+    """Crossing time interpolated in log risk between grid times (the ranking of the grid search)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.clip(np.log(before / target) / np.log(before / at), 0.0, 1.0)
+    return lower_time + fraction * (upper_time - lower_time)
+
+
+class _RowSearch:
+    """One configuration and batch size: the risk at any step (binary lifting with M^(2^e) and A_(2^e)) and the
+    first step at or below the target in an interval (bisection at powers of two, pruned by the floor of the
+    risk, with the last ``_LEAF_STEPS`` steps of a branch evaluated at once)."""
+
+    def __init__(self, model: NoisyQuadraticModel, precondition_power: float, learning_rate: float,
+                 momentum: float, ema: float, target: float, max_time: int):
+        self.system = _first_moment(model, precondition_power, np.array([learning_rate]), np.array([momentum]),
+                                    np.array([ema]))
+        self.modes = _modes(self.system)
+        self.batch_size, self.target = 1.0, float(target)
+        self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]
+        for _ in range(max(int(max_time).bit_length() - 1, 0)):
+            power, block = _doubled(self.powers[-1], self.blocks[-1])
+            self.powers.append(power)
+            self.blocks.append(block)
+        leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]  # M^s and A_s for s = 1..leaf
+        for _ in range(_LEAF_STEPS - 1):
+            leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
+                                                        leaf_powers[-1].swapaxes(0, 1)))
+            leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
+        self.leaf_powers, self.leaf_blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
+
+    def at_batch(self, batch_size: float) -> _RowSearch:
+        """The same configuration at another batch size (arrays shared)."""
+        other = copy.copy(self)
+        other.batch_size = float(batch_size)
+        return other
+
+    def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
+        """(v, N) after 2^bit more steps."""
+        return (_advance(v, self.powers[bit]),
+                noise + float((_quadratic(v, self.blocks[bit]) @ self.system.weights)[0]))
+
+    def state(self, t: int) -> tuple[np.ndarray, float]:
+        """v(t) and N(t)."""
+        v, noise = _readout_row(self.system), 0.0
+        for bit in range(int(t).bit_length()):
+            if (t >> bit) & 1:
+                v, noise = self._step(v, noise, bit)
+        return v, noise
+
+    def risk(self, t: int) -> float:
+        v, noise = self.state(t)
+        return float(_deterministic(self.system, v)[0]) + noise / self.batch_size
+
+    def first(self, low: int, high: int) -> int | None:
+        """Smallest integer t in (low, high] with E[L(t)] <= target, or None."""
+        return self._first(low, high, *self.state(low)) if high > low else None
+
+    def _first(self, low: int, high: int, v: np.ndarray, noise: float) -> int | None:
+        if noise / self.batch_size > self.target:  # N never decreases
+            return None
+        if high - low <= _LEAF_STEPS:
+            count = high - low
+            ahead = _advance(v, self.leaf_powers[:, :, :count])
+            noises = noise + _quadratic(v, self.leaf_blocks[:, :, :count]) @ self.system.weights
+            risks = _deterministic(self.system, ahead) + noises / self.batch_size
+            below = np.nonzero(risks <= self.target)[0]
+            return low + 1 + int(below[0]) if below.size else None
+        floor = _deterministic_floor(self.modes, self.system.weights,
+                                     self.modes.coefficients * self.modes.values**low,
+                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1)[0]
+        if floor + noise / self.batch_size > self.target:
+            return None
+        bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
+        found = self._first(low, low + 2**bit, v, noise)
+        if found is not None:
+            return found
+        return self._first(low + 2**bit, high, *self._step(v, noise, bit))
+
+    def estimate(self, times: np.ndarray, step: int) -> float:
+        """Ranking time of a first crossing at ``step``: interpolated on the grid as for a grid crossing when
+        the risk is at or below target at the next grid time, else ``step`` itself (a dip between grid times)."""
+        if step == 0:
+            return 0.0
+        j = int(np.searchsorted(times, step))
+        at = self.risk(int(times[j]))
+        if at > self.target:
+            return float(step)
+        return float(_interpolated(times[j - 1], times[j], self.risk(int(times[j - 1])), at, self.target))
 
 
 def _validate_target(target: float, max_steps: int | None = None) -> None:
@@ -474,18 +837,17 @@ def _validate_target(target: float, max_steps: int | None = None) -> None:
         raise ValueError(f"max_steps must be <= 2^50, got {max_steps}")
 
 
-def _finish_steps(model, optimizer_power, learning_rate, momentum, ema, batch_size, index, times, target,
-                  max_steps) -> np.ndarray:
-    """Exact integer steps for rows given their first grid crossing index (-1: never -> inf)."""
-    steps = np.full(index.shape, np.inf)
-    steps[index == 0] = 0.0
-    refine = index > 0
-    if refine.any():
-        lower, upper = times[index[refine] - 1], times[index[refine]]
-        steps[refine] = _exact_crossings(model, optimizer_power, learning_rate[refine], momentum[refine],
-                                         ema[refine], batch_size[refine], lower, upper, target)
-    steps[steps > max_steps] = np.inf
-    return steps
+def _exact_step(search: _RowSearch, times: np.ndarray, point: int, doubt: int, stop: int) -> float:
+    """The first crossing of a row of :func:`_walk_grid` (inf if none up to grid index ``stop``)."""
+    if point == 0:
+        return 0.0
+    if point > 0:
+        found = search.first(int(times[point - 1]), int(times[point]))
+        return float(times[point] if found is None else found)  # None only if rounding differs at t_j
+    if doubt > 0:
+        found = search.first(int(times[doubt - 1]), int(times[stop]))
+        return np.inf if found is None else float(found)
+    return np.inf
 
 
 def steps_to_target(
@@ -499,9 +861,11 @@ def steps_to_target(
 ) -> np.ndarray:
     """First step t with E[L(t)] <= target, shape (len(learning_rates), len(batch_sizes)); inf if never.
 
-    The risk is evaluated in closed form on a time grid (every step below 64, then 32 points per octave up
-    to ``max_steps``); the first grid interval that crosses the target is then searched exactly by binary
-    lifting with T^(2^k). inf: the target is not reached within ``max_steps`` or the learning rate diverges.
+    Exact contract: the smallest integer t in [0, max_steps] with E[L(t)] <= target, also when the risk
+    oscillates (momentum, or an average of an oscillating iterate) and dips below the target only briefly;
+    inf when there is none or the learning rate diverges. The risk is evaluated in closed form on a time grid
+    (every step below 64, then 32 points per octave); between grid times a lower bound of the risk (see the
+    comment above :func:`_time_grid`) rules out a crossing or the interval is bisected down to single steps.
     """
     _validate_model(model)
     _validate_optimizer(optimizer)
@@ -510,12 +874,18 @@ def steps_to_target(
     batch_sizes = _positive_1d(batch_sizes, "batch_sizes")
     momentum, ema = _settings_arrays(optimizer, learning_rates.size)
     times, gaps = _time_grid(max_steps)
-    dynamics = _build_dynamics(model, optimizer.precondition_power, learning_rates, momentum, ema)
-    index, _ = _grid_crossings(dynamics, batch_sizes, target, times, gaps)
-    rows = np.repeat(np.arange(learning_rates.size), batch_sizes.size)
-    steps = _finish_steps(model, optimizer.precondition_power, learning_rates[rows], momentum[rows], ema[rows],
-                          np.tile(batch_sizes, learning_rates.size), index.reshape(-1), times, target, max_steps)
-    return steps.reshape(learning_rates.size, batch_sizes.size)
+    system = _first_moment(model, optimizer.precondition_power, learning_rates, momentum, ema)
+    crossings = _walk_grid(system, batch_sizes, target, times, gaps)
+    steps = np.full((learning_rates.size, batch_sizes.size), np.inf)
+    searches: dict[int, _RowSearch] = {}
+    for row, column in zip(*np.nonzero((crossings.point >= 0) | (crossings.doubt > 0))):
+        if row not in searches:
+            searches[row] = _RowSearch(model, optimizer.precondition_power, learning_rates[row], momentum[row],
+                                       ema[row], target, times[-1])
+        steps[row, column] = _exact_step(searches[row].at_batch(batch_sizes[column]), times,
+                                         crossings.point[row, column], crossings.doubt[row, column], times.size - 1)
+    steps[steps > max_steps] = np.inf
+    return steps
 
 
 @dataclass(frozen=True, eq=False)
@@ -570,10 +940,13 @@ def steps_vs_batch_size(
     For every batch size the grid search picks, over ``learning_rates`` (default
     :data:`DEFAULT_LEARNING_RATES`) x ``momenta`` x ``emas`` (default: the optimizer's own beta and gamma;
     pass e.g. :data:`DEFAULT_MOMENTUM_GRID` / :data:`DEFAULT_EMA_GRID` to tune them as the paper does), the
-    configuration with the fewest steps, ranked by the crossing time interpolated on the time grid; the
-    winner's steps are then computed exactly. Because the best large-batch learning rate sits just below the
-    stability limit 2 (1 + beta) / h~_max, the learning rates (1 - 2^-k) times that limit, k = 2..6, are
-    searched as well. ``progress`` shows a tqdm bar over configuration chunks.
+    configuration with the fewest steps, ranked by the first crossing time (the exact step when the risk dips
+    below the target between grid times, else interpolated in log risk between the grid times around it; ties
+    go to the configuration listed first); the winner's steps are exact, as in :func:`steps_to_target`.
+    Because the best large-batch learning rate sits just below the stability limit 2 (1 + beta) / h~_max, the
+    learning rates (1 - 2^-k) times that limit, k = 2..6, are searched as well. Configurations are walked
+    fastest first, and one is given up at a batch size once its crossing can no longer beat the best so far.
+    ``progress`` shows a tqdm bar over configuration chunks.
     """
     _validate_model(model)
     _validate_optimizer(optimizer)
@@ -596,34 +969,81 @@ def steps_vs_batch_size(
 
     from tqdm.auto import tqdm
 
-    best_estimate = np.full(batch_sizes.size, np.inf)
-    best_config = np.zeros(batch_sizes.size, dtype=np.int64)
-    best_index = np.full(batch_sizes.size, -1, dtype=np.int64)
-    chunks = range(0, config_lr.size, _CONFIG_CHUNK)
-    for start in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
-        part = slice(start, start + _CONFIG_CHUNK)
-        dynamics = _build_dynamics(model, optimizer.precondition_power, config_lr[part], config_momentum[part],
-                                   config_ema[part])
-        index, estimate = _grid_crossings(dynamics, batch_sizes, target, times, gaps)
-        chunk_best = np.argmin(estimate, axis=0)
-        chunk_estimate = estimate[chunk_best, np.arange(batch_sizes.size)]
-        better = chunk_estimate < best_estimate
-        best_estimate[better] = chunk_estimate[better]
-        best_config[better] = start + chunk_best[better]
-        best_index[better] = index[chunk_best, np.arange(batch_sizes.size)][better]
+    n_batches = batch_sizes.size
+    best_estimate = np.full(n_batches, np.inf)
+    best_config = np.full(n_batches, -1)
+    best_step = np.full(n_batches, np.nan)  # exact first crossing when known (a dip), else nan
+    best_point = np.full(n_batches, -1)
+    chunk = max(1, _CHUNK_ELEMENTS // model.curvatures.size)
 
-    steps = _finish_steps(model, optimizer.precondition_power, config_lr[best_config], config_momentum[best_config],
-                          config_ema[best_config], batch_sizes, best_index, times, target, max_steps)
+    def system_of(index):
+        return _first_moment(model, optimizer.precondition_power, config_lr[index], config_momentum[index],
+                             config_ema[index])
+
+    octave = [_octave_crossings(system_of(np.arange(start, min(start + chunk, config_lr.size))), batch_sizes,
+                                target, int(times[-1])) for start in range(0, config_lr.size, chunk)]
+    reached, risk_then = (np.concatenate(parts) for parts in zip(*octave))
+    give_up = reached.min(axis=0)
+    # the configuration first (and lowest) at each batch size on the octave grid goes first, then the fastest
+    # configurations: they settle the bests early
+    leading = np.zeros(config_lr.size, dtype=bool)
+    for column in np.nonzero(np.isfinite(give_up))[0]:
+        leading[np.lexsort((risk_then[:, column], reached[:, column]))[0]] = True
+    rest = np.nonzero(~leading)[0]
+    order = np.concatenate([np.nonzero(leading)[0], rest[np.argsort(-config_lr[rest], kind="stable")]])
+    chunks = [order[:leading.sum()]] if leading.any() else []
+    chunks += [order[start:start + chunk] for start in range(leading.sum(), order.size, chunk)]
+    for index in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
+        system = system_of(index)
+        crossings = _walk_grid(system, batch_sizes, target, times, gaps,
+                               give_up_after=np.minimum(give_up, best_estimate))
+        point = crossings.point
+        estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
+                                                     crossings.before, crossings.at, target), np.inf)
+        estimate[point == 0] = 0.0
+        exact = np.full(estimate.shape, np.nan)
+        for row, column in zip(*np.nonzero(crossings.doubt > 0)):
+            config = index[row]
+            search = _RowSearch(model, optimizer.precondition_power, config_lr[config], config_momentum[config],
+                                config_ema[config], target, times[-1]).at_batch(batch_sizes[column])
+            stop = min(int(np.searchsorted(times, min(give_up[column], best_estimate[column]), side="right")),
+                       times.size - 1)
+            found = search.first(int(times[crossings.doubt[row, column] - 1]), int(times[stop]))
+            if found is not None:
+                exact[row, column] = found
+                estimate[row, column] = search.estimate(times, found)
+        for column in range(n_batches):  # the smallest estimate, ties to the configuration listed first
+            ranked = estimate[:, column]
+            candidates = np.nonzero(np.isfinite(ranked) & (ranked <= best_estimate[column]))[0]
+            if candidates.size == 0:
+                continue
+            keys = np.lexsort((index[candidates], estimate[candidates, column]))
+            row = candidates[keys[0]]
+            if estimate[row, column] < best_estimate[column] or index[row] < best_config[column]:
+                best_estimate[column], best_config[column] = estimate[row, column], index[row]
+                best_step[column], best_point[column] = exact[row, column], point[row, column]
+
+    steps = np.full(n_batches, np.inf)
+    for column in np.nonzero(best_config >= 0)[0]:
+        config = best_config[column]
+        if np.isnan(best_step[column]):
+            search = _RowSearch(model, optimizer.precondition_power, config_lr[config], config_momentum[config],
+                                config_ema[config], target, times[-1]).at_batch(batch_sizes[column])
+            steps[column] = _exact_step(search, times, best_point[column], -1, times.size - 1)
+        else:
+            steps[column] = best_step[column]
+    steps[steps > max_steps] = np.inf
     found = np.isfinite(steps)
-    edge = found & ((config_lr[best_config] >= learning_rates.max()) | (config_lr[best_config] <= learning_rates.min()))
-    nan = np.full(batch_sizes.size, np.nan)
+    chosen = np.maximum(best_config, 0)
+    edge = found & ((config_lr[chosen] >= learning_rates.max()) | (config_lr[chosen] <= learning_rates.min()))
+    nan = np.full(n_batches, np.nan)
     return ScalingCurve(
         optimizer=optimizer,
         batch_sizes=_read_only(batch_sizes),
         steps=_read_only(steps),
-        learning_rates=_read_only(np.where(found, config_lr[best_config], nan)),
-        momenta=_read_only(np.where(found, config_momentum[best_config], nan)),
-        emas=_read_only(np.where(found, config_ema[best_config], nan)),
+        learning_rates=_read_only(np.where(found, config_lr[chosen], nan)),
+        momenta=_read_only(np.where(found, config_momentum[chosen], nan)),
+        emas=_read_only(np.where(found, config_ema[chosen], nan)),
         target=float(target),
         learning_rate_at_grid_edge=_read_only(edge),
     )

@@ -135,6 +135,90 @@ def test_steps_to_target_is_the_first_step_below_target():
             assert before > 0.05 >= at
 
 
+def recurrence_risk(model, optimizer, learning_rate_at, batch_size, n_steps):
+    """E[L(t)] for t = 0..n_steps by the plain second-moment recurrence S <- M S M^T + (c~ / B) b b^T of the
+    update x = (theta, m, theta~) per direction, one step at a time (independent of the library's search)."""
+    p = optimizer.precondition_power
+    h_eff = model.curvatures ** (1 - p)
+    c_eff = model.noise_variances * model.curvatures ** (-2 * p)
+    beta, gamma = optimizer.momentum, optimizer.ema
+    second = np.zeros((h_eff.size, 3, 3))
+    second[:, [0, 0, 2, 2], [0, 2, 0, 2]] = model.initial_variance
+    read = 2 if gamma else 0
+    risks = []
+    for step in range(n_steps + 1):
+        risks.append(0.5 * np.sum(model.counts * model.curvatures * second[:, read, read]))
+        alpha = learning_rate_at(step)
+        m = np.zeros((h_eff.size, 3, 3))
+        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = 1 - alpha * h_eff, -alpha * beta, h_eff, beta
+        m[:, 2, :2], m[:, 2, 2] = (1 - gamma) * m[:, 0, :2], gamma
+        b = np.stack([np.full_like(h_eff, -alpha), np.ones_like(h_eff), np.full_like(h_eff, -(1 - gamma) * alpha)], 1)
+        noise = (c_eff / batch_size)[:, None, None] * b[:, :, None] * b[:, None, :]
+        second = m @ second @ m.transpose(0, 2, 1) + noise
+    return np.array(risks)
+
+
+def first_below(risks, target):
+    below = np.nonzero(risks <= target)[0]
+    return float(below[0]) if below.size else np.inf
+
+
+def test_steps_to_target_finds_a_dip_between_grid_times():
+    # issue 14: with momentum the risk oscillates; here it dips below the target at step 80 only (the grid has
+    # every other step there) and the grid-plus-bisection search returned 105
+    model = nqm.noisy_quadratic_model([0.16, 0.015], [0.049, 0.061])
+    optimizer, rate, batch, target = nqm.OptimizerSetting(momentum=0.9), 0.83, 1024.0, 2.27e-4
+    risks = recurrence_risk(model, optimizer, lambda step: rate, batch, 200)
+    assert first_below(risks, target) == 80 and risks[79] > target and risks[81] > target  # a one-step dip
+    assert nqm.steps_to_target(model, optimizer, [rate], [batch], target=target)[0, 0] == 80
+    np.testing.assert_allclose(nqm.expected_risk(model, optimizer, rate, batch, np.arange(201)), risks, rtol=1e-9)
+    curve = nqm.steps_vs_batch_size(model, optimizer, [batch], learning_rates=[rate], target=target)
+    chosen = recurrence_risk(model, optimizer, lambda step: curve.learning_rates[0], batch, 200)
+    assert curve.steps[0] == first_below(chosen, target) <= 80
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [nqm.OptimizerSetting(), nqm.OptimizerSetting(momentum=0.9), nqm.OptimizerSetting(momentum=0.5),
+     nqm.OptimizerSetting(precondition_power=0.5), nqm.OptimizerSetting(ema=0.8),
+     nqm.OptimizerSetting(momentum=0.8, precondition_power=0.5, ema=0.6)],
+    ids=["sgd", "momentum-0.9", "momentum-0.5", "precondition", "ema", "momentum-precondition-ema"],
+)
+def test_search_matches_the_step_by_step_recurrence_on_random_models(optimizer):
+    rng = np.random.default_rng(7)
+    horizon = 700
+    for _ in range(4):
+        h = np.sort(10 ** rng.uniform(-2, 0, 3))[::-1]
+        model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 1, 3))
+        limit = 2 * (1 + optimizer.momentum) / h.max() ** (1 - optimizer.precondition_power)
+        rates = limit * np.array([0.02, 0.2, 0.6, 0.95])
+        batches = np.array([1.0, 16.0, 1024.0])
+        risks = {(rate, batch): recurrence_risk(model, optimizer, lambda step, r=rate: r, batch, horizon)
+                 for rate in rates for batch in batches}
+        # targets at the risk of a random step: a momentum curve often dips there for a step or two
+        for target in [risks[rates[2], batches[1]][rng.integers(20, 600)] * (1 + 1e-9), 0.05]:
+            expected = np.array([[first_below(risks[rate, batch], target) for batch in batches] for rate in rates])
+            steps = nqm.steps_to_target(model, optimizer, rates, batches, target=target, max_steps=horizon)
+            np.testing.assert_array_equal(steps, expected)
+            curve = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target,
+                                            max_steps=horizon)
+            for j, batch in enumerate(batches):  # the winner's steps are its exact first crossing
+                if np.isfinite(curve.steps[j]):
+                    chosen = recurrence_risk(model, optimizer, lambda step: curve.learning_rates[j], batch, horizon)
+                    assert curve.steps[j] == first_below(chosen, target)
+                else:
+                    assert np.isinf(expected[:, j]).all()
+
+
+def test_schedule_risk_matches_the_step_by_step_recurrence():
+    schedule = nqm.PiecewiseConstantSchedule(learning_rates=(0.9, 0.3, 0.05), boundaries=(10, 40))
+    optimizer = nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.5)
+    risks = recurrence_risk(SMALL_MODEL, optimizer, lambda step: 0.9 if step < 10 else 0.3 if step < 40 else 0.05,
+                            2.0, 120)
+    times = np.arange(121)
+    np.testing.assert_allclose(nqm.expected_risk(SMALL_MODEL, optimizer, schedule, 2.0, times), risks, rtol=1e-10)
+
+
 def test_steps_to_target_is_inf_when_steady_state_is_above_target():
     model = nqm.paper_model(dim=100, n_bins=10)
     floor = nqm.steady_state_risk(model, nqm.OptimizerSetting(), 0.5, 1.0)
