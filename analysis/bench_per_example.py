@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             block += [{"model": name, "method": method, "status": why} for method, why in missing.items()]
             rows += [row | {"threads": count} for row in block]
     table = pd.DataFrame(rows)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine())
     table["device"] = machine
     table["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
