@@ -789,3 +789,33 @@ def test_recurrent_layers_by_the_fused_rerun_match_naive_loop(layer):
     targets = torch.randn(5, generator=generator(2), dtype=torch.float64)
     result = assert_matches_reference(model, lambda out, y: (out - y).square(), inputs, targets, "auto")
     assert set(result.backend_of.values()) == {"module"}
+
+
+# --------------------------------------------------------------------------- the plan kept between calls
+
+def test_the_plan_follows_freezing_replaced_parameters_and_train_mode_between_calls():
+    model, x, y, loss_fn = _mlp_case()
+    model = nn.Sequential(*model, nn.BatchNorm1d(5).double().eval())
+
+    def expect(measure):
+        result = measure(x, y)
+        expected, grads = naive_per_example(model, loss_fn, x, y), plain_backward_grads(model, loss_fn, x, y)
+        assert result.backend_of.keys() == expected.keys()
+        assert_relclose(result.sqnorms, sum(expected.values()))
+        assert_relclose(result.grad_sqnorm, sum(g.square().sum() for g in grads.values() if g is not None))
+        for name, p in model.named_parameters():
+            assert (p.grad is None) == (grads[name] is None) and (p.grad is None or torch.equal(p.grad, grads[name]))
+        model.zero_grad(set_to_none=True)
+
+    with PerExampleGradNorms(model, loss_fn) as measure:
+        expect(measure)
+        model[1].weight.requires_grad_(False)                       # frozen after the first call
+        expect(measure)
+        model[1].weight.requires_grad_(True)
+        model[3].bias = nn.Parameter(torch.randn(6, dtype=torch.float64, generator=generator(3)))  # replaced
+        expect(measure)
+        model[-1].train()                                             # BatchNorm now couples the examples
+        with pytest.raises(ValueError, match="batch statistics"):
+            measure(x, y)
+        model[-1].eval()
+        expect(measure)
