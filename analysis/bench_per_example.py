@@ -1,23 +1,32 @@
 """Benchmark: cost of per-example gradient norms against a plain training step.
 
-For three models (MLP 784-512-512-10 at B=128, LeNet-5-like CNN on 28x28 at B=128, a 2-layer transformer
-with d=128, 4 heads, T=64, vocab 256 at B=32) it times one forward+backward step for
+Models: the project's own three (MLP 784-512-512-10 at B=128, LeNet-5-like CNN on 28x28 at B=128, a 2-layer
+transformer with d=128, 4 heads, T=64, vocab 256 at B=32) and, at B=16, T=32, models nobody here wrote, from
+small configs with random weights and dropout 0, so that every method measures the same gradients (nothing is
+downloaded): HuggingFace GPT-2, BERT (sequence classification,
+padding mask), Llama (attention mask), ViT (32x32 images, 8x8 patches) and BART (d=64, 2 layers each, 4 heads,
+vocab 512), a classifier on torch's nn.TransformerEncoder (key padding mask) and one on nn.LSTM. It times one
+forward+backward step for
 
-    plain     forward + loss.mean().backward()
-    ghost     noisescale, ghost-norm hooks only
-    auto      noisescale, ghost where supported, torch.func vmap for the rest
-    vmap      noisescale, torch.func vmap(grad) for every parameter
-    backpack  BackPACK BatchL2Grad (extend + backward)
-    opacus    Opacus GradSampleModule (per-example gradients, then their norms)
+    plain         forward + loss.mean().backward()
+    ghost         noisescale, layer rules only (raises where a module has none)
+    auto          noisescale, rules, the per-module fallback, whole-model vmap for the rest
+    vmap          noisescale, torch.func vmap(grad) for every parameter
+    backpack      BackPACK BatchL2Grad (extend + backward)
+    opacus        Opacus GradSampleModule (per-example gradients, then their norms)
+    opacus_ghost  Opacus GradSampleModuleFastGradientClipping with ghost clipping: its first backward, which
+                  leaves the mean gradient in p.grad and the per-example norms in get_norm_sample() (the
+                  second, clipped backward of DP training is not run)
 
 and reports the median time over interleaved repetitions after warm-up, and the peak memory of the tensors
 the step allocates (a TorchDispatchMode counts live storages, so it works on CPU where torch keeps no
 allocator statistics; on CUDA the allocator's peak is used), both as ratios to `plain` measured in the same
-run. Peers that cannot be installed or that reject a model are listed with the reason. Each method's
-per-example squared norms are also compared with noisescale's `vmap` result (max relative difference).
+run, at each thread count of ``--threads`` (CPU). Peers that cannot be installed or that reject a model are
+listed with the reason. Each method's per-example squared norms are also compared with noisescale's `vmap`
+result (max relative difference).
 
-    python analysis/bench_per_example.py [--repeats 15] [--device cpu|cuda] [--models mlp cnn transformer]
-                                         [--out data/bench/per_example.csv]
+    python analysis/bench_per_example.py [--repeats 15] [--device cpu|cuda] [--threads 1 2]
+                                         [--models mlp cnn transformer gpt2 ...] [--out data/bench/per_example.csv]
 """
 
 from __future__ import annotations
@@ -38,8 +47,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
+from noisescale.batches import call_model
+from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
+
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "bert", "llama", "vit", "bart", "torch_encoder", "lstm"]
+THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
+
 
 class PeakTensorMemory(TorchDispatchMode):
     """Peak bytes of the tensor storages created inside the block, autograd's included."""
@@ -77,27 +92,127 @@ def classification_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
-def make_cases(device: torch.device) -> dict[str, tuple[torch.nn.Module, Callable, torch.Tensor, torch.Tensor]]:
-    """name -> (model, per-example loss, inputs, targets), seeded."""
+def causal_lm_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+    return sequence_cross_entropy(outputs, labels, shift=True)
+
+
+class EncoderClassifier(torch.nn.Module):
+    """Token embedding, torch's nn.TransformerEncoder (2 layers, d=64, 4 heads, key padding mask), first token."""
+
+    def __init__(self, vocab: int = VOCAB, width: int = 64, classes: int = 3):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = torch.nn.Linear(width, classes)
+
+    def forward(self, tokens, padding_mask):
+        return self.out(self.encoder(self.embed(tokens), src_key_padding_mask=padding_mask)[:, 0])
+
+
+class LSTMClassifier(torch.nn.Module):
+    """nn.LSTM (1 layer, 32 -> 64, batch first) over the sequence, mean over time, linear head."""
+
+    def __init__(self, features: int = 32, hidden: int = 64, classes: int = 3):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(features, hidden, batch_first=True)
+        self.out = torch.nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0].mean(1))
+
+
+def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tuple]]:
+    """name -> a builder of (model, per-example loss, inputs, targets); HuggingFace ones from small configs."""
+    batch, length = THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH
+    tokens = torch.randint(0, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for i in range(0, batch, 2):   # every other example padded to a different length
+        mask[i, length // 2 + i:] = 0
+    classes = torch.randint(0, 3, (batch,), generator=generator)
+    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    sequences = torch.randn(batch, length, 32, generator=generator)
+    short = torch.randint(3, VOCAB, (batch, length // 4), generator=generator)
+
+    def hf(name):
+        import transformers
+        return getattr(transformers, name)
+
+    small = dict(vocab_size=VOCAB)
+    return {
+        "gpt2": lambda: (hf("GPT2LMHeadModel")(hf("GPT2Config")(n_layer=2, n_embd=64, n_head=4, n_positions=64,
+                                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                                **small)),
+                         causal_lm_loss, {"input_ids": tokens}, tokens),
+        "bert": lambda: (hf("BertForSequenceClassification")(hf("BertConfig")(
+                             num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                             max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, **small)),
+                         per_example_cross_entropy, {"input_ids": tokens, "attention_mask": mask}, classes),
+        "llama": lambda: (hf("LlamaForCausalLM")(hf("LlamaConfig")(
+                              num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=128, max_position_embeddings=64, attention_dropout=0.0,
+                              **small)),
+                          causal_lm_loss, {"input_ids": tokens, "attention_mask": mask},
+                          tokens.masked_fill(mask == 0, -100)),
+        "vit": lambda: (hf("ViTForImageClassification")(hf("ViTConfig")(
+                            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                            image_size=32, patch_size=8, num_channels=3, num_labels=3, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)),
+                        per_example_cross_entropy, {"pixel_values": images}, classes),
+        "bart": lambda: (hf("BartForConditionalGeneration")(hf("BartConfig")(
+                             encoder_layers=2, decoder_layers=2, d_model=64, encoder_attention_heads=4,
+                             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                             max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                             activation_dropout=0.0, **small)),
+                         sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short},
+                         short),
+        "torch_encoder": lambda: (EncoderClassifier(), per_example_cross_entropy, (tokens, mask == 0), classes),
+        "lstm": lambda: (LSTMClassifier(), per_example_cross_entropy, sequences, classes),
+    }
+
+
+def make_cases(device: torch.device, names: list[str]) -> dict[str, tuple]:
+    """name -> (model, per-example loss, inputs, targets) for the models in ``names``, seeded; a model whose
+    library is missing maps to the reason."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     images = torch.randn(128, 1, 28, 28, generator=generator)
     labels = torch.randint(0, 10, (128,), generator=generator)
     tokens = torch.randint(0, 256, (32, 65), generator=generator)
-    cases = {
-        "mlp": (mlp(), classification_loss, images.flatten(1), labels),
-        "cnn": (lenet5(), classification_loss, images, labels),
-        "transformer": (tiny_transformer(), sequence_cross_entropy, tokens[:, :-1], tokens[:, 1:]),
+    builders = {
+        "mlp": lambda: (mlp(), classification_loss, images.flatten(1), labels),
+        "cnn": lambda: (lenet5(), classification_loss, images, labels),
+        "transformer": lambda: (tiny_transformer(), sequence_cross_entropy, tokens[:, :-1], tokens[:, 1:]),
+        **third_party_cases(generator),
     }
-    return {
-        name: (model.to(device), loss_fn, inputs.to(device), targets.to(device))
-        for name, (model, loss_fn, inputs, targets) in cases.items()
-    }
+    cases = {}
+    for name in names:
+        torch.manual_seed(0)
+        try:
+            model, loss_fn, inputs, targets = builders[name]()
+        except ImportError as error:
+            cases[name] = f"not installed ({error})"
+            continue
+        cases[name] = (model.to(device), loss_fn, to_device(inputs, device), to_device(targets, device))
+    return cases
+
+
+def to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    return tuple(to_device(item, device) for item in value)
+
+
+def batch_of(inputs) -> int:
+    return tree_flatten(inputs)[0][0].shape[0]
 
 
 def plain_step(model, loss_fn):
     def step(inputs, targets):
-        loss_fn(model(inputs), targets).mean().backward()
+        loss_fn(call_model(model, inputs), targets).mean().backward()
 
     return step
 
@@ -114,44 +229,72 @@ def backpack_step(model, loss_fn):
     from backpack import backpack, extend
     from backpack.extensions import BatchL2Grad
 
-    if loss_fn is not classification_loss:
+    if loss_fn not in (classification_loss, per_example_cross_entropy):
         raise NotImplementedError("BatchL2Grad needs a BackPACK-extended loss module; sequence losses are not")
     model, criterion = extend(model), extend(torch.nn.CrossEntropyLoss(reduction="mean"))
 
     def step(inputs, targets):
-        loss = criterion(model(inputs), targets)
+        loss = criterion(logits_of(call_model(model, inputs)), targets)
         with backpack(BatchL2Grad()):
             loss.backward()
+        missing = sorted({type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)
+                          if p.requires_grad and not hasattr(p, "batch_l2")})
+        if missing:  # BackPACK skips layers it has no extension for (a warning), which would understate the norms
+            raise NotImplementedError(f"BatchL2Grad has no extension for {', '.join(missing)}")
         # BatchL2Grad gives |grad of l_i / B|^2 for a mean loss; rescale to |g_i|^2.
-        return sum(p.batch_l2 for p in model.parameters() if p.requires_grad) * inputs.shape[0] ** 2
+        return sum(p.batch_l2 for p in model.parameters() if p.requires_grad) * batch_of(inputs) ** 2
 
     return step
+
+
+def opacus_ready(model):
+    """The model as Opacus users run it: ``ModuleValidator.fix`` swaps the layers Opacus cannot hook
+    (nn.MultiheadAttention, nn.LSTM) for its own DP versions (same maths, a copy of the model)."""
+    from opacus.validators import ModuleValidator
+
+    return ModuleValidator.fix(model)
 
 
 def opacus_step(model, loss_fn):
     from opacus import GradSampleModule
 
+    model = opacus_ready(model)
     module = GradSampleModule(model, loss_reduction="mean", batch_first=True)
 
     def step(inputs, targets):
-        loss_fn(module(inputs), targets).mean().backward()
+        loss_fn(call_model(module, inputs), targets).mean().backward()
         # with loss_reduction="mean" Opacus rescales grad_sample to the per-example gradients g_i themselves
         sqnorms = sum(
-            p.grad_sample.reshape(inputs.shape[0], -1).square().sum(1) for p in model.parameters() if p.requires_grad
+            p.grad_sample.reshape(batch_of(inputs), -1).square().sum(1) for p in model.parameters() if p.requires_grad
         )
         for p in model.parameters():  # Opacus accumulates grad_sample across steps unless it is cleared
             p.grad_sample = None
         return sqnorms
 
-    return step
+    return step, model
+
+
+def opacus_ghost_step(model, loss_fn):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    model = opacus_ready(model)
+    module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                  max_grad_norm=1.0, use_ghost_clipping=True)
+
+    def step(inputs, targets):
+        loss_fn(call_model(module, inputs), targets).mean().backward()
+        return module.get_norm_sample().square()   # |g_i| per example (backprops rescaled by B for "mean")
+
+    return step, model
 
 
 def available_methods() -> tuple[dict[str, Callable], dict[str, str]]:
-    """Step factories (model, loss_fn) -> step(inputs, targets) of the methods that can run here, and why
-    the others cannot."""
+    """Step factories (model, loss_fn) -> step(inputs, targets), or (step, the model it trains) where the peer
+    replaces the model, of the methods that can run here, and why the others cannot."""
     factories = {"plain": plain_step, **{b: noisescale_step(b) for b in ("ghost", "auto", "vmap")}}
     missing = {}
-    for name, factory, module in (("backpack", backpack_step, "backpack"), ("opacus", opacus_step, "opacus")):
+    for name, factory, module in (("backpack", backpack_step, "backpack"), ("opacus", opacus_step, "opacus"),
+                                  ("opacus_ghost", opacus_ghost_step, "opacus")):
         try:
             __import__(module)
             factories[name] = factory
@@ -203,6 +346,8 @@ def bench_model(name, case, factories, repeats, warmup, device) -> list[dict]:
         copy = deepcopy(model)
         try:
             step = factory(copy, loss_fn)
+            if isinstance(step, tuple):
+                step, copy = step
             for _ in range(warmup):
                 zero_grads(copy)
                 sqnorms[method] = step(inputs, targets)
@@ -239,29 +384,33 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"],
-                        choices=["mlp", "cnn", "transformer"])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()],
+                        help="CPU thread counts to run at (torch.set_num_threads), one table block each")
     parser.add_argument("--out", type=Path, default=Path("data/bench/per_example.csv"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     factories, missing = available_methods()
     rows = []
-    for name, case in make_cases(device).items():
-        if name not in args.models:
+    threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
+    for name, case in make_cases(device, args.models).items():
+        if isinstance(case, str):
+            rows.append({"model": name, "method": "plain", "status": case})
             continue
-        rows += bench_model(name, case, factories, args.repeats, args.warmup, device)
-        rows += [{"model": name, "method": method, "status": why} for method, why in missing.items()]
+        for count in threads:
+            torch.set_num_threads(count)
+            block = bench_model(name, case, factories, args.repeats, args.warmup, device)
+            block += [{"model": name, "method": method, "status": why} for method, why in missing.items()]
+            rows += [row | {"threads": count} for row in block]
     table = pd.DataFrame(rows)
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine())
     table["device"] = machine
     table["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    shown = table[["model", "method", "median_ms", "time_ratio", "peak_mb", "memory_ratio", "max_rel_diff_vs_vmap", "status"]]
+    shown = table[["model", "threads", "method", "median_ms", "time_ratio", "peak_mb", "memory_ratio",
+                   "max_rel_diff_vs_vmap", "status"]]
     print(f"device: {machine}; torch {torch.__version__}; median of {args.repeats} interleaved repeats")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"wrote {args.out}")

@@ -11,22 +11,19 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
+from _ranks import capture_error, free_port, report_progress, spawn_ranks
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.distributed import (
     DDPNoiseScale,
@@ -52,10 +49,6 @@ HESSIAN_STEPS, HESSIAN_SEED = 2, 7
 INPUTS, HIDDEN, CLASSES = 6, 8, 3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _make_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -144,23 +137,10 @@ def _hessian_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
                            monitor_options=options, seed=4, progress=False)
 
 
-def _capture_error(function) -> tuple[str, str] | None:
-    try:
-        function()
-    except Exception as error:  # noqa: BLE001 - the test compares the type and message
-        return (type(error).__name__, str(error))
-    return None
 
 
-def _report_progress(out_dir: str, rank: int, scenario: str) -> None:
-    """Note that ``rank`` finished ``scenario``: the fixture's hang detector watches these files."""
-    with open(os.path.join(out_dir, f"rank{rank}.progress"), "a") as progress:
-        progress.write(scenario + "\n")
 
 
-def _progress(out_dir: Path) -> dict[str, list[str]]:
-    """The scenarios each rank has reported, by rank."""
-    return {path.stem: path.read_text().split() for path in sorted(out_dir.glob("rank*.progress"))}
 
 
 def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
@@ -176,7 +156,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     # 1. float64 estimates and parameters, compared with the single-process reference.
     model = _ddp(_make_model(torch.float64))
     noise = DDPNoiseScale(model, LOCAL_BATCH, ema_decay=0.5)
-    results["no_backward_error"] = _capture_error(noise.step_estimate)
+    results["no_backward_error"] = capture_error(noise.step_estimate)
     results["estimate_params"] = _train(model, noise, inputs64, labels, rank)
     results["estimate_history"] = noise.history
     results["estimate_state"] = noise.state_dict()
@@ -185,7 +165,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     sparse_noise = DDPNoiseScale(sparse, LOCAL_BATCH, ema_decay=0.5, measure_every=2)
     _train(sparse, sparse_noise, inputs64, labels, rank)
     results["every_other_history"] = sparse_noise.history
-    _report_progress(out_dir, rank, "estimates")
+    report_progress(out_dir, rank, "estimates")
 
     # 1b. collectives per step: the default reduction carries the totals in the last bucket's all-reduce;
     # a wrapped hook of PyTorch's needs one extra all-reduce per measured step. Both give the same estimates.
@@ -201,7 +181,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
             _train(wrapped, wrapped_noise, inputs64, labels, rank)
             results[f"{key}_all_reduces"] = counter[0]
         results[f"{key}_history"] = wrapped_noise.history
-        _report_progress(out_dir, rank, f"hook_{key}")
+        report_progress(out_dir, rank, f"hook_{key}")
 
     # 2. float32 training with and without the hook, momentum SGD.
     inputs32 = inputs64.float()
@@ -215,7 +195,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     results["bucket_view_params"] = _train(as_view, as_view_noise, inputs32, labels, rank, momentum=0.9)
     results["bucket_view_history"] = as_view_noise.history
     results["float32_history"] = hooked_noise.history
-    _report_progress(out_dir, rank, "float32")
+    report_progress(out_dir, rank, "float32")
 
     # 3. NaN on one rank at one step; the optimizer skips the step when the estimate is NaN.
     poisoned = _ddp(_make_model(torch.float64))
@@ -223,24 +203,24 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     _train(poisoned, poisoned_noise, inputs64, labels, rank, poison=(NAN_STEP, NAN_RANK))
     results["nan_history"] = poisoned_noise.history
     results["nan_num_skipped"] = poisoned_noise.average.num_skipped
-    _report_progress(out_dir, rank, "nan")
+    report_progress(out_dir, rank, "nan")
 
     # 4. local batch sizes that differ across ranks.
     poisoned_noise.local_batch_size = LOCAL_BATCH + rank
     _accumulated_backward(poisoned, inputs64[0, rank], labels[0, rank])
-    results["batch_mismatch_error"] = _capture_error(poisoned_noise.step_estimate)
+    results["batch_mismatch_error"] = capture_error(poisoned_noise.step_estimate)
 
     # 4b. a rejected grad_scale leaves nothing behind: the next step's |g_big|^2 is that of its own gradient.
     recovering = _ddp(_make_model(torch.float64))
     recovering_noise = DDPNoiseScale(recovering, LOCAL_BATCH)
     _accumulated_backward(recovering, inputs64[0, rank], labels[0, rank])
-    results["grad_scale_error"] = _capture_error(lambda: recovering_noise.step_estimate(grad_scale=0.0))
+    results["grad_scale_error"] = capture_error(lambda: recovering_noise.step_estimate(grad_scale=0.0))
     recovering.zero_grad()
     _accumulated_backward(recovering, inputs64[1, rank], labels[1, rank])
     recovering_noise.step_estimate()
     results["recovered_global_sqnorm"] = recovering_noise.history["global_sqnorm"].iloc[-1]
     results["recovered_grad_sqnorm"] = sum(float(p.grad.square().sum()) for p in recovering.parameters())
-    _report_progress(out_dir, rank, "errors")
+    report_progress(out_dir, rank, "errors")
 
     # 5. per-example sums: naive per-example loop on this rank, |gbar|^2 from DDP's all-reduced gradient.
     reference = _make_model(torch.float64)
@@ -253,7 +233,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     F.cross_entropy(plain64(inputs64[0, rank]), labels[0, rank]).backward()
     grad_sqnorm = sum(float(p.grad.square().sum()) for p in plain64.parameters())
     results["per_example_estimate"] = all_reduce_per_example_sums(sum(sqnorms), LOCAL_BATCH, grad_sqnorm)
-    _report_progress(out_dir, rank, "per_example")
+    report_progress(out_dir, rank, "per_example")
 
     # 6. the adaptive trainer under DDP (noise-scale policy, micro-batches), and with a NaN example.
     # "adaptive_kappa": every rank but the first would keep the smallest batch; rank 0's decisions must rule.
@@ -266,7 +246,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
         results[f"{key}_params"] = [p.detach().clone() for p in trainer.model.parameters()]
         results[f"{key}_history"] = trainer.history
         results[f"{key}_checkpoint"] = trainer.state_dict()
-        _report_progress(out_dir, rank, f"trainer_{key}")
+        report_progress(out_dir, rank, f"trainer_{key}")
 
     # 6b. the reverse resume: a one-process checkpoint (trained here on every rank) continued under DDP.
     single = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
@@ -280,7 +260,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
             resumed.step()
     results["resumed_from_single_history"] = resumed.history
     results["resumed_from_single_params"] = [p.detach().clone() for p in resumed.model.parameters()]
-    _report_progress(out_dir, rank, "resume")
+    report_progress(out_dir, rank, "resume")
 
     # 7. B_noise under DDP: every rank's Hessian proxies from its own shard, averaged over the ranks.
     trainer = _hessian_trainer(_ddp(_make_model(torch.float64)))
@@ -290,7 +270,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     results["hessian_history"] = trainer.history
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    _report_progress(out_dir, rank, "saved")
+    report_progress(out_dir, rank, "saved")
     dist.destroy_process_group()
 
 
@@ -298,23 +278,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
 def rank_results(tmp_path_factory, hang_deadline_s):
     """Every rank's results; fails when no rank reports progress for ``hang_deadline_s`` (a hang, not slowness)."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(
-        _worker, args=(_free_port(), str(out_dir), hang_deadline_s), nprocs=WORLD_SIZE, join=False,
-        start_method="spawn",
-    )
-    progress, last_change = {}, time.monotonic()
-    while not context.join(timeout=1):
-        if _progress(out_dir) != progress:
-            progress, last_change = _progress(out_dir), time.monotonic()
-        elif time.monotonic() - last_change > hang_deadline_s:
-            for process in context.processes:
-                process.terminate()
-            last_finished = {rank: done[-1] for rank, done in progress.items() if done}
-            pytest.fail(
-                f"the {WORLD_SIZE} DDP ranks made no progress for {hang_deadline_s:g} s, a hang; scenarios "
-                f"finished by each rank: {last_finished or 'none'}. On a machine this slow, set NOISESCALE_TEST_HANG_S "
-                "to a larger number of seconds"
-            )
+    spawn_ranks(_worker, (free_port(), str(out_dir), hang_deadline_s), WORLD_SIZE, out_dir, hang_deadline_s)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
@@ -547,7 +511,7 @@ def test_construction_errors_single_process():
     model = _make_model(torch.float32)
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         DDPNoiseScale(model, 8)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ddp_model = DistributedDataParallel(model)
         with pytest.raises(ValueError, match="world size is 1.*accumulation"):

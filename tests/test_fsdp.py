@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -21,12 +20,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
+from _ranks import capture_error, free_port, spawn_ranks
 from noisescale.app.cli import main
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.losses import per_example_cross_entropy
@@ -149,12 +148,6 @@ def _monitored_fsdp_training(model: nn.Module, rank: int) -> tuple[list[torch.Te
     return [local_part(p).detach().clone() for p in model.parameters()], monitor._rows
 
 
-def _capture_error(function) -> tuple[str, str] | None:
-    try:
-        function()
-    except Exception as error:  # noqa: BLE001 - the test compares the type and message
-        return (type(error).__name__, str(error))
-    return None
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -238,10 +231,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     odd = fully_shard(Transposed().double(), mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
     with PerExampleGradNorms(odd, lambda out, y: out.square().sum(1)) as norms:
-        results["unmeasurable_error"] = _capture_error(lambda: norms(inputs, labels))
-    results["vmap_error"] = _capture_error(lambda: PerExampleGradNorms(odd, per_example_cross_entropy, backend="vmap"))
+        results["unmeasurable_error"] = capture_error(lambda: norms(inputs, labels))
+    results["vmap_error"] = capture_error(lambda: PerExampleGradNorms(odd, per_example_cross_entropy, backend="vmap"))
     hooks_before = len(odd._forward_hooks)
-    results["hessian_error"] = _capture_error(
+    results["hessian_error"] = capture_error(
         lambda: NoiseScaleMonitor(odd, per_example_cross_entropy, hessian_every=5))
     results["hooks_left_by_the_refused_monitor"] = len(odd._forward_hooks) - hooks_before
 
@@ -249,16 +242,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
+def rank_results(tmp_path_factory, hang_deadline_s):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    spawn_ranks(_worker, (free_port(), str(out_dir)), WORLD_SIZE, out_dir, hang_deadline_s)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 

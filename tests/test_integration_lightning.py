@@ -10,18 +10,16 @@ import copy
 import csv
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from _ranks import free_port, spawn_ranks
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
@@ -165,13 +163,8 @@ def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
-HANG_GUARD_S = 900  # only against a deadlock; a busy machine finishes far sooner
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ddp_worker(rank, port, out_dir):
@@ -195,15 +188,8 @@ def _ddp_worker(rank, port, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path):
-    context = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"the {WORLD_SIZE} DDP ranks hang (no result after {HANG_GUARD_S} s)")
+def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
+    spawn_ranks(_ddp_worker, (free_port(), str(tmp_path)), WORLD_SIZE, tmp_path, hang_deadline_s)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
     for result in ranks:
         assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))

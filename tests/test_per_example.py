@@ -758,3 +758,64 @@ def test_an_output_of_one_from_parameters_alone_is_not_taken_for_a_broadcast_cal
     x = torch.randn(3, 4, 3, dtype=torch.float64, generator=generator(1))
     result = assert_matches_reference(model, regression_loss, x, torch.zeros(3, 2, dtype=torch.float64), "auto")
     assert result.backend_of["bias.table"] == "vmap" and result.backend_of["out.weight"] == "ghost"
+
+
+# --------------------------------------------------------------------------- recurrent layers (fused re-run)
+
+class _RecurrentUsingStates(nn.Module):
+    """A stacked recurrent layer whose loss reads its outputs and its final states (every gradient path)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        outputs, states = self.layer(x if self.layer.batch_first else x.transpose(0, 1))
+        states = states if isinstance(states, tuple) else (states,)
+        return outputs.sum(1 if self.layer.batch_first else 0).sum(1) + sum(s.sum((0, 2)) for s in states)
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: nn.RNN(3, 4, num_layers=2, nonlinearity="tanh", bidirectional=True),
+    lambda: nn.RNN(3, 4, nonlinearity="relu", batch_first=True, bias=False),
+    lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True),
+    lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True),
+    lambda: nn.GRU(3, 4, batch_first=True, bias=False),
+], ids=["rnn_tanh_bidirectional", "rnn_relu_no_bias", "lstm_bidirectional", "gru_bidirectional", "gru_no_bias"])
+def test_recurrent_layers_by_the_fused_rerun_match_naive_loop(layer):
+    torch.manual_seed(0)
+    model = _RecurrentUsingStates(layer()).double()
+    inputs = torch.randn(5, 6, 3, generator=generator(1), dtype=torch.float64)
+    targets = torch.randn(5, generator=generator(2), dtype=torch.float64)
+    result = assert_matches_reference(model, lambda out, y: (out - y).square(), inputs, targets, "auto")
+    assert set(result.backend_of.values()) == {"module"}
+
+
+# --------------------------------------------------------------------------- the plan kept between calls
+
+def test_the_plan_follows_freezing_replaced_parameters_and_train_mode_between_calls():
+    model, x, y, loss_fn = _mlp_case()
+    model = nn.Sequential(*model, nn.BatchNorm1d(5).double().eval())
+
+    def expect(measure):
+        result = measure(x, y)
+        expected, grads = naive_per_example(model, loss_fn, x, y), plain_backward_grads(model, loss_fn, x, y)
+        assert result.backend_of.keys() == expected.keys()
+        assert_relclose(result.sqnorms, sum(expected.values()))
+        assert_relclose(result.grad_sqnorm, sum(g.square().sum() for g in grads.values() if g is not None))
+        for name, p in model.named_parameters():
+            assert (p.grad is None) == (grads[name] is None) and (p.grad is None or torch.equal(p.grad, grads[name]))
+        model.zero_grad(set_to_none=True)
+
+    with PerExampleGradNorms(model, loss_fn) as measure:
+        expect(measure)
+        model[1].weight.requires_grad_(False)                       # frozen after the first call
+        expect(measure)
+        model[1].weight.requires_grad_(True)
+        model[3].bias = nn.Parameter(torch.randn(6, dtype=torch.float64, generator=generator(3)))  # replaced
+        expect(measure)
+        model[-1].train()                                             # BatchNorm now couples the examples
+        with pytest.raises(ValueError, match="batch statistics"):
+            measure(x, y)
+        model[-1].eval()
+        expect(measure)

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from noisescale.batches import batch_size_of, call_model
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
-from noisescale.per_example.layers import rule_for, uses_batch_statistics
+from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.vmap import vmap_sqnorms
 from noisescale.sharded import flat_parameter_owners, is_sharded
 
@@ -118,6 +118,12 @@ class _Plan:
     ghost: dict[nn.Module, GhostModule]
     vmap_names: list[str]
     backend_of: dict[str, str]
+    parameters: dict[str, nn.Parameter]
+
+    def fresh(self) -> _Plan:
+        """A copy whose GhostModule entries a pass may extend (``GhostPass.attach``) without changing this one."""
+        ghost = {module: GhostModule(entry.path, entry.rule, dict(entry.names)) for module, entry in self.ghost.items()}
+        return _Plan(ghost, self.vmap_names, self.backend_of, self.parameters)
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -190,6 +196,7 @@ class PerExampleGradNorms:
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
             hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in m.parameters(recurse=False))]
         self._engine = GhostNormEngine(hooked)
+        self._cached_plan: tuple[tuple, _Plan] | None = None
 
     def close(self) -> None:
         """Remove the hooks from the model."""
@@ -201,10 +208,26 @@ class PerExampleGradNorms:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def _plan_key(self) -> tuple:
+        """Everything the plan depends on that may change between calls: each module's parameters (identity,
+        requires_grad), the modules' train/eval modes and the rule registries. The module tree is fixed at
+        ``__init__`` (the hooks are installed then)."""
+        return (tuple(None if p is None else (id(p), p.requires_grad)
+                      for module in self._path_of for p in module._parameters.values()),
+                tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES))
+
     def _plan(self) -> _Plan:
-        """Which trainable parameters go to ghost, the per-module fallback and vmap (decided per call: freezing
-        may change)."""
-        name_of = {p: name for name, p in self.model.named_parameters()}
+        """The plan of this call: rebuilt only when freezing, parameters, train/eval modes or the rules have
+        changed since the last call (building it walks the whole model), and copied for the pass."""
+        key = self._plan_key()
+        if self._cached_plan is None or self._cached_plan[0] != key:
+            self._cached_plan = (key, self._build_plan())
+        return self._cached_plan[1].fresh()
+
+    def _build_plan(self) -> _Plan:
+        """Which trainable parameters go to ghost, the per-module fallback and vmap."""
+        parameters = dict(self.model.named_parameters())
+        name_of = {p: name for name, p in parameters.items()}
         owned = {module: [(n, name_of[p]) for n, p in module.named_parameters(recurse=False)
                           if p.requires_grad and not _is_flat(p)] for module in self._path_of}
         if self._sharded:  # FSDP1 flat parameters: measured by the modules that own their original parameters
@@ -245,7 +268,7 @@ class PerExampleGradNorms:
                     entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
-        return _Plan(hooked, vmap_names, backend_of)
+        return _Plan(hooked, vmap_names, backend_of, parameters)
 
     def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, loss: Tensor) -> list[str]:
         """Parameters in the loss's graph although no hooked call of their module used them: their module's
@@ -263,8 +286,7 @@ class PerExampleGradNorms:
                 ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")
             return []
         in_graph = _leaves_in_graph(loss)
-        parameters = dict(self.model.named_parameters())
-        bypassed = sorted(name for name in unused if id(parameters[name]) in in_graph)
+        bypassed = sorted(name for name in unused if id(plan.parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
                              "their module's forward was never called (used directly by another module); use "
@@ -287,7 +309,7 @@ class PerExampleGradNorms:
         plan = self._plan()
         if not plan.backend_of:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
-        parameters = dict(self.model.named_parameters())
+        parameters = plan.parameters
         names = list(plan.backend_of)
         saved = _GradSnapshot(list(parameters.values()) if self._sharded else [parameters[name] for name in names])
         try:
@@ -387,7 +409,7 @@ class PerExampleGradNorms:
         if plan.vmap_names:
             raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
                              "backend='auto' or 'ghost'")
-        parameters = dict(self.model.named_parameters())
+        parameters = plan.parameters
         received: set[str] = set()
         handles = [] if self._sharded else [parameters[name].register_hook(partial(_mark_received, received, name))
                                             for name in plan.backend_of]

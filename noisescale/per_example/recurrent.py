@@ -1,17 +1,19 @@
-"""Per-example gradients of nn.RNN / nn.LSTM / nn.GRU from one unrolled re-run, instead of one run per example.
+"""Per-example gradients of nn.RNN / nn.LSTM / nn.GRU from one re-run of the recorded call, instead of one run per
+example.
 
-The fused kernels cannot be vmapped, so the per-module fallback would run the layer once per example. Here the
-recorded call is re-run once on the whole batch, unrolled in time with the cell's own equations (PyTorch's gate
-order and formulas), keeping the two affine maps of every step, u_t = W_ih x_t + b_ih and v_t = W_hh h_{t-1} + b_hh.
-One backward of the recorded output gradients gives du_t/dv_t, and then, for each example i (as for a Linear
-applied at every step):
+Every step of a layer holds two affine maps, u_t = W_ih x_t + b_ih and v_t = W_hh h_{t-1} + b_hh, and for each
+example i (as for a Linear applied at every step):
 
     dl_i/dW_ih = sum_t du_{i,t} x_{i,t}^T,   dl_i/dW_hh = sum_t dv_{i,t} h_{i,t-1}^T,   biases: sum_t du / dv.
 
-Cells (gates in PyTorch's order):  RNN h' = act(u + v);  LSTM (i, f, g, o): c' = f c + i g, h' = o tanh(c');
-GRU (r, z, n): n = tanh(u_n + r v_n), h' = (1 - z) n + z h. Layers are stacked, a reverse direction runs on the
-reversed sequence. Not covered (the module goes to the generic fallback): proj_size > 0, dropout between layers
-in train mode.
+The gradients du_t come from torch's own fused recurrent kernel, re-run one layer and direction at a time on
+u itself as its input with an identity input weight (u I = u exactly), so that the gradient with respect to that
+input is du: one backward of the recorded output gradients gives du_t for every step and layer, at the speed of
+the kernel rather than of a loop over steps. The cells (gates in PyTorch's order) give dv from du:
+RNN h' = act(u + v) and LSTM (i, f, g, o) act on u + v, so dv = du; GRU (r, z, n) has n = tanh(u_n + r v_n),
+so dv = (du_r, du_z, r du_n), with r recomputed from the kept states. Stacked layers feed each other, a reverse
+direction runs on the reversed sequence. Not covered (the module goes to the generic fallback): proj_size > 0,
+dropout between layers in train mode.
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ def unrolled_supported(module: nn.Module) -> bool:
             and not (module.training and module.dropout > 0 and module.num_layers > 1))
 
 
-def _cell(mode: str, u: Tensor, v: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+_KERNELS = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+            "RNN_RELU": torch._VF.rnn_relu}
+
+
+def _one_layer(mode: str, u: Tensor, w_hh: Tensor, b_hh: Tensor | None, h: Tensor, c: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Torch's fused kernel for one unidirectional batch-first layer on input u (B, T, G) with input weight I:
+    (outputs (B, T, H), h_n (B, H), c_n or None)."""
+    identity = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
+    weights = [identity, w_hh] if b_hh is None else [identity, w_hh, torch.zeros_like(b_hh), b_hh]
+    hx = (h.unsqueeze(0), c.unsqueeze(0)) if mode == "LSTM" else h.unsqueeze(0)
+    outputs, *states = _KERNELS[mode](u, hx, weights, b_hh is not None, 1, 0.0, False, False, True)
     if mode == "LSTM":
-        i, f, g, o = (u + v).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        u_r, u_z, u_n = u.chunk(3, dim=-1)
-        v_r, v_z, v_n = v.chunk(3, dim=-1)
-        r, z = torch.sigmoid(u_r + v_r), torch.sigmoid(u_z + v_z)
-        n = torch.tanh(u_n + r * v_n)
-        return (1 - z) * n + z * h, None
-    return (torch.tanh(u + v) if mode == "RNN_TANH" else torch.relu(u + v)), None
+        return outputs, states[0][0], states[1][0]
+    return outputs, states[0][0], None
 
 
 def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[Tensor | None],
@@ -60,61 +65,48 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
         h0, c0 = (zeros, zeros) if hx is None else (hx[0].detach(), hx[1].detach())
     else:
         h0, c0 = (zeros if hx is None else hx.detach()), None
-    # leaves that require grad, so that every u_t and v_t is a node of the graph whose gradient can be asked for
+    # leaves that require grad, so that every u is a node of the graph whose gradient can be asked for
     x, h0 = x.detach().requires_grad_(), h0.detach().clone().requires_grad_()
     c0 = None if c0 is None else c0.detach().clone().requires_grad_()
-    kept: dict[str, tuple[Tensor, Tensor]] = {}   # parameter suffix -> (affine outputs (B, T, G), their inputs)
+    kept: dict[str, tuple] = {}   # suffix -> (u (B, T, G), the layer's input, h_{t-1} (B, T, H), W_hh, b_hh)
     with torch.enable_grad():
         layer_input, last_h, last_c = x, [], []
         for layer in range(module.num_layers):
             direction_outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih, w_hh = getattr(module, "weight_ih" + suffix), getattr(module, "weight_hh" + suffix)
-                b_ih, b_hh = (getattr(module, "bias_ih" + suffix), getattr(module, "bias_hh" + suffix)) \
+                w_ih, w_hh = (getattr(module, f"weight_{kind}{suffix}").detach() for kind in ("ih", "hh"))
+                b_ih, b_hh = (getattr(module, f"bias_{kind}{suffix}").detach() for kind in ("ih", "hh")) \
                     if module.bias else (None, None)
                 sequence = layer_input.flip(1) if direction else layer_input
-                u = F.linear(sequence, w_ih.detach(), None if b_ih is None else b_ih.detach())
+                u = F.linear(sequence, w_ih, b_ih)
                 index = layer * directions + direction
-                h, c = h0[index], None if c0 is None else c0[index]
-                states, vs, previous = [], [], []
-                for t in range(length):
-                    previous.append(h)
-                    v = F.linear(h, w_hh.detach(), None if b_hh is None else b_hh.detach())
-                    vs.append(v)
-                    h, c = _cell(module.mode, u[:, t], v, h, c)
-                    states.append(h)
-                outputs = torch.stack(states, 1)
+                outputs, h, c = _one_layer(module.mode, u, w_hh, b_hh, h0[index], None if c0 is None else c0[index])
                 direction_outputs.append(outputs.flip(1) if direction else outputs)
                 last_h.append(h)
                 last_c.append(c)
-                kept["ih" + suffix] = (u, sequence)
-                kept["hh" + suffix] = (vs, previous)
+                previous = torch.cat([h0[index].unsqueeze(1), outputs[:, :-1]], 1)
+                kept[suffix] = (u, sequence, previous, w_hh, b_hh)
             layer_input = torch.cat(direction_outputs, -1) if directions == 2 else direction_outputs[0]
         produced = [layer_input if module.batch_first else layer_input.transpose(0, 1), torch.stack(last_h)]
         if module.mode == "LSTM":
             produced.append(torch.stack(last_c))
         pairs = [(out, g) for out, g in zip(produced, grads) if g is not None]
-        targets = []
-        for key, (affine, _) in kept.items():
-            targets.extend([affine] if key.startswith("ih") else affine)
-        found = torch.autograd.grad([p for p, _ in pairs], targets, [g for _, g in pairs], allow_unused=True)
+        found = torch.autograd.grad([p for p, _ in pairs], [u for u, *_ in kept.values()], [g for _, g in pairs],
+                                    allow_unused=True)
     result: dict[str, Tensor | LinearFactors] = {}
-    position = 0
-    for key, (affine, inputs) in kept.items():
-        if key.startswith("ih"):
-            d_affine, position = found[position], position + 1
-            a = inputs
-        else:
-            d_affine = torch.stack([g if g is not None else torch.zeros_like(v) for g, v in
-                                    zip(found[position:position + length], affine)], 1)
-            position += length
-            a = torch.stack(inputs, 1)
-        if d_affine is None:
-            d_affine = torch.zeros_like(affine)
-        kind, suffix = key[:2], key[2:]
-        if f"weight_{kind}{suffix}" in names:
-            result[f"weight_{kind}{suffix}"] = LinearFactors([(a.detach(), d_affine)])
-        if f"bias_{kind}{suffix}" in names:
-            result[f"bias_{kind}{suffix}"] = d_affine.sum(1)
+    for (suffix, (u, sequence, previous, w_hh, b_hh)), du in zip(kept.items(), found):
+        du = torch.zeros_like(u) if du is None else du
+        previous = previous.detach()
+        dv = du
+        if module.mode == "GRU":
+            du_r, du_z, du_n = du.chunk(3, dim=-1)
+            reset = torch.sigmoid(u.detach().chunk(3, dim=-1)[0] + F.linear(previous, w_hh.chunk(3)[0],
+                                                                            None if b_hh is None else b_hh.chunk(3)[0]))
+            dv = torch.cat([du_r, du_z, reset * du_n], -1)
+        for kind, d_affine, a in (("ih", du, sequence.detach()), ("hh", dv, previous)):
+            if f"weight_{kind}{suffix}" in names:
+                result[f"weight_{kind}{suffix}"] = LinearFactors([(a, d_affine)])
+            if f"bias_{kind}{suffix}" in names:
+                result[f"bias_{kind}{suffix}"] = d_affine.sum(1)
     return result

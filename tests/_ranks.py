@@ -1,0 +1,54 @@
+"""Spawning a few CPU (gloo) ranks from a test: a free port, errors captured in a rank for the test to compare, and
+a wait that fails only on a hang (no rank reports progress for ``hang_deadline_s``), never on a slow machine."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def capture_error(function) -> tuple[str, str] | None:
+    """(type name, message) of what ``function()`` raises, or None: a rank records it for the test to check."""
+    try:
+        function()
+    except Exception as error:  # noqa: BLE001 - the test compares the type and message
+        return (type(error).__name__, str(error))
+    return None
+
+
+def report_progress(out_dir: str | Path, rank: int, scenario: str) -> None:
+    """Note that ``rank`` finished ``scenario``: :func:`spawn_ranks` watches these notes to tell a hang from slowness."""
+    with open(Path(out_dir) / f"rank{rank}.progress", "a") as progress:
+        progress.write(f"{scenario}\n")
+
+
+def _progress(out_dir: Path) -> dict[str, list[str]]:
+    return {path.stem: path.read_text().split() for path in sorted(out_dir.glob("rank*.progress"))}
+
+
+def spawn_ranks(worker, args: tuple, nprocs: int, out_dir: str | Path, hang_deadline_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes and wait for all of them. Fails the test when
+    no rank has reported progress (:func:`report_progress`) and none has finished for ``hang_deadline_s`` seconds."""
+    out_dir = Path(out_dir)
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    progress, last_change = {}, time.monotonic()
+    while not context.join(timeout=1):
+        if _progress(out_dir) != progress:
+            progress, last_change = _progress(out_dir), time.monotonic()
+        elif time.monotonic() - last_change > hang_deadline_s:
+            for process in context.processes:
+                process.terminate()
+            last_finished = {rank: done[-1] for rank, done in progress.items() if done}
+            pytest.fail(f"the {nprocs} ranks made no progress for {hang_deadline_s:g} s, a hang; scenarios finished "
+                        f"by each rank: {last_finished or 'none'}. On a machine this slow, set "
+                        "NOISESCALE_TEST_HANG_S to a larger number of seconds")
