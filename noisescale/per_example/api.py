@@ -224,6 +224,16 @@ class PerExampleGradNorms:
             self._cached_plan = (key, self._build_plan())
         return self._cached_plan[1].fresh()
 
+    def _checked_plan(self, loss_scale: float | Tensor) -> tuple[_Plan, float]:
+        """This call's plan and ``loss_scale`` as a float, both checked."""
+        scale = float(loss_scale)
+        if not scale > 0:
+            raise ValueError(f"loss_scale must be positive, got {scale}")
+        plan = self._plan()
+        if not plan.backend_of:
+            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        return plan, scale
+
     def _build_plan(self) -> _Plan:
         """Which trainable parameters go to ghost, the per-module fallback and vmap."""
         parameters = dict(self.model.named_parameters())
@@ -303,12 +313,7 @@ class PerExampleGradNorms:
         If anything fails, every p.grad is put back as it was before the call (None stays None, accumulated
         gradients are restored in place) and the error names the module, the parameters and the backend."""
         batch_size = batch_size_of(inputs)
-        scale = float(loss_scale)
-        if not scale > 0:
-            raise ValueError(f"loss_scale must be positive, got {scale}")
-        plan = self._plan()
-        if not plan.backend_of:
-            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        plan, scale = self._checked_plan(loss_scale)
         parameters = plan.parameters
         names = list(plan.backend_of)
         saved = _GradSnapshot(list(parameters.values()) if self._sharded else [parameters[name] for name in names])
@@ -400,12 +405,7 @@ class PerExampleGradNorms:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        scale = float(loss_scale)
-        if not scale > 0:
-            raise ValueError(f"loss_scale must be positive, got {scale}")
-        plan = self._plan()
-        if not plan.backend_of:
-            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        plan, scale = self._checked_plan(loss_scale)
         if plan.vmap_names:
             raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
                              "backend='auto' or 'ghost'")
