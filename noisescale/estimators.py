@@ -183,7 +183,7 @@ def fieller_interval(
     # two rays around a gap that holds 0: the non-negative part is [larger root, inf)
     root = lin + math.copysign(math.sqrt(disc), lin)
     roots = [const / root] + ([root / quad] if quad < 0 else [])
-    return (max(roots), math.inf)
+    return (max(max(roots), floor), math.inf)  # quad == 0 exactly can leave only a negative root
 
 
 class ExponentialMovingRatio:

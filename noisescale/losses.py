@@ -51,7 +51,10 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
       counted tokens); the training loss mean_i l_i weighs examples equally.
     - ``weighting="token"``: l_i = B sum_t c_it / N, so that mean_i l_i = sum_{i,t} c_it / N is exactly the
       token-mean loss HuggingFace models train on; l_i then depends on the batch through N, a constant of the
-      labels, so dl_i/dtheta is still example i's own gradient (scaled by B n_i / N).
+      labels, so dl_i/dtheta is still example i's own gradient (scaled by B n_i / N). Because N is the batch's,
+      this weighting is exact where the loss is computed once over the batch (the ghost and per-module backends,
+      the real backward) but not where a loss is taken one example at a time: the whole-model ``backend="vmap"``
+      and the Hessian proxies' per-example terms then see B = 1 and N = n_i, i.e. the "example" weighting.
     """
     logits = logits_of(outputs)
     if weighting not in WEIGHTINGS:
@@ -66,4 +69,4 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
     totals = tokens.view(labels.shape).sum(1)
     if weighting == "example":
         return totals / counted.sum(1).clamp_min(1).to(totals.dtype)
-    return totals * labels.shape[0] / counted.sum().clamp_min(1).to(totals.dtype)  # tensor ops: vmap-able
+    return totals * labels.shape[0] / counted.sum().clamp_min(1).to(totals.dtype)

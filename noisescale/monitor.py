@@ -73,7 +73,7 @@ class NoiseScaleSummary:
         NaN for a diverged run."""
         if self.divergence is not None:
             return math.nan
-        return self.b_noise if math.isfinite(self.b_noise) else self.b_simple
+        return self.b_noise if _resolved(self.b_noise) else self.b_simple
 
     def __str__(self) -> str:
         if self.divergence is not None:
@@ -88,9 +88,9 @@ class NoiseScaleSummary:
         unbounded = high == math.inf
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
                  if unbounded else f"{high:.4g}")
-        if unbounded and not math.isfinite(self.b_noise) and math.isfinite(self.b_simple):
-            suggestion = (f"  critical batch size: not resolved (at least about {low:.0f} examples at "
-                          f"{self.confidence:.0%} confidence)")
+        if unbounded and not _resolved(self.b_noise) and math.isfinite(self.b_simple):
+            bound = f"at least about {low:.0f} examples" if low >= 1 else "no lower bound above 0 either"
+            suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
         else:
             suggestion = _describe_suggestion(self.suggested_batch_size)
         lines = [
@@ -112,11 +112,19 @@ def _describe_suggestion(batch_size: float) -> str:
             "lost in the noise at this batch size; measure longer or with larger batches)")
 
 
+def _resolved(b_noise: float) -> bool:
+    """A usable B_noise: finite and positive (its averaged tr(H Sigma) and G^T H G estimates both > 0)."""
+    return math.isfinite(b_noise) and b_noise > 0
+
+
 def _describe_b_noise(b_noise: float) -> str:
     if math.isnan(b_noise):
         return "  B_noise: not measured (hessian_every=0)"
     if math.isinf(b_noise):
         return "  B_noise: not resolved yet (the averaged G^T H G estimate is not positive)"
+    if b_noise <= 0:
+        return (f"  B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive: ratio "
+                f"{b_noise:.4g})")
     return f"  B_noise = {b_noise:.4g}"
 
 
@@ -361,14 +369,18 @@ class NoiseScaleMonitor:
 
 
 def divergence_of(rows: list[dict[str, Any]]) -> str | None:
-    """Why the history ``rows`` show a diverged run, or None: the latest step's loss or gradient is not finite,
-    or the median loss of the latest steps (the last fifth, 1 to 10 of them) exceeds DIVERGED_LOSS_FACTOR times
-    the first finite loss (the loss at the start of the measurement)."""
+    """Why the history ``rows`` show a diverged run, or None. The latest steps are the last fifth of the rows (1 to
+    10 of them): the run diverged when more than half of them had a non-finite loss or gradient (one skipped step,
+    an fp16 overflow say, is not divergence), or when the median finite loss over as many latest steps exceeds
+    DIVERGED_LOSS_FACTOR times the first finite loss (the loss at the start of the measurement)."""
     if not rows:
         return None
-    latest = rows[-1]
-    if latest.get("nonfinite", False) or not math.isfinite(latest["loss"]):
-        return f"the loss or gradient of the latest step ({latest['step']}) is not finite"
+    latest = rows[-min(10, max(1, len(rows) // 5)):]
+    nonfinite = [row for row in latest if row.get("nonfinite", False) or not math.isfinite(row["loss"])]
+    if 2 * len(nonfinite) > len(latest):
+        if len(latest) == 1:
+            return f"the loss or gradient of the latest step ({latest[0]['step']}) is not finite"
+        return f"the loss or gradient is not finite in {len(nonfinite)} of the latest {len(latest)} steps"
     losses = [row["loss"] for row in rows if math.isfinite(row["loss"])]
     first = losses[0]
     window = min(10, max(1, len(losses) // 5))

@@ -57,8 +57,12 @@ def sharding_group(model: nn.Module) -> dist.ProcessGroup | None:
     if fsdp1:
         from torch.distributed.fsdp import ShardingStrategy
         if fsdp1[0].sharding_strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
-            raise ValueError("hybrid sharding (HYBRID_SHARD) is not supported: use FULL_SHARD, SHARD_GRAD_OP or "
-                             "NO_SHARD over one process group")
+            raise ValueError("hybrid sharding (HYBRID_SHARD) is not supported: use FULL_SHARD or SHARD_GRAD_OP over "
+                             "one process group")
+        if fsdp1[0].sharding_strategy == ShardingStrategy.NO_SHARD:
+            raise ValueError("FSDP's NO_SHARD is not supported (every rank holds the whole gradient, so the sum of "
+                             "the ranks' squared norms would count it once per rank): use DistributedDataParallel, "
+                             "which it equals, or FULL_SHARD / SHARD_GRAD_OP")
         return fsdp1[0].process_group
     if not _fsdp2_modules(model):
         return None

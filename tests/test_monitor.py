@@ -323,6 +323,8 @@ def test_summary_of_a_run_whose_loss_exploded_or_went_non_finite_suggests_nothin
     ([2.0] * 44 + [30.0] * 6, True),  # now it is 30
     ([math.nan, 2.0, 25.0], True),  # the reference is the first finite loss
     ([2.0, 2.0, math.nan], True),  # the latest step is not finite
+    ([2.0] * 200 + [math.nan], False),  # one non-finite step of the latest 10: skipped, not divergence
+    ([2.0] * 200 + [math.nan] * 6, True),  # most of the latest 10
 ])
 def test_divergence_rule_against_hand_made_histories(losses, diverged):
     from noisescale.monitor import divergence_of
@@ -373,3 +375,15 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "suggested: about" not in text
     with_b_noise = dataclasses.replace(unresolved, b_noise=40.0)
     assert "critical batch size suggested: about 40 examples" in str(with_b_noise)
+
+
+def test_a_negative_b_noise_is_not_resolved_and_never_suggested():
+    """Unbiased tr(H Sigma) estimates can average below 0 (seen on a tiny GPT-2): the ratio is then no batch size."""
+    from noisescale.monitor import NoiseScaleSummary
+
+    summary = NoiseScaleSummary(steps=3, examples_seen=48, b_simple=50.0, b_simple_interval=(20.0, 90.0),
+                                confidence=0.9, trace_sigma=9.5, grad_sqnorm=0.19, b_noise=-7.127, nonfinite_steps=0)
+    text = str(summary)
+    assert summary.suggested_batch_size == 50.0
+    assert "B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive" in text
+    assert "about -7" not in text and "critical batch size suggested: about 50 examples" in text

@@ -819,3 +819,19 @@ def test_the_plan_follows_freezing_replaced_parameters_and_train_mode_between_ca
             measure(x, y)
         model[-1].eval()
         expect(measure)
+
+
+def test_parameters_of_modules_added_after_creation_are_an_error_not_silently_dropped():
+    """weight_norm adds parametrization modules the hooks were not installed on: the next call says so instead of
+    leaving their parameters out of the norms (a cached plan must not hide the change)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    inputs, targets = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss = lambda outputs, labels: torch.nn.functional.cross_entropy(outputs, labels, reduction="none")  # noqa: E731
+    with PerExampleGradNorms(model, loss) as norms:
+        norms(inputs, targets)
+        torch.nn.utils.parametrizations.weight_norm(model[0])
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match=r"0\.parametrizations\.weight\.original0.*added to the model after"):
+            norms(inputs, targets)
+        assert all(p.grad is None for p in model.parameters())

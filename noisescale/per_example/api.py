@@ -214,6 +214,7 @@ class PerExampleGradNorms:
         ``__init__`` (the hooks are installed then)."""
         return (tuple(None if p is None else (id(p), p.requires_grad)
                       for module in self._path_of for p in module._parameters.values()),
+                tuple(id(p) for p in self.model.parameters()),  # parameters of modules added since (parametrizations)
                 tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES))
 
     def _plan(self) -> _Plan:
@@ -244,6 +245,13 @@ class PerExampleGradNorms:
             for module, local_name, name, requires_grad in flat_parameter_owners(self.model):
                 if requires_grad:
                     owned.setdefault(module, []).append((local_name, name))
+        owned_names = {name for entries in owned.values() for _, name in entries}
+        orphans = sorted(name for name, p in parameters.items()
+                         if p.requires_grad and not _is_flat(p) and name not in owned_names)
+        if orphans:
+            raise ValueError(f"trainable parameters {orphans} belong to modules added to the model after this "
+                             f"{type(self).__name__} was created (a parametrization such as weight_norm, say), so "
+                             "no hook sees them; create it (or the monitor) after changing the model")
         owners: dict[str, list[tuple[nn.Module, str, str]]] = {}
         for module, path in self._path_of.items():
             if uses_batch_statistics(module):
