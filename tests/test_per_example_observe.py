@@ -107,3 +107,15 @@ def test_hooks_are_inert_outside_the_block_and_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="loss_scale"):
         with norms.observe(6, loss_scale=0.0):
             pass
+
+
+def test_an_optimizer_step_inside_the_block_is_refused_not_measured_at_the_new_weights():
+    """The per-module fallback re-runs its recorded call when the block ends; had the caller stepped the optimizer
+    inside the block, the re-run would see the new weights: that is an error, and the gradient stays the caller's."""
+    torch.manual_seed(0)
+    model, (inputs, targets) = nn.Sequential(nn.Linear(5, 3), _Scale()).double(), _batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with pytest.raises(Exception, match="modified in place after the call"):
+        with PerExampleGradNorms(model, _per_example_loss).observe(6):
+            _per_example_loss(model(inputs), targets).mean().backward()
+            optimizer.step()

@@ -260,8 +260,10 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     (``attention.py``), else by vmap, a per-example loop, or the replay of a call that drew random numbers."""
     for tensor, version in call.versions:
         if tensor._version != version:
-            raise RuntimeError("an input of this call was modified in place after the call, so the call cannot be "
-                               "re-run; avoid in-place operations on the module's inputs")
+            raise RuntimeError("an input or a parameter of this call was modified in place after the call (an "
+                               "optimizer step inside PerExampleGradNorms.observe, say), so the call cannot be "
+                               "re-run; step the optimizer after the measured pass, and avoid in-place operations "
+                               "on the module's inputs")
     hooked = [k for k, g in enumerate(call.grads) if g is not None]
     if not hooked:
         return {}

@@ -266,7 +266,10 @@ class GhostNormEngine:
         leaves, _ = tree_flatten((args, kwargs))
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
-                            [(t, t._version) for t in leaves if isinstance(t, Tensor)], shared=replaced is not None,
+                            [(t, t._version) for t in leaves if isinstance(t, Tensor)]
+                            # its own parameters too (not under FSDP, whose shards change storage after the call)
+                            + ([] if ghost_pass.sharded else [(q, q._version) for q in module.parameters()]),
+                            shared=replaced is not None,
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None)
         for k, t in enumerate(outputs):
             if t.requires_grad:
