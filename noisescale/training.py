@@ -75,6 +75,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from noisescale._checks import check_int, check_real
+from noisescale._rng import rng_state, set_rng_state
 from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
@@ -421,7 +422,7 @@ class AdaptiveTrainer:
     def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int) -> torch.Tensor:
         """Accumulate the batch's gradient; on out-of-memory halve max_micro_batch and run the step again."""
         self.optimizer.zero_grad(set_to_none=True)
-        rng_state = _rng_state(self.device)
+        rng_at_start = rng_state(self.device)
         while True:
             sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
             micro_batches = list(zip(split_examples(inputs, sizes), split_examples(targets, sizes)))
@@ -437,7 +438,7 @@ class AdaptiveTrainer:
                               f"step with max_micro_batch={self.max_micro_batch}", RuntimeWarning, stacklevel=3)
                 del micro_batches, error
                 self.optimizer.zero_grad(set_to_none=True)
-                _set_rng_state(rng_state, self.device)
+                set_rng_state(rng_at_start, self.device)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -514,7 +515,7 @@ class AdaptiveTrainer:
             "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
             "history": [to_plain(row) for row in self._rows],
-            "rng": _rng_state(self.device),
+            "rng": rng_state(self.device),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -541,7 +542,7 @@ class AdaptiveTrainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))  # absent in checkpoints of earlier versions
         self.seconds = float(state["seconds"])
         self._rows = list(state["history"])
-        _set_rng_state(state["rng"], self.device)
+        set_rng_state(state["rng"], self.device)
 
     def close(self) -> None:
         """Remove the monitor's hooks from the model."""
@@ -596,17 +597,6 @@ def _load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Opt
                    options=StateDictOptions(full_state_dict=True))
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # --------------------------------------------------------------------------- named batch-size sources

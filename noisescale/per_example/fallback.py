@@ -36,12 +36,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from noisescale._rng import set_rng_state
 from noisescale.per_example.attention import attention_per_example_grads, attention_supported
 from noisescale.per_example.layers import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
-           "module_per_example_grads", "rng_state"]
+           "module_per_example_grads"]
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -55,11 +56,6 @@ def output_tensors(output: Any) -> list[Tensor]:
     return []
 
 
-def rng_state(device: torch.device | None) -> tuple[Tensor, Tensor | None]:
-    """The global CPU generator's state and that of ``device``'s CUDA generator (None on CPU)."""
-    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
 
 @dataclass
 class FallbackCall:
@@ -69,7 +65,7 @@ class FallbackCall:
     kwargs: dict
     output_dims: list[int]
     grads: list[Tensor | None]
-    rng_before: tuple[Tensor, Tensor | None] | None
+    rng_before: dict[str, Tensor] | None  # noisescale._rng.rng_state before the call, when it drew random numbers
     device: torch.device | None
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
@@ -230,14 +226,11 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
 
 def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):
     """Re-run the whole batch from the saved generator state (same dropout masks), one backward per example."""
-    cpu_state, cuda_state = call.rng_before
-    devices = [call.device] if cuda_state is not None else []
+    devices = [call.device] if "cuda" in call.rng_before else []
     variables = {name: p.detach().requires_grad_() for name, p in parameters.items()}
     rows: dict[str, list[Tensor]] = {name: [] for name in parameters}
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, call.device)
+        set_rng_state(call.rng_before, call.device)
         outputs = _selected_outputs(module, variables, constants, rebuild, leaves, hooked)
         for i in range(batch_size):
             masked = []

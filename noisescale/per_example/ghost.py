@@ -36,9 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from noisescale._rng import rng_state
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
-                                             module_per_example_grads, output_tensors, rng_state)
+                                             module_per_example_grads, output_tensors)
 from noisescale.per_example.layers import LayerRule, LinearFactors, per_example_sqnorm
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
@@ -260,9 +261,7 @@ class GhostNormEngine:
                 ghost_pass.vmap_names.update(entry.names.values())
                 return None
         after = rng_state(_device_of(module))
-        consumed = before is not None and not all(
-            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-            for a, b in zip(before, after))
+        consumed = before is not None and not all(torch.equal(before[key], after[key]) for key in after)
         leaves, _ = tree_flatten((args, kwargs))
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
