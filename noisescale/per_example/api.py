@@ -149,14 +149,54 @@ def _leaves_in_graph(output: Tensor) -> dict[int, Tensor]:
     return leaves
 
 
-def _record_sqnorm(received: dict[str, Tensor], name: str, dtype: torch.dtype, grad: Tensor) -> None:
-    """Tensor hook on a parameter: keeps |grad|^2 of the gradient this backward brings (before accumulation)."""
-    received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, dtype)).square()
+def _record_norm(received: dict[str, Tensor], name: str, grad: Tensor) -> None:
+    """Keeps |grad| (at least float32) of the gradient this backward brings a parameter, before accumulation."""
+    received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
 
 
 def _mark_received(received: set[str], name: str, grad: Tensor) -> None:
-    """Tensor hook on a parameter: notes that this backward brought it a gradient."""
+    """Notes that this backward brought the parameter a gradient."""
     received.add(name)
+
+
+def _squared_total(norms: dict[str, Tensor], device: torch.device) -> Tensor:
+    """sum of |grad|^2 over the recorded gradient norms (float32 at least)."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.linalg.vector_norm(torch.stack(list(norms.values()))).square()
+
+
+class _GradientTaps:
+    """One tensor hook per trainable parameter, installed when the plan is built and inert unless a call
+    listens: hooks registered and removed on every call cost more than the measurement itself on small models.
+    The listener gets (name, gradient) before the gradient is accumulated into p.grad."""
+
+    def __init__(self):
+        self._handles: list = []
+        self.listener: Callable[[str, Tensor], None] | None = None
+
+    def cover(self, parameters: dict[str, nn.Parameter]) -> None:
+        """Tap exactly these parameters (the plan's trainable ones), replacing the taps of an older plan."""
+        self.close()
+        self._handles = [p.register_hook(partial(self._on_grad, name)) for name, p in parameters.items()]
+
+    def _on_grad(self, name: str, grad: Tensor) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener(name, grad)
+
+    @contextmanager
+    def listening(self, listener: Callable[[str, Tensor], None]) -> Iterator[None]:
+        self.listener = listener
+        try:
+            yield
+        finally:
+            self.listener = None
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class PerExampleGradNorms:
@@ -196,11 +236,13 @@ class PerExampleGradNorms:
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
             hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in m.parameters(recurse=False))]
         self._engine = GhostNormEngine(hooked)
+        self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
 
     def close(self) -> None:
         """Remove the hooks from the model."""
         self._engine.close()
+        self._taps.close()
 
     def __enter__(self) -> PerExampleGradNorms:
         return self
@@ -214,7 +256,7 @@ class PerExampleGradNorms:
         ``__init__`` (the hooks are installed then)."""
         return (tuple(None if p is None else (id(p), p.requires_grad)
                       for module in self._path_of for p in module._parameters.values()),
-                tuple(id(p) for p in self.model.parameters()),  # parameters of modules added since (parametrizations)
+                tuple(id(child) for module in self._path_of for child in module._modules.values()),  # modules added
                 tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES))
 
     def _plan(self) -> _Plan:
@@ -222,7 +264,10 @@ class PerExampleGradNorms:
         changed since the last call (building it walks the whole model), and copied for the pass."""
         key = self._plan_key()
         if self._cached_plan is None or self._cached_plan[0] != key:
-            self._cached_plan = (key, self._build_plan())
+            plan = self._build_plan()
+            if not self._sharded:
+                self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
+            self._cached_plan = (key, plan)
         return self._cached_plan[1].fresh()
 
     def _checked_plan(self, loss_scale: float | Tensor) -> tuple[_Plan, float]:
@@ -332,11 +377,8 @@ class PerExampleGradNorms:
             raise
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
-        accumulate_dtype = torch.float32
-        received: dict[str, Tensor] = {}  # name -> |this pass's gradient|^2, read before it is accumulated
-        handles = [] if self._sharded else [
-            parameters[name].register_hook(partial(_record_sqnorm, received, name, accumulate_dtype))
-            for name in names]
+        received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
+        handles = []
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded) as ghost_pass:
@@ -347,9 +389,10 @@ class PerExampleGradNorms:
                 if self._sharded:
                     self._check_sharded_measurable(ghost_pass, bypassed)
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
-                    handles = [leaf.register_hook(partial(_record_sqnorm, received, key, accumulate_dtype))
+                    handles = [leaf.register_hook(partial(_record_norm, received, key))
                                for key, leaf in _leaves_in_graph(objective).items() if isinstance(leaf, nn.Parameter)]
-                objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
+                with self._taps.listening(partial(_record_norm, received)):
+                    objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
                 ghost_pass.finish()
         finally:
             for handle in handles:
@@ -358,8 +401,8 @@ class PerExampleGradNorms:
         backend_of = {name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
                       else plan.backend_of[name] for name in names}
         by_parameter = ghost_pass.result()
-        grad_sqnorm = sum(received.values(), torch.zeros((), dtype=accumulate_dtype, device=loss.device))
-        grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, accumulate_dtype)) / scale ** 2
+        grad_sqnorm = _squared_total(received, loss.device)
+        grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, grad_sqnorm.dtype)) / scale ** 2
         if vmap_names:
             try:
                 by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names,
@@ -419,16 +462,11 @@ class PerExampleGradNorms:
                              "backend='auto' or 'ghost'")
         parameters = plan.parameters
         received: set[str] = set()
-        handles = [] if self._sharded else [parameters[name].register_hook(partial(_mark_received, received, name))
-                                            for name in plan.backend_of]
         observed = ObservedNorms()
-        try:
-            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                        sharded=self._sharded) as ghost_pass:
+        with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
+                                    sharded=self._sharded) as ghost_pass:
+            with self._taps.listening(partial(_mark_received, received)):
                 yield observed
-        finally:
-            for handle in handles:
-                handle.remove()
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
         need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))

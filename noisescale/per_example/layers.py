@@ -60,11 +60,13 @@ def per_example_sqnorm(t: Tensor) -> Tensor:
 
 
 def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
-    """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out); Gram or materialised form."""
+    """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out), in the form with fewer multiply-adds:
+    the Gram form sum_{t,s} (a_t . a_s)(g_t . g_s) costs B T^2 (d_in + d_out), the materialised (d_out, d_in)
+    gradients B T d_in d_out (Li et al. 2022, "ghost clipping"; Bu et al. 2023, "mixed ghost clipping")."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if positions == 1:
         return per_example_sqnorm(a) * per_example_sqnorm(g)
-    if positions * positions <= d_in * d_out:
+    if positions * (d_in + d_out) < d_in * d_out:
         gram_a, gram_g = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
     return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))
@@ -142,6 +144,13 @@ class LinearRule(LayerRule):
 
     def per_example_sqnorms(self, module, x, g, names):
         a, g = self._positions(x, g)
+        if a.shape[1] == 1:  # one position: |g a^T|^2 = |a|^2 |g|^2, and the bias's is |g|^2
+            a, g = a[:, 0], g[:, 0]
+            bias = torch.linalg.vecdot(g, g)
+            sqnorms = {"bias": bias} if "bias" in names else {}
+            if "weight" in names:
+                sqnorms["weight"] = torch.linalg.vecdot(a, a) * bias
+            return sqnorms
         sqnorms = {}
         if "weight" in names:
             sqnorms["weight"] = position_weight_sqnorms(a, g)
