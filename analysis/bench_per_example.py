@@ -18,7 +18,10 @@ forward+backward step for
                   leaves the mean gradient in p.grad and the per-example norms in get_norm_sample() (the
                   second, clipped backward of DP training is not run)
 
-and reports the median time over interleaved repetitions after warm-up, and the peak memory of the tensors
+and reports the median time over interleaved repetitions after warm-up, the step's matrix-product and convolution
+arithmetic (torch's FlopCounterMode; ``flop_ratio``: what the method's arithmetic alone predicts, since
+noisescale's rules take the cheaper of the Gram and materialised forms this is the floor of their approach on a
+machine that is compute-bound), and the peak memory of the tensors
 the step allocates (a TorchDispatchMode counts live storages, so it works on CPU where torch keeps no
 allocator statistics; on CUDA the allocator's peak is used), both as ratios to `plain` measured in the same
 run, at each thread count of ``--threads`` (CPU). Peers that cannot be installed or that reject a model are
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from noisescale.batches import call_model
@@ -321,6 +325,15 @@ def measure_peak(step, model, inputs, targets, device) -> int:
     return tracker.peak
 
 
+def count_flops(step, model, inputs, targets) -> int:
+    """Floating-point operations of one step as torch's FlopCounterMode counts them (matrix products,
+    convolutions and attention; elementwise work and reductions are not counted)."""
+    zero_grads(model)
+    with FlopCounterMode(display=False) as counter:
+        step(inputs, targets)
+    return counter.get_total_flops()
+
+
 def time_once(step, model, inputs, targets, device) -> float:
     zero_grads(model)
     if device.type == "cuda":
@@ -359,6 +372,7 @@ def bench_model(name, case, factories, repeats, warmup, device) -> list[dict]:
         for method, (step, copy) in prepared.items():
             times[method].append(time_once(step, copy, inputs, targets, device))
     peaks = {method: measure_peak(step, copy, inputs, targets, device) for method, (step, copy) in prepared.items()}
+    flops = {method: count_flops(step, copy, inputs, targets) for method, (step, copy) in prepared.items()}
     plain_time, plain_peak = statistics.median(times["plain"]), peaks["plain"]
     rows = []
     for method in factories:
@@ -368,6 +382,7 @@ def bench_model(name, case, factories, repeats, warmup, device) -> list[dict]:
             row |= {
                 "median_ms": 1e3 * median,
                 "time_ratio": median / plain_time,
+                "flop_ratio": flops[method] / flops["plain"],
                 "peak_mb": peaks[method] / 2**20,
                 "memory_ratio": peaks[method] / plain_peak,
                 "max_rel_diff_vs_vmap": max_relative_difference(sqnorms.get(method), sqnorms.get("vmap")),
@@ -409,7 +424,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    shown = table[["model", "threads", "method", "median_ms", "time_ratio", "peak_mb", "memory_ratio",
+    shown = table[["model", "threads", "method", "median_ms", "time_ratio", "flop_ratio", "peak_mb", "memory_ratio",
                    "max_rel_diff_vs_vmap", "status"]]
     print(f"device: {machine}; torch {torch.__version__}; median of {args.repeats} interleaved repeats")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
