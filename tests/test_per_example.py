@@ -142,7 +142,7 @@ def test_single_layer_matches_naive_loop(case, backend):
 
 def test_gram_and_materialised_forms_agree_on_the_same_layer():
     """The two ghost forms of a sequence Linear give the same norms (checked via the reference for both T)."""
-    from noisescale.per_example.layers import position_weight_sqnorms
+    from noisescale.per_example.factors import position_weight_sqnorms
     a = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator(4))
     g = torch.randn(3, 5, 2, dtype=torch.float64, generator=generator(5))
     materialised = torch.einsum("bto,bti->boi", g, a).square().sum((1, 2))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.layers import LinearFactors
+from noisescale.per_example.factors import LinearFactors
 
 __all__ = ["attention_supported", "attention_per_example_grads"]
 

@@ -18,8 +18,10 @@ Broadcast calls: a module called on index tensors with an output of batch 1 insi
 per example, and its input is treated as shared by every example (``_batch_of_one``).
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
-|sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their per-example gradients (B x numel) are materialised and summed
-over calls first; everything else stays in ghost form.
+|sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their calls' per-example gradients are kept as factors where the rule
+gives them (Linear, Embedding, GPT-2's Conv1D, the attention and RNN fallbacks) and the norm of the sum is taken
+from pairwise inner products of the factors, or, where that costs more, the (B x numel) gradients are
+materialised and summed over calls (``factors.sqnorm_of_sum``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from noisescale._rng import rng_state
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              module_per_example_grads, output_tensors)
-from noisescale.per_example.layers import LayerRule, LinearFactors, per_example_sqnorm
+from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
+from noisescale.per_example.layers import LayerRule
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
@@ -60,8 +63,9 @@ class GhostModule:
 
 @dataclass
 class GhostPass:
-    """What one forward/backward accumulates: per-parameter (B,) squared norms and per-example grads, both of the
-    loss_scale * mean loss (rescaled by grad_factor = B / loss_scale in ``result``)."""
+    """What one forward/backward accumulates: per-parameter (B,) squared norms and, for parameters used by several
+    calls, their calls' per-example gradients (summed) and factors (kept), all of the loss_scale * mean loss
+    (rescaled by grad_factor = B / loss_scale in ``result``)."""
 
     modules: dict[nn.Module, GhostModule]
     batch_size: int
@@ -69,6 +73,7 @@ class GhostPass:
     use_count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sqnorms: dict[str, Tensor] = field(default_factory=dict)
     shared_grads: dict[str, Tensor] = field(default_factory=dict)
+    shared_factors: dict[str, list[LinearFactors | IndexFactors]] = field(default_factory=lambda: defaultdict(list))
     fallback_calls: list[tuple[nn.Module, GhostModule, FallbackCall]] = field(default_factory=list)
     fallback_names: set[str] = field(default_factory=set)
     rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
@@ -112,16 +117,24 @@ class GhostPass:
                     if isinstance(grad, LinearFactors) and self.use_count[name] == 1:
                         _add(self.sqnorms, name, grad.sqnorms())       # ghost form: no (B, *shape) gradients
                     else:
-                        _add(self.shared_grads, name, grad.grads() if isinstance(grad, LinearFactors) else grad)
+                        self.add_shared(name, grad)
             self.fallback_calls.clear()
         finally:
             self.replaying = False
 
+    def add_shared(self, name: str, grad: Tensor | LinearFactors | IndexFactors) -> None:
+        """One call's per-example gradient of a parameter used by several calls: dense ones are summed at once,
+        factors kept for ``result``."""
+        if isinstance(grad, (LinearFactors, IndexFactors)):
+            self.shared_factors[name].append(grad)
+        else:
+            _add(self.shared_grads, name, grad)
+
     def result(self) -> dict[str, Tensor]:
         """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
         sqnorms = dict(self.sqnorms)
-        for name, grads in self.shared_grads.items():
-            sqnorms[name] = per_example_sqnorm(grads)
+        for name in self.shared_grads.keys() | self.shared_factors.keys():
+            sqnorms[name] = sqnorm_of_sum(self.shared_factors.get(name, []), self.shared_grads.get(name))
         return {name: sqnorm * self.grad_factor ** 2 for name, sqnorm in sqnorms.items()}
 
 
@@ -291,8 +304,8 @@ class GhostNormEngine:
                     for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
                         _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
                 if shared:
-                    for local, grads in entry.rule.per_example_grads(module, x, grad_output, shared).items():
-                        _add(ghost_pass.shared_grads, entry.names[local], grads)
+                    for local, grads in entry.rule.per_example_factors(module, x, grad_output, shared).items():
+                        ghost_pass.add_shared(entry.names[local], grads)
         except Exception as error:
             raise PerExampleError(
                 f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",

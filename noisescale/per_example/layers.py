@@ -5,8 +5,9 @@ gradient ``g`` of the *per-example* losses with respect to its output -- into, p
 
 - ``per_example_sqnorms``: the (B,) squared norms |dl_i/dtheta|^2, without materialising per-example gradients
   where that is cheaper ("ghost norms", Goodfellow 2015; Li et al. 2021, arXiv:2110.05679), and
-- ``per_example_grads``: the (B, *theta.shape) per-example gradients, needed when a parameter is used by several
-  calls (tied weights, a module applied twice): their per-example gradients are summed before the norm.
+- ``per_example_grads``: the (B, *theta.shape) per-example gradients, and
+- ``per_example_factors``: those gradients or their factors (``factors.py``), for a parameter used by several
+  calls (tied weights, a module applied twice), whose norm is that of the sum over its calls.
 
 For a weight applied position-wise, W a_t = z_t at positions t of example i, dl_i/dW = sum_t g_t a_t^T and
 
@@ -21,11 +22,14 @@ from __future__ import annotations
 import re
 import weakref
 from math import prod
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from noisescale.per_example.factors import (IndexFactors, LinearFactors, compute_dtype, per_example_sqnorm,
+                                             position_weight_sqnorms)
 
 # A convolution's im2col patches are built over chunks of examples of at most this many times the layer
 # input's size, which bounds the extra memory of its ghost norm (the patches of a 5x5 kernel are 25x the input).
@@ -44,47 +48,8 @@ __all__ = [
     "register_rule",
     "rule_for",
     "position_weight_sqnorms",
-    "LinearFactors",
     "per_example_sqnorm",
 ]
-
-
-def _compute_dtype(t: Tensor) -> Tensor:
-    """Half-precision tensors are upcast so that squared sums neither overflow nor lose their small terms."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def per_example_sqnorm(t: Tensor) -> Tensor:
-    """(B,) squared Euclidean norm of each t[i], in one pass without a squared copy."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
-
-
-def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
-    """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out), in the form with fewer multiply-adds:
-    the Gram form sum_{t,s} (a_t . a_s)(g_t . g_s) costs B T^2 (d_in + d_out), the materialised (d_out, d_in)
-    gradients B T d_in d_out (Li et al. 2022, "ghost clipping"; Bu et al. 2023, "mixed ghost clipping")."""
-    positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if positions == 1:
-        return per_example_sqnorm(a) * per_example_sqnorm(g)
-    if positions * (d_in + d_out) < d_in * d_out:
-        gram_a, gram_g = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
-        return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
-    return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))
-
-
-class LinearFactors:
-    """The per-example gradient of a weight used as a Linear at every position, kept as its factors: blocks of
-    rows (a, g), a (B, T, d_in), g (B, T, d_out_block), gradient_i = cat over blocks of sum_t g_t a_t^T. Its norm
-    is taken in ghost form without the (B, d_out, d_in) gradients, which are built only when needed."""
-
-    def __init__(self, blocks: list[tuple[Tensor, Tensor]]):
-        self.blocks = [(_compute_dtype(a), _compute_dtype(g)) for a, g in blocks]
-
-    def sqnorms(self) -> Tensor:
-        return sum(position_weight_sqnorms(a, g) for a, g in self.blocks)
-
-    def grads(self) -> Tensor:
-        return torch.cat([torch.bmm(g.transpose(1, 2), a) for a, g in self.blocks], 1)
 
 
 class LayerRule:
@@ -124,6 +89,11 @@ class LayerRule:
         grads = self.per_example_grads(module, x, g, names)
         return {name: per_example_sqnorm(grad) for name, grad in grads.items()}
 
+    def per_example_factors(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Any]:
+        """For a parameter used by several calls: per name, the per-example gradients or, cheaper to combine,
+        their factors (``factors.LinearFactors`` / ``IndexFactors``). The default gives the gradients."""
+        return self.per_example_grads(module, x, g, names)
+
 
 class LinearRule(LayerRule):
     """nn.Linear on (B, d_in) or (B, *, d_in): weight by the position formula, bias |sum_t g_t|^2."""
@@ -131,7 +101,7 @@ class LinearRule(LayerRule):
     @staticmethod
     def _positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         batch = x.shape[0]
-        return _compute_dtype(x).reshape(batch, -1, x.shape[-1]), _compute_dtype(g).reshape(batch, -1, g.shape[-1])
+        return compute_dtype(x).reshape(batch, -1, x.shape[-1]), compute_dtype(g).reshape(batch, -1, g.shape[-1])
 
     def per_example_grads(self, module, x, g, names):
         a, g = self._positions(x, g)
@@ -141,6 +111,13 @@ class LinearRule(LayerRule):
         if "bias" in names:
             grads["bias"] = g.sum(1)
         return grads
+
+    def per_example_factors(self, module, x, g, names):
+        a, g = self._positions(x, g)
+        factors = {"weight": LinearFactors([(a, g)])} if "weight" in names else {}
+        if "bias" in names:
+            factors["bias"] = g.sum(1)
+        return factors
 
     def per_example_sqnorms(self, module, x, g, names):
         a, g = self._positions(x, g)
@@ -170,7 +147,7 @@ class ConvRule(LayerRule):
     @staticmethod
     def _patches(module: nn.Module, x: Tensor) -> Tensor:
         """(B * groups, L, C_in / groups * prod(k)) input patches."""
-        x = _compute_dtype(x)
+        x = compute_dtype(x)
         batch, spatial = x.shape[0], len(module.kernel_size)
         if any(module._reversed_padding_repeated_twice):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -186,7 +163,7 @@ class ConvRule(LayerRule):
     @staticmethod
     def _output_grads(module: nn.Module, g: Tensor) -> Tensor:
         """(B * groups, L, C_out / groups) output gradients."""
-        return _compute_dtype(g).reshape(g.shape[0] * module.groups, g.shape[1] // module.groups, -1).transpose(1, 2)
+        return compute_dtype(g).reshape(g.shape[0] * module.groups, g.shape[1] // module.groups, -1).transpose(1, 2)
 
     @staticmethod
     def _example_chunks(module: nn.Module, x: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
@@ -240,26 +217,23 @@ class EmbeddingRule(LayerRule):
     def _indices_and_grads(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         batch = x.shape[0]
         indices = x.reshape(batch, -1)
-        g = _compute_dtype(g).reshape(batch, indices.shape[1], -1)
+        g = compute_dtype(g).reshape(batch, indices.shape[1], -1)
         if module.padding_idx is not None:
             g = g * (indices != module.padding_idx).unsqueeze(-1).to(g.dtype)
         return indices, g
 
-    def per_example_grads(self, module, x, g, names):
+    def _factors(self, module: nn.Module, x: Tensor, g: Tensor) -> IndexFactors:
         indices, g = self._indices_and_grads(module, x, g)
-        grads = g.new_zeros(indices.shape[0], module.num_embeddings, g.shape[-1])
-        grads.scatter_add_(1, indices.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
-        return {"weight": grads}
+        return IndexFactors(indices, g, module.num_embeddings)
+
+    def per_example_grads(self, module, x, g, names):
+        return {"weight": self._factors(module, x, g).grads()}
 
     def per_example_sqnorms(self, module, x, g, names):
-        indices, g = self._indices_and_grads(module, x, g)
-        positions = indices.shape[1]
-        if positions == 1:
-            return {"weight": per_example_sqnorm(g)}
-        if positions * positions > module.num_embeddings * g.shape[-1]:
-            return super().per_example_sqnorms(module, x, g, names)
-        same_row = (indices.unsqueeze(2) == indices.unsqueeze(1)).to(g.dtype)
-        return {"weight": torch.linalg.vecdot(torch.bmm(g, g.transpose(1, 2)).flatten(1), same_row.flatten(1))}
+        return {"weight": self._factors(module, x, g).sqnorms()}
+
+    def per_example_factors(self, module, x, g, names):
+        return {"weight": self._factors(module, x, g)}
 
 
 class AffineNormRule(LayerRule):
@@ -281,7 +255,7 @@ class AffineNormRule(LayerRule):
         return None if self.unsupported is None else self.unsupported(module)
 
     def per_example_grads(self, module, x, g, names):
-        x, g = _compute_dtype(x), _compute_dtype(g)
+        x, g = compute_dtype(x), compute_dtype(g)
         # the affine's shape from the input, never from module.weight (a shard under FSDP)
         batch = x.shape[0]
         shape = x.shape[1:2] if self.channels_first else torch.Size(module.normalized_shape)
@@ -383,6 +357,13 @@ class TransposedLinearRule(LinearRule):
             grads["weight"] = grads["weight"].transpose(1, 2)
         return grads
 
+    def per_example_factors(self, module, x, g, names):
+        factors = super().per_example_factors(module, x, g, names)
+        if "weight" in factors:  # rows are the input's: gradient_i = sum_t a_t g_t^T
+            (a, g), = factors["weight"].blocks
+            factors["weight"] = LinearFactors([(g, a)])
+        return factors
+
 
 class _RMSNormVariant:
     """How a library computes y = (offset + w) * x_hat, x_hat = x / sqrt(mean(x^2) + eps) with the mean in
@@ -450,8 +431,8 @@ class ThirdPartyRMSNormRule(LayerRule):
     def per_example_grads(self, module, x, g, names):
         variant = self._variant_of[module]
         x_hat = variant.normalized(x, self._eps(module))
-        product = _compute_dtype(g).to(x_hat.dtype) * x_hat if variant.name == "float32_product" else \
-            _compute_dtype(g) * _compute_dtype(x_hat)
+        product = compute_dtype(g).to(x_hat.dtype) * x_hat if variant.name == "float32_product" else \
+            compute_dtype(g) * compute_dtype(x_hat)
         return {"weight": product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
 

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments, select_examples
-from noisescale.per_example.layers import per_example_sqnorm
+from noisescale.per_example.factors import per_example_sqnorm
 
 __all__ = ["vmap_sqnorms"]
 
