@@ -3,10 +3,10 @@
 Models: the project's own three (MLP 784-512-512-10 at B=128, LeNet-5-like CNN on 28x28 at B=128, a 2-layer
 transformer with d=128, 4 heads, T=64, vocab 256 at B=32) and, at B=16, T=32, models nobody here wrote, from
 small configs with random weights and dropout 0, so that every method measures the same gradients (nothing is
-downloaded): HuggingFace GPT-2, BERT (sequence classification,
-padding mask), Llama (attention mask), ViT (32x32 images, 8x8 patches) and BART (d=64, 2 layers each, 4 heads,
-vocab 512), a classifier on torch's nn.TransformerEncoder (key padding mask) and one on nn.LSTM. It times one
-forward+backward step for
+downloaded): HuggingFace GPT-2, BERT (sequence classification, padding mask), Llama (attention mask), ViT (32x32
+images, 8x8 patches) and BART (d=64, 2 layers each, 4 heads, vocab 512; ``gpt2_vocab``: GPT-2 with its own
+vocabulary of 50257, tied to the output layer), a classifier on torch's nn.TransformerEncoder (key padding mask)
+and one on nn.LSTM. It times one forward+backward step for
 
     plain         forward + loss.mean().backward()
     ghost         noisescale, layer rules only (raises where a module has none)
@@ -56,7 +56,7 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "bert", "llama", "vit", "bart", "torch_encoder", "lstm"]
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "vit", "bart", "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 
@@ -148,6 +148,12 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                                                 **small)),
                          causal_lm_loss, {"input_ids": tokens}, tokens),
+        # GPT-2's own vocabulary, tied to the output layer: the (B, V, d) per-example gradients of the tied
+        # table are what a language model's norms must not materialise
+        "gpt2_vocab": lambda: (hf("GPT2LMHeadModel")(hf("GPT2Config")(n_layer=2, n_embd=64, n_head=4,
+                                                                      n_positions=64, resid_pdrop=0.0,
+                                                                      embd_pdrop=0.0, attn_pdrop=0.0)),
+                               causal_lm_loss, {"input_ids": tokens}, tokens),
         "bert": lambda: (hf("BertForSequenceClassification")(hf("BertConfig")(
                              num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                              max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
