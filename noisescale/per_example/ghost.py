@@ -135,7 +135,10 @@ class GhostPass:
         sqnorms = dict(self.sqnorms)
         for name in self.shared_grads.keys() | self.shared_factors.keys():
             sqnorms[name] = sqnorm_of_sum(self.shared_factors.get(name, []), self.shared_grads.get(name))
-        return {name: sqnorm * self.grad_factor ** 2 for name, sqnorm in sqnorms.items()}
+        if not sqnorms:
+            return {}
+        scaled = torch.stack(list(sqnorms.values())) * self.grad_factor ** 2   # one multiplication for all
+        return dict(zip(sqnorms, scaled.unbind()))
 
 
 def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
