@@ -28,9 +28,9 @@ flags sum to more than zero, every rank runs one more all-reduce of (b, b^2) to 
 agree. |g_big|^2 is computed on every rank from the same all-reduced bytes. Every rank therefore decides from
 identical numbers whether the step is finite (a NaN on one rank reaches all of them through the all-reduce) and
 records the same estimate. The hook's all-reduces are asked of the process group directly, as DDP's C++ reducer
-does. ``step_estimate`` reads the numbers with one ``tolist`` each, and does the
-arithmetic of the estimate and the moving average; the history's rows and their intervals (a Student-t quantile
-per row) are built when ``history`` or ``state_dict`` is read.
+does. ``step_estimate`` reads the numbers with one ``tolist`` each and does the arithmetic of the estimate and
+the moving average; the history's rows and their intervals (a Student-t quantile per row) are built when
+``history`` or ``state_dict`` is read.
 
 The hook leaves the gradients as the wrapped hook makes them. With the default they equal DDP without a hook:
 bit for bit in the tests (3 gloo ranks, float32 and float64), since the bucket is scaled by 1/R as DDP does it
@@ -245,7 +245,7 @@ class DDPNoiseScale:
 
     def _totals(self) -> list[torch.Tensor]:
         """This step's totals as 0-d tensors: every bucket's local squared norm (all hooks have run when the last
-        bucket's calls this), then a flag, 1 if this rank's local batch size changed since the last check."""
+        bucket's hook calls this), then a flag, 1 if this rank's local batch size changed since the last check."""
         local, self._local_sqnorms = self._local_sqnorms, []
         flags = self._flag_values
         if flags is None or (flags[0].dtype, flags[0].device) != (local[0].dtype, local[0].device):
@@ -256,8 +256,9 @@ class DDPNoiseScale:
         """:func:`mean_allreduce_hook` whose one callback also keeps |averaged bucket|^2. On the last bucket the
         totals ride along: the bucket, scaled by 1/R, is written into a buffer longer by the totals and kept from
         step to step (the scaling the in-place reduction does anyway, so no extra pass and no allocation), and
-        the totals follow it unscaled in the bucket's dtype, written by one ``stack``. The future's value is the
-        averaged bucket (a view DDP copies out)."""
+        the totals follow it unscaled in the bucket's dtype, written by one ``stack`` (float32 for float32
+        gradients: each bucket's local squared norm is summed over ranks in float32, about 1e-7 relative). The
+        future's value is the averaged bucket (a view DDP copies out)."""
         if not last:
             return _mean_all_reduce(buffer, self.process_group).then(
                 lambda done: self._record_global_sqnorm(done.value()[0]))
