@@ -206,7 +206,7 @@ class DDPNoiseScale:
         self._unread_backwards = 0
         self._rows: list[dict[str, Any]] = []
         # per measured step until history or state_dict is read: (step, batch, local and global squared norm,
-        # estimate, skipped, b_simple, the average's state after it); the rows and intervals are built then
+        # estimate, skipped, the average's state after it); the rows, B_simple and intervals are built then
         self._records: list[tuple] = []
         ddp_model.register_comm_hook(self.process_group, self._hook)
 
@@ -337,8 +337,7 @@ class DDPNoiseScale:
             # sizes were checked by the setter, the norms are finite here and >= 0 by construction
             estimate = _two_batch_estimate(local_sqnorm, batch, global_sqnorm, ranks * batch)
         self.average.update_estimate(estimate)
-        self._records.append((step, batch, local_sqnorm, global_sqnorm, estimate, skipped, self.average.b_simple,
-                              self.average.state_dict()))
+        self._records.append((step, batch, local_sqnorm, global_sqnorm, estimate, skipped, self.average.state_dict()))
         return estimate
 
     def _build_rows(self) -> None:
@@ -346,7 +345,7 @@ class DDPNoiseScale:
         B_simple from the moving average as it was after that row: the Student-t quantile is most of the cost
         of a row, so it is paid when the history is read, not per step."""
         average = ExponentialMovingNoiseScale(self.average.decay)
-        for step, batch, local_sqnorm, global_sqnorm, estimate, skipped, b_simple, average_state in self._records:
+        for step, batch, local_sqnorm, global_sqnorm, estimate, skipped, average_state in self._records:
             average.load_state_dict(average_state)
             low, high = average.interval()
             self._rows.append({
@@ -358,7 +357,7 @@ class DDPNoiseScale:
                 "grad_sqnorm": estimate.grad_sqnorm,
                 "trace_sigma": estimate.trace_sigma,
                 "b_simple_batch": estimate.b_simple if not skipped else math.nan,
-                "b_simple": b_simple,
+                "b_simple": average.b_simple,
                 "b_simple_low": low,
                 "b_simple_high": high,
                 "skipped": skipped,
