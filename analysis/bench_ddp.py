@@ -10,7 +10,11 @@ time mostly does not.
 
 ``hook``: plain DDP against :class:`noisescale.distributed.DDPNoiseScale` (the communication hook, measuring
 every step or every ``--sparse-every``-th), and a copy with only the reducing hook it wraps
-(``mean_allreduce_hook``), which separates the cost of any Python communication hook from noisescale's.
+(``mean_allreduce_hook``), which separates the cost of any Python communication hook from noisescale's. Two
+reference rows price the parts of a measurement without a hook: plain DDP followed by one more all-reduce of two
+numbers per step (what the hook saves by carrying its totals in the last bucket's all-reduce), and plain DDP
+followed by two squared norms of every gradient (the two reads of the gradient that any two-batch measurement
+makes; one ``torch.dot`` per parameter, so its Python overhead is counted too).
 
 ``trainer``: :class:`noisescale.training.AdaptiveTrainer` on a DDP model (per-example norms every step, one
 all-gather of the per-example numbers; with a noise-scale policy, one broadcast of its state) against a plain DDP
@@ -81,8 +85,8 @@ Variants = dict[str, tuple[Callable[[int], None], str]]  # name -> (step functio
 
 def _hook_variants(args, device, device_ids, rank) -> Variants:
     """Section ``hook``: one step function per variant, all on the same per-step random batch."""
-    plain, python_hook, hooked, sparse = (
-        DistributedDataParallel(_mlp().to(device), device_ids=device_ids) for _ in range(4)
+    plain, python_hook, hooked, sparse, extra_collective, two_reads = (
+        DistributedDataParallel(_mlp().to(device), device_ids=device_ids) for _ in range(6)
     )
     python_hook.register_comm_hook(None, mean_allreduce_hook)
     every_step = DDPNoiseScale(hooked, args.batch)
@@ -98,6 +102,12 @@ def _hook_variants(args, device, device_ids, rank) -> Variants:
         optimizer = _sgd(model)
         return lambda step: _plain_step(model, optimizer, *batches[step], after_backward)
 
+    two_numbers = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def squared_norms_twice():
+        for _ in range(2):
+            torch.stack([torch.dot(p.grad.view(-1), p.grad.view(-1)) for p in two_reads.parameters()]).sum().item()
+
     baseline = "plain DDP"
     return {
         baseline: (variant(plain), baseline),
@@ -106,6 +116,10 @@ def _hook_variants(args, device, device_ids, rank) -> Variants:
         f"DDP + noise-scale hook, every {args.sparse_every}th step": (
             variant(sparse, sparse_noise.step_estimate), baseline
         ),
+        "DDP + one more all-reduce of 2 numbers (reference)": (
+            variant(extra_collective, lambda: dist.all_reduce(two_numbers)), baseline
+        ),
+        "DDP + |grad|^2 twice after backward (reference)": (variant(two_reads, squared_norms_twice), baseline),
     }
 
 

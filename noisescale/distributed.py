@@ -18,17 +18,19 @@ it takes the squared norm of the bucket buffer before the all-reduce (this rank'
 ``no_sync()`` accumulation the buffer is filled on the synchronising backward with the accumulated local
 gradient) and, in the future's callback, that of the all-reduced (averaged) bucket: one read of each bucket, no
 copy. Summing over buckets gives |g_r|^2 and |g_big|^2. The ranks' |g_r|^2 must be summed too: the hook of the
-last bucket (``GradBucket.is_last()``) appends two numbers to that bucket's own all-reduce, this rank's local
-squared norm and a flag that its local batch size changed, so the default costs no extra collective. It writes
-the scaled bucket into a buffer of its own, two entries longer, kept from step to step: the scaling by 1/R that
-the in-place reduction does anyway, so the append costs no extra pass over the bucket and no allocation. A
-wrapped hook of your own, or a half-precision bucket, gets one extra asynchronous all-reduce of the two numbers
-in float64. When the flags sum to more than zero, every rank runs one more all-reduce of (b, b^2) to check that
-the local batch sizes agree. |g_big|^2 is computed on every rank from the same all-reduced bytes. Every rank
-therefore decides from identical numbers whether the step is finite (a NaN on one rank reaches all of them
-through the all-reduce) and records the same estimate. ``step_estimate`` does the arithmetic of the estimate and
-the moving average; the history's interval (a Student-t quantile per row) is computed when ``history`` or
-``state_dict`` is read.
+last bucket (``GradBucket.is_last()``) appends the buckets' local squared norms and a flag that this rank's local
+batch size changed to that bucket's own all-reduce, so the default costs no extra collective (on gloo, one more
+all-reduce of a few numbers costs about as much CPU as the whole Python hook). It writes the scaled bucket into a
+buffer of its own, longer by these numbers, kept from step to step: the scaling by 1/R that the in-place
+reduction does anyway, so the append costs no extra pass over the bucket and no allocation. A wrapped hook of
+your own, or a half-precision bucket, gets one extra asynchronous all-reduce of the numbers in float64. When the
+flags sum to more than zero, every rank runs one more all-reduce of (b, b^2) to check that the local batch sizes
+agree. |g_big|^2 is computed on every rank from the same all-reduced bytes. Every rank therefore decides from
+identical numbers whether the step is finite (a NaN on one rank reaches all of them through the all-reduce) and
+records the same estimate. The hook's all-reduces are asked of the process group directly, as DDP's C++ reducer
+does. ``step_estimate`` reads the numbers with one ``tolist`` each and does the arithmetic of the estimate and
+the moving average; the history's rows and their intervals (a Student-t quantile per row) are built when
+``history`` or ``state_dict`` is read.
 
 The hook leaves the gradients as the wrapped hook makes them. With the default they equal DDP without a hook:
 bit for bit in the tests (3 gloo ranks, float32 and float64), since the bucket is scaled by 1/R as DDP does it
@@ -83,11 +85,6 @@ def _squared_norm(bucket: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(bucket, dtype=torch.float32).square()
 
 
-def _sum(sqnorms: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the buckets' squared norms in float64: the squared norm of all the gradients."""
-    return torch.stack(sqnorms).double().sum()
-
-
 def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future:
     """DDP's built-in reduction as a Python hook: multiply the bucket by 1/R, then all-reduce by sum.
 
@@ -95,22 +92,30 @@ def mean_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.Gr
     power of two, and DDP without a hook multiplies (while copying the gradients into the bucket). This hook
     keeps the gradients bit-identical to DDP without a hook for every world size.
     """
-    return _mean_all_reduce(bucket.buffer(), process_group).then(lambda future: future.value()[0])
+    return _mean_all_reduce(bucket.buffer(), process_group).then(_first_value)
 
 
 mean_allreduce_hook.__annotations__ = {}  # DDP checks annotations and rejects the strings of __future__.annotations
 
 
+def _first_value(future: torch.futures.Future) -> torch.Tensor:
+    return future.value()[0]
+
+
 def _mean_all_reduce(buffer: torch.Tensor, group: dist.ProcessGroup | None,
                      out: torch.Tensor | None = None) -> torch.futures.Future:
     """DDP's arithmetic on ``buffer``: times 1/R (in place, or written into the start of ``out``, whose further
-    entries ride along unscaled), then an async all-reduce by sum. The future's value is [reduced tensor]."""
-    scale = 1.0 / dist.get_world_size(group)
+    entries ride along unscaled), then an async all-reduce by sum. The future's value is [reduced tensor].
+
+    The all-reduce is asked of the process group itself, as DDP's C++ reducer does: ``dist.all_reduce``'s checks
+    in Python cost tens of microseconds per bucket on a CPU step of a few milliseconds."""
+    group = dist.group.WORLD if group is None else group
+    scale = 1.0 / group.size()
     if out is None:
         out = buffer.mul_(scale)
     else:
         torch.mul(buffer, scale, out=out[:buffer.numel()])
-    return dist.all_reduce(out, group=group, async_op=True).get_future()
+    return group.allreduce([out]).get_future()
 
 
 def unwrapped_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -193,12 +198,16 @@ class DDPNoiseScale:
         # that may run on several communication threads at once (list.append is atomic, a += is not)
         self._local_sqnorms: list[torch.Tensor] = []
         self._global_sqnorms: list[torch.Tensor] = []
-        self._pending: tuple[torch.futures.Future, int, int] | None = None  # (totals future, offset, batch)
-        self._last_bucket: torch.Tensor | None = None  # the scaled last bucket and the two totals, reused
+        # (totals future, the all-reduced totals: the buckets' local squared norms and the flag, local batch size)
+        self._pending: tuple[torch.futures.Future, torch.Tensor, int] | None = None
+        self._last_bucket: torch.Tensor | None = None  # the scaled last bucket and the totals, reused
+        self._flag_values: tuple[torch.Tensor, torch.Tensor] | None = None  # 0-d 0 and 1 for the changed flag
         self._agreed_batch_size: int | None = None  # the local batch size all ranks were last checked to share
         self._unread_backwards = 0
         self._rows: list[dict[str, Any]] = []
-        self._rows_without_interval: list[tuple[dict[str, Any], dict[str, float | int]]] = []  # (row, average)
+        # per measured step until history or state_dict is read: (step, batch, local and global squared norm,
+        # estimate, skipped, the average's state after it); the rows, B_simple and intervals are built then
+        self._records: list[tuple] = []
         ddp_model.register_comm_hook(self.process_group, self._hook)
 
     @property
@@ -214,9 +223,9 @@ class DDPNoiseScale:
     def _hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of __future__.annotations
         """Communication hook: keep |local bucket|^2, reduce the bucket, keep |reduced bucket|^2 when done.
 
-        The last bucket's hook also reduces this step's totals (the local squared norm, summed over buckets,
-        and a flag for a changed local batch size): inside that bucket's own all-reduce when the reduction is
-        the default :func:`mean_allreduce_hook` on a float32/float64 bucket, else in one extra all-reduce.
+        The last bucket's hook also reduces this step's totals (every bucket's local squared norm and a flag for
+        a changed local batch size): inside that bucket's own all-reduce when the reduction is the default
+        :func:`mean_allreduce_hook` on a float32/float64 bucket, else in one extra all-reduce in float64.
         """
         measuring = (self.step + self._unread_backwards) % self.measure_every == 0
         last = bucket.is_last()
@@ -229,36 +238,39 @@ class DDPNoiseScale:
         if self._wrapped_hook is mean_allreduce_hook and buffer.dtype in (torch.float32, torch.float64):
             return self._mean_allreduce(buffer, last)
         if last:
-            totals = self._write_totals(torch.empty(2, dtype=torch.float64, device=buffer.device))
+            totals = torch.stack(self._totals()).double()
             future = dist.all_reduce(totals, group=self.process_group, async_op=True).get_future()
-            self._pending = (future, 0, self._local_batch_size)
+            self._pending = (future, totals, self._local_batch_size)
         return self._wrapped_hook(state, bucket).then(lambda done: self._record_global_sqnorm(done.value()))
 
-    def _write_totals(self, totals: torch.Tensor) -> torch.Tensor:
-        """Write (this rank's local squared norm, 1.0 if its local batch size changed since the last check,
-        else 0.0) into the two entries of ``totals``; every other bucket's hook has run, so the sum is complete."""
-        totals[0] = _sum(self._local_sqnorms)
-        totals[1] = float(self._local_batch_size != self._agreed_batch_size)
-        self._local_sqnorms = []
-        return totals
+    def _totals(self) -> list[torch.Tensor]:
+        """This step's totals as 0-d tensors: every bucket's local squared norm (all hooks have run when the last
+        bucket's hook calls this), then a flag, 1 if this rank's local batch size changed since the last check."""
+        local, self._local_sqnorms = self._local_sqnorms, []
+        flags = self._flag_values
+        if flags is None or (flags[0].dtype, flags[0].device) != (local[0].dtype, local[0].device):
+            flags = self._flag_values = (local[0].new_zeros(()), local[0].new_ones(()))
+        return local + [flags[self._local_batch_size != self._agreed_batch_size]]
 
     def _mean_allreduce(self, buffer: torch.Tensor, last: bool) -> torch.futures.Future:
         """:func:`mean_allreduce_hook` whose one callback also keeps |averaged bucket|^2. On the last bucket the
-        totals ride along: the bucket, scaled by 1/R, is written into a buffer two entries longer that is kept
-        from step to step (the scaling the in-place reduction does anyway, so no extra pass and no allocation),
-        and the totals follow it unscaled in the bucket's dtype (float32 for float32 gradients: the summed local
-        squared norm is then rounded to float32, about 1e-7 relative). The future's value is the averaged bucket
-        (a view DDP copies out)."""
+        totals ride along: the bucket, scaled by 1/R, is written into a buffer longer by the totals and kept from
+        step to step (the scaling the in-place reduction does anyway, so no extra pass and no allocation), and
+        the totals follow it unscaled in the bucket's dtype, written by one ``stack`` (float32 for float32
+        gradients: each bucket's local squared norm is summed over ranks in float32, about 1e-7 relative). The
+        future's value is the averaged bucket (a view DDP copies out)."""
         if not last:
             return _mean_all_reduce(buffer, self.process_group).then(
                 lambda done: self._record_global_sqnorm(done.value()[0]))
+        totals = self._totals()
         size = buffer.numel()
         padded = self._last_bucket
-        if padded is None or (padded.numel(), padded.dtype, padded.device) != (size + 2, buffer.dtype, buffer.device):
-            padded = self._last_bucket = buffer.new_empty(size + 2)  # DDP rebuilds its buckets after the first step
-        self._write_totals(padded[size:])
+        if padded is None or (padded.numel(), padded.dtype, padded.device) != (
+                size + len(totals), buffer.dtype, buffer.device):
+            padded = self._last_bucket = buffer.new_empty(size + len(totals))  # DDP rebuilds its buckets once
+        tail = torch.stack(totals, out=padded[size:])
         future = _mean_all_reduce(buffer, self.process_group, out=padded)
-        self._pending = (future, size, self._local_batch_size)
+        self._pending = (future, tail, self._local_batch_size)
         return future.then(lambda done: self._record_global_sqnorm(done.value()[0][:size]))
 
     def _record_global_sqnorm(self, reduced: torch.Tensor) -> torch.Tensor:
@@ -305,10 +317,9 @@ class DDPNoiseScale:
         self.step += 1
         if pending is None:
             return None
-        future, start, batch = pending
-        totals = future.wait()[0][start:start + 2]
-        local_sum, changed = totals.tolist()
-        global_sqnorm = float(_sum(global_sqnorms))
+        future, totals, batch = pending
+        future.wait()
+        *local_sqnorms, changed = totals.tolist()  # the buckets' local squared norms, each summed over ranks
         if changed > 0:  # the same sum on every rank, so every rank joins the check
             self._check_batch_sizes_agree(batch, totals.device)
         if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
@@ -316,8 +327,8 @@ class DDPNoiseScale:
 
         ranks = self.world_size
         unscale = 1.0 / float(grad_scale) ** 2
-        local_sqnorm = local_sum / ranks * unscale
-        global_sqnorm = global_sqnorm * unscale
+        local_sqnorm = sum(local_sqnorms) / ranks * unscale
+        global_sqnorm = sum(torch.stack(global_sqnorms).tolist()) * unscale
         skipped = not (math.isfinite(local_sqnorm) and math.isfinite(global_sqnorm))
         if skipped:
             estimate = NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=ranks * batch)
@@ -326,43 +337,43 @@ class DDPNoiseScale:
             # sizes were checked by the setter, the norms are finite here and >= 0 by construction
             estimate = _two_batch_estimate(local_sqnorm, batch, global_sqnorm, ranks * batch)
         self.average.update_estimate(estimate)
-        row = {
-            "step": step,
-            "local_batch_size": batch,
-            "global_batch_size": ranks * batch,
-            "local_sqnorm": local_sqnorm,
-            "global_sqnorm": global_sqnorm,
-            "grad_sqnorm": estimate.grad_sqnorm,
-            "trace_sigma": estimate.trace_sigma,
-            "b_simple_batch": estimate.b_simple if not skipped else math.nan,
-            "b_simple": self.average.b_simple,
-            "b_simple_low": math.nan,  # filled in by _add_intervals when the history is read
-            "b_simple_high": math.nan,
-            "skipped": skipped,
-        }
-        self._rows.append(row)
-        self._rows_without_interval.append((row, self.average.state_dict()))
+        self._records.append((step, batch, local_sqnorm, global_sqnorm, estimate, skipped, self.average.state_dict()))
         return estimate
 
-    def _add_intervals(self) -> None:
-        """The 90% interval of each new row's B_simple, from the moving average as it was after that row: the
-        Student-t quantile is most of the cost of a row, so it is paid when the history is read, not per step."""
+    def _build_rows(self) -> None:
+        """The history rows of the steps measured since the last read, with the 90% interval of each row's
+        B_simple from the moving average as it was after that row: the Student-t quantile is most of the cost
+        of a row, so it is paid when the history is read, not per step."""
         average = ExponentialMovingNoiseScale(self.average.decay)
-        for row, average_state in self._rows_without_interval:
+        for step, batch, local_sqnorm, global_sqnorm, estimate, skipped, average_state in self._records:
             average.load_state_dict(average_state)
-            row["b_simple_low"], row["b_simple_high"] = average.interval()
-        self._rows_without_interval = []
+            low, high = average.interval()
+            self._rows.append({
+                "step": step,
+                "local_batch_size": batch,
+                "global_batch_size": self.world_size * batch,
+                "local_sqnorm": local_sqnorm,
+                "global_sqnorm": global_sqnorm,
+                "grad_sqnorm": estimate.grad_sqnorm,
+                "trace_sigma": estimate.trace_sigma,
+                "b_simple_batch": estimate.b_simple if not skipped else math.nan,
+                "b_simple": average.b_simple,
+                "b_simple_low": low,
+                "b_simple_high": high,
+                "skipped": skipped,
+            })
+        self._records = []
 
     # ------------------------------------------------------------------ results
     @property
     def history(self) -> pd.DataFrame:
         """One row per step_estimate(): batch sizes, the mean local and the global squared norm, the step's
         unbiased |G|^2 and tr(Sigma), the averaged B_simple with its 90% interval, and ``skipped``."""
-        self._add_intervals()
+        self._build_rows()
         return pd.DataFrame(self._rows)
 
     def state_dict(self) -> dict[str, Any]:
-        self._add_intervals()
+        self._build_rows()
         return {"step": self.step, "average": self.average.state_dict(), "history": list(self._rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -371,7 +382,7 @@ class DDPNoiseScale:
             raise ValueError(f"state dict misses keys {sorted(missing)}")
         self.average.load_state_dict(state["average"])
         self.step = int(state["step"])
-        self._rows, self._rows_without_interval = list(state["history"]), []
+        self._rows, self._records = list(state["history"]), []
         self._pending, self._global_sqnorms, self._local_sqnorms, self._unread_backwards = None, [], [], 0
 
 

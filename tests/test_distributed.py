@@ -115,18 +115,20 @@ def _adaptive_trainer(model: torch.nn.Module, dataset: TensorDataset, kappa: flo
 
 @contextlib.contextmanager
 def _counting_all_reduces(counter: list[int]):
-    """Count the all-reduce calls made in this process (DDP's buckets go through the Python hooks)."""
-    original = dist.all_reduce
+    """Count the all-reduces made in this process: every one, dist.all_reduce's and the hooks' (which ask the
+    process group directly), ends in ProcessGroup.allreduce."""
+    descriptor = vars(dist.ProcessGroup)["allreduce"]  # restored as it was: the looked-up function does not bind
+    original = dist.ProcessGroup.allreduce
 
     def counted(*args, **kwargs):
         counter[0] += 1
         return original(*args, **kwargs)
 
-    dist.all_reduce = counted
+    dist.ProcessGroup.allreduce = counted
     try:
         yield counter
     finally:
-        dist.all_reduce = original
+        dist.ProcessGroup.allreduce = descriptor
 
 
 def _hessian_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
@@ -165,6 +167,10 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     sparse_noise = DDPNoiseScale(sparse, LOCAL_BATCH, ema_decay=0.5, measure_every=2)
     _train(sparse, sparse_noise, inputs64, labels, rank)
     results["every_other_history"] = sparse_noise.history
+    one_bucket = DistributedDataParallel(_make_model(torch.float64))  # default bucket size: the whole model
+    one_bucket_noise = DDPNoiseScale(one_bucket, LOCAL_BATCH, ema_decay=0.5)
+    _train(one_bucket, one_bucket_noise, inputs64, labels, rank)
+    results["one_bucket_history"] = one_bucket_noise.history
     report_progress(out_dir, rank, "estimates")
 
     # 1b. collectives per step: the default reduction carries the totals in the last bucket's all-reduce;
@@ -190,6 +196,9 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
     hooked_noise = DDPNoiseScale(hooked, LOCAL_BATCH)
     results["plain_params"] = _train(plain, None, inputs32, labels, rank, momentum=0.9)
     results["hooked_params"] = _train(hooked, hooked_noise, inputs32, labels, rank, momentum=0.9)
+    reducing_only = _ddp(_make_model(torch.float32))
+    reducing_only.register_comm_hook(None, mean_allreduce_hook)  # no process group given: the default group
+    results["mean_allreduce_hook_params"] = _train(reducing_only, None, inputs32, labels, rank, momentum=0.9)
     as_view = _ddp(_make_model(torch.float32), gradient_as_bucket_view=True)  # p.grad are views of the buckets
     as_view_noise = DDPNoiseScale(as_view, LOCAL_BATCH)
     results["bucket_view_params"] = _train(as_view, as_view_noise, inputs32, labels, rank, momentum=0.9)
@@ -326,6 +335,14 @@ def test_measure_every_measures_the_same_steps_as_every_step_measurement(rank_re
         assert every_other[columns].to_numpy() == pytest.approx(expected, rel=1e-12)
 
 
+def test_one_bucket_gives_the_estimates_of_many_buckets(rank_results):
+    """The last bucket carries one local squared norm per bucket: one (the whole model) or several."""
+    columns = ["local_sqnorm", "global_sqnorm", "grad_sqnorm", "trace_sigma", "b_simple"]
+    for result in rank_results:
+        np.testing.assert_allclose(result["one_bucket_history"][columns], result["estimate_history"][columns],
+                                   rtol=1e-12)
+
+
 def test_default_reduction_carries_the_totals_without_an_extra_collective(rank_results):
     """Per step DDP all-reduces each bucket once; the default adds nothing but one (b, b^2) check at the first
     step (the local batch size is new); a wrapped PyTorch hook adds one all-reduce per step for the totals."""
@@ -354,10 +371,12 @@ def test_ema_in_history_matches_estimators_average(rank_results):
 
 def test_hook_leaves_training_bit_identical(rank_results):
     for result in rank_results:
-        for plain, hooked, as_view in zip(result["plain_params"], result["hooked_params"],
-                                          result["bucket_view_params"]):
+        for plain, hooked, as_view, reducing_only in zip(result["plain_params"], result["hooked_params"],
+                                                         result["bucket_view_params"],
+                                                         result["mean_allreduce_hook_params"]):
             assert torch.equal(plain, hooked)
             assert torch.equal(plain, as_view)  # gradient_as_bucket_view=True too
+            assert torch.equal(plain, reducing_only)  # mean_allreduce_hook alone, registered without a group
         pd.testing.assert_frame_equal(result["bucket_view_history"], result["float32_history"])
     for other in rank_results[1:]:
         for rank0, rank_r in zip(rank_results[0]["hooked_params"], other["hooked_params"]):
