@@ -98,11 +98,12 @@ def _vit():
             torch.randint(0, 3, (BATCH,), generator=generator(2)))
 
 
-def _bart():
+def _bart(scale_embedding=False):
     transformers = pytest.importorskip("transformers")
     config = transformers.BartConfig(encoder_layers=1, decoder_layers=1, d_model=16, encoder_attention_heads=2,
                                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                                     vocab_size=VOCAB, max_position_embeddings=16, attn_implementation="eager")
+                                     vocab_size=VOCAB, max_position_embeddings=16, attn_implementation="eager",
+                                     scale_embedding=scale_embedding)
     labels = torch.randint(3, VOCAB, (BATCH, 4), generator=generator(2))
     inputs = {"input_ids": _tokens(), "attention_mask": _padding_mask(), "labels": labels}
     return transformers.BartForConditionalGeneration(config), sequence_cross_entropy, inputs, labels
@@ -177,6 +178,7 @@ MODELS = {
     "llama_attention_mask": _llama,
     "vit": _vit,
     "bart": _bart,
+    "bart_scaled_embedding": lambda: _bart(scale_embedding=True),
     "torch_transformer_encoder": _torch_encoder,
     "lstm": _recurrent(nn.LSTM, batch_first=False),
     "lstm_batch_first": _recurrent(nn.LSTM, batch_first=True),
@@ -270,3 +272,42 @@ def test_activation_checkpointing_gives_the_same_norms(use_reentrant):
     assert len(runs) == 2                      # the layer was re-run in the backward
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
     assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
+
+
+def test_scaled_word_embeddings_are_measured_by_a_rule():
+    """BART's BartScaledWordEmbedding (an nn.Embedding whose forward multiplies by embed_scale) goes to the
+    scaled-embedding rule and stays exact; a subclass whose forward does something else is sent to the fallback."""
+    model, loss_fn, inputs, targets = _case("bart_scaled_embedding")
+    assert type(model.model.shared).__name__ == "BartScaledWordEmbedding" and model.model.shared.embed_scale == 4.0
+    expected = naive_sqnorms(model, loss_fn, inputs, targets)
+    result = per_example_sqnorms(model, loss_fn, inputs, targets, backend="auto")
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)
+    assert result.backend_of["model.shared.weight"] == "ghost"
+
+
+class _ShiftedEmbedding(nn.Embedding):
+    """Has an embed_scale but its forward also adds 1: the scaled rule's check must reject it."""
+
+    embed_scale = 2.0
+
+    def forward(self, x):
+        return super().forward(x) * self.embed_scale + 1.0
+
+
+class _ScaledEmbedding(_ShiftedEmbedding):
+    def forward(self, x):
+        return super(_ShiftedEmbedding, self).forward(x) * self.embed_scale
+
+
+@pytest.mark.parametrize("embedding, backend", [(_ScaledEmbedding, "ghost"), (_ShiftedEmbedding, "module")])
+def test_an_embedding_subclass_is_measured_by_the_scaled_rule_only_if_it_reproduces_the_output(embedding, backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(embedding(50, 6, padding_idx=0), nn.Flatten(), nn.Linear(24, 3)).double()
+    tokens = torch.randint(0, 50, (BATCH, 4))
+    tokens[0, :2] = 0
+    labels = torch.randint(0, 3, (BATCH,))
+    loss_fn = per_example_cross_entropy
+    expected = naive_sqnorms(model, loss_fn, tokens, labels)
+    result = per_example_sqnorms(model, loss_fn, tokens, labels, backend="auto")
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)
+    assert result.backend_of["0.weight"] == backend

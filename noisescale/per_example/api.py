@@ -12,8 +12,8 @@ Backends, per parameter (``PerExampleNorms.backend_of``):
 
 - "ghost": a layer rule (``layers.py``) turns the module's input and output gradient, kept by hooks during the real
   pass, into the norms (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm in eval mode,
-  HF GPT-2's Conv1D and third-party RMSNorm layers matched by structure, and rules registered with
-  ``register_rule``).
+  HF GPT-2's Conv1D, third-party RMSNorm layers and scaled word embeddings matched by structure, and rules
+  registered with ``register_rule``).
 - "module": the per-module fallback (``fallback.py``) for a module without a rule: vmap of the VJP of that
   module's own forward over the examples, fed with the output gradients of the real pass (or a per-example loop
   through that module where vmap cannot run it, as for fused RNN kernels). Covers nn.MultiheadAttention (with

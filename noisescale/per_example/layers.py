@@ -43,6 +43,7 @@ __all__ = [
     "AffineNormRule",
     "TransposedLinearRule",
     "ThirdPartyRMSNormRule",
+    "ScaledEmbeddingRule",
     "RULES",
     "STRUCTURAL_RULES",
     "register_rule",
@@ -436,7 +437,34 @@ class ThirdPartyRMSNormRule(LayerRule):
         return {"weight": product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
 
-STRUCTURAL_RULES: list = [TransposedLinearRule(), ThirdPartyRMSNormRule()]
+class ScaledEmbeddingRule(EmbeddingRule):
+    """An nn.Embedding subclass whose forward multiplies the lookup by a constant ``embed_scale`` (HuggingFace's
+    ``*ScaledWordEmbedding`` of BART, M2M100, Pegasus, Gemma 3 and others): the Embedding formula with the output
+    gradient times the scale (in the weight's dtype, as the layer multiplies). Matched by structure and checked
+    against the real output on each instance's first call."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        scale = getattr(module, "embed_scale", None)
+        return (isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
+                and (isinstance(scale, (int, float)) or (isinstance(scale, Tensor) and scale.numel() == 1))
+                and not any(True for _ in module.children()))
+
+    @staticmethod
+    def _scale(module: nn.Module) -> float:
+        return torch.as_tensor(module.embed_scale).to(module.weight.dtype).item()
+
+    def verify(self, module, x, output):
+        rows = x[:_VERIFY_ROWS]
+        lookup = F.embedding(rows, module.weight, module.padding_idx)  # no max_norm: it renormalises in place
+        return _close(lookup * self._scale(module), output[:_VERIFY_ROWS])
+
+    def _indices_and_grads(self, module, x, g):
+        indices, g = super()._indices_and_grads(module, x, g)
+        return indices, g * self._scale(module)
+
+
+STRUCTURAL_RULES: list = [TransposedLinearRule(), ThirdPartyRMSNormRule(), ScaledEmbeddingRule()]
 
 
 def register_rule(module_type: type, rule: LayerRule) -> None:
@@ -467,7 +495,9 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     for base in module_type.__mro__:
         rule = RULES.get(base)
         if rule is not None:
-            return rule if module_type.forward is base.forward else None
+            if module_type.forward is base.forward:
+                return rule
+            break
     for rule in STRUCTURAL_RULES:
         if rule.matches(module):
             return rule
