@@ -99,3 +99,54 @@ def test_tied_vocabulary_embedding_is_normed_without_its_per_example_gradients(m
     result = per_example_sqnorms(model, loss_fn, tokens, targets, backend="ghost", by_parameter=True)
     for name, values in expected.items():
         assert_relclose(result.by_parameter[name], values)
+
+
+def test_result_of_a_tied_model_carries_no_autograd_graph():
+    torch.manual_seed(0)
+    model = TiedLanguageModel(vocabulary=40, width=8).double()
+    tokens, targets = torch.randint(0, 40, (3, 5)), torch.randint(1, 40, (3, 5))
+
+    def loss_fn(logits, targets):
+        return nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+    result = per_example_sqnorms(model, loss_fn, tokens, targets, by_parameter=True)
+    assert not result.sqnorms.requires_grad and result.sqnorms.grad_fn is None
+    assert not any(values.requires_grad for values in result.by_parameter.values())
+
+
+class _ShiftedEmbedding(nn.Embedding):
+    """A forward no rule reproduces (the per-module fallback measures it: dense per-example gradients)."""
+
+    def forward(self, tokens):
+        return super().forward(tokens) + 0.5
+
+
+def test_a_tied_weight_measured_partly_by_the_fallback_and_partly_by_a_rule():
+    """Dense per-example gradients (fallback) and factors (the Linear head's rule) of one tied weight are summed
+    before the norm."""
+    torch.manual_seed(0)
+    model = TiedLanguageModel(vocabulary=40, width=8).double()
+    model.token = _ShiftedEmbedding(40, 8, padding_idx=0).double()
+    model.head.weight = model.token.weight
+    tokens, targets = torch.randint(0, 40, (4, 5)), torch.randint(1, 40, (4, 5))
+    tokens[0, -1] = 0
+
+    def loss_fn(logits, targets):
+        return nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+    expected = naive_per_example(model, loss_fn, tokens, targets)
+    result = per_example_sqnorms(model, loss_fn, tokens, targets, by_parameter=True)
+    assert result.backend_of["token.weight"] == "module"
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+
+
+def test_a_vocabulary_sized_output_layer_is_not_materialised_at_long_sequences():
+    """GPT-2's output layer at its full context (V = 50257, d = 768, T = 1024): materialising costs fewer
+    multiply-adds than the Gram form, but (V, d) per example is 20x the Gram matrices and over a quarter of what
+    the layer's activations hold, so the Gram form is taken; at short sequences the cheaper materialised form is."""
+    from noisescale.per_example.factors import prefer_factored
+    vocabulary, width = 50257, 768
+    for positions, factored in ((1024, True), (8192, False)):
+        assert prefer_factored(positions * (vocabulary + width), vocabulary * width, 2 * positions ** 2,
+                               vocabulary * width, positions * (vocabulary + width)) is factored

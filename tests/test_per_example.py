@@ -835,3 +835,40 @@ def test_parameters_of_modules_added_after_creation_are_an_error_not_silently_dr
         with pytest.raises(ValueError, match=r"0\.parametrizations\.weight\.original0.*added to the model after"):
             norms(inputs, targets)
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_closed_instance_refuses_to_measure():
+    model, x, y, loss_fn = _twice_case()
+    measure = PerExampleGradNorms(model, loss_fn)
+    measure(x, y)
+    measure.close()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="closed"):
+        measure(x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_tied_weight_split_by_reentrant_checkpointing_is_an_error_not_a_wrong_gbar():
+    """The tied head inside a reentrant checkpoint, the embedding outside: the weight's gradient arrives in two
+    backward calls, so |gbar|^2 cannot be read from it as it arrives; p.grad is put back."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Embedding(30, 6)
+            self.head = nn.Linear(6, 30, bias=False)
+            self.head.weight = self.token.weight
+
+        def forward(self, tokens):
+            return checkpoint(lambda h: self.head(torch.tanh(h)), self.token(tokens), use_reentrant=True)
+
+    def loss_fn(logits, targets):
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+    torch.manual_seed(0)
+    model = Split().double()
+    tokens, targets = torch.randint(0, 30, (3, 4)), torch.randint(0, 30, (3, 4))
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        per_example_sqnorms(model, loss_fn, tokens, targets)
+    assert model.token.weight.grad is None

@@ -311,3 +311,17 @@ def test_an_embedding_subclass_is_measured_by_the_scaled_rule_only_if_it_reprodu
     result = per_example_sqnorms(model, loss_fn, tokens, labels, backend="auto")
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)
     assert result.backend_of["0.weight"] == backend
+
+
+def test_a_scaled_embedding_with_a_python_float_scale_is_exact_in_float64():
+    """sqrt(768) is not a float32 number: the rule must use the Python float the layer multiplies by."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
+    torch.manual_seed(0)
+    model = nn.Sequential(BartScaledWordEmbedding(30, 768, padding_idx=1, embed_scale=768 ** 0.5), nn.Flatten(),
+                          nn.Linear(4 * 768, 3)).double()
+    tokens, labels = torch.randint(0, 30, (BATCH, 4)), torch.randint(0, 3, (BATCH,))
+    expected = naive_sqnorms(model, per_example_cross_entropy, tokens, labels)
+    result = per_example_sqnorms(model, per_example_cross_entropy, tokens, labels, backend="auto")
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
+    assert result.backend_of["0.weight"] == "ghost"

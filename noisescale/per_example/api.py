@@ -151,6 +151,11 @@ def _leaves_in_graph(output: Tensor) -> dict[int, Tensor]:
 
 def _record_norm(received: dict[str, Tensor], name: str, grad: Tensor) -> None:
     """Keeps |grad| (at least float32) of the gradient this backward brings a parameter, before accumulation."""
+    if name in received:  # a second backward inside this one: reentrant checkpointing splitting a shared weight
+        raise RuntimeError(
+            f"parameter {name!r} received its gradient in two parts (reentrant activation checkpointing around "
+            "some but not all of its uses), so |gbar|^2 cannot be read from the gradients as they arrive; use "
+            "non-reentrant checkpointing (use_reentrant=False) or checkpoint all of its uses together")
     received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
 
 
@@ -238,12 +243,13 @@ class PerExampleGradNorms:
         self._engine = GhostNormEngine(hooked)
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
+        self._closed = False
 
     def close(self) -> None:
         """Remove the hooks from the model."""
         self._engine.close()
         self._taps.close()
-
+        self._closed = True
     def __enter__(self) -> PerExampleGradNorms:
         return self
 
@@ -272,6 +278,9 @@ class PerExampleGradNorms:
 
     def _checked_plan(self, loss_scale: float | Tensor) -> tuple[_Plan, float]:
         """This call's plan and ``loss_scale`` as a float, both checked."""
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed (its hooks were removed from the model); "
+                               "create a new one to measure again")
         scale = float(loss_scale)
         if not scale > 0:
             raise ValueError(f"loss_scale must be positive, got {scale}")

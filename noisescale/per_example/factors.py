@@ -41,14 +41,27 @@ def per_example_sqnorm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
 
 
+def prefer_factored(factored_cost: int, materialised_cost: int, factored_memory: int, materialised_memory: int,
+                    held: int) -> bool:
+    """Whether to take a norm from factors (Gram matrices) rather than from materialised per-example gradients:
+    the form with fewer multiply-adds, unless the materialised gradients would take more than a quarter of the
+    memory the factors already hold (``held``) and more than the Gram matrices (a vocabulary-sized output layer at
+    long sequences: (B, V, d) against (B, T, T))."""
+    if factored_cost < materialised_cost:
+        return True
+    return materialised_memory > held / 4 and factored_memory < materialised_memory
+
+
 def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
-    """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out), in the form with fewer multiply-adds:
-    the Gram form sum_{t,s} (a_t . a_s)(g_t . g_s) costs B T^2 (d_in + d_out), the materialised (d_out, d_in)
-    gradients B T d_in d_out (Li et al. 2022, "ghost clipping"; Bu et al. 2023, "mixed ghost clipping")."""
+    """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out): the Gram form
+    sum_{t,s} (a_t . a_s)(g_t . g_s) costs B T^2 (d_in + d_out), the materialised (d_out, d_in) gradients
+    B T d_in d_out (Li et al. 2022, "ghost clipping"; Bu et al. 2023, "mixed ghost clipping"); the cheaper is
+    taken unless its memory is out of proportion (``prefer_factored``)."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if positions == 1:
         return per_example_sqnorm(a) * per_example_sqnorm(g)
-    if positions * (d_in + d_out) < d_in * d_out:
+    if prefer_factored(positions * (d_in + d_out), d_in * d_out, 2 * positions * positions, d_in * d_out,
+                       positions * (d_in + d_out)):
         gram_a, gram_g = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
     return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))
@@ -82,6 +95,9 @@ class LinearFactors:
     def _numel(self) -> int:
         return sum(g.shape[2] for _, g in self.blocks) * self.blocks[0][0].shape[2]
 
+    def _held(self) -> int:
+        return sum(a.numel() + g.numel() for a, g in self.blocks)
+
 
 class IndexFactors:
     """The per-example gradient of an embedding table (rows x d) looked up at ``indices`` (B, T): row index_t
@@ -112,6 +128,9 @@ class IndexFactors:
 
     def _numel(self) -> int:
         return self.rows * self.v.shape[2]
+
+    def _held(self) -> int:
+        return self.v.numel() + self.indices.numel()
 
 
 Factors = Union[LinearFactors, IndexFactors]
@@ -160,12 +179,16 @@ def _pair_cost(first: Factors, second: Factors) -> int:
 def sqnorm_of_sum(parts: list[Factors], dense: Tensor | None) -> Tensor:
     """(B,) |sum of the parts' per-example gradients + dense|^2 for a weight used by several calls: by pairwise
     factored inner products when there is no dense part (B, *shape) and they cost fewer multiply-adds than
-    materialising the parts' gradients, else by materialising them and summing into ``dense`` (which is changed)."""
+    materialising the parts' gradients (or these would take too much memory: ``prefer_factored``), else by
+    materialising them and summing them with ``dense``."""
     if dense is None and parts:
         batch = parts[0]._terms()[0][2].shape[0]
         factored = sum(_pair_cost(p, q) for p in parts for q in parts)
         materialised = sum(p._materialising_cost() + batch * p._numel() for p in parts)
-        if factored < materialised:
+        gram_memory = max(term[1].shape[0] * term[1].shape[1] * other[1].shape[1]
+                          for p in parts for q in parts for term in p._terms() for other in q._terms())
+        if prefer_factored(factored, materialised, gram_memory, 2 * batch * parts[0]._numel(),
+                           sum(p._held() for p in parts)):
             total = None
             for k, part in enumerate(parts):
                 value = part.sqnorms()
@@ -173,7 +196,8 @@ def sqnorm_of_sum(parts: list[Factors], dense: Tensor | None) -> Tensor:
                     value = value + 2 * _inner(part, other)
                 total = value if total is None else total + value
             return total
+    total = None if dense is None else compute_dtype(dense)
     for part in parts:
         grads = part.grads()
-        dense = grads if dense is None else dense.add_(grads.reshape(dense.shape))
-    return per_example_sqnorm(dense)
+        total = grads if total is None else total + grads.reshape(total.shape)
+    return per_example_sqnorm(total)

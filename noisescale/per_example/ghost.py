@@ -130,8 +130,10 @@ class GhostPass:
         else:
             _add(self.shared_grads, name, grad)
 
+    @torch.no_grad()
     def result(self) -> dict[str, Tensor]:
-        """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
+        """Per-parameter (B,) squared norms of every parameter that took part in this pass (no autograd graph:
+        the factors are views of activations that require grad)."""
         sqnorms = dict(self.sqnorms)
         for name in self.shared_grads.keys() | self.shared_factors.keys():
             sqnorms[name] = sqnorm_of_sum(self.shared_factors.get(name, []), self.shared_grads.get(name))

@@ -452,7 +452,9 @@ class ScaledEmbeddingRule(EmbeddingRule):
 
     @staticmethod
     def _scale(module: nn.Module) -> float:
-        return torch.as_tensor(module.embed_scale).to(module.weight.dtype).item()
+        """A Python number multiplies at full precision; a tensor (Gemma 3) in the weight's dtype."""
+        scale = module.embed_scale
+        return scale.to(module.weight.dtype).item() if isinstance(scale, Tensor) else float(scale)
 
     def verify(self, module, x, output):
         rows = x[:_VERIFY_ROWS]
