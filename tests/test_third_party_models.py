@@ -315,7 +315,7 @@ def test_an_embedding_subclass_is_measured_by_the_scaled_rule_only_if_it_reprodu
 
 def test_a_scaled_embedding_with_a_python_float_scale_is_exact_in_float64():
     """sqrt(768) is not a float32 number: the rule must use the Python float the layer multiplies by."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
     torch.manual_seed(0)
     model = nn.Sequential(BartScaledWordEmbedding(30, 768, padding_idx=1, embed_scale=768 ** 0.5), nn.Flatten(),
