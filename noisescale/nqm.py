@@ -306,11 +306,8 @@ def _build_dynamics(model: NoisyQuadraticModel, precondition_power: float, learn
 
 
 def _apply(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Product of stacks of small matrices stored matrix-axes-first: (n, n, ...) x (n, m, ...)."""
-    out = left[:, 0, None] * right[0, None]
-    for j in range(1, left.shape[1]):
-        out += left[:, j, None] * right[j, None]
-    return out
+    """Product of stacks of small matrices stored matrix-axes-first: (n, n, ...) x (n, m, ...) (broadcasting)."""
+    return np.einsum("ij...,jk...->ik...", left, right)
 
 
 def _binary_powers(transition: np.ndarray, n_powers: int) -> list[np.ndarray]:
@@ -462,15 +459,12 @@ def _time_grid(max_steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _advance(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Row vectors times matrices, matrix axes first: (v M)_j = sum_i v_i M_ij for v (k, ...), M (k, k, ...)."""
-    out = v[0] * matrix[0]
-    for i in range(1, v.shape[0]):
-        out = out + v[i] * matrix[i]
-    return out
+    return np.einsum("i...,ij...->j...", v, matrix)
 
 
 def _quadratic(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """v A v^T for row vectors v (k, ...) and matrices A (k, k, ...)."""
-    return (_advance(v, matrix) * v).sum(axis=0)
+    return np.einsum("i...,ij...,j...->...", v, matrix, v)
 
 
 def _noise_block(system: _FirstMoment) -> np.ndarray:
@@ -624,9 +618,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     modes = _modes(system)
     single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
-    if not single:  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows near the target need it
-        base, since = modes.coefficients.copy(), 0
-        mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # mu^(2^e), mu^(2^e - 2)
+    base, since = modes.coefficients.copy(), 0  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows
+    mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # near the target need it; mu^(2^e), mu^(2^e - 2)
     exponent = 0
     for j in range(1, times.size):
         busy = active.any(axis=1)
@@ -636,15 +629,13 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             live, active, risk, clear = live[busy], active[busy], risk[busy], clear[busy]
             v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes = modes.subset(busy)
-            if not single:
-                base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
+            base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
         while exponent < gaps[j - 1]:
             power, block = _doubled(power, block)
-            if not single:
-                base, since = base * _integer_power(mu_gap, since), 0
-                if exponent >= 1:
-                    mu_inner = mu_inner * mu_gap
-                mu_gap = mu_gap * mu_gap
+            base, since = base * _integer_power(mu_gap, since), 0
+            if exponent >= 1:
+                mu_inner = mu_inner * mu_gap
+            mu_gap = mu_gap * mu_gap
             exponent += 1
             if not single:  # one floor for the octave ahead spares most rows the floor of every interval
                 # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
@@ -679,26 +670,26 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             rows, columns = np.nonzero(unsure)
             doubt[live[rows], columns] = j
             active = active & ~unsure
-        if not single:
-            since += 1
+        since += 1
         active = active & ~(noise[:, None] * inverse_batch > target)  # N never decreases: never below target
         active = active & ~(times[j] > bound)[None, :]
         octaves = j // _GRID_RESOLUTION  # the check passes over every term once per batch size: with many
         if j % _GRID_RESOLUTION == 0 and active.any() and (  # directions only after 1, 2, 4, 8, ... octaves
                 weights.size <= 1000 or octaves & (octaves - 1) == 0):
-            active = active & ~_hopeless(modes, weights, noise, inverse_batch, target, active, int(times[j]),
-                                         times[np.minimum(np.searchsorted(times, bound, side="right"), times.size - 1)])
+            until = times[np.minimum(np.searchsorted(times, bound, side="right"), times.size - 1)]
+            active = active & ~_hopeless(modes, base * _integer_power(mu_gap, since), weights, noise,
+                                         inverse_batch, target, active, int(times[j]), until)
     return _GridCrossings(point, doubt, before, at)
 
 
-def _hopeless(modes: _Modes, weights: np.ndarray, noise: np.ndarray, inverse_batch: np.ndarray, target: float,
-              active: np.ndarray, now: int, until: np.ndarray) -> np.ndarray:
-    """Active rows whose risk stays above the target on every step in (now, until[column]].
+def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.ndarray, inverse_batch: np.ndarray,
+              target: float, active: np.ndarray, now: int, until: np.ndarray) -> np.ndarray:
+    """Active rows whose risk stays above the target on every step in (now, until[column]], given the terms
+    ``first`` = c mu^now.
 
     The floor of D on that interval: monotone terms that decrease are taken at its end, all others at its start
     (oscillating terms at -|c mu^now|), clamped at 0 per bin; N at its value now.
     """
-    first = modes.coefficients * modes.values**now
     size = np.abs(first)
     decreasing = modes.monotone & (first.real > 0)
     shared = np.where(decreasing, 0.0, np.where(modes.monotone, first.real, -size)).sum(axis=0)
