@@ -62,7 +62,9 @@ DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 DEFAULT_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(1.0, 21.0))
 
 _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per octave (gap <= 1/32 of t)
+_FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
 _CHUNK_ELEMENTS = 2**18  # configurations x bins walked at once
+_SPLIT_ELEMENTS = 2**14  # walks at least this large start anew where the octave they can start at changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -585,7 +587,7 @@ class _GridCrossings:
 
 
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
-               give_up_after: np.ndarray | None = None) -> _GridCrossings:
+               give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None) -> _GridCrossings:
     """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
 
     A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
@@ -593,7 +595,9 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     octave a row is also dropped when the floor stays above the target up to the grid time after
     ``give_up_after`` (per batch size: the best ranking time so far, lowered by the crossings found here; without
     it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
-    before the best. Finished configurations are dropped from the arrays as the walk goes.
+    before the best. Finished configurations are dropped from the arrays as the walk goes. ``walk_from``
+    (:func:`_octave_crossings`) skips rows that need no walk (inf) and starts the walk at the grid time 2^e - 1
+    (reached by repeated squaring), e the smallest of its values.
     """
     n_configs, n_batches = system.stable.size, batch_sizes.size
     inverse_batch = 1.0 / batch_sizes
@@ -611,6 +615,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     start = system.stable[:, None] & (risk <= target)
     point[start], at[start] = 0, risk[start]
     active = system.stable[:, None] & ~start
+    if walk_from is not None:
+        active &= np.isfinite(walk_from)
     if ranking:
         bound[start.any(axis=0)] = 0.0
     live = np.arange(n_configs)
@@ -620,8 +626,25 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
     base, since = modes.coefficients.copy(), 0  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows
     mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # near the target need it; mu^(2^e), mu^(2^e - 2)
-    exponent = 0
-    for j in range(1, times.size):
+    exponent, first = 0, 0
+    octave = int(walk_from[active].min(initial=0)) if walk_from is not None and active.any() else 0
+    if octave >= _FIRST_OCTAVE and not start.any():  # t = 2^octave - 1 is the grid time `first`, which begins
+        exponent = octave - _FIRST_OCTAVE  # R intervals of 2^(exponent + 1) steps
+        for doubling in range(octave):
+            if doubling == exponent:
+                power_then, block_then = power, block
+            noise = noise + _quadratic(v, block) @ weights
+            v = _advance(v, power)
+            power, block = _doubled(power, block)
+        power, block = power_then, block_then
+        first = int(np.searchsorted(times, 2**octave - 1))
+        risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
+        if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
+            return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after, np.minimum(walk_from, 0))
+        base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
+        mu_gap = _integer_power(modes.values, 2**exponent)
+        mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
+    for j in range(first + 1, times.size):
         busy = active.any(axis=1)
         if not busy.any():
             break
@@ -696,38 +719,79 @@ def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.n
     shared -= 1e-10 * size.sum(axis=0)
     log_values = np.log(np.where(decreasing, modes.values.real, 1.0))
     hopeless = np.zeros_like(active)
-    for column in np.nonzero(active.any(axis=0) & (until > now))[0]:
-        rows = np.nonzero(active[:, column])[0]
-        decay = np.exp((until[column] - 1 - now) * log_values[:, rows])
+    checked = active.any(axis=0) & (until > now)
+    for end in np.unique(until[checked]):  # one floor per end of the interval
+        columns = np.nonzero(checked & (until == end))[0]
+        rows = np.nonzero(active[:, columns].any(axis=1))[0]
+        decay = np.exp((end - 1 - now) * log_values[:, rows])
         late = np.where(decreasing[:, rows], first.real[:, rows] * decay, 0.0)
         floor = np.maximum(shared[rows] + late.sum(axis=0), 0.0) @ weights
-        hopeless[rows, column] = floor + noise[rows] * inverse_batch[column] > target
-    return hopeless
+        hopeless[np.ix_(rows, columns)] = (floor[:, None] + noise[rows, None] * inverse_batch[columns] > target)
+    return hopeless & active
 
 
-def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float,
-                      last_time: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per (configuration, batch size), the first time 2^e - 1 (a grid time) with risk <= target (inf if none)
-    and the risk then.
+def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray,
+                      until: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (configuration, batch size): the first time 2^e - 1 (a grid time) with risk <= target (inf if none),
+    the risk then, and the octave e from which the grid walk must follow it (inf: never).
 
-    The first crossing is at or before it, hence so is the ranking time: from ~30 steps per configuration, an
-    upper bound for the grid search and a guess of which configurations will win.
+    The first crossing is at or before the first time, hence so is the ranking time: from ~30 steps per
+    configuration, an upper bound for the grid search and a guess of which configurations will win. A row need
+    not be walked before 2^e - 1 when its risk stays above the target on (0, 2^e - 1]: on each octave
+    (2^i - 1, 2^(i+1) - 1] its floor (D bounded by the modes, N by its value at the octave's start) is above
+    it. With ``until`` (per batch size, an upper bound of the best ranking time), rows are given up (inf) once
+    they stay above the target up to the grid time after it: they can neither win nor lower the bound.
     """
+    weights, inverse_batch = system.weights, 1.0 / batch_sizes
     v = _readout_row(system)
     risk = np.repeat(_deterministic(system, v)[:, None], batch_sizes.size, axis=1)
     reached = np.where(system.stable[:, None] & (risk <= target), 0.0, np.inf)
     risk_then = np.where(np.isfinite(reached), risk, np.inf)
-    noise, time = np.zeros(system.stable.size), 0
+    walk_from = np.where(np.isfinite(reached), 0.0, np.inf)
+    followed = system.stable[:, None] & np.isinf(reached)  # rows whose first octave crossing is still sought
+    open_rows = followed.copy()  # ... and above the target on (0, time] so far
+    modes = _modes(system)
+    last_time = np.full(batch_sizes.size, times[-1])
+    if until is not None:  # the grid time after until, as for the walk's bound
+        last_time = times[np.minimum(np.searchsorted(times, until, side="right"), times.size - 1)]
+        checked = followed & np.isfinite(until)[None, :]
+        if checked.any():  # one floor up to the latest of those times
+            latest = np.full(batch_sizes.size, last_time[np.isfinite(until)].max())
+            hopeless = _hopeless(modes, modes.coefficients, weights, np.zeros(reached.shape[0]), inverse_batch,
+                                 target, checked, 0, latest)
+            followed &= ~hopeless
+            open_rows &= ~hopeless
+    term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values  # c mu^time, mu^time,
+    noise, time, octave = np.zeros(system.stable.size), 0, 0  # mu^(time + 1), with time = 2^octave - 1
     power, block = system.matrix, _noise_block(system)
-    while time < last_time and np.isinf(reached).any():
-        noise = noise + _quadratic(v, block) @ system.weights
+    live = np.arange(system.stable.size)
+    while True:
+        beyond = time >= last_time  # crossings after `time` come after the last time of interest
+        followed[:, beyond] = False
+        open_rows[:, beyond] = False
+        busy = (followed[live] & (noise[:, None] * inverse_batch <= target)).any(axis=1)  # N never decreases
+        if not busy.any():
+            break
+        if busy.sum() < 0.9 * live.size:
+            live, v, noise, power, block = live[busy], v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
+            modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
+        floor = _deterministic_floor(modes, weights, term, term * mu_odd, time)  # on [time + 1, 2 time + 1]
+        noise_floor = noise[:, None] * inverse_batch
+        noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
-        time = 2 * time + 1
-        risk = _deterministic(system, v)[:, None] + noise[:, None] / batch_sizes
-        new = system.stable[:, None] & (risk <= target) & np.isinf(reached)
-        reached[new], risk_then[new] = time, risk[new]
+        time, octave = 2 * time + 1, octave + 1
+        risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
+        new = followed[live] & (risk <= target)
+        rows, columns = np.nonzero(new)
+        reached[live[rows], columns], risk_then[live[rows], columns] = time, risk[rows, columns]
+        followed[live[rows], columns] = False
+        uncertain = open_rows[live] & (new | ~(floor[:, None] + noise_floor > target))
+        rows, columns = np.nonzero(uncertain)
+        walk_from[live[rows], columns] = octave - 1
+        open_rows[live[rows], columns] = False
         power, block = _doubled(power, block)
-    return reached, risk_then
+        term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+    return reached, risk_then, walk_from
 
 
 def _interpolated(lower_time, upper_time, before, at, target):
@@ -971,23 +1035,40 @@ def steps_vs_batch_size(
         return _first_moment(model, optimizer.precondition_power, config_lr[index], config_momentum[index],
                              config_ema[index])
 
-    octave = [_octave_crossings(system_of(np.arange(start, min(start + chunk, config_lr.size))), batch_sizes,
-                                target, int(times[-1])) for start in range(0, config_lr.size, chunk)]
-    reached, risk_then = (np.concatenate(parts) for parts in zip(*octave))
+    def octave_pass(configs, until=None):
+        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until)
+                 for start in range(0, configs.size, chunk)]
+        return (np.concatenate(part) for part in zip(*parts))
+
+    # an upper bound of the best first octave crossing from every 8th configuration lets the full octave pass
+    # give up the rows that cannot reach it
+    sample = np.arange(0, config_lr.size, 8)
+    reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), next(octave_pass(sample)).min(axis=0))
     give_up = reached.min(axis=0)
-    # the configuration first (and lowest) at each batch size on the octave grid goes first, then the fastest
-    # configurations: they settle the bests early
+    start_octave = walk_from.min(axis=1)
+    # the configuration first (and lowest) at each batch size on the octave grid goes first, then the others by
+    # the octave their walk starts at, the fastest first: they settle the bests early; configurations with no
+    # row to walk are left out
     leading = np.zeros(config_lr.size, dtype=bool)
     for column in np.nonzero(np.isfinite(give_up))[0]:
         leading[np.lexsort((risk_then[:, column], reached[:, column]))[0]] = True
-    rest = np.nonzero(~leading)[0]
-    order = np.concatenate([np.nonzero(leading)[0], rest[np.argsort(-config_lr[rest], kind="stable")]])
-    chunks = [order[:leading.sum()]] if leading.any() else []
-    chunks += [order[start:start + chunk] for start in range(leading.sum(), order.size, chunk)]
+    first = np.nonzero(leading)[0]
+    rest = np.nonzero(~leading & np.isfinite(start_octave))[0]
+    first = first[np.argsort(start_octave[first], kind="stable")]
+    rest = rest[np.lexsort((-config_lr[rest], start_octave[rest]))]
+    chunks = []
+    for group in (first, rest):  # a new walk where the start octave changes, unless the walk so far is small
+        for config in group:
+            if (not chunks or chunks[-1][0] not in group or len(chunks[-1]) >= chunk
+                    or (start_octave[config] != start_octave[chunks[-1][0]]
+                        and len(chunks[-1]) * model.curvatures.size >= _SPLIT_ELEMENTS)):
+                chunks.append([])
+            chunks[-1].append(config)
+    chunks = [np.array(part) for part in chunks]
     for index in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
         system = system_of(index)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
-                               give_up_after=np.minimum(give_up, best_estimate))
+                               give_up_after=np.minimum(give_up, best_estimate), walk_from=walk_from[index])
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)
