@@ -64,7 +64,7 @@ DEFAULT_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(1.0, 21.0))
 _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per octave (gap <= 1/32 of t)
 _FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
 _CHUNK_ELEMENTS = 2**18  # configurations x bins walked at once
-_SPLIT_ELEMENTS = 2**14  # walks at least this large start anew where the octave they can start at changes
+_SPLIT_ELEMENTS = 2**16  # walks at least this large start anew where the octave they can start at changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -615,8 +615,10 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     start = system.stable[:, None] & (risk <= target)
     point[start], at[start] = 0, risk[start]
     active = system.stable[:, None] & ~start
+    activate_at = np.zeros(active.shape, dtype=np.int64)  # grid index from which a row is walked
     if walk_from is not None:
         active &= np.isfinite(walk_from)
+        activate_at = np.searchsorted(times, 2 ** np.where(active, walk_from, 0).astype(np.int64) - 1)
     if ranking:
         bound[start.any(axis=0)] = 0.0
     live = np.arange(n_configs)
@@ -626,9 +628,9 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
     base, since = modes.coefficients.copy(), 0  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows
     mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # near the target need it; mu^(2^e), mu^(2^e - 2)
-    exponent, first = 0, 0
-    octave = int(walk_from[active].min(initial=0)) if walk_from is not None and active.any() else 0
-    if octave >= _FIRST_OCTAVE and not start.any():  # t = 2^octave - 1 is the grid time `first`, which begins
+    exponent, start_index = 0, 0
+    octave = int(np.log2(times[activate_at[active].min()] + 1)) if active.any() else 0
+    if octave >= _FIRST_OCTAVE and not start.any():  # t = 2^octave - 1 is the grid time start_index, which begins
         exponent = octave - _FIRST_OCTAVE  # R intervals of 2^(exponent + 1) steps
         for doubling in range(octave):
             if doubling == exponent:
@@ -637,19 +639,25 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             v = _advance(v, power)
             power, block = _doubled(power, block)
         power, block = power_then, block_then
-        first = int(np.searchsorted(times, 2**octave - 1))
+        start_index = int(np.searchsorted(times, 2**octave - 1))
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after, np.minimum(walk_from, 0))
         base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
         mu_gap = _integer_power(modes.values, 2**exponent)
         mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
-    for j in range(first + 1, times.size):
-        busy = active.any(axis=1)
+    pending = active & (activate_at > start_index)  # rows above the target until their first grid index
+    active &= ~pending
+    for j in range(start_index + 1, times.size):
+        if pending.any():
+            starting = pending & (activate_at <= j - 1)
+            active, pending = active | starting, pending & ~starting
+        busy = (active | pending).any(axis=1)
         if not busy.any():
             break
         if busy.sum() < 0.9 * live.size:  # drop configurations whose rows are all settled
             live, active, risk, clear = live[busy], active[busy], risk[busy], clear[busy]
+            pending, activate_at = pending[busy], activate_at[busy]
             v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes = modes.subset(busy)
             base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
@@ -696,6 +704,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         since += 1
         active = active & ~(noise[:, None] * inverse_batch > target)  # N never decreases: never below target
         active = active & ~(times[j] > bound)[None, :]
+        pending = pending & ~(times[activate_at] > bound[None, :])
         octaves = j // _GRID_RESOLUTION  # the check passes over every term once per batch size: with many
         if j % _GRID_RESOLUTION == 0 and active.any() and (  # directions only after 1, 2, 4, 8, ... octaves
                 weights.size <= 1000 or octaves & (octaves - 1) == 0):
@@ -1045,30 +1054,29 @@ def steps_vs_batch_size(
     sample = np.arange(0, config_lr.size, 8)
     reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), next(octave_pass(sample)).min(axis=0))
     give_up = reached.min(axis=0)
-    start_octave = walk_from.min(axis=1)
-    # the configuration first (and lowest) at each batch size on the octave grid goes first, then the others by
-    # the octave their walk starts at, the fastest first: they settle the bests early; configurations with no
-    # row to walk are left out
+    # one walk per configuration and octave its rows are walked from (none for rows that need no walk); the
+    # configuration first (and lowest) at each batch size on the octave grid goes first, then the others by that
+    # octave, the fastest first: they settle the bests early
     leading = np.zeros(config_lr.size, dtype=bool)
     for column in np.nonzero(np.isfinite(give_up))[0]:
         leading[np.lexsort((risk_then[:, column], reached[:, column]))[0]] = True
-    first = np.nonzero(leading)[0]
-    rest = np.nonzero(~leading & np.isfinite(start_octave))[0]
-    first = first[np.argsort(start_octave[first], kind="stable")]
-    rest = rest[np.lexsort((-config_lr[rest], start_octave[rest]))]
+    rows, columns = np.nonzero(np.isfinite(walk_from))
+    entry_config, entry_octave = np.unique(np.stack([rows, walk_from[rows, columns].astype(np.int64)]), axis=1)
+    order = np.lexsort((-config_lr[entry_config], entry_octave, ~leading[entry_config]))
+    entry_config, entry_octave = entry_config[order], entry_octave[order]
     chunks = []
-    for group in (first, rest):  # a new walk where the start octave changes, unless the walk so far is small
-        for config in group:
-            if (not chunks or chunks[-1][0] not in group or len(chunks[-1]) >= chunk
-                    or (start_octave[config] != start_octave[chunks[-1][0]]
-                        and len(chunks[-1]) * model.curvatures.size >= _SPLIT_ELEMENTS)):
-                chunks.append([])
-            chunks[-1].append(config)
-    chunks = [np.array(part) for part in chunks]
-    for index in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
+    for entry in range(entry_config.size):  # a new walk where the octave changes, unless the walk so far is small
+        if (not chunks or len(chunks[-1]) >= chunk or leading[entry_config[entry]] != leading[entry_config[entry - 1]]
+                or (entry_octave[entry] != entry_octave[entry - 1]
+                    and len(chunks[-1]) * model.curvatures.size >= _SPLIT_ELEMENTS)):
+            chunks.append([])
+        chunks[-1].append(entry)
+    for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
+        index, octaves = entry_config[entries], entry_octave[entries, None]
         system = system_of(index)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
-                               give_up_after=np.minimum(give_up, best_estimate), walk_from=walk_from[index])
+                               give_up_after=np.minimum(give_up, best_estimate),
+                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf))
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)
