@@ -210,6 +210,81 @@ def test_search_matches_the_step_by_step_recurrence_on_random_models(optimizer):
                     assert np.isinf(expected[:, j]).all()
 
 
+CRITICAL_DAMPING_GRID = [
+    (nqm.OptimizerSetting(momentum=0.9), {}),
+    (nqm.OptimizerSetting(), {"momenta": (0.0, 0.9), "emas": (0.0, 0.5, 0.9)}),
+    (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.75)}),
+]
+
+
+def random_model_and_rates(rng, momenta):
+    """A 3-direction model and learning rates that include critical damping (a repeated root of M) of each
+    direction for each momentum, next to the grid, so that defective and near-defective matrices are searched."""
+    h = np.sort(10 ** rng.uniform(-2, 0, 3))[::-1]
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 1, 3))
+    critical = [(1 - np.sqrt(beta)) ** 2 / h for beta in momenta if beta > 0]  # (1 - alpha h + beta)^2 = 4 beta
+    rates = np.concatenate([np.array([0.02, 0.2, 0.6, 0.95]) * 2 / h.max()] + critical)
+    return model, rates
+
+
+@pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=["momentum", "tuned", "precondition"])
+def test_octave_pass_never_skips_a_crossing(optimizer, grids):
+    # the grid walk starts at 2^e - 1 for a row the octave pass certifies above the target until then, and skips
+    # rows it certifies above the target up to the last grid time: checked against the step-by-step recurrence
+    rng = np.random.default_rng(3)
+    times, _ = nqm._time_grid(300)
+    batches = np.array([1.0, 16.0, 1024.0])
+    for _ in range(2):
+        momenta, emas = grids.get("momenta", (optimizer.momentum,)), grids.get("emas", (optimizer.ema,))
+        model, rates = random_model_and_rates(rng, momenta)
+        configs = np.array([(a, b, g) for a in rates for b in momenta for g in emas]).T
+        system = nqm._first_moment(model, optimizer.precondition_power, *configs)
+        targets = (0.05, 0.3 * model.initial_risk)
+        passes = [nqm._octave_crossings(system, batches, target, times) for target in targets]
+        for k, (rate, beta, gamma) in enumerate(configs.T):
+            setting = nqm.OptimizerSetting(beta, optimizer.precondition_power, gamma)
+            for j, batch in enumerate(batches):
+                if not system.stable[k]:  # diverges: never walked
+                    assert all(np.isinf(walk_from[k, j]) and np.isinf(reached[k, j]) for reached, _, walk_from in passes)
+                    continue
+                risks = recurrence_risk(model, setting, lambda step: rate, batch, int(times[-1]))
+                for target, (reached, _, walk_from) in zip(targets, passes):
+                    first = first_below(risks, target)
+                    if np.isinf(walk_from[k, j]):
+                        assert np.isinf(first)
+                    else:
+                        assert first == 0 or first > 2 ** walk_from[k, j] - 1
+                    if np.isfinite(reached[k, j]):
+                        assert risks[int(reached[k, j])] <= target and first <= reached[k, j]
+
+
+@pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=["momentum", "tuned", "precondition"])
+def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer, grids, monkeypatch):
+    # the octave pass (rows walked from their own octave, rows that cannot win left out) changes nothing: the
+    # reference walks every stable row from t = 0, as the search did before the octave pass
+    rng = np.random.default_rng(11)
+    batches = 2.0 ** np.arange(0, 21, 4)
+    cases = []
+    for _ in range(3):
+        model, rates = random_model_and_rates(rng, grids.get("momenta", (optimizer.momentum,)))
+        for target in (0.05, 0.01 * model.initial_risk):
+            cases.append((model, rates, target))
+    search = [nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+              for model, rates, target in cases]
+    octave_pass = nqm._octave_crossings
+
+    def from_the_start(system, batch_sizes, target, times, until=None):
+        reached, risk_then, _ = octave_pass(system, batch_sizes, target, times)
+        return reached, risk_then, np.where(system.stable[:, None], np.zeros_like(reached), np.inf)
+
+    monkeypatch.setattr(nqm, "_octave_crossings", from_the_start)
+    for curve, (model, rates, target) in zip(search, cases):
+        reference = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+        for name in ("steps", "learning_rates", "momenta", "emas"):
+            np.testing.assert_array_equal(getattr(curve, name), getattr(reference, name))
+        assert np.isfinite(curve.steps).any()
+
+
 def test_schedule_risk_matches_the_step_by_step_recurrence():
     schedule = nqm.PiecewiseConstantSchedule(learning_rates=(0.9, 0.3, 0.05), boundaries=(10, 40))
     optimizer = nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.5)
