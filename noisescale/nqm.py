@@ -642,7 +642,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         start_index = int(np.searchsorted(times, 2**octave - 1))
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
-            return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after, np.minimum(walk_from, 0))
+            return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
+                              np.where(np.isfinite(walk_from), 0.0, np.inf))
         base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
         mu_gap = _integer_power(modes.values, 2**exponent)
         mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
@@ -1008,8 +1009,11 @@ def steps_vs_batch_size(
     below the target between grid times, else interpolated in log risk between the grid times around it; ties
     go to the configuration listed first); the winner's steps are exact, as in :func:`steps_to_target`.
     Because the best large-batch learning rate sits just below the stability limit 2 (1 + beta) / h~_max, the
-    learning rates (1 - 2^-k) times that limit, k = 2..6, are searched as well. Configurations are walked
-    fastest first, and one is given up at a batch size once its crossing can no longer beat the best so far.
+    learning rates (1 - 2^-k) times that limit, k = 2..6, are searched as well. A pass over the octave times
+    2^e - 1 (repeated squaring, all configurations at once) bounds the best crossing from above and, with a
+    floor of the risk per octave, tells from which octave each configuration and batch size must be walked on
+    the fine grid, if at all; configurations are walked fastest first, and one is given up at a batch size once
+    its crossing can no longer beat the best so far.
     ``progress`` shows a tqdm bar over configuration chunks.
     """
     _validate_model(model)
