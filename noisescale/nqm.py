@@ -494,23 +494,29 @@ def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class _Modes:
-    """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin)."""
+    """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin); where two
+    modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0)."""
 
     values: np.ndarray  # (P, K, bins) complex mu = lambda_i lambda_j, for the pairs of modes in use
     coefficients: np.ndarray  # (P, K, bins) complex
     monotone: np.ndarray  # (P, K, bins) mu real and positive
     log_size: np.ndarray  # (P, K, bins) |log mu| (inf for mu = 0)
+    confluent: np.ndarray  # (K, bins) the two modes in use coincide (a defective M)
+    linear: np.ndarray  # (2, K, bins) A, B where confluent, else 0
+    root: np.ndarray  # (K, bins) the real double root lambda where confluent, else 0
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
-                      self.log_size[:, keep])
+                      self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep])
 
 
 def _modes(system: _FirstMoment) -> _Modes:
     """Coefficients of u(t) = sum_i a_i lambda_i^(t-1) (Lagrange on u(1), u(2), u(3), active modes only).
 
-    Where eigenvalues coincide (a defective M) the coefficients are not finite; such a bin gets coefficient 0,
-    and its floor is then 0 <= D_bin, still a valid (if loose) bound.
+    Where eigenvalues coincide (a defective M) the coefficients are not finite; such a bin gets coefficient 0.
+    With two modes in use (heavy-ball roots at critical damping, or r1 = gamma without momentum) the double
+    root lambda is real and u(t) = (A + B (t - 1)) lambda^(t-1), A = u(1), B = u(2) / lambda - u(1), which gives
+    the floor its own term; with three modes the floor of such a bin is 0 <= D_bin, still a valid (if loose) bound.
     """
     v = _readout_row(system)
     u = []
@@ -540,8 +546,12 @@ def _modes(system: _FirstMoment) -> _Modes:
         values = np.where(system.stable[:, None], values, 0j)  # unstable configurations are never walked
         products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
         log_size = np.abs(np.log(values))
+        confluent = ~valid & (second ^ third) & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
+        root = np.where(confluent, l1.real, 0.0)
+        slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
+        linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
     return _Modes(values, system.initial_variance * products, (values.imag == 0) & (values.real > 0),
-                  np.where(np.isfinite(log_size), log_size, 1e300))
+                  np.where(np.isfinite(log_size), log_size, 1e300), confluent, linear, root)
 
 
 def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
@@ -557,20 +567,27 @@ def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
 
 
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
-                         span: int) -> np.ndarray:
-    """Lower bound of D(t) over integers t in [t0, t0 + span], from the terms c mu^(t0 - 1) (first) and
-    c mu^(t0 + span - 1) (last).
+                         span: int, start: int) -> np.ndarray:
+    """Lower bound of D(t) over integers t in [t0, t0 + span], t0 = start + 1, from the terms c mu^(t0 - 1)
+    (first) and c mu^(t0 + span - 1) (last).
 
     A term with mu real and positive is monotone; any other term z mu^s (s <= span) is at least
-    max(-|z|, Re z - |z| s |log mu|), since |mu^s| <= 1 and |mu^s - 1| <= s |log mu| when |mu| <= 1.
+    max(-|z|, Re z - |z| s |log mu|), since |mu^s| <= 1 and |mu^s - 1| <= s |log mu| when |mu| <= 1. A confluent
+    bin, (A + B s)^2 lambda^(2s) on s in [start, start + span], is at least min over the ends of (A + B s)^2
+    times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
     size = np.abs(first)  # >= |term| on the whole interval since |mu| < 1
     with np.errstate(over="ignore"):
         drift = np.minimum(span * modes.log_size, 2.0)  # |mu^s - 1| <= 2
     terms = np.where(modes.monotone, np.minimum(first.real, last.real), first.real - size * drift)
     terms = np.maximum(terms, -size)
-    per_bin = terms.sum(axis=0) - 1e-10 * size.sum(axis=0)  # slack for the rounding of cancelling terms
-    return np.maximum(per_bin, 0.0) @ weights
+    per_bin = np.maximum(terms.sum(axis=0) - 1e-10 * size.sum(axis=0), 0.0)  # slack: rounding of cancelling terms
+    if modes.confluent.any():
+        near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
+        with np.errstate(under="ignore"):
+            decay = np.abs(modes.root) ** (2.0 * (start + span))
+        per_bin = per_bin + np.where(near * far > 0, np.minimum(near * near, far * far) * decay, 0.0) * (1 - 1e-10)
+    return per_bin @ weights
 
 
 @dataclass(frozen=True, eq=False)
@@ -673,7 +690,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
                 octave_floor = _deterministic_floor(modes, weights, base,
                                                     base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
-                                                    _GRID_RESOLUTION * 2**exponent - 2)
+                                                    _GRID_RESOLUTION * 2**exponent - 2, int(times[j - 1]))
                 clear = octave_floor[:, None] + noise[:, None] * inverse_batch > target
         previous_noise, previous_risk = noise, risk
         noise = noise + _quadratic(v, block) @ weights
@@ -697,7 +714,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 if near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
                     floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
-                                                 2**exponent - 2)
+                                                 2**exponent - 2, int(times[j - 1]))
                     unsure[near] &= ~(floor[:, None] + previous_noise[near, None] * inverse_batch > target)
             rows, columns = np.nonzero(unsure)
             doubt[live[rows], columns] = j
@@ -785,7 +802,7 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
         if busy.sum() < 0.9 * live.size:
             live, v, noise, power, block = live[busy], v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
-        floor = _deterministic_floor(modes, weights, term, term * mu_odd, time)  # on [time + 1, 2 time + 1]
+        floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
         noise_floor = noise[:, None] * inverse_batch
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
@@ -873,7 +890,8 @@ class _RowSearch:
             return low + 1 + int(below[0]) if below.size else None
         floor = _deterministic_floor(self.modes, self.system.weights,
                                      self.modes.coefficients * self.modes.values**low,
-                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1)[0]
+                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1,
+                                     low)[0]
         if floor + noise / self.batch_size > self.target:
             return None
         bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
