@@ -1,10 +1,12 @@
 """Time one figure's sweep of the noisy quadratic model: batch sizes 2^0..2^20, the default learning-rate
 grid, four optimizer settings (SGD, momentum 0.9, p = 0.5, p = 1) on the paper's model (d = 10^4), binned
-(100 bins) and on the exact spectrum (10^4 directions).
+(100 bins) and on the exact spectrum (10^4 directions); then the tuned rows of analysis/nqm_figures.py on the
+binned model (SGD with momentum tuned over DEFAULT_MOMENTUM_GRID, with the EMA tuned over DEFAULT_EMA_GRID, and
+both tuned together).
 
 Usage: python3 analysis/bench_nqm.py [--repeats 5] [--out data/bench/nqm.csv]
-(prints and writes the median, min and max wall time of the repeats per model; a benchmark, not a test: the
-machine's load shows in the spread)
+(prints and writes the median, min and max wall time and the median CPU time of the repeats per job; a
+benchmark, not a test: the machine's load shows in the spread)
 """
 
 from __future__ import annotations
@@ -21,17 +23,37 @@ import pandas as pd
 
 from noisescale import nqm
 
+BATCH_SIZES = 2.0 ** np.arange(21)
 SETTINGS = (
     nqm.OptimizerSetting(),
     nqm.OptimizerSetting(momentum=0.9),
     nqm.OptimizerSetting(precondition_power=0.5),
     nqm.OptimizerSetting(precondition_power=1.0),
 )
-MODELS = {"binned (100 bins)": 100, "exact (d = 10^4)": None}
+SWEEPS = {"binned (100 bins)": 100, "exact (d = 10^4)": None}
+TUNED = {
+    "tuned momentum": {"momenta": nqm.DEFAULT_MOMENTUM_GRID},
+    "tuned EMA": {"emas": nqm.DEFAULT_EMA_GRID},
+    "tuned momentum + EMA": {"momenta": nqm.DEFAULT_MOMENTUM_GRID, "emas": nqm.DEFAULT_EMA_GRID},
+}
 
 
 def sweep(model: nqm.NoisyQuadraticModel) -> list[nqm.ScalingCurve]:
-    return [nqm.steps_vs_batch_size(model, setting, 2.0 ** np.arange(21)) for setting in SETTINGS]
+    return [nqm.steps_vs_batch_size(model, setting, BATCH_SIZES) for setting in SETTINGS]
+
+
+def jobs():
+    """(name, model, settings, configurations per batch size, function) per timed job."""
+    rates = nqm.DEFAULT_LEARNING_RATES.size + 5
+    for name, n_bins in SWEEPS.items():
+        model = nqm.paper_model(n_bins=n_bins)
+        yield name, model, len(SETTINGS), rates, lambda model=model: sweep(model)
+    model = nqm.paper_model()
+    for name, grids in TUNED.items():
+        configs = rates * len(grids.get("momenta", (0,))) * len(grids.get("emas", (0,)))
+        yield (f"{name}, binned (100 bins)", model, 1, configs,
+               lambda grids=grids, model=model: nqm.steps_vs_batch_size(model, nqm.OptimizerSetting(), BATCH_SIZES,
+                                                                          **grids))
 
 
 def main() -> None:
@@ -40,24 +62,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "bench" / "nqm.csv")
     args = parser.parse_args()
     rows = []
-    for name, n_bins in MODELS.items():
-        model = nqm.paper_model(n_bins=n_bins)
-        sweep(model)  # warm-up: imports and first-call allocations
-        timings = []
+    for name, model, settings, configs, job in jobs():
+        job()  # warm-up: imports and first-call allocations
+        timings, cpu = [], []
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            sweep(model)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            job()
             timings.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
         rows.append({
-            "model": name, "directions": model.curvatures.size, "batch_sizes": 21,
-            "learning_rates": nqm.DEFAULT_LEARNING_RATES.size + 5, "settings": len(SETTINGS),
-            "repeats": args.repeats, "median_s": statistics.median(timings), "min_s": min(timings),
-            "max_s": max(timings), "device": platform.processor() or platform.machine(),
+            "job": name, "directions": model.curvatures.size, "batch_sizes": BATCH_SIZES.size,
+            "configurations": configs, "settings": settings, "repeats": args.repeats,
+            "median_s": statistics.median(timings), "min_s": min(timings), "max_s": max(timings),
+            "median_cpu_s": statistics.median(cpu), "device": platform.processor() or platform.machine(),
             "host_cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
         })
-        print(f"NQM sweep, 21 batch sizes x {nqm.DEFAULT_LEARNING_RATES.size}+5 learning rates x {len(SETTINGS)} "
-              f"settings, {name}: median {statistics.median(timings):.3f} s (min {min(timings):.3f} s, "
-              f"max {max(timings):.3f} s, {args.repeats} repeats)", flush=True)
+        print(f"NQM {name}: {settings} setting(s) x {configs} configurations x {BATCH_SIZES.size} batch sizes: "
+              f"median {statistics.median(timings):.3f} s (min {min(timings):.3f} s, max {max(timings):.3f} s, "
+              f"CPU {statistics.median(cpu):.3f} s, {args.repeats} repeats)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.out.with_suffix(".csv.tmp")
     pd.DataFrame(rows).to_csv(temporary, index=False)

@@ -62,7 +62,9 @@ DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 DEFAULT_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(1.0, 21.0))
 
 _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per octave (gap <= 1/32 of t)
+_FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
 _CHUNK_ELEMENTS = 2**18  # configurations x bins walked at once
+_SPLIT_ELEMENTS = 2**16  # walks at least this large start anew where the octave they can start at changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,11 +308,8 @@ def _build_dynamics(model: NoisyQuadraticModel, precondition_power: float, learn
 
 
 def _apply(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Product of stacks of small matrices stored matrix-axes-first: (n, n, ...) x (n, m, ...)."""
-    out = left[:, 0, None] * right[0, None]
-    for j in range(1, left.shape[1]):
-        out += left[:, j, None] * right[j, None]
-    return out
+    """Product of stacks of small matrices stored matrix-axes-first: (n, n, ...) x (n, m, ...) (broadcasting)."""
+    return np.einsum("ij...,jk...->ik...", left, right)
 
 
 def _binary_powers(transition: np.ndarray, n_powers: int) -> list[np.ndarray]:
@@ -462,15 +461,12 @@ def _time_grid(max_steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _advance(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Row vectors times matrices, matrix axes first: (v M)_j = sum_i v_i M_ij for v (k, ...), M (k, k, ...)."""
-    out = v[0] * matrix[0]
-    for i in range(1, v.shape[0]):
-        out = out + v[i] * matrix[i]
-    return out
+    return np.einsum("i...,ij...->j...", v, matrix)
 
 
 def _quadratic(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """v A v^T for row vectors v (k, ...) and matrices A (k, k, ...)."""
-    return (_advance(v, matrix) * v).sum(axis=0)
+    return np.einsum("i...,ij...,j...->...", v, matrix, v)
 
 
 def _noise_block(system: _FirstMoment) -> np.ndarray:
@@ -498,23 +494,29 @@ def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class _Modes:
-    """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin)."""
+    """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin); where two
+    modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0)."""
 
     values: np.ndarray  # (P, K, bins) complex mu = lambda_i lambda_j, for the pairs of modes in use
     coefficients: np.ndarray  # (P, K, bins) complex
     monotone: np.ndarray  # (P, K, bins) mu real and positive
     log_size: np.ndarray  # (P, K, bins) |log mu| (inf for mu = 0)
+    confluent: np.ndarray  # (K, bins) the two modes in use coincide (a defective M)
+    linear: np.ndarray  # (2, K, bins) A, B where confluent, else 0
+    root: np.ndarray  # (K, bins) the real double root lambda where confluent, else 0
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
-                      self.log_size[:, keep])
+                      self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep])
 
 
 def _modes(system: _FirstMoment) -> _Modes:
     """Coefficients of u(t) = sum_i a_i lambda_i^(t-1) (Lagrange on u(1), u(2), u(3), active modes only).
 
-    Where eigenvalues coincide (a defective M) the coefficients are not finite; such a bin gets coefficient 0,
-    and its floor is then 0 <= D_bin, still a valid (if loose) bound.
+    Where eigenvalues coincide (a defective M) the coefficients are not finite; such a bin gets coefficient 0.
+    With two modes in use (heavy-ball roots at critical damping, or r1 = gamma without momentum) the double
+    root lambda is real and u(t) = (A + B (t - 1)) lambda^(t-1), A = u(1), B = u(2) / lambda - u(1), which gives
+    the floor its own term; with three modes the floor of such a bin is 0 <= D_bin, still a valid (if loose) bound.
     """
     v = _readout_row(system)
     u = []
@@ -544,8 +546,12 @@ def _modes(system: _FirstMoment) -> _Modes:
         values = np.where(system.stable[:, None], values, 0j)  # unstable configurations are never walked
         products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
         log_size = np.abs(np.log(values))
+        confluent = ~valid & (second ^ third) & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
+        root = np.where(confluent, l1.real, 0.0)
+        slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
+        linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
     return _Modes(values, system.initial_variance * products, (values.imag == 0) & (values.real > 0),
-                  np.where(np.isfinite(log_size), log_size, 1e300))
+                  np.where(np.isfinite(log_size), log_size, 1e300), confluent, linear, root)
 
 
 def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
@@ -561,20 +567,27 @@ def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
 
 
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
-                         span: int) -> np.ndarray:
-    """Lower bound of D(t) over integers t in [t0, t0 + span], from the terms c mu^(t0 - 1) (first) and
-    c mu^(t0 + span - 1) (last).
+                         span: int, start: int) -> np.ndarray:
+    """Lower bound of D(t) over integers t in [t0, t0 + span], t0 = start + 1, from the terms c mu^(t0 - 1)
+    (first) and c mu^(t0 + span - 1) (last).
 
     A term with mu real and positive is monotone; any other term z mu^s (s <= span) is at least
-    max(-|z|, Re z - |z| s |log mu|), since |mu^s| <= 1 and |mu^s - 1| <= s |log mu| when |mu| <= 1.
+    max(-|z|, Re z - |z| s |log mu|), since |mu^s| <= 1 and |mu^s - 1| <= s |log mu| when |mu| <= 1. A confluent
+    bin, (A + B s)^2 lambda^(2s) on s in [start, start + span], is at least min over the ends of (A + B s)^2
+    times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
     size = np.abs(first)  # >= |term| on the whole interval since |mu| < 1
     with np.errstate(over="ignore"):
         drift = np.minimum(span * modes.log_size, 2.0)  # |mu^s - 1| <= 2
     terms = np.where(modes.monotone, np.minimum(first.real, last.real), first.real - size * drift)
     terms = np.maximum(terms, -size)
-    per_bin = terms.sum(axis=0) - 1e-10 * size.sum(axis=0)  # slack for the rounding of cancelling terms
-    return np.maximum(per_bin, 0.0) @ weights
+    per_bin = np.maximum(terms.sum(axis=0) - 1e-10 * size.sum(axis=0), 0.0)  # slack: rounding of cancelling terms
+    if modes.confluent.any():
+        near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
+        with np.errstate(under="ignore"):
+            decay = np.abs(modes.root) ** (2.0 * (start + span))
+        per_bin = per_bin + np.where(near * far > 0, np.minimum(near * near, far * far) * decay, 0.0) * (1 - 1e-10)
+    return per_bin @ weights
 
 
 @dataclass(frozen=True, eq=False)
@@ -591,7 +604,7 @@ class _GridCrossings:
 
 
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
-               give_up_after: np.ndarray | None = None) -> _GridCrossings:
+               give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None) -> _GridCrossings:
     """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
 
     A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
@@ -599,7 +612,9 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     octave a row is also dropped when the floor stays above the target up to the grid time after
     ``give_up_after`` (per batch size: the best ranking time so far, lowered by the crossings found here; without
     it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
-    before the best. Finished configurations are dropped from the arrays as the walk goes.
+    before the best. Finished configurations are dropped from the arrays as the walk goes. ``walk_from``
+    (:func:`_octave_crossings`) skips rows that need no walk (inf) and starts the walk at the grid time 2^e - 1
+    (reached by repeated squaring), e the smallest of its values.
     """
     n_configs, n_batches = system.stable.size, batch_sizes.size
     inverse_batch = 1.0 / batch_sizes
@@ -617,6 +632,10 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     start = system.stable[:, None] & (risk <= target)
     point[start], at[start] = 0, risk[start]
     active = system.stable[:, None] & ~start
+    activate_at = np.zeros(active.shape, dtype=np.int64)  # grid index from which a row is walked
+    if walk_from is not None:
+        active &= np.isfinite(walk_from)
+        activate_at = np.searchsorted(times, 2 ** np.where(active, walk_from, 0).astype(np.int64) - 1)
     if ranking:
         bound[start.any(axis=0)] = 0.0
     live = np.arange(n_configs)
@@ -624,33 +643,54 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     modes = _modes(system)
     single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
-    if not single:  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows near the target need it
-        base, since = modes.coefficients.copy(), 0
-        mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # mu^(2^e), mu^(2^e - 2)
-    exponent = 0
-    for j in range(1, times.size):
-        busy = active.any(axis=1)
+    base, since = modes.coefficients.copy(), 0  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows
+    mu_gap, mu_inner = modes.values, np.ones_like(modes.values)  # near the target need it; mu^(2^e), mu^(2^e - 2)
+    exponent, start_index = 0, 0
+    octave = int(np.log2(times[activate_at[active].min()] + 1)) if active.any() else 0
+    if octave >= _FIRST_OCTAVE and not start.any():  # t = 2^octave - 1 is the grid time start_index, which begins
+        exponent = octave - _FIRST_OCTAVE  # R intervals of 2^(exponent + 1) steps
+        for doubling in range(octave):
+            if doubling == exponent:
+                power_then, block_then = power, block
+            noise = noise + _quadratic(v, block) @ weights
+            v = _advance(v, power)
+            power, block = _doubled(power, block)
+        power, block = power_then, block_then
+        start_index = int(np.searchsorted(times, 2**octave - 1))
+        risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
+        if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
+            return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
+                              np.where(np.isfinite(walk_from), 0.0, np.inf))
+        base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
+        mu_gap = _integer_power(modes.values, 2**exponent)
+        mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
+    pending = active & (activate_at > start_index)  # rows above the target until their first grid index
+    active &= ~pending
+    for j in range(start_index + 1, times.size):
+        if pending.any():
+            starting = pending & (activate_at <= j - 1)
+            active, pending = active | starting, pending & ~starting
+        busy = (active | pending).any(axis=1)
         if not busy.any():
             break
         if busy.sum() < 0.9 * live.size:  # drop configurations whose rows are all settled
             live, active, risk, clear = live[busy], active[busy], risk[busy], clear[busy]
+            pending, activate_at = pending[busy], activate_at[busy]
             v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes = modes.subset(busy)
-            if not single:
-                base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
+            base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
         while exponent < gaps[j - 1]:
             power, block = _doubled(power, block)
-            if not single:
-                base, since = base * _integer_power(mu_gap, since), 0
-                if exponent >= 1:
-                    mu_inner = mu_inner * mu_gap
-                mu_gap = mu_gap * mu_gap
+            base, since = base * _integer_power(mu_gap, since), 0
+            if exponent >= 1:
+                mu_inner = mu_inner * mu_gap
+            mu_gap = mu_gap * mu_gap
             exponent += 1
             if not single:  # one floor for the octave ahead spares most rows the floor of every interval
                 # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
                 octave_floor = _deterministic_floor(modes, weights, base,
                                                     base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
-                                                    _GRID_RESOLUTION * 2**exponent - 2)
+                                                    _GRID_RESOLUTION * 2**exponent - 2, int(times[j - 1]))
                 clear = octave_floor[:, None] + noise[:, None] * inverse_batch > target
         previous_noise, previous_risk = noise, risk
         noise = noise + _quadratic(v, block) @ weights
@@ -674,69 +714,111 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 if near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
                     floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
-                                                 2**exponent - 2)
+                                                 2**exponent - 2, int(times[j - 1]))
                     unsure[near] &= ~(floor[:, None] + previous_noise[near, None] * inverse_batch > target)
             rows, columns = np.nonzero(unsure)
             doubt[live[rows], columns] = j
             active = active & ~unsure
-        if not single:
-            since += 1
+        since += 1
         active = active & ~(noise[:, None] * inverse_batch > target)  # N never decreases: never below target
         active = active & ~(times[j] > bound)[None, :]
+        pending = pending & ~(times[activate_at] > bound[None, :])
         octaves = j // _GRID_RESOLUTION  # the check passes over every term once per batch size: with many
         if j % _GRID_RESOLUTION == 0 and active.any() and (  # directions only after 1, 2, 4, 8, ... octaves
                 weights.size <= 1000 or octaves & (octaves - 1) == 0):
-            active = active & ~_hopeless(modes, weights, noise, inverse_batch, target, active, int(times[j]),
-                                         times[np.minimum(np.searchsorted(times, bound, side="right"), times.size - 1)])
+            until = times[np.minimum(np.searchsorted(times, bound, side="right"), times.size - 1)]
+            active = active & ~_hopeless(modes, base * _integer_power(mu_gap, since), weights, noise,
+                                         inverse_batch, target, active, int(times[j]), until)
     return _GridCrossings(point, doubt, before, at)
 
 
-def _hopeless(modes: _Modes, weights: np.ndarray, noise: np.ndarray, inverse_batch: np.ndarray, target: float,
-              active: np.ndarray, now: int, until: np.ndarray) -> np.ndarray:
-    """Active rows whose risk stays above the target on every step in (now, until[column]].
+def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.ndarray, inverse_batch: np.ndarray,
+              target: float, active: np.ndarray, now: int, until: np.ndarray) -> np.ndarray:
+    """Active rows whose risk stays above the target on every step in (now, until[column]], given the terms
+    ``first`` = c mu^now.
 
     The floor of D on that interval: monotone terms that decrease are taken at its end, all others at its start
     (oscillating terms at -|c mu^now|), clamped at 0 per bin; N at its value now.
     """
-    first = modes.coefficients * modes.values**now
     size = np.abs(first)
     decreasing = modes.monotone & (first.real > 0)
     shared = np.where(decreasing, 0.0, np.where(modes.monotone, first.real, -size)).sum(axis=0)
     shared -= 1e-10 * size.sum(axis=0)
     log_values = np.log(np.where(decreasing, modes.values.real, 1.0))
     hopeless = np.zeros_like(active)
-    for column in np.nonzero(active.any(axis=0) & (until > now))[0]:
-        rows = np.nonzero(active[:, column])[0]
-        decay = np.exp((until[column] - 1 - now) * log_values[:, rows])
+    checked = active.any(axis=0) & (until > now)
+    for end in np.unique(until[checked]):  # one floor per end of the interval
+        columns = np.nonzero(checked & (until == end))[0]
+        rows = np.nonzero(active[:, columns].any(axis=1))[0]
+        decay = np.exp((end - 1 - now) * log_values[:, rows])
         late = np.where(decreasing[:, rows], first.real[:, rows] * decay, 0.0)
         floor = np.maximum(shared[rows] + late.sum(axis=0), 0.0) @ weights
-        hopeless[rows, column] = floor + noise[rows] * inverse_batch[column] > target
-    return hopeless
+        hopeless[np.ix_(rows, columns)] = (floor[:, None] + noise[rows, None] * inverse_batch[columns] > target)
+    return hopeless & active
 
 
-def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float,
-                      last_time: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per (configuration, batch size), the first time 2^e - 1 (a grid time) with risk <= target (inf if none)
-    and the risk then.
+def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray,
+                      until: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (configuration, batch size): the first time 2^e - 1 (a grid time) with risk <= target (inf if none),
+    the risk then, and the octave e from which the grid walk must follow it (inf: never).
 
-    The first crossing is at or before it, hence so is the ranking time: from ~30 steps per configuration, an
-    upper bound for the grid search and a guess of which configurations will win.
+    The first crossing is at or before the first time, hence so is the ranking time: from ~30 steps per
+    configuration, an upper bound for the grid search and a guess of which configurations will win. A row need
+    not be walked before 2^e - 1 when its risk stays above the target on (0, 2^e - 1]: on each octave
+    (2^i - 1, 2^(i+1) - 1] its floor (D bounded by the modes, N by its value at the octave's start) is above
+    it. With ``until`` (per batch size, an upper bound of the best ranking time), rows are given up (inf) once
+    they stay above the target up to the grid time after it: they can neither win nor lower the bound.
     """
+    weights, inverse_batch = system.weights, 1.0 / batch_sizes
     v = _readout_row(system)
     risk = np.repeat(_deterministic(system, v)[:, None], batch_sizes.size, axis=1)
     reached = np.where(system.stable[:, None] & (risk <= target), 0.0, np.inf)
     risk_then = np.where(np.isfinite(reached), risk, np.inf)
-    noise, time = np.zeros(system.stable.size), 0
+    walk_from = np.where(np.isfinite(reached), 0.0, np.inf)
+    followed = system.stable[:, None] & np.isinf(reached)  # rows whose first octave crossing is still sought
+    open_rows = followed.copy()  # ... and above the target on (0, time] so far
+    modes = _modes(system)
+    last_time = np.full(batch_sizes.size, times[-1])
+    if until is not None:  # the grid time after until, as for the walk's bound
+        last_time = times[np.minimum(np.searchsorted(times, until, side="right"), times.size - 1)]
+        checked = followed & np.isfinite(until)[None, :]
+        if checked.any():  # one floor up to the latest of those times
+            latest = np.full(batch_sizes.size, last_time[np.isfinite(until)].max())
+            hopeless = _hopeless(modes, modes.coefficients, weights, np.zeros(reached.shape[0]), inverse_batch,
+                                 target, checked, 0, latest)
+            followed &= ~hopeless
+            open_rows &= ~hopeless
+    term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values  # c mu^time, mu^time,
+    noise, time, octave = np.zeros(system.stable.size), 0, 0  # mu^(time + 1), with time = 2^octave - 1
     power, block = system.matrix, _noise_block(system)
-    while time < last_time and np.isinf(reached).any():
-        noise = noise + _quadratic(v, block) @ system.weights
+    live = np.arange(system.stable.size)
+    while True:
+        beyond = time >= last_time  # crossings after `time` come after the last time of interest
+        followed[:, beyond] = False
+        open_rows[:, beyond] = False
+        busy = (followed[live] & (noise[:, None] * inverse_batch <= target)).any(axis=1)  # N never decreases
+        if not busy.any():
+            break
+        if busy.sum() < 0.9 * live.size:
+            live, v, noise, power, block = live[busy], v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
+            modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
+        floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
+        noise_floor = noise[:, None] * inverse_batch
+        noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
-        time = 2 * time + 1
-        risk = _deterministic(system, v)[:, None] + noise[:, None] / batch_sizes
-        new = system.stable[:, None] & (risk <= target) & np.isinf(reached)
-        reached[new], risk_then[new] = time, risk[new]
+        time, octave = 2 * time + 1, octave + 1
+        risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
+        new = followed[live] & (risk <= target)
+        rows, columns = np.nonzero(new)
+        reached[live[rows], columns], risk_then[live[rows], columns] = time, risk[rows, columns]
+        followed[live[rows], columns] = False
+        uncertain = open_rows[live] & (new | ~(floor[:, None] + noise_floor > target))
+        rows, columns = np.nonzero(uncertain)
+        walk_from[live[rows], columns] = octave - 1
+        open_rows[live[rows], columns] = False
         power, block = _doubled(power, block)
-    return reached, risk_then
+        term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+    return reached, risk_then, walk_from
 
 
 def _interpolated(lower_time, upper_time, before, at, target):
@@ -808,7 +890,8 @@ class _RowSearch:
             return low + 1 + int(below[0]) if below.size else None
         floor = _deterministic_floor(self.modes, self.system.weights,
                                      self.modes.coefficients * self.modes.values**low,
-                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1)[0]
+                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1,
+                                     low)[0]
         if floor + noise / self.batch_size > self.target:
             return None
         bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
@@ -944,8 +1027,11 @@ def steps_vs_batch_size(
     below the target between grid times, else interpolated in log risk between the grid times around it; ties
     go to the configuration listed first); the winner's steps are exact, as in :func:`steps_to_target`.
     Because the best large-batch learning rate sits just below the stability limit 2 (1 + beta) / h~_max, the
-    learning rates (1 - 2^-k) times that limit, k = 2..6, are searched as well. Configurations are walked
-    fastest first, and one is given up at a batch size once its crossing can no longer beat the best so far.
+    learning rates (1 - 2^-k) times that limit, k = 2..6, are searched as well. A pass over the octave times
+    2^e - 1 (repeated squaring, all configurations at once) bounds the best crossing from above and, with a
+    floor of the risk per octave, tells from which octave each configuration and batch size must be walked on
+    the fine grid, if at all; configurations are walked fastest first, and one is given up at a batch size once
+    its crossing can no longer beat the best so far.
     ``progress`` shows a tqdm bar over configuration chunks.
     """
     _validate_model(model)
@@ -980,23 +1066,39 @@ def steps_vs_batch_size(
         return _first_moment(model, optimizer.precondition_power, config_lr[index], config_momentum[index],
                              config_ema[index])
 
-    octave = [_octave_crossings(system_of(np.arange(start, min(start + chunk, config_lr.size))), batch_sizes,
-                                target, int(times[-1])) for start in range(0, config_lr.size, chunk)]
-    reached, risk_then = (np.concatenate(parts) for parts in zip(*octave))
+    def octave_pass(configs, until=None):
+        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until)
+                 for start in range(0, configs.size, chunk)]
+        return (np.concatenate(part) for part in zip(*parts))
+
+    # an upper bound of the best first octave crossing from every 8th configuration lets the full octave pass
+    # give up the rows that cannot reach it
+    sample = np.arange(0, config_lr.size, 8)
+    reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), next(octave_pass(sample)).min(axis=0))
     give_up = reached.min(axis=0)
-    # the configuration first (and lowest) at each batch size on the octave grid goes first, then the fastest
-    # configurations: they settle the bests early
+    # one walk per configuration and octave its rows are walked from (none for rows that need no walk); the
+    # configuration first (and lowest) at each batch size on the octave grid goes first, then the others by that
+    # octave, the fastest first: they settle the bests early
     leading = np.zeros(config_lr.size, dtype=bool)
     for column in np.nonzero(np.isfinite(give_up))[0]:
         leading[np.lexsort((risk_then[:, column], reached[:, column]))[0]] = True
-    rest = np.nonzero(~leading)[0]
-    order = np.concatenate([np.nonzero(leading)[0], rest[np.argsort(-config_lr[rest], kind="stable")]])
-    chunks = [order[:leading.sum()]] if leading.any() else []
-    chunks += [order[start:start + chunk] for start in range(leading.sum(), order.size, chunk)]
-    for index in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
+    rows, columns = np.nonzero(np.isfinite(walk_from))
+    entry_config, entry_octave = np.unique(np.stack([rows, walk_from[rows, columns].astype(np.int64)]), axis=1)
+    order = np.lexsort((-config_lr[entry_config], entry_octave, ~leading[entry_config]))
+    entry_config, entry_octave = entry_config[order], entry_octave[order]
+    chunks = []
+    for entry in range(entry_config.size):  # a new walk where the octave changes, unless the walk so far is small
+        if (not chunks or len(chunks[-1]) >= chunk or leading[entry_config[entry]] != leading[entry_config[entry - 1]]
+                or (entry_octave[entry] != entry_octave[entry - 1]
+                    and len(chunks[-1]) * model.curvatures.size >= _SPLIT_ELEMENTS)):
+            chunks.append([])
+        chunks[-1].append(entry)
+    for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
+        index, octaves = entry_config[entries], entry_octave[entries, None]
         system = system_of(index)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
-                               give_up_after=np.minimum(give_up, best_estimate))
+                               give_up_after=np.minimum(give_up, best_estimate),
+                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf))
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)

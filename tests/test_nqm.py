@@ -210,6 +210,110 @@ def test_search_matches_the_step_by_step_recurrence_on_random_models(optimizer):
                     assert np.isinf(expected[:, j]).all()
 
 
+CRITICAL_DAMPING_GRID = [
+    (nqm.OptimizerSetting(momentum=0.9), {}),
+    (nqm.OptimizerSetting(), {"momenta": (0.0, 0.9), "emas": (0.0, 0.5, 0.9)}),
+    (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.75)}),
+    (nqm.OptimizerSetting(precondition_power=1.0), {"emas": (0.0, 0.5, 0.75)}),  # r1 = 1 - alpha = gamma
+]
+GRID_IDS = ["momentum", "tuned", "precondition", "confluent-ema"]
+
+
+def random_model_and_rates(rng, optimizer, grids):
+    """A 3-direction model and learning rates that include critical damping (a repeated root of M) of each
+    direction for each momentum, and r1 = 1 - alpha h~ = gamma for each EMA coefficient, next to the grid, so
+    that defective and near-defective matrices are searched."""
+    h = np.sort(10 ** rng.uniform(-2, 0, 3))[::-1]
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 1, 3))
+    h_eff = h ** (1 - optimizer.precondition_power)
+    momenta, emas = grids.get("momenta", (optimizer.momentum,)), grids.get("emas", (optimizer.ema,))
+    critical = [(1 - np.sqrt(beta)) ** 2 / h_eff for beta in momenta if beta > 0]  # (1 - alpha h + beta)^2 = 4 beta
+    confluent = [(1 - gamma) / h_eff for gamma in emas if gamma > 0]
+    rates = np.unique(np.concatenate([np.array([0.02, 0.2, 0.6, 0.95]) * 2 / h_eff.max()] + critical + confluent))
+    return model, rates
+
+
+@pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
+def test_octave_pass_never_skips_a_crossing(optimizer, grids):
+    # the grid walk starts at 2^e - 1 for a row the octave pass certifies above the target until then, and skips
+    # rows it certifies above the target up to the last grid time: checked against the step-by-step recurrence
+    rng = np.random.default_rng(3)
+    times, _ = nqm._time_grid(300)
+    batches = np.array([1.0, 16.0, 1024.0])
+    for _ in range(2):
+        momenta, emas = grids.get("momenta", (optimizer.momentum,)), grids.get("emas", (optimizer.ema,))
+        model, rates = random_model_and_rates(rng, optimizer, grids)
+        configs = np.array([(a, b, g) for a in rates for b in momenta for g in emas]).T
+        system = nqm._first_moment(model, optimizer.precondition_power, *configs)
+        targets = (0.05, 0.3 * model.initial_risk)
+        passes = [nqm._octave_crossings(system, batches, target, times) for target in targets]
+        for k, (rate, beta, gamma) in enumerate(configs.T):
+            setting = nqm.OptimizerSetting(beta, optimizer.precondition_power, gamma)
+            for j, batch in enumerate(batches):
+                if not system.stable[k]:  # diverges: never walked
+                    assert all(np.isinf(start[k, j]) and np.isinf(reached[k, j]) for reached, _, start in passes)
+                    continue
+                risks = recurrence_risk(model, setting, lambda step: rate, batch, int(times[-1]))
+                for target, (reached, _, walk_from) in zip(targets, passes):
+                    first = first_below(risks, target)
+                    if np.isinf(walk_from[k, j]):
+                        assert np.isinf(first)
+                    else:
+                        assert first == 0 or first > 2 ** walk_from[k, j] - 1
+                    if np.isfinite(reached[k, j]):
+                        assert risks[int(reached[k, j])] <= target and first <= reached[k, j]
+
+
+def test_confluent_floor_and_search_against_the_recurrence():
+    # p = 1 makes h~ = 1 in every direction, so alpha = 1 - gamma gives r1 = gamma: M is defective in every
+    # direction and u(t) = (A + B (t - 1)) gamma^(t-1); its floor bounds D on any interval and the search finds
+    # every first crossing
+    rng = np.random.default_rng(5)
+    model = nqm.noisy_quadratic_model(np.array([1.0, 0.3, 0.05]), np.array([0.2, 1.0, 3.0]))
+    for gamma in (0.5, 0.75, 0.96875):
+        optimizer, rate = nqm.OptimizerSetting(precondition_power=1.0, ema=gamma), 1.0 - gamma
+        system = nqm._first_moment(model, 1.0, np.array([rate]), np.zeros(1), np.array([gamma]))
+        modes = nqm._modes(system)
+        assert modes.confluent.all()
+        deterministic = recurrence_risk(model, optimizer, lambda step: rate, 1e300, 400)
+        for start, span in zip(rng.integers(0, 300, 40), rng.integers(0, 90, 40)):
+            first, last = (modes.coefficients * modes.values**t for t in (start, start + span))
+            floor = nqm._deterministic_floor(modes, system.weights, first, last, int(span), int(start))[0]
+            assert floor <= deterministic[start + 1:start + span + 2].min() * (1 + 1e-9)
+        batches = np.array([1.0, 64.0, 4096.0])
+        risks = [recurrence_risk(model, optimizer, lambda step: rate, batch, 2000) for batch in batches]
+        for target in (risks[1][rng.integers(50, 1900)] * (1 + 1e-9), 0.01):
+            steps = nqm.steps_to_target(model, optimizer, [rate], batches, target=target, max_steps=2000)
+            np.testing.assert_array_equal(steps[0], [first_below(r, target) for r in risks])
+
+
+@pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
+def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer, grids, monkeypatch):
+    # the octave pass (rows walked from their own octave, rows that cannot win left out) changes nothing: the
+    # reference walks every stable row from t = 0, as the search did before the octave pass
+    rng = np.random.default_rng(11)
+    batches = 2.0 ** np.arange(0, 21, 4)
+    cases = []
+    for _ in range(3):
+        model, rates = random_model_and_rates(rng, optimizer, grids)
+        for target in (0.05, 0.01 * model.initial_risk):
+            cases.append((model, rates, target))
+    search = [nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+              for model, rates, target in cases]
+    octave_pass = nqm._octave_crossings
+
+    def from_the_start(system, batch_sizes, target, times, until=None):
+        reached, risk_then, _ = octave_pass(system, batch_sizes, target, times)
+        return reached, risk_then, np.where(system.stable[:, None], np.zeros_like(reached), np.inf)
+
+    monkeypatch.setattr(nqm, "_octave_crossings", from_the_start)
+    for curve, (model, rates, target) in zip(search, cases):
+        reference = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+        for name in ("steps", "learning_rates", "momenta", "emas"):
+            np.testing.assert_array_equal(getattr(curve, name), getattr(reference, name))
+        assert np.isfinite(curve.steps).any()
+
+
 def test_schedule_risk_matches_the_step_by_step_recurrence():
     schedule = nqm.PiecewiseConstantSchedule(learning_rates=(0.9, 0.3, 0.05), boundaries=(10, 40))
     optimizer = nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.5)
