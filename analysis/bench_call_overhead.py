@@ -12,7 +12,6 @@ them to ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from noisescale.checkpoints import atomic_write
 from noisescale.per_example import PerExampleGradNorms
 
 # (width, hidden layers, batch): plain steps from about 0.3 ms to about 20 ms
@@ -81,9 +81,8 @@ def main() -> None:
         print(f"MLP width {width}, {depth} hidden layers, B = {batch}: plain {row['plain_ms']:.3f} ms, measured "
               f"{row['measured_ms']:.3f} ms, extra {row['extra_ms']:.3f} ms, ratio {row['ratio']:.2f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".csv.tmp")
-    pd.DataFrame(rows).to_csv(temporary, index=False)
-    os.replace(temporary, args.out)  # atomic: a killed run leaves the previous file
+    with atomic_write(args.out, newline="") as handle:  # a killed run leaves the previous file
+        pd.DataFrame(rows).to_csv(handle, index=False)
 
 
 if __name__ == "__main__":
