@@ -544,13 +544,18 @@ def _modes(system: _FirstMoment) -> _Modes:
     u1, u2, u3 = u
     l1, l2, l3 = system.modes
     second, third = system.active[1][:, None], system.active[2][:, None]
+    both = second & third
+    unused = np.zeros(u1.shape, dtype=complex)  # stands for coefficients of a case no configuration has
     with np.errstate(all="ignore"):
-        a1_two = {2: (u2 - l2 * u1) / (l1 - l2), 3: (u2 - l3 * u1) / (l1 - l3)}
-        ax_two = {2: (l1 * u1 - u2) / (l1 - l2), 3: (l1 * u1 - u2) / (l1 - l3)}
-        a1 = (u3 - (l2 + l3) * u2 + l2 * l3 * u1) / ((l1 - l2) * (l1 - l3))
-        a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
-        a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
-        both = second & third
+        a1_two, ax_two = {}, {}
+        for mode, other, alone in ((2, l2, second & ~third), (3, l3, third & ~second)):
+            a1_two[mode], ax_two[mode] = (((u2 - other * u1) / (l1 - other), (l1 * u1 - u2) / (l1 - other))
+                                          if alone.any() else (unused, unused))
+        a1, a2, a3 = unused, unused, unused
+        if both.any():
+            a1 = (u3 - (l2 + l3) * u2 + l2 * l3 * u1) / ((l1 - l2) * (l1 - l3))
+            a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
+            a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
         coefficients = np.stack([
             np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + 0j))),
             np.where(both, a2, np.where(second, ax_two[2], 0j)),
@@ -853,16 +858,12 @@ class _RowSearch:
     floor of 0 (the same oscillating heavy-ball roots in every direction, as with p = 1) prunes little)."""
 
     def __init__(self, model: NoisyQuadraticModel, precondition_power: float, learning_rate: float,
-                 momentum: float, ema: float, target: float, max_time: int):
+                 momentum: float, ema: float, target: float):
         self.system = _first_moment(model, precondition_power, np.array([learning_rate]), np.array([momentum]),
                                     np.array([ema]))
         self.modes = _modes(self.system)
         self.batch_size, self.target = 1.0, float(target)
-        self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]
-        for _ in range(max(int(max_time).bit_length() - 1, 0)):
-            power, block = _doubled(self.powers[-1], self.blocks[-1])
-            self.powers.append(power)
-            self.blocks.append(block)
+        self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]  # M^(2^e), A_(2^e) as needed
         leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]  # M^s and A_s for s = 1..leaf
         for _ in range(_LEAF_STEPS - 1):
             leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
@@ -884,6 +885,10 @@ class _RowSearch:
 
     def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
         """(v, N) after 2^bit more steps."""
+        while len(self.powers) <= bit:
+            power, block = _doubled(self.powers[-1], self.blocks[-1])
+            self.powers.append(power)
+            self.blocks.append(block)
         return (_advance(v, self.powers[bit]),
                 noise + float((_quadratic(v, self.blocks[bit]) @ self.system.weights)[0]))
 
@@ -989,7 +994,7 @@ def steps_to_target(
     for row, column in zip(*np.nonzero((crossings.point >= 0) | (crossings.doubt > 0))):
         if row not in searches:
             searches[row] = _RowSearch(model, optimizer.precondition_power, learning_rates[row], momentum[row],
-                                       ema[row], target, times[-1])
+                                       ema[row], target)
         steps[row, column] = _exact_step(searches[row].at_batch(batch_sizes[column]), times,
                                          crossings.point[row, column], crossings.doubt[row, column], times.size - 1)
     steps[steps > max_steps] = np.inf
@@ -1098,7 +1103,7 @@ def steps_vs_batch_size(
         if config not in last_search:
             last_search.clear()
             last_search[config] = _RowSearch(model, optimizer.precondition_power, config_lr[config],
-                                             config_momentum[config], config_ema[config], target, times[-1])
+                                             config_momentum[config], config_ema[config], target)
         return last_search[config].at_batch(batch_size)
 
     def octave_pass(configs, until=None):
