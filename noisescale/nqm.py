@@ -277,9 +277,9 @@ def _merged_bins(h_eff: np.ndarray, c_eff: np.ndarray, weights: np.ndarray) -> t
     """Bins with equal h~ as one bin: (h~, c~, w) with w = sum w_i and c~ = sum w_i c~_i / w (unchanged, same
     order, when all h~ differ).
 
-    M depends on a bin only through h~, so such bins share v(t) = e_r M^t and A_L / c~; the risk
-    sum_i w_i (sigma0^2 (v x0)^2 + v A_L v^T / B) is linear in (w_i, w_i c~_i) and their sums give the same risk.
-    With p = 1 every h~ is 1: the whole model is one bin.
+    M and b depend on a bin only through h~, so such bins share v(t) = e_r M^t and A_L = c~ G_L with
+    G_L = sum_{s<L} M^s b b^T M^sT; the risk sum_i w_i (sigma0^2 (v x0)^2 + c~_i v G_L v^T / B) is linear in
+    (w_i, w_i c~_i), so their sums give the same risk. With p = 1 every h~ is 1: the whole model is one bin.
     """
     unique, inverse = np.unique(h_eff, return_inverse=True)
     if unique.size == h_eff.size:
