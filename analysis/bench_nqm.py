@@ -2,7 +2,7 @@
 grid, four optimizer settings (SGD, momentum 0.9, p = 0.5, p = 1) on the paper's model (d = 10^4), binned
 (100 bins) and on the exact spectrum (10^4 directions); then the tuned rows of analysis/nqm_figures.py on the
 binned model (SGD with momentum tuned over DEFAULT_MOMENTUM_GRID, with the EMA tuned over DEFAULT_EMA_GRID, and
-both tuned together).
+both tuned together, without preconditioning and with p = 1).
 
 Usage: python3 analysis/bench_nqm.py [--repeats 5] [--out data/bench/nqm.csv]
 (prints and writes the median, min and max wall time and the median CPU time of the repeats per job; a
@@ -31,10 +31,12 @@ SETTINGS = (
     nqm.OptimizerSetting(precondition_power=1.0),
 )
 SWEEPS = {"binned (100 bins)": 100, "exact (d = 10^4)": None}
-TUNED = {
-    "tuned momentum": {"momenta": nqm.DEFAULT_MOMENTUM_GRID},
-    "tuned EMA": {"emas": nqm.DEFAULT_EMA_GRID},
-    "tuned momentum + EMA": {"momenta": nqm.DEFAULT_MOMENTUM_GRID, "emas": nqm.DEFAULT_EMA_GRID},
+BOTH = {"momenta": nqm.DEFAULT_MOMENTUM_GRID, "emas": nqm.DEFAULT_EMA_GRID}
+TUNED = {  # name: (grids, precondition power p)
+    "tuned momentum": ({"momenta": nqm.DEFAULT_MOMENTUM_GRID}, 0.0),
+    "tuned EMA": ({"emas": nqm.DEFAULT_EMA_GRID}, 0.0),
+    "tuned momentum + EMA": (BOTH, 0.0),
+    "tuned momentum + EMA, p = 1": (BOTH, 1.0),
 }
 
 
@@ -49,11 +51,11 @@ def jobs():
         model = nqm.paper_model(n_bins=n_bins)
         yield name, model, len(SETTINGS), rates, lambda model=model: sweep(model)
     model = nqm.paper_model()
-    for name, grids in TUNED.items():
+    for name, (grids, power) in TUNED.items():
         configs = rates * len(grids.get("momenta", (0,))) * len(grids.get("emas", (0,)))
+        setting = nqm.OptimizerSetting(precondition_power=power)
         yield (f"{name}, binned (100 bins)", model, 1, configs,
-               lambda grids=grids, model=model: nqm.steps_vs_batch_size(model, nqm.OptimizerSetting(), BATCH_SIZES,
-                                                                          **grids))
+               lambda grids=grids, setting=setting: nqm.steps_vs_batch_size(model, setting, BATCH_SIZES, **grids))
 
 
 def main() -> None:

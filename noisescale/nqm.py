@@ -211,7 +211,7 @@ class _FirstMoment:
 
     matrix: np.ndarray  # (k, k, K, bins) M; zero for unstable configurations
     noise_input: np.ndarray  # (k, K, bins) b
-    noise_variance: np.ndarray  # (bins,) c~
+    noise_variance: np.ndarray  # (bins,) c~ (bins with equal h~ merged, see _merged_bins)
     initial: np.ndarray  # (k,) x(0) = initial * theta_0 (m = 0, theta~ = theta)
     readout: int  # state read by the risk: theta, or theta~ when the average is kept
     weights: np.ndarray  # (bins,) 1/2 h count
@@ -231,8 +231,9 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
     (r1 = 1 - alpha h~ and r2 = 0 without momentum) and gamma.
     """
     alpha, beta, gamma = (np.asarray(v, dtype=np.float64)[:, None] for v in (learning_rate, momentum, ema))
-    h_eff = model.curvatures ** (1.0 - precondition_power)
-    c_eff = model.noise_variances * model.curvatures ** (-2.0 * precondition_power)
+    h_eff, c_eff, weights = _merged_bins(model.curvatures ** (1.0 - precondition_power),
+                                         model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
+                                         0.5 * model.curvatures * model.counts)
     one = np.ones_like(alpha * h_eff)
     zero = np.zeros_like(one)
     decay = 1.0 - alpha * h_eff
@@ -263,12 +264,28 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
         noise_variance=c_eff,
         initial=np.array([1.0, 0.0, 1.0])[states],
         readout=len(states) - 1 if 2 in states else 0,
-        weights=0.5 * model.curvatures * model.counts,
+        weights=weights,
         initial_variance=model.initial_variance,
         modes=np.stack([r1, r2, gamma * one + 0j]),
         active=active,
         stable=stable,
     )
+
+
+def _merged_bins(h_eff: np.ndarray, c_eff: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+    """Bins with equal h~ as one bin: (h~, c~, w) with w = sum w_i and c~ = sum w_i c~_i / w (unchanged, same
+    order, when all h~ differ).
+
+    M and b depend on a bin only through h~, so such bins share v(t) = e_r M^t and A_L = c~ G_L with
+    G_L = sum_{s<L} M^s b b^T M^sT; the risk sum_i w_i (sigma0^2 (v x0)^2 + c~_i v G_L v^T / B) is linear in
+    (w_i, w_i c~_i), so their sums give the same risk. With p = 1 every h~ is 1: the whole model is one bin.
+    """
+    unique, inverse = np.unique(h_eff, return_inverse=True)
+    if unique.size == h_eff.size:
+        return h_eff, c_eff, weights
+    merged = np.bincount(inverse, weights=weights)
+    return unique, np.bincount(inverse, weights=weights * c_eff) / merged, merged
 
 
 @dataclass(frozen=True, eq=False)
@@ -442,7 +459,8 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 # is monotone when mu is real and positive and at least -|c| |mu|^(t-1) otherwise. That bounds the risk from
 # below between grid times, so a dip below the target between them (momentum oscillates) is never missed.
 
-_LEAF_STEPS = 16  # intervals this short are checked step by step
+_LEAF_STEPS = 16  # intervals this short are checked step by step ...
+_LEAF_ELEMENTS = 4096  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
 _MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
@@ -526,13 +544,18 @@ def _modes(system: _FirstMoment) -> _Modes:
     u1, u2, u3 = u
     l1, l2, l3 = system.modes
     second, third = system.active[1][:, None], system.active[2][:, None]
+    both = second & third
+    unused = np.zeros(u1.shape, dtype=complex)  # stands for coefficients of a case no configuration has
     with np.errstate(all="ignore"):
-        a1_two = {2: (u2 - l2 * u1) / (l1 - l2), 3: (u2 - l3 * u1) / (l1 - l3)}
-        ax_two = {2: (l1 * u1 - u2) / (l1 - l2), 3: (l1 * u1 - u2) / (l1 - l3)}
-        a1 = (u3 - (l2 + l3) * u2 + l2 * l3 * u1) / ((l1 - l2) * (l1 - l3))
-        a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
-        a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
-        both = second & third
+        a1_two, ax_two = {}, {}
+        for mode, other, alone in ((2, l2, second & ~third), (3, l3, third & ~second)):
+            a1_two[mode], ax_two[mode] = (((u2 - other * u1) / (l1 - other), (l1 * u1 - u2) / (l1 - other))
+                                          if alone.any() else (unused, unused))
+        a1, a2, a3 = unused, unused, unused
+        if both.any():
+            a1 = (u3 - (l2 + l3) * u2 + l2 * l3 * u1) / ((l1 - l2) * (l1 - l3))
+            a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
+            a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
         coefficients = np.stack([
             np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + 0j))),
             np.where(both, a2, np.where(second, ax_two[2], 0j)),
@@ -831,25 +854,28 @@ def _interpolated(lower_time, upper_time, before, at, target):
 class _RowSearch:
     """One configuration and batch size: the risk at any step (binary lifting with M^(2^e) and A_(2^e)) and the
     first step at or below the target in an interval (bisection at powers of two, pruned by the floor of the
-    risk, with the last ``_LEAF_STEPS`` steps of a branch evaluated at once)."""
+    risk, with the last ``leaf_steps`` steps of a branch evaluated at once: 16, or more with few bins, where a
+    floor of 0 (the same oscillating heavy-ball roots in every direction, as with p = 1) prunes little)."""
 
     def __init__(self, model: NoisyQuadraticModel, precondition_power: float, learning_rate: float,
-                 momentum: float, ema: float, target: float, max_time: int):
+                 momentum: float, ema: float, target: float):
         self.system = _first_moment(model, precondition_power, np.array([learning_rate]), np.array([momentum]),
                                     np.array([ema]))
         self.modes = _modes(self.system)
         self.batch_size, self.target = 1.0, float(target)
-        self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]
-        for _ in range(max(int(max_time).bit_length() - 1, 0)):
-            power, block = _doubled(self.powers[-1], self.blocks[-1])
-            self.powers.append(power)
-            self.blocks.append(block)
+        self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]  # M^(2^e), A_(2^e) as needed
         leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]  # M^s and A_s for s = 1..leaf
         for _ in range(_LEAF_STEPS - 1):
             leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
                                                         leaf_powers[-1].swapaxes(0, 1)))
             leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
         self.leaf_powers, self.leaf_blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
+        n_bins = self.system.weights.size
+        while 2 * self.leaf_powers.shape[2] * n_bins <= _LEAF_ELEMENTS:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
+            power, block = self.leaf_powers[:, :, -1:], self.leaf_blocks[:, :, -1:]
+            self.leaf_blocks = np.concatenate([self.leaf_blocks, block + _apply(_apply(power, self.leaf_blocks),
+                                                                                power.swapaxes(0, 1))], 2)
+            self.leaf_powers = np.concatenate([self.leaf_powers, _apply(self.leaf_powers, power)], 2)
 
     def at_batch(self, batch_size: float) -> _RowSearch:
         """The same configuration at another batch size (arrays shared)."""
@@ -859,6 +885,10 @@ class _RowSearch:
 
     def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
         """(v, N) after 2^bit more steps."""
+        while len(self.powers) <= bit:
+            power, block = _doubled(self.powers[-1], self.blocks[-1])
+            self.powers.append(power)
+            self.blocks.append(block)
         return (_advance(v, self.powers[bit]),
                 noise + float((_quadratic(v, self.blocks[bit]) @ self.system.weights)[0]))
 
@@ -881,7 +911,7 @@ class _RowSearch:
     def _first(self, low: int, high: int, v: np.ndarray, noise: float) -> int | None:
         if noise / self.batch_size > self.target:  # N never decreases
             return None
-        if high - low <= _LEAF_STEPS:
+        if high - low <= self.leaf_powers.shape[2]:
             count = high - low
             ahead = _advance(v, self.leaf_powers[:, :, :count])
             noises = noise + _quadratic(v, self.leaf_blocks[:, :, :count]) @ self.system.weights
@@ -964,7 +994,7 @@ def steps_to_target(
     for row, column in zip(*np.nonzero((crossings.point >= 0) | (crossings.doubt > 0))):
         if row not in searches:
             searches[row] = _RowSearch(model, optimizer.precondition_power, learning_rates[row], momentum[row],
-                                       ema[row], target, times[-1])
+                                       ema[row], target)
         steps[row, column] = _exact_step(searches[row].at_batch(batch_sizes[column]), times,
                                          crossings.point[row, column], crossings.doubt[row, column], times.size - 1)
     steps[steps > max_steps] = np.inf
@@ -1060,11 +1090,21 @@ def steps_vs_batch_size(
     best_config = np.full(n_batches, -1)
     best_step = np.full(n_batches, np.nan)  # exact first crossing when known (a dip), else nan
     best_point = np.full(n_batches, -1)
-    chunk = max(1, _CHUNK_ELEMENTS // model.curvatures.size)
+    n_bins = np.unique(model.curvatures ** (1.0 - optimizer.precondition_power)).size  # after _merged_bins
+    chunk = max(1, _CHUNK_ELEMENTS // n_bins)
 
     def system_of(index):
         return _first_moment(model, optimizer.precondition_power, config_lr[index], config_momentum[index],
                              config_ema[index])
+
+    last_search: dict[int, _RowSearch] = {}  # the last configuration's (rows come configuration by configuration)
+
+    def row_search(config, batch_size):
+        if config not in last_search:
+            last_search.clear()
+            last_search[config] = _RowSearch(model, optimizer.precondition_power, config_lr[config],
+                                             config_momentum[config], config_ema[config], target)
+        return last_search[config].at_batch(batch_size)
 
     def octave_pass(configs, until=None):
         parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until)
@@ -1090,7 +1130,7 @@ def steps_vs_batch_size(
     for entry in range(entry_config.size):  # a new walk where the octave changes, unless the walk so far is small
         if (not chunks or len(chunks[-1]) >= chunk or leading[entry_config[entry]] != leading[entry_config[entry - 1]]
                 or (entry_octave[entry] != entry_octave[entry - 1]
-                    and len(chunks[-1]) * model.curvatures.size >= _SPLIT_ELEMENTS)):
+                    and len(chunks[-1]) * n_bins >= _SPLIT_ELEMENTS)):
             chunks.append([])
         chunks[-1].append(entry)
     for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
@@ -1105,9 +1145,7 @@ def steps_vs_batch_size(
         estimate[point == 0] = 0.0
         exact = np.full(estimate.shape, np.nan)
         for row, column in zip(*np.nonzero(crossings.doubt > 0)):
-            config = index[row]
-            search = _RowSearch(model, optimizer.precondition_power, config_lr[config], config_momentum[config],
-                                config_ema[config], target, times[-1]).at_batch(batch_sizes[column])
+            search = row_search(index[row], batch_sizes[column])
             stop = min(int(np.searchsorted(times, min(give_up[column], best_estimate[column]), side="right")),
                        times.size - 1)
             found = search.first(int(times[crossings.doubt[row, column] - 1]), int(times[stop]))
@@ -1129,8 +1167,7 @@ def steps_vs_batch_size(
     for column in np.nonzero(best_config >= 0)[0]:
         config = best_config[column]
         if np.isnan(best_step[column]):
-            search = _RowSearch(model, optimizer.precondition_power, config_lr[config], config_momentum[config],
-                                config_ema[config], target, times[-1]).at_batch(batch_sizes[column])
+            search = row_search(config, batch_sizes[column])
             steps[column] = _exact_step(search, times, best_point[column], -1, times.size - 1)
         else:
             steps[column] = best_step[column]

@@ -210,6 +210,36 @@ def test_search_matches_the_step_by_step_recurrence_on_random_models(optimizer):
                     assert np.isinf(expected[:, j]).all()
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_bins_with_equal_effective_curvature_are_merged_exactly(power):
+    # bins with the same h~ share M, so the search sees them as one bin (with p = 1 the whole model is one bin);
+    # risks and first crossings still match the step-by-step recurrence of every direction
+    rng = np.random.default_rng(13)
+    h = np.array([0.9, 0.2, 0.9, 0.05, 0.2])
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 1, 5))
+    system = nqm._first_moment(model, power, np.array([0.1]), np.zeros(1), np.zeros(1))
+    assert system.weights.size == (1 if power == 1.0 else 3)
+    horizon, batches = 600, np.array([1.0, 16.0, 1024.0])
+    for momentum in (0.0, 0.9):
+        optimizer = nqm.OptimizerSetting(momentum=momentum, precondition_power=power)
+        rates = 2 * (1 + momentum) / h.max() ** (1 - power) * np.array([0.02, 0.2, 0.6, 0.95])
+        risks = {(rate, batch): recurrence_risk(model, optimizer, lambda step, r=rate: r, batch, horizon)
+                 for rate in rates for batch in batches}
+        np.testing.assert_allclose(nqm.expected_risk(model, optimizer, rates[2], 16.0, np.arange(horizon + 1)),
+                                   risks[rates[2], 16.0], rtol=1e-9)
+        for target in [risks[rates[2], batches[1]][rng.integers(20, 500)] * (1 + 1e-9), 0.05]:
+            expected = np.array([[first_below(risks[rate, batch], target) for batch in batches] for rate in rates])
+            steps = nqm.steps_to_target(model, optimizer, rates, batches, target=target, max_steps=horizon)
+            np.testing.assert_array_equal(steps, expected)
+            curve = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target,
+                                            max_steps=horizon, momenta=(0.0, 0.5, 0.9), emas=(0.0, 0.75))
+            for j, batch in enumerate(batches):  # the winner's steps are its exact first crossing
+                if np.isfinite(curve.steps[j]):
+                    chosen = nqm.OptimizerSetting(curve.momenta[j], power, curve.emas[j])
+                    risk = recurrence_risk(model, chosen, lambda step: curve.learning_rates[j], batch, horizon)
+                    assert curve.steps[j] == first_below(risk, target)
+
+
 CRITICAL_DAMPING_GRID = [
     (nqm.OptimizerSetting(momentum=0.9), {}),
     (nqm.OptimizerSetting(), {"momenta": (0.0, 0.9), "emas": (0.0, 0.5, 0.9)}),
