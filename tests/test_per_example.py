@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noisescale.losses import per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms, per_example_sqnorms
 
@@ -872,3 +873,58 @@ def test_a_tied_weight_split_by_reentrant_checkpointing_is_an_error_not_a_wrong_
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         per_example_sqnorms(model, loss_fn, tokens, targets)
     assert model.token.weight.grad is None
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention as self- or cross-attention (key and value of another width: separate projection
+    weights), either layout."""
+
+    def __init__(self, batch_first, cross, kdim=None):
+        super().__init__()
+        self.batch_first, self.cross = batch_first, cross
+        self.source = nn.Linear(8, kdim or 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.out = nn.Linear(8, 3)
+
+    attn_mask = None
+
+    def forward(self, x):
+        attn_mask = self.attn_mask
+        memory = self.source(x) if self.cross else x
+        if not self.batch_first:
+            x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+        y = self.attention(x, memory, memory, need_weights=False, attn_mask=attn_mask)[0]
+        return self.out((y if self.batch_first else y.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("batch_first, cross, kdim", [(True, False, None), (False, False, None), (True, True, None),
+                                                      (True, True, 6)])
+def test_attention_is_measured_from_its_own_projections_without_a_re_run(batch_first, cross, kdim, monkeypatch):
+    """The projections' inputs and output gradients of the real pass (F.linear inside nn.MultiheadAttention's
+    forward, wrapped while it runs) give the exact norms; the re-run of the call is never needed."""
+    import torch.nn.functional as functional
+
+    from noisescale.per_example import fallback
+    torch.manual_seed(0)
+    model = _Attention(batch_first, cross, kdim).double()
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    expected = naive_per_example(model, per_example_cross_entropy, x, y)
+    monkeypatch.setattr(fallback, "attention_per_example_grads",
+                        lambda *args: (_ for _ in ()).throw(AssertionError("re-run used")))
+    original = functional.linear
+    result = per_example_sqnorms(model, per_example_cross_entropy, x, y, by_parameter=True)
+    for name in expected:
+        if name.startswith("attention."):
+            assert_relclose(result.by_parameter[name], expected[name])
+    assert functional.linear is original
+
+
+def test_a_failing_attention_call_leaves_torch_functional_as_it_was():
+    import torch.nn.functional as functional
+    torch.manual_seed(0)
+    model = _Attention(True, False)
+    model.attn_mask = torch.zeros(3, 3, dtype=torch.bool)   # the wrong shape: the attention call raises
+    original = functional.linear
+    with pytest.raises(RuntimeError):
+        per_example_sqnorms(model, per_example_cross_entropy, torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))
+    assert functional.linear is original

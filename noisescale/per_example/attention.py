@@ -12,11 +12,22 @@ Linear applied at every position, so for example i
 Covered: packed in_proj (query, key and value of the embedding size), with or without biases, key_padding_mask,
 a 2-D attn_mask, is_causal, either layout, dropout 0 or eval mode, attention weights not differentiated. Other
 configurations go to the generic per-module fallback.
+
+First, without any re-run (``LinearCapture``): F.multi_head_attention_forward computes every projection with
+torch.nn.functional's module-level ``linear``. While the module's own forward runs, that name is wrapped: each
+call whose weight is one of the module's parameters, or a block of its rows, is recorded with its input and its
+output's gradient is hooked (calls with any other weight pass through untouched). Those (input, output gradient)
+pairs of the real pass are all the Linear formula needs, so ``captured_per_example_grads`` gives every projection's
+per-example gradients with no second attention pass (any dropout, any mask, separate key/value sizes). It declines
+(None: the re-run above) when a parameter is not covered or the layout does not match the module's own output
+gradient. (A TorchFunctionMode cannot do this: F.multi_head_attention_forward is itself overridable, so a mode
+sees that one call and not the projections inside it.)
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +35,116 @@ from torch import Tensor, nn
 
 from noisescale.per_example.factors import LinearFactors
 
-__all__ = ["attention_supported", "attention_per_example_grads"]
+__all__ = ["attention_supported", "attention_per_example_grads", "LinearCapture", "capturable",
+           "captured_per_example_grads"]
+
+
+def capturable(module: nn.Module) -> bool:
+    """nn.MultiheadAttention running its own forward without parameters used outside F.linear (bias_k/bias_v)."""
+    return type(module).forward is nn.MultiheadAttention.forward and module.bias_k is None
+
+
+class LinearCapture:
+    """Between ``start()`` and ``stop()`` (one call of the module's forward), records each call of
+    torch.nn.functional's ``linear`` whose weight is one of the module's parameters, or a block of its rows (the
+    packed in_proj split for cross-attention), as [weight name, first row, bias (name, first row) or None, input,
+    [output gradient]], the gradient filled by a hook."""
+
+    def __init__(self, module: nn.Module):
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        self.blocks: list[list] = []
+        self._original = self._wrapper = None
+
+    def start(self) -> None:
+        self._original, self._wrapper = F.linear, self._linear   # one bound method, to recognise it in stop()
+        F.linear = self._wrapper
+
+    def stop(self) -> None:
+        if self._original is not None and F.linear is self._wrapper:
+            F.linear = self._original
+        self._original = self._wrapper = None
+
+    def _locate(self, t: Tensor | None) -> tuple[str, int] | None:
+        if t is None:
+            return None
+        if id(t) in self._names:
+            return self._names[id(t)], 0
+        base = t._base
+        if base is None or id(base) not in self._names or t.stride() != base.stride() or t.shape[1:] != base.shape[1:]:
+            return None
+        offset = t.storage_offset() - base.storage_offset()
+        return (self._names[id(base)], offset // base.stride(0)) if offset % base.stride(0) == 0 else None
+
+    def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        output = self._original(input, weight, bias)
+        located = self._locate(weight)
+        if located is not None and output.requires_grad:
+            block = [*located, self._locate(bias), input.detach(), [None]]
+            self.blocks.append(block)
+            output.register_hook(partial(_keep_first, block[4]))
+        return output
+
+
+def _keep_first(holder: list, grad: Tensor) -> None:
+    holder[0] = grad
+
+
+def _examples_first(t: Tensor, batch: int) -> Tensor | None:
+    """Inside nn.MultiheadAttention's forward tensors are sequence-first, (T, B, E), or flattened t-major,
+    (T * B, E); returns (B, T, E), or None for another shape."""
+    if t.dim() == 3 and t.shape[1] == batch:
+        return t.transpose(0, 1)
+    if t.dim() == 2 and t.shape[0] % batch == 0:
+        return t.view(-1, batch, t.shape[1]).transpose(0, 1)
+    return None
+
+
+def _in_row_order(pieces: list[tuple[int, Tensor]], rows: int) -> list[Tensor] | None:
+    """The pieces (first row, value with its rows in the last dim) in row order when they cover rows 0..rows-1
+    exactly once, else None."""
+    start, ordered = 0, []
+    for first, value in sorted(pieces, key=lambda piece: piece[0]):
+        if first != start:
+            return None
+        start += value.shape[-1]
+        ordered.append(value)
+    return ordered if start == rows else None
+
+
+def captured_per_example_grads(module: nn.Module, blocks: list[list], output_grad: Tensor, names: list[str],
+                               batch: int) -> dict[str, Tensor | LinearFactors] | None:
+    """Per-example gradients (weights as LinearFactors) of ``names`` from the projections ``LinearCapture``
+    recorded in the real pass; None when they do not cover every name or the layout check fails."""
+    weights: dict[str, list[tuple[int, tuple[Tensor, Tensor]]]] = {}
+    biases: dict[str, list[tuple[int, Tensor]]] = {}
+    out_proj_grad = None
+    for weight_name, first_row, bias, x, (grad,) in blocks:
+        a = _examples_first(x, batch)
+        g = None if grad is None else _examples_first(grad, batch)
+        if a is None or g is None:
+            return None
+        weights.setdefault(weight_name, []).append((first_row, (a, g)))
+        if bias is not None:
+            biases.setdefault(bias[0], []).append((bias[1], g.sum(1)))
+        if weight_name == "out_proj.weight":
+            out_proj_grad = g
+    expected = output_grad if module.batch_first else output_grad.transpose(0, 1)
+    if out_proj_grad is None or not torch.equal(out_proj_grad, expected):
+        return None   # not the layout this code knows: re-run instead
+    rows = {name: p.shape[0] for name, p in module.named_parameters()}
+    result: dict[str, Tensor | LinearFactors] = {}
+    for name in names:
+        if name in weights:
+            pieces = sorted(weights[name], key=lambda piece: piece[0])
+            if _in_row_order([(first, g) for first, (_, g) in pieces], rows[name]) is None:
+                return None
+            result[name] = LinearFactors([pair for _, pair in pieces])
+        else:
+            ordered = _in_row_order(biases.get(name, []), rows[name])
+            if ordered is None:
+                return None
+            result[name] = torch.cat(ordered, 1)
+    return result
 
 
 def attention_supported(module: nn.Module, arguments: dict, grads: list) -> bool:

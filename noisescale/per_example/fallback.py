@@ -9,8 +9,9 @@ backward is over, computes dl_i/dtheta for the module's parameters theta only:
 with torch.func (``vmap`` over the examples of ``vjp`` of ``functional_call(module, theta, x_i)``). The children's
 parameters enter as constants, so a module with a rule inside a module without one is not counted twice. Where
 vmap cannot run an op (fused kernels, data-dependent control flow) the same is done one example at a time.
-Two layers get a cheaper exact path, one re-run of the whole call with their affine maps written out:
-nn.MultiheadAttention (``attention.py``) and nn.RNN/LSTM/GRU (``recurrent.py``).
+Two layers get a cheaper exact path: nn.MultiheadAttention from its projections' inputs and output gradients
+recorded in the real pass (``attention.LinearCapture``; else one re-run of the call with its affine maps written
+out), and nn.RNN/LSTM/GRU by one such re-run (``recurrent.py``).
 
 Which dim of each tensor holds the examples (``BatchDims``): by default dim 0 of every tensor whose dim 0 is B;
 a tensor with dim 0 of size 1 is shared by every example (broadcast), any other tensor is a constant. Layers that
@@ -37,7 +38,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._rng import set_rng_state
-from noisescale.per_example.attention import attention_per_example_grads, attention_supported
+from noisescale.per_example.attention import (attention_per_example_grads, attention_supported,
+                                              captured_per_example_grads)
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 
@@ -70,6 +72,7 @@ class FallbackCall:
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
     parameters: dict[str, Tensor] | None = None  # the module's parameters as the call used them (FSDP), by name
+    linear_blocks: list | None = None  # attention.LinearCapture's record of the call's projections
 
 
 # ----------------------------------------------------------------------------------------------- batch dims
@@ -273,6 +276,10 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     dims = ([None] * len(leaves) if call.shared else
             batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size))
     with torch.no_grad():
+        if call.linear_blocks is not None and not call.shared and call.grads[0] is not None:
+            captured = captured_per_example_grads(module, call.linear_blocks, call.grads[0], names, batch_size)
+            if captured is not None:  # the projections of the real pass: no re-run
+                return captured
         if call.rng_before is None and not call.shared:
             arguments = bound_arguments(module, call.args, call.kwargs)
             if unrolled_supported(module):

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from noisescale._rng import rng_state
+from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              module_per_example_grads, output_tensors)
@@ -177,6 +178,7 @@ class GhostNormEngine:
         self._pass: GhostPass | None = None
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
         self._warned: weakref.WeakSet = weakref.WeakSet()
+        self._captures: dict[nn.Module, list[LinearCapture]] = {}   # open during their module's forward
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward))
@@ -196,6 +198,10 @@ class GhostNormEngine:
             yield self._pass
         finally:
             self._pass = None
+            for captures in self._captures.values():   # a forward that raised leaves its capture open
+                for capture in reversed(captures):
+                    capture.stop()
+            self._captures.clear()
 
     def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
@@ -208,14 +214,21 @@ class GhostNormEngine:
         if ghost_pass is not None and (ghost_pass.modules[module].rule is None
                                        or self._verified.get(module) is False):
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
+            if ghost_pass.modules[module].rule is None and not ghost_pass.sharded and capturable(module):
+                capture = LinearCapture(module)
+                capture.start()
+                self._captures.setdefault(module, []).append(capture)
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        capture = self._captures[module].pop() if self._captures.get(module) else None
+        if capture is not None:
+            capture.stop()
         ghost_pass = self._active(module)
         if ghost_pass is None:
             return None
         entry = ghost_pass.modules[module]
         if entry.rule is None or self._verified.get(module) is False:
-            return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
+            return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
         x, batch = _first_input(args, kwargs), ghost_pass.batch_size
@@ -260,7 +273,7 @@ class GhostNormEngine:
 
     @staticmethod
     def _record_fallback_call(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple,
-                              kwargs: dict, output: Any) -> Any:
+                              kwargs: dict, output: Any, capture: LinearCapture | None = None) -> Any:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
         reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
@@ -287,7 +300,8 @@ class GhostNormEngine:
                             # its own parameters too (not under FSDP, whose shards change storage after the call)
                             + ([] if ghost_pass.sharded else [(q, q._version) for q in module.parameters()]),
                             shared=replaced is not None,
-                            parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None)
+                            parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
+                            linear_blocks=None if capture is None else capture.blocks)
         for k, t in enumerate(outputs):
             if t.requires_grad:
                 t.register_hook(partial(_keep_grad, call, k))
