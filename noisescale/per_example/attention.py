@@ -21,7 +21,8 @@ pairs of the real pass are all the Linear formula needs, so ``captured_per_examp
 per-example gradients with no second attention pass (any dropout, any mask, separate key/value sizes). It declines
 (None: the re-run above) when a parameter is not covered or the layout does not match the module's own output
 gradient. (A TorchFunctionMode cannot do this: F.multi_head_attention_forward is itself overridable, so a mode
-sees that one call and not the projections inside it.)
+sees that one call and not the projections inside it.) The wrapped name is process-wide while the call runs: another
+thread calling F.linear meanwhile goes through the wrapper, which passes any weight not of this module through.
 """
 
 from __future__ import annotations
