@@ -227,7 +227,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, result_path: str) ->
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this host for the processes' rendezvous (also used by bench_fsdp.py)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -253,7 +254,7 @@ def main() -> None:
         parser.error(f"--backend nccl needs {args.world_size} GPUs, found {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory() as scratch:
         result_path = os.path.join(scratch, "rank0.csv")
-        mp.spawn(_worker, args=(args, _free_port(), result_path), nprocs=args.world_size, join=True)
+        mp.spawn(_worker, args=(args, free_port(), result_path), nprocs=args.world_size, join=True)
         table = pd.read_csv(result_path)
     columns = ["section", "method", "median_ms", "ratio_to_baseline", "mean_ms", "mean_ratio_to_baseline",
                "cpu_median_ms", "cpu_ratio_to_baseline"]

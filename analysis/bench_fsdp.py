@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from bench_ddp import free_port  # analysis/ is on sys.path when this script runs
 from noisescale.losses import per_example_cross_entropy
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
@@ -128,12 +128,6 @@ def _worker(rank: int, world_size: int, port: int, args, out_file: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", nargs="+", default=["fsdp2", "fsdp1"], choices=["fsdp2", "fsdp1"])
@@ -146,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         part = os.path.join(folder, "rows.csv")
-        mp.start_processes(_worker, args=(args.world_size, _free_port(), args, part), nprocs=args.world_size,
+        mp.start_processes(_worker, args=(args.world_size, free_port(), args, part), nprocs=args.world_size,
                            join=True, start_method="spawn")
         frame = pd.read_csv(part)
     out = Path(args.out)
