@@ -100,14 +100,14 @@ def _examples_first(t: Tensor, batch: int) -> Tensor | None:
     return None
 
 
-def _in_row_order(pieces: list[tuple[int, Tensor]], rows: int) -> list[Tensor] | None:
-    """The pieces (first row, value with its rows in the last dim) in row order when they cover rows 0..rows-1
-    exactly once, else None."""
+def _in_row_order(pieces: list[tuple[int, int, object]], rows: int) -> list | None:
+    """The values of the pieces (first row, row count, value) in row order when they cover rows 0..rows-1 exactly
+    once, else None."""
     start, ordered = 0, []
-    for first, value in sorted(pieces, key=lambda piece: piece[0]):
+    for first, count, value in sorted(pieces, key=lambda piece: piece[0]):
         if first != start:
             return None
-        start += value.shape[-1]
+        start += count
         ordered.append(value)
     return ordered if start == rows else None
 
@@ -116,17 +116,16 @@ def captured_per_example_grads(module: nn.Module, blocks: list[list], output_gra
                                batch: int) -> dict[str, Tensor | LinearFactors] | None:
     """Per-example gradients (weights as LinearFactors) of ``names`` from the projections ``LinearCapture``
     recorded in the real pass; None when they do not cover every name or the layout check fails."""
-    weights: dict[str, list[tuple[int, tuple[Tensor, Tensor]]]] = {}
-    biases: dict[str, list[tuple[int, Tensor]]] = {}
+    pieces: dict[str, list[tuple[int, int, object]]] = {}   # name -> (first row, rows, (a, g) or bias gradients)
     out_proj_grad = None
     for weight_name, first_row, bias, x, (grad,) in blocks:
         a = _examples_first(x, batch)
         g = None if grad is None else _examples_first(grad, batch)
         if a is None or g is None:
             return None
-        weights.setdefault(weight_name, []).append((first_row, (a, g)))
+        pieces.setdefault(weight_name, []).append((first_row, g.shape[-1], (a, g)))
         if bias is not None:
-            biases.setdefault(bias[0], []).append((bias[1], g.sum(1)))
+            pieces.setdefault(bias[0], []).append((bias[1], g.shape[-1], g.sum(1)))
         if weight_name == "out_proj.weight":
             out_proj_grad = g
     expected = output_grad if module.batch_first else output_grad.transpose(0, 1)
@@ -135,16 +134,10 @@ def captured_per_example_grads(module: nn.Module, blocks: list[list], output_gra
     rows = {name: p.shape[0] for name, p in module.named_parameters()}
     result: dict[str, Tensor | LinearFactors] = {}
     for name in names:
-        if name in weights:
-            pieces = sorted(weights[name], key=lambda piece: piece[0])
-            if _in_row_order([(first, g) for first, (_, g) in pieces], rows[name]) is None:
-                return None
-            result[name] = LinearFactors([pair for _, pair in pieces])
-        else:
-            ordered = _in_row_order(biases.get(name, []), rows[name])
-            if ordered is None:
-                return None
-            result[name] = torch.cat(ordered, 1)
+        ordered = _in_row_order(pieces.get(name, []), rows[name])
+        if ordered is None:
+            return None
+        result[name] = LinearFactors(ordered) if isinstance(ordered[0], tuple) else torch.cat(ordered, 1)
     return result
 
 
