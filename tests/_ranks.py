@@ -1,5 +1,6 @@
 """Spawning a few CPU (gloo) ranks from a test: a free port, errors captured in a rank for the test to compare, and
-a wait that fails only on a hang (no rank reports progress for ``hang_deadline_s``), never on a slow machine."""
+a wait that fails only on a hang (no rank reports progress for ``hang_deadline_s``), never on a slow machine; and
+the check shared by the integrations' DDP tests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
+
+from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale
 
 
 def free_port() -> int:
@@ -52,3 +56,30 @@ def spawn_ranks(worker, args: tuple, nprocs: int, out_dir: str | Path, hang_dead
             pytest.fail(f"the {nprocs} ranks made no progress for {hang_deadline_s:g} s, a hang; scenarios finished "
                         f"by each rank: {last_finished or 'none'}. On a machine this slow, set "
                         "NOISESCALE_TEST_HANG_S to a larger number of seconds")
+
+
+def spawn_and_load(worker, world_size: int, out_dir: str | Path, hang_deadline_s: float) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` on ``world_size`` ranks, each saving its results to rank{rank}.pt, and
+    return those results in rank order."""
+    spawn_ranks(worker, (free_port(), str(out_dir)), world_size, out_dir, hang_deadline_s)
+    return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def check_global_batch_history(ranks: list[dict], batch_sizes: list[int], global_norms, rtol: float
+                               ) -> ExponentialMovingNoiseScale:
+    """An integration's DDP run: on every rank the parameters equal plain DDP's ("plain" and "measured") and the
+    history is the same, and that history is the moving average (decay 0.5) of the estimates of each step's
+    global batch, ``global_norms(k) -> (per-example squared norms, |gbar|^2)`` from a per-example loop at step k.
+    Returns the reference average after the last step."""
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
+    history = ranks[0]["history"]
+    assert history.equals(ranks[1]["history"])
+    assert list(history["batch_size"]) == batch_sizes
+    average = ExponentialMovingNoiseScale(0.5)
+    for k, row in history.iterrows():
+        average.update_estimate(simple_noise_scale(*global_norms(k)))
+        assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=rtol)
+        assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=rtol)
+        assert row["b_simple"] == pytest.approx(average.b_simple, rel=rtol)
+    return average

@@ -17,7 +17,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from _ranks import free_port, spawn_ranks  # noqa: E402
+from _ranks import check_global_batch_history, spawn_and_load  # noqa: E402
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
@@ -298,24 +298,17 @@ def _ddp_worker(rank, port, out_dir):
 
 
 def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
-    spawn_ranks(_ddp_worker, (free_port(), str(tmp_path)), WORLD_SIZE, tmp_path, hang_deadline_s)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
-    for result in ranks:
-        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
-    history = ranks[0]["history"]
-    assert history.equals(ranks[1]["history"])
-    assert list(history["batch_size"]) == [WORLD_SIZE * 2 * 4] * 3
+    ranks = spawn_and_load(_ddp_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
+    loss = _gpt2_loss(2)
 
-    average, loss = ExponentialMovingNoiseScale(0.5), _gpt2_loss(2)
-    for k, row in history.iterrows():
+    def global_norms(k):
         model = tiny_gpt2()
         model.load_state_dict(ranks[0]["steps"][k]["weights"])
         batches = [b for r in ranks for b in r["steps"][k]["batches"]]
         batch = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
         targets = batch.pop("labels")
-        average.update_estimate(simple_noise_scale(*_naive_norms(model, loss, batch, targets)))
-        assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=RTOL)
-        assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=RTOL)
-        assert row["b_simple"] == pytest.approx(average.b_simple, rel=RTOL)
+        return _naive_norms(model, loss, batch, targets)
+
+    average = check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * 3, global_norms, RTOL)
     logged = [entry for entry in ranks[0]["logs"] if "noise_scale/trace_sigma" in entry]
     assert logged[-1]["noise_scale/trace_sigma"] == pytest.approx(average.trace_sigma, rel=RTOL)

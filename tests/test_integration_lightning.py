@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
-from _ranks import free_port, spawn_ranks
+from _ranks import check_global_batch_history, spawn_and_load
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
@@ -189,23 +189,15 @@ def _ddp_worker(rank, port, out_dir):
 
 
 def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
-    spawn_ranks(_ddp_worker, (free_port(), str(tmp_path)), WORLD_SIZE, tmp_path, hang_deadline_s)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
-    for result in ranks:
-        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
-    history = ranks[0]["history"]
-    assert history.equals(ranks[1]["history"])
-    assert list(history["batch_size"]) == [WORLD_SIZE * 2 * 4] * STEPS
+    ranks = spawn_and_load(_ddp_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
 
-    average = ExponentialMovingNoiseScale(0.5)
-    for k, row in history.iterrows():
+    def global_norms(k):
         module = TinyModule()
         module.load_state_dict(ranks[0]["steps"][k]["weights"])
         x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
-        average.update_estimate(simple_noise_scale(*_naive_norms(module, x, y)))
-        assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=1e-9)
-        assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=1e-9)
-        assert row["b_simple"] == pytest.approx(average.b_simple, rel=1e-9)
+        return _naive_norms(module, x, y)
+
+    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, global_norms, 1e-9)
 
 
 def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):

@@ -41,6 +41,20 @@ def plain_backward_grads(model, loss_fn, inputs, targets, loss_scale=1.0, steps=
     return {name: p.grad for name, p in model.named_parameters()}
 
 
+def grads_of(model):
+    """Each parameter's p.grad object and a copy of its values, for ``assert_grads_as_before``."""
+    return {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+
+
+def assert_grads_as_before(model, before):
+    """Every p.grad is the same tensor object as before (DDP bucket views survive) holding the same values."""
+    for name, p in model.named_parameters():
+        grad, values = before[name]
+        assert p.grad is grad, name
+        if grad is not None:
+            assert torch.equal(p.grad, values), name
+
+
 def assert_relclose(got, expected):
     scale = expected.abs().max().clamp_min(1e-300)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12 * float(scale))
@@ -593,15 +607,11 @@ def test_a_failing_fallback_leaves_every_grad_as_it_was(prefilled):
     if prefilled:
         regression_loss(model(x), y).mean().backward()
         model[1].calls = 0
-    before = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    before = grads_of(model)
     with pytest.raises(PerExampleError, match=r"module '1' \(FailsOnSecondCall\), parameters \['1\.weight'\]: "
                                               r"backend 'module' failed: .*forward called twice.*register_rule"):
         per_example_sqnorms(model, regression_loss, x, y)
-    for name, p in model.named_parameters():
-        grad, values = before[name]
-        assert p.grad is grad, name
-        if grad is not None:
-            assert torch.equal(p.grad, values), name
+    assert_grads_as_before(model, before)
 
 
 class OffsetPositions(nn.Embedding):

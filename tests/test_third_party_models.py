@@ -13,6 +13,8 @@ from noisescale.batches import call_model, select_examples
 from noisescale.losses import per_example_cross_entropy, sequence_cross_entropy
 from noisescale.per_example import RULES, LayerRule, PerExampleError, per_example_sqnorms
 
+from test_per_example import assert_grads_as_before, grads_of
+
 # B a power of two: the mean's 1/B is exact, so parts a model computes in float32 even in a float64 model (HF's
 # RMSNorm) round the same in the batch as in the per-example loop; with B = 3 they differ by ~1e-8 relative.
 BATCH, LENGTH, VOCAB = 4, 6, 37
@@ -229,15 +231,11 @@ def test_a_failing_rule_leaves_every_grad_as_it_was(prefilled, monkeypatch):
     monkeypatch.setitem(RULES, transformers.pytorch_utils.Conv1D, _RaisingRule())
     if prefilled:
         loss_fn(call_model(model, inputs), targets).mean().backward()
-    before = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    before = grads_of(model)
     with pytest.raises(PerExampleError, match=r"module 'transformer\.h\.1\.mlp\.c_proj' \(Conv1D\).*'ghost'.*"
                                               r"forced failure.*register_rule"):
         per_example_sqnorms(model, loss_fn, inputs, targets)
-    for name, p in model.named_parameters():
-        grad, values = before[name]
-        assert p.grad is grad, name                      # the same tensor object (DDP bucket views survive)
-        if grad is not None:
-            assert torch.equal(p.grad, values), name
+    assert_grads_as_before(model, before)
 
 
 def test_the_monitor_runs_on_a_transformers_batch_and_reports_the_backends():
