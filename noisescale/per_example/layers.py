@@ -451,10 +451,11 @@ class ScaledEmbeddingRule(EmbeddingRule):
                 and not any(True for _ in module.children()))
 
     @staticmethod
-    def _scale(module: nn.Module) -> float:
-        """A Python number multiplies at full precision; a tensor (Gemma 3) in the weight's dtype."""
+    def _scale(module: nn.Module) -> float | Tensor:
+        """A Python number multiplies at full precision; a tensor (Gemma 3) in the weight's dtype, kept a 0-d tensor
+        so that no call waits on the device for its value."""
         scale = module.embed_scale
-        return scale.to(module.weight.dtype).item() if isinstance(scale, Tensor) else float(scale)
+        return scale.to(module.weight.dtype) if isinstance(scale, Tensor) else float(scale)
 
     def verify(self, module, x, output):
         rows = x[:_VERIFY_ROWS]
