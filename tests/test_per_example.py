@@ -583,7 +583,8 @@ def test_a_registered_rule_measures_ones_own_layer(monkeypatch):
 
 
 class FailsOnSecondCall(nn.Module):
-    """A layer without a rule whose forward cannot be run again (as a stateful layer might): the fallback fails."""
+    """A layer without a rule whose forward cannot be run again (as a stateful layer might), with its weight in an
+    operation the capture of parameter uses does not know (exp), so that the fallback re-runs it, and fails."""
 
     def __init__(self):
         super().__init__()
@@ -594,7 +595,7 @@ class FailsOnSecondCall(nn.Module):
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError("forward called twice")
-        return x * self.weight
+        return x * self.weight.exp()
 
 
 @pytest.mark.parametrize("prefilled", [False, True])

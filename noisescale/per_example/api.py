@@ -164,6 +164,12 @@ def _mark_received(received: set[str], name: str, grad: Tensor) -> None:
     received.add(name)
 
 
+def _noting(ghost_pass: GhostPass, listener: Callable[[str, Tensor], None], name: str, grad: Tensor) -> None:
+    """``listener``, and the pass keeps |grad| of parameters whose uses it captured (``GhostPass.note_gradient``)."""
+    listener(name, grad)
+    ghost_pass.note_gradient(name, grad)
+
+
 def _squared_total(norms: dict[str, Tensor], device: torch.device) -> Tensor:
     """sum of |grad|^2 over the recorded gradient norms (float32 at least)."""
     if not norms:
@@ -400,7 +406,7 @@ class PerExampleGradNorms:
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
                     handles = [leaf.register_hook(partial(_record_norm, received, key))
                                for key, leaf in _leaves_in_graph(objective).items() if isinstance(leaf, nn.Parameter)]
-                with self._taps.listening(partial(_record_norm, received)):
+                with self._taps.listening(partial(_noting, ghost_pass, partial(_record_norm, received))):
                     objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
                 ghost_pass.finish()
         finally:
@@ -474,7 +480,7 @@ class PerExampleGradNorms:
         observed = ObservedNorms()
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                     sharded=self._sharded) as ghost_pass:
-            with self._taps.listening(partial(_mark_received, received)):
+            with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
                 yield observed
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]

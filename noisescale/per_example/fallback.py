@@ -6,7 +6,8 @@ backward is over, computes dl_i/dtheta for the module's parameters theta only:
 
     dl_i/dtheta ~ vjp_theta(f(theta, x_i))(g_i)      for each example i, x_i its slice of the inputs
 
-with torch.func (``vmap`` over the examples of ``vjp`` of ``functional_call(module, theta, x_i)``). The children's
+with torch.func (``vmap`` over the examples of ``vjp`` of ``functional_call(module, theta, x_i)``), unless the
+call's parameter uses were all captured in the real pass (``uses.py``, read by ``GhostPass.finish``). The children's
 parameters enter as constants, so a module with a rule inside a module without one is not counted twice. Where
 vmap cannot run an op (fused kernels, data-dependent control flow) the same is done one example at a time.
 Two layers get a cheaper exact path: nn.MultiheadAttention from its projections' inputs and output gradients
@@ -44,7 +45,7 @@ from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
-           "module_per_example_grads"]
+           "check_unmodified", "module_per_example_grads"]
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -73,6 +74,7 @@ class FallbackCall:
     shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
     parameters: dict[str, Tensor] | None = None  # the module's parameters as the call used them (FSDP), by name
     linear_blocks: list | None = None  # attention.LinearCapture's record of the call's projections
+    uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
 
 
 # ----------------------------------------------------------------------------------------------- batch dims
@@ -248,18 +250,24 @@ def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, outp
     return {name: torch.stack(values) for name, values in rows.items()}
 
 
-def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[str],
-                             batch_size: int) -> dict[str, Tensor | LinearFactors]:
-    """Per-example gradients, (B, *shape) or as LinearFactors, of the call's output gradients with respect to the
-    module's parameters ``names`` (dotted local names: its own and those of children it uses without calling
-    them). By one re-run of the call for RNN/LSTM/GRU (``recurrent.py``) and nn.MultiheadAttention
-    (``attention.py``), else by vmap, a per-example loop, or the replay of a call that drew random numbers."""
+def check_unmodified(call: FallbackCall) -> None:
+    """Raises if an input or a parameter of the call changed in place since the call: its re-run, or the
+    operands its captured uses kept, would no longer be those of the real pass."""
     for tensor, version in call.versions:
         if tensor._version != version:
             raise RuntimeError("an input or a parameter of this call was modified in place after the call (an "
                                "optimizer step inside PerExampleGradNorms.observe, say), so the call cannot be "
                                "re-run; step the optimizer after the measured pass, and avoid in-place operations "
                                "on the module's inputs")
+
+
+def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[str],
+                             batch_size: int) -> dict[str, Tensor | LinearFactors]:
+    """Per-example gradients, (B, *shape) or as LinearFactors, of the call's output gradients with respect to the
+    module's parameters ``names`` (dotted local names: its own and those of children it uses without calling
+    them). By one re-run of the call for RNN/LSTM/GRU (``recurrent.py``) and nn.MultiheadAttention
+    (``attention.py``), else by vmap, a per-example loop, or the replay of a call that drew random numbers."""
+    check_unmodified(call)
     hooked = [k for k, g in enumerate(call.grads) if g is not None]
     if not hooked:
         return {}

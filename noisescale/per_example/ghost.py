@@ -7,7 +7,9 @@ a tensor hook on that call's output, so a module called several times in one for
   gradient) to the rule ("ghost" norms).
 - A module without one (or whose rule declined it): the call's args, kwargs and output gradients are kept and, once
   the backward is over, its parameters' per-example gradients are computed from that module alone
-  (``fallback.py``, backend "module").
+  (``fallback.py``, backend "module"). Where the forward used them only in operations ``uses.py`` knows (a class
+  token expanded, a position table added, F.linear, F.embedding), the uses recorded in the real pass give them
+  without a re-run, once their sum over the examples is checked against the gradient the backward brought.
 
 Scale: the pass differentiates loss_scale * mean_i l_i, so the output gradient of example i is
 loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once at the end.
@@ -42,12 +44,15 @@ from noisescale._rng import rng_state
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
-                                             module_per_example_grads, output_tensors)
+                                             check_unmodified, module_per_example_grads, output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
 from noisescale.per_example.layers import LayerRule
+from noisescale.per_example.recurrent import unrolled_supported
+from noisescale.per_example.uses import ParameterUses, per_example_total
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
+_CAPTURE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}   # half precision: 5e-2
 _FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example.register_rule), or use "
                     "backend='vmap' for the whole model")
 
@@ -83,6 +88,9 @@ class GhostPass:
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
     sharded: bool = False      # FSDP: a fallback call keeps copies of its parameters (they are resharded later)
+    refused: Any = field(default_factory=set)   # the engine's modules not to capture again
+    captured_names: set[str] = field(default_factory=set)   # parameters of calls whose uses were captured
+    noted: dict[str, tuple[Tensor, torch.dtype] | None] = field(default_factory=dict)   # note_gradient
 
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
@@ -104,24 +112,76 @@ class GhostPass:
         """Per-example gradients of every fallback call, once the backward has brought all output gradients."""
         self.replaying = True  # the hooks stay inert while modules are re-run
         try:
+            captured = self._verified_captures()
             for module, entry, call in self.fallback_calls:
-                try:
-                    grads = module_per_example_grads(module, call, list(entry.names), self.batch_size)
-                except PerExampleError:
-                    raise
-                except Exception as error:  # any failure of torch.func or of the module's own code
-                    raise PerExampleError(
-                        f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
-                        "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
-                for local, grad in grads.items():
+                grads = captured.get(id(call))
+                if grads is None:
+                    grads = {local: [grad] for local, grad in self._rerun(module, entry, call).items()}
+                for local, parts in grads.items():
                     name = entry.names[local]
-                    if isinstance(grad, LinearFactors) and self.use_count[name] == 1:
-                        _add(self.sqnorms, name, grad.sqnorms())       # ghost form: no (B, *shape) gradients
+                    if len(parts) == 1 and isinstance(parts[0], LinearFactors) and self.use_count[name] == 1:
+                        _add(self.sqnorms, name, parts[0].sqnorms())   # ghost form: no (B, *shape) gradients
                     else:
-                        self.add_shared(name, grad)
+                        for part in parts:
+                            self.add_shared(name, part)
             self.fallback_calls.clear()
         finally:
             self.replaying = False
+
+    def _rerun(self, module: nn.Module, entry: GhostModule, call: FallbackCall) -> dict:
+        try:
+            return module_per_example_grads(module, call, list(entry.names), self.batch_size)
+        except PerExampleError:
+            raise
+        except Exception as error:  # any failure of torch.func or of the module's own code
+            raise PerExampleError(
+                f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
+                "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
+
+    def note_gradient(self, name: str, grad: Tensor) -> None:
+        """Keeps |grad| of the gradient the backward brings a parameter whose uses were captured (None if it
+        arrives in two parts), to check the capture against in ``_verified_captures``."""
+        if name in self.captured_names:
+            self.noted[name] = None if name in self.noted else (
+                torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), grad.dtype)
+
+    def _verified_captures(self) -> dict[int, dict[str, list]]:
+        """id(call) -> local name -> the per-example gradients of its uses (``ParameterUses``), for the calls
+        whose every parameter was used only by captured calls, with sum_i of the captured per-example gradients
+        as large as the gradient the real backward brought it (relative tolerance by its dtype). The other
+        calls are re-run, and the modules of calls that fail the check are not captured again."""
+        grads, calls_of = {}, defaultdict(list)
+        for module, entry, call in self.fallback_calls:
+            check_unmodified(call)
+            if call.uses is not None and set(entry.names) <= call.uses.tracked:
+                grads[id(call)] = call.uses.per_example_grads()
+                for local, name in entry.names.items():
+                    calls_of[name].append((id(call), local))
+        if not grads:
+            return {}
+        names = [name for name, calls in calls_of.items()
+                 if len(calls) == self.use_count[name] and self.noted.get(name, 0) is not None]
+        rows = []   # (|sum_i of the captured gradients|, |the backward's gradient|, relative tolerance) per name
+        for name in names:
+            parts = [part for key, local in calls_of[name] for part in grads[key].get(local, [])]
+            total = torch.linalg.vector_norm(sum(map(per_example_total, parts))).float() if parts else None
+            noted = self.noted.get(name)
+            rows.append((total, None if noted is None else noted[0].float(),
+                         _CAPTURE_RTOL.get(noted[1] if noted else torch.float32, 5e-2)))
+        device = next((t.device for row in rows for t in row[:2] if t is not None), None)
+        ok = set(names)
+        if device is not None:   # one comparison, one device sync
+            zero = torch.zeros((), device=device)
+            found = torch.stack([zero if t is None else t.to(device) for t, _, _ in rows])
+            wanted = torch.stack([zero if t is None else t.to(device) for _, t, _ in rows])
+            rtol = torch.tensor([r for _, _, r in rows], device=device)
+            matched = ((found - wanted).abs() <= rtol * torch.maximum(found, wanted)).tolist()
+            ok = {name for name, good in zip(names, matched) if good}
+        for module, entry, call in self.fallback_calls:
+            if id(call) in grads and not all(name in ok for name in entry.names.values()):
+                del grads[id(call)]
+                self.refused.add(module)
+        return grads
 
     def add_shared(self, name: str, grad: Tensor | LinearFactors | IndexFactors) -> None:
         """One call's per-example gradient of a parameter used by several calls: dense ones are summed at once,
@@ -178,7 +238,9 @@ class GhostNormEngine:
         self._pass: GhostPass | None = None
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
         self._warned: weakref.WeakSet = weakref.WeakSet()
-        self._captures: dict[nn.Module, list[LinearCapture]] = {}   # open during their module's forward
+        self._captures: dict[nn.Module, list] = {}   # LinearCapture / ParameterUses, open during their module's forward
+        self._open: list = []                           # the same, in the order they were started
+        self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward))
@@ -193,14 +255,15 @@ class GhostNormEngine:
     def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
                   strict: bool, sharded: bool = False) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
-        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded)
+        self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
+                               refused=self._refused)
         try:
             yield self._pass
         finally:
             self._pass = None
-            for captures in self._captures.values():   # a forward that raised leaves its capture open
-                for capture in reversed(captures):
-                    capture.stop()
+            for capture in reversed(self._open):   # a forward that raised leaves its captures open
+                capture.stop()
+            self._open.clear()
             self._captures.clear()
 
     def _active(self, module: nn.Module) -> GhostPass | None:
@@ -214,15 +277,30 @@ class GhostNormEngine:
         if ghost_pass is not None and (ghost_pass.modules[module].rule is None
                                        or self._verified.get(module) is False):
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
-            if ghost_pass.modules[module].rule is None and not ghost_pass.sharded and capturable(module):
-                capture = LinearCapture(module)
+            capture = self._capture_for(ghost_pass, module)
+            if capture is not None:
                 capture.start()
                 self._captures.setdefault(module, []).append(capture)
+                self._open.append(capture)
+
+    def _capture_for(self, ghost_pass: GhostPass, module: nn.Module) -> LinearCapture | ParameterUses | None:
+        """What records the real pass's uses of a fallback module's parameters: nn.MultiheadAttention's
+        projections (``LinearCapture``), or the plain operations of any other module (``ParameterUses``) unless
+        an earlier call of it could not be captured; None under FSDP and for RNN/LSTM/GRU (re-run instead)."""
+        entry = ghost_pass.modules[module]
+        if ghost_pass.sharded:
+            return None
+        if entry.rule is None and capturable(module):
+            return LinearCapture(module)
+        if module in self._refused or unrolled_supported(module) or not entry.names:
+            return None
+        return ParameterUses({local: module.get_parameter(local) for local in entry.names}, ghost_pass.batch_size)
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = self._captures[module].pop() if self._captures.get(module) else None
         if capture is not None:
             capture.stop()
+            self._open.remove(capture)
         ghost_pass = self._active(module)
         if ghost_pass is None:
             return None
@@ -273,7 +351,7 @@ class GhostNormEngine:
 
     @staticmethod
     def _record_fallback_call(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple,
-                              kwargs: dict, output: Any, capture: LinearCapture | None = None) -> Any:
+                              kwargs: dict, output: Any, capture: LinearCapture | ParameterUses | None = None) -> Any:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
         reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
@@ -283,7 +361,10 @@ class GhostNormEngine:
             return None
         replaced = None
         if type(spec) is BatchDims and _batch_of_one(args, kwargs, output, batch):
-            output = replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
+            replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
+        if isinstance(capture, ParameterUses) and not capture.close(output, replaced):
+            ghost_pass.refused.add(module)   # a use it does not know: re-run this module from now on
+        output = output if replaced is None else replaced
         outputs = output_tensors(output)
         dims = spec.output_dims(module, len(outputs))
         for t, dim in zip(outputs, dims):
@@ -301,12 +382,15 @@ class GhostNormEngine:
                             + ([] if ghost_pass.sharded else [(q, q._version) for q in module.parameters()]),
                             shared=replaced is not None,
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
-                            linear_blocks=None if capture is None else capture.blocks)
+                            linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
+                            uses=capture if isinstance(capture, ParameterUses) and capture.complete else None)
         for k, t in enumerate(outputs):
             if t.requires_grad:
                 t.register_hook(partial(_keep_grad, call, k))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
+        if call.uses is not None:
+            ghost_pass.captured_names.update(entry.names.values())
         ghost_pass.fallback_calls.append((module, entry, call))
         ghost_pass.fallback_names.update(entry.names.values())
         return replaced

@@ -1,0 +1,224 @@
+"""The per-module fallback from the real pass's parameter uses (noisescale/per_example/uses.py): exact against a
+per-example loop, with the re-run forbidden where the capture must suffice, and re-run where it cannot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisescale.losses import per_example_cross_entropy
+from noisescale.per_example import PerExampleGradNorms, fallback, per_example_sqnorms
+from tests.test_per_example import assert_grads_as_before, grads_of, naive_per_example
+
+B, T, D = 5, 4, 6
+
+
+def assert_exact(result, expected):
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-15, msg=name)
+
+
+@pytest.fixture
+def no_rerun(monkeypatch):
+    """Any re-run of a fallback call fails the test."""
+    monkeypatch.setattr("noisescale.per_example.ghost.module_per_example_grads",
+                        lambda *args: (_ for _ in ()).throw(AssertionError("re-run used")))
+
+
+class Embeddings(nn.Module):
+    """ViT-like: a class token expanded and concatenated, a position table sliced and added, a layer scale on
+    either side, parameters subtracted and added again (the signs matter in their sums), a projection by F.linear
+    with its own weight and bias, and a lookup table with a padding row by F.embedding; every parameter is used
+    directly by the module, which has no rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.positions = nn.Parameter(torch.randn(1, T + 3, D))
+        self.scale = nn.Parameter(torch.randn(D))
+        self.shift = nn.Parameter(torch.randn(1, D))
+        self.weight = nn.Parameter(torch.randn(D, D))
+        self.bias = nn.Parameter(torch.randn(D))
+        self.table = nn.Parameter(torch.randn(7, D))
+        self.offsets = nn.Parameter(torch.randn(D))
+        self.child = nn.Linear(D, D)   # a child with its own rule, called inside
+
+    def forward(self, x, tokens):
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.child(x)], dim=1)
+        x = x + self.positions[:, :T + 1]
+        x = self.scale * torch.tanh(x) - self.shift
+        x = self.offsets - F.linear(x, self.weight, self.bias) * self.scale + self.shift   # p - x, and + p again
+        return x + self.offsets + F.embedding(tokens, self.table, padding_idx=0).sum(1, keepdim=True)
+
+
+class Classifier(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, tokens):
+        return self.head(torch.tanh(self.body(x, tokens)).mean(1))
+
+
+def _case(body, seed=0):
+    torch.manual_seed(seed)
+    model = Classifier(body).double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, D, dtype=torch.float64, generator=generator)
+    tokens = torch.randint(0, 7, (B, 3), generator=generator)
+    tokens[0, 0] = 0   # a padding row is looked up
+    return model, (x, tokens), torch.randint(0, 3, (B,), generator=generator)
+
+
+def test_every_recognised_use_gives_the_exact_norms_without_a_re_run(no_rerun):
+    model, inputs, targets = _case(Embeddings())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    for _ in range(2):   # the first call and a later one (plan and verification settled)
+        model.zero_grad(set_to_none=True)
+        result = engine(inputs, targets)
+        assert_exact(result, expected)
+        assert result.backend_of["body.cls_token"] == "module"
+
+
+class ModuleCalledTwice(nn.Module):
+    """One fallback module called twice in a forward: its per-example gradients are summed over the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Embeddings()
+
+    def forward(self, x, tokens):
+        return self.inner(x, tokens) + self.inner(torch.tanh(x), tokens)
+
+
+def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):
+    model, inputs, targets = _case(ModuleCalledTwice())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p):
+        ctx.save_for_backward(p)
+        return p * p
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        return 2 * p * grad
+
+
+class HiddenUse(nn.Module):
+    """A recognised use of the weight (x * weight) and one no torch function sees (a custom autograd.Function,
+    whose forward runs without grad): the capture misses it, the check of its sum against the real gradient
+    catches that, and the call is re-run."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D))
+
+    def forward(self, x, tokens):
+        return x * self.weight + _Square.apply(self.weight)
+
+
+class UnknownUse(nn.Module):
+    """An operation on the weight that the capture does not know (exp): the call is re-run."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D))
+
+    def forward(self, x, tokens):
+        return x * self.weight.exp()
+
+
+@pytest.mark.parametrize("body", [HiddenUse, UnknownUse])
+def test_uses_the_capture_cannot_see_or_know_are_re_run_and_the_module_is_not_captured_again(body, monkeypatch):
+    model, inputs, targets = _case(body())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    reruns = []
+    original = fallback.module_per_example_grads
+    monkeypatch.setattr("noisescale.per_example.ghost.module_per_example_grads",
+                        lambda *args: reruns.append(1) or original(*args))
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        assert_exact(engine(inputs, targets), expected)
+    assert len(reruns) == 2
+    assert model.body in engine._engine._refused
+
+
+class SharedPositions(nn.Module):
+    """Positions (1, T) shared by every example, as HuggingFace's BART decoder passes them: the engine broadcasts
+    the call's output of batch 1 to the B examples, and the captured lookup takes that output's gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(T + 2, D))
+
+    def forward(self, positions):
+        return F.embedding(positions + 2, self.table)
+
+
+class WithPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions = SharedPositions()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, tokens):
+        return self.head(torch.tanh(x + self.positions(torch.arange(T).unsqueeze(0))).mean(1))
+
+
+def test_a_call_shared_by_every_example_is_captured(no_rerun):
+    torch.manual_seed(0)
+    model = WithPositions().double()
+    _, inputs, targets = _case(Embeddings())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+
+
+def test_observe_reads_captured_uses_from_the_callers_own_pass(no_rerun):
+    model, inputs, targets = _case(Embeddings())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    with engine.observe(B) as observed:
+        per_example_cross_entropy(model(*inputs), targets).mean().backward()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-9, atol=1e-15)
+
+
+class Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D))
+
+    def forward(self, x, tokens):
+        x = x * self.weight
+        raise ValueError("broken forward")
+
+
+def test_a_forward_that_raises_leaves_no_torch_function_mode_and_every_grad_as_it_was():
+    from torch.overrides import _get_current_function_mode_stack
+    model, inputs, targets = _case(Raises())
+    before = grads_of(model)
+    with pytest.raises(ValueError, match="broken forward"):
+        per_example_sqnorms(model, per_example_cross_entropy, inputs, targets)
+    assert _get_current_function_mode_stack() == []
+    assert_grads_as_before(model, before)
+
+
+def test_float32_passes_the_check_and_agrees_with_float64():
+    model, inputs, targets = _case(Embeddings())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    model = model.float()
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    result = engine((inputs[0].float(), inputs[1]), targets)
+    assert model.body not in engine._engine._refused
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name].double(), values, rtol=1e-4, atol=1e-8)
