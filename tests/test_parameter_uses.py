@@ -20,11 +20,15 @@ def assert_exact(result, expected):
         torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-15, msg=name)
 
 
-@pytest.fixture
-def no_rerun(monkeypatch):
+def forbid_reruns(monkeypatch):
     """Any re-run of a fallback call fails the test."""
     monkeypatch.setattr("noisescale.per_example.ghost.module_per_example_grads",
                         lambda *args: (_ for _ in ()).throw(AssertionError("re-run used")))
+
+
+@pytest.fixture
+def no_rerun(monkeypatch):
+    forbid_reruns(monkeypatch)
 
 
 class Embeddings(nn.Module):
@@ -93,6 +97,82 @@ class ModuleCalledTwice(nn.Module):
 
     def forward(self, x, tokens):
         return self.inner(x, tokens) + self.inner(torch.tanh(x), tokens)
+
+
+class MoreUses(nn.Module):
+    """A token repeated over the examples (SigLIP's probe), a lookup by indexing the table with an integer tensor
+    (Whisper's positions), a channels-first affine through p[:, None, None] views, and F.layer_norm with the
+    module's weight and bias (ConvNeXt's LayerNorm subclass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, D))
+        self.table = nn.Parameter(torch.randn(T + 1, D))
+        self.gain = nn.Parameter(torch.randn(D))
+        self.norm_weight = nn.Parameter(torch.randn(D))
+        self.norm_bias = nn.Parameter(torch.randn(D))
+
+    def forward(self, x, tokens):
+        x = torch.cat([self.probe.repeat(x.shape[0], 1, 1), x], 1) + self.table[tokens[:, :1] + torch.arange(T + 1)]
+        x = (x.transpose(1, 2)[..., None] * self.gain[:, None, None]).squeeze(-1).transpose(1, 2)
+        return F.layer_norm(torch.tanh(x), (D,), self.norm_weight, self.norm_bias, 1e-5)
+
+
+def test_repeat_integer_indexing_none_views_and_layer_norm_are_captured(no_rerun):
+    model, (x, tokens), targets = _case(MoreUses())
+    tokens = tokens.clamp(max=0)   # positions 0..T
+    expected = naive_per_example(model, per_example_cross_entropy, (x, tokens), targets)
+    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, (x, tokens), targets, by_parameter=True),
+                 expected)
+
+
+class TwoStepLinear(nn.Linear):
+    """HF Falcon's FalconLinear: x @ W.T + b in two operations."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class ChannelsLastNorm(nn.LayerNorm):
+    """A LayerNorm subclass that only reshapes around the base forward, as many vision models' do: channels first
+    (B, C, L) in and out."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class PlainNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x)
+
+
+class Subclasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm, self.plain = TwoStepLinear(D, D), ChannelsLastNorm(D), PlainNorm(D)
+
+    def forward(self, x, tokens):
+        return self.plain(self.norm(torch.tanh(self.linear(x)).transpose(1, 2)).transpose(1, 2))
+
+
+def test_subclasses_that_override_forward_use_the_base_rule_when_they_compute_the_same_function(monkeypatch):
+    """TwoStepLinear and PlainNorm pass the check against the base layer's functional form on their first call
+    (ghost); ChannelsLastNorm does not: its first call is re-run, the later ones are captured by their F.layer_norm."""
+    torch.manual_seed(0)
+    model, inputs, targets = _case(Subclasses())
+    with torch.no_grad():   # affines away from their initial ones and zeros
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    for step in range(2):
+        if step == 1:
+            forbid_reruns(monkeypatch)
+        model.zero_grad(set_to_none=True)
+        result = engine(inputs, targets)
+        assert_exact(result, expected)
+        assert result.backend_of["body.linear.weight"] == result.backend_of["body.plain.weight"] == "ghost"
+        assert result.backend_of["body.norm.weight"] == "module"
 
 
 def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):

@@ -467,7 +467,46 @@ class ScaledEmbeddingRule(EmbeddingRule):
         return indices, g * self._scale(module)
 
 
-STRUCTURAL_RULES: list = [TransposedLinearRule(), ThirdPartyRMSNormRule(), ScaledEmbeddingRule()]
+class OverriddenForwardRule(LayerRule):
+    """A subclass of a layer type with a rule that overrides ``forward`` but computes the same function (HF Falcon's
+    ``FalconLinear``: x @ W.T + b, in two operations; the LayerNorm subclasses of many vision models): the base
+    type's rule, checked against ``reference(module, x)`` (the base layer's functional form) on each instance's
+    first call. A subclass that computes something else (ConvNeXt's channels-first LayerNorm) fails the check and
+    goes to the per-module fallback."""
+
+    def __init__(self, base: type, rule: LayerRule, reference: Callable[[nn.Module, Tensor], Tensor]):
+        self.base, self.rule, self.reference = base, rule, reference
+
+    def matches(self, module: nn.Module) -> bool:
+        return (isinstance(module, self.base) and type(module).forward is not self.base.forward
+                and not any(True for _ in module.children())
+                and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"})
+
+    def unsupported_reason(self, module):
+        return self.rule.unsupported_reason(module)
+
+    def verify(self, module, x, output):
+        try:
+            return _close(self.reference(module, x[:_VERIFY_ROWS]), output[:_VERIFY_ROWS])
+        except (RuntimeError, ValueError):   # not the base layer's shapes at all
+            return False
+
+    def per_example_grads(self, module, x, g, names):
+        return self.rule.per_example_grads(module, x, g, names)
+
+    def per_example_sqnorms(self, module, x, g, names):
+        return self.rule.per_example_sqnorms(module, x, g, names)
+
+    def per_example_factors(self, module, x, g, names):
+        return self.rule.per_example_factors(module, x, g, names)
+
+
+STRUCTURAL_RULES: list = [
+    TransposedLinearRule(), ThirdPartyRMSNormRule(), ScaledEmbeddingRule(),
+    OverriddenForwardRule(nn.Linear, RULES[nn.Linear], lambda m, x: F.linear(x, m.weight, m.bias)),
+    OverriddenForwardRule(nn.LayerNorm, RULES[nn.LayerNorm],
+                          lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
+]
 
 
 def register_rule(module_type: type, rule: LayerRule) -> None:

@@ -11,11 +11,12 @@ While such a module's forward runs, a TorchFunctionMode (``ParameterUses``) sees
 A call that takes one of the module's parameters p and returns y (g = dL/dy, from a tensor hook in the real
 backward) is recorded if it is one of:
 
-    y = p.expand(...), p.broadcast_to(...)   dl_i/dp = sum over the broadcast dims of g_i
+    y = p.expand(...), p.repeat(...)        dl_i/dp = sum over the broadcast dims of g_i (repeat: of size-1 dims)
     y = x + p, p + x, x - p, p - x          dl_i/dp = the same, with the sign of p
     y = x * p, p * x                        dl_i/dp = sum over the broadcast dims of g_i * x_i
     y = F.linear(x, p, q)                   dl_i/dp = sum_t g_{i,t} x_{i,t}^T, dl_i/dq = sum_t g_{i,t}   (LinearFactors)
-    y = F.embedding(idx, p)                 row idx_{i,t} of dl_i/dp receives g_{i,t}                   (IndexFactors)
+    y = F.embedding(idx, p), p[idx]         row idx_{i,t} of dl_i/dp receives g_{i,t}                   (IndexFactors)
+    y = F.layer_norm(x, s, p, q)            dl_i/dp = sum_t g_{i,t} * x_hat_{i,t}, dl_i/dq = sum_t g_{i,t}
 
 The broadcast rows need p broadcast over the examples: p's dim aligned with y's dim 0 is missing or of size 1.
 Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback.
@@ -65,11 +66,12 @@ class _Use:
     """One recorded use of a parameter (or a view of it): its output's gradient arrives in ``grad[0]``."""
 
     source: _Source
-    kind: str                 # "broadcast", "linear_weight", "linear_bias", "embedding"
+    kind: str                 # "broadcast", "linear_weight"/"_bias", "embedding", "layer_norm_weight"/"_bias"
     shape: torch.Size         # the shape of the tensor that was used
     grad: list
     sign: float = 1.0
-    factor: Any = None        # mul: the other operand; linear_weight: the input; embedding: (indices, padding_idx)
+    factor: Any = None        # mul: the other operand; linear_weight: the input; embedding: (indices, padding_idx);
+                              # layer_norm_weight: (input, normalized shape, eps)
 
 
 class ParameterUses(TorchFunctionMode):
@@ -120,6 +122,8 @@ class ParameterUses(TorchFunctionMode):
     def _record(self, func, args, kwargs, used: list[Tensor], y: Any) -> str | None:
         if not isinstance(y, Tensor):
             return "not a recognised use"
+        if func is Tensor.__getitem__ and isinstance(args[1], Tensor) and not args[1].is_floating_point():
+            return self._lookup(args[0], args[1], None, y)   # p[indices]: a lookup of rows
         if len(used) == 1 and args and args[0] is used[0] and (func in _CASTS or func is Tensor.__getitem__):
             return self._derive(func, args, y)
         if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1):
@@ -130,32 +134,37 @@ class ParameterUses(TorchFunctionMode):
             return self._linear(args, kwargs, y)
         if func is F.embedding:
             return self._embedding(args, kwargs, y)
+        if func is F.layer_norm:
+            return self._layer_norm(args, kwargs, y)
         if len(used) != 1:
             return "two parameters enter one operation"
         p = used[0]
         if p.dim() == y.dim() and p.shape[0] != 1:
             return "the parameter is not broadcast over the examples"
-        if func in _EXPANDS:
-            return self._broadcast(p, y) if args[0] is p else "not a recognised use"
+        if func in _EXPANDS or func is Tensor.repeat:
+            if args[0] is not p or (func is Tensor.repeat and not _repeats_like_expand(p, args[1:])):
+                return "a repeat of a dim of size above 1, or not the parameter expanded"
+            return self._broadcast(p, y)
+        if func not in _ADDS and func not in _SUBS and func not in _MULS and func is not Tensor.__rsub__:
+            return "not a recognised use"
         if set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1 or len(args) != 2:
             return "an alpha or an out argument"
         if func in _ADDS:
             return self._broadcast(p, y)
-        if func in _SUBS or func is Tensor.__rsub__:
-            p_is_minuend = (args[0] is p) != (func is Tensor.__rsub__)
-            return self._broadcast(p, y, sign=1.0 if p_is_minuend else -1.0)
         if func in _MULS:
             other = args[1] if args[0] is p else args[0]
             return self._broadcast(p, y, factor=other.detach() if isinstance(other, Tensor) else other)
-        return "not a recognised use"
+        p_is_minuend = (args[0] is p) != (func is Tensor.__rsub__)
+        return self._broadcast(p, y, sign=1.0 if p_is_minuend else -1.0)
 
     def _derive(self, func, args, y: Tensor) -> str | None:
         """p[index] (basic indexing of the parameter itself) or a dtype cast of p or of such a view."""
         source, _ = self._sources[id(args[0])]
         if func is Tensor.__getitem__:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if source.index is not None or not all(isinstance(k, (int, slice)) or k is Ellipsis for k in index):
-                return "an index other than slices and integers of the parameter itself"
+            if source.index is not None or not all(isinstance(k, (int, slice)) or k is Ellipsis or k is None
+                                                   for k in index):
+                return "an index other than slices, integers and None of the parameter itself"
             source = _Source(source.name, source.shape, index)
         elif y.shape != args[0].shape:
             return "a cast that changes the shape"
@@ -182,6 +191,9 @@ class ParameterUses(TorchFunctionMode):
                 use.factor = (indices.expand(self.batch_size, -1), padding_idx)
             elif use.kind == "linear_weight":
                 use.factor = use.factor.expand(self.batch_size, *use.factor.shape[1:])
+            elif use.kind == "layer_norm_weight":
+                x, shape, eps = use.factor
+                use.factor = (x.expand(self.batch_size, *x.shape[1:]), shape, eps)
         if self._pending:
             self.complete, self.reason = False, "an output of batch 1 that is not the module's own"
         self._pending.clear()
@@ -211,18 +223,39 @@ class ParameterUses(TorchFunctionMode):
 
     def _embedding(self, args, kwargs, y: Tensor) -> str | None:
         bound = {**dict(zip(_EMBEDDING_ARGUMENTS, args)), **kwargs}
-        indices, weight, padding_idx = bound["input"], bound["weight"], bound.get("padding_idx")
+        if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse"):
+            return "max_norm, scale_grad_by_freq or sparse"
+        return self._lookup(bound["weight"], bound["input"], bound.get("padding_idx"), y)
+
+    def _lookup(self, weight: Any, indices: Tensor, padding_idx: int | None, y: Tensor) -> str | None:
+        """y = weight[indices] (F.embedding, or indexing by an integer tensor): row indices_{i,t} of dl_i/dweight
+        receives g_{i,t}."""
         source = self._whole(weight)
         if source is None or id(indices) in self._sources:
             return "a view of a parameter as the table, or a parameter as the indices"
-        if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse"):
-            return "max_norm, scale_grad_by_freq or sparse"
+        if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1) or indices.dim() == 0:
+            return "its output does not hold the examples in dim 0"
         if indices.dim() == 1 and torch.equal(indices, torch.arange(self.batch_size, device=indices.device)):
             return "indices arange(B): positions or one row per example cannot be told apart"
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         self._hooked(_Use(source, "embedding", weight.shape, [None],
                           factor=(indices.reshape(y.shape[0], -1), padding_idx)), y)
+        return None
+
+    def _layer_norm(self, args, kwargs, y: Tensor) -> str | None:
+        bound = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
+        x, shape, eps = bound["input"], tuple(bound["normalized_shape"]), bound.get("eps", 1e-5)
+        if id(x) in self._sources or x.shape[0] != y.shape[0]:
+            return "its input does not hold the examples in dim 0"
+        for kind in ("weight", "bias"):
+            t = bound.get(kind)
+            if isinstance(t, Tensor) and id(t) in self._sources:
+                source = self._whole(t)
+                if source is None:
+                    return "a view of a parameter as the affine"
+                self._hooked(_Use(source, f"layer_norm_{kind}", t.shape, [None],
+                                  factor=(x.detach(), shape, eps) if kind == "weight" else None), y)
         return None
 
     # ------------------------------------------------------------------------------------------ per-example grads
@@ -247,6 +280,13 @@ def _tensors(*groups) -> Iterator[Tensor]:
                 yield value
             elif isinstance(value, (list, tuple)):
                 yield from _tensors(value)
+
+
+def _repeats_like_expand(p: Tensor, sizes: tuple) -> bool:
+    """Whether p.repeat(*sizes) repeats only dims where p has size 1 (or new leading dims): an expand."""
+    sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)) else sizes
+    aligned = (1,) * (len(sizes) - p.dim()) + tuple(p.shape)
+    return len(sizes) >= p.dim() and all(count == 1 or size == 1 for count, size in zip(sizes, aligned))
 
 
 def _keep(holder: list, grad: Tensor) -> None:
@@ -279,6 +319,11 @@ def _per_example(use: _Use, g: Tensor, batch: int) -> Tensor | LinearFactors | I
         return LinearFactors([(x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1]))])
     if use.kind == "linear_bias":
         return g.reshape(batch, -1, g.shape[-1]).sum(1)
+    if use.kind.startswith("layer_norm"):   # y = x_hat * weight + bias over the normalised trailing dims
+        if use.kind == "layer_norm_weight":
+            x, shape, eps = use.factor
+            g = g * F.layer_norm(compute_dtype(x), shape, eps=eps)
+        return g.reshape(batch, -1, *use.shape).sum(1)
     indices, padding_idx = use.factor
     v = g.reshape(batch, indices.shape[1], -1)
     if padding_idx is not None:
