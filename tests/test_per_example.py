@@ -939,3 +939,47 @@ def test_a_failing_attention_call_leaves_torch_functional_as_it_was():
     with pytest.raises(RuntimeError):
         per_example_sqnorms(model, per_example_cross_entropy, torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))
     assert functional.linear is original
+
+
+class RelativeBias(nn.Module):
+    """Scores plus a relative-position bias from an nn.Embedding on the (T, T) buckets (T5's), and dropout."""
+
+    def __init__(self, length):
+        super().__init__()
+        self.length = length
+        self.embed = nn.Linear(3, 4)
+        self.bias = nn.Embedding(2 * length - 1, 1)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        buckets = torch.arange(self.length)[None, :] - torch.arange(self.length)[:, None] + self.length - 1
+        h = self.drop(self.embed(x))                                      # (B, T, 4)
+        scores = h @ h.transpose(1, 2) + self.bias(buckets).squeeze(-1)   # (B, T, T) + (T, T)
+        return self.out((scores.softmax(-1) @ h).mean(1))
+
+
+def test_a_sequence_as_long_as_the_batch_is_probed_once_without_touching_the_random_draws():
+    """T == B: the bias Embedding's (T, T) input looks like a batch. One forward on B - 1 examples (cached for the
+    same shapes) shows that its dim 0 stays T, so it goes to the whole-model vmap; p.grad and the dropout masks of
+    the measured pass are those of a plain backward from the same seed."""
+    torch.manual_seed(0)
+    model = RelativeBias(length=5).double()
+    x = torch.randn(5, 5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for step in range(2):
+        expected_model = copy.deepcopy(model)
+        torch.manual_seed(10 + step)
+        regression_loss(expected_model(x), y).mean().backward()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(10 + step)
+        result = engine(x, y)
+        for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        assert result.backend_of["bias.weight"] == "vmap"
+    assert calls.count(4) == 1   # the probe: once, on B - 1 examples
+    model.eval()
+    assert_matches_reference(model, regression_loss, x, y, "auto")

@@ -119,3 +119,25 @@ def test_an_optimizer_step_inside_the_block_is_refused_not_measured_at_the_new_w
         with PerExampleGradNorms(model, _per_example_loss).observe(6):
             _per_example_loss(model(inputs), targets).mean().backward()
             optimizer.step()
+
+
+@pytest.mark.parametrize("length, warns", [(5, True), (4, False)])
+def test_observe_warns_once_where_a_dim_as_large_as_the_batch_cannot_be_checked(length, warns):
+    """observe has no inputs to probe with: a measured input with a dim besides the batch's of size B (the bias
+    Embedding's (T, T) buckets at T == B) gets a warning, once; T != B gets none."""
+    import warnings
+
+    from test_per_example import RelativeBias, regression_loss
+    torch.manual_seed(0)
+    model = RelativeBias(length).double().eval()
+    x, y = torch.randn(5, length, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    engine = PerExampleGradNorms(model, regression_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            try:
+                with engine.observe(5):
+                    regression_loss(model(x), y).mean().backward()
+            except ValueError:   # T != B: the bias table needs the whole-model vmap, which observe cannot run
+                pass
+    assert sum("observe cannot check" in str(w.message) for w in caught) == (1 if warns else 0)

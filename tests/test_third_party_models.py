@@ -24,16 +24,22 @@ def generator(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def naive_sqnorms(model, loss_fn, inputs, targets):
-    """(B,) |dl_i/dtheta|^2: each example alone through a copy of the model, torch.autograd.grad."""
+def naive_by_parameter(model, loss_fn, inputs, targets):
+    """name -> (B,) |dl_i/dtheta|^2: each example alone through a copy of the model, torch.autograd.grad."""
     model = copy.deepcopy(model)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    rows = []
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    rows = {name: [] for name in parameters}
     for i in range(BATCH):
         loss = loss_fn(call_model(model, select_examples(inputs, [i])), select_examples(targets, [i])).sum()
-        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-        rows.append(sum(g.square().sum() for g in grads if g is not None))
-    return torch.stack(rows)
+        grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+        for name, g in zip(parameters, grads):
+            rows[name].append(torch.zeros((), dtype=torch.float64) if g is None else g.square().sum())
+    return {name: torch.stack(values) for name, values in rows.items()}
+
+
+def naive_sqnorms(model, loss_fn, inputs, targets):
+    """(B,) |dl_i/dtheta|^2 summed over the parameters."""
+    return sum(naive_by_parameter(model, loss_fn, inputs, targets).values())
 
 
 def plain_grads(model, loss_fn, inputs, targets):
@@ -323,3 +329,53 @@ def test_a_scaled_embedding_with_a_python_float_scale_is_exact_in_float64():
     result = per_example_sqnorms(model, per_example_cross_entropy, tokens, labels, backend="auto")
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
     assert result.backend_of["0.weight"] == "ghost"
+
+
+# ------------------------------------------------------------------ dims of the batch's size that are not examples
+
+def _t5_as_long_as_the_batch():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+                                   pad_token_id=0)
+    tokens = torch.randint(3, VOCAB, (BATCH, BATCH), generator=generator(1))   # T == B: buckets (T, T)
+    labels = torch.randint(3, VOCAB, (BATCH, BATCH), generator=generator(2))
+    return (transformers.T5ForConditionalGeneration(config), sequence_cross_entropy,
+            {"input_ids": tokens, "decoder_input_ids": labels}, labels)
+
+
+def _xlnet_as_long_as_the_batch():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=24, dropout=0.0,
+                                      num_labels=3, summary_last_dropout=0.0)
+    tokens = torch.randint(3, VOCAB, (BATCH, BATCH), generator=generator(1))   # sequence-first (T, B, d), T == B
+    return (transformers.XLNetForSequenceClassification(config), per_example_cross_entropy, {"input_ids": tokens},
+            torch.randint(0, 3, (BATCH,), generator=generator(2)))
+
+
+def _deberta_with_half_the_batch_in_buckets():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=BATCH // 2, max_relative_positions=16,
+        norm_rel_ebd="layer_norm", share_att_key=True, pooler_dropout=0.0)   # LayerNorm on a (B, d) table
+    return (transformers.DebertaV2ForSequenceClassification(config), per_example_cross_entropy,
+            {"input_ids": _tokens(), "attention_mask": _padding_mask()},
+            torch.randint(0, 3, (BATCH,), generator=generator(2)))
+
+
+@pytest.mark.parametrize("make", [_t5_as_long_as_the_batch, _xlnet_as_long_as_the_batch,
+                                  _deberta_with_half_the_batch_in_buckets], ids=["t5", "xlnet", "deberta_v2"])
+def test_a_dim_as_large_as_the_batch_is_not_taken_for_the_examples(make):
+    """T5's relative position buckets (T, T) and XLNet's sequence-first layers (T, B, d) at T == B, DeBERTa-v2's
+    LayerNorm on its (2 * buckets, d) relative-embedding table at B == 2 * buckets: the probe on B - 1 examples and
+    the parameter check send these calls to the whole-model vmap instead of reading positions as examples."""
+    torch.manual_seed(0)
+    model, loss_fn, inputs, targets = make()
+    model = model.double().eval()
+    expected = naive_by_parameter(model, loss_fn, inputs, targets)
+    result = per_example_sqnorms(model, loss_fn, inputs, targets, backend="auto", by_parameter=True)
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9,
+                                   atol=1e-12 * float(values.abs().max()), msg=name)

@@ -61,6 +61,7 @@ Under DDP, gradients already all-reduced by the failed backward cannot be taken 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,8 +70,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_flatten
 
-from noisescale.batches import batch_size_of, call_model
+from noisescale.batches import batch_size_of, call_model, select_examples
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
@@ -249,6 +252,8 @@ class PerExampleGradNorms:
         self._engine = GhostNormEngine(hooked)
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
+        self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
+        self._warned_ambiguous = False
         self._closed = False
 
     def close(self) -> None:
@@ -277,6 +282,7 @@ class PerExampleGradNorms:
         key = self._plan_key()
         if self._cached_plan is None or self._cached_plan[0] != key:
             plan = self._build_plan()
+            self._probes.clear()
             if not self._sharded:
                 self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
             self._cached_plan = (key, plan)
@@ -391,12 +397,34 @@ class PerExampleGradNorms:
             saved.restore()
             raise
 
+    def _probe(self, plan: _Plan, inputs: Any, batch_size: int) -> dict | None:
+        """Where an input has a dim of size B besides dim 0 (a sequence as long as the batch), a module's dim 0 of
+        size B may hold positions, not examples (T5's relative position buckets (T, T), a sequence-first layer
+        (T, B, d)), and its norms would be silently wrong. Then one forward without grad on the first B - 1
+        examples, with the random number generators forked (the training's own draws are unchanged), shows which
+        calls' dim 0 follows the batch (``GhostPass.follows_batch``); cached per batch size and input shapes.
+        None otherwise, and under FSDP, whose forward communicates."""
+        shapes = tuple(tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, Tensor))
+        if batch_size < 2 or not plan.ghost or self._sharded or not any(batch_size in s[1:] for s in shapes):
+            return None
+        key = (batch_size, shapes)
+        if key not in self._probes:
+            model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+            devices = sorted({p.device.index or 0 for p in plan.parameters.values() if p.device.type == "cuda"})
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), self._engine.probing(plan.ghost) as found:
+                call_model(model, select_examples(inputs, slice(0, batch_size - 1)))
+            if len(self._probes) >= 16:
+                self._probes.clear()
+            self._probes[key] = dict(found)
+        return self._probes[key]
+
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
         handles = []
+        probe = self._probe(plan, inputs, batch_size)
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                        sharded=self._sharded) as ghost_pass:
+                                        sharded=self._sharded, probe=probe) as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
@@ -490,6 +518,14 @@ class PerExampleGradNorms:
             raise ValueError(f"parameters {need_vmap} cannot be measured from the caller's own pass: they would need "
                              f"the whole-model vmap, a separate pass ({reasons or 'used outside any module call'}); "
                              "measure this model with NoiseScaleMonitor, which runs that pass itself")
+        if ghost_pass.ambiguous and not self._warned_ambiguous:
+            self._warned_ambiguous = True
+            warnings.warn(
+                f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
+                "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
+                "layer), its norms are wrong; observe cannot check this, the engine's own call (__call__, "
+                "NoiseScaleMonitor) checks it by a forward on B - 1 examples. Use a batch size that differs from "
+                "the sequence length", RuntimeWarning, stacklevel=3)
         ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
         by_parameter = ghost_pass.result()
         reference = next(iter(by_parameter.values()), None)

@@ -80,13 +80,14 @@ class FallbackCall:
 # ----------------------------------------------------------------------------------------------- batch dims
 
 class BatchDims:
-    """Default spec: dim 0 of every input tensor with B rows is the example index, size-1 dim 0 is broadcast,
-    anything else is a constant; every output that requires grad holds the examples in dim 0.
+    """Default spec: dim 0 of every input tensor with B rows is the example index (not of a parameter passed in),
+    size-1 dim 0 is broadcast, anything else is a constant; every output that requires grad holds the examples in dim 0.
 
     A spec for another layout overrides ``argument_dim`` (by the forward's argument name) and ``output_dims``."""
 
     def argument_dim(self, module: nn.Module, name: str, t: Tensor, batch_size: int) -> int | None:
-        return 0 if t.dim() and t.shape[0] == batch_size else None
+        parameter = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)   # a table, not examples
+        return 0 if t.dim() and t.shape[0] == batch_size and not parameter else None
 
     def output_dims(self, module: nn.Module, count: int) -> list[int]:
         return [0] * count

@@ -91,6 +91,28 @@ class GhostPass:
     refused: Any = field(default_factory=set)   # the engine's modules not to capture again
     captured_names: set[str] = field(default_factory=set)   # parameters of calls whose uses were captured
     noted: dict[str, tuple[Tensor, torch.dtype] | None] = field(default_factory=dict)   # note_gradient
+    probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
+    calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
+    ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B
+
+    def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
+                      batched: list[tuple[Tensor, int]]) -> bool:
+        """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
+        B - 1 in the probe's forward on B - 1 examples (True where no probe ran). A dim of size B that stays B
+        holds positions, not examples: T5's relative position buckets (T, T), a sequence-first layer (T, B, d),
+        with T == B."""
+        if self.probe is None:   # unchecked: note whether a dim besides the batch's has its size
+            self.ambiguous = self.ambiguous or any(self.batch_size in t.shape[:d] + t.shape[d + 1:]
+                                                   for t, d in batched)
+            return True
+        calls = self.probe.get(module, [])
+        if index >= len(calls) or len(calls[index]) != len(tensors):
+            return False   # the probe took another path through the model: nothing can be matched
+        for t, dim in batched:
+            shape = calls[index][next(k for k, u in enumerate(tensors) if u is t)]
+            if len(shape) <= dim or shape[dim] != self.batch_size - 1:
+                return False
+        return True
 
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
@@ -227,6 +249,16 @@ def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
             and not any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in tensors))
 
 
+def _is_parameter(x: Tensor) -> bool:
+    """A parameter, or a view of one: a table of the model, not a batch of examples."""
+    return isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)
+
+
+def _call_tensors(args: tuple, kwargs: dict, output: Any) -> list[Tensor]:
+    """The tensors of a call's inputs and outputs, in a fixed order (matched between the probe and the pass)."""
+    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)] + output_tensors(output)
+
+
 def _first_input(args: tuple, kwargs: dict) -> Any:
     return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
 
@@ -241,6 +273,8 @@ class GhostNormEngine:
         self._captures: dict[nn.Module, list] = {}   # LinearCapture / ParameterUses, open during their module's forward
         self._open: list = []                           # the same, in the order they were started
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
+        self._probe: dict | None = None                       # set inside ``probing``
+        self._probe_modules: dict | None = None
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward))
@@ -253,10 +287,10 @@ class GhostNormEngine:
 
     @contextmanager
     def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
-                  strict: bool, sharded: bool = False) -> Iterator[GhostPass]:
+                  strict: bool, sharded: bool = False, probe: dict | None = None) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
-                               refused=self._refused)
+                               refused=self._refused, probe=probe)
         try:
             yield self._pass
         finally:
@@ -266,6 +300,16 @@ class GhostNormEngine:
             self._open.clear()
             self._captures.clear()
 
+    @contextmanager
+    def probing(self, modules: dict[nn.Module, GhostModule]) -> Iterator[dict[nn.Module, list]]:
+        """A forward inside records, for each call of ``modules``, the shapes of its tensors (``_call_tensors``),
+        and nothing else: the probe of ``GhostPass.follows_batch``."""
+        self._probe, self._probe_modules = defaultdict(list), modules
+        try:
+            yield self._probe
+        finally:
+            self._probe = self._probe_modules = None
+
     def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
         if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules or _recomputing():
@@ -273,6 +317,8 @@ class GhostNormEngine:
         return ghost_pass
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if self._probe is not None:
+            return
         ghost_pass = self._active(module)
         if ghost_pass is not None and (ghost_pass.modules[module].rule is None
                                        or self._verified.get(module) is False):
@@ -301,12 +347,18 @@ class GhostNormEngine:
         if capture is not None:
             capture.stop()
             self._open.remove(capture)
+        if self._probe is not None:
+            if module in self._probe_modules and not _recomputing():
+                self._probe[module].append([tuple(t.shape) for t in _call_tensors(args, kwargs, output)])
+            return None
         ghost_pass = self._active(module)
         if ghost_pass is None:
             return None
         entry = ghost_pass.modules[module]
+        index = ghost_pass.calls[module]
+        ghost_pass.calls[module] += 1
         if entry.rule is None or self._verified.get(module) is False:
-            return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture)
+            return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture, index)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
         x, batch = _first_input(args, kwargs), ghost_pass.batch_size
@@ -316,13 +368,21 @@ class GhostNormEngine:
             output = replaced
         self._warn_if_positions(entry, module, x, batch)
         if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
+            why = f"called with an input of shape {_shape(x)}"
+        elif _is_parameter(x):
+            why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
+        elif replaced is None and not ghost_pass.follows_batch(module, index, _call_tensors(args, kwargs, output),
+                                                              [(x, 0)]):
+            why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
+        else:
+            why = None
+        if why is not None:
             if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
-                ghost_pass.declined[entry.path] = f"called with an input of shape {_shape(x)}"
+                ghost_pass.declined[entry.path] = why
                 ghost_pass.vmap_names.update(entry.names.values())
                 return None
             raise ValueError(
-                f"module {entry.path!r} ({type(module).__name__}) was called with an input of shape "
-                f"{_shape(x)}; ghost norms need dim 0 to be "
+                f"module {entry.path!r} ({type(module).__name__}) was {why}; ghost norms need dim 0 to be "
                 f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
         if module not in self._verified:  # the first call of each instance checks the rule's formula
             with torch.no_grad():
@@ -331,7 +391,7 @@ class GhostNormEngine:
                 if ghost_pass.strict:
                     raise ValueError(f"backend='ghost': the rule {type(entry.rule).__name__} does not reproduce the "
                                      f"output of module {entry.path!r} ({type(module).__name__}); use backend='auto'")
-                return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output)
+                return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, None, index)
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         call = {"x": x}
@@ -351,7 +411,8 @@ class GhostNormEngine:
 
     @staticmethod
     def _record_fallback_call(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple,
-                              kwargs: dict, output: Any, capture: LinearCapture | ParameterUses | None = None) -> Any:
+                              kwargs: dict, output: Any, capture: LinearCapture | ParameterUses | None,
+                              index: int) -> Any:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
         reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
@@ -370,6 +431,21 @@ class GhostNormEngine:
         for t, dim in zip(outputs, dims):
             if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):  # not per example: whole-model vmap
                 ghost_pass.declined[entry.path] = f"output of shape {tuple(t.shape)}: no examples in dim {dim}"
+                ghost_pass.vmap_names.update(entry.names.values())
+                return None
+        if replaced is None:
+            leaves = tree_flatten((args, kwargs))[0]
+            batched = [(t, d) for t, d in zip(leaves, spec.input_dims(module, args, kwargs, batch))
+                       if d is not None and isinstance(t, Tensor)]
+            reason = None
+            if not batched:
+                reason = "no input holds the examples, so its output cannot"
+            else:
+                batched += [(t, d) for t, d in zip(outputs, dims) if t.requires_grad]
+                if not ghost_pass.follows_batch(module, index, _call_tensors(args, kwargs, output), batched):
+                    reason = f"a dim of size {batch} that is not the examples (probe)"
+            if reason is not None:
+                ghost_pass.declined[entry.path] = reason
                 ghost_pass.vmap_names.update(entry.names.values())
                 return None
         after = rng_state(_device_of(module))
