@@ -123,8 +123,8 @@ def test_an_optimizer_step_inside_the_block_is_refused_not_measured_at_the_new_w
 
 @pytest.mark.parametrize("length, warns", [(5, True), (4, False)])
 def test_observe_warns_once_where_a_dim_as_large_as_the_batch_cannot_be_checked(length, warns):
-    """observe has no inputs to probe with: a measured input with a dim besides the batch's of size B (the bias
-    Embedding's (T, T) buckets at T == B) gets a warning, once; T != B gets none."""
+    """observe without the model's inputs cannot probe: a measured input with a dim besides the batch's of size B
+    (the bias Embedding's (T, T) buckets at T == B) gets a warning, once; T != B gets none."""
     import warnings
 
     from test_per_example import RelativeBias, regression_loss
@@ -140,4 +140,21 @@ def test_observe_warns_once_where_a_dim_as_large_as_the_batch_cannot_be_checked(
                     regression_loss(model(x), y).mean().backward()
             except ValueError:   # T != B: the bias table needs the whole-model vmap, which observe cannot run
                 pass
-    assert sum("observe cannot check" in str(w.message) for w in caught) == (1 if warns else 0)
+    assert sum("a dim besides the batch's" in str(w.message) for w in caught) == (1 if warns else 0)
+
+
+def test_observe_with_the_model_inputs_probes_and_refuses_instead_of_measuring_positions_as_examples():
+    """With probe_inputs, T == B is checked as in __call__: the bias table's (T, T) calls are not examples, so
+    they would need the whole-model vmap, which observe cannot run: a ValueError naming it, and no warning."""
+    import warnings
+
+    from test_per_example import RelativeBias, regression_loss
+    torch.manual_seed(0)
+    model = RelativeBias(5).double().eval()
+    x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    engine = PerExampleGradNorms(model, regression_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"bias\.weight"):
+            with engine.observe(5, probe_inputs=x):
+                regression_loss(model(x), y).mean().backward()

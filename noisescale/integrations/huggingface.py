@@ -85,7 +85,8 @@ class NoiseScaleTrainerMixin:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
         transformers passes go through unchanged), observed (module docstring)."""
         monitor = self._noise_scale_monitor(model)
-        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=split_labels(inputs))
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=split_labels(inputs),
+                                  model_inputs=inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)
         if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete

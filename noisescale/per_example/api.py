@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten
 
-from noisescale.batches import batch_size_of, call_model, select_examples
+from noisescale.batches import batch_size_of, call_model, select_examples, to_device
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
@@ -410,13 +410,29 @@ class PerExampleGradNorms:
         key = (batch_size, shapes)
         if key not in self._probes:
             model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+            device = next(iter(plan.parameters.values())).device
             devices = sorted({p.device.index or 0 for p in plan.parameters.values() if p.device.type == "cuda"})
-            with torch.no_grad(), torch.random.fork_rng(devices=devices), self._engine.probing(plan.ghost) as found:
-                call_model(model, select_examples(inputs, slice(0, batch_size - 1)))
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=devices), \
+                        self._engine.probing(plan.ghost) as found:
+                    call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
+            except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)
+                return None
             if len(self._probes) >= 16:
                 self._probes.clear()
             self._probes[key] = dict(found)
         return self._probes[key]
+
+    def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
+        """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it."""
+        if ghost_pass.ambiguous and not self._warned_ambiguous:
+            self._warned_ambiguous = True
+            warnings.warn(
+                f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
+                "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
+                "layer), its norms are wrong. This is checked by a forward on B - 1 examples of the model's inputs, "
+                "which this call did not have (observe without probe_inputs) or could not run. Use a batch size "
+                "that differs from the sequence length", RuntimeWarning, stacklevel=4)
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
@@ -440,6 +456,7 @@ class PerExampleGradNorms:
         finally:
             for handle in handles:
                 handle.remove()
+        self._warn_if_unchecked(ghost_pass, batch_size)
         vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
         backend_of = {name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
                       else plan.backend_of[name] for name in names}
@@ -486,7 +503,8 @@ class PerExampleGradNorms:
                 "(noisescale.per_example.register_rule), or measure the model unsharded (DDP)")
 
     @contextmanager
-    def observe(self, batch_size: int, *, loss_scale: float = 1.0) -> Iterator[ObservedNorms]:
+    def observe(self, batch_size: int, *, loss_scale: float = 1.0,
+                probe_inputs: Any = None) -> Iterator[ObservedNorms]:
         """Read the per-example norms of a forward and backward that the caller runs itself inside the ``with``
         block (a training framework's own step), leaving that step untouched: p.grad is the caller's.
 
@@ -496,6 +514,10 @@ class PerExampleGradNorms:
         are those of each term's gradient. Ghost rules and the per-module fallback (which works from the recorded
         calls) can observe; parameters that would need the whole-model vmap (a separate pass over the model,
         which only ``__call__`` runs) raise a ValueError naming them, after the caller's pass.
+
+        ``probe_inputs``: the model's inputs of this pass (model(**inputs) for a mapping), when the caller has
+        them; where a dim of an input besides dim 0 has B's size, a forward without grad on B - 1 of them checks
+        which layers' dim 0 holds the examples (as ``__call__`` does). Without them such passes are warned about.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -506,8 +528,9 @@ class PerExampleGradNorms:
         parameters = plan.parameters
         received: set[str] = set()
         observed = ObservedNorms()
+        probe = None if probe_inputs is None else self._probe(plan, probe_inputs, batch_size)
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                    sharded=self._sharded) as ghost_pass:
+                                    sharded=self._sharded, probe=probe) as ghost_pass:
             with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
                 yield observed
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
@@ -518,14 +541,7 @@ class PerExampleGradNorms:
             raise ValueError(f"parameters {need_vmap} cannot be measured from the caller's own pass: they would need "
                              f"the whole-model vmap, a separate pass ({reasons or 'used outside any module call'}); "
                              "measure this model with NoiseScaleMonitor, which runs that pass itself")
-        if ghost_pass.ambiguous and not self._warned_ambiguous:
-            self._warned_ambiguous = True
-            warnings.warn(
-                f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
-                "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
-                "layer), its norms are wrong; observe cannot check this, the engine's own call (__call__, "
-                "NoiseScaleMonitor) checks it by a forward on B - 1 examples. Use a batch size that differs from "
-                "the sequence length", RuntimeWarning, stacklevel=3)
+        self._warn_if_unchecked(ghost_pass, batch_size)
         ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
         by_parameter = ghost_pass.result()
         reference = next(iter(by_parameter.values()), None)
