@@ -3,10 +3,10 @@
 Models: the project's own three (MLP 784-512-512-10 at B=128, LeNet-5-like CNN on 28x28 at B=128, a 2-layer
 transformer with d=128, 4 heads, T=64, vocab 256 at B=32) and, at B=16, T=32, models nobody here wrote, from
 small configs with random weights and dropout 0, so that every method measures the same gradients (nothing is
-downloaded): HuggingFace GPT-2, BERT (sequence classification, padding mask), Llama (attention mask), ViT (32x32
-images, 8x8 patches) and BART (d=64, 2 layers each, 4 heads, vocab 512; ``gpt2_vocab``: GPT-2 with its own
-vocabulary of 50257, tied to the output layer), a classifier on torch's nn.TransformerEncoder (key padding mask)
-and one on nn.LSTM. It times one forward+backward step for
+downloaded): HuggingFace GPT-2, BERT (sequence classification, padding mask), Llama and OPT (attention mask; OPT
+runs its MLP on (B * T, d) rows), ViT (32x32 images, 8x8 patches) and BART (d=64, 2 layers each, 4 heads, vocab
+512; ``gpt2_vocab``: GPT-2 with its own vocabulary of 50257, tied to the output layer), a classifier on torch's
+nn.TransformerEncoder (key padding mask) and one on nn.LSTM. It times one forward+backward step for
 
     plain         forward + loss.mean().backward()
     ghost         noisescale, layer rules only (raises where a module has none)
@@ -56,7 +56,8 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "vit", "bart", "torch_encoder", "lstm"]
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "opt", "vit", "bart", "torch_encoder",
+          "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 
@@ -165,6 +166,13 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                               **small)),
                           causal_lm_loss, {"input_ids": tokens, "attention_mask": mask},
                           tokens.masked_fill(mask == 0, -100)),
+        # OPT runs its MLP on the examples flattened into (B * T, d) rows
+        "opt": lambda: (hf("OPTForCausalLM")(hf("OPTConfig")(
+                            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+                            max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+                            **small)),
+                        causal_lm_loss, {"input_ids": tokens, "attention_mask": mask},
+                        tokens.masked_fill(mask == 0, -100)),
         "vit": lambda: (hf("ViTForImageClassification")(hf("ViTConfig")(
                             num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                             image_size=32, patch_size=8, num_channels=3, num_labels=3, hidden_dropout_prob=0.0,

@@ -983,3 +983,40 @@ def test_a_sequence_as_long_as_the_batch_is_probed_once_without_touching_the_ran
     assert calls.count(4) == 1   # the probe: once, on B - 1 examples
     model.eval()
     assert_matches_reference(model, regression_loss, x, y, "auto")
+
+
+class FlattenedRows(nn.Module):
+    """An MLP block on the examples flattened into rows, as OPT's (B * T, d), or position-major rows (T * B, d)
+    after a transpose, whose blocks are not examples."""
+
+    def __init__(self, example_major=True):
+        super().__init__()
+        self.example_major = example_major
+        self.norm, self.up, self.down = nn.LayerNorm(4), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        rows = x.reshape(-1, 4) if self.example_major else x.transpose(0, 1).reshape(-1, 4)
+        h = self.down(torch.relu(self.up(self.norm(rows))))
+        h = h.view(x.shape) if self.example_major else h.view(x.shape[1], x.shape[0], 4).transpose(0, 1)
+        return self.out((x + h).mean(1))
+
+
+@pytest.mark.parametrize("example_major", [True, False])
+def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_second_call(example_major):
+    """The first call sends the (B * T, d) layers to the whole-model vmap and makes later calls probe: B - 1
+    examples give (B - 1) * T rows whose block ends match, so the rules take the rows as (B, T, d). Position-major
+    rows do not match and stay with the whole-model vmap. Exact either way."""
+    torch.manual_seed(0)
+    model = FlattenedRows(example_major).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine(x, y)
+        for name, values in expected.items():
+            assert_relclose(result.by_parameter[name], values)
+        backend = "ghost" if step == 1 and example_major else "vmap"
+        assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {backend}

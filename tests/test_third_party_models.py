@@ -11,7 +11,7 @@ from torch import nn
 
 from noisescale.batches import call_model, select_examples
 from noisescale.losses import per_example_cross_entropy, sequence_cross_entropy
-from noisescale.per_example import RULES, LayerRule, PerExampleError, per_example_sqnorms
+from noisescale.per_example import RULES, LayerRule, PerExampleError, PerExampleGradNorms, per_example_sqnorms
 
 from test_per_example import assert_grads_as_before, grads_of
 
@@ -379,3 +379,26 @@ def test_a_dim_as_large_as_the_batch_is_not_taken_for_the_examples(make):
     for name, values in expected.items():
         torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9,
                                    atol=1e-12 * float(values.abs().max()), msg=name)
+
+
+def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
+    """OPT runs its MLP and last LayerNorm on (B * T, d) rows: the first call measures them by the whole-model vmap,
+    later ones by the rules on the rows taken as (B, T, d) (checked by a probe on B - 1 examples)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=24,
+                                    vocab_size=VOCAB, max_position_embeddings=16, word_embed_proj_dim=16,
+                                    dropout=0.0, attention_dropout=0.0, attn_implementation="eager")
+    model = transformers.OPTForCausalLM(config).double().eval()
+    tokens = _tokens()
+    inputs, labels = {"input_ids": tokens, "attention_mask": _padding_mask()}, tokens.masked_fill(_padding_mask() == 0,
+                                                                                                  -100)
+    expected = naive_by_parameter(model, _causal_lm_loss, inputs, labels)
+    scale = max(float(values.abs().max()) for values in expected.values())   # the key bias's norms are ~0
+    engine = PerExampleGradNorms(model, _causal_lm_loss, by_parameter=True)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine(inputs, labels)
+        for name, values in expected.items():
+            torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-12 * scale, msg=name)
+        assert ("vmap" in result.backend_of.values()) == (step == 0)

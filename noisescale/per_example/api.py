@@ -254,6 +254,7 @@ class PerExampleGradNorms:
         self._cached_plan: tuple[tuple, _Plan] | None = None
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
         self._warned_ambiguous = False
+        self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
         self._closed = False
 
     def close(self) -> None:
@@ -405,7 +406,8 @@ class PerExampleGradNorms:
         calls' dim 0 follows the batch (``GhostPass.follows_batch``); cached per batch size and input shapes.
         None otherwise, and under FSDP, whose forward communicates."""
         shapes = tuple(tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, Tensor))
-        if batch_size < 2 or not plan.ghost or self._sharded or not any(batch_size in s[1:] for s in shapes):
+        if batch_size < 2 or not plan.ghost or self._sharded or not (
+                self._flattened_rows or any(batch_size in s[1:] for s in shapes)):
             return None
         key = (batch_size, shapes)
         if key not in self._probes:
@@ -414,7 +416,7 @@ class PerExampleGradNorms:
             devices = sorted({p.device.index or 0 for p in plan.parameters.values() if p.device.type == "cuda"})
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=devices), \
-                        self._engine.probing(plan.ghost) as found:
+                        self._engine.probing(plan.ghost, batch_size - 1) as found:
                     call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
             except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)
                 return None
@@ -424,7 +426,9 @@ class PerExampleGradNorms:
         return self._probes[key]
 
     def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
-        """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it."""
+        """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it.
+        A call with the examples flattened into rows makes every later call probe."""
+        self._flattened_rows = self._flattened_rows or ghost_pass.flattened
         if ghost_pass.ambiguous and not self._warned_ambiguous:
             self._warned_ambiguous = True
             warnings.warn(

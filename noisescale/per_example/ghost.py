@@ -94,6 +94,7 @@ class GhostPass:
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
     calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
     ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B
+    flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
                       batched: list[tuple[Tensor, int]]) -> bool:
@@ -106,13 +107,27 @@ class GhostPass:
                                                    for t, d in batched)
             return True
         calls = self.probe.get(module, [])
-        if index >= len(calls) or len(calls[index]) != len(tensors):
+        if index >= len(calls) or len(calls[index].shapes) != len(tensors):
             return False   # the probe took another path through the model: nothing can be matched
         for t, dim in batched:
-            shape = calls[index][next(k for k, u in enumerate(tensors) if u is t)]
+            shape = calls[index].shapes[next(k for k, u in enumerate(tensors) if u is t)]
             if len(shape) <= dim or shape[dim] != self.batch_size - 1:
                 return False
         return True
+
+    def row_blocks(self, module: nn.Module, index: int, x: Tensor) -> int | None:
+        """k where call ``index`` of ``module`` sees the examples flattened into rows, B blocks of k (OPT's MLP on
+        (B * T, d), Swin's windows (B * windows, N, d)): x has B k rows, the probe's call had (B - 1) k, and the
+        first and last rows of the probe's blocks are those of x's first B - 1 blocks (so the rows are
+        example-major, not position-major). None otherwise."""
+        calls = None if self.probe is None else self.probe.get(module, [])
+        if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
+            return None
+        probed, k = calls[index], x.shape[0] // self.batch_size
+        if k != probed.block_rows or probed.block_ends.shape[2:] != x.shape[1:]:
+            return None
+        ends = _block_ends(x, self.batch_size)[:, :self.batch_size - 1]
+        return k if _same_rows(ends, probed.block_ends) else None
 
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
@@ -249,6 +264,36 @@ def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
             and not any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in tensors))
 
 
+@dataclass
+class ProbedCall:
+    """One call in the probe's forward: the shapes of its tensors (``_call_tensors``) and, where its first input
+    has a multiple of the probe's examples in rows, the first and last row of each block (``_block_ends``)."""
+
+    shapes: list[tuple]
+    block_ends: Tensor | None   # (2, examples, ...): the first and last row of each example's block of rows
+    block_rows: int | None      # the rows of each block, k
+
+
+def _block_ends(x: Any, batch: int) -> Tensor | None:
+    """(2, batch, ...) the first and last row of each of ``batch`` blocks of x's rows, when x has k * batch rows
+    with k > 1; else None."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or batch < 1 or x.shape[0] % batch or x.shape[0] == batch:
+        return None
+    k = x.shape[0] // batch
+    return torch.stack([x[::k], x[k - 1::k]]).detach().clone()
+
+
+def _same_rows(a: Tensor, b: Tensor) -> bool:
+    """Equal rows, up to the rounding of float dtypes (a batched kernel may round a row differently when the
+    batch is one example smaller)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(a.dtype, 1e-2)
+    return torch.allclose(a, b, rtol=tolerance, atol=tolerance * float(b.abs().max()))
+
+
 def _is_parameter(x: Tensor) -> bool:
     """A parameter, or a view of one: a table of the model, not a batch of examples."""
     return isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)
@@ -275,6 +320,7 @@ class GhostNormEngine:
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
         self._probe: dict | None = None                       # set inside ``probing``
         self._probe_modules: dict | None = None
+        self._probe_batch = 0
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward))
@@ -301,10 +347,10 @@ class GhostNormEngine:
             self._captures.clear()
 
     @contextmanager
-    def probing(self, modules: dict[nn.Module, GhostModule]) -> Iterator[dict[nn.Module, list]]:
-        """A forward inside records, for each call of ``modules``, the shapes of its tensors (``_call_tensors``),
-        and nothing else: the probe of ``GhostPass.follows_batch``."""
-        self._probe, self._probe_modules = defaultdict(list), modules
+    def probing(self, modules: dict[nn.Module, GhostModule], batch_size: int) -> Iterator[dict[nn.Module, list]]:
+        """A forward on ``batch_size`` examples inside records, for each call of ``modules``, a ``ProbedCall``
+        and nothing else: the probe of ``GhostPass.follows_batch`` and ``GhostPass.row_blocks``."""
+        self._probe, self._probe_modules, self._probe_batch = defaultdict(list), modules, batch_size
         try:
             yield self._probe
         finally:
@@ -349,7 +395,10 @@ class GhostNormEngine:
             self._open.remove(capture)
         if self._probe is not None:
             if module in self._probe_modules and not _recomputing():
-                self._probe[module].append([tuple(t.shape) for t in _call_tensors(args, kwargs, output)])
+                x = _first_input(args, kwargs)
+                ends = _block_ends(x, self._probe_batch)
+                self._probe[module].append(ProbedCall([tuple(t.shape) for t in _call_tensors(args, kwargs, output)],
+                                                      ends, None if ends is None else x.shape[0] // self._probe_batch))
             return None
         ghost_pass = self._active(module)
         if ghost_pass is None:
@@ -367,12 +416,20 @@ class GhostNormEngine:
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
             output = replaced
         self._warn_if_positions(entry, module, x, batch)
+        blocks = None
+        if (isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
+                and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions):
+            blocks = ghost_pass.row_blocks(module, index, x)
+            ghost_pass.flattened = ghost_pass.flattened or ghost_pass.probe is None
+            if blocks is not None:   # rows of B examples in blocks: (B, k, ...) for the rule, same values
+                hooked = output
+                x, output = x.view(batch, blocks, *x.shape[1:]), output.view(batch, blocks, *output.shape[1:])
         if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
             why = f"called with an input of shape {_shape(x)}"
         elif _is_parameter(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
-        elif replaced is None and not ghost_pass.follows_batch(module, index, _call_tensors(args, kwargs, output),
-                                                              [(x, 0)]):
+        elif replaced is None and blocks is None and not ghost_pass.follows_batch(
+                module, index, _call_tensors(args, kwargs, output), [(x, 0)]):
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
@@ -394,8 +451,9 @@ class GhostNormEngine:
                 return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, None, index)
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
-        call = {"x": x}
-        output.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        call = {"x": x, "blocks": blocks}
+        (output if blocks is None else hooked).register_hook(
+            partial(self._on_output_grad, ghost_pass, entry, module, call))
         return replaced
 
     def _warn_if_positions(self, entry: GhostModule, module: nn.Module, x: Any, batch: int) -> None:
@@ -474,7 +532,9 @@ class GhostNormEngine:
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
                         grad_output: Tensor) -> None:
-        x = call.pop("x")
+        x, blocks = call.pop("x"), call.pop("blocks")
+        if blocks is not None:
+            grad_output = grad_output.reshape(ghost_pass.batch_size, blocks, *grad_output.shape[1:])
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
         try:

@@ -73,7 +73,13 @@ class LayerRule:
     fallback under backend="auto"); ``verify(module, x, output)`` is called on the first call of each module
     instance with the real output and returns False when the rule's formula does not reproduce it (again: the
     per-module fallback).
+
+    ``rows_as_positions``: True where every dim between the examples and the layer's own trailing dims is a
+    position the formula sums over (Linear, Embedding, LayerNorm, RMSNorm; not channels-first layers), so that
+    rows flattened from (B, T, ...) to (B * T, ...) can be handed to the rule as (B, T, ...).
     """
+
+    rows_as_positions = False
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this configuration of ``module`` cannot be handled by the rule, or None when it can."""
@@ -98,6 +104,8 @@ class LayerRule:
 
 class LinearRule(LayerRule):
     """nn.Linear on (B, d_in) or (B, *, d_in): weight by the position formula, bias |sum_t g_t|^2."""
+
+    rows_as_positions = True
 
     @staticmethod
     def _positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,6 +215,8 @@ class EmbeddingRule(LayerRule):
     costs T^2 d, the materialised (B, V, d) scatter V d per example; the cheaper is chosen per call.
     """
 
+    rows_as_positions = True
+
     def unsupported_reason(self, module):
         if module.sparse:
             return "sparse=True gives sparse gradients"
@@ -250,6 +260,7 @@ class AffineNormRule(LayerRule):
                  unsupported: Callable[[nn.Module], str | None] | None = None):
         self.normalize = normalize
         self.channels_first = channels_first
+        self.rows_as_positions = not channels_first
         self.unsupported = unsupported
 
     def unsupported_reason(self, module):
@@ -402,6 +413,8 @@ class ThirdPartyRMSNormRule(LayerRule):
     children); the first call of each instance picks the variant that reproduces its output (else the module goes
     to the per-module fallback)."""
 
+    rows_as_positions = True
+
     _NAME = re.compile(r"rms_?norm|T5LayerNorm", re.IGNORECASE)
 
     def __init__(self):
@@ -476,6 +489,7 @@ class OverriddenForwardRule(LayerRule):
 
     def __init__(self, base: type, rule: LayerRule, reference: Callable[[nn.Module, Tensor], Tensor]):
         self.base, self.rule, self.reference = base, rule, reference
+        self.rows_as_positions = rule.rows_as_positions
 
     def matches(self, module: nn.Module) -> bool:
         return (isinstance(module, self.base) and type(module).forward is not self.base.forward
