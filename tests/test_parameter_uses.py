@@ -175,6 +175,35 @@ def test_subclasses_that_override_forward_use_the_base_rule_when_they_compute_th
         assert result.backend_of["body.norm.weight"] == "module"
 
 
+class ComputedFromParameters(nn.Module):
+    """Tensors computed from the parameters alone before they meet the examples: a class token plus the first
+    position, expanded (ViT-MAE); a relative-position table indexed by a buffer and permuted, added to the scores
+    (Swin); a positive scale exp(s); a weight transposed twice in F.linear; a normalised gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.positions = nn.Parameter(torch.randn(1, T + 1, D))
+        self.table = nn.Parameter(torch.randn(2 * T + 1, 2))
+        self.register_buffer("relative", torch.arange(T + 1)[None, :] - torch.arange(T + 1)[:, None] + T)
+        self.log_scale = nn.Parameter(torch.randn(()))
+        self.weight = nn.Parameter(torch.randn(D, D))
+        self.gate = nn.Parameter(torch.randn(D))
+
+    def forward(self, x, tokens):
+        cls = (self.cls_token + self.positions[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x + self.positions[:, 1:]], 1)                                   # (B, T + 1, D)
+        scores = (x @ x.transpose(1, 2)).unsqueeze(1) + self.table[self.relative].permute(2, 0, 1)   # (B, 2, .., ..)
+        x = scores.softmax(-1).mean(1) @ x * self.log_scale.exp()
+        return F.linear(x, self.weight.t().t()) * torch.sigmoid(self.gate) / self.gate.norm()
+
+
+def test_tensors_computed_from_the_parameters_alone_are_taken_back_to_them(no_rerun):
+    model, inputs, targets = _case(ComputedFromParameters())
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+
+
 def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):
     model, inputs, targets = _case(ModuleCalledTwice())
     expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
@@ -207,14 +236,14 @@ class HiddenUse(nn.Module):
 
 
 class UnknownUse(nn.Module):
-    """An operation on the weight that the capture does not know (exp): the call is re-run."""
+    """An operation that meets the examples and that the capture does not know (torch.where): the call is re-run."""
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(D))
 
     def forward(self, x, tokens):
-        return x * self.weight.exp()
+        return torch.where(x > 0, x, self.weight)
 
 
 @pytest.mark.parametrize("body", [HiddenUse, UnknownUse])

@@ -584,7 +584,8 @@ def test_a_registered_rule_measures_ones_own_layer(monkeypatch):
 
 class FailsOnSecondCall(nn.Module):
     """A layer without a rule whose forward cannot be run again (as a stateful layer might), with its weight in an
-    operation the capture of parameter uses does not know (exp), so that the fallback re-runs it, and fails."""
+    operation the capture of parameter uses does not know (torch.where), so that the fallback re-runs it, and
+    fails."""
 
     def __init__(self):
         super().__init__()
@@ -595,7 +596,7 @@ class FailsOnSecondCall(nn.Module):
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError("forward called twice")
-        return x * self.weight.exp()
+        return torch.where(x > 0, x, self.weight)
 
 
 @pytest.mark.parametrize("prefilled", [False, True])

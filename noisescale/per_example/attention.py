@@ -56,7 +56,8 @@ class LinearCapture:
         self.blocks: list[list] = []
         self._original = self._wrapper = None
 
-    def start(self) -> None:
+    def start(self, args: tuple = (), kwargs: dict | None = None) -> None:
+        """Wrap F.linear until ``stop()`` (the call's arguments are not needed)."""
         self._original, self._wrapper = F.linear, self._linear   # one bound method, to recognise it in stop()
         F.linear = self._wrapper
 

@@ -323,7 +323,7 @@ class GhostNormEngine:
         self._probe_batch = 0
         self._handles = []
         for module in modules:
-            self._handles.append(module.register_forward_pre_hook(self._before_forward))
+            self._handles.append(module.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
 
     def close(self) -> None:
@@ -362,7 +362,7 @@ class GhostNormEngine:
             return None
         return ghost_pass
 
-    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._probe is not None:
             return
         ghost_pass = self._active(module)
@@ -371,7 +371,7 @@ class GhostNormEngine:
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
             capture = self._capture_for(ghost_pass, module)
             if capture is not None:
-                capture.start()
+                capture.start(args, kwargs)
                 self._captures.setdefault(module, []).append(capture)
                 self._open.append(capture)
 

@@ -14,12 +14,19 @@ backward) is recorded if it is one of:
     y = p.expand(...), p.repeat(...)        dl_i/dp = sum over the broadcast dims of g_i (repeat: of size-1 dims)
     y = x + p, p + x, x - p, p - x          dl_i/dp = the same, with the sign of p
     y = x * p, p * x                        dl_i/dp = sum over the broadcast dims of g_i * x_i
+    y = x / p, p / x                        as x * (1 / p) and p * (1 / x)
     y = F.linear(x, p, q)                   dl_i/dp = sum_t g_{i,t} x_{i,t}^T, dl_i/dq = sum_t g_{i,t}   (LinearFactors)
     y = F.embedding(idx, p), p[idx]         row idx_{i,t} of dl_i/dp receives g_{i,t}                   (IndexFactors)
     y = F.layer_norm(x, s, p, q)            dl_i/dp = sum_t g_{i,t} * x_hat_{i,t}, dl_i/dq = sum_t g_{i,t}
 
 The broadcast rows need p broadcast over the examples: p's dim aligned with y's dim 0 is missing or of size 1.
 Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback.
+
+In place of p, each row also takes a tensor computed from the module's parameters alone, with any operation and
+with constants (tensors without grad that do not hold the examples): ``cls_token + pos[:, :1]`` (ViT-MAE), a
+table indexed by a buffer (Swin's relative position bias), ``p.exp()``, ``w.t()``. The per-example gradients
+with respect to such a tensor d = f(theta) are taken back to the parameters by the VJP of f recomputed with
+torch.func, for each example: dl_i/dtheta = J_f(theta)^T dl_i/dd.
 
 Any other differentiable use of p (an output that requires grad) marks the call incomplete, and the module is
 re-run as before (``fallback.py``). Uses no torch function sees are caught afterwards: for each parameter, the sum
@@ -30,14 +37,17 @@ differ, the call is re-run and the module is not captured again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from noisescale.per_example.factors import IndexFactors, LinearFactors, compute_dtype
 
@@ -47,23 +57,39 @@ _EXPANDS = {Tensor.expand, Tensor.broadcast_to, torch.broadcast_to}
 _ADDS = {Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, torch.add}
 _SUBS = {Tensor.sub, Tensor.__sub__, torch.sub}
 _MULS = {Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.mul}
-_CASTS = {Tensor.to, Tensor.type_as, Tensor.float, Tensor.half, Tensor.bfloat16, Tensor.double}
+_DIVS = {Tensor.div, Tensor.__truediv__, torch.div}
 _SHAPE_OF_SECOND = {Tensor.expand_as, Tensor.view_as, Tensor.reshape_as, Tensor.type_as}  # reads only its shape
 _EMBEDDING_ARGUMENTS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Source:
-    """A tensor that is a parameter, or a basic-indexing view (``index``) or a cast of one."""
+    """A tensor computed from the module's parameters alone: a parameter (``name``), or ``func`` of sources and
+    constants (``args`` and ``kwargs``, with the sources in place of their tensors)."""
 
-    name: str
-    shape: torch.Size              # the parameter's shape
-    index: tuple | None = None     # p[index] is this tensor
+    name: str | None = None
+    func: Any = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def names(self) -> set[str]:
+        if self.name is not None:
+            return {self.name}
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        return set().union(*(leaf.names() for leaf in leaves if isinstance(leaf, _Source)))
+
+    def build(self, values: dict[str, Tensor]) -> Tensor:
+        """This tensor recomputed from the parameters' ``values`` (name -> tensor)."""
+        if self.name is not None:
+            return values[self.name]
+        args, kwargs = tree_map(lambda leaf: leaf.build(values) if isinstance(leaf, _Source) else leaf,
+                                (self.args, self.kwargs))
+        return self.func(*args, **kwargs)
 
 
 @dataclass
 class _Use:
-    """One recorded use of a parameter (or a view of it): its output's gradient arrives in ``grad[0]``."""
+    """One recorded use of a source: its output's gradient arrives in ``grad[0]``."""
 
     source: _Source
     kind: str                 # "broadcast", "linear_weight"/"_bias", "embedding", "layer_norm_weight"/"_bias"
@@ -76,12 +102,13 @@ class _Use:
 
 class ParameterUses(TorchFunctionMode):
     """Between ``start()`` and ``stop()`` (one call of the module's forward), records the uses of ``parameters``
-    (local name -> parameter) listed in the module docstring, also through p[slices] and dtype casts of p;
+    (local name -> parameter), and of tensors computed from them alone, listed in the module docstring;
     ``complete`` turns False at any other use."""
 
     def __init__(self, parameters: dict[str, Tensor], batch_size: int):
         super().__init__()
-        self._sources = {id(p): (_Source(name, p.shape), p) for name, p in parameters.items()}
+        self._parameters = parameters
+        self._sources = {id(p): (_Source(name), p) for name, p in parameters.items()}   # id -> (source, tensor)
         self.tracked = set(parameters)
         self.batch_size = batch_size
         self.uses: list[_Use] = []
@@ -89,33 +116,69 @@ class ParameterUses(TorchFunctionMode):
         self.reason: str | None = None
         self._open = False
         self._pending: dict[int, _Use] = {}   # id(output of batch 1) -> its use, until ``close``
+        self._batched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # id -> tensor with examples
 
-    def start(self) -> None:
+    def start(self, args: tuple = (), kwargs: dict | None = None) -> None:
+        """Record from here on; the call's tensors with the B examples in dim 0 (not parameters) hold examples."""
+        for t in _tensors(args, (kwargs or {}).values()):
+            if t.dim() and t.shape[0] == self.batch_size and not isinstance(t, nn.Parameter):
+                self._batched[id(t)] = t
         self.__enter__()
         self._open = True
+
+    def _holds_examples(self, t: Tensor) -> bool:
+        """Computed from the call's batched inputs (provenance through every operation the mode saw), or a
+        constant expanded to the B examples (BART's position ids, arange(T).expand(B, -1): the same row for
+        each)."""
+        return self._batched.get(id(t)) is t or (t.dim() > 0 and t.shape[0] == self.batch_size > 1
+                                                 and t.stride(0) == 0)
 
     def stop(self) -> None:
         if self._open:
             self._open = False
             self.__exit__(None, None, None)
-            self._sources.clear()   # the views of this call are not kept alive
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if not self.complete:
             return result
-        used = [t for t in _tensors(args, kwargs.values()) if id(t) in self._sources]
+        tensors = list(_tensors(args, kwargs.values()))
+        if any(self._holds_examples(t) for t in tensors):
+            for out in _tensors((result,)):
+                self._batched[id(out)] = out
+        used = [t for t in tensors if id(t) in self._sources]
         if not used:
             return result
         if not any(t.requires_grad for t in _tensors((result,))):
             return result   # p.shape, p.detach(), a use under no_grad: nothing to differentiate
         if func in _SHAPE_OF_SECOND and len(args) == 2 and used == [args[1]] and args[0] is not args[1]:
             return result   # x.expand_as(p): p gives the shape, no gradient
+        if self._derived(func, tensors, result):
+            self._sources[id(result)] = (_Source(func=func, args=self._in_place_of(args),
+                                                 kwargs=self._in_place_of(kwargs)), result)
+            return result
         reason = self._record(func, args, kwargs, used, result)
         if reason is not None:
             self.complete, self.reason = False, f"{getattr(func, '__name__', func)}: {reason}"
         return result
+
+    def _derived(self, func, tensors: list[Tensor], y: Any) -> bool:
+        """Whether y is computed from sources and constants alone (tensors without grad not computed from the
+        call's examples), and is not a source expanded or repeated to the B examples (a use)."""
+        if not isinstance(y, Tensor):
+            return False
+        if (func in _EXPANDS or func is Tensor.repeat) and y.dim() and y.shape[0] == self.batch_size:
+            return False
+        return all(id(t) in self._sources or not (t.requires_grad or self._holds_examples(t)) for t in tensors)
+
+    def _in_place_of(self, value: Any) -> Any:
+        """``value`` (args or kwargs) with each source's tensor replaced by the source."""
+        return tree_map(lambda leaf: self._sources[id(leaf)][0]
+                        if isinstance(leaf, Tensor) and id(leaf) in self._sources else leaf, value)
+
+    def _source(self, t: Tensor) -> _Source:
+        return self._sources[id(t)][0]
 
     # ------------------------------------------------------------------------------------------- recognised uses
 
@@ -124,9 +187,9 @@ class ParameterUses(TorchFunctionMode):
             return "not a recognised use"
         if func is Tensor.__getitem__ and isinstance(args[1], Tensor) and not args[1].is_floating_point():
             return self._lookup(args[0], args[1], None, y)   # p[indices]: a lookup of rows
-        if len(used) == 1 and args and args[0] is used[0] and (func in _CASTS or func is Tensor.__getitem__):
-            return self._derive(func, args, y)
-        if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1):
+        if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1) or (
+                y.shape[0] == self.batch_size and not self._holds_examples(y)
+                and not (func in _EXPANDS or func is Tensor.repeat)):
             return "its output does not hold the examples in dim 0"
         if len({id(p) for p in used}) != len(used):
             return "a parameter enters twice"
@@ -145,6 +208,14 @@ class ParameterUses(TorchFunctionMode):
             if args[0] is not p or (func is Tensor.repeat and not _repeats_like_expand(p, args[1:])):
                 return "a repeat of a dim of size above 1, or not the parameter expanded"
             return self._broadcast(p, y)
+        if func in _DIVS and len(args) == 2 and not kwargs:   # x / p = x * (1 / p), p / x = p * (1 / x)
+            if args[1] is p:
+                reciprocal = _Source(func=torch.reciprocal, args=(self._source(p),))
+                factor = args[0].detach() if isinstance(args[0], Tensor) else args[0]
+                self._hooked(_Use(reciprocal, "broadcast", p.shape, [None], factor=factor), y)
+                return None
+            other = args[1]
+            return self._broadcast(p, y, factor=other.detach().reciprocal() if isinstance(other, Tensor) else 1 / other)
         if func not in _ADDS and func not in _SUBS and func not in _MULS and func is not Tensor.__rsub__:
             return "not a recognised use"
         if set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1 or len(args) != 2:
@@ -156,20 +227,6 @@ class ParameterUses(TorchFunctionMode):
             return self._broadcast(p, y, factor=other.detach() if isinstance(other, Tensor) else other)
         p_is_minuend = (args[0] is p) != (func is Tensor.__rsub__)
         return self._broadcast(p, y, sign=1.0 if p_is_minuend else -1.0)
-
-    def _derive(self, func, args, y: Tensor) -> str | None:
-        """p[index] (basic indexing of the parameter itself) or a dtype cast of p or of such a view."""
-        source, _ = self._sources[id(args[0])]
-        if func is Tensor.__getitem__:
-            index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if source.index is not None or not all(isinstance(k, (int, slice)) or k is Ellipsis or k is None
-                                                   for k in index):
-                return "an index other than slices, integers and None of the parameter itself"
-            source = _Source(source.name, source.shape, index)
-        elif y.shape != args[0].shape:
-            return "a cast that changes the shape"
-        self._sources[id(y)] = (source, y)
-        return None
 
     def _hooked(self, use: _Use, y: Tensor) -> None:
         self.uses.append(use)
@@ -184,7 +241,9 @@ class ParameterUses(TorchFunctionMode):
         gradient of the broadcast output, per example; any other use of batch 1 leaves the record incomplete.
         Returns whether the record is complete."""
         use = self._pending.pop(id(output), None) if broadcast is not None else None
-        if use is not None:
+        if use is None and broadcast is not None and id(output) in self._sources:   # computed from parameters alone
+            self._hooked(_Use(self._source(output), "broadcast", output.shape, [None]), broadcast)
+        elif use is not None:
             broadcast.register_hook(partial(_keep, use.grad))
             if use.kind == "embedding":
                 indices, padding_idx = use.factor
@@ -197,28 +256,24 @@ class ParameterUses(TorchFunctionMode):
         if self._pending:
             self.complete, self.reason = False, "an output of batch 1 that is not the module's own"
         self._pending.clear()
+        self._sources = {key: entry for key, entry in self._sources.items()
+                         if entry[0].name is not None}   # the computed tensors of this call are not kept alive
         return self.complete
 
     def _broadcast(self, p: Tensor, y: Tensor, sign: float = 1.0, factor: Any = None) -> str | None:
-        self._hooked(_Use(self._sources[id(p)][0], "broadcast", p.shape, [None], sign, factor), y)
+        self._hooked(_Use(self._source(p), "broadcast", p.shape, [None], sign, factor), y)
         return None
-
-    def _whole(self, t: Any) -> _Source | None:
-        """The source of ``t`` when it is a whole parameter (or a cast of one), else None."""
-        entry = self._sources.get(id(t)) if isinstance(t, Tensor) else None
-        return entry[0] if entry is not None and entry[0].index is None else None
 
     def _linear(self, args, kwargs, y: Tensor) -> str | None:
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != y.shape[0] or id(x) in self._sources:
             return "its input does not hold the examples in dim 0"
-        sources = [(t, self._whole(t)) for t in (weight, bias) if isinstance(t, Tensor) and id(t) in self._sources]
-        if any(source is None for _, source in sources):
-            return "a view of a parameter as the weight or the bias"
-        for t, source in sources:
-            kind = "linear_weight" if t is weight else "linear_bias"
-            self._hooked(_Use(source, kind, t.shape, [None], factor=x.detach() if t is weight else None), y)
+        for t in (weight, bias):
+            if isinstance(t, Tensor) and id(t) in self._sources:
+                kind = "linear_weight" if t is weight else "linear_bias"
+                self._hooked(_Use(self._source(t), kind, t.shape, [None], factor=x.detach() if t is weight else None),
+                             y)
         return None
 
     def _embedding(self, args, kwargs, y: Tensor) -> str | None:
@@ -230,16 +285,15 @@ class ParameterUses(TorchFunctionMode):
     def _lookup(self, weight: Any, indices: Tensor, padding_idx: int | None, y: Tensor) -> str | None:
         """y = weight[indices] (F.embedding, or indexing by an integer tensor): row indices_{i,t} of dl_i/dweight
         receives g_{i,t}."""
-        source = self._whole(weight)
-        if source is None or id(indices) in self._sources:
-            return "a view of a parameter as the table, or a parameter as the indices"
+        if not isinstance(weight, Tensor) or id(weight) not in self._sources or id(indices) in self._sources:
+            return "a parameter as the indices"
         if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1) or indices.dim() == 0:
             return "its output does not hold the examples in dim 0"
         if indices.dim() == 1 and torch.equal(indices, torch.arange(self.batch_size, device=indices.device)):
             return "indices arange(B): positions or one row per example cannot be told apart"
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
-        self._hooked(_Use(source, "embedding", weight.shape, [None],
+        self._hooked(_Use(self._source(weight), "embedding", weight.shape, [None],
                           factor=(indices.reshape(y.shape[0], -1), padding_idx)), y)
         return None
 
@@ -251,10 +305,7 @@ class ParameterUses(TorchFunctionMode):
         for kind in ("weight", "bias"):
             t = bound.get(kind)
             if isinstance(t, Tensor) and id(t) in self._sources:
-                source = self._whole(t)
-                if source is None:
-                    return "a view of a parameter as the affine"
-                self._hooked(_Use(source, f"layer_norm_{kind}", t.shape, [None],
+                self._hooked(_Use(self._source(t), f"layer_norm_{kind}", t.shape, [None],
                                   factor=(x.detach(), shape, eps) if kind == "weight" else None), y)
         return None
 
@@ -264,11 +315,32 @@ class ParameterUses(TorchFunctionMode):
         """local name -> the per-example gradient of each use, (B, *shape) or factors (uses whose output got no
         gradient contribute nothing)."""
         grads: dict[str, list] = {}
+        computed: dict[_Source, Tensor] = {}   # a computed tensor -> the sum of its uses' per-example gradients
         for use in self.uses:
             g = use.grad[0]
-            if g is not None:
-                grads.setdefault(use.source.name, []).append(_per_example(use, compute_dtype(g), self.batch_size))
+            if g is None:
+                continue
+            part = _per_example(use, compute_dtype(g), self.batch_size)
+            if use.source.name is not None:
+                grads.setdefault(use.source.name, []).append(part)
+            else:
+                dense = part if isinstance(part, Tensor) else part.grads().reshape(self.batch_size, *use.shape)
+                computed[use.source] = dense if use.source not in computed else computed[use.source] + dense
+        for source, dense in computed.items():
+            for name, grad in self._pulled_back(source, dense).items():
+                grads.setdefault(name, []).append(grad)
         return grads
+
+    def _pulled_back(self, source: _Source, dense: Tensor) -> dict[str, Tensor]:
+        """name -> (B, *shape): the per-example gradients ``dense`` (B, *d.shape) of a computed tensor d = f(theta)
+        taken back to the parameters, J_f^T per example (torch.func: one VJP, vmapped over the examples)."""
+        values = {name: self._parameters[name].detach().to(dense.dtype) for name in sorted(source.names())}
+        _, pullback = vjp(source.build, values)
+        try:
+            return vmap(lambda d: pullback(d)[0])(dense)
+        except (RuntimeError, NotImplementedError, ValueError):   # an op without a batching rule
+            rows = [pullback(d)[0] for d in dense]
+            return {name: torch.stack([row[name] for row in rows]) for name in values}
 
 
 def _tensors(*groups) -> Iterator[Tensor]:
@@ -309,10 +381,6 @@ def _per_example(use: _Use, g: Tensor, batch: int) -> Tensor | LinearFactors | I
         if use.factor is not None:
             g = g * use.factor
         grad = _sum_to_parameter(g, use.shape)
-        if use.source.index is not None:   # a view p[index]: the rest of p gets no gradient
-            whole = grad.new_zeros(batch, *use.source.shape)
-            whole[(slice(None), *use.source.index)] = grad
-            grad = whole
         return grad if use.sign == 1.0 else -grad
     if use.kind == "linear_weight":
         x = use.factor
