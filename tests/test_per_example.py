@@ -1021,3 +1021,128 @@ def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_sec
             assert_relclose(result.by_parameter[name], values)
         backend = "ghost" if step == 1 and example_major else "vmap"
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {backend}
+
+
+class SwitchedLinear(nn.Linear):
+    """A Linear subclass whose forward changes after the first calls (fake quantisation switched on later)."""
+
+    enabled = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y + x.sum(-1, keepdim=True) * self.weight.sum() if self.enabled else y
+
+
+def test_a_subclass_whose_forward_changes_later_leaves_the_base_rule_on_the_call_it_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(SwitchedLinear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    assert engine(x, y).backend_of["0.weight"] == "ghost"
+    model[0].enabled = True
+    expected = naive_per_example(model, regression_loss, x, y)
+    for backend in ("vmap", "module"):   # this call by the whole-model vmap, the next ones by the fallback
+        model.zero_grad(set_to_none=True)
+        result = engine(x, y)
+        assert result.backend_of["0.weight"] == backend
+        for name, values in expected.items():
+            assert_relclose(result.by_parameter[name], values)
+
+
+class Queries(nn.Module):
+    """Perceiver's latents: a parameter expanded to the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return self.latents.expand(x.shape[0], -1, -1)
+
+
+class Latents(nn.Module):
+    """The latents normalised by a LayerNorm (ghost: an expanded parameter is the same for every example, not a
+    table), and a step counter buffer (the probe puts it back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries, self.norm, self.out = Queries(), nn.LayerNorm(3), nn.Linear(3, 2)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps += 1
+        queries = self.norm(self.queries(x))   # (B, 2, 3)
+        return self.out((queries.unsqueeze(2) * x.unsqueeze(1)).mean((1, 2)))
+
+
+def test_an_expanded_parameter_is_measured_as_examples_and_the_probe_puts_buffers_back():
+    torch.manual_seed(0)
+    model = Latents().double()
+    x = torch.randn(5, 5, 3, dtype=torch.float64, generator=generator(1))   # T == B: probed
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)
+    model.steps.zero_()
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+    assert result.backend_of["norm.weight"] == "ghost" and model.steps.item() == 1
+
+
+def test_keyword_inputs_in_a_mapping_type_of_their_own_are_probed():
+    """A Mapping that torch's pytree does not open (as HF's BatchEncoding) is probed like a dict."""
+    from collections.abc import Mapping
+
+    class Batch(Mapping):
+        def __init__(self, **values):
+            self._values = values
+
+        def __getitem__(self, key):
+            return self._values[key]
+
+        def __iter__(self):
+            return iter(self._values)
+
+        def __len__(self):
+            return len(self._values)
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = RelativeBias(length=5)
+
+        def forward(self, x):
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = Keyword().double().eval()
+    x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    result = per_example_sqnorms(model, regression_loss, Batch(x=x), y, by_parameter=True)
+    assert result.backend_of["inner.bias.weight"] == "vmap"   # the (T, T) buckets were probed, T == B
+
+
+def test_reentrant_checkpointing_with_a_sequence_as_long_as_the_batch():
+    """The probe counts the block's one call under no grad; the pass counts only calls under grad (reentrant
+    checkpointing's recomputation, not its first forward without grad), so the two match. Reference: the same
+    model without checkpointing (torch.autograd.grad cannot go through reentrant checkpointing)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.out, self.checkpointed = nn.Linear(3, 3), nn.Linear(3, 2), True
+
+        def forward(self, x):
+            h = checkpoint(self.block, x, use_reentrant=True) if self.checkpointed else self.block(x)
+            return self.out(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    reference = copy.deepcopy(model)
+    reference.checkpointed = False
+    x = torch.randn(5, 5, 3, dtype=torch.float64, requires_grad=True)   # T == B: probed
+    y = torch.randn(5, 2, dtype=torch.float64)
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    expected = naive_per_example(reference, regression_loss, x.detach(), y)
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+    assert set(result.backend_of.values()) == {"ghost"}

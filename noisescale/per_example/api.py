@@ -62,7 +62,7 @@ Under DDP, gradients already all-reduced by the failed backward cannot be taken 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -402,10 +402,13 @@ class PerExampleGradNorms:
         """Where an input has a dim of size B besides dim 0 (a sequence as long as the batch), a module's dim 0 of
         size B may hold positions, not examples (T5's relative position buckets (T, T), a sequence-first layer
         (T, B, d)), and its norms would be silently wrong. Then one forward without grad on the first B - 1
-        examples, with the random number generators forked (the training's own draws are unchanged), shows which
-        calls' dim 0 follows the batch (``GhostPass.follows_batch``); cached per batch size and input shapes.
+        examples, with the random number generators forked (the training's own draws are unchanged) and the
+        model's buffers put back afterwards (a step counter, a running average), shows which calls' dim 0 follows
+        the batch (``GhostPass.follows_batch``); cached per batch size and input shapes. Python attributes a
+        forward changes and the user's own forward hooks do see this extra call.
         None otherwise, and under FSDP, whose forward communicates."""
-        shapes = tuple(tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, Tensor))
+        shapes = tuple(tuple(t.shape) for t in tree_flatten(dict(inputs) if isinstance(inputs, Mapping) else inputs)[0]
+                       if isinstance(t, Tensor))   # a Mapping such as HF's BatchEncoding is not a pytree node
         if batch_size < 2 or not plan.ghost or self._sharded or not (
                 self._flattened_rows or any(batch_size in s[1:] for s in shapes)):
             return None
@@ -414,12 +417,17 @@ class PerExampleGradNorms:
             model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
             device = next(iter(plan.parameters.values())).device
             devices = sorted({p.device.index or 0 for p in plan.parameters.values() if p.device.type == "cuda"})
+            buffers = [(b, b.clone()) for b in model.buffers()]   # counters, running averages: put back after
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=devices), \
                         self._engine.probing(plan.ghost, batch_size - 1) as found:
                     call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
             except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)
                 return None
+            finally:
+                with torch.no_grad():
+                    for buffer, saved in buffers:
+                        buffer.copy_(saved)
             if len(self._probes) >= 16:
                 self._probes.clear()
             self._probes[key] = dict(found)

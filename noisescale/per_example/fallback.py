@@ -86,7 +86,8 @@ class BatchDims:
     A spec for another layout overrides ``argument_dim`` (by the forward's argument name) and ``output_dims``."""
 
     def argument_dim(self, module: nn.Module, name: str, t: Tensor, batch_size: int) -> int | None:
-        parameter = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)   # a table, not examples
+        # a parameter is a table, not examples, unless expanded to them (stride 0: the same for each)
+        parameter = (isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)) and t.stride(0) != 0
         return 0 if t.dim() and t.shape[0] == batch_size and not parameter else None
 
     def output_dims(self, module: nn.Module, count: int) -> list[int]:

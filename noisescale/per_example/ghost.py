@@ -94,17 +94,21 @@ class GhostPass:
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
     calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
     ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B
+    verified: Any = field(default_factory=dict)   # the engine's module -> its rule reproduces its output
+    rechecks: list = field(default_factory=list)   # (module, entry, 0-d bool tensor): rule.reproduces per call
+    outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
-                      batched: list[tuple[Tensor, int]]) -> bool:
+                      batched: list[tuple[Tensor, int]], positional: bool = True) -> bool:
         """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
         B - 1 in the probe's forward on B - 1 examples (True where no probe ran). A dim of size B that stays B
         holds positions, not examples: T5's relative position buckets (T, T), a sequence-first layer (T, B, d),
-        with T == B."""
+        with T == B. ``positional``: whether the layer could be taking positions for examples (not a convolution,
+        whose images may well be as high as the batch is large), for the warning of an unchecked pass."""
         if self.probe is None:   # unchecked: note whether a dim besides the batch's has its size
-            self.ambiguous = self.ambiguous or any(self.batch_size in t.shape[:d] + t.shape[d + 1:]
-                                                   for t, d in batched)
+            self.ambiguous = self.ambiguous or positional and any(self.batch_size in t.shape[:d] + t.shape[d + 1:]
+                                                                  for t, d in batched)
             return True
         calls = self.probe.get(module, [])
         if index >= len(calls) or len(calls[index].shapes) != len(tensors):
@@ -149,13 +153,19 @@ class GhostPass:
         """Per-example gradients of every fallback call, once the backward has brought all output gradients."""
         self.replaying = True  # the hooks stay inert while modules are re-run
         try:
+            self._read_rechecks()
             captured = self._verified_captures()
             for module, entry, call in self.fallback_calls:
                 grads = captured.get(id(call))
+                if grads is None and set(entry.names.values()) <= self.outside_uses:
+                    self.vmap_names.update(entry.names.values())   # a re-run would miss their other uses
+                    continue
                 if grads is None:
                     grads = {local: [grad] for local, grad in self._rerun(module, entry, call).items()}
                 for local, parts in grads.items():
                     name = entry.names[local]
+                    if name in self.outside_uses:   # the re-run cannot see its uses outside the call
+                        self.vmap_names.add(name)
                     if len(parts) == 1 and isinstance(parts[0], LinearFactors) and self.use_count[name] == 1:
                         _add(self.sqnorms, name, parts[0].sqnorms())   # ghost form: no (B, *shape) gradients
                     else:
@@ -174,6 +184,20 @@ class GhostPass:
             raise PerExampleError(
                 f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
                 "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
+
+    def _read_rechecks(self) -> None:
+        """The per-call checks of rules that recheck (one device sync for all): a call its rule did not reproduce
+        sends the module's parameters to the whole-model vmap for this pass and the module to the per-module
+        fallback from the next one."""
+        if not self.rechecks:
+            return
+        reproduced = torch.stack([ok for _, _, ok in self.rechecks]).tolist()
+        for (module, entry, _), ok in zip(self.rechecks, reproduced):
+            if not ok:
+                self.verified[module] = False
+                self.declined[entry.path] = f"its rule {type(entry.rule).__name__} no longer reproduces its output"
+                self.vmap_names.update(entry.names.values())
+        self.rechecks.clear()
 
     def note_gradient(self, name: str, grad: Tensor) -> None:
         """Keeps |grad| of the gradient the backward brings a parameter whose uses were captured (None if it
@@ -214,6 +238,9 @@ class GhostPass:
             rtol = torch.tensor([r for _, _, r in rows], device=device)
             matched = ((found - wanted).abs() <= rtol * torch.maximum(found, wanted)).tolist()
             ok = {name for name, good in zip(names, matched) if good}
+        for name in set(names) - ok:   # uses outside the call (or unseen ones): the whole-model vmap sees them all
+            self.outside_uses.add(name)
+            self.vmap_names.add(name)
         for module, entry, call in self.fallback_calls:
             if id(call) in grads and not all(name in ok for name in entry.names.values()):
                 del grads[id(call)]
@@ -295,8 +322,10 @@ def _same_rows(a: Tensor, b: Tensor) -> bool:
 
 
 def _is_parameter(x: Tensor) -> bool:
-    """A parameter, or a view of one: a table of the model, not a batch of examples."""
-    return isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)
+    """A parameter, or a view of one: a table of the model, not a batch of examples. A parameter expanded to the
+    examples (Perceiver's latents, query.expand(B, ...): stride 0 in dim 0) is the same for each and counts as
+    examples."""
+    return (isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)) and not (x.dim() and x.stride(0) == 0)
 
 
 def _call_tensors(args: tuple, kwargs: dict, output: Any) -> list[Tensor]:
@@ -318,6 +347,7 @@ class GhostNormEngine:
         self._captures: dict[nn.Module, list] = {}   # LinearCapture / ParameterUses, open during their module's forward
         self._open: list = []                           # the same, in the order they were started
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
+        self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
         self._probe: dict | None = None                       # set inside ``probing``
         self._probe_modules: dict | None = None
         self._probe_batch = 0
@@ -336,7 +366,8 @@ class GhostNormEngine:
                   strict: bool, sharded: bool = False, probe: dict | None = None) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
-                               refused=self._refused, probe=probe)
+                               refused=self._refused, probe=probe, verified=self._verified,
+                               outside_uses=self._outside_uses)
         try:
             yield self._pass
         finally:
@@ -391,8 +422,12 @@ class GhostNormEngine:
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = self._captures[module].pop() if self._captures.get(module) else None
         if capture is not None:
-            capture.stop()
-            self._open.remove(capture)
+            orphans = self._open[self._open.index(capture) + 1:]   # of children that raised inside this forward
+            for opened in reversed(orphans + [capture]):
+                opened.stop()
+            del self._open[self._open.index(capture):]
+            for captures in self._captures.values():
+                captures[:] = [c for c in captures if c not in orphans]
         if self._probe is not None:
             if module in self._probe_modules and not _recomputing():
                 x = _first_input(args, kwargs)
@@ -405,7 +440,8 @@ class GhostNormEngine:
             return None
         entry = ghost_pass.modules[module]
         index = ghost_pass.calls[module]
-        ghost_pass.calls[module] += 1
+        if torch.is_grad_enabled():   # as the probe counts: reentrant checkpointing's first forward runs without grad
+            ghost_pass.calls[module] += 1
         if entry.rule is None or self._verified.get(module) is False:
             return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture, index)
         if not isinstance(output, Tensor) or not output.requires_grad:
@@ -429,7 +465,7 @@ class GhostNormEngine:
         elif _is_parameter(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
         elif replaced is None and blocks is None and not ghost_pass.follows_batch(
-                module, index, _call_tensors(args, kwargs, output), [(x, 0)]):
+                module, index, _call_tensors(args, kwargs, output), [(x, 0)], entry.rule.rows_as_positions):
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
@@ -449,6 +485,9 @@ class GhostNormEngine:
                     raise ValueError(f"backend='ghost': the rule {type(entry.rule).__name__} does not reproduce the "
                                      f"output of module {entry.path!r} ({type(module).__name__}); use backend='auto'")
                 return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, None, index)
+        elif entry.rule.recheck:   # a subclass's own forward: checked on every call, read once after the pass
+            with torch.no_grad():
+                ghost_pass.rechecks.append((module, entry, entry.rule.reproduces(module, x, output)))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         call = {"x": x, "blocks": blocks}
@@ -481,8 +520,11 @@ class GhostNormEngine:
         replaced = None
         if type(spec) is BatchDims and _batch_of_one(args, kwargs, output, batch):
             replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
-        if isinstance(capture, ParameterUses) and not capture.close(output, replaced):
-            ghost_pass.refused.add(module)   # a use it does not know: re-run this module from now on
+        if isinstance(capture, ParameterUses):
+            capture.refuse_unseen([t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)],
+                                  output_tensors(output))
+            if not capture.close(output, replaced):
+                ghost_pass.refused.add(module)   # a use it does not know: re-run this module from now on
         output = output if replaced is None else replaced
         outputs = output_tensors(output)
         dims = spec.output_dims(module, len(outputs))

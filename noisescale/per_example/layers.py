@@ -19,6 +19,7 @@ The cheaper one is chosen per layer and per call; for T = 1 it is |a|^2 |g|^2.
 
 from __future__ import annotations
 
+import inspect
 import re
 import weakref
 from math import prod
@@ -80,6 +81,7 @@ class LayerRule:
     """
 
     rows_as_positions = False
+    recheck = False   # True: ``reproduces`` is checked on every call, not only the first (OverriddenForwardRule)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this configuration of ``module`` cannot be handled by the rule, or None when it can."""
@@ -492,18 +494,39 @@ class OverriddenForwardRule(LayerRule):
         self.rows_as_positions = rule.rows_as_positions
 
     def matches(self, module: nn.Module) -> bool:
-        return (isinstance(module, self.base) and type(module).forward is not self.base.forward
-                and not any(True for _ in module.children())
+        """A subclass with the base's weight and bias only, no buffers (a pruning mask) and a forward of one
+        argument (no switch per call): its first call's check then holds for every call."""
+        if not isinstance(module, self.base) or type(module).forward is self.base.forward:
+            return False
+        try:
+            arguments = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return False
+        return (len(arguments) == 1 and arguments[0].kind in (arguments[0].POSITIONAL_ONLY,
+                                                             arguments[0].POSITIONAL_OR_KEYWORD)
+                and not any(True for _ in module.children()) and not any(True for _ in module.buffers())
                 and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"})
 
     def unsupported_reason(self, module):
         return self.rule.unsupported_reason(module)
+
+    recheck = True
 
     def verify(self, module, x, output):
         try:
             return _close(self.reference(module, x[:_VERIFY_ROWS]), output[:_VERIFY_ROWS])
         except (RuntimeError, ValueError):   # not the base layer's shapes at all
             return False
+
+    def reproduces(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+        """The check of ``verify`` as a 0-d bool tensor, without waiting for the device: a subclass may change
+        what it computes between calls (fake quantisation switched on after warm-up)."""
+        rows, expected = x[:_VERIFY_ROWS], output[:_VERIFY_ROWS]
+        reconstruction = self.reference(module, rows)
+        if reconstruction.shape != expected.shape:
+            return torch.zeros((), dtype=torch.bool, device=output.device)
+        tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(expected.dtype, 1e-2)
+        return ((reconstruction - expected).abs() <= tolerance * (expected.abs() + expected.abs().max())).all()
 
     def per_example_grads(self, module, x, g, names):
         return self.rule.per_example_grads(module, x, g, names)

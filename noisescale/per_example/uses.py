@@ -45,6 +45,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -54,7 +55,7 @@ from noisescale.per_example.factors import IndexFactors, LinearFactors, compute_
 __all__ = ["ParameterUses", "per_example_total"]
 
 _EXPANDS = {Tensor.expand, Tensor.broadcast_to, torch.broadcast_to}
-_ADDS = {Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, torch.add}
+_ADDS = {Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_, torch.add}
 _SUBS = {Tensor.sub, Tensor.__sub__, torch.sub}
 _MULS = {Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.mul}
 _DIVS = {Tensor.div, Tensor.__truediv__, torch.div}
@@ -117,6 +118,8 @@ class ParameterUses(TorchFunctionMode):
         self._open = False
         self._pending: dict[int, _Use] = {}   # id(output of batch 1) -> its use, until ``close``
         self._batched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # id -> tensor with examples
+        # id -> a source expanded or repeated to B in dim 0 (a use): its dim 0 must meet the examples' dim 0
+        self._claimed: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def start(self, args: tuple = (), kwargs: dict | None = None) -> None:
         """Record from here on; the call's tensors with the B examples in dim 0 (not parameters) hold examples."""
@@ -134,9 +137,18 @@ class ParameterUses(TorchFunctionMode):
                                                  and t.stride(0) == 0)
 
     def stop(self) -> None:
+        """Stop recording: this mode leaves the torch function mode stack from wherever it is (an inner module's
+        mode is still above it when that module raised and the error was caught)."""
         if self._open:
             self._open = False
-            self.__exit__(None, None, None)
+            above = []
+            while torch._C._len_torch_function_stack():
+                mode = torch._C._pop_torch_function_stack()
+                if mode is self:
+                    break
+                above.append(mode)
+            for mode in reversed(above):
+                torch._C._push_on_torch_function_stack(mode)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -144,6 +156,10 @@ class ParameterUses(TorchFunctionMode):
         if not self.complete:
             return result
         tensors = list(_tensors(args, kwargs.values()))
+        if any(self._claimed.get(id(t)) is t for t in tensors) and not _aligned(func, args, kwargs, tensors, result):
+            self.complete, self.reason = False, (f"{getattr(func, '__name__', func)}: a parameter expanded to the "
+                                                 "batch's size meets the examples in another dim")
+            return result
         if any(self._holds_examples(t) for t in tensors):
             for out in _tensors((result,)):
                 self._batched[id(out)] = out
@@ -191,6 +207,8 @@ class ParameterUses(TorchFunctionMode):
                 y.shape[0] == self.batch_size and not self._holds_examples(y)
                 and not (func in _EXPANDS or func is Tensor.repeat)):
             return "its output does not hold the examples in dim 0"
+        if self.batch_size > 1 and self.batch_size in y.shape[1:]:
+            return "its output has another dim of the batch's size: which holds the examples cannot be told"
         if len({id(p) for p in used}) != len(used):
             return "a parameter enters twice"
         if func is F.linear:
@@ -207,6 +225,7 @@ class ParameterUses(TorchFunctionMode):
         if func in _EXPANDS or func is Tensor.repeat:
             if args[0] is not p or (func is Tensor.repeat and not _repeats_like_expand(p, args[1:])):
                 return "a repeat of a dim of size above 1, or not the parameter expanded"
+            self._claimed[id(y)] = self._batched[id(y)] = y   # B copies: of examples, or heads as many as them?
             return self._broadcast(p, y)
         if func in _DIVS and len(args) == 2 and not kwargs:   # x / p = x * (1 / p), p / x = p * (1 / x)
             if args[1] is p:
@@ -234,6 +253,26 @@ class ParameterUses(TorchFunctionMode):
             y.register_hook(partial(_keep, use.grad))
         else:   # batch 1: per example only if y is the module's output, broadcast to the B examples (shared)
             self._pending[id(y)] = use
+
+    def refuse_unseen(self, inputs: list[Tensor], outputs: list[Tensor], budget: int = 20_000) -> None:
+        """Refuse the record when the call's autograd graph, from its outputs back to its inputs, holds a node the
+        mode cannot have seen: a custom autograd.Function (its forward runs without grad, so a parameter used in
+        it leaves no trace here; the check of the sums in GhostPass misses a use whose sum over the examples
+        cancels). A graph larger than ``budget`` nodes is refused too."""
+        if not self.complete:
+            return
+        stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        seen, stack = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            seen.add(node)
+            if len(seen) > budget or isinstance(node, BackwardCFunction):
+                self.complete, self.reason = False, (f"a custom autograd.Function ({type(node).__name__}) in its "
+                                                     "graph" if len(seen) <= budget else "a graph too large to check")
+                return
+            stack.extend(next_node for next_node, _ in node.next_functions)
 
     def close(self, output: Any, broadcast: Tensor | None) -> bool:
         """After the module's forward: a use whose output of batch 1 is the module's ``output``, broadcast by the
@@ -352,6 +391,19 @@ def _tensors(*groups) -> Iterator[Tensor]:
                 yield value
             elif isinstance(value, (list, tuple)):
                 yield from _tensors(value)
+
+
+def _aligned(func, args: tuple, kwargs: dict, tensors: list[Tensor], y: Any) -> bool:
+    """Whether an operation on a source expanded to the batch's size keeps that dim 0 at the examples' dim 0:
+    concatenation along another dim, or an elementwise operation, of tensors as many-dimensional as the result
+    (ViT's torch.cat([cls_token.expand(B, 1, d), patches], 1)). Anything else (scores (B, H, T, T) + a bias
+    expanded to (H, T, T) with H == B) is not known to."""
+    if not isinstance(y, Tensor) or any(t.dim() != y.dim() for t in tensors):
+        return False
+    if func in (torch.cat, torch.concat, torch.concatenate):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return dim % y.dim() != 0
+    return func in _ADDS or func in _SUBS or func in _MULS or func in _DIVS
 
 
 def _repeats_like_expand(p: Tensor, sizes: tuple) -> bool:
