@@ -26,6 +26,32 @@ def forbid_reruns(monkeypatch):
                         lambda *args: (_ for _ in ()).throw(AssertionError("re-run used")))
 
 
+def assert_matches_loop(model, inputs, targets):
+    """per_example_sqnorms of one call against the per-example loop, parameter by parameter."""
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+
+
+def counted_reruns(monkeypatch) -> list:
+    """One item per re-run of a fallback call (the re-runs still run)."""
+    reruns = []
+    original = fallback.module_per_example_grads
+    monkeypatch.setattr("noisescale.per_example.ghost.module_per_example_grads",
+                        lambda *args: reruns.append(1) or original(*args))
+    return reruns
+
+
+def two_exact_steps(model, inputs, targets):
+    """Two calls of one engine (the first verifies rules and may refuse captures), each against the loop."""
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine(inputs, targets)
+        assert_exact(result, expected)
+    return engine, result
+
+
 @pytest.fixture
 def no_rerun(monkeypatch):
     forbid_reruns(monkeypatch)
@@ -120,10 +146,7 @@ class MoreUses(nn.Module):
 
 def test_repeat_integer_indexing_none_views_and_layer_norm_are_captured(no_rerun):
     model, (x, tokens), targets = _case(MoreUses())
-    tokens = tokens.clamp(max=0)   # positions 0..T
-    expected = naive_per_example(model, per_example_cross_entropy, (x, tokens), targets)
-    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, (x, tokens), targets, by_parameter=True),
-                 expected)
+    assert_matches_loop(model, (x, tokens.clamp(max=0)), targets)   # positions 0..T
 
 
 class TwoStepLinear(nn.Linear):
@@ -200,14 +223,12 @@ class ComputedFromParameters(nn.Module):
 
 def test_tensors_computed_from_the_parameters_alone_are_taken_back_to_them(no_rerun):
     model, inputs, targets = _case(ComputedFromParameters())
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
-    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+    assert_matches_loop(model, inputs, targets)
 
 
 def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):
     model, inputs, targets = _case(ModuleCalledTwice())
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
-    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+    assert_matches_loop(model, inputs, targets)
 
 
 class _Square(torch.autograd.Function):
@@ -249,15 +270,8 @@ class UnknownUse(nn.Module):
 @pytest.mark.parametrize("body", [HiddenUse, UnknownUse])
 def test_uses_the_capture_cannot_see_or_know_are_re_run_and_the_module_is_not_captured_again(body, monkeypatch):
     model, inputs, targets = _case(body())
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
-    reruns = []
-    original = fallback.module_per_example_grads
-    monkeypatch.setattr("noisescale.per_example.ghost.module_per_example_grads",
-                        lambda *args: reruns.append(1) or original(*args))
-    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        assert_exact(engine(inputs, targets), expected)
+    reruns = counted_reruns(monkeypatch)
+    engine, _ = two_exact_steps(model, inputs, targets)
     assert len(reruns) == 2
     assert model.body in engine._engine._refused
 
@@ -288,8 +302,7 @@ def test_a_call_shared_by_every_example_is_captured(no_rerun):
     torch.manual_seed(0)
     model = WithPositions().double()
     _, inputs, targets = _case(Embeddings())
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
-    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+    assert_matches_loop(model, inputs, targets)
 
 
 def test_observe_reads_captured_uses_from_the_callers_own_pass(no_rerun):
@@ -389,16 +402,8 @@ class UsedOutsideToo(nn.Module):
 def test_uses_that_cannot_be_told_apart_are_not_captured(body, rerun, monkeypatch):
     model, inputs, targets = _case(body())
     inputs[0][:, 0, 0] -= inputs[0][:, 0, 0].mean()   # z of CancellingFunction sums to 0
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
-    reruns = []
-    original = fallback.module_per_example_grads
-    monkeypatch.setattr("noisescale.per_example.ghost.module_per_example_grads",
-                        lambda *args: reruns.append(1) or original(*args))
-    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        result = engine(inputs, targets)
-        assert_exact(result, expected)
+    reruns = counted_reruns(monkeypatch)
+    _, result = two_exact_steps(model, inputs, targets)
     assert bool(reruns) == rerun
     if not rerun:
         assert result.backend_of["body.inner.weight"] == "vmap"
@@ -438,6 +443,5 @@ def test_a_caught_error_of_a_captured_child_leaves_the_mode_stack_in_order():
     model, inputs, targets = _case(CatchesInner())
     stacks = []
     model.head.register_forward_pre_hook(lambda module, args: stacks.append(_get_current_function_mode_stack()))
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
-    assert_exact(per_example_sqnorms(model, per_example_cross_entropy, inputs, targets, by_parameter=True), expected)
+    assert_matches_loop(model, inputs, targets)
     assert stacks[-1] == [] and _get_current_function_mode_stack() == []
