@@ -102,7 +102,8 @@ class GhostPass:
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
                       batched: list[tuple[Tensor, int]], positional: bool = True) -> bool:
         """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
-        B - 1 in the probe's forward on B - 1 examples (True where no probe ran). A dim of size B that stays B
+        B - 1 in the probe's forward on B - 1 examples (True where no probe ran; ``tensors``, the call's
+        ``_call_tensors``, are read only where one did). A dim of size B that stays B
         holds positions, not examples: T5's relative position buckets (T, T), a sequence-first layer (T, B, d),
         with T == B. ``positional``: whether the layer could be taking positions for examples (not a convolution,
         whose images may well be as high as the batch is large), for the warning of an unchecked pass."""
@@ -465,7 +466,8 @@ class GhostNormEngine:
         elif _is_parameter(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
         elif replaced is None and blocks is None and not ghost_pass.follows_batch(
-                module, index, _call_tensors(args, kwargs, output), [(x, 0)], entry.rule.rows_as_positions):
+                module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
+                entry.rule.rows_as_positions):
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
@@ -542,7 +544,8 @@ class GhostNormEngine:
                 reason = "no input holds the examples, so its output cannot"
             else:
                 batched += [(t, d) for t, d in zip(outputs, dims) if t.requires_grad]
-                if not ghost_pass.follows_batch(module, index, _call_tensors(args, kwargs, output), batched):
+                tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
+                if not ghost_pass.follows_batch(module, index, tensors, batched):
                     reason = f"a dim of size {batch} that is not the examples (probe)"
             if reason is not None:
                 ghost_pass.declined[entry.path] = reason
