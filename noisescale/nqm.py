@@ -781,7 +781,8 @@ def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.n
 
 
 def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray,
-                      until: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      until: np.ndarray | None = None, earliest: bool = False,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (configuration, batch size): the first time 2^e - 1 (a grid time) with risk <= target (inf if none),
     the risk then, and the octave e from which the grid walk must follow it (inf: never).
 
@@ -791,6 +792,9 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     (2^i - 1, 2^(i+1) - 1] its floor (D bounded by the modes, N by its value at the octave's start) is above
     it. With ``until`` (per batch size, an upper bound of the best ranking time), rows are given up (inf) once
     they stay above the target up to the grid time after it: they can neither win nor lower the bound.
+    With ``earliest`` only the earliest crossing per batch size is sought, reached.min(axis=0): a batch size is
+    followed until some configuration reaches the target, no floors are computed and walk_from stays inf.
+    With one real mode per direction (SGD) D never increases, so its floor on an octave is D at the octave's end.
     """
     weights, inverse_batch = system.weights, 1.0 / batch_sizes
     v = _readout_row(system)
@@ -800,7 +804,8 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     walk_from = np.where(np.isfinite(reached), 0.0, np.inf)
     followed = system.stable[:, None] & np.isinf(reached)  # rows whose first octave crossing is still sought
     open_rows = followed.copy()  # ... and above the target on (0, time] so far
-    modes = _modes(system)
+    single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
+    modes = _modes(system) if until is not None or not (earliest or single) else None
     last_time = np.full(batch_sizes.size, times[-1])
     if until is not None:  # the grid time after until, as for the walk's bound
         last_time = times[np.minimum(np.searchsorted(times, until, side="right"), times.size - 1)]
@@ -811,8 +816,10 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
                                  target, checked, 0, latest)
             followed &= ~hopeless
             open_rows &= ~hopeless
-    term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values  # c mu^time, mu^time,
-    noise, time, octave = np.zeros(system.stable.size), 0, 0  # mu^(time + 1), with time = 2^octave - 1
+    floors = not (earliest or single)  # floors from the modes' terms:
+    if floors:  # c mu^time, mu^time, mu^(time + 1), with time = 2^octave - 1
+        term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values
+    noise, time, octave = np.zeros(system.stable.size), 0, 0
     power, block = system.matrix, _noise_block(system)
     live = np.arange(system.stable.size)
     while True:
@@ -824,23 +831,32 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             break
         if busy.sum() < 0.9 * live.size:
             live, v, noise, power, block = live[busy], v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
-            modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
-        floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
+            if floors:
+                modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
+        if floors:
+            floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
         noise_floor = noise[:, None] * inverse_batch
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
         time, octave = 2 * time + 1, octave + 1
-        risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
+        deterministic = _deterministic(system, v)
+        risk = deterministic[:, None] + noise[:, None] * inverse_batch
         new = followed[live] & (risk <= target)
         rows, columns = np.nonzero(new)
         reached[live[rows], columns], risk_then[live[rows], columns] = time, risk[rows, columns]
         followed[live[rows], columns] = False
-        uncertain = open_rows[live] & (new | ~(floor[:, None] + noise_floor > target))
-        rows, columns = np.nonzero(uncertain)
-        walk_from[live[rows], columns] = octave - 1
-        open_rows[live[rows], columns] = False
+        if earliest:  # a later crossing at these batch sizes is not the earliest
+            last_time[columns] = time
+        else:
+            if single:  # D(2 time + 1) (less a slack for rounding) <= D on the octave
+                floor = deterministic * (1.0 - 1e-10)
+            uncertain = open_rows[live] & (new | ~(floor[:, None] + noise_floor > target))
+            rows, columns = np.nonzero(uncertain)
+            walk_from[live[rows], columns] = octave - 1
+            open_rows[live[rows], columns] = False
         power, block = _doubled(power, block)
-        term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+        if floors:
+            term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
     return reached, risk_then, walk_from
 
 
@@ -1106,15 +1122,17 @@ def steps_vs_batch_size(
                                              config_momentum[config], config_ema[config], target)
         return last_search[config].at_batch(batch_size)
 
-    def octave_pass(configs, until=None):
-        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until)
+    def octave_pass(configs, until=None, earliest=False):
+        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until,
+                                   earliest=earliest)
                  for start in range(0, configs.size, chunk)]
         return (np.concatenate(part) for part in zip(*parts))
 
     # an upper bound of the best first octave crossing from every 8th configuration lets the full octave pass
     # give up the rows that cannot reach it
     sample = np.arange(0, config_lr.size, 8)
-    reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), next(octave_pass(sample)).min(axis=0))
+    until = next(octave_pass(sample, earliest=True)).min(axis=0)
+    reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), until)
     give_up = reached.min(axis=0)
     # one walk per configuration and octave its rows are walked from (none for rows that need no walk); the
     # configuration first (and lowest) at each batch size on the octave grid goes first, then the others by that
