@@ -513,19 +513,26 @@ def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class _Modes:
     """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin); where two
-    modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0)."""
+    modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0).
+    values and coefficients are real arrays when every value is real (no momentum), else complex."""
 
-    values: np.ndarray  # (P, K, bins) complex mu = lambda_i lambda_j, for the pairs of modes in use
-    coefficients: np.ndarray  # (P, K, bins) complex
+    values: np.ndarray  # (P, K, bins) mu = lambda_i lambda_j, for the pairs of modes in use
+    coefficients: np.ndarray  # (P, K, bins)
     monotone: np.ndarray  # (P, K, bins) mu real and positive
-    log_size: np.ndarray  # (P, K, bins) |log mu| (inf for mu = 0)
+    log_size: np.ndarray  # (P, K, bins) |log mu| (1e300 for mu = 0)
     confluent: np.ndarray  # (K, bins) the two modes in use coincide (a defective M)
     linear: np.ndarray  # (2, K, bins) A, B where confluent, else 0
     root: np.ndarray  # (K, bins) the real double root lambda where confluent, else 0
+    # per pair, also valid for any subset: every term monotone; some term monotone; the least |log mu| of the
+    # other terms (inf if none)
+    all_monotone: tuple[bool, ...]
+    any_monotone: tuple[bool, ...]
+    least_log_size: tuple[float, ...]
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
-                      self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep])
+                      self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep],
+                      self.all_monotone, self.any_monotone, self.least_log_size)
 
 
 def _modes(system: _FirstMoment) -> _Modes:
@@ -568,25 +575,39 @@ def _modes(system: _FirstMoment) -> _Modes:
         values = np.stack([system.modes[i] * system.modes[j] for i, j in pairs])
         values = np.where(system.stable[:, None], values, 0j)  # unstable configurations are never walked
         products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
-        log_size = np.abs(np.log(values))
+        if not (values.imag.any() or products.imag.any()):  # real arithmetic gives the same real parts
+            values, products = values.real.copy(), products.real.copy()
+        log_size = _log_size(values)
         confluent = ~valid & (second ^ third) & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
         root = np.where(confluent, l1.real, 0.0)
         slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
         linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
-    return _Modes(values, system.initial_variance * products, (values.imag == 0) & (values.real > 0),
-                  np.where(np.isfinite(log_size), log_size, 1e300), confluent, linear, root)
+    monotone = (values.imag == 0) & (values.real > 0)
+    log_size = np.where(np.isfinite(log_size), log_size, 1e300)
+    least = np.where(monotone, np.inf, log_size).min(axis=(1, 2))
+    return _Modes(values, system.initial_variance * products, monotone, log_size, confluent, linear, root,
+                  tuple(monotone.all(axis=(1, 2))), tuple(monotone.any(axis=(1, 2))), tuple(least))
+
+
+def _log_size(values: np.ndarray) -> np.ndarray:
+    """|log mu| = sqrt(log^2 |mu| + arg^2 mu) (inf for mu = 0), with real logarithms (a complex one costs more)."""
+    size = np.abs(np.log(np.abs(values)))
+    turned = np.nonzero(values.imag != 0 if np.iscomplexobj(values) else values < 0)
+    if turned[0].size:
+        size[turned] = np.hypot(size[turned], np.angle(values[turned]))
+    return size
 
 
 def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
-    """values^exponent by repeated squaring (exponent >= 0)."""
-    result, square = np.ones_like(values), values
+    """values^exponent by repeated squaring (exponent >= 0; ``values`` itself for 1)."""
+    result, square = None, values
     while exponent:
         if exponent & 1:
-            result = result * square
+            result = square if result is None else result * square
         exponent >>= 1
         if exponent:
             square = square * square
-    return result
+    return np.ones_like(values) if result is None else result
 
 
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
@@ -599,12 +620,22 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
     bin, (A + B s)^2 lambda^(2s) on s in [start, start + span], is at least min over the ends of (A + B s)^2
     times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
-    size = np.abs(first)  # >= |term| on the whole interval since |mu| < 1
-    with np.errstate(over="ignore"):
-        drift = np.minimum(span * modes.log_size, 2.0)  # |mu^s - 1| <= 2
-    terms = np.where(modes.monotone, np.minimum(first.real, last.real), first.real - size * drift)
-    terms = np.maximum(terms, -size)
-    per_bin = np.maximum(terms.sum(axis=0) - 1e-10 * size.sum(axis=0), 0.0)  # slack: rounding of cancelling terms
+    terms = sizes = 0.0
+    for pair in range(first.shape[0]):  # pair by pair: only the kinds of terms a pair has
+        real = first[pair].real
+        size = np.abs(first[pair])  # >= |term| on the whole interval since |mu| < 1
+        if modes.all_monotone[pair]:
+            term = np.minimum(real, last[pair].real)
+        elif span * modes.least_log_size[pair] >= 2.0:  # |mu^s - 1| <= 2 binds: max(Re z - 2 |z|, -|z|) = -|z|
+            term = -size
+        else:
+            with np.errstate(over="ignore"):
+                term = real - size * np.minimum(span * modes.log_size[pair], 2.0)  # |mu^s - 1| <= 2
+        if modes.any_monotone[pair] and not modes.all_monotone[pair]:
+            term = np.where(modes.monotone[pair], np.minimum(real, last[pair].real), term)
+        terms = terms + np.maximum(term, -size)
+        sizes = sizes + size
+    per_bin = np.maximum(terms - 1e-10 * sizes, 0.0)  # slack: rounding of cancelling terms
     if modes.confluent.any():
         near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
         with np.errstate(under="ignore"):
@@ -734,7 +765,11 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             else:
                 unsure = active & ~clear
                 near = np.nonzero(unsure.any(axis=1))[0]
-                if near.size:
+                if near.size == live.size:  # every configuration: c mu^(t_{j-1}) kept from here on
+                    base, since = base * _integer_power(mu_gap, since), 0
+                    floor = _deterministic_floor(modes, weights, base, base * mu_inner, 2**exponent - 2,
+                                                 int(times[j - 1]))
+                elif near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
                     floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
                                                  2**exponent - 2, int(times[j - 1]))
@@ -924,7 +959,9 @@ class _RowSearch:
         """Smallest integer t in (low, high] with E[L(t)] <= target, or None."""
         return self._first(low, high, *self.state(low)) if high > low else None
 
-    def _first(self, low: int, high: int, v: np.ndarray, noise: float) -> int | None:
+    def _first(self, low: int, high: int, v: np.ndarray, noise: float, first: np.ndarray | None = None,
+               last: np.ndarray | None = None) -> int | None:
+        """``first``, ``last``: the terms c mu^low and c mu^(high - 1) when known (a branch passes one down)."""
         if noise / self.batch_size > self.target:  # N never decreases
             return None
         if high - low <= self.leaf_powers.shape[2]:
@@ -934,17 +971,18 @@ class _RowSearch:
             risks = _deterministic(self.system, ahead) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
-        floor = _deterministic_floor(self.modes, self.system.weights,
-                                     self.modes.coefficients * self.modes.values**low,
-                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1,
-                                     low)[0]
+        if first is None:
+            first = self.modes.coefficients * self.modes.values**low
+        if last is None:
+            last = self.modes.coefficients * self.modes.values ** (high - 1)
+        floor = _deterministic_floor(self.modes, self.system.weights, first, last, high - low - 1, low)[0]
         if floor + noise / self.batch_size > self.target:
             return None
         bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
-        found = self._first(low, low + 2**bit, v, noise)
+        found = self._first(low, low + 2**bit, v, noise, first=first)
         if found is not None:
             return found
-        return self._first(low + 2**bit, high, *self._step(v, noise, bit))
+        return self._first(low + 2**bit, high, *self._step(v, noise, bit), last=last)
 
     def estimate(self, times: np.ndarray, step: int) -> float:
         """Ranking time of a first crossing at ``step``: interpolated on the grid as for a grid crossing when
