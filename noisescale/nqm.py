@@ -915,18 +915,26 @@ class _RowSearch:
         self.modes = _modes(self.system)
         self.batch_size, self.target = 1.0, float(target)
         self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]  # M^(2^e), A_(2^e) as needed
-        leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]  # M^s and A_s for s = 1..leaf
-        for _ in range(_LEAF_STEPS - 1):
-            leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
-                                                        leaf_powers[-1].swapaxes(0, 1)))
-            leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
-        self.leaf_powers, self.leaf_blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
-        n_bins = self.system.weights.size
-        while 2 * self.leaf_powers.shape[2] * n_bins <= _LEAF_ELEMENTS:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
-            power, block = self.leaf_powers[:, :, -1:], self.leaf_blocks[:, :, -1:]
-            self.leaf_blocks = np.concatenate([self.leaf_blocks, block + _apply(_apply(power, self.leaf_blocks),
-                                                                                power.swapaxes(0, 1))], 2)
-            self.leaf_powers = np.concatenate([self.leaf_powers, _apply(self.leaf_powers, power)], 2)
+        self.leaf_steps = _LEAF_STEPS
+        while 2 * self.leaf_steps * self.system.weights.size <= _LEAF_ELEMENTS:
+            self.leaf_steps *= 2
+        self.leaves: list[np.ndarray] = []  # M^s and A_s for s = 1..leaf_steps, built at the first leaf (most
+        # searches end before one) and shared with the at_batch copies
+
+    def _leaves(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.leaves:
+            leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]
+            for _ in range(_LEAF_STEPS - 1):
+                leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
+                                                            leaf_powers[-1].swapaxes(0, 1)))
+                leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
+            powers, blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
+            while powers.shape[2] < self.leaf_steps:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
+                power, block = powers[:, :, -1:], blocks[:, :, -1:]
+                blocks = np.concatenate([blocks, block + _apply(_apply(power, blocks), power.swapaxes(0, 1))], 2)
+                powers = np.concatenate([powers, _apply(powers, power)], 2)
+            self.leaves.extend([powers, blocks])
+        return self.leaves[0], self.leaves[1]
 
     def at_batch(self, batch_size: float) -> _RowSearch:
         """The same configuration at another batch size (arrays shared)."""
@@ -964,10 +972,11 @@ class _RowSearch:
         """``first``, ``last``: the terms c mu^low and c mu^(high - 1) when known (a branch passes one down)."""
         if noise / self.batch_size > self.target:  # N never decreases
             return None
-        if high - low <= self.leaf_powers.shape[2]:
+        if high - low <= self.leaf_steps:
             count = high - low
-            ahead = _advance(v, self.leaf_powers[:, :, :count])
-            noises = noise + _quadratic(v, self.leaf_blocks[:, :, :count]) @ self.system.weights
+            leaf_powers, leaf_blocks = self._leaves()
+            ahead = _advance(v, leaf_powers[:, :, :count])
+            noises = noise + _quadratic(v, leaf_blocks[:, :, :count]) @ self.system.weights
             risks = _deterministic(self.system, ahead) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
