@@ -63,7 +63,7 @@ DEFAULT_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(1.0, 21.0))
 
 _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per octave (gap <= 1/32 of t)
 _FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
-_CHUNK_ELEMENTS = 2**18  # configurations x bins walked at once
+_CHUNK_ELEMENTS = 2**16  # configurations x bins walked at once
 _SPLIT_ELEMENTS = 2**16  # walks at least this large start anew where the octave they can start at changes
 
 
@@ -920,6 +920,15 @@ class _RowSearch:
             self.leaf_steps *= 2
         self.leaves: list[np.ndarray] = []  # M^s and A_s for s = 1..leaf_steps, built at the first leaf (most
         # searches end before one) and shared with the at_batch copies
+        self.mode_squares, self.mode_odds = [self.modes.values], [np.ones_like(self.modes.values)]  # mu^(2^e),
+        # mu^(2^e - 1) as needed: a branch's terms from its parent's by one product
+
+    def _mode_powers(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mu^(2^bit), mu^(2^bit - 1))."""
+        while len(self.mode_squares) <= bit:
+            self.mode_odds.append(self.mode_odds[-1] * self.mode_squares[-1])
+            self.mode_squares.append(self.mode_squares[-1] * self.mode_squares[-1])
+        return self.mode_squares[bit], self.mode_odds[bit]
 
     def _leaves(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.leaves:
@@ -969,7 +978,8 @@ class _RowSearch:
 
     def _first(self, low: int, high: int, v: np.ndarray, noise: float, first: np.ndarray | None = None,
                last: np.ndarray | None = None) -> int | None:
-        """``first``, ``last``: the terms c mu^low and c mu^(high - 1) when known (a branch passes one down)."""
+        """``first``, ``last``: the terms c mu^low and c mu^(high - 1) when known (a branch gets them from its
+        parent's by one product each)."""
         if noise / self.batch_size > self.target:  # N never decreases
             return None
         if high - low <= self.leaf_steps:
@@ -988,10 +998,11 @@ class _RowSearch:
         if floor + noise / self.batch_size > self.target:
             return None
         bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
-        found = self._first(low, low + 2**bit, v, noise, first=first)
+        square, odd = self._mode_powers(bit)
+        found = self._first(low, low + 2**bit, v, noise, first=first, last=first * odd)
         if found is not None:
             return found
-        return self._first(low + 2**bit, high, *self._step(v, noise, bit), last=last)
+        return self._first(low + 2**bit, high, *self._step(v, noise, bit), first=first * square, last=last)
 
     def estimate(self, times: np.ndarray, step: int) -> float:
         """Ranking time of a first crossing at ``step``: interpolated on the grid as for a grid crossing when
