@@ -216,7 +216,8 @@ class _FirstMoment:
     readout: int  # state read by the risk: theta, or theta~ when the average is kept
     weights: np.ndarray  # (bins,) 1/2 h count
     initial_variance: float
-    modes: np.ndarray  # (3, K, bins) complex eigenvalues of M: heavy-ball roots r1, r2 (eq. 7) and gamma
+    modes: np.ndarray  # (3, K, bins) eigenvalues of M (complex unless all real): heavy-ball roots r1, r2 (eq. 7)
+    # and gamma
     active: np.ndarray  # (3, K) whether each mode can show in the read-out (r2 needs beta > 0, gamma > 0)
     stable: np.ndarray  # (K,) spectral radius of M < 1 in every bin
 
@@ -252,8 +253,12 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
     larger = 0.5 * (trace + np.copysign(root, trace))  # the real root of larger modulus (no cancellation)
     with np.errstate(divide="ignore", invalid="ignore"):
         smaller = np.where(larger != 0, beta / larger, 0.0)  # r1 r2 = beta
-    r1 = np.where(real, larger + 0j, 0.5 * (trace + 1j * root))
-    r2 = np.where(real, smaller + 0j, 0.5 * (trace - 1j * root))
+    if real.all():  # real arrays (no momentum, or overdamped everywhere)
+        r1, r2, r3 = larger, smaller, gamma * one
+    else:
+        r1 = np.where(real, larger + 0j, 0.5 * (trace + 1j * root))
+        r2 = np.where(real, smaller + 0j, 0.5 * (trace - 1j * root))
+        r3 = gamma * one + 0j
     stable = np.maximum(np.abs(r1), np.abs(r2)).max(axis=1) < 1.0
     active = np.stack([np.ones(alpha.shape[0], dtype=bool), beta[:, 0] > 0, gamma[:, 0] > 0])
 
@@ -266,7 +271,7 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
         readout=len(states) - 1 if 2 in states else 0,
         weights=weights,
         initial_variance=model.initial_variance,
-        modes=np.stack([r1, r2, gamma * one + 0j]),
+        modes=np.stack([r1, r2, r3]),
         active=active,
         stable=stable,
     )
@@ -552,7 +557,8 @@ def _modes(system: _FirstMoment) -> _Modes:
     l1, l2, l3 = system.modes
     second, third = system.active[1][:, None], system.active[2][:, None]
     both = second & third
-    unused = np.zeros(u1.shape, dtype=complex)  # stands for coefficients of a case no configuration has
+    zero = l1.dtype.type(0)  # complex arithmetic only where some eigenvalue is complex
+    unused = np.zeros(u1.shape, dtype=l1.dtype)  # stands for coefficients of a case no configuration has
     with np.errstate(all="ignore"):
         a1_two, ax_two = {}, {}
         for mode, other, alone in ((2, l2, second & ~third), (3, l3, third & ~second)):
@@ -564,18 +570,18 @@ def _modes(system: _FirstMoment) -> _Modes:
             a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
             a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
         coefficients = np.stack([
-            np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + 0j))),
-            np.where(both, a2, np.where(second, ax_two[2], 0j)),
-            np.where(both, a3, np.where(third, ax_two[3], 0j)),
+            np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + zero))),
+            np.where(both, a2, np.where(second, ax_two[2], zero)),
+            np.where(both, a3, np.where(third, ax_two[3], zero)),
         ])
         valid = np.isfinite(coefficients).all(axis=0)
-        coefficients = np.where(valid, coefficients, 0j)
+        coefficients = np.where(valid, coefficients, zero)
         used = system.active.any(axis=1)
         pairs = [(i, j) for i, j in _MODE_PAIRS if used[i] and used[j]]
         values = np.stack([system.modes[i] * system.modes[j] for i, j in pairs])
-        values = np.where(system.stable[:, None], values, 0j)  # unstable configurations are never walked
+        values = np.where(system.stable[:, None], values, zero)  # unstable configurations are never walked
         products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
-        if not (values.imag.any() or products.imag.any()):  # real arithmetic gives the same real parts
+        if np.iscomplexobj(values) and not (values.imag.any() or products.imag.any()):  # same real parts
             values, products = values.real.copy(), products.real.copy()
         log_size = _log_size(values)
         confluent = ~valid & (second ^ third) & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
