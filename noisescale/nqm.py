@@ -467,6 +467,7 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 _LEAF_STEPS = 16  # intervals this short are checked step by step ...
 _LEAF_ELEMENTS = 4096  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
 _MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+_PAIRWISE_ELEMENTS = 4096  # floors of terms with at least this many configurations x bins go pair by pair
 
 
 def _time_grid(max_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -627,20 +628,24 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
     times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
     terms = sizes = 0.0
-    for pair in range(first.shape[0]):  # pair by pair: only the kinds of terms a pair has
-        real = first[pair].real
-        size = np.abs(first[pair])  # >= |term| on the whole interval since |mu| < 1
-        if modes.all_monotone[pair]:
-            term = np.minimum(real, last[pair].real)
-        elif span * modes.least_log_size[pair] >= 2.0:  # |mu^s - 1| <= 2 binds: max(Re z - 2 |z|, -|z|) = -|z|
+    pairwise = first[0].size >= _PAIRWISE_ELEMENTS  # large arrays pair by pair: only the kinds of terms a pair has
+    groups = (zip(range(first.shape[0]), modes.all_monotone, modes.any_monotone, modes.least_log_size) if pairwise
+              else [(slice(None), all(modes.all_monotone), any(modes.any_monotone), min(modes.least_log_size))])
+    for group, every, some, least in groups:
+        real = first[group].real
+        size = np.abs(first[group])  # >= |term| on the whole interval since |mu| < 1
+        if every:
+            term = np.minimum(real, last[group].real)
+        elif span * least >= 2.0:  # |mu^s - 1| <= 2 binds for every term: max(Re z - 2 |z|, -|z|) = -|z|
             term = -size
         else:
             with np.errstate(over="ignore"):
-                term = real - size * np.minimum(span * modes.log_size[pair], 2.0)  # |mu^s - 1| <= 2
-        if modes.any_monotone[pair] and not modes.all_monotone[pair]:
-            term = np.where(modes.monotone[pair], np.minimum(real, last[pair].real), term)
-        terms = terms + np.maximum(term, -size)
-        sizes = sizes + size
+                term = real - size * np.minimum(span * modes.log_size[group], 2.0)  # |mu^s - 1| <= 2
+        if some and not every:
+            term = np.where(modes.monotone[group], np.minimum(real, last[group].real), term)
+        term = np.maximum(term, -size)
+        terms = terms + (term if pairwise else term.sum(axis=0))
+        sizes = sizes + (size if pairwise else size.sum(axis=0))
     per_bin = np.maximum(terms - 1e-10 * sizes, 0.0)  # slack: rounding of cancelling terms
     if modes.confluent.any():
         near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
