@@ -24,6 +24,7 @@ paper does (section 3.7), or kept exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,11 @@ class _FirstMoment:
     # and gamma
     active: np.ndarray  # (3, K) whether each mode can show in the read-out (r2 needs beta > 0, gamma > 0)
     stable: np.ndarray  # (K,) spectral radius of M < 1 in every bin
+
+    def subset(self, keep: np.ndarray) -> _FirstMoment:
+        """The configurations ``keep`` (an index array); states unused by them stay, exactly 0 in the read-out."""
+        return dataclasses.replace(self, matrix=self.matrix[:, :, keep], noise_input=self.noise_input[:, keep],
+                                   modes=self.modes[:, keep], active=self.active[:, keep], stable=self.stable[keep])
 
 
 def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learning_rate: np.ndarray,
@@ -669,7 +675,8 @@ class _GridCrossings:
 
 
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
-               give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None) -> _GridCrossings:
+               give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None,
+               modes: _Modes | None = None) -> _GridCrossings:
     """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
 
     A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
@@ -679,7 +686,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
     before the best. Finished configurations are dropped from the arrays as the walk goes. ``walk_from``
     (:func:`_octave_crossings`) skips rows that need no walk (inf) and starts the walk at the grid time 2^e - 1
-    (reached by repeated squaring), e the smallest of its values.
+    (reached by repeated squaring), e the smallest of its values. ``modes``: :func:`_modes` of ``system`` if known.
     """
     n_configs, n_batches = system.stable.size, batch_sizes.size
     inverse_batch = 1.0 / batch_sizes
@@ -705,7 +712,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         bound[start.any(axis=0)] = 0.0
     live = np.arange(n_configs)
     power, block = system.matrix, _noise_block(system)
-    modes = _modes(system)
+    modes = _modes(system) if modes is None else modes
     single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
     base, since = modes.coefficients.copy(), 0  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows
@@ -725,7 +732,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
-                              np.where(np.isfinite(walk_from), 0.0, np.inf))
+                              np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
         base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
         mu_gap = _integer_power(modes.values, 2**exponent)
         mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
@@ -919,11 +926,10 @@ class _RowSearch:
     risk, with the last ``leaf_steps`` steps of a branch evaluated at once: 16, or more with few bins, where a
     floor of 0 (the same oscillating heavy-ball roots in every direction, as with p = 1) prunes little)."""
 
-    def __init__(self, model: NoisyQuadraticModel, precondition_power: float, learning_rate: float,
-                 momentum: float, ema: float, target: float):
-        self.system = _first_moment(model, precondition_power, np.array([learning_rate]), np.array([momentum]),
-                                    np.array([ema]))
-        self.modes = _modes(self.system)
+    def __init__(self, system: _FirstMoment, target: float, modes: _Modes | None = None):
+        """``system`` of one configuration (e.g. a :meth:`_FirstMoment.subset`), ``modes`` its modes if known."""
+        self.system = system
+        self.modes = _modes(system) if modes is None else modes
         self.batch_size, self.target = 1.0, float(target)
         self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]  # M^(2^e), A_(2^e) as needed
         self.leaf_steps = _LEAF_STEPS
@@ -1073,13 +1079,13 @@ def steps_to_target(
     momentum, ema = _settings_arrays(optimizer, learning_rates.size)
     times, gaps = _time_grid(max_steps)
     system = _first_moment(model, optimizer.precondition_power, learning_rates, momentum, ema)
-    crossings = _walk_grid(system, batch_sizes, target, times, gaps)
+    modes = _modes(system)
+    crossings = _walk_grid(system, batch_sizes, target, times, gaps, modes=modes)
     steps = np.full((learning_rates.size, batch_sizes.size), np.inf)
     searches: dict[int, _RowSearch] = {}
     for row, column in zip(*np.nonzero((crossings.point >= 0) | (crossings.doubt > 0))):
         if row not in searches:
-            searches[row] = _RowSearch(model, optimizer.precondition_power, learning_rates[row], momentum[row],
-                                       ema[row], target)
+            searches[row] = _RowSearch(system.subset([row]), target, modes.subset([row]))
         steps[row, column] = _exact_step(searches[row].at_batch(batch_sizes[column]), times,
                                          crossings.point[row, column], crossings.doubt[row, column], times.size - 1)
     steps[steps > max_steps] = np.inf
@@ -1184,11 +1190,12 @@ def steps_vs_batch_size(
 
     last_search: dict[int, _RowSearch] = {}  # the last configuration's (rows come configuration by configuration)
 
-    def row_search(config, batch_size):
+    def row_search(config, batch_size, walked=None):
+        """The search of ``config`` at ``batch_size``, from ``walked`` = (system, modes, row) when given."""
         if config not in last_search:
             last_search.clear()
-            last_search[config] = _RowSearch(model, optimizer.precondition_power, config_lr[config],
-                                             config_momentum[config], config_ema[config], target)
+            last_search[config] = (_RowSearch(system_of([config]), target) if walked is None else
+                                   _RowSearch(walked[0].subset([walked[2]]), target, walked[1].subset([walked[2]])))
         return last_search[config].at_batch(batch_size)
 
     def octave_pass(configs, until=None, earliest=False):
@@ -1223,16 +1230,17 @@ def steps_vs_batch_size(
     for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
         index, octaves = entry_config[entries], entry_octave[entries, None]
         system = system_of(index)
+        modes = _modes(system)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
                                give_up_after=np.minimum(give_up, best_estimate),
-                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf))
+                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes)
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)
         estimate[point == 0] = 0.0
         exact = np.full(estimate.shape, np.nan)
         for row, column in zip(*np.nonzero(crossings.doubt > 0)):
-            search = row_search(index[row], batch_sizes[column])
+            search = row_search(index[row], batch_sizes[column], (system, modes, row))
             stop = min(int(np.searchsorted(times, min(give_up[column], best_estimate[column]), side="right")),
                        times.size - 1)
             found = search.first(int(times[crossings.doubt[row, column] - 1]), int(times[stop]))
