@@ -242,14 +242,14 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
                                          model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
                                          0.5 * model.curvatures * model.counts)
     one = np.ones_like(alpha * h_eff)
-    zero = np.zeros_like(one)
     decay = 1.0 - alpha * h_eff
-    full_m = np.array([
-        [decay, -alpha * beta * one, zero],
-        [h_eff * one, beta * one, zero],
-        [(1 - gamma) * decay, -(1 - gamma) * alpha * beta * one, gamma * one],
-    ])
-    full_b = np.array([-alpha * one, one, -(1 - gamma) * alpha * one])
+    matrix_entries = {  # the nonzero M_ij and the b_i of the full state, computed for the states kept only
+        (0, 0): lambda: decay, (0, 1): lambda: -alpha * beta * one,
+        (1, 0): lambda: h_eff * one, (1, 1): lambda: beta * one,
+        (2, 0): lambda: (1 - gamma) * decay, (2, 1): lambda: -(1 - gamma) * alpha * beta * one,
+        (2, 2): lambda: gamma * one,
+    }
+    noise_entries = (lambda: -alpha * one, lambda: one, lambda: -(1 - gamma) * alpha * one)
     states = [0] + ([1] if np.any(beta > 0) else []) + ([2] if np.any(gamma > 0) else [])
 
     trace = decay + beta
@@ -268,10 +268,12 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
     stable = np.maximum(np.abs(r1), np.abs(r2)).max(axis=1) < 1.0
     active = np.stack([np.ones(alpha.shape[0], dtype=bool), beta[:, 0] > 0, gamma[:, 0] > 0])
 
-    m_matrix = full_m[np.ix_(states, states)]
+    zero = np.zeros_like(one)
+    m_matrix = np.array([[matrix_entries[i, j]() if (i, j) in matrix_entries else zero for j in states]
+                         for i in states])
     return _FirstMoment(
         matrix=np.where(stable[:, None], m_matrix, 0.0),
-        noise_input=full_b[states],
+        noise_input=np.array([noise_entries[i]() for i in states]),
         noise_variance=c_eff,
         initial=np.array([1.0, 0.0, 1.0])[states],
         readout=len(states) - 1 if 2 in states else 0,
