@@ -593,10 +593,15 @@ def _modes(system: _FirstMoment) -> _Modes:
         if np.iscomplexobj(values) and not (values.imag.any() or products.imag.any()):  # same real parts
             values, products = values.real.copy(), products.real.copy()
         log_size = _log_size(values)
-        confluent = ~valid & (second ^ third) & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
-        root = np.where(confluent, l1.real, 0.0)
-        slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
-        linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
+        two_modes = second ^ third
+        confluent = np.zeros(u1.shape, dtype=bool)
+        if two_modes.any():  # (a double root needs exactly two modes in use)
+            confluent = ~valid & two_modes & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
+        root, linear = np.zeros(u1.shape), np.zeros((2,) + u1.shape)
+        if confluent.any():
+            root = np.where(confluent, l1.real, 0.0)
+            slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
+            linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
     monotone = (values.imag == 0) & (values.real > 0)
     log_size = np.where(np.isfinite(log_size), log_size, 1e300)
     least = np.where(monotone, np.inf, log_size).min(axis=(1, 2))
