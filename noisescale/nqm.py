@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -733,16 +734,19 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 power_then, block_then = power, block
             noise = noise + _quadratic(v, block) @ weights
             v = _advance(v, power)
-            power, block = _doubled(power, block)
+            if doubling < octave - 1:
+                power, block = _doubled(power, block)
         power, block = power_then, block_then
         start_index = int(np.searchsorted(times, 2**octave - 1))
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
                               np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
-        base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
-        mu_gap = _integer_power(modes.values, 2**exponent)
-        mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
+        squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
+        for _ in range(octave - 1):
+            squares.append(squares[-1] * squares[-1])
+        base = modes.coefficients * functools.reduce(np.multiply, squares)
+        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent], mu_inner)
     pending = active & (activate_at > start_index)  # rows above the target until their first grid index
     active &= ~pending
     for j in range(start_index + 1, times.size):
