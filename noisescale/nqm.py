@@ -897,6 +897,10 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             live, v, noise, power, block = live[busy], v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             if floors:
                 modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
+        if time > 0:  # M^(time + 1), A_(time + 1) and the terms at this time, for the configurations kept only
+            power, block = _doubled(power, block)
+            if floors:
+                term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
         if floors:
             floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
         noise_floor = noise[:, None] * inverse_batch
@@ -918,9 +922,6 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             rows, columns = np.nonzero(uncertain)
             walk_from[live[rows], columns] = octave - 1
             open_rows[live[rows], columns] = False
-        power, block = _doubled(power, block)
-        if floors:
-            term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
     return reached, risk_then, walk_from
 
 
