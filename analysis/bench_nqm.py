@@ -1,8 +1,8 @@
 """Time one figure's sweep of the noisy quadratic model: batch sizes 2^0..2^20, the default learning-rate
 grid, four optimizer settings (SGD, momentum 0.9, p = 0.5, p = 1) on the paper's model (d = 10^4), binned
-(100 bins) and on the exact spectrum (10^4 directions); then the tuned rows of analysis/nqm_figures.py on the
-binned model (SGD with momentum tuned over DEFAULT_MOMENTUM_GRID, with the EMA tuned over DEFAULT_EMA_GRID, and
-both tuned together, without preconditioning and with p = 1).
+(100 bins) and on the exact spectrum (10^4 directions), the latter also setting by setting; then the tuned
+rows of analysis/nqm_figures.py on the binned model (SGD with momentum tuned over DEFAULT_MOMENTUM_GRID, with
+the EMA tuned over DEFAULT_EMA_GRID, and both tuned together, without preconditioning and with p = 1).
 
 Usage: python3 analysis/bench_nqm.py [--repeats 5] [--out data/bench/nqm.csv]
 (prints and writes the median, min and max wall time and the median CPU time of the repeats per job; a
@@ -50,6 +50,10 @@ def jobs():
     for name, n_bins in SWEEPS.items():
         model = nqm.paper_model(n_bins=n_bins)
         yield name, model, len(SETTINGS), rates, lambda model=model: sweep(model)
+    exact = nqm.paper_model(n_bins=None)
+    for setting in SETTINGS:  # where the exact sweep's time goes
+        yield (f"exact (d = 10^4), {setting.label}", exact, 1, rates,
+               lambda setting=setting: nqm.steps_vs_batch_size(exact, setting, BATCH_SIZES))
     model = nqm.paper_model()
     for name, (grids, power) in TUNED.items():
         configs = rates * len(grids.get("momenta", (0,))) * len(grids.get("emas", (0,)))

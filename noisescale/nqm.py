@@ -24,6 +24,8 @@ paper does (section 3.7), or kept exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +65,7 @@ DEFAULT_EMA_GRID = (0.0,) + tuple(1.0 - 2.0 ** -np.arange(1.0, 21.0))
 
 _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per octave (gap <= 1/32 of t)
 _FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
-_CHUNK_ELEMENTS = 2**18  # configurations x bins walked at once
+_CHUNK_ELEMENTS = 2**16  # configurations x bins walked at once
 _SPLIT_ELEMENTS = 2**16  # walks at least this large start anew where the octave they can start at changes
 
 
@@ -216,9 +218,15 @@ class _FirstMoment:
     readout: int  # state read by the risk: theta, or theta~ when the average is kept
     weights: np.ndarray  # (bins,) 1/2 h count
     initial_variance: float
-    modes: np.ndarray  # (3, K, bins) complex eigenvalues of M: heavy-ball roots r1, r2 (eq. 7) and gamma
+    modes: np.ndarray  # (3, K, bins) eigenvalues of M (complex unless all real): heavy-ball roots r1, r2 (eq. 7)
+    # and gamma
     active: np.ndarray  # (3, K) whether each mode can show in the read-out (r2 needs beta > 0, gamma > 0)
     stable: np.ndarray  # (K,) spectral radius of M < 1 in every bin
+
+    def subset(self, keep: np.ndarray) -> _FirstMoment:
+        """The configurations ``keep`` (an index array); states unused by them stay, exactly 0 in the read-out."""
+        return dataclasses.replace(self, matrix=self.matrix[:, :, keep], noise_input=self.noise_input[:, keep],
+                                   modes=self.modes[:, keep], active=self.active[:, keep], stable=self.stable[keep])
 
 
 def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learning_rate: np.ndarray,
@@ -235,14 +243,14 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
                                          model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
                                          0.5 * model.curvatures * model.counts)
     one = np.ones_like(alpha * h_eff)
-    zero = np.zeros_like(one)
     decay = 1.0 - alpha * h_eff
-    full_m = np.array([
-        [decay, -alpha * beta * one, zero],
-        [h_eff * one, beta * one, zero],
-        [(1 - gamma) * decay, -(1 - gamma) * alpha * beta * one, gamma * one],
-    ])
-    full_b = np.array([-alpha * one, one, -(1 - gamma) * alpha * one])
+    matrix_entries = {  # the nonzero M_ij and the b_i of the full state, computed for the states kept only
+        (0, 0): lambda: decay, (0, 1): lambda: -alpha * beta * one,
+        (1, 0): lambda: h_eff * one, (1, 1): lambda: beta * one,
+        (2, 0): lambda: (1 - gamma) * decay, (2, 1): lambda: -(1 - gamma) * alpha * beta * one,
+        (2, 2): lambda: gamma * one,
+    }
+    noise_entries = (lambda: -alpha * one, lambda: one, lambda: -(1 - gamma) * alpha * one)
     states = [0] + ([1] if np.any(beta > 0) else []) + ([2] if np.any(gamma > 0) else [])
 
     trace = decay + beta
@@ -252,21 +260,27 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
     larger = 0.5 * (trace + np.copysign(root, trace))  # the real root of larger modulus (no cancellation)
     with np.errstate(divide="ignore", invalid="ignore"):
         smaller = np.where(larger != 0, beta / larger, 0.0)  # r1 r2 = beta
-    r1 = np.where(real, larger + 0j, 0.5 * (trace + 1j * root))
-    r2 = np.where(real, smaller + 0j, 0.5 * (trace - 1j * root))
+    if real.all():  # real arrays (no momentum, or overdamped everywhere)
+        r1, r2, r3 = larger, smaller, gamma * one
+    else:
+        r1 = np.where(real, larger + 0j, 0.5 * (trace + 1j * root))
+        r2 = np.where(real, smaller + 0j, 0.5 * (trace - 1j * root))
+        r3 = gamma * one + 0j
     stable = np.maximum(np.abs(r1), np.abs(r2)).max(axis=1) < 1.0
     active = np.stack([np.ones(alpha.shape[0], dtype=bool), beta[:, 0] > 0, gamma[:, 0] > 0])
 
-    m_matrix = full_m[np.ix_(states, states)]
+    zero = np.zeros_like(one)
+    m_matrix = np.array([[matrix_entries[i, j]() if (i, j) in matrix_entries else zero for j in states]
+                         for i in states])
     return _FirstMoment(
         matrix=np.where(stable[:, None], m_matrix, 0.0),
-        noise_input=full_b[states],
+        noise_input=np.array([noise_entries[i]() for i in states]),
         noise_variance=c_eff,
         initial=np.array([1.0, 0.0, 1.0])[states],
         readout=len(states) - 1 if 2 in states else 0,
         weights=weights,
         initial_variance=model.initial_variance,
-        modes=np.stack([r1, r2, gamma * one + 0j]),
+        modes=np.stack([r1, r2, r3]),
         active=active,
         stable=stable,
     )
@@ -462,6 +476,7 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 _LEAF_STEPS = 16  # intervals this short are checked step by step ...
 _LEAF_ELEMENTS = 4096  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
 _MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+_PAIRWISE_ELEMENTS = 4096  # floors of terms with at least this many configurations x bins go pair by pair
 
 
 def _time_grid(max_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -513,19 +528,26 @@ def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class _Modes:
     """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin); where two
-    modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0)."""
+    modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0).
+    values and coefficients are real arrays when every value is real (no momentum), else complex."""
 
-    values: np.ndarray  # (P, K, bins) complex mu = lambda_i lambda_j, for the pairs of modes in use
-    coefficients: np.ndarray  # (P, K, bins) complex
+    values: np.ndarray  # (P, K, bins) mu = lambda_i lambda_j, for the pairs of modes in use
+    coefficients: np.ndarray  # (P, K, bins)
     monotone: np.ndarray  # (P, K, bins) mu real and positive
-    log_size: np.ndarray  # (P, K, bins) |log mu| (inf for mu = 0)
+    log_size: np.ndarray  # (P, K, bins) |log mu| (1e300 for mu = 0)
     confluent: np.ndarray  # (K, bins) the two modes in use coincide (a defective M)
     linear: np.ndarray  # (2, K, bins) A, B where confluent, else 0
     root: np.ndarray  # (K, bins) the real double root lambda where confluent, else 0
+    # per pair, also valid for any subset: every term monotone; some term monotone; the least |log mu| of the
+    # other terms (inf if none)
+    all_monotone: tuple[bool, ...]
+    any_monotone: tuple[bool, ...]
+    least_log_size: tuple[float, ...]
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
-                      self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep])
+                      self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep],
+                      self.all_monotone, self.any_monotone, self.least_log_size)
 
 
 def _modes(system: _FirstMoment) -> _Modes:
@@ -545,7 +567,8 @@ def _modes(system: _FirstMoment) -> _Modes:
     l1, l2, l3 = system.modes
     second, third = system.active[1][:, None], system.active[2][:, None]
     both = second & third
-    unused = np.zeros(u1.shape, dtype=complex)  # stands for coefficients of a case no configuration has
+    zero = l1.dtype.type(0)  # complex arithmetic only where some eigenvalue is complex
+    unused = np.zeros(u1.shape, dtype=l1.dtype)  # stands for coefficients of a case no configuration has
     with np.errstate(all="ignore"):
         a1_two, ax_two = {}, {}
         for mode, other, alone in ((2, l2, second & ~third), (3, l3, third & ~second)):
@@ -557,36 +580,55 @@ def _modes(system: _FirstMoment) -> _Modes:
             a2 = (u3 - (l1 + l3) * u2 + l1 * l3 * u1) / ((l2 - l1) * (l2 - l3))
             a3 = (u3 - (l1 + l2) * u2 + l1 * l2 * u1) / ((l3 - l1) * (l3 - l2))
         coefficients = np.stack([
-            np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + 0j))),
-            np.where(both, a2, np.where(second, ax_two[2], 0j)),
-            np.where(both, a3, np.where(third, ax_two[3], 0j)),
+            np.where(both, a1, np.where(second, a1_two[2], np.where(third, a1_two[3], u1 + zero))),
+            np.where(both, a2, np.where(second, ax_two[2], zero)),
+            np.where(both, a3, np.where(third, ax_two[3], zero)),
         ])
         valid = np.isfinite(coefficients).all(axis=0)
-        coefficients = np.where(valid, coefficients, 0j)
+        coefficients = np.where(valid, coefficients, zero)
         used = system.active.any(axis=1)
         pairs = [(i, j) for i, j in _MODE_PAIRS if used[i] and used[j]]
         values = np.stack([system.modes[i] * system.modes[j] for i, j in pairs])
-        values = np.where(system.stable[:, None], values, 0j)  # unstable configurations are never walked
+        values = np.where(system.stable[:, None], values, zero)  # unstable configurations are never walked
         products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
-        log_size = np.abs(np.log(values))
-        confluent = ~valid & (second ^ third) & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
-        root = np.where(confluent, l1.real, 0.0)
-        slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
-        linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
-    return _Modes(values, system.initial_variance * products, (values.imag == 0) & (values.real > 0),
-                  np.where(np.isfinite(log_size), log_size, 1e300), confluent, linear, root)
+        if np.iscomplexobj(values) and not (values.imag.any() or products.imag.any()):  # same real parts
+            values, products = values.real.copy(), products.real.copy()
+        log_size = _log_size(values)
+        two_modes = second ^ third
+        confluent = np.zeros(u1.shape, dtype=bool)
+        if two_modes.any():  # (a double root needs exactly two modes in use)
+            confluent = ~valid & two_modes & (l1 == np.where(second, l2, l3)) & system.stable[:, None]
+        root, linear = np.zeros(u1.shape), np.zeros((2,) + u1.shape)
+        if confluent.any():
+            root = np.where(confluent, l1.real, 0.0)
+            slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
+            linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
+    monotone = (values.imag == 0) & (values.real > 0)
+    log_size = np.where(np.isfinite(log_size), log_size, 1e300)
+    least = np.where(monotone, np.inf, log_size).min(axis=(1, 2))
+    return _Modes(values, system.initial_variance * products, monotone, log_size, confluent, linear, root,
+                  tuple(monotone.all(axis=(1, 2))), tuple(monotone.any(axis=(1, 2))), tuple(least))
+
+
+def _log_size(values: np.ndarray) -> np.ndarray:
+    """|log mu| = sqrt(log^2 |mu| + arg^2 mu) (inf for mu = 0), with real logarithms (a complex one costs more)."""
+    size = np.abs(np.log(np.abs(values)))
+    turned = np.nonzero(values.imag != 0 if np.iscomplexobj(values) else values < 0)
+    if turned[0].size:
+        size[turned] = np.hypot(size[turned], np.angle(values[turned]))
+    return size
 
 
 def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
-    """values^exponent by repeated squaring (exponent >= 0)."""
-    result, square = np.ones_like(values), values
+    """values^exponent by repeated squaring (exponent >= 0; ``values`` itself for 1)."""
+    result, square = None, values
     while exponent:
         if exponent & 1:
-            result = result * square
+            result = square if result is None else result * square
         exponent >>= 1
         if exponent:
             square = square * square
-    return result
+    return np.ones_like(values) if result is None else result
 
 
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
@@ -599,12 +641,26 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
     bin, (A + B s)^2 lambda^(2s) on s in [start, start + span], is at least min over the ends of (A + B s)^2
     times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
-    size = np.abs(first)  # >= |term| on the whole interval since |mu| < 1
-    with np.errstate(over="ignore"):
-        drift = np.minimum(span * modes.log_size, 2.0)  # |mu^s - 1| <= 2
-    terms = np.where(modes.monotone, np.minimum(first.real, last.real), first.real - size * drift)
-    terms = np.maximum(terms, -size)
-    per_bin = np.maximum(terms.sum(axis=0) - 1e-10 * size.sum(axis=0), 0.0)  # slack: rounding of cancelling terms
+    terms = sizes = 0.0
+    pairwise = first[0].size >= _PAIRWISE_ELEMENTS  # large arrays pair by pair: only the kinds of terms a pair has
+    groups = (zip(range(first.shape[0]), modes.all_monotone, modes.any_monotone, modes.least_log_size) if pairwise
+              else [(slice(None), all(modes.all_monotone), any(modes.any_monotone), min(modes.least_log_size))])
+    for group, every, some, least in groups:
+        real = first[group].real
+        size = np.abs(first[group])  # >= |term| on the whole interval since |mu| < 1
+        if every:
+            term = np.minimum(real, last[group].real)
+        elif span * least >= 2.0:  # |mu^s - 1| <= 2 binds for every term: max(Re z - 2 |z|, -|z|) = -|z|
+            term = -size
+        else:
+            with np.errstate(over="ignore"):
+                term = real - size * np.minimum(span * modes.log_size[group], 2.0)  # |mu^s - 1| <= 2
+        if some and not every:
+            term = np.where(modes.monotone[group], np.minimum(real, last[group].real), term)
+        term = np.maximum(term, -size)
+        terms = terms + (term if pairwise else term.sum(axis=0))
+        sizes = sizes + (size if pairwise else size.sum(axis=0))
+    per_bin = np.maximum(terms - 1e-10 * sizes, 0.0)  # slack: rounding of cancelling terms
     if modes.confluent.any():
         near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
         with np.errstate(under="ignore"):
@@ -627,7 +683,8 @@ class _GridCrossings:
 
 
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
-               give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None) -> _GridCrossings:
+               give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None,
+               modes: _Modes | None = None) -> _GridCrossings:
     """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
 
     A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
@@ -637,7 +694,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
     before the best. Finished configurations are dropped from the arrays as the walk goes. ``walk_from``
     (:func:`_octave_crossings`) skips rows that need no walk (inf) and starts the walk at the grid time 2^e - 1
-    (reached by repeated squaring), e the smallest of its values.
+    (reached by repeated squaring), e the smallest of its values. ``modes``: :func:`_modes` of ``system`` if known.
     """
     n_configs, n_batches = system.stable.size, batch_sizes.size
     inverse_batch = 1.0 / batch_sizes
@@ -663,7 +720,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         bound[start.any(axis=0)] = 0.0
     live = np.arange(n_configs)
     power, block = system.matrix, _noise_block(system)
-    modes = _modes(system)
+    modes = _modes(system) if modes is None else modes
     single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
     clear = np.zeros_like(active)  # rows whose floor stays above the target for the rest of the octave
     base, since = modes.coefficients.copy(), 0  # c mu^(t_{j-1}) = base mu_gap^since, kept lazily: only rows
@@ -677,16 +734,19 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 power_then, block_then = power, block
             noise = noise + _quadratic(v, block) @ weights
             v = _advance(v, power)
-            power, block = _doubled(power, block)
+            if doubling < octave - 1:
+                power, block = _doubled(power, block)
         power, block = power_then, block_then
         start_index = int(np.searchsorted(times, 2**octave - 1))
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
-                              np.where(np.isfinite(walk_from), 0.0, np.inf))
-        base = modes.coefficients * _integer_power(modes.values, 2**octave - 1)
-        mu_gap = _integer_power(modes.values, 2**exponent)
-        mu_inner = _integer_power(modes.values, 2**exponent - 2) if exponent >= 1 else mu_inner
+                              np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
+        squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
+        for _ in range(octave - 1):
+            squares.append(squares[-1] * squares[-1])
+        base = modes.coefficients * functools.reduce(np.multiply, squares)
+        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent], mu_inner)
     pending = active & (activate_at > start_index)  # rows above the target until their first grid index
     active &= ~pending
     for j in range(start_index + 1, times.size):
@@ -734,7 +794,11 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             else:
                 unsure = active & ~clear
                 near = np.nonzero(unsure.any(axis=1))[0]
-                if near.size:
+                if near.size == live.size:  # every configuration: c mu^(t_{j-1}) kept from here on
+                    base, since = base * _integer_power(mu_gap, since), 0
+                    floor = _deterministic_floor(modes, weights, base, base * mu_inner, 2**exponent - 2,
+                                                 int(times[j - 1]))
+                elif near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
                     floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
                                                  2**exponent - 2, int(times[j - 1]))
@@ -781,7 +845,8 @@ def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.n
 
 
 def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray,
-                      until: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      until: np.ndarray | None = None, earliest: bool = False,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (configuration, batch size): the first time 2^e - 1 (a grid time) with risk <= target (inf if none),
     the risk then, and the octave e from which the grid walk must follow it (inf: never).
 
@@ -791,6 +856,9 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     (2^i - 1, 2^(i+1) - 1] its floor (D bounded by the modes, N by its value at the octave's start) is above
     it. With ``until`` (per batch size, an upper bound of the best ranking time), rows are given up (inf) once
     they stay above the target up to the grid time after it: they can neither win nor lower the bound.
+    With ``earliest`` only the earliest crossing per batch size is sought, reached.min(axis=0): a batch size is
+    followed until some configuration reaches the target, no floors are computed and walk_from stays inf.
+    With one real mode per direction (SGD) D never increases, so its floor on an octave is D at the octave's end.
     """
     weights, inverse_batch = system.weights, 1.0 / batch_sizes
     v = _readout_row(system)
@@ -800,7 +868,8 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     walk_from = np.where(np.isfinite(reached), 0.0, np.inf)
     followed = system.stable[:, None] & np.isinf(reached)  # rows whose first octave crossing is still sought
     open_rows = followed.copy()  # ... and above the target on (0, time] so far
-    modes = _modes(system)
+    single = system.matrix.shape[0] == 1  # one real mode per bin: D never increases
+    modes = _modes(system) if until is not None or not (earliest or single) else None
     last_time = np.full(batch_sizes.size, times[-1])
     if until is not None:  # the grid time after until, as for the walk's bound
         last_time = times[np.minimum(np.searchsorted(times, until, side="right"), times.size - 1)]
@@ -811,8 +880,10 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
                                  target, checked, 0, latest)
             followed &= ~hopeless
             open_rows &= ~hopeless
-    term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values  # c mu^time, mu^time,
-    noise, time, octave = np.zeros(system.stable.size), 0, 0  # mu^(time + 1), with time = 2^octave - 1
+    floors = not (earliest or single)  # floors from the modes' terms:
+    if floors:  # c mu^time, mu^time, mu^(time + 1), with time = 2^octave - 1
+        term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values
+    noise, time, octave = np.zeros(system.stable.size), 0, 0
     power, block = system.matrix, _noise_block(system)
     live = np.arange(system.stable.size)
     while True:
@@ -824,23 +895,33 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             break
         if busy.sum() < 0.9 * live.size:
             live, v, noise, power, block = live[busy], v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
-            modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
-        floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
+            if floors:
+                modes, term, mu_odd, mu_pow = modes.subset(busy), term[:, busy], mu_odd[:, busy], mu_pow[:, busy]
+        if time > 0:  # M^(time + 1), A_(time + 1) and the terms at this time, for the configurations kept only
+            power, block = _doubled(power, block)
+            if floors:
+                term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+        if floors:
+            floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
         noise_floor = noise[:, None] * inverse_batch
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
         time, octave = 2 * time + 1, octave + 1
-        risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
+        deterministic = _deterministic(system, v)
+        risk = deterministic[:, None] + noise[:, None] * inverse_batch
         new = followed[live] & (risk <= target)
         rows, columns = np.nonzero(new)
         reached[live[rows], columns], risk_then[live[rows], columns] = time, risk[rows, columns]
         followed[live[rows], columns] = False
-        uncertain = open_rows[live] & (new | ~(floor[:, None] + noise_floor > target))
-        rows, columns = np.nonzero(uncertain)
-        walk_from[live[rows], columns] = octave - 1
-        open_rows[live[rows], columns] = False
-        power, block = _doubled(power, block)
-        term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+        if earliest:  # a later crossing at these batch sizes is not the earliest
+            last_time[columns] = time
+        else:
+            if single:  # D(2 time + 1) (less a slack for rounding) <= D on the octave
+                floor = deterministic * (1.0 - 1e-10)
+            uncertain = open_rows[live] & (new | ~(floor[:, None] + noise_floor > target))
+            rows, columns = np.nonzero(uncertain)
+            walk_from[live[rows], columns] = octave - 1
+            open_rows[live[rows], columns] = False
     return reached, risk_then, walk_from
 
 
@@ -857,25 +938,41 @@ class _RowSearch:
     risk, with the last ``leaf_steps`` steps of a branch evaluated at once: 16, or more with few bins, where a
     floor of 0 (the same oscillating heavy-ball roots in every direction, as with p = 1) prunes little)."""
 
-    def __init__(self, model: NoisyQuadraticModel, precondition_power: float, learning_rate: float,
-                 momentum: float, ema: float, target: float):
-        self.system = _first_moment(model, precondition_power, np.array([learning_rate]), np.array([momentum]),
-                                    np.array([ema]))
-        self.modes = _modes(self.system)
+    def __init__(self, system: _FirstMoment, target: float, modes: _Modes | None = None):
+        """``system`` of one configuration (e.g. a :meth:`_FirstMoment.subset`), ``modes`` its modes if known."""
+        self.system = system
+        self.modes = _modes(system) if modes is None else modes
         self.batch_size, self.target = 1.0, float(target)
         self.powers, self.blocks = [self.system.matrix], [_noise_block(self.system)]  # M^(2^e), A_(2^e) as needed
-        leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]  # M^s and A_s for s = 1..leaf
-        for _ in range(_LEAF_STEPS - 1):
-            leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
-                                                        leaf_powers[-1].swapaxes(0, 1)))
-            leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
-        self.leaf_powers, self.leaf_blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
-        n_bins = self.system.weights.size
-        while 2 * self.leaf_powers.shape[2] * n_bins <= _LEAF_ELEMENTS:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
-            power, block = self.leaf_powers[:, :, -1:], self.leaf_blocks[:, :, -1:]
-            self.leaf_blocks = np.concatenate([self.leaf_blocks, block + _apply(_apply(power, self.leaf_blocks),
-                                                                                power.swapaxes(0, 1))], 2)
-            self.leaf_powers = np.concatenate([self.leaf_powers, _apply(self.leaf_powers, power)], 2)
+        self.leaf_steps = _LEAF_STEPS
+        while 2 * self.leaf_steps * self.system.weights.size <= _LEAF_ELEMENTS:
+            self.leaf_steps *= 2
+        self.leaves: list[np.ndarray] = []  # M^s and A_s for s = 1..leaf_steps, built at the first leaf (most
+        # searches end before one) and shared with the at_batch copies
+        self.mode_squares, self.mode_odds = [self.modes.values], [np.ones_like(self.modes.values)]  # mu^(2^e),
+        # mu^(2^e - 1) as needed: a branch's terms from its parent's by one product
+
+    def _mode_powers(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mu^(2^bit), mu^(2^bit - 1))."""
+        while len(self.mode_squares) <= bit:
+            self.mode_odds.append(self.mode_odds[-1] * self.mode_squares[-1])
+            self.mode_squares.append(self.mode_squares[-1] * self.mode_squares[-1])
+        return self.mode_squares[bit], self.mode_odds[bit]
+
+    def _leaves(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.leaves:
+            leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]
+            for _ in range(_LEAF_STEPS - 1):
+                leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
+                                                            leaf_powers[-1].swapaxes(0, 1)))
+                leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
+            powers, blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
+            while powers.shape[2] < self.leaf_steps:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
+                power, block = powers[:, :, -1:], blocks[:, :, -1:]
+                blocks = np.concatenate([blocks, block + _apply(_apply(power, blocks), power.swapaxes(0, 1))], 2)
+                powers = np.concatenate([powers, _apply(powers, power)], 2)
+            self.leaves.extend([powers, blocks])
+        return self.leaves[0], self.leaves[1]
 
     def at_batch(self, batch_size: float) -> _RowSearch:
         """The same configuration at another batch size (arrays shared)."""
@@ -908,27 +1005,33 @@ class _RowSearch:
         """Smallest integer t in (low, high] with E[L(t)] <= target, or None."""
         return self._first(low, high, *self.state(low)) if high > low else None
 
-    def _first(self, low: int, high: int, v: np.ndarray, noise: float) -> int | None:
+    def _first(self, low: int, high: int, v: np.ndarray, noise: float, first: np.ndarray | None = None,
+               last: np.ndarray | None = None) -> int | None:
+        """``first``, ``last``: the terms c mu^low and c mu^(high - 1) when known (a branch gets them from its
+        parent's by one product each)."""
         if noise / self.batch_size > self.target:  # N never decreases
             return None
-        if high - low <= self.leaf_powers.shape[2]:
+        if high - low <= self.leaf_steps:
             count = high - low
-            ahead = _advance(v, self.leaf_powers[:, :, :count])
-            noises = noise + _quadratic(v, self.leaf_blocks[:, :, :count]) @ self.system.weights
+            leaf_powers, leaf_blocks = self._leaves()
+            ahead = _advance(v, leaf_powers[:, :, :count])
+            noises = noise + _quadratic(v, leaf_blocks[:, :, :count]) @ self.system.weights
             risks = _deterministic(self.system, ahead) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
-        floor = _deterministic_floor(self.modes, self.system.weights,
-                                     self.modes.coefficients * self.modes.values**low,
-                                     self.modes.coefficients * self.modes.values ** (high - 1), high - low - 1,
-                                     low)[0]
+        if first is None:
+            first = self.modes.coefficients * self.modes.values**low
+        if last is None:
+            last = self.modes.coefficients * self.modes.values ** (high - 1)
+        floor = _deterministic_floor(self.modes, self.system.weights, first, last, high - low - 1, low)[0]
         if floor + noise / self.batch_size > self.target:
             return None
         bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
-        found = self._first(low, low + 2**bit, v, noise)
+        square, odd = self._mode_powers(bit)
+        found = self._first(low, low + 2**bit, v, noise, first=first, last=first * odd)
         if found is not None:
             return found
-        return self._first(low + 2**bit, high, *self._step(v, noise, bit))
+        return self._first(low + 2**bit, high, *self._step(v, noise, bit), first=first * square, last=last)
 
     def estimate(self, times: np.ndarray, step: int) -> float:
         """Ranking time of a first crossing at ``step``: interpolated on the grid as for a grid crossing when
@@ -988,13 +1091,13 @@ def steps_to_target(
     momentum, ema = _settings_arrays(optimizer, learning_rates.size)
     times, gaps = _time_grid(max_steps)
     system = _first_moment(model, optimizer.precondition_power, learning_rates, momentum, ema)
-    crossings = _walk_grid(system, batch_sizes, target, times, gaps)
+    modes = _modes(system)
+    crossings = _walk_grid(system, batch_sizes, target, times, gaps, modes=modes)
     steps = np.full((learning_rates.size, batch_sizes.size), np.inf)
     searches: dict[int, _RowSearch] = {}
     for row, column in zip(*np.nonzero((crossings.point >= 0) | (crossings.doubt > 0))):
         if row not in searches:
-            searches[row] = _RowSearch(model, optimizer.precondition_power, learning_rates[row], momentum[row],
-                                       ema[row], target)
+            searches[row] = _RowSearch(system.subset([row]), target, modes.subset([row]))
         steps[row, column] = _exact_step(searches[row].at_batch(batch_sizes[column]), times,
                                          crossings.point[row, column], crossings.doubt[row, column], times.size - 1)
     steps[steps > max_steps] = np.inf
@@ -1099,22 +1202,25 @@ def steps_vs_batch_size(
 
     last_search: dict[int, _RowSearch] = {}  # the last configuration's (rows come configuration by configuration)
 
-    def row_search(config, batch_size):
+    def row_search(config, batch_size, walked=None):
+        """The search of ``config`` at ``batch_size``, from ``walked`` = (system, modes, row) when given."""
         if config not in last_search:
             last_search.clear()
-            last_search[config] = _RowSearch(model, optimizer.precondition_power, config_lr[config],
-                                             config_momentum[config], config_ema[config], target)
+            last_search[config] = (_RowSearch(system_of([config]), target) if walked is None else
+                                   _RowSearch(walked[0].subset([walked[2]]), target, walked[1].subset([walked[2]])))
         return last_search[config].at_batch(batch_size)
 
-    def octave_pass(configs, until=None):
-        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until)
+    def octave_pass(configs, until=None, earliest=False):
+        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until,
+                                   earliest=earliest)
                  for start in range(0, configs.size, chunk)]
         return (np.concatenate(part) for part in zip(*parts))
 
     # an upper bound of the best first octave crossing from every 8th configuration lets the full octave pass
     # give up the rows that cannot reach it
     sample = np.arange(0, config_lr.size, 8)
-    reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), next(octave_pass(sample)).min(axis=0))
+    until = next(octave_pass(sample, earliest=True)).min(axis=0)
+    reached, risk_then, walk_from = octave_pass(np.arange(config_lr.size), until)
     give_up = reached.min(axis=0)
     # one walk per configuration and octave its rows are walked from (none for rows that need no walk); the
     # configuration first (and lowest) at each batch size on the octave grid goes first, then the others by that
@@ -1136,16 +1242,17 @@ def steps_vs_batch_size(
     for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
         index, octaves = entry_config[entries], entry_octave[entries, None]
         system = system_of(index)
+        modes = _modes(system)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
                                give_up_after=np.minimum(give_up, best_estimate),
-                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf))
+                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes)
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)
         estimate[point == 0] = 0.0
         exact = np.full(estimate.shape, np.nan)
         for row, column in zip(*np.nonzero(crossings.doubt > 0)):
-            search = row_search(index[row], batch_sizes[column])
+            search = row_search(index[row], batch_sizes[column], (system, modes, row))
             stop = min(int(np.searchsorted(times, min(give_up[column], best_estimate[column]), side="right")),
                        times.size - 1)
             found = search.first(int(times[crossings.doubt[row, column] - 1]), int(times[stop]))

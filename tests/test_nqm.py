@@ -241,12 +241,14 @@ def test_bins_with_equal_effective_curvature_are_merged_exactly(power):
 
 
 CRITICAL_DAMPING_GRID = [
+    (nqm.OptimizerSetting(), {}),  # one real mode per direction: the octave floor is D at the octave's end
+    (nqm.OptimizerSetting(precondition_power=0.5), {}),
     (nqm.OptimizerSetting(momentum=0.9), {}),
     (nqm.OptimizerSetting(), {"momenta": (0.0, 0.9), "emas": (0.0, 0.5, 0.9)}),
     (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.75)}),
     (nqm.OptimizerSetting(precondition_power=1.0), {"emas": (0.0, 0.5, 0.75)}),  # r1 = 1 - alpha = gamma
 ]
-GRID_IDS = ["momentum", "tuned", "precondition", "confluent-ema"]
+GRID_IDS = ["sgd", "sgd-precondition", "momentum", "tuned", "precondition", "confluent-ema"]
 
 
 def random_model_and_rates(rng, optimizer, grids):
@@ -277,6 +279,9 @@ def test_octave_pass_never_skips_a_crossing(optimizer, grids):
         system = nqm._first_moment(model, optimizer.precondition_power, *configs)
         targets = (0.05, 0.3 * model.initial_risk)
         passes = [nqm._octave_crossings(system, batches, target, times) for target in targets]
+        for target, (reached, _, _) in zip(targets, passes):  # the sample pass seeks only the earliest crossing
+            earliest = nqm._octave_crossings(system, batches, target, times, earliest=True)[0]
+            np.testing.assert_array_equal(earliest.min(axis=0), reached.min(axis=0))
         for k, (rate, beta, gamma) in enumerate(configs.T):
             setting = nqm.OptimizerSetting(beta, optimizer.precondition_power, gamma)
             for j, batch in enumerate(batches):
@@ -317,6 +322,62 @@ def test_confluent_floor_and_search_against_the_recurrence():
             np.testing.assert_array_equal(steps[0], [first_below(r, target) for r in risks])
 
 
+def test_octave_pass_sees_an_sgd_dip_between_octave_times():
+    # SGD's risk need not be monotone: the decaying direction falls while the noisy low-curvature one rises, so
+    # it dips below the target on (31, 63] (least at t = 40) and is above it at 31 and 63; the octave floor of
+    # one real mode per direction (D at the octave's end plus N at its start) must send the walk there
+    model = nqm.noisy_quadratic_model([1.0, 0.001], [0.0, 680.0])
+    optimizer, rate, target = nqm.OptimizerSetting(), 0.05, 0.045
+    risks = recurrence_risk(model, optimizer, lambda step: rate, 1.0, 300)
+    first = first_below(risks, target)
+    assert 31 < first < 40 and risks[31] > target and risks[63] > target
+    times, _ = nqm._time_grid(300)
+    system = nqm._first_moment(model, 0.0, np.array([rate]), np.zeros(1), np.zeros(1))
+    walk_from = nqm._octave_crossings(system, np.array([1.0]), target, times)[2]
+    assert 2 ** walk_from[0, 0] - 1 < first
+    assert nqm.steps_to_target(model, optimizer, [rate], [1.0], target=target, max_steps=300)[0, 0] == first
+    curve = nqm.steps_vs_batch_size(model, optimizer, [1.0], learning_rates=[rate], target=target, max_steps=300)
+    assert curve.steps[0] == first
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [nqm.OptimizerSetting(), nqm.OptimizerSetting(ema=0.9), nqm.OptimizerSetting(momentum=0.9),
+     nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.75)],
+    ids=["sgd", "ema", "momentum", "momentum-precondition-ema"],
+)
+def test_deterministic_floor_bounds_the_recurrence(optimizer):
+    # the floor of D on [start + 1, start + span + 1] from the terms c mu^start and c mu^(start + span), for short
+    # spans and for long ones where |mu^s - 1| <= 2 binds for every oscillating term; real-valued modes (no
+    # momentum) come as real arrays; a search passes its terms down by mu^(2^e) and mu^(2^e - 1)
+    rng = np.random.default_rng(17)
+    for _ in range(3):
+        model, rates = random_model_and_rates(rng, optimizer, {})
+        system = nqm._first_moment(model, optimizer.precondition_power, rates, np.full(rates.size, optimizer.momentum),
+                                   np.full(rates.size, optimizer.ema))
+        modes = nqm._modes(system)
+        assert np.iscomplexobj(modes.values) == (optimizer.momentum > 0)
+        with np.errstate(divide="ignore"):  # log 0 = -inf: |log mu| is stored as 1e300
+            np.testing.assert_allclose(modes.log_size, np.minimum(np.abs(np.log(modes.values + 0j)), 1e300),
+                                       rtol=1e-12)
+        for k, rate in enumerate(rates):
+            if not system.stable[k]:
+                continue
+            deterministic = recurrence_risk(model, optimizer, lambda step: rate, 1e300, 700)
+            one = modes.subset(np.array([k]))
+            for start, span in zip(rng.integers(0, 300, 30), np.concatenate([rng.integers(0, 12, 15),
+                                                                            rng.integers(50, 390, 15)])):
+                first, last = (one.coefficients * one.values**int(t) for t in (start, start + span))
+                floor = nqm._deterministic_floor(one, system.weights, first, last, int(span), int(start))[0]
+                low = deterministic[start + 1:start + span + 2].min()
+                assert floor <= low * (1 + 1e-9), (rate, start, span, floor, low)
+            search = nqm._RowSearch(system.subset([k]), 1.0)
+            for bit in (0, 3, 9):
+                square, odd = search._mode_powers(bit)
+                np.testing.assert_allclose(square, search.modes.values ** 2**bit, rtol=1e-12, atol=1e-300)
+                np.testing.assert_allclose(odd, search.modes.values ** (2**bit - 1), rtol=1e-12, atol=1e-300)
+
+
 @pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
 def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer, grids, monkeypatch):
     # the octave pass (rows walked from their own octave, rows that cannot win left out) changes nothing: the
@@ -332,8 +393,8 @@ def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer,
               for model, rates, target in cases]
     octave_pass = nqm._octave_crossings
 
-    def from_the_start(system, batch_sizes, target, times, until=None):
-        reached, risk_then, _ = octave_pass(system, batch_sizes, target, times)
+    def from_the_start(system, batch_sizes, target, times, until=None, earliest=False):
+        reached, risk_then, _ = octave_pass(system, batch_sizes, target, times, earliest=earliest)
         return reached, risk_then, np.where(system.stable[:, None], np.zeros_like(reached), np.inf)
 
     monkeypatch.setattr(nqm, "_octave_crossings", from_the_start)
