@@ -158,3 +158,36 @@ def test_observe_with_the_model_inputs_probes_and_refuses_instead_of_measuring_p
         with pytest.raises(ValueError, match=r"bias\.weight"):
             with engine.observe(5, probe_inputs=x):
                 regression_loss(model(x), y).mean().backward()
+
+
+def test_observe_with_a_vmap_batch_measures_what_the_hooks_cannot_and_leaves_the_training_alone():
+    """The bias table's (T, T) calls (T != B) need the whole-model vmap: with vmap_batch it runs after the caller's
+    pass, on forked random generators; p.grad is the caller's, and the norms are the per-example loop's."""
+    import copy
+
+    from test_per_example import RelativeBias, naive_per_example, regression_loss
+    torch.manual_seed(0)
+    model = RelativeBias(4).double()
+    model.drop.p = 0.0
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    expected = naive_per_example(model, regression_loss, x, y)
+    plain = copy.deepcopy(model)
+    regression_loss(plain(x), y).mean().backward()
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    with engine.observe(5, vmap_batch=(x, y)) as observed:
+        regression_loss(model(x), y).mean().backward()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-9, atol=1e-15)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    model.drop.p = 0.5   # now the pass and the vmap draw dropout masks: the training's stream is the same
+    draws = []
+    for measured in (True, False):
+        torch.manual_seed(4)
+        if measured:
+            with engine.observe(5, vmap_batch=(x, y)):
+                regression_loss(model(x), y).mean().backward()
+        else:
+            regression_loss(model(x), y).mean().backward()
+        draws.append(torch.randn(3))
+    assert torch.equal(*draws)

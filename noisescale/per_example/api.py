@@ -515,8 +515,8 @@ class PerExampleGradNorms:
                 "(noisescale.per_example.register_rule), or measure the model unsharded (DDP)")
 
     @contextmanager
-    def observe(self, batch_size: int, *, loss_scale: float = 1.0,
-                probe_inputs: Any = None) -> Iterator[ObservedNorms]:
+    def observe(self, batch_size: int, *, loss_scale: float = 1.0, probe_inputs: Any = None,
+                vmap_batch: tuple[Any, Any] | None = None) -> Iterator[ObservedNorms]:
         """Read the per-example norms of a forward and backward that the caller runs itself inside the ``with``
         block (a training framework's own step), leaving that step untouched: p.grad is the caller's.
 
@@ -524,8 +524,12 @@ class PerExampleGradNorms:
         held in dim 0 of every hooked module's input; on exit ``observed.sqnorms`` holds |dl_i/dtheta|^2.
         Equivalently, with ``loss_scale=batch_size`` the objective is any sum of per-example terms and the norms
         are those of each term's gradient. Ghost rules and the per-module fallback (which works from the recorded
-        calls) can observe; parameters that would need the whole-model vmap (a separate pass over the model,
-        which only ``__call__`` runs) raise a ValueError naming them, after the caller's pass.
+        calls) can observe. Parameters that would need the whole-model vmap (a separate pass over the model) are
+        measured by it after the caller's pass when ``vmap_batch`` = (inputs, targets) of this pass is given:
+        ``loss_fn(model(inputs), targets)`` must then return the very l_i whose ``loss_scale * mean`` the caller
+        differentiates (a framework's token weighting or accumulation factor included), and the random number
+        generators are isolated (the training's own draws are unchanged). Without it they raise a ValueError
+        naming them.
 
         ``probe_inputs``: the model's inputs of this pass (model(**inputs) for a mapping), when the caller has
         them; where a dim of an input besides dim 0 has B's size, a forward without grad on B - 1 of them checks
@@ -547,15 +551,16 @@ class PerExampleGradNorms:
                 yield observed
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
-        need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))
-        if need_vmap:
-            reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items())
-            raise ValueError(f"parameters {need_vmap} cannot be measured from the caller's own pass: they would need "
-                             f"the whole-model vmap, a separate pass ({reasons or 'used outside any module call'}); "
-                             "measure this model with NoiseScaleMonitor, which runs that pass itself")
+        if vmap_batch is None:
+            _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass)
         self._warn_if_unchecked(ghost_pass, batch_size)
         ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
+        need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
+        if vmap_batch is None:
+            _refuse_vmap(need_vmap, ghost_pass)
         by_parameter = ghost_pass.result()
+        if need_vmap:   # on an isolated random stream (vmap_sqnorms)
+            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, need_vmap, self.chunk_size))
         reference = next(iter(by_parameter.values()), None)
         dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
         device = next(iter(parameters.values())).device if reference is None else reference.device
@@ -564,6 +569,16 @@ class PerExampleGradNorms:
                         for name in plan.backend_of}
         observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         observed.by_parameter = by_parameter if self.by_parameter else None
+
+
+def _refuse_vmap(names: Any, ghost_pass: GhostPass) -> None:
+    """observe without ``vmap_batch``: parameters that need the whole-model vmap cannot be measured."""
+    if names:
+        reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items())
+        raise ValueError(f"parameters {sorted(names)} cannot be measured from the caller's own pass: they need the "
+                         f"whole-model vmap, a separate pass ({reasons or 'used outside any module call'}); give "
+                         "observe the pass's vmap_batch=(inputs, targets), or measure this model with "
+                         "NoiseScaleMonitor, which runs that pass itself")
 
 
 def _is_flat(p: Tensor) -> bool:
