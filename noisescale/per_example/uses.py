@@ -133,8 +133,8 @@ class ParameterUses(TorchFunctionMode):
         """Computed from the call's batched inputs (provenance through every operation the mode saw), or a
         constant expanded to the B examples (BART's position ids, arange(T).expand(B, -1): the same row for
         each)."""
-        return self._batched.get(id(t)) is t or (t.dim() > 0 and t.shape[0] == self.batch_size > 1
-                                                 and t.stride(0) == 0)
+        return self._batched.get(id(t)) is t or (t.layout == torch.strided and not t.is_nested and t.dim() > 0
+                                                 and t.shape[0] == self.batch_size > 1 and t.stride(0) == 0)
 
     def stop(self) -> None:
         """Stop recording: this mode leaves the torch function mode stack from wherever it is (an inner module's
