@@ -1146,3 +1146,32 @@ def test_reentrant_checkpointing_with_a_sequence_as_long_as_the_batch():
     for name, values in expected.items():
         assert_relclose(result.by_parameter[name], values)
     assert set(result.backend_of.values()) == {"ghost"}
+
+
+class Tempered(nn.Module):
+    """A layer without a rule, handed its parent's 0-d temperature parameter as an argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x, temperature):
+        return torch.where(x > 0, x, self.w) / temperature
+
+
+class WithTemperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+        self.inner = Tempered()
+
+    def forward(self, x):
+        return self.inner(x, self.temperature)
+
+
+def test_a_zero_dimensional_parameter_passed_to_a_fallback_module_is_a_constant_of_its_call():
+    torch.manual_seed(0)
+    model = WithTemperature().double()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, 3, dtype=torch.float64, generator=generator(2))
+    assert_matches_reference(model, regression_loss, x, y, "auto")

@@ -62,7 +62,7 @@ Under DDP, gradients already all-reduced by the failed backward cannot be taken 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -71,9 +71,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._pytree import tree_flatten
 
-from noisescale.batches import batch_size_of, call_model, select_examples, to_device
+from noisescale._rng import isolated_rng
+from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
@@ -407,8 +407,7 @@ class PerExampleGradNorms:
         the batch (``GhostPass.follows_batch``); cached per batch size and input shapes. Python attributes a
         forward changes and the user's own forward hooks do see this extra call.
         None otherwise, and under FSDP, whose forward communicates."""
-        shapes = tuple(tuple(t.shape) for t in tree_flatten(dict(inputs) if isinstance(inputs, Mapping) else inputs)[0]
-                       if isinstance(t, Tensor))   # a Mapping such as HF's BatchEncoding is not a pytree node
+        shapes = tuple(tuple(t.shape) for t in tensors_of(inputs))
         if batch_size < 2 or not plan.ghost or self._sharded or not (
                 self._flattened_rows or any(batch_size in s[1:] for s in shapes)):
             return None
@@ -416,10 +415,9 @@ class PerExampleGradNorms:
         if key not in self._probes:
             model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
             device = next(iter(plan.parameters.values())).device
-            devices = sorted({p.device.index or 0 for p in plan.parameters.values() if p.device.type == "cuda"})
             buffers = [(b, b.clone()) for b in model.buffers()]   # counters, running averages: put back after
             try:
-                with torch.no_grad(), torch.random.fork_rng(devices=devices), \
+                with torch.no_grad(), isolated_rng(plan.parameters.values()), \
                         self._engine.probing(plan.ghost, batch_size - 1) as found:
                     call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
             except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)

@@ -45,7 +45,7 @@ from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
-           "check_unmodified", "module_per_example_grads"]
+           "check_unmodified", "is_parameter_table", "module_per_example_grads"]
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -86,9 +86,7 @@ class BatchDims:
     A spec for another layout overrides ``argument_dim`` (by the forward's argument name) and ``output_dims``."""
 
     def argument_dim(self, module: nn.Module, name: str, t: Tensor, batch_size: int) -> int | None:
-        # a parameter is a table, not examples, unless expanded to them (stride 0: the same for each)
-        parameter = (isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)) and t.stride(0) != 0
-        return 0 if t.dim() and t.shape[0] == batch_size and not parameter else None
+        return 0 if t.dim() and t.shape[0] == batch_size and not is_parameter_table(t) else None
 
     def output_dims(self, module: nn.Module, count: int) -> list[int]:
         return [0] * count
@@ -105,6 +103,13 @@ class BatchDims:
             dims.extend(self.argument_dim(module, name, t, batch_size) if isinstance(t, Tensor) else None
                         for t in leaves)
         return dims
+
+
+def is_parameter_table(t: Tensor) -> bool:
+    """A parameter, or a view of one: a table of the model, not a batch of examples. A parameter expanded to the
+    examples (Perceiver's latents, query.expand(B, ...): stride 0 in dim 0) is the same for each and counts as
+    examples."""
+    return (isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)) and not (t.dim() and t.stride(0) == 0)
 
 
 def _argument_names(module: nn.Module, count: int) -> list[str]:

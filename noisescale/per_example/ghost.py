@@ -44,9 +44,10 @@ from noisescale._rng import rng_state
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
-                                             check_unmodified, module_per_example_grads, output_tensors)
+                                             check_unmodified, is_parameter_table, module_per_example_grads,
+                                             output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
-from noisescale.per_example.layers import LayerRule
+from noisescale.per_example.layers import LayerRule, close_values
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.uses import ParameterUses, per_example_total
 
@@ -119,6 +120,12 @@ class GhostPass:
             if len(shape) <= dim or shape[dim] != self.batch_size - 1:
                 return False
         return True
+
+    def decline(self, entry: GhostModule, why: str) -> None:
+        """This call of ``entry``'s module cannot be measured by the hooks: its parameters go to the whole-model
+        vmap, and ``why`` to the error message should that fail."""
+        self.declined[entry.path] = why
+        self.vmap_names.update(entry.names.values())
 
     def row_blocks(self, module: nn.Module, index: int, x: Tensor) -> int | None:
         """k where call ``index`` of ``module`` sees the examples flattened into rows, B blocks of k (OPT's MLP on
@@ -196,8 +203,7 @@ class GhostPass:
         for (module, entry, _), ok in zip(self.rechecks, reproduced):
             if not ok:
                 self.verified[module] = False
-                self.declined[entry.path] = f"its rule {type(entry.rule).__name__} no longer reproduces its output"
-                self.vmap_names.update(entry.names.values())
+                self.decline(entry, f"its rule {type(entry.rule).__name__} no longer reproduces its output")
         self.rechecks.clear()
 
     def note_gradient(self, name: str, grad: Tensor) -> None:
@@ -314,19 +320,9 @@ def _block_ends(x: Any, batch: int) -> Tensor | None:
 def _same_rows(a: Tensor, b: Tensor) -> bool:
     """Equal rows, up to the rounding of float dtypes (a batched kernel may round a row differently when the
     batch is one example smaller)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+    if a.dtype != b.dtype:
         return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(a.dtype, 1e-2)
-    return torch.allclose(a, b, rtol=tolerance, atol=tolerance * float(b.abs().max()))
-
-
-def _is_parameter(x: Tensor) -> bool:
-    """A parameter, or a view of one: a table of the model, not a batch of examples. A parameter expanded to the
-    examples (Perceiver's latents, query.expand(B, ...): stride 0 in dim 0) is the same for each and counts as
-    examples."""
-    return (isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)) and not (x.dim() and x.stride(0) == 0)
+    return close_values(a, b) if a.is_floating_point() else torch.equal(a, b)
 
 
 def _call_tensors(args: tuple, kwargs: dict, output: Any) -> list[Tensor]:
@@ -345,8 +341,8 @@ class GhostNormEngine:
         self._pass: GhostPass | None = None
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
         self._warned: weakref.WeakSet = weakref.WeakSet()
-        self._captures: dict[nn.Module, list] = {}   # LinearCapture / ParameterUses, open during their module's forward
-        self._open: list = []                           # the same, in the order they were started
+        # (module, LinearCapture or ParameterUses) open during their module's forward, in the order they started
+        self._open: list[tuple[nn.Module, Any]] = []
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
         self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
         self._probe: dict | None = None                       # set inside ``probing``
@@ -373,10 +369,9 @@ class GhostNormEngine:
             yield self._pass
         finally:
             self._pass = None
-            for capture in reversed(self._open):   # a forward that raised leaves its captures open
+            for _, capture in reversed(self._open):   # a forward that raised leaves its captures open
                 capture.stop()
             self._open.clear()
-            self._captures.clear()
 
     @contextmanager
     def probing(self, modules: dict[nn.Module, GhostModule], batch_size: int) -> Iterator[dict[nn.Module, list]]:
@@ -404,8 +399,7 @@ class GhostNormEngine:
             capture = self._capture_for(ghost_pass, module)
             if capture is not None:
                 capture.start(args, kwargs)
-                self._captures.setdefault(module, []).append(capture)
-                self._open.append(capture)
+                self._open.append((module, capture))
 
     def _capture_for(self, ghost_pass: GhostPass, module: nn.Module) -> LinearCapture | ParameterUses | None:
         """What records the real pass's uses of a fallback module's parameters: nn.MultiheadAttention's
@@ -421,14 +415,13 @@ class GhostNormEngine:
         return ParameterUses({local: module.get_parameter(local) for local in entry.names}, ghost_pass.batch_size)
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        capture = self._captures[module].pop() if self._captures.get(module) else None
-        if capture is not None:
-            orphans = self._open[self._open.index(capture) + 1:]   # of children that raised inside this forward
-            for opened in reversed(orphans + [capture]):
-                opened.stop()
-            del self._open[self._open.index(capture):]
-            for captures in self._captures.values():
-                captures[:] = [c for c in captures if c not in orphans]
+        capture = None
+        opened = next((k for k in range(len(self._open) - 1, -1, -1) if self._open[k][0] is module), None)
+        if opened is not None:   # this call's capture, and any of children that raised inside its forward
+            capture = self._open[opened][1]
+            for _, started in reversed(self._open[opened:]):
+                started.stop()
+            del self._open[opened:]
         if self._probe is not None:
             if module in self._probe_modules and not _recomputing():
                 x = _first_input(args, kwargs)
@@ -463,7 +456,7 @@ class GhostNormEngine:
                 x, output = x.view(batch, blocks, *x.shape[1:]), output.view(batch, blocks, *output.shape[1:])
         if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
             why = f"called with an input of shape {_shape(x)}"
-        elif _is_parameter(x):
+        elif is_parameter_table(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
         elif replaced is None and blocks is None and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
@@ -473,8 +466,7 @@ class GhostNormEngine:
             why = None
         if why is not None:
             if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
-                ghost_pass.declined[entry.path] = why
-                ghost_pass.vmap_names.update(entry.names.values())
+                ghost_pass.decline(entry, why)
                 return None
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was {why}; ghost norms need dim 0 to be "
@@ -516,15 +508,14 @@ class GhostNormEngine:
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
         reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
         if reason is not None:  # the whole-model vmap measures this module's parameters instead
-            ghost_pass.declined[entry.path] = reason
-            ghost_pass.vmap_names.update(entry.names.values())
+            ghost_pass.decline(entry, reason)
             return None
+        leaves, _ = tree_flatten((args, kwargs))
         replaced = None
         if type(spec) is BatchDims and _batch_of_one(args, kwargs, output, batch):
             replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
         if isinstance(capture, ParameterUses):
-            capture.refuse_unseen([t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)],
-                                  output_tensors(output))
+            capture.refuse_unseen([t for t in leaves if isinstance(t, Tensor)], output_tensors(output))
             if not capture.close(output, replaced):
                 ghost_pass.refused.add(module)   # a use it does not know: re-run this module from now on
         output = output if replaced is None else replaced
@@ -532,11 +523,9 @@ class GhostNormEngine:
         dims = spec.output_dims(module, len(outputs))
         for t, dim in zip(outputs, dims):
             if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):  # not per example: whole-model vmap
-                ghost_pass.declined[entry.path] = f"output of shape {tuple(t.shape)}: no examples in dim {dim}"
-                ghost_pass.vmap_names.update(entry.names.values())
+                ghost_pass.decline(entry, f"output of shape {tuple(t.shape)}: no examples in dim {dim}")
                 return None
         if replaced is None:
-            leaves = tree_flatten((args, kwargs))[0]
             batched = [(t, d) for t, d in zip(leaves, spec.input_dims(module, args, kwargs, batch))
                        if d is not None and isinstance(t, Tensor)]
             reason = None
@@ -548,12 +537,10 @@ class GhostNormEngine:
                 if not ghost_pass.follows_batch(module, index, tensors, batched):
                     reason = f"a dim of size {batch} that is not the examples (probe)"
             if reason is not None:
-                ghost_pass.declined[entry.path] = reason
-                ghost_pass.vmap_names.update(entry.names.values())
+                ghost_pass.decline(entry, reason)
                 return None
         after = rng_state(_device_of(module))
         consumed = before is not None and not all(torch.equal(before[key], after[key]) for key in after)
-        leaves, _ = tree_flatten((args, kwargs))
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
                             [(t, t._version) for t in leaves if isinstance(t, Tensor)]

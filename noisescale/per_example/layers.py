@@ -336,9 +336,14 @@ if hasattr(nn, "RMSNorm"):
 
 # ------------------------------------------------------------------------ third-party layers, matched by structure
 
-def _close(reconstruction: Tensor, output: Tensor) -> bool:
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for two computations of the same values in ``dtype`` (half precision: 1e-2)."""
+    return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+def close_values(reconstruction: Tensor, output: Tensor) -> bool:
     """Equal up to the rounding of the output's dtype (a few rows of the first call are compared)."""
-    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(output.dtype, 1e-2)
+    tolerance = rounding_tolerance(output.dtype)
     return reconstruction.shape == output.shape and torch.allclose(reconstruction, output, rtol=tolerance,
                                                                    atol=tolerance * float(output.abs().max()))
 
@@ -363,7 +368,7 @@ class TransposedLinearRule(LinearRule):
         reconstruction = rows @ module.weight
         if module.bias is not None:
             reconstruction = reconstruction + module.bias
-        return _close(reconstruction, output[:_VERIFY_ROWS])
+        return close_values(reconstruction, output[:_VERIFY_ROWS])
 
     def per_example_grads(self, module, x, g, names):
         grads = super().per_example_grads(module, x, g, names)
@@ -437,7 +442,7 @@ class ThirdPartyRMSNormRule(LayerRule):
         rows, expected, eps = x[:_VERIFY_ROWS], output[:_VERIFY_ROWS], self._eps(module)
         if rows.shape[-1] != module.weight.shape[0]:
             return False
-        candidates = [variant for variant in _RMS_VARIANTS if _close(variant.output(module, rows, eps), expected)]
+        candidates = [variant for variant in _RMS_VARIANTS if close_values(variant.output(module, rows, eps), expected)]
         exact = [v for v in candidates if torch.equal(v.output(module, rows, eps), expected)]
         chosen = (exact or candidates or [None])[0]
         if chosen is not None:
@@ -475,7 +480,7 @@ class ScaledEmbeddingRule(EmbeddingRule):
     def verify(self, module, x, output):
         rows = x[:_VERIFY_ROWS]
         lookup = F.embedding(rows, module.weight, module.padding_idx)  # no max_norm: it renormalises in place
-        return _close(lookup * self._scale(module), output[:_VERIFY_ROWS])
+        return close_values(lookup * self._scale(module), output[:_VERIFY_ROWS])
 
     def _indices_and_grads(self, module, x, g):
         indices, g = super()._indices_and_grads(module, x, g)
@@ -514,7 +519,7 @@ class OverriddenForwardRule(LayerRule):
 
     def verify(self, module, x, output):
         try:
-            return _close(self.reference(module, x[:_VERIFY_ROWS]), output[:_VERIFY_ROWS])
+            return close_values(self.reference(module, x[:_VERIFY_ROWS]), output[:_VERIFY_ROWS])
         except (RuntimeError, ValueError):   # not the base layer's shapes at all
             return False
 
@@ -525,7 +530,7 @@ class OverriddenForwardRule(LayerRule):
         reconstruction = self.reference(module, rows)
         if reconstruction.shape != expected.shape:
             return torch.zeros((), dtype=torch.bool, device=output.device)
-        tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(expected.dtype, 1e-2)
+        tolerance = rounding_tolerance(expected.dtype)
         return ((reconstruction - expected).abs() <= tolerance * (expected.abs() + expected.abs().max())).all()
 
     def per_example_grads(self, module, x, g, names):

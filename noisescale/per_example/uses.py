@@ -110,7 +110,6 @@ class ParameterUses(TorchFunctionMode):
         super().__init__()
         self._parameters = parameters
         self._sources = {id(p): (_Source(name), p) for name, p in parameters.items()}   # id -> (source, tensor)
-        self.tracked = set(parameters)
         self.batch_size = batch_size
         self.uses: list[_Use] = []
         self.complete = True
@@ -120,6 +119,11 @@ class ParameterUses(TorchFunctionMode):
         self._batched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # id -> tensor with examples
         # id -> a source expanded or repeated to B in dim 0 (a use): its dim 0 must meet the examples' dim 0
         self._claimed: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    @property
+    def tracked(self) -> set[str]:
+        """The local names of the parameters whose uses are recorded."""
+        return set(self._parameters)
 
     def start(self, args: tuple = (), kwargs: dict | None = None) -> None:
         """Record from here on; the call's tensors with the B examples in dim 0 (not parameters) hold examples."""
@@ -160,13 +164,14 @@ class ParameterUses(TorchFunctionMode):
             self.complete, self.reason = False, (f"{getattr(func, '__name__', func)}: a parameter expanded to the "
                                                  "batch's size meets the examples in another dim")
             return result
+        outputs = list(_tensors((result,)))
         if any(self._holds_examples(t) for t in tensors):
-            for out in _tensors((result,)):
+            for out in outputs:
                 self._batched[id(out)] = out
         used = [t for t in tensors if id(t) in self._sources]
         if not used:
             return result
-        if not any(t.requires_grad for t in _tensors((result,))):
+        if not any(t.requires_grad for t in outputs):
             return result   # p.shape, p.detach(), a use under no_grad: nothing to differentiate
         if func in _SHAPE_OF_SECOND and len(args) == 2 and used == [args[1]] and args[0] is not args[1]:
             return result   # x.expand_as(p): p gives the shape, no gradient
@@ -282,16 +287,10 @@ class ParameterUses(TorchFunctionMode):
         use = self._pending.pop(id(output), None) if broadcast is not None else None
         if use is None and broadcast is not None and id(output) in self._sources:   # computed from parameters alone
             self._hooked(_Use(self._source(output), "broadcast", output.shape, [None]), broadcast)
-        elif use is not None:
+        elif use is not None:   # its operands of batch 1 are shared by the B examples too
             broadcast.register_hook(partial(_keep, use.grad))
-            if use.kind == "embedding":
-                indices, padding_idx = use.factor
-                use.factor = (indices.expand(self.batch_size, -1), padding_idx)
-            elif use.kind == "linear_weight":
-                use.factor = use.factor.expand(self.batch_size, *use.factor.shape[1:])
-            elif use.kind == "layer_norm_weight":
-                x, shape, eps = use.factor
-                use.factor = (x.expand(self.batch_size, *x.shape[1:]), shape, eps)
+            use.factor = tree_map(lambda t: t.expand(self.batch_size, *t.shape[1:])
+                                  if isinstance(t, Tensor) and t.dim() and t.shape[0] == 1 else t, use.factor)
         if self._pending:
             self.complete, self.reason = False, "an output of batch 1 that is not the module's own"
         self._pending.clear()
