@@ -56,8 +56,8 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "opt", "vit", "bart", "torch_encoder",
-          "lstm"]
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "opt", "vit", "bart", "t5",
+          "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 
@@ -185,6 +185,11 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                              activation_dropout=0.0, **small)),
                          sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short},
                          short),
+        # T5's relative position tables enter the attention mask: the whole-model vmap measures those 4 parameters
+        "t5": lambda: (hf("T5ForConditionalGeneration")(hf("T5Config")(
+                           num_layers=2, d_model=64, d_kv=16, d_ff=128, num_heads=4, dropout_rate=0.0,
+                           decoder_start_token_id=0, **small)),
+                       sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short}, short),
         "torch_encoder": lambda: (EncoderClassifier(), per_example_cross_entropy, (tokens, mask == 0), classes),
         "lstm": lambda: (LSTMClassifier(), per_example_cross_entropy, sequences, classes),
     }

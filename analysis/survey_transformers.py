@@ -8,10 +8,13 @@ verifies rules and may probe or refuse captures). Reported: the largest relative
 many parameters each backend measured ("ghost" rules, "module" capture or re-run, "vmap" the whole-model pass),
 naming those left to the whole-model vmap.
 
-    python analysis/survey_transformers.py [--length 8] [--models t5 opt ...] [--out data/survey/transformers.csv]
+    python analysis/survey_transformers.py [--length 8] [--observe] [--models t5 opt ...] [--out FILE.csv]
 
 ``--length 4`` makes every sequence as long as the batch (T == B), where a dim of the batch's size that is not
-the examples must not be taken for them.
+the examples must not be taken for them. ``--observe`` measures as the framework integrations do: the survey runs
+the forward and backward itself inside ``observe(B, model_inputs=inputs)``, whose parameters that need the
+whole-model vmap are measured from the gradients that backward brought to the model's outputs (the backends are
+then not reported).
 """
 
 from __future__ import annotations
@@ -374,7 +377,7 @@ def loop_sqnorms(model, loss_fn, inputs, targets) -> dict[str, torch.Tensor]:
     return {name: torch.stack(values) for name, values in rows.items()}
 
 
-def survey_one(name: str) -> dict:
+def survey_one(name: str, observe: bool = False) -> dict:
     torch.manual_seed(0)
     model, inputs, targets, loss_fn = MODELS[name]()
     model = model.double().train()
@@ -383,10 +386,16 @@ def survey_one(name: str) -> dict:
     engine = PerExampleGradNorms(model, loss_fn, backend="auto", by_parameter=True)
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        result = engine(inputs, targets)
+        if observe:
+            with engine.observe(B, model_inputs=inputs) as result:
+                loss_fn(call_model(model, inputs), targets).mean().backward()
+        else:
+            result = engine(inputs, targets)
     floor = 1e-10 * max(float(values.abs().max()) for values in expected.values())
     worst = max(float(((result.by_parameter[n] - v).abs().max() / max(float(v.abs().max()), floor)))
                 for n, v in expected.items())
+    if observe:
+        return {"model": name, "max_rel_diff": worst}
     backends = pd.Series(result.backend_of).value_counts().to_dict()
     vmap = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, backend in result.backend_of.items() if backend == "vmap"})
     return {"model": name, "max_rel_diff": worst, "ghost": backends.get("ghost", 0),
@@ -397,6 +406,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=8, help="sequence length (4 = B: T == B)")
     parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
+    parser.add_argument("--observe", action="store_true", help="measure through observe, as the integrations do")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     LENGTH[:] = [args.length, args.length if args.length != 8 else 6]
@@ -404,13 +414,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     for name in tqdm(args.models, desc="survey"):
         try:
-            rows.append(survey_one(name))
+            rows.append(survey_one(name, args.observe))
         except Exception as error:   # a model that does not build or run here: reported, not hidden
             rows.append({"model": name, "error": f"{type(error).__name__}: {error}"[:200]})
     table = pd.DataFrame(rows)
     table.insert(1, "length", args.length)
     print(table.to_string(index=False, max_colwidth=90))
-    out = args.out or Path(f"data/survey/transformers_length{args.length}.csv")
+    out = args.out or Path(f"data/survey/transformers_length{args.length}{'_observe' if args.observe else ''}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as handle:
         table.to_csv(handle, index=False)

@@ -242,6 +242,48 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         assert log.get("noise_scale/b_noise", math.inf) == pytest.approx(b_noise, rel=RTOL)
 
 
+def tiny_t5(dropout=0.0):
+    """T5ForConditionalGeneration from a config, with its default SDPA attention: the relative position tables
+    enter every layer's attention mask, where no hook sees them per example (the whole-model vmap measures them)."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, dropout_rate=dropout, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).double()
+
+
+def _translation_dataset(n=24):
+    generator = torch.Generator().manual_seed(1)
+    ids, labels = (torch.randint(1, VOCAB, (n, size), generator=generator) for size in (LENGTH, 5))
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def test_t5_is_measured_exactly_and_trained_bit_identically(tmp_path):
+    """T5's relative position tables need the whole-model vmap, which the Trainer's step does not run: it is run
+    after each micro-batch on the gradients the Trainer's backward brought to the model's outputs, so the
+    Trainer's loss weighting (T5's token mean per micro-batch, not divided by the accumulation steps as its
+    forward takes **kwargs) need not be known. The norms are the per-example loop's; with dropout, training is
+    bit-identical to the plain Trainer's."""
+    data, accumulation = _translation_dataset(), 2
+    for dropout in (0.0, 0.1):
+        plain = _train(transformers.Trainer, tiny_t5, data, tmp_path / f"plain{dropout}", accumulation, dropout)
+        measured = _train(RecordingTrainer, tiny_t5, data, tmp_path / f"measured{dropout}", accumulation, dropout,
+                          noise_scale=NoiseScaleOptions())
+        _assert_same_parameters(plain, measured)
+        if dropout == 0.0:
+            exact = measured
+
+    def reference_loss(outputs, labels):   # every label token counts: the micro-batch's token mean is its mean
+        return accumulation * sequence_cross_entropy(outputs, labels)
+
+    for step, row in zip(exact.recorded, exact.noise_scale.history.itertuples()):
+        model = tiny_t5()
+        model.load_state_dict(step["weights"])
+        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+        estimate = simple_noise_scale(*_naive_norms(model, reference_loss, batch, batch["labels"]))
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9, abs=1e-12)
+
+
 def test_gradient_checkpointing_and_bad_options_are_rejected_before_any_step(tmp_path):
     with pytest.raises(TypeError, match="noise_scale must be a NoiseScaleOptions"):
         NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})

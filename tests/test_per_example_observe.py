@@ -143,21 +143,79 @@ def test_observe_warns_once_where_a_dim_as_large_as_the_batch_cannot_be_checked(
     assert sum("a dim besides the batch's" in str(w.message) for w in caught) == (1 if warns else 0)
 
 
-def test_observe_with_the_model_inputs_probes_and_refuses_instead_of_measuring_positions_as_examples():
-    """With probe_inputs, T == B is checked as in __call__: the bias table's (T, T) calls are not examples, so
-    they would need the whole-model vmap, which observe cannot run: a ValueError naming it, and no warning."""
+def test_observe_with_the_model_inputs_measures_by_the_output_gradients_what_the_hooks_cannot():
+    """With model_inputs, T == B is checked as in __call__ (no warning): the bias table's (T, T) calls are not
+    examples, so it needs the whole-model vmap, which runs after the pass on the loss <y_i, G_i> of the outputs
+    and the gradients the caller's backward brought to them. The caller's loss here weighs the examples unequally
+    and is scaled, which observe is not told: its norms are still each weighted term's, as the per-example loop
+    gives them; p.grad is the caller's."""
+    import copy
     import warnings
 
-    from test_per_example import RelativeBias, regression_loss
+    from test_per_example import RelativeBias, naive_per_example, regression_loss
     torch.manual_seed(0)
     model = RelativeBias(5).double().eval()
     x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    weights = torch.arange(1.0, 6.0, dtype=torch.float64)
+    expected = {name: weights.square() * values for name, values in
+                naive_per_example(model, regression_loss, x, y).items()}
+    plain = copy.deepcopy(model)
+    (0.3 * (weights * regression_loss(plain(x), y)).sum()).backward()
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for _ in range(2):   # the second pass keeps the output gradients because the first needed them
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with engine.observe(5, loss_scale=5 * 0.3, model_inputs=x) as observed:
+                (0.3 * (weights * regression_loss(model(x), y)).sum()).backward()
+        for name, values in expected.items():
+            torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert torch.equal(p.grad, q.grad)
+
+
+class _EncoderDecoder(nn.Module):
+    """Returns its hidden states next to the output computed from them (an encoder's last hidden state next to
+    the logits), and adds a table on (T, T) buckets that only the whole-model vmap measures."""
+
+    def __init__(self, length=4):
+        super().__init__()
+        from test_per_example import RelativeBias
+        self.encoder, self.head = RelativeBias(length), nn.Linear(2, 3)
+
+    def forward(self, x):
+        hidden = self.encoder(x)
+        return {"hidden": hidden, "logits": self.head(torch.tanh(hidden))}
+
+
+def test_the_output_gradients_count_an_output_computed_from_another_once():
+    """The hidden states receive the gradient that came through the logits: the loss <y_i, G_i> must take the
+    logits' alone, or the encoder's norms come out four times too large."""
+    from test_per_example import naive_per_example
+    torch.manual_seed(0)
+    model = _EncoderDecoder().double().eval()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = lambda outputs, targets: F.cross_entropy(outputs["logits"], targets, reduction="none")  # noqa: E731
+    expected = naive_per_example(model, loss, x, y)
+    engine = PerExampleGradNorms(model, loss, by_parameter=True)
+    with engine.observe(6, model_inputs=x) as observed:
+        loss(model(x), y).mean().backward()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+
+
+def test_observe_refuses_the_output_gradients_of_a_model_called_twice_and_leaves_p_grad_alone():
+    from test_per_example import RelativeBias, regression_loss
+    torch.manual_seed(0)
+    model = RelativeBias(4).double().eval()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     engine = PerExampleGradNorms(model, regression_loss)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(ValueError, match=r"bias\.weight"):
-            with engine.observe(5, probe_inputs=x):
-                regression_loss(model(x), y).mean().backward()
+    with pytest.raises(ValueError, match=r"bias\.weight.*called 2 times"):
+        with engine.observe(5, model_inputs=x):
+            (regression_loss(model(x), y) + regression_loss(model(x), y)).mean().backward()
+    with pytest.raises(ValueError, match=r"bias\.weight.*neither the pass's model_inputs nor its vmap_batch"):
+        with engine.observe(5):
+            regression_loss(model(x), y).mean().backward()
 
 
 def test_observe_with_a_vmap_batch_measures_what_the_hooks_cannot_and_leaves_the_training_alone():

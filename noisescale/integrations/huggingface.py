@@ -22,7 +22,9 @@ an overridden ``compute_loss``), its scaling for gradient accumulation or ``num_
 ``no_sync`` and DDP's all-reduce are the Trainer's, and training is bit-identical to ``Trainer``'s. How the
 per-example gradients of the accumulated global batch follow from that loss, whatever its weighting, is in
 :mod:`noisescale.integrations.observer`; with HuggingFace's token-mean loss they are the gradients of the "token"
-per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. The values reach every ``report_to``
+per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. Parameters that only the whole-model vmap
+can measure (T5's relative position tables) are measured after the micro-batch from the gradients its backward
+brought to the model's outputs (:mod:`noisescale.per_example.outputs`). The values reach every ``report_to``
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
 
 Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so

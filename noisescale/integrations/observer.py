@@ -126,14 +126,15 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
         begun but never ended, e.g. skipped by the framework, is dropped). ``hessian_batch``: (inputs, targets) of
         this micro-batch for the Hessian proxies, kept from the step's first micro-batch. ``model_inputs``: what
-        the framework calls the model on, for the check of dims as large as the batch (``observe``)."""
+        the framework calls the model on, for the check of dims as large as the batch and for the parameters only
+        the whole-model vmap can measure (``observe``)."""
         self._drop_open_micro_batch()
         self._step_open = True
         if self.hessian_every and self.step % self.hessian_every == 0 and self._hessian_batch is None:
             self._hessian_batch = hessian_batch
         self._sizes.append(batch_size)
         if self.measures_this_step:
-            self._micro_batch = self.norms.observe(batch_size, loss_scale=batch_size, probe_inputs=model_inputs)
+            self._micro_batch = self.norms.observe(batch_size, loss_scale=batch_size, model_inputs=model_inputs)
             self._observed = self._micro_batch.__enter__()
 
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:

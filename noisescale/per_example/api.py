@@ -77,6 +77,7 @@ from noisescale.batches import batch_size_of, call_model, select_examples, tenso
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
+from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
 from noisescale.sharded import flat_parameter_owners, is_sharded
 
@@ -255,6 +256,8 @@ class PerExampleGradNorms:
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
         self._warned_ambiguous = False
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
+        self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
+        self._outputs_needed = False   # once one needed the whole-model vmap (``OutputGradients``)
         self._closed = False
 
     def close(self) -> None:
@@ -441,7 +444,7 @@ class PerExampleGradNorms:
                 f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
                 "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
                 "layer), its norms are wrong. This is checked by a forward on B - 1 examples of the model's inputs, "
-                "which this call did not have (observe without probe_inputs) or could not run. Use a batch size "
+                "which this call did not have (observe without model_inputs) or could not run. Use a batch size "
                 "that differs from the sequence length", RuntimeWarning, stacklevel=4)
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
@@ -513,7 +516,7 @@ class PerExampleGradNorms:
                 "(noisescale.per_example.register_rule), or measure the model unsharded (DDP)")
 
     @contextmanager
-    def observe(self, batch_size: int, *, loss_scale: float = 1.0, probe_inputs: Any = None,
+    def observe(self, batch_size: int, *, loss_scale: float = 1.0, model_inputs: Any = None,
                 vmap_batch: tuple[Any, Any] | None = None) -> Iterator[ObservedNorms]:
         """Read the per-example norms of a forward and backward that the caller runs itself inside the ``with``
         block (a training framework's own step), leaving that step untouched: p.grad is the caller's.
@@ -522,16 +525,17 @@ class PerExampleGradNorms:
         held in dim 0 of every hooked module's input; on exit ``observed.sqnorms`` holds |dl_i/dtheta|^2.
         Equivalently, with ``loss_scale=batch_size`` the objective is any sum of per-example terms and the norms
         are those of each term's gradient. Ghost rules and the per-module fallback (which works from the recorded
-        calls) can observe. Parameters that would need the whole-model vmap (a separate pass over the model) are
-        measured by it after the caller's pass when ``vmap_batch`` = (inputs, targets) of this pass is given:
-        ``loss_fn(model(inputs), targets)`` must then return the very l_i whose ``loss_scale * mean`` the caller
-        differentiates (a framework's token weighting or accumulation factor included), and the random number
-        generators are isolated (the training's own draws are unchanged). Without it they raise a ValueError
-        naming them.
+        calls) can observe.
 
-        ``probe_inputs``: the model's inputs of this pass (model(**inputs) for a mapping), when the caller has
-        them; where a dim of an input besides dim 0 has B's size, a forward without grad on B - 1 of them checks
-        which layers' dim 0 holds the examples (as ``__call__`` does). Without them such passes are warned about.
+        ``model_inputs``: the inputs of the pass's one call of the model (model(**inputs) for a mapping), when the
+        caller has them. Where a dim of an input besides dim 0 has B's size, a forward without grad on B - 1 of them
+        checks which layers' dim 0 holds the examples (as ``__call__`` does); without them such passes are warned
+        about. Parameters that need the whole-model vmap (a separate pass) are measured after the caller's pass,
+        on an isolated random stream, by vmap over single examples of the loss <y_i, G_i>: the model's outputs y_i
+        against the gradients G_i the caller's backward brought to them (``outputs.py``), so the caller's loss
+        need not be known. ``vmap_batch`` = (inputs, targets) measures them by ``loss_fn(model(inputs),
+        targets)`` instead, which must then return the very l_i whose ``loss_scale * mean`` the caller
+        differentiates. With neither, or when the model was not called once, they raise a ValueError naming them.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -542,23 +546,32 @@ class PerExampleGradNorms:
         parameters = plan.parameters
         received: set[str] = set()
         observed = ObservedNorms()
-        probe = None if probe_inputs is None else self._probe(plan, probe_inputs, batch_size)
+        probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
+        can_vmap = vmap_batch is not None or (model_inputs is not None and not self._sharded)
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                     sharded=self._sharded, probe=probe) as ghost_pass:
-            with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
-                yield observed
+            outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
+                not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)))
+            try:
+                with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
+                    yield observed
+            finally:
+                outputs.close()
+        self._observed = True
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
-        if vmap_batch is None:
+        if not can_vmap:
             _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass)
         self._warn_if_unchecked(ghost_pass, batch_size)
         ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
         need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
-        if vmap_batch is None:
+        if not can_vmap:
             _refuse_vmap(need_vmap, ghost_pass)
         by_parameter = ghost_pass.result()
         if need_vmap:   # on an isolated random stream (vmap_sqnorms)
-            by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, need_vmap, self.chunk_size))
+            self._outputs_needed = True
+            by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, model_inputs, outputs, ghost_pass,
+                                                       batch_size / scale))
         reference = next(iter(by_parameter.values()), None)
         dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
         device = next(iter(parameters.values())).device if reference is None else reference.device
@@ -568,15 +581,34 @@ class PerExampleGradNorms:
         observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         observed.by_parameter = by_parameter if self.by_parameter else None
 
+    def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, model_inputs: Any,
+                          outputs: OutputGradients, ghost_pass: GhostPass, scale: float) -> dict[str, Tensor]:
+        """observe's parameters that need the whole-model vmap: by ``loss_fn`` on ``vmap_batch``, or by the
+        output gradients of the pass on ``model_inputs``: |dl_i/dtheta|^2 = scale^2 |J_i^T G_i|^2, with
+        scale = B / loss_scale (the caller's objective is loss_scale * mean_i l_i)."""
+        if vmap_batch is not None:
+            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, self.chunk_size)
+        kept = outputs.gradients()
+        if kept is None:
+            _refuse_vmap(names, ghost_pass, because=outputs.why_not())
+        indices, grads = kept
+        model, prefix = ((self.model.module, "module.") if isinstance(self.model, DistributedDataParallel)
+                         else (self.model, ""))
+        sqnorms = vmap_sqnorms(model, partial(inner_product, indices), model_inputs, grads,
+                               [name.removeprefix(prefix) for name in names], self.chunk_size)
+        return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
-def _refuse_vmap(names: Any, ghost_pass: GhostPass) -> None:
-    """observe without ``vmap_batch``: parameters that need the whole-model vmap cannot be measured."""
+
+def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str | None = None) -> None:
+    """observe: parameters that need the whole-model vmap and cannot be measured by it."""
     if names:
         reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items())
+        cannot = because or "observe was given neither the pass's model_inputs nor its vmap_batch"
         raise ValueError(f"parameters {sorted(names)} cannot be measured from the caller's own pass: they need the "
-                         f"whole-model vmap, a separate pass ({reasons or 'used outside any module call'}); give "
-                         "observe the pass's vmap_batch=(inputs, targets), or measure this model with "
-                         "NoiseScaleMonitor, which runs that pass itself")
+                         f"whole-model vmap, a separate pass ({reasons or 'used outside any module call'}), and "
+                         f"{cannot}. Give observe the model_inputs of its one call of the model or the pass's "
+                         "vmap_batch=(inputs, targets), or measure this model with NoiseScaleMonitor, which runs "
+                         "that pass itself")
 
 
 def _is_flat(p: Tensor) -> bool:
