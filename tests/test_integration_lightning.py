@@ -149,6 +149,45 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
     assert {key: float(trainer.logged_metrics[key]) for key in final} == pytest.approx(final, rel=1e-6)
 
 
+class SharedWeightModule(TinyModule):
+    """Its last step reads ``mix``'s weight outside ``mix``'s call: no hook sees it per example, so the
+    whole-model vmap measures it, on the inputs of the module's one call in the training step."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__(dropout)
+        self.mix = nn.Linear(3, 3, bias=False).double()
+
+    def forward(self, x):
+        return F.linear(self.net(x), self.mix.weight)
+
+
+def test_a_parameter_only_vmap_can_measure_is_measured_from_the_output_gradients(tmp_path):
+    """Lightning passes no model inputs: observe keeps those of the module's call and the gradient the step's
+    backward brought to its output. The step's estimates are the per-example loop's; training is bit-identical."""
+    runs = {}
+    for name, callbacks in (("plain", []), ("measured", [RecordBatches(), NoiseScaleCallback()])):
+        pl.seed_everything(5, verbose=False)
+        module = SharedWeightModule()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=2, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=callbacks)
+        trainer.fit(module, _loader())
+        runs[name] = (module, callbacks)
+    (plain, _), (measured, (recorder, callback)) = runs["plain"], runs["measured"]
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+    for step, row in zip(recorder.steps, callback.monitor.history.itertuples()):
+        module = SharedWeightModule()
+        module.load_state_dict(step["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+        parameters = list(module.parameters())
+        grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), parameters)]) for i in range(len(x))])
+        estimate = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum())
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+
+
 def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
     class Manual(TinyModule):
         def __init__(self):

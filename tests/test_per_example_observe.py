@@ -89,12 +89,23 @@ class _SharedHead(nn.Module):
         return F.linear(self.body(x), self.other.weight)
 
 
-def test_parameters_used_outside_their_module_are_named_after_the_pass_which_is_left_intact():
+def test_parameters_used_outside_their_module_are_measured_after_the_pass_which_is_left_intact():
+    """other.weight is read outside other's call: the hooks miss it, so the output gradients kept in the first
+    pass measure it (the per-example loop's norms), and on every later pass; p.grad is the plain backward's."""
+    from test_per_example import naive_per_example
     model, (inputs, targets) = _SharedHead(), _batch()
-    with pytest.raises(ValueError, match=r"\['other.weight'\] cannot be measured from the caller's own pass"):
-        with PerExampleGradNorms(model, _per_example_loss).observe(6):
+    plain = _SharedHead()
+    plain.load_state_dict(model.state_dict())
+    expected = sum(naive_per_example(plain, _per_example_loss, inputs, targets).values())
+    _per_example_loss(plain(inputs), targets).mean().backward()
+    engine = PerExampleGradNorms(model, _per_example_loss)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with engine.observe(6) as observed:
             _per_example_loss(model(inputs), targets).mean().backward()
-    assert model.other.weight.grad is not None and model.other.bias.grad is None
+        torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-10, atol=0)
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
 
 
 def test_hooks_are_inert_outside_the_block_and_bad_arguments_are_rejected():
@@ -204,18 +215,53 @@ def test_the_output_gradients_count_an_output_computed_from_another_once():
         torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
 
 
-def test_observe_refuses_the_output_gradients_of_a_model_called_twice_and_leaves_p_grad_alone():
-    from test_per_example import RelativeBias, regression_loss
+class _Scaled(nn.Module):
+    """RelativeBias times a scale passed as a 0-d tensor: an input without the examples in dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        from test_per_example import RelativeBias
+        self.inner = RelativeBias(4).eval()
+
+    def forward(self, x, scale=None):
+        return self.inner(x) * (1.0 if scale is None else scale)
+
+
+def test_without_model_inputs_observe_measures_on_the_inputs_of_the_models_one_call():
+    """No model_inputs (Lightning's case): the vmap runs on the inputs the model's one call received."""
+    from test_per_example import naive_per_example, regression_loss
     torch.manual_seed(0)
-    model = RelativeBias(4).double().eval()
+    model = _Scaled().double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    expected = naive_per_example(model, regression_loss, x, y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    with engine.observe(5) as observed:
+        regression_loss(model(x), y).mean().backward()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+
+
+def test_observe_refuses_what_the_output_gradients_cannot_stand_for_and_leaves_p_grad_alone():
+    """The model called twice or not at all, or an input without the examples in dim 0: a ValueError that
+    names the table and the cause; p.grad is what the caller's backward left."""
+    from test_per_example import regression_loss
+    torch.manual_seed(0)
+    model = _Scaled().double()
     x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     engine = PerExampleGradNorms(model, regression_loss)
-    with pytest.raises(ValueError, match=r"bias\.weight.*called 2 times"):
-        with engine.observe(5, model_inputs=x):
-            (regression_loss(model(x), y) + regression_loss(model(x), y)).mean().backward()
-    with pytest.raises(ValueError, match=r"bias\.weight.*neither the pass's model_inputs nor its vmap_batch"):
-        with engine.observe(5):
-            regression_loss(model(x), y).mean().backward()
+    passes = {"called 2 times": lambda: regression_loss(model(x), y) + regression_loss(model(x), y),
+              "called 0 times": lambda: regression_loss(model.inner(x), y),
+              r"an input of shape \(\)": lambda: regression_loss(model(x, torch.tensor(2.0, dtype=x.dtype)), y)}
+    for cause, losses in passes.items():
+        model.zero_grad()
+        losses().mean().backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        with pytest.raises(ValueError, match=r"inner\.bias\.weight.*" + cause):
+            with engine.observe(5):
+                losses().mean().backward()
+        for p, grad in zip(model.parameters(), expected):
+            assert torch.equal(p.grad, grad)
 
 
 def test_observe_with_a_vmap_batch_measures_what_the_hooks_cannot_and_leaves_the_training_alone():

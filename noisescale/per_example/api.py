@@ -527,15 +527,18 @@ class PerExampleGradNorms:
         are those of each term's gradient. Ghost rules and the per-module fallback (which works from the recorded
         calls) can observe.
 
-        ``model_inputs``: the inputs of the pass's one call of the model (model(**inputs) for a mapping), when the
-        caller has them. Where a dim of an input besides dim 0 has B's size, a forward without grad on B - 1 of them
-        checks which layers' dim 0 holds the examples (as ``__call__`` does); without them such passes are warned
-        about. Parameters that need the whole-model vmap (a separate pass) are measured after the caller's pass,
-        on an isolated random stream, by vmap over single examples of the loss <y_i, G_i>: the model's outputs y_i
-        against the gradients G_i the caller's backward brought to them (``outputs.py``), so the caller's loss
-        need not be known. ``vmap_batch`` = (inputs, targets) measures them by ``loss_fn(model(inputs),
-        targets)`` instead, which must then return the very l_i whose ``loss_scale * mean`` the caller
-        differentiates. With neither, or when the model was not called once, they raise a ValueError naming them.
+        Parameters that need the whole-model vmap (a separate pass) are measured after the caller's pass, on an
+        isolated random stream, by vmap over single examples of the loss <y_i, G_i>: the outputs y_i of the pass's
+        one call of the model against the gradients G_i the caller's backward brought to them, on that call's
+        inputs (``outputs.py``), so the caller's loss need not be known. ``vmap_batch`` = (inputs, targets)
+        measures them by ``loss_fn(model(inputs), targets)`` instead, which must then return the very l_i whose
+        ``loss_scale * mean`` the caller differentiates. Where neither can run (the model called twice, or not at
+        all; an input without the examples in dim 0; an FSDP-sharded model) they raise a ValueError naming them.
+
+        ``model_inputs``: the inputs of the pass's call of the model (model(**inputs) for a mapping), when the
+        caller has them: they replace that call's own inputs for the vmap, and where a dim of an input besides dim 0
+        has B's size, a forward without grad on B - 1 of them checks which layers' dim 0 holds the examples (as
+        ``__call__`` does); without them such passes are warned about.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -547,7 +550,7 @@ class PerExampleGradNorms:
         received: set[str] = set()
         observed = ObservedNorms()
         probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
-        can_vmap = vmap_batch is not None or (model_inputs is not None and not self._sharded)
+        can_vmap = not self._sharded
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                     sharded=self._sharded, probe=probe) as ghost_pass:
             outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
@@ -561,12 +564,12 @@ class PerExampleGradNorms:
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
         if not can_vmap:
-            _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass)
+            _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass, because=_SHARDED)
         self._warn_if_unchecked(ghost_pass, batch_size)
         ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
         need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
         if not can_vmap:
-            _refuse_vmap(need_vmap, ghost_pass)
+            _refuse_vmap(need_vmap, ghost_pass, because=_SHARDED)
         by_parameter = ghost_pass.result()
         if need_vmap:   # on an isolated random stream (vmap_sqnorms)
             self._outputs_needed = True
@@ -591,24 +594,29 @@ class PerExampleGradNorms:
         kept = outputs.gradients()
         if kept is None:
             _refuse_vmap(names, ghost_pass, because=outputs.why_not())
+        if model_inputs is None and outputs.inputs is None:
+            _refuse_vmap(names, ghost_pass, because=outputs.why_not_inputs())
         indices, grads = kept
         model, prefix = ((self.model.module, "module.") if isinstance(self.model, DistributedDataParallel)
                          else (self.model, ""))
-        sqnorms = vmap_sqnorms(model, partial(inner_product, indices), model_inputs, grads,
+        inputs = outputs.inputs if model_inputs is None else model_inputs
+        sqnorms = vmap_sqnorms(model, partial(inner_product, indices), inputs, grads,
                                [name.removeprefix(prefix) for name in names], self.chunk_size)
         return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
 
-def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str | None = None) -> None:
+_SHARDED = "the model is sharded (FSDP), and torch.func needs whole parameters"
+
+
+def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:
     """observe: parameters that need the whole-model vmap and cannot be measured by it."""
     if names:
         reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items())
-        cannot = because or "observe was given neither the pass's model_inputs nor its vmap_batch"
         raise ValueError(f"parameters {sorted(names)} cannot be measured from the caller's own pass: they need the "
                          f"whole-model vmap, a separate pass ({reasons or 'used outside any module call'}), and "
-                         f"{cannot}. Give observe the model_inputs of its one call of the model or the pass's "
-                         "vmap_batch=(inputs, targets), or measure this model with NoiseScaleMonitor, which runs "
-                         "that pass itself")
+                         f"{because}. Call the model once in the pass (observe measures them from its outputs' "
+                         "gradients), give observe the pass's vmap_batch=(inputs, targets), or measure this model "
+                         "with NoiseScaleMonitor, which runs that pass itself")
 
 
 def _is_flat(p: Tensor) -> bool:

@@ -6,7 +6,7 @@ weighting: a token mean over the accumulated batch, a division by the accumulati
 processes, label smoothing, a custom ``compute_loss``. Whatever it is, while examples do not meet in the forward,
 example i's share of dL/dtheta is J_i^T G_i, with J_i the Jacobian of example i's outputs y_i and G_i = dL/dy_i, the
 gradient the real backward brought to them. ``OutputGradients`` keeps G from the one call of the model in the
-pass (a tensor hook per output that holds the examples in dim 0); ``inner_product`` is the per-example loss
+pass (a tensor hook per output that holds the examples in dim 0), and that call's inputs; ``inner_product`` is the per-example loss
 <y_i(theta), G_i> whose gradient, taken by ``vmap_sqnorms`` over single examples, is that share: the same
 per-example gradient the hooks measure, with no knowledge of the loss.
 
@@ -28,8 +28,8 @@ __all__ = ["OutputGradients", "inner_product"]
 
 class OutputGradients:
     """While active, the gradients dL/dy of the outputs y of ``model``'s call that hold the ``batch_size``
-    examples in dim 0, when ``keep()`` says so at the end of that call (else only the calls are counted and no
-    gradient is held: the gradient of the logits is as large as the logits)."""
+    examples in dim 0, and the call's inputs, when ``keep()`` says so at the end of that call (else only the calls
+    are counted and no gradient is held: the gradient of the logits is as large as the logits)."""
 
     def __init__(self, model: nn.Module, batch_size: int, keep: Callable[[], bool]):
         self.batch_size, self._keep = batch_size, keep
@@ -38,13 +38,16 @@ class OutputGradients:
         self.indices: list[int] = []        # positions of those outputs among the output's flattened leaves
         self._grads: list[list] = []
         self._nodes: list = []              # their autograd nodes
-        self._handle = model.register_forward_hook(self._on_output)
+        self.inputs: Any = None             # the call's inputs as noisescale.batches takes them, if they can be
+        self._inputs_refused = ""
+        self._handle = model.register_forward_hook(self._on_output, with_kwargs=True)
 
-    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.calls += 1
         if self.calls > 1 or not self._keep():
             return
         self.kept = True
+        self.inputs, self._inputs_refused = self._batch_of(args, kwargs)
         seen = set()
         for index, leaf in enumerate(tree_flatten(output)[0]):
             if (isinstance(leaf, Tensor) and leaf.requires_grad and leaf.grad_fn is not None and leaf.dim()
@@ -55,6 +58,17 @@ class OutputGradients:
                 self.indices.append(index)
                 self._grads.append(holder)
                 self._nodes.append(leaf.grad_fn)
+
+    def _batch_of(self, args: tuple, kwargs: dict) -> tuple[Any, str]:
+        """(the call's inputs: a tuple of positional inputs or a mapping of keyword inputs, "") or (None, why):
+        every tensor among them must hold the examples in dim 0, for vmap to run over them."""
+        if args and kwargs:
+            return None, "the model was called with positional and keyword inputs together"
+        inputs = dict(kwargs) if kwargs else tuple(args)
+        for leaf in tree_flatten(inputs)[0]:
+            if isinstance(leaf, Tensor) and not (leaf.dim() and leaf.shape[0] == self.batch_size):
+                return None, f"an input of shape {tuple(leaf.shape)} does not hold the examples in dim 0"
+        return inputs, ""
 
     def close(self) -> None:
         self._handle.remove()
@@ -71,6 +85,9 @@ class OutputGradients:
         inner = _ancestors([node for _, _, node in kept])
         return ([index for index, _, node in kept if node not in inner],
                 [grad.detach() for _, grad, node in kept if node not in inner])
+
+    def why_not_inputs(self) -> str:
+        return self._inputs_refused or self.why_not()
 
     def why_not(self) -> str:
         if self.calls != 1:
