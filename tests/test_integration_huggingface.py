@@ -284,16 +284,42 @@ def test_t5_is_measured_exactly_and_trained_bit_identically(tmp_path):
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9, abs=1e-12)
 
 
-def test_gradient_checkpointing_and_bad_options_are_rejected_before_any_step(tmp_path):
+def test_bad_options_are_rejected_before_any_step(tmp_path):
     with pytest.raises(TypeError, match="noise_scale must be a NoiseScaleOptions"):
         NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})
-    model = tiny_gpt2()
-    before = [p.detach().clone() for p in model.parameters()]
-    args = _args(tmp_path, 1)
-    args.gradient_checkpointing = True
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        NoiseScaleTrainer(model=model, args=args, train_dataset=_token_dataset()).train()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_is_measured_exactly_and_trains_bit_identically(tmp_path, use_reentrant):
+    """The Trainer's activation checkpointing re-runs each block's forward inside the backward (the MLP runs twice
+    per micro-batch): the norms are still the per-example loop's, and training equals the plain Trainer's with
+    the same checkpointing, with dropout too."""
+    data, accumulation = _token_dataset(), 2
+
+    def train(trainer_class, path, dropout, **kwargs):
+        args = _args(path, accumulation)
+        args.activation_checkpointing, args.activation_checkpointing_kwargs = True, {"use_reentrant": use_reentrant}
+        trainer = trainer_class(model=tiny_gpt2(dropout), args=args, train_dataset=data, **kwargs)
+        mlp, runs = trainer.model.transformer.h[0].mlp, []
+        forward = mlp.forward
+        mlp.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
+        trainer.train()
+        assert len(runs) == 2 * 3 * accumulation   # re-run in every backward
+        return trainer
+
+    for dropout in (0.0, 0.2):
+        plain = train(transformers.Trainer, tmp_path / f"plain{dropout}", dropout)
+        measured = train(RecordingTrainer, tmp_path / f"measured{dropout}", dropout, noise_scale=NoiseScaleOptions())
+        _assert_same_parameters(plain, measured)
+        if dropout == 0.0:
+            exact = measured
+    for step, row in zip(exact.recorded, exact.noise_scale.history.itertuples()):
+        model = tiny_gpt2()
+        model.load_state_dict(step["weights"])
+        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+        estimate = simple_noise_scale(*_naive_norms(model, _gpt2_loss(accumulation), batch, batch["labels"]))
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
 
 
 def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):

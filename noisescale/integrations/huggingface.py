@@ -34,8 +34,10 @@ proxies on the step's first micro-batch, the batch without ``labels`` as the mod
 targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g. ``functools.partial(sequence_cross_entropy,
 shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "example" weighting: the proxies vmap the
 loss over single examples), with ``attn_implementation="eager"`` (forward-mode AD has no rule for some SDPA
-kernels). Not supported: gradient checkpointing (it re-runs forwards inside the backward), DeepSpeed, FSDP and
-DataParallel (each raises a clear error at the first step).
+kernels). Activation checkpointing (``activation_checkpointing=True``, reentrant or not) is measured: the hooks
+count each block once, its forward with grad (non-reentrant: the first call; reentrant: the re-run inside the
+backward, as the first runs without grad). Not supported: DeepSpeed, FSDP and DataParallel
+(each raises a clear error at the first step).
 """
 
 from __future__ import annotations
@@ -99,9 +101,6 @@ class NoiseScaleTrainerMixin:
 
     def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
         if self.noise_scale is None:
-            if self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False):
-                raise ValueError("noise_scale cannot be measured with gradient checkpointing: it re-runs forwards "
-                                 "inside the backward, which the ghost hooks would count twice; turn it off")
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("noise_scale cannot be measured under DeepSpeed or FSDP (sharded gradients); use DDP "
                                  "(torchrun / accelerate launch without a DeepSpeed or FSDP config)")
