@@ -475,6 +475,41 @@ def test_ghost_rejects_parameter_used_outside_its_module():
     assert set(result.backend_of.values()) == {"vmap"}
 
 
+class ReadTwice(nn.Module):
+    """proj is called, and its weight is read again outside its call: the Linear rule sees only the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(F.linear(torch.tanh(self.proj(x)), self.proj.weight))
+
+
+def test_a_weight_also_read_outside_its_layer_goes_to_vmap_after_one_graph_walk(monkeypatch):
+    """The graph takes proj.weight twice, its layer's hooked calls once: found by counting the graph's uses in
+    the first pass of the plan (one walk, not one per call), and measured by the whole-model vmap from then on;
+    ghost refuses before the backward. Reference: the per-example loop."""
+    from noisescale.per_example import api
+    walks = []
+    monkeypatch.setattr(api, "_leaf_uses", lambda nodes, walk=api._leaf_uses: walks.append(1) or walk(nodes))
+    model = _float64(ReadTwice)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    with pytest.raises(ValueError, match=r"proj\.weight.*reads them directly"):
+        per_example_sqnorms(model, regression_loss, x, y, backend="ghost")
+    assert model.proj.weight.grad is None
+    walks.clear()
+    with PerExampleGradNorms(model, regression_loss, by_parameter=True) as measure:
+        for _ in range(2):
+            model.zero_grad()
+            result = measure(x, y)
+            assert result.backend_of["proj.weight"] == "vmap" and result.backend_of["proj.bias"] == "ghost"
+            for name, values in naive_per_example(model, regression_loss, x, y).items():
+                assert_relclose(result.by_parameter[name], values)
+    assert len(walks) == 1
+
+
 class KeywordClassifier(nn.Module):
     """Called as model(**batch) like a HuggingFace model: keyword tensors, a flag, a dict output, the per-example
     loss computed inside from ``labels`` (so the loss_fn gets no targets)."""

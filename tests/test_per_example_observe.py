@@ -108,6 +108,23 @@ def test_parameters_used_outside_their_module_are_measured_after_the_pass_which_
             assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
 
 
+def test_a_weight_also_read_outside_its_layer_is_measured_from_the_output_gradients():
+    """The layer's call is hooked, its weight's second use is not: found by counting the graph's uses from the
+    model's outputs in the first pass, then measured by the output gradients, as the per-example loop gives it."""
+    from test_per_example import ReadTwice, naive_per_example, regression_loss
+    torch.manual_seed(0)
+    model = ReadTwice().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    expected = naive_per_example(model, regression_loss, x, y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad()
+        with engine.observe(5) as observed:
+            regression_loss(model(x), y).mean().backward()
+        for name, values in expected.items():
+            torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+
+
 def test_hooks_are_inert_outside_the_block_and_bad_arguments_are_rejected():
     model, (inputs, targets) = _model(), _batch()
     norms = PerExampleGradNorms(model, _per_example_loss)

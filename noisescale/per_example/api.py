@@ -139,17 +139,19 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
     return losses
 
 
-def _leaves_in_graph(output: Tensor) -> dict[int, Tensor]:
-    """The leaf tensors (parameters) that ``output`` depends on, by id, from its autograd graph."""
-    leaves, seen, stack = {}, set(), [output.grad_fn]
+def _leaf_uses(nodes: list) -> dict[int, list]:
+    """id(leaf) -> [leaf, n] for the leaf tensors (parameters) of the autograd graph from ``nodes`` back, n the
+    number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight."""
+    leaves, seen, stack = {}, set(), list(nodes)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad
-            leaves[id(node.variable)] = node.variable
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        for next_node, _ in node.next_functions:
+            if next_node is not None and hasattr(next_node, "variable"):  # AccumulateGrad
+                leaves.setdefault(id(next_node.variable), [next_node.variable, 0])[1] += 1
+            stack.append(next_node)
     return leaves
 
 
@@ -256,6 +258,8 @@ class PerExampleGradNorms:
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
         self._warned_ambiguous = False
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
+        self._uses_checked = False     # whether a pass of this plan counted the graph's uses of each parameter,
+        self._read_elsewhere: set[str] = set()   # and the rule-measured ones it found read outside their layers
         self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
         self._outputs_needed = False   # once one needed the whole-model vmap (``OutputGradients``)
         self._closed = False
@@ -287,6 +291,7 @@ class PerExampleGradNorms:
         if self._cached_plan is None or self._cached_plan[0] != key:
             plan = self._build_plan()
             self._probes.clear()
+            self._uses_checked, self._read_elsewhere = False, set()
             if not self._sharded:
                 self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
             self._cached_plan = (key, plan)
@@ -358,29 +363,49 @@ class PerExampleGradNorms:
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
         return _Plan(hooked, vmap_names, backend_of, parameters)
 
-    def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, loss: Tensor) -> list[str]:
-        """Parameters in the loss's graph although no hooked call of their module used them: their module's
-        forward was bypassed (nn.MultiheadAttention reads out_proj.weight directly). They are measured with the
-        nearest enclosing module that went through the per-module fallback, else by the whole-model vmap (auto);
-        ghost raises before the backward, so a failed call leaves p.grad untouched. Returns the vmap ones."""
+    def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> list[str]:
+        """Parameters in the graph of the pass (from the autograd nodes ``roots``) although no hooked call of their
+        module used them: their module's forward was bypassed (nn.MultiheadAttention reads out_proj.weight
+        directly). They are measured with the nearest enclosing module that went through the per-module fallback,
+        else by the whole-model vmap (auto). So are the rule-measured parameters that the graph takes more often
+        than their layers' hooked calls did, a weight also read outside its layer's call (``other.weight`` in
+        another module's forward), whose rule would miss that use: checked in the first pass of each plan (a graph
+        walk), they go to the vmap from then on. ghost raises before the backward, so a failed call leaves p.grad
+        untouched. Returns the vmap ones."""
         unused = {name for name, backend in plan.backend_of.items()
                   if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names}
-        if not unused:
-            return []
+        check = not self._uses_checked and not self._sharded
+        if not unused and not check:
+            return sorted(self._read_elsewhere & set(plan.backend_of))
         if self._sharded:
             # the graph holds FSDP's unsharded parameters, not the model's shards: only a module that went through
             # the fallback can take them (an unused parameter keeps zero norms)
             for name in sorted(unused):
                 ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")
             return []
-        in_graph = _leaves_in_graph(loss)
+        in_graph = _leaf_uses(roots)
+        if check:
+            self._check_read_elsewhere(plan, ghost_pass, in_graph)
         bypassed = sorted(name for name in unused if id(plan.parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
                              "their module's forward was never called (used directly by another module); use "
                              "backend='auto' to measure them with the module that uses them")
-        return [name for name in bypassed if not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name
-                                                                     else "")]
+        if self._read_elsewhere and self.backend == "ghost":
+            raise ValueError(f"backend='ghost' cannot measure parameters {sorted(self._read_elsewhere)}: another "
+                             "module also reads them directly, outside their own module's calls, which the hooks "
+                             "do not see; use backend='auto' to measure them by the whole-model vmap")
+        return sorted({name for name in bypassed if not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name
+                                                                          else "")} | self._read_elsewhere)
+
+    def _check_read_elsewhere(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[int, list]) -> None:
+        """Once per plan: the rule-measured parameters that the graph ``in_graph`` (``_leaf_uses``) takes more
+        often than their layers' hooked calls did (``_bypassed``)."""
+        self._uses_checked = True
+        self._read_elsewhere = {
+            name for name, backend in plan.backend_of.items()
+            if backend == "ghost" and name not in ghost_pass.fallback_names | ghost_pass.vmap_names
+            and 0 < ghost_pass.use_count[name] < in_graph.get(id(plan.parameters[name]), (None, 0))[1]}
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
         """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every
@@ -457,12 +482,13 @@ class PerExampleGradNorms:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
-                bypassed = self._bypassed(plan, ghost_pass, loss)
+                bypassed = self._bypassed(plan, ghost_pass, [loss.grad_fn])
                 if self._sharded:
                     self._check_sharded_measurable(ghost_pass, bypassed)
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
                     handles = [leaf.register_hook(partial(_record_norm, received, key))
-                               for key, leaf in _leaves_in_graph(objective).items() if isinstance(leaf, nn.Parameter)]
+                               for key, (leaf, _) in _leaf_uses([objective.grad_fn]).items()
+                               if isinstance(leaf, nn.Parameter)]
                 with self._taps.listening(partial(_noting, ghost_pass, partial(_record_norm, received))):
                     objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
                 ghost_pass.finish()
@@ -563,6 +589,9 @@ class PerExampleGradNorms:
         self._observed = True
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
+        if not self._uses_checked and not self._sharded and outputs.roots:
+            self._check_read_elsewhere(plan, ghost_pass, _leaf_uses(outputs.roots))
+        bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
         if not can_vmap:
             _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass, because=_SHARDED)
         self._warn_if_unchecked(ghost_pass, batch_size)

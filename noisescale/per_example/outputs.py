@@ -38,13 +38,18 @@ class OutputGradients:
         self.indices: list[int] = []        # positions of those outputs among the output's flattened leaves
         self._grads: list[list] = []
         self._nodes: list = []              # their autograd nodes
+        self.roots: list = []               # the autograd nodes of the call's outputs
         self.inputs: Any = None             # the call's inputs as noisescale.batches takes them, if they can be
         self._inputs_refused = ""
         self._handle = model.register_forward_hook(self._on_output, with_kwargs=True)
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.calls += 1
-        if self.calls > 1 or not self._keep():
+        if self.calls > 1:
+            return
+        self.roots = [leaf.grad_fn for leaf in tree_flatten(output)[0]
+                      if isinstance(leaf, Tensor) and leaf.grad_fn is not None]
+        if not self._keep():
             return
         self.kept = True
         self.inputs, self._inputs_refused = self._batch_of(args, kwargs)
