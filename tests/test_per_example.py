@@ -510,6 +510,39 @@ def test_a_weight_also_read_outside_its_layer_goes_to_vmap_after_one_graph_walk(
     assert len(walks) == 1
 
 
+class RoutedExpert(nn.Module):
+    """A mixture-of-experts step: the tokens the router sends to the expert Linear, picked from the (B * T, d) rows
+    (here the tokens whose first input is positive), or pooled per example as CLIP does (hidden[arange(B), last])."""
+
+    def __init__(self, pooled=False):
+        super().__init__()
+        self.pooled, self.inp, self.expert = pooled, nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.pooled:
+            return self.expert(h[torch.arange(x.shape[0]), x[..., 1].argmax(1)])
+        flat = h.reshape(-1, 3)
+        routed = (x.reshape(-1, 3)[:, 0] > 0).nonzero()[:, 0]
+        return flat.index_add(0, routed, self.expert(flat[routed])).reshape(x.shape)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
+    """4 tokens of 3 examples routed to the expert, B = 4: its rows are as many as the examples by chance, so it
+    goes to the whole-model vmap; rows picked one per example (CLIP's pooling) stay with the rule."""
+    torch.manual_seed(0)
+    model = _float64(lambda: RoutedExpert(pooled))
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(1))
+    x[..., 0] = -1.0
+    x.view(-1, 3)[torch.tensor([0, 1, 4, 7]), 0] = 1.0   # 2 tokens of example 0, 1 of examples 1 and 2, 0 of 3
+    y = torch.randn(*((4, 3) if pooled else (4, 3, 3)), dtype=torch.float64, generator=generator(2))
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    assert result.backend_of["expert.weight"] == ("ghost" if pooled else "vmap")
+    for name, values in naive_per_example(model, regression_loss, x, y).items():
+        assert_relclose(result.by_parameter[name], values)
+
+
 class KeywordClassifier(nn.Module):
     """Called as model(**batch) like a HuggingFace model: keyword tensors, a flag, a dict output, the per-example
     loss computed inside from ``labels`` (so the loss_fn gets no targets)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,8 +234,67 @@ def test_the_output_gradients_count_an_output_computed_from_another_once():
         torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
 
 
+class _TwoOutputs(nn.Module):
+    """A weight read outside its module's call (only the whole-model vmap measures it), and two outputs: both
+    halves of one chunk, or the hidden states next to the logits computed from them."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.body, self.other, self.head = kind, nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.linear(torch.tanh(self.body(x)), self.other.weight)
+        if self.kind == "chunks":
+            return h.chunk(2, -1)
+        if self.kind == "sequence_first":   # computed again, not from h: its gradient does not pass through h
+            return h, F.linear(torch.tanh(self.body(x)), self.other.weight).unsqueeze(0).expand(4, -1, -1)
+        return h, self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", ["chunks", "hidden_and_logits"])
+def test_every_output_the_loss_uses_counts_once(kind):
+    """Outputs of one operation (chunk) share an autograd node; hidden states are used by the loss directly and
+    through the logits computed from them (their hook then sees the alias handed to the caller, which gets only
+    the direct use). Reference: the per-example loop; p.grad is the plain backward's."""
+    from test_per_example import naive_per_example
+    torch.manual_seed(0)
+    model = _TwoOutputs(kind).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+
+    def loss(outputs, targets):
+        first, second = outputs
+        return F.cross_entropy(second, targets, reduction="none") + first.square().sum(1)
+
+    expected = naive_per_example(model, loss, x, y)
+    plain = copy.deepcopy(model)
+    loss(plain(x), y).mean().backward()
+    engine = PerExampleGradNorms(model, loss, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with engine.observe(7) as observed:
+            loss(model(x), y).mean().backward()
+        for name, values in expected.items():
+            torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
+
+
+def test_an_output_without_the_examples_in_dim_0_that_the_loss_uses_is_refused():
+    """A sequence-first (T, B, d) output reaching the vmap-measured weight: its gradient cannot be given to the
+    examples, so observe refuses rather than leave it out; p.grad is the plain backward's."""
+    torch.manual_seed(0)
+    model = _TwoOutputs("sequence_first").double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    engine = PerExampleGradNorms(model, lambda outputs, targets: outputs[0].sum(1))
+    with pytest.raises(ValueError, match=r"other\.weight.*an output of shape \(4, 6, 6\)"):
+        with engine.observe(6):
+            first, second = model(x)
+            (first.sum(1) + second.sum((0, 2))).mean().backward()
+    assert model.other.weight.grad is not None
+
+
 class _Scaled(nn.Module):
-    """RelativeBias times a scale passed as a 0-d tensor: an input without the examples in dim 0."""
+    """RelativeBias times a scale passed as a tensor without the examples in dim 0."""
 
     def __init__(self):
         super().__init__()
@@ -256,6 +317,12 @@ def test_without_model_inputs_observe_measures_on_the_inputs_of_the_models_one_c
         regression_loss(model(x), y).mean().backward()
     for name, values in expected.items():
         torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+    scale = torch.tensor(0.5, dtype=x.dtype)   # an input shared by all the examples: passed to each as it is
+    expected = {name: values / 16 for name, values in expected.items()}   # the loss is a quarter of it
+    with engine.observe(5) as observed:
+        regression_loss(model(x, scale), y / 2).mean().backward()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
 
 
 def test_observe_refuses_what_the_output_gradients_cannot_stand_for_and_leaves_p_grad_alone():
@@ -268,7 +335,7 @@ def test_observe_refuses_what_the_output_gradients_cannot_stand_for_and_leaves_p
     engine = PerExampleGradNorms(model, regression_loss)
     passes = {"called 2 times": lambda: regression_loss(model(x), y) + regression_loss(model(x), y),
               "called 0 times": lambda: regression_loss(model.inner(x), y),
-              r"an input of shape \(\)": lambda: regression_loss(model(x, torch.tensor(2.0, dtype=x.dtype)), y)}
+              r"an input of shape \(2,\)": lambda: regression_loss(model(x, torch.ones(2, dtype=x.dtype)), y)}
     for cause, losses in passes.items():
         model.zero_grad()
         losses().mean().backward()
@@ -279,6 +346,11 @@ def test_observe_refuses_what_the_output_gradients_cannot_stand_for_and_leaves_p
                 losses().mean().backward()
         for p, grad in zip(model.parameters(), expected):
             assert torch.equal(p.grad, grad)
+    with pytest.raises(ValueError, match=r"inner\.bias\.weight.*more than one backward"):
+        with engine.observe(5):
+            outputs = model(x)
+            torch.autograd.grad(outputs.square().sum(), outputs, retain_graph=True)   # a logged gradient norm
+            regression_loss(outputs, y).mean().backward()
 
 
 def test_observe_with_a_vmap_batch_measures_what_the_hooks_cannot_and_leaves_the_training_alone():

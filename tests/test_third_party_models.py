@@ -381,6 +381,28 @@ def test_a_dim_as_large_as_the_batch_is_not_taken_for_the_examples(make):
                                    atol=1e-12 * float(values.abs().max()), msg=name)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_t5_tables_are_measured_by_vmap_under_activation_checkpointing(use_reentrant):
+    """T5's relative position tables go to the whole-model vmap, which must run the model without its activation
+    checkpointing: under torch.func a reentrant checkpoint hides the parameters (zero gradients) and a
+    non-reentrant one raises. Reference: the per-example loop on the model without checkpointing."""
+    torch.manual_seed(0)
+    model, loss_fn, inputs, targets = _t5_as_long_as_the_batch()
+    model = model.double()
+    inputs = {"input_ids": inputs["input_ids"][:, :5].contiguous(), "labels": targets[:, :3].contiguous()}   # T != B
+    expected = naive_by_parameter(model.eval(), loss_fn, inputs, inputs["labels"])
+    model.train()   # checkpointing runs in train mode only; the tiny config has no dropout
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    result = per_example_sqnorms(model, loss_fn, inputs, inputs["labels"], by_parameter=True)
+    tables = [name for name in expected if "relative_attention_bias" in name]
+    assert len(tables) == 2 and all(result.backend_of[name] == "vmap" for name in tables)
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9,
+                                   atol=1e-12 * float(values.abs().max()), msg=name)
+    assert all(m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")
+               and m is not model)   # switched back on
+
+
 def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
     """OPT runs its MLP and last LayerNorm on (B * T, d) rows: the first call measures them by the whole-model vmap,
     later ones by the rules on the rows taken as (B, T, d) (checked by a probe on B - 1 examples)."""

@@ -469,8 +469,9 @@ class PerExampleGradNorms:
                 f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
                 "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
                 "layer), its norms are wrong. This is checked by a forward on B - 1 examples of the model's inputs, "
-                "which this call did not have (observe without model_inputs) or could not run. Use a batch size "
-                "that differs from the sequence length", RuntimeWarning, stacklevel=4)
+                "which runs when one of them has a dim besides dim 0 of size B (and observe is given them as "
+                "model_inputs); here none did, or it could not run. Use a batch size "
+                "that differs from the model's other dims (sequence length, hidden size)", RuntimeWarning, stacklevel=4)
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
@@ -562,9 +563,9 @@ class PerExampleGradNorms:
         all; an input without the examples in dim 0; an FSDP-sharded model) they raise a ValueError naming them.
 
         ``model_inputs``: the inputs of the pass's call of the model (model(**inputs) for a mapping), when the
-        caller has them: they replace that call's own inputs for the vmap, and where a dim of an input besides dim 0
-        has B's size, a forward without grad on B - 1 of them checks which layers' dim 0 holds the examples (as
-        ``__call__`` does); without them such passes are warned about.
+        caller has them before the pass: where a dim of an input besides dim 0 has B's size, a forward without grad
+        on B - 1 of them checks which layers' dim 0 holds the examples (as ``__call__`` does); without them such
+        passes are warned about.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -602,7 +603,7 @@ class PerExampleGradNorms:
         by_parameter = ghost_pass.result()
         if need_vmap:   # on an isolated random stream (vmap_sqnorms)
             self._outputs_needed = True
-            by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, model_inputs, outputs, ghost_pass,
+            by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
                                                        batch_size / scale))
         reference = next(iter(by_parameter.values()), None)
         dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
@@ -613,24 +614,21 @@ class PerExampleGradNorms:
         observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         observed.by_parameter = by_parameter if self.by_parameter else None
 
-    def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, model_inputs: Any,
-                          outputs: OutputGradients, ghost_pass: GhostPass, scale: float) -> dict[str, Tensor]:
+    def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
+                          ghost_pass: GhostPass, batch_size: int, scale: float) -> dict[str, Tensor]:
         """observe's parameters that need the whole-model vmap: by ``loss_fn`` on ``vmap_batch``, or by the
-        output gradients of the pass on ``model_inputs``: |dl_i/dtheta|^2 = scale^2 |J_i^T G_i|^2, with
+        output gradients of the pass on its call's inputs: |dl_i/dtheta|^2 = scale^2 |J_i^T G_i|^2, with
         scale = B / loss_scale (the caller's objective is loss_scale * mean_i l_i)."""
         if vmap_batch is not None:
             return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, self.chunk_size)
-        kept = outputs.gradients()
-        if kept is None:
-            _refuse_vmap(names, ghost_pass, because=outputs.why_not())
-        if model_inputs is None and outputs.inputs is None:
-            _refuse_vmap(names, ghost_pass, because=outputs.why_not_inputs())
+        kept = outputs.gradients([self.model.get_parameter(name) for name in names])
+        if isinstance(kept, str):
+            _refuse_vmap(names, ghost_pass, because=kept)
         indices, grads = kept
         model, prefix = ((self.model.module, "module.") if isinstance(self.model, DistributedDataParallel)
                          else (self.model, ""))
-        inputs = outputs.inputs if model_inputs is None else model_inputs
-        sqnorms = vmap_sqnorms(model, partial(inner_product, indices), inputs, grads,
-                               [name.removeprefix(prefix) for name in names], self.chunk_size)
+        sqnorms = vmap_sqnorms(model, partial(inner_product, indices), outputs.inputs, grads,
+                               [name.removeprefix(prefix) for name in names], self.chunk_size, batch_size)
         return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
 

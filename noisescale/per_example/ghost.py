@@ -99,6 +99,7 @@ class GhostPass:
     rechecks: list = field(default_factory=list)   # (module, entry, 0-d bool tensor): rule.reproduces per call
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
+    repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
                       batched: list[tuple[Tensor, int]], positional: bool = True) -> bool:
@@ -159,6 +160,10 @@ class GhostPass:
 
     def finish(self) -> None:
         """Per-example gradients of every fallback call, once the backward has brought all output gradients."""
+        if self.repeated:
+            raise ValueError("a measured layer's output received gradients from more than one backward through "
+                             "the same forward (backward(retain_graph=True) twice, or torch.autograd.grad and then "
+                             "backward): per-example norms need exactly one backward per measured forward")
         self.replaying = True  # the hooks stay inert while modules are re-run
         try:
             self._read_rechecks()
@@ -458,6 +463,9 @@ class GhostNormEngine:
             why = f"called with an input of shape {_shape(x)}"
         elif is_parameter_table(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
+        elif replaced is None and blocks is None and _rows_selected(x, batch):
+            why = (f"called on {batch} rows selected from another tensor's rows (tokens routed to an expert), as "
+                   "many as the examples only by chance")
         elif replaced is None and blocks is None and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
                 entry.rule.rows_as_positions):
@@ -550,8 +558,10 @@ class GhostNormEngine:
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
                             uses=capture if isinstance(capture, ParameterUses) and capture.complete else None)
+        hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
-            if t.requires_grad:
+            if t.requires_grad and id(t) not in hooked:
+                hooked.add(id(t))
                 t.register_hook(partial(_keep_grad, call, k))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
@@ -564,6 +574,9 @@ class GhostNormEngine:
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
                         grad_output: Tensor) -> None:
+        if "x" not in call:   # a second backward through this call: refused in finish, after the caller's backward
+            ghost_pass.repeated = True
+            return
         x, blocks = call.pop("x"), call.pop("blocks")
         if blocks is not None:
             grad_output = grad_output.reshape(ghost_pass.batch_size, blocks, *grad_output.shape[1:])
@@ -583,6 +596,34 @@ class GhostNormEngine:
                 "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
+
+
+_VIEWS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "ToCopyBackward0",
+          "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"}
+
+
+def _rows_selected(x: Tensor, batch: int) -> bool:
+    """Whether x's rows were picked from an activation's rows by an index (mixture-of-experts routing:
+    ``expert(flat[routed])``), seen in x's autograd graph through views and copies: an index along dim 0 of a
+    tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf) and
+    CLIP's ``hidden[arange(B), last]`` are examples."""
+    node = x.grad_fn
+    for _ in range(8):
+        name = type(node).__name__
+        if name not in _VIEWS:
+            break
+        node = node.next_functions[0][0]
+    if name == "IndexBackward0":
+        sizes, first = node._saved_self_sym_sizes, node._saved_indices[0]
+    elif name == "IndexSelectBackward0" and node._saved_dim == 0:
+        sizes, first = node._saved_self_sym_sizes, node._saved_index
+    else:
+        return False
+    source = node.next_functions[0][0]
+    if source is None or hasattr(source, "variable"):   # rows of a parameter table, looked up by the examples' ids
+        return False
+    return not (sizes[0] == batch and (first is None or (
+        first.dim() == 1 and torch.equal(first, torch.arange(batch, device=first.device)))))
 
 
 def _recomputing() -> bool:

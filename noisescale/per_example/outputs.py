@@ -5,14 +5,21 @@ A framework's step (HuggingFace ``Trainer``, say) differentiates a loss L built 
 weighting: a token mean over the accumulated batch, a division by the accumulation steps, a factor for the
 processes, label smoothing, a custom ``compute_loss``. Whatever it is, while examples do not meet in the forward,
 example i's share of dL/dtheta is J_i^T G_i, with J_i the Jacobian of example i's outputs y_i and G_i = dL/dy_i, the
-gradient the real backward brought to them. ``OutputGradients`` keeps G from the one call of the model in the
-pass (a tensor hook per output that holds the examples in dim 0), and that call's inputs; ``inner_product`` is the per-example loss
-<y_i(theta), G_i> whose gradient, taken by ``vmap_sqnorms`` over single examples, is that share: the same
-per-example gradient the hooks measure, with no knowledge of the loss.
+gradient the real backward brought to them. ``OutputGradients`` keeps G and the inputs of the model's one call in
+the pass; ``inner_product`` is the per-example loss <y_i(theta), G_i> whose gradient, taken by ``vmap_sqnorms`` over
+single examples, is that share: the same per-example gradient the hooks measure, with no knowledge of the loss.
+
+Which gradient each output contributes:
+- an output that holds the examples in dim 0: the whole gradient it received (the caller's loss, and a loss the
+  model computed from it, HuggingFace's with ``labels``);
+- such an output that another of them was computed from (an encoder's last hidden state next to the logits): only
+  what the caller did with it directly, from a hook on an alias ``y.view_as(y)`` handed to the caller in its place,
+  since its whole gradient also holds what came through the other;
+- any other output that received a gradient (a scalar loss computed inside the model) must reach the measured
+  parameters only through the outputs above, or the pass is refused.
 
 The forward that vmap runs draws its own dropout masks (``vmap.py``): with dropout these parameters' norms are
-those of another draw of the masks, as in ``PerExampleGradNorms.__call__``. A loss that reaches the parameters other
-than through the outputs (an auxiliary loss computed inside the model and returned as a scalar) is not seen.
+those of another draw of the masks, as in ``PerExampleGradNorms.__call__``.
 """
 
 from __future__ import annotations
@@ -20,99 +27,115 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from noisescale.per_example.vmap import in_own_pass
 
 __all__ = ["OutputGradients", "inner_product"]
 
 
 class OutputGradients:
-    """While active, the gradients dL/dy of the outputs y of ``model``'s call that hold the ``batch_size``
-    examples in dim 0, and the call's inputs, when ``keep()`` says so at the end of that call (else only the calls
-    are counted and no gradient is held: the gradient of the logits is as large as the logits)."""
+    """While active, the gradients of the outputs of ``model``'s one call with grad (under DDP, of the module
+    inside it, before DDP's own autograd node), as the module docstring says, and that call's inputs, when
+    ``keep()`` says so at the end of the call (else no gradient is held: the gradient of the logits is as large as
+    the logits). Calls without grad (a logging forward) and noisescale's own passes are not counted."""
 
     def __init__(self, model: nn.Module, batch_size: int, keep: Callable[[], bool]):
         self.batch_size, self._keep = batch_size, keep
         self.kept = False
         self.calls = 0
-        self.indices: list[int] = []        # positions of those outputs among the output's flattened leaves
-        self._grads: list[list] = []
-        self._nodes: list = []              # their autograd nodes
         self.roots: list = []               # the autograd nodes of the call's outputs
-        self.inputs: Any = None             # the call's inputs as noisescale.batches takes them, if they can be
-        self._inputs_refused = ""
-        self._handle = model.register_forward_hook(self._on_output, with_kwargs=True)
+        self.inputs: Any = None             # the call's inputs as noisescale.batches takes them
+        self._versions: list[tuple[Tensor, int]] = []
+        self._batched: list[tuple[int, list, Any, bool]] = []   # (leaf position, gradient holder, node, aliased)
+        self._others: list[tuple[tuple, list, Any]] = []        # (shape, gradient holder, node) of other outputs
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._handle = module.register_forward_hook(self._on_output, with_kwargs=True)
 
-    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not torch.is_grad_enabled() or in_own_pass():
+            return None
         self.calls += 1
         if self.calls > 1:
-            return
-        self.roots = [leaf.grad_fn for leaf in tree_flatten(output)[0]
-                      if isinstance(leaf, Tensor) and leaf.grad_fn is not None]
+            return None
+        leaves, spec = tree_flatten(output)
+        unique = {id(leaf): index for index, leaf in reversed(list(enumerate(leaves)))
+                  if isinstance(leaf, Tensor) and leaf.grad_fn is not None}
+        self.roots = [leaves[index].grad_fn for index in unique.values()]
         if not self._keep():
-            return
+            return None
         self.kept = True
-        self.inputs, self._inputs_refused = self._batch_of(args, kwargs)
-        seen = set()
-        for index, leaf in enumerate(tree_flatten(output)[0]):
-            if (isinstance(leaf, Tensor) and leaf.requires_grad and leaf.grad_fn is not None and leaf.dim()
-                    and leaf.shape[0] == self.batch_size and leaf.grad_fn not in seen):
-                seen.add(leaf.grad_fn)
-                holder = [None]
+        self.inputs = dict(kwargs) if kwargs else tuple(args)
+        self._versions = [(t, t._version) for t in tree_flatten(self.inputs)[0] if isinstance(t, Tensor)]
+        batched = [index for index in unique.values() if leaves[index].dim()
+                   and leaves[index].shape[0] == self.batch_size]
+        upstream = _reached_from([leaves[index].grad_fn for index in batched])
+        aliases = {}
+        for index in sorted(unique.values()):
+            leaf, holder = leaves[index], [None, 0]
+            if index not in batched:
                 leaf.register_hook(partial(_keep, holder))
-                self.indices.append(index)
-                self._grads.append(holder)
-                self._nodes.append(leaf.grad_fn)
-
-    def _batch_of(self, args: tuple, kwargs: dict) -> tuple[Any, str]:
-        """(the call's inputs: a tuple of positional inputs or a mapping of keyword inputs, "") or (None, why):
-        every tensor among them must hold the examples in dim 0, for vmap to run over them."""
-        if args and kwargs:
-            return None, "the model was called with positional and keyword inputs together"
-        inputs = dict(kwargs) if kwargs else tuple(args)
-        for leaf in tree_flatten(inputs)[0]:
-            if isinstance(leaf, Tensor) and not (leaf.dim() and leaf.shape[0] == self.batch_size):
-                return None, f"an input of shape {tuple(leaf.shape)} does not hold the examples in dim 0"
-        return inputs, ""
+                self._others.append((tuple(leaf.shape), holder, leaf.grad_fn))
+                continue
+            aliased = leaf.grad_fn in upstream
+            if aliased:
+                aliases[id(leaf)] = leaf.view_as(leaf)
+            (aliases[id(leaf)] if aliased else leaf).register_hook(partial(_keep, holder))
+            self._batched.append((index, holder, leaf.grad_fn, aliased))
+        if not aliases:
+            return None
+        return tree_unflatten([aliases.get(id(leaf), leaf) if isinstance(leaf, Tensor) else leaf
+                               for leaf in leaves], spec)
 
     def close(self) -> None:
         self._handle.remove()
 
-    def gradients(self) -> tuple[list[int], list[Tensor]] | None:
-        """(positions, dL/dy) of the outputs that received a gradient and that no other such output was computed
-        from, or None when they cannot stand for the loss: the model was called other than once, or none of its
-        batched outputs received a gradient. (An encoder's last hidden state, returned next to the logits computed
-        from it, receives the gradient that came through the logits: counting both would count it twice.)"""
-        kept = [(index, holder[0], node) for index, holder, node in zip(self.indices, self._grads, self._nodes)
-                if holder[0] is not None]
-        if self.calls != 1 or not kept:
-            return None
-        inner = _ancestors([node for _, _, node in kept])
-        return ([index for index, _, node in kept if node not in inner],
-                [grad.detach() for _, grad, node in kept if node not in inner])
-
-    def why_not_inputs(self) -> str:
-        return self._inputs_refused or self.why_not()
-
-    def why_not(self) -> str:
+    def gradients(self, measured: list[Tensor]) -> tuple[list[int], list[Tensor]] | str:
+        """(positions of the outputs among the output's flattened leaves, their gradients G) for the
+        ``measured`` parameters, or why the outputs cannot stand for the loss."""
         if self.calls != 1:
-            return f"the model was called {self.calls} times in the pass, not once"
+            return (f"the model was called {self.calls} times with grad in the pass, not once (in Lightning, "
+                    "training_step must call the module itself, self(x), not a submodule)")
         if not self.kept:
             return "the model's output gradients were not kept in this pass (no earlier pass needed them)"
-        return "none of the model's outputs holding the examples in dim 0 received a gradient"
+        if any(holder[1] > 1 for _, holder, _, _ in self._batched) or any(h[1] > 1 for _, h, _ in self._others):
+            return "the model's outputs received gradients from more than one backward or autograd.grad call"
+        if any(t._version != version for t, version in self._versions):
+            return "an input of the model's call was changed in place after the call"
+        for t in tree_flatten(self.inputs)[0]:
+            if isinstance(t, Tensor) and t.dim() and t.shape[0] not in (1, self.batch_size):
+                return f"an input of shape {tuple(t.shape)} holds neither the examples nor one row shared by all"
+        totals = {node for _, holder, node, aliased in self._batched if not aliased and holder[0] is not None}
+        wanted = {id(p) for p in measured}
+        for shape, holder, node in self._others:
+            if holder[0] is not None and _reaches(node, wanted, totals):
+                return (f"an output of shape {shape}, without the examples in dim 0, received a gradient that "
+                        "reaches these parameters other than through the outputs that hold the examples")
+        kept = [(index, holder[0]) for index, holder, _, _ in self._batched if holder[0] is not None]
+        if not kept:
+            return "none of the model's outputs holding the examples in dim 0 received a gradient"
+        return [index for index, _ in kept], [grad.detach() for _, grad in kept]
 
 
 def inner_product(indices: list[int], outputs: Any, grads: list[Tensor]) -> Tensor:
     """sum over the kept outputs of <y, G>: the loss whose gradient is J^T G (``vmap_sqnorms``'s loss_fn with the
-    positions bound)."""
+    positions bound); the outputs of the call on one example must line up with those of the pass."""
     leaves = tree_flatten(outputs)[0]
+    if max(indices) >= len(leaves) or any(not isinstance(leaves[index], Tensor)
+                                          or leaves[index].shape[1:] != grad.shape[1:]
+                                          for index, grad in zip(indices, grads)):
+        raise ValueError("the model's outputs on one example do not line up with those of the pass (another "
+                         "structure or shape), so their gradients cannot be applied to them")
     return sum((leaves[index] * grad).sum() for index, grad in zip(indices, grads))
 
 
-def _ancestors(nodes: list) -> set:
+def _reached_from(nodes: list) -> set:
     """The nodes among ``nodes`` that the graph of another of them reaches (walked back to the leaves)."""
     wanted, found = set(nodes), set()
-    for start in nodes:
+    for start in set(nodes):
         seen, stack = {start}, [next_node for next_node, _ in start.next_functions]
         while stack:
             node = stack.pop()
@@ -125,5 +148,21 @@ def _ancestors(nodes: list) -> set:
     return found
 
 
+def _reaches(start: Any, leaves: set[int], stops: set) -> bool:
+    """Whether the graph from ``start``, not walked past the nodes ``stops``, reaches a leaf (by id) of
+    ``leaves``."""
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in leaves:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def _keep(holder: list, grad: Tensor) -> None:
-    holder[0] = grad if holder[0] is None else holder[0] + grad
+    """holder = [the gradient received, how many times one arrived]."""
+    holder[0], holder[1] = grad, holder[1] + 1

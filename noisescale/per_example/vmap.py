@@ -4,9 +4,10 @@ Follows the torch.func per-sample-gradients recipe (functional_call + vmap(grad)
 examples (each reduced to norms before the next) to bound the memory of the (chunk, *theta.shape)
 per-example gradients; where torch.func cannot vmap the model (``.item()``, data-dependent control flow, as in
 T5's relative position buckets), one example at a time. Inputs may be a tensor, a tuple of positional inputs or a
-mapping of keyword inputs (:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets (batch in dim 0), other
-leaves (flags such as ``use_cache=False``, a ``None`` target) are passed unchanged. It runs its own forward, so it
-must leave training untouched:
+mapping of keyword inputs (:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets
+with the batch in dim 0, other leaves (flags such as ``use_cache=False``, a ``None`` target, position ids (1, T)
+shared by all) are passed unchanged. The model runs without activation checkpointing (HuggingFace's flag is switched
+off for the pass). It runs its own forward, so it must leave training untouched:
 
 - the global RNG (CPU and initialised CUDA devices) is forked, so training's random stream is not consumed; the
   dropout masks drawn here (``randomness="different"``: one per example) differ from the training pass's, so with
@@ -17,7 +18,8 @@ must leave training untouched:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +27,27 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._rng import isolated_rng
-from noisescale.batches import call_arguments, select_examples
+from noisescale.batches import call_arguments
 from noisescale.per_example.factors import per_example_sqnorm
 
 __all__ = ["vmap_sqnorms"]
 
 
-def _split_leaves(value: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
-    """The tensor leaves of a pytree and a function that rebuilds the pytree from (new) tensor leaves."""
+_OWN_PASS = [0]   # how many vmap_sqnorms passes are running: their forwards are not the caller's (``outputs.py``)
+
+
+def in_own_pass() -> bool:
+    """Whether a forward runs inside ``vmap_sqnorms`` (not a call of the training's own)."""
+    return _OWN_PASS[0] > 0
+
+
+def _split_leaves(value: Any, batch_size: int) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """The tensor leaves of a pytree that hold the ``batch_size`` examples in dim 0, and a function that rebuilds
+    the pytree from (new) such leaves; the other leaves (a 0-d temperature, position ids (1, T) shared by all the
+    examples, flags) are kept as they are."""
     leaves, spec = tree_flatten(dict(value) if isinstance(value, Mapping) else value)
-    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    where = [i for i, leaf in enumerate(leaves)
+             if isinstance(leaf, Tensor) and leaf.dim() and leaf.shape[0] == batch_size]
 
     def rebuild(tensors: list[Tensor]) -> Any:
         filled = list(leaves)
@@ -45,54 +58,71 @@ def _split_leaves(value: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], An
     return [leaves[i] for i in where], rebuild
 
 
+@contextmanager
+def _own_pass(model: nn.Module) -> Iterator[None]:
+    """Marks the pass as noisescale's and runs the model without activation checkpointing: HuggingFace layers
+    (their ``gradient_checkpointing`` flag) are switched off and back on. Under torch.func a reentrant checkpoint
+    hides the parameters from grad (zero gradients) and a non-reentrant one raises."""
+    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    _OWN_PASS[0] += 1
+    try:
+        for m in switched:
+            m.gradient_checkpointing = False
+        yield
+    finally:
+        _OWN_PASS[0] -= 1
+        for m in switched:
+            m.gradient_checkpointing = True
+
+
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
-                 names: list[str], chunk_size: int | None = None) -> dict[str, Tensor]:
+                 names: list[str], chunk_size: int | None = None, batch_size: int | None = None) -> dict[str, Tensor]:
     """(B,) squared norms |dl_i/dtheta|^2 for each parameter named in ``names`` (names of model.named_parameters).
 
     Parameters not in ``names`` enter as constants. Tied parameters appear once in named_parameters and are
-    tied again by functional_call, so their per-example gradients already sum all uses.
+    tied again by functional_call, so their per-example gradients already sum all uses. ``batch_size``: B (by
+    default the size of dim 0 of the first tensor of ``inputs``); tensors of ``inputs`` and ``targets`` without B
+    in dim 0 are passed to every example's call as they are.
     """
     all_parameters = dict(model.named_parameters())
     trainable = {name: all_parameters[name].detach() for name in names}
     constants = {name: p.detach() for name, p in all_parameters.items() if name not in trainable}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    if batch_size is None:
+        batch_size = next(t for t in tree_flatten(dict(inputs) if isinstance(inputs, Mapping) else inputs)[0]
+                          if isinstance(t, Tensor)).shape[0]
+    (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
+        _split_leaves(inputs, batch_size), _split_leaves(targets, batch_size))
 
-    def per_example_grads(rows_inputs: Any, rows_targets: Any) -> dict[str, Tensor]:
-        (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
-            _split_leaves(rows_inputs), _split_leaves(rows_targets))
+    def example_loss(parameters: dict[str, Tensor], example_inputs: list[Tensor],
+                     example_targets: list[Tensor]) -> Tensor:
+        args, kwargs = call_arguments(rebuild_inputs([t.unsqueeze(0) for t in example_inputs]))
+        outputs = functional_call(model, (parameters, constants, buffers), args, kwargs)
+        return loss_fn(outputs, rebuild_targets([t.unsqueeze(0) for t in example_targets])).sum()
 
-        def example_loss(parameters: dict[str, Tensor], example_inputs: list[Tensor],
-                         example_targets: list[Tensor]) -> Tensor:
-            args, kwargs = call_arguments(rebuild_inputs([t.unsqueeze(0) for t in example_inputs]))
-            outputs = functional_call(model, (parameters, constants, buffers), args, kwargs)
-            return loss_fn(outputs, rebuild_targets([t.unsqueeze(0) for t in example_targets])).sum()
-
-        return vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(
-            trainable, input_tensors, target_tensors)
-
-    def per_example_grads_by_loop(rows_inputs: Any, rows_targets: Any) -> dict[str, Tensor]:
+    def per_example_grads_by_loop(rows_inputs: list[Tensor], rows_targets: list[Tensor]) -> dict[str, Tensor]:
         """The same, one example at a time: for models torch.func cannot vmap (data-dependent control flow)."""
         rows: dict[str, list[Tensor]] = {name: [] for name in names}
-        for i in range(_split_leaves(rows_inputs)[0][0].shape[0]):
+        for i in range(rows_inputs[0].shape[0] if rows_inputs else batch_size):
             variables = {name: t.detach().requires_grad_() for name, t in trainable.items()}
-            args, kwargs = call_arguments(select_examples(rows_inputs, [i]))
+            args, kwargs = call_arguments(rebuild_inputs([t[i:i + 1] for t in rows_inputs]))
             with torch.enable_grad():
                 outputs = functional_call(model, (variables, constants, buffers), args, kwargs)
-                loss = loss_fn(outputs, select_examples(rows_targets, [i])).sum()
+                loss = loss_fn(outputs, rebuild_targets([t[i:i + 1] for t in rows_targets])).sum()
                 grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
             for (name, t), g in zip(variables.items(), grads):
                 rows[name].append(torch.zeros_like(t) if g is None else g)
         return {name: torch.stack(values) for name, values in rows.items()}
 
-    batch_size = _split_leaves(inputs)[0][0].shape[0]
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
-    with isolated_rng(trainable.values()):
+    with isolated_rng(trainable.values()), _own_pass(model):
         for start in range(0, batch_size, step):
-            rows = slice(start, start + step)
-            rows_inputs, rows_targets = select_examples(inputs, rows), select_examples(targets, rows)
+            rows_inputs = [t[start:start + step] for t in input_tensors]
+            rows_targets = [t[start:start + step] for t in target_tensors]
             try:
-                grads = per_example_grads(rows_inputs, rows_targets)
+                grads = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(
+                    trainable, rows_inputs, rows_targets)
             except (RuntimeError, NotImplementedError):  # an op torch.func cannot batch (a fused RNN kernel's
                 grads = per_example_grads_by_loop(rows_inputs, rows_targets)  # shape error, say): one by one
             for name, g in grads.items():
