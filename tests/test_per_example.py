@@ -520,6 +520,8 @@ class RoutedExpert(nn.Module):
 
     def forward(self, x):
         h = self.inp(x)
+        if self.pooled == "two":   # two tokens per example: hidden[arange(B)[:, None], positions]
+            return self.expert(h[torch.arange(x.shape[0])[:, None], x[..., 1].topk(2, 1).indices]).sum(1)
         if self.pooled:
             return self.expert(h[torch.arange(x.shape[0]), x[..., 1].argmax(1)])
         flat = h.reshape(-1, 3)
@@ -527,7 +529,7 @@ class RoutedExpert(nn.Module):
         return flat.index_add(0, routed, self.expert(flat[routed])).reshape(x.shape)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("pooled", [False, True, "two"])
 def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
     """4 tokens of 3 examples routed to the expert, B = 4: its rows are as many as the examples by chance, so it
     goes to the whole-model vmap; rows picked one per example (CLIP's pooling) stay with the rule."""
@@ -541,6 +543,62 @@ def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
     assert result.backend_of["expert.weight"] == ("ghost" if pooled else "vmap")
     for name, values in naive_per_example(model, regression_loss, x, y).items():
         assert_relclose(result.by_parameter[name], values)
+
+
+def test_a_weight_read_outside_its_layer_is_found_under_bfloat16_autocast():
+    """Autocast casts a weight to bfloat16 once and caches the copy, so the layer's call and the second read share
+    one cast node: its uses are counted through it. Reference: the per-example loop in float32 (bfloat16's rounding
+    is the tolerance)."""
+    torch.manual_seed(0)
+    model = ReadTwice()
+    x = torch.randn(5, 3, generator=generator(1))
+    y = torch.randn(5, 2, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    assert result.backend_of["proj.weight"] == "vmap"
+    torch.testing.assert_close(result.by_parameter["proj.weight"], expected["proj.weight"], rtol=5e-2, atol=0)
+
+
+class TiedHeadLoss(nn.Module):
+    """Returns hidden states; the loss applies the embedding table as the output layer itself (a fused linear
+    cross-entropy), outside any module call."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body = nn.Embedding(7, 4), nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return torch.tanh(self.body(self.embed(tokens)))
+
+
+def test_a_loss_fn_that_reads_a_weight_is_differentiated_with_the_vmapped_parameters():
+    """The whole-model vmap puts the per-example parameters in place for loss_fn too, so a table loss_fn applies
+    itself gets its full per-example gradient. Reference: the per-example loop."""
+    model = _float64(TiedHeadLoss)
+
+    def tied_loss(hidden, targets):
+        return F.cross_entropy(F.linear(hidden, model.embed.weight).flatten(0, 1), targets.flatten(),
+                               reduction="none").view(targets.shape).mean(1)
+
+    tokens = torch.randint(0, 7, (5, 3), generator=generator(1))
+    targets = torch.randint(0, 7, (5, 3), generator=generator(2))
+    parameters = dict(model.named_parameters())   # the loop on this model: tied_loss reads its table
+    expected = {name: torch.stack([g.square().sum() for g in grads]) for name, grads in zip(parameters, zip(*(
+        torch.autograd.grad(tied_loss(model(tokens[i:i + 1]), targets[i:i + 1]).sum(), list(parameters.values()))
+        for i in range(5))))}
+    result = per_example_sqnorms(model, tied_loss, tokens, targets, by_parameter=True)
+    assert result.backend_of["embed.weight"] == "vmap"
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+
+
+def test_a_rule_check_compares_a_float32_rebuild_with_a_bfloat16_output():
+    """HF GPT-2's Conv1D under CPU bfloat16 autocast: its output is bfloat16, the rule's rebuild float32."""
+    from noisescale.per_example.layers import close_values
+    output = torch.randn(4, 3, generator=generator(1))
+    assert close_values(output, output.bfloat16())
+    assert not close_values(output + 1.0, output.bfloat16())
 
 
 class KeywordClassifier(nn.Module):

@@ -127,6 +127,71 @@ def test_a_weight_also_read_outside_its_layer_is_measured_from_the_output_gradie
             torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
 
 
+class _Mixed(nn.Module):
+    """Called as m(x, scale=...): positional and keyword inputs; its head's weight is read outside the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x, scale=1.0):
+        return F.linear(torch.tanh(self.body(x)) * scale, self.head.weight)
+
+
+def test_a_call_with_positional_and_keyword_inputs_is_measured_on_them():
+    from test_per_example import naive_per_example
+    torch.manual_seed(0)
+    model = _Mixed().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = naive_per_example(_ScaledCall(model), _per_example_loss, x, y)
+    engine = PerExampleGradNorms(model, _per_example_loss, by_parameter=True)
+    with engine.observe(6) as observed:
+        _per_example_loss(model(x, scale=3.0), y).mean().backward()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter[name.removeprefix("model.")], values, rtol=1e-10,
+                                   atol=1e-15)
+
+
+class _ScaledCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, scale=3.0)
+
+
+def test_a_weight_only_the_callers_loss_reads_is_refused_not_measured_as_zero():
+    """The loss applies head.weight itself, outside the model's call: no output gradient can give its share."""
+    torch.manual_seed(0)
+    model = _Mixed().double()
+    model.forward = lambda x: torch.tanh(model.body(x))   # returns the hidden states; the head is the loss's
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    engine = PerExampleGradNorms(model, _per_example_loss)
+    with pytest.raises(ValueError, match=r"head\.weight.*used outside the model's call"):
+        with engine.observe(6):
+            _per_example_loss(F.linear(model(x), model.head.weight), y).mean().backward()
+
+
+def test_a_new_plan_keeps_the_output_gradients_of_its_first_pass():
+    """A weight read outside its layer is unfrozen after the first passes: the first pass of the new plan keeps
+    the output gradients, so it is measured at once (the per-example loop's norms)."""
+    from test_per_example import ReadTwice, naive_per_example, regression_loss
+    torch.manual_seed(0)
+    model = ReadTwice().double()
+    model.proj.weight.requires_grad_(False)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for step in range(3):
+        if step == 2:
+            model.proj.weight.requires_grad_(True)
+        model.zero_grad()
+        with engine.observe(5) as observed:
+            regression_loss(model(x), y).mean().backward()
+    for name, values in naive_per_example(model, regression_loss, x, y).items():
+        torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+
+
 def test_hooks_are_inert_outside_the_block_and_bad_arguments_are_rejected():
     model, (inputs, targets) = _model(), _batch()
     norms = PerExampleGradNorms(model, _per_example_loss)

@@ -62,6 +62,7 @@ Under DDP, gradients already all-reduced by the failed backward cannot be taken 
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,17 +142,27 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
 
 def _leaf_uses(nodes: list) -> dict[int, list]:
     """id(leaf) -> [leaf, n] for the leaf tensors (parameters) of the autograd graph from ``nodes`` back, n the
-    number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight."""
-    leaves, seen, stack = {}, set(), list(nodes)
+    number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight. A
+    copy of the leaf (autocast's cached cast of a weight to bfloat16) counts once for each operation that takes it."""
+    leaves, consumers, copies, seen, stack = {}, defaultdict(int), [], set(), list(nodes)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         for next_node, _ in node.next_functions:
-            if next_node is not None and hasattr(next_node, "variable"):  # AccumulateGrad
-                leaves.setdefault(id(next_node.variable), [next_node.variable, 0])[1] += 1
+            if next_node is None:
+                continue
+            consumers[next_node] += 1
+            if hasattr(next_node, "variable"):  # AccumulateGrad
+                leaf = leaves.setdefault(id(next_node.variable), [next_node.variable, 0])
+                if type(node).__name__ == "ToCopyBackward0":
+                    copies.append((leaf, node))
+                else:
+                    leaf[1] += 1
             stack.append(next_node)
+    for leaf, copy in copies:
+        leaf[1] += consumers[copy]
     return leaves
 
 
@@ -258,6 +269,7 @@ class PerExampleGradNorms:
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
         self._warned_ambiguous = False
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
+        self._warned_unchecked_uses = False
         self._uses_checked = False     # whether a pass of this plan counted the graph's uses of each parameter,
         self._read_elsewhere: set[str] = set()   # and the rule-measured ones it found read outside their layers
         self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
@@ -291,7 +303,7 @@ class PerExampleGradNorms:
         if self._cached_plan is None or self._cached_plan[0] != key:
             plan = self._build_plan()
             self._probes.clear()
-            self._uses_checked, self._read_elsewhere = False, set()
+            self._uses_checked, self._read_elsewhere, self._observed = False, set(), False
             if not self._sharded:
                 self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
             self._cached_plan = (key, plan)
@@ -506,7 +518,7 @@ class PerExampleGradNorms:
         if vmap_names:
             try:
                 by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names,
-                                                 self.chunk_size))
+                                                 self.chunk_size, batch_size))
             except Exception as error:
                 declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
                 raise PerExampleError(
@@ -581,7 +593,8 @@ class PerExampleGradNorms:
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                     sharded=self._sharded, probe=probe) as ghost_pass:
             outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
-                not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)))
+                not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
+                want_roots=not self._uses_checked and not self._sharded)
             try:
                 with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
                     yield observed
@@ -590,9 +603,19 @@ class PerExampleGradNorms:
         self._observed = True
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
-        if not self._uses_checked and not self._sharded and outputs.roots:
-            self._check_read_elsewhere(plan, ghost_pass, _leaf_uses(outputs.roots))
+        if not self._uses_checked and not self._sharded:
+            if outputs.roots:
+                self._check_read_elsewhere(plan, ghost_pass, _leaf_uses(outputs.roots))
+            elif not self._warned_unchecked_uses:
+                self._warned_unchecked_uses = True
+                warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
+                              "type torch's pytree cannot open, or no call of the model in the pass), so it cannot "
+                              "check for weights also read outside their layers' calls", RuntimeWarning,
+                              stacklevel=3)
         bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
+        if bypassed and self.backend == "ghost":
+            raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "
+                             "own modules' calls; use backend='auto' to measure them by the whole-model vmap")
         if not can_vmap:
             _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass, because=_SHARDED)
         self._warn_if_unchecked(ghost_pass, batch_size)
@@ -603,8 +626,12 @@ class PerExampleGradNorms:
         by_parameter = ghost_pass.result()
         if need_vmap:   # on an isolated random stream (vmap_sqnorms)
             self._outputs_needed = True
-            by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
-                                                       batch_size / scale))
+            try:
+                by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
+                                                           batch_size / scale))
+            finally:
+                outputs.release()
+        outputs.release()
         reference = next(iter(by_parameter.values()), None)
         dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
         device = next(iter(parameters.values())).device if reference is None else reference.device
@@ -620,7 +647,7 @@ class PerExampleGradNorms:
         output gradients of the pass on its call's inputs: |dl_i/dtheta|^2 = scale^2 |J_i^T G_i|^2, with
         scale = B / loss_scale (the caller's objective is loss_scale * mean_i l_i)."""
         if vmap_batch is not None:
-            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, self.chunk_size)
+            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, self.chunk_size, batch_size)
         kept = outputs.gradients([self.model.get_parameter(name) for name in names])
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)

@@ -605,8 +605,8 @@ _VIEWS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "Clon
 def _rows_selected(x: Tensor, batch: int) -> bool:
     """Whether x's rows were picked from an activation's rows by an index (mixture-of-experts routing:
     ``expert(flat[routed])``), seen in x's autograd graph through views and copies: an index along dim 0 of a
-    tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf) and
-    CLIP's ``hidden[arange(B), last]`` are examples."""
+    tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
+    ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples."""
     node = x.grad_fn
     for _ in range(8):
         name = type(node).__name__
@@ -622,8 +622,9 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
     source = node.next_functions[0][0]
     if source is None or hasattr(source, "variable"):   # rows of a parameter table, looked up by the examples' ids
         return False
-    return not (sizes[0] == batch and (first is None or (
-        first.dim() == 1 and torch.equal(first, torch.arange(batch, device=first.device)))))
+    return not (sizes[0] == batch and (first is None or (   # arange(B), or arange(B)[:, None] broadcast over k
+        first.shape[0] == batch and first.numel() == batch
+        and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))
 
 
 def _recomputing() -> bool:

@@ -24,6 +24,7 @@ those of another draw of the masks, as in ``PerExampleGradNorms.__call__``.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any, Callable
 
@@ -43,8 +44,8 @@ class OutputGradients:
     ``keep()`` says so at the end of the call (else no gradient is held: the gradient of the logits is as large as
     the logits). Calls without grad (a logging forward) and noisescale's own passes are not counted."""
 
-    def __init__(self, model: nn.Module, batch_size: int, keep: Callable[[], bool]):
-        self.batch_size, self._keep = batch_size, keep
+    def __init__(self, model: nn.Module, batch_size: int, keep: Callable[[], bool], want_roots: bool):
+        self.batch_size, self._keep, self._want_roots = batch_size, keep, want_roots
         self.kept = False
         self.calls = 0
         self.roots: list = []               # the autograd nodes of the call's outputs
@@ -52,14 +53,15 @@ class OutputGradients:
         self._versions: list[tuple[Tensor, int]] = []
         self._batched: list[tuple[int, list, Any, bool]] = []   # (leaf position, gradient holder, node, aliased)
         self._others: list[tuple[tuple, list, Any]] = []        # (shape, gradient holder, node) of other outputs
-        module = model.module if isinstance(model, DistributedDataParallel) else model
-        self._handle = module.register_forward_hook(self._on_output, with_kwargs=True)
+        self._hooks: list = []
+        self._module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._handle = self._module.register_forward_hook(self._on_output, with_kwargs=True)
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not torch.is_grad_enabled() or in_own_pass():
             return None
         self.calls += 1
-        if self.calls > 1:
+        if self.calls > 1 or not (self._want_roots or self._keep()):
             return None
         leaves, spec = tree_flatten(output)
         unique = {id(leaf): index for index, leaf in reversed(list(enumerate(leaves)))
@@ -68,7 +70,7 @@ class OutputGradients:
         if not self._keep():
             return None
         self.kept = True
-        self.inputs = dict(kwargs) if kwargs else tuple(args)
+        self.inputs = _keywords(self._module, args, kwargs) if args and kwargs else dict(kwargs) if kwargs else args
         self._versions = [(t, t._version) for t in tree_flatten(self.inputs)[0] if isinstance(t, Tensor)]
         batched = [index for index in unique.values() if leaves[index].dim()
                    and leaves[index].shape[0] == self.batch_size]
@@ -77,13 +79,13 @@ class OutputGradients:
         for index in sorted(unique.values()):
             leaf, holder = leaves[index], [None, 0]
             if index not in batched:
-                leaf.register_hook(partial(_keep, holder))
+                self._hooks.append(leaf.register_hook(partial(_keep, holder)))
                 self._others.append((tuple(leaf.shape), holder, leaf.grad_fn))
                 continue
             aliased = leaf.grad_fn in upstream
             if aliased:
                 aliases[id(leaf)] = leaf.view_as(leaf)
-            (aliases[id(leaf)] if aliased else leaf).register_hook(partial(_keep, holder))
+            self._hooks.append((aliases[id(leaf)] if aliased else leaf).register_hook(partial(_keep, holder)))
             self._batched.append((index, holder, leaf.grad_fn, aliased))
         if not aliases:
             return None
@@ -93,6 +95,12 @@ class OutputGradients:
     def close(self) -> None:
         self._handle.remove()
 
+    def release(self) -> None:
+        """Drop the gradients and the hooks on the outputs (the caller may keep the outputs)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._batched, self._others, self.inputs, self.roots = [], [], [], None, []
+
     def gradients(self, measured: list[Tensor]) -> tuple[list[int], list[Tensor]] | str:
         """(positions of the outputs among the output's flattened leaves, their gradients G) for the
         ``measured`` parameters, or why the outputs cannot stand for the loss."""
@@ -101,6 +109,8 @@ class OutputGradients:
                     "training_step must call the module itself, self(x), not a submodule)")
         if not self.kept:
             return "the model's output gradients were not kept in this pass (no earlier pass needed them)"
+        if isinstance(self.inputs, str):
+            return self.inputs
         if any(holder[1] > 1 for _, holder, _, _ in self._batched) or any(h[1] > 1 for _, h, _ in self._others):
             return "the model's outputs received gradients from more than one backward or autograd.grad call"
         if any(t._version != version for t, version in self._versions):
@@ -110,6 +120,10 @@ class OutputGradients:
                 return f"an input of shape {tuple(t.shape)} holds neither the examples nor one row shared by all"
         totals = {node for _, holder, node, aliased in self._batched if not aliased and holder[0] is not None}
         wanted = {id(p) for p in measured}
+        missing = wanted - _leaves_reached(self.roots)
+        if missing:
+            return ("a parameter used outside the model's call (a weight the caller's loss reads itself) got no "
+                    "gradient through the model's outputs")
         for shape, holder, node in self._others:
             if holder[0] is not None and _reaches(node, wanted, totals):
                 return (f"an output of shape {shape}, without the examples in dim 0, received a gradient that "
@@ -161,6 +175,36 @@ def _reaches(start: Any, leaves: set[int], stops: set) -> bool:
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
+
+
+def _leaves_reached(nodes: list) -> set[int]:
+    """id of every leaf (parameter) the graph from ``nodes`` reaches."""
+    seen, stack, leaves = set(), list(nodes), set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict | str:
+    """A call with positional and keyword inputs as keyword inputs (bound to the forward's signature), or why
+    it cannot be."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return "the model's call could not be bound to its forward's signature"
+    keywords = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+            return "the model was called with positional inputs that cannot be passed by name"
+        keywords.update(value if kind == inspect.Parameter.VAR_KEYWORD else {name: value})
+    return keywords
 
 
 def _keep(holder: list, grad: Tensor) -> None:

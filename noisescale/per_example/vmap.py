@@ -33,6 +33,22 @@ from noisescale.per_example.factors import per_example_sqnorm
 __all__ = ["vmap_sqnorms"]
 
 
+class _ModelAndLoss(nn.Module):
+    """loss_fn(model(*args, **kwargs), targets) as one module, so that functional_call puts the given parameters in
+    place for the loss too (a tied head applied inside loss_fn, a fused linear cross-entropy)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, args: tuple, kwargs: dict, targets: Any) -> Tensor:
+        return self.loss_fn(self.model(*args, **kwargs), targets)
+
+
+def _prefixed(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"model.{name}": value for name, value in values.items()}
+
+
 _OWN_PASS = [0]   # how many vmap_sqnorms passes are running: their forwards are not the caller's (``outputs.py``)
 
 
@@ -94,11 +110,14 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
     (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
         _split_leaves(inputs, batch_size), _split_leaves(targets, batch_size))
 
+    with_loss = _ModelAndLoss(model, loss_fn)
+    fixed = {**_prefixed(constants), **_prefixed(buffers)}
+
     def example_loss(parameters: dict[str, Tensor], example_inputs: list[Tensor],
                      example_targets: list[Tensor]) -> Tensor:
         args, kwargs = call_arguments(rebuild_inputs([t.unsqueeze(0) for t in example_inputs]))
-        outputs = functional_call(model, (parameters, constants, buffers), args, kwargs)
-        return loss_fn(outputs, rebuild_targets([t.unsqueeze(0) for t in example_targets])).sum()
+        targets = rebuild_targets([t.unsqueeze(0) for t in example_targets])
+        return functional_call(with_loss, (_prefixed(parameters), fixed), (args, kwargs, targets)).sum()
 
     def per_example_grads_by_loop(rows_inputs: list[Tensor], rows_targets: list[Tensor]) -> dict[str, Tensor]:
         """The same, one example at a time: for models torch.func cannot vmap (data-dependent control flow)."""
@@ -106,9 +125,9 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
         for i in range(rows_inputs[0].shape[0] if rows_inputs else batch_size):
             variables = {name: t.detach().requires_grad_() for name, t in trainable.items()}
             args, kwargs = call_arguments(rebuild_inputs([t[i:i + 1] for t in rows_inputs]))
+            targets = rebuild_targets([t[i:i + 1] for t in rows_targets])
             with torch.enable_grad():
-                outputs = functional_call(model, (variables, constants, buffers), args, kwargs)
-                loss = loss_fn(outputs, rebuild_targets([t[i:i + 1] for t in rows_targets])).sum()
+                loss = functional_call(with_loss, (_prefixed(variables), fixed), (args, kwargs, targets)).sum()
                 grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
             for (name, t), g in zip(variables.items(), grads):
                 rows[name].append(torch.zeros_like(t) if g is None else g)
