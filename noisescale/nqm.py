@@ -529,7 +529,10 @@ def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
 class _Modes:
     """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin); where two
     modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0).
-    values and coefficients are real arrays when every value is real (no momentum), else complex."""
+    values and coefficients are real arrays when every value is real (no momentum), else complex.
+
+    In the size form (:meth:`by_size`, ``sized``) both are real: mu and Re c for monotone terms, |mu| and |c| for
+    the others, so c mu^s is tracked by its real part (monotone) or its size |c| |mu|^s (the others)."""
 
     values: np.ndarray  # (P, K, bins) mu = lambda_i lambda_j, for the pairs of modes in use
     coefficients: np.ndarray  # (P, K, bins)
@@ -543,11 +546,27 @@ class _Modes:
     all_monotone: tuple[bool, ...]
     any_monotone: tuple[bool, ...]
     least_log_size: tuple[float, ...]
+    sized: bool = False
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
                       self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep],
-                      self.all_monotone, self.any_monotone, self.least_log_size)
+                      self.all_monotone, self.any_monotone, self.least_log_size, self.sized)
+
+    def by_size(self) -> _Modes:
+        """The size form: real arithmetic for the terms; its floors take every oscillating term z mu^s at -|z|,
+        which is what the complex form gives once span |log mu| >= 2 (:meth:`sized_from`)."""
+        return dataclasses.replace(self, values=self.to_size(self.values),
+                                   coefficients=self.to_size(self.coefficients), sized=True)
+
+    def to_size(self, terms: np.ndarray) -> np.ndarray:
+        """Products c mu^s (or powers mu^s) in the size form: Re for monotone terms, |.| for the others."""
+        return np.where(self.monotone, terms.real, np.abs(terms)) if np.iscomplexobj(terms) else terms
+
+    def sized_from(self, span: int) -> bool:
+        """Whether floors over ``span`` steps lose nothing in the size form (complex terms only: real ones
+        gain nothing from it)."""
+        return np.iscomplexobj(self.values) and span * min(self.least_log_size) >= 2.0
 
 
 def _modes(system: _FirstMoment) -> _Modes:
@@ -650,7 +669,7 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
         size = np.abs(first[group])  # >= |term| on the whole interval since |mu| < 1
         if every:
             term = np.minimum(real, last[group].real)
-        elif span * least >= 2.0:  # |mu^s - 1| <= 2 binds for every term: max(Re z - 2 |z|, -|z|) = -|z|
+        elif modes.sized or span * least >= 2.0:  # |mu^s - 1| <= 2 binds for every term: max(Re z - 2 |z|, -|z|) = -|z|
             term = -size
         else:
             with np.errstate(over="ignore"):
@@ -742,11 +761,14 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
                               np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
+        if modes.sized_from(2 ** (exponent + 1) - 2):  # every floor of the walk: real arithmetic
+            modes = modes.by_size()
         squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
         for _ in range(octave - 1):
             squares.append(squares[-1] * squares[-1])
         base = modes.coefficients * functools.reduce(np.multiply, squares)
-        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent], mu_inner)
+        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent],
+                                                               np.ones_like(modes.values))
     pending = active & (activate_at > start_index)  # rows above the target until their first grid index
     active &= ~pending
     for j in range(start_index + 1, times.size):
@@ -762,6 +784,9 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes = modes.subset(busy)
             base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
+        if modes.sized_from(2 ** gaps[j - 1] - 2):  # the floors of this and later intervals: real arithmetic
+            base, mu_gap, mu_inner = modes.to_size(base), modes.to_size(mu_gap), modes.to_size(mu_inner)
+            modes = modes.by_size()
         while exponent < gaps[j - 1]:
             power, block = _doubled(power, block)
             base, since = base * _integer_power(mu_gap, since), 0
@@ -901,6 +926,9 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             power, block = _doubled(power, block)
             if floors:
                 term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+        if floors and modes.sized_from(time):  # real arithmetic from here on
+            term, mu_odd, mu_pow = modes.to_size(term), modes.to_size(mu_odd), modes.to_size(mu_pow)
+            modes = modes.by_size()
         if floors:
             floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
         noise_floor = noise[:, None] * inverse_batch
