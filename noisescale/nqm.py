@@ -547,17 +547,27 @@ class _Modes:
     any_monotone: tuple[bool, ...]
     least_log_size: tuple[float, ...]
     sized: bool = False
+    unclamped: tuple[np.ndarray, np.ndarray] | None = None  # size form: weights of the terms at the start and
+    # at the end of an interval in the floor of D without its clamp per bin (:func:`_settling_floor`)
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
                       self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep],
-                      self.all_monotone, self.any_monotone, self.least_log_size, self.sized)
+                      self.all_monotone, self.any_monotone, self.least_log_size, self.sized,
+                      None if self.unclamped is None else (self.unclamped[0][:, keep], self.unclamped[1][:, keep]))
 
-    def by_size(self) -> _Modes:
+    def by_size(self, weights: np.ndarray) -> _Modes:
         """The size form: real arithmetic for the terms; its floors take every oscillating term z mu^s at -|z|,
-        which is what the complex form gives once span |log mu| >= 2 (:meth:`sized_from`)."""
-        return dataclasses.replace(self, values=self.to_size(self.values),
-                                   coefficients=self.to_size(self.coefficients), sized=True)
+        which is what the complex form gives once span |log mu| >= 2 (:meth:`sized_from`).
+
+        The floor without the clamp per bin, sum_bins w sum_p (z_end if z is monotone and positive, z_start if
+        monotone and negative, -|z_start| else) - 1e-10 |z_start|, then takes two dot products (``unclamped``).
+        """
+        values, coefficients = self.to_size(self.values), self.to_size(self.coefficients)
+        positive = self.monotone & (coefficients > 0)
+        at_start = np.where(positive, -1e-10, np.where(self.monotone, 1.0 + 1e-10, -1.0 - 1e-10)) * weights
+        return dataclasses.replace(self, values=values, coefficients=coefficients, sized=True,
+                                   unclamped=(at_start, np.where(positive, weights, 0.0)))
 
     def to_size(self, terms: np.ndarray) -> np.ndarray:
         """Products c mu^s (or powers mu^s) in the size form: Re for monotone terms, |.| for the others."""
@@ -688,6 +698,22 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
     return per_bin @ weights
 
 
+def _settling_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray, span: int, start: int,
+                    noise_floor: np.ndarray, rows: np.ndarray, target: float) -> np.ndarray:
+    """:func:`_deterministic_floor` per configuration where it decides ``rows`` (configurations x batch sizes:
+    floor + noise_floor > target settles a row). In the size form the floor without the clamp per bin (at most
+    the floor, max(x, 0) >= x) comes first; the floor per bin only for configurations it leaves a row open."""
+    if modes.unclamped is None:
+        return _deterministic_floor(modes, weights, first, last, span, start)
+    floor = np.einsum("pkb,pkb->k", first, modes.unclamped[0]) + np.einsum("pkb,pkb->k", last, modes.unclamped[1])
+    exact = np.nonzero((rows & ~(floor[:, None] + noise_floor > target)).any(axis=1))[0]
+    if exact.size == floor.size:
+        return _deterministic_floor(modes, weights, first, last, span, start)
+    if exact.size:
+        floor[exact] = _deterministic_floor(modes.subset(exact), weights, first[:, exact], last[:, exact], span, start)
+    return floor
+
+
 @dataclass(frozen=True, eq=False)
 class _GridCrossings:
     """Per (configuration, batch size): the grid index whose interval (t_{j-1}, t_j] holds the first crossing
@@ -762,7 +788,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
                               np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
         if modes.sized_from(2 ** (exponent + 1) - 2):  # every floor of the walk: real arithmetic
-            modes = modes.by_size()
+            modes = modes.by_size(weights)
         squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
         for _ in range(octave - 1):
             squares.append(squares[-1] * squares[-1])
@@ -786,7 +812,7 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
         if modes.sized_from(2 ** gaps[j - 1] - 2):  # the floors of this and later intervals: real arithmetic
             base, mu_gap, mu_inner = modes.to_size(base), modes.to_size(mu_gap), modes.to_size(mu_inner)
-            modes = modes.by_size()
+            modes = modes.by_size(weights)
         while exponent < gaps[j - 1]:
             power, block = _doubled(power, block)
             base, since = base * _integer_power(mu_gap, since), 0
@@ -796,10 +822,12 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             exponent += 1
             if not single:  # one floor for the octave ahead spares most rows the floor of every interval
                 # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
-                octave_floor = _deterministic_floor(modes, weights, base,
-                                                    base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
-                                                    _GRID_RESOLUTION * 2**exponent - 2, int(times[j - 1]))
-                clear = octave_floor[:, None] + noise[:, None] * inverse_batch > target
+                noise_floor = noise[:, None] * inverse_batch
+                octave_floor = _settling_floor(modes, weights, base,
+                                               base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
+                                               _GRID_RESOLUTION * 2**exponent - 2, int(times[j - 1]), noise_floor,
+                                               active | pending, target)
+                clear = octave_floor[:, None] + noise_floor > target
         previous_noise, previous_risk = noise, risk
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
@@ -819,15 +847,17 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             else:
                 unsure = active & ~clear
                 near = np.nonzero(unsure.any(axis=1))[0]
+                noise_floor = previous_noise[near, None] * inverse_batch
                 if near.size == live.size:  # every configuration: c mu^(t_{j-1}) kept from here on
                     base, since = base * _integer_power(mu_gap, since), 0
-                    floor = _deterministic_floor(modes, weights, base, base * mu_inner, 2**exponent - 2,
-                                                 int(times[j - 1]))
+                    floor = _settling_floor(modes, weights, base, base * mu_inner, 2**exponent - 2, int(times[j - 1]),
+                                            noise_floor, unsure, target)
                 elif near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
-                    floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
-                                                 2**exponent - 2, int(times[j - 1]))
-                    unsure[near] &= ~(floor[:, None] + previous_noise[near, None] * inverse_batch > target)
+                    floor = _settling_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
+                                            2**exponent - 2, int(times[j - 1]), noise_floor, unsure[near], target)
+                if near.size:
+                    unsure[near] &= ~(floor[:, None] + noise_floor > target)
             rows, columns = np.nonzero(unsure)
             doubt[live[rows], columns] = j
             active = active & ~unsure
@@ -928,9 +958,10 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
                 term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
         if floors and modes.sized_from(time):  # real arithmetic from here on
             term, mu_odd, mu_pow = modes.to_size(term), modes.to_size(mu_odd), modes.to_size(mu_pow)
-            modes = modes.by_size()
-        if floors:
-            floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
+            modes = modes.by_size(weights)
+        if floors:  # on [time + 1, 2 time + 1]
+            floor = _settling_floor(modes, weights, term, term * mu_odd, time, time, noise[:, None] * inverse_batch,
+                                    open_rows[live], target)
         noise_floor = noise[:, None] * inverse_batch
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
