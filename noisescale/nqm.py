@@ -571,7 +571,7 @@ class _Modes:
 
     def to_size(self, terms: np.ndarray) -> np.ndarray:
         """Products c mu^s (or powers mu^s) in the size form: Re for monotone terms, |.| for the others."""
-        return np.where(self.monotone, terms.real, np.abs(terms)) if np.iscomplexobj(terms) else terms
+        return np.where(self.monotone, terms.real, np.abs(terms))
 
     def sized_from(self, span: int) -> bool:
         """Whether floors over ``span`` steps lose nothing in the size form (complex terms only: real ones
@@ -848,10 +848,12 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                 unsure = active & ~clear
                 near = np.nonzero(unsure.any(axis=1))[0]
                 noise_floor = previous_noise[near, None] * inverse_batch
-                if near.size == live.size:  # every configuration: c mu^(t_{j-1}) kept from here on
+                if near.size and (near.size == live.size or modes.sized):
+                    # c mu^(t_{j-1}) kept from here on (in the size form the unclamped floor of every configuration
+                    # costs less than taking out the near ones)
                     base, since = base * _integer_power(mu_gap, since), 0
                     floor = _settling_floor(modes, weights, base, base * mu_inner, 2**exponent - 2, int(times[j - 1]),
-                                            noise_floor, unsure, target)
+                                            previous_noise[:, None] * inverse_batch, unsure, target)[near]
                 elif near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
                     floor = _settling_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
