@@ -519,9 +519,15 @@ def _readout_row(system: _FirstMoment) -> np.ndarray:
     return v
 
 
+def _from_start(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
+    """u = v x0 per direction: x0 is 1 in theta and theta~ and 0 in m, so a sum of rows of v (no products)."""
+    kept = np.flatnonzero(system.initial)
+    return functools.reduce(np.add, (v[i] for i in kept[1:]), v[kept[0]])
+
+
 def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
     """D = sigma0^2 sum_bins w (v x0)^2, (K,)."""
-    u = np.tensordot(system.initial, v, axes=1)
+    u = _from_start(system, v)
     return (u * u) @ (system.initial_variance * system.weights)
 
 
@@ -591,7 +597,7 @@ def _modes(system: _FirstMoment) -> _Modes:
     u = []
     for _ in range(3):
         v = _advance(v, system.matrix)
-        u.append(np.tensordot(system.initial, v, axes=1))
+        u.append(_from_start(system, v))
     u1, u2, u3 = u
     l1, l2, l3 = system.modes
     second, third = system.active[1][:, None], system.active[2][:, None]
