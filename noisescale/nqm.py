@@ -497,6 +497,11 @@ def _advance(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.einsum("i...,ij...->j...", v, matrix)
 
 
+def _carried(matrix: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Matrices times column vectors, matrix axes first: (M y)_i = sum_j M_ij y_j for M (k, k, ...), y (k, ...)."""
+    return np.einsum("ij...,j...->i...", matrix, columns)
+
+
 def _quadratic(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """v A v^T for row vectors v (k, ...) and matrices A (k, k, ...)."""
     return np.einsum("i...,ij...,j...->...", v, matrix, v)
@@ -1014,8 +1019,8 @@ class _RowSearch:
         self.leaf_steps = _LEAF_STEPS
         while 2 * self.leaf_steps * self.system.weights.size <= _LEAF_ELEMENTS:
             self.leaf_steps *= 2
-        self.leaves: list[np.ndarray] = []  # M^s and A_s for s = 1..leaf_steps, built at the first leaf (most
-        # searches end before one) and shared with the at_batch copies
+        self.leaves: list[np.ndarray] = []  # M^s x0 and M^(s-1) b for s = 1..leaf_steps, built at the first leaf
+        # (most searches end before one) and shared with the at_batch copies
         self.mode_squares, self.mode_odds = [self.modes.values], [np.ones_like(self.modes.values)]  # mu^(2^e),
         # mu^(2^e - 1) as needed: a branch's terms from its parent's by one product
 
@@ -1027,18 +1032,21 @@ class _RowSearch:
         return self.mode_squares[bit], self.mode_odds[bit]
 
     def _leaves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Columns M^s x0 and M^(s-1) b for s = 1..leaf_steps, (k, leaf_steps, bins): from v(t), the risk at
+        t + s is sigma0^2 sum_bins w (v M^s x0)^2 + (N(t) + sum_{r<s} sum_bins w c~ (v M^r b)^2) / B."""
         if not self.leaves:
-            leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]
-            for _ in range(_LEAF_STEPS - 1):
-                leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
-                                                            leaf_powers[-1].swapaxes(0, 1)))
-                leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
-            powers, blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
-            while powers.shape[2] < self.leaf_steps:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
-                power, block = powers[:, :, -1:], blocks[:, :, -1:]
-                blocks = np.concatenate([blocks, block + _apply(_apply(power, blocks), power.swapaxes(0, 1))], 2)
-                powers = np.concatenate([powers, _apply(powers, power)], 2)
-            self.leaves.extend([powers, blocks])
+            matrix, k, bins = self.powers[0], *self.system.noise_input.shape[::2]
+            starts = [np.broadcast_to(self.system.initial[:, None, None], (k, 1, bins))]
+            inputs = [self.system.noise_input]
+            for _ in range(_LEAF_STEPS):
+                starts.append(_carried(matrix, starts[-1]))
+                inputs.append(_carried(matrix, inputs[-1]))
+            starts, inputs = np.concatenate(starts[1:], 1), np.concatenate(inputs[:-1], 1)
+            while starts.shape[1] < self.leaf_steps:  # s = L+1..2L: M^L times the columns of s = 1..L
+                power = self._ladder(starts.shape[1].bit_length() - 1)[0]
+                starts = np.concatenate([starts, _carried(power, starts)], 1)
+                inputs = np.concatenate([inputs, _carried(power, inputs)], 1)
+            self.leaves.extend([starts, inputs])
         return self.leaves[0], self.leaves[1]
 
     def at_batch(self, batch_size: float) -> _RowSearch:
@@ -1047,14 +1055,18 @@ class _RowSearch:
         other.batch_size = float(batch_size)
         return other
 
-    def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
-        """(v, N) after 2^bit more steps."""
+    def _ladder(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        """M^(2^bit) and A_(2^bit)."""
         while len(self.powers) <= bit:
             power, block = _doubled(self.powers[-1], self.blocks[-1])
             self.powers.append(power)
             self.blocks.append(block)
-        return (_advance(v, self.powers[bit]),
-                noise + float((_quadratic(v, self.blocks[bit]) @ self.system.weights)[0]))
+        return self.powers[bit], self.blocks[bit]
+
+    def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
+        """(v, N) after 2^bit more steps."""
+        power, block = self._ladder(bit)
+        return _advance(v, power), noise + float((_quadratic(v, block) @ self.system.weights)[0])
 
     def state(self, t: int) -> tuple[np.ndarray, float]:
         """v(t) and N(t)."""
@@ -1080,10 +1092,12 @@ class _RowSearch:
             return None
         if high - low <= self.leaf_steps:
             count = high - low
-            leaf_powers, leaf_blocks = self._leaves()
-            ahead = _advance(v, leaf_powers[:, :, :count])
-            noises = noise + _quadratic(v, leaf_blocks[:, :, :count]) @ self.system.weights
-            risks = _deterministic(self.system, ahead) + noises / self.batch_size
+            starts, inputs = self._leaves()
+            u = np.einsum("i...,i...->...", v, starts[:, :count])
+            kicks = np.einsum("i...,i...->...", v, inputs[:, :count])
+            weights = self.system.weights
+            noises = noise + np.cumsum((kicks * kicks) @ (self.system.noise_variance * weights))
+            risks = (u * u) @ (self.system.initial_variance * weights) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
         if first is None:

@@ -424,6 +424,34 @@ def test_size_form_floors_bound_the_recurrence(optimizer):
                                               rows & (floor[:, None] + noise_floor > target))
 
 
+@pytest.mark.parametrize(
+    "optimizer",
+    [nqm.OptimizerSetting(), nqm.OptimizerSetting(momentum=0.9), nqm.OptimizerSetting(ema=0.9),
+     nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.75)],
+    ids=["sgd", "momentum", "ema", "momentum-precondition-ema"],
+)
+@pytest.mark.parametrize("n_directions", [3, 300])
+def test_search_leaves_match_the_recurrence(optimizer, n_directions):
+    # the last steps of a branch, evaluated at once from M^s x0 and M^(s-1) b (16 steps with many directions,
+    # more with few), with the noise large enough to matter: the first step at or below a target placed at the
+    # recurrence's risk of a random step
+    rng = np.random.default_rng(29)
+    h = np.sort(10 ** rng.uniform(-2.5, 0, n_directions))[::-1]
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 0.5, n_directions))
+    rate = 0.02 * 2 * (1 + optimizer.momentum) / h.max() ** (1 - optimizer.precondition_power)
+    system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
+                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    leaf_steps = nqm._RowSearch(system, 1.0).leaf_steps
+    for batch in (1.0, 8.0):
+        risks = recurrence_risk(model, optimizer, lambda step: rate, batch, 700)
+        for _ in range(30):
+            low = int(rng.integers(0, 300))
+            high = low + int(rng.integers(1, min(leaf_steps, 400) + 1))
+            target = risks[rng.integers(low + 1, high + 1)] * (1 + 1e-9)
+            search = nqm._RowSearch(system, target).at_batch(batch)
+            assert search.first(low, high) == first_below(risks[low + 1:high + 1], target) + low + 1
+
+
 @pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
 def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer, grids, monkeypatch):
     # the octave pass (rows walked from their own octave, rows that cannot win left out) changes nothing: the
