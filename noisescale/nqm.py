@@ -1035,12 +1035,11 @@ class _RowSearch:
         """Columns M^s x0 and M^(s-1) b for s = 1..leaf_steps, (k, leaf_steps, bins): from v(t), the risk at
         t + s is sigma0^2 sum_bins w (v M^s x0)^2 + (N(t) + sum_{r<s} sum_bins w c~ (v M^r b)^2) / B."""
         if not self.leaves:
-            matrix, k, bins = self.powers[0], *self.system.noise_input.shape[::2]
-            starts = [np.broadcast_to(self.system.initial[:, None, None], (k, 1, bins))]
-            inputs = [self.system.noise_input]
+            inputs = [self.system.noise_input]  # b, (k, 1, bins)
+            starts = [np.broadcast_to(self.system.initial[:, None, None], inputs[0].shape)]  # x0
             for _ in range(_LEAF_STEPS):
-                starts.append(_carried(matrix, starts[-1]))
-                inputs.append(_carried(matrix, inputs[-1]))
+                starts.append(_carried(self.powers[0], starts[-1]))
+                inputs.append(_carried(self.powers[0], inputs[-1]))
             starts, inputs = np.concatenate(starts[1:], 1), np.concatenate(inputs[:-1], 1)
             while starts.shape[1] < self.leaf_steps:  # s = L+1..2L: M^L times the columns of s = 1..L
                 power = self._ladder(starts.shape[1].bit_length() - 1)[0]
