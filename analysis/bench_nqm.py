@@ -4,9 +4,10 @@ grid, four optimizer settings (SGD, momentum 0.9, p = 0.5, p = 1) on the paper's
 rows of analysis/nqm_figures.py on the binned model (SGD with momentum tuned over DEFAULT_MOMENTUM_GRID, with
 the EMA tuned over DEFAULT_EMA_GRID, and both tuned together, without preconditioning and with p = 1).
 
-Usage: python3 analysis/bench_nqm.py [--repeats 5] [--out data/bench/nqm.csv]
+Usage: python3 analysis/bench_nqm.py [--repeats 5] [--only TEXT ...] [--out data/bench/nqm.csv]
 (prints and writes the median, min and max wall time and the median CPU time of the repeats per job; a
-benchmark, not a test: the machine's load shows in the spread)
+benchmark, not a test: the machine's load shows in the spread). ``--only`` times just the jobs whose name
+contains one of the texts, e.g. --only "exact (d = 10^4)" "tuned".
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ def jobs():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="time only the jobs whose name contains a TEXT")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "bench" / "nqm.csv")
     args = parser.parse_args()
     rows = []
     for name, model, settings, configs, job in jobs():
+        if args.only and not any(text in name for text in args.only):
+            continue
         job()  # warm-up: imports and first-call allocations
         timings, cpu = [], []
         for _ in range(args.repeats):

@@ -497,6 +497,11 @@ def _advance(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.einsum("i...,ij...->j...", v, matrix)
 
 
+def _carried(matrix: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Matrices times column vectors, matrix axes first: (M y)_i = sum_j M_ij y_j for M (k, k, ...), y (k, ...)."""
+    return np.einsum("ij...,j...->i...", matrix, columns)
+
+
 def _quadratic(v: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """v A v^T for row vectors v (k, ...) and matrices A (k, k, ...)."""
     return np.einsum("i...,ij...,j...->...", v, matrix, v)
@@ -519,9 +524,15 @@ def _readout_row(system: _FirstMoment) -> np.ndarray:
     return v
 
 
+def _from_start(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
+    """u = v x0 per direction: x0 is 1 in theta and theta~ and 0 in m, so a sum of rows of v (no products)."""
+    kept = np.flatnonzero(system.initial)
+    return functools.reduce(np.add, (v[i] for i in kept[1:]), v[kept[0]])
+
+
 def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
     """D = sigma0^2 sum_bins w (v x0)^2, (K,)."""
-    u = np.tensordot(system.initial, v, axes=1)
+    u = _from_start(system, v)
     return (u * u) @ (system.initial_variance * system.weights)
 
 
@@ -529,7 +540,10 @@ def _deterministic(system: _FirstMoment, v: np.ndarray) -> np.ndarray:
 class _Modes:
     """sigma0^2 u(t)^2 = Re sum_p coefficients_p values_p^(t-1) for t >= 1, per (configuration, bin); where two
     modes coincide (confluent): sigma0 u(t) = (A + B (t - 1)) lambda^(t-1) instead (coefficients 0).
-    values and coefficients are real arrays when every value is real (no momentum), else complex."""
+    values and coefficients are real arrays when every value is real (no momentum), else complex.
+
+    In the size form (:meth:`by_size`, ``sized``) both are real: mu and Re c for monotone terms, |mu| and |c| for
+    the others, so c mu^s is tracked by its real part (monotone) or its size |c| |mu|^s (the others)."""
 
     values: np.ndarray  # (P, K, bins) mu = lambda_i lambda_j, for the pairs of modes in use
     coefficients: np.ndarray  # (P, K, bins)
@@ -543,11 +557,37 @@ class _Modes:
     all_monotone: tuple[bool, ...]
     any_monotone: tuple[bool, ...]
     least_log_size: tuple[float, ...]
+    sized: bool = False
+    unclamped: tuple[np.ndarray, np.ndarray] | None = None  # size form: weights of the terms at the start and
+    # at the end of an interval in the floor of D without its clamp per bin (:func:`_settling_floor`)
 
     def subset(self, keep: np.ndarray) -> _Modes:
         return _Modes(self.values[:, keep], self.coefficients[:, keep], self.monotone[:, keep],
                       self.log_size[:, keep], self.confluent[keep], self.linear[:, keep], self.root[keep],
-                      self.all_monotone, self.any_monotone, self.least_log_size)
+                      self.all_monotone, self.any_monotone, self.least_log_size, self.sized,
+                      None if self.unclamped is None else (self.unclamped[0][:, keep], self.unclamped[1][:, keep]))
+
+    def by_size(self, weights: np.ndarray) -> _Modes:
+        """The size form: real arithmetic for the terms; its floors take every oscillating term z mu^s at -|z|,
+        which is what the complex form gives once span |log mu| >= 2 (:meth:`sized_from`).
+
+        The floor without the clamp per bin, sum_bins w sum_p (z_end if z is monotone and positive, z_start if
+        monotone and negative, -|z_start| else) - 1e-10 |z_start|, then takes two dot products (``unclamped``).
+        """
+        values, coefficients = self.to_size(self.values), self.to_size(self.coefficients)
+        positive = self.monotone & (coefficients > 0)
+        at_start = np.where(positive, -1e-10, np.where(self.monotone, 1.0 + 1e-10, -1.0 - 1e-10)) * weights
+        return dataclasses.replace(self, values=values, coefficients=coefficients, sized=True,
+                                   unclamped=(at_start, np.where(positive, weights, 0.0)))
+
+    def to_size(self, terms: np.ndarray) -> np.ndarray:
+        """Products c mu^s (or powers mu^s) in the size form: Re for monotone terms, |.| for the others."""
+        return np.where(self.monotone, terms.real, np.abs(terms))
+
+    def sized_from(self, span: int) -> bool:
+        """Whether floors over ``span`` steps lose nothing in the size form (complex terms only: real ones
+        gain nothing from it)."""
+        return np.iscomplexobj(self.values) and span * min(self.least_log_size) >= 2.0
 
 
 def _modes(system: _FirstMoment) -> _Modes:
@@ -562,7 +602,7 @@ def _modes(system: _FirstMoment) -> _Modes:
     u = []
     for _ in range(3):
         v = _advance(v, system.matrix)
-        u.append(np.tensordot(system.initial, v, axes=1))
+        u.append(_from_start(system, v))
     u1, u2, u3 = u
     l1, l2, l3 = system.modes
     second, third = system.active[1][:, None], system.active[2][:, None]
@@ -650,7 +690,7 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
         size = np.abs(first[group])  # >= |term| on the whole interval since |mu| < 1
         if every:
             term = np.minimum(real, last[group].real)
-        elif span * least >= 2.0:  # |mu^s - 1| <= 2 binds for every term: max(Re z - 2 |z|, -|z|) = -|z|
+        elif modes.sized or span * least >= 2.0:  # |mu^s - 1| <= 2 binds for every term: max(Re z - 2 |z|, -|z|) = -|z|
             term = -size
         else:
             with np.errstate(over="ignore"):
@@ -667,6 +707,22 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
             decay = np.abs(modes.root) ** (2.0 * (start + span))
         per_bin = per_bin + np.where(near * far > 0, np.minimum(near * near, far * far) * decay, 0.0) * (1 - 1e-10)
     return per_bin @ weights
+
+
+def _settling_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray, span: int, start: int,
+                    noise_floor: np.ndarray, rows: np.ndarray, target: float) -> np.ndarray:
+    """:func:`_deterministic_floor` per configuration where it decides ``rows`` (configurations x batch sizes:
+    floor + noise_floor > target settles a row). In the size form the floor without the clamp per bin (at most
+    the floor, max(x, 0) >= x) comes first; the floor per bin only for configurations it leaves a row open."""
+    if modes.unclamped is None:
+        return _deterministic_floor(modes, weights, first, last, span, start)
+    floor = np.einsum("pkb,pkb->k", first, modes.unclamped[0]) + np.einsum("pkb,pkb->k", last, modes.unclamped[1])
+    exact = np.nonzero((rows & ~(floor[:, None] + noise_floor > target)).any(axis=1))[0]
+    if exact.size == floor.size:
+        return _deterministic_floor(modes, weights, first, last, span, start)
+    if exact.size:
+        floor[exact] = _deterministic_floor(modes.subset(exact), weights, first[:, exact], last[:, exact], span, start)
+    return floor
 
 
 @dataclass(frozen=True, eq=False)
@@ -742,11 +798,14 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
             return _walk_grid(system, batch_sizes, target, times, gaps, give_up_after,
                               np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
+        if modes.sized_from(2 ** (exponent + 1) - 2):  # every floor of the walk: real arithmetic
+            modes = modes.by_size(weights)
         squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
         for _ in range(octave - 1):
             squares.append(squares[-1] * squares[-1])
         base = modes.coefficients * functools.reduce(np.multiply, squares)
-        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent], mu_inner)
+        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent],
+                                                               np.ones_like(modes.values))
     pending = active & (activate_at > start_index)  # rows above the target until their first grid index
     active &= ~pending
     for j in range(start_index + 1, times.size):
@@ -762,6 +821,9 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             v, noise, power, block = v[:, busy], noise[busy], power[:, :, busy], block[:, :, busy]
             modes = modes.subset(busy)
             base, mu_gap, mu_inner = base[:, busy], mu_gap[:, busy], mu_inner[:, busy]
+        if modes.sized_from(2 ** gaps[j - 1] - 2):  # the floors of this and later intervals: real arithmetic
+            base, mu_gap, mu_inner = modes.to_size(base), modes.to_size(mu_gap), modes.to_size(mu_inner)
+            modes = modes.by_size(weights)
         while exponent < gaps[j - 1]:
             power, block = _doubled(power, block)
             base, since = base * _integer_power(mu_gap, since), 0
@@ -771,10 +833,12 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             exponent += 1
             if not single:  # one floor for the octave ahead spares most rows the floor of every interval
                 # interiors of the next R intervals: [t_{j-1} + 1, t_{j-1} + R 2^e - 1], mu^(R 2^e - 2) at the end
-                octave_floor = _deterministic_floor(modes, weights, base,
-                                                    base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
-                                                    _GRID_RESOLUTION * 2**exponent - 2, int(times[j - 1]))
-                clear = octave_floor[:, None] + noise[:, None] * inverse_batch > target
+                noise_floor = noise[:, None] * inverse_batch
+                octave_floor = _settling_floor(modes, weights, base,
+                                               base * mu_inner * _integer_power(mu_gap, _GRID_RESOLUTION - 1),
+                                               _GRID_RESOLUTION * 2**exponent - 2, int(times[j - 1]), noise_floor,
+                                               active | pending, target)
+                clear = octave_floor[:, None] + noise_floor > target
         previous_noise, previous_risk = noise, risk
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
@@ -794,15 +858,19 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
             else:
                 unsure = active & ~clear
                 near = np.nonzero(unsure.any(axis=1))[0]
-                if near.size == live.size:  # every configuration: c mu^(t_{j-1}) kept from here on
+                noise_floor = previous_noise[near, None] * inverse_batch
+                if near.size and (near.size == live.size or modes.sized):
+                    # c mu^(t_{j-1}) kept from here on (in the size form the unclamped floor of every configuration
+                    # costs less than taking out the near ones)
                     base, since = base * _integer_power(mu_gap, since), 0
-                    floor = _deterministic_floor(modes, weights, base, base * mu_inner, 2**exponent - 2,
-                                                 int(times[j - 1]))
+                    floor = _settling_floor(modes, weights, base, base * mu_inner, 2**exponent - 2, int(times[j - 1]),
+                                            previous_noise[:, None] * inverse_batch, unsure, target)[near]
                 elif near.size:
                     first = base[:, near] * _integer_power(mu_gap[:, near], since)
-                    floor = _deterministic_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
-                                                 2**exponent - 2, int(times[j - 1]))
-                    unsure[near] &= ~(floor[:, None] + previous_noise[near, None] * inverse_batch > target)
+                    floor = _settling_floor(modes.subset(near), weights, first, first * mu_inner[:, near],
+                                            2**exponent - 2, int(times[j - 1]), noise_floor, unsure[near], target)
+                if near.size:
+                    unsure[near] &= ~(floor[:, None] + noise_floor > target)
             rows, columns = np.nonzero(unsure)
             doubt[live[rows], columns] = j
             active = active & ~unsure
@@ -901,8 +969,12 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             power, block = _doubled(power, block)
             if floors:
                 term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
-        if floors:
-            floor = _deterministic_floor(modes, weights, term, term * mu_odd, time, time)  # on [time + 1, 2 time + 1]
+        if floors and modes.sized_from(time):  # real arithmetic from here on
+            term, mu_odd, mu_pow = modes.to_size(term), modes.to_size(mu_odd), modes.to_size(mu_pow)
+            modes = modes.by_size(weights)
+        if floors:  # on [time + 1, 2 time + 1]
+            floor = _settling_floor(modes, weights, term, term * mu_odd, time, time, noise[:, None] * inverse_batch,
+                                    open_rows[live], target)
         noise_floor = noise[:, None] * inverse_batch
         noise = noise + _quadratic(v, block) @ weights
         v = _advance(v, power)
@@ -947,8 +1019,8 @@ class _RowSearch:
         self.leaf_steps = _LEAF_STEPS
         while 2 * self.leaf_steps * self.system.weights.size <= _LEAF_ELEMENTS:
             self.leaf_steps *= 2
-        self.leaves: list[np.ndarray] = []  # M^s and A_s for s = 1..leaf_steps, built at the first leaf (most
-        # searches end before one) and shared with the at_batch copies
+        self.leaves: list[np.ndarray] = []  # M^s x0 and M^(s-1) b for s = 1..leaf_steps, built at the first leaf
+        # (most searches end before one) and shared with the at_batch copies
         self.mode_squares, self.mode_odds = [self.modes.values], [np.ones_like(self.modes.values)]  # mu^(2^e),
         # mu^(2^e - 1) as needed: a branch's terms from its parent's by one product
 
@@ -960,18 +1032,20 @@ class _RowSearch:
         return self.mode_squares[bit], self.mode_odds[bit]
 
     def _leaves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Columns M^s x0 and M^(s-1) b for s = 1..leaf_steps, (k, leaf_steps, bins): from v(t), the risk at
+        t + s is sigma0^2 sum_bins w (v M^s x0)^2 + (N(t) + sum_{r<s} sum_bins w c~ (v M^r b)^2) / B."""
         if not self.leaves:
-            leaf_powers, leaf_blocks = [self.powers[0]], [self.blocks[0]]
-            for _ in range(_LEAF_STEPS - 1):
-                leaf_blocks.append(leaf_blocks[-1] + _apply(_apply(leaf_powers[-1], self.blocks[0]),
-                                                            leaf_powers[-1].swapaxes(0, 1)))
-                leaf_powers.append(_apply(leaf_powers[-1], self.powers[0]))
-            powers, blocks = np.concatenate(leaf_powers, 2), np.concatenate(leaf_blocks, 2)
-            while powers.shape[2] < self.leaf_steps:  # s = L+1..2L: M^(s+L), A_L + M^L A_s M^LT
-                power, block = powers[:, :, -1:], blocks[:, :, -1:]
-                blocks = np.concatenate([blocks, block + _apply(_apply(power, blocks), power.swapaxes(0, 1))], 2)
-                powers = np.concatenate([powers, _apply(powers, power)], 2)
-            self.leaves.extend([powers, blocks])
+            inputs = [self.system.noise_input]  # b, (k, 1, bins)
+            starts = [np.broadcast_to(self.system.initial[:, None, None], inputs[0].shape)]  # x0
+            for _ in range(_LEAF_STEPS):
+                starts.append(_carried(self.powers[0], starts[-1]))
+                inputs.append(_carried(self.powers[0], inputs[-1]))
+            starts, inputs = np.concatenate(starts[1:], 1), np.concatenate(inputs[:-1], 1)
+            while starts.shape[1] < self.leaf_steps:  # s = L+1..2L: M^L times the columns of s = 1..L
+                power = self._ladder(starts.shape[1].bit_length() - 1)[0]
+                starts = np.concatenate([starts, _carried(power, starts)], 1)
+                inputs = np.concatenate([inputs, _carried(power, inputs)], 1)
+            self.leaves.extend([starts, inputs])
         return self.leaves[0], self.leaves[1]
 
     def at_batch(self, batch_size: float) -> _RowSearch:
@@ -980,14 +1054,18 @@ class _RowSearch:
         other.batch_size = float(batch_size)
         return other
 
-    def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
-        """(v, N) after 2^bit more steps."""
+    def _ladder(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        """M^(2^bit) and A_(2^bit)."""
         while len(self.powers) <= bit:
             power, block = _doubled(self.powers[-1], self.blocks[-1])
             self.powers.append(power)
             self.blocks.append(block)
-        return (_advance(v, self.powers[bit]),
-                noise + float((_quadratic(v, self.blocks[bit]) @ self.system.weights)[0]))
+        return self.powers[bit], self.blocks[bit]
+
+    def _step(self, v: np.ndarray, noise: float, bit: int) -> tuple[np.ndarray, float]:
+        """(v, N) after 2^bit more steps."""
+        power, block = self._ladder(bit)
+        return _advance(v, power), noise + float((_quadratic(v, block) @ self.system.weights)[0])
 
     def state(self, t: int) -> tuple[np.ndarray, float]:
         """v(t) and N(t)."""
@@ -1013,10 +1091,12 @@ class _RowSearch:
             return None
         if high - low <= self.leaf_steps:
             count = high - low
-            leaf_powers, leaf_blocks = self._leaves()
-            ahead = _advance(v, leaf_powers[:, :, :count])
-            noises = noise + _quadratic(v, leaf_blocks[:, :, :count]) @ self.system.weights
-            risks = _deterministic(self.system, ahead) + noises / self.batch_size
+            starts, inputs = self._leaves()
+            u = np.einsum("i...,i...->...", v, starts[:, :count])
+            kicks = np.einsum("i...,i...->...", v, inputs[:, :count])
+            weights = self.system.weights
+            noises = noise + np.cumsum((kicks * kicks) @ (self.system.noise_variance * weights))
+            risks = (u * u) @ (self.system.initial_variance * weights) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
         if first is None:

@@ -378,6 +378,80 @@ def test_deterministic_floor_bounds_the_recurrence(optimizer):
                 np.testing.assert_allclose(odd, search.modes.values ** (2**bit - 1), rtol=1e-12, atol=1e-300)
 
 
+@pytest.mark.parametrize(
+    "optimizer",
+    [nqm.OptimizerSetting(momentum=0.9), nqm.OptimizerSetting(momentum=0.5), nqm.OptimizerSetting(ema=0.9),
+     nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.75)],
+    ids=["momentum-0.9", "momentum-0.5", "ema", "momentum-precondition-ema"],
+)
+def test_size_form_floors_bound_the_recurrence(optimizer):
+    # the size form of the modes (Re c mu^s of monotone terms, |c mu^s| of the others, in real arithmetic) gives
+    # a floor of D at most the recurrence's minimum on [start + 1, start + span + 1], the complex form's floor
+    # once span |log mu| >= 2; the floor without the clamp per bin is at most that, and _settling_floor settles
+    # exactly the rows the floor per bin settles
+    rng = np.random.default_rng(23)
+    for _ in range(3):
+        model, rates = random_model_and_rates(rng, optimizer, {})
+        system = nqm._first_moment(model, optimizer.precondition_power, rates, np.full(rates.size, optimizer.momentum),
+                                   np.full(rates.size, optimizer.ema))
+        stable = np.nonzero(system.stable)[0]
+        modes = nqm._modes(system).subset(stable)
+        sized = modes.by_size(system.weights)
+        least = min(modes.least_log_size)
+        deterministic = [recurrence_risk(model, optimizer, lambda step, r=rate: r, 1e300, 700)
+                         for rate in rates[stable]]
+        for start, span in zip(rng.integers(0, 300, 20), np.concatenate([rng.integers(0, 12, 10),
+                                                                        rng.integers(50, 390, 10)])):
+            first, last = (modes.coefficients * modes.values**int(t) for t in (start, start + span))
+            size_first, size_last = (sized.coefficients * sized.values**int(t) for t in (start, start + span))
+            np.testing.assert_allclose(size_first, modes.to_size(first), rtol=1e-9, atol=1e-300)
+            floor = nqm._deterministic_floor(sized, system.weights, size_first, size_last, int(span), int(start))
+            unclamped = (np.einsum("pkb,pkb->k", size_first, sized.unclamped[0])
+                         + np.einsum("pkb,pkb->k", size_last, sized.unclamped[1]))
+            low = np.array([risks[start + 1:start + span + 2].min() for risks in deterministic])
+            assert np.all(unclamped <= floor + 1e-12 * np.abs(floor)), (start, span, unclamped, floor)
+            assert np.all(floor <= low * (1 + 1e-9)), (start, span, floor, low)
+            if span * least >= 2:
+                complex_floor = nqm._deterministic_floor(modes, system.weights, first, last, int(span), int(start))
+                np.testing.assert_allclose(floor, complex_floor, rtol=1e-9, atol=1e-12 * model.initial_risk)
+            for target in np.quantile(floor, [0.25, 0.5, 0.75]) * (1 + 1e-6) + 1e-30:  # clear of rounding
+                noise_floor = target * rng.uniform(0, 0.5, (floor.size, 3))
+                rows = rng.random(noise_floor.shape) < 0.7
+                settling = nqm._settling_floor(sized, system.weights, size_first, size_last, int(span), int(start),
+                                               noise_floor, rows, target)
+                assert np.all(settling <= floor + 1e-12 * np.abs(floor))
+                np.testing.assert_array_equal(rows & (settling[:, None] + noise_floor > target),
+                                              rows & (floor[:, None] + noise_floor > target))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [nqm.OptimizerSetting(), nqm.OptimizerSetting(momentum=0.9), nqm.OptimizerSetting(ema=0.9),
+     nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.75)],
+    ids=["sgd", "momentum", "ema", "momentum-precondition-ema"],
+)
+@pytest.mark.parametrize("n_directions", [3, 300])
+def test_search_leaves_match_the_recurrence(optimizer, n_directions):
+    # the last steps of a branch, evaluated at once from M^s x0 and M^(s-1) b (16 steps with many directions,
+    # more with few), with the noise large enough to matter: the first step at or below a target placed at the
+    # recurrence's risk of a random step
+    rng = np.random.default_rng(29)
+    h = np.sort(10 ** rng.uniform(-2.5, 0, n_directions))[::-1]
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 0.5, n_directions))
+    rate = 0.02 * 2 * (1 + optimizer.momentum) / h.max() ** (1 - optimizer.precondition_power)
+    system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
+                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    leaf_steps = nqm._RowSearch(system, 1.0).leaf_steps
+    for batch in (1.0, 8.0):
+        risks = recurrence_risk(model, optimizer, lambda step: rate, batch, 700)
+        for _ in range(30):
+            low = int(rng.integers(0, 300))
+            high = low + int(rng.integers(1, min(leaf_steps, 400) + 1))
+            target = risks[rng.integers(low + 1, high + 1)] * (1 + 1e-9)
+            search = nqm._RowSearch(system, target).at_batch(batch)
+            assert search.first(low, high) == first_below(risks[low + 1:high + 1], target) + low + 1
+
+
 @pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
 def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer, grids, monkeypatch):
     # the octave pass (rows walked from their own octave, rows that cannot win left out) changes nothing: the
