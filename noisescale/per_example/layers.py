@@ -130,20 +130,27 @@ class LinearRule(LayerRule):
             factors["bias"] = g.sum(1)
         return factors
 
+    @staticmethod
+    def _rows(t: Tensor) -> Tensor:
+        """(B, d) of a tensor with one position per example, without a copy or a view where it is (B, d)."""
+        t = compute_dtype(t)
+        return t if t.dim() == 2 else t.reshape(t.shape[0], t.shape[-1])
+
     def per_example_sqnorms(self, module, x, g, names):
-        a, g = self._positions(x, g)
-        if a.shape[1] == 1:  # one position: |g a^T|^2 = |a|^2 |g|^2, and the bias's is |g|^2
-            a, g = a[:, 0], g[:, 0]
+        if x.numel() == x.shape[0] * x.shape[-1]:  # one position: |g a^T|^2 = |a|^2 |g|^2, the bias's |g|^2
+            a, g = self._rows(x), self._rows(g)
             bias = torch.linalg.vecdot(g, g)
             sqnorms = {"bias": bias} if "bias" in names else {}
             if "weight" in names:
                 sqnorms["weight"] = torch.linalg.vecdot(a, a) * bias
             return sqnorms
+        a, g = self._positions(x, g)
         sqnorms = {}
         if "weight" in names:
             sqnorms["weight"] = position_weight_sqnorms(a, g)
         if "bias" in names:
-            sqnorms["bias"] = per_example_sqnorm(g.sum(1))
+            total = g.sum(1)
+            sqnorms["bias"] = torch.linalg.vecdot(total, total)
         return sqnorms
 
 
