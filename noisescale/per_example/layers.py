@@ -275,23 +275,33 @@ class AffineNormRule(LayerRule):
     def unsupported_reason(self, module):
         return None if self.unsupported is None else self.unsupported(module)
 
-    def per_example_grads(self, module, x, g, names):
+    def _shape(self, module: nn.Module, x: Tensor) -> torch.Size:
+        """The affine's shape, from the input: never from module.weight (a shard under FSDP)."""
+        return x.shape[1:2] if self.channels_first else torch.Size(module.normalized_shape)
+
+    def _flat_grads(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Tensor]:
+        """name -> (B, affine size) per-example gradients, the sums over positions."""
         x, g = compute_dtype(x), compute_dtype(g)
-        # the affine's shape from the input, never from module.weight (a shard under FSDP)
-        batch = x.shape[0]
-        shape = x.shape[1:2] if self.channels_first else torch.Size(module.normalized_shape)
+        batch, size = x.shape[0], self._shape(module, x).numel()
         if self.channels_first:
             def over_positions(t: Tensor) -> Tensor:
-                return t.reshape(batch, shape.numel(), -1).sum(2).view(batch, *shape)
+                return t.reshape(batch, size, -1).sum(2)
         else:
             def over_positions(t: Tensor) -> Tensor:
-                return t.reshape(batch, -1, shape.numel()).sum(1).view(batch, *shape)
+                return t.reshape(batch, -1, size).sum(1)
         grads = {}
         if "weight" in names:
             grads["weight"] = over_positions(g * self.normalize(module, x))
         if "bias" in names:
             grads["bias"] = over_positions(g)
         return grads
+
+    def per_example_grads(self, module, x, g, names):
+        shape = self._shape(module, x)
+        return {name: grad.view(x.shape[0], *shape) for name, grad in self._flat_grads(module, x, g, names).items()}
+
+    def per_example_sqnorms(self, module, x, g, names):
+        return {name: torch.linalg.vecdot(grad, grad) for name, grad in self._flat_grads(module, x, g, names).items()}
 
 
 def _layer_norm_hat(module: nn.LayerNorm, x: Tensor) -> Tensor:
