@@ -419,8 +419,7 @@ class GhostNormEngine:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = None
-        opened = next((k for k in range(len(self._open) - 1, -1, -1) if self._open[k][0] is module),
-                      None) if self._open else None
+        opened = next((k for k in range(len(self._open) - 1, -1, -1) if self._open[k][0] is module), None)
         if opened is not None:   # this call's capture, and any of children that raised inside its forward
             capture = self._open[opened][1]
             for _, started in reversed(self._open[opened:]):
