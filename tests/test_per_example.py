@@ -829,6 +829,40 @@ def test_multihead_attention_is_measured_from_one_rerun_of_its_call(batch_first,
         name for name, _ in model.attention.named_parameters(prefix="attention")}
 
 
+class SometimesDirect(nn.Module):
+    """A module with a parameter of its own (measured by the per-module fallback) whose child Linear is either
+    called or, when ``direct``, has its weight and bias used by F.linear inside this module's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+        self.inner = nn.Linear(4, 3)
+        self.direct = True
+
+    def forward(self, x):
+        h = F.linear(x, self.inner.weight, self.inner.bias) if self.direct else self.inner(x)
+        return h * self.scale
+
+
+def test_a_parameter_attached_to_one_pass_is_not_attached_to_the_next():
+    """A pass that measures a bypassed parameter with the enclosing fallback call (``GhostPass.attach``) leaves
+    the plan as it was: the next pass, in which the Linear is called, measures it by its rule once, not also
+    through the enclosing call."""
+    model = _float64(SometimesDirect)
+    measured = copy.deepcopy(model)
+    measure = PerExampleGradNorms(measured, regression_loss, by_parameter=True)
+    for seed, direct in enumerate((True, False, True)):
+        model.direct = measured.direct = direct
+        x = torch.randn(5, 4, dtype=torch.float64, generator=generator(seed))
+        targets = torch.randn(5, 3, dtype=torch.float64, generator=generator(seed + 10))
+        expected = naive_per_example(model, regression_loss, x, targets)
+        result = measure(x, targets)
+        for name in expected:
+            assert_relclose(result.by_parameter[name], expected[name])
+        assert result.backend_of["inner.weight"] == ("module" if direct else "ghost")
+    measure.close()
+
+
 class OffsetRMSNorm(nn.Module):
     """An RMSNorm of another library, written as Gemma's: y = (1 + w) * x_hat, x_hat computed in float32."""
 

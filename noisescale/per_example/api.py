@@ -125,11 +125,6 @@ class _Plan:
     backend_of: dict[str, str]
     parameters: dict[str, nn.Parameter]
 
-    def fresh(self) -> _Plan:
-        """A copy whose GhostModule entries a pass may extend (``GhostPass.attach``) without changing this one."""
-        ghost = {module: GhostModule(entry.path, entry.rule, dict(entry.names)) for module, entry in self.ghost.items()}
-        return _Plan(ghost, self.vmap_names, self.backend_of, self.parameters)
-
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
     if not isinstance(losses, Tensor) or losses.shape != (batch_size,):
@@ -298,7 +293,7 @@ class PerExampleGradNorms:
 
     def _plan(self) -> _Plan:
         """The plan of this call: rebuilt only when freezing, parameters, train/eval modes or the rules have
-        changed since the last call (building it walks the whole model), and copied for the pass."""
+        changed since the last call (building it walks the whole model); a pass does not change it."""
         key = self._plan_key()
         if self._cached_plan is None or self._cached_plan[0] != key:
             plan = self._build_plan()
@@ -307,7 +302,7 @@ class PerExampleGradNorms:
             if not self._sharded:
                 self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
             self._cached_plan = (key, plan)
-        return self._cached_plan[1].fresh()
+        return self._cached_plan[1]
 
     def _checked_plan(self, loss_scale: float | Tensor) -> tuple[_Plan, float]:
         """This call's plan and ``loss_scale`` as a float, both checked."""
@@ -527,9 +522,7 @@ class PerExampleGradNorms:
                     f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
                     "with the examples in dim 0 (or 1, shared), or register a rule "
                     "(noisescale.per_example.register_rule)") from error
-        zeros = torch.zeros(batch_size, dtype=grad_sqnorm.dtype, device=loss.device)
-        by_parameter = {name: by_parameter[name].to(zeros.dtype) if name in by_parameter else zeros
-                        for name in names}
+        by_parameter = _every_parameter(by_parameter, names, batch_size, grad_sqnorm.dtype, loss.device)
         return PerExampleNorms(
             loss=loss.detach(),
             losses=losses.detach(),
@@ -635,9 +628,7 @@ class PerExampleGradNorms:
         reference = next(iter(by_parameter.values()), None)
         dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
         device = next(iter(parameters.values())).device if reference is None else reference.device
-        zeros = torch.zeros(batch_size, dtype=dtype, device=device)
-        by_parameter = {name: by_parameter[name].to(dtype) if name in by_parameter else zeros
-                        for name in plan.backend_of}
+        by_parameter = _every_parameter(by_parameter, plan.backend_of, batch_size, dtype, device)
         observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         observed.by_parameter = by_parameter if self.by_parameter else None
 
@@ -657,6 +648,18 @@ class PerExampleGradNorms:
         sqnorms = vmap_sqnorms(model, partial(inner_product, indices), outputs.inputs, grads,
                                [name.removeprefix(prefix) for name in names], self.chunk_size, batch_size)
         return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
+
+
+def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: int, dtype: torch.dtype,
+                     device: torch.device) -> dict[str, Tensor]:
+    """name -> (B,) squared norms in ``dtype`` for every name, zeros for those the pass did not reach (a no-op
+    ``to`` costs a microsecond per parameter, so it is skipped)."""
+    zeros = torch.zeros(batch_size, dtype=dtype, device=device)
+    every = {}
+    for name in names:
+        value = by_parameter.get(name, zeros)
+        every[name] = value if value.dtype == dtype else value.to(dtype)
+    return every
 
 
 _SHARDED = "the model is sharded (FSDP), and torch.func needs whole parameters"

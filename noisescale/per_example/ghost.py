@@ -61,7 +61,7 @@ _FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example
 @dataclass(frozen=True)
 class GhostModule:
     """A module measured in this pass: its rule (None: the per-module fallback) and its trainable parameters
-    (local name -> global name)."""
+    (local name -> global name). Part of the engine's plan, shared by every pass: never changed in place."""
 
     path: str
     rule: LayerRule | None
@@ -153,7 +153,10 @@ class GhostPass:
         if best is None:
             return False
         module, prefix, entry = best
-        entry.names[name[len(prefix):]] = name
+        # the entries are the engine's plan, shared by every pass: this pass's calls get a widened copy
+        widened = GhostModule(entry.path, entry.rule, {**entry.names, name[len(prefix):]: name})
+        self.modules = {**self.modules, module: widened}
+        self.fallback_calls[:] = [(m, widened if m is module else e, call) for m, e, call in self.fallback_calls]
         self.use_count[name] += sum(1 for m, _, _ in self.fallback_calls if m is module)
         self.fallback_names.add(name)
         return True
@@ -441,7 +444,8 @@ class GhostNormEngine:
         index = ghost_pass.calls[module]
         if torch.is_grad_enabled():   # as the probe counts: reentrant checkpointing's first forward runs without grad
             ghost_pass.calls[module] += 1
-        if entry.rule is None or self._verified.get(module) is False:
+        verified = self._verified.get(module)   # None before the first call of each instance
+        if entry.rule is None or verified is False:
             return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture, index)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
@@ -479,7 +483,7 @@ class GhostNormEngine:
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was {why}; ghost norms need dim 0 to be "
                 f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
-        if module not in self._verified:  # the first call of each instance checks the rule's formula
+        if verified is None:  # the first call of each instance checks the rule's formula
             with torch.no_grad():
                 self._verified[module] = bool(entry.rule.verify(module, x, output))
             if not self._verified[module]:

@@ -130,20 +130,27 @@ class LinearRule(LayerRule):
             factors["bias"] = g.sum(1)
         return factors
 
+    @staticmethod
+    def _rows(t: Tensor) -> Tensor:
+        """(B, d) of a tensor with one position per example, without a copy or a view where it is (B, d)."""
+        t = compute_dtype(t)
+        return t if t.dim() == 2 else t.reshape(t.shape[0], t.shape[-1])
+
     def per_example_sqnorms(self, module, x, g, names):
-        a, g = self._positions(x, g)
-        if a.shape[1] == 1:  # one position: |g a^T|^2 = |a|^2 |g|^2, and the bias's is |g|^2
-            a, g = a[:, 0], g[:, 0]
+        if x.numel() == x.shape[0] * x.shape[-1]:  # one position: |g a^T|^2 = |a|^2 |g|^2, the bias's |g|^2
+            a, g = self._rows(x), self._rows(g)
             bias = torch.linalg.vecdot(g, g)
             sqnorms = {"bias": bias} if "bias" in names else {}
             if "weight" in names:
                 sqnorms["weight"] = torch.linalg.vecdot(a, a) * bias
             return sqnorms
+        a, g = self._positions(x, g)
         sqnorms = {}
         if "weight" in names:
             sqnorms["weight"] = position_weight_sqnorms(a, g)
         if "bias" in names:
-            sqnorms["bias"] = per_example_sqnorm(g.sum(1))
+            total = g.sum(1)
+            sqnorms["bias"] = torch.linalg.vecdot(total, total)
         return sqnorms
 
 
@@ -268,23 +275,33 @@ class AffineNormRule(LayerRule):
     def unsupported_reason(self, module):
         return None if self.unsupported is None else self.unsupported(module)
 
-    def per_example_grads(self, module, x, g, names):
+    def _shape(self, module: nn.Module, x: Tensor) -> torch.Size:
+        """The affine's shape, from the input: never from module.weight (a shard under FSDP)."""
+        return x.shape[1:2] if self.channels_first else torch.Size(module.normalized_shape)
+
+    def _flat_grads(self, module: nn.Module, x: Tensor, g: Tensor, names: set[str]) -> dict[str, Tensor]:
+        """name -> (B, affine size) per-example gradients, the sums over positions."""
         x, g = compute_dtype(x), compute_dtype(g)
-        # the affine's shape from the input, never from module.weight (a shard under FSDP)
-        batch = x.shape[0]
-        shape = x.shape[1:2] if self.channels_first else torch.Size(module.normalized_shape)
+        batch, size = x.shape[0], self._shape(module, x).numel()
         if self.channels_first:
             def over_positions(t: Tensor) -> Tensor:
-                return t.reshape(batch, shape.numel(), -1).sum(2).view(batch, *shape)
+                return t.reshape(batch, size, -1).sum(2)
         else:
             def over_positions(t: Tensor) -> Tensor:
-                return t.reshape(batch, -1, shape.numel()).sum(1).view(batch, *shape)
+                return t.reshape(batch, -1, size).sum(1)
         grads = {}
         if "weight" in names:
             grads["weight"] = over_positions(g * self.normalize(module, x))
         if "bias" in names:
             grads["bias"] = over_positions(g)
         return grads
+
+    def per_example_grads(self, module, x, g, names):
+        shape = self._shape(module, x)
+        return {name: grad.view(x.shape[0], *shape) for name, grad in self._flat_grads(module, x, g, names).items()}
+
+    def per_example_sqnorms(self, module, x, g, names):
+        return {name: torch.linalg.vecdot(grad, grad) for name, grad in self._flat_grads(module, x, g, names).items()}
 
 
 def _layer_norm_hat(module: nn.LayerNorm, x: Tensor) -> Tensor:
