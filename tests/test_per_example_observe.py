@@ -192,6 +192,68 @@ def test_a_new_plan_keeps_the_output_gradients_of_its_first_pass():
         torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
 
 
+def test_two_backward_passes_through_one_forward_are_an_error_after_them_leaving_p_grad_the_callers():
+    """loss1.backward(retain_graph=True); loss2.backward(): the layers' output gradients arrive twice, which the
+    per-example norms of one pass cannot take; the error comes after the caller's backward, so p.grad is the sum
+    a plain run gives."""
+    model, (inputs, targets) = _model(), _batch()
+    plain = _model()
+    outputs = plain(inputs)
+    _per_example_loss(outputs, targets).mean().backward(retain_graph=True)
+    outputs.square().mean().backward()
+    with pytest.raises(ValueError, match="more than one backward"):
+        with PerExampleGradNorms(model, _per_example_loss).observe(6):
+            outputs = model(inputs)
+            _per_example_loss(outputs, targets).mean().backward(retain_graph=True)
+            outputs.square().mean().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+class _InternalLoss(nn.Module):
+    """Computes its loss inside from ``labels``, as HuggingFace models do; a weight is read outside its layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.other = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x, labels):
+        logits = F.linear(torch.tanh(self.body(x)), self.other.weight)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_under_ddp_the_output_gradients_are_those_before_its_output_node():
+    """DistributedDataParallel(find_unused_parameters=True), the HF Trainer's default, passes every output through
+    one autograd node of its own, so the gradient of the loss the model returns reaches the logits inside DDP, not
+    the logits DDP hands out: the outputs are read on the module inside it. One gloo process; the norms are the
+    per-example loop's, p.grad the plain DDP backward's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from _ranks import free_port
+    torch.manual_seed(0)
+    model = _InternalLoss().double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    parameters = dict(model.named_parameters())
+    expected = {name: torch.stack([torch.zeros((), dtype=x.dtype) if g is None else g.square().sum() for g in grads])
+                for name, grads in zip(parameters, zip(*(torch.autograd.grad(
+                    model(x[i:i + 1], y[i:i + 1])["loss"], list(parameters.values()), allow_unused=True)
+                    for i in range(7))))}
+    plain = copy.deepcopy(model)
+    plain(x, y)["loss"].backward()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+        with PerExampleGradNorms(wrapped, _per_example_loss, by_parameter=True).observe(7) as observed:
+            wrapped(x, labels=y)["loss"].backward()
+    finally:
+        dist.destroy_process_group()
+    for name, values in expected.items():
+        torch.testing.assert_close(observed.by_parameter["module." + name], values, rtol=1e-10, atol=1e-15)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+
 def test_hooks_are_inert_outside_the_block_and_bad_arguments_are_rejected():
     model, (inputs, targets) = _model(), _batch()
     norms = PerExampleGradNorms(model, _per_example_loss)
