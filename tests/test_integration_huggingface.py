@@ -284,6 +284,31 @@ def test_t5_is_measured_exactly_and_trained_bit_identically(tmp_path):
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9, abs=1e-12)
 
 
+def test_t5_with_label_smoothing_is_measured_exactly(tmp_path):
+    """With label_smoothing_factor the Trainer takes ``labels`` out of the batch, calls the model without them and
+    smooths the loss itself: the whole-model vmap must run on the inputs of that call, not on the batch (whose
+    labels would add a loss to the outputs). Reference: each example's mean smoothed cross-entropy."""
+    model = tiny_t5()
+    data = [dict(row, decoder_input_ids=model._shift_right(row["labels"][None])[0]) for row in _translation_dataset()]
+    args = _args(tmp_path, 1)
+    args.label_smoothing_factor = 0.1
+    measured = RecordingTrainer(model=model, args=args, train_dataset=data, noise_scale=NoiseScaleOptions())
+    measured.train()
+
+    def reference_loss(outputs, labels):
+        return F.cross_entropy(outputs.logits.flatten(0, 1), labels.flatten(), label_smoothing=0.1,
+                               reduction="none").view(labels.shape).mean(1)
+
+    for step, row in zip(measured.recorded, measured.noise_scale.history.itertuples()):
+        model = tiny_t5()
+        model.load_state_dict(step["weights"])
+        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+        estimate = simple_noise_scale(*_naive_norms(model, reference_loss, batch, batch["labels"]))
+        # transformers' LabelSmoother sums its smoothing term in float32
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
+
+
 def test_bad_options_are_rejected_before_any_step(tmp_path):
     with pytest.raises(TypeError, match="noise_scale must be a NoiseScaleOptions"):
         NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})
