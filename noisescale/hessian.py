@@ -57,6 +57,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._checks import check_int
+from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, select_examples, tensors_of
 from noisescale.per_example.layers import uses_batch_statistics
@@ -218,17 +219,11 @@ def _check_twice_differentiable(mean_loss, params: Parameters, inputs: Any, targ
     with torch.enable_grad():
         gradient = torch.autograd.grad(mean_loss(leaves, inputs, targets), list(leaves.values()),
                                        create_graph=True, allow_unused=True)
-    stack, seen = [g.grad_fn for g in gradient if g is not None and g.grad_fn is not None], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    for node in autograd_nodes(g.grad_fn for g in gradient if g is not None):
         if node.name().endswith("Error"):
             raise RuntimeError("the derivative of a backward in this model is not implemented (a custom "
                                "autograd.Function whose backward is marked @once_differentiable): double backward "
                                "would drop its second derivative")
-        stack.extend(child for child, _ in node.next_functions if child is not None)
 
 
 class _HessianOperator:

@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.errors import PerExampleError
@@ -139,12 +140,8 @@ def _leaf_uses(nodes: list) -> dict[int, list]:
     """id(leaf) -> [leaf, n] for the leaf tensors (parameters) of the autograd graph from ``nodes`` back, n the
     number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight. A
     copy of the leaf (autocast's cached cast of a weight to bfloat16) counts once for each operation that takes it."""
-    leaves, consumers, copies, seen, stack = {}, defaultdict(int), [], set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    leaves, consumers, copies = {}, defaultdict(int), []
+    for node in autograd_nodes(nodes):
         for next_node, _ in node.next_functions:
             if next_node is None:
                 continue
@@ -155,7 +152,6 @@ def _leaf_uses(nodes: list) -> dict[int, list]:
                     copies.append((leaf, node))
                 else:
                     leaf[1] += 1
-            stack.append(next_node)
     for leaf, copy in copies:
         leaf[1] += consumers[copy]
     return leaves
@@ -512,8 +508,8 @@ class PerExampleGradNorms:
         grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, grad_sqnorm.dtype)) / scale ** 2
         if vmap_names:
             try:
-                by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names,
-                                                 self.chunk_size, batch_size))
+                by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, batch_size,
+                                                 self.chunk_size))
             except Exception as error:
                 declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
                 raise PerExampleError(
@@ -617,14 +613,13 @@ class PerExampleGradNorms:
         if not can_vmap:
             _refuse_vmap(need_vmap, ghost_pass, because=_SHARDED)
         by_parameter = ghost_pass.result()
-        if need_vmap:   # on an isolated random stream (vmap_sqnorms)
-            self._outputs_needed = True
-            try:
+        try:
+            if need_vmap:   # on an isolated random stream (vmap_sqnorms)
+                self._outputs_needed = True
                 by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
                                                            batch_size / scale))
-            finally:
-                outputs.release()
-        outputs.release()
+        finally:
+            outputs.release()
         reference = next(iter(by_parameter.values()), None)
         dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
         device = next(iter(parameters.values())).device if reference is None else reference.device
@@ -638,7 +633,7 @@ class PerExampleGradNorms:
         output gradients of the pass on its call's inputs: |dl_i/dtheta|^2 = scale^2 |J_i^T G_i|^2, with
         scale = B / loss_scale (the caller's objective is loss_scale * mean_i l_i)."""
         if vmap_batch is not None:
-            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, self.chunk_size, batch_size)
+            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size)
         kept = outputs.gradients([self.model.get_parameter(name) for name in names])
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)
@@ -646,7 +641,7 @@ class PerExampleGradNorms:
         model, prefix = ((self.model.module, "module.") if isinstance(self.model, DistributedDataParallel)
                          else (self.model, ""))
         sqnorms = vmap_sqnorms(model, partial(inner_product, indices), outputs.inputs, grads,
-                               [name.removeprefix(prefix) for name in names], self.chunk_size, batch_size)
+                               [name.removeprefix(prefix) for name in names], batch_size, self.chunk_size)
         return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
 

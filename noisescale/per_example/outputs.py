@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from noisescale._graph import autograd_nodes
 from noisescale.per_example.vmap import in_own_pass
 
 __all__ = ["OutputGradients", "inner_product"]
@@ -61,13 +62,16 @@ class OutputGradients:
         if not torch.is_grad_enabled() or in_own_pass():
             return None
         self.calls += 1
-        if self.calls > 1 or not (self._want_roots or self._keep()):
+        if self.calls > 1:
+            return None
+        keep = self._keep()
+        if not (keep or self._want_roots):
             return None
         leaves, spec = tree_flatten(output)
         unique = {id(leaf): index for index, leaf in reversed(list(enumerate(leaves)))
                   if isinstance(leaf, Tensor) and leaf.grad_fn is not None}
         self.roots = [leaves[index].grad_fn for index in unique.values()]
-        if not self._keep():
+        if not keep:
             return None
         self.kept = True
         self.inputs = _keywords(self._module, args, kwargs) if args and kwargs else dict(kwargs) if kwargs else args
@@ -148,47 +152,20 @@ def inner_product(indices: list[int], outputs: Any, grads: list[Tensor]) -> Tens
 
 def _reached_from(nodes: list) -> set:
     """The nodes among ``nodes`` that the graph of another of them reaches (walked back to the leaves)."""
-    wanted, found = set(nodes), set()
-    for start in set(nodes):
-        seen, stack = {start}, [next_node for next_node, _ in start.next_functions]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node in wanted:
-                found.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+    wanted = set(nodes)
+    return {node for start in wanted
+            for node in autograd_nodes(next_node for next_node, _ in start.next_functions) if node in wanted}
 
 
 def _reaches(start: Any, leaves: set[int], stops: set) -> bool:
     """Whether the graph from ``start``, not walked past the nodes ``stops``, reaches a leaf (by id) of
     ``leaves``."""
-    seen, stack = set(), [start]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stops:
-            continue
-        seen.add(node)
-        if id(getattr(node, "variable", None)) in leaves:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    return any(id(getattr(node, "variable", None)) in leaves for node in autograd_nodes([start], stops))
 
 
 def _leaves_reached(nodes: list) -> set[int]:
     """id of every leaf (parameter) the graph from ``nodes`` reaches."""
-    seen, stack, leaves = set(), list(nodes), set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves.add(id(node.variable))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
+    return {id(node.variable) for node in autograd_nodes(nodes) if hasattr(node, "variable")}
 
 
 def _keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict | str:

@@ -50,6 +50,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from noisescale._graph import autograd_nodes
 from noisescale.per_example.factors import IndexFactors, LinearFactors, compute_dtype
 
 __all__ = ["ParameterUses", "per_example_total"]
@@ -266,18 +267,12 @@ class ParameterUses(TorchFunctionMode):
         cancels). A graph larger than ``budget`` nodes is refused too."""
         if not self.complete:
             return
-        stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
-        seen, stack = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen or node in stop:
-                continue
-            seen.add(node)
-            if len(seen) > budget or isinstance(node, BackwardCFunction):
+        nodes = autograd_nodes((t.grad_fn for t in outputs), stops=(t.grad_fn for t in inputs))
+        for count, node in enumerate(nodes, 1):
+            if count > budget or isinstance(node, BackwardCFunction):
                 self.complete, self.reason = False, (f"a custom autograd.Function ({type(node).__name__}) in its "
-                                                     "graph" if len(seen) <= budget else "a graph too large to check")
+                                                     "graph" if count <= budget else "a graph too large to check")
                 return
-            stack.extend(next_node for next_node, _ in node.next_functions)
 
     def close(self, output: Any, broadcast: Tensor | None) -> bool:
         """After the module's forward: a use whose output of batch 1 is the module's ``output``, broadcast by the

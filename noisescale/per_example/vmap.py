@@ -92,21 +92,17 @@ def _own_pass(model: nn.Module) -> Iterator[None]:
 
 
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
-                 names: list[str], chunk_size: int | None = None, batch_size: int | None = None) -> dict[str, Tensor]:
+                 names: list[str], batch_size: int, chunk_size: int | None = None) -> dict[str, Tensor]:
     """(B,) squared norms |dl_i/dtheta|^2 for each parameter named in ``names`` (names of model.named_parameters).
 
     Parameters not in ``names`` enter as constants. Tied parameters appear once in named_parameters and are
-    tied again by functional_call, so their per-example gradients already sum all uses. ``batch_size``: B (by
-    default the size of dim 0 of the first tensor of ``inputs``); tensors of ``inputs`` and ``targets`` without B
-    in dim 0 are passed to every example's call as they are.
+    tied again by functional_call, so their per-example gradients already sum all uses. Tensors of ``inputs`` and
+    ``targets`` without the ``batch_size`` examples in dim 0 are passed to every example's call as they are.
     """
     all_parameters = dict(model.named_parameters())
     trainable = {name: all_parameters[name].detach() for name in names}
     constants = {name: p.detach() for name, p in all_parameters.items() if name not in trainable}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    if batch_size is None:
-        batch_size = next(t for t in tree_flatten(dict(inputs) if isinstance(inputs, Mapping) else inputs)[0]
-                          if isinstance(t, Tensor)).shape[0]
     (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
         _split_leaves(inputs, batch_size), _split_leaves(targets, batch_size))
 
