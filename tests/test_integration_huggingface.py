@@ -243,8 +243,9 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
 
 
 def tiny_t5(dropout=0.0):
-    """T5ForConditionalGeneration from a config, with its default SDPA attention: the relative position tables
-    enter every layer's attention mask, where no hook sees them per example (the whole-model vmap measures them)."""
+    """T5ForConditionalGeneration from a config, with its default SDPA attention: the relative position tables,
+    looked up once for all the examples, enter every layer's attention mask by an addition (the encoder's) or a
+    ``where`` with the causal mask (the decoder's), whose gradients give each example's share (``broadcast.py``)."""
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
                                    relative_attention_num_buckets=8, dropout_rate=dropout, decoder_start_token_id=0)
@@ -258,11 +259,10 @@ def _translation_dataset(n=24):
 
 
 def test_t5_is_measured_exactly_and_trained_bit_identically(tmp_path):
-    """T5's relative position tables need the whole-model vmap, which the Trainer's step does not run: it is run
-    after each micro-batch on the gradients the Trainer's backward brought to the model's outputs, so the
-    Trainer's loss weighting (T5's token mean per micro-batch, not divided by the accumulation steps as its
-    forward takes **kwargs) need not be known. The norms are the per-example loop's; with dropout, training is
-    bit-identical to the plain Trainer's."""
+    """T5's relative position tables are measured from the gradients of the operations that broadcast them over
+    the examples in the Trainer's own backward, under its loss weighting (T5's token mean per micro-batch, not
+    divided by the accumulation steps as its forward takes **kwargs). The norms are the per-example loop's; with
+    dropout, training is bit-identical to the plain Trainer's."""
     data, accumulation = _translation_dataset(), 2
     for dropout in (0.0, 0.1):
         plain = _train(transformers.Trainer, tiny_t5, data, tmp_path / f"plain{dropout}", accumulation, dropout)
@@ -284,23 +284,36 @@ def test_t5_is_measured_exactly_and_trained_bit_identically(tmp_path):
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9, abs=1e-12)
 
 
-def test_t5_with_label_smoothing_is_measured_exactly(tmp_path):
-    """With label_smoothing_factor the Trainer takes ``labels`` out of the batch, calls the model without them and
-    smooths the loss itself: the whole-model vmap must run on the inputs of that call, not on the batch (whose
-    labels would add a loss to the outputs). Reference: each example's mean smoothed cross-entropy."""
-    model = tiny_t5()
-    data = [dict(row, decoder_input_ids=model._shift_right(row["labels"][None])[0]) for row in _translation_dataset()]
+def tiny_deberta():
+    """DebertaV2ForSequenceClassification from a config: its query and key layers also project the relative
+    embedding table shared by the examples, inside the attention's matrix products, so those layers need the
+    whole-model vmap."""
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=4, max_relative_positions=16,
+        norm_rel_ebd="layer_norm", share_att_key=True, pooler_dropout=0.0)
+    return transformers.DebertaV2ForSequenceClassification(config).double()
+
+
+def test_the_whole_model_vmap_under_the_trainer_with_label_smoothing(tmp_path):
+    """The whole-model vmap, which the Trainer's step does not run, runs after the pass on the gradients the
+    Trainer's backward brought to the model's outputs. With label_smoothing_factor the Trainer takes ``labels``
+    out of the batch, calls the model without them and smooths the loss itself: the vmap must run on the inputs
+    of that call, not on the batch (whose labels would add a loss to the outputs). Reference: each example's
+    smoothed cross-entropy."""
     args = _args(tmp_path, 1)
     args.label_smoothing_factor = 0.1
-    measured = RecordingTrainer(model=model, args=args, train_dataset=data, noise_scale=NoiseScaleOptions())
+    measured = RecordingTrainer(model=tiny_deberta(), args=args, train_dataset=_sentence_dataset(),
+                                noise_scale=NoiseScaleOptions())
     measured.train()
 
     def reference_loss(outputs, labels):
-        return F.cross_entropy(outputs.logits.flatten(0, 1), labels.flatten(), label_smoothing=0.1,
-                               reduction="none").view(labels.shape).mean(1)
+        return F.cross_entropy(outputs.logits, labels, label_smoothing=0.1, reduction="none")
 
     for step, row in zip(measured.recorded, measured.noise_scale.history.itertuples()):
-        model = tiny_t5()
+        model = tiny_deberta()
         model.load_state_dict(step["weights"])
         batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
         estimate = simple_noise_scale(*_naive_norms(model, reference_loss, batch, batch["labels"]))

@@ -440,12 +440,13 @@ def test_ghost_rejects_module_without_batch_dimension():
             super().__init__()
             self.position = nn.Embedding(4, 3)
 
-        def forward(self, x):
-            return x + self.position(torch.arange(x.shape[1]))
+        def forward(self, x):   # positions without a batch dim, into the examples by a matrix product
+            positions = self.position(torch.arange(x.shape[1]))
+            return x @ positions.T @ positions
 
     x = torch.randn(5, 4, 3, dtype=torch.float64)
     model = UnbatchedPositions().double()
-    with pytest.raises(ValueError, match=r"'position' \(Embedding\).*dim 0"):
+    with pytest.raises(ValueError, match=r"'position'.*computed once for all the examples.*MmBackward0"):
         per_example_sqnorms(model, regression_loss, x, torch.zeros_like(x), backend="ghost")
 
 
@@ -775,7 +776,7 @@ def test_calls_with_a_batch_of_one_are_shared_by_every_example(batch):
     assert result.backend_of["position.weight"] == "ghost" and result.backend_of["offset_position.weight"] == "module"
 
 
-def test_positions_without_a_batch_dim_go_to_vmap_under_auto_and_arange_b_warns():
+def test_positions_without_a_batch_dim_are_shared_under_auto_and_arange_b_warns():
     class UnbatchedPositions(nn.Module):
         def __init__(self):
             super().__init__()
@@ -787,7 +788,7 @@ def test_positions_without_a_batch_dim_go_to_vmap_under_auto_and_arange_b_warns(
     model = _float64(UnbatchedPositions)
     x = torch.randn(5, 4, 3, dtype=torch.float64, generator=generator(1))     # T = 4 != B = 5: detected
     result = assert_matches_reference(model, regression_loss, x, torch.zeros_like(x), "auto")
-    assert result.backend_of["position.weight"] == "vmap"
+    assert result.backend_of["position.weight"] == "ghost"   # from the addition that broadcasts it (broadcast.py)
     square = torch.randn(4, 4, 3, dtype=torch.float64, generator=generator(1))  # T == B: cannot be told apart
     with pytest.warns(RuntimeWarning, match=r"'position' \(Embedding\).*arange.*\(1, T\)"):
         per_example_sqnorms(model, regression_loss, square, torch.zeros_like(square))
@@ -1103,11 +1104,13 @@ def test_a_failing_attention_call_leaves_torch_functional_as_it_was():
 
 
 class RelativeBias(nn.Module):
-    """Scores plus a relative-position bias from an nn.Embedding on the (T, T) buckets (T5's), and dropout."""
+    """Scores plus a relative-position bias from an nn.Embedding on the (T, T) buckets (T5's), and dropout.
+    ``followed=False`` multiplies the scores by the bias instead (a matrix product, which the hooks do not follow
+    from the bias to the examples), so that the whole-model vmap measures the table."""
 
-    def __init__(self, length):
+    def __init__(self, length, followed=True):
         super().__init__()
-        self.length = length
+        self.length, self.followed = length, followed
         self.embed = nn.Linear(3, 4)
         self.bias = nn.Embedding(2 * length - 1, 1)
         self.drop = nn.Dropout(0.5)
@@ -1116,16 +1119,25 @@ class RelativeBias(nn.Module):
     def forward(self, x):
         buckets = torch.arange(self.length)[None, :] - torch.arange(self.length)[:, None] + self.length - 1
         h = self.drop(self.embed(x))                                      # (B, T, 4)
-        scores = h @ h.transpose(1, 2) + self.bias(buckets).squeeze(-1)   # (B, T, T) + (T, T)
+        bias = self.bias(buckets).squeeze(-1)
+        scores = h @ h.transpose(1, 2)
+        scores = scores + bias if self.followed else scores @ bias        # (B, T, T) with (T, T)
         return self.out((scores.softmax(-1) @ h).mean(1))
 
 
 def test_a_sequence_as_long_as_the_batch_is_probed_once_without_touching_the_random_draws():
     """T == B: the bias Embedding's (T, T) input looks like a batch. One forward on B - 1 examples (cached for the
-    same shapes) shows that its dim 0 stays T, so it goes to the whole-model vmap; p.grad and the dropout masks of
-    the measured pass are those of a plain backward from the same seed."""
+    same shapes) shows that its dim 0 stays T, so it is measured as computed once for all the examples (from the
+    gradients of the addition that broadcasts it, ``broadcast.py``), or by the whole-model vmap where it is
+    multiplied in; p.grad and the dropout masks of the measured pass are those of a plain backward from the same
+    seed."""
+    for followed in (True, False):
+        _probed_once_without_touching_the_random_draws(followed)
+
+
+def _probed_once_without_touching_the_random_draws(followed):
     torch.manual_seed(0)
-    model = RelativeBias(length=5).double()
+    model = RelativeBias(length=5, followed=followed).double()
     x = torch.randn(5, 5, 3, dtype=torch.float64, generator=generator(1))
     y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
     calls = []
@@ -1140,7 +1152,7 @@ def test_a_sequence_as_long_as_the_batch_is_probed_once_without_touching_the_ran
         result = engine(x, y)
         for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
             assert torch.equal(p.grad, q.grad), name
-        assert result.backend_of["bias.weight"] == "vmap"
+        assert result.backend_of["bias.weight"] == ("ghost" if followed else "vmap")
     assert calls.count(4) == 1   # the probe: once, on B - 1 examples
     model.eval()
     assert_matches_reference(model, regression_loss, x, y, "auto")
@@ -1277,7 +1289,9 @@ def test_keyword_inputs_in_a_mapping_type_of_their_own_are_probed():
     model = Keyword().double().eval()
     x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     result = per_example_sqnorms(model, regression_loss, Batch(x=x), y, by_parameter=True)
-    assert result.backend_of["inner.bias.weight"] == "vmap"   # the (T, T) buckets were probed, T == B
+    assert result.backend_of["inner.bias.weight"] == "ghost"   # the (T, T) buckets were probed, T == B: shared
+    assert_relclose(result.by_parameter["inner.bias.weight"],
+                    naive_per_example(model, regression_loss, x, y)["inner.bias.weight"])
 
 
 def test_reentrant_checkpointing_with_a_sequence_as_long_as_the_batch():

@@ -286,7 +286,7 @@ def test_observe_warns_once_where_a_dim_as_large_as_the_batch_cannot_be_checked(
 
     from test_per_example import RelativeBias, regression_loss
     torch.manual_seed(0)
-    model = RelativeBias(length).double().eval()
+    model = RelativeBias(length, followed=False).double().eval()
     x, y = torch.randn(5, length, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     engine = PerExampleGradNorms(model, regression_loss)
     with warnings.catch_warnings(record=True) as caught:
@@ -311,7 +311,7 @@ def test_observe_with_the_model_inputs_measures_by_the_output_gradients_what_the
 
     from test_per_example import RelativeBias, naive_per_example, regression_loss
     torch.manual_seed(0)
-    model = RelativeBias(5).double().eval()
+    model = RelativeBias(5, followed=False).double().eval()
     x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     weights = torch.arange(1.0, 6.0, dtype=torch.float64)
     expected = {name: weights.square() * values for name, values in
@@ -338,7 +338,7 @@ class _EncoderDecoder(nn.Module):
     def __init__(self, length=4):
         super().__init__()
         from test_per_example import RelativeBias
-        self.encoder, self.head = RelativeBias(length), nn.Linear(2, 3)
+        self.encoder, self.head = RelativeBias(length, followed=False), nn.Linear(2, 3)
 
     def forward(self, x):
         hidden = self.encoder(x)
@@ -426,7 +426,7 @@ class _Scaled(nn.Module):
     def __init__(self):
         super().__init__()
         from test_per_example import RelativeBias
-        self.inner = RelativeBias(4).eval()
+        self.inner = RelativeBias(4, followed=False).eval()
 
     def forward(self, x, scale=None):
         return self.inner(x) * (1.0 if scale is None else scale)
@@ -487,7 +487,7 @@ def test_observe_with_a_vmap_batch_measures_what_the_hooks_cannot_and_leaves_the
 
     from test_per_example import RelativeBias, naive_per_example, regression_loss
     torch.manual_seed(0)
-    model = RelativeBias(4).double()
+    model = RelativeBias(4, followed=False).double()
     model.drop.p = 0.0
     x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     expected = naive_per_example(model, regression_loss, x, y)

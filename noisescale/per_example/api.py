@@ -28,16 +28,21 @@ only and raises otherwise.
 
 Broadcast calls: a module called on index tensors that returns a batch of 1 inside a forward over B examples (HF
 position embeddings on ``position_ids`` of shape (1, T)) is measured exactly: its output is expanded to B in the
-forward hook (the same values). Calls of batch 1 on float inputs or on no input (window or head biases) are not
-expanded, since they may broadcast over another dim than the examples; the whole-model vmap measures them. p.grad stays bit-identical when that output feeds a broadcasting operation directly (an addition, as in
-HF models); if other layers run on it first, they now run on B copies and p.grad may differ in the last bits.
+forward hook (the same values). p.grad stays bit-identical when that output feeds a broadcasting operation directly
+(an addition, as in HF models); if other layers run on it first, they now run on B copies and p.grad may differ in
+the last bits. Other outputs computed once for all the examples -- a rule layer on index tensors without the
+examples (T5's relative position buckets (T, T), positions (T,)), a module with no input holding the examples and an
+output of batch 1 (BEiT's relative position bias) -- are measured from the gradients of the operations that
+broadcast them over the examples in the real backward (``broadcast.py``: additions, ``where``, products), found by
+a walk of the graph after the model's forward; one that reaches the examples otherwise (a matrix product, Swin's
+windows) goes to the whole-model vmap.
 
 What cannot be detected: hooked modules must see the examples in dim 0 (or 1 shared by all). A layer called on
 another layout -- sequence-first (T, B, d) tensors outside nn.MultiheadAttention and the RNNs, windows or flattened
 (B * T, d) rows -- is sent to the whole-model vmap when dim 0 differs from B, but is measured wrongly when it
 happens to equal B. Positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
 one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
-arange(B)); with T != B auto sends them to the whole-model vmap. Pass positions as (1, T). A parameter used both
+arange(B)); with T != B they are measured as computed once for all the examples. Pass positions as (1, T). A parameter used both
 through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
 to hooks: give such a model backend="vmap". Activation checkpointing (HF gradient checkpointing, reentrant or not)
 gives the same norms (tested): a non-reentrant recomputation inside the backward is not recorded again (its
@@ -254,7 +259,7 @@ class PerExampleGradNorms:
             hooked = [m for m in self._path_of if rule_for(m) is not None]
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
             hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in m.parameters(recurse=False))]
-        self._engine = GhostNormEngine(hooked)
+        self._engine = GhostNormEngine(hooked, root=model)
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
@@ -617,7 +622,7 @@ class PerExampleGradNorms:
             if need_vmap:   # on an isolated random stream (vmap_sqnorms)
                 self._outputs_needed = True
                 by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
-                                                           batch_size / scale))
+                                                           batch_size / scale, received))
         finally:
             outputs.release()
         reference = next(iter(by_parameter.values()), None)
@@ -628,13 +633,16 @@ class PerExampleGradNorms:
         observed.by_parameter = by_parameter if self.by_parameter else None
 
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
-                          ghost_pass: GhostPass, batch_size: int, scale: float) -> dict[str, Tensor]:
+                          ghost_pass: GhostPass, batch_size: int, scale: float,
+                          received: set[str]) -> dict[str, Tensor]:
         """observe's parameters that need the whole-model vmap: by ``loss_fn`` on ``vmap_batch``, or by the
         output gradients of the pass on its call's inputs: |dl_i/dtheta|^2 = scale^2 |J_i^T G_i|^2, with
-        scale = B / loss_scale (the caller's objective is loss_scale * mean_i l_i)."""
+        scale = B / loss_scale (the caller's objective is loss_scale * mean_i l_i). Those the pass brought a
+        gradient (``received``) must get it through the outputs; the others (XLNet's segment bias without
+        token types) have zero norms."""
         if vmap_batch is not None:
             return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size)
-        kept = outputs.gradients([self.model.get_parameter(name) for name in names])
+        kept = outputs.gradients([self.model.get_parameter(name) for name in names if name in received])
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)
         indices, grads = kept

@@ -17,7 +17,11 @@ loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once 
 Broadcast calls: a module called on index tensors with an output of batch 1 inside a forward over B examples
 (HuggingFace position embeddings on ``position_ids`` of shape (1, T)) has its output replaced by
 ``output.expand(B, ...)`` (same values; a forward hook may replace the output) so that the output gradient arrives
-per example, and its input is treated as shared by every example (``_batch_of_one``).
+per example, and its input is treated as shared by every example (``_batch_of_one``). Other calls whose output is
+computed once for all the examples (a rule layer on index tensors without them, T5's relative position buckets; a
+fallback module whose inputs hold no examples and whose outputs have batch 1, BEiT's relative position bias) get
+each example's output gradient from the operations that broadcast the output over the examples (``broadcast.py``,
+``GhostPass.share``), connected after the model's forward (``_after_model``).
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their calls' per-example gradients are kept as factors where the rule
@@ -42,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from noisescale._rng import rng_state
 from noisescale.per_example.attention import LinearCapture, capturable
+from noisescale.per_example.broadcast import Broadcast, BroadcastGradients
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
@@ -100,6 +105,54 @@ class GhostPass:
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
+    broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
+    shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
+    sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
+
+    def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None) -> None:
+        """A call of ``entry``'s module whose output ``tensor`` is computed once for all the examples and broadcast
+        over them (a relative position bias): measured from each example's gradient of it (``broadcast.py``), which
+        ``deliver(per_example, total, dtype)`` gets in the backward once ``connect_shared`` has found its consumers.
+        ``call``: the fallback call it belongs to."""
+        broadcast = self.broadcasts.add(tensor, deliver)
+        self.shared[id(broadcast)] = (broadcast, entry, call)
+
+    def connect_shared(self, roots: list) -> None:
+        """After the model's forward: hook the shared outputs into the graph from the autograd nodes ``roots``;
+        those whose consumers the hooks cannot follow go to the whole-model vmap (or raise, backend="ghost")."""
+        for broadcast, why in self.broadcasts.connect(roots):
+            self._unshare(broadcast, f"its output is computed once for all the examples and {why}")
+
+    def _unshare(self, broadcast: Broadcast, why: str) -> None:
+        _, entry, call = self.shared.pop(id(broadcast))
+        if self.strict:
+            raise ValueError(f"backend='ghost' cannot measure module {entry.path!r}: {why}; use backend='auto' to "
+                             "measure it by the whole-model vmap")
+        self._drop(entry, call, why)
+
+    def _drop(self, entry: GhostModule, call: Any, why: str) -> None:
+        self.decline(entry, why)
+        if call is not None:
+            self.fallback_calls[:] = [c for c in self.fallback_calls if c[2] is not call]
+
+    def check_sum(self, entry: GhostModule, per_example: Tensor | None, total: Tensor, dtype: torch.dtype,
+                  call: Any = None) -> bool:
+        """Keeps, to read in ``finish``, whether the per-example gradients (B, *shape) of a shared output add up to
+        the gradient ``total`` it received, to the rounding of ``dtype`` (else an operation the hooks did not follow
+        took it); False where there are none to use (None: a second backward through the pass)."""
+        if per_example is None:
+            self.repeated = True
+            return False
+        with torch.no_grad():
+            if per_example.numel() == 0:
+                ok = torch.zeros((), dtype=torch.bool, device=total.device)
+            else:
+                rtol = _CAPTURE_RTOL.get(dtype, 5e-2)
+                dtype = torch.promote_types(total.dtype, torch.float32)
+                wanted = torch.linalg.vector_norm(total, dtype=dtype)
+                ok = torch.linalg.vector_norm(per_example.sum(0) - total, dtype=dtype) <= rtol * wanted
+        self.sum_checks.append((entry, call, ok))
+        return per_example.numel() > 0
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
                       batched: list[tuple[Tensor, int]], positional: bool = True) -> bool:
@@ -170,6 +223,7 @@ class GhostPass:
         self.replaying = True  # the hooks stay inert while modules are re-run
         try:
             self._read_rechecks()
+            self._read_sum_checks()
             captured = self._verified_captures()
             for module, entry, call in self.fallback_calls:
                 grads = captured.get(id(call))
@@ -213,6 +267,24 @@ class GhostPass:
                 self.verified[module] = False
                 self.decline(entry, f"its rule {type(entry.rule).__name__} no longer reproduces its output")
         self.rechecks.clear()
+
+    def _read_sum_checks(self) -> None:
+        """The shared outputs never connected (the model's call did not end in the pass) and those whose
+        per-example gradients did not add up (``check_sum``; one device sync for all) go to the whole-model vmap."""
+        for broadcast in list(self.broadcasts.pending):
+            self._unshare(broadcast, "its output is computed once for all the examples, and the model's call "
+                                     "that would connect it to the examples did not end in the pass")
+        if not self.sum_checks:
+            return
+        for (entry, call, _), ok in zip(self.sum_checks, torch.stack([ok for _, _, ok in self.sum_checks]).tolist()):
+            if not ok:
+                why = ("its output is computed once for all the examples, and their gradients of it did not add up to "
+                       "the gradient it received (an operation the hooks did not follow took it)")
+                if self.strict:
+                    raise ValueError(f"backend='ghost' cannot measure module {entry.path!r}: {why}; use "
+                                     "backend='auto'")
+                self._drop(entry, call, why)
+        self.sum_checks.clear()
 
     def note_gradient(self, name: str, grad: Tensor) -> None:
         """Keeps |grad| of the gradient the backward brings a parameter whose uses were captured (None if it
@@ -345,7 +417,7 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 class GhostNormEngine:
     """Installs a forward pre-hook and a forward hook on each given module; inactive outside ``recording``."""
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: list[nn.Module], root: nn.Module | None = None):
         self._pass: GhostPass | None = None
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
         self._warned: weakref.WeakSet = weakref.WeakSet()
@@ -360,6 +432,8 @@ class GhostNormEngine:
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        if root is not None:   # after the model's forward, the shared outputs' consumers are in the graph
+            self._handles.append(root.register_forward_hook(self._after_model))
 
     def close(self) -> None:
         for handle in self._handles:
@@ -372,10 +446,11 @@ class GhostNormEngine:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                refused=self._refused, probe=probe, verified=self._verified,
-                               outside_uses=self._outside_uses)
+                               outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size))
         try:
             yield self._pass
         finally:
+            self._pass.broadcasts.close()
             self._pass = None
             for _, capture in reversed(self._open):   # a forward that raised leaves its captures open
                 capture.stop()
@@ -391,10 +466,22 @@ class GhostNormEngine:
         finally:
             self._probe = self._probe_modules = None
 
+    def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        ghost_pass = self._pass
+        if ghost_pass is None or self._probe is not None or ghost_pass.replaying or not ghost_pass.broadcasts.pending:
+            return
+        ghost_pass.connect_shared([t.grad_fn for t in tree_flatten(output)[0]
+                                   if isinstance(t, Tensor) and t.grad_fn is not None])
+
     def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
-        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules or _recomputing():
+        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules:
             return None
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None:   # activation checkpointing, say: a saved tensor may be read only once
+            if _recomputing(hooks):
+                return None
+            ghost_pass.broadcasts.saves_hooked = True
         return ghost_pass
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -476,7 +563,8 @@ class GhostNormEngine:
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
-        if why is not None:
+        shared = why is not None and _shared_indices(x, output, batch)   # buckets or positions without the examples
+        if why is not None and not shared:
             if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
                 ghost_pass.decline(entry, why)
                 return None
@@ -496,6 +584,9 @@ class GhostNormEngine:
                 ghost_pass.rechecks.append((module, entry, entry.rule.reproduces(module, x, output)))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
+        if shared:
+            ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x))
+            return None
         call = {"x": x, "blocks": blocks}
         (output if blocks is None else hooked).register_hook(
             partial(self._on_output_grad, ghost_pass, entry, module, call))
@@ -533,11 +624,13 @@ class GhostNormEngine:
         output = output if replaced is None else replaced
         outputs = output_tensors(output)
         dims = spec.output_dims(module, len(outputs))
+        shared = replaced is None and type(spec) is BatchDims and _computed_once(
+            outputs, spec.input_dims(module, args, kwargs, batch), batch)
         for t, dim in zip(outputs, dims):
-            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch):  # not per example: whole-model vmap
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch) and not shared:
                 ghost_pass.decline(entry, f"output of shape {tuple(t.shape)}: no examples in dim {dim}")
-                return None
-        if replaced is None:
+                return None   # not per example: the whole-model vmap
+        if replaced is None and not shared:
             batched = [(t, d) for t, d in zip(leaves, spec.input_dims(module, args, kwargs, batch))
                        if d is not None and isinstance(t, Tensor)]
             reason = None
@@ -553,20 +646,27 @@ class GhostNormEngine:
                 return None
         after = rng_state(_device_of(module))
         consumed = before is not None and not all(torch.equal(before[key], after[key]) for key in after)
+        if shared and consumed:
+            ghost_pass.decline(entry, "an output computed once for all the examples with random numbers")
+            return None
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
                             [(t, t._version) for t in leaves if isinstance(t, Tensor)]
                             # its own parameters too (not under FSDP, whose shards change storage after the call)
                             + ([] if ghost_pass.sharded else [(q, q._version) for q in module.parameters()]),
-                            shared=replaced is not None,
+                            shared=replaced is not None or shared,
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
-                            uses=capture if isinstance(capture, ParameterUses) and capture.complete else None)
+                            uses=capture if isinstance(capture, ParameterUses) and capture.complete and not shared
+                            else None)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
                 hooked.add(id(t))
-                t.register_hook(partial(_keep_grad, call, k))
+                if shared:   # each example's gradient from the operations that broadcast it (``broadcast.py``)
+                    ghost_pass.share(entry, t, partial(_keep_shared_grad, ghost_pass, entry, call, k), call)
+                else:
+                    t.register_hook(partial(_keep_grad, call, k))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         if call.uses is not None:
@@ -584,6 +684,22 @@ class GhostNormEngine:
         x, blocks = call.pop("x"), call.pop("blocks")
         if blocks is not None:
             grad_output = grad_output.reshape(ghost_pass.batch_size, blocks, *grad_output.shape[1:])
+        GhostNormEngine._apply_rule(ghost_pass, entry, module, x, grad_output)
+
+    @staticmethod
+    def _on_shared_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, x: Tensor,
+                        per_example: Tensor | None, total: Tensor, dtype: torch.dtype) -> None:
+        """A rule layer called once for every example (on buckets or positions without a batch dim): its rule
+        sees each example's output gradient against the shared input."""
+        if ghost_pass.check_sum(entry, per_example, total, dtype):
+            GhostNormEngine._apply_rule(ghost_pass, entry, module, x.expand(ghost_pass.batch_size, *x.shape),
+                                        per_example)
+
+    @staticmethod
+    def _apply_rule(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, x: Tensor,
+                    grad_output: Tensor) -> None:
+        """The rule's norms (or factors, for parameters of several calls) from a call's input and output
+        gradient, both with the B examples in dim 0."""
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
         try:
@@ -631,11 +747,21 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
         and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))
 
 
-def _recomputing() -> bool:
+def _shared_indices(x: Any, output: Any, batch: int) -> bool:
+    """Whether a rule layer's call without the examples in dim 0 takes index tensors computed once for all of
+    them (T5's relative position buckets (T, T), positions (T,)): its output gradient per example comes from the
+    operations that broadcast the output over the examples (``GhostPass.share``)."""
+    return (batch > 1 and isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex()
+                                                         or x.dtype == torch.bool)
+            and isinstance(output, Tensor) and output.requires_grad)
+
+
+def _recomputing(hooks: Any = ()) -> bool:
     """Whether this forward call is non-reentrant activation checkpointing recomputing a block inside the
     backward: its calls were recorded in the real forward already, and the recomputed outputs get no gradient.
-    (Reentrant checkpointing runs its first forward without grad, so its recomputation is the call to record.)"""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    (Reentrant checkpointing runs its first forward without grad, so its recomputation is the call to record.)
+    ``hooks``: the saved-tensor hooks in force, if already read."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) if hooks == () else hooks
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
 
 
@@ -658,6 +784,22 @@ def _shape(x: Any) -> Any:
 
 def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:
     call.grads[index] = grad
+
+
+def _keep_shared_grad(ghost_pass: GhostPass, entry: GhostModule, call: FallbackCall, index: int,
+                      per_example: Tensor | None, total: Tensor, dtype: torch.dtype) -> None:
+    """Output ``index`` of a call computed once for all the examples, of batch 1: (B, ...) its gradient per
+    example, as the per-module fallback takes the gradients of a shared call."""
+    if ghost_pass.check_sum(entry, per_example, total, dtype, call):
+        call.grads[index] = per_example.reshape(per_example.shape[0], *total.shape[1:])
+
+
+def _computed_once(outputs: list[Tensor], input_dims: list[int | None], batch: int) -> bool:
+    """A fallback call that no input gives the examples and whose outputs with grad have batch 1 (BEiT's and
+    Swin's relative position bias, (1, heads, N, N)): shared by every example."""
+    with_grad = [t for t in outputs if t.requires_grad]
+    return (batch > 1 and all(d is None for d in input_dims) and bool(with_grad)
+            and all(t.dim() > 0 and t.shape[0] == 1 for t in with_grad))
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

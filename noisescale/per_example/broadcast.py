@@ -1,0 +1,229 @@
+"""Per-example gradients of a tensor computed once for all examples and broadcast over them, from the real backward.
+
+A relative position bias (T5's ``relative_attention_bias`` looked up on (T, T) buckets, BEiT's and Swin's bias
+tables) or a position embedding called on positions without a batch dim is computed once, without the examples, and
+added to B examples' attention scores or embeddings. The backward sums each example's gradient into the one
+gradient of that shared tensor o, so the hooks of the module that made o cannot tell the examples apart; but the
+operations that broadcast o against a batched tensor (the "frontier": o + scores, where(mask, o, -inf), o * x) see
+them: their output gradient g has the examples in dim 0. Example i's gradient of o is that of g_i through the
+frontier (``_unreduced``), summed over the dims o was broadcast along except dim 0 (``_per_example``), and carried
+back through the batch-free operations between the frontier and o (views, elementwise operations: their autograd
+nodes are called once per example, under vmap, before the real backward runs them). The module that made o then
+gets dl_i/do for each example as if it had been called on every example: its rule (an Embedding on shared buckets)
+or the per-module fallback (a module that computes the bias) turns that into the norms.
+
+The graph is walked from the model's outputs after its forward (node output shapes from autograd's
+``_input_metadata``); an operation that takes o besides those above, or a batch-free operation that could mix
+the examples (a matrix product, a reduction over a batched tensor), sends o's module to the whole-model vmap, as
+does a pass where the per-example gradients do not sum to the gradient o received (checked in ``GhostPass.finish``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from noisescale._graph import autograd_nodes
+
+__all__ = ["Broadcast", "BroadcastGradients"]
+
+# operations of one tensor (and constants): a shared input gives a shared output, whatever its shape (the number of
+# heads may equal the batch size)
+_OF_ONE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0",
+           "TBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
+           "CloneBackward0", "ToCopyBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
+           "RepeatBackward0", "NegBackward0", "AddBackward1", "SubBackward1", "MulBackward1", "DivBackward1",
+           "UpsampleBilinear2DBackward0", "UpsampleBicubic2DBackward0", "UpsampleNearest2DBackward0",
+           "SigmoidBackward0", "TanhBackward0", "ExpBackward0"}
+# elementwise operations of several tensors: they give the examples to a shared input broadcast along their
+# output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
+_ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "ExpandBackward0"}
+
+
+@dataclass
+class Broadcast:
+    """A shared tensor o of the pass and ``deliver(per_example, total, dtype)``, called in the backward with dl_i/do
+    for each example, (B, *o.shape) of the pass's loss (None if o's gradient arrives a second time: another
+    backward through the pass), the gradient o received, and bfloat16 where o reached the frontier in half
+    precision (autocast: the backward rounds its sum to it), else total's dtype."""
+
+    tensor: Tensor
+    deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]
+    sums: dict = field(default_factory=dict)      # (node, output) -> per-example gradient so far, (B, *shape)
+    delivered: bool = False
+    low_precision: bool = False                   # it reaches the frontier in float16 or bfloat16 (autocast)
+
+
+class BroadcastGradients:
+    """The shared tensors of one pass: ``add`` them in the forward, ``connect`` them to the graph after the model's
+    forward (before the backward), ``close`` after the pass."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: list[Broadcast] = []
+        self.saves_hooked = False   # the forward ran under saved-tensor hooks (activation checkpointing)
+        self._handles: list = []
+
+    def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]) -> Broadcast:
+        broadcast = Broadcast(tensor, deliver)
+        self.pending.append(broadcast)
+        return broadcast
+
+    def connect(self, roots: list) -> list[tuple[Broadcast, str]]:
+        """Hooks every pending shared tensor into the graph from the autograd nodes ``roots``; returns those that
+        cannot be measured this way, with why."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
+        consumers = defaultdict(list)   # node -> [(node taking its output, input position, output position)]
+        for node in autograd_nodes(roots):
+            for k, (next_node, output_nr) in enumerate(node.next_functions):
+                if next_node is not None:
+                    consumers[next_node].append((node, k, output_nr))
+        failed = []
+        for broadcast in pending:
+            why = self._hook(broadcast, consumers)
+            if why is not None:
+                failed.append((broadcast, why))
+        return failed
+
+    def _hook(self, broadcast: Broadcast, consumers: dict) -> str | None:
+        start = broadcast.tensor.grad_fn
+        if start is None:
+            return "its output has no autograd node"
+        frontier, between, stack = defaultdict(list), {}, [start]
+        while stack:
+            node = stack.pop()
+            for consumer, k, output_nr in consumers.get(node, []):
+                name = type(consumer).__name__
+                try:
+                    shapes = [tuple(meta.shape) for meta in consumer._input_metadata]
+                    carried = node._input_metadata[output_nr]
+                except (AttributeError, IndexError, RuntimeError):   # a torch without the nodes' output shapes
+                    return "the autograd graph does not give its operations' output shapes"
+                shape = tuple(carried.shape)
+                if carried.dtype in (torch.float16, torch.bfloat16):   # autocast: the backward rounds its sums
+                    broadcast.low_precision = True
+                if len(shapes) != 1:
+                    return f"an operation with several outputs ({name}) takes it"
+                padded = (1,) * (len(shapes[0]) - len(shape)) + shape
+                if self.saves_hooked and _reads_saved_tensors(consumer):
+                    return (f"an operation ({name}) that saved a tensor takes it, under saved-tensor hooks "
+                            "(activation checkpointing) that let a saved tensor be read only once")
+                if name in _ELEMENTWISE and shapes[0][:1] == (self.batch_size,) and padded[:1] == (1,) \
+                        and len(padded) == len(shapes[0]):   # broadcast over the examples
+                    frontier[consumer].append((k, (node, output_nr), shape))
+                elif name in _OF_ONE or name in _ELEMENTWISE and padded == shapes[0] and name != "ExpandBackward0":
+                    if consumer not in between:
+                        between[consumer] = True
+                        stack.append(consumer)
+                else:
+                    return f"an operation ({name}) takes it in a way the hooks do not follow"
+        if not frontier:
+            return "no operation combines it with the examples"
+        for consumer, edges in frontier.items():
+            self._handles.append(consumer.register_prehook(
+                lambda grads, edges=edges, consumer=consumer: self._at_frontier(broadcast, consumer, edges, grads)))
+        targets = set(between) | {start}
+        for node in between:
+            self._handles.append(node.register_prehook(
+                lambda grads, node=node: self._between(broadcast, node, targets, grads)))
+        self._handles.append(broadcast.tensor.register_hook(_deliverer(broadcast, start, broadcast.tensor.output_nr)))
+        return None
+
+    def _at_frontier(self, broadcast: Broadcast, consumer: Any, edges: list, grads: tuple) -> None:
+        grad = grads[0]
+        if grad is None:
+            return
+        with torch.no_grad():
+            for k, key, shape in edges:
+                _add(broadcast.sums, key, _per_example(_unreduced(consumer, k, grad), shape))
+
+    def _between(self, broadcast: Broadcast, node: Any, targets: set, grads: tuple) -> None:
+        """Before the real backward runs ``node``: carry each example's gradient of its output to its inputs."""
+        per_example = broadcast.sums.pop((node, 0), None)
+        if per_example is None:
+            return
+        wanted = [(k, edge) for k, edge in enumerate(node.next_functions) if edge[0] in targets]
+        if not wanted:
+            return
+        with torch.no_grad():
+            for (k, edge), value in zip(wanted, _call_per_example(node, per_example, [k for k, _ in wanted])):
+                _add(broadcast.sums, edge, value)
+
+    def close(self) -> None:
+        """Removes the hooks (the pending tensors stay, for ``GhostPass.finish`` to send to the vmap)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _deliverer(broadcast: Broadcast, start: Any, output_nr: int) -> Callable[[Tensor], None]:
+    """The tensor hook on the shared tensor: every consumer has run, so its per-example gradient is complete."""
+
+    def deliver(total: Tensor) -> None:
+        per_example = broadcast.sums.pop((start, output_nr), None)
+        if broadcast.delivered:
+            per_example = None
+        elif per_example is None:
+            per_example = total.new_zeros(0)   # nothing came through the frontier: fails the sum check
+        broadcast.delivered = True
+        broadcast.deliver(per_example, total, torch.bfloat16 if broadcast.low_precision else total.dtype)
+
+    return deliver
+
+
+def _reads_saved_tensors(node: Any) -> bool:
+    """Whether carrying a gradient through ``node`` reads a tensor it saved (a mask, an operand)."""
+    return any(name.startswith("_raw_saved_") for name in dir(node))
+
+
+def _add(sums: dict, key: Any, value: Tensor) -> None:
+    sums[key] = value if key not in sums else sums[key] + value
+
+
+def _unreduced(node: Any, k: int, grad: Tensor) -> Tensor:
+    """The gradient of a frontier operation's input k before it is summed over the dims that input was broadcast
+    along: the shape of the operation's output, (B, ...)."""
+    name = type(node).__name__
+    if name == "AddBackward0":
+        return grad if k == 0 else grad * node._saved_alpha
+    if name == "SubBackward0":
+        return grad if k == 0 else grad * -node._saved_alpha
+    if name == "WhereBackward0":
+        zero = grad.new_zeros(())
+        return torch.where(node._saved_condition, grad, zero) if k == 0 else \
+            torch.where(node._saved_condition, zero, grad)
+    if name == "ExpandBackward0":
+        return grad
+    other = node._saved_other if k == 0 else node._saved_self   # MulBackward0
+    return grad * other.conj()
+
+
+def _per_example(unreduced: Tensor, shape: tuple) -> Tensor:
+    """(B, *shape): each example's gradient of an input of ``shape`` broadcast to ``unreduced``'s shape (B, ...)."""
+    padded = (1,) * (unreduced.dim() - len(shape)) + shape
+    dims = [d for d in range(1, unreduced.dim()) if padded[d] == 1 and unreduced.shape[d] != 1]
+    summed = unreduced.sum(dims, keepdim=True) if dims else unreduced
+    return summed.reshape(unreduced.shape[0], *shape)
+
+
+def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> list[Tensor]:
+    """The gradients ``node`` gives its inputs at ``positions`` for each example's output gradient: the node's
+    own backward under vmap over the examples, or one call per example where vmap cannot run it."""
+
+    def one(grad: Tensor) -> tuple[Tensor, ...]:
+        out = node(grad)
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(out[k] for k in positions)
+
+    try:
+        return list(vmap(one)(per_example))
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        rows = [one(grad) for grad in per_example]
+        return [torch.stack([row[j] for row in rows]) for j in range(len(positions))]

@@ -1,0 +1,212 @@
+"""Outputs computed once for all the examples and broadcast over them (``broadcast.py``): relative position biases
+and positions without a batch dim, measured from the real backward against a loop over single examples (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from noisescale.per_example import PerExampleGradNorms, per_example_sqnorms
+from test_per_example import assert_matches_reference, assert_relclose, generator, naive_per_example, regression_loss
+
+HEADS, WIDTH = 4, 8
+
+
+class TableBias(nn.Module):
+    """A relative-position bias computed from a parameter table (BEiT's, Swin's): (1, heads, T, T), no rule; and a
+    parameter it does not use in this forward (as XLNet's segment bias without token types)."""
+
+    def __init__(self, length):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * length - 1, HEADS))
+        self.spare = nn.Parameter(torch.randn(3))
+        self.register_buffer("index", torch.arange(length)[None, :] - torch.arange(length)[:, None] + length - 1)
+
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1).unsqueeze(0)
+
+
+class BiasedAttention(nn.Module):
+    """One attention layer whose scores take a relative-position bias computed once for all the examples, either
+    by an nn.Embedding on the (T, T) buckets (T5's, a rule layer) or by ``TableBias`` (the per-module fallback),
+    combined with the scores as ``how`` says; as many heads as examples in the tests (4)."""
+
+    def __init__(self, length, how="add", table=False):
+        super().__init__()
+        self.length, self.how = length, how
+        self.qkv = nn.Linear(3, 3 * WIDTH)
+        self.bias = TableBias(length) if table else nn.Embedding(2 * length - 1, HEADS)
+        self.out = nn.Linear(WIDTH, 2)
+
+    def relative_bias(self):
+        if isinstance(self.bias, TableBias):
+            return self.bias()
+        t = self.length
+        buckets = torch.arange(t)[None, :] - torch.arange(t)[:, None] + t - 1
+        return self.bias(buckets).permute(2, 0, 1).unsqueeze(0)                    # (1, H, T, T)
+
+    def forward(self, x, keep):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)                                             # (B, H, T, T)
+        bias = self.relative_bias()
+        if self.how == "add":
+            scores = scores + bias
+        elif self.how == "sub":
+            scores = torch.sub(scores, bias, alpha=0.5)
+        elif self.how == "mul":
+            scores = scores * torch.sigmoid(bias)
+        elif self.how == "matmul":   # not followed: the whole-model vmap
+            scores = scores @ bias
+        elif self.how == "where":   # T5's decoder: the bias where the keys are kept, a large negative value elsewhere
+            scores = scores + torch.where(keep[:, None, None, :], bias, torch.tensor(-30.0, dtype=x.dtype))
+        h = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, WIDTH)
+        return self.out(h)
+
+
+def _batch(batch, length, seed=1):
+    x = torch.randn(batch, length, 3, dtype=torch.float64, generator=generator(seed))
+    keep = torch.rand(batch, length, generator=generator(seed + 1)) > 0.3
+    keep[:, 0] = True
+    y = torch.randn(batch, length, 2, dtype=torch.float64, generator=generator(seed + 2))
+    return (x, keep), y
+
+
+@pytest.mark.parametrize("how", ["add", "sub", "mul", "where"])
+@pytest.mark.parametrize("table", [False, True], ids=["embedding", "table"])
+def test_a_bias_computed_once_is_measured_from_the_examples_gradients(how, table):
+    """B = 4 = heads, T = 5: the norms equal the loop's and p.grad a plain backward's, without the whole-model
+    vmap: the Embedding's rule (ghost) or the bias module's fallback (module) gets each example's gradient of the
+    bias from the operation that broadcasts it over the examples."""
+    torch.manual_seed(0)
+    model = BiasedAttention(5, how, table).double()
+    inputs, y = _batch(4, 5)
+    result = assert_matches_reference(model, regression_loss, inputs, y, "auto")
+    name = "bias.table" if table else "bias.weight"
+    assert result.backend_of[name] == ("module" if table else "ghost")
+    assert "vmap" not in result.backend_of.values()
+
+
+def test_ghost_measures_the_shared_buckets_too_and_a_sequence_as_long_as_the_batch():
+    """backend='ghost' takes the Embedding on the buckets by its rule; T == B: the probe on B - 1 examples shows
+    the buckets' dim 0 is not the examples, and they are measured as shared."""
+    torch.manual_seed(0)
+    model = BiasedAttention(4, "where").double()
+    for backend in ("ghost", "auto"):
+        inputs, y = _batch(4, 4)
+        result = assert_matches_reference(model, regression_loss, inputs, y, backend)
+        assert result.backend_of["bias.weight"] == "ghost"
+
+
+def test_observe_measures_the_shared_buckets_from_the_callers_pass():
+    torch.manual_seed(0)
+    model = BiasedAttention(5, "add").double()
+    (x, keep), y = _batch(4, 5)
+    expected = naive_per_example(model, regression_loss, (x, keep), y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with engine.observe(4) as observed:
+            regression_loss(model(x, keep), y).mean().backward()
+        for name, values in expected.items():
+            assert_relclose(observed.by_parameter[name], values)
+
+
+def test_under_bfloat16_autocast_the_sum_check_allows_for_the_rounding():
+    """Autocast casts the bias to bfloat16 before the addition, so the backward rounds its sum over the examples to
+    bfloat16; the check allows for that (it sent the table to the whole-model vmap before). Norms within
+    bfloat16's precision of the float64 loop."""
+    torch.manual_seed(0)
+    model = BiasedAttention(5, "add")
+    inputs, y = _batch(4, 5)
+    expected = naive_per_example(model.double(), regression_loss, inputs, y)["bias.weight"]
+    model.float()
+    x, keep = inputs
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.bias.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
+        result = engine((x.float(), keep), y.float())
+    assert result.backend_of["bias.weight"] == "ghost"
+    torch.testing.assert_close(result.by_parameter["bias.weight"].double(), expected, rtol=0.1, atol=0)
+
+
+class Positions(nn.Module):
+    """Token features plus a position table called on arange(T) without a batch dim, then either added (followed)
+    or multiplied into the examples by a matrix product (not followed: the whole-model vmap); ``also_returned``:
+    the positions are returned next to the output."""
+
+    def __init__(self, followed=True, also_returned=False):
+        super().__init__()
+        self.followed, self.also_returned = followed, also_returned
+        self.position = nn.Embedding(6, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        positions = self.position(torch.arange(x.shape[1]))                           # (T, 3)
+        h = x + positions if self.followed else x @ positions.T @ positions
+        out = self.out(torch.tanh(h))
+        return (out, positions) if self.also_returned else out
+
+
+def _positions_batch():
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=generator(1))    # T = 4 != B = 5
+    return x, torch.randn(5, 4, 2, dtype=torch.float64, generator=generator(2))
+
+
+def test_observe_measures_a_shared_output_it_cannot_follow_by_the_whole_model_vmap():
+    """The bias reaches the examples through a matrix product: observe measures the table from the outputs'
+    gradients by the whole-model vmap; the module's parameter this forward does not use has zero norms (it was
+    refused as "used outside the model's call" before)."""
+    torch.manual_seed(0)
+    model = BiasedAttention(5, "matmul", table=True).double()
+    (x, keep), y = _batch(4, 5)
+    expected = naive_per_example(model, regression_loss, (x, keep), y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    with engine.observe(4) as observed:
+        regression_loss(model(x, keep), y).mean().backward()
+    for name, values in expected.items():
+        assert_relclose(observed.by_parameter[name], values)
+    assert not observed.by_parameter["bias.spare"].any()
+
+
+@pytest.mark.parametrize("followed", [True, False])
+def test_positions_without_a_batch_dim(followed):
+    torch.manual_seed(0)
+    model = Positions(followed).double()
+    result = assert_matches_reference(model, regression_loss, *_positions_batch(), "auto")
+    assert result.backend_of["position.weight"] == ("ghost" if followed else "vmap")
+
+
+def test_a_shared_output_the_loss_also_reads_goes_to_the_whole_model_vmap():
+    """The loss also reads the positions the model returns, outside the graph the walk from the model's outputs
+    sees: the per-example gradients do not add up to the gradient the positions received, so the check sends the
+    table to the whole-model vmap, which is exact."""
+    torch.manual_seed(0)
+    model = Positions(also_returned=True).double()
+
+    def loss_fn(outputs, targets):
+        out, positions = outputs
+        return regression_loss(out, targets) + positions.square().sum()
+
+    x, y = _positions_batch()
+    expected = naive_per_example(model, loss_fn, x, y)
+    result = per_example_sqnorms(model, loss_fn, x, y, by_parameter=True)
+    assert result.backend_of["position.weight"] == "vmap"
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+
+
+def test_two_backwards_through_a_shared_output_are_refused_and_p_grad_is_the_callers():
+    torch.manual_seed(0)
+    model = BiasedAttention(5, "add").double()
+    (x, keep), y = _batch(4, 5)
+    engine = PerExampleGradNorms(model, regression_loss)
+    with pytest.raises(ValueError, match="more than one backward"):
+        with engine.observe(4):
+            loss = regression_loss(model(x, keep), y).mean()
+            loss.backward(retain_graph=True)
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * grads[name], rtol=0, atol=1e-12)
