@@ -185,7 +185,7 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                              activation_dropout=0.0, **small)),
                          sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short},
                          short),
-        # T5's relative position tables enter the attention mask: the whole-model vmap measures those 4 parameters
+        # T5's relative position tables enter the attention mask, computed once for all the examples (broadcast.py)
         "t5": lambda: (hf("T5ForConditionalGeneration")(hf("T5Config")(
                            num_layers=2, d_model=64, d_kv=16, d_ff=128, num_heads=4, dropout_rate=0.0,
                            decoder_start_token_id=0, **small)),

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from noisescale._graph import autograd_nodes
 
 __all__ = ["Broadcast", "BroadcastGradients"]
 
@@ -80,11 +79,7 @@ class BroadcastGradients:
         pending, self.pending = self.pending, []
         if not pending:
             return []
-        consumers = defaultdict(list)   # node -> [(node taking its output, input position, output position)]
-        for node in autograd_nodes(roots):
-            for k, (next_node, output_nr) in enumerate(node.next_functions):
-                if next_node is not None:
-                    consumers[next_node].append((node, k, output_nr))
+        consumers = _consumers(roots)
         failed = []
         for broadcast in pending:
             why = self._hook(broadcast, consumers)
@@ -153,7 +148,7 @@ class BroadcastGradients:
         if not wanted:
             return
         with torch.no_grad():
-            for (k, edge), value in zip(wanted, _call_per_example(node, per_example, [k for k, _ in wanted])):
+            for (k, edge), value in zip(wanted, _carried(node, per_example, [k for k, _ in wanted])):
                 _add(broadcast.sums, edge, value)
 
     def close(self) -> None:
@@ -161,6 +156,21 @@ class BroadcastGradients:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _consumers(roots: list) -> dict:
+    """node -> [(node taking its output, input position, output position)] over the graph from ``roots``: one walk
+    that reads each node's inputs once (building that tuple is most of a walk's cost)."""
+    consumers, seen, stack = defaultdict(list), set(roots), [root for root in roots if root is not None]
+    while stack:
+        node = stack.pop()
+        for k, (next_node, output_nr) in enumerate(node.next_functions):
+            if next_node is not None:
+                consumers[next_node].append((node, k, output_nr))
+                if next_node not in seen:
+                    seen.add(next_node)
+                    stack.append(next_node)
+    return consumers
 
 
 def _deliverer(broadcast: Broadcast, start: Any, output_nr: int) -> Callable[[Tensor], None]:
@@ -211,6 +221,48 @@ def _per_example(unreduced: Tensor, shape: tuple) -> Tensor:
     dims = [d for d in range(1, unreduced.dim()) if padded[d] == 1 and unreduced.shape[d] != 1]
     summed = unreduced.sum(dims, keepdim=True) if dims else unreduced
     return summed.reshape(unreduced.shape[0], *shape)
+
+
+_SAME_ORDER = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+               "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "CloneBackward0", "ToCopyBackward0"}
+
+
+def _rearranged(node: Any, per_example: Tensor) -> Tensor | None:
+    """The per-example gradients of a view, copy or permutation's input, taken from its output's directly (no
+    vmap, whose cost per call is that of many such operations); None for other operations."""
+    name = type(node).__name__
+    if node.next_functions[0][0] is None:
+        return None
+    meta = _input_meta(node, 0)
+    if name in _SAME_ORDER:   # the same elements in the same order
+        return per_example.reshape(per_example.shape[0], *meta.shape).to(meta.dtype)
+    if name == "PermuteBackward0":
+        dims = [d % len(node._saved_dims) for d in node._saved_dims]
+        inverse = sorted(range(len(dims)), key=dims.__getitem__)
+        return per_example.permute(0, *(d + 1 for d in inverse))
+    if name == "TransposeBackward0":
+        rank = per_example.dim() - 1
+        return per_example.transpose(node._saved_dim0 % rank + 1, node._saved_dim1 % rank + 1)
+    return None
+
+
+def _carried(node: Any, per_example: Tensor, positions: list[int]) -> list[Tensor]:
+    """The gradients ``node`` gives its inputs at ``positions`` for each example's output gradient, (B, *output
+    shape): directly for views, copies, permutations and elementwise operations, else by the node itself."""
+    name = type(node).__name__
+    if len(node.next_functions) == 1:
+        rearranged = _rearranged(node, per_example)
+        if rearranged is not None:
+            return [rearranged]
+    elif name in _ELEMENTWISE:
+        return [_per_example(_unreduced(node, k, per_example), tuple(_input_meta(node, k).shape)) for k in positions]
+    return _call_per_example(node, per_example, positions)
+
+
+def _input_meta(node: Any, k: int) -> Any:
+    """Shape and dtype of the tensor ``node`` took as its input k."""
+    source, output_nr = node.next_functions[k]
+    return source._input_metadata[output_nr]
 
 
 def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> list[Tensor]:
