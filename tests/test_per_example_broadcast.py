@@ -180,6 +180,33 @@ def test_positions_without_a_batch_dim(followed):
     assert result.backend_of["position.weight"] == ("ghost" if followed else "vmap")
 
 
+class LearnedPositions(nn.Module):
+    """A position module called with the length only (LED's): (T, d) without a batch dim, no rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, length):
+        return torch.tanh(self.table[:length]) * 2
+
+
+class WithLearnedPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions, self.out = LearnedPositions(), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x + self.positions(x.shape[1])))
+
+
+def test_a_module_called_without_the_examples_is_measured_by_its_fallback():
+    torch.manual_seed(0)
+    model = WithLearnedPositions().double()
+    result = assert_matches_reference(model, regression_loss, *_positions_batch(), "auto")
+    assert result.backend_of["positions.table"] == "module"
+
+
 def test_a_shared_output_the_loss_also_reads_goes_to_the_whole_model_vmap():
     """The loss also reads the positions the model returns, outside the graph the walk from the model's outputs
     sees: the per-example gradients do not add up to the gradient the positions received, so the check sends the

@@ -66,7 +66,7 @@ class FallbackCall:
 
     args: tuple
     kwargs: dict
-    output_dims: list[int]
+    output_dims: list[int | None]   # None: an output computed once for all the examples, gradients (B, *shape)
     grads: list[Tensor | None]
     rng_before: dict[str, Tensor] | None  # noisescale._rng.rng_state before the call, when it drew random numbers
     device: torch.device | None
@@ -216,10 +216,11 @@ def _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output
     def one_example(example_inputs: list[Tensor], example_grads: list[Tensor]) -> dict[str, Tensor]:
         filled = _with_examples(leaves, dims, dict(zip(batched, example_inputs)))
         _, pullback = vjp(lambda p: _selected_outputs(module, p, constants, rebuild, filled, hooked), parameters)
-        return pullback(tuple(g.unsqueeze(d) for g, d in zip(example_grads, output_dims)))[0]
+        return pullback(tuple(g if d is None else g.unsqueeze(d) for g, d in zip(example_grads, output_dims)))[0]
 
     return vmap(one_example, randomness="error")(
-        [leaves[k].movedim(dims[k], 0) for k in batched], [g.movedim(d, 0) for g, d in zip(grads, output_dims)])
+        [leaves[k].movedim(dims[k], 0) for k in batched],
+        [g if d is None else g.movedim(d, 0) for g, d in zip(grads, output_dims)])
 
 
 def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size):
@@ -230,7 +231,8 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
         with torch.enable_grad():
             outputs = _selected_outputs(module, variables, constants, rebuild, filled, hooked)
             example = torch.autograd.grad(outputs, list(variables.values()),
-                                          [g.narrow(d, i, 1) for g, d in zip(grads, output_dims)], allow_unused=True)
+                                          [g[i] if d is None else g.narrow(d, i, 1) for g, d in zip(grads, output_dims)],
+                                          allow_unused=True)
         for (name, p), grad in zip(variables.items(), example):
             rows[name].append(torch.zeros_like(p) if grad is None else grad)
     return {name: torch.stack(values) for name, values in rows.items()}

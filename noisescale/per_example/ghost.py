@@ -649,6 +649,8 @@ class GhostNormEngine:
         if shared and consumed:
             ghost_pass.decline(entry, "an output computed once for all the examples with random numbers")
             return None
+        if shared:   # batch 1: the examples in dim 0 of its gradients; other shapes: in a dim of their own
+            dims = [0 if t.dim() and t.shape[0] == 1 else None for t in outputs]
         call = FallbackCall(args, kwargs, dims, [None] * len(outputs), before if consumed else None,
                             _device_of(module),
                             [(t, t._version) for t in leaves if isinstance(t, Tensor)]
@@ -788,18 +790,19 @@ def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:
 
 def _keep_shared_grad(ghost_pass: GhostPass, entry: GhostModule, call: FallbackCall, index: int,
                       per_example: Tensor | None, total: Tensor, dtype: torch.dtype) -> None:
-    """Output ``index`` of a call computed once for all the examples, of batch 1: (B, ...) its gradient per
-    example, as the per-module fallback takes the gradients of a shared call."""
+    """Output ``index`` of a call computed once for all the examples: its gradient per example, (B, ...) in place
+    of an output's batch of 1, else (B, *shape)."""
     if ghost_pass.check_sum(entry, per_example, total, dtype, call):
-        call.grads[index] = per_example.reshape(per_example.shape[0], *total.shape[1:])
+        call.grads[index] = per_example if call.output_dims[index] is None else \
+            per_example.reshape(per_example.shape[0], *total.shape[1:])
 
 
 def _computed_once(outputs: list[Tensor], input_dims: list[int | None], batch: int) -> bool:
-    """A fallback call that no input gives the examples and whose outputs with grad have batch 1 (BEiT's and
-    Swin's relative position bias, (1, heads, N, N)): shared by every example."""
+    """A fallback call that no input gives the examples and none of whose outputs with grad has B rows (BEiT's
+    and Swin's relative position bias, (1, heads, N, N); LED's positions (T, d)): shared by every example."""
     with_grad = [t for t in outputs if t.requires_grad]
     return (batch > 1 and all(d is None for d in input_dims) and bool(with_grad)
-            and all(t.dim() > 0 and t.shape[0] == 1 for t in with_grad))
+            and all(t.dim() == 0 or t.shape[0] != batch for t in with_grad))
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
