@@ -1195,6 +1195,52 @@ def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_sec
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {backend}
 
 
+class SequenceFirst(nn.Module):
+    """An MLP block on sequence-first activations (T, B, d), as XLNet's and Longformer's layers take them; with
+    ``mixed``, a layer whose dim 1 has B rows that are not the examples (the batch and positions transposed into
+    (T, B) pairs by a reshape of position-major rows)."""
+
+    def __init__(self, mixed=False):
+        super().__init__()
+        self.mixed = mixed
+        self.norm, self.up, self.down = nn.LayerNorm(4), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):                                   # x: (B, T, 4)
+        b, t, _ = x.shape
+        h = x.transpose(0, 1)                                # (T, B, 4)
+        if self.mixed:                                       # rows (b, t) read as (t', b'): examples mixed
+            h = x.reshape(t, b, 4)
+        h = self.down(torch.relu(self.up(self.norm(h))))
+        h = h.reshape(b, t, 4) if self.mixed else h.transpose(0, 1)
+        return self.out((x + h).mean(1))
+
+
+@pytest.mark.parametrize("length", [3, 5])   # 5 == B
+@pytest.mark.parametrize("mixed", [False, True])
+def test_sequence_first_layers_are_measured_by_the_rules_once_a_probe_shows_dim_1_is_the_examples(length, mixed):
+    """The first call (T != B) sends the (T, B, d) layers to the whole-model vmap and makes later calls probe; B - 1
+    examples give (T, B - 1, d), so the rules take them as (B, T, d). At T == B the probe runs from the first call.
+    A layer whose dim 1 of size B does not follow the examples stays with the vmap. Exact either way."""
+    torch.manual_seed(0)
+    model = SequenceFirst(mixed).double()
+    x = torch.randn(5, length, 4, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)
+    grads = plain_backward_grads(model, regression_loss, x, y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine(x, y)
+        for name, values in expected.items():
+            assert_relclose(result.by_parameter[name], values)
+        for name, p in model.named_parameters():
+            assert torch.equal(p.grad, grads[name]), name
+        ghost = not mixed and (step == 1 or length == 5)
+        assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {
+            "ghost" if ghost else "vmap"}
+
+
 class SwitchedLinear(nn.Linear):
     """A Linear subclass whose forward changes after the first calls (fake quantisation switched on later)."""
 

@@ -23,6 +23,11 @@ fallback module whose inputs hold no examples and whose outputs have batch 1, BE
 each example's output gradient from the operations that broadcast the output over the examples (``broadcast.py``,
 ``GhostPass.share``), connected after the model's forward (``_after_model``).
 
+Sequence-first calls: a rule layer on (T, B, ...) (XLNet's and Longformer's layers) makes later calls probe; where
+the probe's call had (T, B - 1, ...) with the same x[0] and x[-1] over the first B - 1 columns, the rule takes the
+call as (B, T, ...) (``GhostPass.examples_in_dim_1``), as it takes rows flattened from the examples in B blocks
+(``GhostPass.row_blocks``).
+
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their calls' per-example gradients are kept as factors where the rule
 gives them (Linear, Embedding, GPT-2's Conv1D, the attention and RNN fallbacks) and the norm of the sum is taken
@@ -194,6 +199,18 @@ class GhostPass:
             return None
         ends = _block_ends(x, self.batch_size)[:, :self.batch_size - 1]
         return k if _same_rows(ends, probed.block_ends) else None
+
+    def examples_in_dim_1(self, module: nn.Module, index: int, x: Tensor) -> bool:
+        """Whether call ``index`` of ``module`` holds the examples in dim 1, (T, B, ...): the probe's call had
+        (T, B - 1, ...), with x[0] and x[-1] equal to those of x's first B - 1 columns (a reshape of other rows
+        into (T, B) does not match; nor does a layer after dropout, whose masks the probe draws anew)."""
+        calls = None if self.probe is None else self.probe.get(module, [])
+        if not calls or index >= len(calls) or calls[index].column_ends is None:
+            return False
+        probed = calls[index].column_ends
+        if probed.shape[2:] != x.shape[2:] or x.shape[0] != calls[index].shapes[0][0]:
+            return False
+        return _same_rows(torch.stack([x[0], x[-1]])[:, :self.batch_size - 1], probed)
 
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
@@ -386,6 +403,7 @@ class ProbedCall:
     shapes: list[tuple]
     block_ends: Tensor | None   # (2, examples, ...): the first and last row of each example's block of rows
     block_rows: int | None      # the rows of each block, k
+    column_ends: Tensor | None = None   # (2, examples, ...): x[0] and x[-1] where x's dim 1 has the examples' size
 
 
 def _block_ends(x: Any, batch: int) -> Tensor | None:
@@ -521,8 +539,11 @@ class GhostNormEngine:
             if module in self._probe_modules and not _recomputing():
                 x = _first_input(args, kwargs)
                 ends = _block_ends(x, self._probe_batch)
+                columns = (torch.stack([x[0], x[-1]]).detach().clone() if isinstance(x, Tensor) and x.dim() > 1
+                           and x.shape[1] == self._probe_batch else None)
                 self._probe[module].append(ProbedCall([tuple(t.shape) for t in _call_tensors(args, kwargs, output)],
-                                                      ends, None if ends is None else x.shape[0] // self._probe_batch))
+                                                      ends, None if ends is None else x.shape[0] // self._probe_batch,
+                                                      columns))
             return None
         ghost_pass = self._active(module)
         if ghost_pass is None:
@@ -550,14 +571,24 @@ class GhostNormEngine:
             if blocks is not None:   # rows of B examples in blocks: (B, k, ...) for the rule, same values
                 hooked = output
                 x, output = x.view(batch, blocks, *x.shape[1:]), output.view(batch, blocks, *output.shape[1:])
+        transposed = blocks is None and replaced is None and _sequence_first(x, output, batch, entry.rule)
+        if transposed:   # (T, B, ...): the rule takes (B, T, ...) where a probe showed dim 1 to be the examples
+            ghost_pass.flattened = ghost_pass.flattened or (ghost_pass.probe is None and x.shape[0] != batch)
+            tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
+            transposed = ghost_pass.probe is not None and ghost_pass.follows_batch(
+                module, index, tensors, [(x, 1), (output, 1)]) and ghost_pass.examples_in_dim_1(module, index, x)
+            if transposed:
+                hooked = output
+                x, output = x.transpose(0, 1), output.transpose(0, 1)
+        plain = replaced is None and blocks is None and not transposed
         if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
             why = f"called with an input of shape {_shape(x)}"
         elif is_parameter_table(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
-        elif replaced is None and blocks is None and _rows_selected(x, batch):
+        elif plain and _rows_selected(x, batch):
             why = (f"called on {batch} rows selected from another tensor's rows (tokens routed to an expert), as "
                    "many as the examples only by chance")
-        elif replaced is None and blocks is None and not ghost_pass.follows_batch(
+        elif plain and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
                 entry.rule.rows_as_positions):
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
@@ -587,8 +618,8 @@ class GhostNormEngine:
         if shared:
             ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x))
             return None
-        call = {"x": x, "blocks": blocks}
-        (output if blocks is None else hooked).register_hook(
+        call = {"x": x, "blocks": blocks, "transposed": transposed}
+        (output if blocks is None and not transposed else hooked).register_hook(
             partial(self._on_output_grad, ghost_pass, entry, module, call))
         return replaced
 
@@ -686,6 +717,8 @@ class GhostNormEngine:
         x, blocks = call.pop("x"), call.pop("blocks")
         if blocks is not None:
             grad_output = grad_output.reshape(ghost_pass.batch_size, blocks, *grad_output.shape[1:])
+        elif call["transposed"]:
+            grad_output = grad_output.transpose(0, 1)
         GhostNormEngine._apply_rule(ghost_pass, entry, module, x, grad_output)
 
     @staticmethod
@@ -747,6 +780,13 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
     return not (sizes[0] == batch and (first is None or (   # arange(B), or arange(B)[:, None] broadcast over k
         first.shape[0] == batch and first.numel() == batch
         and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))
+
+
+def _sequence_first(x: Any, output: Any, batch: int, rule: LayerRule) -> bool:
+    """Whether a rule layer's call may hold the examples in dim 1, (T, B, ...) as XLNet's and Longformer's layers
+    take them: x and the output have B in dim 1 (to be checked by a probe)."""
+    return (rule.rows_as_positions and isinstance(x, Tensor) and isinstance(output, Tensor) and x.dim() > 1
+            and output.dim() > 1 and x.shape[1] == batch and output.shape[:2] == x.shape[:2])
 
 
 def _shared_indices(x: Any, output: Any, batch: int) -> bool:
