@@ -1178,20 +1178,21 @@ class FlattenedRows(nn.Module):
 @pytest.mark.parametrize("example_major", [True, False])
 def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_second_call(example_major):
     """The first call sends the (B * T, d) layers to the whole-model vmap and makes later calls probe: B - 1
-    examples give (B - 1) * T rows whose block ends match, so the rules take the rows as (B, T, d). Position-major
-    rows do not match and stay with the whole-model vmap. Exact either way."""
+    examples give (B - 1) * T rows whose block ends match, so the rules take the rows as (B, T, d), on every later
+    batch of these shapes too (the probe is cached; its rows are another batch's). Position-major rows do not
+    match and stay with the whole-model vmap. Exact either way."""
     torch.manual_seed(0)
     model = FlattenedRows(example_major).double()
-    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator(1))
-    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
-    expected = naive_per_example(model, regression_loss, x, y)
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    for step in range(2):
+    for step in range(3):
+        x = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator(1 + step))
+        y = torch.randn(5, 2, dtype=torch.float64, generator=generator(10 + step))
+        expected = naive_per_example(model, regression_loss, x, y)
         model.zero_grad(set_to_none=True)
         result = engine(x, y)
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
-        backend = "ghost" if step == 1 and example_major else "vmap"
+        backend = "ghost" if step >= 1 and example_major else "vmap"
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {backend}
 
 
@@ -1220,23 +1221,24 @@ class SequenceFirst(nn.Module):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_sequence_first_layers_are_measured_by_the_rules_once_a_probe_shows_dim_1_is_the_examples(length, mixed):
     """The first call (T != B) sends the (T, B, d) layers to the whole-model vmap and makes later calls probe; B - 1
-    examples give (T, B - 1, d), so the rules take them as (B, T, d). At T == B the probe runs from the first call.
-    A layer whose dim 1 of size B does not follow the examples stays with the vmap. Exact either way."""
+    examples give (T, B - 1, d), so the rules take them as (B, T, d), on later batches too. At T == B the probe
+    runs from the first call. A layer whose dim 1 of size B does not follow the examples stays with the vmap.
+    Exact either way."""
     torch.manual_seed(0)
     model = SequenceFirst(mixed).double()
-    x = torch.randn(5, length, 4, dtype=torch.float64, generator=generator(1))
-    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
-    expected = naive_per_example(model, regression_loss, x, y)
-    grads = plain_backward_grads(model, regression_loss, x, y)
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    for step in range(2):
+    for step in range(3):
+        x = torch.randn(5, length, 4, dtype=torch.float64, generator=generator(1 + step))
+        y = torch.randn(5, 2, dtype=torch.float64, generator=generator(10 + step))
+        expected = naive_per_example(model, regression_loss, x, y)
+        grads = plain_backward_grads(model, regression_loss, x, y)
         model.zero_grad(set_to_none=True)
         result = engine(x, y)
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
         for name, p in model.named_parameters():
             assert torch.equal(p.grad, grads[name]), name
-        ghost = not mixed and (step == 1 or length == 5)
+        ghost = not mixed and (step >= 1 or length == 5)
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {
             "ghost" if ghost else "vmap"}
 

@@ -197,8 +197,10 @@ class GhostPass:
         probed, k = calls[index], x.shape[0] // self.batch_size
         if k != probed.block_rows or probed.block_ends.shape[2:] != x.shape[1:]:
             return None
-        ends = _block_ends(x, self.batch_size)[:, :self.batch_size - 1]
-        return k if _same_rows(ends, probed.block_ends) else None
+        if "rows" not in probed.verdicts:   # the pass the probe ran for: its batch, compared once
+            ends = _block_ends(x, self.batch_size)[:, :self.batch_size - 1]
+            probed.verdicts["rows"] = _same_rows(ends, probed.block_ends)
+        return k if probed.verdicts["rows"] else None
 
     def examples_in_dim_1(self, module: nn.Module, index: int, x: Tensor) -> bool:
         """Whether call ``index`` of ``module`` holds the examples in dim 1, (T, B, ...): the probe's call had
@@ -207,10 +209,13 @@ class GhostPass:
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].column_ends is None:
             return False
-        probed = calls[index].column_ends
-        if probed.shape[2:] != x.shape[2:] or x.shape[0] != calls[index].shapes[0][0]:
+        probed = calls[index]
+        if probed.column_ends.shape[2:] != x.shape[2:] or x.shape[0] != probed.shapes[0][0]:
             return False
-        return _same_rows(torch.stack([x[0], x[-1]])[:, :self.batch_size - 1], probed)
+        if "columns" not in probed.verdicts:   # the pass the probe ran for: its batch, compared once
+            probed.verdicts["columns"] = _same_rows(torch.stack([x[0], x[-1]])[:, :self.batch_size - 1],
+                                                    probed.column_ends)
+        return probed.verdicts["columns"]
 
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
@@ -398,12 +403,16 @@ def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
 @dataclass
 class ProbedCall:
     """One call in the probe's forward: the shapes of its tensors (``_call_tensors``) and, where its first input
-    has a multiple of the probe's examples in rows, the first and last row of each block (``_block_ends``)."""
+    has a multiple of the probe's examples in rows, the first and last row of each block (``_block_ends``), or
+    the examples' number in dim 1, its first and last positions."""
 
     shapes: list[tuple]
     block_ends: Tensor | None   # (2, examples, ...): the first and last row of each example's block of rows
     block_rows: int | None      # the rows of each block, k
     column_ends: Tensor | None = None   # (2, examples, ...): x[0] and x[-1] where x's dim 1 has the examples' size
+    # the layout checks' results, made in the pass the probe ran for (the probe is cached per input shapes, and a
+    # later batch's rows differ from the probe's; the layout is the model code's)
+    verdicts: dict[str, bool] = field(default_factory=dict)
 
 
 def _block_ends(x: Any, batch: int) -> Tensor | None:
