@@ -331,6 +331,36 @@ def test_a_scaled_embedding_with_a_python_float_scale_is_exact_in_float64():
     assert result.backend_of["0.weight"] == "ghost"
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_t5_relative_position_tables_are_measured_from_the_broadcasting_operations(attention):
+    """T5 with a padding mask, heads as many as the examples (4): the tables looked up once for all the examples
+    and added to every layer's scores (encoder) or put through ``where`` with the causal mask (decoder) are
+    measured by the Embedding rule from the gradients of those operations (``broadcast.py``), not by the
+    whole-model vmap; norms the per-example loop's, p.grad the plain backward's, at both calls."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=BATCH,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+                                   pad_token_id=0, attn_implementation=attention)
+    model = transformers.T5ForConditionalGeneration(config).double()
+    labels = torch.randint(3, VOCAB, (BATCH, 5), generator=generator(2))
+    inputs = {"input_ids": _tokens(), "attention_mask": _padding_mask(), "decoder_input_ids": labels}
+    expected = naive_by_parameter(model, sequence_cross_entropy, inputs, labels)
+    grads = plain_grads(model, sequence_cross_entropy, inputs, labels)
+    engine = PerExampleGradNorms(model, sequence_cross_entropy, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine(inputs, labels)
+        assert {backend for name, backend in result.backend_of.items() if "relative_attention_bias" in name} == {
+            "ghost"}
+        assert "vmap" not in result.backend_of.values()
+        for name, values in expected.items():
+            torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9,
+                                       atol=1e-12 * float(values.abs().max()), msg=name)
+        for name, p in model.named_parameters():
+            assert torch.equal(p.grad, grads[name]), name
+
+
 # ------------------------------------------------------------------ dims of the batch's size that are not examples
 
 def _t5_as_long_as_the_batch():
