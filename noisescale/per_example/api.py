@@ -44,7 +44,9 @@ happens to equal B. Positions passed *without* a batch dim (``embedding(torch.ar
 one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
 arange(B)); with T != B they are measured as computed once for all the examples. Pass positions as (1, T). A parameter used both
 through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
-to hooks: give such a model backend="vmap". Activation checkpointing (HF gradient checkpointing, reentrant or not)
+to hooks: give such a model backend="vmap". An output computed once for all the examples that is combined
+elementwise with a per-example tensor of exactly its own shape (a table of B rows added to one row per example, no
+broadcast) is taken for a tensor still shared by all of them. Activation checkpointing (HF gradient checkpointing, reentrant or not)
 gives the same norms (tested): a non-reentrant recomputation inside the backward is not recorded again (its
 outputs get no gradient); under reentrant checkpointing the recomputed call is the one recorded.
 

@@ -7,8 +7,9 @@ gradient of that shared tensor o, so the hooks of the module that made o cannot 
 operations that broadcast o against a batched tensor (the "frontier": o + scores, where(mask, o, -inf), o * x) see
 them: their output gradient g has the examples in dim 0. Example i's gradient of o is that of g_i through the
 frontier (``_unreduced``), summed over the dims o was broadcast along except dim 0 (``_per_example``), and carried
-back through the batch-free operations between the frontier and o (views, elementwise operations: their autograd
-nodes are called once per example, under vmap, before the real backward runs them). The module that made o then
+back through the batch-free operations between the frontier and o before the real backward runs them (directly for
+views, permutations, copies and elementwise operations, ``_carried``; others by calling their autograd node under
+vmap over the examples). The module that made o then
 gets dl_i/do for each example as if it had been called on every example: its rule (an Embedding on shared buckets)
 or the per-module fallback (a module that computes the bias) turns that into the norms.
 
@@ -235,7 +236,7 @@ def _rearranged(node: Any, per_example: Tensor) -> Tensor | None:
         return None
     meta = _input_meta(node, 0)
     if name in _SAME_ORDER:   # the same elements in the same order
-        return per_example.reshape(per_example.shape[0], *meta.shape).to(meta.dtype)
+        return per_example.reshape(per_example.shape[0], *meta.shape).to(device=meta.device, dtype=meta.dtype)
     if name == "PermuteBackward0":
         dims = [d % len(node._saved_dims) for d in node._saved_dims]
         inverse = sorted(range(len(dims)), key=dims.__getitem__)
