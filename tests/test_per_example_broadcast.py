@@ -271,3 +271,43 @@ def test_under_ddp_the_walk_passes_through_its_output_node():
         assert_relclose(result.by_parameter["module." + name], values)
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-12, atol=0)
+
+
+def _parametrized(kind):
+    """A Conv1d and a Linear whose weights torch.nn.utils.parametrizations computes from other parameters."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    conv, linear = nn.Conv1d(3, 4, 3, padding=1), nn.Linear(2, 2)
+    getattr(parametrizations, kind)(conv)
+    getattr(parametrizations, kind)(linear)
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(20, 6), nn.Unflatten(1, (3, 2)), linear).double()
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_parametrized_weights_are_measured_from_their_layers_rule(kind):
+    """The parametrization's call computes the weight once for all the examples; the Conv1d's and Linear's rules
+    give each example's gradient of it from the real pass, and the per-module fallback takes it back to the
+    parametrization's own parameters (Wav2Vec2's weight-normed positional convolution). Spectral norm in eval mode
+    (in train mode its forward updates its power-iteration buffers: next test)."""
+    model = _parametrized(kind)
+    model.train(kind != "spectral_norm")
+    x = torch.randn(5, 3, 5, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 3, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert {backend for name, backend in result.backend_of.items() if ".original" in name} == {"module"}
+    assert "vmap" not in result.backend_of.values()
+
+
+def test_the_fallback_leaves_the_buffers_a_forward_updates_as_the_real_pass_left_them():
+    """Spectral norm in train mode updates its power-iteration vectors in every forward; the fallback's re-run of the
+    parametrization works on copies, so the buffers and p.grad after a measured step are a plain step's."""
+    model = _parametrized("spectral_norm").train()
+    x = torch.randn(5, 3, 5, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 3, 2, dtype=torch.float64, generator=generator(2))
+    plain = copy.deepcopy(model)
+    regression_loss(plain(x), y).mean().backward()
+    PerExampleGradNorms(model, regression_loss)(x, y)
+    for (name, b), c in zip(model.named_buffers(), plain.buffers()):
+        assert torch.equal(b, c), name
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name

@@ -58,6 +58,10 @@ class Broadcast:
     delivered: bool = False
     low_precision: bool = False                   # it reaches the frontier in float16 or bfloat16 (autocast)
 
+    def add(self, per_example: Tensor) -> None:
+        """Each example's gradient of the tensor through one of its uses, (B, *o.shape)."""
+        _add(self.sums, (self.tensor.grad_fn, self.tensor.output_nr), per_example)
+
 
 class BroadcastGradients:
     """The shared tensors of one pass: ``add`` them in the forward, ``connect`` them to the graph after the model's
@@ -73,6 +77,13 @@ class BroadcastGradients:
         broadcast = Broadcast(tensor, deliver)
         self.pending.append(broadcast)
         return broadcast
+
+    def adopt(self, broadcast: Broadcast) -> None:
+        """Takes a pending tensor out of those to connect: its per-example gradients will be ``Broadcast.add``ed
+        by whoever consumes it (a rule layer whose parametrized weight it is); the hook that delivers them is set."""
+        self.pending.remove(broadcast)
+        self._handles.append(broadcast.tensor.register_hook(
+            _deliverer(broadcast, broadcast.tensor.grad_fn, broadcast.tensor.output_nr)))
 
     def connect(self, roots: list) -> list[tuple[Broadcast, str]]:
         """Hooks every pending shared tensor into the graph from the autograd nodes ``roots``; returns those that

@@ -288,6 +288,8 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     else:
         parameters = {name: module.get_parameter(name).detach() for name in names}
         constants = {name: p.detach() for name, p in module.named_parameters() if name not in parameters}
+    # copies: a forward that updates its buffers (spectral norm's power iteration in train mode) leaves the real ones
+    constants.update({name: b.detach().clone() for name, b in module.named_buffers()})
     leaves, rebuild = _flatten_call(call.args, call.kwargs)
     leaves = _detached(leaves)
     dims = ([None] * len(leaves) if call.shared else

@@ -122,6 +122,24 @@ class GhostPass:
         broadcast = self.broadcasts.add(tensor, deliver)
         self.shared[id(broadcast)] = (broadcast, entry, call)
 
+    def claim_parametrized(self, module: nn.Module, path: str) -> list[tuple[str, Broadcast]]:
+        """A rule layer's weights computed by ``torch.nn.utils.parametrize`` (weight norm, spectral norm) in this
+        call: each is the output of its parametrization's call just made, shared by the examples; the layer's rule
+        gives each example's gradient of it (``GhostNormEngine._on_output_grad``), so it needs no walk of the
+        graph. (name, its shared output) for each, taken out of the ones to connect."""
+        parametrizations = getattr(module, "parametrizations", None)
+        if not isinstance(parametrizations, nn.ModuleDict):
+            return []
+        claimed = []
+        for name in parametrizations:
+            owner = f"{path}.parametrizations.{name}" if path != "<model>" else f"parametrizations.{name}"
+            found = next((b for b in reversed(self.broadcasts.pending)
+                          if self.shared[id(b)][1].path == owner), None)
+            if found is not None:
+                self.broadcasts.adopt(found)
+                claimed.append((name, found))
+        return claimed
+
     def connect_shared(self, roots: list) -> None:
         """After the model's forward: hook the shared outputs into the graph from the autograd nodes ``roots``;
         those whose consumers the hooks cannot follow go to the whole-model vmap (or raise, backend="ghost")."""
@@ -627,7 +645,8 @@ class GhostNormEngine:
         if shared:
             ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x))
             return None
-        call = {"x": x, "blocks": blocks, "transposed": transposed}
+        call = {"x": x, "blocks": blocks, "transposed": transposed,
+                "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
         (output if blocks is None and not transposed else hooked).register_hook(
             partial(self._on_output_grad, ghost_pass, entry, module, call))
         return replaced
@@ -648,6 +667,8 @@ class GhostNormEngine:
                               kwargs: dict, output: Any, capture: LinearCapture | ParameterUses | None,
                               index: int) -> Any:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
+        if not torch.is_grad_enabled():   # no gradient comes of it (a rule's check of its layer's output, say)
+            return None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
         reason = spec.unsupported_reason(module, bound_arguments(module, args, kwargs))
         if reason is not None:  # the whole-model vmap measures this module's parameters instead
@@ -729,6 +750,9 @@ class GhostNormEngine:
         elif call["transposed"]:
             grad_output = grad_output.transpose(0, 1)
         GhostNormEngine._apply_rule(ghost_pass, entry, module, x, grad_output)
+        for name, broadcast in call["claimed"]:   # a parametrized weight: each example's gradient of it
+            with torch.no_grad():
+                broadcast.add(entry.rule.per_example_grads(module, x, grad_output, {name})[name])
 
     @staticmethod
     def _on_shared_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, x: Tensor,
