@@ -71,6 +71,7 @@ class BroadcastGradients:
         self.batch_size = batch_size
         self.pending: list[Broadcast] = []
         self.saves_hooked = False   # the forward ran under saved-tensor hooks (activation checkpointing)
+        self.rows: dict = {}   # autograd node of a rule layer's output -> k: its B k rows are B examples' blocks
         self._handles: list = []
 
     def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]) -> Broadcast:
@@ -122,9 +123,10 @@ class BroadcastGradients:
                 if self.saves_hooked and _reads_saved_tensors(consumer):
                     return (f"an operation ({name}) that saved a tensor takes it, under saved-tensor hooks "
                             "(activation checkpointing) that let a saved tensor be read only once")
-                if name in _ELEMENTWISE and shapes[0][:1] == (self.batch_size,) and padded[:1] == (1,) \
-                        and len(padded) == len(shapes[0]):   # broadcast over the examples
-                    frontier[consumer].append((k, (node, output_nr), shape))
+                blocks = self._blocks(consumer, k, shapes[0]) if name in _ELEMENTWISE and padded[:1] == (1,) \
+                    and len(padded) == len(shapes[0]) else None
+                if blocks is not None:   # broadcast over the examples (in B blocks of rows: Swin's windows)
+                    frontier[consumer].append((k, (node, output_nr), shape, blocks))
                 elif name in _OF_ONE or name in _ELEMENTWISE and padded == shapes[0] and name != "ExpandBackward0":
                     if consumer not in between:
                         between[consumer] = True
@@ -148,8 +150,51 @@ class BroadcastGradients:
         if grad is None:
             return
         with torch.no_grad():
-            for k, key, shape in edges:
-                _add(broadcast.sums, key, _per_example(_unreduced(consumer, k, grad), shape))
+            for k, key, shape, blocks in edges:
+                unreduced = _unreduced(consumer, k, grad)
+                if blocks > 1:
+                    unreduced = unreduced.reshape(self.batch_size, blocks, *unreduced.shape[1:]).sum(1)
+                _add(broadcast.sums, key, _per_example(unreduced, shape))
+
+    def _blocks(self, consumer: Any, k: int, shape: tuple) -> int | None:
+        """k' where the output of ``consumer`` (a frontier candidate, its input k the shared tensor's) holds the B
+        examples in dim 0, in blocks of k' rows: 1 where dim 0 is B; where it is B k' rows (Swin's windows), only if
+        another input's rows trace back to a rule layer's output whose rows a probe showed to be the examples'
+        blocks (``_rows_of``). None otherwise."""
+        if not shape or shape[0] % self.batch_size:
+            return None
+        blocks = shape[0] // self.batch_size
+        if blocks == 1:
+            return 1
+        others = [edge for j, edge in enumerate(consumer.next_functions) if j != k and edge[0] is not None]
+        return blocks if any(self._rows_of(node, nr, {}) == blocks for node, nr in others) else None
+
+    def _rows_of(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> int | None:
+        """k where output ``output_nr`` of ``node`` has B k rows, the examples' blocks in order, traced through
+        operations that keep dim 0's rows (elementwise, batched products, permutations of the other dims) or
+        regroup them (a reshape to a multiple of B rows) back to a rule layer's output (``rows``)."""
+        if node in self.rows:
+            return self.rows[node] if output_nr == 0 else None
+        if depth > 32 or node in seen or hasattr(node, "variable"):
+            return None
+        seen[node] = None
+        name = type(node).__name__
+        try:
+            rows = node._input_metadata[output_nr].shape[0] if node._input_metadata[output_nr].shape else None
+        except (AttributeError, IndexError, RuntimeError):
+            return None
+        if rows is None or rows % self.batch_size or not _keeps_rows(node, name):
+            return None
+        for source, nr in node.next_functions:
+            if source is None:
+                continue
+            blocks = self._rows_of(source, nr, seen, depth + 1)
+            if blocks is None:
+                continue
+            source_rows = source._input_metadata[nr].shape[0]
+            if name in _REGROUP or source_rows == rows:   # a reshape regroups whole blocks (B divides both)
+                return rows // self.batch_size
+        return None
 
     def _between(self, broadcast: Broadcast, node: Any, targets: set, grads: tuple) -> None:
         """Before the real backward runs ``node``: carry each example's gradient of its output to its inputs."""
@@ -167,7 +212,7 @@ class BroadcastGradients:
         """Removes the hooks (the pending tensors stay, for ``GhostPass.finish`` to send to the vmap)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self.rows = [], {}
 
 
 def _consumers(roots: list) -> dict:
@@ -198,6 +243,27 @@ def _deliverer(broadcast: Broadcast, start: Any, output_nr: int) -> Callable[[Te
         broadcast.deliver(per_example, total, torch.bfloat16 if broadcast.low_precision else total.dtype)
 
     return deliver
+
+
+# operations whose output row r is computed from row r of their inputs (dim 0 kept, other dims free)
+_ROWWISE = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0", "MulBackward1",
+            "DivBackward0", "DivBackward1", "NegBackward0", "CloneBackward0", "ToCopyBackward0", "BmmBackward0",
+            "ExpandBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "TanhBackward0", "SigmoidBackward0"}
+# reshapes: row-major order is kept, so B blocks of whole examples stay blocks when both sides have a multiple of B
+_REGROUP = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
+
+
+def _keeps_rows(node: Any, name: str) -> bool:
+    """Whether ``node`` keeps (or regroups) dim 0's rows: see ``_ROWWISE`` and ``_REGROUP``; a transpose or
+    permutation only where dim 0 stays in place."""
+    if name in _ROWWISE or name in _REGROUP:
+        return True
+    if name == "TransposeBackward0":
+        return node._saved_dim0 != 0 and node._saved_dim1 != 0 and node._saved_dim0 != -len(
+            node._input_metadata[0].shape) and node._saved_dim1 != -len(node._input_metadata[0].shape)
+    if name == "PermuteBackward0":
+        return node._saved_dims[0] % len(node._saved_dims) == 0
+    return False
 
 
 def _reads_saved_tensors(node: Any) -> bool:

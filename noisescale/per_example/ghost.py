@@ -647,8 +647,10 @@ class GhostNormEngine:
             return None
         call = {"x": x, "blocks": blocks, "transposed": transposed,
                 "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
-        (output if blocks is None and not transposed else hooked).register_hook(
-            partial(self._on_output_grad, ghost_pass, entry, module, call))
+        held = output if blocks is None and not transposed else hooked
+        held.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
+            ghost_pass.broadcasts.rows[held.grad_fn] = 1 if blocks is None else blocks
         return replaced
 
     def _warn_if_positions(self, entry: GhostModule, module: nn.Module, x: Any, batch: int) -> None:
