@@ -780,15 +780,16 @@ def test_positions_without_a_batch_dim_are_shared_under_auto_and_arange_b_warns(
     class UnbatchedPositions(nn.Module):
         def __init__(self):
             super().__init__()
-            self.position = nn.Embedding(5, 3)
+            self.position, self.out = nn.Embedding(5, 3), nn.Linear(3, 3)
 
         def forward(self, x):
-            return x + self.position(torch.arange(x.shape[1]))
+            return self.out(x + self.position(torch.arange(x.shape[1])))
 
     model = _float64(UnbatchedPositions)
     x = torch.randn(5, 4, 3, dtype=torch.float64, generator=generator(1))     # T = 4 != B = 5: detected
     result = assert_matches_reference(model, regression_loss, x, torch.zeros_like(x), "auto")
-    assert result.backend_of["position.weight"] == "ghost"   # from the addition that broadcasts it (broadcast.py)
+    # from the addition that broadcasts it (broadcast.py), whose rows the Linear after it takes for the examples
+    assert result.backend_of["position.weight"] == "ghost"
     square = torch.randn(4, 4, 3, dtype=torch.float64, generator=generator(1))  # T == B: cannot be told apart
     with pytest.warns(RuntimeWarning, match=r"'position' \(Embedding\).*arange.*\(1, T\)"):
         per_example_sqnorms(model, regression_loss, square, torch.zeros_like(square))

@@ -59,8 +59,10 @@ class BiasedAttention(nn.Module):
             scores = torch.sub(scores, bias, alpha=0.5)
         elif self.how == "mul":
             scores = scores * torch.sigmoid(bias)
-        elif self.how == "matmul":   # not followed: the whole-model vmap
+        elif self.how == "matmul":   # the bias expanded to the examples, then a batched product
             scores = scores @ bias
+        elif self.how == "cumsum":   # an operation the walk does not know: the whole-model vmap
+            scores = scores + bias.cumsum(-1)
         elif self.how == "where":   # T5's decoder: the bias where the keys are kept, a large negative value elsewhere
             scores = scores + torch.where(keep[:, None, None, :], bias, torch.tensor(-30.0, dtype=x.dtype))
         h = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, WIDTH)
@@ -75,7 +77,7 @@ def _batch(batch, length, seed=1):
     return (x, keep), y
 
 
-@pytest.mark.parametrize("how", ["add", "sub", "mul", "where"])
+@pytest.mark.parametrize("how", ["add", "sub", "mul", "where", "matmul"])
 @pytest.mark.parametrize("table", [False, True], ids=["embedding", "table"])
 def test_a_bias_computed_once_is_measured_from_the_examples_gradients(how, table):
     """B = 4 = heads, T = 5: the norms equal the loop's and p.grad a plain backward's, without the whole-model
@@ -133,6 +135,84 @@ def test_under_bfloat16_autocast_the_sum_check_allows_for_the_rounding():
     torch.testing.assert_close(result.by_parameter["bias.weight"].double(), expected, rtol=0.1, atol=0)
 
 
+class Tricky(nn.Module):
+    """Shared biases combined as the adversarial review tried: a dim of the examples' size that is not them (heads
+    as many as the examples: the bias expanded over the heads, or scaled per head by a parameter), a product of
+    two shared outputs at T == B, a shared output changed in place after its module returned it, permutations
+    with negative dims, a division and ``c - x``, and the parameter-free combination checkpointed alone."""
+
+    def __init__(self, how, length=4):
+        super().__init__()
+        self.how, self.length = how, length
+        self.qkv, self.out = nn.Linear(3, 3 * WIDTH), nn.Linear(WIDTH, 2)
+        self.bias, self.other = nn.Embedding(2 * length - 1, HEADS), nn.Embedding(length, HEADS)
+        self.head_scale = nn.Parameter(torch.randn(HEADS, 1, 1))
+
+    def shared(self):
+        t = self.length
+        buckets = torch.arange(t)[None, :] - torch.arange(t)[:, None] + t - 1
+        e = self.bias(buckets)                                          # (T, T, H)
+        if self.how == "expand_heads":
+            return e.mean(-1).unsqueeze(0).expand(HEADS, t, t)           # (H, T, T): dim 0 of the batch's size
+        if self.how == "scale_heads":
+            return e.permute(2, 0, 1) * self.head_scale
+        if self.how == "axial":                                          # two shared outputs multiplied
+            p = self.other(torch.arange(t))                              # (T, H)
+            return (p[:, None, :] * p[None, :, :] + e).permute(2, 0, 1)
+        if self.how == "in_place":
+            return e.mul_(3.0).permute(2, 0, 1)
+        if self.how == "negative_permute":   # autograd keeps -1 as 2^64 - 1
+            return e.permute(-1, 0, 1)
+        if self.how == "negative_transpose":
+            return e.permute(2, 0, 1).transpose(-1, -2)
+        if self.how == "scalars":
+            return (2.0 - e / 3.0).permute(2, 0, 1)
+        return e.permute(2, 0, 1)
+
+    def forward(self, x, keep):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
+        scores, bias = q @ k.transpose(-1, -2), self.shared()
+        if self.how == "checkpointed":
+            from torch.utils.checkpoint import checkpoint
+            scores = checkpoint(lambda s, o: s * torch.sigmoid(o), scores, bias, use_reentrant=False)
+        else:
+            scores = scores + bias
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, WIDTH))
+
+
+class TableTwice(nn.Module):
+    """``TableBias`` (with a parameter it does not use) called by two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([BiasedAttention(4, table=True) for _ in range(2)])
+        self.bias = self.layers[0].bias
+        for layer in self.layers:
+            layer.bias = self.bias
+
+    def forward(self, x, keep):
+        return self.layers[1](torch.cat([x, self.layers[0](x, keep)[..., :1]], -1)[..., :3], keep)
+
+
+@pytest.mark.parametrize("how", ["expand_heads", "scale_heads", "axial", "in_place", "negative_permute",
+                                 "negative_transpose", "scalars", "checkpointed", "table_twice"])
+def test_what_the_review_tried_is_exact(how):
+    """B = T = heads = 4. Each was a silent wrong result or a crash inside the backward before the fixes; now each
+    is exact, by the hooks where they can tell the examples apart, else by the whole-model vmap."""
+    torch.manual_seed(0)
+    model = (TableTwice() if how == "table_twice" else Tricky(how)).double()
+    inputs, y = _batch(4, 4)
+    result = assert_matches_reference(model, regression_loss, inputs, y, "auto")
+    if how == "table_twice":
+        assert {backend for name, backend in result.backend_of.items() if ".bias." in name} == {"module"}
+        return
+    # not followed: a shared output changed in place, and what the checkpointed product saved (it may be read once);
+    # the axial product of two shared outputs is not followed for ``other`` (its other factor is not a parameter)
+    assert result.backend_of["bias.weight"] == ("vmap" if how in ("in_place", "checkpointed") else "ghost")
+    assert result.backend_of["other.weight"] == "vmap" if how == "axial" else True
+
+
 class Positions(nn.Module):
     """Token features plus a position table called on arange(T) without a batch dim, then either added (followed)
     or multiplied into the examples by a matrix product (not followed: the whole-model vmap); ``also_returned``:
@@ -157,16 +237,17 @@ def _positions_batch():
 
 
 def test_observe_measures_a_shared_output_it_cannot_follow_by_the_whole_model_vmap():
-    """The bias reaches the examples through a matrix product: observe measures the table from the outputs'
-    gradients by the whole-model vmap; the module's parameter this forward does not use has zero norms (it was
+    """The bias reaches the examples through a cumulative sum, which the walk does not know: observe measures the
+    table from the outputs' gradients by the whole-model vmap; the module's parameter this forward does not use has zero norms (it was
     refused as "used outside the model's call" before)."""
     torch.manual_seed(0)
-    model = BiasedAttention(5, "matmul", table=True).double()
+    model = BiasedAttention(5, "cumsum", table=True).double()
     (x, keep), y = _batch(4, 5)
     expected = naive_per_example(model, regression_loss, (x, keep), y)
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
     with engine.observe(4) as observed:
         regression_loss(model(x, keep), y).mean().backward()
+    assert engine._outputs_needed   # the whole-model vmap of the outputs' gradients ran
     for name, values in expected.items():
         assert_relclose(observed.by_parameter[name], values)
     assert not observed.by_parameter["bias.spare"].any()

@@ -32,17 +32,20 @@ from torch.func import vmap
 
 __all__ = ["Broadcast", "BroadcastGradients"]
 
+_PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
+
 # operations of one tensor (and constants): a shared input gives a shared output, whatever its shape (the number of
 # heads may equal the batch size)
 _OF_ONE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0",
            "TBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
            "CloneBackward0", "ToCopyBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
            "RepeatBackward0", "NegBackward0", "AddBackward1", "SubBackward1", "MulBackward1", "DivBackward1",
+           "RsubBackward1", "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1",
            "UpsampleBilinear2DBackward0", "UpsampleBicubic2DBackward0", "UpsampleNearest2DBackward0",
            "SigmoidBackward0", "TanhBackward0", "ExpBackward0"}
 # elementwise operations of several tensors: they give the examples to a shared input broadcast along their
 # output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
-_ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "ExpandBackward0"}
+_ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "DivBackward0", "ExpandBackward0"}
 
 
 @dataclass
@@ -56,11 +59,19 @@ class Broadcast:
     deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]
     sums: dict = field(default_factory=dict)      # (node, output) -> per-example gradient so far, (B, *shape)
     delivered: bool = False
-    low_precision: bool = False                   # it reaches the frontier in float16 or bfloat16 (autocast)
+    precision: torch.dtype = torch.float64        # the lowest it reaches the frontier in (autocast, a cast)
+
+    def __post_init__(self):   # as the module returned it: an in-place change later gives it another node
+        self.node, self.output_nr, self.version = self.tensor.grad_fn, self.tensor.output_nr, self.tensor._version
 
     def add(self, per_example: Tensor) -> None:
         """Each example's gradient of the tensor through one of its uses, (B, *o.shape)."""
-        _add(self.sums, (self.tensor.grad_fn, self.tensor.output_nr), per_example)
+        _add(self.sums, (self.node, self.output_nr), per_example)
+
+    def note(self, dtype: torch.dtype) -> None:
+        """It reaches the frontier in ``dtype``: the backward rounds its sum over the examples to that."""
+        if _PRECISION.get(dtype, 2) > _PRECISION.get(self.precision, 2):
+            self.precision = torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class BroadcastGradients:
@@ -70,8 +81,9 @@ class BroadcastGradients:
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.pending: list[Broadcast] = []
-        self.saves_hooked = False   # the forward ran under saved-tensor hooks (activation checkpointing)
-        self.rows: dict = {}   # autograd node of a rule layer's output -> k: its B k rows are B examples' blocks
+        self.rows: dict = {}     # autograd node of a rule layer's output -> b: its B b rows are B examples' blocks
+        self.inputs: dict = {}   # the same for a rule layer's input (the node of its output 0)
+        self._saves_hooked: dict = {}   # node -> whether its saved tensors have saved-tensor hooks
         self._handles: list = []
 
     def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]) -> Broadcast:
@@ -83,8 +95,7 @@ class BroadcastGradients:
         """Takes a pending tensor out of those to connect: its per-example gradients will be ``Broadcast.add``ed
         by whoever consumes it (a rule layer whose parametrized weight it is); the hook that delivers them is set."""
         self.pending.remove(broadcast)
-        self._handles.append(broadcast.tensor.register_hook(
-            _deliverer(broadcast, broadcast.tensor.grad_fn, broadcast.tensor.output_nr)))
+        self._handles.append(broadcast.tensor.register_hook(_deliverer(broadcast)))
 
     def connect(self, roots: list) -> list[tuple[Broadcast, str]]:
         """Hooks every pending shared tensor into the graph from the autograd nodes ``roots``; returns those that
@@ -101,9 +112,12 @@ class BroadcastGradients:
         return failed
 
     def _hook(self, broadcast: Broadcast, consumers: dict) -> str | None:
-        start = broadcast.tensor.grad_fn
+        start = broadcast.node
         if start is None:
             return "its output has no autograd node"
+        if broadcast.tensor._version != broadcast.version:
+            return "it was changed in place after its module returned it"
+        broadcast.note(broadcast.tensor.dtype)
         frontier, between, stack = defaultdict(list), {}, [start]
         while stack:
             node = stack.pop()
@@ -115,19 +129,23 @@ class BroadcastGradients:
                 except (AttributeError, IndexError, RuntimeError):   # a torch without the nodes' output shapes
                     return "the autograd graph does not give its operations' output shapes"
                 shape = tuple(carried.shape)
-                if carried.dtype in (torch.float16, torch.bfloat16):   # autocast: the backward rounds its sums
-                    broadcast.low_precision = True
+                broadcast.note(carried.dtype)
                 if len(shapes) != 1:
                     return f"an operation with several outputs ({name}) takes it"
-                padded = (1,) * (len(shapes[0]) - len(shape)) + shape
-                if self.saves_hooked and _reads_saved_tensors(consumer):
-                    return (f"an operation ({name}) that saved a tensor takes it, under saved-tensor hooks "
-                            "(activation checkpointing) that let a saved tensor be read only once")
-                blocks = self._blocks(consumer, k, shapes[0]) if name in _ELEMENTWISE and padded[:1] == (1,) \
-                    and len(padded) == len(shapes[0]) else None
+                out = shapes[0]
+                padded = (1,) * (len(out) - len(shape)) + shape
+                if consumer not in self._saves_hooked:   # asked once per node: asking sets hooks
+                    self._saves_hooked[consumer] = _saves_hooked(consumer)
+                if self._saves_hooked[consumer]:
+                    return (f"an operation ({name}) whose saved tensors have hooks takes it (activation "
+                            "checkpointing lets a saved tensor be read only once)")
+                spread = name in _ELEMENTWISE and len(padded) == len(out) and padded[:1] == (1,) and out[:1] != (1,)
+                blocks = self._blocks(consumer, k, out, consumers) if spread else None
                 if blocks is not None:   # broadcast over the examples (in B blocks of rows: Swin's windows)
                     frontier[consumer].append((k, (node, output_nr), shape, blocks))
-                elif name in _OF_ONE or name in _ELEMENTWISE and padded == shapes[0] and name != "ExpandBackward0":
+                elif name in _OF_ONE or name in _ELEMENTWISE and (padded == out or name == "ExpandBackward0" or all(
+                        hasattr(other, "variable") for j, (other, _) in enumerate(consumer.next_functions)
+                        if j != k)):   # shared still: its own shape, an expand, or combined with parameters only
                     if consumer not in between:
                         between[consumer] = True
                         stack.append(consumer)
@@ -142,7 +160,7 @@ class BroadcastGradients:
         for node in between:
             self._handles.append(node.register_prehook(
                 lambda grads, node=node: self._between(broadcast, node, targets, grads)))
-        self._handles.append(broadcast.tensor.register_hook(_deliverer(broadcast, start, broadcast.tensor.output_nr)))
+        self._handles.append(broadcast.tensor.register_hook(_deliverer(broadcast)))
         return None
 
     def _at_frontier(self, broadcast: Broadcast, consumer: Any, edges: list, grads: tuple) -> None:
@@ -156,44 +174,70 @@ class BroadcastGradients:
                     unreduced = unreduced.reshape(self.batch_size, blocks, *unreduced.shape[1:]).sum(1)
                 _add(broadcast.sums, key, _per_example(unreduced, shape))
 
-    def _blocks(self, consumer: Any, k: int, shape: tuple) -> int | None:
-        """k' where the output of ``consumer`` (a frontier candidate, its input k the shared tensor's) holds the B
-        examples in dim 0, in blocks of k' rows: 1 where dim 0 is B; where it is B k' rows (Swin's windows), only if
-        another input's rows trace back to a rule layer's output whose rows a probe showed to be the examples'
-        blocks (``_rows_of``). None otherwise."""
+    def _blocks(self, consumer: Any, k: int, shape: tuple, consumers: dict) -> int | None:
+        """b where the output of ``consumer`` (its input k the shared tensor, broadcast along dim 0) holds the B
+        examples in dim 0, in blocks of b rows (b = 1, or Swin's windows): only if rows of the examples meet it
+        row by row, as another input of ``consumer`` or of an elementwise operation that takes its output
+        (``_paired``), whose rows trace back to a rule layer's output (``_rows_of``). A dim 0 that only happens to
+        have B's size (heads as many as the examples, a sequence-first tensor at T == B) has none. None
+        otherwise."""
         if not shape or shape[0] % self.batch_size:
             return None
         blocks = shape[0] // self.batch_size
-        if blocks == 1:
-            return 1
-        others = [edge for j, edge in enumerate(consumer.next_functions) if j != k and edge[0] is not None]
-        return blocks if any(self._rows_of(node, nr, {}) == blocks for node, nr in others) else None
+        return blocks if self._paired(consumer, k, shape[0], blocks, consumers, 0) else None
+
+    def _paired(self, node: Any, k: int | None, rows: int, blocks: int, consumers: dict, depth: int) -> bool:
+        """Whether the examples' rows meet the output of ``node`` row by row (same number of dims, ``rows`` rows):
+        as another input of ``node`` whose rows trace back to a rule layer's output (``_rows_of``), as the input of
+        a rule layer that took its dim 0 for the examples (``inputs``), or so at an operation downstream that
+        keeps the rows."""
+        out = _shape(node, 0)
+        if not out or out[0] != rows:
+            return False
+        for j, (source, nr) in enumerate(node.next_functions):
+            shape = None if j == k or source is None else _shape(source, nr)
+            if shape and len(shape) == len(out) and shape[0] == rows and self._rows_of(source, nr, {}) == blocks:
+                return True
+        if self.inputs.get(node) == blocks:
+            return True
+        if depth >= 6:
+            return False
+        for consumer, j, nr in consumers.get(node, []):
+            name, shape = type(consumer).__name__, _shape(consumer, 0) or ()
+            if nr != 0 or not _keeps_rows(consumer, name):
+                continue
+            if name in _REGROUP:   # B blocks of whole examples regrouped (a matmul's reshape to (B heads, ...))
+                if shape and shape[0] % self.batch_size == 0 and self._paired(
+                        consumer, j, shape[0], shape[0] // self.batch_size, consumers, depth + 1):
+                    return True
+            elif len(shape) == len(out) and self._paired(consumer, j, rows, blocks, consumers, depth + 1):
+                return True
+        return False
 
     def _rows_of(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> int | None:
-        """k where output ``output_nr`` of ``node`` has B k rows, the examples' blocks in order, traced through
-        operations that keep dim 0's rows (elementwise, batched products, permutations of the other dims) or
-        regroup them (a reshape to a multiple of B rows) back to a rule layer's output (``rows``)."""
+        """b where output ``output_nr`` of ``node`` holds the B examples in dim 0 in blocks of b rows, traced back to
+        a rule layer's output (``rows``); None where it cannot be traced."""
+        found = self._examples_at(node, output_nr, seen, depth)
+        return found[1] if found is not None and found[0] == 0 else None
+
+    def _examples_at(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> tuple[int, int] | None:
+        """(d, b) where output ``output_nr`` of ``node`` holds the B examples in dim d in blocks of b, traced back
+        through operations whose effect on that dim is known (``_carry_examples``: elementwise operations,
+        reshapes, permutations, selections along other dims, batched products) to a rule layer's output."""
         if node in self.rows:
-            return self.rows[node] if output_nr == 0 else None
-        if depth > 32 or node in seen or hasattr(node, "variable"):
+            return (0, self.rows[node]) if output_nr == 0 else None
+        if depth > 40 or (node, output_nr) in seen or hasattr(node, "variable"):
             return None
-        seen[node] = None
-        name = type(node).__name__
-        try:
-            rows = node._input_metadata[output_nr].shape[0] if node._input_metadata[output_nr].shape else None
-        except (AttributeError, IndexError, RuntimeError):
-            return None
-        if rows is None or rows % self.batch_size or not _keeps_rows(node, name):
-            return None
-        for source, nr in node.next_functions:
+        seen[(node, output_nr)] = None
+        for k, (source, nr) in enumerate(node.next_functions):
             if source is None:
                 continue
-            blocks = self._rows_of(source, nr, seen, depth + 1)
-            if blocks is None:
-                continue
-            source_rows = source._input_metadata[nr].shape[0]
-            if name in _REGROUP or source_rows == rows:   # a reshape regroups whole blocks (B divides both)
-                return rows // self.batch_size
+            found = self._examples_at(source, nr, seen, depth + 1)
+            if found is not None:
+                carried = _carry_examples(node, k, output_nr, found, _shape(source, nr), _shape(node, output_nr),
+                                          self.batch_size)
+                if carried is not None:
+                    return carried
         return None
 
     def _between(self, broadcast: Broadcast, node: Any, targets: set, grads: tuple) -> None:
@@ -212,7 +256,7 @@ class BroadcastGradients:
         """Removes the hooks (the pending tensors stay, for ``GhostPass.finish`` to send to the vmap)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self.rows = [], {}
+        self._handles, self.rows, self.inputs, self._saves_hooked = [], {}, {}, {}
 
 
 def _consumers(roots: list) -> dict:
@@ -230,17 +274,18 @@ def _consumers(roots: list) -> dict:
     return consumers
 
 
-def _deliverer(broadcast: Broadcast, start: Any, output_nr: int) -> Callable[[Tensor], None]:
+def _deliverer(broadcast: Broadcast) -> Callable[[Tensor], None]:
     """The tensor hook on the shared tensor: every consumer has run, so its per-example gradient is complete."""
 
     def deliver(total: Tensor) -> None:
-        per_example = broadcast.sums.pop((start, output_nr), None)
+        per_example = broadcast.sums.pop((broadcast.node, broadcast.output_nr), None)
         if broadcast.delivered:
             per_example = None
         elif per_example is None:
             per_example = total.new_zeros(0)   # nothing came through the frontier: fails the sum check
         broadcast.delivered = True
-        broadcast.deliver(per_example, total, torch.bfloat16 if broadcast.low_precision else total.dtype)
+        broadcast.note(total.dtype)
+        broadcast.deliver(per_example, total, broadcast.precision)
 
     return deliver
 
@@ -248,7 +293,9 @@ def _deliverer(broadcast: Broadcast, start: Any, output_nr: int) -> Callable[[Te
 # operations whose output row r is computed from row r of their inputs (dim 0 kept, other dims free)
 _ROWWISE = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0", "MulBackward1",
             "DivBackward0", "DivBackward1", "NegBackward0", "CloneBackward0", "ToCopyBackward0", "BmmBackward0",
-            "ExpandBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "TanhBackward0", "SigmoidBackward0"}
+            "ExpandBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0", "TanhBackward0",
+            "SigmoidBackward0", "ReluBackward0", "GeluBackward0", "SiluBackward0", "NativeDropoutBackward0",
+            "NativeLayerNormBackward0", "PowBackward0", "RsqrtBackward0", "SqrtBackward0", "ExpBackward0"}
 # reshapes: row-major order is kept, so B blocks of whole examples stay blocks when both sides have a multiple of B
 _REGROUP = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 
@@ -259,16 +306,86 @@ def _keeps_rows(node: Any, name: str) -> bool:
     if name in _ROWWISE or name in _REGROUP:
         return True
     if name == "TransposeBackward0":
-        return node._saved_dim0 != 0 and node._saved_dim1 != 0 and node._saved_dim0 != -len(
-            node._input_metadata[0].shape) and node._saved_dim1 != -len(node._input_metadata[0].shape)
+        rank = len(node._input_metadata[0].shape)
+        return _signed(node._saved_dim0) % rank != 0 and _signed(node._saved_dim1) % rank != 0
     if name == "PermuteBackward0":
-        return node._saved_dims[0] % len(node._saved_dims) == 0
+        return _signed(node._saved_dims[0]) % len(node._saved_dims) == 0
     return False
 
 
-def _reads_saved_tensors(node: Any) -> bool:
-    """Whether carrying a gradient through ``node`` reads a tensor it saved (a mask, an operand)."""
-    return any(name.startswith("_raw_saved_") for name in dir(node))
+def _shape(node: Any, output_nr: int) -> tuple | None:
+    try:
+        return tuple(node._input_metadata[output_nr].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], inp: tuple | None,
+                    out: tuple | None, batch: int) -> tuple[int, int] | None:
+    """Where ``node``'s output ``output_nr`` holds the examples, given that its input k holds them in dim d in
+    blocks of b, ``found`` = (d, b), with input and output shapes ``inp`` and ``out``; None where not known."""
+    if inp is None or out is None:
+        return None
+    d, b = found
+    name = type(node).__name__
+    if name in _ROWWISE or name in _ELEMENTWISE or name == "SliceBackward0" and _signed(node._saved_dim) % len(
+            inp) != d:   # elementwise (broadcast right-aligned) or a slice along another dim
+        dd = d + len(out) - len(inp)
+        return (dd, b) if 0 <= dd < len(out) and out[dd] == inp[d] else None
+    if name in _REGROUP:
+        if d == 0 and out and out[0] % batch == 0:   # row-major order: B blocks of whole examples stay blocks
+            return 0, out[0] // batch
+        return (d, b) if len(out) > d and out[:d + 1] == inp[:d + 1] else None
+    if name == "PermuteBackward0":
+        dims = [_signed(x) % len(inp) for x in node._saved_dims]
+        return dims.index(d), b
+    if name == "TransposeBackward0":
+        d0, d1 = (_signed(x) % len(inp) for x in (node._saved_dim0, node._saved_dim1))
+        return (d1 if d == d0 else d0 if d == d1 else d), b
+    if name in ("SelectBackward0", "UnbindBackward0"):
+        dim = _signed(node._saved_dim) % len(inp)
+        return None if dim == d else (d - (dim < d), b)
+    if name == "UnsqueezeBackward0":
+        dim = _signed(node._saved_dim) % len(out)
+        return d + (dim <= d), b
+    if name in ("SplitBackward0", "SplitWithSizesBackward0"):
+        return None if _signed(node._saved_dim) % len(inp) == d else (d, b)
+    if name in ("MmBackward0", "AddmmBackward0"):   # rows of the first matrix
+        return (0, b) if d == 0 and k == (0 if name == "MmBackward0" else 1) else None
+    return None
+
+
+def _rows(node: Any, output_nr: int) -> int | None:
+    """Dim 0's size of output ``output_nr`` of ``node`` (None for a 0-d one or where autograd does not say)."""
+    try:
+        shape = node._input_metadata[output_nr].shape
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+    return shape[0] if len(shape) else None
+
+
+def _saves_hooked(node: Any) -> bool:
+    """Whether a tensor ``node`` saved has saved-tensor hooks (non-reentrant activation checkpointing), which let it
+    be read only once: the real backward's. Asked by setting identity hooks, which raises where hooks are set."""
+    for name in dir(node):
+        if name.startswith("_raw_saved_"):
+            try:
+                saved = getattr(node, name)
+                if saved is not None and hasattr(saved, "register_hooks"):
+                    saved.register_hooks(_same, _same)
+            except RuntimeError as error:
+                if "already been set" in str(error):   # not "a saved tensor with value None"
+                    return True
+    return False
+
+
+def _same(t: Any) -> Any:
+    return t
+
+
+def _signed(dim: int) -> int:
+    """A dim autograd saved as unsigned (-1 reads 2^64 - 1 in Python)."""
+    return dim - 2 ** 64 if dim >= 2 ** 63 else dim
 
 
 def _add(sums: dict, key: Any, value: Tensor) -> None:
@@ -289,6 +406,9 @@ def _unreduced(node: Any, k: int, grad: Tensor) -> Tensor:
             torch.where(node._saved_condition, zero, grad)
     if name == "ExpandBackward0":
         return grad
+    if name == "DivBackward0":
+        other = node._saved_other
+        return grad / other.conj() if k == 0 else -grad * (node._saved_self / (other * other)).conj()
     other = node._saved_other if k == 0 else node._saved_self   # MulBackward0
     return grad * other.conj()
 
@@ -315,12 +435,12 @@ def _rearranged(node: Any, per_example: Tensor) -> Tensor | None:
     if name in _SAME_ORDER:   # the same elements in the same order
         return per_example.reshape(per_example.shape[0], *meta.shape).to(device=meta.device, dtype=meta.dtype)
     if name == "PermuteBackward0":
-        dims = [d % len(node._saved_dims) for d in node._saved_dims]
+        dims = [_signed(d) % len(node._saved_dims) for d in node._saved_dims]
         inverse = sorted(range(len(dims)), key=dims.__getitem__)
         return per_example.permute(0, *(d + 1 for d in inverse))
     if name == "TransposeBackward0":
         rank = per_example.dim() - 1
-        return per_example.transpose(node._saved_dim0 % rank + 1, node._saved_dim1 % rank + 1)
+        return per_example.transpose(_signed(node._saved_dim0) % rank + 1, _signed(node._saved_dim1) % rank + 1)
     return None
 
 

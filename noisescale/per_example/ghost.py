@@ -397,10 +397,13 @@ class GhostPass:
 
 def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
     """Sum per name; rules return fresh tensors, so the stored one can be added to in place."""
-    if name in store:
-        store[name].add_(value)
-    else:
+    current = store.get(name)
+    if current is None:
         store[name] = value
+    elif current._base is not None or 0 in current.stride():   # a view, or zeros expanded by vmap: not in place
+        store[name] = current + value
+    else:
+        current.add_(value)
 
 
 def _broadcast(t: Tensor, batch_size: int) -> Tensor:
@@ -522,11 +525,8 @@ class GhostNormEngine:
         ghost_pass = self._pass
         if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules:
             return None
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is not None:   # activation checkpointing, say: a saved tensor may be read only once
-            if _recomputing(hooks):
-                return None
-            ghost_pass.broadcasts.saves_hooked = True
+        if _recomputing():
+            return None
         return ghost_pass
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -650,7 +650,11 @@ class GhostNormEngine:
         held = output if blocks is None and not transposed else hooked
         held.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
         if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
-            ghost_pass.broadcasts.rows[held.grad_fn] = 1 if blocks is None else blocks
+            rows = ghost_pass.broadcasts
+            rows.rows[held.grad_fn] = 1 if blocks is None else blocks
+            taken = _first_input(args, kwargs)
+            if isinstance(taken, Tensor) and taken.grad_fn is not None and taken.output_nr == 0:
+                rows.inputs[taken.grad_fn] = rows.rows[held.grad_fn]
         return replaced
 
     def _warn_if_positions(self, entry: GhostModule, module: nn.Module, x: Any, batch: int) -> None:
@@ -833,12 +837,11 @@ def _shared_indices(x: Any, output: Any, batch: int) -> bool:
             and isinstance(output, Tensor) and output.requires_grad)
 
 
-def _recomputing(hooks: Any = ()) -> bool:
+def _recomputing() -> bool:
     """Whether this forward call is non-reentrant activation checkpointing recomputing a block inside the
     backward: its calls were recorded in the real forward already, and the recomputed outputs get no gradient.
-    (Reentrant checkpointing runs its first forward without grad, so its recomputation is the call to record.)
-    ``hooks``: the saved-tensor hooks in force, if already read."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) if hooks == () else hooks
+    (Reentrant checkpointing runs its first forward without grad, so its recomputation is the call to record.)"""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
 
 
