@@ -9,14 +9,21 @@ them: their output gradient g has the examples in dim 0. Example i's gradient of
 frontier (``_unreduced``), summed over the dims o was broadcast along except dim 0 (``_per_example``), and carried
 back through the batch-free operations between the frontier and o before the real backward runs them (directly for
 views, permutations, copies and elementwise operations, ``_carried``; others by calling their autograd node under
-vmap over the examples). The module that made o then
-gets dl_i/do for each example as if it had been called on every example: its rule (an Embedding on shared buckets)
-or the per-module fallback (a module that computes the bias) turns that into the norms.
+vmap over the examples). The module that made o then gets dl_i/do for each example as if it had been called on
+every example: its rule (an Embedding on shared buckets) or the per-module fallback (a module that computes the
+bias) turns that into the norms. A weight computed by ``torch.nn.utils.parametrize`` is such a tensor too; the rule
+of the layer that uses it gives its per-example gradients directly (``Broadcast.add``, no walk).
 
 The graph is walked from the model's outputs after its forward (node output shapes from autograd's
-``_input_metadata``); an operation that takes o besides those above, or a batch-free operation that could mix
-the examples (a matrix product, a reduction over a batched tensor), sends o's module to the whole-model vmap, as
-does a pass where the per-example gradients do not sum to the gradient o received (checked in ``GhostPass.finish``).
+``_input_metadata``). A frontier's dim 0 must be shown to hold the examples, not merely to have their number (heads
+as many as the examples, a sequence-first tensor at T == B): another of its inputs, or an elementwise operation or
+a rule layer downstream, must meet it row by row with rows that trace back to a rule layer's output or input,
+whose dim 0 the engine checked (``_paired``, ``_examples_at``); Swin's B windows' rows trace back to its
+projections' verified blocks. Elementwise operations of the shared tensor with parameters or constants of its own
+shape keep it shared. An operation that takes it otherwise, a tensor changed in place after its module returned
+it, or saved tensors with hooks (activation checkpointing lets them be read once) send o's module to the
+whole-model vmap, as does a pass where the per-example gradients do not sum to the gradient o received (checked
+in ``GhostPass.finish``, to the rounding of the lowest precision o passed through).
 """
 
 from __future__ import annotations
