@@ -56,7 +56,7 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "opt", "vit", "bart", "t5",
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "opt", "vit", "swin", "bart", "t5",
           "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
@@ -178,6 +178,12 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                             image_size=32, patch_size=8, num_channels=3, num_labels=3, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)),
                         per_example_cross_entropy, {"pixel_values": images}, classes),
+        # Swin's windows: its layers on (B * windows, N, d) rows, its relative-position bias on them
+        "swin": lambda: (hf("SwinForImageClassification")(hf("SwinConfig")(
+                             image_size=32, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                             window_size=4, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                             drop_path_rate=0.0)),
+                         per_example_cross_entropy, {"pixel_values": images}, classes),
         "bart": lambda: (hf("BartForConditionalGeneration")(hf("BartConfig")(
                              encoder_layers=2, decoder_layers=2, d_model=64, encoder_attention_heads=4,
                              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
