@@ -67,6 +67,8 @@ _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per oc
 _FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
 _CHUNK_ELEMENTS = 2**16  # configurations x bins walked at once
 _SPLIT_ELEMENTS = 2**16  # walks at least this large start anew where the octave they can start at changes
+_HANDOVER_BYTES = 2**27  # the octave pass hands at most this much state over to the walks (:func:`_octave_crossings`)
+_HANDOVER_BINS = 16  # ... with at least this many bins (with fewer, squaring costs less than the more walks it needs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,6 +217,7 @@ class _FirstMoment:
     noise_input: np.ndarray  # (k, K, bins) b
     noise_variance: np.ndarray  # (bins,) c~ (bins with equal h~ merged, see _merged_bins)
     initial: np.ndarray  # (k,) x(0) = initial * theta_0 (m = 0, theta~ = theta)
+    states: tuple[int, ...]  # the states kept, of (theta, m, theta~)
     readout: int  # state read by the risk: theta, or theta~ when the average is kept
     weights: np.ndarray  # (bins,) 1/2 h count
     initial_variance: float
@@ -277,6 +280,7 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
         noise_input=np.array([noise_entries[i]() for i in states]),
         noise_variance=c_eff,
         initial=np.array([1.0, 0.0, 1.0])[states],
+        states=tuple(states),
         readout=len(states) - 1 if 2 in states else 0,
         weights=weights,
         initial_variance=model.initial_variance,
@@ -671,6 +675,16 @@ def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
     return np.ones_like(values) if result is None else result
 
 
+def _mode_power(values: np.ndarray, exponent: int) -> np.ndarray:
+    """mu^exponent: exp(exponent log mu) where every mu is real and >= 0 (no momentum, or the size form), else
+    :func:`_integer_power`. For the floors only, which allow for rounding: the relative error of either is of
+    order exponent |log mu| times the machine epsilon."""
+    if exponent == 0 or np.iscomplexobj(values) or np.any(values < 0):
+        return _integer_power(values, exponent)
+    with np.errstate(divide="ignore"):
+        return np.exp(exponent * np.log(values))
+
+
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
                          span: int, start: int) -> np.ndarray:
     """Lower bound of D(t) over integers t in [t0, t0 + span], t0 = start + 1, from the terms c mu^(t0 - 1)
@@ -738,9 +752,37 @@ class _GridCrossings:
     at: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class _Handover:
+    """The walk's state at the grid time 2^octave - 1, as the octave pass reached it: v and N there, M^(2^e) and
+    A_(2^e) with e = octave - 6 (the walk's first steps are 2^(e + 1) long), for a system that keeps ``states``."""
+
+    octave: int
+    states: tuple[int, ...]
+    v: np.ndarray  # (k, K, bins)
+    noise: np.ndarray  # (K,)
+    power: np.ndarray  # (k, k, K, bins)
+    block: np.ndarray  # (k, k, K, bins)
+
+    @staticmethod
+    def bytes_per_part(k: int, bins: int) -> int:
+        """Size of one configuration's part."""
+        return 8 * ((k + 2 * k * k) * bins + 1)
+
+    @classmethod
+    def joined(cls, parts: list[_Handover]) -> _Handover | None:
+        """One handover of several configurations' parts, all at one octave; None unless they keep the same states
+        (the octave pass takes a state only where some configuration of its chunk uses it)."""
+        if any(part.states != parts[0].states for part in parts):
+            return None
+        return cls(parts[0].octave, parts[0].states,
+                   *(np.concatenate([getattr(part, name) for part in parts], axis)
+                     for name, axis in (("v", 1), ("noise", 0), ("power", 2), ("block", 2))))
+
+
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
                give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None,
-               modes: _Modes | None = None) -> _GridCrossings:
+               modes: _Modes | None = None, handover: _Handover | None = None) -> _GridCrossings:
     """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
 
     A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
@@ -750,7 +792,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
     before the best. Finished configurations are dropped from the arrays as the walk goes. ``walk_from``
     (:func:`_octave_crossings`) skips rows that need no walk (inf) and starts the walk at the grid time 2^e - 1
-    (reached by repeated squaring), e the smallest of its values. ``modes``: :func:`_modes` of ``system`` if known.
+    (reached by repeated squaring, or taken from ``handover`` when it holds that octave's state), e the smallest of
+    its values. ``modes``: :func:`_modes` of ``system`` if known.
     """
     n_configs, n_batches = system.stable.size, batch_sizes.size
     inverse_batch = 1.0 / batch_sizes
@@ -785,14 +828,17 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     octave = int(np.log2(times[activate_at[active].min()] + 1)) if active.any() else 0
     if octave >= _FIRST_OCTAVE and not start.any():  # t = 2^octave - 1 is the grid time start_index, which begins
         exponent = octave - _FIRST_OCTAVE  # R intervals of 2^(exponent + 1) steps
-        for doubling in range(octave):
-            if doubling == exponent:
-                power_then, block_then = power, block
-            noise = noise + _quadratic(v, block) @ weights
-            v = _advance(v, power)
-            if doubling < octave - 1:
-                power, block = _doubled(power, block)
-        power, block = power_then, block_then
+        if handover is not None and (handover.octave, handover.states) == (octave, system.states):
+            v, noise, power, block = handover.v, handover.noise, handover.power, handover.block
+        else:
+            for doubling in range(octave):
+                if doubling == exponent:
+                    power_then, block_then = power, block
+                noise = noise + _quadratic(v, block) @ weights
+                v = _advance(v, power)
+                if doubling < octave - 1:
+                    power, block = _doubled(power, block)
+            power, block = power_then, block_then
         start_index = int(np.searchsorted(times, 2**octave - 1))
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
@@ -800,12 +846,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                               np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
         if modes.sized_from(2 ** (exponent + 1) - 2):  # every floor of the walk: real arithmetic
             modes = modes.by_size(weights)
-        squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
-        for _ in range(octave - 1):
-            squares.append(squares[-1] * squares[-1])
-        base = modes.coefficients * functools.reduce(np.multiply, squares)
-        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent],
-                                                               np.ones_like(modes.values))
+        base = modes.coefficients * _mode_power(modes.values, 2**octave - 1)
+        mu_gap, mu_inner = (_mode_power(modes.values, s) for s in (2**exponent, max(2**exponent - 2, 0)))
     pending = active & (activate_at > start_index)  # rows above the target until their first grid index
     active &= ~pending
     for j in range(start_index + 1, times.size):
@@ -914,6 +956,7 @@ def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.n
 
 def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray,
                       until: np.ndarray | None = None, earliest: bool = False,
+                      handovers: dict[tuple[int, int], _Handover] | None = None, budget: int = _HANDOVER_BYTES,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (configuration, batch size): the first time 2^e - 1 (a grid time) with risk <= target (inf if none),
     the risk then, and the octave e from which the grid walk must follow it (inf: never).
@@ -927,6 +970,9 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     With ``earliest`` only the earliest crossing per batch size is sought, reached.min(axis=0): a batch size is
     followed until some configuration reaches the target, no floors are computed and walk_from stays inf.
     With one real mode per direction (SGD) D never increases, so its floor on an octave is D at the octave's end.
+    ``handovers`` (a dict) receives, for each configuration and octave e >= 6 its rows are to be walked from, the
+    walk's state at 2^e - 1 (:class:`_Handover`), keyed (configuration, e), while they fit in ``budget`` bytes:
+    the walk need not square its way there again.
     """
     weights, inverse_batch = system.weights, 1.0 / batch_sizes
     v = _readout_row(system)
@@ -954,6 +1000,7 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     noise, time, octave = np.zeros(system.stable.size), 0, 0
     power, block = system.matrix, _noise_block(system)
     live = np.arange(system.stable.size)
+    ladder = {}  # octave o -> (live, M^(2^o), A_(2^o)) for the last 7 octaves, while handovers are kept
     while True:
         beyond = time >= last_time  # crossings after `time` come after the last time of interest
         followed[:, beyond] = False
@@ -969,6 +1016,10 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             power, block = _doubled(power, block)
             if floors:
                 term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+        if handovers is not None:
+            ladder[octave] = (live, power, block)
+            ladder.pop(octave - _FIRST_OCTAVE - 1, None)
+        v_then, noise_then = v, noise
         if floors and modes.sized_from(time):  # real arithmetic from here on
             term, mu_odd, mu_pow = modes.to_size(term), modes.to_size(mu_odd), modes.to_size(mu_pow)
             modes = modes.by_size(weights)
@@ -994,7 +1045,24 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             rows, columns = np.nonzero(uncertain)
             walk_from[live[rows], columns] = octave - 1
             open_rows[live[rows], columns] = False
+            if handovers is not None and octave - 1 >= _FIRST_OCTAVE and rows.size:
+                _hand_over(handovers, budget, octave - 1, system.states, live, np.unique(rows), v_then, noise_then,
+                           ladder)
     return reached, risk_then, walk_from
+
+
+def _hand_over(handovers: dict[tuple[int, int], _Handover], budget: int, octave: int, states: tuple[int, ...],
+               live: np.ndarray, positions: np.ndarray, v: np.ndarray, noise: np.ndarray, ladder: dict) -> None:
+    """Keep the walk's state at 2^octave - 1 for the configurations live[positions] (v and N of the octave pass
+    there, M^(2^e) and A_(2^e) from its ladder, e = octave - 6), while the handovers fit in ``budget`` bytes."""
+    ladder_live, power, block = ladder[octave - _FIRST_OCTAVE]
+    most = budget // _Handover.bytes_per_part(v.shape[0], v.shape[2])
+    for position in positions[:max(most - len(handovers), 0)]:
+        config = int(live[position])
+        at = int(np.searchsorted(ladder_live, config))
+        handovers[config, octave] = _Handover(octave, states, v[:, position, None].copy(),
+                                              noise[position, None].copy(), power[:, :, at, None].copy(),
+                                              block[:, :, at, None].copy())
 
 
 def _interpolated(lower_time, upper_time, before, at, target):
@@ -1290,10 +1358,18 @@ def steps_vs_batch_size(
                                    _RowSearch(walked[0].subset([walked[2]]), target, walked[1].subset([walked[2]])))
         return last_search[config].at_batch(batch_size)
 
+    handovers: dict[tuple[int, int], _Handover] = {}  # (configuration, octave): the walk's state there
+
     def octave_pass(configs, until=None, earliest=False):
-        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until,
-                                   earliest=earliest)
-                 for start in range(0, configs.size, chunk)]
+        parts = []
+        for start in range(0, configs.size, chunk):
+            system, kept = system_of(configs[start:start + chunk]), None if earliest or n_bins < _HANDOVER_BINS else {}
+            budget = _HANDOVER_BYTES - len(handovers) * _Handover.bytes_per_part(system.matrix.shape[0],
+                                                                                 system.weights.size)
+            parts.append(_octave_crossings(system, batch_sizes, target, times, until, earliest=earliest,
+                                           handovers=kept, budget=budget))
+            handovers.update(((int(configs[start + config]), octave), part)
+                             for (config, octave), part in (kept or {}).items())
         return (np.concatenate(part) for part in zip(*parts))
 
     # an upper bound of the best first octave crossing from every 8th configuration lets the full octave pass
@@ -1312,20 +1388,27 @@ def steps_vs_batch_size(
     entry_config, entry_octave = np.unique(np.stack([rows, walk_from[rows, columns].astype(np.int64)]), axis=1)
     order = np.lexsort((-config_lr[entry_config], entry_octave, ~leading[entry_config]))
     entry_config, entry_octave = entry_config[order], entry_octave[order]
+    handed = np.array([(config, octave) in handovers for config, octave in zip(entry_config, entry_octave)],
+                      dtype=bool)
     chunks = []
     for entry in range(entry_config.size):  # a new walk where the octave changes, unless the walk so far is small
+        # and must square its way to its octave anyway; and where it changes from handed-over states to others
         if (not chunks or len(chunks[-1]) >= chunk or leading[entry_config[entry]] != leading[entry_config[entry - 1]]
+                or handed[entry] != handed[entry - 1]
                 or (entry_octave[entry] != entry_octave[entry - 1]
-                    and len(chunks[-1]) * n_bins >= _SPLIT_ELEMENTS)):
+                    and (handed[entry] or len(chunks[-1]) * n_bins >= _SPLIT_ELEMENTS))):
             chunks.append([])
         chunks[-1].append(entry)
     for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
         index, octaves = entry_config[entries], entry_octave[entries, None]
         system = system_of(index)
         modes = _modes(system)
+        handover = (_Handover.joined([handovers.pop((config, octave)) for config, octave in
+                                      zip(index, entry_octave[entries])]) if handed[entries[0]] else None)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
                                give_up_after=np.minimum(give_up, best_estimate),
-                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes)
+                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes,
+                               handover=handover)
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)

@@ -467,7 +467,7 @@ def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer,
               for model, rates, target in cases]
     octave_pass = nqm._octave_crossings
 
-    def from_the_start(system, batch_sizes, target, times, until=None, earliest=False):
+    def from_the_start(system, batch_sizes, target, times, until=None, earliest=False, **handover):  # no handover
         reached, risk_then, _ = octave_pass(system, batch_sizes, target, times, earliest=earliest)
         return reached, risk_then, np.where(system.stable[:, None], np.zeros_like(reached), np.inf)
 
