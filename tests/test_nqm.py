@@ -479,6 +479,66 @@ def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer,
         assert np.isfinite(curve.steps).any()
 
 
+@pytest.mark.parametrize("optimizer, grids", [(nqm.OptimizerSetting(momentum=0.9), {}),
+                                               (nqm.OptimizerSetting(precondition_power=0.5),
+                                                {"momenta": (0.0, 0.8), "emas": (0.0, 0.75)})],
+                         ids=["momentum", "tuned"])
+def test_walks_start_from_the_state_the_octave_pass_hands_over(optimizer, grids, monkeypatch):
+    # with 16 bins or more the octave pass keeps, for each configuration and octave e >= 6 its rows are walked
+    # from, v(2^e - 1), N(2^e - 1), M^(2^(e-6)) and A_(2^(e-6)); the walk starts there instead of squaring its way
+    # there: the risk it hands over is the step-by-step recurrence's, the powers are M's, and the search finds
+    # what it finds without the handover and what the recurrence gives
+    rng = np.random.default_rng(31)
+    h = np.sort(10 ** rng.uniform(-2.5, 0, 20))[::-1]
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 1, 20))
+    rates = 2 * (1 + max(grids.get("momenta", (optimizer.momentum,)))) / h.max() ** (1 - optimizer.precondition_power)
+    rates = rates * np.array([0.001, 0.003, 0.01, 0.05, 0.2, 0.5])
+    batches, target, horizon = np.array([1.0, 64.0, 4096.0]), 0.005 * model.initial_risk, 4000
+    configs = np.array([(a, b, g) for a in rates for b in grids.get("momenta", (optimizer.momentum,))
+                        for g in grids.get("emas", (optimizer.ema,))]).T
+    system = nqm._first_moment(model, optimizer.precondition_power, *configs)
+    handovers = {}
+    times, _ = nqm._time_grid(horizon)
+    nqm._octave_crossings(system, batches, target, times, handovers=handovers)
+    assert len(handovers) >= 3 and max(octave for _, octave in handovers) >= 9
+    for (config, octave), part in handovers.items():
+        setting = nqm.OptimizerSetting(configs[1, config], optimizer.precondition_power, configs[2, config])
+        t, steps = 2**octave - 1, 2 ** (octave - nqm._FIRST_OCTAVE)
+        for batch in batches:
+            risk = nqm._deterministic(system, part.v)[0] + part.noise[0] / batch
+            expected = recurrence_risk(model, setting, lambda step: configs[0, config], batch, t)[t]
+            assert risk == pytest.approx(expected, rel=1e-9)
+        matrix = np.moveaxis(system.matrix[:, :, config], -1, 0)  # (bins, k, k)
+        noise = np.moveaxis(nqm._noise_block(system)[:, :, config], -1, 0)
+        power, block = np.broadcast_to(np.eye(matrix.shape[1]), matrix.shape), np.zeros_like(noise)
+        for _ in range(steps):
+            block, power = block + power @ noise @ power.transpose(0, 2, 1), power @ matrix
+        np.testing.assert_allclose(np.moveaxis(part.power[:, :, 0], -1, 0), power, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(np.moveaxis(part.block[:, :, 0], -1, 0), block, rtol=1e-9,
+                                   atol=1e-14 * np.abs(block).max())
+
+    walk, handed = nqm._walk_grid, []
+
+    def recording(*args, handover=None, **kwargs):
+        handed.append(handover is not None)
+        return walk(*args, handover=handover, **kwargs)
+
+    monkeypatch.setattr(nqm, "_walk_grid", recording)
+    curve = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+    assert any(handed) and np.isfinite(curve.steps).sum() >= 2
+    monkeypatch.setattr(nqm, "_HANDOVER_BYTES", 0)
+    handed.clear()
+    reference = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+    assert not any(handed)
+    for name in ("steps", "learning_rates", "momenta", "emas"):
+        np.testing.assert_array_equal(getattr(curve, name), getattr(reference, name))
+    for j in np.nonzero(np.isfinite(curve.steps))[0]:  # the winner's steps are its exact first crossing
+        batch = batches[j]
+        chosen = nqm.OptimizerSetting(curve.momenta[j], optimizer.precondition_power, curve.emas[j])
+        risks = recurrence_risk(model, chosen, lambda step: curve.learning_rates[j], batch, int(curve.steps[j]) + 1)
+        assert curve.steps[j] == first_below(risks, target)
+
+
 def test_schedule_risk_matches_the_step_by_step_recurrence():
     schedule = nqm.PiecewiseConstantSchedule(learning_rates=(0.9, 0.3, 0.05), boundaries=(10, 40))
     optimizer = nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.5)
