@@ -242,9 +242,7 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
     (r1 = 1 - alpha h~ and r2 = 0 without momentum) and gamma.
     """
     alpha, beta, gamma = (np.asarray(v, dtype=np.float64)[:, None] for v in (learning_rate, momentum, ema))
-    h_eff, c_eff, weights = _merged_bins(model.curvatures ** (1.0 - precondition_power),
-                                         model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
-                                         0.5 * model.curvatures * model.counts)
+    h_eff, c_eff, weights = _effective_bins(model, float(precondition_power))
     one = np.ones_like(alpha * h_eff)
     decay = 1.0 - alpha * h_eff
     matrix_entries = {  # the nonzero M_ij and the b_i of the full state, computed for the states kept only
@@ -288,6 +286,17 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
         active=active,
         stable=stable,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _effective_bins(model: NoisyQuadraticModel, precondition_power: float) -> tuple[np.ndarray, np.ndarray,
+                                                                                    np.ndarray]:
+    """(h~, c~, w) of the model's bins, merged (:func:`_merged_bins`): h~ = h^(1-p), c~ = c h^(-2p), w = 1/2 h count;
+    read-only, kept for the last few models and powers (a search builds its systems many times)."""
+    merged = _merged_bins(model.curvatures ** (1.0 - precondition_power),
+                          model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
+                          0.5 * model.curvatures * model.counts)
+    return tuple(_read_only(array) for array in merged)
 
 
 def _merged_bins(h_eff: np.ndarray, c_eff: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -1341,7 +1350,7 @@ def steps_vs_batch_size(
     best_config = np.full(n_batches, -1)
     best_step = np.full(n_batches, np.nan)  # exact first crossing when known (a dip), else nan
     best_point = np.full(n_batches, -1)
-    n_bins = np.unique(model.curvatures ** (1.0 - optimizer.precondition_power)).size  # after _merged_bins
+    n_bins = _effective_bins(model, float(optimizer.precondition_power))[0].size  # after _merged_bins
     chunk = max(1, _CHUNK_ELEMENTS // n_bins)
 
     def system_of(index):
