@@ -1321,7 +1321,8 @@ def steps_vs_batch_size(
     2^e - 1 (repeated squaring, all configurations at once) bounds the best crossing from above and, with a
     floor of the risk per octave, tells from which octave each configuration and batch size must be walked on
     the fine grid, if at all; configurations are walked fastest first, and one is given up at a batch size once
-    its crossing can no longer beat the best so far.
+    its crossing can no longer beat the best so far. The octave pass hands each walk the state at the octave it
+    starts from (with 16 bins or more, up to 128 MB in all), so that the walk need not square its way there.
     ``progress`` shows a tqdm bar over configuration chunks.
     """
     _validate_model(model)
