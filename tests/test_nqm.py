@@ -479,6 +479,19 @@ def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer,
         assert np.isfinite(curve.steps).any()
 
 
+def test_mode_powers_of_the_walk_start_match_repeated_multiplication():
+    # the walk's terms at its first grid time, c mu^(2^e - 1), and mu^(2^(e-6)), mu^(2^(e-6) - 2): exp(s log mu)
+    # where every mu is real and >= 0 (zeros included), repeated squaring otherwise (complex or negative mu)
+    rng = np.random.default_rng(37)
+    real = np.concatenate([rng.uniform(0, 1, 50), [0.0, 1.0, 1 - 1e-12]])
+    for values in (real, real - 0.5, real * np.exp(1j * rng.uniform(0, np.pi, real.size))):
+        for exponent in (0, 1, 2, 7, 62, 2**10 - 1, 2**14 - 2):
+            expected = np.ones_like(values)
+            for _ in range(exponent):
+                expected = expected * values
+            np.testing.assert_allclose(nqm._mode_power(values, exponent), expected, rtol=1e-11, atol=1e-300)
+
+
 @pytest.mark.parametrize("optimizer, grids", [(nqm.OptimizerSetting(momentum=0.9), {}),
                                                (nqm.OptimizerSetting(precondition_power=0.5),
                                                 {"momenta": (0.0, 0.8), "emas": (0.0, 0.75)})],
