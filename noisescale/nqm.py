@@ -528,7 +528,9 @@ def _noise_block(system: _FirstMoment) -> np.ndarray:
 
 def _doubled(power: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M^2L, A_2L) from (M^L, A_L): A_2L = A_L + M^L A_L M^LT."""
-    return _apply(power, power), block + _apply(_apply(power, block), power.swapaxes(0, 1))
+    grown = _apply(_apply(power, block), power.swapaxes(0, 1))
+    grown += block
+    return _apply(power, power), grown
 
 
 def _readout_row(system: _FirstMoment) -> np.ndarray:
@@ -704,10 +706,10 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
     bin, (A + B s)^2 lambda^(2s) on s in [start, start + span], is at least min over the ends of (A + B s)^2
     times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
-    terms = sizes = 0.0
     pairwise = first[0].size >= _PAIRWISE_ELEMENTS  # large arrays pair by pair: only the kinds of terms a pair has
     groups = (zip(range(first.shape[0]), modes.all_monotone, modes.any_monotone, modes.least_log_size) if pairwise
               else [(slice(None), all(modes.all_monotone), any(modes.any_monotone), min(modes.least_log_size))])
+    # fresh arrays are updated in place: on large arrays a new one can cost more than the arithmetic (page faults)
     for group, every, some, least in groups:
         real = first[group].real
         size = np.abs(first[group])  # >= |term| on the whole interval since |mu| < 1
@@ -717,13 +719,22 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
             term = -size
         else:
             with np.errstate(over="ignore"):
-                term = real - size * np.minimum(span * modes.log_size[group], 2.0)  # |mu^s - 1| <= 2
+                term = np.multiply(modes.log_size[group], span)
+            np.minimum(term, 2.0, out=term)  # |mu^s - 1| <= 2
+            term *= size
+            np.subtract(real, term, out=term)
         if some and not every:
-            term = np.where(modes.monotone[group], np.minimum(real, last[group].real), term)
-        term = np.maximum(term, -size)
-        terms = terms + (term if pairwise else term.sum(axis=0))
-        sizes = sizes + (size if pairwise else size.sum(axis=0))
-    per_bin = np.maximum(terms - 1e-10 * sizes, 0.0)  # slack: rounding of cancelling terms
+            np.copyto(term, np.minimum(real, last[group].real), where=modes.monotone[group])
+        np.maximum(term, -size, out=term)
+        if not pairwise:
+            terms, sizes = term.sum(axis=0), size.sum(axis=0)
+        elif group == 0:
+            terms, sizes = term, size
+        else:
+            terms += term
+            sizes += size
+    sizes *= 1e-10  # slack: rounding of cancelling terms
+    per_bin = np.maximum(np.subtract(terms, sizes, out=terms), 0.0, out=terms)
     if modes.confluent.any():
         near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
         with np.errstate(under="ignore"):
@@ -1005,7 +1016,7 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             open_rows &= ~hopeless
     floors = not (earliest or single)  # floors from the modes' terms:
     if floors:  # c mu^time, mu^time, mu^(time + 1), with time = 2^octave - 1
-        term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values
+        term, mu_odd, mu_pow = modes.coefficients.copy(), np.ones_like(modes.values), modes.values.copy()
     noise, time, octave = np.zeros(system.stable.size), 0, 0
     power, block = system.matrix, _noise_block(system)
     live = np.arange(system.stable.size)
@@ -1024,7 +1035,9 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
         if time > 0:  # M^(time + 1), A_(time + 1) and the terms at this time, for the configurations kept only
             power, block = _doubled(power, block)
             if floors:
-                term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+                term *= mu_pow  # in place: fresh arrays cost more than the products here (page faults)
+                mu_odd *= mu_pow
+                mu_pow *= mu_pow
         if handovers is not None:
             ladder[octave] = (live, power, block)
             ladder.pop(octave - _FIRST_OCTAVE - 1, None)
