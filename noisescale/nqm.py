@@ -790,14 +790,35 @@ class _Handover:
         return 8 * ((k + 2 * k * k) * bins + 1)
 
     @classmethod
-    def joined(cls, parts: list[_Handover]) -> _Handover | None:
-        """One handover of several configurations' parts, all at one octave; None unless they keep the same states
-        (the octave pass takes a state only where some configuration of its chunk uses it)."""
-        if any(part.states != parts[0].states for part in parts):
-            return None
-        return cls(parts[0].octave, parts[0].states,
-                   *(np.concatenate([getattr(part, name) for part in parts], axis)
-                     for name, axis in (("v", 1), ("noise", 0), ("power", 2), ("block", 2))))
+    def joined(cls, parts: list[_Handover], states: tuple[int, ...]) -> _Handover:
+        """One handover of several configurations' parts, all at one octave, for a system that keeps ``states``."""
+        parts = [part.kept(states) for part in parts]
+        return cls(parts[0].octave, states, *(np.concatenate([getattr(part, name) for part in parts], axis)
+                                              for name, axis in (("v", 1), ("noise", 0), ("power", 2), ("block", 2))))
+
+    def kept(self, states: tuple[int, ...]) -> _Handover:
+        """The same state for a system that keeps ``states`` (the octave pass keeps a state where some configuration
+        of its chunk uses it). A state this configuration does not use (m with beta = 0, theta~ with gamma = 0)
+        never feeds the others: its column of M is 0, so its column of M^(2^e) is 0 and its entry of v(t) is 0 for
+        t >= 1 (with gamma = 0, v = e_theta~ M^t = e_theta M^t), and taking it out or adding it as 0 changes nothing
+        the walk reads."""
+        if states == self.states:
+            return self
+        index = [self.states.index(state) if state in self.states else None for state in states]
+
+        def taken(array, axes):
+            shape = list(array.shape)
+            for axis in axes:
+                shape[axis] = len(states)
+            out = np.zeros(shape)
+            for target in np.ndindex(*(len(states),) * len(axes)):
+                source = tuple(index[i] for i in target)
+                if None not in source:
+                    out[target] = array[source]
+            return out
+
+        return _Handover(self.octave, states, taken(self.v, [0]), self.noise, taken(self.power, [0, 1]),
+                         taken(self.block, [0, 1]))
 
 
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
@@ -1427,7 +1448,8 @@ def steps_vs_batch_size(
         system = system_of(index)
         modes = _modes(system)
         handover = (_Handover.joined([handovers.pop((config, octave)) for config, octave in
-                                      zip(index, entry_octave[entries])]) if handed[entries[0]] else None)
+                                      zip(index, entry_octave[entries])], system.states)
+                    if handed[entries[0]] else None)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
                                give_up_after=np.minimum(give_up, best_estimate),
                                walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes,

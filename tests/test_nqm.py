@@ -492,11 +492,14 @@ def test_mode_powers_of_the_walk_start_match_repeated_multiplication():
             np.testing.assert_allclose(nqm._mode_power(values, exponent), expected, rtol=1e-11, atol=1e-300)
 
 
-@pytest.mark.parametrize("optimizer, grids", [(nqm.OptimizerSetting(momentum=0.9), {}),
-                                               (nqm.OptimizerSetting(precondition_power=0.5),
-                                                {"momenta": (0.0, 0.8), "emas": (0.0, 0.75)})],
-                         ids=["momentum", "tuned"])
-def test_walks_start_from_the_state_the_octave_pass_hands_over(optimizer, grids, monkeypatch):
+@pytest.mark.parametrize("optimizer, grids, chunk_elements", [
+    (nqm.OptimizerSetting(momentum=0.9), {}, None),
+    (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.9)}, None),
+    # two configurations per chunk: the octave pass keeps m or theta~ only where a configuration of its chunk uses
+    # them, so parts are widened (and narrowed) to the states of the walk's chunk
+    (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.99)}, 80),
+], ids=["momentum", "tuned", "tuned-other-states"])
+def test_walks_start_from_the_state_the_octave_pass_hands_over(optimizer, grids, chunk_elements, monkeypatch):
     # with 16 bins or more the octave pass keeps, for each configuration and octave e >= 6 its rows are walked
     # from, v(2^e - 1), N(2^e - 1), M^(2^(e-6)) and A_(2^(e-6)); the walk starts there instead of squaring its way
     # there: the risk it hands over is the step-by-step recurrence's, the powers are M's, and the search finds
@@ -530,15 +533,40 @@ def test_walks_start_from_the_state_the_octave_pass_hands_over(optimizer, grids,
         np.testing.assert_allclose(np.moveaxis(part.block[:, :, 0], -1, 0), block, rtol=1e-9,
                                    atol=1e-14 * np.abs(block).max())
 
-    walk, handed = nqm._walk_grid, []
+    walk, kept, handed, widened = nqm._walk_grid, nqm._Handover.kept, [], []
+    h_eff = h ** (1 - optimizer.precondition_power)
 
-    def recording(*args, handover=None, **kwargs):
+    def recording(system, *args, handover=None, **kwargs):
         handed.append(handover is not None)
-        return walk(*args, handover=handover, **kwargs)
+        if handover is not None:  # the risk at 2^e - 1 and, after one step of the walk, 2^(e-6) later
+            t, step = 2**handover.octave - 1, 2 ** (handover.octave - nqm._FIRST_OCTAVE)
+            for k in range(system.stable.size):
+                one = system.subset([k])
+                rate = (1 - system.matrix[0, 0, k, 0]) / h_eff[0]  # also the rates near the stability limit
+                beta, gamma = (system.matrix[i, i, k, 0] if state in system.states else 0.0
+                               for state in (1, 2) for i in [system.states.index(state) if state in system.states
+                                                             else 0])
+                risks = recurrence_risk(model, nqm.OptimizerSetting(beta, optimizer.precondition_power, gamma),
+                                        lambda _: rate, 1.0, t + step)
+                v, noise = handover.v[:, [k]], handover.noise[k]
+                assert nqm._deterministic(one, v)[0] + noise == pytest.approx(risks[t], rel=1e-9)
+                noise = noise + (nqm._quadratic(v, handover.block[:, :, [k]]) @ one.weights)[0]
+                v = nqm._advance(v, handover.power[:, :, [k]])
+                assert nqm._deterministic(one, v)[0] + noise == pytest.approx(risks[t + step], rel=1e-9)
+        return walk(system, *args, handover=handover, **kwargs)
+
+    def widening(part, states):
+        widened.append(len(states) - len(part.states))
+        return kept(part, states)
 
     monkeypatch.setattr(nqm, "_walk_grid", recording)
+    monkeypatch.setattr(nqm._Handover, "kept", widening)
+    if chunk_elements:
+        monkeypatch.setattr(nqm, "_CHUNK_ELEMENTS", chunk_elements)
     curve = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
     assert any(handed) and np.isfinite(curve.steps).sum() >= 2
+    if grids:  # the walk's chunk keeps fewer states than the octave pass's chunk, or (small chunks) more
+        assert min(widened) < 0 and (max(widened) > 0) == bool(chunk_elements)
     monkeypatch.setattr(nqm, "_HANDOVER_BYTES", 0)
     handed.clear()
     reference = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
