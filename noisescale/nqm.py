@@ -67,6 +67,8 @@ _GRID_RESOLUTION = 32  # time grid: every step below 2*32, then 32 points per oc
 _FIRST_OCTAVE = (2 * _GRID_RESOLUTION).bit_length() - 1  # 2^6 - 1 = 63: the last grid time of unit steps
 _CHUNK_ELEMENTS = 2**16  # configurations x bins walked at once
 _SPLIT_ELEMENTS = 2**16  # walks at least this large start anew where the octave they can start at changes
+_HANDOVER_BYTES = 2**27  # the octave pass hands at most this much state over to the walks (:func:`_octave_crossings`)
+_HANDOVER_BINS = 16  # ... with at least this many bins (with fewer, squaring costs less than the more walks it needs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,6 +217,7 @@ class _FirstMoment:
     noise_input: np.ndarray  # (k, K, bins) b
     noise_variance: np.ndarray  # (bins,) c~ (bins with equal h~ merged, see _merged_bins)
     initial: np.ndarray  # (k,) x(0) = initial * theta_0 (m = 0, theta~ = theta)
+    states: tuple[int, ...]  # the states kept, of (theta, m, theta~)
     readout: int  # state read by the risk: theta, or theta~ when the average is kept
     weights: np.ndarray  # (bins,) 1/2 h count
     initial_variance: float
@@ -239,9 +242,7 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
     (r1 = 1 - alpha h~ and r2 = 0 without momentum) and gamma.
     """
     alpha, beta, gamma = (np.asarray(v, dtype=np.float64)[:, None] for v in (learning_rate, momentum, ema))
-    h_eff, c_eff, weights = _merged_bins(model.curvatures ** (1.0 - precondition_power),
-                                         model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
-                                         0.5 * model.curvatures * model.counts)
+    h_eff, c_eff, weights = _effective_bins(model, float(precondition_power))
     one = np.ones_like(alpha * h_eff)
     decay = 1.0 - alpha * h_eff
     matrix_entries = {  # the nonzero M_ij and the b_i of the full state, computed for the states kept only
@@ -277,6 +278,7 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
         noise_input=np.array([noise_entries[i]() for i in states]),
         noise_variance=c_eff,
         initial=np.array([1.0, 0.0, 1.0])[states],
+        states=tuple(states),
         readout=len(states) - 1 if 2 in states else 0,
         weights=weights,
         initial_variance=model.initial_variance,
@@ -284,6 +286,17 @@ def _first_moment(model: NoisyQuadraticModel, precondition_power: float, learnin
         active=active,
         stable=stable,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _effective_bins(model: NoisyQuadraticModel, precondition_power: float) -> tuple[np.ndarray, np.ndarray,
+                                                                                    np.ndarray]:
+    """(h~, c~, w) of the model's bins, merged (:func:`_merged_bins`): h~ = h^(1-p), c~ = c h^(-2p), w = 1/2 h count;
+    read-only, kept for the last few models and powers (a search builds its systems many times)."""
+    merged = _merged_bins(model.curvatures ** (1.0 - precondition_power),
+                          model.noise_variances * model.curvatures ** (-2.0 * precondition_power),
+                          0.5 * model.curvatures * model.counts)
+    return tuple(_read_only(array) for array in merged)
 
 
 def _merged_bins(h_eff: np.ndarray, c_eff: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -515,7 +528,9 @@ def _noise_block(system: _FirstMoment) -> np.ndarray:
 
 def _doubled(power: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M^2L, A_2L) from (M^L, A_L): A_2L = A_L + M^L A_L M^LT."""
-    return _apply(power, power), block + _apply(_apply(power, block), power.swapaxes(0, 1))
+    grown = _apply(_apply(power, block), power.swapaxes(0, 1))
+    grown += block
+    return _apply(power, power), grown
 
 
 def _readout_row(system: _FirstMoment) -> np.ndarray:
@@ -671,6 +686,16 @@ def _integer_power(values: np.ndarray, exponent: int) -> np.ndarray:
     return np.ones_like(values) if result is None else result
 
 
+def _mode_power(values: np.ndarray, exponent: int) -> np.ndarray:
+    """mu^exponent: exp(exponent log mu) where every mu is real and >= 0 (no momentum, or the size form), else
+    :func:`_integer_power`. For the floors only, which allow for rounding: the relative error of either is of
+    order exponent |log mu| times the machine epsilon."""
+    if exponent == 0 or np.iscomplexobj(values) or np.any(values < 0):
+        return _integer_power(values, exponent)
+    with np.errstate(divide="ignore"):
+        return np.exp(exponent * np.log(values))
+
+
 def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, last: np.ndarray,
                          span: int, start: int) -> np.ndarray:
     """Lower bound of D(t) over integers t in [t0, t0 + span], t0 = start + 1, from the terms c mu^(t0 - 1)
@@ -681,10 +706,10 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
     bin, (A + B s)^2 lambda^(2s) on s in [start, start + span], is at least min over the ends of (A + B s)^2
     times lambda^(2 (start + span)) when A + B s keeps its sign there, else 0.
     """
-    terms = sizes = 0.0
     pairwise = first[0].size >= _PAIRWISE_ELEMENTS  # large arrays pair by pair: only the kinds of terms a pair has
     groups = (zip(range(first.shape[0]), modes.all_monotone, modes.any_monotone, modes.least_log_size) if pairwise
               else [(slice(None), all(modes.all_monotone), any(modes.any_monotone), min(modes.least_log_size))])
+    # fresh arrays are updated in place: on large arrays a new one can cost more than the arithmetic (page faults)
     for group, every, some, least in groups:
         real = first[group].real
         size = np.abs(first[group])  # >= |term| on the whole interval since |mu| < 1
@@ -694,13 +719,22 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
             term = -size
         else:
             with np.errstate(over="ignore"):
-                term = real - size * np.minimum(span * modes.log_size[group], 2.0)  # |mu^s - 1| <= 2
+                term = np.multiply(modes.log_size[group], span)
+            np.minimum(term, 2.0, out=term)  # |mu^s - 1| <= 2
+            term *= size
+            np.subtract(real, term, out=term)
         if some and not every:
-            term = np.where(modes.monotone[group], np.minimum(real, last[group].real), term)
-        term = np.maximum(term, -size)
-        terms = terms + (term if pairwise else term.sum(axis=0))
-        sizes = sizes + (size if pairwise else size.sum(axis=0))
-    per_bin = np.maximum(terms - 1e-10 * sizes, 0.0)  # slack: rounding of cancelling terms
+            np.copyto(term, np.minimum(real, last[group].real), where=modes.monotone[group])
+        np.maximum(term, -size, out=term)
+        if not pairwise:
+            terms, sizes = term.sum(axis=0), size.sum(axis=0)
+        elif group == 0:
+            terms, sizes = term, size
+        else:
+            terms += term
+            sizes += size
+    sizes *= 1e-10  # slack: rounding of cancelling terms
+    per_bin = np.maximum(np.subtract(terms, sizes, out=terms), 0.0, out=terms)
     if modes.confluent.any():
         near, far = (modes.linear[0] + modes.linear[1] * s for s in (float(start), float(start + span)))
         with np.errstate(under="ignore"):
@@ -738,9 +772,58 @@ class _GridCrossings:
     at: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class _Handover:
+    """The walk's state at the grid time 2^octave - 1, as the octave pass reached it: v and N there, M^(2^e) and
+    A_(2^e) with e = octave - 6 (the walk's first steps are 2^(e + 1) long), for a system that keeps ``states``."""
+
+    octave: int
+    states: tuple[int, ...]
+    v: np.ndarray  # (k, K, bins)
+    noise: np.ndarray  # (K,)
+    power: np.ndarray  # (k, k, K, bins)
+    block: np.ndarray  # (k, k, K, bins)
+
+    @staticmethod
+    def bytes_per_part(k: int, bins: int) -> int:
+        """Size of one configuration's part."""
+        return 8 * ((k + 2 * k * k) * bins + 1)
+
+    @classmethod
+    def joined(cls, parts: list[_Handover], states: tuple[int, ...]) -> _Handover:
+        """One handover of several configurations' parts, all at one octave, for a system that keeps ``states``."""
+        parts = [part.kept(states) for part in parts]
+        return cls(parts[0].octave, states, *(np.concatenate([getattr(part, name) for part in parts], axis)
+                                              for name, axis in (("v", 1), ("noise", 0), ("power", 2), ("block", 2))))
+
+    def kept(self, states: tuple[int, ...]) -> _Handover:
+        """The same state for a system that keeps ``states`` (the octave pass keeps a state where some configuration
+        of its chunk uses it). A state this configuration does not use (m with beta = 0, theta~ with gamma = 0)
+        never feeds the others: its column of M is 0, so its column of M^(2^e) is 0 and its entry of v(t) is 0 for
+        t >= 1 (with gamma = 0, v = e_theta~ M^t = e_theta M^t), and taking it out or adding it as 0 changes nothing
+        the walk reads."""
+        if states == self.states:
+            return self
+        index = [self.states.index(state) if state in self.states else None for state in states]
+
+        def taken(array, axes):
+            shape = list(array.shape)
+            for axis in axes:
+                shape[axis] = len(states)
+            out = np.zeros(shape)
+            for target in np.ndindex(*(len(states),) * len(axes)):
+                source = tuple(index[i] for i in target)
+                if None not in source:
+                    out[target] = array[source]
+            return out
+
+        return _Handover(self.octave, states, taken(self.v, [0]), self.noise, taken(self.power, [0, 1]),
+                         taken(self.block, [0, 1]))
+
+
 def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray, gaps: np.ndarray,
                give_up_after: np.ndarray | None = None, walk_from: np.ndarray | None = None,
-               modes: _Modes | None = None) -> _GridCrossings:
+               modes: _Modes | None = None, handover: _Handover | None = None) -> _GridCrossings:
     """Walk the time grid for all configurations at once until every (configuration, batch size) is settled.
 
     A row is settled at its first grid crossing, at the first interval whose floor (D bounded by the modes, N by
@@ -750,7 +833,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     it, the end of the grid), and with ``give_up_after`` once t_j exceeds it: such a row cannot be ranked at or
     before the best. Finished configurations are dropped from the arrays as the walk goes. ``walk_from``
     (:func:`_octave_crossings`) skips rows that need no walk (inf) and starts the walk at the grid time 2^e - 1
-    (reached by repeated squaring), e the smallest of its values. ``modes``: :func:`_modes` of ``system`` if known.
+    (reached by repeated squaring, or taken from ``handover`` when it holds that octave's state), e the smallest of
+    its values. ``modes``: :func:`_modes` of ``system`` if known.
     """
     n_configs, n_batches = system.stable.size, batch_sizes.size
     inverse_batch = 1.0 / batch_sizes
@@ -785,14 +869,17 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
     octave = int(np.log2(times[activate_at[active].min()] + 1)) if active.any() else 0
     if octave >= _FIRST_OCTAVE and not start.any():  # t = 2^octave - 1 is the grid time start_index, which begins
         exponent = octave - _FIRST_OCTAVE  # R intervals of 2^(exponent + 1) steps
-        for doubling in range(octave):
-            if doubling == exponent:
-                power_then, block_then = power, block
-            noise = noise + _quadratic(v, block) @ weights
-            v = _advance(v, power)
-            if doubling < octave - 1:
-                power, block = _doubled(power, block)
-        power, block = power_then, block_then
+        if handover is not None and (handover.octave, handover.states) == (octave, system.states):
+            v, noise, power, block = handover.v, handover.noise, handover.power, handover.block
+        else:
+            for doubling in range(octave):
+                if doubling == exponent:
+                    power_then, block_then = power, block
+                noise = noise + _quadratic(v, block) @ weights
+                v = _advance(v, power)
+                if doubling < octave - 1:
+                    power, block = _doubled(power, block)
+            power, block = power_then, block_then
         start_index = int(np.searchsorted(times, 2**octave - 1))
         risk = _deterministic(system, v)[:, None] + noise[:, None] * inverse_batch
         if np.any(active & (risk <= target)):  # not expected: the octave floors said otherwise
@@ -800,12 +887,8 @@ def _walk_grid(system: _FirstMoment, batch_sizes: np.ndarray, target: float, tim
                               np.where(np.isfinite(walk_from), 0.0, np.inf), modes)
         if modes.sized_from(2 ** (exponent + 1) - 2):  # every floor of the walk: real arithmetic
             modes = modes.by_size(weights)
-        squares = [modes.values]  # mu^(2^k), k < octave: mu^(2^octave - 1) is their product
-        for _ in range(octave - 1):
-            squares.append(squares[-1] * squares[-1])
-        base = modes.coefficients * functools.reduce(np.multiply, squares)
-        mu_gap, mu_inner = squares[exponent], functools.reduce(np.multiply, squares[1:exponent],
-                                                               np.ones_like(modes.values))
+        base = modes.coefficients * _mode_power(modes.values, 2**octave - 1)
+        mu_gap, mu_inner = (_mode_power(modes.values, s) for s in (2**exponent, max(2**exponent - 2, 0)))
     pending = active & (activate_at > start_index)  # rows above the target until their first grid index
     active &= ~pending
     for j in range(start_index + 1, times.size):
@@ -914,6 +997,7 @@ def _hopeless(modes: _Modes, first: np.ndarray, weights: np.ndarray, noise: np.n
 
 def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: float, times: np.ndarray,
                       until: np.ndarray | None = None, earliest: bool = False,
+                      handovers: dict[tuple[int, int], _Handover] | None = None, budget: int = _HANDOVER_BYTES,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (configuration, batch size): the first time 2^e - 1 (a grid time) with risk <= target (inf if none),
     the risk then, and the octave e from which the grid walk must follow it (inf: never).
@@ -927,6 +1011,9 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
     With ``earliest`` only the earliest crossing per batch size is sought, reached.min(axis=0): a batch size is
     followed until some configuration reaches the target, no floors are computed and walk_from stays inf.
     With one real mode per direction (SGD) D never increases, so its floor on an octave is D at the octave's end.
+    ``handovers`` (a dict) receives, for each configuration and octave e >= 6 its rows are to be walked from, the
+    walk's state at 2^e - 1 (:class:`_Handover`), keyed (configuration, e), while they fit in ``budget`` bytes:
+    the walk need not square its way there again.
     """
     weights, inverse_batch = system.weights, 1.0 / batch_sizes
     v = _readout_row(system)
@@ -950,10 +1037,11 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             open_rows &= ~hopeless
     floors = not (earliest or single)  # floors from the modes' terms:
     if floors:  # c mu^time, mu^time, mu^(time + 1), with time = 2^octave - 1
-        term, mu_odd, mu_pow = modes.coefficients, np.ones_like(modes.values), modes.values
+        term, mu_odd, mu_pow = modes.coefficients.copy(), np.ones_like(modes.values), modes.values.copy()
     noise, time, octave = np.zeros(system.stable.size), 0, 0
     power, block = system.matrix, _noise_block(system)
     live = np.arange(system.stable.size)
+    ladder = {}  # octave o -> (live, M^(2^o), A_(2^o)) for the last 7 octaves, while handovers are kept
     while True:
         beyond = time >= last_time  # crossings after `time` come after the last time of interest
         followed[:, beyond] = False
@@ -968,7 +1056,13 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
         if time > 0:  # M^(time + 1), A_(time + 1) and the terms at this time, for the configurations kept only
             power, block = _doubled(power, block)
             if floors:
-                term, mu_odd, mu_pow = term * mu_pow, mu_odd * mu_pow, mu_pow * mu_pow
+                term *= mu_pow  # in place: fresh arrays cost more than the products here (page faults)
+                mu_odd *= mu_pow
+                mu_pow *= mu_pow
+        if handovers is not None:
+            ladder[octave] = (live, power, block)
+            ladder.pop(octave - _FIRST_OCTAVE - 1, None)
+        v_then, noise_then = v, noise
         if floors and modes.sized_from(time):  # real arithmetic from here on
             term, mu_odd, mu_pow = modes.to_size(term), modes.to_size(mu_odd), modes.to_size(mu_pow)
             modes = modes.by_size(weights)
@@ -994,7 +1088,24 @@ def _octave_crossings(system: _FirstMoment, batch_sizes: np.ndarray, target: flo
             rows, columns = np.nonzero(uncertain)
             walk_from[live[rows], columns] = octave - 1
             open_rows[live[rows], columns] = False
+            if handovers is not None and octave - 1 >= _FIRST_OCTAVE and rows.size:
+                _hand_over(handovers, budget, octave - 1, system.states, live, np.unique(rows), v_then, noise_then,
+                           ladder)
     return reached, risk_then, walk_from
+
+
+def _hand_over(handovers: dict[tuple[int, int], _Handover], budget: int, octave: int, states: tuple[int, ...],
+               live: np.ndarray, positions: np.ndarray, v: np.ndarray, noise: np.ndarray, ladder: dict) -> None:
+    """Keep the walk's state at 2^octave - 1 for the configurations live[positions] (v and N of the octave pass
+    there, M^(2^e) and A_(2^e) from its ladder, e = octave - 6), while the handovers fit in ``budget`` bytes."""
+    ladder_live, power, block = ladder[octave - _FIRST_OCTAVE]
+    most = budget // _Handover.bytes_per_part(v.shape[0], v.shape[2])
+    for position in positions[:max(most - len(handovers), 0)]:
+        config = int(live[position])
+        at = int(np.searchsorted(ladder_live, config))
+        handovers[config, octave] = _Handover(octave, states, v[:, position, None].copy(),
+                                              noise[position, None].copy(), power[:, :, at, None].copy(),
+                                              block[:, :, at, None].copy())
 
 
 def _interpolated(lower_time, upper_time, before, at, target):
@@ -1244,7 +1355,8 @@ def steps_vs_batch_size(
     2^e - 1 (repeated squaring, all configurations at once) bounds the best crossing from above and, with a
     floor of the risk per octave, tells from which octave each configuration and batch size must be walked on
     the fine grid, if at all; configurations are walked fastest first, and one is given up at a batch size once
-    its crossing can no longer beat the best so far.
+    its crossing can no longer beat the best so far. The octave pass hands each walk the state at the octave it
+    starts from (with 16 bins or more, up to 128 MB in all), so that the walk need not square its way there.
     ``progress`` shows a tqdm bar over configuration chunks.
     """
     _validate_model(model)
@@ -1273,7 +1385,7 @@ def steps_vs_batch_size(
     best_config = np.full(n_batches, -1)
     best_step = np.full(n_batches, np.nan)  # exact first crossing when known (a dip), else nan
     best_point = np.full(n_batches, -1)
-    n_bins = np.unique(model.curvatures ** (1.0 - optimizer.precondition_power)).size  # after _merged_bins
+    n_bins = _effective_bins(model, float(optimizer.precondition_power))[0].size  # after _merged_bins
     chunk = max(1, _CHUNK_ELEMENTS // n_bins)
 
     def system_of(index):
@@ -1290,10 +1402,18 @@ def steps_vs_batch_size(
                                    _RowSearch(walked[0].subset([walked[2]]), target, walked[1].subset([walked[2]])))
         return last_search[config].at_batch(batch_size)
 
+    handovers: dict[tuple[int, int], _Handover] = {}  # (configuration, octave): the walk's state there
+
     def octave_pass(configs, until=None, earliest=False):
-        parts = [_octave_crossings(system_of(configs[start:start + chunk]), batch_sizes, target, times, until,
-                                   earliest=earliest)
-                 for start in range(0, configs.size, chunk)]
+        parts = []
+        for start in range(0, configs.size, chunk):
+            system, kept = system_of(configs[start:start + chunk]), None if earliest or n_bins < _HANDOVER_BINS else {}
+            budget = _HANDOVER_BYTES - len(handovers) * _Handover.bytes_per_part(system.matrix.shape[0],
+                                                                                 system.weights.size)
+            parts.append(_octave_crossings(system, batch_sizes, target, times, until, earliest=earliest,
+                                           handovers=kept, budget=budget))
+            handovers.update(((int(configs[start + config]), octave), part)
+                             for (config, octave), part in (kept or {}).items())
         return (np.concatenate(part) for part in zip(*parts))
 
     # an upper bound of the best first octave crossing from every 8th configuration lets the full octave pass
@@ -1312,20 +1432,28 @@ def steps_vs_batch_size(
     entry_config, entry_octave = np.unique(np.stack([rows, walk_from[rows, columns].astype(np.int64)]), axis=1)
     order = np.lexsort((-config_lr[entry_config], entry_octave, ~leading[entry_config]))
     entry_config, entry_octave = entry_config[order], entry_octave[order]
+    handed = np.array([(config, octave) in handovers for config, octave in zip(entry_config, entry_octave)],
+                      dtype=bool)
     chunks = []
     for entry in range(entry_config.size):  # a new walk where the octave changes, unless the walk so far is small
+        # and must square its way to its octave anyway; and where it changes from handed-over states to others
         if (not chunks or len(chunks[-1]) >= chunk or leading[entry_config[entry]] != leading[entry_config[entry - 1]]
+                or handed[entry] != handed[entry - 1]
                 or (entry_octave[entry] != entry_octave[entry - 1]
-                    and len(chunks[-1]) * n_bins >= _SPLIT_ELEMENTS)):
+                    and (handed[entry] or len(chunks[-1]) * n_bins >= _SPLIT_ELEMENTS))):
             chunks.append([])
         chunks[-1].append(entry)
     for entries in tqdm(chunks, desc=f"NQM {optimizer.label}", disable=not progress, leave=False):
         index, octaves = entry_config[entries], entry_octave[entries, None]
         system = system_of(index)
         modes = _modes(system)
+        handover = (_Handover.joined([handovers.pop((config, octave)) for config, octave in
+                                      zip(index, entry_octave[entries])], system.states)
+                    if handed[entries[0]] else None)
         crossings = _walk_grid(system, batch_sizes, target, times, gaps,
                                give_up_after=np.minimum(give_up, best_estimate),
-                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes)
+                               walk_from=np.where(walk_from[index] == octaves, octaves, np.inf), modes=modes,
+                               handover=handover)
         point = crossings.point
         estimate = np.where(point > 0, _interpolated(times[np.maximum(point, 1) - 1], times[np.maximum(point, 0)],
                                                      crossings.before, crossings.at, target), np.inf)

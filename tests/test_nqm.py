@@ -467,7 +467,7 @@ def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer,
               for model, rates, target in cases]
     octave_pass = nqm._octave_crossings
 
-    def from_the_start(system, batch_sizes, target, times, until=None, earliest=False):
+    def from_the_start(system, batch_sizes, target, times, until=None, earliest=False, **handover):  # no handover
         reached, risk_then, _ = octave_pass(system, batch_sizes, target, times, earliest=earliest)
         return reached, risk_then, np.where(system.stable[:, None], np.zeros_like(reached), np.inf)
 
@@ -477,6 +477,107 @@ def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer,
         for name in ("steps", "learning_rates", "momenta", "emas"):
             np.testing.assert_array_equal(getattr(curve, name), getattr(reference, name))
         assert np.isfinite(curve.steps).any()
+
+
+def test_mode_powers_of_the_walk_start_match_repeated_multiplication():
+    # the walk's terms at its first grid time, c mu^(2^e - 1), and mu^(2^(e-6)), mu^(2^(e-6) - 2): exp(s log mu)
+    # where every mu is real and >= 0 (zeros included), repeated squaring otherwise (complex or negative mu)
+    rng = np.random.default_rng(37)
+    real = np.concatenate([rng.uniform(0, 1, 50), [0.0, 1.0, 1 - 1e-12]])
+    for values in (real, real - 0.5, real * np.exp(1j * rng.uniform(0, np.pi, real.size))):
+        for exponent in (0, 1, 2, 7, 62, 2**10 - 1, 2**14 - 2):
+            expected = np.ones_like(values)
+            for _ in range(exponent):
+                expected = expected * values
+            np.testing.assert_allclose(nqm._mode_power(values, exponent), expected, rtol=1e-11, atol=1e-300)
+
+
+@pytest.mark.parametrize("optimizer, grids, chunk_elements", [
+    (nqm.OptimizerSetting(momentum=0.9), {}, None),
+    (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.9)}, None),
+    # two configurations per chunk: the octave pass keeps m or theta~ only where a configuration of its chunk uses
+    # them, so parts are widened (and narrowed) to the states of the walk's chunk
+    (nqm.OptimizerSetting(precondition_power=0.5), {"momenta": (0.0, 0.8), "emas": (0.0, 0.99)}, 80),
+], ids=["momentum", "tuned", "tuned-other-states"])
+def test_walks_start_from_the_state_the_octave_pass_hands_over(optimizer, grids, chunk_elements, monkeypatch):
+    # with 16 bins or more the octave pass keeps, for each configuration and octave e >= 6 its rows are walked
+    # from, v(2^e - 1), N(2^e - 1), M^(2^(e-6)) and A_(2^(e-6)); the walk starts there instead of squaring its way
+    # there: the risk it hands over is the step-by-step recurrence's, the powers are M's, and the search finds
+    # what it finds without the handover and what the recurrence gives
+    rng = np.random.default_rng(31)
+    h = np.sort(10 ** rng.uniform(-2.5, 0, 20))[::-1]
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 1, 20))
+    rates = 2 * (1 + max(grids.get("momenta", (optimizer.momentum,)))) / h.max() ** (1 - optimizer.precondition_power)
+    rates = rates * np.array([0.001, 0.003, 0.01, 0.05, 0.2, 0.5])
+    batches, target, horizon = np.array([1.0, 64.0, 4096.0]), 0.005 * model.initial_risk, 4000
+    configs = np.array([(a, b, g) for a in rates for b in grids.get("momenta", (optimizer.momentum,))
+                        for g in grids.get("emas", (optimizer.ema,))]).T
+    system = nqm._first_moment(model, optimizer.precondition_power, *configs)
+    handovers = {}
+    times, _ = nqm._time_grid(horizon)
+    nqm._octave_crossings(system, batches, target, times, handovers=handovers)
+    assert len(handovers) >= 3 and max(octave for _, octave in handovers) >= 9
+    for (config, octave), part in handovers.items():
+        setting = nqm.OptimizerSetting(configs[1, config], optimizer.precondition_power, configs[2, config])
+        t, steps = 2**octave - 1, 2 ** (octave - nqm._FIRST_OCTAVE)
+        for batch in batches:
+            risk = nqm._deterministic(system, part.v)[0] + part.noise[0] / batch
+            expected = recurrence_risk(model, setting, lambda step: configs[0, config], batch, t)[t]
+            assert risk == pytest.approx(expected, rel=1e-9)
+        matrix = np.moveaxis(system.matrix[:, :, config], -1, 0)  # (bins, k, k)
+        noise = np.moveaxis(nqm._noise_block(system)[:, :, config], -1, 0)
+        power, block = np.broadcast_to(np.eye(matrix.shape[1]), matrix.shape), np.zeros_like(noise)
+        for _ in range(steps):
+            block, power = block + power @ noise @ power.transpose(0, 2, 1), power @ matrix
+        np.testing.assert_allclose(np.moveaxis(part.power[:, :, 0], -1, 0), power, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(np.moveaxis(part.block[:, :, 0], -1, 0), block, rtol=1e-9,
+                                   atol=1e-14 * np.abs(block).max())
+
+    walk, kept, handed, widened = nqm._walk_grid, nqm._Handover.kept, [], []
+    h_eff = h ** (1 - optimizer.precondition_power)
+
+    def recording(system, *args, handover=None, **kwargs):
+        handed.append(handover is not None)
+        if handover is not None:  # the risk at 2^e - 1 and, after one step of the walk, 2^(e-6) later
+            t, step = 2**handover.octave - 1, 2 ** (handover.octave - nqm._FIRST_OCTAVE)
+            for k in range(system.stable.size):
+                one = system.subset([k])
+                rate = (1 - system.matrix[0, 0, k, 0]) / h_eff[0]  # also the rates near the stability limit
+                beta, gamma = (system.matrix[i, i, k, 0] if state in system.states else 0.0
+                               for state in (1, 2) for i in [system.states.index(state) if state in system.states
+                                                             else 0])
+                risks = recurrence_risk(model, nqm.OptimizerSetting(beta, optimizer.precondition_power, gamma),
+                                        lambda _: rate, 1.0, t + step)
+                v, noise = handover.v[:, [k]], handover.noise[k]
+                assert nqm._deterministic(one, v)[0] + noise == pytest.approx(risks[t], rel=1e-9)
+                noise = noise + (nqm._quadratic(v, handover.block[:, :, [k]]) @ one.weights)[0]
+                v = nqm._advance(v, handover.power[:, :, [k]])
+                assert nqm._deterministic(one, v)[0] + noise == pytest.approx(risks[t + step], rel=1e-9)
+        return walk(system, *args, handover=handover, **kwargs)
+
+    def widening(part, states):
+        widened.append(len(states) - len(part.states))
+        return kept(part, states)
+
+    monkeypatch.setattr(nqm, "_walk_grid", recording)
+    monkeypatch.setattr(nqm._Handover, "kept", widening)
+    if chunk_elements:
+        monkeypatch.setattr(nqm, "_CHUNK_ELEMENTS", chunk_elements)
+    curve = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+    assert any(handed) and np.isfinite(curve.steps).sum() >= 2
+    if grids:  # the walk's chunk keeps fewer states than the octave pass's chunk, or (small chunks) more
+        assert min(widened) < 0 and (max(widened) > 0) == bool(chunk_elements)
+    monkeypatch.setattr(nqm, "_HANDOVER_BYTES", 0)
+    handed.clear()
+    reference = nqm.steps_vs_batch_size(model, optimizer, batches, learning_rates=rates, target=target, **grids)
+    assert not any(handed)
+    for name in ("steps", "learning_rates", "momenta", "emas"):
+        np.testing.assert_array_equal(getattr(curve, name), getattr(reference, name))
+    for j in np.nonzero(np.isfinite(curve.steps))[0]:  # the winner's steps are its exact first crossing
+        batch = batches[j]
+        chosen = nqm.OptimizerSetting(curve.momenta[j], optimizer.precondition_power, curve.emas[j])
+        risks = recurrence_risk(model, chosen, lambda step: curve.learning_rates[j], batch, int(curve.steps[j]) + 1)
+        assert curve.steps[j] == first_below(risks, target)
 
 
 def test_schedule_risk_matches_the_step_by_step_recurrence():
