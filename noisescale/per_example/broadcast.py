@@ -90,7 +90,7 @@ class BroadcastGradients:
         self.pending: list[Broadcast] = []
         self.rows: dict = {}     # autograd node of a rule layer's output -> b: its B b rows are B examples' blocks
         self.inputs: dict = {}   # the same for a rule layer's input (the node of its output 0)
-        self._saves_hooked: dict = {}   # node -> whether its saved tensors have saved-tensor hooks
+        self._hooked_saves: dict = {}   # node -> whether its saved tensors have saved-tensor hooks
         self._handles: list = []
 
     def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]) -> Broadcast:
@@ -141,9 +141,9 @@ class BroadcastGradients:
                     return f"an operation with several outputs ({name}) takes it"
                 out = shapes[0]
                 padded = (1,) * (len(out) - len(shape)) + shape
-                if consumer not in self._saves_hooked:   # asked once per node: asking sets hooks
-                    self._saves_hooked[consumer] = _saves_hooked(consumer)
-                if self._saves_hooked[consumer]:
+                if consumer not in self._hooked_saves:   # asked once per node: asking sets hooks
+                    self._hooked_saves[consumer] = _saves_hooked(consumer)
+                if self._hooked_saves[consumer]:
                     return (f"an operation ({name}) whose saved tensors have hooks takes it (activation "
                             "checkpointing lets a saved tensor be read only once)")
                 spread = name in _ELEMENTWISE and len(padded) == len(out) and padded[:1] == (1,) and out[:1] != (1,)
@@ -263,7 +263,7 @@ class BroadcastGradients:
         """Removes the hooks (the pending tensors stay, for ``GhostPass.finish`` to send to the vmap)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self.rows, self.inputs, self._saves_hooked = [], {}, {}, {}
+        self._handles, self.rows, self.inputs, self._hooked_saves = [], {}, {}, {}
 
 
 def _consumers(roots: list) -> dict:
