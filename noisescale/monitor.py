@@ -128,6 +128,21 @@ def _describe_b_noise(b_noise: float) -> str:
     return f"  B_noise = {b_noise:.4g}"
 
 
+def check_options(*, measure_every: int, ema_decay: float, confidence: float, hessian_every: int,
+                  hessian_ema_decay: float, hessian_examples: int, hessian_probes: int) -> None:
+    """Raises on a monitor option out of range (also checked by the integrations' ``NoiseScaleOptions`` when it is
+    built, before any training step)."""
+    check_int(measure_every, "measure_every", 1)
+    check_int(hessian_every, "hessian_every", 0)
+    check_int(hessian_examples, "hessian_examples", 2)
+    check_int(hessian_probes, "hessian_probes", 2)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    for name, decay in (("ema_decay", ema_decay), ("hessian_ema_decay", hessian_ema_decay)):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {decay!r}")
+
+
 class NoiseScaleMonitor:
     """Measures the gradient noise scale of the training it is called in (module docstring).
 
@@ -167,12 +182,9 @@ class NoiseScaleMonitor:
         seed: int = 0,
         chunk_size: int | None = None,
     ) -> None:
-        check_int(measure_every, "measure_every", 1)
-        check_int(hessian_every, "hessian_every", 0)
-        check_int(hessian_examples, "hessian_examples", 2)
-        check_int(hessian_probes, "hessian_probes", 2)
-        if not 0.0 < confidence < 1.0:
-            raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+        check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
+                      hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
+                      hessian_examples=hessian_examples, hessian_probes=hessian_probes)
         if hessian_every and is_sharded(model):
             raise ValueError("the Hessian proxies (B_noise) need torch.func on whole parameters, which cannot run "
                              "on an FSDP-sharded model; set hessian_every=0 (B_simple is measured as usual)")

@@ -10,6 +10,7 @@ import copy
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,7 +323,30 @@ def test_the_whole_model_vmap_under_the_trainer_with_label_smoothing(tmp_path):
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
 
 
+def test_b_noise_of_an_encoder_decoder_gets_its_decoder_inputs(tmp_path):
+    """The Hessian proxies call the model without ``labels``; T5 then needs the decoder inputs its forward would
+    have made from them (it raised "You must specify exactly one of input_ids or inputs_embeds"). Eager attention:
+    forward-mode AD has no rule for the CPU flash kernel. The step with B_noise logs it."""
+    import functools
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+                                   attn_implementation="eager")
+    options = NoiseScaleOptions(hessian_every=1, per_example_loss=functools.partial(sequence_cross_entropy,
+                                                                                    shift=False))
+    trainer = NoiseScaleTrainer(model=transformers.T5ForConditionalGeneration(config).double(),
+                                args=_args(tmp_path, 1), train_dataset=_translation_dataset(), noise_scale=options)
+    trainer.train()
+    history = trainer.noise_scale.history
+    assert history["trace_h"].notna().all() and np.isfinite(history["trace_h"]).all()
+    assert {name for name, backend in trainer.noise_scale.backend_of.items() if backend == "vmap"} == set()
+
+
 def test_bad_options_are_rejected_before_any_step(tmp_path):
+    for options, message in [(dict(hessian_every=1), "per_example_loss"), (dict(measure_every=0), "measure_every"),
+                             (dict(ema_decay=1.5), "ema_decay"), (dict(confidence=1.0), "confidence")]:
+        with pytest.raises(ValueError, match=message):   # when the options are made, not at the first step
+            NoiseScaleOptions(**options)
     with pytest.raises(TypeError, match="noise_scale must be a NoiseScaleOptions"):
         NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})
 

@@ -115,6 +115,7 @@ def test_observe_measures_the_shared_buckets_from_the_callers_pass():
             regression_loss(model(x, keep), y).mean().backward()
         for name, values in expected.items():
             assert_relclose(observed.by_parameter[name], values)
+        assert observed.backend_of["bias.weight"] == "ghost"
 
 
 def test_under_bfloat16_autocast_the_sum_check_allows_for_the_rounding():
@@ -248,6 +249,7 @@ def test_observe_measures_a_shared_output_it_cannot_follow_by_the_whole_model_vm
     with engine.observe(4) as observed:
         regression_loss(model(x, keep), y).mean().backward()
     assert engine._outputs_needed   # the whole-model vmap of the outputs' gradients ran
+    assert observed.backend_of["bias.table"] == observed.backend_of["bias.spare"] == "vmap"
     for name, values in expected.items():
         assert_relclose(observed.by_parameter[name], values)
     assert not observed.by_parameter["bias.spare"].any()

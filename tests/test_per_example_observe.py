@@ -511,3 +511,21 @@ def test_observe_with_a_vmap_batch_measures_what_the_hooks_cannot_and_leaves_the
             regression_loss(model(x), y).mean().backward()
         draws.append(torch.randn(3))
     assert torch.equal(*draws)
+
+
+def test_a_block_without_a_backward_is_an_error_not_zeros():
+    """Nothing, a forward alone, or a forward without grad inside the block: no gradient reached the hooks, so
+    the norms would be zeros; a ValueError says to run the backward inside the block."""
+    model, (inputs, targets) = _model(), _batch()
+    engine = PerExampleGradNorms(model, _per_example_loss)
+    passes = [lambda: None, lambda: _per_example_loss(model(inputs), targets)]
+    for run in passes:
+        with pytest.raises(ValueError, match="no gradient reached the model's parameters inside the observe block"):
+            with engine.observe(inputs.shape[0]):
+                run()
+    with pytest.raises(ValueError, match="no gradient reached"):
+        with engine.observe(inputs.shape[0]), torch.no_grad():
+            model(inputs)
+    with engine.observe(inputs.shape[0]) as observed:   # and a real pass afterwards is measured
+        _per_example_loss(model(inputs), targets).mean().backward()
+    assert observed.sqnorms.shape == (inputs.shape[0],) and bool((observed.sqnorms > 0).all())

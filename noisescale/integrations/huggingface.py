@@ -23,8 +23,9 @@ an overridden ``compute_loss``), its scaling for gradient accumulation or ``num_
 per-example gradients of the accumulated global batch follow from that loss, whatever its weighting, is in
 :mod:`noisescale.integrations.observer`; with HuggingFace's token-mean loss they are the gradients of the "token"
 per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. Parameters that only the whole-model vmap
-can measure (T5's relative position tables) are measured after the micro-batch from the gradients its backward
-brought to the model's outputs (:mod:`noisescale.per_example.outputs`). The values reach every ``report_to``
+can measure (DeBERTa-v2's relative embeddings, XLNet's relative attention) are measured after the micro-batch from
+the gradients its backward brought to the model's outputs (:mod:`noisescale.per_example.outputs`);
+``trainer.noise_scale.backend_of`` says which. The values reach every ``report_to``
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
 
 Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
@@ -89,7 +90,7 @@ class NoiseScaleTrainerMixin:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
         transformers passes go through unchanged), observed (module docstring)."""
         monitor = self._noise_scale_monitor(model)
-        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=split_labels(inputs),
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=_hessian_batch(model, inputs),
                                   model_inputs=inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)
@@ -127,3 +128,16 @@ class NoiseScaleTrainerMixin:
 
 class NoiseScaleTrainer(NoiseScaleTrainerMixin, Trainer):
     """``transformers.Trainer`` that measures the gradient noise scale of its training (module docstring)."""
+
+
+def _hessian_batch(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the batch without ``labels``, the labels) for the Hessian proxies, which call the model without labels: an
+    encoder-decoder (T5, BART) then gets the decoder inputs its forward would have made from them."""
+    model_inputs, labels = split_labels(inputs)
+    module = getattr(model, "module", model)   # DistributedDataParallel
+    prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+    encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
+    if (labels is not None and prepare is not None and encoder_decoder
+            and "decoder_input_ids" not in model_inputs and "decoder_inputs_embeds" not in model_inputs):
+        model_inputs = {**model_inputs, "decoder_input_ids": prepare(labels=labels)}
+    return model_inputs, labels

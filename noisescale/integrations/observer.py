@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from noisescale.batches import batch_size_of
 from noisescale.distributed import all_gather_concat, unwrapped_module
+from noisescale.monitor import check_options
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
 __all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]
@@ -60,6 +61,11 @@ class NoiseScaleOptions:
     seed: int = 0
     per_example_loss: Callable[[Any, Any], torch.Tensor] | None = None
     log_prefix: str = "noise_scale/"
+
+    def __post_init__(self) -> None:   # out-of-range values fail here, not at the first training step
+        check_options(**{key: value for key, value in self.monitor_options().items() if key != "seed"})
+        if self.hessian_every and self.per_example_loss is None:
+            _per_example_loss_not_given(None, None)
 
     def monitor_options(self) -> dict[str, Any]:
         return {
@@ -100,8 +106,6 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                  process_group: dist.ProcessGroup | None = None) -> None:
         if not isinstance(options, NoiseScaleOptions):
             raise TypeError(f"options must be a NoiseScaleOptions, got {type(options).__name__}")
-        if options.hessian_every and options.per_example_loss is None:
-            _per_example_loss_not_given(None, None)
         super().__init__(model, options.per_example_loss or _per_example_loss_not_given,
                          **options.monitor_options())
         if process_group is not None:
@@ -144,6 +148,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             micro_batch, self._micro_batch = self._micro_batch, None
             micro_batch.__exit__(None, None, None)
             self._sqnorms.append(self._observed.sqnorms)
+            self.backend_of = dict(self._observed.backend_of)
 
     def _drop_open_micro_batch(self) -> None:
         """Forget a micro-batch whose backward never came (the framework skipped it or raised)."""

@@ -41,14 +41,15 @@ What cannot be detected: hooked modules must see the examples in dim 0 (or 1 sha
 another layout -- sequence-first (T, B, d) tensors outside nn.MultiheadAttention and the RNNs, windows or flattened
 (B * T, d) rows -- is sent to the whole-model vmap when dim 0 differs from B, but is measured wrongly when it
 happens to equal B. Positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
-one index per example when T == B, and their norms are then wrong (a warning is issued when the indices are
-arange(B)); with T != B they are measured as computed once for all the examples. Pass positions as (1, T). A parameter used both
-through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is invisible
-to hooks: give such a model backend="vmap". An output computed once for all the examples that is combined
-elementwise with a per-example tensor of exactly its own shape (a table of B rows added to one row per example, no
-broadcast) is taken for a tensor still shared by all of them. Activation checkpointing (HF gradient checkpointing, reentrant or not)
-gives the same norms (tested): a non-reentrant recomputation inside the backward is not recorded again (its
-outputs get no gradient); under reentrant checkpointing the recomputed call is the one recorded.
+one index per example when T == B and no input shows a dim of size B, and their norms are then wrong (a warning
+is issued when the indices are arange(B)); otherwise they are measured as computed once for all the examples. Pass
+positions as (1, T). A parameter used both through its module and directly (``F.linear(x, self.embedding.weight)``
+next to the embedding call) is invisible to hooks: give such a model backend="vmap". An output computed once for
+all the examples that is combined elementwise with a per-example tensor of exactly its own shape (a table of B
+rows added to one row per example, no broadcast) is taken for a tensor still shared by all of them. Activation
+checkpointing (HF gradient checkpointing, reentrant or not) gives the same norms (tested): a non-reentrant
+recomputation inside the backward is not recorded again (its outputs get no gradient); under reentrant
+checkpointing the recomputed call is the one recorded.
 
 FSDP (FSDP2 ``fully_shard``, FSDP1 with flat parameters or ``use_orig_params=True``; :mod:`noisescale.sharded`):
 ghost rules and the per-module fallback work unchanged, since every example and its activations live on one rank
@@ -120,10 +121,11 @@ class PerExampleNorms:
 class ObservedNorms:
     """What :meth:`PerExampleGradNorms.observe` read from a forward and backward run by the caller; filled when the
     ``with`` block ends. sqnorms: (B,) |g_i|^2 summed over all trainable parameters; by_parameter: name -> (B,)
-    contribution, when asked for."""
+    contribution, when asked for; backend_of: name -> "ghost" | "module" | "vmap", as in ``PerExampleNorms``."""
 
     sqnorms: Tensor | None = None
     by_parameter: dict[str, Tensor] | None = None
+    backend_of: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -478,7 +480,8 @@ class PerExampleGradNorms:
             warnings.warn(
                 f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
                 "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
-                "layer), its norms are wrong. This is checked by a forward on B - 1 examples of the model's inputs, "
+                "layer), its norms may be wrong. This is checked by a forward on B - 1 examples of the model's "
+                "inputs, "
                 "which runs when one of them has a dim besides dim 0 of size B (and observe is given them as "
                 "model_inputs); here none did, or it could not run. Use a batch size "
                 "that differs from the model's other dims (sequence length, hidden size)", RuntimeWarning, stacklevel=4)
@@ -596,6 +599,11 @@ class PerExampleGradNorms:
                     yield observed
             finally:
                 outputs.close()
+        if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
+            outputs.release()
+            raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
+                             "and its backward (loss.backward()) inside the with block, with grad enabled; the "
+                             "norms would be zeros")
         self._observed = True
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
@@ -633,6 +641,8 @@ class PerExampleGradNorms:
         by_parameter = _every_parameter(by_parameter, plan.backend_of, batch_size, dtype, device)
         observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         observed.by_parameter = by_parameter if self.by_parameter else None
+        observed.backend_of = {name: "vmap" if name in need_vmap else "module" if name in ghost_pass.fallback_names
+                               else backend for name, backend in plan.backend_of.items()}
 
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
                           ghost_pass: GhostPass, batch_size: int, scale: float,

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from noisescale.per_example.vmap import quiet_batching
+
 
 __all__ = ["Broadcast", "BroadcastGradients"]
 
@@ -480,7 +482,8 @@ def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> l
         return tuple(out[k] for k in positions)
 
     try:
-        return list(vmap(one)(per_example))
+        with quiet_batching():
+            return list(vmap(one)(per_example))
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
         rows = [one(grad) for grad in per_example]
         return [torch.stack([row[j] for row in rows]) for j in range(len(positions))]

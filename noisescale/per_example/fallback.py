@@ -43,6 +43,7 @@ from noisescale.per_example.attention import (attention_per_example_grads, atten
                                               captured_per_example_grads)
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
+from noisescale.per_example.vmap import quiet_batching
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
            "check_unmodified", "is_parameter_table", "module_per_example_grads"]
@@ -218,9 +219,10 @@ def _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output
         _, pullback = vjp(lambda p: _selected_outputs(module, p, constants, rebuild, filled, hooked), parameters)
         return pullback(tuple(g if d is None else g.unsqueeze(d) for g, d in zip(example_grads, output_dims)))[0]
 
-    return vmap(one_example, randomness="error")(
-        [leaves[k].movedim(dims[k], 0) for k in batched],
-        [g if d is None else g.movedim(d, 0) for g, d in zip(grads, output_dims)])
+    with quiet_batching():
+        return vmap(one_example, randomness="error")(
+            [leaves[k].movedim(dims[k], 0) for k in batched],
+            [g if d is None else g.movedim(d, 0) for g, d in zip(grads, output_dims)])
 
 
 def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size):
@@ -230,9 +232,8 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
         variables = {name: p.detach().requires_grad_() for name, p in parameters.items()}
         with torch.enable_grad():
             outputs = _selected_outputs(module, variables, constants, rebuild, filled, hooked)
-            example = torch.autograd.grad(outputs, list(variables.values()),
-                                          [g[i] if d is None else g.narrow(d, i, 1) for g, d in zip(grads, output_dims)],
-                                          allow_unused=True)
+            cotangents = [g[i] if d is None else g.narrow(d, i, 1) for g, d in zip(grads, output_dims)]
+            example = torch.autograd.grad(outputs, list(variables.values()), cotangents, allow_unused=True)
         for (name, p), grad in zip(variables.items(), example):
             rows[name].append(torch.zeros_like(p) if grad is None else grad)
     return {name: torch.stack(values) for name, values in rows.items()}

@@ -665,7 +665,7 @@ class GhostNormEngine:
             self._warned.add(module)
             warnings.warn(
                 f"module {entry.path!r} ({type(module).__name__}) was called with arange({batch}) and no batch dim; "
-                f"if these are positions shared by every example (T == B), its per-example norms are wrong: call it "
+                f"if these are positions shared by every example (T == B), its per-example norms may be wrong: call it "
                 f"with a batch dim, shape (1, T), as HuggingFace models do", RuntimeWarning, stacklevel=2)
 
     @staticmethod

@@ -121,7 +121,8 @@ class OutputGradients:
             return "an input of the model's call was changed in place after the call"
         for t in tree_flatten(self.inputs)[0]:
             if isinstance(t, Tensor) and t.dim() and t.shape[0] not in (1, self.batch_size):
-                return f"an input of shape {tuple(t.shape)} holds neither the examples nor one row shared by all"
+                return (f"an input of shape {tuple(t.shape)} holds neither the {self.batch_size} examples observe was "
+                        "given (its batch_size) nor one row shared by all")
         totals = {node for _, holder, node, aliased in self._batched if not aliased and holder[0] is not None}
         wanted = {id(p) for p in measured}
         missing = wanted - _leaves_reached(self.roots)

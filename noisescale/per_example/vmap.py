@@ -17,6 +17,7 @@ off for the pass). It runs its own forward, so it must leave training untouched:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -30,7 +31,7 @@ from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
 from noisescale.per_example.factors import per_example_sqnorm
 
-__all__ = ["vmap_sqnorms"]
+__all__ = ["vmap_sqnorms", "quiet_batching"]
 
 
 class _ModelAndLoss(nn.Module):
@@ -72,6 +73,16 @@ def _split_leaves(value: Any, batch_size: int) -> tuple[list[Tensor], Callable[[
         return tree_unflatten(filled, spec)
 
     return [leaves[i] for i in where], rebuild
+
+
+@contextmanager
+def quiet_batching() -> Iterator[None]:
+    """torch.func's warning that an op has no batching rule (it then loops over the examples itself, still
+    exact) is for torch's developers; a user measuring norms would take it for an error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                "the batching rule")
+        yield
 
 
 @contextmanager
@@ -131,7 +142,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
 
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
-    with isolated_rng(trainable.values()), _own_pass(model):
+    with isolated_rng(trainable.values()), _own_pass(model), quiet_batching():
         for start in range(0, batch_size, step):
             rows_inputs = [t[start:start + step] for t in input_tensors]
             rows_targets = [t[start:start + step] for t in target_tensors]
