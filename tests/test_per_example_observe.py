@@ -462,7 +462,7 @@ def test_observe_refuses_what_the_output_gradients_cannot_stand_for_and_leaves_p
     engine = PerExampleGradNorms(model, regression_loss)
     passes = {"called 2 times": lambda: regression_loss(model(x), y) + regression_loss(model(x), y),
               "called 0 times": lambda: regression_loss(model.inner(x), y),
-              r"an input of shape \(2,\)": lambda: regression_loss(model(x, torch.ones(2, dtype=x.dtype)), y)}
+              r"an input of shape \(2,\) holds neither the 5 examples observe was given": lambda: regression_loss(model(x, torch.ones(2, dtype=x.dtype)), y)}
     for cause, losses in passes.items():
         model.zero_grad()
         losses().mean().backward()
