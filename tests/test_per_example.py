@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -1242,6 +1243,57 @@ def test_sequence_first_layers_are_measured_by_the_rules_once_a_probe_shows_dim_
         ghost = not mixed and (step >= 1 or length == 5)
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {
             "ghost" if ghost else "vmap"}
+
+
+class HeadsFirst(nn.Module):
+    """A LayerNorm and a Linear on (heads, B, d) with as many heads as examples, no input showing that dim."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.up, self.norm, self.mid, self.out = nn.Linear(3, 8), nn.LayerNorm(2), nn.Linear(2, 2), nn.Linear(8, 2)
+
+    def forward(self, x):                                    # x: (B, 3)
+        h = self.up(x).view(x.shape[0], self.heads, 2).transpose(0, 1)          # (heads, B, 2)
+        h = self.mid(torch.tanh(self.norm(h))).transpose(0, 1).reshape(x.shape[0], -1)
+        return self.out(h)
+
+
+def test_an_unchecked_dim_as_large_as_the_batch_makes_later_calls_probe():
+    """The first call cannot tell the heads (4 == B) from the examples and warns; it makes later calls probe,
+    which shows dim 1 to hold the examples, so from the second call the layers are exact by their rules."""
+    torch.manual_seed(0)
+    model = HeadsFirst().double()
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for step in range(3):
+        x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1 + step))
+        y = torch.randn(4, 2, dtype=torch.float64, generator=generator(10 + step))
+        expected = naive_per_example(model, regression_loss, x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = engine(x, y)
+        if step > 0:
+            for name, values in expected.items():
+                assert_relclose(result.by_parameter[name], values)
+            assert result.backend_of["mid.weight"] == result.backend_of["norm.weight"] == "ghost"
+
+
+def test_the_layout_check_compares_every_row_and_each_channel_at_its_own_scale():
+    """A reshape of padded rows into (T, B, d) keeps the first and last rows (padding both) but not the rest, and
+    one channel a thousand times larger must not hide a difference in the others."""
+    from noisescale.per_example.ghost import _column_ends, _same_rows
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3)
+    x[:, -1] = 0.0   # padding
+    mixed = x.reshape(24, 3)[torch.randperm(24, generator=generator(3))].reshape(6, 4, 3)
+    mixed[0], mixed[-1] = x[0], x[-1]
+    assert _same_rows(_column_ends(x), _column_ends(x.clone()))
+    assert not _same_rows(_column_ends(mixed), _column_ends(x))
+    a = torch.ones(5, 4, dtype=torch.bfloat16)
+    a[:, 0] = 1000.0
+    b = a.clone()
+    b[2, 1] = 1.3
+    assert not _same_rows(a, b) and _same_rows(a, a.clone())
 
 
 class SwitchedLinear(nn.Linear):

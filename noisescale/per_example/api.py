@@ -473,8 +473,9 @@ class PerExampleGradNorms:
 
     def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
         """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it.
-        A call with the examples flattened into rows makes every later call probe."""
-        self._flattened_rows = self._flattened_rows or ghost_pass.flattened
+        A call with the examples flattened into rows, or an unchecked one with a dim of size B, makes every later
+        call probe."""
+        self._flattened_rows = self._flattened_rows or ghost_pass.flattened or ghost_pass.ambiguous
         if ghost_pass.ambiguous and not self._warned_ambiguous:
             self._warned_ambiguous = True
             warnings.warn(

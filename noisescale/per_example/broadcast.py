@@ -57,7 +57,7 @@ _OF_ONE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "Per
 _ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "DivBackward0", "ExpandBackward0"}
 
 
-@dataclass
+@dataclass(eq=False)   # compared by identity (its fields hold tensors)
 class Broadcast:
     """A shared tensor o of the pass and ``deliver(per_example, total, dtype)``, called in the backward with dl_i/do
     for each example, (B, *o.shape) of the pass's loss (None if o's gradient arrives a second time: another

@@ -75,6 +75,7 @@ class FallbackCall:
     shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
     parameters: dict[str, Tensor] | None = None  # the module's parameters as the call used them (FSDP), by name
     linear_blocks: list | None = None  # attention.LinearCapture's record of the call's projections
+    buffers: dict[str, Tensor] | None = None  # its buffers as the call found them, where its forward changes them
     uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
 
 
@@ -289,8 +290,10 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
     else:
         parameters = {name: module.get_parameter(name).detach() for name in names}
         constants = {name: p.detach() for name, p in module.named_parameters() if name not in parameters}
-    # copies: a forward that updates its buffers (spectral norm's power iteration in train mode) leaves the real ones
-    constants.update({name: b.detach().clone() for name, b in module.named_buffers()})
+    # a forward that updates its buffers (spectral norm's power iteration in train mode): the re-run starts from the
+    # buffers the call found where they were kept, and works on copies either way (the real ones stay as they are)
+    constants.update(call.buffers if call.buffers is not None else
+                     {name: b.detach().clone() for name, b in module.named_buffers()})
     leaves, rebuild = _flatten_call(call.args, call.kwargs)
     leaves = _detached(leaves)
     dims = ([None] * len(leaves) if call.shared else

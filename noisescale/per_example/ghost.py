@@ -57,7 +57,7 @@ from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims
                                              check_unmodified, is_parameter_table, module_per_example_grads,
                                              output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
-from noisescale.per_example.layers import LayerRule, close_values
+from noisescale.per_example.layers import LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.uses import ParameterUses, per_example_total
 
@@ -100,6 +100,9 @@ class GhostPass:
     replaying: bool = False
     sharded: bool = False      # FSDP: a fallback call keeps copies of its parameters (they are resharded later)
     refused: Any = field(default_factory=set)   # the engine's modules not to capture again
+    updates_buffers: Any = field(default_factory=set)   # the engine's modules whose forward changed their buffers
+    buffers_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))   # per call: versions,
+    # and for those modules copies of the buffers as the call found them (its re-run needs them)
     captured_names: set[str] = field(default_factory=set)   # parameters of calls whose uses were captured
     noted: dict[str, tuple[Tensor, torch.dtype] | None] = field(default_factory=dict)   # note_gradient
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
@@ -207,8 +210,8 @@ class GhostPass:
     def row_blocks(self, module: nn.Module, index: int, x: Tensor) -> int | None:
         """k where call ``index`` of ``module`` sees the examples flattened into rows, B blocks of k (OPT's MLP on
         (B * T, d), Swin's windows (B * windows, N, d)): x has B k rows, the probe's call had (B - 1) k, and the
-        first and last rows of the probe's blocks are those of x's first B - 1 blocks (so the rows are
-        example-major, not position-major). None otherwise."""
+        first and last rows and the absolute sums of the probe's blocks are those of x's first B - 1 blocks (so the
+        rows are example-major, not position-major: ``_block_ends``). None otherwise."""
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
             return None
@@ -222,8 +225,8 @@ class GhostPass:
 
     def examples_in_dim_1(self, module: nn.Module, index: int, x: Tensor) -> bool:
         """Whether call ``index`` of ``module`` holds the examples in dim 1, (T, B, ...): the probe's call had
-        (T, B - 1, ...), with x[0] and x[-1] equal to those of x's first B - 1 columns (a reshape of other rows
-        into (T, B) does not match; nor does a layer after dropout, whose masks the probe draws anew)."""
+        (T, B - 1, ...), with x[0], x[-1] and the absolute sums over dim 0 equal to those of x's first B - 1
+        columns (``_column_ends``; a reshape of other rows into (T, B) does not match, padding or not)."""
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].column_ends is None:
             return False
@@ -231,8 +234,7 @@ class GhostPass:
         if probed.column_ends.shape[2:] != x.shape[2:] or x.shape[0] != probed.shapes[0][0]:
             return False
         if "columns" not in probed.verdicts:   # the pass the probe ran for: its batch, compared once
-            probed.verdicts["columns"] = _same_rows(torch.stack([x[0], x[-1]])[:, :self.batch_size - 1],
-                                                    probed.column_ends)
+            probed.verdicts["columns"] = _same_rows(_column_ends(x)[:, :self.batch_size - 1], probed.column_ends)
         return probed.verdicts["columns"]
 
     def attach(self, name: str, owner_path: str) -> bool:
@@ -437,20 +439,36 @@ class ProbedCall:
 
 
 def _block_ends(x: Any, batch: int) -> Tensor | None:
-    """(2, batch, ...) the first and last row of each of ``batch`` blocks of x's rows, when x has k * batch rows
-    with k > 1; else None."""
+    """(3, batch, ...) the first and last row and the sum of absolute values of each of ``batch`` blocks of x's
+    rows, when x has k * batch rows with k > 1; else None. The sums see every row (padding at both ends of a
+    block does not hide a block of other rows)."""
     if not isinstance(x, Tensor) or x.dim() == 0 or batch < 1 or x.shape[0] % batch or x.shape[0] == batch:
         return None
     k = x.shape[0] // batch
-    return torch.stack([x[::k], x[k - 1::k]]).detach().clone()
+    x = x.detach()
+    return torch.stack([x[::k], x[k - 1::k], x.abs().reshape(batch, k, *x.shape[1:]).sum(1)]).clone()
+
+
+def _column_ends(x: Tensor) -> Tensor:
+    """(3, columns, ...) x[0], x[-1] and the sum of absolute values over dim 0 of a (T, columns, ...) tensor."""
+    x = x.detach()
+    return torch.stack([x[0], x[-1], x.abs().sum(0)]).clone()
 
 
 def _same_rows(a: Tensor, b: Tensor) -> bool:
     """Equal rows, up to the rounding of float dtypes (a batched kernel may round a row differently when the
-    batch is one example smaller)."""
-    if a.dtype != b.dtype:
+    batch is one example smaller), measured against each channel's (last dim's) own scale: one large channel (a
+    "massive activation") does not loosen the others."""
+    if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return close_values(a, b) if a.is_floating_point() else torch.equal(a, b)
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    if a.dim() < 2:
+        return close_values(a, b)
+    tolerance = rounding_tolerance(a.dtype)
+    a, b = a.double(), b.double()
+    scale = torch.maximum(a.abs(), b.abs()).amax(dim=tuple(range(a.dim() - 1)), keepdim=True)
+    return bool(((a - b).abs() <= tolerance * scale).all())
 
 
 def _call_tensors(args: tuple, kwargs: dict, output: Any) -> list[Tensor]:
@@ -472,6 +490,7 @@ class GhostNormEngine:
         # (module, LinearCapture or ParameterUses) open during their module's forward, in the order they started
         self._open: list[tuple[nn.Module, Any]] = []
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
+        self._updates_buffers: weakref.WeakSet = weakref.WeakSet()   # modules whose forward changed their buffers
         self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
         self._probe: dict | None = None                       # set inside ``probing``
         self._probe_modules: dict | None = None
@@ -494,6 +513,7 @@ class GhostNormEngine:
         """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                refused=self._refused, probe=probe, verified=self._verified,
+                               updates_buffers=self._updates_buffers,
                                outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size))
         try:
             yield self._pass
@@ -536,6 +556,10 @@ class GhostNormEngine:
         if ghost_pass is not None and (ghost_pass.modules[module].rule is None
                                        or self._verified.get(module) is False):
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
+            ghost_pass.buffers_before[module].append((
+                [(b, b._version) for b in module.buffers()],
+                {name: b.detach().clone() for name, b in module.named_buffers()}
+                if module in ghost_pass.updates_buffers else None))
             capture = self._capture_for(ghost_pass, module)
             if capture is not None:
                 capture.start(args, kwargs)
@@ -566,7 +590,7 @@ class GhostNormEngine:
             if module in self._probe_modules and not _recomputing():
                 x = _first_input(args, kwargs)
                 ends = _block_ends(x, self._probe_batch)
-                columns = (torch.stack([x[0], x[-1]]).detach().clone() if isinstance(x, Tensor) and x.dim() > 1
+                columns = (_column_ends(x) if isinstance(x, Tensor) and x.dim() > 1
                            and x.shape[1] == self._probe_batch else None)
                 self._probe[module].append(ProbedCall([tuple(t.shape) for t in _call_tensors(args, kwargs, output)],
                                                       ends, None if ends is None else x.shape[0] // self._probe_batch,
@@ -673,6 +697,9 @@ class GhostNormEngine:
                               kwargs: dict, output: Any, capture: LinearCapture | ParameterUses | None,
                               index: int) -> Any:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
+        versions, buffers = ghost_pass.buffers_before[module].pop() if ghost_pass.buffers_before[module] else ([], None)
+        if any(b._version != version for b, version in versions):   # spectral norm's power iteration (train mode):
+            ghost_pass.updates_buffers.add(module)   # from the next call on, its re-runs start from copies taken before
         if not torch.is_grad_enabled():   # no gradient comes of it (a rule's check of its layer's output, say)
             return None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size
@@ -725,6 +752,7 @@ class GhostNormEngine:
                             + ([] if ghost_pass.sharded else [(q, q._version) for q in module.parameters()]),
                             shared=replaced is not None or shared,
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
+                            buffers=buffers,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
                             uses=capture if isinstance(capture, ParameterUses) and capture.complete and not shared
                             else None)
