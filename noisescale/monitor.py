@@ -106,6 +106,9 @@ class NoiseScaleSummary:
 
 
 def _describe_suggestion(batch_size: float) -> str:
+    if math.isfinite(batch_size) and batch_size < 1:   # "about 0 examples" suggests nothing
+        return (f"  critical batch size suggested: below one example ({batch_size:.2g}): the gradient noise is small "
+                "against the mean gradient, so any batch size is past the critical one")
     if math.isfinite(batch_size):
         return f"  critical batch size suggested: about {batch_size:.0f} examples"
     return ("  critical batch size: not resolved (the averaged |G|^2 estimate is not positive: the mean gradient is "

@@ -375,6 +375,8 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "suggested: about" not in text
     with_b_noise = dataclasses.replace(unresolved, b_noise=40.0)
     assert "critical batch size suggested: about 40 examples" in str(with_b_noise)
+    tiny = str(dataclasses.replace(unresolved, b_noise=0.23))   # a new user saw "about 0 examples"
+    assert "below one example (0.23)" in tiny and "about 0 examples" not in tiny
 
 
 def test_a_negative_b_noise_is_not_resolved_and_never_suggested():
