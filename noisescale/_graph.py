@@ -1,9 +1,16 @@
-"""Walking an autograd graph backwards, from given nodes towards the leaves."""
+"""Walking an autograd graph backwards, from given nodes towards the leaves, and what some of its nodes do."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+# autograd nodes of operations whose output holds their input's elements in the same order (views, copies):
+# a gradient passes back through them by a reshape (and a cast)
+ORDER_KEEPING = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+                           "ToCopyBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                           "SqueezeBackward2"})
 
 
 def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = ()) -> Iterator[Any]:
@@ -18,3 +25,19 @@ def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = ()) -> Iterator
         seen.add(node)
         yield node
         stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def autograd_consumers(roots: Iterable[Any]) -> dict[Any, list[tuple[Any, int, int]]]:
+    """node -> [(node taking its output, input position, output position)] over the graph from ``roots``: one walk
+    that reads each node's inputs once (building that tuple is most of a walk's cost)."""
+    roots = [root for root in roots if root is not None]
+    consumers, seen, stack = defaultdict(list), set(roots), list(roots)
+    while stack:
+        node = stack.pop()
+        for k, (next_node, output_nr) in enumerate(node.next_functions):
+            if next_node is not None:
+                consumers[next_node].append((node, k, output_nr))
+                if next_node not in seen:
+                    seen.add(next_node)
+                    stack.append(next_node)
+    return consumers

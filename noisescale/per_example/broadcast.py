@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from noisescale._graph import ORDER_KEEPING, autograd_consumers
 from noisescale.per_example.vmap import quiet_batching
 
 
@@ -112,7 +113,7 @@ class BroadcastGradients:
         pending, self.pending = self.pending, []
         if not pending:
             return []
-        consumers = _consumers(roots)
+        consumers = autograd_consumers(roots)
         failed = []
         for broadcast in pending:
             why = self._hook(broadcast, consumers)
@@ -205,7 +206,7 @@ class BroadcastGradients:
             return False
         for j, (source, nr) in enumerate(node.next_functions):
             shape = None if j == k or source is None else _shape(source, nr)
-            if shape and len(shape) == len(out) and shape[0] == rows and self._rows_of(source, nr, {}) == blocks:
+            if shape and len(shape) == len(out) and shape[0] == rows and self._rows_of(source, nr) == blocks:
                 return True
         if self.inputs.get(node) == blocks:
             return True
@@ -223,10 +224,10 @@ class BroadcastGradients:
                 return True
         return False
 
-    def _rows_of(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> int | None:
+    def _rows_of(self, node: Any, output_nr: int) -> int | None:
         """b where output ``output_nr`` of ``node`` holds the B examples in dim 0 in blocks of b rows, traced back to
         a rule layer's output (``rows``); None where it cannot be traced."""
-        found = self._examples_at(node, output_nr, seen, depth)
+        found = self._examples_at(node, output_nr, {})
         return found[1] if found is not None and found[0] == 0 else None
 
     def _examples_at(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> tuple[int, int] | None:
@@ -266,21 +267,6 @@ class BroadcastGradients:
         for handle in self._handles:
             handle.remove()
         self._handles, self.rows, self.inputs, self._hooked_saves = [], {}, {}, {}
-
-
-def _consumers(roots: list) -> dict:
-    """node -> [(node taking its output, input position, output position)] over the graph from ``roots``: one walk
-    that reads each node's inputs once (building that tuple is most of a walk's cost)."""
-    consumers, seen, stack = defaultdict(list), set(roots), [root for root in roots if root is not None]
-    while stack:
-        node = stack.pop()
-        for k, (next_node, output_nr) in enumerate(node.next_functions):
-            if next_node is not None:
-                consumers[next_node].append((node, k, output_nr))
-                if next_node not in seen:
-                    seen.add(next_node)
-                    stack.append(next_node)
-    return consumers
 
 
 def _deliverer(broadcast: Broadcast) -> Callable[[Tensor], None]:
@@ -364,15 +350,6 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
     return None
 
 
-def _rows(node: Any, output_nr: int) -> int | None:
-    """Dim 0's size of output ``output_nr`` of ``node`` (None for a 0-d one or where autograd does not say)."""
-    try:
-        shape = node._input_metadata[output_nr].shape
-    except (AttributeError, IndexError, RuntimeError):
-        return None
-    return shape[0] if len(shape) else None
-
-
 def _saves_hooked(node: Any) -> bool:
     """Whether a tensor ``node`` saved has saved-tensor hooks (non-reentrant activation checkpointing), which let it
     be read only once: the real backward's. Asked by setting identity hooks, which raises where hooks are set."""
@@ -430,10 +407,6 @@ def _per_example(unreduced: Tensor, shape: tuple) -> Tensor:
     return summed.reshape(unreduced.shape[0], *shape)
 
 
-_SAME_ORDER = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
-               "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "CloneBackward0", "ToCopyBackward0"}
-
-
 def _rearranged(node: Any, per_example: Tensor) -> Tensor | None:
     """The per-example gradients of a view, copy or permutation's input, taken from its output's directly (no
     vmap, whose cost per call is that of many such operations); None for other operations."""
@@ -441,7 +414,7 @@ def _rearranged(node: Any, per_example: Tensor) -> Tensor | None:
     if node.next_functions[0][0] is None:
         return None
     meta = _input_meta(node, 0)
-    if name in _SAME_ORDER:   # the same elements in the same order
+    if name in ORDER_KEEPING:   # the same elements in the same order
         return per_example.reshape(per_example.shape[0], *meta.shape).to(device=meta.device, dtype=meta.dtype)
     if name == "PermuteBackward0":
         dims = [_signed(d) % len(node._saved_dims) for d in node._saved_dims]

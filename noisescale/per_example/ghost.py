@@ -24,8 +24,8 @@ each example's output gradient from the operations that broadcast the output ove
 ``GhostPass.share``), connected after the model's forward (``_after_model``).
 
 Sequence-first calls: a rule layer on (T, B, ...) (XLNet's and Longformer's layers) makes later calls probe; where
-the probe's call had (T, B - 1, ...) with the same x[0] and x[-1] over the first B - 1 columns, the rule takes the
-call as (B, T, ...) (``GhostPass.examples_in_dim_1``), as it takes rows flattened from the examples in B blocks
+the probe's call had (T, B - 1, ...) with the same x[0], x[-1] and sums of absolute values over dim 0 in the first
+B - 1 columns (``_column_ends``), the rule takes the call as (B, T, ...) (``GhostPass.examples_in_dim_1``), as it takes rows flattened from the examples in B blocks
 (``GhostPass.row_blocks``).
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from noisescale._graph import ORDER_KEEPING
 from noisescale._rng import rng_state
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.broadcast import Broadcast, BroadcastGradients
@@ -426,13 +427,13 @@ def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
 @dataclass
 class ProbedCall:
     """One call in the probe's forward: the shapes of its tensors (``_call_tensors``) and, where its first input
-    has a multiple of the probe's examples in rows, the first and last row of each block (``_block_ends``), or
-    the examples' number in dim 1, its first and last positions."""
+    has a multiple of the probe's examples in rows, the ends and sums of each block (``_block_ends``), or, where
+    its dim 1 has the examples' number, the ends and sums of each column (``_column_ends``)."""
 
     shapes: list[tuple]
-    block_ends: Tensor | None   # (2, examples, ...): the first and last row of each example's block of rows
+    block_ends: Tensor | None   # (3, examples, ...): ``_block_ends`` of its first input
     block_rows: int | None      # the rows of each block, k
-    column_ends: Tensor | None = None   # (2, examples, ...): x[0] and x[-1] where x's dim 1 has the examples' size
+    column_ends: Tensor | None = None   # (3, examples, ...): ``_column_ends`` of its first input
     # the layout checks' results, made in the pass the probe ran for (the probe is cached per input shapes, and a
     # later batch's rows differ from the probe's; the layout is the model code's)
     verdicts: dict[str, bool] = field(default_factory=dict)
@@ -543,9 +544,7 @@ class GhostNormEngine:
 
     def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
-        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules:
-            return None
-        if _recomputing():
+        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules or _recomputing():
             return None
         return ghost_pass
 
@@ -820,10 +819,6 @@ class GhostNormEngine:
             ) from error
 
 
-_VIEWS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "ToCopyBackward0",
-          "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"}
-
-
 def _rows_selected(x: Tensor, batch: int) -> bool:
     """Whether x's rows were picked from an activation's rows by an index (mixture-of-experts routing:
     ``expert(flat[routed])``), seen in x's autograd graph through views and copies: an index along dim 0 of a
@@ -832,7 +827,7 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
     node = x.grad_fn
     for _ in range(8):
         name = type(node).__name__
-        if name not in _VIEWS:
+        if name not in ORDER_KEEPING:
             break
         node = node.next_functions[0][0]
     if name == "IndexBackward0":
