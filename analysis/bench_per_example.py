@@ -56,8 +56,8 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "llama", "opt", "vit", "swin", "bart", "t5",
-          "torch_encoder", "lstm"]
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "opt", "vit", "swin", "bart",
+          "t5", "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 
@@ -173,6 +173,15 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                             **small)),
                         causal_lm_loss, {"input_ids": tokens, "attention_mask": mask},
                         tokens.masked_fill(mask == 0, -100)),
+        # DeBERTa-v2 (and v3): a relative-embedding table, layer-normed and projected by the attention's own query
+        # and key layers, repeated over the examples' heads (broadcast.py)
+        "deberta": lambda: (hf("DebertaV2ForSequenceClassification")(hf("DebertaV2Config")(
+                                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0, relative_attention=True,
+                                pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=64,
+                                norm_rel_ebd="layer_norm", share_att_key=True, pooler_dropout=0.0, **small)),
+                            per_example_cross_entropy, {"input_ids": tokens, "attention_mask": mask}, classes),
         "vit": lambda: (hf("ViTForImageClassification")(hf("ViTConfig")(
                             num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                             image_size=32, patch_size=8, num_channels=3, num_labels=3, hidden_dropout_prob=0.0,

@@ -8,9 +8,9 @@ from typing import Any
 
 # autograd nodes of operations whose output holds their input's elements in the same order (views, copies):
 # a gradient passes back through them by a reshape (and a cast)
-ORDER_KEEPING = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
-                           "ToCopyBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
-                           "SqueezeBackward2"})
+ORDER_KEEPING = frozenset({"AliasBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                           "CloneBackward0", "ToCopyBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+                           "SqueezeBackward1", "SqueezeBackward2"})
 
 
 def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = ()) -> Iterator[Any]:

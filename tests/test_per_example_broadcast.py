@@ -427,3 +427,106 @@ def test_a_shared_output_pending_before_a_parametrized_layer():
     torch.manual_seed(0)
     inputs, y = _batch(4, 4)
     assert_matches_reference(Model().double(), regression_loss, inputs, y, "auto")
+
+
+class DisentangledAttention(nn.Module):
+    """DeBERTa-v2's disentangled attention in small: a relative-embedding table read as ``.weight`` (its Embedding
+    is never called), layer-normed, sliced, given a batch dim of 1 and projected by the attention's own query and
+    key layers (which also project the examples), then repeated over the examples' heads and multiplied with their
+    keys and queries (content-to-position and position-to-content scores, gathered by relative position). ``mask``:
+    the table times a constant of its shape, as dropout multiplies it by its mask; ``how="cumsum"``: the repeated
+    projection passes through an operation the walk does not know."""
+
+    def __init__(self, span, mask=False, how="repeat"):
+        super().__init__()
+        self.span, self.how = span, how
+        self.rel = nn.Embedding(2 * span, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.query, self.key, self.value = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.out = nn.Linear(WIDTH, 2)
+        self.register_buffer("mask", (torch.rand(2 * span, WIDTH, generator=generator(9)) > 0.2) / 0.8
+                             if mask else None)
+
+    @staticmethod
+    def _heads(t):
+        b, n, _ = t.shape
+        return t.view(b, n, HEADS, WIDTH // HEADS).permute(0, 2, 1, 3).contiguous().view(-1, n, WIDTH // HEADS)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        rel = self.norm(self.rel.weight)
+        if self.mask is not None:
+            rel = rel * self.mask
+        rel = rel[0:2 * self.span, :].unsqueeze(0)
+        pq = self._heads(self.query(rel)).repeat(b, 1, 1)                            # (B H, 2 span, d / H)
+        pk = self._heads(self.key(rel)).repeat(b, 1, 1)
+        if self.how == "cumsum":
+            pk = pk.cumsum(1)
+        position = torch.arange(t)
+        index = (position[:, None] - position[None, :]).clamp(-self.span, self.span - 1) + self.span
+        index = index.expand(b * HEADS, t, t)
+        c2p = torch.gather(torch.bmm(q, pk.transpose(-1, -2)), -1, index)
+        p2c = torch.gather(torch.bmm(k, pq.transpose(-1, -2)), -1, index).transpose(-1, -2)
+        scores = torch.bmm(q, k.transpose(-1, -2)) + c2p + p2c
+        h = torch.bmm(scores.softmax(-1), v).view(b, HEADS, t, -1).transpose(1, 2).reshape(b, t, WIDTH)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("span, length, mask", [(3, 5, False), (3, 5, True), (2, 4, False)],
+                         ids=["table", "masked", "table_rows_and_length_as_many_as_the_examples"])
+def test_a_parameter_table_projected_by_layers_that_also_take_the_examples(span, length, mask):
+    """DeBERTa-v2's relative embeddings (``DisentangledAttention``), B = 4 = heads: the table (a parameter read
+    outside its module's calls), its LayerNorm and the query and key layers' calls on it are measured from each
+    example's gradient of the repeated projections, from the real backward; the query and key layers' two calls
+    (the examples, the table) combine as one parameter's. Norms as the loop's, p.grad a plain backward's, no
+    whole-model vmap; also where the table has 2 span = B rows and T = B."""
+    torch.manual_seed(0)
+    model = DisentangledAttention(span, mask).double()
+    x = torch.randn(4, length, WIDTH, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, length, 2, dtype=torch.float64, generator=generator(2))
+    for backend in ("auto", "ghost"):
+        result = assert_matches_reference(model, regression_loss, x, y, backend)
+        assert set(result.backend_of.values()) == {"ghost"}, result.backend_of
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    expected = naive_per_example(model, regression_loss, x, y)
+    for _ in range(2):   # through observe, the caller's pass
+        model.zero_grad(set_to_none=True)
+        with engine.observe(4, model_inputs=x) as observed:
+            regression_loss(model(x), y).mean().backward()
+        for name, values in expected.items():
+            assert_relclose(observed.by_parameter[name], values)
+        assert set(observed.backend_of.values()) == {"ghost"}
+
+
+def test_a_projected_table_taken_by_an_unknown_operation_goes_to_the_whole_model_vmap():
+    """The repeated key projection of the table through a cumulative sum, which the walk does not follow: the
+    table, its LayerNorm and the key layer go to the whole-model vmap (exact); the query layer's calls, whose
+    projection of the table reaches the examples through the repeat, stay with the hooks."""
+    torch.manual_seed(0)
+    model = DisentangledAttention(3, how="cumsum").double()
+    x = torch.randn(4, 5, WIDTH, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, 5, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert {name for name, backend in result.backend_of.items() if backend == "vmap"} == {
+        "rel.weight", "norm.weight", "norm.bias", "key.weight", "key.bias"}
+    with pytest.raises(ValueError, match="cannot measure module 'key'"):
+        per_example_sqnorms(copy.deepcopy(model), regression_loss, x, y, backend="ghost")
+
+
+def test_what_is_computed_without_the_examples():
+    """``computed_once``: a parameter, its slices and views, its product with a constant of its own shape (a
+    dropout mask) are computed without the examples; a lookup by indices, an expand to the examples, a product
+    with the examples' data (which adds their dim) and a tensor that does not require grad are not."""
+    from noisescale.per_example.broadcast import computed_once
+    table = nn.Parameter(torch.randn(6, 3))
+    data = torch.randn(4, 6, 3)
+    assert computed_once(table, set())
+    assert computed_once(table[1:4].unsqueeze(0).transpose(1, 2) * 2.0, set())
+    assert computed_once(table * (torch.rand(6, 3) > 0.5), set())
+    assert not computed_once(table[torch.tensor([[0, 1], [2, 3]])], set())
+    assert not computed_once(table.expand(4, 6, 3) + 0.0, set())
+    assert not computed_once(table * data, set())
+    assert not computed_once(data, set())
+    made = torch.nn.functional.layer_norm(table, (3,))
+    assert not computed_once(made[0:2], set()) and computed_once(made[0:2], {made.grad_fn})

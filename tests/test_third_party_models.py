@@ -401,7 +401,8 @@ def test_a_dim_as_large_as_the_batch_is_not_taken_for_the_examples(make):
     """T5's relative position buckets (T, T) and XLNet's sequence-first layers (T, B, d) at T == B, DeBERTa-v2's
     LayerNorm on its (2 * buckets, d) relative-embedding table at B == 2 * buckets: the probe on B - 1 examples and
     the parameter check keep positions from being read as examples (T5's buckets are measured as shared by every
-    example, XLNet's layers by their rules on dim 1, DeBERTa-v2's table by the whole-model vmap)."""
+    example, XLNet's layers by their rules on dim 1, DeBERTa-v2's table, its LayerNorm and the projections of it as
+    shared by every example)."""
     torch.manual_seed(0)
     model, loss_fn, inputs, targets = make()
     model = model.double().eval()

@@ -40,14 +40,14 @@ from noisescale._graph import ORDER_KEEPING, autograd_consumers
 from noisescale.per_example.vmap import quiet_batching
 
 
-__all__ = ["Broadcast", "BroadcastGradients"]
+__all__ = ["Broadcast", "BroadcastGradients", "computed_once"]
 
 _PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
 
 # operations of one tensor (and constants): a shared input gives a shared output, whatever its shape (the number of
 # heads may equal the batch size)
-_OF_ONE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0",
-           "TBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
+_OF_ONE = {"AliasBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0",
+           "TransposeBackward0", "TBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
            "CloneBackward0", "ToCopyBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
            "RepeatBackward0", "NegBackward0", "AddBackward1", "SubBackward1", "MulBackward1", "DivBackward1",
            "RsubBackward1", "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1",
@@ -56,6 +56,15 @@ _OF_ONE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "Per
 # elementwise operations of several tensors: they give the examples to a shared input broadcast along their
 # output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
 _ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "DivBackward0", "ExpandBackward0"}
+# products and normalisations with parameters whose every input is an input of their autograd node (no index or
+# mask hidden in it): a shared input combined only with parameters gives a shared output (DeBERTa's relative
+# embeddings through a LayerNorm and the attention's own query and key projections), carried by the node itself
+_WITH_PARAMETERS = {"AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0"}
+# operations of one tensor and no other input (not even an index): what they make of a parameter, or of a tensor
+# computed once for all the examples, is still computed without the examples (``computed_once``)
+_OF_ONE_ONLY = ORDER_KEEPING | {"PermuteBackward0", "TransposeBackward0", "TBackward0", "SliceBackward0",
+                                "SelectBackward0", "NegBackward0", "AddBackward1", "SubBackward1", "MulBackward1",
+                                "DivBackward1", "RsubBackward1"}
 
 
 @dataclass(eq=False)   # compared by identity (its fields hold tensors)
@@ -69,6 +78,7 @@ class Broadcast:
     deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]
     sums: dict = field(default_factory=dict)      # (node, output) -> per-example gradient so far, (B, *shape)
     delivered: bool = False
+    followers: list = field(default_factory=list)   # shared tensors made of this one: they get its gradients
     precision: torch.dtype = torch.float64        # the lowest it reaches the frontier in (autocast, a cast)
 
     def __post_init__(self):   # as the module returned it: an in-place change later gives it another node
@@ -97,9 +107,15 @@ class BroadcastGradients:
         self._handles: list = []
 
     def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]) -> Broadcast:
+        """A shared tensor: a module's output computed once for all the examples, or a parameter the forward read
+        outside its module's calls (DeBERTa's relative embeddings), found in the graph by ``connect``."""
         broadcast = Broadcast(tensor, deliver)
         self.pending.append(broadcast)
         return broadcast
+
+    def shared_nodes(self) -> set:
+        """The autograd nodes of the shared outputs so far, for ``computed_once``."""
+        return {broadcast.node for broadcast in self.pending}
 
     def adopt(self, broadcast: Broadcast) -> None:
         """Takes a pending tensor out of those to connect: its per-example gradients will be ``Broadcast.add``ed
@@ -107,30 +123,48 @@ class BroadcastGradients:
         self.pending.remove(broadcast)
         self._handles.append(broadcast.tensor.register_hook(_deliverer(broadcast)))
 
-    def connect(self, roots: list) -> list[tuple[Broadcast, str]]:
+    def connect(self, roots: list, parameters: dict[int, Callable[[], Broadcast]] | None = None
+                ) -> list[tuple[Broadcast, str]]:
         """Hooks every pending shared tensor into the graph from the autograd nodes ``roots``; returns those that
-        cannot be measured this way, with why."""
-        pending, self.pending = self.pending, []
-        if not pending:
+        cannot be measured this way, with why. ``parameters``: id(parameter) -> what ``add``s it as a shared
+        tensor given the number of operations that take it (as ``api._leaf_uses`` counts them), called for those
+        the graph takes (a parameter read outside its module's calls)."""
+        if not self.pending:
             return []
         consumers = autograd_consumers(roots)
+        if parameters:
+            for node in list(consumers):
+                if hasattr(node, "variable") and id(node.variable) in parameters:
+                    uses = sum(len(consumers.get(c, ())) if type(c).__name__ == "ToCopyBackward0" else 1
+                               for c, _, _ in consumers[node])
+                    parameters[id(node.variable)](uses).node = node   # its gradient accumulator
+        pending, self.pending = self.pending, []
+        starts = {(broadcast.node, broadcast.output_nr): broadcast for broadcast in pending}
         failed = []
         for broadcast in pending:
-            why = self._hook(broadcast, consumers)
+            why = self._hook(broadcast, consumers, starts)
             if why is not None:
                 failed.append((broadcast, why))
         return failed
 
-    def _hook(self, broadcast: Broadcast, consumers: dict) -> str | None:
+    def _hook(self, broadcast: Broadcast, consumers: dict, starts: dict) -> str | None:
+        """Finds where ``broadcast``'s tensor meets the examples and hooks the nodes on the way; where the walk
+        reaches another shared tensor made of it (in ``starts``: DeBERTa's projections of its layer-normed relative
+        embeddings), it follows that one's per-example gradients instead of walking on. Why not, or None."""
         start = broadcast.node
         if start is None:
-            return "its output has no autograd node"
+            return "its output has no autograd node (or the model's outputs do not depend on it)"
         if broadcast.tensor._version != broadcast.version:
             return "it was changed in place after its module returned it"
         broadcast.note(broadcast.tensor.dtype)
-        frontier, between, stack = defaultdict(list), {}, [start]
+        frontier, between, stack, follows = defaultdict(list), {}, [start], False
         while stack:
             node = stack.pop()
+            made = starts.get((node, 0))
+            if made is not None and made is not broadcast and len(_input_shapes(node)) == 1:
+                made.followers.append(broadcast)   # its deliverer adds its per-example gradient to ours
+                follows = True
+                continue
             for consumer, k, output_nr in consumers.get(node, []):
                 name = type(consumer).__name__
                 try:
@@ -149,19 +183,22 @@ class BroadcastGradients:
                 if self._hooked_saves[consumer]:
                     return (f"an operation ({name}) whose saved tensors have hooks takes it (activation "
                             "checkpointing lets a saved tensor be read only once)")
-                spread = name in _ELEMENTWISE and len(padded) == len(out) and padded[:1] == (1,) and out[:1] != (1,)
+                spread = (name in _ELEMENTWISE and len(padded) == len(out) and padded[:1] == (1,)
+                          and out[:1] != (1,) or _tiles_examples(consumer, name, out, self.batch_size))
                 blocks = self._blocks(consumer, k, out, consumers) if spread else None
                 if blocks is not None:   # broadcast over the examples (in B blocks of rows: Swin's windows)
                     frontier[consumer].append((k, (node, output_nr), shape, blocks))
                 elif name in _OF_ONE or name in _ELEMENTWISE and (padded == out or name == "ExpandBackward0" or all(
                         hasattr(other, "variable") for j, (other, _) in enumerate(consumer.next_functions)
-                        if j != k)):   # shared still: its own shape, an expand, or combined with parameters only
+                        if j != k)) or name in _WITH_PARAMETERS and all(
+                        _of_parameters(other) for j, (other, _) in enumerate(consumer.next_functions) if j != k):
+                    # shared still: its own shape, an expand, or combined with parameters only
                     if consumer not in between:
                         between[consumer] = True
                         stack.append(consumer)
                 else:
                     return f"an operation ({name}) takes it in a way the hooks do not follow"
-        if not frontier:
+        if not frontier and not follows:
             return "no operation combines it with the examples"
         for consumer, edges in frontier.items():
             self._handles.append(consumer.register_prehook(
@@ -179,6 +216,9 @@ class BroadcastGradients:
             return
         with torch.no_grad():
             for k, key, shape, blocks in edges:
+                if type(consumer).__name__ == "RepeatBackward0":   # B blocks of whole tiles
+                    _add(broadcast.sums, key, _untiled(grad, consumer._saved_repeats, shape, self.batch_size))
+                    continue
                 unreduced = _unreduced(consumer, k, grad)
                 if blocks > 1:
                     unreduced = unreduced.reshape(self.batch_size, blocks, *unreduced.shape[1:]).sum(1)
@@ -269,15 +309,83 @@ class BroadcastGradients:
         self._handles, self.rows, self.inputs, self._hooked_saves = [], {}, {}, {}
 
 
+def computed_once(x: Tensor, shared: set) -> bool:
+    """Whether a floating tensor was computed without the examples: a parameter (or a view of one), or made of
+    one, or of a shared output whose autograd node is in ``shared``, by operations of that one tensor with no
+    other input (views, slices, dropout's mask of its own shape, scalars): DeBERTa's layer-normed relative
+    embeddings, sliced and given a batch dim of 1 before its query and key projections take them."""
+    if not (x.requires_grad and x.is_floating_point()):
+        return False
+    if x.grad_fn is None:
+        return isinstance(x, torch.nn.Parameter) or isinstance(x._base, torch.nn.Parameter)
+    node = x.grad_fn
+    for _ in range(32):
+        if node in shared:
+            return True
+        if hasattr(node, "variable"):
+            return isinstance(node.variable, torch.nn.Parameter)
+        edges = [edge for edge in node.next_functions if edge[0] is not None]
+        if len(edges) != 1 or not (type(node).__name__ in _OF_ONE_ONLY or _masked_alike(node, edges[0])):
+            return False
+        node = edges[0][0]
+    return False
+
+
+def _masked_alike(node: Any, edge: tuple) -> bool:
+    """A product of a tensor with a constant that leaves its shape as it was (dropout's mask): no dim of examples
+    added to it."""
+    if type(node).__name__ != "MulBackward0" or len(node.next_functions) != 2:
+        return False
+    k = 0 if node.next_functions[0] == edge else 1
+    constant = node._saved_other if k == 0 else node._saved_self
+    out, shape = _shape(node, 0), tuple(_input_meta(node, k).shape)
+    return constant is not None and out == shape and constant.dim() <= len(out) and all(
+        c in (1, o) for c, o in zip(reversed(constant.shape), reversed(out)))
+
+
+def _of_parameters(node: Any, depth: int = 0) -> bool:
+    """Whether an autograd input is a parameter, or made of one by operations of that one tensor (W.t())."""
+    if node is None or depth > 8:
+        return False   # a constant may hold the examples
+    if hasattr(node, "variable"):
+        return isinstance(node.variable, torch.nn.Parameter)
+    return (type(node).__name__ in _OF_ONE_ONLY and len(node.next_functions) == 1
+            and _of_parameters(node.next_functions[0][0], depth + 1))
+
+
+def _tiles_examples(node: Any, name: str, out: tuple, batch: int) -> bool:
+    """A repeat whose output's dim 0 holds B blocks of whole tiles (DeBERTa's relative projections repeated over
+    the B examples' heads): a frontier, if the examples' rows meet it (``_blocks``)."""
+    if name != "RepeatBackward0" or not out:
+        return False
+    repeats = node._saved_repeats
+    return len(repeats) == len(out) and repeats[0] % batch == 0 and repeats[0] > 1
+
+
+def _untiled(grad: Tensor, repeats: tuple, shape: tuple, batch: int) -> Tensor:
+    """(B, *shape): each example's gradient of x (of ``shape``) from the gradient of x.repeat(repeats), whose dim 0
+    holds B blocks of repeats[0] / B tiles: every tile's gradient summed, per example's block."""
+    padded = (1,) * (len(repeats) - len(shape)) + tuple(shape)
+    split = [batch, repeats[0] // batch, padded[0]]
+    for r, n in zip(repeats[1:], padded[1:]):
+        split += [r, n]
+    summed = grad.reshape(split).sum([1] + [3 + 2 * i for i in range(len(repeats) - 1)])
+    return summed.reshape(batch, *shape)
+
+
 def _deliverer(broadcast: Broadcast) -> Callable[[Tensor], None]:
     """The tensor hook on the shared tensor: every consumer has run, so its per-example gradient is complete."""
 
     def deliver(total: Tensor) -> None:
-        per_example = broadcast.sums.pop((broadcast.node, broadcast.output_nr), None)
+        key = (broadcast.node, broadcast.output_nr)
+        per_example = broadcast.sums.pop(key, None)
         if broadcast.delivered:
             per_example = None
         elif per_example is None:
             per_example = total.new_zeros(0)   # nothing came through the frontier: fails the sum check
+        else:
+            for follower in broadcast.followers:   # before the node runs: its pre-hooks carry it on
+                _add(follower.sums, key, per_example)
         broadcast.delivered = True
         broadcast.note(total.dtype)
         broadcast.deliver(per_example, total, broadcast.precision)
@@ -306,6 +414,13 @@ def _keeps_rows(node: Any, name: str) -> bool:
     if name == "PermuteBackward0":
         return _signed(node._saved_dims[0]) % len(node._saved_dims) == 0
     return False
+
+
+def _input_shapes(node: Any) -> list:
+    try:
+        return list(node._input_metadata)
+    except (AttributeError, RuntimeError):
+        return []
 
 
 def _shape(node: Any, output_nr: int) -> tuple | None:
@@ -434,6 +549,9 @@ def _carried(node: Any, per_example: Tensor, positions: list[int]) -> list[Tenso
         rearranged = _rearranged(node, per_example)
         if rearranged is not None:
             return [rearranged]
+    elif (name, positions) in (("AddmmBackward0", [1]), ("MmBackward0", [0])):   # x of x W^T: g W per example
+        product = per_example @ node._saved_mat2.mT.conj()
+        return [product if name == "MmBackward0" or node._saved_alpha == 1 else product * node._saved_alpha]
     elif name in _ELEMENTWISE:
         return [_per_example(_unreduced(node, k, per_example), tuple(_input_meta(node, k).shape)) for k in positions]
     return _call_per_example(node, per_example, positions)

@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_flatten
 from noisescale._graph import ORDER_KEEPING
 from noisescale._rng import rng_state
 from noisescale.per_example.attention import LinearCapture, capturable
-from noisescale.per_example.broadcast import Broadcast, BroadcastGradients
+from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
@@ -118,13 +118,14 @@ class GhostPass:
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
 
-    def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None) -> None:
+    def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None) -> Broadcast:
         """A call of ``entry``'s module whose output ``tensor`` is computed once for all the examples and broadcast
         over them (a relative position bias): measured from each example's gradient of it (``broadcast.py``), which
         ``deliver(per_example, total, dtype)`` gets in the backward once ``connect_shared`` has found its consumers.
         ``call``: the fallback call it belongs to."""
         broadcast = self.broadcasts.add(tensor, deliver)
         self.shared[id(broadcast)] = (broadcast, entry, call)
+        return broadcast
 
     def claim_parametrized(self, module: nn.Module, path: str) -> list[tuple[str, Broadcast]]:
         """A rule layer's weights computed by ``torch.nn.utils.parametrize`` (weight norm, spectral norm) in this
@@ -147,8 +148,33 @@ class GhostPass:
     def connect_shared(self, roots: list) -> None:
         """After the model's forward: hook the shared outputs into the graph from the autograd nodes ``roots``;
         those whose consumers the hooks cannot follow go to the whole-model vmap (or raise, backend="ghost")."""
-        for broadcast, why in self.broadcasts.connect(roots):
+        unused = self._unused_parameters() if self.broadcasts.pending and not self.sharded else None
+        for broadcast, why in self.broadcasts.connect(roots, unused):
             self._unshare(broadcast, f"its output is computed once for all the examples and {why}")
+
+    def _unused_parameters(self) -> dict[int, Any]:
+        """The parameters of measured modules that no call of their module used and no fallback call encloses
+        (DeBERTa's relative embeddings, which its encoder reads as ``.weight`` and layer-norms): id -> what shares
+        it, for ``BroadcastGradients.connect`` to measure those the graph takes from each example's gradient of
+        them (``broadcast.py``), as it does the outputs computed once that they feed."""
+        found = {}
+        for module, entry in self.modules.items():
+            for local, name in entry.names.items():
+                if self.use_count[name] == 0 and name not in self.vmap_names and self._enclosing(
+                        name.rsplit(".", 1)[0] if "." in name else "") is None:
+                    parameter = module.get_parameter(local)
+                    found[id(parameter)] = partial(self._share_parameter, name, GhostModule(entry.path, None,
+                                                                                            {local: name}), parameter)
+        return found
+
+    def _share_parameter(self, name: str, entry: GhostModule, parameter: Tensor, uses: int) -> Broadcast:
+        self.use_count[name] += uses   # every operation that takes it is followed
+        return self.share(entry, parameter, partial(self._on_parameter_grad, name, entry))
+
+    def _on_parameter_grad(self, name: str, entry: GhostModule, per_example: Tensor | None, total: Tensor,
+                           dtype: torch.dtype) -> None:
+        if self.check_sum(entry, per_example, total, dtype):
+            self.add_shared(name, per_example)
 
     def _unshare(self, broadcast: Broadcast, why: str) -> None:
         _, entry, call = self.shared.pop(id(broadcast))
@@ -241,11 +267,7 @@ class GhostPass:
     def attach(self, name: str, owner_path: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
         -- with the nearest enclosing module that went through the fallback in this pass; False if none did."""
-        best = None
-        for module, entry, _ in self.fallback_calls:
-            prefix = "" if entry.path == "<model>" else entry.path + "."
-            if owner_path.startswith(prefix) and (best is None or len(prefix) > len(best[1])):
-                best = (module, prefix, entry)
+        best = self._enclosing(owner_path)
         if best is None:
             return False
         module, prefix, entry = best
@@ -256,6 +278,16 @@ class GhostPass:
         self.use_count[name] += sum(1 for m, _, _ in self.fallback_calls if m is module)
         self.fallback_names.add(name)
         return True
+
+    def _enclosing(self, owner_path: str) -> tuple[nn.Module, str, GhostModule] | None:
+        """(module, its path + ".", entry) of the nearest module enclosing ``owner_path`` that went through the
+        fallback in this pass; None if none did."""
+        best = None
+        for module, entry, _ in self.fallback_calls:
+            prefix = "" if entry.path == "<model>" else entry.path + "."
+            if owner_path.startswith(prefix) and (best is None or len(prefix) > len(best[1])):
+                best = (module, prefix, entry)
+        return best
 
     def finish(self) -> None:
         """Per-example gradients of every fallback call, once the backward has brought all output gradients."""
@@ -644,7 +676,8 @@ class GhostNormEngine:
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
-        shared = why is not None and _shared_indices(x, output, batch)   # buckets or positions without the examples
+        shared = why is not None and (_shared_indices(x, output, batch) or (   # buckets or positions, or
+            isinstance(x, Tensor) and computed_once(x, ghost_pass.broadcasts.shared_nodes())))   # a table's rows
         if why is not None and not shared:
             if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
                 ghost_pass.decline(entry, why)
