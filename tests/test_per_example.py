@@ -1450,3 +1450,40 @@ def test_a_zero_dimensional_parameter_passed_to_a_fallback_module_is_a_constant_
     x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1))
     y = torch.randn(4, 3, dtype=torch.float64, generator=generator(2))
     assert_matches_reference(model, regression_loss, x, y, "auto")
+
+
+class TiedBiasHead(nn.Module):
+    """A masked-LM head as BERT's: it registers its decoder Linear's bias as a parameter of its own (for tying), and
+    the decoder's weight is the token embedding; ``direct``: the head also adds that bias itself."""
+
+    def __init__(self, direct=False):
+        super().__init__()
+        self.direct = direct
+        self.token = nn.Embedding(11, 6)
+        self.transform = nn.Linear(6, 6)
+        self.decoder = nn.Linear(6, 11)
+        self.decoder.weight = self.token.weight
+        self.bias = self.decoder.bias
+
+    def forward(self, tokens):
+        logits = self.decoder(torch.tanh(self.transform(self.token(tokens))))
+        return logits + self.bias if self.direct else logits
+
+
+def _token_loss(logits, targets):
+    return nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["through_its_layer", "also_added_directly"])
+def test_a_bias_registered_by_a_module_around_the_layer_that_uses_it(direct):
+    """BERT's, RoBERTa's and DeBERTa's masked-LM heads: the decoder's bias is also a parameter of the head (a
+    module without a rule), which sent it, and with it the whole model, to the whole-model vmap. The decoder's
+    Linear rule measures it now, the tied embedding combining its two uses; a head that also adds the bias itself
+    is caught by the check for weights read outside their layers' calls (vmap for it, exact either way)."""
+    torch.manual_seed(0)
+    model = TiedBiasHead(direct).double()
+    tokens = torch.randint(0, 11, (4, 5), generator=generator(1))
+    name = "bias" if "bias" in dict(model.named_parameters()) else "decoder.bias"
+    for _ in range(2):   # the check for weights read elsewhere runs in the first pass
+        result = assert_matches_reference(model, _token_loss, tokens, tokens, "auto")
+    assert {n for n, backend in result.backend_of.items() if backend != "ghost"} == ({name} if direct else set())

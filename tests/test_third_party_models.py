@@ -461,3 +461,28 @@ def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
         for name, values in expected.items():
             torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-12 * scale, msg=name)
         assert ("vmap" in result.backend_of.values()) == (step == 0)
+
+
+@pytest.mark.parametrize("name", ["Bert", "Roberta", "DebertaV2"])
+def test_masked_language_models_with_their_tied_decoder_bias(name):
+    """HF masked-LM heads register the decoder's bias as their own parameter and tie the decoder's weight to the
+    word embeddings: every parameter is measured by the hooks ("ghost"), exact against the loop."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = getattr(transformers, f"{name}ForMaskedLM")(config).double()
+    tokens = _tokens()
+    inputs, labels = {"input_ids": tokens, "attention_mask": _padding_mask()}, _tokens(2)
+
+    def loss_fn(outputs, targets):
+        return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+    expected = naive_by_parameter(model, loss_fn, inputs, labels)
+    result = per_example_sqnorms(model, loss_fn, inputs, labels, by_parameter=True)
+    assert set(result.backend_of.values()) == {"ghost"}
+    largest = max(float(values.max()) for values in expected.values())   # the key biases' are 0 in theory
+    for parameter, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,
+                                   msg=parameter)

@@ -23,7 +23,7 @@ an overridden ``compute_loss``), its scaling for gradient accumulation or ``num_
 per-example gradients of the accumulated global batch follow from that loss, whatever its weighting, is in
 :mod:`noisescale.integrations.observer`; with HuggingFace's token-mean loss they are the gradients of the "token"
 per-example loss of :func:`noisescale.losses.sequence_cross_entropy`. Parameters that only the whole-model vmap
-can measure (DeBERTa-v2's relative embeddings, XLNet's relative attention) are measured after the micro-batch from
+can measure (XLNet's relative attention) are measured after the micro-batch from
 the gradients its backward brought to the model's outputs (:mod:`noisescale.per_example.outputs`);
 ``trainer.noise_scale.backend_of`` says which. The values reach every ``report_to``
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.

@@ -145,6 +145,11 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
     return losses
 
 
+def _encloses(outer: str, inner: str) -> bool:
+    """Whether the module at path ``outer`` contains the one at ``inner`` (the model's own path is "<model>")."""
+    return outer != inner and (outer == "<model>" or inner.startswith(outer + "."))
+
+
 def _leaf_uses(nodes: list) -> dict[int, list]:
     """id(leaf) -> [leaf, n] for the leaf tensors (parameters) of the autograd graph from ``nodes`` back, n the
     number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight. A
@@ -359,6 +364,12 @@ class PerExampleGradNorms:
                 owners.setdefault(name, []).append((module, n, backend))
         backend_of: dict[str, str] = {}
         for name, uses in owners.items():
+            ruled = [self._path_of[module] for module, _, backend in uses if backend == "ghost"]
+            # a module without a rule that registers a parameter a layer with a rule inside it uses (BERT's masked-LM
+            # head holds its decoder's bias, for tying): the layer's calls measure it, and the check for weights
+            # read outside their layers' calls (``_bypassed``) catches a direct use by the enclosing module
+            uses[:] = [use for use in uses if use[2] != "module" or not any(
+                _encloses(self._path_of[use[0]], path) for path in ruled)]
             backends = {backend for _, _, backend in uses}
             backend_of[name] = backends.pop() if len(backends) == 1 else "module"
         hooked: dict[nn.Module, GhostModule] = {}
