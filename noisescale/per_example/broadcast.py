@@ -80,6 +80,7 @@ class Broadcast:
     delivered: bool = False
     followers: list = field(default_factory=list)   # shared tensors made of this one: they get its gradients
     precision: torch.dtype = torch.float64        # the lowest it reaches the frontier in (autocast, a cast)
+    without_examples: bool = False   # shown to be made without them (``computed_once`` may build on it)
 
     def __post_init__(self):   # as the module returned it: an in-place change later gives it another node
         self.node, self.output_nr, self.version = self.tensor.grad_fn, self.tensor.output_nr, self.tensor._version
@@ -106,16 +107,18 @@ class BroadcastGradients:
         self._hooked_saves: dict = {}   # node -> whether its saved tensors have saved-tensor hooks
         self._handles: list = []
 
-    def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None]) -> Broadcast:
+    def add(self, tensor: Tensor, deliver: Callable[[Tensor | None, Tensor, torch.dtype], None],
+            without_examples: bool = False) -> Broadcast:
         """A shared tensor: a module's output computed once for all the examples, or a parameter the forward read
         outside its module's calls (DeBERTa's relative embeddings), found in the graph by ``connect``."""
-        broadcast = Broadcast(tensor, deliver)
+        broadcast = Broadcast(tensor, deliver, without_examples=without_examples)
         self.pending.append(broadcast)
         return broadcast
 
     def shared_nodes(self) -> set:
-        """The autograd nodes of the shared outputs so far, for ``computed_once``."""
-        return {broadcast.node for broadcast in self.pending}
+        """The autograd nodes of the shared outputs so far shown to be made without the examples, for
+        ``computed_once``."""
+        return {broadcast.node for broadcast in self.pending if broadcast.without_examples}
 
     def adopt(self, broadcast: Broadcast) -> None:
         """Takes a pending tensor out of those to connect: its per-example gradients will be ``Broadcast.add``ed
@@ -198,7 +201,7 @@ class BroadcastGradients:
                         stack.append(consumer)
                 else:
                     return f"an operation ({name}) takes it in a way the hooks do not follow"
-        if not frontier and not follows:
+        if not frontier and not follows and consumers.get(start):
             return "no operation combines it with the examples"
         for consumer, edges in frontier.items():
             self._handles.append(consumer.register_prehook(
@@ -234,7 +237,43 @@ class BroadcastGradients:
         if not shape or shape[0] % self.batch_size:
             return None
         blocks = shape[0] // self.batch_size
+        if len(consumer.next_functions) == 1:   # an expand or a repeat: its rows must meet the examples' on every path
+            return blocks if self._all_paired(consumer, shape[0], blocks, consumers, 0) else None
         return blocks if self._paired(consumer, k, shape[0], blocks, consumers, 0) else None
+
+    def _all_paired(self, node: Any, rows: int, blocks: int, consumers: dict, depth: int) -> bool:
+        """Whether every operation that takes the output of ``node`` keeps its rows (``_keeps_rows``) until the
+        examples' rows meet them (``_meets``): an expanded or repeated shared tensor whose example 0's block is also
+        read by every example (``e[:1]``), or whose blocks are averaged, is not broadcast over the examples."""
+        users, out = consumers.get(node, []), _shape(node, 0) or ()
+        if not users or depth > 6:
+            return False
+        for consumer, j, nr in users:
+            name, shape = type(consumer).__name__, _shape(consumer, 0) or ()
+            if nr != 0 or not shape:
+                return False
+            aligned = len(shape) == len(out) and shape[0] == rows   # dim 0 stays dim 0
+            if aligned and self._meets(consumer, j, rows, blocks):
+                continue
+            if not _keeps_rows(consumer, name):
+                return False
+            if name in _REGROUP:
+                if shape[0] % self.batch_size or not self._all_paired(
+                        consumer, shape[0], shape[0] // self.batch_size, consumers, depth + 1):
+                    return False
+            elif not aligned or not self._all_paired(consumer, rows, blocks, consumers, depth + 1):
+                return False
+        return True
+
+    def _meets(self, node: Any, k: int, rows: int, blocks: int) -> bool:
+        """Whether another input of ``node`` (its input k the rows followed) holds the examples' rows in blocks of
+        ``blocks``, traced back to a rule layer's output (``_rows_of``), or ``node`` is a rule layer's input."""
+        out = _shape(node, 0)
+        for j, (source, nr) in enumerate(node.next_functions):
+            shape = None if j == k or source is None else _shape(source, nr)
+            if shape and len(shape) == len(out) and shape[0] == rows and self._rows_of(source, nr) == blocks:
+                return True
+        return self.inputs.get(node) == blocks
 
     def _paired(self, node: Any, k: int | None, rows: int, blocks: int, consumers: dict, depth: int) -> bool:
         """Whether the examples' rows meet the output of ``node`` row by row (same number of dims, ``rows`` rows):
@@ -244,11 +283,7 @@ class BroadcastGradients:
         out = _shape(node, 0)
         if not out or out[0] != rows:
             return False
-        for j, (source, nr) in enumerate(node.next_functions):
-            shape = None if j == k or source is None else _shape(source, nr)
-            if shape and len(shape) == len(out) and shape[0] == rows and self._rows_of(source, nr) == blocks:
-                return True
-        if self.inputs.get(node) == blocks:
+        if self._meets(node, k, rows, blocks):
             return True
         if depth >= 6:
             return False
@@ -386,6 +421,7 @@ def _deliverer(broadcast: Broadcast) -> Callable[[Tensor], None]:
         else:
             for follower in broadcast.followers:   # before the node runs: its pre-hooks carry it on
                 _add(follower.sums, key, per_example)
+                follower.note(broadcast.precision)
         broadcast.delivered = True
         broadcast.note(total.dtype)
         broadcast.deliver(per_example, total, broadcast.precision)

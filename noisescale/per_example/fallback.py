@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,7 @@ class FallbackCall:
     linear_blocks: list | None = None  # attention.LinearCapture's record of the call's projections
     buffers: dict[str, Tensor] | None = None  # its buffers as the call found them, where its forward changes them
     uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
+    blocks: int | None = None  # its tensors hold B blocks of that many rows flattened from the examples
 
 
 # ----------------------------------------------------------------------------------------------- batch dims
@@ -185,13 +186,24 @@ def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------------- per-example grads
 
-def _flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Callable[[list[Any]], tuple[tuple, dict]]]:
+@dataclass
+class _Rebuild:
+    """Rebuilds a call's (args, kwargs) from its leaves. ``blocks``: the leaves at ``blocked`` come as (b, k, ...)
+    and the module takes them as (b k, ...) rows (an MoE's tokens); its outputs go back to (b, k, ...)."""
+
+    spec: Any
+    blocks: int | None = None
+    blocked: frozenset = frozenset()
+
+    def __call__(self, leaves: list[Any]) -> tuple[tuple, dict]:
+        if self.blocks:
+            leaves = [t.flatten(0, 1) if k in self.blocked else t for k, t in enumerate(leaves)]
+        return tree_unflatten(leaves, self.spec)
+
+
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], _Rebuild]:
     leaves, spec = tree_flatten((args, kwargs))
-
-    def rebuild(new_leaves: list[Any]) -> tuple[tuple, dict]:
-        return tree_unflatten(new_leaves, spec)
-
-    return leaves, rebuild
+    return leaves, _Rebuild(spec)
 
 
 def _detached(leaves: list[Any]) -> list[Any]:
@@ -209,6 +221,8 @@ def _with_examples(leaves: list[Any], dims: list[int | None], examples: dict[int
 def _selected_outputs(module, parameters, constants, rebuild, leaves, hooked: list[int]) -> tuple[Tensor, ...]:
     args, kwargs = rebuild(leaves)
     outputs = output_tensors(functional_call(module, (parameters, constants), args, kwargs, strict=False))
+    if rebuild.blocks:
+        return tuple(outputs[k].unflatten(0, (-1, rebuild.blocks)) for k in hooked)
     return tuple(outputs[k] for k in hooked)
 
 
@@ -296,8 +310,13 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
                      {name: b.detach().clone() for name, b in module.named_buffers()})
     leaves, rebuild = _flatten_call(call.args, call.kwargs)
     leaves = _detached(leaves)
+    rows = batch_size * (call.blocks or 1)
     dims = ([None] * len(leaves) if call.shared else
-            batch_dims_for(module).input_dims(module, call.args, call.kwargs, batch_size))
+            batch_dims_for(module).input_dims(module, call.args, call.kwargs, rows))
+    if call.blocks:   # (B k, ...) rows as (B, k, ...): each example's re-run takes its own k rows
+        leaves = [t.unflatten(0, (batch_size, call.blocks)) if d == 0 else t for t, d in zip(leaves, dims)]
+        grads = [g.unflatten(0, (batch_size, call.blocks)) for g in grads]
+        rebuild.blocks, rebuild.blocked = call.blocks, frozenset(k for k, d in enumerate(dims) if d == 0)
     with torch.no_grad():
         if call.linear_blocks is not None and not call.shared and call.grads[0] is not None:
             captured = captured_per_example_grads(module, call.linear_blocks, call.grads[0], names, batch_size)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from noisescale._graph import ORDER_KEEPING
+from noisescale._graph import ORDER_KEEPING, autograd_nodes
 from noisescale._rng import rng_state
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once
@@ -118,12 +119,15 @@ class GhostPass:
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
 
-    def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None) -> Broadcast:
+    def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None,
+              without_examples: bool = False) -> Broadcast:
         """A call of ``entry``'s module whose output ``tensor`` is computed once for all the examples and broadcast
         over them (a relative position bias): measured from each example's gradient of it (``broadcast.py``), which
         ``deliver(per_example, total, dtype)`` gets in the backward once ``connect_shared`` has found its consumers.
-        ``call``: the fallback call it belongs to."""
-        broadcast = self.broadcasts.add(tensor, deliver)
+        ``call``: the fallback call it belongs to. ``without_examples``: shown to be made without them (a parameter,
+        a rule layer on one: ``computed_once``), so what is made of it is too; a call is otherwise only taken for
+        shared by its shapes, which a sequence-first layout can mimic."""
+        broadcast = self.broadcasts.add(tensor, deliver, without_examples)
         self.shared[id(broadcast)] = (broadcast, entry, call)
         return broadcast
 
@@ -169,7 +173,7 @@ class GhostPass:
 
     def _share_parameter(self, name: str, entry: GhostModule, parameter: Tensor, uses: int) -> Broadcast:
         self.use_count[name] += uses   # every operation that takes it is followed
-        return self.share(entry, parameter, partial(self._on_parameter_grad, name, entry))
+        return self.share(entry, parameter, partial(self._on_parameter_grad, name, entry), without_examples=True)
 
     def _on_parameter_grad(self, name: str, entry: GhostModule, per_example: Tensor | None, total: Tensor,
                            dtype: torch.dtype) -> None:
@@ -208,13 +212,14 @@ class GhostPass:
         return per_example.numel() > 0
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
-                      batched: list[tuple[Tensor, int]], positional: bool = True) -> bool:
+                      batched: list[tuple[Tensor, int]], positional: bool = True, blocks: int = 1) -> bool:
         """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
         B - 1 in the probe's forward on B - 1 examples (True where no probe ran; ``tensors``, the call's
         ``_call_tensors``, are read only where one did). A dim of size B that stays B
         holds positions, not examples: T5's relative position buckets (T, T), a sequence-first layer (T, B, d),
         with T == B. ``positional``: whether the layer could be taking positions for examples (not a convolution,
-        whose images may well be as high as the batch is large), for the warning of an unchecked pass."""
+        whose images may well be as high as the batch is large), for the warning of an unchecked pass.
+        ``blocks``: the dims hold B blocks of that many rows (the probe's, B - 1 blocks)."""
         if self.probe is None:   # unchecked: note whether a dim besides the batch's has its size
             self.ambiguous = self.ambiguous or positional and any(self.batch_size in t.shape[:d] + t.shape[d + 1:]
                                                                   for t, d in batched)
@@ -224,7 +229,7 @@ class GhostPass:
             return False   # the probe took another path through the model: nothing can be matched
         for t, dim in batched:
             shape = calls[index].shapes[next(k for k, u in enumerate(tensors) if u is t)]
-            if len(shape) <= dim or shape[dim] != self.batch_size - 1:
+            if len(shape) <= dim or shape[dim] != (self.batch_size - 1) * blocks:
                 return False
         return True
 
@@ -676,8 +681,11 @@ class GhostNormEngine:
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
-        shared = why is not None and (_shared_indices(x, output, batch) or (   # buckets or positions, or
-            isinstance(x, Tensor) and computed_once(x, ghost_pass.broadcasts.shared_nodes())))   # a table's rows
+        # a table's rows (DeBERTa's relative embeddings, even with B rows), for the rules that take any leading dims
+        # for positions (Linear, LayerNorm: not a BatchNorm's or convolution's channels)
+        once = (entry.rule.rows_as_positions and isinstance(x, Tensor) and x.requires_grad
+                and computed_once(x, ghost_pass.broadcasts.shared_nodes()))
+        shared = once or why is not None and _shared_indices(x, output, batch)   # or buckets, positions
         if why is not None and not shared:
             if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
                 ghost_pass.decline(entry, why)
@@ -699,7 +707,8 @@ class GhostNormEngine:
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         if shared:
-            ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x))
+            ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x),
+                             without_examples=once)
             return None
         call = {"x": x, "blocks": blocks, "transposed": transposed,
                 "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
@@ -750,14 +759,17 @@ class GhostNormEngine:
         output = output if replaced is None else replaced
         outputs = output_tensors(output)
         dims = spec.output_dims(module, len(outputs))
-        shared = replaced is None and type(spec) is BatchDims and _computed_once(
+        blocks = (GhostNormEngine._fallback_blocks(ghost_pass, module, index, args, kwargs)
+                  if replaced is None and type(spec) is BatchDims else None)
+        rows = batch * (blocks or 1)   # B examples, or B blocks of rows flattened from them (an MoE's tokens)
+        shared = blocks is None and replaced is None and type(spec) is BatchDims and _computed_once(
             outputs, spec.input_dims(module, args, kwargs, batch), batch)
         for t, dim in zip(outputs, dims):
-            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch) and not shared:
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != rows) and not shared:
                 ghost_pass.decline(entry, f"output of shape {tuple(t.shape)}: no examples in dim {dim}")
                 return None   # not per example: the whole-model vmap
         if replaced is None and not shared:
-            batched = [(t, d) for t, d in zip(leaves, spec.input_dims(module, args, kwargs, batch))
+            batched = [(t, d) for t, d in zip(leaves, spec.input_dims(module, args, kwargs, rows))
                        if d is not None and isinstance(t, Tensor)]
             reason = None
             if not batched:
@@ -765,8 +777,8 @@ class GhostNormEngine:
             else:
                 batched += [(t, d) for t, d in zip(outputs, dims) if t.requires_grad]
                 tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
-                if not ghost_pass.follows_batch(module, index, tensors, batched):
-                    reason = f"a dim of size {batch} that is not the examples (probe)"
+                if not ghost_pass.follows_batch(module, index, tensors, batched, blocks=blocks or 1):
+                    reason = f"a dim of size {rows} that is not the examples (probe)"
             if reason is not None:
                 ghost_pass.decline(entry, reason)
                 return None
@@ -787,7 +799,18 @@ class GhostNormEngine:
                             buffers=buffers,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
                             uses=capture if isinstance(capture, ParameterUses) and capture.complete and not shared
-                            else None)
+                            and blocks is None else None, blocks=blocks)
+        upstream = (_upstream_outputs(outputs, leaves) if not shared and replaced is None and call.uses is None
+                    else set())
+        if upstream:
+            # the caller gets aliases of the outputs that others were computed from (a router's logits and their
+            # softmax, both returned): their hooks see the caller's uses alone, not the other outputs' reaching them
+            aliased = _aliased(output, upstream)
+            if aliased is None:
+                ghost_pass.decline(entry, "it returns an output computed from another in a structure that cannot be "
+                                          "rebuilt with an alias of the latter")
+                return None
+            replaced, outputs = aliased, output_tensors(aliased)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
@@ -803,6 +826,19 @@ class GhostNormEngine:
         ghost_pass.fallback_calls.append((module, entry, call))
         ghost_pass.fallback_names.update(entry.names.values())
         return replaced
+
+    @staticmethod
+    def _fallback_blocks(ghost_pass: GhostPass, module: nn.Module, index: int, args: tuple,
+                         kwargs: dict) -> int | None:
+        """k where a fallback call's first input holds B blocks of k rows flattened from the examples (an MoE's
+        router and experts on (B T, d) tokens), as the probe showed (``GhostPass.row_blocks``); None otherwise.
+        Without a probe, such rows make the later calls probe."""
+        x, batch = _first_input(args, kwargs), ghost_pass.batch_size
+        if not (isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
+                and not is_parameter_table(x)):
+            return None
+        ghost_pass.flattened = ghost_pass.flattened or ghost_pass.probe is None
+        return ghost_pass.row_blocks(module, index, x)
 
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
@@ -916,6 +952,45 @@ def _parameter_copies(module: nn.Module, entry: GhostModule) -> dict[str, Tensor
 
 def _shape(x: Any) -> Any:
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _upstream_outputs(outputs: list[Tensor], inputs: list[Any]) -> set[int]:
+    """ids of a call's outputs that another of its outputs was computed from, inside the call (the autograd graph
+    from each output back to the call's inputs): the gradient such an output receives holds the others' too."""
+    with_grad = {id(t): t for t in outputs if t.requires_grad and t.grad_fn is not None}
+    if len(with_grad) < 2:
+        return set()
+    stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+    nodes = {t.grad_fn: key for key, t in with_grad.items()}
+    upstream = set()
+    for key, t in with_grad.items():
+        for node in autograd_nodes([t.grad_fn], stops):
+            if node is not t.grad_fn and nodes.get(node, key) != key:
+                upstream.add(nodes[node])
+    return upstream
+
+
+def _aliased(output: Any, which: set[int]) -> Any:
+    """``output`` with the tensors whose ids are in ``which`` replaced by an alias (``t.view_as(t)``, one per
+    tensor), rebuilt as ``output_tensors`` reads it (tuples, lists, mappings such as HF's ModelOutput); None where it
+    cannot be rebuilt."""
+    aliases: dict[int, Tensor] = {}
+
+    def rebuilt(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return aliases.setdefault(id(value), value.view_as(value)) if id(value) in which else value
+        if isinstance(value, Mapping):
+            return type(value)(**{key: rebuilt(item) for key, item in value.items()})
+        if isinstance(value, tuple) and hasattr(value, "_fields"):   # a namedtuple
+            return type(value)(*map(rebuilt, value))
+        if isinstance(value, (tuple, list)):
+            return type(value)(map(rebuilt, value))
+        return value
+
+    try:
+        return rebuilt(output)
+    except TypeError:
+        return None
 
 
 def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:
