@@ -173,7 +173,14 @@ def _record_norm(received: dict[str, Tensor], name: str, grad: Tensor) -> None:
             f"parameter {name!r} received its gradient in two parts (reentrant activation checkpointing around "
             "some but not all of its uses), so |gbar|^2 cannot be read from the gradients as they arrive; use "
             "non-reentrant checkpointing (use_reentrant=False) or checkpoint all of its uses together")
-    received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
+    received[name] = _norm(grad)
+
+
+def _norm(t: Tensor) -> Tensor:
+    """|t| in float32 at least (no dtype argument where t has one already: it costs a microsecond a call)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
 def _mark_received(received: set[str], name: str, grad: Tensor) -> None:
@@ -191,7 +198,8 @@ def _squared_total(norms: dict[str, Tensor], device: torch.device) -> Tensor:
     """sum of |grad|^2 over the recorded gradient norms (float32 at least)."""
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.linalg.vector_norm(torch.stack(list(norms.values()))).square()
+    stacked = torch.stack(list(norms.values()))
+    return torch.linalg.vecdot(stacked, stacked)
 
 
 class _GradientTaps:
@@ -512,33 +520,44 @@ class PerExampleGradNorms:
                 handle.remove()
         self._warn_if_unchecked(ghost_pass, batch_size)
         vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
-        backend_of = {name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
-                      else plan.backend_of[name] for name in names}
-        by_parameter = ghost_pass.result()
+        backend_of = dict(plan.backend_of) if not vmap_names and not ghost_pass.fallback_names else {
+            name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
+            else plan.backend_of[name] for name in names}
+        found = ghost_pass.stacked()
         grad_sqnorm = _squared_total(received, loss.device)
-        grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, grad_sqnorm.dtype)) / scale ** 2
-        if vmap_names:
-            try:
-                by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, batch_size,
-                                                 self.chunk_size))
-            except Exception as error:
-                declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
-                raise PerExampleError(
-                    f"parameters {vmap_names}", "vmap", f"{type(error).__name__}: {error}",
-                    "These parameters are used outside any module call, or by modules the hooks could not measure "
-                    f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
-                    "with the examples in dim 0 (or 1, shared), or register a rule "
-                    "(noisescale.per_example.register_rule)") from error
-        by_parameter = _every_parameter(by_parameter, names, batch_size, grad_sqnorm.dtype, loss.device)
+        dtype = torch.promote_types(loss.dtype, grad_sqnorm.dtype)
+        grad_sqnorm = grad_sqnorm if grad_sqnorm.dtype == dtype else grad_sqnorm.to(dtype)
+        grad_sqnorm = grad_sqnorm if scale == 1.0 else grad_sqnorm / scale ** 2
+        if found is not None and not vmap_names and not self.by_parameter:
+            by_parameter, sqnorms = None, found[1].sum(0)   # the parameters the pass did not reach add zeros
+        else:
+            by_parameter = {} if found is None else dict(zip(found[0], found[1].unbind()))
+            if vmap_names:
+                by_parameter.update(self._vmap_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
+            by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
+            sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         return PerExampleNorms(
             loss=loss.detach(),
             losses=losses.detach(),
-            sqnorms=torch.stack(list(by_parameter.values())).sum(0),
+            sqnorms=sqnorms if sqnorms.dtype == dtype else sqnorms.to(dtype),
             grad_sqnorm=grad_sqnorm,
             by_parameter=by_parameter if self.by_parameter else None,
             backend_of=backend_of,
         )
 
+    def _vmap_sqnorms(self, inputs: Any, targets: Any, names: list[str], batch_size: int,
+                      ghost_pass: GhostPass) -> dict[str, Tensor]:
+        """The whole-model vmap's norms of ``names``, or an error saying why the hooks could not measure them."""
+        try:
+            return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size)
+        except Exception as error:
+            declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
+            raise PerExampleError(
+                f"parameters {names}", "vmap", f"{type(error).__name__}: {error}",
+                "These parameters are used outside any module call, or by modules the hooks could not measure "
+                f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
+                "with the examples in dim 0 (or 1, shared), or register a rule "
+                "(noisescale.per_example.register_rule)") from error
 
     @staticmethod
     def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str]) -> None:
@@ -669,11 +688,12 @@ class PerExampleGradNorms:
 def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: int, dtype: torch.dtype,
                      device: torch.device) -> dict[str, Tensor]:
     """name -> (B,) squared norms in ``dtype`` for every name, zeros for those the pass did not reach (a no-op
-    ``to`` costs a microsecond per parameter, so it is skipped)."""
-    zeros = torch.zeros(batch_size, dtype=dtype, device=device)
-    every = {}
+    ``to`` costs a microsecond per parameter, so it is skipped, and the zeros are made only where needed)."""
+    zeros, every = None, {}
     for name in names:
-        value = by_parameter.get(name, zeros)
+        value = by_parameter.get(name)
+        if value is None:
+            value = zeros = torch.zeros(batch_size, dtype=dtype, device=device) if zeros is None else zeros
         every[name] = value if value.dtype == dtype else value.to(dtype)
     return every
 
