@@ -191,8 +191,9 @@ class GhostPass:
         with T == B. ``positional``: whether the layer could be taking positions for examples (not a convolution,
         whose images may well be as high as the batch is large), for the warning of an unchecked pass."""
         if self.probe is None:   # unchecked: note whether a dim besides the batch's has its size
-            self.ambiguous = self.ambiguous or positional and any(self.batch_size in t.shape[:d] + t.shape[d + 1:]
-                                                                  for t, d in batched)
+            batch = self.batch_size   # (counted: slicing a torch.Size costs microseconds)
+            self.ambiguous = self.ambiguous or positional and any(
+                t.shape.count(batch) > (t.dim() > d and t.shape[d] == batch) for t, d in batched)
             return True
         calls = self.probe.get(module, [])
         if index >= len(calls) or len(calls[index].shapes) != len(tensors):
