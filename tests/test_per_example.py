@@ -1512,3 +1512,25 @@ def test_the_summed_norms_without_by_parameter_are_those_with_it():
     assert_relclose(summed.grad_sqnorm, gbar_sqnorm)
     assert summed.backend_of == per_parameter.backend_of == {name: "ghost" for name in expected}
     assert torch.equal(per_parameter.by_parameter["spare.weight"], torch.zeros(6, dtype=torch.float64))
+
+
+class ModifiedInPlace(nn.Module):
+    """A layer's output changed in place after its call (scaled, shifted, an in-place ReLU): the output's autograd
+    node, where the layer's output gradient is read, is then no longer the tensor's grad_fn."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.hidden(x)
+        h.mul_(2.0)
+        h += 1.0
+        return self.out(F.relu(h, inplace=True))
+
+
+@pytest.mark.parametrize("backend", ["auto", "ghost"])
+def test_a_layer_output_modified_in_place_is_measured_exactly(backend):
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 3, (6,), generator=generator(2))
+    assert_matches_reference(_float64(ModifiedInPlace), classification_loss, x, y, backend)
