@@ -617,7 +617,19 @@ class GhostNormEngine:
             return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture, index)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
-        x, batch = _first_input(args, kwargs), ghost_pass.batch_size
+        x = _first_input(args, kwargs)
+        if self._open and type(x) is Tensor and type(output) is Tensor:
+            # inside a module whose parameter uses are captured (a TorchFunctionMode): this hook's own reads of
+            # plain tensors are not that module's uses, and would each pass through the capture (~5 us)
+            with torch._C.DisableTorchFunction():
+                return self._on_rule_call(ghost_pass, entry, module, args, kwargs, output, x, index, verified)
+        return self._on_rule_call(ghost_pass, entry, module, args, kwargs, output, x, index, verified)
+
+    def _on_rule_call(self, ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple, kwargs: dict,
+                      output: Tensor, x: Any, index: int, verified: bool | None) -> Tensor | None:
+        """A call of a layer with a rule: checks that dim 0 holds the examples (or their rows in blocks, or dim 1)
+        and hooks its output's autograd node; returns the output to use instead (a batch of one expanded), if any."""
+        batch = ghost_pass.batch_size
         replaced = None
         if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and _batch_of_one(args, kwargs, output, batch):
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
