@@ -166,31 +166,24 @@ def _leaf_uses(nodes: list) -> dict[int, list]:
     return leaves
 
 
-def _record_norm(received: dict[str, Tensor], name: str, grad: Tensor) -> None:
-    """Keeps |grad| (at least float32) of the gradient this backward brings a parameter, before accumulation."""
+def _record_norm(received: dict[str, Tensor], ghost_pass: GhostPass | None, name: str, grad: Tensor) -> None:
+    """Keeps |grad| (at least float32; no dtype argument where the gradient has one already, which costs a
+    microsecond a call) of the gradient this backward brings a parameter, before accumulation; the pass, if any,
+    keeps it too for the parameters whose uses it captured (``GhostPass.note_gradient``)."""
     if name in received:  # a second backward inside this one: reentrant checkpointing splitting a shared weight
         raise RuntimeError(
             f"parameter {name!r} received its gradient in two parts (reentrant activation checkpointing around "
             "some but not all of its uses), so |gbar|^2 cannot be read from the gradients as they arrive; use "
             "non-reentrant checkpointing (use_reentrant=False) or checkpoint all of its uses together")
-    received[name] = _norm(grad)
+    received[name] = (torch.linalg.vector_norm(grad) if grad.dtype in (torch.float32, torch.float64) else
+                      torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
+    if ghost_pass is not None:
+        ghost_pass.note_gradient(name, grad)
 
 
-def _norm(t: Tensor) -> Tensor:
-    """|t| in float32 at least (no dtype argument where t has one already: it costs a microsecond a call)."""
-    if t.dtype in (torch.float32, torch.float64):
-        return torch.linalg.vector_norm(t)
-    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
-
-
-def _mark_received(received: set[str], name: str, grad: Tensor) -> None:
-    """Notes that this backward brought the parameter a gradient."""
+def _mark_received(received: set[str], ghost_pass: GhostPass, name: str, grad: Tensor) -> None:
+    """Notes that this backward brought the parameter a gradient (``GhostPass.note_gradient``, as above)."""
     received.add(name)
-
-
-def _noting(ghost_pass: GhostPass, listener: Callable[[str, Tensor], None], name: str, grad: Tensor) -> None:
-    """``listener``, and the pass keeps |grad| of parameters whose uses it captured (``GhostPass.note_gradient``)."""
-    listener(name, grad)
     ghost_pass.note_gradient(name, grad)
 
 
@@ -509,10 +502,10 @@ class PerExampleGradNorms:
                 if self._sharded:
                     self._check_sharded_measurable(ghost_pass, bypassed)
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
-                    handles = [leaf.register_hook(partial(_record_norm, received, key))
+                    handles = [leaf.register_hook(partial(_record_norm, received, None, key))
                                for key, (leaf, _) in _leaf_uses([objective.grad_fn]).items()
                                if isinstance(leaf, nn.Parameter)]
-                with self._taps.listening(partial(_noting, ghost_pass, partial(_record_norm, received))):
+                with self._taps.listening(partial(_record_norm, received, ghost_pass)):
                     objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
                 ghost_pass.finish()
         finally:
@@ -615,7 +608,7 @@ class PerExampleGradNorms:
                 not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
                 want_roots=not self._uses_checked and not self._sharded)
             try:
-                with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
+                with self._taps.listening(partial(_mark_received, received, ghost_pass)):
                     yield observed
             finally:
                 outputs.close()
