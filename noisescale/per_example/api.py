@@ -526,7 +526,7 @@ class PerExampleGradNorms:
         else:
             by_parameter = {} if found is None else dict(zip(found[0], found[1].unbind()))
             if vmap_names:
-                by_parameter.update(self._vmap_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
+                by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
             by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
             sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         return PerExampleNorms(
@@ -538,8 +538,8 @@ class PerExampleGradNorms:
             backend_of=backend_of,
         )
 
-    def _vmap_sqnorms(self, inputs: Any, targets: Any, names: list[str], batch_size: int,
-                      ghost_pass: GhostPass) -> dict[str, Tensor]:
+    def _whole_model_sqnorms(self, inputs: Any, targets: Any, names: list[str], batch_size: int,
+                             ghost_pass: GhostPass) -> dict[str, Tensor]:
         """The whole-model vmap's norms of ``names``, or an error saying why the hooks could not measure them."""
         try:
             return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size)
