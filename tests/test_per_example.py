@@ -1590,3 +1590,87 @@ def test_an_output_computed_from_another_output_of_the_same_call():
     y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
     result = assert_matches_reference(Model(), regression_loss, x, y, "auto")
     assert result.backend_of["router.weight"] == "module"
+
+
+class RescaledHidden(nn.Module):
+    """An MLP whose forward rescales its hidden layer's output gradient by a tensor hook registered after that
+    layer's call (as gradient-surgery code does): the layer's parameters receive the rescaled gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.hidden(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: 3.0 * g)
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("backend", ["auto", "ghost"])
+def test_an_output_gradient_changed_by_a_tensor_hook_is_the_one_measured(backend):
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 3, (6,), generator=generator(2))
+    assert_matches_reference(_float64(RescaledHidden), classification_loss, x, y, backend)
+
+
+class WithSpareLayer(nn.Module):
+    """An MLP with a layer its forward does not call: its parameters get no gradient and zero norms."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.spare = mlp(12, (8, 6), 5), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_the_summed_norms_without_by_parameter_are_those_with_it():
+    """Without by_parameter the norms are summed from their one stack, unreached and frozen parameters left out;
+    the total, |gbar|^2 under a loss scale and p.grad are those of the per-parameter path and the reference."""
+    x = torch.randn(6, 12, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 5, (6,), generator=generator(2))
+    model = _float64(WithSpareLayer)
+    model.body[1].weight.requires_grad_(False)
+    expected = naive_per_example(model, classification_loss, x, y)
+    grads = plain_backward_grads(model, classification_loss, x, y, loss_scale=8.0)
+    gbar_sqnorm = sum(g.square().sum() for g in grads.values() if g is not None) / 8.0 ** 2
+    results = {}
+    for by_parameter in (False, True):
+        measured = copy.deepcopy(model)
+        with PerExampleGradNorms(measured, classification_loss, by_parameter=by_parameter) as measure:
+            first = measure(x, y, loss_scale=8.0)
+            first.backend_of["spare.weight"] = "changed by the caller"
+            measured.zero_grad(set_to_none=True)
+            results[by_parameter] = measure(x, y, loss_scale=8.0)
+        for name, p in measured.named_parameters():
+            assert (p.grad is None) == (grads[name] is None) and (p.grad is None or torch.equal(p.grad, grads[name]))
+    summed, per_parameter = results[False], results[True]
+    assert summed.by_parameter is None and summed.sqnorms.dtype == torch.float64
+    assert_relclose(summed.sqnorms, sum(expected.values()))
+    assert_relclose(summed.sqnorms, per_parameter.sqnorms)
+    assert_relclose(summed.grad_sqnorm, gbar_sqnorm)
+    assert summed.backend_of == per_parameter.backend_of == {name: "ghost" for name in expected}
+    assert torch.equal(per_parameter.by_parameter["spare.weight"], torch.zeros(6, dtype=torch.float64))
+
+
+class ModifiedInPlace(nn.Module):
+    """A layer's output changed in place after its call (scaled, shifted, an in-place ReLU): the output's autograd
+    node, where the layer's output gradient is read, is then no longer the tensor's grad_fn."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.hidden(x)
+        h.mul_(2.0)
+        h += 1.0
+        return self.out(F.relu(h, inplace=True))
+
+
+@pytest.mark.parametrize("backend", ["auto", "ghost"])
+def test_a_layer_output_modified_in_place_is_measured_exactly(backend):
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 3, (6,), generator=generator(2))
+    assert_matches_reference(_float64(ModifiedInPlace), classification_loss, x, y, backend)

@@ -171,24 +171,24 @@ def _leaf_uses(nodes: list) -> dict[int, list]:
     return leaves
 
 
-def _record_norm(received: dict[str, Tensor], name: str, grad: Tensor) -> None:
-    """Keeps |grad| (at least float32) of the gradient this backward brings a parameter, before accumulation."""
+def _record_norm(received: dict[str, Tensor], ghost_pass: GhostPass | None, name: str, grad: Tensor) -> None:
+    """Keeps |grad| (at least float32; no dtype argument where the gradient has one already, which costs a
+    microsecond a call) of the gradient this backward brings a parameter, before accumulation; the pass, if any,
+    keeps it too for the parameters whose uses it captured (``GhostPass.note_gradient``)."""
     if name in received:  # a second backward inside this one: reentrant checkpointing splitting a shared weight
         raise RuntimeError(
             f"parameter {name!r} received its gradient in two parts (reentrant activation checkpointing around "
             "some but not all of its uses), so |gbar|^2 cannot be read from the gradients as they arrive; use "
             "non-reentrant checkpointing (use_reentrant=False) or checkpoint all of its uses together")
-    received[name] = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
+    received[name] = (torch.linalg.vector_norm(grad) if grad.dtype in (torch.float32, torch.float64) else
+                      torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
+    if ghost_pass is not None:
+        ghost_pass.note_gradient(name, grad)
 
 
-def _mark_received(received: set[str], name: str, grad: Tensor) -> None:
-    """Notes that this backward brought the parameter a gradient."""
+def _mark_received(received: set[str], ghost_pass: GhostPass, name: str, grad: Tensor) -> None:
+    """Notes that this backward brought the parameter a gradient (``GhostPass.note_gradient``, as above)."""
     received.add(name)
-
-
-def _noting(ghost_pass: GhostPass, listener: Callable[[str, Tensor], None], name: str, grad: Tensor) -> None:
-    """``listener``, and the pass keeps |grad| of parameters whose uses it captured (``GhostPass.note_gradient``)."""
-    listener(name, grad)
     ghost_pass.note_gradient(name, grad)
 
 
@@ -196,7 +196,8 @@ def _squared_total(norms: dict[str, Tensor], device: torch.device) -> Tensor:
     """sum of |grad|^2 over the recorded gradient norms (float32 at least)."""
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.linalg.vector_norm(torch.stack(list(norms.values()))).square()
+    stacked = torch.stack(list(norms.values()))
+    return torch.linalg.vecdot(stacked, stacked)
 
 
 class _GradientTaps:
@@ -512,10 +513,10 @@ class PerExampleGradNorms:
                 if self._sharded:
                     self._check_sharded_measurable(ghost_pass, bypassed)
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
-                    handles = [leaf.register_hook(partial(_record_norm, received, key))
+                    handles = [leaf.register_hook(partial(_record_norm, received, None, key))
                                for key, (leaf, _) in _leaf_uses([objective.grad_fn]).items()
                                if isinstance(leaf, nn.Parameter)]
-                with self._taps.listening(partial(_noting, ghost_pass, partial(_record_norm, received))):
+                with self._taps.listening(partial(_record_norm, received, ghost_pass)):
                     objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
                 ghost_pass.finish()
         finally:
@@ -523,33 +524,44 @@ class PerExampleGradNorms:
                 handle.remove()
         self._warn_if_unchecked(ghost_pass, batch_size)
         vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
-        backend_of = {name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
-                      else plan.backend_of[name] for name in names}
-        by_parameter = ghost_pass.result()
+        backend_of = dict(plan.backend_of) if not vmap_names and not ghost_pass.fallback_names else {
+            name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
+            else plan.backend_of[name] for name in names}
+        found = ghost_pass.stacked()
         grad_sqnorm = _squared_total(received, loss.device)
-        grad_sqnorm = grad_sqnorm.to(torch.promote_types(loss.dtype, grad_sqnorm.dtype)) / scale ** 2
-        if vmap_names:
-            try:
-                by_parameter.update(vmap_sqnorms(self.model, self.loss_fn, inputs, targets, vmap_names, batch_size,
-                                                 self.chunk_size))
-            except Exception as error:
-                declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
-                raise PerExampleError(
-                    f"parameters {vmap_names}", "vmap", f"{type(error).__name__}: {error}",
-                    "These parameters are used outside any module call, or by modules the hooks could not measure "
-                    f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
-                    "with the examples in dim 0 (or 1, shared), or register a rule "
-                    "(noisescale.per_example.register_rule)") from error
-        by_parameter = _every_parameter(by_parameter, names, batch_size, grad_sqnorm.dtype, loss.device)
+        dtype = torch.promote_types(loss.dtype, grad_sqnorm.dtype)
+        grad_sqnorm = grad_sqnorm if grad_sqnorm.dtype == dtype else grad_sqnorm.to(dtype)
+        grad_sqnorm = grad_sqnorm if scale == 1.0 else grad_sqnorm / scale ** 2
+        if found is not None and not vmap_names and not self.by_parameter:
+            by_parameter, sqnorms = None, found[1].sum(0)   # the parameters the pass did not reach add zeros
+        else:
+            by_parameter = {} if found is None else dict(zip(found[0], found[1].unbind()))
+            if vmap_names:
+                by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
+            by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
+            sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         return PerExampleNorms(
             loss=loss.detach(),
             losses=losses.detach(),
-            sqnorms=torch.stack(list(by_parameter.values())).sum(0),
+            sqnorms=sqnorms if sqnorms.dtype == dtype else sqnorms.to(dtype),
             grad_sqnorm=grad_sqnorm,
             by_parameter=by_parameter if self.by_parameter else None,
             backend_of=backend_of,
         )
 
+    def _whole_model_sqnorms(self, inputs: Any, targets: Any, names: list[str], batch_size: int,
+                             ghost_pass: GhostPass) -> dict[str, Tensor]:
+        """The whole-model vmap's norms of ``names``, or an error saying why the hooks could not measure them."""
+        try:
+            return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size)
+        except Exception as error:
+            declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
+            raise PerExampleError(
+                f"parameters {names}", "vmap", f"{type(error).__name__}: {error}",
+                "These parameters are used outside any module call, or by modules the hooks could not measure "
+                f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
+                "with the examples in dim 0 (or 1, shared), or register a rule "
+                "(noisescale.per_example.register_rule)") from error
 
     @staticmethod
     def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str]) -> None:
@@ -607,7 +619,7 @@ class PerExampleGradNorms:
                 not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
                 want_roots=not self._uses_checked and not self._sharded)
             try:
-                with self._taps.listening(partial(_noting, ghost_pass, partial(_mark_received, received))):
+                with self._taps.listening(partial(_mark_received, received, ghost_pass)):
                     yield observed
             finally:
                 outputs.close()
@@ -680,11 +692,12 @@ class PerExampleGradNorms:
 def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: int, dtype: torch.dtype,
                      device: torch.device) -> dict[str, Tensor]:
     """name -> (B,) squared norms in ``dtype`` for every name, zeros for those the pass did not reach (a no-op
-    ``to`` costs a microsecond per parameter, so it is skipped)."""
-    zeros = torch.zeros(batch_size, dtype=dtype, device=device)
-    every = {}
+    ``to`` costs a microsecond per parameter, so it is skipped, and the zeros are made only where needed)."""
+    zeros, every = None, {}
     for name in names:
-        value = by_parameter.get(name, zeros)
+        value = by_parameter.get(name)
+        if value is None:
+            value = zeros = torch.zeros(batch_size, dtype=dtype, device=device) if zeros is None else zeros
         every[name] = value if value.dtype == dtype else value.to(dtype)
     return every
 

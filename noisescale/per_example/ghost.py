@@ -1,7 +1,8 @@
 """Hook engine for per-example gradient norms, computed from the one real backward pass.
 
 Forward hooks, installed once, keep a reference to each call's input (a tensor autograd saves anyway) and register
-a tensor hook on that call's output, so a module called several times in one forward gets one closure per call.
+a hook on that call's output (a layer with a rule: a pre-hook of the output's autograd node), so a module called
+several times in one forward gets one closure per call.
 
 - A module with a layer rule (``layers.py``): when backward reaches the output, the hook hands (input, output
   gradient) to the rule ("ghost" norms).
@@ -221,8 +222,9 @@ class GhostPass:
         whose images may well be as high as the batch is large), for the warning of an unchecked pass.
         ``blocks``: the dims hold B blocks of that many rows (the probe's, B - 1 blocks)."""
         if self.probe is None:   # unchecked: note whether a dim besides the batch's has its size
-            self.ambiguous = self.ambiguous or positional and any(self.batch_size in t.shape[:d] + t.shape[d + 1:]
-                                                                  for t, d in batched)
+            batch = self.batch_size   # (counted: slicing a torch.Size costs microseconds)
+            self.ambiguous = self.ambiguous or positional and any(
+                t.shape.count(batch) > (t.dim() > d and t.shape[d] == batch) for t, d in batched)
             return True
         calls = self.probe.get(module, [])
         if index >= len(calls) or len(calls[index].shapes) != len(tensors):
@@ -422,17 +424,22 @@ class GhostPass:
         else:
             _add(self.shared_grads, name, grad)
 
-    @torch.no_grad()
     def result(self) -> dict[str, Tensor]:
-        """Per-parameter (B,) squared norms of every parameter that took part in this pass (no autograd graph:
-        the factors are views of activations that require grad)."""
+        """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
+        found = self.stacked()
+        return {} if found is None else dict(zip(found[0], found[1].unbind()))
+
+    @torch.no_grad()
+    def stacked(self) -> tuple[list[str], Tensor] | None:
+        """The parameters that took part in this pass and their (B,) squared norms stacked (P, B) in that order,
+        one multiplication rescaling them all; None if none did (no autograd graph: the factors are views of
+        activations that require grad)."""
         sqnorms = dict(self.sqnorms)
         for name in self.shared_grads.keys() | self.shared_factors.keys():
             sqnorms[name] = sqnorm_of_sum(self.shared_factors.get(name, []), self.shared_grads.get(name))
         if not sqnorms:
-            return {}
-        scaled = torch.stack(list(sqnorms.values())) * self.grad_factor ** 2   # one multiplication for all
-        return dict(zip(sqnorms, scaled.unbind()))
+            return None
+        return list(sqnorms), torch.stack(list(sqnorms.values())) * self.grad_factor ** 2
 
 
 def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -511,6 +518,8 @@ def _same_rows(a: Tensor, b: Tensor) -> bool:
 
 def _call_tensors(args: tuple, kwargs: dict, output: Any) -> list[Tensor]:
     """The tensors of a call's inputs and outputs, in a fixed order (matched between the probe and the pass)."""
+    if not kwargs and isinstance(output, Tensor) and all(isinstance(a, Tensor) for a in args):
+        return [*args, output]   # a layer's usual call, without a pytree walk
     return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)] + output_tensors(output)
 
 
@@ -586,11 +595,11 @@ class GhostNormEngine:
         return ghost_pass
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._probe is not None:
-            return
-        ghost_pass = self._active(module)
-        if ghost_pass is not None and (ghost_pass.modules[module].rule is None
-                                       or self._verified.get(module) is False):
+        ghost_pass = self._pass
+        entry = None if ghost_pass is None else ghost_pass.modules.get(module)
+        if entry is None or entry.rule is not None and self._verified.get(module) is not False:
+            return   # a layer measured by its rule needs nothing before its call (tested first: the common case)
+        if self._probe is None and self._active(module) is not None:
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
             ghost_pass.buffers_before[module].append((
                 [(b, b._version) for b in module.buffers()],
@@ -616,7 +625,8 @@ class GhostNormEngine:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = None
-        opened = next((k for k in range(len(self._open) - 1, -1, -1) if self._open[k][0] is module), None)
+        opened = None if not self._open else next(
+            (k for k in range(len(self._open) - 1, -1, -1) if self._open[k][0] is module), None)
         if opened is not None:   # this call's capture, and any of children that raised inside its forward
             capture = self._open[opened][1]
             for _, started in reversed(self._open[opened:]):
@@ -644,7 +654,19 @@ class GhostNormEngine:
             return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture, index)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
-        x, batch = _first_input(args, kwargs), ghost_pass.batch_size
+        x = _first_input(args, kwargs)
+        if self._open and type(x) is Tensor and type(output) is Tensor:
+            # inside a module whose parameter uses are captured (a TorchFunctionMode): this hook's own reads of
+            # plain tensors are not that module's uses, and would each pass through the capture (~5 us)
+            with torch._C.DisableTorchFunction():
+                return self._on_rule_call(ghost_pass, entry, module, args, kwargs, output, x, index, verified)
+        return self._on_rule_call(ghost_pass, entry, module, args, kwargs, output, x, index, verified)
+
+    def _on_rule_call(self, ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, args: tuple, kwargs: dict,
+                      output: Tensor, x: Any, index: int, verified: bool | None) -> Tensor | None:
+        """A call of a layer with a rule: checks that dim 0 holds the examples (or their rows in blocks, or dim 1)
+        and hooks its output's autograd node; returns the output to use instead (a batch of one expanded), if any."""
+        batch = ghost_pass.batch_size
         replaced = None
         if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and _batch_of_one(args, kwargs, output, batch):
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
@@ -710,16 +732,21 @@ class GhostNormEngine:
             ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x),
                              without_examples=once)
             return None
-        call = {"x": x, "blocks": blocks, "transposed": transposed,
-                "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
         held = output if blocks is None and not transposed else hooked
-        held.register_hook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        node = held.grad_fn
+        if node is None:   # a leaf returned as the output: no gradient reaches the layer's parameters through it
+            return replaced
+        call = {"x": x, "blocks": blocks, "transposed": transposed, "output_nr": held.output_nr,
+                "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
+        # a pre-hook of the output's autograd node (a third of a tensor hook's cost to register): it sees the
+        # gradient the layer's backward uses, after any tensor hook on the output
+        node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call))
         if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
             rows = ghost_pass.broadcasts
-            rows.rows[held.grad_fn] = 1 if blocks is None else blocks
+            rows.rows[node] = 1 if blocks is None else blocks
             taken = _first_input(args, kwargs)
             if isinstance(taken, Tensor) and taken.grad_fn is not None and taken.output_nr == 0:
-                rows.inputs[taken.grad_fn] = rows.rows[held.grad_fn]
+                rows.inputs[taken.grad_fn] = rows.rows[node]
         return replaced
 
     def _warn_if_positions(self, entry: GhostModule, module: nn.Module, x: Any, batch: int) -> None:
@@ -842,7 +869,12 @@ class GhostNormEngine:
 
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
-                        grad_output: Tensor) -> None:
+                        grad_outputs: tuple) -> None:
+        """The pre-hook of a rule layer's output node: ``grad_outputs[call["output_nr"]]`` is that output's
+        gradient (None where it got none: then neither do the layer's parameters from this call)."""
+        grad_output = grad_outputs[call["output_nr"]]
+        if grad_output is None:
+            return
         if "x" not in call:   # a second backward through this call: refused in finish, after the caller's backward
             ghost_pass.repeated = True
             return
