@@ -486,3 +486,37 @@ def test_masked_language_models_with_their_tied_decoder_bias(name):
     for parameter, values in expected.items():
         torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,
                                    msg=parameter)
+
+
+@pytest.mark.parametrize("name", ["Qwen2Moe", "Mixtral"])
+def test_mixture_of_experts_language_models(name):
+    """HF sparse MoE layers route the B examples' T tokens, flattened into B T rows, through a router and fused
+    experts (a per-module fallback each, grouped_mm: float32 only). From the second call the probe shows the rows
+    are B blocks of T and each example's re-run takes its own rows: no whole-model vmap. Norms as the loop's to
+    float32's rounding; p.grad as a plain backward's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    extra = ({"num_experts": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}
+             if name == "Qwen2Moe" else {"num_local_experts": 4})
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_experts_per_tok=2, **extra)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    tokens = _tokens()
+
+    def loss_fn(outputs, targets):
+        return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+    expected = naive_by_parameter(model, loss_fn, {"input_ids": tokens}, tokens)
+    grads = plain_grads(model, loss_fn, {"input_ids": tokens}, tokens)
+    engine = PerExampleGradNorms(model, loss_fn, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine({"input_ids": tokens}, tokens)
+    assert "vmap" not in result.backend_of.values()
+    largest = max(float(values.max()) for values in expected.values())
+    for parameter, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[parameter], values.float(), rtol=2e-4,
+                                   atol=1e-7 * largest, msg=parameter)
+    for parameter, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[parameter]), parameter
