@@ -359,6 +359,74 @@ def dinov2_registers():
     return m, {"pixel_values": _pixels()}, _cls_targets(), cls_loss
 
 
+# more architectures people train (added in the session that measured DeBERTa-v2's tables by the hooks)
+def qwen3():
+    return _causal(tr.Qwen3ForCausalLM(tr.Qwen3Config(**_llama_kw(), head_dim=8)))
+
+
+def gemma2():   # its RMSNorm computes in float32 inside a float64 model: about 1e-7
+    return _causal(tr.Gemma2ForCausalLM(tr.Gemma2Config(**_llama_kw(), head_dim=8)))
+
+
+def phi3():
+    return _causal(tr.Phi3ForCausalLM(tr.Phi3Config(**_llama_kw(), pad_token_id=0, resid_pdrop=0.0,
+                                                    embd_pdrop=0.0)))
+
+
+def stablelm():
+    return _causal(tr.StableLmForCausalLM(tr.StableLmConfig(**_llama_kw(), hidden_dropout=0.0)))
+
+
+def olmo2():
+    return _causal(tr.Olmo2ForCausalLM(tr.Olmo2Config(**_llama_kw())))
+
+
+def gpt_bigcode():
+    return _causal(tr.GPTBigCodeForCausalLM(tr.GPTBigCodeConfig(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0)))
+
+
+def gpt_neo():
+    return _causal(tr.GPTNeoForCausalLM(tr.GPTNeoConfig(
+        vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=32, window_size=4, resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0)))
+
+
+def codegen():
+    return _causal(tr.CodeGenForCausalLM(tr.CodeGenConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                                          rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                          attn_pdrop=0.0)))
+
+
+def modernbert():
+    return _cls_text(tr.ModernBertForSequenceClassification(tr.ModernBertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=32, pad_token_id=0, num_labels=C)))
+
+
+def esm():   # a protein language model with rotary positions
+    return _cls_text(tr.EsmForSequenceClassification(tr.EsmConfig(**_bert_kw(), position_embedding_type="rotary",
+                                                                  pad_token_id=1)))
+
+
+def mamba():
+    return _causal(tr.MambaForCausalLM(tr.MambaConfig(vocab_size=V, hidden_size=16, state_size=4,
+                                                      num_hidden_layers=2, expand=2, conv_kernel=4)))
+
+
+def rwkv():
+    return _causal(tr.RwkvForCausalLM(tr.RwkvConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                                    attention_hidden_size=16, intermediate_size=32,
+                                                    context_length=32)))
+
+
+def funnel():
+    return _cls_text(tr.FunnelForSequenceClassification(tr.FunnelConfig(
+        vocab_size=V, d_model=32, n_head=4, d_head=8, d_inner=37, block_sizes=[1, 1], hidden_dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, num_labels=C)))
+
+
 MODELS = {name: builder for name, builder in globals().items()
           if callable(builder) and not name.startswith("_") and getattr(builder, "__module__", None) == __name__
           and name not in ("cls_loss", "lm_loss", "regress", "main", "survey_one", "loop_sqnorms")}
