@@ -231,7 +231,7 @@ class BroadcastGradients:
         """b where the output of ``consumer`` (its input k the shared tensor, broadcast along dim 0) holds the B
         examples in dim 0, in blocks of b rows (b = 1, or Swin's windows): only if rows of the examples meet it
         row by row, as another input of ``consumer`` or of an elementwise operation that takes its output
-        (``_paired``), whose rows trace back to a rule layer's output (``_rows_of``). A dim 0 that only happens to
+        (``_paired``), whose rows trace back to a rule layer's output (``rows_of``). A dim 0 that only happens to
         have B's size (heads as many as the examples, a sequence-first tensor at T == B) has none. None
         otherwise."""
         if not shape or shape[0] % self.batch_size:
@@ -267,17 +267,17 @@ class BroadcastGradients:
 
     def _meets(self, node: Any, k: int, rows: int, blocks: int) -> bool:
         """Whether another input of ``node`` (its input k the rows followed) holds the examples' rows in blocks of
-        ``blocks``, traced back to a rule layer's output (``_rows_of``), or ``node`` is a rule layer's input."""
+        ``blocks``, traced back to a rule layer's output (``rows_of``), or ``node`` is a rule layer's input."""
         out = _shape(node, 0)
         for j, (source, nr) in enumerate(node.next_functions):
             shape = None if j == k or source is None else _shape(source, nr)
-            if shape and len(shape) == len(out) and shape[0] == rows and self._rows_of(source, nr) == blocks:
+            if shape and len(shape) == len(out) and shape[0] == rows and self.rows_of(source, nr) == blocks:
                 return True
         return self.inputs.get(node) == blocks
 
     def _paired(self, node: Any, k: int | None, rows: int, blocks: int, consumers: dict, depth: int) -> bool:
         """Whether the examples' rows meet the output of ``node`` row by row (same number of dims, ``rows`` rows):
-        as another input of ``node`` whose rows trace back to a rule layer's output (``_rows_of``), as the input of
+        as another input of ``node`` whose rows trace back to a rule layer's output (``rows_of``), as the input of
         a rule layer that took its dim 0 for the examples (``inputs``), or so at an operation downstream that
         keeps the rows."""
         out = _shape(node, 0)
@@ -299,7 +299,7 @@ class BroadcastGradients:
                 return True
         return False
 
-    def _rows_of(self, node: Any, output_nr: int) -> int | None:
+    def rows_of(self, node: Any, output_nr: int) -> int | None:
         """b where output ``output_nr`` of ``node`` holds the B examples in dim 0 in blocks of b rows, traced back to
         a rule layer's output (``rows``); None where it cannot be traced."""
         found = self._examples_at(node, output_nr, {})

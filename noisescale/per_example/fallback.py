@@ -79,6 +79,7 @@ class FallbackCall:
     buffers: dict[str, Tensor] | None = None  # its buffers as the call found them, where its forward changes them
     uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
     blocks: int | None = None  # its tensors hold B blocks of that many rows flattened from the examples
+    output_views: list[tuple[Tensor, int]] = field(default_factory=list)  # outputs that are views, with versions
 
 
 # ----------------------------------------------------------------------------------------------- batch dims

@@ -41,7 +41,6 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -119,6 +118,7 @@ class GhostPass:
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
+    node_hooks: list = field(default_factory=list)   # handles of ``_note_inner`` hooks, removed after the pass
 
     def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None,
               without_examples: bool = False) -> Broadcast:
@@ -306,6 +306,10 @@ class GhostPass:
         try:
             self._read_rechecks()
             self._read_sum_checks()
+            for module, entry, call in list(self.fallback_calls):
+                if any(t._version != version for t, version in call.output_views):
+                    self._drop(entry, call, "an output it returned as a view of another tensor was changed in place "
+                                            "after its call, so its gradient may have bypassed the hook on it")
             captured = self._verified_captures()
             for module, entry, call in self.fallback_calls:
                 grads = captured.get(id(call))
@@ -566,6 +570,8 @@ class GhostNormEngine:
             yield self._pass
         finally:
             self._pass.broadcasts.close()
+            for handle in self._pass.node_hooks:
+                handle.remove()
             self._pass = None
             for _, capture in reversed(self._open):   # a forward that raised leaves its captures open
                 capture.stop()
@@ -827,17 +833,15 @@ class GhostNormEngine:
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
                             uses=capture if isinstance(capture, ParameterUses) and capture.complete and not shared
                             and blocks is None else None, blocks=blocks)
-        upstream = (_upstream_outputs(outputs, leaves) if not shared and replaced is None and call.uses is None
-                    else set())
-        if upstream:
-            # the caller gets aliases of the outputs that others were computed from (a router's logits and their
-            # softmax, both returned): their hooks see the caller's uses alone, not the other outputs' reaching them
-            aliased = _aliased(output, upstream)
-            if aliased is None:
-                ghost_pass.decline(entry, "it returns an output computed from another in a structure that cannot be "
-                                          "rebuilt with an alias of the latter")
-                return None
-            replaced, outputs = aliased, output_tensors(aliased)
+        # an output that others were computed from (a router's logits and their softmax, both returned) receives
+        # their gradients too, inside the call, which the re-run takes from their own hooks: read those shares where
+        # they arrive and take them off (nothing the caller sees changes)
+        inner = _inner_edges(outputs, leaves) if not shared and replaced is None and call.uses is None else {}
+        if blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights into the experts)
+            for t in outputs:
+                if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows:
+                    ghost_pass.broadcasts.rows[t.grad_fn] = blocks
+        call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
@@ -845,7 +849,13 @@ class GhostNormEngine:
                 if shared:   # each example's gradient from the operations that broadcast it (``broadcast.py``)
                     ghost_pass.share(entry, t, partial(_keep_shared_grad, ghost_pass, entry, call, k), call)
                 else:
-                    t.register_hook(partial(_keep_grad, call, k))
+                    parts: list[Tensor] = []
+                    for node, j in inner.get(id(t), ()):
+                        ghost_pass.node_hooks.append(node.register_hook(partial(_note_inner, parts, j)))
+                    if t.grad_fn is None:   # a leaf returned as it is
+                        t.register_hook(partial(_keep_grad, call, k, parts))
+                    else:   # as for rule layers: after any hook of the caller's on it, before an in-place change
+                        t.grad_fn.register_prehook(partial(_keep_output_grad, call, k, t.output_nr, parts))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         if call.uses is not None:
@@ -858,14 +868,22 @@ class GhostNormEngine:
     def _fallback_blocks(ghost_pass: GhostPass, module: nn.Module, index: int, args: tuple,
                          kwargs: dict) -> int | None:
         """k where a fallback call's first input holds B blocks of k rows flattened from the examples (an MoE's
-        router and experts on (B T, d) tokens), as the probe showed (``GhostPass.row_blocks``); None otherwise.
-        Without a probe, such rows make the later calls probe."""
+        router and experts on (B T, d) tokens), as the probe showed (``GhostPass.row_blocks``), and every input with
+        grad of B k rows traces back, through reshapes and row-wise operations, to B blocks of k rows of a rule
+        layer's output (``BroadcastGradients.rows_of``): tokens picked by a mask (padding dropped) or sorted are
+        not, even where the probe's B - 1 examples' rows come first. None otherwise. Without a probe, such rows
+        make the later calls probe."""
         x, batch = _first_input(args, kwargs), ghost_pass.batch_size
         if not (isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
                 and not is_parameter_table(x)):
             return None
         ghost_pass.flattened = ghost_pass.flattened or ghost_pass.probe is None
-        return ghost_pass.row_blocks(module, index, x)
+        blocks = ghost_pass.row_blocks(module, index, x)
+        if blocks is None or not all(
+                ghost_pass.broadcasts.rows_of(t.grad_fn, t.output_nr) == blocks for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, Tensor) and t.requires_grad and t.dim() and t.shape[0] == x.shape[0]):
+            return None
+        return blocks
 
     @staticmethod
     def _on_output_grad(ghost_pass: GhostPass, entry: GhostModule, module: nn.Module, call: dict,
@@ -986,47 +1004,41 @@ def _shape(x: Any) -> Any:
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
 
 
-def _upstream_outputs(outputs: list[Tensor], inputs: list[Any]) -> set[int]:
-    """ids of a call's outputs that another of its outputs was computed from, inside the call (the autograd graph
-    from each output back to the call's inputs): the gradient such an output receives holds the others' too."""
+def _inner_edges(outputs: list[Tensor], inputs: list[Any]) -> dict[int, list[tuple[Any, int]]]:
+    """id(output) -> [(node, k)]: the operations inside the call (the autograd graph from its other outputs back to
+    its inputs) that take that output as their input k. The gradient the output receives holds what they send it."""
     with_grad = {id(t): t for t in outputs if t.requires_grad and t.grad_fn is not None}
     if len(with_grad) < 2:
-        return set()
+        return {}
     stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-    nodes = {t.grad_fn: key for key, t in with_grad.items()}
-    upstream = set()
-    for key, t in with_grad.items():
+    edges = {(t.grad_fn, t.output_nr): key for key, t in with_grad.items()}
+    inner: dict[int, set] = defaultdict(set)
+    for t in with_grad.values():
         for node in autograd_nodes([t.grad_fn], stops):
-            if node is not t.grad_fn and nodes.get(node, key) != key:
-                upstream.add(nodes[node])
-    return upstream
+            for k, edge in enumerate(node.next_functions):
+                key = edges.get(edge)
+                if key is not None and node is not with_grad[key].grad_fn:
+                    inner[key].add((node, k))
+    return {key: sorted(found, key=lambda edge: (id(edge[0]), edge[1])) for key, found in inner.items()}
 
 
-def _aliased(output: Any, which: set[int]) -> Any:
-    """``output`` with the tensors whose ids are in ``which`` replaced by an alias (``t.view_as(t)``, one per
-    tensor), rebuilt as ``output_tensors`` reads it (tuples, lists, mappings such as HF's ModelOutput); None where it
-    cannot be rebuilt."""
-    aliases: dict[int, Tensor] = {}
-
-    def rebuilt(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return aliases.setdefault(id(value), value.view_as(value)) if id(value) in which else value
-        if isinstance(value, Mapping):
-            return type(value)(**{key: rebuilt(item) for key, item in value.items()})
-        if isinstance(value, tuple) and hasattr(value, "_fields"):   # a namedtuple
-            return type(value)(*map(rebuilt, value))
-        if isinstance(value, (tuple, list)):
-            return type(value)(map(rebuilt, value))
-        return value
-
-    try:
-        return rebuilt(output)
-    except TypeError:
-        return None
+def _note_inner(parts: list[Tensor], k: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
+    """A node post-hook: keeps the gradient the node sends its input k."""
+    if grad_inputs[k] is not None:
+        parts.append(grad_inputs[k])
 
 
-def _keep_grad(call: FallbackCall, index: int, grad: Tensor) -> None:
-    call.grads[index] = grad
+def _keep_output_grad(call: FallbackCall, index: int, output_nr: int, inner: list[Tensor],
+                      grad_outputs: tuple) -> None:
+    """The pre-hook of a fallback output's autograd node: ``_keep_grad`` of ``grad_outputs[output_nr]``."""
+    if grad_outputs[output_nr] is not None:
+        _keep_grad(call, index, inner, grad_outputs[output_nr])
+
+
+def _keep_grad(call: FallbackCall, index: int, inner: list[Tensor], grad: Tensor) -> None:
+    """Output ``index``'s gradient from the caller's uses: what it received less what the call's own operations
+    sent it (``inner``, from ``_note_inner``)."""
+    call.grads[index] = grad - sum(inner) if inner else grad
 
 
 def _keep_shared_grad(ghost_pass: GhostPass, entry: GhostModule, call: FallbackCall, index: int,
