@@ -430,14 +430,15 @@ def test_size_form_floors_bound_the_recurrence(optimizer):
      nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.75)],
     ids=["sgd", "momentum", "ema", "momentum-precondition-ema"],
 )
-@pytest.mark.parametrize("n_directions", [3, 300])
+@pytest.mark.parametrize("n_directions", [1, 3, 300])
 def test_search_leaves_match_the_recurrence(optimizer, n_directions):
     # the last steps of a branch, evaluated at once from M^s x0 and M^(s-1) b (16 steps with many directions,
-    # more with few), with the noise large enough to matter: the first step at or below a target placed at the
-    # recurrence's risk of a random step
+    # more with few; with one bin, as every model with p = 1, by products instead of matrix-vector products),
+    # with the noise large enough to matter: the first step at or below a target placed at the recurrence's risk
+    # of a random step
     rng = np.random.default_rng(29)
     h = np.sort(10 ** rng.uniform(-2.5, 0, n_directions))[::-1]
-    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 0.5, n_directions))
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 0.5, n_directions), initial_variance=1.5)
     rate = 0.02 * 2 * (1 + optimizer.momentum) / h.max() ** (1 - optimizer.precondition_power)
     system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
                                np.array([optimizer.momentum]), np.array([optimizer.ema]))
