@@ -487,7 +487,7 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 # below between grid times, so a dip below the target between them (momentum oscillates) is never missed.
 
 _LEAF_STEPS = 16  # intervals this short are checked step by step ...
-_LEAF_ELEMENTS = 4096  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
+_LEAF_ELEMENTS = 16384  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
 _MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 _PAIRWISE_ELEMENTS = 4096  # floors of terms with at least this many configurations x bins go pair by pair
 
