@@ -488,6 +488,7 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 
 _LEAF_STEPS = 16  # intervals this short are checked step by step ...
 _LEAF_ELEMENTS = 16384  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
+_KEPT_STATES = 8  # states v(t), N(t) a search keeps for reuse
 _MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 _PAIRWISE_ELEMENTS = 4096  # floors of terms with at least this many configurations x bins go pair by pair
 
@@ -1132,6 +1133,9 @@ class _RowSearch:
             self.leaf_steps *= 2
         self.leaves: list[np.ndarray] = []  # M^s x0 and M^(s-1) b for s = 1..leaf_steps, built at the first leaf
         # (most searches end before one) and shared with the at_batch copies
+        self.states: dict[int, tuple[np.ndarray, float]] = {}  # v(t) and N(t) of the last _KEPT_STATES times asked
+        # for, shared with the at_batch copies (they do not depend on B): a row's searches at several batch sizes
+        # mostly start at the same time
         self.mode_squares, self.mode_odds = [self.modes.values], [np.ones_like(self.modes.values)]  # mu^(2^e),
         # mu^(2^e - 1) as needed: a branch's terms from its parent's by one product
 
@@ -1179,12 +1183,17 @@ class _RowSearch:
         return _advance(v, power), noise + float((_quadratic(v, block) @ self.system.weights)[0])
 
     def state(self, t: int) -> tuple[np.ndarray, float]:
-        """v(t) and N(t)."""
-        v, noise = _readout_row(self.system), 0.0
-        for bit in range(int(t).bit_length()):
-            if (t >> bit) & 1:
-                v, noise = self._step(v, noise, bit)
-        return v, noise
+        """v(t) and N(t) (read-only: shared)."""
+        t = int(t)
+        if t not in self.states:
+            v, noise = _readout_row(self.system), 0.0
+            for bit in range(t.bit_length()):
+                if (t >> bit) & 1:
+                    v, noise = self._step(v, noise, bit)
+            if len(self.states) >= _KEPT_STATES:
+                del self.states[next(iter(self.states))]  # the oldest
+            self.states[t] = (v, noise)
+        return self.states[t]
 
     def risk(self, t: int) -> float:
         v, noise = self.state(t)

@@ -453,6 +453,24 @@ def test_search_leaves_match_the_recurrence(optimizer, n_directions):
             assert search.first(low, high) == first_below(risks[low + 1:high + 1], target) + low + 1
 
 
+def test_search_states_kept_for_reuse_match_the_recurrence():
+    # a search keeps the last few states v(t), N(t) for itself and its copies at other batch sizes: risks asked
+    # for in any order, with repeats and more distinct times than it keeps, match the step-by-step recurrence
+    rng = np.random.default_rng(43)
+    optimizer, rate = nqm.OptimizerSetting(momentum=0.8, ema=0.5), 0.3
+    system = nqm._first_moment(SMALL_MODEL, 0.0, np.array([rate]), np.array([0.8]), np.array([0.5]))
+    search = nqm._RowSearch(system, 1.0)
+    batches = (1.0, 16.0)
+    risks = {batch: recurrence_risk(SMALL_MODEL, optimizer, lambda step: rate, batch, 400) for batch in batches}
+    times = rng.integers(0, 401, 30)
+    for t in np.concatenate([times, times[::-1], times + 1]):
+        for batch in batches:
+            copy = search.at_batch(batch)
+            assert copy.states is search.states
+            assert copy.risk(int(t)) == pytest.approx(risks[batch][t], rel=1e-9)
+    assert len(search.states) == nqm._KEPT_STATES
+
+
 @pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
 def test_grid_search_agrees_with_the_walk_of_every_row_from_the_start(optimizer, grids, monkeypatch):
     # the octave pass (rows walked from their own octave, rows that cannot win left out) changes nothing: the
