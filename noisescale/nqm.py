@@ -487,7 +487,8 @@ def momentum_roots(learning_rate: float, curvature: float, momentum: float) -> t
 # below between grid times, so a dip below the target between them (momentum oscillates) is never missed.
 
 _LEAF_STEPS = 16  # intervals this short are checked step by step ...
-_LEAF_ELEMENTS = 4096  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
+_LEAF_ELEMENTS = 16384  # ... or longer ones, 16 times a power of two, while steps x bins stay within this
+_KEPT_STATES = 8  # states v(t), N(t) a search keeps for reuse
 _MODE_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 _PAIRWISE_ELEMENTS = 4096  # floors of terms with at least this many configurations x bins go pair by pair
 
@@ -1132,8 +1133,16 @@ class _RowSearch:
             self.leaf_steps *= 2
         self.leaves: list[np.ndarray] = []  # M^s x0 and M^(s-1) b for s = 1..leaf_steps, built at the first leaf
         # (most searches end before one) and shared with the at_batch copies
+        self.states: dict[int, tuple[np.ndarray, float]] = {}  # v(t) and N(t) of the last _KEPT_STATES times asked
+        # for, shared with the at_batch copies (they do not depend on B): a row's searches at several batch sizes
+        # mostly start at the same time
         self.mode_squares, self.mode_odds = [self.modes.values], [np.ones_like(self.modes.values)]  # mu^(2^e),
         # mu^(2^e - 1) as needed: a branch's terms from its parent's by one product
+        eigenvalues = system.modes[system.active[:, 0]]  # those of M that can show in the read-out, (m, 1, bins)
+        real = not np.iscomplexobj(eigenvalues) or not eigenvalues.imag.any()
+        used = (real and eigenvalues.shape[0] > 1 and system.stable.all() and np.all(eigenvalues.real > 0)
+                and self.leaf_steps > _LEAF_STEPS)  # few bins: the floor costs little next to the steps it spares
+        self.largest = eigenvalues.real.max(axis=0)[0] if used else None  # (bins,) for :meth:`_ends_floor`
 
     def _mode_powers(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
         """(mu^(2^bit), mu^(2^bit - 1))."""
@@ -1179,12 +1188,17 @@ class _RowSearch:
         return _advance(v, power), noise + float((_quadratic(v, block) @ self.system.weights)[0])
 
     def state(self, t: int) -> tuple[np.ndarray, float]:
-        """v(t) and N(t)."""
-        v, noise = _readout_row(self.system), 0.0
-        for bit in range(int(t).bit_length()):
-            if (t >> bit) & 1:
-                v, noise = self._step(v, noise, bit)
-        return v, noise
+        """v(t) and N(t) (read-only: shared)."""
+        t = int(t)
+        if t not in self.states:
+            v, noise = _readout_row(self.system), 0.0
+            for bit in range(t.bit_length()):
+                if (t >> bit) & 1:
+                    v, noise = self._step(v, noise, bit)
+            if len(self.states) >= _KEPT_STATES:
+                del self.states[next(iter(self.states))]  # the oldest
+            self.states[t] = (v, noise)
+        return self.states[t]
 
     def risk(self, t: int) -> float:
         v, noise = self.state(t)
@@ -1192,12 +1206,14 @@ class _RowSearch:
 
     def first(self, low: int, high: int) -> int | None:
         """Smallest integer t in (low, high] with E[L(t)] <= target, or None."""
-        return self._first(low, high, *self.state(low)) if high > low else None
+        if high <= low:
+            return None
+        return self._first(low, high, *self.state(low), v_high=None if self.largest is None else self.state(high)[0])
 
     def _first(self, low: int, high: int, v: np.ndarray, noise: float, first: np.ndarray | None = None,
-               last: np.ndarray | None = None) -> int | None:
+               last: np.ndarray | None = None, v_high: np.ndarray | None = None) -> int | None:
         """``first``, ``last``: the terms c mu^low and c mu^(high - 1) when known (a branch gets them from its
-        parent's by one product each)."""
+        parent's by one product each); ``v_high``: v(high), given where :meth:`_ends_floor` applies."""
         if noise / self.batch_size > self.target:  # N never decreases
             return None
         if high - low <= self.leaf_steps:
@@ -1206,8 +1222,14 @@ class _RowSearch:
             u = np.einsum("i...,i...->...", v, starts[:, :count])
             kicks = np.einsum("i...,i...->...", v, inputs[:, :count])
             weights = self.system.weights
-            noises = noise + np.cumsum((kicks * kicks) @ (self.system.noise_variance * weights))
-            risks = (u * u) @ (self.system.initial_variance * weights) + noises / self.batch_size
+            if weights.size == 1:  # one bin (every model with p = 1): the same numbers by products, at a fraction
+                # of the cost of matrix-vector products of one column
+                kicks, u = kicks[:, 0], u[:, 0]
+                noises = noise + np.cumsum(kicks * kicks * (self.system.noise_variance * weights)[0])
+                risks = u * u * (self.system.initial_variance * weights)[0] + noises / self.batch_size
+            else:
+                noises = noise + np.cumsum((kicks * kicks) @ (self.system.noise_variance * weights))
+                risks = (u * u) @ (self.system.initial_variance * weights) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
         if first is None:
@@ -1217,12 +1239,44 @@ class _RowSearch:
         floor = _deterministic_floor(self.modes, self.system.weights, first, last, high - low - 1, low)[0]
         if floor + noise / self.batch_size > self.target:
             return None
+        if v_high is not None and self._ends_floor(low, high, v, v_high) + noise / self.batch_size > self.target:
+            return None
         bit = (high - low - 1).bit_length() - 1  # split at low + 2^bit < high
         square, odd = self._mode_powers(bit)
-        found = self._first(low, low + 2**bit, v, noise, first=first, last=first * odd)
+        middle = None if v_high is None else self._step(v, noise, bit)  # the left branch's v(high)
+        found = self._first(low, low + 2**bit, v, noise, first=first, last=first * odd,
+                            v_high=None if middle is None else middle[0])
         if found is not None:
             return found
-        return self._first(low + 2**bit, high, *self._step(v, noise, bit), first=first * square, last=last)
+        return self._first(low + 2**bit, high, *(self._step(v, noise, bit) if middle is None else middle),
+                           first=first * square, last=last, v_high=v_high)
+
+    def _ends_floor(self, low: int, high: int, v_low: np.ndarray, v_high: np.ndarray) -> float:
+        """Lower bound of D(t) on the integers t in [low, high] from u = v x0 at low, low + 1, high, high + 1, where
+        every eigenvalue of M that shows in u is real and positive (0 where this does not decide).
+
+        Then u(t) = sum_i p_i(t) lambda_i^t for t >= 3 (p_i polynomials, total degree < k <= 3), and with the
+        largest lambda, w(t) = u(t) / lambda^t has the difference w(t + 1) - w(t), of the sign of
+        u(t + 1) - lambda u(t), an exponential polynomial of total multiplicity <= 2: one real zero at most. Where
+        it has one sign at low and at high, w is monotone on [low, high + 1]; where also u(low) and u(high) have one
+        sign, |u(t)| >= lambda^t min(|w(low)|, |w(high)|) >= min(lambda^(high - low) |u(low)|, |u(high)|). The
+        floors of the modes' terms lose everything where modes nearly coincide (an average of ~1/(1 - gamma) steps
+        beside a learning rate as slow: huge terms that cancel); this bound does not use the terms.
+        """
+        if low < 4:  # eigenvalues 0 (states kept for other configurations) show in u up to t = 2
+            return 0.0
+        matrix, largest, slack = self.powers[0], self.largest, 1e-9
+        u0, u1 = (_from_start(self.system, v)[0] for v in (v_low, v_high))
+        d0, d1 = (_from_start(self.system, _advance(v, matrix))[0] - largest * u for v, u in ((v_low, u0),
+                                                                                               (v_high, u1)))
+        decided = ((d0 * d1 > 0) & (u0 * u1 > 0)
+                   & (np.abs(d0) > slack * np.abs(u0)) & (np.abs(d1) > slack * np.abs(u1)))
+        if not decided.any():
+            return 0.0
+        with np.errstate(divide="ignore", under="ignore"):
+            decay = np.exp((high - low) * np.log(largest))
+        size = np.where(decided, np.minimum(decay * np.abs(u0), np.abs(u1)), 0.0) * (1.0 - slack)
+        return float((size * size) @ (self.system.initial_variance * self.system.weights))
 
     def estimate(self, times: np.ndarray, step: int) -> float:
         """Ranking time of a first crossing at ``step``: interpolated on the grid as for a grid crossing when

@@ -340,6 +340,76 @@ def test_octave_pass_sees_an_sgd_dip_between_octave_times():
     assert curve.steps[0] == first
 
 
+NEAR_CONFLUENT = [  # real positive eigenvalues, the largest two nearly equal: the modes' terms cancel
+    (nqm.OptimizerSetting(momentum=0.5, precondition_power=1.0, ema=1 - 2.0**-9), 2.0**-10),  # one bin
+    (nqm.OptimizerSetting(momentum=0.3, ema=1 - 2.0**-8), 2.0**-8),  # three bins, one near r1 = gamma
+    (nqm.OptimizerSetting(ema=1 - 2.0**-7), 2.0**-6),  # two modes
+]
+
+
+@pytest.mark.parametrize("optimizer, rate", NEAR_CONFLUENT, ids=["momentum-p1-ema", "momentum-ema", "ema"])
+def test_floor_from_the_ends_bounds_the_recurrence(optimizer, rate):
+    # a search's floor of D on [low, high] from u = v x0 at low, low + 1, high and high + 1, where every eigenvalue
+    # is real and positive: checked against the step-by-step recurrence on random intervals, among them intervals
+    # around the turn of w(t) = u(t) / lambda^t; it decides where the floor of the modes' terms is 0
+    rng = np.random.default_rng(47)
+    model = nqm.noisy_quadratic_model([1.0, 0.3, 0.1], [1.0, 0.3, 0.1])
+    system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
+                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    search = nqm._RowSearch(system, 1.0)
+    assert search.largest is not None
+    deterministic = recurrence_risk(model, optimizer, lambda step: rate, np.inf, 3000)
+    decided = better = 0
+    for low, length in zip(rng.integers(4, 2000, 300), 2 ** rng.integers(0, 11, 300)):
+        high = int(min(low + length, 3000))
+        low = int(low)
+        floor = search._ends_floor(low, high, search.state(low)[0], search.state(high)[0])
+        least = deterministic[low:high + 1].min()
+        assert floor <= least * (1 + 1e-9), (low, high, floor, least)
+        decided += floor > 0.5 * least
+        terms = [search.modes.coefficients * search.modes.values**t for t in (low, high - 1)]
+        better += floor > nqm._deterministic_floor(search.modes, system.weights, *terms, high - low - 1, low)[0]
+    assert decided > 100 and better > 50, (decided, better)
+    # one direction from random row vectors v (mixed signs: u may change sign, |w| may turn), stepped one step at
+    # a time
+    system = nqm._first_moment(nqm.noisy_quadratic_model([0.3]), optimizer.precondition_power, np.array([rate]),
+                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    search, weights = nqm._RowSearch(system, 1.0), system.initial_variance * system.weights
+    turned = 0
+    for _ in range(60):
+        rows = [rng.normal(size=system.noise_input.shape)]
+        for _ in range(2500):
+            rows.append(nqm._advance(rows[-1], system.matrix))
+        u = np.array([nqm._from_start(system, v)[0, 0] for v in rows])
+        d = u * u * weights[0]
+        change = np.nonzero(u[:-1] * u[1:] <= 0)[0]  # intervals at random and around a change of sign of u
+        dip = int(change[0]) if change.size else int(rng.integers(0, 2000))
+        starts = np.concatenate([rng.integers(0, 2000, 15), np.maximum(dip - 2 ** rng.integers(0, 10, 15), 0)])
+        ends = np.concatenate([starts[:15] + 2 ** rng.integers(1, 11, 15), dip + 2 ** rng.integers(0, 10, 15)])
+        for start, end in zip(starts, np.minimum(ends, 2500)):
+            floor = search._ends_floor(4 + start, 4 + end, rows[start], rows[end])
+            assert floor <= d[start:end + 1].min() * (1 + 1e-9), (start, end, floor, d[start:end + 1].min())
+            turned += d[start:end + 1].min() < 0.5 * min(d[start], d[end])
+    assert turned > 5, turned
+
+
+@pytest.mark.parametrize("optimizer, rate", NEAR_CONFLUENT, ids=["momentum-p1-ema", "momentum-ema", "ema"])
+def test_search_with_nearly_coinciding_modes_matches_the_recurrence(optimizer, rate):
+    # the first step at or below a target placed at the recurrence's risk of a random step, noise included
+    rng = np.random.default_rng(53)
+    model = nqm.noisy_quadratic_model([1.0, 0.3, 0.1], [1.0, 0.3, 0.1])
+    system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
+                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    for batch in (64.0, 4096.0):
+        risks = recurrence_risk(model, optimizer, lambda step: rate, batch, 3000)
+        for _ in range(20):
+            low = int(rng.integers(0, 1500))
+            high = low + int(rng.integers(1, 1500))
+            target = risks[rng.integers(low + 1, high + 1)] * (1 + 1e-9)
+            search = nqm._RowSearch(system, target).at_batch(batch)
+            assert search.first(low, high) == first_below(risks[low + 1:high + 1], target) + low + 1
+
+
 @pytest.mark.parametrize(
     "optimizer",
     [nqm.OptimizerSetting(), nqm.OptimizerSetting(ema=0.9), nqm.OptimizerSetting(momentum=0.9),
@@ -430,14 +500,15 @@ def test_size_form_floors_bound_the_recurrence(optimizer):
      nqm.OptimizerSetting(momentum=0.5, precondition_power=0.5, ema=0.75)],
     ids=["sgd", "momentum", "ema", "momentum-precondition-ema"],
 )
-@pytest.mark.parametrize("n_directions", [3, 300])
+@pytest.mark.parametrize("n_directions", [1, 3, 300])
 def test_search_leaves_match_the_recurrence(optimizer, n_directions):
     # the last steps of a branch, evaluated at once from M^s x0 and M^(s-1) b (16 steps with many directions,
-    # more with few), with the noise large enough to matter: the first step at or below a target placed at the
-    # recurrence's risk of a random step
+    # more with few; with one bin, as every model with p = 1, by products instead of matrix-vector products),
+    # with the noise large enough to matter: the first step at or below a target placed at the recurrence's risk
+    # of a random step
     rng = np.random.default_rng(29)
     h = np.sort(10 ** rng.uniform(-2.5, 0, n_directions))[::-1]
-    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 0.5, n_directions))
+    model = nqm.noisy_quadratic_model(h, h * 10 ** rng.uniform(-1, 0.5, n_directions), initial_variance=1.5)
     rate = 0.02 * 2 * (1 + optimizer.momentum) / h.max() ** (1 - optimizer.precondition_power)
     system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
                                np.array([optimizer.momentum]), np.array([optimizer.ema]))
@@ -450,6 +521,24 @@ def test_search_leaves_match_the_recurrence(optimizer, n_directions):
             target = risks[rng.integers(low + 1, high + 1)] * (1 + 1e-9)
             search = nqm._RowSearch(system, target).at_batch(batch)
             assert search.first(low, high) == first_below(risks[low + 1:high + 1], target) + low + 1
+
+
+def test_search_states_kept_for_reuse_match_the_recurrence():
+    # a search keeps the last few states v(t), N(t) for itself and its copies at other batch sizes: risks asked
+    # for in any order, with repeats and more distinct times than it keeps, match the step-by-step recurrence
+    rng = np.random.default_rng(43)
+    optimizer, rate = nqm.OptimizerSetting(momentum=0.8, ema=0.5), 0.3
+    system = nqm._first_moment(SMALL_MODEL, 0.0, np.array([rate]), np.array([0.8]), np.array([0.5]))
+    search = nqm._RowSearch(system, 1.0)
+    batches = (1.0, 16.0)
+    risks = {batch: recurrence_risk(SMALL_MODEL, optimizer, lambda step: rate, batch, 400) for batch in batches}
+    times = rng.integers(0, 401, 30)
+    for t in np.concatenate([times, times[::-1], times + 1]):
+        for batch in batches:
+            copy = search.at_batch(batch)
+            assert copy.states is search.states
+            assert copy.risk(int(t)) == pytest.approx(risks[batch][t], rel=1e-9)
+    assert len(search.states) == nqm._KEPT_STATES
 
 
 @pytest.mark.parametrize("optimizer, grids", CRITICAL_DAMPING_GRID, ids=GRID_IDS)
