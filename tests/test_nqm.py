@@ -347,15 +347,20 @@ NEAR_CONFLUENT = [  # real positive eigenvalues, the largest two nearly equal: t
 ]
 
 
+def _near_confluent_system(optimizer, rate):
+    """A three-direction model and its first-moment system at one learning rate."""
+    model = nqm.noisy_quadratic_model([1.0, 0.3, 0.1], [1.0, 0.3, 0.1])
+    return model, nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
+                                    np.array([optimizer.momentum]), np.array([optimizer.ema]))
+
+
 @pytest.mark.parametrize("optimizer, rate", NEAR_CONFLUENT, ids=["momentum-p1-ema", "momentum-ema", "ema"])
 def test_floor_from_the_ends_bounds_the_recurrence(optimizer, rate):
     # a search's floor of D on [low, high] from u = v x0 at low, low + 1, high and high + 1, where every eigenvalue
     # is real and positive: checked against the step-by-step recurrence on random intervals, among them intervals
     # around the turn of w(t) = u(t) / lambda^t; it decides where the floor of the modes' terms is 0
     rng = np.random.default_rng(47)
-    model = nqm.noisy_quadratic_model([1.0, 0.3, 0.1], [1.0, 0.3, 0.1])
-    system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
-                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    model, system = _near_confluent_system(optimizer, rate)
     search = nqm._RowSearch(system, 1.0)
     assert search.largest is not None
     deterministic = recurrence_risk(model, optimizer, lambda step: rate, np.inf, 3000)
@@ -397,9 +402,7 @@ def test_floor_from_the_ends_bounds_the_recurrence(optimizer, rate):
 def test_search_with_nearly_coinciding_modes_matches_the_recurrence(optimizer, rate):
     # the first step at or below a target placed at the recurrence's risk of a random step, noise included
     rng = np.random.default_rng(53)
-    model = nqm.noisy_quadratic_model([1.0, 0.3, 0.1], [1.0, 0.3, 0.1])
-    system = nqm._first_moment(model, optimizer.precondition_power, np.array([rate]),
-                               np.array([optimizer.momentum]), np.array([optimizer.ema]))
+    model, system = _near_confluent_system(optimizer, rate)
     for batch in (64.0, 4096.0):
         risks = recurrence_risk(model, optimizer, lambda step: rate, batch, 3000)
         for _ in range(20):

@@ -61,6 +61,20 @@ def assert_relclose(got, expected):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12 * float(scale))
 
 
+def assert_engine_call_matches(engine, model, loss_fn, inputs, targets):
+    """One call of a kept ``engine`` on ``model`` (its state carries over between calls: probes, verdicts) against
+    the loop, with p.grad as a plain backward's; returns the result."""
+    expected = naive_per_example(model, loss_fn, inputs, targets)
+    grads = plain_backward_grads(model, loss_fn, inputs, targets)
+    model.zero_grad(set_to_none=True)
+    result = engine(inputs, targets)
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    return result
+
+
 def assert_matches_reference(model, loss_fn, inputs, targets, backend, **kwargs):
     expected = naive_per_example(model, loss_fn, inputs, targets)
     grads = plain_backward_grads(model, loss_fn, inputs, targets)
@@ -1232,14 +1246,7 @@ def test_sequence_first_layers_are_measured_by_the_rules_once_a_probe_shows_dim_
     for step in range(3):
         x = torch.randn(5, length, 4, dtype=torch.float64, generator=generator(1 + step))
         y = torch.randn(5, 2, dtype=torch.float64, generator=generator(10 + step))
-        expected = naive_per_example(model, regression_loss, x, y)
-        grads = plain_backward_grads(model, regression_loss, x, y)
-        model.zero_grad(set_to_none=True)
-        result = engine(x, y)
-        for name, values in expected.items():
-            assert_relclose(result.by_parameter[name], values)
-        for name, p in model.named_parameters():
-            assert torch.equal(p.grad, grads[name]), name
+        result = assert_engine_call_matches(engine, model, regression_loss, x, y)
         ghost = not mixed and (step >= 1 or length == 5)
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {
             "ghost" if ghost else "vmap"}
@@ -1542,16 +1549,9 @@ def test_a_mixture_of_experts_on_the_examples_tokens_flattened_into_rows():
     model = MixtureOfExperts().double()
     x = torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(1))
     y = torch.randn(4, 5, 2, dtype=torch.float64, generator=generator(2))
-    expected = naive_per_example(model, regression_loss, x, y)
-    grads = plain_backward_grads(model, regression_loss, x, y)
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
     for call in range(2):
-        model.zero_grad(set_to_none=True)
-        result = engine(x, y)
-        for name, values in expected.items():
-            assert_relclose(result.by_parameter[name], values)
-        for name, p in model.named_parameters():
-            assert torch.equal(p.grad, grads[name]), name
+        result = assert_engine_call_matches(engine, model, regression_loss, x, y)
     assert {name: result.backend_of[name] for name in ("router.weight", "experts.weight")} == {
         "router.weight": "module", "experts.weight": "module"}
 
