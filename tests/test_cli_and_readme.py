@@ -43,6 +43,29 @@ def test_readme_api_example_runs_and_measures():
     assert monitor.history["trace_h"].notna().sum() == 2  # hessian_every=100: steps 0 and 100
 
 
+def test_readme_per_example_snippet_runs_and_is_exact():
+    """The README's snippet of the per-example norms alone, on a small MLP in float64: the norms by the call and by
+    observe equal a loop over single examples."""
+    block = re.search(r"\*\*The per-example norms alone\*\*.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(6, 5, generator=generator, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def per_example_loss(outputs, labels):
+        return torch.nn.functional.cross_entropy(outputs, labels, reduction="none")
+
+    expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+        per_example_loss(model(inputs[i:i + 1]), targets[i:i + 1]).sum(), list(model.parameters())))
+        for i in range(6)])
+    namespace = {"model": model, "inputs": inputs, "targets": targets, "batch_size": 6,
+                 "per_example_loss": per_example_loss}
+    exec(compile(block, str(README), "exec"), namespace)
+    torch.testing.assert_close(namespace["result"].sqnorms, expected, rtol=1e-9, atol=0)
+    torch.testing.assert_close(namespace["observed"].sqnorms, expected, rtol=1e-9, atol=0)
+    assert set(namespace["result"].backend_of.values()) == {"ghost"}
+
+
 def test_measure_command_end_to_end(tmp_path, capsys, shipped_subset_only):
     out = tmp_path / "run"
     code = main(["measure", "--steps", "12", "--batch-size", "32", "--hessian-every", "5", "--out", str(out),
