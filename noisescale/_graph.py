@@ -41,3 +41,11 @@ def autograd_consumers(roots: Iterable[Any]) -> dict[Any, list[tuple[Any, int, i
                     seen.add(next_node)
                     stack.append(next_node)
     return consumers
+
+
+def operations_taking(node: Any, consumers: dict[Any, list[tuple[Any, int, int]]]) -> int:
+    """How many operations of the graph (``autograd_consumers``) take the output of ``node`` (a leaf's gradient
+    accumulator): one per use, a copy of it (autocast's cached cast of a weight to bfloat16) counting once for each
+    operation that takes the copy."""
+    return sum(len(consumers.get(user, ())) if type(user).__name__ == "ToCopyBackward0" else 1
+               for user, _, _ in consumers.get(node, ()))

@@ -70,7 +70,6 @@ Under DDP, gradients already all-reduced by the failed backward cannot be taken 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisescale._graph import autograd_nodes
+from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.errors import PerExampleError
@@ -152,23 +151,11 @@ def _encloses(outer: str, inner: str) -> bool:
 
 def _leaf_uses(nodes: list) -> dict[int, list]:
     """id(leaf) -> [leaf, n] for the leaf tensors (parameters) of the autograd graph from ``nodes`` back, n the
-    number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight. A
-    copy of the leaf (autocast's cached cast of a weight to bfloat16) counts once for each operation that takes it."""
-    leaves, consumers, copies = {}, defaultdict(int), []
-    for node in autograd_nodes(nodes):
-        for next_node, _ in node.next_functions:
-            if next_node is None:
-                continue
-            consumers[next_node] += 1
-            if hasattr(next_node, "variable"):  # AccumulateGrad
-                leaf = leaves.setdefault(id(next_node.variable), [next_node.variable, 0])
-                if type(node).__name__ == "ToCopyBackward0":
-                    copies.append((leaf, node))
-                else:
-                    leaf[1] += 1
-    for leaf, copy in copies:
-        leaf[1] += consumers[copy]
-    return leaves
+    number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight
+    (``operations_taking``)."""
+    consumers = autograd_consumers(nodes)
+    return {id(node.variable): [node.variable, operations_taking(node, consumers)]
+            for node in consumers if hasattr(node, "variable")}   # AccumulateGrad
 
 
 def _record_norm(received: dict[str, Tensor], ghost_pass: GhostPass | None, name: str, grad: Tensor) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from noisescale._graph import ORDER_KEEPING, autograd_consumers
+from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taking
 from noisescale.per_example.vmap import quiet_batching
 
 
@@ -46,13 +46,12 @@ _PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat
 
 # operations of one tensor (and constants): a shared input gives a shared output, whatever its shape (the number of
 # heads may equal the batch size)
-_OF_ONE = {"AliasBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0",
-           "TransposeBackward0", "TBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
-           "CloneBackward0", "ToCopyBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
-           "RepeatBackward0", "NegBackward0", "AddBackward1", "SubBackward1", "MulBackward1", "DivBackward1",
-           "RsubBackward1", "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1",
-           "UpsampleBilinear2DBackward0", "UpsampleBicubic2DBackward0", "UpsampleNearest2DBackward0",
-           "SigmoidBackward0", "TanhBackward0", "ExpBackward0"}
+_OF_ONE = ORDER_KEEPING | {"PermuteBackward0", "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
+                           "IndexBackward0", "RepeatBackward0", "NegBackward0", "AddBackward1", "SubBackward1",
+                           "MulBackward1", "DivBackward1", "RsubBackward1", "SumBackward0", "SumBackward1",
+                           "MeanBackward0", "MeanBackward1", "UpsampleBilinear2DBackward0",
+                           "UpsampleBicubic2DBackward0", "UpsampleNearest2DBackward0", "SigmoidBackward0",
+                           "TanhBackward0", "ExpBackward0"}
 # elementwise operations of several tensors: they give the examples to a shared input broadcast along their
 # output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
 _ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "DivBackward0", "ExpandBackward0"}
@@ -130,17 +129,16 @@ class BroadcastGradients:
                 ) -> list[tuple[Broadcast, str]]:
         """Hooks every pending shared tensor into the graph from the autograd nodes ``roots``; returns those that
         cannot be measured this way, with why. ``parameters``: id(parameter) -> what ``add``s it as a shared
-        tensor given the number of operations that take it (as ``api._leaf_uses`` counts them), called for those
-        the graph takes (a parameter read outside its module's calls)."""
+        tensor given the number of operations that take it (``operations_taking``), called for those the graph
+        takes (a parameter read outside its module's calls)."""
         if not self.pending:
             return []
         consumers = autograd_consumers(roots)
         if parameters:
             for node in list(consumers):
                 if hasattr(node, "variable") and id(node.variable) in parameters:
-                    uses = sum(len(consumers.get(c, ())) if type(c).__name__ == "ToCopyBackward0" else 1
-                               for c, _, _ in consumers[node])
-                    parameters[id(node.variable)](uses).node = node   # its gradient accumulator
+                    share = parameters[id(node.variable)]
+                    share(operations_taking(node, consumers)).node = node   # its gradient accumulator
         pending, self.pending = self.pending, []
         starts = {(broadcast.node, broadcast.output_nr): broadcast for broadcast in pending}
         failed = []

@@ -26,8 +26,8 @@ each example's output gradient from the operations that broadcast the output ove
 
 Sequence-first calls: a rule layer on (T, B, ...) (XLNet's and Longformer's layers) makes later calls probe; where
 the probe's call had (T, B - 1, ...) with the same x[0], x[-1] and sums of absolute values over dim 0 in the first
-B - 1 columns (``_column_ends``), the rule takes the call as (B, T, ...) (``GhostPass.examples_in_dim_1``), as it takes rows flattened from the examples in B blocks
-(``GhostPass.row_blocks``).
+B - 1 columns (``_column_ends``), the rule takes the call as (B, T, ...) (``GhostPass.examples_in_dim_1``), as it
+takes rows flattened from the examples in B blocks (``GhostPass.row_blocks``).
 
 Parameters used by more than one call in a forward (tied weights, a reused module) cannot be normed per call:
 |sum_c g_{i,c}|^2 != sum_c |g_{i,c}|^2. Their calls' per-example gradients are kept as factors where the rule
