@@ -463,6 +463,35 @@ def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
         assert ("vmap" in result.backend_of.values()) == (step == 0)
 
 
+@pytest.mark.parametrize("name", ["Bert", "DebertaV2"])
+def test_multiple_choice_heads_run_their_encoder_on_examples_times_choices_rows(name):
+    """HF ForMultipleChoice flattens (B, C, T) ids into B C rows, while its position embeddings are looked up once
+    for all, (1, T): that lookup is not expanded to B (which broke the model's forward) but shared, each example's
+    share taken where it is added to the B C rows. The first call measures the encoder by the whole-model vmap,
+    later ones (a new batch each, then another number of choices) by the rules on B blocks of C rows; norms as
+    the loop's, p.grad as a plain backward's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = getattr(transformers, f"{name}ForMultipleChoice")(config).double()
+    engine = PerExampleGradNorms(model, per_example_cross_entropy)
+    for step in range(3):
+        choices = 3 if step < 2 else 2
+        ids = torch.randint(3, VOCAB, (BATCH, choices, LENGTH), generator=generator(10 + step))
+        mask = _padding_mask()[:, None].expand(BATCH, choices, LENGTH).contiguous()
+        inputs, labels = {"input_ids": ids, "attention_mask": mask}, torch.arange(BATCH) % choices
+        model.zero_grad(set_to_none=True)
+        grads = plain_grads(model, per_example_cross_entropy, inputs, labels)
+        result = engine(inputs, labels)
+        torch.testing.assert_close(result.sqnorms, naive_sqnorms(model, per_example_cross_entropy, inputs, labels),
+                                   rtol=1e-9, atol=0)
+        assert ("vmap" in result.backend_of.values()) == (step == 0), step   # a new shape: probed at once
+        for parameter_name, p in model.named_parameters():
+            assert torch.equal(p.grad, grads[parameter_name]), parameter_name
+
+
 @pytest.mark.parametrize("name", ["Bert", "Roberta", "DebertaV2"])
 def test_masked_language_models_with_their_tied_decoder_bias(name):
     """HF masked-LM heads register the decoder's bias as their own parameter and tie the decoder's weight to the

@@ -18,7 +18,9 @@ loss_scale / B * dl_i/dz_i; the norms are multiplied by (B / loss_scale)^2 once 
 Broadcast calls: a module called on index tensors with an output of batch 1 inside a forward over B examples
 (HuggingFace position embeddings on ``position_ids`` of shape (1, T)) has its output replaced by
 ``output.expand(B, ...)`` (same values; a forward hook may replace the output) so that the output gradient arrives
-per example, and its input is treated as shared by every example (``_batch_of_one``). Other calls whose output is
+per example, and its input is treated as shared by every example (``_batch_of_one``), unless a rule's call earlier in
+the pass took B k rows (a multiple-choice head runs its encoder on B x choices rows, where an expansion to B would
+break the model's forward: ``GhostPass.in_rows``); then it is shared as follows. Other calls whose output is
 computed once for all the examples (a rule layer on index tensors without them, T5's relative position buckets; a
 fallback module whose inputs hold no examples and whose outputs have batch 1, BEiT's relative position bias) get
 each example's output gradient from the operations that broadcast the output over the examples (``broadcast.py``,
@@ -114,6 +116,7 @@ class GhostPass:
     rechecks: list = field(default_factory=list)   # (module, entry, 0-d bool tensor): rule.reproduces per call
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
+    in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_expand_one``)
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
@@ -674,13 +677,15 @@ class GhostNormEngine:
         and hooks its output's autograd node; returns the output to use instead (a batch of one expanded), if any."""
         batch = ghost_pass.batch_size
         replaced = None
-        if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and _batch_of_one(args, kwargs, output, batch):
+        if (isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and not ghost_pass.in_rows
+                and _batch_of_one(args, kwargs, output, batch)):
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
             output = replaced
         self._warn_if_positions(entry, module, x, batch)
         blocks = None
-        if (isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
-                and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions):
+        many = isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
+        ghost_pass.in_rows = ghost_pass.in_rows or many   # B k rows (a multiple-choice head's B x choices)
+        if many and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions:
             blocks = ghost_pass.row_blocks(module, index, x)
             ghost_pass.flattened = ghost_pass.flattened or ghost_pass.probe is None
             if blocks is not None:   # rows of B examples in blocks: (B, k, ...) for the rule, same values
@@ -783,7 +788,7 @@ class GhostNormEngine:
             return None
         leaves, _ = tree_flatten((args, kwargs))
         replaced = None
-        if type(spec) is BatchDims and _batch_of_one(args, kwargs, output, batch):
+        if type(spec) is BatchDims and not ghost_pass.in_rows and _batch_of_one(args, kwargs, output, batch):
             replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
         if isinstance(capture, ParameterUses):
             capture.refuse_unseen([t for t in leaves if isinstance(t, Tensor)], output_tensors(output))
