@@ -28,7 +28,10 @@ per example. Random numbers drawn from a user's own ``torch.Generator`` are not 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import inspect
+import types
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,18 +50,26 @@ from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolle
 from noisescale.per_example.vmap import quiet_batching
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
-           "check_unmodified", "is_parameter_table", "module_per_example_grads"]
+           "check_unmodified", "is_parameter_table", "module_per_example_grads", "opaque_input", "output_leaves"]
+
+
+def output_leaves(output: Any) -> list[Any]:
+    """The leaves of a module's output, in a fixed order, through tuples/lists, mappings (HF ModelOutput) and
+    dataclasses."""
+    if isinstance(output, Mapping):
+        return [leaf for value in output.values() for leaf in output_leaves(value)]
+    if isinstance(output, (tuple, list)):
+        return [leaf for value in output for leaf in output_leaves(value)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [leaf for item in dataclasses.fields(output) for leaf in output_leaves(getattr(output, item.name))]
+    return [output]
 
 
 def output_tensors(output: Any) -> list[Tensor]:
-    """The tensors of a module's output, in a fixed order: a tensor, tuples/lists, mappings (HF ModelOutput)."""
+    """The tensors of a module's output (``output_leaves``)."""
     if isinstance(output, Tensor):
         return [output]
-    if isinstance(output, Mapping):
-        return [t for value in output.values() for t in output_tensors(value)]
-    if isinstance(output, (tuple, list)):
-        return [t for value in output for t in output_tensors(value)]
-    return []
+    return [leaf for leaf in output_leaves(output) if isinstance(leaf, Tensor)]
 
 
 
@@ -80,6 +91,7 @@ class FallbackCall:
     uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
     blocks: int | None = None  # its tensors hold B blocks of that many rows flattened from the examples
     output_views: list[tuple[Tensor, int]] = field(default_factory=list)  # outputs that are views, with versions
+    precision: torch.dtype = torch.float64   # the lowest its outputs came in (autocast: bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------- batch dims
@@ -108,6 +120,20 @@ class BatchDims:
             dims.extend(self.argument_dim(module, name, t, batch_size) if isinstance(t, Tensor) else None
                         for t in leaves)
         return dims
+
+
+# inputs a re-run can be given as they are: no state of the examples in them
+_PLAIN_INPUTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
+                 torch.layout, torch.memory_format, enum.Enum, slice, type(Ellipsis), types.FunctionType,
+                 types.BuiltinFunctionType, types.MethodType)
+
+
+def opaque_input(leaves: list[Any]) -> str | None:
+    """The type of the first leaf (of tree_flatten((args, kwargs)), or ``output_leaves``) that is neither a tensor
+    nor a plain value: an input that may hold the examples' state (a HuggingFace cache, which the forward also
+    updates), so a re-run on one example can neither be given that example's share of it nor leave it as it was;
+    an output whose tensors, if any, cannot be found. None if there is none."""
+    return next((type(v).__name__ for v in leaves if not isinstance(v, (Tensor, *_PLAIN_INPUTS))), None)
 
 
 def is_parameter_table(t: Tensor) -> bool:

@@ -59,7 +59,7 @@ from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, comp
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
-                                             output_tensors)
+                                             opaque_input, output_leaves, output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
 from noisescale.per_example.layers import LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.recurrent import unrolled_supported
@@ -68,6 +68,7 @@ from noisescale.per_example.uses import ParameterUses, per_example_total
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
 _CAPTURE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}   # half precision: 5e-2
+_TOLERANCE_OF = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}   # lowest last
 _FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example.register_rule), or use "
                     "backend='vmap' for the whole model")
 
@@ -314,13 +315,24 @@ class GhostPass:
                     self._drop(entry, call, "an output it returned as a view of another tensor was changed in place "
                                             "after its call, so its gradient may have bypassed the hook on it")
             captured = self._verified_captures()
+            found = []   # (entry, local name -> per-example gradients, the call where they come from its re-run)
             for module, entry, call in self.fallback_calls:
                 grads = captured.get(id(call))
                 if grads is None and set(entry.names.values()) <= self.outside_uses:
                     self.vmap_names.update(entry.names.values())   # a re-run would miss their other uses
                     continue
-                if grads is None:
+                rerun = grads is None
+                if rerun:
                     grads = {local: [grad] for local, grad in self._rerun(module, entry, call).items()}
+                found.append((entry, grads, call if rerun else None))
+            unmatched = self._unmatched_reruns(found)
+            for entry, grads, _ in found:
+                if entry.path in unmatched:   # rows in another order than its inputs', or a use the re-run missed
+                    if self.strict:
+                        raise ValueError(f"backend='ghost' cannot measure module {entry.path!r}: "
+                                         f"{unmatched[entry.path]}; use backend='auto'")
+                    self.decline(entry, unmatched[entry.path])
+                    continue
                 for local, parts in grads.items():
                     name = entry.names[local]
                     if name in self.outside_uses:   # the re-run cannot see its uses outside the call
@@ -333,6 +345,34 @@ class GhostPass:
             self.fallback_calls.clear()
         finally:
             self.replaying = False
+
+    def _unmatched_reruns(self, found: list[tuple[GhostModule, dict, FallbackCall | None]]) -> dict[str, str]:
+        """path -> why, for the modules whose re-run per-example gradients do not add up to the gradient the real
+        backward brought their parameters (``note_gradient``; each parameter used by this call alone; relative
+        tolerance by its dtype or the call's outputs', the lower; one device sync): a module that returns its rows in another order than its
+        inputs' (sorted by length, say), or a parameter used in a way the re-run does not repeat. Under FSDP the
+        gradients arrive sharded, and are not compared."""
+        rows = []   # (path, |sum_i of the re-run's gradients|, |the backward's gradient|, relative tolerance)
+        for entry, grads, call in found:
+            if call is None or self.sharded:
+                continue
+            for local, parts in grads.items():
+                name = entry.names[local]
+                noted = self.noted.get(name)
+                if self.use_count[name] == 1 and len(parts) == 1 and noted is not None:
+                    total = torch.linalg.vector_norm(per_example_total(parts[0]), dtype=torch.float64)
+                    rtol = max(_CAPTURE_RTOL.get(noted[1], 5e-2), _CAPTURE_RTOL.get(call.precision, 5e-2))
+                    rows.append((entry.path, total, noted[0], rtol))
+        if not rows:
+            return {}
+        device = rows[0][2].device
+        sums = torch.stack([total.to(device) for _, total, _, _ in rows])
+        wanted = torch.stack([norm.to(device, torch.float64) for _, _, norm, _ in rows])
+        rtol = torch.tensor([r for _, _, _, r in rows], dtype=torch.float64, device=device)
+        matched = ((sums - wanted).abs() <= rtol * torch.maximum(sums, wanted)).tolist()
+        return {path: ("its per-example gradients from a re-run on each example do not add up to the gradient "
+                       "its parameters received (its outputs' rows in another order than its inputs'?)")
+                for (path, _, _, _), good in zip(rows, matched) if not good}
 
     def _rerun(self, module: nn.Module, entry: GhostModule, call: FallbackCall) -> dict:
         try:
@@ -378,7 +418,7 @@ class GhostPass:
     def note_gradient(self, name: str, grad: Tensor) -> None:
         """Keeps |grad| of the gradient the backward brings a parameter whose uses were captured (None if it
         arrives in two parts), to check the capture against in ``_verified_captures``."""
-        if name in self.captured_names:
+        if name in self.captured_names or name in self.fallback_names:
             self.noted[name] = None if name in self.noted else (
                 torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), grad.dtype)
 
@@ -749,9 +789,16 @@ class GhostNormEngine:
             return replaced
         call = {"x": x, "blocks": blocks, "transposed": transposed, "output_nr": held.output_nr,
                 "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
+        base = held._base
+        if base is not None and _reshaped(held, base):
+            # the layer's product viewed (a Linear on (B, T, d): addmm's B T rows): a change of the view in place
+            # (Longformer's ``q /= sqrt(d)``) takes the view's node out of the graph, the product's stays in it
+            hooked_node, call["output_nr"], call["shape"] = base.grad_fn, base.output_nr, held.shape
+        else:
+            hooked_node = node
         # a pre-hook of the output's autograd node (a third of a tensor hook's cost to register): it sees the
         # gradient the layer's backward uses, after any tensor hook on the output
-        node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call))
         if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
             rows = ghost_pass.broadcasts
             rows.rows[node] = 1 if blocks is None else blocks
@@ -820,6 +867,15 @@ class GhostNormEngine:
             if reason is not None:
                 ghost_pass.decline(entry, reason)
                 return None
+        captured = isinstance(capture, ParameterUses) and capture.complete and not shared and blocks is None
+        opaque = None if captured else opaque_input(leaves)
+        if opaque is not None:   # its re-run would take (and change) the state of every example
+            ghost_pass.decline(entry, f"an input of type {opaque} that a re-run on one example cannot be given")
+            return None
+        opaque = None if captured else opaque_input(output_leaves(output))
+        if opaque is not None:   # the gradients of tensors inside it cannot be read
+            ghost_pass.decline(entry, f"an output of type {opaque}, whose tensors cannot be found")
+            return None
         after = rng_state(_device_of(module))
         consumed = before is not None and not all(torch.equal(before[key], after[key]) for key in after)
         if shared and consumed:
@@ -836,8 +892,7 @@ class GhostNormEngine:
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
                             buffers=buffers,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
-                            uses=capture if isinstance(capture, ParameterUses) and capture.complete and not shared
-                            and blocks is None else None, blocks=blocks)
+                            uses=capture if captured else None, blocks=blocks)
         # an output that others were computed from (a router's logits and their softmax, both returned) receives
         # their gradients too, inside the call, which the re-run takes from their own hooks: read those shares where
         # they arrive and take them off (nothing the caller sees changes)
@@ -847,6 +902,8 @@ class GhostNormEngine:
                 if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows:
                     ghost_pass.broadcasts.rows[t.grad_fn] = blocks
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
+        call.precision = min((t.dtype for t in outputs if t.is_floating_point()), key=_TOLERANCE_OF.__getitem__,
+                             default=torch.float64)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
@@ -902,6 +959,8 @@ class GhostNormEngine:
             ghost_pass.repeated = True
             return
         x, blocks = call.pop("x"), call.pop("blocks")
+        if "shape" in call:   # the gradient of the product the output views
+            grad_output = grad_output.view(call["shape"])
         if blocks is not None:
             grad_output = grad_output.reshape(ghost_pass.batch_size, blocks, *grad_output.shape[1:])
         elif call["transposed"]:
@@ -941,6 +1000,12 @@ class GhostNormEngine:
                 "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
+
+
+def _reshaped(view: Tensor, base: Tensor) -> bool:
+    """Whether ``view`` is its base's every element in order, reshaped, and the base an autograd node's output."""
+    return (base.grad_fn is not None and view.numel() == base.numel() and view.is_contiguous()
+            and base.is_contiguous() and view.storage_offset() == base.storage_offset())
 
 
 def _rows_selected(x: Tensor, batch: int) -> bool:
