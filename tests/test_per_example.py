@@ -1268,8 +1268,9 @@ class HeadsFirst(nn.Module):
 
 
 def test_an_unchecked_dim_as_large_as_the_batch_makes_later_calls_probe():
-    """The first call cannot tell the heads (4 == B) from the examples and warns; it makes later calls probe,
-    which shows dim 1 to hold the examples, so from the second call the layers are exact by their rules."""
+    """The first call cannot tell the heads (4 == B) from the examples: it warns and leaves those layers to the
+    whole-model vmap (their norms were wrong before this session); it makes later calls probe, which shows dim 1 to
+    hold the examples, so from the second call the layers are exact by their rules."""
     torch.manual_seed(0)
     model = HeadsFirst().double()
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
@@ -1280,10 +1281,10 @@ def test_an_unchecked_dim_as_large_as_the_batch_makes_later_calls_probe():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = engine(x, y)
-        if step > 0:
-            for name, values in expected.items():
-                assert_relclose(result.by_parameter[name], values)
-            assert result.backend_of["mid.weight"] == result.backend_of["norm.weight"] == "ghost"
+        for name, values in expected.items():
+            assert_relclose(result.by_parameter[name], values)
+        assert result.backend_of["mid.weight"] == result.backend_of["norm.weight"] == ("vmap" if step == 0
+                                                                                         else "ghost")
 
 
 def test_the_layout_check_compares_every_row_and_each_channel_at_its_own_scale():
@@ -1841,8 +1842,8 @@ def test_a_fallback_module_returning_its_rows_in_another_order(order):
 def test_the_re_run_sum_check_allows_for_bfloat16_autocast():
     """Under bfloat16 autocast a re-run in float32 differs from the real pass by bfloat16's rounding: the check of
     its sum against the backward's gradient allows for the precision of the call's outputs, so a GRU, an attention
-    and a layer without a rule stay with the per-module fallback (they went to the whole-model vmap when the check took the
-    float32 gradients' tolerance); the norms agree with float32's to bfloat16's rounding."""
+    and a layer without a rule stay with the per-module fallback (they went to the whole-model vmap when the check
+    took the float32 gradients' tolerance); the norms agree with float32's to bfloat16's rounding."""
     torch.manual_seed(0)
 
     class Layer(nn.Module):

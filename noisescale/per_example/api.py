@@ -471,20 +471,22 @@ class PerExampleGradNorms:
         return self._probes[key]
 
     def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
-        """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it.
-        A call with the examples flattened into rows, or an unchecked one with a dim of size B, makes every later
-        call probe."""
+        """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it (auto
+        sent it to the whole-model vmap). A call with the examples flattened into rows, or an unchecked one with a
+        dim of size B, makes every later call probe."""
         self._flattened_rows = self._flattened_rows or ghost_pass.flattened or ghost_pass.ambiguous
         if ghost_pass.ambiguous and not self._warned_ambiguous:
             self._warned_ambiguous = True
+            outcome = ("its norms may be wrong (backend='ghost' cannot tell)" if self.backend == "ghost" else
+                       "such layers were measured by the whole-model vmap in this pass (exact, slower)")
             warnings.warn(
-                f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}): if it "
-                "is a table of positions (T5's relative position buckets (T, T) with T == B, a sequence-first "
-                "layer), its norms may be wrong. This is checked by a forward on B - 1 examples of the model's "
-                "inputs, "
-                "which runs when one of them has a dim besides dim 0 of size B (and observe is given them as "
-                "model_inputs); here none did, or it could not run. Use a batch size "
-                "that differs from the model's other dims (sequence length, hidden size)", RuntimeWarning, stacklevel=4)
+                f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}), which "
+                "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
+                f"sequence-first layer, a sequence pooled to B positions): {outcome}. Which dim holds the examples "
+                "is checked by a forward on B - 1 examples of the model's inputs, which from now on runs once per "
+                "input shape (observe needs them as model_inputs); here none had run. A batch size that differs "
+                "from the model's other dims (sequence length, hidden size) avoids both", RuntimeWarning,
+                stacklevel=4)
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated

@@ -112,7 +112,7 @@ class GhostPass:
     noted: dict[str, tuple[Tensor, torch.dtype] | None] = field(default_factory=dict)   # note_gradient
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
     calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
-    ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B
+    ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B (vmap)
     verified: Any = field(default_factory=dict)   # the engine's module -> its rule reproduces its output
     rechecks: list = field(default_factory=list)   # (module, entry, 0-d bool tensor): rule.reproduces per call
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
@@ -219,17 +219,21 @@ class GhostPass:
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
                       batched: list[tuple[Tensor, int]], positional: bool = True, blocks: int = 1) -> bool:
         """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
-        B - 1 in the probe's forward on B - 1 examples (True where no probe ran; ``tensors``, the call's
-        ``_call_tensors``, are read only where one did). A dim of size B that stays B
-        holds positions, not examples: T5's relative position buckets (T, T), a sequence-first layer (T, B, d),
-        with T == B. ``positional``: whether the layer could be taking positions for examples (not a convolution,
-        whose images may well be as high as the batch is large), for the warning of an unchecked pass.
+        B - 1 in the probe's forward on B - 1 examples (``tensors``, the call's ``_call_tensors``, are read only
+        where one did). A dim of size B that stays B holds positions, not examples: T5's relative position buckets
+        (T, T), a sequence-first layer (T, B, d), with T == B. Where no probe ran: True, unless another dim of a
+        tensor but its last has B's size too (Funnel's sequence pooled to B positions), which under auto is left to
+        the whole-model vmap and makes later calls probe (``ambiguous``; backend='ghost' warns). ``positional``:
+        whether the layer could be taking positions for examples (not a convolution, whose images may well be as
+        high as the batch is large).
         ``blocks``: the dims hold B blocks of that many rows (the probe's, B - 1 blocks)."""
-        if self.probe is None:   # unchecked: note whether a dim besides the batch's has its size
-            batch = self.batch_size   # (counted: slicing a torch.Size costs microseconds)
-            self.ambiguous = self.ambiguous or positional and any(
-                t.shape.count(batch) > (t.dim() > d and t.shape[d] == batch) for t, d in batched)
-            return True
+        if self.probe is None:   # unchecked: note whether a dim besides the batch's and the last (the features)
+            batch = self.batch_size   # has its size (counted: slicing a torch.Size costs microseconds)
+            ambiguous = positional and any(
+                t.shape.count(batch) - (t.dim() > 1 and t.shape[-1] == batch) > (t.dim() > d and t.shape[d] == batch)
+                for t, d in batched)
+            self.ambiguous = self.ambiguous or ambiguous
+            return self.strict or not ambiguous   # auto: such a call goes to the whole-model vmap
         calls = self.probe.get(module, [])
         if index >= len(calls) or len(calls[index].shapes) != len(tensors):
             return False   # the probe took another path through the model: nothing can be matched
@@ -349,9 +353,9 @@ class GhostPass:
     def _unmatched_reruns(self, found: list[tuple[GhostModule, dict, FallbackCall | None]]) -> dict[str, str]:
         """path -> why, for the modules whose re-run per-example gradients do not add up to the gradient the real
         backward brought their parameters (``note_gradient``; each parameter used by this call alone; relative
-        tolerance by its dtype or the call's outputs', the lower; one device sync): a module that returns its rows in another order than its
-        inputs' (sorted by length, say), or a parameter used in a way the re-run does not repeat. Under FSDP the
-        gradients arrive sharded, and are not compared."""
+        tolerance by its dtype or the call's outputs', the lower; one device sync): a module that returns its rows
+        in another order than its inputs' (sorted by length, say), or a parameter used in a way the re-run does not
+        repeat. Under FSDP the gradients arrive sharded, and are not compared."""
         rows = []   # (path, |sum_i of the re-run's gradients|, |the backward's gradient|, relative tolerance)
         for entry, grads, call in found:
             if call is None or self.sharded:
