@@ -1908,3 +1908,37 @@ def test_a_linear_output_divided_in_place(layout):
         for name, values in expected.items():
             torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-10, atol=0, msg=name)
     assert set(result.backend_of.values()) == {"ghost"}
+
+
+def test_an_output_pairing_examples_with_examples_goes_to_the_vmap():
+    """A module without a rule returns (B, B) scores of every example against every other (CLIP's logits, its
+    logit_scale the root's own parameter): its re-run on one example gives (1, 1), and the pass raised. Where no
+    probe ran, a second dim of B's size sends it to the whole-model vmap; where one did, its second dim following
+    the batch does. Exact against the loop for a loss that reads each example's own score."""
+    torch.manual_seed(0)
+
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image, self.text = nn.Linear(3, 4), nn.Linear(5, 4)
+            self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+        def forward(self, x, t):
+            return self.scale * self.image(x) @ self.text(t).T
+
+    def own_score(scores, y):
+        return (scores.diagonal() - y).square()
+
+    model = Pairs().double()
+    engine = PerExampleGradNorms(model, own_score, by_parameter=True)
+    for step in range(3):
+        x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1 + step))
+        t = torch.randn(4, 5, dtype=torch.float64, generator=generator(10 + step))
+        y = torch.randn(4, dtype=torch.float64, generator=generator(20 + step))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = engine((x, t), y)
+        expected = naive_per_example(model, own_score, (x, t), y)
+        for name, values in expected.items():
+            assert_relclose(result.by_parameter[name], values)
+        assert result.backend_of["scale"] == "vmap"

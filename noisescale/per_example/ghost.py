@@ -217,21 +217,23 @@ class GhostPass:
         return per_example.numel() > 0
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
-                      batched: list[tuple[Tensor, int]], positional: bool = True, blocks: int = 1) -> bool:
+                      batched: list[tuple[Tensor, int]], positional: bool = True, blocks: int = 1,
+                      features_last: bool = True) -> bool:
         """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
-        B - 1 in the probe's forward on B - 1 examples (``tensors``, the call's ``_call_tensors``, are read only
-        where one did). A dim of size B that stays B holds positions, not examples: T5's relative position buckets
-        (T, T), a sequence-first layer (T, B, d), with T == B. Where no probe ran: True, unless another dim of a
-        tensor but its last has B's size too (Funnel's sequence pooled to B positions), which under auto is left to
-        the whole-model vmap and makes later calls probe (``ambiguous``; backend='ghost' warns). ``positional``:
-        whether the layer could be taking positions for examples (not a convolution, whose images may well be as
-        high as the batch is large).
+        B - 1 in the probe's forward on B - 1 examples and its other dims as they are (``tensors``, the call's
+        ``_call_tensors``, are read only where one did). A dim of size B that stays B holds positions, not
+        examples: T5's relative position buckets (T, T), a sequence-first layer (T, B, d), with T == B; another dim
+        that follows the batch pairs examples with examples (CLIP's (B, B) logits). Where no probe ran: True,
+        unless another dim of a tensor has B's size too (Funnel's sequence pooled to B positions; not the last where
+        ``features_last``, a layer's features), which under auto is left to the whole-model vmap and makes later
+        calls probe (``ambiguous``; backend='ghost' warns). ``positional``: whether the layer could be taking
+        positions for examples (not a convolution, whose images may well be as high as the batch is large).
         ``blocks``: the dims hold B blocks of that many rows (the probe's, B - 1 blocks)."""
-        if self.probe is None:   # unchecked: note whether a dim besides the batch's and the last (the features)
-            batch = self.batch_size   # has its size (counted: slicing a torch.Size costs microseconds)
+        if self.probe is None:   # unchecked: note whether a dim besides the batch's (and the features) has its
+            batch = self.batch_size   # size (counted: slicing a torch.Size costs microseconds)
             ambiguous = positional and any(
-                t.shape.count(batch) - (t.dim() > 1 and t.shape[-1] == batch) > (t.dim() > d and t.shape[d] == batch)
-                for t, d in batched)
+                t.shape.count(batch) - (features_last and t.dim() > 1 and t.shape[-1] == batch)
+                > (t.dim() > d and t.shape[d] == batch) for t, d in batched)
             self.ambiguous = self.ambiguous or ambiguous
             return self.strict or not ambiguous   # auto: such a call goes to the whole-model vmap
         calls = self.probe.get(module, [])
@@ -239,8 +241,10 @@ class GhostPass:
             return False   # the probe took another path through the model: nothing can be matched
         for t, dim in batched:
             shape = calls[index].shapes[next(k for k, u in enumerate(tensors) if u is t)]
-            if len(shape) <= dim or shape[dim] != (self.batch_size - 1) * blocks:
+            if len(shape) != t.dim() or len(shape) <= dim or shape[dim] != (self.batch_size - 1) * blocks:
                 return False
+            if any(a != b for k, (a, b) in enumerate(zip(shape, t.shape)) if k != dim):
+                return False   # another dim follows the batch too: CLIP's (B, B) logits, examples against examples
         return True
 
     def decline(self, entry: GhostModule, why: str) -> None:
@@ -866,7 +870,8 @@ class GhostNormEngine:
             else:
                 batched += [(t, d) for t, d in zip(outputs, dims) if t.requires_grad]
                 tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
-                if not ghost_pass.follows_batch(module, index, tensors, batched, blocks=blocks or 1):
+                if not ghost_pass.follows_batch(module, index, tensors, batched, blocks=blocks or 1,
+                                                features_last=type(spec) is not BatchDims):
                     reason = f"a dim of size {rows} that is not the examples (probe)"
             if reason is not None:
                 ghost_pass.decline(entry, reason)
