@@ -1764,6 +1764,17 @@ def test_a_fallback_module_given_a_state_object_is_not_re_run_on_it():
     assert model.cache.updates == 1
 
 
+class SineLayer(nn.Module):
+    """sin(x W): a layer without a rule, float64, for the tests of what its callers do with its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.einsum("bi,ij->bj", x, self.weight).sin()
+
+
 @pytest.mark.parametrize("kind", ["dataclass", "object", "tuple with an object"])
 def test_a_fallback_output_whose_tensors_are_inside_an_object(kind):
     """A module without a rule returns its tensor inside a dataclass or another object: the fallback saw no output
@@ -1781,13 +1792,9 @@ def test_a_fallback_output_whose_tensors_are_inside_an_object(kind):
         def __init__(self, hidden):
             self.hidden = hidden
 
-    class Layer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
-
+    class Layer(SineLayer):
         def forward(self, x):
-            h = torch.einsum("bi,ij->bj", x, self.weight).sin()
+            h = super().forward(x)
             return Output(h) if kind == "dataclass" else Holder(h) if kind == "object" else (Holder(h), h.cos())
 
     class Model(nn.Module):
@@ -1814,13 +1821,9 @@ def test_a_fallback_module_returning_its_rows_in_another_order(order):
     the whole-model vmap measures them. Against the loop."""
     torch.manual_seed(0)
 
-    class Layer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
-
+    class Layer(SineLayer):
         def forward(self, x):
-            h = torch.einsum("bi,ij->bj", x, self.weight).sin()
+            h = super().forward(x)
             rows = torch.arange(x.shape[0] - 1, -1, -1) if order == "flipped" else x.abs().sum(1).argsort()
             return h[rows], rows
 

@@ -463,6 +463,16 @@ def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
         assert ("vmap" in result.backend_of.values()) == (step == 0)
 
 
+def _one_layer_encoder(name, head):
+    """HF ``{name}{head}`` from a one-layer float64 config without dropout, seeded."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return getattr(transformers, f"{name}{head}")(config).double()
+
+
 @pytest.mark.parametrize("name", ["Bert", "DebertaV2"])
 def test_multiple_choice_heads_run_their_encoder_on_examples_times_choices_rows(name):
     """HF ForMultipleChoice flattens (B, C, T) ids into B C rows, while its position embeddings are looked up once
@@ -470,12 +480,7 @@ def test_multiple_choice_heads_run_their_encoder_on_examples_times_choices_rows(
     share taken where it is added to the B C rows. The first call measures the encoder by the whole-model vmap,
     later ones (a new batch each, then another number of choices) by the rules on B blocks of C rows; norms as
     the loop's, p.grad as a plain backward's."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = getattr(transformers, f"{name}ForMultipleChoice")(config).double()
+    model = _one_layer_encoder(name, "ForMultipleChoice")
     engine = PerExampleGradNorms(model, per_example_cross_entropy)
     for step in range(3):
         choices = 3 if step < 2 else 2
@@ -496,12 +501,7 @@ def test_multiple_choice_heads_run_their_encoder_on_examples_times_choices_rows(
 def test_masked_language_models_with_their_tied_decoder_bias(name):
     """HF masked-LM heads register the decoder's bias as their own parameter and tie the decoder's weight to the
     word embeddings: every parameter is measured by the hooks ("ghost"), exact against the loop."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = getattr(transformers, f"{name}ForMaskedLM")(config).double()
+    model = _one_layer_encoder(name, "ForMaskedLM")
     tokens = _tokens()
     inputs, labels = {"input_ids": tokens, "attention_mask": _padding_mask()}, _tokens(2)
 

@@ -68,7 +68,6 @@ from noisescale.per_example.uses import ParameterUses, per_example_total
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
 _CAPTURE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}   # half precision: 5e-2
-_TOLERANCE_OF = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}   # lowest last
 _FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example.register_rule), or use "
                     "backend='vmap' for the whole model")
 
@@ -117,7 +116,7 @@ class GhostPass:
     rechecks: list = field(default_factory=list)   # (module, entry, 0-d bool tensor): rule.reproduces per call
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
-    in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_expand_one``)
+    in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_batch_of_one``)
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
@@ -911,7 +910,7 @@ class GhostNormEngine:
                 if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows:
                     ghost_pass.broadcasts.rows[t.grad_fn] = blocks
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
-        call.precision = min((t.dtype for t in outputs if t.is_floating_point()), key=_TOLERANCE_OF.__getitem__,
+        call.precision = max((t.dtype for t in outputs if t.is_floating_point()), key=rounding_tolerance,
                              default=torch.float64)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
