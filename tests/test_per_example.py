@@ -1945,3 +1945,23 @@ def test_an_output_pairing_examples_with_examples_goes_to_the_vmap():
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
         assert result.backend_of["scale"] == "vmap"
+
+
+def test_a_layer_computing_in_float32_inside_a_float64_model_stays_with_the_fallback():
+    """Mamba's mixer computes ``A_log.float()`` inside a float64 model: its re-run and the real pass differ by
+    float32's rounding (1e-8 relative there), which the sum check allows (at float64's tolerance it sent the mixer
+    to the whole-model vmap). Against the loop, to float32's rounding."""
+    torch.manual_seed(0)
+
+    class Float32Inside(SineLayer):
+        def forward(self, x):
+            return torch.einsum("bi,ij->bj", x.float(), self.weight.float()).sin().double()
+
+    model = nn.Sequential(nn.Linear(3, 4), Float32Inside(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(6, 2, dtype=torch.float64, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    assert result.backend_of["1.weight"] == "module"
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-5, atol=0, msg=name)
