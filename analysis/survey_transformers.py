@@ -2,11 +2,12 @@
 
 For each model (random weights from a small config, dropout 0, float64, B = 4; nothing is downloaded) two calls
 of ``PerExampleGradNorms(model, loss_fn, backend="auto", by_parameter=True)`` are compared, parameter by
-parameter, with |dl_i/dtheta|^2 from one forward and backward per example (the second call counts: the first one
-verifies rules and may probe or refuse captures). Reported: the largest relative difference (against a floor of
-1e-10 x the model's largest norm, since some gradients are 0 in theory, such as a key projection's bias), and how
-many parameters each backend measured ("ghost" rules, "module" capture or re-run, "vmap" the whole-model pass),
-naming those left to the whole-model vmap.
+parameter, with |dl_i/dtheta|^2 from one forward and backward per example (the second call's backends count: the
+first one verifies rules and may probe or refuse captures). Reported: the largest relative difference (against a
+floor of 1e-10 x the model's largest norm, since some gradients are 0 in theory, such as a key projection's bias),
+and how many parameters each backend measured ("ghost" rules, "module" capture or re-run, "vmap" the whole-model
+pass), naming those left to the whole-model vmap; for the first call, its largest relative difference and how many
+parameters the whole-model vmap measured (what a single measurement returns and costs).
 
     python analysis/survey_transformers.py [--length 8] [--observe] [--models t5 opt ...] [--out FILE.csv]
 
@@ -452,6 +453,8 @@ def survey_one(name: str, observe: bool = False) -> dict:
     inputs = {key: value.double() if value.is_floating_point() else value for key, value in inputs.items()}
     expected = loop_sqnorms(model, loss_fn, inputs, targets)
     engine = PerExampleGradNorms(model, loss_fn, backend="auto", by_parameter=True)
+    floor = 1e-10 * max(float(values.abs().max()) for values in expected.values())
+    results = []
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         if observe:
@@ -459,15 +462,17 @@ def survey_one(name: str, observe: bool = False) -> dict:
                 loss_fn(call_model(model, inputs), targets).mean().backward()
         else:
             result = engine(inputs, targets)
-    floor = 1e-10 * max(float(values.abs().max()) for values in expected.values())
-    worst = max(float(((result.by_parameter[n] - v).abs().max() / max(float(v.abs().max()), floor)))
-                for n, v in expected.items())
+        results.append(result)
+    first, worst = (max(float(((result.by_parameter[n] - v).abs().max() / max(float(v.abs().max()), floor)))
+                        for n, v in expected.items()) for result in results)
+    first_vmap = sum(backend == "vmap" for backend in results[0].backend_of.values())
     if observe:
-        return {"model": name, "max_rel_diff": worst}
+        return {"model": name, "max_rel_diff": worst, "first_call_max_rel_diff": first, "first_call_vmap": first_vmap}
     backends = pd.Series(result.backend_of).value_counts().to_dict()
     vmap = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, backend in result.backend_of.items() if backend == "vmap"})
     return {"model": name, "max_rel_diff": worst, "ghost": backends.get("ghost", 0),
-            "module": backends.get("module", 0), "vmap": backends.get("vmap", 0), "vmap_parameters": " ".join(vmap)}
+            "module": backends.get("module", 0), "vmap": backends.get("vmap", 0), "vmap_parameters": " ".join(vmap),
+            "first_call_max_rel_diff": first, "first_call_vmap": first_vmap}
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

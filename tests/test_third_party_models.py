@@ -440,9 +440,10 @@ def test_t5_tables_under_activation_checkpointing(use_reentrant):
                and m is not model)   # switched back on
 
 
-def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
-    """OPT runs its MLP and last LayerNorm on (B * T, d) rows: the first call measures them by the whole-model vmap,
-    later ones by the rules on the rows taken as (B, T, d) (checked by a probe on B - 1 examples)."""
+def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_first_call():
+    """OPT runs its MLP and last LayerNorm on (B * T, d) rows, a reshape of B examples' rows that the autograd
+    graph shows: the rules take them as (B, T, d) from the first call (the whole-model vmap measured them on the
+    first call before this session, and a probe on B - 1 examples showed the blocks on later ones)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=24,
@@ -460,7 +461,64 @@ def test_opt_mlp_on_flattened_rows_is_measured_by_rules_from_the_second_call():
         result = engine(inputs, labels)
         for name, values in expected.items():
             torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-12 * scale, msg=name)
-        assert ("vmap" in result.backend_of.values()) == (step == 0)
+        assert "vmap" not in result.backend_of.values()
+
+
+def batch_graph_sqnorms(model, loss_fn, inputs, targets, seed):
+    """(B,) |dl_i/dtheta|^2 from one seeded forward of the batch and one backward of each l_i: the reference in train
+    mode with dropout, whose masks a loop over single examples would draw differently."""
+    model = copy.deepcopy(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    losses = loss_fn(call_model(model, inputs), targets)
+    return torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses[i], parameters, retain_graph=True,
+                                                                          allow_unused=True) if g is not None)
+                        for i in range(losses.shape[0])])
+
+
+@pytest.mark.parametrize("name", ["opt", "swin", "multiple choice"])
+def test_flattened_rows_with_dropout_in_train_mode(name):
+    """Dropout before layers on rows flattened from the examples (OPT's MLP, Swin's windows, a multiple-choice
+    head's B x choices rows): the probe's forward draws other masks than the real pass, so its rows never matched and
+    these layers went to the whole-model vmap on every call, with that pass's own masks (13-21 % off the real step's
+    on BERT's multiple-choice head). Their rows now trace back through the autograd graph to the examples' blocks:
+    no vmap (after the first call for multiple choice, whose token ids are flattened before any graph), norms as
+    those of each example's loss on the real pass's graph, same masks."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "opt":
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=24, num_attention_heads=2,
+            max_position_embeddings=16, word_embed_proj_dim=16, dropout=0.1, attention_dropout=0.1,
+            attn_implementation="eager"))
+        tokens = _tokens()
+        batches = [({"input_ids": tokens}, tokens)] * 2
+        loss_fn = _causal_lm_loss
+    elif name == "swin":
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2, num_labels=3,
+            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+        batches = [(torch.randn(BATCH, 3, 16, 16, dtype=torch.float64, generator=generator(step)),
+                    torch.arange(BATCH) % 3) for step in range(2)]
+        loss_fn = per_example_cross_entropy
+    else:
+        model = _one_layer_encoder("Bert", "ForMultipleChoice")
+        model.config.hidden_dropout_prob = 0.1
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.1
+        batches = [({"input_ids": torch.randint(3, VOCAB, (BATCH, 3, LENGTH), generator=generator(step))},
+                    torch.arange(BATCH) % 3) for step in range(2)]
+        loss_fn = per_example_cross_entropy
+    model = model.double().train()
+    engine = PerExampleGradNorms(model, loss_fn)
+    for step, (inputs, labels) in enumerate(batches):
+        expected = batch_graph_sqnorms(model, loss_fn, inputs, labels, seed=step)
+        torch.manual_seed(step)
+        result = engine(inputs, labels)
+        assert ("vmap" in result.backend_of.values()) == (name == "multiple choice" and step == 0)
+        if "vmap" not in result.backend_of.values():
+            torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)
 
 
 def _one_layer_encoder(name, head):

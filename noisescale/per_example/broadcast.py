@@ -433,6 +433,8 @@ _ROWWISE = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "Mul
             "ExpandBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0", "TanhBackward0",
             "SigmoidBackward0", "ReluBackward0", "GeluBackward0", "SiluBackward0", "NativeDropoutBackward0",
             "NativeLayerNormBackward0", "PowBackward0", "RsqrtBackward0", "SqrtBackward0", "ExpBackward0"}
+# row-wise operations above that act along one dim (``_saved_dim``): not row-wise along the examples' dim
+_ACROSS_DIM = {"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
 # reshapes: row-major order is kept, so B blocks of whole examples stay blocks when both sides have a multiple of B
 _REGROUP = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 
@@ -472,6 +474,8 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
         return None
     d, b = found
     name = type(node).__name__
+    if name in _ACROSS_DIM and _signed(node._saved_dim) % len(inp) == d:
+        return None   # a softmax over the examples' dim mixes them
     if name in _ROWWISE or name in _ELEMENTWISE or name == "SliceBackward0" and _signed(node._saved_dim) % len(
             inp) != d:   # elementwise (broadcast right-aligned) or a slice along another dim
         dd = d + len(out) - len(inp)
@@ -494,6 +498,10 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
         return d + (dim <= d), b
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
         return None if _signed(node._saved_dim) % len(inp) == d else (d, b)
+    if name == "ConstantPadNdBackward0":   # (left, right) per dim from the last: the examples' dim not padded
+        pads = node._saved_pad
+        padded = len(inp) - 1 - d   # the examples' dim counted from the last
+        return (d, b) if 2 * padded + 1 >= len(pads) or pads[2 * padded] == pads[2 * padded + 1] == 0 else None
     if name in ("MmBackward0", "AddmmBackward0"):   # rows of the first matrix
         return (0, b) if d == 0 and k == (0 if name == "MmBackward0" else 1) else None
     return None

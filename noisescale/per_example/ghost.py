@@ -254,9 +254,16 @@ class GhostPass:
 
     def row_blocks(self, module: nn.Module, index: int, x: Tensor) -> int | None:
         """k where call ``index`` of ``module`` sees the examples flattened into rows, B blocks of k (OPT's MLP on
-        (B * T, d), Swin's windows (B * windows, N, d)): x has B k rows, the probe's call had (B - 1) k, and the
-        first and last rows and the absolute sums of the probe's blocks are those of x's first B - 1 blocks (so the
-        rows are example-major, not position-major: ``_block_ends``). None otherwise."""
+        (B * T, d), Swin's windows (B * windows, N, d)): x's rows trace back through its autograd graph (reshapes,
+        permutations keeping the examples first, row-wise operations, dropout) to B blocks of k rows of rule layers'
+        outputs (``BroadcastGradients.rows_of``), or, where they cannot be traced (token ids flattened before the
+        first layer), x has B k rows, the probe's call had (B - 1) k, and the first and last rows and the absolute
+        sums of the probe's blocks are those of x's first B - 1 blocks (so the rows are example-major, not
+        position-major: ``_block_ends``; dropout before the layer makes them differ). None otherwise."""
+        if x.grad_fn is not None:
+            traced = self.broadcasts.rows_of(x.grad_fn, x.output_nr)
+            if traced is not None and traced * self.batch_size == x.shape[0]:
+                return traced
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
             return None
@@ -737,7 +744,7 @@ class GhostNormEngine:
         ghost_pass.in_rows = ghost_pass.in_rows or many   # B k rows (a multiple-choice head's B x choices)
         if many and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions:
             blocks = ghost_pass.row_blocks(module, index, x)
-            ghost_pass.flattened = ghost_pass.flattened or ghost_pass.probe is None
+            ghost_pass.flattened = ghost_pass.flattened or blocks is None and ghost_pass.probe is None
             if blocks is not None:   # rows of B examples in blocks: (B, k, ...) for the rule, same values
                 hooked = output
                 x, output = x.view(batch, blocks, *x.shape[1:]), output.view(batch, blocks, *output.shape[1:])
@@ -941,7 +948,7 @@ class GhostNormEngine:
     def _fallback_blocks(ghost_pass: GhostPass, module: nn.Module, index: int, args: tuple,
                          kwargs: dict) -> int | None:
         """k where a fallback call's first input holds B blocks of k rows flattened from the examples (an MoE's
-        router and experts on (B T, d) tokens), as the probe showed (``GhostPass.row_blocks``), and every input with
+        router and experts on (B T, d) tokens), as traced or probed (``GhostPass.row_blocks``), and every input with
         grad of B k rows traces back, through reshapes and row-wise operations, to B blocks of k rows of a rule
         layer's output (``BroadcastGradients.rows_of``): tokens picked by a mask (padding dropped) or sorted are
         not, even where the probe's B - 1 examples' rows come first. None otherwise. Without a probe, such rows
@@ -950,8 +957,8 @@ class GhostNormEngine:
         if not (isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
                 and not is_parameter_table(x)):
             return None
-        ghost_pass.flattened = ghost_pass.flattened or ghost_pass.probe is None
         blocks = ghost_pass.row_blocks(module, index, x)
+        ghost_pass.flattened = ghost_pass.flattened or blocks is None and ghost_pass.probe is None
         if blocks is None or not all(
                 ghost_pass.broadcasts.rows_of(t.grad_fn, t.output_nr) == blocks for t in tree_flatten((args, kwargs))[0]
                 if isinstance(t, Tensor) and t.requires_grad and t.dim() and t.shape[0] == x.shape[0]):
