@@ -1177,29 +1177,32 @@ def _probed_once_without_touching_the_random_draws(followed):
 
 class FlattenedRows(nn.Module):
     """An MLP block on the examples flattened into rows, as OPT's (B * T, d), or position-major rows (T * B, d)
-    after a transpose, whose blocks are not examples."""
+    after a transpose, whose blocks are not examples; the rows of a tensor computed from the input (no autograd
+    graph to trace them by) or, ``of_input``, of the input itself."""
 
-    def __init__(self, example_major=True):
+    def __init__(self, example_major=True, of_input=False):
         super().__init__()
-        self.example_major = example_major
+        self.example_major, self.of_input = example_major, of_input
         self.norm, self.up, self.down = nn.LayerNorm(4), nn.Linear(4, 6), nn.Linear(6, 4)
         self.out = nn.Linear(4, 2)
 
     def forward(self, x):
+        x = x if self.of_input else x + 0.5
         rows = x.reshape(-1, 4) if self.example_major else x.transpose(0, 1).reshape(-1, 4)
         h = self.down(torch.relu(self.up(self.norm(rows))))
         h = h.view(x.shape) if self.example_major else h.view(x.shape[1], x.shape[0], 4).transpose(0, 1)
         return self.out((x + h).mean(1))
 
 
-@pytest.mark.parametrize("example_major", [True, False])
-def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_second_call(example_major):
-    """The first call sends the (B * T, d) layers to the whole-model vmap and makes later calls probe: B - 1
-    examples give (B - 1) * T rows whose block ends match, so the rules take the rows as (B, T, d), on every later
-    batch of these shapes too (the probe is cached; its rows are another batch's). Position-major rows do not
-    match and stay with the whole-model vmap. Exact either way."""
+@pytest.mark.parametrize("example_major, of_input", [(True, False), (False, False), (True, True), (False, True)])
+def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_second_call(example_major, of_input):
+    """Rows of a tensor computed from the input: the first call sends the (B * T, d) layers to the whole-model vmap
+    and makes later calls probe: B - 1 examples give (B - 1) * T rows whose block ends match, so the rules take the
+    rows as (B, T, d), on every later batch of these shapes too (the probe is cached; its rows are another
+    batch's). The model's input reshaped is taken as B blocks from the first call. Position-major rows do not match
+    and stay with the whole-model vmap. Exact either way."""
     torch.manual_seed(0)
-    model = FlattenedRows(example_major).double()
+    model = FlattenedRows(example_major, of_input).double()
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
     for step in range(3):
         x = torch.randn(5, 3, 4, dtype=torch.float64, generator=generator(1 + step))
@@ -1209,7 +1212,7 @@ def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_sec
         result = engine(x, y)
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
-        backend = "ghost" if step >= 1 and example_major else "vmap"
+        backend = "ghost" if (step >= 1 or of_input) and example_major else "vmap"
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {backend}
 
 

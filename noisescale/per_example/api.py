@@ -494,7 +494,7 @@ class PerExampleGradNorms:
         probe = self._probe(plan, inputs, batch_size)
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                        sharded=self._sharded, probe=probe) as ghost_pass:
+                                        sharded=self._sharded, probe=probe, inputs=inputs) as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
@@ -603,7 +603,7 @@ class PerExampleGradNorms:
         probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
         can_vmap = not self._sharded
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                    sharded=self._sharded, probe=probe) as ghost_pass:
+                                    sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
             outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
                 not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
                 want_roots=not self._uses_checked and not self._sharded)

@@ -433,6 +433,9 @@ _ROWWISE = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "Mul
             "ExpandBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0", "TanhBackward0",
             "SigmoidBackward0", "ReluBackward0", "GeluBackward0", "SiluBackward0", "NativeDropoutBackward0",
             "NativeLayerNormBackward0", "PowBackward0", "RsqrtBackward0", "SqrtBackward0", "ExpBackward0"}
+# fused scaled-dot-product attention kernels (CPU, CUDA): row-wise along the batch dim only
+_ATTENTION = {"ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
+              "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"}
 # row-wise operations above that act along one dim (``_saved_dim``): not row-wise along the examples' dim
 _ACROSS_DIM = {"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
 # reshapes: row-major order is kept, so B blocks of whole examples stay blocks when both sides have a multiple of B
@@ -498,6 +501,11 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
         return d + (dim <= d), b
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
         return None if _signed(node._saved_dim) % len(inp) == d else (d, b)
+    if name in _ATTENTION:   # fused attention: each batch row's output from that row's query, key and value
+        return (0, b) if d == 0 and output_nr == 0 and out[0] == inp[0] else None
+    if name == "RollBackward0":   # a roll along other dims (Swin's shifted windows); no dims: the flattened tensor
+        dims = node._saved_dims
+        return (d, b) if dims and all(_signed(x) % len(inp) != d for x in dims) else None
     if name == "ConstantPadNdBackward0":   # (left, right) per dim from the last: the examples' dim not padded
         pads = node._saved_pad
         padded = len(inp) - 1 - d   # the examples' dim counted from the last

@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_flatten
 
 from noisescale._graph import ORDER_KEEPING, autograd_nodes
 from noisescale._rng import rng_state
+from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once
 from noisescale.per_example.errors import PerExampleError
@@ -117,6 +118,7 @@ class GhostPass:
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
     in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_batch_of_one``)
+    inputs: frozenset = frozenset()   # id of the model's input tensors of B rows: the examples, by the call's contract
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
@@ -264,6 +266,8 @@ class GhostPass:
             traced = self.broadcasts.rows_of(x.grad_fn, x.output_nr)
             if traced is not None and traced * self.batch_size == x.shape[0]:
                 return traced
+        elif id(x._base) in self.inputs and _reshaped(x, x._base):   # the model's input reshaped (token ids)
+            return x.shape[0] // self.batch_size
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
             return None
@@ -620,9 +624,13 @@ class GhostNormEngine:
 
     @contextmanager
     def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
-                  strict: bool, sharded: bool = False, probe: dict | None = None) -> Iterator[GhostPass]:
-        """Record one forward/backward of ``modules``; the hooks are inert again on exit."""
+                  strict: bool, sharded: bool = False, probe: dict | None = None,
+                  inputs: Any = None) -> Iterator[GhostPass]:
+        """Record one forward/backward of ``modules`` (``inputs``: the model's call's, where known); the hooks are
+        inert again on exit."""
+        examples = frozenset(id(t) for t in tensors_of(inputs) if t.dim() and t.shape[0] == batch_size)
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
+                               inputs=examples,
                                refused=self._refused, probe=probe, verified=self._verified,
                                updates_buffers=self._updates_buffers,
                                outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size))
@@ -807,7 +815,7 @@ class GhostNormEngine:
         call = {"x": x, "blocks": blocks, "transposed": transposed, "output_nr": held.output_nr,
                 "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
         base = held._base
-        if base is not None and _reshaped(held, base):
+        if base is not None and base.grad_fn is not None and _reshaped(held, base):
             # the layer's product viewed (a Linear on (B, T, d): addmm's B T rows): a change of the view in place
             # (Longformer's ``q /= sqrt(d)``) takes the view's node out of the graph, the product's stays in it
             hooked_node, call["output_nr"], call["shape"] = base.grad_fn, base.output_nr, held.shape
@@ -1021,9 +1029,9 @@ class GhostNormEngine:
 
 
 def _reshaped(view: Tensor, base: Tensor) -> bool:
-    """Whether ``view`` is its base's every element in order, reshaped, and the base an autograd node's output."""
-    return (base.grad_fn is not None and view.numel() == base.numel() and view.is_contiguous()
-            and base.is_contiguous() and view.storage_offset() == base.storage_offset())
+    """Whether ``view`` is its base's every element in order, reshaped."""
+    return (view.numel() == base.numel() and view.is_contiguous() and base.is_contiguous()
+            and view.storage_offset() == base.storage_offset())
 
 
 def _rows_selected(x: Tensor, batch: int) -> bool:
