@@ -219,7 +219,7 @@ class GhostPass:
 
     def follows_batch(self, module: nn.Module, index: int, tensors: list[Tensor],
                       batched: list[tuple[Tensor, int]], positional: bool = True, blocks: int = 1,
-                      features_last: bool = True) -> bool:
+                      features_last: bool = True, traced: bool = False) -> bool:
         """Whether every (tensor, dim) this pass takes for the B examples of call ``index`` of ``module`` had
         B - 1 in the probe's forward on B - 1 examples and its other dims as they are (``tensors``, the call's
         ``_call_tensors``, are read only where one did). A dim of size B that stays B holds positions, not
@@ -227,14 +227,20 @@ class GhostPass:
         that follows the batch pairs examples with examples (CLIP's (B, B) logits). Where no probe ran: True,
         unless another dim of a tensor has B's size too (Funnel's sequence pooled to B positions; not the last where
         ``features_last``, a layer's features), which under auto is left to the whole-model vmap and makes later
-        calls probe (``ambiguous``; backend='ghost' warns). ``positional``: whether the layer could be taking
-        positions for examples (not a convolution, whose images may well be as high as the batch is large).
-        ``blocks``: the dims hold B blocks of that many rows (the probe's, B - 1 blocks)."""
+        calls probe (``ambiguous``; backend='ghost' warns), unless ``traced`` (a rule taking other dims for
+        positions, for which only dim 0 matters) and its inputs' rows trace back through the autograd graph to the
+        examples' rows (``BroadcastGradients.rows_of``: ConvNeXt's feature map as high as the batch, Qwen3's heads
+        as many). ``positional``: whether the layer could be taking positions for examples (not a convolution,
+        whose images may well be as high as the batch is large). ``blocks``: the dims hold B blocks of that many
+        rows (the probe's, B - 1 blocks)."""
         if self.probe is None:   # unchecked: note whether a dim besides the batch's (and the features) has its
             batch = self.batch_size   # size (counted: slicing a torch.Size costs microseconds)
             ambiguous = positional and any(
                 t.shape.count(batch) - (features_last and t.dim() > 1 and t.shape[-1] == batch)
                 > (t.dim() > d and t.shape[d] == batch) for t, d in batched)
+            if ambiguous and traced:   # dim 0 shown to hold the examples
+                ambiguous = not all(d == 0 and t.grad_fn is not None and self.broadcasts.rows_of(
+                    t.grad_fn, t.output_nr) == 1 for t, d in batched)
             self.ambiguous = self.ambiguous or ambiguous
             return self.strict or not ambiguous   # auto: such a call goes to the whole-model vmap
         calls = self.probe.get(module, [])
@@ -775,7 +781,7 @@ class GhostNormEngine:
                    "many as the examples only by chance")
         elif plain and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
-                entry.rule.rows_as_positions):
+                entry.rule.rows_as_positions, traced=entry.rule.rows_as_positions):
             why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
         else:
             why = None
