@@ -1968,3 +1968,60 @@ def test_a_layer_computing_in_float32_inside_a_float64_model_stays_with_the_fall
     assert result.backend_of["1.weight"] == "module"
     for name, values in expected.items():
         torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-5, atol=0, msg=name)
+
+
+def test_a_captured_module_that_sorts_its_rows():
+    """A module whose own parameter is added to its input's rows after sorting them (packed sequences are sorted by
+    length; the caller undoes the order): the capture of the real pass's uses took row r for example r, so its
+    norms came out permuted among the examples (0.4 to 0.95 off, silently, before this session; the sums agree, so
+    the capture's check passed). Rows selected or reordered along dim 0 by an index, a sort, flip, roll, gather or
+    index_select no longer hold the examples for the capture; the module is re-run, and the re-run's sum check
+    sends it to the whole-model vmap. Against the loop."""
+    torch.manual_seed(0)
+
+    class SortAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(6, dtype=torch.float64))
+
+        def forward(self, h, key):
+            order = key.argsort()
+            return torch.sin(h[order] + self.bias), order
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.sort, self.out = nn.Linear(3, 6), SortAdd(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h, order = self.sort(self.embed(x), x[:, 0])
+            return self.out(h[order.argsort()])
+
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(Model().double(), regression_loss, x, y, "auto")
+    assert result.backend_of["sort.bias"] == "vmap"
+
+
+def test_a_model_that_changes_its_input_in_place_is_not_re_run_on_it():
+    """The whole-model vmap re-runs the model on the inputs it was given: a forward that changed them in place
+    (here reversing the rows, then reversing its output back) would be re-run on the changed input, and its norms
+    were wrong (0.24 to 0.65 off in a review's script, silently). Now a clear error, p.grad as it was."""
+    torch.manual_seed(0)
+
+    class Reverses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.scale = nn.Linear(3, 4), nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+        def forward(self, x):
+            x.copy_(x.flip(0))
+            return (self.embed(x) * self.scale.exp()).flip(0)
+
+    model = Reverses().double()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, 4, dtype=torch.float64, generator=generator(2))
+    before = grads_of(model)
+    with pytest.raises(ValueError, match="changed one of its inputs in place"):
+        PerExampleGradNorms(model, regression_loss)(x, y)
+    assert_grads_as_before(model, before)

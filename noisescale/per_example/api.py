@@ -490,6 +490,7 @@ class PerExampleGradNorms:
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
+        versions = [(t, t._version) for t in tensors_of(inputs)]
         handles = []
         probe = self._probe(plan, inputs, batch_size)
         try:
@@ -526,6 +527,11 @@ class PerExampleGradNorms:
         else:
             by_parameter = {} if found is None else dict(zip(found[0], found[1].unbind()))
             if vmap_names:
+                if any(t._version != version for t, version in versions):
+                    raise ValueError(
+                        f"the model changed one of its inputs in place during its forward, and parameters "
+                        f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
+                        "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
                 by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
             by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
             sqnorms = torch.stack(list(by_parameter.values())).sum(0)

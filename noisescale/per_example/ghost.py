@@ -118,7 +118,7 @@ class GhostPass:
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
     in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_batch_of_one``)
-    inputs: frozenset = frozenset()   # id of the model's input tensors of B rows: the examples, by the call's contract
+    inputs: dict = field(default_factory=dict)   # id -> version of the model's input tensors of B rows: the examples
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
@@ -272,8 +272,8 @@ class GhostPass:
             traced = self.broadcasts.rows_of(x.grad_fn, x.output_nr)
             if traced is not None and traced * self.batch_size == x.shape[0]:
                 return traced
-        elif id(x._base) in self.inputs and _reshaped(x, x._base):   # the model's input reshaped (token ids)
-            return x.shape[0] // self.batch_size
+        elif x._base is not None and self.inputs.get(id(x._base)) == x._base._version and _reshaped(x, x._base):
+            return x.shape[0] // self.batch_size   # the model's input (unchanged since the call) reshaped: token ids
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
             return None
@@ -634,7 +634,7 @@ class GhostNormEngine:
                   inputs: Any = None) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules`` (``inputs``: the model's call's, where known); the hooks are
         inert again on exit."""
-        examples = frozenset(id(t) for t in tensors_of(inputs) if t.dim() and t.shape[0] == batch_size)
+        examples = {id(t): t._version for t in tensors_of(inputs) if t.dim() and t.shape[0] == batch_size}
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                inputs=examples,
                                refused=self._refused, probe=probe, verified=self._verified,

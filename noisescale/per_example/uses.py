@@ -166,7 +166,7 @@ class ParameterUses(TorchFunctionMode):
                                                  "batch's size meets the examples in another dim")
             return result
         outputs = list(_tensors((result,)))
-        if any(self._holds_examples(t) for t in tensors):
+        if any(self._holds_examples(t) for t in tensors) and not _reorders_rows(func, args, kwargs, self.batch_size):
             for out in outputs:
                 self._batched[id(out)] = out
         used = [t for t in tensors if id(t) in self._sources]
@@ -385,6 +385,32 @@ def _tensors(*groups) -> Iterator[Tensor]:
                 yield value
             elif isinstance(value, (list, tuple)):
                 yield from _tensors(value)
+
+
+_ALONG_DIM = {torch.index_select: 1, Tensor.index_select: 1, torch.gather: 1, Tensor.gather: 1, torch.sort: 1,
+              Tensor.sort: 1, torch.flip: 1, Tensor.flip: 1, torch.roll: 2, Tensor.roll: 2}   # func -> dim's position
+
+
+def _reorders_rows(func, args: tuple, kwargs: dict, batch: int) -> bool:
+    """Whether ``func`` may select or reorder dim 0's rows (an index tensor, a sort, flip, roll, gather or
+    index_select along dim 0), so that its output's rows are no longer the examples in their order; an index
+    arange(B) keeps them (CLIP's ``hidden[arange(B), last]``)."""
+    if func is Tensor.__getitem__:
+        index = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
+        if isinstance(index, (list, Tensor)):
+            index = torch.as_tensor(index)
+            return not (index.dtype not in (torch.bool, torch.uint8) and not index.is_floating_point()
+                        and index.numel() == batch and torch.equal(index.reshape(-1).cpu(), torch.arange(batch)))
+        return False
+    if func not in _ALONG_DIM:
+        return False
+    position = _ALONG_DIM[func]
+    name = "dims" if func in (torch.flip, Tensor.flip, torch.roll, Tensor.roll) else "dim"
+    dims = kwargs.get(name, args[position] if len(args) > position else (None if name == "dims" else -1))
+    if dims is None:   # a roll of the flattened tensor
+        return True
+    rank = args[0].dim() if isinstance(args[0], Tensor) else 1
+    return any(int(d) % max(rank, 1) == 0 for d in (dims if isinstance(dims, (tuple, list)) else (dims,)))
 
 
 def _aligned(func, args: tuple, kwargs: dict, tensors: list[Tensor], y: Any) -> bool:
