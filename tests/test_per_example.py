@@ -1815,23 +1815,31 @@ def test_a_fallback_output_whose_tensors_are_inside_an_object(kind):
     assert result.backend_of["layer.weight"] == ("module" if kind == "dataclass" else "vmap")
 
 
-@pytest.mark.parametrize("order", ["flipped", "sorted", "sorted, then a bias added"])
+@pytest.mark.parametrize("order", ["flipped", "sorted", "sorted, then a bias added", "two rows swapped",
+                                   "slices joined in another order, then a bias added"])
 def test_a_fallback_module_returning_its_rows_in_another_order(order):
     """A module without a rule returns its rows in another order than its inputs' (reversed; sorted by length, as
     packed sequences are, with the order for the caller to undo): its re-run on example i's input was paired with
     the gradient of row i, another example's, and its norms were up to 12x off, silently, before this session.
-    The re-run's per-example gradients now must add up to the gradient the backward brought its parameters, else
-    the whole-model vmap measures them. A parameter added after the sort was captured from the real pass with row r
+    The re-run's per-example gradients now must add up to the gradient the backward brought its parameters (as
+    vectors: in a review's module two rows swapped left the norms within the tolerance), else the whole-model vmap
+    measures them. A parameter added after the sort was captured from the real pass with row r
     taken for example r (0.4 to 0.95 off in a review's module; the sums agree, so the capture's check passed):
     rows selected or reordered along dim 0 by an index, a sort, flip, roll, gather or index_select no longer hold
-    the examples for the capture, and the module is re-run. Against the loop."""
+    the examples for the capture, and the module is re-run; a reordering it cannot see (slices joined in another
+    order) is caught on the module's first capture, which a re-run must confirm. Against the loop."""
     torch.manual_seed(0)
 
     class Layer(SineLayer):
         def forward(self, x):
             rows = torch.arange(x.shape[0] - 1, -1, -1) if order == "flipped" else x.abs().sum(1).argsort()
+            if order == "two rows swapped":
+                rows = torch.arange(x.shape[0])
+                rows[:2] = rows[:2].flip(0)
             if order == "sorted, then a bias added":   # uses the capture can record: an index, an addition
                 return torch.sin(x[rows] + self.weight[0]), rows
+            if order == "slices joined in another order, then a bias added":   # a reordering the capture cannot see
+                return torch.sin(torch.cat([x[-1:], x[:-1]]) + self.weight[0]), torch.arange(x.shape[0]).roll(1)
             return super().forward(x)[rows], rows
 
     class Model(nn.Module):
@@ -1996,3 +2004,36 @@ def test_a_model_that_changes_its_input_in_place_is_not_re_run_on_it():
     with pytest.raises(ValueError, match="changed one of its inputs in place"):
         PerExampleGradNorms(model, regression_loss)(x, y)
     assert_grads_as_before(model, before)
+
+
+@pytest.mark.parametrize("reorder", ["flip", "roll", "sort", "flip, added to the examples' rows"])
+def test_a_rule_layer_on_rows_reordered_along_the_examples_dim(reorder):
+    """A Linear on activations whose rows the model reversed, rolled or sorted along dim 0 (and put back after):
+    the rule took row r for example r, 0.3 to 0.8 off, silently (a review's scripts; before this session too). Such
+    rows are now seen in the autograd graph (an index was seen before), also where they are flattened into rows
+    and added to the examples' own rows first (the trace took the sum for the examples in order), and the layer
+    goes to the whole-model vmap. Against the loop."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.other, self.mid, self.out = (nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 4),
+                                                         nn.Linear(4, 2))
+
+        def forward(self, x):
+            h = torch.tanh(self.embed(x))                     # (B, T, 4)
+            if reorder == "flip, added to the examples' rows":
+                rows = (h.flip(0) + 0 * self.other(x)).reshape(-1, 4)
+                back = self.mid(rows).view(h.shape).flip(0)
+            else:
+                order = {"flip": torch.arange(x.shape[0] - 1, -1, -1), "roll": torch.arange(x.shape[0]).roll(1),
+                         "sort": x[:, 0, 0].argsort()}[reorder]
+                moved = {"flip": h.flip(0), "roll": h.roll(1, 0), "sort": h[order]}[reorder]   # = h[order]
+                back = self.mid(moved)[order.argsort()]
+            return self.out(torch.tanh(back).mean(1))
+
+    x = torch.randn(5, 3, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(Model().double(), regression_loss, x, y, "auto")
+    assert result.backend_of["mid.weight"] == "vmap"

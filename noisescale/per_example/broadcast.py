@@ -40,7 +40,7 @@ from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taki
 from noisescale.per_example.vmap import quiet_batching
 
 
-__all__ = ["Broadcast", "BroadcastGradients", "computed_once"]
+__all__ = ["Broadcast", "BroadcastGradients", "computed_once", "signed_dim"]
 
 _PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
 
@@ -306,22 +306,32 @@ class BroadcastGradients:
     def _examples_at(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> tuple[int, int] | None:
         """(d, b) where output ``output_nr`` of ``node`` holds the B examples in dim d in blocks of b, traced back
         through operations whose effect on that dim is known (``_carry_examples``: elementwise operations,
-        reshapes, permutations, selections along other dims, batched products) to a rule layer's output."""
+        reshapes, permutations, selections along other dims, batched products) to a rule layer's output; None
+        where it cannot be traced, or where some input on the way holds the examples' rows reordered or selected
+        along their dim (``_REORDERED``: an addition of reversed rows and the examples' rows holds no example in
+        order). ``seen``: the results so far."""
+        found = self._examples_or_reordered(node, output_nr, seen, depth)
+        return None if found is _REORDERED else found
+
+    def _examples_or_reordered(self, node: Any, output_nr: int, seen: dict, depth: int) -> Any:
         if node in self.rows:
             return (0, self.rows[node]) if output_nr == 0 else None
-        if depth > 40 or (node, output_nr) in seen or hasattr(node, "variable"):
+        if depth > 40 or hasattr(node, "variable"):
             return None
-        seen[(node, output_nr)] = None
+        if (node, output_nr) not in seen:
+            seen[(node, output_nr)] = None   # until found (the graph has no cycles; this bounds the walk)
+            seen[(node, output_nr)] = self._traced(node, output_nr, seen, depth)
+        return seen[(node, output_nr)]
+
+    def _traced(self, node: Any, output_nr: int, seen: dict, depth: int) -> Any:
+        out, carried = _shape(node, output_nr), None
         for k, (source, nr) in enumerate(node.next_functions):
-            if source is None:
-                continue
-            found = self._examples_at(source, nr, seen, depth + 1)
-            if found is not None:
-                carried = _carry_examples(node, k, output_nr, found, _shape(source, nr), _shape(node, output_nr),
-                                          self.batch_size)
-                if carried is not None:
-                    return carried
-        return None
+            found = None if source is None else self._examples_or_reordered(source, nr, seen, depth + 1)
+            if found is _REORDERED or found is not None and _reorders(node, found[0], _shape(source, nr)):
+                return _REORDERED
+            if found is not None and carried is None:
+                carried = _carry_examples(node, k, output_nr, found, _shape(source, nr), out, self.batch_size)
+        return carried
 
     def _between(self, broadcast: Broadcast, node: Any, targets: set, grads: tuple) -> None:
         """Before the real backward runs ``node``: carry each example's gradient of its output to its inputs."""
@@ -436,8 +446,6 @@ _ROWWISE = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "Mul
 # fused scaled-dot-product attention kernels (CPU, CUDA): row-wise along the batch dim only
 _ATTENTION = {"ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
               "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"}
-# row-wise operations above that act along one dim (``_saved_dim``): not row-wise along the examples' dim
-_ACROSS_DIM = {"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
 # reshapes: row-major order is kept, so B blocks of whole examples stay blocks when both sides have a multiple of B
 _REGROUP = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 
@@ -449,9 +457,9 @@ def _keeps_rows(node: Any, name: str) -> bool:
         return True
     if name == "TransposeBackward0":
         rank = len(node._input_metadata[0].shape)
-        return _signed(node._saved_dim0) % rank != 0 and _signed(node._saved_dim1) % rank != 0
+        return signed_dim(node._saved_dim0) % rank != 0 and signed_dim(node._saved_dim1) % rank != 0
     if name == "PermuteBackward0":
-        return _signed(node._saved_dims[0]) % len(node._saved_dims) == 0
+        return signed_dim(node._saved_dims[0]) % len(node._saved_dims) == 0
     return False
 
 
@@ -477,9 +485,7 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
         return None
     d, b = found
     name = type(node).__name__
-    if name in _ACROSS_DIM and _signed(node._saved_dim) % len(inp) == d:
-        return None   # a softmax over the examples' dim mixes them
-    if name in _ROWWISE or name in _ELEMENTWISE or name == "SliceBackward0" and _signed(node._saved_dim) % len(
+    if name in _ROWWISE or name in _ELEMENTWISE or name == "SliceBackward0" and signed_dim(node._saved_dim) % len(
             inp) != d:   # elementwise (broadcast right-aligned) or a slice along another dim
         dd = d + len(out) - len(inp)
         return (dd, b) if 0 <= dd < len(out) and out[dd] == inp[d] else None
@@ -488,24 +494,24 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
             return 0, out[0] // batch
         return (d, b) if len(out) > d and out[:d + 1] == inp[:d + 1] else None
     if name == "PermuteBackward0":
-        dims = [_signed(x) % len(inp) for x in node._saved_dims]
+        dims = [signed_dim(x) % len(inp) for x in node._saved_dims]
         return dims.index(d), b
     if name == "TransposeBackward0":
-        d0, d1 = (_signed(x) % len(inp) for x in (node._saved_dim0, node._saved_dim1))
+        d0, d1 = (signed_dim(x) % len(inp) for x in (node._saved_dim0, node._saved_dim1))
         return (d1 if d == d0 else d0 if d == d1 else d), b
     if name in ("SelectBackward0", "UnbindBackward0"):
-        dim = _signed(node._saved_dim) % len(inp)
+        dim = signed_dim(node._saved_dim) % len(inp)
         return None if dim == d else (d - (dim < d), b)
     if name == "UnsqueezeBackward0":
-        dim = _signed(node._saved_dim) % len(out)
+        dim = signed_dim(node._saved_dim) % len(out)
         return d + (dim <= d), b
     if name in ("SplitBackward0", "SplitWithSizesBackward0"):
-        return None if _signed(node._saved_dim) % len(inp) == d else (d, b)
+        return None if signed_dim(node._saved_dim) % len(inp) == d else (d, b)
     if name in _ATTENTION:   # fused attention: each batch row's output from that row's query, key and value
         return (0, b) if d == 0 and output_nr == 0 and out[0] == inp[0] else None
     if name == "RollBackward0":   # a roll along other dims (Swin's shifted windows); no dims: the flattened tensor
         dims = node._saved_dims
-        return (d, b) if dims and all(_signed(x) % len(inp) != d for x in dims) else None
+        return (d, b) if dims and all(signed_dim(x) % len(inp) != d for x in dims) else None
     if name == "ConstantPadNdBackward0":   # (left, right) per dim from the last: the examples' dim not padded
         pads = node._saved_pad
         padded = len(inp) - 1 - d   # the examples' dim counted from the last
@@ -513,6 +519,32 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
     if name in ("MmBackward0", "AddmmBackward0"):   # rows of the first matrix
         return (0, b) if d == 0 and k == (0 if name == "MmBackward0" else 1) else None
     return None
+
+
+_REORDERED = object()   # ``_examples_at``'s mark for the examples' rows reordered or selected along their dim
+# operations along one dim (``_saved_dim``) that reorder, select or mix the rows along it (a softmax over the
+# examples' dim: row-wise along the others, ``_ROWWISE``)
+_ALONG_ONE = {"CatBackward0", "GatherBackward0", "SortBackward0", "TopkBackward0", "IndexSelectBackward0",
+              "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
+
+
+def _reorders(node: Any, d: int, inp: tuple | None) -> bool:
+    """Whether ``node`` reorders, selects or mixes rows along dim d of an input holding the examples there: a flip
+    or roll along it, a sort, top-k, gather, index_select, concatenation or softmax along it, an index tensor in it
+    other than arange (CLIP's ``hidden[arange(B), last]``)."""
+    name = type(node).__name__
+    rank = len(inp) if inp else 1
+    if name in ("FlipBackward0", "RollBackward0"):
+        dims = node._saved_dims
+        return not dims or any(signed_dim(x) % rank == d for x in dims)
+    if name in _ALONG_ONE:
+        return signed_dim(node._saved_dim) % rank == d
+    if name == "IndexBackward0":
+        indices = node._saved_indices
+        index = indices[d] if d < len(indices) else None
+        return index is not None and not (inp and index.numel() == inp[d] and torch.equal(
+            index.reshape(-1), torch.arange(inp[d], device=index.device)))
+    return False
 
 
 def _saves_hooked(node: Any) -> bool:
@@ -534,7 +566,7 @@ def _same(t: Any) -> Any:
     return t
 
 
-def _signed(dim: int) -> int:
+def signed_dim(dim: int) -> int:
     """A dim autograd saved as unsigned (-1 reads 2^64 - 1 in Python)."""
     return dim - 2 ** 64 if dim >= 2 ** 63 else dim
 
@@ -582,12 +614,12 @@ def _rearranged(node: Any, per_example: Tensor) -> Tensor | None:
     if name in ORDER_KEEPING:   # the same elements in the same order
         return per_example.reshape(per_example.shape[0], *meta.shape).to(device=meta.device, dtype=meta.dtype)
     if name == "PermuteBackward0":
-        dims = [_signed(d) % len(node._saved_dims) for d in node._saved_dims]
+        dims = [signed_dim(d) % len(node._saved_dims) for d in node._saved_dims]
         inverse = sorted(range(len(dims)), key=dims.__getitem__)
         return per_example.permute(0, *(d + 1 for d in inverse))
     if name == "TransposeBackward0":
         rank = per_example.dim() - 1
-        return per_example.transpose(_signed(node._saved_dim0) % rank + 1, _signed(node._saved_dim1) % rank + 1)
+        return per_example.transpose(signed_dim(node._saved_dim0) % rank + 1, signed_dim(node._saved_dim1) % rank + 1)
     return None
 
 

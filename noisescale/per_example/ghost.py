@@ -56,7 +56,7 @@ from noisescale._graph import ORDER_KEEPING, autograd_nodes
 from noisescale._rng import rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
-from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once
+from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, signed_dim
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
@@ -105,11 +105,12 @@ class GhostPass:
     replaying: bool = False
     sharded: bool = False      # FSDP: a fallback call keeps copies of its parameters (they are resharded later)
     refused: Any = field(default_factory=set)   # the engine's modules not to capture again
+    cross_checked: Any = field(default_factory=set)   # the engine's modules whose capture a re-run has confirmed
     updates_buffers: Any = field(default_factory=set)   # the engine's modules whose forward changed their buffers
     buffers_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))   # per call: versions,
     # and for those modules copies of the buffers as the call found them (its re-run needs them)
     captured_names: set[str] = field(default_factory=set)   # parameters of calls whose uses were captured
-    noted: dict[str, tuple[Tensor, torch.dtype] | None] = field(default_factory=dict)   # note_gradient
+    noted: dict[str, tuple[Tensor, torch.dtype, Tensor] | None] = field(default_factory=dict)   # note_gradient
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
     calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
     ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B (vmap)
@@ -339,6 +340,12 @@ class GhostPass:
                     self._drop(entry, call, "an output it returned as a view of another tensor was changed in place "
                                             "after its call, so its gradient may have bypassed the hook on it")
             captured = self._verified_captures()
+            for module, entry, call in self.fallback_calls:   # a module's first capture: confirmed by a re-run
+                if id(call) in captured and module not in self.cross_checked:
+                    self.cross_checked.add(module)
+                    if not self._capture_confirmed(module, entry, call, captured[id(call)]):
+                        self.refused.add(module)   # re-run (and sum-checked) from now on, this pass too
+                        del captured[id(call)]
             found = []   # (entry, local name -> per-example gradients, the call where they come from its re-run)
             for module, entry, call in self.fallback_calls:
                 grads = captured.get(id(call))
@@ -372,12 +379,13 @@ class GhostPass:
 
     def _unmatched_reruns(self, found: list[tuple[GhostModule, dict, FallbackCall | None]]) -> dict[str, str]:
         """path -> why, for the modules whose re-run per-example gradients do not add up to the gradient the real
-        backward brought their parameters (``note_gradient``; each parameter used by this call alone; relative
-        tolerance 1e-3, float32's, and half precision's where the gradient or the call's outputs are in it; one
-        device sync): a module that returns its rows in another order than its inputs' (sorted by length, say), or
-        a parameter used in a way the re-run does not repeat. Under FSDP the gradients arrive sharded, and are not
-        compared."""
-        rows = []   # (path, |sum_i of the re-run's gradients|, |the backward's gradient|, relative tolerance)
+        backward brought their parameters (``note_gradient``; the distance of their sum from that gradient, or of
+        the norms where the shapes differ, against the latter's norm; each parameter used by this call alone;
+        relative tolerance 1e-3, float32's, and half precision's where the gradient or the call's outputs are in it;
+        one device sync): a module that returns its rows in another order than its inputs' (sorted by length, say),
+        or a parameter used in a way the re-run does not repeat. Under FSDP the gradients arrive sharded, and are
+        not compared."""
+        rows = []   # (path, |sum_i of the re-run's gradients - the backward's gradient|, |the latter|, tolerance)
         for entry, grads, call in found:
             if call is None or self.sharded:
                 continue
@@ -385,21 +393,46 @@ class GhostPass:
                 name = entry.names[local]
                 noted = self.noted.get(name)
                 if self.use_count[name] == 1 and len(parts) == 1 and noted is not None:
-                    total = torch.linalg.vector_norm(per_example_total(parts[0]), dtype=torch.float64)
+                    total = per_example_total(parts[0])
+                    wanted = noted[2].reshape(total.shape) if noted[2].numel() == total.numel() else None
+                    difference = (torch.linalg.vector_norm(total, dtype=torch.float64) - noted[0]).abs() \
+                        if wanted is None else torch.linalg.vector_norm(total - wanted, dtype=torch.float64)
                     # at least float32's: a module may compute in float32 inside (Mamba's ``A_log.float()``)
                     rtol = max(_CAPTURE_RTOL.get(noted[1], 5e-2), _CAPTURE_RTOL.get(call.precision, 5e-2),
                                _CAPTURE_RTOL[torch.float32])
-                    rows.append((entry.path, total, noted[0], rtol))
+                    rows.append((entry.path, difference, noted[0], rtol))
         if not rows:
             return {}
         device = rows[0][2].device
-        sums = torch.stack([total.to(device) for _, total, _, _ in rows])
+        differences = torch.stack([difference.to(device) for _, difference, _, _ in rows])
         wanted = torch.stack([norm.to(device, torch.float64) for _, _, norm, _ in rows])
         rtol = torch.tensor([r for _, _, _, r in rows], dtype=torch.float64, device=device)
-        matched = ((sums - wanted).abs() <= rtol * torch.maximum(sums, wanted)).tolist()
+        matched = (differences <= rtol * wanted).tolist()
         return {path: ("its per-example gradients from a re-run on each example do not add up to the gradient "
                        "its parameters received (its outputs' rows in another order than its inputs'?)")
                 for (path, _, _, _), good in zip(rows, matched) if not good}
+
+    def _capture_confirmed(self, module: nn.Module, entry: GhostModule, call: FallbackCall, grads: dict) -> bool:
+        """Whether the per-example norms of a call's captured uses are those of its re-run (to 1e-3 of the largest):
+        a capture takes a use's output row r for example r, which rows reordered by an operation it does not know
+        (a concatenation of slices, ``torch.take``, a permutation matrix) break without changing the sums it checks.
+        A module that cannot be re-run keeps its capture."""
+        try:
+            rerun = self._rerun(module, entry, call)
+        except PerExampleError:
+            return True
+        for local, parts in grads.items():
+            if local not in rerun:
+                return False
+            factors = [part for part in parts if isinstance(part, (LinearFactors, IndexFactors))]
+            dense = [part for part in parts if not isinstance(part, (LinearFactors, IndexFactors))]
+            captured = sqnorm_of_sum(factors, sum(dense) if dense else None)
+            again = rerun[local]
+            again = sqnorm_of_sum([again], None) if isinstance(again, LinearFactors) else sqnorm_of_sum([], again)
+            largest = torch.maximum(captured.abs().max(), again.abs().max())
+            if not bool(((captured - again).abs() <= _CAPTURE_RTOL[torch.float32] * largest).all()):
+                return False
+        return True
 
     def _rerun(self, module: nn.Module, entry: GhostModule, call: FallbackCall) -> dict:
         try:
@@ -443,11 +476,14 @@ class GhostPass:
         self.sum_checks.clear()
 
     def note_gradient(self, name: str, grad: Tensor) -> None:
-        """Keeps |grad| of the gradient the backward brings a parameter whose uses were captured (None if it
-        arrives in two parts), to check the capture against in ``_verified_captures``."""
+        """Keeps |grad|, its dtype and grad itself (not copied: read in ``finish``, right after the backward) of the
+        gradient the backward brings a parameter whose uses were captured or that a fallback module re-runs
+        (None if it arrives in two parts), to check the capture and the re-run against (``_verified_captures``,
+        ``_unmatched_reruns``)."""
         if name in self.captured_names or name in self.fallback_names:
             self.noted[name] = None if name in self.noted else (
-                torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), grad.dtype)
+                torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), grad.dtype,
+                grad)
 
     def _verified_captures(self) -> dict[int, dict[str, list]]:
         """id(call) -> local name -> the per-example gradients of its uses (``ParameterUses``), for the calls
@@ -611,6 +647,7 @@ class GhostNormEngine:
         # (module, LinearCapture or ParameterUses) open during their module's forward, in the order they started
         self._open: list[tuple[nn.Module, Any]] = []
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
+        self._cross_checked: weakref.WeakSet = weakref.WeakSet()   # captures confirmed by a re-run
         self._updates_buffers: weakref.WeakSet = weakref.WeakSet()   # modules whose forward changed their buffers
         self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
         self._probe: dict | None = None                       # set inside ``probing``
@@ -637,7 +674,8 @@ class GhostNormEngine:
         examples = {id(t): t._version for t in tensors_of(inputs) if t.dim() and t.shape[0] == batch_size}
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                inputs=examples,
-                               refused=self._refused, probe=probe, verified=self._verified,
+                               refused=self._refused, cross_checked=self._cross_checked, probe=probe,
+                               verified=self._verified,
                                updates_buffers=self._updates_buffers,
                                outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size))
         try:
@@ -1040,6 +1078,9 @@ def _reshaped(view: Tensor, base: Tensor) -> bool:
             and view.storage_offset() == base.storage_offset())
 
 
+_REORDERING = {"FlipBackward0", "RollBackward0", "CatBackward0", "GatherBackward0", "SortBackward0", "TopkBackward0"}
+
+
 def _rows_selected(x: Tensor, batch: int) -> bool:
     """Whether x's rows were picked from an activation's rows by an index (mixture-of-experts routing:
     ``expert(flat[routed])``), seen in x's autograd graph through views and copies: an index along dim 0 of a
@@ -1051,6 +1092,10 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
         if name not in ORDER_KEEPING:
             break
         node = node.next_functions[0][0]
+    if name in _REORDERING:   # rows reversed, rolled, sorted, gathered or joined along dim 0
+        dims = node._saved_dims if name in ("FlipBackward0", "RollBackward0") else (node._saved_dim,)
+        rank = len(node._input_metadata[0].shape) if name != "CatBackward0" else x.dim()
+        return not dims or any(signed_dim(d) % max(rank, 1) == 0 for d in dims)
     if name == "IndexBackward0":
         sizes, first = node._saved_self_sym_sizes, node._saved_indices[0]
     elif name == "IndexSelectBackward0" and node._saved_dim == 0:
