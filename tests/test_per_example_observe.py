@@ -529,3 +529,28 @@ def test_a_block_without_a_backward_is_an_error_not_zeros():
     with engine.observe(inputs.shape[0]) as observed:   # and a real pass afterwards is measured
         _per_example_loss(model(inputs), targets).mean().backward()
     assert observed.sqnorms.shape == (inputs.shape[0],) and bool((observed.sqnorms > 0).all())
+
+
+def test_a_model_that_changes_its_input_in_place_is_refused_where_its_outputs_must_be_recomputed():
+    """observe measures the parameters that need the whole-model vmap (here a Linear on rows picked by an index)
+    by recomputing the model's outputs from the inputs of its call: a forward that changed them in place made that
+    recomputation start from the changed input (0.32 to 0.84 off, silently, in a review's script). Now a ValueError
+    names the cause."""
+    torch.manual_seed(0)
+
+    class Doubles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mid, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x.mul_(2.0)
+            rows = torch.arange(x.shape[0]).roll(1)
+            return self.out(self.mid(torch.tanh(self.embed(x))[rows])[rows.argsort()])
+
+    model = Doubles().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    norms = PerExampleGradNorms(model, _per_example_loss)
+    with pytest.raises(ValueError, match="changed one of its inputs in place"):
+        with norms.observe(5):
+            _per_example_loss(model(x), y).mean().backward()

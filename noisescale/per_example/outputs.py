@@ -56,7 +56,13 @@ class OutputGradients:
         self._others: list[tuple[tuple, list, Any]] = []        # (shape, gradient holder, node) of other outputs
         self._hooks: list = []
         self._module = model.module if isinstance(model, DistributedDataParallel) else model
-        self._handle = self._module.register_forward_hook(self._on_output, with_kwargs=True)
+        self._before: list[tuple[Tensor, int]] = []   # the first call's input tensors and their versions before it
+        self._handles = [self._module.register_forward_pre_hook(self._on_input, with_kwargs=True),
+                         self._module.register_forward_hook(self._on_output, with_kwargs=True)]
+
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and not in_own_pass() and self.calls == 0:
+            self._before = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not torch.is_grad_enabled() or in_own_pass():
@@ -75,6 +81,9 @@ class OutputGradients:
             return None
         self.kept = True
         self.inputs = _keywords(self._module, args, kwargs) if args and kwargs else dict(kwargs) if kwargs else args
+        if any(t._version != version for t, version in self._before):   # the vmap would re-run it on them
+            self.inputs = ("the model changed one of its inputs in place during its forward, so its outputs cannot "
+                           "be recomputed from them: leave the inputs as they are (work on a copy, x = x.clone())")
         self._versions = [(t, t._version) for t in tree_flatten(self.inputs)[0] if isinstance(t, Tensor)]
         batched = [index for index in unique.values() if leaves[index].dim()
                    and leaves[index].shape[0] == self.batch_size]
@@ -97,7 +106,8 @@ class OutputGradients:
                                for leaf in leaves], spec)
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def release(self) -> None:
         """Drop the gradients and the hooks on the outputs (the caller may keep the outputs)."""
