@@ -40,7 +40,7 @@ from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taki
 from noisescale.per_example.vmap import quiet_batching
 
 
-__all__ = ["Broadcast", "BroadcastGradients", "computed_once", "signed_dim"]
+__all__ = ["Broadcast", "BroadcastGradients", "computed_once", "reorders_rows"]
 
 _PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
 
@@ -327,7 +327,7 @@ class BroadcastGradients:
         out, carried = _shape(node, output_nr), None
         for k, (source, nr) in enumerate(node.next_functions):
             found = None if source is None else self._examples_or_reordered(source, nr, seen, depth + 1)
-            if found is _REORDERED or found is not None and _reorders(node, found[0], _shape(source, nr)):
+            if found is _REORDERED or found is not None and reorders_rows(node, found[0], _shape(source, nr)):
                 return _REORDERED
             if found is not None and carried is None:
                 carried = _carry_examples(node, k, output_nr, found, _shape(source, nr), out, self.batch_size)
@@ -528,7 +528,7 @@ _ALONG_ONE = {"CatBackward0", "GatherBackward0", "SortBackward0", "TopkBackward0
               "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
 
 
-def _reorders(node: Any, d: int, inp: tuple | None) -> bool:
+def reorders_rows(node: Any, d: int, inp: tuple | None) -> bool:
     """Whether ``node`` reorders, selects or mixes rows along dim d of an input holding the examples there: a flip
     or roll along it, a sort, top-k, gather, index_select, concatenation or softmax along it, an index tensor in it
     other than arange (CLIP's ``hidden[arange(B), last]``)."""

@@ -56,7 +56,7 @@ from noisescale._graph import ORDER_KEEPING, autograd_nodes
 from noisescale._rng import rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
-from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, signed_dim
+from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, reorders_rows
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
@@ -1078,12 +1078,10 @@ def _reshaped(view: Tensor, base: Tensor) -> bool:
             and view.storage_offset() == base.storage_offset())
 
 
-_REORDERING = {"FlipBackward0", "RollBackward0", "CatBackward0", "GatherBackward0", "SortBackward0", "TopkBackward0"}
-
-
 def _rows_selected(x: Tensor, batch: int) -> bool:
     """Whether x's rows were picked from an activation's rows by an index (mixture-of-experts routing:
-    ``expert(flat[routed])``), seen in x's autograd graph through views and copies: an index along dim 0 of a
+    ``expert(flat[routed])``), or reversed, rolled, sorted, gathered, joined or mixed along dim 0
+    (``broadcast.reorders_rows``), seen in x's autograd graph through views and copies: an index along dim 0 of a
     tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
     ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples."""
     node = x.grad_fn
@@ -1092,10 +1090,9 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
         if name not in ORDER_KEEPING:
             break
         node = node.next_functions[0][0]
-    if name in _REORDERING:   # rows reversed, rolled, sorted, gathered or joined along dim 0
-        dims = node._saved_dims if name in ("FlipBackward0", "RollBackward0") else (node._saved_dim,)
-        rank = len(node._input_metadata[0].shape) if name != "CatBackward0" else x.dim()
-        return not dims or any(signed_dim(d) % max(rank, 1) == 0 for d in dims)
+    if name not in ("IndexBackward0", "IndexSelectBackward0") and node is not None and reorders_rows(
+            node, 0, tuple(node._input_metadata[0].shape)):   # rows reversed, rolled, sorted, gathered, joined
+        return True
     if name == "IndexBackward0":
         sizes, first = node._saved_self_sym_sizes, node._saved_indices[0]
     elif name == "IndexSelectBackward0" and node._saved_dim == 0:
