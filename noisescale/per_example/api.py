@@ -490,7 +490,6 @@ class PerExampleGradNorms:
 
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
-        versions = [(t, t._version) for t in tensors_of(inputs)]
         handles = []
         probe = self._probe(plan, inputs, batch_size)
         try:
@@ -527,7 +526,7 @@ class PerExampleGradNorms:
         else:
             by_parameter = {} if found is None else dict(zip(found[0], found[1].unbind()))
             if vmap_names:
-                if any(t._version != version for t, version in versions):
+                if ghost_pass.inputs_changed():
                     raise ValueError(
                         f"the model changed one of its inputs in place during its forward, and parameters "
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "

@@ -119,7 +119,7 @@ class GhostPass:
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
     in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_batch_of_one``)
-    inputs: dict = field(default_factory=dict)   # id -> version of the model's input tensors of B rows: the examples
+    inputs: dict = field(default_factory=dict)   # id -> (tensor, version before the call) of the model's inputs
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
@@ -255,6 +255,10 @@ class GhostPass:
                 return False   # another dim follows the batch too: CLIP's (B, B) logits, examples against examples
         return True
 
+    def inputs_changed(self) -> bool:
+        """Whether a tensor of the model's call's inputs was changed in place since the pass began."""
+        return any(t._version != version for t, version in self.inputs.values())
+
     def decline(self, entry: GhostModule, why: str) -> None:
         """This call of ``entry``'s module cannot be measured by the hooks: its parameters go to the whole-model
         vmap, and ``why`` to the error message should that fail."""
@@ -273,7 +277,8 @@ class GhostPass:
             traced = self.broadcasts.rows_of(x.grad_fn, x.output_nr)
             if traced is not None and traced * self.batch_size == x.shape[0]:
                 return traced
-        elif x._base is not None and self.inputs.get(id(x._base)) == x._base._version and _reshaped(x, x._base):
+        elif (x._base is not None and x._base.dim() and x._base.shape[0] == self.batch_size
+              and self.inputs.get(id(x._base), (None, None))[1] == x._base._version and _reshaped(x, x._base)):
             return x.shape[0] // self.batch_size   # the model's input (unchanged since the call) reshaped: token ids
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
@@ -424,11 +429,7 @@ class GhostPass:
         for local, parts in grads.items():
             if local not in rerun:
                 return False
-            factors = [part for part in parts if isinstance(part, (LinearFactors, IndexFactors))]
-            dense = [part for part in parts if not isinstance(part, (LinearFactors, IndexFactors))]
-            captured = sqnorm_of_sum(factors, sum(dense) if dense else None)
-            again = rerun[local]
-            again = sqnorm_of_sum([again], None) if isinstance(again, LinearFactors) else sqnorm_of_sum([], again)
+            captured, again = _sqnorms_of_sum(parts), _sqnorms_of_sum([rerun[local]])
             largest = torch.maximum(captured.abs().max(), again.abs().max())
             if not bool(((captured - again).abs() <= _CAPTURE_RTOL[torch.float32] * largest).all()):
                 return False
@@ -671,9 +672,8 @@ class GhostNormEngine:
                   inputs: Any = None) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules`` (``inputs``: the model's call's, where known); the hooks are
         inert again on exit."""
-        examples = {id(t): t._version for t in tensors_of(inputs) if t.dim() and t.shape[0] == batch_size}
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
-                               inputs=examples,
+                               inputs={id(t): (t, t._version) for t in tensors_of(inputs)},
                                refused=self._refused, cross_checked=self._cross_checked, probe=probe,
                                verified=self._verified,
                                updates_buffers=self._updates_buffers,
@@ -1070,6 +1070,13 @@ class GhostNormEngine:
                 "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
+
+
+def _sqnorms_of_sum(parts: list[Tensor | LinearFactors | IndexFactors]) -> Tensor:
+    """(B,) |sum of the parts' per-example gradients|^2, factored or dense (``sqnorm_of_sum``)."""
+    factors = [part for part in parts if isinstance(part, (LinearFactors, IndexFactors))]
+    dense = [part for part in parts if not isinstance(part, (LinearFactors, IndexFactors))]
+    return sqnorm_of_sum(factors, sum(dense) if dense else None)
 
 
 def _reshaped(view: Tensor, base: Tensor) -> bool:
