@@ -165,6 +165,9 @@ class NoiseScaleMonitor:
             ``scaler.scale(loss).backward()`` would scale them, and the norms are measured unscaled.
         writer: anything with ``add_scalar(tag, value, step)`` (a TensorBoard ``SummaryWriter``).
         seed: seed of the Hessian probes.
+        chunk_size: examples per chunk of the whole-model vmap, where it runs.
+        check_independence: on the first measured step, check that each example's loss reads that example alone
+            (one more forward; :mod:`noisescale.per_example.coupling`), and refuse a coupled loss (contrastive).
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class NoiseScaleMonitor:
         writer: Any = None,
         seed: int = 0,
         chunk_size: int | None = None,
+        check_independence: bool = True,
     ) -> None:
         check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
                       hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
@@ -193,7 +197,8 @@ class NoiseScaleMonitor:
                              "on an FSDP-sharded model; set hessian_every=0 (B_simple is measured as usual)")
         self.model = model
         self.loss_fn = loss_fn
-        self.norms = PerExampleGradNorms(model, loss_fn, backend=backend, chunk_size=chunk_size)
+        self.norms = PerExampleGradNorms(model, loss_fn, backend=backend, chunk_size=chunk_size,
+                                         check_independence=check_independence)
         self.average = ExponentialMovingNoiseScale(ema_decay)
         self.hessian_average = ExponentialMovingRatio(hessian_ema_decay)
         self.measure_every = measure_every

@@ -273,7 +273,7 @@ def test_activation_checkpointing_gives_the_same_norms(use_reentrant):
     forward = mlp.forward
     mlp.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
     result = per_example_sqnorms(model, loss_fn, inputs, targets)
-    assert len(runs) == 2                      # the layer was re-run in the backward
+    assert len(runs) == 3   # the independence check's forward, the real one and its re-run in the backward
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
     assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
 
@@ -611,3 +611,44 @@ def test_mixture_of_experts_language_models(name):
                                    atol=1e-7 * largest, msg=parameter)
     for parameter, p in model.named_parameters():
         assert torch.equal(p.grad, grads[parameter]), parameter
+
+
+@pytest.mark.filterwarnings("ignore:a measured layer's input has a dim:RuntimeWarning")   # the (B, B) logits
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_contrastive_model_s_own_loss_is_refused_as_coupled(family):
+    """CLIP's and SigLIP's logits pair every image with every text of the batch: a loss per image row (CLIP's
+    cross-entropy, SigLIP's sigmoid loss) reads every example's embedding, so dl_i/dtheta are not per-example
+    gradients. Refused with p.grad as it was; a loss on each example's own pair (the diagonal) is measured exactly."""
+    import transformers as tr
+    text = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=LENGTH)
+    vision = dict(image_size=12, patch_size=4, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                  num_attention_heads=2)
+    if family == "clip":
+        config = tr.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+        model = tr.CLIPModel(config)
+    else:
+        config = tr.SiglipConfig(text_config=text, vision_config=vision)
+        model = tr.SiglipModel(config)
+    torch.manual_seed(0)
+    model = model.double().eval()
+    inputs = {"input_ids": _tokens(), "pixel_values": torch.randn(BATCH, 3, 12, 12, dtype=torch.float64,
+                                                                   generator=generator(3))}
+
+    def contrastive(outputs, targets):
+        logits = outputs.logits_per_image
+        if family == "clip":
+            return nn.functional.cross_entropy(logits, torch.arange(BATCH), reduction="none")
+        signs = 2 * torch.eye(BATCH, dtype=logits.dtype) - 1
+        return -nn.functional.logsigmoid(signs * logits).sum(1)
+
+    def own_pair(outputs, targets):
+        return -outputs.logits_per_image.diagonal()
+
+    before = grads_of(model)
+    with pytest.raises(ValueError, match="per-example losses are coupled"):
+        per_example_sqnorms(model, contrastive, inputs, None)
+    assert_grads_as_before(model, before)
+    expected = naive_sqnorms(model, own_pair, inputs, torch.zeros(BATCH))
+    result = per_example_sqnorms(model, own_pair, inputs, None)
+    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)

@@ -62,6 +62,9 @@ under FSDP (it keeps zero norms).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
+Losses that couple the examples (a contrastive loss, statistics of the batch) have no per-example gradients: the
+first call checks that each l_i reads example i alone and raises otherwise (``coupling.py``).
+
 Failures: if anything fails (a rule, the fallback, vmap, the loss's shape), every p.grad is put back as it was
 before the call and ``PerExampleError`` names the module, its type, the parameters, the backend and what to do.
 Under DDP, gradients already all-reduced by the failed backward cannot be taken back on the other ranks.
@@ -83,6 +86,7 @@ from torch.nn.parallel import DistributedDataParallel
 from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
+from noisescale.per_example.coupling import differing_example, replaced_example_losses
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
@@ -229,10 +233,14 @@ class PerExampleGradNorms:
 
     Parameters shared by several modules or calls, and those measured by the per-module fallback, are measured by
     summing their per-example gradients before the norm, which materialises (B x numel) for those parameters only.
+
+    ``check_independence``: the first call of a plan runs one more forward, with example 0's inputs replaced by
+    another's, and refuses a loss whose other examples' values moved (a contrastive loss: ``coupling.py``); under
+    FSDP, and in ``observe`` (whose loss is the caller's), nothing is checked.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
-                 chunk_size: int | None = None, by_parameter: bool = False):
+                 chunk_size: int | None = None, by_parameter: bool = False, check_independence: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -243,6 +251,7 @@ class PerExampleGradNorms:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
+        self.check_independence = check_independence
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
         # FSDP (noisescale.sharded): the parameters are shards between calls; FSDP1 may keep them in flat parameters
         self._sharded = is_sharded(model)
@@ -267,6 +276,7 @@ class PerExampleGradNorms:
         self._read_elsewhere: set[str] = set()   # and the rule-measured ones it found read outside their layers
         self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
         self._outputs_needed = False   # once one needed the whole-model vmap (``OutputGradients``)
+        self._independence_checked = False   # whether a call of this plan checked that the losses are per example
         self._closed = False
 
     def close(self) -> None:
@@ -297,6 +307,7 @@ class PerExampleGradNorms:
             plan = self._build_plan()
             self._probes.clear()
             self._uses_checked, self._read_elsewhere, self._observed = False, set(), False
+            self._independence_checked = False
             if not self._sharded:
                 self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
             self._cached_plan = (key, plan)
@@ -470,6 +481,21 @@ class PerExampleGradNorms:
             self._probes[key] = dict(found)
         return self._probes[key]
 
+    def _replaced_example(self, plan: _Plan, inputs: Any, targets: Any, batch_size: int):
+        """On a plan's first call with two examples whose inputs differ, the losses of the batch with example 0
+        replaced by another, for the check that each loss reads its own example (``coupling.py``); None after
+        that, under FSDP (whose forward communicates) and with ``check_independence=False``."""
+        if not self.check_independence or self._independence_checked or self._sharded:
+            return None
+        k = differing_example(inputs, batch_size)
+        if k is None:
+            return None
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        replaced = replaced_example_losses(model, self.loss_fn, inputs, targets, batch_size, k,
+                                           list(plan.parameters.values()))
+        self._independence_checked = True
+        return replaced
+
     def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
         """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it (auto
         sent it to the whole-model vmap). A call with the examples flattened into rows, or an unchecked one with a
@@ -492,10 +518,13 @@ class PerExampleGradNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
         handles = []
         probe = self._probe(plan, inputs, batch_size)
+        replaced = self._replaced_example(plan, inputs, targets, batch_size)
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded, probe=probe, inputs=inputs) as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
+                if replaced is not None:
+                    replaced.check(losses)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
                 bypassed = self._bypassed(plan, ghost_pass, [loss.grad_fn])
@@ -732,7 +761,7 @@ class _GradSnapshot:
 
 def per_example_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
                         backend: str = "auto", chunk_size: int | None = None, by_parameter: bool = False,
-                        loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
+                        loss_scale: float | Tensor = 1.0, check_independence: bool = True) -> PerExampleNorms:
     """One-shot form of ``PerExampleGradNorms``: hooks are installed for this call only."""
-    with PerExampleGradNorms(model, loss_fn, backend, chunk_size, by_parameter) as measure:
+    with PerExampleGradNorms(model, loss_fn, backend, chunk_size, by_parameter, check_independence) as measure:
         return measure(inputs, targets, loss_scale=loss_scale)

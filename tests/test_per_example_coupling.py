@@ -1,0 +1,146 @@
+"""The check that each example's loss reads that example alone (``noisescale/per_example/coupling.py``): coupled
+losses are refused with p.grad as it was; independent ones, with dropout, buffers and several calls, are measured
+as before, with the training's random stream and buffers unchanged by the check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisescale.per_example import PerExampleGradNorms
+from test_per_example import assert_grads_as_before, assert_relclose, generator, grads_of, naive_per_example
+
+
+class TwoTowers(nn.Module):
+    """Image and text towers with dropout, as a contrastive model has."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 4))
+        self.text = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def forward(self, x, t):
+        return self.image(x), self.text(t)
+
+
+def contrastive_loss(outputs, targets):
+    """CLIP's loss, per image row: each example's loss reads every text embedding of the batch."""
+    image, text = (F.normalize(e, dim=-1) for e in outputs)
+    logits = 5.0 * image @ text.T
+    return F.cross_entropy(logits, torch.arange(len(image)), reduction="none")
+
+
+def own_pair_loss(outputs, targets):
+    """The same towers with a loss per example: the cosine of its own image and text."""
+    image, text = (F.normalize(e, dim=-1) for e in outputs)
+    return -(image * text).sum(-1)
+
+
+def _towers_batch(size=6):
+    return (torch.randn(size, 6, dtype=torch.float64, generator=generator(1)),
+            torch.randn(size, 5, dtype=torch.float64, generator=generator(2)))
+
+
+def test_a_contrastive_loss_is_refused_and_leaves_p_grad_as_it_was():
+    torch.manual_seed(0)
+    model = TwoTowers().double()
+    inputs = _towers_batch()
+    own_pair_loss(model(*inputs), None).mean().backward()   # gradients accumulated before the call
+    before = grads_of(model)
+    engine = PerExampleGradNorms(model, contrastive_loss)
+    with pytest.raises(ValueError, match="per-example losses are coupled.*contrastive loss"):
+        engine(inputs, None)
+    assert_grads_as_before(model, before)
+
+
+def test_coupling_inside_the_model_is_refused():
+    """A model that centres its features over the batch: each example's output reads the others."""
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.layer(x)
+            return h - h.mean(0)
+
+    model = Centred().double()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=generator(3))
+    y = torch.randn(5, 3, dtype=torch.float64, generator=generator(4))
+    with pytest.raises(ValueError, match="coupled"):
+        PerExampleGradNorms(model, lambda out, target: (out - target).square().sum(1))(x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_check_independence_false_measures_the_decomposition():
+    torch.manual_seed(0)
+    model = TwoTowers().double()
+    result = PerExampleGradNorms(model, contrastive_loss, check_independence=False)(_towers_batch(), None)
+    assert result.sqnorms.shape == (6,) and bool((result.sqnorms > 0).all())
+
+
+def test_an_independent_loss_is_measured_as_without_the_check_with_the_training_unchanged():
+    """With dropout in train mode: the same norms, the same p.grad and the same random stream afterwards as with
+    the check switched off, and exact against the loop in eval mode."""
+    torch.manual_seed(0)
+    model = TwoTowers().double()
+    inputs = _towers_batch()
+    runs = []
+    for check in (True, False):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        result = PerExampleGradNorms(model, own_pair_loss, check_independence=check)(inputs, None)
+        runs.append((result.sqnorms, [p.grad.clone() for p in model.parameters()], torch.rand(3)))
+    (norms, grads, draws), (norms_off, grads_off, draws_off) = runs
+    assert torch.equal(norms, norms_off) and torch.equal(draws, draws_off)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_off))
+    model.eval()
+    expected = naive_per_example(model, own_pair_loss, inputs, torch.zeros(6))
+    result = PerExampleGradNorms(model, own_pair_loss, by_parameter=True)(inputs, None)
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+
+
+def test_the_check_runs_once_per_plan_and_puts_buffers_back():
+    """One extra forward on the first call (and after the plan changes: train to eval), none on later calls; a
+    buffer the forward updates (a counter) moves once per real forward only."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.layer(x)
+
+    forwards = []
+
+    def loss(outputs, targets):
+        forwards.append(len(outputs))
+        return (outputs - targets).square().sum(1)
+
+    model = Counting().double()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator(5))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=generator(6))
+    engine = PerExampleGradNorms(model, loss)
+    for _ in range(3):
+        engine(x, y)
+    assert len(forwards) == 4 and int(model.calls) == 3
+    model.eval()
+    engine(x, y)
+    assert len(forwards) == 6 and int(model.calls) == 4
+
+
+def test_identical_examples_leave_the_check_to_a_later_batch():
+    """With every example's inputs the same, there is nothing to replace example 0 with: that call is not checked
+    (and raises nothing for a coupled loss), and the next call, whose examples differ, is."""
+    torch.manual_seed(0)
+    model = TwoTowers().double()
+    x, t = _towers_batch()
+    engine = PerExampleGradNorms(model, contrastive_loss)
+    engine((x[:1].expand(6, -1).clone(), t[:1].expand(6, -1).clone()), None)
+    with pytest.raises(ValueError, match="coupled"):
+        engine((x, t), None)
