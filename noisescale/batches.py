@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples", "to_device",
-           "tensors_of", "collate_examples", "fetch_examples"]
+           "tensors_of", "collate_examples", "fetch_examples", "map_tensors"]
 
 
 def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -72,7 +72,8 @@ def batch_size_of(inputs: Any) -> int:
     return size
 
 
-def _map_tensors(function, value: Any) -> Any:
+def map_tensors(function, value: Any) -> Any:
+    """``value`` with ``function`` applied to every tensor (a Mapping becomes a plain dict)."""
     if isinstance(value, Mapping) and not isinstance(value, dict):
         value = dict(value)  # a BatchEncoding or other Mapping: a plain dict of the same items
     return tree_map(lambda leaf: function(leaf) if isinstance(leaf, Tensor) else leaf, value)
@@ -86,7 +87,7 @@ def select_examples(value: Any, index: slice | Tensor | Sequence[int]) -> Any:
     def rows(t: Tensor) -> Tensor:
         return t[index.to(t.device)] if isinstance(index, Tensor) else t[index]
 
-    return _map_tensors(rows, value)
+    return map_tensors(rows, value)
 
 
 def split_examples(value: Any, sizes: Sequence[int]) -> list[Any]:
@@ -97,7 +98,7 @@ def split_examples(value: Any, sizes: Sequence[int]) -> list[Any]:
 
 def to_device(value: Any, device: torch.device | str) -> Any:
     """Every tensor of ``value`` on ``device`` (no copy when already there)."""
-    return _map_tensors(lambda t: t.to(device), value)
+    return map_tensors(lambda t: t.to(device), value)
 
 
 def collate_examples(items: Sequence[Any]) -> tuple[Any, Any]:

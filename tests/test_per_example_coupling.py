@@ -1,9 +1,15 @@
 """The check that each example's loss reads that example alone (``noisescale/per_example/coupling.py``): coupled
 losses are refused with p.grad as it was; independent ones, with dropout, buffers and several calls, are measured
-as before, with the training's random stream and buffers unchanged by the check."""
+as before, with the training's random stream and buffers unchanged by the check. Under ``observe`` the outputs
+that couple the examples are warned about, and the caller's step is left as it was."""
 
 from __future__ import annotations
 
+import copy
+import random
+import warnings
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +150,101 @@ def test_identical_examples_leave_the_check_to_a_later_batch():
     engine((x[:1].expand(6, -1).clone(), t[:1].expand(6, -1).clone()), None)
     with pytest.raises(ValueError, match="coupled"):
         engine((x, t), None)
+
+
+class PairScores(nn.Module):
+    """Two towers and their (B, B) scores, every example against every other, as CLIP's logits; a call counter
+    in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.towers = TwoTowers()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x, t):
+        self.calls += 1
+        image, text = (F.normalize(e, dim=-1) for e in self.towers(x, t))
+        return {"scores": 5.0 * image @ text.T, "image": image}
+
+
+def _observe(model, loss, inputs, **options):
+    """One observed step: the caller's own forward and backward of the mean loss; returns the norms and the
+    warnings raised."""
+    engine = PerExampleGradNorms(model, lambda outputs, targets: None, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with engine.observe(len(inputs[0]), model_inputs=inputs) as observed:
+            loss(model(*inputs)).mean().backward()
+    return observed, [w for w in caught if "couples the examples" in str(w.message)]
+
+
+def test_observe_warns_about_outputs_that_couple_the_examples():
+    """The caller's loss is unknown to observe: the outputs are compared instead, and the (B, B) scores named;
+    the per-example outputs are not. The caller's step is left as it was: p.grad, the random stream, the
+    buffers (one call counted)."""
+    torch.manual_seed(0)
+    model = PairScores().double()
+    plain = copy.deepcopy(model)
+    inputs = _towers_batch()
+
+    def contrastive(outputs):
+        return F.cross_entropy(outputs["scores"], torch.arange(6), reduction="none")
+
+    torch.manual_seed(5)
+    contrastive(plain(*inputs)).mean().backward()
+    expected_draws = torch.rand(3)
+    torch.manual_seed(5)
+    _, caught = _observe(model, contrastive, inputs)
+    assert torch.equal(torch.rand(3), expected_draws)
+    assert len(caught) == 1 and "['scores']" in str(caught[0].message) and "['image']" not in str(caught[0].message)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters()))
+    assert int(model.calls) == 1
+
+
+def test_observe_of_independent_outputs_does_not_warn_and_is_exact():
+    torch.manual_seed(0)
+    model = TwoTowers().double().eval()
+    inputs = _towers_batch()
+    observed, caught = _observe(model, lambda outputs: own_pair_loss(outputs, None), inputs)
+    assert not caught
+    expected = naive_per_example(model, own_pair_loss, inputs, torch.zeros(6))
+    assert_relclose(observed.sqnorms, sum(expected.values()))
+    _, caught = _observe(PairScores().double(), lambda outputs: outputs["scores"].diagonal(), inputs,
+                         check_independence=False)
+    assert not caught
+
+
+class NumpyMasked(nn.Module):
+    """Zeroes features drawn from NumPy's global generator in train mode, as HF Wav2Vec2's time masking does."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.head = nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.layer(x)
+        keep = torch.as_tensor(np.random.rand(*h.shape) > 0.3, dtype=h.dtype)
+        return self.head(h * keep)
+
+
+def test_draws_from_python_and_numpy_generators_are_replayed_and_left_as_they_were():
+    """The check's forward draws the same NumPy mask as the real one (no false coupling: 5e-4 off in train-mode
+    Wav2Vec2 before), and the training's NumPy and Python streams are those of a run without the check."""
+    torch.manual_seed(0)
+    model = NumpyMasked().double()
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator(7))
+    y = torch.randn(6, 2, dtype=torch.float64, generator=generator(8))
+    draws = []
+    for check in (True, False):
+        np.random.seed(3)
+        random.seed(3)
+        model.zero_grad(set_to_none=True)
+        result = PerExampleGradNorms(model, lambda out, t: (out - t).square().sum(1),
+                                     check_independence=check)(x, y)
+        draws.append((result.sqnorms, np.random.rand(), random.random()))
+        np.random.seed(3)
+        random.seed(3)
+        _, caught = _observe(model, lambda out: (out - y).square().sum(1), (x,), check_independence=check)
+        assert not caught
+        draws.append((np.random.rand(), random.random()))
+    assert torch.equal(draws[0][0], draws[2][0]) and draws[0][1:] == draws[2][1:] and draws[1] == draws[3]

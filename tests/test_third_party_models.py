@@ -652,3 +652,11 @@ def test_a_contrastive_model_s_own_loss_is_refused_as_coupled(family):
     expected = naive_sqnorms(model, own_pair, inputs, torch.zeros(BATCH))
     result = per_example_sqnorms(model, own_pair, inputs, None)
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-9, atol=0)
+    # observe (the Trainer's path) cannot see the loss: the model's own contrastive loss is warned about, from the
+    # outputs it reads (the scale and bias frozen: trainable, they need the whole-model vmap, which observe refuses)
+    model.logit_scale.requires_grad_(False)
+    if family == "siglip":
+        model.logit_bias.requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match=r"couples the examples.*\['logits_per_image'\]"):
+        with PerExampleGradNorms(model, own_pair).observe(BATCH, model_inputs=inputs):
+            model(**inputs, return_loss=True).loss.backward()

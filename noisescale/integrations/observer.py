@@ -49,6 +49,8 @@ class NoiseScaleOptions:
         whose Hessian-vector products run the model again on the step's first micro-batch (on a forked random
         stream; the training's own passes and gradients are untouched).
     log_prefix: the prefix of the logged names (``noise_scale/b_simple``, ...).
+    check_independence: on the first measured step, check that the model's outputs do not couple the examples
+        (a warning naming them: :mod:`noisescale.per_example.coupling`).
     """
 
     measure_every: int = 1
@@ -61,9 +63,11 @@ class NoiseScaleOptions:
     seed: int = 0
     per_example_loss: Callable[[Any, Any], torch.Tensor] | None = None
     log_prefix: str = "noise_scale/"
+    check_independence: bool = True
 
     def __post_init__(self) -> None:   # out-of-range values fail here, not at the first training step
-        check_options(**{key: value for key, value in self.monitor_options().items() if key != "seed"})
+        check_options(**{key: value for key, value in self.monitor_options().items()
+                         if key not in ("seed", "check_independence")})
         if self.hessian_every and self.per_example_loss is None:
             _per_example_loss_not_given(None, None)
 
@@ -77,6 +81,7 @@ class NoiseScaleOptions:
             "hessian_examples": self.hessian_examples,
             "hessian_probes": self.hessian_probes,
             "seed": self.seed,
+            "check_independence": self.check_independence,
         }
 
 

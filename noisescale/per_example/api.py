@@ -86,12 +86,12 @@ from torch.nn.parallel import DistributedDataParallel
 from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
-from noisescale.per_example.coupling import differing_example, replaced_example_losses
+from noisescale.per_example.coupling import FirstCallOutputs, differing_example, replaced_example_losses
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
-from noisescale.per_example.vmap import vmap_sqnorms
+from noisescale.per_example.vmap import in_own_pass, vmap_sqnorms
 from noisescale.sharded import flat_parameter_owners, is_sharded
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
@@ -636,6 +636,10 @@ class PerExampleGradNorms:
         observed = ObservedNorms()
         probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
         can_vmap = not self._sharded
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        first_call = None if (not self.check_independence or self._independence_checked or self._sharded) else \
+            FirstCallOutputs(module, next((p.device for p in parameters.values() if p.device.type == "cuda"), None),
+                             in_own_pass)
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                     sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
             outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
@@ -646,12 +650,15 @@ class PerExampleGradNorms:
                     yield observed
             finally:
                 outputs.close()
+                if first_call is not None:
+                    first_call.close()
         if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
             outputs.release()
             raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
                              "and its backward (loss.backward()) inside the with block, with grad enabled; the "
                              "norms would be zeros")
         self._observed = True
+        check_inputs = outputs.inputs if outputs.kept else model_inputs
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
         if not self._uses_checked and not self._sharded:
@@ -690,6 +697,29 @@ class PerExampleGradNorms:
         observed.by_parameter = by_parameter if self.by_parameter else None
         observed.backend_of = {name: "vmap" if name in need_vmap else "module" if name in ghost_pass.fallback_names
                                else backend for name, backend in plan.backend_of.items()}
+        if first_call is not None:
+            self._warn_if_outputs_coupled(first_call, module, check_inputs, batch_size, list(parameters.values()))
+
+    def _warn_if_outputs_coupled(self, first_call: FirstCallOutputs, module: nn.Module, inputs: Any,
+                                 batch_size: int, parameters: list[nn.Parameter]) -> None:
+        """observe's check that the examples are independent (``coupling.py``), on the model's outputs: a
+        warning naming those whose other examples' rows moved with example 0's inputs; spent once it could run."""
+        if first_call.outputs is None or inputs is None or isinstance(inputs, str) or first_call.weights_changed():
+            return
+        k = differing_example(inputs, batch_size)
+        if k is None:
+            return
+        self._independence_checked = True
+        moved = first_call.coupled_outputs(module, inputs, batch_size, k, parameters)
+        if moved:
+            shown = ", ".join(f"{path or '(the output)'} ({change:.2g})" for path, change in list(moved.items())[:4])
+            warnings.warn(
+                f"the model couples the examples: replacing example 0's inputs by example {k}'s moved the other "
+                f"examples' rows of its outputs {shown} (relative to each output's largest value). A loss that "
+                "reads them (a contrastive loss such as CLIP's or SigLIP's) has no per-example gradients, and the "
+                "norms and the noise scale observed are then wrong; measure the noise scale from independent "
+                "micro-batches instead. observe cannot see the loss, so this is not an error; "
+                "check_independence=False (NoiseScaleOptions too) skips the check", RuntimeWarning, stacklevel=3)
 
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
                           ghost_pass: GhostPass, batch_size: int, scale: float,
