@@ -13,6 +13,14 @@ ORDER_KEEPING = frozenset({"AliasBackward0", "ViewBackward0", "UnsafeViewBackwar
                            "SqueezeBackward1", "SqueezeBackward2"})
 
 
+def output_shape(node: Any, output_nr: int) -> tuple | None:
+    """The shape of output ``output_nr`` of autograd node ``node`` (its gradient's), or None where unknown."""
+    try:
+        return tuple(node._input_metadata[output_nr].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
 def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = ()) -> Iterator[Any]:
     """Every node of the autograd graph reachable from the nodes ``starts`` (a tensor's ``grad_fn``; None is
     skipped), each once, not walked into or past the nodes ``stops``; an AccumulateGrad node holds its leaf in

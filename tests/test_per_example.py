@@ -562,6 +562,39 @@ def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
         assert_relclose(result.by_parameter[name], values)
 
 
+class TwoLayerExpert(nn.Module):
+    """Routed tokens through an expert of two layers, plain (``wo(relu(wi(t)))``, HF SwitchTransformers') or gated
+    (``wo(silu(wi(t)) * up(t))``): the second layer's input has as many rows as the tokens routed to the expert."""
+
+    def __init__(self, gated):
+        super().__init__()
+        self.inp, self.wi, self.wo = nn.Linear(3, 3), nn.Linear(3, 4), nn.Linear(4, 3)
+        self.up = nn.Linear(3, 4) if gated else None
+
+    def forward(self, x):
+        flat = self.inp(x).reshape(-1, 3)
+        routed = (x.reshape(-1, 3)[:, 0] > 0).nonzero()[:, 0]
+        tokens = flat[routed]
+        inner = F.silu(self.wi(tokens)) * self.up(tokens) if self.up is not None else torch.relu(self.wi(tokens))
+        return flat.index_add(0, routed, self.wo(inner)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_an_expert_s_second_layer_on_routed_rows_is_not_taken_for_the_examples(gated):
+    """The first layer on the 4 routed tokens (B = 4) goes to the whole-model vmap; the second, on the first's
+    output, went to its rule before (HF SwitchTransformers' ``wo``: 0.38 and 0.87 off, silently): now it follows."""
+    torch.manual_seed(0)
+    model = _float64(lambda: TwoLayerExpert(gated))
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(1))
+    x[..., 0] = -1.0
+    x.view(-1, 3)[torch.tensor([0, 1, 4, 7]), 0] = 1.0
+    y = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(2))
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    assert {result.backend_of[name] for name in result.backend_of if not name.startswith("inp")} == {"vmap"}
+    for name, values in naive_per_example(model, regression_loss, x, y).items():
+        assert_relclose(result.by_parameter[name], values)
+
+
 def test_a_weight_read_outside_its_layer_is_found_under_bfloat16_autocast():
     """Autocast casts a weight to bfloat16 once and caches the copy, so the layer's call and the second read share
     one cast node: its uses are counted through it. Reference: the per-example loop in float32 (bfloat16's rounding

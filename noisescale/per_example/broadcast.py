@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taking
+from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taking, output_shape
 from noisescale.per_example.vmap import quiet_batching
 
 
@@ -243,11 +243,11 @@ class BroadcastGradients:
         """Whether every operation that takes the output of ``node`` keeps its rows (``_keeps_rows``) until the
         examples' rows meet them (``_meets``): an expanded or repeated shared tensor whose example 0's block is also
         read by every example (``e[:1]``), or whose blocks are averaged, is not broadcast over the examples."""
-        users, out = consumers.get(node, []), _shape(node, 0) or ()
+        users, out = consumers.get(node, []), output_shape(node, 0) or ()
         if not users or depth > 6:
             return False
         for consumer, j, nr in users:
-            name, shape = type(consumer).__name__, _shape(consumer, 0) or ()
+            name, shape = type(consumer).__name__, output_shape(consumer, 0) or ()
             if nr != 0 or not shape:
                 return False
             aligned = len(shape) == len(out) and shape[0] == rows   # dim 0 stays dim 0
@@ -266,9 +266,9 @@ class BroadcastGradients:
     def _meets(self, node: Any, k: int, rows: int, blocks: int) -> bool:
         """Whether another input of ``node`` (its input k the rows followed) holds the examples' rows in blocks of
         ``blocks``, traced back to a rule layer's output (``rows_of``), or ``node`` is a rule layer's input."""
-        out = _shape(node, 0)
+        out = output_shape(node, 0)
         for j, (source, nr) in enumerate(node.next_functions):
-            shape = None if j == k or source is None else _shape(source, nr)
+            shape = None if j == k or source is None else output_shape(source, nr)
             if shape and len(shape) == len(out) and shape[0] == rows and self.rows_of(source, nr) == blocks:
                 return True
         return self.inputs.get(node) == blocks
@@ -278,7 +278,7 @@ class BroadcastGradients:
         as another input of ``node`` whose rows trace back to a rule layer's output (``rows_of``), as the input of
         a rule layer that took its dim 0 for the examples (``inputs``), or so at an operation downstream that
         keeps the rows."""
-        out = _shape(node, 0)
+        out = output_shape(node, 0)
         if not out or out[0] != rows:
             return False
         if self._meets(node, k, rows, blocks):
@@ -286,7 +286,7 @@ class BroadcastGradients:
         if depth >= 6:
             return False
         for consumer, j, nr in consumers.get(node, []):
-            name, shape = type(consumer).__name__, _shape(consumer, 0) or ()
+            name, shape = type(consumer).__name__, output_shape(consumer, 0) or ()
             if nr != 0 or not _keeps_rows(consumer, name):
                 continue
             if name in _REGROUP:   # B blocks of whole examples regrouped (a matmul's reshape to (B heads, ...))
@@ -324,13 +324,13 @@ class BroadcastGradients:
         return seen[(node, output_nr)]
 
     def _traced(self, node: Any, output_nr: int, seen: dict, depth: int) -> Any:
-        out, carried = _shape(node, output_nr), None
+        out, carried = output_shape(node, output_nr), None
         for k, (source, nr) in enumerate(node.next_functions):
             found = None if source is None else self._examples_or_reordered(source, nr, seen, depth + 1)
-            if found is _REORDERED or found is not None and reorders_rows(node, found[0], _shape(source, nr)):
+            if found is _REORDERED or found is not None and reorders_rows(node, found[0], output_shape(source, nr)):
                 return _REORDERED
             if found is not None and carried is None:
-                carried = _carry_examples(node, k, output_nr, found, _shape(source, nr), out, self.batch_size)
+                carried = _carry_examples(node, k, output_nr, found, output_shape(source, nr), out, self.batch_size)
         return carried
 
     def _between(self, broadcast: Broadcast, node: Any, targets: set, grads: tuple) -> None:
@@ -381,7 +381,7 @@ def _masked_alike(node: Any, edge: tuple) -> bool:
         return False
     k = 0 if node.next_functions[0] == edge else 1
     constant = node._saved_other if k == 0 else node._saved_self
-    out, shape = _shape(node, 0), tuple(_input_meta(node, k).shape)
+    out, shape = output_shape(node, 0), tuple(_input_meta(node, k).shape)
     return constant is not None and out == shape and constant.dim() <= len(out) and all(
         c in (1, o) for c, o in zip(reversed(constant.shape), reversed(out)))
 
@@ -468,13 +468,6 @@ def _input_shapes(node: Any) -> list:
         return list(node._input_metadata)
     except (AttributeError, RuntimeError):
         return []
-
-
-def _shape(node: Any, output_nr: int) -> tuple | None:
-    try:
-        return tuple(node._input_metadata[output_nr].shape)
-    except (AttributeError, IndexError, RuntimeError):
-        return None
 
 
 def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], inp: tuple | None,

@@ -47,7 +47,7 @@ from noisescale.per_example.attention import (attention_per_example_grads, atten
                                               captured_per_example_grads)
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
-from noisescale.per_example.vmap import quiet_batching
+from noisescale.per_example.vmap import conversions_refused, quiet_batching
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
            "check_unmodified", "is_parameter_table", "module_per_example_grads", "opaque_input", "output_leaves"]
@@ -369,7 +369,8 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
             return _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
                               batch_size, call)
         try:
-            return _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked)
+            with conversions_refused():   # a forward converting its own modules crashed torch.func (vmap.py)
+                return _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked)
         except (RuntimeError, NotImplementedError, ValueError, TypeError):
             # torch.func cannot batch some ops (fused RNN kernels, .item(), data-dependent control flow)
             return _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from noisescale._graph import ORDER_KEEPING, autograd_nodes
+from noisescale._graph import ORDER_KEEPING, autograd_nodes, output_shape
 from noisescale._rng import rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
@@ -100,6 +100,7 @@ class GhostPass:
     fallback_names: set[str] = field(default_factory=set)
     rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
     declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
+    selected: set = field(default_factory=set)   # output nodes of calls on rows selected from another tensor's
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
@@ -814,9 +815,12 @@ class GhostNormEngine:
             why = f"called with an input of shape {_shape(x)}"
         elif is_parameter_table(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
-        elif plain and _rows_selected(x, batch):
+        elif plain and (_rows_selected(x, batch) or ghost_pass.selected and _from_selected_rows(
+                x, ghost_pass.selected, ghost_pass.broadcasts.rows)):
             why = (f"called on {batch} rows selected from another tensor's rows (tokens routed to an expert), as "
                    "many as the examples only by chance")
+            if isinstance(output, Tensor) and output.grad_fn is not None:
+                ghost_pass.selected.add(output.grad_fn)
         elif plain and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
                 entry.rule.rows_as_positions, traced=entry.rule.rows_as_positions):
@@ -1112,6 +1116,26 @@ def _rows_selected(x: Tensor, batch: int) -> bool:
     return not (sizes[0] == batch and (first is None or (   # arange(B), or arange(B)[:, None] broadcast over k
         first.shape[0] == batch and first.numel() == batch
         and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))
+
+
+def _from_selected_rows(x: Tensor, selected: set, examples: dict) -> bool:
+    """Whether x's rows come from the output of a call on rows selected from another tensor's rows (``selected``:
+    a routed expert's first layer) through operations on as many rows (an activation, dropout, a gated expert's
+    ``act(gate(h)) * up(h)``), not walked past a measured layer's output (``examples``): the expert's next layer,
+    on B rows only by chance too (HF SwitchTransformers' ``wo``: 0.38 and 0.87 off, silently, before)."""
+    stack, seen = [(x.grad_fn, 0)], set()
+    while stack:
+        node, depth = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in selected:
+            return True
+        if node in examples or depth >= 8:
+            continue
+        stack.extend((source, depth + 1) for source, nr in node.next_functions
+                     if source is not None and (output_shape(source, nr) or (None,))[0] == x.shape[0])
+    return False
 
 
 def _sequence_first(x: Any, output: Any, batch: int, rule: LayerRule) -> bool:

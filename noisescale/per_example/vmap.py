@@ -31,7 +31,7 @@ from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
 from noisescale.per_example.factors import per_example_sqnorm
 
-__all__ = ["vmap_sqnorms", "quiet_batching"]
+__all__ = ["vmap_sqnorms", "quiet_batching", "conversions_refused"]
 
 
 class _ModelAndLoss(nn.Module):
@@ -83,6 +83,28 @@ def quiet_batching() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
                                 "the batching rule")
         yield
+
+
+@contextmanager
+def conversions_refused() -> Iterator[None]:
+    """A forward that converts its own modules (HF SwitchTransformers' and NLLB-MoE's routers run
+    ``self.classifier = self.classifier.to(self.dtype)`` on every call) assigns ``.data`` to the tensors that
+    functional_call put in place, and under torch.func's transforms that crashed the process (a segmentation fault,
+    torch 2.13). Inside this block a conversion that changes nothing returns the module as it is, and any other
+    raises a RuntimeError, on which the caller takes the examples one by one (no transform) instead."""
+    original = nn.Module._apply
+
+    def guarded(module: nn.Module, fn: Callable, recurse: bool = True) -> nn.Module:
+        if all(fn(t) is t for t in [*module.parameters(recurse), *module.buffers(recurse)]):
+            return module
+        raise RuntimeError(f"{type(module).__name__} converts its own parameters inside the forward (Module.to, "
+                           ".float(), ...), which torch.func's transforms cannot run")
+
+    nn.Module._apply = guarded
+    try:
+        yield
+    finally:
+        nn.Module._apply = original
 
 
 @contextmanager
@@ -147,8 +169,9 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
             rows_inputs = [t[start:start + step] for t in input_tensors]
             rows_targets = [t[start:start + step] for t in target_tensors]
             try:
-                grads = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(
-                    trainable, rows_inputs, rows_targets)
+                with conversions_refused():
+                    grads = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")(
+                        trainable, rows_inputs, rows_targets)
             except (RuntimeError, NotImplementedError):  # an op torch.func cannot batch (a fused RNN kernel's
                 grads = per_example_grads_by_loop(rows_inputs, rows_targets)  # shape error, say): one by one
             for name, g in grads.items():
