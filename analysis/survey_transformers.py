@@ -178,9 +178,10 @@ def whisper():
     return model, inputs, y, loss
 
 
-def t5(cls=tr.T5ForConditionalGeneration, cfgcls=tr.T5Config):
+def t5(cls=tr.T5ForConditionalGeneration, cfgcls=tr.T5Config, **extra):
     cfg = cfgcls(vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+                 relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+                 **extra)
     m = cls(cfg)
     inputs = {"input_ids": _ids(), "decoder_input_ids": _ids(LENGTH[1])}
     g = torch.Generator().manual_seed(4)
@@ -189,6 +190,18 @@ def t5(cls=tr.T5ForConditionalGeneration, cfgcls=tr.T5Config):
 
 def mt5():
     return t5(tr.MT5ForConditionalGeneration, tr.MT5Config)
+
+
+def switch_transformers():   # one module per expert; the router computes in float32 (no jitter: the loop's draws)
+    return t5(tr.SwitchTransformersForConditionalGeneration, tr.SwitchTransformersConfig, num_experts=4,
+              expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1, router_jitter_noise=0.0)
+
+
+def nllb_moe():
+    cfg = tr.NllbMoeConfig(**_bart_kw(), num_experts=4, expert_capacity=64, encoder_sparse_step=1,
+                           decoder_sparse_step=1, moe_token_dropout=0.0, encoder_layerdrop=0.0,
+                           decoder_layerdrop=0.0)
+    return _seq2seq(tr.NllbMoeForConditionalGeneration(cfg))
 
 
 def _bart_kw():

@@ -167,7 +167,8 @@ class NoiseScaleMonitor:
         seed: seed of the Hessian probes.
         chunk_size: examples per chunk of the whole-model vmap, where it runs.
         check_independence: on the first measured step, check that each example's loss reads that example alone
-            (one more forward; :mod:`noisescale.per_example.coupling`), and refuse a coupled loss (contrastive).
+            (two more forwards; :mod:`noisescale.per_example.coupling`), and refuse a coupled loss
+            (contrastive).
     """
 
     def __init__(

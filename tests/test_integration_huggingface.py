@@ -365,7 +365,7 @@ def test_activation_checkpointing_is_measured_exactly_and_trains_bit_identically
         forward = mlp.forward
         mlp.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
         trainer.train()
-        checks = trainer_class is RecordingTrainer   # the first step's check of independent examples: a forward
+        checks = 2 * (trainer_class is RecordingTrainer)   # the first step's check of independent examples
         assert len(runs) == 2 * 3 * accumulation + checks   # re-run in every backward
         return trainer
 

@@ -1,7 +1,8 @@
 """The check that each example's loss reads that example alone (``noisescale/per_example/coupling.py``): coupled
-losses are refused with p.grad as it was; independent ones, with dropout, buffers and several calls, are measured
-as before, with the training's random stream and buffers unchanged by the check. Under ``observe`` the outputs
-that couple the examples are warned about, and the caller's step is left as it was."""
+losses are refused with p.grad as it was, whichever examples they read; independent ones, with dropout, random
+masks laid out over the batch, buffers and several calls, are measured as before, with the training's random
+streams and buffers unchanged by the check. Under ``observe`` the outputs that couple the examples are warned
+about, and the caller's step is left as it was."""
 
 from __future__ import annotations
 
@@ -110,16 +111,19 @@ def test_an_independent_loss_is_measured_as_without_the_check_with_the_training_
 
 
 def test_the_check_runs_once_per_plan_and_puts_buffers_back():
-    """One extra forward on the first call (and after the plan changes: train to eval), none on later calls; a
-    buffer the forward updates (a counter) moves once per real forward only."""
+    """Two forwards on the first call (and after the plan changes: train to eval), none on later calls; buffers the
+    forward updates in place (a counter) or assigns anew (a moving average, ``self.mean = 0.9 * self.mean + ...``,
+    which a copy into the old tensor missed: a review's finding) move with the real forwards only."""
     class Counting(nn.Module):
         def __init__(self):
             super().__init__()
             self.layer = nn.Linear(3, 2)
             self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("mean", torch.zeros(3, dtype=torch.float64))
 
         def forward(self, x):
             self.calls += 1
+            self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
             return self.layer(x)
 
     forwards = []
@@ -134,10 +138,11 @@ def test_the_check_runs_once_per_plan_and_puts_buffers_back():
     engine = PerExampleGradNorms(model, loss)
     for _ in range(3):
         engine(x, y)
-    assert len(forwards) == 4 and int(model.calls) == 3
+    assert len(forwards) == 5 and int(model.calls) == 3
+    torch.testing.assert_close(model.mean, (1 - 0.9 ** 3) * x.mean(0), rtol=1e-12, atol=0)
     model.eval()
     engine(x, y)
-    assert len(forwards) == 6 and int(model.calls) == 4
+    assert len(forwards) == 8 and int(model.calls) == 4 and not model.training
 
 
 def test_identical_examples_leave_the_check_to_a_later_batch():
@@ -228,8 +233,8 @@ class NumpyMasked(nn.Module):
 
 
 def test_draws_from_python_and_numpy_generators_are_replayed_and_left_as_they_were():
-    """The check's forward draws the same NumPy mask as the real one (no false coupling: 5e-4 off in train-mode
-    Wav2Vec2 before), and the training's NumPy and Python streams are those of a run without the check."""
+    """The check's two forwards draw the same NumPy mask (no false coupling), and the training's NumPy and Python
+    streams are those of a run without the check."""
     torch.manual_seed(0)
     model = NumpyMasked().double()
     x = torch.randn(6, 5, dtype=torch.float64, generator=generator(7))
@@ -248,3 +253,75 @@ def test_draws_from_python_and_numpy_generators_are_replayed_and_left_as_they_we
         assert not caught
         draws.append((np.random.rand(), random.random()))
     assert torch.equal(draws[0][0], draws[2][0]) and draws[0][1:] == draws[2][1:] and draws[1] == draws[3]
+
+
+def test_a_refused_loss_is_refused_again_and_one_reading_its_neighbour_is_refused():
+    """A refusal does not spend the check (a caller that catches the error and calls again was measured silently:
+    a review's finding); a loss that reads the next example, never example 0, is caught through the last one."""
+    torch.manual_seed(0)
+    model = TwoTowers().double()
+    engine = PerExampleGradNorms(model, contrastive_loss)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="coupled"):
+            engine(_towers_batch(), None)
+
+    def next_one(outputs, targets):
+        image, text = outputs
+        return (image * torch.cat([text[1:], text[:1] * 0])).sum(1)   # l_i reads example i + 1; the last none
+
+    with pytest.raises(ValueError, match="coupled"):
+        PerExampleGradNorms(model, next_one)(_towers_batch(), None)
+
+
+class UnpaddedDropout(nn.Module):
+    """Dropout on the examples' unpadded positions only, gathered over the whole batch: one example's length moves
+    every later example's mask (a review's false coupling of 0.19; HF Wav2Vec2's time masks do the same)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.dropout = nn.Linear(3, 3), nn.Dropout(0.5)
+
+    def forward(self, x, mask):
+        h = self.layer(x)
+        kept = mask.bool()
+        h = h.masked_scatter(kept[..., None], self.dropout(h[kept]))
+        return (h * mask[..., None]).sum(1)
+
+
+def test_random_masks_laid_out_over_the_batch_are_no_coupling_and_a_nan_loss_is_not_a_verdict():
+    torch.manual_seed(0)
+    model = UnpaddedDropout().double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(9))
+    mask = torch.ones(4, 5, dtype=torch.int64)
+    mask[0, 2:], mask[2, 4:] = 0, 0
+    engine = PerExampleGradNorms(model, lambda out, t: out.square().sum(1))
+    engine((x, mask), None)   # train mode: the masks differ, the eval-mode check's losses do not
+    nan_first = PerExampleGradNorms(model, lambda out, t: out.square().sum(1) * t, check_independence=True)
+    targets = torch.ones(4, dtype=torch.float64)
+    targets[0] = float("nan")
+    nan_first((x, mask), targets)   # a loss that is not finite tells nothing: the next call checks
+    assert not nan_first._independence_checked
+
+
+def test_observe_under_autocast_does_not_warn_about_its_own_rounding():
+    """The check runs after the caller's pass, outside its autocast: both of its forwards in one precision (a
+    review saw a false warning, 4e-3 against 1e-5, when one ran in bfloat16 and the other did not)."""
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.layer(x).float()
+
+    model, x = Logits(), torch.randn(6, 5, generator=generator(10))
+    engine = PerExampleGradNorms(model, lambda outputs, targets: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with engine.observe(6, model_inputs=(x,)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x).square().sum(1).mean().backward()
+    assert not [w for w in caught if "couples the examples" in str(w.message)]
+    assert engine._independence_checked

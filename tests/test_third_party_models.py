@@ -273,7 +273,7 @@ def test_activation_checkpointing_gives_the_same_norms(use_reentrant):
     forward = mlp.forward
     mlp.forward = lambda *args, **kwargs: runs.append(1) or forward(*args, **kwargs)
     result = per_example_sqnorms(model, loss_fn, inputs, targets)
-    assert len(runs) == 3   # the independence check's forward, the real one and its re-run in the backward
+    assert len(runs) == 4   # the independence check's two forwards, the real one and its re-run in the backward
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-12, atol=0)
     assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
 
@@ -691,3 +691,36 @@ def test_mixture_of_experts_with_an_expert_module_per_expert(name):
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-8, atol=0)
     for parameter, p in model.named_parameters():   # (experts no token reached get no gradient)
         assert (p.grad is None and grads[parameter] is None) or torch.equal(p.grad, grads[parameter]), parameter
+
+
+def test_wav2vec2_time_masks_over_a_padded_batch_are_no_coupling():
+    """HF Wav2Vec2 in train mode draws its SpecAugment time masks from NumPy over each example's length, so one
+    example's length moves the other examples' masks: a check in train mode took that for a coupled loss (1e-3 to
+    3e-3 in a review) and refused standard CTC fine-tuning. The check runs in eval mode: no error, and the
+    training's NumPy stream is that of a run without the check."""
+    transformers = pytest.importorskip("transformers")
+    np = pytest.importorskip("numpy")
+    config = transformers.Wav2Vec2Config(
+        vocab_size=12, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", mask_time_prob=0.3, mask_time_length=2,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(config).train()
+    mask = torch.ones(BATCH, 1600, dtype=torch.long)
+    mask[0, 1000:], mask[2, 1200:] = 0, 0
+    inputs = {"input_values": torch.randn(BATCH, 1600, generator=generator(1)), "attention_mask": mask}
+
+    def ctc(outputs, labels):
+        log_probs = outputs.logits.log_softmax(-1).transpose(0, 1)
+        frames, size = log_probs.shape[:2]   # (one example in the whole-model vmap's loop)
+        return nn.functional.ctc_loss(log_probs, labels, torch.full((size,), frames, dtype=torch.long),
+                                      torch.full((size,), 5, dtype=torch.long), reduction="none", zero_infinity=True)
+
+    labels = torch.randint(1, 12, (BATCH, 5), generator=generator(2))
+    draws = []
+    for check in (True, False):
+        np.random.seed(0)
+        per_example_sqnorms(model, ctc, inputs, labels, check_independence=check)
+        draws.append(np.random.rand())
+    assert draws[0] == draws[1]

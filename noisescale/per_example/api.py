@@ -63,7 +63,8 @@ Dropout inside a fallback module is replayed from the generator state saved befo
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
 Losses that couple the examples (a contrastive loss, statistics of the batch) have no per-example gradients: the
-first call checks that each l_i reads example i alone and raises otherwise (``coupling.py``).
+first call checks that each l_i reads example i alone and raises otherwise; ``observe`` warns about outputs that
+couple them (``coupling.py``).
 
 Failures: if anything fails (a rule, the fallback, vmap, the loss's shape), every p.grad is put back as it was
 before the call and ``PerExampleError`` names the module, its type, the parameters, the backend and what to do.
@@ -84,14 +85,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from noisescale._graph import autograd_consumers, operations_taking
+from noisescale._buffers import kept_buffers
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
-from noisescale.per_example.coupling import FirstCallOutputs, differing_example, replaced_example_losses
+from noisescale.per_example.coupling import coupled_losses, coupled_outputs
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
-from noisescale.per_example.vmap import in_own_pass, vmap_sqnorms
+from noisescale.per_example.vmap import vmap_sqnorms
 from noisescale.sharded import flat_parameter_owners, is_sharded
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
@@ -234,9 +236,10 @@ class PerExampleGradNorms:
     Parameters shared by several modules or calls, and those measured by the per-module fallback, are measured by
     summing their per-example gradients before the norm, which materialises (B x numel) for those parameters only.
 
-    ``check_independence``: the first call of a plan runs one more forward, with example 0's inputs replaced by
-    another's, and refuses a loss whose other examples' values moved (a contrastive loss: ``coupling.py``); under
-    FSDP, and in ``observe`` (whose loss is the caller's), nothing is checked.
+    ``check_independence``: the first call of a plan runs two more forwards in eval mode, of the batch
+    and with some examples' inputs replaced by others', and refuses a loss whose other examples' values moved (a
+    contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead and warns; under FSDP
+    nothing is checked.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -465,36 +468,30 @@ class PerExampleGradNorms:
         if key not in self._probes:
             model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
             device = next(iter(plan.parameters.values())).device
-            buffers = [(b, b.clone()) for b in model.buffers()]   # counters, running averages: put back after
-            try:
-                with torch.no_grad(), isolated_rng(plan.parameters.values()), \
+            try:   # counters, running averages: put back after
+                with kept_buffers(model), torch.no_grad(), isolated_rng(plan.parameters.values()), \
                         self._engine.probing(plan.ghost, batch_size - 1) as found:
                     call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
             except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)
                 return None
-            finally:
-                with torch.no_grad():
-                    for buffer, saved in buffers:
-                        buffer.copy_(saved)
             if len(self._probes) >= 16:
                 self._probes.clear()
             self._probes[key] = dict(found)
         return self._probes[key]
 
-    def _replaced_example(self, plan: _Plan, inputs: Any, targets: Any, batch_size: int):
-        """On a plan's first call with two examples whose inputs differ, the losses of the batch with example 0
-        replaced by another, for the check that each loss reads its own example (``coupling.py``); None after
-        that, under FSDP (whose forward communicates) and with ``check_independence=False``."""
+    def _check_independence(self, plan: _Plan, inputs: Any, targets: Any, batch_size: int) -> None:
+        """On a plan's first call, before the real pass: a ValueError where each example's loss does not read that
+        example alone (``coupling.py``); spent once it could tell (not with every example's inputs the same), not
+        under FSDP (whose forward communicates) or with ``check_independence=False``."""
         if not self.check_independence or self._independence_checked or self._sharded:
-            return None
-        k = differing_example(inputs, batch_size)
-        if k is None:
-            return None
+            return
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        replaced = replaced_example_losses(model, self.loss_fn, inputs, targets, batch_size, k,
-                                           list(plan.parameters.values()))
+        coupling = coupled_losses(model, self.loss_fn, inputs, targets, batch_size, list(plan.parameters.values()))
+        if coupling is None:
+            return
+        if coupling.coupled:
+            raise coupling.error()
         self._independence_checked = True
-        return replaced
 
     def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
         """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it (auto
@@ -517,14 +514,12 @@ class PerExampleGradNorms:
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
         handles = []
+        self._check_independence(plan, inputs, targets, batch_size)
         probe = self._probe(plan, inputs, batch_size)
-        replaced = self._replaced_example(plan, inputs, targets, batch_size)
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded, probe=probe, inputs=inputs) as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
-                if replaced is not None:
-                    replaced.check(losses)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
                 bypassed = self._bypassed(plan, ghost_pass, [loss.grad_fn])
@@ -636,10 +631,6 @@ class PerExampleGradNorms:
         observed = ObservedNorms()
         probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
         can_vmap = not self._sharded
-        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        first_call = None if (not self.check_independence or self._independence_checked or self._sharded) else \
-            FirstCallOutputs(module, next((p.device for p in parameters.values() if p.device.type == "cuda"), None),
-                             in_own_pass)
         with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                     sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
             outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
@@ -650,8 +641,6 @@ class PerExampleGradNorms:
                     yield observed
             finally:
                 outputs.close()
-                if first_call is not None:
-                    first_call.close()
         if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
             outputs.release()
             raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
@@ -697,29 +686,32 @@ class PerExampleGradNorms:
         observed.by_parameter = by_parameter if self.by_parameter else None
         observed.backend_of = {name: "vmap" if name in need_vmap else "module" if name in ghost_pass.fallback_names
                                else backend for name, backend in plan.backend_of.items()}
-        if first_call is not None:
-            self._warn_if_outputs_coupled(first_call, module, check_inputs, batch_size, list(parameters.values()))
+        if self.check_independence and not self._independence_checked and not self._sharded:
+            self._warn_if_outputs_coupled(check_inputs, batch_size, list(parameters.values()))
 
-    def _warn_if_outputs_coupled(self, first_call: FirstCallOutputs, module: nn.Module, inputs: Any,
-                                 batch_size: int, parameters: list[nn.Parameter]) -> None:
-        """observe's check that the examples are independent (``coupling.py``), on the model's outputs: a
-        warning naming those whose other examples' rows moved with example 0's inputs; spent once it could run."""
-        if first_call.outputs is None or inputs is None or isinstance(inputs, str) or first_call.weights_changed():
+    def _warn_if_outputs_coupled(self, inputs: Any, batch_size: int, parameters: list[nn.Parameter]) -> None:
+        """observe's check that the examples are independent (``coupling.py``), on the model's outputs after the
+        caller's pass: a warning naming those that couple the examples, or saying why it could not run."""
+        if inputs is None or isinstance(inputs, str):
             return
-        k = differing_example(inputs, batch_size)
-        if k is None:
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        try:
+            moved = coupled_outputs(module, inputs, batch_size, parameters)
+        except Exception as error:   # (out of memory): the caller's step is done, and stays as it is
+            self._independence_checked = True
+            warnings.warn(f"could not check that the examples are independent, which needs two more forwards: "
+                          f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=4)
             return
-        self._independence_checked = True
-        moved = first_call.coupled_outputs(module, inputs, batch_size, k, parameters)
+        self._independence_checked = moved is not None
         if moved:
-            shown = ", ".join(f"{path or '(the output)'} ({change:.2g})" for path, change in list(moved.items())[:4])
+            shown = ", ".join(f"{path} ({change:.2g})" for path, change in list(moved.items())[:4])
             warnings.warn(
-                f"the model couples the examples: replacing example 0's inputs by example {k}'s moved the other "
-                f"examples' rows of its outputs {shown} (relative to each output's largest value). A loss that "
-                "reads them (a contrastive loss such as CLIP's or SigLIP's) has no per-example gradients, and the "
-                "norms and the noise scale observed are then wrong; measure the noise scale from independent "
-                "micro-batches instead. observe cannot see the loss, so this is not an error; "
-                "check_independence=False (NoiseScaleOptions too) skips the check", RuntimeWarning, stacklevel=3)
+                f"the model couples the examples: replacing some examples' inputs by others' moved the other "
+                f"examples' rows of its outputs {shown} (in eval mode, relative to each output's largest value). A "
+                "loss that reads them (a contrastive loss such as CLIP's or SigLIP's) has no per-example gradients, "
+                "and the norms and the noise scale observed are then wrong; measure the noise scale from "
+                "independent micro-batches instead. observe cannot see the loss, so this is not an error; "
+                "check_independence=False (NoiseScaleOptions too) skips the check", RuntimeWarning, stacklevel=4)
 
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
                           ghost_pass: GhostPass, batch_size: int, scale: float,

@@ -793,9 +793,16 @@ class GhostNormEngine:
             output = replaced
         self._warn_if_positions(entry, module, x, batch)
         blocks = None
+        # rows picked by an index from another tensor's rows (tokens routed to an expert), or computed from such a
+        # call's output: as many as B, or B k, only by chance (a probe on B - 1 examples picks a prefix of them)
+        selected = isinstance(x, Tensor) and x.grad_fn is not None and x.dim() > 0 and (
+            _rows_selected(x, batch) or bool(ghost_pass.selected) and _from_selected_rows(
+                x, ghost_pass.selected, ghost_pass.broadcasts.rows))
+        if selected and output.grad_fn is not None:
+            ghost_pass.selected.add(output.grad_fn)
         many = isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
         ghost_pass.in_rows = ghost_pass.in_rows or many   # B k rows (a multiple-choice head's B x choices)
-        if many and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions:
+        if many and not selected and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions:
             blocks = ghost_pass.row_blocks(module, index, x)
             ghost_pass.flattened = ghost_pass.flattened or blocks is None and ghost_pass.probe is None
             if blocks is not None:   # rows of B examples in blocks: (B, k, ...) for the rule, same values
@@ -815,12 +822,9 @@ class GhostNormEngine:
             why = f"called with an input of shape {_shape(x)}"
         elif is_parameter_table(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
-        elif plain and (_rows_selected(x, batch) or ghost_pass.selected and _from_selected_rows(
-                x, ghost_pass.selected, ghost_pass.broadcasts.rows)):
+        elif plain and selected:
             why = (f"called on {batch} rows selected from another tensor's rows (tokens routed to an expert), as "
                    "many as the examples only by chance")
-            if isinstance(output, Tensor) and output.grad_fn is not None:
-                ghost_pass.selected.add(output.grad_fn)
         elif plain and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
                 entry.rule.rows_as_positions, traced=entry.rule.rows_as_positions):

@@ -1,0 +1,25 @@
+"""A model's buffers kept as they were across model code run for a measurement (a probe, a check)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Every buffer of ``model`` as it was before the block: its values, and the tensor itself where the block
+    assigned a new one (``self.ema = 0.9 * self.ema + ...``, which a copy into the old tensor would miss)."""
+    saved = [(owner, name, buffer, buffer.detach().clone()) for owner in model.modules()
+             for name, buffer in owner._buffers.items() if buffer is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, buffer, values in saved:
+                if owner._buffers.get(name) is not buffer:
+                    owner._buffers[name] = buffer
+                buffer.copy_(values)
