@@ -325,3 +325,25 @@ def test_observe_under_autocast_does_not_warn_about_its_own_rounding():
                 model(x).square().sum(1).mean().backward()
     assert not [w for w in caught if "couples the examples" in str(w.message)]
     assert engine._independence_checked
+
+
+def test_observe_finds_the_examples_in_any_dim_of_the_batch_s_size():
+    """An output held sequence-first, (T, B, d) with T == B (XLNet's memories at length 4 = B): its rows are
+    positions, each reading every example, but the examples' columns keep the changes to the replaced examples, so
+    no warning (a first version warned); CLIP's (B, B) logits keep them along neither dim and are warned about."""
+    torch.manual_seed(0)
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 3)
+
+        def forward(self, x):   # x (B, T, 3) with T == B
+            h = self.layer(x)
+            return {"pooled": h.sum(1), "memory": h.transpose(0, 1)}
+
+    x = torch.randn(4, 4, 3, dtype=torch.float64, generator=generator(11))
+    _, caught = _observe(SequenceFirst().double(), lambda outputs: outputs["pooled"].square().sum(1), (x,))
+    assert not caught
+    _, caught = _observe(PairScores().double(), lambda outputs: outputs["scores"].diagonal(), _towers_batch())
+    assert len(caught) == 1 and "['scores']" in str(caught[0].message)

@@ -84,8 +84,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._buffers import kept_buffers
+from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.coupling import coupled_losses, coupled_outputs

@@ -112,9 +112,10 @@ def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inpu
 
 def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
                     parameters: list[Tensor]) -> dict[str, float] | None:
-    """``observe``'s check (module docstring): the outputs holding the examples in dim 0 whose rows of the examples
-    left as they were moved beyond the rounding, path -> the largest move relative to the output's largest value
-    (empty where none did); None where nothing could be replaced."""
+    """``observe``'s check (module docstring): the outputs with a dim of B's size along which the slices of the
+    examples left as they were moved beyond the rounding, for each such dim, path -> the smallest over those dims of
+    the largest move relative to the output's largest value (empty where none moved); None where nothing could be
+    replaced."""
     found = replaced_examples(inputs, batch_size)
     if found is None:
         return None
@@ -123,10 +124,14 @@ def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
         model, inputs, replaced_inputs, parameters, lambda outputs: outputs))
     kept, moved = _kept_rows(batch_size, replaced), {}
     for (path, a), (_, b) in zip(before, after):
-        if (isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point() and a.dim()
-                and a.shape[0] == batch_size and a.shape == b.shape and bool(torch.isfinite(a).all())):
+        dims = [d for d in range(a.dim()) if a.shape[d] == batch_size] if isinstance(a, Tensor) else []
+        if (dims and isinstance(b, Tensor) and a.is_floating_point() and a.shape == b.shape
+                and bool(torch.isfinite(a).all())):
+            # the examples may be in any dim of B's size (XLNet's memories (T, B, d) with T == B): coupled where no
+            # such dim keeps the changes to the replaced examples' slices (CLIP's (B, B) logits keep neither)
             scale = a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)
-            change = float(((b[kept] - a[kept]).abs().max() / scale).item())
+            change = min(float(((b - a).index_select(d, kept.nonzero()[:, 0].to(a.device)).abs().max() / scale))
+                         for d in dims)
             if not change <= _tolerance(a, parameters):
                 moved[keystr(path) or "(the output)"] = change
     return moved

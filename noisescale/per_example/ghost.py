@@ -100,7 +100,7 @@ class GhostPass:
     fallback_names: set[str] = field(default_factory=set)
     rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
     declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
-    selected: set = field(default_factory=set)   # output nodes of calls on rows selected from another tensor's
+    selected: set = field(default_factory=set)   # output nodes of calls on rows picked from another tensor
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
