@@ -66,6 +66,44 @@ def test_readme_per_example_snippet_runs_and_is_exact():
     assert set(namespace["result"].backend_of.values()) == {"ghost"}
 
 
+def test_readme_micro_batch_snippet_for_a_coupled_loss():
+    """The README's two-batch estimate of a contrastive loss from micro-batches: its big batch's gradient is the mean
+    of the micro-batches' (against their gradients stacked by hand), and the estimate solves the two equations
+    E|g_b|^2 = |G|^2 + tr(Sigma)/b at b = 8 and 32."""
+    block = re.search(r"\*\*A coupled loss, measured from micro-batches\.\*\*.*?```python\n(.*?)```", README.read_text(),
+                      re.S).group(1)
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleList([torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)]).double()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.towers = towers
+
+        def forward(self, x, t):
+            return self.towers[0](x), self.towers[1](t)
+
+    def contrastive_loss(outputs):
+        image, text = (torch.nn.functional.normalize(e, dim=-1) for e in outputs)
+        return torch.nn.functional.cross_entropy(5 * image @ text.T, torch.arange(len(image)))
+
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(32, 6, generator=generator, dtype=torch.float64),
+             torch.randn(32, 5, generator=generator, dtype=torch.float64))
+    namespace = {"model": Model(), "batch": batch, "contrastive_loss": contrastive_loss, "print": lambda *a: None}
+    exec(compile(block, str(README), "exec"), namespace)
+    grads = []
+    for i in range(0, 32, 8):
+        loss = contrastive_loss(namespace["model"](batch[0][i:i + 8], batch[1][i:i + 8]))
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(towers.parameters()))]))
+    grads = torch.stack(grads)
+    torch.testing.assert_close(namespace["small"], grads.square().sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(namespace["big"], grads.mean(0).square().sum(), rtol=1e-12, atol=0)
+    estimate, small, big = namespace["estimate"], float(grads.square().sum(1).mean()), float(grads.mean(0).square().sum())
+    assert small == pytest.approx(estimate.grad_sqnorm + estimate.trace_sigma / 8, rel=1e-12)
+    assert big == pytest.approx(estimate.grad_sqnorm + estimate.trace_sigma / 32, rel=1e-12)
+
+
 def test_measure_command_end_to_end(tmp_path, capsys, shipped_subset_only):
     out = tmp_path / "run"
     code = main(["measure", "--steps", "12", "--batch-size", "32", "--hessian-every", "5", "--out", str(out),

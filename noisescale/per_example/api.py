@@ -505,7 +505,8 @@ class PerExampleGradNorms:
             warnings.warn(
                 f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}), which "
                 "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
-                f"sequence-first layer, a sequence pooled to B positions): {outcome}. Which dim holds the examples "
+                f"sequence-first layer, a sequence pooled to B positions, or examples paired with examples as in "
+                f"CLIP's (B, B) logits): {outcome}. Which dim holds the examples "
                 "is checked by a forward on B - 1 examples of the model's inputs, which from now on runs once per "
                 "input shape (observe needs them as model_inputs); here none had run. A batch size that differs "
                 "from the model's other dims (sequence length, hidden size) avoids both", RuntimeWarning,
@@ -647,7 +648,10 @@ class PerExampleGradNorms:
                              "and its backward (loss.backward()) inside the with block, with grad enabled; the "
                              "norms would be zeros")
         self._observed = True
-        check_inputs = outputs.inputs if outputs.kept else model_inputs
+        if self.check_independence and not self._independence_checked and not self._sharded:
+            # before any refusal below: a coupled model's warning says more than a refused vmap (CLIP's logit_scale)
+            self._warn_if_outputs_coupled(outputs.inputs if outputs.kept else model_inputs, batch_size,
+                                          list(parameters.values()))
         bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                     and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
         if not self._uses_checked and not self._sharded:
@@ -686,8 +690,6 @@ class PerExampleGradNorms:
         observed.by_parameter = by_parameter if self.by_parameter else None
         observed.backend_of = {name: "vmap" if name in need_vmap else "module" if name in ghost_pass.fallback_names
                                else backend for name, backend in plan.backend_of.items()}
-        if self.check_independence and not self._independence_checked and not self._sharded:
-            self._warn_if_outputs_coupled(check_inputs, batch_size, list(parameters.values()))
 
     def _warn_if_outputs_coupled(self, inputs: Any, batch_size: int, parameters: list[nn.Parameter]) -> None:
         """observe's check that the examples are independent (``coupling.py``), on the model's outputs after the
@@ -710,7 +712,8 @@ class PerExampleGradNorms:
                 f"examples' rows of its outputs {shown} (in eval mode, relative to each output's largest value). A "
                 "loss that reads them (a contrastive loss such as CLIP's or SigLIP's) has no per-example gradients, "
                 "and the norms and the noise scale observed are then wrong; measure the noise scale from "
-                "independent micro-batches instead. observe cannot see the loss, so this is not an error; "
+                "independent micro-batches instead (noisescale.estimators.two_batch_noise_scale). observe cannot "
+                "see the loss, so this is not an error; "
                 "check_independence=False (NoiseScaleOptions too) skips the check", RuntimeWarning, stacklevel=4)
 
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,

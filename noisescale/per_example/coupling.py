@@ -63,7 +63,9 @@ class Coupling:
             "and a noise scale from them would be wrong. Measure it from independent micro-batches instead "
             "(noisescale.estimators.two_batch_noise_scale on the gradients of micro-batches that each compute "
             "their own loss), or pass check_independence=False (to PerExampleGradNorms, NoiseScaleMonitor, or "
-            "AdaptiveTrainer's monitor_options) to measure this decomposition of the gradient anyway")
+            "AdaptiveTrainer's monitor_options) to measure anyway: each layer's share of the batch gradient through "
+            "each example's own rows, which is neither a loop's over single examples nor dl_i/dtheta on the batch, "
+            "and parameters the whole-model vmap measures get the loop's")
 
 
 def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]] | None:
