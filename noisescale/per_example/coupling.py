@@ -122,8 +122,7 @@ def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
     if found is None:
         return None
     replaced_inputs, replaced = found
-    before, after = (tree_flatten_with_path(outputs)[0] for outputs in _both_forwards(
-        model, inputs, replaced_inputs, parameters, lambda outputs: outputs))
+    before, after = _both_forwards(model, inputs, replaced_inputs, parameters, _tensor_leaves)
     kept, moved = _kept_rows(batch_size, replaced), {}
     for (path, a), (_, b) in zip(before, after):
         dims = [d for d in range(a.dim()) if a.shape[d] == batch_size] if isinstance(a, Tensor) else []
@@ -135,8 +134,14 @@ def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
             change = min(float(((b - a).index_select(d, kept.nonzero()[:, 0].to(a.device)).abs().max() / scale))
                          for d in dims)
             if not change <= _tolerance(a, parameters):
-                moved[keystr(path) or "(the output)"] = change
+                moved[path or "(the output)"] = change
     return moved
+
+
+def _tensor_leaves(outputs: Any) -> list[tuple[str, Tensor]]:
+    """(path, tensor) of every tensor leaf of the outputs; the rest (a cache object holding the forward's keys and
+    values, and with them its graph) is dropped with the outputs."""
+    return [(keystr(path), leaf) for path, leaf in tree_flatten_with_path(outputs)[0] if isinstance(leaf, Tensor)]
 
 
 def _holds_examples(t: Tensor, batch_size: int) -> bool:
@@ -153,18 +158,26 @@ def _kept_rows(batch_size: int, replaced: dict[int, int]) -> Tensor:
 def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, parameters: list[Tensor],
                    run: Callable[[Any], Any]) -> tuple[Any, Any]:
     """``run(model(inputs))`` and ``run(model(replaced_inputs))`` in eval mode, each from the same copy of the random
-    streams and detached at once (grad stays on for models that hook their tensors in the forward; one forward's
-    graph at a time), with the model's modes and buffers put back afterwards."""
+    streams, with the model's modes and buffers put back afterwards. Without grad (a forward's activations are not
+    kept), or, where the model's forward needs grad (it hooks its tensors), with grad and detached at once (one
+    forward's graph at a time, where ``run`` keeps nothing else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    results = []
-    with _eval_mode(model), kept_buffers(model), torch.enable_grad(), isolated_rng(parameters):
+    with _eval_mode(model), kept_buffers(model), isolated_rng(parameters):
         state, host = rng_state(device), host_rng_state()
-        for batch in (inputs, replaced_inputs):
+
+        def one(batch: Any) -> Any:
             set_rng_state(state, device)
             set_host_rng_state(host)
-            results.append(tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t,
-                                    run(call_model(model, batch))))
-    return results[0], results[1]
+            return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, run(call_model(model, batch)))
+
+        try:
+            with torch.no_grad():
+                return one(inputs), one(replaced_inputs)
+        except RuntimeError as error:   # (not an out-of-memory error: the caller's, as the real forward's would be)
+            if "grad" not in str(error):
+                raise
+            with torch.enable_grad():
+                return one(inputs), one(replaced_inputs)
 
 
 @contextmanager
