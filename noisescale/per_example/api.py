@@ -253,6 +253,9 @@ class PerExampleGradNorms:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
+        # the module inside a DDP wrapper, whose forward runs without DDP's machinery (distributed.unwrapped_module's;
+        # that module imports this package): the probe, the independence check and observe's vmap call it
+        self._module = model.module if isinstance(model, DistributedDataParallel) else model
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
         self.check_independence = check_independence
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
@@ -466,7 +469,7 @@ class PerExampleGradNorms:
             return None
         key = (batch_size, shapes)
         if key not in self._probes:
-            model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+            model = self._module
             device = next(iter(plan.parameters.values())).device
             try:   # counters, running averages: put back after
                 with kept_buffers(model), torch.no_grad(), isolated_rng(plan.parameters.values()), \
@@ -485,8 +488,8 @@ class PerExampleGradNorms:
         under FSDP (whose forward communicates) or with ``check_independence=False``."""
         if not self.check_independence or self._independence_checked or self._sharded:
             return
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        coupling = coupled_losses(model, self.loss_fn, inputs, targets, batch_size, list(plan.parameters.values()))
+        coupling = coupled_losses(self._module, self.loss_fn, inputs, targets, batch_size,
+                                  list(plan.parameters.values()))
         if coupling is None:
             return
         if coupling.coupled:
@@ -696,9 +699,8 @@ class PerExampleGradNorms:
         caller's pass: a warning naming those that couple the examples, or saying why it could not run."""
         if inputs is None or isinstance(inputs, str):
             return
-        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         try:
-            moved = coupled_outputs(module, inputs, batch_size, parameters)
+            moved = coupled_outputs(self._module, inputs, batch_size, parameters)
         except Exception as error:   # (out of memory): the caller's step is done, and stays as it is
             self._independence_checked = True
             warnings.warn(f"could not check that the examples are independent, which needs two more forwards: "
@@ -730,9 +732,8 @@ class PerExampleGradNorms:
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)
         indices, grads = kept
-        model, prefix = ((self.model.module, "module.") if isinstance(self.model, DistributedDataParallel)
-                         else (self.model, ""))
-        sqnorms = vmap_sqnorms(model, partial(inner_product, indices), outputs.inputs, grads,
+        prefix = "" if self._module is self.model else "module."
+        sqnorms = vmap_sqnorms(self._module, partial(inner_product, indices), outputs.inputs, grads,
                                [name.removeprefix(prefix) for name in names], batch_size, self.chunk_size)
         return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 

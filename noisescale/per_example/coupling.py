@@ -106,9 +106,7 @@ def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inpu
     before, after = losses
     if not bool(torch.isfinite(before).all() and torch.isfinite(after).all()):
         return None
-    kept = _kept_rows(batch_size, replaced)
-    scale = before.abs().max().clamp_min(torch.finfo(before.dtype).tiny)
-    change = float(((after[kept] - before[kept]).abs().max() / scale).item())
+    change = _largest_move(before, after, _kept_rows(batch_size, replaced), [0])
     return Coupling(change, _tolerance(before, parameters), replaced)
 
 
@@ -130,9 +128,7 @@ def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
                 and bool(torch.isfinite(a).all())):
             # the examples may be in any dim of B's size (XLNet's memories (T, B, d) with T == B): coupled where no
             # such dim keeps the changes to the replaced examples' slices (CLIP's (B, B) logits keep neither)
-            scale = a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)
-            change = min(float(((b - a).index_select(d, kept.nonzero()[:, 0].to(a.device)).abs().max() / scale))
-                         for d in dims)
+            change = _largest_move(a, b, kept, dims)
             if not change <= _tolerance(a, parameters):
                 moved[path or "(the output)"] = change
     return moved
@@ -147,6 +143,14 @@ def _tensor_leaves(outputs: Any) -> list[tuple[str, Tensor]]:
 def _holds_examples(t: Tensor, batch_size: int) -> bool:
     """An input with the examples in dim 0; others (a count, position ids (1, T) shared by all) stay as they are."""
     return t.dim() > 0 and t.shape[0] == batch_size
+
+
+def _largest_move(before: Tensor, after: Tensor, kept: Tensor, dims: list[int]) -> float:
+    """min over ``dims`` of the largest |after - before| in the slices of the ``kept`` examples along that dim,
+    relative to the largest |before|."""
+    scale = before.abs().max().clamp_min(torch.finfo(before.dtype).tiny)
+    index = kept.nonzero()[:, 0].to(before.device)
+    return min(float(((after - before).index_select(d, index).abs().max() / scale).item()) for d in dims)
 
 
 def _kept_rows(batch_size: int, replaced: dict[int, int]) -> Tensor:
