@@ -4,7 +4,10 @@ the check shared by the integrations' DDP tests."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +22,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def torchrun_noisescale(*arguments: str, deadline_s: float) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m noisescale ARGUMENTS --no-progress`` on CPU (gloo), one torch
+    thread per rank; returns what it printed. ``deadline_s`` only catches a hang (tests/conftest.py). A failure shows
+    both streams, head and tail; with ``PYTHONFAULTHANDLER`` a rank that aborts prints its threads' Python stacks."""
+    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "PYTHONFAULTHANDLER": "1",
+                   "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noisescale",
+         *arguments, "--no-progress"],
+        capture_output=True, text=True, timeout=deadline_s, env=environment, cwd=REPOSITORY)
+    assert completed.returncode == 0, "\n".join([
+        f"torchrun exited with {completed.returncode}", "stdout:", _head_and_tail(completed.stdout, 1500),
+        "stderr:", _head_and_tail(completed.stderr, 4000)])
+    return completed.stdout
+
+
+def _head_and_tail(text: str, each: int) -> str:
+    return text if len(text) <= 2 * each else f"{text[:each]}\n[... {len(text) - 2 * each} characters ...]\n" \
+        f"{text[-each:]}"
 
 
 def capture_error(function) -> tuple[str, str] | None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +11,7 @@ import pytest
 import torch
 
 import noisescale.data
+from _ranks import torchrun_noisescale
 from noisescale.app.cli import main
 from noisescale.models import load_model_factory
 
@@ -134,25 +132,11 @@ def test_measure_rejects_a_batch_of_one(shipped_subset_only, tmp_path, capsys):
         "gradient variance"
 
 
-def _torchrun(*arguments: str, deadline_s: float) -> str:
-    """``torchrun --standalone --nproc_per_node 2 -m noisescale ...`` on CPU (gloo), one torch thread per rank;
-    returns what it printed. ``deadline_s`` only catches a hang (tests/conftest.py)."""
-    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noisescale",
-         *arguments, "--no-progress"],
-        capture_output=True, text=True, timeout=deadline_s, env=environment,
-        cwd=README.parent,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout
-
-
 def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadline_s):
     """Two gloo ranks: `measure` records the single-process history (same global batches), printed once;
     `train --schedule noise-adaptive` runs and writes its files once."""
     options = ["--steps", "4", "--batch-size", "16", "--hessian-every", "0", "--model", "noisescale.models:mlp"]
-    printed = _torchrun("measure", *options, "--out", str(tmp_path / "ddp"), deadline_s=hang_deadline_s)
+    printed = torchrun_noisescale("measure", *options, "--out", str(tmp_path / "ddp"), deadline_s=hang_deadline_s)
     assert printed.count("B_simple =") == 1
     assert main(["measure", *options, "--out", str(tmp_path / "single"), "--no-progress"]) == 0
     ddp, single = (pd.read_csv(tmp_path / run / "measure_history.csv") for run in ("ddp", "single"))
@@ -160,9 +144,9 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadl
     for column in ("loss", "grad_sqnorm", "trace_sigma", "b_simple"):
         pd.testing.assert_series_equal(ddp[column], single[column], rtol=1e-4, check_exact=False)
 
-    printed = _torchrun("train", "--schedule", "noise-adaptive", "--epochs", "0.5", "--train-examples", "512",
-                        "--batch-size", "16", "--max-batch-size", "64", "--model", "noisescale.models:mlp",
-                        "--out", str(tmp_path / "train"), deadline_s=hang_deadline_s)
+    printed = torchrun_noisescale("train", "--schedule", "noise-adaptive", "--epochs", "0.5", "--train-examples",
+                                  "512", "--batch-size", "16", "--max-batch-size", "64", "--model",
+                                  "noisescale.models:mlp", "--out", str(tmp_path / "train"), deadline_s=hang_deadline_s)
     assert printed.count("noise-adaptive: test accuracy") == 1
     history = pd.read_csv(tmp_path / "train" / "train_noise-adaptive_history.csv")
     assert (history["batch_size"] % 2 == 0).all() and history["examples_seen"].iloc[-1] >= 256

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
-from _ranks import capture_error, free_port, spawn_ranks
+from _ranks import capture_error, free_port, spawn_ranks, torchrun_noisescale
 from noisescale.app.cli import main
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.losses import per_example_cross_entropy
@@ -402,23 +399,12 @@ def test_unmeasurable_parameters_are_named_under_fsdp(rank_results):
         assert result["hooks_left_by_the_refused_monitor"] == 0
 
 
-def _torchrun(*arguments: str) -> str:
-    """``torchrun --standalone --nproc_per_node 2 -m noisescale ...`` on CPU (gloo); returns what it printed."""
-    repository = Path(__file__).resolve().parents[1]
-    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(repository), os.environ.get("PYTHONPATH", "")])}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noisescale",
-         *arguments, "--no-progress"], capture_output=True, text=True, env=environment, cwd=repository)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout
-
-
-def test_cli_measure_and_train_run_sharded_under_torchrun(tmp_path):
+def test_cli_measure_and_train_run_sharded_under_torchrun(tmp_path, hang_deadline_s):
     """`measure --parallel fsdp` on 2 ranks records the single-process history (same global batches), printed once;
     `train --parallel fsdp --checkpoint` saves a checkpoint whose model state is the unsharded model's."""
     options = ["--steps", "3", "--batch-size", "16", "--hessian-every", "0", "--model", "noisescale.models:mlp"]
-    printed = _torchrun("measure", *options, "--parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
+    printed = torchrun_noisescale("measure", *options, "--parallel", "fsdp", "--out", str(tmp_path / "fsdp"),
+                                  deadline_s=hang_deadline_s)
     assert printed.count("B_simple =") == 1
     assert main(["measure", *options, "--out", str(tmp_path / "single"), "--no-progress"]) == 0
     sharded, single = (pd.read_csv(tmp_path / run / "measure_history.csv") for run in ("fsdp", "single"))
@@ -427,9 +413,9 @@ def test_cli_measure_and_train_run_sharded_under_torchrun(tmp_path):
         pd.testing.assert_series_equal(sharded[column], single[column], rtol=1e-4, check_exact=False)
 
     checkpoint_path = tmp_path / "train.pt"
-    _torchrun("train", "--schedule", "fixed", "--epochs", "0.1", "--train-examples", "320", "--batch-size", "16",
-              "--model", "noisescale.models:mlp", "--parallel", "fsdp", "--checkpoint", str(checkpoint_path),
-              "--out", str(tmp_path / "train"))
+    torchrun_noisescale("train", "--schedule", "fixed", "--epochs", "0.1", "--train-examples", "320", "--batch-size",
+                        "16", "--model", "noisescale.models:mlp", "--parallel", "fsdp", "--checkpoint",
+                        str(checkpoint_path), "--out", str(tmp_path / "train"), deadline_s=hang_deadline_s)
     state = torch.load(checkpoint_path, weights_only=True)["trainer"]["model"]
     torch.manual_seed(0)
     from noisescale.app.options import build_model

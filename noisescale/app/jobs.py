@@ -54,8 +54,13 @@ def distributed_job(device_name: str) -> Iterator[torch.device]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield device
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()   # no barrier: the other ranks may never reach it
+        raise
+    # every rank has finished its collectives before any tears its group down (rank 0 may still be writing a
+    # checkpoint when another rank is done)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 PARALLEL_MODES = ("ddp", "fsdp")
