@@ -54,6 +54,10 @@ class NoiseScaleSummary:
     ``divergence`` says why the run is taken as diverged (None if it is not): its latest step had a non-finite
     loss or gradient, or the median loss of its latest steps exceeds DIVERGED_LOSS_FACTOR times its first loss.
     The noise scale of a diverged run describes no useful training, so no value and no batch size is suggested.
+
+    ``coupling`` is what an observed step's independence check found (None if nothing): outputs of the model that
+    couple the examples. If the loss reads them (a contrastive loss), the examples have no per-example gradients
+    and the values here are no noise scale; observe cannot see the loss, so they are reported with that warning.
     """
 
     steps: int
@@ -66,6 +70,7 @@ class NoiseScaleSummary:
     b_noise: float
     nonfinite_steps: int
     divergence: str | None = None
+    coupling: str | None = None
 
     @property
     def suggested_batch_size(self) -> float:
@@ -76,6 +81,16 @@ class NoiseScaleSummary:
         return self.b_noise if _resolved(self.b_noise) else self.b_simple
 
     def __str__(self) -> str:
+        return "\n".join([self._describe(), *self._caveats()])
+
+    def _caveats(self) -> list[str]:
+        if self.coupling is None:
+            return []
+        return [f"  warning: the model couples the examples ({self.coupling}): if the loss reads those outputs (a "
+                "contrastive loss), there are no per-example gradients and these numbers are no noise scale; "
+                "measure it from independent micro-batches (noisescale.estimators.two_batch_noise_scale)"]
+
+    def _describe(self) -> str:
         if self.divergence is not None:
             return "\n".join([
                 f"after {self.steps} steps ({self.examples_seen} examples):",
@@ -347,6 +362,7 @@ class NoiseScaleMonitor:
             b_noise=self.hessian_average.ratio if self.hessian_average.num_updates else math.nan,
             nonfinite_steps=self.nonfinite_steps,
             divergence=divergence_of(self._rows),
+            coupling=self.norms.coupling,
         )
 
     @property

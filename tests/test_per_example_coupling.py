@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.per_example import PerExampleGradNorms
 from test_per_example import assert_grads_as_before, assert_relclose, generator, grads_of, naive_per_example
 
@@ -217,6 +218,46 @@ def test_observe_of_independent_outputs_does_not_warn_and_is_exact():
     _, caught = _observe(PairScores().double(), lambda outputs: outputs["scores"].diagonal(), inputs,
                          check_independence=False)
     assert not caught
+
+
+def _observed_steps(model, loss, inputs, steps=2):
+    """``steps`` optimizer steps of an integration's monitor fed by the caller's own passes (SGD); returns the
+    monitor and the coupling warnings."""
+    monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            optimizer.zero_grad()
+            monitor.begin_micro_batch(len(inputs[0]), model_inputs=inputs)
+            value = loss(model(*inputs)).mean()
+            value.backward()
+            monitor.end_micro_batch(value)
+            monitor.end_step()
+            optimizer.step()
+    return monitor, [w for w in caught if "couples the examples" in str(w.message)]
+
+
+def test_the_summary_and_the_logged_metrics_of_a_monitor_keep_the_coupling_found():
+    """After observe's warning the monitor goes on (observe cannot see the loss), and what it reports says why
+    its numbers may be no noise scale: the summary's ``coupling`` and text, ``coupled_outputs`` in the logs; none
+    of it for outputs that keep the examples apart."""
+    torch.manual_seed(0)
+    inputs = _towers_batch()
+    monitor, caught = _observed_steps(
+        PairScores().double(), lambda outputs: F.cross_entropy(outputs["scores"], torch.arange(6), reduction="none"),
+        inputs)
+    summary = monitor.summary()
+    assert len(caught) == 1 and summary.steps == 2
+    assert "['scores']" in summary.coupling and monitor.norms.coupling == summary.coupling
+    assert "warning: the model couples the examples" in str(summary) and "B_simple =" in str(summary)
+    assert monitor.logged_metrics()["noise_scale/coupled_outputs"] == 1.0
+
+    monitor, caught = _observed_steps(TwoTowers().double(), lambda outputs: own_pair_loss(outputs, None), inputs)
+    summary = monitor.summary()
+    assert not caught and summary.coupling is None and "couples" not in str(summary)
+    assert "noise_scale/coupled_outputs" not in monitor.logged_metrics()
+    assert "noise_scale/trace_sigma" in monitor.logged_metrics()
 
 
 class NumpyMasked(nn.Module):

@@ -59,7 +59,7 @@ def distributed_job(device_name: str) -> Iterator[torch.device]:
         raise
     # every rank has finished its collectives before any tears its group down (rank 0 may still be writing a
     # checkpoint when another rank is done)
-    dist.barrier()
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     dist.destroy_process_group()
 
 

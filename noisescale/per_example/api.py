@@ -238,8 +238,9 @@ class PerExampleGradNorms:
 
     ``check_independence``: the first call of a plan runs two more forwards in eval mode, of the batch
     and with some examples' inputs replaced by others', and refuses a loss whose other examples' values moved (a
-    contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead and warns; under FSDP
-    nothing is checked.
+    contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead, warns, and keeps what
+    it found in ``coupling`` (the outputs that moved; None if none did), which the monitors' summaries report;
+    under FSDP nothing is checked.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -283,6 +284,7 @@ class PerExampleGradNorms:
         self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
         self._outputs_needed = False   # once one needed the whole-model vmap (``OutputGradients``)
         self._independence_checked = False   # whether a call of this plan checked that the losses are per example
+        self.coupling: str | None = None   # observe's finding: the outputs that couple the examples (kept once found)
         self._closed = False
 
     def close(self) -> None:
@@ -709,6 +711,7 @@ class PerExampleGradNorms:
         self._independence_checked = moved is not None
         if moved:
             shown = ", ".join(f"{path} ({change:.2g})" for path, change in list(moved.items())[:4])
+            self.coupling = f"replacing some examples' inputs moved the other examples' rows of the outputs {shown}"
             warnings.warn(
                 f"the model couples the examples: replacing some examples' inputs by others' moved the other "
                 f"examples' rows of its outputs {shown} (in eval mode, relative to each output's largest value). A "
