@@ -959,6 +959,33 @@ def test_third_party_rms_norms_are_matched_by_structure_and_verified(norm, backe
     assert result.backend_of["1.weight"] == backend
 
 
+def test_a_first_call_whose_first_examples_are_not_finite_leaves_the_rules_check_to_a_later_call():
+    """A rule's first-call check compares a few examples' outputs within their rounding. With examples 0 and 1 inf
+    or NaN it raised a cryptic RuntimeError (allclose's NaN tolerance) instead of the non-finite step the
+    monitor marks: now it compares the first finite examples, and with none it leaves the check to a later call
+    (the layer measured by the per-module fallback, or the whole-model vmap, meanwhile). Afterwards the rule is
+    checked and exact."""
+    model = nn.Sequential(nn.Linear(3, 4), OffsetRMSNorm(4), nn.Linear(4, 2)).double()
+    y = torch.randn(6, 5, 2, dtype=torch.float64, generator=generator(2))
+    for bad_rows in ((0, 1), (0, 1, 2, 3, 4, 5)):
+        x = torch.randn(6, 5, 3, dtype=torch.float64, generator=generator(1))
+        x[bad_rows[0]] = float("inf")
+        x[list(bad_rows[1:])] = float("nan")
+        with PerExampleGradNorms(model, regression_loss, by_parameter=True) as measure:
+            model.zero_grad(set_to_none=True)
+            first = measure(x, y)
+            finite = [i for i in range(6) if i not in bad_rows]
+            assert not first.sqnorms[list(bad_rows)].isfinite().any() and first.sqnorms[finite].isfinite().all()
+            assert (first.backend_of["1.weight"] == "ghost") == bool(finite)   # else the fallback, or the vmap
+            x = torch.randn(6, 5, 3, dtype=torch.float64, generator=generator(3))
+            expected = naive_per_example(model, regression_loss, x, y)
+            model.zero_grad(set_to_none=True)
+            result = measure(x, y)
+            assert result.backend_of["1.weight"] == "ghost"
+            for name in expected:
+                assert_relclose(result.by_parameter[name], expected[name])
+
+
 class WindowBias(nn.Module):
     """A bias computed from parameters alone, shape (1, N, d), broadcast over windows rather than examples."""
 
@@ -1372,6 +1399,26 @@ def test_a_subclass_whose_forward_changes_later_leaves_the_base_rule_on_the_call
         assert result.backend_of["0.weight"] == backend
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
+
+
+def test_a_step_that_is_not_finite_is_no_change_of_what_a_subclass_computes():
+    """The per-call check of a subclass's own forward compared every element: a NaN example (a diverging step)
+    sent the layer to the per-module fallback for good. Now non-finite elements are left out of the check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SwitchedLinear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    assert engine(x, y).backend_of["0.weight"] == "ghost"
+    diverged = x.clone()
+    diverged[1] = float("nan")
+    model.zero_grad(set_to_none=True)
+    assert engine(diverged, y).backend_of["0.weight"] == "ghost"
+    expected = naive_per_example(model, regression_loss, x, y)
+    model.zero_grad(set_to_none=True)
+    result = engine(x, y)
+    assert result.backend_of["0.weight"] == "ghost"
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
 
 
 class Queries(nn.Module):

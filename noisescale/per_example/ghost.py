@@ -62,7 +62,7 @@ from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims
                                              check_unmodified, is_parameter_table, module_per_example_grads,
                                              opaque_input, output_leaves, output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
-from noisescale.per_example.layers import LayerRule, close_values, rounding_tolerance
+from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.uses import ParameterUses, per_example_total
 
@@ -612,6 +612,16 @@ def _column_ends(x: Tensor) -> Tensor:
     return torch.stack([x[0], x[-1], x.abs().sum(0)]).clone()
 
 
+def _finite_rows(x: Tensor, output: Tensor) -> Tensor | None:
+    """The first examples (up to ``VERIFY_ROWS``) whose output, and input if floating, are finite: a rule's check
+    compares a few rows within their rounding, which an inf or NaN has not. None if no example is finite."""
+    finite = torch.isfinite(output.detach()).reshape(output.shape[0], -1).all(1)
+    if x.is_floating_point() or x.is_complex():
+        finite &= torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
+    rows = finite.nonzero().flatten()[:VERIFY_ROWS]
+    return rows if rows.numel() else None
+
+
 def _same_rows(a: Tensor, b: Tensor) -> bool:
     """Equal rows, up to the rounding of float dtypes (a batched kernel may round a row differently when the
     batch is one example smaller), measured against each channel's (last dim's) own scale: one large channel (a
@@ -843,9 +853,12 @@ class GhostNormEngine:
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was {why}; ghost norms need dim 0 to be "
                 f"the batch of {batch} examples (or 1, shared by all; use backend='vmap' for this model)")
-        if verified is None:  # the first call of each instance checks the rule's formula
+        if verified is None:  # the first call of each instance checks the rule's formula, on finite rows
             with torch.no_grad():
-                self._verified[module] = bool(entry.rule.verify(module, x, output))
+                rows = _finite_rows(x, output)
+                if rows is None:   # no verdict (this pass's norms are not finite anyway): the next call checks
+                    return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, None, index)
+                self._verified[module] = bool(entry.rule.verify(module, x[rows], output[rows]))
             if not self._verified[module]:
                 if ghost_pass.strict:
                     raise ValueError(f"backend='ghost': the rule {type(entry.rule).__name__} does not reproduce the "
