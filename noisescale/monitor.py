@@ -323,11 +323,13 @@ class NoiseScaleMonitor:
         )
 
     def _record(self, row: dict[str, Any]) -> None:
+        """Keep ``row`` in the history and write its finite numbers to the writer, except a B_noise ratio that is
+        not positive (not resolved: no noise scale)."""
         self._rows.append(row)
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("step", "measured", "nonfinite") and isinstance(value, (int, float)):
-                    if math.isfinite(value):
+                    if math.isfinite(value) and not (key in ("b_noise", "b_noise_batch") and value <= 0):
                         self.writer.add_scalar(f"noisescale/{key}", value, self.step)
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -105,6 +105,48 @@ def test_history_columns_csv_and_writer(tmp_path):
     assert ("noisescale/b_simple", monitor.history["b_simple"].iloc[-1], 3) in writer.scalars
 
 
+def test_an_unresolved_b_noise_is_neither_written_nor_logged():
+    """A negative tr(H Sigma) estimate makes the B_noise ratio negative: "not resolved" in the summary, and no
+    noise scale to write to TensorBoard or to an integration's log (an HF Trainer log showed b_noise = -2.66).
+    The Hessian proxies are replaced by fixed values (their estimate is tested in test_hessian.py)."""
+    from noisescale.hessian import HessianNoiseScale
+    from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
+
+    class RecordingWriter:
+        def __init__(self):
+            self.tags = []
+
+        def add_scalar(self, tag, value, step):
+            self.tags.append(tag)
+
+    def proxies(trace_h_sigma):
+        return lambda inputs, targets: HessianNoiseScale(trace_h=1.0, trace_h_stderr=0.1, g_h_g=2.0,
+                                                         trace_h_sigma=trace_h_sigma, fisher_trace=1.0,
+                                                         gradient_batch_size=8, num_sigma_examples=4)
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    writer = RecordingWriter()
+    monitor = NoiseScaleMonitor(model, per_example_cross_entropy, writer=writer, hessian_every=1, hessian_examples=4)
+    observing = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(hessian_every=1,
+                                                                    per_example_loss=per_example_cross_entropy))
+    inputs, targets = synthetic_batches(1)[0]
+    for trace_h_sigma, resolved in ((-5.0, False), (15.0, True)):
+        monitor._hessian_proxies = observing._hessian_proxies = proxies(trace_h_sigma)
+        writer.tags.clear()
+        model.zero_grad()
+        monitor(inputs, targets)
+        model.zero_grad()
+        observing.begin_micro_batch(len(inputs), hessian_batch=(inputs, targets))
+        per_example_cross_entropy(model(inputs), targets).mean().backward()
+        observing.end_micro_batch(0.0)
+        observing.end_step()
+        assert (monitor.summary().b_noise > 0) == (observing.summary().b_noise > 0) == resolved
+        assert ("noisescale/b_noise" in writer.tags) == ("noisescale/b_noise_batch" in writer.tags) == resolved
+        assert "noisescale/trace_h_sigma" in writer.tags
+        assert ("noise_scale/b_noise" in observing.logged_metrics()) == resolved
+
+
 def test_nonfinite_loss_is_marked_and_left_out_of_the_averages():
     torch.manual_seed(0)
     model = small_cnn()

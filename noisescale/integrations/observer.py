@@ -233,13 +233,15 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def logged_metrics(self) -> dict[str, float]:
         """What the integrations log, finite values only, named ``log_prefix + name``: B_simple with its interval,
-        the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise when measured; and
+        the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise once resolved (its
+        averaged tr(H Sigma) and G^T H G both positive: a negative ratio is no noise scale); and
         ``coupled_outputs`` = 1 once the independence check found outputs that couple the examples (the summary's
         ``coupling``: the values are no noise scale if the loss reads those outputs)."""
         summary = self.summary()
         low, high = summary.b_simple_interval
         values = {"b_simple": summary.b_simple, "b_simple_low": low, "b_simple_high": high,
-                  "grad_sqnorm": summary.grad_sqnorm, "trace_sigma": summary.trace_sigma, "b_noise": summary.b_noise,
+                  "grad_sqnorm": summary.grad_sqnorm, "trace_sigma": summary.trace_sigma,
+                  "b_noise": summary.b_noise if summary.b_noise > 0 else math.nan,
                   "coupled_outputs": math.nan if summary.coupling is None else 1.0}
         return {self.options.log_prefix + name: float(value) for name, value in values.items() if math.isfinite(value)}
 
