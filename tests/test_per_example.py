@@ -658,6 +658,40 @@ def test_a_rule_check_compares_a_float32_rebuild_with_a_bfloat16_output():
     assert not close_values(output + 1.0, output.bfloat16())
 
 
+class SequenceModel(nn.Module):
+    """Tokens (B, T) -> embedding -> Linear over the positions -> tanh -> Linear head, mean over positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body, self.head = nn.Embedding(13, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.embed(tokens)))).mean(1)
+
+
+def test_the_norms_of_a_call_inside_bfloat16_autocast_are_computed_in_float32():
+    """A call inside ``torch.autocast("cpu", torch.bfloat16)`` runs the hooks under it, and CPU autocast computes
+    ``bmm`` and ``vecdot`` in bfloat16: |gbar|^2 came out rounded to bfloat16 while every p.grad is float32 (a
+    new user's GPT-2: 1.359375 for 1.35745). Reference: p.grad squared in float64; and the per-example gradients
+    of the same batched forward (autograd on each l_i), which autocast's backward rounds to bfloat16 (1e-2)."""
+    torch.manual_seed(0)
+    model = SequenceModel()
+    tokens = torch.randint(0, 13, (6, 5), generator=generator(1))
+    targets = torch.randint(0, 3, (6,), generator=generator(2))
+    parameters = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = F.cross_entropy(model(tokens), targets, reduction="none")
+    expected = torch.stack([sum(g.double().square().sum() for g in torch.autograd.grad(
+        losses[i], parameters, retain_graph=True)) for i in range(6)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = per_example_sqnorms(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), tokens,
+                                     targets)
+    assert {p.grad.dtype for p in parameters} == {torch.float32}
+    exact_total = sum(p.grad.double().square().sum() for p in parameters)
+    torch.testing.assert_close(result.grad_sqnorm.double(), exact_total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(result.sqnorms.double(), expected, rtol=1e-2, atol=0)
+
+
 class KeywordClassifier(nn.Module):
     """Called as model(**batch) like a HuggingFace model: keyword tensors, a flag, a dict output, the per-example
     loss computed inside from ``labels`` (so the loss_fn gets no targets)."""

@@ -90,6 +90,7 @@ from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.coupling import coupled_losses, coupled_outputs
 from noisescale.per_example.errors import PerExampleError
+from noisescale.per_example.factors import full_precision
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
@@ -190,7 +191,8 @@ def _squared_total(norms: dict[str, Tensor], device: torch.device) -> Tensor:
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
     stacked = torch.stack(list(norms.values()))
-    return torch.linalg.vecdot(stacked, stacked)
+    with full_precision():
+        return torch.linalg.vecdot(stacked, stacked)
 
 
 class _GradientTaps:

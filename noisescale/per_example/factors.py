@@ -23,6 +23,7 @@ fewer multiply-adds.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Union
 
 import torch
@@ -34,6 +35,19 @@ __all__ = ["LinearFactors", "IndexFactors", "per_example_sqnorm", "position_weig
 def compute_dtype(t: Tensor) -> Tensor:
     """Half-precision tensors are upcast so that squared sums neither overflow nor lose their small terms."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def full_precision() -> contextlib.AbstractContextManager:
+    """Autocast switched off where it is on (a caller's backward inside ``torch.autocast`` runs the hooks under it,
+    and CPU autocast computes ``bmm``, ``matmul`` and ``vecdot`` in bfloat16): the norms' products and sums in the
+    dtypes ``compute_dtype`` gives them. What the model computes is not touched."""
+    devices = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    if not devices:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device in devices:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 def per_example_sqnorm(t: Tensor) -> Tensor:

@@ -61,7 +61,7 @@ from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
                                              opaque_input, output_leaves, output_tensors)
-from noisescale.per_example.factors import IndexFactors, LinearFactors, sqnorm_of_sum
+from noisescale.per_example.factors import IndexFactors, LinearFactors, full_precision, sqnorm_of_sum
 from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.uses import ParameterUses, per_example_total
@@ -547,8 +547,9 @@ class GhostPass:
         one multiplication rescaling them all; None if none did (no autograd graph: the factors are views of
         activations that require grad)."""
         sqnorms = dict(self.sqnorms)
-        for name in self.shared_grads.keys() | self.shared_factors.keys():
-            sqnorms[name] = sqnorm_of_sum(self.shared_factors.get(name, []), self.shared_grads.get(name))
+        with full_precision():
+            for name in self.shared_grads.keys() | self.shared_factors.keys():
+                sqnorms[name] = sqnorm_of_sum(self.shared_factors.get(name, []), self.shared_grads.get(name))
         if not sqnorms:
             return None
         return list(sqnorms), torch.stack(list(sqnorms.values())) * self.grad_factor ** 2
@@ -1058,7 +1059,7 @@ class GhostNormEngine:
             grad_output = grad_output.transpose(0, 1)
         GhostNormEngine._apply_rule(ghost_pass, entry, module, x, grad_output)
         for name, broadcast in call["claimed"]:   # a parametrized weight: each example's gradient of it
-            with torch.no_grad():
+            with torch.no_grad(), full_precision():
                 broadcast.add(entry.rule.per_example_grads(module, x, grad_output, {name})[name])
 
     @staticmethod
@@ -1078,7 +1079,7 @@ class GhostNormEngine:
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
         try:
-            with torch.no_grad():
+            with torch.no_grad(), full_precision():
                 if single:
                     for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
                         _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
