@@ -103,7 +103,10 @@ class NoiseScaleSummary:
         unbounded = high == math.inf
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
                  if unbounded else f"{high:.4g}")
-        if unbounded and not _resolved(self.b_noise) and math.isfinite(self.b_simple):
+        if math.isnan(self.trace_sigma) and not _resolved(self.b_noise):   # the average has no step yet
+            suggestion = ("  critical batch size: not measured yet (no step with a finite loss and at least 2 "
+                          "examples, which the gradient noise needs, has been measured)")
+        elif unbounded and not _resolved(self.b_noise) and math.isfinite(self.b_simple):
             bound = f"at least about {low:.0f} examples" if low >= 1 else "no lower bound above 0 either"
             suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
         else:

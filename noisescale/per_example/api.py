@@ -667,9 +667,10 @@ class PerExampleGradNorms:
             elif not self._warned_unchecked_uses:
                 self._warned_unchecked_uses = True
                 warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
-                              "type torch's pytree cannot open, or no call of the model in the pass), so it cannot "
-                              "check for weights also read outside their layers' calls", RuntimeWarning,
-                              stacklevel=3)
+                              "type torch's pytree cannot open, or no call of the model in the pass: a Lightning "
+                              "training_step calling a submodule, self.net(x), instead of self(x)), so it cannot "
+                              "check for weights also read outside their layers' calls; the layers' own norms are "
+                              "measured as usual", RuntimeWarning, stacklevel=3)
         bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "
