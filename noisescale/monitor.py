@@ -71,6 +71,7 @@ class NoiseScaleSummary:
     nonfinite_steps: int
     divergence: str | None = None
     coupling: str | None = None
+    b_noise_measurements: int = 0   # the Hessian measurements B_noise averages (it has no interval)
 
     @property
     def suggested_batch_size(self) -> float:
@@ -115,7 +116,7 @@ class NoiseScaleSummary:
             f"after {self.steps} steps ({self.examples_seen} examples):",
             f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {upper})",
             f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}",
-            _describe_b_noise(self.b_noise),
+            _describe_b_noise(self.b_noise, self.b_noise_measurements),
             suggestion,
         ]
         if self.nonfinite_steps:
@@ -138,7 +139,7 @@ def _resolved(b_noise: float) -> bool:
     return math.isfinite(b_noise) and b_noise > 0
 
 
-def _describe_b_noise(b_noise: float) -> str:
+def _describe_b_noise(b_noise: float, measurements: int) -> str:
     if math.isnan(b_noise):
         return "  B_noise: not measured (hessian_every=0)"
     if math.isinf(b_noise):
@@ -146,7 +147,8 @@ def _describe_b_noise(b_noise: float) -> str:
     if b_noise <= 0:
         return (f"  B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive: ratio "
                 f"{b_noise:.4g})")
-    return f"  B_noise = {b_noise:.4g}"
+    return (f"  B_noise = {b_noise:.4g}  (from {measurements} Hessian measurement{'s' if measurements != 1 else ''}, "
+            "no interval)")
 
 
 def check_options(*, measure_every: int, ema_decay: float, confidence: float, hessian_every: int,
@@ -365,6 +367,7 @@ class NoiseScaleMonitor:
             trace_sigma=self.average.trace_sigma,
             grad_sqnorm=self.average.grad_sqnorm,
             b_noise=self.hessian_average.ratio if self.hessian_average.num_updates else math.nan,
+            b_noise_measurements=self.hessian_average.num_updates,
             nonfinite_steps=self.nonfinite_steps,
             divergence=divergence_of(self._rows),
             coupling=self.norms.coupling,

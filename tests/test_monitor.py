@@ -102,6 +102,7 @@ def test_history_columns_csv_and_writer(tmp_path):
                    "b_simple_high", "trace_h", "g_h_g", "b_noise"):
         assert column in loaded.columns, column
     assert loaded["examples_seen"].tolist() == [8, 16, 24, 32]
+    assert monitor.summary().b_noise_measurements == 2 == loaded["trace_h"].notna().sum()
     assert ("noisescale/b_simple", monitor.history["b_simple"].iloc[-1], 3) in writer.scalars
 
 
@@ -417,8 +418,9 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "interval 12.3 .. unbounded: |G|^2 is not resolved from 0" in text
     assert "critical batch size: not resolved (at least about 12 examples at 90% confidence)" in text
     assert "suggested: about" not in text
-    with_b_noise = dataclasses.replace(unresolved, b_noise=40.0)
+    with_b_noise = dataclasses.replace(unresolved, b_noise=40.0, b_noise_measurements=2)
     assert "critical batch size suggested: about 40 examples" in str(with_b_noise)
+    assert "B_noise = 40  (from 2 Hessian measurements, no interval)" in str(with_b_noise)
     tiny = str(dataclasses.replace(unresolved, b_noise=0.23))   # a new user saw "about 0 examples"
     assert "below one example (0.23)" in tiny and "about 0 examples" not in tiny
 
