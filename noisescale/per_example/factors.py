@@ -41,13 +41,16 @@ def full_precision() -> contextlib.AbstractContextManager:
     """Autocast switched off where it is on (a caller's backward inside ``torch.autocast`` runs the hooks under it,
     and CPU autocast computes ``bmm``, ``matmul`` and ``vecdot`` in bfloat16): the norms' products and sums in the
     dtypes ``compute_dtype`` gives them. What the model computes is not touched."""
-    devices = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-    if not devices:
-        return contextlib.nullcontext()
+    if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+        return _NO_CHANGE   # (every rule call asks: about 0.5 us)
     stack = contextlib.ExitStack()
-    for device in devices:
-        stack.enter_context(torch.autocast(device, enabled=False))
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
     return stack
+
+
+_NO_CHANGE = contextlib.nullcontext()
 
 
 def per_example_sqnorm(t: Tensor) -> Tensor:
