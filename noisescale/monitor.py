@@ -104,18 +104,21 @@ class NoiseScaleSummary:
         unbounded = high == math.inf
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
                  if unbounded else f"{high:.4g}")
-        if math.isnan(self.trace_sigma) and not _resolved(self.b_noise):   # the average has no step yet
-            suggestion = ("  critical batch size: not measured yet (no step with a finite loss and at least 2 "
-                          "examples, which the gradient noise needs, has been measured)")
+        measured = not math.isnan(self.trace_sigma)   # NaN: the average has no step yet
+        if not measured and not _resolved(self.b_noise):
+            suggestion = "  critical batch size: not measured yet"
         elif unbounded and not _resolved(self.b_noise) and math.isfinite(self.b_simple):
             bound = f"at least about {low:.0f} examples" if low >= 1 else "no lower bound above 0 either"
             suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
         else:
             suggestion = _describe_suggestion(self.suggested_batch_size)
+        b_simple = ([f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {upper})",
+                     f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}"] if measured else
+                    ["  B_simple: not measured yet (no step with a finite loss and at least 2 examples, which the "
+                     "gradient noise needs)"])
         lines = [
             f"after {self.steps} steps ({self.examples_seen} examples):",
-            f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {upper})",
-            f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}",
+            *b_simple,
             _describe_b_noise(self.b_noise, self.b_noise_measurements),
             suggestion,
         ]

@@ -181,7 +181,8 @@ def test_batch_of_one_records_nan_with_a_warning():
     assert math.isnan(monitor.history["trace_sigma"].iloc[0])
     assert monitor.average.num_updates == 0
     text = str(monitor.summary())   # says why nothing is suggested, not "|G|^2 is not positive"
-    assert "not measured yet" in text and "at least 2 examples" in text and "not positive" not in text
+    assert "B_simple: not measured yet" in text and "at least 2 examples" in text and "not positive" not in text
+    assert "nan" not in text and "critical batch size: not measured yet" in text
 
 
 def test_grad_scaler_scales_gradients_and_not_the_norms():
