@@ -375,13 +375,22 @@ class AdaptiveTrainer:
         return self.sampler.batch_size
 
     def step(self) -> dict[str, Any]:
-        """One optimizer step on the next batch; returns its history row."""
+        """One optimizer step on the next batch; returns its history row. A step that raises (an error in the
+        model or the loss, Ctrl-C) takes no batch: the sampler and the random stream are put back and p.grad is
+        cleared, so the next call draws the same batch (before, the batch was lost from the epoch)."""
         started = time.perf_counter()
-        batch_size = self._batch_size_for_step()
-        self.sampler.set_batch_size(batch_size)
-        local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
-        inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
-        self._accumulate_with_retry(inputs, targets, local_batch_size)
+        sampler_state, rng_before = self.sampler.state_dict(), rng_state(self.device)
+        try:
+            batch_size = self._batch_size_for_step()
+            self.sampler.set_batch_size(batch_size)
+            local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
+            inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
+            self._accumulate_with_retry(inputs, targets, local_batch_size)
+        except BaseException:
+            self.sampler.load_state_dict(sampler_state)
+            set_rng_state(rng_before, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or self._gradients_finite())
         if not finite:
             self._skip_step()

@@ -444,3 +444,34 @@ def test_train_command_runs_checkpoints_and_resumes(tmp_path, capsys):
     evaluations = pd.read_csv(tmp_path / "train_batch-increase_evaluations.csv")
     assert len(evaluations) == 2 and evaluations["test_accuracy"].between(0, 1).all()
     assert (tmp_path / "train_batch-increase.png").stat().st_size > 10_000
+
+
+def test_a_step_that_raises_takes_no_batch_and_the_run_continues_as_if_it_had_not():
+    """An error inside a step (Ctrl-C in a notebook, a loader or loss error) used to lose its batch from the epoch
+    (a new user's run trained 16 examples fewer, parameters 1.1e-2 apart). Now the sampler and the random stream
+    are put back and p.grad is cleared; a second call draws the same batch: the run equals an uninterrupted one,
+    dropout included."""
+    calls = {"count": 0, "raise_at": None}
+
+    def interrupted_loss(outputs, targets):
+        calls["count"] += 1
+        if calls["count"] == calls["raise_at"]:
+            raise KeyboardInterrupt
+        return per_example_cross_entropy(outputs, targets)
+
+    data = classification_data()
+    finished = []
+    for raise_at in (None, 6):
+        model = small_net(dropout=0.2)
+        trainer = make_trainer(model, data, loss_fn=interrupted_loss, batch_size=16, momentum=0.9)
+        calls.update(count=0, raise_at=raise_at)
+        if raise_at is not None:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train(1.0)
+            assert trainer.sampler.examples_seen == 16 * trainer.steps == int(trainer.history["batch_size"].sum())
+            assert all(p.grad is None for p in model.parameters())
+        trainer.train(1.0)
+        finished.append((parameters_of(model), trainer.history.drop(columns="seconds")))
+    (plain, plain_history), (resumed, resumed_history) = finished
+    assert all(torch.equal(a, b) for a, b in zip(plain, resumed))
+    pd.testing.assert_frame_equal(plain_history, resumed_history)
