@@ -7,13 +7,15 @@ a dict with a ``"logits"`` entry), so they can be passed as ``loss_fn(outputs, t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["logits_of", "per_example_cross_entropy", "sequence_cross_entropy", "WEIGHTINGS"]
+__all__ = ["logits_of", "normalised_over_the_batch", "per_example_cross_entropy", "sequence_cross_entropy",
+           "WEIGHTINGS"]
 
 WEIGHTINGS = ("example", "token")
 
@@ -70,3 +72,13 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
     if weighting == "example":
         return totals / counted.sum(1).clamp_min(1).to(totals.dtype)
     return totals * labels.shape[0] / counted.sum().clamp_min(1).to(totals.dtype)
+
+
+def normalised_over_the_batch(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` normalises each example's loss by a count over the whole batch it is given: the "token"
+    weighting of :func:`sequence_cross_entropy`, called directly or through ``functools.partial``, or a callable
+    with ``normalised_over_the_batch = True``. Its losses on parts of a batch (accumulated micro-batches, DDP
+    shards) are normalised by each part's own count, so their steps do not add up to the batch's."""
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is sequence_cross_entropy:
+        return loss_fn.keywords.get("weighting") == "token"
+    return bool(getattr(loss_fn, "normalised_over_the_batch", False))

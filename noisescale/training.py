@@ -18,7 +18,8 @@ Where the batch size comes from (exactly one):
 Batches come from a :class:`~noisescale.sampler.ResizableBatchSampler` (every example once per epoch whatever
 B does). A batch larger than ``max_micro_batch`` runs as accumulated micro-batches
 (:func:`~noisescale.sampler.split_micro_batches`): micro-batch k's mean loss is weighted by b_k / B, so p.grad
-ends as the mean gradient of the whole batch. The noise scale of the step is the per-example estimate of the
+ends as the mean gradient of the whole batch, for a loss of each example alone (a loss normalised over the batch it
+is given, a token mean, is refused rather than split: ``AdaptiveTrainer._check_parts_add_up``). The noise scale of the step is the per-example estimate of the
 *whole* batch (McCandlish et al. appendix A): the per-example squared norms s_i of all micro-batches together
 and |gbar|^2 of the accumulated gradient go into :func:`~noisescale.estimators.simple_noise_scale`. Beside it
 the two-batch estimate from the micro-batch norms |g_k|^2 (B_small = b) and |gbar|^2 (B_big = B) is recorded
@@ -74,9 +75,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from noisescale._buffers import kept_buffers
 from noisescale._checks import check_int, check_real
-from noisescale._rng import rng_state, set_rng_state
-from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
+from noisescale._rng import isolated_rng, rng_state, set_rng_state
+from noisescale.batches import (batch_size_of, call_model, fetch_examples, map_tensors, split_examples, tensors_of,
+                                to_device)
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
@@ -92,7 +95,9 @@ from noisescale.distributed import (
     unwrapped_module,
 )
 from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
+from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
+from noisescale.per_example.layers import rounding_tolerance
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
     gradient_sync,
@@ -323,6 +328,8 @@ class AdaptiveTrainer:
         num_examples = len(dataset)
         first_batch = self._check_largest_batch(batch_size, num_examples)
         self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **(monitor_options or {}))
+        self._whole_batch_loss = normalised_over_the_batch(loss_fn)
+        self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         group = self.monitor.process_group
         world_size, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
         if policy is not None and policy.granularity % world_size:
@@ -384,6 +391,7 @@ class AdaptiveTrainer:
             batch_size = self._batch_size_for_step()
             self.sampler.set_batch_size(batch_size)
             local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
+            self._check_whole_batch_loss(batch_size, local_batch_size, self.max_micro_batch)
             inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
             self._accumulate_with_retry(inputs, targets, local_batch_size)
         except BaseException:
@@ -411,6 +419,49 @@ class AdaptiveTrainer:
         self._rows.append(row)
         return row
 
+    def _check_whole_batch_loss(self, batch_size: int, local_batch_size: int, max_micro_batch: int | None) -> None:
+        """Refuse, before the batch is drawn, to split a batch whose loss is declared normalised over the whole
+        batch (``losses.normalised_over_the_batch``): each part would be normalised by its own count."""
+        if not self._whole_batch_loss:
+            return
+        parts = []
+        if local_batch_size < batch_size:
+            parts.append(f"over {batch_size // local_batch_size} ranks")
+        if max_micro_batch is not None and local_batch_size > max_micro_batch:
+            parts.append(f"into micro-batches of at most {max_micro_batch}")
+        if parts:
+            raise ValueError(_split_refusal(f"split {' and '.join(parts)}", batch_size))
+
+    def _check_parts_add_up(self, inputs: Any, targets: Any, batch_size: int) -> None:
+        """Once, at the first step split into micro-batches on one process: the first micro-batch's losses
+        computed in one call and in two halves, on one forward's outputs (no grad; random streams and buffers
+        kept, so the training is unchanged). A loss normalised over the batch it is given (a token mean such as
+        ``weighting="token"`` inside the user's own function) differs, and is refused: accumulated parts would not
+        make the batch's step. Under DDP (whose forward may communicate) only the declared losses are refused."""
+        size = batch_size_of(inputs)
+        if self._parts_checked or size < 2 or self.monitor.process_group is not None:
+            return
+        self._parts_checked = True
+        half = size // 2
+
+        def part(value: Any, rows: slice) -> Any:
+            return map_tensors(lambda t: t[rows] if t.dim() and t.shape[0] == size else t, value)
+
+        with torch.no_grad(), isolated_rng(tensors_of(inputs)), kept_buffers(self.model):
+            outputs = call_model(self.model, inputs)
+            whole = self.monitor.loss_fn(outputs, targets)
+            halves = [self.monitor.loss_fn(part(outputs, rows), part(targets, rows))
+                      for rows in (slice(0, half), slice(half, size))]
+        if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
+                and all(isinstance(h, torch.Tensor) and h.shape[:1] == (n,) and h.dim() == 1
+                        for h, n in zip(halves, (half, size - half)))
+                and bool(torch.isfinite(whole).all())):
+            return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
+        parts = torch.cat(halves).to(whole.dtype)
+        tolerance = rounding_tolerance(whole.dtype)
+        if not torch.allclose(parts, whole, rtol=tolerance, atol=tolerance * float(whole.abs().max())):
+            raise ValueError(_split_refusal(f"split into micro-batches of at most {size}", batch_size, found=True))
+
     def _gradients_finite(self) -> bool:
         if self.monitor.sharded:
             return sharded_gradients_finite(self.model, self.monitor.process_group)
@@ -435,6 +486,8 @@ class AdaptiveTrainer:
         while True:
             sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
             micro_batches = list(zip(split_examples(inputs, sizes), split_examples(targets, sizes)))
+            if len(sizes) > 1:
+                self._check_parts_add_up(*micro_batches[0], batch_size=batch_size)
             scale = loss_scale_of(self.grad_scaler, self.device)
             try:
                 with self._autocast():
@@ -442,6 +495,7 @@ class AdaptiveTrainer:
             except Exception as error:
                 if not is_out_of_memory(error) or max(sizes) == 1 or self.monitor.process_group is not None:
                     raise  # under DDP the other ranks are already waiting in this step's all-reduce
+                self._check_whole_batch_loss(batch_size, batch_size, max(1, max(sizes) // 2))
                 self.max_micro_batch = max(1, max(sizes) // 2)
                 warnings.warn(f"step {self.steps}: out of memory with micro-batches of {max(sizes)}; retrying the "
                               f"step with max_micro_batch={self.max_micro_batch}", RuntimeWarning, stacklevel=3)
@@ -642,3 +696,13 @@ def make_batch_size_source(
     return {"schedule": BatchSizeSchedule(mode, base_learning_rate=learning_rate, base_batch_size=batch_size,
                                           milestones=[] if mode == "fixed" else milestones,
                                           decay_factor=decay_factor, max_batch_size=max_batch_size)}
+
+
+def _split_refusal(how: str, batch_size: int, found: bool = False) -> str:
+    seen = ("its losses of the first micro-batch differ when computed in two halves" if found else
+            "sequence_cross_entropy with weighting='token'")
+    return (f"the loss normalises each example's loss by a count over the whole batch it is given ({seen}: a "
+            f"token mean), and the batch of {batch_size} would be {how}: each part would be normalised by its own "
+            "count, and the step would not be the batch's (a new user's GPT-2: parameters 2e-2 apart after 3 "
+            "steps). Use a loss of each example alone (weighting='example'), or train on one process with "
+            "max_micro_batch=None")

@@ -475,3 +475,65 @@ def test_a_step_that_raises_takes_no_batch_and_the_run_continues_as_if_it_had_no
     (plain, plain_history), (resumed, resumed_history) = finished
     assert all(torch.equal(a, b) for a, b in zip(plain, resumed))
     pd.testing.assert_frame_equal(plain_history, resumed_history)
+
+
+class TinyTokenModel(torch.nn.Module):
+    """Tokens (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.embed, self.out = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.embed(tokens)))
+
+
+def test_a_loss_normalised_over_the_whole_batch_is_not_split_into_micro_batches():
+    """sequence_cross_entropy's "token" weighting divides by the batch's token count: accumulated micro-batches
+    were each divided by their own, and the step was not the batch's (a new user's GPT-2: parameters 2e-2 apart
+    after 3 steps). Such a loss is refused when the batch would be split: declared (a partial of it) before the
+    batch is drawn, inside the user's own function by a check of the first micro-batch's losses in two halves;
+    unsplit it trains, and the "example" weighting accumulates to the whole batch's step (float64), check included."""
+    import functools
+
+    from noisescale.losses import normalised_over_the_batch, sequence_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (40, 6), generator=generator)
+    labels = tokens.masked_fill(torch.arange(6) >= torch.randint(2, 7, (40, 1), generator=generator), -100)
+    data = TensorDataset(tokens, labels)
+    token = functools.partial(sequence_cross_entropy, shift=True, weighting="token")
+    example = functools.partial(sequence_cross_entropy, shift=True)
+    assert normalised_over_the_batch(token) and not normalised_over_the_batch(example)
+    assert not normalised_over_the_batch(per_example_cross_entropy)
+
+    torch.manual_seed(0)
+    model = TinyTokenModel().double()
+    trainer = make_trainer(model, data, loss_fn=token, batch_size=16, max_micro_batch=5)
+    before = parameters_of(model)
+    with pytest.raises(ValueError, match=r"weighting='token'.*split into micro-batches of at most 5"):
+        trainer.step()
+    assert trainer.sampler.examples_seen == 0 and trainer.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters_of(model)))
+    make_trainer(model, data, loss_fn=token, batch_size=16).step()   # unsplit: trains
+
+    def own_token_mean(outputs, labels):   # not declared: found at the first split step, before any pass
+        return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
+
+    trainer, before = make_trainer(model, data, loss_fn=own_token_mean, batch_size=16, max_micro_batch=5), \
+        parameters_of(model)
+    with pytest.raises(ValueError, match="differ when computed in two halves"):
+        trainer.step()
+    assert trainer.sampler.examples_seen == 0 and trainer.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters_of(model)))
+    assert all(p.grad is None for p in model.parameters())
+
+    finals = []
+    for max_micro_batch in (None, 5):
+        torch.manual_seed(0)
+        model = TinyTokenModel().double()
+        trainer = make_trainer(model, data, loss_fn=example, batch_size=16, max_micro_batch=max_micro_batch)
+        for _ in range(3):
+            trainer.step()
+        finals.append(parameters_of(model))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(*finals))
