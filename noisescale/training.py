@@ -441,7 +441,6 @@ class AdaptiveTrainer:
         size = batch_size_of(inputs)
         if self._parts_checked or size < 2 or self.monitor.process_group is not None:
             return
-        self._parts_checked = True
         half = size // 2
 
         def part(value: Any, rows: slice) -> Any:
@@ -452,6 +451,7 @@ class AdaptiveTrainer:
             whole = self.monitor.loss_fn(outputs, targets)
             halves = [self.monitor.loss_fn(part(outputs, rows), part(targets, rows))
                       for rows in (slice(0, half), slice(half, size))]
+        self._parts_checked = True
         if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
                 and all(isinstance(h, torch.Tensor) and h.shape[:1] == (n,) and h.dim() == 1
                         for h, n in zip(halves, (half, size - half)))
@@ -486,10 +486,10 @@ class AdaptiveTrainer:
         while True:
             sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
             micro_batches = list(zip(split_examples(inputs, sizes), split_examples(targets, sizes)))
-            if len(sizes) > 1:
-                self._check_parts_add_up(*micro_batches[0], batch_size=batch_size)
             scale = loss_scale_of(self.grad_scaler, self.device)
             try:
+                if len(sizes) > 1:   # (its forward's out-of-memory error halves the micro-batches too)
+                    self._check_parts_add_up(*micro_batches[0], batch_size=batch_size)
                 with self._autocast():
                     return self.monitor.accumulate(micro_batches, loss_scale=scale)
             except Exception as error:
