@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_checkpoint", "to_plain"]
+__all__ = ["CheckpointError", "atomic_path", "atomic_write", "load_checkpoint", "save_checkpoint", "to_plain"]
 
 
 class CheckpointError(ValueError):
@@ -39,9 +39,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_options: 
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 honours the umask, so the result gets a new file's usual permissions
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    temporary, descriptor = _new_sibling(path)
     try:
         with os.fdopen(descriptor, mode, **open_options) as handle:
             yield handle
@@ -53,6 +51,33 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_options: 
             os.unlink(temporary)
         raise
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """``with atomic_path(path) as temporary: frame.to_csv(temporary)``: for writers that take a path (pandas,
+    matplotlib), as :func:`atomic_write`: the temporary sibling is fsynced and replaces ``path`` in one step, with
+    a new file's usual permissions; on an error it is removed and ``path`` keeps its old content."""
+    path = Path(path)
+    temporary, descriptor = _new_sibling(path, path.suffix)   # (savefig takes the format from the suffix)
+    os.close(descriptor)
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _new_sibling(path: Path, suffix: str = "") -> tuple[Path, int]:
+    """A new empty file beside ``path``, named ``.NAME.PID.RANDOM.tmp`` + ``suffix``, and its open descriptor;
+    os.open with 0o666 honours the umask, so the result gets a new file's usual permissions."""
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
+    return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
 
 
 def _fsync_directory(directory: Path) -> None:

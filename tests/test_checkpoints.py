@@ -13,7 +13,7 @@ import torch
 
 import noisescale.checkpoints as checkpoints
 from noisescale.app.cli import main
-from noisescale.checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, to_plain
+from noisescale.checkpoints import CheckpointError, atomic_path, atomic_write, load_checkpoint, save_checkpoint, to_plain
 
 
 class Killed(BaseException):
@@ -166,3 +166,25 @@ def test_train_command_killed_while_saving_keeps_the_last_whole_checkpoint(tmp_p
     assert len(state["trainer"]["history"]) == 4
     assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
     assert main([*TRAIN, "--epochs", "2", "--resume", str(path), "--out", str(tmp_path)]) == 0
+
+
+def test_result_files_get_a_new_file_s_permissions_and_a_failed_write_leaves_the_old_one(tmp_path):
+    """The CLI's CSVs, figure and summary went through a mkstemp file: mode 0600, unlike every other file the
+    user gets (a new user's history CSV was -rw-------). Now they get the umask's permissions, like the
+    checkpoints; a write that raises leaves the old file and no temporary one."""
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "history.csv"
+        with atomic_path(path) as temporary:
+            assert temporary.suffix == ".csv" and temporary.parent == tmp_path
+            temporary.write_text("a,b\n1,2\n")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_text() == "a,b\n1,2\n"
+        with pytest.raises(RuntimeError, match="disk full"):
+            with atomic_path(path) as temporary:
+                temporary.write_text("half")
+                raise RuntimeError("disk full")
+        assert path.read_text() == "a,b\n1,2\n" and os.listdir(tmp_path) == ["history.csv"]
+    finally:
+        os.umask(umask)

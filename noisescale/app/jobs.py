@@ -15,7 +15,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from noisescale.app.options import (
     resolve_device_option,
 )
 from noisescale.batches import call_model, fetch_examples, to_device
+from noisescale.checkpoints import atomic_path
 
 
 def is_main_process() -> bool:
@@ -170,21 +170,6 @@ def evaluate_accuracy(model: torch.nn.Module, dataset, device: torch.device, bat
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; on success it replaces ``path`` in one step (os.replace),
-    so that a reader or a killed run never finds a half-written file; on failure it is removed."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def json_ready(value: Any) -> Any:
     """Strict-JSON values: NaN (not measured) -> None, +-inf (not resolved) -> "inf" / "-inf", paths -> str,
     tuples -> lists, recursively."""

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 import noisescale
 from noisescale.app.jobs import (
-    Evaluation, atomic_path, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
+    Evaluation, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
 )
 from noisescale.app.options import UsageError, one_line, option_error, prepare_output_folder
 from noisescale.app.plot import plot_noise_scale_history, save_figure
 from noisescale.batches import fetch_examples
-from noisescale.checkpoints import CheckpointError, load_checkpoint
+from noisescale.checkpoints import CheckpointError, atomic_path, load_checkpoint
 from noisescale.monitor import NoiseScaleSummary, measure
 from noisescale.training import AdaptiveTrainer
 

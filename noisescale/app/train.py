@@ -17,12 +17,12 @@ from torch.utils.data import Subset, TensorDataset
 import noisescale
 from noisescale._checks import check_int
 from noisescale.app.jobs import (
-    Evaluation, atomic_path, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
+    Evaluation, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
 )
 from noisescale.app.options import option_error, prepare_output_file, prepare_output_folder
 from noisescale.app.plot import plot_training_curves, save_figure
-from noisescale.checkpoints import load_checkpoint, save_checkpoint
+from noisescale.checkpoints import atomic_path, load_checkpoint, save_checkpoint
 from noisescale.monitor import NoiseScaleSummary
 from noisescale.training import AdaptiveTrainer, make_batch_size_source
 
