@@ -38,19 +38,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_options: 
     over ``path``; on an error ``path`` keeps its old content (or stays absent). ``mode`` is "w" or "wb"."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    temporary, descriptor = _new_sibling(path)
-    try:
-        with os.fdopen(descriptor, mode, **open_options) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(path.parent)
+    with atomic_path(path) as temporary, open(temporary, mode, **open_options) as handle:
+        yield handle
 
 
 @contextlib.contextmanager
@@ -59,8 +48,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     matplotlib), as :func:`atomic_write`: the temporary sibling is fsynced and replaces ``path`` in one step, with
     a new file's usual permissions; on an error it is removed and ``path`` keeps its old content."""
     path = Path(path)
-    temporary, descriptor = _new_sibling(path, path.suffix)   # (savefig takes the format from the suffix)
-    os.close(descriptor)
+    # a new file beside path, with the umask's permissions (os.open with 0o666), keeping the suffix (savefig
+    # takes the format from it)
+    temporary = path.parent / f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
     try:
         yield temporary
         with open(temporary, "rb") as handle:
@@ -71,13 +62,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(temporary)
         raise
     _fsync_directory(path.parent)
-
-
-def _new_sibling(path: Path, suffix: str = "") -> tuple[Path, int]:
-    """A new empty file beside ``path``, named ``.NAME.PID.RANDOM.tmp`` + ``suffix``, and its open descriptor;
-    os.open with 0o666 honours the umask, so the result gets a new file's usual permissions."""
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
-    return temporary, os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -164,7 +164,7 @@ def test_train_command_killed_while_saving_keeps_the_last_whole_checkpoint(tmp_p
     state = load_checkpoint(path, source="--resume")
     assert [row["step"] for row in state["evaluations"]] == [4]  # 128 examples / 32 = 4 steps in epoch 1
     assert len(state["trainer"]["history"]) == 4
-    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+    assert [name for name in os.listdir(tmp_path) if ".tmp" in name] == []
     assert main([*TRAIN, "--epochs", "2", "--resume", str(path), "--out", str(tmp_path)]) == 0
 
 
