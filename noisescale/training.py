@@ -582,7 +582,10 @@ class AdaptiveTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`; the trainer must be built with the same kind of batch-size source."""
+        """Continue from :meth:`state_dict`; the trainer must be built with the same kind of batch-size source.
+        A ``max_micro_batch`` given to this trainer is kept (a smaller GPU: micro-batches change the step only in
+        the last bits); without one it is the checkpoint's (which an out-of-memory error may have halved). The
+        learning rates are the checkpoint's (its optimizer state and base rates)."""
         for name in ("policy", "schedule"):
             if (state[name] is None) != (getattr(self, name) is None):
                 raise ValueError(f"the checkpoint was saved {'with' if state[name] is not None else 'without'} a "
@@ -600,7 +603,8 @@ class AdaptiveTrainer:
         if self.grad_scaler is not None and state["grad_scaler"] is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.base_learning_rates = list(state["base_learning_rates"])
-        self.max_micro_batch = state["max_micro_batch"]
+        if self.max_micro_batch is None:
+            self.max_micro_batch = state["max_micro_batch"]
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))  # absent in checkpoints of earlier versions
         self.seconds = float(state["seconds"])

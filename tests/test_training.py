@@ -3,6 +3,7 @@ epoch, the schedules' B and LR, the noise-adaptive policy, and the `noisescale t
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -130,11 +131,11 @@ def test_two_batch_estimate_from_equal_micro_batches_matches_a_naive_reference()
 # --------------------------------------------------------------------------- checkpoints and faults
 
 
-def noise_adaptive_trainer(seed_of_model: int = 0):
-    model = small_net(seed_of_model, dropout=0.2)
+def noise_adaptive_trainer(seed_of_model: int = 0, max_micro_batch: int | None = 6, dropout: float = 0.2):
+    model = small_net(seed_of_model, dropout=dropout)
     policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=32, hold_steps=2, kappa=2.0)
     trainer = make_trainer(model, classification_data(), lr=0.2, momentum=0.9, policy=policy,
-                           lr_coupling="sqrt", max_micro_batch=6, seed=5)
+                           lr_coupling="sqrt", max_micro_batch=max_micro_batch, seed=5)
     return model, trainer
 
 
@@ -155,6 +156,25 @@ def test_resume_from_a_checkpoint_continues_the_run_identically():
     for expected, actual in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(expected, actual)
     pd.testing.assert_frame_equal(trainer.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
+
+
+def test_a_resumed_trainer_keeps_its_own_max_micro_batch():
+    """Resuming on a smaller GPU: the new trainer's max_micro_batch is kept (the checkpoint's replaced it, so a
+    resume could not lower it); without one it is the checkpoint's. The run continues as the uninterrupted one,
+    up to accumulation's rounding (float64; no dropout, whose masks are drawn per micro-batch)."""
+    model, trainer = noise_adaptive_trainer(dropout=0.0)
+    trainer.train(epochs=3)
+    interrupted_model, interrupted = noise_adaptive_trainer(dropout=0.0)
+    interrupted.train(epochs=1.5)
+    state = interrupted.state_dict()
+    for given, kept in ((3, 3), (None, 6)):
+        resumed_model, resumed = noise_adaptive_trainer(seed_of_model=1, max_micro_batch=given, dropout=0.0)
+        resumed.load_state_dict(copy.deepcopy(state))   # (the optimizer would share the state's tensors)
+        assert resumed.max_micro_batch == kept
+        resumed.train(epochs=3)
+        for expected, actual in zip(model.parameters(), resumed_model.parameters()):
+            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        assert resumed.history["batch_size"].tolist() == trainer.history["batch_size"].tolist()
 
 
 def plain_types_in(value, path="state") -> set[str]:
