@@ -102,6 +102,17 @@ def test_an_unusable_out_fails_before_any_data_model_or_training(command, tmp_pa
         assert f"--out '{out}': {reason}" in _error_line(capsys)
 
 
+def test_a_train_batch_above_its_largest_names_both_options_before_any_job(tmp_path, capsys, monkeypatch):
+    """It used to fail inside the batch-size source, naming min_batch_size/max_batch_size rather than the flags."""
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the job started before the batch sizes were checked")
+
+    monkeypatch.setattr(train_job, "build_training_job", not_reached)
+    assert main(["train", "--schedule", "fixed", "--batch-size", "2048", "--no-progress", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "--batch-size '2048': must not exceed --max-batch-size (1024" in _error_line(capsys)
+
+
 def test_the_unexpected_error_is_one_line_with_exit_status_1(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("something inside\nwent wrong")

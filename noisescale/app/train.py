@@ -136,6 +136,9 @@ def run_train(
     if parallel == "fsdp" and hessian_every:
         raise option_error("--hessian-every", hessian_every, "must be 0 with --parallel fsdp (the Hessian proxies "
                            "need torch.func on whole parameters)")
+    if isinstance(batch_size, int) and isinstance(max_batch_size, int) and batch_size > max_batch_size:
+        raise option_error("--batch-size", batch_size, f"must not exceed --max-batch-size ({max_batch_size}, the "
+                           "largest batch of every schedule)")
     if main:
         prepare_output_folder(out_dir)
         if checkpoint is not None:
