@@ -337,7 +337,7 @@ class NoiseScaleMonitor:
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("step", "measured", "nonfinite") and isinstance(value, (int, float)):
-                    if math.isfinite(value) and not (key in ("b_noise", "b_noise_batch") and value <= 0):
+                    if math.isfinite(value) and (key not in ("b_noise", "b_noise_batch") or _resolved(value)):
                         self.writer.add_scalar(f"noisescale/{key}", value, self.step)
 
     def _warn_once(self, key: str, message: str) -> None:

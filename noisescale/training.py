@@ -19,10 +19,11 @@ Batches come from a :class:`~noisescale.sampler.ResizableBatchSampler` (every ex
 B does). A batch larger than ``max_micro_batch`` runs as accumulated micro-batches
 (:func:`~noisescale.sampler.split_micro_batches`): micro-batch k's mean loss is weighted by b_k / B, so p.grad
 ends as the mean gradient of the whole batch, for a loss of each example alone (a loss normalised over the batch it
-is given, a token mean, is refused rather than split: ``AdaptiveTrainer._check_parts_add_up``). The noise scale of the step is the per-example estimate of the
-*whole* batch (McCandlish et al. appendix A): the per-example squared norms s_i of all micro-batches together
-and |gbar|^2 of the accumulated gradient go into :func:`~noisescale.estimators.simple_noise_scale`. Beside it
-the two-batch estimate from the micro-batch norms |g_k|^2 (B_small = b) and |gbar|^2 (B_big = B) is recorded
+is given, a token mean, is refused rather than split: ``AdaptiveTrainer._check_parts_add_up``). The noise scale
+of the step is the per-example estimate of the *whole* batch (McCandlish et al. appendix A): the per-example
+squared norms s_i of all micro-batches together and |gbar|^2 of the accumulated gradient go into
+:func:`~noisescale.estimators.simple_noise_scale`. Beside it the two-batch estimate from the micro-batch norms
+|g_k|^2 (B_small = b) and |gbar|^2 (B_big = B) is recorded
 (:func:`~noisescale.estimators.two_batch_noise_scale`; only when the micro-batches have equal sizes).
 
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
@@ -97,7 +98,7 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
-from noisescale.per_example.layers import rounding_tolerance
+from noisescale.per_example.layers import close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
     gradient_sync,
@@ -457,9 +458,7 @@ class AdaptiveTrainer:
                         for h, n in zip(halves, (half, size - half)))
                 and bool(torch.isfinite(whole).all())):
             return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
-        parts = torch.cat(halves).to(whole.dtype)
-        tolerance = rounding_tolerance(whole.dtype)
-        if not torch.allclose(parts, whole, rtol=tolerance, atol=tolerance * float(whole.abs().max())):
+        if not close_values(torch.cat(halves), whole):
             raise ValueError(_split_refusal(f"split into micro-batches of at most {size}", batch_size, found=True))
 
     def _gradients_finite(self) -> bool:

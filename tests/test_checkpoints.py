@@ -13,7 +13,8 @@ import torch
 
 import noisescale.checkpoints as checkpoints
 from noisescale.app.cli import main
-from noisescale.checkpoints import CheckpointError, atomic_path, atomic_write, load_checkpoint, save_checkpoint, to_plain
+from noisescale.checkpoints import (CheckpointError, atomic_path, atomic_write, load_checkpoint, save_checkpoint,
+                                   to_plain)
 
 
 class Killed(BaseException):

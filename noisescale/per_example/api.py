@@ -714,10 +714,11 @@ class PerExampleGradNorms:
         self._independence_checked = moved is not None
         if moved:
             shown = ", ".join(f"{path} ({change:.2g})" for path, change in list(moved.items())[:4])
-            self.coupling = f"replacing some examples' inputs moved the other examples' rows of the outputs {shown}"
+            self.coupling = (f"replacing some examples' inputs by others' moved the other examples' rows of its "
+                             f"outputs {shown}")
             warnings.warn(
-                f"the model couples the examples: replacing some examples' inputs by others' moved the other "
-                f"examples' rows of its outputs {shown} (in eval mode, relative to each output's largest value). A "
+                f"the model couples the examples: {self.coupling} (in eval mode, relative to each output's largest "
+                "value). A "
                 "loss that reads them (a contrastive loss such as CLIP's or SigLIP's) has no per-example gradients, "
                 "and the norms and the noise scale observed are then wrong; measure the noise scale from "
                 "independent micro-batches instead (noisescale.estimators.two_batch_noise_scale). observe cannot "
