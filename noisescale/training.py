@@ -28,8 +28,8 @@ squared norms s_i of all micro-batches together and |gbar|^2 of the accumulated 
 
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
-counted in ``skipped_steps``, warned once. The monitor's summary then reports a diverged run rather than a
-noise scale.
+counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
+hold counter stay). The monitor's summary then reports a diverged run rather than a noise scale.
 
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients and the
 random state it started with; nothing is lost or counted twice.
@@ -410,7 +410,7 @@ class AdaptiveTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         learning_rate = self._learning_rates()[0]
-        if self.policy is not None:
+        if self.policy is not None and finite:  # a skipped step moves nothing: not B, lr nor the hold counter
             self._follow_policy(batch_size)
         self.steps += 1
         self.seconds += time.perf_counter() - started

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from noisescale.app.cli import main
-from noisescale.controller import BatchSizeSchedule, NoiseScaleBatchPolicy
+from noisescale.controller import BatchSizeSchedule, NoiseScaleBatchPolicy, NoiseScalePolicyState
 from noisescale.training import AdaptiveTrainer, is_out_of_memory
 
 
@@ -239,6 +239,33 @@ def test_a_non_finite_step_is_skipped_counted_and_warned_once():
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert not torch.equal(after_skips[0], trainer.model[0].weight)  # the finite step did train
     assert trainer.history["skipped"].tolist() == [False, True, True, False]
+
+
+
+@pytest.mark.filterwarnings("ignore:.*non-finite loss or gradient:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:.*optimizer step is skipped:RuntimeWarning")
+def test_a_skipped_step_does_not_step_the_policy():
+    """A noisy regression makes the policy grow B as soon as its hold of 3 steps is over (after step 2 in a run
+    without NaN). Step 2 (NaN features) is skipped: B, the learning rate and the hold counter stay as they were
+    after step 1, and B grows after step 3, the third finite step (before, the skipped step counted)."""
+    dataset = regression_data(noise=1.0)
+    inputs, targets = dataset.tensors
+    inputs = inputs.clone()
+    policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=64, hold_steps=3, max_factor=2.0)
+    trainer = make_trainer(linear_model(), TensorDataset(inputs, targets), loss_fn=per_example_squared_error,
+                           lr=0.02, policy=policy, lr_coupling="linear", seed=3)
+    batches = list(type(trainer.sampler)(len(dataset), 4, seed=3))
+    inputs[batches[2][1]] = math.nan
+    rows = [trainer.step() for _ in range(2)]
+    state_before, lr_before = copy.copy(policy.state), trainer.optimizer.param_groups[0]["lr"]
+    rows.append(trainer.step())
+    assert rows[2]["skipped"] and policy.state == state_before and state_before.steps_since_change == 2
+    assert trainer.optimizer.param_groups[0]["lr"] == lr_before
+    rows.append(trainer.step())
+    assert not rows[3]["skipped"] and [row["batch_size"] for row in rows] == [4, 4, 4, 4]
+    grown = policy.target_batch_size(4, rows[3]["b_simple"])
+    assert grown > 4 and policy.state == NoiseScalePolicyState(grown, 0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_before * grown / 4, rel=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:.*non-finite loss or gradient:RuntimeWarning")
