@@ -584,7 +584,8 @@ class AdaptiveTrainer:
         """Continue from :meth:`state_dict`; the trainer must be built with the same kind of batch-size source.
         A ``max_micro_batch`` given to this trainer is kept (a smaller GPU: micro-batches change the step only in
         the last bits); without one it is the checkpoint's (which an out-of-memory error may have halved). The
-        learning rates are the checkpoint's (its optimizer state and base rates)."""
+        learning rates and other optimizer settings are the checkpoint's (its optimizer state and base rates),
+        with a warning that names each one this trainer's optimizer had differently."""
         for name in ("policy", "schedule"):
             if (state[name] is None) != (getattr(self, name) is None):
                 raise ValueError(f"the checkpoint was saved {'with' if state[name] is not None else 'without'} a "
@@ -592,6 +593,12 @@ class AdaptiveTrainer:
         if self.schedule is not None and state["schedule"] != self.schedule.state_dict():
             raise ValueError(f"the checkpoint's schedule {state['schedule']} differs from this trainer's "
                              f"{self.schedule.state_dict()}")
+        changes = _changed_hyperparameters(self.base_learning_rates, self.optimizer, state)
+        if changes:
+            warnings.warn(f"resuming with the checkpoint's optimizer settings, not this trainer's: {'; '.join(changes)}. "
+                          "An exact resume continues the checkpointed run; to change them, set "
+                          "optimizer.param_groups after load_state_dict (and base_learning_rates for the lr)",
+                          UserWarning, stacklevel=2)
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
         consume_prefix_in_state_dict_if_present(model_state, "module.")  # DDP checkpoints of earlier versions
         _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"], self.monitor.sharded)
@@ -620,6 +627,30 @@ class AdaptiveTrainer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+
+
+def _changed_hyperparameters(base_learning_rates: list[float], optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> list[str]:
+    """What a checkpoint's optimizer settings change in this trainer's, as "group 0: lr 0.1 (this trainer: 0.05)":
+    the base learning rates (before any coupling or schedule) and the other hyperparameters of each group."""
+    saved_rates, saved_groups = state["base_learning_rates"], state["optimizer"].get("param_groups", [])
+    if len(saved_rates) != len(base_learning_rates):
+        return [f"{len(saved_rates)} parameter groups (this trainer: {len(base_learning_rates)})"]
+    changes = [f"group {index}: lr {saved} (this trainer: {given})"
+               for index, (saved, given) in enumerate(zip(saved_rates, base_learning_rates)) if _differs(saved, given)]
+    for index, (saved, given) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        changes += [f"group {index}: {key} {saved[key]} (this trainer: {given[key]})" for key in sorted(given)
+                    if key not in ("params", "lr", "initial_lr") and key in saved and _differs(saved[key], given[key])]
+    return changes
+
+
+def _differs(saved: Any, given: Any) -> bool:
+    """Whether two hyperparameter values differ; a checkpoint may hold a tuple as a list, a number as a tensor."""
+    if isinstance(saved, (list, tuple)) and isinstance(given, (list, tuple)):
+        return len(saved) != len(given) or any(map(_differs, saved, given))
+    if isinstance(saved, torch.Tensor) or isinstance(given, torch.Tensor):
+        return not torch.equal(torch.as_tensor(saved).cpu().double(), torch.as_tensor(given).cpu().double())
+    return saved != given
 
 
 def _gradients_finite(model: torch.nn.Module) -> bool:

@@ -177,6 +177,45 @@ def test_a_resumed_trainer_keeps_its_own_max_micro_batch():
         assert resumed.history["batch_size"].tolist() == trainer.history["batch_size"].tolist()
 
 
+def test_resuming_with_other_optimizer_settings_warns_and_continues_with_the_checkpoints():
+    """A trainer built with lr 0.05 and momentum 0.5 resumes a checkpoint of lr 0.2 and momentum 0.9: a warning
+    names both, and the run continues as the checkpointed one (before, silently). Equal settings do not warn,
+    also for Adam (whose betas a checkpoint holds as a list)."""
+    def policy():
+        return NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=32, hold_steps=2, kappa=2.0)
+
+    model, trainer = noise_adaptive_trainer(dropout=0.0)
+    trainer.train(epochs=2)
+    _, interrupted = noise_adaptive_trainer(dropout=0.0)
+    interrupted.train(epochs=1)
+    buffer = io.BytesIO()
+    torch.save(interrupted.state_dict(), buffer)
+    resumed_model = small_net(1)
+    resumed = make_trainer(resumed_model, classification_data(), lr=0.05, momentum=0.5, policy=policy(),
+                           lr_coupling="sqrt", max_micro_batch=6, seed=5)
+    buffer.seek(0)
+    with pytest.warns(UserWarning, match=r"group 0: lr 0.2 \(this trainer: 0.05\); group 0: momentum 0.9 "
+                                         r"\(this trainer: 0.5\)"):
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.train(epochs=2)
+    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(expected, actual)
+
+    def adam_trainer():
+        net = small_net(0)
+        return AdaptiveTrainer(net, per_example_cross_entropy, torch.optim.AdamW(net.parameters(), lr=1e-2),
+                               classification_data(), policy=policy(), progress=False)
+
+    adam = adam_trainer()
+    adam.step()
+    buffer = io.BytesIO()
+    torch.save(adam.state_dict(), buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adam_trainer().load_state_dict(torch.load(buffer, weights_only=True))
+
+
 def plain_types_in(value, path="state") -> set[str]:
     """The paths of every value in a nested state that is not a tensor or a plain Python type."""
     if isinstance(value, dict):
