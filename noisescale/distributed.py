@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -60,7 +61,7 @@ from noisescale.estimators import (
     _two_batch_estimate,
     two_batch_noise_scale,
 )
-from noisescale.hessian import HessianNoiseScale
+from noisescale.hessian import HessianNoiseScale, mean_hessian_proxies
 
 __all__ = [
     "DDPNoiseScale",
@@ -429,31 +430,18 @@ def all_reduce_per_example_sums(
 
 def all_reduce_hessian_proxies(proxies: HessianNoiseScale, *, group: dist.ProcessGroup | None = None,
                                device: torch.device | str = "cpu") -> HessianNoiseScale:
-    """The mean over the ranks of ``group`` of each rank's Hessian proxies (one all-reduce of five numbers).
+    """The mean over the ranks of ``group`` of each rank's Hessian proxies (one all-gather of five numbers a rank).
 
     Each rank's proxies are unbiased estimates from its own batch at the same parameters; with probes drawn from
-    a different generator on every rank they are independent, and their mean is an estimate from all R batches:
-    tr(H), G^T H G, tr(H Sigma) and the Fisher trace average, and the standard error of the mean tr(H) is
-    sqrt(sum_r se_r^2) / R (too small by up to sqrt(R) if the ranks share their probes). The example counts stay
-    those of one rank, so that g_h_g = gbar^T H gbar - tr(H Sigma) / gradient_batch_size holds rank by rank.
-    Every rank gets the same result; ``device`` holds the reduced numbers (this rank's GPU with NCCL).
+    a different generator on every rank they are independent, and their mean (:func:`mean_hessian_proxies`, in
+    rank order) is an estimate from all R batches (its tr(H) standard error too small by up to sqrt(R) if the ranks
+    share their probes). Every rank gets the same result; ``device`` holds the gathered numbers (this rank's GPU
+    with NCCL).
     """
-    ranks = _world_size(group)
-    values = torch.tensor(
-        [proxies.trace_h, proxies.trace_h_stderr**2, proxies.g_h_g, proxies.trace_h_sigma, proxies.fisher_trace],
-        dtype=torch.float64, device=device,
-    )
-    dist.all_reduce(values, group=group)
-    trace_h, stderr_sqsum, g_h_g, trace_h_sigma, fisher_trace = values.tolist()
-    return HessianNoiseScale(
-        trace_h=trace_h / ranks,
-        trace_h_stderr=math.sqrt(stderr_sqsum) / ranks,
-        g_h_g=g_h_g / ranks,
-        trace_h_sigma=trace_h_sigma / ranks,
-        fisher_trace=fisher_trace / ranks,
-        gradient_batch_size=proxies.gradient_batch_size,
-        num_sigma_examples=proxies.num_sigma_examples,
-    )
+    fields = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
+    values = torch.tensor([getattr(proxies, name) for name in fields], dtype=torch.float64, device=device)
+    per_rank = all_gather_concat(values, group).reshape(-1, len(fields)).tolist()
+    return mean_hessian_proxies([replace(proxies, **dict(zip(fields, row))) for row in per_rank])
 
 
 def all_gather_concat(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

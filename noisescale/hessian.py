@@ -46,7 +46,7 @@ import contextlib
 import math
 import re
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ __all__ = [
     "hessian_vector_product",
     "hutchinson_trace",
     "hessian_noise_scale",
+    "mean_hessian_proxies",
     "hvp_method",
     "HVP_METHODS",
     "HESSIAN_NOISE_SCALE_MIN_BATCH",
@@ -109,6 +110,27 @@ class HessianNoiseScale:
         if self.g_h_g <= 0:
             return math.inf
         return self.trace_h_sigma / self.g_h_g
+
+
+def mean_hessian_proxies(parts: Sequence[HessianNoiseScale]) -> HessianNoiseScale:
+    """The mean of independent estimates of the Hessian proxies at the same parameters (micro-batches of one step,
+    the ranks of a DDP step, each with its own probes): tr(H), G^T H G, tr(H Sigma) and the Fisher trace average,
+    unbiased as each part is; the standard error of the mean tr(H) is sqrt(sum_k se_k^2) / K. The example counts
+    stay those of the first part (g_h_g = gbar^T H gbar - tr(H Sigma) / gradient_batch_size holds part by part)."""
+    if not parts:
+        raise ValueError("mean_hessian_proxies needs at least one estimate")
+    if len(parts) == 1:
+        return parts[0]
+    count = len(parts)
+    return HessianNoiseScale(
+        trace_h=sum(part.trace_h for part in parts) / count,
+        trace_h_stderr=math.sqrt(sum(part.trace_h_stderr**2 for part in parts)) / count,
+        g_h_g=sum(part.g_h_g for part in parts) / count,
+        trace_h_sigma=sum(part.trace_h_sigma for part in parts) / count,
+        fisher_trace=sum(part.fisher_trace for part in parts) / count,
+        gradient_batch_size=parts[0].gradient_batch_size,
+        num_sigma_examples=parts[0].num_sigma_examples,
+    )
 
 
 @dataclass

@@ -36,7 +36,8 @@ from noisescale.batches import batch_size_of, call_model, to_device
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
-from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale
+from noisescale.hessian import (HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale,
+                                mean_hessian_proxies)
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.sharded import is_sharded
 
@@ -262,7 +263,7 @@ class NoiseScaleMonitor:
             loss = losses.detach().mean()
             row = {"loss": loss.item(), "measured": False}
         if self.hessian_every and self.step % self.hessian_every == 0:
-            row |= self._hessian(inputs, targets)
+            row |= self._hessian((inputs, targets))
         self.examples_seen += batch_size
         row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size, **row}
         self._record(row)
@@ -301,15 +302,21 @@ class NoiseScaleMonitor:
             "b_simple_high": high,
         }
 
-    def _hessian(self, inputs, targets) -> dict[str, float]:
-        """The Hessian proxies' history columns for this batch; none (warned once) below the minimum batch."""
-        batch_size = batch_size_of(inputs)
-        if batch_size < HESSIAN_NOISE_SCALE_MIN_BATCH:
-            self._warn_once("hessian_batch", f"step {self.step}: B_noise needs a batch of at least "
-                            f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {batch_size}; the Hessian proxies "
-                            "are skipped on such steps (warned once)")
+    def _hessian(self, *batches: tuple[Any, Any]) -> dict[str, float]:
+        """The Hessian proxies' history columns for this step's (inputs, targets) batches (its micro-batches): the
+        mean of each batch's proxies, so the whole batch counts whether or not it is split; batches below the
+        minimum size are left out (warned once), and with none left the step has no Hessian columns."""
+        sizes = [batch_size_of(inputs) for inputs, _ in batches]
+        usable = [batch for batch, size in zip(batches, sizes) if size >= HESSIAN_NOISE_SCALE_MIN_BATCH]
+        if len(usable) < len(batches):
+            self._warn_once("hessian_batch", f"step {self.step}: B_noise needs (micro-)batches of at least "
+                            f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {min(sizes)}; the Hessian proxies "
+                            "leave such batches out (warned once)")
+        if not usable:
             return {}
-        proxies = self._hessian_proxies(inputs, targets)
+        generator = torch.Generator().manual_seed(self._hessian_seed())  # one stream: new probes for each batch
+        proxies = self._reduced(mean_hessian_proxies([self._hessian_proxies(inputs, targets, generator)
+                                                      for inputs, targets in usable]))
         self.hessian_average.update(proxies.trace_h_sigma, proxies.g_h_g)
         row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
         return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
@@ -318,8 +325,11 @@ class NoiseScaleMonitor:
         """Seed of this step's Hutchinson probes and Sigma subsample: reproducible, new at every step."""
         return self.seed + self.step
 
-    def _hessian_proxies(self, inputs, targets) -> HessianNoiseScale:
-        generator = torch.Generator().manual_seed(self._hessian_seed())
+    def _reduced(self, proxies: HessianNoiseScale) -> HessianNoiseScale:
+        """The step's proxies as recorded: this process's (subclasses average them over the ranks)."""
+        return proxies
+
+    def _hessian_proxies(self, inputs, targets, generator: torch.Generator) -> HessianNoiseScale:
         return hessian_noise_scale(
             unwrapped_module(self.model),  # no all-reduce
             self.loss_fn,

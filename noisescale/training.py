@@ -42,8 +42,8 @@ norms (B numbers) per step gives every rank the single-process estimate of the w
 history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
 on every rank and rank 0's state is broadcast (two integers per step), so the ranks cannot disagree on B.
 B must stay divisible by the world size (the policy's granularity a multiple of it). The Hessian
-proxies (B_noise) are measured on each rank's first micro-batch and averaged over the ranks (one all-reduce of
-five numbers). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
+proxies (B_noise) are measured on every micro-batch of each rank and averaged over the micro-batches and the ranks
+(one all-gather of five numbers a rank). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
 step's all-reduce).
 
 FSDP: pass the model sharded by FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``, flat parameters
@@ -179,7 +179,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         else:
             row = {"loss": loss.item(), "measured": False}
         if self.hessian_every and self.step % self.hessian_every == 0:
-            row |= self._hessian(*micro_batches[0])
+            row |= self._hessian(*micro_batches)
         self.examples_seen += batch_size
         self._record({"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
                       "micro_batches": len(sizes), **row})
@@ -212,9 +212,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             return super()._hessian_seed()
         return super()._hessian_seed() * dist.get_world_size(self.process_group) + dist.get_rank(self.process_group)
 
-    def _hessian_proxies(self, inputs, targets):
-        """Under DDP the mean of every rank's proxies from its own first micro-batch: the same on every rank."""
-        proxies = super()._hessian_proxies(inputs, targets)
+    def _reduced(self, proxies):
+        """Under DDP the mean of every rank's proxies (each from all its micro-batches): the same on every rank."""
         if self.process_group is None:
             return proxies
         device = next(self.model.parameters()).device

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from noisescale.app.cli import main
 from noisescale.controller import BatchSizeSchedule, NoiseScaleBatchPolicy, NoiseScalePolicyState
+from noisescale.hessian import hessian_noise_scale
 from noisescale.training import AdaptiveTrainer, is_out_of_memory
 
 
@@ -474,6 +475,28 @@ def test_noise_adaptive_can_follow_b_noise():
     with pytest.raises(ValueError, match="b_noise' needs the Hessian proxies"):
         make_trainer(linear_model(), regression_data(3.0), policy=NoiseScaleBatchPolicy(4, min_batch_size=4,
                      max_batch_size=8), policy_noise_scale="b_noise")
+
+
+def test_the_hessian_proxies_of_a_split_batch_average_all_its_micro_batches():
+    """A batch of 12 in micro-batches of 4: the recorded proxies are the mean of hessian_noise_scale on each of the
+    three micro-batches, their probes drawn in turn from one stream seeded seed + step (before, the first
+    micro-batch alone: max_micro_batch changed which examples B_noise saw, and a policy on B_noise followed)."""
+    dataset = regression_data(3.0)
+    model = linear_model()
+    reference = copy.deepcopy(model)
+    trainer = make_trainer(model, dataset, loss_fn=per_example_squared_error, batch_size=12, max_micro_batch=4,
+                           seed=2, monitor_options={"hessian_every": 1, "hessian_examples": 2, "hessian_probes": 3,
+                                                    "seed": 7})
+    row = trainer.step()
+    inputs, targets = dataset[next(iter(type(trainer.sampler)(len(dataset), 12, seed=2)))]
+    generator = torch.Generator().manual_seed(7)
+    parts = [hessian_noise_scale(reference, per_example_squared_error, inputs[k:k + 4], targets[k:k + 4],
+                                 num_probes=3, num_sigma_examples=2, generator=generator) for k in (0, 4, 8)]
+    assert row["micro_batches"] == 3 and len({part.g_h_g for part in parts}) == 3
+    for column in ("trace_h", "g_h_g", "trace_h_sigma", "fisher_trace"):
+        assert row[column] == pytest.approx(sum(getattr(part, column) for part in parts) / 3, rel=1e-12), column
+    assert row["trace_h_stderr"] == pytest.approx(math.sqrt(sum(part.trace_h_stderr**2 for part in parts)) / 3,
+                                                  rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -46,8 +46,8 @@ class NoiseScaleOptions:
     """What the integrations measure (the arguments of :class:`~noisescale.monitor.NoiseScaleMonitor`).
 
     per_example_loss: ``per_example_loss(outputs, targets) -> (B,)``, needed only for B_noise (``hessian_every``),
-        whose Hessian-vector products run the model again on the step's first micro-batch (on a forked random
-        stream; the training's own passes and gradients are untouched).
+        whose Hessian-vector products run the model again on each of the step's micro-batches, averaging their
+        proxies (on a forked random stream; the training's own passes and gradients are untouched).
     log_prefix: the prefix of the logged names (``noise_scale/b_simple``, ...).
     check_independence: on the first measured step, check that the model's outputs do not couple the examples
         (a warning naming them: :mod:`noisescale.per_example.coupling`).
@@ -124,7 +124,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._sizes: list[int] = []
         self._sqnorms: list[torch.Tensor] = []
         self._loss: torch.Tensor | float = 0.0  # kept as a tensor: no device synchronisation per micro-batch
-        self._hessian_batch: tuple[Any, Any] | None = None
+        self._hessian_batches: list[tuple[Any, Any]] = []  # the step's micro-batches, on Hessian steps
+        self._hessian_pending: tuple[Any, Any] | None = None  # the open micro-batch's, kept once it ends
 
     @property
     def measures_this_step(self) -> bool:
@@ -134,13 +135,13 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                           model_inputs: Any = None) -> None:
         """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
         begun but never ended, e.g. skipped by the framework, is dropped). ``hessian_batch``: (inputs, targets) of
-        this micro-batch for the Hessian proxies, kept from the step's first micro-batch. ``model_inputs``: what
+        this micro-batch for the Hessian proxies (on Hessian steps they average over the step's micro-batches). ``model_inputs``: what
         the framework calls the model on, for the check of dims as large as the batch and for the parameters only
         the whole-model vmap can measure (``observe``)."""
         self._drop_open_micro_batch()
         self._step_open = True
-        if self.hessian_every and self.step % self.hessian_every == 0 and self._hessian_batch is None:
-            self._hessian_batch = hessian_batch
+        if self.hessian_every and self.step % self.hessian_every == 0:
+            self._hessian_pending = hessian_batch
         self._sizes.append(batch_size)
         if self.measures_this_step:
             self._micro_batch = self.norms.observe(batch_size, loss_scale=batch_size, model_inputs=model_inputs)
@@ -149,6 +150,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:
         """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it."""
         self._loss = self._loss + torch.as_tensor(loss).detach().double()
+        if self._hessian_pending is not None:
+            self._hessian_batches.append(self._hessian_pending)
+            self._hessian_pending = None
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             micro_batch.__exit__(None, None, None)
@@ -157,6 +161,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def _drop_open_micro_batch(self) -> None:
         """Forget a micro-batch whose backward never came (the framework skipped it or raised)."""
+        self._hessian_pending = None
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             dropped = RuntimeError("micro-batch dropped")
@@ -186,8 +191,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 loss = all_gather_concat(loss, self.process_group)
             batch_size = sum(sizes) * world_size
             row = {"loss": loss.mean().item(), "measured": False}
-        if self._hessian_batch is not None:
-            row |= self._hessian(*self._hessian_batch)
+        if self._hessian_batches:
+            row |= self._hessian(*self._hessian_batches)
         self.examples_seen += batch_size
         row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
                "micro_batches": len(sizes), **row}
@@ -213,16 +218,16 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1)
         return per_rank[:, 0], per_rank[:, 1:].reshape(-1)
 
-    def _hessian_proxies(self, inputs: Any, targets: Any):
-        """The monitor's Hessian proxies (averaged over the ranks under DDP); a keyword batch (HuggingFace) is
-        passed to them as positional tensors of a module that calls the model with keywords."""
+    def _hessian_proxies(self, inputs: Any, targets: Any, generator: torch.Generator):
+        """The monitor's Hessian proxies of one micro-batch; a keyword batch (HuggingFace) is passed to them as
+        positional tensors of a module that calls the model with keywords."""
         if not isinstance(inputs, Mapping):
-            return super()._hessian_proxies(inputs, targets)
+            return super()._hessian_proxies(inputs, targets, generator)
         keys = [key for key, value in inputs.items() if isinstance(value, torch.Tensor)]
         constants = {key: value for key, value in inputs.items() if key not in keys}
         model, self.model = self.model, _KeywordCall(unwrapped_module(self.model), keys, constants)
         try:
-            return super()._hessian_proxies(tuple(inputs[key] for key in keys), targets)
+            return super()._hessian_proxies(tuple(inputs[key] for key in keys), targets, generator)
         finally:
             self.model = model
 
