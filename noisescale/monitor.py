@@ -59,6 +59,10 @@ class NoiseScaleSummary:
     ``coupling`` is what an observed step's independence check found (None if nothing): outputs of the model that
     couple the examples. If the loss reads them (a contrastive loss), the examples have no per-example gradients
     and the values here are no noise scale; observe cannot see the loss, so they are reported with that warning.
+
+    ``adaptive_optimizer``: whether the training's optimizer scales each coordinate's step (Adam and its kin,
+    :func:`adapts_per_coordinate`; None: not known). B_noise = tr(H Sigma)/G^T H G is SGD's critical batch size
+    (McCandlish et al. 2018, eq. 2.8); with such an optimizer the suggestion is B_simple, and the text says why.
     """
 
     steps: int
@@ -73,24 +77,35 @@ class NoiseScaleSummary:
     divergence: str | None = None
     coupling: str | None = None
     b_noise_measurements: int = 0   # the Hessian measurements B_noise averages (it has no interval)
+    adaptive_optimizer: bool | None = None
 
     @property
     def suggested_batch_size(self) -> float:
-        """B_noise when measured, else B_simple: the critical batch size it predicts (McCandlish et al.);
-        NaN for a diverged run."""
+        """B_noise when measured (and the optimizer is not adaptive), else B_simple: the critical batch size it
+        predicts (McCandlish et al.); NaN for a diverged run."""
         if self.divergence is not None:
             return math.nan
-        return self.b_noise if _resolved(self.b_noise) else self.b_simple
+        return self.b_noise if self._suggests_b_noise else self.b_simple
+
+    @property
+    def _suggests_b_noise(self) -> bool:
+        return _resolved(self.b_noise) and not self.adaptive_optimizer
 
     def __str__(self) -> str:
         return "\n".join([self._describe(), *self._caveats()])
 
     def _caveats(self) -> list[str]:
-        if self.coupling is None:
-            return []
-        return [f"  warning: the model couples the examples ({self.coupling}): if the loss reads those outputs (a "
-                "contrastive loss), there are no per-example gradients and these numbers are no noise scale; "
-                "measure it from independent micro-batches (noisescale.estimators.two_batch_noise_scale)"]
+        caveats = []
+        if self.adaptive_optimizer and _resolved(self.b_noise) and self.divergence is None:
+            caveats.append("  B_noise is SGD's critical batch size (McCandlish et al.); this optimizer adapts each "
+                           "coordinate's step (Adam-like), so the suggestion is B_simple (with AdamW, B_noise sat 24 "
+                           "to 225 times below the critical batch size measured by branching: README)")
+        if self.coupling is not None:
+            caveats.append(f"  warning: the model couples the examples ({self.coupling}): if the loss reads those "
+                           "outputs (a contrastive loss), there are no per-example gradients and these numbers are "
+                           "no noise scale; measure it from independent micro-batches "
+                           "(noisescale.estimators.two_batch_noise_scale)")
+        return caveats
 
     def _describe(self) -> str:
         if self.divergence is not None:
@@ -106,9 +121,9 @@ class NoiseScaleSummary:
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
                  if unbounded else f"{high:.4g}")
         measured = not math.isnan(self.trace_sigma)   # NaN: the average has no step yet
-        if not measured and not _resolved(self.b_noise):
+        if not measured and not self._suggests_b_noise:
             suggestion = "  critical batch size: not measured yet"
-        elif unbounded and not _resolved(self.b_noise) and math.isfinite(self.b_simple):
+        elif unbounded and not self._suggests_b_noise and math.isfinite(self.b_simple):
             bound = f"at least about {low:.0f} examples" if low >= 1 else "no lower bound above 0 either"
             suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
         else:
@@ -126,6 +141,19 @@ class NoiseScaleSummary:
         if self.nonfinite_steps:
             lines.append(f"  {self.nonfinite_steps} step(s) with a non-finite loss or gradient were left out")
         return "\n".join(lines)
+
+
+_ADAPTIVE_OPTIMIZERS = tuple(getattr(torch.optim, name) for name in ("Adagrad", "RMSprop", "Adadelta", "Adafactor")
+                             if hasattr(torch.optim, name))
+
+
+def adapts_per_coordinate(optimizer: Any) -> bool:
+    """Whether ``optimizer`` scales each coordinate's step by its own gradient statistics: any with ``betas`` in a
+    parameter group (Adam, AdamW, NAdam, RAdam, Adamax, and third-party kin), Adagrad, RMSprop, Adadelta and
+    Adafactor. B_noise (SGD's critical batch size) does not describe them."""
+    if isinstance(optimizer, _ADAPTIVE_OPTIMIZERS):
+        return True
+    return any("betas" in group for group in getattr(optimizer, "param_groups", ()))
 
 
 def _describe_suggestion(batch_size: float) -> str:
@@ -193,6 +221,9 @@ class NoiseScaleMonitor:
         check_independence: on the first measured step, check that each example's loss reads that example alone
             (two more forwards; :mod:`noisescale.per_example.coupling`), and refuse a coupled loss
             (contrastive).
+        optimizer: the training's optimizer, if you want the summary to know it: with one that adapts each
+            coordinate's step (Adam, AdamW, ...: :func:`adapts_per_coordinate`) the suggested batch size is
+            B_simple, not B_noise (SGD's). Sets ``adaptive_optimizer`` (None when not given).
     """
 
     def __init__(
@@ -213,6 +244,7 @@ class NoiseScaleMonitor:
         seed: int = 0,
         chunk_size: int | None = None,
         check_independence: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
                       hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
@@ -240,6 +272,7 @@ class NoiseScaleMonitor:
         self._rows: list[dict[str, Any]] = []
         self.backend_of: dict[str, str] = {}
         self._warned: set[str] = set()
+        self.adaptive_optimizer = None if optimizer is None else adapts_per_coordinate(optimizer)
 
     # ------------------------------------------------------------------ the training step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -384,6 +417,7 @@ class NoiseScaleMonitor:
             nonfinite_steps=self.nonfinite_steps,
             divergence=divergence_of(self._rows),
             coupling=self.norms.coupling,
+            adaptive_optimizer=self.adaptive_optimizer,
         )
 
     @property

@@ -327,7 +327,8 @@ class AdaptiveTrainer:
         self.max_micro_batch = None if max_micro_batch is None else check_int(max_micro_batch, "max_micro_batch", 1)
         num_examples = len(dataset)
         first_batch = self._check_largest_batch(batch_size, num_examples)
-        self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **(monitor_options or {}))
+        self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **{"optimizer": optimizer,
+                                                                           **(monitor_options or {})})
         self._whole_batch_loss = normalised_over_the_batch(loss_fn)
         self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         group = self.monitor.process_group

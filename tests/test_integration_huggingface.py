@@ -224,6 +224,7 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         reference_rows.append((estimate, average.b_simple, average.grad_sqnorm, average.trace_sigma,
                                average.interval(options.confidence)))
     history = measured.noise_scale.history
+    assert measured.noise_scale.adaptive_optimizer is True   # the Trainer's AdamW: B_simple is suggested
     assert list(history["batch_size"]) == [4 * accumulation] * 3
     assert list(history["micro_batches"]) == [accumulation] * 3
     logs = [entry for entry in measured.state.log_history if "loss" in entry]

@@ -128,6 +128,7 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
                          "noise_scale/b_simple": average.b_simple, "noise_scale/b_noise": curvature_average.ratio})
         expected[-1].update(zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), average.interval(0.9)))
     history = callback.monitor.history
+    assert callback.monitor.adaptive_optimizer is False   # the module's SGD: B_noise is suggested
     assert list(history["batch_size"]) == [4 * accumulation] * STEPS
     assert list(history["micro_batches"]) == [accumulation] * STEPS
     columns = {"noise_scale/grad_sqnorm": "grad_sqnorm_ema", "noise_scale/trace_sigma": "trace_sigma_ema",

@@ -426,6 +426,47 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "below one example (0.23)" in tiny and "about 0 examples" not in tiny
 
 
+@pytest.mark.parametrize(("make", "adaptive"), [
+    (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), False),
+    (lambda params: torch.optim.LBFGS(params), False),
+    (lambda params: torch.optim.Adam(params), True),
+    (lambda params: torch.optim.AdamW(params), True),
+    (lambda params: torch.optim.NAdam(params), True),
+    (lambda params: torch.optim.Adamax(params), True),
+    (lambda params: torch.optim.Adagrad(params), True),
+    (lambda params: torch.optim.RMSprop(params), True),
+])
+def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(make, adaptive):
+    """B_noise is SGD's critical batch size: given an Adam-like optimizer, the summary suggests B_simple (this
+    project's AdamW language model found B_noise 24 to 225 times below the branching B_crit) and says so; with SGD,
+    or with no optimizer given, B_noise as before. The trainer passes its optimizer to its monitor."""
+    from noisescale.monitor import NoiseScaleSummary, adapts_per_coordinate
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = make(model.parameters())
+    assert adapts_per_coordinate(optimizer) is adaptive
+    assert NoiseScaleMonitor(model, per_example_cross_entropy, optimizer=optimizer).adaptive_optimizer is adaptive
+    assert NoiseScaleMonitor(model, per_example_cross_entropy).adaptive_optimizer is None
+    summary = NoiseScaleSummary(steps=30, examples_seen=960, b_simple=50.0, b_simple_interval=(20.0, 90.0),
+                                confidence=0.9, trace_sigma=9.5, grad_sqnorm=0.19, b_noise=4.0, nonfinite_steps=0,
+                                b_noise_measurements=5, adaptive_optimizer=adaptive)
+    text = str(summary)
+    assert "B_noise = 4  (from 5 Hessian measurements, no interval)" in text
+    if adaptive:
+        assert summary.suggested_batch_size == 50.0 and "suggested: about 50 examples" in text
+        assert "B_noise is SGD's critical batch size" in text and "the suggestion is B_simple" in text
+    else:
+        assert summary.suggested_batch_size == 4.0 and "suggested: about 4 examples" in text
+        assert "SGD's" not in text
+    unknown = dataclasses.replace(summary, adaptive_optimizer=None)
+    assert unknown.suggested_batch_size == 4.0 and "SGD's" not in str(unknown)
+    if adaptive:
+        from noisescale.training import AdaptiveTrainer
+        data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, data, batch_size=4, progress=False)
+        assert trainer.monitor.adaptive_optimizer is True
+
+
 def test_a_negative_b_noise_is_not_resolved_and_never_suggested():
     """Unbiased tr(H Sigma) estimates can average below 0 (seen on a tiny GPT-2): the ratio is then no batch size."""
     from noisescale.monitor import NoiseScaleSummary

@@ -55,6 +55,7 @@ from noisescale.integrations.observer import (
     batch_size_of_framework_batch,
     split_labels,
 )
+from noisescale.monitor import adapts_per_coordinate
 
 __all__ = ["NoiseScaleTrainerMixin", "NoiseScaleTrainer", "NoiseScaleOptions", "NoiseScaleCheckpointState"]
 
@@ -114,6 +115,7 @@ class NoiseScaleTrainerMixin:
             saved = (stored or {}).get("attributes", {}).get("monitor_state")
             if self.state.global_step > 0 and saved is not None:  # resumed from a checkpoint
                 self.noise_scale.load_state_dict(saved)
+        self.noise_scale.adaptive_optimizer = adapts_per_coordinate(self.optimizer)  # (after a resume too)
         for callback in self.callback_handler.callbacks:  # the Trainer may have replaced it when resuming
             if isinstance(callback, NoiseScaleCheckpointState):
                 callback.monitor = self.noise_scale
