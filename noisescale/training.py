@@ -329,6 +329,11 @@ class AdaptiveTrainer:
         first_batch = self._check_largest_batch(batch_size, num_examples)
         self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **{"optimizer": optimizer,
                                                                            **(monitor_options or {})})
+        if policy_noise_scale == "b_noise" and self.monitor.adaptive_optimizer:
+            warnings.warn(f"policy_noise_scale='b_noise' with {type(optimizer).__name__}, which adapts each "
+                          "coordinate's step: B_noise is SGD's critical batch size (with AdamW it sat 24 to 225 times "
+                          "below the one measured by branching: README); 'b_simple' is the one to follow",
+                          UserWarning, stacklevel=2)
         self._whole_batch_loss = normalised_over_the_batch(loss_fn)
         self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         group = self.monitor.process_group

@@ -461,10 +461,15 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
     unknown = dataclasses.replace(summary, adaptive_optimizer=None)
     assert unknown.suggested_batch_size == 4.0 and "SGD's" not in str(unknown)
     if adaptive:
+        from noisescale.controller import NoiseScaleBatchPolicy
         from noisescale.training import AdaptiveTrainer
         data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
         trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, data, batch_size=4, progress=False)
         assert trainer.monitor.adaptive_optimizer is True
+        with pytest.warns(UserWarning, match="B_noise is SGD's critical batch size"):
+            AdaptiveTrainer(model, per_example_cross_entropy, optimizer, data, policy_noise_scale="b_noise",
+                            policy=NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=8),
+                            monitor_options={"hessian_every": 2}, progress=False)
 
 
 def test_a_negative_b_noise_is_not_resolved_and_never_suggested():
