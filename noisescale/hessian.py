@@ -29,7 +29,9 @@ Independence: the batch Hessian H_hat is random and built from the same examples
 same-example terms bias gbar^T H_hat gbar and d_i^T H_hat d_i by O(tr(H)/B) relative (e.g. (x_i^T g_i)^2
 ~ tr(D)^2 for linear regression). The batch is therefore split in two disjoint halves: the first half
 gives gbar and the per-example gradients, the second half gives the Hessian those are multiplied with.
-Hutchinson's tr(H) uses the whole batch.
+Hutchinson's tr(H) uses the whole batch. A batch too large for one pass is given as micro-batches
+(:func:`micro_batch_hessian_noise_scale`): the first half of them gives gbar, the other half the Hessian, whose
+products sum over its micro-batches (H = sum_k (b_k / b) H_k), one micro-batch's graph at a time.
 
 Batches follow :mod:`noisescale.batches`: ``inputs`` is a tensor, a tuple of positional inputs or a mapping
 of keyword inputs (``model(**inputs)``), ``targets`` a tensor, a pytree of tensors or None; every tensor holds
@@ -69,6 +71,7 @@ __all__ = [
     "hessian_vector_product",
     "hutchinson_trace",
     "hessian_noise_scale",
+    "micro_batch_hessian_noise_scale",
     "mean_hessian_proxies",
     "hvp_method",
     "HVP_METHODS",
@@ -331,13 +334,18 @@ def _rademacher_like(params: Parameters, generator: torch.Generator) -> Paramete
     }
 
 
-def _hutchinson(hvp: _HessianOperator, params: Parameters, num_probes: int,
-                generator: torch.Generator) -> HutchinsonTrace:
+def _probe_products(hvp: _HessianOperator, params: Parameters, num_probes: int,
+                    generator: torch.Generator) -> Tensor:
+    """v_p^T H v_p for ``num_probes`` Rademacher probes v_p drawn from ``generator``."""
     samples = []
     for _ in range(num_probes):
         probe = _rademacher_like(params, generator)
         samples.append(_dot(probe, hvp(probe)))
-    values = torch.stack(samples).double()
+    return torch.stack(samples).double()
+
+
+def _hutchinson(values: Tensor, num_probes: int) -> HutchinsonTrace:
+    """tr(H) as the mean of the probes' v^T H v, and its standard error."""
     return HutchinsonTrace(
         estimate=values.mean().item(), stderr=(values.std() / math.sqrt(num_probes)).item(), num_probes=num_probes
     )
@@ -368,7 +376,7 @@ def hutchinson_trace(
     params = trainable_parameters(model)
     with isolated_rng(params.values()):
         hvp = _HessianOperator(model, _mean_loss_function(model, loss_fn), params, inputs, targets)
-        return _hutchinson(hvp, params, num_probes, generator)
+        return _hutchinson(_probe_products(hvp, params, num_probes, generator), num_probes)
 
 
 def _reject_batch_statistics(model: nn.Module) -> None:
@@ -426,33 +434,99 @@ def hessian_noise_scale(
     ``targets``: a tensor, a pytree of tensors or None (every tensor with the batch in dim 0).
     """
     inputs, batch_size = _check_batch(inputs, targets, minimum=HESSIAN_NOISE_SCALE_MIN_BATCH)
+    half = batch_size // 2
+    gradient_half = (select_examples(inputs, slice(half)), select_examples(targets, slice(half)))
+    curvature_half = (select_examples(inputs, slice(half, None)), select_examples(targets, slice(half, None)))
+    return _noise_scale_of_halves(model, loss_fn, [(inputs, targets)], [gradient_half], [curvature_half],
+                                  num_probes=num_probes, num_sigma_examples=num_sigma_examples, generator=generator,
+                                  chunk_size=chunk_size)
+
+
+def micro_batch_hessian_noise_scale(
+    model: nn.Module,
+    loss_fn: LossFunction,
+    micro_batches: Sequence[tuple[Any, Any]],
+    *,
+    num_probes: int = 8,
+    num_sigma_examples: int = 8,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> HessianNoiseScale:
+    """:func:`hessian_noise_scale` of a batch given as (inputs, targets) micro-batches, holding one micro-batch's
+    graph at a time: the first K // 2 micro-batches are the gradient half, the others the Hessian half (each
+    Hessian-vector product is the b_k / b weighted sum of the micro-batches' own). With an even number of equal
+    micro-batches this is the estimate of their concatenation, to float rounding; a single micro-batch is split
+    in two as :func:`hessian_noise_scale` splits a batch."""
+    if not micro_batches:
+        raise ValueError("micro_batch_hessian_noise_scale needs at least one (inputs, targets) micro-batch")
+    options = {"num_probes": num_probes, "num_sigma_examples": num_sigma_examples, "generator": generator,
+               "chunk_size": chunk_size}
+    if len(micro_batches) == 1:
+        return hessian_noise_scale(model, loss_fn, *micro_batches[0], **options)
+    parts = [(_check_batch(inputs, targets, minimum=1)[0], targets) for inputs, targets in micro_batches]
+    middle = len(parts) // 2
+    if sum(batch_size_of(inputs) for inputs, _ in parts[:middle]) < 2:
+        raise ValueError(f"the gradient half (the first {middle} micro-batches) needs at least 2 examples, got "
+                         f"micro-batches of {[batch_size_of(inputs) for inputs, _ in parts]}")
+    return _noise_scale_of_halves(model, loss_fn, parts, parts[:middle], parts[middle:], **options)
+
+
+Batches = list[tuple[Any, Any]]
+
+
+def _weighted(parts: Batches) -> list[tuple[float, tuple[Any, Any]]]:
+    """(b_k / b, part) for each part: the mean loss of their union is sum_k (b_k / b) mean loss_k."""
+    sizes = [batch_size_of(inputs) for inputs, _ in parts]
+    return [(size / sum(sizes), part) for size, part in zip(sizes, parts)]
+
+
+def _weighted_sum(terms: list[tuple[float, Any]]) -> Any:
+    """sum_k w_k x_k of tensors or of parameter dicts; a single term is returned as it is (the unsplit value)."""
+    if len(terms) == 1:
+        return terms[0][1]
+    if isinstance(terms[0][1], dict):
+        return {name: sum(weight * value[name] for weight, value in terms) for name in terms[0][1]}
+    return sum(weight * value for weight, value in terms)
+
+
+def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batches, gradient_half: Batches,
+                           curvature_half: Batches, *, num_probes: int, num_sigma_examples: int,
+                           generator: torch.Generator | None, chunk_size: int | None) -> HessianNoiseScale:
+    """The estimators of the module docstring on a batch given as parts: tr(H) on ``whole``, gbar and the
+    per-example gradients on ``gradient_half``, the Hessian they are multiplied with on ``curvature_half``.
+    One part's Hessian operator (with reverse-over-reverse, its kept graph) lives at a time; every part sees the
+    same Hutchinson probes (the generator is rewound for each), so the products add up to those of the union."""
     check_int(num_probes, "num_probes", 2)
     check_int(num_sigma_examples, "num_sigma_examples", 2)
     generator = _default_generator(generator)
     _reject_batch_statistics(model)
     params = trainable_parameters(model)
     mean_loss = _mean_loss_function(model, loss_fn)
-    half = batch_size // 2
-    gradient_inputs, gradient_targets = select_examples(inputs, slice(half)), select_examples(targets, slice(half))
-    curvature_inputs = select_examples(inputs, slice(half, None))
-    curvature_targets = select_examples(targets, slice(half, None))
+    half = sum(batch_size_of(inputs) for inputs, _ in gradient_half)
     num_sigma_examples = min(num_sigma_examples, half)
 
     with isolated_rng(params.values()):
-        trace_h = _hutchinson(_HessianOperator(model, mean_loss, params, inputs, targets), params, num_probes,
-                              generator)
-        curvature_hvp = _HessianOperator(model, mean_loss, params, curvature_inputs, curvature_targets)
-        mean_gradient = grad(mean_loss)(params, gradient_inputs, gradient_targets)
+        probes_start, products = generator.get_state(), []
+        for weight, (inputs, targets) in _weighted(whole):
+            generator.set_state(probes_start)
+            hvp = _HessianOperator(model, mean_loss, params, inputs, targets)
+            products.append((weight, _probe_products(hvp, params, num_probes, generator)))
+        trace_h = _hutchinson(_weighted_sum(products), num_probes)
+        mean_gradient = _weighted_sum([(weight, grad(mean_loss)(params, inputs, targets))
+                                       for weight, (inputs, targets) in _weighted(gradient_half)])
         subsample = torch.randperm(half, generator=generator, device=generator.device)[:num_sigma_examples]
-        per_example = _per_example_gradients(_methods_of(model), mean_loss, params,
-                                             select_examples(gradient_inputs, subsample),
-                                             select_examples(gradient_targets, subsample), chunk_size)
+        per_example = _per_example_gradients_of(_methods_of(model), mean_loss, params, gradient_half, subsample,
+                                                chunk_size)
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
-        raw_g_h_g = _dot(mean_gradient, curvature_hvp(mean_gradient)).item()
-        curvature_of_deviations = curvature_hvp.batched(deviations, chunk_size)
-        trace_h_sigma = sum(
-            (deviations[n] * curvature_of_deviations[n]).flatten(1).sum(1) for n in params
-        ).sum().item() / (num_sigma_examples - 1)
+        raw_terms, sigma_terms = [], []
+        for weight, (inputs, targets) in _weighted(curvature_half):
+            curvature_hvp = _HessianOperator(model, mean_loss, params, inputs, targets)
+            raw_terms.append((weight, _dot(mean_gradient, curvature_hvp(mean_gradient))))
+            curvature_of_deviations = curvature_hvp.batched(deviations, chunk_size)
+            sigma_terms.append((weight, sum((deviations[n] * curvature_of_deviations[n]).flatten(1).sum(1)
+                                            for n in params).sum()))
+        raw_g_h_g = _weighted_sum(raw_terms).item()
+        trace_h_sigma = _weighted_sum(sigma_terms).item() / (num_sigma_examples - 1)
         fisher_trace = sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()).mean().item()
     return HessianNoiseScale(
         trace_h=trace_h.estimate,
@@ -463,3 +537,18 @@ def hessian_noise_scale(
         gradient_batch_size=half,
         num_sigma_examples=num_sigma_examples,
     )
+
+
+def _per_example_gradients_of(methods: _Methods, mean_loss, params: Parameters, parts: Batches, subsample: Tensor,
+                              chunk_size: int | None) -> Parameters:
+    """The per-example gradients of the examples ``subsample`` (indices into the concatenated ``parts``), stacked
+    part by part, in the subsample's order within each part."""
+    ends = torch.tensor([batch_size_of(inputs) for inputs, _ in parts]).cumsum(0).tolist()
+    pieces = []
+    for start, end, (inputs, targets) in zip([0, *ends], ends, parts):
+        local = subsample[(subsample >= start) & (subsample < end)] - start
+        if local.numel():
+            pieces.append(_per_example_gradients(methods, mean_loss, params, select_examples(inputs, local),
+                                                 select_examples(targets, local), chunk_size))
+    return pieces[0] if len(pieces) == 1 else {name: torch.cat([piece[name] for piece in pieces])
+                                               for name in pieces[0]}

@@ -36,8 +36,7 @@ from noisescale.batches import batch_size_of, call_model, to_device
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.distributed import unwrapped_module
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
-from noisescale.hessian import (HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, hessian_noise_scale,
-                                mean_hessian_proxies)
+from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.sharded import is_sharded
 
@@ -335,21 +334,17 @@ class NoiseScaleMonitor:
             "b_simple_high": high,
         }
 
-    def _hessian(self, *batches: tuple[Any, Any]) -> dict[str, float]:
-        """The Hessian proxies' history columns for this step's (inputs, targets) batches (its micro-batches): the
-        mean of each batch's proxies, so the whole batch counts whether or not it is split; batches below the
-        minimum size are left out (warned once), and with none left the step has no Hessian columns."""
-        sizes = [batch_size_of(inputs) for inputs, _ in batches]
-        usable = [batch for batch, size in zip(batches, sizes) if size >= HESSIAN_NOISE_SCALE_MIN_BATCH]
-        if len(usable) < len(batches):
-            self._warn_once("hessian_batch", f"step {self.step}: B_noise needs (micro-)batches of at least "
-                            f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {min(sizes)}; the Hessian proxies "
-                            "leave such batches out (warned once)")
-        if not usable:
+    def _hessian(self, *micro_batches: tuple[Any, Any]) -> dict[str, float]:
+        """The Hessian proxies' history columns for this step's batch, given as its (inputs, targets)
+        micro-batches (:func:`~noisescale.hessian.micro_batch_hessian_noise_scale`: the estimate of the whole batch
+        whether or not it is split); none (warned once) below the minimum batch."""
+        batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
+        if batch_size < HESSIAN_NOISE_SCALE_MIN_BATCH:
+            self._warn_once("hessian_batch", f"step {self.step}: B_noise needs a batch of at least "
+                            f"{HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got {batch_size}; the Hessian proxies "
+                            "are skipped on such steps (warned once)")
             return {}
-        generator = torch.Generator().manual_seed(self._hessian_seed())  # one stream: new probes for each batch
-        proxies = self._reduced(mean_hessian_proxies([self._hessian_proxies(inputs, targets, generator)
-                                                      for inputs, targets in usable]))
+        proxies = self._reduced(self._hessian_proxies(list(micro_batches)))
         self.hessian_average.update(proxies.trace_h_sigma, proxies.g_h_g)
         row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
         return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
@@ -362,15 +357,14 @@ class NoiseScaleMonitor:
         """The step's proxies as recorded: this process's (subclasses average them over the ranks)."""
         return proxies
 
-    def _hessian_proxies(self, inputs, targets, generator: torch.Generator) -> HessianNoiseScale:
-        return hessian_noise_scale(
+    def _hessian_proxies(self, micro_batches: list[tuple[Any, Any]]) -> HessianNoiseScale:
+        return micro_batch_hessian_noise_scale(
             unwrapped_module(self.model),  # no all-reduce
             self.loss_fn,
-            inputs,
-            targets,
+            micro_batches,
             num_probes=self.hessian_probes,
             num_sigma_examples=self.hessian_examples,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self._hessian_seed()),
         )
 
     def _record(self, row: dict[str, Any]) -> None:

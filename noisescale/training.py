@@ -42,8 +42,9 @@ norms (B numbers) per step gives every rank the single-process estimate of the w
 history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
 on every rank and rank 0's state is broadcast (two integers per step), so the ranks cannot disagree on B.
 B must stay divisible by the world size (the policy's granularity a multiple of it). The Hessian
-proxies (B_noise) are measured on every micro-batch of each rank and averaged over the micro-batches and the ranks
-(one all-gather of five numbers a rank). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
+proxies (B_noise) are measured on each rank's whole share of the batch, one micro-batch at a time
+(:func:`~noisescale.hessian.micro_batch_hessian_noise_scale`, so max_micro_batch does not change them), and averaged
+over the ranks (one all-gather of five numbers a rank). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
 step's all-reduce).
 
 FSDP: pass the model sharded by FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``, flat parameters

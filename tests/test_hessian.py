@@ -15,7 +15,7 @@ from torch.func import functional_call
 import noisescale.hessian as hessian_module
 from noisescale.batches import batch_size_of, call_arguments, select_examples
 from noisescale.hessian import (hessian_noise_scale, hessian_vector_product, hutchinson_trace, hvp_method,
-                                trainable_parameters)
+                                micro_batch_hessian_noise_scale, trainable_parameters)
 from noisescale.models import CausalSelfAttention, TinyTransformer, sequence_cross_entropy, tiny_transformer
 
 from _two_inputs import TwoInputs
@@ -268,6 +268,38 @@ def test_model_without_forward_ad_or_vmap_gives_what_its_plain_twin_gives(functi
     vector = _random_vector(twin)
     torch.testing.assert_close(_flat(hessian_vector_product(twin, _cross_entropy, inputs, targets, vector)),
                                _explicit_hessian(model, inputs, targets) @ _flat(vector))
+
+
+@pytest.mark.parametrize("function", [None, _TanhWithoutForwardAD])
+def test_micro_batches_give_the_estimate_of_their_concatenation(function):
+    """Four micro-batches of 4 (the first two the gradient half, the others the Hessian half) give what the batch
+    of 16 gives, to float64 rounding, with forward-over-reverse and with the reverse-over-reverse fallback (one
+    micro-batch's kept graph at a time); one micro-batch is split in two as the batch is. Three unequal ones
+    (6, 5, 5) match the naive computation with the first 6 examples as the gradient half."""
+    model, inputs, targets = _problem(seed=5, batch_size=16)
+    if function is not None:
+        model = nn.Sequential(model[0], _Activation(function), model[2])
+    options = {"num_probes": 4, "num_sigma_examples": 5}
+
+    def generator():
+        return torch.Generator().manual_seed(11)
+
+    expected = hessian_noise_scale(model, _cross_entropy, inputs, targets, generator=generator(), **options)
+    parts = list(zip(inputs.split(4), targets.split(4)))
+    got = micro_batch_hessian_noise_scale(model, _cross_entropy, parts, generator=generator(), **options)
+    _assert_same_results(got, expected, rel=1e-12)
+    assert (got.gradient_batch_size, got.num_sigma_examples) == (8, 5)
+    assert hvp_method(model) == ("forward-over-reverse" if function is None else "reverse-over-reverse")
+    single = micro_batch_hessian_noise_scale(model, _cross_entropy, [(inputs, targets)], generator=generator(),
+                                             **options)
+    assert single == expected
+    unequal = micro_batch_hessian_noise_scale(model, _cross_entropy, list(zip(inputs.split([6, 5, 5]),
+                                                                             targets.split([6, 5, 5]))),
+                                              num_probes=4, num_sigma_examples=6, generator=generator())
+    for field, value in _naive_curvature(model, inputs, targets, half=6).items():
+        assert getattr(unequal, field) == pytest.approx(value, rel=1e-9), field
+    with pytest.raises(ValueError, match="gradient half .* needs at least 2 examples"):
+        micro_batch_hessian_noise_scale(model, _cross_entropy, [(inputs[:1], targets[:1]), (inputs[1:], targets[1:])])
 
 
 class _TanhDifferentiableOnce(_TanhWithoutForwardAD):

@@ -209,17 +209,11 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         sqnorms, grad_sqnorm = _naive_norms(model, reference_loss, batch, targets)
         estimate = simple_noise_scale(sqnorms, grad_sqnorm)
         average.update_estimate(estimate)
-        # B_noise: the mean of the Hessian proxies of the step's micro-batches, probes drawn in turn from one
-        # stream seeded k
-        generator, parts = torch.Generator().manual_seed(k), []
-        for micro_batch in step["batches"]:
-            micro_batch = dict(micro_batch)
-            micro_targets = micro_batch.pop("labels")
-            parts.append(hessian_noise_scale(_Positional(model, list(micro_batch)), HESSIAN_LOSS[case],
-                                             tuple(micro_batch.values()), micro_targets, generator=generator))
-        proxies = {name: sum(getattr(part, name) for part in parts) / len(parts)
-                   for name in ("trace_h_sigma", "g_h_g", "trace_h")}
-        curvature_average.update(proxies["trace_h_sigma"], proxies["g_h_g"])
+        # B_noise: the Hessian proxies of the step's whole batch (its equal micro-batches are its halves), probes
+        # seeded k
+        proxies = hessian_noise_scale(_Positional(model, list(batch)), HESSIAN_LOSS[case], tuple(batch.values()),
+                                      targets, generator=torch.Generator().manual_seed(k))
+        curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
         curvature.append((proxies, curvature_average.ratio))
         reference_rows.append((estimate, average.b_simple, average.grad_sqnorm, average.trace_sigma,
                                average.interval(options.confidence)))
@@ -248,7 +242,7 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         assert row.loss == pytest.approx(log["loss"], rel=1e-6)  # the Trainer sums its losses in float32
     for row, log, (proxies, b_noise) in zip(history.itertuples(), logs, curvature):
         assert (row.trace_h_sigma, row.g_h_g, row.trace_h) == pytest.approx(
-            (proxies["trace_h_sigma"], proxies["g_h_g"], proxies["trace_h"]), rel=RTOL)
+            (proxies.trace_h_sigma, proxies.g_h_g, proxies.trace_h), rel=RTOL)
         assert log.get("noise_scale/b_noise", math.inf) == pytest.approx(b_noise, rel=RTOL)
 
 

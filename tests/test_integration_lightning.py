@@ -116,14 +116,11 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         sqnorms, grad_sqnorm = _naive_norms(module, x, y)
         estimate = simple_noise_scale(sqnorms, grad_sqnorm)
         average.update_estimate(estimate)
-        # B_noise: the mean of the Hessian proxies of the step's micro-batches, probes drawn in turn from one
-        # stream seeded with seed + step
-        generator = torch.Generator().manual_seed(k)
-        parts = [hessian_noise_scale(module, _per_example_loss, *batch, generator=generator) for batch in step["batches"]]
-        proxies = {name: sum(getattr(part, name) for part in parts) / len(parts)
-                   for name in ("trace_h_sigma", "g_h_g", "trace_h")}
-        curvature_average.update(proxies["trace_h_sigma"], proxies["g_h_g"])
-        curvature.append(proxies)
+        # B_noise: the Hessian proxies of the step's whole batch (its equal micro-batches are its halves), probes
+        # seeded with seed + step
+        proxies = hessian_noise_scale(module, _per_example_loss, x, y, generator=torch.Generator().manual_seed(k))
+        curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
+        curvature.append({"trace_h_sigma": proxies.trace_h_sigma, "g_h_g": proxies.g_h_g, "trace_h": proxies.trace_h})
         expected.append({"noise_scale/grad_sqnorm": average.grad_sqnorm, "noise_scale/trace_sigma": average.trace_sigma,
                          "noise_scale/b_simple": average.b_simple, "noise_scale/b_noise": curvature_average.ratio})
         expected[-1].update(zip(("noise_scale/b_simple_low", "noise_scale/b_simple_high"), average.interval(0.9)))

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from noisescale.app.cli import main
 from noisescale.controller import BatchSizeSchedule, NoiseScaleBatchPolicy, NoiseScalePolicyState
-from noisescale.hessian import hessian_noise_scale
+from noisescale.hessian import micro_batch_hessian_noise_scale
+from noisescale.sampler import ResizableBatchSampler
 from noisescale.training import AdaptiveTrainer, is_out_of_memory
 
 
@@ -477,26 +478,28 @@ def test_noise_adaptive_can_follow_b_noise():
                      max_batch_size=8), policy_noise_scale="b_noise")
 
 
-def test_the_hessian_proxies_of_a_split_batch_average_all_its_micro_batches():
-    """A batch of 12 in micro-batches of 4: the recorded proxies are the mean of hessian_noise_scale on each of the
-    three micro-batches, their probes drawn in turn from one stream seeded seed + step (before, the first
-    micro-batch alone: max_micro_batch changed which examples B_noise saw, and a policy on B_noise followed)."""
-    dataset = regression_data(3.0)
-    model = linear_model()
-    reference = copy.deepcopy(model)
-    trainer = make_trainer(model, dataset, loss_fn=per_example_squared_error, batch_size=12, max_micro_batch=4,
-                           seed=2, monitor_options={"hessian_every": 1, "hessian_examples": 2, "hessian_probes": 3,
-                                                    "seed": 7})
-    row = trainer.step()
-    inputs, targets = dataset[next(iter(type(trainer.sampler)(len(dataset), 12, seed=2)))]
-    generator = torch.Generator().manual_seed(7)
-    parts = [hessian_noise_scale(reference, per_example_squared_error, inputs[k:k + 4], targets[k:k + 4],
-                                 num_probes=3, num_sigma_examples=2, generator=generator) for k in (0, 4, 8)]
-    assert row["micro_batches"] == 3 and len({part.g_h_g for part in parts}) == 3
-    for column in ("trace_h", "g_h_g", "trace_h_sigma", "fisher_trace"):
-        assert row[column] == pytest.approx(sum(getattr(part, column) for part in parts) / 3, rel=1e-12), column
-    assert row["trace_h_stderr"] == pytest.approx(math.sqrt(sum(part.trace_h_stderr**2 for part in parts)) / 3,
-                                                  rel=1e-12)
+def test_max_micro_batch_does_not_change_the_hessian_proxies():
+    """A batch of 16 in micro-batches of 4 (two make the gradient half, two the Hessian half) gives the Hessian
+    proxies of the unsplit batch, to float64 rounding, step after step (before, the first micro-batch's alone: a
+    new user's policy on B_noise stayed at B = 32 with max_micro_batch and grew to 512 without). Three unequal
+    micro-batches (6, 5, 5) split the batch at 6 and give another estimate of the same quantities."""
+    options = {"hessian_every": 1, "hessian_examples": 4, "hessian_probes": 3, "seed": 7}
+    columns = ["trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace", "b_noise"]
+    histories = {}
+    for micro in (None, 4, 6):
+        trainer = make_trainer(linear_model(), regression_data(3.0), loss_fn=per_example_squared_error,
+                               batch_size=16, max_micro_batch=micro, seed=2, monitor_options=options)
+        histories[micro] = trainer.train(epochs=0.25)
+    assert histories[4]["micro_batches"].eq(4).all() and len(histories[4]) == 4
+    pd.testing.assert_frame_equal(histories[4][columns], histories[None][columns], check_exact=False, rtol=1e-10)
+    inputs, targets = regression_data(3.0)[next(iter(ResizableBatchSampler(256, 16, seed=2)))]
+    split = micro_batch_hessian_noise_scale(linear_model(), per_example_squared_error,
+                                            list(zip(inputs.split([6, 5, 5]), targets.split([6, 5, 5]))),
+                                            num_probes=3, num_sigma_examples=4,
+                                            generator=torch.Generator().manual_seed(7))
+    first = histories[6].iloc[0]
+    assert split.gradient_batch_size == 6 and first["trace_h"] == pytest.approx(histories[None]["trace_h"][0])
+    assert first["g_h_g"] == pytest.approx(split.g_h_g, rel=1e-12) and first["g_h_g"] != histories[None]["g_h_g"][0]
 
 
 @pytest.mark.parametrize(

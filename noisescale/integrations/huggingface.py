@@ -31,8 +31,9 @@ the gradients its backward brought to the model's outputs (:mod:`noisescale.per_
 Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
 every rank logs the estimate of the global batch. The averages travel in the Trainer's checkpoints
 (:class:`NoiseScaleCheckpointState`), so a resumed run continues them. B_noise (``hessian_every``) runs the Hessian
-proxies on each of the step's micro-batches (their mean is recorded), the batch without ``labels`` as the model's inputs and ``labels`` as the
-targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g. ``functools.partial(sequence_cross_entropy,
+proxies on the step's whole batch (its micro-batches one at a time), each micro-batch without ``labels`` as the
+model's inputs and ``labels`` as the targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g.
+``functools.partial(sequence_cross_entropy,
 shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "example" weighting: the proxies vmap the
 loss over single examples), with ``attn_implementation="eager"`` (forward-mode AD has no rule for some SDPA
 kernels). Activation checkpointing (``activation_checkpointing=True``, reentrant or not) is measured: the hooks

@@ -46,8 +46,9 @@ class NoiseScaleOptions:
     """What the integrations measure (the arguments of :class:`~noisescale.monitor.NoiseScaleMonitor`).
 
     per_example_loss: ``per_example_loss(outputs, targets) -> (B,)``, needed only for B_noise (``hessian_every``),
-        whose Hessian-vector products run the model again on each of the step's micro-batches, averaging their
-        proxies (on a forked random stream; the training's own passes and gradients are untouched).
+        whose Hessian-vector products run the model again on the step's micro-batches, one at a time, for the
+        estimate of its whole batch (on a forked random stream; the training's own passes and gradients are
+        untouched).
     log_prefix: the prefix of the logged names (``noise_scale/b_simple``, ...).
     check_independence: on the first measured step, check that the model's outputs do not couple the examples
         (a warning naming them: :mod:`noisescale.per_example.coupling`).
@@ -135,7 +136,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                           model_inputs: Any = None) -> None:
         """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
         begun but never ended, e.g. skipped by the framework, is dropped). ``hessian_batch``: (inputs, targets) of
-        this micro-batch for the Hessian proxies (on Hessian steps they average over the step's micro-batches). ``model_inputs``: what
+        this micro-batch for the Hessian proxies (on Hessian steps, of the step's whole batch). ``model_inputs``: what
         the framework calls the model on, for the check of dims as large as the batch and for the parameters only
         the whole-model vmap can measure (``observe``)."""
         self._drop_open_micro_batch()
@@ -218,16 +219,18 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1)
         return per_rank[:, 0], per_rank[:, 1:].reshape(-1)
 
-    def _hessian_proxies(self, inputs: Any, targets: Any, generator: torch.Generator):
-        """The monitor's Hessian proxies of one micro-batch; a keyword batch (HuggingFace) is passed to them as
-        positional tensors of a module that calls the model with keywords."""
-        if not isinstance(inputs, Mapping):
-            return super()._hessian_proxies(inputs, targets, generator)
-        keys = [key for key, value in inputs.items() if isinstance(value, torch.Tensor)]
-        constants = {key: value for key, value in inputs.items() if key not in keys}
+    def _hessian_proxies(self, micro_batches: list[tuple[Any, Any]]):
+        """The monitor's Hessian proxies of the step's micro-batches; keyword batches (HuggingFace) are passed to
+        them as positional tensors of a module that calls the model with the first micro-batch's keywords."""
+        first = micro_batches[0][0]
+        if not isinstance(first, Mapping):
+            return super()._hessian_proxies(micro_batches)
+        keys = [key for key, value in first.items() if isinstance(value, torch.Tensor)]
+        constants = {key: value for key, value in first.items() if key not in keys}
         model, self.model = self.model, _KeywordCall(unwrapped_module(self.model), keys, constants)
         try:
-            return super()._hessian_proxies(tuple(inputs[key] for key in keys), targets, generator)
+            return super()._hessian_proxies([(tuple(inputs[key] for key in keys), targets)
+                                             for inputs, targets in micro_batches])
         finally:
             self.model = model
 
