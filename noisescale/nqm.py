@@ -628,8 +628,10 @@ def _modes(system: _FirstMoment) -> _Modes:
     with np.errstate(all="ignore"):
         a1_two, ax_two = {}, {}
         for mode, other, alone in ((2, l2, second & ~third), (3, l3, third & ~second)):
-            a1_two[mode], ax_two[mode] = (((u2 - other * u1) / (l1 - other), (l1 * u1 - u2) / (l1 - other))
-                                          if alone.any() else (unused, unused))
+            a1_two[mode], ax_two[mode] = unused, unused
+            if alone.any():
+                gap = l1 - other
+                a1_two[mode], ax_two[mode] = (u2 - other * u1) / gap, (l1 * u1 - u2) / gap
         a1, a2, a3 = unused, unused, unused
         if both.any():
             a1 = (u3 - (l2 + l3) * u2 + l2 * l3 * u1) / ((l1 - l2) * (l1 - l3))
@@ -641,11 +643,11 @@ def _modes(system: _FirstMoment) -> _Modes:
             np.where(both, a3, np.where(third, ax_two[3], zero)),
         ])
         valid = np.isfinite(coefficients).all(axis=0)
-        coefficients = np.where(valid, coefficients, zero)
+        coefficients[:, ~valid] = zero  # in place (fresh arrays): a copy costs more than the few bins it changes
         used = system.active.any(axis=1)
         pairs = [(i, j) for i, j in _MODE_PAIRS if used[i] and used[j]]
         values = np.stack([system.modes[i] * system.modes[j] for i, j in pairs])
-        values = np.where(system.stable[:, None], values, zero)  # unstable configurations are never walked
+        values[:, ~system.stable] = zero  # unstable configurations are never walked
         products = np.stack([(1.0 if i == j else 2.0) * coefficients[i] * coefficients[j] for i, j in pairs])
         if np.iscomplexobj(values) and not (values.imag.any() or products.imag.any()):  # same real parts
             values, products = values.real.copy(), products.real.copy()
@@ -660,7 +662,7 @@ def _modes(system: _FirstMoment) -> _Modes:
             slope = np.where(root != 0, u2 / np.where(root != 0, root, 1.0) - u1, 0.0)
             linear = np.sqrt(system.initial_variance) * np.where(confluent, np.stack([u1, slope]), 0.0)
     monotone = (values.imag == 0) & (values.real > 0)
-    log_size = np.where(np.isfinite(log_size), log_size, 1e300)
+    log_size[~np.isfinite(log_size)] = 1e300
     least = np.where(monotone, np.inf, log_size).min(axis=(1, 2))
     return _Modes(values, system.initial_variance * products, monotone, log_size, confluent, linear, root,
                   tuple(monotone.all(axis=(1, 2))), tuple(monotone.any(axis=(1, 2))), tuple(least))
@@ -669,9 +671,9 @@ def _modes(system: _FirstMoment) -> _Modes:
 def _log_size(values: np.ndarray) -> np.ndarray:
     """|log mu| = sqrt(log^2 |mu| + arg^2 mu) (inf for mu = 0), with real logarithms (a complex one costs more)."""
     size = np.abs(np.log(np.abs(values)))
-    turned = np.nonzero(values.imag != 0 if np.iscomplexobj(values) else values < 0)
-    if turned[0].size:
-        size[turned] = np.hypot(size[turned], np.angle(values[turned]))
+    turned = (values.real < 0) | (values.imag != 0)  # arg mu != 0 (a negative real root in a complex array too)
+    if turned.any():  # in place where turned (most of an array of heavy-ball roots: an index costs more)
+        np.hypot(size, np.angle(values), out=size, where=turned)
     return size
 
 
@@ -725,7 +727,7 @@ def _deterministic_floor(modes: _Modes, weights: np.ndarray, first: np.ndarray, 
             term *= size
             np.subtract(real, term, out=term)
         if some and not every:
-            np.copyto(term, np.minimum(real, last[group].real), where=modes.monotone[group])
+            np.minimum(real, last[group].real, out=term, where=modes.monotone[group])
         np.maximum(term, -size, out=term)
         if not pairwise:
             terms, sizes = term.sum(axis=0), size.sum(axis=0)
