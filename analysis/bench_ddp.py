@@ -8,13 +8,14 @@ the mean does not). Also the median CPU time of rank 0's process per step (all i
 its ratio: on a machine that other processes load, the wall clock counts the time a rank waits for a core, the CPU
 time mostly does not.
 
-``hook``: plain DDP against :class:`noisescale.distributed.DDPNoiseScale` (the communication hook, measuring
-every step or every ``--sparse-every``-th), and a copy with only the reducing hook it wraps
-(``mean_allreduce_hook``), which separates the cost of any Python communication hook from noisescale's. Two
-reference rows price the parts of a measurement without a hook: plain DDP followed by one more all-reduce of two
-numbers per step (what the hook saves by carrying its totals in the last bucket's all-reduce), and plain DDP
-followed by two squared norms of every gradient (the two reads of the gradient that any two-batch measurement
-makes; one ``torch.dot`` per parameter, so its Python overhead is counted too).
+``hook``: plain DDP against :class:`noisescale.distributed.DDPNoiseScale` (the communication hook, measuring every
+step or every ``--sparse-every``-th), and a copy with only the reducing hook it wraps (``mean_allreduce_hook``),
+which separates the cost of any Python communication hook from noisescale's. A second plain DDP model timed as a
+variant of its own gives the ratio of two identical variants (A/A), the noise of that run's ratios. Two reference
+rows price the parts of a measurement without a hook: plain DDP followed by one more all-reduce of two numbers per
+step (what the hook saves by carrying its totals in the last bucket's all-reduce), and plain DDP followed by two
+squared norms of every gradient (the two reads of the gradient that any two-batch measurement makes; one
+``torch.dot`` per parameter, so its Python overhead is counted too).
 
 ``trainer``: :class:`noisescale.training.AdaptiveTrainer` on a DDP model (per-example norms every step, one
 all-gather of the per-example numbers; with a noise-scale policy, one broadcast of its state) against a plain DDP
@@ -85,8 +86,8 @@ Variants = dict[str, tuple[Callable[[int], None], str]]  # name -> (step functio
 
 def _hook_variants(args, device, device_ids, rank) -> Variants:
     """Section ``hook``: one step function per variant, all on the same per-step random batch."""
-    plain, python_hook, hooked, sparse, extra_collective, two_reads = (
-        DistributedDataParallel(_mlp().to(device), device_ids=device_ids) for _ in range(6)
+    plain, plain_again, python_hook, hooked, sparse, extra_collective, two_reads = (
+        DistributedDataParallel(_mlp().to(device), device_ids=device_ids) for _ in range(7)
     )
     python_hook.register_comm_hook(None, mean_allreduce_hook)
     every_step = DDPNoiseScale(hooked, args.batch)
@@ -111,6 +112,7 @@ def _hook_variants(args, device, device_ids, rank) -> Variants:
     baseline = "plain DDP"
     return {
         baseline: (variant(plain), baseline),
+        "plain DDP again (A/A: the noise of this run's ratios)": (variant(plain_again), baseline),
         "DDP + mean_allreduce_hook (Python hook only)": (variant(python_hook), baseline),
         "DDP + noise-scale hook, every step": (variant(hooked, every_step.step_estimate), baseline),
         f"DDP + noise-scale hook, every {args.sparse_every}th step": (
