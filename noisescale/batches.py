@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-__all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples", "to_device",
-           "tensors_of", "collate_examples", "fetch_examples", "map_tensors"]
+__all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
+           "concatenate_examples", "to_device", "tensors_of", "collate_examples", "fetch_examples", "map_tensors"]
 
 
 def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -94,6 +94,13 @@ def split_examples(value: Any, sizes: Sequence[int]) -> list[Any]:
     """``value`` (inputs or targets) cut along dim 0 into consecutive parts of ``sizes`` examples."""
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     return [select_examples(value, slice(start, start + size)) for start, size in zip(starts, sizes)]
+
+
+def concatenate_examples(parts: Sequence[Any]) -> Any:
+    """The inverse of :func:`split_examples`: the parts' tensors concatenated along dim 0 (other leaves, equal in
+    every part, taken from the first)."""
+    parts = [dict(part) if isinstance(part, Mapping) else part for part in parts]
+    return tree_map(lambda first, *rest: torch.cat([first, *rest]) if isinstance(first, Tensor) else first, *parts)
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:

@@ -45,6 +45,7 @@ Probes come from an explicit torch.Generator.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import weakref
@@ -61,7 +62,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from noisescale._checks import check_int
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
-from noisescale.batches import batch_size_of, call_arguments, select_examples, tensors_of
+from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
 from noisescale.per_example.layers import uses_batch_statistics
 
 __all__ = [
@@ -453,21 +454,27 @@ def micro_batch_hessian_noise_scale(
     chunk_size: int | None = None,
 ) -> HessianNoiseScale:
     """:func:`hessian_noise_scale` of a batch given as (inputs, targets) micro-batches, holding one micro-batch's
-    graph at a time: the first K // 2 micro-batches are the gradient half, the others the Hessian half (each
-    Hessian-vector product is the b_k / b weighted sum of the micro-batches' own). With an even number of equal
-    micro-batches this is the estimate of their concatenation, to float rounding; a single micro-batch is split
-    in two as :func:`hessian_noise_scale` splits a batch."""
+    graph at a time: the micro-batches up to the boundary nearest half the examples are the gradient half (at
+    least 2 examples), the others the Hessian half (each Hessian-vector product is the b_k / b weighted sum of the
+    micro-batches' own). With an even number of equal micro-batches this is the estimate of their concatenation,
+    to float rounding. A single micro-batch, or micro-batches with no such boundary (sizes 1 and 3), are taken
+    as one batch split in two as :func:`hessian_noise_scale` splits it."""
     if not micro_batches:
         raise ValueError("micro_batch_hessian_noise_scale needs at least one (inputs, targets) micro-batch")
     options = {"num_probes": num_probes, "num_sigma_examples": num_sigma_examples, "generator": generator,
                "chunk_size": chunk_size}
-    if len(micro_batches) == 1:
-        return hessian_noise_scale(model, loss_fn, *micro_batches[0], **options)
     parts = [(_check_batch(inputs, targets, minimum=1)[0], targets) for inputs, targets in micro_batches]
-    middle = len(parts) // 2
-    if sum(batch_size_of(inputs) for inputs, _ in parts[:middle]) < 2:
-        raise ValueError(f"the gradient half (the first {middle} micro-batches) needs at least 2 examples, got "
-                         f"micro-batches of {[batch_size_of(inputs) for inputs, _ in parts]}")
+    sizes = [batch_size_of(inputs) for inputs, _ in parts]
+    if sum(sizes) < HESSIAN_NOISE_SCALE_MIN_BATCH:
+        raise ValueError(f"this estimate needs a batch of at least {HESSIAN_NOISE_SCALE_MIN_BATCH} examples, got "
+                         f"micro-batches of {sizes}")
+    ends = list(itertools.accumulate(sizes))
+    boundaries = [k for k in range(1, len(parts)) if ends[k - 1] >= 2]
+    if not boundaries:
+        inputs, targets = zip(*parts)
+        return hessian_noise_scale(model, loss_fn, concatenate_examples(inputs), concatenate_examples(targets),
+                                   **options)
+    middle = min(boundaries, key=lambda k: abs(2 * ends[k - 1] - ends[-1]))
     return _noise_scale_of_halves(model, loss_fn, parts, parts[:middle], parts[middle:], **options)
 
 

@@ -142,17 +142,20 @@ class NoiseScaleSummary:
         return "\n".join(lines)
 
 
-_ADAPTIVE_OPTIMIZERS = tuple(getattr(torch.optim, name) for name in ("Adagrad", "RMSprop", "Adadelta", "Adafactor")
-                             if hasattr(torch.optim, name))
+_ADAPTIVE_OPTIMIZERS = {"Adagrad", "RMSprop", "Adadelta", "Adafactor", "Rprop"}  # classes (or their bases) by name
 
 
 def adapts_per_coordinate(optimizer: Any) -> bool:
-    """Whether ``optimizer`` scales each coordinate's step by its own gradient statistics: any with ``betas`` in a
-    parameter group (Adam, AdamW, NAdam, RAdam, Adamax, and third-party kin), Adagrad, RMSprop, Adadelta and
-    Adafactor. B_noise (SGD's critical batch size) does not describe them."""
-    if isinstance(optimizer, _ADAPTIVE_OPTIMIZERS):
+    """Whether ``optimizer`` scales each coordinate's step by its own gradient statistics: any with ``betas`` or
+    ``beta1`` in a parameter group (Adam, AdamW, NAdam, RAdam, Adamax, and third-party kin), and Adagrad, RMSprop,
+    Adadelta, Adafactor (torch's or transformers') and Rprop. A wrapper (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``) is looked through to the optimizer it holds. B_noise (SGD's critical
+    batch size) does not describe them."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if any(cls.__name__ in _ADAPTIVE_OPTIMIZERS for cls in type(optimizer).__mro__):
         return True
-    return any("betas" in group for group in getattr(optimizer, "param_groups", ()))
+    return any("betas" in group or "beta1" in group for group in getattr(optimizer, "param_groups", ()))
 
 
 def _describe_suggestion(batch_size: float) -> str:

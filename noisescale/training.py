@@ -344,6 +344,7 @@ class AdaptiveTrainer:
                              f"{world_size}: every global batch is split into equal parts, one per rank")
         self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed, num_replicas=world_size, rank=rank)
         self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
+        self.base_settings = [_settings_of(group) for group in optimizer.param_groups]  # as built (no scheduler yet)
         self.steps = 0
         self.skipped_steps = 0
         self.seconds = 0.0
@@ -371,11 +372,16 @@ class AdaptiveTrainer:
         return self.sampler.epoch
 
     def _learning_rates(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
+        """The groups' learning rates as numbers (a tensor lr, as fused and capturable Adam take, read by value)."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def _set_learning_rates(self, rates: list[float]) -> None:
+        """Set each group's learning rate; a tensor lr is filled in place and stays the optimizer's tensor."""
         for group, rate in zip(self.optimizer.param_groups, rates):
-            group["lr"] = rate
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
 
     def _batch_size_for_step(self) -> int:
         """B for the coming step; a schedule also sets the learning rates (base rates times eps / eps_0)."""
@@ -578,6 +584,7 @@ class AdaptiveTrainer:
             "monitor": self.monitor.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "base_learning_rates": list(self.base_learning_rates),
+            "base_settings": self.base_settings,
             "max_micro_batch": self.max_micro_batch,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
@@ -599,11 +606,12 @@ class AdaptiveTrainer:
         if self.schedule is not None and state["schedule"] != self.schedule.state_dict():
             raise ValueError(f"the checkpoint's schedule {state['schedule']} differs from this trainer's "
                              f"{self.schedule.state_dict()}")
-        changes = _changed_hyperparameters(self.base_learning_rates, self.optimizer, state)
+        changes = _changed_settings(self.base_learning_rates, self.base_settings, state)
         if changes:
             warnings.warn(f"resuming with the checkpoint's optimizer settings, not this trainer's: {'; '.join(changes)}. "
                           "An exact resume continues the checkpointed run; to change them, set "
-                          "optimizer.param_groups after load_state_dict (and base_learning_rates for the lr)",
+                          "optimizer.param_groups after load_state_dict (and base_learning_rates for the lr), "
+                          "or start a new run",
                           UserWarning, stacklevel=2)
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
         consume_prefix_in_state_dict_if_present(model_state, "module.")  # DDP checkpoints of earlier versions
@@ -635,18 +643,25 @@ class AdaptiveTrainer:
 
 
 
-def _changed_hyperparameters(base_learning_rates: list[float], optimizer: torch.optim.Optimizer,
-                             state: dict[str, Any]) -> list[str]:
+def _settings_of(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's hyperparameters other than the learning rate (momentum, betas, weight decay, ...)."""
+    return {key: value.detach().clone() if isinstance(value, torch.Tensor) else value
+            for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
+
+
+def _changed_settings(base_learning_rates: list[Any], base_settings: list[dict[str, Any]],
+                      state: dict[str, Any]) -> list[str]:
     """What a checkpoint's optimizer settings change in this trainer's, as "group 0: lr 0.1 (this trainer: 0.05)":
-    the base learning rates (before any coupling or schedule) and the other hyperparameters of each group."""
-    saved_rates, saved_groups = state["base_learning_rates"], state["optimizer"].get("param_groups", [])
+    the learning rates and other hyperparameters of each group as both trainers' optimizers were built (a scheduler
+    that moves momentum or betas during the run moves neither); checkpoints of earlier versions: the rates only."""
+    saved_rates, saved_settings = state["base_learning_rates"], state.get("base_settings", [])
     if len(saved_rates) != len(base_learning_rates):
         return [f"{len(saved_rates)} parameter groups (this trainer: {len(base_learning_rates)})"]
-    changes = [f"group {index}: lr {saved} (this trainer: {given})"
+    changes = [f"group {index}: lr {_shown(saved)} (this trainer: {_shown(given)})"
                for index, (saved, given) in enumerate(zip(saved_rates, base_learning_rates)) if _differs(saved, given)]
-    for index, (saved, given) in enumerate(zip(saved_groups, optimizer.param_groups)):
-        changes += [f"group {index}: {key} {saved[key]} (this trainer: {given[key]})" for key in sorted(given)
-                    if key not in ("params", "lr", "initial_lr") and key in saved and _differs(saved[key], given[key])]
+    for index, (saved, given) in enumerate(zip(saved_settings, base_settings)):
+        changes += [f"group {index}: {key} {_shown(saved[key])} (this trainer: {_shown(given[key])})"
+                    for key in sorted(given) if key in saved and _differs(saved[key], given[key])]
     return changes
 
 
@@ -657,6 +672,15 @@ def _differs(saved: Any, given: Any) -> bool:
     if isinstance(saved, torch.Tensor) or isinstance(given, torch.Tensor):
         return not torch.equal(torch.as_tensor(saved).cpu().double(), torch.as_tensor(given).cpu().double())
     return saved != given
+
+
+def _shown(value: Any) -> str:
+    """A hyperparameter as a person reads it: 6 significant digits (a float32 tensor lr 0.01, not 0.00999999977)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return f"({', '.join(map(_shown, value))})"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _gradients_finite(model: torch.nn.Module) -> bool:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from noisescale.batches import (
-    batch_size_of, call_arguments, call_model, select_examples, split_examples, tensors_of, to_device,
+    batch_size_of, call_arguments, call_model, concatenate_examples, select_examples, split_examples, tensors_of,
+    to_device,
 )
 
 
@@ -46,6 +47,10 @@ def test_select_and_split_keep_non_tensors_and_cover_every_example():
     assert torch.equal(picked["y"][0], torch.tensor([4, 0]))
     assert torch.equal(select_examples(torch.arange(5), torch.tensor([1, 3])), torch.tensor([1, 3]))
     assert len(tensors_of(batch)) == 2
+    joined = concatenate_examples(parts)   # the inverse of split_examples
+    assert torch.equal(joined["x"], batch["x"]) and torch.equal(joined["y"][0], batch["y"][0])
+    assert joined["y"][1] is None and joined["flag"] == "keep"
+    assert concatenate_examples([None, None]) is None
 
 
 def test_to_device_moves_every_tensor():

@@ -274,8 +274,8 @@ def test_model_without_forward_ad_or_vmap_gives_what_its_plain_twin_gives(functi
 def test_micro_batches_give_the_estimate_of_their_concatenation(function):
     """Four micro-batches of 4 (the first two the gradient half, the others the Hessian half) give what the batch
     of 16 gives, to float64 rounding, with forward-over-reverse and with the reverse-over-reverse fallback (one
-    micro-batch's kept graph at a time); one micro-batch is split in two as the batch is. Three unequal ones
-    (6, 5, 5) match the naive computation with the first 6 examples as the gradient half."""
+    micro-batch's kept graph at a time); one micro-batch is split in two as the batch is. Unequal ones split at the
+    boundary nearest half the examples and match the naive computation with that gradient half."""
     model, inputs, targets = _problem(seed=5, batch_size=16)
     if function is not None:
         model = nn.Sequential(model[0], _Activation(function), model[2])
@@ -298,8 +298,19 @@ def test_micro_batches_give_the_estimate_of_their_concatenation(function):
                                               num_probes=4, num_sigma_examples=6, generator=generator())
     for field, value in _naive_curvature(model, inputs, targets, half=6).items():
         assert getattr(unequal, field) == pytest.approx(value, rel=1e-9), field
-    with pytest.raises(ValueError, match="gradient half .* needs at least 2 examples"):
-        micro_batch_hessian_noise_scale(model, _cross_entropy, [(inputs[:1], targets[:1]), (inputs[1:], targets[1:])])
+    # (1, 15): no boundary leaves 2 examples for the gradient half, so the batch is split whole (a new user's
+    # Lightning run with a first micro-batch of 1 crashed); (1, 3, 12): the boundary after 4 examples
+    ones = micro_batch_hessian_noise_scale(model, _cross_entropy, [(inputs[:1], targets[:1]), (inputs[1:], targets[1:])],
+                                           generator=generator(), **options)
+    assert ones == expected
+    uneven = micro_batch_hessian_noise_scale(model, _cross_entropy, list(zip(inputs.split([1, 3, 12]),
+                                                                            targets.split([1, 3, 12]))),
+                                             num_probes=4, num_sigma_examples=4, generator=generator())
+    assert uneven.gradient_batch_size == 4
+    for field, value in _naive_curvature(model, inputs, targets, half=4).items():
+        assert getattr(uneven, field) == pytest.approx(value, rel=1e-9), field
+    with pytest.raises(ValueError, match="at least 4 examples, got micro-batches of \\[2, 1\\]"):
+        micro_batch_hessian_noise_scale(model, _cross_entropy, [(inputs[:2], targets[:2]), (inputs[2:3], targets[2:3])])
 
 
 class _TanhDifferentiableOnce(_TanhWithoutForwardAD):

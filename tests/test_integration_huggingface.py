@@ -443,3 +443,14 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
     average = check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * 3, global_norms, RTOL)
     logged = [entry for entry in ranks[0]["logs"] if "noise_scale/trace_sigma" in entry]
     assert logged[-1]["noise_scale/trace_sigma"] == pytest.approx(average.trace_sigma, rel=RTOL)
+
+
+def test_transformers_adafactor_counts_as_adaptive():
+    """transformers' Adafactor has beta1, not betas (a new user's optim="adafactor" was taken for SGD; the
+    accelerate wrapper around the Trainer's optimizer is looked through: test_monitor.py)."""
+    from transformers.optimization import Adafactor
+
+    from noisescale.monitor import adapts_per_coordinate
+
+    model = torch.nn.Linear(3, 2)
+    assert adapts_per_coordinate(Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False))

@@ -426,6 +426,17 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "below one example (0.23)" in tiny and "about 0 examples" not in tiny
 
 
+class _Wrapped(torch.optim.Optimizer):
+    """An optimizer that holds another, as accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer do."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+
 @pytest.mark.parametrize(("make", "adaptive"), [
     (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), False),
     (lambda params: torch.optim.LBFGS(params), False),
@@ -435,6 +446,10 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     (lambda params: torch.optim.Adamax(params), True),
     (lambda params: torch.optim.Adagrad(params), True),
     (lambda params: torch.optim.RMSprop(params), True),
+    (lambda params: torch.optim.Adadelta(params), True),
+    (lambda params: torch.optim.Rprop(params), True),
+    (lambda params: _Wrapped(torch.optim.RMSprop(params)), True),  # accelerate's and Lightning's wrappers
+    (lambda params: _Wrapped(torch.optim.SGD(params, lr=0.1)), False),
 ])
 def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(make, adaptive):
     """B_noise is SGD's critical batch size: given an Adam-like optimizer, the summary suggests B_simple (this

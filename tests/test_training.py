@@ -182,7 +182,7 @@ def test_a_resumed_trainer_keeps_its_own_max_micro_batch():
 def test_resuming_with_other_optimizer_settings_warns_and_continues_with_the_checkpoints():
     """A trainer built with lr 0.05 and momentum 0.5 resumes a checkpoint of lr 0.2 and momentum 0.9: a warning
     names both, and the run continues as the checkpointed one (before, silently). Equal settings do not warn,
-    also for Adam (whose betas a checkpoint holds as a list)."""
+    also for AdamW under OneCycleLR, which moves its betas during the run (a new user's false warning)."""
     def policy():
         return NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=32, hold_steps=2, kappa=2.0)
 
@@ -205,17 +205,39 @@ def test_resuming_with_other_optimizer_settings_warns_and_continues_with_the_che
 
     def adam_trainer():
         net = small_net(0)
-        return AdaptiveTrainer(net, per_example_cross_entropy, torch.optim.AdamW(net.parameters(), lr=1e-2),
-                               classification_data(), policy=policy(), progress=False)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10, cycle_momentum=True)
+        trainer = AdaptiveTrainer(net, per_example_cross_entropy, optimizer, classification_data(), policy=policy(),
+                                  progress=False)
+        return trainer, scheduler
 
-    adam = adam_trainer()
-    adam.step()
+    adam, scheduler = adam_trainer()
+    for _ in range(2):
+        adam.step()
+        scheduler.step()
+    assert adam.optimizer.param_groups[0]["betas"] != adam.base_settings[0]["betas"]
     buffer = io.BytesIO()
     torch.save(adam.state_dict(), buffer)
     buffer.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        adam_trainer().load_state_dict(torch.load(buffer, weights_only=True))
+        adam_trainer()[0].load_state_dict(torch.load(buffer, weights_only=True))
+
+
+def test_a_tensor_learning_rate_is_coupled_in_place():
+    """Adam with a tensor lr (as fused and capturable Adam take) under a policy with linear coupling: the lr stays
+    the optimizer's tensor and follows B (a new user's run stopped with "learning_rate must be a real number")."""
+    model = linear_model()
+    learning_rate = torch.tensor(0.01, dtype=torch.float64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=64, hold_steps=1, max_factor=2.0)
+    trainer = AdaptiveTrainer(model, per_example_squared_error, optimizer, regression_data(3.0), policy=policy,
+                              lr_coupling="linear", progress=False)
+    history = trainer.train(epochs=1)
+    assert history["batch_size"].nunique() > 1 and optimizer.param_groups[0]["lr"] is learning_rate
+    ratio = history["learning_rate"] / history["batch_size"]
+    assert ratio.to_numpy() == pytest.approx(0.01 / 4, rel=1e-12)
+    assert learning_rate.item() == pytest.approx(0.01 / 4 * policy.batch_size, rel=1e-12)
 
 
 def plain_types_in(value, path="state") -> set[str]:

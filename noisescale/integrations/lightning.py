@@ -87,7 +87,7 @@ class NoiseScaleCallback(Callback):
         self.monitor.end_micro_batch(self._loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self.monitor.adaptive_optimizer = adapts_per_coordinate(getattr(optimizer, "optimizer", optimizer))
+        self.monitor.adaptive_optimizer = adapts_per_coordinate(optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: p.grad is already unscaled here
         contribution_scale = 1.0 if scaler is None else float(scaler.get_scale())
         if self.monitor.end_step(contribution_scale=contribution_scale) is not None:
