@@ -87,6 +87,13 @@ class NoiseScaleSummary:
         return self.b_noise if self._suggests_b_noise else self.b_simple
 
     @property
+    def suggested_from(self) -> str | None:
+        """Which estimate ``suggested_batch_size`` is: "b_noise" or "b_simple"; None for a diverged run."""
+        if self.divergence is not None:
+            return None
+        return "b_noise" if self._suggests_b_noise else "b_simple"
+
+    @property
     def _suggests_b_noise(self) -> bool:
         return _resolved(self.b_noise) and not self.adaptive_optimizer
 

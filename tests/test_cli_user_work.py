@@ -47,7 +47,7 @@ def test_measure_a_text_model_from_the_command_line(tmp_path):
     assert summary["b_simple"] == pytest.approx(history["b_simple"].iloc[-1], rel=1e-12)
     assert f"B_simple = {summary['b_simple']:.4g}" in printed
     assert summary["optimizer_steps"] == 5 and summary["b_noise"] is None  # not measured: null
-    assert summary["b_noise_measurements"] == 0
+    assert summary["b_noise_measurements"] == 0 and summary["suggested_from"] == "b_simple"
     assert (out / "measure.png").stat().st_size > 10_000
 
 

@@ -346,6 +346,7 @@ def test_summary_of_a_run_whose_loss_exploded_or_went_non_finite_suggests_nothin
         monitor(inputs, targets)
     exploded = monitor.summary()
     assert "loss rose from" in exploded.divergence and math.isnan(exploded.suggested_batch_size)
+    assert exploded.suggested_from is None
     text = str(exploded)
     assert "diverged" in text and "no batch size is suggested" in text
     assert "B_simple =" not in text and "interval" not in text
@@ -467,6 +468,7 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
                                 b_noise_measurements=5, adaptive_optimizer=adaptive)
     text = str(summary)
     assert "B_noise = 4  (from 5 Hessian measurements, no interval)" in text
+    assert summary.suggested_from == ("b_simple" if adaptive else "b_noise")
     if adaptive:
         assert summary.suggested_batch_size == 50.0 and "suggested: about 50 examples" in text
         assert "B_noise is SGD's critical batch size" in text and "the suggestion is B_simple" in text

@@ -214,5 +214,6 @@ def noise_scale_fields(summary) -> dict[str, Any]:
         "b_noise": summary.b_noise,
         "b_noise_measurements": summary.b_noise_measurements,
         "suggested_batch_size": summary.suggested_batch_size,
+        "suggested_from": summary.suggested_from,
         "nonfinite_steps": summary.nonfinite_steps,
     }
