@@ -1234,10 +1234,10 @@ class _RowSearch:
                 risks = (u * u) @ (self.system.initial_variance * weights) + noises / self.batch_size
             below = np.nonzero(risks <= self.target)[0]
             return low + 1 + int(below[0]) if below.size else None
-        if first is None:
-            first = self.modes.coefficients * self.modes.values**low
+        if first is None:  # the root of a search: mu^t by repeated squaring (complex ** takes exp and log)
+            first = self.modes.coefficients * _mode_power(self.modes.values, low)
         if last is None:
-            last = self.modes.coefficients * self.modes.values ** (high - 1)
+            last = self.modes.coefficients * _mode_power(self.modes.values, high - 1)
         floor = _deterministic_floor(self.modes, self.system.weights, first, last, high - low - 1, low)[0]
         if floor + noise / self.batch_size > self.target:
             return None
