@@ -470,10 +470,9 @@ def micro_batch_hessian_noise_scale(
                          f"micro-batches of {sizes}")
     ends = list(itertools.accumulate(sizes))
     boundaries = [k for k in range(1, len(parts)) if ends[k - 1] >= 2]
-    if not boundaries:
-        inputs, targets = zip(*parts)
-        return hessian_noise_scale(model, loss_fn, concatenate_examples(inputs), concatenate_examples(targets),
-                                   **options)
+    if not boundaries:   # (one micro-batch is taken as it is, without a copy)
+        inputs, targets = parts[0] if len(parts) == 1 else map(concatenate_examples, zip(*parts))
+        return hessian_noise_scale(model, loss_fn, inputs, targets, **options)
     middle = min(boundaries, key=lambda k: abs(2 * ends[k - 1] - ends[-1]))
     return _noise_scale_of_halves(model, loss_fn, parts, parts[:middle], parts[middle:], **options)
 
