@@ -7,6 +7,7 @@ optimizer step's whole batch computed one example at a time (autograd) at the st
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 
@@ -377,6 +378,35 @@ def test_activation_checkpointing_is_measured_exactly_and_trains_bit_identically
         if dropout == 0.0:
             exact = measured
     for step, row in zip(exact.recorded, exact.noise_scale.history.itertuples()):
+        model = tiny_gpt2()
+        model.load_state_dict(step["weights"])
+        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+        estimate = simple_noise_scale(*_naive_norms(model, _gpt2_loss(accumulation), batch, batch["labels"]))
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
+
+
+def test_a_compiled_model_is_measured_eagerly_and_trains_as_the_compiled_trainer(tmp_path):
+    """``torch_compile=True``: accelerate wraps the model in ``torch.compile``. Before, the first measured step
+    failed inside Dynamo, which traced the hooks; now the measured steps run the model eagerly (aot_eager: Dynamo
+    and AOTAutograd without inductor's C++ code generation), the others compiled."""
+    data, accumulation = _token_dataset(), 2
+
+    def train(trainer_class, path, **kwargs):
+        args = dataclasses.replace(_args(path, accumulation), torch_compile=True, torch_compile_backend="aot_eager")
+        trainer = trainer_class(model=tiny_gpt2(), args=args, train_dataset=data, **kwargs)
+        trainer.train()
+        assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+        return trainer
+
+    torch._dynamo.reset()
+    plain = train(transformers.Trainer, tmp_path / "plain")
+    measured = train(RecordingTrainer, tmp_path / "measured", noise_scale=NoiseScaleOptions(measure_every=2))
+    _assert_same_parameters(plain, measured)
+    rows = [row for row in measured.noise_scale.history.itertuples() if math.isfinite(row.trace_sigma)]
+    assert len(rows) == 2
+    for row in rows:
+        step = measured.recorded[row.step]
         model = tiny_gpt2()
         model.load_state_dict(step["weights"])
         batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}

@@ -97,6 +97,38 @@ def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical
     assert history["trace_h"].notna().all()  # B_noise on a forked random stream, every step
 
 
+def test_a_compiled_module_is_measured_eagerly_and_trains_as_the_compiled_one(tmp_path):
+    """``trainer.fit(torch.compile(module))``: Lightning compiles the module's forward and training_step in place
+    (``from_compiled``). Before, the first measured step failed inside Dynamo, which traced the hooks; now the
+    measured steps run them eagerly (aot_eager: Dynamo and AOTAutograd without inductor's C++ code generation)."""
+    def fit(path, callbacks):
+        pl.seed_everything(5, verbose=False)
+        module = TinyModule()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(torch.compile(module, backend="aot_eager"), _loader())
+        assert hasattr(module, "_compiler_ctx")   # compiled in place
+        return module
+
+    torch._dynamo.reset()
+    plain = fit(tmp_path / "plain", [])
+    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(measure_every=2))
+    measured = fit(tmp_path / "measured", [recorder, callback])
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+    history = callback.monitor.history
+    assert history["measured"].tolist() == [True, False, True]
+    for step, row in zip(recorder.steps, history.itertuples()):
+        if not row.measured:
+            continue
+        module = TinyModule()
+        module.load_state_dict(step["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+        estimate = simple_noise_scale(*_naive_norms(module, x, y))
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-10)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-10)
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_optimizer_steps_batch(
         tmp_path, accumulation):

@@ -85,6 +85,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from noisescale._buffers import kept_buffers
+from noisescale._compiled import eager, holds_compiled_modules
 from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
@@ -140,6 +141,7 @@ class _Plan:
     vmap_names: list[str]
     backend_of: dict[str, str]
     parameters: dict[str, nn.Parameter]
+    compiled: bool   # the model holds torch.compile'd modules: its measured passes run eagerly (``_compiled``)
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -302,12 +304,13 @@ class PerExampleGradNorms:
 
     def _plan_key(self) -> tuple:
         """Everything the plan depends on that may change between calls: each module's parameters (identity,
-        requires_grad), the modules' train/eval modes and the rule registries. The module tree is fixed at
-        ``__init__`` (the hooks are installed then)."""
+        requires_grad), the modules' train/eval modes, the rule registries and which modules are compiled by
+        ``module.compile()``. The module tree is fixed at ``__init__`` (the hooks are installed then)."""
         return (tuple(None if p is None else (id(p), p.requires_grad)
                       for module in self._path_of for p in module._parameters.values()),
                 tuple(id(child) for module in self._path_of for child in module._modules.values()),  # modules added
-                tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES))
+                tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES),
+                tuple(module._compiled_call_impl is None for module in self._path_of))   # module.compile()
 
     def _plan(self) -> _Plan:
         """The plan of this call: rebuilt only when freezing, parameters, train/eval modes or the rules have
@@ -393,7 +396,7 @@ class PerExampleGradNorms:
                     entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
-        return _Plan(hooked, vmap_names, backend_of, parameters)
+        return _Plan(hooked, vmap_names, backend_of, parameters, holds_compiled_modules(self.model))
 
     def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> list[str]:
         """Parameters in the graph of the pass (from the autograd nodes ``roots``) although no hooked call of their
@@ -453,7 +456,8 @@ class PerExampleGradNorms:
         names = list(plan.backend_of)
         saved = _GradSnapshot(list(parameters.values()) if self._sharded else [parameters[name] for name in names])
         try:
-            return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
+            with eager(plan.compiled):
+                return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
         except BaseException:
             saved.restore()
             raise
@@ -634,70 +638,71 @@ class PerExampleGradNorms:
         if plan.vmap_names:
             raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
                              "backend='auto' or 'ghost'")
-        parameters = plan.parameters
-        received: set[str] = set()
-        observed = ObservedNorms()
-        probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
-        can_vmap = not self._sharded
-        with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                    sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
-            outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
-                not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
-                want_roots=not self._uses_checked and not self._sharded)
+        with eager(plan.compiled):   # the caller's pass of a compiled model runs eagerly (``noisescale._compiled``)
+            parameters = plan.parameters
+            received: set[str] = set()
+            observed = ObservedNorms()
+            probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
+            can_vmap = not self._sharded
+            with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
+                                        sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
+                outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
+                    not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
+                    want_roots=not self._uses_checked and not self._sharded)
+                try:
+                    with self._taps.listening(partial(_mark_received, received, ghost_pass)):
+                        yield observed
+                finally:
+                    outputs.close()
+            if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
+                outputs.release()
+                raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
+                                 "and its backward (loss.backward()) inside the with block, with grad enabled; the "
+                                 "norms would be zeros")
+            self._observed = True
+            if self.check_independence and not self._independence_checked and not self._sharded:
+                # before any refusal below: a coupled model's warning says more than a refused vmap (CLIP's logit_scale)
+                self._warn_if_outputs_coupled(outputs.inputs if outputs.kept else model_inputs, batch_size,
+                                              list(parameters.values()))
+            bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
+                        and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
+            if not self._uses_checked and not self._sharded:
+                if outputs.roots:
+                    self._check_read_elsewhere(plan, ghost_pass, _leaf_uses(outputs.roots))
+                elif not self._warned_unchecked_uses:
+                    self._warned_unchecked_uses = True
+                    warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
+                                  "type torch's pytree cannot open, or no call of the model in the pass: a Lightning "
+                                  "training_step calling a submodule, self.net(x), instead of self(x)), so it cannot "
+                                  "check for weights also read outside their layers' calls; the layers' own norms are "
+                                  "measured as usual", RuntimeWarning, stacklevel=3)
+            bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
+            if bypassed and self.backend == "ghost":
+                raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "
+                                 "own modules' calls; use backend='auto' to measure them by the whole-model vmap")
+            if not can_vmap:
+                _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass, because=_SHARDED)
+            self._warn_if_unchecked(ghost_pass, batch_size)
+            ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
+            need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
+            if not can_vmap:
+                _refuse_vmap(need_vmap, ghost_pass, because=_SHARDED)
+            by_parameter = ghost_pass.result()
             try:
-                with self._taps.listening(partial(_mark_received, received, ghost_pass)):
-                    yield observed
+                if need_vmap:   # on an isolated random stream (vmap_sqnorms)
+                    self._outputs_needed = True
+                    by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
+                                                               batch_size / scale, received))
             finally:
-                outputs.close()
-        if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
-            outputs.release()
-            raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
-                             "and its backward (loss.backward()) inside the with block, with grad enabled; the "
-                             "norms would be zeros")
-        self._observed = True
-        if self.check_independence and not self._independence_checked and not self._sharded:
-            # before any refusal below: a coupled model's warning says more than a refused vmap (CLIP's logit_scale)
-            self._warn_if_outputs_coupled(outputs.inputs if outputs.kept else model_inputs, batch_size,
-                                          list(parameters.values()))
-        bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
-                    and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
-        if not self._uses_checked and not self._sharded:
-            if outputs.roots:
-                self._check_read_elsewhere(plan, ghost_pass, _leaf_uses(outputs.roots))
-            elif not self._warned_unchecked_uses:
-                self._warned_unchecked_uses = True
-                warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
-                              "type torch's pytree cannot open, or no call of the model in the pass: a Lightning "
-                              "training_step calling a submodule, self.net(x), instead of self(x)), so it cannot "
-                              "check for weights also read outside their layers' calls; the layers' own norms are "
-                              "measured as usual", RuntimeWarning, stacklevel=3)
-        bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
-        if bypassed and self.backend == "ghost":
-            raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "
-                             "own modules' calls; use backend='auto' to measure them by the whole-model vmap")
-        if not can_vmap:
-            _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass, because=_SHARDED)
-        self._warn_if_unchecked(ghost_pass, batch_size)
-        ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
-        need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
-        if not can_vmap:
-            _refuse_vmap(need_vmap, ghost_pass, because=_SHARDED)
-        by_parameter = ghost_pass.result()
-        try:
-            if need_vmap:   # on an isolated random stream (vmap_sqnorms)
-                self._outputs_needed = True
-                by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
-                                                           batch_size / scale, received))
-        finally:
-            outputs.release()
-        reference = next(iter(by_parameter.values()), None)
-        dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
-        device = next(iter(parameters.values())).device if reference is None else reference.device
-        by_parameter = _every_parameter(by_parameter, plan.backend_of, batch_size, dtype, device)
-        observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
-        observed.by_parameter = by_parameter if self.by_parameter else None
-        observed.backend_of = {name: "vmap" if name in need_vmap else "module" if name in ghost_pass.fallback_names
-                               else backend for name, backend in plan.backend_of.items()}
+                outputs.release()
+            reference = next(iter(by_parameter.values()), None)
+            dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
+            device = next(iter(parameters.values())).device if reference is None else reference.device
+            by_parameter = _every_parameter(by_parameter, plan.backend_of, batch_size, dtype, device)
+            observed.sqnorms = torch.stack(list(by_parameter.values())).sum(0)
+            observed.by_parameter = by_parameter if self.by_parameter else None
+            observed.backend_of = {name: "vmap" if name in need_vmap else "module" if name in ghost_pass.fallback_names
+                                   else backend for name, backend in plan.backend_of.items()}
 
     def _warn_if_outputs_coupled(self, inputs: Any, batch_size: int, parameters: list[nn.Parameter]) -> None:
         """observe's check that the examples are independent (``coupling.py``), on the model's outputs after the
