@@ -17,6 +17,15 @@ Unbiased, one line each, by linearity and (A.1):
 With K accumulated micro-batches of size b, B_small = b (average the K micro-batch squared norms, which
 keeps the estimate unbiased and lowers its variance) and B_big = K b.
 
+Micro-batches of any sizes. With K >= 2 micro-batches of b_k examples (B = sum_k b_k), their mean gradients g_k
+and the batch's g_B = sum_k (b_k/B) g_k, weighting micro-batch k by b_k:
+
+    tr(Sigma) ~ S = (sum_k b_k |g_k|^2 - B |g_B|^2) / (K - 1),      |G|^2 ~ |g_B|^2 - S/B,
+
+unbiased since E[b_k |g_k|^2] = b_k |G|^2 + tr(Sigma) and E[B |g_B|^2] = B |G|^2 + tr(Sigma); S >= 0 always (|g_B|^2
+is at most the b_k/B-weighted mean of the |g_k|^2). Equal sizes give the two-batch estimator above, b_k = 1 the
+per-example one below.
+
 Per-example estimator. With per-example gradients g_i, s_i = |g_i|^2 and gbar their mean, the per-example
 norms are the two-batch estimator at B_small = 1, B_big = B:
 
@@ -49,6 +58,7 @@ __all__ = [
     "NoiseScaleEstimate",
     "simple_noise_scale",
     "two_batch_noise_scale",
+    "micro_batch_noise_scale",
     "ExponentialMovingRatio",
     "ExponentialMovingNoiseScale",
     "fieller_interval",
@@ -133,6 +143,27 @@ def two_batch_noise_scale(small_sqnorms: Any, b_small: int, big_sqnorm: Any, b_b
     if small.size * b_small == b_big:
         _check_mean_dominates(mean_small, big, "two_batch_noise_scale")
     return _two_batch_estimate(mean_small, b_small, big, b_big)
+
+
+def micro_batch_noise_scale(sqnorms: Any, sizes: Any, grad_sqnorm: Any) -> NoiseScaleEstimate:
+    """Micro-batches of any sizes (module docstring): S = (sum_k b_k |g_k|^2 - B |g_B|^2) / (K - 1) and
+    |G|^2 = |g_B|^2 - S/B, from ``sqnorms`` (K,) the squared norms |g_k|^2 of the K >= 2 micro-batches' mean
+    gradients, ``sizes`` their example counts b_k, and ``grad_sqnorm`` |g_B|^2 of the batch's mean gradient
+    sum_k (b_k/B) g_k. Non-finite inputs give NaN estimates."""
+    units = _as_float_array(sqnorms, "sqnorms")
+    if units.ndim != 1 or units.size < 2:
+        raise ValueError(f"sqnorms must be 1-D with one entry per micro-batch, at least 2, got shape {units.shape}")
+    counts = np.asarray([check_int(size, "each micro-batch size", 1) for size in np.asarray(sizes).reshape(-1)],
+                        dtype=np.float64)
+    if counts.shape != units.shape:
+        raise ValueError(f"sizes must hold one count per micro-batch ({units.size}), got {counts.size}")
+    big = _as_scalar(grad_sqnorm, "grad_sqnorm")
+    batch_size = float(counts.sum())
+    weighted = float(counts @ units)
+    _check_mean_dominates(weighted / batch_size, big, "micro_batch_noise_scale")
+    trace_sigma = (weighted - batch_size * big) / (units.size - 1)
+    return NoiseScaleEstimate(grad_sqnorm=big - trace_sigma / batch_size, trace_sigma=trace_sigma,
+                              batch_size=int(batch_size))
 
 
 def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = "raise") -> NoiseScaleEstimate:

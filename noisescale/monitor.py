@@ -35,9 +35,11 @@ from noisescale._checks import check_int
 from noisescale.batches import batch_size_of, call_model, to_device
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.distributed import unwrapped_module
-from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale
+from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, micro_batch_noise_scale,
+                                   simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
+from noisescale.per_example.layers import uses_batch_statistics
 from noisescale.sharded import is_sharded
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
@@ -258,6 +260,10 @@ class NoiseScaleMonitor:
         check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
                       hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
                       hessian_examples=hessian_examples, hessian_probes=hessian_probes)
+        if hessian_every and any(uses_batch_statistics(module) for module in model.modules()):
+            raise ValueError("the Hessian proxies (B_noise) need per-example gradients, which are undefined for a "
+                             "model that normalises with batch statistics (BatchNorm in train mode); set "
+                             "hessian_every=0 (AdaptiveTrainer measures B_simple from its micro-batches)")
         if hessian_every and is_sharded(model):
             raise ValueError("the Hessian proxies (B_noise) need torch.func on whole parameters, which cannot run "
                              "on an FSDP-sharded model; set hessian_every=0 (B_simple is measured as usual)")
@@ -312,7 +318,11 @@ class NoiseScaleMonitor:
         self.step += 1
         return loss
 
-    def _measure(self, losses, sqnorms, grad_sqnorm, batch_size: int) -> dict[str, Any]:
+    def _measure(self, losses, sqnorms, grad_sqnorm, batch_size: int,
+                 unit_sizes: list[int] | None = None) -> dict[str, Any]:
+        """The row of a measured step: ``sqnorms`` are the per-example |g_i|^2 (``simple_noise_scale``), or with
+        ``unit_sizes`` the squared norms of the batch's micro-batches' mean gradients (``micro_batch_noise_scale``:
+        a model that normalises with batch statistics, measured by ``AccumulatingNoiseScaleMonitor``)."""
         loss = losses.mean().item()
         finite = math.isfinite(loss) and bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item())
         if not finite:
@@ -323,11 +333,18 @@ class NoiseScaleMonitor:
                 "of the averages (warned once)",
             )
             return {"loss": loss, "measured": True, "nonfinite": True}
+        if unit_sizes is not None and len(unit_sizes) < 2:
+            self._warn_once("micro1", f"step {self.step}: a model that normalises with batch statistics is measured "
+                            "from its micro-batches' gradients, and this batch ran as one: tr(Sigma) and B_simple "
+                            "are recorded as NaN for such steps; set max_micro_batch below the batch size "
+                            "(warned once)")
+            return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
         if batch_size < 2:
             self._warn_once("batch1", "a batch of 1 example carries no gradient-variance information: tr(Sigma) "
                             "and B_simple are recorded as NaN for such steps (warned once)")
             return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
-        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        estimate = (simple_noise_scale(sqnorms, grad_sqnorm) if unit_sizes is None
+                    else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm))
         self.average.update_estimate(estimate)
         low, high = self.average.interval(self.confidence)
         return {

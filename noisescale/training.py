@@ -23,8 +23,11 @@ is given, a token mean, is refused rather than split: ``AdaptiveTrainer._check_p
 of the step is the per-example estimate of the *whole* batch (McCandlish et al. appendix A): the per-example
 squared norms s_i of all micro-batches together and |gbar|^2 of the accumulated gradient go into
 :func:`~noisescale.estimators.simple_noise_scale`. Beside it the two-batch estimate from the micro-batch norms
-|g_k|^2 (B_small = b) and |gbar|^2 (B_big = B) is recorded
-(:func:`~noisescale.estimators.two_batch_noise_scale`; only when the micro-batches have equal sizes).
+|g_k|^2 and |gbar|^2 is recorded (:func:`~noisescale.estimators.micro_batch_noise_scale`; with equal sizes b the
+two-batch estimate at B_small = b, B_big = B). A model that normalises with batch statistics (BatchNorm in train
+mode) has no per-example gradient: its steps are measured by that micro-batch estimate alone, each micro-batch
+normalised by its own statistics as in any gradient accumulation (one process; a step in one micro-batch records
+no estimate).
 
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
@@ -96,10 +99,10 @@ from noisescale.distributed import (
     broadcast_from_first_rank,
     unwrapped_module,
 )
-from noisescale.estimators import ExponentialMovingNoiseScale, two_batch_noise_scale
+from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
-from noisescale.per_example.layers import close_values
+from noisescale.per_example.layers import close_values, uses_batch_statistics
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
     gradient_sync,
@@ -152,21 +155,26 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
         batch_size = sum(sizes)
         measured = self.step % self.measure_every == 0
+        by_micro_batches = measured and self._normalises_with_batch_statistics()
         losses, sqnorms, micro_sqnorms = [], [], []
         for index, ((inputs, targets), size) in enumerate(zip(micro_batches, sizes)):
             share = size / batch_size
             # under DDP only the last micro-batch's backward all-reduces the accumulated gradient
             synchronise = self.process_group is None or index == len(sizes) - 1
             with self._gradient_sync(synchronise):
-                if measured:
+                if measured and not by_micro_batches:
                     result = self.norms(inputs, targets, loss_scale=loss_scale * share)
                     losses.append(result.losses)
                     sqnorms.append(result.sqnorms)
                     micro_sqnorms.append(result.grad_sqnorm)
-                else:  # the ghost hooks are inert outside a measured pass
+                    continue
+                # the ghost hooks are inert outside a measured pass
+                with _GradientSquaredNorm(self.model, loss_scale * share, by_micro_batches) as tap:
                     micro_losses = self.loss_fn(call_model(self.model, inputs), targets)
                     (micro_losses.mean() * (loss_scale * share)).backward()
-                    losses.append(micro_losses.detach())
+                losses.append(micro_losses.detach())
+                if by_micro_batches:
+                    micro_sqnorms.append(tap.sqnorm())
         all_losses = torch.cat(losses)
         if self.process_group is not None:
             all_losses, sqnorms, micro_sqnorms, sizes = self._gather_ranks(all_losses, sqnorms, micro_sqnorms, sizes)
@@ -175,8 +183,11 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         if measured:
             # one micro-batch on one process: the hooks read |gbar|^2; else p.grad holds the (all-reduced) sum
             grad_sqnorm = micro_sqnorms[0] if len(sizes) == 1 else self._accumulated_grad_sqnorm(loss_scale)
-            row = self._measure(all_losses, torch.cat(sqnorms), grad_sqnorm, batch_size)
-            row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
+            if by_micro_batches:
+                row = self._measure(all_losses, torch.stack(micro_sqnorms), grad_sqnorm, batch_size, unit_sizes=sizes)
+            else:
+                row = self._measure(all_losses, torch.cat(sqnorms), grad_sqnorm, batch_size)
+                row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
         else:
             row = {"loss": loss.item(), "measured": False}
         if self.hessian_every and self.step % self.hessian_every == 0:
@@ -186,6 +197,18 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                       "micro_batches": len(sizes), **row})
         self.step += 1
         return loss.detach()
+
+    def _normalises_with_batch_statistics(self) -> bool:
+        """Whether a module normalises with the statistics of its batch (BatchNorm in train mode): the examples'
+        gradients are then coupled, and the step is measured from its micro-batches' gradients instead."""
+        if not any(uses_batch_statistics(module) for module in unwrapped_module(self.model).modules()):
+            return False
+        if self.process_group is not None:
+            raise ValueError("a model that normalises with batch statistics (BatchNorm in train mode) is measured "
+                             "from its micro-batches' gradients on one process only; under DDP measure it with "
+                             "noisescale.distributed.DDPNoiseScale (each rank's batch is a unit), or put the "
+                             "BatchNorm layers in eval mode")
+        return True
 
     def _gradient_sync(self, enabled: bool):
         """Gradients are reduced over the ranks only on the last micro-batch (DDP's no_sync, FSDP's own)."""
@@ -235,11 +258,12 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         return total / loss_scale**2
 
     def _two_batch(self, micro_sqnorms: list[torch.Tensor], sizes: list[int], grad_sqnorm: torch.Tensor) -> dict:
-        """Two-batch estimate (B_small = b, B_big = B) when there are >= 2 micro-batches of one size b."""
-        if len(sizes) < 2 or len(set(sizes)) > 1 or not torch.isfinite(grad_sqnorm):
+        """The estimate from the micro-batch norms (``micro_batch_noise_scale``; with equal sizes b the two-batch
+        estimate at B_small = b, B_big = B) when there are >= 2 micro-batches."""
+        if len(sizes) < 2 or not torch.isfinite(grad_sqnorm):
             return {}
         small = torch.stack([value.double() for value in micro_sqnorms])
-        estimate = two_batch_noise_scale(small, sizes[0], grad_sqnorm, sum(sizes))
+        estimate = micro_batch_noise_scale(small, sizes, grad_sqnorm)
         self.two_batch_average.update_estimate(estimate)
         return {
             "grad_sqnorm_two_batch": estimate.grad_sqnorm,
@@ -253,6 +277,30 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.two_batch_average.load_state_dict(state["two_batch_average"])
+
+
+class _GradientSquaredNorm:
+    """|g|^2 of the gradient one backward brings to the model's trainable parameters, read by tensor hooks before
+    it is accumulated into p.grad and divided by ``scale``^2 (the micro-batch's weight b_k / B times the loss
+    scale): the squared norm of the micro-batch's own mean-loss gradient. Installs nothing unless ``enabled``."""
+
+    def __init__(self, model: torch.nn.Module, scale: float, enabled: bool):
+        self._parameters = [p for p in model.parameters() if p.requires_grad] if enabled else []
+        self._scale, self._parts, self._handles = scale, [], []
+
+    def __enter__(self) -> _GradientSquaredNorm:
+        self._handles = [p.register_hook(self._add) for p in self._parameters]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _add(self, grad: torch.Tensor) -> None:
+        self._parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+
+    def sqnorm(self) -> torch.Tensor:
+        return torch.stack(self._parts).sum() / self._scale**2
 
 
 class AdaptiveTrainer:

@@ -16,6 +16,7 @@ from noisescale.estimators import (
     ExponentialMovingRatio,
     NoiseScaleEstimate,
     fieller_interval,
+    micro_batch_noise_scale,
     simple_noise_scale,
     two_batch_noise_scale,
 )
@@ -65,6 +66,47 @@ def test_two_batch_estimates_are_exactly_unbiased_over_all_batches():
         trace_sigmas.append(estimate.trace_sigma)
     assert np.mean(grad_sqnorms) == pytest.approx(true_grad_sqnorm, rel=1e-12)
     assert np.mean(trace_sigmas) == pytest.approx(true_trace_sigma, rel=1e-12)
+
+
+@pytest.mark.parametrize("sizes", [(1, 2), (3, 1, 1), (2, 2)])
+def test_micro_batch_estimates_of_any_sizes_are_exactly_unbiased_over_all_batches(sizes):
+    """(sum_k b_k |g_k|^2 - B |g_B|^2) / (K - 1) and |g_B|^2 - tr(Sigma)/B, averaged over every batch drawn with
+    replacement from a population of 4 gradients, equal the population's tr(Sigma) and |G|^2."""
+    population = _population(seed=3, size=4)
+    true_grad_sqnorm, true_trace_sigma = _population_truth(population)
+    ends = np.cumsum((0,) + sizes)
+    grad_sqnorms, trace_sigmas = [], []
+    for indices in itertools.product(range(len(population)), repeat=int(ends[-1])):
+        gradients = population[list(indices)]
+        micro_means = [gradients[start:end].mean(axis=0) for start, end in zip(ends[:-1], ends[1:])]
+        big_mean = gradients.mean(axis=0)
+        estimate = micro_batch_noise_scale([m @ m for m in micro_means], list(sizes), big_mean @ big_mean)
+        assert estimate.trace_sigma >= -1e-12   # |g_B|^2 is at most the b_k/B-weighted mean of the |g_k|^2
+        grad_sqnorms.append(estimate.grad_sqnorm)
+        trace_sigmas.append(estimate.trace_sigma)
+    assert np.mean(grad_sqnorms) == pytest.approx(true_grad_sqnorm, rel=1e-12)
+    assert np.mean(trace_sigmas) == pytest.approx(true_trace_sigma, rel=1e-12)
+
+
+def test_micro_batch_estimator_reduces_to_the_per_example_and_two_batch_ones():
+    rng = np.random.default_rng(4)
+    gradients = rng.normal(size=(12, 5)) + 0.3
+    big = gradients.mean(axis=0) @ gradients.mean(axis=0)
+    per_example = simple_noise_scale((gradients**2).sum(axis=1), big)
+    as_units = micro_batch_noise_scale((gradients**2).sum(axis=1), [1] * 12, big)
+    micro = gradients.reshape(3, 4, 5).mean(axis=1)
+    two_batch = two_batch_noise_scale((micro**2).sum(axis=1), 4, big, 12)
+    as_micro = micro_batch_noise_scale((micro**2).sum(axis=1), [4, 4, 4], big)
+    for expected, actual in ((per_example, as_units), (two_batch, as_micro)):
+        assert actual.trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-12)
+        assert actual.grad_sqnorm == pytest.approx(expected.grad_sqnorm, rel=1e-12)
+        assert actual.batch_size == 12
+    with pytest.raises(ValueError, match="at least 2"):
+        micro_batch_noise_scale([1.0], [4], 0.5)
+    with pytest.raises(ValueError, match="one count per micro-batch"):
+        micro_batch_noise_scale([1.0, 2.0], [4, 4, 4], 0.5)
+    with pytest.raises(ValueError, match="exceeds"):
+        micro_batch_noise_scale([1.0, 1.0], [4, 4], 2.0)
 
 
 def test_per_example_estimator_matches_closed_form_and_accepts_tensors():

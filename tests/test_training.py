@@ -107,7 +107,13 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient_and_noise_scale(
     grad_sqnorm = mean_gradient.square().sum() - trace_sigma / batch
     assert row["trace_sigma"] == pytest.approx(trace_sigma.item(), rel=1e-10)
     assert row["grad_sqnorm"] == pytest.approx(grad_sqnorm.item(), rel=1e-10)
-    assert "trace_sigma_two_batch" not in row  # unequal micro-batches: no two-batch estimate
+    # the micro-batches' own estimate, (sum_k b_k |g_k|^2 - B |g|^2) / (K - 1), from their naive mean gradients
+    micro = [per_example[k:k + b].mean(0) for k, b in zip((0, 5, 9, 13), (5, 4, 4, 4))]
+    trace_sigma_micro = (sum(b * g.square().sum() for b, g in zip((5, 4, 4, 4), micro))
+                         - batch * mean_gradient.square().sum()) / 3
+    assert row["trace_sigma_two_batch"] == pytest.approx(trace_sigma_micro.item(), rel=1e-10)
+    assert row["grad_sqnorm_two_batch"] == pytest.approx(
+        (mean_gradient.square().sum() - trace_sigma_micro / batch).item(), rel=1e-10)
 
 
 def test_two_batch_estimate_from_equal_micro_batches_matches_a_naive_reference():
@@ -128,6 +134,56 @@ def test_two_batch_estimate_from_equal_micro_batches_matches_a_naive_reference()
     small, big = micro.square().sum(1).mean(), micro.mean(0).square().sum()
     assert row["trace_sigma_two_batch"] == pytest.approx(((small - big) / (1 / 4 - 1 / 16)).item(), rel=1e-10)
     assert row["grad_sqnorm_two_batch"] == pytest.approx(((16 * big - 4 * small) / 12).item(), rel=1e-10)
+
+
+def batch_norm_net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).double()
+
+
+def test_a_batch_norm_model_is_measured_from_its_micro_batches_and_trained_as_a_plain_accumulation():
+    """BatchNorm in train mode couples a batch's examples (no per-example gradient): each micro-batch, normalised
+    by its own statistics, is the unit. Two steps of B = 10 in micro-batches [4, 3, 3]: the parameters and running
+    statistics equal a plain accumulation loop's bit for bit, and tr(Sigma) and |G|^2 equal
+    (sum_k b_k |g_k|^2 - B |g|^2) / (K - 1) and |g|^2 - tr(Sigma)/B from each micro-batch's gradient taken alone."""
+    dataset = classification_data()
+    model, reference = batch_norm_net(), batch_norm_net()
+    trainer = make_trainer(model, dataset, batch_size=10, max_micro_batch=4, seed=3)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    batches = iter(type(trainer.sampler)(len(dataset), 10, seed=3))
+    for _ in range(2):
+        inputs, targets = dataset[torch.tensor(next(batches))]
+        row = trainer.step()
+        assert row["micro_batches"] == 3
+        gradients = []
+        reference_optimizer.zero_grad()
+        for start, size in zip((0, 4, 7), (4, 3, 3)):
+            x, y = inputs[start:start + size], targets[start:start + size]
+            grads = torch.autograd.grad(per_example_cross_entropy(reference(x), y).mean(), list(reference.parameters()))
+            gradients.append(torch.cat([g.reshape(-1) for g in grads]))
+            for p, g in zip(reference.parameters(), grads):
+                p.grad = g * (size / 10) if p.grad is None else p.grad + g * (size / 10)
+        batch_gradient = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+        reference_optimizer.step()
+        trace_sigma = (sum(b * g.square().sum() for b, g in zip((4, 3, 3), gradients))
+                       - 10 * batch_gradient.square().sum()) / 2
+        assert row["trace_sigma"] == pytest.approx(trace_sigma.item(), rel=1e-10)
+        assert row["grad_sqnorm"] == pytest.approx((batch_gradient.square().sum() - trace_sigma / 10).item(),
+                                                   rel=1e-10)
+        assert "trace_sigma_two_batch" not in row   # the micro-batches are the estimate itself
+    for (name, actual), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_a_batch_norm_model_in_one_micro_batch_records_no_estimate_and_says_how_to_get_one():
+    trainer = make_trainer(batch_norm_net(), classification_data(), batch_size=10, seed=3)
+    with pytest.warns(RuntimeWarning, match="set max_micro_batch below the batch size"):
+        row = trainer.step()
+    assert math.isnan(row["trace_sigma"]) and "b_simple" not in row
+    with pytest.raises(ValueError, match="set hessian_every=0"):   # B_noise needs per-example gradients
+        make_trainer(batch_norm_net(), classification_data(), batch_size=10, max_micro_batch=4,
+                     monitor_options={"hessian_every": 1})
 
 
 # --------------------------------------------------------------------------- checkpoints and faults

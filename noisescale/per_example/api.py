@@ -362,7 +362,9 @@ class PerExampleGradNorms:
                 raise ValueError(
                     f"module {path!r} ({type(module).__name__}) normalises with batch statistics (train mode), so "
                     "the examples are coupled and a per-example gradient is undefined; put it in eval mode "
-                    "(module.eval()) or use GroupNorm/LayerNorm")
+                    "(module.eval()) or use GroupNorm/LayerNorm, or measure the noise scale from micro-batches, "
+                    "each normalised by its own statistics as in gradient accumulation: "
+                    "AdaptiveTrainer(max_micro_batch=...) does, and under DDP noisescale.distributed.DDPNoiseScale")
             local = owned.get(module)
             if not local:
                 continue
