@@ -82,6 +82,7 @@ from tqdm.auto import tqdm
 
 from noisescale._buffers import kept_buffers
 from noisescale._checks import check_int, check_real
+from noisescale._gradient_norm import GradientSquaredNorm
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale.batches import (batch_size_of, call_model, fetch_examples, map_tensors, split_examples, tensors_of,
                                 to_device)
@@ -169,7 +170,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                     micro_sqnorms.append(result.grad_sqnorm)
                     continue
                 # the ghost hooks are inert outside a measured pass
-                with _GradientSquaredNorm(self.model, loss_scale * share, by_micro_batches) as tap:
+                with GradientSquaredNorm(self.model, loss_scale * share, by_micro_batches) as tap:
                     micro_losses = self.loss_fn(call_model(self.model, inputs), targets)
                     (micro_losses.mean() * (loss_scale * share)).backward()
                 losses.append(micro_losses.detach())
@@ -277,30 +278,6 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.two_batch_average.load_state_dict(state["two_batch_average"])
-
-
-class _GradientSquaredNorm:
-    """|g|^2 of the gradient one backward brings to the model's trainable parameters, read by tensor hooks before
-    it is accumulated into p.grad and divided by ``scale``^2 (the micro-batch's weight b_k / B times the loss
-    scale): the squared norm of the micro-batch's own mean-loss gradient. Installs nothing unless ``enabled``."""
-
-    def __init__(self, model: torch.nn.Module, scale: float, enabled: bool):
-        self._parameters = [p for p in model.parameters() if p.requires_grad] if enabled else []
-        self._scale, self._parts, self._handles = scale, [], []
-
-    def __enter__(self) -> _GradientSquaredNorm:
-        self._handles = [p.register_hook(self._add) for p in self._parameters]
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _add(self, grad: torch.Tensor) -> None:
-        self._parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
-
-    def sqnorm(self) -> torch.Tensor:
-        return torch.stack(self._parts).sum() / self._scale**2
 
 
 class AdaptiveTrainer:

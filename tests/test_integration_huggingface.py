@@ -386,6 +386,36 @@ def test_activation_checkpointing_is_measured_exactly_and_trains_bit_identically
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
 
 
+class BatchNormClassifier(TinyClassifier):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def test_a_batch_norm_model_is_measured_from_its_accumulated_micro_batches(tmp_path):
+    """BatchNorm in train mode: each accumulated micro-batch of 4 is a unit (the Trainer divides its mean loss by
+    the 2 accumulation steps); tr(Sigma) = (sum_k 4 |g_k|^2 - 8 |g|^2) / (2 - 1) from each micro-batch's own
+    gradient, and training is bit-identical to the plain Trainer's."""
+    data = _class_dataset()
+    plain = _train(transformers.Trainer, BatchNormClassifier, data, tmp_path / "plain", 2)
+    measured = _train(RecordingTrainer, BatchNormClassifier, data, tmp_path / "measured", 2,
+                      noise_scale=NoiseScaleOptions())
+    _assert_same_parameters(plain, measured)
+    for step, row in zip(measured.recorded, measured.noise_scale.history.itertuples()):
+        model = BatchNormClassifier()
+        model.load_state_dict(step["weights"])
+        gradients = [torch.cat([g.flatten() for g in torch.autograd.grad(
+            _class_loss(model(batch["x"]), batch["labels"]).mean(), list(model.parameters()))])
+            for batch in step["batches"]]
+        batch_gradient = (gradients[0] + gradients[1]) / 2
+        trace_sigma = (4 * gradients[0].square().sum() + 4 * gradients[1].square().sum()
+                       - 8 * batch_gradient.square().sum())
+        assert row.micro_batches == 2
+        assert row.trace_sigma == pytest.approx(trace_sigma.item(), rel=1e-10)
+        assert row.grad_sqnorm == pytest.approx((batch_gradient.square().sum() - trace_sigma / 8).item(), rel=1e-10)
+
+
 def test_a_compiled_model_is_measured_eagerly_and_trains_as_the_compiled_trainer(tmp_path):
     """``torch_compile=True``: accelerate wraps the model in ``torch.compile``. Before, the first measured step
     failed inside Dynamo, which traced the hooks; now the measured steps run the model eagerly (aot_eager: Dynamo

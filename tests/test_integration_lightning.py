@@ -97,6 +97,46 @@ def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical
     assert history["trace_h"].notna().all()  # B_noise on a forked random stream, every step
 
 
+class BatchNormModule(TinyModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def test_a_batch_norm_module_is_measured_from_its_accumulated_micro_batches(tmp_path):
+    """BatchNorm in train mode: no per-example gradient, so each accumulated micro-batch (normalised by its own
+    statistics) is a unit. tr(Sigma) and |G|^2 equal (sum_k b_k |g_k|^2 - B |g|^2) / (K - 1) and |g|^2 - tr(Sigma)/B
+    from each micro-batch's gradient taken alone; training is bit-identical to the run without the callback."""
+    def fit(path, callbacks):
+        pl.seed_everything(5, verbose=False)
+        module = BatchNormModule()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=2, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=callbacks)
+        trainer.fit(module, _loader())
+        return module
+
+    plain = fit(tmp_path / "plain", [])
+    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions())
+    measured = fit(tmp_path / "measured", [recorder, callback])
+    for (name, expected), actual in zip(plain.state_dict().items(), measured.state_dict().values()):
+        assert torch.equal(expected, actual), name
+    history = callback.monitor.history
+    assert history["micro_batches"].tolist() == [2] * STEPS
+    for step, row in zip(recorder.steps, history.itertuples()):
+        module = BatchNormModule()
+        module.load_state_dict(step["weights"])
+        gradients = [torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(module(x), y),
+                                                                           list(module.parameters()))])
+                     for x, y in step["batches"]]
+        batch_gradient = (gradients[0] + gradients[1]) / 2
+        trace_sigma = (4 * gradients[0].square().sum() + 4 * gradients[1].square().sum()
+                       - 8 * batch_gradient.square().sum())
+        assert row.trace_sigma == pytest.approx(trace_sigma.item(), rel=1e-10)
+        assert row.grad_sqnorm == pytest.approx((batch_gradient.square().sum() - trace_sigma / 8).item(), rel=1e-10)
+
+
 def test_a_compiled_module_is_measured_eagerly_and_trains_as_the_compiled_one(tmp_path):
     """``trainer.fit(torch.compile(module))``: Lightning compiles the module's forward and training_step in place
     (``from_compiled``). Before, the first measured step failed inside Dynamo, which traced the hooks; now the

@@ -17,8 +17,13 @@ after the step's last backward (accumulated, all-reduced, before clipping). For 
 g_i is the gradient of the "token" per-example loss of :func:`noisescale.losses.sequence_cross_entropy`.
 Under DDP one all-gather of the per-example norms (B numbers) per step gives every rank the same estimate.
 
-Requirement: the loss is a sum of per-example terms (no in-batch coupling such as a contrastive loss or
-BatchNorm in train mode), and every trainable parameter belongs to a module with a ghost rule.
+Requirement: the loss is a sum of per-example terms (no in-batch coupling such as a contrastive loss).
+
+A model that normalises with batch statistics (BatchNorm in train mode) has no per-example gradient; on one process
+its micro-batches are the units instead: tensor hooks read |C_k|^2 of each micro-batch's whole contribution C_k, the
+micro-batch's mean gradient is g_k = B C_k / (b_k S) (so that the b_k/B-weighted mean of the g_k is gbar), and
+(|g_k|^2, b_k, |gbar|^2) go into :func:`~noisescale.estimators.micro_batch_noise_scale`. A step needs 2 or more
+micro-batches (gradient accumulation) for an estimate.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch.distributed as dist
 from noisescale.batches import batch_size_of
 from noisescale.distributed import all_gather_concat, unwrapped_module
 from noisescale.monitor import check_options
+from noisescale._gradient_norm import GradientSquaredNorm
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
 __all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]
@@ -127,6 +133,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._loss: torch.Tensor | float = 0.0  # kept as a tensor: no device synchronisation per micro-batch
         self._hessian_batches: list[tuple[Any, Any]] = []  # the step's micro-batches, on Hessian steps
         self._hessian_pending: tuple[Any, Any] | None = None  # the open micro-batch's, kept once it ends
+        self._by_micro_batches = False   # BatchNorm in train mode: the micro-batches are the units (module docstring)
 
     @property
     def measures_this_step(self) -> bool:
@@ -145,7 +152,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             self._hessian_pending = hessian_batch
         self._sizes.append(batch_size)
         if self.measures_this_step:
-            self._micro_batch = self.norms.observe(batch_size, loss_scale=batch_size, model_inputs=model_inputs)
+            self._by_micro_batches = self._normalises_with_batch_statistics()
+            self._micro_batch = (GradientSquaredNorm(self.model, 1.0, True) if self._by_micro_batches else
+                                 self.norms.observe(batch_size, loss_scale=batch_size, model_inputs=model_inputs))
             self._observed = self._micro_batch.__enter__()
 
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:
@@ -157,8 +166,11 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             micro_batch.__exit__(None, None, None)
-            self._sqnorms.append(self._observed.sqnorms)
-            self.backend_of = dict(self._observed.backend_of)
+            if self._by_micro_batches:   # |C_k|^2 of the micro-batch's whole contribution
+                self._sqnorms.append(self._observed.sqnorm().reshape(1))
+            else:
+                self._sqnorms.append(self._observed.sqnorms)
+                self.backend_of = dict(self._observed.backend_of)
 
     def _drop_open_micro_batch(self) -> None:
         """Forget a micro-batch whose backward never came (the framework skipped it or raised)."""
@@ -179,7 +191,14 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         sizes, sqnorms = self._sizes, self._sqnorms
         loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1)
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
-        if self.measures_this_step:
+        if self.measures_this_step and self._by_micro_batches:
+            # g_k = (1/b_k) sum_{i in k} g_i = B C_k / (b_k S): the b_k/B-weighted mean of the g_k is gbar
+            batch_size = sum(sizes)
+            units = torch.cat(sqnorms).double() * (batch_size / (torch.tensor(sizes, dtype=torch.float64,
+                                                                              device=sqnorms[0].device)
+                                                                 * contribution_scale)) ** 2
+            row = self._measure(loss, units, self._accumulated_grad_sqnorm(grad_scale), batch_size, unit_sizes=sizes)
+        elif self.measures_this_step:
             sqnorms = torch.cat(sqnorms).double()
             if world_size > 1:
                 loss, sqnorms = self._gather_step(loss, sqnorms)

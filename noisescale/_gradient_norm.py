@@ -1,0 +1,31 @@
+"""The squared norm of the gradient one backward brings to a model's parameters, before it is accumulated."""
+
+from __future__ import annotations
+
+import torch
+
+
+class GradientSquaredNorm:
+    """|g|^2 of the gradient one backward brings to the model's trainable parameters, read by tensor hooks before
+    it is accumulated into p.grad and divided by ``scale``^2 (the micro-batch's weight b_k / B times the loss
+    scale): the squared norm of the micro-batch's own mean-loss gradient. Installs nothing unless ``enabled``."""
+
+    def __init__(self, model: torch.nn.Module, scale: float, enabled: bool):
+        self._parameters = [p for p in model.parameters() if p.requires_grad] if enabled else []
+        self._scale, self._parts, self._handles = scale, [], []
+
+    def __enter__(self) -> GradientSquaredNorm:
+        self._handles = [p.register_hook(self._add) for p in self._parameters]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _add(self, grad: torch.Tensor) -> None:
+        self._parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+
+    def sqnorm(self) -> torch.Tensor:
+        if not self._parts:   # no gradient reached the parameters
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack(self._parts).sum() / self._scale**2
