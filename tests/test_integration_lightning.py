@@ -63,9 +63,9 @@ class RecordBatches(pl.Callback):
         self.steps[-1]["batches"].append([t.clone() for t in batch])
 
 
-def _fit(tmp_path, accumulation, callbacks, dropout=0.0):
+def _fit(tmp_path, accumulation, callbacks, dropout=0.0, make_module=None):
     pl.seed_everything(5, verbose=False)
-    module = TinyModule(dropout)
+    module = (make_module or TinyModule)(dropout)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=accumulation,
                          logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
@@ -98,8 +98,8 @@ def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical
 
 
 class BatchNormModule(TinyModule):
-    def __init__(self):
-        super().__init__()
+    def __init__(self, dropout=0.0):
+        super().__init__(dropout)
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
 
@@ -108,18 +108,9 @@ def test_a_batch_norm_module_is_measured_from_its_accumulated_micro_batches(tmp_
     """BatchNorm in train mode: no per-example gradient, so each accumulated micro-batch (normalised by its own
     statistics) is a unit. tr(Sigma) and |G|^2 equal (sum_k b_k |g_k|^2 - B |g|^2) / (K - 1) and |g|^2 - tr(Sigma)/B
     from each micro-batch's gradient taken alone; training is bit-identical to the run without the callback."""
-    def fit(path, callbacks):
-        pl.seed_everything(5, verbose=False)
-        module = BatchNormModule()
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=2, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=callbacks)
-        trainer.fit(module, _loader())
-        return module
-
-    plain = fit(tmp_path / "plain", [])
+    plain, _ = _fit(tmp_path / "plain", 2, [], make_module=BatchNormModule)
     recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions())
-    measured = fit(tmp_path / "measured", [recorder, callback])
+    measured, _ = _fit(tmp_path / "measured", 2, [recorder, callback], make_module=BatchNormModule)
     for (name, expected), actual in zip(plain.state_dict().items(), measured.state_dict().values()):
         assert torch.equal(expected, actual), name
     history = callback.monitor.history
