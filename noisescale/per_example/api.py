@@ -304,13 +304,14 @@ class PerExampleGradNorms:
 
     def _plan_key(self) -> tuple:
         """Everything the plan depends on that may change between calls: each module's parameters (identity,
-        requires_grad), the modules' train/eval modes, the rule registries and which modules are compiled by
-        ``module.compile()``. The module tree is fixed at ``__init__`` (the hooks are installed then)."""
+        requires_grad), the modules' train/eval modes, the rule registries and whether ``model.compile()`` was
+        called (a submodule compiled later is not seen). The module tree is fixed at ``__init__`` (the hooks are
+        installed then)."""
         return (tuple(None if p is None else (id(p), p.requires_grad)
                       for module in self._path_of for p in module._parameters.values()),
                 tuple(id(child) for module in self._path_of for child in module._modules.values()),  # modules added
                 tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES),
-                tuple(module._compiled_call_impl is None for module in self._path_of))   # module.compile()
+                self.model._compiled_call_impl is None)   # model.compile() after this object was made
 
     def _plan(self) -> _Plan:
         """The plan of this call: rebuilt only when freezing, parameters, train/eval modes or the rules have
