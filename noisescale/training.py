@@ -26,8 +26,8 @@ squared norms s_i of all micro-batches together and |gbar|^2 of the accumulated 
 |g_k|^2 and |gbar|^2 is recorded (:func:`~noisescale.estimators.micro_batch_noise_scale`; with equal sizes b the
 two-batch estimate at B_small = b, B_big = B). A model that normalises with batch statistics (BatchNorm in train
 mode) has no per-example gradient: its steps are measured by that micro-batch estimate alone, each micro-batch
-normalised by its own statistics as in any gradient accumulation (one process; a step in one micro-batch records
-no estimate).
+normalised by its own statistics as in any gradient accumulation (under DDP every rank's micro-batches are units of
+the global batch; not under FSDP; a step in one micro-batch records no estimate).
 
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
@@ -204,11 +204,10 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         gradients are then coupled, and the step is measured from its micro-batches' gradients instead."""
         if not any(uses_batch_statistics(module) for module in unwrapped_module(self.model).modules()):
             return False
-        if self.process_group is not None:
+        if self.sharded:
             raise ValueError("a model that normalises with batch statistics (BatchNorm in train mode) is measured "
-                             "from its micro-batches' gradients on one process only; under DDP measure it with "
-                             "noisescale.distributed.DDPNoiseScale (each rank's batch is a unit), or put the "
-                             "BatchNorm layers in eval mode")
+                             "from its micro-batches' gradients, which are not read under FSDP; train it with DDP "
+                             "(every rank's micro-batches are units) or put the BatchNorm layers in eval mode")
         return True
 
     def _gradient_sync(self, enabled: bool):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from noisescale.estimators import ExponentialMovingNoiseScale, simple_noise_scale
+from noisescale.estimators import ExponentialMovingNoiseScale
 
 
 def free_port() -> int:
@@ -93,20 +93,20 @@ def spawn_and_load(worker, world_size: int, out_dir: str | Path, hang_deadline_s
     return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
-def check_global_batch_history(ranks: list[dict], batch_sizes: list[int], global_norms, rtol: float
-                               ) -> ExponentialMovingNoiseScale:
-    """An integration's DDP run: on every rank the parameters equal plain DDP's ("plain" and "measured") and the
-    history is the same, and that history is the moving average (decay 0.5) of the estimates of each step's
-    global batch, ``global_norms(k) -> (per-example squared norms, |gbar|^2)`` from a per-example loop at step k.
+def check_global_batch_history(ranks: list[dict], batch_sizes: list[int], global_estimate, rtol: float, *,
+                               prefix: str = "") -> ExponentialMovingNoiseScale:
+    """An integration's DDP run: on every rank the parameters equal plain DDP's (``prefix`` + "plain" and
+    "measured") and the history is the same, and that history is the moving average (decay 0.5) of the estimates of
+    each step's global batch, ``global_estimate(k)`` (a NoiseScaleEstimate from an independent loop at step k).
     Returns the reference average after the last step."""
     for result in ranks:
-        assert all(torch.equal(p, q) for p, q in zip(result["plain"], result["measured"]))
-    history = ranks[0]["history"]
-    assert history.equals(ranks[1]["history"])
+        assert all(torch.equal(p, q) for p, q in zip(result[prefix + "plain"], result[prefix + "measured"]))
+    history = ranks[0][prefix + "history"]
+    assert history.equals(ranks[1][prefix + "history"])
     assert list(history["batch_size"]) == batch_sizes
     average = ExponentialMovingNoiseScale(0.5)
     for k, row in history.iterrows():
-        average.update_estimate(simple_noise_scale(*global_norms(k)))
+        average.update_estimate(global_estimate(k))
         assert row["grad_sqnorm_ema"] == pytest.approx(average.grad_sqnorm, rel=rtol)
         assert row["trace_sigma_ema"] == pytest.approx(average.trace_sigma, rel=rtol)
         assert row["b_simple"] == pytest.approx(average.b_simple, rel=rtol)

@@ -58,6 +58,13 @@ def _make_model(dtype: torch.dtype) -> torch.nn.Module:
     ).to(dtype)
 
 
+def _make_batch_norm_model() -> torch.nn.Module:
+    """BatchNorm in train mode: measured from the micro-batches (each normalised by its own statistics)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(INPUTS, HIDDEN), torch.nn.BatchNorm1d(HIDDEN), torch.nn.Tanh(),
+                               torch.nn.Linear(HIDDEN, CLASSES)).double()
+
+
 def _make_data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (STEPS, WORLD_SIZE, LOCAL_BATCH, INPUTS) and labels: step s, rank r holds [s, r]."""
     generator = torch.Generator().manual_seed(1)
@@ -246,9 +253,12 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
 
     # 6. the adaptive trainer under DDP (noise-scale policy, micro-batches), and with a NaN example.
     # "adaptive_kappa": every rank but the first would keep the smallest batch; rank 0's decisions must rule.
+    # "adaptive_batch_norm": every rank's micro-batches are units of the global batch's micro-batch estimate.
     for key, dataset, kappa in (("adaptive", _trainer_data(), 4.0), ("adaptive_nan", _trainer_data(poison=True), 4.0),
-                                ("adaptive_kappa", _trainer_data(), 4.0 if rank == 0 else 1e-3)):
-        trainer = _adaptive_trainer(_ddp(_make_model(torch.float64)), dataset, kappa)
+                                ("adaptive_kappa", _trainer_data(), 4.0 if rank == 0 else 1e-3),
+                                ("adaptive_batch_norm", _trainer_data(), 4.0)):
+        model = _make_batch_norm_model() if key == "adaptive_batch_norm" else _make_model(torch.float64)
+        trainer = _adaptive_trainer(_ddp(model), dataset, kappa)
         with trainer:
             for _ in range(TRAINER_STEPS):
                 trainer.step()
@@ -413,6 +423,26 @@ def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_bat
             torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
         # ranks 1 and 2 run policies with a tiny kappa, yet every rank follows rank 0's (the reference's) batches
         assert result["adaptive_kappa_history"]["batch_size"].tolist() == expected["batch_size"].tolist()
+
+
+def test_a_batch_norm_model_under_ddp_equals_the_single_process_run_with_the_same_micro_batches(rank_results):
+    """BatchNorm in train mode: each rank's micro-batches of 2, normalised by their own statistics, are the units of
+    the global batch's estimate, as the one process's micro-batches of 2 are: the same batch sizes, estimates and
+    parameters (the running statistics differ: DDP broadcasts rank 0's)."""
+    reference = _adaptive_trainer(_make_batch_norm_model(), _trainer_data())
+    with reference:
+        for _ in range(TRAINER_STEPS):
+            reference.step()
+    expected = reference.history
+    assert expected["trace_sigma"].notna().all() and "trace_sigma_two_batch" not in expected
+    for result in rank_results:
+        history = result["adaptive_batch_norm_history"]
+        assert history["batch_size"].tolist() == expected["batch_size"].tolist()
+        assert history["micro_batches"].tolist() == expected["micro_batches"].tolist()
+        for column in ("loss", "grad_sqnorm", "trace_sigma", "b_simple"):
+            np.testing.assert_allclose(history[column], expected[column], rtol=1e-9, err_msg=column)
+        for trained, p in zip(result["adaptive_batch_norm_params"], reference.model.parameters()):
+            torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_checkpoints_move_between_ddp_and_a_single_process(rank_results):

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("pytorch_lightning")
 
 from _ranks import check_global_batch_history, spawn_and_load
-from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
+from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
+                                   micro_batch_noise_scale, simple_noise_scale)
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.lightning import NoiseScaleCallback  # noqa: E402
 from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
@@ -277,17 +278,18 @@ def _ddp_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     results = {}
-    for name in ("plain", "measured"):
-        recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
-        pl.seed_everything(5, verbose=False)
-        module = TinyModule()
-        trainer = pl.Trainer(accelerator="cpu", devices=WORLD_SIZE, strategy="ddp", max_steps=STEPS,
-                             accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[recorder, callback] if name == "measured" else [])
-        trainer.fit(module, _loader(shuffle=False))
-        results[name] = [p.detach().clone() for p in module.parameters()]
-    results["history"], results["steps"] = callback.monitor.history, recorder.steps
+    for prefix, make_module in (("", TinyModule), ("batch_norm_", BatchNormModule)):
+        for name in ("plain", "measured"):
+            recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+            pl.seed_everything(5, verbose=False)
+            module = make_module()
+            trainer = pl.Trainer(accelerator="cpu", devices=WORLD_SIZE, strategy="ddp", max_steps=STEPS,
+                                 accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False,
+                                 callbacks=[recorder, callback] if name == "measured" else [])
+            trainer.fit(module, _loader(shuffle=False))
+            results[prefix + name] = [p.detach().clone() for p in module.parameters()]
+        results[prefix + "history"], results[prefix + "steps"] = callback.monitor.history, recorder.steps
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -300,7 +302,19 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
         x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
         return _naive_norms(module, x, y)
 
-    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, global_norms, 1e-9)
+    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, lambda k: simple_noise_scale(*global_norms(k)),
+                               1e-9)
+
+    def global_micro_batches(k):
+        """BatchNorm: the 2 micro-batches of 4 of each of the 2 ranks are the 4 units of step k's global batch."""
+        module = BatchNormModule()
+        module.load_state_dict(ranks[0]["batch_norm_steps"][k]["weights"])
+        gradients = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            F.cross_entropy(module(x), y), list(module.parameters()))])
+            for r in ranks for x, y in r["batch_norm_steps"][k]["batches"]])
+        return micro_batch_noise_scale(gradients.square().sum(1), [4] * 4, gradients.mean(0).square().sum())
+
+    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, global_micro_batches, 1e-9, prefix="batch_norm_")
 
 
 def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):

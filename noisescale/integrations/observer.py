@@ -19,11 +19,12 @@ Under DDP one all-gather of the per-example norms (B numbers) per step gives eve
 
 Requirement: the loss is a sum of per-example terms (no in-batch coupling such as a contrastive loss).
 
-A model that normalises with batch statistics (BatchNorm in train mode) has no per-example gradient; on one process
-its micro-batches are the units instead: tensor hooks read |C_k|^2 of each micro-batch's whole contribution C_k, the
-micro-batch's mean gradient is g_k = B C_k / (b_k S) (so that the b_k/B-weighted mean of the g_k is gbar), and
-(|g_k|^2, b_k, |gbar|^2) go into :func:`~noisescale.estimators.micro_batch_noise_scale`. A step needs 2 or more
-micro-batches (gradient accumulation) for an estimate.
+A model that normalises with batch statistics (BatchNorm in train mode) has no per-example gradient; its
+micro-batches are the units instead: tensor hooks read |C_k|^2 of each micro-batch's whole contribution C_k (before
+DDP's all-reduce), the micro-batch's mean gradient is g_k = B C_k / (b_k R S) (so that the b_k/B-weighted mean of
+the g_k over all ranks is gbar), and (|g_k|^2, b_k, |gbar|^2) go into
+:func:`~noisescale.estimators.micro_batch_noise_scale`. A step needs 2 or more micro-batches (gradient
+accumulation, or DDP ranks) for an estimate.
 """
 
 from __future__ import annotations
@@ -192,12 +193,15 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1)
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
         if self.measures_this_step and self._by_micro_batches:
-            # g_k = (1/b_k) sum_{i in k} g_i = B C_k / (b_k S): the b_k/B-weighted mean of the g_k is gbar
-            batch_size = sum(sizes)
-            units = torch.cat(sqnorms).double() * (batch_size / (torch.tensor(sizes, dtype=torch.float64,
-                                                                              device=sqnorms[0].device)
-                                                                 * contribution_scale)) ** 2
-            row = self._measure(loss, units, self._accumulated_grad_sqnorm(grad_scale), batch_size, unit_sizes=sizes)
+            units, unit_sizes = torch.cat(sqnorms).double(), sizes * world_size   # the ranks' shares are equal
+            if world_size > 1:
+                loss, units = self._gather_step(loss, units)
+            batch_size = sum(unit_sizes)
+            # g_k = (1/b_k) sum_{i in k} g_i = B C_k / (b_k R S): the b_k/B-weighted mean of the g_k is gbar
+            counts = torch.tensor(unit_sizes, dtype=torch.float64, device=units.device)
+            units = units * (batch_size / (counts * world_size * contribution_scale)) ** 2
+            row = self._measure(loss, units, self._accumulated_grad_sqnorm(grad_scale), batch_size,
+                                unit_sizes=unit_sizes)
         elif self.measures_this_step:
             sqnorms = torch.cat(sqnorms).double()
             if world_size > 1:
