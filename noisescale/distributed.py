@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from noisescale._checks import check_int
+from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.estimators import (
     ExponentialMovingNoiseScale,
     NoiseScaleEstimate,
@@ -119,13 +120,6 @@ def _mean_all_reduce(buffer: torch.Tensor, group: dist.ProcessGroup | None,
     return group.allreduce([out]).get_future()
 
 
-def unwrapped_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel wrapper (the model itself otherwise): its forward runs
-    without DDP's gradient all-reduce, and its state_dict has no ``module.`` prefix, so a checkpoint saved
-    under DDP loads into a single-process model and back."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def _world_size(group: dist.ProcessGroup | None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -177,10 +171,11 @@ class DDPNoiseScale:
         measure_every: int = 1,
         wrapped_hook: CommHook = mean_allreduce_hook,
     ) -> None:
-        if not isinstance(ddp_model, DistributedDataParallel):
+        if ddp_of(ddp_model) is None:
             raise TypeError(
                 f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
             )
+        ddp_model = ddp_of(ddp_model)   # torch.compile(DDP(model)), as accelerate builds it
         self.process_group = ddp_model.process_group
         self.world_size = _world_size(self.process_group)
         if self.world_size < 2:

@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 
 from noisescale._checks import check_int
+from noisescale._wrappers import unwrapped_module
 from noisescale.batches import batch_size_of, call_model, to_device
 from noisescale.checkpoints import atomic_write, to_plain
-from noisescale.distributed import unwrapped_module
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, micro_batch_noise_scale,
                                    simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale

@@ -76,7 +76,6 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -84,6 +83,7 @@ from noisescale._buffers import kept_buffers
 from noisescale._checks import check_int, check_real
 from noisescale._gradient_norm import GradientSquaredNorm
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
+from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.batches import (batch_size_of, call_model, fetch_examples, map_tensors, split_examples, tensors_of,
                                 to_device)
 from noisescale.checkpoints import to_plain
@@ -98,7 +98,6 @@ from noisescale.distributed import (
     all_gather_concat,
     all_reduce_hessian_proxies,
     broadcast_from_first_rank,
-    unwrapped_module,
 )
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
@@ -147,7 +146,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         super().__init__(model, loss_fn, **options)
         self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)
         self.sharded = is_sharded(model)
-        self.process_group = (model.process_group if isinstance(model, DistributedDataParallel)
+        ddp = ddp_of(model)   # also inside torch.compile(DDP(model)), as accelerate builds it
+        self.process_group = (ddp.process_group if ddp is not None
                               else sharding_group(model) if self.sharded else None)
 
     def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
@@ -638,7 +638,8 @@ class AdaptiveTrainer:
                           "or start a new run",
                           UserWarning, stacklevel=2)
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
-        consume_prefix_in_state_dict_if_present(model_state, "module.")  # DDP checkpoints of earlier versions
+        for prefix in ("_orig_mod.", "module.", "_orig_mod."):   # checkpoints of earlier versions: the names under
+            consume_prefix_in_state_dict_if_present(model_state, prefix)   # DDP and torch.compile, either order
         _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"], self.monitor.sharded)
         self.sampler.load_state_dict(state["sampler"])
         if self.policy is not None:

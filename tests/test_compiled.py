@@ -84,6 +84,27 @@ def test_the_norms_of_a_compiled_model_are_the_eager_models(how, backend):
                 torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=0)
 
 
+def test_observe_runs_eagerly_a_compiled_wrapper_it_was_not_given():
+    """nanoGPT's pattern: the norms are made on the raw model, the caller's pass runs through torch.compile(model).
+    Before, Dynamo recompiled with the active hooks inside (graph breaks, then its recompile limit: minutes with
+    inductor); now no graph is compiled in the observed passes, and the norms are the eager model's."""
+    from torch._dynamo.utils import counters
+
+    model = mlp()
+    target = compiled(model, "wrapped")
+    (inputs, targets), = batches([6])
+    per_example_loss(target(inputs), targets).mean().backward()   # compiled here
+    model.zero_grad()
+    graphs = counters["stats"]["unique_graphs"]
+    with PerExampleGradNorms(model, per_example_loss) as norms:
+        for _ in range(3):
+            model.zero_grad()
+            with norms.observe(inputs.shape[0]) as observed:
+                per_example_loss(target(inputs), targets).mean().backward()
+            torch.testing.assert_close(observed.sqnorms, naive_sqnorms(model, inputs, targets), rtol=1e-10, atol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_observe_refuses_backend_vmap_on_a_compiled_model_as_on_any_other():
     target = compiled(mlp(), "wrapped")
     with PerExampleGradNorms(target, per_example_loss, backend="vmap") as norms:
@@ -117,3 +138,99 @@ def test_a_monitor_of_a_compiled_model_records_what_it_records_uncompiled(how):
                                    rtol=1e-12, atol=0, equal_nan=True, msg=column)
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+
+
+def test_a_compiled_trainers_checkpoint_resumes_in_an_eager_trainer_and_back():
+    """The trainer's checkpoint holds the model's own parameter names, as under DDP: before, one saved with
+    ``torch.compile(model)`` held ``_orig_mod.``-prefixed names, and resuming it without compiling (or an eager
+    run's checkpoint with compiling) failed in load_state_dict (missing and unexpected keys)."""
+    from torch.utils.data import TensorDataset
+
+    from noisescale.training import AdaptiveTrainer
+
+    inputs, targets = batches([64])[0]
+    data = TensorDataset(inputs, targets)
+
+    def trainer(compile_as):
+        model = mlp()
+        target = model if compile_as is None else compiled(model, compile_as)
+        return model, AdaptiveTrainer(target, per_example_loss, torch.optim.SGD(model.parameters(), lr=0.1), data,
+                                      batch_size=8, monitor_options={"measure_every": 2}, progress=False)
+
+    reference_model, reference = trainer(None)
+    for _ in range(4):
+        reference.step()
+    for save_as, resume_as in (("wrapped", None), (None, "wrapped"), ("wrapped", "wrapped"), ("in_place", None)):
+        _, saving = trainer(save_as)
+        for _ in range(2):
+            saving.step()
+        state = saving.state_dict()
+        assert all(not name.startswith("_orig_mod.") for name in state["model"]), list(state["model"])
+        saving.close()
+        model, resumed = trainer(resume_as)
+        resumed.load_state_dict(state)
+        for _ in range(2):
+            resumed.step()
+        resumed.close()
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+
+
+def test_a_checkpoint_saved_with_the_compiled_names_still_resumes():
+    """Checkpoints of earlier versions hold ``_orig_mod.``-prefixed names: they load compiled or not."""
+    from torch.utils.data import TensorDataset
+
+    from noisescale.training import AdaptiveTrainer
+
+    inputs, targets = batches([32])[0]
+    data = TensorDataset(inputs, targets)
+    model = mlp()
+    saving = AdaptiveTrainer(model, per_example_loss, torch.optim.SGD(model.parameters(), lr=0.1), data,
+                             batch_size=8, progress=False)
+    saving.step()
+    state = saving.state_dict()
+    state["model"] = {"_orig_mod." + name: value for name, value in state["model"].items()}   # as saved before
+    saving.close()
+    for compile_as in (None, "wrapped"):
+        fresh = mlp()
+        target = fresh if compile_as is None else compiled(fresh, compile_as)
+        resumed = AdaptiveTrainer(target, per_example_loss, torch.optim.SGD(fresh.parameters(), lr=0.1), data,
+                                  batch_size=8, progress=False)
+        resumed.load_state_dict(state)
+        for p, q in zip(fresh.parameters(), model.parameters()):
+            assert torch.equal(p, q)
+        resumed.close()
+
+
+def test_a_compiled_ddp_model_is_seen_as_ddp_in_either_order():
+    """``torch.compile(DistributedDataParallel(model))``, as accelerate builds it (the HF Trainer's
+    ``torch_compile=True`` under DDP): before, the trainer and the integrations saw no DDP inside the compile
+    wrapper (every rank drew the whole batch; the HF Trainer logged each rank's own estimate as the global one), and
+    the Hessian proxies ran DDP's forward under torch.func ("Cannot access data pointer of Tensor that doesn't have
+    storage"). Now both orders give the process group, and the module itself for the Hessian proxies and
+    checkpoints."""
+    import torch.distributed as dist
+    from _ranks import free_port
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import TensorDataset
+
+    from noisescale.distributed import unwrapped_module
+    from noisescale.training import AdaptiveTrainer
+
+    inputs, targets = batches([16])[0]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for wrapped in (torch.compile(DistributedDataParallel(model), backend=BACKEND),
+                        DistributedDataParallel(torch.compile(model, backend=BACKEND))):
+            assert unwrapped_module(wrapped) is model
+            trainer = AdaptiveTrainer(wrapped, per_example_loss, optimizer, TensorDataset(inputs, targets),
+                                      batch_size=8, monitor_options={"hessian_every": 1}, progress=False)
+            assert trainer.monitor.process_group is not None
+            row = trainer.step()
+            assert all(name in row for name in ("trace_sigma", "g_h_g"))
+            assert all(not name.startswith(("module.", "_orig_mod.")) for name in trainer.state_dict()["model"])
+            trainer.close()
+    finally:
+        dist.destroy_process_group()

@@ -12,6 +12,7 @@ import math
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -482,9 +483,17 @@ def _ddp_worker(rank, port, out_dir):
     measured = _train(RecordingTrainer, tiny_gpt2, data, os.path.join(out_dir, "measured"), 2,
                       noise_scale=NoiseScaleOptions(ema_decay=0.5))
     assert measured.args.world_size == WORLD_SIZE
+    # torch_compile=True: accelerate compiles the DDP model, torch.compile(DDP(model)) (aot_eager: eager kernels)
+    args = dataclasses.replace(_args(os.path.join(out_dir, "compiled"), 2), torch_compile=True,
+                               torch_compile_backend="aot_eager")
+    compiled = RecordingTrainer(model=tiny_gpt2(), args=args, train_dataset=data,
+                                noise_scale=NoiseScaleOptions(ema_decay=0.5))
+    compiled.train()
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
     torch.save({"plain": [p.detach().clone() for p in plain.model.parameters()],
                 "measured": [p.detach().clone() for p in measured.model.parameters()],
                 "history": measured.noise_scale.history, "steps": measured.recorded,
+                "compiled_history": compiled.noise_scale.history,
                 "logs": measured.state.log_history}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -502,6 +511,8 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
 
     average = check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * 3,
                                          lambda k: simple_noise_scale(*global_norms(k)), RTOL)
+    for rank in ranks:   # before, compiled (torch.compile(DDP(model))): each rank's own estimate, grad_sqnorm < 0
+        pd.testing.assert_frame_equal(rank["compiled_history"], rank["history"], rtol=1e-12)
     logged = [entry for entry in ranks[0]["logs"] if "noise_scale/trace_sigma" in entry]
     assert logged[-1]["noise_scale/trace_sigma"] == pytest.approx(average.trace_sigma, rel=RTOL)
 

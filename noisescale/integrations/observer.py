@@ -39,10 +39,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from noisescale.batches import batch_size_of
-from noisescale.distributed import all_gather_concat, unwrapped_module
-from noisescale.monitor import check_options
 from noisescale._gradient_norm import GradientSquaredNorm
+from noisescale._wrappers import unwrapped_module
+from noisescale.batches import batch_size_of
+from noisescale.distributed import all_gather_concat
+from noisescale.monitor import check_options
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
 __all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]

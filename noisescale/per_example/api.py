@@ -82,12 +82,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from noisescale._buffers import kept_buffers
 from noisescale._compiled import eager, holds_compiled_modules
 from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
+from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.coupling import coupled_losses, coupled_outputs
 from noisescale.per_example.errors import PerExampleError
@@ -258,9 +258,10 @@ class PerExampleGradNorms:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.model, self.loss_fn, self.backend = model, loss_fn, backend
-        # the module inside a DDP wrapper, whose forward runs without DDP's machinery (distributed.unwrapped_module's;
-        # that module imports this package): the probe, the independence check and observe's vmap call it
-        self._module = model.module if isinstance(model, DistributedDataParallel) else model
+        # the module inside DDP and compile wrappers, whose forward runs without DDP's machinery: the probe, the
+        # independence check and observe's vmap call it; its parameter names are the model's without the prefix
+        self._module = unwrapped_module(model)
+        self._prefix = path_to(model, self._module)
         self.chunk_size, self.by_parameter = chunk_size, by_parameter
         self.check_independence = check_independence
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
@@ -641,7 +642,9 @@ class PerExampleGradNorms:
         if plan.vmap_names:
             raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
                              "backend='auto' or 'ghost'")
-        with eager(plan.compiled):   # the caller's pass of a compiled model runs eagerly (``noisescale._compiled``)
+        # the caller's pass runs eagerly (``noisescale._compiled``), also through a compiled wrapper this object was
+        # not given (nanoGPT measures raw_model and steps torch.compile(raw_model))
+        with eager(True):
             parameters = plan.parameters
             received: set[str] = set()
             observed = ObservedNorms()
@@ -747,10 +750,9 @@ class PerExampleGradNorms:
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)
         indices, grads = kept
-        prefix = "" if self._module is self.model else "module."
         sqnorms = vmap_sqnorms(self._module, partial(inner_product, indices), outputs.inputs, grads,
-                               [name.removeprefix(prefix) for name in names], batch_size, self.chunk_size)
-        return {prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
+                               [name.removeprefix(self._prefix) for name in names], batch_size, self.chunk_size)
+        return {self._prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
 
 def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: int, dtype: torch.dtype,

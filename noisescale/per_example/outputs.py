@@ -30,10 +30,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._graph import autograd_nodes
+from noisescale._wrappers import unwrapped_module
 from noisescale.per_example.vmap import in_own_pass
 
 __all__ = ["OutputGradients", "inner_product"]
@@ -55,7 +55,7 @@ class OutputGradients:
         self._batched: list[tuple[int, list, Any, bool]] = []   # (leaf position, gradient holder, node, aliased)
         self._others: list[tuple[tuple, list, Any]] = []        # (shape, gradient holder, node) of other outputs
         self._hooks: list = []
-        self._module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._module = unwrapped_module(model)
         self._before: list[tuple[Tensor, int]] = []   # the first call's input tensors and their versions before it
         self._handles = [self._module.register_forward_pre_hook(self._on_input, with_kwargs=True),
                          self._module.register_forward_hook(self._on_output, with_kwargs=True)]
