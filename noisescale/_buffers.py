@@ -23,3 +23,19 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
                 if owner._buffers.get(name) is not buffer:
                     owner._buffers[name] = buffer
                 buffer.copy_(values)
+
+
+class RunningStatistics:
+    """The running statistics of a model's BatchNorm layers (running_mean, running_var, num_batches_tracked: what a
+    forward in train mode updates), copied so that a step that fails, is retried or is skipped can put them back
+    (a NaN batch would otherwise leave them NaN for good)."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = [(buffer, buffer.detach().clone()) for module in model.modules()
+                       if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                       for buffer in module.buffers(recurse=False)]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, values in self._saved:
+                buffer.copy_(values)

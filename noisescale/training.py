@@ -32,7 +32,7 @@ the global batch; not under FSDP; a step in one micro-batch records no estimate)
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
 counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
-hold counter stay). The monitor's summary then reports a diverged run rather than a noise scale.
+hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them NaN). The monitor's summary then reports a diverged run rather than a noise scale.
 
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients and the
 random state it started with; nothing is lost or counted twice.
@@ -79,7 +79,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from noisescale._buffers import kept_buffers
+from noisescale._buffers import RunningStatistics, kept_buffers
 from noisescale._checks import check_int, check_real
 from noisescale._gradient_norm import GradientSquaredNorm
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
@@ -359,6 +359,16 @@ class AdaptiveTrainer:
                           "coordinate's step: B_noise is SGD's critical batch size (with AdamW it sat 24 to 225 times "
                           "below the one measured by branching: README); 'b_simple' is the one to follow",
                           UserWarning, stacklevel=2)
+        if (policy is not None and self.monitor.process_group is None
+                and (self.max_micro_batch is None or self.max_micro_batch >= policy.batch_size)
+                and self.monitor._normalises_with_batch_statistics()):
+            # one micro-batch gives no estimate, a policy holds B on a NaN one: B would never move
+            raise ValueError(
+                "a model that normalises with batch statistics (BatchNorm in train mode) is measured from its "
+                f"micro-batches, and the policy's batch of {policy.batch_size} would run as one "
+                f"(max_micro_batch={self.max_micro_batch}): no step would give a noise scale and the policy would "
+                f"hold B at {policy.batch_size} for the whole run; set max_micro_batch below "
+                f"{policy.batch_size} (e.g. {max(1, policy.batch_size // 4)}), or put the BatchNorm layers in eval mode")
         self._whole_batch_loss = normalised_over_the_batch(loss_fn)
         self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         group = self.monitor.process_group
@@ -424,20 +434,23 @@ class AdaptiveTrainer:
         cleared, so the next call draws the same batch (before, the batch was lost from the epoch)."""
         started = time.perf_counter()
         sampler_state, rng_before = self.sampler.state_dict(), rng_state(self.device)
+        statistics = RunningStatistics(self.model)   # put back on a failed, retried or skipped step
         try:
             batch_size = self._batch_size_for_step()
             self.sampler.set_batch_size(batch_size)
             local_batch_size = self.sampler.local_batch_size  # this rank's share (all of it on one process)
             self._check_whole_batch_loss(batch_size, local_batch_size, self.max_micro_batch)
             inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
-            self._accumulate_with_retry(inputs, targets, local_batch_size)
+            self._accumulate_with_retry(inputs, targets, local_batch_size, statistics)
         except BaseException:
             self.sampler.load_state_dict(sampler_state)
             set_rng_state(rng_before, self.device)
+            statistics.restore()
             self.optimizer.zero_grad(set_to_none=True)
             raise
         finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or self._gradients_finite())
         if not finite:
+            statistics.restore()
             self._skip_step()
         elif self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
@@ -514,8 +527,10 @@ class AdaptiveTrainer:
                           "counts such steps (warned once). If it keeps happening the run has diverged: lower "
                           "the learning rate", RuntimeWarning, stacklevel=3)
 
-    def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int) -> torch.Tensor:
-        """Accumulate the batch's gradient; on out-of-memory halve max_micro_batch and run the step again."""
+    def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int,
+                               statistics: RunningStatistics) -> torch.Tensor:
+        """Accumulate the batch's gradient; on out-of-memory halve max_micro_batch and run the step again, from the
+        BatchNorm running statistics the step started with."""
         self.optimizer.zero_grad(set_to_none=True)
         rng_at_start = rng_state(self.device)
         while True:
@@ -537,6 +552,7 @@ class AdaptiveTrainer:
                 del micro_batches, error
                 self.optimizer.zero_grad(set_to_none=True)
                 set_rng_state(rng_at_start, self.device)
+                statistics.restore()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 

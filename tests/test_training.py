@@ -186,6 +186,22 @@ def test_a_batch_norm_model_in_one_micro_batch_records_no_estimate_and_says_how_
                      monitor_options={"hessian_every": 1})
 
 
+def test_a_policy_on_a_batch_norm_model_whose_batch_runs_as_one_micro_batch_is_refused():
+    """Such a run records no noise scale, and the policy holds B on it: before, a noise-adaptive run of a BatchNorm
+    model without max_micro_batch kept its first B for the whole run with one warning (a new user's CLI run)."""
+    def trainer(max_micro_batch):
+        policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32, hold_steps=1)
+        return make_trainer(batch_norm_net(), classification_data(), policy=policy, max_micro_batch=max_micro_batch)
+
+    for max_micro_batch in (None, 8, 16):
+        with pytest.raises(ValueError, match="set max_micro_batch below 8"):
+            trainer(max_micro_batch)
+    assert trainer(4).step()["micro_batches"] == 2   # split: measured
+    model = batch_norm_net()
+    model[1].eval()   # running statistics: per-example gradients, no micro-batches needed
+    make_trainer(model, classification_data(), policy=NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32))
+
+
 # --------------------------------------------------------------------------- checkpoints and faults
 
 
@@ -359,6 +375,29 @@ def test_a_non_finite_step_is_skipped_counted_and_warned_once():
     assert not torch.equal(after_skips[0], trainer.model[0].weight)  # the finite step did train
     assert trainer.history["skipped"].tolist() == [False, True, True, False]
 
+
+
+@pytest.mark.filterwarnings("ignore:.*non-finite:RuntimeWarning", "ignore:.*optimizer step is skipped:RuntimeWarning")
+def test_a_skipped_step_puts_the_batch_norm_running_statistics_back():
+    """A NaN example's forward makes every BatchNorm running mean and variance NaN; the skipped step puts them back
+    (before, they stayed NaN and eval-mode outputs were NaN for good), whether the step was measured or not."""
+    dataset = classification_data()
+    inputs, targets = dataset.tensors
+    inputs = inputs.clone()
+    trainer = make_trainer(batch_norm_net(), TensorDataset(inputs, targets), batch_size=8, max_micro_batch=4,
+                           seed=4, monitor_options={"measure_every": 2})
+    batches = list(type(trainer.sampler)(len(dataset), 8, seed=4))
+    inputs[batches[1][3]] = math.nan   # step 1, not measured
+    inputs[batches[2][5]] = math.nan   # step 2, measured (by micro-batches)
+    trainer.step()
+    statistics = {name: b.clone() for name, b in trainer.model.named_buffers()}
+    assert trainer.step()["skipped"] and trainer.step()["skipped"]
+    for name, buffer in trainer.model.named_buffers():
+        assert torch.equal(buffer, statistics[name]), name
+    assert not trainer.step()["skipped"]
+    assert all(torch.isfinite(b).all() for b in trainer.model.buffers())
+    trainer.model.eval()
+    assert torch.isfinite(trainer.model(inputs[batches[0]])).all()
 
 
 @pytest.mark.filterwarnings("ignore:.*non-finite loss or gradient:RuntimeWarning")
