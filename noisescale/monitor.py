@@ -138,8 +138,8 @@ class NoiseScaleSummary:
             suggestion = _describe_suggestion(self.suggested_batch_size)
         b_simple = ([f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {upper})",
                      f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}"] if measured else
-                    ["  B_simple: not measured yet (no step with a finite loss and at least 2 examples, which the "
-                     "gradient noise needs)"])
+                    ["  B_simple: not measured yet (no step with a finite loss and at least 2 examples, or 2 "
+                     "micro-batches for a model normalising with batch statistics, which the gradient noise needs)"])
         lines = [
             f"after {self.steps} steps ({self.examples_seen} examples):",
             *b_simple,

@@ -34,8 +34,9 @@ gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step,
 counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
 hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them NaN). The monitor's summary then reports a diverged run rather than a noise scale.
 
-An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients and the
-random state it started with; nothing is lost or counted twice.
+An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients, the random
+state and the BatchNorm running statistics it started with; nothing is lost or counted twice (a BatchNorm model in
+train mode then normalises smaller micro-batches, which changes its training).
 
 DistributedDataParallel: pass the DDP-wrapped model (after ``init_process_group``; torchrun sets it up). B is
 the global batch, world size x micro-batch x accumulation steps: every rank draws the same global batch from

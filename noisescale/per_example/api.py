@@ -362,11 +362,14 @@ class PerExampleGradNorms:
         for module, path in self._path_of.items():
             if uses_batch_statistics(module):
                 raise ValueError(
-                    f"module {path!r} ({type(module).__name__}) normalises with batch statistics (train mode), so "
-                    "the examples are coupled and a per-example gradient is undefined; put it in eval mode "
-                    "(module.eval()) or use GroupNorm/LayerNorm, or measure the noise scale from micro-batches, "
-                    "each normalised by its own statistics as in gradient accumulation: "
-                    "AdaptiveTrainer(max_micro_batch=...) does, and under DDP noisescale.distributed.DDPNoiseScale")
+                    f"module {path!r} ({type(module).__name__}) normalises with batch statistics ("
+                    + ("train mode" if module.track_running_stats else "track_running_stats=False, in any mode")
+                    + "), so the examples are coupled and a per-example gradient is undefined; "
+                    + ("put it in eval mode (module.eval()) or " if module.track_running_stats else "")
+                    + "use GroupNorm/LayerNorm, or measure the noise scale from micro-batches, "
+                    "each normalised by its own statistics as in gradient accumulation, as "
+                    "AdaptiveTrainer(max_micro_batch=...) and the HF Trainer and Lightning integrations with "
+                    "gradient accumulation do (under DDP too)")
             local = owned.get(module)
             if not local:
                 continue
