@@ -379,12 +379,17 @@ def test_activation_checkpointing_is_measured_exactly_and_trains_bit_identically
         if dropout == 0.0:
             exact = measured
     for step, row in zip(exact.recorded, exact.noise_scale.history.itertuples()):
-        model = tiny_gpt2()
-        model.load_state_dict(step["weights"])
-        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
-        estimate = simple_noise_scale(*_naive_norms(model, _gpt2_loss(accumulation), batch, batch["labels"]))
-        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
-        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
+        _assert_the_gpt2_steps_estimate(row, step, accumulation)
+
+
+def _assert_the_gpt2_steps_estimate(row, step, accumulation):
+    """The row's tr(Sigma) and |G|^2 are the per-example loop's on the step's whole batch, at its starting weights."""
+    model = tiny_gpt2()
+    model.load_state_dict(step["weights"])
+    batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
+    estimate = simple_noise_scale(*_naive_norms(model, _gpt2_loss(accumulation), batch, batch["labels"]))
+    assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
+    assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
 
 
 class BatchNormClassifier(TinyClassifier):
@@ -437,13 +442,7 @@ def test_a_compiled_model_is_measured_eagerly_and_trains_as_the_compiled_trainer
     rows = [row for row in measured.noise_scale.history.itertuples() if math.isfinite(row.trace_sigma)]
     assert len(rows) == 2
     for row in rows:
-        step = measured.recorded[row.step]
-        model = tiny_gpt2()
-        model.load_state_dict(step["weights"])
-        batch = {key: torch.cat([b[key] for b in step["batches"]]) for key in step["batches"][0]}
-        estimate = simple_noise_scale(*_naive_norms(model, _gpt2_loss(accumulation), batch, batch["labels"]))
-        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=RTOL)
-        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
+        _assert_the_gpt2_steps_estimate(row, measured.recorded[row.step], accumulation)
 
 
 def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
