@@ -31,9 +31,12 @@ def holds_compiled_modules(model: nn.Module) -> bool:
 
 
 def eager(compiled: bool) -> AbstractContextManager:
-    """torch.compile's directives ignored inside where ``compiled`` (see the module's docstring); a no-op otherwise
-    (entering the stance costs about 17 us)."""
-    return torch.compiler.set_stance("force_eager") if compiled else nullcontext()
+    """torch.compile's directives ignored inside where ``compiled`` (see the module's docstring); a no-op otherwise,
+    and where Dynamo was never imported, so that nothing can have been compiled (entering the stance costs about
+    17 us, and would import Dynamo: 1.5 to 3.5 s on this project's machine)."""
+    if compiled and "torch._dynamo" in sys.modules:
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()
 
 
 def eager_if_compiled(model: nn.Module) -> AbstractContextManager:

@@ -234,3 +234,23 @@ def test_a_compiled_ddp_model_is_seen_as_ddp_in_either_order():
             trainer.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_measuring_without_compiling_does_not_import_dynamo():
+    """Entering the eager stance imports Dynamo (seconds); where nothing was compiled it is skipped, so ``observe``
+    and ``__call__`` on a plain model leave ``torch._dynamo`` unimported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "from noisescale.per_example import PerExampleGradNorms\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "norms = PerExampleGradNorms(model, lambda o, t: F.cross_entropy(o, t, reduction='none'))\n"
+        "x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])\n"
+        "norms(x, y)\n"
+        "with norms.observe(4):\n"
+        "    F.cross_entropy(model(x), y).backward()\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

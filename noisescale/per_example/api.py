@@ -646,7 +646,7 @@ class PerExampleGradNorms:
             raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
                              "backend='auto' or 'ghost'")
         # the caller's pass runs eagerly (``noisescale._compiled``), also through a compiled wrapper this object was
-        # not given (nanoGPT measures raw_model and steps torch.compile(raw_model))
+        # not given (nanoGPT measures raw_model and steps torch.compile(raw_model)); a no-op if nothing was compiled
         with eager(True):
             parameters = plan.parameters
             received: set[str] = set()
