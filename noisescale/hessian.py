@@ -60,7 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._checks import check_int
-from noisescale._compiled import eager, holds_compiled_modules
+from noisescale._compiled import eager
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
@@ -185,12 +185,11 @@ def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Pa
     (on the copy) without torch.func rejecting the mutation of a captured tensor.
     """
     buffers = {name: b.detach() for name, b in model.named_buffers()}
-    compiled = holds_compiled_modules(model)   # torch.func does not differentiate through compiled graphs
 
     def mean_loss(params: Parameters, inputs: Any, targets: Any) -> Tensor:
         buffer_copies = {name: b.clone() for name, b in buffers.items()}
         args, kwargs = call_arguments(inputs)
-        with eager(compiled):
+        with eager():   # torch.func does not differentiate through compiled graphs
             outputs = functional_call(model, {**params, **buffer_copies}, args, kwargs)
         losses = loss_fn(outputs, targets)
         batch_size = batch_size_of(inputs)

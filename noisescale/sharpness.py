@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from noisescale._compiled import eager, holds_compiled_modules
+from noisescale._compiled import eager
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, select_examples, tensors_of
 
@@ -69,7 +69,6 @@ class _MeanLoss:
         self.constants.update({name: b.detach().clone() for name, b in model.named_buffers()})
         self.count = batch_size_of(inputs)
         self.chunk = self.count if batch_size is None else batch_size
-        self.compiled = holds_compiled_modules(model)   # run eagerly: each theta would recompile a compiled graph
         self.numels = [p.numel() for _, p in self.trainable]
 
     def flat_parameters(self) -> torch.Tensor:
@@ -83,7 +82,7 @@ class _MeanLoss:
         for start in range(0, self.count, self.chunk):
             rows = slice(start, start + self.chunk)
             args, kwargs = call_arguments(select_examples(self.inputs, rows))
-            with eager(self.compiled):
+            with eager():   # compiled, each theta would recompile
                 outputs = functional_call(self.model, {**parameters, **self.constants}, args, kwargs)
             losses = self.loss_fn(outputs, select_examples(self.targets, rows))
             expected = (min(self.chunk, self.count - start),)

@@ -105,6 +105,41 @@ def test_observe_runs_eagerly_a_compiled_wrapper_it_was_not_given():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@torch.compile(backend=BACKEND)
+def _run(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net(x)
+
+
+class CompiledBlock(nn.Module):
+    """A forward that calls a compiled function, which calls the hooked layers (no compiled module to find)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return _run(self.net, x)
+
+
+def test_a_compiled_function_that_calls_the_layers_is_measured_eagerly():
+    """Before, Dynamo traced the active hooks inside the compiled function (a new user's case: 48 graphs, the
+    recompile limit, minutes with inductor); now no graph is compiled in the measured passes."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = CompiledBlock()
+    (inputs, targets), = batches([6])
+    per_example_loss(model(inputs), targets).mean().backward()   # compiled here
+    expected = naive_sqnorms(model, inputs, targets)   # (compiles for batches of 1)
+    model.zero_grad()
+    graphs = counters["stats"]["unique_graphs"]
+    with PerExampleGradNorms(model, per_example_loss) as norms:
+        for _ in range(3):
+            model.zero_grad()
+            torch.testing.assert_close(norms(inputs, targets).sqnorms, expected, rtol=1e-10, atol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_observe_refuses_backend_vmap_on_a_compiled_model_as_on_any_other():
     target = compiled(mlp(), "wrapped")
     with PerExampleGradNorms(target, per_example_loss, backend="vmap") as norms:

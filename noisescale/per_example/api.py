@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale._buffers import kept_buffers
-from noisescale._compiled import eager, holds_compiled_modules
+from noisescale._compiled import eager
 from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale._wrappers import path_to, unwrapped_module
@@ -141,7 +141,6 @@ class _Plan:
     vmap_names: list[str]
     backend_of: dict[str, str]
     parameters: dict[str, nn.Parameter]
-    compiled: bool   # the model holds torch.compile'd modules: its measured passes run eagerly (``_compiled``)
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -305,14 +304,12 @@ class PerExampleGradNorms:
 
     def _plan_key(self) -> tuple:
         """Everything the plan depends on that may change between calls: each module's parameters (identity,
-        requires_grad), the modules' train/eval modes, the rule registries and whether ``model.compile()`` was
-        called (a submodule compiled later is not seen). The module tree is fixed at ``__init__`` (the hooks are
-        installed then)."""
+        requires_grad), the modules' train/eval modes and the rule registries. The module tree is fixed at
+        ``__init__`` (the hooks are installed then)."""
         return (tuple(None if p is None else (id(p), p.requires_grad)
                       for module in self._path_of for p in module._parameters.values()),
                 tuple(id(child) for module in self._path_of for child in module._modules.values()),  # modules added
-                tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES),
-                self.model._compiled_call_impl is None)   # model.compile() after this object was made
+                tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES))
 
     def _plan(self) -> _Plan:
         """The plan of this call: rebuilt only when freezing, parameters, train/eval modes or the rules have
@@ -403,7 +400,7 @@ class PerExampleGradNorms:
                     entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
-        return _Plan(hooked, vmap_names, backend_of, parameters, holds_compiled_modules(self.model))
+        return _Plan(hooked, vmap_names, backend_of, parameters)
 
     def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> list[str]:
         """Parameters in the graph of the pass (from the autograd nodes ``roots``) although no hooked call of their
@@ -463,7 +460,7 @@ class PerExampleGradNorms:
         names = list(plan.backend_of)
         saved = _GradSnapshot(list(parameters.values()) if self._sharded else [parameters[name] for name in names])
         try:
-            with eager(plan.compiled):
+            with eager():   # a compiled model's pass runs eagerly (``noisescale._compiled``)
                 return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
         except BaseException:
             saved.restore()
@@ -646,8 +643,8 @@ class PerExampleGradNorms:
             raise ValueError("observe reads the hooks of the caller's own pass; backend='vmap' has none, use "
                              "backend='auto' or 'ghost'")
         # the caller's pass runs eagerly (``noisescale._compiled``), also through a compiled wrapper this object was
-        # not given (nanoGPT measures raw_model and steps torch.compile(raw_model)); a no-op if nothing was compiled
-        with eager(True):
+        # not given (nanoGPT measures raw_model and steps torch.compile(raw_model))
+        with eager():
             parameters = plan.parameters
             received: set[str] = set()
             observed = ObservedNorms()
