@@ -32,7 +32,8 @@ the global batch; not under FSDP; a step in one micro-batch records no estimate)
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
 counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
-hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them NaN). The monitor's summary then reports a diverged run rather than a noise scale.
+hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them
+NaN). The monitor's summary then reports a diverged run rather than a noise scale.
 
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients, the random
 state and the BatchNorm running statistics it started with; nothing is lost or counted twice (a BatchNorm model in
@@ -369,7 +370,8 @@ class AdaptiveTrainer:
                 f"micro-batches, and the policy's batch of {policy.batch_size} would run as one "
                 f"(max_micro_batch={self.max_micro_batch}): no step would give a noise scale and the policy would "
                 f"hold B at {policy.batch_size} for the whole run; set max_micro_batch below "
-                f"{policy.batch_size} (e.g. {max(1, policy.batch_size // 4)}), or put the BatchNorm layers in eval mode")
+                f"{policy.batch_size} (e.g. {max(1, policy.batch_size // 4)}), or put the BatchNorm layers in eval "
+                "mode")
         self._whole_batch_loss = normalised_over_the_batch(loss_fn)
         self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         group = self.monitor.process_group
