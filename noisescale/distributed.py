@@ -171,11 +171,12 @@ class DDPNoiseScale:
         measure_every: int = 1,
         wrapped_hook: CommHook = mean_allreduce_hook,
     ) -> None:
-        if ddp_of(ddp_model) is None:
+        ddp = ddp_of(ddp_model)   # also inside torch.compile(DDP(model)), as accelerate builds it
+        if ddp is None:
             raise TypeError(
                 f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
             )
-        ddp_model = ddp_of(ddp_model)   # torch.compile(DDP(model)), as accelerate builds it
+        ddp_model = ddp
         self.process_group = ddp_model.process_group
         self.world_size = _world_size(self.process_group)
         if self.world_size < 2:

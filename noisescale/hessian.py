@@ -64,7 +64,7 @@ from noisescale._compiled import eager
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
-from noisescale.per_example.layers import uses_batch_statistics
+from noisescale.per_example.layers import batch_statistics_path
 
 __all__ = [
     "HessianNoiseScale",
@@ -383,13 +383,13 @@ def hutchinson_trace(
 
 
 def _reject_batch_statistics(model: nn.Module) -> None:
-    for path, module in model.named_modules():
-        if uses_batch_statistics(module):
-            raise ValueError(
-                f"per-example gradients are undefined for a BatchNorm that normalises with batch statistics "
-                f"(module {path!r}, {type(module).__name__}: train mode or track_running_stats=False); call "
-                "model.eval() around hessian_noise_scale, or use running statistics"
-            )
+    path = batch_statistics_path(model)
+    if path is not None:
+        raise ValueError(
+            f"per-example gradients are undefined for a BatchNorm that normalises with batch statistics "
+            f"(module {path!r}, {type(model.get_submodule(path)).__name__}: train mode or track_running_stats=False); "
+            "call model.eval() around hessian_noise_scale, or use running statistics"
+        )
 
 
 def _per_example_gradients(methods: _Methods, mean_loss, params: Parameters, inputs: Any, targets: Any,

@@ -39,7 +39,7 @@ from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovin
                                    simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
-from noisescale.per_example.layers import uses_batch_statistics
+from noisescale.per_example.layers import batch_statistics_path
 from noisescale.sharded import is_sharded
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
@@ -260,7 +260,7 @@ class NoiseScaleMonitor:
         check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
                       hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
                       hessian_examples=hessian_examples, hessian_probes=hessian_probes)
-        if hessian_every and any(uses_batch_statistics(module) for module in model.modules()):
+        if hessian_every and batch_statistics_path(model) is not None:
             raise ValueError("the Hessian proxies (B_noise) need per-example gradients, which are undefined for a "
                              "model that normalises with batch statistics (BatchNorm in train mode); set "
                              "hessian_every=0 (AdaptiveTrainer measures B_simple from its micro-batches)")

@@ -104,7 +104,7 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
-from noisescale.per_example.layers import close_values, uses_batch_statistics
+from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
     gradient_sync,
@@ -204,7 +204,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def _normalises_with_batch_statistics(self) -> bool:
         """Whether a module normalises with the statistics of its batch (BatchNorm in train mode): the examples'
         gradients are then coupled, and the step is measured from its micro-batches' gradients instead."""
-        if not any(uses_batch_statistics(module) for module in unwrapped_module(self.model).modules()):
+        if batch_statistics_path(unwrapped_module(self.model)) is None:
             return False
         if self.sharded:
             raise ValueError("a model that normalises with batch statistics (BatchNorm in train mode) is measured "
@@ -363,7 +363,7 @@ class AdaptiveTrainer:
                           UserWarning, stacklevel=2)
         if (policy is not None and self.monitor.process_group is None
                 and (self.max_micro_batch is None or self.max_micro_batch >= policy.batch_size)
-                and self.monitor._normalises_with_batch_statistics()):
+                and batch_statistics_path(self.model) is not None):
             # one micro-batch gives no estimate, a policy holds B on a NaN one: B would never move
             raise ValueError(
                 "a model that normalises with batch statistics (BatchNorm in train mode) is measured from its "

@@ -6,13 +6,23 @@ inductor's C++ code generation (a compiler at run time, and seconds a graph)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from _ranks import free_port
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import TensorDataset
 
+from noisescale.distributed import unwrapped_module
 from noisescale.monitor import NoiseScaleMonitor
 from noisescale.per_example import PerExampleGradNorms
+from noisescale.training import AdaptiveTrainer
 
 BACKEND = "aot_eager"
 
@@ -39,6 +49,12 @@ def compiled(model: nn.Module, how: str) -> nn.Module:
         return torch.compile(model, backend=BACKEND)
     model.compile(backend=BACKEND)
     return model
+
+
+def sgd_trainer(model: nn.Module, target: nn.Module, inputs, targets, **options) -> AdaptiveTrainer:
+    """AdaptiveTrainer over ``target`` (the model, or a wrapper of it), SGD on the model's parameters."""
+    return AdaptiveTrainer(target, per_example_loss, torch.optim.SGD(model.parameters(), lr=0.1),
+                           TensorDataset(inputs, targets), progress=False, **options)
 
 
 def naive_sqnorms(model: nn.Module, inputs, targets) -> torch.Tensor:
@@ -88,8 +104,6 @@ def test_observe_runs_eagerly_a_compiled_wrapper_it_was_not_given():
     """nanoGPT's pattern: the norms are made on the raw model, the caller's pass runs through torch.compile(model).
     Before, Dynamo recompiled with the active hooks inside (graph breaks, then its recompile limit: minutes with
     inductor); now no graph is compiled in the observed passes, and the norms are the eager model's."""
-    from torch._dynamo.utils import counters
-
     model = mlp()
     target = compiled(model, "wrapped")
     (inputs, targets), = batches([6])
@@ -124,8 +138,6 @@ class CompiledBlock(nn.Module):
 def test_a_compiled_function_that_calls_the_layers_is_measured_eagerly():
     """Before, Dynamo traced the active hooks inside the compiled function (a new user's case: 48 graphs, the
     recompile limit, minutes with inductor); now no graph is compiled in the measured passes."""
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     model = CompiledBlock()
     (inputs, targets), = batches([6])
@@ -179,18 +191,12 @@ def test_a_compiled_trainers_checkpoint_resumes_in_an_eager_trainer_and_back():
     """The trainer's checkpoint holds the model's own parameter names, as under DDP: before, one saved with
     ``torch.compile(model)`` held ``_orig_mod.``-prefixed names, and resuming it without compiling (or an eager
     run's checkpoint with compiling) failed in load_state_dict (missing and unexpected keys)."""
-    from torch.utils.data import TensorDataset
-
-    from noisescale.training import AdaptiveTrainer
-
     inputs, targets = batches([64])[0]
-    data = TensorDataset(inputs, targets)
 
     def trainer(compile_as):
         model = mlp()
         target = model if compile_as is None else compiled(model, compile_as)
-        return model, AdaptiveTrainer(target, per_example_loss, torch.optim.SGD(model.parameters(), lr=0.1), data,
-                                      batch_size=8, monitor_options={"measure_every": 2}, progress=False)
+        return model, sgd_trainer(model, target, inputs, targets, batch_size=8, monitor_options={"measure_every": 2})
 
     reference_model, reference = trainer(None)
     for _ in range(4):
@@ -213,15 +219,9 @@ def test_a_compiled_trainers_checkpoint_resumes_in_an_eager_trainer_and_back():
 
 def test_a_checkpoint_saved_with_the_compiled_names_still_resumes():
     """Checkpoints of earlier versions hold ``_orig_mod.``-prefixed names: they load compiled or not."""
-    from torch.utils.data import TensorDataset
-
-    from noisescale.training import AdaptiveTrainer
-
     inputs, targets = batches([32])[0]
-    data = TensorDataset(inputs, targets)
     model = mlp()
-    saving = AdaptiveTrainer(model, per_example_loss, torch.optim.SGD(model.parameters(), lr=0.1), data,
-                             batch_size=8, progress=False)
+    saving = sgd_trainer(model, model, inputs, targets, batch_size=8)
     saving.step()
     state = saving.state_dict()
     state["model"] = {"_orig_mod." + name: value for name, value in state["model"].items()}   # as saved before
@@ -229,8 +229,7 @@ def test_a_checkpoint_saved_with_the_compiled_names_still_resumes():
     for compile_as in (None, "wrapped"):
         fresh = mlp()
         target = fresh if compile_as is None else compiled(fresh, compile_as)
-        resumed = AdaptiveTrainer(target, per_example_loss, torch.optim.SGD(fresh.parameters(), lr=0.1), data,
-                                  batch_size=8, progress=False)
+        resumed = sgd_trainer(fresh, target, inputs, targets, batch_size=8)
         resumed.load_state_dict(state)
         for p, q in zip(fresh.parameters(), model.parameters()):
             assert torch.equal(p, q)
@@ -244,24 +243,14 @@ def test_a_compiled_ddp_model_is_seen_as_ddp_in_either_order():
     the Hessian proxies ran DDP's forward under torch.func ("Cannot access data pointer of Tensor that doesn't have
     storage"). Now both orders give the process group, and the module itself for the Hessian proxies and
     checkpoints."""
-    import torch.distributed as dist
-    from _ranks import free_port
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import TensorDataset
-
-    from noisescale.distributed import unwrapped_module
-    from noisescale.training import AdaptiveTrainer
-
     inputs, targets = batches([16])[0]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model = mlp()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for wrapped in (torch.compile(DistributedDataParallel(model), backend=BACKEND),
                         DistributedDataParallel(torch.compile(model, backend=BACKEND))):
             assert unwrapped_module(wrapped) is model
-            trainer = AdaptiveTrainer(wrapped, per_example_loss, optimizer, TensorDataset(inputs, targets),
-                                      batch_size=8, monitor_options={"hessian_every": 1}, progress=False)
+            trainer = sgd_trainer(model, wrapped, inputs, targets, batch_size=8, monitor_options={"hessian_every": 1})
             assert trainer.monitor.process_group is not None
             row = trainer.step()
             assert all(name in row for name in ("trace_sigma", "g_h_g"))
@@ -274,9 +263,6 @@ def test_a_compiled_ddp_model_is_seen_as_ddp_in_either_order():
 def test_measuring_without_compiling_does_not_import_dynamo():
     """Entering the eager stance imports Dynamo (seconds); where nothing was compiled it is skipped, so ``observe``
     and ``__call__`` on a plain model leave ``torch._dynamo`` unimported."""
-    import subprocess
-    import sys
-
     script = (
         "import sys, torch, torch.nn.functional as F\n"
         "from noisescale.per_example import PerExampleGradNorms\n"

@@ -194,24 +194,17 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1)
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
         measured = self.measures_this_step and not self._unequal_micro_batches(sizes)
-        if measured and self._by_micro_batches:
-            units, unit_sizes = torch.cat(sqnorms).double(), sizes * world_size   # the ranks' shares are equal
+        if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
+            units = torch.cat(sqnorms).double()
             if world_size > 1:
                 loss, units = self._gather_step(loss, units)
-            batch_size = sum(unit_sizes)
-            # g_k = (1/b_k) sum_{i in k} g_i = B C_k / (b_k R S): the b_k/B-weighted mean of the g_k is gbar
-            counts = torch.tensor(unit_sizes, dtype=torch.float64, device=units.device)
+            unit_sizes = sizes * world_size if self._by_micro_batches else None   # the ranks' shares are equal
+            batch_size = units.shape[0] if unit_sizes is None else sum(unit_sizes)
+            # g_i = B c_i / (R S), and a micro-batch's g_k = (1/b_k) sum_{i in k} g_i = B C_k / (b_k R S)
+            counts = 1.0 if unit_sizes is None else torch.tensor(unit_sizes, dtype=torch.float64, device=units.device)
             units = units * (batch_size / (counts * world_size * contribution_scale)) ** 2
             row = self._measure(loss, units, self._accumulated_grad_sqnorm(grad_scale), batch_size,
                                 unit_sizes=unit_sizes)
-        elif measured:
-            sqnorms = torch.cat(sqnorms).double()
-            if world_size > 1:
-                loss, sqnorms = self._gather_step(loss, sqnorms)
-            batch_size = sqnorms.shape[0]
-            sqnorms = sqnorms * (batch_size / (world_size * contribution_scale)) ** 2
-            grad_sqnorm = self._accumulated_grad_sqnorm(grad_scale)
-            row = self._measure(loss, sqnorms, grad_sqnorm, batch_size)
         else:
             if world_size > 1:
                 loss = all_gather_concat(loss, self.process_group)

@@ -329,6 +329,12 @@ def uses_batch_statistics(module: nn.Module) -> bool:
         module.training or module.running_mean is None)
 
 
+def batch_statistics_path(model: nn.Module) -> str | None:
+    """The path of the first module of ``model`` that normalises with batch statistics (``uses_batch_statistics``;
+    "" for the model itself), None if none does."""
+    return next((path for path, module in model.named_modules() if uses_batch_statistics(module)), None)
+
+
 def _batch_norm_unsupported(module: nn.Module) -> str | None:
     return "it normalises with batch statistics" if uses_batch_statistics(module) else None
 
