@@ -1,9 +1,14 @@
-"""Spawning a few CPU (gloo) ranks from a test: a free port, errors captured in a rank for the test to compare, and
-a wait that fails only on a hang (no rank reports progress for ``hang_deadline_s``), never on a slow machine; and
-the check shared by the integrations' DDP tests."""
+"""Spawning a few CPU (gloo) ranks from a test: a rendezvous, errors captured in a rank for the test to compare, and
+a wait that fails only on a hang (no rank reports progress for ``hang_deadline_s``), never on a slow machine; a
+process group of the test process alone; and the check shared by the integrations' DDP tests.
+
+Rendezvous go through a file or an in-memory store where the test decides it: a TCP port chosen free can be taken by
+another process on a busy machine before the store binds it, and the ranks then wait for peers that never come. Only
+the frameworks that rendezvous themselves from the environment (the HF Trainer, Lightning) get a port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -13,15 +18,33 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from noisescale.estimators import ExponentialMovingNoiseScale
 
 
 def free_port() -> int:
+    """A port free now, for the frameworks that rendezvous from ``MASTER_PORT``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def file_rendezvous(out_dir: str | Path) -> str:
+    """``init_method`` for ranks that share ``out_dir``: a file store, no port."""
+    return (Path(out_dir) / "rendezvous").resolve().as_uri()
+
+
+@contextlib.contextmanager
+def one_rank_process_group():
+    """The default gloo process group of this process alone (world size 1), on an in-memory store, destroyed on
+    exit: DDP around a model without another process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]

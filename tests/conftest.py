@@ -10,11 +10,15 @@ starts (DDP ranks, torchrun, notebook kernels, sweep workers) through ``OMP_NUM_
 which they inherit.
 
 Deadlines: a test that waits for other processes gives up only after ``NOISESCALE_TEST_HANG_S`` seconds (default
-1800) without progress, a hang; a busy machine makes the suite slower, never red.
+1800) without progress, a hang; a busy machine makes the suite slower, never red. A test still running a minute
+after that (the slowest takes under 30 s on a quiet 2-core machine) is hung wherever it waits, a C++ call or a
+rendezvous included: every thread's Python stack is printed and the run ends with exit status 1, so that CI shows
+where rather than only that it ran out of time.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 
 
@@ -46,3 +50,21 @@ torch.set_num_threads(TEST_THREADS)
 def hang_deadline_s() -> float:
     """Seconds a test waits for a child process that makes no progress (``NOISESCALE_TEST_HANG_S``)."""
     return HANG_DEADLINE_S
+
+
+def pytest_configure(config):
+    """A copy of the terminal's stderr, taken before any test captures fd 2, for the hang guard's stacks."""
+    config.hang_report_fd = os.dup(2)
+
+
+def pytest_unconfigure(config):
+    os.close(config.hang_report_fd)
+
+
+@pytest.fixture(autouse=True)
+def _a_hung_test_ends_the_run_with_its_stacks(pytestconfig):
+    """``NOISESCALE_TEST_HANG_S`` + 60 seconds in one test (a minute for a test's own hang report to come first):
+    every thread's stack to the terminal, then exit 1."""
+    faulthandler.dump_traceback_later(HANG_DEADLINE_S + 60, exit=True, file=pytestconfig.hang_report_fd)
+    yield
+    faulthandler.cancel_dump_traceback_later()

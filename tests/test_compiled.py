@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from _ranks import free_port
+from _ranks import one_rank_process_group
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
@@ -244,8 +243,7 @@ def test_a_compiled_ddp_model_is_seen_as_ddp_in_either_order():
     storage"). Now both orders give the process group, and the module itself for the Hessian proxies and
     checkpoints."""
     inputs, targets = batches([16])[0]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with one_rank_process_group():
         model = mlp()
         for wrapped in (torch.compile(DistributedDataParallel(model), backend=BACKEND),
                         DistributedDataParallel(torch.compile(model, backend=BACKEND))):
@@ -256,8 +254,6 @@ def test_a_compiled_ddp_model_is_seen_as_ddp_in_either_order():
             assert all(name in row for name in ("trace_sigma", "g_h_g"))
             assert all(not name.startswith(("module.", "_orig_mod.")) for name in trainer.state_dict()["model"])
             trainer.close()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_measuring_without_compiling_does_not_import_dynamo():

@@ -23,7 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
-from _ranks import capture_error, free_port, report_progress, spawn_ranks
+from _ranks import capture_error, file_rendezvous, one_rank_process_group, report_progress, spawn_ranks
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.distributed import (
     DDPNoiseScale,
@@ -152,11 +152,11 @@ def _hessian_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
 
 
 
-def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
+def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)  # 3 ranks and the test process share the cores: one thread each, no oversubscription
     dist.init_process_group(  # a collective waits for a slow rank as long as the fixture does
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        "gloo", init_method=file_rendezvous(out_dir), rank=rank, world_size=WORLD_SIZE,
         timeout=timedelta(seconds=hang_deadline_s),
     )
     results = {}
@@ -297,7 +297,7 @@ def _worker(rank: int, port: int, out_dir: str, hang_deadline_s: float) -> None:
 def rank_results(tmp_path_factory, hang_deadline_s):
     """Every rank's results; fails when no rank reports progress for ``hang_deadline_s`` (a hang, not slowness)."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    spawn_ranks(_worker, (free_port(), str(out_dir), hang_deadline_s), WORLD_SIZE, out_dir, hang_deadline_s)
+    spawn_ranks(_worker, (str(out_dir), hang_deadline_s), WORLD_SIZE, out_dir, hang_deadline_s)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
@@ -560,12 +560,9 @@ def test_construction_errors_single_process():
     model = _make_model(torch.float32)
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         DDPNoiseScale(model, 8)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with one_rank_process_group():
         ddp_model = DistributedDataParallel(model)
         with pytest.raises(ValueError, match="world size is 1.*accumulation"):
             DDPNoiseScale(ddp_model, 8)
-    finally:
-        dist.destroy_process_group()
     with pytest.raises(RuntimeError, match="not initialised"):
         DDPNoiseScale(ddp_model, 8)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
-from _ranks import capture_error, free_port, spawn_ranks, torchrun_noisescale
+from _ranks import capture_error, file_rendezvous, spawn_ranks, torchrun_noisescale
 from noisescale.app.cli import main
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.losses import per_example_cross_entropy
@@ -147,11 +147,11 @@ def _monitored_fsdp_training(model: nn.Module, rank: int) -> tuple[list[torch.Te
 
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(minutes=30))
+    dist.init_process_group("gloo", init_method=file_rendezvous(out_dir), rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(minutes=30))
     results = {}
     inputs, labels = (_local(t, rank) for t in _global_batch())
 
@@ -244,7 +244,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory, hang_deadline_s):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    spawn_ranks(_worker, (free_port(), str(out_dir)), WORLD_SIZE, out_dir, hang_deadline_s)
+    spawn_ranks(_worker, (str(out_dir),), WORLD_SIZE, out_dir, hang_deadline_s)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 

@@ -329,26 +329,22 @@ def test_under_ddp_the_walk_passes_through_its_output_node():
     """DistributedDataParallel(find_unused_parameters=True) passes the outputs through an autograd node of its own;
     the walk from the wrapper's outputs reaches the frontier through it. One gloo process; the norms are the loop's
     and p.grad the plain DDP backward's."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from _ranks import free_port
+    from _ranks import one_rank_process_group
     torch.manual_seed(0)
     model = BiasedAttention(5, "where").double()
     (x, keep), y = _batch(4, 5)
     expected = naive_per_example(model, regression_loss, (x, keep), y)
     plain = copy.deepcopy(model)
     regression_loss(plain(x, keep), y).mean().backward()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with one_rank_process_group():
         wrapped = DistributedDataParallel(model, find_unused_parameters=True)
         engine = PerExampleGradNorms(wrapped, regression_loss, by_parameter=True)
         with engine.observe(4) as observed:
             regression_loss(wrapped(x, keep), y).mean().backward()
         assert not engine._outputs_needed   # measured in the pass, not by the whole-model vmap of the outputs
         result = engine((x, keep), y)   # __call__ as well (p.grad accumulates a second plain gradient)
-    finally:
-        dist.destroy_process_group()
     assert result.backend_of["module.bias.weight"] == "ghost"
     for name, values in expected.items():
         assert_relclose(observed.by_parameter["module." + name], values)

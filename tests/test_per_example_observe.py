@@ -227,10 +227,9 @@ def test_under_ddp_the_output_gradients_are_those_before_its_output_node():
     one autograd node of its own, so the gradient of the loss the model returns reaches the logits inside DDP, not
     the logits DDP hands out: the outputs are read on the module inside it. One gloo process; the norms are the
     per-example loop's, p.grad the plain DDP backward's."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from _ranks import free_port
+    from _ranks import one_rank_process_group
     torch.manual_seed(0)
     model = _InternalLoss().double()
     x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
@@ -241,13 +240,10 @@ def test_under_ddp_the_output_gradients_are_those_before_its_output_node():
                     for i in range(7))))}
     plain = copy.deepcopy(model)
     plain(x, y)["loss"].backward()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with one_rank_process_group():
         wrapped = DistributedDataParallel(model, find_unused_parameters=True)
         with PerExampleGradNorms(wrapped, _per_example_loss, by_parameter=True).observe(7) as observed:
             wrapped(x, labels=y)["loss"].backward()
-    finally:
-        dist.destroy_process_group()
     for name, values in expected.items():
         torch.testing.assert_close(observed.by_parameter["module." + name], values, rtol=1e-10, atol=1e-15)
     for p, q in zip(model.parameters(), plain.parameters()):
