@@ -57,8 +57,10 @@ and FSDP unshards each layer around its forward and backward; the rules take sha
 ``module.weight`` (a shard between calls), a fallback call keeps copies of its parameters, and FSDP1's flat
 parameters are measured under their original names. The norms and |gbar|^2 are those of this rank's batch (scale
 from the local loss); the whole-model vmap cannot run on sharded parameters, so a parameter that would need it is
-an error naming it, raised before the backward. A parameter used outside every call of its module is not detected
-under FSDP (it keeps zero norms).
+an error naming it, raised before the backward; so is a weight a rule's layer reads that is also read outside its
+module's calls (a tied output ``F.linear(h, wte.weight)``), found by counting the graph's uses of the unsharded
+tensors the layer's calls read (``GhostPass.hold``). A parameter used outside every call of its module is not
+detected under FSDP (it keeps zero norms).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
@@ -164,6 +166,22 @@ def _leaf_uses(nodes: list) -> dict[int, list]:
     consumers = autograd_consumers(nodes)
     return {id(node.variable): [node.variable, operations_taking(node, consumers)]
             for node in consumers if hasattr(node, "variable")}   # AccumulateGrad
+
+
+def _uses_by_name(in_graph: dict[int, list], parameters: dict[str, Tensor]) -> dict[str, int]:
+    """name -> the operations taking the parameter, from ``_leaf_uses``."""
+    return {name: in_graph.get(id(parameter), (None, 0))[1] for name, parameter in parameters.items()}
+
+
+def _held_uses(held: dict[str, dict[int, Tensor]], nodes: list) -> dict[str, int]:
+    """name -> the number of operations of the graph from ``nodes`` back that take the FSDP-unsharded tensors its
+    rule calls read (``GhostPass.hold``): FSDP2's unsharded parameters are leaves (taken through their gradient
+    accumulators), FSDP1's are views of its flat parameter (taken through their own nodes)."""
+    consumers = autograd_consumers(nodes)
+    accumulators = {id(node.variable): node for node in consumers if hasattr(node, "variable")}
+    return {name: sum(operations_taking(accumulators.get(key) if tensor.grad_fn is None else tensor.grad_fn, consumers)
+                      for key, tensor in tensors.items())
+            for name, tensors in held.items()}
 
 
 def _record_norm(received: dict[str, Tensor], ghost_pass: GhostPass | None, name: str, grad: Tensor) -> None:
@@ -413,18 +431,21 @@ class PerExampleGradNorms:
         untouched. Returns the vmap ones."""
         unused = {name for name, backend in plan.backend_of.items()
                   if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names}
-        check = not self._uses_checked and not self._sharded
+        check = not self._uses_checked
         if not unused and not check:
             return sorted(self._read_elsewhere & set(plan.backend_of))
         if self._sharded:
             # the graph holds FSDP's unsharded parameters, not the model's shards: only a module that went through
-            # the fallback can take them (an unused parameter keeps zero norms)
+            # the fallback can take them (an unused parameter keeps zero norms); the rule calls' own uses are
+            # counted on the unsharded tensors they read, and a parameter also read elsewhere is refused
             for name in sorted(unused):
                 ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")
-            return []
+            if check:
+                self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, roots))
+            return sorted(self._read_elsewhere)
         in_graph = _leaf_uses(roots)
         if check:
-            self._check_read_elsewhere(plan, ghost_pass, in_graph)
+            self._check_read_elsewhere(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
         bypassed = sorted(name for name in unused if id(plan.parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
@@ -437,14 +458,14 @@ class PerExampleGradNorms:
         return sorted({name for name in bypassed if not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name
                                                                           else "")} | self._read_elsewhere)
 
-    def _check_read_elsewhere(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[int, list]) -> None:
-        """Once per plan: the rule-measured parameters that the graph ``in_graph`` (``_leaf_uses``) takes more
-        often than their layers' hooked calls did (``_bypassed``)."""
+    def _check_read_elsewhere(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> None:
+        """Once per plan: the rule-measured parameters that the graph takes more often (``in_graph``: name ->
+        operations taking it) than their layers' hooked calls did (``_bypassed``)."""
         self._uses_checked = True
         self._read_elsewhere = {
             name for name, backend in plan.backend_of.items()
             if backend == "ghost" and name not in ghost_pass.fallback_names | ghost_pass.vmap_names
-            and 0 < ghost_pass.use_count[name] < in_graph.get(id(plan.parameters[name]), (None, 0))[1]}
+            and 0 < ghost_pass.use_count[name] < in_graph.get(name, 0)}
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
         """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every
@@ -540,7 +561,7 @@ class PerExampleGradNorms:
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
                 bypassed = self._bypassed(plan, ghost_pass, [loss.grad_fn])
                 if self._sharded:
-                    self._check_sharded_measurable(ghost_pass, bypassed)
+                    self._check_sharded_measurable(ghost_pass, bypassed, self._read_elsewhere)
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
                     handles = [leaf.register_hook(partial(_record_norm, received, None, key))
                                for key, (leaf, _) in _leaf_uses([objective.grad_fn]).items()
@@ -598,13 +619,18 @@ class PerExampleGradNorms:
                 "(noisescale.per_example.register_rule)") from error
 
     @staticmethod
-    def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str]) -> None:
+    def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str], read_elsewhere: set[str]) -> None:
         """Under FSDP the whole-model vmap cannot run (torch.func needs whole parameters): raise, before the
         backward, naming the parameters that would need it and why."""
         need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))
         if need_vmap:
-            reasons = "; ".join(f"module {path!r}: {why}" for path, why in ghost_pass.declined.items())
-            reasons = reasons or "used outside any module call"
+            reasons = [f"module {path!r}: {why}" for path, why in ghost_pass.declined.items()]
+            if read_elsewhere & set(need_vmap):
+                reasons.append(
+                    f"{sorted(read_elsewhere & set(need_vmap))} also read outside their own module's calls (a tied "
+                    "output F.linear(x, embedding.weight)), a use the hooks do not see; such a use made through a "
+                    "module is measured (an nn.Linear sharing the weight: lm_head.weight = wte.weight)")
+            reasons = "; ".join(reasons) or "used outside any module call"
             raise ValueError(
                 f"parameters {need_vmap} cannot be measured on this FSDP-sharded model: they would need the "
                 f"whole-model torch.func vmap, which cannot run on sharded parameters ({reasons}). Call their "
@@ -654,7 +680,7 @@ class PerExampleGradNorms:
                                         sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
                 outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
                     not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
-                    want_roots=not self._uses_checked and not self._sharded)
+                    want_roots=not self._uses_checked)
                 try:
                     with self._taps.listening(partial(_mark_received, received, ghost_pass)):
                         yield observed
@@ -672,9 +698,10 @@ class PerExampleGradNorms:
                                               list(parameters.values()))
             bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                         and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
-            if not self._uses_checked and not self._sharded:
+            if not self._uses_checked:
                 if outputs.roots:
-                    self._check_read_elsewhere(plan, ghost_pass, _leaf_uses(outputs.roots))
+                    self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, outputs.roots)
+                                               if self._sharded else _uses_by_name(_leaf_uses(outputs.roots), parameters))
                 elif not self._warned_unchecked_uses:
                     self._warned_unchecked_uses = True
                     warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
@@ -687,12 +714,12 @@ class PerExampleGradNorms:
                 raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "
                                  "own modules' calls; use backend='auto' to measure them by the whole-model vmap")
             if not can_vmap:
-                _refuse_vmap(ghost_pass.vmap_names | set(bypassed), ghost_pass, because=_SHARDED)
+                self._check_sharded_measurable(ghost_pass, bypassed, self._read_elsewhere)
             self._warn_if_unchecked(ghost_pass, batch_size)
             ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
             need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
             if not can_vmap:
-                _refuse_vmap(need_vmap, ghost_pass, because=_SHARDED)
+                self._check_sharded_measurable(ghost_pass, need_vmap, self._read_elsewhere)
             by_parameter = ghost_pass.result()
             try:
                 if need_vmap:   # on an isolated random stream (vmap_sqnorms)
@@ -766,9 +793,6 @@ def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: in
             value = zeros = torch.zeros(batch_size, dtype=dtype, device=device) if zeros is None else zeros
         every[name] = value if value.dtype == dtype else value.to(dtype)
     return every
-
-
-_SHARDED = "the model is sharded (FSDP), and torch.func needs whole parameters"
 
 
 def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:

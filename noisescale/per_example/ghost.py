@@ -45,7 +45,7 @@ import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from typing import Any, Iterator
 
 import torch
@@ -126,6 +126,14 @@ class GhostPass:
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
     node_hooks: list = field(default_factory=list)   # handles of ``_note_inner`` hooks, removed after the pass
+    held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
+
+    def hold(self, module: nn.Module, entry: GhostModule) -> None:
+        """Under FSDP: the unsharded parameters a rule call read (its module's attributes now, resharded after the
+        forward), by which the graph's other uses of them are counted (``PerExampleGradNorms._bypassed``)."""
+        for local, name in entry.names.items():
+            tensor = reduce(getattr, local.split("."), module)
+            self.held[name][id(tensor)] = tensor
 
     def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None,
               without_examples: bool = False) -> Broadcast:
@@ -870,6 +878,8 @@ class GhostNormEngine:
                 ghost_pass.rechecks.append((module, entry, entry.rule.reproduces(module, x, output)))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
+        if ghost_pass.sharded:
+            ghost_pass.hold(module, entry)
         if shared:
             ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x),
                              without_examples=once)
