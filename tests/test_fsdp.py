@@ -8,6 +8,7 @@ spawn with its error; only a hang (no rank alive and no result) would block.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from datetime import timedelta
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
-from _ranks import capture_error, file_rendezvous, spawn_ranks, torchrun_noisescale
+from _ranks import capture_error, file_rendezvous, one_rank_process_group, spawn_ranks, torchrun_noisescale
 from noisescale.app.cli import main
 from noisescale.controller import NoiseScaleBatchPolicy
 from noisescale.losses import per_example_cross_entropy
@@ -505,3 +506,63 @@ def test_non_reentrant_recomputation_is_not_recorded_twice(monkeypatch):
     with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
         result = norms(inputs, labels)
     torch.testing.assert_close(result.sqnorms, _reference_sqnorms(_make_model(), inputs, labels), rtol=1e-12, atol=0)
+
+
+class _AttentionBlock(nn.Module):
+    """x + MultiheadAttention(LayerNorm(x)): MHA reads its out_proj's weight and bias without calling out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.attn = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_AttentionBlock() for _ in range(2)])
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).mean(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multihead_attention_is_measured_under_fsdp(kind):
+    """One process (world size 1): nn.MultiheadAttention in FSDP-wrapped blocks, in a call and in observe, equals the
+    per-example loop. Before, FSDP2 raised (the re-run read the module's DTensor shards), and FSDP1 gave out_proj zero
+    norms silently: with flat parameters in calls and observe (its names lack the wrappers' path components, and it
+    had no copy of them), with use_orig_params=True in observe (only parameters seen receiving a gradient were
+    attached to the enclosing MHA call)."""
+    torch.manual_seed(0)
+    model = _AttentionNet().double()
+    inputs = torch.randn(LOCAL_BATCH, POSITIONS, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(LOCAL_BATCH) % CLASSES
+    expected = _reference_sqnorms(model, inputs, labels)
+    with one_rank_process_group():
+        if kind == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh("cpu", (1,))
+            sharded = copy.deepcopy(model)
+            for block in sharded.blocks:
+                fully_shard(block, mesh=mesh)
+            sharded = fully_shard(sharded, mesh=mesh)
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            sharded = FullyShardedDataParallel(copy.deepcopy(model), device_id=torch.device("cpu"),
+                                               auto_wrap_policy=ModuleWrapPolicy({_AttentionBlock}),
+                                               use_orig_params=kind == "fsdp1_orig")
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            called = norms(inputs, labels).sqnorms
+            with norms.observe(LOCAL_BATCH) as observed:
+                F.cross_entropy(sharded(inputs), labels).backward()
+    torch.testing.assert_close(called, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-12, atol=0)

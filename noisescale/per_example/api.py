@@ -168,6 +168,20 @@ def _leaf_uses(nodes: list) -> dict[int, list]:
             for node in consumers if hasattr(node, "variable")}   # AccumulateGrad
 
 
+def _unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
+    """The parameters no hooked call of their module used in this pass, but for the whole-model vmap's."""
+    return sorted(name for name, backend in plan.backend_of.items()
+                  if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names)
+
+
+def _attach_unused(plan: _Plan, ghost_pass: GhostPass) -> None:
+    """FSDP: the graph holds the unsharded tensors, not the model's parameters, so a parameter no call of its module
+    used (MHA's out_proj, read by MHA's forward) goes to the nearest enclosing module that went through the
+    fallback (``GhostPass.attach``) whether the graph takes it or not; without one it keeps zero norms."""
+    for name in _unused(plan, ghost_pass):
+        ghost_pass.attach(name)
+
+
 def _uses_by_name(in_graph: dict[int, list], parameters: dict[str, Tensor]) -> dict[str, int]:
     """name -> the operations taking the parameter, from ``_leaf_uses``."""
     return {name: in_graph.get(id(parameter), (None, 0))[1] for name, parameter in parameters.items()}
@@ -429,17 +443,14 @@ class PerExampleGradNorms:
         another module's forward), whose rule would miss that use: checked in the first pass of each plan (a graph
         walk), they go to the vmap from then on. ghost raises before the backward, so a failed call leaves p.grad
         untouched. Returns the vmap ones."""
-        unused = {name for name, backend in plan.backend_of.items()
-                  if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names}
+        unused = _unused(plan, ghost_pass)
         check = not self._uses_checked
         if not unused and not check:
             return sorted(self._read_elsewhere & set(plan.backend_of))
         if self._sharded:
-            # the graph holds FSDP's unsharded parameters, not the model's shards: only a module that went through
-            # the fallback can take them (an unused parameter keeps zero norms); the rule calls' own uses are
+            # the graph holds FSDP's unsharded parameters, not the model's shards: the rule calls' own uses are
             # counted on the unsharded tensors they read, and a parameter also read elsewhere is refused
-            for name in sorted(unused):
-                ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")
+            _attach_unused(plan, ghost_pass)
             if check:
                 self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, roots))
             return sorted(self._read_elsewhere)
@@ -455,8 +466,7 @@ class PerExampleGradNorms:
             raise ValueError(f"backend='ghost' cannot measure parameters {sorted(self._read_elsewhere)}: another "
                              "module also reads them directly, outside their own module's calls, which the hooks "
                              "do not see; use backend='auto' to measure them by the whole-model vmap")
-        return sorted({name for name in bypassed if not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name
-                                                                          else "")} | self._read_elsewhere)
+        return sorted({name for name in bypassed if not ghost_pass.attach(name)} | self._read_elsewhere)
 
     def _check_read_elsewhere(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> None:
         """Once per plan: the rule-measured parameters that the graph takes more often (``in_graph``: name ->
@@ -697,7 +707,9 @@ class PerExampleGradNorms:
                 self._warn_if_outputs_coupled(outputs.inputs if outputs.kept else model_inputs, batch_size,
                                               list(parameters.values()))
             bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
-                        and not ghost_pass.attach(name, name.rsplit(".", 1)[0] if "." in name else "")]
+                        and not ghost_pass.attach(name)]
+            if self._sharded:   # no gradient taps on FSDP's unsharded tensors: as in a call
+                _attach_unused(plan, ghost_pass)
             if not self._uses_checked:
                 if outputs.roots:
                     self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, outputs.roots)

@@ -364,7 +364,7 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
             if unrolled_supported(module):
                 return unrolled_per_example_grads(module, arguments, call.grads, names)
             if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
-                return attention_per_example_grads(module, arguments, call.grads, names)
+                return attention_per_example_grads(module, arguments, call.grads, names, call.parameters)
         if call.rng_before is not None:
             return _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
                               batch_size, call)

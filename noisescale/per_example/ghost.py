@@ -65,6 +65,7 @@ from noisescale.per_example.factors import IndexFactors, LinearFactors, full_pre
 from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.uses import ParameterUses, per_example_total
+from noisescale.sharded import clean_name
 
 __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
@@ -180,8 +181,7 @@ class GhostPass:
         found = {}
         for module, entry in self.modules.items():
             for local, name in entry.names.items():
-                if self.use_count[name] == 0 and name not in self.vmap_names and self._enclosing(
-                        name.rsplit(".", 1)[0] if "." in name else "") is None:
+                if self.use_count[name] == 0 and name not in self.vmap_names and self._enclosing(name) is None:
                     parameter = module.get_parameter(local)
                     found[id(parameter)] = partial(self._share_parameter, name, GhostModule(entry.path, None,
                                                                                             {local: name}), parameter)
@@ -314,10 +314,10 @@ class GhostPass:
             probed.verdicts["columns"] = _same_rows(_column_ends(x)[:, :self.batch_size - 1], probed.column_ends)
         return probed.verdicts["columns"]
 
-    def attach(self, name: str, owner_path: str) -> bool:
+    def attach(self, name: str) -> bool:
         """Measure ``name`` -- used inside a module's forward without a call of its own module (MHA's out_proj)
         -- with the nearest enclosing module that went through the fallback in this pass; False if none did."""
-        best = self._enclosing(owner_path)
+        best = self._enclosing(name)
         if best is None:
             return False
         module, prefix, entry = best
@@ -329,14 +329,17 @@ class GhostPass:
         self.fallback_names.add(name)
         return True
 
-    def _enclosing(self, owner_path: str) -> tuple[nn.Module, str, GhostModule] | None:
-        """(module, its path + ".", entry) of the nearest module enclosing ``owner_path`` that went through the
-        fallback in this pass; None if none did."""
+    def _enclosing(self, name: str) -> tuple[nn.Module, str, GhostModule] | None:
+        """(module, its path + ".", entry) of the nearest module enclosing the module of parameter ``name`` that
+        went through the fallback in this pass; None if none did."""
+        owner_path = name.rsplit(".", 1)[0] if "." in name else ""
         best = None
         for module, entry, _ in self.fallback_calls:
-            prefix = "" if entry.path == "<model>" else entry.path + "."
-            if owner_path.startswith(prefix) and (best is None or len(prefix) > len(best[1])):
-                best = (module, prefix, entry)
+            path = "" if entry.path == "<model>" else entry.path + "."
+            # FSDP1 with flat parameters names the parameters without the wrappers' path components
+            for prefix in (path, clean_name(path)):
+                if owner_path.startswith(prefix) and (best is None or len(prefix) > len(best[1])):
+                    best = (module, prefix, entry)
         return best
 
     def finish(self) -> None:
@@ -1194,6 +1197,12 @@ def _parameter_copies(module: nn.Module, entry: GhostModule) -> dict[str, Tensor
     """Copies of the parameters a call of ``module`` used, taken in the forward: under FSDP they are
     unsharded only around the module's forward and backward, and the fallback re-runs the module afterwards."""
     names = {name for name, _ in module.named_parameters()} | set(entry.names)
+    # FSDP1 flat parameters: the original parameters are plain tensor attributes (views of the flat parameter)
+    # during the forward, not registered parameters; those of children the module reads without calling them
+    # (MHA's out_proj) are attached to this call after the backward (``GhostPass.attach``) and need copies too
+    for path, child in module.named_modules():
+        names |= {f"{path}.{attribute}".lstrip(".") for attribute, value in vars(child).items()
+                  if isinstance(value, Tensor) and value.requires_grad}
     copies = {}
     for name in names:
         value = module
