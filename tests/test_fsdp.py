@@ -122,11 +122,13 @@ def _adaptive_trainer(model: nn.Module, dtype=torch.float64) -> AdaptiveTrainer:
 
 # ----------------------------------------------------------------------------------------------- the ranks
 
-def _shard(model: nn.Module, kind: str, mixed_bf16: bool = False) -> nn.Module:
+def _shard(model: nn.Module, kind: str, mixed_bf16: bool = False, *, block: type = Block,
+           world_size: int = WORLD_SIZE) -> nn.Module:
+    """``model.blocks`` (of type ``block``) and the model sharded by ``kind``."""
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        mesh = init_device_mesh("cpu", (world_size,))
         options = {"mesh": mesh}
         if mixed_bf16:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -135,7 +137,7 @@ def _shard(model: nn.Module, kind: str, mixed_bf16: bool = False) -> nn.Module:
         return fully_shard(model, **options)
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({Block}),
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({block}),
                                     use_orig_params=kind == "fsdp1_orig")
 
 
@@ -448,9 +450,9 @@ def test_a_weight_also_read_outside_its_layer_is_refused_under_fsdp_and_a_tie_th
         rank_results, kind):
     """OLMo's tied output, F.linear(h, embed.weight) outside any module call: without FSDP the whole-model vmap
     measures the embedding's weight; under FSDP it cannot run, and the rule's norm missed that use silently (the
-    per-example totals 0.90 to 0.98 of the loop's on a small LM). Now the graph's uses of the unsharded weight are counted: a call is
-    refused before its backward (p.grad untouched), observe after the caller's. The tie through an nn.Linear
-    sharing the weight is measured, equal to the unsharded loop."""
+    per-example totals 0.90 to 0.98 of the loop's on a small LM). Now the graph's uses of the unsharded weight are
+    counted: a call is refused before its backward (p.grad untouched), observe after the caller's. The tie through
+    an nn.Linear sharing the weight is measured, equal to the unsharded loop."""
     inputs, labels = _global_batch()
     expected = _reference_sqnorms(_make_tied_model(through_module=True), inputs, labels)
     for rank, result in enumerate(rank_results):
@@ -546,20 +548,71 @@ def test_multihead_attention_is_measured_under_fsdp(kind):
     labels = torch.arange(LOCAL_BATCH) % CLASSES
     expected = _reference_sqnorms(model, inputs, labels)
     with one_rank_process_group():
-        if kind == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh("cpu", (1,))
-            sharded = copy.deepcopy(model)
-            for block in sharded.blocks:
-                fully_shard(block, mesh=mesh)
-            sharded = fully_shard(sharded, mesh=mesh)
-        else:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-            sharded = FullyShardedDataParallel(copy.deepcopy(model), device_id=torch.device("cpu"),
-                                               auto_wrap_policy=ModuleWrapPolicy({_AttentionBlock}),
-                                               use_orig_params=kind == "fsdp1_orig")
+        sharded = _shard(copy.deepcopy(model), kind, block=_AttentionBlock, world_size=1)
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            called = norms(inputs, labels).sqnorms
+            with norms.observe(LOCAL_BATCH) as observed:
+                F.cross_entropy(sharded(inputs), labels).backward()
+    torch.testing.assert_close(called, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-12, atol=0)
+
+
+class _WeightReadingBlock(nn.Module):
+    """A module with no rule whose forward reads its nn.Linear's weight and bias without calling it (when ``read``),
+    beside a layer it calls; ``unused`` is never read at all."""
+
+    def __init__(self, read: bool):
+        super().__init__()
+        self.read = read
+        self.proj = nn.Linear(WIDTH, WIDTH)
+        self.gate = nn.Linear(WIDTH, WIDTH)
+        self.unused = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = x @ self.proj.weight.T + self.proj.bias if self.read else x
+        return x + torch.tanh(h) * torch.sigmoid(self.gate(x))
+
+
+class _WeightReadingNet(nn.Module):
+    def __init__(self, read: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([_WeightReadingBlock(read) for _ in range(2)])
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).mean(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
+    """One process (world size 1): a module with no rule reading its nn.Linear's weight without calling the layer
+    (x @ self.proj.weight.T) needs the whole-model vmap, which cannot run under FSDP: refused in a call and in
+    observe, naming the weight. Before, proj's norms were zeros silently under all three FSDP kinds (per-example
+    totals 0.85-0.88 of the loop's; unsharded, the vmap measures them). A layer never read keeps zero norms,
+    without a refusal."""
+    torch.manual_seed(0)
+    inputs = torch.randn(LOCAL_BATCH, POSITIONS, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(LOCAL_BATCH) % CLASSES
+    with one_rank_process_group():
+        sharded = _shard(_WeightReadingNet(read=True).double(), kind, block=_WeightReadingBlock, world_size=1)
+        refusal = r"blocks\.0\.(_fsdp_wrapped_module\.)?proj\.weight.*cannot be measured"
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            with pytest.raises(ValueError, match=refusal):
+                norms(inputs, labels)
+            with pytest.raises(ValueError, match=refusal):
+                with norms.observe(LOCAL_BATCH):
+                    F.cross_entropy(sharded(inputs), labels).backward()
+    model = _WeightReadingNet(read=False).double()
+    expected = []
+    for i in range(LOCAL_BATCH):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(inputs[i:i + 1]), labels[i:i + 1]).backward()
+        expected.append(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None))
+    expected = torch.stack(expected)
+    with one_rank_process_group():
+        sharded = _shard(copy.deepcopy(model), kind, block=_WeightReadingBlock, world_size=1)
         with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
             called = norms(inputs, labels).sqnorms
             with norms.observe(LOCAL_BATCH) as observed:

@@ -59,8 +59,9 @@ parameters are measured under their original names. The norms and |gbar|^2 are t
 from the local loss); the whole-model vmap cannot run on sharded parameters, so a parameter that would need it is
 an error naming it, raised before the backward; so is a weight a rule's layer reads that is also read outside its
 module's calls (a tied output ``F.linear(h, wte.weight)``), found by counting the graph's uses of the unsharded
-tensors the layer's calls read (``GhostPass.hold``). A parameter used outside every call of its module is not
-detected under FSDP (it keeps zero norms).
+tensors the layer's calls read (``GhostPass.hold``); so is a rule layer's weight read though the layer is never
+called (``x @ self.proj.weight.T``), found on the unsharded tensors each module's call holds of the layers right
+under it (``GhostPass.hold_children``).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
@@ -174,12 +175,20 @@ def _unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
                   if backend != "vmap" and ghost_pass.use_count[name] == 0 and name not in ghost_pass.vmap_names)
 
 
-def _attach_unused(plan: _Plan, ghost_pass: GhostPass) -> None:
+def _attach_unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
     """FSDP: the graph holds the unsharded tensors, not the model's parameters, so a parameter no call of its module
     used (MHA's out_proj, read by MHA's forward) goes to the nearest enclosing module that went through the
-    fallback (``GhostPass.attach``) whether the graph takes it or not; without one it keeps zero norms."""
-    for name in _unused(plan, ghost_pass):
-        ghost_pass.attach(name)
+    fallback (``GhostPass.attach``) whether the graph takes it or not. Returns those without such a module."""
+    return [name for name in _unused(plan, ghost_pass) if not ghost_pass.attach(name)]
+
+
+def _read_without_a_call(ghost_pass: GhostPass, names: list[str], roots: list) -> set[str]:
+    """FSDP, the first pass of a plan: those of ``names`` (``_attach_unused``) whose unsharded tensor, held at the
+    end of a call of a module above their layer (``GhostPass.hold_children``), the graph from ``roots`` takes:
+    ``x @ self.proj.weight.T`` in a forward, which only the whole-model vmap would measure. The others (a layer the
+    model does not use) keep zero norms."""
+    held = {name: ghost_pass.read_by_callers.get(name, {}) for name in names}
+    return {name for name, count in _held_uses(held, roots).items() if count > 0}
 
 
 def _uses_by_name(in_graph: dict[int, list], parameters: dict[str, Tensor]) -> dict[str, int]:
@@ -450,9 +459,10 @@ class PerExampleGradNorms:
         if self._sharded:
             # the graph holds FSDP's unsharded parameters, not the model's shards: the rule calls' own uses are
             # counted on the unsharded tensors they read, and a parameter also read elsewhere is refused
-            _attach_unused(plan, ghost_pass)
+            unattached = _attach_unused(plan, ghost_pass)
             if check:
                 self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, roots))
+                self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, roots)
             return sorted(self._read_elsewhere)
         in_graph = _leaf_uses(roots)
         if check:
@@ -565,7 +575,8 @@ class PerExampleGradNorms:
         probe = self._probe(plan, inputs, batch_size)
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                        sharded=self._sharded, probe=probe, inputs=inputs) as ghost_pass:
+                                        sharded=self._sharded, probe=probe, inputs=inputs,
+                                        check_uses=not self._uses_checked) as ghost_pass:
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
@@ -637,9 +648,10 @@ class PerExampleGradNorms:
             reasons = [f"module {path!r}: {why}" for path, why in ghost_pass.declined.items()]
             if read_elsewhere & set(need_vmap):
                 reasons.append(
-                    f"{sorted(read_elsewhere & set(need_vmap))} also read outside their own module's calls (a tied "
-                    "output F.linear(x, embedding.weight)), a use the hooks do not see; such a use made through a "
-                    "module is measured (an nn.Linear sharing the weight: lm_head.weight = wte.weight)")
+                    f"{sorted(read_elsewhere & set(need_vmap))} read outside their own module's calls (a tied output "
+                    "F.linear(h, wte.weight), x @ self.proj.weight.T), a use the hooks do not see; such a use made by "
+                    "a call of a module is measured (self.proj(x), or an nn.Linear sharing the weight: "
+                    "lm_head.weight = wte.weight)")
             reasons = "; ".join(reasons) or "used outside any module call"
             raise ValueError(
                 f"parameters {need_vmap} cannot be measured on this FSDP-sharded model: they would need the "
@@ -687,7 +699,8 @@ class PerExampleGradNorms:
             probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
             can_vmap = not self._sharded
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
-                                        sharded=self._sharded, probe=probe, inputs=model_inputs) as ghost_pass:
+                                        sharded=self._sharded, probe=probe, inputs=model_inputs,
+                                        check_uses=not self._uses_checked) as ghost_pass:
                 outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
                     not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
                     want_roots=not self._uses_checked)
@@ -708,12 +721,14 @@ class PerExampleGradNorms:
                                               list(parameters.values()))
             bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
                         and not ghost_pass.attach(name)]
-            if self._sharded:   # no gradient taps on FSDP's unsharded tensors: as in a call
-                _attach_unused(plan, ghost_pass)
+            # no gradient taps on FSDP's unsharded tensors: as in a call
+            unattached = _attach_unused(plan, ghost_pass) if self._sharded else []
             if not self._uses_checked:
                 if outputs.roots:
-                    self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, outputs.roots)
-                                               if self._sharded else _uses_by_name(_leaf_uses(outputs.roots), parameters))
+                    uses = (_held_uses(ghost_pass.held, outputs.roots) if self._sharded
+                            else _uses_by_name(_leaf_uses(outputs.roots), parameters))
+                    self._check_read_elsewhere(plan, ghost_pass, uses)
+                    self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, outputs.roots)
                 elif not self._warned_unchecked_uses:
                     self._warned_unchecked_uses = True
                     warnings.warn("observe found no tensor with grad in the output of the model's call (an output "

@@ -128,6 +128,8 @@ class GhostPass:
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
     node_hooks: list = field(default_factory=list)   # handles of ``_note_inner`` hooks, removed after the pass
     held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
+    # FSDP: the unsharded parameters of the rule layers right under each module called (``hold_children``)
+    read_by_callers: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))
 
     def hold(self, module: nn.Module, entry: GhostModule) -> None:
         """Under FSDP: the unsharded parameters a rule call read (its module's attributes now, resharded after the
@@ -135,6 +137,25 @@ class GhostPass:
         for local, name in entry.names.items():
             tensor = reduce(getattr, local.split("."), module)
             self.held[name][id(tensor)] = tensor
+
+    def hold_children(self, module: nn.Module) -> None:
+        """Under FSDP, at the end of any module's call (FSDP has not resharded it yet): the unsharded parameters of
+        the rule layers right under it (through ModuleList and ModuleDict), which its forward may read without
+        calling them (``x @ self.proj.weight.T``); ``PerExampleGradNorms._bypassed`` counts the graph's uses of
+        those of a layer no call used."""
+        stack = list(module.children())
+        while stack:
+            child = stack.pop()
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                stack.extend(child.children())
+                continue
+            entry = self.modules.get(child)
+            if entry is None:
+                continue
+            for local, name in entry.names.items():
+                tensor = reduce(getattr, local.split("."), child)
+                if isinstance(tensor, Tensor):
+                    self.read_by_callers[name][id(tensor)] = tensor
 
     def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None,
               without_examples: bool = False) -> Broadcast:
@@ -692,18 +713,25 @@ class GhostNormEngine:
     @contextmanager
     def recording(self, modules: dict[nn.Module, GhostModule], batch_size: int, loss_scale: float,
                   strict: bool, sharded: bool = False, probe: dict | None = None,
-                  inputs: Any = None) -> Iterator[GhostPass]:
+                  inputs: Any = None, check_uses: bool = False) -> Iterator[GhostPass]:
         """Record one forward/backward of ``modules`` (``inputs``: the model's call's, where known); the hooks are
-        inert again on exit."""
+        inert again on exit. ``check_uses``: the pass whose graph the caller checks for parameters read outside
+        their layers' calls (the first of a plan); under FSDP it also holds what each call may read of its
+        children's parameters (``GhostPass.hold_children``)."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                inputs={id(t): (t, t._version) for t in tensors_of(inputs)},
                                refused=self._refused, cross_checked=self._cross_checked, probe=probe,
                                verified=self._verified,
                                updates_buffers=self._updates_buffers,
                                outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size))
+        # FSDP: a global forward hook runs before the module's own, so before FSDP2 reshards a module it wraps
+        callers = (torch.nn.modules.module.register_module_forward_hook(self._after_any_module)
+                   if sharded and check_uses else None)
         try:
             yield self._pass
         finally:
+            if callers is not None:
+                callers.remove()
             self._pass.broadcasts.close()
             for handle in self._pass.node_hooks:
                 handle.remove()
@@ -721,6 +749,12 @@ class GhostNormEngine:
             yield self._probe
         finally:
             self._probe = self._probe_modules = None
+
+    def _after_any_module(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The global forward hook of an FSDP pass that checks uses (``recording``)."""
+        ghost_pass = self._pass
+        if ghost_pass is not None and not ghost_pass.replaying and self._probe is None:
+            ghost_pass.hold_children(module)
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         ghost_pass = self._pass
