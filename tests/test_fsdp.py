@@ -12,6 +12,7 @@ import copy
 import math
 import os
 from datetime import timedelta
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -195,7 +196,6 @@ def _worker(rank: int, out_dir: str) -> None:
             results[f"{kind}_{recompute}_grad_sqnorm"] = result.grad_sqnorm
 
     # 1b. torch's activation-checkpoint wrapper around every block (names gain _checkpoint_wrapped_module)
-    from functools import partial
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
     for kind in KINDS:
@@ -302,7 +302,7 @@ def _reference_sqnorms(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
     for i in range(inputs.shape[0]):
         model.zero_grad()
         F.cross_entropy(model(inputs[i:i + 1]), labels[i:i + 1]).backward()
-        sqnorms.append(sum(p.grad.square().sum() for p in model.parameters()))
+        sqnorms.append(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None))
     return torch.stack(sqnorms)
 
 
@@ -523,16 +523,23 @@ class _AttentionBlock(nn.Module):
         return x + self.attn(h, h, h, need_weights=False)[0]
 
 
-class _AttentionNet(nn.Module):
-    def __init__(self):
+class _TwoBlocks(nn.Module):
+    """Two blocks made by ``make_block`` and a head on the mean over positions (the one-process FSDP tests)."""
+
+    def __init__(self, make_block):
         super().__init__()
-        self.blocks = nn.ModuleList([_AttentionBlock() for _ in range(2)])
+        self.blocks = nn.ModuleList([make_block() for _ in range(2)])
         self.head = nn.Linear(WIDTH, CLASSES)
 
     def forward(self, x):
         for block in self.blocks:
             x = block(x)
         return self.head(x).mean(1)
+
+
+def _one_process_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = torch.randn(LOCAL_BATCH, POSITIONS, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return inputs, torch.arange(LOCAL_BATCH) % CLASSES
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -543,9 +550,8 @@ def test_multihead_attention_is_measured_under_fsdp(kind):
     had no copy of them), with use_orig_params=True in observe (only parameters seen receiving a gradient were
     attached to the enclosing MHA call)."""
     torch.manual_seed(0)
-    model = _AttentionNet().double()
-    inputs = torch.randn(LOCAL_BATCH, POSITIONS, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    labels = torch.arange(LOCAL_BATCH) % CLASSES
+    model = _TwoBlocks(_AttentionBlock).double()
+    inputs, labels = _one_process_batch()
     expected = _reference_sqnorms(model, inputs, labels)
     with one_rank_process_group():
         sharded = _shard(copy.deepcopy(model), kind, block=_AttentionBlock, world_size=1)
@@ -573,18 +579,6 @@ class _WeightReadingBlock(nn.Module):
         return x + torch.tanh(h) * torch.sigmoid(self.gate(x))
 
 
-class _WeightReadingNet(nn.Module):
-    def __init__(self, read: bool):
-        super().__init__()
-        self.blocks = nn.ModuleList([_WeightReadingBlock(read) for _ in range(2)])
-        self.head = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x).mean(1)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
     """One process (world size 1): a module with no rule reading its nn.Linear's weight without calling the layer
@@ -593,10 +587,10 @@ def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
     totals 0.85-0.88 of the loop's; unsharded, the vmap measures them). A layer never read keeps zero norms,
     without a refusal."""
     torch.manual_seed(0)
-    inputs = torch.randn(LOCAL_BATCH, POSITIONS, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    labels = torch.arange(LOCAL_BATCH) % CLASSES
+    inputs, labels = _one_process_batch()
     with one_rank_process_group():
-        sharded = _shard(_WeightReadingNet(read=True).double(), kind, block=_WeightReadingBlock, world_size=1)
+        sharded = _shard(_TwoBlocks(partial(_WeightReadingBlock, True)).double(), kind, block=_WeightReadingBlock,
+                         world_size=1)
         refusal = r"blocks\.0\.(_fsdp_wrapped_module\.)?proj\.weight.*cannot be measured"
         with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
             with pytest.raises(ValueError, match=refusal):
@@ -604,13 +598,8 @@ def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
             with pytest.raises(ValueError, match=refusal):
                 with norms.observe(LOCAL_BATCH):
                     F.cross_entropy(sharded(inputs), labels).backward()
-    model = _WeightReadingNet(read=False).double()
-    expected = []
-    for i in range(LOCAL_BATCH):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs[i:i + 1]), labels[i:i + 1]).backward()
-        expected.append(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None))
-    expected = torch.stack(expected)
+    model = _TwoBlocks(partial(_WeightReadingBlock, False)).double()
+    expected = _reference_sqnorms(model, inputs, labels)
     with one_rank_process_group():
         sharded = _shard(copy.deepcopy(model), kind, block=_WeightReadingBlock, world_size=1)
         with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
