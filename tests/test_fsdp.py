@@ -537,6 +537,20 @@ class _TwoBlocks(nn.Module):
         return self.head(x).mean(1)
 
 
+def _assert_one_process_norms_equal_the_loop(model: nn.Module, kind: str, block: type, inputs: torch.Tensor,
+                                             labels: torch.Tensor) -> None:
+    """A copy of ``model`` sharded by ``kind`` in one process: a call's norms and observe's equal the loop's."""
+    expected = _reference_sqnorms(model, inputs, labels)
+    with one_rank_process_group():
+        sharded = _shard(copy.deepcopy(model), kind, block=block, world_size=1)
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            called = norms(inputs, labels).sqnorms
+            with norms.observe(LOCAL_BATCH) as observed:
+                F.cross_entropy(sharded(inputs), labels).backward()
+    torch.testing.assert_close(called, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-12, atol=0)
+
+
 def _one_process_batch() -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.randn(LOCAL_BATCH, POSITIONS, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     return inputs, torch.arange(LOCAL_BATCH) % CLASSES
@@ -552,15 +566,7 @@ def test_multihead_attention_is_measured_under_fsdp(kind):
     torch.manual_seed(0)
     model = _TwoBlocks(_AttentionBlock).double()
     inputs, labels = _one_process_batch()
-    expected = _reference_sqnorms(model, inputs, labels)
-    with one_rank_process_group():
-        sharded = _shard(copy.deepcopy(model), kind, block=_AttentionBlock, world_size=1)
-        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
-            called = norms(inputs, labels).sqnorms
-            with norms.observe(LOCAL_BATCH) as observed:
-                F.cross_entropy(sharded(inputs), labels).backward()
-    torch.testing.assert_close(called, expected, rtol=1e-12, atol=0)
-    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-12, atol=0)
+    _assert_one_process_norms_equal_the_loop(model, kind, _AttentionBlock, inputs, labels)
 
 
 class _WeightReadingBlock(nn.Module):
@@ -599,12 +605,4 @@ def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
                 with norms.observe(LOCAL_BATCH):
                     F.cross_entropy(sharded(inputs), labels).backward()
     model = _TwoBlocks(partial(_WeightReadingBlock, False)).double()
-    expected = _reference_sqnorms(model, inputs, labels)
-    with one_rank_process_group():
-        sharded = _shard(copy.deepcopy(model), kind, block=_WeightReadingBlock, world_size=1)
-        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
-            called = norms(inputs, labels).sqnorms
-            with norms.observe(LOCAL_BATCH) as observed:
-                F.cross_entropy(sharded(inputs), labels).backward()
-    torch.testing.assert_close(called, expected, rtol=1e-12, atol=0)
-    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-12, atol=0)
+    _assert_one_process_norms_equal_the_loop(model, kind, _WeightReadingBlock, inputs, labels)
