@@ -90,6 +90,20 @@ class TiedNet(Net):
         return self.head(hidden) if self.through_module else F.linear(hidden, self.embed.weight)
 
 
+class _RecurrentBlock(nn.Module):
+    """x + the outputs of a 2-layer recurrent layer (batch first)."""
+
+    def __init__(self, recurrent: type):
+        super().__init__()
+        self.recurrent = recurrent(WIDTH, WIDTH, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return x + self.recurrent(x)[0]
+
+
+RECURRENT = (nn.LSTM, nn.GRU)
+
+
 def _make_tied_model(through_module: bool) -> TiedNet:
     torch.manual_seed(0)
     return TiedNet(through_module).double()
@@ -281,6 +295,14 @@ def _worker(rank: int, out_dir: str) -> None:
                                  per_example_cross_entropy) as norms:
             results[f"{kind}_tied_through_a_module_norms"] = norms(inputs, labels).sqnorms
 
+    # 7. recurrent layers, measured by their per-module fallback from the parameters the forward saw
+    for kind in KINDS:
+        for recurrent in RECURRENT:
+            torch.manual_seed(0)
+            model = _shard(_TwoBlocks(partial(_RecurrentBlock, recurrent)).double(), kind, block=_RecurrentBlock)
+            with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
+                results[f"{kind}_{recurrent.__name__}_norms"] = norms(inputs, labels).sqnorms
+
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -443,6 +465,21 @@ def test_unmeasurable_parameters_are_named_under_fsdp(rank_results):
         kind, message = result["hessian_error"]
         assert kind == "ValueError" and "FSDP-sharded" in message and "hessian_every=0" in message
         assert result["hooks_left_by_the_refused_monitor"] == 0
+
+
+@pytest.mark.parametrize("recurrent", RECURRENT, ids=lambda recurrent: recurrent.__name__)
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_layers_equal_the_unsharded_loop_under_fsdp(rank_results, kind, recurrent):
+    """nn.LSTM and nn.GRU (2 layers) in FSDP-wrapped blocks on 2 ranks. Before, they were refused: the per-module
+    fallback re-ran them on the module's own parameters, shards by then ("mixed torch.Tensor and DTensor" under
+    FSDP2, out-of-bounds storage under FSDP1); it now takes the copies the forward kept."""
+    torch.manual_seed(0)
+    model = _TwoBlocks(partial(_RecurrentBlock, recurrent)).double()
+    inputs, labels = _global_batch()
+    expected = _reference_sqnorms(model, inputs, labels)
+    for rank, result in enumerate(rank_results):
+        torch.testing.assert_close(result[f"{kind}_{recurrent.__name__}_norms"], _local(expected, rank), rtol=1e-12,
+                                   atol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -362,7 +362,7 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
         if call.rng_before is None and not call.shared:
             arguments = bound_arguments(module, call.args, call.kwargs)
             if unrolled_supported(module):
-                return unrolled_per_example_grads(module, arguments, call.grads, names)
+                return unrolled_per_example_grads(module, arguments, call.grads, names, call.parameters)
             if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
                 return attention_per_example_grads(module, arguments, call.grads, names, call.parameters)
         if call.rng_before is not None:
