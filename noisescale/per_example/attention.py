@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisescale.per_example.factors import LinearFactors
+from noisescale.per_example.used import used_parameter
 
 __all__ = ["attention_supported", "attention_per_example_grads", "LinearCapture", "capturable",
            "captured_per_example_grads"]
@@ -160,15 +161,11 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def attention_per_example_grads(module: nn.MultiheadAttention, arguments: dict, grads: list,
-                                names: list[str], weights: dict[str, Tensor] | None = None
+                                names: list[str], copies: dict[str, Tensor] | None = None
                                 ) -> dict[str, Tensor | LinearFactors]:
     """(B, *shape) per-example gradients (weights as LinearFactors) of ``names`` (in_proj_weight, in_proj_bias,
     out_proj.weight, out_proj.bias) from the call's ``arguments`` and the gradient of its attention output,
-    ``grads[0]``. ``weights``: the parameters by local name, where the module's own are not those of the call
-    (FSDP: copies taken in the forward; the module holds shards by now)."""
-    if weights is None:
-        weights = {name: module.get_parameter(name) for name in ("in_proj_weight", "out_proj.weight")}
-        weights["in_proj_bias"] = module.in_proj_bias
+    ``grads[0]``; ``copies``: the parameters the call used, under FSDP (``used_parameter``)."""
     batch_first = module.batch_first
 
     def examples_first(t: Tensor) -> Tensor:
@@ -178,9 +175,9 @@ def attention_per_example_grads(module: nn.MultiheadAttention, arguments: dict, 
     g_y = examples_first(grads[0])
     batch, length, embed = query.shape
     heads, head_dim = module.num_heads, embed // module.num_heads
-    w_q, w_k, w_v = weights["in_proj_weight"].detach().chunk(3)
-    in_bias = weights.get("in_proj_bias")
-    b_q, b_k, b_v = (None, None, None) if in_bias is None else in_bias.detach().chunk(3)
+    w_q, w_k, w_v = used_parameter(module, "in_proj_weight", copies).chunk(3)
+    in_bias = used_parameter(module, "in_proj_bias", copies)
+    b_q, b_k, b_v = (None, None, None) if in_bias is None else in_bias.chunk(3)
     bias = _additive(arguments.get("attn_mask"), query.dtype)
     padding = _additive(arguments.get("key_padding_mask"), query.dtype)
     if bias is None and arguments.get("is_causal", False):
@@ -199,7 +196,7 @@ def attention_per_example_grads(module: nn.MultiheadAttention, arguments: dict, 
         if padding is not None:
             scores = scores + padding.view(batch, 1, 1, -1)
         context = (scores.softmax(-1) @ heads_first(v)).transpose(1, 2).reshape(batch, length, embed)
-        g_q, g_k, g_v = torch.autograd.grad(context, [q, k, v], g_y @ weights["out_proj.weight"].detach())
+        g_q, g_k, g_v = torch.autograd.grad(context, [q, k, v], g_y @ used_parameter(module, "out_proj.weight", copies))
     result: dict[str, Tensor | LinearFactors] = {}
     if "in_proj_weight" in names:
         result["in_proj_weight"] = LinearFactors([(query, g_q), (key, g_k), (value, g_v)])

@@ -45,7 +45,7 @@ import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial, reduce
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -64,6 +64,7 @@ from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims
 from noisescale.per_example.factors import IndexFactors, LinearFactors, full_precision, sqnorm_of_sum
 from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.recurrent import unrolled_supported
+from noisescale.per_example.used import attribute
 from noisescale.per_example.uses import ParameterUses, per_example_total
 from noisescale.sharded import clean_name
 
@@ -127,6 +128,7 @@ class GhostPass:
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
     node_hooks: list = field(default_factory=list)   # handles of ``_note_inner`` hooks, removed after the pass
+    check_uses: bool = False   # the pass whose graph is checked for parameters read outside their layers' calls
     held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
     # FSDP: the unsharded parameters of the rule layers right under each module called (``hold_children``)
     read_by_callers: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))
@@ -134,9 +136,7 @@ class GhostPass:
     def hold(self, module: nn.Module, entry: GhostModule) -> None:
         """Under FSDP: the unsharded parameters a rule call read (its module's attributes now, resharded after the
         forward), by which the graph's other uses of them are counted (``PerExampleGradNorms._bypassed``)."""
-        for local, name in entry.names.items():
-            tensor = reduce(getattr, local.split("."), module)
-            self.held[name][id(tensor)] = tensor
+        _keep(self.held, module, entry)
 
     def hold_children(self, module: nn.Module) -> None:
         """Under FSDP, at the end of any module's call (FSDP has not resharded it yet): the unsharded parameters of
@@ -150,12 +150,8 @@ class GhostPass:
                 stack.extend(child.children())
                 continue
             entry = self.modules.get(child)
-            if entry is None:
-                continue
-            for local, name in entry.names.items():
-                tensor = reduce(getattr, local.split("."), child)
-                if isinstance(tensor, Tensor):
-                    self.read_by_callers[name][id(tensor)] = tensor
+            if entry is not None:
+                _keep(self.read_by_callers, child, entry)
 
     def share(self, entry: GhostModule, tensor: Tensor, deliver: Any, call: Any = None,
               without_examples: bool = False) -> Broadcast:
@@ -723,7 +719,8 @@ class GhostNormEngine:
                                refused=self._refused, cross_checked=self._cross_checked, probe=probe,
                                verified=self._verified,
                                updates_buffers=self._updates_buffers,
-                               outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size))
+                               outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size),
+                               check_uses=check_uses)
         # FSDP: a global forward hook runs before the module's own, so before FSDP2 reshards a module it wraps
         callers = (torch.nn.modules.module.register_module_forward_hook(self._after_any_module)
                    if sharded and check_uses else None)
@@ -915,7 +912,7 @@ class GhostNormEngine:
                 ghost_pass.rechecks.append((module, entry, entry.rule.reproduces(module, x, output)))
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
-        if ghost_pass.sharded:
+        if ghost_pass.sharded and ghost_pass.check_uses:
             ghost_pass.hold(module, entry)
         if shared:
             ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x),
@@ -1237,13 +1234,15 @@ def _parameter_copies(module: nn.Module, entry: GhostModule) -> dict[str, Tensor
     for path, child in module.named_modules():
         names |= {f"{path}.{attribute}".lstrip(".") for attribute, value in vars(child).items()
                   if isinstance(value, Tensor) and value.requires_grad}
-    copies = {}
-    for name in names:
-        value = module
-        for part in name.split("."):
-            value = getattr(value, part)
-        copies[name] = value.detach().clone()
-    return copies
+    return {name: attribute(module, name).detach().clone() for name in names}
+
+
+def _keep(store: dict[str, dict[int, Tensor]], module: nn.Module, entry: GhostModule) -> None:
+    """store[name][id] = the tensor ``module`` holds now as each of ``entry``'s parameters (``GhostPass.hold``)."""
+    for local, name in entry.names.items():
+        tensor = attribute(module, local)
+        if isinstance(tensor, Tensor):
+            store[name][id(tensor)] = tensor
 
 
 def _shape(x: Any) -> Any:

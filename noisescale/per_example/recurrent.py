@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisescale.per_example.factors import LinearFactors
+from noisescale.per_example.used import used_parameter
 
 __all__ = ["unrolled_supported", "unrolled_per_example_grads"]
 
@@ -51,16 +52,11 @@ def _one_layer(mode: str, u: Tensor, w_hh: Tensor, b_hh: Tensor | None, h: Tenso
 
 
 def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[Tensor | None],
-                               names: list[str], weights: dict[str, Tensor] | None = None
+                               names: list[str], copies: dict[str, Tensor] | None = None
                                ) -> dict[str, Tensor | LinearFactors]:
     """(B, *shape) per-example gradients (weights as LinearFactors) of ``names`` from the call's ``arguments``
     (input, hx) and the output gradients ``grads`` (output, h_n[, c_n]; None where no gradient arrived), in the
-    module's own layouts. ``weights``: the parameters by name where the module's own are not those of the call
-    (FSDP: copies taken in the forward; the module holds shards by now)."""
-    weights = weights or {}
-
-    def weight(name: str) -> Tensor:
-        return (weights[name] if name in weights else getattr(module, name)).detach()
+    module's own layouts; ``copies``: the parameters the call used, under FSDP (``used_parameter``)."""
     x = arguments["input"].detach()
     x = x if module.batch_first else x.transpose(0, 1)                       # (B, T, H_in)
     batch, length = x.shape[:2]
@@ -81,8 +77,9 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
             direction_outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih, w_hh = (weight(f"weight_{kind}{suffix}") for kind in ("ih", "hh"))
-                b_ih, b_hh = (weight(f"bias_{kind}{suffix}") for kind in ("ih", "hh")) if module.bias else (None, None)
+                w_ih, w_hh = (used_parameter(module, f"weight_{kind}{suffix}", copies) for kind in ("ih", "hh"))
+                b_ih, b_hh = (used_parameter(module, f"bias_{kind}{suffix}", copies) for kind in ("ih", "hh")) \
+                    if module.bias else (None, None)
                 sequence = layer_input.flip(1) if direction else layer_input
                 u = F.linear(sequence, w_ih, b_ih)
                 index = layer * directions + direction
