@@ -2,15 +2,15 @@
 a wait that fails only on a hang (no rank reports progress for ``hang_deadline_s``), never on a slow machine; a
 process group of the test process alone; and the check shared by the integrations' DDP tests.
 
-Rendezvous go through a file or an in-memory store where the test decides it: a TCP port chosen free can be taken by
-another process on a busy machine before the store binds it, and the ranks then wait for peers that never come. Only
-the frameworks that rendezvous themselves from the environment (the HF Trainer, Lightning) get a port."""
+Rendezvous go through a file or an in-memory store, never a TCP port chosen free: another process on a busy machine
+can take that port before the store binds it, and the ranks then wait for peers that never come. The frameworks that
+would rendezvous from ``MASTER_PORT`` (the HF Trainer through accelerate, Lightning) find the group made already
+(:func:`framework_rank`) and use it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +24,19 @@ import torch.multiprocessing as mp
 from noisescale.estimators import ExponentialMovingNoiseScale
 
 
-def free_port() -> int:
-    """A port free now, for the frameworks that rendezvous from ``MASTER_PORT``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def file_rendezvous(out_dir: str | Path) -> str:
     """``init_method`` for ranks that share ``out_dir``: a file store, no port."""
     return (Path(out_dir) / "rendezvous").resolve().as_uri()
+
+
+def framework_rank(rank: int, world_size: int, out_dir: str | Path) -> None:
+    """Make this spawned process rank ``rank`` as torchrun would (one torch thread, the environment a framework
+    reads), with the default gloo group already made on a file store in ``out_dir``: accelerate and Lightning skip
+    their own rendezvous from ``MASTER_ADDR``/``MASTER_PORT`` when a group exists."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0")
+    dist.init_process_group("gloo", init_method=file_rendezvous(out_dir), rank=rank, world_size=world_size)
 
 
 @contextlib.contextmanager
@@ -110,9 +113,9 @@ def spawn_ranks(worker, args: tuple, nprocs: int, out_dir: str | Path, hang_dead
 
 
 def spawn_and_load(worker, world_size: int, out_dir: str | Path, hang_deadline_s: float) -> list[dict]:
-    """Run ``worker(rank, port, out_dir)`` on ``world_size`` ranks, each saving its results to rank{rank}.pt, and
-    return those results in rank order."""
-    spawn_ranks(worker, (free_port(), str(out_dir)), world_size, out_dir, hang_deadline_s)
+    """Run ``worker(rank, out_dir)`` on ``world_size`` ranks, each saving its results to rank{rank}.pt, and return
+    those results in rank order."""
+    spawn_ranks(worker, (str(out_dir),), world_size, out_dir, hang_deadline_s)
     return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

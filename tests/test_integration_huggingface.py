@@ -20,7 +20,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from _ranks import check_global_batch_history, spawn_and_load  # noqa: E402
+from _ranks import check_global_batch_history, framework_rank, spawn_and_load  # noqa: E402
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
@@ -471,12 +471,10 @@ WORLD_SIZE = 2
 
 
 
-def _ddp_worker(rank, port, out_dir):
+def _ddp_worker(rank, out_dir):
     """One rank as torchrun would start it (accelerate reads the environment): GPT-2 with accumulation 2, a run
     with the plain Trainer and one with NoiseScaleTrainer; parameters, history and batches saved for the test."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+    framework_rank(rank, WORLD_SIZE, out_dir)
     data = _token_dataset(32)
     plain = _train(transformers.Trainer, tiny_gpt2, data, os.path.join(out_dir, "plain"), 2)
     measured = _train(RecordingTrainer, tiny_gpt2, data, os.path.join(out_dir, "measured"), 2,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
-from _ranks import check_global_batch_history, spawn_and_load
+from _ranks import check_global_batch_history, framework_rank, spawn_and_load
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
                                    micro_batch_noise_scale, simple_noise_scale)
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
@@ -290,12 +290,10 @@ WORLD_SIZE = 2
 
 
 
-def _ddp_worker(rank, port, out_dir):
+def _ddp_worker(rank, out_dir):
     """One rank of Lightning's ddp strategy (the environment variables say the processes exist already): a run
     without the callback and one with it, same seed; parameters, history and batches saved for the test."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    framework_rank(rank, WORLD_SIZE, out_dir)
     results = {}
     for prefix, make_module in (("", TinyModule), ("batch_norm_", BatchNormModule)):
         for name in ("plain", "measured"):
