@@ -606,6 +606,25 @@ def test_multihead_attention_is_measured_under_fsdp(kind):
     _assert_one_process_norms_equal_the_loop(model, kind, _AttentionBlock, inputs, labels)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_layer_with_as_many_layers_as_examples_is_refused_under_fsdp_with_the_remedy(kind):
+    """One process: a 2-layer LSTM's h_n is (2, B, hidden), so with B = 2 its dim 0 cannot be told from the examples'
+    dim without the probe on B - 1 examples that FSDP rules out. The refusal says so and how to avoid it (before, it
+    said the dim "is not the examples (probe)", though no probe runs under FSDP), and leaves p.grad alone; with B = 4
+    the same model equals the per-example loop."""
+    torch.manual_seed(0)
+    model = _TwoBlocks(lambda: _RecurrentBlock(nn.LSTM)).double()
+    inputs, labels = _one_process_batch()
+    with one_rank_process_group():
+        sharded = _shard(copy.deepcopy(model), kind, block=_RecurrentBlock, world_size=1)
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            with pytest.raises(ValueError, match="cannot be told from another dim of that size without a probe on "
+                               "one example fewer \\(a batch size unlike the layer's other sizes avoids this\\)"):
+                norms(inputs[:2], labels[:2])
+            assert all(p.grad is None for p in sharded.parameters())
+    _assert_one_process_norms_equal_the_loop(model, kind, _RecurrentBlock, inputs, labels)
+
+
 class _WeightReadingBlock(nn.Module):
     """A module with no rule whose forward reads its nn.Linear's weight and bias without calling it (when ``read``),
     beside a layer it calls; ``unused`` is never read at all."""

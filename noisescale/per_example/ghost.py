@@ -281,6 +281,15 @@ class GhostPass:
                 return False   # another dim follows the batch too: CLIP's (B, B) logits, examples against examples
         return True
 
+    def not_the_examples(self, dim: str, size: int) -> str:
+        """Why ``dim`` (of ``size``) of a call was not taken for the examples, after ``follows_batch`` said no: a
+        probe on one example fewer showed it, or, where none ran (under FSDP, or before auto's first probe), another
+        dim has that size too and the two cannot be told apart."""
+        if self.probe is None:
+            return (f"{dim} of size {size} cannot be told from another dim of that size without a probe on one example "
+                    "fewer (a batch size unlike the layer's other sizes avoids this)")
+        return f"{dim} of size {size} is not the examples (a probe on one example fewer showed it)"
+
     def inputs_changed(self) -> bool:
         """Whether a tensor of the model's call's inputs was changed in place since the pass began."""
         return any(t._version != version for t, version in self.inputs.values())
@@ -881,7 +890,7 @@ class GhostNormEngine:
         elif plain and not ghost_pass.follows_batch(
                 module, index, [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output), [(x, 0)],
                 entry.rule.rows_as_positions, traced=entry.rule.rows_as_positions):
-            why = f"called with an input of shape {_shape(x)} whose dim 0 of size {batch} is not the examples"
+            why = f"called with an input of shape {_shape(x)}: {ghost_pass.not_the_examples('its dim 0', batch)}"
         else:
             why = None
         # a table's rows (DeBERTa's relative embeddings, even with B rows), for the rules that take any leading dims
@@ -999,7 +1008,7 @@ class GhostNormEngine:
                 tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
                 if not ghost_pass.follows_batch(module, index, tensors, batched, blocks=blocks or 1,
                                                 features_last=type(spec) is not BatchDims):
-                    reason = f"a dim of size {rows} that is not the examples (probe)"
+                    reason = ghost_pass.not_the_examples("a dim", rows)
             if reason is not None:
                 ghost_pass.decline(entry, reason)
                 return None
