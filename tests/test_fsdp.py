@@ -625,6 +625,47 @@ def test_recurrent_layer_with_as_many_layers_as_examples_is_refused_under_fsdp_w
     _assert_one_process_norms_equal_the_loop(model, kind, _RecurrentBlock, inputs, labels)
 
 
+class _BiasedBlock(nn.Module):
+    """T5's layout: attention scores plus a position bias that the first block computes once for all the examples
+    from its own embedding of relative positions and returns, and that each later block takes as an input (two
+    more blocks: it passes through two FSDP units' inputs)."""
+
+    def __init__(self, first: bool):
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.relative = nn.Embedding(2 * POSITIONS - 1, 1) if first else None
+
+    def forward(self, x, bias=None):
+        if self.relative is not None:
+            positions = torch.arange(POSITIONS)
+            bias = self.relative(positions[None, :] - positions[:, None] + POSITIONS - 1).squeeze(-1)[None]
+        scores = self.query(x) @ self.key(x).transpose(1, 2) + bias
+        return x + scores.softmax(-1) @ self.value(x), bias
+
+
+class _BiasedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_BiasedBlock(first=k == 0) for k in range(3)])
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        bias = None
+        for block in self.blocks:
+            x, bias = block(x, bias)
+        return self.head(x).mean(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_shared_position_bias_passed_between_units_is_measured_under_fsdp(kind):
+    """One process: the position bias computed once in the first FSDP unit and passed into the next (as HF T5 does)
+    equals the per-example loop, in a call and in observe. Before, FSDP2 refused it: the walk from the shared bias
+    to where it meets the examples stopped at FSDP2's identity on the next unit's inputs
+    (RegisterPostBackwardFunctionBackward, several outputs)."""
+    torch.manual_seed(0)
+    _assert_one_process_norms_equal_the_loop(_BiasedNet().double(), kind, _BiasedBlock, *_one_process_batch())
+
+
 class _WeightReadingBlock(nn.Module):
     """A module with no rule whose forward reads its nn.Linear's weight and bias without calling it (when ``read``),
     beside a layer it calls; ``unused`` is never read at all."""

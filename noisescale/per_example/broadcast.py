@@ -54,6 +54,9 @@ _OF_ONE = ORDER_KEEPING | {"PermuteBackward0", "TransposeBackward0", "TBackward0
                            "TanhBackward0", "ExpBackward0"}
 # elementwise operations of several tensors: they give the examples to a shared input broadcast along their
 # output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
+# identities on several tensors at once, input k passed on as output k (FSDP2's hook on the tensor inputs of each
+# unit, RegisterPostBackwardFunction(param_group, *inputs))
+_PASS_THROUGH = {"RegisterPostBackwardFunctionBackward"}
 _ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "DivBackward0", "ExpandBackward0"}
 # products and normalisations with parameters whose every input is an input of their autograd node (no index or
 # mask hidden in it): a shared input combined only with parameters gives a shared output (DeBERTa's relative
@@ -158,15 +161,18 @@ class BroadcastGradients:
         if broadcast.tensor._version != broadcast.version:
             return "it was changed in place after its module returned it"
         broadcast.note(broadcast.tensor.dtype)
-        frontier, between, stack, follows = defaultdict(list), {}, [start], False
+        frontier, between, passed, follows = defaultdict(list), {}, defaultdict(set), False
+        stack = [(start, None)]   # (node, the one output followed where it passes several tensors on, else None)
         while stack:
-            node = stack.pop()
+            node, followed = stack.pop()
             made = starts.get((node, 0))
             if made is not None and made is not broadcast and len(_input_shapes(node)) == 1:
                 made.followers.append(broadcast)   # its deliverer adds its per-example gradient to ours
                 follows = True
                 continue
             for consumer, k, output_nr in consumers.get(node, []):
+                if followed is not None and output_nr != followed:
+                    continue
                 name = type(consumer).__name__
                 try:
                     shapes = [tuple(meta.shape) for meta in consumer._input_metadata]
@@ -175,6 +181,11 @@ class BroadcastGradients:
                     return "the autograd graph does not give its operations' output shapes"
                 shape = tuple(carried.shape)
                 broadcast.note(carried.dtype)
+                if name in _PASS_THROUGH and k < len(shapes) and shapes[k] == shape:   # still shared, as output k
+                    if k not in passed[consumer]:
+                        passed[consumer].add(k)
+                        stack.append((consumer, k))
+                    continue
                 if len(shapes) != 1:
                     return f"an operation with several outputs ({name}) takes it"
                 out = shapes[0]
@@ -196,7 +207,7 @@ class BroadcastGradients:
                     # shared still: its own shape, an expand, or combined with parameters only
                     if consumer not in between:
                         between[consumer] = True
-                        stack.append(consumer)
+                        stack.append((consumer, None))
                 else:
                     return f"an operation ({name}) takes it in a way the hooks do not follow"
         if not frontier and not follows and consumers.get(start):
@@ -204,10 +215,13 @@ class BroadcastGradients:
         for consumer, edges in frontier.items():
             self._handles.append(consumer.register_prehook(
                 lambda grads, edges=edges, consumer=consumer: self._at_frontier(broadcast, consumer, edges, grads)))
-        targets = set(between) | {start}
+        targets = set(between) | set(passed) | {start}
         for node in between:
             self._handles.append(node.register_prehook(
                 lambda grads, node=node: self._between(broadcast, node, targets, grads)))
+        for node, outputs in passed.items():
+            self._handles.append(node.register_prehook(
+                lambda grads, node=node, outputs=outputs: self._passed(broadcast, node, outputs)))
         self._handles.append(broadcast.tensor.register_hook(_deliverer(broadcast)))
         return None
 
@@ -344,6 +358,14 @@ class BroadcastGradients:
         with torch.no_grad():
             for (k, edge), value in zip(wanted, _carried(node, per_example, [k for k, _ in wanted])):
                 _add(broadcast.sums, edge, value)
+
+    def _passed(self, broadcast: Broadcast, node: Any, outputs: set) -> None:
+        """Before the real backward runs ``node``, an identity on several tensors (``_PASS_THROUGH``): each example's
+        gradient of its output j is that of its input j."""
+        for j in outputs:
+            per_example = broadcast.sums.pop((node, j), None)
+            if per_example is not None:
+                _add(broadcast.sums, node.next_functions[j], per_example)
 
     def close(self) -> None:
         """Removes the hooks (the pending tensors stay, for ``GhostPass.finish`` to send to the vmap)."""
