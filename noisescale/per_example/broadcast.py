@@ -52,11 +52,11 @@ _OF_ONE = ORDER_KEEPING | {"PermuteBackward0", "TransposeBackward0", "TBackward0
                            "MeanBackward0", "MeanBackward1", "UpsampleBilinear2DBackward0",
                            "UpsampleBicubic2DBackward0", "UpsampleNearest2DBackward0", "SigmoidBackward0",
                            "TanhBackward0", "ExpBackward0"}
-# elementwise operations of several tensors: they give the examples to a shared input broadcast along their
-# output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
 # identities on several tensors at once, input k passed on as output k (FSDP2's hook on the tensor inputs of each
 # unit, RegisterPostBackwardFunction(param_group, *inputs))
 _PASS_THROUGH = {"RegisterPostBackwardFunctionBackward"}
+# elementwise operations of several tensors: they give the examples to a shared input broadcast along their
+# output's dim 0 of size B (the frontier, ``_unreduced``); one not broadcast keeps the output shared
 _ELEMENTWISE = {"AddBackward0", "SubBackward0", "WhereBackward0", "MulBackward0", "DivBackward0", "ExpandBackward0"}
 # products and normalisations with parameters whose every input is an input of their autograd node (no index or
 # mask hidden in it): a shared input combined only with parameters gives a shared output (DeBERTa's relative
