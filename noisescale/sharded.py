@@ -27,12 +27,22 @@ __all__ = [
     "sharded_grad_sqnorm",
     "sharded_gradients_finite",
     "clean_name",
+    "fsdp2_units",
+    "is_fsdp2_unit",
 ]
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+def is_fsdp2_unit(module: nn.Module) -> bool:
+    """Whether FSDP2 ``fully_shard`` wraps ``module``: calling it runs FSDP2's hooks (all-gather, reshard)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def fsdp2_units(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that FSDP2 ``fully_shard`` wraps: each reshards its parameters in a forward hook
+    registered before any of noisescale's."""
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
@@ -44,7 +54,7 @@ def _fsdp1_modules(model: nn.Module) -> list[nn.Module]:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` or any of its submodules is sharded by FSDP2 or FSDP1."""
-    return bool(_fsdp2_modules(model) or _fsdp1_modules(model))
+    return bool(fsdp2_units(model) or _fsdp1_modules(model))
 
 
 def sharding_group(model: nn.Module) -> dist.ProcessGroup | None:
@@ -64,7 +74,7 @@ def sharding_group(model: nn.Module) -> dist.ProcessGroup | None:
                              "the ranks' squared norms would count it once per rank): use DistributedDataParallel, "
                              "which it equals, or FULL_SHARD / SHARD_GRAD_OP")
         return fsdp1[0].process_group
-    if not _fsdp2_modules(model):
+    if not fsdp2_units(model):
         return None
     from torch.distributed.tensor import DTensor
     meshes = {p.device_mesh for p in model.parameters() if isinstance(p, DTensor)}
@@ -121,7 +131,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         with fsdp1[0].no_sync():
             yield
         return
-    roots = [m for m in _fsdp2_modules(model)]
+    roots = [m for m in fsdp2_units(model)]
     for module in roots:
         module.set_requires_gradient_sync(False, recurse=False)
     try:

@@ -666,6 +666,31 @@ def test_a_shared_position_bias_passed_between_units_is_measured_under_fsdp(kind
     _assert_one_process_norms_equal_the_loop(_BiasedNet().double(), kind, _BiasedBlock, *_one_process_batch())
 
 
+class _LayerScaleBlock(nn.Module):
+    """x + scale * W x with ``scale`` a parameter of the block itself (BEiT's and ConvNeXt's layer scale): the FSDP
+    unit owns a parameter that no layer with a rule holds, so the block is measured by the per-module fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, WIDTH))
+
+    def forward(self, x):
+        return x + self.scale * torch.tanh(self.linear(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_parameter_of_the_fsdp_unit_itself_is_measured(kind):
+    """One process: blocks that are FSDP units with a parameter of their own (a layer scale) equal the per-example
+    loop, in a call and in observe. Before, FSDP2 failed: its post-forward hook on the unit ran before noisescale's
+    and resharded the parameters the fallback copies ("mixed torch.Tensor and DTensor"); and the fallback's re-run
+    of the unit ran FSDP2's hooks, which put the all-gathered parameters over the re-run's own, so these got zero
+    gradients."""
+    torch.manual_seed(0)
+    _assert_one_process_norms_equal_the_loop(_TwoBlocks(_LayerScaleBlock).double(), kind, _LayerScaleBlock,
+                                             *_one_process_batch())
+
+
 class _WeightReadingBlock(nn.Module):
     """A module with no rule whose forward reads its nn.Linear's weight and bias without calling it (when ``read``),
     beside a layer it calls; ``unused`` is never read at all."""

@@ -99,7 +99,7 @@ from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
-from noisescale.sharded import flat_parameter_owners, is_sharded
+from noisescale.sharded import flat_parameter_owners, fsdp2_units, is_sharded
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
 
@@ -317,7 +317,7 @@ class PerExampleGradNorms:
             hooked = [m for m in self._path_of if rule_for(m) is not None]
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
             hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in m.parameters(recurse=False))]
-        self._engine = GhostNormEngine(hooked, root=model)
+        self._engine = GhostNormEngine(hooked, root=model, resharding=fsdp2_units(model) if self._sharded else ())
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)

@@ -48,6 +48,7 @@ from noisescale.per_example.attention import (attention_per_example_grads, atten
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 from noisescale.per_example.vmap import conversions_refused, quiet_batching
+from noisescale.sharded import is_fsdp2_unit
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
            "check_unmodified", "is_parameter_table", "module_per_example_grads", "opaque_input", "output_leaves"]
@@ -255,8 +256,23 @@ def _with_examples(leaves: list[Any], dims: list[int | None], examples: dict[int
     return filled
 
 
+class _OwnForward(nn.Module):
+    """Runs ``inner.forward`` without ``inner``'s own hooks: an FSDP2 unit's would all-gather its shards over the
+    tensors ``functional_call`` puts in place, leaving the re-run's parameters unused (zero gradients)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner.forward(*args, **kwargs)
+
+
 def _selected_outputs(module, parameters, constants, rebuild, leaves, hooked: list[int]) -> tuple[Tensor, ...]:
     args, kwargs = rebuild(leaves)
+    if is_fsdp2_unit(module):
+        module, parameters, constants = (_OwnForward(module), {f"inner.{k}": v for k, v in parameters.items()},
+                                         {f"inner.{k}": v for k, v in constants.items()})
     outputs = output_tensors(functional_call(module, (parameters, constants), args, kwargs, strict=False))
     if rebuild.blocks:
         return tuple(outputs[k].unflatten(0, (-1, rebuild.blocks)) for k in hooked)

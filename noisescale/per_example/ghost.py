@@ -46,7 +46,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -690,7 +690,9 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 class GhostNormEngine:
     """Installs a forward pre-hook and a forward hook on each given module; inactive outside ``recording``."""
 
-    def __init__(self, modules: list[nn.Module], root: nn.Module | None = None):
+    def __init__(self, modules: list[nn.Module], root: nn.Module | None = None, resharding: Iterable[nn.Module] = ()):
+        """``resharding``: modules that reshard their parameters in a forward hook of their own (FSDP2's units):
+        this engine's forward hook runs before theirs, while the parameters a fallback copies are whole."""
         self._pass: GhostPass | None = None
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its rule verified
         self._warned: weakref.WeakSet = weakref.WeakSet()
@@ -704,9 +706,11 @@ class GhostNormEngine:
         self._probe_modules: dict | None = None
         self._probe_batch = 0
         self._handles = []
+        resharding = set(resharding)
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True,
+                                                              prepend=module in resharding))
         if root is not None:   # after the model's forward, the shared outputs' consumers are in the graph
             self._handles.append(root.register_forward_hook(self._after_model))
 
