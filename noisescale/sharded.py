@@ -29,6 +29,7 @@ __all__ = [
     "clean_name",
     "fsdp2_units",
     "is_fsdp2_unit",
+    "refuse_tensor_parallel",
 ]
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -83,6 +84,24 @@ def sharding_group(model: nn.Module) -> dist.ProcessGroup | None:
                          f"{sorted(m.ndim for m in meshes)}; noisescale supports fully_shard over one 1-D mesh "
                          "(hybrid sharding is not supported)")
     return next(iter(meshes)).get_group()
+
+
+def refuse_tensor_parallel(model: nn.Module) -> None:
+    """Raise a ValueError naming them when ``model`` has DTensor parameters but no FSDP module: tensor (or sequence)
+    parallelism (``parallelize_module``, Lightning's ModelParallelStrategy with ``tensor_parallel_size`` > 1).
+    There a layer's weight and activations stay split over the ranks in its forward and backward, and an example
+    is not on one rank alone, so the ghost norms cannot be read from any rank; before, the first call failed deep
+    in the hooks with DTensor's "got mixed torch.Tensor and DTensor"."""
+    if is_sharded(model):
+        return
+    from torch.distributed.tensor import DTensor
+    names = [clean_name(name) for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if names:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ValueError(f"the parameters {shown} are DTensors of a model not sharded by FSDP (tensor parallelism, "
+                         "e.g. parallelize_module or Lightning's ModelParallelStrategy with tensor_parallel_size > 1): "
+                         "per-example gradient norms are not supported under tensor parallelism; use DDP or FSDP "
+                         "(fully_shard over a 1-D mesh)")
 
 
 def clean_name(name: str) -> str:

@@ -728,3 +728,19 @@ def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
                     F.cross_entropy(sharded(inputs), labels).backward()
     model = _TwoBlocks(partial(_WeightReadingBlock, False)).double()
     _assert_one_process_norms_equal_the_loop(model, kind, _WeightReadingBlock, inputs, labels)
+
+
+def test_tensor_parallel_parameters_are_refused_with_a_clear_error():
+    """One process (world size 1): a model made tensor parallel by parallelize_module (DTensor weights, no FSDP
+    module), as Lightning's ModelParallelStrategy with tensor_parallel_size > 1 makes it, is refused when the norms
+    are set up, naming its parameters. Before, NoiseScaleCallback and PerExampleGradNorms accepted it and the first
+    call failed inside the ghost hooks with "aten.bitwise_and_.Tensor got mixed torch.Tensor and DTensor"."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    with one_rank_process_group():
+        model = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.Tanh(), nn.Linear(2 * WIDTH, CLASSES)).double()
+        parallelize_module(model, init_device_mesh("cpu", (1,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        with pytest.raises(ValueError, match=r"0\.weight, 0\.bias, 2\.weight, 2\.bias are DTensors.*tensor parallel"):
+            PerExampleGradNorms(model, per_example_cross_entropy)

@@ -350,3 +350,67 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
     for row in history.itertuples():
         average.update(row.trace_sigma, row.grad_sqnorm)
     assert resumed.monitor.summary().b_simple == pytest.approx(average.b_simple, rel=1e-12)
+
+
+# ------------------------------------------------------------------- FSDP2 under ModelParallelStrategy, 2 gloo ranks
+class ShardedModule(TinyModule):
+    """TinyModule sharded by FSDP2 in ``configure_model`` (each nn.Linear, then the module), as Lightning's
+    ModelParallelStrategy asks; Lightning's FSDPStrategy (FSDP1) refuses accelerator='cpu'."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class RecordFullBatches(RecordBatches):
+    """RecordBatches with the full (unsharded) weights, gathered on every rank."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            weights = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True))
+            self.steps.append({"weights": {k: v.detach().clone() for k, v in weights.items()}, "batches": []})
+        self.steps[-1]["batches"].append([t.clone() for t in batch])
+
+
+def _fsdp2_worker(rank, out_dir):
+    """One rank of ModelParallelStrategy(data_parallel_size=2): a run without the callback and one with it."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    framework_rank(rank, WORLD_SIZE, out_dir)
+    results = {}
+    for name in ("plain", "measured"):
+        recorder, callback = RecordFullBatches(), NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5))
+        pl.seed_everything(5, verbose=False)
+        module = ShardedModule()
+        trainer = pl.Trainer(accelerator="cpu", devices=WORLD_SIZE, max_steps=STEPS, accumulate_grad_batches=2,
+                             strategy=ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1),
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[recorder, callback] if name == "measured" else [])
+        trainer.fit(module, _loader(shuffle=False))
+        weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        results[name] = [weights[key].detach().clone() for key in sorted(weights)]
+    results["history"], results["steps"] = callback.monitor.history, recorder.steps
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_fsdp2_under_model_parallel_strategy_logs_the_global_estimate_and_training_is_bit_identical(
+        tmp_path, hang_deadline_s):
+    """FSDP2 (fully_shard in configure_model) under Lightning's ModelParallelStrategy on 2 gloo ranks: the history
+    is that of the global batch, equal to the unsharded per-example loop (float64), and training is bit-identical
+    to the run without the callback."""
+    ranks = spawn_and_load(_fsdp2_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
+
+    def global_norms(k):
+        module = TinyModule()
+        module.load_state_dict(ranks[0]["steps"][k]["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
+        return _naive_norms(module, x, y)
+
+    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, lambda k: simple_noise_scale(*global_norms(k)),
+                               1e-9)

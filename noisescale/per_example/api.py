@@ -99,7 +99,7 @@ from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
-from noisescale.sharded import flat_parameter_owners, fsdp2_units, is_sharded
+from noisescale.sharded import flat_parameter_owners, fsdp2_units, is_sharded, refuse_tensor_parallel
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
 
@@ -307,6 +307,7 @@ class PerExampleGradNorms:
         self._path_of = {module: path or "<model>" for path, module in model.named_modules()}
         # FSDP (noisescale.sharded): the parameters are shards between calls; FSDP1 may keep them in flat parameters
         self._sharded = is_sharded(model)
+        refuse_tensor_parallel(model)
         if self._sharded and backend == "vmap":
             raise ValueError("backend='vmap' cannot run on an FSDP-sharded model (torch.func needs whole "
                              "parameters); use backend='auto' or 'ghost'")
