@@ -99,11 +99,14 @@ class RecordingTrainer(NoiseScaleTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         steps = self.__dict__.setdefault("recorded", [])
         if not steps or steps[-1]["closed"]:
-            steps.append({"weights": copy.deepcopy(self.model.state_dict()), "batches": [], "closed": False})
+            steps.append({"weights": self._weights(), "batches": [], "closed": False})
         steps[-1]["batches"].append({key: value.clone() for key, value in inputs.items()})
         loss = super().training_step(model, inputs, num_items_in_batch)
         steps[-1]["closed"] = self.accelerator.sync_gradients
         return loss
+
+    def _weights(self) -> dict:
+        return copy.deepcopy(self.model.state_dict())
 
 
 def _class_loss(outputs, labels):
@@ -494,8 +497,9 @@ def _ddp_worker(rank, out_dir):
                 "logs": measured.state.log_history}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
-    ranks = spawn_and_load(_ddp_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
+def _check_the_global_batch_history(ranks: list[dict]) -> ExponentialMovingNoiseScale:
+    """Training bit-identical on every rank, and every rank's history that of the global batches (GPT-2,
+    accumulation 2, 2 ranks), against the per-example loop at each step's weights."""
     loss = _gpt2_loss(2)
 
     def global_norms(k):
@@ -506,12 +510,74 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
         targets = batch.pop("labels")
         return _naive_norms(model, loss, batch, targets)
 
-    average = check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * 3,
-                                         lambda k: simple_noise_scale(*global_norms(k)), RTOL)
+    return check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * 3, lambda k: simple_noise_scale(*global_norms(k)),
+                                      RTOL)
+
+
+def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
+    ranks = spawn_and_load(_ddp_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
+    average = _check_the_global_batch_history(ranks)
     for rank in ranks:   # before, compiled (torch.compile(DDP(model))): each rank's own estimate, grad_sqnorm < 0
         pd.testing.assert_frame_equal(rank["compiled_history"], rank["history"], rtol=1e-12)
     logged = [entry for entry in ranks[0]["logs"] if "noise_scale/trace_sigma" in entry]
     assert logged[-1]["noise_scale/trace_sigma"] == pytest.approx(average.trace_sigma, rel=RTOL)
+
+
+class _ForcedFSDP:
+    """Test-only: accelerate (1.16) turns its FSDP plugin on for GPUs alone and on CPU runs DDP instead, without a
+    word; this puts its FSDP state back once the Trainer has made its accelerator, so the FSDP path runs on gloo."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        self.accelerator.state.distributed_type = DistributedType.FSDP
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        self.is_fsdp_enabled = True
+
+
+class _FSDPTrainer(_ForcedFSDP, transformers.Trainer):
+    pass
+
+
+class _FSDPRecordingTrainer(_ForcedFSDP, RecordingTrainer):
+    def _weights(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return _full_state(get_model_state_dict, self.model)
+
+
+def _full_state(get_model_state_dict, model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return {key: value.detach().clone()
+            for key, value in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+
+
+def _fsdp_worker(rank, out_dir):
+    """One rank of the Trainer under FSDP2 (GPT2Block and the model sharded), accumulation 2: the plain Trainer and
+    NoiseScaleTrainer; whole parameters, history and batches saved for the test."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from noisescale.sharded import is_sharded
+    framework_rank(rank, WORLD_SIZE, out_dir)
+    data, results = _token_dataset(32), {}
+    for name, trainer_class, options in (("plain", _FSDPTrainer, {}), (
+            "measured", _FSDPRecordingTrainer, {"noise_scale": NoiseScaleOptions(ema_decay=0.5)})):
+        args = dataclasses.replace(_args(os.path.join(out_dir, name), 2), fsdp="full_shard",
+                                   fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]})
+        trainer = trainer_class(model=tiny_gpt2(), args=args, train_dataset=data, **options)
+        trainer.train()
+        assert is_sharded(trainer.model)
+        state = _full_state(get_model_state_dict, trainer.model)
+        results[name] = [state[key] for key in sorted(state)]
+    results.update(history=trainer.noise_scale.history, steps=trainer.recorded)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_under_fsdp2_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(
+        tmp_path, hang_deadline_s):
+    """The Trainer with accelerate's FSDP plugin (FSDP2) on 2 gloo ranks: as under DDP, every rank's history is the
+    global batches' estimate (per-example loop on the whole model at each step's weights) and training is
+    bit-identical to the plain Trainer's under FSDP. Before, NoiseScaleTrainer refused FSDP ("sharded gradients")."""
+    _check_the_global_batch_history(spawn_and_load(_fsdp_worker, WORLD_SIZE, tmp_path, hang_deadline_s))
 
 
 def test_transformers_adafactor_counts_as_adaptive():

@@ -38,8 +38,10 @@ shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "exampl
 loss over single examples), with ``attn_implementation="eager"`` (forward-mode AD has no rule for some SDPA
 kernels). Activation checkpointing (``activation_checkpointing=True``, reentrant or not) is measured: the hooks
 count each block once, its forward with grad (non-reentrant: the first call; reentrant: the re-run inside the
-backward, as the first runs without grad). Not supported: DeepSpeed, FSDP and DataParallel
-(each raises a clear error at the first step).
+backward, as the first runs without grad). Under FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2) the norms come
+from the sharded model as under :mod:`noisescale.sharded` (tested with FSDP2 on 2 gloo ranks, accelerate's FSDP
+state forced on CPU, where accelerate itself runs DDP instead). Not supported: DeepSpeed and DataParallel (each
+raises a clear error at the first step).
 """
 
 from __future__ import annotations
@@ -104,9 +106,9 @@ class NoiseScaleTrainerMixin:
 
     def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
         if self.noise_scale is None:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("noise_scale cannot be measured under DeepSpeed or FSDP (sharded gradients); use DDP "
-                                 "(torchrun / accelerate launch without a DeepSpeed or FSDP config)")
+            if self.is_deepspeed_enabled:
+                raise ValueError("noise_scale cannot be measured under DeepSpeed; use DDP or FSDP (torchrun / "
+                                 "accelerate launch without a DeepSpeed config)")
             if self.args.n_gpu > 1:
                 raise ValueError(f"noise_scale cannot be measured under torch.nn.DataParallel ({self.args.n_gpu} GPUs "
                                  "in one process); launch one process per GPU with torchrun or accelerate launch")
