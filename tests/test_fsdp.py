@@ -691,6 +691,61 @@ def test_a_parameter_of_the_fsdp_unit_itself_is_measured(kind):
                                              *_one_process_batch())
 
 
+class _RelativeBlock(nn.Module):
+    """DeBERTa's layout: the block projects relative embeddings it is given (batch dim 1, made once for all the
+    examples) with its own query and key layers, against the examples' keys and queries."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, relative):
+        query, key, batch = self.query(x), self.key(x), x.shape[0]
+        position_query = self.query(relative).expand(batch, -1, -1)   # given to every example, as DeBERTa repeats it
+        position_key = self.key(relative).repeat(batch, 1, 1)
+        scores = (query + position_query) @ key.transpose(1, 2) + query @ position_key.transpose(1, 2)
+        return x + scores.softmax(-1) @ x
+
+
+class _RelativeNet(nn.Module):
+    """Reads its relative embeddings' table as ``.weight`` without calling the embedding, as DeBERTa's encoder
+    does, layer-norms it and hands it to every block."""
+
+    def __init__(self):
+        super().__init__()
+        self.relative, self.norm = nn.Embedding(POSITIONS, WIDTH), nn.LayerNorm(WIDTH)
+        self.blocks = nn.ModuleList([_RelativeBlock() for _ in range(2)])
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        relative = self.norm(self.relative.weight)[None]
+        for block in self.blocks:
+            x = block(x, relative)
+        return self.head(x).mean(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_relative_embeddings_read_as_a_weight_and_passed_into_each_unit(kind):
+    """One process: DeBERTa's relative embeddings (a table read as .weight, never called, layer-normed and passed
+    into every FSDP unit, where each projects it) equal the per-example loop under FSDP2, in a call and in observe.
+    Before, FSDP2 refused them: the table was left to the whole-model vmap (a parameter read outside its module's
+    calls was followed only in one process), and the blocks' projections of it were taken for calls on one example
+    (the walk stopped at FSDP2's identity on the unit's inputs). FSDP1 still refuses them, naming them; p.grad is
+    left untouched."""
+    torch.manual_seed(0)
+    model = _RelativeNet().double()
+    inputs, labels = _one_process_batch()
+    if kind == "fsdp2":
+        _assert_one_process_norms_equal_the_loop(model, kind, _RelativeBlock, inputs, labels)
+        return
+    with one_rank_process_group():
+        sharded = _shard(copy.deepcopy(model), kind, block=_RelativeBlock, world_size=1)
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            with pytest.raises(ValueError, match=r"relative\.weight'\] cannot be measured on this FSDP-sharded"):
+                norms(inputs, labels)
+        assert all(p.grad is None for p in sharded.parameters())
+
+
 class _WeightReadingBlock(nn.Module):
     """A module with no rule whose forward reads its nn.Linear's weight and bias without calling it (when ``read``),
     beside a layer it calls; ``unused`` is never read at all."""

@@ -383,16 +383,19 @@ def computed_once(x: Tensor, shared: set) -> bool:
         return False
     if x.grad_fn is None:
         return isinstance(x, torch.nn.Parameter) or isinstance(x._base, torch.nn.Parameter)
-    node = x.grad_fn
+    node, output_nr = x.grad_fn, x.output_nr
     for _ in range(32):
         if node in shared:
             return True
         if hasattr(node, "variable"):
             return isinstance(node.variable, torch.nn.Parameter)
+        if type(node).__name__ in _PASS_THROUGH:   # into an FSDP2 unit: the tensor it was given
+            node, output_nr = node.next_functions[output_nr]
+            continue
         edges = [edge for edge in node.next_functions if edge[0] is not None]
         if len(edges) != 1 or not (type(node).__name__ in _OF_ONE_ONLY or _masked_alike(node, edges[0])):
             return False
-        node = edges[0][0]
+        node, output_nr = edges[0]
     return False
 
 

@@ -186,7 +186,7 @@ class GhostPass:
     def connect_shared(self, roots: list) -> None:
         """After the model's forward: hook the shared outputs into the graph from the autograd nodes ``roots``;
         those whose consumers the hooks cannot follow go to the whole-model vmap (or raise, backend="ghost")."""
-        unused = self._unused_parameters() if self.broadcasts.pending and not self.sharded else None
+        unused = self._unused_parameters() if self.broadcasts.pending else None
         for broadcast, why in self.broadcasts.connect(roots, unused):
             self._unshare(broadcast, f"its output is computed once for all the examples and {why}")
 
@@ -200,6 +200,8 @@ class GhostPass:
             for local, name in entry.names.items():
                 if self.use_count[name] == 0 and name not in self.vmap_names and self._enclosing(name) is None:
                     parameter = module.get_parameter(local)
+                    if self.sharded and not type(parameter) is nn.Parameter:   # a shard now, or a view (FSDP1)
+                        continue
                     found[id(parameter)] = partial(self._share_parameter, name, GhostModule(entry.path, None,
                                                                                             {local: name}), parameter)
         return found
