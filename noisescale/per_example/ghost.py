@@ -192,15 +192,15 @@ class GhostPass:
 
     def _unused_parameters(self) -> dict[int, Any]:
         """The parameters of measured modules that no call of their module used and no fallback call encloses
-        (DeBERTa's relative embeddings, which its encoder reads as ``.weight`` and layer-norms): id -> what shares
-        it, for ``BroadcastGradients.connect`` to measure those the graph takes from each example's gradient of
+        (DeBERTa's relative embeddings, which its encoder reads as ``.weight`` and layer-norms; under FSDP2 those
+        unsharded when the model's forward ends, in the root unit): id -> what shares it, for ``BroadcastGradients.connect`` to measure those the graph takes from each example's gradient of
         them (``broadcast.py``), as it does the outputs computed once that they feed."""
         found = {}
         for module, entry in self.modules.items():
             for local, name in entry.names.items():
                 if self.use_count[name] == 0 and name not in self.vmap_names and self._enclosing(name) is None:
                     parameter = module.get_parameter(local)
-                    if self.sharded and not type(parameter) is nn.Parameter:   # a shard now, or a view (FSDP1)
+                    if self.sharded and type(parameter) is not nn.Parameter:   # a shard now, or a view (FSDP1)
                         continue
                     found[id(parameter)] = partial(self._share_parameter, name, GhostModule(entry.path, None,
                                                                                             {local: name}), parameter)
