@@ -193,8 +193,9 @@ class GhostPass:
     def _unused_parameters(self) -> dict[int, Any]:
         """The parameters of measured modules that no call of their module used and no fallback call encloses
         (DeBERTa's relative embeddings, which its encoder reads as ``.weight`` and layer-norms; under FSDP2 those
-        unsharded when the model's forward ends, in the root unit): id -> what shares it, for ``BroadcastGradients.connect`` to measure those the graph takes from each example's gradient of
-        them (``broadcast.py``), as it does the outputs computed once that they feed."""
+        unsharded when the model's forward ends, in the root unit): id -> what shares it, for
+        ``BroadcastGradients.connect`` to measure those the graph takes from each example's gradient of them
+        (``broadcast.py``), as it does the outputs computed once that they feed."""
         found = {}
         for module, entry in self.modules.items():
             for local, name in entry.names.items():
