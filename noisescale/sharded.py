@@ -44,8 +44,7 @@ def is_fsdp2_unit(module: nn.Module) -> bool:
 def fsdp2_units(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that FSDP2 ``fully_shard`` wraps: each reshards its parameters in a forward hook
     registered before any of noisescale's."""
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if is_fsdp2_unit(m)]
 
 
 def _fsdp1_modules(model: nn.Module) -> list[nn.Module]:
