@@ -310,8 +310,9 @@ def _ddp_worker(rank, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
-    ranks = spawn_and_load(_ddp_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
+def _check_the_global_batch_history(ranks: list[dict]) -> None:
+    """TinyModule on 2 ranks, accumulation 2: training bit-identical, and every rank's history that of the global
+    batches, against the per-example loop at each step's weights."""
 
     def global_norms(k):
         module = TinyModule()
@@ -321,6 +322,11 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
 
     check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, lambda k: simple_noise_scale(*global_norms(k)),
                                1e-9)
+
+
+def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training_is_bit_identical(tmp_path, hang_deadline_s):
+    ranks = spawn_and_load(_ddp_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
+    _check_the_global_batch_history(ranks)
 
     def global_micro_batches(k):
         """BatchNorm: the 2 micro-batches of 4 of each of the 2 ranks are the 4 units of step k's global batch."""
@@ -404,13 +410,4 @@ def test_fsdp2_under_model_parallel_strategy_logs_the_global_estimate_and_traini
     """FSDP2 (fully_shard in configure_model) under Lightning's ModelParallelStrategy on 2 gloo ranks: the history
     is that of the global batch, equal to the unsharded per-example loop (float64), and training is bit-identical
     to the run without the callback."""
-    ranks = spawn_and_load(_fsdp2_worker, WORLD_SIZE, tmp_path, hang_deadline_s)
-
-    def global_norms(k):
-        module = TinyModule()
-        module.load_state_dict(ranks[0]["steps"][k]["weights"])
-        x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
-        return _naive_norms(module, x, y)
-
-    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, lambda k: simple_noise_scale(*global_norms(k)),
-                               1e-9)
+    _check_the_global_batch_history(spawn_and_load(_fsdp2_worker, WORLD_SIZE, tmp_path, hang_deadline_s))
