@@ -92,7 +92,7 @@ from noisescale._graph import autograd_consumers, operations_taking
 from noisescale._rng import isolated_rng
 from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
-from noisescale.per_example.coupling import coupled_losses, coupled_outputs
+from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.factors import full_precision
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
@@ -284,7 +284,8 @@ class PerExampleGradNorms:
     and with some examples' inputs replaced by others', and refuses a loss whose other examples' values moved (a
     contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead, warns, and keeps what
     it found in ``coupling`` (the outputs that moved; None if none did), which the monitors' summaries report;
-    under FSDP nothing is checked.
+    under FSDP a call's check runs on every rank at once (the first call only) and ``observe`` checks nothing (its
+    two forwards between an accumulation's micro-batches changed the HF Trainer's training under FSDP2).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -539,11 +540,20 @@ class PerExampleGradNorms:
     def _check_independence(self, plan: _Plan, inputs: Any, targets: Any, batch_size: int) -> None:
         """On a plan's first call, before the real pass: a ValueError where each example's loss does not read that
         example alone (``coupling.py``); spent once it could tell (not with every example's inputs the same), not
-        under FSDP (whose forward communicates) or with ``check_independence=False``."""
-        if not self.check_independence or self._independence_checked or self._sharded:
+        with ``check_independence=False``. Under FSDP, whose forwards communicate, every rank runs the two forwards
+        on its first call and the ranks refuse together (one all-reduce over the default group, which FSDP training
+        runs on)."""
+        if not self.check_independence or self._independence_checked:
             return
         coupling = coupled_losses(self._module, self.loss_fn, inputs, targets, batch_size,
-                                  list(plan.parameters.values()))
+                                  list(plan.parameters.values()), always_forward=self._sharded)
+        if self._sharded:
+            self._independence_checked = True
+            if coupled_on_any_rank(coupling, next(self.model.parameters()).device):
+                raise coupling.error() if coupling is not None and coupling.coupled else ValueError(
+                    "the per-example losses are coupled on another rank (its error names how); this rank's examples "
+                    "could not show it")
+            return
         if coupling is None:
             return
         if coupling.coupled:

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
@@ -40,7 +41,7 @@ from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rn
 from noisescale.batches import call_model, map_tensors, tensors_of
 from noisescale.per_example.layers import rounding_tolerance
 
-__all__ = ["Coupling", "coupled_losses", "coupled_outputs", "replaced_examples"]
+__all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "replaced_examples"]
 
 
 class Coupling:
@@ -93,14 +94,18 @@ def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]
 
 
 def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
-                   batch_size: int, parameters: list[Tensor]) -> Coupling | None:
+                   batch_size: int, parameters: list[Tensor], *, always_forward: bool = False) -> Coupling | None:
     """The check (module docstring) on ``loss_fn``'s (B,) losses; None where it cannot tell: nothing to replace,
-    losses that are not (B,) floats (the real pass then reports it) or not finite."""
+    losses that are not (B,) floats (the real pass then reports it) or not finite. ``always_forward``: the two
+    forwards run even where nothing can be replaced (FSDP: every rank's forwards take part in the same
+    collectives)."""
     found = replaced_examples(inputs, batch_size)
+    if found is None and not always_forward:
+        return None
+    replaced_inputs, replaced = found or (inputs, {})
+    losses = _both_forwards(model, inputs, replaced_inputs, parameters, lambda outputs: loss_fn(outputs, targets))
     if found is None:
         return None
-    replaced_inputs, replaced = found
-    losses = _both_forwards(model, inputs, replaced_inputs, parameters, lambda outputs: loss_fn(outputs, targets))
     if not all(isinstance(l, Tensor) and l.shape == (batch_size,) and l.is_floating_point() for l in losses):
         return None
     before, after = losses
@@ -108,6 +113,14 @@ def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inpu
         return None
     change = _largest_move(before, after, _kept_rows(batch_size, replaced), [0])
     return Coupling(change, _tolerance(before, parameters), replaced)
+
+
+def coupled_on_any_rank(coupling: Coupling | None, device: torch.device) -> bool:
+    """Whether any rank of the default process group found its losses coupled (one all-reduce, every rank gets the
+    answer)."""
+    found = torch.tensor(float(coupling is not None and coupling.coupled), device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return bool(found)
 
 
 def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
