@@ -288,8 +288,9 @@ class GhostPass:
         """Why ``dim`` (of ``size``) of a call was not taken for the examples, after ``follows_batch`` said no: a
         probe on one example fewer showed it, or, where none ran (under FSDP, or before auto's first probe), another
         dim has that size too and the two cannot be told apart."""
-        if self.probe is None:
-            return (f"{dim} of size {size} cannot be told from another dim of that size without a probe on one example "
+        if self.probe is None:   # another dim of B's size (``follows_batch``); ``size`` may be B blocks of rows
+            other = "that size" if size == self.batch_size else f"size {self.batch_size}, the number of examples,"
+            return (f"{dim} of size {size} cannot be told from another dim of {other} without a probe on one example "
                     "fewer (a batch size unlike the layer's other sizes avoids this)")
         return f"{dim} of size {size} is not the examples (a probe on one example fewer showed it)"
 
