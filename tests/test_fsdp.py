@@ -772,40 +772,48 @@ def test_losses_that_couple_the_examples_are_refused_under_fsdp(kind):
 
 class _WeightReadingBlock(nn.Module):
     """A module with no rule whose forward reads its nn.Linear's weight and bias without calling it (when ``read``),
-    beside a layer it calls; ``unused`` is never read at all."""
+    beside a layer it calls; ``unused`` is never read at all. ``nested``: the nn.Linear sits in a container module
+    that is never called either (``self.holder.proj``)."""
 
-    def __init__(self, read: bool):
+    def __init__(self, read: bool, nested: bool = False):
         super().__init__()
-        self.read = read
-        self.proj = nn.Linear(WIDTH, WIDTH)
+        self.read, self.nested = read, nested
+        if nested:
+            self.holder = nn.Module()
+            self.holder.proj = nn.Linear(WIDTH, WIDTH)
+        else:
+            self.proj = nn.Linear(WIDTH, WIDTH)
         self.gate = nn.Linear(WIDTH, WIDTH)
         self.unused = nn.Linear(WIDTH, WIDTH)
 
     def forward(self, x):
-        h = x @ self.proj.weight.T + self.proj.bias if self.read else x
+        proj = self.holder.proj if self.nested else self.proj
+        h = x @ proj.weight.T + proj.bias if self.read else x
         return x + torch.tanh(h) * torch.sigmoid(self.gate(x))
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["child", "grandchild"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind):
+def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind, nested):
     """One process (world size 1): a module with no rule reading its nn.Linear's weight without calling the layer
     (x @ self.proj.weight.T) needs the whole-model vmap, which cannot run under FSDP: refused in a call and in
     observe, naming the weight. Before, proj's norms were zeros silently under all three FSDP kinds (per-example
-    totals 0.85-0.88 of the loop's; unsharded, the vmap measures them). A layer never read keeps zero norms,
-    without a refusal."""
+    totals 0.85-0.88 of the loop's; unsharded, the vmap measures them), and stayed so where the layer sat in a
+    container module never called (x @ self.holder.proj.weight.T). A layer never read keeps zero norms, without a
+    refusal."""
     torch.manual_seed(0)
     inputs, labels = _one_process_batch()
     with one_rank_process_group():
-        sharded = _shard(_TwoBlocks(partial(_WeightReadingBlock, True)).double(), kind, block=_WeightReadingBlock,
-                         world_size=1)
-        refusal = r"blocks\.0\.(_fsdp_wrapped_module\.)?proj\.weight.*cannot be measured"
+        sharded = _shard(_TwoBlocks(partial(_WeightReadingBlock, True, nested)).double(), kind,
+                         block=_WeightReadingBlock, world_size=1)
+        refusal = r"blocks\.0\.(_fsdp_wrapped_module\.)?(holder\.)?proj\.weight.*cannot be measured"
         with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
             with pytest.raises(ValueError, match=refusal):
                 norms(inputs, labels)
             with pytest.raises(ValueError, match=refusal):
                 with norms.observe(LOCAL_BATCH):
                     F.cross_entropy(sharded(inputs), labels).backward()
-    model = _TwoBlocks(partial(_WeightReadingBlock, False)).double()
+    model = _TwoBlocks(partial(_WeightReadingBlock, False, nested)).double()
     _assert_one_process_norms_equal_the_loop(model, kind, _WeightReadingBlock, inputs, labels)
 
 

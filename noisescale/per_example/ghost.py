@@ -140,16 +140,11 @@ class GhostPass:
 
     def hold_children(self, module: nn.Module) -> None:
         """Under FSDP, at the end of any module's call (FSDP has not resharded it yet): the unsharded parameters of
-        the rule layers right under it (through ModuleList and ModuleDict), which its forward may read without
-        calling them (``x @ self.proj.weight.T``); ``PerExampleGradNorms._bypassed`` counts the graph's uses of
-        those of a layer no call used."""
-        stack = list(module.children())
-        while stack:
-            child = stack.pop()
-            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-                stack.extend(child.children())
-                continue
-            entry = self.modules.get(child)
+        the rule layers under it, at any depth (through containers never called: ``self.holder.proj``), which its
+        forward may read without calling them (``x @ self.proj.weight.T``); ``PerExampleGradNorms._bypassed``
+        counts the graph's uses of those of a layer no call used (a shard of another unit is never in the graph)."""
+        for child in module.modules():
+            entry = self.modules.get(child) if child is not module else None
             if entry is not None:
                 _keep(self.read_by_callers, child, entry)
 
