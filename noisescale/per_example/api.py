@@ -60,8 +60,8 @@ from the local loss); the whole-model vmap cannot run on sharded parameters, so 
 an error naming it, raised before the backward; so is a weight a rule's layer reads that is also read outside its
 module's calls (a tied output ``F.linear(h, wte.weight)``), found by counting the graph's uses of the unsharded
 tensors the layer's calls read (``GhostPass.hold``); so is a rule layer's weight read though the layer is never
-called (``x @ self.proj.weight.T``), found on the unsharded tensors each module's call holds of the layers right
-under it (``GhostPass.hold_children``).
+called (``x @ self.proj.weight.T``), found on the unsharded tensors each module's call holds of the layers under
+it, at any depth (``GhostPass.hold_children``).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 

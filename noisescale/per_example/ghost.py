@@ -130,7 +130,7 @@ class GhostPass:
     node_hooks: list = field(default_factory=list)   # handles of ``_note_inner`` hooks, removed after the pass
     check_uses: bool = False   # the pass whose graph is checked for parameters read outside their layers' calls
     held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
-    # FSDP: the unsharded parameters of the rule layers right under each module called (``hold_children``)
+    # FSDP: the unsharded parameters of the rule layers under each module called, at any depth (``hold_children``)
     read_by_callers: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))
 
     def hold(self, module: nn.Module, entry: GhostModule) -> None:
@@ -725,7 +725,7 @@ class GhostNormEngine:
         """Record one forward/backward of ``modules`` (``inputs``: the model's call's, where known); the hooks are
         inert again on exit. ``check_uses``: the pass whose graph the caller checks for parameters read outside
         their layers' calls (the first of a plan); under FSDP it also holds what each call may read of its
-        children's parameters (``GhostPass.hold_children``)."""
+        descendant layers' parameters (``GhostPass.hold_children``)."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                inputs={id(t): (t, t._version) for t in tensors_of(inputs)},
                                refused=self._refused, cross_checked=self._cross_checked, probe=probe,
