@@ -112,6 +112,14 @@ def spawn_ranks(worker, args: tuple, nprocs: int, out_dir: str | Path, hang_dead
                         "NOISESCALE_TEST_HANG_S to a larger number of seconds")
 
 
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole parameters and buffers of a sharded (FSDP) model by name, gathered on every rank and cloned: the
+    weights a test's reference loop loads into an unsharded copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
 def spawn_and_load(worker, world_size: int, out_dir: str | Path, hang_deadline_s: float) -> list[dict]:
     """Run ``worker(rank, out_dir)`` on ``world_size`` ranks, each saving its results to rank{rank}.pt, and return
     those results in rank order."""

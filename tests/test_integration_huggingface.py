@@ -20,7 +20,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from _ranks import check_global_batch_history, framework_rank, spawn_and_load  # noqa: E402
+from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load  # noqa: E402
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
@@ -541,21 +541,12 @@ class _FSDPTrainer(_ForcedFSDP, transformers.Trainer):
 
 class _FSDPRecordingTrainer(_ForcedFSDP, RecordingTrainer):
     def _weights(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return _full_state(get_model_state_dict, self.model)
-
-
-def _full_state(get_model_state_dict, model) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return {key: value.detach().clone()
-            for key, value in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+        return full_state(self.model)
 
 
 def _fsdp_worker(rank, out_dir):
     """One rank of the Trainer under FSDP2 (GPT2Block and the model sharded), accumulation 2: the plain Trainer and
     NoiseScaleTrainer; whole parameters, history and batches saved for the test."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     from noisescale.sharded import is_sharded
     framework_rank(rank, WORLD_SIZE, out_dir)
     data, results = _token_dataset(32), {}
@@ -566,7 +557,7 @@ def _fsdp_worker(rank, out_dir):
         trainer = trainer_class(model=tiny_gpt2(), args=args, train_dataset=data, **options)
         trainer.train()
         assert is_sharded(trainer.model)
-        state = _full_state(get_model_state_dict, trainer.model)
+        state = full_state(trainer.model)
         results[name] = [state[key] for key in sorted(state)]
     results.update(history=trainer.noise_scale.history, steps=trainer.recorded)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

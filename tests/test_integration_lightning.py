@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
-from _ranks import check_global_batch_history, framework_rank, spawn_and_load
+from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
                                    micro_batch_noise_scale, simple_noise_scale)
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
@@ -376,17 +376,14 @@ class RecordFullBatches(RecordBatches):
     """RecordBatches with the full (unsharded) weights, gathered on every rank."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         if batch_idx % trainer.accumulate_grad_batches == 0:
-            weights = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True))
-            self.steps.append({"weights": {k: v.detach().clone() for k, v in weights.items()}, "batches": []})
+            self.steps.append({"weights": full_state(pl_module), "batches": []})
         self.steps[-1]["batches"].append([t.clone() for t in batch])
 
 
 def _fsdp2_worker(rank, out_dir):
     """One rank of ModelParallelStrategy(data_parallel_size=2): a run without the callback and one with it."""
     from pytorch_lightning.strategies import ModelParallelStrategy
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     framework_rank(rank, WORLD_SIZE, out_dir)
     results = {}
@@ -399,8 +396,8 @@ def _fsdp2_worker(rank, out_dir):
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[recorder, callback] if name == "measured" else [])
         trainer.fit(module, _loader(shuffle=False))
-        weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-        results[name] = [weights[key].detach().clone() for key in sorted(weights)]
+        weights = full_state(module)
+        results[name] = [weights[key] for key in sorted(weights)]
     results["history"], results["steps"] = callback.monitor.history, recorder.steps
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
