@@ -130,6 +130,15 @@ def flat_parameter_owners(model: nn.Module) -> list[tuple[nn.Module, str, str, b
     return owners
 
 
+def fsdp1_original_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """FSDP1 with ``use_orig_params=True``: the original parameters, registered on their modules as views of their
+    flat parameter's shard. FSDP1's forward reads plain-tensor views of the unsharded flat parameter instead, so
+    the graph of a forward takes an original parameter only where a module reads it outside its unit's calls
+    (another unit's weight, after that unit resharded). Empty for FSDP2 and ``use_orig_params=False``."""
+    handles = [module._handle for module in _fsdp1_modules(model) if module._handle is not None]
+    return [p for handle in handles for p in handle.flat_param._params or ()]
+
+
 def local_part(tensor: Tensor) -> Tensor:
     """This rank's shard of a DTensor; any other tensor as it is."""
     from torch.distributed.tensor import DTensor

@@ -138,13 +138,13 @@ def _adaptive_trainer(model: nn.Module, dtype=torch.float64) -> AdaptiveTrainer:
 # ----------------------------------------------------------------------------------------------- the ranks
 
 def _shard(model: nn.Module, kind: str, mixed_bf16: bool = False, *, block: type = Block,
-           world_size: int = WORLD_SIZE) -> nn.Module:
+           world_size: int = WORLD_SIZE, reshard_after_forward: bool = True) -> nn.Module:
     """``model.blocks`` (of type ``block``) and the model sharded by ``kind``."""
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh("cpu", (world_size,))
-        options = {"mesh": mesh}
+        options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
         if mixed_bf16:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.blocks:
@@ -815,6 +815,39 @@ def test_weight_read_without_its_layer_call_is_refused_under_fsdp(kind, nested):
                     F.cross_entropy(sharded(inputs), labels).backward()
     model = _TwoBlocks(partial(_WeightReadingBlock, False, nested)).double()
     _assert_one_process_norms_equal_the_loop(model, kind, _WeightReadingBlock, inputs, labels)
+
+
+class _ReadsAnotherUnit(_TwoBlocks):
+    """The model's forward reads block 0's up.weight, which block 0's call used, after that call, when FSDP has
+    resharded it."""
+
+    def forward(self, x):
+        x = self.blocks[0](x)
+        x = self.blocks[1](x) + torch.tanh(F.linear(x, self.blocks[0].up.weight)).mean(-1, keepdim=True)
+        return self.head(x).mean(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_of_another_unit_read_after_it_resharded_is_refused(kind):
+    """One process (world size 1): the root reads a weight of another FSDP unit after that unit's call, which
+    needs the whole-model vmap: refused in a call (p.grad untouched) and in observe, naming the weight. Before,
+    FSDP1 with use_orig_params=True (whose resharded view is the whole weight at world size 1) gave per-example
+    norms 0.75 % off the loop here silently (3.6 % and 11 % on a trial's two models). FSDP2 cannot run this model unless its units keep their parameters after
+    the forward (reshard_after_forward=False; resharded, it reads a DTensor shard and torch raises); FSDP1 with flat
+    parameters was refused before too."""
+    torch.manual_seed(0)
+    inputs, labels = _one_process_batch()
+    with one_rank_process_group():
+        sharded = _shard(_ReadsAnotherUnit(partial(Block, False)).double(), kind, world_size=1,
+                         reshard_after_forward=False)
+        refusal = r"blocks\.0\.(_fsdp_wrapped_module\.)?up\.weight'\] cannot be measured"
+        with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+            with pytest.raises(ValueError, match=refusal):
+                norms(inputs, labels)
+            assert all(p.grad is None for p in sharded.parameters())
+            with pytest.raises(ValueError, match=refusal):
+                with norms.observe(LOCAL_BATCH):
+                    F.cross_entropy(sharded(inputs), labels).backward()
 
 
 def test_tensor_parallel_parameters_are_refused_with_a_clear_error():

@@ -99,7 +99,8 @@ from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
-from noisescale.sharded import flat_parameter_owners, fsdp2_units, is_sharded, refuse_tensor_parallel
+from noisescale.sharded import (flat_parameter_owners, fsdp1_original_parameters, fsdp2_units, is_sharded,
+                                refuse_tensor_parallel)
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
 
@@ -182,13 +183,22 @@ def _attach_unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
     return [name for name in _unused(plan, ghost_pass) if not ghost_pass.attach(name)]
 
 
-def _read_without_a_call(ghost_pass: GhostPass, names: list[str], roots: list) -> set[str]:
-    """FSDP, the first pass of a plan: those of ``names`` (``_attach_unused``) whose unsharded tensor, held at the
-    end of a call of a module above their layer (``GhostPass.hold_children``), the graph from ``roots`` takes:
-    ``x @ self.proj.weight.T`` in a forward, which only the whole-model vmap would measure. The others (a layer the
-    model does not use) keep zero norms."""
+def _read_without_a_call(ghost_pass: GhostPass, names: list[str], roots: list, model: nn.Module,
+                         parameters: dict[str, Tensor]) -> set[str]:
+    """FSDP, the first pass of a plan: the parameters the graph from ``roots`` takes outside their layers' calls,
+    which only the whole-model vmap would measure:
+
+    - those of ``names`` (``_attach_unused``) whose unsharded tensor, held at the end of a call of a module above
+      their layer (``GhostPass.hold_children``), it takes: ``x @ self.proj.weight.T`` in a forward. The others (a
+      layer the model does not use) keep zero norms;
+    - those of ``parameters`` that are FSDP1's original parameters (``fsdp1_original_parameters``) and that it
+      takes as leaves: a weight of another unit read after that unit resharded (``self.blocks[0].proj.weight`` in
+      block 1), which FSDP1 lets through at world size 1, where the resharded view is the whole weight."""
     held = {name: ghost_pass.read_by_callers.get(name, {}) for name in names}
-    return {name for name, count in _held_uses(held, roots).items() if count > 0}
+    originals = {id(p) for p in fsdp1_original_parameters(model)}
+    in_graph = _leaf_uses(roots) if originals else {}
+    return ({name for name, count in _held_uses(held, roots).items() if count > 0}
+            | {name for name, p in parameters.items() if id(p) in in_graph and id(p) in originals})
 
 
 def _uses_by_name(in_graph: dict[int, list], parameters: dict[str, Tensor]) -> dict[str, int]:
@@ -464,7 +474,7 @@ class PerExampleGradNorms:
             unattached = _attach_unused(plan, ghost_pass)
             if check:
                 self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, roots))
-                self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, roots)
+                self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, roots, self.model, plan.parameters)
             return sorted(self._read_elsewhere)
         in_graph = _leaf_uses(roots)
         if check:
@@ -739,7 +749,8 @@ class PerExampleGradNorms:
                     uses = (_held_uses(ghost_pass.held, outputs.roots) if self._sharded
                             else _uses_by_name(_leaf_uses(outputs.roots), parameters))
                     self._check_read_elsewhere(plan, ghost_pass, uses)
-                    self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, outputs.roots)
+                    self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, outputs.roots,
+                                                                  self.model, parameters)
                 elif not self._warned_unchecked_uses:
                     self._warned_unchecked_uses = True
                     warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
