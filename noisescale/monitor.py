@@ -110,8 +110,8 @@ class NoiseScaleSummary:
                            "to 225 times below the critical batch size measured by branching: README)")
         if self.coupling is not None:
             caveats.append(f"  warning: the model couples the examples ({self.coupling}): if the loss reads those "
-                           "outputs (a contrastive loss), there are no per-example gradients and these numbers are "
-                           "no noise scale; measure it from independent micro-batches "
+                           "outputs (a contrastive loss) or holds that term, there are no per-example gradients and "
+                           "these numbers are no noise scale; measure it from independent micro-batches "
                            "(noisescale.estimators.two_batch_noise_scale)")
         return caveats
 

@@ -59,7 +59,8 @@ class NoiseScaleOptions:
         untouched).
     log_prefix: the prefix of the logged names (``noise_scale/b_simple``, ...).
     check_independence: on the first measured step, check that the model's outputs do not couple the examples
-        (a warning naming them: :mod:`noisescale.per_example.coupling`).
+        (a warning naming them: :mod:`noisescale.per_example.coupling`) and that the loss the model returns holds
+        no term over the whole batch (an MoE's router loss).
     """
 
     measure_every: int = 1

@@ -67,7 +67,8 @@ global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is
 
 Losses that couple the examples (a contrastive loss, statistics of the batch) have no per-example gradients: the
 first call checks that each l_i reads example i alone and raises otherwise; ``observe`` warns about outputs that
-couple them (``coupling.py``).
+couple them (``coupling.py``) and about a term over the batch in the model's own loss (an MoE's router loss:
+``OutputGradients.batch_terms``).
 
 Failures: if anything fails (a rule, the fallback, vmap, the loss's shape), every p.grad is put back as it was
 before the call and ``PerExampleError`` names the module, its type, the parameters, the backend and what to do.
@@ -292,10 +293,11 @@ class PerExampleGradNorms:
 
     ``check_independence``: the first call of a plan runs two more forwards in eval mode, of the batch
     and with some examples' inputs replaced by others', and refuses a loss whose other examples' values moved (a
-    contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead, warns, and keeps what
-    it found in ``coupling`` (the outputs that moved; None if none did), which the monitors' summaries report;
-    under FSDP a call's check runs on every rank at once (the first call only) and ``observe`` checks nothing (its
-    two forwards between an accumulation's micro-batches changed the HF Trainer's training under FSDP2).
+    contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead, and walks the pass's
+    graph for a term over the batch in the model's own loss (``OutputGradients.batch_terms``), warns, and keeps
+    what it found in ``coupling`` (None if nothing), which the monitors' summaries report; under FSDP a call's
+    check runs on every rank at once (the first call only) and ``observe`` only walks the graph (its two forwards
+    between an accumulation's micro-batches changed the HF Trainer's training under FSDP2).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -746,6 +748,8 @@ class PerExampleGradNorms:
             unattached = _attach_unused(plan, ghost_pass) if self._sharded else []
             if not self._uses_checked:
                 if outputs.roots:
+                    if self.check_independence:
+                        self._warn_if_batch_terms(outputs)
                     uses = (_held_uses(ghost_pass.held, outputs.roots) if self._sharded
                             else _uses_by_name(_leaf_uses(outputs.roots), parameters))
                     self._check_read_elsewhere(plan, ghost_pass, uses)
@@ -811,6 +815,25 @@ class PerExampleGradNorms:
                 "independent micro-batches instead (noisescale.estimators.two_batch_noise_scale). observe cannot "
                 "see the loss, so this is not an error; "
                 "check_independence=False (NoiseScaleOptions too) skips the check", RuntimeWarning, stacklevel=4)
+
+    def _warn_if_batch_terms(self, outputs: OutputGradients) -> None:
+        """observe's check, on the first pass of a plan, for a term over the whole batch added to the loss inside the
+        model (``OutputGradients.batch_terms``): a warning, kept in ``coupling``. It walks the pass's graph and runs
+        nothing, so it runs under FSDP too."""
+        shapes = outputs.batch_terms()
+        if not shapes:
+            return
+        self.coupling = (f"an output of shape {shapes[0]} without the examples (a loss computed inside the model) "
+                         "received a gradient that reaches the parameters other than through the outputs that hold "
+                         "the examples")
+        warnings.warn(
+            f"the loss holds a term over the whole batch: {self.coupling}, such as an MoE's router load-balancing "
+            "loss (output_router_logits=True; even with router_aux_loss_coef=0 the term is added). It has no "
+            "per-example gradients: the norms observed split its gradient over the examples, and the noise scale is "
+            "not that of the training's loss (a tiny Mixtral's norms: 0.1 to 0.3 % off with a coefficient of "
+            "0.02, 26 % with 1). Measure it on the language-model loss alone (the router loss off, or a "
+            "PerExampleGradNorms call with a per-example loss); check_independence=False skips this check",
+            RuntimeWarning, stacklevel=4)
 
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
                           ghost_pass: GhostPass, batch_size: int, scale: float,

@@ -54,6 +54,7 @@ class OutputGradients:
         self._versions: list[tuple[Tensor, int]] = []
         self._batched: list[tuple[int, list, Any, bool]] = []   # (leaf position, gradient holder, node, aliased)
         self._others: list[tuple[tuple, list, Any]] = []        # (shape, gradient holder, node) of other outputs
+        self._with_examples: set = set()    # the nodes of the outputs with the examples in dim 0
         self._hooks: list = []
         self._module = unwrapped_module(model)
         self._before: list[tuple[Tensor, int]] = []   # the first call's input tensors and their versions before it
@@ -77,6 +78,13 @@ class OutputGradients:
         unique = {id(leaf): index for index, leaf in reversed(list(enumerate(leaves)))
                   if isinstance(leaf, Tensor) and leaf.grad_fn is not None}
         self.roots = [leaves[index].grad_fn for index in unique.values()]
+        batched = [index for index in unique.values() if leaves[index].dim()
+                   and leaves[index].shape[0] == self.batch_size]
+        self._with_examples = {leaves[index].grad_fn for index in batched}
+        for index in sorted(set(unique.values()) - set(batched)):   # which of them receive a gradient
+            leaf, holder = leaves[index], [None, 0]
+            self._hooks.append(leaf.register_hook(partial(_keep, holder)))
+            self._others.append((tuple(leaf.shape), holder, leaf.grad_fn))
         if not keep:
             return None
         self.kept = True
@@ -85,16 +93,10 @@ class OutputGradients:
             self.inputs = ("the model changed one of its inputs in place during its forward, so its outputs cannot "
                            "be recomputed from them: leave the inputs as they are (work on a copy, x = x.clone())")
         self._versions = [(t, t._version) for t in tree_flatten(self.inputs)[0] if isinstance(t, Tensor)]
-        batched = [index for index in unique.values() if leaves[index].dim()
-                   and leaves[index].shape[0] == self.batch_size]
         upstream = _reached_from([leaves[index].grad_fn for index in batched])
         aliases = {}
-        for index in sorted(unique.values()):
+        for index in sorted(batched):
             leaf, holder = leaves[index], [None, 0]
-            if index not in batched:
-                self._hooks.append(leaf.register_hook(partial(_keep, holder)))
-                self._others.append((tuple(leaf.shape), holder, leaf.grad_fn))
-                continue
             aliased = leaf.grad_fn in upstream
             if aliased:
                 aliases[id(leaf)] = leaf.view_as(leaf)
@@ -114,6 +116,23 @@ class OutputGradients:
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._batched, self._others, self.inputs, self.roots = [], [], [], None, []
+        self._with_examples = set()
+
+    def batch_terms(self) -> list[tuple[int, ...]]:
+        """The shapes of the outputs without the examples in dim 0 that got a gradient from the caller (a loss the
+        model computed, HuggingFace's with ``labels``: an output the graph of those with the examples does not
+        reach) and whose graph reaches a parameter other than through the outputs with the examples: a term over
+        the whole batch added inside the model, such as an MoE's router load-balancing loss
+        (``output_router_logits=True``; its router logits, (B T, experts), hold rows, not examples). It has no
+        per-example gradients; the layers' norms split its gradient over the examples' rows. Needs the pass's
+        outputs (``want_roots`` or ``keep``)."""
+        received = [(shape, node) for shape, holder, node in self._others if holder[0] is not None]
+        if not received:
+            return []
+        upstream = set(autograd_nodes(next_node for node in self._with_examples
+                                      for next_node, _ in node.next_functions))
+        return [shape for shape, node in received if node not in upstream and any(
+            hasattr(reached, "variable") for reached in autograd_nodes([node], self._with_examples))]
 
     def gradients(self, measured: list[Tensor]) -> tuple[list[int], list[Tensor]] | str:
         """(positions of the outputs among the output's flattened leaves, their gradients G) for the
