@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from datetime import timedelta
 from functools import partial
 
@@ -138,8 +139,9 @@ def _adaptive_trainer(model: nn.Module, dtype=torch.float64) -> AdaptiveTrainer:
 # ----------------------------------------------------------------------------------------------- the ranks
 
 def _shard(model: nn.Module, kind: str, mixed_bf16: bool = False, *, block: type = Block,
-           world_size: int = WORLD_SIZE, reshard_after_forward: bool = True) -> nn.Module:
-    """``model.blocks`` (of type ``block``) and the model sharded by ``kind``."""
+           world_size: int = WORLD_SIZE, reshard_after_forward: bool | None = None) -> nn.Module:
+    """``model.blocks`` (of type ``block``) and the model sharded by ``kind`` (FSDP2: ``reshard_after_forward`` as
+    ``fully_shard``'s, whose None reshards every unit but the root)."""
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -575,11 +577,12 @@ class _TwoBlocks(nn.Module):
 
 
 def _assert_one_process_norms_equal_the_loop(model: nn.Module, kind: str, block: type, inputs: torch.Tensor,
-                                             labels: torch.Tensor) -> None:
+                                             labels: torch.Tensor, reshard_after_forward: bool | None = None) -> None:
     """A copy of ``model`` sharded by ``kind`` in one process: a call's norms and observe's equal the loop's."""
     expected = _reference_sqnorms(model, inputs, labels)
     with one_rank_process_group():
-        sharded = _shard(copy.deepcopy(model), kind, block=block, world_size=1)
+        sharded = _shard(copy.deepcopy(model), kind, block=block, world_size=1,
+                         reshard_after_forward=reshard_after_forward)
         with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
             called = norms(inputs, labels).sqnorms
             with norms.observe(LOCAL_BATCH) as observed:
@@ -724,19 +727,21 @@ class _RelativeNet(nn.Module):
         return self.head(x).mean(1)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "fsdp2_root_resharded"])
 def test_relative_embeddings_read_as_a_weight_and_passed_into_each_unit(kind):
     """One process: DeBERTa's relative embeddings (a table read as .weight, never called, layer-normed and passed
     into every FSDP unit, where each projects it) equal the per-example loop under FSDP2, in a call and in observe.
     Before, FSDP2 refused them: the table was left to the whole-model vmap (a parameter read outside its module's
     calls was followed only in one process), and the blocks' projections of it were taken for calls on one example
-    (the walk stopped at FSDP2's identity on the unit's inputs). FSDP1 still refuses them, naming them; p.grad is
-    left untouched."""
+    (the walk stopped at FSDP2's identity on the unit's inputs); and so it did later where the root reshards after
+    its forward too (reshard_after_forward=True, torchtitan's setting), since the hook after the model's forward ran
+    after FSDP2's, on the table's shard. FSDP1 still refuses them, naming them; p.grad is left untouched."""
     torch.manual_seed(0)
     model = _RelativeNet().double()
     inputs, labels = _one_process_batch()
-    if kind == "fsdp2":
-        _assert_one_process_norms_equal_the_loop(model, kind, _RelativeBlock, inputs, labels)
+    if kind.startswith("fsdp2"):
+        _assert_one_process_norms_equal_the_loop(model, "fsdp2", _RelativeBlock, inputs, labels,
+                                                 reshard_after_forward=True if kind == "fsdp2_root_resharded" else None)
         return
     with one_rank_process_group():
         sharded = _shard(copy.deepcopy(model), kind, block=_RelativeBlock, world_size=1)
@@ -768,6 +773,36 @@ def test_losses_that_couple_the_examples_are_refused_under_fsdp(kind):
                 norms(inputs, labels)
         assert all(p.grad is None for p in sharded.parameters())
     _assert_one_process_norms_equal_the_loop(model, kind, Block, inputs, labels)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_observe_warns_about_a_term_over_the_batch_in_the_model_s_loss_under_fsdp(kind):
+    """One process: observe's walk of the pass's graph from the model's own scalar loss (an MoE-like router's
+    load-balancing term over the batch's rows) runs no forward, so it runs under FSDP too: warned about and kept in
+    ``coupling``; the same model without the term is not."""
+    from test_per_example_coupling import RoutedClassifier
+
+    inputs = (torch.randn(6, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+              torch.arange(6) % 3)
+    for balance in (0.5, 0.0):
+        torch.manual_seed(0)
+        model = RoutedClassifier(balance).double()
+        with one_rank_process_group():
+            if kind == "fsdp2":
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+                sharded = fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+            else:
+                from torch.distributed.fsdp import FullyShardedDataParallel
+                sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"),
+                                                   use_orig_params=kind == "fsdp1_orig")
+            with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with norms.observe(6, model_inputs=inputs):
+                        sharded(*inputs)["loss"].backward()
+        found = [w for w in caught if "term over the whole batch" in str(w.message)]
+        assert len(found) == (1 if balance else 0) and (norms.coupling is not None) == bool(balance)
 
 
 class _WeightReadingBlock(nn.Module):
@@ -832,9 +867,9 @@ def test_weight_of_another_unit_read_after_it_resharded_is_refused(kind):
     """One process (world size 1): the root reads a weight of another FSDP unit after that unit's call, which
     needs the whole-model vmap: refused in a call (p.grad untouched) and in observe, naming the weight. Before,
     FSDP1 with use_orig_params=True (whose resharded view is the whole weight at world size 1) gave per-example
-    norms 0.75 % off the loop here silently (3.6 % and 11 % on a trial's two models). FSDP2 cannot run this model unless its units keep their parameters after
-    the forward (reshard_after_forward=False; resharded, it reads a DTensor shard and torch raises); FSDP1 with flat
-    parameters was refused before too."""
+    norms 0.75 % off the loop here silently (3.6 % and 11 % on a trial's two models). FSDP2 cannot run this model
+    unless its units keep their parameters after the forward (reshard_after_forward=False; resharded, it reads a
+    DTensor shard and torch raises); FSDP1 with flat parameters was refused before too."""
     torch.manual_seed(0)
     inputs, labels = _one_process_batch()
     with one_rank_process_group():

@@ -710,8 +710,9 @@ class GhostNormEngine:
             self._handles.append(module.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True,
                                                               prepend=module in resharding))
-        if root is not None:   # after the model's forward, the shared outputs' consumers are in the graph
-            self._handles.append(root.register_forward_hook(self._after_model))
+        if root is not None:   # after the model's forward, the shared outputs' consumers are in the graph;
+            # before FSDP2 reshards a root that reshards after its forward (its parameters read as .weight)
+            self._handles.append(root.register_forward_hook(self._after_model, prepend=root in resharding))
 
     def close(self) -> None:
         for handle in self._handles:
