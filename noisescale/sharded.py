@@ -30,6 +30,8 @@ __all__ = [
     "fsdp2_units",
     "is_fsdp2_unit",
     "refuse_tensor_parallel",
+    "fsdp2_shards",
+    "sharding_kept",
 ]
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -45,6 +47,41 @@ def fsdp2_units(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that FSDP2 ``fully_shard`` wraps: each reshards its parameters in a forward hook
     registered before any of noisescale's."""
     return [m for m in model.modules() if is_fsdp2_unit(m)]
+
+
+def _fsdp2_params(model: nn.Module) -> list:
+    """FSDP2's record of each parameter of its units (``FSDPParam``: the shard, and the unsharded parameter it
+    registers in the shard's place while the unit is unsharded)."""
+    groups = [group for unit in fsdp2_units(model) for group in unit._get_fsdp_state()._fsdp_param_groups]
+    return [fsdp_param for group in groups for fsdp_param in group.fsdp_params]
+
+
+def fsdp2_shards(model: nn.Module) -> dict[int, Tensor]:
+    """FSDP2: id of each tensor a module may hold as a parameter (the shard, or the unsharded parameter registered
+    in its place from a unit's unshard to its reshard) -> the shard, the same object from step to step. Empty
+    without FSDP2."""
+    shards = {}
+    for fsdp_param in _fsdp2_params(model):
+        shards[id(fsdp_param.sharded_param)] = fsdp_param.sharded_param
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None:
+            shards[id(unsharded)] = fsdp_param.sharded_param
+    return shards
+
+
+@contextlib.contextmanager
+def sharding_kept(model: nn.Module) -> Iterator[None]:
+    """FSDP2: the units sharded on entry are resharded on exit. A forward no backward follows (noisescale's checks
+    after the caller's pass) leaves a unit FSDP2 does not reshard after its forward (the root, by default)
+    unsharded, its unsharded parameters registered on the model without the gradients, which sit on the shards:
+    a Trainer's gradient clipping over ``model.parameters()`` read no gradient there and clipped less."""
+    sharded = [unit for unit in fsdp2_units(model)
+               if all(group.is_sharded for group in unit._get_fsdp_state()._fsdp_param_groups)]
+    try:
+        yield
+    finally:
+        for unit in sharded:
+            unit.reshard()
 
 
 def _fsdp1_modules(model: nn.Module) -> list[nn.Module]:

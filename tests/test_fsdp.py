@@ -8,6 +8,7 @@ spawn with its error; only a hang (no rank alive and no result) would block.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -803,6 +804,66 @@ def test_observe_warns_about_a_term_over_the_batch_in_the_model_s_loss_under_fsd
                         sharded(*inputs)["loss"].backward()
         found = [w for w in caught if "term over the whole batch" in str(w.message)]
         assert len(found) == (1 if balance else 0) and (norms.coupling is not None) == bool(balance)
+
+
+def _observed_micro_batches(kind: str, observe: bool, syncs: tuple[bool, ...]) -> tuple[list[torch.Tensor], list,
+                                                                                        int]:
+    """One process: a step of micro-batches of a CLIP-like model (its towers and itself sharded by ``kind``), each
+    synchronised or not as ``syncs`` says (FSDP2: an unsynchronised one not resharded after its backward either, as
+    accelerate does), each in an observe block when ``observe``, then the gradients clipped over
+    ``model.parameters()``: (this rank's p.grad, the warnings, the plans built)."""
+    from test_per_example_coupling import PairScores, _towers_batch
+
+    from noisescale.sharded import gradient_sync, local_part
+
+    inputs = _towers_batch()
+    torch.manual_seed(0)
+    model = PairScores().double()
+    builds = []
+    with one_rank_process_group():
+        if kind == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh("cpu", (1,))
+            fully_shard(model.towers.image, mesh=mesh)
+            sharded = fully_shard(model, mesh=mesh)
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"),
+                                               use_orig_params=kind == "fsdp1_orig")
+        norms = PerExampleGradNorms(sharded, per_example_cross_entropy)
+        build = norms._build_plan
+        norms._build_plan = lambda: builds.append(1) or build()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for last in syncs:
+                if kind == "fsdp2":
+                    sharded.set_reshard_after_backward(last)
+                with gradient_sync(sharded, last):
+                    with norms.observe(6, model_inputs=inputs) if observe else contextlib.nullcontext():
+                        F.cross_entropy(sharded(*inputs)["scores"], torch.arange(6)).backward()
+            torch.nn.utils.clip_grad_norm_(sharded.parameters(), 0.1)
+        norms.close()
+        grads = [local_part(p.grad).clone() for p in sharded.parameters()]
+    return grads, [w for w in caught if "couples the examples" in str(w.message)], len(builds)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_observe_checks_the_outputs_under_fsdp_and_leaves_the_step_as_it_was(kind):
+    """One process: observe's independence check (two forwards in eval mode after the caller's pass) runs under
+    FSDP too, and names CLIP-like (B, B) scores that couple the examples. Before, nothing ran under FSDP. Its
+    forwards leave the model as they found it: over a step of one micro-batch and one of two, with the gradients
+    clipped over model.parameters(), p.grad equals a plain FSDP run's bit for bit. A first version left FSDP2's root, which it
+    does not reshard after a forward, unsharded: model.parameters() then held the unsharded parameters, without
+    gradients, and the HF Trainer's clipping read less (its logged grad norm went from 0.67 to 0.40). The plan is
+    built once: FSDP2 registers its unsharded parameters in the shards' place between micro-batches, which rebuilt
+    it (and ran its first-pass checks again) on every micro-batch."""
+    for syncs in ((True,), (False, True)):   # the check after the step's backward, and between micro-batches
+        plain, _, _ = _observed_micro_batches(kind, False, syncs)
+        observed, caught, builds = _observed_micro_batches(kind, True, syncs)
+        assert len(caught) == 1 and "['scores']" in str(caught[0].message)
+        assert builds == 1
+        assert all(torch.equal(a, b) for a, b in zip(observed, plain))
 
 
 class _WeightReadingBlock(nn.Module):

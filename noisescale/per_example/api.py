@@ -100,8 +100,8 @@ from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
-from noisescale.sharded import (flat_parameter_owners, fsdp1_original_parameters, fsdp2_units, is_sharded,
-                                refuse_tensor_parallel)
+from noisescale.sharded import (flat_parameter_owners, fsdp1_original_parameters, fsdp2_shards, fsdp2_units,
+                                is_sharded, refuse_tensor_parallel)
 
 __all__ = ["PerExampleNorms", "PerExampleGradNorms", "ObservedNorms", "per_example_sqnorms", "BACKENDS"]
 
@@ -295,9 +295,9 @@ class PerExampleGradNorms:
     and with some examples' inputs replaced by others', and refuses a loss whose other examples' values moved (a
     contrastive loss: ``coupling.py``); ``observe`` compares the model's outputs instead, and walks the pass's
     graph for a term over the batch in the model's own loss (``OutputGradients.batch_terms``), warns, and keeps
-    what it found in ``coupling`` (None if nothing), which the monitors' summaries report; under FSDP a call's
-    check runs on every rank at once (the first call only) and ``observe`` only walks the graph (its two forwards
-    between an accumulation's micro-batches changed the HF Trainer's training under FSDP2).
+    what it found in ``coupling`` (None if nothing), which the monitors' summaries report; under FSDP both
+    checks' forwards run on every rank at once (the first call of a plan only), and the ranks refuse, or warn,
+    together.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], backend: str = "auto",
@@ -361,7 +361,8 @@ class PerExampleGradNorms:
         """Everything the plan depends on that may change between calls: each module's parameters (identity,
         requires_grad), the modules' train/eval modes and the rule registries. The module tree is fixed at
         ``__init__`` (the hooks are installed then)."""
-        return (tuple(None if p is None else (id(p), p.requires_grad)
+        shards = fsdp2_shards(self.model) if self._sharded else {}   # not the unsharded parameters FSDP2 registers
+        return (tuple(None if p is None else (id(shards.get(id(p), p)), p.requires_grad)
                       for module in self._path_of for p in module._parameters.values()),
                 tuple(id(child) for module in self._path_of for child in module._modules.values()),  # modules added
                 tuple(module.training for module in self._path_of), tuple(RULES.items()), tuple(STRUCTURAL_RULES))
@@ -455,7 +456,8 @@ class PerExampleGradNorms:
                     entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
-        return _Plan(hooked, vmap_names, backend_of, parameters)
+        shards = fsdp2_shards(self.model) if self._sharded else {}
+        return _Plan(hooked, vmap_names, backend_of, {name: shards.get(id(p), p) for name, p in parameters.items()})
 
     def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> list[str]:
         """Parameters in the graph of the pass (from the autograd nodes ``roots``) although no hooked call of their
@@ -513,7 +515,9 @@ class PerExampleGradNorms:
         plan, scale = self._checked_plan(loss_scale)
         parameters = plan.parameters
         names = list(plan.backend_of)
-        saved = _GradSnapshot(list(parameters.values()) if self._sharded else [parameters[name] for name in names])
+        # under FSDP2 also the unsharded parameters registered now, which hold an unsynchronised accumulation
+        saved = _GradSnapshot(list({id(p): p for p in [*parameters.values(), *self.model.parameters()]}.values())
+                              if self._sharded else [parameters[name] for name in names])
         try:
             with eager():   # a compiled model's pass runs eagerly (``noisescale._compiled``)
                 return self._measure(inputs, targets, loss_scale, scale, batch_size, plan, parameters, names)
@@ -561,7 +565,7 @@ class PerExampleGradNorms:
                                   list(plan.parameters.values()), always_forward=self._sharded)
         if self._sharded:
             self._independence_checked = True
-            if coupled_on_any_rank(coupling, next(self.model.parameters()).device):
+            if coupled_on_any_rank(coupling is not None and coupling.coupled, next(self.model.parameters()).device):
                 raise coupling.error() if coupling is not None and coupling.coupled else ValueError(
                     "the per-example losses are coupled on another rank (its error names how); this rank's examples "
                     "could not show it")
@@ -738,7 +742,7 @@ class PerExampleGradNorms:
                                  "and its backward (loss.backward()) inside the with block, with grad enabled; the "
                                  "norms would be zeros")
             self._observed = True
-            if self.check_independence and not self._independence_checked and not self._sharded:
+            if self.check_independence and not self._independence_checked:
                 # before any refusal below: a coupled model's warning says more than a refused vmap (CLIP's logit_scale)
                 self._warn_if_outputs_coupled(outputs.inputs if outputs.kept else model_inputs, batch_size,
                                               list(parameters.values()))
@@ -792,21 +796,26 @@ class PerExampleGradNorms:
 
     def _warn_if_outputs_coupled(self, inputs: Any, batch_size: int, parameters: list[nn.Parameter]) -> None:
         """observe's check that the examples are independent (``coupling.py``), on the model's outputs after the
-        caller's pass: a warning naming those that couple the examples, or saying why it could not run."""
+        caller's pass: a warning naming those that couple the examples, or saying why it could not run. Under FSDP
+        every rank runs the two forwards on its first call, even where its own examples cannot show a coupling, and
+        the ranks warn together (one all-reduce), as a call's check does."""
         if inputs is None or isinstance(inputs, str):
             return
         try:
-            moved = coupled_outputs(self._module, inputs, batch_size, parameters)
+            moved = coupled_outputs(self._module, inputs, batch_size, parameters, always_forward=self._sharded)
         except Exception as error:   # (out of memory): the caller's step is done, and stays as it is
-            self._independence_checked = True
+            moved, self._independence_checked = None, True
             warnings.warn(f"could not check that the examples are independent, which needs two more forwards: "
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=4)
-            return
-        self._independence_checked = moved is not None
-        if moved:
-            shown = ", ".join(f"{path} ({change:.2g})" for path, change in list(moved.items())[:4])
+            if not self._sharded:
+                return
+        self._independence_checked = moved is not None or self._sharded
+        elsewhere = self._sharded and coupled_on_any_rank(bool(moved), parameters[0].device) and not moved
+        if moved or elsewhere:
+            shown = ", ".join(f"{path} ({change:.2g})" for path, change in list(moved.items())[:4]) if moved else ""
             self.coupling = (f"replacing some examples' inputs by others' moved the other examples' rows of its "
-                             f"outputs {shown}")
+                             f"outputs {shown}" if moved else "replacing some examples' inputs by others' moved the "
+                             "other examples' rows of its outputs on another rank (whose warning names them)")
             warnings.warn(
                 f"the model couples the examples: {self.coupling} (in eval mode, relative to each output's largest "
                 "value). A "

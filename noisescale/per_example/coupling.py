@@ -38,6 +38,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
 from noisescale._buffers import kept_buffers
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
+from noisescale.sharded import sharding_kept
 from noisescale.batches import call_model, map_tensors, tensors_of
 from noisescale.per_example.layers import rounding_tolerance
 
@@ -115,25 +116,27 @@ def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inpu
     return Coupling(change, _tolerance(before, parameters), replaced)
 
 
-def coupled_on_any_rank(coupling: Coupling | None, device: torch.device) -> bool:
-    """Whether any rank of the default process group found its losses coupled (one all-reduce, every rank gets the
+def coupled_on_any_rank(coupled: bool, device: torch.device) -> bool:
+    """Whether any rank of the default process group found a coupling (one all-reduce, every rank gets the
     answer)."""
-    found = torch.tensor(float(coupling is not None and coupling.coupled), device=device)
+    found = torch.tensor(float(coupled), device=device)
     dist.all_reduce(found, op=dist.ReduceOp.MAX)
     return bool(found)
 
 
-def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int,
-                    parameters: list[Tensor]) -> dict[str, float] | None:
+def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int, parameters: list[Tensor], *,
+                    always_forward: bool = False) -> dict[str, float] | None:
     """``observe``'s check (module docstring): the outputs with a dim of B's size along which the slices of the
     examples left as they were moved beyond the rounding, for each such dim, path -> the smallest over those dims of
     the largest move relative to the output's largest value (empty where none moved); None where nothing could be
-    replaced."""
+    replaced. ``always_forward``: as ``coupled_losses``'s."""
     found = replaced_examples(inputs, batch_size)
+    if found is None and not always_forward:
+        return None
+    replaced_inputs, replaced = found or (inputs, {})
+    before, after = _both_forwards(model, inputs, replaced_inputs, parameters, _tensor_leaves)
     if found is None:
         return None
-    replaced_inputs, replaced = found
-    before, after = _both_forwards(model, inputs, replaced_inputs, parameters, _tensor_leaves)
     kept, moved = _kept_rows(batch_size, replaced), {}
     for (path, a), (_, b) in zip(before, after):
         dims = [d for d in range(a.dim()) if a.shape[d] == batch_size] if isinstance(a, Tensor) else []
@@ -179,7 +182,7 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
     kept), or, where the model's forward needs grad (it hooks its tensors), with grad and detached at once (one
     forward's graph at a time, where ``run`` keeps nothing else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    with _eval_mode(model), kept_buffers(model), isolated_rng(parameters):
+    with _eval_mode(model), kept_buffers(model), isolated_rng(parameters), sharding_kept(model):
         state, host = rng_state(device), host_rng_state()
 
         def one(batch: Any) -> Any:
