@@ -466,6 +466,31 @@ def test_ghost_rejects_module_without_batch_dimension():
         per_example_sqnorms(model, regression_loss, x, torch.zeros_like(x), backend="ghost")
 
 
+class _LowRankWithNorm(nn.Module):
+    """PEFT's DoRA: the low-rank layers also run on an identity matrix (rows that are not the examples) to form their
+    product B A, whose norm scales the output and is detached (``attached``: not detached)."""
+
+    def __init__(self, attached):
+        super().__init__()
+        self.a, self.b, self.attached = nn.Linear(6, 2, bias=False), nn.Linear(2, 5, bias=False), attached
+
+    def forward(self, x):
+        norm = self.b(self.a(torch.eye(6, dtype=x.dtype))).T.norm(dim=1)
+        return self.b(self.a(x)) / (1 + (norm if self.attached else norm.detach()))
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_a_layer_call_without_the_examples_goes_to_vmap_only_when_a_gradient_reaches_it(attached):
+    """A call on eye(6) rows cannot be split by example. Its output detached, it adds nothing to any example's
+    gradient and the layers stay with their rules (it sent them to the whole-model vmap before: PEFT's DoRA, every
+    LoRA layer); where the loss depends on it, the backward reaching it sends them to the vmap, exact either way."""
+    torch.manual_seed(0)
+    model = _LowRankWithNorm(attached).double()
+    x = torch.randn(4, 6, dtype=torch.float64, generator=generator(1))
+    result = assert_matches_reference(model, regression_loss, x, torch.zeros(4, 5, dtype=torch.float64), "auto")
+    assert set(result.backend_of.values()) == {"vmap" if attached else "ghost"}
+
+
 def test_sequence_cross_entropy_is_mean_token_loss_per_example():
     logits = torch.randn(3, 4, 5, dtype=torch.float64, generator=generator(1))
     targets = torch.randint(0, 5, (3, 4), generator=generator(2))

@@ -903,8 +903,15 @@ class GhostNormEngine:
                 and computed_once(x, ghost_pass.broadcasts.shared_nodes()))
         shared = once or why is not None and _shared_indices(x, output, batch)   # or buckets, positions
         if why is not None and not shared:
-            if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap
-                ghost_pass.decline(entry, why)
+            if not ghost_pass.strict:  # auto: a call without the examples in dim 0 goes to the whole-model vmap,
+                # once a gradient reaches its output: a call whose output leaves the graph adds nothing to any
+                # example's gradient (PEFT's DoRA calls lora_B(lora_A(eye)) for its weight norm, then detaches it),
+                # so the layer's other calls stay with its rule. Under FSDP the vmap cannot run: declined now, so
+                # that the refusal comes before the backward
+                if output.grad_fn is None or ghost_pass.sharded:
+                    ghost_pass.decline(entry, why)
+                else:
+                    output.grad_fn.register_prehook(partial(_decline_when_reached, ghost_pass, entry, why))
                 return None
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was {why}; ghost norms need dim 0 to be "
@@ -1218,6 +1225,12 @@ def _sequence_first(x: Any, output: Any, batch: int, rule: LayerRule) -> bool:
     take them: x and the output have B in dim 1 (to be checked by a probe)."""
     return (rule.rows_as_positions and isinstance(x, Tensor) and isinstance(output, Tensor) and x.dim() > 1
             and output.dim() > 1 and x.shape[1] == batch and output.shape[:2] == x.shape[:2])
+
+
+def _decline_when_reached(ghost_pass: GhostPass, entry: GhostModule, why: str, grad_outputs: Any) -> None:
+    """Prehook of the output node of a rule layer's call without the examples in dim 0: the backward reached it, so
+    the call adds to the examples' gradients in a way the rule cannot split (``_on_rule_call``)."""
+    ghost_pass.decline(entry, why)
 
 
 def _shared_indices(x: Any, output: Any, batch: int) -> bool:
