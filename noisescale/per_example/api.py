@@ -330,7 +330,7 @@ class PerExampleGradNorms:
         elif backend == "ghost":
             hooked = [m for m in self._path_of if rule_for(m) is not None]
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
-            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in m.parameters(recurse=False))]
+            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in _own_parameters(m))]
         self._engine = GhostNormEngine(hooked, root=model, resharding=fsdp2_units(model) if self._sharded else ())
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
@@ -398,7 +398,7 @@ class PerExampleGradNorms:
         """Which trainable parameters go to ghost, the per-module fallback and vmap."""
         parameters = dict(self.model.named_parameters())
         name_of = {p: name for name, p in parameters.items()}
-        owned = {module: [(n, name_of[p]) for n, p in module.named_parameters(recurse=False)
+        owned = {module: [(n, name_of[p]) for n, p in _own_parameters(module)
                           if p.requires_grad and not _is_flat(p)] for module in self._path_of}
         if self._sharded:  # FSDP1 flat parameters: measured by the modules that own their original parameters
             for module, local_name, name, requires_grad in flat_parameter_owners(self.model):
@@ -885,6 +885,22 @@ def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:
                          f"{because}. Call the model once in the pass (observe measures them from its outputs' "
                          "gradients), give observe the pass's vmap_batch=(inputs, targets), or measure this model "
                          "with NoiseScaleMonitor, which runs that pass itself")
+
+
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(local name, parameter) of what ``module``'s calls measure: its own parameters, and those of the
+    ``ParameterDict``/``ParameterList`` right under it (never called: the module reads them, PEFT's LoRA on
+    embeddings ``F.embedding(x, self.lora_embedding_A[name].T)``), under dotted names; a container owns none."""
+    if isinstance(module, _CONTAINERS):
+        return
+    yield from module.named_parameters(recurse=False)
+    for child_name, child in module.named_children():
+        if isinstance(child, _CONTAINERS):
+            for name, p in child.named_parameters(recurse=False):
+                yield f"{child_name}.{name}", p
 
 
 def _is_flat(p: Tensor) -> bool:
