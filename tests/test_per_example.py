@@ -1610,6 +1610,55 @@ def test_reentrant_checkpointing_with_a_sequence_as_long_as_the_batch():
     assert set(result.backend_of.values()) == {"ghost"}
 
 
+def test_non_reentrant_checkpointing_runs_the_block_no_more_often_than_without_the_norms():
+    """A block whose Linear takes the hidden states times a frozen gain (an RMSNorm of a LoRA model, whose
+    weights are frozen: Llama's q/k/v and gate/up projections), under non-reentrant checkpointing (transformers'
+    default, TRL's SFTTrainer's default): the block runs twice a pass (forward, recomputation in the backward),
+    with the norms as without them. Before, the check for a table computed once read the product's saved gain in
+    the forward, which made checkpointing recompute the block there (3 runs; a tiny LoRA Llama's layers 4 a
+    micro-batch), the recomputed activations alive until the backward. Norms as a loop without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.rand(6) + 0.5, requires_grad=False)
+            self.proj, self.runs = nn.Linear(6, 6), 0
+
+        def forward(self, h):
+            self.runs += 1
+            return torch.tanh(self.proj(self.gain * h))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.block, self.head, self.checkpointed = nn.Linear(3, 6), Block(), nn.Linear(6, 2), True
+
+        def forward(self, x):
+            h = self.embed(x)
+            h = checkpoint(self.block, h, use_reentrant=False) if self.checkpointed else self.block(h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Net().double()
+    reference = copy.deepcopy(model)
+    reference.checkpointed = False
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(4, 5, 2, dtype=torch.float64, generator=generator(2))
+    regression_loss(model(x), y).mean().backward()
+    plain_runs = model.block.runs
+    model.zero_grad(set_to_none=True)
+    norms = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    norms(x, y)                                          # the first call probes the model (no-grad forwards)
+    model.block.runs = 0
+    result = norms(x, y)
+    assert plain_runs == 2 and model.block.runs == plain_runs
+    expected = naive_per_example(reference, regression_loss, x, y)
+    for name, values in expected.items():
+        assert_relclose(result.by_parameter[name], values)
+    assert set(result.backend_of.values()) == {"ghost"}
+
+
 class Tempered(nn.Module):
     """A layer without a rule, handed its parent's 0-d temperature parameter as an argument."""
 

@@ -401,14 +401,16 @@ def computed_once(x: Tensor, shared: set) -> bool:
 
 def _masked_alike(node: Any, edge: tuple) -> bool:
     """A product of a tensor with a constant that leaves its shape as it was (dropout's mask): no dim of examples
-    added to it."""
+    added to it. Read from the shapes alone: an output of the tensor's own shape means the constant broadcast to it
+    (no more dims, each 1 or equal). The constant itself is not read: under non-reentrant activation checkpointing
+    reading a saved tensor (``node._saved_other``) in the forward re-ran the whole block up to it (a LoRA Llama's
+    RMSNorm weight times the hidden states, before each q/k/v and gate/up projection: its layers ran 4 times a
+    micro-batch instead of 2), and the recomputed activations stayed alive until the backward."""
     if type(node).__name__ != "MulBackward0" or len(node.next_functions) != 2:
         return False
     k = 0 if node.next_functions[0] == edge else 1
-    constant = node._saved_other if k == 0 else node._saved_self
     out, shape = output_shape(node, 0), tuple(_input_meta(node, k).shape)
-    return constant is not None and out == shape and constant.dim() <= len(out) and all(
-        c in (1, o) for c, o in zip(reversed(constant.shape), reversed(out)))
+    return out is not None and out == shape
 
 
 def _of_parameters(node: Any, depth: int = 0) -> bool:
