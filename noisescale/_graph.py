@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 # autograd nodes of operations whose output holds their input's elements in the same order (views, copies):
@@ -21,14 +21,15 @@ def output_shape(node: Any, output_nr: int) -> tuple | None:
         return None
 
 
-def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = ()) -> Iterator[Any]:
+def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = (),
+                   stop_at: Callable[[Any], bool] | None = None) -> Iterator[Any]:
     """Every node of the autograd graph reachable from the nodes ``starts`` (a tensor's ``grad_fn``; None is
-    skipped), each once, not walked into or past the nodes ``stops``; an AccumulateGrad node holds its leaf in
-    ``.variable``."""
+    skipped), each once, not walked into or past the nodes ``stops`` nor those ``stop_at`` says; an AccumulateGrad
+    node holds its leaf in ``.variable``."""
     stops, seen, stack = set(stops), set(), list(starts)
     while stack:
         node = stack.pop()
-        if node is None or node in seen or node in stops:
+        if node is None or node in seen or node in stops or stop_at is not None and stop_at(node):
             continue
         seen.add(node)
         yield node

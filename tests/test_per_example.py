@@ -520,6 +520,35 @@ def test_parameters_held_in_a_parameter_dict_or_list_are_measured_with_the_modul
                                  "head.bias": "ghost"}
 
 
+class _LinearWithGains(nn.Linear):
+    """A Linear (its rule measures its weight and bias) holding a ParameterDict its caller reads."""
+
+    def __init__(self):
+        super().__init__(6, 4)
+        self.extra = nn.ParameterDict({"gain": nn.Parameter(torch.rand(4) + 0.5)})
+
+
+def test_a_parameter_dict_under_a_rule_layer_keeps_its_parameters():
+    """A ParameterDict under a layer with a rule is not that layer's to measure (the rule knows the layer's own
+    parameters only): its parameters go to the whole-model vmap, exact, and backend='ghost' refuses them. A first
+    version handed them to the layer, and they came out zero, silently (a review's script)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = _LinearWithGains()
+
+        def forward(self, x):
+            return self.layer(x) * self.layer.extra["gain"]
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(5, 6, dtype=torch.float64, generator=generator(1))
+    result = assert_matches_reference(model, classification_loss, x, torch.arange(5) % 4, "auto")
+    assert result.backend_of["layer.extra.gain"] == "vmap"
+    with pytest.raises(ValueError, match=r"'layer\.extra' \(ParameterDict\)"):
+        per_example_sqnorms(model, classification_loss, x, torch.arange(5) % 4, backend="ghost")
+
+
 def test_sequence_cross_entropy_is_mean_token_loss_per_example():
     logits = torch.randn(3, 4, 5, dtype=torch.float64, generator=generator(1))
     targets = torch.randint(0, 5, (3, 4), generator=generator(2))

@@ -443,3 +443,36 @@ def test_observe_warns_about_a_term_over_the_batch_in_the_model_s_own_loss():
     monitor, _ = _observed_steps(RoutedClassifier(0.5).double(), lambda outputs: outputs["loss"], inputs)
     assert monitor.logged_metrics()["noise_scale/coupled_outputs"] == 1.0
     assert "holds that term" in str(monitor.summary())
+
+
+class _OnlyItsLoss(nn.Module):
+    """``RoutedClassifier`` returning its loss alone, as many a model of one's own does (no logits among the
+    outputs: the walk stops at the tensors with the examples in dim 0 inside the graph)."""
+
+    def __init__(self, balance: float):
+        super().__init__()
+        self.inner = RoutedClassifier(balance)
+
+    def forward(self, x, labels):
+        return self.inner(x, labels)["loss"]
+
+
+@pytest.mark.parametrize("balance", [0.5, 0.0], ids=["router_term", "plain"])
+def test_a_model_returning_only_its_loss_is_warned_about_only_for_a_term_over_the_batch(balance):
+    """A first version warned about every model that returns its loss alone (the walk stopped only at outputs
+    with the examples, and there were none): a review's six models, exact norms, each flagged as coupled. Now: the
+    router-like term warned about, the plain loss not, and equal to the loop."""
+    inputs = (torch.randn(6, 5, 4, dtype=torch.float64, generator=generator(1)), torch.arange(6) % 3)
+    torch.manual_seed(0)
+    model = _OnlyItsLoss(balance).double()
+    plain = copy.deepcopy(model)
+    engine = PerExampleGradNorms(model, lambda outputs, targets: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with engine.observe(6, model_inputs=inputs) as observed:
+            model(*inputs).backward()
+    found = [w for w in caught if "term over the whole batch" in str(w.message)]
+    assert len(found) == (1 if balance else 0) and (engine.coupling is not None) == bool(balance)
+    if not balance:
+        assert_relclose(observed.sqnorms, sum(naive_per_example(plain, lambda loss, _: loss, inputs,
+                                                                 inputs[1]).values()))

@@ -330,7 +330,8 @@ class PerExampleGradNorms:
         elif backend == "ghost":
             hooked = [m for m in self._path_of if rule_for(m) is not None]
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
-            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in _own_parameters(m))]
+            adopted = _adopted_containers(model, self._sharded)
+            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in _own_parameters(m, adopted))]
         self._engine = GhostNormEngine(hooked, root=model, resharding=fsdp2_units(model) if self._sharded else ())
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
@@ -398,7 +399,8 @@ class PerExampleGradNorms:
         """Which trainable parameters go to ghost, the per-module fallback and vmap."""
         parameters = dict(self.model.named_parameters())
         name_of = {p: name for name, p in parameters.items()}
-        owned = {module: [(n, name_of[p]) for n, p in _own_parameters(module)
+        adopted = _adopted_containers(self.model, self._sharded)
+        owned = {module: [(n, name_of[p]) for n, p in _own_parameters(module, adopted)
                           if p.requires_grad and not _is_flat(p)] for module in self._path_of}
         if self._sharded:  # FSDP1 flat parameters: measured by the modules that own their original parameters
             for module, local_name, name, requires_grad in flat_parameter_owners(self.model):
@@ -890,15 +892,27 @@ def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList)
 
 
-def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def _adopted_containers(model: nn.Module, sharded: bool) -> set[int]:
+    """ids of the ``ParameterDict``/``ParameterList`` right under a module without a rule, whose parameters that
+    module's calls measure (``_own_parameters``). One under a rule layer keeps its parameters (the rule measures the
+    layer's own only: they go to the whole-model vmap), and so does every one under FSDP (a review found the root's
+    per-module fallback under FSDP1 giving the other units zero norms in observe after a call)."""
+    if sharded:
+        return set()
+    return {id(child) for module in model.modules() if not isinstance(module, _CONTAINERS) and rule_for(module) is None
+            for child in module.children() if isinstance(child, _CONTAINERS)}
+
+
+def _own_parameters(module: nn.Module, adopted: set[int]) -> Iterator[tuple[str, nn.Parameter]]:
     """(local name, parameter) of what ``module``'s calls measure: its own parameters, and those of the
-    ``ParameterDict``/``ParameterList`` right under it (never called: the module reads them, PEFT's LoRA on
-    embeddings ``F.embedding(x, self.lora_embedding_A[name].T)``), under dotted names; a container owns none."""
-    if isinstance(module, _CONTAINERS):
+    ``ParameterDict``/``ParameterList`` right under it that it adopted (never called: the module reads them, PEFT's
+    LoRA on embeddings ``F.embedding(x, self.lora_embedding_A[name].T)``), under dotted names; an adopted container
+    owns none."""
+    if id(module) in adopted:
         return
     yield from module.named_parameters(recurse=False)
     for child_name, child in module.named_children():
-        if isinstance(child, _CONTAINERS):
+        if id(child) in adopted:
             for name, p in child.named_parameters(recurse=False):
                 yield f"{child_name}.{name}", p
 

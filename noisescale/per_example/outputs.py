@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from noisescale._graph import autograd_nodes
+from noisescale._graph import autograd_nodes, output_shape
 from noisescale._wrappers import unwrapped_module
 from noisescale.per_example.vmap import in_own_pass
 
@@ -121,8 +121,9 @@ class OutputGradients:
     def batch_terms(self) -> list[tuple[int, ...]]:
         """The shapes of the outputs without the examples in dim 0 that got a gradient from the caller (a loss the
         model computed, HuggingFace's with ``labels``: an output the graph of those with the examples does not
-        reach) and whose graph reaches a parameter other than through the outputs with the examples: a term over
-        the whole batch added inside the model, such as an MoE's router load-balancing loss
+        reach) and whose graph reaches a parameter other than through a tensor with the examples in dim 0 (an
+        output, or logits the model's loss read and did not return): a term over the whole batch added inside the
+        model, such as an MoE's router load-balancing loss
         (``output_router_logits=True``; its router logits, (B T, experts), hold rows, not examples). It has no
         per-example gradients; the layers' norms split its gradient over the examples' rows. Needs the pass's
         outputs (``want_roots`` or ``keep``)."""
@@ -131,8 +132,9 @@ class OutputGradients:
             return []
         upstream = set(autograd_nodes(next_node for node in self._with_examples
                                       for next_node, _ in node.next_functions))
+        holds_examples = partial(_holds_examples, batch=self.batch_size)
         return [shape for shape, node in received if node not in upstream and any(
-            hasattr(reached, "variable") for reached in autograd_nodes([node], self._with_examples))]
+            hasattr(reached, "variable") for reached in autograd_nodes([node], self._with_examples, holds_examples))]
 
     def gradients(self, measured: list[Tensor]) -> tuple[list[int], list[Tensor]] | str:
         """(positions of the outputs among the output's flattened leaves, their gradients G) for the
@@ -217,3 +219,9 @@ def _keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict | str:
 def _keep(holder: list, grad: Tensor) -> None:
     """holder = [the gradient received, how many times one arrived]."""
     holder[0], holder[1] = grad, holder[1] + 1
+
+
+def _holds_examples(node: Any, batch: int) -> bool:
+    """Whether every output of autograd node ``node`` has the ``batch`` examples in dim 0."""
+    shapes = [output_shape(node, k) for k in range(len(node._input_metadata))]
+    return bool(shapes) and all(shape and shape[0] == batch for shape in shapes)
