@@ -49,11 +49,22 @@ def fsdp2_units(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if is_fsdp2_unit(m)]
 
 
+def _param_groups(unit: nn.Module) -> list:
+    """FSDP2's parameter groups of ``unit`` (torch's private state: ``_fsdp_param_groups`` in torch 2.13, a single
+    ``_fsdp_param_group``, or None, in earlier releases)."""
+    state = unit._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
 def _fsdp2_params(model: nn.Module) -> list:
     """FSDP2's record of each parameter of its units (``FSDPParam``: the shard, and the unsharded parameter it
     registers in the shard's place while the unit is unsharded)."""
-    groups = [group for unit in fsdp2_units(model) for group in unit._get_fsdp_state()._fsdp_param_groups]
-    return [fsdp_param for group in groups for fsdp_param in group.fsdp_params]
+    return [fsdp_param for unit in fsdp2_units(model) for group in _param_groups(unit)
+            for fsdp_param in group.fsdp_params]
 
 
 def fsdp2_shards(model: nn.Module) -> dict[int, Tensor]:
@@ -76,7 +87,7 @@ def sharding_kept(model: nn.Module) -> Iterator[None]:
     unsharded, its unsharded parameters registered on the model without the gradients, which sit on the shards:
     a Trainer's gradient clipping over ``model.parameters()`` read no gradient there and clipped less."""
     sharded = [unit for unit in fsdp2_units(model)
-               if all(group.is_sharded for group in unit._get_fsdp_state()._fsdp_param_groups)]
+               if all(group.is_sharded for group in _param_groups(unit))]
     try:
         yield
     finally:
