@@ -776,6 +776,20 @@ def test_losses_that_couple_the_examples_are_refused_under_fsdp(kind):
     _assert_one_process_norms_equal_the_loop(model, kind, Block, inputs, labels)
 
 
+def _shard_whole(model: nn.Module, kind: str, units: tuple = ()) -> nn.Module:
+    """One process (world size 1): ``model`` sharded by ``kind`` as one unit; under FSDP2 each of ``units`` is a unit
+    of its own too."""
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (1,))
+        for unit in units:
+            fully_shard(unit, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=kind == "fsdp1_orig")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_observe_warns_about_a_term_over_the_batch_in_the_model_s_loss_under_fsdp(kind):
     """One process: observe's walk of the pass's graph from the model's own scalar loss (an MoE-like router's
@@ -789,14 +803,7 @@ def test_observe_warns_about_a_term_over_the_batch_in_the_model_s_loss_under_fsd
         torch.manual_seed(0)
         model = RoutedClassifier(balance).double()
         with one_rank_process_group():
-            if kind == "fsdp2":
-                from torch.distributed.device_mesh import init_device_mesh
-                from torch.distributed.fsdp import fully_shard
-                sharded = fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-            else:
-                from torch.distributed.fsdp import FullyShardedDataParallel
-                sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"),
-                                                   use_orig_params=kind == "fsdp1_orig")
+            sharded = _shard_whole(model, kind)
             with PerExampleGradNorms(sharded, per_example_cross_entropy) as norms:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -821,16 +828,7 @@ def _observed_micro_batches(kind: str, observe: bool, syncs: tuple[bool, ...]) -
     model = PairScores().double()
     builds = []
     with one_rank_process_group():
-        if kind == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh("cpu", (1,))
-            fully_shard(model.towers.image, mesh=mesh)
-            sharded = fully_shard(model, mesh=mesh)
-        else:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"),
-                                               use_orig_params=kind == "fsdp1_orig")
+        sharded = _shard_whole(model, kind, units=(model.towers.image,))
         norms = PerExampleGradNorms(sharded, per_example_cross_entropy)
         build = norms._build_plan
         norms._build_plan = lambda: builds.append(1) or build()

@@ -38,9 +38,9 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
 from noisescale._buffers import kept_buffers
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
-from noisescale.sharded import sharding_kept
 from noisescale.batches import call_model, map_tensors, tensors_of
 from noisescale.per_example.layers import rounding_tolerance
+from noisescale.sharded import sharding_kept
 
 __all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "replaced_examples"]
 
@@ -100,16 +100,13 @@ def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inpu
     losses that are not (B,) floats (the real pass then reports it) or not finite. ``always_forward``: the two
     forwards run even where nothing can be replaced (FSDP: every rank's forwards take part in the same
     collectives)."""
-    found = replaced_examples(inputs, batch_size)
-    if found is None and not always_forward:
+    forwards = _replaced_forwards(model, inputs, batch_size, parameters, lambda outputs: loss_fn(outputs, targets),
+                                  always_forward)
+    if forwards is None:
         return None
-    replaced_inputs, replaced = found or (inputs, {})
-    losses = _both_forwards(model, inputs, replaced_inputs, parameters, lambda outputs: loss_fn(outputs, targets))
-    if found is None:
+    replaced, before, after = forwards
+    if not all(isinstance(l, Tensor) and l.shape == (batch_size,) and l.is_floating_point() for l in (before, after)):
         return None
-    if not all(isinstance(l, Tensor) and l.shape == (batch_size,) and l.is_floating_point() for l in losses):
-        return None
-    before, after = losses
     if not bool(torch.isfinite(before).all() and torch.isfinite(after).all()):
         return None
     change = _largest_move(before, after, _kept_rows(batch_size, replaced), [0])
@@ -130,13 +127,10 @@ def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int, parameters: 
     examples left as they were moved beyond the rounding, for each such dim, path -> the smallest over those dims of
     the largest move relative to the output's largest value (empty where none moved); None where nothing could be
     replaced. ``always_forward``: as ``coupled_losses``'s."""
-    found = replaced_examples(inputs, batch_size)
-    if found is None and not always_forward:
+    forwards = _replaced_forwards(model, inputs, batch_size, parameters, _tensor_leaves, always_forward)
+    if forwards is None:
         return None
-    replaced_inputs, replaced = found or (inputs, {})
-    before, after = _both_forwards(model, inputs, replaced_inputs, parameters, _tensor_leaves)
-    if found is None:
-        return None
+    replaced, before, after = forwards
     kept, moved = _kept_rows(batch_size, replaced), {}
     for (path, a), (_, b) in zip(before, after):
         dims = [d for d in range(a.dim()) if a.shape[d] == batch_size] if isinstance(a, Tensor) else []
@@ -173,6 +167,19 @@ def _kept_rows(batch_size: int, replaced: dict[int, int]) -> Tensor:
     kept = torch.ones(batch_size, dtype=torch.bool)
     kept[list(replaced)] = False
     return kept
+
+
+def _replaced_forwards(model: nn.Module, inputs: Any, batch_size: int, parameters: list[Tensor],
+                       run: Callable[[Any], Any], always_forward: bool) -> tuple[dict[int, int], Any, Any] | None:
+    """(the examples replaced, ``run`` of the forward of ``inputs``, ``run`` of the forward with those examples
+    replaced: ``replaced_examples``, ``_both_forwards``); None where nothing can be replaced, after running the two
+    forwards anyway (on ``inputs`` twice) where ``always_forward``."""
+    found = replaced_examples(inputs, batch_size)
+    if found is None and not always_forward:
+        return None
+    replaced_inputs, replaced = found or (inputs, {})
+    before, after = _both_forwards(model, inputs, replaced_inputs, parameters, run)
+    return None if found is None else (replaced, before, after)
 
 
 def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, parameters: list[Tensor],
