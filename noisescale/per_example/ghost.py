@@ -46,7 +46,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,7 @@ from noisescale._rng import rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, reorders_rows
+from noisescale.per_example.checkpointing import CheckpointedInputs, recomputing
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
                                              check_unmodified, is_parameter_table, module_per_example_grads,
@@ -704,6 +705,7 @@ class GhostNormEngine:
         self._probe: dict | None = None                       # set inside ``probing``
         self._probe_modules: dict | None = None
         self._probe_batch = 0
+        self._checkpointed = CheckpointedInputs()   # rule layers' inputs saved by activation checkpointing
         self._handles = []
         resharding = set(resharding)
         for module in modules:
@@ -775,7 +777,7 @@ class GhostNormEngine:
 
     def _active(self, module: nn.Module) -> GhostPass | None:
         ghost_pass = self._pass
-        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules or _recomputing():
+        if ghost_pass is None or ghost_pass.replaying or module not in ghost_pass.modules or recomputing():
             return None
         return ghost_pass
 
@@ -818,7 +820,7 @@ class GhostNormEngine:
                 started.stop()
             del self._open[opened:]
         if self._probe is not None:
-            if module in self._probe_modules and not _recomputing():
+            if module in self._probe_modules and not recomputing():
                 x = _first_input(args, kwargs)
                 ends = _block_ends(x, self._probe_batch)
                 columns = (_column_ends(x) if isinstance(x, Tensor) and x.dim() > 1
@@ -829,6 +831,8 @@ class GhostNormEngine:
             return None
         ghost_pass = self._active(module)
         if ghost_pass is None:
+            if self._checkpointed and recomputing():
+                self._checkpointed.fill(_first_input(args, kwargs))
             return None
         entry = ghost_pass.modules[module]
         index = ghost_pass.calls[module]
@@ -852,7 +856,7 @@ class GhostNormEngine:
         """A call of a layer with a rule: checks that dim 0 holds the examples (or their rows in blocks, or dim 1)
         and hooks its output's autograd node; returns the output to use instead (a batch of one expanded), if any."""
         batch = ghost_pass.batch_size
-        replaced = None
+        replaced, taken = None, x
         if (isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 and not ghost_pass.in_rows
                 and _batch_of_one(args, kwargs, output, batch)):
             x, replaced = _broadcast(x, batch), _broadcast(output, batch)   # a call shared by every example
@@ -942,6 +946,9 @@ class GhostNormEngine:
         node = held.grad_fn
         if node is None:   # a leaf returned as the output: no gradient reaches the layer's parameters through it
             return replaced
+        read = self._checkpointed.save(taken) if isinstance(taken, Tensor) else None
+        if read is not None:   # inside a checkpointed block: read back in the backward, after its recomputation
+            x = partial(_read_back, read, batch, blocks, transposed, replaced is not None)
         call = {"x": x, "blocks": blocks, "transposed": transposed, "output_nr": held.output_nr,
                 "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
         base = held._base
@@ -1115,6 +1122,8 @@ class GhostNormEngine:
             ghost_pass.repeated = True
             return
         x, blocks = call.pop("x"), call.pop("blocks")
+        if not isinstance(x, Tensor):
+            x = x()
         if "shape" in call:   # the gradient of the product the output views
             grad_output = grad_output.view(call["shape"])
         if blocks is not None:
@@ -1242,12 +1251,16 @@ def _shared_indices(x: Any, output: Any, batch: int) -> bool:
             and isinstance(output, Tensor) and output.requires_grad)
 
 
-def _recomputing() -> bool:
-    """Whether this forward call is non-reentrant activation checkpointing recomputing a block inside the
-    backward: its calls were recorded in the real forward already, and the recomputed outputs get no gradient.
-    (Reentrant checkpointing runs its first forward without grad, so its recomputation is the call to record.)"""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
+def _read_back(read: Callable[[], Tensor], batch: int, blocks: int | None, transposed: bool,
+               broadcast: bool) -> Tensor:
+    """A checkpointed call's input, read back in the backward, as its rule took it in the forward: a batch of
+    one expanded, B k rows in blocks, or (T, B, ...) transposed."""
+    x = read()
+    if broadcast:
+        return _broadcast(x, batch)
+    if blocks is not None:
+        return x.view(batch, blocks, *x.shape[1:])
+    return x.transpose(0, 1) if transposed else x
 
 
 def _parameter_copies(module: nn.Module, entry: GhostModule) -> dict[str, Tensor]:
