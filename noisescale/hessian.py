@@ -64,6 +64,7 @@ from noisescale._compiled import eager
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
+from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.layers import batch_statistics_path
 
 __all__ = [
@@ -189,7 +190,8 @@ def _mean_loss_function(model: nn.Module, loss_fn: LossFunction) -> Callable[[Pa
     def mean_loss(params: Parameters, inputs: Any, targets: Any) -> Tensor:
         buffer_copies = {name: b.clone() for name, b in buffers.items()}
         args, kwargs = call_arguments(inputs)
-        with eager():   # torch.func does not differentiate through compiled graphs
+        # torch.func does not differentiate through compiled graphs, nor through activation checkpointing
+        with eager(), checkpointing_off(model):
             outputs = functional_call(model, {**params, **buffer_copies}, args, kwargs)
         losses = loss_fn(outputs, targets)
         batch_size = batch_size_of(inputs)

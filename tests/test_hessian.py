@@ -547,3 +547,33 @@ def test_float32_lstm_on_the_onednn_kernel_matches_the_float64_dense_hessian():
                                  num_sigma_examples=3, generator=torch.Generator().manual_seed(0))
     for field, value in _naive_curvature(reference, sequences, labels, 3).items():
         assert getattr(result, field) == pytest.approx(value, rel=1e-4, abs=1e-6), field
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_model_with_activation_checkpointing_gives_the_plain_models_hessian_proxies(use_reentrant):
+    """torch.utils.checkpoint inside the model: the Hessian-vector products (torch.func jvp of grad) raised, for
+    either kind ("don't yet support saved tensor hooks"; "must override the setup_context staticmethod"). The
+    passes now run the checkpointed blocks plainly: the same figures as the model without checkpointing, from the
+    same random probes."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.inner, self.out = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.checkpointed = True
+
+        def forward(self, x):
+            block, h = (lambda h: torch.tanh(self.inner(h))), self.embed(x)
+            return self.out(checkpoint(block, h, use_reentrant=use_reentrant) if self.checkpointed else block(h))
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    plain = copy.deepcopy(model)
+    plain.checkpointed = False
+    inputs = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
+    got, expected = (hessian_noise_scale(m, _cross_entropy, inputs, targets, num_probes=3, num_sigma_examples=4,
+                                         generator=torch.Generator().manual_seed(3)) for m in (model, plain))
+    for name in ("trace_h", "g_h_g", "trace_h_sigma", "fisher_trace"):
+        assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-12), name

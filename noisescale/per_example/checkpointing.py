@@ -1,7 +1,12 @@
-"""Activation checkpointing (torch.utils.checkpoint, non-reentrant): a rule layer's input kept as the checkpoint
-keeps its own saved tensors.
+"""Activation checkpointing (torch.utils.checkpoint, HuggingFace's gradient checkpointing) in noisescale's passes.
 
-A ghost rule needs each call's input x at the backward. Held from the forward, the inputs of every layer in a
+``checkpointing_off``: noisescale's own passes under torch.func (the whole-model vmap, the Hessian-vector
+products) run the model without checkpointing. Under torch.func a reentrant checkpoint hides the parameters inside
+it from grad (their gradients zero: a tiny model's norms 44 % off, silently) and a non-reentrant one raises (on
+the recomputed tensors' shapes, or "torch.func ... don't yet support saved tensor hooks" under jvp).
+
+``CheckpointedInputs``: a rule layer's input inside a non-reentrant checkpointed block, kept as the checkpoint
+keeps its own saved tensors. A ghost rule needs each call's input x at the backward. Held from the forward, the inputs of every layer in a
 checkpointed block would stay alive, which is the memory checkpointing exists to free (a tiny checkpointed Llama:
 37.6 MiB at the peak against 25.1 MiB plain). Instead x is handed to the checkpoint's own pack hook in the forward,
 which keeps a placeholder; the recomputation in the backward fills it again, and the rule reads it once.
@@ -18,10 +23,12 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import Tensor
+import torch.utils.checkpoint as torch_checkpoint
+from torch import Tensor, nn
 
 
 def _default_hooks() -> tuple[Callable, Callable] | None:
@@ -45,6 +52,42 @@ def recomputing() -> bool:
     checkpointing runs its first forward without grad, so its recomputation is the call to record.)"""
     hooks = _default_hooks()
     return hooks is not None and _is(hooks[0], "_recomputation_hook")
+
+
+class _PlainCall:
+    """Stands for torch.utils.checkpoint's CheckpointFunction: ``apply(function, preserve_rng_state, *args)``."""
+
+    @staticmethod
+    def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+
+def _plain_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands for torch.utils.checkpoint's non-reentrant generator: nothing before or after the function."""
+    yield
+
+
+_PLAIN_PARTS = {"CheckpointFunction": _PlainCall, "_checkpoint_without_reentrant_generator": _plain_generator}
+
+
+@contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """The model runs without activation checkpointing: HuggingFace layers' ``gradient_checkpointing`` flags are
+    switched off and back on, and torch.utils.checkpoint's ``checkpoint`` (however it was imported) runs its
+    function plainly, through the two names of its module it looks up at each call (where they exist)."""
+    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    replaced = {name: getattr(torch_checkpoint, name) for name in _PLAIN_PARTS if hasattr(torch_checkpoint, name)}
+    try:
+        for m in switched:
+            m.gradient_checkpointing = False
+        for name in replaced:
+            setattr(torch_checkpoint, name, _PLAIN_PARTS[name])
+        yield
+    finally:
+        for m in switched:
+            m.gradient_checkpointing = True
+        for name, original in replaced.items():
+            setattr(torch_checkpoint, name, original)
 
 
 class CheckpointedInputs:

@@ -39,6 +39,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 from noisescale._buffers import kept_buffers
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
 from noisescale.batches import call_model, map_tensors, tensors_of
+from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.layers import rounding_tolerance
 from noisescale.sharded import sharding_kept
 
@@ -189,7 +190,8 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
     kept), or, where the model's forward needs grad (it hooks its tensors), with grad and detached at once (one
     forward's graph at a time, where ``run`` keeps nothing else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    with _eval_mode(model), kept_buffers(model), isolated_rng(parameters), sharding_kept(model):
+    with (_eval_mode(model), kept_buffers(model), isolated_rng(parameters), sharding_kept(model),
+          checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
         state, host = rng_state(device), host_rng_state()
 
         def one(batch: Any) -> Any:

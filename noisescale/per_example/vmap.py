@@ -23,13 +23,13 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
+from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.factors import per_example_sqnorm
 
 __all__ = ["vmap_sqnorms", "quiet_batching", "conversions_refused"]
@@ -108,45 +108,16 @@ def conversions_refused() -> Iterator[None]:
         nn.Module._apply = original
 
 
-class _PlainCall:
-    """Stands for torch.utils.checkpoint's CheckpointFunction: ``apply(function, preserve_rng_state, *args)``."""
-
-    @staticmethod
-    def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
-        return function(*args)
-
-
-def _plain_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
-    """Stands for torch.utils.checkpoint's non-reentrant generator: nothing before or after the function."""
-    yield
-
-
 @contextmanager
 def _own_pass(model: nn.Module) -> Iterator[None]:
-    """Marks the pass as noisescale's and runs the model without activation checkpointing. Under torch.func a
-    reentrant checkpoint hides the parameters inside it from grad (their gradients zero: a tiny model's norms 44 %
-    off, silently) and a non-reentrant one can raise (a mismatch of the recomputed tensors' shapes). HuggingFace
-    layers (their ``gradient_checkpointing`` flag) are switched off and back on, and torch.utils.checkpoint's
-    ``checkpoint`` (called however it was imported) runs its function plainly, through the two names in its module
-    that it looks up at each call (where they exist)."""
-    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
-    patched = {name: getattr(torch_checkpoint, name) for name in _CHECKPOINT_PARTS if hasattr(torch_checkpoint, name)}
+    """Marks the pass as noisescale's and runs the model without activation checkpointing
+    (``checkpointing.checkpointing_off``)."""
     _OWN_PASS[0] += 1
     try:
-        for m in switched:
-            m.gradient_checkpointing = False
-        for name in patched:
-            setattr(torch_checkpoint, name, _CHECKPOINT_PARTS[name])
-        yield
+        with checkpointing_off(model):
+            yield
     finally:
         _OWN_PASS[0] -= 1
-        for m in switched:
-            m.gradient_checkpointing = True
-        for name, original in patched.items():
-            setattr(torch_checkpoint, name, original)
-
-
-_CHECKPOINT_PARTS = {"CheckpointFunction": _PlainCall, "_checkpoint_without_reentrant_generator": _plain_generator}
 
 
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
