@@ -207,6 +207,36 @@ def test_observe_warns_about_outputs_that_couple_the_examples():
     assert int(model.calls) == 1
 
 
+class KeylessOutput(dict):
+    """An output type registered as a pytree node without key paths, as diffusers registers its ``BaseOutput``
+    (``UNet2DOutput``, ``Transformer2DModelOutput``, ...)."""
+
+
+torch.utils._pytree.register_pytree_node(
+    KeylessOutput, torch.utils._pytree._dict_flatten,
+    lambda values, context: KeylessOutput(torch.utils._pytree._dict_unflatten(values, context)))
+
+
+def test_observe_checks_outputs_of_a_pytree_type_without_key_paths():
+    """Before, torch's flatten with key paths raised on such an output, and observe only warned that it could not
+    check (every diffusers model; a UNet whose output subtracts the batch mean went unnoticed). Its entries are now
+    named by key."""
+    class KeylessScores(PairScores):
+        def forward(self, x, t):
+            return KeylessOutput(super().forward(x, t))
+
+    torch.manual_seed(0)
+    model = KeylessScores().double()
+    with pytest.raises(ValueError, match="flatten_with_keys_fn"):   # what the check met before
+        torch.utils._pytree.tree_flatten_with_path(model(*_towers_batch()))
+
+    def contrastive(outputs):
+        return F.cross_entropy(outputs["scores"], torch.arange(6), reduction="none")
+
+    _, caught = _observe(model, contrastive, _towers_batch())
+    assert len(caught) == 1 and "['scores']" in str(caught[0].message) and "['image']" not in str(caught[0].message)
+
+
 def test_observe_of_independent_outputs_does_not_warn_and_is_exact():
     torch.manual_seed(0)
     model = TwoTowers().double().eval()

@@ -27,14 +27,14 @@ gradient between the examples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from noisescale._buffers import kept_buffers
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
@@ -148,7 +148,15 @@ def coupled_outputs(model: nn.Module, inputs: Any, batch_size: int, parameters: 
 def _tensor_leaves(outputs: Any) -> list[tuple[str, Tensor]]:
     """(path, tensor) of every tensor leaf of the outputs; the rest (a cache object holding the forward's keys and
     values, and with them its graph) is dropped with the outputs."""
-    return [(keystr(path), leaf) for path, leaf in tree_flatten_with_path(outputs)[0] if isinstance(leaf, Tensor)]
+    try:
+        leaves = [(keystr(path), leaf) for path, leaf in tree_flatten_with_path(outputs)[0]]
+    except ValueError:
+        # a pytree node registered without flatten_with_keys_fn (diffusers' BaseOutput, an OrderedDict: UNet2DOutput
+        # and the rest): a mapping's items by key, anything else's leaves by position
+        if isinstance(outputs, Mapping):
+            return [(f"[{key!r}]{path}", leaf) for key, value in outputs.items() for path, leaf in _tensor_leaves(value)]
+        leaves = [(f"[{i}]", leaf) for i, leaf in enumerate(tree_flatten(outputs)[0])]
+    return [(path, leaf) for path, leaf in leaves if isinstance(leaf, Tensor)]
 
 
 def _holds_examples(t: Tensor, batch_size: int) -> bool:
