@@ -59,13 +59,16 @@ def batch_size_of(inputs: Any) -> int:
     tensors = tensors_of(inputs)
     if not tensors:
         raise ValueError("inputs hold no tensor: noisescale needs at least one tensor with the batch in dim 0")
+    shared = ("; a value shared by every example (a diffusion timestep, a scale) may be passed as a Python number, "
+              "or repeated for each example, e.g. t.expand(batch_size), since the batch is split into examples and "
+              "micro-batches")
     if any(t.dim() == 0 for t in tensors):
         raise ValueError(f"every input tensor needs the batch in dim 0; got a 0-dimensional tensor among shapes "
-                         f"{[tuple(t.shape) for t in tensors]}")
+                         f"{[tuple(t.shape) for t in tensors]}{shared}")
     sizes = {t.shape[0] for t in tensors}
     if len(sizes) != 1:
         raise ValueError(f"all input tensors need the same batch size in dim 0, got shapes "
-                         f"{[tuple(t.shape) for t in tensors]}")
+                         f"{[tuple(t.shape) for t in tensors]}{shared if 1 in sizes else ''}")
     size = sizes.pop()
     if size == 0:
         raise ValueError("empty batch: inputs have 0 examples in dim 0")

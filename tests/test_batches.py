@@ -37,6 +37,13 @@ def test_batch_size_checks_every_tensor_and_names_the_shapes():
         batch_size_of([torch.zeros(2)])
 
 
+@pytest.mark.parametrize("timestep", [torch.tensor(7), torch.tensor([7])])
+def test_a_value_shared_by_the_examples_is_refused_naming_what_to_pass_instead(timestep):
+    """A diffusion model's timestep for the whole batch, as a 0-d or (1,) tensor (a new user's diffusers UNet)."""
+    with pytest.raises(ValueError, match=r"Python number.*t\.expand\(batch_size\)"):
+        batch_size_of({"sample": torch.zeros(4, 3, 8, 8), "timestep": timestep})
+
+
 def test_select_and_split_keep_non_tensors_and_cover_every_example():
     batch = {"x": torch.arange(10).view(5, 2), "y": (torch.arange(5), None), "flag": "keep"}
     parts = split_examples(batch, [2, 3])
