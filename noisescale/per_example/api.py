@@ -90,7 +90,7 @@ from torch import Tensor, nn
 from noisescale._buffers import kept_buffers
 from noisescale._compiled import eager
 from noisescale._graph import autograd_consumers, operations_taking
-from noisescale._rng import isolated_rng
+from noisescale._rng import isolated_rng, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs
@@ -337,6 +337,7 @@ class PerExampleGradNorms:
         self._cached_plan: tuple[tuple, _Plan] | None = None
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
         self._warned_ambiguous = False
+        self._warned_redraws = False   # a pass drew random numbers and sent parameters to the vmap (warned once)
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
         self._warned_unchecked_uses = False
         self._uses_checked = False     # whether a pass of this plan counted the graph's uses of each parameter,
@@ -586,7 +587,7 @@ class PerExampleGradNorms:
         if ghost_pass.ambiguous and not self._warned_ambiguous:
             self._warned_ambiguous = True
             outcome = ("its norms may be wrong (backend='ghost' cannot tell)" if self.backend == "ghost" else
-                       "such layers were measured by the whole-model vmap in this pass (exact, slower)")
+                       "such layers were measured by the whole-model vmap in this pass (slower)")
             warnings.warn(
                 f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}), which "
                 "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
@@ -597,6 +598,28 @@ class PerExampleGradNorms:
                 "from the model's other dims (sequence length, hidden size) avoids both", RuntimeWarning,
                 stacklevel=4)
 
+    def _random_state(self, plan: _Plan) -> dict[str, Tensor] | None:
+        """The global random state (CPU, and the parameters' CUDA device), until a redraw has been warned about."""
+        if self._warned_redraws:
+            return None
+        return rng_state(next((p.device for p in plan.parameters.values()), None))
+
+    def _warn_if_redrawn(self, vmap_names: list[str], before: dict | None, after: dict | None) -> None:
+        """Once per instance: the pass drew random numbers (dropout, drop path), and parameters were measured by
+        the whole-model vmap, which draws its own for each example (``vmap.py``): their norms are those of another
+        draw than the step's (timm's MaxViT, whose relative-position MLPs have dropout: 1-7 % off the step's, with
+        nothing said before)."""
+        if before is None or after is None or all(torch.equal(before[key], after[key]) for key in before):
+            return
+        self._warned_redraws = True
+        named = ", ".join(vmap_names[:4]) + (f" and {len(vmap_names) - 4} more" if len(vmap_names) > 4 else "")
+        warnings.warn(
+            f"parameters {named} were measured by the whole-model vmap, and the pass drew random numbers (dropout, "
+            "drop path): the vmap draws its own masks for each example, so these parameters' norms are those of "
+            "another draw of the masks, not of this step's (the others' are this step's). For this step's own, "
+            "switch those random layers off in the modules that need the vmap (eval mode or rate 0), or give such "
+            "modules a rule (noisescale.per_example.register_rule)", RuntimeWarning, stacklevel=4)
+
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
         handles = []
@@ -606,7 +629,9 @@ class PerExampleGradNorms:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded, probe=probe, inputs=inputs,
                                         check_uses=not self._uses_checked) as ghost_pass:
+                drawn = self._random_state(plan)
                 losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
+                drawn = drawn, self._random_state(plan)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
                 bypassed = self._bypassed(plan, ghost_pass, [loss.grad_fn])
@@ -643,6 +668,7 @@ class PerExampleGradNorms:
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
                         "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
                 by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
+                self._warn_if_redrawn(vmap_names, *drawn)
             by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
             sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         return PerExampleNorms(
@@ -733,11 +759,13 @@ class PerExampleGradNorms:
                 outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
                     not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
                     want_roots=not self._uses_checked)
+                drawn = self._random_state(plan)
                 try:
                     with self._taps.listening(partial(_mark_received, received, ghost_pass)):
                         yield observed
                 finally:
                     outputs.close()
+                drawn = drawn, self._random_state(plan)
             if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
                 outputs.release()
                 raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
@@ -785,6 +813,7 @@ class PerExampleGradNorms:
                     self._outputs_needed = True
                     by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
                                                                batch_size / scale, received))
+                    self._warn_if_redrawn(need_vmap, *drawn)
             finally:
                 outputs.release()
             reference = next(iter(by_parameter.values()), None)
