@@ -159,3 +159,33 @@ def test_the_whole_model_vmap_runs_checkpointed_blocks_plainly(use_reentrant):
     for name, values in expected.items():
         assert_relclose(result.by_parameter[name], values)
     assert (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator) == originals
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_a_second_backward_through_a_checkpointed_block_is_the_callers_as_without_noisescale(early_stop):
+    """backward(retain_graph=True) and a second backward through the same checkpointed forward (two losses on one
+    trunk): the second replays the block again after the first read the saved inputs. Every input saved in the
+    forward is saved again in that replay, so torch's count of saved tensors holds: the caller's p.grad is a plain
+    step's and noisescale refuses the pass after the caller's backward (as without checkpointing), instead of
+    torch raising CheckpointError inside it."""
+    torch.manual_seed(0)
+    model = Net().double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(B, T, 3, dtype=torch.float64, generator=generator(7))
+    y = torch.randn(B, T, 2, dtype=torch.float64, generator=generator(8))
+
+    def two_losses(net):
+        out = net(x)
+        regression_loss(out, y).mean().backward(retain_graph=True)
+        out.square().mean().backward()
+
+    with set_checkpoint_early_stop(early_stop):
+        two_losses(plain)
+        norms = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+        norms(x, y)
+        norms(x, y)
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match="more than one backward"):
+            with norms.observe(B, model_inputs=x):
+                two_losses(model)
+    assert_grads_equal(model, plain)

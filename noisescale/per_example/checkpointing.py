@@ -13,8 +13,9 @@ which keeps a placeholder; the recomputation in the backward fills it again, and
 
 The recomputation replays the block's operations in order, and torch matches each recomputed tensor to the
 placeholder of the same rank. The forward hooks run in the replay too, so at a rule layer's call the replay's
-next placeholder is this call's exactly when the forward saved one for it there: ``fill`` saves x then, and only
-then, which keeps torch's count and order of saved tensors as they were.
+next rank is one the forward saved this call's input at exactly when it saved one there: ``fill`` saves x then,
+and only then, which keeps torch's count and order of saved tensors as they were, in every replay (a second
+backward through the graph replays the block again, after the first has read the placeholders).
 
 These read the checkpoint's private state (its hooks' closures); where they are not as expected (another torch
 release), x is held from the forward as before.
@@ -91,13 +92,18 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
 
 
 class CheckpointedInputs:
-    """The placeholders of the layer inputs saved through checkpoints, to find them again in the replay."""
+    """The ranks, among each checkpoint's saved tensors, of the layer inputs saved through it, to save them again
+    at the same ranks in its replays."""
 
     def __init__(self) -> None:
-        self._ours: weakref.WeakSet = weakref.WeakSet()
+        # checkpoint frame -> the ranks of its saved tensors that are layer inputs saved here. By rank, not by
+        # placeholder: a placeholder dies once read (the first backward), but a second backward through the same
+        # graph (retain_graph=True) replays the block again, and every rank saved in the forward must be saved
+        # again, or torch's count of saved tensors falls short and its own backward raises CheckpointError
+        self._ranks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __len__(self) -> int:
-        return len(self._ours)
+        return len(self._ranks)
 
     def save(self, x: Tensor) -> Callable[[], Tensor] | None:
         """Inside a checkpointed block's forward: x saved by the checkpoint; returns what reads it back once in
@@ -110,7 +116,7 @@ class CheckpointedInputs:
             return None
         pack, unpack = hooks
         holder = pack(x)
-        self._ours.add(holder)
+        self._ranks.setdefault(frame, set()).add(len(frame.weak_holders) - 1)
         return lambda: unpack(holder)
 
     def fill(self, x: Any) -> None:
@@ -123,7 +129,5 @@ class CheckpointedInputs:
         gid = cells.get("gid")
         if frame is None or gid is None:
             return
-        rank = frame.recomp_counter[gid]
-        holder = frame.weak_holders[rank]() if rank < len(frame.weak_holders) else None
-        if holder is not None and holder in self._ours:
+        if frame.recomp_counter[gid] in self._ranks.get(frame, ()):
             hooks[0](x)   # last: with every placeholder filled, the replay stops here (torch's early stop)
