@@ -549,28 +549,33 @@ def test_float32_lstm_on_the_onednn_kernel_matches_the_float64_dense_hessian():
         assert getattr(result, field) == pytest.approx(value, rel=1e-4, abs=1e-6), field
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_a_model_with_activation_checkpointing_gives_the_plain_models_hessian_proxies(use_reentrant):
-    """torch.utils.checkpoint inside the model: the Hessian-vector products (torch.func jvp of grad) raised, for
-    either kind ("don't yet support saved tensor hooks"; "must override the setup_context staticmethod"). The
-    passes now run the checkpointed blocks plainly: the same figures as the model without checkpointing, from the
-    same random probes."""
+@pytest.mark.parametrize("kind", ["reentrant", "non-reentrant", "composable"])
+def test_a_model_with_activation_checkpointing_gives_the_plain_models_hessian_proxies(kind):
+    """torch.utils.checkpoint inside the model, or torch.distributed's composable checkpoint(module): the
+    Hessian-vector products (torch.func jvp of grad) raised ("don't yet support saved tensor hooks"; "must override
+    the setup_context staticmethod"). The passes now run the checkpointed blocks plainly: the same figures as the
+    model without checkpointing, from the same random probes."""
+    from torch.distributed._composable import checkpoint as checkpoint_module
     from torch.utils.checkpoint import checkpoint
 
     class Checkpointed(nn.Module):
         def __init__(self):
             super().__init__()
             self.embed, self.inner, self.out = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-            self.checkpointed = True
+            self.checkpointed = kind != "composable"
 
         def forward(self, x):
             block, h = (lambda h: torch.tanh(self.inner(h))), self.embed(x)
-            return self.out(checkpoint(block, h, use_reentrant=use_reentrant) if self.checkpointed else block(h))
+            if self.checkpointed:
+                return self.out(checkpoint(block, h, use_reentrant=kind == "reentrant"))
+            return self.out(block(h))
 
     torch.manual_seed(0)
     model = Checkpointed().double()
     plain = copy.deepcopy(model)
     plain.checkpointed = False
+    if kind == "composable":
+        checkpoint_module(model.inner)
     inputs = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
     got, expected = (hessian_noise_scale(m, _cross_entropy, inputs, targets, num_probes=3, num_sigma_examples=4,

@@ -189,3 +189,28 @@ def test_a_second_backward_through_a_checkpointed_block_is_the_callers_as_withou
             with norms.observe(B, model_inputs=x):
                 two_losses(model)
     assert_grads_equal(model, plain)
+
+
+def test_observe_refuses_a_parameter_whose_gradient_a_reentrant_checkpoint_splits():
+    """A module's own parameter used both outside and inside a reentrant checkpoint in its forward: its gradient
+    arrives from two backwards. A call refused it; observe gave its norms 62 % off, silently (a review's case). Now
+    refused too, after the caller's backward, whose p.grad is a plain step's."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.randn(D))
+
+        def forward(self, h):
+            return h * self.s + checkpoint(lambda h: torch.tanh(h * self.s), h, use_reentrant=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, D), Scaled(), nn.Linear(D, 2)).double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(B, T, 3, dtype=torch.float64, generator=generator(9))
+    y = torch.randn(B, T, 2, dtype=torch.float64, generator=generator(10))
+    regression_loss(plain(x), y).mean().backward()
+    norms = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    with pytest.raises(ValueError, match="'1.s' received its gradient in two parts"):
+        with norms.observe(B, model_inputs=x):
+            regression_loss(model(x), y).mean().backward()
+    assert_grads_equal(model, plain)

@@ -223,18 +223,25 @@ def _record_norm(received: dict[str, Tensor], ghost_pass: GhostPass | None, name
     microsecond a call) of the gradient this backward brings a parameter, before accumulation; the pass, if any,
     keeps it too for the parameters whose uses it captured (``GhostPass.note_gradient``)."""
     if name in received:  # a second backward inside this one: reentrant checkpointing splitting a shared weight
-        raise RuntimeError(
-            f"parameter {name!r} received its gradient in two parts (reentrant activation checkpointing around "
-            "some but not all of its uses), so |gbar|^2 cannot be read from the gradients as they arrive; use "
-            "non-reentrant checkpointing (use_reentrant=False) or checkpoint all of its uses together")
+        raise RuntimeError(_split_gradient(name))
     received[name] = (torch.linalg.vector_norm(grad) if grad.dtype in (torch.float32, torch.float64) else
                       torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
     if ghost_pass is not None:
         ghost_pass.note_gradient(name, grad)
 
 
-def _mark_received(received: set[str], ghost_pass: GhostPass, name: str, grad: Tensor) -> None:
-    """Notes that this backward brought the parameter a gradient (``GhostPass.note_gradient``, as above)."""
+def _split_gradient(name: str) -> str:
+    return (f"parameter {name!r} received its gradient in two parts (reentrant activation checkpointing around "
+            "some but not all of its uses), whose parts noisescale cannot add up (neither |gbar|^2 from the "
+            "gradients as they arrive nor the per-example norms); use non-reentrant checkpointing "
+            "(use_reentrant=False) or checkpoint all of its uses together")
+
+
+def _mark_received(received: set[str], split: set[str], ghost_pass: GhostPass, name: str, grad: Tensor) -> None:
+    """Notes that this backward brought the parameter a gradient (``GhostPass.note_gradient``, as above), and
+    whether it came in two parts (refused after the caller's backward)."""
+    if name in received:
+        split.add(name)
     received.add(name)
     ghost_pass.note_gradient(name, grad)
 
@@ -750,6 +757,7 @@ class PerExampleGradNorms:
         with eager():
             parameters = plan.parameters
             received: set[str] = set()
+            split: set[str] = set()   # parameters whose gradient came in two parts (reentrant checkpointing)
             observed = ObservedNorms()
             probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
             can_vmap = not self._sharded
@@ -761,7 +769,7 @@ class PerExampleGradNorms:
                     want_roots=not self._uses_checked)
                 drawn = self._random_state(plan)
                 try:
-                    with self._taps.listening(partial(_mark_received, received, ghost_pass)):
+                    with self._taps.listening(partial(_mark_received, received, split, ghost_pass)):
                         yield observed
                 finally:
                     outputs.close()
@@ -771,6 +779,9 @@ class PerExampleGradNorms:
                 raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
                                  "and its backward (loss.backward()) inside the with block, with grad enabled; the "
                                  "norms would be zeros")
+            if split and not ghost_pass.repeated:   # (two backwards of the caller's: refused as such by finish)
+                outputs.release()
+                raise ValueError(_split_gradient(sorted(split)[0]))
             self._observed = True
             if self.check_independence and not self._independence_checked:
                 # before any refusal below: a coupled model's warning says more than a refused vmap (CLIP's logit_scale)

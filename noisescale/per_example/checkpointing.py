@@ -23,12 +23,12 @@ release), x is held from the forward as before.
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
 
@@ -68,27 +68,35 @@ def _plain_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
     yield
 
 
-_PLAIN_PARTS = {"CheckpointFunction": _PlainCall, "_checkpoint_without_reentrant_generator": _plain_generator}
+# the names checkpointing is looked up by at each call: torch.utils.checkpoint's ``checkpoint`` and the composable
+# ``checkpoint(module)`` of torch.distributed (FSDP2's companion, which imported the generator by name)
+_PLAIN_PARTS = {
+    "torch.utils.checkpoint": {"CheckpointFunction": _PlainCall,
+                               "_checkpoint_without_reentrant_generator": _plain_generator},
+    "torch.distributed._composable.checkpoint_activation": {"_checkpoint_without_reentrant_generator": _plain_generator},
+}
 
 
 @contextmanager
 def checkpointing_off(model: nn.Module) -> Iterator[None]:
     """The model runs without activation checkpointing: HuggingFace layers' ``gradient_checkpointing`` flags are
     switched off and back on, and torch.utils.checkpoint's ``checkpoint`` (however it was imported) runs its
-    function plainly, through the two names of its module it looks up at each call (where they exist)."""
+    function plainly, through the names of its module it looks up at each call (where they exist), and so does the
+    composable ``torch.distributed._composable.checkpoint`` where it has been imported."""
     switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
-    replaced = {name: getattr(torch_checkpoint, name) for name in _PLAIN_PARTS if hasattr(torch_checkpoint, name)}
+    replaced = [(module, name, getattr(module, name)) for module_name, parts in _PLAIN_PARTS.items()
+                if (module := sys.modules.get(module_name)) is not None for name in parts if hasattr(module, name)]
     try:
         for m in switched:
             m.gradient_checkpointing = False
-        for name in replaced:
-            setattr(torch_checkpoint, name, _PLAIN_PARTS[name])
+        for module, name, _ in replaced:
+            setattr(module, name, _PLAIN_PARTS[module.__name__][name])
         yield
     finally:
         for m in switched:
             m.gradient_checkpointing = True
-        for name, original in replaced.items():
-            setattr(torch_checkpoint, name, original)
+        for module, name, original in replaced:
+            setattr(module, name, original)
 
 
 class CheckpointedInputs:
