@@ -51,6 +51,20 @@ class Net(nn.Module):
         return self.head(h)
 
 
+def _case(model, seeds):
+    """A copy of the model for plain steps, a batch, and the loop's norms on the model without checkpointing."""
+    reference = copy.deepcopy(model)
+    reference.checkpointed = False
+    x = torch.randn(B, T, 3, dtype=torch.float64, generator=generator(seeds[0]))
+    y = torch.randn(B, T, 2, dtype=torch.float64, generator=generator(seeds[1]))
+    return copy.deepcopy(model), x, y, naive_per_example(reference, regression_loss, x, y)
+
+
+def assert_as_the_loop(by_parameter, expected):
+    for name, values in expected.items():
+        assert_relclose(by_parameter[name], values)
+
+
 def assert_grads_equal(model, plain):
     for p, q in zip(model.parameters(), plain.parameters()):
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
@@ -73,12 +87,7 @@ def _inputs_alive_after_forward(model, run_forward):
 def test_checkpointed_inputs_are_not_held_and_the_norms_are_exact(early_stop):
     torch.manual_seed(0)
     model = Net().double()
-    reference = copy.deepcopy(model)
-    reference.checkpointed = False
-    x = torch.randn(B, T, 3, dtype=torch.float64, generator=generator(1))
-    y = torch.randn(B, T, 2, dtype=torch.float64, generator=generator(2))
-    expected = naive_per_example(reference, regression_loss, x, y)
-    plain = copy.deepcopy(model)
+    plain, x, y, expected = _case(model, (1, 2))
     with set_checkpoint_early_stop(early_stop):
         _, plain_alive, calls = _inputs_alive_after_forward(plain, lambda: regression_loss(plain(x), y).mean())
         norms = PerExampleGradNorms(model, regression_loss, by_parameter=True)
@@ -91,15 +100,12 @@ def test_checkpointed_inputs_are_not_held_and_the_norms_are_exact(early_stop):
                 loss.backward()
             regression_loss(plain(x), y).mean().backward()
             assert (alive, calls) == (plain_alive, 10) and alive == 0
-            for name, values in expected.items():
-                assert_relclose(observed.by_parameter[name], values)
-            assert set(observed.backend_of.values()) == {"ghost"}, {k: v for k, v in observed.backend_of.items() if v != "ghost"}
+            assert_as_the_loop(observed.by_parameter, expected)
+            assert set(observed.backend_of.values()) == {"ghost"}
             assert_grads_equal(model, plain)
             plain.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
-        result = norms(x, y)
-        for name, values in expected.items():
-            assert_relclose(result.by_parameter[name], values)
+        assert_as_the_loop(norms(x, y).by_parameter, expected)
 
 
 def test_a_checkpoint_inside_a_checkpoint():
@@ -112,19 +118,12 @@ def test_a_checkpoint_inside_a_checkpoint():
 
     torch.manual_seed(0)
     model = Nested().double()
-    reference = copy.deepcopy(model)
-    reference.checkpointed = False
-    x = torch.randn(B, T, 3, dtype=torch.float64, generator=generator(3))
-    y = torch.randn(B, T, 2, dtype=torch.float64, generator=generator(4))
-    expected = naive_per_example(reference, regression_loss, x, y)
-    plain = copy.deepcopy(model)
+    plain, x, y, expected = _case(model, (3, 4))
     regression_loss(plain(x), y).mean().backward()
     norms = PerExampleGradNorms(model, regression_loss, by_parameter=True)
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        result = norms(x, y)
-        for name, values in expected.items():
-            assert_relclose(result.by_parameter[name], values)
+        assert_as_the_loop(norms(x, y).by_parameter, expected)
         assert_grads_equal(model, plain)
 
 
@@ -156,8 +155,7 @@ def test_the_whole_model_vmap_runs_checkpointed_blocks_plainly(use_reentrant):
     y = torch.randn(B, 6, 2, dtype=torch.float64, generator=generator(6))
     expected = naive_per_example(reference, regression_loss, x, y)
     result = PerExampleGradNorms(model, regression_loss, by_parameter=True, backend="vmap")(x, y)
-    for name, values in expected.items():
-        assert_relclose(result.by_parameter[name], values)
+    assert_as_the_loop(result.by_parameter, expected)
     assert (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator) == originals
 
 
