@@ -6,9 +6,9 @@ it from grad (their gradients zero: a tiny model's norms 44 % off, silently) and
 the recomputed tensors' shapes, or "torch.func ... don't yet support saved tensor hooks" under jvp).
 
 ``CheckpointedInputs``: a rule layer's input inside a non-reentrant checkpointed block, kept as the checkpoint
-keeps its own saved tensors. A ghost rule needs each call's input x at the backward. Held from the forward, the inputs of every layer in a
-checkpointed block would stay alive, which is the memory checkpointing exists to free (a tiny checkpointed Llama:
-37.6 MiB at the peak against 25.1 MiB plain). Instead x is handed to the checkpoint's own pack hook in the forward,
+keeps its own saved tensors. A ghost rule needs each call's input x at the backward. Held from the forward, the
+inputs of every layer in a checkpointed block would stay alive, which is the memory checkpointing exists to free
+(a tiny checkpointed Llama: 37.6 MiB at the peak against 25.1 MiB plain). Instead x is handed to the checkpoint's own pack hook in the forward,
 which keeps a placeholder; the recomputation in the backward fills it again, and the rule reads it once.
 
 The recomputation replays the block's operations in order, and torch matches each recomputed tensor to the
@@ -73,7 +73,8 @@ def _plain_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
 _PLAIN_PARTS = {
     "torch.utils.checkpoint": {"CheckpointFunction": _PlainCall,
                                "_checkpoint_without_reentrant_generator": _plain_generator},
-    "torch.distributed._composable.checkpoint_activation": {"_checkpoint_without_reentrant_generator": _plain_generator},
+    "torch.distributed._composable.checkpoint_activation": {
+        "_checkpoint_without_reentrant_generator": _plain_generator},
 }
 
 

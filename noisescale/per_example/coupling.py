@@ -154,7 +154,8 @@ def _tensor_leaves(outputs: Any) -> list[tuple[str, Tensor]]:
         # a pytree node registered without flatten_with_keys_fn (diffusers' BaseOutput, an OrderedDict: UNet2DOutput
         # and the rest): a mapping's items by key, anything else's leaves by position
         if isinstance(outputs, Mapping):
-            return [(f"[{key!r}]{path}", leaf) for key, value in outputs.items() for path, leaf in _tensor_leaves(value)]
+            return [(f"[{key!r}]{path}", leaf) for key, value in outputs.items()
+                    for path, leaf in _tensor_leaves(value)]
         leaves = [(f"[{i}]", leaf) for i, leaf in enumerate(tree_flatten(outputs)[0])]
     return [(path, leaf) for path, leaf in leaves if isinstance(leaf, Tensor)]
 
