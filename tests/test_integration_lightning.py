@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -231,6 +232,35 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
                 assert row.get(key, "") == "", key
     final = {key: value for key, value in expected[-1].items() if math.isfinite(value)}
     assert {key: float(trainer.logged_metrics[key]) for key in final} == pytest.approx(final, rel=1e-6)
+
+
+class CheckpointedModule(TinyModule):
+    """TinyModule with its layers after the first under torch.utils.checkpoint (the first outside it, so that a
+    reentrant checkpoint's input requires grad)."""
+
+    use_reentrant = False
+
+    def forward(self, x):
+        return checkpoint(self.net[1:], self.net[0](x), use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_module_with_activation_checkpointing_is_measured_as_without_it(tmp_path, monkeypatch, use_reentrant):
+    """Checkpointing recomputes the same values: training through the callback is bit-identical to the module
+    without checkpointing, and the history (B_simple's parts, B_noise's Hessian proxies) equals that run's, which
+    the test above checks against the per-example loop. B_noise raised on a checkpointed module before."""
+    monkeypatch.setattr(CheckpointedModule, "use_reentrant", use_reentrant)
+    histories = []
+    for name, make_module in (("plain", TinyModule), ("checkpointed", CheckpointedModule)):
+        options = NoiseScaleOptions(hessian_every=1, per_example_loss=_per_example_loss)
+        callback = NoiseScaleCallback(options)
+        module, _ = _fit(tmp_path / name, 2, [callback], make_module=make_module)
+        histories.append((module, callback.monitor.history))
+    (plain, expected), (measured, history) = histories
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+    columns = ["grad_sqnorm", "trace_sigma", "trace_h", "g_h_g", "trace_h_sigma"]
+    assert history[columns].to_numpy() == pytest.approx(expected[columns].to_numpy(), rel=1e-12)
 
 
 class SharedWeightModule(TinyModule):

@@ -25,8 +25,9 @@ averages and history are saved in Lightning checkpoints and continue when a fit 
 (``hessian_every``) needs ``NoiseScaleOptions(per_example_loss=...)`` and batches ``(inputs, targets)``; it calls
 ``pl_module(inputs)``. FSDP2 through ``ModelParallelStrategy`` (``fully_shard`` in ``configure_model``,
 ``tensor_parallel_size=1``) is measured like the ddp strategy (tested on 2 gloo ranks: the unsharded loop's
-estimate, training bit-identical); tensor parallelism is refused. Not supported: manual optimization, several
-optimizers, the FSDPStrategy (FSDP1) and DeepSpeed strategies, activation checkpointing.
+estimate, training bit-identical); tensor parallelism is refused. Activation checkpointing in the module's forward
+(torch.utils.checkpoint, reentrant or not) is measured as without it (tested, B_noise included). Not supported:
+manual optimization, several optimizers, the FSDPStrategy (FSDP1) and DeepSpeed strategies.
 """
 
 from __future__ import annotations
