@@ -600,9 +600,10 @@ class PerExampleGradNorms:
                 "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
                 f"sequence-first layer, a sequence pooled to B positions, or examples paired with examples as in "
                 f"CLIP's (B, B) logits): {outcome}. Which dim holds the examples "
-                "is checked by a forward on B - 1 examples of the model's inputs, which from now on runs once per "
-                "input shape (observe needs them as model_inputs); here none had run. A batch size that differs "
-                "from the model's other dims (sequence length, hidden size) avoids both", RuntimeWarning,
+                "is checked by a forward on B - 1 examples of the model's inputs (observe needs them as "
+                "model_inputs), which runs from the next pass on, once per input shape; this pass had none. A batch "
+                "size that differs from the model's other dims (sequence length, hidden size) avoids both",
+                RuntimeWarning,
                 stacklevel=4)
 
     def _random_state(self, plan: _Plan) -> dict[str, Tensor] | None:
