@@ -6,8 +6,9 @@ per-example gradients; where torch.func cannot vmap the model (``.item()``, data
 T5's relative position buckets), one example at a time. Inputs may be a tensor, a tuple of positional inputs or a
 mapping of keyword inputs (:mod:`noisescale.batches`); vmap runs over every tensor leaf of the inputs and targets
 with the batch in dim 0, other leaves (flags such as ``use_cache=False``, a ``None`` target, position ids (1, T)
-shared by all) are passed unchanged. The model runs without activation checkpointing (HuggingFace's flag is switched
-off for the pass). It runs its own forward, so it must leave training untouched:
+shared by all) are passed unchanged. The model runs without activation checkpointing (HuggingFace's flag and
+torch.utils.checkpoint, ``checkpointing.checkpointing_off``). It runs its own forward, so it must leave training
+untouched:
 
 - the global RNG (CPU and initialised CUDA devices) is forked, so training's random stream is not consumed; the
   dropout masks drawn here (``randomness="different"``: one per example) differ from the training pass's, so with
