@@ -45,6 +45,7 @@ __all__ = [
     "TransposedLinearRule",
     "ThirdPartyRMSNormRule",
     "ScaledEmbeddingRule",
+    "NormActivationRule",
     "RULES",
     "STRUCTURAL_RULES",
     "register_rule",
@@ -535,8 +536,12 @@ class OverriddenForwardRule(LayerRule):
             return False
         return (len(arguments) == 1 and arguments[0].kind in (arguments[0].POSITIONAL_ONLY,
                                                              arguments[0].POSITIONAL_OR_KEYWORD)
-                and not any(True for _ in module.children()) and not any(True for _ in module.buffers())
+                and self._holds_only_its_own(module)
                 and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"})
+
+    def _holds_only_its_own(self, module: nn.Module) -> bool:
+        """No children and no buffers."""
+        return not any(True for _ in module.children()) and not any(True for _ in module.buffers())
 
     def unsupported_reason(self, module):
         return self.rule.unsupported_reason(module)
@@ -571,11 +576,65 @@ class OverriddenForwardRule(LayerRule):
         return self.rule.per_example_factors(module, x, g, names)
 
 
+_BATCH_NORM_BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+class NormActivationRule(OverriddenForwardRule):
+    """A normalisation layer that applies its own activation, y = act(drop(norm(x))), with ``drop`` and ``act``
+    parameterless children (timm's ``BatchNormAct2d`` in eval mode, ``GroupNormAct``, ``LayerNormAct``): the norm's
+    rule with the gradient at the norm's output, g_z = J_act(z)^T g for z = norm(x) recomputed from the kept input
+    (one VJP of the elementwise activation). Checked against ``reference`` on every call, as the subclasses above.
+    A child that may draw random numbers in train mode (a dropout, RReLU, an activation torch does not define)
+    sends the layer to the per-module fallback, which replays the draws."""
+
+    def __init__(self, base: type, rule: LayerRule, norm: Callable[[nn.Module, Tensor], Tensor],
+                 buffers: frozenset = frozenset()):
+        super().__init__(base, rule, lambda m, x: m.act(m.drop(norm(m, x))))
+        self.norm, self.buffers = norm, buffers
+
+    def _holds_only_its_own(self, module):
+        children = dict(module.named_children())
+        return (set(children) == {"drop", "act"}
+                and not any(True for child in children.values() for _ in child.parameters())
+                and not any(True for child in children.values() for _ in child.buffers())
+                and {name for name, _ in module.named_buffers(recurse=False)} <= self.buffers)
+
+    def unsupported_reason(self, module):
+        random = next((child for child in (module.drop, module.act) if child.training and not (
+            isinstance(child, nn.Identity) or (type(child).__module__ == nn.ReLU.__module__
+                                               and not isinstance(child, nn.RReLU)))), None)
+        if random is not None:
+            return f"its {type(random).__name__} may draw random numbers in train mode"
+        return self.rule.unsupported_reason(module)
+
+    def _norm_output_grad(self, module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+        with torch.enable_grad():
+            z = self.norm(module, x.detach()).detach().requires_grad_()
+            y = module.act(module.drop(z.clone()))   # clone: an in-place activation must not write into z
+        return torch.autograd.grad(y, z, g)[0]
+
+    def per_example_grads(self, module, x, g, names):
+        return self.rule.per_example_grads(module, x, self._norm_output_grad(module, x, g), names)
+
+    def per_example_sqnorms(self, module, x, g, names):
+        return self.rule.per_example_sqnorms(module, x, self._norm_output_grad(module, x, g), names)
+
+    def per_example_factors(self, module, x, g, names):
+        return self.rule.per_example_factors(module, x, self._norm_output_grad(module, x, g), names)
+
+
 STRUCTURAL_RULES: list = [
     TransposedLinearRule(), ThirdPartyRMSNormRule(), ScaledEmbeddingRule(),
     OverriddenForwardRule(nn.Linear, RULES[nn.Linear], lambda m, x: F.linear(x, m.weight, m.bias)),
     OverriddenForwardRule(nn.LayerNorm, RULES[nn.LayerNorm],
                           lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
+    NormActivationRule(nn.modules.batchnorm._BatchNorm, _BATCH_NORM_RULE,
+                       lambda m, x: F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps),
+                       _BATCH_NORM_BUFFERS),
+    NormActivationRule(nn.GroupNorm, RULES[nn.GroupNorm],
+                       lambda m, x: F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)),
+    NormActivationRule(nn.LayerNorm, RULES[nn.LayerNorm],
+                       lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
 ]
 
 
