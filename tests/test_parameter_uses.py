@@ -226,6 +226,35 @@ def test_tensors_computed_from_the_parameters_alone_are_taken_back_to_them(no_re
     assert_matches_loop(model, inputs, targets)
 
 
+class Convolutions(nn.Module):
+    """timm's StdConv2d (a weight standardised per output channel by F.batch_norm, then F.conv2d, here strided and
+    padded), timm's Conv2dSame's call of F.conv2d with its own weight ("same", dilated, grouped) and F.conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(4, 2, 3, 3)), nn.Parameter(torch.randn(4))
+        self.grouped, self.line = nn.Parameter(torch.randn(4, 2, 3, 3)), nn.Parameter(torch.randn(3, 4, 2))
+
+    def forward(self, x):                                                        # (B, 2, 7, 7)
+        weight = F.batch_norm(self.weight.reshape(1, 4, -1), None, None, training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        x = torch.tanh(F.conv2d(x, weight, self.bias, stride=2, padding=1))    # (B, 4, 4, 4)
+        x = torch.tanh(F.conv2d(x, self.grouped, None, 1, "same", 2, 2))
+        return F.conv1d(x.flatten(2), self.line, stride=3).mean(2)              # (B, 3)
+
+
+def test_convolutions_by_the_modules_own_or_computed_weights_are_captured(no_rerun):
+    """Before, such a module (timm's StdConv2d of BiT and NFNets, Conv2dSame of the tf_ EfficientNets) was re-run
+    per example on every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Convolutions(), nn.Linear(3, 3)).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 2, 7, 7, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 3, (B,), generator=generator)
+    engine, result = two_exact_steps(model, x, targets)
+    assert result.backend_of["0.weight"] == "module"
+
+
 def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):
     model, inputs, targets = _case(ModuleCalledTwice())
     assert_matches_loop(model, inputs, targets)

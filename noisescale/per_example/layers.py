@@ -23,6 +23,7 @@ import inspect
 import re
 import weakref
 from math import prod
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -216,6 +217,24 @@ class ConvRule(LayerRule):
         if "bias" in names:
             sqnorms["bias"] = per_example_sqnorm(self._output_grads(module, g).sum(1).view(x.shape[0], -1))
         return sqnorms
+
+
+def functional_convolution(weight_shape: torch.Size, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                           groups: int = 1) -> Any:
+    """What ``ConvRule`` reads of a convolution module, for a call F.conv{1,2,3}d(x, w, b, stride, padding,
+    dilation, groups) with w of ``weight_shape`` (zero padding; "same" puts the odd pixel on the right, as nn.Conv
+    does)."""
+    spatial = len(weight_shape) - 2
+    def per_dim(value: Any) -> tuple:
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial
+    kernel, dilation = tuple(weight_shape[2:]), per_dim(dilation)
+    if padding == "same":
+        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dilation, kernel)]
+    else:
+        pads = [(p, p) for p in per_dim(0 if padding == "valid" else padding)]
+    return SimpleNamespace(kernel_size=kernel, stride=per_dim(stride), dilation=dilation, groups=groups,
+                           padding_mode="zeros", in_channels=weight_shape[1] * groups, out_channels=weight_shape[0],
+                           _reversed_padding_repeated_twice=tuple(p for pair in reversed(pads) for p in pair))
 
 
 class EmbeddingRule(LayerRule):

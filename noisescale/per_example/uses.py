@@ -18,13 +18,15 @@ backward) is recorded if it is one of:
     y = F.linear(x, p, q)                   dl_i/dp = sum_t g_{i,t} x_{i,t}^T, dl_i/dq = sum_t g_{i,t}   (LinearFactors)
     y = F.embedding(idx, p), p[idx]         row idx_{i,t} of dl_i/dp receives g_{i,t}                   (IndexFactors)
     y = F.layer_norm(x, s, p, q)            dl_i/dp = sum_t g_{i,t} * x_hat_{i,t}, dl_i/dq = sum_t g_{i,t}
+    y = F.conv2d(x, p, q, ...)              ConvRule's per-example gradients (conv1d, conv3d too)
 
 The broadcast rows need p broadcast over the examples: p's dim aligned with y's dim 0 is missing or of size 1.
 Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback.
 
 In place of p, each row also takes a tensor computed from the module's parameters alone, with any operation and
 with constants (tensors without grad that do not hold the examples): ``cls_token + pos[:, :1]`` (ViT-MAE), a
-table indexed by a buffer (Swin's relative position bias), ``p.exp()``, ``w.t()``. The per-example gradients
+table indexed by a buffer (Swin's relative position bias), ``p.exp()``, ``w.t()``, a standardised convolution
+weight (timm's ``StdConv2d`` of BiT and NFNets). The per-example gradients
 with respect to such a tensor d = f(theta) are taken back to the parameters by the VJP of f recomputed with
 torch.func, for each example: dl_i/dtheta = J_f(theta)^T dl_i/dd.
 
@@ -52,6 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from noisescale._graph import autograd_nodes
 from noisescale.per_example.factors import IndexFactors, LinearFactors, compute_dtype
+from noisescale.per_example.layers import ConvRule, functional_convolution
 
 __all__ = ["ParameterUses", "per_example_total"]
 
@@ -61,6 +64,9 @@ _SUBS = {Tensor.sub, Tensor.__sub__, torch.sub}
 _MULS = {Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.mul}
 _DIVS = {Tensor.div, Tensor.__truediv__, torch.div}
 _SHAPE_OF_SECOND = {Tensor.expand_as, Tensor.view_as, Tensor.reshape_as, Tensor.type_as}  # reads only its shape
+_CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d}
+_CONVOLUTION_RULE = ConvRule()
+_CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _EMBEDDING_ARGUMENTS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
@@ -94,12 +100,14 @@ class _Use:
     """One recorded use of a source: its output's gradient arrives in ``grad[0]``."""
 
     source: _Source
-    kind: str                 # "broadcast", "linear_weight"/"_bias", "embedding", "layer_norm_weight"/"_bias"
+    kind: str                 # "broadcast", "linear_weight"/"_bias", "embedding", "layer_norm_weight"/"_bias",
+                              # "convolution_weight"/"_bias"
     shape: torch.Size         # the shape of the tensor that was used
     grad: list
     sign: float = 1.0
     factor: Any = None        # mul: the other operand; linear_weight: the input; embedding: (indices, padding_idx);
-                              # layer_norm_weight: (input, normalized shape, eps)
+                              # layer_norm_weight: (input, normalized shape, eps); convolution: (input, what
+                              # ConvRule reads of the call)
 
 
 class ParameterUses(TorchFunctionMode):
@@ -213,6 +221,8 @@ class ParameterUses(TorchFunctionMode):
                 y.shape[0] == self.batch_size and not self._holds_examples(y)
                 and not (func in _EXPANDS or func is Tensor.repeat)):
             return "its output does not hold the examples in dim 0"
+        if func in _CONVOLUTIONS:   # its output's dim 0 is its input's, whatever the other dims' sizes
+            return self._convolution(args, kwargs, y)
         if self.batch_size > 1 and self.batch_size in y.shape[1:]:
             return "its output has another dim of the batch's size: which holds the examples cannot be told"
         if len({id(p) for p in used}) != len(used):
@@ -342,6 +352,20 @@ class ParameterUses(TorchFunctionMode):
                                   factor=(x.detach(), shape, eps) if kind == "weight" else None), y)
         return None
 
+    def _convolution(self, args, kwargs, y: Tensor) -> str | None:
+        bound = {**dict(zip(_CONVOLUTION_ARGUMENTS, args)), **kwargs}
+        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
+        if (not isinstance(x, Tensor) or id(x) in self._sources or y.shape[0] != self.batch_size
+                or x.shape[0] != self.batch_size or not self._holds_examples(x)):
+            return "its input does not hold the examples in dim 0"
+        convolution = functional_convolution(weight.shape, *(bound[name] for name in _CONVOLUTION_ARGUMENTS[3:]
+                                                             if name in bound))
+        for kind, t in (("weight", weight), ("bias", bias)):
+            if isinstance(t, Tensor) and id(t) in self._sources:
+                self._hooked(_Use(self._source(t), f"convolution_{kind}", t.shape, [None],
+                                  factor=(x.detach(), convolution)), y)
+        return None
+
     # ------------------------------------------------------------------------------------------ per-example grads
 
     def per_example_grads(self) -> dict[str, list[Tensor | LinearFactors | IndexFactors]]:
@@ -464,6 +488,9 @@ def _per_example(use: _Use, g: Tensor, batch: int) -> Tensor | LinearFactors | I
             x, shape, eps = use.factor
             g = g * F.layer_norm(compute_dtype(x), shape, eps=eps)
         return g.reshape(batch, -1, *use.shape).sum(1)
+    if use.kind.startswith("convolution"):
+        x, convolution = use.factor
+        return _CONVOLUTION_RULE.per_example_grads(convolution, x, g, {use.kind[len("convolution_"):]}).popitem()[1]
     indices, padding_idx = use.factor
     v = g.reshape(batch, indices.shape[1], -1)
     if padding_idx is not None:
