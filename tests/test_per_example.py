@@ -1400,6 +1400,35 @@ def test_rows_flattened_from_the_examples_are_measured_by_the_rules_from_the_sec
         assert {result.backend_of[f"{layer}.weight"] for layer in ("norm", "up", "down")} == {backend}
 
 
+class TwoColumns(nn.Module):
+    """Two columns of B examples embedded in one call of 2B rows, column-major ([a_0..a_B-1, p_0..p_B-1], as
+    sentence-transformers' merged forward runs them), with token kinds alike in every row: the kinds' rows match
+    a probe's in any layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.word, self.kind, self.head = nn.Embedding(10, 4), nn.Embedding(2, 4), nn.Linear(4, 1)
+
+    def forward(self, a, p, a_kind, p_kind):
+        ids, kind = torch.cat([a, p]), torch.cat([a_kind, p_kind])              # (2B, T)
+        h = self.head(torch.tanh(self.word(ids) + self.kind(kind))).sum((1, 2))
+        return torch.stack([h[:len(a)], h[len(a):]], 1)                           # (B, 2)
+
+
+def test_rows_alike_in_every_block_do_not_show_the_examples_to_be_the_blocks():
+    """A new user's sentence-transformers triplets: from the second call the probe matched the kinds' rows (all
+    0), the rule paired rows 2i and 2i + 1 as example i, and the norms were 13 to 680 times off, silently. Rows
+    alike in every block now count as blocks only where this pass showed that row count to be example-major."""
+    torch.manual_seed(0)
+    model = TwoColumns().double()
+    engine = PerExampleGradNorms(model, lambda out, y: (out[:, 0] * out[:, 1] - y) ** 2, by_parameter=True)
+    for step in range(3):
+        a, p = (torch.randint(0, 10, (4, 3), generator=generator(seed + step)) for seed in (1, 5))
+        kinds = torch.zeros(4, 3, dtype=torch.long)
+        y = torch.randn(4, dtype=torch.float64, generator=generator(9 + step))
+        assert_engine_call_matches(engine, model, engine.loss_fn, (a, p, kinds, kinds.clone()), y)
+
+
 class SequenceFirst(nn.Module):
     """An MLP block on sequence-first activations (T, B, d), as XLNet's and Longformer's layers take them; with
     ``mixed``, a layer whose dim 1 has B rows that are not the examples (the batch and positions transposed into

@@ -91,6 +91,42 @@ class _SharedHead(nn.Module):
         return F.linear(self.body(x), self.other.weight)
 
 
+class Shifted(nn.Module):
+    """A module without a rule (measured from its recorded call) that takes the model's buffer as an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+
+    def forward(self, x, shift):
+        return x * self.scale + shift
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shifted, self.out = Shifted(), nn.Linear(5, 3).double()
+        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.out(self.shifted(x, self.shift))
+
+
+@pytest.mark.parametrize("given_inputs", [False, True])
+def test_a_buffer_taken_as_a_layer_input_is_not_seen_as_changed_by_the_independence_check(given_inputs):
+    """observe's independence check put the buffers back with copy_ after its own forwards, which moved their
+    version counters: the recorded call that took the buffer (a PyG GCN's edge_index kept as a buffer) was then
+    refused as "modified in place after the call", though nothing had changed it."""
+    torch.manual_seed(0)
+    model = WithBuffer()
+    inputs, targets = _batch()
+    expected = _naive_sqnorms(model, inputs, targets)
+    norms = PerExampleGradNorms(model, _per_example_loss)
+    with norms.observe(6, **({"model_inputs": inputs} if given_inputs else {})) as observed:
+        _per_example_loss(model(inputs), targets).mean().backward()
+    torch.testing.assert_close(observed.sqnorms, expected, rtol=1e-10, atol=0)
+
+
 def test_parameters_used_outside_their_module_are_measured_after_the_pass_which_is_left_intact():
     """other.weight is read outside other's call: the hooks miss it, so the output gradients kept in the first
     pass measure it (the per-example loop's norms), and on every later pass; p.grad is the plain backward's."""

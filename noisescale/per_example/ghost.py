@@ -123,6 +123,9 @@ class GhostPass:
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
     flattened: bool = False   # without a probe, a rule's call had B k rows (examples flattened into rows?)
     in_rows: bool = False     # a rule's call had B k rows: a batch of one is not expanded to B (``_batch_of_one``)
+    # row counts (B k) this pass has shown to hold the examples in B blocks (traced, an input reshaped, or a probe
+    # whose rows differ between blocks); rows alike in every block are taken as blocks only for these
+    example_major_rows: set = field(default_factory=set)
     inputs: dict = field(default_factory=dict)   # id -> (tensor, version before the call) of the model's inputs
     repeated: bool = False    # a layer's output got a gradient twice: more than one backward through the pass
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
@@ -311,9 +314,11 @@ class GhostPass:
         if x.grad_fn is not None:
             traced = self.broadcasts.rows_of(x.grad_fn, x.output_nr)
             if traced is not None and traced * self.batch_size == x.shape[0]:
+                self.example_major_rows.add(x.shape[0])
                 return traced
         elif (x._base is not None and x._base.dim() and x._base.shape[0] == self.batch_size
               and self.inputs.get(id(x._base), (None, None))[1] == x._base._version and _reshaped(x, x._base)):
+            self.example_major_rows.add(x.shape[0])
             return x.shape[0] // self.batch_size   # the model's input (unchanged since the call) reshaped: token ids
         calls = None if self.probe is None else self.probe.get(module, [])
         if not calls or index >= len(calls) or calls[index].block_ends is None or x.dim() < 1:
@@ -322,9 +327,19 @@ class GhostPass:
         if k != probed.block_rows or probed.block_ends.shape[2:] != x.shape[1:]:
             return None
         if "rows" not in probed.verdicts:   # the pass the probe ran for: its batch, compared once
-            ends = _block_ends(x, self.batch_size)[:, :self.batch_size - 1]
-            probed.verdicts["rows"] = _same_rows(ends, probed.block_ends)
-        return k if probed.verdicts["rows"] else None
+            ends = _block_ends(x, self.batch_size)
+            probed.verdicts["rows"] = _same_rows(ends[:, :self.batch_size - 1], probed.block_ends)
+            # rows alike in every block (token types all 0, positions 0..T-1 in every row) match the probe's in any
+            # layout: they cannot show that the rows are example-major (two columns of B examples concatenated,
+            # [a_0..a_B-1, p_0..p_B-1], as sentence-transformers' merged forward runs them, matched too, and the
+            # rule paired rows 2i and 2i+1 as example i: norms 13x to 680x off, silently)
+            probed.verdicts["rows_shown"] = not bool((ends == ends[:, :1]).all())
+        if not probed.verdicts["rows"]:
+            return None
+        if probed.verdicts["rows_shown"]:
+            self.example_major_rows.add(x.shape[0])
+            return k
+        return k if x.shape[0] in self.example_major_rows else None
 
     def examples_in_dim_1(self, module: nn.Module, index: int, x: Tensor) -> bool:
         """Whether call ``index`` of ``module`` holds the examples in dim 1, (T, B, ...): the probe's call had
