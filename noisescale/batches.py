@@ -56,7 +56,12 @@ def tensors_of(value: Any) -> list[Tensor]:
 def batch_size_of(inputs: Any) -> int:
     """B, the size of dim 0 shared by every tensor in ``inputs``; a clear error when they disagree or there is none."""
     call_arguments(inputs)  # validates the container
-    tensors = tensors_of(inputs)
+    leaves, _ = tree_flatten(dict(inputs) if isinstance(inputs, Mapping) else inputs)
+    closed = next((leaf for leaf in leaves if isinstance(leaf, Mapping)), None)
+    if closed is not None:   # a HuggingFace BatchEncoding in a tuple: its tensors would not be split into examples
+        raise TypeError(f"inputs hold a {type(closed).__name__} inside a tuple or list, a mapping torch's pytree does "
+                        "not open, so its tensors could not be split into examples; pass dict(...) of it instead")
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     if not tensors:
         raise ValueError("inputs hold no tensor: noisescale needs at least one tensor with the batch in dim 0")
     shared = ("; a value shared by every example (a diffusion timestep, a scale) may be passed as a Python number, "
@@ -67,8 +72,11 @@ def batch_size_of(inputs: Any) -> int:
                          f"{[tuple(t.shape) for t in tensors]}{shared}")
     sizes = {t.shape[0] for t in tensors}
     if len(sizes) != 1:
+        rows = ("; where the examples are not rows of one tensor (graphs merged into one, as a torch_geometric "
+                "Batch), pad them to tensors that hold them in dim 0 (torch_geometric.utils.to_dense_batch and "
+                "to_dense_adj)")
         raise ValueError(f"all input tensors need the same batch size in dim 0, got shapes "
-                         f"{[tuple(t.shape) for t in tensors]}{shared if 1 in sizes else ''}")
+                         f"{[tuple(t.shape) for t in tensors]}{shared if 1 in sizes else rows}")
     size = sizes.pop()
     if size == 0:
         raise ValueError("empty batch: inputs have 0 examples in dim 0")

@@ -174,7 +174,10 @@ def _describe_suggestion(batch_size: float) -> str:
     if math.isfinite(batch_size):
         return f"  critical batch size suggested: about {batch_size:.0f} examples"
     return ("  critical batch size: not resolved (the averaged |G|^2 estimate is not positive: the mean gradient is "
-            "lost in the noise at this batch size; measure longer or with larger batches)")
+            "lost in the noise at this batch size; measure longer or with larger batches. If it stays negative, "
+            "check that each example's loss depends on that example alone: in-batch negatives, as in contrastive "
+            "losses, couple them, and observe, which the HF Trainer and Lightning integrations use, does not check "
+            "a loss computed outside the model)")
 
 
 def _resolved(b_noise: float) -> bool:

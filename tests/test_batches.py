@@ -37,6 +37,19 @@ def test_batch_size_checks_every_tensor_and_names_the_shapes():
         batch_size_of([torch.zeros(2)])
 
 
+def test_a_mapping_the_pytree_does_not_open_and_graphs_merged_into_rows_are_refused_naming_the_remedy():
+    """A new user's sentence-transformers features (a BatchEncoding, a UserDict) in a tuple: "inputs hold no
+    tensor"; a torch_geometric batch of graphs (nodes as rows): no word of how to pass it."""
+    from collections import UserDict
+    features = UserDict({"input_ids": torch.zeros(4, 3, dtype=torch.long)})
+    with pytest.raises(TypeError, match=r"UserDict inside a tuple.*dict\(\.\.\.\) of it"):
+        batch_size_of((features, features))
+    assert batch_size_of((dict(features), dict(features))) == 4
+    with pytest.raises(ValueError, match="to_dense_batch"):
+        batch_size_of((torch.zeros(20, 6), torch.zeros(2, 40, dtype=torch.long), torch.zeros(20, dtype=torch.long),
+                       torch.zeros(5)))
+
+
 @pytest.mark.parametrize("timestep", [torch.tensor(7), torch.tensor([7])])
 def test_a_value_shared_by_the_examples_is_refused_naming_what_to_pass_instead(timestep):
     """A diffusion model's timestep for the whole batch, as a 0-d or (1,) tensor (a new user's diffusers UNet)."""
