@@ -438,6 +438,8 @@ class _RMSNormVariant:
         self.name, self.offset = name, offset
 
     def normalized(self, x: Tensor, eps: float) -> Tensor:
+        if self.name == "rms_norm_float32":    # torchtune: F.rms_norm(x.float(), weight=scale).to(x.dtype)
+            return F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
         x32 = x.to(torch.float32)
         inverse_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         if self.name == "cast_back":           # Llama, Mistral, Qwen: x_hat in float32, cast to x's dtype
@@ -448,23 +450,32 @@ class _RMSNormVariant:
 
     def output(self, module: nn.Module, x: Tensor, eps: float) -> Tensor:
         x_hat = self.normalized(x, eps)
+        weight = _rms_weight(module)
+        if self.name == "rms_norm_float32":
+            return F.rms_norm(x.to(torch.float32), (x.shape[-1],), weight + self.offset if self.offset else weight,
+                              eps=eps).to(x.dtype)
         if self.name == "float32_product":
-            return (x_hat * (self.offset + module.weight.float())).type_as(x)
-        if self.name == "mixed" and module.weight.dtype in (torch.float16, torch.bfloat16):
-            x_hat = x_hat.to(module.weight.dtype)
-        return (module.weight + self.offset if self.offset else module.weight) * x_hat
+            return (x_hat * (self.offset + weight.float())).type_as(x)
+        if self.name == "mixed" and weight.dtype in (torch.float16, torch.bfloat16):
+            x_hat = x_hat.to(weight.dtype)
+        return (weight + self.offset if self.offset else weight) * x_hat
+
+
+def _rms_weight(module: nn.Module) -> Tensor:
+    """The one (d,) parameter of a third-party RMSNorm: ``weight``, or ``scale`` (torchtune's RMSNorm)."""
+    return next(iter(module.parameters(recurse=False)))
 
 
 _RMS_VARIANTS = [_RMSNormVariant(name, offset) for offset in (0.0, 1.0)
-                 for name in ("cast_back", "mixed", "float32_product")]
+                 for name in ("cast_back", "mixed", "float32_product", "rms_norm_float32")]
 
 
 class ThirdPartyRMSNormRule(LayerRule):
     """RMSNorm layers of other libraries (LlamaRMSNorm, T5LayerNorm, GemmaRMSNorm, ...): one weight of shape (d,),
     y = w * x_hat or (1 + w) * x_hat (Gemma), x_hat = x / sqrt(mean_d(x^2) + eps); dl_i/dw = sum over positions
-    of g * x_hat. Matched by structure (class name, an ``eps`` or ``variance_epsilon``, a single (d,) weight, no
-    children); the first call of each instance picks the variant that reproduces its output (else the module goes
-    to the per-module fallback)."""
+    of g * x_hat. Matched by structure (class name, an ``eps`` or ``variance_epsilon``, a single (d,) parameter named
+    ``weight``, or ``scale`` as in torchtune, no children); the first call of each instance picks the variant that
+    reproduces its output (else the module goes to the per-module fallback)."""
 
     rows_as_positions = True
 
@@ -477,7 +488,8 @@ class ThirdPartyRMSNormRule(LayerRule):
     def matches(cls, module: nn.Module) -> bool:
         own = dict(module.named_parameters(recurse=False))
         return (bool(cls._NAME.search(type(module).__name__)) and isinstance(cls._eps(module), float)
-                and list(own) == ["weight"] and own["weight"].dim() == 1 and not any(True for _ in module.children()))
+                and list(own) in (["weight"], ["scale"]) and next(iter(own.values())).dim() == 1
+                and not any(True for _ in module.children()))
 
     @staticmethod
     def _eps(module: nn.Module) -> float | None:
@@ -486,7 +498,7 @@ class ThirdPartyRMSNormRule(LayerRule):
 
     def verify(self, module, x, output):
         rows, expected, eps = x[:VERIFY_ROWS], output[:VERIFY_ROWS], self._eps(module)
-        if rows.shape[-1] != module.weight.shape[0]:
+        if rows.shape[-1] != _rms_weight(module).shape[0]:
             return False
         candidates = [variant for variant in _RMS_VARIANTS if close_values(variant.output(module, rows, eps), expected)]
         exact = [v for v in candidates if torch.equal(v.output(module, rows, eps), expected)]
@@ -500,7 +512,8 @@ class ThirdPartyRMSNormRule(LayerRule):
         x_hat = variant.normalized(x, self._eps(module))
         product = compute_dtype(g).to(x_hat.dtype) * x_hat if variant.name == "float32_product" else \
             compute_dtype(g) * compute_dtype(x_hat)
-        return {"weight": product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+        name = next(iter(dict(module.named_parameters(recurse=False))))   # "weight", or torchtune's "scale"
+        return {name: product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
 
 class ScaledEmbeddingRule(EmbeddingRule):

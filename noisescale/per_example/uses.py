@@ -67,6 +67,8 @@ _SHAPE_OF_SECOND = {Tensor.expand_as, Tensor.view_as, Tensor.reshape_as, Tensor.
 _CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d}
 _CONVOLUTION_RULE = ConvRule()
 _CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+# reshapes that, keeping dim 0's size, keep each of its rows (row-major order): einops' pack and rearrange
+_RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.flatten, Tensor.contiguous}
 _EMBEDDING_ARGUMENTS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
@@ -169,11 +171,18 @@ class ParameterUses(TorchFunctionMode):
         if not self.complete:
             return result
         tensors = list(_tensors(args, kwargs.values()))
-        if any(self._claimed.get(id(t)) is t for t in tensors) and not _aligned(func, args, kwargs, tensors, result):
+        outputs = list(_tensors((result,)))
+        if not outputs:
+            return result   # t.shape, t.dim(), t.dtype (einops reads the shapes of what it packs): no tensor made
+        claimed = [t for t in tensors if self._claimed.get(id(t)) is t]
+        if (claimed and func in _RESHAPES and len(tensors) == 1 and isinstance(result, Tensor) and result.dim()
+                and result.shape[0] == claimed[0].shape[0]):
+            self._claimed[id(result)] = self._batched[id(result)] = result   # the same rows: still to be checked
+            return result
+        if claimed and not _aligned(func, args, kwargs, tensors, result):
             self.complete, self.reason = False, (f"{getattr(func, '__name__', func)}: a parameter expanded to the "
                                                  "batch's size meets the examples in another dim")
             return result
-        outputs = list(_tensors((result,)))
         if any(self._holds_examples(t) for t in tensors) and not _reorders_rows(func, args, kwargs, self.batch_size):
             for out in outputs:
                 self._batched[id(out)] = out
