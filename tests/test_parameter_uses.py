@@ -255,6 +255,36 @@ def test_convolutions_by_the_modules_own_or_computed_weights_are_captured(no_rer
     assert result.backend_of["0.weight"] == "module"
 
 
+class MatrixProducts(nn.Module):
+    """litgpt's LoRALinear (x @ lora_A.transpose(0, 1) @ lora_B.transpose(0, 1) beside its Linear), a weight kept
+    as (in, out) and multiplied from the right, .T and .mT of a weight, a product with a weight computed from two
+    parameters, and the parts of a split weight as convolution kernels (litgpt's LoRAQKVLinear with grouped
+    queries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(D, D)
+        self.lora_A, self.lora_B = nn.Parameter(torch.randn(2, D)), nn.Parameter(torch.randn(D, 2))
+        self.right = nn.Parameter(torch.randn(D, D))
+        self.left, self.gate = nn.Parameter(torch.randn(D, D)), nn.Parameter(torch.randn(D))
+        self.qkv = nn.Parameter(torch.randn(D, D))
+
+    def forward(self, x, tokens):
+        x = self.linear(x) + x @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1) * 0.5
+        channels = x.transpose(1, 2)
+        parts = self.qkv.unsqueeze(-1).split([2, D - 2])
+        x = x + torch.cat([F.conv1d(channels, part) for part in parts], 1).transpose(1, 2)
+        x = torch.tanh(torch.matmul(x, self.right)) @ self.left.T
+        return torch.tanh(x) @ self.left.mT + x @ (self.left * self.gate).t()
+
+
+def test_matrix_products_with_the_modules_weights_are_captured_as_linear_uses(no_rerun):
+    """litgpt's LoRA layers were re-run per example on every call (4.1x a plain step with LoRA on every layer)."""
+    model, inputs, targets = _case(MatrixProducts())
+    engine, result = two_exact_steps(model, inputs, targets)
+    assert result.backend_of["body.lora_A"] == result.backend_of["body.left"] == "module"
+
+
 def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):
     model, inputs, targets = _case(ModuleCalledTwice())
     assert_matches_loop(model, inputs, targets)

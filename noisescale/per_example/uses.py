@@ -16,6 +16,7 @@ backward) is recorded if it is one of:
     y = x * p, p * x                        dl_i/dp = sum over the broadcast dims of g_i * x_i
     y = x / p, p / x                        as x * (1 / p) and p * (1 / x)
     y = F.linear(x, p, q)                   dl_i/dp = sum_t g_{i,t} x_{i,t}^T, dl_i/dq = sum_t g_{i,t}   (LinearFactors)
+    y = x @ m, m 2-D                        as F.linear(x, m.T) (litgpt's LoRA: x @ lora_A.transpose(0, 1))
     y = F.embedding(idx, p), p[idx]         row idx_{i,t} of dl_i/dp receives g_{i,t}                   (IndexFactors)
     y = F.layer_norm(x, s, p, q)            dl_i/dp = sum_t g_{i,t} * x_hat_{i,t}, dl_i/dq = sum_t g_{i,t}
     y = F.conv2d(x, p, q, ...)              ConvRule's per-example gradients (conv1d, conv3d too)
@@ -64,6 +65,8 @@ _SUBS = {Tensor.sub, Tensor.__sub__, torch.sub}
 _MULS = {Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.mul}
 _DIVS = {Tensor.div, Tensor.__truediv__, torch.div}
 _SHAPE_OF_SECOND = {Tensor.expand_as, Tensor.view_as, Tensor.reshape_as, Tensor.type_as}  # reads only its shape
+_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
+_TRANSPOSES = {torch.t, Tensor.t, Tensor.T.__get__, Tensor.mT.__get__}
 _CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d}
 _CONVOLUTION_RULE = ConvRule()
 _CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -197,6 +200,12 @@ class ParameterUses(TorchFunctionMode):
             self._sources[id(result)] = (_Source(func=func, args=self._in_place_of(args),
                                                  kwargs=self._in_place_of(kwargs)), result)
             return result
+        if isinstance(result, (tuple, list)) and all(isinstance(part, Tensor) for part in result) and all(
+                self._derived(func, tensors, part) for part in result):   # w.split(sizes), w.chunk(n), w.unbind()
+            for k, part in enumerate(result):
+                self._sources[id(part)] = (_Source(func=partial(_part, func, k), args=self._in_place_of(args),
+                                                   kwargs=self._in_place_of(kwargs)), part)
+            return result
         reason = self._record(func, args, kwargs, used, result)
         if reason is not None:
             self.complete, self.reason = False, f"{getattr(func, '__name__', func)}: {reason}"
@@ -238,6 +247,8 @@ class ParameterUses(TorchFunctionMode):
             return "a parameter enters twice"
         if func is F.linear:
             return self._linear(args, kwargs, y)
+        if func in _MATMULS and len(args) == 2 and not kwargs and isinstance(args[1], Tensor) and args[1].dim() == 2:
+            return self._matmul(args[0], args[1], y)
         if func is F.embedding:
             return self._embedding(args, kwargs, y)
         if func is F.layer_norm:
@@ -328,6 +339,23 @@ class ParameterUses(TorchFunctionMode):
                              y)
         return None
 
+    def _matmul(self, x: Any, m: Tensor, y: Tensor) -> str | None:
+        """y = x @ m = F.linear(x, m.T): a use of m.T as a Linear's weight; of the parameter itself where m is a
+        parameter transposed (no per-example gradients materialised to take back)."""
+        if id(m) not in self._sources:
+            return "a parameter as the left operand of a matrix product"
+        source = self._source(m)
+        if source.name is None and len(source.args) in (1, 3) and isinstance(source.args[0], _Source) and (
+                source.func in _TRANSPOSES or (source.func in (Tensor.transpose, torch.transpose)
+                                               and {d % 2 for d in source.args[1:]} == {0, 1})):
+            weight = source.args[0]   # p.t(), p.T, p.transpose(0, 1): the parameter as a Linear's weight
+        else:
+            weight = _Source(func=torch.t, args=(source,))
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != y.shape[0] or id(x) in self._sources:
+            return "its input does not hold the examples in dim 0"
+        self._hooked(_Use(weight, "linear_weight", m.shape[::-1], [None], factor=x.detach()), y)
+        return None
+
     def _embedding(self, args, kwargs, y: Tensor) -> str | None:
         bound = {**dict(zip(_EMBEDDING_ARGUMENTS, args)), **kwargs}
         if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse"):
@@ -407,6 +435,11 @@ class ParameterUses(TorchFunctionMode):
         except (RuntimeError, NotImplementedError, ValueError):   # an op without a batching rule
             rows = [pullback(d)[0] for d in dense]
             return {name: torch.stack([row[name] for row in rows]) for name in values}
+
+
+def _part(func, k: int, *args, **kwargs) -> Tensor:
+    """Part k of what ``func`` returns (a split of a computed tensor)."""
+    return func(*args, **kwargs)[k]
 
 
 def _tensors(*groups) -> Iterator[Tensor]:
