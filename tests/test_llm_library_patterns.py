@@ -83,3 +83,74 @@ def test_a_parameter_expanded_to_the_batch_whose_shape_is_read_is_captured_not_r
     assert result.backend_of["memory"] == "module"
     for name, values in expected.items():
         torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-15, msg=name)
+
+
+class LoRALinear(nn.Module):
+    """litgpt.lora.LoRALinear, trimmed: an nn.Linear child plus (drop(x) @ A^T @ B^T) * scaling."""
+
+    def __init__(self, d_in: int, d_out: int, r: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.lora_A, self.lora_B = nn.Parameter(torch.randn(r, d_in)), nn.Parameter(torch.randn(d_out, r))
+        self.scaling, self.merged = 2.0 / r, False
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else (lambda x: x)
+
+    def forward(self, x):
+        pretrained = self.linear(x)
+        if self.merged:
+            return pretrained
+        return pretrained + (self.lora_dropout(x) @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) \
+            * self.scaling
+
+
+class LoRABlock(nn.Module):
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.up, self.down = LoRALinear(D, 2 * D, dropout=dropout), LoRALinear(2 * D, 3, dropout=dropout)
+        for layer in (self.up, self.down):
+            layer.linear.requires_grad_(False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def test_litgpt_lora_layers_have_a_ghost_rule_checked_on_every_call():
+    """They were re-run per example on every call (litgpt with LoRA on every layer: 4.1x a plain step). A merged
+    layer's adapter is no longer in the output: zero norms."""
+    torch.manual_seed(0)
+    model = LoRABlock().double()
+    x, y = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, 3, dtype=torch.float64)
+    norms = PerExampleGradNorms(model, sequence_mse, by_parameter=True)
+    for merged in (False, False, True):
+        model.up.merged = merged
+        expected = naive_per_example(model, sequence_mse, x, y)
+        result = norms(x, y)
+        assert {result.backend_of[f"{layer}.lora_{m}"] for layer in ("up", "down") for m in "AB"} == {"ghost"}
+        for name, values in expected.items():
+            torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-15, msg=name)
+    assert sum(result.by_parameter[f"up.lora_{m}"].sum() for m in "AB") == 0
+
+
+def test_a_lora_layer_with_dropout_in_train_mode_goes_to_the_fallback():
+    torch.manual_seed(0)
+    model = LoRABlock(dropout=0.1).double()
+    x, y = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, 3, dtype=torch.float64)
+    assert PerExampleGradNorms(model, sequence_mse)(x, y).backend_of["up.lora_A"] == "module"
+    model.eval()
+    expected = naive_per_example(model, sequence_mse, x, y)
+    result = PerExampleGradNorms(model, sequence_mse, by_parameter=True)(x, y)
+    assert result.backend_of["up.lora_A"] == "ghost"
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-15, msg=name)
+
+
+def test_a_lora_layer_that_scales_its_input_by_another_function_goes_to_the_fallback():
+    torch.manual_seed(0)
+    model = LoRABlock().double()
+    model.up.lora_dropout = lambda x: 2 * x
+    x, y = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, 3, dtype=torch.float64)
+    expected = naive_per_example(model, sequence_mse, x, y)
+    result = PerExampleGradNorms(model, sequence_mse, by_parameter=True)(x, y)
+    assert result.backend_of["up.lora_A"] == "module" and result.backend_of["down.lora_A"] == "ghost"
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-9, atol=1e-15, msg=name)

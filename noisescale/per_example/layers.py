@@ -47,6 +47,7 @@ __all__ = [
     "ThirdPartyRMSNormRule",
     "ScaledEmbeddingRule",
     "NormActivationRule",
+    "LowRankAdapterRule",
     "RULES",
     "STRUCTURAL_RULES",
     "register_rule",
@@ -655,6 +656,60 @@ class NormActivationRule(OverriddenForwardRule):
         return self.rule.per_example_factors(module, x, self._norm_output_grad(module, x, g), names)
 
 
+class LowRankAdapterRule(OverriddenForwardRule):
+    """litgpt's ``LoRALinear``: y = linear(x) + (drop(x) @ A^T @ B^T) * scaling, A (r, d_in) and B (d_out, r) the
+    module's parameters and ``linear`` an nn.Linear child (measured by its own rule, frozen as a rule):
+    dl_i/dB = scaling sum_t g_t (A x_t)^T and dl_i/dA = scaling sum_t (B^T g_t) x_t^T, as factors (ghost norms).
+    Matched by structure (its ``lora_dropout`` a Dropout or ``lambda x: x``) and checked against the output on every
+    call; a dropout in train mode, or another forward (its ``LoRAQKVLinear``), goes to the per-module fallback."""
+
+    def __init__(self):
+        super().__init__(nn.Module, RULES[nn.Linear], lambda m, x: F.linear(x, m.linear.weight, m.linear.bias) + (
+            m.lora_dropout(x) @ m.lora_A.transpose(0, 1) @ m.lora_B.transpose(0, 1)) * m.scaling)
+
+    def matches(self, module):
+        own = dict(module.named_parameters(recurse=False))
+        children = dict(module.named_children())
+        return (set(own) == {"lora_A", "lora_B"} and own["lora_A"].dim() == own["lora_B"].dim() == 2
+                and type(children.get("linear")) is nn.Linear and set(children) <= {"linear", "lora_dropout"}
+                and isinstance(getattr(module, "scaling", None), (int, float))
+                and (isinstance(module.lora_dropout, (nn.Dropout, nn.Identity)) or _returns_its_argument(
+                    module.lora_dropout)))
+
+    def unsupported_reason(self, module):
+        drop = module.lora_dropout
+        if isinstance(drop, nn.Module) and drop.training and not isinstance(drop, nn.Identity) and (
+                not isinstance(drop, nn.Dropout) or drop.p > 0):
+            return "its lora_dropout draws random numbers in train mode"
+        return None
+
+    def per_example_factors(self, module, x, g, names):
+        x, g = compute_dtype(x), compute_dtype(g) * module.scaling
+        a, g = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+        factors = {}
+        if "lora_B" in names:
+            factors["lora_B"] = LinearFactors([(a @ module.lora_A.transpose(0, 1).to(a.dtype), g)])
+        if "lora_A" in names:
+            factors["lora_A"] = LinearFactors([(a, g @ module.lora_B.to(g.dtype))])
+        return factors
+
+    def per_example_grads(self, module, x, g, names):
+        return {name: factors.grads().reshape(x.shape[0], *module.get_parameter(name).shape)
+                for name, factors in self.per_example_factors(module, x, g, names).items()}
+
+    def per_example_sqnorms(self, module, x, g, names):
+        return {name: factors.sqnorms() for name, factors in self.per_example_factors(module, x, g, names).items()}
+
+
+def _returns_its_argument(function: Callable) -> bool:
+    """Whether ``function`` hands back what it is given (litgpt's ``lambda x: x`` in place of a dropout of rate 0)."""
+    sentinel = object()
+    try:
+        return function(sentinel) is sentinel
+    except Exception:   # noqa: BLE001 -- any other function fails on a plain object
+        return False
+
+
 STRUCTURAL_RULES: list = [
     TransposedLinearRule(), ThirdPartyRMSNormRule(), ScaledEmbeddingRule(),
     OverriddenForwardRule(nn.Linear, RULES[nn.Linear], lambda m, x: F.linear(x, m.weight, m.bias)),
@@ -667,6 +722,7 @@ STRUCTURAL_RULES: list = [
                        lambda m, x: F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)),
     NormActivationRule(nn.LayerNorm, RULES[nn.LayerNorm],
                        lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
+    LowRankAdapterRule(),
 ]
 
 
