@@ -3,6 +3,8 @@ per-example loop, with the re-run forbidden where the capture must suffice, and 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +285,63 @@ def test_matrix_products_with_the_modules_weights_are_captured_as_linear_uses(no
     model, inputs, targets = _case(MatrixProducts())
     engine, result = two_exact_steps(model, inputs, targets)
     assert result.backend_of["body.lora_A"] == result.backend_of["body.left"] == "module"
+
+
+class FusedProjection(nn.Module):
+    """timm's Eva attention: F.linear with the weight of a child Linear it never calls and a bias concatenated from
+    its own parameters and a buffer; ``table`` (as many rows as it is given), an input shared by every example."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(D)), nn.Parameter(torch.randn(D))
+        self.register_buffer("k_bias", torch.zeros(D), persistent=False)
+
+    def forward(self, x, table=None):
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.chunk(3, -1)
+        if table is not None:
+            q = q * table[:q.shape[1]]
+        return torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+
+class WithTable(nn.Module):
+    def __init__(self, rows):
+        super().__init__()
+        self.body, self.rows = FusedProjection(), rows
+
+    def forward(self, x, tokens):
+        table = torch.linspace(0.5, 1.5, self.rows * D, dtype=x.dtype).view(self.rows, D)
+        return self.body(x, table=table if self.rows else None)
+
+
+def test_a_weight_read_without_its_layers_call_is_captured_from_the_second_call(monkeypatch):
+    """It was given to the enclosing module's re-run (``attach``) on every call; now its later calls capture it."""
+    model, inputs, targets = _case(WithTable(rows=0))
+    engine, _ = two_exact_steps(model, inputs, targets)
+    reruns = counted_reruns(monkeypatch)
+    model.zero_grad(set_to_none=True)
+    result = engine(inputs, targets)
+    assert_exact(result, naive_per_example(model, per_example_cross_entropy, inputs, targets))
+    assert not reruns and result.backend_of["body.body.qkv.weight"] == "module"
+
+
+def test_a_re_run_that_does_not_add_up_is_warned_about_once_and_left_to_the_vmap():
+    """An input of as many rows as the batch that does not hold the examples (Eva's rotary table with as many
+    patches as examples) is sliced by the re-run: its gradients do not add up, and the whole-model vmap measured
+    the module on every call, with nothing said."""
+    model, inputs, targets = _case(WithTable(rows=B))
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    warned = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = engine(inputs, targets)
+        assert_exact(result, expected)
+        assert result.backend_of["body.body.q_bias"] == "vmap"
+        warned.append([str(w.message) for w in caught if "re-running it on each example" in str(w.message)])
+    assert len(warned[0]) == 1 and not warned[1] and "module 'body.body' (FusedProjection)" in warned[0][0]
 
 
 def test_a_module_called_twice_sums_its_captured_gradients_before_the_norm(no_rerun):

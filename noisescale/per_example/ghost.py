@@ -103,6 +103,7 @@ class GhostPass:
     fallback_names: set[str] = field(default_factory=set)
     rng_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))
     declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
+    unmatched: list[str] = field(default_factory=list)   # paths of modules whose re-run did not add up (declined)
     selected: set = field(default_factory=set)   # output nodes of calls on rows picked from another tensor
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
@@ -110,6 +111,7 @@ class GhostPass:
     sharded: bool = False      # FSDP: a fallback call keeps copies of its parameters (they are resharded later)
     refused: Any = field(default_factory=set)   # the engine's modules not to capture again
     cross_checked: Any = field(default_factory=set)   # the engine's modules whose capture a re-run has confirmed
+    attached: Any = field(default_factory=dict)   # the engine's module -> local names of parameters ``attach`` gave it
     updates_buffers: Any = field(default_factory=set)   # the engine's modules whose forward changed their buffers
     buffers_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))   # per call: versions,
     # and for those modules copies of the buffers as the call found them (its re-run needs them)
@@ -362,6 +364,7 @@ class GhostPass:
         if best is None:
             return False
         module, prefix, entry = best
+        self.attached.setdefault(module, set()).add(name[len(prefix):])   # its later calls capture it too
         # the entries are the engine's plan, shared by every pass: this pass's calls get a widened copy
         widened = GhostModule(entry.path, entry.rule, {**entry.names, name[len(prefix):]: name})
         self.modules = {**self.modules, module: widened}
@@ -421,6 +424,7 @@ class GhostPass:
                         raise ValueError(f"backend='ghost' cannot measure module {entry.path!r}: "
                                          f"{unmatched[entry.path]}; use backend='auto'")
                     self.decline(entry, unmatched[entry.path])
+                    self.unmatched.append(entry.path)
                     continue
                 for local, parts in grads.items():
                     name = entry.names[local]
@@ -715,6 +719,7 @@ class GhostNormEngine:
         self._open: list[tuple[nn.Module, Any]] = []
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
         self._cross_checked: weakref.WeakSet = weakref.WeakSet()   # captures confirmed by a re-run
+        self._attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # GhostPass.attached
         self._updates_buffers: weakref.WeakSet = weakref.WeakSet()   # modules whose forward changed their buffers
         self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
         self._probe: dict | None = None                       # set inside ``probing``
@@ -746,7 +751,8 @@ class GhostNormEngine:
         descendant layers' parameters (``GhostPass.hold_children``)."""
         self._pass = GhostPass(modules, batch_size, batch_size / loss_scale, strict=strict, sharded=sharded,
                                inputs={id(t): (t, t._version) for t in tensors_of(inputs)},
-                               refused=self._refused, cross_checked=self._cross_checked, probe=probe,
+                               refused=self._refused, cross_checked=self._cross_checked,
+                               attached=self._attached, probe=probe,
                                verified=self._verified,
                                updates_buffers=self._updates_buffers,
                                outside_uses=self._outside_uses, broadcasts=BroadcastGradients(batch_size),
@@ -823,7 +829,8 @@ class GhostNormEngine:
             return LinearCapture(module)
         if module in self._refused or unrolled_supported(module) or not entry.names:
             return None
-        return ParameterUses({local: module.get_parameter(local) for local in entry.names}, ghost_pass.batch_size)
+        return ParameterUses({local: module.get_parameter(local) for local in {*entry.names, *self._attached.get(
+            module, ())}}, ghost_pass.batch_size)   # and the parameters of layers it reads without their call
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = None
