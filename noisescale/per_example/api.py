@@ -587,7 +587,7 @@ class PerExampleGradNorms:
             raise coupling.error()
         self._independence_checked = True
 
-    def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int) -> None:
+    def _warn_if_unchecked(self, ghost_pass: GhostPass, batch_size: int, can_probe: bool = True) -> None:
         """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it (auto
         sent it to the whole-model vmap). A call with the examples flattened into rows, or an unchecked one with a
         dim of size B, makes every later call probe."""
@@ -601,9 +601,13 @@ class PerExampleGradNorms:
                 "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
                 f"sequence-first layer, a sequence pooled to B positions, or examples paired with examples as in "
                 f"CLIP's (B, B) logits): {outcome}. Which dim holds the examples "
-                "is checked by a forward on B - 1 examples of the model's inputs (observe needs them as "
-                "model_inputs), which runs from the next pass on, once per input shape; this pass had none. A batch "
-                "size that differs from the model's other dims (sequence length, hidden size) avoids both",
+                + ("is checked by a forward on B - 1 examples of the model's inputs, which runs from the next pass "
+                   "on, once per input shape; this pass had none" if can_probe else
+                   "would be checked by a forward on B - 1 examples of the model's inputs, which observe was not "
+                   "given: without observe(..., model_inputs=inputs) such layers stay with the whole-model vmap in "
+                   "every pass")
+                + ". A batch size that differs from the model's other dims (sequence length, hidden size) avoids "
+                "both",
                 RuntimeWarning,
                 stacklevel=4)
 
@@ -833,7 +837,7 @@ class PerExampleGradNorms:
                                  "own modules' calls; use backend='auto' to measure them by the whole-model vmap")
             if not can_vmap:
                 self._check_sharded_measurable(ghost_pass, bypassed, self._read_elsewhere)
-            self._warn_if_unchecked(ghost_pass, batch_size)
+            self._warn_if_unchecked(ghost_pass, batch_size, can_probe=model_inputs is not None)
             ghost_pass.finish()  # the per-module fallback, from the recorded calls and output gradients
             self._warn_if_rerun_unmatched(ghost_pass, batch_size)
             need_vmap = sorted(ghost_pass.vmap_names | set(bypassed))   # finish adds those whose checks failed
