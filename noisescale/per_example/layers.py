@@ -48,6 +48,7 @@ __all__ = [
     "ScaledEmbeddingRule",
     "NormActivationRule",
     "LowRankAdapterRule",
+    "StandardisedConvRule",
     "RULES",
     "STRUCTURAL_RULES",
     "register_rule",
@@ -547,6 +548,16 @@ class ScaledEmbeddingRule(EmbeddingRule):
         return indices, g * self._scale(module)
 
 
+def _one_argument(forward: Callable) -> bool:
+    """Whether a module's ``forward`` takes one positional argument (no switch per call)."""
+    try:
+        arguments = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return len(arguments) == 1 and arguments[0].kind in (arguments[0].POSITIONAL_ONLY,
+                                                        arguments[0].POSITIONAL_OR_KEYWORD)
+
+
 class OverriddenForwardRule(LayerRule):
     """A subclass of a layer type with a rule that overrides ``forward`` but computes the same function (HF Falcon's
     ``FalconLinear``: x @ W.T + b, in two operations; the LayerNorm subclasses of many vision models): the base
@@ -563,13 +574,7 @@ class OverriddenForwardRule(LayerRule):
         argument (no switch per call): its first call's check then holds for every call."""
         if not isinstance(module, self.base) or type(module).forward is self.base.forward:
             return False
-        try:
-            arguments = list(inspect.signature(type(module).forward).parameters.values())[1:]
-        except (TypeError, ValueError):
-            return False
-        return (len(arguments) == 1 and arguments[0].kind in (arguments[0].POSITIONAL_ONLY,
-                                                             arguments[0].POSITIONAL_OR_KEYWORD)
-                and self._holds_only_its_own(module)
+        return (_one_argument(type(module).forward) and self._holds_only_its_own(module)
                 and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"})
 
     def _holds_only_its_own(self, module: nn.Module) -> bool:
@@ -701,6 +706,88 @@ class LowRankAdapterRule(OverriddenForwardRule):
         return {name: factors.sqnorms() for name, factors in self.per_example_factors(module, x, g, names).items()}
 
 
+class StandardisedConvRule(OverriddenForwardRule):
+    """A convolution whose kernel is standardised per output channel before use (weight standardisation, Qiao et
+    al. 2019: timm's ``StdConv2d`` of BiT; ``ScaledStdConv2d`` of NFNets, Brock et al. 2021, times its ``gain``
+    and ``scale``): w_c = a_c s_c (v_c - mean(v_c)), s_c = 1 / sqrt(var(v_c) + eps), a_c = gain_c * scale (or 1),
+    v the raw kernel, n its fan-in. With D_ic the per-example gradient of the used kernel's row c (ConvRule) and
+    w_hat_c = s_c (v_c - mean(v_c)),
+
+        dl_i/dv_c = a_c s_c [D_ic - mean(D_ic) - w_hat_c (w_hat_c . D_ic) / n],
+        |dl_i/dv_c|^2 = (a_c s_c)^2 [|D_ic|^2 - (1 . D_ic)^2 / n - (w_hat_c . D_ic)^2 (2 / n - |w_hat_c|^2 / n^2)],
+        dl_i/dgain_c = scale (w_hat_c . D_ic),
+
+    where sum_c (a_c s_c)^2 |D_ic|^2 is the convolution's ghost norm with g scaled per channel, 1 . D_ic is g times
+    the patch sums (a convolution by a kernel of ones) summed over positions, and w_hat_c . D_ic is g times the
+    convolution by w_hat: no per-example kernel is materialised. Matched by structure and checked against the output
+    on every call; another forward (timm's ``StdConv2dSame``, padding on the fly) goes to the per-module fallback."""
+
+    def __init__(self):
+        super().__init__(nn.modules.conv._ConvNd, RULES[nn.Conv2d],
+                         lambda m, x: m._conv_forward(x, self._standardised(m, m.weight)[0], m.bias))
+
+    def matches(self, module):
+        gain = getattr(module, "gain", None)
+        return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros"
+                and type(module).forward not in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+                and _one_argument(type(module).forward) and isinstance(getattr(module, "eps", None), float)
+                and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias", "gain"}
+                and self._holds_only_its_own(module)
+                and (gain is None or (isinstance(getattr(module, "scale", None), float)
+                                      and gain.numel() == module.out_channels)))
+
+    @staticmethod
+    def _standardised(module: nn.Module, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(the kernel used, w_hat (C, n), a_c s_c (C,)), from the raw ``weight``."""
+        flat = weight.reshape(weight.shape[0], -1)
+        mean, var = flat.mean(1, keepdim=True), flat.var(1, unbiased=False, keepdim=True)
+        inverse_std = torch.rsqrt(var + module.eps)
+        w_hat = (flat - mean) * inverse_std
+        gain = getattr(module, "gain", None)
+        a = torch.ones_like(inverse_std) if gain is None else gain.reshape(-1, 1).to(weight.dtype) * module.scale
+        return (w_hat * a).reshape_as(weight), w_hat, (a * inverse_std).reshape(-1)
+
+    def _parts(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple:
+        """(g, w_hat, a s, w_hat . D (B, C)), in g's compute dtype."""
+        g = compute_dtype(g)
+        _, w_hat, a_s = self._standardised(module, module.weight.detach().to(g.dtype))
+        by_channel = (1, -1) + (1,) * (g.dim() - 2)
+        hat_dots = (g * module._conv_forward(x.to(g.dtype), w_hat.reshape_as(module.weight), None)).flatten(2).sum(2)
+        return g, w_hat, a_s, by_channel, hat_dots
+
+    def per_example_sqnorms(self, module, x, g, names):
+        g, w_hat, a_s, by_channel, hat_dots = self._parts(module, x, g)
+        sqnorms = self.rule.per_example_sqnorms(module, x, g, names & {"bias"})
+        if "weight" in names:
+            n = w_hat.shape[1]
+            ones = w_hat.new_ones(module.groups, *module.weight.shape[1:])
+            sums = module._conv_forward(x.to(g.dtype), ones, None)                     # (B, groups, *out)
+            sums = sums.repeat_interleave(module.out_channels // module.groups, dim=1)
+            one_dots = (g * sums).flatten(2).sum(2)                                      # 1 . D_ic
+            scaled = self.rule.per_example_sqnorms(module, x, g * a_s.view(by_channel), {"weight"})["weight"]
+            hat_sq = w_hat.square().sum(1)
+            sqnorms["weight"] = scaled - (a_s.square() * (one_dots.square() / n + hat_dots.square() * (
+                2 / n - hat_sq / n ** 2))).sum(1)
+        if "gain" in names:
+            sqnorms["gain"] = (module.scale * hat_dots).square().sum(1)
+        return sqnorms
+
+    def per_example_grads(self, module, x, g, names):
+        g, w_hat, a_s, by_channel, hat_dots = self._parts(module, x, g)
+        grads = self.rule.per_example_grads(module, x, g, names & {"bias"})
+        if "weight" in names:
+            used = self.rule.per_example_grads(module, x, g, {"weight"})["weight"]
+            u = used.reshape(*used.shape[:2], -1)                                        # (B, C, n)
+            u = u - u.mean(2, keepdim=True) - w_hat * (hat_dots / w_hat.shape[1]).unsqueeze(2)
+            grads["weight"] = (u * a_s.view(1, -1, 1)).reshape_as(used)
+        if "gain" in names:
+            grads["gain"] = (module.scale * hat_dots).reshape(x.shape[0], *module.gain.shape)
+        return grads
+
+    def per_example_factors(self, module, x, g, names):
+        return self.per_example_grads(module, x, g, names)
+
+
 def _returns_its_argument(function: Callable) -> bool:
     """Whether ``function`` hands back what it is given (litgpt's ``lambda x: x`` in place of a dropout of rate 0)."""
     sentinel = object()
@@ -722,7 +809,7 @@ STRUCTURAL_RULES: list = [
                        lambda m, x: F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)),
     NormActivationRule(nn.LayerNorm, RULES[nn.LayerNorm],
                        lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
-    LowRankAdapterRule(),
+    LowRankAdapterRule(), StandardisedConvRule(),
 ]
 
 
