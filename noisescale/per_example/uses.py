@@ -26,8 +26,8 @@ Every row needs y to hold the B examples in dim 0, the convention of the rules a
 
 In place of p, each row also takes a tensor computed from the module's parameters alone, with any operation and
 with constants (tensors without grad that do not hold the examples): ``cls_token + pos[:, :1]`` (ViT-MAE), a
-table indexed by a buffer (Swin's relative position bias), ``p.exp()``, ``w.t()``, a standardised convolution
-weight (timm's ``StdConv2d`` of BiT and NFNets). The per-example gradients
+table indexed by a buffer (Swin's relative position bias), ``p.exp()``, ``w.t()``, a part of ``w.split(sizes)``,
+a convolution kernel standardised on the fly (timm's ``StdConv2dSame``; ``StdConv2d`` has a rule). The per-example gradients
 with respect to such a tensor d = f(theta) are taken back to the parameters by the VJP of f recomputed with
 torch.func, for each example: dl_i/dtheta = J_f(theta)^T dl_i/dd.
 
