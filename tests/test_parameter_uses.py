@@ -257,6 +257,32 @@ def test_convolutions_by_the_modules_own_or_computed_weights_are_captured(no_rer
     assert result.backend_of["0.weight"] == "module"
 
 
+class KeywordConvolutions(nn.Module):
+    """F.conv2d with padding, dilation and groups given by keyword and no stride (the arguments before them left
+    out): each is ConvRule's attribute of that name, not the next positional one."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(4, 2, 3, 3)), nn.Parameter(torch.randn(4))
+        self.grouped = nn.Parameter(torch.randn(4, 2, 3, 3))
+
+    def forward(self, x):                                                        # (B, 2, 7, 7)
+        x = torch.tanh(F.conv2d(x, self.weight, bias=self.bias, padding=1))      # (B, 4, 7, 7)
+        x = torch.tanh(F.conv2d(x, self.grouped, dilation=2, groups=2))          # (B, 4, 3, 3)
+        return F.conv2d(x, self.weight * 0.5, padding="same", groups=2).mean((1, 2, 3)).unsqueeze(1).expand(-1, 3)
+
+
+def test_convolutions_with_keyword_arguments_are_captured_with_them(no_rerun):
+    """Before, the keywords were handed on by position: padding=1 read as the stride, a crash in the backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(KeywordConvolutions(), nn.Linear(3, 3)).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 2, 7, 7, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 3, (B,), generator=generator)
+    engine, result = two_exact_steps(model, x, targets)
+    assert result.backend_of["0.weight"] == "module"
+
+
 class MatrixProducts(nn.Module):
     """litgpt's LoRALinear (x @ lora_A.transpose(0, 1) @ lora_B.transpose(0, 1) beside its Linear), a weight kept
     as (in, out) and multiplied from the right, .T and .mT of a weight, a product with a weight computed from two

@@ -427,7 +427,9 @@ class GhostPass:
                     self.unmatched.append(entry.path)
                     continue
                 for local, parts in grads.items():
-                    name = entry.names[local]
+                    name = entry.names.get(local)
+                    if name is None:   # attached by an earlier pass, measured by its own layer's calls in this one
+                        continue
                     if name in self.outside_uses:   # the re-run cannot see its uses outside the call
                         self.vmap_names.add(name)
                     if len(parts) == 1 and isinstance(parts[0], LinearFactors) and self.use_count[name] == 1:

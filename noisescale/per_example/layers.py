@@ -49,6 +49,7 @@ __all__ = [
     "NormActivationRule",
     "LowRankAdapterRule",
     "StandardisedConvRule",
+    "CentredPatchConvRule",
     "RULES",
     "STRUCTURAL_RULES",
     "register_rule",
@@ -706,24 +707,34 @@ class LowRankAdapterRule(OverriddenForwardRule):
         return {name: factors.sqnorms() for name, factors in self.per_example_factors(module, x, g, names).items()}
 
 
+class CentredPatchConvRule(ConvRule):
+    """The convolution rule on patches less their own mean: each example's kernel gradient less its mean per output
+    channel, D_ic - mean(D_ic), without the cancellation of subtracting it after (images of raw pixel values)."""
+
+    @staticmethod
+    def _patches(module: nn.Module, x: Tensor) -> Tensor:
+        patches = ConvRule._patches(module, x)
+        return patches - patches.mean(-1, keepdim=True)
+
+
 class StandardisedConvRule(OverriddenForwardRule):
     """A convolution whose kernel is standardised per output channel before use (weight standardisation, Qiao et
     al. 2019: timm's ``StdConv2d`` of BiT; ``ScaledStdConv2d`` of NFNets, Brock et al. 2021, times its ``gain``
     and ``scale``): w_c = a_c s_c (v_c - mean(v_c)), s_c = 1 / sqrt(var(v_c) + eps), a_c = gain_c * scale (or 1),
-    v the raw kernel, n its fan-in. With D_ic the per-example gradient of the used kernel's row c (ConvRule) and
-    w_hat_c = s_c (v_c - mean(v_c)),
+    v the raw kernel, n its fan-in. With D_ic the per-example gradient of the used kernel's row c, D'_ic = D_ic -
+    mean(D_ic) (``CentredPatchConvRule``) and w_hat_c = s_c (v_c - mean(v_c)), which has mean 0,
 
-        dl_i/dv_c = a_c s_c [D_ic - mean(D_ic) - w_hat_c (w_hat_c . D_ic) / n],
-        |dl_i/dv_c|^2 = (a_c s_c)^2 [|D_ic|^2 - (1 . D_ic)^2 / n - (w_hat_c . D_ic)^2 (2 / n - |w_hat_c|^2 / n^2)],
-        dl_i/dgain_c = scale (w_hat_c . D_ic),
+        dl_i/dv_c = a_c s_c [D'_ic - w_hat_c (w_hat_c . D'_ic) / n],
+        |dl_i/dv_c|^2 = (a_c s_c)^2 [|D'_ic|^2 - (w_hat_c . D'_ic)^2 (2 / n - |w_hat_c|^2 / n^2)],
+        dl_i/dgain_c = scale (w_hat_c . D'_ic),
 
-    where sum_c (a_c s_c)^2 |D_ic|^2 is the convolution's ghost norm with g scaled per channel, 1 . D_ic is g times
-    the patch sums (a convolution by a kernel of ones) summed over positions, and w_hat_c . D_ic is g times the
-    convolution by w_hat: no per-example kernel is materialised. Matched by structure and checked against the output
-    on every call; another forward (timm's ``StdConv2dSame``, padding on the fly) goes to the per-module fallback."""
+    where sum_c (a_c s_c)^2 |D'_ic|^2 is the ghost norm on centred patches with g scaled per channel and w_hat_c .
+    D'_ic is g times the centred patches projected on w_hat_c, summed over positions: no per-example kernel is
+    materialised. Matched by structure and checked against the output on every call; another forward (timm's
+    ``StdConv2dSame``, padding on the fly) goes to the per-module fallback."""
 
     def __init__(self):
-        super().__init__(nn.modules.conv._ConvNd, RULES[nn.Conv2d],
+        super().__init__(nn.modules.conv._ConvNd, CentredPatchConvRule(),
                          lambda m, x: m._conv_forward(x, self._standardised(m, m.weight)[0], m.bias))
 
     def matches(self, module):
@@ -747,41 +758,45 @@ class StandardisedConvRule(OverriddenForwardRule):
         a = torch.ones_like(inverse_std) if gain is None else gain.reshape(-1, 1).to(weight.dtype) * module.scale
         return (w_hat * a).reshape_as(weight), w_hat, (a * inverse_std).reshape(-1)
 
+    def _projections(self, module: nn.Module, x: Tensor, g: Tensor, w_hat: Tensor) -> Tensor:
+        """(B, C) w_hat_c . D'_ic = sum over positions of g times the centred patches projected on w_hat_c."""
+        groups, channels = module.groups, module.out_channels
+        kernels = w_hat.reshape(groups, channels // groups, -1)
+        dots = []
+        for xc, gc in self.rule._example_chunks(module, x, g):
+            patches = self.rule._patches(module, xc)                              # (b groups, L, n)
+            projected = torch.bmm(patches, kernels.repeat(xc.shape[0], 1, 1).transpose(1, 2))
+            dots.append((projected * self.rule._output_grads(module, gc)).sum(1).reshape(xc.shape[0], channels))
+        return torch.cat(dots)
+
     def _parts(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple:
-        """(g, w_hat, a s, w_hat . D (B, C)), in g's compute dtype."""
+        """(g, w_hat, a s, w_hat . D' (B, C)), in g's compute dtype."""
         g = compute_dtype(g)
         _, w_hat, a_s = self._standardised(module, module.weight.detach().to(g.dtype))
-        by_channel = (1, -1) + (1,) * (g.dim() - 2)
-        hat_dots = (g * module._conv_forward(x.to(g.dtype), w_hat.reshape_as(module.weight), None)).flatten(2).sum(2)
-        return g, w_hat, a_s, by_channel, hat_dots
+        return g, w_hat, a_s, self._projections(module, x, g, w_hat)
 
     def per_example_sqnorms(self, module, x, g, names):
-        g, w_hat, a_s, by_channel, hat_dots = self._parts(module, x, g)
+        g, w_hat, a_s, dots = self._parts(module, x, g)
         sqnorms = self.rule.per_example_sqnorms(module, x, g, names & {"bias"})
         if "weight" in names:
             n = w_hat.shape[1]
-            ones = w_hat.new_ones(module.groups, *module.weight.shape[1:])
-            sums = module._conv_forward(x.to(g.dtype), ones, None)                     # (B, groups, *out)
-            sums = sums.repeat_interleave(module.out_channels // module.groups, dim=1)
-            one_dots = (g * sums).flatten(2).sum(2)                                      # 1 . D_ic
-            scaled = self.rule.per_example_sqnorms(module, x, g * a_s.view(by_channel), {"weight"})["weight"]
-            hat_sq = w_hat.square().sum(1)
-            sqnorms["weight"] = scaled - (a_s.square() * (one_dots.square() / n + hat_dots.square() * (
-                2 / n - hat_sq / n ** 2))).sum(1)
+            by_channel = (1, -1) + (1,) * (g.dim() - 2)
+            centred = self.rule.per_example_sqnorms(module, x, g * a_s.view(by_channel), {"weight"})["weight"]
+            correction = a_s.square() * dots.square() * (2 / n - w_hat.square().sum(1) / n ** 2)
+            sqnorms["weight"] = centred - correction.sum(1)
         if "gain" in names:
-            sqnorms["gain"] = (module.scale * hat_dots).square().sum(1)
+            sqnorms["gain"] = (module.scale * dots).square().sum(1)
         return sqnorms
 
     def per_example_grads(self, module, x, g, names):
-        g, w_hat, a_s, by_channel, hat_dots = self._parts(module, x, g)
+        g, w_hat, a_s, dots = self._parts(module, x, g)
         grads = self.rule.per_example_grads(module, x, g, names & {"bias"})
         if "weight" in names:
-            used = self.rule.per_example_grads(module, x, g, {"weight"})["weight"]
-            u = used.reshape(*used.shape[:2], -1)                                        # (B, C, n)
-            u = u - u.mean(2, keepdim=True) - w_hat * (hat_dots / w_hat.shape[1]).unsqueeze(2)
-            grads["weight"] = (u * a_s.view(1, -1, 1)).reshape_as(used)
+            centred = self.rule.per_example_grads(module, x, g, {"weight"})["weight"]
+            u = centred.reshape(*centred.shape[:2], -1) - w_hat * (dots / w_hat.shape[1]).unsqueeze(2)
+            grads["weight"] = (u * a_s.view(1, -1, 1)).reshape_as(centred)
         if "gain" in names:
-            grads["gain"] = (module.scale * hat_dots).reshape(x.shape[0], *module.gain.shape)
+            grads["gain"] = (module.scale * dots).reshape(x.shape[0], *module.gain.shape)
         return grads
 
     def per_example_factors(self, module, x, g, names):

@@ -27,9 +27,9 @@ Every row needs y to hold the B examples in dim 0, the convention of the rules a
 In place of p, each row also takes a tensor computed from the module's parameters alone, with any operation and
 with constants (tensors without grad that do not hold the examples): ``cls_token + pos[:, :1]`` (ViT-MAE), a
 table indexed by a buffer (Swin's relative position bias), ``p.exp()``, ``w.t()``, a part of ``w.split(sizes)``,
-a convolution kernel standardised on the fly (timm's ``StdConv2dSame``; ``StdConv2d`` has a rule). The per-example gradients
-with respect to such a tensor d = f(theta) are taken back to the parameters by the VJP of f recomputed with
-torch.func, for each example: dl_i/dtheta = J_f(theta)^T dl_i/dd.
+a convolution kernel standardised on the fly (timm's ``StdConv2dSame``; ``StdConv2d`` has a rule). The
+per-example gradients with respect to such a tensor d = f(theta) are taken back to the parameters by the VJP of f
+recomputed with torch.func, for each example: dl_i/dtheta = J_f(theta)^T dl_i/dd.
 
 Any other differentiable use of p (an output that requires grad) marks the call incomplete, and the module is
 re-run as before (``fallback.py``). Uses no torch function sees are caught afterwards: for each parameter, the sum
@@ -395,8 +395,8 @@ class ParameterUses(TorchFunctionMode):
         if (not isinstance(x, Tensor) or id(x) in self._sources or y.shape[0] != self.batch_size
                 or x.shape[0] != self.batch_size or not self._holds_examples(x)):
             return "its input does not hold the examples in dim 0"
-        convolution = functional_convolution(weight.shape, *(bound[name] for name in _CONVOLUTION_ARGUMENTS[3:]
-                                                             if name in bound))
+        convolution = functional_convolution(weight.shape, **{name: bound[name] for name in _CONVOLUTION_ARGUMENTS[3:]
+                                                              if name in bound})   # by name: F.conv2d(x, w, padding=1)
         for kind, t in (("weight", weight), ("bias", bias)):
             if isinstance(t, Tensor) and id(t) in self._sources:
                 self._hooked(_Use(self._source(t), f"convolution_{kind}", t.shape, [None],
