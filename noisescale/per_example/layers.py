@@ -758,30 +758,34 @@ class StandardisedConvRule(OverriddenForwardRule):
         a = torch.ones_like(inverse_std) if gain is None else gain.reshape(-1, 1).to(weight.dtype) * module.scale
         return (w_hat * a).reshape_as(weight), w_hat, (a * inverse_std).reshape(-1)
 
-    def _projections(self, module: nn.Module, x: Tensor, g: Tensor, w_hat: Tensor) -> Tensor:
-        """(B, C) w_hat_c . D'_ic = sum over positions of g times the centred patches projected on w_hat_c."""
+    def _per_chunk(self, module: nn.Module, x: Tensor, g: Tensor, w_hat: Tensor, a_s: Tensor | None) -> tuple:
+        """(B, C) w_hat_c . D'_ic (g times the centred patches projected on w_hat_c, summed over positions) and, for
+        ``a_s``, the (B,) ghost norms sum_c (a_c s_c)^2 |D'_ic|^2, from one build of each chunk's patches."""
         groups, channels = module.groups, module.out_channels
         kernels = w_hat.reshape(groups, channels // groups, -1)
-        dots = []
+        scales = None if a_s is None else a_s.reshape(1, groups, 1, channels // groups)
+        dots, norms = [], []
         for xc, gc in self.rule._example_chunks(module, x, g):
-            patches = self.rule._patches(module, xc)                              # (b groups, L, n)
+            patches, grads = self.rule._patches(module, xc), self.rule._output_grads(module, gc)   # (b groups, L, .)
             projected = torch.bmm(patches, kernels.repeat(xc.shape[0], 1, 1).transpose(1, 2))
-            dots.append((projected * self.rule._output_grads(module, gc)).sum(1).reshape(xc.shape[0], channels))
-        return torch.cat(dots)
+            dots.append((projected * grads).sum(1).reshape(xc.shape[0], channels))
+            if scales is not None:
+                scaled = (grads.reshape(xc.shape[0], groups, *grads.shape[1:]) * scales).flatten(0, 1)
+                norms.append(position_weight_sqnorms(patches, scaled).view(xc.shape[0], -1).sum(1))
+        return torch.cat(dots), None if scales is None else torch.cat(norms)
 
-    def _parts(self, module: nn.Module, x: Tensor, g: Tensor) -> tuple:
-        """(g, w_hat, a s, w_hat . D' (B, C)), in g's compute dtype."""
+    def _parts(self, module: nn.Module, g: Tensor) -> tuple:
+        """(g, w_hat, a s), in g's compute dtype."""
         g = compute_dtype(g)
         _, w_hat, a_s = self._standardised(module, module.weight.detach().to(g.dtype))
-        return g, w_hat, a_s, self._projections(module, x, g, w_hat)
+        return g, w_hat, a_s
 
     def per_example_sqnorms(self, module, x, g, names):
-        g, w_hat, a_s, dots = self._parts(module, x, g)
+        g, w_hat, a_s = self._parts(module, g)
         sqnorms = self.rule.per_example_sqnorms(module, x, g, names & {"bias"})
+        dots, centred = self._per_chunk(module, x, g, w_hat, a_s if "weight" in names else None)
         if "weight" in names:
             n = w_hat.shape[1]
-            by_channel = (1, -1) + (1,) * (g.dim() - 2)
-            centred = self.rule.per_example_sqnorms(module, x, g * a_s.view(by_channel), {"weight"})["weight"]
             correction = a_s.square() * dots.square() * (2 / n - w_hat.square().sum(1) / n ** 2)
             sqnorms["weight"] = centred - correction.sum(1)
         if "gain" in names:
@@ -789,7 +793,8 @@ class StandardisedConvRule(OverriddenForwardRule):
         return sqnorms
 
     def per_example_grads(self, module, x, g, names):
-        g, w_hat, a_s, dots = self._parts(module, x, g)
+        g, w_hat, a_s = self._parts(module, g)
+        dots = self._per_chunk(module, x, g, w_hat, None)[0]
         grads = self.rule.per_example_grads(module, x, g, names & {"bias"})
         if "weight" in names:
             centred = self.rule.per_example_grads(module, x, g, {"weight"})["weight"]
