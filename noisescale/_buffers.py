@@ -25,7 +25,7 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
                 # only where the block changed it: a copy bumps the buffer's version counter, and a call of the
                 # caller's own pass that took the buffer as an input (observe's check runs after that pass) would
                 # then be refused as modified in place (a PyG GCN's edge_index kept as a buffer)
-                if buffer.shape != values.shape or not torch.equal(buffer, values):
+                if not torch.equal(buffer, values):
                     buffer.copy_(values)
 
 

@@ -245,18 +245,6 @@ class Convolutions(nn.Module):
         return F.conv1d(x.flatten(2), self.line, stride=3).mean(2)              # (B, 3)
 
 
-def test_convolutions_by_the_modules_own_or_computed_weights_are_captured(no_rerun):
-    """Before, such a module (timm's StdConv2d of BiT and NFNets, Conv2dSame of the tf_ EfficientNets) was re-run
-    per example on every call."""
-    torch.manual_seed(0)
-    model = nn.Sequential(Convolutions(), nn.Linear(3, 3)).double()
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(B, 2, 7, 7, dtype=torch.float64, generator=generator)
-    targets = torch.randint(0, 3, (B,), generator=generator)
-    engine, result = two_exact_steps(model, x, targets)
-    assert result.backend_of["0.weight"] == "module"
-
-
 class KeywordConvolutions(nn.Module):
     """F.conv2d with padding, dilation and groups given by keyword and no stride (the arguments before them left
     out): each is ConvRule's attribute of that name, not the next positional one."""
@@ -272,10 +260,13 @@ class KeywordConvolutions(nn.Module):
         return F.conv2d(x, self.weight * 0.5, padding="same", groups=2).mean((1, 2, 3)).unsqueeze(1).expand(-1, 3)
 
 
-def test_convolutions_with_keyword_arguments_are_captured_with_them(no_rerun):
-    """Before, the keywords were handed on by position: padding=1 read as the stride, a crash in the backward."""
+@pytest.mark.parametrize("body", [Convolutions, KeywordConvolutions])
+def test_convolutions_by_the_modules_own_or_computed_weights_are_captured(body, no_rerun):
+    """Before, such a module (timm's StdConv2d of BiT and NFNets, Conv2dSame of the tf_ EfficientNets) was re-run
+    per example on every call. Keywords were handed on by position at first: padding=1 read as the stride, a crash
+    in the backward."""
     torch.manual_seed(0)
-    model = nn.Sequential(KeywordConvolutions(), nn.Linear(3, 3)).double()
+    model = nn.Sequential(body(), nn.Linear(3, 3)).double()
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(B, 2, 7, 7, dtype=torch.float64, generator=generator)
     targets = torch.randint(0, 3, (B,), generator=generator)

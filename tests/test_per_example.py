@@ -1019,33 +1019,17 @@ class SometimesDirect(nn.Module):
         return h * self.scale
 
 
-def test_a_parameter_attached_to_one_pass_is_not_attached_to_the_next():
+@pytest.mark.parametrize("calls", [(True, False, True), (True, True, False, True, False)])
+def test_a_parameter_attached_to_one_pass_is_measured_by_its_rule_when_its_layer_is_called(calls):
     """A pass that measures a bypassed parameter with the enclosing fallback call (``GhostPass.attach``) leaves
     the plan as it was: the next pass, in which the Linear is called, measures it by its rule once, not also
-    through the enclosing call."""
+    through the enclosing call. After two passes that read the weight directly (the second captures it with the
+    enclosing module's calls, ``GhostPass.attached``), a pass that calls the Linear still recorded its parameters
+    in that capture, which this pass's entry does not name (a KeyError in ``finish``)."""
     model = _float64(SometimesDirect)
     measured = copy.deepcopy(model)
     measure = PerExampleGradNorms(measured, regression_loss, by_parameter=True)
-    for seed, direct in enumerate((True, False, True)):
-        model.direct = measured.direct = direct
-        x = torch.randn(5, 4, dtype=torch.float64, generator=generator(seed))
-        targets = torch.randn(5, 3, dtype=torch.float64, generator=generator(seed + 10))
-        expected = naive_per_example(model, regression_loss, x, targets)
-        result = measure(x, targets)
-        for name in expected:
-            assert_relclose(result.by_parameter[name], expected[name])
-        assert result.backend_of["inner.weight"] == ("module" if direct else "ghost")
-    measure.close()
-
-
-def test_a_parameter_attached_by_earlier_passes_is_measured_by_its_rule_when_its_layer_is_called():
-    """Two passes that read the Linear's weight directly (the second captures it with the enclosing module's
-    calls, ``GhostPass.attached``), then one that calls the Linear: its capture still recorded the Linear's
-    parameters, which this pass's entry does not name (a KeyError in ``finish``)."""
-    model = _float64(SometimesDirect)
-    measured = copy.deepcopy(model)
-    measure = PerExampleGradNorms(measured, regression_loss, by_parameter=True)
-    for seed, direct in enumerate((True, True, False, True, False)):
+    for seed, direct in enumerate(calls):
         model.direct = measured.direct = direct
         x = torch.randn(5, 4, dtype=torch.float64, generator=generator(seed))
         targets = torch.randn(5, 3, dtype=torch.float64, generator=generator(seed + 10))

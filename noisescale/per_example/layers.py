@@ -453,7 +453,7 @@ class _RMSNormVariant:
 
     def output(self, module: nn.Module, x: Tensor, eps: float) -> Tensor:
         x_hat = self.normalized(x, eps)
-        weight = _rms_weight(module)
+        weight = _rms_parameter(module)[1]
         if self.name == "rms_norm_float32":
             return F.rms_norm(x.to(torch.float32), (x.shape[-1],), weight + self.offset if self.offset else weight,
                               eps=eps).to(x.dtype)
@@ -464,9 +464,9 @@ class _RMSNormVariant:
         return (weight + self.offset if self.offset else weight) * x_hat
 
 
-def _rms_weight(module: nn.Module) -> Tensor:
-    """The one (d,) parameter of a third-party RMSNorm: ``weight``, or ``scale`` (torchtune's RMSNorm)."""
-    return next(iter(module.parameters(recurse=False)))
+def _rms_parameter(module: nn.Module) -> tuple[str, Tensor]:
+    """(name, the one (d,) parameter) of a third-party RMSNorm: ``weight``, or ``scale`` (torchtune's RMSNorm)."""
+    return next(iter(module.named_parameters(recurse=False)))
 
 
 _RMS_VARIANTS = [_RMSNormVariant(name, offset) for offset in (0.0, 1.0)
@@ -501,7 +501,7 @@ class ThirdPartyRMSNormRule(LayerRule):
 
     def verify(self, module, x, output):
         rows, expected, eps = x[:VERIFY_ROWS], output[:VERIFY_ROWS], self._eps(module)
-        if rows.shape[-1] != _rms_weight(module).shape[0]:
+        if rows.shape[-1] != _rms_parameter(module)[1].shape[0]:
             return False
         candidates = [variant for variant in _RMS_VARIANTS if close_values(variant.output(module, rows, eps), expected)]
         exact = [v for v in candidates if torch.equal(v.output(module, rows, eps), expected)]
@@ -515,8 +515,7 @@ class ThirdPartyRMSNormRule(LayerRule):
         x_hat = variant.normalized(x, self._eps(module))
         product = compute_dtype(g).to(x_hat.dtype) * x_hat if variant.name == "float32_product" else \
             compute_dtype(g) * compute_dtype(x_hat)
-        name = next(iter(dict(module.named_parameters(recurse=False))))   # "weight", or torchtune's "scale"
-        return {name: product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+        return {_rms_parameter(module)[0]: product.reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
 
 class ScaledEmbeddingRule(EmbeddingRule):
@@ -794,14 +793,16 @@ class StandardisedConvRule(OverriddenForwardRule):
 
     def per_example_grads(self, module, x, g, names):
         g, w_hat, a_s = self._parts(module, g)
-        dots = self._per_chunk(module, x, g, w_hat, None)[0]
         grads = self.rule.per_example_grads(module, x, g, names & {"bias"})
-        if "weight" in names:
+        if names & {"weight", "gain"}:
             centred = self.rule.per_example_grads(module, x, g, {"weight"})["weight"]
-            u = centred.reshape(*centred.shape[:2], -1) - w_hat * (dots / w_hat.shape[1]).unsqueeze(2)
-            grads["weight"] = (u * a_s.view(1, -1, 1)).reshape_as(centred)
-        if "gain" in names:
-            grads["gain"] = (module.scale * dots).reshape(x.shape[0], *module.gain.shape)
+            u = centred.reshape(*centred.shape[:2], -1)                                  # (B, C, n): D'
+            dots = (u * w_hat).sum(2)                                                    # w_hat_c . D'_ic
+            if "weight" in names:
+                u = u - w_hat * (dots / w_hat.shape[1]).unsqueeze(2)
+                grads["weight"] = (u * a_s.view(1, -1, 1)).reshape_as(centred)
+            if "gain" in names:
+                grads["gain"] = (module.scale * dots).reshape(x.shape[0], *module.gain.shape)
         return grads
 
     def per_example_factors(self, module, x, g, names):
@@ -817,18 +818,20 @@ def _returns_its_argument(function: Callable) -> bool:
         return False
 
 
+def _layer_norm_output(module: nn.LayerNorm, x: Tensor) -> Tensor:
+    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
 STRUCTURAL_RULES: list = [
     TransposedLinearRule(), ThirdPartyRMSNormRule(), ScaledEmbeddingRule(),
     OverriddenForwardRule(nn.Linear, RULES[nn.Linear], lambda m, x: F.linear(x, m.weight, m.bias)),
-    OverriddenForwardRule(nn.LayerNorm, RULES[nn.LayerNorm],
-                          lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
+    OverriddenForwardRule(nn.LayerNorm, RULES[nn.LayerNorm], _layer_norm_output),
     NormActivationRule(nn.modules.batchnorm._BatchNorm, _BATCH_NORM_RULE,
                        lambda m, x: F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps),
                        _BATCH_NORM_BUFFERS),
     NormActivationRule(nn.GroupNorm, RULES[nn.GroupNorm],
                        lambda m, x: F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)),
-    NormActivationRule(nn.LayerNorm, RULES[nn.LayerNorm],
-                       lambda m, x: F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)),
+    NormActivationRule(nn.LayerNorm, RULES[nn.LayerNorm], _layer_norm_output),
     LowRankAdapterRule(), StandardisedConvRule(),
 ]
 

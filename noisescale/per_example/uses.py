@@ -327,11 +327,17 @@ class ParameterUses(TorchFunctionMode):
         self._hooked(_Use(self._source(p), "broadcast", p.shape, [None], sign, factor), y)
         return None
 
+    def _not_rows(self, x: Any, y: Tensor) -> str | None:
+        """Why x, a Linear's input, cannot give its output y's rows their examples; None if it can."""
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != y.shape[0] or id(x) in self._sources:
+            return "its input does not hold the examples in dim 0"
+        return None
+
     def _linear(self, args, kwargs, y: Tensor) -> str | None:
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != y.shape[0] or id(x) in self._sources:
-            return "its input does not hold the examples in dim 0"
+        if (reason := self._not_rows(x, y)) is not None:
+            return reason
         for t in (weight, bias):
             if isinstance(t, Tensor) and id(t) in self._sources:
                 kind = "linear_weight" if t is weight else "linear_bias"
@@ -351,8 +357,8 @@ class ParameterUses(TorchFunctionMode):
             weight = source.args[0]   # p.t(), p.T, p.transpose(0, 1): the parameter as a Linear's weight
         else:
             weight = _Source(func=torch.t, args=(source,))
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != y.shape[0] or id(x) in self._sources:
-            return "its input does not hold the examples in dim 0"
+        if (reason := self._not_rows(x, y)) is not None:
+            return reason
         self._hooked(_Use(weight, "linear_weight", m.shape[::-1], [None], factor=x.detach()), y)
         return None
 
