@@ -576,20 +576,23 @@ def test_ghost_rejects_parameter_used_outside_its_module():
 
 
 class ReadTwice(nn.Module):
-    """proj is called, and its weight is read again outside its call: the Linear rule sees only the call."""
+    """proj is called, and its weight is read again outside its call (where ``twice``): the Linear rule sees only
+    the call."""
 
     def __init__(self):
         super().__init__()
         self.proj, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.twice = True
 
     def forward(self, x):
-        return self.out(F.linear(torch.tanh(self.proj(x)), self.proj.weight))
+        hidden = torch.tanh(self.proj(x))
+        return self.out(F.linear(hidden, self.proj.weight) if self.twice else hidden)
 
 
-def test_a_weight_also_read_outside_its_layer_goes_to_vmap_after_one_graph_walk(monkeypatch):
+def test_a_weight_also_read_outside_its_layer_goes_to_vmap_from_the_pass_that_reads_it(monkeypatch):
     """The graph takes proj.weight twice, its layer's hooked calls once: found by counting the graph's uses in
-    the first pass of the plan (one walk, not one per call), and measured by the whole-model vmap from then on;
-    ghost refuses before the backward. Reference: the per-example loop."""
+    every pass (one walk each), also where the forward starts reading it only after its first calls, and measured
+    by the whole-model vmap from then on; ghost refuses before the backward. Reference: the per-example loop."""
     from noisescale.per_example import api
     walks = []
     monkeypatch.setattr(api, "_leaf_uses", lambda nodes, walk=api._leaf_uses: walks.append(1) or walk(nodes))
@@ -601,13 +604,14 @@ def test_a_weight_also_read_outside_its_layer_goes_to_vmap_after_one_graph_walk(
     assert model.proj.weight.grad is None
     walks.clear()
     with PerExampleGradNorms(model, regression_loss, by_parameter=True) as measure:
-        for _ in range(2):
+        for twice, backend in [(False, "ghost"), (True, "vmap"), (True, "vmap"), (False, "vmap")]:
+            model.twice = twice
             model.zero_grad()
             result = measure(x, y)
-            assert result.backend_of["proj.weight"] == "vmap" and result.backend_of["proj.bias"] == "ghost"
+            assert result.backend_of["proj.weight"] == backend and result.backend_of["proj.bias"] == "ghost"
             for name, values in naive_per_example(model, regression_loss, x, y).items():
                 assert_relclose(result.by_parameter[name], values)
-    assert len(walks) == 1
+    assert len(walks) == 4
 
 
 class RoutedExpert(nn.Module):

@@ -148,19 +148,37 @@ def test_parameters_used_outside_their_module_are_measured_after_the_pass_which_
 
 def test_a_weight_also_read_outside_its_layer_is_measured_from_the_output_gradients():
     """The layer's call is hooked, its weight's second use is not: found by counting the graph's uses from the
-    model's outputs in the first pass, then measured by the output gradients, as the per-example loop gives it."""
+    model's outputs in every pass, then measured by the output gradients, as the per-example loop gives it. A
+    forward that starts reading it so after its first pass, whose output gradients were not kept, is refused in
+    that pass, p.grad left as the caller's backward made it, and measured from the next pass on."""
     from test_per_example import ReadTwice, naive_per_example, regression_loss
     torch.manual_seed(0)
     model = ReadTwice().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    expected = naive_per_example(model, regression_loss, x, y)
-    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    for _ in range(2):
+
+    def observe(engine):
         model.zero_grad()
         with engine.observe(5) as observed:
             regression_loss(model(x), y).mean().backward()
-        for name, values in expected.items():
+        for name, values in naive_per_example(model, regression_loss, x, y).items():
             torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
+        return observed.backend_of["proj.weight"]
+
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    assert [observe(engine), observe(engine)] == ["vmap", "vmap"]
+    model.twice = False
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    assert observe(engine) == "ghost"
+    model.twice = True
+    model.zero_grad()
+    regression_loss(model(x), y).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with pytest.raises(ValueError, match=r"proj\.weight.*not kept in this pass.*the next passes keep them"):
+        with engine.observe(5):
+            regression_loss(model(x), y).mean().backward()
+    assert all(torch.equal(p.grad, q) for p, q in zip(model.parameters(), plain))
+    assert [observe(engine), observe(engine)] == ["vmap", "vmap"]
 
 
 class _Mixed(nn.Module):

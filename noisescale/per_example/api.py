@@ -348,8 +348,8 @@ class PerExampleGradNorms:
         self._warned_redraws = False   # a pass drew random numbers and sent parameters to the vmap (warned once)
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
         self._warned_unchecked_uses = False
-        self._uses_checked = False     # whether a pass of this plan counted the graph's uses of each parameter,
-        self._read_elsewhere: set[str] = set()   # and the rule-measured ones it found read outside their layers
+        self._uses_checked = False     # FSDP: whether a pass of this plan counted the graph's uses of each parameter
+        self._read_elsewhere: set[str] = set()   # the rule-measured ones a pass found read outside their layers
         self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
         self._outputs_needed = False   # once one needed the whole-model vmap (``OutputGradients``)
         self._independence_checked = False   # whether a call of this plan checked that the losses are per example
@@ -476,14 +476,16 @@ class PerExampleGradNorms:
         directly). They are measured with the nearest enclosing module that went through the per-module fallback,
         else by the whole-model vmap (auto). So are the rule-measured parameters that the graph takes more often
         than their layers' hooked calls did, a weight also read outside its layer's call (``other.weight`` in
-        another module's forward), whose rule would miss that use: checked in the first pass of each plan (a graph
-        walk), they go to the vmap from then on. ghost raises before the backward, so a failed call leaves p.grad
-        untouched. Returns the vmap ones."""
+        another module's forward), whose rule would miss that use: checked in every pass (a graph walk, 0.1 to 1.2
+        ms on the benchmark's models, 0.1 to 2.7 % of their steps on CPU), since a forward may start reading a
+        weight directly after its first calls; they go to the vmap from then on. Under FSDP, the first pass of each
+        plan (the check holds the unsharded parameters the rule calls read until the backward). ghost raises before
+        the backward, so a failed call leaves p.grad untouched. Returns the vmap ones."""
         unused = _unused(plan, ghost_pass)
-        check = not self._uses_checked
-        if not unused and not check:
-            return sorted(self._read_elsewhere & set(plan.backend_of))
         if self._sharded:
+            check = not self._uses_checked
+            if not unused and not check:
+                return sorted(self._read_elsewhere & set(plan.backend_of))
             # the graph holds FSDP's unsharded parameters, not the model's shards: the rule calls' own uses are
             # counted on the unsharded tensors they read, and a parameter also read elsewhere is refused
             unattached = _attach_unused(plan, ghost_pass)
@@ -492,8 +494,7 @@ class PerExampleGradNorms:
                 self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, roots, self.model, plan.parameters)
             return sorted(self._read_elsewhere)
         in_graph = _leaf_uses(roots)
-        if check:
-            self._check_read_elsewhere(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
+        self._check_read_elsewhere(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
         bypassed = sorted(name for name in unused if id(plan.parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
@@ -506,10 +507,10 @@ class PerExampleGradNorms:
         return sorted({name for name in bypassed if not ghost_pass.attach(name)} | self._read_elsewhere)
 
     def _check_read_elsewhere(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> None:
-        """Once per plan: the rule-measured parameters that the graph takes more often (``in_graph``: name ->
-        operations taking it) than their layers' hooked calls did (``_bypassed``)."""
+        """Adds to ``_read_elsewhere`` the rule-measured parameters that the pass's graph takes more often
+        (``in_graph``: name -> operations taking it) than their layers' hooked calls did (``_bypassed``)."""
         self._uses_checked = True
-        self._read_elsewhere = {
+        self._read_elsewhere |= {
             name for name, backend in plan.backend_of.items()
             if backend == "ghost" and name not in ghost_pass.fallback_names | ghost_pass.vmap_names
             and 0 < ghost_pass.use_count[name] < in_graph.get(name, 0)}
@@ -790,7 +791,7 @@ class PerExampleGradNorms:
                                         check_uses=not self._uses_checked) as ghost_pass:
                 outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
                     not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
-                    want_roots=not self._uses_checked)
+                    want_roots=not (self._sharded and self._uses_checked))
                 drawn = self._random_state(plan)
                 try:
                     with self._taps.listening(partial(_mark_received, received, split, ghost_pass)):
@@ -815,9 +816,10 @@ class PerExampleGradNorms:
                         and not ghost_pass.attach(name)]
             # no gradient taps on FSDP's unsharded tensors: as in a call
             unattached = _attach_unused(plan, ghost_pass) if self._sharded else []
-            if not self._uses_checked:
+            first = not self._uses_checked   # the first pass of the plan (under FSDP the only one checked)
+            if first or not self._sharded:
                 if outputs.roots:
-                    if self.check_independence:
+                    if first and self.check_independence:
                         self._warn_if_batch_terms(outputs)
                     uses = (_held_uses(ghost_pass.held, outputs.roots) if self._sharded
                             else _uses_by_name(_leaf_uses(outputs.roots), parameters))
@@ -946,9 +948,10 @@ def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: in
 def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:
     """observe: parameters that need the whole-model vmap and cannot be measured by it."""
     if names:
-        reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items())
+        reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items()) or (
+            "read outside their modules' calls")
         raise ValueError(f"parameters {sorted(names)} cannot be measured from the caller's own pass: they need the "
-                         f"whole-model vmap, a separate pass ({reasons or 'used outside any module call'}), and "
+                         f"whole-model vmap, a separate pass ({reasons}), and "
                          f"{because}. Call the model once in the pass (observe measures them from its outputs' "
                          "gradients), give observe the pass's vmap_batch=(inputs, targets), or measure this model "
                          "with NoiseScaleMonitor, which runs that pass itself")

@@ -143,7 +143,8 @@ class OutputGradients:
             return (f"the model was called {self.calls} times with grad in the pass, not once (in Lightning, "
                     "training_step must call the module itself, self(x), not a submodule)")
         if not self.kept:
-            return "the model's output gradients were not kept in this pass (no earlier pass needed them)"
+            return ("the model's output gradients were not kept in this pass (no earlier pass needed them; the next passes "
+                    "keep them)")
         if isinstance(self.inputs, str):
             return self.inputs
         if any(holder[1] > 1 for _, holder, _, _ in self._batched) or any(h[1] > 1 for _, h, _ in self._others):
