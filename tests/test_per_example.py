@@ -586,16 +586,17 @@ class ReadTwice(nn.Module):
 
     def forward(self, x):
         hidden = torch.tanh(self.proj(x))
-        return self.out(F.linear(hidden, self.proj.weight) if self.twice else hidden)
+        return self.out(hidden @ self.proj.weight if self.twice else hidden)   # (W, not W^T: not captured)
 
 
 def test_a_weight_also_read_outside_its_layer_goes_to_vmap_from_the_pass_that_reads_it(monkeypatch):
-    """The graph takes proj.weight twice, its layer's hooked calls once: found by counting the graph's uses in
-    every pass (one walk each), also where the forward starts reading it only after its first calls, and measured
-    by the whole-model vmap from then on; ghost refuses before the backward. Reference: the per-example loop."""
+    """The graph takes proj.weight twice, its layer's hooked calls once, the second time in a form the graph's
+    capture does not take (``graph_uses``): found by counting the graph's uses in every pass (one walk each), also
+    where the forward starts reading it only after its first calls, and measured by the whole-model vmap in the
+    passes that read it; ghost refuses before the backward. Reference: the per-example loop."""
     from noisescale.per_example import api
     walks = []
-    monkeypatch.setattr(api, "_leaf_uses", lambda nodes, walk=api._leaf_uses: walks.append(1) or walk(nodes))
+    monkeypatch.setattr(api, "_leaf_uses", lambda *args, walk=api._leaf_uses: walks.append(1) or walk(*args))
     model = _float64(ReadTwice)
     x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
     y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
@@ -604,7 +605,7 @@ def test_a_weight_also_read_outside_its_layer_goes_to_vmap_from_the_pass_that_re
     assert model.proj.weight.grad is None
     walks.clear()
     with PerExampleGradNorms(model, regression_loss, by_parameter=True) as measure:
-        for twice, backend in [(False, "ghost"), (True, "vmap"), (True, "vmap"), (False, "vmap")]:
+        for twice, backend in [(False, "ghost"), (True, "vmap"), (True, "vmap"), (False, "ghost")]:
             model.twice = twice
             model.zero_grad()
             result = measure(x, y)
@@ -612,6 +613,77 @@ def test_a_weight_also_read_outside_its_layer_goes_to_vmap_from_the_pass_that_re
             for name, values in naive_per_example(model, regression_loss, x, y).items():
                 assert_relclose(result.by_parameter[name], values)
     assert len(walks) == 4
+
+
+class TiedHead(nn.Module):
+    """An embedding whose table the forward applies itself as the output layer, outside any module call
+    (torchtune's ``TiedLinear``, x-transformers' ``h @ emb.weight.t()``), in the form ``form``."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.embed, self.mix = form, nn.Embedding(11, 6), nn.Linear(6, 6)
+        if form == "table":
+            self.positions = nn.Embedding(4, 6)   # read as a table of 4 == B rows, not called
+
+    def forward(self, tokens):
+        hidden, table = torch.tanh(self.mix(self.embed(tokens))), self.embed.weight
+        if self.form == "linear":
+            return F.linear(hidden, table)
+        if self.form == "matmul":
+            return hidden @ table.t()
+        if self.form == "bias":   # addmm
+            return F.linear(hidden, table, torch.linspace(-1, 1, 11, dtype=hidden.dtype))
+        if self.form == "pooled":   # B rows, as a classifier on the table would read them
+            return F.linear(hidden.mean(1, keepdim=True), table)
+        if self.form == "twice":
+            return F.linear(hidden, table) + hidden[:, :1] @ table.t()
+        if self.form == "sequence_first":   # (T, B, d) rows, T B of them: not the examples' blocks
+            return F.linear(hidden.transpose(0, 1).contiguous(), table).transpose(0, 1)
+        if self.form == "reversed":   # the examples' rows in another order
+            return F.linear(hidden.flip(0), table).flip(0)
+        if self.form == "table":   # B rows computed from parameters alone, not the examples'
+            return F.linear(hidden, table) + F.linear(self.positions.weight, table).mean(0)
+        return torch.einsum("btd,vd->btv", hidden, table)
+
+
+def token_loss(logits, targets):
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+
+@pytest.mark.parametrize("form, positions, backend", [
+    ("linear", 5, "ghost"), ("matmul", 5, "ghost"), ("bias", 5, "ghost"), ("pooled", 5, "ghost"),
+    ("twice", 5, "ghost"), ("sequence_first", 5, "vmap"), ("reversed", 5, "vmap"), ("table", 5, "vmap"),
+    ("einsum", 5, "vmap"),
+    ("linear", 4, "vmap")])   # T == B: the rows might be sequence-first
+def test_a_tied_head_read_outside_any_module_call_is_captured_from_the_graph(form, positions, backend):
+    """The table's products outside the embedding's calls are found in the pass's graph, their input and output
+    gradient give their per-example gradients as a Linear's, summed with the embedding's before the norm: no
+    whole-model vmap. Rows that may not be the examples' blocks, and other forms, go to the vmap as before. Both
+    exact against the per-example loop, p.grad as a plain backward's, on every call; ghost takes the captured
+    forms."""
+    model = _float64(lambda: TiedHead(form))
+    tokens = torch.randint(0, 11, (4, positions), generator=generator(1))
+    targets = torch.randint(0, 11, (4, 1 if form == "pooled" else positions), generator=generator(2))
+    with PerExampleGradNorms(model, token_loss, by_parameter=True) as engine:
+        for _ in range(2):
+            assert assert_engine_call_matches(engine, model, token_loss, tokens, targets).backend_of[
+                "embed.weight"] == backend
+    if backend == "ghost":
+        assert_matches_reference(model, token_loss, tokens, targets, "ghost")
+
+
+def test_a_tied_head_is_captured_under_bfloat16_autocast():
+    """Autocast's cached bfloat16 copy of the table, taken by the head's product: the capture looks through it.
+    Reference: the per-example loop in float32 (bfloat16's rounding is the tolerance)."""
+    torch.manual_seed(0)
+    model = TiedHead("linear")
+    tokens = torch.randint(0, 11, (4, 5), generator=generator(1))
+    targets = torch.randint(0, 11, (4, 5), generator=generator(2))
+    expected = naive_per_example(model, token_loss, tokens, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = per_example_sqnorms(model, token_loss, tokens, targets, by_parameter=True)
+    assert result.backend_of["embed.weight"] == "ghost"
+    torch.testing.assert_close(result.by_parameter["embed.weight"], expected["embed.weight"], rtol=5e-2, atol=0)
 
 
 class RoutedExpert(nn.Module):
@@ -718,12 +790,13 @@ class TiedHeadLoss(nn.Module):
 
 def test_a_loss_fn_that_reads_a_weight_is_differentiated_with_the_vmapped_parameters():
     """The whole-model vmap puts the per-example parameters in place for loss_fn too, so a table loss_fn applies
-    itself gets its full per-example gradient. Reference: the per-example loop."""
+    itself (by an einsum, which ``graph_uses`` does not capture) gets its full per-example gradient. Reference: the
+    per-example loop."""
     model = _float64(TiedHeadLoss)
 
     def tied_loss(hidden, targets):
-        return F.cross_entropy(F.linear(hidden, model.embed.weight).flatten(0, 1), targets.flatten(),
-                               reduction="none").view(targets.shape).mean(1)
+        return F.cross_entropy(torch.einsum("btd,vd->btv", hidden, model.embed.weight).flatten(0, 1),
+                               targets.flatten(), reduction="none").view(targets.shape).mean(1)
 
     tokens = torch.randint(0, 7, (5, 3), generator=generator(1))
     targets = torch.randint(0, 7, (5, 3), generator=generator(2))

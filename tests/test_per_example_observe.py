@@ -147,38 +147,47 @@ def test_parameters_used_outside_their_module_are_measured_after_the_pass_which_
 
 
 def test_a_weight_also_read_outside_its_layer_is_measured_from_the_output_gradients():
-    """The layer's call is hooked, its weight's second use is not: found by counting the graph's uses from the
-    model's outputs in every pass, then measured by the output gradients, as the per-example loop gives it. A
-    forward that starts reading it so after its first pass, whose output gradients were not kept, is refused in
-    that pass, p.grad left as the caller's backward made it, and measured from the next pass on."""
+    """The layer's call is hooked, its weight's second use is not (in a form the graph's capture does not take):
+    found by counting the graph's uses from the model's outputs at the end of its call, in every pass, so that
+    pass keeps its output gradients, which measure it as the per-example loop does; also where the forward starts
+    reading it so after its first pass. p.grad is the caller's backward's."""
     from test_per_example import ReadTwice, naive_per_example, regression_loss
     torch.manual_seed(0)
     model = ReadTwice().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-
-    def observe(engine):
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for twice, backend in [(True, "vmap"), (False, "ghost"), (False, "ghost"), (True, "vmap"), (True, "vmap")]:
+        model.twice = twice
+        model.zero_grad()
+        regression_loss(model(x), y).mean().backward()
+        plain = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         with engine.observe(5) as observed:
             regression_loss(model(x), y).mean().backward()
+        assert observed.backend_of["proj.weight"] == backend
         for name, values in naive_per_example(model, regression_loss, x, y).items():
             torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
-        return observed.backend_of["proj.weight"]
+        assert all(torch.equal(p.grad, q) for p, q in zip(model.parameters(), plain))
 
-    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    assert [observe(engine), observe(engine)] == ["vmap", "vmap"]
-    model.twice = False
-    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    assert observe(engine) == "ghost"
-    model.twice = True
-    model.zero_grad()
-    regression_loss(model(x), y).mean().backward()
-    plain = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    with pytest.raises(ValueError, match=r"proj\.weight.*not kept in this pass.*the next passes keep them"):
-        with engine.observe(5):
-            regression_loss(model(x), y).mean().backward()
-    assert all(torch.equal(p.grad, q) for p, q in zip(model.parameters(), plain))
-    assert [observe(engine), observe(engine)] == ["vmap", "vmap"]
+
+@pytest.mark.parametrize("form, backend", [("linear", "ghost"), ("twice", "ghost"), ("reversed", "vmap")])
+def test_a_tied_head_read_outside_any_module_call_is_captured_in_the_callers_pass(form, backend):
+    """observe walks the graph at the end of the model's call, before the caller's backward, so the table's
+    products outside the embedding's calls are captured from the graph as in a call (``graph_uses``), and other
+    forms are measured by the output gradients. Reference: the per-example loop."""
+    from test_per_example import TiedHead, naive_per_example, token_loss
+    torch.manual_seed(0)
+    model = TiedHead(form).double()
+    tokens, targets = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    expected = naive_per_example(model, token_loss, tokens, targets)
+    engine = PerExampleGradNorms(model, token_loss, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad()
+        with engine.observe(4) as observed:
+            token_loss(model(tokens), targets).mean().backward()
+        assert observed.backend_of["embed.weight"] == backend
+        for name, values in expected.items():
+            torch.testing.assert_close(observed.by_parameter[name], values, rtol=1e-10, atol=1e-15)
 
 
 class _Mixed(nn.Module):

@@ -97,6 +97,7 @@ from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank,
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.factors import full_precision
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
+from noisescale.per_example.graph_uses import capture_linear_uses, linear_uses
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
@@ -162,12 +163,12 @@ def _encloses(outer: str, inner: str) -> bool:
     return outer != inner and (outer == "<model>" or inner.startswith(outer + "."))
 
 
-def _leaf_uses(nodes: list) -> dict[int, list]:
-    """id(leaf) -> [leaf, n] for the leaf tensors (parameters) of the autograd graph from ``nodes`` back, n the
-    number of the graph's operations that take the leaf directly: one per call of a layer that uses its weight
-    (``operations_taking``)."""
-    consumers = autograd_consumers(nodes)
-    return {id(node.variable): [node.variable, operations_taking(node, consumers)]
+def _leaf_uses(nodes: list, consumers: dict | None = None) -> dict[int, list]:
+    """id(leaf) -> [leaf, n, its gradient accumulator] for the leaf tensors (parameters) of the autograd graph from
+    ``nodes`` back (``consumers``: its ``autograd_consumers``, where walked already), n the number of the graph's
+    operations that take the leaf directly: one per call of a layer that uses its weight (``operations_taking``)."""
+    consumers = autograd_consumers(nodes) if consumers is None else consumers
+    return {id(node.variable): [node.variable, operations_taking(node, consumers), node]
             for node in consumers if hasattr(node, "variable")}   # AccumulateGrad
 
 
@@ -205,6 +206,22 @@ def _read_without_a_call(ghost_pass: GhostPass, names: list[str], roots: list, m
 def _uses_by_name(in_graph: dict[int, list], parameters: dict[str, Tensor]) -> dict[str, int]:
     """name -> the operations taking the parameter, from ``_leaf_uses``."""
     return {name: in_graph.get(id(parameter), (None, 0))[1] for name, parameter in parameters.items()}
+
+
+def _captured_from_graph(ghost_pass: GhostPass, extra: dict[str, int], in_graph: dict[int, list], consumers: dict,
+                         parameters: dict[str, Tensor]) -> set[str]:
+    """The parameters of ``extra`` (name -> the graph's uses no hooked call made) all of whose extra uses are
+    matrix products of the examples' rows (a tied output head read outside any module call: ``graph_uses``),
+    hooked to add their per-example gradients to the layers' in the backward, and counted as uses."""
+    captured = set()
+    for name, count in extra.items():
+        uses = linear_uses(in_graph[id(parameters[name])][2], consumers, ghost_pass.hooked_nodes,
+                           ghost_pass.broadcasts.rows, ghost_pass.batch_size)
+        if uses is not None and len(uses) == count:
+            capture_linear_uses(uses, partial(ghost_pass.add_shared, name), ghost_pass.node_hooks)
+            ghost_pass.use_count[name] += count
+            captured.add(name)
+    return captured
 
 
 def _held_uses(held: dict[str, dict[int, Tensor]], nodes: list) -> dict[str, int]:
@@ -349,7 +366,8 @@ class PerExampleGradNorms:
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
         self._warned_unchecked_uses = False
         self._uses_checked = False     # FSDP: whether a pass of this plan counted the graph's uses of each parameter
-        self._read_elsewhere: set[str] = set()   # the rule-measured ones a pass found read outside their layers
+        self._read_elsewhere: set[str] = set()   # the rule-measured ones the last check found read outside their
+        # layers' calls, and not captured from the graph: measured by the vmap (FSDP: from the first pass on)
         self._observed = False         # observe keeps the output gradients in its first pass, and in every pass
         self._outputs_needed = False   # once one needed the whole-model vmap (``OutputGradients``)
         self._independence_checked = False   # whether a call of this plan checked that the losses are per example
@@ -490,11 +508,11 @@ class PerExampleGradNorms:
             # counted on the unsharded tensors they read, and a parameter also read elsewhere is refused
             unattached = _attach_unused(plan, ghost_pass)
             if check:
-                self._check_read_elsewhere(plan, ghost_pass, _held_uses(ghost_pass.held, roots))
+                held = _held_uses(ghost_pass.held, roots)
+                self._read_elsewhere = set(self._read_elsewhere_now(plan, ghost_pass, held))
                 self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, roots, self.model, plan.parameters)
             return sorted(self._read_elsewhere)
-        in_graph = _leaf_uses(roots)
-        self._check_read_elsewhere(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
+        in_graph = self._check_graph(plan, ghost_pass, roots)
         bypassed = sorted(name for name in unused if id(plan.parameters[name]) in in_graph)
         if bypassed and self.backend == "ghost":
             raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they receive a gradient but "
@@ -506,14 +524,24 @@ class PerExampleGradNorms:
                              "do not see; use backend='auto' to measure them by the whole-model vmap")
         return sorted({name for name in bypassed if not ghost_pass.attach(name)} | self._read_elsewhere)
 
-    def _check_read_elsewhere(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> None:
-        """Adds to ``_read_elsewhere`` the rule-measured parameters that the pass's graph takes more often
-        (``in_graph``: name -> operations taking it) than their layers' hooked calls did (``_bypassed``)."""
+    def _check_graph(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> dict[int, list]:
+        """One walk of the pass's graph from the autograd nodes ``roots`` before its backward: ``_read_elsewhere``,
+        the rule-measured parameters it takes outside their layers' calls, but for those whose uses there are
+        captured from the graph (``_captured_from_graph``). Returns the graph's leaves (``_leaf_uses``)."""
+        consumers = autograd_consumers(roots)
+        in_graph = _leaf_uses(roots, consumers)
+        extra = self._read_elsewhere_now(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
+        self._read_elsewhere = set(extra) - _captured_from_graph(ghost_pass, extra, in_graph, consumers,
+                                                                 plan.parameters)
+        return in_graph
+
+    def _read_elsewhere_now(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> dict[str, int]:
+        """name -> extra uses, for the rule-measured parameters that the pass's graph takes more often (``in_graph``:
+        name -> operations taking it) than their layers' hooked calls did (``_bypassed``)."""
         self._uses_checked = True
-        self._read_elsewhere |= {
-            name for name, backend in plan.backend_of.items()
-            if backend == "ghost" and name not in ghost_pass.fallback_names | ghost_pass.vmap_names
-            and 0 < ghost_pass.use_count[name] < in_graph.get(name, 0)}
+        return {name: in_graph.get(name, 0) - ghost_pass.use_count[name] for name, backend in plan.backend_of.items()
+                if backend == "ghost" and name not in ghost_pass.fallback_names | ghost_pass.vmap_names
+                and 0 < ghost_pass.use_count[name] < in_graph.get(name, 0)}
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
         """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every
@@ -670,7 +698,7 @@ class PerExampleGradNorms:
                     self._check_sharded_measurable(ghost_pass, bypassed, self._read_elsewhere)
                     # |gbar|^2 of this rank's batch from the gradients FSDP's unsharded parameters receive
                     handles = [leaf.register_hook(partial(_record_norm, received, None, key))
-                               for key, (leaf, _) in _leaf_uses([objective.grad_fn]).items()
+                               for key, (leaf, _, _) in _leaf_uses([objective.grad_fn]).items()
                                if isinstance(leaf, nn.Parameter)]
                 with self._taps.listening(partial(_record_norm, received, ghost_pass)):
                     objective.backward()  # the real backward: p.grad, and DDP's all-reduce, exactly as without us
@@ -786,12 +814,18 @@ class PerExampleGradNorms:
             observed = ObservedNorms()
             probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
             can_vmap = not self._sharded
+            first = not self._uses_checked   # the first pass of the plan (under FSDP the only one checked)
+            walked = []   # outside FSDP: the graph's check, at the end of the model's call (``_check_graph``)
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded, probe=probe, inputs=model_inputs,
-                                        check_uses=not self._uses_checked) as ghost_pass:
-                outputs = OutputGradients(self.model, batch_size, keep=lambda: vmap_batch is None and can_vmap and (
-                    not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)),
-                    want_roots=not (self._sharded and self._uses_checked))
+                                        check_uses=first) as ghost_pass:
+                outputs = OutputGradients(
+                    self.model, batch_size, want_roots=first,
+                    keep=lambda: vmap_batch is None and can_vmap and (
+                        not self._observed or self._outputs_needed or bool(ghost_pass.vmap_names)
+                        or bool(self._read_elsewhere)),
+                    on_roots=None if self._sharded else lambda roots: walked.append(
+                        self._check_graph(plan, ghost_pass, roots)))
                 drawn = self._random_state(plan)
                 try:
                     with self._taps.listening(partial(_mark_received, received, split, ghost_pass)):
@@ -816,23 +850,22 @@ class PerExampleGradNorms:
                         and not ghost_pass.attach(name)]
             # no gradient taps on FSDP's unsharded tensors: as in a call
             unattached = _attach_unused(plan, ghost_pass) if self._sharded else []
-            first = not self._uses_checked   # the first pass of the plan (under FSDP the only one checked)
-            if first or not self._sharded:
-                if outputs.roots:
-                    if first and self.check_independence:
-                        self._warn_if_batch_terms(outputs)
-                    uses = (_held_uses(ghost_pass.held, outputs.roots) if self._sharded
-                            else _uses_by_name(_leaf_uses(outputs.roots), parameters))
-                    self._check_read_elsewhere(plan, ghost_pass, uses)
+            if first and outputs.roots:
+                if self.check_independence:
+                    self._warn_if_batch_terms(outputs)
+                if self._sharded:
+                    held = _held_uses(ghost_pass.held, outputs.roots)
+                    self._read_elsewhere = set(self._read_elsewhere_now(plan, ghost_pass, held))
                     self._read_elsewhere |= _read_without_a_call(ghost_pass, unattached, outputs.roots,
                                                                   self.model, parameters)
-                elif not self._warned_unchecked_uses:
-                    self._warned_unchecked_uses = True
-                    warnings.warn("observe found no tensor with grad in the output of the model's call (an output "
-                                  "type torch's pytree cannot open, or no call of the model in the pass: a Lightning "
-                                  "training_step calling a submodule, self.net(x), instead of self(x)), so it cannot "
-                                  "check for weights also read outside their layers' calls; the layers' own norms are "
-                                  "measured as usual", RuntimeWarning, stacklevel=3)
+            unchecked = not walked if not self._sharded else first and not outputs.roots
+            if unchecked and not self._warned_unchecked_uses:
+                self._warned_unchecked_uses = True
+                warnings.warn("observe found no tensor with grad in the output of the model's call (an output type "
+                              "torch's pytree cannot open, or no call of the model in the pass: a Lightning "
+                              "training_step calling a submodule, self.net(x), instead of self(x)), so it cannot "
+                              "check for weights also read outside their layers' calls; the layers' own norms are "
+                              "measured as usual", RuntimeWarning, stacklevel=3)
             bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
             if bypassed and self.backend == "ghost":
                 raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "

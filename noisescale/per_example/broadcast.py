@@ -40,7 +40,7 @@ from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taki
 from noisescale.per_example.vmap import quiet_batching
 
 
-__all__ = ["Broadcast", "BroadcastGradients", "computed_once", "reorders_rows"]
+__all__ = ["Broadcast", "BroadcastGradients", "computed_once", "reorders_rows", "rows_selected"]
 
 _PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
 
@@ -680,3 +680,31 @@ def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> l
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
         rows = [one(grad) for grad in per_example]
         return [torch.stack([row[j] for row in rows]) for j in range(len(positions))]
+
+
+def rows_selected(node: Any, batch: int) -> bool:
+    """Whether the rows of x (``node``: its autograd node) were picked from an activation's rows by an index
+    (mixture-of-experts routing: ``expert(flat[routed])``), or reversed, rolled, sorted, gathered, joined or mixed
+    along dim 0 (``reorders_rows``), seen in x's autograd graph through views and copies: an index along dim 0 of a
+    tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
+    ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples."""
+    for _ in range(8):
+        name = type(node).__name__
+        if name not in ORDER_KEEPING:
+            break
+        node = node.next_functions[0][0]
+    if name not in ("IndexBackward0", "IndexSelectBackward0") and node is not None and reorders_rows(
+            node, 0, tuple(node._input_metadata[0].shape)):   # rows reversed, rolled, sorted, gathered, joined
+        return True
+    if name == "IndexBackward0":
+        sizes, first = node._saved_self_sym_sizes, node._saved_indices[0]
+    elif name == "IndexSelectBackward0" and node._saved_dim == 0:
+        sizes, first = node._saved_self_sym_sizes, node._saved_index
+    else:
+        return False
+    source = node.next_functions[0][0]
+    if source is None or hasattr(source, "variable"):   # rows of a parameter table, looked up by the examples' ids
+        return False
+    return not (sizes[0] == batch and (first is None or (   # arange(B), or arange(B)[:, None] broadcast over k
+        first.shape[0] == batch and first.numel() == batch
+        and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))

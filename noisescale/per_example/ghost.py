@@ -52,11 +52,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from noisescale._graph import ORDER_KEEPING, autograd_nodes, output_shape
+from noisescale._graph import autograd_nodes, output_shape
 from noisescale._rng import rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
-from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, reorders_rows
+from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, rows_selected
 from noisescale.per_example.checkpointing import CheckpointedInputs, recomputing
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
@@ -133,7 +133,8 @@ class GhostPass:
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
-    node_hooks: list = field(default_factory=list)   # handles of ``_note_inner`` hooks, removed after the pass
+    node_hooks: list = field(default_factory=list)   # handles of the pass's hooks on autograd nodes, removed after it
+    hooked_nodes: set = field(default_factory=set)   # the output nodes of the rule layers' calls (``graph_uses``)
     check_uses: bool = False   # the pass whose graph is checked for parameters read outside their layers' calls
     held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
     # FSDP: the unsharded parameters of the rule layers under each module called, at any depth (``hold_children``)
@@ -890,7 +891,7 @@ class GhostNormEngine:
         # rows picked by an index from another tensor's rows (tokens routed to an expert), or computed from such a
         # call's output: as many as B, or B k, only by chance (a probe on B - 1 examples picks a prefix of them)
         selected = isinstance(x, Tensor) and x.grad_fn is not None and x.dim() > 0 and (
-            _rows_selected(x, batch) or bool(ghost_pass.selected) and _from_selected_rows(
+            rows_selected(x.grad_fn, batch) or bool(ghost_pass.selected) and _from_selected_rows(
                 x, ghost_pass.selected, ghost_pass.broadcasts.rows))
         if selected and output.grad_fn is not None:
             ghost_pass.selected.add(output.grad_fn)
@@ -985,6 +986,7 @@ class GhostNormEngine:
         # a pre-hook of the output's autograd node (a third of a tensor hook's cost to register): it sees the
         # gradient the layer's backward uses, after any tensor hook on the output
         hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        ghost_pass.hooked_nodes.update((node, hooked_node))
         if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
             rows = ghost_pass.broadcasts
             rows.rows[node] = 1 if blocks is None else blocks
@@ -1202,35 +1204,6 @@ def _reshaped(view: Tensor, base: Tensor) -> bool:
     """Whether ``view`` is its base's every element in order, reshaped."""
     return (view.numel() == base.numel() and view.is_contiguous() and base.is_contiguous()
             and view.storage_offset() == base.storage_offset())
-
-
-def _rows_selected(x: Tensor, batch: int) -> bool:
-    """Whether x's rows were picked from an activation's rows by an index (mixture-of-experts routing:
-    ``expert(flat[routed])``), or reversed, rolled, sorted, gathered, joined or mixed along dim 0
-    (``broadcast.reorders_rows``), seen in x's autograd graph through views and copies: an index along dim 0 of a
-    tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
-    ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples."""
-    node = x.grad_fn
-    for _ in range(8):
-        name = type(node).__name__
-        if name not in ORDER_KEEPING:
-            break
-        node = node.next_functions[0][0]
-    if name not in ("IndexBackward0", "IndexSelectBackward0") and node is not None and reorders_rows(
-            node, 0, tuple(node._input_metadata[0].shape)):   # rows reversed, rolled, sorted, gathered, joined
-        return True
-    if name == "IndexBackward0":
-        sizes, first = node._saved_self_sym_sizes, node._saved_indices[0]
-    elif name == "IndexSelectBackward0" and node._saved_dim == 0:
-        sizes, first = node._saved_self_sym_sizes, node._saved_index
-    else:
-        return False
-    source = node.next_functions[0][0]
-    if source is None or hasattr(source, "variable"):   # rows of a parameter table, looked up by the examples' ids
-        return False
-    return not (sizes[0] == batch and (first is None or (   # arange(B), or arange(B)[:, None] broadcast over k
-        first.shape[0] == batch and first.numel() == batch
-        and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))
 
 
 def _from_selected_rows(x: Tensor, selected: set, examples: dict) -> bool:

@@ -43,10 +43,13 @@ class OutputGradients:
     """While active, the gradients of the outputs of ``model``'s one call with grad (under DDP, of the module
     inside it, before DDP's own autograd node), as the module docstring says, and that call's inputs, when
     ``keep()`` says so at the end of the call (else no gradient is held: the gradient of the logits is as large as
-    the logits). Calls without grad (a logging forward) and noisescale's own passes are not counted."""
+    the logits). Calls without grad (a logging forward) and noisescale's own passes are not counted. ``on_roots``
+    gets the autograd nodes of that call's outputs at its end, before ``keep`` is asked; ``want_roots`` keeps them
+    in ``roots``."""
 
-    def __init__(self, model: nn.Module, batch_size: int, keep: Callable[[], bool], want_roots: bool):
-        self.batch_size, self._keep, self._want_roots = batch_size, keep, want_roots
+    def __init__(self, model: nn.Module, batch_size: int, keep: Callable[[], bool], want_roots: bool,
+                 on_roots: Callable[[list], Any] | None = None):
+        self.batch_size, self._keep, self._want_roots, self._on_roots = batch_size, keep, want_roots, on_roots
         self.kept = False
         self.calls = 0
         self.roots: list = []               # the autograd nodes of the call's outputs
@@ -71,13 +74,16 @@ class OutputGradients:
         self.calls += 1
         if self.calls > 1:
             return None
-        keep = self._keep()
-        if not (keep or self._want_roots):
-            return None
         leaves, spec = tree_flatten(output)
         unique = {id(leaf): index for index, leaf in reversed(list(enumerate(leaves)))
                   if isinstance(leaf, Tensor) and leaf.grad_fn is not None}
-        self.roots = [leaves[index].grad_fn for index in unique.values()]
+        roots = [leaves[index].grad_fn for index in unique.values()]
+        if self._on_roots is not None and roots:
+            self._on_roots(roots)
+        keep = self._keep()
+        if not (keep or self._want_roots):
+            return None
+        self.roots = roots
         batched = [index for index in unique.values() if leaves[index].dim()
                    and leaves[index].shape[0] == self.batch_size]
         self._with_examples = {leaves[index].grad_fn for index in batched}
@@ -143,8 +149,8 @@ class OutputGradients:
             return (f"the model was called {self.calls} times with grad in the pass, not once (in Lightning, "
                     "training_step must call the module itself, self(x), not a submodule)")
         if not self.kept:
-            return ("the model's output gradients were not kept in this pass (no earlier pass needed them; the next passes "
-                    "keep them)")
+            return ("the model's output gradients were not kept in this pass (no earlier pass needed them; the next "
+                    "passes keep them)")
         if isinstance(self.inputs, str):
             return self.inputs
         if any(holder[1] > 1 for _, holder, _, _ in self._batched) or any(h[1] > 1 for _, h, _ in self._others):
