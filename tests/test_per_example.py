@@ -993,6 +993,32 @@ def test_a_failing_fallback_leaves_every_grad_as_it_was(prefilled):
     assert_grads_as_before(model, before)
 
 
+class MessagePassing(nn.Module):
+    """A graph layer with its edges as a buffer: each node (row) adds its neighbours' features, so its rows are not
+    independent examples, and it cannot run on one row alone (as torch_geometric's GCNConv on a node-level task)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+        self.register_buffer("edges", torch.tensor([[1, 2, 3], [2, 3, 1]]))
+
+    def forward(self, x):
+        return x * self.weight + torch.zeros_like(x).index_add(0, self.edges[1], x[self.edges[0]] * self.weight)
+
+
+@pytest.mark.parametrize("backend", ["auto", "vmap"])
+def test_a_model_whose_rows_are_not_examples_is_told_to_measure_micro_batches(backend):
+    """Graph nodes as rows: the re-run on one node (or the vmap over nodes) fails, and the error says that such a
+    model has no per-example gradients under any backend and names the micro-batch estimator, p.grad untouched."""
+    from noisescale.per_example import PerExampleError
+    model = _float64(lambda: nn.Sequential(nn.Linear(3, 3), MessagePassing(), nn.Linear(3, 2)))
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    with pytest.raises(PerExampleError, match=r"index.*no per-example gradients.*two_batch_noise_scale"):
+        per_example_sqnorms(model, regression_loss, x, y, backend=backend, check_independence=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
 class OffsetPositions(nn.Embedding):
     """A position table with its own forward (as BART's): no rule, so the per-module fallback measures it."""
 

@@ -752,7 +752,10 @@ class PerExampleGradNorms:
                 "These parameters are used outside any module call, or by modules the hooks could not measure "
                 f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
                 "with the examples in dim 0 (or 1, shared), or register a rule "
-                "(noisescale.per_example.register_rule)") from error
+                "(noisescale.per_example.register_rule). A model that cannot run on one example alone (its rows "
+                "are not independent examples: a graph's nodes indexed by an edge_index, say) has no per-example "
+                "gradients: measure the noise scale from independent micro-batches instead "
+                "(noisescale.estimators.two_batch_noise_scale)") from error
 
     @staticmethod
     def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str], read_elsewhere: set[str]) -> None:

@@ -73,7 +73,10 @@ __all__ = ["GhostModule", "GhostPass", "GhostNormEngine"]
 
 _CAPTURE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}   # half precision: 5e-2
 _FALLBACK_ADVICE = ("Register a rule for this layer type (noisescale.per_example.register_rule), or use "
-                    "backend='vmap' for the whole model")
+                    "backend='vmap' for the whole model. A module that cannot run on one example alone (its rows "
+                    "are not independent examples: a graph's nodes indexed by an edge_index, say) has no "
+                    "per-example gradients, under any backend: measure the noise scale from independent "
+                    "micro-batches instead (noisescale.estimators.two_batch_noise_scale)")
 
 
 @dataclass(frozen=True)
