@@ -360,7 +360,7 @@ def test_observe_warns_once_where_a_dim_as_large_as_the_batch_cannot_be_checked(
     assert len(messages) == (1 if warns else 0)
     # it says what the caller can do: a new user read "runs from the next pass on" and waited for it
     assert all("without observe(..., model_inputs=inputs) such layers stay with the whole-model vmap in every pass"
-               in message for message in messages)
+               in message and "input ('embed') has" in message for message in messages)   # and names the layer
 
 
 def test_observe_with_the_model_inputs_measures_by_the_output_gradients_what_the_hooks_cannot():

@@ -620,13 +620,17 @@ class PerExampleGradNorms:
         """Once per instance: a measured call had a dim besides the batch's of size B and no probe checked it (auto
         sent it to the whole-model vmap). A call with the examples flattened into rows, or an unchecked one with a
         dim of size B, makes every later call probe."""
-        self._flattened_rows = self._flattened_rows or ghost_pass.flattened or ghost_pass.ambiguous
+        self._flattened_rows = self._flattened_rows or ghost_pass.flattened or bool(ghost_pass.ambiguous)
         if ghost_pass.ambiguous and not self._warned_ambiguous:
             self._warned_ambiguous = True
             outcome = ("its norms may be wrong (backend='ghost' cannot tell)" if self.backend == "ghost" else
                        "such layers were measured by the whole-model vmap in this pass (slower)")
+            paths = list(dict.fromkeys(ghost_pass.ambiguous))
+            named = ", ".join(repr(path) for path in paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4
+                                                                   else "")
             warnings.warn(
-                f"a measured layer's input has a dim besides the batch's of the batch's size ({batch_size}), which "
+                f"a measured layer's input ({named}) has a dim besides the batch's of the batch's size ({batch_size}), "
+                "which "
                 "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
                 f"sequence-first layer, a sequence pooled to B positions, or examples paired with examples as in "
                 f"CLIP's (B, B) logits): {outcome}. Which dim holds the examples "

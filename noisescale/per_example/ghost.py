@@ -122,7 +122,8 @@ class GhostPass:
     noted: dict[str, tuple[Tensor, torch.dtype, Tensor] | None] = field(default_factory=dict)   # note_gradient
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
     calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
-    ambiguous: bool = False   # without a probe, a measured call had a dim besides the batch's of size B (vmap)
+    # without a probe, the paths of the modules whose measured calls had a dim besides the batch's of size B (vmap)
+    ambiguous: list[str] = field(default_factory=list)
     verified: Any = field(default_factory=dict)   # the engine's module -> its rule reproduces its output
     rechecks: list = field(default_factory=list)   # (module, entry, 0-d bool tensor): rule.reproduces per call
     outside_uses: set[str] = field(default_factory=set)   # the engine's: parameters measured by vmap from now on
@@ -276,7 +277,8 @@ class GhostPass:
             if ambiguous and traced:   # dim 0 shown to hold the examples
                 ambiguous = not all(d == 0 and t.grad_fn is not None and self.broadcasts.rows_of(
                     t.grad_fn, t.output_nr) == 1 for t, d in batched)
-            self.ambiguous = self.ambiguous or ambiguous
+            if ambiguous and module in self.modules:
+                self.ambiguous.append(self.modules[module].path)
             return self.strict or not ambiguous   # auto: such a call goes to the whole-model vmap
         calls = self.probe.get(module, [])
         if index >= len(calls) or len(calls[index].shapes) != len(tensors):
