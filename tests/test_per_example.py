@@ -641,6 +641,11 @@ class TiedHead(nn.Module):
             return F.linear(hidden.transpose(0, 1).contiguous(), table).transpose(0, 1)
         if self.form == "reversed":   # the examples' rows in another order
             return F.linear(hidden.flip(0), table).flip(0)
+        if self.form == "reversed_behind_tanh":   # reordered, then an elementwise op before the product
+            return F.linear(torch.tanh(hidden.flip(0)), table).flip(0)
+        if self.form == "permutation_matrix":   # the examples' rows moved by a product over them (a bmm)
+            swap = torch.eye(hidden.shape[0], dtype=hidden.dtype).flip(0)
+            return torch.einsum("ij,jtv->itv", swap, F.linear(torch.einsum("ij,jtd->itd", swap, hidden), table))
         if self.form == "table":   # B rows computed from parameters alone, not the examples'
             return F.linear(hidden, table) + F.linear(self.positions.weight, table).mean(0)
         return torch.einsum("btd,vd->btv", hidden, table)
@@ -653,6 +658,7 @@ def token_loss(logits, targets):
 @pytest.mark.parametrize("form, positions, backend", [
     ("linear", 5, "ghost"), ("matmul", 5, "ghost"), ("bias", 5, "ghost"), ("pooled", 5, "ghost"),
     ("twice", 5, "ghost"), ("sequence_first", 5, "vmap"), ("reversed", 5, "vmap"), ("table", 5, "vmap"),
+    ("reversed_behind_tanh", 5, "vmap"), ("permutation_matrix", 5, "vmap"),
     ("einsum", 5, "vmap"),
     ("linear", 4, "vmap")])   # T == B: the rows might be sequence-first
 def test_a_tied_head_read_outside_any_module_call_is_captured_from_the_graph(form, positions, backend):
@@ -672,11 +678,13 @@ def test_a_tied_head_read_outside_any_module_call_is_captured_from_the_graph(for
         assert_matches_reference(model, token_loss, tokens, targets, "ghost")
 
 
-def test_a_tied_head_is_captured_under_bfloat16_autocast():
-    """Autocast's cached bfloat16 copy of the table, taken by the head's product: the capture looks through it.
-    Reference: the per-example loop in float32 (bfloat16's rounding is the tolerance)."""
+@pytest.mark.parametrize("form", ["linear", "matmul"])
+def test_a_tied_head_is_captured_under_bfloat16_autocast(form):
+    """Autocast's cached bfloat16 copy of the table (F.linear), or its cast of the table's transpose (h @ W.t()),
+    taken by the head's product: the capture looks through it. Reference: the per-example loop in float32
+    (bfloat16's rounding is the tolerance)."""
     torch.manual_seed(0)
-    model = TiedHead("linear")
+    model = TiedHead(form)
     tokens = torch.randint(0, 11, (4, 5), generator=generator(1))
     targets = torch.randint(0, 11, (4, 5), generator=generator(2))
     expected = naive_per_example(model, token_loss, tokens, targets)

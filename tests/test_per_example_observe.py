@@ -617,3 +617,40 @@ def test_a_model_that_changes_its_input_in_place_is_refused_where_its_outputs_mu
     with pytest.raises(ValueError, match="changed one of its inputs in place"):
         with norms.observe(5):
             _per_example_loss(model(x), y).mean().backward()
+
+
+def test_a_captured_tied_head_is_refused_where_the_model_is_called_twice_in_the_pass():
+    """observe checks the graph at the end of the model's first call: a second call's product of the table is not
+    captured, so the table is refused (it would be 0.26 off), not measured from the first call's products alone.
+    p.grad is the caller's."""
+    from test_per_example import TiedHead, token_loss
+    torch.manual_seed(0)
+    model = TiedHead("linear").double()
+    tokens, targets = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    model.zero_grad()
+    (token_loss(model(tokens), targets) + token_loss(model(tokens.flip(1)), targets)).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    engine = PerExampleGradNorms(model, token_loss, by_parameter=True)
+    model.zero_grad()
+    with pytest.raises(ValueError, match="called 2 times"):
+        with engine.observe(4):
+            (token_loss(model(tokens), targets) + token_loss(model(tokens.flip(1)), targets)).mean().backward()
+    assert all(torch.equal(p.grad, q) for p, q in zip(model.parameters(), plain))
+
+
+def test_a_captured_tied_head_refuses_a_second_backward_through_its_product():
+    """autograd.grad through the head's product (not reaching the embedding's call) and then the backward: the
+    product's hook would add its per-example gradient twice (1.6 off); refused as for the layers' hooks."""
+    from test_per_example import TiedHead, token_loss
+    torch.manual_seed(0)
+    model = TiedHead("linear").double()
+    tokens, targets = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    engine = PerExampleGradNorms(model, token_loss, by_parameter=True)
+    captured = []
+    handle = model.mix.register_forward_hook(lambda module, args, output: captured.append(output))
+    with pytest.raises(ValueError, match="more than one backward"):
+        with engine.observe(4):
+            loss = token_loss(model(tokens), targets).mean()
+            torch.autograd.grad(loss, captured[-1], retain_graph=True)
+            loss.backward()
+    handle.remove()

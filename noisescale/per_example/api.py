@@ -218,8 +218,10 @@ def _captured_from_graph(ghost_pass: GhostPass, extra: dict[str, int], in_graph:
         uses = linear_uses(in_graph[id(parameters[name])][2], consumers, ghost_pass.hooked_nodes,
                            ghost_pass.broadcasts.rows, ghost_pass.batch_size)
         if uses is not None and len(uses) == count:
-            capture_linear_uses(uses, partial(ghost_pass.add_shared, name), ghost_pass.node_hooks)
+            capture_linear_uses(uses, partial(ghost_pass.add_shared, name), ghost_pass.node_hooks,
+                                partial(setattr, ghost_pass, "repeated", True))
             ghost_pass.use_count[name] += count
+            ghost_pass.graph_captured.add(name)
             captured.add(name)
     return captured
 
@@ -873,7 +875,10 @@ class PerExampleGradNorms:
                               "training_step calling a submodule, self.net(x), instead of self(x)), so it cannot "
                               "check for weights also read outside their layers' calls; the layers' own norms are "
                               "measured as usual", RuntimeWarning, stacklevel=3)
-            bypassed = sorted(set(bypassed) | (self._read_elsewhere & set(plan.backend_of)))
+            bypassed = set(bypassed) | (self._read_elsewhere & set(plan.backend_of))
+            if outputs.calls > 1:   # the graph was checked at the end of the first call only: the other calls'
+                bypassed |= ghost_pass.graph_captured   # products of a captured weight were not captured
+            bypassed = sorted(bypassed)
             if bypassed and self.backend == "ghost":
                 raise ValueError(f"backend='ghost' cannot measure parameters {bypassed}: they are used outside their "
                                  "own modules' calls; use backend='auto' to measure them by the whole-model vmap")

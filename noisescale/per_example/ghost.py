@@ -139,6 +139,7 @@ class GhostPass:
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
     node_hooks: list = field(default_factory=list)   # handles of the pass's hooks on autograd nodes, removed after it
     hooked_nodes: set = field(default_factory=set)   # the output nodes of the rule layers' calls (``graph_uses``)
+    graph_captured: set[str] = field(default_factory=set)   # parameters whose products were captured (``graph_uses``)
     check_uses: bool = False   # the pass whose graph is checked for parameters read outside their layers' calls
     held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
     # FSDP: the unsharded parameters of the rule layers under each module called, at any depth (``hold_children``)

@@ -7,8 +7,10 @@ the examples' rows, and a pre-hook on it receives the output gradient G. The use
 Linear's, G_i = sum over example i's rows r of g_r x_r^T, kept as factors (``LinearFactors``) and added to the
 layer's own calls' by ``GhostPass.add_shared``, whose norm of the sum (``sqnorm_of_sum``) takes the cross terms
 as for a weight tied through two modules. X's rows are taken as the examples' only where they are B rows, or the
-B k rows of a (B, ..., d) tensor reshaped with no other dim of size B; other uses are not captured, and the weight
-goes to the whole-model vmap as before.
+B k rows of a (B, ..., d) tensor reshaped with no other dim of size B, computed from a rule layer's outputs on the
+examples through no operation that moves rows along dim 0 (a flip, an index, a product over the examples); other
+uses are not captured, and the weight goes to the whole-model vmap as before. A product's gradient is taken once:
+a second (``autograd.grad`` and then ``backward``) is refused as the layers' hooks refuse theirs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from noisescale.per_example.broadcast import rows_selected
+from noisescale.per_example.broadcast import reorders_rows, rows_selected
 from noisescale.per_example.factors import LinearFactors, full_precision
 
 __all__ = ["linear_uses", "capture_linear_uses"]
@@ -51,20 +53,52 @@ def _hooked(node: Any, consumers: dict, hooked: set) -> bool:
     return node in hooked
 
 
-def _computed_from_examples(node: Any, examples: dict) -> bool:
+def _computed_from_examples(node: Any, examples: dict, batch: int) -> bool:
     """Whether the graph from ``node`` back reaches the output of a rule layer's call on the examples' rows
     (``examples``: ``BroadcastGradients.rows``), so that a tensor of B rows holds the examples, not a table of B
-    positions computed from parameters alone; the walk stops at the first such output."""
-    seen, stack = set(), [node]
+    positions computed from parameters alone, and no operation on a path from those outputs to ``node`` reorders
+    or mixes rows along dim 0 (``_mixes_rows``: a flip, roll, index, concatenation behind an elementwise op, a
+    product with the examples' rows contracted, as a permutation matrix would), which would pair row r with another
+    example than r; the walk stops at the first such outputs."""
+    reaches, stack = {}, [(node, False)]   # node -> whether it reaches the examples' outputs (post-order)
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        current, expanded = stack.pop()
+        if current is None or (current in reaches and not expanded):
             continue
-        if node in examples:
-            return True
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+        if current in examples:
+            reaches[current] = True
+            continue
+        if not expanded:
+            reaches[current] = False   # (on the stack: a cycle cannot occur in autograd graphs)
+            stack.append((current, True))
+            stack.extend((next_node, False) for next_node, _ in current.next_functions
+                         if next_node is not None and next_node not in reaches)
+            continue
+        inputs = [reaches.get(next_node, False) for next_node, _ in current.next_functions]
+        if any(inputs):
+            if _mixes_rows(current, inputs, batch):
+                return False
+            reaches[current] = True
+    return reaches.get(node, False)
+
+
+def _mixes_rows(node: Any, inputs: list[bool], batch: int) -> bool:
+    """Whether ``node``, some of whose inputs (``inputs``: which) come from the examples' rows, may move them to
+    other rows along dim 0: a reorder along dim 0 (``reorders_rows``), or a matrix product whose contracted operand
+    holds them (mm's and addmm's mat2; bmm's mat2 unless its batch dim holds the examples in blocks, as attention's
+    B heads do: an einsum over the examples runs as a bmm of batch 1)."""
+    name = type(node).__name__
+    if name == "MmBackward0":
+        return inputs[1]
+    if name == "AddmmBackward0":
+        return inputs[2]
+    try:
+        shape = tuple(node._input_metadata[0].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        shape = None
+    if name == "BmmBackward0":
+        return inputs[1] and (shape is None or shape[0] % batch != 0)
+    return reorders_rows(node, 0, shape)
 
 
 def _example_rows(node: Any, x: Tensor, batch: int, examples: dict) -> int | None:
@@ -73,7 +107,7 @@ def _example_rows(node: Any, x: Tensor, batch: int, examples: dict) -> int | Non
     reshaped from a (B, ..., d) tensor, through casts, with no other dim of size B, and none of them picked or
     reordered along dim 0 (``rows_selected``)."""
     rows = x.shape[0]
-    if node is None or rows_selected(node, batch) or not _computed_from_examples(node, examples):
+    if node is None or rows_selected(node, batch) or not _computed_from_examples(node, examples, batch):
         return None
     if rows == batch:
         return 1
@@ -103,6 +137,11 @@ def linear_uses(accumulator: Any, consumers: dict, hooked: set, examples: dict,
         if type(user).__name__ != "TBackward0" or len(above) != 1:
             return None
         product, position, _ = above[0]
+        while type(product).__name__ in _CASTS:   # autocast's cast of W^T (``h @ W.t()``: matmul casts its operand)
+            above = consumers.get(product, ())
+            if len(above) != 1:
+                return None
+            product, position, _ = above[0]
         wanted = _PRODUCTS.get(type(product).__name__)
         if wanted is None or position != wanted[0]:
             return None
@@ -118,14 +157,21 @@ def linear_uses(accumulator: Any, consumers: dict, hooked: set, examples: dict,
     return found
 
 
-def capture_linear_uses(uses: list[tuple[Any, Tensor]], add: Any, handles: list) -> None:
+def capture_linear_uses(uses: list[tuple[Any, Tensor]], add: Any, handles: list, repeated: Any) -> None:
     """Hooks each product node of ``uses`` (``linear_uses``) to hand its use's per-example gradient, as factors,
-    to ``add`` in the backward; the hooks' handles go to ``handles``."""
+    to ``add`` in the backward, once: a second gradient through it (autograd.grad and then backward, two
+    backwards) calls ``repeated`` instead; the hooks' handles go to ``handles``."""
     for product, x in uses:
-        handles.append(product.register_prehook(partial(_on_product_grad, add, x)))
+        handles.append(product.register_prehook(partial(_on_product_grad, add, repeated, [x])))
 
 
-def _on_product_grad(add: Any, x: Tensor, grad_outputs: tuple[Tensor, ...]) -> None:
+def _on_product_grad(add: Any, repeated: Any, held: list, grad_outputs: tuple[Tensor, ...]) -> None:
     g = grad_outputs[0]
+    if g is None:
+        return
+    if not held:
+        repeated()
+        return
+    x = held.pop()
     with torch.no_grad(), full_precision():
         add(LinearFactors([(x.detach(), g.reshape(*x.shape[:2], g.shape[-1]))]))
