@@ -694,6 +694,26 @@ def test_a_tied_head_is_captured_under_bfloat16_autocast(form):
     torch.testing.assert_close(result.by_parameter["embed.weight"], expected["embed.weight"], rtol=5e-2, atol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_graph_walk_counts_each_leaf_s_operations_as_listing_them_does(autocast):
+    """``leaf_uses`` counts the operations taking each leaf without listing them; reference: the listing walk
+    (``autograd_consumers`` and ``operations_taking``) on a graph where a weight is taken three times, once inside
+    its own expression twice (w * w), and, under bfloat16 autocast, through one cached cast per weight."""
+    from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
+    torch.manual_seed(0)
+    weight, other = torch.randn(3, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    x = torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = F.linear(x, weight) + F.linear(torch.tanh(x), weight) * other + (weight * weight).sum()
+    roots = [out.sum().grad_fn]
+    counted = {node.variable: n for node, n in leaf_uses(roots).items()}
+    consumers = autograd_consumers(roots)
+    listed = {node.variable: operations_taking(node, consumers) for node in consumers if hasattr(node, "variable")}
+    assert counted.keys() == listed.keys() == {weight, other}
+    assert all(counted[leaf] == listed[leaf] for leaf in listed)
+    assert counted[weight] == 4   # two F.linear (under autocast through one cast) and w * w
+
+
 class RoutedExpert(nn.Module):
     """A mixture-of-experts step: the tokens the router sends to the expert Linear, picked from the (B * T, d) rows
     (here the tokens whose first input is positive), or pooled per example as CLIP does (hidden[arange(B), last])."""

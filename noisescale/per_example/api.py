@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from noisescale._buffers import kept_buffers
 from noisescale._compiled import eager
-from noisescale._graph import autograd_consumers, operations_taking
+from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
 from noisescale._rng import isolated_rng, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
@@ -163,13 +163,11 @@ def _encloses(outer: str, inner: str) -> bool:
     return outer != inner and (outer == "<model>" or inner.startswith(outer + "."))
 
 
-def _leaf_uses(nodes: list, consumers: dict | None = None) -> dict[int, list]:
+def _leaf_uses(nodes: list) -> dict[int, list]:
     """id(leaf) -> [leaf, n, its gradient accumulator] for the leaf tensors (parameters) of the autograd graph from
-    ``nodes`` back (``consumers``: its ``autograd_consumers``, where walked already), n the number of the graph's
-    operations that take the leaf directly: one per call of a layer that uses its weight (``operations_taking``)."""
-    consumers = autograd_consumers(nodes) if consumers is None else consumers
-    return {id(node.variable): [node.variable, operations_taking(node, consumers), node]
-            for node in consumers if hasattr(node, "variable")}   # AccumulateGrad
+    ``nodes`` back, n the number of the graph's operations that take the leaf directly: one per call of a layer
+    that uses its weight (``leaf_uses``)."""
+    return {id(node.variable): [node.variable, n, node] for node, n in leaf_uses(nodes).items()}
 
 
 def _unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
@@ -527,14 +525,14 @@ class PerExampleGradNorms:
         return sorted({name for name in bypassed if not ghost_pass.attach(name)} | self._read_elsewhere)
 
     def _check_graph(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> dict[int, list]:
-        """One walk of the pass's graph from the autograd nodes ``roots`` before its backward: ``_read_elsewhere``,
-        the rule-measured parameters it takes outside their layers' calls, but for those whose uses there are
-        captured from the graph (``_captured_from_graph``). Returns the graph's leaves (``_leaf_uses``)."""
-        consumers = autograd_consumers(roots)
-        in_graph = _leaf_uses(roots, consumers)
+        """One walk of the pass's graph from the autograd nodes ``roots`` before its backward (a second, listing
+        the operations, only where a weight is read elsewhere): ``_read_elsewhere``, the rule-measured parameters it
+        takes outside their layers' calls, but for those whose uses there are captured from the graph
+        (``_captured_from_graph``). Returns the graph's leaves (``_leaf_uses``)."""
+        in_graph = _leaf_uses(roots)
         extra = self._read_elsewhere_now(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
-        self._read_elsewhere = set(extra) - _captured_from_graph(ghost_pass, extra, in_graph, consumers,
-                                                                 plan.parameters)
+        self._read_elsewhere = set(extra) - (_captured_from_graph(
+            ghost_pass, extra, in_graph, autograd_consumers(roots), plan.parameters) if extra else set())
         return in_graph
 
     def _read_elsewhere_now(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> dict[str, int]:
