@@ -494,11 +494,12 @@ class PerExampleGradNorms:
         directly). They are measured with the nearest enclosing module that went through the per-module fallback,
         else by the whole-model vmap (auto). So are the rule-measured parameters that the graph takes more often
         than their layers' hooked calls did, a weight also read outside its layer's call (``other.weight`` in
-        another module's forward), whose rule would miss that use: checked in every pass (a graph walk, 0.1 to 1.2
-        ms on the benchmark's models, 0.1 to 2.7 % of their steps on CPU), since a forward may start reading a
-        weight directly after its first calls; they go to the vmap from then on. Under FSDP, the first pass of each
-        plan (the check holds the unsharded parameters the rule calls read until the backward). ghost raises before
-        the backward, so a failed call leaves p.grad untouched. Returns the vmap ones."""
+        another module's forward), whose rule would miss that use: checked in every pass (one counting walk,
+        ``_check_graph``), since a forward may start reading a weight directly after its first calls; those whose
+        other uses are products of the examples' rows are captured from the graph, the others go to the vmap in
+        that pass. Under FSDP, the first pass of each plan, and to the vmap from then on (the check holds the
+        unsharded parameters the rule calls read until the backward). ghost raises before the backward, so a failed
+        call leaves p.grad untouched. Returns the vmap ones."""
         unused = _unused(plan, ghost_pass)
         if self._sharded:
             check = not self._uses_checked
