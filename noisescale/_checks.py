@@ -1,4 +1,5 @@
-"""Argument checks shared across noisescale: a clear TypeError/ValueError naming the argument."""
+"""Argument checks shared across noisescale: a clear TypeError/ValueError naming the argument; and the short list
+of names such messages show."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ def check_finite(value: Any, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
+
+
+def listed(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``names`` joined by commas, and how many more there are, for a message."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

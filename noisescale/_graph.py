@@ -52,8 +52,8 @@ def autograd_consumers(roots: Iterable[Any]) -> dict[Any, list[tuple[Any, int, i
     return consumers
 
 
-_LEAF, _COPY = "AccumulateGrad", "ToCopyBackward0"
-_KINDS: dict[type, str] = {}   # node type -> its name, for the two kinds ``leaf_uses`` tells apart
+_LEAF = "AccumulateGrad"
+WEIGHT_CAST = "ToCopyBackward0"   # autocast's cached cast of a weight, taken by each of the weight's uses
 
 
 def leaf_uses(roots: Iterable[Any]) -> dict[Any, int]:
@@ -71,10 +71,10 @@ def leaf_uses(roots: Iterable[Any]) -> dict[Any, int]:
                     stack.append(next_node)
     uses: dict[Any, int] = {}
     for node, count in takers.items():
-        kind = _KINDS.get(type(node)) or _KINDS.setdefault(type(node), type(node).__name__)
+        kind = type(node).__name__
         if kind == _LEAF:
             uses[node] = uses.get(node, 0) + count
-        elif kind == _COPY:   # a cast of a leaf (autocast's cached copy of a weight) counts as its own takers
+        elif kind == WEIGHT_CAST:   # a cast of a leaf (autocast's cached copy of a weight) counts as its own takers
             source = node.next_functions[0][0]
             if source is not None and type(source).__name__ == _LEAF:
                 uses[source] = uses.get(source, 0) + count - 1
@@ -85,5 +85,5 @@ def operations_taking(node: Any, consumers: dict[Any, list[tuple[Any, int, int]]
     """How many operations of the graph (``autograd_consumers``) take the output of ``node`` (a leaf's gradient
     accumulator): one per use, a copy of it (autocast's cached cast of a weight to bfloat16) counting once for each
     operation that takes the copy."""
-    return sum(len(consumers.get(user, ())) if type(user).__name__ == _COPY else 1
+    return sum(len(consumers.get(user, ())) if type(user).__name__ == WEIGHT_CAST else 1
                for user, _, _ in consumers.get(node, ()))

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from noisescale._checks import listed
+
 __all__ = [
     "is_sharded",
     "sharding_group",
@@ -144,10 +146,9 @@ def refuse_tensor_parallel(model: nn.Module) -> None:
     from torch.distributed.tensor import DTensor
     names = [clean_name(name) for name, p in model.named_parameters() if isinstance(p, DTensor)]
     if names:
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        raise ValueError(f"the parameters {shown} are DTensors of a model not sharded by FSDP (tensor parallelism, "
-                         "e.g. parallelize_module or Lightning's ModelParallelStrategy with tensor_parallel_size > 1): "
-                         "per-example gradient norms are not supported under tensor parallelism; use DDP or FSDP "
+        raise ValueError(f"the parameters {listed(names)} are DTensors of a model not sharded by FSDP (tensor "
+                         "parallelism, e.g. parallelize_module or Lightning's ModelParallelStrategy with "
+                         "tensor_parallel_size > 1): per-example gradient norms are not supported under tensor parallelism; use DDP or FSDP "
                          "(fully_shard over a 1-D mesh)")
 
 

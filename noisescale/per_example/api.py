@@ -88,6 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale._buffers import kept_buffers
+from noisescale._checks import listed
 from noisescale._compiled import eager
 from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
 from noisescale._rng import isolated_rng, rng_state
@@ -626,9 +627,7 @@ class PerExampleGradNorms:
             self._warned_ambiguous = True
             outcome = ("its norms may be wrong (backend='ghost' cannot tell)" if self.backend == "ghost" else
                        "such layers were measured by the whole-model vmap in this pass (slower)")
-            paths = list(dict.fromkeys(ghost_pass.ambiguous))
-            named = ", ".join(repr(path) for path in paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4
-                                                                   else "")
+            named = listed([repr(path) for path in dict.fromkeys(ghost_pass.ambiguous)])
             warnings.warn(
                 f"a measured layer's input ({named}) has a dim besides the batch's of the batch's size ({batch_size}), "
                 "which "
@@ -676,9 +675,8 @@ class PerExampleGradNorms:
         if before is None or after is None or all(torch.equal(before[key], after[key]) for key in before):
             return
         self._warned_redraws = True
-        named = ", ".join(vmap_names[:4]) + (f" and {len(vmap_names) - 4} more" if len(vmap_names) > 4 else "")
         warnings.warn(
-            f"parameters {named} were measured by the whole-model vmap, and the pass drew random numbers (dropout, "
+            f"parameters {listed(vmap_names)} were measured by the whole-model vmap, and the pass drew random numbers (dropout, "
             "drop path): the vmap draws its own masks for each example, so these parameters' norms are those of "
             "another draw of the masks, not of this step's (the others' are this step's). For this step's own, "
             "switch those random layers off in the modules that need the vmap (eval mode or rate 0), or give such "

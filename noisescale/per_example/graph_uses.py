@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from noisescale._graph import WEIGHT_CAST
 from noisescale.per_example.broadcast import reorders_rows, rows_selected
 from noisescale.per_example.factors import LinearFactors, full_precision
 
 __all__ = ["linear_uses", "capture_linear_uses"]
 
-_CASTS = frozenset({"ToCopyBackward0"})   # autocast's cached cast of a weight, taken by each of its uses
 _RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 _PRODUCTS = {"MmBackward0": (1, "_saved_self"), "AddmmBackward0": (2, "_saved_mat1")}   # W^T's input, X's name
 
@@ -36,7 +36,7 @@ def _users(node: Any, consumers: dict) -> list[tuple[Any, int]]:
     """(node, input position) of the operations taking the output of ``node``, through autocast's casts."""
     users = []
     for user, position, _ in consumers.get(node, ()):
-        users.extend(_users(user, consumers) if type(user).__name__ in _CASTS else [(user, position)])
+        users.extend(_users(user, consumers) if type(user).__name__ == WEIGHT_CAST else [(user, position)])
     return users
 
 
@@ -114,7 +114,7 @@ def _example_rows(node: Any, x: Tensor, batch: int, examples: dict) -> int | Non
     if rows % batch:
         return None
     producer = node
-    while producer is not None and type(producer).__name__ in _CASTS:
+    while producer is not None and type(producer).__name__ == WEIGHT_CAST:
         producer = producer.next_functions[0][0]
     if producer is None or type(producer).__name__ not in _RESHAPES:
         return None
@@ -137,7 +137,7 @@ def linear_uses(accumulator: Any, consumers: dict, hooked: set, examples: dict,
         if type(user).__name__ != "TBackward0" or len(above) != 1:
             return None
         product, position, _ = above[0]
-        while type(product).__name__ in _CASTS:   # autocast's cast of W^T (``h @ W.t()``: matmul casts its operand)
+        while type(product).__name__ == WEIGHT_CAST:   # autocast's cast of W^T (``h @ W.t()``: matmul casts its operand)
             above = consumers.get(product, ())
             if len(above) != 1:
                 return None
