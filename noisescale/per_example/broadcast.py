@@ -548,6 +548,19 @@ _ALONG_ONE = {"CatBackward0", "GatherBackward0", "SortBackward0", "TopkBackward0
               "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
 
 
+# operations of one activation, with parameters or constants (a scale, a bias, dropout's mask), computing row r of
+# their output from its row r, whatever their dims: ``rows_selected`` looks past them
+_ROW_BY_ROW = (_ROWWISE - {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}) | {
+    "LeakyReluBackward0", "EluBackward0", "HardtanhBackward0", "SoftplusBackward0", "LogBackward0", "AbsBackward0",
+    "MishBackward0", "HardswishBackward0", "GeluBackward1"}
+
+
+def _only_activation(node: Any) -> Any:
+    """The one input of ``node`` that is neither a parameter nor a constant, else None."""
+    sources = [source for source, _ in node.next_functions if source is not None and not hasattr(source, "variable")]
+    return sources[0] if len(sources) == 1 else None
+
+
 def reorders_rows(node: Any, d: int, inp: tuple | None) -> bool:
     """Whether ``node`` reorders, selects or mixes rows along dim d of an input holding the examples there: a flip
     or roll along it, a sort, top-k, gather, index_select, concatenation or softmax along it, an index tensor in it
@@ -685,14 +698,18 @@ def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> l
 def rows_selected(node: Any, batch: int) -> bool:
     """Whether the rows of x (``node``: its autograd node) were picked from an activation's rows by an index
     (mixture-of-experts routing: ``expert(flat[routed])``), or reversed, rolled, sorted, gathered, joined or mixed
-    along dim 0 (``reorders_rows``), seen in x's autograd graph through views and copies: an index along dim 0 of a
-    tensor that is not indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
+    along dim 0 (``reorders_rows``), seen in x's autograd graph through views, copies and operations row by row
+    whose other inputs are parameters or constants (``_ROW_BY_ROW``): an index along dim 0 of a tensor that is not
+    indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
     ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples."""
     for _ in range(8):
         name = type(node).__name__
-        if name not in ORDER_KEEPING:
+        if name in ORDER_KEEPING:
+            node = node.next_functions[0][0]
+        elif name in _ROW_BY_ROW:
+            node = _only_activation(node)   # behind an activation, a scale, a bias, dropout: 0.19 off, silently
+        else:
             break
-        node = node.next_functions[0][0]
     if name not in ("IndexBackward0", "IndexSelectBackward0") and node is not None and reorders_rows(
             node, 0, tuple(node._input_metadata[0].shape)):   # rows reversed, rolled, sorted, gathered, joined
         return True
