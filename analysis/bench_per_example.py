@@ -56,8 +56,8 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "opt", "vit", "swin", "bart",
-          "t5", "torch_encoder", "lstm"]
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "mixtral", "opt", "vit", "swin",
+          "bart", "t5", "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 
@@ -166,6 +166,13 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                               **small)),
                           causal_lm_loss, {"input_ids": tokens, "attention_mask": mask},
                           tokens.masked_fill(mask == 0, -100)),
+        # a sparse mixture of experts: the B T tokens routed to 2 of 8 experts held in 3-D weights (experts.py)
+        "mixtral": lambda: (hf("MixtralForCausalLM")(hf("MixtralConfig")(
+                                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                                max_position_embeddings=64, attention_dropout=0.0, **small)),
+                            causal_lm_loss, {"input_ids": tokens, "attention_mask": mask},
+                            tokens.masked_fill(mask == 0, -100)),
         # OPT runs its MLP on the examples flattened into (B * T, d) rows
         "opt": lambda: (hf("OPTForCausalLM")(hf("OPTConfig")(
                             num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,

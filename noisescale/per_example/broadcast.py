@@ -509,6 +509,8 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
             inp) != d:   # elementwise (broadcast right-aligned) or a slice along another dim
         dd = d + len(out) - len(inp)
         return (dd, b) if 0 <= dd < len(out) and out[dd] == inp[d] else None
+    if name in _ALONG_ONE and signed_dim(node._saved_dim) % len(inp) != d:   # a top-k, sort, gather, concatenation
+        return (d, b) if len(out) == len(inp) and out[d] == inp[d] else None   # or softmax along another dim
     if name in _REGROUP:
         if d == 0 and out and out[0] % batch == 0:   # row-major order: B blocks of whole examples stay blocks
             return 0, out[0] // batch

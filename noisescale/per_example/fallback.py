@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from noisescale._rng import set_rng_state
 from noisescale.per_example.attention import (attention_per_example_grads, attention_supported,
                                               captured_per_example_grads)
+from noisescale.per_example.experts import experts_per_example_grads, experts_supported
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
 from noisescale.per_example.vmap import conversions_refused, quiet_batching
@@ -381,6 +382,9 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
                 return unrolled_per_example_grads(module, arguments, call.grads, names, call.parameters)
             if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
                 return attention_per_example_grads(module, arguments, call.grads, names, call.parameters)
+            inputs = [arguments.get(name) for name in _argument_names(module, 3)]
+            if experts_supported(module, inputs, call.grads, names, rows):
+                return experts_per_example_grads(module, inputs, call.grads, names, batch_size, call.parameters)
         if call.rng_before is not None:
             return _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked,
                               batch_size, call)
