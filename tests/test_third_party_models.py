@@ -52,6 +52,11 @@ def plain_grads(model, loss_fn, inputs, targets):
 
 # --------------------------------------------------------------------------------------------- the models
 
+def _token_loss(outputs, targets):
+    """A causal LM's mean cross-entropy per example, from its logits (B, T, V)."""
+    return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+
 def _tokens(seed=1):
     return torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator(seed))
 
@@ -569,8 +574,7 @@ def test_masked_language_models_with_their_tied_decoder_bias(name):
     tokens = _tokens()
     inputs, labels = {"input_ids": tokens, "attention_mask": _padding_mask()}, _tokens(2)
 
-    def loss_fn(outputs, targets):
-        return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+    loss_fn = _token_loss
 
     expected = naive_by_parameter(model, loss_fn, inputs, labels)
     result = per_example_sqnorms(model, loss_fn, inputs, labels, by_parameter=True)
@@ -597,8 +601,7 @@ def test_mixture_of_experts_language_models(name):
     model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     tokens = _tokens()
 
-    def loss_fn(outputs, targets):
-        return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+    loss_fn = _token_loss
 
     expected = naive_by_parameter(model, loss_fn, {"input_ids": tokens}, tokens)
     grads = plain_grads(model, loss_fn, {"input_ids": tokens}, tokens)
@@ -653,8 +656,7 @@ def test_experts_layers_are_measured_from_one_rerun_of_the_batch(name, implement
                 p.normal_(0, 0.1, generator=generator(3))
     tokens = _tokens()
 
-    def loss_fn(outputs, targets):
-        return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+    loss_fn = _token_loss
 
     expected = naive_by_parameter(model, loss_fn, {"input_ids": tokens}, tokens)
     grads = plain_grads(model, loss_fn, {"input_ids": tokens}, tokens)
@@ -769,8 +771,7 @@ def test_peft_adapters_are_measured_by_the_hooks(variant):
                 p.normal_(0, 0.1, generator=generator(2))
     tokens = _tokens()
 
-    def loss_fn(outputs, targets):
-        return nn.functional.cross_entropy(outputs.logits.transpose(1, 2), targets, reduction="none").mean(1)
+    loss_fn = _token_loss
 
     expected = naive_by_parameter(model, loss_fn, {"input_ids": tokens}, tokens)
     grads = plain_grads(model, loss_fn, {"input_ids": tokens}, tokens)
