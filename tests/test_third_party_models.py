@@ -677,6 +677,41 @@ def test_experts_layers_are_measured_from_one_rerun_of_the_batch(name, implement
         assert torch.equal(p.grad, grads[parameter]), parameter
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_experts_layers_under_bfloat16_autocast(implementation, monkeypatch):
+    """Under CPU bfloat16 autocast, Mixtral's experts stay on their path (``experts.py``) in every implementation:
+    the sum check's own products and the norms of factors are taken at full precision, and its tolerance is half
+    precision's where the call ran under autocast (its outputs are float32, its products bfloat16 inside). Before,
+    the check's products ran in bfloat16 and its tolerance was float32's, so ``grouped_mm`` (which computes in
+    float32 whatever autocast says) and ``batched_mm`` failed it, 2e-3 to 3e-3 off, and went to the whole-model
+    vmap. The norms agree with that vmap's under the same autocast to bfloat16's rounding (5e-3 in a script)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16,
+                                        num_experts_per_tok=2, num_local_experts=3)
+    config._experts_implementation = implementation
+    model = transformers.MixtralForCausalLM(config).train()
+    tokens = _tokens()
+
+    def measure(backend):
+        engine = PerExampleGradNorms(model, _token_loss, by_parameter=True, backend=backend)
+        for _ in range(2):   # the first call probes
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                result = engine({"input_ids": tokens}, tokens)
+        return result
+
+    reference = measure("vmap")
+    _fail_generic_reruns_of_experts(monkeypatch)
+    result = measure("auto")
+    experts = [name for name in result.backend_of if ".experts." in name]
+    assert len(experts) == 2 and {result.backend_of[name] for name in experts} == {"module"}
+    for name in experts:
+        torch.testing.assert_close(result.by_parameter[name], reference.by_parameter[name], rtol=2e-2,
+                                   atol=1e-3 * float(reference.by_parameter[name].max()), msg=name)
+
+
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
 @pytest.mark.parametrize("has_gate, is_transposed, has_bias", [(False, False, False), (False, True, True),
                                                                (True, True, False)])

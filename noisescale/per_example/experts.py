@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp
 
-from noisescale.per_example.factors import LinearFactors, compute_dtype
+from noisescale.per_example.factors import LinearFactors, compute_dtype, full_precision
 from noisescale.per_example.used import used_parameter
 
 __all__ = ["experts_supported", "experts_per_example_grads"]
@@ -63,6 +63,17 @@ def experts_per_example_grads(module: nn.Module, inputs: list[Tensor], grads: li
     g = grads[0]
     if g is None:
         return {}
+    up_name = _up_name(module)
+    w_up, w_down = used_parameter(module, up_name, copies), used_parameter(module, "down_proj", copies)
+    if getattr(getattr(module, "config", None), "_experts_implementation", None) == "grouped_mm":
+        with full_precision():   # grouped_mm is not autocast: it computes in the weights' dtype, and so does this
+            return _per_example_grads(module, x.to(w_up.dtype), index, weights, g.to(w_up.dtype), names, batch,
+                                      copies)
+    return _per_example_grads(module, x, index, weights, g, names, batch, copies)
+
+
+def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Tensor, g: Tensor, names: list[str],
+                       batch: int, copies: dict[str, Tensor] | None) -> dict[str, Tensor | LinearFactors]:
     up_name = _up_name(module)
     w_up, w_down = used_parameter(module, up_name, copies), used_parameter(module, "down_proj", copies)
     b_up = used_parameter(module, f"{up_name}_bias", copies) if module.has_bias else None

@@ -424,29 +424,35 @@ class GhostPass:
                 if rerun:
                     grads = {local: [grad] for local, grad in self._rerun(module, entry, call).items()}
                 found.append((entry, grads, call if rerun else None))
-            unmatched = self._unmatched_reruns(found)
-            for entry, grads, _ in found:
-                if entry.path in unmatched:   # rows in another order than its inputs', or a use the re-run missed
-                    if self.strict:
-                        raise ValueError(f"backend='ghost' cannot measure module {entry.path!r}: "
-                                         f"{unmatched[entry.path]}; use backend='auto'")
-                    self.decline(entry, unmatched[entry.path])
-                    self.unmatched.append(entry.path)
-                    continue
-                for local, parts in grads.items():
-                    name = entry.names.get(local)
-                    if name is None:   # attached by an earlier pass, measured by its own layer's calls in this one
-                        continue
-                    if name in self.outside_uses:   # the re-run cannot see its uses outside the call
-                        self.vmap_names.add(name)
-                    if len(parts) == 1 and isinstance(parts[0], LinearFactors) and self.use_count[name] == 1:
-                        _add(self.sqnorms, name, parts[0].sqnorms())   # ghost form: no (B, *shape) gradients
-                    else:
-                        for part in parts:
-                            self.add_shared(name, part)
+            with full_precision():   # the caller's autocast would take the norms' products in half precision
+                self._add_found(found)
             self.fallback_calls.clear()
         finally:
             self.replaying = False
+
+    def _add_found(self, found: list[tuple[GhostModule, dict, FallbackCall | None]]) -> None:
+        """The per-example gradients ``finish`` found for the fallback calls, added to the pass's norms, except
+        those of re-runs that do not add up (``_unmatched_reruns``), whose modules go to the whole-model vmap."""
+        unmatched = self._unmatched_reruns(found)
+        for entry, grads, _ in found:
+            if entry.path in unmatched:   # rows in another order than its inputs', or a use the re-run missed
+                if self.strict:
+                    raise ValueError(f"backend='ghost' cannot measure module {entry.path!r}: "
+                                     f"{unmatched[entry.path]}; use backend='auto'")
+                self.decline(entry, unmatched[entry.path])
+                self.unmatched.append(entry.path)
+                continue
+            for local, parts in grads.items():
+                name = entry.names.get(local)
+                if name is None:   # attached by an earlier pass, measured by its own layer's calls in this one
+                    continue
+                if name in self.outside_uses:   # the re-run cannot see its uses outside the call
+                    self.vmap_names.add(name)
+                if len(parts) == 1 and isinstance(parts[0], LinearFactors) and self.use_count[name] == 1:
+                    _add(self.sqnorms, name, parts[0].sqnorms())   # ghost form: no (B, *shape) gradients
+                else:
+                    for part in parts:
+                        self.add_shared(name, part)
 
     def _unmatched_reruns(self, found: list[tuple[GhostModule, dict, FallbackCall | None]]) -> dict[str, str]:
         """path -> why, for the modules whose re-run per-example gradients do not add up to the gradient the real
@@ -495,7 +501,8 @@ class GhostPass:
         for local, parts in grads.items():
             if local not in rerun:
                 return False
-            captured, again = _sqnorms_of_sum(parts), _sqnorms_of_sum([rerun[local]])
+            with full_precision():
+                captured, again = _sqnorms_of_sum(parts), _sqnorms_of_sum([rerun[local]])
             largest = torch.maximum(captured.abs().max(), again.abs().max())
             if not bool(((captured - again).abs() <= _CAPTURE_RTOL[torch.float32] * largest).all()):
                 return False
@@ -1097,8 +1104,10 @@ class GhostNormEngine:
                 if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows:
                     ghost_pass.broadcasts.rows[t.grad_fn] = blocks
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
-        call.precision = max((t.dtype for t in outputs if t.is_floating_point()), key=rounding_tolerance,
-                             default=torch.float64)
+        # the lowest its outputs came in, or autocast's where the call ran under it (half-precision products inside
+        # a call whose outputs are float32: an MoE's experts adding into a float32 buffer)
+        call.precision = max([t.dtype for t in outputs if t.is_floating_point()] + _autocast_dtype(outputs),
+                             key=rounding_tolerance, default=torch.float64)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
@@ -1343,6 +1352,12 @@ def _computed_once(outputs: list[Tensor], input_dims: list[int | None], batch: i
     with_grad = [t for t in outputs if t.requires_grad]
     return (batch > 1 and all(d is None for d in input_dims) and bool(with_grad)
             and all(t.dim() == 0 or t.shape[0] != batch for t in with_grad))
+
+
+def _autocast_dtype(outputs: list[Tensor]) -> list[torch.dtype]:
+    """[autocast's dtype] where autocast is on for the device of the first output, else []."""
+    device = outputs[0].device.type if outputs else "cpu"
+    return [torch.get_autocast_dtype(device)] if torch.is_autocast_enabled(device) else []
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
