@@ -63,12 +63,10 @@ def experts_per_example_grads(module: nn.Module, inputs: list[Tensor], grads: li
     g = grads[0]
     if g is None:
         return {}
-    up_name = _up_name(module)
-    w_up, w_down = used_parameter(module, up_name, copies), used_parameter(module, "down_proj", copies)
     if getattr(getattr(module, "config", None), "_experts_implementation", None) == "grouped_mm":
+        dtype = used_parameter(module, _up_name(module), copies).dtype
         with full_precision():   # grouped_mm is not autocast: it computes in the weights' dtype, and so does this
-            return _per_example_grads(module, x.to(w_up.dtype), index, weights, g.to(w_up.dtype), names, batch,
-                                      copies)
+            return _per_example_grads(module, x.to(dtype), index, weights, g.to(dtype), names, batch, copies)
     return _per_example_grads(module, x, index, weights, g, names, batch, copies)
 
 
@@ -84,7 +82,7 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     order = order[pair_expert[order] < experts]
     expert = pair_expert[order]
     tokens = order // index.shape[1]
-    counts = torch.bincount(expert, minlength=experts).tolist()
+    counts = _run_lengths(expert, experts).tolist()
     x_p = x[tokens]
     u = torch.cat([_product(module, rows, w_up[e]) + (0 if b_up is None else b_up[e])
                    for e, rows in enumerate(x_p.split(counts))])
@@ -105,6 +103,12 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     return result
 
 
+def _run_lengths(values: Tensor, size: int) -> Tensor:
+    """(size,) how many times each of 0..size-1 occurs in the sorted ``values``: by binary search, which unlike
+    ``bincount`` has a deterministic CUDA kernel (``torch.use_deterministic_algorithms``)."""
+    return torch.diff(torch.searchsorted(values, torch.arange(size + 1, device=values.device)))
+
+
 def _product(module: nn.Module, rows: Tensor, weight: Tensor, transpose: bool = False) -> Tensor:
     """rows W^T for an expert's weight W (R, C) as stored, rows W where ``is_transposed`` (C, R); with ``transpose``
     the product with the other side (an input gradient: rows W, or rows W^T)."""
@@ -117,9 +121,10 @@ class _Padding:
     into one buffer. ``expert``, ``owner``: each pair's, sorted by expert and then owner."""
 
     def __init__(self, expert: Tensor, owner: Tensor, experts: int, batch: int):
-        cell = expert * batch + owner
-        per_cell = torch.bincount(cell, minlength=experts * batch)
-        slot = torch.arange(cell.numel(), device=cell.device) - (torch.cumsum(per_cell, 0) - per_cell)[cell]
+        cell = expert * batch + owner   # sorted
+        first = torch.searchsorted(cell, torch.arange(experts * batch, device=cell.device))
+        per_cell = _run_lengths(cell, experts * batch)
+        slot = torch.arange(cell.numel(), device=cell.device) - first[cell]
         widths = per_cell.view(experts, batch).amax(1).clamp_min(1)
         starts = torch.cumsum(widths * batch, 0) - widths * batch
         self.position = starts[expert] + owner * widths[expert] + slot
