@@ -51,7 +51,7 @@ _OF_ONE = ORDER_KEEPING | {"PermuteBackward0", "TransposeBackward0", "TBackward0
                            "MulBackward1", "DivBackward1", "RsubBackward1", "SumBackward0", "SumBackward1",
                            "MeanBackward0", "MeanBackward1", "UpsampleBilinear2DBackward0",
                            "UpsampleBicubic2DBackward0", "UpsampleNearest2DBackward0", "SigmoidBackward0",
-                           "TanhBackward0", "ExpBackward0"}
+                           "TanhBackward0", "ExpBackward0", "ConstantPadNdBackward0"}
 # identities on several tensors at once, input k passed on as output k (FSDP2's hook on the tensor inputs of each
 # unit, RegisterPostBackwardFunction(param_group, *inputs))
 _PASS_THROUGH = {"RegisterPostBackwardFunctionBackward"}

@@ -1048,8 +1048,9 @@ class GhostNormEngine:
         blocks = (GhostNormEngine._fallback_blocks(ghost_pass, module, index, args, kwargs)
                   if replaced is None and type(spec) is BatchDims else None)
         rows = batch * (blocks or 1)   # B examples, or B blocks of rows flattened from them (an MoE's tokens)
-        shared = blocks is None and replaced is None and type(spec) is BatchDims and _computed_once(
-            outputs, spec.input_dims(module, args, kwargs, batch), batch)
+        shared = blocks is None and replaced is None and type(spec) is BatchDims and (_computed_once(
+            outputs, spec.input_dims(module, args, kwargs, batch), batch) or _made_without_inputs(outputs, leaves,
+                                                                                                  batch))
         for t, dim in zip(outputs, dims):
             if t.requires_grad and (t.dim() <= dim or t.shape[dim] != rows) and not shared:
                 ghost_pass.decline(entry, f"output of shape {tuple(t.shape)}: no examples in dim {dim}")
@@ -1352,6 +1353,21 @@ def _computed_once(outputs: list[Tensor], input_dims: list[int | None], batch: i
     with_grad = [t for t in outputs if t.requires_grad]
     return (batch > 1 and all(d is None for d in input_dims) and bool(with_grad)
             and all(t.dim() == 0 or t.shape[0] != batch for t in with_grad))
+
+
+def _made_without_inputs(outputs: list[Tensor], leaves: list[Any], batch: int) -> bool:
+    """A fallback call none of whose outputs with grad has B rows or is computed from an input with grad (the
+    input read only for its length: x-transformers' ``ScaledSinusoidalEmbedding``, (T, d) from a scale and x's T):
+    shared by every example. A walk of the outputs' autograd graphs, made only where their shapes would otherwise
+    send the module to the whole-model vmap."""
+    with_grad = [t for t in outputs if t.requires_grad]
+    if batch < 2 or not with_grad or any(t.dim() and t.shape[0] == batch for t in with_grad):
+        return False
+    inputs = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+    nodes = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    variables = {id(t) for t in inputs if t.grad_fn is None}
+    return not any(node in nodes or id(getattr(node, "variable", None)) in variables
+                   for node in autograd_nodes([t.grad_fn for t in with_grad]))
 
 
 def _autocast_dtype(outputs: list[Tensor]) -> list[torch.dtype]:
