@@ -2662,3 +2662,56 @@ def test_a_rule_layer_on_rows_reordered_along_the_examples_dim(reorder):
     y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
     result = assert_matches_reference(Model().double(), regression_loss, x, y, "auto")
     assert result.backend_of["mid.weight"] == "vmap"
+
+
+class Top1Router(nn.Module):
+    """A router without a rule (an einsum, which the capture does not take: re-run per example) that keeps each
+    example's largest logit: which one wins depends on the precision the logits are computed in."""
+
+    def __init__(self, width):
+        super().__init__()
+        first = torch.randn(width, generator=generator(3))
+        self.weight = nn.Parameter(torch.stack([first, first * (1 + 2e-4), -first]))   # near ties, as real routers
+
+    def forward(self, h):
+        logits = torch.einsum("bd,kd->bk", h, self.weight)
+        return logits.gather(1, logits.argmax(1, keepdim=True))
+
+
+def test_a_fallback_module_is_re_run_under_the_autocast_its_call_ran_under():
+    """accelerate (HF Trainer with bf16=True) turns autocast on inside the model's forward only, and the norms are
+    computed after the backward, outside it. The re-run of a router then took its logits in float32 where the real
+    pass had bfloat16, some examples' largest logit changed, and the sum check sent it to the whole-model vmap (a new
+    user's tiny Mixtral under the Trainer: 0.29 off the check, and observe, which cannot run that vmap, raised; here
+    the re-run raised). The call's autocast is now recorded and its re-run runs under it: measured by the fallback,
+    equal to each example's gradient of the batch's own forward (autograd.grad of each loss; a loop over single
+    examples may round their logits otherwise, and pick other winners at such near ties)."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.router, self.head = nn.Linear(3, 8), Top1Router(8), nn.Linear(1, 2)
+
+        @torch.autocast("cpu", dtype=torch.bfloat16)
+        def forward(self, x):
+            return self.head(self.router(torch.tanh(self.embed(x)))).float()
+
+    model = Model()
+    x = torch.randn(16, 3, generator=generator(1))
+    y = torch.randn(16, 2, generator=generator(2))
+    with torch.no_grad():   # the premise: the winners differ between float32 and bfloat16
+        h = torch.tanh(model.embed(x))
+        in_float32 = torch.einsum("bd,kd->bk", h, model.router.weight).argmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            in_bfloat16 = torch.einsum("bd,kd->bk", torch.tanh(model.embed(x)), model.router.weight).argmax(1)
+    assert (in_float32 != in_bfloat16).any()
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        result = engine(x, y)
+    assert result.backend_of["router.weight"] == "module"
+    losses = regression_loss(model(x), y)
+    expected = torch.stack([torch.autograd.grad(loss, model.router.weight, retain_graph=True)[0].square().sum()
+                            for loss in losses])
+    torch.testing.assert_close(result.by_parameter["router.weight"], expected, rtol=2e-2, atol=1e-6)

@@ -94,6 +94,7 @@ class FallbackCall:
     blocks: int | None = None  # its tensors hold B blocks of that many rows flattened from the examples
     output_views: list[tuple[Tensor, int]] = field(default_factory=list)  # outputs that are views, with versions
     precision: torch.dtype = torch.float64   # the lowest its outputs came in (autocast: bfloat16)
+    autocast: tuple[str, torch.dtype] | None = None   # (device type, dtype) of the autocast the call ran under
 
 
 # ----------------------------------------------------------------------------------------------- batch dims

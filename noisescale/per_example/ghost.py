@@ -40,6 +40,7 @@ materialised and summed over calls (``factors.sqnorm_of_sum``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections import defaultdict
@@ -510,7 +511,8 @@ class GhostPass:
 
     def _rerun(self, module: nn.Module, entry: GhostModule, call: FallbackCall) -> dict:
         try:
-            return module_per_example_grads(module, call, list(entry.names), self.batch_size)
+            with _autocast_as(call):
+                return module_per_example_grads(module, call, list(entry.names), self.batch_size)
         except PerExampleError:
             raise
         except Exception as error:  # any failure of torch.func or of the module's own code
@@ -1105,10 +1107,14 @@ class GhostNormEngine:
                 if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows:
                     ghost_pass.broadcasts.rows[t.grad_fn] = blocks
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
-        # the lowest its outputs came in, or autocast's where the call ran under it (half-precision products inside
-        # a call whose outputs are float32: an MoE's experts adding into a float32 buffer)
-        call.precision = max([t.dtype for t in outputs if t.is_floating_point()] + _autocast_dtype(outputs),
-                             key=rounding_tolerance, default=torch.float64)
+        # the autocast it ran under (its re-run runs under the same: accelerate's autocast wraps the forward only,
+        # and a router re-run in float32 routed some tokens to other experts, 0.29 off); the lowest precision its
+        # outputs came in, or autocast's (half-precision products inside a call whose outputs are float32: an MoE's
+        # experts adding into a float32 buffer)
+        call.autocast = _autocast_of(outputs)
+        call.precision = max([t.dtype for t in outputs if t.is_floating_point()]
+                             + ([call.autocast[1]] if call.autocast else []), key=rounding_tolerance,
+                             default=torch.float64)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
@@ -1370,10 +1376,15 @@ def _made_without_inputs(outputs: list[Tensor], leaves: list[Any], batch: int) -
                    for node in autograd_nodes([t.grad_fn for t in with_grad]))
 
 
-def _autocast_dtype(outputs: list[Tensor]) -> list[torch.dtype]:
-    """[autocast's dtype] where autocast is on for the device of the first output, else []."""
+def _autocast_of(outputs: list[Tensor]) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the autocast on for the device of the first output, else None."""
     device = outputs[0].device.type if outputs else "cpu"
-    return [torch.get_autocast_dtype(device)] if torch.is_autocast_enabled(device) else []
+    return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+
+
+def _autocast_as(call: FallbackCall) -> contextlib.AbstractContextManager:
+    """The autocast a fallback call ran under, for its re-run: that one, or none."""
+    return full_precision() if call.autocast is None else torch.autocast(*call.autocast)
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
