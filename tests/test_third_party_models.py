@@ -959,3 +959,25 @@ def test_wav2vec2_time_masks_over_a_padded_batch_are_no_coupling():
         per_example_sqnorms(model, ctc, inputs, labels, check_independence=check)
         draws.append(np.random.rand())
     assert draws[0] == draws[1]
+
+
+def test_peft_adapters_on_parameters_are_refused_before_the_model_is_touched():
+    """PEFT's LoRA on parameters (``target_parameters``: an MoE's 3-D expert weights) registers a parametrization
+    inside every forward; the per-example passes' re-runs (functional_call) left a new user's Mixtral without its
+    ``down_proj``, so that every later forward raised, with noisescale or without. Refused at construction now,
+    naming the adapters, and a plain training step runs afterwards as before."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    if "target_parameters" not in peft.LoraConfig.__dataclass_fields__:
+        pytest.skip("this PEFT has no LoRA on parameters")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16,
+                                        num_experts_per_tok=2, num_local_experts=3)
+    lora = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    model = peft.get_peft_model(transformers.MixtralForCausalLM(config), lora).train()
+    with pytest.raises(ValueError, match=r"mlp\.experts are PEFT LoRA adapters on parameters"):
+        PerExampleGradNorms(model, _token_loss)
+    tokens = _tokens()
+    _token_loss(model(input_ids=tokens), tokens).mean().backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)

@@ -264,6 +264,22 @@ def _mark_received(received: set[str], split: set[str], ghost_pass: GhostPass, n
     ghost_pass.note_gradient(name, grad)
 
 
+def _refuse_parameter_adapters(path_of: dict[nn.Module, str]) -> None:
+    """Raise a ValueError naming them where the model has PEFT LoRA adapters on parameters
+    (``LoraConfig(target_parameters=...)``, PEFT's ``ParamWrapper``: an MoE's 3-D expert weights). Such an adapter
+    registers a parametrization on the wrapped module inside every forward and removes it after; the per-example
+    passes that re-run modules (torch.func's ``functional_call``) swap those weights meanwhile, and a new user's
+    Mixtral was left without its ``down_proj``: every later forward raised, with noisescale or without."""
+    names = [path for module, path in path_of.items()
+             if hasattr(module, "_activate_lora") and isinstance(getattr(module, "parameter_name", None), str)]
+    if names:
+        raise ValueError(f"modules {listed(names)} are PEFT LoRA adapters on parameters (LoraConfig("
+                         "target_parameters=...)), which register a parametrization on their module inside every "
+                         "forward: per-example gradient norms cannot re-run them without breaking the model. Put the "
+                         "adapters on modules (target_modules), or measure the noise scale from micro-batches "
+                         "(noisescale.estimators.two_batch_noise_scale, or DDPNoiseScale across ranks)")
+
+
 def _squared_total(norms: dict[str, Tensor], device: torch.device) -> Tensor:
     """sum of |grad|^2 over the recorded gradient norms (float32 at least)."""
     if not norms:
@@ -346,6 +362,7 @@ class PerExampleGradNorms:
         # FSDP (noisescale.sharded): the parameters are shards between calls; FSDP1 may keep them in flat parameters
         self._sharded = is_sharded(model)
         refuse_tensor_parallel(model)
+        _refuse_parameter_adapters(self._path_of)
         if self._sharded and backend == "vmap":
             raise ValueError("backend='vmap' cannot run on an FSDP-sharded model (torch.func needs whole "
                              "parameters); use backend='auto' or 'ghost'")
