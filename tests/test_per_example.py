@@ -2715,3 +2715,48 @@ def test_a_fallback_module_is_re_run_under_the_autocast_its_call_ran_under():
     expected = torch.stack([torch.autograd.grad(loss, model.router.weight, retain_graph=True)[0].square().sum()
                             for loss in losses])
     torch.testing.assert_close(result.by_parameter["router.weight"], expected, rtol=2e-2, atol=1e-6)
+
+
+class _Cache:
+    """An object holding the examples' state, which the forward updates (HF's DynamicCache)."""
+
+    def __init__(self):
+        self.states = []
+
+
+class CachedMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.scale = nn.Parameter(torch.randn(4, 4) / 2), nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, h, cache):
+        out = nn.functional.linear(h, self.weight) * self.scale
+        cache.states.append(out.detach())
+        return out
+
+
+def test_a_captured_call_with_a_cache_input_goes_to_the_whole_model_vmap_when_its_capture_fails(monkeypatch):
+    """A module given an object that holds the examples' state (HF's cache: Jamba's Mamba mixer, Qwen3-Next's linear
+    attention with use_cache=True) cannot be re-run per example: it goes to the whole-model vmap. Where its uses were
+    captured, that was not checked, and when the capture's sums failed the call was re-run with the cache anyway: a
+    new user's Jamba, NemotronH and Qwen3-Next raised a PerExampleError. Here the capture is made to fail its check
+    (every capture refused): the call goes to the vmap, exact against the loop."""
+    import noisescale.per_example.ghost as ghost
+
+    monkeypatch.setattr(ghost.GhostPass, "_verified_captures", lambda self: {})
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mixer, self.head = nn.Linear(3, 4), CachedMixer(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.cache = _Cache()
+            return self.head(torch.tanh(self.mixer(torch.tanh(self.embed(x)), self.cache)))
+
+    model = Model().double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
+    result = assert_matches_reference(model, regression_loss, x, y, "auto")
+    assert result.backend_of["mixer.scale"] == "vmap"

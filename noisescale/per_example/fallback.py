@@ -95,6 +95,7 @@ class FallbackCall:
     output_views: list[tuple[Tensor, int]] = field(default_factory=list)  # outputs that are views, with versions
     precision: torch.dtype = torch.float64   # the lowest its outputs came in (autocast: bfloat16)
     autocast: tuple[str, torch.dtype] | None = None   # (device type, dtype) of the autocast the call ran under
+    opaque: str | None = None   # the type of an input a re-run cannot be given (a cache), for a captured call
 
 
 # ----------------------------------------------------------------------------------------------- batch dims

@@ -410,7 +410,7 @@ class GhostPass:
                                             "after its call, so its gradient may have bypassed the hook on it")
             captured = self._verified_captures()
             for module, entry, call in self.fallback_calls:   # a module's first capture: confirmed by a re-run
-                if id(call) in captured and module not in self.cross_checked:
+                if id(call) in captured and module not in self.cross_checked and call.opaque is None:
                     self.cross_checked.add(module)
                     if not self._capture_confirmed(module, entry, call, captured[id(call)]):
                         self.refused.add(module)   # re-run (and sum-checked) from now on, this pass too
@@ -422,6 +422,9 @@ class GhostPass:
                     self.vmap_names.update(entry.names.values())   # a re-run would miss their other uses
                     continue
                 rerun = grads is None
+                if rerun and call.opaque is not None:   # a capture its sums refused, of a call a re-run cannot be
+                    self.decline(entry, _cannot_be_given(call.opaque))   # given (Jamba's Mamba mixer and its cache)
+                    continue
                 if rerun:
                     grads = {local: [grad] for local, grad in self._rerun(module, entry, call).items()}
                 found.append((entry, grads, call if rerun else None))
@@ -1073,9 +1076,9 @@ class GhostNormEngine:
                 ghost_pass.decline(entry, reason)
                 return None
         captured = isinstance(capture, ParameterUses) and capture.complete and not shared and blocks is None
-        opaque = None if captured else opaque_input(leaves)
-        if opaque is not None:   # its re-run would take (and change) the state of every example
-            ghost_pass.decline(entry, f"an input of type {opaque} that a re-run on one example cannot be given")
+        opaque_inputs = opaque_input(leaves)
+        if opaque_inputs is not None and not captured:   # its re-run would take (and change) every example's state
+            ghost_pass.decline(entry, _cannot_be_given(opaque_inputs))
             return None
         opaque = None if captured else opaque_input(output_leaves(output))
         if opaque is not None:   # the gradients of tensors inside it cannot be read
@@ -1097,7 +1100,7 @@ class GhostNormEngine:
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
                             buffers=buffers,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
-                            uses=capture if captured else None, blocks=blocks)
+                            uses=capture if captured else None, blocks=blocks, opaque=opaque_inputs)
         # an output that others were computed from (a router's logits and their softmax, both returned) receives
         # their gradients too, inside the call, which the re-run takes from their own hooks: read those shares where
         # they arrive and take them off (nothing the caller sees changes)
@@ -1374,6 +1377,10 @@ def _made_without_inputs(outputs: list[Tensor], leaves: list[Any], batch: int) -
     variables = {id(t) for t in inputs if t.grad_fn is None}
     return not any(node in nodes or id(getattr(node, "variable", None)) in variables
                    for node in autograd_nodes([t.grad_fn for t in with_grad]))
+
+
+def _cannot_be_given(kind: str) -> str:
+    return f"an input of type {kind} that a re-run on one example cannot be given"
 
 
 def _autocast_of(outputs: list[Tensor]) -> tuple[str, torch.dtype] | None:
