@@ -92,6 +92,7 @@ class FallbackCall:
     buffers: dict[str, Tensor] | None = None  # its buffers as the call found them, where its forward changes them
     uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
     blocks: int | None = None  # its tensors hold B blocks of that many rows flattened from the examples
+    output_blocks: int | None = None  # its inputs hold the B examples, its outputs B blocks of that many rows
     output_views: list[tuple[Tensor, int]] = field(default_factory=list)  # outputs that are views, with versions
     precision: torch.dtype = torch.float64   # the lowest its outputs came in (autocast: bfloat16)
     autocast: tuple[str, torch.dtype] | None = None   # (device type, dtype) of the autocast the call ran under
@@ -373,6 +374,9 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
         leaves = [t.unflatten(0, (batch_size, call.blocks)) if d == 0 else t for t, d in zip(leaves, dims)]
         grads = [g.unflatten(0, (batch_size, call.blocks)) for g in grads]
         rebuild.blocks, rebuild.blocked = call.blocks, frozenset(k for k, d in enumerate(dims) if d == 0)
+    elif call.output_blocks:   # the examples in, B blocks of k rows out: each example's re-run gives its k rows
+        grads = [g.unflatten(0, (batch_size, call.output_blocks)) for g in grads]
+        rebuild.blocks = call.output_blocks
     with torch.no_grad():
         if call.linear_blocks is not None and not call.shared and call.grads[0] is not None:
             captured = captured_per_example_grads(module, call.linear_blocks, call.grads[0], names, batch_size)

@@ -1053,11 +1053,15 @@ class GhostNormEngine:
         blocks = (GhostNormEngine._fallback_blocks(ghost_pass, module, index, args, kwargs)
                   if replaced is None and type(spec) is BatchDims else None)
         rows = batch * (blocks or 1)   # B examples, or B blocks of rows flattened from them (an MoE's tokens)
-        shared = blocks is None and replaced is None and type(spec) is BatchDims and (_computed_once(
-            outputs, spec.input_dims(module, args, kwargs, batch), batch) or _made_without_inputs(outputs, leaves,
-                                                                                                  batch))
+        # or B examples in, B blocks of rows out (a router flattening the tokens itself: DeepSeek-V3's)
+        output_blocks = (_output_blocks(ghost_pass, outputs, batch)
+                         if blocks is None and replaced is None and type(spec) is BatchDims else None)
+        shared = (blocks is None and output_blocks is None and replaced is None and type(spec) is BatchDims
+                  and (_computed_once(outputs, spec.input_dims(module, args, kwargs, batch), batch)
+                       or _made_without_inputs(outputs, leaves, batch)))
         for t, dim in zip(outputs, dims):
-            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != rows) and not shared:
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch * (output_blocks or 1) * (blocks or 1)
+                                    ) and not shared:
                 ghost_pass.decline(entry, f"output of shape {tuple(t.shape)}: no examples in dim {dim}")
                 return None   # not per example: the whole-model vmap
         if replaced is None and not shared:
@@ -1066,8 +1070,8 @@ class GhostNormEngine:
             reason = None
             if not batched:
                 reason = "no input holds the examples, so its output cannot"
-            else:
-                batched += [(t, d) for t, d in zip(outputs, dims) if t.requires_grad]
+            else:   # outputs in blocks were traced to the inputs' examples by reshapes and row-wise operations
+                batched += [(t, d) for t, d in zip(outputs, dims) if t.requires_grad and output_blocks is None]
                 tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
                 if not ghost_pass.follows_batch(module, index, tensors, batched, blocks=blocks or 1,
                                                 features_last=type(spec) is not BatchDims):
@@ -1100,15 +1104,16 @@ class GhostNormEngine:
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
                             buffers=buffers,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
-                            uses=capture if captured else None, blocks=blocks, opaque=opaque_inputs)
+                            uses=capture if captured else None, blocks=blocks, output_blocks=output_blocks,
+                            opaque=opaque_inputs)
         # an output that others were computed from (a router's logits and their softmax, both returned) receives
         # their gradients too, inside the call, which the re-run takes from their own hooks: read those shares where
         # they arrive and take them off (nothing the caller sees changes)
         inner = _inner_edges(outputs, leaves) if not shared and replaced is None and call.uses is None else {}
-        if blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights into the experts)
-            for t in outputs:
-                if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows:
-                    ghost_pass.broadcasts.rows[t.grad_fn] = blocks
+        if blocks or output_blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights
+            for t in outputs:         # into the experts)
+                if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows * (output_blocks or 1):
+                    ghost_pass.broadcasts.rows[t.grad_fn] = blocks or output_blocks
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
         # the autocast it ran under (its re-run runs under the same: accelerate's autocast wraps the forward only,
         # and a router re-run in float32 routed some tokens to other experts, 0.29 off); the lowest precision its
@@ -1362,6 +1367,19 @@ def _computed_once(outputs: list[Tensor], input_dims: list[int | None], batch: i
     with_grad = [t for t in outputs if t.requires_grad]
     return (batch > 1 and all(d is None for d in input_dims) and bool(with_grad)
             and all(t.dim() == 0 or t.shape[0] != batch for t in with_grad))
+
+
+def _output_blocks(ghost_pass: GhostPass, outputs: list[Tensor], batch: int) -> int | None:
+    """k where every output with grad of a fallback call on the B examples holds B blocks of k > 1 rows, traced back
+    through reshapes and row-wise operations to the examples' rows (``BroadcastGradients.rows_of``): a router that
+    flattens the tokens (B, T, d) into (B T, d) itself (DeepSeek-V3's, GLM4-MoE's). None otherwise."""
+    with_grad = [t for t in outputs if t.requires_grad]
+    if not with_grad or not all(t.dim() and t.shape[0] > batch and t.shape[0] % batch == 0 for t in with_grad):
+        return None
+    k = with_grad[0].shape[0] // batch
+    if any(t.shape[0] != batch * k or ghost_pass.broadcasts.rows_of(t.grad_fn, t.output_nr) != k for t in with_grad):
+        return None
+    return k
 
 
 def _made_without_inputs(outputs: list[Tensor], leaves: list[Any], batch: int) -> bool:
