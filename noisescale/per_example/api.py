@@ -649,15 +649,16 @@ class PerExampleGradNorms:
                 f"a measured layer's input ({named}) has a dim besides the batch's of the batch's size ({batch_size}), "
                 "which "
                 "may hold positions rather than the examples (T5's relative position buckets (T, T) with T == B, a "
-                f"sequence-first layer, a sequence pooled to B positions, or examples paired with examples as in "
-                f"CLIP's (B, B) logits): {outcome}. Which dim holds the examples "
+                f"sequence-first layer, a sequence pooled to B positions, an MoE router's (B T, experts) or (B T, "
+                f"top-k) outputs with B equal to the number of experts or to top-k, or examples paired with "
+                f"examples as in CLIP's (B, B) logits): {outcome}. Which dim holds the examples "
                 + ("is checked by a forward on B - 1 examples of the model's inputs, which runs from the next pass "
                    "on, once per input shape; this pass had none" if can_probe else
                    "would be checked by a forward on B - 1 examples of the model's inputs, which observe was not "
                    "given: without observe(..., model_inputs=inputs) such layers stay with the whole-model vmap in "
                    "every pass")
-                + ". A batch size that differs from the model's other dims (sequence length, hidden size) avoids "
-                "both",
+                + ". A batch size that differs from the model's other dims (sequence length, hidden size, number "
+                "of experts) avoids both",
                 RuntimeWarning,
                 stacklevel=4)
 
