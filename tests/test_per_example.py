@@ -2627,7 +2627,8 @@ def test_a_model_that_changes_its_input_in_place_is_not_re_run_on_it():
 
 
 @pytest.mark.parametrize("reorder", ["flip", "roll", "sort", "flip, added to the examples' rows",
-                                     "sort, behind elementwise operations"])
+                                     "sort, behind elementwise operations", "sort, behind an inline RMSNorm",
+                                     "sort, behind ten row-wise stages"])
 def test_a_rule_layer_on_rows_reordered_along_the_examples_dim(reorder):
     """A Linear on activations whose rows the model reversed, rolled or sorted along dim 0 (and put back after):
     the rule took row r for example r, 0.3 to 0.8 off, silently (a review's scripts; before this session too). Such
@@ -2641,7 +2642,7 @@ def test_a_rule_layer_on_rows_reordered_along_the_examples_dim(reorder):
             super().__init__()
             self.embed, self.other, self.mid, self.out = (nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 4),
                                                          nn.Linear(4, 2))
-            if reorder == "sort, behind elementwise operations":
+            if reorder.startswith("sort, behind"):
                 self.scale = nn.Parameter(torch.rand(4) + 0.5)
 
         def forward(self, x):
@@ -2655,6 +2656,11 @@ def test_a_rule_layer_on_rows_reordered_along_the_examples_dim(reorder):
                 moved = {"flip": h.flip(0), "roll": h.roll(1, 0)}.get(reorder, h[order])   # = h[order]
                 if reorder == "sort, behind elementwise operations":   # seen through them: 0.19 off before
                     moved = torch.relu(moved * self.scale + 0.5).square()
+                elif reorder == "sort, behind an inline RMSNorm":   # two activation inputs: a review's, 0.78 off
+                    moved = moved * torch.rsqrt(moved.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+                elif reorder == "sort, behind ten row-wise stages":   # past the walk's old 8 steps: 0.74 off
+                    for _ in range(10):
+                        moved = torch.where(moved > 0, moved, 0.1 * moved).clamp(-2, 2) * self.scale
                 back = self.mid(moved)[order.argsort()]
             return self.out(torch.tanh(back).mean(1))
 

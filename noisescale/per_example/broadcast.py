@@ -550,17 +550,27 @@ _ALONG_ONE = {"CatBackward0", "GatherBackward0", "SortBackward0", "TopkBackward0
               "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}
 
 
-# operations of one activation, with parameters or constants (a scale, a bias, dropout's mask), computing row r of
-# their output from its row r, whatever their dims: ``rows_selected`` looks past them
+# operations computing row r of their output from row r of their inputs alone, whatever their other dims (a softmax,
+# sum or mean along dim 0 stops the search, as an operation along the examples): ``rows_selected`` looks past them
 _ROW_BY_ROW = (_ROWWISE - {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"}) | {
     "LeakyReluBackward0", "EluBackward0", "HardtanhBackward0", "SoftplusBackward0", "LogBackward0", "AbsBackward0",
-    "MishBackward0", "HardswishBackward0", "GeluBackward1"}
+    "MishBackward0", "HardswishBackward0", "GeluBackward1", "ClampBackward1", "ClampMinBackward0",
+    "ClampMaxBackward0", "WhereBackward0", "SinBackward0", "CosBackward0", "MaskedFillBackward0",
+    "MaskedFillBackward1", "Log1PBackward0", "ReciprocalBackward0", "SgnBackward0", "SignBackward0",
+    "PowBackward1", "RsubBackward0", "RsubBackward1", "MaximumBackward0", "MinimumBackward0", "ExpandBackward0",
+    "AddcmulBackward0", "AddcdivBackward0", "LerpBackward0", "LerpBackward1"}
+_ALONG_DIMS = {"SumBackward1", "MeanBackward1", "AmaxBackward0", "AminBackward0", "NormBackward1", "VarBackward0",
+               "StdBackward0"}   # reductions along the dims ``_saved_dim``: row by row where dim 0 is not one of them
+_SEARCHED = 64   # nodes looked at before a layer, at most (a call costs about 1 us a node)
 
 
-def _only_activation(node: Any) -> Any:
-    """The one input of ``node`` that is neither a parameter nor a constant, else None."""
-    sources = [source for source, _ in node.next_functions if source is not None and not hasattr(source, "variable")]
-    return sources[0] if len(sources) == 1 else None
+def _row_by_row(node: Any, name: str) -> bool:
+    if name in _ROW_BY_ROW:
+        return True
+    if name in _ALONG_DIMS:
+        dims = getattr(node, "_saved_dim", None)
+        return bool(dims) and all(signed_dim(d) != 0 and signed_dim(d) % 64 != 0 for d in dims)   # not dim 0 (nor -64)
+    return False
 
 
 def reorders_rows(node: Any, d: int, inp: tuple | None) -> bool:
@@ -697,22 +707,39 @@ def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> l
         return [torch.stack([row[j] for row in rows]) for j in range(len(positions))]
 
 
-def rows_selected(node: Any, batch: int) -> bool:
+def rows_selected(node: Any, batch: int, clean: set | None = None) -> bool:
     """Whether the rows of x (``node``: its autograd node) were picked from an activation's rows by an index
     (mixture-of-experts routing: ``expert(flat[routed])``), or reversed, rolled, sorted, gathered, joined or mixed
     along dim 0 (``reorders_rows``), seen in x's autograd graph through views, copies and operations row by row
     whose other inputs are parameters or constants (``_ROW_BY_ROW``): an index along dim 0 of a tensor that is not
     indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
-    ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples."""
-    for _ in range(8):
+    ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples. ``clean``: the nodes
+    earlier searches of the pass found nothing behind (a residual stream's), skipped, and added to."""
+    clean = set() if clean is None else clean
+    frontier, stack, seen = [], [node], set()
+    while stack:   # behind views, activations, norms, scales, biases, dropout: 0.2 to 0.9 off, silently, before
+        node = stack.pop()
+        if node is None or hasattr(node, "variable") or node in seen or node in clean:
+            continue
+        seen.add(node)
         name = type(node).__name__
-        if name in ORDER_KEEPING:
-            node = node.next_functions[0][0]
-        elif name in _ROW_BY_ROW:
-            node = _only_activation(node)   # behind an activation, a scale, a bias, dropout: 0.19 off, silently
+        if len(seen) > _SEARCHED:   # not looked at: taken for reordered rows, which the whole-model vmap measures
+            return True
+        if name in ORDER_KEEPING or _row_by_row(node, name):
+            stack.extend(source for source, _ in node.next_functions)
         else:
-            break
-    if name not in ("IndexBackward0", "IndexSelectBackward0") and node is not None and reorders_rows(
+            frontier.append(node)
+    if any(_picked(node, batch) for node in frontier):
+        return True
+    clean.update(seen)
+    return False
+
+
+def _picked(node: Any, batch: int) -> bool:
+    """Whether ``node``, the first operation before a layer's input that is not row by row, picks or reorders the
+    rows along dim 0 (``rows_selected``)."""
+    name = type(node).__name__
+    if name not in ("IndexBackward0", "IndexSelectBackward0") and reorders_rows(
             node, 0, tuple(node._input_metadata[0].shape)):   # rows reversed, rolled, sorted, gathered, joined
         return True
     if name == "IndexBackward0":

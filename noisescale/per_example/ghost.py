@@ -109,6 +109,7 @@ class GhostPass:
     declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
     unmatched: list[str] = field(default_factory=list)   # paths of modules whose re-run did not add up (declined)
     selected: set = field(default_factory=set)   # output nodes of calls on rows picked from another tensor
+    clean_rows: set = field(default_factory=set)   # nodes before rule layers' inputs found to keep the rows in order
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
@@ -909,7 +910,8 @@ class GhostNormEngine:
         # rows picked by an index from another tensor's rows (tokens routed to an expert), or computed from such a
         # call's output: as many as B, or B k, only by chance (a probe on B - 1 examples picks a prefix of them)
         selected = isinstance(x, Tensor) and x.grad_fn is not None and x.dim() > 0 and (
-            rows_selected(x.grad_fn, batch) or bool(ghost_pass.selected) and _from_selected_rows(
+            rows_selected(x.grad_fn, batch, ghost_pass.clean_rows)
+            or bool(ghost_pass.selected) and _from_selected_rows(
                 x, ghost_pass.selected, ghost_pass.broadcasts.rows))
         if selected and output.grad_fn is not None:
             ghost_pass.selected.add(output.grad_fn)
@@ -1005,6 +1007,8 @@ class GhostNormEngine:
         # gradient the layer's backward uses, after any tensor hook on the output
         hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call))
         ghost_pass.hooked_nodes.update((node, hooked_node))
+        if not selected:   # its rows in its input's order, which its own search found kept
+            ghost_pass.clean_rows.add(node)
         if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
             rows = ghost_pass.broadcasts
             rows.rows[node] = 1 if blocks is None else blocks
@@ -1110,6 +1114,8 @@ class GhostNormEngine:
         # their gradients too, inside the call, which the re-run takes from their own hooks: read those shares where
         # they arrive and take them off (nothing the caller sees changes)
         inner = _inner_edges(outputs, leaves) if not shared and replaced is None and call.uses is None else {}
+        if not shared and replaced is None:   # rows whose order the sum check verifies: a search for reordered rows
+            ghost_pass.clean_rows.update(t.grad_fn for t in outputs if t.grad_fn is not None)   # stops at them
         if blocks or output_blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights
             for t in outputs:         # into the experts)
                 if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows * (output_blocks or 1):
@@ -1120,9 +1126,10 @@ class GhostNormEngine:
         # outputs came in, or autocast's (half-precision products inside a call whose outputs are float32: an MoE's
         # experts adding into a float32 buffer)
         call.autocast = _autocast_of(outputs)
-        call.precision = max([t.dtype for t in outputs if t.is_floating_point()]
-                             + ([call.autocast[1]] if call.autocast else []), key=rounding_tolerance,
-                             default=torch.float64)
+        floating = [t.dtype for t in outputs if t.is_floating_point()]
+        call.precision = max(floating + ([call.autocast[1]] if call.autocast and any(  # (autocast leaves float64
+            dtype != torch.float64 for dtype in floating) else []), key=rounding_tolerance,   # products as they are)
+            default=torch.float64)
         hooked = set()   # a tensor returned twice gets its gradient once (its second place keeps None)
         for k, t in enumerate(outputs):
             if t.requires_grad and id(t) not in hooked:
