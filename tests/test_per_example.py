@@ -2808,3 +2808,27 @@ def test_a_fallback_call_on_the_examples_that_returns_their_tokens_flattened_int
         assert result.backend_of["router.weight"] == "module"
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
+
+
+class Float32Head(nn.Linear):
+    """A head that computes in float32 whatever the model's dtype (Ergo's ``ErgoLinearWithFP32Output``)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x.float(), self.weight.float())
+
+
+def test_a_linear_whose_output_dtype_is_not_its_inputs_is_measured_by_its_rule():
+    """A float64 model whose head returns float32: the Linear rule got float64 inputs and float32 output gradients,
+    and its Gram products raised (a new user's Ergo in float64: a PerExampleError). Both are now taken in the wider
+    dtype: against the loop, to the head's float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Float32Head(4, 2, bias=False)).double()
+    x = torch.randn(5, 6, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.randn(5, 6, 2, dtype=torch.float64, generator=generator(2))
+    expected = naive_per_example(model, regression_loss, x, y)
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for _ in range(2):
+        result = engine(x, y)
+    assert result.backend_of["2.weight"] == "ghost"
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name].double(), values, rtol=1e-5, atol=0)

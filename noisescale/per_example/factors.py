@@ -37,6 +37,16 @@ def compute_dtype(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """a and b in one dtype, ``compute_dtype``'s of the wider: a layer whose output is float32 in a float64 model (a
+    vocabulary head accumulating in float32) has inputs and output gradients of two dtypes."""
+    a, b = compute_dtype(a), compute_dtype(b)
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def full_precision() -> contextlib.AbstractContextManager:
     """Autocast switched off where it is on (a caller's backward inside ``torch.autocast`` runs the hooks under it,
     and CPU autocast computes ``bmm``, ``matmul`` and ``vecdot`` in bfloat16): the norms' products and sums in the
@@ -90,7 +100,7 @@ class LinearFactors:
     is taken in ghost form without the (B, d_out, d_in) gradients, which are built only when needed."""
 
     def __init__(self, blocks: list[tuple[Tensor, Tensor]]):
-        self.blocks = [(compute_dtype(a), compute_dtype(g)) for a, g in blocks]
+        self.blocks = [common_dtype(a, g) for a, g in blocks]
 
     def sqnorms(self) -> Tensor:
         return sum(position_weight_sqnorms(a, g) for a, g in self.blocks)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import (IndexFactors, LinearFactors, compute_dtype, per_example_sqnorm,
-                                             position_weight_sqnorms)
+from noisescale.per_example.factors import (IndexFactors, LinearFactors, common_dtype, compute_dtype,
+                                             per_example_sqnorm, position_weight_sqnorms)
 
 # A convolution's im2col patches are built over chunks of examples of at most this many times the layer
 # input's size, which bounds the extra memory of its ghost norm (the patches of a 5x5 kernel are 25x the input).
@@ -117,7 +117,8 @@ class LinearRule(LayerRule):
     @staticmethod
     def _positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         batch = x.shape[0]
-        return compute_dtype(x).reshape(batch, -1, x.shape[-1]), compute_dtype(g).reshape(batch, -1, g.shape[-1])
+        x, g = common_dtype(x, g)
+        return x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
     def per_example_grads(self, module, x, g, names):
         a, g = self._positions(x, g)
