@@ -559,8 +559,7 @@ _ROW_BY_ROW = (_ROWWISE - {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackw
     "MaskedFillBackward1", "Log1PBackward0", "ReciprocalBackward0", "SgnBackward0", "SignBackward0",
     "PowBackward1", "RsubBackward0", "RsubBackward1", "MaximumBackward0", "MinimumBackward0", "ExpandBackward0",
     "AddcmulBackward0", "AddcdivBackward0", "LerpBackward0", "LerpBackward1"}
-_ALONG_DIMS = {"SumBackward1", "MeanBackward1", "AmaxBackward0", "AminBackward0", "NormBackward1", "VarBackward0",
-               "StdBackward0"}   # reductions along the dims ``_saved_dim``: row by row where dim 0 is not one of them
+_ALONG_DIMS = {"SumBackward1", "MeanBackward1"}   # reductions along ``_saved_dim``: row by row where dim 0 is not one
 _SEARCHED = 64   # nodes looked at before a layer, at most (a call costs about 1 us a node)
 
 
@@ -568,8 +567,8 @@ def _row_by_row(node: Any, name: str) -> bool:
     if name in _ROW_BY_ROW:
         return True
     if name in _ALONG_DIMS:
-        dims = getattr(node, "_saved_dim", None)
-        return bool(dims) and all(signed_dim(d) != 0 and signed_dim(d) % 64 != 0 for d in dims)   # not dim 0 (nor -64)
+        dims, rank = node._saved_dim, len(node._saved_self_sym_sizes)
+        return bool(dims) and rank > 0 and all(signed_dim(d) % rank != 0 for d in dims)
     return False
 
 
