@@ -557,8 +557,8 @@ _ROW_BY_ROW = (_ROWWISE - {"BmmBackward0", "SoftmaxBackward0", "SafeSoftmaxBackw
     "MishBackward0", "HardswishBackward0", "GeluBackward1", "ClampBackward1", "ClampMinBackward0",
     "ClampMaxBackward0", "WhereBackward0", "SinBackward0", "CosBackward0", "MaskedFillBackward0",
     "MaskedFillBackward1", "Log1PBackward0", "ReciprocalBackward0", "SgnBackward0", "SignBackward0",
-    "PowBackward1", "RsubBackward0", "RsubBackward1", "MaximumBackward0", "MinimumBackward0", "ExpandBackward0",
-    "AddcmulBackward0", "AddcdivBackward0", "LerpBackward0", "LerpBackward1"}
+    "PowBackward1", "RsubBackward0", "RsubBackward1", "MaximumBackward0", "MinimumBackward0", "AddcmulBackward0",
+    "AddcdivBackward0", "LerpBackward0", "LerpBackward1"}
 _ALONG_DIMS = {"SumBackward1", "MeanBackward1"}   # reductions along ``_saved_dim``: row by row where dim 0 is not one
 _SEARCHED = 64   # nodes looked at before a layer, at most (a call costs about 1 us a node)
 
@@ -709,8 +709,8 @@ def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> l
 def rows_selected(node: Any, batch: int, clean: set | None = None) -> bool:
     """Whether the rows of x (``node``: its autograd node) were picked from an activation's rows by an index
     (mixture-of-experts routing: ``expert(flat[routed])``), or reversed, rolled, sorted, gathered, joined or mixed
-    along dim 0 (``reorders_rows``), seen in x's autograd graph through views, copies and operations row by row
-    whose other inputs are parameters or constants (``_ROW_BY_ROW``): an index along dim 0 of a tensor that is not
+    along dim 0 (``reorders_rows``), seen in x's autograd graph on every path back through views, copies and
+    operations row by row (``_row_by_row``, up to ``_SEARCHED`` nodes): an index along dim 0 of a tensor that is not
     indexed by arange(B) over its B rows. A table indexed by the examples' ids (a leaf), CLIP's
     ``hidden[arange(B), last]`` and ``hidden[arange(B)[:, None], positions]`` are examples. ``clean``: the nodes
     earlier searches of the pass found nothing behind (a residual stream's), skipped, and added to."""

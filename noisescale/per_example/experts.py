@@ -82,7 +82,7 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     order = order[pair_expert[order] < experts]
     expert = pair_expert[order]
     tokens = order // index.shape[1]
-    counts = _run_lengths(expert, experts).tolist()
+    counts = torch.diff(_bounds(expert, experts)).tolist()
     x_p = x[tokens]
     u = torch.cat([_product(module, rows, w_up[e]) + (0 if b_up is None else b_up[e])
                    for e, rows in enumerate(x_p.split(counts))])
@@ -103,10 +103,11 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     return result
 
 
-def _run_lengths(values: Tensor, size: int) -> Tensor:
-    """(size,) how many times each of 0..size-1 occurs in the sorted ``values``: by binary search, which unlike
-    ``bincount`` has a deterministic CUDA kernel (``torch.use_deterministic_algorithms``)."""
-    return torch.diff(torch.searchsorted(values, torch.arange(size + 1, device=values.device)))
+def _bounds(values: Tensor, size: int) -> Tensor:
+    """(size + 1,) where each of 0..size (the first of size: the end) starts in the sorted ``values``, so that their
+    differences count each: by binary search, which unlike ``bincount`` has a deterministic CUDA kernel
+    (``torch.use_deterministic_algorithms``)."""
+    return torch.searchsorted(values, torch.arange(size + 1, device=values.device))
 
 
 def _product(module: nn.Module, rows: Tensor, weight: Tensor, transpose: bool = False) -> Tensor:
@@ -122,16 +123,17 @@ class _Padding:
 
     def __init__(self, expert: Tensor, owner: Tensor, experts: int, batch: int):
         cell = expert * batch + owner   # sorted
-        first = torch.searchsorted(cell, torch.arange(experts * batch, device=cell.device))
-        per_cell = _run_lengths(cell, experts * batch)
-        slot = torch.arange(cell.numel(), device=cell.device) - first[cell]
+        bounds = _bounds(cell, experts * batch)
+        per_cell = torch.diff(bounds)
+        slot = torch.arange(cell.numel(), device=cell.device) - bounds[cell]
         widths = per_cell.view(experts, batch).amax(1).clamp_min(1)
         starts = torch.cumsum(widths * batch, 0) - widths * batch
         self.position = starts[expert] + owner * widths[expert] + slot
         self.widths, self.batch, self.rows = widths.tolist(), batch, int(starts[-1] + widths[-1] * batch)
 
     def blocks(self, t: Tensor) -> list[Tensor]:
-        buffer = compute_dtype(t).new_zeros(self.rows, t.shape[-1])
-        buffer[self.position] = compute_dtype(t)
+        t = compute_dtype(t)
+        buffer = t.new_zeros(self.rows, t.shape[-1])
+        buffer[self.position] = t
         return [block.view(self.batch, width, t.shape[-1])
                 for block, width in zip(buffer.split([self.batch * w for w in self.widths]), self.widths)]

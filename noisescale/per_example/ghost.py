@@ -1063,9 +1063,9 @@ class GhostNormEngine:
         shared = (blocks is None and output_blocks is None and replaced is None and type(spec) is BatchDims
                   and (_computed_once(outputs, spec.input_dims(module, args, kwargs, batch), batch)
                        or _made_without_inputs(outputs, leaves, batch)))
+        out_rows = rows * (output_blocks or 1)
         for t, dim in zip(outputs, dims):
-            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != batch * (output_blocks or 1) * (blocks or 1)
-                                    ) and not shared:
+            if t.requires_grad and (t.dim() <= dim or t.shape[dim] != out_rows) and not shared:
                 ghost_pass.decline(entry, f"output of shape {tuple(t.shape)}: no examples in dim {dim}")
                 return None   # not per example: the whole-model vmap
         if replaced is None and not shared:
@@ -1118,7 +1118,7 @@ class GhostNormEngine:
             ghost_pass.clean_rows.update(t.grad_fn for t in outputs if t.grad_fn is not None)   # stops at them
         if blocks or output_blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights
             for t in outputs:         # into the experts)
-                if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == rows * (output_blocks or 1):
+                if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == out_rows:
                     ghost_pass.broadcasts.rows[t.grad_fn] = blocks or output_blocks
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
         # the autocast it ran under (its re-run runs under the same: accelerate's autocast wraps the forward only,
