@@ -12,6 +12,7 @@ from torch import nn
 
 from noisescale.losses import per_example_cross_entropy
 from noisescale.per_example import PerExampleGradNorms, fallback, per_example_sqnorms
+from noisescale.per_example.ghost import GhostPass
 from tests.test_per_example import assert_grads_as_before, grads_of, naive_per_example
 
 B, T, D = 7, 4, 6   # no dim of an output but dim 0 as large as the batch (such uses are not captured)
@@ -580,3 +581,64 @@ def test_a_caught_error_of_a_captured_child_leaves_the_mode_stack_in_order():
     model.head.register_forward_pre_hook(lambda module, args: stacks.append(_get_current_function_mode_stack()))
     assert_matches_loop(model, inputs, targets)
     assert stacks[-1] == [] and _get_current_function_mode_stack() == []
+
+
+class RowRouter(nn.Module):
+    """An MoE router's layout: a weight and a bias in F.linear on the B T token rows, cast and scaled row by row."""
+
+    def __init__(self, token_major=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, D))
+        self.bias = nn.Parameter(torch.randn(3))
+        self.scale = nn.Parameter(torch.randn(3))
+        self.token_major = token_major
+
+    def forward(self, rows):
+        batch = rows.shape[0] // T
+        if self.token_major:   # rows regrouped position by position: row j is no longer example j // T's
+            rows = rows.view(batch, T, D).transpose(0, 1).reshape(-1, D)
+        y = F.linear(rows.reshape(-1, D).double(), self.weight, self.bias)
+        if self.token_major:
+            y = y.view(T, batch, 3).transpose(0, 1).reshape(-1, 3)
+        return torch.tanh(y) * self.scale
+
+
+class FlatRows(nn.Module):
+    """A Linear on (B, T, D), then a router on its output flattened to B T rows, averaged back per example."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.linear = nn.Linear(D, D)
+        self.router = router
+
+    def forward(self, x):
+        return self.router(self.linear(x).flatten(0, 1)).view(x.shape[0], T, 3).mean(1)
+
+
+@pytest.mark.parametrize("token_major", [False, True], ids=["example_major", "token_major"])
+def test_a_module_on_the_examples_rows_in_blocks_is_captured_only_where_rows_stay_in_place(token_major, monkeypatch):
+    """A fallback module called on the B examples' T rows each, flattened (an MoE router), is captured on those
+    rows, each use's per-example gradients summed over an example's block (the Linear's as factors, the scale's
+    broadcast): from the third call (the second captures it, a re-run confirms the capture) it is not re-run. Rows
+    regrouped by position inside (a view as (B, T, D) and a transpose) would give each row another example: such a
+    call is not captured, and its re-run takes each example's block. Exact against the loop either way."""
+    torch.manual_seed(0)
+    model = FlatRows(RowRouter(token_major)).double()
+    generator = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(B, T, D, dtype=torch.float64, generator=generator),)
+    targets = torch.randint(0, 3, (B,), generator=generator)
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    reruns = counted_reruns(monkeypatch)
+    confirmed = []   # the first capture's cross-check by a re-run: its outcome
+    original = GhostPass._capture_confirmed
+    monkeypatch.setattr(GhostPass, "_capture_confirmed", lambda *args: confirmed.append(original(*args)) or
+                        confirmed[-1])
+    for _ in range(3):
+        reruns.clear()
+        model.zero_grad(set_to_none=True)
+        result = engine(inputs, targets)
+        assert_exact(result, expected)
+    assert result.backend_of["router.weight"] == "module"
+    assert bool(reruns) == token_major
+    assert confirmed == ([] if token_major else [True])   # token-major rows: never captured at all

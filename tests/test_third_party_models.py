@@ -618,13 +618,14 @@ def test_mixture_of_experts_language_models(name):
         assert torch.equal(p.grad, grads[parameter]), parameter
 
 
-def _fail_generic_reruns_of_experts(monkeypatch):
-    """Makes the per-module fallback's generic re-runs (vmap, a loop over examples) fail for experts layers."""
+def _fail_generic_reruns_of_experts(monkeypatch, kind="Experts"):
+    """Makes the per-module fallback's generic re-runs (vmap, a loop over examples) fail for experts layers (or
+    the modules whose class name holds ``kind``)."""
     import noisescale.per_example.fallback as fallback
 
     for generic in ("_by_vmap", "_by_loop"):
         def refused(module, *args, original=getattr(fallback, generic)):
-            if "Experts" in type(module).__name__:
+            if kind in type(module).__name__:
                 raise AssertionError(f"{type(module).__name__} was re-run per example")
             return original(module, *args)
         monkeypatch.setattr(fallback, generic, refused)
@@ -669,6 +670,49 @@ def test_experts_layers_are_measured_from_one_rerun_of_the_batch(name, implement
     experts = [parameter for parameter in expected if ".experts." in parameter]
     assert len(experts) == (4 if name == "GptOss" else 2)
     assert {result.backend_of[parameter] for parameter in experts} == {"module"}
+    largest = max(float(values.max()) for values in expected.values())
+    for parameter, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,
+                                   msg=parameter)
+    for parameter, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[parameter]), parameter
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "Qwen3Moe", "Olmoe", "GptOss"])
+def test_routers_on_the_flattened_tokens_are_measured_from_the_real_pass(name, monkeypatch):
+    """An MoE router takes the B examples' tokens flattened into B T rows and uses its weight (and GptOss's bias)
+    in one F.linear. Its parameter uses are captured in the real pass on those rows and summed over each example's
+    block of T (``ParameterUses`` with ``rows``); before, its call was re-run per example by vmap (about 2 ms of a
+    7 ms step at B = 8 for a 2-layer Mixtral). Here the number of experts equals B, which the capture on B rows took
+    for a second dim of examples. From the third call (the second captures, a re-run confirms) re-running a router
+    fails: the norms must come from the capture, and equal the loop's in float64; p.grad is a plain backward's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    extra = {"Mixtral": {"num_local_experts": BATCH}, "GptOss": {"num_local_experts": BATCH, "head_dim": 8,
+                                                                 "layer_types": ["full_attention"]}}.get(
+        name, {"num_experts": BATCH, "moe_intermediate_size": 16})
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_experts_per_tok=2, **extra)
+    config._experts_implementation = "eager"
+    model = getattr(transformers, f"{name}ForCausalLM")(config).double().train()
+    with torch.no_grad():   # the router's bias starts at zero
+        for parameter, p in model.named_parameters():
+            if "router" in parameter and "bias" in parameter:
+                p.normal_(0, 0.1, generator=generator(3))
+    tokens = _tokens()
+    expected = naive_by_parameter(model, _token_loss, {"input_ids": tokens}, tokens)
+    grads = plain_grads(model, _token_loss, {"input_ids": tokens}, tokens)
+    engine = PerExampleGradNorms(model, _token_loss, by_parameter=True)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        engine({"input_ids": tokens}, tokens)
+    _fail_generic_reruns_of_experts(monkeypatch, kind="Router")
+    model.zero_grad(set_to_none=True)
+    result = engine({"input_ids": tokens}, tokens)
+    routers = [parameter for parameter in expected if ".mlp.gate." in parameter or ".mlp.router." in parameter]
+    assert len(routers) == (2 if name == "GptOss" else 1)
+    assert {result.backend_of[parameter] for parameter in routers} == {"module"}
     largest = max(float(values.max()) for values in expected.values())
     for parameter, values in expected.items():
         torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,

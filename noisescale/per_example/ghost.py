@@ -46,7 +46,7 @@ import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -475,14 +475,11 @@ class GhostPass:
                 name = entry.names[local]
                 noted = self.noted.get(name)
                 if self.use_count[name] == 1 and len(parts) == 1 and noted is not None:
-                    total = per_example_total(parts[0])
-                    wanted = noted[2].reshape(total.shape) if noted[2].numel() == total.numel() else None
-                    difference = (torch.linalg.vector_norm(total, dtype=torch.float64) - noted[0]).abs() \
-                        if wanted is None else torch.linalg.vector_norm(total - wanted, dtype=torch.float64)
+                    difference, size = _distance_to_sum(parts[0], noted[2], noted[0])
                     # at least float32's: a module may compute in float32 inside (Mamba's ``A_log.float()``)
                     rtol = max(_CAPTURE_RTOL.get(noted[1], 5e-2), _CAPTURE_RTOL.get(call.precision, 5e-2),
                                _CAPTURE_RTOL[torch.float32])
-                    rows.append((entry.path, difference, noted[0], rtol))
+                    rows.append((entry.path, difference, size, rtol))
         if not rows:
             return {}
         device = rows[0][2].device
@@ -631,6 +628,31 @@ class GhostPass:
         if not sqnorms:
             return None
         return list(sqnorms), torch.stack(list(sqnorms.values())) * self.grad_factor ** 2
+
+
+def _distance_to_sum(part: Tensor | LinearFactors | IndexFactors, grad: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
+    """(|T - G|, |G|) for T = sum_i of one call's per-example gradients ``part`` and G the gradient ``grad`` (of
+    norm ``norm``) the backward brought; the norms' difference where the shapes differ. For factors, whose T would
+    cost another weight gradient (an MoE's experts, on padded blocks), both through four fixed random directions V:
+    (|(T - G) V|, |G V|), with E|X V|^2 = 4 |X|^2 for any X, at (rows + cols) 4 per row instead of rows cols."""
+    if isinstance(part, LinearFactors) and grad.numel() == part._numel():
+        a = part.blocks[0][0]
+        directions = _directions(a.shape[-1], a.dtype, a.device)
+        total = torch.cat([g.flatten(0, 1).T @ (a.flatten(0, 1) @ directions) for a, g in part.blocks])
+        wanted = grad.reshape(total.shape[0], -1).to(a.dtype) @ directions
+        return (torch.linalg.vector_norm(total - wanted, dtype=torch.float64),
+                torch.linalg.vector_norm(wanted, dtype=torch.float64))
+    total = per_example_total(part)
+    if grad.numel() != total.numel():
+        return (torch.linalg.vector_norm(total, dtype=torch.float64) - norm).abs(), norm
+    return torch.linalg.vector_norm(total - grad.reshape(total.shape), dtype=torch.float64), norm
+
+
+@lru_cache(maxsize=32)
+def _directions(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(size, 4) standard normal directions, the same in every pass (a generator of their own: the caller's random
+    state is not touched)."""
+    return torch.randn(size, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device, dtype)
 
 
 def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -835,15 +857,17 @@ class GhostNormEngine:
                 [(b, b._version) for b in module.buffers()],
                 {name: b.detach().clone() for name, b in module.named_buffers()}
                 if module in ghost_pass.updates_buffers else None))
-            capture = self._capture_for(ghost_pass, module)
+            capture = self._capture_for(ghost_pass, module, _first_input(args, kwargs))
             if capture is not None:
                 capture.start(args, kwargs)
                 self._open.append((module, capture))
 
-    def _capture_for(self, ghost_pass: GhostPass, module: nn.Module) -> LinearCapture | ParameterUses | None:
+    def _capture_for(self, ghost_pass: GhostPass, module: nn.Module, x: Any) -> LinearCapture | ParameterUses | None:
         """What records the real pass's uses of a fallback module's parameters: nn.MultiheadAttention's
-        projections (``LinearCapture``), or the plain operations of any other module (``ParameterUses``) unless
-        an earlier call of it could not be captured; None under FSDP and for RNN/LSTM/GRU (re-run instead)."""
+        projections (``LinearCapture``), or the plain operations of any other module (``ParameterUses``; on the
+        rows of its first input ``x`` where they are a multiple of the B examples', as an MoE's router takes B T
+        tokens, kept if ``_fallback_blocks`` finds them in B blocks) unless an earlier call of it could not be
+        captured; None under FSDP and for RNN/LSTM/GRU (re-run instead)."""
         entry = ghost_pass.modules[module]
         if ghost_pass.sharded:
             return None
@@ -851,8 +875,11 @@ class GhostNormEngine:
             return LinearCapture(module)
         if module in self._refused or unrolled_supported(module) or not entry.names:
             return None
+        batch = ghost_pass.batch_size
+        rows = (x.shape[0] if isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
+                else None)
         return ParameterUses({local: module.get_parameter(local) for local in {*entry.names, *self._attached.get(
-            module, ())}}, ghost_pass.batch_size)   # and the parameters of layers it reads without their call
+            module, ())}}, batch, rows)   # and the parameters of layers it reads without their call
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = None
@@ -1083,7 +1110,8 @@ class GhostNormEngine:
             if reason is not None:
                 ghost_pass.decline(entry, reason)
                 return None
-        captured = isinstance(capture, ParameterUses) and capture.complete and not shared and blocks is None
+        captured = (isinstance(capture, ParameterUses) and capture.complete and not shared
+                    and capture.batch_size == rows)   # its rows are the examples', or their blocks
         opaque_inputs = opaque_input(leaves)
         if opaque_inputs is not None and not captured:   # its re-run would take (and change) every example's state
             ghost_pass.decline(entry, _cannot_be_given(opaque_inputs))
@@ -1113,7 +1141,8 @@ class GhostNormEngine:
         # an output that others were computed from (a router's logits and their softmax, both returned) receives
         # their gradients too, inside the call, which the re-run takes from their own hooks: read those shares where
         # they arrive and take them off (nothing the caller sees changes)
-        inner = _inner_edges(outputs, leaves) if not shared and replaced is None and call.uses is None else {}
+        # (a captured call's too: a re-run confirms its first capture, and re-runs it should its sums not match)
+        inner = _inner_edges(outputs, leaves) if not shared and replaced is None else {}
         if not shared and replaced is None:   # rows whose order the sum check verifies: a search for reordered rows
             ghost_pass.clean_rows.update(t.grad_fn for t in outputs if t.grad_fn is not None)   # stops at them
         if blocks or output_blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights

@@ -22,7 +22,11 @@ backward) is recorded if it is one of:
     y = F.conv2d(x, p, q, ...)              ConvRule's per-example gradients (conv1d, conv3d too)
 
 The broadcast rows need p broadcast over the examples: p's dim aligned with y's dim 0 is missing or of size 1.
-Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback.
+Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback, or, for a
+call on the examples' rows flattened in B blocks of k (an MoE's router on (B T, d) tokens: ``rows`` = B k), their
+B k rows, each use's per-example gradients then summed over each example's block. Such rows are followed only
+through operations whose input and outputs all have the B k rows in dim 0 (and that do not sort or index them):
+a view as (B, T, d) and a transpose after it could move a token into another example's block.
 
 In place of p, each row also takes a tensor computed from the module's parameters alone, with any operation and
 with constants (tensors without grad that do not hold the examples): ``cls_token + pos[:, :1]`` (ViT-MAE), a
@@ -120,11 +124,14 @@ class ParameterUses(TorchFunctionMode):
     (local name -> parameter), and of tensors computed from them alone, listed in the module docstring;
     ``complete`` turns False at any other use."""
 
-    def __init__(self, parameters: dict[str, Tensor], batch_size: int):
+    def __init__(self, parameters: dict[str, Tensor], batch_size: int, rows: int | None = None):
+        """``rows``: the call takes the B = ``batch_size`` examples' rows flattened, B k of them (blocks of k,
+        which the caller verifies before using the record: ``GhostPass``)."""
         super().__init__()
         self._parameters = parameters
         self._sources = {id(p): (_Source(name), p) for name, p in parameters.items()}   # id -> (source, tensor)
-        self.batch_size = batch_size
+        self.examples = batch_size
+        self.batch_size = rows or batch_size   # the rows dim 0 holds (the examples' own, or their blocks')
         self.uses: list[_Use] = []
         self.complete = True
         self.reason: str | None = None
@@ -186,7 +193,8 @@ class ParameterUses(TorchFunctionMode):
             self.complete, self.reason = False, (f"{getattr(func, '__name__', func)}: a parameter expanded to the "
                                                  "batch's size meets the examples in another dim")
             return result
-        if any(self._holds_examples(t) for t in tensors) and not _reorders_rows(func, args, kwargs, self.batch_size):
+        if any(self._holds_examples(t) for t in tensors) and not _reorders_rows(func, args, kwargs, self.batch_size) and (
+                self.examples == self.batch_size or self._keeps_rows(tensors, outputs)):
             for out in outputs:
                 self._batched[id(out)] = out
         used = [t for t in tensors if id(t) in self._sources]
@@ -210,6 +218,13 @@ class ParameterUses(TorchFunctionMode):
         if reason is not None:
             self.complete, self.reason = False, f"{getattr(func, '__name__', func)}: {reason}"
         return result
+
+    def _keeps_rows(self, tensors: list[Tensor], outputs: list[Tensor]) -> bool:
+        """For rows in blocks: whether an operation (not one that reorders dim 0) keeps each row where it was, as
+        far as shapes tell: an input with the rows in dim 0 and every output with as many (a view as (B, T, d) has
+        B, and the transpose and reshape after it are not followed)."""
+        return (all(out.dim() and out.shape[0] == self.batch_size for out in outputs)
+                and any(t.dim() and t.shape[0] == self.batch_size and self._holds_examples(t) for t in tensors))
 
     def _derived(self, func, tensors: list[Tensor], y: Any) -> bool:
         """Whether y is computed from sources and constants alone (tensors without grad not computed from the
@@ -420,7 +435,7 @@ class ParameterUses(TorchFunctionMode):
             g = use.grad[0]
             if g is None:
                 continue
-            part = _per_example(use, compute_dtype(g), self.batch_size)
+            part = _per_example(use, compute_dtype(g), self.examples)
             if use.source.name is not None:
                 grads.setdefault(use.source.name, []).append(part)
             else:
@@ -521,10 +536,12 @@ def _sum_to_parameter(g: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _per_example(use: _Use, g: Tensor, batch: int) -> Tensor | LinearFactors | IndexFactors:
+    """One use's per-example gradients from its output's gradient g, whose dim 0 holds the ``batch`` examples,
+    or their rows in ``batch`` blocks."""
     if use.kind == "broadcast":
         if use.factor is not None:
             g = g * use.factor
-        grad = _sum_to_parameter(g, use.shape)
+        grad = _in_blocks(_sum_to_parameter(g, use.shape), batch)
         return grad if use.sign == 1.0 else -grad
     if use.kind == "linear_weight":
         x = use.factor
@@ -538,12 +555,19 @@ def _per_example(use: _Use, g: Tensor, batch: int) -> Tensor | LinearFactors | I
         return g.reshape(batch, -1, *use.shape).sum(1)
     if use.kind.startswith("convolution"):
         x, convolution = use.factor
-        return _CONVOLUTION_RULE.per_example_grads(convolution, x, g, {use.kind[len("convolution_"):]}).popitem()[1]
+        return _in_blocks(_CONVOLUTION_RULE.per_example_grads(convolution, x, g, {use.kind[len("convolution_"):]})
+                          .popitem()[1], batch)
     indices, padding_idx = use.factor
+    indices = indices.reshape(batch, -1)
     v = g.reshape(batch, indices.shape[1], -1)
     if padding_idx is not None:
         v = v * (indices != padding_idx).unsqueeze(-1).to(v.dtype)
     return IndexFactors(indices, v, use.shape[0])
+
+
+def _in_blocks(grads: Tensor, batch: int) -> Tensor:
+    """(batch, ...) per-example gradients from (batch k, ...) per-row ones: the sum of each example's k rows."""
+    return grads if grads.shape[0] == batch else grads.unflatten(0, (batch, -1)).sum(1)
 
 
 def per_example_total(part: Tensor | LinearFactors | IndexFactors) -> Tensor:
