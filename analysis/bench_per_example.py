@@ -57,7 +57,7 @@ from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transfor
 from noisescale.per_example import PerExampleGradNorms
 
 MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "mixtral", "opt", "vit", "swin",
-          "bart", "t5", "torch_encoder", "lstm"]
+          "bart", "t5", "switch", "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 
@@ -212,6 +212,14 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
                            num_layers=2, d_model=64, d_kv=16, d_ff=128, num_heads=4, dropout_rate=0.0,
                            decoder_start_token_id=0, **small)),
                        sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short}, short),
+        # a mixture of experts with a module per expert, each run on the tokens routed to it (picked by an index)
+        "switch": lambda: (hf("SwitchTransformersForConditionalGeneration")(hf("SwitchTransformersConfig")(
+                               num_layers=2, num_decoder_layers=2, d_model=64, d_kv=16, d_ff=128, num_heads=4,
+                               num_experts=8, expert_capacity=THIRD_PARTY_BATCH * THIRD_PARTY_LENGTH,
+                               encoder_sparse_step=1, decoder_sparse_step=1, dropout_rate=0.0,
+                               decoder_start_token_id=0, **small)),
+                           sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short},
+                           short),
         "torch_encoder": lambda: (EncoderClassifier(), per_example_cross_entropy, (tokens, mask == 0), classes),
         "lstm": lambda: (LSTMClassifier(), per_example_cross_entropy, sequences, classes),
     }

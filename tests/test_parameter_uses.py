@@ -584,22 +584,36 @@ def test_a_caught_error_of_a_captured_child_leaves_the_mode_stack_in_order():
 
 
 class RowRouter(nn.Module):
-    """An MoE router's layout: a weight and a bias in F.linear on the B T token rows, cast and scaled row by row."""
+    """An MoE router's layout: a weight and a bias in F.linear on the B T token rows, cast and scaled row by row.
+    Other layouts move rows between the examples' blocks inside the call and back: ``token_major`` regroups them
+    position by position (a view as (B, T, D) and a transpose), ``packed`` puts the valid tokens first and back
+    (``take_along_dim``, ``index_copy``; as long as no token is padding, the order is the identity), ``reversed``
+    multiplies by the reversal matrix on either side."""
 
-    def __init__(self, token_major=False):
+    def __init__(self, layout="example_major"):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(3, D))
         self.bias = nn.Parameter(torch.randn(3))
         self.scale = nn.Parameter(torch.randn(3))
-        self.token_major = token_major
+        self.layout = layout
 
     def forward(self, rows):
-        batch = rows.shape[0] // T
-        if self.token_major:   # rows regrouped position by position: row j is no longer example j // T's
+        batch, valid = rows.shape[0] // T, rows[:, -1] > -1e3
+        order = torch.argsort((~valid).to(torch.int8), stable=True)
+        reverse = torch.eye(rows.shape[0], dtype=rows.dtype).flip(0)
+        if self.layout == "token_major":
             rows = rows.view(batch, T, D).transpose(0, 1).reshape(-1, D)
+        elif self.layout == "packed":
+            rows = torch.take_along_dim(rows, order[:, None], dim=0)
+        elif self.layout == "reversed":
+            rows = reverse @ rows
         y = F.linear(rows.reshape(-1, D).double(), self.weight, self.bias)
-        if self.token_major:
+        if self.layout == "token_major":
             y = y.view(T, batch, 3).transpose(0, 1).reshape(-1, 3)
+        elif self.layout == "packed":
+            y = torch.zeros_like(y).index_copy(0, order, y)
+        elif self.layout == "reversed":
+            y = reverse @ y
         return torch.tanh(y) * self.scale
 
 
@@ -615,30 +629,74 @@ class FlatRows(nn.Module):
         return self.router(self.linear(x).flatten(0, 1)).view(x.shape[0], T, 3).mean(1)
 
 
-@pytest.mark.parametrize("token_major", [False, True], ids=["example_major", "token_major"])
-def test_a_module_on_the_examples_rows_in_blocks_is_captured_only_where_rows_stay_in_place(token_major, monkeypatch):
+@pytest.mark.parametrize("layout", ["example_major", "token_major", "packed", "reversed"])
+def test_a_module_on_the_examples_rows_in_blocks_is_captured_only_where_rows_stay_in_place(layout, monkeypatch):
     """A fallback module called on the B examples' T rows each, flattened (an MoE router), is captured on those
     rows, each use's per-example gradients summed over an example's block (the Linear's as factors, the scale's
-    broadcast): from the third call (the second captures it, a re-run confirms the capture) it is not re-run. Rows
-    regrouped by position inside (a view as (B, T, D) and a transpose) would give each row another example: such a
-    call is not captured, and its re-run takes each example's block. Exact against the loop either way."""
+    broadcast): from the third call (the second captures it, a re-run confirms the capture) it is not re-run.
+    Where rows move between the examples' blocks inside the call (the other layouts: the reviewer's, silently
+    wrong where trusted) the call is never captured: a use's output rows must reach the call's outputs in their
+    blocks, through operations known to keep them there; each call is re-run on each example's block. The third
+    batch has padding tokens, which only then makes ``packed`` move rows. Exact against the loop either way."""
     torch.manual_seed(0)
-    model = FlatRows(RowRouter(token_major)).double()
+    model = FlatRows(RowRouter(layout)).double()
     generator = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(B, T, D, dtype=torch.float64, generator=generator),)
-    targets = torch.randint(0, 3, (B,), generator=generator)
-    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
     engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
     reruns = counted_reruns(monkeypatch)
     confirmed = []   # the first capture's cross-check by a re-run: its outcome
     original = GhostPass._capture_confirmed
     monkeypatch.setattr(GhostPass, "_capture_confirmed", lambda *args: confirmed.append(original(*args)) or
                         confirmed[-1])
-    for _ in range(3):
+    for step in range(4):
+        x = torch.randn(B, T, D, dtype=torch.float64, generator=generator)
+        if step >= 2:
+            x[0, 1:, -1] = x[2, 0, -1] = -1e4   # padding
+        inputs, targets = (x,), torch.randint(0, 3, (B,), generator=generator)
+        expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
         reruns.clear()
         model.zero_grad(set_to_none=True)
-        result = engine(inputs, targets)
-        assert_exact(result, expected)
-    assert result.backend_of["router.weight"] == "module"
-    assert bool(reruns) == token_major
-    assert confirmed == ([] if token_major else [True])   # token-major rows: never captured at all
+        assert_exact(engine(inputs, targets), expected)
+    assert bool(reruns) == (layout != "example_major")
+    assert confirmed == ([True] if layout == "example_major" else [])   # the others: never captured at all
+
+
+class Reversing(nn.Module):
+    """F.linear with its weight on the examples' rows, reversed across the batch before and after when ``mix``
+    (the reversal matrix, which no check of the rows' order sees; row-wise overall)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, D))
+
+    def forward(self, rows, mix):
+        reverse = torch.eye(rows.shape[0], dtype=rows.dtype)
+        reverse = reverse.flip(0) if mix else reverse
+        return torch.tanh(reverse @ F.linear(reverse @ rows, self.weight))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self, mix_first):
+        super().__init__()
+        self.first, self.second, self.shared = nn.Linear(D, D), nn.Linear(D, 3), Reversing()
+        self.mix_first = mix_first
+
+    def forward(self, x):
+        return self.second(self.shared(self.shared(self.first(x), self.mix_first), True))
+
+
+@pytest.mark.parametrize("mix_first", [True, False], ids=["both_reverse", "second_reverses"])
+def test_each_call_of_a_module_called_twice_has_its_capture_checked(mix_first):
+    """A module called twice in a forward, whose calls reverse the examples' rows inside (a permutation matrix on
+    either side): a capture gives each row to the wrong example with the right sums. Each call's first capture is
+    now cross-checked by a re-run, not only the module's first call's (the second call alone reversing was 0.49
+    off in every pass, silently), and a module refused by one call's check is re-run in all its calls of that
+    pass (both calls reversing: the second call's capture was still used in that pass). Exact in every call."""
+    torch.manual_seed(0)
+    model = CalledTwice(mix_first).double()
+    generator = torch.Generator().manual_seed(1)
+    inputs, targets = (torch.randn(B, D, dtype=torch.float64, generator=generator),), torch.arange(B) % 3
+    expected = naive_per_example(model, per_example_cross_entropy, inputs, targets)
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        assert_exact(engine(inputs, targets), expected)

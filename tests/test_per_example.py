@@ -735,8 +735,9 @@ class RoutedExpert(nn.Module):
 
 @pytest.mark.parametrize("pooled", [False, True, "two"])
 def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
-    """4 tokens of 3 examples routed to the expert, B = 4: its rows are as many as the examples by chance, so it
-    goes to the whole-model vmap; rows picked one per example (CLIP's pooling) stay with the rule."""
+    """4 tokens of 3 examples routed to the expert, B = 4: its rows are as many as the examples by chance, and are
+    not taken for them: each row's example is read from the index that picked it (``broadcast.picked_owners``;
+    before, the whole-model vmap); rows picked one per example (CLIP's pooling) stay with the rule as they are."""
     torch.manual_seed(0)
     model = _float64(lambda: RoutedExpert(pooled))
     x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(1))
@@ -744,7 +745,7 @@ def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
     x.view(-1, 3)[torch.tensor([0, 1, 4, 7]), 0] = 1.0   # 2 tokens of example 0, 1 of examples 1 and 2, 0 of 3
     y = torch.randn(*((4, 3) if pooled else (4, 3, 3)), dtype=torch.float64, generator=generator(2))
     result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
-    assert result.backend_of["expert.weight"] == ("ghost" if pooled else "vmap")
+    assert result.backend_of["expert.weight"] == "ghost"
     for name, values in naive_per_example(model, regression_loss, x, y).items():
         assert_relclose(result.by_parameter[name], values)
 
@@ -769,11 +770,13 @@ class TwoLayerExpert(nn.Module):
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("routed", [[0, 1, 4, 7], [0, 1, 2, 3, 6, 7, 9, 10]])
 def test_an_expert_s_layers_on_routed_rows_are_not_taken_for_the_examples(gated, routed):
-    """The first layer on the routed tokens, 4 (B) or 8 (B x 2) of them, goes to the whole-model vmap, and so does
-    the second, on the first's output: before, it went to its rule (HF SwitchTransformers' ``wo``: 0.38 and 0.87
-    off, silently). With 8, the second call's probe on B - 1 examples routes 6 tokens, the first 6 of the 8, so its
-    blocks of 2 rows looked like the examples' (Switch in train mode: four experts' norms wrong from the second
-    call). Two calls, each exact against the loop."""
+    """The first layer on the routed tokens, 4 (B) or 8 (B x 2) of them, is not taken for B examples, nor for B
+    blocks of rows: its rows' examples come from the index that picked them, and so do the second layer's, on the
+    first's output (``GhostPass.owned``), each padded into a block per example for its rule. Earlier, the second
+    went to its rule on B rows (HF SwitchTransformers' ``wo``: 0.38 and 0.87 off, silently), and with 8 tokens the
+    second call's probe on B - 1 examples routed 6, the first 6 of the 8, whose blocks of 2 rows looked like the
+    examples' (Switch in train mode: four experts' norms wrong from the second call); then both went to the
+    whole-model vmap. Two calls, each exact against the loop."""
     torch.manual_seed(0)
     model = _float64(lambda: TwoLayerExpert(gated))
     x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(1))
@@ -784,7 +787,7 @@ def test_an_expert_s_layers_on_routed_rows_are_not_taken_for_the_examples(gated,
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
     for _ in range(2):
         result = engine(x, y)
-        assert {result.backend_of[name] for name in result.backend_of if not name.startswith("inp")} == {"vmap"}
+        assert {result.backend_of[name] for name in result.backend_of if not name.startswith("inp")} == {"ghost"}
         for name, values in expected.items():
             assert_relclose(result.by_parameter[name], values)
 

@@ -946,9 +946,11 @@ def test_mixture_of_experts_with_an_expert_module_per_expert(name):
     """HF SwitchTransformers and NLLB-MoE send each expert's routed tokens through two Linear layers, and their
     routers convert their own classifier on every call (``self.classifier.to(self.dtype)``). The whole-model vmap
     crashed the process on that conversion (a segmentation fault); the second layer, on as many rows as the
-    examples by chance, was measured by its rule (0.38 to 0.87 off for Switch, silently). Now the experts that
-    received tokens go to the vmap, which takes the examples one by one: exact against the loop (the router
-    computes in float32)."""
+    examples by chance, was measured by its rule (0.38 to 0.87 off for Switch, silently). Then the experts that
+    received tokens went to the vmap, which takes the examples one by one. Now each expert's layers take their
+    rows' examples from the index that picked them (``expert(hidden[None, top_x])``: row r is example
+    top_x[r] // T's) and their rules measure them: no whole-model vmap. Exact against the loop (the router computes
+    in float32)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if name == "SwitchTransformers":
@@ -968,6 +970,7 @@ def test_mixture_of_experts_with_an_expert_module_per_expert(name):
     grads = plain_grads(model, sequence_cross_entropy, inputs, labels)
     result = per_example_sqnorms(model, sequence_cross_entropy, inputs, labels)
     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-8, atol=0)
+    assert "vmap" not in result.backend_of.values()
     for parameter, p in model.named_parameters():   # (experts no token reached get no gradient)
         assert (p.grad is None and grads[parameter] is None) or torch.equal(p.grad, grads[parameter]), parameter
 

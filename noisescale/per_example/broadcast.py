@@ -317,9 +317,14 @@ class BroadcastGradients:
         found = self._examples_at(node, output_nr, {})
         return found[1] if found is not None and found[0] == 0 else None
 
+    def examples_at(self, node: Any, output_nr: int) -> tuple[int, int] | None:
+        """(d, b) where output ``output_nr`` of ``node`` holds the B examples in dim d in blocks of b rows, traced
+        back to a rule layer's output; None where it cannot be traced."""
+        return self._examples_at(node, output_nr, {})
+
     def _examples_at(self, node: Any, output_nr: int, seen: dict, depth: int = 0) -> tuple[int, int] | None:
         """(d, b) where output ``output_nr`` of ``node`` holds the B examples in dim d in blocks of b, traced back
-        through operations whose effect on that dim is known (``_carry_examples``: elementwise operations,
+        through operations whose effect on that dim is known (``carried_examples``: elementwise operations,
         reshapes, permutations, selections along other dims, batched products) to a rule layer's output; None
         where it cannot be traced, or where some input on the way holds the examples' rows reordered or selected
         along their dim (``_REORDERED``: an addition of reversed rows and the examples' rows holds no example in
@@ -344,7 +349,7 @@ class BroadcastGradients:
             if found is _REORDERED or found is not None and reorders_rows(node, found[0], output_shape(source, nr)):
                 return _REORDERED
             if found is not None and carried is None:
-                carried = _carry_examples(node, k, output_nr, found, output_shape(source, nr), out, self.batch_size)
+                carried = carried_examples(node, k, output_nr, found, output_shape(source, nr), out, self.batch_size)
         return carried
 
     def _between(self, broadcast: Broadcast, node: Any, targets: set, grads: tuple) -> None:
@@ -497,7 +502,7 @@ def _input_shapes(node: Any) -> list:
         return []
 
 
-def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], inp: tuple | None,
+def carried_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], inp: tuple | None,
                     out: tuple | None, batch: int) -> tuple[int, int] | None:
     """Where ``node``'s output ``output_nr`` holds the examples, given that its input k holds them in dim d in
     blocks of b, ``found`` = (d, b), with input and output shapes ``inp`` and ``out``; None where not known."""
@@ -511,6 +516,9 @@ def _carry_examples(node: Any, k: int, output_nr: int, found: tuple[int, int], i
         return (dd, b) if 0 <= dd < len(out) and out[dd] == inp[d] else None
     if name in _ALONG_ONE and signed_dim(node._saved_dim) % len(inp) != d:   # a top-k, sort, gather, concatenation
         return (d, b) if len(out) == len(inp) and out[d] == inp[d] else None   # or softmax along another dim
+    if name in _ALONG_DIMS and node._saved_dim:   # a sum or mean along other dims (a router's weights normalised)
+        dims = {signed_dim(x) % len(inp) for x in node._saved_dim}
+        return None if d in dims else ((d if node._saved_keepdim else d - sum(x < d for x in dims)), b)
     if name in _REGROUP:
         if d == 0 and out and out[0] % batch == 0:   # row-major order: B blocks of whole examples stay blocks
             return 0, out[0] // batch
@@ -732,6 +740,113 @@ def rows_selected(node: Any, batch: int, clean: set | None = None) -> bool:
         return True
     clean.update(seen)
     return False
+
+
+def row_by_row_call(outputs: list[Tensor], inputs: list[Any]) -> bool:
+    """Whether a call computed each row of its outputs from the same row of its inputs alone: every path of the
+    autograd graph from the outputs back to the ``inputs`` (or to parameters) goes through views, copies and
+    operations row by row (``_row_by_row``) on as many rows (other operands broadcast over them), at most
+    ``_SEARCHED`` nodes: a norm written out (T5's and SwitchTransformers' LayerNorm). A call that reorders or mixes
+    its rows, or whose graph holds anything else, is not."""
+    stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+    starts = [(t.grad_fn, t.shape[0]) for t in outputs if t.grad_fn is not None and t.dim()]
+    if not starts:
+        return False
+    stack, seen = list(starts), set()
+    while stack:
+        node, rows = stack.pop()
+        if node in stops or (node, rows) in seen:
+            continue
+        seen.add((node, rows))
+        name = type(node).__name__
+        elementwise = _row_by_row(node, name)
+        if len(seen) > _SEARCHED or not (elementwise or name in ORDER_KEEPING):
+            return False
+        for source, output_nr in node.next_functions:
+            if source is None or hasattr(source, "variable"):
+                continue
+            shape = output_shape(source, output_nr)
+            if shape is not None and shape[:1] == (rows,):
+                stack.append((source, rows))
+            elif not (elementwise and shape is not None and (not shape or shape[0] == 1)):
+                return False   # rows regrouped by a view, or an operand of other rows
+    return True
+
+
+def picked_owners(node: Any, rows: int, batch: int, examples_at: Callable[[Any, int], tuple[int, int] | None],
+                  owned: dict) -> Tensor | None:
+    """(rows,) the example each row of a layer's input belongs to (``node``: the input's autograd node), where its
+    rows were picked by an index from a tensor holding the B examples in blocks of k rows (``examples_at``: (dim, k)
+    of a node's output, row j of it example j // k's), or are outputs of layers on such rows (``owned``: output node
+    -> owners), carried to the input by views, copies and operations row by row on as many rows (other operands
+    broadcast over them): an expert of a mixture of experts run on the tokens routed to it (litgpt's
+    ``expert(x[token_idx])``, transformers 4's Mixtral and SwitchTransformers' ``expert(hidden[None, top_x])``).
+    None where a path ends anywhere else, or the owners found differ."""
+    found, stack, seen = None, [node], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _SEARCHED:
+            return None
+        owners = owned.get(node)
+        if owners is None:
+            name = type(node).__name__
+            elementwise = _row_by_row(node, name)
+            if not (elementwise or name in ORDER_KEEPING):
+                owners = _index_owners(node, batch, examples_at)
+                if owners is None:
+                    return None
+            else:
+                for source, nr in node.next_functions:
+                    if source is None or hasattr(source, "variable"):
+                        continue
+                    shape = output_shape(source, nr)
+                    if shape is not None and _leading_rows(shape) == rows:
+                        stack.append(source)
+                    elif not (elementwise and shape is not None and _leading_rows(shape) == 1):
+                        return None   # rows regrouped by a view, or an operand of other rows
+                continue
+        if owners.shape[0] != rows or found is not None and found is not owners and not torch.equal(found, owners):
+            return None
+        found = owners
+    return found
+
+
+def _leading_rows(shape: tuple) -> int:
+    """The rows of a tensor of ``shape``: its first dim other than 1 before the last (1 if none), so that the
+    rows (1, N, d) of ``hidden[None, top_x]`` are those (N, d) of its reshape."""
+    return next((size for size in shape[:-1] if size != 1), 1)
+
+
+def _index_owners(node: Any, batch: int, examples_at: Callable[[Any, int], tuple[int, int] | None]) -> Tensor | None:
+    """(N,) the example of each row ``node`` picks, where it is an index (or index_select) along a dim p, every dim
+    before p of size 1, of a tensor holding the B examples in that dim in blocks of k: index // k (a boolean mask
+    taken as the indices it selects). None otherwise."""
+    name = type(node).__name__
+    if name not in ("IndexBackward0", "IndexSelectBackward0"):
+        return None
+    sizes = node._saved_self_sym_sizes
+    indices = (list(node._saved_indices) if name == "IndexBackward0" else
+               [None] * (signed_dim(node._saved_dim) % len(sizes)) + [node._saved_index])
+    position = next((p for p, t in enumerate(indices) if t is not None), None)
+    if position is None or position >= len(sizes) or any(sizes[p] != 1 for p in range(position)):
+        return None
+    index, others = indices[position], [t for t in indices[position + 1:] if t is not None]
+    if index.dtype == torch.bool and index.dim() == 1 and not others:
+        index = index.nonzero()[:, 0]
+    if index.dtype == torch.bool or index.is_floating_point() or index.dim() != 1 or any(   # picks within its rows
+            t.dim() != 1 or t.shape != index.shape for t in others) or any(t is None for t in indices[
+                position + 1:position + 1 + len(others)]):
+        return None
+    source, output_nr = node.next_functions[0]
+    if source is None or hasattr(source, "variable"):   # rows of a parameter table, looked up by ids
+        return None
+    found = examples_at(source, output_nr)
+    if found is None or found[0] != position or sizes[position] != batch * found[1]:
+        return None
+    return torch.remainder(index, sizes[position]) // found[1]
 
 
 def _picked(node: Any, batch: int) -> bool:

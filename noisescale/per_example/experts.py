@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp
 
-from noisescale.per_example.factors import LinearFactors, compute_dtype, full_precision
+from noisescale.per_example.factors import LinearFactors, full_precision
+from noisescale.per_example.padding import Padding, bounds
 from noisescale.per_example.used import used_parameter
 
 __all__ = ["experts_supported", "experts_per_example_grads"]
@@ -82,7 +83,7 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     order = order[pair_expert[order] < experts]
     expert = pair_expert[order]
     tokens = order // index.shape[1]
-    counts = torch.diff(_bounds(expert, experts)).tolist()
+    counts = torch.diff(bounds(expert, experts)).tolist()
     x_p = x[tokens]
     u = torch.cat([_product(module, rows, w_up[e]) + (0 if b_up is None else b_up[e])
                    for e, rows in enumerate(x_p.split(counts))])
@@ -90,7 +91,7 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     d_o = g[tokens] * weights.reshape(-1)[order].unsqueeze(-1).to(g.dtype)
     d_h = torch.cat([_product(module, rows, w_down[e], transpose=True) for e, rows in enumerate(d_o.split(counts))])
     (d_u,) = gate_vjp(d_h.to(h.dtype))
-    padding = _Padding(expert, tokens // per, experts, batch)
+    padding = Padding(expert, tokens // per, experts, batch)
     x_e, h_e, d_u_e, d_o_e = (padding.blocks(t) for t in (x_p, h, d_u, d_o))
     pairs = {up_name: list(zip(x_e, d_u_e)), "down_proj": list(zip(h_e, d_o_e))}
     result = {}
@@ -103,37 +104,7 @@ def _per_example_grads(module: nn.Module, x: Tensor, index: Tensor, weights: Ten
     return result
 
 
-def _bounds(values: Tensor, size: int) -> Tensor:
-    """(size + 1,) where each of 0..size (the first of size: the end) starts in the sorted ``values``, so that their
-    differences count each: by binary search, which unlike ``bincount`` has a deterministic CUDA kernel
-    (``torch.use_deterministic_algorithms``)."""
-    return torch.searchsorted(values, torch.arange(size + 1, device=values.device))
-
-
 def _product(module: nn.Module, rows: Tensor, weight: Tensor, transpose: bool = False) -> Tensor:
     """rows W^T for an expert's weight W (R, C) as stored, rows W where ``is_transposed`` (C, R); with ``transpose``
     the product with the other side (an input gradient: rows W, or rows W^T)."""
     return rows @ weight if module.is_transposed != transpose else rows @ weight.T
-
-
-class _Padding:
-    """Each expert's pairs as (B, K_e, dim) blocks, example i's pairs routed to expert e in row i, zero rows after
-    them (a zero row adds nothing to a gradient), K_e the most pairs an example routes to e; one scatter per tensor
-    into one buffer. ``expert``, ``owner``: each pair's, sorted by expert and then owner."""
-
-    def __init__(self, expert: Tensor, owner: Tensor, experts: int, batch: int):
-        cell = expert * batch + owner   # sorted
-        bounds = _bounds(cell, experts * batch)
-        per_cell = torch.diff(bounds)
-        slot = torch.arange(cell.numel(), device=cell.device) - bounds[cell]
-        widths = per_cell.view(experts, batch).amax(1).clamp_min(1)
-        starts = torch.cumsum(widths * batch, 0) - widths * batch
-        self.position = starts[expert] + owner * widths[expert] + slot
-        self.widths, self.batch, self.rows = widths.tolist(), batch, int(starts[-1] + widths[-1] * batch)
-
-    def blocks(self, t: Tensor) -> list[Tensor]:
-        t = compute_dtype(t)
-        buffer = t.new_zeros(self.rows, t.shape[-1])
-        buffer[self.position] = t
-        return [block.view(self.batch, width, t.shape[-1])
-                for block, width in zip(buffer.split([self.batch * w for w in self.widths]), self.widths)]

@@ -57,7 +57,8 @@ from noisescale._graph import autograd_nodes, output_shape
 from noisescale._rng import rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
-from noisescale.per_example.broadcast import Broadcast, BroadcastGradients, computed_once, rows_selected
+from noisescale.per_example.broadcast import (Broadcast, BroadcastGradients, computed_once, picked_owners,
+                                              row_by_row_call, rows_selected)
 from noisescale.per_example.checkpointing import CheckpointedInputs, recomputing
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims_for, bound_arguments,
@@ -65,6 +66,7 @@ from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims
                                              opaque_input, output_leaves, output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, full_precision, sqnorm_of_sum
 from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
+from noisescale.per_example.padding import Padding
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.used import attribute
 from noisescale.per_example.uses import ParameterUses, per_example_total
@@ -109,13 +111,15 @@ class GhostPass:
     declined: dict[str, str] = field(default_factory=dict)        # module path -> why the fallback declined it
     unmatched: list[str] = field(default_factory=list)   # paths of modules whose re-run did not add up (declined)
     selected: set = field(default_factory=set)   # output nodes of calls on rows picked from another tensor
+    owned: dict = field(default_factory=dict)   # output node of such a call -> (N,) the example of each row
     clean_rows: set = field(default_factory=set)   # nodes before rule layers' inputs found to keep the rows in order
     vmap_names: set[str] = field(default_factory=set)               # parameters left to the whole-model vmap
     strict: bool = False       # backend="ghost": a call the hooks cannot measure is an error, not sent to vmap
     replaying: bool = False
     sharded: bool = False      # FSDP: a fallback call keeps copies of its parameters (they are resharded later)
     refused: Any = field(default_factory=set)   # the engine's modules not to capture again
-    cross_checked: Any = field(default_factory=set)   # the engine's modules whose capture a re-run has confirmed
+    cross_checked: Any = field(default_factory=dict)   # the engine's: module -> its calls (by their order in a
+    # pass) whose capture a re-run has confirmed
     attached: Any = field(default_factory=dict)   # the engine's module -> local names of parameters ``attach`` gave it
     updates_buffers: Any = field(default_factory=set)   # the engine's modules whose forward changed their buffers
     buffers_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))   # per call: versions,
@@ -410,12 +414,17 @@ class GhostPass:
                     self._drop(entry, call, "an output it returned as a view of another tensor was changed in place "
                                             "after its call, so its gradient may have bypassed the hook on it")
             captured = self._verified_captures()
-            for module, entry, call in self.fallback_calls:   # a module's first capture: confirmed by a re-run
-                if id(call) in captured and module not in self.cross_checked and call.opaque is None:
-                    self.cross_checked.add(module)
+            order = defaultdict(int)   # each call of a module is checked (a second call may reorder its rows)
+            for module, entry, call in self.fallback_calls:   # a call's first capture: confirmed by a re-run
+                order[module] += 1
+                checked = self.cross_checked.setdefault(module, set())
+                if id(call) in captured and order[module] not in checked and call.opaque is None:
+                    checked.add(order[module])
                     if not self._capture_confirmed(module, entry, call, captured[id(call)]):
                         self.refused.add(module)   # re-run (and sum-checked) from now on, this pass too
-                        del captured[id(call)]
+            for module, entry, call in self.fallback_calls:   # every call of a refused module (called twice)
+                if module in self.refused:
+                    captured.pop(id(call), None)
             found = []   # (entry, local name -> per-example gradients, the call where they come from its re-run)
             for module, entry, call in self.fallback_calls:
                 grads = captured.get(id(call))
@@ -492,7 +501,8 @@ class GhostPass:
                 for (path, _, _, _), good in zip(rows, matched) if not good}
 
     def _capture_confirmed(self, module: nn.Module, entry: GhostModule, call: FallbackCall, grads: dict) -> bool:
-        """Whether the per-example norms of a call's captured uses are those of its re-run (to 1e-3 of the largest):
+        """Whether the per-example norms of a call's captured uses are those of its re-run (each to its dtype's
+        rounding, at least 1e-6 of itself, and 1e-3 of that of the largest):
         a capture takes a use's output row r for example r, which rows reordered by an operation it does not know
         (a concatenation of slices, ``torch.take``, a permutation matrix) break without changing the sums it checks.
         A module that cannot be re-run keeps its capture."""
@@ -505,8 +515,12 @@ class GhostPass:
                 return False
             with full_precision():
                 captured, again = _sqnorms_of_sum(parts), _sqnorms_of_sum([rerun[local]])
+            # each example against its own norm (a row given to another example whose norms are 1000 times smaller
+            # hides below a tolerance taken from the largest), and the largest's rounding in the norms' dtype
+            rtol = max(_CAPTURE_RTOL.get(captured.dtype, 5e-2), 1e-6)
             largest = torch.maximum(captured.abs().max(), again.abs().max())
-            if not bool(((captured - again).abs() <= _CAPTURE_RTOL[torch.float32] * largest).all()):
+            bound = rtol * torch.maximum(captured.abs(), again.abs()) + rtol * 1e-3 * largest
+            if not bool(((captured - again).abs() <= bound).all()):
                 return False
         return True
 
@@ -762,7 +776,7 @@ class GhostNormEngine:
         # (module, LinearCapture or ParameterUses) open during their module's forward, in the order they started
         self._open: list[tuple[nn.Module, Any]] = []
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
-        self._cross_checked: weakref.WeakSet = weakref.WeakSet()   # captures confirmed by a re-run
+        self._cross_checked = weakref.WeakKeyDictionary()   # module -> its calls whose capture a re-run confirmed
         self._attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # GhostPass.attached
         self._updates_buffers: weakref.WeakSet = weakref.WeakSet()   # modules whose forward changed their buffers
         self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
@@ -940,9 +954,16 @@ class GhostNormEngine:
             rows_selected(x.grad_fn, batch, ghost_pass.clean_rows)
             or bool(ghost_pass.selected) and _from_selected_rows(
                 x, ghost_pass.selected, ghost_pass.broadcasts.rows))
+        # the example each row was picked from, as far as the graph shows it (an expert on its routed tokens)
+        owners = (picked_owners(x.grad_fn, x.shape[0], batch, ghost_pass.broadcasts.examples_at, ghost_pass.owned)
+                  if selected and replaced is None and entry.rule.rows_as_positions and x.dim() == 2
+                  and output.dim() == 2 and output.shape[0] == x.shape[0] else None)
         if selected and output.grad_fn is not None:
             ghost_pass.selected.add(output.grad_fn)
-        many = isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
+            if owners is not None:
+                ghost_pass.owned[output.grad_fn] = owners
+        many = (owners is None and isinstance(x, Tensor) and x.dim() and x.shape[0] > batch
+                and x.shape[0] % batch == 0)
         ghost_pass.in_rows = ghost_pass.in_rows or many   # B k rows (a multiple-choice head's B x choices)
         if many and not selected and output.shape[:1] == x.shape[:1] and entry.rule.rows_as_positions:
             blocks = ghost_pass.row_blocks(module, index, x)
@@ -950,7 +971,8 @@ class GhostNormEngine:
             if blocks is not None:   # rows of B examples in blocks: (B, k, ...) for the rule, same values
                 hooked = output
                 x, output = x.view(batch, blocks, *x.shape[1:]), output.view(batch, blocks, *output.shape[1:])
-        transposed = blocks is None and replaced is None and _sequence_first(x, output, batch, entry.rule)
+        transposed = (blocks is None and replaced is None and owners is None
+                      and _sequence_first(x, output, batch, entry.rule))
         if transposed:   # (T, B, ...): the rule takes (B, T, ...) where a probe showed dim 1 to be the examples
             ghost_pass.flattened = ghost_pass.flattened or (ghost_pass.probe is None and x.shape[0] != batch)
             tensors = [] if ghost_pass.probe is None else _call_tensors(args, kwargs, output)
@@ -960,7 +982,9 @@ class GhostNormEngine:
                 hooked = output
                 x, output = x.transpose(0, 1), output.transpose(0, 1)
         plain = replaced is None and blocks is None and not transposed
-        if not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
+        if owners is not None:   # padded to (B, K, d) for the rule in the backward (``_on_output_grad``)
+            why = None
+        elif not isinstance(x, Tensor) or x.shape[:1] != (batch,) or output.shape[0] != x.shape[0]:
             why = f"called with an input of shape {_shape(x)}"
         elif is_parameter_table(x):
             why = "called on a parameter (DeBERTa's LayerNorm of its relative embeddings), not on the examples"
@@ -975,7 +999,7 @@ class GhostNormEngine:
             why = None
         # a table's rows (DeBERTa's relative embeddings, even with B rows), for the rules that take any leading dims
         # for positions (Linear, LayerNorm: not a BatchNorm's or convolution's channels)
-        once = (entry.rule.rows_as_positions and isinstance(x, Tensor) and x.requires_grad
+        once = (owners is None and entry.rule.rows_as_positions and isinstance(x, Tensor) and x.requires_grad
                 and computed_once(x, ghost_pass.broadcasts.shared_nodes()))
         shared = once or why is not None and _shared_indices(x, output, batch)   # or buckets, positions
         if why is not None and not shared:
@@ -1021,7 +1045,7 @@ class GhostNormEngine:
         read = self._checkpointed.save(taken) if isinstance(taken, Tensor) else None
         if read is not None:   # inside a checkpointed block: read back in the backward, after its recomputation
             x = partial(_read_back, read, batch, blocks, transposed, replaced is not None)
-        call = {"x": x, "blocks": blocks, "transposed": transposed, "output_nr": held.output_nr,
+        call = {"x": x, "blocks": blocks, "owners": owners, "transposed": transposed, "output_nr": held.output_nr,
                 "claimed": ghost_pass.claim_parametrized(module, entry.path) if ghost_pass.shared else []}
         base = held._base
         if base is not None and base.grad_fn is not None and _reshaped(held, base):
@@ -1036,7 +1060,7 @@ class GhostNormEngine:
         ghost_pass.hooked_nodes.update((node, hooked_node))
         if not selected:   # its rows in its input's order, which its own search found kept
             ghost_pass.clean_rows.add(node)
-        if not transposed and replaced is None:   # rows of the examples, for the shared outputs' frontiers
+        if not transposed and replaced is None and owners is None:   # the examples' rows, for shared outputs
             rows = ghost_pass.broadcasts
             rows.rows[node] = 1 if blocks is None else blocks
             taken = _first_input(args, kwargs)
@@ -1145,10 +1169,14 @@ class GhostNormEngine:
         inner = _inner_edges(outputs, leaves) if not shared and replaced is None else {}
         if not shared and replaced is None:   # rows whose order the sum check verifies: a search for reordered rows
             ghost_pass.clean_rows.update(t.grad_fn for t in outputs if t.grad_fn is not None)   # stops at them
-        if blocks or output_blocks:   # its outputs' rows, for the next blocked calls' inputs (a router's weights
-            for t in outputs:         # into the experts)
+        # its outputs' rows, the examples' in blocks, for the next calls' inputs traced to them (a router's weights
+        # into the experts), or the examples' own where the call computes each output row from the same input row
+        # alone (a norm without a rule before an MoE's experts, which take their rows' examples from these)
+        if blocks or output_blocks or (not shared and replaced is None and type(spec) is BatchDims
+                                       and row_by_row_call(outputs, leaves)):
+            for t in outputs:
                 if t.grad_fn is not None and t.output_nr == 0 and t.dim() and t.shape[0] == out_rows:
-                    ghost_pass.broadcasts.rows[t.grad_fn] = blocks or output_blocks
+                    ghost_pass.broadcasts.rows[t.grad_fn] = blocks or output_blocks or 1
         call.output_views = [(t, t._version) for t in outputs if t.requires_grad and t._base is not None]
         # the autocast it ran under (its re-run runs under the same: accelerate's autocast wraps the forward only,
         # and a router re-run in float32 routed some tokens to other experts, 0.29 off); the lowest precision its
@@ -1213,9 +1241,12 @@ class GhostNormEngine:
         if "x" not in call:   # a second backward through this call: refused in finish, after the caller's backward
             ghost_pass.repeated = True
             return
-        x, blocks = call.pop("x"), call.pop("blocks")
+        x, blocks, owners = call.pop("x"), call.pop("blocks"), call.pop("owners")
         if not isinstance(x, Tensor):
             x = x()
+        if owners is not None:   # each example's rows in a block of its own, zero rows after them
+            padding, order = Padding.of_owners(owners, ghost_pass.batch_size)
+            x, grad_output = padding.blocks(x[order])[0], padding.blocks(grad_output[order])[0]
         if "shape" in call:   # the gradient of the product the output views
             grad_output = grad_output.view(call["shape"])
         if blocks is not None:

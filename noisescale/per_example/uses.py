@@ -57,7 +57,9 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from noisescale._graph import autograd_nodes
+from noisescale._graph import autograd_nodes, output_shape
+from noisescale.per_example.broadcast import carried_examples, reorders_rows
+from noisescale.per_example.fallback import output_tensors
 from noisescale.per_example.factors import IndexFactors, LinearFactors, compute_dtype
 from noisescale.per_example.layers import ConvRule, functional_convolution
 
@@ -132,6 +134,8 @@ class ParameterUses(TorchFunctionMode):
         self._sources = {id(p): (_Source(name), p) for name, p in parameters.items()}   # id -> (source, tensor)
         self.examples = batch_size
         self.batch_size = rows or batch_size   # the rows dim 0 holds (the examples' own, or their blocks')
+        self._used_rows: list[tuple[Any, int]] = []   # rows mode: (autograd node, output nr) of each use's output
+        self._input_nodes: set = set()   # rows mode: the autograd nodes of the call's inputs
         self.uses: list[_Use] = []
         self.complete = True
         self.reason: str | None = None
@@ -151,6 +155,8 @@ class ParameterUses(TorchFunctionMode):
         for t in _tensors(args, (kwargs or {}).values()):
             if t.dim() and t.shape[0] == self.batch_size and not isinstance(t, nn.Parameter):
                 self._batched[id(t)] = t
+            if t.grad_fn is not None:
+                self._input_nodes.add(t.grad_fn)
         self.__enter__()
         self._open = True
 
@@ -300,6 +306,8 @@ class ParameterUses(TorchFunctionMode):
 
     def _hooked(self, use: _Use, y: Tensor) -> None:
         self.uses.append(use)
+        if self.batch_size != self.examples and y.grad_fn is not None:
+            self._used_rows.append((y.grad_fn, y.output_nr))
         if y.shape[0] == self.batch_size:
             y.register_hook(partial(_keep, use.grad))
         else:   # batch 1: per example only if y is the module's output, broadcast to the B examples (shared)
@@ -333,7 +341,12 @@ class ParameterUses(TorchFunctionMode):
                                   if isinstance(t, Tensor) and t.dim() and t.shape[0] == 1 else t, use.factor)
         if self._pending:
             self.complete, self.reason = False, "an output of batch 1 that is not the module's own"
+        elif self._used_rows and self.complete and not _rows_reach_outputs_in_place(
+                self._used_rows, output_tensors(output), self._input_nodes, self.examples):
+            self.complete, self.reason = False, ("rows moved between the examples' blocks (or by an operation not "
+                                                 "known to keep them) on the way to its outputs")
         self._pending.clear()
+        self._used_rows.clear()
         self._sources = {key: entry for key, entry in self._sources.items()
                          if entry[0].name is not None}   # the computed tensors of this call are not kept alive
         return self.complete
@@ -439,7 +452,7 @@ class ParameterUses(TorchFunctionMode):
             if use.source.name is not None:
                 grads.setdefault(use.source.name, []).append(part)
             else:
-                dense = part if isinstance(part, Tensor) else part.grads().reshape(self.batch_size, *use.shape)
+                dense = part if isinstance(part, Tensor) else part.grads().reshape(self.examples, *use.shape)
                 computed[use.source] = dense if use.source not in computed else computed[use.source] + dense
         for source, dense in computed.items():
             for name, grad in self._pulled_back(source, dense).items():
@@ -456,6 +469,63 @@ class ParameterUses(TorchFunctionMode):
         except (RuntimeError, NotImplementedError, ValueError):   # an op without a batching rule
             rows = [pullback(d)[0] for d in dense]
             return {name: torch.stack([row[name] for row in rows]) for name in values}
+
+
+def _rows_reach_outputs_in_place(used: list[tuple[Any, int]], outputs: list[Tensor], inputs: set, batch: int,
+                                 budget: int = 2_000) -> bool:
+    """Whether the rows of every use's output (``used``: its autograd node and output number), B blocks of k in
+    dim 0, reach each of the call's ``outputs`` they reach as B blocks in dim 0, carried forward through the
+    operations of the call's graph (``broadcast.carried_examples``: row-wise operations, reshapes, reductions and
+    top-k along other dims), never through an operation that moves rows between blocks or whose effect on them is
+    not known (a product with a permutation matrix, ``index_copy``, a flip). Then each row's gradient is its own
+    example's, whatever reordering its input went through. The graph is walked back from the outputs to the
+    call's ``inputs`` (at most ``budget`` nodes: beyond, False)."""
+    roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    consumers: dict[Any, list[tuple[Any, int, int]]] = {}
+    seen, stack = set(roots), list(roots)
+    while stack:
+        node = stack.pop()
+        if len(seen) > budget:
+            return False
+        for k, (source, output_nr) in enumerate(node.next_functions):
+            if source is None or source in inputs:
+                continue
+            consumers.setdefault(source, []).append((node, k, output_nr))
+            if source not in seen:
+                seen.add(source)
+                stack.append(source)
+    ends = {(t.grad_fn, t.output_nr): t for t in outputs if t.grad_fn is not None}
+    found: dict[tuple[Any, int], tuple[int, int] | None] = {}
+    stack = [(node, nr, (0, None)) for node, nr in used]
+    while stack:
+        node, nr, where = stack.pop()
+        if where[1] is None:   # a use's output: its rows are B blocks of k
+            shape = output_shape(node, nr)
+            if not shape or shape[0] % batch:
+                return False
+            where = (0, shape[0] // batch)
+        if (node, nr) in found:
+            if found[(node, nr)] != where:
+                return False
+            continue
+        found[(node, nr)] = where
+        if (node, nr) in ends and where[0] != 0:
+            return False
+        for consumer, k, output_nr in consumers.get(node, ()):
+            if output_nr != nr:
+                continue
+            inp = output_shape(node, nr)
+            if reorders_rows(consumer, where[0], inp):
+                return False
+            for out_nr in range(len(consumer._input_metadata)):   # its outputs (the gradients it takes)
+                out = output_shape(consumer, out_nr)
+                if out is None:
+                    continue
+                carried = carried_examples(consumer, k, out_nr, where, inp, out, batch)
+                if carried is None:
+                    return False
+                stack.append((consumer, out_nr, carried))
+    return True
 
 
 def _part(func, k: int, *args, **kwargs) -> Tensor:
