@@ -216,7 +216,7 @@ def third_party_cases(generator: torch.Generator) -> dict[str, Callable[[], tupl
         "switch": lambda: (hf("SwitchTransformersForConditionalGeneration")(hf("SwitchTransformersConfig")(
                                num_layers=2, num_decoder_layers=2, d_model=64, d_kv=16, d_ff=128, num_heads=4,
                                num_experts=8, expert_capacity=THIRD_PARTY_BATCH * THIRD_PARTY_LENGTH,
-                               encoder_sparse_step=1, decoder_sparse_step=1, dropout_rate=0.0,
+                               encoder_sparse_step=1, decoder_sparse_step=1, dropout_rate=0.0, router_jitter_noise=0.0,
                                decoder_start_token_id=0, **small)),
                            sequence_cross_entropy, {"input_ids": tokens, "attention_mask": mask, "labels": short},
                            short),

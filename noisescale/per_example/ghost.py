@@ -962,6 +962,10 @@ class GhostNormEngine:
             ghost_pass.selected.add(output.grad_fn)
             if owners is not None:
                 ghost_pass.owned[output.grad_fn] = owners
+        if owners is not None and not owners.numel():   # no token routed to this expert: it adds nothing
+            for name in entry.names.values():
+                ghost_pass.use_count[name] += 1
+            return None
         many = (owners is None and isinstance(x, Tensor) and x.dim() and x.shape[0] > batch
                 and x.shape[0] % batch == 0)
         ghost_pass.in_rows = ghost_pass.in_rows or many   # B k rows (a multiple-choice head's B x choices)
