@@ -56,8 +56,8 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "mixtral", "opt", "vit", "swin",
-          "bart", "t5", "switch", "torch_encoder", "lstm"]
+MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "mixtral", "opt", "vit",
+          "swin", "bart", "t5", "switch", "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
 

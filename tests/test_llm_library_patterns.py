@@ -173,8 +173,9 @@ class LoopedMoE(nn.Module):
     """A mixture of experts with a module per expert, each run on the tokens routed to it, picked by an index:
     litgpt's LLaMAMoE (``expert(x[token_idx])``, ``y[token_idx] += ...``), transformers 4's Mixtral and
     SwitchTransformers (``expert(hidden[None, top_x])``, ``index_add_``), or litgpt's on tokens flattened position
-    by position (``token_major``: a token's row is no longer its example's block); the other layouts are litgpt's. The routing weights' softmax
-    runs in the tokens' dtype (litgpt's in float32, whose rounding would blur a float64 comparison)."""
+    by position (``token_major``: a token's row is no longer its example's block); the other layouts are litgpt's.
+    The routing weights' softmax runs in the tokens' dtype (litgpt's in float32, whose rounding would blur a float64
+    comparison)."""
 
     def __init__(self, layout: str, d: int = D, hidden: int = 12, experts: int = 4, k: int = 2):
         super().__init__()
@@ -193,7 +194,8 @@ class LoopedMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             token_idx, expert_idx = torch.where(indices == e)
             if self.layout == "transformers4":
-                y.index_add_(0, token_idx, expert(x[None, token_idx].reshape(-1, d)) * probs[token_idx, expert_idx, None])
+                routed = expert(x[None, token_idx].reshape(-1, d))
+                y.index_add_(0, token_idx, routed * probs[token_idx, expert_idx, None])
             else:
                 y[token_idx] += probs[token_idx, expert_idx, None] * expert(x[token_idx])
         if self.layout == "token_major":
@@ -228,17 +230,19 @@ class MoEBlock(nn.Module):
 def test_experts_run_on_the_tokens_routed_to_them_are_measured_by_their_rules(layout):
     """Each expert's Linear layers run on rows picked by an index from the B examples' T token rows: row r is
     example index[r] // T's (``broadcast.picked_owners``), padded into a (B, K, d) block per example for the
-    rule. Before, every expert went to the whole-model vmap: 8.3 to 8.6x a plain step for this model, against
-    4.5 to 4.7x now. The tokens' rows may come from a norm without a rule (``written_norm``) as from a rule
-    layer; an expert called on no token (``idle_expert``) adds nothing (its first call crashed the rule's check). Exact against the loop in float64 over three batches; no whole-model vmap, except where the tokens were
-    flattened position by position (then their examples cannot be read from the index: the vmap, exact); p.grad as
-    a plain backward's."""
+    rule. Before, every expert went to the whole-model vmap (HF SwitchTransformers' row of
+    ``analysis/bench_per_example.py``: 10.9x a plain step before, 2.4x now). The tokens' rows may come from a
+    norm without a rule (``written_norm``) as from a rule layer; an expert called on no token (``idle_expert``)
+    adds nothing (its first call crashed the rule's check). Exact against the loop in float64 over three batches;
+    no whole-model vmap, except where the tokens were flattened position by position (then their examples cannot
+    be read from the index: the vmap, exact); p.grad as a plain backward's."""
     torch.manual_seed(0)
     model = MoEBlock(layout).double()
     generator = torch.Generator().manual_seed(1)
     engine = PerExampleGradNorms(model, nn.CrossEntropyLoss(reduction="none"), by_parameter=True)
     for _ in range(3):
-        tokens, targets = torch.randint(0, 11, (B, T), generator=generator), torch.randint(0, 3, (B,), generator=generator)
+        tokens = torch.randint(0, 11, (B, T), generator=generator)
+        targets = torch.randint(0, 3, (B,), generator=generator)
         expected = naive_per_example(model, nn.CrossEntropyLoss(reduction="none"), (tokens,), targets)
         model.zero_grad(set_to_none=True)
         (nn.CrossEntropyLoss(reduction="none")(model(tokens), targets).mean()).backward()

@@ -750,6 +750,40 @@ def test_tokens_routed_to_an_expert_are_not_taken_for_the_examples(pooled):
         assert_relclose(result.by_parameter[name], values)
 
 
+class ProductBeforeExpert(nn.Module):
+    """Routed tokens multiplied by a matrix of parameters before the expert: ``x[idx] @ W`` or
+    ``F.linear(x[idx], W, b)`` (the index behind a product, which the search for picked rows stopped at)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.inp, self.expert, self.linear = nn.Linear(3, 3), nn.Linear(3, 3), linear
+        self.mix, self.shift = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        flat = self.inp(x).reshape(-1, 3)
+        routed = (x.reshape(-1, 3)[:, 0] > 0).nonzero()[:, 0]
+        picked = F.linear(flat[routed], self.mix, self.shift) if self.linear else flat[routed] @ self.mix
+        return flat.index_add(0, routed, self.expert(picked)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["matmul", "F.linear"])
+def test_routed_tokens_behind_a_product_with_parameters_are_not_taken_for_the_examples(linear):
+    """4 routed tokens, B = 4, multiplied by a matrix of parameters before the expert: the search for rows picked
+    by an index stopped at the product, so the expert's 4 rows were taken for the 4 examples (a review's case:
+    [8.35, 2.92, 5.42, 4.03, 87.6] against the loop's [8.88, 0, 4.03, 87.6, 0], silently). It now looks through a
+    product of the rows with parameters alone, and the rows' examples come from the index. Exact, by the rule."""
+    torch.manual_seed(0)
+    model = _float64(lambda: ProductBeforeExpert(linear))
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(1))
+    x[..., 0] = -1.0
+    x.view(-1, 3)[torch.tensor([0, 1, 4, 7]), 0] = 1.0
+    y = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(2))
+    result = per_example_sqnorms(model, regression_loss, x, y, by_parameter=True)
+    assert result.backend_of["expert.weight"] == "ghost"
+    for name, values in naive_per_example(model, regression_loss, x, y).items():
+        assert_relclose(result.by_parameter[name], values)
+
+
 class TwoLayerExpert(nn.Module):
     """Routed tokens through an expert of two layers, plain (``wo(relu(wi(t)))``, HF SwitchTransformers') or gated
     (``wo(silu(wi(t)) * up(t))``): the second layer's input has as many rows as the tokens routed to the expert."""

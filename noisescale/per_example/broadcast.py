@@ -571,6 +571,25 @@ _ALONG_DIMS = {"SumBackward1", "MeanBackward1"}   # reductions along ``_saved_di
 _SEARCHED = 64   # nodes looked at before a layer, at most (a call costs about 1 us a node)
 
 
+_PRODUCTS = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}   # (rows operand, other matrix) positions
+
+
+def _rows_operand(node: Any, name: str) -> int | None:
+    """Where ``node`` is a matrix product of rows with a matrix of parameters or constants alone (``x[idx] @ W``,
+    ``F.linear(x[idx], W, b)``), row by row for its rows operand: that operand's position among its inputs. The
+    matrix may come through transposes and casts of a parameter (autocast's), but through nothing else."""
+    positions = _PRODUCTS.get(name)
+    if positions is None:
+        return None
+    other = node.next_functions[positions[1]][0]
+    while other is not None and type(other).__name__ in ("TBackward0", "ToCopyBackward0", "TransposeBackward0"):
+        other = other.next_functions[0][0]
+    bias = node.next_functions[0][0] if name == "AddmmBackward0" else None
+    if (other is None or hasattr(other, "variable")) and (bias is None or hasattr(bias, "variable")):
+        return positions[0]
+    return None
+
+
 def _row_by_row(node: Any, name: str) -> bool:
     if name in _ROW_BY_ROW:
         return True
@@ -734,6 +753,8 @@ def rows_selected(node: Any, batch: int, clean: set | None = None) -> bool:
             return True
         if name in ORDER_KEEPING or _row_by_row(node, name):
             stack.extend(source for source, _ in node.next_functions)
+        elif (rows := _rows_operand(node, name)) is not None:   # an index behind x[idx] @ W
+            stack.append(node.next_functions[rows][0])
         else:
             frontier.append(node)
     if any(_picked(node, batch) for node in frontier):
@@ -759,10 +780,10 @@ def row_by_row_call(outputs: list[Tensor], inputs: list[Any]) -> bool:
             continue
         seen.add((node, rows))
         name = type(node).__name__
-        elementwise = _row_by_row(node, name)
-        if len(seen) > _SEARCHED or not (elementwise or name in ORDER_KEEPING):
+        elementwise, product = _row_by_row(node, name), _rows_operand(node, name)
+        if len(seen) > _SEARCHED or not (elementwise or name in ORDER_KEEPING or product is not None):
             return False
-        for source, output_nr in node.next_functions:
+        for source, output_nr in ([node.next_functions[product]] if product is not None else node.next_functions):
             if source is None or hasattr(source, "variable"):
                 continue
             shape = output_shape(source, output_nr)
@@ -793,13 +814,13 @@ def picked_owners(node: Any, rows: int, batch: int, examples_at: Callable[[Any, 
         owners = owned.get(node)
         if owners is None:
             name = type(node).__name__
-            elementwise = _row_by_row(node, name)
-            if not (elementwise or name in ORDER_KEEPING):
+            elementwise, product = _row_by_row(node, name), _rows_operand(node, name)
+            if not (elementwise or name in ORDER_KEEPING or product is not None):
                 owners = _index_owners(node, batch, examples_at)
                 if owners is None:
                     return None
             else:
-                for source, nr in node.next_functions:
+                for source, nr in [node.next_functions[product]] if product is not None else node.next_functions:
                     if source is None or hasattr(source, "variable"):
                         continue
                     shape = output_shape(source, nr)

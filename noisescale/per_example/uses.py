@@ -199,8 +199,8 @@ class ParameterUses(TorchFunctionMode):
             self.complete, self.reason = False, (f"{getattr(func, '__name__', func)}: a parameter expanded to the "
                                                  "batch's size meets the examples in another dim")
             return result
-        if any(self._holds_examples(t) for t in tensors) and not _reorders_rows(func, args, kwargs, self.batch_size) and (
-                self.examples == self.batch_size or self._keeps_rows(tensors, outputs)):
+        if (any(self._holds_examples(t) for t in tensors) and not _reorders_rows(func, args, kwargs, self.batch_size)
+                and (self.examples == self.batch_size or self._keeps_rows(tensors, outputs))):
             for out in outputs:
                 self._batched[id(out)] = out
         used = [t for t in tensors if id(t) in self._sources]
