@@ -14,6 +14,7 @@ from torch import nn
 from noisescale.losses import per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms, per_example_sqnorms
+from noisescale.per_example import ghost as ghost_module
 
 BACKENDS = ("ghost", "vmap", "auto")
 
@@ -2807,27 +2808,37 @@ def test_a_captured_call_with_a_cache_input_goes_to_the_whole_model_vmap_when_it
 
 class FlatteningRouter(nn.Module):
     """A router without a rule that flattens the examples' tokens (B, T, d) into (B T, d) rows itself and returns
-    their expert probabilities, (B T, E): DeepSeek-V3's, GLM4-MoE's, Dots1's (its capture takes rows per example
-    only: re-run)."""
+    their expert probabilities, (B T, E): DeepSeek-V3's, GLM4-MoE's, Dots1's; ``reversed`` multiplies the rows by
+    the reversal matrix on either side of its product (row-wise overall, but each row of the product another
+    example's)."""
 
-    def __init__(self, width, experts):
+    def __init__(self, width, experts, reversed=False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(experts, width, generator=generator(5)))
+        self.reversed = reversed
 
     def forward(self, h):
-        return nn.functional.linear(h.reshape(-1, h.shape[-1]), self.weight).softmax(-1)
+        rows = h.reshape(-1, h.shape[-1])
+        if not self.reversed:
+            return nn.functional.linear(rows, self.weight).softmax(-1)
+        reverse = torch.eye(rows.shape[0], dtype=rows.dtype).flip(0)
+        return (reverse @ nn.functional.linear(reverse @ rows, self.weight)).softmax(-1)
 
 
-def test_a_fallback_call_on_the_examples_that_returns_their_tokens_flattened_into_rows():
+@pytest.mark.parametrize("reversed", [False, True], ids=["plain", "reversed"])
+def test_a_fallback_call_on_the_examples_that_returns_their_tokens_flattened_into_rows(reversed, monkeypatch):
     """The examples in, B blocks of T rows out, traced back to the examples by the reshape: each example's re-run
     gives its T rows. Before, such an output was not per example and the router went to the whole-model vmap on
-    every call (a new user's DeepSeek-V3: 5.5x a plain step). Against the loop, T = 3 rows per example."""
+    every call (a new user's DeepSeek-V3: 5.5x a plain step). Its F.linear on the rows it flattens is now captured
+    from the real pass, as B blocks of T rows, where they reach its outputs so: from the second call (the first
+    capture is confirmed by a re-run) it is not re-run. The reversed router's outputs are not traced to the
+    examples' blocks at all: the whole-model vmap, as before. Against the loop, T = 3 rows per example."""
     torch.manual_seed(0)
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed, self.router, self.head = nn.Linear(3, 6), FlatteningRouter(6, 5), nn.Linear(5, 2)
+            self.embed, self.router, self.head = nn.Linear(3, 6), FlatteningRouter(6, 5, reversed), nn.Linear(5, 2)
 
         def forward(self, x):
             h = torch.tanh(self.embed(x))
@@ -2838,8 +2849,13 @@ def test_a_fallback_call_on_the_examples_that_returns_their_tokens_flattened_int
     y = torch.randn(4, 2, dtype=torch.float64, generator=generator(2))
     model = Model().double()
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    for _ in range(2):
-        assert assert_engine_call_matches(engine, model, regression_loss, x, y).backend_of["router.weight"] == "module"
+    reruns, original = [], ghost_module.module_per_example_grads
+    monkeypatch.setattr(ghost_module, "module_per_example_grads", lambda *args: reruns.append(1) or original(*args))
+    for _ in range(3):
+        reruns.clear()
+        result = assert_engine_call_matches(engine, model, regression_loss, x, y)
+        assert result.backend_of["router.weight"] == ("vmap" if reversed else "module")
+    assert not reruns
 
 
 class Float32Head(nn.Linear):

@@ -631,6 +631,38 @@ def _fail_generic_reruns_of_experts(monkeypatch, kind="Experts"):
         monkeypatch.setattr(fallback, generic, refused)
 
 
+def _small_moe(name: str, experts: int, implementation: str, biased: str) -> nn.Module:
+    """HF ``{name}ForCausalLM`` in float64 from a one-layer config with ``experts`` experts (top 2) run by
+    ``implementation``; the biases of the parameters whose names hold ``biased`` drawn (they start at zero)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    extra = {"Mixtral": {"num_local_experts": experts},
+             "GptOss": {"num_local_experts": experts, "head_dim": 8, "layer_types": ["full_attention"]}}.get(
+        name, {"num_experts": experts, "moe_intermediate_size": 16})
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_experts_per_tok=2, **extra)
+    config._experts_implementation = implementation
+    model = getattr(transformers, f"{name}ForCausalLM")(config).double().train()
+    with torch.no_grad():
+        for parameter, p in model.named_parameters():
+            if biased in parameter and "bias" in parameter:
+                p.normal_(0, 0.1, generator=generator(3))
+    return model
+
+
+def _assert_exact_by_module(result, expected, grads, model, measured):
+    """The parameters ``measured`` by the per-module fallback (or the experts' path), every norm the loop's in
+    float64, and p.grad a plain backward's."""
+    assert {result.backend_of[parameter] for parameter in measured} == {"module"}
+    largest = max(float(values.max()) for values in expected.values())
+    for parameter, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,
+                                   msg=parameter)
+    for parameter, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[parameter]), parameter
+
+
 @pytest.mark.parametrize("name, implementation", [("Mixtral", "eager"), ("Mixtral", "batched_mm"),
                                                   ("Qwen3Moe", "eager"), ("Olmoe", "batched_mm"),
                                                   ("GptOss", "eager")])
@@ -641,20 +673,7 @@ def test_experts_layers_are_measured_from_one_rerun_of_the_batch(name, implement
     each example's rows were re-run through the experts' loop: 4.9 to 5.1x a plain step for a 2-layer Mixtral at
     B = 8, T = 32, 2.3x now. The generic re-runs are made to fail for the experts: the norms must come from the new
     path, and equal the loop's in float64; p.grad is a plain backward's."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    extra = {"Mixtral": {"num_local_experts": 4}, "GptOss": {"num_local_experts": 4, "head_dim": 8,
-                                                             "layer_types": ["full_attention"]}}.get(
-        name, {"num_experts": 4, "moe_intermediate_size": 16})
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_experts_per_tok=2, **extra)
-    config._experts_implementation = implementation
-    model = getattr(transformers, f"{name}ForCausalLM")(config).double().train()
-    with torch.no_grad():   # biases start at zero
-        for parameter, p in model.named_parameters():
-            if "experts" in parameter and "bias" in parameter:
-                p.normal_(0, 0.1, generator=generator(3))
+    model = _small_moe(name, 4, implementation, "experts")
     tokens = _tokens()
 
     loss_fn = _token_loss
@@ -669,13 +688,7 @@ def test_experts_layers_are_measured_from_one_rerun_of_the_batch(name, implement
     result = engine({"input_ids": tokens}, tokens)
     experts = [parameter for parameter in expected if ".experts." in parameter]
     assert len(experts) == (4 if name == "GptOss" else 2)
-    assert {result.backend_of[parameter] for parameter in experts} == {"module"}
-    largest = max(float(values.max()) for values in expected.values())
-    for parameter, values in expected.items():
-        torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,
-                                   msg=parameter)
-    for parameter, p in model.named_parameters():
-        assert torch.equal(p.grad, grads[parameter]), parameter
+    _assert_exact_by_module(result, expected, grads, model, experts)
 
 
 @pytest.mark.parametrize("name", ["Mixtral", "Qwen3Moe", "Olmoe", "GptOss"])
@@ -686,20 +699,7 @@ def test_routers_on_the_flattened_tokens_are_measured_from_the_real_pass(name, m
     7 ms step at B = 8 for a 2-layer Mixtral). Here the number of experts equals B, which the capture on B rows took
     for a second dim of examples. From the third call (the second captures, a re-run confirms) re-running a router
     fails: the norms must come from the capture, and equal the loop's in float64; p.grad is a plain backward's."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    extra = {"Mixtral": {"num_local_experts": BATCH}, "GptOss": {"num_local_experts": BATCH, "head_dim": 8,
-                                                                 "layer_types": ["full_attention"]}}.get(
-        name, {"num_experts": BATCH, "moe_intermediate_size": 16})
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_experts_per_tok=2, **extra)
-    config._experts_implementation = "eager"
-    model = getattr(transformers, f"{name}ForCausalLM")(config).double().train()
-    with torch.no_grad():   # the router's bias starts at zero
-        for parameter, p in model.named_parameters():
-            if "router" in parameter and "bias" in parameter:
-                p.normal_(0, 0.1, generator=generator(3))
+    model = _small_moe(name, BATCH, "eager", "router")
     tokens = _tokens()
     expected = naive_by_parameter(model, _token_loss, {"input_ids": tokens}, tokens)
     grads = plain_grads(model, _token_loss, {"input_ids": tokens}, tokens)
@@ -712,13 +712,7 @@ def test_routers_on_the_flattened_tokens_are_measured_from_the_real_pass(name, m
     result = engine({"input_ids": tokens}, tokens)
     routers = [parameter for parameter in expected if ".mlp.gate." in parameter or ".mlp.router." in parameter]
     assert len(routers) == (2 if name == "GptOss" else 1)
-    assert {result.backend_of[parameter] for parameter in routers} == {"module"}
-    largest = max(float(values.max()) for values in expected.values())
-    for parameter, values in expected.items():
-        torch.testing.assert_close(result.by_parameter[parameter], values, rtol=1e-9, atol=1e-12 * largest,
-                                   msg=parameter)
-    for parameter, p in model.named_parameters():
-        assert torch.equal(p.grad, grads[parameter]), parameter
+    _assert_exact_by_module(result, expected, grads, model, routers)
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])

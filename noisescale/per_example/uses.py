@@ -24,7 +24,8 @@ backward) is recorded if it is one of:
 The broadcast rows need p broadcast over the examples: p's dim aligned with y's dim 0 is missing or of size 1.
 Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback, or, for a
 call on the examples' rows flattened in B blocks of k (an MoE's router on (B T, d) tokens: ``rows`` = B k), their
-B k rows, each use's per-example gradients then summed over each example's block. Such rows are followed only
+B k rows, each use's per-example gradients then summed over each example's block; so may an F.linear on the
+examples' rows flattened inside the call (DeepSeek-V3's router reshapes its (B, T, d) input itself). Such rows are followed only
 through operations whose input and outputs all have the B k rows in dim 0 (and that do not sort or index them):
 a view as (B, T, d) and a transpose after it could move a token into another example's block.
 
@@ -256,13 +257,17 @@ class ParameterUses(TorchFunctionMode):
             return "not a recognised use"
         if func is Tensor.__getitem__ and isinstance(args[1], Tensor) and not args[1].is_floating_point():
             return self._lookup(args[0], args[1], None, y)   # p[indices]: a lookup of rows
-        if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1) or (
+        # a Linear on the examples' rows flattened inside the call (DeepSeek-V3's router: (B, T, d) in, (B T, d)
+        # to F.linear): B blocks of rows, taken for them if they reach the outputs so (``close``)
+        flattened = (func is F.linear and self.examples == self.batch_size and y.dim() > 0
+                     and y.shape[0] > self.batch_size and y.shape[0] % self.batch_size == 0 and self._holds_examples(y))
+        if y.dim() == 0 or y.shape[0] not in (self.batch_size, 1) and not flattened or (
                 y.shape[0] == self.batch_size and not self._holds_examples(y)
                 and not (func in _EXPANDS or func is Tensor.repeat)):
             return "its output does not hold the examples in dim 0"
         if func in _CONVOLUTIONS:   # its output's dim 0 is its input's, whatever the other dims' sizes
             return self._convolution(args, kwargs, y)
-        if self.batch_size > 1 and self.batch_size in y.shape[1:]:
+        if self.batch_size > 1 and self.batch_size in y.shape[1:] and not flattened:   # (blocks: dim 0, checked)
             return "its output has another dim of the batch's size: which holds the examples cannot be told"
         if len({id(p) for p in used}) != len(used):
             return "a parameter enters twice"
@@ -306,9 +311,9 @@ class ParameterUses(TorchFunctionMode):
 
     def _hooked(self, use: _Use, y: Tensor) -> None:
         self.uses.append(use)
-        if self.batch_size != self.examples and y.grad_fn is not None:
+        if y.shape[0] not in (self.examples, 1) and y.grad_fn is not None:   # rows in blocks
             self._used_rows.append((y.grad_fn, y.output_nr))
-        if y.shape[0] == self.batch_size:
+        if y.shape[0] != 1 or self.batch_size == 1:
             y.register_hook(partial(_keep, use.grad))
         else:   # batch 1: per example only if y is the module's output, broadcast to the B examples (shared)
             self._pending[id(y)] = use
