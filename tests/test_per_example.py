@@ -2858,6 +2858,50 @@ def test_a_fallback_call_on_the_examples_that_returns_their_tokens_flattened_int
     assert not reruns
 
 
+class Float32Router(nn.Module):
+    """DeepSeek-V3's router in a float64 model: it flattens the tokens and computes its logits in float32
+    (``F.linear(h.type(float32), weight.type(float32))``)."""
+
+    def __init__(self, width, experts):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, width, generator=generator(5)))
+
+    def forward(self, h):
+        return nn.functional.linear(h.reshape(-1, h.shape[-1]).float(), self.weight.float()).sigmoid()
+
+
+def test_a_router_computing_in_float32_inside_a_float64_model_keeps_its_capture_under_observe():
+    """Its captured per-example gradients are float32 products: their sum is 1e-7 from the float64 gradient the
+    backward brings its weight, which the check of the capture's sums took, at float64's tolerance, for a use
+    outside the call. The router then needed the whole-model vmap, which ``observe`` (the HF Trainer's way)
+    cannot run: a new user's ``NoiseScaleTrainer`` on DeepSeek-V3 in float64 raised at a step that depended on the
+    data. The check now allows for the uses' own dtype: no error in any of four observed steps, the router
+    measured from its call, its norms the loop's to float32's rounding."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.router, self.head = nn.Linear(3, 6), Float32Router(6, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            probs = self.router(torch.tanh(self.embed(x))).view(x.shape[0], x.shape[1], -1)
+            return self.head(probs.double().mean(1))
+
+    model = Model().double()
+    engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
+    for step in range(4):
+        x = torch.randn(4, 3, 3, dtype=torch.float64, generator=generator(10 + step))
+        y = torch.randn(4, 2, dtype=torch.float64, generator=generator(20 + step))
+        expected = naive_per_example(model, regression_loss, x, y)
+        model.zero_grad(set_to_none=True)
+        with engine.observe(4) as observed:
+            regression_loss(model(x), y).mean().backward()
+        assert observed.backend_of["router.weight"] == "module"
+        torch.testing.assert_close(observed.by_parameter["router.weight"], expected["router.weight"], rtol=1e-5,
+                                   atol=0)
+
+
 class Float32Head(nn.Linear):
     """A head that computes in float32 whatever the model's dtype (Ergo's ``ErgoLinearWithFP32Output``)."""
 

@@ -597,8 +597,11 @@ class GhostPass:
             parts = [part for key, local in calls_of[name] for part in grads[key].get(local, [])]
             total = torch.linalg.vector_norm(sum(map(per_example_total, parts))).float() if parts else None
             noted = self.noted.get(name)
+            # the gradient's rounding, or that of the uses' own products where coarser (a float64 model's router
+            # computing in float32: 1e-7 apart, which a float64 tolerance took for a use outside the call)
+            dtypes = [noted[1] if noted else torch.float32] + [_dtype_of(part) for part in parts]
             rows.append((total, None if noted is None else noted[0].float(),
-                         _CAPTURE_RTOL.get(noted[1] if noted else torch.float32, 5e-2)))
+                         max(_CAPTURE_RTOL.get(dtype, 5e-2) for dtype in dtypes)))
         device = next((t.device for row in rows for t in row[:2] if t is not None), None)
         ok = set(names)
         if device is not None:   # one comparison, one device sync
@@ -660,6 +663,13 @@ def _distance_to_sum(part: Tensor | LinearFactors | IndexFactors, grad: Tensor, 
     if grad.numel() != total.numel():
         return (torch.linalg.vector_norm(total, dtype=torch.float64) - norm).abs(), norm
     return torch.linalg.vector_norm(total - grad.reshape(total.shape), dtype=torch.float64), norm
+
+
+def _dtype_of(part: Tensor | LinearFactors | IndexFactors) -> torch.dtype:
+    """The dtype one use's per-example gradients were computed in."""
+    if isinstance(part, LinearFactors):
+        return part.blocks[0][0].dtype
+    return part.v.dtype if isinstance(part, IndexFactors) else part.dtype
 
 
 @lru_cache(maxsize=32)
