@@ -700,3 +700,16 @@ def test_each_call_of_a_module_called_twice_has_its_capture_checked(mix_first):
     for _ in range(3):
         model.zero_grad(set_to_none=True)
         assert_exact(engine(inputs, targets), expected)
+
+
+def test_observe_names_a_capture_whose_sums_missed_part_of_the_gradient_when_it_cannot_run_the_vmap():
+    """Under observe, a parameter whose captured uses' sum missed part of its gradient (used outside its module's
+    call too) needs the whole-model vmap; with the model called twice in the pass observe cannot run it and
+    raises. The error named "read outside their modules' calls" for every such case (a new user's DeepSeek-V3,
+    whose router's capture failed its sums at float64's tolerance, was told so); it now names the sums."""
+    model, inputs, targets = _case(UsedOutsideToo())
+    engine = PerExampleGradNorms(model, per_example_cross_entropy)
+    with pytest.raises(ValueError, match=r"body\.inner\.weight: the sum of their captured per-example gradients "
+                                         "missed part of their gradient"):
+        with engine.observe(B):
+            (per_example_cross_entropy(model(*inputs), targets).mean() + 0 * model(*inputs).sum()).backward()

@@ -1008,8 +1008,10 @@ def _every_parameter(by_parameter: dict[str, Tensor], names: Any, batch_size: in
 def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:
     """observe: parameters that need the whole-model vmap and cannot be measured by it."""
     if names:
-        reasons = "; ".join(f"{path}: {why}" for path, why in ghost_pass.declined.items()) or (
-            "read outside their modules' calls")
+        outside = sorted(set(names) & ghost_pass.outside_uses)
+        reasons = "; ".join([f"{path}: {why}" for path, why in ghost_pass.declined.items()] + (
+            [f"{listed(outside)}: the sum of their captured per-example gradients missed part of their gradient"]
+            if outside else [])) or "read outside their modules' calls"
         raise ValueError(f"parameters {sorted(names)} cannot be measured from the caller's own pass: they need the "
                          f"whole-model vmap, a separate pass ({reasons}), and "
                          f"{because}. Call the model once in the pass (observe measures them from its outputs' "
