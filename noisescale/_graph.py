@@ -36,15 +36,20 @@ def autograd_nodes(starts: Iterable[Any], stops: Iterable[Any] = (),
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def autograd_consumers(roots: Iterable[Any]) -> dict[Any, list[tuple[Any, int, int]]]:
-    """node -> [(node taking its output, input position, output position)] over the graph from ``roots``: one walk
-    that reads each node's inputs once (building that tuple is most of a walk's cost)."""
+def autograd_consumers(roots: Iterable[Any], stops: Iterable[Any] = (),
+                       budget: int | None = None) -> dict[Any, list[tuple[Any, int, int]]] | None:
+    """node -> [(node taking its output, input position, output position)] over the graph from ``roots``, not
+    into the nodes ``stops`` (a call's inputs): one walk that reads each node's inputs once (building that tuple is
+    most of a walk's cost). None where it would take more than ``budget`` nodes."""
     roots = [root for root in roots if root is not None]
+    stops = set(stops)
     consumers, seen, stack = defaultdict(list), set(roots), list(roots)
     while stack:
         node = stack.pop()
+        if budget is not None and len(seen) > budget:
+            return None
         for k, (next_node, output_nr) in enumerate(node.next_functions):
-            if next_node is not None:
+            if next_node is not None and next_node not in stops:
                 consumers[next_node].append((node, k, output_nr))
                 if next_node not in seen:
                     seen.add(next_node)

@@ -779,18 +779,10 @@ def row_by_row_call(outputs: list[Tensor], inputs: list[Any]) -> bool:
         if node in stops or (node, rows) in seen:
             continue
         seen.add((node, rows))
-        name = type(node).__name__
-        elementwise, product = _row_by_row(node, name), _rows_operand(node, name)
-        if len(seen) > _SEARCHED or not (elementwise or name in ORDER_KEEPING or product is not None):
+        sources = _row_sources(node, rows, _first_dim) if len(seen) <= _SEARCHED else None
+        if sources is None:
             return False
-        for source, output_nr in ([node.next_functions[product]] if product is not None else node.next_functions):
-            if source is None or hasattr(source, "variable"):
-                continue
-            shape = output_shape(source, output_nr)
-            if shape is not None and shape[:1] == (rows,):
-                stack.append((source, rows))
-            elif not (elementwise and shape is not None and (not shape or shape[0] == 1)):
-                return False   # rows regrouped by a view, or an operand of other rows
+        stack.extend((source, rows) for source in sources)
     return True
 
 
@@ -813,26 +805,43 @@ def picked_owners(node: Any, rows: int, batch: int, examples_at: Callable[[Any, 
             return None
         owners = owned.get(node)
         if owners is None:
-            name = type(node).__name__
-            elementwise, product = _row_by_row(node, name), _rows_operand(node, name)
-            if not (elementwise or name in ORDER_KEEPING or product is not None):
-                owners = _index_owners(node, batch, examples_at)
-                if owners is None:
-                    return None
-            else:
-                for source, nr in [node.next_functions[product]] if product is not None else node.next_functions:
-                    if source is None or hasattr(source, "variable"):
-                        continue
-                    shape = output_shape(source, nr)
-                    if shape is not None and _leading_rows(shape) == rows:
-                        stack.append(source)
-                    elif not (elementwise and shape is not None and _leading_rows(shape) == 1):
-                        return None   # rows regrouped by a view, or an operand of other rows
+            sources = _row_sources(node, rows, _leading_rows)
+            if sources is not None:
+                stack.extend(sources)
                 continue
+            owners = _index_owners(node, batch, examples_at)   # (None for an operation row by row that failed)
+            if owners is None:
+                return None
         if owners.shape[0] != rows or found is not None and found is not owners and not torch.equal(found, owners):
             return None
         found = owners
     return found
+
+
+def _row_sources(node: Any, rows: int, rows_of: Callable[[tuple], int | None]) -> list | None:
+    """Where ``node`` computes row r of its output from row r of its inputs alone (views and copies, ``_row_by_row``
+    operations, products with parameters: ``_rows_operand``), its inputs that hold its ``rows`` rows (``rows_of``
+    their shape), the operands broadcast over them (one row, or none) skipped; None where it is not such an
+    operation, or an input has other rows (regrouped by a view, or an operand of other rows)."""
+    name = type(node).__name__
+    elementwise, product = _row_by_row(node, name), _rows_operand(node, name)
+    if not (elementwise or name in ORDER_KEEPING or product is not None):
+        return None
+    sources = []
+    for source, output_nr in [node.next_functions[product]] if product is not None else node.next_functions:
+        if source is None or hasattr(source, "variable"):
+            continue
+        shape = output_shape(source, output_nr)
+        if shape is not None and rows_of(shape) == rows:
+            sources.append(source)
+        elif not (elementwise and shape is not None and rows_of(shape) in (None, 1)):
+            return None
+    return sources
+
+
+def _first_dim(shape: tuple) -> int | None:
+    """A tensor's rows: its dim 0 (None for a scalar)."""
+    return shape[0] if shape else None
 
 
 def _leading_rows(shape: tuple) -> int:

@@ -25,9 +25,10 @@ The broadcast rows need p broadcast over the examples: p's dim aligned with y's 
 Every row needs y to hold the B examples in dim 0, the convention of the rules and of the fallback, or, for a
 call on the examples' rows flattened in B blocks of k (an MoE's router on (B T, d) tokens: ``rows`` = B k), their
 B k rows, each use's per-example gradients then summed over each example's block; so may an F.linear on the
-examples' rows flattened inside the call (DeepSeek-V3's router reshapes its (B, T, d) input itself). Such rows are followed only
-through operations whose input and outputs all have the B k rows in dim 0 (and that do not sort or index them):
-a view as (B, T, d) and a transpose after it could move a token into another example's block.
+examples' rows flattened inside the call (DeepSeek-V3's router reshapes its (B, T, d) input itself). Such rows are
+followed only through operations whose input and outputs all have the B k rows in dim 0 (and that do not sort or
+index them): a view as (B, T, d) and a transpose after it could move a token into another example's block. A use's
+output rows must reach the call's outputs in their blocks (``_rows_reach_outputs_in_place``).
 
 In place of p, each row also takes a tensor computed from the module's parameters alone, with any operation and
 with constants (tensors without grad that do not hold the examples): ``cls_token + pos[:, :1]`` (ViT-MAE), a
@@ -58,7 +59,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from noisescale._graph import autograd_nodes, output_shape
+from noisescale._graph import autograd_consumers, autograd_nodes, output_shape
 from noisescale.per_example.broadcast import carried_examples, reorders_rows
 from noisescale.per_example.fallback import output_tensors
 from noisescale.per_example.factors import IndexFactors, LinearFactors, compute_dtype
@@ -485,21 +486,10 @@ def _rows_reach_outputs_in_place(used: list[tuple[Any, int]], outputs: list[Tens
     not known (a product with a permutation matrix, ``index_copy``, a flip). Then each row's gradient is its own
     example's, whatever reordering its input went through. The graph is walked back from the outputs to the
     call's ``inputs`` (at most ``budget`` nodes: beyond, False)."""
-    roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    consumers: dict[Any, list[tuple[Any, int, int]]] = {}
-    seen, stack = set(roots), list(roots)
-    while stack:
-        node = stack.pop()
-        if len(seen) > budget:
-            return False
-        for k, (source, output_nr) in enumerate(node.next_functions):
-            if source is None or source in inputs:
-                continue
-            consumers.setdefault(source, []).append((node, k, output_nr))
-            if source not in seen:
-                seen.add(source)
-                stack.append(source)
-    ends = {(t.grad_fn, t.output_nr): t for t in outputs if t.grad_fn is not None}
+    consumers = autograd_consumers([t.grad_fn for t in outputs], inputs, budget)
+    if consumers is None:
+        return False
+    ends = {(t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None}
     found: dict[tuple[Any, int], tuple[int, int] | None] = {}
     stack = [(node, nr, (0, None)) for node, nr in used]
     while stack:
