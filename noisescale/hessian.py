@@ -55,12 +55,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._checks import check_int
 from noisescale._compiled import eager
+from noisescale._functional import functional_call
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of

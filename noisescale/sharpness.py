@@ -25,9 +25,9 @@ import numpy as np
 import scipy.optimize
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from noisescale._compiled import eager
+from noisescale._functional import functional_call
 from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, select_examples, tensors_of
 

@@ -39,9 +39,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from noisescale._functional import functional_call
 from noisescale._rng import set_rng_state
 from noisescale.per_example.attention import (attention_per_example_grads, attention_supported,
                                               captured_per_example_grads)

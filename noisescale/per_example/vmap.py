@@ -25,9 +25,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from noisescale._functional import functional_call
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
 from noisescale.per_example.checkpointing import checkpointing_off
