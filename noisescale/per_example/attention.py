@@ -50,11 +50,12 @@ class LinearCapture:
     """Between ``start()`` and ``stop()`` (one call of the module's forward), records each call of
     torch.nn.functional's ``linear`` whose weight is one of the module's parameters, or a block of its rows (the
     packed in_proj split for cross-attention), as [weight name, first row, bias (name, first row) or None, input,
-    [output gradient]], the gradient filled by a hook."""
+    [output gradient]], the gradient filled by a hook, whose handle goes to ``hooks`` (removed after the pass)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, hooks: list):
         self._names = {id(p): name for name, p in module.named_parameters()}
         self.blocks: list[list] = []
+        self._hooks = hooks
         self._original = self._wrapper = None
 
     def start(self, args: tuple = (), kwargs: dict | None = None) -> None:
@@ -84,7 +85,7 @@ class LinearCapture:
         if located is not None and output.requires_grad:
             block = [*located, self._locate(bias), input.detach(), [None]]
             self.blocks.append(block)
-            output.register_hook(partial(_keep_first, block[4]))
+            self._hooks.append(output.register_hook(partial(_keep_first, block[4])))
         return output
 
 

@@ -896,14 +896,15 @@ class GhostNormEngine:
         if ghost_pass.sharded:
             return None
         if entry.rule is None and capturable(module):
-            return LinearCapture(module)
+            return LinearCapture(module, ghost_pass.node_hooks)
         if module in self._refused or unrolled_supported(module) or not entry.names:
             return None
         batch = ghost_pass.batch_size
         rows = (x.shape[0] if isinstance(x, Tensor) and x.dim() and x.shape[0] > batch and x.shape[0] % batch == 0
                 else None)
+        # and the parameters of layers it reads without their call
         return ParameterUses({local: module.get_parameter(local) for local in {*entry.names, *self._attached.get(
-            module, ())}}, batch, rows)   # and the parameters of layers it reads without their call
+            module, ())}}, batch, rows, ghost_pass.node_hooks)
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = None
@@ -1025,7 +1026,8 @@ class GhostNormEngine:
                 if output.grad_fn is None or ghost_pass.sharded:
                     ghost_pass.decline(entry, why)
                 else:
-                    output.grad_fn.register_prehook(partial(_decline_when_reached, ghost_pass, entry, why))
+                    ghost_pass.node_hooks.append(output.grad_fn.register_prehook(
+                        partial(_decline_when_reached, ghost_pass, entry, why)))
                 return None
             raise ValueError(
                 f"module {entry.path!r} ({type(module).__name__}) was {why}; ghost norms need dim 0 to be "
@@ -1070,7 +1072,8 @@ class GhostNormEngine:
             hooked_node = node
         # a pre-hook of the output's autograd node (a third of a tensor hook's cost to register): it sees the
         # gradient the layer's backward uses, after any tensor hook on the output
-        hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call))
+        ghost_pass.node_hooks.append(
+            hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call)))
         ghost_pass.hooked_nodes.update((node, hooked_node))
         if not selected:   # its rows in its input's order, which its own search found kept
             ghost_pass.clean_rows.add(node)
@@ -1212,9 +1215,10 @@ class GhostNormEngine:
                     for node, j in inner.get(id(t), ()):
                         ghost_pass.node_hooks.append(node.register_hook(partial(_note_inner, parts, j)))
                     if t.grad_fn is None:   # a leaf returned as it is
-                        t.register_hook(partial(_keep_grad, call, k, parts))
+                        handle = t.register_hook(partial(_keep_grad, call, k, parts))
                     else:   # as for rule layers: after any hook of the caller's on it, before an in-place change
-                        t.grad_fn.register_prehook(partial(_keep_output_grad, call, k, t.output_nr, parts))
+                        handle = t.grad_fn.register_prehook(partial(_keep_output_grad, call, k, t.output_nr, parts))
+                    ghost_pass.node_hooks.append(handle)
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         if call.uses is not None:

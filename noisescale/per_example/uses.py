@@ -128,10 +128,13 @@ class ParameterUses(TorchFunctionMode):
     (local name -> parameter), and of tensors computed from them alone, listed in the module docstring;
     ``complete`` turns False at any other use."""
 
-    def __init__(self, parameters: dict[str, Tensor], batch_size: int, rows: int | None = None):
+    def __init__(self, parameters: dict[str, Tensor], batch_size: int, rows: int | None, hooks: list):
         """``rows``: the call takes the B = ``batch_size`` examples' rows flattened, B k of them (blocks of k,
-        which the caller verifies before using the record: ``GhostPass``)."""
+        which the caller verifies before using the record: ``GhostPass``). ``hooks``: where the handles of the
+        hooks on the pass's tensors go, for the caller to remove after the pass (a hook holds the record, which
+        holds tensors of the graph: kept, the graph could never be freed)."""
         super().__init__()
+        self._hooks = hooks
         self._parameters = parameters
         self._sources = {id(p): (_Source(name), p) for name, p in parameters.items()}   # id -> (source, tensor)
         self.examples = batch_size
@@ -315,7 +318,7 @@ class ParameterUses(TorchFunctionMode):
         if y.shape[0] not in (self.examples, 1) and y.grad_fn is not None:   # rows in blocks
             self._used_rows.append((y.grad_fn, y.output_nr))
         if y.shape[0] != 1 or self.batch_size == 1:
-            y.register_hook(partial(_keep, use.grad))
+            self._hooks.append(y.register_hook(partial(_keep, use.grad)))
         else:   # batch 1: per example only if y is the module's output, broadcast to the B examples (shared)
             self._pending[id(y)] = use
 
@@ -342,7 +345,7 @@ class ParameterUses(TorchFunctionMode):
         if use is None and broadcast is not None and id(output) in self._sources:   # computed from parameters alone
             self._hooked(_Use(self._source(output), "broadcast", output.shape, [None]), broadcast)
         elif use is not None:   # its operands of batch 1 are shared by the B examples too
-            broadcast.register_hook(partial(_keep, use.grad))
+            self._hooks.append(broadcast.register_hook(partial(_keep, use.grad)))
             use.factor = tree_map(lambda t: t.expand(self.batch_size, *t.shape[1:])
                                   if isinstance(t, Tensor) and t.dim() and t.shape[0] == 1 else t, use.factor)
         if self._pending:
