@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from noisescale._graph import autograd_nodes, output_shape
-from noisescale._rng import rng_state
+from noisescale._rng import host_rng_state, rng_state, set_host_rng_state
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.broadcast import (Broadcast, BroadcastGradients, computed_once, picked_owners,
@@ -144,6 +144,7 @@ class GhostPass:
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
     node_hooks: list = field(default_factory=list)   # handles of the pass's hooks on autograd nodes, removed after it
+    host_rng: tuple | None = None   # Python's and NumPy's generators before the pass's first re-run (``_rerun``)
     hooked_nodes: set = field(default_factory=set)   # the output nodes of the rule layers' calls (``graph_uses``)
     graph_captured: set[str] = field(default_factory=set)   # parameters whose products were captured (``graph_uses``)
     check_uses: bool = False   # the pass whose graph is checked for parameters read outside their layers' calls
@@ -443,6 +444,9 @@ class GhostPass:
             self.fallback_calls.clear()
         finally:
             self.replaying = False
+            if self.host_rng is not None:
+                set_host_rng_state(self.host_rng)
+                self.host_rng = None
 
     def _add_found(self, found: list[tuple[GhostModule, dict, FallbackCall | None]]) -> None:
         """The per-example gradients ``finish`` found for the fallback calls, added to the pass's norms, except
@@ -525,6 +529,10 @@ class GhostPass:
         return True
 
     def _rerun(self, module: nn.Module, entry: GhostModule, call: FallbackCall) -> dict:
+        """The call's per-example gradients from re-runs of the module; Python's and NumPy's generators, which its
+        code may draw from, are put back after the pass's re-runs (``finish``)."""
+        if self.host_rng is None:
+            self.host_rng = host_rng_state()
         try:
             with _autocast_as(call):
                 return module_per_example_grads(module, call, list(entry.names), self.batch_size)
