@@ -87,7 +87,7 @@ HESSIAN_NOISE_SCALE_MIN_BATCH = 4  # two halves (gradient, Hessian) of at least 
 Parameters = dict[str, Tensor]
 HVP_METHODS = ("forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse, composite kernels")
 _DIFFERENTIATION = re.compile(r"forward[- ]?(mode )?AD|derivative|double backward|jvp", re.IGNORECASE)
-_NOT_IMPLEMENTED = re.compile(r"not (been )?implemented|not supported|must implement", re.IGNORECASE)
+_NOT_IMPLEMENTED = re.compile(r"not (been )?implemented|not supported|does not support|must implement", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

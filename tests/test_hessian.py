@@ -270,6 +270,30 @@ def test_model_without_forward_ad_or_vmap_gives_what_its_plain_twin_gives(functi
                                _explicit_hessian(model, inputs, targets) @ _flat(vector))
 
 
+def test_spectral_norm_in_train_mode_falls_back_to_reverse_over_reverse():
+    """Its power iteration's ``normalize(out=...)`` has no forward-mode derivative ("Trying to use forward AD with
+    div_out that does not support it", which the fallback's pattern missed: the Hessian proxies raised). Reference:
+    double backward through a copy of the model in the same state; the model's power-iteration buffers are kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(6, 6)), nn.Tanh(),
+                          nn.Linear(6, 3)).double().train()
+    inputs, targets = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    twin, buffers = copy.deepcopy(model), {name: b.clone() for name, b in model.named_buffers()}
+    vector = _random_vector(model)
+
+    got = hessian_vector_product(model, _cross_entropy, inputs, targets, vector)
+
+    parameters = dict(twin.named_parameters())
+    grads = torch.autograd.grad(_cross_entropy(twin(inputs), targets).mean(), list(parameters.values()),
+                                create_graph=True)
+    expected = torch.autograd.grad(sum((g * vector[name]).sum() for name, g in zip(parameters, grads)),
+                                   list(parameters.values()))
+    torch.testing.assert_close(_flat(got), torch.cat([e.flatten() for e in expected]), rtol=1e-10, atol=1e-12)
+    assert hvp_method(model) == "reverse-over-reverse"
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+
 @pytest.mark.parametrize("function", [None, _TanhWithoutForwardAD])
 def test_micro_batches_give_the_estimate_of_their_concatenation(function):
     """Four micro-batches of 4 (the first two the gradient half, the others the Hessian half) give what the batch
