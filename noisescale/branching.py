@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale._checks import check_int
+from noisescale._modes import eval_mode
 from noisescale.controller import couple_learning_rate
 from noisescale.models import sequence_cross_entropy
 from noisescale.text import ByteCorpus
@@ -121,14 +122,12 @@ def validation_loss(model: nn.Module, corpus: ByteCorpus, settings: LanguageMode
                     evaluation_batch: int = 64) -> float:
     """Mean next-byte cross-entropy (nats/byte) over the first ``settings.validation_windows`` validation windows."""
     inputs, targets = corpus.validation_windows(settings.block_size, settings.validation_windows)
-    device, was_training = _device_of(model), model.training
-    model.eval()
+    device = _device_of(model)
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(inputs), evaluation_batch):
             x, y = inputs[start:start + evaluation_batch].to(device), targets[start:start + evaluation_batch].to(device)
             total += float(sequence_cross_entropy(model(x), y).sum())
-    model.train(was_training)
     return total / len(inputs)
 
 

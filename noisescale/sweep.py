@@ -252,9 +252,10 @@ def _evaluate(model, inputs, targets, metric: str, batch_size: int = 1000) -> fl
     import torch
     import torch.nn.functional as F
 
-    model.eval()
+    from noisescale._modes import eval_mode
+
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(targets), batch_size):
             outputs = model(inputs[start: start + batch_size])
             batch_targets = targets[start: start + batch_size]
@@ -262,7 +263,6 @@ def _evaluate(model, inputs, targets, metric: str, batch_size: int = 1000) -> fl
                 total += (outputs.argmax(1) == batch_targets).sum().item()
             else:
                 total += F.cross_entropy(outputs, batch_targets, reduction="sum").item()
-    model.train()
     return total / len(targets)
 
 

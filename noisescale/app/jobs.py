@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from noisescale._modes import eval_mode
 from noisescale.app.options import (
     DEFAULT_LOSS, DEFAULT_MODEL, JobData, build_model, check_first_batch, load_job_data, load_loss,
     resolve_device_option,
@@ -137,10 +138,8 @@ class Evaluation:
 def evaluate(model: torch.nn.Module, loss_fn: Callable, dataset: Dataset, device: torch.device,
              batch_size: int = 1000) -> Evaluation:
     """:class:`Evaluation` of ``model`` (in eval mode, without gradients) on ``dataset``."""
-    was_training = model.training
-    model.eval()
     loss_sum, correct, counted, classification = 0.0, 0, 0, True
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             indices = torch.arange(start, min(start + batch_size, len(dataset)))
             inputs, targets = to_device(fetch_examples(dataset, indices), device)
@@ -151,7 +150,6 @@ def evaluate(model: torch.nn.Module, loss_fn: Callable, dataset: Dataset, device
                 kept = targets >= 0
                 correct += (outputs.argmax(-1) == targets)[kept].sum().item()
                 counted += int(kept.sum())
-    model.train(was_training)
     accuracy = correct / counted if classification and counted else None
     return Evaluation(loss=loss_sum / len(dataset), accuracy=accuracy, examples=len(dataset))
 

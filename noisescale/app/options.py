@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, random_split
 
+from noisescale._modes import eval_mode
 from noisescale.batches import batch_size_of, call_model, fetch_examples, to_device
 from noisescale.devices import resolve_device
 
@@ -243,9 +244,7 @@ def check_first_batch(model: torch.nn.Module, loss_fn: Callable, dataset: Datase
         raise UsageError(f"cannot make a batch of the first two training examples: {one_line(error)}; check "
                          f"{named}") from error
     described = _shapes(inputs)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             try:
@@ -263,8 +262,6 @@ def check_first_batch(model: torch.nn.Module, loss_fn: Callable, dataset: Datase
             except Exception as error:
                 raise UsageError(f"the loss cannot take the model's outputs {_shapes(outputs)} and targets "
                                  f"{_shapes(targets)}: {one_line(error)}; check {named}") from error
-    finally:
-        model.train(was_training)
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (count,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise UsageError(f"--loss {specs.get('--loss', DEFAULT_LOSS)!r}: returned {shape} for {count} examples; a "

@@ -27,8 +27,7 @@ gradient between the examples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from noisescale._buffers import kept_buffers
+from noisescale._modes import eval_mode
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
 from noisescale.batches import call_model, map_tensors, tensors_of
 from noisescale.per_example.checkpointing import checkpointing_off
@@ -199,7 +199,7 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
     kept), or, where the model's forward needs grad (it hooks its tensors), with grad and detached at once (one
     forward's graph at a time, where ``run`` keeps nothing else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    with (_eval_mode(model), kept_buffers(model), isolated_rng(parameters), sharding_kept(model),
+    with (eval_mode(model), kept_buffers(model), isolated_rng(parameters), sharding_kept(model),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
         state, host = rng_state(device), host_rng_state()
 
@@ -216,18 +216,6 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
                 raise
             with torch.enable_grad():
                 return one(inputs), one(replaced_inputs)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode, and back to its own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _tolerance(values: Tensor, parameters: list[Tensor]) -> float:
