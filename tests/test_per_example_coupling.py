@@ -146,6 +146,37 @@ def test_the_check_runs_once_per_plan_and_puts_buffers_back():
     assert len(forwards) == 8 and int(model.calls) == 4 and not model.training
 
 
+def test_a_forward_advancing_a_counter_its_output_reads_is_not_taken_for_coupling():
+    """A temperature annealed by a step count the forward advances (in every mode): the check's second forward saw
+    the counter one step on, its losses all moved, and the independent loss was refused as coupled (an audit's
+    finding). Each of the two forwards now starts from the same buffers. Reference: the loop over examples."""
+    class Annealed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+            self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x):
+            self.steps += 1
+            return self.layer(x) / (1 + 0.1 * self.steps)
+
+    def loss(outputs, targets):
+        return (outputs - targets).square().sum(1)
+
+    model = Annealed().double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(7))
+    y = torch.randn(5, 2, dtype=torch.float64, generator=generator(8))
+    result = PerExampleGradNorms(model, loss)(x, y)
+    assert int(model.steps) == 1
+    model.steps.zero_()   # the loop's forwards from the same count as the measured one
+    expected = []
+    for i in range(5):
+        expected.append(sum(g.square().sum() for g in torch.autograd.grad(
+            loss(model(x[i:i + 1]), y[i:i + 1]).sum(), list(model.parameters()))))
+        model.steps.zero_()
+    assert_relclose(result.sqnorms, torch.stack(expected))
+
+
 def test_identical_examples_leave_the_check_to_a_later_batch():
     """With every example's inputs the same, there is nothing to replace example 0 with: that call is not checked
     (and raises nothing for a coupled loss), and the next call, whose examples differ, is."""

@@ -68,7 +68,9 @@ class Coupling:
             "their own loss), or pass check_independence=False (to PerExampleGradNorms, NoiseScaleMonitor, or "
             "AdaptiveTrainer's monitor_options) to measure anyway: each layer's share of the batch gradient through "
             "each example's own rows, which is neither a loop's over single examples nor dl_i/dtheta on the batch, "
-            "and parameters the whole-model vmap measures get the loop's")
+            "and parameters the whole-model vmap measures get the loop's. (A forward that draws from a "
+            "torch.Generator of its own also moves the losses between the two forwards of this check, which "
+            "replay the global random streams only: there, check_independence=False is right.)")
 
 
 def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]] | None:
@@ -195,18 +197,20 @@ def _replaced_forwards(model: nn.Module, inputs: Any, batch_size: int, parameter
 def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, parameters: list[Tensor],
                    run: Callable[[Any], Any]) -> tuple[Any, Any]:
     """``run(model(inputs))`` and ``run(model(replaced_inputs))`` in eval mode, each from the same copy of the random
-    streams, with the model's modes and buffers put back afterwards. Without grad (a forward's activations are not
+    streams and of the model's buffers (a step counter the forward advances), with its modes and buffers put back
+    afterwards. Without grad (a forward's activations are not
     kept), or, where the model's forward needs grad (it hooks its tensors), with grad and detached at once (one
     forward's graph at a time, where ``run`` keeps nothing else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    with (eval_mode(model), kept_buffers(model), isolated_rng(parameters), sharding_kept(model),
+    with (eval_mode(model), isolated_rng(parameters), sharding_kept(model),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
         state, host = rng_state(device), host_rng_state()
 
         def one(batch: Any) -> Any:
             set_rng_state(state, device)
             set_host_rng_state(host)
-            return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, run(call_model(model, batch)))
+            with kept_buffers(model):
+                return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, run(call_model(model, batch)))
 
         try:
             with torch.no_grad():
