@@ -301,7 +301,8 @@ class _GradientTaps:
     def cover(self, parameters: dict[str, nn.Parameter]) -> None:
         """Tap exactly these parameters (the plan's trainable ones), replacing the taps of an older plan."""
         self.close()
-        self._handles = [p.register_hook(partial(self._on_grad, name)) for name, p in parameters.items()]
+        self._handles = [p.register_hook(torch.utils.hooks.unserializable_hook(partial(self._on_grad, name)))
+                         for name, p in parameters.items()]   # (not pickled with the parameter: no warning)
 
     def _on_grad(self, name: str, grad: Tensor) -> None:
         listener = self.listener

@@ -785,6 +785,12 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 class GhostNormEngine:
     """Installs a forward pre-hook and a forward hook on each given module; inactive outside ``recording``."""
 
+    def __reduce__(self):
+        """A copy of the model (``torch.save(model)``, ``copy.deepcopy(model)``: an EMA model) gets hooks of an
+        engine of no modules, which do nothing: the copy is not measured, and this engine (weak references, the
+        pass) is neither copied nor pickled (which raised)."""
+        return GhostNormEngine, ([],)
+
     def __init__(self, modules: list[nn.Module], root: nn.Module | None = None, resharding: Iterable[nn.Module] = ()):
         """``resharding``: modules that reshard their parameters in a forward hook of their own (FSDP2's units):
         this engine's forward hook runs before theirs, while the parameters a fallback copies are whole."""
