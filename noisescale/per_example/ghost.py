@@ -143,7 +143,9 @@ class GhostPass:
     broadcasts: BroadcastGradients | None = None   # outputs computed once for every example (``share``)
     shared: dict[int, tuple[Broadcast, GhostModule, Any]] = field(default_factory=dict)   # id -> (.., entry, call)
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
-    node_hooks: list = field(default_factory=list)   # handles of the pass's hooks on autograd nodes, removed after it
+    # handles of the hooks the pass puts on autograd nodes and tensors, removed after it: a hook holds the pass's
+    # records through the C++ node, a cycle the garbage collector cannot see, which kept every step's tensors
+    node_hooks: list = field(default_factory=list)
     host_rng: tuple | None = None   # Python's and NumPy's generators before the pass's first re-run (``_rerun``)
     hooked_nodes: set = field(default_factory=set)   # the output nodes of the rule layers' calls (``graph_uses``)
     graph_captured: set[str] = field(default_factory=set)   # parameters whose products were captured (``graph_uses``)
@@ -785,12 +787,6 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 class GhostNormEngine:
     """Installs a forward pre-hook and a forward hook on each given module; inactive outside ``recording``."""
 
-    def __reduce__(self):
-        """A copy of the model (``torch.save(model)``, ``copy.deepcopy(model)``: an EMA model) gets hooks of an
-        engine of no modules, which do nothing: the copy is not measured, and this engine (weak references, the
-        pass) is neither copied nor pickled (which raised)."""
-        return GhostNormEngine, ([],)
-
     def __init__(self, modules: list[nn.Module], root: nn.Module | None = None, resharding: Iterable[nn.Module] = ()):
         """``resharding``: modules that reshard their parameters in a forward hook of their own (FSDP2's units):
         this engine's forward hook runs before theirs, while the parameters a fallback copies are whole."""
@@ -817,6 +813,12 @@ class GhostNormEngine:
         if root is not None:   # after the model's forward, the shared outputs' consumers are in the graph;
             # before FSDP2 reshards a root that reshards after its forward (its parameters read as .weight)
             self._handles.append(root.register_forward_hook(self._after_model, prepend=root in resharding))
+
+    def __reduce__(self):
+        """A copy of the model (``torch.save(model)``, ``copy.deepcopy(model)``: an EMA model) gets hooks of an
+        engine of no modules, which do nothing: the copy is not measured, and this engine (weak references, the
+        pass) is neither copied nor pickled (which raised)."""
+        return GhostNormEngine, ([],)
 
     def close(self) -> None:
         for handle in self._handles:
