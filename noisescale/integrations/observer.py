@@ -126,6 +126,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         if process_group is not None:
             self.process_group = process_group
         self.options = options
+        self.closed = False
         self._step_open = False
         self._micro_batch: contextlib.AbstractContextManager | None = None
         self._reset_step()
@@ -191,6 +192,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._step_open = False
         self._reset_step()
         super().close()
+        self.closed = True
 
     def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
