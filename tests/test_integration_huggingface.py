@@ -498,6 +498,25 @@ def test_train_removes_its_hooks_and_a_later_train_installs_them_again(tmp_path)
     assert trainer.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
 
 
+def test_a_later_train_resumed_from_a_checkpoint_continues_the_checkpoints_averages(tmp_path):
+    """The same trainer's train(resume_from_checkpoint=...) takes the checkpoint's averages, not the later ones of
+    the run that wrote it (as a new trainer does)."""
+    args = _args(tmp_path, 1)
+    args.save_strategy, args.save_steps = "steps", 2
+    trainer = NoiseScaleTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(),
+                                noise_scale=NoiseScaleOptions(ema_decay=0.5))
+    trainer.train()
+    first = trainer.noise_scale.history
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.noise_scale.step == 3
+    resumed = trainer.noise_scale.history
+    assert resumed["step"].tolist() == [2]   # the history in the JSON checkpoint is left out
+    average = ExponentialMovingNoiseScale(0.5)   # steps 0 and 1 of the first run, step 2 of the resumed one
+    for row in [*first.iloc[:2].itertuples(), *resumed.itertuples()]:
+        average.update(row.trace_sigma, row.grad_sqnorm)
+    assert trainer.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
+
+
 class InterruptedTrainer(RecordingTrainer):
     """Test-only: a ctrl-c after the forward of optimizer step 1's second micro-batch, before its backward (once)."""
 
