@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
 import os
 
@@ -20,6 +21,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from _left_behind import compiles, hooks_on  # noqa: E402
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load  # noqa: E402
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
@@ -466,6 +468,87 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
             average.update(row.trace_sigma, row.grad_sqnorm)
     assert resumed.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
     assert resumed.noise_scale.summary().grad_sqnorm == pytest.approx(average.grad_sqnorm, rel=1e-12)
+
+
+def test_train_removes_its_hooks_and_a_later_train_installs_them_again(tmp_path):
+    """After train() the model holds none of the monitor's hooks, so torch.save(model) pickles it (before, 47 hooks
+    stayed and the pickle failed on their weak references); the history and summary stay readable, and a second
+    train() measures again, continuing the averages."""
+    options = NoiseScaleOptions(ema_decay=0.5)
+    trainer = RecordingTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(),
+                               noise_scale=options)
+    trainer.train()
+    assert hooks_on(trainer.model) == hooks_on(tiny_gpt2()) == {}
+    buffer = io.BytesIO()
+    torch.save(trainer.model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), trainer.model.parameters()))
+    assert math.isfinite(trainer.noise_scale.summary().trace_sigma)
+
+    trainer.train()
+    assert hooks_on(trainer.model) == {}
+    history = trainer.noise_scale.history
+    assert history["step"].tolist() == list(range(6))
+    for row in history.itertuples():
+        _assert_the_gpt2_steps_estimate(row, trainer.recorded[row.step], 1)
+    average = ExponentialMovingNoiseScale(0.5)   # over both runs' six steps
+    for row in history.itertuples():
+        average.update(row.trace_sigma, row.grad_sqnorm)
+    assert trainer.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
+
+
+def test_a_later_train_resumed_from_a_checkpoint_continues_the_checkpoints_averages(tmp_path):
+    """The same trainer's train(resume_from_checkpoint=...) takes the checkpoint's averages, not the later ones of
+    the run that wrote it (as a new trainer does)."""
+    args = _args(tmp_path, 1)
+    args.save_strategy, args.save_steps = "steps", 2
+    trainer = NoiseScaleTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(),
+                                noise_scale=NoiseScaleOptions(ema_decay=0.5))
+    trainer.train()
+    first = trainer.noise_scale.history
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.noise_scale.step == 3
+    resumed = trainer.noise_scale.history
+    assert resumed["step"].tolist() == [2]   # the history in the JSON checkpoint is left out
+    average = ExponentialMovingNoiseScale(0.5)   # steps 0 and 1 of the first run, step 2 of the resumed one
+    for row in [*first.iloc[:2].itertuples(), *resumed.itertuples()]:
+        average.update(row.trace_sigma, row.grad_sqnorm)
+    assert trainer.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
+
+
+class InterruptedTrainer(RecordingTrainer):
+    """Test-only: a ctrl-c after the forward of optimizer step 1's second micro-batch, before its backward (once)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if len(self.recorded) == 2 and len(self.recorded[1]["batches"]) == 2 and not hasattr(self, "interrupted"):
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return loss
+
+
+def test_an_exception_in_a_step_leaves_the_model_and_the_process_as_they_were(tmp_path):
+    """A ctrl-c in the middle of a step: before, the monitor's pass stayed armed on the model with its hooks,
+    the process stayed in torch.compile's force_eager stance (no compile called its backend any more), and a
+    second train() counted the abandoned step's first micro-batch in its own first step."""
+    accumulation = 2
+    assert compiles()
+    trainer = InterruptedTrainer(model=tiny_gpt2(), args=_args(tmp_path, accumulation), train_dataset=_token_dataset())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert compiles()
+    assert hooks_on(trainer.model) == {}
+    assert trainer.noise_scale.step == 1   # step 0; step 1 was abandoned
+    trainer.recorded.pop()
+
+    trainer.train()   # again, from step 0 of the Trainer
+    history = trainer.noise_scale.history
+    assert history["step"].tolist() == list(range(4))
+    assert history["micro_batches"].tolist() == [accumulation] * 4
+    for row in history.itertuples():
+        _assert_the_gpt2_steps_estimate(row, trainer.recorded[row.step], accumulation)
+    assert hooks_on(trainer.model) == {}
 
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from _left_behind import compiles, hooks_on
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
                                    micro_batch_noise_scale, simple_noise_scale)
@@ -386,6 +387,47 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
     for row in history.itertuples():
         average.update(row.trace_sigma, row.grad_sqnorm)
     assert resumed.monitor.summary().b_simple == pytest.approx(average.b_simple, rel=1e-12)
+
+
+class InterruptedModule(TinyModule):
+    """Raises in the forward of optimizer step 1's second micro-batch (once), as a bad batch would."""
+
+    def forward(self, x):
+        if self.training and self.trainer.global_step == 1 and not hasattr(self, "interrupted"):
+            self.step_1_calls = getattr(self, "step_1_calls", 0) + 1
+            if self.step_1_calls == 2:
+                self.interrupted = True
+                raise RuntimeError("a bad batch")
+        return super().forward(x)
+
+
+def test_an_exception_in_fit_leaves_the_module_and_the_process_as_they_were(tmp_path):
+    """Before, an exception escaping fit() left the monitor's hooks on the module (on_fit_end never ran), its
+    pass armed and the process in torch.compile's force_eager stance (no compile called its backend any more)."""
+    accumulation, callback, module = 2, NoiseScaleCallback(), InterruptedModule()
+    assert compiles()
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        _fit(tmp_path, accumulation, [callback], make_module=lambda dropout: module)
+    assert compiles()
+    assert hooks_on(module) == {}
+    assert callback.monitor.step == 1   # step 0; step 1 was abandoned
+
+    recorder = RecordBatches()   # a second fit of the same module measures its steps from where the first stopped
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=accumulation,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[recorder, callback])
+    trainer.fit(module, _loader())
+    assert hooks_on(module) == {}
+    history = callback.monitor.history
+    assert history["step"].tolist() == [0, 1, 2]
+    assert history["micro_batches"].tolist() == [accumulation] * 3
+    for row, step in zip(history.iloc[1:].itertuples(), recorder.steps):
+        reference = TinyModule()
+        reference.load_state_dict(step["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+        estimate = simple_noise_scale(*_naive_norms(reference, x, y))
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
 
 
 # ------------------------------------------------------------------- FSDP2 under ModelParallelStrategy, 2 gloo ranks

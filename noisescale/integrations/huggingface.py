@@ -80,7 +80,8 @@ class NoiseScaleCheckpointState(TrainerCallback, ExportableState):
 class NoiseScaleTrainerMixin:
     """Measures the gradient noise scale in every training step of the ``Trainer`` it is mixed into (module
     docstring). ``noise_scale``: a :class:`~noisescale.integrations.observer.NoiseScaleOptions` (defaults if None).
-    After ``train()``, ``self.noise_scale`` is the monitor (history, summary(), state_dict())."""
+    After ``train()``, ``self.noise_scale`` is the monitor (history, summary(), state_dict()), its hooks removed
+    from the model; a later ``train()`` installs them again and continues its averages."""
 
     def __init__(self, *args: Any, noise_scale: NoiseScaleOptions | None = None, **kwargs: Any) -> None:
         if noise_scale is not None and not isinstance(noise_scale, NoiseScaleOptions):
@@ -89,6 +90,15 @@ class NoiseScaleTrainerMixin:
         self.noise_scale_options = noise_scale or NoiseScaleOptions()
         self.noise_scale: ObservingNoiseScaleMonitor | None = None
         self.add_callback(NoiseScaleCheckpointState())
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's own ``train``; when it ends, by an exception too, the monitor's hooks are removed (an open
+        micro-batch disarmed), so the model is left as it was: no armed pass, no eager stance, picklable."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.noise_scale is not None:
+                self.noise_scale.close()
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
@@ -105,19 +115,21 @@ class NoiseScaleTrainerMixin:
         return loss
 
     def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:
-        if self.noise_scale is None:
+        if self.noise_scale is None or self.noise_scale.closed:   # the first step of this train()
             if self.is_deepspeed_enabled:
                 raise ValueError("noise_scale cannot be measured under DeepSpeed; use DDP or FSDP (torchrun / "
                                  "accelerate launch without a DeepSpeed config)")
             if self.args.n_gpu > 1:
                 raise ValueError(f"noise_scale cannot be measured under torch.nn.DataParallel ({self.args.n_gpu} GPUs "
                                  "in one process); launch one process per GPU with torchrun or accelerate launch")
-            self.noise_scale = ObservingNoiseScaleMonitor(model, self.noise_scale_options)
+            previous, self.noise_scale = self.noise_scale, ObservingNoiseScaleMonitor(model, self.noise_scale_options)
             stored = self.state.stateful_callbacks.get(NoiseScaleCheckpointState.__name__)
             stored = stored[0] if isinstance(stored, list) else stored
             saved = (stored or {}).get("attributes", {}).get("monitor_state")
             if self.state.global_step > 0 and saved is not None:  # resumed from a checkpoint
                 self.noise_scale.load_state_dict(saved)
+            elif previous is not None:   # a later train(): the averages continue
+                self.noise_scale.load_state_dict(previous.state_dict())
         self.noise_scale.adaptive_optimizer = adapts_per_coordinate(self.optimizer)  # (after a resume too)
         for callback in self.callback_handler.callbacks:  # the Trainer may have replaced it when resuming
             if isinstance(callback, NoiseScaleCheckpointState):

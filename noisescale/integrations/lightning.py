@@ -99,8 +99,17 @@ class NoiseScaleCallback(Callback):
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self.monitor.close()  # the hooks go; the averages and history stay, and a later fit continues them
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()  # fit() stopped by an exception (Lightning calls no teardown hook then)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """The hooks go, and a micro-batch left open is disarmed; the averages and history stay, and a later fit
+        continues them."""
+        if self.monitor is not None:
+            self.monitor.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: the monitor's averages and history."""

@@ -126,6 +126,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         if process_group is not None:
             self.process_group = process_group
         self.options = options
+        self.closed = False
         self._step_open = False
         self._micro_batch: contextlib.AbstractContextManager | None = None
         self._reset_step()
@@ -183,6 +184,15 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             dropped = RuntimeError("micro-batch dropped")
             micro_batch.__exit__(type(dropped), dropped, None)  # removes the hooks' state, records nothing
             self._sizes.pop()
+
+    def close(self) -> None:
+        """Remove the hooks from the model, after disarming a micro-batch left open and forgetting the step it
+        began (training stopped by an exception in its middle); the history and averages stay readable."""
+        self._drop_open_micro_batch()
+        self._step_open = False
+        self._reset_step()
+        super().close()
+        self.closed = True
 
     def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
