@@ -273,8 +273,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             "b_simple_two_batch": self.two_batch_average.b_simple,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"two_batch_average": self.two_batch_average.state_dict()}
+    def _state(self) -> dict[str, Any]:
+        return super()._state() | {"two_batch_average": self.two_batch_average.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
