@@ -559,16 +559,18 @@ def measure(
     from tqdm.auto import tqdm
 
     monitor_options.setdefault("ema_decay", 0.999)
-    saved_grads = {name: p.grad for name, p in model.named_parameters()}
-    with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
-        for index, (inputs, targets) in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
-            if max_batches is not None and index >= max_batches:
-                break
-            if device is not None:
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
-            model.zero_grad(set_to_none=True)
-            monitor(inputs, targets)
-    for name, p in model.named_parameters():
-        p.grad = saved_grads[name]
+    saved_grads = {name: p.grad for name, p in model.named_parameters()}   # set to None, not written to, below
+    try:
+        with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
+            for index, (inputs, targets) in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
+                if max_batches is not None and index >= max_batches:
+                    break
+                if device is not None:
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                model.zero_grad(set_to_none=True)
+                monitor(inputs, targets)
+    finally:   # also when interrupted (a KeyboardInterrupt from the loader)
+        for name, p in model.named_parameters():
+            p.grad = saved_grads[name]
     return monitor
 

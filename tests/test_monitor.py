@@ -278,6 +278,26 @@ def test_a_call_failing_in_the_hessian_proxies_leaves_p_grad_and_the_monitor_as_
     assert {**plain.state_dict(), "history": None} == {**retried.state_dict(), "history": None}
 
 
+def test_measure_interrupted_by_its_loader_leaves_p_grad_as_it_was():
+    """measure() put the gradients back only after its loop: a KeyboardInterrupt from the loader on batch 3 left
+    p.grad as batch 2's gradient, a new tensor. Now each p.grad is the user's own tensor, with its values (or None)."""
+    model = FailingLinear()
+    model.linear.weight.grad = torch.full_like(model.linear.weight, 7.0)
+    held, values = model.linear.weight.grad, model.linear.weight.grad.clone()
+    generator = torch.Generator().manual_seed(0)
+
+    def loader():
+        for index in range(4):
+            if index == 2:
+                raise KeyboardInterrupt
+            yield torch.randn(8, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (8,))
+
+    with pytest.raises(KeyboardInterrupt):
+        measure(model, per_example_cross_entropy, loader(), progress=False, check_independence=False)
+    assert model.calls == 2   # two batches were measured
+    assert model.linear.weight.grad is held and torch.equal(held, values) and model.linear.bias.grad is None
+
+
 def test_bad_arguments_name_the_argument():
     model = small_cnn()
     with pytest.raises(ValueError, match="measure_every"):
