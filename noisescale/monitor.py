@@ -20,10 +20,11 @@ Hessian probes and any torch.func fallback run on a forked random-number stream.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovin
                                    simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
+from noisescale.per_example.api import _GradSnapshot
 from noisescale.per_example.layers import batch_statistics_path
 from noisescale.sharded import is_sharded
 
@@ -303,23 +305,39 @@ class NoiseScaleMonitor:
         loss_scale = loss_scale_of(self.grad_scaler, next(self.model.parameters()).device)
         batch_size = batch_size_of(inputs)
         measured = self.step % self.measure_every == 0
-        if measured:
-            result = self.norms(inputs, targets, loss_scale=loss_scale)
-            self.backend_of = dict(result.backend_of)
-            loss = result.loss
-            row = self._measure(result.losses, result.sqnorms, result.grad_sqnorm, batch_size)
-        else:
-            losses = self.loss_fn(call_model(self.model, inputs), targets)  # the hooks are inert here
-            (losses.mean() * loss_scale).backward()
-            loss = losses.detach().mean()
-            row = {"loss": loss.item(), "measured": False}
-        if self.hessian_every and self.step % self.hessian_every == 0:
-            row |= self._hessian((inputs, targets))
-        self.examples_seen += batch_size
-        row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size, **row}
-        self._record(row)
-        self.step += 1
+        with self._undone_on_failure():
+            if measured:
+                result = self.norms(inputs, targets, loss_scale=loss_scale)
+                self.backend_of = dict(result.backend_of)
+                loss = result.loss
+                row = self._measure(result.losses, result.sqnorms, result.grad_sqnorm, batch_size)
+            else:
+                losses = self.loss_fn(call_model(self.model, inputs), targets)  # the hooks are inert here
+                (losses.mean() * loss_scale).backward()
+                loss = losses.detach().mean()
+                row = {"loss": loss.item(), "measured": False}
+            if self.hessian_every and self.step % self.hessian_every == 0:
+                row |= self._hessian((inputs, targets))
+            self.examples_seen += batch_size
+            row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size, **row}
+            self._record(row)
+            self.step += 1
         return loss
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self) -> Iterator[None]:
+        """If the block raises (KeyboardInterrupt included), p.grad and the monitor's state (averages, counters,
+        history) are put back as before it: the Hessian proxies, say, fail after the step's backward, and a
+        retried step must count its batch once."""
+        grads = _GradSnapshot(list(self.model.parameters()))
+        state, rows, backend_of = self._state(), len(self._rows), self.backend_of
+        try:
+            yield
+        except BaseException:
+            grads.restore()
+            self.load_state_dict(state | {"history": self._rows[:rows]})
+            self.backend_of = backend_of
+            raise
 
     def _measure(self, losses, sqnorms, grad_sqnorm, batch_size: int,
                  unit_sizes: list[int] | None = None) -> dict[str, Any]:
@@ -456,13 +474,16 @@ class NoiseScaleMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""
+        return self._state() | {"history": [to_plain(row) for row in self._rows]}
+
+    def _state(self) -> dict[str, Any]:
+        """``state_dict`` without the history."""
         return {
             "step": self.step,
             "examples_seen": self.examples_seen,
             "nonfinite_steps": self.nonfinite_steps,
             "average": self.average.state_dict(),
             "hessian_average": self.hessian_average.state_dict(),
-            "history": [to_plain(row) for row in self._rows],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -538,16 +559,18 @@ def measure(
     from tqdm.auto import tqdm
 
     monitor_options.setdefault("ema_decay", 0.999)
-    saved_grads = {name: p.grad for name, p in model.named_parameters()}
-    with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
-        for index, (inputs, targets) in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
-            if max_batches is not None and index >= max_batches:
-                break
-            if device is not None:
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
-            model.zero_grad(set_to_none=True)
-            monitor(inputs, targets)
-    for name, p in model.named_parameters():
-        p.grad = saved_grads[name]
+    saved_grads = {name: p.grad for name, p in model.named_parameters()}   # set to None, not written to, below
+    try:
+        with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
+            for index, (inputs, targets) in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
+                if max_batches is not None and index >= max_batches:
+                    break
+                if device is not None:
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                model.zero_grad(set_to_none=True)
+                monitor(inputs, targets)
+    finally:   # also when interrupted (a KeyboardInterrupt from the loader)
+        for name, p in model.named_parameters():
+            p.grad = saved_grads[name]
     return monitor
 

@@ -155,50 +155,53 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of the micro-batches into p.grad (which must start at zero or None); one
         history row for the whole batch. Returns the batch's mean loss (detached)."""
-        sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
-        batch_size = sum(sizes)
-        measured = self.step % self.measure_every == 0
-        by_micro_batches = measured and self._normalises_with_batch_statistics()
-        losses, sqnorms, micro_sqnorms = [], [], []
-        for index, ((inputs, targets), size) in enumerate(zip(micro_batches, sizes)):
-            share = size / batch_size
-            # under DDP only the last micro-batch's backward all-reduces the accumulated gradient
-            synchronise = self.process_group is None or index == len(sizes) - 1
-            with self._gradient_sync(synchronise):
-                if measured and not by_micro_batches:
-                    result = self.norms(inputs, targets, loss_scale=loss_scale * share)
-                    losses.append(result.losses)
-                    sqnorms.append(result.sqnorms)
-                    micro_sqnorms.append(result.grad_sqnorm)
-                    continue
-                # the ghost hooks are inert outside a measured pass
-                with GradientSquaredNorm(self.model, loss_scale * share, by_micro_batches) as tap:
-                    micro_losses = self.loss_fn(call_model(self.model, inputs), targets)
-                    (micro_losses.mean() * (loss_scale * share)).backward()
-                losses.append(micro_losses.detach())
-                if by_micro_batches:
-                    micro_sqnorms.append(tap.sqnorm())
-        all_losses = torch.cat(losses)
-        if self.process_group is not None:
-            all_losses, sqnorms, micro_sqnorms, sizes = self._gather_ranks(all_losses, sqnorms, micro_sqnorms, sizes)
+        with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
+            sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
             batch_size = sum(sizes)
-        loss = all_losses.float().mean()
-        if measured:
-            # one micro-batch on one process: the hooks read |gbar|^2; else p.grad holds the (all-reduced) sum
-            grad_sqnorm = micro_sqnorms[0] if len(sizes) == 1 else self._accumulated_grad_sqnorm(loss_scale)
-            if by_micro_batches:
-                row = self._measure(all_losses, torch.stack(micro_sqnorms), grad_sqnorm, batch_size, unit_sizes=sizes)
+            measured = self.step % self.measure_every == 0
+            by_micro_batches = measured and self._normalises_with_batch_statistics()
+            losses, sqnorms, micro_sqnorms = [], [], []
+            for index, ((inputs, targets), size) in enumerate(zip(micro_batches, sizes)):
+                share = size / batch_size
+                # under DDP only the last micro-batch's backward all-reduces the accumulated gradient
+                synchronise = self.process_group is None or index == len(sizes) - 1
+                with self._gradient_sync(synchronise):
+                    if measured and not by_micro_batches:
+                        result = self.norms(inputs, targets, loss_scale=loss_scale * share)
+                        losses.append(result.losses)
+                        sqnorms.append(result.sqnorms)
+                        micro_sqnorms.append(result.grad_sqnorm)
+                        continue
+                    # the ghost hooks are inert outside a measured pass
+                    with GradientSquaredNorm(self.model, loss_scale * share, by_micro_batches) as tap:
+                        micro_losses = self.loss_fn(call_model(self.model, inputs), targets)
+                        (micro_losses.mean() * (loss_scale * share)).backward()
+                    losses.append(micro_losses.detach())
+                    if by_micro_batches:
+                        micro_sqnorms.append(tap.sqnorm())
+            all_losses = torch.cat(losses)
+            if self.process_group is not None:
+                all_losses, sqnorms, micro_sqnorms, sizes = self._gather_ranks(all_losses, sqnorms, micro_sqnorms,
+                                                                               sizes)
+                batch_size = sum(sizes)
+            loss = all_losses.float().mean()
+            if measured:
+                # one micro-batch on one process: the hooks read |gbar|^2; else p.grad holds the (all-reduced) sum
+                grad_sqnorm = micro_sqnorms[0] if len(sizes) == 1 else self._accumulated_grad_sqnorm(loss_scale)
+                if by_micro_batches:
+                    row = self._measure(all_losses, torch.stack(micro_sqnorms), grad_sqnorm, batch_size,
+                                        unit_sizes=sizes)
+                else:
+                    row = self._measure(all_losses, torch.cat(sqnorms), grad_sqnorm, batch_size)
+                    row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
             else:
-                row = self._measure(all_losses, torch.cat(sqnorms), grad_sqnorm, batch_size)
-                row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
-        else:
-            row = {"loss": loss.item(), "measured": False}
-        if self.hessian_every and self.step % self.hessian_every == 0:
-            row |= self._hessian(*micro_batches)
-        self.examples_seen += batch_size
-        self._record({"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
-                      "micro_batches": len(sizes), **row})
-        self.step += 1
+                row = {"loss": loss.item(), "measured": False}
+            if self.hessian_every and self.step % self.hessian_every == 0:
+                row |= self._hessian(*micro_batches)
+            self.examples_seen += batch_size
+            self._record({"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
+                          "micro_batches": len(sizes), **row})
+            self.step += 1
         return loss.detach()
 
     def _normalises_with_batch_statistics(self) -> bool:
@@ -273,8 +276,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             "b_simple_two_batch": self.two_batch_average.b_simple,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"two_batch_average": self.two_batch_average.state_dict()}
+    def _state(self) -> dict[str, Any]:
+        return super()._state() | {"two_batch_average": self.two_batch_average.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -433,10 +436,11 @@ class AdaptiveTrainer:
 
     def step(self) -> dict[str, Any]:
         """One optimizer step on the next batch; returns its history row. A step that raises (an error in the
-        model or the loss, Ctrl-C) takes no batch: the sampler and the random stream are put back and p.grad is
-        cleared, so the next call draws the same batch (before, the batch was lost from the epoch)."""
+        model or the loss, Ctrl-C) takes no batch: the sampler, the random stream and the learning rates are put
+        back, p.grad is cleared and the monitor puts back its averages, so the next call draws the same batch and
+        counts it once (before, the batch was lost from the epoch)."""
         started = time.perf_counter()
-        sampler_state, rng_before = self.sampler.state_dict(), rng_state(self.device)
+        sampler_state, rng_before, rates = self.sampler.state_dict(), rng_state(self.device), self._learning_rates()
         statistics = RunningStatistics(self.model)   # put back on a failed, retried or skipped step
         try:
             batch_size = self._batch_size_for_step()
@@ -448,6 +452,7 @@ class AdaptiveTrainer:
         except BaseException:
             self.sampler.load_state_dict(sampler_state)
             set_rng_state(rng_before, self.device)
+            self._set_learning_rates(rates)   # a schedule set the failed step's
             statistics.restore()
             self.optimizer.zero_grad(set_to_none=True)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -223,6 +224,78 @@ def test_hessian_proxies_skip_batches_too_small_for_them_and_leave_training_alon
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-6, atol=1e-8)
     assert len(monitor.history) == 1 and monitor.history["trace_sigma"].notna().all()
     assert "b_noise" not in monitor.history or monitor.history["b_noise"].isna().all()
+
+
+class FailingLinear(torch.nn.Module):
+    """A float64 linear model whose forward raises ``error`` from its ``fail_at``-th call on (None: never)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 3, dtype=torch.float64)
+        self.calls, self.fail_at, self.error = 0, None, RuntimeError
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise self.error(f"forward {self.calls}")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("accumulated", [False, True], ids=["grad-none", "grad-accumulated"])
+def test_a_call_failing_in_the_hessian_proxies_leaves_p_grad_and_the_monitor_as_they_were(error, accumulated):
+    """The Hessian proxies run after the step's backward: a failure there (Ctrl-C included) left the batch's gradient
+    in p.grad (None became it, ones became ones + it) and the averages updated with monitor.step unchanged, so a
+    retry counted the batch twice. Now both are as before the call, and the retry equals an uninterrupted call."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=generator, dtype=torch.float64),
+                torch.randint(0, 3, (8,), generator=generator)) for _ in range(2)]
+    runs = []
+    for fail in (False, True):
+        model = FailingLinear()
+        monitor = NoiseScaleMonitor(model, per_example_cross_entropy, hessian_every=1, hessian_examples=4,
+                                    hessian_probes=2, check_independence=False)
+        monitor(*batches[0])   # averages and a history row to keep
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if accumulated else None
+        if fail:
+            grads = [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+            state = copy.deepcopy(monitor.state_dict())
+            model.calls, model.fail_at, model.error = 0, 2, error   # forward 1: the step's own; 2: the Hessian's
+            with pytest.raises(error):
+                monitor(*batches[1])
+            assert model.calls == 2
+            for p, (grad, values) in zip(model.parameters(), grads):
+                assert p.grad is grad and (grad is None or torch.equal(grad, values))
+            assert monitor.state_dict() == state and monitor.step == 1
+            model.fail_at = None
+        monitor(*batches[1])
+        runs.append(([p.grad.clone() for p in model.parameters()], monitor))
+    (plain_grads, plain), (retried_grads, retried) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, retried_grads))
+    pd.testing.assert_frame_equal(plain.history, retried.history)
+    assert {**plain.state_dict(), "history": None} == {**retried.state_dict(), "history": None}
+
+
+def test_measure_interrupted_by_its_loader_leaves_p_grad_as_it_was():
+    """measure() put the gradients back only after its loop: a KeyboardInterrupt from the loader on batch 3 left
+    p.grad as batch 2's gradient, a new tensor. Now each p.grad is the user's own tensor, with its values (or None)."""
+    model = FailingLinear()
+    model.linear.weight.grad = torch.full_like(model.linear.weight, 7.0)
+    held, values = model.linear.weight.grad, model.linear.weight.grad.clone()
+    generator = torch.Generator().manual_seed(0)
+
+    def loader():
+        for index in range(4):
+            if index == 2:
+                raise KeyboardInterrupt
+            yield torch.randn(8, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (8,))
+
+    with pytest.raises(KeyboardInterrupt):
+        measure(model, per_example_cross_entropy, loader(), progress=False, check_independence=False)
+    assert model.calls == 2   # two batches were measured
+    assert model.linear.weight.grad is held and torch.equal(held, values) and model.linear.bias.grad is None
 
 
 def test_bad_arguments_name_the_argument():
