@@ -325,14 +325,15 @@ class NoiseScaleMonitor:
         return loss
 
     @contextlib.contextmanager
-    def _undone_on_failure(self) -> Iterator[None]:
-        """If the block raises (KeyboardInterrupt included), p.grad and the monitor's state (averages, counters,
-        history) are put back as before it: the Hessian proxies, say, fail after the step's backward, and a
-        retried step must count its batch once."""
-        grads = _GradSnapshot(list(self.model.parameters()))
+    def _undone_on_failure(self, grads: bool = True) -> Iterator[None]:
+        """If the block raises (KeyboardInterrupt included), p.grad (with ``grads``) and the monitor's state
+        (averages, counters, history) are put back as before it: the Hessian proxies, say, fail after the step's
+        backward, and a retried step must count its batch once."""
+        grads = _GradSnapshot(list(self.model.parameters()) if grads else [])
         state, rows, backend_of = self._state(), len(self._rows), self.backend_of
         try:
-            yield
+            with grads.holding():
+                yield
         except BaseException:
             grads.restore()
             self.load_state_dict(state | {"history": self._rows[:rows]})

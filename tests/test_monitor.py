@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from noisescale.data import dataset_as_tensors, load_fashion_mnist
+from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.monitor import NoiseScaleMonitor, measure
+from noisescale.per_example.api import _GradSnapshot
 
 from _two_inputs import TwoInputs
 
@@ -242,12 +244,23 @@ class FailingLinear(torch.nn.Module):
         return self.linear(x)
 
 
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["in-the-norms", "in-the-hessian"])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize("accumulated", [False, True], ids=["grad-none", "grad-accumulated"])
-def test_a_call_failing_in_the_hessian_proxies_leaves_p_grad_and_the_monitor_as_they_were(error, accumulated):
+def test_a_failing_call_leaves_p_grad_and_the_monitor_as_they_were(error, accumulated, fail_at, monkeypatch):
     """The Hessian proxies run after the step's backward: a failure there (Ctrl-C included) left the batch's gradient
     in p.grad (None became it, ones became ones + it) and the averages updated with monitor.step unchanged, so a
-    retry counted the batch twice. Now both are as before the call, and the retry equals an uninterrupted call."""
+    retry counted the batch twice. Now both are as before the call, wherever it fails, and the retry equals an
+    uninterrupted call. An accumulated gradient is copied once for that (the norms' own snapshot, inside the
+    monitor's, copies nothing)."""
+    copies = []
+    snapshot = _GradSnapshot.__init__
+
+    def counting(self, parameters):
+        snapshot(self, parameters)
+        copies.append(sum(values is not None for _, _, values in self._saved))
+
+    monkeypatch.setattr(_GradSnapshot, "__init__", counting)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 4, generator=generator, dtype=torch.float64),
                 torch.randint(0, 3, (8,), generator=generator)) for _ in range(2)]
@@ -262,10 +275,12 @@ def test_a_call_failing_in_the_hessian_proxies_leaves_p_grad_and_the_monitor_as_
         if fail:
             grads = [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
             state = copy.deepcopy(monitor.state_dict())
-            model.calls, model.fail_at, model.error = 0, 2, error   # forward 1: the step's own; 2: the Hessian's
+            model.calls, model.fail_at, model.error = 0, fail_at, error   # forward 1: the step's own; 2: the Hessian's
+            copies.clear()
             with pytest.raises(error):
                 monitor(*batches[1])
-            assert model.calls == 2
+            assert model.calls == fail_at
+            assert sum(copies) == (2 if accumulated else 0)   # weight and bias, once
             for p, (grad, values) in zip(model.parameters(), grads):
                 assert p.grad is grad and (grad is None or torch.equal(grad, values))
             assert monitor.state_dict() == state and monitor.step == 1
@@ -572,3 +587,44 @@ def test_a_negative_b_noise_is_not_resolved_and_never_suggested():
     assert summary.suggested_batch_size == 50.0
     assert "B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive" in text
     assert "about -7" not in text and "critical batch size suggested: about 50 examples" in text
+
+
+def test_an_observed_step_failing_in_its_hessian_proxies_leaves_the_averages_as_they_were():
+    """The integrations' end_step updated the moving averages, then ran the Hessian proxies: a failure there (a
+    Ctrl-C) left the step counted with monitor.step unchanged. Now its state is as before end_step, and the
+    framework's p.grad is not copied for that (it is left as it is). Reference: the monitor's state before."""
+    class Interrupting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2).double()
+            self.interrupt = False
+
+        def forward(self, x):
+            if self.interrupt and x.shape[0] < 4:
+                raise KeyboardInterrupt
+            return self.layer(x)
+
+    def per_example(outputs, targets):
+        return (outputs - targets).square().sum(1)
+
+    model = Interrupting()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(hessian_every=1, hessian_examples=2,
+                                                                  hessian_probes=2, per_example_loss=per_example))
+    for step in range(2):
+        monitor.begin_micro_batch(4, hessian_batch=(x, y), model_inputs=(x,))
+        value = per_example(model(x), y).mean()
+        value.backward()
+        monitor.end_micro_batch(value)
+        if step == 1:
+            state, grads = copy.deepcopy(monitor.state_dict()), [p.grad for p in model.parameters()]
+            model.interrupt = True   # the Hessian proxies' forwards run on halves of the batch
+            with pytest.raises(KeyboardInterrupt):
+                monitor.end_step()
+            assert monitor.state_dict() == state and monitor.step == 1
+            assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+        else:
+            monitor.end_step()
+        model.zero_grad()
+    monitor.close()

@@ -537,3 +537,4 @@ def test_a_model_returning_only_its_loss_is_warned_about_only_for_a_term_over_th
     if not balance:
         assert_relclose(observed.sqnorms, sum(naive_per_example(plain, lambda loss, _: loss, inputs,
                                                                  inputs[1]).values()))
+

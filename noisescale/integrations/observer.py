@@ -197,7 +197,12 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
         whole global batch, or None when no micro-batch was seen. ``contribution_scale``: the loss scale S the
-        backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled)."""
+        backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled). If it
+        fails (the Hessian proxies, a Ctrl-C), the averages, counters and history are as before it."""
+        with self._undone_on_failure(grads=False):   # (p.grad is the framework's, and this changes none)
+            return self._end_step(contribution_scale, grad_scale)
+
+    def _end_step(self, contribution_scale: float, grad_scale: float) -> dict[str, Any] | None:
         self._drop_open_micro_batch()
         if not self._step_open:
             return None

@@ -1055,10 +1055,26 @@ def _is_flat(p: Tensor) -> bool:
 
 class _GradSnapshot:
     """p.grad of each parameter before a call, to put back if the call fails: None stays None, an existing
-    gradient is copied back into the same tensor (so views into it, such as DDP's buckets, stay valid)."""
+    gradient is copied back into the same tensor (so views into it, such as DDP's buckets, stay valid). Inside an
+    enclosing snapshot's ``holding()`` block (the monitor's call around this one's), its parameters are not copied
+    again: the failure reaches the enclosing one, which puts them back (one copy of an accumulated gradient, not
+    two)."""
+
+    _held: set[int] = set()   # ids of the parameters an enclosing snapshot holds
 
     def __init__(self, parameters: list[nn.Parameter]):
-        self._saved = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in parameters]
+        self._saved = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in parameters
+                       if id(p) not in _GradSnapshot._held]
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Snapshots taken inside the block skip this one's parameters."""
+        ids = {id(p) for p, _, _ in self._saved} - _GradSnapshot._held
+        _GradSnapshot._held |= ids
+        try:
+            yield
+        finally:
+            _GradSnapshot._held -= ids
 
     def restore(self) -> None:
         for p, grad, values in self._saved:
