@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
@@ -49,14 +49,14 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
 
 def tensors_of(value: Any) -> list[Tensor]:
     """The tensors in a pytree (a tensor, tuples, lists, dicts), in flattening order."""
-    leaves, _ = tree_flatten(dict(value) if isinstance(value, Mapping) else value)
+    leaves = tree_leaves(dict(value) if isinstance(value, Mapping) else value)
     return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
 
 
 def batch_size_of(inputs: Any) -> int:
     """B, the size of dim 0 shared by every tensor in ``inputs``; a clear error when they disagree or there is none."""
     call_arguments(inputs)  # validates the container
-    leaves, _ = tree_flatten(dict(inputs) if isinstance(inputs, Mapping) else inputs)
+    leaves = tree_leaves(dict(inputs) if isinstance(inputs, Mapping) else inputs)
     closed = next((leaf for leaf in leaves if isinstance(leaf, Mapping)), None)
     if closed is not None:   # a HuggingFace BatchEncoding in a tuple: its tensors would not be split into examples
         raise TypeError(f"inputs hold a {type(closed).__name__} inside a tuple or list, a mapping torch's pytree does "

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
 from noisescale._buffers import kept_buffers
 from noisescale._modes import eval_mode
@@ -158,7 +158,7 @@ def _tensor_leaves(outputs: Any) -> list[tuple[str, Tensor]]:
         if isinstance(outputs, Mapping):
             return [(f"[{key!r}]{path}", leaf) for key, value in outputs.items()
                     for path, leaf in _tensor_leaves(value)]
-        leaves = [(f"[{i}]", leaf) for i, leaf in enumerate(tree_flatten(outputs)[0])]
+        leaves = [(f"[{i}]", leaf) for i, leaf in enumerate(tree_leaves(outputs))]
     return [(path, leaf) for path, leaf in leaves if isinstance(leaf, Tensor)]
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from noisescale._functional import functional_call
 from noisescale._rng import set_rng_state
@@ -118,11 +118,11 @@ class BatchDims:
         return None
 
     def input_dims(self, module: nn.Module, args: tuple, kwargs: dict, batch_size: int) -> list[int | None]:
-        """One dim (or None) per leaf of tree_flatten((args, kwargs)), in that order."""
+        """One dim (or None) per leaf of tree_leaves((args, kwargs)), in that order."""
         names = _argument_names(module, len(args))
         dims = []
         for name, value in [*zip(names, args), *kwargs.items()]:
-            leaves, _ = tree_flatten(value)
+            leaves = tree_leaves(value)
             dims.extend(self.argument_dim(module, name, t, batch_size) if isinstance(t, Tensor) else None
                         for t in leaves)
         return dims

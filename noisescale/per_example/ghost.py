@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_leaves
 
 from noisescale._graph import autograd_nodes, output_shape
 from noisescale._rng import host_rng_state, rng_state, set_host_rng_state
@@ -710,7 +710,7 @@ def _batch_of_one(args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
     positions: a float input of batch 1 (Swin-v2's coordinate table) or no input at all (Swin's bias table) may
     broadcast over windows or heads rather than examples, where an expanded output would break the model's own
     forward; such calls are left alone (and measured by the whole-model vmap)."""
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
     return (batch > 1 and isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == 1 and bool(tensors)
             and not any(t.is_floating_point() or t.is_complex() or t.dtype == torch.bool for t in tensors))
 
@@ -777,7 +777,7 @@ def _call_tensors(args: tuple, kwargs: dict, output: Any) -> list[Tensor]:
     """The tensors of a call's inputs and outputs, in a fixed order (matched between the probe and the pass)."""
     if not kwargs and isinstance(output, Tensor) and all(isinstance(a, Tensor) for a in args):
         return [*args, output]   # a layer's usual call, without a pytree walk
-    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)] + output_tensors(output)
+    return [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)] + output_tensors(output)
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
@@ -877,7 +877,7 @@ class GhostNormEngine:
         ghost_pass = self._pass
         if ghost_pass is None or self._probe is not None or ghost_pass.replaying or not ghost_pass.broadcasts.pending:
             return
-        ghost_pass.connect_shared([t.grad_fn for t in tree_flatten(output)[0]
+        ghost_pass.connect_shared([t.grad_fn for t in tree_leaves(output)
                                    if isinstance(t, Tensor) and t.grad_fn is not None])
 
     def _active(self, module: nn.Module) -> GhostPass | None:
@@ -1127,7 +1127,7 @@ class GhostNormEngine:
         if reason is not None:  # the whole-model vmap measures this module's parameters instead
             ghost_pass.decline(entry, reason)
             return None
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves = tree_leaves((args, kwargs))
         replaced = None
         if type(spec) is BatchDims and not ghost_pass.in_rows and _batch_of_one(args, kwargs, output, batch):
             replaced = _broadcast(output, batch)   # a call shared by every example (default layout)
@@ -1259,7 +1259,7 @@ class GhostNormEngine:
         blocks = ghost_pass.row_blocks(module, index, x)
         ghost_pass.flattened = ghost_pass.flattened or blocks is None and ghost_pass.probe is None
         if blocks is None or not all(
-                ghost_pass.broadcasts.rows_of(t.grad_fn, t.output_nr) == blocks for t in tree_flatten((args, kwargs))[0]
+                ghost_pass.broadcasts.rows_of(t.grad_fn, t.output_nr) == blocks for t in tree_leaves((args, kwargs))
                 if isinstance(t, Tensor) and t.requires_grad and t.dim() and t.shape[0] == x.shape[0]):
             return None
         return blocks

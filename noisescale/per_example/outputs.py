@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from noisescale._graph import autograd_nodes, output_shape
 from noisescale._wrappers import unwrapped_module
@@ -66,7 +66,7 @@ class OutputGradients:
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not in_own_pass() and self.calls == 0:
-            self._before = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+            self._before = [(t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not torch.is_grad_enabled() or in_own_pass():
@@ -98,7 +98,7 @@ class OutputGradients:
         if any(t._version != version for t, version in self._before):   # the vmap would re-run it on them
             self.inputs = ("the model changed one of its inputs in place during its forward, so its outputs cannot "
                            "be recomputed from them: leave the inputs as they are (work on a copy, x = x.clone())")
-        self._versions = [(t, t._version) for t in tree_flatten(self.inputs)[0] if isinstance(t, Tensor)]
+        self._versions = [(t, t._version) for t in tree_leaves(self.inputs) if isinstance(t, Tensor)]
         upstream = _reached_from([leaves[index].grad_fn for index in batched])
         aliases = {}
         for index in sorted(batched):
@@ -157,7 +157,7 @@ class OutputGradients:
             return "the model's outputs received gradients from more than one backward or autograd.grad call"
         if any(t._version != version for t, version in self._versions):
             return "an input of the model's call was changed in place after the call"
-        for t in tree_flatten(self.inputs)[0]:
+        for t in tree_leaves(self.inputs):
             if isinstance(t, Tensor) and t.dim() and t.shape[0] not in (1, self.batch_size):
                 return (f"an input of shape {tuple(t.shape)} holds neither the {self.batch_size} examples observe was "
                         "given (its batch_size) nor one row shared by all")
@@ -180,7 +180,7 @@ class OutputGradients:
 def inner_product(indices: list[int], outputs: Any, grads: list[Tensor]) -> Tensor:
     """sum over the kept outputs of <y, G>: the loss whose gradient is J^T G (``vmap_sqnorms``'s loss_fn with the
     positions bound); the outputs of the call on one example must line up with those of the pass."""
-    leaves = tree_flatten(outputs)[0]
+    leaves = tree_leaves(outputs)
     if max(indices) >= len(leaves) or any(not isinstance(leaves[index], Tensor)
                                           or leaves[index].shape[1:] != grad.shape[1:]
                                           for index, grad in zip(indices, grads)):

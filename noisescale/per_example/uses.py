@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.autograd.function import BackwardCFunction
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from noisescale._graph import autograd_consumers, autograd_nodes, output_shape
 from noisescale.per_example.broadcast import carried_examples, reorders_rows
@@ -96,7 +96,7 @@ class _Source:
     def names(self) -> set[str]:
         if self.name is not None:
             return {self.name}
-        leaves, _ = tree_flatten((self.args, self.kwargs))
+        leaves = tree_leaves((self.args, self.kwargs))
         return set().union(*(leaf.names() for leaf in leaves if isinstance(leaf, _Source)))
 
     def build(self, values: dict[str, Tensor]) -> Tensor:
