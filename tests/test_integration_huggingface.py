@@ -663,3 +663,35 @@ def test_transformers_adafactor_counts_as_adaptive():
 
     model = torch.nn.Linear(3, 2)
     assert adapts_per_coordinate(Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False))
+
+
+class OutOfMemoryOnceTrainer(RecordingTrainer):
+    """Test-only: an out-of-memory error (as torch's CPU allocator words it) after the forward of optimizer step 1's
+    second micro-batch, once: ``auto_find_batch_size`` then halves the batch and runs the training loop again."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if len(self.recorded) == 2 and len(self.recorded[1]["batches"]) == 2 and not hasattr(self, "failed"):
+            self.failed = self.recorded[-1]["closed"] = True   # the loop run again records its own steps
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+        return loss
+
+
+def test_a_training_loop_run_again_after_an_out_of_memory_error_counts_its_own_micro_batches(tmp_path):
+    """With ``auto_find_batch_size`` the Trainer runs its loop again inside the same train() after an out-of-memory
+    error: the abandoned step's first micro-batch was counted in the new loop's first step. Reference: the
+    per-example loop on each step's whole batch."""
+    accumulation = 2
+    args = dataclasses.replace(_args(tmp_path, accumulation), auto_find_batch_size=True)
+    trainer = OutOfMemoryOnceTrainer(model=tiny_gpt2(), args=args, train_dataset=_token_dataset())
+    trainer.train()
+    abandoned = trainer.recorded.pop(1)
+    smaller = trainer._train_batch_size
+    assert len(abandoned["batches"]) == 2 and smaller < 4
+    history = trainer.noise_scale.history
+    assert history["step"].tolist() == list(range(4))   # step 0 of the first loop, then the second loop's three
+    assert history["micro_batches"].tolist() == [accumulation] * 4
+    assert history["batch_size"].tolist() == [4 * accumulation] + [smaller * accumulation] * 3
+    for row in history.itertuples():
+        _assert_the_gpt2_steps_estimate(row, trainer.recorded[row.step], accumulation)
+    assert hooks_on(trainer.model) == {}

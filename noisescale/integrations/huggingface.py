@@ -76,6 +76,13 @@ class NoiseScaleCheckpointState(TrainerCallback, ExportableState):
         saved = None if self.monitor is None else {**self.monitor.state_dict(), "history": []}
         return {"args": {}, "attributes": {"monitor_state": saved}}
 
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        """The training loop starts, also again inside one ``train()`` (``auto_find_batch_size`` after an
+        out-of-memory error): a monitor still open from the loop before is closed, its unfinished step dropped, and
+        the loop's first step opens one that continues its averages."""
+        if self.monitor is not None:
+            self.monitor.close()
+
 
 class NoiseScaleTrainerMixin:
     """Measures the gradient noise scale in every training step of the ``Trainer`` it is mixed into (module
