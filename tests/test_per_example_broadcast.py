@@ -612,3 +612,39 @@ def test_what_is_computed_without_the_examples():
     assert not computed_once(data, set())
     made = torch.nn.functional.layer_norm(table, (3,))
     assert not computed_once(made[0:2], set()) and computed_once(made[0:2], {made.grad_fn})
+
+
+def test_an_in_place_change_torch_reports_is_still_reported():
+    """A position table computed once and multiplied with token embeddings that the forward then changes in place (a
+    user's bug): torch's backward refuses it. The walk that looks for checkpointing's saved-tensor hooks used to set
+    identity hooks on the product's saved tensors to find out, which took torch's check away: the backward ran and
+    wrote a gradient computed from the changed tensor. Reference: the plain backward's error, p.grad untouched."""
+    class ChangedInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions, self.out = nn.Embedding(11, 8), nn.Embedding(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            e = self.tokens(x)
+            h = e * self.positions(torch.arange(x.shape[1]))[None]
+            e.add_(1.0)   # e is saved by the product
+            return self.out(torch.tanh(h).mean(1))
+
+    def loss(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    x, y = torch.randint(0, 11, (6, 5), generator=generator(1)), torch.randint(0, 3, (6,), generator=generator(2))
+    model = ChangedInPlace()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss(model(x), y).mean().backward()
+    partial = [p.grad for p in model.parameters()]   # what the plain backward wrote before it stopped
+    model.zero_grad(set_to_none=True)
+    norms = PerExampleGradNorms(model, loss)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        norms(x, y)
+    assert all(p.grad is None for p in model.parameters())   # the call puts p.grad back
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        with norms.observe(6):   # the caller's own backward: as the plain one leaves it
+            loss(model(x), y).mean().backward()
+    for p, expected in zip(model.parameters(), partial):
+        assert (p.grad is None) == (expected is None) and (expected is None or torch.equal(p.grad, expected))

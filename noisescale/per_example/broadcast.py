@@ -620,21 +620,16 @@ def reorders_rows(node: Any, d: int, inp: tuple | None) -> bool:
 
 def _saves_hooked(node: Any) -> bool:
     """Whether a tensor ``node`` saved has saved-tensor hooks (non-reentrant activation checkpointing), which let it
-    be read only once: the real backward's. Asked by setting identity hooks, which raises where hooks are set."""
+    be read only once: the real backward's. Read from each saved tensor's ``unpack_hook``: setting hooks to find out
+    (as before) took away torch's check that a saved tensor was not changed in place, so a user's in-place bug
+    that torch reports became a silent wrong gradient."""
     for name in dir(node):
         if name.startswith("_raw_saved_"):
-            try:
-                saved = getattr(node, name)
-                if saved is not None and hasattr(saved, "register_hooks"):
-                    saved.register_hooks(_same, _same)
-            except RuntimeError as error:
-                if "already been set" in str(error):   # not "a saved tensor with value None"
+            saved = getattr(node, name)
+            for tensor in saved if isinstance(saved, (list, tuple)) else [saved]:
+                if getattr(tensor, "unpack_hook", None) is not None:
                     return True
     return False
-
-
-def _same(t: Any) -> Any:
-    return t
 
 
 def signed_dim(dim: int) -> int:
