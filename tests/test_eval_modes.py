@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from noisescale.app.jobs import evaluate
 from noisescale.branching import LanguageModelSettings, validation_loss
 from noisescale.models import sequence_cross_entropy
+from noisescale.monitor import NoiseScaleMonitor
 from noisescale.text import ByteCorpus
 
 
@@ -67,3 +68,53 @@ def test_evaluate_keeps_each_modules_mode():
     with torch.no_grad():
         expected = float(loss_fn(reference(inputs), targets).double().mean())
     assert abs(result.loss - expected) < 1e-6
+
+
+class MergingLoRA(nn.Linear):
+    """loralib's LoRA Linear with merge_weights=True: ``eval()`` adds B A into the weight, ``train()`` takes it out."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out)
+        self.lora_A = nn.Parameter(torch.randn(2, d_in) * 0.5)
+        self.lora_B = nn.Parameter(torch.randn(d_out, 2) * 0.5)
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode == self.merged:
+            with torch.no_grad():
+                self.weight += (-1 if mode else 1) * self.lora_B @ self.lora_A
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        out = nn.functional.linear(x, self.weight, self.bias)
+        return out if self.merged else out + x @ self.lora_A.t() @ self.lora_B.t()
+
+
+def test_a_module_with_its_own_train_method_trains_as_without_the_monitor():
+    """The monitor's first call checks in eval mode that the losses are per example. Setting the flags directly
+    both ways (a review's finding: eval() ran the layer's merge, the flag alone was put back, and its LoRA factors
+    then got no gradient, 0.70 off after 3 steps) leaves the layer as it was. Reference: plain training."""
+    inputs, targets = torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss_fn(outputs, labels):
+        return nn.functional.cross_entropy(outputs, labels, reduction="none")
+
+    runs = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(MergingLoRA(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        monitor = NoiseScaleMonitor(model, loss_fn) if monitored else None
+        for _ in range(3):
+            optimizer.zero_grad()
+            if monitor is None:
+                loss_fn(model(inputs), targets).mean().backward()
+            else:
+                monitor(inputs, targets)
+            optimizer.step()
+        assert not model[0].merged
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for plain, measured in zip(*runs):
+        assert torch.equal(plain, measured)
