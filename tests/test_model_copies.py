@@ -62,3 +62,29 @@ def test_saved_and_deep_copied_models_are_plain_and_the_measurement_goes_on():
                                rtol=1e-10, atol=0)
     assert set(result.backend_of.values()) == {"ghost", "module"}
     norms.close()
+
+
+def test_a_copy_taken_in_the_middle_of_an_observed_step_is_plain_and_the_step_is_measured():
+    """An EMA or checkpoint callback copying the model between the forward and the backward of an observed step
+    (Lightning's hooks run there): deepcopy raised (the outputs' hooks held autograd nodes) and torch.save raised
+    (a local function), and a copy taken before the forward carried the original's hooks. Reference: the loop."""
+    torch.manual_seed(0)
+    model = Net().double()
+    inputs, targets = torch.randn(8, 4, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    plain = copy.deepcopy(model)
+    norms = PerExampleGradNorms(model, _loss)
+    with norms.observe(len(inputs)) as observed:
+        before = copy.deepcopy(model)
+        outputs = model(inputs)
+        after = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        _loss(outputs, targets).mean().backward()
+    torch.testing.assert_close(observed.sqnorms, per_example_sqnorms(plain, _loss, inputs, targets).sqnorms,
+                               rtol=1e-10, atol=0)
+    buffer.seek(0)
+    expected = _grads(plain, inputs, targets)
+    for twin in (before, after, torch.load(buffer, weights_only=False)):
+        for got, want in zip(_grads(twin, inputs, targets), expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    norms.close()

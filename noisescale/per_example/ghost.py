@@ -66,6 +66,7 @@ from noisescale.per_example.fallback import (BatchDims, FallbackCall, batch_dims
                                              opaque_input, output_leaves, output_tensors)
 from noisescale.per_example.factors import IndexFactors, LinearFactors, full_precision, sqnorm_of_sum
 from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
+from noisescale.per_example.module_hook import ModuleHook
 from noisescale.per_example.padding import Padding
 from noisescale.per_example.recurrent import unrolled_supported
 from noisescale.per_example.used import attribute
@@ -807,18 +808,12 @@ class GhostNormEngine:
         self._handles = []
         resharding = set(resharding)
         for module in modules:
-            self._handles.append(module.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True,
+            self._handles.append(module.register_forward_pre_hook(ModuleHook(self._before_forward), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(ModuleHook(self._on_forward), with_kwargs=True,
                                                               prepend=module in resharding))
         if root is not None:   # after the model's forward, the shared outputs' consumers are in the graph;
             # before FSDP2 reshards a root that reshards after its forward (its parameters read as .weight)
-            self._handles.append(root.register_forward_hook(self._after_model, prepend=root in resharding))
-
-    def __reduce__(self):
-        """A copy of the model (``torch.save(model)``, ``copy.deepcopy(model)``: an EMA model) gets hooks of an
-        engine of no modules, which do nothing: the copy is not measured, and this engine (weak references, the
-        pass) is neither copied nor pickled (which raised)."""
-        return GhostNormEngine, ([],)
+            self._handles.append(root.register_forward_hook(ModuleHook(self._after_model), prepend=root in resharding))
 
     def close(self) -> None:
         for handle in self._handles:

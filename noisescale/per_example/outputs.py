@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from noisescale._graph import autograd_nodes, output_shape
 from noisescale._wrappers import unwrapped_module
+from noisescale.per_example.module_hook import ModuleHook
 from noisescale.per_example.vmap import in_own_pass
 
 __all__ = ["OutputGradients", "inner_product"]
@@ -61,8 +62,8 @@ class OutputGradients:
         self._hooks: list = []
         self._module = unwrapped_module(model)
         self._before: list[tuple[Tensor, int]] = []   # the first call's input tensors and their versions before it
-        self._handles = [self._module.register_forward_pre_hook(self._on_input, with_kwargs=True),
-                         self._module.register_forward_hook(self._on_output, with_kwargs=True)]
+        self._handles = [self._module.register_forward_pre_hook(ModuleHook(self._on_input), with_kwargs=True),
+                         self._module.register_forward_hook(ModuleHook(self._on_output), with_kwargs=True)]
 
     def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not in_own_pass() and self.calls == 0:
