@@ -517,6 +517,24 @@ def test_a_later_train_resumed_from_a_checkpoint_continues_the_checkpoints_avera
     assert trainer.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
 
 
+
+def test_a_model_init_trainer_starts_each_trains_averages_anew(tmp_path):
+    """With ``model_init`` every train() builds a new model (a hyperparameter search's trials): the second train()
+    continued the first one's averages and step count (a review's finding). Its history is now its own, each row the
+    per-example loop's estimate of its step."""
+    accumulation = 2
+    trainer = RecordingTrainer(model_init=lambda: tiny_gpt2(), args=_args(tmp_path, accumulation),
+                               train_dataset=_token_dataset())
+    trainer.train()
+    first, first_model = trainer.noise_scale, trainer.model
+    trainer.train()
+    assert trainer.model is not first_model and first.step == 3
+    history = trainer.noise_scale.history
+    assert trainer.noise_scale.step == 3 and history["step"].tolist() == [0, 1, 2]
+    assert trainer.noise_scale.average.num_updates == 3
+    for row in history.itertuples():
+        _assert_the_gpt2_steps_estimate(row, trainer.recorded[3 + row.step], accumulation)
+
 class InterruptedTrainer(RecordingTrainer):
     """Test-only: a ctrl-c after the forward of optimizer step 1's second micro-batch, before its backward (once)."""
 

@@ -52,6 +52,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from noisescale._wrappers import unwrapped_module
 from noisescale.integrations.observer import (
     NoiseScaleOptions,
     ObservingNoiseScaleMonitor,
@@ -135,8 +136,9 @@ class NoiseScaleTrainerMixin:
             saved = (stored or {}).get("attributes", {}).get("monitor_state")
             if self.state.global_step > 0 and saved is not None:  # resumed from a checkpoint
                 self.noise_scale.load_state_dict(saved)
-            elif previous is not None:   # a later train(): the averages continue
-                self.noise_scale.load_state_dict(previous.state_dict())
+            elif previous is not None and unwrapped_module(previous.model) is unwrapped_module(model):
+                self.noise_scale.load_state_dict(previous.state_dict())   # a later train() of the same model
+                # continues the averages; a model_init's new model (a hyperparameter search's trial) starts anew
         self.noise_scale.adaptive_optimizer = adapts_per_coordinate(self.optimizer)  # (after a resume too)
         for callback in self.callback_handler.callbacks:  # the Trainer may have replaced it when resuming
             if isinstance(callback, NoiseScaleCheckpointState):
