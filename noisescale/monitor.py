@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from noisescale._checks import check_int
+from noisescale._grads import GradSnapshot
 from noisescale._wrappers import unwrapped_module
 from noisescale.batches import batch_size_of, call_model, to_device
 from noisescale.checkpoints import atomic_write, to_plain
@@ -40,7 +41,6 @@ from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovin
                                    simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
-from noisescale.per_example.api import _GradSnapshot
 from noisescale.per_example.layers import batch_statistics_path
 from noisescale.sharded import is_sharded
 
@@ -325,11 +325,11 @@ class NoiseScaleMonitor:
         return loss
 
     @contextlib.contextmanager
-    def _undone_on_failure(self, grads: bool = True) -> Iterator[None]:
-        """If the block raises (KeyboardInterrupt included), p.grad (with ``grads``) and the monitor's state
+    def _undone_on_failure(self, restore_grads: bool = True) -> Iterator[None]:
+        """If the block raises (KeyboardInterrupt included), p.grad (with ``restore_grads``) and the monitor's state
         (averages, counters, history) are put back as before it: the Hessian proxies, say, fail after the step's
         backward, and a retried step must count its batch once."""
-        grads = _GradSnapshot(list(self.model.parameters()) if grads else [])
+        grads = GradSnapshot(list(self.model.parameters()) if restore_grads else [])
         state, rows, backend_of = self._state(), len(self._rows), self.backend_of
         try:
             with grads.holding():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from noisescale.data import dataset_as_tensors, load_fashion_mnist
 from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.monitor import NoiseScaleMonitor, measure
-from noisescale.per_example.api import _GradSnapshot
+from noisescale._grads import GradSnapshot
 
 from _two_inputs import TwoInputs
 
@@ -254,13 +254,13 @@ def test_a_failing_call_leaves_p_grad_and_the_monitor_as_they_were(error, accumu
     uninterrupted call. An accumulated gradient is copied once for that (the norms' own snapshot, inside the
     monitor's, copies nothing)."""
     copies = []
-    snapshot = _GradSnapshot.__init__
+    snapshot = GradSnapshot.__init__
 
     def counting(self, parameters):
         snapshot(self, parameters)
         copies.append(sum(values is not None for _, _, values in self._saved))
 
-    monkeypatch.setattr(_GradSnapshot, "__init__", counting)
+    monkeypatch.setattr(GradSnapshot, "__init__", counting)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 4, generator=generator, dtype=torch.float64),
                 torch.randint(0, 3, (8,), generator=generator)) for _ in range(2)]

@@ -199,7 +199,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         whole global batch, or None when no micro-batch was seen. ``contribution_scale``: the loss scale S the
         backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled). If it
         fails (the Hessian proxies, a Ctrl-C), the averages, counters and history are as before it."""
-        with self._undone_on_failure(grads=False):   # (p.grad is the framework's, and this changes none)
+        with self._undone_on_failure(restore_grads=False):   # (p.grad is the framework's, and this changes none)
             return self._end_step(contribution_scale, grad_scale)
 
     def _end_step(self, contribution_scale: float, grad_scale: float) -> dict[str, Any] | None:

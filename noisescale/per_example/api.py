@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from noisescale._buffers import kept_buffers
 from noisescale._checks import listed
 from noisescale._compiled import eager
+from noisescale._grads import GradSnapshot
 from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
 from noisescale._rng import isolated_rng, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
@@ -217,7 +218,7 @@ def _captured_from_graph(ghost_pass: GhostPass, extra: dict[str, int], in_graph:
         uses = linear_uses(in_graph[id(parameters[name])][2], consumers, ghost_pass.hooked_nodes,
                            ghost_pass.broadcasts.rows, ghost_pass.batch_size)
         if uses is not None and len(uses) == count:
-            capture_linear_uses(uses, partial(ghost_pass.add_shared, name), ghost_pass.node_hooks,
+            capture_linear_uses(uses, partial(ghost_pass.add_shared, name), ghost_pass.pass_hooks,
                                 partial(setattr, ghost_pass, "repeated", True))
             ghost_pass.use_count[name] += count
             ghost_pass.graph_captured.add(name)
@@ -576,7 +577,7 @@ class PerExampleGradNorms:
         parameters = plan.parameters
         names = list(plan.backend_of)
         # under FSDP2 also the unsharded parameters registered now, which hold an unsynchronised accumulation
-        saved = _GradSnapshot(list({id(p): p for p in [*parameters.values(), *self.model.parameters()]}.values())
+        saved = GradSnapshot(list({id(p): p for p in [*parameters.values(), *self.model.parameters()]}.values())
                               if self._sharded else [parameters[name] for name in names])
         try:
             with eager():   # a compiled model's pass runs eagerly (``noisescale._compiled``)
@@ -1051,37 +1052,6 @@ def _own_parameters(module: nn.Module, adopted: set[int]) -> Iterator[tuple[str,
 def _is_flat(p: Tensor) -> bool:
     """An FSDP1 flat parameter (its original parameters are measured instead)."""
     return getattr(p, "_is_flat_param", False)
-
-
-class _GradSnapshot:
-    """p.grad of each parameter before a call, to put back if the call fails: None stays None, an existing
-    gradient is copied back into the same tensor (so views into it, such as DDP's buckets, stay valid). Inside an
-    enclosing snapshot's ``holding()`` block (the monitor's call around this one's), its parameters are not copied
-    again: the failure reaches the enclosing one, which puts them back (one copy of an accumulated gradient, not
-    two)."""
-
-    _held: set[int] = set()   # ids of the parameters an enclosing snapshot holds
-
-    def __init__(self, parameters: list[nn.Parameter]):
-        self._saved = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in parameters
-                       if id(p) not in _GradSnapshot._held]
-
-    @contextmanager
-    def holding(self) -> Iterator[None]:
-        """Snapshots taken inside the block skip this one's parameters."""
-        ids = {id(p) for p, _, _ in self._saved} - _GradSnapshot._held
-        _GradSnapshot._held |= ids
-        try:
-            yield
-        finally:
-            _GradSnapshot._held -= ids
-
-    def restore(self) -> None:
-        for p, grad, values in self._saved:
-            if grad is not None:
-                with torch.no_grad():
-                    grad.copy_(values)
-            p.grad = grad
 
 
 def per_example_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,

@@ -198,9 +198,9 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
                    run: Callable[[Any], Any]) -> tuple[Any, Any]:
     """``run(model(inputs))`` and ``run(model(replaced_inputs))`` in eval mode, each from the same copy of the random
     streams and of the model's buffers (a step counter the forward advances), with its modes and buffers put back
-    afterwards. Without grad (a forward's activations are not
-    kept), or, where the model's forward needs grad (it hooks its tensors), with grad and detached at once (one
-    forward's graph at a time, where ``run`` keeps nothing else of the outputs)."""
+    afterwards. Without grad (a forward's activations are not kept), or, where the model's forward needs grad (it
+    hooks its tensors), with grad and detached at once (one forward's graph at a time, where ``run`` keeps nothing
+    else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
     with (eval_mode(model), isolated_rng(parameters), sharding_kept(model),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)

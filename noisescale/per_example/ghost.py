@@ -146,7 +146,7 @@ class GhostPass:
     sum_checks: list = field(default_factory=list)   # (entry, fallback call or None, 0-d bool tensor): check_sum
     # handles of the hooks the pass puts on autograd nodes and tensors, removed after it: a hook holds the pass's
     # records through the C++ node, a cycle the garbage collector cannot see, which kept every step's tensors
-    node_hooks: list = field(default_factory=list)
+    pass_hooks: list = field(default_factory=list)
     host_rng: tuple | None = None   # Python's and NumPy's generators before the pass's first re-run (``_rerun``)
     hooked_nodes: set = field(default_factory=set)   # the output nodes of the rule layers' calls (``graph_uses``)
     graph_captured: set[str] = field(default_factory=set)   # parameters whose products were captured (``graph_uses``)
@@ -845,7 +845,7 @@ class GhostNormEngine:
             if callers is not None:
                 callers.remove()
             self._pass.broadcasts.close()
-            for handle in self._pass.node_hooks:
+            for handle in self._pass.pass_hooks:
                 handle.remove()
             self._pass = None
             for _, capture in reversed(self._open):   # a forward that raised leaves its captures open
@@ -907,7 +907,7 @@ class GhostNormEngine:
         if ghost_pass.sharded:
             return None
         if entry.rule is None and capturable(module):
-            return LinearCapture(module, ghost_pass.node_hooks)
+            return LinearCapture(module, ghost_pass.pass_hooks)
         if module in self._refused or unrolled_supported(module) or not entry.names:
             return None
         batch = ghost_pass.batch_size
@@ -915,7 +915,7 @@ class GhostNormEngine:
                 else None)
         # and the parameters of layers it reads without their call
         return ParameterUses({local: module.get_parameter(local) for local in {*entry.names, *self._attached.get(
-            module, ())}}, batch, rows, ghost_pass.node_hooks)
+            module, ())}}, batch, rows, ghost_pass.pass_hooks)
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = None
@@ -1037,7 +1037,7 @@ class GhostNormEngine:
                 if output.grad_fn is None or ghost_pass.sharded:
                     ghost_pass.decline(entry, why)
                 else:
-                    ghost_pass.node_hooks.append(output.grad_fn.register_prehook(
+                    ghost_pass.pass_hooks.append(output.grad_fn.register_prehook(
                         partial(_decline_when_reached, ghost_pass, entry, why)))
                 return None
             raise ValueError(
@@ -1083,7 +1083,7 @@ class GhostNormEngine:
             hooked_node = node
         # a pre-hook of the output's autograd node (a third of a tensor hook's cost to register): it sees the
         # gradient the layer's backward uses, after any tensor hook on the output
-        ghost_pass.node_hooks.append(
+        ghost_pass.pass_hooks.append(
             hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call)))
         ghost_pass.hooked_nodes.update((node, hooked_node))
         if not selected:   # its rows in its input's order, which its own search found kept
@@ -1224,12 +1224,12 @@ class GhostNormEngine:
                 else:
                     parts: list[Tensor] = []
                     for node, j in inner.get(id(t), ()):
-                        ghost_pass.node_hooks.append(node.register_hook(partial(_note_inner, parts, j)))
+                        ghost_pass.pass_hooks.append(node.register_hook(partial(_note_inner, parts, j)))
                     if t.grad_fn is None:   # a leaf returned as it is
                         handle = t.register_hook(partial(_keep_grad, call, k, parts))
                     else:   # as for rule layers: after any hook of the caller's on it, before an in-place change
                         handle = t.grad_fn.register_prehook(partial(_keep_output_grad, call, k, t.output_nr, parts))
-                    ghost_pass.node_hooks.append(handle)
+                    ghost_pass.pass_hooks.append(handle)
         for name in entry.names.values():
             ghost_pass.use_count[name] += 1
         if call.uses is not None:
