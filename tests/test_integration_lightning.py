@@ -84,6 +84,16 @@ def _naive_norms(module, x, y):
     return grads.square().sum(1), grads.mean(0).square().sum()
 
 
+def _assert_the_steps_estimate(row, step, rel):
+    """The row's tr(Sigma) and |G|^2 are the per-example loop's on the step's whole batch, at its starting weights."""
+    module = TinyModule()
+    module.load_state_dict(step["weights"])
+    x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+    estimate = simple_noise_scale(*_naive_norms(module, x, y))
+    assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=rel)
+    assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=rel)
+
+
 def _per_example_loss(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
 
@@ -174,12 +184,7 @@ def test_a_compiled_module_is_measured_eagerly_and_trains_as_the_compiled_one(tm
     for step, row in zip(recorder.steps, history.itertuples()):
         if not row.measured:
             continue
-        module = TinyModule()
-        module.load_state_dict(step["weights"])
-        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
-        estimate = simple_noise_scale(*_naive_norms(module, x, y))
-        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-10)
-        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-10)
+        _assert_the_steps_estimate(row, step, rel=1e-10)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -422,12 +427,7 @@ def test_an_exception_in_fit_leaves_the_module_and_the_process_as_they_were(tmp_
     assert history["step"].tolist() == [0, 1, 2]
     assert history["micro_batches"].tolist() == [accumulation] * 3
     for row, step in zip(history.iloc[1:].itertuples(), recorder.steps):
-        reference = TinyModule()
-        reference.load_state_dict(step["weights"])
-        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
-        estimate = simple_noise_scale(*_naive_norms(reference, x, y))
-        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
-        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+        _assert_the_steps_estimate(row, step, rel=1e-9)
 
 
 # ------------------------------------------------------------------- FSDP2 under ModelParallelStrategy, 2 gloo ranks
