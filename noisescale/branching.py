@@ -269,8 +269,8 @@ def load_checkpoints(path: str | os.PathLike[str], config: dict[str, Any]) -> li
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:   # weights_only: a file in the output folder runs no code when loaded (the checkpoints need none)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a damaged file is trained anew
         return None
     if payload.get("config") != config:

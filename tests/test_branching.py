@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -160,6 +161,25 @@ def test_checkpoints_save_and_load_with_their_config(tmp_path, checkpoints):
     assert load_checkpoints(path, {"examples": 320}) is None
     assert load_checkpoints(tmp_path / "none.pt", {}) is None
 
+
+
+class _RunsCode:
+    """Unpickled, it creates a file: what a reference.pt crafted by someone else could do if loaded with pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_reference_file_that_would_run_code_is_not_loaded(tmp_path):
+    """reference.pt sits in the output folder; it was loaded with weights_only=False, so a crafted one ran code (an
+    audit's finding). Loaded with weights_only=True it is refused, and the run trains its checkpoints anew."""
+    marker, path = tmp_path / "ran", tmp_path / "reference.pt"
+    torch.save({"config": {"examples": 160}, "checkpoints": [], "payload": _RunsCode(marker)}, path)
+    assert load_checkpoints(path, {"examples": 160}) is None
+    assert not marker.exists()
 
 def test_run_branches_resumes_without_retraining_and_retrains_a_damaged_row(tmp_path, corpus, checkpoints,
                                                                           monkeypatch):
