@@ -113,7 +113,7 @@ class SweepSettings:
         if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and self.target > 0):
             raise ValueError(f"target must be a positive finite number, got {self.target!r}")
         if self.target_metric == "test_accuracy" and not self.target < 1:
-            raise ValueError(f"a test_accuracy target must lie in (0, 1), got {self.target!r}")
+            raise ValueError(f"target must lie in (0, 1) for test_accuracy, got {self.target!r}")
         for name, smallest in (("train_examples", 0), ("eval_examples", 0), ("eval_every", 1),
                                ("smoothing_window", 1), ("max_steps", 1), ("max_examples", 0), ("noise_batches", 1),
                                ("noise_sigma_examples", 2),

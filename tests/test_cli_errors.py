@@ -134,6 +134,20 @@ def test_sweep_checks_its_options_before_training(tmp_path, capsys):
     assert "--smoothing-window: smoothing_window must be odd" in _error_line(capsys)
     assert not (tmp_path / "s.csv").exists()
 
+    assert main([*arguments, "--target", "2", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "--target: target must lie in (0, 1)" in _error_line(capsys)   # it named "--a"
+
+
+@pytest.mark.parametrize("option", [["--tolerance", "-1"], ["--tolerance", "nan"], ["--seeds", "0"],
+                                    ["--branch-examples", "0"], ["--steps", "0"], ["--block-size", "0"]])
+def test_branch_refuses_bad_numbers_before_the_reference_run(option, tmp_path, capsys):
+    """They were refused only after the reference run and every branch had been trained and written (an audit's
+    finding); now by the parser, naming the option, and nothing is written."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["branch", *option, "--out", str(tmp_path / "b")])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}: expected a finite" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 def test_the_command_line_fails_in_one_line_from_a_shell(tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(noisescale.__file__).parent.parent)}

@@ -248,7 +248,7 @@ def test_grids():
         (lambda: run_sweep("unused.csv", [8, 16], [0.1, -1.0], TINY), "positive and finite"),
         (lambda: run_sweep("unused.csv", [8, 16], [0.1], TINY, jobs=0), "jobs must be"),
         (lambda: SweepSettings(target_metric="train_loss"), "target_metric must be one of"),
-        (lambda: SweepSettings(target=1.5), "test_accuracy target must lie in"),
+        (lambda: SweepSettings(target=1.5), r"target must lie in \(0, 1\) for test_accuracy"),
         (lambda: SweepSettings(smoothing_window=4), "must be odd"),
         (lambda: SweepSettings(eval_every=0), "eval_every must be an int >= 1"),
         (lambda: geometric_batch_sizes(8, 100), "not smallest=8 times a power"),

@@ -7,6 +7,7 @@ which imports its implementation lazily so that ``noisescale --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -388,6 +389,20 @@ def _run_train(args) -> int:
     return 0
 
 
+def _at_least(kind, minimum):
+    """An argparse type: a finite ``kind`` >= ``minimum``, checked before any work starts."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from error
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _fractions_of_one(text: str) -> list[float]:
     """An argparse type: "a,b" -> [a, b], each strictly between 0 and 1."""
     values = _comma_separated(float, positive=True)(text)
@@ -410,20 +425,24 @@ def _add_branch_command(subparsers) -> None:
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="trailing share that validates")
     parser.add_argument("--model", default="noisescale.models:byte_gpt", metavar="PACKAGE.MODULE:FACTORY",
                         help="a callable returning a model mapping byte tokens (B, T) to logits (B, T, 256)")
-    parser.add_argument("--block-size", type=int, default=64, help="tokens (bytes) per sequence")
-    parser.add_argument("--batch-size", type=int, default=32, help="the reference run's batch size (sequences)")
+    parser.add_argument("--block-size", type=_at_least(int, 1), default=64, help="tokens (bytes) per sequence")
+    parser.add_argument("--batch-size", type=_at_least(int, 1), default=32,
+                        help="the reference run's batch size (sequences)")
     parser.add_argument("--lr", type=float, default=3e-3, help="the reference run's peak AdamW learning rate")
-    parser.add_argument("--steps", type=int, default=600, help="the reference run's optimizer steps")
+    parser.add_argument("--steps", type=_at_least(int, 1), default=600, help="the reference run's optimizer steps")
     parser.add_argument("--checkpoints", type=_fractions_of_one, default=[0.05, 0.125, 0.25, 0.5, 0.75],
                         help="where to branch, as fractions of the reference run (comma-separated)")
     parser.add_argument("--branch-batch-sizes", type=_comma_separated(int, positive=True),
                         default=[8, 16, 32, 64, 128, 256],
                         help="B_0, 2 B_0, ... (comma-separated); the smallest is the reference of the tolerance")
-    parser.add_argument("--branch-examples", type=int, default=2048, help="sequences each branch trains on")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per branch (the uncertainty of B_crit)")
+    parser.add_argument("--branch-examples", type=_at_least(int, 1), default=2048,
+                        help="sequences each branch trains on")
+    parser.add_argument("--seeds", type=_at_least(int, 1), default=2,
+                        help="seeds per branch (the uncertainty of B_crit)")
     parser.add_argument("--rule", choices=["sqrt", "linear", "none"], default="sqrt",
                         help="learning rate of a branch at B: eta_c times sqrt/linear/none of B / --batch-size")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="relative loss tolerance (0.01: 1 %%)")
+    parser.add_argument("--tolerance", type=_at_least(float, 0.0), default=0.01,
+                        help="relative loss tolerance (0.01: 1 %%)")
     _add_run_arguments(parser, out="runs/branch", out_help="output folder (checkpoints, CSVs; a rerun resumes)",
                        json_name=None)
     parser.set_defaults(run=_run_branch)
