@@ -664,13 +664,23 @@ class AdaptiveTrainer:
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
         for prefix in ("_orig_mod.", "module.", "_orig_mod."):   # checkpoints of earlier versions: the names under
             consume_prefix_in_state_dict_if_present(model_state, prefix)   # DDP and torch.compile, either order
-        _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"], self.monitor.sharded)
-        self.sampler.load_state_dict(state["sampler"])
-        if self.policy is not None:
-            self.policy.load_state_dict(state["policy"])
-        self.monitor.load_state_dict(state["monitor"])
-        if self.grad_scaler is not None and state["grad_scaler"] is not None:
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        # the parts that check the checkpoint against this trainer (the sampler's seed and size, the policy's
+        # settings) first, and put back if anything fails, so that a refused checkpoint leaves the trainer as it was
+        # (it loaded the model and the optimizer first, then refused another seed's sampler)
+        parts = [(self.sampler, state["sampler"]), (self.monitor, state["monitor"])]
+        parts += [(self.policy, state["policy"])] if self.policy is not None else []
+        parts += [(self.grad_scaler, state["grad_scaler"])] if (
+            self.grad_scaler is not None and state["grad_scaler"] is not None) else []
+        before = [(part, copy.deepcopy(part.state_dict())) for part, _ in parts]
+        try:
+            for part, values in parts:
+                part.load_state_dict(values)
+            _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"],
+                                      self.monitor.sharded)
+        except BaseException:
+            for part, values in before:
+                part.load_state_dict(values)
+            raise
         self.base_learning_rates = list(state["base_learning_rates"])
         if self.max_micro_batch is None:
             self.max_micro_batch = state["max_micro_batch"]

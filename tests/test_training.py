@@ -232,6 +232,30 @@ def test_resume_from_a_checkpoint_continues_the_run_identically():
     pd.testing.assert_frame_equal(trainer.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
 
 
+
+def test_a_refused_checkpoint_leaves_the_trainer_as_it_was():
+    """A checkpoint of another sampler seed was refused only after the model and the optimizer had been loaded (an
+    audit's finding: the trainer half-loaded). Now every part is as before the call, and training goes on exactly as
+    a trainer that was never asked. Reference: the same trainer without the refused load."""
+    _, saved = noise_adaptive_trainer()
+    saved.train(epochs=0.5)
+    state = copy.deepcopy(saved.state_dict())
+    state["sampler"]["seed"] = 6   # another run's
+    runs = []
+    for refused in (False, True):
+        model, trainer = noise_adaptive_trainer(seed_of_model=1)
+        trainer.train(epochs=0.5)
+        if refused:
+            with pytest.raises(ValueError, match="seed=6 but this sampler has 5"):
+                trainer.load_state_dict(state)
+        trainer.train(epochs=1)
+        runs.append((parameters_of(model), trainer.history.drop(columns="seconds"), trainer.optimizer.state_dict()))
+    (plain, plain_history, plain_optimizer), (kept, kept_history, kept_optimizer) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain, kept))
+    pd.testing.assert_frame_equal(plain_history, kept_history)
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(plain_optimizer["state"].values(), kept_optimizer["state"].values()))
+
 def test_a_resumed_trainer_keeps_its_own_max_micro_batch():
     """Resuming on a smaller GPU: the new trainer's max_micro_batch is kept (the checkpoint's replaced it, so a
     resume could not lower it); without one it is the checkpoint's. The run continues as the uninterrupted one,
