@@ -55,6 +55,7 @@ __all__ = [
     "train_reference_run",
     "save_checkpoints",
     "load_checkpoints",
+    "saved_config",
     "branch_loss",
     "run_branches",
     "read_branch_results",
@@ -263,17 +264,29 @@ def save_checkpoints(path: str | os.PathLike[str], checkpoints: Sequence[Checkpo
     _atomic_save(Path(path), lambda temporary: torch.save(payload, temporary))
 
 
-def load_checkpoints(path: str | os.PathLike[str], config: dict[str, Any]) -> list[Checkpoint] | None:
-    """The checkpoints saved at ``path`` if they were made with ``config``; None if there are none or they are
-    of another config (the caller trains them anew)."""
-    path = Path(path)
+def _saved_payload(path: Path) -> dict[str, Any] | None:
+    """What ``save_checkpoints`` wrote at ``path``; None if there is no such file or it cannot be read (damaged).
+    weights_only: a file in the output folder runs no code when loaded (the checkpoints need none)."""
     if not path.is_file():
         return None
-    try:   # weights_only: a file in the output folder runs no code when loaded (the checkpoints need none)
+    try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file is trained anew
+    except Exception:
         return None
-    if payload.get("config") != config:
+    return payload if isinstance(payload, dict) and "config" in payload else None
+
+
+def saved_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The config of the checkpoints saved at ``path``; None if there are none or the file is damaged."""
+    payload = _saved_payload(Path(path))
+    return None if payload is None else payload["config"]
+
+
+def load_checkpoints(path: str | os.PathLike[str], config: dict[str, Any]) -> list[Checkpoint] | None:
+    """The checkpoints saved at ``path`` if they were made with ``config``; None if there are none, the file is
+    damaged or they are of another config (``saved_config`` tells which)."""
+    payload = _saved_payload(Path(path))
+    if payload is None or payload["config"] != config:
         return None
     return [Checkpoint(**entry) for entry in payload["checkpoints"]]
 

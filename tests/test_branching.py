@@ -217,6 +217,7 @@ def test_encode_of_the_corpus_slice_matches_the_file(corpus):
 
 def test_branch_command_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     from noisescale.app.cli import build_parser
+    from noisescale.app.options import UsageError
 
     parser = build_parser()
     text = tmp_path / "my_text.txt"
@@ -239,6 +240,14 @@ def test_branch_command_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert calls == [] and "reference run reloaded" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--checkpoints", "1.5"])
+
+    # a rerun with other settings in the same --out trained its reference run over the first one's and only then
+    # refused the branches (an audit's finding): now refused before anything is trained, the files as they were
+    files = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    args = parser.parse_args([*argv, "--lr", "0.001"])
+    with pytest.raises(UsageError, match="holds the reference run of other settings"):
+        args.run(args)
+    assert calls == [] and {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == files
 
 
 def test_byte_gpt_starts_near_the_uniform_loss_unlike_the_default_init():

@@ -15,10 +15,10 @@ def run_branch_command(args: argparse.Namespace) -> int:
     import torch
 
     from noisescale.branching import (
-        LanguageModelSettings, critical_batch_sizes, load_checkpoints, run_branches, save_checkpoints,
+        LanguageModelSettings, critical_batch_sizes, load_checkpoints, run_branches, save_checkpoints, saved_config,
         train_reference_run,
     )
-    from noisescale.app.options import prepare_output_folder, set_threads
+    from noisescale.app.options import UsageError, prepare_output_folder, set_threads
     from noisescale.devices import resolve_device
     from noisescale.models import load_model_factory
     from noisescale.text import load_shipped_corpus, load_text_file, unigram_cross_entropy
@@ -38,14 +38,22 @@ def run_branch_command(args: argparse.Namespace) -> int:
            "settings": asdict(settings), "examples": examples, "marks": marks, "seed": args.seed}
     print(f"text: {corpus.source}, {len(corpus.train)} training / {len(corpus.validation)} validation bytes; "
           f"unigram baseline {unigram_cross_entropy(corpus.train, corpus.validation):.4f} nats/byte")
-    checkpoints = load_checkpoints(out / "reference.pt", key)
+    reference = out / "reference.pt"
+    checkpoints = load_checkpoints(reference, key)
+    if checkpoints is None and saved_config(reference) is not None:   # a rerun with other settings: refused
+        # before anything is trained (it wrote its reference run over the other one, then refused its branches)
+        raise UsageError(f"--out {str(out)!r} holds the reference run of other settings (text, model, "
+                         "--block-size, --batch-size, --lr, --steps, --checkpoints or --seed differ): use another "
+                         "--out, or delete its reference.pt and branches.csv to start anew")
+    if checkpoints is None and reference.exists():
+        print(f"{reference} cannot be read: the reference run is trained anew")
     if checkpoints is None:
         torch.manual_seed(args.seed)
         checkpoints = train_reference_run(factory().to(device), corpus, settings, examples=examples,
                                           checkpoint_examples=marks, seed=args.seed)
-        save_checkpoints(out / "reference.pt", checkpoints, key)
+        save_checkpoints(reference, checkpoints, key)
     else:
-        print(f"reference run reloaded from {out / 'reference.pt'}")
+        print(f"reference run reloaded from {reference}")
     print(f"reference run: validation loss {checkpoints[-1].validation_loss:.4f} nats/byte after {args.steps} steps")
     branches = run_branches(out / "branches.csv", factory, checkpoints[:-1], corpus, settings,
                             batch_sizes=args.branch_batch_sizes, branch_examples=args.branch_examples,
