@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import io
 import math
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -365,6 +367,19 @@ def _train_cell_job(settings: SweepSettings, batch_size: int, learning_rate: flo
     return train_cell(settings, batch_size, learning_rate, threads=threads)
 
 
+def _end_with(parent: int) -> None:
+    """A worker's initializer: the worker ends when the sweep's process does, also when that is killed (SIGKILL,
+    or SIGTERM from a scheduler, leave it no time to stop its workers, which trained on and then waited for good:
+    an audit's finding). Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent:   # the sweep ended before the call
+        os._exit(1)
+
+
 # ---------------------------------------------------------------------------------------------- the file
 def read_sweep_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     """The sweep CSV as a DataFrame (floats read back exactly), sorted by batch size and learning rate.
@@ -549,7 +564,8 @@ def _run_cells(path: Path, cells: list[tuple[int, float]], settings: SweepSettin
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_end_with,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_train_cell_job, settings, size, lr, threads) for size, lr in todo]
                 for future in as_completed(futures):
                     _append_row(path, future.result())

@@ -8,8 +8,13 @@ import contextlib
 import csv
 import math
 import multiprocessing
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -431,3 +436,57 @@ def test_an_empty_list_flag_is_an_error_naming_the_flag(flag, capsys, tmp_path):
     assert raised.value.code == 2
     assert re.search(f"argument {flag}: expected (positive )?comma-separated .* got ''", capsys.readouterr().err)
     assert not (tmp_path / "cells.csv").exists()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields_after_name = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields_after_name[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _state(pid: int) -> str:
+    """The process's state letter ("Z" also when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_parallel_workers_end_when_the_sweep_is_killed(tmp_path, hang_deadline_s):
+    """SIGKILL (or a scheduler's SIGTERM) of the sweep's process left its workers training on and then waiting for
+    good, holding its output streams (an audit's finding). They now end with it. The deadlines only catch a hang."""
+    script = (
+        "from noisescale.sweep import SweepSettings, run_sweep\n"
+        "settings = SweepSettings(target=0.9, train_examples=2000, eval_examples=200, eval_every=50, max_steps=5000)\n"
+        f"run_sweep({str(tmp_path / 'cells.csv')!r}, [8, 16, 32, 64], [0.01, 0.02], settings, jobs=2, progress=False)\n"
+    )
+    sweep = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + hang_deadline_s
+        while len(_children(sweep.pid)) < 3 and time.monotonic() < deadline:   # 2 workers, the resource tracker
+            time.sleep(0.2)
+        workers = _children(sweep.pid)
+        assert len(workers) >= 3, "the sweep started no workers"
+    finally:
+        sweep.kill()
+        sweep.wait()
+    deadline = time.monotonic() + hang_deadline_s
+    try:
+        while any(_state(pid) != "Z" for pid in workers):
+            assert time.monotonic() < deadline, "the workers outlived the sweep"
+            time.sleep(0.2)
+    finally:   # none is left to a later test
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
