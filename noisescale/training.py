@@ -438,7 +438,10 @@ class AdaptiveTrainer:
         """One optimizer step on the next batch; returns its history row. A step that raises (an error in the
         model or the loss, Ctrl-C) takes no batch: the sampler, the random stream and the learning rates are put
         back, p.grad is cleared and the monitor puts back its averages, so the next call draws the same batch and
-        counts it once (before, the batch was lost from the epoch)."""
+        counts it once (before, the batch was lost from the epoch). This holds until the optimizer step: a Ctrl-C
+        during ``optimizer.step()`` or after it leaves the parameters moved and the batch taken with no history row
+        (undoing it would need a copy of the parameters and the optimizer state every step); resume such a run from
+        its last checkpoint."""
         started = time.perf_counter()
         sampler_state, rng_before, rates = self.sampler.state_dict(), rng_state(self.device), self._learning_rates()
         statistics = RunningStatistics(self.model)   # put back on a failed, retried or skipped step
