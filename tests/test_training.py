@@ -697,6 +697,13 @@ def test_train_command_runs_checkpoints_and_resumes(tmp_path, capsys):
     evaluations = pd.read_csv(tmp_path / "train_batch-increase_evaluations.csv")
     assert len(evaluations) == 2 and evaluations["test_accuracy"].between(0, 1).all()
     assert (tmp_path / "train_batch-increase.png").stat().st_size > 10_000
+    # another run's checkpoint (another --seed): an error naming --resume and what to check, the files untouched
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    assert main([*common, "--epochs", "2", "--seed", "7", "--resume", str(tmp_path / "run.pt"),
+                 "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "--resume '" in error and "the checkpoint is not of this run" in error and "--seed" in error
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
 
 
 def test_a_step_that_raises_takes_no_batch_and_the_run_continues_as_if_it_had_not():

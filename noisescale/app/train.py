@@ -20,7 +20,7 @@ from noisescale.app.jobs import (
     Evaluation, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
 )
-from noisescale.app.options import option_error, prepare_output_file, prepare_output_folder
+from noisescale.app.options import one_line, option_error, prepare_output_file, prepare_output_folder
 from noisescale.app.plot import plot_training_curves, save_figure
 from noisescale.checkpoints import atomic_path, load_checkpoint, save_checkpoint
 from noisescale.monitor import NoiseScaleSummary
@@ -163,7 +163,12 @@ def run_train(
         if resume is not None:
             state = load_checkpoint(resume, map_location=target_device, required_keys=("trainer", "evaluations"),
                                     source="--resume")
-            trainer.load_state_dict(state["trainer"])
+            try:
+                trainer.load_state_dict(state["trainer"])
+            except (ValueError, RuntimeError, KeyError) as error:   # another run's: name the options to check
+                raise option_error("--resume", resume, f"the checkpoint is not of this run ({one_line(error)}); "
+                                   "resume with the options it was started with (--seed, --schedule, --kappa, the "
+                                   "model and data), or start anew without --resume") from error
             evaluations = list(state["evaluations"])
 
         def after_epoch(trainer: AdaptiveTrainer) -> None:
