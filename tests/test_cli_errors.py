@@ -226,3 +226,15 @@ def test_the_command_line_asks_openmp_for_sleeping_threads_unless_the_user_chose
     with pytest.raises(SystemExit):
         main(["--version"])
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.parametrize("command", ["measure", "train", "sweep", "branch"])
+@pytest.mark.parametrize("rate", ["nan", "-1", "0", "inf"])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused_by_the_parser(command, rate, tmp_path, capsys):
+    """measure --lr nan trained and reported a diverged run, advising a lower learning rate; --lr -1 got torch's
+    words without the option (an audit's finding)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--lr", rate, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "argument --lr: expected a finite float > 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -100,7 +100,7 @@ def _add_measure_command(subparsers) -> None:
                         "state_dict()) file or a `noisescale train --checkpoint` file (loaded with weights_only)")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per step (>= 2)")
     parser.add_argument("--steps", type=int, default=300, help="steps (with --checkpoint: batches measured)")
-    parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    parser.add_argument("--lr", type=_POSITIVE, default=0.02, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--backend", default="auto", choices=["auto", "ghost", "vmap"],
                         help="per-example gradient norm backend")
     parser.add_argument("--hessian-every", type=int, default=50, help="steps between B_noise measurements (0: never)")
@@ -233,7 +233,7 @@ def _add_sweep_command(subparsers) -> None:
                         help="explicit geometric batch sizes (overrides --min-batch/--max-batch)")
     parser.add_argument("--min-batch", type=int, default=8, help="smallest batch size of the geometric range")
     parser.add_argument("--max-batch", type=int, default=2048, help="largest batch size of the geometric range")
-    parser.add_argument("--lr", type=float, default=0.05, help="centre learning rate at --lr-reference-batch")
+    parser.add_argument("--lr", type=_POSITIVE, default=0.05, help="centre learning rate at --lr-reference-batch")
     parser.add_argument("--lr-reference-batch", type=int, default=128, help="batch size the --lr is for")
     parser.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt", "constant"],
                         help="how the centre learning rate follows the batch size")
@@ -327,7 +327,7 @@ def _add_train_command(subparsers) -> None:
     parser.add_argument("--epochs", type=float, default=10.0, help="epochs of training (fractions allowed)")
     parser.add_argument("--batch-size", type=int, default=32, help="initial (base) batch size B_0")
     parser.add_argument("--max-batch-size", type=int, default=1024, help="B_max")
-    parser.add_argument("--lr", type=float, default=0.05, help="base learning rate eps_0")
+    parser.add_argument("--lr", type=_POSITIVE, default=0.05, help="base learning rate eps_0")
     parser.add_argument("--milestones", type=float, nargs="+", default=None, metavar="EPOCH",
                         help="epochs where the noise is divided by 5 (default: 30/55/80%% of --epochs)")
     parser.add_argument("--kappa", type=float, default=1.0, help="noise-adaptive: B = kappa * B_simple")
@@ -389,18 +389,22 @@ def _run_train(args) -> int:
     return 0
 
 
-def _at_least(kind, minimum):
-    """An argparse type: a finite ``kind`` >= ``minimum``, checked before any work starts."""
+def _at_least(kind, minimum, *, strictly: bool = False):
+    """An argparse type: a finite ``kind`` >= ``minimum`` (> with ``strictly``), checked before any work starts."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from error
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} >= {minimum}, got {text!r}")
+        if not (math.isfinite(value) and (value > minimum if strictly else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} {'>' if strictly else '>='} "
+                                             f"{minimum}, got {text!r}")
         return value
 
     return parse
+
+
+_POSITIVE = _at_least(float, 0.0, strictly=True)   # learning rates: a nan one was taken and reported as divergence
 
 
 def _fractions_of_one(text: str) -> list[float]:
@@ -428,7 +432,7 @@ def _add_branch_command(subparsers) -> None:
     parser.add_argument("--block-size", type=_at_least(int, 1), default=64, help="tokens (bytes) per sequence")
     parser.add_argument("--batch-size", type=_at_least(int, 1), default=32,
                         help="the reference run's batch size (sequences)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="the reference run's peak AdamW learning rate")
+    parser.add_argument("--lr", type=_POSITIVE, default=3e-3, help="the reference run's peak AdamW learning rate")
     parser.add_argument("--steps", type=_at_least(int, 1), default=600, help="the reference run's optimizer steps")
     parser.add_argument("--checkpoints", type=_fractions_of_one, default=[0.05, 0.125, 0.25, 0.5, 0.75],
                         help="where to branch, as fractions of the reference run (comma-separated)")
