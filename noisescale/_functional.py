@@ -18,8 +18,13 @@ __all__ = ["functional_call"]
 
 
 def _has_aliases(module: nn.Module) -> bool:
-    """Whether a submodule is reachable under two names (the case torch's restore gets wrong)."""
-    return sum(1 for _ in module.named_modules(remove_duplicate=False)) > sum(1 for _ in module.modules())
+    """Whether a submodule is reachable under two names (the case torch's restore gets wrong): one walk."""
+    seen = set()
+    for _, submodule in module.named_modules(remove_duplicate=False):
+        if id(submodule) in seen:
+            return True
+        seen.add(id(submodule))
+    return False
 
 
 def functional_call(module: nn.Module, tensors: dict[str, Tensor] | tuple[dict[str, Tensor], ...], args: Any = (),
