@@ -1,7 +1,8 @@
 """Benchmark: cost of per-example gradient norms against a plain training step.
 
 Models: the project's own three (MLP 784-512-512-10 at B=128, LeNet-5-like CNN on 28x28 at B=128, a 2-layer
-transformer with d=128, 4 heads, T=64, vocab 256 at B=32) and, at B=16, T=32, models nobody here wrote, from
+transformer with d=128, 4 heads, T=64, vocab 256 at B=32), a VGG-style CNN on 3x32x32 images at B=64 (``vgg``:
+six 3x3 convolutions of 32 to 128 channels) and, at B=16, T=32, models nobody here wrote, from
 small configs with random weights and dropout 0, so that every method measures the same gradients (nothing is
 downloaded): HuggingFace GPT-2, BERT (sequence classification, padding mask), Llama and OPT (attention mask; OPT
 runs its MLP on (B * T, d) rows), ViT (32x32 images, 8x8 patches) and BART (d=64, 2 layers each, 4 heads, vocab
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 from tqdm import tqdm
 
 from noisescale.batches import call_model
@@ -56,7 +57,7 @@ from noisescale.losses import logits_of, per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
 from noisescale.per_example import PerExampleGradNorms
 
-MODELS = ["mlp", "cnn", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "mixtral", "opt", "vit",
+MODELS = ["mlp", "cnn", "vgg", "transformer", "gpt2", "gpt2_vocab", "bert", "deberta", "llama", "mixtral", "opt", "vit",
           "swin", "bart", "t5", "switch", "torch_encoder", "lstm"]
 THIRD_PARTY_BATCH, THIRD_PARTY_LENGTH, VOCAB = 16, 32, 512
 
@@ -113,6 +114,23 @@ class EncoderClassifier(torch.nn.Module):
 
     def forward(self, tokens, padding_mask):
         return self.out(self.encoder(self.embed(tokens), src_key_padding_mask=padding_mask)[:, 0])
+
+
+def vgg_cnn(width: int = 32, classes: int = 10) -> torch.nn.Sequential:
+    """A VGG-style CNN for 3x32x32 images: three blocks of two 3x3 convolutions (``width``, 2x, 4x channels), ReLU
+    and 2x2 max pooling, then a linear head; no BatchNorm (it couples the examples in train mode)."""
+    layers, channels = [], 3
+    for out in (width, 2 * width, 4 * width):
+        layers += [torch.nn.Conv2d(channels, out, 3, padding=1), torch.nn.ReLU(),
+                   torch.nn.Conv2d(out, out, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        channels = out
+    return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(channels * 4 * 4, classes))
+
+
+def image_batch(batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 32, 32) random images and labels, from a generator of their own (the other cases' data unchanged)."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
 
 
 class LSTMClassifier(torch.nn.Module):
@@ -236,6 +254,7 @@ def make_cases(device: torch.device, names: list[str]) -> dict[str, tuple]:
     builders = {
         "mlp": lambda: (mlp(), classification_loss, images.flatten(1), labels),
         "cnn": lambda: (lenet5(), classification_loss, images, labels),
+        "vgg": lambda: (vgg_cnn(), classification_loss, *image_batch()),
         "transformer": lambda: (tiny_transformer(), sequence_cross_entropy, tokens[:, :-1], tokens[:, 1:]),
         **third_party_cases(generator),
     }
@@ -374,13 +393,28 @@ def measure_peak(step, model, inputs, targets, device) -> int:
     return tracker.peak
 
 
+def grouped_convolution_backward_flop(*args, out_shape=None, **kwargs) -> int:
+    """torch's count for a convolution's backward (on shapes: ``FlopCounterMode``'s custom mapping), its
+    weight-gradient part divided by the groups: torch 2.13 counts the weight gradient of a grouped convolution as if
+    every group read every input channel (noisescale's per-example kernel gradients are one convolution with B
+    groups: counted B times over)."""
+    count = conv_backward_flop.__wrapped__   # torch's formula on shapes
+    groups, mask = args[9], list(args[10])
+    total = count(*args, out_shape=out_shape, **kwargs)
+    if not mask[1] or groups == 1:
+        return total
+    without_weight = count(*args[:10], [mask[0], False, mask[2]], *args[11:], out_shape=out_shape, **kwargs)
+    return without_weight + (total - without_weight) // groups
+
+
 def count_flops(step, model, inputs, targets) -> int | None:
     """Floating-point operations of one step as torch's FlopCounterMode counts them (matrix products,
     convolutions and attention; elementwise work and reductions are not counted); None where the step cannot run
     under it (its module tracker's backward hooks inside torch.func's grad, as HF DeBERTa's whole-model vmap)."""
     zero_grads(model)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping={
+                torch.ops.aten.convolution_backward: grouped_convolution_backward_flop}) as counter:
             step(inputs, targets)
     except RuntimeError:
         return None

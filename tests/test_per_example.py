@@ -153,6 +153,11 @@ LAYER_CASES = {
     "conv2d_no_bias_1x1": lambda: _layer_case(nn.Conv2d(3, 2, 1, bias=False), (3, 3, 5, 5)),
     "conv2d_gram": lambda: _layer_case(nn.Conv2d(3, 4, 3), (3, 3, 4, 4)),          # L^2 = 16 <= 27 * 4 positions
     "conv1d_groups_gram": lambda: _layer_case(nn.Conv1d(4, 6, 3, groups=2), (3, 4, 5)),  # L^2 = 9 <= 6 * 3
+    # >= 8 input channels per group, kernel gradients materialised: by one grouped convolution on CPU
+    "conv2d_grouped_kernels": lambda: _layer_case(nn.Conv2d(8, 3, 3, stride=2, padding=1, dilation=2), (4, 8, 9, 8)),
+    "conv1d_grouped_kernels_circular": lambda: _layer_case(
+        nn.Conv1d(16, 4, 3, groups=2, padding="same", padding_mode="circular"), (3, 16, 7)),
+    "conv3d_grouped_kernels": lambda: _layer_case(nn.Conv3d(8, 2, 2, padding=1), (2, 8, 3, 3, 3)),
     "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
     "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
     "embedding_single_index": lambda: _layer_case(nn.Embedding(6, 3), (4,), integer_inputs=6),
@@ -170,6 +175,34 @@ def test_single_layer_matches_naive_loop(case, backend):
     layer, x, y = LAYER_CASES[case]()
     result = assert_matches_reference(layer, regression_loss, x, y, backend)
     assert set(result.backend_of.values()) == {"vmap" if backend == "vmap" else "ghost"}
+
+
+@pytest.mark.parametrize("case", ["conv2d_grouped_kernels", "conv1d_grouped_kernels_circular",
+                                  "conv3d_grouped_kernels"])
+def test_grouped_kernel_cases_take_the_grouped_convolution(case, monkeypatch):
+    """The cases above run the grouped-convolution path, for the norms and for the gradients of a weight used twice,
+    whose values ``test_single_layer_matches_naive_loop`` and the loop here check."""
+    from noisescale.per_example.layers import ConvRule
+    calls = []
+    original = ConvRule._kernel_grads
+    monkeypatch.setattr(ConvRule, "_kernel_grads", staticmethod(lambda *args: calls.append(1) or original(*args)))
+    layer, x, y = LAYER_CASES[case]()
+    assert_matches_reference(layer, regression_loss, x, y, "ghost")
+    assert calls
+    calls.clear()
+    assert_matches_reference(AppliedTwice(layer), regression_loss, x, y, "ghost")
+    assert calls
+
+
+class AppliedTwice(nn.Module):
+    """One layer called twice on each example: its weight's per-example gradient is the sum of two calls'."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x) + self.layer(0.5 * x.tanh())
 
 
 def test_gram_and_materialised_forms_agree_on_the_same_layer():

@@ -29,7 +29,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["LinearFactors", "IndexFactors", "per_example_sqnorm", "position_weight_sqnorms", "sqnorm_of_sum"]
+__all__ = ["LinearFactors", "IndexFactors", "gram_preferred", "per_example_sqnorm", "position_weight_sqnorms",
+           "sqnorm_of_sum"]
 
 
 def compute_dtype(t: Tensor) -> Tensor:
@@ -79,6 +80,12 @@ def prefer_factored(factored_cost: int, materialised_cost: int, factored_memory:
     return materialised_memory > held / 4 and factored_memory < materialised_memory
 
 
+def gram_preferred(positions: int, d_in: int, d_out: int) -> bool:
+    """Whether ``position_weight_sqnorms`` takes the Gram form for a weight (d_out, d_in) used at ``positions``."""
+    return prefer_factored(positions * (d_in + d_out), d_in * d_out, 2 * positions * positions, d_in * d_out,
+                           positions * (d_in + d_out))
+
+
 def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
     """|sum_t g_t a_t^T|_F^2 per example for a (B, T, d_in), g (B, T, d_out): the Gram form
     sum_{t,s} (a_t . a_s)(g_t . g_s) costs B T^2 (d_in + d_out), the materialised (d_out, d_in) gradients
@@ -87,8 +94,7 @@ def position_weight_sqnorms(a: Tensor, g: Tensor) -> Tensor:
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if positions == 1:
         return per_example_sqnorm(a) * per_example_sqnorm(g)
-    if prefer_factored(positions * (d_in + d_out), d_in * d_out, 2 * positions * positions, d_in * d_out,
-                       positions * (d_in + d_out)):
+    if gram_preferred(positions, d_in, d_out):
         gram_a, gram_g = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
         return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
     return per_example_sqnorm(torch.bmm(g.transpose(1, 2), a))

@@ -30,12 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import (IndexFactors, LinearFactors, common_dtype, compute_dtype,
+from noisescale.per_example.factors import (IndexFactors, LinearFactors, common_dtype, compute_dtype, gram_preferred,
                                              per_example_sqnorm, position_weight_sqnorms)
 
 # A convolution's im2col patches are built over chunks of examples of at most this many times the layer
 # input's size, which bounds the extra memory of its ghost norm (the patches of a 5x5 kernel are 25x the input).
 _PATCH_MEMORY_FACTOR = 4
+
+# ConvRule's grouped-convolution kernel gradients from this many input channels per group: on one CPU thread they
+# took 0.15 to 1.15 times (medians 0.46 to 0.74) the time of im2col and bmm from 8 channels on, and up to 3.9x it
+# with 1 or 3 (3x3 and 5x5 kernels, 8x8 to 32x32 maps, B = 64: analysis/bench_conv_rule.py, data/bench/conv_rule_*)
+_GROUPED_MIN_CHANNELS = 8
 
 __all__ = [
     "LayerRule",
@@ -166,16 +171,28 @@ class ConvRule(LayerRule):
     Patches are strided views of the padded input (Tensor.unfold per spatial dim), copied once into
     (B, C_in * prod(k), L) -- much faster than F.unfold on CPU. Stride, padding (ints, "same", "valid", non-zero
     padding modes), dilation and groups are handled; each group is a separate Linear, folded into the batch.
+
+    Where the per-example kernel gradients are materialised (the Gram form costs more) and a group has at least
+    _GROUPED_MIN_CHANNELS input channels, they come from one convolution's weight gradient with the examples as
+    its groups instead (Rochette et al. 2019, "Efficient per-example gradient computations in convolutional
+    neural networks"), without the patches; on CPU only, where it was measured (``analysis/bench_conv_rule.py``).
     """
+
+    # subclasses whose patches are not the input's (``CentredPatchConvRule``) keep the im2col path
+    grouped_kernels = True
+
+    @staticmethod
+    def _padded(module: nn.Module, x: Tensor) -> Tensor:
+        if any(module._reversed_padding_repeated_twice):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        return x
 
     @staticmethod
     def _patches(module: nn.Module, x: Tensor) -> Tensor:
         """(B * groups, L, C_in / groups * prod(k)) input patches."""
-        x = compute_dtype(x)
+        x = ConvRule._padded(module, compute_dtype(x))
         batch, spatial = x.shape[0], len(module.kernel_size)
-        if any(module._reversed_padding_repeated_twice):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
         windows = x
         for dim, (size, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
             windows = windows.unfold(2 + dim, (size - 1) * dilation + 1, stride)[..., ::dilation]
@@ -198,10 +215,29 @@ class ConvRule(LayerRule):
         chunk = max(1, x.shape[0] * input_elements * _PATCH_MEMORY_FACTOR // max(patch_elements, 1))
         return zip(x.split(chunk), g.split(chunk))
 
+    def _by_grouped_convolution(self, module: nn.Module, x: Tensor) -> bool:
+        return (self.grouped_kernels and x.device.type == "cpu"
+                and module.in_channels // module.groups >= _GROUPED_MIN_CHANNELS)
+
+    @staticmethod
+    def _kernel_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+        """(B, C_out, C_in / groups, *k) per-example kernel gradients: the weight gradient of a convolution of the
+        examples' channels side by side, (1, B C_in, ...), with B groups times the layer's (the examples'
+        gradients are its blocks of C_out rows)."""
+        batch, spatial = x.shape[0], len(module.kernel_size)
+        x, g = common_dtype(ConvRule._padded(module, x), g)
+        shape = (batch * module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+        grads = torch.ops.aten.convolution_backward(
+            g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]), g.new_empty(1).expand(shape), None,
+            module.stride, (0,) * spatial, module.dilation, False, (0,) * spatial, batch * module.groups,
+            (False, True, False))[1]
+        return grads.view(batch, module.out_channels, *shape[1:])
+
     def per_example_grads(self, module, x, g, names):
         grads = {}
         if "weight" in names:
             grads["weight"] = torch.cat([
+                self._kernel_grads(module, xc, gc) if self._by_grouped_convolution(module, x) else
                 torch.bmm(self._output_grads(module, gc).transpose(1, 2), self._patches(module, xc))
                 .reshape(xc.shape[0], module.out_channels, module.in_channels // module.groups, *module.kernel_size)
                 for xc, gc in self._example_chunks(module, x, g)
@@ -213,7 +249,11 @@ class ConvRule(LayerRule):
     def per_example_sqnorms(self, module, x, g, names):
         sqnorms = {}
         if "weight" in names:
+            per_group = module.in_channels // module.groups * prod(module.kernel_size)
+            grouped = self._by_grouped_convolution(module, x) and not gram_preferred(
+                prod(g.shape[2:]), per_group, module.out_channels // module.groups)
             sqnorms["weight"] = torch.cat([
+                per_example_sqnorm(self._kernel_grads(module, xc, gc)) if grouped else
                 position_weight_sqnorms(self._patches(module, xc), self._output_grads(module, gc))
                 .view(xc.shape[0], -1).sum(1)
                 for xc, gc in self._example_chunks(module, x, g)
@@ -710,6 +750,8 @@ class LowRankAdapterRule(OverriddenForwardRule):
 class CentredPatchConvRule(ConvRule):
     """The convolution rule on patches less their own mean: each example's kernel gradient less its mean per output
     channel, D_ic - mean(D_ic), without the cancellation of subtracting it after (images of raw pixel values)."""
+
+    grouped_kernels = False
 
     @staticmethod
     def _patches(module: nn.Module, x: Tensor) -> Tensor:
