@@ -16,7 +16,7 @@ Nested tuples, lists and dicts are walked as pytrees.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,7 +24,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
-           "concatenate_examples", "to_device", "tensors_of", "collate_examples", "fetch_examples", "map_tensors"]
+           "concatenate_examples", "to_device", "tensors_of", "collate_examples", "fetch_examples", "map_tensors",
+           "NonFiniteValues", "nonfinite_values", "describe_nonfinite"]
 
 
 def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -133,3 +134,42 @@ def fetch_examples(dataset: Dataset, indices: Sequence[int] | Tensor) -> tuple[A
         inputs, targets = dataset[torch.as_tensor(indices, dtype=torch.long)]
         return inputs, targets
     return collate_examples([dataset[int(index)] for index in indices])
+
+
+class NonFiniteValues(NamedTuple):
+    """NaN or Inf values in one floating tensor of a batch (:func:`nonfinite_values`)."""
+
+    part: str                 # "inputs" or "targets"
+    tensor: int               # the tensor's position among the part's tensors (:func:`tensors_of` order)
+    nans: int
+    infs: int
+    first: tuple[int, ...]    # the index of the first one: (example, then its position inside the example)
+
+    def __str__(self) -> str:
+        kinds = " and ".join(kind for kind, count in (("NaN", self.nans), ("Inf", self.infs)) if count)
+        count = self.nans + self.infs
+        return f"{kinds} in its {self.part} (tensor {self.tensor}, {count} value{'s' if count != 1 else ''})"
+
+
+def nonfinite_values(inputs: Any, targets: Any) -> list[NonFiniteValues]:
+    """The floating (or complex) tensors of a batch that hold NaN or Inf; empty when every value is finite.
+
+    It reads every value (and synchronises with the device), so the monitor and the trainer call it only on a
+    step whose loss or gradient is already non-finite: to tell bad data from a training that diverged."""
+    found = []
+    for part, value in (("inputs", inputs), ("targets", targets)):
+        for index, tensor in enumerate(tensors_of(value)):
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                continue
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                nans = int(torch.isnan(tensor).sum())
+                first = tuple(int(i) for i in bad.nonzero()[0]) if tensor.dim() else ()
+                found.append(NonFiniteValues(part, index, nans, int(bad.sum()) - nans, first))
+    return found
+
+
+def describe_nonfinite(inputs: Any, targets: Any) -> str | None:
+    """"NaN in its inputs (tensor 0, 5 values)" (joined by "and" for several tensors), or None when the batch's
+    values are all finite (:func:`nonfinite_values`)."""
+    return " and ".join(map(str, nonfinite_values(inputs, targets))) or None

@@ -79,6 +79,10 @@ def train_to_target(
     step at which the examples trained reach max_examples (the sweep's min(max_steps, max_examples // B)).
     A crossing past either budget is censored.
 
+    A step whose batch holds NaN or Inf (the row's ``nonfinite_data``, which the trainer skipped) raises a
+    ValueError naming it: bad data is no divergence, and the steps to the target would count a step that trained
+    nothing.
+
     Returns the outcome ("reached", "censored", or "diverged" at a non-finite training loss), steps and
     examples to the target (NaN unless reached), the evaluations, the batch size of every
     step, the steps and examples trained, the trainer's seconds (training and measurement) and the seconds
@@ -96,6 +100,10 @@ def train_to_target(
     budget_steps, examples_trained = max_steps, 0
     while trainer.steps < budget_steps + (window // 2) * eval_every:
         row = trainer.step()
+        if isinstance(row.get("nonfinite_data"), str):
+            raise ValueError(f"step {row['step']}: the batch holds {row['nonfinite_data']}: check the data (remove or "
+                             "fix those values); this is no divergence, and the steps to the target need every step "
+                             "to train")
         if not math.isfinite(row["loss"]):
             outcome = "diverged"
             break

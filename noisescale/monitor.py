@@ -35,7 +35,7 @@ import torch
 from noisescale._checks import check_int
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import unwrapped_module
-from noisescale.batches import batch_size_of, call_model, to_device
+from noisescale.batches import batch_size_of, call_model, concatenate_examples, describe_nonfinite, to_device
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, micro_batch_noise_scale,
                                    simple_noise_scale)
@@ -59,6 +59,11 @@ class NoiseScaleSummary:
     loss or gradient, or the median loss of its latest steps exceeds DIVERGED_LOSS_FACTOR times its first loss.
     The noise scale of a diverged run describes no useful training, so no value and no batch size is suggested.
 
+    ``bad_data`` names the first step whose batch itself held NaN or Inf (None if none did): such steps are the
+    data's fault, not divergence, and lowering the learning rate would not help. ``broken_by_bad_data``: every
+    step since such a batch is non-finite on finite data (an optimizer step taken on that batch's gradient made
+    the parameters non-finite); then, as for a diverged run, nothing is suggested (:func:`bad_data_of`).
+
     ``coupling`` is what an observed step's independence check found (None if nothing): outputs of the model that
     couple the examples. If the loss reads them (a contrastive loss), the examples have no per-example gradients
     and the values here are no noise scale; observe cannot see the loss, so they are reported with that warning.
@@ -81,21 +86,28 @@ class NoiseScaleSummary:
     coupling: str | None = None
     b_noise_measurements: int = 0   # the Hessian measurements B_noise averages (it has no interval)
     adaptive_optimizer: bool | None = None
+    bad_data: str | None = None
+    broken_by_bad_data: bool = False
 
     @property
     def suggested_batch_size(self) -> float:
         """B_noise when measured (and the optimizer is not adaptive), else B_simple: the critical batch size it
-        predicts (McCandlish et al.); NaN for a diverged run."""
-        if self.divergence is not None:
+        predicts (McCandlish et al.); NaN for a diverged run or one broken by bad data."""
+        if self._broken:
             return math.nan
         return self.b_noise if self._suggests_b_noise else self.b_simple
 
     @property
     def suggested_from(self) -> str | None:
-        """Which estimate ``suggested_batch_size`` is: "b_noise" or "b_simple"; None for a diverged run."""
-        if self.divergence is not None:
+        """Which estimate ``suggested_batch_size`` is: "b_noise" or "b_simple"; None for a diverged run or one
+        broken by bad data."""
+        if self._broken:
             return None
         return "b_noise" if self._suggests_b_noise else "b_simple"
+
+    @property
+    def _broken(self) -> bool:
+        return self.divergence is not None or self.broken_by_bad_data
 
     @property
     def _suggests_b_noise(self) -> bool:
@@ -106,7 +118,11 @@ class NoiseScaleSummary:
 
     def _caveats(self) -> list[str]:
         caveats = []
-        if self.adaptive_optimizer and _resolved(self.b_noise) and self.divergence is None:
+        if self.bad_data is not None and not self.broken_by_bad_data:
+            caveats.append(f"  warning: {self.bad_data}: check the data (remove or fix those values); such steps "
+                           "are left out of the averages, and they are no divergence: the learning rate is not the "
+                           "cause")
+        if self.adaptive_optimizer and _resolved(self.b_noise) and not self._broken:
             caveats.append("  B_noise is SGD's critical batch size (McCandlish et al.); this optimizer adapts each "
                            "coordinate's step (Adam-like), so the suggestion is B_simple (with AdamW, B_noise sat 24 "
                            "to 225 times below the critical batch size measured by branching: README)")
@@ -118,6 +134,14 @@ class NoiseScaleSummary:
         return caveats
 
     def _describe(self) -> str:
+        if self.broken_by_bad_data:
+            return "\n".join([
+                f"after {self.steps} steps ({self.examples_seen} examples):",
+                f"  {self.bad_data}, and every step since has a non-finite loss or gradient: the optimizer step "
+                "taken on that batch made the parameters non-finite. Check the data (remove or fix those values) "
+                "and skip the optimizer step where last_step_finite is False; the learning rate is not the cause. "
+                "No noise scale is reported and no batch size is suggested",
+            ])
         if self.divergence is not None:
             return "\n".join([
                 f"after {self.steps} steps ({self.examples_seen} examples):",
@@ -316,6 +340,7 @@ class NoiseScaleMonitor:
                 (losses.mean() * loss_scale).backward()
                 loss = losses.detach().mean()
                 row = {"loss": loss.item(), "measured": False}
+            self._note_nonfinite(row, [(inputs, targets)])
             if self.hessian_every and self.step % self.hessian_every == 0:
                 row |= self._hessian((inputs, targets))
             self.examples_seen += batch_size
@@ -349,11 +374,6 @@ class NoiseScaleMonitor:
         finite = math.isfinite(loss) and bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item())
         if not finite:
             self.nonfinite_steps += 1
-            self._warn_once(
-                "nonfinite",
-                f"step {self.step}: non-finite loss or gradient; the step is marked in the history and left out "
-                "of the averages (warned once)",
-            )
             return {"loss": loss, "measured": True, "nonfinite": True}
         if unit_sizes is not None and len(unit_sizes) < 2:
             self._warn_once("micro1", f"step {self.step}: a model that normalises with batch statistics is measured "
@@ -382,6 +402,32 @@ class NoiseScaleMonitor:
             "b_simple_low": low,
             "b_simple_high": high,
         }
+
+    def _note_nonfinite(self, row: dict[str, Any], micro_batches: list[tuple[Any, Any]]) -> None:
+        """On a step whose loss or gradient is not finite, tell bad data from divergence: where the step's batch
+        itself holds NaN or Inf, the row's ``nonfinite_data`` says what and where (:func:`describe_nonfinite`) and
+        the warning names the data; otherwise it names the loss or gradient. Each warned once. A finite step pays
+        nothing here; nothing of the training is changed. No ``micro_batches``: nothing to check (under DDP each
+        rank holds only its share of the batch, and the ranks' histories must agree)."""
+        if not _is_nonfinite(row):
+            return
+        if len(micro_batches) > 1:   # (a copy, on this path only) for counts of the whole batch
+            micro_batches = [tuple(concatenate_examples(part) for part in zip(*micro_batches))]
+        cause = describe_nonfinite(*micro_batches[0]) if micro_batches else None
+        if cause is None:
+            if "nonfinite" not in self._warned and self._rows and _caused_by_data(self._rows)[-1]:
+                self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient on finite data, after a "
+                                f"step whose batch held NaN or Inf ({bad_data_of(self._rows)[0]}): an optimizer "
+                                "step taken on that batch made the parameters non-finite; check the data and skip "
+                                "the optimizer step where last_step_finite is False (warned once)")
+            self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient; the step is marked in the "
+                            "history and left out of the averages (warned once)")
+            return
+        row["nonfinite_data"] = cause
+        self._warn_once("nonfinite_data", f"step {self.step}: the batch holds {cause}: check the data (remove or fix "
+                        "those values; this is no divergence, the learning rate is not the cause); the step's loss or "
+                        "gradient is non-finite, so it is marked in the history (nonfinite_data) and left out of the "
+                        "averages; skip its optimizer step where last_step_finite is False (warned once)")
 
     def _hessian(self, *micro_batches: tuple[Any, Any]) -> dict[str, float]:
         """The Hessian proxies' history columns for this step's batch, given as its (inputs, targets)
@@ -447,6 +493,7 @@ class NoiseScaleMonitor:
         return path
 
     def summary(self) -> NoiseScaleSummary:
+        bad_data, broken_by_bad_data = bad_data_of(self._rows)
         return NoiseScaleSummary(
             steps=self.step,
             examples_seen=self.examples_seen,
@@ -461,6 +508,8 @@ class NoiseScaleMonitor:
             divergence=divergence_of(self._rows),
             coupling=self.norms.coupling,
             adaptive_optimizer=self.adaptive_optimizer,
+            bad_data=bad_data,
+            broken_by_bad_data=broken_by_bad_data,
         )
 
     @property
@@ -470,8 +519,7 @@ class NoiseScaleMonitor:
         ``GradScaler`` does, or stop."""
         if not self._rows:
             raise RuntimeError("no step has been taken yet")
-        row = self._rows[-1]
-        return not row.get("nonfinite", False) and math.isfinite(row["loss"])
+        return not _is_nonfinite(self._rows[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""
@@ -506,20 +554,56 @@ class NoiseScaleMonitor:
         self.close()
 
 
+def _is_nonfinite(row: dict[str, Any]) -> bool:
+    """Whether a history row's loss (or, on a measured step, a gradient norm) was not finite."""
+    return row.get("nonfinite", False) or not math.isfinite(row["loss"])
+
+
+def _caused_by_data(rows: list[dict[str, Any]]) -> list[bool]:
+    """For each history row: whether it is non-finite by the data's doing: its batch held NaN or Inf
+    (``nonfinite_data``), or it follows such a step with no finite step between (an optimizer step taken on that
+    batch's gradient made the parameters non-finite)."""
+    caused, previous = [], False
+    for row in rows:
+        previous = _is_nonfinite(row) and (isinstance(row.get("nonfinite_data"), str) or previous)
+        caused.append(previous)
+    return caused
+
+
+def bad_data_of(rows: list[dict[str, Any]]) -> tuple[str | None, bool]:
+    """(what, broken) for the history ``rows``: ``what`` names the first step whose batch held NaN or Inf and how
+    many did (None if none did); ``broken``: the latest step is non-finite on finite data and every step back to
+    such a batch is non-finite too, so the data broke the parameters (an optimizer step on that batch)."""
+    bad = [row for row in rows if isinstance(row.get("nonfinite_data"), str)]
+    if not bad:
+        return None, False
+    what = f"the batch of step {bad[0]['step']} holds {bad[0]['nonfinite_data']}"
+    if len(bad) > 1:
+        what += f", and {len(bad) - 1} more steps' batches"
+    broken = _caused_by_data(rows)[-1] and not isinstance(rows[-1].get("nonfinite_data"), str)
+    return what, broken
+
+
 def divergence_of(rows: list[dict[str, Any]]) -> str | None:
     """Why the history ``rows`` show a diverged run, or None. The latest steps are the last fifth of the rows (1 to
     10 of them): the run diverged when more than half of them had a non-finite loss or gradient (one skipped step,
     an fp16 overflow say, is not divergence), or when the median finite loss over as many latest steps exceeds
-    DIVERGED_LOSS_FACTOR times the first finite loss (the loss at the start of the measurement)."""
+    DIVERGED_LOSS_FACTOR times the first finite loss (the loss at the start of the measurement). Non-finite steps
+    the data caused (:func:`_caused_by_data`: a batch holding NaN or Inf, and the steps it broke) are no
+    divergence (:func:`bad_data_of` reports them)."""
     if not rows:
         return None
-    latest = rows[-min(10, max(1, len(rows) // 5)):]
-    nonfinite = [row for row in latest if row.get("nonfinite", False) or not math.isfinite(row["loss"])]
+    count = min(10, max(1, len(rows) // 5))
+    latest = rows[-count:]
+    nonfinite = [row for row, by_data in zip(latest, _caused_by_data(rows)[-count:])
+                 if _is_nonfinite(row) and not by_data]
     if 2 * len(nonfinite) > len(latest):
         if len(latest) == 1:
             return f"the loss or gradient of the latest step ({latest[0]['step']}) is not finite"
         return f"the loss or gradient is not finite in {len(nonfinite)} of the latest {len(latest)} steps"
     losses = [row["loss"] for row in rows if math.isfinite(row["loss"])]
+    if not losses:   # every step non-finite by the data's doing
+        return None
     first = losses[0]
     window = min(10, max(1, len(losses) // 5))
     recent = statistics.median(losses[-window:])

@@ -33,7 +33,8 @@ A step whose loss or gradient is not finite (the monitor's ``last_step_finite``,
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
 counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
 hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them
-NaN). The monitor's summary then reports a diverged run rather than a noise scale.
+NaN). Where the step's batch itself holds NaN or Inf, the row's ``nonfinite_data`` and the warning name the data and
+the monitor's summary reports bad data; otherwise, if such steps persist, a diverged run rather than a noise scale.
 
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients, the random
 state and the BatchNorm running statistics it started with; nothing is lost or counted twice (a BatchNorm model in
@@ -196,6 +197,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                     row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
             else:
                 row = {"loss": loss.item(), "measured": False}
+            self._note_nonfinite(row, micro_batches if self.process_group is None else [])
             if self.hessian_every and self.step % self.hessian_every == 0:
                 row |= self._hessian(*micro_batches)
             self.examples_seen += batch_size
@@ -387,6 +389,7 @@ class AdaptiveTrainer:
         self.base_settings = [_settings_of(group) for group in optimizer.param_groups]  # as built (no scheduler yet)
         self.steps = 0
         self.skipped_steps = 0
+        self._warned_skips: set[str] = set()   # the kinds of skipped step warned about ("data", "loss")
         self.seconds = 0.0
         self.progress = progress
         self._rows: list[dict[str, Any]] = []
@@ -462,7 +465,7 @@ class AdaptiveTrainer:
         finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or self._gradients_finite())
         if not finite:
             statistics.restore()
-            self._skip_step()
+            self._skip_step(self.monitor.last_row.get("nonfinite_data"))
         elif self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -526,17 +529,25 @@ class AdaptiveTrainer:
             return sharded_gradients_finite(self.model, self.monitor.process_group)
         return _gradients_finite(self.model)
 
-    def _skip_step(self) -> None:
+    def _skip_step(self, bad_data: str | None) -> None:
         """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the
-        loss scale backs off as GradScaler would. Counted in ``skipped_steps``; warned once."""
+        loss scale backs off as GradScaler would. Counted in ``skipped_steps``; warned once for a batch that holds
+        NaN or Inf (``bad_data``, the monitor's ``nonfinite_data``: check the data) and once for any other (if it
+        keeps happening the run has diverged)."""
         self.skipped_steps += 1
         if self.grad_scaler is not None:
             self.grad_scaler.update(self.grad_scaler.get_scale() * self.grad_scaler.get_backoff_factor())
-        if self.skipped_steps == 1:
-            warnings.warn(f"step {self.steps}: the loss or gradient is not finite; the optimizer step is skipped "
-                          "(as GradScaler does) and its history row is marked skipped; trainer.skipped_steps "
-                          "counts such steps (warned once). If it keeps happening the run has diverged: lower "
-                          "the learning rate", RuntimeWarning, stacklevel=3)
+        if bad_data is not None:
+            key, cause = "data", f"the batch holds {bad_data}"
+            advice = "Check the data (remove or fix those values): the learning rate is not the cause"
+        else:
+            key, cause = "loss", "the loss or gradient is not finite"
+            advice = "If it keeps happening the run has diverged: lower the learning rate"
+        if key not in self._warned_skips:
+            self._warned_skips.add(key)
+            warnings.warn(f"step {self.steps}: {cause}; the optimizer step is skipped (as GradScaler does) and its "
+                          "history row is marked skipped; trainer.skipped_steps counts such steps (warned once). "
+                          f"{advice}", RuntimeWarning, stacklevel=3)
 
     def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int,
                                statistics: RunningStatistics) -> torch.Tensor:

@@ -53,6 +53,26 @@ def make_regression_data() -> TensorDataset:
     return TensorDataset(inputs, inputs.sum(1) + 0.1 * torch.randn(120, generator=generator))
 
 
+def make_regression_data_with_nan_inputs() -> TensorDataset:
+    """make_regression_data with NaN in 3 features of example 7 (the commands refuse it)."""
+    inputs, targets = (tensor.clone() for tensor in make_regression_data().tensors)
+    inputs[7, 1:] = float("nan")
+    return TensorDataset(inputs, targets)
+
+
+def make_regression_data_with_inf_inputs() -> TensorDataset:
+    inputs, targets = (tensor.clone() for tensor in make_regression_data().tensors)
+    inputs[30, 2] = float("-inf")
+    return TensorDataset(inputs, targets)
+
+
+def make_regression_splits_with_a_nan_test_target() -> tuple[TensorDataset, TensorDataset]:
+    """A (train, test) pair whose test set has a NaN target in example 4."""
+    inputs, targets = (tensor.clone() for tensor in make_regression_data().tensors)
+    targets[100 + 4] = float("nan")
+    return TensorDataset(inputs[:100], targets[:100]), TensorDataset(inputs[100:], targets[100:])
+
+
 def per_example_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (outputs.squeeze(-1) - targets).square()
 

@@ -62,6 +62,31 @@ def test_measure_without_accuracy_reports_the_mean_test_loss(tmp_path, capsys):
     assert 0 < summary["test_loss"] < math.inf
 
 
+@pytest.mark.parametrize("factory, refused", [
+    ("make_regression_data_with_nan_inputs", "example 7 of the dataset is the first to hold NaN or Inf (tensor 0 of "
+     "its inputs, at [1]); its examples 0 to 119 hold NaN in its inputs (tensor 0, 3 values)"),
+    ("make_regression_data_with_inf_inputs", "example 30 of the dataset is the first to hold NaN or Inf (tensor 0 of "
+     "its inputs, at [2]); its examples 0 to 119 hold Inf in its inputs (tensor 0, 1 value)"),
+    ("make_regression_splits_with_a_nan_test_target", "example 4 of the test set is the first to hold NaN or Inf "
+     "(tensor 0 of its targets); its examples 0 to 19 hold NaN in its targets (tensor 0, 1 value)"),
+])
+@pytest.mark.parametrize("command", [["measure", "--steps", "3"], ["train", "--schedule", "fixed", "--epochs", "1"]])
+def test_a_dataset_holding_nan_or_inf_is_refused_before_training(tmp_path, capsys, command, factory, refused):
+    """Before, measure and train trained on it: steps with a non-finite loss were skipped or reported as a diverged
+    run, and the test loss printed as nan. Now: exit 2 with the example, the tensor and what to do, no file written
+    (not the checkpoint either)."""
+    out, checkpoint = tmp_path / "out", tmp_path / "weights.pt"
+    extra = ["--checkpoint", str(checkpoint)] if command[0] == "train" else []
+    code = main([*command, "--model", "_cli_user_code:make_regression_model", "--dataset", f"_cli_user_code:{factory}",
+                 "--loss", "_cli_user_code:per_example_squared_error", "--batch-size", "8", "--out", str(out),
+                 "--no-progress", *extra])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"noisescale: error: --dataset '_cli_user_code:{factory}': {refused}. Training on them gives non-finite "
+        "losses: remove or fix those values (drop the examples, or torch.nan_to_num) and run again\n")
+    assert list(out.iterdir()) == [] and not checkpoint.exists()
+
+
 def test_a_pair_of_data_loaders_gives_the_training_and_test_sets(tmp_path, capsys):
     code = main(["measure", *TEXT, "--dataset", "_cli_user_code:make_text_loaders", "--steps", "2", "--batch-size",
                  "8", "--hessian-every", "0", "--no-progress", "--out", str(tmp_path)])

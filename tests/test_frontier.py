@@ -126,6 +126,26 @@ def test_train_to_target_stops_like_a_sweep_cell_one_evaluation_after_the_crossi
         train_to_target(started, lambda: 0.1, target=0.75)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_train_to_target_refuses_a_batch_holding_nan_rather_than_calling_the_run_diverged():
+    """Before, the first step whose batch held NaN ended the run as "diverged"."""
+    from noisescale.losses import per_example_cross_entropy
+    from noisescale.training import AdaptiveTrainer
+
+    torch.manual_seed(0)
+    inputs = torch.randn(64, 5, dtype=torch.float64)
+    targets = (inputs[:, 0] > 0).long()
+    inputs[20, 3] = math.nan
+    model = torch.nn.Linear(5, 2).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with AdaptiveTrainer(model, per_example_cross_entropy, optimizer, TensorDataset(inputs, targets), batch_size=8,
+                         progress=False) as trainer:
+        step = next(k for k, batch in enumerate(type(trainer.sampler)(64, 8, seed=0)) if 20 in batch)
+        with pytest.raises(ValueError, match=rf"^step {step}: the batch holds NaN in its inputs \(tensor 0, 1 value\): "
+                           "check the data"):
+            train_to_target(trainer, lambda: 0.1, target=0.75, eval_every=100)
+
+
 def test_train_to_target_with_a_real_adaptive_trainer_counts_the_examples_it_trained():
     from noisescale.controller import NoiseScaleBatchPolicy
     from noisescale.losses import per_example_cross_entropy

@@ -438,11 +438,11 @@ def test_summary_of_a_run_whose_loss_exploded_or_went_non_finite_suggests_nothin
     text = str(exploded)
     assert "diverged" in text and "no batch size is suggested" in text
     assert "B_simple =" not in text and "interval" not in text
-    bad_inputs = batches[5][0].clone()
-    bad_inputs[0, 0, 0, 0] = math.inf
+    with torch.no_grad():
+        model[1].weight[0, 0] = math.inf   # the loss goes non-finite on finite data (a batch with inf: bad data)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         model.zero_grad()
-        monitor(bad_inputs, batches[5][1])
+        monitor(*batches[5])
     latest = monitor.summary()
     assert "latest step (5) is not finite" in latest.divergence and "1 step(s) had a non-finite" in str(latest)
     restored = NoiseScaleMonitor(linear_model(), per_example_cross_entropy)
@@ -466,6 +466,119 @@ def test_divergence_rule_against_hand_made_histories(losses, diverged):
 
     rows = [{"step": step, "loss": loss, "nonfinite": not math.isfinite(loss)} for step, loss in enumerate(losses)]
     assert (divergence_of(rows) is not None) == diverged
+
+
+def regression_batches(steps: int = 6, batch_size: int = 8, seed: int = 0):
+    """float64 batches of a noisy linear regression: (features (B, 5), targets (B,))."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(steps * batch_size, 5, generator=generator, dtype=torch.float64)
+    targets = features.sum(1) + 0.1 * torch.randn(steps * batch_size, generator=generator, dtype=torch.float64)
+    return list(zip(features.split(batch_size), targets.split(batch_size)))
+
+
+def per_example_squared_error(outputs, targets):
+    return (outputs.squeeze(-1) - targets) ** 2
+
+
+def regression_run(batches, skip_nonfinite: bool = True):
+    """A hand-written loop (the README's) through the monitor; returns the monitor and its warnings' texts."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = NoiseScaleMonitor(model, per_example_squared_error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for inputs, targets in batches:
+            optimizer.zero_grad()
+            monitor(inputs, targets)
+            if monitor.last_step_finite or not skip_nonfinite:
+                optimizer.step()
+    return monitor, [str(warning.message) for warning in caught]
+
+
+def with_bad_values(batches, step: int, part: int, rows, column, value: float):
+    """``batches`` with ``value`` written into batch ``step``'s inputs (part 0) or targets (part 1)."""
+    changed = [list(batch) for batch in batches]
+    changed[step][part] = changed[step][part].clone()
+    if column is None:
+        changed[step][part][rows] = value
+    else:
+        changed[step][part][rows, column] = value
+    return [tuple(batch) for batch in changed]
+
+
+@pytest.mark.parametrize("part, rows, column, value, named", [
+    (0, slice(1, 6), 2, math.nan, "NaN in its inputs (tensor 0, 5 values)"),
+    (0, 3, 4, math.inf, "Inf in its inputs (tensor 0, 1 value)"),
+    (1, 6, None, math.nan, "NaN in its targets (tensor 0, 1 value)"),
+])
+def test_a_batch_holding_nan_or_inf_is_reported_as_bad_data_not_divergence(part, rows, column, value, named):
+    """The latest step's batch holds NaN or Inf and the loop skips its optimizer step: the warning and the summary
+    name the data (before: "the run diverged ...: lower the learning rate"), the row says what the batch held, and
+    the noise scale is that of the plain reference run without the bad batch (the averages leave the step out)."""
+    batches = regression_batches()
+    monitor, warned = regression_run(with_bad_values(batches, 5, part, rows, column, value))
+    reference, _ = regression_run(batches[:5])
+    assert warned == [f"step 5: the batch holds {named}: check the data (remove or fix those values; this is no "
+                      "divergence, the learning rate is not the cause); the step's loss or gradient is non-finite, so "
+                      "it is marked in the history (nonfinite_data) and left out of the averages; skip its optimizer "
+                      "step where last_step_finite is False (warned once)"]
+    assert not monitor.last_step_finite and monitor.history["nonfinite_data"].tolist()[-1] == named
+    summary, expected = monitor.summary(), reference.summary()
+    assert summary.divergence is None and not summary.broken_by_bad_data
+    assert summary.bad_data == f"the batch of step 5 holds {named}"
+    assert summary.suggested_batch_size == expected.suggested_batch_size and summary.b_simple == expected.b_simple
+    text = str(summary)
+    assert "diverged" not in text
+    reported = str(expected).splitlines()[1:]   # the reference's report, after its own step and example counts
+    assert text.splitlines()[1:] == [*reported, "  1 step(s) with a non-finite loss or gradient were left out",
+                                     f"  warning: the batch of step 5 holds {named}: check the data (remove or fix "
+                                     "those values); such steps are left out of the averages, and they are no "
+                                     "divergence: the learning rate is not the cause"]
+    restored = NoiseScaleMonitor(torch.nn.Linear(5, 1).double(), per_example_squared_error)
+    restored.load_state_dict(monitor.state_dict())
+    assert str(restored.summary()) == text
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_bad_batch_whose_optimizer_step_broke_the_parameters_is_blamed_on_the_data():
+    """A loop that steps on every batch: the NaN batch of step 2 makes the parameters NaN, and every later step is
+    non-finite on finite data. Reported as the data's fault with nothing suggested, not as divergence; a
+    run that diverges on finite data is still reported as diverged."""
+    batches = regression_batches()
+    monitor, warned = regression_run(with_bad_values(batches, 2, 0, 0, 0, math.nan), skip_nonfinite=False)
+    assert warned[1].startswith("step 3: non-finite loss or gradient on finite data, after a step whose batch held "
+                                "NaN or Inf (the batch of step 2 holds NaN in its inputs (tensor 0, 1 value))")
+    summary = monitor.summary()
+    assert summary.divergence is None and summary.broken_by_bad_data
+    assert math.isnan(summary.suggested_batch_size) and summary.suggested_from is None
+    assert str(summary) == (
+        "after 6 steps (48 examples):\n  the batch of step 2 holds NaN in its inputs (tensor 0, 1 value), and every "
+        "step since has a non-finite loss or gradient: the optimizer step taken on that batch made the parameters "
+        "non-finite. Check the data (remove or fix those values) and skip the optimizer step where "
+        "last_step_finite is False; the learning rate is not the cause. No noise scale is reported and no batch "
+        "size is suggested")
+    diverged, _ = regression_run(with_bad_values(batches, 2, 0, 0, 0, 1e200), skip_nonfinite=False)
+    assert diverged.summary().divergence is not None and diverged.summary().bad_data is None
+
+
+@pytest.mark.parametrize("losses, data, diverged, bad_data", [
+    ([2.0, 2.0, math.nan], [2], False, (True, False)),
+    ([2.0, math.nan, math.nan, math.nan], [1], False, (True, True)),   # the NaN batch broke the parameters
+    ([2.0, math.nan, 2.0, math.nan], [1], True, (True, False)),      # step 3 went non-finite on finite data
+    ([2.0] * 10 + [math.nan] * 6, range(10, 16), False, (True, False)),
+    ([math.nan] * 3, range(3), False, (True, False)),               # every batch bad: nothing measured, no divergence
+    ([2.0] * 10 + [math.nan] * 6, [], True, (False, False)),
+])
+def test_non_finite_steps_of_bad_batches_are_no_divergence_in_hand_made_histories(losses, data, diverged, bad_data):
+    from noisescale.monitor import bad_data_of, divergence_of
+
+    rows = [{"step": step, "loss": loss, "nonfinite": not math.isfinite(loss),
+             **({"nonfinite_data": "NaN in its inputs (tensor 0, 1 value)"} if step in data else {})}
+            for step, loss in enumerate(losses)]
+    assert (divergence_of(rows) is not None) == diverged
+    what, broken = bad_data_of(rows)
+    assert (what is not None, broken) == bad_data
 
 
 def test_keyword_inputs_measure_what_the_tuple_does_and_report_the_backends():

@@ -401,6 +401,37 @@ def test_a_non_finite_step_is_skipped_counted_and_warned_once():
 
 
 
+def test_a_batch_holding_nan_is_reported_as_bad_data_not_as_a_diverged_run():
+    """NaN features in 5 examples of the last step's batch of 16, run as micro-batches of 4: the step is skipped,
+    the warnings name the data with the count over the whole batch, and the summary reports the noise scale of the
+    reference run without that step, with a warning about the data (before: "the run diverged (the loss or
+    gradient of the latest step (5) is not finite) ...; lower the learning rate")."""
+    dataset = classification_data()
+    inputs, targets = dataset.tensors
+    trainer = make_trainer(small_net(), TensorDataset(inputs.clone(), targets), batch_size=16, max_micro_batch=4)
+    reference = make_trainer(small_net(), dataset, batch_size=16, max_micro_batch=4)
+    last_batch = list(type(trainer.sampler)(len(dataset), 16, seed=0))[5]
+    trainer.dataset.tensors[0][last_batch[3:8], 1] = math.nan
+    for _ in range(5):
+        trainer.step()
+        reference.step()
+    named = "NaN in its inputs (tensor 0, 5 values)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = trainer.step()
+    monitor_warning, trainer_warning = (str(warning.message) for warning in caught)
+    assert monitor_warning.startswith(f"step 5: the batch holds {named}: check the data")
+    assert trainer_warning == (f"step 5: the batch holds {named}; the optimizer step is skipped (as GradScaler does) "
+                               "and its history row is marked skipped; trainer.skipped_steps counts such steps (warned "
+                               "once). Check the data (remove or fix those values): the learning rate is not the cause")
+    assert row["skipped"] and row["nonfinite_data"] == named and trainer.history["nonfinite_data"].iloc[-1] == named
+    summary, expected = trainer.monitor.summary(), reference.monitor.summary()
+    assert summary.divergence is None and summary.bad_data == f"the batch of step 5 holds {named}"
+    assert summary.suggested_batch_size == expected.suggested_batch_size and "diverged" not in str(summary)
+    for expected_parameter, parameter in zip(reference.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(expected_parameter, parameter)
+
+
 @pytest.mark.filterwarnings("ignore:.*non-finite:RuntimeWarning", "ignore:.*optimizer step is skipped:RuntimeWarning")
 def test_a_skipped_step_puts_the_batch_norm_running_statistics_back():
     """A NaN example's forward makes every BatchNorm running mean and variance NaN; the skipped step puts them back

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from noisescale._modes import eval_mode
 from noisescale.app.options import (
-    DEFAULT_LOSS, DEFAULT_MODEL, JobData, build_model, check_first_batch, load_job_data, load_loss,
+    DEFAULT_LOSS, DEFAULT_MODEL, JobData, build_model, check_finite_data, check_first_batch, load_job_data, load_loss,
     resolve_device_option,
 )
 from noisescale.batches import call_model, fetch_examples, to_device
@@ -100,7 +100,8 @@ def build_training_job(device: torch.device, *, model: str | None = None, datase
     """Seeded set-up shared by ``measure`` and ``train``: the data (``--dataset``, else Fashion-MNIST from
     ``--data``), the model on ``device`` (initialised from ``seed`` whatever the dataset factory drew; wrapped for
     DDP inside :func:`distributed_job`), the per-example loss and SGD with momentum over the model. The model and
-    loss are run once on two training examples first, so that a mismatch fails here with the options to check."""
+    loss are run once on two training examples first, so that a mismatch fails here with the options to check, and
+    a ``--dataset`` holding NaN or Inf is refused (:func:`~noisescale.app.options.check_finite_data`)."""
     model, loss = model or DEFAULT_MODEL, loss or DEFAULT_LOSS
     loss_fn = load_loss(loss)
     torch.manual_seed(seed)
@@ -109,6 +110,7 @@ def build_training_job(device: torch.device, *, model: str | None = None, datase
     network = build_model(model).to(device)
     specs = {"--model": model, "--dataset" if dataset else "--data": dataset or data or "auto", "--loss": loss}
     check_first_batch(network, loss_fn, job_data.train, device, specs)
+    check_finite_data(job_data, dataset)
     wrapped = data_parallel(network, device, parallel)  # FSDP shards ``network`` itself: evaluation runs on every rank
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=learning_rate, momentum=momentum)
     return TrainingJob(job_data, network, wrapped, loss_fn, optimizer)

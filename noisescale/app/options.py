@@ -13,7 +13,8 @@ User data (``--dataset package.module:factory``): the factory is called without 
   noisescale draws its own batches (the batch size is what it measures and changes).
 
 ``inputs`` is a tensor, a tuple of positional inputs or a mapping of keyword inputs of the model
-(:mod:`noisescale.batches`); ``targets`` is what the per-example loss takes.
+(:mod:`noisescale.batches`); ``targets`` is what the per-example loss takes. Their floating values must be finite:
+a dataset holding NaN or Inf is refused before training (:func:`check_finite_data`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, random_split
 
 from noisescale._modes import eval_mode
-from noisescale.batches import batch_size_of, call_model, fetch_examples, to_device
+from noisescale.batches import batch_size_of, call_model, fetch_examples, nonfinite_values, to_device
 from noisescale.devices import resolve_device
 
 DEFAULT_MODEL = "noisescale.models:lenet5"
@@ -165,6 +166,7 @@ class JobData:
     train: Dataset
     test: Dataset
     description: str  # printed as "data: <description>"
+    users: tuple[tuple[str, Dataset], ...] = ()  # the user's datasets as the factory returned them, named
 
 
 def load_job_data(dataset: str | None, data: str | None, seed: int) -> JobData:
@@ -176,6 +178,7 @@ def load_job_data(dataset: str | None, data: str | None, seed: int) -> JobData:
     result = _call_factory(load_callable(dataset, "--dataset"), "--dataset", dataset)
     if isinstance(result, (tuple, list)) and len(result) == 2 and not _is_example(result):
         train, test = (_as_dataset(part, dataset, name) for part, name in zip(result, ("training set", "test set")))
+        users = (("training set", train), ("test set", test))
         held_out = ""
     else:
         whole = _as_dataset(result, dataset, "dataset")  # names as in "item 0 of the dataset"
@@ -185,8 +188,9 @@ def load_job_data(dataset: str | None, data: str | None, seed: int) -> JobData:
                                "needed to hold out a test set")
         train, test = random_split(whole, [len(whole) - test_size, test_size],
                                    generator=torch.Generator().manual_seed(seed))
+        users = (("dataset", whole),)
         held_out = f", {HELD_OUT_SHARE:.0%} held out with --seed {seed}"
-    return JobData(train, test, f"{dataset}, {len(train)} training / {len(test)} test examples{held_out}")
+    return JobData(train, test, f"{dataset}, {len(train)} training / {len(test)} test examples{held_out}", users)
 
 
 def _is_example(value: Any) -> bool:
@@ -266,6 +270,26 @@ def check_first_batch(model: torch.nn.Module, loss_fn: Callable, dataset: Datase
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise UsageError(f"--loss {specs.get('--loss', DEFAULT_LOSS)!r}: returned {shape} for {count} examples; a "
                          f"per-example loss returns shape ({count},), one loss per example (reduction='none')")
+
+
+def check_finite_data(data: JobData, spec: str, chunk: int = 4096) -> None:
+    """Refuse ``--dataset`` data whose floating values hold NaN or Inf, before any training or file: training on it
+    gives non-finite losses that skipped steps would hide. Names the first such example (the index into the
+    dataset as the factory returned it), the tensor and the position inside the example. Reads every example once,
+    ``chunk`` at a time (one indexing call per chunk for a TensorDataset)."""
+    for name, dataset in data.users:
+        for start in range(0, len(dataset), chunk):
+            stop = min(start + chunk, len(dataset))
+            found = nonfinite_values(*fetch_examples(dataset, torch.arange(start, stop)))
+            if not found:
+                continue
+            first = min(found, key=lambda values: values.first[:1])
+            position = f", at {list(first.first[1:])}" if len(first.first) > 1 else ""
+            raise option_error("--dataset", spec, f"example {start + first.first[0]} of the {name} is the first to "
+                               f"hold NaN or Inf (tensor {first.tensor} of its {first.part}{position}); its examples "
+                               f"{start} to {stop - 1} hold {' and '.join(map(str, found))}. Training on them gives "
+                               "non-finite losses: remove or fix those values (drop the examples, or "
+                               "torch.nan_to_num) and run again")
 
 
 def _shapes(value: Any) -> str:

@@ -226,6 +226,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 loss = all_gather_concat(loss, self.process_group)
             batch_size = sum(sizes) * world_size
             row = {"loss": loss.mean().item(), "measured": False}
+        self._note_nonfinite(row, [])   # the framework's batches are not kept: the data is not checked here
         if self._hessian_batches:
             row |= self._hessian(*self._hessian_batches)
         self.examples_seen += batch_size
