@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 VOCAB, LENGTH, CLASSES = 30, 12, 3
 
@@ -64,6 +64,23 @@ def make_regression_data_with_inf_inputs() -> TensorDataset:
     inputs, targets = (tensor.clone() for tensor in make_regression_data().tensors)
     inputs[30, 2] = float("-inf")
     return TensorDataset(inputs, targets)
+
+
+class ExampleByExample(Dataset):
+    """A dataset that builds each example when indexed (as one reading files would)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+
+def make_lazy_regression_data_with_nan_inputs() -> ExampleByExample:
+    return ExampleByExample(make_regression_data_with_nan_inputs())
 
 
 def make_regression_splits_with_a_nan_test_target() -> tuple[TensorDataset, TensorDataset]:

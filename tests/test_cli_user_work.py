@@ -87,6 +87,19 @@ def test_a_dataset_holding_nan_or_inf_is_refused_before_training(tmp_path, capsy
     assert list(out.iterdir()) == [] and not checkpoint.exists()
 
 
+def test_a_dataset_read_example_by_example_is_not_read_ahead_and_its_bad_batch_is_named(tmp_path, capsys):
+    """Only a dataset in memory is checked before training (another may read each example from disk): here the
+    step that meets the NaN example is skipped, with a warning that names the data, not the learning rate."""
+    with pytest.warns(RuntimeWarning, match=r"the batch holds NaN in its inputs \(tensor 0, 3 values\);.*"
+                      "the learning rate is not the cause"):
+        code = main(["train", "--schedule", "fixed", "--epochs", "1", "--model", "_cli_user_code:make_regression_model",
+                     "--dataset", "_cli_user_code:make_lazy_regression_data_with_nan_inputs", "--loss",
+                     "_cli_user_code:per_example_squared_error", "--batch-size", "8", "--out", str(tmp_path),
+                     "--no-progress"])
+    assert code == 0
+    assert "fixed: test loss" in capsys.readouterr().out
+
+
 def test_a_pair_of_data_loaders_gives_the_training_and_test_sets(tmp_path, capsys):
     code = main(["measure", *TEXT, "--dataset", "_cli_user_code:make_text_loaders", "--steps", "2", "--batch-size",
                  "8", "--hessian-every", "0", "--no-progress", "--out", str(tmp_path)])

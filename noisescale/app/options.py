@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, random_split
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate, random_split
 
 from noisescale._modes import eval_mode
 from noisescale.batches import batch_size_of, call_model, fetch_examples, nonfinite_values, to_device
@@ -273,11 +273,14 @@ def check_first_batch(model: torch.nn.Module, loss_fn: Callable, dataset: Datase
 
 
 def check_finite_data(data: JobData, spec: str, chunk: int = 4096) -> None:
-    """Refuse ``--dataset`` data whose floating values hold NaN or Inf, before any training or file: training on it
-    gives non-finite losses that skipped steps would hide. Names the first such example (the index into the
-    dataset as the factory returned it), the tensor and the position inside the example. Reads every example once,
-    ``chunk`` at a time (one indexing call per chunk for a TensorDataset)."""
+    """Refuse ``--dataset`` data in memory (a ``TensorDataset``) whose floating values hold NaN or Inf, before any
+    training or file: training on it gives non-finite losses that skipped steps would hide. Names the first such
+    example (the index into the dataset as the factory returned it), the tensor and the position inside the example,
+    ``chunk`` examples at a time. Another dataset is not read ahead (it may load every example from disk): a batch
+    of it holding NaN or Inf is named by the monitor when a step meets it."""
     for name, dataset in data.users:
+        if not isinstance(dataset, TensorDataset):
+            continue
         for start in range(0, len(dataset), chunk):
             stop = min(start + chunk, len(dataset))
             found = nonfinite_values(*fetch_examples(dataset, torch.arange(start, stop)))
