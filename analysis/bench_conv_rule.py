@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from noisescale.checkpoints import atomic_write
-from noisescale.per_example.factors import gram_preferred, per_example_sqnorm
-from noisescale.per_example.layers import _GROUPED_MIN_CHANNELS, ConvRule
+from noisescale.per_example.factors import per_example_sqnorm, prefer_factored
+from noisescale.per_example.layers import ConvRule
 
 IN_CHANNELS, OUT_CHANNELS, SIZES, KERNELS, STRIDES = (1, 3, 8, 16, 32, 64), (16, 64), (8, 16, 32), (3, 5), (1, 2)
 
@@ -34,6 +34,15 @@ def im2col(layer, x, g):
     rule = ConvRule()
     rule.grouped_kernels = False
     return rule.per_example_sqnorms(layer, x, g, {"weight"})["weight"]
+
+
+def im2col_form(positions: int, n: int, out: int) -> str:
+    """The form ``position_weight_sqnorms`` takes on the patches: "gram" (fewer multiply-adds), "gram (memory)" (more,
+    taken for the materialised gradients' memory), or "materialised"."""
+    if positions * (n + out) < n * out:
+        return "gram"
+    return "gram (memory)" if prefer_factored(positions * (n + out), n * out, 2 * positions * positions, n * out,
+                                              positions * (n + out)) else "materialised"
 
 
 def grouped(layer, x, g):
@@ -58,11 +67,10 @@ def bench_layer(in_channels, out_channels, size, kernel, stride, batch, repeats)
     for _ in range(repeats):   # interleaved: load drifts hit both alike
         times["im2col"].append(seconds(lambda: im2col(layer, x, g)))
         times["grouped"].append(seconds(lambda: grouped(layer, x, g)))
-    form = ("gram" if gram_preferred(g.shape[2] * g.shape[3], in_channels * kernel * kernel, out_channels)
-            else "materialised")
     return {"in_channels": in_channels, "out_channels": out_channels, "size": size, "kernel": kernel,
-            "stride": stride, "batch": batch, "form": form,
-            "rule_takes": "grouped" if form == "materialised" and in_channels >= _GROUPED_MIN_CHANNELS else "im2col",
+            "stride": stride, "batch": batch, "im2col_form": im2col_form(g.shape[2] * g.shape[3],
+                                                                        in_channels * kernel * kernel, out_channels),
+            "rule_takes": "grouped" if ConvRule().takes_grouped_norms(layer, x, g) else "im2col",
             "im2col_ms": 1e3 * statistics.median(times["im2col"]),
             "grouped_ms": 1e3 * statistics.median(times["grouped"]), "max_rel_diff": difference}
 
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, newline="") as handle:   # a killed run leaves the previous file
         frame.to_csv(handle, index=False)
-    summary = frame.groupby(["in_channels", "form"]).grouped_ratio.describe()[["count", "min", "50%", "max"]]
+    summary = frame.groupby(["in_channels", "im2col_form", "rule_takes"]).grouped_ratio.describe()[
+        ["count", "min", "50%", "max"]]
     print(summary.to_string(float_format=lambda v: f"{v:.2f}"))
     return frame
 

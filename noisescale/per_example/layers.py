@@ -37,10 +37,15 @@ from noisescale.per_example.factors import (IndexFactors, LinearFactors, common_
 # input's size, which bounds the extra memory of its ghost norm (the patches of a 5x5 kernel are 25x the input).
 _PATCH_MEMORY_FACTOR = 4
 
-# ConvRule's grouped-convolution kernel gradients from this many input channels per group: on one CPU thread they
-# took 0.15 to 1.15 times (medians 0.46 to 0.74) the time of im2col and bmm from 8 channels on, and up to 3.9x it
-# with 1 or 3 (3x3 and 5x5 kernels, 8x8 to 32x32 maps, B = 64: analysis/bench_conv_rule.py, data/bench/conv_rule_*)
+# ConvRule's grouped-convolution kernel gradients from this many input channels per group: on one CPU thread, where
+# im2col materialises them, they took 0.15 to 1.21 times (medians 0.45 to 0.68) its time from 8 channels on, and up to
+# 3.5x it with 1 or 3 (3x3 and 5x5 kernels, 8x8 to 32x32 maps, B = 64: analysis/bench_conv_rule.py, two runs in
+# data/bench/conv_rule_run*.csv)
 _GROUPED_MIN_CHANNELS = 8
+# ... and where im2col would take the Gram form for memory, from this ratio of its multiply-adds to materialising's
+# on (VGG's 128 channels on 16x16 maps: 2.2, the grouped convolution 0.53 its time); below it the Gram form's bmm was
+# as fast or faster (64 channels on 8x8 maps, 5x5 kernels: at 1.04, the grouped convolution 1.8x its time)
+_GRAM_MARGIN = 1.2
 
 __all__ = [
     "LayerRule",
@@ -219,6 +224,16 @@ class ConvRule(LayerRule):
         return (self.grouped_kernels and x.device.type == "cpu"
                 and module.in_channels // module.groups >= _GROUPED_MIN_CHANNELS)
 
+    def takes_grouped_norms(self, module: nn.Module, x: Tensor, g: Tensor) -> bool:
+        """Whether the kernel gradients' norms come from the grouped convolution (``_by_grouped_convolution``):
+        where im2col's patches would give them materialised, or in the Gram form for memory although it costs at
+        least _GRAM_MARGIN times the multiply-adds, L (n + C_out) against n C_out per position (n = C_in k / groups):
+        the materialised gradients are then smaller than the patches that form builds."""
+        n = module.in_channels // module.groups * prod(module.kernel_size)
+        out, positions = module.out_channels // module.groups, prod(g.shape[2:])
+        return self._by_grouped_convolution(module, x) and (
+            not gram_preferred(positions, n, out) or positions * (n + out) >= _GRAM_MARGIN * n * out)
+
     @staticmethod
     def _kernel_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
         """(B, C_out, C_in / groups, *k) per-example kernel gradients: the weight gradient of a convolution of the
@@ -249,9 +264,7 @@ class ConvRule(LayerRule):
     def per_example_sqnorms(self, module, x, g, names):
         sqnorms = {}
         if "weight" in names:
-            per_group = module.in_channels // module.groups * prod(module.kernel_size)
-            grouped = self._by_grouped_convolution(module, x) and not gram_preferred(
-                prod(g.shape[2:]), per_group, module.out_channels // module.groups)
+            grouped = self.takes_grouped_norms(module, x, g)
             sqnorms["weight"] = torch.cat([
                 per_example_sqnorm(self._kernel_grads(module, xc, gc)) if grouped else
                 position_weight_sqnorms(self._patches(module, xc), self._output_grads(module, gc))
