@@ -158,6 +158,8 @@ LAYER_CASES = {
     "conv1d_grouped_kernels_circular": lambda: _layer_case(
         nn.Conv1d(16, 4, 3, groups=2, padding="same", padding_mode="circular"), (3, 16, 7)),
     "conv3d_grouped_kernels": lambda: _layer_case(nn.Conv3d(8, 2, 2, padding=1), (2, 8, 3, 3, 3)),
+    # im2col would take the Gram form for memory at 1.25x the multiply-adds (L = 9: 9 * 80 against 72 * 8)
+    "conv2d_grouped_kernels_not_gram": lambda: _layer_case(nn.Conv2d(8, 8, 3), (3, 8, 5, 5)),
     "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
     "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
     "embedding_single_index": lambda: _layer_case(nn.Embedding(6, 3), (4,), integer_inputs=6),
@@ -178,7 +180,7 @@ def test_single_layer_matches_naive_loop(case, backend):
 
 
 @pytest.mark.parametrize("case", ["conv2d_grouped_kernels", "conv1d_grouped_kernels_circular",
-                                  "conv3d_grouped_kernels"])
+                                  "conv3d_grouped_kernels", "conv2d_grouped_kernels_not_gram"])
 def test_grouped_kernel_cases_take_the_grouped_convolution(case, monkeypatch):
     """The cases above run the grouped-convolution path, for the norms and for the gradients of a weight used twice,
     whose values ``test_single_layer_matches_naive_loop`` and the loop here check."""
