@@ -112,7 +112,7 @@ class NoiseScaleTrainerMixin:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
         transformers passes go through unchanged), observed (module docstring)."""
         monitor = self._noise_scale_monitor(model)
-        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=_hessian_batch(model, inputs),
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), batch=_inputs_and_labels(model, inputs),
                                   model_inputs=inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)
@@ -156,9 +156,10 @@ class NoiseScaleTrainer(NoiseScaleTrainerMixin, Trainer):
     """``transformers.Trainer`` that measures the gradient noise scale of its training (module docstring)."""
 
 
-def _hessian_batch(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """(the batch without ``labels``, the labels) for the Hessian proxies, which call the model without labels: an
-    encoder-decoder (T5, BART) then gets the decoder inputs its forward would have made from them."""
+def _inputs_and_labels(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the batch without ``labels``, the labels): the micro-batch as the monitor keeps it, for the Hessian proxies,
+    which call the model without labels (an encoder-decoder, T5 or BART, then gets the decoder inputs its forward
+    would have made from them), and for the names of NaN or Inf values ("in its inputs", "in its targets")."""
     model_inputs, labels = split_labels(inputs)
     module = getattr(model, "module", model)   # DistributedDataParallel
     prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)

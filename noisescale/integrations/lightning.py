@@ -79,10 +79,11 @@ class NoiseScaleCallback(Callback):
         self._restored = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        hessian_batch = tuple(batch) if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-        if self.options.hessian_every and hessian_batch is None:
+        pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+        if self.options.hessian_every and not pair:
             raise ValueError("hessian_every > 0 (B_noise) needs batches (inputs, targets); set hessian_every=0")
-        self.monitor.begin_micro_batch(batch_size_of_framework_batch(batch), hessian_batch=hessian_batch)
+        self.monitor.begin_micro_batch(batch_size_of_framework_batch(batch),
+                                       batch=tuple(batch) if pair else (batch, None))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
