@@ -169,7 +169,15 @@ def nonfinite_values(inputs: Any, targets: Any) -> list[NonFiniteValues]:
     return found
 
 
-def describe_nonfinite(inputs: Any, targets: Any) -> str | None:
-    """"NaN in its inputs (tensor 0, 5 values)" (joined by "and" for several tensors), or None when the batch's
-    values are all finite (:func:`nonfinite_values`)."""
-    return " and ".join(map(str, nonfinite_values(inputs, targets))) or None
+def describe_nonfinite(*micro_batches: tuple[Any, Any]) -> str | None:
+    """"NaN in its inputs (tensor 0, 5 values)" (joined by "and" for several tensors) for the batch made of
+    ``micro_batches``, each (inputs, targets) of the same structure, or None when its values are all finite
+    (:func:`nonfinite_values`). Each tensor's counts are summed over the micro-batches, which need not be
+    concatenable (a collator pads each one to its own length)."""
+    totals: dict[tuple[str, int], tuple[int, int]] = {}   # (part, tensor) -> (NaNs, Infs)
+    for inputs, targets in micro_batches:
+        for found in nonfinite_values(inputs, targets):
+            nans, infs = totals.get((found.part, found.tensor), (0, 0))
+            totals[found.part, found.tensor] = (nans + found.nans, infs + found.infs)
+    return " and ".join(str(NonFiniteValues(part, tensor, nans, infs, ()))
+                        for (part, tensor), (nans, infs) in sorted(totals.items())) or None

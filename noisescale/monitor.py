@@ -35,7 +35,7 @@ import torch
 from noisescale._checks import check_int
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import unwrapped_module
-from noisescale.batches import batch_size_of, call_model, concatenate_examples, describe_nonfinite, to_device
+from noisescale.batches import batch_size_of, call_model, describe_nonfinite, to_device
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, micro_batch_noise_scale,
                                    simple_noise_scale)
@@ -411,9 +411,7 @@ class NoiseScaleMonitor:
         rank holds only its share of the batch, and the ranks' histories must agree)."""
         if not _is_nonfinite(row):
             return
-        if len(micro_batches) > 1:   # (a copy, on this path only) for counts of the whole batch
-            micro_batches = [tuple(concatenate_examples(part) for part in zip(*micro_batches))]
-        cause = describe_nonfinite(*micro_batches[0]) if micro_batches else None
+        cause = describe_nonfinite(*micro_batches)   # the counts of the whole batch
         if cause is None:
             if "nonfinite" not in self._warned and self._rows and _caused_by_data(self._rows)[-1]:
                 self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient on finite data, after a "

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from noisescale.batches import (
-    batch_size_of, call_arguments, call_model, concatenate_examples, select_examples, split_examples, tensors_of,
-    to_device,
+    batch_size_of, call_arguments, call_model, concatenate_examples, describe_nonfinite, select_examples,
+    split_examples, tensors_of, to_device,
 )
 
 
@@ -76,3 +76,19 @@ def test_select_and_split_keep_non_tensors_and_cover_every_example():
 def test_to_device_moves_every_tensor():
     moved = to_device({"x": torch.zeros(2, dtype=torch.float64), "n": 3}, "cpu")
     assert moved["x"].device.type == "cpu" and moved["n"] == 3
+
+
+def test_nonfinite_values_of_micro_batches_padded_to_different_lengths_are_counted_together():
+    """A collator pads each micro-batch to its own length, so they cannot be concatenated (torch.cat fails): each
+    tensor's counts are summed over the micro-batches; integer ids are not read."""
+    short = {"embeds": torch.zeros(2, 3, 4), "ids": torch.zeros(2, 3, dtype=torch.long)}
+    long = {"embeds": torch.zeros(2, 5, 4), "ids": torch.zeros(2, 5, dtype=torch.long)}
+    short["embeds"][0, 1] = float("nan")   # 4 NaNs
+    long["embeds"][1, 4, 0] = float("nan")
+    long["embeds"][1, 4, 1] = float("inf")
+    targets = torch.zeros(2, 5, dtype=torch.float64)
+    targets[0, 0] = float("nan")
+    assert describe_nonfinite((short, torch.zeros(2, 3)), (long, targets)) == (
+        "NaN and Inf in its inputs (tensor 0, 6 values) and NaN in its targets (tensor 0, 1 value)")
+    assert describe_nonfinite((short, None)) == "NaN in its inputs (tensor 0, 4 values)"
+    assert describe_nonfinite((long["ids"], None)) is None and describe_nonfinite() is None

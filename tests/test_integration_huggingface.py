@@ -11,6 +11,7 @@ import dataclasses
 import io
 import math
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -713,3 +714,35 @@ def test_a_training_loop_run_again_after_an_out_of_memory_error_counts_its_own_m
     for row in history.itertuples():
         _assert_the_gpt2_steps_estimate(row, trainer.recorded[row.step], accumulation)
     assert hooks_on(trainer.model) == {}
+
+
+def test_a_batch_holding_nan_is_named_as_bad_data_and_a_huge_learning_rate_still_reads_diverged(tmp_path):
+    """One example's floating input is NaN: the row of the step whose batch holds it (one of its two micro-batches)
+    names it (nonfinite_data), and so do the warning and the summary; the steps after it, whose parameters the
+    Trainer's optimizer step on its NaN gradient broke, are blamed on it. Before, the integration kept no batch
+    and the run read as diverged (lower the learning rate). On finite data a huge learning rate still diverges."""
+    data = _class_dataset()
+    data[5]["x"][2] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _train(RecordingTrainer, TinyClassifier, data, tmp_path / "nan", 2, noise_scale=NoiseScaleOptions())
+    step = next(k for k, recorded in enumerate(trainer.recorded)
+                if any(batch["x"].isnan().any() for batch in recorded["batches"]))
+    named = "NaN in its inputs (tensor 0, 1 value)"
+    history = trainer.noise_scale.history
+    assert history.loc[history["nonfinite_data"].notna(), "step"].tolist() == [step]
+    assert history["nonfinite_data"][step] == named
+    assert [str(warning.message) for warning in caught
+            if str(warning.message).startswith(f"step {step}: the batch holds {named}: check the data")]
+    summary = trainer.noise_scale.summary()
+    assert summary.divergence is None and summary.bad_data == f"the batch of step {step} holds {named}"
+    assert "diverged" not in str(summary)
+
+    args = dataclasses.replace(_args(tmp_path / "huge", 2), learning_rate=1e6)
+    diverged = NoiseScaleTrainer(model=TinyClassifier(), args=args, train_dataset=_class_dataset(),
+                                 noise_scale=NoiseScaleOptions())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diverged.train()
+    summary = diverged.noise_scale.summary()
+    assert summary.divergence is not None and summary.bad_data is None and "diverged" in str(summary)

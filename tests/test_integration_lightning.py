@@ -10,6 +10,7 @@ import copy
 import csv
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -66,13 +67,13 @@ class RecordBatches(pl.Callback):
         self.steps[-1]["batches"].append([t.clone() for t in batch])
 
 
-def _fit(tmp_path, accumulation, callbacks, dropout=0.0, make_module=None):
+def _fit(tmp_path, accumulation, callbacks, dropout=0.0, make_module=None, loader=None):
     pl.seed_everything(5, verbose=False)
     module = (make_module or TinyModule)(dropout)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=accumulation,
                          logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(module, _loader())
+    trainer.fit(module, loader or _loader())
     return module, trainer
 
 
@@ -428,6 +429,41 @@ def test_an_exception_in_fit_leaves_the_module_and_the_process_as_they_were(tmp_
     assert history["micro_batches"].tolist() == [accumulation] * 3
     for row, step in zip(history.iloc[1:].itertuples(), recorder.steps):
         _assert_the_steps_estimate(row, step, rel=1e-9)
+
+
+class HugeStepModule(TinyModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e6)
+
+
+def test_a_batch_holding_nan_is_named_as_bad_data_and_a_huge_learning_rate_still_reads_diverged(tmp_path):
+    """One example's input is NaN: the row of the step whose batch holds it (one of its two micro-batches) names it
+    (nonfinite_data), and so do the warning and the summary; the steps after it, whose parameters Lightning's
+    optimizer step on its NaN gradient broke, are blamed on it. Before, the callback kept no batch and the run read
+    as diverged (lower the learning rate). On finite data a huge learning rate still diverges."""
+    loader, recorder, callback = _loader(), RecordBatches(), NoiseScaleCallback()
+    loader.dataset.tensors[0][5, 2] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "nan", 2, [recorder, callback], loader=loader)
+    step = next(k for k, recorded in enumerate(recorder.steps)
+                if any(x.isnan().any() for x, _ in recorded["batches"]))
+    named = "NaN in its inputs (tensor 0, 1 value)"
+    history = callback.monitor.history
+    assert history.loc[history["nonfinite_data"].notna(), "step"].tolist() == [step]
+    assert history["nonfinite_data"][step] == named
+    assert [str(warning.message) for warning in caught
+            if str(warning.message).startswith(f"step {step}: the batch holds {named}: check the data")]
+    summary = callback.monitor.summary()
+    assert summary.divergence is None and summary.bad_data == f"the batch of step {step} holds {named}"
+    assert "diverged" not in str(summary)
+
+    callback = NoiseScaleCallback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(tmp_path / "huge", 2, [callback], make_module=HugeStepModule)
+    summary = callback.monitor.summary()
+    assert summary.divergence is not None and summary.bad_data is None and "diverged" in str(summary)
 
 
 # ------------------------------------------------------------------- FSDP2 under ModelParallelStrategy, 2 gloo ranks

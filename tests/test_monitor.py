@@ -141,7 +141,7 @@ def test_an_unresolved_b_noise_is_neither_written_nor_logged():
         model.zero_grad()
         monitor(inputs, targets)
         model.zero_grad()
-        observing.begin_micro_batch(len(inputs), hessian_batch=(inputs, targets))
+        observing.begin_micro_batch(len(inputs), batch=(inputs, targets))
         per_example_cross_entropy(model(inputs), targets).mean().backward()
         observing.end_micro_batch(0.0)
         observing.end_step()
@@ -726,7 +726,7 @@ def test_an_observed_step_failing_in_its_hessian_proxies_leaves_the_averages_as_
     monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(hessian_every=1, hessian_examples=2,
                                                                   hessian_probes=2, per_example_loss=per_example))
     for step in range(2):
-        monitor.begin_micro_batch(4, hessian_batch=(x, y), model_inputs=(x,))
+        monitor.begin_micro_batch(4, batch=(x, y), model_inputs=(x,))
         value = per_example(model(x), y).mean()
         value.backward()
         monitor.end_micro_batch(value)

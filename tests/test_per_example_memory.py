@@ -8,11 +8,13 @@ Reference: the same steps without noisescale, whose live tensors stay as many fr
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
+from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.models import tiny_transformer, sequence_cross_entropy
 from noisescale.monitor import NoiseScaleMonitor
 from noisescale.per_example import PerExampleGradNorms
@@ -131,3 +133,33 @@ def test_observed_and_monitored_steps_keep_nothing_of_earlier_steps():
     assert len(set(counts)) == 1, counts
     monitor.close()
     assert _hooks_on(model) == 0
+
+
+def test_an_observed_step_keeps_its_micro_batches_until_it_ends_or_the_monitor_closes():
+    """The integrations' monitor holds each micro-batch (a reference, to name NaN or Inf in it on a non-finite
+    step) while its step is open: the step's end lets it go, and so does close() on a step left unfinished (an
+    exception in training), or a micro-batch begun but never ended (dropped)."""
+    model, loss_fn, inputs, targets = _mixed_problem()
+    monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions())
+
+    def micro_batch(end: bool = True) -> weakref.ref:
+        batch = (inputs.clone(), targets)
+        monitor.begin_micro_batch(len(inputs), batch=batch)
+        if end:
+            loss_fn(model(batch[0]), batch[1]).mean().backward()
+            monitor.end_micro_batch(0.0)
+        return weakref.ref(batch[0])
+
+    def collected(kept: weakref.ref) -> bool:
+        gc.collect()
+        return kept() is None
+
+    kept = micro_batch()
+    assert not collected(kept)   # held while its step is open
+    monitor.end_step()
+    assert collected(kept)
+    dropped = micro_batch(end=False)   # begun, never ended: dropped by the next micro-batch's begin
+    kept = micro_batch()
+    assert collected(dropped) and not collected(kept)
+    monitor.close()   # the step left unfinished
+    assert collected(kept)

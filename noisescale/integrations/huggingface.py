@@ -28,6 +28,13 @@ the gradients its backward brought to the model's outputs (:mod:`noisescale.per_
 ``trainer.noise_scale.backend_of`` says which. The values reach every ``report_to``
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
 
+A step whose loss or gradient is not finite because its batch holds NaN or Inf (a floating input: ``pixel_values``,
+``inputs_embeds``) is named as bad data, not divergence, in the warning, the history's ``nonfinite_data`` and the
+summary: the monitor keeps a reference to each micro-batch, without ``labels`` as the inputs and ``labels`` as the
+targets, until the step ends, and reads it only on such a step (in one process: not under DDP). The Trainer still
+takes that step's optimizer step (unless fp16's gradient scaler skips it), so the later steps go non-finite too,
+and the summary blames the batch.
+
 Under ``torchrun`` / ``accelerate launch`` (DDP) each rank's per-example norms are all-gathered once per step, so
 every rank logs the estimate of the global batch. The averages travel in the Trainer's checkpoints
 (:class:`NoiseScaleCheckpointState`), so a resumed run continues them. B_noise (``hessian_every``) runs the Hessian
@@ -112,7 +119,7 @@ class NoiseScaleTrainerMixin:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
         transformers passes go through unchanged), observed (module docstring)."""
         monitor = self._noise_scale_monitor(model)
-        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), hessian_batch=_hessian_batch(model, inputs),
+        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), batch=_inputs_and_labels(model, inputs),
                                   model_inputs=inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)
@@ -156,9 +163,10 @@ class NoiseScaleTrainer(NoiseScaleTrainerMixin, Trainer):
     """``transformers.Trainer`` that measures the gradient noise scale of its training (module docstring)."""
 
 
-def _hessian_batch(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """(the batch without ``labels``, the labels) for the Hessian proxies, which call the model without labels: an
-    encoder-decoder (T5, BART) then gets the decoder inputs its forward would have made from them."""
+def _inputs_and_labels(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the batch without ``labels``, the labels): the micro-batch as the monitor keeps it, for the Hessian proxies,
+    which call the model without labels (an encoder-decoder, T5 or BART, then gets the decoder inputs its forward
+    would have made from them), and for the names of NaN or Inf values ("in its inputs", "in its targets")."""
     model_inputs, labels = split_labels(inputs)
     module = getattr(model, "module", model)   # DistributedDataParallel
     prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)

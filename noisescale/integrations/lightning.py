@@ -18,6 +18,13 @@ optimizer step's whole batch follow from that loss as :mod:`noisescale.integrati
 averages go to every logger through ``pl_module.log_dict`` (``on_step=True``, written every
 ``log_every_n_steps``; also in ``trainer.callback_metrics``).
 
+A step whose loss or gradient is not finite because its batch holds NaN or Inf is named as bad data, not
+divergence, in the warning, the history's ``nonfinite_data`` and the summary: the callback keeps a reference to each
+micro-batch until the optimizer step and reads it only on such a step (a batch of two as ``(inputs, targets)``, any
+other as inputs; in one process: not under the ddp strategy). Lightning still takes that step's optimizer step
+(unless 16-mixed's gradient scaler skips it), so the later steps go non-finite too, and the summary blames the
+batch.
+
 The training step's loss must be a mean (or any fixed-weight sum) of per-example terms over dim 0 of the batch;
 the batch is a tensor, a tuple or list (``[x, y]``) or a dict of tensors with the batch in dim 0. Under the ddp
 strategy each rank's norms are all-gathered once per step (the estimate of the global batch on every rank). The
@@ -79,10 +86,11 @@ class NoiseScaleCallback(Callback):
         self._restored = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        hessian_batch = tuple(batch) if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-        if self.options.hessian_every and hessian_batch is None:
+        pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+        if self.options.hessian_every and not pair:
             raise ValueError("hessian_every > 0 (B_noise) needs batches (inputs, targets); set hessian_every=0")
-        self.monitor.begin_micro_batch(batch_size_of_framework_batch(batch), hessian_batch=hessian_batch)
+        self.monitor.begin_micro_batch(batch_size_of_framework_batch(batch),
+                                       batch=tuple(batch) if pair else (batch, None))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._loss = loss.detach()

@@ -135,25 +135,27 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._sizes: list[int] = []
         self._sqnorms: list[torch.Tensor] = []
         self._loss: torch.Tensor | float = 0.0  # kept as a tensor: no device synchronisation per micro-batch
-        self._hessian_batches: list[tuple[Any, Any]] = []  # the step's micro-batches, on Hessian steps
-        self._hessian_pending: tuple[Any, Any] | None = None  # the open micro-batch's, kept once it ends
+        self._batches: list[tuple[Any, Any]] = []  # the step's ended micro-batches, (inputs, targets): references
+        self._pending: tuple[Any, Any] | None = None  # the open micro-batch's, kept once it ends
         self._by_micro_batches = False   # BatchNorm in train mode: the micro-batches are the units (module docstring)
 
     @property
     def measures_this_step(self) -> bool:
         return self.step % self.measure_every == 0
 
-    def begin_micro_batch(self, batch_size: int, hessian_batch: tuple[Any, Any] | None = None,
+    def begin_micro_batch(self, batch_size: int, batch: tuple[Any, Any] | None = None,
                           model_inputs: Any = None) -> None:
         """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
-        begun but never ended, e.g. skipped by the framework, is dropped). ``hessian_batch``: (inputs, targets) of
-        this micro-batch for the Hessian proxies (on Hessian steps, of the step's whole batch). ``model_inputs``: what
-        the framework calls the model on, for the check of dims as large as the batch and for the parameters only
-        the whole-model vmap can measure (``observe``)."""
+        begun but never ended, e.g. skipped by the framework, is dropped). ``batch``: (inputs, targets) of this
+        micro-batch, kept by reference (no copy) until the step ends or the monitor closes: on Hessian steps the
+        Hessian proxies run on the step's whole batch, and on a step whose loss or gradient is not finite its values
+        are read to tell bad data from divergence (:meth:`_note_nonfinite`; not under DDP, where each rank holds
+        only its share of the batch and the ranks' histories must agree). ``model_inputs``: what the framework calls
+        the model on, for the check of dims as large as the batch and for the parameters only the whole-model vmap
+        can measure (``observe``)."""
         self._drop_open_micro_batch()
         self._step_open = True
-        if self.hessian_every and self.step % self.hessian_every == 0:
-            self._hessian_pending = hessian_batch
+        self._pending = batch
         self._sizes.append(batch_size)
         if self.measures_this_step:
             self._by_micro_batches = self._normalises_with_batch_statistics()
@@ -164,9 +166,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:
         """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it."""
         self._loss = self._loss + torch.as_tensor(loss).detach().double()
-        if self._hessian_pending is not None:
-            self._hessian_batches.append(self._hessian_pending)
-            self._hessian_pending = None
+        if self._pending is not None:
+            self._batches.append(self._pending)
+            self._pending = None
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             micro_batch.__exit__(None, None, None)
@@ -178,7 +180,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def _drop_open_micro_batch(self) -> None:
         """Forget a micro-batch whose backward never came (the framework skipped it or raised)."""
-        self._hessian_pending = None
+        self._pending = None
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             dropped = RuntimeError("micro-batch dropped")
@@ -226,9 +228,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 loss = all_gather_concat(loss, self.process_group)
             batch_size = sum(sizes) * world_size
             row = {"loss": loss.mean().item(), "measured": False}
-        self._note_nonfinite(row, [])   # the framework's batches are not kept: the data is not checked here
-        if self._hessian_batches:
-            row |= self._hessian(*self._hessian_batches)
+        self._note_nonfinite(row, self._batches if self.process_group is None else [])
+        if self._batches and self.hessian_every and self.step % self.hessian_every == 0:
+            row |= self._hessian(*self._batches)
         self.examples_seen += batch_size
         row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
                "micro_batches": len(sizes), **row}
