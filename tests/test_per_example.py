@@ -160,6 +160,14 @@ LAYER_CASES = {
     "conv3d_grouped_kernels": lambda: _layer_case(nn.Conv3d(8, 2, 2, padding=1), (2, 8, 3, 3, 3)),
     # im2col would take the Gram form for memory at 1.25x the multiply-adds (L = 9: 9 * 80 against 72 * 8)
     "conv2d_grouped_kernels_not_gram": lambda: _layer_case(nn.Conv2d(8, 8, 3), (3, 8, 5, 5)),
+    # transposed: the adjoint convolution's rule on (g, x); output padding that gives it more positions than x has
+    "conv_transpose1d": lambda: _layer_case(nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1),
+                                            (4, 3, 5)),
+    "conv_transpose2d_groups_dilation_extended": lambda: _layer_case(
+        nn.ConvTranspose2d(4, 6, 3, dilation=2, output_padding=1, groups=2), (3, 4, 4, 4)),
+    "conv_transpose2d_grouped_kernels": lambda: _layer_case(nn.ConvTranspose2d(4, 8, 4, stride=2, padding=1),
+                                                            (3, 4, 5, 5)),
+    "conv_transpose3d": lambda: _layer_case(nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), (2, 2, 2, 3, 2)),
     "embedding_gram": lambda: _layer_case(nn.Embedding(10, 4), (4, 5), integer_inputs=4),   # T^2 25 <= 40
     "embedding_padding_idx": _embedding_with_padding,                                          # T^2 36 > 21
     "embedding_single_index": lambda: _layer_case(nn.Embedding(6, 3), (4,), integer_inputs=6),
@@ -194,6 +202,25 @@ def test_grouped_kernel_cases_take_the_grouped_convolution(case, monkeypatch):
     calls.clear()
     assert_matches_reference(AppliedTwice(layer), regression_loss, x, y, "ghost")
     assert calls
+
+
+class Upsampler(nn.Module):
+    """A transposed convolution called with ``output_size`` (U-Net decoders match the encoder's odd sizes so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(x, output_size=[2 * x.shape[2], 2 * x.shape[3]])
+
+
+def test_a_transposed_convolution_called_with_output_size_takes_its_rule():
+    model = Upsampler().double()
+    x = torch.randn(4, 4, 3, 5, dtype=torch.float64, generator=generator(6))
+    y = torch.randn(4, 3, 6, 10, dtype=torch.float64, generator=generator(7))
+    result = assert_matches_reference(model, regression_loss, x, y, "ghost")
+    assert set(result.backend_of.values()) == {"ghost"}
 
 
 class AppliedTwice(nn.Module):

@@ -51,6 +51,7 @@ __all__ = [
     "LayerRule",
     "LinearRule",
     "ConvRule",
+    "ConvTransposeRule",
     "EmbeddingRule",
     "AffineNormRule",
     "TransposedLinearRule",
@@ -294,6 +295,42 @@ def functional_convolution(weight_shape: torch.Size, stride: Any = 1, padding: A
                            _reversed_padding_repeated_twice=tuple(p for pair in reversed(pads) for p in pair))
 
 
+class ConvTransposeRule(LayerRule):
+    """nn.ConvTranspose1d / 2d / 3d, y = C_W^T x for the convolution C_W of the same settings: since
+    <g, C_W^T x> = <C_W g, x>, the weight's per-example gradients are those of that convolution, weight (C_in,
+    C_out / groups, *k), run on g with output gradient x: ``ConvRule``'s, in whichever form it takes. Where the
+    output padding (or a call's ``output_size``) gives that convolution more output positions than x has, x is
+    extended by zeros (the layer's output is the adjoint's on x so extended)."""
+
+    _convolution = ConvRule()
+
+    @staticmethod
+    def _adjoint(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Any, Tensor]:
+        """The convolution whose adjoint the layer is (its settings, as ``ConvRule`` reads them), and x extended to
+        its output's size."""
+        shape = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
+        convolution = functional_convolution(torch.Size(shape), module.stride, module.padding, module.dilation,
+                                             module.groups)
+        reach = [(size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size, pad, dilation, k, stride in
+                 zip(g.shape[2:], module.padding, module.dilation, module.kernel_size, module.stride)]
+        extension = [pad for size, full in zip(reversed(x.shape[2:]), reversed(reach)) for pad in (0, full - size)]
+        return convolution, F.pad(x, extension) if any(extension) else x
+
+    def per_example_grads(self, module, x, g, names):
+        convolution, x = self._adjoint(module, x, g)
+        grads = self._convolution.per_example_grads(convolution, g, x, names & {"weight"})
+        if "bias" in names:
+            grads["bias"] = compute_dtype(g).flatten(2).sum(2)
+        return grads
+
+    def per_example_sqnorms(self, module, x, g, names):
+        convolution, x = self._adjoint(module, x, g)
+        sqnorms = self._convolution.per_example_sqnorms(convolution, g, x, names & {"weight"})
+        if "bias" in names:
+            sqnorms["bias"] = per_example_sqnorm(compute_dtype(g).flatten(2).sum(2))
+        return sqnorms
+
+
 class EmbeddingRule(LayerRule):
     """nn.Embedding: row idx_t receives g_t, so |dl_i/dW|^2 = sum_{t,t'} [idx_t == idx_t'] (g_t . g_t').
 
@@ -423,6 +460,9 @@ RULES: dict[type, LayerRule] = {
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
     nn.Conv3d: ConvRule(),
+    nn.ConvTranspose1d: ConvTransposeRule(),
+    nn.ConvTranspose2d: ConvTransposeRule(),
+    nn.ConvTranspose3d: ConvTransposeRule(),
     nn.Embedding: EmbeddingRule(),
     nn.LayerNorm: AffineNormRule(_layer_norm_hat, channels_first=False),
     nn.GroupNorm: AffineNormRule(_group_norm_hat, channels_first=True),
