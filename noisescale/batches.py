@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
@@ -140,7 +140,7 @@ class NonFiniteValues(NamedTuple):
     """NaN or Inf values in one floating tensor of a batch (:func:`nonfinite_values`)."""
 
     part: str                 # "inputs" or "targets"
-    tensor: int               # the tensor's position among the part's tensors (:func:`tensors_of` order)
+    tensor: str               # where the tensor is in the part: "" (the part itself), "[1]", "['pixel_values']"
     nans: int
     infs: int
     first: tuple[int, ...]    # the index of the first one: (example, then its position inside the example)
@@ -148,7 +148,7 @@ class NonFiniteValues(NamedTuple):
     def __str__(self) -> str:
         kinds = " and ".join(kind for kind, count in (("NaN", self.nans), ("Inf", self.infs)) if count)
         count = self.nans + self.infs
-        return f"{kinds} in its {self.part} (tensor {self.tensor}, {count} value{'s' if count != 1 else ''})"
+        return f"{kinds} in its {self.part}{self.tensor} ({count} value{'s' if count != 1 else ''})"
 
 
 def nonfinite_values(inputs: Any, targets: Any) -> list[NonFiniteValues]:
@@ -158,23 +158,24 @@ def nonfinite_values(inputs: Any, targets: Any) -> list[NonFiniteValues]:
     step whose loss or gradient is already non-finite: to tell bad data from a training that diverged."""
     found = []
     for part, value in (("inputs", inputs), ("targets", targets)):
-        for index, tensor in enumerate(tensors_of(value)):
-            if not (tensor.is_floating_point() or tensor.is_complex()):
+        leaves, _ = tree_flatten_with_path(dict(value) if isinstance(value, Mapping) else value)
+        for path, tensor in leaves:
+            if not (isinstance(tensor, Tensor) and (tensor.is_floating_point() or tensor.is_complex())):
                 continue
             bad = ~torch.isfinite(tensor)
             if bool(bad.any()):
                 nans = int(torch.isnan(tensor).sum())
                 first = tuple(int(i) for i in bad.nonzero()[0]) if tensor.dim() else ()
-                found.append(NonFiniteValues(part, index, nans, int(bad.sum()) - nans, first))
+                found.append(NonFiniteValues(part, keystr(path), nans, int(bad.sum()) - nans, first))
     return found
 
 
 def describe_nonfinite(*micro_batches: tuple[Any, Any]) -> str | None:
-    """"NaN in its inputs (tensor 0, 5 values)" (joined by "and" for several tensors) for the batch made of
+    """"NaN in its inputs['pixel_values'] (5 values)" (joined by "and" for several tensors) for the batch made of
     ``micro_batches``, each (inputs, targets) of the same structure, or None when its values are all finite
     (:func:`nonfinite_values`). Each tensor's counts are summed over the micro-batches, which need not be
     concatenable (a collator pads each one to its own length)."""
-    totals: dict[tuple[str, int], tuple[int, int]] = {}   # (part, tensor) -> (NaNs, Infs)
+    totals: dict[tuple[str, str], tuple[int, int]] = {}   # (part, tensor) -> (NaNs, Infs)
     for inputs, targets in micro_batches:
         for found in nonfinite_values(inputs, targets):
             nans, infs = totals.get((found.part, found.tensor), (0, 0))

@@ -89,6 +89,6 @@ def test_nonfinite_values_of_micro_batches_padded_to_different_lengths_are_count
     targets = torch.zeros(2, 5, dtype=torch.float64)
     targets[0, 0] = float("nan")
     assert describe_nonfinite((short, torch.zeros(2, 3)), (long, targets)) == (
-        "NaN and Inf in its inputs (tensor 0, 6 values) and NaN in its targets (tensor 0, 1 value)")
-    assert describe_nonfinite((short, None)) == "NaN in its inputs (tensor 0, 4 values)"
+        "NaN and Inf in its inputs['embeds'] (6 values) and NaN in its targets (1 value)")
+    assert describe_nonfinite((short, None)) == "NaN in its inputs['embeds'] (4 values)"
     assert describe_nonfinite((long["ids"], None)) is None and describe_nonfinite() is None

@@ -728,7 +728,7 @@ def test_a_batch_holding_nan_is_named_as_bad_data_and_a_huge_learning_rate_still
         trainer = _train(RecordingTrainer, TinyClassifier, data, tmp_path / "nan", 2, noise_scale=NoiseScaleOptions())
     step = next(k for k, recorded in enumerate(trainer.recorded)
                 if any(batch["x"].isnan().any() for batch in recorded["batches"]))
-    named = "NaN in its inputs (tensor 0, 1 value)"
+    named = "NaN in its inputs['x'] (1 value)"
     history = trainer.noise_scale.history
     assert history.loc[history["nonfinite_data"].notna(), "step"].tolist() == [step]
     assert history["nonfinite_data"][step] == named

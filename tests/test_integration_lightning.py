@@ -448,7 +448,7 @@ def test_a_batch_holding_nan_is_named_as_bad_data_and_a_huge_learning_rate_still
         _fit(tmp_path / "nan", 2, [recorder, callback], loader=loader)
     step = next(k for k, recorded in enumerate(recorder.steps)
                 if any(x.isnan().any() for x, _ in recorded["batches"]))
-    named = "NaN in its inputs (tensor 0, 1 value)"
+    named = "NaN in its inputs (1 value)"
     history = callback.monitor.history
     assert history.loc[history["nonfinite_data"].notna(), "step"].tolist() == [step]
     assert history["nonfinite_data"][step] == named

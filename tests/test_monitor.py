@@ -508,9 +508,9 @@ def with_bad_values(batches, step: int, part: int, rows, column, value: float):
 
 
 @pytest.mark.parametrize("part, rows, column, value, named", [
-    (0, slice(1, 6), 2, math.nan, "NaN in its inputs (tensor 0, 5 values)"),
-    (0, 3, 4, math.inf, "Inf in its inputs (tensor 0, 1 value)"),
-    (1, 6, None, math.nan, "NaN in its targets (tensor 0, 1 value)"),
+    (0, slice(1, 6), 2, math.nan, "NaN in its inputs (5 values)"),
+    (0, 3, 4, math.inf, "Inf in its inputs (1 value)"),
+    (1, 6, None, math.nan, "NaN in its targets (1 value)"),
 ])
 def test_a_batch_holding_nan_or_inf_is_reported_as_bad_data_not_divergence(part, rows, column, value, named):
     """The latest step's batch holds NaN or Inf and the loop skips its optimizer step: the warning and the summary
@@ -548,12 +548,12 @@ def test_a_bad_batch_whose_optimizer_step_broke_the_parameters_is_blamed_on_the_
     batches = regression_batches()
     monitor, warned = regression_run(with_bad_values(batches, 2, 0, 0, 0, math.nan), skip_nonfinite=False)
     assert warned[1].startswith("step 3: non-finite loss or gradient on finite data, after a step whose batch held "
-                                "NaN or Inf (the batch of step 2 holds NaN in its inputs (tensor 0, 1 value))")
+                                "NaN or Inf (the batch of step 2 holds NaN in its inputs (1 value))")
     summary = monitor.summary()
     assert summary.divergence is None and summary.broken_by_bad_data
     assert math.isnan(summary.suggested_batch_size) and summary.suggested_from is None
     assert str(summary) == (
-        "after 6 steps (48 examples):\n  the batch of step 2 holds NaN in its inputs (tensor 0, 1 value), and every "
+        "after 6 steps (48 examples):\n  the batch of step 2 holds NaN in its inputs (1 value), and every "
         "step since has a non-finite loss or gradient: the optimizer step taken on that batch made the parameters "
         "non-finite. Check the data (remove or fix those values) and skip the optimizer step where "
         "last_step_finite is False; the learning rate is not the cause. No noise scale is reported and no batch "
@@ -574,7 +574,7 @@ def test_non_finite_steps_of_bad_batches_are_no_divergence_in_hand_made_historie
     from noisescale.monitor import bad_data_of, divergence_of
 
     rows = [{"step": step, "loss": loss, "nonfinite": not math.isfinite(loss),
-             **({"nonfinite_data": "NaN in its inputs (tensor 0, 1 value)"} if step in data else {})}
+             **({"nonfinite_data": "NaN in its inputs (1 value)"} if step in data else {})}
             for step, loss in enumerate(losses)]
     assert (divergence_of(rows) is not None) == diverged
     what, broken = bad_data_of(rows)

@@ -289,7 +289,7 @@ def check_finite_data(data: JobData, spec: str, chunk: int = 4096) -> None:
             first = min(found, key=lambda values: values.first[:1])
             position = f", at {list(first.first[1:])}" if len(first.first) > 1 else ""
             raise option_error("--dataset", spec, f"example {start + first.first[0]} of the {name} is the first to "
-                               f"hold NaN or Inf (tensor {first.tensor} of its {first.part}{position}); its examples "
+                               f"hold NaN or Inf (its {first.part}{first.tensor}{position}); its examples "
                                f"{start} to {stop - 1} hold {' and '.join(map(str, found))}. Training on them gives "
                                "non-finite losses: remove or fix those values (drop the examples, or "
                                "torch.nan_to_num) and run again")
