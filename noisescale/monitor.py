@@ -138,8 +138,9 @@ class NoiseScaleSummary:
             return "\n".join([
                 f"after {self.steps} steps ({self.examples_seen} examples):",
                 f"  {self.bad_data}, and every step since has a non-finite loss or gradient: the optimizer step "
-                "taken on that batch made the parameters non-finite. Check the data (remove or fix those values) "
-                "and skip the optimizer step where last_step_finite is False; the learning rate is not the cause. "
+                "taken on that batch made the parameters non-finite. Check the data (remove or fix those values; "
+                "a loop of your own can skip the optimizer step where last_step_finite is False); the learning rate "
+                "is not the cause. "
                 "No noise scale is reported and no batch size is suggested",
             ])
         if self.divergence is not None:
@@ -265,6 +266,9 @@ class NoiseScaleMonitor:
             coordinate's step (Adam, AdamW, ...: :func:`adapts_per_coordinate`) the suggested batch size is
             B_simple, not B_noise (SGD's). Sets ``adaptive_optimizer`` (None when not given).
     """
+
+    # what the warnings of a step holding bad data advise about its optimizer step (the loop is the caller's)
+    _skip_advice = "skip its optimizer step where last_step_finite is False"
 
     def __init__(
         self,
@@ -416,8 +420,8 @@ class NoiseScaleMonitor:
             if "nonfinite" not in self._warned and self._rows and _caused_by_data(self._rows)[-1]:
                 self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient on finite data, after a "
                                 f"step whose batch held NaN or Inf ({bad_data_of(self._rows)[0]}): an optimizer "
-                                "step taken on that batch made the parameters non-finite; check the data and skip "
-                                "the optimizer step where last_step_finite is False (warned once)")
+                                f"step taken on that batch made the parameters non-finite; check the data and "
+                                f"{self._skip_advice} (warned once)")
             self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient; the step is marked in the "
                             "history and left out of the averages (warned once)")
             return
@@ -425,7 +429,7 @@ class NoiseScaleMonitor:
         self._warn_once("nonfinite_data", f"step {self.step}: the batch holds {cause}: check the data (remove or fix "
                         "those values; this is no divergence, the learning rate is not the cause); the step's loss or "
                         "gradient is non-finite, so it is marked in the history (nonfinite_data) and left out of the "
-                        "averages; skip its optimizer step where last_step_finite is False (warned once)")
+                        f"averages; {self._skip_advice} (warned once)")
 
     def _hessian(self, *micro_batches: tuple[Any, Any]) -> dict[str, float]:
         """The Hessian proxies' history columns for this step's batch, given as its (inputs, targets)

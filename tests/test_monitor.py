@@ -555,9 +555,9 @@ def test_a_bad_batch_whose_optimizer_step_broke_the_parameters_is_blamed_on_the_
     assert str(summary) == (
         "after 6 steps (48 examples):\n  the batch of step 2 holds NaN in its inputs (1 value), and every "
         "step since has a non-finite loss or gradient: the optimizer step taken on that batch made the parameters "
-        "non-finite. Check the data (remove or fix those values) and skip the optimizer step where "
-        "last_step_finite is False; the learning rate is not the cause. No noise scale is reported and no batch "
-        "size is suggested")
+        "non-finite. Check the data (remove or fix those values; a loop of your own can skip the optimizer step "
+        "where last_step_finite is False); the learning rate is not the cause. No noise scale is reported and no "
+        "batch size is suggested")
     diverged, _ = regression_run(with_bad_values(batches, 2, 0, 0, 0, 1e200), skip_nonfinite=False)
     assert diverged.summary().divergence is not None and diverged.summary().bad_data is None
 

@@ -117,6 +117,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     DDP whose forward is the training step, so the Hessian proxies must call the module itself).
     """
 
+    _skip_advice = ("fix the data before training on: the framework takes the optimizer step on it all the same "
+                    "(only a gradient scaler skips it)")
+
     def __init__(self, model: torch.nn.Module, options: NoiseScaleOptions, *,
                  process_group: dist.ProcessGroup | None = None) -> None:
         if not isinstance(options, NoiseScaleOptions):
