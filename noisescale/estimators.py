@@ -324,8 +324,8 @@ class ExponentialMovingRatio:
         total = self._sums["weight_sum"]
         mean_num, mean_den = self.numerator, self.denominator
         scale = 1.0 / (n_eff - 1.0)  # reliability-weight correction n_eff/(n_eff - 1), then / n_eff for the mean
-        var_num = (self._sums["num_sqsum"] / total - mean_num**2) * scale
-        var_den = (self._sums["den_sqsum"] / total - mean_den**2) * scale
+        var_num = (self._sums["num_sqsum"] / total - mean_num * mean_num) * scale
+        var_den = (self._sums["den_sqsum"] / total - mean_den * mean_den) * scale
         cov = (self._sums["cross_sum"] / total - mean_num * mean_den) * scale
         quantile = float(stats.t.ppf(0.5 + confidence / 2, df=n_eff - 1))
         return fieller_interval(mean_num, mean_den, max(var_num, 0.0), max(var_den, 0.0), cov, quantile,

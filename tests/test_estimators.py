@@ -348,6 +348,16 @@ def test_unresolved_denominator_gives_an_interval_unbounded_above():
     assert np.all(intervals[:, 0] >= 0)
 
 
+def test_interval_of_values_past_float_range_when_squared_does_not_raise():
+    """A diverging float64 run's estimates near 1e200: their squares overflow to inf, which Python's ``x**2`` raised
+    on (OverflowError from a monitor's summary instead of its report that the run diverged)."""
+    average = ExponentialMovingRatio(decay=0.9)
+    for numerator, denominator in [(1e200, 3e199), (2e200, 1e199), (5e199, 4e199)]:
+        assert average.update(numerator, denominator)
+    low, high = average.interval(0.9)
+    assert not (low > high)   # no claim about its width: the variances overflowed
+
+
 def test_noise_scale_interval_is_clipped_at_zero():
     """B_simple's average clips at 0; a generic ratio's average does not."""
     rng = np.random.default_rng(9)
