@@ -152,17 +152,18 @@ class NonFiniteValues(NamedTuple):
 
 
 def nonfinite_values(inputs: Any, targets: Any) -> list[NonFiniteValues]:
-    """The floating (or complex) tensors of a batch that hold NaN or Inf; empty when every value is finite.
+    """The floating (or complex) tensors of a batch that hold NaN, or in its targets NaN or Inf; empty when none
+    does. Inf in the inputs is left alone: it can be meant (an additive attention mask's -inf), NaN cannot.
 
     It reads every value (and synchronises with the device), so the monitor and the trainer call it only on a
     step whose loss or gradient is already non-finite: to tell bad data from a training that diverged."""
     found = []
-    for part, value in (("inputs", inputs), ("targets", targets)):
+    for part, value, is_bad in (("inputs", inputs, torch.isnan), ("targets", targets, lambda t: ~torch.isfinite(t))):
         leaves, _ = tree_flatten_with_path(dict(value) if isinstance(value, Mapping) else value)
         for path, tensor in leaves:
             if not (isinstance(tensor, Tensor) and (tensor.is_floating_point() or tensor.is_complex())):
                 continue
-            bad = ~torch.isfinite(tensor)
+            bad = is_bad(tensor)
             if bool(bad.any()):
                 nans = int(torch.isnan(tensor).sum())
                 first = tuple(int(i) for i in bad.nonzero()[0]) if tensor.dim() else ()

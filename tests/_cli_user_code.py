@@ -60,9 +60,9 @@ def make_regression_data_with_nan_inputs() -> TensorDataset:
     return TensorDataset(inputs, targets)
 
 
-def make_regression_data_with_inf_inputs() -> TensorDataset:
+def make_regression_data_with_an_inf_target() -> TensorDataset:
     inputs, targets = (tensor.clone() for tensor in make_regression_data().tensors)
-    inputs[30, 2] = float("-inf")
+    targets[30] = float("-inf")
     return TensorDataset(inputs, targets)
 
 

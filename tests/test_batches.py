@@ -1,5 +1,7 @@
 """Batches as users hold them: tensors, positional tuples and keyword mappings (noisescale.batches)."""
 
+import math
+
 import pytest
 import torch
 
@@ -85,10 +87,12 @@ def test_nonfinite_values_of_micro_batches_padded_to_different_lengths_are_count
     long = {"embeds": torch.zeros(2, 5, 4), "ids": torch.zeros(2, 5, dtype=torch.long)}
     short["embeds"][0, 1] = float("nan")   # 4 NaNs
     long["embeds"][1, 4, 0] = float("nan")
-    long["embeds"][1, 4, 1] = float("inf")
+    long["embeds"][1, 4, 1] = float("inf")   # Inf in the inputs can be meant (a mask's -inf): not counted
     targets = torch.zeros(2, 5, dtype=torch.float64)
     targets[0, 0] = float("nan")
+    targets[1, 2] = float("-inf")             # in the targets it is counted
     assert describe_nonfinite((short, torch.zeros(2, 3)), (long, targets)) == (
-        "NaN and Inf in its inputs['embeds'] (6 values) and NaN in its targets (1 value)")
+        "NaN in its inputs['embeds'] (5 values) and NaN and Inf in its targets (2 values)")
     assert describe_nonfinite((short, None)) == "NaN in its inputs['embeds'] (4 values)"
     assert describe_nonfinite((long["ids"], None)) is None and describe_nonfinite() is None
+    assert describe_nonfinite(({"mask": torch.full((2, 3), -math.inf)}, None)) is None

@@ -65,8 +65,8 @@ def test_measure_without_accuracy_reports_the_mean_test_loss(tmp_path, capsys):
 @pytest.mark.parametrize("factory, refused", [
     ("make_regression_data_with_nan_inputs", "example 7 of the dataset is the first to hold NaN or Inf (its inputs, "
      "at [1]); its examples 0 to 119 hold NaN in its inputs (3 values)"),
-    ("make_regression_data_with_inf_inputs", "example 30 of the dataset is the first to hold NaN or Inf (its inputs, "
-     "at [2]); its examples 0 to 119 hold Inf in its inputs (1 value)"),
+    ("make_regression_data_with_an_inf_target", "example 30 of the dataset is the first to hold NaN or Inf (its "
+     "targets); its examples 0 to 119 hold Inf in its targets (1 value)"),
     ("make_regression_splits_with_a_nan_test_target", "example 4 of the test set is the first to hold NaN or Inf "
      "(its targets); its examples 0 to 19 hold NaN in its targets (1 value)"),
 ])

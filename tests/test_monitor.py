@@ -496,6 +496,41 @@ def regression_run(batches, skip_nonfinite: bool = True):
     return monitor, [str(warning.message) for warning in caught]
 
 
+class MaskedPooling(torch.nn.Module):
+    """Scores positions, adds an additive mask (-inf on masked positions, as attention masks do) and pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.score, self.head = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+    def forward(self, x, mask):
+        weights = torch.softmax(self.score(x).squeeze(-1) + mask, dim=-1)
+        return self.head((weights.unsqueeze(-1) * x).sum(1)).squeeze(-1)
+
+
+def test_a_mask_holding_minus_inf_in_the_inputs_is_no_bad_data_and_a_diverged_run_reads_diverged():
+    """Inf in the inputs can be meant (an additive mask's -inf): a run that diverges (lr 1e19, float32) on finite data with
+    such a mask is reported as diverged, not as bad data with a batch size suggested (a review's find: every step
+    was blamed on the mask and B_simple suggested)."""
+    generator = torch.Generator().manual_seed(3)
+    model = MaskedPooling()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e19)
+    monitor = NoiseScaleMonitor(model, per_example_squared_error)
+    mask = torch.zeros(8, 5, dtype=torch.float32)
+    mask[:, -1] = -math.inf
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for _ in range(8):
+            x = torch.randn(8, 5, 4, dtype=torch.float32, generator=generator)
+            optimizer.zero_grad()
+            monitor((x, mask), torch.randn(8, dtype=torch.float32, generator=generator))
+            optimizer.step()
+    assert not monitor.history["loss"].map(math.isfinite).all()
+    summary = monitor.summary()
+    assert summary.divergence is not None and summary.bad_data is None and "nonfinite_data" not in monitor.history
+    assert math.isnan(summary.suggested_batch_size)
+
+
 def with_bad_values(batches, step: int, part: int, rows, column, value: float):
     """``batches`` with ``value`` written into batch ``step``'s inputs (part 0) or targets (part 1)."""
     changed = [list(batch) for batch in batches]
@@ -509,8 +544,8 @@ def with_bad_values(batches, step: int, part: int, rows, column, value: float):
 
 @pytest.mark.parametrize("part, rows, column, value, named", [
     (0, slice(1, 6), 2, math.nan, "NaN in its inputs (5 values)"),
-    (0, 3, 4, math.inf, "Inf in its inputs (1 value)"),
     (1, 6, None, math.nan, "NaN in its targets (1 value)"),
+    (1, 3, None, -math.inf, "Inf in its targets (1 value)"),
 ])
 def test_a_batch_holding_nan_or_inf_is_reported_as_bad_data_not_divergence(part, rows, column, value, named):
     """The latest step's batch holds NaN or Inf and the loop skips its optimizer step: the warning and the summary

@@ -273,11 +273,12 @@ def check_first_batch(model: torch.nn.Module, loss_fn: Callable, dataset: Datase
 
 
 def check_finite_data(data: JobData, spec: str, chunk: int = 4096) -> None:
-    """Refuse ``--dataset`` data in memory (a ``TensorDataset``) whose floating values hold NaN or Inf, before any
-    training or file: training on it gives non-finite losses that skipped steps would hide. Names the first such
-    example (the index into the dataset as the factory returned it), the tensor and the position inside the example,
-    ``chunk`` examples at a time. Another dataset is not read ahead (it may load every example from disk): a batch
-    of it holding NaN or Inf is named by the monitor when a step meets it."""
+    """Refuse ``--dataset`` data in memory (a ``TensorDataset``) holding NaN, or Inf in its targets, before any
+    training or file (``nonfinite_values``: Inf in the inputs can be meant, a mask's -inf): training on it gives
+    non-finite losses that skipped steps would hide. Names the first such example (the index into the dataset as
+    the factory returned it), the tensor and the position inside the example, ``chunk`` examples at a time. Another
+    dataset is not read ahead (it may load every example from disk): a batch of it holding such values is named by
+    the monitor when a step meets it."""
     for name, dataset in data.users:
         if not isinstance(dataset, TensorDataset):
             continue
