@@ -409,7 +409,7 @@ class NoiseScaleMonitor:
 
     def _note_nonfinite(self, row: dict[str, Any], micro_batches: list[tuple[Any, Any]]) -> None:
         """On a step whose loss or gradient is not finite, tell bad data from divergence: where the step's batch
-        itself holds NaN or Inf, the row's ``nonfinite_data`` says what and where (:func:`describe_nonfinite`) and
+        itself holds NaN, or Inf in its targets, the row's ``nonfinite_data`` says what and where (:func:`describe_nonfinite`) and
         the warning names the data; otherwise it names the loss or gradient. Each warned once. A finite step pays
         nothing here; nothing of the training is changed. No ``micro_batches``: nothing to check (under DDP each
         rank holds only its share of the batch, and the ranks' histories must agree)."""
@@ -417,13 +417,14 @@ class NoiseScaleMonitor:
             return
         cause = describe_nonfinite(*micro_batches)   # the counts of the whole batch
         if cause is None:
-            if "nonfinite" not in self._warned and self._rows and _caused_by_data(self._rows)[-1]:
-                self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient on finite data, after a "
-                                f"step whose batch held NaN or Inf ({bad_data_of(self._rows)[0]}): an optimizer "
-                                f"step taken on that batch made the parameters non-finite; check the data and "
-                                f"{self._skip_advice} (warned once)")
-            self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient; the step is marked in the "
-                            "history and left out of the averages (warned once)")
+            if self._rows and _caused_by_data(self._rows)[-1]:
+                self._warn_once("nonfinite_after_data", f"step {self.step}: non-finite loss or gradient on finite "
+                                f"data, after a step whose batch held bad values ({bad_data_of(self._rows)[0]}): an "
+                                "optimizer step taken on that batch made the parameters non-finite; check the data "
+                                f"and {self._skip_advice} (warned once)")
+            else:
+                self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient; the step is marked in "
+                                "the history and left out of the averages (warned once)")
             return
         row["nonfinite_data"] = cause
         self._warn_once("nonfinite_data", f"step {self.step}: the batch holds {cause}: check the data (remove or fix "

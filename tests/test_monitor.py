@@ -583,7 +583,7 @@ def test_a_bad_batch_whose_optimizer_step_broke_the_parameters_is_blamed_on_the_
     batches = regression_batches()
     monitor, warned = regression_run(with_bad_values(batches, 2, 0, 0, 0, math.nan), skip_nonfinite=False)
     assert warned[1].startswith("step 3: non-finite loss or gradient on finite data, after a step whose batch held "
-                                "NaN or Inf (the batch of step 2 holds NaN in its inputs (1 value))")
+                                "bad values (the batch of step 2 holds NaN in its inputs (1 value))")
     summary = monitor.summary()
     assert summary.divergence is None and summary.broken_by_bad_data
     assert math.isnan(summary.suggested_batch_size) and summary.suggested_from is None
