@@ -4,9 +4,10 @@
 either from im2col patches (the Gram form, or the materialised gradients by ``bmm``) or, where the gradients are
 materialised, from the weight gradient of one convolution with the examples as its groups (Rochette et al. 2019).
 This script times both on single layers (random input and output gradient, float32, the rule's own code; not a
-training step), over input channels, output channels, map size, kernel and stride, and prints the grouped form's
-time as a ratio of im2col's measured in the same run (medians of interleaved repeats), with the form the rule takes
-(``rule_takes``). Its findings set the rule's threshold of input channels per group (``_GROUPED_MIN_CHANNELS``).
+training step), over a grid of input channels, output channels, map size, kernel and stride and some wider layers,
+and prints the grouped form's time as a ratio of im2col's measured in the same run (medians of interleaved
+repeats), with the form the rule takes (``rule_takes``). Its findings set the rule's threshold of input channels
+per group (``_GROUPED_MIN_CHANNELS``) and its margin over the Gram form (``_GRAM_MARGIN``).
 
     python analysis/bench_conv_rule.py [--repeats 7] [--batch 64] [--threads 1] [--out data/bench/conv_rule.csv]
 """
@@ -28,6 +29,9 @@ from noisescale.per_example.factors import per_example_sqnorm, prefer_factored
 from noisescale.per_example.layers import ConvRule
 
 IN_CHANNELS, OUT_CHANNELS, SIZES, KERNELS, STRIDES = (1, 3, 8, 16, 32, 64), (16, 64), (8, 16, 32), (3, 5), (1, 2)
+# (in, out, size, kernel, stride) beyond the grid: VGG's wider layers, and many output channels on few inputs
+EXTRA_SHAPES = ((128, 128, 16, 3, 1), (128, 256, 8, 3, 1), (256, 256, 8, 3, 1), (8, 1024, 9, 3, 1),
+                (16, 512, 12, 3, 1))
 
 
 def im2col(layer, x, g):
@@ -46,8 +50,10 @@ def im2col_form(positions: int, n: int, out: int) -> str:
 
 
 def grouped(layer, x, g):
-    """The grouped convolution whatever the layer's channels (the rule takes it from _GROUPED_MIN_CHANNELS on)."""
-    return per_example_sqnorm(ConvRule._kernel_grads(layer, x, g))
+    """The grouped convolution over the rule's chunks, whatever the layer's channels (the rule takes it from
+    _GROUPED_MIN_CHANNELS on)."""
+    return torch.cat([per_example_sqnorm(ConvRule._kernel_grads(layer, xc, gc))
+                      for xc, gc in ConvRule._example_chunks(layer, x, g, grouped=True)])
 
 
 def seconds(fn) -> float:
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [shape for shape in itertools.product(IN_CHANNELS, OUT_CHANNELS, SIZES, KERNELS, STRIDES)
-              if not (shape[3] == 5 and shape[4] == 2)]
+              if not (shape[3] == 5 and shape[4] == 2)] + list(EXTRA_SHAPES)
     rows = [bench_layer(*shape, args.batch, args.repeats) for shape in tqdm(shapes, desc="layers")]
     frame = pd.DataFrame(rows).assign(threads=args.threads)
     frame["grouped_ratio"] = frame.grouped_ms / frame.im2col_ms

@@ -160,6 +160,8 @@ LAYER_CASES = {
     "conv3d_grouped_kernels": lambda: _layer_case(nn.Conv3d(8, 2, 2, padding=1), (2, 8, 3, 3, 3)),
     # im2col would take the Gram form for memory at 1.25x the multiply-adds (L = 9: 9 * 80 against 72 * 8)
     "conv2d_grouped_kernels_not_gram": lambda: _layer_case(nn.Conv2d(8, 8, 3), (3, 8, 5, 5)),
+    # the grouped convolution in chunks (of 2 ** 21 gradient elements: 14, 14 and 2 examples)
+    "conv2d_grouped_kernels_in_chunks": lambda: _layer_case(nn.Conv2d(64, 256, 3, padding=1), (30, 64, 16, 16)),
     # transposed: the adjoint convolution's rule on (g, x); output padding that gives it more positions than x has
     "conv_transpose1d": lambda: _layer_case(nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1),
                                             (4, 3, 5)),
@@ -188,7 +190,8 @@ def test_single_layer_matches_naive_loop(case, backend):
 
 
 @pytest.mark.parametrize("case", ["conv2d_grouped_kernels", "conv1d_grouped_kernels_circular",
-                                  "conv3d_grouped_kernels", "conv2d_grouped_kernels_not_gram"])
+                                  "conv3d_grouped_kernels", "conv2d_grouped_kernels_not_gram",
+                                  "conv2d_grouped_kernels_in_chunks"])
 def test_grouped_kernel_cases_take_the_grouped_convolution(case, monkeypatch):
     """The cases above run the grouped-convolution path, for the norms and for the gradients of a weight used twice,
     whose values ``test_single_layer_matches_naive_loop`` and the loop here check."""
@@ -198,7 +201,7 @@ def test_grouped_kernel_cases_take_the_grouped_convolution(case, monkeypatch):
     monkeypatch.setattr(ConvRule, "_kernel_grads", staticmethod(lambda *args: calls.append(1) or original(*args)))
     layer, x, y = LAYER_CASES[case]()
     assert_matches_reference(layer, regression_loss, x, y, "ghost")
-    assert calls
+    assert len(calls) == (3 if case.endswith("in_chunks") else 1)
     calls.clear()
     assert_matches_reference(AppliedTwice(layer), regression_loss, x, y, "ghost")
     assert calls

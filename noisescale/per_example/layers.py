@@ -38,14 +38,20 @@ from noisescale.per_example.factors import (IndexFactors, LinearFactors, common_
 _PATCH_MEMORY_FACTOR = 4
 
 # ConvRule's grouped-convolution kernel gradients from this many input channels per group: on one CPU thread, where
-# im2col materialises them, they took 0.15 to 1.21 times (medians 0.45 to 0.68) its time from 8 channels on, and up to
-# 3.5x it with 1 or 3 (3x3 and 5x5 kernels, 8x8 to 32x32 maps, B = 64: analysis/bench_conv_rule.py, two runs in
+# im2col materialises them, they took 0.15 to 1.13 times (medians 0.53 to 0.72) its time from 8 channels on, and up to
+# 3.3x it with 1 or 3 (3x3 and 5x5 kernels, 8x8 to 32x32 maps, B = 64: analysis/bench_conv_rule.py, two runs in
 # data/bench/conv_rule_run*.csv)
 _GROUPED_MIN_CHANNELS = 8
-# ... and where im2col would take the Gram form for memory, from this ratio of its multiply-adds to materialising's
-# on (VGG's 128 channels on 16x16 maps: 2.2, the grouped convolution 0.53 its time); below it the Gram form's bmm was
-# as fast or faster (64 channels on 8x8 maps, 5x5 kernels: at 1.04, the grouped convolution 1.8x its time)
+# ... and where im2col would take the Gram form for memory, from this ratio of that form's multiply-adds to
+# materialising's on (128 channels on 16x16 maps: 2.2, the grouped convolution 0.54 its time); below it the Gram
+# form's bmm was about as fast or faster (64 channels on 8x8 maps, 5x5 kernels: at 1.04, the grouped convolution 1.15
+# and 1.17 its time), and where the gradients take more memory than that form (8 input and 1024 output channels on
+# 9x9 maps: 3.9 times, and 1.3x the time) the Gram form stays
 _GRAM_MARGIN = 1.2
+# ... on as many examples a call as hold at most this many gradient elements: 128 channels on 16x16 maps took 62 to
+# 67 ms at 4 to 16 examples a call and 117 ms at 64, 64 channels on 32x32 maps 63 ms at 32 and 88 ms at 64; small
+# layers are slower split (a call's fixed cost) (a one-off measurement this session, one CPU thread, B = 64)
+_GROUPED_CHUNK_ELEMENTS = 2 ** 21
 
 __all__ = [
     "LayerRule",
@@ -213,12 +219,16 @@ class ConvRule(LayerRule):
         return compute_dtype(g).reshape(g.shape[0] * module.groups, g.shape[1] // module.groups, -1).transpose(1, 2)
 
     @staticmethod
-    def _example_chunks(module: nn.Module, x: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x, g) split over examples so that one chunk's patches hold at most _PATCH_MEMORY_FACTOR times the
-        layer input's elements: im2col multiplies the input by about prod(kernel) / prod(stride)."""
-        patch_elements = module.in_channels * prod(module.kernel_size) * prod(g.shape[2:])
-        input_elements = x[0].numel()
-        chunk = max(1, x.shape[0] * input_elements * _PATCH_MEMORY_FACTOR // max(patch_elements, 1))
+    def _example_chunks(module: nn.Module, x: Tensor, g: Tensor, grouped: bool = False
+                        ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, g) split over examples so that what one chunk builds, its patches (im2col multiplies the input by about
+        prod(kernel) / prod(stride)) or its ``grouped`` kernel gradients, holds at most _PATCH_MEMORY_FACTOR times
+        the layer input's elements (and the grouped convolution's at most _GROUPED_CHUNK_ELEMENTS)."""
+        kernel_elements = module.in_channels * prod(module.kernel_size)
+        built = kernel_elements * (module.out_channels // module.groups if grouped else prod(g.shape[2:]))
+        chunk = max(1, x.shape[0] * x[0].numel() * _PATCH_MEMORY_FACTOR // max(built, 1))
+        if grouped:
+            chunk = min(chunk, max(1, _GROUPED_CHUNK_ELEMENTS // built))
         return zip(x.split(chunk), g.split(chunk))
 
     def _by_grouped_convolution(self, module: nn.Module, x: Tensor) -> bool:
@@ -228,12 +238,15 @@ class ConvRule(LayerRule):
     def takes_grouped_norms(self, module: nn.Module, x: Tensor, g: Tensor) -> bool:
         """Whether the kernel gradients' norms come from the grouped convolution (``_by_grouped_convolution``):
         where im2col's patches would give them materialised, or in the Gram form for memory although it costs at
-        least _GRAM_MARGIN times the multiply-adds, L (n + C_out) against n C_out per position (n = C_in k / groups):
-        the materialised gradients are then smaller than the patches that form builds."""
+        least _GRAM_MARGIN times the multiply-adds, L (n + C_out) against n C_out per position (n = C_in k / groups),
+        and the gradients (n C_out per example) take no more memory than that form would (its patches L n and two
+        Gram matrices L^2 each)."""
         n = module.in_channels // module.groups * prod(module.kernel_size)
         out, positions = module.out_channels // module.groups, prod(g.shape[2:])
-        return self._by_grouped_convolution(module, x) and (
-            not gram_preferred(positions, n, out) or positions * (n + out) >= _GRAM_MARGIN * n * out)
+        if not self._by_grouped_convolution(module, x):
+            return False
+        return not gram_preferred(positions, n, out) or (positions * (n + out) >= _GRAM_MARGIN * n * out
+                                                         and n * out <= positions * (n + 2 * positions))
 
     @staticmethod
     def _kernel_grads(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
@@ -252,11 +265,12 @@ class ConvRule(LayerRule):
     def per_example_grads(self, module, x, g, names):
         grads = {}
         if "weight" in names:
+            grouped = self._by_grouped_convolution(module, x)
             grads["weight"] = torch.cat([
-                self._kernel_grads(module, xc, gc) if self._by_grouped_convolution(module, x) else
+                self._kernel_grads(module, xc, gc) if grouped else
                 torch.bmm(self._output_grads(module, gc).transpose(1, 2), self._patches(module, xc))
                 .reshape(xc.shape[0], module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-                for xc, gc in self._example_chunks(module, x, g)
+                for xc, gc in self._example_chunks(module, x, g, grouped)
             ])
         if "bias" in names:
             grads["bias"] = self._output_grads(module, g).sum(1).reshape(x.shape[0], -1)
@@ -270,7 +284,7 @@ class ConvRule(LayerRule):
                 per_example_sqnorm(self._kernel_grads(module, xc, gc)) if grouped else
                 position_weight_sqnorms(self._patches(module, xc), self._output_grads(module, gc))
                 .view(xc.shape[0], -1).sum(1)
-                for xc, gc in self._example_chunks(module, x, g)
+                for xc, gc in self._example_chunks(module, x, g, grouped)
             ])
         if "bias" in names:
             sqnorms["bias"] = per_example_sqnorm(self._output_grads(module, g).sum(1).view(x.shape[0], -1))
