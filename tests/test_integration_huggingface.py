@@ -22,6 +22,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from _bad_data import assert_named_as_bad_data  # noqa: E402
 from _left_behind import compiles, hooks_on  # noqa: E402
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load  # noqa: E402
 from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
@@ -729,15 +730,7 @@ def test_a_batch_holding_nan_is_named_as_bad_data_and_a_huge_learning_rate_still
     step = next(k for k, recorded in enumerate(trainer.recorded)
                 if any(batch["x"].isnan().any() for batch in recorded["batches"]))
     named = "NaN in its inputs['x'] (1 value)"
-    history = trainer.noise_scale.history
-    assert history.loc[history["nonfinite_data"].notna(), "step"].tolist() == [step]
-    assert history["nonfinite_data"][step] == named
-    assert [str(warning.message) for warning in caught
-            if str(warning.message).startswith(f"step {step}: the batch holds {named}: check the data")
-            and "the framework takes the optimizer step on it all the same" in str(warning.message)]
-    summary = trainer.noise_scale.summary()
-    assert summary.divergence is None and summary.bad_data == f"the batch of step {step} holds {named}"
-    assert "diverged" not in str(summary)
+    assert_named_as_bad_data(trainer.noise_scale, caught, step, named)
 
     args = dataclasses.replace(_args(tmp_path / "huge", 2), learning_rate=1e6)
     diverged = NoiseScaleTrainer(model=TinyClassifier(), args=args, train_dataset=_class_dataset(),

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from _bad_data import assert_named_as_bad_data
 from _left_behind import compiles, hooks_on
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
@@ -449,15 +450,7 @@ def test_a_batch_holding_nan_is_named_as_bad_data_and_a_huge_learning_rate_still
     step = next(k for k, recorded in enumerate(recorder.steps)
                 if any(x.isnan().any() for x, _ in recorded["batches"]))
     named = "NaN in its inputs (1 value)"
-    history = callback.monitor.history
-    assert history.loc[history["nonfinite_data"].notna(), "step"].tolist() == [step]
-    assert history["nonfinite_data"][step] == named
-    assert [str(warning.message) for warning in caught
-            if str(warning.message).startswith(f"step {step}: the batch holds {named}: check the data")
-            and "the framework takes the optimizer step on it all the same" in str(warning.message)]
-    summary = callback.monitor.summary()
-    assert summary.divergence is None and summary.bad_data == f"the batch of step {step} holds {named}"
-    assert "diverged" not in str(summary)
+    assert_named_as_bad_data(callback.monitor, caught, step, named)
 
     callback = NoiseScaleCallback()
     with warnings.catch_warnings():
