@@ -25,7 +25,8 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
            "concatenate_examples", "to_device", "tensors_of", "collate_examples", "fetch_examples", "map_tensors",
-           "NonFiniteValues", "nonfinite_values", "describe_nonfinite"]
+           "NonFiniteValues", "nonfinite_values", "nonfinite_counts", "merge_nonfinite_counts",
+           "describe_nonfinite_counts", "describe_nonfinite"]
 
 
 def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -171,15 +172,35 @@ def nonfinite_values(inputs: Any, targets: Any) -> list[NonFiniteValues]:
     return found
 
 
-def describe_nonfinite(*micro_batches: tuple[Any, Any]) -> str | None:
-    """"NaN in its inputs['pixel_values'] (5 values)" (joined by "and" for several tensors) for the batch made of
-    ``micro_batches``, each (inputs, targets) of the same structure, or None when its values are all finite
-    (:func:`nonfinite_values`). Each tensor's counts are summed over the micro-batches, which need not be
-    concatenable (a collator pads each one to its own length)."""
-    totals: dict[tuple[str, str], tuple[int, int]] = {}   # (part, tensor) -> (NaNs, Infs)
-    for inputs, targets in micro_batches:
-        for found in nonfinite_values(inputs, targets):
-            nans, infs = totals.get((found.part, found.tensor), (0, 0))
-            totals[found.part, found.tensor] = (nans + found.nans, infs + found.infs)
+NonFiniteCounts = dict[tuple[str, str], tuple[int, int]]   # (part, tensor) -> (NaNs, Infs)
+
+
+def nonfinite_counts(*micro_batches: tuple[Any, Any]) -> NonFiniteCounts:
+    """The NaN and Inf counts of each tensor (:func:`nonfinite_values`) of the batch made of ``micro_batches``, each
+    (inputs, targets) of the same structure, summed over them: they need not be concatenable (a collator pads each
+    one to its own length)."""
+    return merge_nonfinite_counts([{(found.part, found.tensor): (found.nans, found.infs)
+                                    for found in nonfinite_values(inputs, targets)}
+                                   for inputs, targets in micro_batches])
+
+
+def merge_nonfinite_counts(parts: Sequence[NonFiniteCounts]) -> NonFiniteCounts:
+    """The counts of several parts of a batch (micro-batches, or DDP ranks' shares) summed per tensor."""
+    totals: NonFiniteCounts = {}
+    for counts in parts:
+        for key, (nans, infs) in counts.items():
+            total_nans, total_infs = totals.get(key, (0, 0))
+            totals[key] = (total_nans + nans, total_infs + infs)
+    return totals
+
+
+def describe_nonfinite_counts(counts: NonFiniteCounts) -> str | None:
+    """"NaN in its inputs['pixel_values'] (5 values)", joined by "and" for several tensors; None for no count."""
     return " and ".join(str(NonFiniteValues(part, tensor, nans, infs, ()))
-                        for (part, tensor), (nans, infs) in sorted(totals.items())) or None
+                        for (part, tensor), (nans, infs) in sorted(counts.items())) or None
+
+
+def describe_nonfinite(*micro_batches: tuple[Any, Any]) -> str | None:
+    """What the batch made of ``micro_batches`` holds that is bad data (:func:`nonfinite_counts`), described, or
+    None when it holds none."""
+    return describe_nonfinite_counts(nonfinite_counts(*micro_batches))

@@ -31,11 +31,13 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from noisescale._checks import check_int
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import unwrapped_module
-from noisescale.batches import batch_size_of, call_model, describe_nonfinite, to_device
+from noisescale.batches import (batch_size_of, call_model, describe_nonfinite_counts, merge_nonfinite_counts,
+                                nonfinite_counts, to_device)
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, micro_batch_noise_scale,
                                    simple_noise_scale)
@@ -407,15 +409,23 @@ class NoiseScaleMonitor:
             "b_simple_high": high,
         }
 
-    def _note_nonfinite(self, row: dict[str, Any], micro_batches: list[tuple[Any, Any]]) -> None:
+    def _note_nonfinite(self, row: dict[str, Any], micro_batches: list[tuple[Any, Any]],
+                        group: dist.ProcessGroup | None = None) -> None:
         """On a step whose loss or gradient is not finite, tell bad data from divergence: where the step's batch
         itself holds NaN, or Inf in its targets, the row's ``nonfinite_data`` says what and where (:func:`describe_nonfinite`) and
         the warning names the data; otherwise it names the loss or gradient. Each warned once. A finite step pays
-        nothing here; nothing of the training is changed. No ``micro_batches``: nothing to check (under DDP each
-        rank holds only its share of the batch, and the ranks' histories must agree)."""
+        nothing here; nothing of the training is changed. Under DDP (``group``: the ranks' row is the same, so all
+        of them are here) each rank holds its share of the batch: their counts are exchanged, on this path only."""
         if not _is_nonfinite(row):
             return
-        cause = describe_nonfinite(*micro_batches)   # the counts of the whole batch
+        counts = nonfinite_counts(*micro_batches)
+        if group is not None:
+            shares: list[Any] = [None] * dist.get_world_size(group)
+            device = next(self.model.parameters()).device   # NCCL sends objects from the current CUDA device
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                dist.all_gather_object(shares, counts, group=group)
+            counts = merge_nonfinite_counts(shares)
+        cause = describe_nonfinite_counts(counts)   # the counts of the whole batch
         if cause is None:
             if self._rows and _caused_by_data(self._rows)[-1]:
                 self._warn_once("nonfinite_after_data", f"step {self.step}: non-finite loss or gradient on finite "

@@ -197,7 +197,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                     row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
             else:
                 row = {"loss": loss.item(), "measured": False}
-            self._note_nonfinite(row, micro_batches if self.process_group is None else [])
+            self._note_nonfinite(row, micro_batches, self.process_group)
             if self.hessian_every and self.step % self.hessian_every == 0:
                 row |= self._hessian(*micro_batches)
             self.examples_seen += batch_size

@@ -475,6 +475,8 @@ def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
     histories = [result["adaptive_nan_history"].drop(columns="seconds") for result in rank_results]
     nonfinite = histories[0]["nonfinite"].astype(bool)
     assert nonfinite.any() and not nonfinite.iloc[0]  # the poisoned example was drawn, after a finite step
+    # the rank that drew it names it in every rank's history: the ranks' counts are exchanged on that step
+    assert histories[0].loc[nonfinite, "nonfinite_data"].tolist() == ["NaN in its inputs (1 value)"] * nonfinite.sum()
     for history, result in zip(histories[1:], rank_results[1:]):
         pd.testing.assert_frame_equal(history, histories[0])  # the same rows on every rank, NaNs alike
         for rank0, rank_r in zip(rank_results[0]["adaptive_nan_params"], result["adaptive_nan_params"]):

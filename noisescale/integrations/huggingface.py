@@ -28,10 +28,11 @@ the gradients its backward brought to the model's outputs (:mod:`noisescale.per_
 ``trainer.noise_scale.backend_of`` says which. The values reach every ``report_to``
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
 
-A step whose loss or gradient is not finite because its batch holds NaN or Inf (a floating input: ``pixel_values``,
+A step whose loss or gradient is not finite because its batch holds NaN (a floating input: ``pixel_values``,
 ``inputs_embeds``) is named as bad data, not divergence, in the warning, the history's ``nonfinite_data`` and the
 summary: the monitor keeps a reference to each micro-batch, without ``labels`` as the inputs and ``labels`` as the
-targets, until the step ends, and reads it only on such a step (in one process: not under DDP). The Trainer still
+targets, until the step ends, and reads it only on such a step (under DDP each rank its share, the counts then
+exchanged). The Trainer still
 takes that step's optimizer step (unless fp16's gradient scaler skips it), so the later steps go non-finite too,
 and the summary blames the batch.
 

@@ -18,10 +18,11 @@ optimizer step's whole batch follow from that loss as :mod:`noisescale.integrati
 averages go to every logger through ``pl_module.log_dict`` (``on_step=True``, written every
 ``log_every_n_steps``; also in ``trainer.callback_metrics``).
 
-A step whose loss or gradient is not finite because its batch holds NaN or Inf is named as bad data, not
-divergence, in the warning, the history's ``nonfinite_data`` and the summary: the callback keeps a reference to each
-micro-batch until the optimizer step and reads it only on such a step (a batch of two as ``(inputs, targets)``, any
-other as inputs; in one process: not under the ddp strategy). Lightning still takes that step's optimizer step
+A step whose loss or gradient is not finite because its batch holds NaN (or Inf in its targets) is named as bad
+data, not divergence, in the warning, the history's ``nonfinite_data`` and the summary: the callback keeps a
+reference to each micro-batch until the optimizer step and reads it only on such a step (a batch of two as
+``(inputs, targets)``, any other as inputs; under the ddp strategy each rank its share, the counts then exchanged).
+Lightning still takes that step's optimizer step
 (unless 16-mixed's gradient scaler skips it), so the later steps go non-finite too, and the summary blames the
 batch.
 

@@ -152,15 +152,13 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         begun but never ended, e.g. skipped by the framework, is dropped). ``batch``: (inputs, targets) of this
         micro-batch, kept by reference (no copy) until the step ends or the monitor closes: on Hessian steps the
         Hessian proxies run on the step's whole batch, and on a step whose loss or gradient is not finite its values
-        are read to tell bad data from divergence (:meth:`_note_nonfinite`; not under DDP, where each rank holds
-        only its share of the batch and the ranks' histories must agree: there it is kept on Hessian steps only).
+        are read to tell bad data from divergence (:meth:`_note_nonfinite`; under DDP each rank its own share).
         ``model_inputs``: what the framework calls
         the model on, for the check of dims as large as the batch and for the parameters only the whole-model vmap
         can measure (``observe``)."""
         self._drop_open_micro_batch()
         self._step_open = True
-        if self.process_group is None or self.hessian_every and self.step % self.hessian_every == 0:
-            self._pending = batch   # (under DDP the data is not checked: kept for the Hessian steps only)
+        self._pending = batch
         self._sizes.append(batch_size)
         if self.measures_this_step:
             self._by_micro_batches = self._normalises_with_batch_statistics()
@@ -233,7 +231,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 loss = all_gather_concat(loss, self.process_group)
             batch_size = sum(sizes) * world_size
             row = {"loss": loss.mean().item(), "measured": False}
-        self._note_nonfinite(row, self._batches if self.process_group is None else [])
+        self._note_nonfinite(row, self._batches, self.process_group)
         if self._batches and self.hessian_every and self.step % self.hessian_every == 0:
             row |= self._hessian(*self._batches)
         self.examples_seen += batch_size
