@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, newline="") as handle:   # a killed run leaves the previous file
         table.to_csv(handle, index=False)
-    shown = table[["family", "width", "parameters", "plain_ms", "median_ms", "time_ratio", "flop_ratio", "memory_ratio", "status"]]
+    shown = table[["family", "width", "parameters", "plain_ms", "median_ms", "time_ratio", "flop_ratio",
+                   "memory_ratio", "status"]]
     print(f"auto against plain, {args.threads} thread(s), median of {args.repeats} interleaved repeats")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return table

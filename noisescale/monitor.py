@@ -61,10 +61,11 @@ class NoiseScaleSummary:
     loss or gradient, or the median loss of its latest steps exceeds DIVERGED_LOSS_FACTOR times its first loss.
     The noise scale of a diverged run describes no useful training, so no value and no batch size is suggested.
 
-    ``bad_data`` names the first step whose batch itself held NaN or Inf (None if none did): such steps are the
-    data's fault, not divergence, and lowering the learning rate would not help. ``broken_by_bad_data``: every
-    step since such a batch is non-finite on finite data (an optimizer step taken on that batch's gradient made
-    the parameters non-finite); then, as for a diverged run, nothing is suggested (:func:`bad_data_of`).
+    ``bad_data`` names the first step whose batch itself held NaN, or Inf in its targets (None if none did): such
+    steps are the data's fault, not divergence, and lowering the learning rate would not help.
+    ``broken_by_bad_data``: every step since such a batch is non-finite on finite data (an optimizer step taken on
+    that batch's gradient made the parameters non-finite); then, as for a diverged run, nothing is suggested
+    (:func:`bad_data_of`).
 
     ``coupling`` is what an observed step's independence check found (None if nothing): outputs of the model that
     couple the examples. If the loss reads them (a contrastive loss), the examples have no per-example gradients
@@ -412,10 +413,11 @@ class NoiseScaleMonitor:
     def _note_nonfinite(self, row: dict[str, Any], micro_batches: list[tuple[Any, Any]],
                         group: dist.ProcessGroup | None = None) -> None:
         """On a step whose loss or gradient is not finite, tell bad data from divergence: where the step's batch
-        itself holds NaN, or Inf in its targets, the row's ``nonfinite_data`` says what and where (:func:`describe_nonfinite`) and
-        the warning names the data; otherwise it names the loss or gradient. Each warned once. A finite step pays
-        nothing here; nothing of the training is changed. Under DDP (``group``: the ranks' row is the same, so all
-        of them are here) each rank holds its share of the batch: their counts are exchanged, on this path only."""
+        itself holds NaN, or Inf in its targets, the row's ``nonfinite_data`` says what and where
+        (:func:`~noisescale.batches.nonfinite_counts`) and the warning names the data; otherwise it names the loss or
+        gradient. Each warned once. A finite step pays nothing here; nothing of the training is changed. Under DDP
+        (``group``: the ranks' row is the same, so all of them are here) each rank holds its share of the batch:
+        their counts are exchanged, on this path only."""
         if not _is_nonfinite(row):
             return
         counts = nonfinite_counts(*micro_batches)

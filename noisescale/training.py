@@ -33,8 +33,9 @@ A step whose loss or gradient is not finite (the monitor's ``last_step_finite``,
 gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
 counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
 hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them
-NaN). Where the step's batch itself holds NaN or Inf, the row's ``nonfinite_data`` and the warning name the data and
-the monitor's summary reports bad data; otherwise, if such steps persist, a diverged run rather than a noise scale.
+NaN). Where the step's batch itself holds NaN (or Inf in its targets), the row's ``nonfinite_data`` and the warning
+name the data and the monitor's summary reports bad data; otherwise, if such steps persist, a diverged run rather
+than a noise scale.
 
 An out-of-memory error halves ``max_micro_batch`` and runs the same step again from zeroed gradients, the random
 state and the BatchNorm running statistics it started with; nothing is lost or counted twice (a BatchNorm model in

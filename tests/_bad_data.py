@@ -1,4 +1,5 @@
-"""A shared check of the integrations' tests: a monitor that met a batch holding NaN reports bad data, not divergence."""
+"""A check shared by the integrations' tests: a monitor that met a batch holding NaN reports bad data, not
+divergence."""
 
 from __future__ import annotations
 

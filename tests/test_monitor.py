@@ -509,9 +509,9 @@ class MaskedPooling(torch.nn.Module):
 
 
 def test_a_mask_holding_minus_inf_in_the_inputs_is_no_bad_data_and_a_diverged_run_reads_diverged():
-    """Inf in the inputs can be meant (an additive mask's -inf): a run that diverges (lr 1e19, float32) on finite data with
-    such a mask is reported as diverged, not as bad data with a batch size suggested (a review's find: every step
-    was blamed on the mask and B_simple suggested)."""
+    """Inf in the inputs can be meant (an additive mask's -inf): a run that diverges (lr 1e19, float32) on finite
+    data with such a mask is reported as diverged, not as bad data with a batch size suggested (a review's find:
+    every step was blamed on the mask and B_simple suggested)."""
     generator = torch.Generator().manual_seed(3)
     model = MaskedPooling()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e19)

@@ -101,7 +101,8 @@ def build_training_job(device: torch.device, *, model: str | None = None, datase
     ``--data``), the model on ``device`` (initialised from ``seed`` whatever the dataset factory drew; wrapped for
     DDP inside :func:`distributed_job`), the per-example loss and SGD with momentum over the model. The model and
     loss are run once on two training examples first, so that a mismatch fails here with the options to check, and
-    a ``--dataset`` holding NaN or Inf is refused (:func:`~noisescale.app.options.check_finite_data`)."""
+    a ``--dataset`` holding NaN (or Inf in its targets) is refused
+    (:func:`~noisescale.app.options.check_finite_data`)."""
     model, loss = model or DEFAULT_MODEL, loss or DEFAULT_LOSS
     loss_fn = load_loss(loss)
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ User data (``--dataset package.module:factory``): the factory is called without 
 
 ``inputs`` is a tensor, a tuple of positional inputs or a mapping of keyword inputs of the model
 (:mod:`noisescale.batches`); ``targets`` is what the per-example loss takes. Their floating values must be finite:
-a dataset holding NaN or Inf is refused before training (:func:`check_finite_data`).
+a dataset holding NaN, or Inf in its targets, is refused before training (:func:`check_finite_data`).
 """
 
 from __future__ import annotations
