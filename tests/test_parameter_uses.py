@@ -117,6 +117,58 @@ def test_every_recognised_use_gives_the_exact_norms_without_a_re_run(no_rerun):
         assert result.backend_of["body.cls_token"] == "module"
 
 
+@pytest.mark.parametrize("observed", [False, True])
+def test_a_batch_holding_nan_sends_no_captured_module_to_the_vmap(observed):
+    """A NaN example makes every check of a pass non-finite: that is no verdict on the capture. Before, the sums
+    check failed on NaN and sent the module's parameters to the whole-model vmap for good (a new user's HF ViT:
+    1.7x slower for the rest of the run), and ``observe``, which cannot run the vmap, raised ("cannot be measured
+    from the caller's own pass") instead of the monitor naming the bad data."""
+    model, (x, tokens), targets = _case(Embeddings())
+    expected = naive_per_example(model, per_example_cross_entropy, (x, tokens), targets)
+    poisoned = x.clone()
+    poisoned[0, 1, 2] = float("nan")
+    engine = PerExampleGradNorms(model, per_example_cross_entropy, by_parameter=True)
+    for inputs in (x, poisoned, x):
+        model.zero_grad(set_to_none=True)
+        if observed:
+            with engine.observe(B) as result:
+                per_example_cross_entropy(model(inputs, tokens), targets).mean().backward()
+        else:
+            result = engine((inputs, tokens), targets)
+        assert result.backend_of["body.cls_token"] == "module"
+        assert torch.isfinite(result.sqnorms).all() == (inputs is not poisoned)
+    assert_exact(result, expected)
+
+
+class RecurrentClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0].mean(1))
+
+
+def test_a_batch_holding_nan_sends_no_re_run_module_to_the_vmap():
+    """The same for a module measured by re-running it (a GRU): before, the NaN pass's re-run "did not add up",
+    which sent it to the vmap for that pass with a warning blaming the module's rows."""
+    torch.manual_seed(0)
+    model = RecurrentClassifier().double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, 3, dtype=torch.float64, generator=generator)
+    targets = torch.randn(5, 2, dtype=torch.float64, generator=generator)
+    poisoned = x.clone()
+    poisoned[1, 2, 0] = float("nan")
+    engine = PerExampleGradNorms(model, lambda outputs, targets: (outputs - targets).square().sum(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for inputs in (x, poisoned, x):
+            model.zero_grad(set_to_none=True)
+            result = engine(inputs, targets)
+            assert result.backend_of["rnn.weight_ih_l0"] == "module"
+            assert torch.isfinite(result.sqnorms).all() == (inputs is not poisoned)
+
+
 class ModuleCalledTwice(nn.Module):
     """One fallback module called twice in a forward: its per-example gradients are summed over the calls."""
 

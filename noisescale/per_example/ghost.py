@@ -260,7 +260,8 @@ class GhostPass:
                 rtol = _CAPTURE_RTOL.get(dtype, 5e-2)
                 dtype = torch.promote_types(total.dtype, torch.float32)
                 wanted = torch.linalg.vector_norm(total, dtype=dtype)
-                ok = torch.linalg.vector_norm(per_example.sum(0) - total, dtype=dtype) <= rtol * wanted
+                # not `<=`: a non-finite gradient (NaN data) gives no verdict, and must not send the module away
+                ok = ~(torch.linalg.vector_norm(per_example.sum(0) - total, dtype=dtype) > rtol * wanted)
         self.sum_checks.append((entry, call, ok))
         return per_example.numel() > 0
 
@@ -423,8 +424,10 @@ class GhostPass:
                 order[module] += 1
                 checked = self.cross_checked.setdefault(module, set())
                 if id(call) in captured and order[module] not in checked and call.opaque is None:
-                    checked.add(order[module])
-                    if not self._capture_confirmed(module, entry, call, captured[id(call)]):
+                    confirmed = self._capture_confirmed(module, entry, call, captured[id(call)])
+                    if confirmed is not None:
+                        checked.add(order[module])
+                    if confirmed is False:
                         self.refused.add(module)   # re-run (and sum-checked) from now on, this pass too
             for module, entry, call in self.fallback_calls:   # every call of a refused module (called twice)
                 if module in self.refused:
@@ -502,17 +505,19 @@ class GhostPass:
         differences = torch.stack([difference.to(device) for _, difference, _, _ in rows])
         wanted = torch.stack([norm.to(device, torch.float64) for _, _, norm, _ in rows])
         rtol = torch.tensor([r for _, _, _, r in rows], dtype=torch.float64, device=device)
-        matched = (differences <= rtol * wanted).tolist()
+        matched = (~(differences > rtol * wanted)).tolist()   # a non-finite gradient (NaN data): no verdict
         return {path: ("its per-example gradients from a re-run on each example do not add up to the gradient "
                        "its parameters received (its outputs' rows in another order than its inputs'?)")
                 for (path, _, _, _), good in zip(rows, matched) if not good}
 
-    def _capture_confirmed(self, module: nn.Module, entry: GhostModule, call: FallbackCall, grads: dict) -> bool:
+    def _capture_confirmed(self, module: nn.Module, entry: GhostModule, call: FallbackCall,
+                           grads: dict) -> bool | None:
         """Whether the per-example norms of a call's captured uses are those of its re-run (each to its dtype's
         rounding, at least 1e-6 of itself, and 1e-3 of that of the largest):
         a capture takes a use's output row r for example r, which rows reordered by an operation it does not know
         (a concatenation of slices, ``torch.take``, a permutation matrix) break without changing the sums it checks.
-        A module that cannot be re-run keeps its capture."""
+        A module that cannot be re-run keeps its capture; None (no verdict) where the norms are not finite (NaN
+        data): a later call checks."""
         try:
             rerun = self._rerun(module, entry, call)
         except PerExampleError:
@@ -522,6 +527,8 @@ class GhostPass:
                 return False
             with full_precision():
                 captured, again = _sqnorms_of_sum(parts), _sqnorms_of_sum([rerun[local]])
+            if not bool(torch.isfinite(captured).all() and torch.isfinite(again).all()):
+                return None
             # each example against its own norm (a row given to another example whose norms are 1000 times smaller
             # hides below a tolerance taken from the largest), and the largest's rounding in the norms' dtype
             rtol = max(_CAPTURE_RTOL.get(captured.dtype, 5e-2), 1e-6)
@@ -620,7 +627,7 @@ class GhostPass:
             found = torch.stack([zero if t is None else t.to(device) for t, _, _ in rows])
             wanted = torch.stack([zero if t is None else t.to(device) for _, t, _ in rows])
             rtol = torch.tensor([r for _, _, r in rows], device=device)
-            matched = ((found - wanted).abs() <= rtol * torch.maximum(found, wanted)).tolist()
+            matched = (~((found - wanted).abs() > rtol * torch.maximum(found, wanted))).tolist()   # NaN: no verdict
             ok = {name for name, good in zip(names, matched) if good}
         for name in set(names) - ok:   # uses outside the call (or unseen ones): the whole-model vmap sees them all
             self.outside_uses.add(name)
