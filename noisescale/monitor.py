@@ -87,10 +87,13 @@ class NoiseScaleSummary:
     nonfinite_steps: int
     divergence: str | None = None
     coupling: str | None = None
-    b_noise_measurements: int = 0   # the Hessian measurements B_noise averages (it has no interval)
+    b_noise_measurements: int = 0   # the Hessian measurements B_noise averages
     adaptive_optimizer: bool | None = None
     bad_data: str | None = None
     broken_by_bad_data: bool = False
+    # Fieller's interval of B_noise's averaged ratio (NaN with fewer than 2 effective measurements; unbounded above
+    # while its averaged G^T H G is not resolved from 0, and then no B_noise is suggested)
+    b_noise_interval: tuple[float, float] = (math.nan, math.nan)
 
     @property
     def suggested_batch_size(self) -> float:
@@ -113,8 +116,13 @@ class NoiseScaleSummary:
         return self.divergence is not None or self.broken_by_bad_data
 
     @property
+    def b_noise_resolved(self) -> bool:
+        """B_noise is finite, positive, and its averaged G^T H G resolved from 0 (where it has an interval)."""
+        return _resolved(self.b_noise) and self.b_noise_interval[1] != math.inf
+
+    @property
     def _suggests_b_noise(self) -> bool:
-        return _resolved(self.b_noise) and not self.adaptive_optimizer
+        return self.b_noise_resolved and not self.adaptive_optimizer
 
     def __str__(self) -> str:
         return "\n".join([self._describe(), *self._caveats()])
@@ -125,7 +133,7 @@ class NoiseScaleSummary:
             caveats.append(f"  warning: {self.bad_data}: check the data (remove or fix those values); such steps "
                            "are left out of the averages, and they are no divergence: the learning rate is not the "
                            "cause")
-        if self.adaptive_optimizer and _resolved(self.b_noise) and not self._broken:
+        if self.adaptive_optimizer and self.b_noise_resolved and not self._broken:
             caveats.append("  B_noise is SGD's critical batch size (McCandlish et al.); this optimizer adapts each "
                            "coordinate's step (Adam-like), so the suggestion is B_simple (with AdamW, B_noise sat 24 "
                            "to 225 times below the critical batch size measured by branching: README)")
@@ -173,7 +181,7 @@ class NoiseScaleSummary:
         lines = [
             f"after {self.steps} steps ({self.examples_seen} examples):",
             *b_simple,
-            _describe_b_noise(self.b_noise, self.b_noise_measurements),
+            _describe_b_noise(self.b_noise, self.b_noise_measurements, self.b_noise_interval, self.confidence),
             suggestion,
         ]
         if self.nonfinite_steps:
@@ -215,7 +223,7 @@ def _resolved(b_noise: float) -> bool:
     return math.isfinite(b_noise) and b_noise > 0
 
 
-def _describe_b_noise(b_noise: float, measurements: int) -> str:
+def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, float], confidence: float) -> str:
     if math.isnan(b_noise):
         return "  B_noise: not measured (hessian_every=0)"
     if math.isinf(b_noise):
@@ -223,8 +231,14 @@ def _describe_b_noise(b_noise: float, measurements: int) -> str:
     if b_noise <= 0:
         return (f"  B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive: ratio "
                 f"{b_noise:.4g})")
-    return (f"  B_noise = {b_noise:.4g}  (from {measurements} Hessian measurement{'s' if measurements != 1 else ''}, "
-            "no interval)")
+    counted = f"{measurements} Hessian measurement{'s' if measurements != 1 else ''}"
+    if interval[1] == math.inf:
+        return (f"  B_noise: not resolved yet ({b_noise:.4g} from {counted}, but their averaged G^T H G is not "
+                f"resolved from 0 at {confidence:.0%} confidence: measure longer)")
+    if math.isnan(interval[1]):
+        return f"  B_noise = {b_noise:.4g}  (from {counted}, no interval)"
+    low, high = interval
+    return f"  B_noise = {b_noise:.4g}  ({confidence:.0%} interval {low:.4g} .. {high:.4g}, from {counted})"
 
 
 def check_options(*, measure_every: int, ema_decay: float, confidence: float, hessian_every: int,
@@ -525,6 +539,8 @@ class NoiseScaleMonitor:
             adaptive_optimizer=self.adaptive_optimizer,
             bad_data=bad_data,
             broken_by_bad_data=broken_by_bad_data,
+            b_noise_interval=(self.hessian_average.interval(self.confidence) if self.hessian_average.num_updates
+                              else (math.nan, math.nan)),
         )
 
     @property

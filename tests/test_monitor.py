@@ -663,6 +663,41 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "below one example (0.23)" in tiny and "about 0 examples" not in tiny
 
 
+def test_b_noise_whose_averaged_g_h_g_is_not_resolved_from_zero_is_not_suggested():
+    """B_noise's averaged ratio has Fieller's interval too: unbounded above while its averaged G^T H G is not
+    resolved from 0, and then B_noise is shown as not resolved and B_simple is suggested. Before, a B_noise from
+    Hessian measurements half of whose G^T H G were negative was suggested as "about 19 examples" (a new user's
+    find; the README's quick start suggested its B_noise of 72.72 from 6 measurements, unresolved at 90 %)."""
+    from noisescale.estimators import ExponentialMovingRatio
+    from noisescale.monitor import NoiseScaleSummary
+
+    average = ExponentialMovingRatio(decay=0.9)
+    for trace_h_sigma, g_h_g in [(40.0, -2.17), (30.0, -1.76), (55.0, 2.93), (90.0, 4.80)]:
+        average.update(trace_h_sigma, g_h_g)
+    interval = average.interval(0.9)
+    assert interval[1] == math.inf and 0 < average.ratio < math.inf
+    summary = NoiseScaleSummary(steps=40, examples_seen=1280, b_simple=50.0, b_simple_interval=(20.0, 90.0),
+                                confidence=0.9, trace_sigma=9.5, grad_sqnorm=0.19, b_noise=average.ratio,
+                                nonfinite_steps=0, b_noise_measurements=4, b_noise_interval=interval)
+    text = str(summary)
+    assert summary.suggested_from == "b_simple" and summary.suggested_batch_size == 50.0
+    assert (f"B_noise: not resolved yet ({average.ratio:.4g} from 4 Hessian measurements, but their averaged G^T H G "
+            "is not resolved from 0 at 90% confidence: measure longer)") in text
+    resolved = dataclasses.replace(summary, b_noise=40.0, b_noise_interval=(31.5, 55.25))
+    assert resolved.suggested_from == "b_noise" and resolved.suggested_batch_size == 40.0
+    assert "B_noise = 40  (90% interval 31.5 .. 55.25, from 4 Hessian measurements)" in str(resolved)
+
+
+def test_the_monitor_summary_carries_b_noise_interval_of_its_hessian_average():
+    model = torch.nn.Linear(5, 1).double()
+    monitor = NoiseScaleMonitor(model, per_example_squared_error, hessian_every=1, hessian_examples=8)
+    for inputs, targets in regression_batches()[:4]:
+        model.zero_grad()
+        monitor(inputs, targets)
+    assert monitor.summary().b_noise_interval == monitor.hessian_average.interval(monitor.confidence)
+    assert monitor.hessian_average.num_updates == 4
+
+
 class _Wrapped(torch.optim.Optimizer):
     """An optimizer that holds another, as accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer do."""
 

@@ -213,6 +213,7 @@ def noise_scale_fields(summary) -> dict[str, Any]:
         "trace_sigma": summary.trace_sigma,
         "grad_sqnorm": summary.grad_sqnorm,
         "b_noise": summary.b_noise,
+        "b_noise_interval": list(summary.b_noise_interval),
         "b_noise_measurements": summary.b_noise_measurements,
         "suggested_batch_size": summary.suggested_batch_size,
         "suggested_from": summary.suggested_from,
