@@ -666,8 +666,9 @@ class PerExampleGradNorms:
 
     def _warn_if_rerun_unmatched(self, ghost_pass: GhostPass, batch_size: int) -> None:
         """Once per module: its re-run on each example did not add up to the gradient its parameters received, so
-        the whole-model vmap measured them, on every pass (timm's Eva at as many examples as patches: its rotary
-        table, handed to each attention, was sliced as if it held the examples; 72 ms a call against 34)."""
+        the whole-model vmap measured them in that pass, and in every pass where it happens again (timm's Eva at as
+        many examples as patches: its rotary table, handed to each attention, was sliced as if it held the examples;
+        72 ms a call against 34; spectral norm in train mode on its first pass only)."""
         for path in ghost_pass.unmatched:
             if path in self._warned_unmatched:
                 continue
@@ -676,10 +677,13 @@ class PerExampleGradNorms:
             warnings.warn(
                 f"module {path!r} ({kind}) could not be measured by re-running it on each example: the re-run's "
                 "per-example gradients did not add up to the gradient its parameters received, so the whole-model "
-                "vmap measures them, exactly but slower, in every pass. Likely causes: an input with as many rows "
-                f"as the batch ({batch_size}) that does not hold the examples (a rotary table with as many positions "
-                "as examples: a batch size unlike the model's other sizes avoids it), or outputs returned in another "
-                "order of rows than the inputs'", RuntimeWarning, stacklevel=4)
+                "vmap measures them, slower, in each pass where that happens (every pass checks again). Likely "
+                f"causes: an input with as many rows as the batch ({batch_size}) that does not hold the examples (a "
+                "rotary table with as many positions as examples: a batch size unlike the model's other sizes "
+                "avoids it), outputs returned in another order of rows than the inputs', or a forward that updates "
+                "the module's own buffers, as spectral norm's power iteration does in train mode (a re-run starts "
+                "from other values, and the vmap's norms are then off too, by what one more update changes)",
+                RuntimeWarning, stacklevel=4)
 
     def _random_state(self, plan: _Plan) -> dict[str, Tensor] | None:
         """The global random state (CPU, and the parameters' CUDA device), until a redraw has been warned about."""
