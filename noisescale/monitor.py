@@ -234,8 +234,7 @@ def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, 
     counted = f"{measurements} Hessian measurement{'s' if measurements != 1 else ''}"
     if interval[1] == math.inf:
         return (f"  B_noise: not resolved yet ({b_noise:.4g} from {counted}, but their averaged G^T H G is not "
-                f"resolved from 0 at {confidence:.0%} confidence; more examples or probes per measurement narrow it: "
-                "hessian_examples, hessian_probes)")
+                f"resolved from 0 at {confidence:.0%} confidence)")
     if math.isnan(interval[1]):
         return f"  B_noise = {b_noise:.4g}  (from {counted}, no interval)"
     low, high = interval
