@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from noisescale.checkpoints import atomic_write
-from noisescale.per_example.factors import per_example_sqnorm, prefer_factored
+from noisescale.per_example.factors import gram_preferred, per_example_sqnorm
 from noisescale.per_example.layers import ConvRule
 
 IN_CHANNELS, OUT_CHANNELS, SIZES, KERNELS, STRIDES = (1, 3, 8, 16, 32, 64), (16, 64), (8, 16, 32), (3, 5), (1, 2)
@@ -43,10 +43,9 @@ def im2col(layer, x, g):
 def im2col_form(positions: int, n: int, out: int) -> str:
     """The form ``position_weight_sqnorms`` takes on the patches: "gram" (fewer multiply-adds), "gram (memory)" (more,
     taken for the materialised gradients' memory), or "materialised"."""
-    if positions * (n + out) < n * out:
-        return "gram"
-    return "gram (memory)" if prefer_factored(positions * (n + out), n * out, 2 * positions * positions, n * out,
-                                              positions * (n + out)) else "materialised"
+    if not gram_preferred(positions, n, out):
+        return "materialised"
+    return "gram" if positions * (n + out) < n * out else "gram (memory)"
 
 
 def grouped(layer, x, g):

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 __all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
            "concatenate_examples", "to_device", "tensors_of", "collate_examples", "fetch_examples", "map_tensors",
            "NonFiniteValues", "nonfinite_values", "nonfinite_counts", "merge_nonfinite_counts",
-           "describe_nonfinite_counts", "describe_nonfinite"]
+           "describe_nonfinite_counts"]
 
 
 def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
@@ -198,9 +198,3 @@ def describe_nonfinite_counts(counts: NonFiniteCounts) -> str | None:
     """"NaN in its inputs['pixel_values'] (5 values)", joined by "and" for several tensors; None for no count."""
     return " and ".join(str(NonFiniteValues(part, tensor, nans, infs, ()))
                         for (part, tensor), (nans, infs) in sorted(counts.items())) or None
-
-
-def describe_nonfinite(*micro_batches: tuple[Any, Any]) -> str | None:
-    """What the batch made of ``micro_batches`` holds that is bad data (:func:`nonfinite_counts`), described, or
-    None when it holds none."""
-    return describe_nonfinite_counts(nonfinite_counts(*micro_batches))

@@ -590,13 +590,19 @@ def _is_nonfinite(row: dict[str, Any]) -> bool:
     return row.get("nonfinite", False) or not math.isfinite(row["loss"])
 
 
+def _holds_bad_data(row: dict[str, Any]) -> bool:
+    """Whether a history row's batch held bad values: its ``nonfinite_data`` is a text (absent, None or NaN on the
+    other rows)."""
+    return isinstance(row.get("nonfinite_data"), str)
+
+
 def _caused_by_data(rows: list[dict[str, Any]]) -> list[bool]:
     """For each history row: whether it is non-finite by the data's doing: its batch held NaN or Inf
     (``nonfinite_data``), or it follows such a step with no finite step between (an optimizer step taken on that
     batch's gradient made the parameters non-finite)."""
     caused, previous = [], False
     for row in rows:
-        previous = _is_nonfinite(row) and (isinstance(row.get("nonfinite_data"), str) or previous)
+        previous = _is_nonfinite(row) and (_holds_bad_data(row) or previous)
         caused.append(previous)
     return caused
 
@@ -605,13 +611,13 @@ def bad_data_of(rows: list[dict[str, Any]]) -> tuple[str | None, bool]:
     """(what, broken) for the history ``rows``: ``what`` names the first step whose batch held NaN or Inf and how
     many did (None if none did); ``broken``: the latest step is non-finite on finite data and every step back to
     such a batch is non-finite too, so the data broke the parameters (an optimizer step on that batch)."""
-    bad = [row for row in rows if isinstance(row.get("nonfinite_data"), str)]
+    bad = [row for row in rows if _holds_bad_data(row)]
     if not bad:
         return None, False
     what = f"the batch of step {bad[0]['step']} holds {bad[0]['nonfinite_data']}"
     if len(bad) > 1:
         what += f", and {len(bad) - 1} more steps' batches"
-    broken = _caused_by_data(rows)[-1] and not isinstance(rows[-1].get("nonfinite_data"), str)
+    broken = _caused_by_data(rows)[-1] and not _holds_bad_data(rows[-1])
     return what, broken
 
 

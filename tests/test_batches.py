@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from noisescale.batches import (
-    batch_size_of, call_arguments, call_model, concatenate_examples, describe_nonfinite, select_examples,
-    split_examples, tensors_of, to_device,
+    batch_size_of, call_arguments, call_model, concatenate_examples, describe_nonfinite_counts, nonfinite_counts,
+    select_examples, split_examples, tensors_of, to_device,
 )
 
 
@@ -91,6 +91,9 @@ def test_nonfinite_values_of_micro_batches_padded_to_different_lengths_are_count
     targets = torch.zeros(2, 5, dtype=torch.float64)
     targets[0, 0] = float("nan")
     targets[1, 2] = float("-inf")             # in the targets it is counted
+    def describe_nonfinite(*micro_batches):
+        return describe_nonfinite_counts(nonfinite_counts(*micro_batches))
+
     assert describe_nonfinite((short, torch.zeros(2, 3)), (long, targets)) == (
         "NaN in its inputs['embeds'] (5 values) and NaN and Inf in its targets (2 values)")
     assert describe_nonfinite((short, None)) == "NaN in its inputs['embeds'] (4 values)"

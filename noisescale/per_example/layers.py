@@ -184,10 +184,11 @@ class ConvRule(LayerRule):
     (B, C_in * prod(k), L) -- much faster than F.unfold on CPU. Stride, padding (ints, "same", "valid", non-zero
     padding modes), dilation and groups are handled; each group is a separate Linear, folded into the batch.
 
-    Where the per-example kernel gradients are materialised (the Gram form costs more) and a group has at least
-    _GROUPED_MIN_CHANNELS input channels, they come from one convolution's weight gradient with the examples as
-    its groups instead (Rochette et al. 2019, "Efficient per-example gradient computations in convolutional
-    neural networks"), without the patches; on CPU only, where it was measured (``analysis/bench_conv_rule.py``).
+    Where a group has at least _GROUPED_MIN_CHANNELS input channels and the per-example kernel gradients are
+    materialised (for their norms: where ``takes_grouped_norms``), they come from one convolution's weight gradient
+    with the examples as its groups instead (Rochette et al. 2019, "Efficient per-example gradient computations in
+    convolutional neural networks"), without the patches; on CPU only, where it was measured
+    (``analysis/bench_conv_rule.py``).
     """
 
     # subclasses whose patches are not the input's (``CentredPatchConvRule``) keep the im2col path
