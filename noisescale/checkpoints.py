@@ -9,6 +9,9 @@ running their code.
 * :func:`load_checkpoint` is ``torch.load(..., weights_only=True)``: only tensors and plain Python types
   (dict, list, tuple, str, int, float, bool, None) are rebuilt, so a crafted file cannot run code. An empty,
   truncated or foreign file raises :class:`CheckpointError` naming where the path came from.
+* :func:`exclusive_lock` holds an exclusive ``fcntl.flock`` on a lock file for a block, or refuses at once
+  (``RuntimeError``) while another process, or another holder in this one, has it: one run at a time writes an
+  output. The lock goes with the process; the empty lock file stays.
 * :func:`to_plain` turns the numpy scalars that pandas and numpy hand out into Python numbers, so that
   state dicts stay loadable with ``weights_only=True``.
 """
@@ -24,7 +27,13 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["CheckpointError", "atomic_path", "atomic_write", "load_checkpoint", "save_checkpoint", "to_plain"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
+__all__ = ["CheckpointError", "atomic_path", "atomic_write", "exclusive_lock", "load_checkpoint", "save_checkpoint",
+           "to_plain"]
 
 
 class CheckpointError(ValueError):
@@ -76,6 +85,22 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike[str], refusal: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock_path`` (created if absent) for the block, or raise
+    ``RuntimeError(refusal)`` at once if another holder has it. flock belongs to the open file, so a second holder
+    in the same process (a thread, a notebook cell) is refused too. On Windows (no flock) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(refusal) from None
+        yield  # the lock is released when the handle closes (or the process ends)
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -47,7 +47,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,12 +56,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from noisescale.checkpoints import atomic_write
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock
-    fcntl = None
+from noisescale.checkpoints import atomic_write, exclusive_lock
 
 __all__ = [
     "SweepSettings",
@@ -471,20 +466,11 @@ def _warn_damaged(path: Path, problems: list[str]) -> None:
                       "cells they leave missing again): " + "; ".join(problems), RuntimeWarning, stacklevel=3)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def _exclusive_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """Hold an exclusive lock on ``<path>.lock`` for the block, or refuse at once if another process holds it."""
-    if fcntl is None:  # Windows: no flock; sweeps on one file are not serialised there
-        yield
-        return
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{path} is in use by another sweep, which holds the lock {lock_path}; wait for it "
-                               "to finish (then run again to resume) or write this sweep to another file") from None
-        yield  # the lock is released when the handle closes (or the process ends)
+    return exclusive_lock(lock_path, f"{path} is in use by another sweep, which holds the lock {lock_path}; wait "
+                                     "for it to finish (then run again to resume) or write this sweep to another file")
 
 
 def _resume(path: Path, settings: SweepSettings) -> set[tuple[int, float]]:

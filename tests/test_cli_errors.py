@@ -102,6 +102,33 @@ def test_an_unusable_out_fails_before_any_data_model_or_training(command, tmp_pa
         assert f"--out '{out}': {reason}" in _error_line(capsys)
 
 
+@pytest.mark.parametrize("command", ["measure", "train", "branch"])
+def test_an_out_folder_in_use_by_another_run_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    """Two runs into one folder overwrote each other's files (an audit's finding). While one holds the folder, a
+    second is refused in one line naming the lock, with the folder's files untouched; once the first has ended the
+    folder is free again."""
+    import noisescale.branching as branching
+    from noisescale.app.options import locked_output_folder
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the job started in a folder another run holds")
+
+    monkeypatch.setattr(measure_job, "build_training_job", not_reached)
+    monkeypatch.setattr(train_job, "build_training_job", not_reached)
+    monkeypatch.setattr(branching, "train_reference_run", not_reached)
+    arguments = {"measure": FAST, "train": ["--schedule", "fixed", "--epochs", "0.1", "--no-progress"],
+                 "branch": ["--steps", "2", "--no-progress"]}[command]
+    out = tmp_path / "out"
+    with locked_output_folder(out):   # flock belongs to the open file: a holder in this process counts as another
+        (out / "history.csv").write_text("the first run's\n")
+        assert main([command, *arguments, "--out", str(out)]) == 2
+        line = _error_line(capsys)
+        assert f"--out '{out}' is in use by another noisescale run, which holds the lock {out}/.noisescale.lock" in line
+        assert (out / "history.csv").read_text() == "the first run's\n"
+    with locked_output_folder(out):   # released by the refused run and by the holder
+        pass
+
+
 def test_a_train_batch_above_its_largest_names_both_options_before_any_job(tmp_path, capsys, monkeypatch):
     """It used to fail inside the batch-size source, naming min_batch_size/max_batch_size rather than the flags."""
     def not_reached(*args, **kwargs):

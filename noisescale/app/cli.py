@@ -7,6 +7,7 @@ which imports its implementation lazily so that ``noisescale --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -114,26 +115,36 @@ def _run_measure(args) -> int:
     from noisescale.app.options import set_threads
 
     set_threads(args.threads)
-    outcome = run_measure(
-        model_spec=args.model,
-        dataset=args.dataset,
-        data=args.data,
-        loss=args.loss,
-        checkpoint=args.checkpoint,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        learning_rate=args.lr,
-        device=args.device,
-        backend=args.backend,
-        hessian_every=args.hessian_every,
-        out_dir=args.out,
-        seed=args.seed,
-        progress=not args.no_progress,
-        parallel=args.parallel,
-    )
+    with _output_held(args.out):
+        outcome = run_measure(
+            model_spec=args.model,
+            dataset=args.dataset,
+            data=args.data,
+            loss=args.loss,
+            checkpoint=args.checkpoint,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            learning_rate=args.lr,
+            device=args.device,
+            backend=args.backend,
+            hessian_every=args.hessian_every,
+            out_dir=args.out,
+            seed=args.seed,
+            progress=not args.no_progress,
+            parallel=args.parallel,
+        )
     if is_main_process():
         print(summary_json(outcome.to_dict()) if args.json else outcome.report())
     return 0
+
+
+def _output_held(out: str):
+    """The command's ``--out`` folder, held by this run alone (``locked_output_folder``; a torchrun launch's rank
+    0 alone, which writes the files)."""
+    from noisescale.app.jobs import is_main_process
+    from noisescale.app.options import locked_output_folder
+
+    return locked_output_folder(out) if is_main_process() else contextlib.nullcontext()
 
 
 def _run_nqm(args: argparse.Namespace) -> int:
@@ -353,32 +364,33 @@ def _run_train(args) -> int:
     from noisescale.app.train import run_train
 
     set_threads(args.threads)
-    outcome = run_train(
-        mode=args.schedule,
-        model_spec=args.model,
-        dataset=args.dataset,
-        data=args.data,
-        loss=args.loss,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        max_batch_size=args.max_batch_size,
-        learning_rate=args.lr,
-        milestones=args.milestones,
-        kappa=args.kappa,
-        lr_coupling=args.lr_coupling,
-        noise_scale=args.noise_scale,
-        hessian_every=args.hessian_every,
-        max_micro_batch=args.max_micro_batch,
-        train_examples=args.train_examples,
-        device=args.device,
-        amp=args.amp,
-        checkpoint=args.checkpoint,
-        resume=args.resume,
-        out_dir=args.out,
-        seed=args.seed,
-        progress=not args.no_progress,
-        parallel=args.parallel,
-    )
+    with _output_held(args.out):
+        outcome = run_train(
+            mode=args.schedule,
+            model_spec=args.model,
+            dataset=args.dataset,
+            data=args.data,
+            loss=args.loss,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            max_batch_size=args.max_batch_size,
+            learning_rate=args.lr,
+            milestones=args.milestones,
+            kappa=args.kappa,
+            lr_coupling=args.lr_coupling,
+            noise_scale=args.noise_scale,
+            hessian_every=args.hessian_every,
+            max_micro_batch=args.max_micro_batch,
+            train_examples=args.train_examples,
+            device=args.device,
+            amp=args.amp,
+            checkpoint=args.checkpoint,
+            resume=args.resume,
+            out_dir=args.out,
+            seed=args.seed,
+            progress=not args.no_progress,
+            parallel=args.parallel,
+        )
     if is_main_process():
         if args.json:
             print(summary_json(outcome.to_dict()))
@@ -455,7 +467,8 @@ def _add_branch_command(subparsers) -> None:
 def _run_branch(args) -> int:
     from noisescale.app.branch import run_branch_command
 
-    return run_branch_command(args)
+    with _output_held(args.out):
+        return run_branch_command(args)
 
 
 _COMMANDS: list = [_add_measure_command, _add_nqm_command, _add_sweep_command, _add_train_command,

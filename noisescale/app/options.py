@@ -19,11 +19,12 @@ a dataset holding NaN, or Inf in its targets, is refused before training (:func:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from noisescale._modes import eval_mode
 from noisescale.batches import batch_size_of, call_model, fetch_examples, nonfinite_values, to_device
+from noisescale.checkpoints import exclusive_lock
 from noisescale.devices import resolve_device
 
 DEFAULT_MODEL = "noisescale.models:lenet5"
@@ -149,6 +151,23 @@ def prepare_output_folder(path: str | Path, flag: str = "--out") -> Path:
     except OSError as error:
         raise option_error(flag, path, f"cannot write there: {error.strerror or one_line(error)}") from error
     return path
+
+
+@contextlib.contextmanager
+def locked_output_folder(path: str | Path, flag: str = "--out") -> Iterator[Path]:
+    """The output folder, prepared (:func:`prepare_output_folder`) and held by this run alone for the block: a
+    second command writing to it meanwhile is refused at once, before any training or file is written
+    (``<folder>/.noisescale.lock``, :func:`noisescale.checkpoints.exclusive_lock`)."""
+    path = prepare_output_folder(path, flag)
+    lock_path = path / ".noisescale.lock"
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(lock_path, f"{flag} {str(path)!r} is in use by another noisescale run, "
+                                              f"which holds the lock {lock_path}: wait for it to end, or give this "
+                                              f"run another {flag}"))
+        except RuntimeError as error:
+            raise UsageError(str(error)) from None
+        yield path
 
 
 def prepare_output_file(path: str | Path, flag: str) -> Path:
