@@ -86,6 +86,7 @@ from tqdm.auto import tqdm
 from noisescale._buffers import RunningStatistics, kept_buffers
 from noisescale._checks import check_int, check_real
 from noisescale._gradient_norm import GradientSquaredNorm
+from noisescale._interrupts import deferred_interrupt
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.batches import (batch_size_of, call_model, fetch_examples, map_tensors, split_examples, tensors_of,
@@ -442,10 +443,10 @@ class AdaptiveTrainer:
         """One optimizer step on the next batch; returns its history row. A step that raises (an error in the
         model or the loss, Ctrl-C) takes no batch: the sampler, the random stream and the learning rates are put
         back, p.grad is cleared and the monitor puts back its averages, so the next call draws the same batch and
-        counts it once (before, the batch was lost from the epoch). This holds until the optimizer step: a Ctrl-C
-        during ``optimizer.step()`` or after it leaves the parameters moved and the batch taken with no history row
-        (undoing it would need a copy of the parameters and the optimizer state every step); resume such a run from
-        its last checkpoint."""
+        counts it once (before, the batch was lost from the epoch). From the optimizer step on, a Ctrl-C (SIGINT, in
+        the main thread) is held until the step and its history row are complete, and raised then
+        (``noisescale._interrupts``); an error raised by ``optimizer.step()`` itself, or a kill, still leaves the
+        parameters moved and the batch taken with no history row: resume such a run from its last checkpoint."""
         started = time.perf_counter()
         sampler_state, rng_before, rates = self.sampler.state_dict(), rng_state(self.device), self._learning_rates()
         statistics = RunningStatistics(self.model)   # put back on a failed, retried or skipped step
@@ -463,25 +464,27 @@ class AdaptiveTrainer:
             statistics.restore()
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or self._gradients_finite())
-        if not finite:
-            statistics.restore()
-            self._skip_step(self.monitor.last_row.get("nonfinite_data"))
-        elif self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        learning_rate = self._learning_rates()[0]
-        if self.policy is not None and finite:  # a skipped step moves nothing: not B, lr nor the hold counter
-            self._follow_policy(batch_size)
-        self.steps += 1
-        self.seconds += time.perf_counter() - started
-        row = {**self.monitor.last_row, "epoch": self.epoch, "learning_rate": learning_rate,
-               "micro_batch_size": min(self.max_micro_batch or local_batch_size, local_batch_size),
-               "seconds": self.seconds, "skipped": not finite}
-        self._rows.append(row)
+        with deferred_interrupt():   # a Ctrl-C from here on comes after the step and its row
+            finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"]
+                                                        or self._gradients_finite())
+            if not finite:
+                statistics.restore()
+                self._skip_step(self.monitor.last_row.get("nonfinite_data"))
+            elif self.grad_scaler is not None:
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            learning_rate = self._learning_rates()[0]
+            if self.policy is not None and finite:  # a skipped step moves nothing: not B, lr nor the hold counter
+                self._follow_policy(batch_size)
+            self.steps += 1
+            self.seconds += time.perf_counter() - started
+            row = {**self.monitor.last_row, "epoch": self.epoch, "learning_rate": learning_rate,
+                   "micro_batch_size": min(self.max_micro_batch or local_batch_size, local_batch_size),
+                   "seconds": self.seconds, "skipped": not finite}
+            self._rows.append(row)
         return row
 
     def _check_whole_batch_loss(self, batch_size: int, local_batch_size: int, max_micro_batch: int | None) -> None:

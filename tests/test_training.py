@@ -768,6 +768,39 @@ def test_a_step_that_raises_takes_no_batch_and_the_run_continues_as_if_it_had_no
     pd.testing.assert_frame_equal(plain_history, resumed_history)
 
 
+def test_a_ctrl_c_during_the_optimizer_step_comes_after_the_step_and_its_row():
+    """A Ctrl-C inside ``optimizer.step()`` left the batch taken and the averages updated with the parameters
+    unmoved and no history row (session 21's audit: 208 examples seen against 192 twelve steps later). It is now
+    held until the step and its row are complete: the interrupted run, continued, equals an uninterrupted one."""
+    import signal
+
+    class InterruptedSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == self.interrupt_at:
+                signal.raise_signal(signal.SIGINT)   # Ctrl-C arrives before any parameter moves
+            return super().step(closure)
+
+    finished = []
+    for interrupt_at in (None, 3):
+        model = small_net()
+        optimizer = InterruptedSGD(model.parameters(), lr=0.1, momentum=0.9)
+        optimizer.interrupt_at = interrupt_at
+        trainer = AdaptiveTrainer(model, per_example_cross_entropy, optimizer, classification_data(),
+                                  policy=NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32), progress=False)
+        if interrupt_at is not None:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train(1.0)
+            assert trainer.steps == len(trainer.history) == interrupt_at
+            assert trainer.sampler.examples_seen == int(trainer.history["batch_size"].sum())
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        trainer.train(1.0)
+        finished.append((parameters_of(model), trainer.history.drop(columns="seconds")))
+    (plain, plain_history), (resumed, resumed_history) = finished
+    assert all(torch.equal(a, b) for a, b in zip(plain, resumed))
+    pd.testing.assert_frame_equal(plain_history, resumed_history)
+
+
 @pytest.mark.parametrize("source", ["policy", "schedule"])
 def test_a_step_interrupted_in_its_hessian_proxies_counts_its_batch_once(source):
     """Ctrl-C during the Hessian proxies (a step's slow part) came after the step's estimates had entered the moving
