@@ -232,6 +232,7 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
     assert list(history["micro_batches"]) == [accumulation] * 3
     logs = [entry for entry in measured.state.log_history if "loss" in entry]
     assert len(logs) == 3
+    assert list(history["global_step"]) == [log["step"] for log in logs] == [1, 2, 3]   # joins the Trainer's logs
     for row, log, reference in zip(history.itertuples(), logs, reference_rows):
         estimate, b_simple, grad_sqnorm, trace_sigma, interval = reference
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=RTOL)
@@ -464,6 +465,7 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert resumed.noise_scale.step == 5
     assert resumed.noise_scale.history["step"].tolist() == [3, 4]  # the history in the JSON checkpoint is left out
+    assert resumed.noise_scale.history["global_step"].tolist() == [4, 5]   # the Trainer's numbers of those steps
     average = ExponentialMovingNoiseScale(0.5)  # the averages over all five steps, not restarted at the resume
     for history in (first.noise_scale.history, resumed.noise_scale.history):
         for row in history.itertuples():

@@ -5,7 +5,8 @@ One changed line in an existing script::
     from noisescale.integrations.huggingface import NoiseScaleTrainer
     trainer = NoiseScaleTrainer(model=model, args=args, train_dataset=train_set)   # was: Trainer(...)
     trainer.train()                 # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma (, b_noise)
-    trainer.noise_scale.history     # one row per optimizer step (pandas DataFrame)
+    trainer.noise_scale.history     # one row per optimizer step (pandas DataFrame); its global_step is the
+                                    # Trainer's (log_history's "step", from 1), its step counts from 0
 
 Options go in ``noise_scale=NoiseScaleOptions(ema_decay=..., measure_every=..., hessian_every=...)``; a project
 with its own ``Trainer`` subclass (trl's ``SFTTrainer``, say) mixes in ``NoiseScaleTrainerMixin`` first:
@@ -127,7 +128,8 @@ class NoiseScaleTrainerMixin:
         if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete
             scaler = getattr(self.accelerator, "scaler", None)
             scale = 1.0 if scaler is None else float(scaler.get_scale())
-            monitor.end_step(contribution_scale=scale, grad_scale=scale)
+            # the Trainer counts this step as global_step + 1 once its optimizer step is taken (its logs from 1)
+            monitor.end_step(contribution_scale=scale, grad_scale=scale, global_step=self.state.global_step + 1)
         return loss
 
     def _noise_scale_monitor(self, model: torch.nn.Module) -> ObservingNoiseScaleMonitor:

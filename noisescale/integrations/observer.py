@@ -199,15 +199,19 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         super().close()
         self.closed = True
 
-    def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0) -> dict[str, Any] | None:
+    def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0,
+                 global_step: int | None = None) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
         whole global batch, or None when no micro-batch was seen. ``contribution_scale``: the loss scale S the
-        backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled). If it
-        fails (the Hessian proxies, a Ctrl-C), the averages, counters and history are as before it."""
+        backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled);
+        ``global_step``: the framework's own number of this step, kept in the row beside ``step`` (which counts
+        from 0) to join it with the framework's logs. If it fails (the Hessian proxies, a Ctrl-C), the averages,
+        counters and history are as before it."""
         with self._undone_on_failure(restore_grads=False):   # (p.grad is the framework's, and this changes none)
-            return self._end_step(contribution_scale, grad_scale)
+            return self._end_step(contribution_scale, grad_scale, global_step)
 
-    def _end_step(self, contribution_scale: float, grad_scale: float) -> dict[str, Any] | None:
+    def _end_step(self, contribution_scale: float, grad_scale: float,
+                  global_step: int | None) -> dict[str, Any] | None:
         self._drop_open_micro_batch()
         if not self._step_open:
             return None
@@ -235,8 +239,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         if self._batches and self.hessian_every and self.step % self.hessian_every == 0:
             row |= self._hessian(*self._batches)
         self.examples_seen += batch_size
-        row = {"step": self.step, "examples_seen": self.examples_seen, "batch_size": batch_size,
-               "micro_batches": len(sizes), **row}
+        row = {"step": self.step, **({} if global_step is None else {"global_step": global_step}),
+               "examples_seen": self.examples_seen, "batch_size": batch_size, "micro_batches": len(sizes), **row}
         self._record(row)
         self.step += 1
         self._step_open = False
