@@ -84,7 +84,8 @@ def test_a_dataset_holding_nan_or_inf_is_refused_before_training(tmp_path, capsy
     assert capsys.readouterr().err == (
         f"noisescale: error: --dataset '_cli_user_code:{factory}': {refused}. Training on them gives non-finite "
         "losses: remove or fix those values (drop the examples, or torch.nan_to_num) and run again\n")
-    assert list(out.iterdir()) == [] and not checkpoint.exists()
+    # nothing written but the empty lock file the run held the folder by (--out in use by another run)
+    assert [path.name for path in out.iterdir()] == [".noisescale.lock"] and not checkpoint.exists()
 
 
 def test_a_dataset_read_example_by_example_is_not_read_ahead_and_its_bad_batch_is_named(tmp_path, capsys):
