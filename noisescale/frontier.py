@@ -81,7 +81,9 @@ def train_to_target(
 
     A step whose batch holds NaN or Inf (the row's ``nonfinite_data``, which the trainer skipped) raises a
     ValueError naming it: bad data is no divergence, and the steps to the target would count a step that trained
-    nothing.
+    nothing. So does a first step whose loss is not finite on finite data: no optimizer step has moved the
+    parameters yet, so the model or the loss computes a non-finite value (the row's ``nonfinite_examples`` names
+    the examples where others are finite).
 
     Returns the outcome ("reached", "censored", or "diverged" at a non-finite training loss), steps and
     examples to the target (NaN unless reached), the evaluations, the batch size of every
@@ -105,6 +107,11 @@ def train_to_target(
                              "fix those values); this is no divergence, and the steps to the target need every step "
                              "to train")
         if not math.isfinite(row["loss"]):
+            if row["step"] == 0:
+                found = row.get("nonfinite_examples") or "the loss is not finite"
+                raise ValueError(f"step 0: {found}, on finite data and before any optimizer step: the model or the "
+                                 "loss computes a non-finite value on this data (a softmax over a row masked entirely "
+                                 "by -inf, log(0), 0/0); this is no divergence")
             outcome = "diverged"
             break
         examples_trained += row["batch_size"]

@@ -67,6 +67,11 @@ class NoiseScaleSummary:
     that batch's gradient made the parameters non-finite); then, as for a diverged run, nothing is suggested
     (:func:`bad_data_of`).
 
+    ``nonfinite_from_start`` says what was seen when every step so far, from the first, has had a non-finite loss or
+    gradient on finite data (None otherwise): no run diverges before a finite step, so the model or the loss computes
+    a non-finite value on this data (a softmax over a row masked entirely by -inf), or the parameters were not finite
+    when the measurement began; nothing is suggested (:func:`nonfinite_from_start`).
+
     ``coupling`` is what an observed step's independence check found (None if nothing): outputs of the model that
     couple the examples. If the loss reads them (a contrastive loss), the examples have no per-example gradients
     and the values here are no noise scale; observe cannot see the loss, so they are reported with that warning.
@@ -94,6 +99,7 @@ class NoiseScaleSummary:
     # Fieller's interval of B_noise's averaged ratio (NaN with fewer than 2 effective measurements; unbounded above
     # while its averaged G^T H G is not resolved from 0, and then no B_noise is suggested)
     b_noise_interval: tuple[float, float] = (math.nan, math.nan)
+    nonfinite_from_start: str | None = None
 
     @property
     def suggested_batch_size(self) -> float:
@@ -113,7 +119,7 @@ class NoiseScaleSummary:
 
     @property
     def _broken(self) -> bool:
-        return self.divergence is not None or self.broken_by_bad_data
+        return self.divergence is not None or self.broken_by_bad_data or self.nonfinite_from_start is not None
 
     @property
     def b_noise_resolved(self) -> bool:
@@ -153,6 +159,12 @@ class NoiseScaleSummary:
                 "a loop of your own can skip the optimizer step where last_step_finite is False); the learning rate "
                 "is not the cause. "
                 "No noise scale is reported and no batch size is suggested",
+            ])
+        if self.nonfinite_from_start is not None:
+            return "\n".join([
+                f"after {self.steps} steps ({self.examples_seen} examples):",
+                f"  {self.nonfinite_from_start}: {_NONFINITE_FROM_START}. No noise scale is reported and no batch "
+                "size is suggested",
             ])
         if self.divergence is not None:
             return "\n".join([
@@ -355,13 +367,14 @@ class NoiseScaleMonitor:
                 result = self.norms(inputs, targets, loss_scale=loss_scale)
                 self.backend_of = dict(result.backend_of)
                 loss = result.loss
-                row = self._measure(result.losses, result.sqnorms, result.grad_sqnorm, batch_size)
+                losses = result.losses
+                row = self._measure(losses, result.sqnorms, result.grad_sqnorm, batch_size)
             else:
                 losses = self.loss_fn(call_model(self.model, inputs), targets)  # the hooks are inert here
                 (losses.mean() * loss_scale).backward()
                 loss = losses.detach().mean()
                 row = {"loss": loss.item(), "measured": False}
-            self._note_nonfinite(row, [(inputs, targets)])
+            self._note_nonfinite(row, [(inputs, targets)], losses=losses.detach())
             if self.hessian_every and self.step % self.hessian_every == 0:
                 row |= self._hessian((inputs, targets))
             self.examples_seen += batch_size
@@ -425,13 +438,15 @@ class NoiseScaleMonitor:
         }
 
     def _note_nonfinite(self, row: dict[str, Any], micro_batches: list[tuple[Any, Any]],
-                        group: dist.ProcessGroup | None = None) -> None:
+                        group: dist.ProcessGroup | None = None, losses: torch.Tensor | None = None) -> None:
         """On a step whose loss or gradient is not finite, tell bad data from divergence: where the step's batch
         itself holds NaN, or Inf in its targets, the row's ``nonfinite_data`` says what and where
         (:func:`~noisescale.batches.nonfinite_counts`) and the warning names the data; otherwise it names the loss or
-        gradient. Each warned once. A finite step pays nothing here; nothing of the training is changed. Under DDP
-        (``group``: the ranks' row is the same, so all of them are here) each rank holds its share of the batch:
-        their counts are exchanged, on this path only."""
+        gradient, and, given the batch's per-example ``losses``, the examples whose loss is not finite when others'
+        is (``nonfinite_examples``). Non-finite on finite data from the first step
+        on is no divergence (:func:`nonfinite_from_start`). Each warned once. A finite step pays nothing here;
+        nothing of the training is changed. Under DDP (``group``: the ranks' row is the same, so all of them are
+        here) each rank holds its share of the batch: their counts are exchanged, on this path only."""
         if not _is_nonfinite(row):
             return
         counts = nonfinite_counts(*micro_batches)
@@ -443,14 +458,23 @@ class NoiseScaleMonitor:
             counts = merge_nonfinite_counts(shares)
         cause = describe_nonfinite_counts(counts)   # the counts of the whole batch
         if cause is None:
-            if self._rows and _caused_by_data(self._rows)[-1]:
+            examples = None if losses is None else _nonfinite_examples(losses)
+            if examples is not None:
+                row["nonfinite_examples"] = examples
+            if not any(not _is_nonfinite(earlier) for earlier in self._rows):   # no finite step yet
+                self._warn_once("nonfinite_start", f"step {self.step}: non-finite loss or gradient on finite data, "
+                                f"with no finite step before{'' if examples is None else f'; {examples}'}: "
+                                f"{_NONFINITE_FROM_START}. The step is marked in the history and left out of the "
+                                "averages (warned once)")
+            elif self._rows and _caused_by_data(self._rows)[-1]:
                 self._warn_once("nonfinite_after_data", f"step {self.step}: non-finite loss or gradient on finite "
                                 f"data, after a step whose batch held bad values ({bad_data_of(self._rows)[0]}): an "
                                 "optimizer step taken on that batch made the parameters non-finite; check the data "
                                 f"and {self._skip_advice} (warned once)")
             else:
-                self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient; the step is marked in "
-                                "the history and left out of the averages (warned once)")
+                self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient"
+                                f"{'' if examples is None else f' on finite data; {examples}'}; the step is marked "
+                                "in the history and left out of the averages (warned once)")
             return
         row["nonfinite_data"] = cause
         self._warn_once("nonfinite_data", f"step {self.step}: the batch holds {cause}: check the data (remove or fix "
@@ -541,6 +565,7 @@ class NoiseScaleMonitor:
             broken_by_bad_data=broken_by_bad_data,
             b_noise_interval=(self.hessian_average.interval(self.confidence) if self.hessian_average.num_updates
                               else (math.nan, math.nan)),
+            nonfinite_from_start=nonfinite_from_start(self._rows),
         )
 
     @property
@@ -621,14 +646,44 @@ def bad_data_of(rows: list[dict[str, Any]]) -> tuple[str | None, bool]:
     return what, broken
 
 
+_NONFINITE_FROM_START = (
+    "no run diverges before a finite step, so the model or the loss computes a non-finite value on this data (a "
+    "softmax over a row masked entirely by -inf, as a fully padded sequence gives it; log(0); 0/0), or the "
+    "parameters were not finite when the measurement began; the learning rate is not the cause. "
+    "torch.autograd.detect_anomaly() names the operation")
+
+
+def _nonfinite_examples(losses: torch.Tensor) -> str | None:
+    """Which of a batch's per-example ``losses`` are not finite, where some are and some are not ("1 of its 16
+    examples is not finite (index 3)", at most 5 indices named); None where all or none are."""
+    bad = (~torch.isfinite(losses.reshape(-1))).nonzero().flatten().tolist()
+    if not bad or len(bad) == losses.numel():
+        return None
+    named = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    return (f"the loss of {len(bad)} of its {losses.numel()} examples is not finite "
+            f"({'index' if len(bad) == 1 else 'indices'} {named})")
+
+
+def nonfinite_from_start(rows: list[dict[str, Any]]) -> str | None:
+    """What the history ``rows`` show when every step, from the first, has a non-finite loss or gradient on finite
+    data (no batch held NaN or Inf), or None: such a run never had a finite step to diverge from (the summary's
+    ``nonfinite_from_start``)."""
+    if not rows or not all(_is_nonfinite(row) and not _holds_bad_data(row) for row in rows):
+        return None
+    seen = f"the loss or gradient has not been finite at any of the {len(rows)} steps, on finite data"
+    examples = rows[0].get("nonfinite_examples")
+    return seen + (f"; at the first, {examples}" if isinstance(examples, str) else "")
+
+
 def divergence_of(rows: list[dict[str, Any]]) -> str | None:
     """Why the history ``rows`` show a diverged run, or None. The latest steps are the last fifth of the rows (1 to
     10 of them): the run diverged when more than half of them had a non-finite loss or gradient (one skipped step,
     an fp16 overflow say, is not divergence), or when the median finite loss over as many latest steps exceeds
     DIVERGED_LOSS_FACTOR times the first finite loss (the loss at the start of the measurement). Non-finite steps
     the data caused (:func:`_caused_by_data`: a batch holding NaN or Inf, and the steps it broke) are no
-    divergence (:func:`bad_data_of` reports them)."""
-    if not rows:
+    divergence (:func:`bad_data_of` reports them), nor are the steps of a run that never had a finite one
+    (:func:`nonfinite_from_start`)."""
+    if not rows or nonfinite_from_start(rows) is not None:
         return None
     count = min(10, max(1, len(rows) // 5))
     latest = rows[-count:]

@@ -199,7 +199,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                     row |= self._two_batch(micro_sqnorms, sizes, grad_sqnorm)
             else:
                 row = {"loss": loss.item(), "measured": False}
-            self._note_nonfinite(row, micro_batches, self.process_group)
+            self._note_nonfinite(row, micro_batches, self.process_group, losses=all_losses)
             if self.hessian_every and self.step % self.hessian_every == 0:
                 row |= self._hessian(*micro_batches)
             self.examples_seen += batch_size
@@ -469,7 +469,7 @@ class AdaptiveTrainer:
                                                         or self._gradients_finite())
             if not finite:
                 statistics.restore()
-                self._skip_step(self.monitor.last_row.get("nonfinite_data"))
+                self._skip_step(self.monitor.last_row)
             elif self.grad_scaler is not None:
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
@@ -533,20 +533,25 @@ class AdaptiveTrainer:
             return sharded_gradients_finite(self.model, self.monitor.process_group)
         return _gradients_finite(self.model)
 
-    def _skip_step(self, bad_data: str | None) -> None:
+    def _skip_step(self, row: dict[str, Any]) -> None:
         """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the
         loss scale backs off as GradScaler would. Counted in ``skipped_steps``; warned once for a batch that holds
-        NaN or Inf (``bad_data``, the monitor's ``nonfinite_data``: check the data) and once for any other (if it
-        keeps happening the run has diverged)."""
+        NaN or Inf (the monitor's ``row`` says so in ``nonfinite_data``: check the data), once where no step has
+        been finite yet (the model or the loss, not the learning rate: ``nonfinite_from_start``) and once for any
+        other (if it keeps happening the run has diverged)."""
         self.skipped_steps += 1
         if self.grad_scaler is not None:
             self.grad_scaler.update(self.grad_scaler.get_scale() * self.grad_scaler.get_backoff_factor())
-        if bad_data is not None:
-            key, cause = "data", f"the batch holds {bad_data}"
+        examples = row.get("nonfinite_examples")
+        cause = "the loss or gradient is not finite" + (f" ({examples})" if examples is not None else "")
+        if row.get("nonfinite_data") is not None:
+            key, cause = "data", f"the batch holds {row['nonfinite_data']}"
             advice = "Check the data (remove or fix those values): the learning rate is not the cause"
+        elif self.monitor.summary().nonfinite_from_start is not None:
+            key, advice = "start", ("No step has been finite yet: the model or the loss computes a non-finite value "
+                                    "on this data, not the learning rate (the monitor's summary says more)")
         else:
-            key, cause = "loss", "the loss or gradient is not finite"
-            advice = "If it keeps happening the run has diverged: lower the learning rate"
+            key, advice = "loss", "If it keeps happening the run has diverged: lower the learning rate"
         if key not in self._warned_skips:
             self._warned_skips.add(key)
             warnings.warn(f"step {self.steps}: {cause}; the optimizer step is skipped (as GradScaler does) and its "

@@ -146,6 +146,25 @@ def test_train_to_target_refuses_a_batch_holding_nan_rather_than_calling_the_run
             train_to_target(trainer, lambda: 0.1, target=0.75, eval_every=100)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_train_to_target_refuses_a_loss_that_is_not_finite_at_the_first_step():
+    """Before, a loss that is not finite for some examples from the first step on (a division by a count that is 0
+    for class 0) ended the run as "diverged", though no optimizer step had been taken."""
+    from noisescale.losses import per_example_cross_entropy
+    from noisescale.training import AdaptiveTrainer
+
+    torch.manual_seed(0)
+    inputs = torch.randn(64, 5, dtype=torch.float64)
+    targets = (inputs[:, 0] > 0).long()
+    model = torch.nn.Linear(5, 2).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with AdaptiveTrainer(model, lambda outputs, y: per_example_cross_entropy(outputs, y) / (y != 0), optimizer,
+                         TensorDataset(inputs, targets), batch_size=8, progress=False) as trainer:
+        with pytest.raises(ValueError, match=r"^step 0: the loss of \d of its 8 examples is not finite \(ind.*, on "
+                                             "finite data and before any optimizer step: .* this is no divergence$"):
+            train_to_target(trainer, lambda: 0.1, target=0.75, eval_every=100)
+
+
 def test_train_to_target_with_a_real_adaptive_trainer_counts_the_examples_it_trained():
     from noisescale.controller import NoiseScaleBatchPolicy
     from noisescale.losses import per_example_cross_entropy

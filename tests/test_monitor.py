@@ -460,12 +460,14 @@ def test_summary_of_a_run_whose_loss_exploded_or_went_non_finite_suggests_nothin
     ([2.0, 2.0, math.nan], True),  # the latest step is not finite
     ([2.0] * 200 + [math.nan], False),  # one non-finite step of the latest 10: skipped, not divergence
     ([2.0] * 200 + [math.nan] * 6, True),  # most of the latest 10
+    ([math.nan] * 3, False),  # no finite step ever: nothing to diverge from (nonfinite_from_start)
 ])
 def test_divergence_rule_against_hand_made_histories(losses, diverged):
-    from noisescale.monitor import divergence_of
+    from noisescale.monitor import divergence_of, nonfinite_from_start
 
     rows = [{"step": step, "loss": loss, "nonfinite": not math.isfinite(loss)} for step, loss in enumerate(losses)]
     assert (divergence_of(rows) is not None) == diverged
+    assert (nonfinite_from_start(rows) is not None) == (bool(losses) and not any(map(math.isfinite, losses)))
 
 
 def regression_batches(steps: int = 6, batch_size: int = 8, seed: int = 0):
@@ -529,6 +531,57 @@ def test_a_mask_holding_minus_inf_in_the_inputs_is_no_bad_data_and_a_diverged_ru
     summary = monitor.summary()
     assert summary.divergence is not None and summary.bad_data is None and "nonfinite_data" not in monitor.history
     assert math.isnan(summary.suggested_batch_size)
+
+
+def test_a_fully_masked_example_from_the_first_step_is_named_and_not_called_divergence():
+    """A softmax over a row masked entirely by -inf (a fully padded sequence) makes that example's loss NaN on
+    finite data from the first step on. Before, the summary said "the run diverged ...: lower the learning rate",
+    though no optimizer step had been taken. Now the warning and the summary name the example and say that no run
+    diverges before a finite step; nothing is suggested. Once a step has been finite, a non-finite one names its
+    examples and a run that keeps failing reads as diverged again."""
+    generator = torch.Generator().manual_seed(0)
+    model = MaskedPooling().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = NoiseScaleMonitor(model, per_example_squared_error)
+    mask = torch.zeros(16, 5, dtype=torch.float64)
+    mask[3] = -math.inf   # example 3: every position masked
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            optimizer.zero_grad()
+            monitor((torch.randn(16, 5, 4, dtype=torch.float64, generator=generator), mask),
+                    torch.randn(16, dtype=torch.float64, generator=generator))
+            if monitor.last_step_finite:
+                optimizer.step()
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 1 and texts[0].startswith("step 0: non-finite loss or gradient on finite data, with no "
+                                                   "finite step before; the loss of 1 of its 16 examples is not "
+                                                   "finite (index 3): no run diverges before a finite step")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert list(monitor.history["nonfinite_examples"]) == ["the loss of 1 of its 16 examples is not finite (index 3)"] * 4
+    summary = monitor.summary()
+    assert summary.divergence is None and summary.bad_data is None and math.isnan(summary.suggested_batch_size)
+    assert summary.nonfinite_from_start == ("the loss or gradient has not been finite at any of the 4 steps, on finite "
+                                            "data; at the first, the loss of 1 of its 16 examples is not finite "
+                                            "(index 3)")
+    text = str(summary)
+    assert "learning rate is not the cause" in text and "lower the learning rate" not in text
+    assert "no batch size is suggested" in text and "B_simple =" not in text
+
+    mask[3] = 0.0   # a finite step, then the masked example again: named, and repeated failure is divergence
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for masked in (False, True, True, True):
+            mask[3, :] = -math.inf if masked else 0.0
+            optimizer.zero_grad()
+            monitor((torch.randn(16, 5, 4, dtype=torch.float64, generator=generator), mask),
+                    torch.randn(16, dtype=torch.float64, generator=generator))
+    assert [str(w.message) for w in caught] == [
+        "step 5: non-finite loss or gradient on finite data; the loss of 1 of its 16 examples is not finite "
+        "(index 3); the step is marked in the history and left out of the averages (warned once)"]
+    summary = monitor.summary()
+    assert summary.nonfinite_from_start is None and summary.divergence is not None
 
 
 def with_bad_values(batches, step: int, part: int, rows, column, value: float):

@@ -432,6 +432,32 @@ def test_a_batch_holding_nan_is_reported_as_bad_data_not_as_a_diverged_run():
         assert torch.equal(expected_parameter, parameter)
 
 
+def test_a_loss_non_finite_from_the_first_step_is_not_blamed_on_the_learning_rate():
+    """A loss that is not finite for some examples of every batch (here a division by a count that is 0 for the
+    examples of class 0, on finite data) skipped every step with "If it keeps happening the run has diverged: lower
+    the learning rate", though no step had moved the parameters. Now the skip names the examples and says no step
+    has been finite yet."""
+    def broken_loss(outputs, targets):
+        return per_example_cross_entropy(outputs, targets) / (targets != 0)
+
+    model = small_net()
+    before = parameters_of(model)
+    trainer = make_trainer(model, classification_data(), loss_fn=broken_loss, batch_size=16, max_micro_batch=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = [trainer.step() for _ in range(3)]
+    first = rows[0]["nonfinite_examples"]
+    assert first.startswith("the loss of ") and "of its 16 examples is not finite (ind" in first
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2 and "no run diverges before a finite step" in texts[0]
+    assert texts[1] == (f"step 0: the loss or gradient is not finite ({first}); the optimizer step is skipped (as "
+                        "GradScaler does) and its history row is marked skipped; trainer.skipped_steps counts such "
+                        "steps (warned once). No step has been finite yet: the model or the loss computes a "
+                        "non-finite value on this data, not the learning rate (the monitor's summary says more)")
+    assert all(row["skipped"] for row in rows) and all(map(torch.equal, before, model.parameters()))
+    assert trainer.monitor.summary().nonfinite_from_start is not None
+
+
 @pytest.mark.filterwarnings("ignore:.*non-finite:RuntimeWarning", "ignore:.*optimizer step is skipped:RuntimeWarning")
 def test_a_skipped_step_puts_the_batch_norm_running_statistics_back():
     """A NaN example's forward makes every BatchNorm running mean and variance NaN; the skipped step puts them back
