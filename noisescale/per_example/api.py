@@ -100,7 +100,7 @@ from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.factors import full_precision
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.graph_uses import capture_linear_uses, linear_uses
-from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, rule_for, uses_batch_statistics
+from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, LayerRule, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
 from noisescale.per_example.vmap import vmap_sqnorms
 from noisescale.sharded import (flat_parameter_owners, fsdp1_original_parameters, fsdp2_shards, fsdp2_units,
@@ -476,7 +476,8 @@ class PerExampleGradNorms:
             if not local:
                 continue
             rule = rule_for(module)
-            reason = "no ghost rule for this module type" if rule is None else rule.unsupported_reason(module)
+            reason = ("no ghost rule for this module type" if rule is None
+                      else rule.unsupported_reason(module) or _unmeasured_by_rule(rule, local))
             if self.backend == "ghost" and reason is not None:
                 raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): {reason}; "
                                  "use backend='auto' to measure it by the per-module fallback")
@@ -1026,6 +1027,17 @@ def _refuse_vmap(names: Any, ghost_pass: GhostPass, because: str) -> None:
 
 
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _unmeasured_by_rule(rule: LayerRule, local: list[tuple[str, str]]) -> str | None:
+    """Why a module's own trainable parameters (``local``: (local name, name) pairs) are not all the rule's to
+    measure (``LayerRule.parameter_names``), or None."""
+    others = sorted(n for n, _ in local if n not in rule.parameter_names)
+    if not others:
+        return None
+    return (f"its rule measures {sorted(rule.parameter_names)} only, not its parameters {others} (the weight is "
+            "computed from them, as from torch.nn.utils.weight_norm's weight_g and weight_v, or from pruning's "
+            "weight_orig and mask)")
 
 
 def _adopted_containers(model: nn.Module, sharded: bool) -> set[int]:

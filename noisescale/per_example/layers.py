@@ -100,9 +100,15 @@ class LayerRule:
     ``rows_as_positions``: True where every dim between the examples and the layer's own trailing dims is a
     position the formula sums over (Linear, Embedding, LayerNorm, RMSNorm; not channels-first layers), so that
     rows flattened from (B, T, ...) to (B * T, ...) can be handed to the rule as (B, T, ...).
+
+    ``parameter_names``: the local names of the parameters the rule can measure. A module of the type that holds
+    others goes to the per-module fallback: the hook-based ``torch.nn.utils.weight_norm`` replaces a Linear's
+    ``weight`` by ``weight_g`` and ``weight_v`` and computes the weight in a forward pre-hook, and pruning keeps a
+    ``weight_orig`` (their norms were reported as 0 before this check).
     """
 
     rows_as_positions = False
+    parameter_names = frozenset({"weight", "bias"})
     recheck = False   # True: ``reproduces`` is checked on every call, not only the first (OverriddenForwardRule)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
@@ -590,6 +596,7 @@ class ThirdPartyRMSNormRule(LayerRule):
     reproduces its output (else the module goes to the per-module fallback)."""
 
     rows_as_positions = True
+    parameter_names = frozenset({"weight", "scale"})
 
     _NAME = re.compile(r"rms_?norm|T5LayerNorm", re.IGNORECASE)
 
@@ -777,6 +784,8 @@ class LowRankAdapterRule(OverriddenForwardRule):
     Matched by structure (its ``lora_dropout`` a Dropout or ``lambda x: x``) and checked against the output on every
     call; a dropout in train mode, or another forward (its ``LoRAQKVLinear``), goes to the per-module fallback."""
 
+    parameter_names = frozenset({"lora_A", "lora_B"})
+
     def __init__(self):
         super().__init__(nn.Module, RULES[nn.Linear], lambda m, x: F.linear(x, m.linear.weight, m.linear.bias) + (
             m.lora_dropout(x) @ m.lora_A.transpose(0, 1) @ m.lora_B.transpose(0, 1)) * m.scaling)
@@ -842,6 +851,8 @@ class StandardisedConvRule(OverriddenForwardRule):
     D'_ic is g times the centred patches projected on w_hat_c, summed over positions: no per-example kernel is
     materialised. Matched by structure and checked against the output on every call; another forward (timm's
     ``StdConv2dSame``, padding on the fly) goes to the per-module fallback."""
+
+    parameter_names = frozenset({"weight", "bias", "gain"})
 
     def __init__(self):
         super().__init__(nn.modules.conv._ConvNd, CentredPatchConvRule(),
