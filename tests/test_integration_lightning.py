@@ -162,6 +162,28 @@ def test_a_step_of_micro_batches_of_unequal_sizes_is_left_unmeasured_with_a_warn
     assert history["trace_sigma"].iloc[:3].notna().all() and math.isnan(history["trace_sigma"].iloc[3])
 
 
+def test_an_epochs_last_shorter_window_of_equal_micro_batches_is_measured_at_its_examples_scale(tmp_path):
+    """20 examples in batches of 4, accumulating 2: the epoch's last step holds one micro-batch, whose loss
+    Lightning still divides by 2. Its tr(Sigma) and |G|^2 were logged at 1/4 of its examples' (a new user's trial),
+    and its loss at 1/2; they now are the per-example loop's, as every other step's."""
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=4)
+    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions())
+    pl.seed_everything(5, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder, callback])
+    trainer.fit(TinyModule(), loader)
+    history = callback.monitor.history
+    assert history["batch_size"].tolist() == [8, 8, 4] and history["micro_batches"].tolist() == [2, 2, 1]
+    for step, row in zip(recorder.steps, history.itertuples()):
+        _assert_the_steps_estimate(row, step, rel=1e-10)
+        module = TinyModule()
+        module.load_state_dict(step["weights"])
+        x_step, y_step = (torch.cat(parts) for parts in zip(*step["batches"]))
+        assert row.loss == pytest.approx(F.cross_entropy(module(x_step), y_step).item(), rel=1e-10)
+
+
 def test_a_compiled_module_is_measured_eagerly_and_trains_as_the_compiled_one(tmp_path):
     """``trainer.fit(torch.compile(module))``: Lightning compiles the module's forward and training_step in place
     (``from_compiled``). Before, the first measured step failed inside Dynamo, which traced the hooks; now the

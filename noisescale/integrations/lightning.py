@@ -103,7 +103,9 @@ class NoiseScaleCallback(Callback):
         self.monitor.adaptive_optimizer = adapts_per_coordinate(optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: p.grad is already unscaled here
         contribution_scale = 1.0 if scaler is None else float(scaler.get_scale())
-        if self.monitor.end_step(contribution_scale=contribution_scale) is not None:
+        # an epoch's last window may hold k < K micro-batches, each loss still divided by K
+        loss_weight = max(self.monitor.micro_batches, 1) / trainer.accumulate_grad_batches
+        if self.monitor.end_step(contribution_scale=contribution_scale, loss_weight=loss_weight) is not None:
             metrics = self.monitor.logged_metrics()
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False)

@@ -199,24 +199,33 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         super().close()
         self.closed = True
 
-    def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0,
+    @property
+    def micro_batches(self) -> int:
+        """The micro-batches of the open step begun so far (at its end: all of them)."""
+        return len(self._sizes)
+
+    def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0, loss_weight: float = 1.0,
                  global_step: int | None = None) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
         whole global batch, or None when no micro-batch was seen. ``contribution_scale``: the loss scale S the
         backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled);
-        ``global_step``: the framework's own number of this step, kept in the row beside ``step`` (which counts
-        from 0) to join it with the framework's logs. If it fails (the Hessian proxies, a Ctrl-C), the averages,
-        counters and history are as before it."""
+        ``loss_weight``: the factor by which the framework's summed micro-batch losses, and so its gradients, are
+        the batch's mean loss times it (Lightning divides an epoch's last, shorter accumulation window of k
+        micro-batches by its K all the same: k / K), taken out of the row's loss and norms; ``global_step``: the
+        framework's own number of this step, kept in the row beside ``step`` (which counts from 0) to join it with
+        the framework's logs. If it fails (the Hessian proxies, a Ctrl-C), the averages, counters and history are
+        as before it."""
         with self._undone_on_failure(restore_grads=False):   # (p.grad is the framework's, and this changes none)
-            return self._end_step(contribution_scale, grad_scale, global_step)
+            return self._end_step(contribution_scale * loss_weight, grad_scale * loss_weight, loss_weight,
+                                  global_step)
 
-    def _end_step(self, contribution_scale: float, grad_scale: float,
+    def _end_step(self, contribution_scale: float, grad_scale: float, loss_weight: float,
                   global_step: int | None) -> dict[str, Any] | None:
         self._drop_open_micro_batch()
         if not self._step_open:
             return None
         sizes, sqnorms = self._sizes, self._sqnorms
-        loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1)
+        loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1) / loss_weight
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
         measured = self.measures_this_step and not self._unequal_micro_batches(sizes)
         if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
