@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["GradientSquaredNorm", "gradient_values"]
+
+
+def gradient_values(grad: torch.Tensor) -> torch.Tensor:
+    """The values a gradient holds, whose norm is its norm: the gradient itself, or a sparse one's coalesced values
+    (``nn.Embedding(sparse=True)``; rows hit twice added first)."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
 
 class GradientSquaredNorm:
     """|g|^2 of the gradient one backward brings to the model's trainable parameters, read by tensor hooks before
@@ -23,7 +31,7 @@ class GradientSquaredNorm:
             handle.remove()
 
     def _add(self, grad: torch.Tensor) -> None:
-        self._parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+        self._parts.append(torch.linalg.vector_norm(gradient_values(grad), dtype=torch.float64).square())
 
     def sqnorm(self) -> torch.Tensor:
         if not self._parts:   # no gradient reached the parameters

@@ -85,7 +85,7 @@ from tqdm.auto import tqdm
 
 from noisescale._buffers import RunningStatistics, kept_buffers
 from noisescale._checks import check_int, check_real
-from noisescale._gradient_norm import GradientSquaredNorm
+from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -262,8 +262,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         (without a float64 copy of the gradient: ten times faster on CPU); under FSDP summed over the shards."""
         if self.sharded:
             return sharded_grad_sqnorm(self.model, self.process_group) / loss_scale**2
-        total = sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64).square() for p in self.model.parameters()
-                    if p.requires_grad and p.grad is not None)
+        total = sum(torch.linalg.vector_norm(gradient_values(p.grad), dtype=torch.float64).square()
+                    for p in self.model.parameters() if p.requires_grad and p.grad is not None)
         return total / loss_scale**2
 
     def _two_batch(self, micro_sqnorms: list[torch.Tensor], sizes: list[int], grad_sqnorm: torch.Tensor) -> dict:
@@ -767,7 +767,7 @@ def _shown(value: Any) -> str:
 
 def _gradients_finite(model: torch.nn.Module) -> bool:
     """Whether every p.grad is finite (one float64 sum: inf and NaN propagate, finite values cannot overflow)."""
-    grads = [p.grad.sum(dtype=torch.float64) for p in model.parameters() if p.grad is not None]
+    grads = [gradient_values(p.grad).sum(dtype=torch.float64) for p in model.parameters() if p.grad is not None]
     return not grads or math.isfinite(torch.stack(grads).sum().item())
 
 

@@ -1500,6 +1500,41 @@ def test_a_weight_computed_from_parameters_the_rule_does_not_know_is_measured_ex
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_sparse_embedding_is_measured_as_a_dense_one():
+    """nn.Embedding(sparse=True) gives a sparse p.grad: its rule declined it and the norm of the gradient raised
+    torch's dispatcher error (a new user's trial). The formula reads the indices and the output gradient only, so
+    the sparse layer gets the dense layer's norms; p.grad stays sparse and equals a plain backward's, and a step
+    accumulated over micro-batches (AdaptiveTrainer) reads the sparse p.grad's norm too."""
+    from noisescale.training import AdaptiveTrainer
+
+    def bag(sparse):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(30, 8, sparse=sparse), nn.Flatten(), nn.Linear(56, 3)).double()
+
+    tokens = torch.randint(0, 30, (6, 7), generator=torch.Generator().manual_seed(1))
+    tokens[:, 3] = tokens[:, 0]   # rows hit twice in an example
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+    expected = per_example_sqnorms(bag(False), classification_loss, tokens, y, by_parameter=True)
+    model, plain = bag(True), bag(True)
+    classification_loss(plain(tokens), y).mean().backward()
+    result = per_example_sqnorms(model, classification_loss, tokens, y, by_parameter=True)
+    for name in expected.by_parameter:
+        assert_relclose(result.by_parameter[name], expected.by_parameter[name])
+    assert_relclose(result.grad_sqnorm, expected.grad_sqnorm)
+    assert model[0].weight.grad.is_sparse and torch.equal(model[0].weight.grad.to_dense(),
+                                                          plain[0].weight.grad.to_dense())
+    rows = []
+    for sparse in (False, True):
+        dataset = torch.utils.data.TensorDataset(tokens.repeat(4, 1), y.repeat(4))
+        net = bag(sparse)
+        trainer = AdaptiveTrainer(net, classification_loss, torch.optim.SGD(net.parameters(), lr=0.1), dataset,
+                                  batch_size=8, max_micro_batch=4, progress=False)
+        rows.append([trainer.step() for _ in range(3)])
+    for dense_row, sparse_row in zip(*rows):
+        for key in ("grad_sqnorm", "trace_sigma", "b_simple_two_batch"):
+            assert sparse_row[key] == pytest.approx(dense_row[key], rel=1e-10)
+
+
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

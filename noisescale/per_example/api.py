@@ -91,6 +91,7 @@ from noisescale._buffers import kept_buffers
 from noisescale._checks import listed
 from noisescale._compiled import eager
 from noisescale._grads import GradSnapshot
+from noisescale._gradient_norm import gradient_values
 from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
 from noisescale._rng import isolated_rng, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
@@ -243,8 +244,9 @@ def _record_norm(received: dict[str, Tensor], ghost_pass: GhostPass | None, name
     keeps it too for the parameters whose uses it captured (``GhostPass.note_gradient``)."""
     if name in received:  # a second backward inside this one: reentrant checkpointing splitting a shared weight
         raise RuntimeError(_split_gradient(name))
-    received[name] = (torch.linalg.vector_norm(grad) if grad.dtype in (torch.float32, torch.float64) else
-                      torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
+    values = gradient_values(grad)   # (a sparse one's: nn.Embedding(sparse=True))
+    received[name] = (torch.linalg.vector_norm(values) if values.dtype in (torch.float32, torch.float64) else
+                      torch.linalg.vector_norm(values, dtype=torch.promote_types(values.dtype, torch.float32)))
     if ghost_pass is not None:
         ghost_pass.note_gradient(name, grad)
 

@@ -356,14 +356,13 @@ class EmbeddingRule(LayerRule):
     """nn.Embedding: row idx_t receives g_t, so |dl_i/dW|^2 = sum_{t,t'} [idx_t == idx_t'] (g_t . g_t').
 
     Rows hit several times in one example add up; positions holding ``padding_idx`` get no gradient. The Gram form
-    costs T^2 d, the materialised (B, V, d) scatter V d per example; the cheaper is chosen per call.
+    costs T^2 d, the materialised (B, V, d) scatter V d per example; the cheaper is chosen per call. The formula
+    reads the indices and the output gradient only, so ``sparse=True`` (a sparse p.grad) is measured alike.
     """
 
     rows_as_positions = True
 
     def unsupported_reason(self, module):
-        if module.sparse:
-            return "sparse=True gives sparse gradients"
         if module.scale_grad_by_freq:
             return "scale_grad_by_freq=True scales by counts over the whole batch, which couples the examples"
         return None
