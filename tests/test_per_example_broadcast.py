@@ -436,12 +436,11 @@ class Gate(nn.Module):
         return x if x.abs().max().item() >= 0 else -x
 
 
-def _assert_steps_at_the_pass_weights(model, engine, steps=3, exact_from=0, names=None, observe=False):
+def _assert_steps_at_the_pass_weights(model, engine, steps=3, observe=False):
     """``steps`` calls of ``engine`` on ``model`` (``observe``: passes of the caller's, observed), whose forward
     updates its buffers (spectral norm's power iteration in train mode): after each, the buffers and p.grad are a
-    plain step's; from call ``exact_from`` on, the norms of the parameters ``names`` (default all) are each example's
-    gradient at the weight of the step (a loop, one fresh copy of the model as it was before the call per example),
-    to 1e-10."""
+    plain step's, and every norm is each example's gradient at the weight of the step (a loop, one fresh copy of
+    the model as it was before the call per example), to 1e-10."""
     for step in range(steps):
         x = torch.randn(5, 3, 5, dtype=torch.float64, generator=generator(1 + step))
         y = torch.randn(5, 3, 2, dtype=torch.float64, generator=generator(20 + step))
@@ -458,21 +457,23 @@ def _assert_steps_at_the_pass_weights(model, engine, steps=3, exact_from=0, name
             assert torch.equal(b, c), name
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
             assert torch.equal(p.grad, q.grad), name
-        if step >= exact_from:
-            for name in names or singles[0]:
-                torch.testing.assert_close(result.by_parameter[name],
-                                           torch.stack([single[name][0] for single in singles]), rtol=1e-10, atol=0)
+        for name in singles[0]:
+            torch.testing.assert_close(result.by_parameter[name], torch.stack([single[name][0] for single in singles]),
+                                       rtol=1e-10, atol=0)
 
 
-def test_the_fallback_leaves_the_buffers_a_forward_updates_as_the_real_pass_left_them():
+@pytest.mark.parametrize("observe", [False, True])
+def test_the_fallback_leaves_the_buffers_a_forward_updates_as_the_real_pass_left_them(observe):
     """Spectral norm in train mode updates its power-iteration vectors in every forward; the fallback's re-run of the
-    parametrization works on copies, so the buffers and p.grad after a measured step are a plain step's. From the
-    second call, the re-run starts from copies of the buffers taken before the call, so the norms are those of
-    the weight the real pass used."""
+    parametrization works on copies, so the buffers and p.grad after a measured step are a plain step's. The re-run
+    starts from copies of the buffers taken before the call (before every call of a module seen to change them,
+    and before its first call), so the norms are those of the weight the real pass used from the first call on
+    (the first call's were one update further on before: 4.5e-4 off with a warning, 2.4e-3 in observe without)."""
     model = _parametrized("spectral_norm").train()
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
-    originals = [name for name, _ in model.named_parameters() if name.endswith(".original")]
-    _assert_steps_at_the_pass_weights(model, engine, exact_from=1, names=originals)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_steps_at_the_pass_weights(model, engine, observe=observe)
 
 
 @pytest.mark.parametrize("kind, backend, chunk_size, loop, observe", [

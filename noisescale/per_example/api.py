@@ -671,7 +671,7 @@ class PerExampleGradNorms:
         """Once per module: its re-run on each example did not add up to the gradient its parameters received, so
         the whole-model vmap measured them in that pass, and in every pass where it happens again (timm's Eva at as
         many examples as patches: its rotary table, handed to each attention, was sliced as if it held the examples;
-        72 ms a call against 34; spectral norm in train mode on its first pass only)."""
+        72 ms a call against 34)."""
         for path in ghost_pass.unmatched:
             if path in self._warned_unmatched:
                 continue
@@ -684,8 +684,9 @@ class PerExampleGradNorms:
                 f"causes: an input with as many rows as the batch ({batch_size}) that does not hold the examples (a "
                 "rotary table with as many positions as examples: a batch size unlike the model's other sizes "
                 "avoids it), outputs returned in another order of rows than the inputs', or a forward that updates "
-                "the module's own buffers, as spectral norm's power iteration does in train mode (a re-run starts "
-                "from other values, and the vmap's norms are then off too, by what one more update changes)",
+                "the module's own buffers from its inputs (a re-run on one example updates them from that example "
+                "alone; spectral norm's power iteration, which does not read the inputs, is re-run from copies of "
+                "the buffers the call found)",
                 RuntimeWarning, stacklevel=4)
 
     def _random_state(self, plan: _Plan) -> dict[str, Tensor] | None:
