@@ -43,3 +43,48 @@ class RunningStatistics:
         with torch.no_grad():
             for buffer, values in self._saved:
                 buffer.copy_(values)
+
+
+class BuffersBefore:
+    """A model's buffers as a pass found them, for a re-run of the pass after it (the whole-model vmap), where its
+    forward changes them in place (spectral norm's power iteration in train mode: the re-run must differentiate the
+    weight of the pass, not one made one update later). Before each pass (``take``) it copies the buffers a forward
+    was seen to change in place (where a re-run may follow), every buffer before the first pass; the others are the
+    pass's own tensors, which a forward that assigns a new buffer (``self.ema = ...``) leaves as they were. After
+    the pass, ``missed`` names those it changed without a copy (a buffer that began to change after the first pass),
+    whose values as the pass found them are lost."""
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        self._changing: set[tuple[nn.Module, str]] | None = None   # None: no pass seen yet, copy every buffer
+        self._found: dict[tuple[nn.Module, str], tuple[torch.Tensor, int]] = {}   # the tensors, their versions
+        self._copies: dict[int, torch.Tensor] = {}   # id of a found tensor -> its values before the pass
+
+    def take(self, rerun: bool) -> None:
+        """Before a pass: its buffers, and copies of those that may change in place, where a re-run may follow
+        (``rerun``: the whole-model vmap is planned, or ran in an earlier pass) or no pass was seen yet."""
+        self._found = {(owner, name): (buffer, buffer._version) for owner in self._model.modules()
+                       for name, buffer in owner._buffers.items() if buffer is not None}
+        self._copies = {id(buffer): buffer.detach().clone() for key, (buffer, _) in self._found.items()
+                        if self._changing is None or rerun and key in self._changing}
+
+    def missed(self) -> list[str]:
+        """After the pass (once): the buffers it changed in place without a copy, as "module path.name"; every
+        buffer it changed is remembered, for the next ``take`` to copy."""
+        changed = {key for key, (buffer, version) in self._found.items() if buffer._version != version}
+        self._changing = (self._changing or set()) | changed
+        missed = [key for key in changed if id(self._found[key][0]) not in self._copies]
+        if not missed:
+            return []
+        paths = {module: path for path, module in self._model.named_modules()}
+        return sorted(f"{paths[owner]}.{name}".lstrip(".") for owner, name in missed)
+
+    def values(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The buffers of ``module`` (the model or a module in it) by ``module.named_buffers()``'s names, as the
+        pass found them (the copy, where one was taken; a buffer the pass added, as it is now)."""
+        found = {}
+        for key, buffer in module.named_buffers():
+            path, _, name = key.rpartition(".")
+            before, _ = self._found.get((module.get_submodule(path), name), (buffer, None))
+            found[key] = self._copies.get(id(before), before)
+        return found

@@ -87,7 +87,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from noisescale._buffers import kept_buffers
+from noisescale._buffers import BuffersBefore, kept_buffers
 from noisescale._checks import listed
 from noisescale._compiled import eager
 from noisescale._grads import GradSnapshot
@@ -385,6 +385,9 @@ class PerExampleGradNorms:
         self._warned_ambiguous = False
         self._warned_unmatched: set[str] = set()   # modules whose re-run did not add up (warned once each)
         self._warned_redraws = False   # a pass drew random numbers and sent parameters to the vmap (warned once)
+        self._buffers_before = BuffersBefore(model)   # each pass's buffers as it found them, for the vmap after it
+        self._vmap_ran = backend == "vmap"   # whether a pass used the whole-model vmap (its buffers are then kept)
+        self._warned_buffers: set[str] = set()   # buffers changed by a pass without a copy (warned once each)
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
         self._warned_unchecked_uses = False
         self._uses_checked = False     # FSDP: whether a pass of this plan counted the graph's uses of each parameter
@@ -671,7 +674,7 @@ class PerExampleGradNorms:
         """Once per module: its re-run on each example did not add up to the gradient its parameters received, so
         the whole-model vmap measured them in that pass, and in every pass where it happens again (timm's Eva at as
         many examples as patches: its rotary table, handed to each attention, was sliced as if it held the examples;
-        72 ms a call against 34; spectral norm in train mode on its first pass only)."""
+        72 ms a call against 34)."""
         for path in ghost_pass.unmatched:
             if path in self._warned_unmatched:
                 continue
@@ -684,8 +687,9 @@ class PerExampleGradNorms:
                 f"causes: an input with as many rows as the batch ({batch_size}) that does not hold the examples (a "
                 "rotary table with as many positions as examples: a batch size unlike the model's other sizes "
                 "avoids it), outputs returned in another order of rows than the inputs', or a forward that updates "
-                "the module's own buffers, as spectral norm's power iteration does in train mode (a re-run starts "
-                "from other values, and the vmap's norms are then off too, by what one more update changes)",
+                "the module's own buffers from its inputs (a re-run on one example updates them from that example "
+                "alone; spectral norm's power iteration, which does not read the inputs, is re-run from copies of "
+                "the buffers the call found)",
                 RuntimeWarning, stacklevel=4)
 
     def _random_state(self, plan: _Plan) -> dict[str, Tensor] | None:
@@ -709,11 +713,27 @@ class PerExampleGradNorms:
             "switch those random layers off in the modules that need the vmap (eval mode or rate 0), or give such "
             "modules a rule (noisescale.per_example.register_rule)", RuntimeWarning, stacklevel=4)
 
+    def _warn_if_buffers_missed(self, vmap_names: list[str], missed: list[str]) -> None:
+        """Once per buffer: the pass changed it in place although no earlier pass had (so no copy was taken before
+        it), and the whole-model vmap, which re-runs the pass after it, started from its values after the pass."""
+        missed = [name for name in missed if name not in self._warned_buffers]
+        if not missed:
+            return
+        self._warned_buffers.update(missed)
+        warnings.warn(
+            f"the forward changed buffers {listed(missed)} in place, which no earlier call of this object had changed, "
+            f"so the values this pass found were not kept: the whole-model vmap, which re-runs the pass after it, "
+            f"started from their values after the pass, and the norms of parameters {listed(vmap_names)} may be off "
+            "by what that change does (spectral norm's power iteration in train mode: one more update of its vectors). "
+            "From the next call on they are copied before each pass; for this pass's own, measure from a first "
+            "call in the mode the training runs in", RuntimeWarning, stacklevel=4)
+
     def _measure(self, inputs, targets, loss_scale, scale, batch_size, plan, parameters, names) -> PerExampleNorms:
         received: dict[str, Tensor] = {}  # name -> |this pass's gradient|, read before it is accumulated
         handles = []
         self._check_independence(plan, inputs, targets, batch_size)
         probe = self._probe(plan, inputs, batch_size)
+        self._buffers_before.take(rerun=self._vmap_ran or bool(plan.vmap_names))
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded, probe=probe, inputs=inputs,
@@ -738,6 +758,7 @@ class PerExampleGradNorms:
                 handle.remove()
         self._warn_if_unchecked(ghost_pass, batch_size)
         self._warn_if_rerun_unmatched(ghost_pass, batch_size)
+        missed = self._buffers_before.missed()
         vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
         backend_of = dict(plan.backend_of) if not vmap_names and not ghost_pass.fallback_names else {
             name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
@@ -757,8 +778,10 @@ class PerExampleGradNorms:
                         f"the model changed one of its inputs in place during its forward, and parameters "
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
                         "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
+                self._vmap_ran = True
                 by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
                 self._warn_if_redrawn(vmap_names, *drawn)
+                self._warn_if_buffers_missed(vmap_names, missed)
             by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
             sqnorms = torch.stack(list(by_parameter.values())).sum(0)
         return PerExampleNorms(
@@ -774,7 +797,8 @@ class PerExampleGradNorms:
                              ghost_pass: GhostPass) -> dict[str, Tensor]:
         """The whole-model vmap's norms of ``names``, or an error saying why the hooks could not measure them."""
         try:
-            return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size)
+            return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size,
+                                self._buffers_before.values(self.model))
         except Exception as error:
             declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
             raise PerExampleError(
@@ -860,12 +884,14 @@ class PerExampleGradNorms:
                     on_roots=None if self._sharded else lambda roots: walked.append(
                         self._check_graph(plan, ghost_pass, roots)))
                 drawn = self._random_state(plan)
+                self._buffers_before.take(rerun=self._vmap_ran)
                 try:
                     with self._taps.listening(partial(_mark_received, received, split, ghost_pass)):
                         yield observed
                 finally:
                     outputs.close()
                 drawn = drawn, self._random_state(plan)
+            missed = self._buffers_before.missed()
             if not received and not self._sharded:   # (FSDP's unsharded parameters are not tapped)
                 outputs.release()
                 raise ValueError("no gradient reached the model's parameters inside the observe block: run the forward "
@@ -917,10 +943,11 @@ class PerExampleGradNorms:
             by_parameter = ghost_pass.result()
             try:
                 if need_vmap:   # on an isolated random stream (vmap_sqnorms)
-                    self._outputs_needed = True
+                    self._outputs_needed = self._vmap_ran = True
                     by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
                                                                batch_size / scale, received))
                     self._warn_if_redrawn(need_vmap, *drawn)
+                    self._warn_if_buffers_missed(need_vmap, missed)
             finally:
                 outputs.release()
             reference = next(iter(by_parameter.values()), None)
@@ -991,13 +1018,15 @@ class PerExampleGradNorms:
         gradient (``received``) must get it through the outputs; the others (XLNet's segment bias without
         token types) have zero norms."""
         if vmap_batch is not None:
-            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size)
+            return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size,
+                                self._buffers_before.values(self.model))
         kept = outputs.gradients([self.model.get_parameter(name) for name in names if name in received])
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)
         indices, grads = kept
         sqnorms = vmap_sqnorms(self._module, partial(inner_product, indices), outputs.inputs, grads,
-                               [name.removeprefix(self._prefix) for name in names], batch_size, self.chunk_size)
+                               [name.removeprefix(self._prefix) for name in names], batch_size, self.chunk_size,
+                               self._buffers_before.values(self._module))
         return {self._prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
 

@@ -122,9 +122,11 @@ class GhostPass:
     cross_checked: Any = field(default_factory=dict)   # the engine's: module -> its calls (by their order in a
     # pass) whose capture a re-run has confirmed
     attached: Any = field(default_factory=dict)   # the engine's module -> local names of parameters ``attach`` gave it
-    updates_buffers: Any = field(default_factory=set)   # the engine's modules whose forward changed their buffers
+    updates_buffers: Any = field(default_factory=dict)   # the engine's module -> whether its forward changed its
+    # buffers (absent: no call of it seen yet)
     buffers_before: dict[nn.Module, list] = field(default_factory=lambda: defaultdict(list))   # per call: versions,
-    # and for those modules copies of the buffers as the call found them (its re-run needs them)
+    # and for the modules that change them or were not seen yet, copies of the buffers as the call found them (its
+    # re-run needs them)
     captured_names: set[str] = field(default_factory=set)   # parameters of calls whose uses were captured
     noted: dict[str, tuple[Tensor, torch.dtype, Tensor] | None] = field(default_factory=dict)   # note_gradient
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
@@ -806,7 +808,7 @@ class GhostNormEngine:
         self._refused: weakref.WeakSet = weakref.WeakSet()   # modules whose parameter uses could not be captured
         self._cross_checked = weakref.WeakKeyDictionary()   # module -> its calls whose capture a re-run confirmed
         self._attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # GhostPass.attached
-        self._updates_buffers: weakref.WeakSet = weakref.WeakSet()   # modules whose forward changed their buffers
+        self._updates_buffers = weakref.WeakKeyDictionary()   # module -> whether its forward changed its buffers
         self._outside_uses: set[str] = set()   # parameters whose captured sums missed part of their gradient
         self._probe: dict | None = None                       # set inside ``probing``
         self._probe_modules: dict | None = None
@@ -898,7 +900,7 @@ class GhostNormEngine:
             ghost_pass.buffers_before[module].append((
                 [(b, b._version) for b in module.buffers()],
                 {name: b.detach().clone() for name, b in module.named_buffers()}
-                if module in ghost_pass.updates_buffers else None))
+                if ghost_pass.updates_buffers.get(module, True) else None))
             capture = self._capture_for(ghost_pass, module, _first_input(args, kwargs))
             if capture is not None:
                 capture.start(args, kwargs)
@@ -1119,9 +1121,14 @@ class GhostNormEngine:
                               kwargs: dict, output: Any, capture: LinearCapture | ParameterUses | None,
                               index: int) -> Any:
         before = ghost_pass.rng_before[module].pop() if ghost_pass.rng_before[module] else None
-        versions, buffers = ghost_pass.buffers_before[module].pop() if ghost_pass.buffers_before[module] else ([], None)
-        if any(b._version != version for b, version in versions):   # spectral norm's power iteration (train mode):
-            ghost_pass.updates_buffers.add(module)   # from the next call on, its re-runs start from copies taken before
+        if ghost_pass.buffers_before[module]:   # a forward that changes its buffers (spectral norm's power iteration
+            # in train mode): each call's re-run starts from copies taken before it, as every call's does until the
+            # module's first call was seen
+            versions, buffers = ghost_pass.buffers_before[module].pop()
+            ghost_pass.updates_buffers[module] = ghost_pass.updates_buffers.get(module, False) or any(
+                b._version != version for b, version in versions)
+        else:
+            buffers = None
         if not torch.is_grad_enabled():   # no gradient comes of it (a rule's check of its layer's output, say)
             return None
         spec, batch = batch_dims_for(module), ghost_pass.batch_size

@@ -13,7 +13,11 @@ untouched:
 - the global RNG (CPU and initialised CUDA devices) is forked, so training's random stream is not consumed; the
   dropout masks drawn here (``randomness="different"``: one per example) differ from the training pass's, so with
   dropout the norms are those of another draw of the masks;
-- buffers are passed as copies, so running statistics or counters of the module are not changed.
+- buffers are passed as copies, so running statistics or counters of the module are not changed; each forward
+  (a chunk's, or one example's) gets fresh copies of the buffers the caller passes, those the training's pass
+  found (``noisescale._buffers.BuffersBefore``), so a forward that updates them in place (spectral norm's power
+  iteration in train mode) differentiates the weight the training's pass used, as a loop over single examples
+  on copies of the model taken before that pass would.
 """
 
 from __future__ import annotations
@@ -123,28 +127,34 @@ def _own_pass(model: nn.Module) -> Iterator[None]:
 
 
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
-                 names: list[str], batch_size: int, chunk_size: int | None = None) -> dict[str, Tensor]:
+                 names: list[str], batch_size: int, chunk_size: int | None = None,
+                 buffers: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """(B,) squared norms |dl_i/dtheta|^2 for each parameter named in ``names`` (names of model.named_parameters).
 
     Parameters not in ``names`` enter as constants. Tied parameters appear once in named_parameters and are
     tied again by functional_call, so their per-example gradients already sum all uses. Tensors of ``inputs`` and
     ``targets`` without the ``batch_size`` examples in dim 0 are passed to every example's call as they are.
+    ``buffers``: the model's buffers by name as the forward should find them (default: as they are now); every
+    forward starts from fresh copies of them.
     """
     all_parameters = dict(model.named_parameters())
     trainable = {name: all_parameters[name].detach() for name in names}
-    constants = {name: p.detach() for name, p in all_parameters.items() if name not in trainable}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    constants = _prefixed({name: p.detach() for name, p in all_parameters.items() if name not in trainable})
+    found = _prefixed({name: b.detach() for name, b in (model.named_buffers() if buffers is None else buffers.items())})
     (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
         _split_leaves(inputs, batch_size), _split_leaves(targets, batch_size))
 
     with_loss = _ModelAndLoss(model, loss_fn)
-    fixed = {**_prefixed(constants), **_prefixed(buffers)}
+
+    def fixed() -> dict[str, Tensor]:
+        """The constants, and copies of the buffers for one forward to update as it will."""
+        return {**constants, **{name: b.clone() for name, b in found.items()}}
 
     def example_loss(parameters: dict[str, Tensor], example_inputs: list[Tensor],
                      example_targets: list[Tensor]) -> Tensor:
         args, kwargs = call_arguments(rebuild_inputs([t.unsqueeze(0) for t in example_inputs]))
         targets = rebuild_targets([t.unsqueeze(0) for t in example_targets])
-        return functional_call(with_loss, (_prefixed(parameters), fixed), (args, kwargs, targets)).sum()
+        return functional_call(with_loss, (_prefixed(parameters), fixed()), (args, kwargs, targets)).sum()
 
     def per_example_grads_by_loop(rows_inputs: list[Tensor], rows_targets: list[Tensor]) -> dict[str, Tensor]:
         """The same, one example at a time: for models torch.func cannot vmap (data-dependent control flow)."""
@@ -154,7 +164,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
             args, kwargs = call_arguments(rebuild_inputs([t[i:i + 1] for t in rows_inputs]))
             targets = rebuild_targets([t[i:i + 1] for t in rows_targets])
             with torch.enable_grad():
-                loss = functional_call(with_loss, (_prefixed(variables), fixed), (args, kwargs, targets)).sum()
+                loss = functional_call(with_loss, (_prefixed(variables), fixed()), (args, kwargs, targets)).sum()
                 grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
             for (name, t), g in zip(variables.items(), grads):
                 rows[name].append(torch.zeros_like(t) if g is None else g)
