@@ -56,14 +56,23 @@ class BuffersBefore:
 
     def __init__(self, model: nn.Module):
         self._model = model
+        self._owners: list[nn.Module] | None = None   # the modules holding buffers (``watch``); None: all of them
         self._changing: set[tuple[nn.Module, str]] | None = None   # None: no pass seen yet, copy every buffer
         self._found: dict[tuple[nn.Module, str], tuple[torch.Tensor, int]] = {}   # the tensors, their versions
         self._copies: dict[int, torch.Tensor] = {}   # id of a found tensor -> its values before the pass
 
+    def watch(self, owners: list[nn.Module]) -> None:
+        """Look at these modules' buffers only (the model's modules that hold buffers, listed where the model's
+        structure is known to be fixed): walking every module before each pass cost 1 us a module, 0.17 ms a call
+        on a 12-layer GPT-2 holding no buffer at all. A buffer registered later in a module without one is not
+        seen."""
+        self._owners = owners
+
     def take(self, rerun: bool) -> None:
         """Before a pass: its buffers, and copies of those that may change in place, where a re-run may follow
         (``rerun``: the whole-model vmap is planned, or ran in an earlier pass) or no pass was seen yet."""
-        self._found = {(owner, name): (buffer, buffer._version) for owner in self._model.modules()
+        owners = self._model.modules() if self._owners is None else self._owners
+        self._found = {(owner, name): (buffer, buffer._version) for owner in owners
                        for name, buffer in owner._buffers.items() if buffer is not None}
         self._copies = {id(buffer): buffer.detach().clone() for key, (buffer, _) in self._found.items()
                         if self._changing is None or rerun and key in self._changing}
