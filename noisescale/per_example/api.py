@@ -431,6 +431,7 @@ class PerExampleGradNorms:
             self._independence_checked = False
             if not self._sharded:
                 self._taps.cover({name: plan.parameters[name] for name in plan.backend_of})
+            self._buffers_before.watch([module for module in self._path_of if module._buffers])
             self._cached_plan = (key, plan)
         return self._cached_plan[1]
 
@@ -466,6 +467,7 @@ class PerExampleGradNorms:
                              f"{type(self).__name__} was created (a parametrization such as weight_norm, say), so "
                              "no hook sees them; create it (or the monitor) after changing the model")
         owners: dict[str, list[tuple[nn.Module, str, str]]] = {}
+        unhooked: set[str] = set()   # parameters of a rule layer its rule does not measure (``_unmeasured_by_rule``)
         for module, path in self._path_of.items():
             if uses_batch_statistics(module):
                 raise ValueError(
@@ -481,13 +483,18 @@ class PerExampleGradNorms:
             if not local:
                 continue
             rule = rule_for(module)
-            reason = ("no ghost rule for this module type" if rule is None
-                      else rule.unsupported_reason(module) or _unmeasured_by_rule(rule, local))
-            if self.backend == "ghost" and reason is not None:
-                raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): {reason}; "
-                                 "use backend='auto' to measure it by the per-module fallback")
+            reason = "no ghost rule for this module type" if rule is None else rule.unsupported_reason(module)
+            # parameters the rule does not know, from which a forward pre-hook computes the weight: left out of the
+            # layer's hooked calls, they are found in the pass's graph (``_bypassed``) and go to the whole-model vmap
+            foreign = None if reason is not None else _unmeasured_by_rule(rule, local)
+            if self.backend == "ghost" and (reason or foreign) is not None:
+                raise ValueError(f"backend='ghost' cannot handle module {path!r} ({type(module).__name__}): "
+                                 f"{reason or foreign}; use backend='auto' to measure it by the "
+                                 + ("per-module fallback" if foreign is None else "whole-model vmap"))
             backend = "vmap" if self.backend == "vmap" else "ghost" if reason is None else "module"
             for n, name in local:
+                if foreign is not None and n not in rule.parameter_names:
+                    unhooked.add(name)
                 owners.setdefault(name, []).append((module, n, backend))
         backend_of: dict[str, str] = {}
         for name, uses in owners.items():
@@ -501,7 +508,7 @@ class PerExampleGradNorms:
             backend_of[name] = backends.pop() if len(backends) == 1 else "module"
         hooked: dict[nn.Module, GhostModule] = {}
         for name, uses in owners.items():
-            if backend_of[name] == "vmap":
+            if backend_of[name] == "vmap" or name in unhooked:
                 continue
             for module, local_name, _ in uses:
                 rule = rule_for(module) if backend_of[name] == "ghost" else None
