@@ -101,10 +101,11 @@ class LayerRule:
     position the formula sums over (Linear, Embedding, LayerNorm, RMSNorm; not channels-first layers), so that
     rows flattened from (B, T, ...) to (B * T, ...) can be handed to the rule as (B, T, ...).
 
-    ``parameter_names``: the local names of the parameters the rule can measure. A module of the type that holds
-    others goes to the per-module fallback: the hook-based ``torch.nn.utils.weight_norm`` replaces a Linear's
-    ``weight`` by ``weight_g`` and ``weight_v`` and computes the weight in a forward pre-hook, and pruning keeps a
-    ``weight_orig`` (their norms were reported as 0 before this check).
+    ``parameter_names``: the local names of the parameters the rule can measure. Another parameter of a module of
+    the type is left out of its calls, found in the pass's graph and measured by the whole-model vmap: the
+    hook-based ``torch.nn.utils.weight_norm`` replaces a Linear's ``weight`` by ``weight_g`` and ``weight_v`` and
+    computes the weight in a forward pre-hook, and pruning keeps a ``weight_orig`` (their norms were reported as 0
+    before this check).
     """
 
     rows_as_positions = False
