@@ -555,6 +555,11 @@ class _RMSNormVariant:
     def __init__(self, name: str, offset: float):
         self.name, self.offset = name, offset
 
+    def applies(self, weight: Tensor) -> bool:
+        """torchtune's F.rms_norm on float32 takes a float32 weight (another dtype makes torch warn of the mismatch,
+        as the check of a float64 T5LayerNorm did)."""
+        return self.name != "rms_norm_float32" or weight.dtype == torch.float32
+
     def normalized(self, x: Tensor, eps: float) -> Tensor:
         if self.name == "rms_norm_float32":    # torchtune: F.rms_norm(x.float(), weight=scale).to(x.dtype)
             return F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
@@ -617,9 +622,11 @@ class ThirdPartyRMSNormRule(LayerRule):
 
     def verify(self, module, x, output):
         rows, expected, eps = x[:VERIFY_ROWS], output[:VERIFY_ROWS], self._eps(module)
-        if rows.shape[-1] != _rms_parameter(module)[1].shape[0]:
+        weight = _rms_parameter(module)[1]
+        if rows.shape[-1] != weight.shape[0]:
             return False
-        candidates = [variant for variant in _RMS_VARIANTS if close_values(variant.output(module, rows, eps), expected)]
+        candidates = [variant for variant in _RMS_VARIANTS
+                      if variant.applies(weight) and close_values(variant.output(module, rows, eps), expected)]
         exact = [v for v in candidates if torch.equal(v.output(module, rows, eps), expected)]
         chosen = (exact or candidates or [None])[0]
         if chosen is not None:
