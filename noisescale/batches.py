@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-__all__ = ["call_arguments", "call_model", "batch_size_of", "check_targets", "select_examples", "split_examples",
+__all__ = ["call_arguments", "call_model", "batch_size_of", "select_examples", "split_examples",
            "concatenate_examples", "to_device", "tensors_of", "collate_examples", "fetch_examples", "map_tensors",
            "NonFiniteValues", "nonfinite_values", "nonfinite_counts", "merge_nonfinite_counts",
            "describe_nonfinite_counts"]
@@ -83,20 +83,6 @@ def batch_size_of(inputs: Any) -> int:
     if size == 0:
         raise ValueError("empty batch: inputs have 0 examples in dim 0")
     return size
-
-
-def check_targets(targets: Any, batch_size: int) -> None:
-    """A clear error where a tensor in ``targets`` does not hold the ``batch_size`` examples in dim 0 (targets are
-    split into examples and micro-batches with the inputs: the Hessian proxies, accumulation), where a loss that
-    broadcasts a (1,) target, or reads a sequence-first (T, B) one, would take whatever rows it is given."""
-    tensors = [targets] if isinstance(targets, Tensor) else tensors_of(targets)
-    wrong = [tuple(t.shape) for t in tensors if t.dim() == 0 or t.shape[0] != batch_size]
-    if wrong:
-        raise ValueError(f"every target tensor needs the batch's {batch_size} examples in dim 0, as the inputs hold "
-                         f"them; got shapes {wrong}: put the examples first (a sequence-first target: t.T or "
-                         "t.transpose(0, 1)), and pass a value shared by every example as a Python number or "
-                         "repeated for each, t.expand(batch_size), since targets are split into examples and "
-                         "micro-batches with the inputs")
 
 
 def map_tensors(function, value: Any) -> Any:

@@ -1535,21 +1535,6 @@ def test_a_sparse_embedding_is_measured_as_a_dense_one():
             assert sparse_row[key] == pytest.approx(dense_row[key], rel=1e-10)
 
 
-@pytest.mark.parametrize("targets", [torch.tensor([0.5]), torch.tensor(0.5), torch.zeros(7, 5),
-                                     {"y": torch.zeros(5), "w": torch.ones(4)}])
-def test_targets_without_the_examples_in_dim_0_are_refused_before_the_pass(targets):
-    """A (1,) target broadcast by the loss, a 0-d one, a sequence-first (T, B) one: the call ran on whatever rows
-    the loss read, while the Hessian proxies and micro-batches split targets by dim 0 (a new user's trial). Refused
-    as the inputs are, naming the shapes; p.grad untouched."""
-    torch.manual_seed(0)
-    model = nn.Linear(6, 1).double()
-    x = torch.randn(5, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"every target tensor needs the batch's 5 examples in dim 0, as the inputs "
-                                         r"hold them; got shapes \[\("):
-        per_example_sqnorms(model, lambda outputs, t: outputs[:, 0].square(), x, targets)
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

@@ -95,7 +95,7 @@ from noisescale._gradient_norm import gradient_values
 from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
 from noisescale._rng import isolated_rng, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
-from noisescale.batches import batch_size_of, call_model, check_targets, select_examples, tensors_of, to_device
+from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.factors import full_precision
@@ -586,7 +586,6 @@ class PerExampleGradNorms:
         If anything fails, every p.grad is put back as it was before the call (None stays None, accumulated
         gradients are restored in place) and the error names the module, the parameters and the backend."""
         batch_size = batch_size_of(inputs)
-        check_targets(targets, batch_size)
         plan, scale = self._checked_plan(loss_scale)
         parameters = plan.parameters
         names = list(plan.backend_of)
