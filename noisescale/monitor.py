@@ -67,8 +67,8 @@ class NoiseScaleSummary:
     that batch's gradient made the parameters non-finite); then, as for a diverged run, nothing is suggested
     (:func:`bad_data_of`).
 
-    ``nonfinite_from_start`` says what was seen when every step so far, from the first, has had a non-finite loss or
-    gradient on finite data (None otherwise): no run diverges before a finite step, so the model or the loss computes
+    ``nonfinite_from_start`` says what was seen when every step so far, from the first, has had a non-finite loss
+    on finite data (None otherwise): no run diverges before a finite step, so the model or the loss computes
     a non-finite value on this data (a softmax over a row masked entirely by -inf), or the parameters were not finite
     when the measurement began; nothing is suggested (:func:`nonfinite_from_start`).
 
@@ -461,16 +461,16 @@ class NoiseScaleMonitor:
             examples = None if losses is None else _nonfinite_examples(losses)
             if examples is not None:
                 row["nonfinite_examples"] = examples
-            if not any(not _is_nonfinite(earlier) for earlier in self._rows):   # no finite step yet
-                self._warn_once("nonfinite_start", f"step {self.step}: non-finite loss or gradient on finite data, "
-                                f"with no finite step before{'' if examples is None else f'; {examples}'}: "
-                                f"{_NONFINITE_FROM_START}. The step is marked in the history and left out of the "
-                                "averages (warned once)")
-            elif self._rows and _caused_by_data(self._rows)[-1]:
+            if self._rows and _caused_by_data(self._rows)[-1]:
                 self._warn_once("nonfinite_after_data", f"step {self.step}: non-finite loss or gradient on finite "
                                 f"data, after a step whose batch held bad values ({bad_data_of(self._rows)[0]}): an "
                                 "optimizer step taken on that batch made the parameters non-finite; check the data "
                                 f"and {self._skip_advice} (warned once)")
+            elif nonfinite_from_start([*self._rows, row]) is not None:
+                self._warn_once("nonfinite_start", f"step {self.step}: non-finite loss on finite data, with no "
+                                f"finite step before{'' if examples is None else f'; {examples}'}: "
+                                f"{_NONFINITE_FROM_START}. The step is marked in the history and left out of the "
+                                "averages (warned once)")
             else:
                 self._warn_once("nonfinite", f"step {self.step}: non-finite loss or gradient"
                                 f"{'' if examples is None else f' on finite data; {examples}'}; the step is marked "
@@ -665,12 +665,13 @@ def _nonfinite_examples(losses: torch.Tensor) -> str | None:
 
 
 def nonfinite_from_start(rows: list[dict[str, Any]]) -> str | None:
-    """What the history ``rows`` show when every step, from the first, has a non-finite loss or gradient on finite
-    data (no batch held NaN or Inf), or None: such a run never had a finite step to diverge from (the summary's
-    ``nonfinite_from_start``)."""
-    if not rows or not all(_is_nonfinite(row) and not _holds_bad_data(row) for row in rows):
+    """What the history ``rows`` show when every step, from the first, has a non-finite loss on finite data (no
+    batch held NaN or Inf), or None: such a run never had a finite step to diverge from (the summary's
+    ``nonfinite_from_start``). A finite loss with a non-finite gradient is not counted: fp16's loss scale overflows
+    so at the start of a run, and GradScaler backs off."""
+    if not rows or not all(not math.isfinite(row["loss"]) and not _holds_bad_data(row) for row in rows):
         return None
-    seen = f"the loss or gradient has not been finite at any of the {len(rows)} steps, on finite data"
+    seen = f"the loss has not been finite at any of the {len(rows)} steps, on finite data"
     examples = rows[0].get("nonfinite_examples")
     return seen + (f"; at the first, {examples}" if isinstance(examples, str) else "")
 

@@ -555,14 +555,14 @@ def test_a_fully_masked_example_from_the_first_step_is_named_and_not_called_dive
             if monitor.last_step_finite:
                 optimizer.step()
     texts = [str(w.message) for w in caught]
-    assert len(texts) == 1 and texts[0].startswith("step 0: non-finite loss or gradient on finite data, with no "
+    assert len(texts) == 1 and texts[0].startswith("step 0: non-finite loss on finite data, with no "
                                                    "finite step before; the loss of 1 of its 16 examples is not "
                                                    "finite (index 3): no run diverges before a finite step")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert list(monitor.history["nonfinite_examples"]) == ["the loss of 1 of its 16 examples is not finite (index 3)"] * 4
     summary = monitor.summary()
     assert summary.divergence is None and summary.bad_data is None and math.isnan(summary.suggested_batch_size)
-    assert summary.nonfinite_from_start == ("the loss or gradient has not been finite at any of the 4 steps, on finite "
+    assert summary.nonfinite_from_start == ("the loss has not been finite at any of the 4 steps, on finite "
                                             "data; at the first, the loss of 1 of its 16 examples is not finite "
                                             "(index 3)")
     text = str(summary)
@@ -582,6 +582,43 @@ def test_a_fully_masked_example_from_the_first_step_is_named_and_not_called_dive
         "(index 3); the step is marked in the history and left out of the averages (warned once)"]
     summary = monitor.summary()
     assert summary.nonfinite_from_start is None and summary.divergence is not None
+
+
+def test_a_finite_loss_with_non_finite_gradients_from_the_start_or_after_bad_data_is_not_blamed_on_the_model():
+    """Two cases the first version of the diagnosis above misread (a review's finds). A finite loss whose gradient
+    is not finite (fp16's loss scale overflowing at the start of a run, which GradScaler backs off from; here a
+    sqrt(0) whose derivative is infinite) is no proof that the model computes a non-finite value: the plain warning,
+    no nonfinite_from_start. And a step after a batch that held NaN, on finite data, is the bad batch's doing."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1).double()
+
+    def sqrt_of_zero_loss(outputs, targets):   # finite loss, NaN gradient (0.5 / sqrt(0) times 0)
+        return per_example_squared_error(outputs, targets) + torch.sqrt(outputs.squeeze(-1) * 0.0)
+
+    monitor = NoiseScaleMonitor(model, sqrt_of_zero_loss)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor(x, y)
+    assert [str(w.message) for w in caught] == ["step 0: non-finite loss or gradient; the step is marked in the "
+                                                "history and left out of the averages (warned once)"]
+    assert math.isfinite(monitor.history["loss"].iloc[0]) and monitor.summary().nonfinite_from_start is None
+
+    model = torch.nn.Linear(5, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = NoiseScaleMonitor(model, per_example_squared_error)
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for inputs in (bad, x):   # an optimizer step taken on the bad batch: the parameters go NaN
+            optimizer.zero_grad()
+            monitor(inputs, y)
+            optimizer.step()
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2 and texts[1].startswith("step 1: non-finite loss or gradient on finite data, after a step "
+                                                   "whose batch held bad values")
+    assert monitor.summary().broken_by_bad_data and monitor.summary().nonfinite_from_start is None
 
 
 def with_bad_values(batches, step: int, part: int, rows, column, value: float):
