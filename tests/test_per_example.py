@@ -1471,8 +1471,8 @@ def _weights_from_other_parameters(kind):
 def test_a_weight_computed_from_parameters_the_rule_does_not_know_is_measured_exactly(kind):
     """Their parameters went to the Linear and Conv rules, which measure "weight" and "bias" only: weight_g and
     weight_v (or weight_orig) got per-example norms of exactly 0 without a word (a new user's trial: B_simple 46 %
-    low; pruned, 0.89 off). A module holding parameters its rule does not measure (``LayerRule.parameter_names``)
-    now goes to the per-module fallback, and backend='ghost' refuses it, naming them."""
+    low; pruned, 0.89 off). Parameters a rule does not measure (``LayerRule.parameter_names``) are now left out of
+    their layer's calls and measured by the whole-model vmap, and backend='ghost' refuses them, naming them."""
     x = torch.randn(5, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 6, (5,), generator=torch.Generator().manual_seed(2))
     reference = _weights_from_other_parameters(kind)   # (such modules cannot be deep-copied: a model per use)
@@ -1500,11 +1500,85 @@ def test_a_weight_computed_from_parameters_the_rule_does_not_know_is_measured_ex
     assert all(p.grad is None for p in model.parameters())
 
 
+class _WeightNormedBlock(nn.Module):
+    """A module without a rule, with a parameter of its own, around a hook-based weight-normed Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor([0.7, 1.3, 0.5, 2.0, 1.1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.lin = torch.nn.utils.weight_norm(nn.Linear(5, 5))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x * self.alpha))
+
+
+def test_weight_norm_inside_a_fallback_module_is_measured_by_observe_in_every_pass():
+    """The first version sent weight_g and weight_v to the enclosing module's fallback, whose later passes capture
+    its uses, and a capture cannot see the weight a forward pre-hook computes: observe (the HF and Lightning path)
+    raised on the second pass (a review's find). They go to the whole-model vmap in every pass now: four observed
+    passes against the loop (a fresh model per example, from the state before the pass)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 5), _WeightNormedBlock(), nn.Linear(5, 3)).double()
+
+    model = build()
+    engine = PerExampleGradNorms(model, classification_loss)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(6, 4, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, 3, (6,), generator=generator)
+        state, expected = copy.deepcopy(model.state_dict()), []
+        for i in range(6):
+            single = build()
+            single.load_state_dict(state)
+            classification_loss(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
+            expected.append(sum(p.grad.square().sum() for p in single.parameters()))
+        with engine.observe(6) as observed:
+            classification_loss(model(x), y).mean().backward()
+        assert_relclose(observed.sqnorms, torch.stack(expected))
+        assert {observed.backend_of[f"1.lin.weight_{part}"] for part in "gv"} == {"vmap"}
+        model.zero_grad(set_to_none=True)
+
+
+def test_a_registered_rule_measures_its_parameters_whatever_their_names():
+    """LayerRule.parameter_names is None for a rule you register (every parameter of its module); the built-in
+    rules name theirs. The first version gave every rule weight and bias only, so a registered rule's ``gamma`` went
+    to the whole-model vmap, and backend='ghost' refused it (a review's find)."""
+    from noisescale.per_example import LayerRule, register_rule
+    from noisescale.per_example.layers import RULES
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    class ScaleRule(LayerRule):
+        def per_example_grads(self, module, x, g, names):
+            return {"gamma": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+    register_rule(Scale, ScaleRule())
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), Scale(), nn.Tanh(), nn.Linear(5, 3)).double()
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        for backend in ("auto", "ghost"):
+            result = assert_matches_reference(model, classification_loss, x, y, backend)
+            assert result.backend_of["1.gamma"] == "ghost"
+    finally:
+        del RULES[Scale]
+
+
 def test_a_sparse_embedding_is_measured_as_a_dense_one():
     """nn.Embedding(sparse=True) gives a sparse p.grad: its rule declined it and the norm of the gradient raised
     torch's dispatcher error (a new user's trial). The formula reads the indices and the output gradient only, so
     the sparse layer gets the dense layer's norms; p.grad stays sparse and equals a plain backward's, and a step
-    accumulated over micro-batches (AdaptiveTrainer) reads the sparse p.grad's norm too."""
+    accumulated over micro-batches (AdaptiveTrainer) reads the sparse p.grad's norm too. A subclass with its own
+    forward, re-run by the per-module fallback, gets them too (it raised the same error: a review's find)."""
     from noisescale.training import AdaptiveTrainer
 
     def bag(sparse):
@@ -1523,6 +1597,18 @@ def test_a_sparse_embedding_is_measured_as_a_dense_one():
     assert_relclose(result.grad_sqnorm, expected.grad_sqnorm)
     assert model[0].weight.grad.is_sparse and torch.equal(model[0].weight.grad.to_dense(),
                                                           plain[0].weight.grad.to_dense())
+    class Doubled(nn.Embedding):   # its own forward: no rule, the per-module fallback re-runs it
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    def doubled(sparse):
+        torch.manual_seed(0)
+        return nn.Sequential(Doubled(30, 8, sparse=sparse), nn.Flatten(), nn.Linear(56, 3)).double()
+
+    dense = per_example_sqnorms(doubled(False), classification_loss, tokens, y)
+    rerun = per_example_sqnorms(doubled(True), classification_loss, tokens, y)
+    assert rerun.backend_of["0.weight"] == "module"
+    assert_relclose(rerun.sqnorms, dense.sqnorms)
     rows = []
     for sparse in (False, True):
         dataset = torch.utils.data.TensorDataset(tokens.repeat(4, 1), y.repeat(4))

@@ -150,6 +150,9 @@ class _Plan:
     vmap_names: list[str]
     backend_of: dict[str, str]
     parameters: dict[str, nn.Parameter]
+    # parameters of rule layers their rules do not measure (``_unmeasured_by_rule``): to the whole-model vmap, never
+    # to an enclosing fallback, whose captures in later passes would not see the weight a pre-hook computes
+    unhooked: frozenset[str] = frozenset()
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -183,7 +186,7 @@ def _attach_unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
     """FSDP: the graph holds the unsharded tensors, not the model's parameters, so a parameter no call of its module
     used (MHA's out_proj, read by MHA's forward) goes to the nearest enclosing module that went through the
     fallback (``GhostPass.attach``) whether the graph takes it or not. Returns those without such a module."""
-    return [name for name in _unused(plan, ghost_pass) if not ghost_pass.attach(name)]
+    return [name for name in _unused(plan, ghost_pass) if name in plan.unhooked or not ghost_pass.attach(name)]
 
 
 def _read_without_a_call(ghost_pass: GhostPass, names: list[str], roots: list, model: nn.Module,
@@ -386,7 +389,6 @@ class PerExampleGradNorms:
         self._warned_unmatched: set[str] = set()   # modules whose re-run did not add up (warned once each)
         self._warned_redraws = False   # a pass drew random numbers and sent parameters to the vmap (warned once)
         self._buffers_before = BuffersBefore(model)   # each pass's buffers as it found them, for the vmap after it
-        self._vmap_ran = backend == "vmap"   # whether a pass used the whole-model vmap (its buffers are then kept)
         self._warned_buffers: set[str] = set()   # buffers changed by a pass without a copy (warned once each)
         self._flattened_rows = False   # a pass saw a rule's call with B k rows: probe from then on (``_probe``)
         self._warned_unchecked_uses = False
@@ -519,7 +521,8 @@ class PerExampleGradNorms:
                 entry.names[local_name] = name
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
         shards = fsdp2_shards(self.model) if self._sharded else {}
-        return _Plan(hooked, vmap_names, backend_of, {name: shards.get(id(p), p) for name, p in parameters.items()})
+        return _Plan(hooked, vmap_names, backend_of, {name: shards.get(id(p), p) for name, p in parameters.items()},
+                     frozenset(unhooked))
 
     def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> list[str]:
         """Parameters in the graph of the pass (from the autograd nodes ``roots``) although no hooked call of their
@@ -556,7 +559,8 @@ class PerExampleGradNorms:
             raise ValueError(f"backend='ghost' cannot measure parameters {sorted(self._read_elsewhere)}: another "
                              "module also reads them directly, outside their own module's calls, which the hooks "
                              "do not see; use backend='auto' to measure them by the whole-model vmap")
-        return sorted({name for name in bypassed if not ghost_pass.attach(name)} | self._read_elsewhere)
+        return sorted({name for name in bypassed if name in plan.unhooked or not ghost_pass.attach(name)}
+                      | self._read_elsewhere)
 
     def _check_graph(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> dict[int, list]:
         """One walk of the pass's graph from the autograd nodes ``roots`` before its backward (a second, listing
@@ -740,7 +744,7 @@ class PerExampleGradNorms:
         handles = []
         self._check_independence(plan, inputs, targets, batch_size)
         probe = self._probe(plan, inputs, batch_size)
-        self._buffers_before.take(rerun=self._vmap_ran or bool(plan.vmap_names))
+        self._buffers_before.take()
         try:
             with self._engine.recording(plan.ghost, batch_size, scale, self.backend == "ghost",
                                         sharded=self._sharded, probe=probe, inputs=inputs,
@@ -785,12 +789,12 @@ class PerExampleGradNorms:
                         f"the model changed one of its inputs in place during its forward, and parameters "
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
                         "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
-                self._vmap_ran = True
                 by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
                 self._warn_if_redrawn(vmap_names, *drawn)
                 self._warn_if_buffers_missed(vmap_names, missed)
             by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
             sqnorms = torch.stack(list(by_parameter.values())).sum(0)
+        self._buffers_before.release()
         return PerExampleNorms(
             loss=loss.detach(),
             losses=losses.detach(),
@@ -805,7 +809,7 @@ class PerExampleGradNorms:
         """The whole-model vmap's norms of ``names``, or an error saying why the hooks could not measure them."""
         try:
             return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size,
-                                self._buffers_before.values(self.model))
+                                self._buffers_before.of(self.model))
         except Exception as error:
             declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
             raise PerExampleError(
@@ -891,7 +895,7 @@ class PerExampleGradNorms:
                     on_roots=None if self._sharded else lambda roots: walked.append(
                         self._check_graph(plan, ghost_pass, roots)))
                 drawn = self._random_state(plan)
-                self._buffers_before.take(rerun=self._vmap_ran)
+                self._buffers_before.take()
                 try:
                     with self._taps.listening(partial(_mark_received, received, split, ghost_pass)):
                         yield observed
@@ -913,7 +917,7 @@ class PerExampleGradNorms:
                 self._warn_if_outputs_coupled(outputs.inputs if outputs.kept else model_inputs, batch_size,
                                               list(parameters.values()))
             bypassed = [name for name in sorted(received) if ghost_pass.use_count[name] == 0
-                        and not ghost_pass.attach(name)]
+                        and (name in plan.unhooked or not ghost_pass.attach(name))]
             # no gradient taps on FSDP's unsharded tensors: as in a call
             unattached = _attach_unused(plan, ghost_pass) if self._sharded else []
             if first and outputs.roots:
@@ -950,13 +954,14 @@ class PerExampleGradNorms:
             by_parameter = ghost_pass.result()
             try:
                 if need_vmap:   # on an isolated random stream (vmap_sqnorms)
-                    self._outputs_needed = self._vmap_ran = True
+                    self._outputs_needed = True
                     by_parameter.update(self._observed_by_vmap(need_vmap, vmap_batch, outputs, ghost_pass, batch_size,
                                                                batch_size / scale, received))
                     self._warn_if_redrawn(need_vmap, *drawn)
                     self._warn_if_buffers_missed(need_vmap, missed)
             finally:
                 outputs.release()
+                self._buffers_before.release()
             reference = next(iter(by_parameter.values()), None)
             dtype = torch.float32 if reference is None else torch.promote_types(reference.dtype, torch.float32)
             device = next(iter(parameters.values())).device if reference is None else reference.device
@@ -1026,14 +1031,14 @@ class PerExampleGradNorms:
         token types) have zero norms."""
         if vmap_batch is not None:
             return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size,
-                                self._buffers_before.values(self.model))
+                                self._buffers_before.of(self.model))
         kept = outputs.gradients([self.model.get_parameter(name) for name in names if name in received])
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)
         indices, grads = kept
         sqnorms = vmap_sqnorms(self._module, partial(inner_product, indices), outputs.inputs, grads,
                                [name.removeprefix(self._prefix) for name in names], batch_size, self.chunk_size,
-                               self._buffers_before.values(self._module))
+                               self._buffers_before.of(self._module))
         return {self._prefix + name: values * scale ** 2 for name, values in sqnorms.items()}
 
 
@@ -1070,6 +1075,8 @@ _CONTAINERS = (nn.ParameterDict, nn.ParameterList)
 def _unmeasured_by_rule(rule: LayerRule, local: list[tuple[str, str]]) -> str | None:
     """Why a module's own trainable parameters (``local``: (local name, name) pairs) are not all the rule's to
     measure (``LayerRule.parameter_names``), or None."""
+    if rule.parameter_names is None:
+        return None
     others = sorted(n for n, _ in local if n not in rule.parameter_names)
     if not others:
         return None

@@ -101,15 +101,15 @@ class LayerRule:
     position the formula sums over (Linear, Embedding, LayerNorm, RMSNorm; not channels-first layers), so that
     rows flattened from (B, T, ...) to (B * T, ...) can be handed to the rule as (B, T, ...).
 
-    ``parameter_names``: the local names of the parameters the rule can measure. Another parameter of a module of
-    the type is left out of its calls, found in the pass's graph and measured by the whole-model vmap: the
-    hook-based ``torch.nn.utils.weight_norm`` replaces a Linear's ``weight`` by ``weight_g`` and ``weight_v`` and
-    computes the weight in a forward pre-hook, and pruning keeps a ``weight_orig`` (their norms were reported as 0
-    before this check).
+    ``parameter_names``: the local names of the parameters the rule can measure (None: all of the module's, as
+    for a rule you register). Another parameter of a module of the type is left out of its calls, found in the
+    pass's graph and measured by the whole-model vmap: the hook-based ``torch.nn.utils.weight_norm`` replaces a
+    Linear's ``weight`` by ``weight_g`` and ``weight_v`` and computes the weight in a forward pre-hook, and pruning
+    keeps a ``weight_orig`` (the built-in rules name theirs; such parameters got norms of 0 before).
     """
 
     rows_as_positions = False
-    parameter_names = frozenset({"weight", "bias"})
+    parameter_names: frozenset[str] | None = None
     recheck = False   # True: ``reproduces`` is checked on every call, not only the first (OverriddenForwardRule)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
@@ -135,6 +135,8 @@ class LayerRule:
 
 class LinearRule(LayerRule):
     """nn.Linear on (B, d_in) or (B, *, d_in): weight by the position formula, bias |sum_t g_t|^2."""
+
+    parameter_names = frozenset({"weight", "bias"})
 
     rows_as_positions = True
 
@@ -197,6 +199,8 @@ class ConvRule(LayerRule):
     convolutional neural networks"), without the patches; on CPU only, where it was measured
     (``analysis/bench_conv_rule.py``).
     """
+
+    parameter_names = frozenset({"weight", "bias"})
 
     # subclasses whose patches are not the input's (``CentredPatchConvRule``) keep the im2col path
     grouped_kernels = True
@@ -324,6 +328,8 @@ class ConvTransposeRule(LayerRule):
     output padding (or a call's ``output_size``) gives that convolution more output positions than x has, x is
     extended by zeros (the layer's output is the adjoint's on x so extended)."""
 
+    parameter_names = frozenset({"weight", "bias"})
+
     _convolution = ConvRule()
 
     @staticmethod
@@ -360,6 +366,8 @@ class EmbeddingRule(LayerRule):
     costs T^2 d, the materialised (B, V, d) scatter V d per example; the cheaper is chosen per call. The formula
     reads the indices and the output gradient only, so ``sparse=True`` (a sparse p.grad) is measured alike.
     """
+
+    parameter_names = frozenset({"weight"})
 
     rows_as_positions = True
 
@@ -399,6 +407,8 @@ class AffineNormRule(LayerRule):
 
     ``channels_first``: the affine acts on dim 1 (GroupNorm, BatchNorm) rather than on the trailing dims.
     """
+
+    parameter_names = frozenset({"weight", "bias"})
 
     def __init__(self, normalize: Callable[[nn.Module, Tensor], Tensor], channels_first: bool,
                  unsupported: Callable[[nn.Module], str | None] | None = None):
@@ -687,6 +697,8 @@ class OverriddenForwardRule(LayerRule):
     type's rule, checked against ``reference(module, x)`` (the base layer's functional form) on each instance's
     first call. A subclass that computes something else (ConvNeXt's channels-first LayerNorm) fails the check and
     goes to the per-module fallback."""
+
+    parameter_names = frozenset({"weight", "bias"})
 
     def __init__(self, base: type, rule: LayerRule, reference: Callable[[nn.Module, Tensor], Tensor]):
         self.base, self.rule, self.reference = base, rule, reference
