@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,14 +46,22 @@ class RunningStatistics:
                 buffer.copy_(values)
 
 
+class PassBuffers(NamedTuple):
+    """A module's buffers as a pass found them (by ``named_buffers()`` names) and the names of those a forward
+    changes in place, which each forward of a re-run must start from a fresh copy of."""
+
+    values: dict[str, torch.Tensor]
+    changing: frozenset[str]
+
+
 class BuffersBefore:
     """A model's buffers as a pass found them, for a re-run of the pass after it (the whole-model vmap), where its
     forward changes them in place (spectral norm's power iteration in train mode: the re-run must differentiate the
     weight of the pass, not one made one update later). Before each pass (``take``) it copies the buffers a forward
-    was seen to change in place (where a re-run may follow), every buffer before the first pass; the others are the
-    pass's own tensors, which a forward that assigns a new buffer (``self.ema = ...``) leaves as they were. After
-    the pass, ``missed`` names those it changed without a copy (a buffer that began to change after the first pass),
-    whose values as the pass found them are lost."""
+    was seen to change in place, every buffer before the first pass; the others are the pass's own tensors, which a
+    forward that assigns a new buffer (``self.ema = ...``) leaves as they were. After the pass, ``missed`` names
+    those it changed without a copy (a buffer that began to change after the first pass), whose values as the pass
+    found them are lost; ``release`` drops the copies once the pass is measured."""
 
     def __init__(self, model: nn.Module):
         self._model = model
@@ -68,14 +77,13 @@ class BuffersBefore:
         seen."""
         self._owners = owners
 
-    def take(self, rerun: bool) -> None:
-        """Before a pass: its buffers, and copies of those that may change in place, where a re-run may follow
-        (``rerun``: the whole-model vmap is planned, or ran in an earlier pass) or no pass was seen yet."""
+    def take(self) -> None:
+        """Before a pass: its buffers, and copies of those seen to change in place (of all, before the first)."""
         owners = self._model.modules() if self._owners is None else self._owners
         self._found = {(owner, name): (buffer, buffer._version) for owner in owners
                        for name, buffer in owner._buffers.items() if buffer is not None}
         self._copies = {id(buffer): buffer.detach().clone() for key, (buffer, _) in self._found.items()
-                        if self._changing is None or rerun and key in self._changing}
+                        if self._changing is None or key in self._changing}
 
     def missed(self) -> list[str]:
         """After the pass (once): the buffers it changed in place without a copy, as "module path.name"; every
@@ -88,12 +96,19 @@ class BuffersBefore:
         paths = {module: path for path, module in self._model.named_modules()}
         return sorted(f"{paths[owner]}.{name}".lstrip(".") for owner, name in missed)
 
-    def values(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The buffers of ``module`` (the model or a module in it) by ``module.named_buffers()``'s names, as the
-        pass found them (the copy, where one was taken; a buffer the pass added, as it is now)."""
-        found = {}
+    def of(self, module: nn.Module) -> PassBuffers:
+        """The buffers of ``module`` (the model or a module in it) as the pass found them (the copy, where one was
+        taken; a buffer the pass added, as it is now), and which of them change in place."""
+        found, changing = {}, set()
         for key, buffer in module.named_buffers():
             path, _, name = key.rpartition(".")
-            before, _ = self._found.get((module.get_submodule(path), name), (buffer, None))
+            slot = (module.get_submodule(path), name)
+            before, _ = self._found.get(slot, (buffer, None))
             found[key] = self._copies.get(id(before), before)
-        return found
+            if slot in (self._changing or ()):
+                changing.add(key)
+        return PassBuffers(found, frozenset(changing))
+
+    def release(self) -> None:
+        """Drop the copies (the pass is measured): they are not held from one call to the next."""
+        self._copies = {}

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from noisescale.per_example import PerExampleGradNorms, per_example_sqnorms
-from test_per_example import assert_matches_reference, assert_relclose, generator, naive_per_example, regression_loss
+from test_per_example import (assert_matches_reference, assert_relclose, classification_loss, generator,
+                              naive_per_example, regression_loss)
 
 HEADS, WIDTH = 4, 8
 
@@ -494,6 +495,49 @@ def test_the_whole_model_vmap_differentiates_the_weight_the_pass_used(kind, back
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _assert_steps_at_the_pass_weights(model, engine, observe=observe)
+
+
+class _CountingModel(nn.Module):
+    """A step counter every forward updates in place, and (from ``direct``) a weight also read outside its layer's
+    call, which only the whole-model vmap measures."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.direct = False
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.count += 1
+        h = torch.tanh(self.lin(x)) * (1 + 0.5 * self.count)
+        return self.head(h + x @ self.lin.weight.T if self.direct else h)
+
+
+def test_a_buffer_seen_changing_is_copied_before_every_pass_for_a_vmap_needed_later():
+    """A buffer changed in place by every forward, and the whole-model vmap needed from the third call on: the
+    first version copied such buffers only where the vmap was planned or had run, so the third call's vmap started
+    from the count the pass had left (19 % off, and a warning that no earlier call had changed it: a review's
+    find). They are copied before every pass once seen changing: exact, without a warning."""
+    torch.manual_seed(0)
+    model = _CountingModel().double()
+    engine = PerExampleGradNorms(model, classification_loss)
+    generator = torch.Generator().manual_seed(1)
+    for call in range(4):
+        model.direct = call >= 2
+        x = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, 3, (5,), generator=generator)
+        expected = []
+        for i in range(5):
+            single = copy.deepcopy(model)
+            classification_loss(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
+            expected.append(sum(p.grad.square().sum() for p in single.parameters()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = engine(x, y)
+        torch.testing.assert_close(result.sqnorms, torch.stack(expected), rtol=1e-10, atol=0)
+        assert ("vmap" in result.backend_of.values()) == model.direct
+        model.zero_grad(set_to_none=True)
 
 
 def test_a_buffer_that_starts_changing_after_the_first_call_is_warned_about():

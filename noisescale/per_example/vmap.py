@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from noisescale._buffers import PassBuffers
 from noisescale._functional import functional_call
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
@@ -128,27 +129,31 @@ def _own_pass(model: nn.Module) -> Iterator[None]:
 
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
                  names: list[str], batch_size: int, chunk_size: int | None = None,
-                 buffers: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                 buffers: PassBuffers | None = None) -> dict[str, Tensor]:
     """(B,) squared norms |dl_i/dtheta|^2 for each parameter named in ``names`` (names of model.named_parameters).
 
     Parameters not in ``names`` enter as constants. Tied parameters appear once in named_parameters and are
     tied again by functional_call, so their per-example gradients already sum all uses. Tensors of ``inputs`` and
     ``targets`` without the ``batch_size`` examples in dim 0 are passed to every example's call as they are.
-    ``buffers``: the model's buffers by name as the forward should find them (default: as they are now); every
-    forward starts from fresh copies of them.
+    ``buffers``: the model's buffers as the forward should find them, and those a forward changes in place
+    (default: as they are now, none known to change); every forward starts from fresh copies of the changing ones,
+    and the others are copied once per call (a forward that starts to change one cannot touch the model's own).
     """
     all_parameters = dict(model.named_parameters())
     trainable = {name: all_parameters[name].detach() for name in names}
     constants = _prefixed({name: p.detach() for name, p in all_parameters.items() if name not in trainable})
-    found = _prefixed({name: b.detach() for name, b in (model.named_buffers() if buffers is None else buffers.items())})
+    buffers = buffers or PassBuffers(dict(model.named_buffers()), frozenset())
+    changing = _prefixed({name: b.detach() for name, b in buffers.values.items() if name in buffers.changing})
+    copied = _prefixed({name: b.detach().clone() for name, b in buffers.values.items()
+                        if name not in buffers.changing})
     (input_tensors, rebuild_inputs), (target_tensors, rebuild_targets) = (
         _split_leaves(inputs, batch_size), _split_leaves(targets, batch_size))
 
     with_loss = _ModelAndLoss(model, loss_fn)
 
     def fixed() -> dict[str, Tensor]:
-        """The constants, and copies of the buffers for one forward to update as it will."""
-        return {**constants, **{name: b.clone() for name, b in found.items()}}
+        """The constants and buffers, with copies of the changing ones for one forward to update as it will."""
+        return {**constants, **copied, **{name: b.clone() for name, b in changing.items()}}
 
     def example_loss(parameters: dict[str, Tensor], example_inputs: list[Tensor],
                      example_targets: list[Tensor]) -> Tensor:
