@@ -308,8 +308,16 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
             cotangents = [g[i] if d is None else g.narrow(d, i, 1) for g, d in zip(grads, output_dims)]
             example = torch.autograd.grad(outputs, list(variables.values()), cotangents, allow_unused=True)
         for (name, p), grad in zip(variables.items(), example):
-            rows[name].append(torch.zeros_like(p) if grad is None else grad)
+            rows[name].append(_dense_gradient(p, grad))
     return {name: torch.stack(values) for name, values in rows.items()}
+
+
+def _dense_gradient(p: Tensor, grad: Tensor | None) -> Tensor:
+    """An example's gradient of ``p`` as a dense tensor: zeros where it got none; a sparse one (an
+    ``nn.Embedding(sparse=True)`` subclass re-run here) made dense."""
+    if grad is None:
+        return torch.zeros_like(p)
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):
@@ -329,7 +337,7 @@ def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, outp
             example = torch.autograd.grad(outputs, list(variables.values()), masked, retain_graph=True,
                                           allow_unused=True)
             for (name, p), grad in zip(variables.items(), example):
-                rows[name].append(torch.zeros_like(p) if grad is None else grad)
+                rows[name].append(_dense_gradient(p, grad))
     return {name: torch.stack(values) for name, values in rows.items()}
 
 
