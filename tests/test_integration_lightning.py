@@ -184,6 +184,30 @@ def test_an_epochs_last_shorter_window_of_equal_micro_batches_is_measured_at_its
         assert row.loss == pytest.approx(F.cross_entropy(module(x_step), y_step).item(), rel=1e-10)
 
 
+class SkippingModule(TinyModule):
+    """Skips its second batch (training_step returns None: Lightning takes no backward for it)."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+def test_a_micro_batch_the_module_skips_is_not_counted_in_its_step(tmp_path):
+    """Accumulating 2, the first step's second micro-batch is skipped: the step trained on its first micro-batch
+    alone, whose loss Lightning divides by 2 all the same. Its row counts 4 examples and gives their estimate (a
+    review's find: the skipped micro-batch counted in k, so the step read at a quarter of its scale)."""
+    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions())
+    pl.seed_everything(5, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder, callback])
+    trainer.fit(SkippingModule(), _loader(shuffle=False))
+    history = callback.monitor.history
+    assert history["batch_size"].tolist() == [4, 8] and history["micro_batches"].tolist() == [1, 2]
+    recorder.steps[0]["batches"] = recorder.steps[0]["batches"][:1]   # the skipped one trained nothing
+    for step, row in zip(recorder.steps, history.itertuples()):
+        _assert_the_steps_estimate(row, step, rel=1e-10)
+
+
 def test_a_compiled_module_is_measured_eagerly_and_trains_as_the_compiled_one(tmp_path):
     """``trainer.fit(torch.compile(module))``: Lightning compiles the module's forward and training_step in place
     (``from_compiled``). Before, the first measured step failed inside Dynamo, which traced the hooks; now the

@@ -135,6 +135,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._reset_step()
 
     def _reset_step(self) -> None:
+        self._micro_batch_open = False   # begun, neither ended nor dropped
         self._sizes: list[int] = []
         self._sqnorms: list[torch.Tensor] = []
         self._loss: torch.Tensor | float = 0.0  # kept as a tensor: no device synchronisation per micro-batch
@@ -157,7 +158,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         the model on, for the check of dims as large as the batch and for the parameters only the whole-model vmap
         can measure (``observe``)."""
         self._drop_open_micro_batch()
-        self._step_open = True
+        self._step_open = self._micro_batch_open = True
         self._pending = batch
         self._sizes.append(batch_size)
         if self.measures_this_step:
@@ -168,6 +169,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:
         """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it."""
+        self._micro_batch_open = False
         self._loss = self._loss + torch.as_tensor(loss).detach().double()
         if self._pending is not None:
             self._batches.append(self._pending)
@@ -182,13 +184,16 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 self.backend_of = dict(self._observed.backend_of)
 
     def _drop_open_micro_batch(self) -> None:
-        """Forget a micro-batch whose backward never came (the framework skipped it or raised)."""
+        """Forget a micro-batch whose backward never came (the framework skipped it or raised): its size too, on a
+        step measured or not (it trained nothing)."""
         self._pending = None
+        if self._micro_batch_open:
+            self._micro_batch_open = False
+            self._sizes.pop()
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
             dropped = RuntimeError("micro-batch dropped")
             micro_batch.__exit__(type(dropped), dropped, None)  # removes the hooks' state, records nothing
-            self._sizes.pop()
 
     def close(self) -> None:
         """Remove the hooks from the model, after disarming a micro-batch left open and forgetting the step it
@@ -201,8 +206,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     @property
     def micro_batches(self) -> int:
-        """The micro-batches of the open step begun so far (at its end: all of them)."""
-        return len(self._sizes)
+        """The micro-batches of the open step ended so far (a framework's step that skipped one trained on the
+        others only)."""
+        return len(self._sizes) - self._micro_batch_open
 
     def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0, loss_weight: float = 1.0,
                  global_step: int | None = None) -> dict[str, Any] | None:
