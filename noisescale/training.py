@@ -657,6 +657,7 @@ class AdaptiveTrainer:
             "base_learning_rates": list(self.base_learning_rates),
             "base_settings": self.base_settings,
             "max_micro_batch": self.max_micro_batch,
+            "settings": self._settings(),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "seconds": self.seconds,
@@ -664,8 +665,15 @@ class AdaptiveTrainer:
             "rng": rng_state(self.device),
         }
 
+    def _settings(self) -> dict[str, Any]:
+        """The trainer's settings that a resumed run must share with the checkpoint to continue it exactly."""
+        return {"lr_coupling": self.lr_coupling, "policy_noise_scale": self.policy_noise_scale,
+                "measure_every": self.monitor.measure_every, "hessian_every": self.monitor.hessian_every}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`; the trainer must be built with the same kind of batch-size source.
+        """Continue from :meth:`state_dict`; the trainer must be built with the same kind of batch-size source and
+        the same ``lr_coupling``, ``policy_noise_scale``, ``measure_every`` and ``hessian_every`` (a checkpoint of
+        an earlier version, without them, is not checked for those).
         A ``max_micro_batch`` given to this trainer is kept (a smaller GPU: micro-batches change the step only in
         the last bits); without one it is the checkpoint's (which an out-of-memory error may have halved). The
         learning rates and other optimizer settings are the checkpoint's (its optimizer state and base rates),
@@ -677,6 +685,11 @@ class AdaptiveTrainer:
         if self.schedule is not None and state["schedule"] != self.schedule.state_dict():
             raise ValueError(f"the checkpoint's schedule {state['schedule']} differs from this trainer's "
                              f"{self.schedule.state_dict()}")
+        saved, settings = state.get("settings", {}), self._settings()   # (absent in earlier versions' checkpoints)
+        differing = [f"{name}={saved[name]!r} there, {settings[name]!r} here" for name in settings
+                     if name in saved and saved[name] != settings[name]]
+        if differing:
+            raise ValueError(f"the checkpoint was saved with other settings: {'; '.join(differing)}")
         changes = _changed_settings(self.base_learning_rates, self.base_settings, state)
         if changes:
             warnings.warn(f"resuming with the checkpoint's optimizer settings, not this trainer's: {'; '.join(changes)}. "

@@ -761,6 +761,30 @@ def test_train_command_runs_checkpoints_and_resumes(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--resume '" in error and "the checkpoint is not of this run" in error and "--seed" in error
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
+    # another --lr-coupling (a new user's trial: accepted without a word, and the run trained on differently)
+    assert main([*common, "--epochs", "2", "--lr-coupling", "sqrt", "--resume", str(tmp_path / "run.pt"),
+                 "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "lr_coupling='none' there, 'sqrt' here" in error and "--lr-coupling" in error
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
+
+
+def test_a_checkpoint_of_other_trainer_settings_is_refused_before_anything_loads():
+    """lr_coupling, policy_noise_scale, measure_every and hessian_every were not in the checkpoint, so a resume
+    with others continued another run than the checkpointed one without a word. Refused now, naming each, with
+    the trainer left as it was."""
+    saved = make_trainer(small_net(), classification_data(), policy=NoiseScaleBatchPolicy(8, min_batch_size=8,
+                                                                                         max_batch_size=32))
+    saved.step()
+    model = small_net(seed=1)
+    other = make_trainer(model, classification_data(), policy=NoiseScaleBatchPolicy(8, min_batch_size=8,
+                                                                                    max_batch_size=32),
+                         lr_coupling="linear", monitor_options={"hessian_every": 2})
+    before = parameters_of(model)
+    with pytest.raises(ValueError, match=r"other settings: lr_coupling='none' there, 'linear' here; hessian_every=0 "
+                                         r"there, 2 here"):
+        other.load_state_dict(saved.state_dict())
+    assert all(map(torch.equal, before, model.parameters())) and other.steps == 0
 
 
 def test_a_step_that_raises_takes_no_batch_and_the_run_continues_as_if_it_had_not():

@@ -167,8 +167,10 @@ def run_train(
                 trainer.load_state_dict(state["trainer"])
             except (ValueError, RuntimeError, KeyError) as error:   # another run's: name the options to check
                 raise option_error("--resume", resume, f"the checkpoint is not of this run ({one_line(error)}); "
-                                   "resume with the options it was started with (--seed, --schedule, --kappa, the "
-                                   "model and data), or start anew without --resume") from error
+                                   "resume with the options it was started with (--seed; --schedule with its "
+                                   "--epochs, --milestones, --batch-size, --max-batch-size and --lr; --kappa, "
+                                   "--lr-coupling, --noise-scale, --hessian-every; the model and data), or start "
+                                   "anew without --resume") from error
             evaluations = list(state["evaluations"])
 
         def after_epoch(trainer: AdaptiveTrainer) -> None:
