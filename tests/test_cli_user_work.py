@@ -236,3 +236,11 @@ def test_train_prints_and_plots_the_noise_scale_it_acted_on(tmp_path, capsys):
     b_simple = history["b_simple"].to_numpy()
     assert dashed[0].get_ydata() == pytest.approx(b_simple[np.isfinite(b_simple)], rel=1e-12)
     assert "B_{simple}" in " ".join(text.get_text() for text in batch_axes.get_legend().get_texts())
+    # evaluations within one decade of steps (44 to 74 in a new user's run) left that axis without a tick label
+    figure = plot_training_curves(history, evaluations.assign(step=np.linspace(44, 74, len(evaluations))))
+    step_axes = next(ax for ax in figure.axes if ax.get_title().endswith("against steps"))
+    figure.canvas.draw()
+    low, high = step_axes.get_xlim()
+    shown = [tick for tick in step_axes.xaxis.get_major_ticks() + step_axes.xaxis.get_minor_ticks()
+             if tick.label1.get_text() and low <= tick.get_loc() <= high]
+    assert shown

@@ -255,7 +255,9 @@ def plot_training_curves(history: pd.DataFrame, evaluations: pd.DataFrame) -> Fi
             legend.append(Line2D([], [], color="grey", linestyle=style, label=name))
     sns.lineplot(data=history, x="epoch", y="learning_rate", ax=rate_ax, drawstyle="steps-post", **lines)
     metric_step_ax.set_xscale("log")
-    metric_step_ax.xaxis.set_minor_formatter(NullFormatter())
+    steps = evaluations["step"][evaluations["step"] > 0]
+    if len(steps) and steps.max() >= 10 * steps.min():   # else the minor ticks' labels are the only ones in range
+        metric_step_ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in (batch_ax, rate_ax):
         ax.set_yscale("log")
     metric_epoch_ax.set(xlabel="epoch", ylabel=label, title=f"{label.capitalize()} against epochs")
