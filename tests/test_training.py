@@ -761,11 +761,12 @@ def test_train_command_runs_checkpoints_and_resumes(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--resume '" in error and "the checkpoint is not of this run" in error and "--seed" in error
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
-    # another --lr-coupling (a new user's trial: accepted without a word, and the run trained on differently)
-    assert main([*common, "--epochs", "2", "--lr-coupling", "sqrt", "--resume", str(tmp_path / "run.pt"),
+    # another --hessian-every (a new user's trial, with --lr-coupling: accepted without a word, and the run went on
+    # differently)
+    assert main([*common, "--epochs", "2", "--hessian-every", "2", "--resume", str(tmp_path / "run.pt"),
                  "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert "lr_coupling='none' there, 'sqrt' here" in error and "--lr-coupling" in error
+    assert "hessian_every=0 there, 2 here" in error and "--hessian-every" in error
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
 
 
