@@ -140,6 +140,46 @@ def test_a_train_batch_above_its_largest_names_both_options_before_any_job(tmp_p
     assert "--batch-size '2048': must not exceed --max-batch-size (1024" in _error_line(capsys)
 
 
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["--schedule", "fixed", "--lr-coupling", "sqrt"], "--lr-coupling 'sqrt': applies to --schedule noise-adaptive "
+                                                       "only, not fixed"),
+    (["--schedule", "lr-decay", "--kappa", "2"], "--kappa '2.0': applies to --schedule noise-adaptive only"),
+    (["--schedule", "noise-adaptive", "--noise-scale", "b_noise"], "--noise-scale 'b_noise': needs --hessian-every "
+                                                                   "k >= 1"),
+    (["--schedule", "noise-adaptive", "--batch-size", "33", "--max-batch-size", "64"],
+     "--batch-size '33': must be a multiple of the 2 processes"),
+])
+def test_train_options_that_would_be_ignored_or_named_in_api_terms_are_refused_by_their_flags(
+        arguments, expected, tmp_path, capsys, monkeypatch):
+    """A new user's trial: --lr-coupling, --kappa and --noise-scale were accepted and ignored by the schedules;
+    --noise-scale b_noise without --hessian-every asked for "monitor_options={'hessian_every': k}"; under torchrun
+    an odd --batch-size on 2 processes said "min_batch_size=33 is not a multiple of granularity=2", once per rank.
+    (Two processes are simulated: the check reads the process group's size before any data or model.)"""
+    class TwoProcesses:
+        @staticmethod
+        def is_initialized():
+            return True
+
+        @staticmethod
+        def get_world_size():
+            return 2
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the job started before the options were checked")
+
+    monkeypatch.setattr(train_job, "dist", TwoProcesses)
+    monkeypatch.setattr(train_job, "build_training_job", not_reached)
+    assert main(["train", "--epochs", "0.1", "--no-progress", *arguments, "--out", str(tmp_path / "out")]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_max_micro_batch_below_one_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--max-micro-batch", "0", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "argument --max-micro-batch: expected a finite int >= 1" in capsys.readouterr().err
+
+
 def test_the_unexpected_error_is_one_line_with_exit_status_1(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("something inside\nwent wrong")
@@ -183,6 +223,27 @@ def test_the_command_line_fails_in_one_line_from_a_shell(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == ("noisescale: error: --model 'nowhere:make': cannot import module 'nowhere': "
                                    "ModuleNotFoundError: No module named 'nowhere'")
+
+
+def test_a_terminated_command_exits_143_and_leaves_no_temporary_file(tmp_path, hang_deadline_s):
+    """SIGTERM (a scheduler's stop, torchrun's) killed the command where it stood: a figure or summary being written
+    left its hidden .tmp file (a new user's trial, 2 of 5 kills). It now ends the command as a Ctrl-C does, the file
+    being written abandoned cleanly, with exit status 143. The signal is sent once the run holds its --out folder."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(noisescale.__file__).parent.parent)}
+    process = subprocess.Popen([sys.executable, "-m", "noisescale", "measure", "--steps", "100000", "--batch-size", "8",
+                                "--hessian-every", "0", "--no-progress", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=tmp_path)
+    deadline = time.monotonic() + hang_deadline_s
+    while not (out / ".noisescale.lock").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=hang_deadline_s)
+    assert process.returncode == 143 and stderr.strip().endswith("noisescale: terminated")
+    assert [path.name for path in out.iterdir()] == [".noisescale.lock"]
 
 
 # ---------------------------------------------------------------------------------------------- help and options

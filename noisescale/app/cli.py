@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -348,9 +350,9 @@ def _add_train_command(subparsers) -> None:
                         help="noise-adaptive: the estimate B follows (b_noise needs --hessian-every)")
     parser.add_argument("--hessian-every", type=int, default=0,
                         help="steps between B_noise measurements (0: never)")
-    parser.add_argument("--max-micro-batch", type=int, default=None,
+    parser.add_argument("--max-micro-batch", type=_at_least(int, 1), default=None,
                         help="largest forward/backward; bigger batches accumulate micro-batches (None: no limit)")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision on CUDA")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision: bf16 autocast (CUDA or CPU), or fp16 with a loss scaler (CUDA only)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="save a checkpoint after every epoch (None: no checkpoint)")
     parser.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (None: start anew)")
@@ -486,11 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     from noisescale.app.options import UsageError, one_line
 
     args = build_parser().parse_args(argv)
+    terminate = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():   # a kill as a Ctrl-C: temporary files removed
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("noisescale: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"noisescale: {'terminated' if isinstance(interrupt, _Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(interrupt, _Terminated) else 130
     except Exception as error:
         if args.debug:
             raise
@@ -499,6 +504,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"noisescale: error: {one_line(error)} (run with --debug for the traceback)", file=sys.stderr)
         return 2 if isinstance(error, (ValueError, TypeError, OSError)) else 1
+    finally:
+        if threading.current_thread() is threading.main_thread():   # (None: a handler set outside Python)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if terminate is None else terminate)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's or torchrun's stop), raised where the command runs, as a Ctrl-C is: the files
+    being written are abandoned cleanly (no hidden .tmp file left) and the command exits 143."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -136,6 +136,14 @@ def run_train(
     if parallel == "fsdp" and hessian_every:
         raise option_error("--hessian-every", hessian_every, "must be 0 with --parallel fsdp (the Hessian proxies "
                            "need torch.func on whole parameters)")
+    if noise_scale == "b_noise" and not hessian_every:
+        raise option_error("--noise-scale", noise_scale, "needs --hessian-every k >= 1: B_noise comes from the "
+                           "Hessian proxies, measured every k steps")
+    if mode != "noise-adaptive":   # the options of the noise-scale policy, which no schedule reads
+        for flag, value, default in (("--kappa", kappa, 1.0), ("--lr-coupling", lr_coupling, "none"),
+                                     ("--noise-scale", noise_scale, "b_simple")):
+            if value != default:
+                raise option_error(flag, value, f"applies to --schedule noise-adaptive only, not {mode}")
     if isinstance(batch_size, int) and isinstance(max_batch_size, int) and batch_size > max_batch_size:
         raise option_error("--batch-size", batch_size, f"must not exceed --max-batch-size ({max_batch_size}, the "
                            "largest batch of every schedule)")
@@ -144,16 +152,20 @@ def run_train(
         if checkpoint is not None:
             prepare_output_file(checkpoint, "--checkpoint")
     with distributed_job(device) as target_device:
+        processes = dist.get_world_size() if dist.is_initialized() else 1
+        for flag, value in (("--batch-size", batch_size), ("--max-batch-size", max_batch_size)):
+            if value % processes:
+                raise option_error(flag, value, f"must be a multiple of the {processes} processes, which take equal "
+                                   "shares of each batch")
         job = build_training_job(target_device, model=model_spec, dataset=dataset, data=data, loss=loss, seed=seed,
                                  learning_rate=learning_rate, momentum=momentum, parallel=parallel)
         train_set = job.data.train
         if train_examples is not None:
             check_int(train_examples, "train_examples", 2)
             train_set = _first_examples(train_set, train_examples)
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
         source = make_batch_size_source(mode, epochs=epochs, batch_size=batch_size, max_batch_size=max_batch_size,
                                         learning_rate=learning_rate, milestones=milestones, decay_factor=decay_factor,
-                                        kappa=kappa, granularity=world_size)
+                                        kappa=kappa, granularity=processes)
         trainer = AdaptiveTrainer(job.model, job.loss_fn, job.optimizer, train_set, **source,
                                   max_micro_batch=max_micro_batch, lr_coupling=lr_coupling,
                                   policy_noise_scale=noise_scale, monitor_options={"hessian_every": hessian_every},
