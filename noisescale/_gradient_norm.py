@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GradientSquaredNorm", "gradient_values"]
+__all__ = ["GradientSquaredNorm", "dense_gradient", "gradient_values"]
 
 
 def gradient_values(grad: torch.Tensor) -> torch.Tensor:
     """The values a gradient holds, whose norm is its norm: the gradient itself, or a sparse one's coalesced values
     (``nn.Embedding(sparse=True)``; rows hit twice added first)."""
     return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def dense_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient as a dense tensor of its parameter's shape (a sparse one's, ``nn.Embedding(sparse=True)``'s,
+    made dense), for sums and comparisons with per-example gradients."""
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 class GradientSquaredNorm:

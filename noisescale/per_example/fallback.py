@@ -43,6 +43,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from noisescale._functional import functional_call
+from noisescale._gradient_norm import dense_gradient
 from noisescale._rng import set_rng_state
 from noisescale.per_example.attention import (attention_per_example_grads, attention_supported,
                                               captured_per_example_grads)
@@ -315,9 +316,7 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
 def _dense_gradient(p: Tensor, grad: Tensor | None) -> Tensor:
     """An example's gradient of ``p`` as a dense tensor: zeros where it got none; a sparse one (an
     ``nn.Embedding(sparse=True)`` subclass re-run here) made dense."""
-    if grad is None:
-        return torch.zeros_like(p)
-    return grad.to_dense() if grad.is_sparse else grad
+    return torch.zeros_like(p) if grad is None else dense_gradient(grad)
 
 
 def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from noisescale._gradient_norm import dense_gradient
 from noisescale._graph import autograd_nodes, output_shape
 from noisescale._rng import host_rng_state, rng_state, set_host_rng_state
 from noisescale.batches import tensors_of
@@ -592,7 +593,7 @@ class GhostPass:
         (None if it arrives in two parts), to check the capture and the re-run against (``_verified_captures``,
         ``_unmatched_reruns``)."""
         if name in self.captured_names or name in self.fallback_names:
-            grad = grad.to_dense() if grad.is_sparse else grad   # (an nn.Embedding(sparse=True) subclass re-run)
+            grad = dense_gradient(grad)   # (an nn.Embedding(sparse=True) subclass re-run)
             self.noted[name] = None if name in self.noted else (
                 torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), grad.dtype,
                 grad)
