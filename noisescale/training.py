@@ -106,7 +106,7 @@ from noisescale.distributed import (
 )
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
-from noisescale.monitor import NoiseScaleMonitor, loss_scale_of
+from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
 from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
@@ -547,7 +547,7 @@ class AdaptiveTrainer:
         if row.get("nonfinite_data") is not None:
             key, cause = "data", f"the batch holds {row['nonfinite_data']}"
             advice = "Check the data (remove or fix those values): the learning rate is not the cause"
-        elif self.monitor.summary().nonfinite_from_start is not None:
+        elif nonfinite_from_start([*self._rows, row]) is not None:   # (this step's row is not in the history yet)
             key, advice = "start", ("No step has been finite yet: the model or the loss computes a non-finite value "
                                     "on this data, not the learning rate (the monitor's summary says more)")
         else:
