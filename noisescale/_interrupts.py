@@ -14,8 +14,9 @@ __all__ = ["deferred_interrupt"]
 def deferred_interrupt() -> Iterator[None]:
     """A SIGINT (Ctrl-C) that arrives inside the block is handed to the handler that was in place when the block
     ends, so the block runs whole; later ones in the block are merged into that one. Where the block raises an
-    error of its own, the KeyboardInterrupt follows it (the error is its ``__context__``). Only where Python runs a handler of its own (the main thread, with
-    ``default_int_handler`` or a Python function installed): elsewhere nothing changes."""
+    error of its own, the KeyboardInterrupt follows it (the error is its ``__context__``). Only where Python runs a
+    handler of its own (the main thread, with ``default_int_handler`` or a Python function installed): elsewhere
+    nothing changes."""
     previous = (signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread()
                 else None)
     if not callable(previous):   # SIG_DFL, SIG_IGN, a handler set from C, or not the main thread

@@ -352,7 +352,8 @@ def _add_train_command(subparsers) -> None:
                         help="steps between B_noise measurements (0: never)")
     parser.add_argument("--max-micro-batch", type=_at_least(int, 1), default=None,
                         help="largest forward/backward; bigger batches accumulate micro-batches (None: no limit)")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision: bf16 autocast (CUDA or CPU), or fp16 with a loss scaler (CUDA only)")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="mixed precision: bf16 autocast (CUDA or CPU), or fp16 with a loss scaler (CUDA only)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="save a checkpoint after every epoch (None: no checkpoint)")
     parser.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (None: start anew)")
