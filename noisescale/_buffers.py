@@ -46,6 +46,18 @@ class RunningStatistics:
                 buffer.copy_(values)
 
 
+def changed_in_place(buffer: torch.Tensor, version: int, before: torch.Tensor | None) -> bool:
+    """Whether a forward changed ``buffer`` in place: its version counter moved, or, where a copy taken ``before``
+    the forward is at hand, its values differ from the copy (a write through ``.data``, as VQ-VAE codebooks' EMA
+    updates do it, leaves the counter as it was). NaN equals NaN here."""
+    if buffer._version != version:
+        return True
+    if before is None or torch.equal(buffer, before):
+        return False
+    return not (buffer.is_floating_point() or buffer.is_complex()) or not bool(
+        ((buffer == before) | (buffer.isnan() & before.isnan())).all())
+
+
 class PassBuffers(NamedTuple):
     """A module's buffers as a pass found them (by ``named_buffers()`` names) and the names of those a forward
     changes in place, which each forward of a re-run must start from a fresh copy of."""
@@ -61,7 +73,9 @@ class BuffersBefore:
     was seen to change in place, every buffer before the first pass; the others are the pass's own tensors, which a
     forward that assigns a new buffer (``self.ema = ...``) leaves as they were. After the pass, ``missed`` names
     those it changed without a copy (a buffer that began to change after the first pass), whose values as the pass
-    found them are lost; ``release`` drops the copies once the pass is measured."""
+    found them are lost; ``release`` drops the copies once the pass is measured. Changes are seen by the version
+    counters, and after the first pass also by the values (``changed_in_place``): a buffer written through ``.data``
+    in every pass is copied from the second on, but one that starts to change so later is not seen."""
 
     def __init__(self, model: nn.Module):
         self._model = model
@@ -88,7 +102,8 @@ class BuffersBefore:
     def missed(self) -> list[str]:
         """After the pass (once): the buffers it changed in place without a copy, as "module path.name"; every
         buffer it changed is remembered, for the next ``take`` to copy."""
-        changed = {key for key, (buffer, version) in self._found.items() if buffer._version != version}
+        changed = {key for key, (buffer, version) in self._found.items()
+                   if changed_in_place(buffer, version, self._copies.get(id(buffer)) if self._changing is None else None)}
         self._changing = (self._changing or set()) | changed
         missed = [key for key in changed if id(self._found[key][0]) not in self._copies]
         if not missed:

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from noisescale._buffers import changed_in_place
 from noisescale._gradient_norm import dense_gradient
 from noisescale._graph import autograd_nodes, output_shape
 from noisescale._rng import host_rng_state, rng_state, set_host_rng_state
@@ -900,7 +901,7 @@ class GhostNormEngine:
         if self._probe is None and self._active(module) is not None:
             ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
             ghost_pass.buffers_before[module].append((
-                [(b, b._version) for b in module.buffers()],
+                [(name, b, b._version) for name, b in module.named_buffers()],
                 {name: b.detach().clone() for name, b in module.named_buffers()}
                 if ghost_pass.updates_buffers.get(module, True) else None))
             capture = self._capture_for(ghost_pass, module, _first_input(args, kwargs))
@@ -1128,7 +1129,7 @@ class GhostNormEngine:
             # module's first call was seen
             versions, buffers = ghost_pass.buffers_before[module].pop()
             ghost_pass.updates_buffers[module] = ghost_pass.updates_buffers.get(module, False) or any(
-                b._version != version for b, version in versions)
+                changed_in_place(b, version, buffers and buffers[name]) for name, b, version in versions)
         else:
             buffers = None
         if not torch.is_grad_enabled():   # no gradient comes of it (a rule's check of its layer's output, say)
