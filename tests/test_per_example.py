@@ -14,7 +14,7 @@ from torch import nn
 
 from noisescale.losses import per_example_cross_entropy
 from noisescale.models import lenet5, mlp, sequence_cross_entropy, tiny_transformer
-from noisescale.per_example import PerExampleGradNorms, per_example_sqnorms
+from noisescale.per_example import PerExampleError, PerExampleGradNorms, per_example_sqnorms
 from noisescale.per_example import ghost as ghost_module
 
 BACKENDS = ("ghost", "vmap", "auto")
@@ -1110,7 +1110,6 @@ class FailsOnSecondCall(nn.Module):
 
 @pytest.mark.parametrize("prefilled", [False, True])
 def test_a_failing_fallback_leaves_every_grad_as_it_was(prefilled):
-    from noisescale.per_example import PerExampleError
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), FailsOnSecondCall(), nn.Linear(4, 2)).double()
     x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
@@ -1142,7 +1141,6 @@ class MessagePassing(nn.Module):
 def test_a_model_whose_rows_are_not_examples_is_told_to_measure_micro_batches(backend):
     """Graph nodes as rows: the re-run on one node (or the vmap over nodes) fails, and the error says that such a
     model has no per-example gradients under any backend and names the micro-batch estimator, p.grad untouched."""
-    from noisescale.per_example import PerExampleError
     model = _float64(lambda: nn.Sequential(nn.Linear(3, 3), MessagePassing(), nn.Linear(3, 2)))
     x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
     y = torch.randn(5, 2, dtype=torch.float64, generator=generator(2))
@@ -1609,6 +1607,11 @@ def test_a_sparse_embedding_is_measured_as_a_dense_one():
     rerun = per_example_sqnorms(doubled(True), classification_loss, tokens, y)
     assert rerun.backend_of["0.weight"] == "module"
     assert_relclose(rerun.sqnorms, dense.sqnorms)
+    # backend="vmap": torch.func cannot differentiate the sparse layer, so the examples go one by one, whose
+    # sparse gradients are made dense (it raised "reshape is not implemented for sparse tensors" before)
+    whole = per_example_sqnorms(bag(True), classification_loss, tokens, y, backend="vmap", by_parameter=True)
+    for name in expected.by_parameter:
+        assert_relclose(whole.by_parameter[name], expected.by_parameter[name])
     rows = []
     for sparse in (False, True):
         dataset = torch.utils.data.TensorDataset(tokens.repeat(4, 1), y.repeat(4))
@@ -1619,6 +1622,29 @@ def test_a_sparse_embedding_is_measured_as_a_dense_one():
     for dense_row, sparse_row in zip(*rows):
         for key in ("grad_sqnorm", "trace_sigma", "b_simple_two_batch"):
             assert sparse_row[key] == pytest.approx(dense_row[key], rel=1e-10)
+
+
+def test_backend_vmap_that_cannot_run_says_so_in_its_own_terms():
+    """A model that runs on no single example (its forward needs several rows) under backend="vmap": the error names
+    the backend the user chose and backend="auto", not parameters "used outside any module call" (it did before),
+    and p.grad is left as it was."""
+
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.shape[0] < 2:
+                raise ValueError("needs at least two rows")
+            return self.lin(x)
+
+    model = Pairs().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    with pytest.raises(PerExampleError, match=r"backend='vmap' runs the whole model .*backend='auto' measures") as caught:
+        PerExampleGradNorms(model, classification_loss, backend="vmap")(x, y)
+    assert "outside any module call" not in str(caught.value)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_closed_instance_refuses_to_measure():

@@ -811,16 +811,21 @@ class PerExampleGradNorms:
             return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size,
                                 self._buffers_before.of(self.model))
         except Exception as error:
-            declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
+            if self.backend == "vmap":
+                why = ("backend='vmap' runs the whole model under torch.func.vmap (or one example at a time where vmap "
+                       "cannot), and it failed; backend='auto' measures the layers from hooks on the real pass and "
+                       "runs the vmap only for parameters the hooks cannot measure")
+            else:
+                declined = "".join(f"; module {path!r}: {why}" for path, why in ghost_pass.declined.items())
+                why = ("These parameters are used outside any module call, or by modules the hooks could not measure "
+                       f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
+                       "with the examples in dim 0 (or 1, shared), or register a rule "
+                       "(noisescale.per_example.register_rule)")
             raise PerExampleError(
                 f"parameters {names}", "vmap", f"{type(error).__name__}: {error}",
-                "These parameters are used outside any module call, or by modules the hooks could not measure "
-                f"per example{declined}; so the whole model must run under torch.func.vmap. Call such modules "
-                "with the examples in dim 0 (or 1, shared), or register a rule "
-                "(noisescale.per_example.register_rule). A model that cannot run on one example alone (its rows "
-                "are not independent examples: a graph's nodes indexed by an edge_index, say) has no per-example "
-                "gradients: measure the noise scale from independent micro-batches instead "
-                "(noisescale.estimators.two_batch_noise_scale)") from error
+                f"{why}. A model that cannot run on one example alone (its rows are not independent examples: a "
+                "graph's nodes indexed by an edge_index, say) has no per-example gradients: measure the noise scale "
+                "from independent micro-batches instead (noisescale.estimators.two_batch_noise_scale)") from error
 
     @staticmethod
     def _check_sharded_measurable(ghost_pass: GhostPass, bypassed: list[str], read_elsewhere: set[str]) -> None:

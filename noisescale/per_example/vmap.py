@@ -33,6 +33,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._buffers import PassBuffers
+from noisescale._gradient_norm import dense_gradient
 from noisescale._functional import functional_call
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
@@ -172,7 +173,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
                 loss = functional_call(with_loss, (_prefixed(variables), fixed()), (args, kwargs, targets)).sum()
                 grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
             for (name, t), g in zip(variables.items(), grads):
-                rows[name].append(torch.zeros_like(t) if g is None else g)
+                rows[name].append(torch.zeros_like(t) if g is None else dense_gradient(g))   # (sparse=True's)
         return {name: torch.stack(values) for name, values in rows.items()}
 
     step = batch_size if chunk_size is None else chunk_size
