@@ -131,7 +131,12 @@ class NoiseScaleSummary:
         return self.b_noise_resolved and not self.adaptive_optimizer
 
     def __str__(self) -> str:
-        return "\n".join([self._describe(), *self._caveats()])
+        return self.describe()
+
+    def describe(self, hessian_option: str = "hessian_every=0") -> str:
+        """The summary as text (``str(summary)``); ``hessian_option`` is how the run left B_noise unmeasured, in
+        the caller's terms (the command line's ``--hessian-every 0``)."""
+        return "\n".join([self._describe(hessian_option), *self._caveats()])
 
     def _caveats(self) -> list[str]:
         caveats = []
@@ -150,7 +155,7 @@ class NoiseScaleSummary:
                            "(noisescale.estimators.two_batch_noise_scale)")
         return caveats
 
-    def _describe(self) -> str:
+    def _describe(self, hessian_option: str) -> str:
         if self.broken_by_bad_data:
             return "\n".join([
                 f"after {self.steps} steps ({self.examples_seen} examples):",
@@ -193,7 +198,8 @@ class NoiseScaleSummary:
         lines = [
             f"after {self.steps} steps ({self.examples_seen} examples):",
             *b_simple,
-            _describe_b_noise(self.b_noise, self.b_noise_measurements, self.b_noise_interval, self.confidence),
+            _describe_b_noise(self.b_noise, self.b_noise_measurements, self.b_noise_interval, self.confidence,
+                              hessian_option),
             suggestion,
         ]
         if self.nonfinite_steps:
@@ -235,9 +241,10 @@ def _resolved(b_noise: float) -> bool:
     return math.isfinite(b_noise) and b_noise > 0
 
 
-def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, float], confidence: float) -> str:
+def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, float], confidence: float,
+                      hessian_option: str) -> str:
     if math.isnan(b_noise):
-        return "  B_noise: not measured (hessian_every=0)"
+        return f"  B_noise: not measured ({hessian_option})"
     if math.isinf(b_noise):
         return "  B_noise: not resolved yet (the averaged G^T H G estimate is not positive)"
     if b_noise <= 0:

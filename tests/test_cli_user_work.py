@@ -40,6 +40,7 @@ def test_measure_a_text_model_from_the_command_line(tmp_path):
     printed = done.stdout
     assert "data: _cli_user_code:make_text_data, 216 training / 24 test examples, 10% held out" in printed
     assert "after 5 steps (80 examples):" in printed and "B_simple =" in printed
+    assert "B_noise: not measured (--hessian-every 0)" in printed   # the command's option, as train prints it
     assert "test accuracy after training:" in printed
     history = pd.read_csv(out / "measure_history.csv")
     assert len(history) == 5 and history["examples_seen"].iloc[-1] == 80 and history["b_simple"].notna().all()
