@@ -129,6 +129,29 @@ def test_an_out_folder_in_use_by_another_run_is_refused_before_any_work(command,
         pass
 
 
+def test_a_checkpoint_file_in_use_by_another_run_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Two train runs with their own --out but one --checkpoint path (a sweep script that varies --out only)
+    overwrote each other's checkpoints, and a resume loaded the other run's. While one holds the file, a second is
+    refused in one line naming it; another file in the same folder is free, and so is the file once released."""
+    from noisescale.app.options import locked_output_file
+
+    started = []
+    monkeypatch.setattr(train_job, "build_training_job", lambda *args, **kwargs: started.append(1) or 1 / 0)
+    checkpoint = tmp_path / "checkpoints" / "run.pt"
+    arguments = ["train", "--schedule", "fixed", "--epochs", "0.1", "--no-progress", "--checkpoint", str(checkpoint)]
+    with locked_output_file(checkpoint, "--checkpoint"):
+        assert main([*arguments, "--out", str(tmp_path / "second")]) == 2
+        line = _error_line(capsys)
+        assert (f"--checkpoint '{checkpoint}' is in use by another noisescale run, which holds the lock "
+                f"{checkpoint.parent}/.run.pt.lock") in line
+        assert not started and not checkpoint.exists()
+        # another file in the folder: the run starts (and fails here, in the stand-in job)
+        assert main([*arguments[:-1], str(checkpoint.parent / "other.pt"), "--out", str(tmp_path / "third")]) != 0
+        assert started and "ZeroDivisionError" in _error_line(capsys)
+    with locked_output_file(checkpoint, "--checkpoint"):   # released by the refused run and by the holder
+        pass
+
+
 def test_a_train_batch_above_its_largest_names_both_options_before_any_job(tmp_path, capsys, monkeypatch):
     """It used to fail inside the batch-size source, naming min_batch_size/max_batch_size rather than the flags."""
     def not_reached(*args, **kwargs):

@@ -140,13 +140,20 @@ def _run_measure(args) -> int:
     return 0
 
 
-def _output_held(out: str):
-    """The command's ``--out`` folder, held by this run alone (``locked_output_folder``; a torchrun launch's rank
-    0 alone, which writes the files)."""
+@contextlib.contextmanager
+def _output_held(out: str, checkpoint: str | None = None):
+    """The command's ``--out`` folder, and the ``--checkpoint`` file it writes (wherever it lies), held by this run
+    alone (``locked_output_folder``, ``locked_output_file``; a torchrun launch's rank 0 alone, which writes the
+    files)."""
     from noisescale.app.jobs import is_main_process
-    from noisescale.app.options import locked_output_folder
+    from noisescale.app.options import locked_output_file, locked_output_folder
 
-    return locked_output_folder(out) if is_main_process() else contextlib.nullcontext()
+    with contextlib.ExitStack() as held:
+        if is_main_process():
+            held.enter_context(locked_output_folder(out))
+            if checkpoint is not None:
+                held.enter_context(locked_output_file(checkpoint, "--checkpoint"))
+        yield
 
 
 def _run_nqm(args: argparse.Namespace) -> int:
@@ -367,7 +374,7 @@ def _run_train(args) -> int:
     from noisescale.app.train import run_train
 
     set_threads(args.threads)
-    with _output_held(args.out):
+    with _output_held(args.out, args.checkpoint):
         outcome = run_train(
             mode=args.schedule,
             model_spec=args.model,

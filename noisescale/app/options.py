@@ -159,7 +159,24 @@ def locked_output_folder(path: str | Path, flag: str = "--out") -> Iterator[Path
     second command writing to it meanwhile is refused at once, before any training or file is written
     (``<folder>/.noisescale.lock``, :func:`noisescale.checkpoints.exclusive_lock`)."""
     path = prepare_output_folder(path, flag)
-    lock_path = path / ".noisescale.lock"
+    with _held(path / ".noisescale.lock", flag, path):
+        yield path
+
+
+@contextlib.contextmanager
+def locked_output_file(path: str | Path, flag: str) -> Iterator[Path]:
+    """A file this run writes outside its output folder (``train --checkpoint``), its folder prepared
+    (:func:`prepare_output_file`) and the file held by this run alone for the block (``<folder>/.<name>.lock``):
+    two runs given one checkpoint path would otherwise overwrite each other's checkpoints, and a resume would load
+    the other run's."""
+    path = prepare_output_file(path, flag)
+    with _held(path.parent / f".{path.name}.lock", flag, path):
+        yield path
+
+
+@contextlib.contextmanager
+def _held(lock_path: Path, flag: str, path: Path) -> Iterator[None]:
+    """``lock_path`` held for the block, or a UsageError at once naming ``flag`` and ``path``."""
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(exclusive_lock(lock_path, f"{flag} {str(path)!r} is in use by another noisescale run, "
@@ -167,7 +184,7 @@ def locked_output_folder(path: str | Path, flag: str = "--out") -> Iterator[Path
                                               f"run another {flag}"))
         except RuntimeError as error:
             raise UsageError(str(error)) from None
-        yield path
+        yield
 
 
 def prepare_output_file(path: str | Path, flag: str) -> Path:
