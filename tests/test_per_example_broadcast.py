@@ -514,6 +514,19 @@ class _CountingModel(nn.Module):
         return self.head(h + x @ self.lin.weight.T if self.direct else h)
 
 
+def _batch_and_loop_sqnorms(model, generator):
+    """A batch of 5 for ``_CountingModel`` and its examples' squared gradient norms by a loop, each on a fresh copy
+    of the model as it is before the measured call."""
+    x = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (5,), generator=generator)
+    expected = []
+    for i in range(5):
+        single = copy.deepcopy(model)
+        classification_loss(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
+        expected.append(sum(p.grad.square().sum() for p in single.parameters()))
+    return x, y, torch.stack(expected)
+
+
 def test_a_buffer_seen_changing_is_copied_before_every_pass_for_a_vmap_needed_later():
     """A buffer changed in place by every forward, and the whole-model vmap needed from the third call on: the
     first version copied such buffers only where the vmap was planned or had run, so the third call's vmap started
@@ -525,17 +538,11 @@ def test_a_buffer_seen_changing_is_copied_before_every_pass_for_a_vmap_needed_la
     generator = torch.Generator().manual_seed(1)
     for call in range(4):
         model.direct = call >= 2
-        x = torch.randn(5, 4, dtype=torch.float64, generator=generator)
-        y = torch.randint(0, 3, (5,), generator=generator)
-        expected = []
-        for i in range(5):
-            single = copy.deepcopy(model)
-            classification_loss(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
-            expected.append(sum(p.grad.square().sum() for p in single.parameters()))
+        x, y, expected = _batch_and_loop_sqnorms(model, generator)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             result = engine(x, y)
-        torch.testing.assert_close(result.sqnorms, torch.stack(expected), rtol=1e-10, atol=0)
+        torch.testing.assert_close(result.sqnorms, expected, rtol=1e-10, atol=0)
         assert ("vmap" in result.backend_of.values()) == model.direct
         model.zero_grad(set_to_none=True)
 
@@ -563,13 +570,7 @@ def test_a_buffer_written_through_data_is_seen_changing_by_its_values(backend, o
     engine = PerExampleGradNorms(model, classification_loss, backend=backend)
     generator = torch.Generator().manual_seed(1)
     for call in range(3):
-        x = torch.randn(5, 4, dtype=torch.float64, generator=generator)
-        y = torch.randint(0, 3, (5,), generator=generator)
-        expected = []
-        for i in range(5):
-            single = copy.deepcopy(model)
-            classification_loss(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
-            expected.append(sum(p.grad.square().sum() for p in single.parameters()))
+        x, y, expected = _batch_and_loop_sqnorms(model, generator)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             if observe:
@@ -577,7 +578,7 @@ def test_a_buffer_written_through_data_is_seen_changing_by_its_values(backend, o
                     classification_loss(model(x), y).mean().backward()
             else:
                 result = engine(x, y)
-        torch.testing.assert_close(result.sqnorms, torch.stack(expected), rtol=1e-10, atol=0)
+        torch.testing.assert_close(result.sqnorms, expected, rtol=1e-10, atol=0)
         assert model.count.item() == call + 1
         model.zero_grad(set_to_none=True)
 
