@@ -1647,6 +1647,64 @@ def test_backend_vmap_that_cannot_run_says_so_in_its_own_terms():
     assert all(p.grad is None for p in model.parameters())
 
 
+class _AdaptiveSoftmaxClassifier(nn.Module):
+    """Features into nn.AdaptiveLogSoftmaxWithLoss, whose forward takes the targets and runs each tail cluster's
+    layers on the rows of the examples whose targets fall in it: ``index_select(0, mask.nonzero().squeeze())``, a
+    0-d index where one example's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 6)
+        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(6, 20, cutoffs=[4, 10], div_value=2.0)
+
+    def forward(self, x, targets):
+        return self.softmax(torch.tanh(self.body(x)), targets).output
+
+
+@pytest.mark.parametrize("targets", [[1, 5, 12, 15, 2], [1, 5, 12, 15, 6], [1, 2, 3, 0, 12]])
+def test_adaptive_log_softmax_with_one_example_in_a_cluster(targets):
+    """One target in a tail cluster (the first and last batches) picked that cluster's row by a 0-d index, which the
+    check of picked rows read as a row count: IndexError, a crash of the call (a zoo survey's find). Each example's
+    norms are now the loop's, p.grad a plain backward's, in __call__ and observe; the last batch leaves the first
+    cluster out of the pass altogether."""
+    torch.manual_seed(0)
+    model = _AdaptiveSoftmaxClassifier().double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    y = torch.tensor(targets)
+    result = assert_matches_reference(model, lambda out, _: -out, (x, y), y, "auto")
+    assert set(result.backend_of.values()) == {"ghost"}
+    engine = PerExampleGradNorms(model, lambda out, _: -out)
+    with engine.observe(5) as observed:
+        (-model(x, y)).mean().backward()
+    assert_relclose(observed.sqnorms, sum(naive_per_example(model, lambda out, _: -out, (x, y), y).values()))
+
+
+def test_the_loops_over_single_examples_give_zeros_where_an_example_skips_the_parameters():
+    """A weight the forward reads outside any module call for some examples only, and skips altogether for the
+    others, in a forward torch.func cannot vmap (``.item()``): the re-run one example at a time asked torch for the
+    gradient of a loss that does not depend on the weight, and torch raised ("element 0 of tensors does not require
+    grad"). Those examples' gradients are zeros, under auto (the per-module fallback) and backend="vmap"."""
+
+    class Some(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.w = nn.Linear(3, 2), nn.Parameter(torch.randn(3, 2))
+
+        def forward(self, x):
+            h = self.lin(x) if x.abs().max().item() >= 0 else -self.lin(x)
+            rows = (x[:, 0] > 0).nonzero().squeeze(1)
+            return h.index_add(0, rows, x[rows] @ self.w) if rows.numel() else h
+
+    torch.manual_seed(0)
+    model = Some().double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator(1))
+    x[0, 0], x[1, 0] = -1.0, 1.0
+    y = torch.randint(0, 2, (5,), generator=generator(2))
+    for backend in ("auto", "vmap"):
+        result = assert_matches_reference(model, classification_loss, x, y, backend)
+        assert result.by_parameter["w"][0] == 0 and result.by_parameter["w"][1] > 0
+
+
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

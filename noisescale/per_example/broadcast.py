@@ -859,6 +859,8 @@ def _index_owners(node: Any, batch: int, examples_at: Callable[[Any, int], tuple
     if position is None or position >= len(sizes) or any(sizes[p] != 1 for p in range(position)):
         return None
     index, others = indices[position], [t for t in indices[position + 1:] if t is not None]
+    if name == "IndexSelectBackward0" and index.dim() == 0:   # one row, kept as a row (AdaptiveLogSoftmaxWithLoss's
+        index = index.reshape(1)   # index_select(0, mask.nonzero().squeeze()) where one target falls in a cluster)
     if index.dtype == torch.bool and index.dim() == 1 and not others:
         index = index.nonzero()[:, 0]
     if index.dtype == torch.bool or index.is_floating_point() or index.dim() != 1 or any(   # picks within its rows
@@ -891,5 +893,5 @@ def _picked(node: Any, batch: int) -> bool:
     if source is None or hasattr(source, "variable"):   # rows of a parameter table, looked up by the examples' ids
         return False
     return not (sizes[0] == batch and (first is None or (   # arange(B), or arange(B)[:, None] broadcast over k
-        first.shape[0] == batch and first.numel() == batch
+        first.dim() > 0 and first.shape[0] == batch and first.numel() == batch   # (a 0-d index picks one row)
         and torch.equal(first.reshape(-1), torch.arange(batch, device=first.device)))))

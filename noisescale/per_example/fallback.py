@@ -50,7 +50,7 @@ from noisescale.per_example.attention import (attention_per_example_grads, atten
 from noisescale.per_example.experts import experts_per_example_grads, experts_supported
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
-from noisescale.per_example.vmap import conversions_refused, quiet_batching
+from noisescale.per_example.vmap import conversions_refused, example_gradients, quiet_batching
 from noisescale.sharded import is_fsdp2_unit
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
@@ -307,7 +307,7 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
         with torch.enable_grad():
             outputs = _selected_outputs(module, variables, constants, rebuild, filled, hooked)
             cotangents = [g[i] if d is None else g.narrow(d, i, 1) for g, d in zip(grads, output_dims)]
-            example = torch.autograd.grad(outputs, list(variables.values()), cotangents, allow_unused=True)
+            example = example_gradients(outputs, list(variables.values()), cotangents)
         for (name, p), grad in zip(variables.items(), example):
             rows[name].append(_dense_gradient(p, grad))
     return {name: torch.stack(values) for name, values in rows.items()}
@@ -333,8 +333,7 @@ def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, outp
                 one = torch.zeros_like(g)
                 one.narrow(d, i, 1).copy_(g.narrow(d, i, 1))
                 masked.append(one)
-            example = torch.autograd.grad(outputs, list(variables.values()), masked, retain_graph=True,
-                                          allow_unused=True)
+            example = example_gradients(outputs, list(variables.values()), masked, retain_graph=True)
             for (name, p), grad in zip(variables.items(), example):
                 rows[name].append(_dense_gradient(p, grad))
     return {name: torch.stack(values) for name, values in rows.items()}

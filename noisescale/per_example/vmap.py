@@ -40,7 +40,7 @@ from noisescale.batches import call_arguments
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.factors import per_example_sqnorm
 
-__all__ = ["vmap_sqnorms", "quiet_batching", "conversions_refused"]
+__all__ = ["vmap_sqnorms", "quiet_batching", "conversions_refused", "example_gradients"]
 
 
 class _ModelAndLoss(nn.Module):
@@ -82,6 +82,19 @@ def _split_leaves(value: Any, batch_size: int) -> tuple[list[Tensor], Callable[[
         return tree_unflatten(filled, spec)
 
     return [leaves[i] for i in where], rebuild
+
+
+def example_gradients(outputs: tuple[Tensor, ...], inputs: list[Tensor], grad_outputs: list[Tensor] | None = None,
+                      retain_graph: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)`` of one example's re-run, None for
+    every input where no output depends on any (torch raises there): an example whose forward skips the parameters,
+    as AdaptiveLogSoftmaxWithLoss skips a cluster none of the example's targets falls in."""
+    kept = [k for k, output in enumerate(outputs) if output.requires_grad]
+    if not kept:
+        return (None,) * len(inputs)
+    return torch.autograd.grad([outputs[k] for k in kept], inputs,
+                               None if grad_outputs is None else [grad_outputs[k] for k in kept],
+                               retain_graph=retain_graph, allow_unused=True)
 
 
 @contextmanager
@@ -171,7 +184,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
             targets = rebuild_targets([t[i:i + 1] for t in rows_targets])
             with torch.enable_grad():
                 loss = functional_call(with_loss, (_prefixed(variables), fixed()), (args, kwargs, targets)).sum()
-                grads = torch.autograd.grad(loss, list(variables.values()), allow_unused=True)
+                grads = example_gradients((loss,), list(variables.values()))
             for (name, t), g in zip(variables.items(), grads):
                 rows[name].append(torch.zeros_like(t) if g is None else dense_gradient(g))   # (sparse=True's)
         return {name: torch.stack(values) for name, values in rows.items()}
