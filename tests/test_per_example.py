@@ -1402,6 +1402,65 @@ def test_recurrent_layers_by_the_fused_rerun_match_naive_loop(layer):
     assert set(result.backend_of.values()) == {"module"}
 
 
+def _reparametrized_recurrent(kind, layer_type):
+    """An LSTM or GRU (two layers, the second bidirectional's weights) whose recurrent weight of layer 0 is computed
+    from other parameters: the hook-based torch.nn.utils weight_norm or spectral_norm, or the parametrization
+    spectral norm (train mode: its forward updates its power-iteration vectors)."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    layer = layer_type(3, 4, num_layers=2, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch.nn.utils.weight_norm is deprecated
+        {"weight_norm_hook": nn.utils.weight_norm, "spectral_norm_hook": nn.utils.spectral_norm,
+         "spectral_norm": parametrizations.spectral_norm}[kind](layer, "weight_hh_l0")
+    return _RecurrentUsingStates(layer).double().train()
+
+
+@pytest.mark.parametrize("layer_type", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["weight_norm_hook", "spectral_norm_hook", "spectral_norm"])
+def test_recurrent_weights_computed_from_other_parameters(kind, layer_type):
+    """A zoo survey's finds. The fused re-run measured an RNN's own weight names only: the hook-based weight_norm's
+    weight_hh_l0_g and _v (and spectral_norm's weight_hh_l0_orig) got norms of exactly 0, silently; such a module
+    now goes to the generic fallback. And the passes left the model changed: the re-run read the parametrized
+    weight again (one more power iteration), and a whole-model vmap's forward left the RNN's cached weights
+    (``_flat_weights``) pointing at its copies, so the next forward evaluated the parametrization fewer times than a
+    plain one: the power-iteration buffers, then p.grad, moved off a plain step's (2.6e-5, then 1.5e-6). Over three
+    steps each p.grad and buffer now equals a plain step's bit for bit, and the norms equal a loop over single
+    examples (on models rebuilt from the state before each step: these cannot be deep-copied) to 1e-10; 2e-5
+    for the parametrization, whose whole-model vmap re-run evaluates the weight in fewer power iterations than the
+    pass did (the RNN's forward evaluates it a varying number of times: 5e-6 off here)."""
+    loss_fn = lambda out, y: (out - y).square()  # noqa: E731
+    model = _reparametrized_recurrent(kind, layer_type)
+    engine = PerExampleGradNorms(model, loss_fn, by_parameter=True)
+    for step in range(3):
+        x = torch.randn(5, 6, 3, generator=generator(1 + step), dtype=torch.float64)
+        y = torch.randn(5, generator=generator(10 + step), dtype=torch.float64)
+        state = {key: value.clone() for key, value in model.state_dict().items()}
+
+        def fresh():
+            copy_ = _reparametrized_recurrent(kind, layer_type)
+            copy_.load_state_dict(state)
+            return copy_
+
+        expected = {name: [] for name, _ in model.named_parameters()}
+        for i in range(5):
+            single = fresh()
+            loss_fn(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
+            for name, p in single.named_parameters():
+                expected[name].append(p.grad.square().sum())
+        plain = fresh()
+        loss_fn(plain(x), y).mean().backward()
+        model.zero_grad(set_to_none=True)
+        result = engine(x, y)
+        tolerance = 2e-5 if kind == "spectral_norm" else 1e-10
+        for name, values in expected.items():
+            torch.testing.assert_close(result.by_parameter[name], torch.stack(values), rtol=tolerance, atol=1e-14)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        for (name, b), c in zip(model.named_buffers(), plain.buffers()):
+            assert torch.equal(b, c), name
+
+
 # --------------------------------------------------------------------------- the plan kept between calls
 
 def test_the_plan_follows_freezing_replaced_parameters_and_train_mode_between_calls():

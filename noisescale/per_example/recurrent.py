@@ -13,7 +13,8 @@ the kernel rather than of a loop over steps. The cells (gates in PyTorch's order
 RNN h' = act(u + v) and LSTM (i, f, g, o) act on u + v, so dv = du; GRU (r, z, n) has n = tanh(u_n + r v_n),
 so dv = (du_r, du_z, r du_n), with r recomputed from the kept states. Stacked layers feed each other, a reverse
 direction runs on the reversed sequence. Not covered (the module goes to the generic fallback): proj_size > 0,
-dropout between layers in train mode.
+dropout between layers in train mode, weights computed by a forward pre-hook (the older
+``torch.nn.utils.weight_norm`` and ``spectral_norm``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ __all__ = ["unrolled_supported", "unrolled_per_example_grads"]
 
 
 def unrolled_supported(module: nn.Module) -> bool:
+    """Whether the re-run covers ``module``: torch's own RNN forward and modes, and parameters of its own only
+    among its weights' names (the hook-based ``torch.nn.utils.weight_norm`` registers ``weight_hh_l0_g`` and
+    ``_v`` and computes the weight before each call, which the re-run would leave at zero norms, silently)."""
     return (any(type(module).forward is base.forward for base in (nn.RNN, nn.LSTM, nn.GRU))
             and module.mode in ("RNN_TANH", "RNN_RELU", "LSTM", "GRU") and getattr(module, "proj_size", 0) == 0
-            and not (module.training and module.dropout > 0 and module.num_layers > 1))
+            and not (module.training and module.dropout > 0 and module.num_layers > 1)
+            and set(module._parameters) <= set(module._flat_weights_names))
 
 
 _KERNELS = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
@@ -49,6 +54,18 @@ def _one_layer(mode: str, u: Tensor, w_hh: Tensor, b_hh: Tensor | None, h: Tenso
     if mode == "LSTM":
         return outputs, states[0][0], states[1][0]
     return outputs, states[0][0], None
+
+
+def _call_weight(module: nn.RNNBase, name: str, copies: dict[str, Tensor] | None) -> Tensor | None:
+    """The tensor the module's latest call used as ``name`` (``used_parameter`` under FSDP): torch's RNN forward
+    keeps the weights it ran with in ``_flat_weights``. For a parametrized weight that is the parametrization's
+    output of that call; reading the attribute again runs the parametrization once more, and a spectral norm's power
+    iteration in train mode then moved its buffers off a plain step's (then p.grad from the next step on, 1.5e-6)
+    and gave another weight than the call's."""
+    if copies is not None or name not in module._flat_weights_names:
+        return used_parameter(module, name, copies)
+    value = module._flat_weights[module._flat_weights_names.index(name)]
+    return None if value is None else value.detach()
 
 
 def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[Tensor | None],
@@ -77,8 +94,8 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
             direction_outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih, w_hh = (used_parameter(module, f"weight_{kind}{suffix}", copies) for kind in ("ih", "hh"))
-                b_ih, b_hh = (used_parameter(module, f"bias_{kind}{suffix}", copies) for kind in ("ih", "hh")) \
+                w_ih, w_hh = (_call_weight(module, f"weight_{kind}{suffix}", copies) for kind in ("ih", "hh"))
+                b_ih, b_hh = (_call_weight(module, f"bias_{kind}{suffix}", copies) for kind in ("ih", "hh")) \
                     if module.bias else (None, None)
                 sequence = layer_input.flip(1) if direction else layer_input
                 u = F.linear(sequence, w_ih, b_ih)
