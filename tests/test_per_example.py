@@ -1764,6 +1764,25 @@ def test_the_loops_over_single_examples_give_zeros_where_an_example_skips_the_pa
         assert result.by_parameter["w"][0] == 0 and result.by_parameter["w"][1] > 0
 
 
+@pytest.mark.parametrize("layer", [lambda: nn.Embedding(12, 6, scale_grad_by_freq=True),
+                                   lambda: nn.EmbeddingBag(12, 6, mode="sum", scale_grad_by_freq=True)],
+                         ids=["embedding", "embedding_bag"])
+def test_an_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(layer):
+    """scale_grad_by_freq divides each token's gradient by its count in the whole batch: the examples' gradients
+    taken alone (each count inside one example) are not parts of the batch's; a zoo survey found the mean of the
+    former 12 times |p.grad|^2, and the call reported them after a warning that named other causes. Refused now,
+    before the pass, naming the flag; p.grad untouched."""
+    torch.manual_seed(0)
+    embedding = layer()
+    model = nn.Sequential(embedding, nn.Flatten(), nn.Linear(6 if isinstance(embedding, nn.EmbeddingBag) else 24,
+                                                              3)).double()
+    x = torch.randint(0, 4, (5, 4), generator=generator(1))
+    y = torch.randint(0, 3, (5,), generator=generator(2))
+    with pytest.raises(ValueError, match=r"module '0' \((Embedding|EmbeddingBag)\) has scale_grad_by_freq=True"):
+        per_example_sqnorms(model, classification_loss, x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

@@ -481,6 +481,13 @@ class PerExampleGradNorms:
                     "each normalised by its own statistics as in gradient accumulation, as "
                     "AdaptiveTrainer(max_micro_batch=...) and the HF Trainer and Lightning integrations with "
                     "gradient accumulation do (under DDP too)")
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
+                raise ValueError(
+                    f"module {path!r} ({type(module).__name__}) has scale_grad_by_freq=True: its gradient divides "
+                    "each token's by the token's count in the whole batch, so the examples are coupled, their "
+                    "gradients taken alone do not add up to the batch's, and the batch gradient's mean changes with "
+                    "the batch size, which the noise scale assumes it does not; measure with "
+                    "scale_grad_by_freq=False")
             local = owned.get(module)
             if not local:
                 continue
