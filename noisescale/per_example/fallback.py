@@ -90,6 +90,7 @@ class FallbackCall:
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     shared: bool = False  # a call with a batch of 1 (its output expanded to B): every input is shared
     parameters: dict[str, Tensor] | None = None  # the module's parameters as the call used them (FSDP), by name
+    weights: dict[str, Tensor] | None = None  # an RNN's weights as the call ran with them (``recurrent_weights``)
     linear_blocks: list | None = None  # attention.LinearCapture's record of the call's projections
     buffers: dict[str, Tensor] | None = None  # its buffers as the call found them, where its forward changes them
     uses: Any = None  # uses.ParameterUses: the call's parameter uses, all recognised (read by GhostPass.finish)
@@ -392,7 +393,8 @@ def module_per_example_grads(module: nn.Module, call: FallbackCall, names: list[
         if call.rng_before is None and not call.shared:
             arguments = bound_arguments(module, call.args, call.kwargs)
             if unrolled_supported(module):
-                return unrolled_per_example_grads(module, arguments, call.grads, names, call.parameters)
+                return unrolled_per_example_grads(module, arguments, call.grads, names,
+                                                  call.parameters if call.parameters is not None else call.weights)
             if isinstance(module, nn.MultiheadAttention) and attention_supported(module, arguments, call.grads):
                 return attention_per_example_grads(module, arguments, call.grads, names, call.parameters)
             inputs = [arguments.get(name) for name in _argument_names(module, 3)]

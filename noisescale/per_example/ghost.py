@@ -70,7 +70,7 @@ from noisescale.per_example.factors import IndexFactors, LinearFactors, full_pre
 from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, rounding_tolerance
 from noisescale.per_example.module_hook import ModuleHook
 from noisescale.per_example.padding import Padding
-from noisescale.per_example.recurrent import unrolled_supported
+from noisescale.per_example.recurrent import recurrent_weights, unrolled_supported
 from noisescale.per_example.used import attribute
 from noisescale.per_example.uses import ParameterUses, per_example_total
 from noisescale.sharded import clean_name
@@ -1203,7 +1203,7 @@ class GhostNormEngine:
                             + ([] if ghost_pass.sharded else [(q, q._version) for q in module.parameters()]),
                             shared=replaced is not None or shared,
                             parameters=_parameter_copies(module, entry) if ghost_pass.sharded else None,
-                            buffers=buffers,
+                            weights=None if ghost_pass.sharded else recurrent_weights(module), buffers=buffers,
                             linear_blocks=capture.blocks if isinstance(capture, LinearCapture) else None,
                             uses=capture if captured else None, blocks=blocks, output_blocks=output_blocks,
                             opaque=opaque_inputs)

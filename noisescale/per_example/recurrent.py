@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.used import used_parameter
 
-__all__ = ["unrolled_supported", "unrolled_per_example_grads"]
+__all__ = ["unrolled_supported", "unrolled_per_example_grads", "recurrent_weights"]
 
 
 def unrolled_supported(module: nn.Module) -> bool:
@@ -56,16 +56,16 @@ def _one_layer(mode: str, u: Tensor, w_hh: Tensor, b_hh: Tensor | None, h: Tenso
     return outputs, states[0][0], None
 
 
-def _call_weight(module: nn.RNNBase, name: str, copies: dict[str, Tensor] | None) -> Tensor | None:
-    """The tensor the module's latest call used as ``name`` (``used_parameter`` under FSDP): torch's RNN forward
-    keeps the weights it ran with in ``_flat_weights``. For a parametrized weight that is the parametrization's
-    output of that call; reading the attribute again runs the parametrization once more, and a spectral norm's power
-    iteration in train mode then moved its buffers off a plain step's (then p.grad from the next step on, 1.5e-6)
-    and gave another weight than the call's."""
-    if copies is not None or name not in module._flat_weights_names:
-        return used_parameter(module, name, copies)
-    value = module._flat_weights[module._flat_weights_names.index(name)]
-    return None if value is None else value.detach()
+def recurrent_weights(module: nn.Module) -> dict[str, Tensor] | None:
+    """An RNN's weights by name as its latest call ran with them, read in its forward hook: torch's RNN forward
+    keeps them in ``_flat_weights``. For a parametrized weight that is the parametrization's output of that call;
+    reading the attribute again in the re-run evaluated the parametrization once more (a spectral norm's power
+    iteration in train mode then moved its buffers off a plain step's, and gave another weight than the call's), and
+    reading ``_flat_weights`` in the backward gave an RNN called twice the second call's weights for both. None for
+    other modules."""
+    if not isinstance(module, nn.RNNBase):
+        return None
+    return dict(zip(module._flat_weights_names, module._flat_weights))
 
 
 def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[Tensor | None],
@@ -73,7 +73,7 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
                                ) -> dict[str, Tensor | LinearFactors]:
     """(B, *shape) per-example gradients (weights as LinearFactors) of ``names`` from the call's ``arguments``
     (input, hx) and the output gradients ``grads`` (output, h_n[, c_n]; None where no gradient arrived), in the
-    module's own layouts; ``copies``: the parameters the call used, under FSDP (``used_parameter``)."""
+    module's own layouts; ``copies``: the parameters the call used (under FSDP; else ``recurrent_weights``)."""
     x = arguments["input"].detach()
     x = x if module.batch_first else x.transpose(0, 1)                       # (B, T, H_in)
     batch, length = x.shape[:2]
@@ -94,8 +94,8 @@ def unrolled_per_example_grads(module: nn.RNNBase, arguments: dict, grads: list[
             direction_outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih, w_hh = (_call_weight(module, f"weight_{kind}{suffix}", copies) for kind in ("ih", "hh"))
-                b_ih, b_hh = (_call_weight(module, f"bias_{kind}{suffix}", copies) for kind in ("ih", "hh")) \
+                w_ih, w_hh = (used_parameter(module, f"weight_{kind}{suffix}", copies) for kind in ("ih", "hh"))
+                b_ih, b_hh = (used_parameter(module, f"bias_{kind}{suffix}", copies) for kind in ("ih", "hh")) \
                     if module.bias else (None, None)
                 sequence = layer_input.flip(1) if direction else layer_input
                 u = F.linear(sequence, w_ih, b_ih)
