@@ -1830,7 +1830,8 @@ def test_an_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(
     """scale_grad_by_freq divides each token's gradient by its count in the whole batch: the examples' gradients
     taken alone (each count inside one example) are not parts of the batch's; a zoo survey found the mean of the
     former 12 times |p.grad|^2, and the call reported them after a warning that named other causes. Refused now,
-    before the pass, naming the flag; p.grad untouched."""
+    before the pass, naming the flag; p.grad untouched. A frozen table's flag scales no gradient: measured (the
+    first version refused it too: a review's find)."""
     torch.manual_seed(0)
     embedding = layer()
     model = nn.Sequential(embedding, nn.Flatten(), nn.Linear(6 if isinstance(embedding, nn.EmbeddingBag) else 24,
@@ -1840,6 +1841,8 @@ def test_an_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(
     with pytest.raises(ValueError, match=r"module '0' \((Embedding|EmbeddingBag)\) has scale_grad_by_freq=True"):
         per_example_sqnorms(model, classification_loss, x, y)
     assert all(p.grad is None for p in model.parameters())
+    embedding.weight.requires_grad_(False)   # frozen (from_pretrained(..., freeze=True)): nothing coupled, measured
+    assert_matches_reference(model, classification_loss, x, y, "auto")
 
 
 def test_a_closed_instance_refuses_to_measure():

@@ -481,7 +481,8 @@ class PerExampleGradNorms:
                     "each normalised by its own statistics as in gradient accumulation, as "
                     "AdaptiveTrainer(max_micro_batch=...) and the HF Trainer and Lightning integrations with "
                     "gradient accumulation do (under DDP too)")
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
+            if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq
+                    and module.weight.requires_grad):   # (a frozen table's flag scales no gradient)
                 raise ValueError(
                     f"module {path!r} ({type(module).__name__}) has scale_grad_by_freq=True: its gradient divides "
                     "each token's by the token's count in the whole batch, so the examples are coupled, their "
