@@ -100,6 +100,7 @@ class NoiseScaleSummary:
     # while its averaged G^T H G is not resolved from 0, and then no B_noise is suggested)
     b_noise_interval: tuple[float, float] = (math.nan, math.nan)
     nonfinite_from_start: str | None = None
+    hessian_every: int = 0   # how often B_noise was to be measured (0: never)
 
     @property
     def suggested_batch_size(self) -> float:
@@ -133,10 +134,10 @@ class NoiseScaleSummary:
     def __str__(self) -> str:
         return self.describe()
 
-    def describe(self, hessian_option: str = "hessian_every=0") -> str:
-        """The summary as text (``str(summary)``); ``hessian_option`` is how the run left B_noise unmeasured, in
-        the caller's terms (the command line's ``--hessian-every 0``)."""
-        return "\n".join([self._describe(hessian_option), *self._caveats()])
+    def describe(self, hessian_off: str = "hessian_every=0") -> str:
+        """The summary as text (``str(summary)``); ``hessian_off`` is the setting that leaves B_noise unmeasured,
+        in the caller's terms (the command line's ``--hessian-every 0``)."""
+        return "\n".join([self._describe(hessian_off), *self._caveats()])
 
     def _caveats(self) -> list[str]:
         caveats = []
@@ -155,7 +156,7 @@ class NoiseScaleSummary:
                            "(noisescale.estimators.two_batch_noise_scale)")
         return caveats
 
-    def _describe(self, hessian_option: str) -> str:
+    def _describe(self, hessian_off: str) -> str:
         if self.broken_by_bad_data:
             return "\n".join([
                 f"after {self.steps} steps ({self.examples_seen} examples):",
@@ -199,7 +200,7 @@ class NoiseScaleSummary:
             f"after {self.steps} steps ({self.examples_seen} examples):",
             *b_simple,
             _describe_b_noise(self.b_noise, self.b_noise_measurements, self.b_noise_interval, self.confidence,
-                              hessian_option),
+                              hessian_off, self.hessian_every),
             suggestion,
         ]
         if self.nonfinite_steps:
@@ -242,9 +243,11 @@ def _resolved(b_noise: float) -> bool:
 
 
 def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, float], confidence: float,
-                      hessian_option: str) -> str:
+                      hessian_off: str, hessian_every: int) -> str:
     if math.isnan(b_noise):
-        return f"  B_noise: not measured ({hessian_option})"
+        return (f"  B_noise: not measured ({hessian_off})" if not hessian_every else
+                f"  B_noise: not measured yet (it is measured at steps 0, {hessian_every}, {2 * hessian_every}, ... "
+                f"on batches of at least {HESSIAN_NOISE_SCALE_MIN_BATCH} examples, and none has been)")
     if math.isinf(b_noise):
         return "  B_noise: not resolved yet (the averaged G^T H G estimate is not positive)"
     if b_noise <= 0:
@@ -573,6 +576,7 @@ class NoiseScaleMonitor:
             b_noise_interval=(self.hessian_average.interval(self.confidence) if self.hessian_average.num_updates
                               else (math.nan, math.nan)),
             nonfinite_from_start=nonfinite_from_start(self._rows),
+            hessian_every=self.hessian_every,
         )
 
     @property

@@ -188,6 +188,28 @@ def test_batch_of_one_records_nan_with_a_warning():
     assert "nan" not in text and "critical batch size: not measured yet" in text
 
 
+def test_b_noise_not_measured_yet_is_not_called_switched_off():
+    """A run that asks for B_noise on batches below its minimum has no measurement either; the summary said
+    "not measured (hessian_every=0)" for it too (a review's find). It now says when B_noise is measured; a run
+    with hessian_every=0 says that, in the caller's terms where given (the command line's flag)."""
+    torch.manual_seed(0)
+    texts = {}
+    for hessian_every in (0, 2):
+        model = small_cnn()
+        monitor = NoiseScaleMonitor(model, per_example_cross_entropy, hessian_every=hessian_every)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the warning that B_noise needs 4 examples
+            for inputs, targets in synthetic_batches(3, batch_size=3):
+                model.zero_grad(set_to_none=True)
+                monitor(inputs, targets)
+        texts[hessian_every] = (str(monitor.summary()), monitor.summary().describe(hessian_off="--hessian-every 0"))
+    assert "B_noise: not measured (hessian_every=0)" in texts[0][0]
+    assert "B_noise: not measured (--hessian-every 0)" in texts[0][1]
+    for text in texts[2]:
+        assert "B_noise: not measured yet (it is measured at steps 0, 2, 4, ... on batches of at least 4 examples" \
+            in text and "hessian_every=0" not in text and "hessian-every 0" not in text
+
+
 def test_grad_scaler_scales_gradients_and_not_the_norms():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     torch.manual_seed(0)

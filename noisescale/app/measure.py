@@ -56,7 +56,7 @@ class MeasureOutcome:
         lines = [f"data: {self.data_source}"]
         if self.checkpoint is not None:
             lines.append(f"checkpoint: {self.checkpoint} (measured without optimizer steps)")
-        lines += [self.summary.describe(hessian_option="--hessian-every 0"), self.evaluation.describe(when),
+        lines += [self.summary.describe(hessian_off="--hessian-every 0"), self.evaluation.describe(when),
                   f"history: {self.history_csv}\nfigure: {self.figure_png}\ntook {self.seconds:.1f} s"]
         return "\n".join(lines)
 

@@ -58,8 +58,9 @@ class TrainOutcome:
                  f"final batch size {self.final_batch_size}, {self.seconds:.1f} s of training"]
         summary = self.noise_scale
         low, high = summary.b_simple_interval
-        b_noise = "not measured (--hessian-every 0)" if math.isnan(summary.b_noise) else (
-            f"{summary.b_noise:.4g}" if summary.b_noise_resolved else "not resolved")
+        b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
+                   if math.isnan(summary.b_noise) else
+                   f"{summary.b_noise:.4g}" if summary.b_noise_resolved else "not resolved")
         lines.append(f"  noise scale at the end: B_simple = {summary.b_simple:.4g} ({summary.confidence:.0%} interval "
                      f"{low:.4g} .. {high:.4g}), B_noise = {b_noise}")
         if self.mode == "noise-adaptive":
