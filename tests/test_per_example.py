@@ -1845,6 +1845,32 @@ def test_an_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(
     assert_matches_reference(model, classification_loss, x, y, "auto")
 
 
+def test_a_transformer_encoder_with_nested_tensors_measured_without_torchs_notes():
+    """nn.TransformerEncoder(enable_nested_tensor=True) with a padding mask: noisescale's own forwards without grad
+    (the first call's check that each example's loss reads that example alone, the probes) take torch's inference
+    fast path, whose "nested tensors are in prototype stage" warning a plain step never shows (a zoo survey's find).
+    The norms are the loop's, without a warning."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder, self.out = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True), nn.Linear(8, 3)
+
+        def forward(self, x, padding):
+            return self.out(self.encoder(x, src_key_padding_mask=padding).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().double()
+    x = torch.randn(5, 6, 8, dtype=torch.float64, generator=generator(1))
+    padding = torch.zeros(5, 6, dtype=torch.bool)
+    padding[:, 4:] = True
+    y = torch.randint(0, 3, (5,), generator=generator(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_matches_reference(model, classification_loss, (x, padding), y, "auto")
+
+
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

@@ -103,7 +103,7 @@ from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
 from noisescale.per_example.graph_uses import capture_linear_uses, linear_uses
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, LayerRule, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
-from noisescale.per_example.vmap import vmap_sqnorms
+from noisescale.per_example.vmap import quiet_torch_notes, vmap_sqnorms
 from noisescale.sharded import (flat_parameter_owners, fsdp1_original_parameters, fsdp2_shards, fsdp2_units,
                                 is_sharded, refuse_tensor_parallel)
 
@@ -630,7 +630,7 @@ class PerExampleGradNorms:
             device = next(iter(plan.parameters.values())).device
             try:   # counters, running averages: put back after
                 with kept_buffers(model), torch.no_grad(), isolated_rng(plan.parameters.values()), \
-                        self._engine.probing(plan.ghost, batch_size - 1) as found:
+                        quiet_torch_notes(), self._engine.probing(plan.ghost, batch_size - 1) as found:
                     call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
             except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)
                 return None

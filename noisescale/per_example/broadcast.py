@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from noisescale._graph import ORDER_KEEPING, autograd_consumers, operations_taking, output_shape
-from noisescale.per_example.vmap import quiet_batching
+from noisescale.per_example.vmap import quiet_torch_notes
 
 
 __all__ = ["Broadcast", "BroadcastGradients", "computed_once", "reorders_rows", "rows_selected"]
@@ -721,7 +721,7 @@ def _call_per_example(node: Any, per_example: Tensor, positions: list[int]) -> l
         return tuple(out[k] for k in positions)
 
     try:
-        with quiet_batching():
+        with quiet_torch_notes():
             return list(vmap(one)(per_example))
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
         rows = [one(grad) for grad in per_example]

@@ -41,6 +41,7 @@ from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rn
 from noisescale.batches import call_model, map_tensors, tensors_of
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.layers import rounding_tolerance
+from noisescale.per_example.vmap import quiet_torch_notes
 from noisescale.sharded import sharding_kept
 
 __all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "replaced_examples"]
@@ -202,7 +203,7 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
     hooks its tensors), with grad and detached at once (one forward's graph at a time, where ``run`` keeps nothing
     else of the outputs)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    with (eval_mode(model), isolated_rng(parameters), sharding_kept(model),
+    with (eval_mode(model), isolated_rng(parameters), sharding_kept(model), quiet_torch_notes(),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
         state, host = rng_state(device), host_rng_state()
 

@@ -50,7 +50,7 @@ from noisescale.per_example.attention import (attention_per_example_grads, atten
 from noisescale.per_example.experts import experts_per_example_grads, experts_supported
 from noisescale.per_example.factors import LinearFactors
 from noisescale.per_example.recurrent import unrolled_per_example_grads, unrolled_supported
-from noisescale.per_example.vmap import conversions_refused, example_gradients, quiet_batching
+from noisescale.per_example.vmap import conversions_refused, example_gradients, quiet_torch_notes
 from noisescale.sharded import is_fsdp2_unit
 
 __all__ = ["FallbackCall", "BatchDims", "BATCH_DIMS", "batch_dims_for", "bound_arguments", "output_tensors",
@@ -294,7 +294,7 @@ def _by_vmap(module, parameters, constants, rebuild, leaves, dims, grads, output
         _, pullback = vjp(lambda p: _selected_outputs(module, p, constants, rebuild, filled, hooked), parameters)
         return pullback(tuple(g if d is None else g.unsqueeze(d) for g, d in zip(example_grads, output_dims)))[0]
 
-    with quiet_batching():
+    with quiet_torch_notes():
         return vmap(one_example, randomness="error")(
             [leaves[k].movedim(dims[k], 0) for k in batched],
             [g if d is None else g.movedim(d, 0) for g, d in zip(grads, output_dims)])

@@ -40,7 +40,7 @@ from noisescale.batches import call_arguments
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.factors import per_example_sqnorm
 
-__all__ = ["vmap_sqnorms", "quiet_batching", "conversions_refused", "example_gradients"]
+__all__ = ["vmap_sqnorms", "quiet_torch_notes", "conversions_refused", "example_gradients"]
 
 
 class _ModelAndLoss(nn.Module):
@@ -98,12 +98,15 @@ def example_gradients(outputs: tuple[Tensor, ...], inputs: list[Tensor], grad_ou
 
 
 @contextmanager
-def quiet_batching() -> Iterator[None]:
-    """torch.func's warning that an op has no batching rule (it then loops over the examples itself, still
-    exact) is for torch's developers; a user measuring norms would take it for an error."""
+def quiet_torch_notes() -> Iterator[None]:
+    """torch's notes on its own internals in noisescale's own passes, which a user measuring norms would take for an
+    error or for a change to the training: torch.func's that an op has no batching rule (it then loops over the
+    examples itself, still exact), and nested tensors' prototype stage, from nn.TransformerEncoder's inference fast
+    path in a forward without grad (the checks' and probes': the training's pass, with grad, never takes it)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
                                 "the batching rule")
+        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
         yield
 
 
@@ -191,7 +194,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
 
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
-    with isolated_rng(trainable.values()), _own_pass(model), quiet_batching():
+    with isolated_rng(trainable.values()), _own_pass(model), quiet_torch_notes():
         for start in range(0, batch_size, step):
             rows_inputs = [t[start:start + step] for t in input_tensors]
             rows_targets = [t[start:start + step] for t in target_tensors]
