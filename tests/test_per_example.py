@@ -1430,20 +1430,28 @@ def test_recurrent_weights_computed_from_other_parameters(kind, layer_type):
     parametrization's original through the whole-model vmap too (its forward evaluated the weight in fewer power
     iterations than the pass's, 5e-6 off, until it found the RNN's cached weights as the pass had: a review's find)."""
     loss_fn = lambda out, y: (out - y).square()  # noqa: E731
-    model = _reparametrized_recurrent(kind, layer_type)
+    batches = [(torch.randn(5, 6, 3, generator=generator(1 + step), dtype=torch.float64),
+                torch.randn(5, generator=generator(10 + step), dtype=torch.float64)) for step in range(3)]
+    _assert_steps_match_rebuilt_models(lambda: _reparametrized_recurrent(kind, layer_type), loss_fn, batches)
+
+
+def _assert_steps_match_rebuilt_models(make, loss_fn, batches):
+    """A model from ``make()`` measured on each (x, y) of ``batches`` in turn, as steps without an optimizer: the
+    norms by parameter against a loop over single examples, each on a model rebuilt by ``make`` and loaded with the
+    state before the step (models with parametrized RNN weights cannot be deep-copied), to 1e-10; p.grad and
+    every buffer against a plain step's on another such model, bit for bit."""
+    model = make()
     engine = PerExampleGradNorms(model, loss_fn, by_parameter=True)
-    for step in range(3):
-        x = torch.randn(5, 6, 3, generator=generator(1 + step), dtype=torch.float64)
-        y = torch.randn(5, generator=generator(10 + step), dtype=torch.float64)
+    for x, y in batches:
         state = {key: value.clone() for key, value in model.state_dict().items()}
 
         def fresh():
-            copy_ = _reparametrized_recurrent(kind, layer_type)
-            copy_.load_state_dict(state)
-            return copy_
+            rebuilt = make()
+            rebuilt.load_state_dict(state)
+            return rebuilt
 
         expected = {name: [] for name, _ in model.named_parameters()}
-        for i in range(5):
+        for i in range(x.shape[0]):
             single = fresh()
             loss_fn(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
             for name, p in single.named_parameters():
@@ -1489,35 +1497,13 @@ def test_an_rnn_called_twice_is_rerun_with_each_calls_weights():
     weights in the backward, the second call's by then: 0.24 to 0.98 off (a review's find). Each call's weights are
     now kept with its record. Two steps against a loop over single examples (models rebuilt from the state before
     the step), p.grad and the counter as a plain step leaves them."""
-    torch.manual_seed(0)
-    model = _RecurrentTwice().double()
-    engine = PerExampleGradNorms(model, classification_loss, by_parameter=True)
-    for step in range(2):
-        x = torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(1 + step))
-        y = torch.randint(0, 2, (4,), generator=generator(10 + step))
-        state = {key: value.clone() for key, value in model.state_dict().items()}
+    def make():
+        torch.manual_seed(0)
+        return _RecurrentTwice().double()
 
-        def fresh():
-            copy_ = _RecurrentTwice().double()
-            copy_.load_state_dict(state)
-            return copy_
-
-        expected = {name: [] for name, _ in model.named_parameters()}
-        for i in range(4):
-            single = fresh()
-            classification_loss(single(x[i:i + 1]), y[i:i + 1]).sum().backward()
-            for name, p in single.named_parameters():
-                expected[name].append(p.grad.square().sum())
-        plain = fresh()
-        classification_loss(plain(x), y).mean().backward()
-        model.zero_grad(set_to_none=True)
-        result = engine(x, y)
-        for name, values in expected.items():
-            torch.testing.assert_close(result.by_parameter[name], torch.stack(values), rtol=1e-10, atol=1e-14)
-        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            assert torch.equal(p.grad, q.grad), name
-        assert torch.equal(model.rnn.parametrizations.weight_hh_l0[0].count,
-                           plain.rnn.parametrizations.weight_hh_l0[0].count)
+    batches = [(torch.randn(4, 5, 3, dtype=torch.float64, generator=generator(1 + step)),
+                torch.randint(0, 2, (4,), generator=generator(10 + step))) for step in range(2)]
+    _assert_steps_match_rebuilt_models(make, classification_loss, batches)
 
 
 # --------------------------------------------------------------------------- the plan kept between calls
