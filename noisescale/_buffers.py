@@ -26,7 +26,9 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
                 # only where the block changed it: a copy bumps the buffer's version counter, and a call of the
                 # caller's own pass that took the buffer as an input (observe's check runs after that pass) would
                 # then be refused as modified in place (a PyG GCN's edge_index kept as a buffer)
-                if not torch.equal(buffer, values):
+                if buffer.shape != values.shape or buffer.dtype != values.dtype:
+                    buffer.data = values   # (the block gave its ``.data`` another shape: a growing memory bank)
+                elif not torch.equal(buffer, values):
                     buffer.copy_(values)
 
 
@@ -50,8 +52,9 @@ def changed_in_place(buffer: torch.Tensor, version: int, before: torch.Tensor | 
     """Whether a forward changed ``buffer`` in place: its version counter moved, or, where a copy taken ``before``
     the forward is at hand, its values differ from the copy (a write through ``.data``, as VQ-VAE codebooks' EMA
     updates do it, leaves the counter as it was). NaN equals NaN here."""
-    if buffer._version != version:
-        return True
+    if buffer._version != version or before is not None and (buffer.shape != before.shape
+                                                              or buffer.dtype != before.dtype):
+        return True   # (``.data`` given another shape: a memory bank that grows by a row each forward)
     if before is None or torch.equal(buffer, before):
         return False
     return not (buffer.is_floating_point() or buffer.is_complex()) or not bool(

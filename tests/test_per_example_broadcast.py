@@ -583,6 +583,40 @@ def test_a_buffer_written_through_data_is_seen_changing_by_its_values(backend, o
         model.zero_grad(set_to_none=True)
 
 
+class _GrowingBank(nn.Module):
+    """A memory bank that grows by a row in every forward, through ``.data`` (another shape each time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.register_buffer("bank", torch.zeros(2, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        out = self.head(h + self.bank.mean(0))
+        self.bank.data = torch.cat([self.bank.data, h.detach().mean(0, keepdim=True) + 1])
+        return out
+
+
+@pytest.mark.parametrize("backend", ["vmap", "auto"])
+def test_a_buffer_given_another_shape_in_every_forward(backend):
+    """The check of the buffers' values compared tensors of two shapes, and the first call's checks put the bank
+    back by a copy into the grown tensor: both raised (a review's find; the latter before this session too). The
+    norms are now the loop's on every call, and the bank after each call is a plain step's."""
+    torch.manual_seed(0)
+    model = _GrowingBank().double()
+    engine = PerExampleGradNorms(model, classification_loss, backend=backend)
+    generator = torch.Generator().manual_seed(1)
+    for call in range(3):
+        x, y, expected = _batch_and_loop_sqnorms(model, generator)
+        plain = copy.deepcopy(model)
+        classification_loss(plain(x), y).mean().backward()
+        result = engine(x, y)
+        torch.testing.assert_close(result.sqnorms, expected, rtol=1e-10, atol=0)
+        assert torch.equal(model.bank, plain.bank) and model.bank.shape == (3 + call, 4)
+        model.zero_grad(set_to_none=True)
+
+
 def test_a_buffer_that_starts_changing_after_the_first_call_is_warned_about():
     """Spectral norm in eval mode at the first call, in train mode from the second: the second pass updates the power
     iteration's vectors, which no copy kept, so the whole-model vmap's norms of that pass start one update further
