@@ -213,7 +213,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def end_step(self, *, contribution_scale: float = 1.0, grad_scale: float = 1.0, loss_weight: float = 1.0,
                  global_step: int | None = None) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
-        whole global batch, or None when no micro-batch was seen. ``contribution_scale``: the loss scale S the
+        whole global batch, or None when no micro-batch was seen or every one was skipped. ``contribution_scale``: the loss scale S the
         backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled);
         ``loss_weight``: the factor by which the framework's summed micro-batch losses, and so its gradients, are
         the batch's mean loss times it (Lightning divides an epoch's last, shorter accumulation window of k
@@ -228,6 +228,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def _end_step(self, contribution_scale: float, grad_scale: float, loss_weight: float,
                   global_step: int | None) -> dict[str, Any] | None:
         self._drop_open_micro_batch()
+        if self._step_open and not self._sizes:   # every micro-batch skipped (Lightning: training_step returned
+            self._step_open = False               # None): no backward, nothing trained, no row
+            self._reset_step()
         if not self._step_open:
             return None
         sizes, sqnorms = self._sizes, self._sqnorms
