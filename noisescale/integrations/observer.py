@@ -270,12 +270,15 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         the HF Trainer (for a loss without num_items_in_batch) weight each micro-batch's mean loss equally, 1/K,
         not b_k/B: the step's gradient is then not the mean of its examples' gradients, and g_i = B c_i / S are not
         the examples' own (a new user's step of 4 and 2 examples: tr(Sigma) 6.10 against 4.52). Such a step is
-        left unmeasured, warned once."""
+        left unmeasured, warned once. (A loss over the whole batch's tokens, num_items_in_batch, would be measured
+        right, but the Trainer passes it to models that ignore it, BERT's, and the two cannot be told apart here.)"""
         if len(set(sizes)) < 2:
             return False
-        self._warn_once("unequal", f"step {self.step}: its micro-batches differ in size ({sizes}), and the framework "
-                        "may weight each one's mean loss equally rather than by its size, so the examples' "
-                        "gradients cannot be told from their contributions: the step is not measured (warned once; "
+        self._warn_once("unequal", f"step {self.step}: its micro-batches differ in size ({sizes}); unless the loss "
+                        "is normalised over the whole accumulated batch (transformers' num_items_in_batch, where the "
+                        "model uses it), the framework weights each micro-batch's mean loss equally rather than by "
+                        "its size, and the examples' gradients cannot be told from their contributions. Which of "
+                        "the two cannot be read from the framework's loss, so the step is not measured (warned once; "
                         "drop_last=True in the data loader avoids such steps)")
         return True
 
