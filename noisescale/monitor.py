@@ -418,7 +418,10 @@ class NoiseScaleMonitor:
         finite = math.isfinite(loss) and bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item())
         if not finite:
             self.nonfinite_steps += 1
-            return {"loss": loss, "measured": True, "nonfinite": True}
+            row = {"loss": loss, "measured": True, "nonfinite": True}
+            if not math.isfinite(loss) and bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item()):
+                row["finite_gradient"] = True   # a loss over no terms (every label ignored: 0/0): no divergence
+            return row
         if unit_sizes is not None and len(unit_sizes) < 2:
             self._warn_once("micro1", f"step {self.step}: a model that normalises with batch statistics is measured "
                             "from its micro-batches' gradients, and this batch ran as one: tr(Sigma) and B_simple "
@@ -458,6 +461,12 @@ class NoiseScaleMonitor:
         nothing of the training is changed. Under DDP (``group``: the ranks' row is the same, so all of them are
         here) each rank holds its share of the batch: their counts are exchanged, on this path only."""
         if not _is_nonfinite(row):
+            return
+        if _finite_gradient(row):
+            self._warn_once("nonfinite_loss", f"step {self.step}: the loss is not finite but every gradient is (a "
+                            "mean over no terms: a batch whose every label is ignored, -100, gives 0/0); the step is "
+                            "marked in the history and left out of the averages, and it is no sign of divergence "
+                            "(warned once)")
             return
         counts = nonfinite_counts(*micro_batches)
         if group is not None:
@@ -626,6 +635,12 @@ def _is_nonfinite(row: dict[str, Any]) -> bool:
     return row.get("nonfinite", False) or not math.isfinite(row["loss"])
 
 
+def _finite_gradient(row: dict[str, Any]) -> bool:
+    """Whether a measured history row's loss was not finite while its gradients were (``finite_gradient``): no
+    parameter can have become non-finite by it."""
+    return row.get("finite_gradient") is True
+
+
 def _holds_bad_data(row: dict[str, Any]) -> bool:
     """Whether a history row's batch held bad values: its ``nonfinite_data`` is a text (absent, None or NaN on the
     other rows)."""
@@ -694,13 +709,14 @@ def divergence_of(rows: list[dict[str, Any]]) -> str | None:
     DIVERGED_LOSS_FACTOR times the first finite loss (the loss at the start of the measurement). Non-finite steps
     the data caused (:func:`_caused_by_data`: a batch holding NaN or Inf, and the steps it broke) are no
     divergence (:func:`bad_data_of` reports them), nor are the steps of a run that never had a finite one
-    (:func:`nonfinite_from_start`)."""
+    (:func:`nonfinite_from_start`), nor steps whose loss alone was not finite (:func:`_finite_gradient`: a batch
+    whose every label is ignored, which the HF Trainer's token mean takes as 0/0)."""
     if not rows or nonfinite_from_start(rows) is not None:
         return None
     count = min(10, max(1, len(rows) // 5))
     latest = rows[-count:]
     nonfinite = [row for row, by_data in zip(latest, _caused_by_data(rows)[-count:])
-                 if _is_nonfinite(row) and not by_data]
+                 if _is_nonfinite(row) and not by_data and not _finite_gradient(row)]
     if 2 * len(nonfinite) > len(latest):
         if len(latest) == 1:
             return f"the loss or gradient of the latest step ({latest[0]['step']}) is not finite"

@@ -256,6 +256,34 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         assert log.get("noise_scale/b_noise", math.inf) == pytest.approx(b_noise, rel=RTOL)
 
 
+def test_a_batch_whose_every_label_is_ignored_is_no_divergence(tmp_path):
+    """The run's last batch has every label -100 (a prompt-only batch): the Trainer's token mean over the batch is
+    0/0, NaN, while every gradient is 0. The summary called the run diverged and advised a lower learning rate (an
+    integrations survey's find). The step is left out of the averages as before, with a warning that names the
+    cause, and the summary gives the noise scale of the other steps; training is as without noisescale."""
+    data = _token_dataset(8)
+    for example in data[4:]:
+        example["labels"] = torch.full_like(example["labels"], -100)
+    trainers = []
+    for trainer_class, path, extra in ((transformers.Trainer, "plain", {}),
+                                       (NoiseScaleTrainer, "measured", {"noise_scale": NoiseScaleOptions()})):
+        arguments = _args(tmp_path / path, 1)
+        arguments.max_steps, arguments.train_sampling_strategy = 2, "sequential"
+        trainer = trainer_class(model=tiny_gpt2(), args=arguments, train_dataset=data, **extra)
+        if trainer_class is NoiseScaleTrainer:
+            with pytest.warns(RuntimeWarning, match=r"step 1: the loss is not finite but every gradient is"):
+                trainer.train()
+        else:
+            trainer.train()
+        trainers.append(trainer)
+    _assert_same_parameters(*trainers)
+    history = trainers[1].noise_scale.history
+    assert history["nonfinite"].tolist() == [False, True] and history["finite_gradient"].iloc[1] == True  # noqa: E712
+    summary = trainers[1].noise_scale.summary()
+    assert summary.divergence is None and summary.b_simple == history["b_simple"].iloc[0]
+    assert "diverged" not in str(summary) and "1 step(s) with a non-finite loss or gradient" in str(summary)
+
+
 def tiny_t5(dropout=0.0):
     """T5ForConditionalGeneration from a config, with its default SDPA attention: the relative position tables,
     looked up once for all the examples, enter every layer's attention mask by an addition (the encoder's) or a
