@@ -61,12 +61,14 @@ _LEAF = "AccumulateGrad"
 WEIGHT_CAST = "ToCopyBackward0"   # autocast's cached cast of a weight, taken by each of the weight's uses
 
 
-def leaf_uses(roots: Iterable[Any]) -> dict[Any, int]:
+def leaf_uses(roots: Iterable[Any], visited: set | None = None) -> dict[Any, int]:
     """Gradient accumulator node -> how many operations of the graph from ``roots`` take its leaf, counted as
     ``operations_taking`` counts them, in one walk that counts each node's takers without listing them (about
-    half the cost of ``autograd_consumers``, which a caller needs only to see which operations they are)."""
+    half the cost of ``autograd_consumers``, which a caller needs only to see which operations they are).
+    ``visited``, where given, receives every node of the graph."""
     roots = [root for root in roots if root is not None]
-    takers, seen, stack = defaultdict(int), set(roots), list(roots)
+    takers, seen, stack = defaultdict(int), set(roots) if visited is None else visited, list(roots)
+    seen.update(roots)
     while stack:
         for next_node, _ in stack.pop().next_functions:
             if next_node is not None:

@@ -1857,6 +1857,39 @@ def test_a_transformer_encoder_with_nested_tensors_measured_without_torchs_notes
         assert_matches_reference(model, classification_loss, (x, padding), y, "auto")
 
 
+class _UnreadHeadWithPenalty(nn.Module):
+    """An auxiliary head called in the forward whose output the loss does not read, and a penalty on its weight
+    computed outside its call, which the loss does read."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.out, self.aux = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.out(h), self.aux(h), self.aux.weight.square().sum()
+
+
+@pytest.mark.parametrize("weight", [0.01, 1.0])
+def test_a_weight_read_outside_a_call_whose_output_the_loss_does_not_read(weight):
+    """The graph took the aux weight once (the penalty) and its layer was called once, so the counts matched and the
+    rule measured it; but that call's output never reaches the loss, so the rule saw no gradient: norms of 0 for a
+    weight whose p.grad holds the penalty's gradient (tr(Sigma) 2e-4 off at 0.01, and at 1.0 an error blaming a
+    summed loss; a review of training loops found it). A call outside the loss's graph no longer counts, and the
+    weight goes to the whole-model vmap: the loop's norms."""
+    torch.manual_seed(0)
+    model = _UnreadHeadWithPenalty().double()
+    x = torch.randn(6, 4, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 3, (6,), generator=generator(2))
+
+    def loss_fn(outputs, targets):
+        out, _, penalty = outputs
+        return F.cross_entropy(out, targets, reduction="none") + weight * penalty
+
+    result = assert_matches_reference(model, loss_fn, x, y, "auto")
+    assert result.backend_of["aux.weight"] == "vmap" and result.by_parameter["aux.weight"].min() > 0
+
+
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

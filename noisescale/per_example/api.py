@@ -169,11 +169,11 @@ def _encloses(outer: str, inner: str) -> bool:
     return outer != inner and (outer == "<model>" or inner.startswith(outer + "."))
 
 
-def _leaf_uses(nodes: list) -> dict[int, list]:
+def _leaf_uses(nodes: list, visited: set | None = None) -> dict[int, list]:
     """id(leaf) -> [leaf, n, its gradient accumulator] for the leaf tensors (parameters) of the autograd graph from
     ``nodes`` back, n the number of the graph's operations that take the leaf directly: one per call of a layer
-    that uses its weight (``leaf_uses``)."""
-    return {id(node.variable): [node.variable, n, node] for node, n in leaf_uses(nodes).items()}
+    that uses its weight (``leaf_uses``; ``visited`` receives the graph's nodes)."""
+    return {id(node.variable): [node.variable, n, node] for node, n in leaf_uses(nodes, visited).items()}
 
 
 def _unused(plan: _Plan, ghost_pass: GhostPass) -> list[str]:
@@ -575,19 +575,28 @@ class PerExampleGradNorms:
         the operations, only where a weight is read elsewhere): ``_read_elsewhere``, the rule-measured parameters it
         takes outside their layers' calls, but for those whose uses there are captured from the graph
         (``_captured_from_graph``). Returns the graph's leaves (``_leaf_uses``)."""
-        in_graph = _leaf_uses(roots)
-        extra = self._read_elsewhere_now(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters))
+        visited: set = set()
+        in_graph = _leaf_uses(roots, visited)
+        extra = self._read_elsewhere_now(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters),
+                                         ghost_pass.calls_outside(visited))
         self._read_elsewhere = set(extra) - (_captured_from_graph(
             ghost_pass, extra, in_graph, autograd_consumers(roots), plan.parameters) if extra else set())
         return in_graph
 
-    def _read_elsewhere_now(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int]) -> dict[str, int]:
+    def _read_elsewhere_now(self, plan: _Plan, ghost_pass: GhostPass, in_graph: dict[str, int],
+                            outside: dict[str, int] | None = None) -> dict[str, int]:
         """name -> extra uses, for the rule-measured parameters that the pass's graph takes more often (``in_graph``:
-        name -> operations taking it) than their layers' hooked calls did (``_bypassed``)."""
+        name -> operations taking it) than their layers' hooked calls in it did (``_bypassed``): ``outside``, name
+        -> its hooked calls whose output the graph does not reach (an aux head the loss does not read), are not.
+        Such a call's rule sees no gradient, so a penalty on the weight in the loss, one more use, was missed when
+        the call was counted (norms of 0, a review of loops found)."""
         self._uses_checked = True
-        return {name: in_graph.get(name, 0) - ghost_pass.use_count[name] for name, backend in plan.backend_of.items()
+        outside = outside or {}
+        return {name: in_graph.get(name, 0) - ghost_pass.use_count[name] + outside.get(name, 0)
+                for name, backend in plan.backend_of.items()
                 if backend == "ghost" and name not in ghost_pass.fallback_names | ghost_pass.vmap_names
-                and 0 < ghost_pass.use_count[name] < in_graph.get(name, 0)}
+                and 0 < ghost_pass.use_count[name]
+                and ghost_pass.use_count[name] - outside.get(name, 0) < in_graph.get(name, 0)}
 
     def __call__(self, inputs: Any, targets: Any, *, loss_scale: float | Tensor = 1.0) -> PerExampleNorms:
         """One step on ``inputs`` (a tensor, a tuple of positional inputs or a mapping of keyword inputs, every

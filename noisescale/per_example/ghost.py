@@ -153,6 +153,7 @@ class GhostPass:
     pass_hooks: list = field(default_factory=list)
     host_rng: tuple | None = None   # Python's and NumPy's generators before the pass's first re-run (``_rerun``)
     hooked_nodes: set = field(default_factory=set)   # the output nodes of the rule layers' calls (``graph_uses``)
+    call_nodes: list = field(default_factory=list)   # (hooked output node, parameter names) of each rule call
     graph_captured: set[str] = field(default_factory=set)   # parameters whose products were captured (``graph_uses``)
     check_uses: bool = False   # the pass whose graph is checked for parameters read outside their layers' calls
     held: dict[str, dict[int, Tensor]] = field(default_factory=lambda: defaultdict(dict))   # FSDP: ``hold``
@@ -651,6 +652,16 @@ class GhostPass:
         else:
             _add(self.shared_grads, name, grad)
 
+    def calls_outside(self, graph: set) -> dict[str, int]:
+        """name -> how many of this pass's rule calls on the parameter have an output node outside ``graph`` (the
+        nodes of the loss's graph): their rules get no gradient."""
+        outside: dict[str, int] = defaultdict(int)
+        for node, names in self.call_nodes:
+            if node not in graph:
+                for name in names:
+                    outside[name] += 1
+        return outside
+
     def result(self) -> dict[str, Tensor]:
         """Per-parameter (B,) squared norms of every parameter that took part in this pass."""
         found = self.stacked()
@@ -1098,6 +1109,7 @@ class GhostNormEngine:
         ghost_pass.pass_hooks.append(
             hooked_node.register_prehook(partial(self._on_output_grad, ghost_pass, entry, module, call)))
         ghost_pass.hooked_nodes.update((node, hooked_node))
+        ghost_pass.call_nodes.append((hooked_node, tuple(entry.names.values())))
         if not selected:   # its rows in its input's order, which its own search found kept
             ghost_pass.clean_rows.add(node)
         if not transposed and replaced is None and owners is None:   # the examples' rows, for shared outputs
