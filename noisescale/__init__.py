@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "NoiseScaleMonitor": "noisescale.monitor",
+    "AccumulatingNoiseScaleMonitor": "noisescale.training",
     "measure": "noisescale.monitor",
     "PerExampleGradNorms": "noisescale.per_example",
     "per_example_sqnorms": "noisescale.per_example",

@@ -463,10 +463,14 @@ class NoiseScaleMonitor:
         if not _is_nonfinite(row):
             return
         if _finite_gradient(row):
-            self._warn_once("nonfinite_loss", f"step {self.step}: the loss is not finite but every gradient is (a "
-                            "mean over no terms: a batch whose every label is ignored, -100, gives 0/0); the step is "
-                            "marked in the history and left out of the averages, and it is no sign of divergence "
-                            "(warned once)")
+            examples = None if losses is None else _nonfinite_examples(losses)
+            if examples is not None:
+                row["nonfinite_examples"] = examples
+            self._warn_once("nonfinite_loss", f"step {self.step}: the loss is not finite but every gradient is"
+                            f"{'' if examples is None else f' ({examples})'}: a mean over no terms, 0/0, as a "
+                            "sequence or batch whose every label is ignored (-100) gives; clamp the mean's count to at "
+                            "least 1 where such examples are meant. The step is marked in the history and left out "
+                            "of the averages, and it is no sign of divergence (warned once)")
             return
         counts = nonfinite_counts(*micro_batches)
         if group is not None:
@@ -592,10 +596,11 @@ class NoiseScaleMonitor:
     def last_step_finite(self) -> bool:
         """Whether the latest step's loss (and, on a measured step, every per-example gradient norm and the
         mean gradient) was finite. When False, p.grad may hold inf or NaN: skip ``optimizer.step()`` as
-        ``GradScaler`` does, or stop."""
+        ``GradScaler`` does, or stop. True also for a measured step whose loss alone was not finite while every
+        gradient was (0/0 of a mean over no terms: p.grad is finite, and a plain loop steps on it)."""
         if not self._rows:
             raise RuntimeError("no step has been taken yet")
-        return not _is_nonfinite(self._rows[-1])
+        return not _is_nonfinite(self._rows[-1]) or _finite_gradient(self._rows[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""

@@ -210,6 +210,33 @@ def test_b_noise_not_measured_yet_is_not_called_switched_off():
             in text and "hessian_every=0" not in text and "hessian-every 0" not in text
 
 
+def test_a_loss_that_alone_is_not_finite_names_its_examples_and_does_not_stop_the_step():
+    """A per-example token mean written sum / count, one example with every label ignored: its loss is 0/0 while
+    every gradient is finite, and a plain loop steps on that p.grad. The monitor's p.grad is the plain one; the
+    warning named 'a batch whose every label is ignored' (no example), and last_step_finite told the loop to skip
+    the step (a review of training loops found both). It now names the example and says the step can be taken."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10)).double()
+    plain = copy.deepcopy(model)
+    tokens = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(1))
+    labels = tokens.clone()
+    labels[2] = -100
+
+    def token_mean(logits, targets):
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+        return losses.sum(1) / (targets != -100).sum(1)
+
+    token_mean(plain(tokens), labels).mean().backward()
+    monitor = NoiseScaleMonitor(model, token_mean)
+    with pytest.warns(RuntimeWarning, match=r"the loss is not finite but every gradient is \(the loss of 1 of its 6 "
+                                            r"examples is not finite \(index 2\)\): a mean over no terms"):
+        monitor(tokens, labels)
+    assert monitor.last_step_finite
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    assert monitor.history["finite_gradient"].tolist() == [True] and monitor.average.num_updates == 0
+
+
 def test_grad_scaler_scales_gradients_and_not_the_norms():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     torch.manual_seed(0)
