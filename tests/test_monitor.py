@@ -237,6 +237,32 @@ def test_a_loss_that_alone_is_not_finite_names_its_examples_and_does_not_stop_th
     assert monitor.history["finite_gradient"].tolist() == [True] and monitor.average.num_updates == 0
 
 
+def test_accumulating_unequal_micro_batches_in_your_own_loop():
+    """AccumulatingNoiseScaleMonitor.accumulate, as the README shows it for your own loop: micro-batches of 3 and 5
+    leave p.grad the whole batch's mean gradient (each micro-batch's mean weighted by b_k / B) and one row whose
+    tr(Sigma) and |G|^2 are the estimate of all 8 examples, from a loop over single examples."""
+    from noisescale import AccumulatingNoiseScaleMonitor
+    from noisescale.estimators import simple_noise_scale
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    plain = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    loss_fn = lambda outputs, targets: F.cross_entropy(outputs, targets, reduction="none")  # noqa: E731
+    monitor = AccumulatingNoiseScaleMonitor(model, loss_fn)
+    monitor.accumulate([(x[:3], y[:3]), (x[3:], y[3:])])
+    loss_fn(plain(x), y).mean().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15)
+    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        loss_fn(plain(x[i:i + 1]), y[i:i + 1]).sum(), list(plain.parameters()))]) for i in range(8)])
+    estimate = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum())
+    row = monitor.history.iloc[0]
+    assert len(monitor.history) == 1 and row["batch_size"] == 8
+    assert row["trace_sigma"] == pytest.approx(float(estimate.trace_sigma), rel=1e-10)
+    assert row["grad_sqnorm"] == pytest.approx(float(estimate.grad_sqnorm), rel=1e-10)
+
+
 def test_grad_scaler_scales_gradients_and_not_the_norms():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     torch.manual_seed(0)
