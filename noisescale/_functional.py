@@ -12,10 +12,12 @@ and evaluates a parametrized weight twice on the way). Its forward inside the ca
 and the restore left them so: the next forward of the training found them changed at once and evaluated a
 parametrized weight fewer times than a plain step's (spectral norm's power iteration in train mode: its buffers,
 then p.grad, moved off a plain step's, 1.5e-6 after two steps), re-flattened the weights on CUDA, and the call's
-copies were held meanwhile. They are put back after the call. During the call, the references to parameters the
-training's forward found unchanged point at the tensors given in their place, so that the call's forward takes
-the same branches and evaluates a parametrized weight as often as the training's did (the whole-model vmap
-differentiates the weight of the pass: 1.1e-4 off for a spectral-normed LSTM otherwise).
+copies were held meanwhile. They are put back after the call. During the call, the cached parameters the
+training's forward found unchanged are the tensors given in their place, with their references, so that the
+call's forward takes the same branches and evaluates a parametrized weight as often as the training's did (the
+whole-model vmap differentiates the weight of the pass: 1.1e-4 off for a spectral-normed LSTM otherwise), and
+runs with the given tensors (a first version retargeted the references alone: an RNN without a parametrization
+then ran with its own parameters, not the given ones, and its Hessian-vector products were wrong).
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def functional_call(module: nn.Module, tensors: dict[str, Tensor] | tuple[dict[s
         for table in (owner._parameters, owner._buffers) for name, tensor in table.items()]
     given = {key: tensor for part in (tensors if isinstance(tensors, tuple) else (tensors,))
              for key, tensor in part.items()} if recurrent else {}
-    for path, rnn, _, references in recurrent:
-        rnn._flat_weight_refs = [_given_in_place(rnn, path, name, reference, given)
-                                 for name, reference in zip(rnn._flat_weights_names, references)]
+    for path, rnn, weights, references in recurrent:
+        cached = [_given_in_place(rnn, path, name, weight, reference, given)
+                  for name, weight, reference in zip(rnn._flat_weights_names, weights, references)]
+        rnn._flat_weights = [weight for weight, _ in cached]
+        rnn._flat_weight_refs = [reference for _, reference in cached]
     try:
         return torch.func.functional_call(module, tensors, args, kwargs, **options)
     finally:
@@ -64,11 +68,14 @@ def functional_call(module: nn.Module, tensors: dict[str, Tensor] | tuple[dict[s
             rnn._flat_weights, rnn._flat_weight_refs = weights, references
 
 
-def _given_in_place(rnn: nn.RNNBase, path: str, name: str, reference: weakref.ref | None,
-                    given: dict[str, Tensor]) -> weakref.ref | None:
-    """The RNN's reference to its flat weight ``name`` for the call: to the tensor given in place of the parameter,
-    where the reference is to the parameter itself (the training's forward found it unchanged)."""
+def _given_in_place(rnn: nn.RNNBase, path: str, name: str, weight: Tensor | None, reference: weakref.ref | None,
+                    given: dict[str, Tensor]) -> tuple[Tensor | None, weakref.ref | None]:
+    """The RNN's cached weight ``name`` and its reference for the call: the tensor given in place of the parameter
+    (and a reference to it), where the cache holds the parameter itself (the training's forward found it
+    unchanged), so that the call's forward finds it unchanged too and runs with the given tensor; else as they
+    are (a parametrized weight, evaluated anew)."""
     key = f"{path}.{name}" if path else name
-    if reference is None or key not in given or reference() is not rnn._parameters.get(name):
-        return reference
-    return weakref.ref(given[key])
+    if reference is None or key not in given or reference() is not rnn._parameters.get(name) \
+            or weight is not rnn._parameters.get(name):
+        return weight, reference
+    return given[key], weakref.ref(given[key])

@@ -1394,12 +1394,16 @@ class _RecurrentUsingStates(nn.Module):
     lambda: nn.GRU(3, 4, batch_first=True, bias=False),
 ], ids=["rnn_tanh_bidirectional", "rnn_relu_no_bias", "lstm_bidirectional", "gru_bidirectional", "gru_no_bias"])
 def test_recurrent_layers_by_the_fused_rerun_match_naive_loop(layer):
+    """And by the whole-model vmap (backend="vmap"), whose functional_call the RNN must run with the tensors it is
+    given, not with its cached own parameters (a first version of the cache's restore got that wrong: the Hessian
+    tests caught it)."""
     torch.manual_seed(0)
     model = _RecurrentUsingStates(layer()).double()
     inputs = torch.randn(5, 6, 3, generator=generator(1), dtype=torch.float64)
     targets = torch.randn(5, generator=generator(2), dtype=torch.float64)
     result = assert_matches_reference(model, lambda out, y: (out - y).square(), inputs, targets, "auto")
     assert set(result.backend_of.values()) == {"module"}
+    assert_matches_reference(model, lambda out, y: (out - y).square(), inputs, targets, "vmap")
 
 
 def _reparametrized_recurrent(kind, layer_type):
