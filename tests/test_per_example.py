@@ -1894,6 +1894,37 @@ def test_a_weight_read_outside_a_call_whose_output_the_loss_does_not_read(weight
     assert result.backend_of["aux.weight"] == "vmap" and result.by_parameter["aux.weight"].min() > 0
 
 
+class _SharedCallWithPenalty(_UnreadHeadWithPenalty):
+    """The aux head also called on a learned prototype of one row (a call shared by every example) whose output
+    the loss does not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.prototype = nn.Parameter(torch.randn(1, 5))
+
+    def forward(self, x):
+        out, aux, penalty = super().forward(x)
+        self.aux(self.prototype)
+        return out, aux, penalty
+
+
+def test_a_shared_call_whose_output_the_loss_does_not_read_is_no_use_either():
+    """As above, the head called on the examples (read by the loss) and on a one-row prototype (not read), plus the
+    penalty: the shared call was counted as a use however the graph stood, so the rule kept the weight and missed
+    the penalty (4.6e-3 off; a review's find). The loop's norms now."""
+    torch.manual_seed(0)
+    model = _SharedCallWithPenalty().double()
+    x = torch.randn(6, 4, dtype=torch.float64, generator=generator(1))
+    y = torch.randint(0, 3, (6,), generator=generator(2))
+
+    def loss_fn(outputs, targets):
+        out, aux, penalty = outputs
+        return F.cross_entropy(out, targets, reduction="none") + aux.sum(1) + 0.01 * penalty
+
+    result = assert_matches_reference(model, loss_fn, x, y, "auto")
+    assert result.backend_of["aux.weight"] == "vmap"
+
+
 def test_a_closed_instance_refuses_to_measure():
     model, x, y, loss_fn = _twice_case()
     measure = PerExampleGradNorms(model, loss_fn)

@@ -1087,6 +1087,8 @@ class GhostNormEngine:
         if shared:
             ghost_pass.share(entry, output, partial(self._on_shared_grad, ghost_pass, entry, module, x),
                              without_examples=once)
+            if output.grad_fn is not None:
+                ghost_pass.call_nodes.append((output.grad_fn, tuple(entry.names.values())))
             return None
         held = output if blocks is None and not transposed else hooked
         node = held.grad_fn
