@@ -210,31 +210,66 @@ def test_b_noise_not_measured_yet_is_not_called_switched_off():
             in text and "hessian_every=0" not in text and "hessian-every 0" not in text
 
 
-def test_a_loss_that_alone_is_not_finite_names_its_examples_and_does_not_stop_the_step():
-    """A per-example token mean written sum / count, one example with every label ignored: its loss is 0/0 while
-    every gradient is finite, and a plain loop steps on that p.grad. The monitor's p.grad is the plain one; the
-    warning named 'a batch whose every label is ignored' (no example), and last_step_finite told the loop to skip
-    the step (a review of training loops found both). It now names the example and says the step can be taken."""
+def _token_mean(logits, targets):
+    """Each example's mean token loss written sum / count: 0/0 for an example whose every label is ignored, whose
+    gradient is 0 all the same."""
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return losses.sum(1) / (targets != -100).sum(1)
+
+
+def test_a_loss_that_alone_is_not_finite_as_0_over_0_names_its_examples_and_is_no_divergence():
+    """One example's every label ignored, its token mean 0/0 while its gradient is 0: the monitor's p.grad is a
+    plain loop's, the warning names the example and says 0/0 rather than a non-finite gradient, the step is left out
+    of the averages, and a run ending on such steps, measured or not, is no divergence (an integrations survey, a
+    review of training loops and a review of the first version, which also took a blown-up critic for 0/0)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10)).double()
     plain = copy.deepcopy(model)
-    tokens = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 10, (6, 5), generator=generator)
     labels = tokens.clone()
     labels[2] = -100
-
-    def token_mean(logits, targets):
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
-        return losses.sum(1) / (targets != -100).sum(1)
-
-    token_mean(plain(tokens), labels).mean().backward()
-    monitor = NoiseScaleMonitor(model, token_mean)
-    with pytest.warns(RuntimeWarning, match=r"the loss is not finite but every gradient is \(the loss of 1 of its 6 "
-                                            r"examples is not finite \(index 2\)\): a mean over no terms"):
+    _token_mean(plain(tokens), labels).mean().backward()
+    monitor = NoiseScaleMonitor(model, _token_mean, measure_every=2)
+    with pytest.warns(RuntimeWarning, match=r"the loss is not finite while the gradient of each such example \(the "
+                                            r"loss of 1 of its 6 examples is not finite \(index 2\)\) is 0: a mean "
+                                            r"over no terms, 0/0"):
         monitor(tokens, labels)
-    assert monitor.last_step_finite
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad)
-    assert monitor.history["finite_gradient"].tolist() == [True] and monitor.average.num_updates == 0
+    assert not monitor.last_step_finite and monitor.average.num_updates == 0
+    for step, targets in enumerate([tokens, tokens, tokens, labels, torch.full_like(labels, -100)], start=1):
+        model.zero_grad(set_to_none=True)   # step 4 measured, with 0/0 for one example; step 5 unmeasured, with 0/0
+        monitor(tokens, targets)            # for all of them (read from the step's whole gradient, 0)
+    history = monitor.history
+    assert history["finite_gradient"].fillna(False).tolist() == [True, False, False, False, True, True]
+    assert monitor.summary().divergence is None and "diverged" not in str(monitor.summary())
+
+
+def test_a_non_finite_loss_with_nonzero_gradients_is_divergence_and_with_bad_targets_bad_data():
+    """Not 0/0: a critic's loss -D(x), linear in its output, stays finite in its gradient once the output's bias is
+    infinite, and a clipped residual (clamp(out - y, -1, 1))^2 zeroes the gradient of a NaN target's example. The
+    first is divergence, the second bad data, as before the 0/0 verdict (whose first version took both for 0/0)."""
+    torch.manual_seed(0)
+    critic = torch.nn.Linear(4, 1).double()
+    monitor = NoiseScaleMonitor(critic, lambda out, _: -out.squeeze(-1))
+    generator = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(10):
+            if step == 6:
+                with torch.no_grad():
+                    critic.bias.fill_(float("inf"))
+            critic.zero_grad(set_to_none=True)
+            monitor(torch.randn(8, 4, dtype=torch.float64, generator=generator), None)
+    assert "finite_gradient" not in monitor.history and monitor.summary().divergence is not None
+    model = torch.nn.Linear(4, 1).double()
+    clipped = NoiseScaleMonitor(model, lambda out, y: (out.squeeze(-1) - y).clamp(-1, 1).square())
+    targets = torch.randn(8, dtype=torch.float64, generator=generator)
+    targets[3] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"the batch holds NaN in its targets \(1 value\)"):
+        clipped(torch.randn(8, 4, dtype=torch.float64, generator=generator), targets)
+    assert "finite_gradient" not in clipped.history and clipped.summary().bad_data is not None
 
 
 def test_accumulating_unequal_micro_batches_in_your_own_loop():
