@@ -1874,26 +1874,6 @@ class _UnreadHeadWithPenalty(nn.Module):
         return self.out(h), self.aux(h), self.aux.weight.square().sum()
 
 
-@pytest.mark.parametrize("weight", [0.01, 1.0])
-def test_a_weight_read_outside_a_call_whose_output_the_loss_does_not_read(weight):
-    """The graph took the aux weight once (the penalty) and its layer was called once, so the counts matched and the
-    rule measured it; but that call's output never reaches the loss, so the rule saw no gradient: norms of 0 for a
-    weight whose p.grad holds the penalty's gradient (tr(Sigma) 2e-4 off at 0.01, and at 1.0 an error blaming a
-    summed loss; a review of training loops found it). A call outside the loss's graph no longer counts, and the
-    weight goes to the whole-model vmap: the loop's norms."""
-    torch.manual_seed(0)
-    model = _UnreadHeadWithPenalty().double()
-    x = torch.randn(6, 4, dtype=torch.float64, generator=generator(1))
-    y = torch.randint(0, 3, (6,), generator=generator(2))
-
-    def loss_fn(outputs, targets):
-        out, _, penalty = outputs
-        return F.cross_entropy(out, targets, reduction="none") + weight * penalty
-
-    result = assert_matches_reference(model, loss_fn, x, y, "auto")
-    assert result.backend_of["aux.weight"] == "vmap" and result.by_parameter["aux.weight"].min() > 0
-
-
 class _SharedCallWithPenalty(_UnreadHeadWithPenalty):
     """The aux head also called on a learned prototype of one row (a call shared by every example) whose output
     the loss does not read."""
@@ -1908,21 +1888,26 @@ class _SharedCallWithPenalty(_UnreadHeadWithPenalty):
         return out, aux, penalty
 
 
-def test_a_shared_call_whose_output_the_loss_does_not_read_is_no_use_either():
-    """As above, the head called on the examples (read by the loss) and on a one-row prototype (not read), plus the
-    penalty: the shared call was counted as a use however the graph stood, so the rule kept the weight and missed
-    the penalty (4.6e-3 off; a review's find). The loop's norms now."""
+@pytest.mark.parametrize("model_type, aux_weight, penalty_weight", [
+    (_UnreadHeadWithPenalty, 0.0, 0.01), (_UnreadHeadWithPenalty, 0.0, 1.0), (_SharedCallWithPenalty, 1.0, 0.01)])
+def test_a_weight_read_outside_a_call_whose_output_the_loss_does_not_read(model_type, aux_weight, penalty_weight):
+    """The graph took the aux weight once (the penalty) and its layer was called once, so the counts matched and the
+    rule measured it; but that call's output never reaches the loss, so the rule saw no gradient: norms of 0 for a
+    weight whose p.grad holds the penalty's gradient (tr(Sigma) 2e-4 off at 0.01, and at 1.0 an error blaming a
+    summed loss; a review of training loops found it). Likewise the head's call on a one-row prototype whose output
+    the loss does not read, beside its call on the examples, which it does (4.6e-3 off; a review's find). A call
+    outside the loss's graph no longer counts, and the weight goes to the whole-model vmap: the loop's norms."""
     torch.manual_seed(0)
-    model = _SharedCallWithPenalty().double()
+    model = model_type().double()
     x = torch.randn(6, 4, dtype=torch.float64, generator=generator(1))
     y = torch.randint(0, 3, (6,), generator=generator(2))
 
     def loss_fn(outputs, targets):
         out, aux, penalty = outputs
-        return F.cross_entropy(out, targets, reduction="none") + aux.sum(1) + 0.01 * penalty
+        return F.cross_entropy(out, targets, reduction="none") + aux_weight * aux.sum(1) + penalty_weight * penalty
 
     result = assert_matches_reference(model, loss_fn, x, y, "auto")
-    assert result.backend_of["aux.weight"] == "vmap"
+    assert result.backend_of["aux.weight"] == "vmap" and result.by_parameter["aux.weight"].min() > 0
 
 
 def test_a_closed_instance_refuses_to_measure():
