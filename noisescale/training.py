@@ -784,9 +784,6 @@ def _gradients_finite(model: torch.nn.Module) -> bool:
     return not grads or math.isfinite(torch.stack(grads).sum().item())
 
 
-
-
-
 def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                sharded: bool) -> tuple[dict, dict]:
     """The model's and the optimizer's state dicts, without DDP's ``module.`` prefix. Under FSDP the full
