@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["GradientSquaredNorm", "dense_gradient", "gradient_values"]
+__all__ = ["GradientSquaredNorm", "dense_gradient", "gradient_values", "gradients_finite"]
 
 
 def gradient_values(grad: torch.Tensor) -> torch.Tensor:
@@ -17,6 +19,13 @@ def dense_gradient(grad: torch.Tensor) -> torch.Tensor:
     """The gradient as a dense tensor of its parameter's shape (a sparse one's, ``nn.Embedding(sparse=True)``'s,
     made dense), for sums and comparisons with per-example gradients."""
     return grad.to_dense() if grad.is_sparse else grad
+
+
+def gradients_finite(model: torch.nn.Module) -> bool:
+    """Whether every p.grad of ``model`` is finite (one float64 sum: inf and NaN propagate, finite values cannot
+    overflow)."""
+    grads = [gradient_values(p.grad).sum(dtype=torch.float64) for p in model.parameters() if p.grad is not None]
+    return not grads or math.isfinite(torch.stack(grads).sum().item())
 
 
 class GradientSquaredNorm:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from noisescale._checks import check_int
-from noisescale._gradient_norm import gradient_values
+from noisescale._gradient_norm import gradients_finite
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import unwrapped_module
 from noisescale.batches import (batch_size_of, call_model, describe_nonfinite_counts, merge_nonfinite_counts,
@@ -420,9 +420,8 @@ class NoiseScaleMonitor:
         if not finite:
             self.nonfinite_steps += 1
             row = {"loss": loss, "measured": True, "nonfinite": True}
-            if not math.isfinite(loss) and math.isfinite(grad_sqnorm.item()) and _zero_where_not_finite(losses,
-                                                                                                       sqnorms):
-                row["finite_gradient"] = True   # a loss over no terms (every label ignored: 0/0), if not bad data
+            if math.isnan(loss) and math.isfinite(grad_sqnorm.item()) and bool(torch.isfinite(sqnorms).all()):
+                row["finite_gradient"] = True   # a NaN that never reached the gradient (0/0), unless bad data
             return row
         if unit_sizes is not None and len(unit_sizes) < 2:
             self._warn_once("micro1", f"step {self.step}: a model that normalises with batch statistics is measured "
@@ -474,18 +473,18 @@ class NoiseScaleMonitor:
         cause = describe_nonfinite_counts(counts)   # the counts of the whole batch
         if cause is not None:
             row.pop("finite_gradient", None)   # bad data, whatever its gradient (a clipped residual's is 0)
-        elif not row["measured"] and group is None and not math.isfinite(row["loss"]) and self._gradient_zero():
-            row["finite_gradient"] = True   # unmeasured: the step's whole gradient 0, as 0/0 leaves it
+        elif not row["measured"] and group is None and math.isnan(row["loss"]) and gradients_finite(self.model):
+            row["finite_gradient"] = True   # unmeasured: read from p.grad (outside DDP, whose shards may differ)
         if _finite_gradient(row):
             examples = None if losses is None else _nonfinite_examples(losses)
             if examples is not None:
                 row["nonfinite_examples"] = examples
-            self._warn_once("nonfinite_loss", f"step {self.step}: the loss is not finite while the gradient of "
-                            f"{'every example' if examples is None else f'each such example ({examples})'} is 0: "
-                            "a mean over no terms, 0/0, as a sequence or batch whose every label is ignored (-100) "
-                            "gives; clamp the mean's count to at least 1 where such examples are meant. The step is "
-                            "marked in the history and left out of the averages, and it is no sign of divergence "
-                            "(warned once)")
+            self._warn_once("nonfinite_loss", f"step {self.step}: the loss is NaN"
+                            f"{'' if examples is None else f' ({examples})'} while every gradient is finite: a NaN "
+                            "that never reaches the gradient, as 0/0 of a mean over no terms gives (a sequence or batch "
+                            "whose every label is ignored, -100; clamp the mean's count to at least 1 where such "
+                            "examples are meant). p.grad is finite and can be stepped on (last_step_finite); the step "
+                            "is left out of the averages, and it is no sign of divergence (warned once)")
             return
         if cause is None:
             examples = None if losses is None else _nonfinite_examples(losses)
@@ -526,11 +525,6 @@ class NoiseScaleMonitor:
         self.hessian_average.update(proxies.trace_h_sigma, proxies.g_h_g)
         row = {column: getattr(proxies, column) for column in HESSIAN_COLUMNS}
         return row | {"b_noise_batch": proxies.b_noise, "b_noise": self.hessian_average.ratio}
-
-    def _gradient_zero(self) -> bool:
-        """Whether every p.grad is exactly 0 (or None): an unmeasured step's gradient as 0/0 leaves it, where
-        p.grad was zeroed before the step."""
-        return all(bool((gradient_values(p.grad) == 0).all()) for p in self.model.parameters() if p.grad is not None)
 
     def _hessian_seed(self) -> int:
         """Seed of this step's Hutchinson probes and Sigma subsample: reproducible, new at every step."""
@@ -608,11 +602,12 @@ class NoiseScaleMonitor:
     def last_step_finite(self) -> bool:
         """Whether the latest step's loss (and, on a measured step, every per-example gradient norm and the
         mean gradient) was finite. When False, p.grad may hold inf or NaN: skip ``optimizer.step()`` as
-        ``GradScaler`` does, or stop. (A step whose loss is 0/0, a mean over no terms, with a gradient of 0 for
-        those examples, is not finite here either: skipping it or stepping on its finite p.grad are both safe.)"""
+        ``GradScaler`` does, or stop. True for a step whose loss alone was NaN while every gradient was finite
+        (0/0 of a mean over no terms: ``finite_gradient``), whose p.grad a plain loop steps on: a loop that skipped
+        such steps skipped every batch holding one fully masked sequence."""
         if not self._rows:
             raise RuntimeError("no step has been taken yet")
-        return not _is_nonfinite(self._rows[-1])
+        return not _is_nonfinite(self._rows[-1]) or _finite_gradient(self._rows[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""
@@ -653,21 +648,11 @@ def _is_nonfinite(row: dict[str, Any]) -> bool:
 
 
 def _finite_gradient(row: dict[str, Any]) -> bool:
-    """Whether a history row's loss was not finite as 0/0, a mean over no terms, leaves it (``finite_gradient``):
-    on finite data, every example with a non-finite loss had a gradient of exactly 0 (on an unmeasured step: the
-    step's whole gradient was 0). No sign of divergence: a blown-up model's non-finite loss comes with gradients
-    (a critic's linear loss -D(x) at an infinite bias: its gradient is finite, not 0)."""
+    """Whether a history row's loss was NaN while every gradient was finite, on finite data (``finite_gradient``):
+    a NaN that never reached the gradient, as 0/0 of a mean over no terms gives. No sign of divergence, whether the
+    step was measured or not. An infinite loss is not one (a blown-up critic's -D(x) at an infinite bias, a dead
+    ReLU under a log loss: their gradients are finite too, and they are divergence)."""
     return row.get("finite_gradient") is True
-
-
-def _zero_where_not_finite(losses: torch.Tensor, sqnorms: torch.Tensor) -> bool:
-    """Whether every norm is finite and every example whose loss is not finite has a squared gradient norm of
-    exactly 0 (all of them where the losses are not per example: a framework's loss of the batch)."""
-    if not bool(torch.isfinite(sqnorms).all()):
-        return False
-    if losses.numel() == sqnorms.numel():
-        return bool((sqnorms.reshape(-1)[~torch.isfinite(losses.reshape(-1))] == 0).all())
-    return bool((sqnorms == 0).all())
 
 
 def _holds_bad_data(row: dict[str, Any]) -> bool:

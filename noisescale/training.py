@@ -30,7 +30,8 @@ normalised by its own statistics as in any gradient accumulation (under DDP ever
 the global batch; not under FSDP; a step in one micro-batch records no estimate).
 
 A step whose loss or gradient is not finite (the monitor's ``last_step_finite``, and on unmeasured steps the
-gradients themselves) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
+gradients themselves; a NaN loss whose gradients are finite, 0/0 of a mean over no terms, is stepped on as a
+plain loop would) is skipped as ``GradScaler`` skips one: no optimizer step, the row marked ``skipped``,
 counted in ``skipped_steps``, warned once; a policy is not stepped on it (B, the learning rate and the policy's
 hold counter stay), and BatchNorm running statistics are put back as they were (a NaN input would leave them
 NaN). Where the step's batch itself holds NaN (or Inf in its targets), the row's ``nonfinite_data`` and the warning
@@ -85,7 +86,7 @@ from tqdm.auto import tqdm
 
 from noisescale._buffers import RunningStatistics, kept_buffers
 from noisescale._checks import check_int, check_real
-from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
+from noisescale._gradient_norm import GradientSquaredNorm, gradient_values, gradients_finite
 from noisescale._interrupts import deferred_interrupt
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -531,7 +532,7 @@ class AdaptiveTrainer:
     def _gradients_finite(self) -> bool:
         if self.monitor.sharded:
             return sharded_gradients_finite(self.model, self.monitor.process_group)
-        return _gradients_finite(self.model)
+        return gradients_finite(self.model)
 
     def _skip_step(self, row: dict[str, Any]) -> None:
         """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the
@@ -776,12 +777,6 @@ def _shown(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return f"({', '.join(map(_shown, value))})"
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _gradients_finite(model: torch.nn.Module) -> bool:
-    """Whether every p.grad is finite (one float64 sum: inf and NaN propagate, finite values cannot overflow)."""
-    grads = [gradient_values(p.grad).sum(dtype=torch.float64) for p in model.parameters() if p.grad is not None]
-    return not grads or math.isfinite(torch.stack(grads).sum().item())
 
 
 def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -219,9 +219,10 @@ def _token_mean(logits, targets):
 
 def test_a_loss_that_alone_is_not_finite_as_0_over_0_names_its_examples_and_is_no_divergence():
     """One example's every label ignored, its token mean 0/0 while its gradient is 0: the monitor's p.grad is a
-    plain loop's, the warning names the example and says 0/0 rather than a non-finite gradient, the step is left out
-    of the averages, and a run ending on such steps, measured or not, is no divergence (an integrations survey, a
-    review of training loops and a review of the first version, which also took a blown-up critic for 0/0)."""
+    plain loop's, the warning names the example and says the NaN never reaches the gradient, the step is left out
+    of the averages, p.grad can be stepped on, and a run with such steps, measured or not, is no divergence (an
+    integrations survey, a review of training loops, and two reviews of the first versions: one took a blown-up
+    critic for 0/0, one found the verdict changing with measure_every and every such batch skipped)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10)).double()
     plain = copy.deepcopy(model)
@@ -231,38 +232,69 @@ def test_a_loss_that_alone_is_not_finite_as_0_over_0_names_its_examples_and_is_n
     labels[2] = -100
     _token_mean(plain(tokens), labels).mean().backward()
     monitor = NoiseScaleMonitor(model, _token_mean, measure_every=2)
-    with pytest.warns(RuntimeWarning, match=r"the loss is not finite while the gradient of each such example \(the "
-                                            r"loss of 1 of its 6 examples is not finite \(index 2\)\) is 0: a mean "
-                                            r"over no terms, 0/0"):
+    with pytest.warns(RuntimeWarning, match=r"the loss is NaN \(the loss of 1 of its 6 examples is not finite "
+                                            r"\(index 2\)\) while every gradient is finite: a NaN that never "
+                                            r"reaches the gradient, as 0/0"):
         monitor(tokens, labels)
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad)
-    assert not monitor.last_step_finite and monitor.average.num_updates == 0
-    for step, targets in enumerate([tokens, tokens, tokens, labels, torch.full_like(labels, -100)], start=1):
-        model.zero_grad(set_to_none=True)   # step 4 measured, with 0/0 for one example; step 5 unmeasured, with 0/0
-        monitor(tokens, targets)            # for all of them (read from the step's whole gradient, 0)
+    assert monitor.last_step_finite and monitor.average.num_updates == 0
+    for targets in [tokens, tokens, tokens, labels, labels]:   # steps 1 to 5: 4 measured, 5 not, both with 0/0
+        model.zero_grad(set_to_none=True)
+        monitor(tokens, targets)
     history = monitor.history
     assert history["finite_gradient"].fillna(False).tolist() == [True, False, False, False, True, True]
     assert monitor.summary().divergence is None and "diverged" not in str(monitor.summary())
 
 
-def test_a_non_finite_loss_with_nonzero_gradients_is_divergence_and_with_bad_targets_bad_data():
-    """Not 0/0: a critic's loss -D(x), linear in its output, stays finite in its gradient once the output's bias is
-    infinite, and a clipped residual (clamp(out - y, -1, 1))^2 zeroes the gradient of a NaN target's example. The
-    first is divergence, the second bad data, as before the 0/0 verdict (whose first version took both for 0/0)."""
+def test_adaptive_trainer_steps_on_a_0_over_0_loss_measured_or_not():
+    """AdaptiveTrainer on batches that each hold one fully masked sequence: every loss is 0/0 while every gradient
+    is finite. It skipped every such step before (a review: 39 of 40), or stepped on the measured ones only; it now
+    steps on all of them as a plain loop would, and the run is no divergence."""
+    from noisescale.training import AdaptiveTrainer
     torch.manual_seed(0)
-    critic = torch.nn.Linear(4, 1).double()
-    monitor = NoiseScaleMonitor(critic, lambda out, _: -out.squeeze(-1))
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10)).double()
     generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 10, (16, 5), generator=generator)
+    labels = tokens.clone()
+    labels[::2] = -100   # every other sequence fully masked
+    dataset = torch.utils.data.TensorDataset(tokens, labels)
+    trainer = AdaptiveTrainer(model, _token_mean, torch.optim.SGD(model.parameters(), lr=0.1), dataset,
+                              batch_size=4, monitor_options={"measure_every": 2}, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(10):
-            if step == 6:
-                with torch.no_grad():
-                    critic.bias.fill_(float("inf"))
-            critic.zero_grad(set_to_none=True)
-            monitor(torch.randn(8, 4, dtype=torch.float64, generator=generator), None)
-    assert "finite_gradient" not in monitor.history and monitor.summary().divergence is not None
+        rows = [trainer.step() for _ in range(8)]
+    masked = [row for row in rows if math.isnan(row["loss"])]
+    assert {row["measured"] for row in masked} == {True, False}   # both kinds of step met
+    assert trainer.skipped_steps == 0 and all(row.get("finite_gradient") is True for row in masked)
+    assert trainer.monitor.summary().divergence is None
+
+
+def test_an_infinite_loss_or_bad_targets_are_not_taken_for_0_over_0():
+    """Not 0/0: a critic's loss -D(x), linear in its output, is -inf with finite gradients once the output's bias is
+    infinite; a dead ReLU under a log loss is +inf with zero gradients; a clipped residual (clamp(out - y, -1, 1))^2
+    zeroes the gradient of a NaN target's example. The first two are divergence, the third bad data (first versions
+    of the 0/0 verdict took each for 0/0: reviews' finds)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    critic = torch.nn.Linear(4, 1).double()
+    dead = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1), torch.nn.ReLU()).double()
+    with torch.no_grad():
+        dead[2].bias.fill_(10.0)   # alive at first
+    for model, loss_fn, blow_up in (
+            (critic, lambda out, _: -out.squeeze(-1), lambda: critic.bias.fill_(float("inf"))),
+            (dead, lambda out, _: (torch.log(out.squeeze(-1)) - 1.0).square(),
+             lambda: dead[2].bias.fill_(-100.0))):   # the output ReLU dies: log(0) = -inf, every gradient 0
+        monitor = NoiseScaleMonitor(model, loss_fn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(10):
+                if step == 6:
+                    with torch.no_grad():
+                        blow_up()
+                model.zero_grad(set_to_none=True)
+                monitor(torch.randn(8, 4, dtype=torch.float64, generator=generator), None)
+        assert "finite_gradient" not in monitor.history and monitor.summary().divergence is not None
     model = torch.nn.Linear(4, 1).double()
     clipped = NoiseScaleMonitor(model, lambda out, y: (out.squeeze(-1) - y).clamp(-1, 1).square())
     targets = torch.randn(8, dtype=torch.float64, generator=generator)
