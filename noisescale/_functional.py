@@ -74,8 +74,7 @@ def _given_in_place(rnn: nn.RNNBase, path: str, name: str, weight: Tensor | None
     (and a reference to it), where the cache holds the parameter itself (the training's forward found it
     unchanged), so that the call's forward finds it unchanged too and runs with the given tensor; else as they
     are (a parametrized weight, evaluated anew)."""
-    key = f"{path}.{name}" if path else name
-    if reference is None or key not in given or reference() is not rnn._parameters.get(name) \
-            or weight is not rnn._parameters.get(name):
+    key, parameter = f"{path}.{name}" if path else name, rnn._parameters.get(name)
+    if weight is not parameter or reference is None or reference() is not parameter or key not in given:
         return weight, reference
     return given[key], weakref.ref(given[key])

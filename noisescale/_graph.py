@@ -67,7 +67,7 @@ def leaf_uses(roots: Iterable[Any], visited: set | None = None) -> dict[Any, int
     half the cost of ``autograd_consumers``, which a caller needs only to see which operations they are).
     ``visited``, where given, receives every node of the graph."""
     roots = [root for root in roots if root is not None]
-    takers, seen, stack = defaultdict(int), set(roots) if visited is None else visited, list(roots)
+    takers, seen, stack = defaultdict(int), set() if visited is None else visited, list(roots)
     seen.update(roots)
     while stack:
         for next_node, _ in stack.pop().next_functions:

@@ -416,11 +416,11 @@ class NoiseScaleMonitor:
         ``unit_sizes`` the squared norms of the batch's micro-batches' mean gradients (``micro_batch_noise_scale``:
         a model that normalises with batch statistics, measured by ``AccumulatingNoiseScaleMonitor``)."""
         loss = losses.mean().item()
-        finite = math.isfinite(loss) and bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item())
-        if not finite:
+        gradient_finite = bool(torch.isfinite(sqnorms).all()) and math.isfinite(grad_sqnorm.item())
+        if not (math.isfinite(loss) and gradient_finite):
             self.nonfinite_steps += 1
             row = {"loss": loss, "measured": True, "nonfinite": True}
-            if math.isnan(loss) and math.isfinite(grad_sqnorm.item()) and bool(torch.isfinite(sqnorms).all()):
+            if math.isnan(loss) and gradient_finite:
                 row["finite_gradient"] = True   # a NaN that never reached the gradient (0/0), unless bad data
             return row
         if unit_sizes is not None and len(unit_sizes) < 2:
@@ -473,12 +473,13 @@ class NoiseScaleMonitor:
         cause = describe_nonfinite_counts(counts)   # the counts of the whole batch
         if cause is not None:
             row.pop("finite_gradient", None)   # bad data, whatever its gradient (a clipped residual's is 0)
-        elif not row["measured"] and group is None and math.isnan(row["loss"]) and gradients_finite(self.model):
-            row["finite_gradient"] = True   # unmeasured: read from p.grad (outside DDP, whose shards may differ)
-        if _finite_gradient(row):
+        else:
+            if not row["measured"] and group is None and math.isnan(row["loss"]) and gradients_finite(self.model):
+                row["finite_gradient"] = True   # unmeasured: read from p.grad (outside DDP, whose shards may differ)
             examples = None if losses is None else _nonfinite_examples(losses)
             if examples is not None:
                 row["nonfinite_examples"] = examples
+        if _finite_gradient(row):
             self._warn_once("nonfinite_loss", f"step {self.step}: the loss is NaN"
                             f"{'' if examples is None else f' ({examples})'} while every gradient is finite: a NaN "
                             "that never reaches the gradient, as 0/0 of a mean over no terms gives (a sequence or batch "
@@ -487,9 +488,6 @@ class NoiseScaleMonitor:
                             "is left out of the averages, and it is no sign of divergence (warned once)")
             return
         if cause is None:
-            examples = None if losses is None else _nonfinite_examples(losses)
-            if examples is not None:
-                row["nonfinite_examples"] = examples
             if self._rows and _caused_by_data(self._rows)[-1]:
                 self._warn_once("nonfinite_after_data", f"step {self.step}: non-finite loss or gradient on finite "
                                 f"data, after a step whose batch held bad values ({bad_data_of(self._rows)[0]}): an "

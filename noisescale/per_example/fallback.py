@@ -43,7 +43,6 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from noisescale._functional import functional_call
-from noisescale._gradient_norm import dense_gradient
 from noisescale._rng import set_rng_state
 from noisescale.per_example.attention import (attention_per_example_grads, attention_supported,
                                               captured_per_example_grads)
@@ -309,15 +308,9 @@ def _by_loop(module, parameters, constants, rebuild, leaves, dims, grads, output
             outputs = _selected_outputs(module, variables, constants, rebuild, filled, hooked)
             cotangents = [g[i] if d is None else g.narrow(d, i, 1) for g, d in zip(grads, output_dims)]
             example = example_gradients(outputs, list(variables.values()), cotangents)
-        for (name, p), grad in zip(variables.items(), example):
-            rows[name].append(_dense_gradient(p, grad))
+        for name, grad in zip(variables, example):
+            rows[name].append(grad)
     return {name: torch.stack(values) for name, values in rows.items()}
-
-
-def _dense_gradient(p: Tensor, grad: Tensor | None) -> Tensor:
-    """An example's gradient of ``p`` as a dense tensor: zeros where it got none; a sparse one (an
-    ``nn.Embedding(sparse=True)`` subclass re-run here) made dense."""
-    return torch.zeros_like(p) if grad is None else dense_gradient(grad)
 
 
 def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, output_dims, hooked, batch_size, call):
@@ -335,8 +328,8 @@ def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, outp
                 one.narrow(d, i, 1).copy_(g.narrow(d, i, 1))
                 masked.append(one)
             example = example_gradients(outputs, list(variables.values()), masked, retain_graph=True)
-            for (name, p), grad in zip(variables.items(), example):
-                rows[name].append(_dense_gradient(p, grad))
+            for name, grad in zip(variables, example):
+                rows[name].append(grad)
     return {name: torch.stack(values) for name, values in rows.items()}
 
 

@@ -33,8 +33,8 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from noisescale._buffers import PassBuffers
-from noisescale._gradient_norm import dense_gradient
 from noisescale._functional import functional_call
+from noisescale._gradient_norm import dense_gradient
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
 from noisescale.per_example.checkpointing import checkpointing_off
@@ -85,16 +85,16 @@ def _split_leaves(value: Any, batch_size: int) -> tuple[list[Tensor], Callable[[
 
 
 def example_gradients(outputs: tuple[Tensor, ...], inputs: list[Tensor], grad_outputs: list[Tensor] | None = None,
-                      retain_graph: bool = False) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)`` of one example's re-run, None for
-    every input where no output depends on any (torch raises there): an example whose forward skips the parameters,
-    as AdaptiveLogSoftmaxWithLoss skips a cluster none of the example's targets falls in."""
+                      retain_graph: bool = False) -> list[Tensor]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs)`` of one example's re-run, dense (a sparse gradient,
+    ``nn.Embedding(sparse=True)``'s, made dense) and zeros for an input no output depends on: for every input where
+    none does, torch raises (an example whose forward skips the parameters, as AdaptiveLogSoftmaxWithLoss skips a
+    cluster none of the example's targets falls in)."""
     kept = [k for k, output in enumerate(outputs) if output.requires_grad]
-    if not kept:
-        return (None,) * len(inputs)
-    return torch.autograd.grad([outputs[k] for k in kept], inputs,
-                               None if grad_outputs is None else [grad_outputs[k] for k in kept],
-                               retain_graph=retain_graph, allow_unused=True)
+    grads = (None,) * len(inputs) if not kept else torch.autograd.grad(
+        [outputs[k] for k in kept], inputs, None if grad_outputs is None else [grad_outputs[k] for k in kept],
+        retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else dense_gradient(g) for t, g in zip(inputs, grads)]
 
 
 @contextmanager
@@ -188,8 +188,8 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
             with torch.enable_grad():
                 loss = functional_call(with_loss, (_prefixed(variables), fixed()), (args, kwargs, targets)).sum()
                 grads = example_gradients((loss,), list(variables.values()))
-            for (name, t), g in zip(variables.items(), grads):
-                rows[name].append(torch.zeros_like(t) if g is None else dense_gradient(g))   # (sparse=True's)
+            for name, g in zip(variables, grads):
+                rows[name].append(g)
         return {name: torch.stack(values) for name, values in rows.items()}
 
     step = batch_size if chunk_size is None else chunk_size
