@@ -74,9 +74,10 @@ def batch_size_of(inputs: Any) -> int:
                          f"{[tuple(t.shape) for t in tensors]}{shared}")
     sizes = {t.shape[0] for t in tensors}
     if len(sizes) != 1:
-        rows = ("; where the examples are not rows of one tensor (graphs merged into one, as a torch_geometric "
-                "Batch), pad them to tensors that hold them in dim 0 (torch_geometric.utils.to_dense_batch and "
-                "to_dense_adj)")
+        rows = ("; where the examples are not rows of one tensor, pad them to tensors that hold them in dim 0: "
+                "graphs merged into one, as a torch_geometric Batch (torch_geometric.utils.to_dense_batch and "
+                "to_dense_adj); an nn.EmbeddingBag's flat input with offsets (give it a (B, L) tensor of bags "
+                "padded with its padding_idx, which the bag's sum or mean leaves out)")
         raise ValueError(f"all input tensors need the same batch size in dim 0, got shapes "
                          f"{[tuple(t.shape) for t in tensors]}{shared if 1 in sizes else rows}")
     size = sizes.pop()

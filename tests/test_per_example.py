@@ -1835,6 +1835,37 @@ def test_an_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(
     assert_matches_reference(model, classification_loss, x, y, "auto")
 
 
+@pytest.mark.parametrize("tokens", [4, 7], ids=["as_many_tokens_as_bags", "more_tokens"])
+def test_an_embedding_bag_given_flat_tokens_and_offsets_is_refused_naming_the_padded_form(tokens):
+    """nn.EmbeddingBag(tokens, offsets): neither tensor holds one example per row. With as many tokens as bags, the
+    independence check's forward with example 0's inputs replaced (offsets[0] taken from another bag) raised torch's
+    bare "offsets[0] has to be 0"; with more, the batch-size error spoke of torch_geometric only. Both now name
+    the (B, L) form padded with padding_idx, which the test then measures: the loop's norms; p.grad untouched."""
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.out = nn.EmbeddingBag(12, 6, mode="mean", padding_idx=0), nn.Linear(6, 3)
+
+        def forward(self, tokens, offsets=None):
+            return self.out(self.bag(tokens, offsets))
+
+    torch.manual_seed(0)
+    model = Bags().double()
+    flat = torch.randint(1, 12, (tokens,), generator=generator(1))
+    offsets = torch.tensor([0, 1, 2, 3] if tokens == 4 else [0, 2, 3, 5])
+    y = torch.randint(0, 3, (4,), generator=generator(2))
+    with pytest.raises(ValueError, match=r"nn\.EmbeddingBag's flat input with offsets.*padded with its padding_idx"):
+        per_example_sqnorms(model, classification_loss, (flat, offsets), y)
+    assert all(p.grad is None for p in model.parameters())
+    ends = offsets.tolist()[1:] + [tokens]
+    padded = torch.zeros(4, max(e - s for s, e in zip(offsets.tolist(), ends)), dtype=torch.long)
+    for row, (start, end) in enumerate(zip(offsets.tolist(), ends)):
+        padded[row, :end - start] = flat[start:end]
+    assert torch.equal(model(padded), model(flat, offsets))
+    assert_matches_reference(model, classification_loss, padded, y, "auto")
+
+
 def test_a_transformer_encoder_with_nested_tensors_measured_without_torchs_notes():
     """nn.TransformerEncoder(enable_nested_tensor=True) with a padding mask: noisescale's own forwards without grad
     (the first call's check that each example's loss reads that example alone, the probes) take torch's inference

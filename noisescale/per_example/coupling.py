@@ -58,9 +58,8 @@ class Coupling:
         return self.change > self.tolerance
 
     def error(self) -> ValueError:
-        swaps = " and ".join(f"example {i}'s inputs by example {k}'s" for i, k in self.replaced.items())
         return ValueError(
-            f"the per-example losses are coupled: replacing {swaps} moved the other examples' losses by up to "
+            f"the per-example losses are coupled: replacing {_swaps(self.replaced)} moved the other examples' losses by up to "
             f"{self.change:.2g} of the largest loss (in eval mode; rounding allows {self.tolerance:.0e}). The loss "
             "or the model reads several examples for one example's loss (a contrastive loss such as CLIP's or "
             "SigLIP's, in-batch negatives, statistics of the batch), so dl_i/dtheta are not per-example gradients "
@@ -191,17 +190,22 @@ def _replaced_forwards(model: nn.Module, inputs: Any, batch_size: int, parameter
     if found is None and not always_forward:
         return None
     replaced_inputs, replaced = found or (inputs, {})
-    before, after = _both_forwards(model, inputs, replaced_inputs, parameters, run)
+    before, after = _both_forwards(model, inputs, replaced_inputs, replaced, parameters, run)
     return None if found is None else (replaced, before, after)
 
 
-def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, parameters: list[Tensor],
-                   run: Callable[[Any], Any]) -> tuple[Any, Any]:
+def _swaps(replaced: dict[int, int]) -> str:
+    return " and ".join(f"example {i}'s inputs by example {k}'s" for i, k in replaced.items())
+
+
+def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, replaced: dict[int, int],
+                   parameters: list[Tensor], run: Callable[[Any], Any]) -> tuple[Any, Any]:
     """``run(model(inputs))`` and ``run(model(replaced_inputs))`` in eval mode, each from the same copy of the random
     streams and of the model's buffers (a step counter the forward advances), with its modes and buffers put back
     afterwards. Without grad (a forward's activations are not kept), or, where the model's forward needs grad (it
     hooks its tensors), with grad and detached at once (one forward's graph at a time, where ``run`` keeps nothing
-    else of the outputs)."""
+    else of the outputs). A ValueError where the forward of the batch runs and that of the ``replaced`` examples
+    does not: a tensor of B rows that are not examples (an nn.EmbeddingBag's offsets)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
     with (eval_mode(model), isolated_rng(parameters), sharding_kept(model), quiet_torch_notes(),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
@@ -213,14 +217,30 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, paramete
             with kept_buffers(model):
                 return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, run(call_model(model, batch)))
 
+        def both() -> tuple[Any, Any]:
+            before = one(inputs)
+            try:
+                return before, one(replaced_inputs)
+            except Exception as error:
+                if not replaced or isinstance(error, torch.OutOfMemoryError):
+                    raise
+                raise ValueError(
+                    f"the model runs on the batch but not after replacing {_swaps(replaced)} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); "
+                    "this forward checks that each example's loss reads that example alone, and every input tensor "
+                    "whose dim 0 has the batch's size is taken to hold one example per row. One that does not (an "
+                    "nn.EmbeddingBag's flat input with offsets, indices into the batch) cannot be measured per "
+                    "example: give the model inputs that hold the examples in dim 0 (for nn.EmbeddingBag a (B, L) "
+                    "tensor of bags padded with its padding_idx, which the bag's sum or mean leaves out)") from error
+
         try:
             with torch.no_grad():
-                return one(inputs), one(replaced_inputs)
+                return both()
         except RuntimeError as error:   # (not an out-of-memory error: the caller's, as the real forward's would be)
             if "grad" not in str(error):
                 raise
             with torch.enable_grad():
-                return one(inputs), one(replaced_inputs)
+                return both()
 
 
 def _tolerance(values: Tensor, parameters: list[Tensor]) -> float:
