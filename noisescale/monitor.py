@@ -45,7 +45,7 @@ from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovin
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.per_example.layers import batch_statistics_path
-from noisescale.sharded import is_sharded
+from noisescale.sharded import is_sharded, sharded_gradients_finite
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
 
@@ -460,7 +460,8 @@ class NoiseScaleMonitor:
         is (``nonfinite_examples``). Non-finite on finite data from the first step
         on is no divergence (:func:`nonfinite_from_start`). Each warned once. A finite step pays nothing here;
         nothing of the training is changed. Under DDP (``group``: the ranks' row is the same, so all of them are
-        here) each rank holds its share of the batch: their counts are exchanged, on this path only."""
+        here) each rank holds its share of the batch: their counts are exchanged, and on an unmeasured step whose
+        loss is NaN whether every rank's p.grad is finite (one all-reduce), on this path only."""
         if not _is_nonfinite(row):
             return
         counts = nonfinite_counts(*micro_batches)
@@ -474,8 +475,9 @@ class NoiseScaleMonitor:
         if cause is not None:
             row.pop("finite_gradient", None)   # bad data, whatever its gradient (a clipped residual's is 0)
         else:
-            if not row["measured"] and group is None and math.isnan(row["loss"]) and gradients_finite(self.model):
-                row["finite_gradient"] = True   # unmeasured: read from p.grad (outside DDP, whose shards may differ)
+            if not row["measured"] and math.isnan(row["loss"]) and (
+                    gradients_finite(self.model) if group is None else sharded_gradients_finite(self.model, group)):
+                row["finite_gradient"] = True   # unmeasured: read from p.grad (under DDP, every rank's: one verdict)
             examples = None if losses is None else _nonfinite_examples(losses)
             if examples is not None:
                 row["nonfinite_examples"] = examples

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from datetime import timedelta
 
 import numpy as np
@@ -267,6 +268,16 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
         results[f"{key}_checkpoint"] = trainer.state_dict()
         report_progress(out_dir, rank, f"trainer_{key}")
 
+    # 6a. batches holding a fully masked sequence: a 0/0 loss with finite gradients, measured or not.
+    trainer = _masked_token_trainer(_ddp(_make_token_model()))
+    with trainer, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(TRAINER_STEPS):
+            trainer.step()
+    results["masked_history"] = trainer.history
+    results["masked_params"] = [p.detach().clone() for p in trainer.model.parameters()]
+    report_progress(out_dir, rank, "masked")
+
     # 6b. the reverse resume: a one-process checkpoint (trained here on every rank) continued under DDP.
     single = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
     with single:
@@ -379,6 +390,30 @@ def test_ema_in_history_matches_estimators_average(rank_results):
     assert state["step"] == STEPS and state["average"]["num_updates"] == STEPS
 
 
+def _token_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean token loss written sum / count: 0/0 for one whose every label is ignored (-100), whose
+    gradient is 0 all the same."""
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return losses.sum(1) / (targets != -100).sum(1)
+
+
+def _masked_token_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
+    """48 sequences of 5 tokens, two of them fully masked; B = 12 in micro-batches of 2 per process, every other
+    step measured."""
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 10, (48, 5), generator=generator)
+    labels = tokens.roll(-1, 1)
+    labels[[5, 30]] = -100
+    return AdaptiveTrainer(model, _token_mean, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
+                           TensorDataset(tokens, labels), batch_size=12, max_micro_batch=2,
+                           monitor_options={"measure_every": 2}, seed=4, progress=False)
+
+
+def _make_token_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10)).double()
+
+
 def test_hook_leaves_training_bit_identical(rank_results):
     for result in rank_results:
         for plain, hooked, as_view, reducing_only in zip(result["plain_params"], result["hooked_params"],
@@ -481,6 +516,29 @@ def test_nan_example_on_one_rank_leaves_every_rank_in_agreement(rank_results):
         pd.testing.assert_frame_equal(history, histories[0])  # the same rows on every rank, NaNs alike
         for rank0, rank_r in zip(rank_results[0]["adaptive_nan_params"], result["adaptive_nan_params"]):
             torch.testing.assert_close(rank_r, rank0, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_0_over_0_loss_is_stepped_on_under_ddp_as_in_one_process_measured_or_not(rank_results):
+    """A sequence whose every label is ignored makes the loss 0/0 with finite gradients. Under DDP an unmeasured such
+    step was taken for a non-finite one (p.grad was read outside DDP only) and skipped, with the run called
+    diverged; every rank now reads the whole p.grad's finiteness (one all-reduce, on this path only) and steps as
+    the one process with the same global batches does."""
+    reference = _masked_token_trainer(_make_token_model())
+    with reference, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(TRAINER_STEPS):
+            reference.step()
+    expected = reference.history
+    masked = expected["loss"].isna()
+    assert set(expected.loc[masked, "measured"]) == {True, False}   # both kinds of step met
+    assert not expected["skipped"].any() and expected.loc[masked, "finite_gradient"].eq(True).all()
+    for result in rank_results:
+        history = result["masked_history"]
+        assert history["skipped"].tolist() == [False] * TRAINER_STEPS
+        assert history["finite_gradient"].eq(True).tolist() == expected["finite_gradient"].eq(True).tolist()
+        np.testing.assert_allclose(history["trace_sigma"], expected["trace_sigma"], rtol=1e-9)
+        for trained, p in zip(result["masked_params"], reference.model.parameters()):
+            torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_hessian_proxies_are_the_mean_over_ranks_of_each_shard(rank_results):
