@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from noisescale._checks import check_int
-from noisescale._gradient_norm import gradients_finite
+from noisescale._checks import check_int, listed
+from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import unwrapped_module
 from noisescale.batches import (batch_size_of, call_model, describe_nonfinite_counts, merge_nonfinite_counts,
@@ -373,6 +373,16 @@ class NoiseScaleMonitor:
         loss_scale = loss_scale_of(self.grad_scaler, next(self.model.parameters()).device)
         batch_size = batch_size_of(inputs)
         measured = self.step % self.measure_every == 0
+        held = self._gradient_held()
+        if held is not None:
+            self._warn_once("gradient_held", f"step {self.step}: p.grad already holds a gradient as this call begins "
+                            f"({held}); the call adds this batch's mean gradient to it, as loss.backward() does, and "
+                            "records this batch alone. Where each call is one micro-batch of an accumulated step, "
+                            "p.grad becomes the sum of the micro-batches' mean gradients (K times the batch's) and "
+                            "each micro-batch gets a row of its own: AccumulatingNoiseScaleMonitor(...).accumulate"
+                            "([(x1, y1), (x2, y2)]) weights them and records the step once. Where no gradient is "
+                            "meant, call optimizer.zero_grad() before each step; where one is (another loss's "
+                            "backward before this call), ignore this (warned once)")
         with self._undone_on_failure():
             if measured:
                 result = self.norms(inputs, targets, loss_scale=loss_scale)
@@ -393,6 +403,16 @@ class NoiseScaleMonitor:
             self._record(row)
             self.step += 1
         return loss
+
+    def _gradient_held(self) -> str | None:
+        """On the first three steps, the names of the trainable parameters whose p.grad is not zero as a step
+        begins (a call per micro-batch, a missing zero_grad), listed; None where none is, or from the fourth step
+        on (the check reads every p.grad)."""
+        if self.step >= 3:
+            return None
+        held = [name for name, p in self.model.named_parameters()
+                if p.requires_grad and p.grad is not None and bool(gradient_values(p.grad).any())]
+        return listed(held) if held else None
 
     @contextlib.contextmanager
     def _undone_on_failure(self, restore_grads: bool = True) -> Iterator[None]:

@@ -157,8 +157,13 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                               else sharding_group(model) if self.sharded else None)
 
     def accumulate(self, micro_batches: list[tuple[Any, Any]], loss_scale: float = 1.0) -> torch.Tensor:
-        """Forward and backward of the micro-batches into p.grad (which must start at zero or None); one
-        history row for the whole batch. Returns the batch's mean loss (detached)."""
+        """Forward and backward of the micro-batches into p.grad (which must start at zero or None: checked on the
+        first three steps); one history row for the whole batch. Returns the batch's mean loss (detached)."""
+        held = self._gradient_held()
+        if held is not None:
+            raise ValueError(f"p.grad already holds a gradient as this step begins ({held}): accumulate adds the "
+                             "micro-batches' gradients to it and reads |G|^2 from the sum, which would include it; "
+                             "call optimizer.zero_grad() before each step")
         with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
             sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
             batch_size = sum(sizes)
