@@ -381,7 +381,8 @@ class NoiseScaleMonitor:
                             "p.grad becomes the sum of the micro-batches' mean gradients (K times the batch's) and "
                             "each micro-batch gets a row of its own: AccumulatingNoiseScaleMonitor(...).accumulate"
                             "([(x1, y1), (x2, y2)]) weights them and records the step once. Where no gradient is "
-                            "meant, call optimizer.zero_grad() before each step; where one is (another loss's "
+                            "meant, call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
+                            "parameters only); where one is (another loss's "
                             "backward before this call), ignore this (warned once)")
         with self._undone_on_failure():
             if measured:

@@ -163,7 +163,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         if held is not None:
             raise ValueError(f"p.grad already holds a gradient as this step begins ({held}): accumulate adds the "
                              "micro-batches' gradients to it and reads |G|^2 from the sum, which would include it; "
-                             "call optimizer.zero_grad() before each step")
+                             "call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
+                             "parameters only)")
         with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
             sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
             batch_size = sum(sizes)
@@ -468,7 +469,7 @@ class AdaptiveTrainer:
             set_rng_state(rng_before, self.device)
             self._set_learning_rates(rates)   # a schedule set the failed step's
             statistics.restore()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_gradients()
             raise
         with deferred_interrupt():   # a Ctrl-C from here on comes after the step and its row
             finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"]
@@ -481,7 +482,7 @@ class AdaptiveTrainer:
                 self.grad_scaler.update()
             else:
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_gradients()
             learning_rate = self._learning_rates()[0]
             if self.policy is not None and finite:  # a skipped step moves nothing: not B, lr nor the hold counter
                 self._follow_policy(batch_size)
@@ -564,11 +565,18 @@ class AdaptiveTrainer:
                           "history row is marked skipped; trainer.skipped_steps counts such steps (warned once). "
                           f"{advice}", RuntimeWarning, stacklevel=3)
 
+    def _clear_gradients(self) -> None:
+        """p.grad of every parameter set to None: the optimizer's, and the model's trainable parameters it does not
+        step (an optimizer over a fine-tuned head alone), whose gradients would otherwise add up over steps into
+        the |G|^2 the monitor reads from the accumulated p.grad."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+
     def _accumulate_with_retry(self, inputs: Any, targets: Any, batch_size: int,
                                statistics: RunningStatistics) -> torch.Tensor:
         """Accumulate the batch's gradient; on out-of-memory halve max_micro_batch and run the step again, from the
         BatchNorm running statistics the step started with."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self._clear_gradients()
         rng_at_start = rng_state(self.device)
         while True:
             sizes = split_micro_batches(batch_size, self.max_micro_batch or batch_size)
@@ -587,7 +595,7 @@ class AdaptiveTrainer:
                 warnings.warn(f"step {self.steps}: out of memory with micro-batches of {max(sizes)}; retrying the "
                               f"step with max_micro_batch={self.max_micro_batch}", RuntimeWarning, stacklevel=3)
                 del micro_batches, error
-                self.optimizer.zero_grad(set_to_none=True)
+                self._clear_gradients()
                 set_rng_state(rng_at_start, self.device)
                 statistics.restore()
                 if self.device.type == "cuda":

@@ -61,6 +61,30 @@ def parameters_of(model) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- accumulation
 
 
+@pytest.mark.parametrize("max_micro_batch", [4, None], ids=["micro_batches", "one_micro_batch"])
+def test_an_optimizer_over_the_head_alone_measures_every_step_from_that_steps_gradient(max_micro_batch):
+    """An optimizer over a fine-tuned head while the backbone still requires grad: the trainer cleared the
+    optimizer's p.grad only, so the backbone's added up over steps; with micro-batches the |G|^2 read from the
+    accumulated p.grad took them in (step 1: 0.49 for 0.15, silently, then an error blaming a summed loss), and the
+    held-gradient check refused one micro-batch at step 1 (a survey's finds). Every step's tr(Sigma) and |G|^2 are
+    now those of a loop over single examples at that step's parameters (the batch is the whole dataset)."""
+    from noisescale.estimators import simple_noise_scale
+    dataset, model = classification_data(n=12), small_net()
+    trainer = AdaptiveTrainer(model, per_example_cross_entropy, torch.optim.SGD(model[2].parameters(), lr=0.5),
+                              dataset, batch_size=12, max_micro_batch=max_micro_batch, progress=False)
+    inputs, targets = dataset.tensors
+    for _ in range(3):
+        reference = copy.deepcopy(model)
+        grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            per_example_cross_entropy(reference(inputs[i:i + 1]), targets[i:i + 1]).sum(),
+            list(reference.parameters()))]) for i in range(12)])
+        expected = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum())
+        row = trainer.step()
+        assert row["trace_sigma"] == pytest.approx(float(expected.trace_sigma), rel=1e-10)
+        assert row["grad_sqnorm"] == pytest.approx(float(expected.grad_sqnorm), rel=1e-10)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_grad_scaler_step_equals_a_plain_step():
     """The fp16 path's loss scaling, with a CPU GradScaler in place of the CUDA one: the scaled, accumulated
     gradients are unscaled by scaler.step, so two steps move the parameters as without a scaler."""
