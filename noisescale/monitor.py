@@ -120,6 +120,12 @@ class NoiseScaleSummary:
         return "b_noise" if self._suggests_b_noise else "b_simple"
 
     @property
+    def reports_noise_scale(self) -> bool:
+        """False for a run that diverged, was broken by bad data or has had no finite step
+        (``nonfinite_from_start``): its values describe no useful training, and the text says why instead."""
+        return not self._broken
+
+    @property
     def _broken(self) -> bool:
         return self.divergence is not None or self.broken_by_bad_data or self.nonfinite_from_start is not None
 

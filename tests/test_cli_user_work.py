@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,30 @@ def test_a_dataset_holding_nan_or_inf_is_refused_before_training(tmp_path, capsy
         "losses: remove or fix those values (drop the examples, or torch.nan_to_num) and run again\n")
     # nothing written but the empty lock file the run held the folder by (--out in use by another run)
     assert [path.name for path in out.iterdir()] == [".noisescale.lock"] and not checkpoint.exists()
+
+
+@pytest.mark.parametrize("command", [["measure", "--steps", "30"], ["train", "--schedule", "fixed", "--epochs", "2"]])
+def test_a_diverged_run_reports_no_noise_scale_in_its_text_or_json(tmp_path, capsys, command):
+    """--lr 1e3 makes the squared error explode. train printed "B_simple = ... (90% interval ...)" for a run its own
+    monitor called diverged, and both commands' JSON held b_simple and its interval without a word (a survey's
+    find). Now both say the run diverged, and the JSON's estimates are null with no_noise_scale saying why."""
+    def run(out: Path, *extra: str) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main([*command, "--model", "_cli_user_code:make_regression_model", "--dataset",
+                         "_cli_user_code:make_regression_data", "--loss", "_cli_user_code:per_example_squared_error",
+                         "--batch-size", "8", "--lr", "1e3", "--hessian-every", "0", "--out", str(out),
+                         "--no-progress", *extra]) == 0
+        return capsys.readouterr().out
+
+    summary = json.loads(run(tmp_path / "json", "--json"))
+    assert summary["no_noise_scale"].startswith("the run diverged (")
+    assert summary["b_simple"] is None and summary["b_simple_interval"] == [None, None]
+    assert summary["trace_sigma"] is None and summary["suggested_batch_size"] is None
+    name = "measure_summary.json" if command[0] == "measure" else "train_fixed_summary.json"
+    assert json.loads((tmp_path / "json" / name).read_text())["no_noise_scale"] == summary["no_noise_scale"]
+    text = run(tmp_path / "text")
+    assert "the run diverged (" in text and "B_simple =" not in text and "interval" not in text
 
 
 def test_a_dataset_read_example_by_example_is_not_read_ahead_and_its_bad_batch_is_named(tmp_path, capsys):

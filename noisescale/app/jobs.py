@@ -205,17 +205,29 @@ def write_summary_json(summary: dict[str, Any], path: str | Path) -> Path:
 
 
 def noise_scale_fields(summary) -> dict[str, Any]:
-    """The JSON fields of a :class:`~noisescale.monitor.NoiseScaleSummary`."""
-    return {
+    """The JSON fields of a :class:`~noisescale.monitor.NoiseScaleSummary`; for a run that reports no noise scale
+    (diverged, broken by bad data, never finite) the estimates are null and ``no_noise_scale`` says why."""
+    reported = summary.reports_noise_scale
+    estimates = {
         "b_simple": summary.b_simple,
         "b_simple_interval": list(summary.b_simple_interval),
-        "confidence": summary.confidence,
         "trace_sigma": summary.trace_sigma,
         "grad_sqnorm": summary.grad_sqnorm,
         "b_noise": summary.b_noise,
         "b_noise_interval": list(summary.b_noise_interval),
+    }
+    if not reported:
+        estimates = {key: [None, None] if isinstance(value, list) else None for key, value in estimates.items()}
+    return {
+        **estimates,
+        "confidence": summary.confidence,
         "b_noise_measurements": summary.b_noise_measurements,
         "suggested_batch_size": summary.suggested_batch_size,
         "suggested_from": summary.suggested_from,
         "nonfinite_steps": summary.nonfinite_steps,
+        "no_noise_scale": None if reported else next(
+            reason for reason in (summary.divergence and f"the run diverged ({summary.divergence})",
+                                  summary.broken_by_bad_data and summary.bad_data, summary.nonfinite_from_start)
+            if reason),
+        "bad_data": summary.bad_data,
     }

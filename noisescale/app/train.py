@@ -57,6 +57,8 @@ class TrainOutcome:
         lines = [f"{self.mode}: {metric} after {self.steps} optimizer steps, {self.examples_seen} examples, "
                  f"final batch size {self.final_batch_size}, {self.seconds:.1f} s of training"]
         summary = self.noise_scale
+        if not summary.reports_noise_scale:   # the summary says why (diverged, broken by bad data, never finite)
+            return "\n".join(lines + summary.describe(hessian_off="--hessian-every 0").splitlines()[1:])
         low, high = summary.b_simple_interval
         b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
                    if math.isnan(summary.b_noise) else
