@@ -9,11 +9,16 @@ Where the batch size comes from (exactly one):
 
 * ``schedule``: a :class:`~noisescale.controller.BatchSizeSchedule` (modes fixed, lr-decay, batch-increase,
   hybrid of Smith, Kindermans & Le 2017); before every step (B, eps) = schedule.at(epoch), epoch = examples
-  seen / N, and eps replaces the learning rate (every parameter group scaled by eps / eps_0);
+  seen / N, and the step's learning rates are the groups' times eps / eps_0;
 * ``policy``: a :class:`~noisescale.controller.NoiseScaleBatchPolicy` fed after every step with the monitor's
   moving-average B_simple (McCandlish et al. 2018); when B changes the learning rate follows ``lr_coupling``
-  (:func:`~noisescale.controller.couple_learning_rate`);
+  (:func:`~noisescale.controller.couple_learning_rate`), as a factor on the groups' learning rates;
 * ``batch_size``: a constant batch.
+
+The schedule's and the coupling's factor (``lr_factor``) multiplies each group's learning rate for the optimizer
+step only: between steps ``param_groups`` hold the rates the user or a learning-rate scheduler set (LambdaLR,
+OneCycleLR, transformers' warmup schedules recompute them from their base rates at every ``scheduler.step()``, which
+overwrote the coupled rate before session 25), and the history's ``learning_rate`` is the rate the step used.
 
 Batches come from a :class:`~noisescale.sampler.ResizableBatchSampler` (every example once per epoch whatever
 B does). A batch larger than ``max_micro_batch`` runs as accumulated micro-batches
@@ -73,7 +78,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import astuple
 from typing import Any
 
@@ -395,6 +400,7 @@ class AdaptiveTrainer:
                              f"{world_size}: every global batch is split into equal parts, one per rank")
         self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed, num_replicas=world_size, rank=rank)
         self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
+        self.lr_factor = 1.0   # the schedule's eps / eps_0 or the coupling's factor, on the groups' rates at a step
         self.base_settings = [_settings_of(group) for group in optimizer.param_groups]  # as built (no scheduler yet)
         self.steps = 0
         self.skipped_steps = 0
@@ -435,12 +441,24 @@ class AdaptiveTrainer:
             else:
                 group["lr"] = rate
 
+    @contextlib.contextmanager
+    def _factor_applied(self) -> Iterator[None]:
+        """The groups' learning rates times ``lr_factor`` inside the block (the optimizer step), put back as they
+        were after it, by value (no rounding of a division)."""
+        rates = self._learning_rates()
+        if self.lr_factor != 1.0:
+            self._set_learning_rates([rate * self.lr_factor for rate in rates])
+        try:
+            yield
+        finally:
+            if self.lr_factor != 1.0:
+                self._set_learning_rates(rates)
+
     def _batch_size_for_step(self) -> int:
-        """B for the coming step; a schedule also sets the learning rates (base rates times eps / eps_0)."""
+        """B for the coming step; a schedule also sets ``lr_factor`` to eps / eps_0."""
         if self.schedule is not None:
             batch_size, rate = self.schedule.at(self.epoch)
-            factor = rate / self.schedule.base_learning_rate
-            self._set_learning_rates([base * factor for base in self.base_learning_rates])
+            self.lr_factor = rate / self.schedule.base_learning_rate
             return batch_size
         if self.policy is not None:
             return self.policy.batch_size
@@ -455,7 +473,7 @@ class AdaptiveTrainer:
         (``noisescale._interrupts``); an error raised by ``optimizer.step()`` itself, or a kill, still leaves the
         parameters moved and the batch taken with no history row: resume such a run from its last checkpoint."""
         started = time.perf_counter()
-        sampler_state, rng_before, rates = self.sampler.state_dict(), rng_state(self.device), self._learning_rates()
+        sampler_state, rng_before, factor = self.sampler.state_dict(), rng_state(self.device), self.lr_factor
         statistics = RunningStatistics(self.model)   # put back on a failed, retried or skipped step
         try:
             batch_size = self._batch_size_for_step()
@@ -467,23 +485,25 @@ class AdaptiveTrainer:
         except BaseException:
             self.sampler.load_state_dict(sampler_state)
             set_rng_state(rng_before, self.device)
-            self._set_learning_rates(rates)   # a schedule set the failed step's
+            self.lr_factor = factor   # a schedule set the failed step's
             statistics.restore()
             self._clear_gradients()
             raise
         with deferred_interrupt():   # a Ctrl-C from here on comes after the step and its row
             finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"]
                                                         or self._gradients_finite())
+            learning_rate = self._learning_rates()[0] * self.lr_factor
             if not finite:
                 statistics.restore()
                 self._skip_step(self.monitor.last_row)
             elif self.grad_scaler is not None:
-                self.grad_scaler.step(self.optimizer)
+                with self._factor_applied():
+                    self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
             else:
-                self.optimizer.step()
+                with self._factor_applied():
+                    self.optimizer.step()
             self._clear_gradients()
-            learning_rate = self._learning_rates()[0]
             if self.policy is not None and finite:  # a skipped step moves nothing: not B, lr nor the hold counter
                 self._follow_policy(batch_size)
             self.steps += 1
@@ -622,11 +642,8 @@ class AdaptiveTrainer:
             self.policy.state = NoiseScalePolicyState(*decided)
             new_batch_size = self.policy.batch_size
         if new_batch_size != batch_size:
-            self._set_learning_rates([
-                couple_learning_rate(rate, batch_size, new_batch_size, self.lr_coupling,
-                                     trace_sigma=average.trace_sigma, grad_sqnorm=average.grad_sqnorm)
-                for rate in self._learning_rates()
-            ])
+            self.lr_factor = couple_learning_rate(self.lr_factor, batch_size, new_batch_size, self.lr_coupling,
+                                                  trace_sigma=average.trace_sigma, grad_sqnorm=average.grad_sqnorm)
 
     # ------------------------------------------------------------------ loops and results
     def train(self, epochs: float, *, callback: Callable[[AdaptiveTrainer], None] | None = None) -> pd.DataFrame:
@@ -669,6 +686,7 @@ class AdaptiveTrainer:
             "monitor": self.monitor.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "base_learning_rates": list(self.base_learning_rates),
+            "lr_factor": self.lr_factor,
             "base_settings": self.base_settings,
             "max_micro_batch": self.max_micro_batch,
             "settings": self._settings(),
@@ -708,7 +726,7 @@ class AdaptiveTrainer:
         if changes:
             warnings.warn(f"resuming with the checkpoint's optimizer settings, not this trainer's: {'; '.join(changes)}. "
                           "An exact resume continues the checkpointed run; to change them, set "
-                          "optimizer.param_groups after load_state_dict (and base_learning_rates for the lr), "
+                          "optimizer.param_groups after load_state_dict, "
                           "or start a new run",
                           UserWarning, stacklevel=2)
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
@@ -732,6 +750,12 @@ class AdaptiveTrainer:
                 part.load_state_dict(values)
             raise
         self.base_learning_rates = list(state["base_learning_rates"])
+        if "lr_factor" in state:
+            self.lr_factor = float(state["lr_factor"])
+        else:   # earlier versions set the factor into the groups' rates: a policy's stays there, factor 1
+            self.lr_factor = 1.0
+            if self.schedule is not None:   # a schedule's is set again at each step, on the base rates
+                self._set_learning_rates(self.base_learning_rates)
         if self.max_micro_batch is None:
             self.max_micro_batch = state["max_micro_batch"]
         self.steps = int(state["steps"])

@@ -9,6 +9,7 @@ import math
 import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -346,10 +347,13 @@ def test_resuming_with_other_optimizer_settings_warns_and_continues_with_the_che
 
 def test_a_tensor_learning_rate_is_coupled_in_place():
     """Adam with a tensor lr (as fused and capturable Adam take) under a policy with linear coupling: the lr stays
-    the optimizer's tensor and follows B (a new user's run stopped with "learning_rate must be a real number")."""
+    the optimizer's tensor and follows B in each optimizer step (a new user's run stopped with "learning_rate must
+    be a real number"), and holds the user's rate between steps."""
     model = linear_model()
     learning_rate = torch.tensor(0.01, dtype=torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    used = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(float(opt.param_groups[0]["lr"])))
     policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=64, hold_steps=1, max_factor=2.0)
     trainer = AdaptiveTrainer(model, per_example_squared_error, optimizer, regression_data(3.0), policy=policy,
                               lr_coupling="linear", progress=False)
@@ -357,7 +361,7 @@ def test_a_tensor_learning_rate_is_coupled_in_place():
     assert history["batch_size"].nunique() > 1 and optimizer.param_groups[0]["lr"] is learning_rate
     ratio = history["learning_rate"] / history["batch_size"]
     assert ratio.to_numpy() == pytest.approx(0.01 / 4, rel=1e-12)
-    assert learning_rate.item() == pytest.approx(0.01 / 4 * policy.batch_size, rel=1e-12)
+    assert used == history["learning_rate"].tolist() and learning_rate.item() == 0.01
 
 
 def plain_types_in(value, path="state") -> set[str]:
@@ -520,15 +524,16 @@ def test_a_skipped_step_does_not_step_the_policy():
     batches = list(type(trainer.sampler)(len(dataset), 4, seed=3))
     inputs[batches[2][1]] = math.nan
     rows = [trainer.step() for _ in range(2)]
-    state_before, lr_before = copy.copy(policy.state), trainer.optimizer.param_groups[0]["lr"]
+    state_before, factor_before = copy.copy(policy.state), trainer.lr_factor
     rows.append(trainer.step())
     assert rows[2]["skipped"] and policy.state == state_before and state_before.steps_since_change == 2
-    assert trainer.optimizer.param_groups[0]["lr"] == lr_before
+    assert trainer.lr_factor == factor_before == 1.0 and trainer.optimizer.param_groups[0]["lr"] == 0.02
     rows.append(trainer.step())
     assert not rows[3]["skipped"] and [row["batch_size"] for row in rows] == [4, 4, 4, 4]
     grown = policy.target_batch_size(4, rows[3]["b_simple"])
     assert grown > 4 and policy.state == NoiseScalePolicyState(grown, 0)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_before * grown / 4, rel=1e-12)
+    assert trainer.lr_factor == pytest.approx(grown / 4, rel=1e-12)
+    assert trainer.step()["learning_rate"] == pytest.approx(0.02 * grown / 4, rel=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:.*non-finite loss or gradient:RuntimeWarning")
@@ -645,6 +650,77 @@ def regression_data(noise: float, n: int = 256, seed: int = 0) -> TensorDataset:
 def linear_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Linear(4, 1).double()
+
+
+def _warmup_then_halves(step: int) -> float:
+    """A LambdaLR multiplier, recomputed from the base rate at each scheduler.step() (as OneCycleLR and
+    transformers' get_cosine_schedule_with_warmup are): 4 steps of warmup, then halved every 6 steps."""
+    return (step + 1) / 4 if step < 4 else 0.5 ** ((step - 4) // 6)
+
+
+@pytest.mark.parametrize("source", ["policy", "schedule"])
+def test_a_learning_rate_scheduler_and_the_trainers_factor_multiply(source):
+    """A LambdaLR stepped after every trainer step, built before the trainer as scripts do. The coupling wrote the
+    coupled rate into the groups, and the scheduler's next step recomputed it from its base rates: the coupling was
+    lost (lr 0.1 at every B); a Smith schedule set the rates from those the trainer was built with at every step,
+    and the scheduler was lost (its first warmup rate for good). The rate each optimizer step used (read by a step
+    pre-hook) is now the scheduler's times the policy's B / B_0 or the schedule's eps / eps_0, computed here from
+    the multiplier and the history's B or epoch."""
+    model = linear_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_halves)
+    used = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    if source == "policy":
+        options = {"policy": NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=64, hold_steps=1,
+                                                   max_factor=2.0), "lr_coupling": "linear"}
+    else:
+        options = {"schedule": BatchSizeSchedule("lr-decay", base_learning_rate=0.5, base_batch_size=8,
+                                                 milestones=[0.25, 0.5], decay_factor=0.2)}
+    trainer = AdaptiveTrainer(model, per_example_squared_error, optimizer, regression_data(3.0), seed=2,
+                              progress=False, **options)
+    for _ in range(24):
+        trainer.step()
+        scheduler.step()
+    history = trainer.history
+    if source == "policy":
+        assert history["batch_size"].nunique() > 2
+        factors = history["batch_size"] / 4
+    else:
+        epochs = (history["examples_seen"] - history["batch_size"]) / 256   # the epoch each step began at
+        factors = [1.0 if e < 0.25 else 0.2 if e < 0.5 else 0.04 for e in epochs]
+        assert len(set(factors)) == 3
+    expected = [0.05 * _warmup_then_halves(step) * factor for step, factor in zip(range(24), factors)]
+    assert used == pytest.approx(expected, rel=1e-14) and history["learning_rate"].tolist() == used
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * _warmup_then_halves(24), rel=1e-15)
+
+
+@pytest.mark.parametrize("source", ["policy", "schedule"])
+def test_a_checkpoint_of_a_version_that_coupled_the_groups_rates_resumes_identically(source):
+    """Before session 25 the groups' rates held the coupled (policy) or scheduled rate and a checkpoint had no
+    lr_factor: such a checkpoint continues as the uninterrupted run."""
+    def trainer_of():
+        if source == "policy":
+            return noise_adaptive_trainer(dropout=0.0)
+        model = small_net()
+        schedule = BatchSizeSchedule("lr-decay", base_learning_rate=0.2, base_batch_size=8, milestones=[0.5],
+                                     decay_factor=0.2)
+        return model, make_trainer(model, classification_data(), lr=0.2, momentum=0.9, schedule=schedule, seed=5)
+
+    model, trainer = trainer_of()
+    trainer.train(epochs=1)
+    old = copy.deepcopy(trainer.state_dict())
+    factor = old.pop("lr_factor")
+    assert factor != 1.0
+    for group in old["optimizer"]["param_groups"]:
+        group["lr"] *= factor   # what the earlier versions held there
+    trainer.train(epochs=2)
+    resumed_model, resumed = trainer_of()
+    resumed.load_state_dict(old)
+    resumed.train(epochs=2)
+    np.testing.assert_allclose(resumed.history["learning_rate"], trainer.history["learning_rate"], rtol=1e-14)
+    for p, q in zip(resumed_model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 def test_noise_adaptive_batch_stays_within_b_max_and_every_example_is_seen_once_per_epoch():
