@@ -365,6 +365,10 @@ class AdaptiveTrainer:
         self.policy_noise_scale = policy_noise_scale
         self.model, self.optimizer, self.dataset = model, optimizer, dataset
         self.schedule, self.policy, self.lr_coupling = schedule, policy, lr_coupling
+        if schedule is not None and schedule.momentum_rule and "momentum" not in optimizer.param_groups[0]:
+            raise ValueError(f"the schedule's momentum rule (momentum_rule=True) scales B by (1 - m_0)/(1 - m) with "
+                             f"the momentum m in use, and {type(optimizer).__name__} has no 'momentum' setting: use "
+                             "SGD with momentum, or momentum_rule=False")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device (GradScaler), got device {self.device}")
@@ -417,7 +421,9 @@ class AdaptiveTrainer:
             first, largest = self.policy.batch_size, self.policy.max_batch_size
         else:
             epochs = [0.0, *self.schedule.milestones]
-            first, largest = self.schedule.at(0.0).batch_size, max(self.schedule.at(e).batch_size for e in epochs)
+            momentum = self._schedule_momentum()
+            first = self.schedule.at(0.0, momentum).batch_size
+            largest = max(self.schedule.at(e, momentum).batch_size for e in epochs)
         if largest > num_examples:
             raise ValueError(f"the batch size can reach {largest} but the dataset has only {num_examples} examples; "
                              "lower batch_size or the schedule's / policy's max_batch_size")
@@ -454,10 +460,14 @@ class AdaptiveTrainer:
             if self.lr_factor != 1.0:
                 self._set_learning_rates(rates)
 
+    def _schedule_momentum(self) -> float | None:
+        """The momentum in use (the first group's), for a schedule with Smith et al.'s momentum rule; else None."""
+        return float(self.optimizer.param_groups[0]["momentum"]) if self.schedule.momentum_rule else None
+
     def _batch_size_for_step(self) -> int:
         """B for the coming step; a schedule also sets ``lr_factor`` to eps / eps_0."""
         if self.schedule is not None:
-            batch_size, rate = self.schedule.at(self.epoch)
+            batch_size, rate = self.schedule.at(self.epoch, self._schedule_momentum())
             self.lr_factor = rate / self.schedule.base_learning_rate
             return batch_size
         if self.policy is not None:

@@ -695,6 +695,23 @@ def test_a_learning_rate_scheduler_and_the_trainers_factor_multiply(source):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * _warmup_then_halves(24), rel=1e-15)
 
 
+def test_a_schedules_momentum_rule_reads_the_optimizers_momentum():
+    """Smith et al.'s momentum rule scales B by (1 - m_0)/(1 - m) at the momentum m in use: the trainer never gave
+    the schedule its optimizer's momentum, so with m_0 = 0 and SGD at 0.9 B stayed at B_0 = 8 where 80 was meant
+    (a survey's find). Now B = 8 / (1 - 0.9) rounded, and eps = g B (1 - m) leaves the rate at 0.1; an optimizer
+    without a momentum setting is refused."""
+    schedule = BatchSizeSchedule("batch-increase", base_learning_rate=0.1, base_batch_size=8, momentum_rule=True)
+    trainer = make_trainer(linear_model(), regression_data(3.0), loss_fn=per_example_squared_error, lr=0.1,
+                           momentum=0.9, schedule=schedule)
+    row = trainer.step()
+    assert row["batch_size"] == round(8 / (1 - 0.9)) == 80
+    assert row["learning_rate"] == pytest.approx(0.1 * 80 * (1 - 0.9) / 8, rel=1e-12)
+    model = linear_model()
+    with pytest.raises(ValueError, match="momentum rule.*Adam has no 'momentum' setting"):
+        AdaptiveTrainer(model, per_example_squared_error, torch.optim.Adam(model.parameters()), regression_data(3.0),
+                        schedule=schedule, progress=False)
+
+
 @pytest.mark.parametrize("source", ["policy", "schedule"])
 def test_a_checkpoint_of_a_version_that_coupled_the_groups_rates_resumes_identically(source):
     """Before session 25 the groups' rates held the coupled (policy) or scheduled rate and a checkpoint had no
