@@ -124,8 +124,25 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 
 def collate_examples(items: Sequence[Any]) -> tuple[Any, Any]:
     """(inputs, targets) of a list of (inputs, targets) examples; tuple inputs stay tuples (``default_collate``
-    makes them lists, which a model would receive as one argument)."""
-    inputs, targets = default_collate(list(items))
+    makes them lists, which a model would receive as one argument). A TypeError where an item is no pair, a
+    ValueError where the examples' tensors differ in shape, each naming what to do."""
+    first = items[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        kind = (f"a dict with keys {sorted(map(str, first))}" if isinstance(first, Mapping) else
+                f"a {type(first).__name__} of {len(first)}" if isinstance(first, (tuple, list)) else
+                f"a {type(first).__name__}")
+        raise TypeError(f"each example of the dataset must be an (inputs, targets) pair, and item 0 is {kind}: "
+                        "return (inputs, targets) from its __getitem__ (inputs may be a dict of a model's keyword "
+                        "inputs, as a HuggingFace model takes them)")
+    try:
+        inputs, targets = default_collate(list(items))
+    except RuntimeError as error:
+        if "equal size" not in str(error):
+            raise
+        raise ValueError(f"the examples' tensors differ in shape ({error}); a batch is stacked from the dataset's "
+                         "items with no collate_fn, since its size changes from step to step: pad them to one shape "
+                         "in the dataset (sequences to one length, with an attention mask, or labels of -100 for the "
+                         "padding)") from error
     return (tuple(inputs) if isinstance(inputs, list) else inputs), targets
 
 

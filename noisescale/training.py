@@ -86,7 +86,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from noisescale._buffers import RunningStatistics, kept_buffers
@@ -355,6 +355,10 @@ class AdaptiveTrainer:
             raise TypeError(f"policy must be a NoiseScaleBatchPolicy, got {type(policy).__name__}")
         if lr_coupling not in COUPLING_RULES:
             raise ValueError(f"lr_coupling must be one of {COUPLING_RULES}, got {lr_coupling!r}")
+        if lr_coupling != "none" and policy is None:
+            source = "a schedule, which sets eps / eps_0 itself" if schedule is not None else "a constant batch_size"
+            raise ValueError(f"lr_coupling={lr_coupling!r} couples the learning rate to a policy's changes of B, and "
+                             f"this trainer has {source}: leave lr_coupling='none'")
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if policy_noise_scale not in POLICY_NOISE_SCALES:
@@ -375,7 +379,7 @@ class AdaptiveTrainer:
         self.amp = amp
         self.grad_scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         self.max_micro_batch = None if max_micro_batch is None else check_int(max_micro_batch, "max_micro_batch", 1)
-        num_examples = len(dataset)
+        num_examples = _map_style_size(dataset)
         first_batch = self._check_largest_batch(batch_size, num_examples)
         self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **{"optimizer": optimizer,
                                                                            **(monitor_options or {})})
@@ -426,7 +430,8 @@ class AdaptiveTrainer:
             largest = max(self.schedule.at(e, momentum).batch_size for e in epochs)
         if largest > num_examples:
             raise ValueError(f"the batch size can reach {largest} but the dataset has only {num_examples} examples; "
-                             "lower batch_size or the schedule's / policy's max_batch_size")
+                             "lower batch_size or the schedule's / policy's max_batch_size (the commands' --batch-size and "
+                             "--max-batch-size)")
         return first
 
     # ------------------------------------------------------------------ one step
@@ -784,6 +789,20 @@ class AdaptiveTrainer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+
+
+def _map_style_size(dataset: Any) -> int:
+    """len(dataset), where it is a map-style dataset the trainer can draw batches of any size from; a TypeError
+    naming what to pass instead for a DataLoader, an iterable dataset or anything without len and indexing."""
+    if isinstance(dataset, DataLoader):
+        raise TypeError("dataset is a DataLoader: AdaptiveTrainer draws its own batches, whose size changes, from "
+                        "a map-style dataset; pass loader.dataset (items are stacked as they are, without the "
+                        "loader's collate_fn)")
+    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"dataset must be map-style, len(dataset) and dataset[i] -> (inputs, targets), so that "
+                        f"batches of any size can be drawn from it; got a {type(dataset).__name__}. Load an iterable "
+                        "or streamed dataset into memory, or into a Dataset whose __getitem__ reads example i")
+    return len(dataset)
 
 
 def _settings_of(group: dict[str, Any]) -> dict[str, Any]:

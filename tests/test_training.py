@@ -695,6 +695,50 @@ def test_a_learning_rate_scheduler_and_the_trainers_factor_multiply(source):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * _warmup_then_halves(24), rel=1e-15)
 
 
+class _Pairs(Dataset):
+    """Items as a user may hold them: dicts, variable-length sequences, or proper (inputs, targets) pairs."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int):
+        if self.kind == "dict":
+            return {"x": torch.ones(4, dtype=torch.float64), "labels": torch.tensor(1.0, dtype=torch.float64)}
+        return torch.ones(4 + index % 3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.ones(4, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))] * 16)
+
+
+@pytest.mark.parametrize("given, error, match", [
+    ("loader", TypeError, r"dataset is a DataLoader.*pass loader.dataset"),
+    ("stream", TypeError, r"dataset must be map-style.*got a _Stream"),
+    ("dict", TypeError, r"an \(inputs, targets\) pair, and item 0 is a dict with keys \['labels', 'x'\]"),
+    ("ragged", ValueError, r"tensors differ in shape.*pad them to one shape in the dataset"),
+    ("coupling", ValueError, r"lr_coupling='linear' couples.*a constant batch_size: leave lr_coupling='none'"),
+])
+def test_data_and_options_the_trainer_cannot_take_are_refused_naming_what_to_do(given, error, match):
+    """A survey's finds: a DataLoader was taken (its len as N) and failed at the first step with "'DataLoader' object
+    is not subscriptable"; an IterableDataset with "has no len()"; dict items with "inputs must be a tensor... got
+    str"; sequences of different lengths with torch's "stack expects each tensor to be equal size"; lr_coupling with
+    a constant batch size was ignored without a word. Each is now refused naming the cause and the remedy, before
+    any step for all but the items (read at the first step, with the parameters untouched)."""
+    model = linear_model()
+    before = parameters_of(model)
+    dataset = {"loader": torch.utils.data.DataLoader(regression_data(3.0), batch_size=4), "stream": _Stream(),
+               "dict": _Pairs("dict"), "ragged": _Pairs("ragged"), "coupling": regression_data(3.0)}[given]
+    with pytest.raises(error, match=match):
+        trainer = make_trainer(model, dataset, loss_fn=per_example_squared_error, batch_size=4,
+                               lr_coupling="linear" if given == "coupling" else "none")
+        trainer.step()
+    assert all(map(torch.equal, before, model.parameters())) and all(p.grad is None for p in model.parameters())
+
+
 def test_a_schedules_momentum_rule_reads_the_optimizers_momentum():
     """Smith et al.'s momentum rule scales B by (1 - m_0)/(1 - m) at the momentum m in use: the trainer never gave
     the schedule its optimizer's momentum, so with m_0 = 0 and SGD at 0.9 B stayed at B_0 = 8 where 80 was meant
