@@ -915,6 +915,9 @@ def test_train_command_runs_checkpoints_and_resumes(tmp_path, capsys):
     evaluations = pd.read_csv(tmp_path / "train_batch-increase_evaluations.csv")
     assert len(evaluations) == 2 and evaluations["test_accuracy"].between(0, 1).all()
     assert (tmp_path / "train_batch-increase.png").stat().st_size > 10_000
+    # --epochs not above the checkpoint's: nothing to train, said (it exited 0 without a word: a survey's find)
+    assert main([*common, "--epochs", "1", "--resume", str(tmp_path / "run.pt"), "--out", str(tmp_path / "again")]) == 0
+    assert "the checkpoint has trained 1 epochs already, --epochs 1: nothing more is trained" in capsys.readouterr().err
     # another run's checkpoint (another --seed): an error naming --resume and what to check, the files untouched
     files = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
     assert main([*common, "--epochs", "2", "--seed", "7", "--resume", str(tmp_path / "run.pt"),

@@ -6,6 +6,7 @@ evaluate after every epoch, checkpoint, resume, and write the history, the evalu
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,10 @@ def run_train(
                                    "--lr-coupling, --noise-scale, --hessian-every; the model and data), or start "
                                    "anew without --resume") from error
             evaluations = list(state["evaluations"])
+            if trainer.epoch >= epochs and main:
+                print(f"noisescale: note: the checkpoint has trained {trainer.epoch:.4g} epochs already, --epochs "
+                      f"{epochs:g}: nothing more is trained; give a larger --epochs to continue the run",
+                      file=sys.stderr)
 
         def after_epoch(trainer: AdaptiveTrainer) -> None:
             row = trainer.history.iloc[-1]
