@@ -36,7 +36,7 @@ import torch.distributed as dist
 from noisescale._checks import check_int, listed
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
-from noisescale._wrappers import unwrapped_module
+from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.batches import (batch_size_of, call_model, describe_nonfinite_counts, merge_nonfinite_counts,
                                 nonfinite_counts, to_device)
 from noisescale.checkpoints import atomic_write, to_plain
@@ -288,6 +288,9 @@ def check_options(*, measure_every: int, ema_decay: float, confidence: float, he
 class NoiseScaleMonitor:
     """Measures the gradient noise scale of the training it is called in (module docstring).
 
+    On a DDP model each rank measures its own share of the batch (warned once at construction):
+    :class:`~noisescale.training.AccumulatingNoiseScaleMonitor` measures the global batch.
+
     Args:
         model: the model being trained.
         loss_fn: ``loss_fn(outputs, targets)`` -> per-example losses of shape (B,); the training loss is their mean.
@@ -315,6 +318,8 @@ class NoiseScaleMonitor:
 
     # what the warnings of a step holding bad data advise about its optimizer step (the loop is the caller's)
     _skip_advice = "skip its optimizer step where last_step_finite is False"
+
+    _gathers_ranks = False   # a subclass that measures the global batch under DDP sets it
 
     def __init__(
         self,
@@ -367,6 +372,14 @@ class NoiseScaleMonitor:
         self.backend_of: dict[str, str] = {}
         self._warned: set[str] = set()
         self.adaptive_optimizer = None if optimizer is None else adapts_per_coordinate(optimizer)
+        self._rank_local = not self._gathers_ranks and ddp_of(model) is not None
+        if self._rank_local:
+            warnings.warn("NoiseScaleMonitor on a DDP model measures each rank's own share of the batch: its "
+                          "tr(Sigma) and |G|^2 are estimates from that share's examples alone, and the ranks' "
+                          "histories differ. AccumulatingNoiseScaleMonitor(...).accumulate([(inputs, targets)]) "
+                          "measures the global batch (the ranks' per-example norms gathered), as AdaptiveTrainer "
+                          "does; last_step_finite here also reads the all-reduced p.grad, so that every rank skips "
+                          "a step another rank's batch made non-finite", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ the training step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -631,10 +644,13 @@ class NoiseScaleMonitor:
         mean gradient) was finite. When False, p.grad may hold inf or NaN: skip ``optimizer.step()`` as
         ``GradScaler`` does, or stop. True for a step whose loss alone was NaN while every gradient was finite
         (0/0 of a mean over no terms: ``finite_gradient``), whose p.grad a plain loop steps on: a loop that skipped
-        such steps skipped every batch holding one fully masked sequence."""
+        such steps skipped every batch holding one fully masked sequence. On a DDP model measured rank by rank,
+        p.grad (all-reduced, the same on every rank) must be finite too: another rank's batch may have made it
+        NaN while this rank's step was finite, and every rank must skip that step alike."""
         if not self._rows:
             raise RuntimeError("no step has been taken yet")
-        return not _is_nonfinite(self._rows[-1]) or _finite_gradient(self._rows[-1])
+        finite = not _is_nonfinite(self._rows[-1]) or _finite_gradient(self._rows[-1])
+        return finite and (not self._rank_local or gradients_finite(self.model))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""

@@ -153,6 +153,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     (summary, history, state) is the monitor's.
     """
 
+    _gathers_ranks = True
+
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], **options: Any) -> None:
         super().__init__(model, loss_fn, **options)
         self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)

@@ -35,6 +35,7 @@ from noisescale.distributed import (
 from noisescale.estimators import simple_noise_scale, two_batch_noise_scale
 from noisescale.hessian import hessian_noise_scale
 from noisescale.losses import per_example_cross_entropy
+from noisescale.monitor import NoiseScaleMonitor
 from noisescale.sampler import ResizableBatchSampler
 from noisescale.training import AdaptiveTrainer
 
@@ -221,6 +222,25 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     results["nan_history"] = poisoned_noise.history
     results["nan_num_skipped"] = poisoned_noise.average.num_skipped
     report_progress(out_dir, rank, "nan")
+
+    # 3b. the plain monitor on the DDP model, rank by rank, NaN on one rank's batch: every rank must skip the step.
+    ranked = _ddp(_make_model(torch.float64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = NoiseScaleMonitor(ranked, per_example_cross_entropy)
+        optimizer = torch.optim.SGD(ranked.parameters(), lr=LEARNING_RATE)
+        skipped = []
+        for step in range(STEPS):
+            step_inputs = inputs64[step, rank] * (math.nan if (step, rank) == (NAN_STEP, NAN_RANK) else 1.0)
+            optimizer.zero_grad()
+            monitor(step_inputs, labels[step, rank])
+            skipped.append(not monitor.last_step_finite)
+            if not skipped[-1]:
+                optimizer.step()
+    results["ranked_warnings"] = [str(w.message) for w in caught]
+    results["ranked_skipped"] = skipped
+    results["ranked_params"] = [p.detach().clone() for p in ranked.parameters()]
+    report_progress(out_dir, rank, "ranked")
 
     # 4. local batch sizes that differ across ranks.
     poisoned_noise.local_batch_size = LOCAL_BATCH + rank
@@ -435,6 +455,20 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(rank_results):
         assert history.drop(index=NAN_STEP)[["grad_sqnorm", "trace_sigma"]].map(math.isfinite).all().all()
     assert all(histories[0].equals(history) for history in histories[1:])  # every column, NaNs alike
     assert [result["nan_num_skipped"] for result in rank_results] == [1] * WORLD_SIZE
+
+
+def test_the_plain_monitor_on_a_ddp_model_warns_and_every_rank_skips_a_step_another_ranks_nan_broke(rank_results):
+    """NoiseScaleMonitor on the DDP model measures each rank's share: said once at construction. A NaN input on one
+    rank made the all-reduced p.grad NaN on every rank, while the other ranks' own rows were finite: they stepped on
+    it (the parameters NaN from then on, the run called diverged) and only the poisoned rank skipped (a survey's
+    find). last_step_finite reads the all-reduced p.grad too: every rank skips that step, and the parameters stay
+    finite and the same on every rank."""
+    for result in rank_results:
+        assert any("measures each rank's own share" in message for message in result["ranked_warnings"])
+        assert result["ranked_skipped"] == [step == NAN_STEP for step in range(STEPS)]
+        assert all(torch.isfinite(p).all() for p in result["ranked_params"])
+        for p, q in zip(result["ranked_params"], rank_results[0]["ranked_params"]):
+            assert torch.equal(p, q)
 
 
 def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_batches(rank_results):
