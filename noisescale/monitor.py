@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from noisescale._checks import check_int, listed
+from noisescale._digits import estimate_digits, rounded, significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -189,18 +190,24 @@ class NoiseScaleSummary:
             ])
         low, high = self.b_simple_interval
         unbounded = high == math.inf
+        place = estimate_digits(self.b_simple, low, high)   # the digits the interval supports (_digits.py)
+        digits = significant_digits(self.b_simple, place)
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
-                 if unbounded else f"{high:.4g}")
+                 if unbounded else rounded(high, place))
         measured = not math.isnan(self.trace_sigma)   # NaN: the average has no step yet
         if not measured and not self._suggests_b_noise:
             suggestion = "  critical batch size: not measured yet"
         elif unbounded and not self._suggests_b_noise and math.isfinite(self.b_simple):
-            bound = f"at least about {low:.0f} examples" if low >= 1 else "no lower bound above 0 either"
+            bound = f"at least about {rounded(low, place)} examples" if low >= 1 else "no lower bound above 0 either"
             suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
+        elif self._suggests_b_noise:
+            suggestion = _describe_suggestion(self.b_noise, estimate_digits(self.b_noise, *self.b_noise_interval))
         else:
-            suggestion = _describe_suggestion(self.suggested_batch_size)
-        b_simple = ([f"  B_simple = {self.b_simple:.4g}  ({self.confidence:.0%} interval {low:.4g} .. {upper})",
-                     f"  tr(Sigma) = {self.trace_sigma:.4g}, |G|^2 = {self.grad_sqnorm:.4g}"] if measured else
+            suggestion = _describe_suggestion(self.b_simple, place)
+        b_simple = ([f"  B_simple = {rounded(self.b_simple, place)}  ({self.confidence:.0%} interval "
+                     f"{rounded(low, place)} .. {upper})",
+                     f"  tr(Sigma) = {self.trace_sigma:.{digits}g}, |G|^2 = {self.grad_sqnorm:.{digits}g}"] if measured
+                    else
                     ["  B_simple: not measured yet (no step with a finite loss and at least 2 examples, or 2 "
                      "micro-batches for a model normalising with batch statistics, which the gradient noise needs)"])
         lines = [
@@ -231,12 +238,13 @@ def adapts_per_coordinate(optimizer: Any) -> bool:
     return any("betas" in group or "beta1" in group for group in getattr(optimizer, "param_groups", ()))
 
 
-def _describe_suggestion(batch_size: float) -> str:
+def _describe_suggestion(batch_size: float, place: int) -> str:
+    """The suggestion's line, ``batch_size`` rounded at 10^``place`` (as its estimate is printed)."""
     if math.isfinite(batch_size) and batch_size < 1:   # "about 0 examples" suggests nothing
         return (f"  critical batch size suggested: below one example ({batch_size:.2g}): the gradient noise is small "
                 "against the mean gradient, so any batch size is past the critical one")
     if math.isfinite(batch_size):
-        return f"  critical batch size suggested: about {batch_size:.0f} examples"
+        return f"  critical batch size suggested: about {rounded(batch_size, max(place, 0))} examples"
     return ("  critical batch size: not resolved (the averaged |G|^2 estimate is not positive: the mean gradient is "
             "lost in the noise at this batch size; measure longer or with larger batches. If it stays negative, "
             "check that each example's loss depends on that example alone: in-batch negatives, as in contrastive "
@@ -261,13 +269,15 @@ def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, 
         return (f"  B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive: ratio "
                 f"{b_noise:.4g})")
     counted = f"{measurements} Hessian measurement{'s' if measurements != 1 else ''}"
-    if interval[1] == math.inf:
-        return (f"  B_noise: not resolved yet ({b_noise:.4g} from {counted}, but their averaged G^T H G is not "
-                f"resolved from 0 at {confidence:.0%} confidence)")
-    if math.isnan(interval[1]):
-        return f"  B_noise = {b_noise:.4g}  (from {counted}, no interval)"
     low, high = interval
-    return f"  B_noise = {b_noise:.4g}  ({confidence:.0%} interval {low:.4g} .. {high:.4g}, from {counted})"
+    place = estimate_digits(b_noise, low, high)
+    if high == math.inf:
+        return (f"  B_noise: not resolved yet ({rounded(b_noise, place)} from {counted}, but their averaged G^T H G "
+                f"is not resolved from 0 at {confidence:.0%} confidence)")
+    if math.isnan(high):
+        return f"  B_noise = {rounded(b_noise, place)}  (from {counted}, no interval)"
+    return (f"  B_noise = {rounded(b_noise, place)}  ({confidence:.0%} interval {rounded(low, place)} .. "
+            f"{rounded(high, place)}, from {counted})")
 
 
 def check_options(*, measure_every: int, ema_decay: float, confidence: float, hessian_every: int,

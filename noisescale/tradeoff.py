@@ -29,6 +29,8 @@ from scipy import stats
 from scipy.optimize import least_squares
 from scipy.special import expit
 
+from noisescale._digits import estimate_digits, rounded
+
 __all__ = [
     "TradeoffFit",
     "fit_tradeoff",
@@ -110,15 +112,12 @@ class TradeoffFit:
         unresolved B_crit says so in words after its interval."""
         percent = f"{100 * self.confidence:g}%"
 
-        def estimate(name: str, value: float, interval: tuple[float, float]) -> str:
-            return f"{name} = {value:.4g} [{interval[0]:.4g}, {interval[1]:.4g}]"
-
-        b_crit = estimate("B_crit", self.b_crit, self.b_crit_interval)
+        b_crit = with_interval("B_crit", self.b_crit, self.b_crit_interval)
         if not self.resolved:
             b_crit += f" ({self._unresolved()})"
         return (
-            f"{estimate('S_min', self.s_min, self.s_min_interval)}, "
-            f"{estimate('E_min', self.e_min, self.e_min_interval)}, "
+            f"{with_interval('S_min', self.s_min, self.s_min_interval)}, "
+            f"{with_interval('E_min', self.e_min, self.e_min_interval)}, "
             f"{b_crit} "
             f"({percent} intervals, {self.steps.size} points, log residual sd {self.log_residual_std:.3g})"
         )
@@ -239,7 +238,7 @@ def fit_tradeoff(
     )
     if not fit.resolved:
         warnings.warn(
-            f"B_crit = {fit.b_crit:.4g} [{fit.b_crit_interval[0]:.4g}, {fit.b_crit_interval[1]:.4g}] is "
+            f"{with_interval('B_crit', fit.b_crit, fit.b_crit_interval)} is "
             f"{fit._unresolved()}; sample batch sizes on both sides of the bend, where the steps stop "
             "falling like 1/B",
             RuntimeWarning,
@@ -437,6 +436,12 @@ def _parametric_bootstrap(
             log_batch_sizes, simulated[index], starts[index], limit_params[index], limit_sqsums[index]
         )
     return replicates
+
+
+def with_interval(name: str, value: float, interval: tuple[float, float]) -> str:
+    """'name = value [low, high]', each rounded to the digits the interval supports (``noisescale._digits``)."""
+    place = estimate_digits(value, *interval)
+    return f"{name} = {rounded(value, place)} [{rounded(interval[0], place)}, {rounded(interval[1], place)}]"
 
 
 def _positive_finite_array(values: Any, name: str, *, one_dimensional: bool = False) -> np.ndarray | float:

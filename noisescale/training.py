@@ -167,6 +167,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         """Forward and backward of the micro-batches into p.grad (which must start at zero or None: checked on the
         first three steps); one history row for the whole batch. Returns the batch's mean loss (detached)."""
         held = self._gradient_held()
+        if self.sharded and bool(self._gradient_held_on_any_rank(held is not None)):   # every rank refuses alike
+            held = held or "on another rank"
         if held is not None:
             raise ValueError(f"p.grad already holds a gradient as this step begins ({held}): accumulate adds the "
                              "micro-batches' gradients to it and reads |G|^2 from the sum, which would include it; "
@@ -279,6 +281,15 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         total = sum(torch.linalg.vector_norm(gradient_values(p.grad), dtype=torch.float64).square()
                     for p in self.model.parameters() if p.requires_grad and p.grad is not None)
         return total / loss_scale**2
+
+    def _gradient_held_on_any_rank(self, held: bool) -> bool:
+        """Under FSDP, whose shards of p.grad differ by rank: whether any rank holds a gradient (one all-reduce,
+        on the first three steps only, as the check runs)."""
+        if self.step >= 3:
+            return held
+        flag = torch.tensor(float(held), device=next(self.model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(flag)
 
     def _two_batch(self, micro_sqnorms: list[torch.Tensor], sizes: list[int], grad_sqnorm: torch.Tensor) -> dict:
         """The estimate from the micro-batch norms (``micro_batch_noise_scale``; with equal sizes b the two-batch
@@ -409,7 +420,7 @@ class AdaptiveTrainer:
             raise ValueError(f"policy.granularity={policy.granularity} must be a multiple of the world size "
                              f"{world_size}: every global batch is split into equal parts, one per rank")
         self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed, num_replicas=world_size, rank=rank)
-        self.base_learning_rates = [group["lr"] for group in optimizer.param_groups]
+        self.base_learning_rates = [float(group["lr"]) for group in optimizer.param_groups]  # (a tensor lr by value)
         self.lr_factor = 1.0   # the schedule's eps / eps_0 or the coupling's factor, on the groups' rates at a step
         self.base_settings = [_settings_of(group) for group in optimizer.param_groups]  # as built (no scheduler yet)
         self.steps = 0
@@ -474,7 +485,12 @@ class AdaptiveTrainer:
     def _batch_size_for_step(self) -> int:
         """B for the coming step; a schedule also sets ``lr_factor`` to eps / eps_0."""
         if self.schedule is not None:
-            batch_size, rate = self.schedule.at(self.epoch, self._schedule_momentum())
+            momentum = self._schedule_momentum()
+            batch_size, rate = self.schedule.at(self.epoch, momentum)
+            if batch_size > self.sampler.num_examples:   # a scheduler moved the momentum (OneCycleLR cycles it)
+                raise ValueError(f"the schedule's momentum rule asks for B = {batch_size} at momentum {momentum:g}, "
+                                 f"more than the dataset's {self.sampler.num_examples} examples: give the schedule "
+                                 f"a max_batch_size of at most {self.sampler.num_examples}")
             self.lr_factor = rate / self.schedule.base_learning_rate
             return batch_size
         if self.policy is not None:

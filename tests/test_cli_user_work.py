@@ -18,9 +18,11 @@ import torch
 
 import _cli_user_code as user
 import noisescale.app.measure as measure_job
+from noisescale._digits import estimate_digits, rounded
 from noisescale.app.cli import main
-from noisescale.app.jobs import json_ready, write_summary_json
+from noisescale.app.jobs import json_ready, noise_scale_fields, write_summary_json
 from noisescale.app.plot import plot_training_curves
+from noisescale.monitor import NoiseScaleSummary
 
 TESTS = Path(__file__).resolve().parent
 TEXT = ["--model", "_cli_user_code:make_text_model"]
@@ -47,7 +49,9 @@ def test_measure_a_text_model_from_the_command_line(tmp_path):
     assert len(history) == 5 and history["examples_seen"].iloc[-1] == 80 and history["b_simple"].notna().all()
     summary = json.loads((out / "measure_summary.json").read_text())
     assert summary["b_simple"] == pytest.approx(history["b_simple"].iloc[-1], rel=1e-12)
-    assert f"B_simple = {summary['b_simple']:.4g}" in printed
+    low, high = map(float, summary["b_simple_interval"])   # "inf" in JSON
+    place = estimate_digits(summary["b_simple"], low, high)   # the digits the interval supports (test_digits.py)
+    assert f"B_simple = {rounded(summary['b_simple'], place)}  (90% interval {rounded(low, place)} .. " in printed
     assert summary["optimizer_steps"] == 5 and summary["b_noise"] is None  # not measured: null
     assert summary["b_noise_measurements"] == 0 and summary["suggested_from"] == "b_simple"
     assert (out / "measure.png").stat().st_size > 10_000
@@ -90,7 +94,9 @@ def test_a_dataset_holding_nan_or_inf_is_refused_before_training(tmp_path, capsy
     assert [path.name for path in out.iterdir()] == [".noisescale.lock"] and not checkpoint.exists()
 
 
-@pytest.mark.parametrize("command", [["measure", "--steps", "30"], ["train", "--schedule", "fixed", "--epochs", "2"]])
+@pytest.mark.parametrize("command", [["measure", "--steps", "30"], ["train", "--schedule", "fixed", "--epochs", "2"],
+                                     ["train", "--schedule", "noise-adaptive", "--epochs", "2", "--max-batch-size",
+                                      "32"]])
 def test_a_diverged_run_reports_no_noise_scale_in_its_text_or_json(tmp_path, capsys, command):
     """--lr 1e3 makes the squared error explode. train printed "B_simple = ... (90% interval ...)" for a run its own
     monitor called diverged, and both commands' JSON held b_simple and its interval without a word (a survey's
@@ -108,10 +114,25 @@ def test_a_diverged_run_reports_no_noise_scale_in_its_text_or_json(tmp_path, cap
     assert summary["no_noise_scale"].startswith("the run diverged (")
     assert summary["b_simple"] is None and summary["b_simple_interval"] == [None, None]
     assert summary["trace_sigma"] is None and summary["suggested_batch_size"] is None
-    name = "measure_summary.json" if command[0] == "measure" else "train_fixed_summary.json"
+    name = "measure_summary.json" if command[0] == "measure" else f"train_{command[2]}_summary.json"
     assert json.loads((tmp_path / "json" / name).read_text())["no_noise_scale"] == summary["no_noise_scale"]
     text = run(tmp_path / "text")
     assert "the run diverged (" in text and "B_simple =" not in text and "interval" not in text
+    # the batch sizes a policy chose stay printed: what one reads first in such a run (a review's find)
+    assert ("batch sizes chosen (from step): 8 (0)" in text) == ("noise-adaptive" in command)
+
+
+def test_a_run_broken_by_bad_data_says_so_in_its_json():
+    """no_noise_scale named the batch alone; it now says that the data broke the run, as a diverged run's says
+    that it diverged (a review's find)."""
+    summary = NoiseScaleSummary(steps=5, examples_seen=40, b_simple=3.0, b_simple_interval=(1.0, 9.0),
+                                confidence=0.9, trace_sigma=3.0, grad_sqnorm=1.0, b_noise=math.nan, nonfinite_steps=2,
+                                bad_data="step 3: the batch holds NaN in its inputs (1 value)",
+                                broken_by_bad_data=True)
+    fields = noise_scale_fields(summary)
+    assert fields["no_noise_scale"] == ("bad data broke the run (step 3: the batch holds NaN in its inputs (1 "
+                                        "value): every step since was non-finite)")
+    assert fields["b_simple"] is None and fields["bad_data"] == summary.bad_data
 
 
 def test_a_dataset_read_example_by_example_is_not_read_ahead_and_its_bad_batch_is_named(tmp_path, capsys):
@@ -244,8 +265,9 @@ def test_train_prints_and_plots_the_noise_scale_it_acted_on(tmp_path, capsys):
     printed = capsys.readouterr().out
     history = pd.read_csv(out / "train_noise-adaptive_history.csv")
     last = history.iloc[-1]
-    assert (f"B_simple = {last['b_simple']:.4g} (90% interval {last['b_simple_low']:.4g} .. "
-            f"{last['b_simple_high']:.4g})") in printed
+    place = estimate_digits(last["b_simple"], last["b_simple_low"], last["b_simple_high"])
+    assert (f"B_simple = {rounded(last['b_simple'], place)} (90% interval {rounded(last['b_simple_low'], place)} .. "
+            f"{rounded(last['b_simple_high'], place)})") in printed
     changes = history[history["batch_size"].diff().fillna(1) != 0]
     assert len(changes) >= 2  # the policy changed B at least once
     chosen = " -> ".join(f"{b} ({s})" for s, b in zip(changes["step"], changes["batch_size"]))

@@ -306,6 +306,18 @@ def _worker(rank: int, out_dir: str) -> None:
             with PerExampleGradNorms(model, per_example_cross_entropy) as norms:
                 results[f"{kind}_{recurrent.__name__}_norms"] = norms(inputs, labels).sqnorms
 
+    # 8. a gradient held in one rank's shards alone as accumulate begins: every rank refuses, none enters the pass
+    from noisescale.sharded import local_part
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+    model = _shard(_make_model(recompute=False), KINDS[0])
+    F.cross_entropy(model(inputs), labels).backward()
+    if rank == 0:
+        for p in model.parameters():
+            local_part(p.grad).zero_()
+    monitor = AccumulatingNoiseScaleMonitor(model, per_example_cross_entropy)
+    results["held_error"] = capture_error(lambda: monitor.accumulate([(inputs, labels)]))
+    monitor.close()
+
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -457,6 +469,14 @@ def test_fsdp_checkpoint_resumes_in_one_process(rank_results, kind):
     for column in ("batch_size", "learning_rate", "loss", "b_simple"):
         np.testing.assert_allclose(resumed.history[column].iloc[half:], full[column].iloc[half:], rtol=1e-9,
                                    err_msg=column)
+
+
+def test_a_gradient_held_on_one_rank_alone_is_refused_by_every_rank(rank_results):
+    """accumulate's held-gradient check read each rank's own shards: with a gradient in rank 1's shards only, rank
+    1 refused while rank 0 went on into the pass's collectives, and the job died (a review's find)."""
+    for result in rank_results:
+        kind, message = result["held_error"]
+        assert kind == "ValueError" and "p.grad already holds a gradient as this step begins" in message
 
 
 def test_unmeasurable_parameters_are_named_under_fsdp(rank_results):

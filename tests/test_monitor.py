@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from noisescale._digits import estimate_digits, rounded
 from noisescale.data import dataset_as_tensors, load_fashion_mnist
 from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.monitor import NoiseScaleMonitor, measure
@@ -924,7 +925,7 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
                                    confidence=0.9, trace_sigma=1.0, grad_sqnorm=0.017, b_noise=math.nan,
                                    nonfinite_steps=0)
     text = str(unresolved)
-    assert "interval 12.3 .. unbounded: |G|^2 is not resolved from 0" in text
+    assert "B_simple = 58  (90% interval 12 .. unbounded: |G|^2 is not resolved from 0" in text   # digits: ±46
     assert "critical batch size: not resolved (at least about 12 examples at 90% confidence)" in text
     assert "suggested: about" not in text
     with_b_noise = dataclasses.replace(unresolved, b_noise=40.0, b_noise_measurements=2)
@@ -952,11 +953,12 @@ def test_b_noise_whose_averaged_g_h_g_is_not_resolved_from_zero_is_not_suggested
                                 nonfinite_steps=0, b_noise_measurements=4, b_noise_interval=interval)
     text = str(summary)
     assert summary.suggested_from == "b_simple" and summary.suggested_batch_size == 50.0
-    assert (f"B_noise: not resolved yet ({average.ratio:.4g} from 4 Hessian measurements, but their averaged G^T H G "
-            "is not resolved from 0 at 90% confidence)") in text
+    place = estimate_digits(average.ratio, *interval)   # the lower side alone sets the digits (test_digits.py)
+    assert (f"B_noise: not resolved yet ({rounded(average.ratio, place)} from 4 Hessian measurements, but their "
+            "averaged G^T H G is not resolved from 0 at 90% confidence)") in text
     resolved = dataclasses.replace(summary, b_noise=40.0, b_noise_interval=(31.5, 55.25))
     assert resolved.suggested_from == "b_noise" and resolved.suggested_batch_size == 40.0
-    assert "B_noise = 40  (90% interval 31.5 .. 55.25, from 4 Hessian measurements)" in str(resolved)
+    assert "B_noise = 40.0  (90% interval 31.5 .. 55.2, from 4 Hessian measurements)" in str(resolved)
 
 
 def test_the_monitor_summary_carries_b_noise_interval_of_its_hessian_average():
@@ -1009,7 +1011,7 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
                                 confidence=0.9, trace_sigma=9.5, grad_sqnorm=0.19, b_noise=4.0, nonfinite_steps=0,
                                 b_noise_measurements=5, adaptive_optimizer=adaptive)
     text = str(summary)
-    assert "B_noise = 4  (from 5 Hessian measurements, no interval)" in text
+    assert "B_noise = 4.0  (from 5 Hessian measurements, no interval)" in text   # 2 digits without an interval
     assert summary.suggested_from == ("b_simple" if adaptive else "b_noise")
     if adaptive:
         assert summary.suggested_batch_size == 50.0 and "suggested: about 50 examples" in text

@@ -38,7 +38,7 @@ from noisescale.sweep import (
     smooth_centered,
 )
 from noisescale.models import mlp
-from noisescale.tradeoff import fit_tradeoff
+from noisescale.tradeoff import fit_tradeoff, with_interval
 
 
 def small_mlp():
@@ -148,7 +148,8 @@ def test_cli_sweep_on_a_finished_file_trains_nothing_and_prints_the_fit(tiny_swe
                  "--max-steps", "120", "--seed", "3", "--no-progress"]
     assert main(arguments) == 0
     printed = capsys.readouterr().out
-    assert f"B_crit = {fit_sweep(frame).b_crit:.4g}" in printed
+    fit = fit_sweep(frame)
+    assert with_interval("B_crit", fit.b_crit, fit.b_crit_interval) in printed
 
 
 def test_parallel_jobs_give_the_same_cells(tmp_path):

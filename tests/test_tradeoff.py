@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from noisescale.app.plot import plot_steps_vs_batch, plot_tradeoff, save_figure
-from noisescale.tradeoff import TradeoffFit, fit_tradeoff, fit_tradeoff_frame, read_sweep_csv
+from noisescale.tradeoff import TradeoffFit, fit_tradeoff, fit_tradeoff_frame, read_sweep_csv, with_interval
 
 S_MIN = 1000.0
 B_CRIT = 256.0
@@ -161,7 +161,7 @@ def test_unresolvable_sweeps_say_not_resolved_once_instead_of_a_collapsed_interv
     assert len(messages) == 1 and "not resolved" in messages[0] and caught[0].category is RuntimeWarning
     assert not fit.resolved
     low, high = fit.b_crit_interval
-    assert "not resolved" in fit.summary() and f"B_crit = {fit.b_crit:.4g} [{low:.4g}, {high:.4g}]" in fit.summary()
+    assert "not resolved" in fit.summary() and with_interval("B_crit", fit.b_crit, (low, high)) in fit.summary()
     if case == "perfect scaling only":  # B_crit = inf fits best; E_min is measured, S_min is not
         assert (fit.b_crit, fit.s_min) == (np.inf, 0.0)
         assert high == np.inf and BATCH_SIZES.max() < low < np.inf
@@ -259,7 +259,8 @@ def test_to_dict_is_json_and_summary_is_one_line(noisy_fit):
     assert len(record["steps"]) == 20
     summary = noisy_fit.summary()
     assert "\n" not in summary and str(noisy_fit) == summary
-    assert f"S_min = {noisy_fit.s_min:.4g}" in summary and "90% intervals, 20 points" in summary
+    assert with_interval("S_min", noisy_fit.s_min, noisy_fit.s_min_interval) in summary   # test_digits.py
+    assert "90% intervals, 20 points" in summary
     assert record["resolved"] is True and noisy_fit.resolved and "not resolved" not in summary
 
 

@@ -756,6 +756,43 @@ def test_a_schedules_momentum_rule_reads_the_optimizers_momentum():
                         schedule=schedule, progress=False)
 
 
+def test_a_momentum_the_rule_turns_into_a_batch_larger_than_the_dataset_is_refused_naming_max_batch_size():
+    """A scheduler that raises the momentum after the trainer was built (OneCycleLR cycles it up to 0.95): B_0 / (1 -
+    m) outgrows the dataset, and the sampler's bare 'batch_size=160 exceeds the dataset size' came at the step (a
+    review's find). The step now names the momentum rule and the schedule's max_batch_size, and takes nothing."""
+    schedule = BatchSizeSchedule("fixed", base_learning_rate=0.1, base_batch_size=8, momentum_rule=True)
+    model = linear_model()
+    trainer = make_trainer(model, regression_data(3.0, n=128), loss_fn=per_example_squared_error, lr=0.1,
+                           momentum=0.9, schedule=schedule)
+    trainer.optimizer.param_groups[0]["momentum"] = 0.95
+    before = parameters_of(model)
+    with pytest.raises(ValueError, match=r"momentum rule asks for B = 160 at momentum 0.95, more than the dataset's "
+                                         r"128 examples: give the schedule a max_batch_size of at most 128"):
+        trainer.step()
+    assert all(map(torch.equal, before, model.parameters())) and trainer.steps == 0
+
+
+def test_a_tensor_learning_rate_under_a_scheduler_resumes_without_a_warning():
+    """base_learning_rates held the optimizer's lr tensor itself, which a scheduler changes in place: an exact
+    resume warned that the checkpoint's lr 0.005 differed from this trainer's 0.01 (a review's find)."""
+    def trainer_of():
+        model = linear_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+        return scheduler, AdaptiveTrainer(model, per_example_squared_error, optimizer, regression_data(3.0),
+                                          batch_size=8, progress=False)
+
+    scheduler, trainer = trainer_of()
+    for _ in range(2):
+        trainer.step()
+        scheduler.step()
+    state = copy.deepcopy(trainer.state_dict())
+    assert state["base_learning_rates"] == [0.01]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer_of()[1].load_state_dict(state)
+
+
 @pytest.mark.parametrize("source", ["policy", "schedule"])
 def test_a_checkpoint_of_a_version_that_coupled_the_groups_rates_resumes_identically(source):
     """Before session 25 the groups' rates held the coupled (policy) or scheduled rate and a checkpoint had no

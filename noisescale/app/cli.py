@@ -160,6 +160,8 @@ def _run_nqm(args: argparse.Namespace) -> int:
     import numpy as np
 
     from noisescale import nqm
+    from noisescale._digits import estimate_digits, rounded
+    from noisescale.tradeoff import with_interval
 
     model = nqm.paper_model(args.dim, None if args.bins == 0 else args.bins)
     optimizer = nqm.OptimizerSetting(
@@ -194,8 +196,10 @@ def _run_nqm(args: argparse.Namespace) -> int:
             warnings.simplefilter("always")
             fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
         low, high = fit.b_crit_interval
-        print(f"McCandlish fit: B_crit = {fit.b_crit:.4g} (90% interval {low:.4g} .. {high:.4g}), "
-              f"S_min = {fit.s_min:.4g}, E_min = {fit.e_min:.4g}{'' if fit.resolved else ' -- not resolved'}")
+        place = estimate_digits(fit.b_crit, low, high)   # the digits the interval supports
+        print(f"McCandlish fit: B_crit = {rounded(fit.b_crit, place)} (90% interval {rounded(low, place)} .. "
+              f"{rounded(high, place)}), {with_interval('S_min', fit.s_min, fit.s_min_interval)}, "
+              f"{with_interval('E_min', fit.e_min, fit.e_min_interval)}{'' if fit.resolved else ' -- not resolved'}")
         for warning in caught:
             print(f"note: {warning.message}")
     return 0

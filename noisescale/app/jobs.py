@@ -227,7 +227,8 @@ def noise_scale_fields(summary) -> dict[str, Any]:
         "nonfinite_steps": summary.nonfinite_steps,
         "no_noise_scale": None if reported else next(
             reason for reason in (summary.divergence and f"the run diverged ({summary.divergence})",
-                                  summary.broken_by_bad_data and summary.bad_data, summary.nonfinite_from_start)
+                                  summary.broken_by_bad_data and f"bad data broke the run ({summary.bad_data}: "
+                                  "every step since was non-finite)", summary.nonfinite_from_start)
             if reason),
         "bad_data": summary.bad_data,
     }

@@ -17,6 +17,7 @@ from torch.utils.data import Subset, TensorDataset
 
 import noisescale
 from noisescale._checks import check_int
+from noisescale._digits import estimate_digits, rounded
 from noisescale.app.jobs import (
     Evaluation, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
@@ -59,16 +60,24 @@ class TrainOutcome:
                  f"final batch size {self.final_batch_size}, {self.seconds:.1f} s of training"]
         summary = self.noise_scale
         if not summary.reports_noise_scale:   # the summary says why (diverged, broken by bad data, never finite)
-            return "\n".join(lines + summary.describe(hessian_off="--hessian-every 0").splitlines()[1:])
-        low, high = summary.b_simple_interval
-        b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
-                   if math.isnan(summary.b_noise) else
-                   f"{summary.b_noise:.4g}" if summary.b_noise_resolved else "not resolved")
-        lines.append(f"  noise scale at the end: B_simple = {summary.b_simple:.4g} ({summary.confidence:.0%} interval "
-                     f"{low:.4g} .. {high:.4g}), B_noise = {b_noise}")
+            lines += summary.describe(hessian_off="--hessian-every 0").splitlines()[1:]
+        else:
+            lines.append(self._noise_scale_line())
         if self.mode == "noise-adaptive":
             lines.append(f"  batch sizes chosen (from step): {_describe_changes(self.batch_sizes)}")
         return "\n".join(lines)
+
+    def _noise_scale_line(self) -> str:
+        summary = self.noise_scale
+        low, high = summary.b_simple_interval
+        place = estimate_digits(summary.b_simple, low, high)   # the digits the interval supports
+        b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
+                   if math.isnan(summary.b_noise) else
+                   rounded(summary.b_noise, estimate_digits(summary.b_noise, *summary.b_noise_interval))
+                   if summary.b_noise_resolved else "not resolved")
+        return (f"  noise scale at the end: B_simple = {rounded(summary.b_simple, place)} "
+                f"({summary.confidence:.0%} interval {rounded(low, place)} .. {rounded(high, place)}), "
+                f"B_noise = {b_noise}")
 
     def to_dict(self) -> dict[str, Any]:
         """The summary of ``--json`` and ``train_<mode>_summary.json`` (non-finite values: see jobs.json_ready)."""
