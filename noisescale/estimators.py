@@ -31,9 +31,14 @@ norms are the two-batch estimator at B_small = 1, B_big = B:
 
     tr(Sigma) ~ S = B/(B-1) (mean_i s_i - |gbar|^2),      |G|^2 ~ |gbar|^2 - S/B.
 
-This assumes the batch loss is the *mean* of the per-example losses (not the sum) and i.i.d. sampling;
-sampling without replacement from a dataset of N examples shrinks tr(Sigma)/B by (N-B)/(N-1), negligible
-for B << N.
+This assumes the batch loss is the *mean* of the per-example losses (not the sum) and i.i.d. sampling. A batch
+drawn without replacement from a dataset of N examples (an epoch's shuffled batches; the truth is then the
+dataset's: Sigma with divisor N, G its mean gradient) has E|gbar|^2 = |G|^2 + tr(Sigma)/B (N-B)/(N-1) and E[S] =
+tr(Sigma) N/(N-1), so the estimate of |G|^2 is low by tr(Sigma)/(N-1): B_simple/(N-1) of it, whatever B is
+(a statistical audit, session 25: 5 % on a logistic regression with N = 8192, B_simple = 412). ``population=N``
+corrects both, exactly (test by enumeration of every batch):
+
+    tr(Sigma) ~ S (N-1)/N,      |G|^2 ~ |gbar|^2 - S/B + S/N.
 
 Bias of the ratio. Both estimates are unbiased but their ratio is not: E[S/|G|^2 estimate] != tr(Sigma)/|G|^2
 (Jensen); when |G|^2 is small relative to the noise of its estimate the single-batch ratio is heavily biased,
@@ -166,12 +171,15 @@ def micro_batch_noise_scale(sqnorms: Any, sizes: Any, grad_sqnorm: Any) -> Noise
                               batch_size=int(batch_size))
 
 
-def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = "raise") -> NoiseScaleEstimate:
+def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = "raise",
+                       population: int | None = None) -> NoiseScaleEstimate:
     """Per-example estimator: S = B/(B-1)(mean_i s_i - |gbar|^2), |G|^2 = |gbar|^2 - S/B (McCandlish app. A).
 
     ``sqnorms`` (B,) are the per-example squared gradient norms s_i = |g_i|^2 and ``grad_sqnorm`` is |gbar|^2
     of their mean. B = 1 carries no variance information: ``on_small_batch="raise"`` raises ValueError,
     ``"nan"`` warns and returns NaN estimates. Non-finite inputs give NaN estimates (no error).
+    ``population``: N, for a batch drawn without replacement from a dataset of N >= B examples (module
+    docstring: tr(Sigma) ~ S (N-1)/N, |G|^2 ~ |gbar|^2 - S/B + S/N); None for i.i.d. draws.
     """
     if on_small_batch not in ("raise", "nan"):
         raise ValueError(f"on_small_batch must be 'raise' or 'nan', got {on_small_batch!r}")
@@ -188,7 +196,13 @@ def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = 
         return NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=batch_size)
     mean_sqnorm = float(per_example.mean())
     _check_mean_dominates(mean_sqnorm, mean_gradient_sqnorm, "simple_noise_scale")
-    return _two_batch_estimate(mean_sqnorm, 1, mean_gradient_sqnorm, batch_size)
+    estimate = _two_batch_estimate(mean_sqnorm, 1, mean_gradient_sqnorm, batch_size)
+    if population is None:
+        return estimate
+    population = check_int(population, "population", batch_size)
+    noise = estimate.trace_sigma
+    return NoiseScaleEstimate(grad_sqnorm=estimate.grad_sqnorm + noise / population,
+                              trace_sigma=noise * (population - 1) / population, batch_size=batch_size)
 
 
 def fieller_interval(

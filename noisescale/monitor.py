@@ -324,6 +324,11 @@ class NoiseScaleMonitor:
         optimizer: the training's optimizer, if you want the summary to know it: with one that adapts each
             coordinate's step (Adam, AdamW, ...: :func:`adapts_per_coordinate`) the suggested batch size is
             B_simple, not B_noise (SGD's). Sets ``adaptive_optimizer`` (None when not given).
+        population_size: N, where each batch is drawn without replacement from a dataset of N examples (shuffled
+            epochs): the per-example estimates are then corrected to be unbiased for that dataset's tr(Sigma) and
+            |G|^2 (:func:`~noisescale.estimators.simple_noise_scale`; without it |G|^2 reads low by B_simple/N of
+            itself). None: batches taken as i.i.d. draws. AdaptiveTrainer and :func:`measure` over a DataLoader
+            pass it themselves.
     """
 
     # what the warnings of a step holding bad data advise about its optimizer step (the loop is the caller's)
@@ -350,6 +355,7 @@ class NoiseScaleMonitor:
         chunk_size: int | None = None,
         check_independence: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
+        population_size: int | None = None,
     ) -> None:
         check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
                       hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
@@ -382,6 +388,7 @@ class NoiseScaleMonitor:
         self.backend_of: dict[str, str] = {}
         self._warned: set[str] = set()
         self.adaptive_optimizer = None if optimizer is None else adapts_per_coordinate(optimizer)
+        self.population_size = None if population_size is None else check_int(population_size, "population_size", 2)
         self._rank_local = not self._gathers_ranks and ddp_of(model) is not None
         if self._rank_local:
             warnings.warn("NoiseScaleMonitor on a DDP model measures each rank's own share of the batch: its "
@@ -483,7 +490,7 @@ class NoiseScaleMonitor:
             self._warn_once("batch1", "a batch of 1 example carries no gradient-variance information: tr(Sigma) "
                             "and B_simple are recorded as NaN for such steps (warned once)")
             return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
-        estimate = (simple_noise_scale(sqnorms, grad_sqnorm) if unit_sizes is None
+        estimate = (simple_noise_scale(sqnorms, grad_sqnorm, population=self.population_size) if unit_sizes is None
                     else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm))
         self.average.update_estimate(estimate)
         low, high = self.average.interval(self.confidence)
@@ -826,11 +833,14 @@ def measure(
     were. Returns the monitor: ``.summary()`` and ``.history`` hold the result.
 
     With ``ema_decay`` close to 1 the averages approach the plain means over the batches seen, which is the
-    right average here since the parameters do not move (default 0.999 unless given).
+    right average here since the parameters do not move (default 0.999 unless given). A DataLoader whose batches
+    are drawn without replacement (its default sequential or shuffled sampler) gives ``population_size`` its
+    dataset's length unless given.
     """
     from tqdm.auto import tqdm
 
     monitor_options.setdefault("ema_decay", 0.999)
+    monitor_options.setdefault("population_size", _drawn_without_replacement_from(batches))
     saved_grads = {name: p.grad for name, p in model.named_parameters()}   # set to None, not written to, below
     try:
         with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
@@ -846,3 +856,19 @@ def measure(
             p.grad = saved_grads[name]
     return monitor
 
+
+
+def _drawn_without_replacement_from(batches: Any) -> int | None:
+    """len(dataset) of a DataLoader whose batches partition its dataset (torch's BatchSampler over a
+    SequentialSampler, or a RandomSampler without replacement over the whole dataset); None for anything else."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+    if not isinstance(batches, DataLoader) or type(batches.batch_sampler) is not BatchSampler:
+        return None
+    sampler = batches.batch_sampler.sampler
+    whole = isinstance(sampler, SequentialSampler) or (isinstance(sampler, RandomSampler) and not sampler.replacement
+                                                         and sampler.num_samples == len(sampler.data_source))
+    try:
+        return len(batches.dataset) if whole and len(batches.dataset) >= 2 else None
+    except TypeError:   # an iterable dataset
+        return None

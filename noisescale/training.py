@@ -394,8 +394,8 @@ class AdaptiveTrainer:
         self.max_micro_batch = None if max_micro_batch is None else check_int(max_micro_batch, "max_micro_batch", 1)
         num_examples = _map_style_size(dataset)
         first_batch = self._check_largest_batch(batch_size, num_examples)
-        self.monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, **{"optimizer": optimizer,
-                                                                           **(monitor_options or {})})
+        self.monitor = AccumulatingNoiseScaleMonitor(  # the sampler draws each epoch without replacement
+            model, loss_fn, **{"optimizer": optimizer, "population_size": num_examples, **(monitor_options or {})})
         if policy_noise_scale == "b_noise" and self.monitor.adaptive_optimizer:
             warnings.warn(f"policy_noise_scale='b_noise' with {type(optimizer).__name__}, which adapts each "
                           "coordinate's step: B_noise is SGD's critical batch size (with AdamW it sat 24 to 225 times "

@@ -370,3 +370,25 @@ def test_noise_scale_interval_is_clipped_at_zero():
     low, high = noise_scale.interval(0.9)
     generic_low, generic_high = generic.interval(0.9)
     assert generic_low < 0 and low == 0.0 and high == generic_high
+
+
+@pytest.mark.parametrize("population_size, batch_size", [(6, 3), (7, 2), (5, 5)])
+def test_batches_drawn_without_replacement_are_unbiased_with_the_population_given(population_size, batch_size):
+    """Every batch of B of a dataset of N per-example gradients, enumerated: the mean of the estimates with
+    ``population=N`` is the dataset's tr(Sigma) (divisor N) and |G|^2 exactly; without it, |G|^2 is low by
+    tr(Sigma)/(N-1) (a statistical audit's find, session 25: B_simple 5 % high on a logistic regression)."""
+    gradients = np.random.default_rng(population_size).normal(size=(population_size, 3)) + [0.3, -0.2, 0.1]
+    mean = gradients.mean(0)
+    trace_sigma = float(((gradients - mean) ** 2).sum(1).mean())
+    corrected, plain = [], []
+    for batch in itertools.combinations(range(population_size), batch_size):
+        rows = gradients[list(batch)]
+        sqnorms, grad_sqnorm = (rows**2).sum(1), float((rows.mean(0) ** 2).sum())
+        corrected.append(simple_noise_scale(sqnorms, grad_sqnorm, population=population_size))
+        plain.append(simple_noise_scale(sqnorms, grad_sqnorm))
+    assert np.mean([e.trace_sigma for e in corrected]) == pytest.approx(trace_sigma, rel=1e-12)
+    assert np.mean([e.grad_sqnorm for e in corrected]) == pytest.approx(float(mean @ mean), rel=1e-12)
+    assert np.mean([e.grad_sqnorm for e in plain]) == pytest.approx(
+        float(mean @ mean) - trace_sigma / (population_size - 1), rel=1e-12)
+    with pytest.raises(ValueError, match="population must be >= 3"):
+        simple_noise_scale(np.ones(3), 0.5, population=2)

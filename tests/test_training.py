@@ -69,7 +69,6 @@ def test_an_optimizer_over_the_head_alone_measures_every_step_from_that_steps_gr
     accumulated p.grad took them in (step 1: 0.49 for 0.15, silently, then an error blaming a summed loss), and the
     held-gradient check refused one micro-batch at step 1 (a survey's finds). Every step's tr(Sigma) and |G|^2 are
     now those of a loop over single examples at that step's parameters (the batch is the whole dataset)."""
-    from noisescale.estimators import simple_noise_scale
     dataset, model = classification_data(n=12), small_net()
     trainer = AdaptiveTrainer(model, per_example_cross_entropy, torch.optim.SGD(model[2].parameters(), lr=0.5),
                               dataset, batch_size=12, max_micro_batch=max_micro_batch, progress=False)
@@ -79,10 +78,10 @@ def test_an_optimizer_over_the_head_alone_measures_every_step_from_that_steps_gr
         grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
             per_example_cross_entropy(reference(inputs[i:i + 1]), targets[i:i + 1]).sum(),
             list(reference.parameters()))]) for i in range(12)])
-        expected = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum())
+        mean = grads.mean(0)   # the batch is the dataset: its tr(Sigma) and |G|^2 exactly (population_size = N)
         row = trainer.step()
-        assert row["trace_sigma"] == pytest.approx(float(expected.trace_sigma), rel=1e-10)
-        assert row["grad_sqnorm"] == pytest.approx(float(expected.grad_sqnorm), rel=1e-10)
+        assert row["trace_sigma"] == pytest.approx(float((grads - mean).square().sum(1).mean()), rel=1e-10)
+        assert row["grad_sqnorm"] == pytest.approx(float(mean.square().sum()), rel=1e-10)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -127,9 +126,10 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient_and_noise_scale(
         torch.testing.assert_close(after.detach(), before - mean_gradient[offset:offset + size].view_as(before),
                                    rtol=0, atol=1e-13)
         offset += size
-    batch = 17
-    trace_sigma = batch / (batch - 1) * (per_example.square().sum(1).mean() - mean_gradient.square().sum())
-    grad_sqnorm = mean_gradient.square().sum() - trace_sigma / batch
+    batch, population = 17, len(dataset)   # drawn without replacement from the dataset: its finite-population form
+    noise = batch / (batch - 1) * (per_example.square().sum(1).mean() - mean_gradient.square().sum())
+    trace_sigma = noise * (population - 1) / population
+    grad_sqnorm = mean_gradient.square().sum() - noise / batch + noise / population
     assert row["trace_sigma"] == pytest.approx(trace_sigma.item(), rel=1e-10)
     assert row["grad_sqnorm"] == pytest.approx(grad_sqnorm.item(), rel=1e-10)
     # the micro-batches' own estimate, (sum_k b_k |g_k|^2 - B |g|^2) / (K - 1), from their naive mean gradients
