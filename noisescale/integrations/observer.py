@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from noisescale._checks import check_int
 from noisescale._gradient_norm import GradientSquaredNorm
 from noisescale._wrappers import unwrapped_module
 from noisescale.batches import batch_size_of
@@ -61,6 +62,10 @@ class NoiseScaleOptions:
     check_independence: on the first measured step, check that the model's outputs do not couple the examples
         (a warning naming them: :mod:`noisescale.per_example.coupling`) and that the loss the model returns holds
         no term over the whole batch (an MoE's router loss).
+    population_size: N, the training set's size where the framework draws each epoch's batches without
+        replacement (its default shuffled sampler): the per-example estimate is then unbiased for that dataset
+        (``NoiseScaleMonitor``'s option; without it |G|^2 reads low by B_simple/N of itself, which matters on a
+        small dataset only). Not set by the integrations themselves.
     """
 
     measure_every: int = 1
@@ -74,10 +79,13 @@ class NoiseScaleOptions:
     per_example_loss: Callable[[Any, Any], torch.Tensor] | None = None
     log_prefix: str = "noise_scale/"
     check_independence: bool = True
+    population_size: int | None = None
 
     def __post_init__(self) -> None:   # out-of-range values fail here, not at the first training step
         check_options(**{key: value for key, value in self.monitor_options().items()
-                         if key not in ("seed", "check_independence")})
+                         if key not in ("seed", "check_independence", "population_size")})
+        if self.population_size is not None:
+            check_int(self.population_size, "population_size", 2)
         if self.hessian_every and self.per_example_loss is None:
             _per_example_loss_not_given(None, None)
 
@@ -92,6 +100,7 @@ class NoiseScaleOptions:
             "hessian_probes": self.hessian_probes,
             "seed": self.seed,
             "check_independence": self.check_independence,
+            "population_size": self.population_size,
         }
 
 
