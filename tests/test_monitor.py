@@ -305,18 +305,23 @@ def test_an_infinite_loss_or_bad_targets_are_not_taken_for_0_over_0():
     assert "finite_gradient" not in clipped.history and clipped.summary().bad_data is not None
 
 
+def _net_copy_and_batch():
+    """A small float64 MLP, a copy of it, a batch of 8 and a per-example cross-entropy."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    return model, copy.deepcopy(model), x, y, lambda outputs, targets: F.cross_entropy(outputs, targets,
+                                                                                       reduction="none")
+
+
 def test_accumulating_unequal_micro_batches_in_your_own_loop():
     """AccumulatingNoiseScaleMonitor.accumulate, as the README shows it for your own loop: micro-batches of 3 and 5
     leave p.grad the whole batch's mean gradient (each micro-batch's mean weighted by b_k / B) and one row whose
     tr(Sigma) and |G|^2 are the estimate of all 8 examples, from a loop over single examples."""
     from noisescale import AccumulatingNoiseScaleMonitor
     from noisescale.estimators import simple_noise_scale
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
-    plain = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (8,), generator=generator)
-    loss_fn = lambda outputs, targets: F.cross_entropy(outputs, targets, reduction="none")  # noqa: E731
+    model, plain, x, y, loss_fn = _net_copy_and_batch()
     monitor = AccumulatingNoiseScaleMonitor(model, loss_fn)
     monitor.accumulate([(x[:3], y[:3]), (x[3:], y[3:])])
     loss_fn(plain(x), y).mean().backward()
@@ -338,12 +343,7 @@ def test_a_gradient_held_as_a_step_begins_is_warned_about_or_refused_by_accumula
     the accumulated p.grad, which a held gradient would enter silently: refused before anything runs, p.grad and
     the history as they were. zero_grad(set_to_none=False)'s zeros are no gradient: nothing said."""
     from noisescale import AccumulatingNoiseScaleMonitor
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
-    plain = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (8,), generator=generator)
-    loss_fn = lambda outputs, targets: F.cross_entropy(outputs, targets, reduction="none")  # noqa: E731
+    model, plain, x, y, loss_fn = _net_copy_and_batch()
     monitor = NoiseScaleMonitor(model, loss_fn)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
