@@ -453,6 +453,13 @@ def all_gather_concat(tensor: torch.Tensor, group: dist.ProcessGroup | None = No
     return torch.cat(parts)
 
 
+def rank_sizes(size: int, group: dist.ProcessGroup | None, device: torch.device) -> list[int]:
+    """Every rank's ``size`` (its share of the global batch), in rank order, by one all-gather of one number: a
+    check before :func:`all_gather_concat`, which needs equal lengths (gloo aborts the process otherwise)."""
+    return [int(count) for count in all_gather_concat(torch.tensor([float(size)], dtype=torch.float64,
+                                                                    device=device), group).tolist()]
+
+
 def broadcast_from_first_rank(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``tensor`` as the group's first rank holds it, on every rank (in place; one broadcast): one rank decides,
     the others adopt its decision, so they cannot drift apart. With NCCL the tensor must be on this rank's GPU."""

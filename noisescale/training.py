@@ -109,6 +109,7 @@ from noisescale.distributed import (
     all_gather_concat,
     all_reduce_hessian_proxies,
     broadcast_from_first_rank,
+    rank_sizes,
 )
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
@@ -154,6 +155,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     """
 
     _gathers_ranks = True
+    equal_shares = False   # whether every rank's share of each batch is known to be equal (no check needed)
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], **options: Any) -> None:
         super().__init__(model, loss_fn, **options)
@@ -243,7 +245,17 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
 
     def _gather_ranks(self, losses, sqnorms, micro_sqnorms, sizes):
         """Every rank's per-example losses and squared norms and its micro-batch squared norms, in rank order
-        (the order of the global batch), by one all-gather; the sizes of all ranks' micro-batches."""
+        (the order of the global batch), by one all-gather; the sizes of all ranks' micro-batches. Unless
+        ``equal_shares`` (AdaptiveTrainer's sampler splits every batch equally), the ranks' batch sizes are
+        checked first (one more all-gather of one number): unequal shares are refused on every rank, since DDP
+        averages the ranks' mean gradients with equal weights (and gloo aborts an all-gather of unequal lengths)."""
+        if not self.equal_shares:
+            counts = rank_sizes(losses.shape[0], self.process_group, losses.device)
+            if len(set(counts)) > 1:
+                raise ValueError(f"the ranks' batches differ in size ({counts}): DDP averages the ranks' mean "
+                                 "gradients with equal weights, so p.grad is not the global batch's mean gradient "
+                                 "and its noise scale cannot be measured; give every rank an equal share "
+                                 "(DistributedSampler pads the last batch to equal sizes)")
         local = [losses.double(), *(value.double().reshape(-1) for value in (*sqnorms, *micro_sqnorms))]
         gathered = all_gather_concat(torch.cat(local), self.process_group)
         world_size = dist.get_world_size(self.process_group)
@@ -396,6 +408,7 @@ class AdaptiveTrainer:
         first_batch = self._check_largest_batch(batch_size, num_examples)
         self.monitor = AccumulatingNoiseScaleMonitor(  # the sampler draws each epoch without replacement
             model, loss_fn, **{"optimizer": optimizer, "population_size": num_examples, **(monitor_options or {})})
+        self.monitor.equal_shares = True   # the sampler splits every batch into equal shares
         if policy_noise_scale == "b_noise" and self.monitor.adaptive_optimizer:
             warnings.warn(f"policy_noise_scale='b_noise' with {type(optimizer).__name__}, which adapts each "
                           "coordinate's step: B_noise is SGD's critical batch size (with AdamW it sat 24 to 225 times "

@@ -242,6 +242,17 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     results["ranked_params"] = [p.detach().clone() for p in ranked.parameters()]
     report_progress(out_dir, rank, "ranked")
 
+    # 3c. AccumulatingNoiseScaleMonitor in a loop of one's own with unequal shares: refused on every rank (gloo
+    # aborted the process in the all-gather of unequal lengths)
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+    uneven = _ddp(_make_model(torch.float64))
+    uneven_monitor = AccumulatingNoiseScaleMonitor(uneven, per_example_cross_entropy)
+    share = slice(0, LOCAL_BATCH - rank)
+    results["uneven_error"] = capture_error(
+        lambda: uneven_monitor.accumulate([(inputs64[0, rank][share], labels[0, rank][share])]))
+    results["uneven_grads"] = [p.grad for p in uneven.parameters()]
+    report_progress(out_dir, rank, "uneven")
+
     # 4. local batch sizes that differ across ranks.
     poisoned_noise.local_batch_size = LOCAL_BATCH + rank
     _accumulated_backward(poisoned, inputs64[0, rank], labels[0, rank])
@@ -469,6 +480,16 @@ def test_the_plain_monitor_on_a_ddp_model_warns_and_every_rank_skips_a_step_anot
         assert all(torch.isfinite(p).all() for p in result["ranked_params"])
         for p, q in zip(result["ranked_params"], rank_results[0]["ranked_params"]):
             assert torch.equal(p, q)
+
+
+def test_unequal_shares_are_refused_by_every_rank_of_a_loop_of_ones_own(rank_results):
+    """AccumulatingNoiseScaleMonitor.accumulate on the DDP model with 8, 7 and 6 examples on the 3 ranks: gloo aborted
+    every process in the all-gather of unequal lengths (a survey's find); every rank now refuses, naming the sizes,
+    with p.grad put back as it was (None)."""
+    for result in rank_results:
+        kind, message = result["uneven_error"]
+        assert kind == "ValueError" and "the ranks' batches differ in size ([8, 7, 6])" in message
+        assert all(grad is None for grad in result["uneven_grads"])
 
 
 def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_batches(rank_results):

@@ -43,7 +43,7 @@ from noisescale._checks import check_int
 from noisescale._gradient_norm import GradientSquaredNorm
 from noisescale._wrappers import unwrapped_module
 from noisescale.batches import batch_size_of
-from noisescale.distributed import all_gather_concat
+from noisescale.distributed import all_gather_concat, rank_sizes
 from noisescale.monitor import check_options
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
@@ -298,10 +298,9 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         """Every rank's step loss and per-example |c_i|^2, in rank order, by one all-gather (the ranks' shares of
         the global batch must have equal sizes, as DistributedSampler and accelerate's even batches make them)."""
         device = self._device()
-        count = torch.tensor([float(sqnorms.shape[0])], dtype=torch.float64, device=device)
-        counts = all_gather_concat(count, self.process_group)
-        if not bool((counts == count).all()):
-            raise ValueError(f"the ranks' batches differ in size ({counts.tolist()}); the noise-scale integrations "
+        counts = rank_sizes(sqnorms.shape[0], self.process_group, device)
+        if len(set(counts)) > 1:
+            raise ValueError(f"the ranks' batches differ in size ({counts}); the noise-scale integrations "
                              "need equal shares of the global batch (DistributedSampler pads them to equal sizes)")
         gathered = all_gather_concat(torch.cat([loss, sqnorms.to(device)]), self.process_group)
         per_rank = gathered.reshape(dist.get_world_size(self.process_group), -1)
