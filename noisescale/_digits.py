@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["estimate_digits", "rounded", "significant_digits"]
+__all__ = ["estimate_digits", "rounded", "significant_digits", "with_significant_digits"]
 
 _MOST = 4   # significant digits of the value at most, however narrow the interval
 _WITHOUT_INTERVAL = 2
@@ -47,3 +47,10 @@ def rounded(value: float, exponent: int) -> str:
     if 1e-4 <= abs(value) < 1e7:
         return f"{round(value, -exponent):.0f}" if exponent >= 0 else f"{value:.{-exponent}f}"
     return f"{value:.{significant_digits(value, exponent) - 1}e}"
+
+
+def with_significant_digits(value: float, digits: int) -> str:
+    """``value`` with ``digits`` significant digits, trailing zeros kept (0.0030, 4.0), as :func:`rounded` writes."""
+    if not (math.isfinite(value) and value != 0):
+        return rounded(value, 0)
+    return rounded(value, math.floor(math.log10(abs(value))) - digits + 1)

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from noisescale._checks import check_int, listed
-from noisescale._digits import estimate_digits, rounded, significant_digits
+from noisescale._digits import estimate_digits, rounded, significant_digits, with_significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -191,12 +191,15 @@ class NoiseScaleSummary:
         low, high = self.b_simple_interval
         unbounded = high == math.inf
         place = estimate_digits(self.b_simple, low, high)   # the digits the interval supports (_digits.py)
-        digits = significant_digits(self.b_simple, place)
+        digits = max(2, significant_digits(self.b_simple, place))   # tr(Sigma)'s and |G|^2's, at least 2
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
                  if unbounded else rounded(high, place))
         measured = not math.isnan(self.trace_sigma)   # NaN: the average has no step yet
         if not measured and not self._suggests_b_noise:
             suggestion = "  critical batch size: not measured yet"
+        elif math.isnan(high) and not self._suggests_b_noise:
+            suggestion = ("  critical batch size: not resolved yet (B_simple has no interval before 2 effective "
+                          "measured steps)")
         elif unbounded and not self._suggests_b_noise and math.isfinite(self.b_simple):
             bound = f"at least about {rounded(low, place)} examples" if low >= 1 else "no lower bound above 0 either"
             suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
@@ -204,9 +207,11 @@ class NoiseScaleSummary:
             suggestion = _describe_suggestion(self.b_noise, estimate_digits(self.b_noise, *self.b_noise_interval))
         else:
             suggestion = _describe_suggestion(self.b_simple, place)
-        b_simple = ([f"  B_simple = {rounded(self.b_simple, place)}  ({self.confidence:.0%} interval "
-                     f"{rounded(low, place)} .. {upper})",
-                     f"  tr(Sigma) = {self.trace_sigma:.{digits}g}, |G|^2 = {self.grad_sqnorm:.{digits}g}"] if measured
+        interval = (f"({self.confidence:.0%} interval {rounded(low, place)} .. {upper})" if not math.isnan(high)
+                    else "(no interval yet: too few measured steps)")
+        b_simple = ([f"  B_simple = {rounded(self.b_simple, place)}  {interval}",
+                     f"  tr(Sigma) = {with_significant_digits(self.trace_sigma, digits)}, "
+                     f"|G|^2 = {with_significant_digits(self.grad_sqnorm, digits)}"] if measured
                     else
                     ["  B_simple: not measured yet (no step with a finite loss and at least 2 examples, or 2 "
                      "micro-batches for a model normalising with batch statistics, which the gradient noise needs)"])

@@ -946,6 +946,26 @@ def test_keyword_inputs_measure_what_the_tuple_does_and_report_the_backends():
     assert measured.history["b_simple"].notna().all()
 
 
+def test_a_summary_without_an_interval_suggests_nothing_and_keeps_two_digits_of_tr_sigma_and_g():
+    """A new user's summary after one step printed "B_simple = 1100 (90% interval nan .. nan)" and suggested about 1100
+    examples; and tr(Sigma), |G|^2 took B_simple's digits, printing |G|^2 = 0.003 for 0.00298 and tr(Sigma) = 4 for
+    3.969. Now: no interval yet, nothing suggested; at least 2 significant digits, trailing zeros kept."""
+    from noisescale.monitor import NoiseScaleSummary
+
+    first = NoiseScaleSummary(steps=1, examples_seen=32, b_simple=1133.0, b_simple_interval=(math.nan, math.nan),
+                              confidence=0.9, trace_sigma=3.969, grad_sqnorm=0.0035, b_noise=math.nan,
+                              nonfinite_steps=0)
+    text = str(first)
+    assert "B_simple = 1100  (no interval yet: too few measured steps)" in text and "nan" not in text
+    assert "critical batch size: not resolved yet" in text and "suggested: about" not in text
+    wide = dataclasses.replace(first, b_simple=630.0, b_simple_interval=(510.0, 800.0), trace_sigma=1.869,
+                               grad_sqnorm=0.00298)
+    assert "B_simple = 630  (90% interval 510 .. 800)" in str(wide)
+    assert "tr(Sigma) = 1.9, |G|^2 = 0.0030" in str(wide)   # B_simple's 2 digits, the zero kept
+    coarse = dataclasses.replace(wide, b_simple=40.0, b_simple_interval=(10.0, 900.0), trace_sigma=3.969)
+    assert "B_simple = 40  (90% interval 10 .. 900)" in str(coarse) and "tr(Sigma) = 4.0" in str(coarse)
+
+
 def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     """Fieller's interval is unbounded above while |G|^2 is not resolved from 0: the text says so and suggests no
     point value, only the lower bound; a measured B_noise is still suggested."""

@@ -342,7 +342,7 @@ def _add_train_command(subparsers) -> None:
         "Prints the final test accuracy (or test loss), optimizer steps, examples seen, wall-clock, the noise scale "
         "at the end and the batch sizes chosen; writes CSV, PNG and JSON.",
     )
-    parser.add_argument("--schedule", required=True,
+    parser.add_argument("--schedule", required=True, default=argparse.SUPPRESS,   # no "(default: None)"
                         choices=["fixed", "lr-decay", "batch-increase", "hybrid", "noise-adaptive"],
                         help="where the batch size comes from (required)")
     _add_model_and_data_arguments(parser, user_data=True, data_default="auto")

@@ -149,7 +149,7 @@ def _train_and_measure(job, batch_size: int, steps: int, monitor_options: dict, 
         for _ in range(steps):
             row = trainer.step()
             bar.update()
-            bar.set_postfix(loss=f"{row['loss']:.3f}", b_simple=f"{trainer.monitor.average.b_simple:.4g}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", b_simple=f"{trainer.monitor.average.b_simple:.3g}")
     return trainer.monitor
 
 
