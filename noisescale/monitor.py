@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from noisescale._checks import check_int, listed
-from noisescale._digits import estimate_digits, rounded, significant_digits, with_significant_digits
+from noisescale._digits import printed, rounded, significant_digits, with_significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -190,10 +190,10 @@ class NoiseScaleSummary:
             ])
         low, high = self.b_simple_interval
         unbounded = high == math.inf
-        place = estimate_digits(self.b_simple, low, high)   # the digits the interval supports (_digits.py)
-        digits = max(2, significant_digits(self.b_simple, place))   # tr(Sigma)'s and |G|^2's, at least 2
+        shown = printed(self.b_simple, low, high)   # with the digits the interval supports (_digits.py)
+        digits = max(2, significant_digits(self.b_simple, shown.place))   # tr(Sigma)'s and |G|^2's, at least 2
         upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
-                 if unbounded else rounded(high, place))
+                 if unbounded else shown.high)
         measured = not math.isnan(self.trace_sigma)   # NaN: the average has no step yet
         if not measured and not self._suggests_b_noise:
             suggestion = "  critical batch size: not measured yet"
@@ -201,15 +201,15 @@ class NoiseScaleSummary:
             suggestion = ("  critical batch size: not resolved yet (B_simple has no interval before 2 effective "
                           "measured steps)")
         elif unbounded and not self._suggests_b_noise and math.isfinite(self.b_simple):
-            bound = f"at least about {rounded(low, place)} examples" if low >= 1 else "no lower bound above 0 either"
+            bound = f"at least about {shown.low} examples" if low >= 1 else "no lower bound above 0 either"
             suggestion = f"  critical batch size: not resolved ({bound} at {self.confidence:.0%} confidence)"
         elif self._suggests_b_noise:
-            suggestion = _describe_suggestion(self.b_noise, estimate_digits(self.b_noise, *self.b_noise_interval))
+            suggestion = _describe_suggestion(self.b_noise, printed(self.b_noise, *self.b_noise_interval).place)
         else:
-            suggestion = _describe_suggestion(self.b_simple, place)
-        interval = (f"({self.confidence:.0%} interval {rounded(low, place)} .. {upper})" if not math.isnan(high)
+            suggestion = _describe_suggestion(self.b_simple, shown.place)
+        interval = (f"({self.confidence:.0%} interval {shown.low} .. {upper})" if not math.isnan(high)
                     else "(no interval yet: too few measured steps)")
-        b_simple = ([f"  B_simple = {rounded(self.b_simple, place)}  {interval}",
+        b_simple = ([f"  B_simple = {shown.value}  {interval}",
                      f"  tr(Sigma) = {with_significant_digits(self.trace_sigma, digits)}, "
                      f"|G|^2 = {with_significant_digits(self.grad_sqnorm, digits)}"] if measured
                     else
@@ -244,7 +244,8 @@ def adapts_per_coordinate(optimizer: Any) -> bool:
 
 
 def _describe_suggestion(batch_size: float, place: int) -> str:
-    """The suggestion's line, ``batch_size`` rounded at 10^``place`` (as its estimate is printed)."""
+    """The suggestion's line: ``batch_size`` rounded as its estimate is printed (at 10^``place``), to whole
+    examples."""
     if math.isfinite(batch_size) and batch_size < 1:   # "about 0 examples" suggests nothing
         return (f"  critical batch size suggested: below one example ({batch_size:.2g}): the gradient noise is small "
                 "against the mean gradient, so any batch size is past the critical one")
@@ -272,17 +273,15 @@ def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, 
         return "  B_noise: not resolved yet (the averaged G^T H G estimate is not positive)"
     if b_noise <= 0:
         return (f"  B_noise: not resolved yet (the averaged tr(H Sigma) estimate is not positive: ratio "
-                f"{b_noise:.4g})")
+                f"{b_noise:.2g})")
     counted = f"{measurements} Hessian measurement{'s' if measurements != 1 else ''}"
-    low, high = interval
-    place = estimate_digits(b_noise, low, high)
-    if high == math.inf:
-        return (f"  B_noise: not resolved yet ({rounded(b_noise, place)} from {counted}, but their averaged G^T H G "
+    shown = printed(b_noise, *interval)
+    if interval[1] == math.inf:
+        return (f"  B_noise: not resolved yet ({shown.value} from {counted}, but their averaged G^T H G "
                 f"is not resolved from 0 at {confidence:.0%} confidence)")
-    if math.isnan(high):
-        return f"  B_noise = {rounded(b_noise, place)}  (from {counted}, no interval)"
-    return (f"  B_noise = {rounded(b_noise, place)}  ({confidence:.0%} interval {rounded(low, place)} .. "
-            f"{rounded(high, place)}, from {counted})")
+    if math.isnan(interval[1]):
+        return f"  B_noise = {shown.value}  (from {counted}, no interval)"
+    return f"  B_noise = {shown.value}  ({confidence:.0%} interval {shown.low} .. {shown.high}, from {counted})"
 
 
 def check_options(*, measure_every: int, ema_decay: float, confidence: float, hessian_every: int,

@@ -29,7 +29,7 @@ from scipy import stats
 from scipy.optimize import least_squares
 from scipy.special import expit
 
-from noisescale._digits import estimate_digits, rounded
+from noisescale._digits import printed
 
 __all__ = [
     "TradeoffFit",
@@ -440,8 +440,8 @@ def _parametric_bootstrap(
 
 def with_interval(name: str, value: float, interval: tuple[float, float]) -> str:
     """'name = value [low, high]', each rounded to the digits the interval supports (``noisescale._digits``)."""
-    place = estimate_digits(value, *interval)
-    return f"{name} = {rounded(value, place)} [{rounded(interval[0], place)}, {rounded(interval[1], place)}]"
+    shown = printed(value, *interval)
+    return f"{name} = {shown.value} [{shown.low}, {shown.high}]"
 
 
 def _positive_finite_array(values: Any, name: str, *, one_dimensional: bool = False) -> np.ndarray | float:

@@ -160,7 +160,7 @@ def _run_nqm(args: argparse.Namespace) -> int:
     import numpy as np
 
     from noisescale import nqm
-    from noisescale._digits import estimate_digits, rounded
+    from noisescale._digits import printed
     from noisescale.tradeoff import with_interval
 
     model = nqm.paper_model(args.dim, None if args.bins == 0 else args.bins)
@@ -196,9 +196,9 @@ def _run_nqm(args: argparse.Namespace) -> int:
             warnings.simplefilter("always")
             fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
         low, high = fit.b_crit_interval
-        place = estimate_digits(fit.b_crit, low, high)   # the digits the interval supports
-        print(f"McCandlish fit: B_crit = {rounded(fit.b_crit, place)} (90% interval {rounded(low, place)} .. "
-              f"{rounded(high, place)}), {with_interval('S_min', fit.s_min, fit.s_min_interval)}, "
+        shown = printed(fit.b_crit, low, high)   # with the digits the interval supports
+        print(f"McCandlish fit: B_crit = {shown.value} (90% interval {shown.low} .. {shown.high}), "
+              f"{with_interval('S_min', fit.s_min, fit.s_min_interval)}, "
               f"{with_interval('E_min', fit.e_min, fit.e_min_interval)}{'' if fit.resolved else ' -- not resolved'}")
         for warning in caught:
             print(f"note: {warning.message}")
