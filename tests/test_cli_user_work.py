@@ -208,17 +208,20 @@ def test_measure_a_checkpoint_takes_no_step_and_measures_its_batches(tmp_path, c
     assert seen.keys() == saved.keys() and all(torch.equal(seen[name], saved[name]) for name in saved)
     assert weights.read_bytes() == file_bytes
 
-    # the measured batches: seeded shuffles of the training set (--seed 5), from a naive per-example loop
+    # the measured batches: seeded shuffles of the training set (--seed 5), from a naive per-example loop, in the
+    # finite-population form of batches drawn without replacement from its N examples (a review: this path had
+    # none, reading |G|^2 low by tr(Sigma)/(N - 1))
     model = user.make_text_model()
     model.load_state_dict(saved)
     train, test = user.make_text_splits()
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(5))
+    population = len(train)
+    order = torch.randperm(population, generator=torch.Generator().manual_seed(5))
     history = pd.read_csv(tmp_path / "run" / "measure_history.csv")
     for step in range(3):
         tokens, labels = train[order[16 * step: 16 * step + 16]]
-        grad_sqnorm, trace_sigma = _naive_batch_estimates(model, measure_job_loss(), tokens, labels)
-        assert history["grad_sqnorm"][step] == pytest.approx(grad_sqnorm, rel=1e-4, abs=1e-7)
-        assert history["trace_sigma"][step] == pytest.approx(trace_sigma, rel=1e-4)
+        grad_sqnorm, noise = _naive_batch_estimates(model, measure_job_loss(), tokens, labels)
+        assert history["grad_sqnorm"][step] == pytest.approx(grad_sqnorm + noise / population, rel=1e-4, abs=1e-7)
+        assert history["trace_sigma"][step] == pytest.approx(noise * (population - 1) / population, rel=1e-4)
     with torch.no_grad():
         tokens, labels = test.tensors
         accuracy = (model.float()(tokens).argmax(1) == labels).double().mean().item()

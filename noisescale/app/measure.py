@@ -121,7 +121,8 @@ def run_measure(
             load_checkpoint_weights(job.network, checkpoint)
             batches = _measurement_batches(job.data.train, batch_size, steps, seed)
             monitor = measure(job.network, job.loss_fn, batches, max_batches=steps, device=target_device,
-                              progress=progress and main, **monitor_options)
+                              progress=progress and main,   # the batches come without replacement from N
+                              **{"population_size": len(job.data.train), **monitor_options})
             optimizer_steps = 0
         evaluation = evaluate(job.network, job.loss_fn, job.data.test, target_device)
     paths = [out_dir / "measure_history.csv", out_dir / "measure.png", out_dir / "measure_summary.json"]
