@@ -399,8 +399,8 @@ class NoiseScaleMonitor:
                           "tr(Sigma) and |G|^2 are estimates from that share's examples alone, and the ranks' "
                           "histories differ. AccumulatingNoiseScaleMonitor(...).accumulate([(inputs, targets)]) "
                           "measures the global batch (the ranks' per-example norms gathered), as AdaptiveTrainer "
-                          "does; last_step_finite here also reads the all-reduced p.grad, so that every rank skips "
-                          "a step another rank's batch made non-finite", RuntimeWarning, stacklevel=2)
+                          "does; last_step_finite here reads the all-reduced p.grad, so that every rank decides "
+                          "alike whether to step", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ the training step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
@@ -665,13 +665,15 @@ class NoiseScaleMonitor:
         mean gradient) was finite. When False, p.grad may hold inf or NaN: skip ``optimizer.step()`` as
         ``GradScaler`` does, or stop. True for a step whose loss alone was NaN while every gradient was finite
         (0/0 of a mean over no terms: ``finite_gradient``), whose p.grad a plain loop steps on: a loop that skipped
-        such steps skipped every batch holding one fully masked sequence. On a DDP model measured rank by rank,
-        p.grad (all-reduced, the same on every rank) must be finite too: another rank's batch may have made it
-        NaN while this rank's step was finite, and every rank must skip that step alike."""
+        such steps skipped every batch holding one fully masked sequence. On a DDP model measured rank by rank it
+        is whether p.grad, all-reduced and the same on every rank, is finite: another rank's batch may have made
+        it NaN while this rank's step was finite, and one rank's row may be non-finite (a per-example norm past
+        float32's range) while p.grad is not; every rank must decide alike."""
         if not self._rows:
             raise RuntimeError("no step has been taken yet")
-        finite = not _is_nonfinite(self._rows[-1]) or _finite_gradient(self._rows[-1])
-        return finite and (not self._rank_local or gradients_finite(self.model))
+        if self._rank_local:   # the all-reduced p.grad, the same on every rank: one decision, no collective
+            return gradients_finite(self.model)
+        return not _is_nonfinite(self._rows[-1]) or _finite_gradient(self._rows[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (history rows included): loadable with ``torch.load(..., weights_only=True)``."""

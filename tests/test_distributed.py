@@ -240,6 +240,18 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     results["ranked_warnings"] = [str(w.message) for w in caught]
     results["ranked_skipped"] = skipped
     results["ranked_params"] = [p.detach().clone() for p in ranked.parameters()]
+    # and an infinite loss term with a finite gradient on rank 1 alone: its row is not finite, p.grad is; every
+    # rank must still decide alike (a review: rank 1 skipped, the others stepped, the replicas drifted apart)
+
+    def inf_on_rank_1(outputs, targets):
+        return per_example_cross_entropy(outputs, targets) + (math.inf if rank == NAN_RANK else 0.0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf_monitor = NoiseScaleMonitor(ranked, inf_on_rank_1)
+        optimizer.zero_grad()
+        inf_monitor(inputs64[0, rank], labels[0, rank])
+    results["ranked_inf_loss_finite"] = inf_monitor.last_step_finite
     report_progress(out_dir, rank, "ranked")
 
     # 3c. AccumulatingNoiseScaleMonitor in a loop of one's own with unequal shares: refused on every rank (gloo
@@ -480,6 +492,7 @@ def test_the_plain_monitor_on_a_ddp_model_warns_and_every_rank_skips_a_step_anot
         assert all(torch.isfinite(p).all() for p in result["ranked_params"])
         for p, q in zip(result["ranked_params"], rank_results[0]["ranked_params"]):
             assert torch.equal(p, q)
+    assert [result["ranked_inf_loss_finite"] for result in rank_results] == [True] * WORLD_SIZE
 
 
 def test_unequal_shares_are_refused_by_every_rank_of_a_loop_of_ones_own(rank_results):
