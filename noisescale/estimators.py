@@ -150,11 +150,14 @@ def two_batch_noise_scale(small_sqnorms: Any, b_small: int, big_sqnorm: Any, b_b
     return _two_batch_estimate(mean_small, b_small, big, b_big)
 
 
-def micro_batch_noise_scale(sqnorms: Any, sizes: Any, grad_sqnorm: Any) -> NoiseScaleEstimate:
+def micro_batch_noise_scale(sqnorms: Any, sizes: Any, grad_sqnorm: Any, *,
+                            population: int | None = None) -> NoiseScaleEstimate:
     """Micro-batches of any sizes (module docstring): S = (sum_k b_k |g_k|^2 - B |g_B|^2) / (K - 1) and
     |G|^2 = |g_B|^2 - S/B, from ``sqnorms`` (K,) the squared norms |g_k|^2 of the K >= 2 micro-batches' mean
     gradients, ``sizes`` their example counts b_k, and ``grad_sqnorm`` |g_B|^2 of the batch's mean gradient
-    sum_k (b_k/B) g_k. Non-finite inputs give NaN estimates."""
+    sum_k (b_k/B) g_k. Non-finite inputs give NaN estimates. ``population``: as :func:`simple_noise_scale`'s, the
+    same correction (E[S] = tr(Sigma) N/(N-1) here too, for micro-batches that are averages of examples drawn
+    without replacement)."""
     units = _as_float_array(sqnorms, "sqnorms")
     if units.ndim != 1 or units.size < 2:
         raise ValueError(f"sqnorms must be 1-D with one entry per micro-batch, at least 2, got shape {units.shape}")
@@ -167,8 +170,19 @@ def micro_batch_noise_scale(sqnorms: Any, sizes: Any, grad_sqnorm: Any) -> Noise
     weighted = float(counts @ units)
     _check_mean_dominates(weighted / batch_size, big, "micro_batch_noise_scale")
     trace_sigma = (weighted - batch_size * big) / (units.size - 1)
-    return NoiseScaleEstimate(grad_sqnorm=big - trace_sigma / batch_size, trace_sigma=trace_sigma,
-                              batch_size=int(batch_size))
+    return _finite_population(NoiseScaleEstimate(grad_sqnorm=big - trace_sigma / batch_size, trace_sigma=trace_sigma,
+                                                 batch_size=int(batch_size)), population)
+
+
+def _finite_population(estimate: NoiseScaleEstimate, population: int | None) -> NoiseScaleEstimate:
+    """``estimate`` of a batch drawn without replacement from ``population`` examples, made unbiased for that
+    dataset (module docstring: tr(Sigma) ~ S (N-1)/N, |G|^2 ~ |G|^2 estimate + S/N); itself for None."""
+    if population is None:
+        return estimate
+    population = check_int(population, "population", estimate.batch_size)
+    noise = estimate.trace_sigma
+    return NoiseScaleEstimate(grad_sqnorm=estimate.grad_sqnorm + noise / population,
+                              trace_sigma=noise * (population - 1) / population, batch_size=estimate.batch_size)
 
 
 def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = "raise",
@@ -196,13 +210,7 @@ def simple_noise_scale(sqnorms: Any, grad_sqnorm: Any, *, on_small_batch: str = 
         return NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=math.nan, batch_size=batch_size)
     mean_sqnorm = float(per_example.mean())
     _check_mean_dominates(mean_sqnorm, mean_gradient_sqnorm, "simple_noise_scale")
-    estimate = _two_batch_estimate(mean_sqnorm, 1, mean_gradient_sqnorm, batch_size)
-    if population is None:
-        return estimate
-    population = check_int(population, "population", batch_size)
-    noise = estimate.trace_sigma
-    return NoiseScaleEstimate(grad_sqnorm=estimate.grad_sqnorm + noise / population,
-                              trace_sigma=noise * (population - 1) / population, batch_size=batch_size)
+    return _finite_population(_two_batch_estimate(mean_sqnorm, 1, mean_gradient_sqnorm, batch_size), population)
 
 
 def fieller_interval(

@@ -495,7 +495,7 @@ class NoiseScaleMonitor:
                             "and B_simple are recorded as NaN for such steps (warned once)")
             return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
         estimate = (simple_noise_scale(sqnorms, grad_sqnorm, population=self.population_size) if unit_sizes is None
-                    else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm))
+                    else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm, population=self.population_size))
         self.average.update_estimate(estimate)
         low, high = self.average.interval(self.confidence)
         return {
@@ -687,9 +687,20 @@ class NoiseScaleMonitor:
             "nonfinite_steps": self.nonfinite_steps,
             "average": self.average.state_dict(),
             "hessian_average": self.hessian_average.state_dict(),
+            "population_size": self.population_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. Averages taken with another ``population_size`` (or, from a version
+        before session 25, without one: no finite-population correction) are continued with a warning: their
+        steps' |G|^2 differs from the later ones' by B_simple/N of it."""
+        saved = state.get("population_size", "missing")
+        if saved != self.population_size and state["average"]["num_updates"]:
+            taken = ("without the finite-population correction (a checkpoint of an earlier version)"
+                     if saved in ("missing", None) else f"with population_size={saved}")
+            warnings.warn(f"the checkpoint's averages were taken {taken}, and this monitor's population_size is "
+                          f"{self.population_size}: the steps before and after the resume differ in |G|^2 by about "
+                          "B_simple/N of it, and their averages mix both", RuntimeWarning, stacklevel=2)
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
