@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -39,6 +40,29 @@ def test_readme_api_example_runs_and_measures():
     summary = monitor.summary()
     assert 0 < summary.b_simple < math.inf and 0 < summary.b_noise < math.inf
     assert monitor.history["trace_h"].notna().sum() == 2  # hessian_every=100: steps 0 and 100
+
+
+def test_readme_adaptive_trainer_snippet_runs_and_steps_at_the_schedulers_rate_times_the_coupling():
+    """The README's AdaptiveTrainer with a warmup LambdaLR: every step's rate (read by a step pre-hook) is the
+    warmup's times sqrt(B / 16), and B grows."""
+    block = re.search(r"\*\*A learning-rate scheduler with `AdaptiveTrainer`\.\*\*.*?```python\n(.*?)```",
+                      README.read_text(), re.S).group(1)
+    used = []
+    real_init = torch.optim.SGD.__init__
+
+    def recording_init(self, *args, **kwargs):   # the snippet builds its own optimizer: hook it as it is made
+        real_init(self, *args, **kwargs)
+        self.register_step_pre_hook(lambda opt, a, k: used.append(float(opt.param_groups[0]["lr"])))
+
+    torch.manual_seed(0)
+    namespace = {}
+    with mock.patch.object(torch.optim.SGD, "__init__", recording_init):
+        exec(compile(block, str(README), "exec"), namespace)
+    history = namespace["trainer"].history
+    assert history["batch_size"].iloc[-1] > 16 and len(used) == 50
+    expected = [0.05 * min(1.0, (step + 1) / 20) * math.sqrt(size / 16)
+                for step, size in enumerate(history["batch_size"])]
+    assert used == pytest.approx(expected, rel=1e-12) and history["learning_rate"].tolist() == used
 
 
 def test_readme_per_example_snippet_runs_and_is_exact():
