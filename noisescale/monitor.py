@@ -660,6 +660,13 @@ class NoiseScaleMonitor:
         )
 
     @property
+    def last_row(self) -> dict[str, Any]:
+        """The history row of the latest step (``history.iloc[-1]`` without building the DataFrame)."""
+        if not self._rows:
+            raise RuntimeError("no step has been taken yet")
+        return self._rows[-1]
+
+    @property
     def last_step_finite(self) -> bool:
         """Whether the latest step's loss (and, on a measured step, every per-example gradient norm and the
         mean gradient) was finite. When False, p.grad may hold inf or NaN: skip ``optimizer.step()`` as

@@ -280,11 +280,6 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         device = next(self.model.parameters()).device
         return all_reduce_hessian_proxies(proxies, group=self.process_group, device=device)
 
-    @property
-    def last_row(self) -> dict[str, Any]:
-        """The history row of the latest step."""
-        return self._rows[-1]
-
     def _accumulated_grad_sqnorm(self, loss_scale: float) -> torch.Tensor:
         """|gbar|^2 of the batch: the squared norm of the accumulated p.grad, unscaled, accumulated in float64
         (without a float64 copy of the gradient: ten times faster on CPU); under FSDP summed over the shards."""

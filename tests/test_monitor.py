@@ -351,6 +351,7 @@ def test_a_gradient_held_as_a_step_begins_is_warned_about_or_refused_by_accumula
     with pytest.warns(RuntimeWarning, match=r"step 1: p.grad already holds a gradient.*\(0.weight, 0.bias, 2.weight, "
                                             r"2.bias\).*K times the batch's.*accumulate"):
         monitor(x[4:], y[4:])
+    assert monitor.last_row == monitor.history.iloc[-1].to_dict() and monitor.last_row["step"] == 1
     for part in (slice(0, 4), slice(4, 8)):
         loss_fn(plain(x[part]), y[part]).mean().backward()
     for p, q in zip(model.parameters(), plain.parameters()):
