@@ -67,6 +67,7 @@ from noisescale._rng import isolated_rng
 from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.layers import batch_statistics_path
+from noisescale.per_example.vmap import quiet_torch_notes
 
 __all__ = [
     "HessianNoiseScale",
@@ -516,7 +517,7 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
     half = sum(batch_size_of(inputs) for inputs, _ in gradient_half)
     num_sigma_examples = min(num_sigma_examples, half)
 
-    with isolated_rng(params.values()):
+    with isolated_rng(params.values()), quiet_torch_notes():   # torch's notes on its own internals
         probes_start, products = generator.get_state(), []
         for weight, (inputs, targets) in _weighted(whole):
             generator.set_state(probes_start)

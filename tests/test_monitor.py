@@ -315,6 +315,29 @@ def _net_copy_and_batch():
                                                                                        reduction="none")
 
 
+def test_b_noise_on_an_attention_model_shows_none_of_torchs_notes_on_its_own_internals():
+    """The Hessian proxies run torch.func's jvp and vmap on the model: torch warned that scaled_dot_product_attention
+    has no batching rule (still exact) and, 18 times, that torch.jit.script (which its own forward-mode
+    decompositions call) is deprecated; a new user took them for problems of their run. A plain training step shows
+    neither, and now nor does the monitor's."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.q(x).view(x.shape[0], 2, x.shape[1], 4)
+            return self.out(F.scaled_dot_product_attention(h, h, h).reshape(x.shape[0], x.shape[1], 8).mean(1))
+
+    torch.manual_seed(0)
+    monitor = NoiseScaleMonitor(Attention(), per_example_cross_entropy, hessian_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor(torch.randn(16, 5, 8), torch.randint(0, 3, (16,)))
+    assert math.isfinite(monitor.last_row["trace_h"])
+
+
 def test_accumulating_unequal_micro_batches_in_your_own_loop():
     """AccumulatingNoiseScaleMonitor.accumulate, as the README shows it for your own loop: micro-batches of 3 and 5
     leave p.grad the whole batch's mean gradient (each micro-batch's mean weighted by b_k / B) and one row whose

@@ -101,12 +101,15 @@ def example_gradients(outputs: tuple[Tensor, ...], inputs: list[Tensor], grad_ou
 def quiet_torch_notes() -> Iterator[None]:
     """torch's notes on its own internals in noisescale's own passes, which a user measuring norms would take for an
     error or for a change to the training: torch.func's that an op has no batching rule (it then loops over the
-    examples itself, still exact), and nested tensors' prototype stage, from nn.TransformerEncoder's inference fast
-    path in a forward without grad (the checks' and probes': the training's pass, with grad, never takes it)."""
+    examples itself, still exact), nested tensors' prototype stage, from nn.TransformerEncoder's inference fast
+    path in a forward without grad (the checks' and probes': the training's pass, with grad, never takes it), and
+    the deprecation of torch.jit.script that torch's own forward-mode decompositions still call (the Hessian
+    proxies' jvp: one B_noise step of a small attention model printed it 18 times)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
                                 "the batching rule")
         warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
         yield
 
 
