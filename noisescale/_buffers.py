@@ -105,8 +105,9 @@ class BuffersBefore:
     def missed(self) -> list[str]:
         """After the pass (once): the buffers it changed in place without a copy, as "module path.name"; every
         buffer it changed is remembered, for the next ``take`` to copy."""
+        first = self._changing is None   # the first pass compares values too (a write through .data)
         changed = {key for key, (buffer, version) in self._found.items()
-                   if changed_in_place(buffer, version, self._copies.get(id(buffer)) if self._changing is None else None)}
+                   if changed_in_place(buffer, version, self._copies.get(id(buffer)) if first else None)}
         self._changing = (self._changing or set()) | changed
         missed = [key for key in changed if id(self._found[key][0]) not in self._copies]
         if not missed:

@@ -46,7 +46,7 @@ from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovin
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.per_example.layers import batch_statistics_path
-from noisescale.sharded import is_sharded, sharded_gradients_finite
+from noisescale.sharded import every_gradient_finite, is_sharded
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
 
@@ -421,9 +421,9 @@ class NoiseScaleMonitor:
                             "p.grad becomes the sum of the micro-batches' mean gradients (K times the batch's) and "
                             "each micro-batch gets a row of its own: AccumulatingNoiseScaleMonitor(...).accumulate"
                             "([(x1, y1), (x2, y2)]) weights them and records the step once. Where no gradient is "
-                            "meant, call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
-                            "parameters only); where one is (another loss's "
-                            "backward before this call), ignore this (warned once)")
+                            "meant, call model.zero_grad() before each step (optimizer.zero_grad() clears the "
+                            "optimizer's parameters only); where one is (another loss's backward before this call), "
+                            "ignore this (warned once)")
         with self._undone_on_failure():
             if measured:
                 result = self.norms(inputs, targets, loss_scale=loss_scale)
@@ -521,8 +521,9 @@ class NoiseScaleMonitor:
         is (``nonfinite_examples``). Non-finite on finite data from the first step
         on is no divergence (:func:`nonfinite_from_start`). Each warned once. A finite step pays nothing here;
         nothing of the training is changed. Under DDP (``group``: the ranks' row is the same, so all of them are
-        here) each rank holds its share of the batch: their counts are exchanged, and on an unmeasured step whose
-        loss is NaN whether every rank's p.grad is finite (one all-reduce), on this path only."""
+        here) each rank holds its share of the batch: their counts are exchanged, and under FSDP, on an unmeasured
+        step whose loss is NaN, whether every rank's shards of p.grad are finite (one all-reduce), on this path
+        only."""
         if not _is_nonfinite(row):
             return
         counts = nonfinite_counts(*micro_batches)
@@ -536,19 +537,19 @@ class NoiseScaleMonitor:
         if cause is not None:
             row.pop("finite_gradient", None)   # bad data, whatever its gradient (a clipped residual's is 0)
         else:
-            if not row["measured"] and math.isnan(row["loss"]) and (
-                    gradients_finite(self.model) if group is None else sharded_gradients_finite(self.model, group)):
-                row["finite_gradient"] = True   # unmeasured: read from p.grad (under DDP, every rank's: one verdict)
+            if not row["measured"] and math.isnan(row["loss"]) and every_gradient_finite(
+                    self.model, group is not None and is_sharded(self.model), group):
+                row["finite_gradient"] = True   # unmeasured: read from p.grad (under FSDP every rank's shards)
             examples = None if losses is None else _nonfinite_examples(losses)
             if examples is not None:
                 row["nonfinite_examples"] = examples
         if _finite_gradient(row):
             self._warn_once("nonfinite_loss", f"step {self.step}: the loss is NaN"
                             f"{'' if examples is None else f' ({examples})'} while every gradient is finite: a NaN "
-                            "that never reaches the gradient, as 0/0 of a mean over no terms gives (a sequence or batch "
-                            "whose every label is ignored, -100; clamp the mean's count to at least 1 where such "
-                            "examples are meant). p.grad is finite and can be stepped on (last_step_finite); the step "
-                            "is left out of the averages, and it is no sign of divergence (warned once)")
+                            "that never reaches the gradient, as 0/0 of a mean over no terms gives (a sequence or "
+                            "batch whose every label is ignored, -100; clamp the mean's count to at least 1 where "
+                            "such examples are meant). p.grad is finite and can be stepped on (last_step_finite); "
+                            "the step is left out of the averages, and it is no sign of divergence (warned once)")
             return
         if cause is None:
             if self._rows and _caused_by_data(self._rows)[-1]:

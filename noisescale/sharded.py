@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from noisescale._checks import listed
+from noisescale._gradient_norm import gradients_finite
 
 __all__ = [
     "is_sharded",
@@ -27,6 +28,7 @@ __all__ = [
     "local_part",
     "gradient_sync",
     "sharded_grad_sqnorm",
+    "every_gradient_finite",
     "sharded_gradients_finite",
     "clean_name",
     "fsdp2_units",
@@ -231,6 +233,13 @@ def sharded_grad_sqnorm(model: nn.Module, group: dist.ProcessGroup | None) -> Te
         total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
     dist.all_reduce(total, group=group)
     return total
+
+
+def every_gradient_finite(model: nn.Module, sharded: bool, group: dist.ProcessGroup | None) -> bool:
+    """Whether every p.grad is finite, with one answer on every rank: under FSDP, whose shards differ by rank, by
+    one all-reduce over ``group`` (:func:`sharded_gradients_finite`); otherwise from this process's p.grad (under
+    DDP all-reduced already, the same on every rank: no collective)."""
+    return sharded_gradients_finite(model, group) if sharded else gradients_finite(model)
 
 
 def sharded_gradients_finite(model: nn.Module, group: dist.ProcessGroup | None) -> bool:

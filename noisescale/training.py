@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 
 from noisescale._buffers import RunningStatistics, kept_buffers
 from noisescale._checks import check_int, check_real
-from noisescale._gradient_norm import GradientSquaredNorm, gradient_values, gradients_finite
+from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -117,10 +117,10 @@ from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_
 from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
+    every_gradient_finite,
     gradient_sync,
     is_sharded,
     sharded_grad_sqnorm,
-    sharded_gradients_finite,
     sharding_group,
 )
 
@@ -169,8 +169,6 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         """Forward and backward of the micro-batches into p.grad (which must start at zero or None: checked on the
         first three steps); one history row for the whole batch. Returns the batch's mean loss (detached)."""
         held = self._gradient_held()
-        if self.sharded and bool(self._gradient_held_on_any_rank(held is not None)):   # every rank refuses alike
-            held = held or "on another rank"
         if held is not None:
             raise ValueError(f"p.grad already holds a gradient as this step begins ({held}): accumulate adds the "
                              "micro-batches' gradients to it and reads |G|^2 from the sum, which would include it; "
@@ -289,14 +287,15 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                     for p in self.model.parameters() if p.requires_grad and p.grad is not None)
         return total / loss_scale**2
 
-    def _gradient_held_on_any_rank(self, held: bool) -> bool:
-        """Under FSDP, whose shards of p.grad differ by rank: whether any rank holds a gradient (one all-reduce,
-        on the first three steps only, as the check runs)."""
-        if self.step >= 3:
+    def _gradient_held(self) -> str | None:
+        """The monitor's check; under FSDP, whose shards of p.grad differ by rank, agreed by every rank (one
+        all-reduce on the steps the check runs), so that every rank refuses alike."""
+        held = super()._gradient_held()
+        if not self.sharded or self.step >= 3:
             return held
-        flag = torch.tensor(float(held), device=next(self.model.parameters()).device)
+        flag = torch.tensor(float(held is not None), device=next(self.model.parameters()).device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(flag)
+        return held or ("on another rank" if bool(flag) else None)
 
     def _two_batch(self, micro_sqnorms: list[torch.Tensor], sizes: list[int], grad_sqnorm: torch.Tensor) -> dict:
         """The estimate from the micro-batch norms (``micro_batch_noise_scale``; with equal sizes b the two-batch
@@ -451,8 +450,8 @@ class AdaptiveTrainer:
             largest = max(self.schedule.at(e, momentum).batch_size for e in epochs)
         if largest > num_examples:
             raise ValueError(f"the batch size can reach {largest} but the dataset has only {num_examples} examples; "
-                             "lower batch_size or the schedule's / policy's max_batch_size (the commands' --batch-size and "
-                             "--max-batch-size)")
+                             "lower batch_size or the schedule's / policy's max_batch_size (the commands' "
+                             "--batch-size and --max-batch-size)")
         return first
 
     # ------------------------------------------------------------------ one step
@@ -531,8 +530,8 @@ class AdaptiveTrainer:
             self._clear_gradients()
             raise
         with deferred_interrupt():   # a Ctrl-C from here on comes after the step and its row
-            finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"]
-                                                        or self._gradients_finite())
+            finite = self.monitor.last_step_finite and (self.monitor.last_row["measured"] or every_gradient_finite(
+                self.model, self.monitor.sharded, self.monitor.process_group))
             learning_rate = self._learning_rates()[0] * self.lr_factor
             if not finite:
                 statistics.restore()
@@ -595,11 +594,6 @@ class AdaptiveTrainer:
             return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
         if not close_values(torch.cat(halves), whole):
             raise ValueError(_split_refusal(f"split into micro-batches of at most {size}", batch_size, found=True))
-
-    def _gradients_finite(self) -> bool:
-        if self.monitor.sharded:
-            return sharded_gradients_finite(self.model, self.monitor.process_group)
-        return gradients_finite(self.model)
 
     def _skip_step(self, row: dict[str, Any]) -> None:
         """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the

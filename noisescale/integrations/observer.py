@@ -223,7 +223,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                  global_step: int | None = None) -> dict[str, Any] | None:
         """After the optimizer step's last backward (p.grad accumulated and all-reduced): one history row for the
         whole global batch, or None when no micro-batch was seen or every one was skipped. ``contribution_scale``:
-        the loss scale S the backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1 once unscaled);
+        the loss scale S the backward passes ran under (fp16); ``grad_scale``: the one p.grad still holds (S, or 1
+        once unscaled);
         ``loss_weight``: the factor by which the framework's summed micro-batch losses, and so its gradients, are
         the batch's mean loss times it (Lightning divides an epoch's last, shorter accumulation window of k
         micro-batches by its K all the same: k / K), taken out of the row's loss and norms; ``global_step``: the

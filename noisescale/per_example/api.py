@@ -735,9 +735,9 @@ class PerExampleGradNorms:
             return
         self._warned_redraws = True
         warnings.warn(
-            f"parameters {listed(vmap_names)} were measured by the whole-model vmap, and the pass drew random numbers "
-            "(dropout, drop path): the vmap draws its own masks for each example, so these parameters' norms are those of "
-            "another draw of the masks, not of this step's (the others' are this step's). For this step's own, "
+            f"parameters {listed(vmap_names)} were measured by the whole-model vmap, and the pass drew random "
+            "numbers (dropout, drop path): the vmap draws its own masks for each example, so these parameters' norms "
+            "are those of another draw of the masks, not of this step's (the others' are this step's). For this step's own, "
             "switch those random layers off in the modules that need the vmap (eval mode or rate 0), or give such "
             "modules a rule (noisescale.per_example.register_rule)", RuntimeWarning, stacklevel=4)
 

@@ -59,8 +59,8 @@ class Coupling:
 
     def error(self) -> ValueError:
         return ValueError(
-            f"the per-example losses are coupled: replacing {_swaps(self.replaced)} moved the other examples' losses by up to "
-            f"{self.change:.2g} of the largest loss (in eval mode; rounding allows {self.tolerance:.0e}). The loss "
+            f"the per-example losses are coupled: replacing {_swaps(self.replaced)} moved the other examples' "
+            f"losses by up to {self.change:.2g} of the largest loss (in eval mode; rounding allows {self.tolerance:.0e}). The loss "
             "or the model reads several examples for one example's loss (a contrastive loss such as CLIP's or "
             "SigLIP's, in-batch negatives, statistics of the batch), so dl_i/dtheta are not per-example gradients "
             "and a noise scale from them would be wrong. Measure it from independent micro-batches instead "
