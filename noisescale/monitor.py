@@ -46,6 +46,7 @@ from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovin
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.per_example.layers import batch_statistics_path
+from noisescale.sampler import population_drawn_from
 from noisescale.sharded import every_gradient_finite, is_sharded
 
 HESSIAN_COLUMNS = ("trace_h", "trace_h_stderr", "g_h_g", "trace_h_sigma", "fisher_trace")
@@ -865,7 +866,7 @@ def measure(
     from tqdm.auto import tqdm
 
     monitor_options.setdefault("ema_decay", 0.999)
-    monitor_options.setdefault("population_size", _drawn_without_replacement_from(batches))
+    monitor_options.setdefault("population_size", population_drawn_from(batches))
     saved_grads = {name: p.grad for name, p in model.named_parameters()}   # set to None, not written to, below
     try:
         with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
@@ -880,20 +881,3 @@ def measure(
         for name, p in model.named_parameters():
             p.grad = saved_grads[name]
     return monitor
-
-
-
-def _drawn_without_replacement_from(batches: Any) -> int | None:
-    """len(dataset) of a DataLoader whose batches partition its dataset (torch's BatchSampler over a
-    SequentialSampler, or a RandomSampler without replacement over the whole dataset); None for anything else."""
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-
-    if not isinstance(batches, DataLoader) or type(batches.batch_sampler) is not BatchSampler:
-        return None
-    sampler = batches.batch_sampler.sampler
-    whole = isinstance(sampler, SequentialSampler) or (isinstance(sampler, RandomSampler) and not sampler.replacement
-                                                         and sampler.num_samples == len(sampler.data_source))
-    try:
-        return len(batches.dataset) if whole and len(batches.dataset) >= 2 else None
-    except TypeError:   # an iterable dataset
-        return None

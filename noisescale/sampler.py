@@ -35,12 +35,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from noisescale._checks import check_int
 
 
-__all__ = ["ResizableBatchSampler", "split_micro_batches"]
+__all__ = ["ResizableBatchSampler", "split_micro_batches", "population_drawn_from"]
 
 
 class ResizableBatchSampler(Sampler[list[int]]):
@@ -196,3 +196,35 @@ def split_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     count = math.ceil(batch_size / max_micro_batch)
     base, extra = divmod(batch_size, count)
     return [base + 1] * extra + [base] * (count - extra)
+
+
+_SHARED_OUT = ("accelerate.data_loader", ("BatchSamplerShard", "SkipBatchSampler"))
+
+
+def population_drawn_from(loader: Any) -> int | None:
+    """N, where every batch of ``loader`` is drawn without replacement from its dataset of N examples (so that the
+    noise-scale estimates take the finite-population correction: :mod:`noisescale.estimators`); None otherwise.
+
+    ``loader``: a DataLoader, or a wrapper that exposes its ``batch_sampler`` and ``dataset`` (accelerate's
+    ``DataLoaderShard``, which HuggingFace's Trainer builds). Recognised: a :class:`ResizableBatchSampler`, and
+    torch's ``BatchSampler`` over a ``SequentialSampler``, a ``RandomSampler`` without replacement over the whole
+    dataset or a ``DistributedSampler`` (whose ranks share one permutation), as is or shared out among the ranks
+    by accelerate's ``BatchSamplerShard`` (or skipped into by its ``SkipBatchSampler`` on a resume). Anything else
+    (a custom or weighted sampler, an iterable dataset, a plain iterable of batches) gives None.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(batch_sampler, ResizableBatchSampler):
+        return batch_sampler.num_examples if batch_sampler.num_examples >= 2 else None
+    while (type(batch_sampler).__module__ == _SHARED_OUT[0] and type(batch_sampler).__name__ in _SHARED_OUT[1]
+           and hasattr(batch_sampler, "batch_sampler")):
+        batch_sampler = batch_sampler.batch_sampler
+    if type(batch_sampler) is not BatchSampler:
+        return None
+    sampler = batch_sampler.sampler
+    try:
+        size = len(loader.dataset)
+    except (AttributeError, TypeError):   # no dataset, or an iterable one
+        return None
+    whole = (isinstance(sampler, (SequentialSampler, DistributedSampler))
+             or (isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == size))
+    return size if whole and size >= 2 else None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -86,9 +86,10 @@ def _naive_norms(module, x, y):
     return grads.square().sum(1), grads.mean(0).square().sum()
 
 
-def _assert_the_steps_estimate(row, step, rel, population=None):
-    """The row's tr(Sigma) and |G|^2 are the per-example loop's on the step's whole batch, at its starting weights
-    (drawn without replacement from ``population`` examples, where given)."""
+def _assert_the_steps_estimate(row, step, rel, population=32):
+    """The row's tr(Sigma) and |G|^2 are the per-example loop's on the step's whole batch, at its starting weights,
+    drawn without replacement from ``population`` examples (the callback reads the 32 of ``_loader()``'s dataset from
+    Lightning's DataLoader; None: no finite-population correction)."""
     module = TinyModule()
     module.load_state_dict(step["weights"])
     x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
@@ -113,16 +114,26 @@ def test_training_with_dropout_accumulation_and_hessian_proxies_is_bit_identical
     assert history["trace_h"].notna().all()  # B_noise on a forked random stream, every step
 
 
-def test_the_training_sets_size_given_makes_the_estimate_that_of_batches_drawn_without_replacement(tmp_path):
-    """NoiseScaleOptions(population_size=N): Lightning's shuffled epochs draw each batch without replacement from
-    the 32 examples, and the rows are the finite-population estimate of the per-example loop (an audit's find:
-    |G|^2 otherwise reads low by B_simple/N of itself)."""
-    recorder, callback = RecordBatches(), NoiseScaleCallback(NoiseScaleOptions(population_size=32))
-    _fit(tmp_path, 2, [recorder, callback])
-    for step, row in zip(recorder.steps, callback.monitor.history.itertuples()):
-        _assert_the_steps_estimate(row, step, rel=1e-10, population=32)
+def test_the_estimate_is_that_of_batches_drawn_without_replacement_from_the_training_set(tmp_path):
+    """Lightning's shuffled epochs draw each batch without replacement from the 32 examples: by default the rows are
+    the finite-population estimate of the per-example loop (an audit's find: |G|^2 otherwise reads low by
+    B_simple/N of itself), N read from Lightning's DataLoader; ``population_size`` given overrides it, None turns the
+    correction off, and a sampler drawing with replacement gets none."""
+    for options, loader, population in (
+            (NoiseScaleOptions(), _loader(), 32),
+            (NoiseScaleOptions(population_size=None), _loader(), None),
+            (NoiseScaleOptions(population_size=1000), _loader(), 1000),
+            (NoiseScaleOptions(), DataLoader(_loader().dataset, batch_size=4, sampler=RandomSampler(
+                _loader().dataset, replacement=True, generator=torch.Generator().manual_seed(2))), None)):
+        recorder, callback = RecordBatches(), NoiseScaleCallback(options)
+        _fit(tmp_path, 2, [recorder, callback], loader=loader)
+        assert callback.monitor.population_size == population
+        for step, row in zip(recorder.steps, callback.monitor.history.itertuples()):
+            _assert_the_steps_estimate(row, step, rel=1e-10, population=population)
     with pytest.raises(ValueError, match="population_size must be >= 2"):
         NoiseScaleOptions(population_size=1)
+    with pytest.raises(ValueError, match="population_size must be an int >= 2, 'auto' or None, got 'automatic'"):
+        NoiseScaleOptions(population_size="automatic")
 
 
 class BatchNormModule(TinyModule):
@@ -150,10 +161,11 @@ def test_a_batch_norm_module_is_measured_from_its_accumulated_micro_batches(tmp_
                                                                            list(module.parameters()))])
                      for x, y in step["batches"]]
         batch_gradient = (gradients[0] + gradients[1]) / 2
-        trace_sigma = (4 * gradients[0].square().sum() + 4 * gradients[1].square().sum()
-                       - 8 * batch_gradient.square().sum())
-        assert row.trace_sigma == pytest.approx(trace_sigma.item(), rel=1e-10)
-        assert row.grad_sqnorm == pytest.approx((batch_gradient.square().sum() - trace_sigma / 8).item(), rel=1e-10)
+        noise = (4 * gradients[0].square().sum() + 4 * gradients[1].square().sum() - 8 * batch_gradient.square().sum())
+        # drawn without replacement from the 32 examples: tr(Sigma) = S (N - 1) / N, |G|^2 = |g|^2 - S / B + S / N
+        assert row.trace_sigma == pytest.approx((noise * 31 / 32).item(), rel=1e-10)
+        assert row.grad_sqnorm == pytest.approx((batch_gradient.square().sum() - noise / 8 + noise / 32).item(),
+                                                rel=1e-10)
 
 
 def test_a_step_of_micro_batches_of_unequal_sizes_is_left_unmeasured_with_a_warning(tmp_path):
@@ -190,7 +202,7 @@ def test_an_epochs_last_shorter_window_of_equal_micro_batches_is_measured_at_its
     history = callback.monitor.history
     assert history["batch_size"].tolist() == [8, 8, 4] and history["micro_batches"].tolist() == [2, 2, 1]
     for step, row in zip(recorder.steps, history.itertuples()):
-        _assert_the_steps_estimate(row, step, rel=1e-10)
+        _assert_the_steps_estimate(row, step, rel=1e-10, population=20)
         module = TinyModule()
         module.load_state_dict(step["weights"])
         x_step, y_step = (torch.cat(parts) for parts in zip(*step["batches"]))
@@ -277,7 +289,7 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         module.load_state_dict(step["weights"])
         x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
         sqnorms, grad_sqnorm = _naive_norms(module, x, y)
-        estimate = simple_noise_scale(sqnorms, grad_sqnorm)
+        estimate = simple_noise_scale(sqnorms, grad_sqnorm, population=32)
         average.update_estimate(estimate)
         # B_noise: the Hessian proxies of the step's whole batch (its equal micro-batches are its halves), probes
         # seeded with seed + step
@@ -376,7 +388,7 @@ def test_a_parameter_only_vmap_can_measure_is_measured_from_the_output_gradients
         parameters = list(module.parameters())
         grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
             F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), parameters)]) for i in range(len(x))])
-        estimate = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum())
+        estimate = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum(), population=32)
         assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
 
@@ -421,7 +433,8 @@ def _ddp_worker(rank, out_dir):
 
 def _check_the_global_batch_history(ranks: list[dict]) -> None:
     """TinyModule on 2 ranks, accumulation 2: training bit-identical, and every rank's history that of the global
-    batches, against the per-example loop at each step's weights."""
+    batches (drawn without replacement from the 32 examples by Lightning's DistributedSampler), against the per-example
+    loop at each step's weights."""
 
     def global_norms(k):
         module = TinyModule()
@@ -429,7 +442,7 @@ def _check_the_global_batch_history(ranks: list[dict]) -> None:
         x, y = (torch.cat(parts) for parts in zip(*(b for r in ranks for b in r["steps"][k]["batches"])))
         return _naive_norms(module, x, y)
 
-    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, lambda k: simple_noise_scale(*global_norms(k)),
+    check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, lambda k: simple_noise_scale(*global_norms(k), population=32),
                                1e-9)
 
 
@@ -444,7 +457,8 @@ def test_under_ddp_every_rank_logs_the_estimate_of_the_global_batch_and_training
         gradients = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
             F.cross_entropy(module(x), y), list(module.parameters()))])
             for r in ranks for x, y in r["batch_norm_steps"][k]["batches"]])
-        return micro_batch_noise_scale(gradients.square().sum(1), [4] * 4, gradients.mean(0).square().sum())
+        return micro_batch_noise_scale(gradients.square().sum(1), [4] * 4, gradients.mean(0).square().sum(),
+                                       population=32)
 
     check_global_batch_history(ranks, [WORLD_SIZE * 2 * 4] * STEPS, global_micro_batches, 1e-9, prefix="batch_norm_")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from noisescale.sampler import ResizableBatchSampler, split_micro_batches
+from noisescale.sampler import ResizableBatchSampler, population_drawn_from, split_micro_batches
 
 
 def reference_epoch(num_examples: int, seed: int, epoch: int) -> list[int]:
@@ -208,3 +208,54 @@ def test_split_micro_batches_rejects_bad_sizes():
         split_micro_batches(10, 0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         split_micro_batches(10.5, 4)
+
+
+def test_population_drawn_from_names_the_loaders_that_draw_each_batch_without_replacement():
+    """N = len(dataset) exactly where every batch is a draw without replacement from the whole dataset (the
+    finite-population correction then applies); None wherever that is not known. Each case is checked against the
+    batches the loader yields: within an epoch no index repeats and every one of the N appears."""
+    from torch.utils.data import (BatchSampler, DistributedSampler, IterableDataset, RandomSampler,
+                                  WeightedRandomSampler)
+
+    dataset = TensorDataset(torch.arange(12))
+
+    def one_epoch_is_a_permutation(loader):
+        drawn = torch.cat([batch[0] for batch in loader]).tolist()
+        return sorted(drawn) == list(range(12))
+
+    class Streamed(IterableDataset):
+        def __iter__(self):
+            return iter(range(12))
+
+    recognised = [DataLoader(dataset, batch_size=4), DataLoader(dataset, batch_size=5, shuffle=True),
+                  DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=2, rank=0)),
+                  DataLoader(dataset, batch_sampler=ResizableBatchSampler(12, 4, seed=1))]
+    for loader in recognised:
+        assert population_drawn_from(loader) == 12
+        if not isinstance(loader.sampler, DistributedSampler):   # (one rank's half of each global batch)
+            assert one_epoch_is_a_permutation(loader)
+    unknown = [DataLoader(dataset, batch_size=4, sampler=RandomSampler(dataset, replacement=True)),
+               DataLoader(dataset, batch_size=4, sampler=RandomSampler(dataset, num_samples=6)),
+               DataLoader(dataset, batch_size=4, sampler=WeightedRandomSampler([1.0] * 12, 12)),
+               DataLoader(dataset, batch_sampler=[[0, 1], [0, 2]]),
+               DataLoader(Streamed(), batch_size=4), [(torch.zeros(4), torch.zeros(4))], None]
+    for loader in unknown:
+        assert population_drawn_from(loader) is None
+    assert population_drawn_from(DataLoader(TensorDataset(torch.zeros(1)), batch_size=1)) is None   # N >= 2
+
+    class Bucketed(BatchSampler):   # a subclass may group its batches (by length, say): not a uniform draw
+        pass
+
+    assert population_drawn_from(DataLoader(dataset, batch_sampler=Bucketed(RandomSampler(dataset), 4, False))) is None
+
+
+def test_population_drawn_from_reads_through_accelerates_sharded_loader():
+    """HuggingFace's Trainer trains on accelerate's DataLoaderShard; under DDP its BatchSamplerShard shares each
+    shuffled batch among the ranks: the global batch is still a draw without replacement from the dataset."""
+    accelerate_data = pytest.importorskip("accelerate.data_loader")
+    dataset = TensorDataset(torch.arange(12))
+    for processes in (1, 2):
+        loader = accelerate_data.prepare_data_loader(DataLoader(dataset, batch_size=2, shuffle=True),
+                                                     num_processes=processes, process_index=0, put_on_device=False)
+        assert population_drawn_from(loader) == 12
+        assert population_drawn_from(accelerate_data.skip_first_batches(loader, 1)) == 12

@@ -140,7 +140,8 @@ class NoiseScaleTrainerMixin:
             if self.args.n_gpu > 1:
                 raise ValueError(f"noise_scale cannot be measured under torch.nn.DataParallel ({self.args.n_gpu} GPUs "
                                  "in one process); launch one process per GPU with torchrun or accelerate launch")
-            previous, self.noise_scale = self.noise_scale, ObservingNoiseScaleMonitor(model, self.noise_scale_options)
+            previous, self.noise_scale = self.noise_scale, ObservingNoiseScaleMonitor(
+                model, self.noise_scale_options, train_batches=self.callback_handler.train_dataloader)
             stored = self.state.stateful_callbacks.get(NoiseScaleCheckpointState.__name__)
             stored = stored[0] if isinstance(stored, list) else stored
             saved = (stored or {}).get("attributes", {}).get("monitor_state")

@@ -78,9 +78,12 @@ class NoiseScaleCallback(Callback):
             raise ValueError(f"NoiseScaleCallback cannot measure under {type(trainer.strategy).__name__}; use "
                              "strategy='ddp', a single device, or FSDP2 through ModelParallelStrategy (fully_shard "
                              "in configure_model, tensor_parallel_size=1)")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """The monitor, once Lightning has set up its training DataLoader (``population_size="auto"`` reads it)."""
         previous = self.monitor.state_dict() if self.monitor is not None else self._restored
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options,
+        self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options, train_batches=trainer.train_dataloader,
                                                   process_group=dist.group.WORLD if distributed else None)
         if previous is not None:  # a second fit, or a fit resumed from a checkpoint: the averages continue
             self.monitor.load_state_dict(previous)

@@ -15,7 +15,9 @@ mean_i g_i = gbar exactly, so (|g_i|^2, |gbar|^2) go into :func:`~noisescale.est
 :class:`~noisescale.training.AccumulatingNoiseScaleMonitor` does for its own loop; |gbar|^2 is read from p.grad
 after the step's last backward (accumulated, all-reduced, before clipping). For HuggingFace's token mean
 g_i is the gradient of the "token" per-example loss of :func:`noisescale.losses.sequence_cross_entropy`.
-Under DDP one all-gather of the per-example norms (B numbers) per step gives every rank the same estimate.
+Under DDP one all-gather of the per-example norms (B numbers) per step gives every rank the same estimate. Where
+the framework's training DataLoader draws each global batch without replacement from its N examples (its default
+samplers), the estimate is that of such a batch (``NoiseScaleOptions.population_size``, read from the loader).
 
 Requirement: the loss is a sum of per-example terms (no in-batch coupling such as a contrastive loss).
 
@@ -45,6 +47,7 @@ from noisescale._wrappers import unwrapped_module
 from noisescale.batches import batch_size_of
 from noisescale.distributed import all_gather_concat, rank_sizes
 from noisescale.monitor import check_options
+from noisescale.sampler import population_drawn_from
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
 __all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]
@@ -62,10 +65,12 @@ class NoiseScaleOptions:
     check_independence: on the first measured step, check that the model's outputs do not couple the examples
         (a warning naming them: :mod:`noisescale.per_example.coupling`) and that the loss the model returns holds
         no term over the whole batch (an MoE's router loss).
-    population_size: N, the training set's size where the framework draws each epoch's batches without
-        replacement (its default shuffled sampler): the per-example estimate is then unbiased for that dataset
-        (``NoiseScaleMonitor``'s option; without it |G|^2 reads low by B_simple/N of itself, which matters on a
-        small dataset only). Not set by the integrations themselves.
+    population_size: N, where each global batch is drawn without replacement from a training set of N examples
+        (an epoch's shuffled batches): the estimates are then unbiased for that dataset (``NoiseScaleMonitor``'s
+        option; without it |G|^2 reads low by B_simple/N of itself, which matters on a small dataset only).
+        ``"auto"`` (the default): len(train_dataset) where the framework's training DataLoader is one that
+        :func:`~noisescale.sampler.population_drawn_from` recognises (the Trainer's and Lightning's default
+        samplers, sequential, shuffled or distributed), else no correction; None: no correction.
     """
 
     measure_every: int = 1
@@ -79,12 +84,14 @@ class NoiseScaleOptions:
     per_example_loss: Callable[[Any, Any], torch.Tensor] | None = None
     log_prefix: str = "noise_scale/"
     check_independence: bool = True
-    population_size: int | None = None
+    population_size: int | str | None = "auto"
 
     def __post_init__(self) -> None:   # out-of-range values fail here, not at the first training step
         check_options(**{key: value for key, value in self.monitor_options().items()
                          if key not in ("seed", "check_independence", "population_size")})
-        if self.population_size is not None:
+        if isinstance(self.population_size, str) and self.population_size != "auto":
+            raise ValueError(f"population_size must be an int >= 2, 'auto' or None, got {self.population_size!r}")
+        if self.population_size not in (None, "auto"):
             check_int(self.population_size, "population_size", 2)
         if self.hessian_every and self.per_example_loss is None:
             _per_example_loss_not_given(None, None)
@@ -124,17 +131,21 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     ``model``: the module the framework runs (DistributedDataParallel-wrapped under DDP, whose process group is
     then used) or the user's module itself with its DDP ``process_group`` given (Lightning wraps its module in a
     DDP whose forward is the training step, so the Hessian proxies must call the module itself).
+    ``train_batches``: the framework's training DataLoader, whose dataset's size is ``population_size="auto"``'s
+    (:func:`~noisescale.sampler.population_drawn_from`).
     """
 
     _skip_advice = ("fix the data before training on: the framework takes the optimizer step on it all the same "
                     "(only a gradient scaler skips it)")
 
     def __init__(self, model: torch.nn.Module, options: NoiseScaleOptions, *,
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None, train_batches: Any = None) -> None:
         if not isinstance(options, NoiseScaleOptions):
             raise TypeError(f"options must be a NoiseScaleOptions, got {type(options).__name__}")
-        super().__init__(model, options.per_example_loss or _per_example_loss_not_given,
-                         **options.monitor_options())
+        monitor_options = options.monitor_options()
+        if monitor_options["population_size"] == "auto":
+            monitor_options["population_size"] = population_drawn_from(train_batches)
+        super().__init__(model, options.per_example_loss or _per_example_loss_not_given, **monitor_options)
         if process_group is not None:
             self.process_group = process_group
         self.options = options
