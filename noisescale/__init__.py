@@ -14,6 +14,7 @@ _EXPORTS = {
     "NoiseScaleMonitor": "noisescale.monitor",
     "AccumulatingNoiseScaleMonitor": "noisescale.training",
     "measure": "noisescale.monitor",
+    "noise_scale_across_seeds": "noisescale.monitor",
     "PerExampleGradNorms": "noisescale.per_example",
     "per_example_sqnorms": "noisescale.per_example",
     "simple_noise_scale": "noisescale.estimators",

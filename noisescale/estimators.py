@@ -58,6 +58,7 @@ import numpy as np
 from scipy import stats
 
 from noisescale._checks import check_int
+from noisescale._digits import printed
 
 __all__ = [
     "NoiseScaleEstimate",
@@ -67,6 +68,8 @@ __all__ = [
     "ExponentialMovingRatio",
     "ExponentialMovingNoiseScale",
     "fieller_interval",
+    "NoiseScaleAcrossRuns",
+    "noise_scale_across_runs",
 ]
 
 # Relative slack allowed when checking |mean g|^2 <= mean |g_i|^2 (float32 rounding in the caller).
@@ -89,15 +92,16 @@ class NoiseScaleEstimate:
         return self.trace_sigma / self.grad_sqnorm
 
 
-def _as_float_array(value: Any, name: str) -> np.ndarray:
-    """Convert a torch tensor, numpy array, list or number to a float64 numpy array."""
+def _as_float_array(value: Any, name: str, *, nonnegative: bool = True) -> np.ndarray:
+    """Convert a torch tensor, numpy array, list or number to a float64 numpy array (of squared norms, >= 0, unless
+    ``nonnegative`` is False)."""
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
         value = value.detach().to("cpu").double().numpy()
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be a number, array or tensor, got {type(value).__name__}") from error
-    if np.any(array < 0):
+    if nonnegative and np.any(array < 0):
         raise ValueError(f"{name} holds squared norms and must be >= 0, got minimum {np.nanmin(array)!r}")
     return array
 
@@ -393,3 +397,61 @@ class ExponentialMovingNoiseScale(ExponentialMovingRatio):
     @property
     def grad_sqnorm(self) -> float:
         return self.denominator
+
+
+@dataclass(frozen=True)
+class NoiseScaleAcrossRuns:
+    """B_simple of a setting, from the averages of ``runs`` independent runs of it (:func:`noise_scale_across_runs`).
+
+    ``trace_sigma`` and ``grad_sqnorm``: the means over the runs; ``b_simple`` their ratio, and
+    ``b_simple_interval`` its Fieller interval at ``confidence`` from the runs' spread.
+    """
+
+    b_simple: float
+    b_simple_interval: tuple[float, float]
+    trace_sigma: float
+    grad_sqnorm: float
+    runs: int
+    confidence: float
+
+    def __str__(self) -> str:
+        value = printed(self.b_simple, *self.b_simple_interval)
+        unresolved = " (|G|^2 not resolved from 0)" if math.isinf(self.b_simple_interval[1]) else ""
+        return (f"B_simple = {value.value}  ({self.confidence:.0%} interval {value.low} .. {value.high}) over "
+                f"{self.runs} runs{unresolved}")
+
+
+def noise_scale_across_runs(trace_sigmas: Any, grad_sqnorms: Any, *, confidence: float = 0.9) -> NoiseScaleAcrossRuns:
+    """B_simple of the setting that K >= 2 independent runs share (seeds of one configuration, each measured over the
+    same stretch of training): the ratio of the mean over runs of their averaged tr(Sigma) and |G|^2, with Fieller's
+    interval from the runs' own spread (the sample covariance of the K pairs over K, Student's t with K - 1 degrees
+    of freedom; ``nonnegative``, as :class:`ExponentialMovingNoiseScale`).
+
+    Why: one run's interval is of that run's own average over its window. Runs from other seeds follow other
+    trajectories, and their B_simple spread 1.2 to 1.65 times as widely as that interval says (a statistical audit,
+    session 25: a logistic regression and an MLP on Fashion-MNIST, 100 to 150 seeds; the 90 % interval covered
+    0.57 to 0.82 of other seeds' values). This interval, from K = 3, 5 or 10 of those runs, covered the mean over
+    all seeds 0.90 to 0.94 of the time at confidence 0.9. K = 2 is valid but wide (t_1 at 0.95 is 6.3).
+    """
+    numerators = _as_float_array(trace_sigmas, "trace_sigmas")
+    # an average of unbiased |G|^2 estimates may be < 0 (not resolved from 0)
+    denominators = _as_float_array(grad_sqnorms, "grad_sqnorms", nonnegative=False)
+    if numerators.ndim != 1 or numerators.shape != denominators.shape:
+        raise ValueError(f"trace_sigmas and grad_sqnorms must be 1-D and of one length (one value per run), got "
+                         f"shapes {numerators.shape} and {denominators.shape}")
+    runs = len(numerators)
+    if runs < 2:
+        raise ValueError(f"the spread across runs needs at least 2 runs (3 or more for a useful interval), got {runs}")
+    if not (np.isfinite(numerators).all() and np.isfinite(denominators).all()):
+        raise ValueError("every run's tr(Sigma) and |G|^2 must be finite: leave out a run that diverged or measured "
+                         "nothing")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    covariance = np.cov(numerators, denominators) / runs   # of the two means
+    mean_num, mean_den = float(numerators.mean()), float(denominators.mean())
+    quantile = float(stats.t.ppf(0.5 + confidence / 2, df=runs - 1))
+    interval = fieller_interval(mean_num, mean_den, float(covariance[0, 0]), float(covariance[1, 1]),
+                                float(covariance[0, 1]), quantile, nonnegative=True)
+    ratio = math.inf if mean_den <= 0 else mean_num / mean_den
+    return NoiseScaleAcrossRuns(b_simple=ratio, b_simple_interval=interval, trace_sigma=mean_num,
+                                grad_sqnorm=mean_den, runs=runs, confidence=float(confidence))

@@ -24,7 +24,7 @@ import contextlib
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.batches import (batch_size_of, call_model, describe_nonfinite_counts, merge_nonfinite_counts,
                                 nonfinite_counts, to_device)
 from noisescale.checkpoints import atomic_write, to_plain
-from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, micro_batch_noise_scale,
-                                   simple_noise_scale)
+from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, NoiseScaleAcrossRuns,
+                                   micro_batch_noise_scale, noise_scale_across_runs, simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.per_example.layers import batch_statistics_path
@@ -842,6 +842,36 @@ def loss_scale_of(grad_scaler: Any, device: torch.device) -> float:
     if grad_scaler is None:
         return 1.0
     return float(grad_scaler.scale(torch.ones((), device=device)))
+
+
+def noise_scale_across_seeds(summaries: Sequence[NoiseScaleSummary], *,
+                             confidence: float | None = None) -> NoiseScaleAcrossRuns:
+    """B_simple of a training setting from the summaries of K >= 2 runs of it that differ only in their seed
+    (``monitor.summary()`` of each, after the same number of steps), with an interval from the runs' spread
+    (:func:`~noisescale.estimators.noise_scale_across_runs`). One run's interval is that run's: other seeds spread
+    1.2 to 1.65 times as widely (README, quick start). ``confidence``: the summaries' own unless given.
+
+    A run that diverged, was broken by bad data or measured no step is refused by its index: leave it out (and
+    say so), since dropping runs selects them."""
+    summaries = list(summaries)
+    for index, summary in enumerate(summaries):
+        if not isinstance(summary, NoiseScaleSummary):
+            raise TypeError(f"summaries[{index}] must be a NoiseScaleSummary (monitor.summary()), got "
+                            f"{type(summary).__name__}")
+        if not summary.reports_noise_scale:
+            raise ValueError(f"summaries[{index}] reports no noise scale (the run diverged, was broken by bad data or "
+                             "never had a finite step: its text says which); leave it out")
+        if not (math.isfinite(summary.trace_sigma) and math.isfinite(summary.grad_sqnorm)):
+            raise ValueError(f"summaries[{index}] has no measured step yet (tr(Sigma) {summary.trace_sigma}, |G|^2 "
+                             f"{summary.grad_sqnorm})")
+    if len({summary.steps for summary in summaries}) > 1:
+        warnings.warn(f"the summaries were taken after different numbers of steps ({[s.steps for s in summaries]}): "
+                      "B_simple changes as training goes on, so their spread mixes seeds with stages of training",
+                      RuntimeWarning, stacklevel=2)
+    if confidence is None:
+        confidence = summaries[0].confidence if summaries else 0.9
+    return noise_scale_across_runs([summary.trace_sigma for summary in summaries],
+                                   [summary.grad_sqnorm for summary in summaries], confidence=confidence)
 
 
 def measure(

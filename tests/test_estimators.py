@@ -17,6 +17,7 @@ from noisescale.estimators import (
     NoiseScaleEstimate,
     fieller_interval,
     micro_batch_noise_scale,
+    noise_scale_across_runs,
     simple_noise_scale,
     two_batch_noise_scale,
 )
@@ -411,3 +412,53 @@ def test_micro_batches_drawn_without_replacement_are_unbiased_with_the_populatio
                                                  float(rows.mean(0) @ rows.mean(0)), population=6))
     assert np.mean([e.trace_sigma for e in estimates]) == pytest.approx(trace_sigma, rel=1e-12)
     assert np.mean([e.grad_sqnorm for e in estimates]) == pytest.approx(float(mean @ mean), rel=1e-12)
+
+
+def test_the_interval_across_runs_covers_the_ratio_of_the_runs_means_at_its_confidence():
+    """Runs whose averaged (tr(Sigma), |G|^2) are jointly normal around (T, G), correlated, with a spread of their
+    own: Fieller's interval with Student's t at K - 1 degrees of freedom is exact there, so it covers T/G at the
+    nominal 90 % (Monte-Carlo, 4000 groups of K = 3 and of K = 5; binomial sd 0.005)."""
+    rng = np.random.default_rng(0)
+    true_trace, true_grad = 150.0, 1.2
+    spread = np.array([[20.0**2, 0.6 * 20.0 * 0.25], [0.6 * 20.0 * 0.25, 0.25**2]])
+    for runs in (3, 5):
+        draws = rng.multivariate_normal([true_trace, true_grad], spread, size=(4000, runs))
+        covered = [low <= true_trace / true_grad <= high for low, high in (
+            noise_scale_across_runs(group[:, 0], group[:, 1]).b_simple_interval for group in draws)]
+        assert 0.88 <= np.mean(covered) <= 0.92, (runs, np.mean(covered))
+
+
+def test_the_bounds_across_runs_are_where_the_runs_t_test_of_the_ratio_reaches_its_quantile():
+    """At each bound R of the interval, the one-sample t statistic of the runs' tr(Sigma)_k - R |G|^2_k (scipy's
+    ttest_1samp, an independent computation) equals the t quantile in size: Fieller's interval is the set of R that
+    this test does not reject. The value is the ratio of the means."""
+    trace_sigmas, grad_sqnorms = np.array([140.0, 171.0, 152.0, 160.0]), np.array([1.1, 1.35, 1.05, 1.3])
+    result = noise_scale_across_runs(trace_sigmas, grad_sqnorms, confidence=0.8)
+    assert result.b_simple == pytest.approx(trace_sigmas.mean() / grad_sqnorms.mean(), rel=1e-15)
+    assert (result.trace_sigma, result.grad_sqnorm, result.runs) == (trace_sigmas.mean(), grad_sqnorms.mean(), 4)
+    quantile = stats.t.ppf(0.9, df=3)
+    low, high = result.b_simple_interval
+    assert 0 < low < result.b_simple < high < math.inf
+    for bound in (low, high):
+        statistic = stats.ttest_1samp(trace_sigmas - bound * grad_sqnorms, 0.0).statistic
+        assert abs(statistic) == pytest.approx(quantile, rel=1e-9)
+    assert str(result) == "B_simple = 129.8  (80% interval 122.9 .. 137.8) over 4 runs"   # sides 6.9, 8.0: 0.1
+
+
+def test_the_interval_across_runs_is_unbounded_when_the_runs_mean_gradient_is_not_resolved_from_0():
+    result = noise_scale_across_runs([150.0, 160.0, 140.0], [0.5, -0.4, 0.1])   # averages of unbiased |G|^2 go < 0
+    assert result.b_simple_interval[1] == math.inf
+    assert str(result).endswith("over 3 runs (|G|^2 not resolved from 0)")
+
+
+def test_bad_input_across_runs_is_refused_by_name():
+    with pytest.raises(ValueError, match="needs at least 2 runs"):
+        noise_scale_across_runs([150.0], [1.0])
+    with pytest.raises(ValueError, match="one value per run"):
+        noise_scale_across_runs([150.0, 140.0], [1.0, 1.1, 1.2])
+    with pytest.raises(ValueError, match="must be finite: leave out a run that diverged"):
+        noise_scale_across_runs([150.0, math.nan], [1.0, 1.1])
+    with pytest.raises(ValueError, match="trace_sigmas holds squared norms and must be >= 0"):
+        noise_scale_across_runs([150.0, -1.0], [1.0, 1.1])
+    with pytest.raises(ValueError, match="confidence must lie in"):
+        noise_scale_across_runs([150.0, 140.0], [1.0, 1.1], confidence=90)

@@ -1158,3 +1158,41 @@ def test_an_observed_step_failing_in_its_hessian_proxies_leaves_the_averages_as_
             monitor.end_step()
         model.zero_grad()
     monitor.close()
+
+
+def test_the_noise_scale_across_seeds_combines_the_runs_summaries_and_refuses_those_without_one():
+    """Three seeds of a linear regression trained with SGD under the monitor: the combined B_simple is the ratio of
+    the summaries' mean tr(Sigma) and |G|^2, at their confidence, with the interval of the runs' spread. A run that
+    diverged or measured nothing is refused by its index, runs stopped at other steps are warned about."""
+    from noisescale import noise_scale_across_seeds
+    from noisescale.estimators import noise_scale_across_runs
+
+    summaries = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 1).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        with NoiseScaleMonitor(model, per_example_squared_error, ema_decay=0.8, confidence=0.8) as monitor:
+            for _ in range(12):
+                inputs = torch.randn(16, 3, dtype=torch.float64)
+                optimizer.zero_grad()
+                monitor(inputs, inputs @ torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64) + 0.3)
+                optimizer.step()
+        summaries.append(monitor.summary())
+    combined = noise_scale_across_seeds(summaries)
+    trace_sigmas, grad_sqnorms = [s.trace_sigma for s in summaries], [s.grad_sqnorm for s in summaries]
+    assert combined.b_simple == pytest.approx(sum(trace_sigmas) / sum(grad_sqnorms), rel=1e-14)
+    assert (combined.runs, combined.confidence) == (3, 0.8)
+    assert combined.b_simple_interval == noise_scale_across_runs(trace_sigmas, grad_sqnorms,
+                                                                 confidence=0.8).b_simple_interval
+    assert str(combined).startswith("B_simple = ") and "(80% interval " in str(combined)
+
+    with pytest.raises(ValueError, match=r"summaries\[1\] reports no noise scale .* leave it out"):
+        noise_scale_across_seeds([summaries[0], dataclasses.replace(summaries[1], divergence="loss NaN"),
+                                  summaries[2]])
+    with pytest.raises(ValueError, match=r"summaries\[0\] has no measured step yet"):
+        noise_scale_across_seeds([dataclasses.replace(summaries[0], trace_sigma=math.nan), *summaries[1:]])
+    with pytest.raises(TypeError, match=r"summaries\[2\] must be a NoiseScaleSummary"):
+        noise_scale_across_seeds([*summaries[:2], 3.0])
+    with pytest.warns(RuntimeWarning, match=r"different numbers of steps \(\[12, 12, 30\]\)"):
+        noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], steps=30)])
