@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -63,6 +64,21 @@ def test_readme_adaptive_trainer_snippet_runs_and_steps_at_the_schedulers_rate_t
     expected = [0.05 * min(1.0, (step + 1) / 20) * math.sqrt(size / 16)
                 for step, size in enumerate(history["batch_size"])]
     assert used == pytest.approx(expected, rel=1e-12) and history["learning_rate"].tolist() == used
+
+
+def test_readme_seeds_snippet_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    """The README's combination of three seeds' JSON summaries, on the tr(Sigma) and |G|^2 those three runs wrote
+    (session 26's quick start with --seed 1, 2, 3): it prints the line its comment shows."""
+    block = re.search(r"From the commands' JSON summaries:\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
+    written = {1: (147.00283995814462, 0.9405234662101285), 2: (174.25521486274548, 1.3807355477880483),
+               3: (144.91613928483898, 1.3984485737025025)}
+    for seed, (trace_sigma, grad_sqnorm) in written.items():
+        (tmp_path / "runs" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "runs" / f"seed{seed}" / "measure_summary.json").write_text(
+            json.dumps({"trace_sigma": trace_sigma, "grad_sqnorm": grad_sqnorm}))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(README), "exec"), {})
+    assert "# " + capsys.readouterr().out.strip() in block
 
 
 def test_readme_per_example_snippet_runs_and_is_exact():
