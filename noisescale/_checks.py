@@ -17,6 +17,13 @@ def check_int(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def check_confidence(value: Any, name: str = "confidence") -> float:
+    """``value`` as a float in (0, 1) (Python or numpy reals; bool rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+    return float(value)
+
+
 def check_real(value: Any, name: str) -> float:
     """``value`` as a float (ints and floats accepted, bool rejected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from noisescale._checks import check_int, listed
+from noisescale._checks import check_confidence, check_int, listed
 from noisescale._digits import printed, rounded, significant_digits, with_significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
@@ -293,8 +293,7 @@ def check_options(*, measure_every: int, ema_decay: float, confidence: float, he
     check_int(hessian_every, "hessian_every", 0)
     check_int(hessian_examples, "hessian_examples", 2)
     check_int(hessian_probes, "hessian_probes", 2)
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    check_confidence(confidence)
     for name, decay in (("ema_decay", ema_decay), ("hessian_ema_decay", hessian_ema_decay)):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"{name} must lie in [0, 1), got {decay!r}")
@@ -495,8 +494,9 @@ class NoiseScaleMonitor:
             self._warn_once("batch1", "a batch of 1 example carries no gradient-variance information: tr(Sigma) "
                             "and B_simple are recorded as NaN for such steps (warned once)")
             return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
-        estimate = (simple_noise_scale(sqnorms, grad_sqnorm, population=self.population_size) if unit_sizes is None
-                    else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm, population=self.population_size))
+        population = self._population_of(batch_size)
+        estimate = (simple_noise_scale(sqnorms, grad_sqnorm, population=population) if unit_sizes is None
+                    else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm, population=population))
         self.average.update_estimate(estimate)
         low, high = self.average.interval(self.confidence)
         return {
@@ -699,6 +699,26 @@ class NoiseScaleMonitor:
             "population_size": self.population_size,
         }
 
+    def _population_of(self, batch_size: int) -> int | None:
+        """``population_size`` for a batch of ``batch_size`` examples; None (warned once) for a batch larger than it,
+        which holds some example twice (a sampler that pads a small dataset for its ranks) and so is no draw without
+        replacement."""
+        if self.population_size is not None and batch_size > self.population_size:
+            self._warn_once("population", f"a batch of {batch_size} examples from population_size="
+                            f"{self.population_size} holds some example twice: such steps take no finite-population "
+                            "correction (warned once)")
+            return None
+        return self.population_size
+
+    def set_population_size(self, population_size: int | None) -> None:
+        """Take ``population_size`` for the steps from now on (a framework's training set, read again when its
+        DataLoader is rebuilt). Averages taken with another are continued with a warning, as on a resume."""
+        population_size = None if population_size is None else check_int(population_size, "population_size", 2)
+        if population_size != self.population_size and self.average.num_updates:
+            _warn_population_changed(f"the averages so far were taken with population_size={self.population_size}",
+                                     f"the steps from now on with {population_size}")
+        self.population_size = population_size
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Averages taken with another ``population_size`` (or, from a version
         before session 25, without one: no finite-population correction) are continued with a warning: their
@@ -707,9 +727,8 @@ class NoiseScaleMonitor:
         if saved != self.population_size and state["average"]["num_updates"]:
             taken = ("without the finite-population correction (a checkpoint of an earlier version)"
                      if saved in ("missing", None) else f"with population_size={saved}")
-            warnings.warn(f"the checkpoint's averages were taken {taken}, and this monitor's population_size is "
-                          f"{self.population_size}: the steps before and after the resume differ in |G|^2 by about "
-                          "B_simple/N of it, and their averages mix both", RuntimeWarning, stacklevel=2)
+            _warn_population_changed(f"the checkpoint's averages were taken {taken}",
+                                     f"this monitor's population_size is {self.population_size}")
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
@@ -844,6 +863,11 @@ def loss_scale_of(grad_scaler: Any, device: torch.device) -> float:
     return float(grad_scaler.scale(torch.ones((), device=device)))
 
 
+def _warn_population_changed(before: str, after: str) -> None:
+    warnings.warn(f"{before}, and {after}: the steps before and after differ in |G|^2 by about B_simple/N of it, and "
+                  "the averages mix both", RuntimeWarning, stacklevel=3)
+
+
 def noise_scale_across_seeds(summaries: Sequence[NoiseScaleSummary], *,
                              confidence: float | None = None) -> NoiseScaleAcrossRuns:
     """B_simple of a training setting from the summaries of K >= 2 runs of it that differ only in their seed
@@ -869,7 +893,11 @@ def noise_scale_across_seeds(summaries: Sequence[NoiseScaleSummary], *,
                       "B_simple changes as training goes on, so their spread mixes seeds with stages of training",
                       RuntimeWarning, stacklevel=2)
     if confidence is None:
-        confidence = summaries[0].confidence if summaries else 0.9
+        confidences = {summary.confidence for summary in summaries}
+        if len(confidences) > 1:
+            raise ValueError(f"the summaries were taken at different confidences ({sorted(confidences)}): give "
+                             "confidence=")
+        confidence = confidences.pop() if confidences else 0.9
     return noise_scale_across_runs([summary.trace_sigma for summary in summaries],
                                    [summary.grad_sqnorm for summary in summaries], confidence=confidence)
 

@@ -198,7 +198,13 @@ def split_micro_batches(batch_size: int, max_micro_batch: int) -> list[int]:
     return [base + 1] * extra + [base] * (count - extra)
 
 
-_SHARED_OUT = ("accelerate.data_loader", ("BatchSamplerShard", "SkipBatchSampler"))
+_ACCELERATE = "accelerate.data_loader"   # accelerate's classes, matched by name: no import of an optional package
+_ACCELERATE_BATCH_WRAPPERS = ("BatchSamplerShard", "SkipBatchSampler")   # share out / skip whole batches
+_ACCELERATE_RANDOM = "SeedableRandomSampler"   # RandomSampler, reseeded each epoch
+
+
+def _of_accelerate(obj: Any, names: tuple[str, ...]) -> bool:
+    return type(obj).__module__ == _ACCELERATE and type(obj).__name__ in names
 
 
 def population_drawn_from(loader: Any) -> int | None:
@@ -206,17 +212,20 @@ def population_drawn_from(loader: Any) -> int | None:
     noise-scale estimates take the finite-population correction: :mod:`noisescale.estimators`); None otherwise.
 
     ``loader``: a DataLoader, or a wrapper that exposes its ``batch_sampler`` and ``dataset`` (accelerate's
-    ``DataLoaderShard``, which HuggingFace's Trainer builds). Recognised: a :class:`ResizableBatchSampler`, and
-    torch's ``BatchSampler`` over a ``SequentialSampler``, a ``RandomSampler`` without replacement over the whole
-    dataset or a ``DistributedSampler`` (whose ranks share one permutation), as is or shared out among the ranks
-    by accelerate's ``BatchSamplerShard`` (or skipped into by its ``SkipBatchSampler`` on a resume). Anything else
-    (a custom or weighted sampler, an iterable dataset, a plain iterable of batches) gives None.
+    ``DataLoaderShard``, which HuggingFace's Trainer builds). Recognised, by exact type (a subclass may draw
+    otherwise: Lightning's ``DistributedSamplerWrapper`` around a weighted sampler): a
+    :class:`ResizableBatchSampler`, and torch's ``BatchSampler`` over a ``RandomSampler`` without replacement over
+    the whole dataset (or accelerate's ``SeedableRandomSampler``), a ``DistributedSampler`` (whose ranks share one
+    permutation) or a ``SequentialSampler``, as is or shared out among the ranks by accelerate's
+    ``BatchSamplerShard`` (or skipped into by its ``SkipBatchSampler`` on a resume). A sequential order counts as a
+    draw where the dataset is stored in random order; stored sorted (by class, say), its fixed batches are no
+    random draw at all, corrected or not. Anything else (a custom or weighted sampler, an iterable dataset, a plain
+    iterable of batches) gives None.
     """
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if isinstance(batch_sampler, ResizableBatchSampler):
+    if type(batch_sampler) is ResizableBatchSampler:
         return batch_sampler.num_examples if batch_sampler.num_examples >= 2 else None
-    while (type(batch_sampler).__module__ == _SHARED_OUT[0] and type(batch_sampler).__name__ in _SHARED_OUT[1]
-           and hasattr(batch_sampler, "batch_sampler")):
+    while _of_accelerate(batch_sampler, _ACCELERATE_BATCH_WRAPPERS) and hasattr(batch_sampler, "batch_sampler"):
         batch_sampler = batch_sampler.batch_sampler
     if type(batch_sampler) is not BatchSampler:
         return None
@@ -225,6 +234,7 @@ def population_drawn_from(loader: Any) -> int | None:
         size = len(loader.dataset)
     except (AttributeError, TypeError):   # no dataset, or an iterable one
         return None
-    whole = (isinstance(sampler, (SequentialSampler, DistributedSampler))
-             or (isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == size))
+    random = ((type(sampler) is RandomSampler or _of_accelerate(sampler, (_ACCELERATE_RANDOM,)))
+              and not sampler.replacement and sampler.num_samples == size)
+    whole = random or type(sampler) in (SequentialSampler, DistributedSampler)
     return size if whole and size >= 2 else None

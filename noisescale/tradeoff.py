@@ -29,6 +29,7 @@ from scipy import stats
 from scipy.optimize import least_squares
 from scipy.special import expit
 
+from noisescale._checks import check_confidence
 from noisescale._digits import printed
 
 __all__ = [
@@ -191,8 +192,7 @@ def fit_tradeoff(
             f"fitting S_min and E_min needs at least {_MIN_DISTINCT_BATCH_SIZES} distinct batch sizes, "
             f"got {distinct.size}: {distinct.tolist()}"
         )
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    check_confidence(confidence)
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 2:
         raise ValueError(f"n_bootstrap must be an integer >= 2, got {n_bootstrap!r}")
 

@@ -303,7 +303,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         if len(sizes) < 2 or not torch.isfinite(grad_sqnorm):
             return {}
         small = torch.stack([value.double() for value in micro_sqnorms])
-        estimate = micro_batch_noise_scale(small, sizes, grad_sqnorm, population=self.population_size)
+        estimate = micro_batch_noise_scale(small, sizes, grad_sqnorm, population=self._population_of(sum(sizes)))
         self.two_batch_average.update_estimate(estimate)
         return {
             "grad_sqnorm_two_batch": estimate.grad_sqnorm,

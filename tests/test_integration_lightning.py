@@ -136,6 +136,52 @@ def test_the_estimate_is_that_of_batches_drawn_without_replacement_from_the_trai
         NoiseScaleOptions(population_size="automatic")
 
 
+class GrowingData(pl.LightningDataModule):
+    """A training set that grows each epoch, reloaded by Lightning (``reload_dataloaders_every_n_epochs=1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = iter((12, 40))
+
+    def train_dataloader(self):
+        size = next(self.sizes)
+        x = torch.randn(size, 6, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+        return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8, drop_last=True, shuffle=True)
+
+
+def test_a_training_set_lightning_reloads_at_another_size_is_read_again_with_a_warning(tmp_path):
+    """N is read from the DataLoader as each epoch starts: 12 examples, then 40. Before, N was read once (a review's
+    find: a set growing from 6 to 40 failed its first step with 8 > 6, one shrinking from 40 to 12 was corrected with
+    40)."""
+    callback, populations = NoiseScaleCallback(), []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            populations.append(callback.monitor.population_size)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, reload_dataloaders_every_n_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback, Record()])
+    with pytest.warns(RuntimeWarning, match="taken with population_size=12, and the steps from now on with 40"):
+        trainer.fit(TinyModule(), datamodule=GrowingData())
+    assert populations == [12, 40]
+    assert callback.monitor.history["batch_size"].tolist() == [8] + [8] * 5
+
+
+def test_a_fit_from_a_finished_checkpoint_keeps_the_monitor_of_its_averages(tmp_path):
+    """A fit whose checkpoint has already reached max_steps trains nothing (Lightning skips its loop): the callback
+    still holds the checkpoint's monitor (a review's find: it was None when the monitor was made as training started)."""
+    callback = NoiseScaleCallback()
+    _, trainer = _fit(tmp_path / "first", 1, [callback])
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    again = NoiseScaleCallback()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[again])
+    trainer.fit(TinyModule(), _loader(), ckpt_path=tmp_path / "done.ckpt")
+    assert again.monitor.step == STEPS and again.monitor.population_size == 32
+    assert again.monitor.summary().trace_sigma == callback.monitor.summary().trace_sigma
+
+
 class BatchNormModule(TinyModule):
     def __init__(self, dropout=0.0):
         super().__init__(dropout)

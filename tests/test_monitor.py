@@ -1194,5 +1194,29 @@ def test_the_noise_scale_across_seeds_combines_the_runs_summaries_and_refuses_th
         noise_scale_across_seeds([dataclasses.replace(summaries[0], trace_sigma=math.nan), *summaries[1:]])
     with pytest.raises(TypeError, match=r"summaries\[2\] must be a NoiseScaleSummary"):
         noise_scale_across_seeds([*summaries[:2], 3.0])
+    with pytest.raises(ValueError, match=r"different confidences \(\[0.8, 0.9\]\): give confidence="):
+        noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], confidence=0.9)])
+    assert noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], confidence=0.9)],
+                                    confidence=0.5).confidence == 0.5
     with pytest.warns(RuntimeWarning, match=r"different numbers of steps \(\[12, 12, 30\]\)"):
         noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], steps=30)])
+
+
+def test_a_batch_larger_than_the_population_takes_no_correction_with_a_warning():
+    """A sampler that pads a dataset smaller than the global batch for its ranks (DistributedSampler, 7 examples on
+    2 ranks of 4) repeats an example in the batch: before, the step failed inside the correction ("population must
+    be >= 8, got 7", a review's find); now such a step is estimated as drawn with replacement, warned once."""
+    from noisescale.estimators import simple_noise_scale
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    inputs, targets = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    per_example = torch.cat([2 * (model(inputs) - targets[:, None]) * inputs,
+                             2 * (model(inputs) - targets[:, None])], 1).detach()
+    expected = simple_noise_scale(per_example.square().sum(1), per_example.mean(0).square().sum())
+    with NoiseScaleMonitor(model, per_example_squared_error, population_size=7) as monitor:
+        with pytest.warns(RuntimeWarning, match="a batch of 8 examples from population_size=7 holds some example "
+                                                "twice: such steps take no finite-population correction"):
+            monitor(inputs, targets)
+        row = monitor.history.iloc[0]
+    assert row["trace_sigma"] == pytest.approx(expected.trace_sigma, rel=1e-12)
+    assert row["grad_sqnorm"] == pytest.approx(expected.grad_sqnorm, rel=1e-12)

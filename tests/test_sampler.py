@@ -246,7 +246,11 @@ def test_population_drawn_from_names_the_loaders_that_draw_each_batch_without_re
     class Bucketed(BatchSampler):   # a subclass may group its batches (by length, say): not a uniform draw
         pass
 
+    class Resampling(DistributedSampler):   # as Lightning's DistributedSamplerWrapper around a weighted sampler
+        pass
+
     assert population_drawn_from(DataLoader(dataset, batch_sampler=Bucketed(RandomSampler(dataset), 4, False))) is None
+    assert population_drawn_from(DataLoader(dataset, batch_size=4, sampler=Resampling(dataset, 2, 0))) is None
 
 
 def test_population_drawn_from_reads_through_accelerates_sharded_loader():

@@ -53,6 +53,7 @@ from noisescale.integrations.observer import (
     batch_size_of_framework_batch,
 )
 from noisescale.monitor import adapts_per_coordinate
+from noisescale.sampler import population_drawn_from
 
 __all__ = ["NoiseScaleCallback", "NoiseScaleOptions"]
 
@@ -78,16 +79,21 @@ class NoiseScaleCallback(Callback):
             raise ValueError(f"NoiseScaleCallback cannot measure under {type(trainer.strategy).__name__}; use "
                              "strategy='ddp', a single device, or FSDP2 through ModelParallelStrategy (fully_shard "
                              "in configure_model, tensor_parallel_size=1)")
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """The monitor, once Lightning has set up its training DataLoader (``population_size="auto"`` reads it)."""
         previous = self.monitor.state_dict() if self.monitor is not None else self._restored
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options, train_batches=trainer.train_dataloader,
+        self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options,
                                                   process_group=dist.group.WORLD if distributed else None)
         if previous is not None:  # a second fit, or a fit resumed from a checkpoint: the averages continue
+            if self.options.population_size == "auto":   # until the DataLoader is read (on_train_epoch_start)
+                self.monitor.population_size = previous.get("population_size")
             self.monitor.load_state_dict(previous)
         self._restored = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """``population_size="auto"``: N from the training DataLoader, as Lightning has just set it up (again, where
+        it reloads its DataLoaders: a changed N is taken with a warning)."""
+        if self.options.population_size == "auto":
+            self.monitor.set_population_size(population_drawn_from(trainer.train_dataloader))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         pair = isinstance(batch, (tuple, list)) and len(batch) == 2
