@@ -1,5 +1,3 @@
-import sys
+from noisescale.app.cli import run
 
-from noisescale.app.cli import main
-
-sys.exit(main())
+run()

@@ -94,11 +94,22 @@ def _progress(out_dir: Path) -> dict[str, list[str]]:
     return {path.stem: path.read_text().split() for path in sorted(out_dir.glob("rank*.progress"))}
 
 
+def _rank_then_exit(rank: int, worker, *args) -> None:
+    """``worker(rank, *args)``, then exit without finalizing the interpreter, as the CLI's torchrun ranks do
+    (``noisescale.app.cli.run``: gloo's workers outlive destroy_process_group and abort a finalizing process); a
+    worker that raises is reported by torch's spawn wrapper as before."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(worker, args: tuple, nprocs: int, out_dir: str | Path, hang_deadline_s: float) -> None:
     """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes and wait for all of them. Fails the test when
     no rank has reported progress (:func:`report_progress`) and none has finished for ``hang_deadline_s`` seconds."""
     out_dir = Path(out_dir)
-    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(_rank_then_exit, args=(worker, *args), nprocs=nprocs, join=False,
+                                 start_method="spawn")
     progress, last_change = {}, time.monotonic()
     while not context.join(timeout=1):
         if _progress(out_dir) != progress:
