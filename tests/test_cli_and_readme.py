@@ -190,3 +190,14 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadl
     assert printed.count("noise-adaptive: test accuracy") == 1
     history = pd.read_csv(tmp_path / "train" / "train_noise-adaptive_history.csv")
     assert (history["batch_size"] % 2 == 0).all() and history["examples_seen"].iloc[-1] >= 256
+
+
+def test_readme_code_fences_stand_on_their_own_lines_and_pair_up():
+    """A fence followed by text on its line (session 26: "``` Two more biases...") opens no block in CommonMark's
+    eyes but closes none either: the next 60 lines, the heading of "Use it in your own training loop" among them,
+    rendered as code (a new user's find)."""
+    lines = README.read_text().splitlines()
+    fences = [(number, line) for number, line in enumerate(lines, 1) if "```" in line]
+    assert [(number, line) for number, line in fences if not re.fullmatch(r"```[a-z]*", line.strip())] == []
+    assert len(fences) % 2 == 0
+    assert all(not line.strip().removeprefix("```") for _, line in fences[1::2])   # a closing fence names nothing
