@@ -15,6 +15,7 @@ _EXPORTS = {
     "AccumulatingNoiseScaleMonitor": "noisescale.training",
     "measure": "noisescale.monitor",
     "noise_scale_across_seeds": "noisescale.monitor",
+    "noise_scale_across_runs": "noisescale.estimators",
     "PerExampleGradNorms": "noisescale.per_example",
     "per_example_sqnorms": "noisescale.per_example",
     "simple_noise_scale": "noisescale.estimators",

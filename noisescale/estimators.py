@@ -415,9 +415,9 @@ class NoiseScaleAcrossRuns:
 
     def __str__(self) -> str:
         value = printed(self.b_simple, *self.b_simple_interval)
-        unresolved = " (|G|^2 not resolved from 0)" if math.isinf(self.b_simple_interval[1]) else ""
-        return (f"B_simple = {value.value}  ({self.confidence:.0%} interval {value.low} .. {value.high}) over "
-                f"{self.runs} runs{unresolved}")
+        upper = "unbounded: |G|^2 not resolved from 0" if math.isinf(self.b_simple_interval[1]) else value.high
+        return (f"B_simple = {value.value}  ({self.confidence:.0%} interval {value.low} .. {upper}) over "
+                f"{self.runs} runs")
 
 
 def noise_scale_across_runs(trace_sigmas: Any, grad_sqnorms: Any, *, confidence: float = 0.9) -> NoiseScaleAcrossRuns:

@@ -104,22 +104,30 @@ class NoiseScaleSummary:
     b_noise_interval: tuple[float, float] = (math.nan, math.nan)
     nonfinite_from_start: str | None = None
     hessian_every: int = 0   # how often B_noise was to be measured (0: never)
+    population_size: int | None = None   # N of the finite-population correction the averages took (None: none)
 
     @property
     def suggested_batch_size(self) -> float:
-        """B_noise when measured (and the optimizer is not adaptive), else B_simple: the critical batch size it
-        predicts (McCandlish et al.); NaN for a diverged run or one broken by bad data."""
-        if self._broken:
-            return math.nan
-        return self.b_noise if self._suggests_b_noise else self.b_simple
+        """B_noise when resolved (and the optimizer is not adaptive), else B_simple when resolved: the critical batch
+        size it predicts (McCandlish et al.); NaN where the text suggests none (a diverged run or one broken by bad
+        data; neither estimate resolved yet)."""
+        source = self.suggested_from
+        return math.nan if source is None else self.b_noise if source == "b_noise" else self.b_simple
 
     @property
     def suggested_from(self) -> str | None:
-        """Which estimate ``suggested_batch_size`` is: "b_noise" or "b_simple"; None for a diverged run or one
-        broken by bad data."""
+        """Which estimate ``suggested_batch_size`` is: "b_noise" or "b_simple"; None where nothing is suggested."""
         if self._broken:
             return None
-        return "b_noise" if self._suggests_b_noise else "b_simple"
+        if self._suggests_b_noise:
+            return "b_noise"
+        return "b_simple" if self.b_simple_resolved else None
+
+    @property
+    def b_simple_resolved(self) -> bool:
+        """B_simple is finite and its interval bounded: measured over 2 or more effective steps, and the averaged
+        |G|^2 resolved from 0 at this confidence (the text then suggests it, "about ... examples")."""
+        return math.isfinite(self.b_simple) and math.isfinite(self.b_simple_interval[1])
 
     @property
     def reports_noise_scale(self) -> bool:
@@ -659,6 +667,7 @@ class NoiseScaleMonitor:
                               else (math.nan, math.nan)),
             nonfinite_from_start=nonfinite_from_start(self._rows),
             hessian_every=self.hessian_every,
+            population_size=self.population_size,
         )
 
     @property
@@ -881,13 +890,18 @@ def noise_scale_across_seeds(summaries: Sequence[NoiseScaleSummary], *,
     for index, summary in enumerate(summaries):
         if not isinstance(summary, NoiseScaleSummary):
             raise TypeError(f"summaries[{index}] must be a NoiseScaleSummary (monitor.summary()), got "
-                            f"{type(summary).__name__}")
+                            f"{type(summary).__name__}; for the commands' JSON summaries use "
+                            "noisescale.estimators.noise_scale_across_runs")
         if not summary.reports_noise_scale:
             raise ValueError(f"summaries[{index}] reports no noise scale (the run diverged, was broken by bad data or "
                              "never had a finite step: its text says which); leave it out")
         if not (math.isfinite(summary.trace_sigma) and math.isfinite(summary.grad_sqnorm)):
             raise ValueError(f"summaries[{index}] has no measured step yet (tr(Sigma) {summary.trace_sigma}, |G|^2 "
                              f"{summary.grad_sqnorm})")
+    if len({summary.population_size for summary in summaries}) > 1:
+        warnings.warn(f"the summaries' averages were taken with different finite-population corrections "
+                      f"(population_size {[s.population_size for s in summaries]}): their |G|^2 differ by about "
+                      "B_simple/N of it for that reason alone", RuntimeWarning, stacklevel=2)
     if len({summary.steps for summary in summaries}) > 1:
         warnings.warn(f"the summaries were taken after different numbers of steps ({[s.steps for s in summaries]}): "
                       "B_simple changes as training goes on, so their spread mixes seeds with stages of training",

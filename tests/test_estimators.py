@@ -448,7 +448,7 @@ def test_the_bounds_across_runs_are_where_the_runs_t_test_of_the_ratio_reaches_i
 def test_the_interval_across_runs_is_unbounded_when_the_runs_mean_gradient_is_not_resolved_from_0():
     result = noise_scale_across_runs([150.0, 160.0, 140.0], [0.5, -0.4, 0.1])   # averages of unbiased |G|^2 go < 0
     assert result.b_simple_interval[1] == math.inf
-    assert str(result).endswith("over 3 runs (|G|^2 not resolved from 0)")
+    assert str(result).endswith(" .. unbounded: |G|^2 not resolved from 0) over 3 runs")
 
 
 def test_bad_input_across_runs_is_refused_by_name():

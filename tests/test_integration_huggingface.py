@@ -726,7 +726,8 @@ def test_population_size_auto_is_the_trainers_dataset_size_where_its_sampler_dra
     """The Trainer's shuffled epochs (accelerate's seedable RandomSampler) give N = len(train_dataset); None turns
     the correction off, and a streamed IterableDataset (no known N) gets none. The estimates themselves are checked
     against the finite-population loop in the tests above."""
-    cases = ((NoiseScaleOptions(), _class_dataset(), 24), (NoiseScaleOptions(population_size=None), _class_dataset(), None),
+    cases = ((NoiseScaleOptions(), _class_dataset(), 24),
+             (NoiseScaleOptions(population_size=None), _class_dataset(), None),
              (NoiseScaleOptions(), _Streamed(_class_dataset()), None))
     for index, (options, data, population) in enumerate(cases):
         args = dataclasses.replace(_args(tmp_path / str(index), 1), max_steps=1)

@@ -170,7 +170,8 @@ def test_a_training_set_lightning_reloads_at_another_size_is_read_again_with_a_w
 
 def test_a_fit_from_a_finished_checkpoint_keeps_the_monitor_of_its_averages(tmp_path):
     """A fit whose checkpoint has already reached max_steps trains nothing (Lightning skips its loop): the callback
-    still holds the checkpoint's monitor (a review's find: it was None when the monitor was made as training started)."""
+    still holds the checkpoint's monitor (a review's find: it was None when the monitor was made as training
+    started)."""
     callback = NoiseScaleCallback()
     _, trainer = _fit(tmp_path / "first", 1, [callback])
     trainer.save_checkpoint(tmp_path / "done.ckpt")

@@ -888,7 +888,8 @@ def test_a_batch_holding_nan_or_inf_is_reported_as_bad_data_not_divergence(part,
     summary, expected = monitor.summary(), reference.summary()
     assert summary.divergence is None and not summary.broken_by_bad_data
     assert summary.bad_data == f"the batch of step 5 holds {named}"
-    assert summary.suggested_batch_size == expected.suggested_batch_size and summary.b_simple == expected.b_simple
+    assert summary.suggested_batch_size == pytest.approx(expected.suggested_batch_size, nan_ok=True)
+    assert summary.b_simple == expected.b_simple
     text = str(summary)
     assert "diverged" not in text
     reported = str(expected).splitlines()[1:]   # the reference's report, after its own step and example counts
@@ -1194,6 +1195,11 @@ def test_the_noise_scale_across_seeds_combines_the_runs_summaries_and_refuses_th
         noise_scale_across_seeds([dataclasses.replace(summaries[0], trace_sigma=math.nan), *summaries[1:]])
     with pytest.raises(TypeError, match=r"summaries\[2\] must be a NoiseScaleSummary"):
         noise_scale_across_seeds([*summaries[:2], 3.0])
+    with pytest.warns(RuntimeWarning, match=r"different finite-population corrections \(population_size \[None, "
+                                            r"None, 100\]\)"):
+        noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], population_size=100)])
+    with pytest.raises(TypeError, match="for the commands' JSON summaries use noisescale.estimators.noise_scale_"):
+        noise_scale_across_seeds([{"trace_sigma": 1.0, "grad_sqnorm": 0.1}] * 2)
     with pytest.raises(ValueError, match=r"different confidences \(\[0.8, 0.9\]\): give confidence="):
         noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], confidence=0.9)])
     assert noise_scale_across_seeds([*summaries[:2], dataclasses.replace(summaries[2], confidence=0.9)],
@@ -1220,3 +1226,24 @@ def test_a_batch_larger_than_the_population_takes_no_correction_with_a_warning()
         row = monitor.history.iloc[0]
     assert row["trace_sigma"] == pytest.approx(expected.trace_sigma, rel=1e-12)
     assert row["grad_sqnorm"] == pytest.approx(expected.grad_sqnorm, rel=1e-12)
+
+
+def test_a_batch_size_is_suggested_exactly_where_the_text_suggests_one():
+    """A new user's find: with B_simple's interval unbounded (|G|^2 not resolved from 0) or not yet formed, the text
+    said "critical batch size: not resolved" while suggested_batch_size (and so the commands' JSON) gave B_simple.
+    Now it is NaN and suggested_from None there, as for a diverged run; a resolved B_noise is still suggested."""
+    from noisescale.monitor import NoiseScaleSummary
+
+    resolved = NoiseScaleSummary(steps=40, examples_seen=1280, b_simple=50.0, b_simple_interval=(20.0, 90.0),
+                                 confidence=0.9, trace_sigma=9.5, grad_sqnorm=0.19, b_noise=math.nan,
+                                 nonfinite_steps=0)
+    assert (resolved.suggested_batch_size, resolved.suggested_from) == (50.0, "b_simple")
+    assert "suggested: about 50 examples" in str(resolved)
+    for interval in ((20.0, math.inf), (math.nan, math.nan)):
+        unresolved = dataclasses.replace(resolved, b_simple_interval=interval)
+        assert math.isnan(unresolved.suggested_batch_size) and unresolved.suggested_from is None
+        assert "critical batch size: not resolved" in str(unresolved) and "suggested: about" not in str(unresolved)
+        with_b_noise = dataclasses.replace(unresolved, b_noise=40.0, b_noise_measurements=2)
+        assert (with_b_noise.suggested_batch_size, with_b_noise.suggested_from) == (40.0, "b_noise")
+    negative = dataclasses.replace(resolved, b_simple=math.inf, grad_sqnorm=-0.1, b_simple_interval=(30.0, math.inf))
+    assert math.isnan(negative.suggested_batch_size) and "not resolved" in str(negative)

@@ -221,6 +221,7 @@ def noise_scale_fields(summary) -> dict[str, Any]:
     return {
         **estimates,
         "confidence": summary.confidence,
+        "population_size": summary.population_size,
         "b_noise_measurements": summary.b_noise_measurements,
         "suggested_batch_size": summary.suggested_batch_size,
         "suggested_from": summary.suggested_from,

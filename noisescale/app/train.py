@@ -74,8 +74,9 @@ class TrainOutcome:
         b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
                    if math.isnan(summary.b_noise) else printed(summary.b_noise, *summary.b_noise_interval).value
                    if summary.b_noise_resolved else "not resolved")
+        upper = "unbounded: |G|^2 not resolved from 0" if high == math.inf else shown.high
         return (f"  noise scale at the end: B_simple = {shown.value} "
-                f"({summary.confidence:.0%} interval {shown.low} .. {shown.high}), B_noise = {b_noise}")
+                f"({summary.confidence:.0%} interval {shown.low} .. {upper}), B_noise = {b_noise}")
 
     def to_dict(self) -> dict[str, Any]:
         """The summary of ``--json`` and ``train_<mode>_summary.json`` (non-finite values: see jobs.json_ready)."""
