@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import warnings
@@ -545,6 +546,17 @@ def test_cli_measure_and_train_run_sharded_under_torchrun(tmp_path, hang_deadlin
     from noisescale.app.options import build_model
     assert {name: tuple(v.shape) for name, v in state.items()} == {
         name: tuple(v.shape) for name, v in build_model("noisescale.models:mlp").state_dict().items()}
+
+
+def test_cli_measure_under_fsdp_takes_no_hessian_proxies_by_default(tmp_path, capsys):
+    """`measure --parallel fsdp` failed on its own default --hessian-every 50, quoted as if given (a new user's
+    find); its default is 0 under fsdp now, and a value given is still refused."""
+    options = ["measure", "--parallel", "fsdp", "--steps", "2", "--batch-size", "8", "--model",
+               "noisescale.models:mlp", "--no-progress", "--json"]
+    assert main([*options, "--out", str(tmp_path / "default")]) == 0
+    assert json.loads(capsys.readouterr().out)["b_noise_measurements"] == 0
+    assert main([*options, "--hessian-every", "50", "--out", str(tmp_path / "given")]) == 2
+    assert "--hessian-every '50': must be 0 with --parallel fsdp" in capsys.readouterr().err
 
 
 def test_cli_rejects_hessian_proxies_under_fsdp(tmp_path, capsys):

@@ -106,7 +106,9 @@ def _add_measure_command(subparsers) -> None:
     parser.add_argument("--lr", type=_POSITIVE, default=0.02, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--backend", default="auto", choices=["auto", "ghost", "vmap"],
                         help="per-example gradient norm backend")
-    parser.add_argument("--hessian-every", type=int, default=50, help="steps between B_noise measurements (0: never)")
+    parser.add_argument("--hessian-every", type=int, default=None,
+                        help="steps between B_noise measurements (0: never; default 50, and 0 with --parallel fsdp, "
+                        "where the Hessian proxies cannot run)")
     _add_run_arguments(parser, out="runs/measure", out_help="output folder", json_name="measure_summary.json")
     parser.set_defaults(run=_run_measure)
 
@@ -129,7 +131,8 @@ def _run_measure(args) -> int:
             learning_rate=args.lr,
             device=args.device,
             backend=args.backend,
-            hessian_every=args.hessian_every,
+            hessian_every=(args.hessian_every if args.hessian_every is not None
+                           else 0 if args.parallel == "fsdp" else 50),
             out_dir=args.out,
             seed=args.seed,
             progress=not args.no_progress,
