@@ -557,6 +557,8 @@ def test_cli_measure_under_fsdp_takes_no_hessian_proxies_by_default(tmp_path, ca
     assert json.loads(capsys.readouterr().out)["b_noise_measurements"] == 0
     assert main([*options, "--hessian-every", "50", "--out", str(tmp_path / "given")]) == 2
     assert "--hessian-every '50': must be 0 with --parallel fsdp" in capsys.readouterr().err
+    assert main([*options[:1], *options[3:], "--out", str(tmp_path / "ddp")]) == 0   # default 50: step 0 measured
+    assert json.loads(capsys.readouterr().out)["b_noise_measurements"] == 1
 
 
 def test_cli_rejects_hessian_proxies_under_fsdp(tmp_path, capsys):

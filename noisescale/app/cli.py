@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 
@@ -82,7 +83,8 @@ def _add_run_arguments(parser, *, out: str, out_help: str, json_name: str | None
     if json_name is not None:  # the commands that train: measure and train
         parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                             help="under torchrun: DistributedDataParallel, or FSDP2 sharding (fully_shard on each "
-                            "top-level child with parameters; needs --hessian-every 0); ignored in one process")
+                            "top-level child with parameters; no B_noise: --hessian-every must be 0, measure's "
+                            "default there); otherwise ignored in one process")
         parser.add_argument("--json", action="store_true",
                             help=f"print the summary as JSON instead of text (it is always written to "
                             f"OUT/{json_name}; NaN = not measured is null, an unresolved infinite value is \"inf\")")
@@ -503,12 +505,17 @@ def run() -> None:
     gloo's worker threads reniced beside busy loops) aborted rank 1 of the FSDP ``train`` job 6 times in 20, and 0
     in 20 with this exit; unstressed, it failed one of five clean-clone CI runs in session 25, and none of
     113 runs of that job in session 26."""
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        sys.exit(main())
+    try:
+        code = main()
+    except Exception:   # --debug's traceback; SystemExit (--help, a usage error) comes before any process group
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(OSError):   # a closed pipe
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,4 +560,4 @@ def _terminated(signum, frame) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
