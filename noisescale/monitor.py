@@ -141,8 +141,10 @@ class NoiseScaleSummary:
 
     @property
     def b_noise_resolved(self) -> bool:
-        """B_noise is finite, positive, and its averaged G^T H G resolved from 0 (where it has an interval)."""
-        return _resolved(self.b_noise) and self.b_noise_interval[1] != math.inf
+        """B_noise is finite, positive, and its interval bounded: 2 or more effective Hessian measurements, their
+        averaged G^T H G resolved from 0 (one measurement, a single batch's ratio, was suggested before session 26,
+        while a B_simple without an interval was not)."""
+        return _resolved(self.b_noise) and math.isfinite(self.b_noise_interval[1])
 
     @property
     def _suggests_b_noise(self) -> bool:
@@ -289,7 +291,7 @@ def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, 
         return (f"  B_noise: not resolved yet ({shown.value} from {counted}, but their averaged G^T H G "
                 f"is not resolved from 0 at {confidence:.0%} confidence)")
     if math.isnan(interval[1]):
-        return f"  B_noise = {shown.value}  (from {counted}, no interval)"
+        return f"  B_noise: not resolved yet ({shown.value} from {counted}, no interval before 2 effective ones)"
     return f"  B_noise = {shown.value}  ({confidence:.0%} interval {shown.low} .. {shown.high}, from {counted})"
 
 

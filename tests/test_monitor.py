@@ -1004,9 +1004,13 @@ def test_summary_with_an_unbounded_interval_suggests_only_a_lower_bound():
     assert "critical batch size: not resolved (at least about 12 examples at 90% confidence)" in text
     assert "suggested: about" not in text
     with_b_noise = dataclasses.replace(unresolved, b_noise=40.0, b_noise_measurements=2)
+    assert "critical batch size: not resolved (at least about 12" in str(with_b_noise)   # no interval: not resolved
+    assert "B_noise: not resolved yet (40 from 2 Hessian measurements, no interval before 2 effective ones)" in str(
+        with_b_noise)
+    with_b_noise = dataclasses.replace(with_b_noise, b_noise_interval=(31.0, 52.0))
     assert "critical batch size suggested: about 40 examples" in str(with_b_noise)
-    assert "B_noise = 40  (from 2 Hessian measurements, no interval)" in str(with_b_noise)
-    tiny = str(dataclasses.replace(unresolved, b_noise=0.23))   # a new user saw "about 0 examples"
+    # a new user saw "about 0 examples"
+    tiny = str(dataclasses.replace(with_b_noise, b_noise=0.23, b_noise_interval=(0.1, 0.4)))
     assert "below one example (0.23)" in tiny and "about 0 examples" not in tiny
 
 
@@ -1084,9 +1088,9 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
     assert NoiseScaleMonitor(model, per_example_cross_entropy).adaptive_optimizer is None
     summary = NoiseScaleSummary(steps=30, examples_seen=960, b_simple=50.0, b_simple_interval=(20.0, 90.0),
                                 confidence=0.9, trace_sigma=9.5, grad_sqnorm=0.19, b_noise=4.0, nonfinite_steps=0,
-                                b_noise_measurements=5, adaptive_optimizer=adaptive)
+                                b_noise_measurements=5, adaptive_optimizer=adaptive, b_noise_interval=(3.1, 5.2))
     text = str(summary)
-    assert "B_noise = 4.0  (from 5 Hessian measurements, no interval)" in text   # 2 digits without an interval
+    assert "B_noise = 4.00  (90% interval 3.10 .. 5.20, from 5 Hessian measurements)" in text   # sides 0.9, 1.2
     assert summary.suggested_from == ("b_simple" if adaptive else "b_noise")
     if adaptive:
         assert summary.suggested_batch_size == 50.0 and "suggested: about 50 examples" in text
@@ -1243,7 +1247,10 @@ def test_a_batch_size_is_suggested_exactly_where_the_text_suggests_one():
         unresolved = dataclasses.replace(resolved, b_simple_interval=interval)
         assert math.isnan(unresolved.suggested_batch_size) and unresolved.suggested_from is None
         assert "critical batch size: not resolved" in str(unresolved) and "suggested: about" not in str(unresolved)
-        with_b_noise = dataclasses.replace(unresolved, b_noise=40.0, b_noise_measurements=2)
+        with_b_noise = dataclasses.replace(unresolved, b_noise=40.0, b_noise_measurements=2,
+                                           b_noise_interval=(31.0, 52.0))
         assert (with_b_noise.suggested_batch_size, with_b_noise.suggested_from) == (40.0, "b_noise")
+        single = dataclasses.replace(with_b_noise, b_noise_measurements=1, b_noise_interval=(math.nan, math.nan))
+        assert math.isnan(single.suggested_batch_size) and "B_noise: not resolved yet (40 from 1 Hessian" in str(single)
     negative = dataclasses.replace(resolved, b_simple=math.inf, grad_sqnorm=-0.1, b_simple_interval=(30.0, math.inf))
     assert math.isnan(negative.suggested_batch_size) and "not resolved" in str(negative)
