@@ -165,8 +165,9 @@ class NoiseScaleSummary:
                            "are left out of the averages, and they are no divergence: the learning rate is not the "
                            "cause")
         if self.adaptive_optimizer and self.b_noise_resolved and not self._broken:
+            instead = "the suggestion is B_simple" if self.b_simple_resolved else "B_noise is not suggested"
             caveats.append("  B_noise is SGD's critical batch size (McCandlish et al.); this optimizer adapts each "
-                           "coordinate's step (Adam-like), so the suggestion is B_simple (with AdamW, B_noise sat 24 "
+                           f"coordinate's step (Adam-like), so {instead} (with AdamW, B_noise sat 24 "
                            "to 225 times below the critical batch size measured by branching: README)")
         if self.coupling is not None:
             caveats.append(f"  warning: the model couples the examples ({self.coupling}): if the loss reads those "

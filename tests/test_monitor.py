@@ -1095,6 +1095,8 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
     if adaptive:
         assert summary.suggested_batch_size == 50.0 and "suggested: about 50 examples" in text
         assert "B_noise is SGD's critical batch size" in text and "the suggestion is B_simple" in text
+        unresolved = str(dataclasses.replace(summary, b_simple_interval=(20.0, math.inf)))
+        assert "so B_noise is not suggested" in unresolved and "critical batch size: not resolved" in unresolved
     else:
         assert summary.suggested_batch_size == 4.0 and "suggested: about 4 examples" in text
         assert "SGD's" not in text
