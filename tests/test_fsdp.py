@@ -555,6 +555,8 @@ def test_cli_measure_under_fsdp_takes_no_hessian_proxies_by_default(tmp_path, ca
                "noisescale.models:mlp", "--no-progress", "--json"]
     assert main([*options, "--out", str(tmp_path / "default")]) == 0
     assert json.loads(capsys.readouterr().out)["b_noise_measurements"] == 0
+    assert main([*options[:-1], "--out", str(tmp_path / "text")]) == 0   # the text names why B_noise is missing
+    assert "B_noise: not measured (--hessian-every 0, the default with --parallel fsdp)" in capsys.readouterr().out
     assert main([*options, "--hessian-every", "50", "--out", str(tmp_path / "given")]) == 2
     assert "--hessian-every '50': must be 0 with --parallel fsdp" in capsys.readouterr().err
     assert main([*options[:1], *options[3:], "--out", str(tmp_path / "ddp")]) == 0   # default 50: step 0 measured

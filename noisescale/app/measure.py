@@ -45,6 +45,7 @@ class MeasureOutcome:
     figure_png: Path | None
     summary_json: Path | None
     seconds: float
+    hessian_off: str = "--hessian-every 0"   # what left B_noise unmeasured, in the command's terms
 
     @property
     def test_accuracy(self) -> float | None:
@@ -56,7 +57,7 @@ class MeasureOutcome:
         lines = [f"data: {self.data_source}"]
         if self.checkpoint is not None:
             lines.append(f"checkpoint: {self.checkpoint} (measured without optimizer steps)")
-        lines += [self.summary.describe(hessian_off="--hessian-every 0"), self.evaluation.describe(when),
+        lines += [self.summary.describe(hessian_off=self.hessian_off), self.evaluation.describe(when),
                   f"history: {self.history_csv}\nfigure: {self.figure_png}\ntook {self.seconds:.1f} s"]
         return "\n".join(lines)
 
@@ -136,6 +137,7 @@ def run_measure(
         checkpoint=None if checkpoint is None else Path(checkpoint), optimizer_steps=optimizer_steps,
         history_csv=paths[0] if main else None, figure_png=paths[1] if main else None,
         summary_json=paths[2] if main else None, seconds=time.perf_counter() - start,
+        hessian_off="--hessian-every 0" + (", the default with --parallel fsdp" if parallel == "fsdp" else ""),
     )
     if main:
         write_summary_json(outcome.to_dict(), paths[2])
