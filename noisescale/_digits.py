@@ -14,9 +14,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["Printed", "estimate_digits", "printed", "rounded", "significant_digits", "with_significant_digits"]
+__all__ = ["UNBOUNDED", "Printed", "estimate_digits", "printed", "rounded", "significant_digits",
+           "with_significant_digits"]
 
 _MOST = 4   # significant digits of any number at most, however narrow the interval
+# the upper bound of a B_simple interval at +inf (Fieller's, while the averaged |G|^2 is not resolved from 0)
+UNBOUNDED = "unbounded: |G|^2 not resolved from 0"
 _WITHOUT_INTERVAL = 2
 
 

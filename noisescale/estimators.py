@@ -58,7 +58,7 @@ import numpy as np
 from scipy import stats
 
 from noisescale._checks import check_confidence, check_int
-from noisescale._digits import printed
+from noisescale._digits import UNBOUNDED, printed
 
 __all__ = [
     "NoiseScaleEstimate",
@@ -415,7 +415,7 @@ class NoiseScaleAcrossRuns:
 
     def __str__(self) -> str:
         value = printed(self.b_simple, *self.b_simple_interval)
-        upper = "unbounded: |G|^2 not resolved from 0" if math.isinf(self.b_simple_interval[1]) else value.high
+        upper = UNBOUNDED if math.isinf(self.b_simple_interval[1]) else value.high
         return (f"B_simple = {value.value}  ({self.confidence:.0%} interval {value.low} .. {upper}) over "
                 f"{self.runs} runs")
 

@@ -133,8 +133,7 @@ def _run_measure(args) -> int:
             learning_rate=args.lr,
             device=args.device,
             backend=args.backend,
-            hessian_every=(args.hessian_every if args.hessian_every is not None
-                           else 0 if args.parallel == "fsdp" else 50),
+            hessian_every=args.hessian_every,
             out_dir=args.out,
             seed=args.seed,
             progress=not args.no_progress,

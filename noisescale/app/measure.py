@@ -85,13 +85,16 @@ def run_measure(
     momentum: float = 0.9,
     device: str = "auto",
     backend: str = "auto",
-    hessian_every: int = 50,
+    hessian_every: int | None = None,
     out_dir: str | Path = "runs/measure",
     seed: int = 0,
     progress: bool = True,
     parallel: str = "ddp",
 ) -> MeasureOutcome:
-    """Train while measuring, or measure a checkpoint (module docstring). Deterministic for a given seed on CPU."""
+    """Train while measuring, or measure a checkpoint (module docstring). Deterministic for a given seed on CPU.
+    ``hessian_every``: None is 50, or 0 with ``parallel="fsdp"`` (where the Hessian proxies cannot run)."""
+    if hessian_every is None:
+        hessian_every = 0 if parallel == "fsdp" else 50
     if batch_size < 2:
         raise option_error("--batch-size", batch_size, "must be >= 2 to estimate a gradient variance")
     if steps < 1:

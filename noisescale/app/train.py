@@ -17,7 +17,7 @@ from torch.utils.data import Subset, TensorDataset
 
 import noisescale
 from noisescale._checks import check_int
-from noisescale._digits import printed
+from noisescale._digits import UNBOUNDED, printed
 from noisescale.app.jobs import (
     Evaluation, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
@@ -74,7 +74,7 @@ class TrainOutcome:
         b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
                    if math.isnan(summary.b_noise) else printed(summary.b_noise, *summary.b_noise_interval).value
                    if summary.b_noise_resolved else "not resolved")
-        upper = "unbounded: |G|^2 not resolved from 0" if high == math.inf else shown.high
+        upper = UNBOUNDED if high == math.inf else shown.high
         return (f"  noise scale at the end: B_simple = {shown.value} "
                 f"({summary.confidence:.0%} interval {shown.low} .. {upper}), B_noise = {b_noise}")
 
