@@ -18,6 +18,7 @@ from noisescale.app.cli import main
 from noisescale.models import load_model_factory
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = README.parent / "docs"
 
 
 @pytest.fixture
@@ -105,10 +106,11 @@ def test_readme_per_example_snippet_runs_and_is_exact():
 
 
 def test_readme_micro_batch_snippet_for_a_coupled_loss():
-    """The README's two-batch estimate of a contrastive loss from micro-batches: its big batch's gradient is the mean
+    """docs/models.md's two-batch estimate of a contrastive loss from micro-batches: its big batch's gradient is the mean
     of the micro-batches' (against their gradients stacked by hand), and the estimate solves the two equations
     E|g_b|^2 = |G|^2 + tr(Sigma)/b at b = 8 and 32."""
-    block = re.search(r"\*\*A coupled loss, measured from micro-batches\.\*\*.*?```python\n(.*?)```", README.read_text(),
+    models = DOCS / "models.md"
+    block = re.search(r"\*\*A coupled loss, measured from micro-batches\.\*\*.*?```python\n(.*?)```", models.read_text(),
                       re.S).group(1)
     torch.manual_seed(0)
     towers = torch.nn.ModuleList([torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)]).double()
@@ -129,7 +131,7 @@ def test_readme_micro_batch_snippet_for_a_coupled_loss():
     batch = (torch.randn(32, 6, generator=generator, dtype=torch.float64),
              torch.randn(32, 5, generator=generator, dtype=torch.float64))
     namespace = {"model": Model(), "batch": batch, "contrastive_loss": contrastive_loss, "print": lambda *a: None}
-    exec(compile(block, str(README), "exec"), namespace)
+    exec(compile(block, str(models), "exec"), namespace)
     grads = []
     for i in range(0, 32, 8):
         loss = contrastive_loss(namespace["model"](batch[0][i:i + 8], batch[1][i:i + 8]))
@@ -192,12 +194,39 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadl
     assert (history["batch_size"] % 2 == 0).all() and history["examples_seen"].iloc[-1] >= 256
 
 
-def test_readme_code_fences_stand_on_their_own_lines_and_pair_up():
+DOCUMENTS = [README, *sorted(DOCS.glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_code_fences_stand_on_their_own_lines_and_pair_up(document):
     """A fence followed by text on its line (session 26: "``` Two more biases...") opens no block in CommonMark's
     eyes but closes none either: the next 60 lines, the heading of "Use it in your own training loop" among them,
     rendered as code (a new user's find)."""
-    lines = README.read_text().splitlines()
+    lines = document.read_text().splitlines()
     fences = [(number, line) for number, line in enumerate(lines, 1) if "```" in line]
     assert [(number, line) for number, line in fences if not re.fullmatch(r"```[a-z]*", line.strip())] == []
     assert len(fences) % 2 == 0
     assert all(not line.strip().removeprefix("```") for _, line in fences[1::2])   # a closing fence names nothing
+
+
+def _github_anchor(heading):
+    """The id GitHub gives a heading: lower case, punctuation but hyphens and underscores dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_relative_links_reach_a_file_and_a_heading(document):
+    """Every relative link of the README and docs/ names a file that exists, and every #anchor a heading of its file
+    (the README's notes moved to docs/ in session 27; a link left pointing at a moved section is caught here)."""
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links or document != README
+    for link in links:
+        if re.match(r"[a-z]+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (document.parent / path).resolve() if path else document
+        assert target.exists(), f"{document.name}: {link} names no file"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", target.read_text(), flags=re.M)
+            assert anchor in {_github_anchor(h) for h in headings}, f"{document.name}: {link} names no heading"
