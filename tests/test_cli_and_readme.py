@@ -33,12 +33,13 @@ def test_readme_api_example_runs_and_measures():
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(5, 3, generator=generator)  # learnable labels: the gradient stays above the noise
-    inputs = [torch.randn(128, 5, generator=generator) for _ in range(120)]
-    loader = [(x, (x @ teacher).argmax(1)) for x in inputs]
+    inputs = torch.randn(120 * 128, 5, generator=generator)
+    dataset = torch.utils.data.TensorDataset(inputs, (inputs @ teacher).argmax(1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True, generator=generator)
     namespace = {"model": model, "loader": loader, "optimizer": torch.optim.SGD(model.parameters(), lr=0.05)}
     exec(compile(block, str(README), "exec"), namespace)
     monitor = namespace["monitor"]
-    assert len(monitor.history) == 120
+    assert len(monitor.history) == 120 and monitor.population_size == 120 * 128
     summary = monitor.summary()
     assert 0 < summary.b_simple < math.inf and 0 < summary.b_noise < math.inf
     assert monitor.history["trace_h"].notna().sum() == 2  # hessian_every=100: steps 0 and 100
@@ -156,6 +157,8 @@ def test_measure_command_end_to_end(tmp_path, capsys, shipped_subset_only):
     assert len(history) == 12 and history["examples_seen"].iloc[-1] == 12 * 32
     assert history["b_noise"].notna().sum() == 3
     assert (out / "measure.png").stat().st_size > 10_000
+    for name, path in [("history", "measure_history.csv"), ("figure", "measure.png"), ("summary", "measure_summary.json")]:
+        assert f"{name}: {out / path}\n" in printed and (out / path).exists()   # every file written is named
 
 
 @pytest.mark.parametrize(

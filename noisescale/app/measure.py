@@ -58,7 +58,8 @@ class MeasureOutcome:
         if self.checkpoint is not None:
             lines.append(f"checkpoint: {self.checkpoint} (measured without optimizer steps)")
         lines += [self.summary.describe(hessian_off=self.hessian_off), self.evaluation.describe(when),
-                  f"history: {self.history_csv}\nfigure: {self.figure_png}\ntook {self.seconds:.1f} s"]
+                  f"history: {self.history_csv}\nfigure: {self.figure_png}\nsummary: {self.summary_json}",
+                  f"took {self.seconds:.1f} s"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
