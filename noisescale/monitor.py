@@ -403,7 +403,7 @@ class NoiseScaleMonitor:
         self.backend_of: dict[str, str] = {}
         self._warned: set[str] = set()
         self.adaptive_optimizer = None if optimizer is None else adapts_per_coordinate(optimizer)
-        self.population_size = None if population_size is None else check_int(population_size, "population_size", 2)
+        self.population_size = _checked_population(population_size)
         self._rank_local = not self._gathers_ranks and ddp_of(model) is not None
         if self._rank_local:
             warnings.warn("NoiseScaleMonitor on a DDP model measures each rank's own share of the batch: its "
@@ -725,7 +725,7 @@ class NoiseScaleMonitor:
     def set_population_size(self, population_size: int | None) -> None:
         """Take ``population_size`` for the steps from now on (a framework's training set, read again when its
         DataLoader is rebuilt). Averages taken with another are continued with a warning, as on a resume."""
-        population_size = None if population_size is None else check_int(population_size, "population_size", 2)
+        population_size = _checked_population(population_size)
         if population_size != self.population_size and self.average.num_updates:
             _warn_population_changed(f"the averages so far were taken with population_size={self.population_size}",
                                      f"the steps from now on with {population_size}")
@@ -873,6 +873,11 @@ def loss_scale_of(grad_scaler: Any, device: torch.device) -> float:
     if grad_scaler is None:
         return 1.0
     return float(grad_scaler.scale(torch.ones((), device=device)))
+
+
+def _checked_population(population_size: int | None) -> int | None:
+    """The N of the finite-population correction: None (none) or an int of at least 2."""
+    return None if population_size is None else check_int(population_size, "population_size", 2)
 
 
 def _warn_population_changed(before: str, after: str) -> None:
