@@ -12,14 +12,21 @@ fixed-batch baseline at equal tokens.
 2. Branches from 5 checkpoints at B = 8 ... 256, learning rate eta_c sqrt(B / 32), 2048 sequences each
    (131k tokens), 2 seeds; B_crit with a 1 % relative loss tolerance against the B = 8 branch.
 3. Batch-size warmup, 3 seeds per arm, all 19,200 sequences (1.2M tokens) with the same warmup + cosine schedule
-   in tokens: ``fixed`` B = 32; ``warmup``: B follows the measured B_crit curve (power of two in [8, 256]);
-   ``warmup_floor``: the same but never below 32 (Merrill et al.'s recipe grows from the baseline batch). The
-   warmup arms' learning rate is multiplied by sqrt(B / 32).
+   in tokens: ``fixed`` B = 32, and ``fixed_64``, ``fixed_128`` (the simplest way to fewer steps); ``warmup``: B
+   follows the B_crit curve measured by branching (power of two in [8, 256]); ``warmup_floor``: the same but never
+   below 32 (Merrill et al.'s recipe grows from the baseline batch); ``adaptive`` and ``adaptive_floor``: B follows
+   B_simple measured online in the run itself (per-example norms every step, moving average decay 0.95) through the
+   library's ``NoiseScaleBatchPolicy`` (kappa 1, at most doubling a step, never decreasing), from 8 in [8, 256] and
+   from 32 in [32, 256]: what a user without the branching gets. Every arm's learning rate is multiplied by
+   sqrt(B / 32).
+4. ``--fixed-grid``: the strongest simple baseline, fixed B = 16, 32, 64 with the learning rate tuned at equal
+   tokens (factors 0.5, 1, 2 of the arms' rate on seed 0; the best factor on every seed); data/lm/fixed_grid*.csv.
 
-    OMP_NUM_THREADS=1 nice -n 10 python analysis/language_model.py [--device cuda] [--quick]
+    OMP_NUM_THREADS=1 nice -n 10 python analysis/language_model.py [--device cuda] [--quick] [--arms ARM ...]
 
 Writes data/lm/*.csv, data/lm/summary.json and data/lm/*.png; resumable (the reference checkpoints are kept in
-runs/language_model/, the branches CSV skips finished branches). ``--quick`` runs a tiny smoke version to
+runs/language_model/, the branches CSV skips finished branches; ``--arms`` runs only those warmup arms and keeps
+the other arms' rows of the existing warmup_curves.csv). ``--quick`` runs a tiny smoke version to
 runs/language_model_quick/ instead.
 """
 
@@ -43,6 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from noisescale.controller import NoiseScaleBatchPolicy  # noqa: E402
 from noisescale.branching import (  # noqa: E402
     LanguageModelSettings, batch_size_warmup, critical_batch_sizes, load_checkpoints, run_branches,
     save_checkpoints, train_language_model, train_reference_run, validation_loss, warmup_cosine,
@@ -191,45 +199,134 @@ def side_by_side(table: pd.DataFrame, history: pd.DataFrame, checkpoints) -> pd.
     return pd.DataFrame(rows)
 
 
-def warmup_runs(config: dict, corpus, device, curve: pd.DataFrame) -> pd.DataFrame:
-    """Fixed B = B_ref against the batch-size warmup from the measured curve, same tokens, each seed."""
+class OnlineNoiseScalePolicy:
+    """The batch size chosen online from the run's own B_simple: per-example norms at every step (the
+    ``backward`` of ``train_language_model``), their moving average (decay 0.95, as the reference run's), and
+    noisescale's ``NoiseScaleBatchPolicy`` (B = kappa B_simple with kappa 1, at most doubling a step, never
+    decreasing; a B_simple not resolved keeps B)."""
+
+    def __init__(self, model: nn.Module, initial: int, minimum: int, maximum: int, decay: float = 0.95):
+        self.norms = PerExampleGradNorms(model, sequence_cross_entropy)
+        self.average = ExponentialMovingNoiseScale(decay)
+        self.policy = NoiseScaleBatchPolicy(initial, min_batch_size=minimum, max_batch_size=maximum)
+
+    def batch_size(self, examples_seen: int) -> int:
+        return self.policy.batch_size
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        result = self.norms(inputs, targets)   # p.grad as the plain mean loss's backward leaves it
+        self.average.update_estimate(simple_noise_scale(result.sqnorms, result.grad_sqnorm))
+        self.policy.step(self.average.b_simple)
+        return result.loss
+
+
+WARMUP_ARMS = ("fixed", "fixed_64", "fixed_128", "warmup", "warmup_floor", "adaptive", "adaptive_floor")
+
+
+def warmup_schedules(config: dict, curve: pd.DataFrame) -> dict:
+    """Arm -> a function of the fresh model giving (batch size or its schedule, the measuring backward or None)."""
     settings = config["settings"]
-    examples = config["reference_steps"] * settings.batch_size
     sizes = config["branch_batch_sizes"]
     marks_b = curve["tokens"] // settings.block_size
-    schedules = {"fixed": settings.batch_size,  # the reference run's batch
+    fixed = settings.batch_size   # the reference run's batch
+    schedules = {"fixed": lambda model: (fixed, None), "fixed_64": lambda model: (2 * fixed, None),
+                 "fixed_128": lambda model: (4 * fixed, None),
                  # B follows the curve, as measured (below B_ref where B_crit is)
-                 "warmup": batch_size_warmup(marks_b, curve["b_crit"], minimum=min(sizes), maximum=max(sizes)),
+                 "warmup": lambda model: (batch_size_warmup(marks_b, curve["b_crit"], minimum=min(sizes),
+                                                            maximum=max(sizes)), None),
                  # B follows the curve but never drops below the fixed batch: Merrill et al.'s OLMo recipe
-                 "warmup_floor": batch_size_warmup(marks_b, curve["b_crit"], minimum=settings.batch_size,
-                                                   maximum=max(sizes))}
+                 "warmup_floor": lambda model: (batch_size_warmup(marks_b, curve["b_crit"], minimum=fixed,
+                                                                  maximum=max(sizes)), None)}
+    for arm, start in (("adaptive", min(sizes)), ("adaptive_floor", fixed)):
+        def online(model, start=start):
+            policy = OnlineNoiseScalePolicy(model, start, start, max(sizes))
+            return policy.batch_size, policy
+        schedules[arm] = online
+    return schedules
+
+
+def train_arm(config: dict, corpus, device, arm: str, seed: int, make_schedule, lr_factor: float = 1.0) -> list:
+    """One run on the experiment's tokens: rows of validation loss at the evaluation marks. The learning rate is
+    the reference's warmup + cosine in tokens, times sqrt(B / 32), times ``lr_factor``."""
+    settings = config["settings"]
+    examples = config["reference_steps"] * settings.batch_size
     marks = {round(examples * k / config["evaluations"]) for k in range(1, config["evaluations"] + 1)}
+    torch.manual_seed(seed)
+    model = byte_gpt(**config["model"]).to(device)
+    schedule, backward = make_schedule(model)
     rows = []
-    for seed in config["warmup_seeds"]:
-        for arm, schedule in schedules.items():
-            torch.manual_seed(seed)
-            model = byte_gpt(**config["model"]).to(device)
 
-            def learning_rate(seen: int, size: int) -> float:
-                return settings.learning_rate * warmup_cosine(seen / examples, settings.warmup_fraction,
-                                                               settings.final_learning_rate_fraction) * math.sqrt(
-                    size / settings.batch_size)
+    def learning_rate(seen: int, size: int) -> float:
+        return lr_factor * settings.learning_rate * warmup_cosine(
+            seen / examples, settings.warmup_fraction, settings.final_learning_rate_fraction) * math.sqrt(
+            size / settings.batch_size)
 
-            def evaluate(row: dict, arm=arm, seed=seed, model=model) -> None:
-                crossed = [m for m in marks if row["examples_seen"] - row["batch_size"] < m <= row["examples_seen"]]
-                if crossed:
-                    rows.append({"arm": arm, "seed": seed, "step": row["step"], "examples_seen": row["examples_seen"],
-                                 "tokens": row["examples_seen"] * settings.block_size, "batch_size": row["batch_size"],
-                                 "validation_loss": validation_loss(model, corpus, settings)})
+    def evaluate(row: dict) -> None:
+        if any(row["examples_seen"] - row["batch_size"] < m <= row["examples_seen"] for m in marks):
+            rows.append({"arm": arm, "seed": seed, "lr_factor": lr_factor, "step": row["step"],
+                         "examples_seen": row["examples_seen"], "tokens": row["examples_seen"] * settings.block_size,
+                         "batch_size": row["batch_size"], "validation_loss": validation_loss(model, corpus, settings)})
 
-            clock = time.process_time()
-            train_language_model(model, settings.optimizer(model), corpus, settings, examples=examples,
-                                 batch_size=schedule, learning_rate=learning_rate,
-                                 generator=torch.Generator().manual_seed(1000 + seed), on_step=evaluate)
-            rows[-1]["seconds"] = time.process_time() - clock
-            print(f"  {arm} seed {seed}: {rows[-1]['step']} steps, validation loss {rows[-1]['validation_loss']:.4f}",
-                  flush=True)
-    return pd.DataFrame(rows)
+    clock = time.process_time()
+    train_language_model(model, settings.optimizer(model), corpus, settings, examples=examples,
+                         batch_size=schedule, learning_rate=learning_rate, backward=backward,
+                         generator=torch.Generator().manual_seed(1000 + seed), on_step=evaluate)
+    rows[-1]["seconds"] = time.process_time() - clock
+    if backward is not None:
+        backward.norms.close()
+    print(f"  {arm} (lr x {lr_factor:g}) seed {seed}: {rows[-1]['step']} steps, validation loss "
+          f"{rows[-1]['validation_loss']:.4f}", flush=True)
+    return rows
+
+
+def warmup_runs(config: dict, corpus, device, curve: pd.DataFrame, arms=WARMUP_ARMS) -> pd.DataFrame:
+    """Each arm of the module docstring's part 3 on the same tokens, each seed."""
+    schedules = warmup_schedules(config, curve)
+    return pd.DataFrame([row for seed in config["warmup_seeds"] for arm in arms
+                         for row in train_arm(config, corpus, device, arm, seed, schedules[arm])])
+
+
+FIXED_GRID = dict(batch_sizes=(16, 32, 64), lr_factors=(0.5, 1.0, 2.0))
+
+
+def fixed_grid_runs(config: dict, corpus, device) -> pd.DataFrame:
+    """The strongest simple baseline: fixed batch sizes with their learning rate tuned at equal tokens. Each B of
+    ``FIXED_GRID`` at each learning-rate factor on the first seed, the grid widened by a factor of 2 past its edge
+    while the best factor lies on it (at most 3 times); the factor of the lowest final validation loss then on the
+    other seeds."""
+    runs = []
+    first, *others = config["warmup_seeds"]
+    for size in FIXED_GRID["batch_sizes"]:
+        fixed = (lambda model, size=size: (size, None))
+        grid = [train_arm(config, corpus, device, f"fixed_{size}", first, fixed, factor)
+                for factor in FIXED_GRID["lr_factors"]]
+        for _ in range(3):
+            best = min(grid, key=lambda rows: rows[-1]["validation_loss"])
+            factors = sorted(rows[-1]["lr_factor"] for rows in grid)
+            edge = best[-1]["lr_factor"]
+            if edge not in (factors[0], factors[-1]):
+                break
+            grid.append(train_arm(config, corpus, device, f"fixed_{size}", first, fixed,
+                                  edge * 2 if edge == factors[-1] else edge / 2))
+        best = min(grid, key=lambda rows: rows[-1]["validation_loss"])
+        runs += [row for rows in grid for row in rows]
+        runs += [row for seed in others for row in train_arm(config, corpus, device, f"fixed_{size}", seed, fixed,
+                                                              best[-1]["lr_factor"])]
+    return pd.DataFrame(runs)
+
+
+def fixed_grid_summary(grid: pd.DataFrame) -> pd.DataFrame:
+    """Per batch size, its tuned learning-rate factor (the one run on every seed): steps and final validation loss,
+    mean and standard error over seeds."""
+    final = grid.sort_values("examples_seen").groupby(["arm", "lr_factor", "seed"]).tail(1)
+    tuned = final.groupby(["arm", "lr_factor"]).filter(lambda group: len(group) == final["seed"].nunique())
+    rows = []
+    for (arm, factor), group in tuned.groupby(["arm", "lr_factor"], sort=False):
+        n = len(group)
+        rows.append({"arm": arm, "batch_size": int(group["batch_size"].iloc[0]), "lr_factor": factor, "seeds": n,
+                     "steps": group["step"].mean(), "validation_loss_mean": group["validation_loss"].mean(),
+                     "validation_loss_stderr": group["validation_loss"].std(ddof=1) / math.sqrt(n)})
+    return pd.DataFrame(rows).sort_values("batch_size")
 
 
 def warmup_summary(curves: pd.DataFrame) -> pd.DataFrame:
@@ -237,6 +334,8 @@ def warmup_summary(curves: pd.DataFrame) -> pd.DataFrame:
     arm: the relative step reduction, the loss difference with its standard error (independent arms), and whether
     the issue's target holds (>= 40 % fewer steps, loss no worse than one standard error)."""
     final = curves.sort_values("examples_seen").groupby(["arm", "seed"]).tail(1)
+    final = final.sort_values("arm", key=lambda arms: arms.map(
+        lambda arm: WARMUP_ARMS.index(arm) if arm in WARMUP_ARMS else len(WARMUP_ARMS)), kind="stable")
     rows = []
     for arm, group in final.groupby("arm", sort=False):
         n = len(group)
@@ -313,7 +412,8 @@ def plot_warmup(curves: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours = {"fixed": "tab:blue", "warmup": "tab:orange", "warmup_floor": "tab:green"}
+    colours = {"fixed": "tab:blue", "fixed_64": "tab:cyan", "fixed_128": "tab:gray", "warmup": "tab:orange",
+               "warmup_floor": "tab:green", "adaptive": "tab:red", "adaptive_floor": "tab:purple"}
     for (arm, seed), group in curves.groupby(["arm", "seed"]):
         label = arm if seed == curves["seed"].min() else None
         axes[0].plot(group["step"], group["validation_loss"], "o-", color=colours.get(arm), alpha=0.7, label=label)
@@ -332,6 +432,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke version, written to runs/")
+    parser.add_argument("--arms", nargs="+", choices=WARMUP_ARMS, default=list(WARMUP_ARMS),
+                        help="warmup arms to run; the others' rows are kept from the existing warmup_curves.csv")
+    parser.add_argument("--fixed-grid", action="store_true",
+                        help="only the fixed batch sizes with a tuned learning rate (data/lm/fixed_grid*.csv), after "
+                             "the reference run; nothing else is written")
     args = parser.parse_args()
     device = resolve_device(args.device)
     config = experiment(args.quick)
@@ -349,6 +454,14 @@ def main() -> None:
     print(f"reference run: final validation loss {checkpoints[-1].validation_loss:.4f} nats/byte "
           f"({'reloaded' if reference_seconds is None else f'{reference_seconds:.0f} s CPU'})", flush=True)
 
+    if args.fixed_grid:
+        grid = fixed_grid_runs(config, corpus, device)
+        grid.to_csv(out / "fixed_grid_curves.csv", index=False)
+        tuned = fixed_grid_summary(grid)
+        tuned.to_csv(out / "fixed_grid.csv", index=False)
+        print(tuned.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        return
+
     factory = partial(byte_gpt, **config["model"])
     clock = time.process_time()
     branches = run_branches(out / "branches.csv", factory, checkpoints[:-1], corpus, config["settings"],
@@ -360,8 +473,11 @@ def main() -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
 
     clock = time.process_time()
-    curves = warmup_runs(config, corpus, device, table)
+    curves = warmup_runs(config, corpus, device, table, args.arms)
     warmup_seconds = time.process_time() - clock
+    if set(args.arms) != set(WARMUP_ARMS) and (out / "warmup_curves.csv").exists():
+        kept = pd.read_csv(out / "warmup_curves.csv")
+        curves = pd.concat([kept[~kept["arm"].isin(args.arms)], curves], ignore_index=True)
     curves.to_csv(out / "warmup_curves.csv", index=False)
     summary = warmup_summary(curves)
     summary.to_csv(out / "warmup_summary.csv", index=False)

@@ -39,7 +39,9 @@ def test_notebook_runs_and_prints_the_shipped_results():
     final = pd.read_csv(LM / "warmup_curves.csv").sort_values("examples_seen").groupby(["arm", "seed"]).tail(1)
     steps = final.groupby("arm")["step"].mean()
     losses = final.groupby("arm")["validation_loss"]
-    for arm in ("warmup", "warmup_floor"):
+    arms = [arm for arm in final["arm"].unique() if arm != "fixed"]
+    assert {"warmup", "warmup_floor", "adaptive", "fixed_64"} <= set(arms)
+    for arm in arms:
         match = re.search(rf"{arm}: ([0-9.-]+)% fewer optimizer steps than the fixed batch; validation loss "
                           r"difference ([0-9.+-]+) \(SE ([0-9.]+)\); target [^:]*: (met|not met)", printed)
         np.testing.assert_allclose(float(match.group(1)), 100 * (1 - steps[arm] / steps["fixed"]), atol=0.051)

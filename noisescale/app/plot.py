@@ -180,7 +180,9 @@ def plot_noise_scale_history(history: pd.DataFrame) -> Figure:
                               color="tab:blue", alpha=0.2, label="interval")
     if "b_noise" in history and history["b_noise"].notna().any():
         points = history[history["b_noise"].notna()]
-        noise_ax.plot(points["examples_seen"], points["b_noise"], "o-", color="crimson", label="$B_{noise}$")
+        # dotted: a moving average of a few Hessian measurements, often not resolved (the summary says)
+        noise_ax.plot(points["examples_seen"], points["b_noise"], "o:", color="crimson",
+                      label="$B_{noise}$, moving average of the Hessian measurements")
     plotted = [line.get_ydata() for line in noise_ax.get_lines()]
     if any(((values > 0) & np.isfinite(values)).any() for values in map(np.asarray, plotted)):
         noise_ax.set_yscale("log")  # else linear: no finite positive estimate (|G|^2 not resolved) to log-scale
