@@ -19,7 +19,7 @@ fixed-batch baseline at equal tokens.
    library's ``NoiseScaleBatchPolicy`` (kappa 1, at most doubling a step, never decreasing), from 8 in [8, 256] and
    from 32 in [32, 256]: what a user without the branching gets. Every arm's learning rate is multiplied by
    sqrt(B / 32).
-4. ``--fixed-grid``: the strongest simple baseline, fixed B = 16, 32, 64 with the learning rate tuned at equal
+4. ``--fixed-grid``: the strongest simple baseline, fixed B = 16, 24, 32, 40, 64 with the learning rate tuned at equal
    tokens (factors 0.5, 1, 2 of the arms' rate on seed 0; the best factor on every seed); data/lm/fixed_grid*.csv.
 
     OMP_NUM_THREADS=1 nice -n 10 python analysis/language_model.py [--device cuda] [--quick] [--arms ARM ...]
@@ -286,7 +286,7 @@ def warmup_runs(config: dict, corpus, device, curve: pd.DataFrame, arms=WARMUP_A
                          for row in train_arm(config, corpus, device, arm, seed, schedules[arm])])
 
 
-FIXED_GRID = dict(batch_sizes=(16, 32, 64), lr_factors=(0.5, 1.0, 2.0))
+FIXED_GRID = dict(batch_sizes=(16, 24, 32, 40, 64), lr_factors=(0.5, 1.0, 2.0))
 
 
 def fixed_grid_runs(config: dict, corpus, device) -> pd.DataFrame:
