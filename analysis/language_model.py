@@ -19,8 +19,9 @@ fixed-batch baseline at equal tokens.
    library's ``NoiseScaleBatchPolicy`` (kappa 1, at most doubling a step, never decreasing), from 8 in [8, 256] and
    from 32 in [32, 256]: what a user without the branching gets. Every arm's learning rate is multiplied by
    sqrt(B / 32).
-4. ``--fixed-grid``: the strongest simple baseline, fixed B = 16, 24, 32, 40, 64 with the learning rate tuned at equal
-   tokens (factors 0.5, 1, 2 of the arms' rate on seed 0; the best factor on every seed); data/lm/fixed_grid*.csv.
+4. ``--tune-lr``: the learning rate tuned at equal tokens for the strongest simple baseline, fixed B = 16, 24, 32, 40,
+   64, and for the online policy from 8 (factors 0.5, 1, 2 of the arms' rate on seed 0, widened past the grid's edge;
+   the best factor on every seed); data/lm/tuned_lr*.csv.
 
     OMP_NUM_THREADS=1 nice -n 10 python analysis/language_model.py [--device cuda] [--quick] [--arms ARM ...]
 
@@ -215,8 +216,9 @@ class OnlineNoiseScalePolicy:
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         result = self.norms(inputs, targets)   # p.grad as the plain mean loss's backward leaves it
-        self.average.update_estimate(simple_noise_scale(result.sqnorms, result.grad_sqnorm))
-        self.policy.step(self.average.b_simple)
+        if len(result.sqnorms) > 1:   # a last batch cut to one example carries no variance: no estimate
+            self.average.update_estimate(simple_noise_scale(result.sqnorms, result.grad_sqnorm))
+            self.policy.step(self.average.b_simple)
         return result.loss
 
 
@@ -255,6 +257,7 @@ def train_arm(config: dict, corpus, device, arm: str, seed: int, make_schedule, 
     model = byte_gpt(**config["model"]).to(device)
     schedule, backward = make_schedule(model)
     rows = []
+    in_force = [0]   # the batch size of the latest step that ``examples`` did not cut short
 
     def learning_rate(seen: int, size: int) -> float:
         return lr_factor * settings.learning_rate * warmup_cosine(
@@ -262,10 +265,13 @@ def train_arm(config: dict, corpus, device, arm: str, seed: int, make_schedule, 
             size / settings.batch_size)
 
     def evaluate(row: dict) -> None:
+        # every schedule here is non-decreasing: a smaller last batch is the cut one, and the one before is in force
+        if row["examples_seen"] < examples or row["batch_size"] >= in_force[0]:
+            in_force[0] = row["batch_size"]
         if any(row["examples_seen"] - row["batch_size"] < m <= row["examples_seen"] for m in marks):
             rows.append({"arm": arm, "seed": seed, "lr_factor": lr_factor, "step": row["step"],
                          "examples_seen": row["examples_seen"], "tokens": row["examples_seen"] * settings.block_size,
-                         "batch_size": row["batch_size"], "validation_loss": validation_loss(model, corpus, settings)})
+                         "batch_size": in_force[0], "validation_loss": validation_loss(model, corpus, settings)})
 
     clock = time.process_time()
     train_language_model(model, settings.optimizer(model), corpus, settings, examples=examples,
@@ -286,47 +292,57 @@ def warmup_runs(config: dict, corpus, device, curve: pd.DataFrame, arms=WARMUP_A
                          for row in train_arm(config, corpus, device, arm, seed, schedules[arm])])
 
 
-FIXED_GRID = dict(batch_sizes=(16, 24, 32, 40, 64), lr_factors=(0.5, 1.0, 2.0))
+TUNED = dict(batch_sizes=(16, 24, 32, 40, 64), lr_factors=(0.5, 1.0, 2.0))
 
 
-def fixed_grid_runs(config: dict, corpus, device) -> pd.DataFrame:
-    """The strongest simple baseline: fixed batch sizes with their learning rate tuned at equal tokens. Each B of
-    ``FIXED_GRID`` at each learning-rate factor on the first seed, the grid widened by a factor of 2 past its edge
-    while the best factor lies on it (at most 3 times); the factor of the lowest final validation loss then on the
-    other seeds."""
+def tuned_runs(config: dict, corpus, device) -> pd.DataFrame:
+    """The learning rate tuned at equal tokens: the fixed batch sizes of ``TUNED`` (the strongest simple baseline)
+    and the online policy from 8 (``adaptive``). Each at each learning-rate factor on the first seed, the grid
+    widened by a factor of 2 past its edge while the best factor lies on it (at most 3 times); the factor of the
+    lowest final validation loss then on the other seeds."""
+    sizes = config["branch_batch_sizes"]
+    candidates = {f"fixed_{size}": (lambda model, size=size: (size, None)) for size in TUNED["batch_sizes"]}
+    candidates["adaptive"] = lambda model: (lambda policy: (policy.batch_size, policy))(
+        OnlineNoiseScalePolicy(model, min(sizes), min(sizes), max(sizes)))
     runs = []
     first, *others = config["warmup_seeds"]
-    for size in FIXED_GRID["batch_sizes"]:
-        fixed = (lambda model, size=size: (size, None))
-        grid = [train_arm(config, corpus, device, f"fixed_{size}", first, fixed, factor)
-                for factor in FIXED_GRID["lr_factors"]]
+    for arm, make_schedule in candidates.items():
+        grid = [train_arm(config, corpus, device, arm, first, make_schedule, factor) for factor in TUNED["lr_factors"]]
         for _ in range(3):
             best = min(grid, key=lambda rows: rows[-1]["validation_loss"])
             factors = sorted(rows[-1]["lr_factor"] for rows in grid)
             edge = best[-1]["lr_factor"]
             if edge not in (factors[0], factors[-1]):
                 break
-            grid.append(train_arm(config, corpus, device, f"fixed_{size}", first, fixed,
+            grid.append(train_arm(config, corpus, device, arm, first, make_schedule,
                                   edge * 2 if edge == factors[-1] else edge / 2))
         best = min(grid, key=lambda rows: rows[-1]["validation_loss"])
         runs += [row for rows in grid for row in rows]
-        runs += [row for seed in others for row in train_arm(config, corpus, device, f"fixed_{size}", seed, fixed,
-                                                              best[-1]["lr_factor"])]
+        runs += [row for seed in others
+                 for row in train_arm(config, corpus, device, arm, seed, make_schedule, best[-1]["lr_factor"])]
     return pd.DataFrame(runs)
 
 
-def fixed_grid_summary(grid: pd.DataFrame) -> pd.DataFrame:
-    """Per batch size, its tuned learning-rate factor (the one run on every seed): steps and final validation loss,
-    mean and standard error over seeds."""
+def tuned_summary(grid: pd.DataFrame) -> pd.DataFrame:
+    """Per arm, its tuned learning-rate factor (the one run on every seed): steps and final validation loss, mean
+    and standard error over seeds, the first seed's losses at every factor tried, and whether the tuned factor is
+    still on the edge of the factors tried."""
     final = grid.sort_values("examples_seen").groupby(["arm", "lr_factor", "seed"]).tail(1)
     tuned = final.groupby(["arm", "lr_factor"]).filter(lambda group: len(group) == final["seed"].nunique())
     rows = []
     for (arm, factor), group in tuned.groupby(["arm", "lr_factor"], sort=False):
         n = len(group)
-        rows.append({"arm": arm, "batch_size": int(group["batch_size"].iloc[0]), "lr_factor": factor, "seeds": n,
-                     "steps": group["step"].mean(), "validation_loss_mean": group["validation_loss"].mean(),
-                     "validation_loss_stderr": group["validation_loss"].std(ddof=1) / math.sqrt(n)})
-    return pd.DataFrame(rows).sort_values("batch_size")
+        tried = final[(final["arm"] == arm) & (final["seed"] == final["seed"].min())].sort_values("lr_factor")
+        rows.append({"arm": arm, "lr_factor": factor, "seeds": n, "steps_mean": group["step"].mean(),
+                     "steps_stderr": group["step"].std(ddof=1) / math.sqrt(n),
+                     "validation_loss_mean": group["validation_loss"].mean(),
+                     "validation_loss_stderr": group["validation_loss"].std(ddof=1) / math.sqrt(n),
+                     "first_seed_by_factor": " ".join(f"{f:g}:{v:.4f}" for f, v in zip(tried["lr_factor"],
+                                                                                     tried["validation_loss"])),
+                     "at_edge": factor in (tried["lr_factor"].min(), tried["lr_factor"].max())})
+    order = {arm: k for k, arm in enumerate(sorted(tuned["arm"].unique(), key=lambda arm: (
+        arm == "adaptive", int(arm.split("_")[1]) if arm.startswith("fixed_") else 0)))}
+    return pd.DataFrame(rows).sort_values("arm", key=lambda arms: arms.map(order))
 
 
 def warmup_summary(curves: pd.DataFrame) -> pd.DataFrame:
@@ -434,9 +450,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke version, written to runs/")
     parser.add_argument("--arms", nargs="+", choices=WARMUP_ARMS, default=list(WARMUP_ARMS),
                         help="warmup arms to run; the others' rows are kept from the existing warmup_curves.csv")
-    parser.add_argument("--fixed-grid", action="store_true",
-                        help="only the fixed batch sizes with a tuned learning rate (data/lm/fixed_grid*.csv), after "
-                             "the reference run; nothing else is written")
+    parser.add_argument("--tune-lr", action="store_true",
+                        help="only the fixed batch sizes and the online policy with their learning rate tuned "
+                             "(data/lm/tuned_lr*.csv), after the reference run; nothing else is written")
     args = parser.parse_args()
     device = resolve_device(args.device)
     config = experiment(args.quick)
@@ -454,11 +470,11 @@ def main() -> None:
     print(f"reference run: final validation loss {checkpoints[-1].validation_loss:.4f} nats/byte "
           f"({'reloaded' if reference_seconds is None else f'{reference_seconds:.0f} s CPU'})", flush=True)
 
-    if args.fixed_grid:
-        grid = fixed_grid_runs(config, corpus, device)
-        grid.to_csv(out / "fixed_grid_curves.csv", index=False)
-        tuned = fixed_grid_summary(grid)
-        tuned.to_csv(out / "fixed_grid.csv", index=False)
+    if args.tune_lr:
+        grid = tuned_runs(config, corpus, device)
+        grid.to_csv(out / "tuned_lr_curves.csv", index=False)
+        tuned = tuned_summary(grid)
+        tuned.to_csv(out / "tuned_lr.csv", index=False)
         print(tuned.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         return
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "language_model.ipynb"
 LM = ROOT / "data" / "lm"
 FILES = ["summary.json", "reference_history.csv", "critical_batch_size.csv", "branches.csv", "warmup_curves.csv",
-         "warmup_summary.csv"]
+         "warmup_summary.csv", "tuned_lr.csv"]
 
 
 @pytest.mark.skipif(not all((LM / name).exists() for name in FILES), reason="the shipped data/lm results are missing")
@@ -53,6 +53,11 @@ def test_notebook_runs_and_prints_the_shipped_results():
         met = (1 - steps[arm] / steps["fixed"] >= 0.4) and gap <= se
         assert match.group(4) == ("met" if met else "not met")
         assert summary["warmup"][arm]["target_met"] == met
+    tuned = pd.read_csv(LM / "tuned_lr.csv").set_index("arm")
+    online, best = tuned.loc["adaptive"], tuned.drop(index="adaptive").sort_values("validation_loss_mean").iloc[0]
+    assert (f"online policy (factor {online['lr_factor']:g}): {online['steps_mean']:.0f} steps to "
+            f"{online['validation_loss_mean']:.3f}; best fixed batch ({best.name}, factor {best['lr_factor']:g}): "
+            f"{best['steps_mean']:.0f} steps to {best['validation_loss_mean']:.3f}") in printed
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert len(images) == 2  # noise scale against branching, and the warmup comparison
