@@ -225,25 +225,34 @@ class OnlineNoiseScalePolicy:
 WARMUP_ARMS = ("fixed", "fixed_64", "fixed_128", "warmup", "warmup_floor", "adaptive", "adaptive_floor")
 
 
+def fixed_batch(size: int):
+    """The schedule factory of a fixed batch of ``size`` (plain backward)."""
+    return lambda model: (size, None)
+
+
+def online_policy(start: int, maximum: int):
+    """The schedule factory of :class:`OnlineNoiseScalePolicy` from ``start`` in [start, maximum]: the policy is
+    both the batch-size schedule and the measuring backward."""
+    def make(model: nn.Module):
+        policy = OnlineNoiseScalePolicy(model, start, start, maximum)
+        return policy.batch_size, policy
+    return make
+
+
 def warmup_schedules(config: dict, curve: pd.DataFrame) -> dict:
     """Arm -> a function of the fresh model giving (batch size or its schedule, the measuring backward or None)."""
     settings = config["settings"]
     sizes = config["branch_batch_sizes"]
     marks_b = curve["tokens"] // settings.block_size
     fixed = settings.batch_size   # the reference run's batch
-    schedules = {"fixed": lambda model: (fixed, None), "fixed_64": lambda model: (2 * fixed, None),
-                 "fixed_128": lambda model: (4 * fixed, None),
+    schedules = {"fixed": fixed_batch(fixed), "fixed_64": fixed_batch(2 * fixed), "fixed_128": fixed_batch(4 * fixed),
                  # B follows the curve, as measured (below B_ref where B_crit is)
                  "warmup": lambda model: (batch_size_warmup(marks_b, curve["b_crit"], minimum=min(sizes),
                                                             maximum=max(sizes)), None),
                  # B follows the curve but never drops below the fixed batch: Merrill et al.'s OLMo recipe
                  "warmup_floor": lambda model: (batch_size_warmup(marks_b, curve["b_crit"], minimum=fixed,
-                                                                  maximum=max(sizes)), None)}
-    for arm, start in (("adaptive", min(sizes)), ("adaptive_floor", fixed)):
-        def online(model, start=start):
-            policy = OnlineNoiseScalePolicy(model, start, start, max(sizes))
-            return policy.batch_size, policy
-        schedules[arm] = online
+                                                                  maximum=max(sizes)), None),
+                 "adaptive": online_policy(min(sizes), max(sizes)), "adaptive_floor": online_policy(fixed, max(sizes))}
     return schedules
 
 
@@ -301,9 +310,8 @@ def tuned_runs(config: dict, corpus, device) -> pd.DataFrame:
     widened by a factor of 2 past its edge while the best factor lies on it (at most 3 times); the factor of the
     lowest final validation loss then on the other seeds."""
     sizes = config["branch_batch_sizes"]
-    candidates = {f"fixed_{size}": (lambda model, size=size: (size, None)) for size in TUNED["batch_sizes"]}
-    candidates["adaptive"] = lambda model: (lambda policy: (policy.batch_size, policy))(
-        OnlineNoiseScalePolicy(model, min(sizes), min(sizes), max(sizes)))
+    candidates = {f"fixed_{size}": fixed_batch(size) for size in TUNED["batch_sizes"]}
+    candidates["adaptive"] = online_policy(min(sizes), max(sizes))
     runs = []
     first, *others = config["warmup_seeds"]
     for arm, make_schedule in candidates.items():
@@ -323,6 +331,14 @@ def tuned_runs(config: dict, corpus, device) -> pd.DataFrame:
     return pd.DataFrame(runs)
 
 
+def over_seeds(final: pd.DataFrame) -> dict:
+    """Final rows of one arm, one per seed: the seed count, and mean and standard error of steps and loss."""
+    n = len(final)
+    return {"seeds": n, "steps_mean": final["step"].mean(), "steps_stderr": final["step"].std(ddof=1) / math.sqrt(n),
+            "validation_loss_mean": final["validation_loss"].mean(),
+            "validation_loss_stderr": final["validation_loss"].std(ddof=1) / math.sqrt(n)}
+
+
 def tuned_summary(grid: pd.DataFrame) -> pd.DataFrame:
     """Per arm, its tuned learning-rate factor (the one run on every seed): steps and final validation loss, mean
     and standard error over seeds, the first seed's losses at every factor tried, and whether the tuned factor is
@@ -331,12 +347,8 @@ def tuned_summary(grid: pd.DataFrame) -> pd.DataFrame:
     tuned = final.groupby(["arm", "lr_factor"]).filter(lambda group: len(group) == final["seed"].nunique())
     rows = []
     for (arm, factor), group in tuned.groupby(["arm", "lr_factor"], sort=False):
-        n = len(group)
         tried = final[(final["arm"] == arm) & (final["seed"] == final["seed"].min())].sort_values("lr_factor")
-        rows.append({"arm": arm, "lr_factor": factor, "seeds": n, "steps_mean": group["step"].mean(),
-                     "steps_stderr": group["step"].std(ddof=1) / math.sqrt(n),
-                     "validation_loss_mean": group["validation_loss"].mean(),
-                     "validation_loss_stderr": group["validation_loss"].std(ddof=1) / math.sqrt(n),
+        rows.append({"arm": arm, "lr_factor": factor, **over_seeds(group),
                      "first_seed_by_factor": " ".join(f"{f:g}:{v:.4f}" for f, v in zip(tried["lr_factor"],
                                                                                      tried["validation_loss"])),
                      "at_edge": factor in (tried["lr_factor"].min(), tried["lr_factor"].max())})
@@ -354,11 +366,8 @@ def warmup_summary(curves: pd.DataFrame) -> pd.DataFrame:
         lambda arm: WARMUP_ARMS.index(arm) if arm in WARMUP_ARMS else len(WARMUP_ARMS)), kind="stable")
     rows = []
     for arm, group in final.groupby("arm", sort=False):
-        n = len(group)
-        rows.append({"arm": arm, "seeds": n, "tokens": int(group["tokens"].iloc[0]),
-                     "steps_mean": group["step"].mean(), "steps_stderr": group["step"].std(ddof=1) / math.sqrt(n),
-                     "validation_loss_mean": group["validation_loss"].mean(),
-                     "validation_loss_stderr": group["validation_loss"].std(ddof=1) / math.sqrt(n)})
+        stats = over_seeds(group)
+        rows.append({"arm": arm, "seeds": stats.pop("seeds"), "tokens": int(group["tokens"].iloc[0]), **stats})
     frame = pd.DataFrame(rows).set_index("arm")
     fixed = frame.loc["fixed"]
     frame["step_reduction"] = 1 - frame["steps_mean"] / fixed["steps_mean"]
