@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["UNBOUNDED", "Printed", "estimate_digits", "printed", "rounded", "significant_digits",
-           "with_significant_digits"]
+__all__ = ["UNBOUNDED", "Printed", "estimate_digits", "printed", "printed_b_simple", "rounded",
+           "significant_digits", "with_significant_digits"]
 
 _MOST = 4   # significant digits of any number at most, however narrow the interval
 # the upper bound of a B_simple interval at +inf (Fieller's, while the averaged |G|^2 is not resolved from 0)
@@ -77,6 +77,13 @@ def printed(value: float, low: float = math.nan, high: float = math.nan) -> Prin
     place = estimate_digits(value, low, high)
     scientific = any(_scientific(number) for number in (value, low, high))
     return Printed(place, *(rounded(number, place, scientific) for number in (value, low, high)))
+
+
+def printed_b_simple(value: float, low: float, high: float, unbounded: str = UNBOUNDED) -> Printed:
+    """:func:`printed` for B_simple and its Fieller interval, whose upper bound is +inf while the averaged |G|^2 is
+    not resolved from 0: that bound is written as ``unbounded``."""
+    shown = printed(value, low, high)
+    return shown._replace(high=unbounded) if high == math.inf else shown
 
 
 def with_significant_digits(value: float, digits: int) -> str:

@@ -58,7 +58,7 @@ import numpy as np
 from scipy import stats
 
 from noisescale._checks import check_confidence, check_int
-from noisescale._digits import UNBOUNDED, printed
+from noisescale._digits import printed_b_simple
 
 __all__ = [
     "NoiseScaleEstimate",
@@ -414,9 +414,8 @@ class NoiseScaleAcrossRuns:
     confidence: float
 
     def __str__(self) -> str:
-        value = printed(self.b_simple, *self.b_simple_interval)
-        upper = UNBOUNDED if math.isinf(self.b_simple_interval[1]) else value.high
-        return (f"B_simple = {value.value}  ({self.confidence:.0%} interval {value.low} .. {upper}) over "
+        value = printed_b_simple(self.b_simple, *self.b_simple_interval)
+        return (f"B_simple = {value.value}  ({self.confidence:.0%} interval {value.low} .. {value.high}) over "
                 f"{self.runs} runs")
 
 

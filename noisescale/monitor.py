@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from noisescale._checks import check_confidence, check_int, listed
-from noisescale._digits import printed, rounded, significant_digits, with_significant_digits
+from noisescale._digits import printed, printed_b_simple, rounded, significant_digits, with_significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
 from noisescale._wrappers import ddp_of, unwrapped_module
@@ -202,10 +202,9 @@ class NoiseScaleSummary:
             ])
         low, high = self.b_simple_interval
         unbounded = high == math.inf
-        shown = printed(self.b_simple, low, high)   # with the digits the interval supports (_digits.py)
+        shown = printed_b_simple(self.b_simple, low, high, unbounded="unbounded: |G|^2 is not resolved from 0 at "
+                                 "this confidence; measure longer or with larger batches")   # the digits it supports
         digits = max(2, significant_digits(self.b_simple, shown.place))   # tr(Sigma)'s and |G|^2's, at least 2
-        upper = ("unbounded: |G|^2 is not resolved from 0 at this confidence; measure longer or with larger batches"
-                 if unbounded else shown.high)
         measured = not math.isnan(self.trace_sigma)   # NaN: the average has no step yet
         if not measured and not self._suggests_b_noise:
             suggestion = "  critical batch size: not measured yet"
@@ -219,7 +218,7 @@ class NoiseScaleSummary:
             suggestion = _describe_suggestion(self.b_noise, printed(self.b_noise, *self.b_noise_interval).place)
         else:
             suggestion = _describe_suggestion(self.b_simple, shown.place)
-        interval = (f"({self.confidence:.0%} interval {shown.low} .. {upper})" if not math.isnan(high)
+        interval = (f"({self.confidence:.0%} interval {shown.low} .. {shown.high})" if not math.isnan(high)
                     else "(no interval yet: too few measured steps)")
         b_simple = ([f"  B_simple = {shown.value}  {interval}",
                      f"  tr(Sigma) = {with_significant_digits(self.trace_sigma, digits)}, "

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from noisescale._digits import printed, with_significant_digits
+from noisescale._digits import UNBOUNDED, printed, printed_b_simple, with_significant_digits
 
 
 @pytest.mark.parametrize("value, low, high, shown", [
@@ -39,3 +39,10 @@ def test_the_rounding_moves_a_value_by_at_most_a_tenth_of_its_intervals_narrower
 
 def test_significant_digits_keep_their_trailing_zeros():
     assert [with_significant_digits(v, 2) for v in (0.00298, 3.969, 1.0e8)] == ["0.0030", "4.0", "1.0e+08"]
+
+
+def test_a_b_simple_interval_without_an_upper_bound_is_written_as_unbounded():
+    shown = printed_b_simple(58.3, 12.4, math.inf)
+    assert (shown.value, shown.low, shown.high) == ("58", "12", UNBOUNDED)
+    assert printed_b_simple(58.3, 12.4, math.inf, unbounded="no upper bound").high == "no upper bound"
+    assert printed_b_simple(127.6, 98.95, 179.6) == printed(127.6, 98.95, 179.6)   # a finite bound is printed

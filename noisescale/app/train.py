@@ -17,7 +17,7 @@ from torch.utils.data import Subset, TensorDataset
 
 import noisescale
 from noisescale._checks import check_int
-from noisescale._digits import UNBOUNDED, printed
+from noisescale._digits import printed, printed_b_simple
 from noisescale.app.jobs import (
     Evaluation, build_training_job, distributed_job, evaluate, is_main_process, noise_scale_fields,
     write_summary_json,
@@ -69,14 +69,12 @@ class TrainOutcome:
 
     def _noise_scale_line(self) -> str:
         summary = self.noise_scale
-        low, high = summary.b_simple_interval
-        shown = printed(summary.b_simple, low, high)   # with the digits the interval supports
+        shown = printed_b_simple(summary.b_simple, *summary.b_simple_interval)   # the digits the interval supports
         b_noise = (("not measured (--hessian-every 0)" if not summary.hessian_every else "not measured yet")
                    if math.isnan(summary.b_noise) else printed(summary.b_noise, *summary.b_noise_interval).value
                    if summary.b_noise_resolved else "not resolved")
-        upper = UNBOUNDED if high == math.inf else shown.high
         return (f"  noise scale at the end: B_simple = {shown.value} "
-                f"({summary.confidence:.0%} interval {shown.low} .. {upper}), B_noise = {b_noise}")
+                f"({summary.confidence:.0%} interval {shown.low} .. {shown.high}), B_noise = {b_noise}")
 
     def to_dict(self) -> dict[str, Any]:
         """The summary of ``--json`` and ``train_<mode>_summary.json`` (non-finite values: see jobs.json_ready)."""
