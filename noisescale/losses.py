@@ -14,10 +14,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["logits_of", "normalised_over_the_batch", "per_example_cross_entropy", "sequence_cross_entropy",
-           "WEIGHTINGS"]
+__all__ = ["example_weights_in_batch", "logits_of", "normalised_over_the_batch", "per_example_cross_entropy",
+           "sequence_cross_entropy", "WEIGHTINGS"]
 
 WEIGHTINGS = ("example", "token")
+IGNORE_INDEX = -100   # the label of a token that counts for nothing, as in HuggingFace
 
 
 def logits_of(outputs: Any) -> Tensor:
@@ -40,7 +41,7 @@ def per_example_cross_entropy(outputs: Any, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = -100, shift: bool = False,
+def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = IGNORE_INDEX, shift: bool = False,
                            weighting: str = "example") -> Tensor:
     """Per-example loss of a sequence model from token cross-entropies c_it, logits (B, T, V) and labels (B, T).
 
@@ -53,10 +54,9 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
       counted tokens); the training loss mean_i l_i weighs examples equally.
     - ``weighting="token"``: l_i = B sum_t c_it / N, so that mean_i l_i = sum_{i,t} c_it / N is exactly the
       token-mean loss HuggingFace models train on; l_i then depends on the batch through N, a constant of the
-      labels, so dl_i/dtheta is still example i's own gradient (scaled by B n_i / N). Because N is the batch's,
-      this weighting is exact where the loss is computed once over the batch (the ghost and per-module backends,
-      the real backward) but not where a loss is taken one example at a time: the whole-model ``backend="vmap"``
-      and the Hessian proxies' per-example terms then see B = 1 and N = n_i, i.e. the "example" weighting.
+      labels, so dl_i/dtheta is still example i's own gradient (scaled by B n_i / N). Where a loss is taken one
+      example at a time (the whole-model ``backend="vmap"``, the Hessian proxies' per-example gradients), the
+      example alone sees B = 1 and N = n_i, and its gradient is scaled by :func:`example_weights_in_batch`.
     """
     logits = logits_of(outputs)
     if weighting not in WEIGHTINGS:
@@ -67,7 +67,7 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     tokens = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="none")
-    counted = labels != ignore_index
+    counted = _counted(labels, ignore_index)
     totals = tokens.view(labels.shape).sum(1)
     if weighting == "example":
         return totals / counted.sum(1).clamp_min(1).to(totals.dtype)
@@ -82,3 +82,35 @@ def normalised_over_the_batch(loss_fn: Callable) -> bool:
     if isinstance(loss_fn, functools.partial) and loss_fn.func is sequence_cross_entropy:
         return loss_fn.keywords.get("weighting") == "token"
     return bool(getattr(loss_fn, "normalised_over_the_batch", False))
+
+
+def _counted(labels: Tensor, ignore_index: int) -> Tensor:
+    """Which tokens :func:`sequence_cross_entropy` counts: those whose label (after any shift) is not ignored."""
+    return labels != ignore_index
+
+
+def example_weights_in_batch(loss_fn: Callable, targets: Any) -> Tensor | None:
+    """(B,) w_i with l_i = w_i l_i^alone: example i's loss in the batch over its loss as a batch of its own, for the
+    passes that take the loss one example at a time (the whole-model vmap, the Hessian proxies' per-example
+    gradients), whose gradients are then scaled by w_i. For :func:`sequence_cross_entropy` with
+    ``weighting="token"``, w_i = B n_i / N (its docstring); None for a loss not normalised over the batch (w = 1).
+
+    Raises ValueError for another loss with ``normalised_over_the_batch = True``: its weights cannot be known here.
+    """
+    if not normalised_over_the_batch(loss_fn):
+        return None
+    if not isinstance(loss_fn, functools.partial):
+        raise ValueError(
+            f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is normalised over the batch "
+            "(normalised_over_the_batch = True), and these parameters are measured one example at a time (the "
+            "whole-model torch.func.vmap, or the Hessian proxies' per-example gradients), where the batch's "
+            "normalisation is unknown; use sequence_cross_entropy(weighting='token'), whose weights noisescale "
+            "knows, or a loss that weights each example on its own (weighting='example')")
+    labels = targets
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        raise ValueError(f"sequence_cross_entropy's labels must be a (B, T) tensor, got {type(labels).__name__}"
+                         + (f" of shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else ""))
+    if loss_fn.keywords.get("shift", False):
+        labels = labels[:, 1:]
+    counts = _counted(labels, loss_fn.keywords.get("ignore_index", IGNORE_INDEX)).sum(1).double()
+    return labels.shape[0] * counts / counts.sum().clamp_min(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections import UserDict
 
@@ -33,8 +34,8 @@ def _problem(seed: int = 0, batch_size: int = 12):
     return model, inputs, targets
 
 
-def _flat_loss(model, inputs, targets, loss_fn=_cross_entropy):
-    """Mean loss as a function of one flat parameter vector, for torch.autograd.functional.hessian."""
+def _flat_loss(model, inputs, targets, loss_fn=_cross_entropy, mean: bool = True):
+    """Mean loss (or the (B,) losses) as a function of one flat parameter vector, for torch.autograd.functional."""
     params = trainable_parameters(model)
     names, shapes = list(params), [p.shape for p in params.values()]
     sizes = [p.numel() for p in params.values()]
@@ -42,7 +43,8 @@ def _flat_loss(model, inputs, targets, loss_fn=_cross_entropy):
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
         pieces = dict(zip(names, (c.reshape(s) for c, s in zip(flat.split(sizes), shapes))))
-        return loss_fn(functional_call(model, pieces, args, kwargs), targets).mean()
+        losses = loss_fn(functional_call(model, pieces, args, kwargs), targets)
+        return losses.mean() if mean else losses
 
     flat = torch.cat([p.flatten() for p in params.values()])
     return loss, flat, names, shapes, sizes
@@ -65,11 +67,18 @@ def _per_example_gradients(model, inputs, targets, loss_fn=_cross_entropy) -> to
     return torch.stack(rows)
 
 
-def _naive_curvature(model, inputs, targets, half: int, loss_fn=_cross_entropy) -> dict[str, float]:
+def _gradients_within_the_batch(model, inputs, targets, loss_fn) -> torch.Tensor:
+    """(B, P): the gradient of each l_i of one forward of the whole batch, for a loss normalised over it."""
+    losses, flat, *_ = _flat_loss(model, inputs, targets, loss_fn, mean=False)
+    return torch.autograd.functional.jacobian(losses, flat)
+
+
+def _naive_curvature(model, inputs, targets, half: int, loss_fn=_cross_entropy,
+                     per_example_gradients=_per_example_gradients) -> dict[str, float]:
     """tr(H Sigma), unbiased G^T H G and the Fisher trace with every example of the first half, from the dense
     Hessian of the second half and a loop of per-example gradients (the quantities of hessian_noise_scale)."""
-    per_example = _per_example_gradients(model, select_examples(inputs, slice(half)),
-                                         select_examples(targets, slice(half)), loss_fn)
+    per_example = per_example_gradients(model, select_examples(inputs, slice(half)),
+                                        select_examples(targets, slice(half)), loss_fn)
     mean_gradient = per_example.mean(dim=0)
     curvature = _explicit_hessian(model, select_examples(inputs, slice(half, None)),
                                   select_examples(targets, slice(half, None)), loss_fn)
@@ -606,3 +615,21 @@ def test_a_model_with_activation_checkpointing_gives_the_plain_models_hessian_pr
                                          generator=torch.Generator().manual_seed(3)) for m in (model, plain))
     for name in ("trace_h", "g_h_g", "trace_h_sigma", "fisher_trace"):
         assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-12), name
+
+
+def test_the_token_weighting_gives_each_example_its_gradient_within_the_half():
+    # l_i = b sum_t c_it / N with N the half's token count: the per-example gradients (taken one example at a time)
+    # are scaled by b n_i / N, so that their mean is the half's mean gradient (a new user's GPT-2: no scaling before)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 7)).double()
+    tokens = torch.randint(0, 7, (8, 5), generator=torch.Generator().manual_seed(4))
+    labels = torch.randint(0, 7, (8, 5), generator=torch.Generator().manual_seed(5))
+    labels[0, 1:] = labels[2, :3] = labels[5, 2:] = -100   # 1, 2 and 2 counted tokens; the others 5
+    token = functools.partial(sequence_cross_entropy, weighting="token")
+    result = hessian_noise_scale(model, token, tokens, labels, num_probes=4, num_sigma_examples=4,
+                                 generator=torch.Generator().manual_seed(0))
+    expected = _naive_curvature(model, tokens, labels, 4, token, _gradients_within_the_batch)
+    for field, value in expected.items():
+        assert getattr(result, field) == pytest.approx(value, rel=1e-9), field
+    alone = _naive_curvature(model, tokens, labels, 4, token)   # what each example alone would give
+    assert alone["fisher_trace"] != pytest.approx(expected["fisher_trace"], rel=0.05)

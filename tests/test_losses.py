@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from noisescale.losses import per_example_cross_entropy, sequence_cross_entropy
+from noisescale.losses import example_weights_in_batch, per_example_cross_entropy, sequence_cross_entropy
 
 
 def _sequence_batch():
@@ -60,3 +62,29 @@ def test_sequence_loss_rejects_bad_shapes_and_weightings():
         sequence_cross_entropy(logits, labels, weighting="batch")
     with pytest.raises(ValueError, match=r"logits \(B, T, V\)"):
         sequence_cross_entropy(logits[0], labels[0])
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_an_examples_token_weighted_loss_is_its_weight_times_its_loss_alone(shift, ignore_index):
+    logits, labels = _sequence_batch()
+    labels = labels.masked_fill(labels == -100, ignore_index)
+    loss = functools.partial(sequence_cross_entropy, shift=shift, ignore_index=ignore_index, weighting="token")
+    weights = example_weights_in_batch(loss, labels)
+    alone = torch.cat([loss(logits[i:i + 1], labels[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(loss(logits, labels), weights * alone, rtol=1e-12, atol=0)
+    assert weights.sum() == pytest.approx(4) and weights[3] == 0   # w_i = B n_i / N; no counted token: 0
+    assert example_weights_in_batch(functools.partial(sequence_cross_entropy, shift=shift), labels) is None
+    assert example_weights_in_batch(per_example_cross_entropy, labels[:, 0]) is None
+
+
+def test_a_loss_normalised_over_the_batch_with_unknown_weights_is_refused():
+    def my_token_loss(outputs, labels):
+        return sequence_cross_entropy(outputs, labels, weighting="token")
+    my_token_loss.normalised_over_the_batch = True
+    logits, labels = _sequence_batch()
+    with pytest.raises(ValueError, match="my_token_loss is normalised over the batch.*weighting='example'"):
+        example_weights_in_batch(my_token_loss, labels)
+    token = functools.partial(sequence_cross_entropy, weighting="token")
+    with pytest.raises(ValueError, match=r"labels must be a \(B, T\) tensor, got Tensor of shape \(4,\)"):
+        example_weights_in_batch(token, labels[:, 0])

@@ -37,6 +37,7 @@ from noisescale._functional import functional_call
 from noisescale._gradient_norm import dense_gradient
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
+from noisescale.losses import example_weights_in_batch
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.factors import per_example_sqnorm
 
@@ -158,7 +159,10 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
     ``buffers``: the model's buffers as the forward should find them, and those a forward changes in place
     (default: as they are now, none known to change); every forward starts from fresh copies of the changing ones,
     and the others are copied once per call (a forward that starts to change one cannot touch the model's own).
+    A loss normalised over the batch (``sequence_cross_entropy(weighting="token")``) is taken here on each example
+    alone, so its norms are scaled by :func:`noisescale.losses.example_weights_in_batch` squared.
     """
+    weights = example_weights_in_batch(loss_fn, targets)   # before any work: it raises for a weighting not known
     all_parameters = dict(model.named_parameters())
     trainable = {name: all_parameters[name].detach() for name in names}
     constants = _prefixed({name: p.detach() for name, p in all_parameters.items() if name not in trainable})
@@ -209,4 +213,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
                 grads = per_example_grads_by_loop(rows_inputs, rows_targets)  # shape error, say): one by one
             for name, g in grads.items():
                 chunks[name].append(per_example_sqnorm(g))
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
+    sqnorms = {name: torch.cat(parts) for name, parts in chunks.items()}
+    if weights is None:
+        return sqnorms
+    return {name: values * weights.to(values) ** 2 for name, values in sqnorms.items()}
