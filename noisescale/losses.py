@@ -32,8 +32,15 @@ def logits_of(outputs: Any) -> Tensor:
     return logits
 
 
+def _check_labels(labels: Any, name: str) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a tensor of class indices, got {type(labels).__name__}; pass the batch's "
+                        f"labels as the targets (for a HuggingFace batch that holds them: targets=batch['labels'])")
+
+
 def per_example_cross_entropy(outputs: Any, targets: Tensor) -> Tensor:
     """Classification: l_i = -log softmax(z_i)[y_i] for logits (B, C) and class indices (B,) -> (B,)."""
+    _check_labels(targets, "targets")
     logits = logits_of(outputs)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (B, C) and targets (B,), got {tuple(logits.shape)} and "
@@ -58,6 +65,7 @@ def sequence_cross_entropy(outputs: Any, labels: Tensor, *, ignore_index: int = 
       example at a time (the whole-model ``backend="vmap"``, the Hessian proxies' per-example gradients), the
       example alone sees B = 1 and N = n_i, and its gradient is scaled by :func:`example_weights_in_batch`.
     """
+    _check_labels(labels, "labels")
     logits = logits_of(outputs)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")

@@ -24,7 +24,7 @@ import contextlib
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -923,6 +923,17 @@ def noise_scale_across_seeds(summaries: Sequence[NoiseScaleSummary], *,
                                    [summary.grad_sqnorm for summary in summaries], confidence=confidence)
 
 
+def _pair(batch: Any, index: int) -> tuple[Any, Any]:
+    """``measure``'s batch as (inputs, targets), or a TypeError saying what it got and how to give pairs."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    got = (f"a mapping with keys {listed(list(batch))} (a HuggingFace collator's batch?)" if isinstance(batch, Mapping)
+           else f"a {type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""))
+    raise TypeError(f"measure() takes batches of (inputs, targets) pairs, got {got} as batch {index}; for batches "
+                    "of keyword inputs that hold their labels pass ((batch, batch['labels']) for batch in loader) "
+                    "with population_size=len(loader.dataset) (a generator has no dataset for measure to count)")
+
+
 def measure(
     model: torch.nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -949,9 +960,10 @@ def measure(
     saved_grads = {name: p.grad for name, p in model.named_parameters()}   # set to None, not written to, below
     try:
         with NoiseScaleMonitor(model, loss_fn, **monitor_options) as monitor:
-            for index, (inputs, targets) in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
+            for index, batch in enumerate(tqdm(batches, total=max_batches, disable=not progress)):
                 if max_batches is not None and index >= max_batches:
                     break
+                inputs, targets = _pair(batch, index)
                 if device is not None:
                     inputs, targets = to_device(inputs, device), to_device(targets, device)
                 model.zero_grad(set_to_none=True)

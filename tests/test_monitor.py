@@ -16,6 +16,7 @@ from noisescale._digits import estimate_digits, rounded
 from noisescale.data import dataset_as_tensors, load_fashion_mnist
 from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.monitor import NoiseScaleMonitor, measure
+from noisescale import losses
 from noisescale._grads import GradSnapshot
 
 from _two_inputs import TwoInputs
@@ -517,6 +518,24 @@ def test_measure_interrupted_by_its_loader_leaves_p_grad_as_it_was():
         measure(model, per_example_cross_entropy, loader(), progress=False, check_independence=False)
     assert model.calls == 2   # two batches were measured
     assert model.linear.weight.grad is held and torch.equal(held, values) and model.linear.bias.grad is None
+
+
+def test_measure_over_dict_batches_says_it_takes_pairs_and_how_and_leaves_p_grad_as_it_was():
+    """A new user's HuggingFace DataLoader of dicts: measure unpacked each dict's two keys as (inputs, targets) and
+    failed with 'inputs must be a tensor ..., got str'."""
+    model = FailingLinear()
+    model.linear.weight.grad = torch.full_like(model.linear.weight, 7.0)
+    held, values = model.linear.weight.grad, model.linear.weight.grad.clone()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match=r"takes batches of \(inputs, targets\) pairs, got a mapping with keys "
+                                        r"input, labels \(a HuggingFace collator's batch\?\) as batch 0; .*"
+                                        r"population_size=len\(loader.dataset\)"):
+        measure(model, per_example_cross_entropy, [{"input": x, "labels": y}], progress=False)
+    with pytest.raises(TypeError, match="got a tuple of 3 items as batch 1"):
+        measure(model, per_example_cross_entropy, [(x, y), (x, y, y)], progress=False, check_independence=False)
+    assert model.linear.weight.grad is held and torch.equal(held, values) and model.linear.bias.grad is None
+    with pytest.raises(TypeError, match=r"targets must be a tensor of class indices, got NoneType; .*batch\['labels'\]"):
+        measure(model, losses.per_example_cross_entropy, [(x, None)], progress=False, check_independence=False)
 
 
 def test_measure_over_a_checkpoint_is_unbiased_for_its_dataset_when_batches_are_drawn_without_replacement():
