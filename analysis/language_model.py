@@ -20,8 +20,11 @@ fixed-batch baseline at equal tokens.
    from 32 in [32, 256]: what a user without the branching gets. Every arm's learning rate is multiplied by
    sqrt(B / 32).
 4. ``--tune-lr``: the learning rate tuned at equal tokens for the strongest simple baseline, fixed B = 16, 24, 32, 40,
-   64, and for the online policy from 8 (factors 0.5, 1, 2 of the arms' rate on seed 0, widened past the grid's edge;
-   the best factor on every seed); data/lm/tuned_lr*.csv.
+   64, for the online policy from 8, and for ``ramp``, a straight line from B = 8 to 80 in examples seen: the
+   online policy's step count without its measurement, a control for the schedule's shape (factors 0.5, 1, 2 of
+   the arms' rate on seed 0, widened past the grid's edge, then refined by sqrt(2); the best factor on 5 seeds);
+   data/lm/tuned_lr*.csv, resumable on the same machine (finished runs in tuned_lr_curves.csv are not trained
+   again).
 
     OMP_NUM_THREADS=1 nice -n 10 python analysis/language_model.py [--device cuda] [--quick] [--arms ARM ...]
 
@@ -51,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from noisescale.checkpoints import atomic_write  # noqa: E402
 from noisescale.controller import NoiseScaleBatchPolicy  # noqa: E402
 from noisescale.branching import (  # noqa: E402
     LanguageModelSettings, batch_size_warmup, critical_batch_sizes, load_checkpoints, run_branches,
@@ -73,13 +77,16 @@ def experiment(quick: bool) -> dict:
         return dict(model=dict(d_model=32, n_heads=2, n_layers=1, block_size=32),
                     settings=LanguageModelSettings(block_size=32, batch_size=16, validation_windows=64),
                     reference_steps=60, checkpoint_steps=(10, 30), hessian_every=20, branch_batch_sizes=(4, 8, 16, 32),
-                    branch_examples=128, branch_seeds=(0, 1), tolerance=0.01, warmup_seeds=(0, 1), evaluations=4)
+                    branch_examples=128, branch_seeds=(0, 1), tolerance=0.01, warmup_seeds=(0, 1), evaluations=4,
+                    tune_seeds=(0, 1), ramp_end=16)
     return dict(model=dict(d_model=64, n_heads=4, n_layers=2, block_size=64),
                 settings=LanguageModelSettings(block_size=64, batch_size=32, learning_rate=3e-3,
                                                validation_windows=256),
                 reference_steps=600, checkpoint_steps=(30, 75, 150, 300, 450), hessian_every=50,
                 branch_batch_sizes=(8, 16, 32, 64, 128, 256), branch_examples=2048, branch_seeds=(0, 1),
-                tolerance=0.01, warmup_seeds=(0, 1, 2), evaluations=8)
+                tolerance=0.01, warmup_seeds=(0, 1, 2), evaluations=8, tune_seeds=(0, 1, 2, 3, 4),
+                # (19,200 / 72) ln(80 / 8) = 614 steps on the straight line from 8 to 80, the online policy's ~610
+                ramp_end=80)
 
 
 def layer_type(model: nn.Module, parameter_name: str) -> str:
@@ -166,7 +173,7 @@ def reference_run(config: dict, corpus, device, run_dir: Path):
     history = pd.DataFrame(rows)
     history["tokens"] = history["examples_seen"] * settings.block_size
     history_path.parent.mkdir(parents=True, exist_ok=True)
-    history.to_csv(history_path, index=False)
+    save_csv(history, history_path)
     save_checkpoints(run_dir / "reference.pt", checkpoints, key)
     return checkpoints, history, seconds
 
@@ -304,31 +311,72 @@ def warmup_runs(config: dict, corpus, device, curve: pd.DataFrame, arms=WARMUP_A
 TUNED = dict(batch_sizes=(16, 24, 32, 40, 64), lr_factors=(0.5, 1.0, 2.0))
 
 
-def tuned_runs(config: dict, corpus, device) -> pd.DataFrame:
-    """The learning rate tuned at equal tokens: the fixed batch sizes of ``TUNED`` (the strongest simple baseline)
-    and the online policy from 8 (``adaptive``). Each at each learning-rate factor on the first seed, the grid
-    widened by a factor of 2 past its edge while the best factor lies on it (at most 3 times); the factor of the
-    lowest final validation loss then on the other seeds."""
+def linear_ramp(start: int, end: int, examples: int):
+    """The schedule factory of a batch that grows on a straight line in examples seen, from ``start`` to ``end``
+    over the whole run: a hand-made warmup, no measurement (plain backward)."""
+    return lambda model: (lambda seen: round(start + (end - start) * seen / examples), None)
+
+
+def tuned_candidates(config: dict) -> dict:
+    """Arm -> schedule factory of ``--tune-lr``: the fixed batches of ``TUNED`` (the strongest simple baseline), the
+    online policy from the smallest branch batch (``adaptive``), and ``ramp``: a straight line from that batch to
+    ``config["ramp_end"]``, chosen so that it takes about as many steps as the online policy, a control for whether
+    the measured shape matters at equal tokens and steps."""
     sizes = config["branch_batch_sizes"]
+    examples = config["reference_steps"] * config["settings"].batch_size
     candidates = {f"fixed_{size}": fixed_batch(size) for size in TUNED["batch_sizes"]}
+    candidates["ramp"] = linear_ramp(min(sizes), config["ramp_end"], examples)
     candidates["adaptive"] = online_policy(min(sizes), max(sizes))
+    return candidates
+
+
+def tuned_runs(config: dict, corpus, device, done: pd.DataFrame | None = None, save=None) -> pd.DataFrame:
+    """The learning rate tuned at equal tokens for each arm of :func:`tuned_candidates`. On the first seed: the
+    factors of ``TUNED``, the grid widened by a factor of 2 past its edge while the best factor lies on it (at most
+    3 times), then the best factor times and divided by sqrt(2); the factor of the lowest final validation loss
+    then on every other seed of ``config["tune_seeds"]``. A run (arm, factor, seed) found in ``done`` (rows of an
+    earlier call) is taken from it instead of trained again: a run is deterministic on one machine, but another CPU's
+    kernels change its last bits, which the online policy's batch choices amplify (to 0.025 in loss and 3 % in steps,
+    AMD against Intel), so resume only on the machine that began the search. After each run trained,
+    ``save`` (if given) receives this call's rows and the rows of ``done`` not yet taken, so that a killed search
+    resumes. Returns the rows of the runs this search visited."""
+    done = pd.DataFrame(columns=["arm", "seed", "lr_factor"]) if done is None else done
     runs = []
-    first, *others = config["warmup_seeds"]
-    for arm, make_schedule in candidates.items():
-        grid = [train_arm(config, corpus, device, arm, first, make_schedule, factor) for factor in TUNED["lr_factors"]]
+
+    def run(arm: str, seed: int, factor: float, make_schedule) -> list:
+        nonlocal done
+        found = (done["arm"] == arm) & (done["seed"] == seed) & np.isclose(done["lr_factor"], factor, rtol=1e-12)
+        if found.any():
+            rows, done = done[found].to_dict("records"), done[~found]
+        else:
+            rows = train_arm(config, corpus, device, arm, seed, make_schedule, factor)
+            if save is not None:
+                save(pd.concat([done, pd.DataFrame(runs + rows)], ignore_index=True))
+        runs.extend(rows)
+        return rows
+
+    first, *others = config["tune_seeds"]
+    for arm, make_schedule in tuned_candidates(config).items():
+        grid = [run(arm, first, factor, make_schedule) for factor in TUNED["lr_factors"]]
         for _ in range(3):
             best = min(grid, key=lambda rows: rows[-1]["validation_loss"])
             factors = sorted(rows[-1]["lr_factor"] for rows in grid)
             edge = best[-1]["lr_factor"]
             if edge not in (factors[0], factors[-1]):
                 break
-            grid.append(train_arm(config, corpus, device, arm, first, make_schedule,
-                                  edge * 2 if edge == factors[-1] else edge / 2))
-        best = min(grid, key=lambda rows: rows[-1]["validation_loss"])
-        runs += [row for rows in grid for row in rows]
-        runs += [row for seed in others
-                 for row in train_arm(config, corpus, device, arm, seed, make_schedule, best[-1]["lr_factor"])]
+            grid.append(run(arm, first, edge * 2 if edge == factors[-1] else edge / 2, make_schedule))
+        coarse = min(grid, key=lambda rows: rows[-1]["validation_loss"])[-1]["lr_factor"]
+        grid += [run(arm, first, coarse * step, make_schedule) for step in (math.sqrt(0.5), math.sqrt(2))]
+        best = min(grid, key=lambda rows: rows[-1]["validation_loss"])[-1]["lr_factor"]
+        for seed in others:
+            run(arm, seed, best, make_schedule)
     return pd.DataFrame(runs)
+
+
+def save_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` to ``path`` atomically: a killed run leaves the previous file."""
+    with atomic_write(path, newline="") as handle:
+        frame.to_csv(handle, index=False)
 
 
 def over_seeds(final: pd.DataFrame) -> dict:
@@ -353,8 +401,17 @@ def tuned_summary(grid: pd.DataFrame) -> pd.DataFrame:
                                                                                      tried["validation_loss"])),
                      "at_edge": factor in (tried["lr_factor"].min(), tried["lr_factor"].max())})
     order = {arm: k for k, arm in enumerate(sorted(tuned["arm"].unique(), key=lambda arm: (
-        arm == "adaptive", int(arm.split("_")[1]) if arm.startswith("fixed_") else 0)))}
-    return pd.DataFrame(rows).sort_values("arm", key=lambda arms: arms.map(order))
+        not arm.startswith("fixed_"), arm == "adaptive", int(arm.split("_")[1]) if arm.startswith("fixed_") else 0)))}
+    summary = pd.DataFrame(rows).sort_values("arm", key=lambda arms: arms.map(order))
+    summary["fixed_steps_at_this_loss"] = fixed_front_steps(summary, summary["validation_loss_mean"])
+    return summary
+
+
+def fixed_front_steps(summary: pd.DataFrame, losses) -> np.ndarray:
+    """The steps the front of tuned fixed batches needs for each of ``losses``: linear between the fixed arms'
+    (mean final loss, steps), each fixed arm a run of its own length with its own schedule; NaN outside the front."""
+    front = summary[summary["arm"].str.startswith("fixed_")].sort_values("validation_loss_mean")
+    return np.interp(losses, front["validation_loss_mean"], front["steps_mean"], left=np.nan, right=np.nan)
 
 
 def warmup_summary(curves: pd.DataFrame) -> pd.DataFrame:
@@ -460,8 +517,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=WARMUP_ARMS, default=list(WARMUP_ARMS),
                         help="warmup arms to run; the others' rows are kept from the existing warmup_curves.csv")
     parser.add_argument("--tune-lr", action="store_true",
-                        help="only the fixed batch sizes and the online policy with their learning rate tuned "
-                             "(data/lm/tuned_lr*.csv), after the reference run; nothing else is written")
+                        help="only the fixed batch sizes, the ramp and the online policy with their learning rate "
+                             "tuned (data/lm/tuned_lr*.csv); nothing else is run or written")
     args = parser.parse_args()
     device = resolve_device(args.device)
     config = experiment(args.quick)
@@ -474,18 +531,20 @@ def main() -> None:
     print(f"corpus: {len(corpus.train)} training and {len(corpus.validation)} validation bytes; unigram baseline "
           f"{unigram:.4f} nats/byte", flush=True)
 
-    checkpoints, history, reference_seconds = reference_run(config, corpus, device, run_dir)
-    history.to_csv(out / "reference_history.csv", index=False)
-    print(f"reference run: final validation loss {checkpoints[-1].validation_loss:.4f} nats/byte "
-          f"({'reloaded' if reference_seconds is None else f'{reference_seconds:.0f} s CPU'})", flush=True)
-
     if args.tune_lr:
-        grid = tuned_runs(config, corpus, device)
-        grid.to_csv(out / "tuned_lr_curves.csv", index=False)
+        curves_path = out / "tuned_lr_curves.csv"
+        grid = tuned_runs(config, corpus, device, pd.read_csv(curves_path) if curves_path.exists() else None,
+                          save=partial(save_csv, path=curves_path))
+        save_csv(grid, curves_path)
         tuned = tuned_summary(grid)
-        tuned.to_csv(out / "tuned_lr.csv", index=False)
+        save_csv(tuned, out / "tuned_lr.csv")
         print(tuned.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         return
+
+    checkpoints, history, reference_seconds = reference_run(config, corpus, device, run_dir)
+    save_csv(history, out / "reference_history.csv")
+    print(f"reference run: final validation loss {checkpoints[-1].validation_loss:.4f} nats/byte "
+          f"({'reloaded' if reference_seconds is None else f'{reference_seconds:.0f} s CPU'})", flush=True)
 
     factory = partial(byte_gpt, **config["model"])
     clock = time.process_time()
@@ -494,7 +553,7 @@ def main() -> None:
                             seeds=config["branch_seeds"], device=device, progress=False)
     branch_seconds = time.process_time() - clock
     table = side_by_side(critical_batch_sizes(branches, config["tolerance"]), history, checkpoints)
-    table.to_csv(out / "critical_batch_size.csv", index=False)
+    save_csv(table, out / "critical_batch_size.csv")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
 
     clock = time.process_time()
@@ -503,9 +562,9 @@ def main() -> None:
     if set(args.arms) != set(WARMUP_ARMS) and (out / "warmup_curves.csv").exists():
         kept = pd.read_csv(out / "warmup_curves.csv")
         curves = pd.concat([kept[~kept["arm"].isin(args.arms)], curves], ignore_index=True)
-    curves.to_csv(out / "warmup_curves.csv", index=False)
+    save_csv(curves, out / "warmup_curves.csv")
     summary = warmup_summary(curves)
-    summary.to_csv(out / "warmup_summary.csv", index=False)
+    save_csv(summary, out / "warmup_summary.csv")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
     result = {
@@ -524,7 +583,8 @@ def main() -> None:
         "wall_seconds_this_invocation": time.perf_counter() - wall, "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_write(out / "summary.json") as handle:
+        handle.write(json.dumps(result, indent=2) + "\n")
     figure = plot_noise_scale_and_branching(history, table, branches, unigram, config["tolerance"])
     figure.savefig(out / "noise_scale_vs_branching.png", dpi=110)
     plot_warmup(curves).savefig(out / "warmup.png", dpi=110)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "language_model.ipynb"
 LM = ROOT / "data" / "lm"
 FILES = ["summary.json", "reference_history.csv", "critical_batch_size.csv", "branches.csv", "warmup_curves.csv",
-         "warmup_summary.csv", "tuned_lr.csv"]
+         "warmup_summary.csv", "tuned_lr.csv", "tuned_lr_curves.csv"]
 
 
 @pytest.mark.skipif(not all((LM / name).exists() for name in FILES), reason="the shipped data/lm results are missing")
@@ -53,11 +53,21 @@ def test_notebook_runs_and_prints_the_shipped_results():
         met = (1 - steps[arm] / steps["fixed"] >= 0.4) and gap <= se
         assert match.group(4) == ("met" if met else "not met")
         assert summary["warmup"][arm]["target_met"] == met
-    tuned = pd.read_csv(LM / "tuned_lr.csv").set_index("arm")
-    online, best = tuned.loc["adaptive"], tuned.drop(index="adaptive").sort_values("validation_loss_mean").iloc[0]
-    assert (f"online policy (factor {online['lr_factor']:g}): {online['steps_mean']:.0f} steps to "
-            f"{online['validation_loss_mean']:.3f}; best fixed batch ({best.name}, factor {best['lr_factor']:g}): "
-            f"{best['steps_mean']:.0f} steps to {best['validation_loss_mean']:.3f}") in printed
+    curves = pd.read_csv(LM / "tuned_lr_curves.csv")
+    final = curves.sort_values("examples_seen").groupby(["arm", "lr_factor", "seed"]).tail(1)
+    tuned = {}   # recomputed from the curves, not read from tuned_lr.csv: the factor run on every seed
+    for arm, runs in final.groupby("arm"):
+        runs = runs.groupby("lr_factor").filter(lambda group: len(group) == curves["seed"].nunique())
+        assert runs["lr_factor"].nunique() == 1 and len(runs) == 5
+        seed0 = final[(final["arm"] == arm) & (final["seed"] == 0)]   # tuned on seed 0
+        assert runs["lr_factor"].iloc[0] == seed0.loc[seed0["validation_loss"].idxmin(), "lr_factor"]
+        tuned[arm] = (runs["lr_factor"].iloc[0], runs["step"].mean(), runs["validation_loss"].mean())
+    assert set(tuned) == {"fixed_16", "fixed_24", "fixed_32", "fixed_40", "fixed_64", "ramp", "adaptive"}
+    best = min((arm for arm in tuned if arm.startswith("fixed_")), key=lambda arm: tuned[arm][2])
+    for arm, label in [("adaptive", "online policy ("), ("ramp", "straight-line ramp ("),
+                       (best, f"best fixed batch ({best}, ")]:
+        factor, steps, loss = tuned[arm]
+        assert f"{label}factor {factor:g}): {steps:.0f} steps to {loss:.3f}" in printed
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert len(images) == 2  # noise scale against branching, and the warmup comparison
