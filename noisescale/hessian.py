@@ -16,7 +16,7 @@ Estimators (all from one batch of B i.i.d. examples, loss = mean of the per-exam
   Per-example gradients and the per-example Hessian-vector products run under torch.func.vmap, or in a loop
   over examples for a model vmap cannot run (fused RNN kernels, data-dependent control flow), also remembered.
   A loss normalised over the batch (the "token" weighting) is taken on each example alone there, so each
-  gradient is scaled back to the example's loss within its half (``losses.example_weights_in_batch``).
+  gradient is scaled back to the example's loss within its half (``per_example.coupling.example_weights``).
 - tr(H) by Hutchinson's estimator: E[v^T H v] = tr(H) for Rademacher v (entries +-1, E[v v^T] = I);
   its standard error is the sample standard deviation over probes / sqrt(num_probes).
 - G^T H G: E[gbar^T H gbar] = G^T H G + tr(H Sigma)/B (because E[gbar gbar^T] = G G^T + Sigma/B), so the
@@ -53,6 +53,7 @@ import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,14 +62,16 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from noisescale._buffers import kept_buffers
 from noisescale._checks import check_int
 from noisescale._compiled import eager
 from noisescale._functional import functional_call
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
-from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
-from noisescale.losses import example_weights_in_batch
+from noisescale.batches import (batch_size_of, call_arguments, call_model, concatenate_examples, select_examples,
+                                tensors_of)
 from noisescale.per_example.checkpointing import checkpointing_off
+from noisescale.per_example.coupling import example_weights
 from noisescale.per_example.layers import batch_statistics_path
 from noisescale.per_example.vmap import quiet_torch_notes
 
@@ -530,8 +533,8 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
         mean_gradient = _weighted_sum([(weight, grad(mean_loss)(params, inputs, targets))
                                        for weight, (inputs, targets) in _weighted(gradient_half)])
         subsample = torch.randperm(half, generator=generator, device=generator.device)[:num_sigma_examples]
-        per_example = _per_example_gradients_of(_methods_of(model), mean_loss, loss_fn, params, gradient_half,
-                                                subsample, chunk_size)
+        per_example = _per_example_gradients_of(_methods_of(model), mean_loss, model, loss_fn, params,
+                                                gradient_half, subsample, chunk_size)
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
         raw_terms, sigma_terms = [], []
         for weight, (inputs, targets) in _weighted(curvature_half):
@@ -554,18 +557,26 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
     )
 
 
-def _per_example_gradients_of(methods: _Methods, mean_loss, loss_fn: LossFunction, params: Parameters,
+def _outputs_without_grad(model: nn.Module, inputs: Any) -> Any:
+    """The model's outputs on ``inputs`` without grad (inside the caller's isolated random streams), its buffers put
+    back after."""
+    with kept_buffers(model), torch.no_grad():
+        return call_model(model, inputs)
+
+
+def _per_example_gradients_of(methods: _Methods, mean_loss, model: nn.Module, loss_fn: LossFunction,
+                              params: Parameters,
                               parts: Batches, subsample: Tensor, chunk_size: int | None) -> Parameters:
     """The per-example gradients of the examples ``subsample`` (indices into the concatenated ``parts``), stacked
     part by part, in the subsample's order within each part; each example's loss as it is within its part (a loss
-    normalised over the batch, scaled by ``losses.example_weights_in_batch``), so that their mean over a part is
+    normalised over the batch, scaled by ``coupling.example_weights``), so that their mean over a part is
     the gradient of the part's mean loss."""
     ends = torch.tensor([batch_size_of(inputs) for inputs, _ in parts]).cumsum(0).tolist()
     pieces = []
     for start, end, (inputs, targets) in zip([0, *ends], ends, parts):
         local = subsample[(subsample >= start) & (subsample < end)] - start
-        weights = example_weights_in_batch(loss_fn, targets)
         if local.numel():
+            weights = example_weights(loss_fn, targets, partial(_outputs_without_grad, model, inputs))
             piece = _per_example_gradients(methods, mean_loss, params, select_examples(inputs, local),
                                            select_examples(targets, local), chunk_size)
             if weights is not None:

@@ -101,19 +101,10 @@ def example_weights_in_batch(loss_fn: Callable, targets: Any) -> Tensor | None:
     """(B,) w_i with l_i = w_i l_i^alone: example i's loss in the batch over its loss as a batch of its own, for the
     passes that take the loss one example at a time (the whole-model vmap, the Hessian proxies' per-example
     gradients), whose gradients are then scaled by w_i. For :func:`sequence_cross_entropy` with
-    ``weighting="token"``, w_i = B n_i / N (its docstring); None for a loss not normalised over the batch (w = 1).
-
-    Raises ValueError for another loss with ``normalised_over_the_batch = True``: its weights cannot be known here.
-    """
-    if not normalised_over_the_batch(loss_fn):
+    ``weighting="token"`` (a ``functools.partial``), w_i = B n_i / N (its docstring), from the labels alone; None for
+    any other loss (``per_example.coupling.observed_example_weights`` reads them from a forward's outputs)."""
+    if not (isinstance(loss_fn, functools.partial) and normalised_over_the_batch(loss_fn)):
         return None
-    if not isinstance(loss_fn, functools.partial):
-        raise ValueError(
-            f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is normalised over the batch "
-            "(normalised_over_the_batch = True), and these parameters are measured one example at a time (the "
-            "whole-model torch.func.vmap, or the Hessian proxies' per-example gradients), where the batch's "
-            "normalisation is unknown; use sequence_cross_entropy(weighting='token'), whose weights noisescale "
-            "knows, or a loss that weights each example on its own (weighting='example')")
     labels = targets
     if not isinstance(labels, Tensor) or labels.dim() != 2:
         raise ValueError(f"sequence_cross_entropy's labels must be a (B, T) tensor, got {type(labels).__name__}"

@@ -24,9 +24,9 @@ Batches come from a :class:`~noisescale.sampler.ResizableBatchSampler` (every ex
 B does). A batch larger than ``max_micro_batch`` runs as accumulated micro-batches
 (:func:`~noisescale.sampler.split_micro_batches`): micro-batch k's mean loss is weighted by b_k / B, so p.grad
 ends as the mean gradient of the whole batch, for a loss of each example alone (a loss normalised over the batch it
-is given, a token mean, is refused rather than split: ``AdaptiveTrainer._check_parts_add_up``). The noise scale
-of the step is the per-example estimate of the *whole* batch (McCandlish et al. appendix A): the per-example
-squared norms s_i of all micro-batches together and |gbar|^2 of the accumulated gradient go into
+is given, a token mean, is refused rather than split: ``AccumulatingNoiseScaleMonitor._check_parts_add_up``). The
+noise scale of the step is the per-example estimate of the *whole* batch (McCandlish et al. appendix A): the
+per-example squared norms s_i of all micro-batches together and |gbar|^2 of the accumulated gradient go into
 :func:`~noisescale.estimators.simple_noise_scale`. Beside it the two-batch estimate from the micro-batch norms
 |g_k|^2 and |gbar|^2 is recorded (:func:`~noisescale.estimators.micro_batch_noise_scale`; with equal sizes b the
 two-batch estimate at B_small = b, B_big = B). A model that normalises with batch statistics (BatchNorm in train
@@ -95,8 +95,7 @@ from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
 from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
-from noisescale.batches import (batch_size_of, call_model, fetch_examples, map_tensors, split_examples, tensors_of,
-                                to_device)
+from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, tensors_of, to_device
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
@@ -114,6 +113,7 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
+from noisescale.per_example.coupling import losses_of_parts
 from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
@@ -159,6 +159,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], **options: Any) -> None:
         super().__init__(model, loss_fn, **options)
+        self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         self.two_batch_average = ExponentialMovingNoiseScale(self.average.decay)
         self.sharded = is_sharded(model)
         ddp = ddp_of(model)   # also inside torch.compile(DDP(model)), as accelerate builds it
@@ -174,6 +175,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                              "micro-batches' gradients to it and reads |G|^2 from the sum, which would include it; "
                              "call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
                              "parameters only)")
+        if len(micro_batches) > 1:
+            self._check_parts_add_up(micro_batches)
         with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
             sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
             batch_size = sum(sizes)
@@ -223,6 +226,32 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                           "micro_batches": len(sizes), **row})
             self.step += 1
         return loss.detach()
+
+    def _check_parts_add_up(self, micro_batches: list[tuple[Any, Any]]) -> None:
+        """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches would each
+        be normalised by their own count, and the step would not be the batch's. Declared
+        (``losses.normalised_over_the_batch``) at every split step; otherwise found once, at the first split step
+        on one process, by the first micro-batch's losses computed whole and in two halves on one forward's
+        outputs (no grad; random streams and buffers kept, so the training is unchanged). Under DDP (whose forward
+        may communicate) only the declared losses are refused."""
+        batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
+        how = f"accumulated from {len(micro_batches)} micro-batches"
+        if normalised_over_the_batch(self.loss_fn):
+            raise ValueError(_split_refusal(how, batch_size))
+        inputs, targets = micro_batches[0]
+        size = batch_size_of(inputs)
+        if self._parts_checked or size < 2 or self.process_group is not None:
+            return
+        with torch.no_grad(), isolated_rng(tensors_of(inputs)), kept_buffers(self.model):
+            outputs = call_model(self.model, inputs)
+            whole = self.loss_fn(outputs, targets)
+        self._parts_checked = True
+        if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
+                and bool(torch.isfinite(whole).all())):
+            return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
+        halves = losses_of_parts(self.loss_fn, outputs, targets, size, [slice(0, size // 2), slice(size // 2, size)])
+        if halves is not None and not close_values(halves, whole):
+            raise ValueError(_split_refusal(how, batch_size, found=True))
 
     def _normalises_with_batch_statistics(self) -> bool:
         """Whether a module normalises with the statistics of its batch (BatchNorm in train mode): the examples'
@@ -420,7 +449,6 @@ class AdaptiveTrainer:
                 f"{policy.batch_size} (e.g. {max(1, policy.batch_size // 4)}), or put the BatchNorm layers in eval "
                 "mode")
         self._whole_batch_loss = normalised_over_the_batch(loss_fn)
-        self._parts_checked = False   # whether a split step checked that the loss's parts add up (once)
         group = self.monitor.process_group
         world_size, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
         if policy is not None and policy.granularity % world_size:
@@ -567,34 +595,6 @@ class AdaptiveTrainer:
         if parts:
             raise ValueError(_split_refusal(f"split {' and '.join(parts)}", batch_size))
 
-    def _check_parts_add_up(self, inputs: Any, targets: Any, batch_size: int) -> None:
-        """Once, at the first step split into micro-batches on one process: the first micro-batch's losses
-        computed in one call and in two halves, on one forward's outputs (no grad; random streams and buffers
-        kept, so the training is unchanged). A loss normalised over the batch it is given (a token mean such as
-        ``weighting="token"`` inside the user's own function) differs, and is refused: accumulated parts would not
-        make the batch's step. Under DDP (whose forward may communicate) only the declared losses are refused."""
-        size = batch_size_of(inputs)
-        if self._parts_checked or size < 2 or self.monitor.process_group is not None:
-            return
-        half = size // 2
-
-        def part(value: Any, rows: slice) -> Any:
-            return map_tensors(lambda t: t[rows] if t.dim() and t.shape[0] == size else t, value)
-
-        with torch.no_grad(), isolated_rng(tensors_of(inputs)), kept_buffers(self.model):
-            outputs = call_model(self.model, inputs)
-            whole = self.monitor.loss_fn(outputs, targets)
-            halves = [self.monitor.loss_fn(part(outputs, rows), part(targets, rows))
-                      for rows in (slice(0, half), slice(half, size))]
-        self._parts_checked = True
-        if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
-                and all(isinstance(h, torch.Tensor) and h.shape[:1] == (n,) and h.dim() == 1
-                        for h, n in zip(halves, (half, size - half)))
-                and bool(torch.isfinite(whole).all())):
-            return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
-        if not close_values(torch.cat(halves), whole):
-            raise ValueError(_split_refusal(f"split into micro-batches of at most {size}", batch_size, found=True))
-
     def _skip_step(self, row: dict[str, Any]) -> None:
         """A step whose loss or gradient is not finite changes nothing (as GradScaler skips it); under fp16 the
         loss scale backs off as GradScaler would. Counted in ``skipped_steps``; warned once for a batch that holds
@@ -638,8 +638,6 @@ class AdaptiveTrainer:
             micro_batches = list(zip(split_examples(inputs, sizes), split_examples(targets, sizes)))
             scale = loss_scale_of(self.grad_scaler, self.device)
             try:
-                if len(sizes) > 1:   # (its forward's out-of-memory error halves the micro-batches too)
-                    self._check_parts_add_up(*micro_batches[0], batch_size=batch_size)
                 with self._autocast():
                     return self.monitor.accumulate(micro_batches, loss_scale=scale)
             except Exception as error:
@@ -941,5 +939,5 @@ def _split_refusal(how: str, batch_size: int, found: bool = False) -> str:
     return (f"the loss normalises each example's loss by a count over the whole batch it is given ({seen}: a "
             f"token mean), and the batch of {batch_size} would be {how}: each part would be normalised by its own "
             "count, and the step would not be the batch's (a new user's GPT-2: parameters 2e-2 apart after 3 "
-            "steps). Use a loss of each example alone (weighting='example'), or train on one process with "
-            "max_micro_batch=None")
+            "steps). Use a loss of each example alone (weighting='example'), or do not split the batch (one "
+            "micro-batch; AdaptiveTrainer: one process and max_micro_batch=None)")

@@ -617,7 +617,13 @@ def test_a_model_with_activation_checkpointing_gives_the_plain_models_hessian_pr
         assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-12), name
 
 
-def test_the_token_weighting_gives_each_example_its_gradient_within_the_half():
+def _token_loss_of_ones_own(outputs, labels):
+    return sequence_cross_entropy(outputs, labels, weighting="token")
+
+
+@pytest.mark.parametrize("token", [functools.partial(sequence_cross_entropy, weighting="token"),
+                                   _token_loss_of_ones_own], ids=["partial", "own function"])
+def test_the_token_weighting_gives_each_example_its_gradient_within_the_half(token):
     # l_i = b sum_t c_it / N with N the half's token count: the per-example gradients (taken one example at a time)
     # are scaled by b n_i / N, so that their mean is the half's mean gradient (a new user's GPT-2: no scaling before)
     torch.manual_seed(3)
@@ -625,7 +631,6 @@ def test_the_token_weighting_gives_each_example_its_gradient_within_the_half():
     tokens = torch.randint(0, 7, (8, 5), generator=torch.Generator().manual_seed(4))
     labels = torch.randint(0, 7, (8, 5), generator=torch.Generator().manual_seed(5))
     labels[0, 1:] = labels[2, :3] = labels[5, 2:] = -100   # 1, 2 and 2 counted tokens; the others 5
-    token = functools.partial(sequence_cross_entropy, weighting="token")
     result = hessian_noise_scale(model, token, tokens, labels, num_probes=4, num_sigma_examples=4,
                                  generator=torch.Generator().manual_seed(0))
     expected = _naive_curvature(model, tokens, labels, 4, token, _gradients_within_the_batch)

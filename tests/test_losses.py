@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from noisescale.losses import example_weights_in_batch, per_example_cross_entropy, sequence_cross_entropy
+from noisescale.per_example.coupling import example_weights
 
 
 def _sequence_batch():
@@ -78,13 +79,29 @@ def test_an_examples_token_weighted_loss_is_its_weight_times_its_loss_alone(shif
     assert example_weights_in_batch(per_example_cross_entropy, labels[:, 0]) is None
 
 
-def test_a_loss_normalised_over_the_batch_with_unknown_weights_is_refused():
-    def my_token_loss(outputs, labels):
-        return sequence_cross_entropy(outputs, labels, weighting="token")
-    my_token_loss.normalised_over_the_batch = True
+def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_unreadable_one_is_refused():
     logits, labels = _sequence_batch()
-    with pytest.raises(ValueError, match="my_token_loss is normalised over the batch.*weighting='example'"):
-        example_weights_in_batch(my_token_loss, labels)
-    token = functools.partial(sequence_cross_entropy, weighting="token")
+    token = functools.partial(sequence_cross_entropy, shift=True, weighting="token")
+
+    def my_token_loss(outputs, labels):   # the same loss, not recognisable from its arguments
+        return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
+
+    assert example_weights_in_batch(my_token_loss, labels) is None
+    torch.testing.assert_close(example_weights(my_token_loss, labels, lambda: logits),
+                               example_weights_in_batch(token, labels), rtol=1e-12, atol=0)
+    assert example_weights(functools.partial(sequence_cross_entropy, shift=True), labels, lambda: logits) is None
+
+    scores = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    def own_score(scores, y):   # a CLIP-like score of each example with itself: rows alone are not the examples
+        return (scores.diagonal() - y).square()
+    assert example_weights(own_score, torch.zeros(4, dtype=torch.float64), lambda: scores) is None
+
+    def fixed_size_loss(outputs, labels):   # declared, but cannot be computed on parts of the batch
+        if outputs.shape[0] != 4:
+            raise RuntimeError("this loss takes batches of 4")
+        return my_token_loss(outputs, labels)
+    fixed_size_loss.normalised_over_the_batch = True
+    with pytest.raises(ValueError, match="fixed_size_loss is declared normalised over the batch .* functools.partial"):
+        example_weights(fixed_size_loss, labels, lambda: logits)
     with pytest.raises(ValueError, match=r"labels must be a \(B, T\) tensor, got Tensor of shape \(4,\)"):
         example_weights_in_batch(token, labels[:, 0])

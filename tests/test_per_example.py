@@ -3496,8 +3496,15 @@ class _WeightUsedOutsideItsModule(nn.Module):
         return self.head(F.linear(hidden, self.enc.weight.t()))
 
 
+def _token_loss_of_ones_own(outputs, labels):
+    """The token weighting in a function of one's own: noisescale reads its weights from the forward's outputs."""
+    return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
+
+
 @pytest.mark.parametrize("backend", ["vmap", "auto"])
-def test_the_token_weighting_is_exact_where_examples_are_taken_one_at_a_time(backend):
+@pytest.mark.parametrize("loss_fn", [functools.partial(sequence_cross_entropy, shift=True, weighting="token"),
+                                     _token_loss_of_ones_own], ids=["partial", "own function"])
+def test_the_token_weighting_is_exact_where_examples_are_taken_one_at_a_time(backend, loss_fn):
     # l_i = B sum_t c_it / N depends on the batch's token count N: the vmap, which sees each example alone, must
     # scale it (a new user's GPT-2 and packed LSTM: norms 7.8 times too large before). Reference: the gradient of
     # each l_i of one forward of the whole batch.
@@ -3508,7 +3515,6 @@ def test_the_token_weighting_is_exact_where_examples_are_taken_one_at_a_time(bac
     labels[1, 2:] = -100   # 1 counted token after the shift
     labels[2, :4] = -100   # a masked prompt
     labels[3, :] = -100    # none
-    loss_fn = functools.partial(sequence_cross_entropy, shift=True, weighting="token")
     losses = loss_fn(model(tokens), labels)
     parameters = dict(model.named_parameters())
     expected = {name: [] for name in parameters}

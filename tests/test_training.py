@@ -1127,6 +1127,33 @@ class TinyTokenModel(torch.nn.Module):
         return self.out(torch.tanh(self.embed(tokens)))
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_accumulate_refuses_a_token_mean_split_into_micro_batches_and_leaves_p_grad_as_it_was(declared):
+    """A reviewer's find: AccumulatingNoiseScaleMonitor.accumulate with weighting='token' normalised each
+    micro-batch by its own token count, silently (p.grad 9.3e-3 from the batch's token-mean gradient)."""
+    import functools
+
+    from noisescale.losses import sequence_cross_entropy
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    def own_token_mean(outputs, labels):   # not declared: found by the first micro-batch's halves
+        return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
+
+    loss_fn = functools.partial(sequence_cross_entropy, shift=True, weighting="token") if declared else own_token_mean
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (8, 6), generator=generator)
+    labels = tokens.masked_fill(torch.arange(6) >= torch.randint(2, 7, (8, 1), generator=generator), -100)
+    torch.manual_seed(0)
+    model = TinyTokenModel().double()
+    monitor = AccumulatingNoiseScaleMonitor(model, loss_fn, check_independence=False)
+    with pytest.raises(ValueError, match=("weighting='token'" if declared else "differ when computed in two halves")
+                       + r".*accumulated from 2 micro-batches"):
+        monitor.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
+    assert all(p.grad is None for p in model.parameters()) and monitor.step == 0
+    monitor.accumulate([(tokens, labels)])   # one micro-batch: the batch's own step
+    assert monitor.step == 1
+
+
 def test_a_loss_normalised_over_the_whole_batch_is_not_split_into_micro_batches():
     """sequence_cross_entropy's "token" weighting divides by the batch's token count: accumulated micro-batches
     were each divided by their own, and the step was not the batch's (a new user's GPT-2: parameters 2e-2 apart

@@ -96,7 +96,7 @@ from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
 from noisescale._rng import isolated_rng, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
-from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs
+from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs, example_weights
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.factors import full_precision
 from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
@@ -767,7 +767,8 @@ class PerExampleGradNorms:
                                         sharded=self._sharded, probe=probe, inputs=inputs,
                                         check_uses=not self._uses_checked) as ghost_pass:
                 drawn = self._random_state(plan)
-                losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
+                outputs = call_model(self.model, inputs)
+                losses = _checked_losses(self.loss_fn(outputs, targets), batch_size)
                 drawn = drawn, self._random_state(plan)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
@@ -806,7 +807,9 @@ class PerExampleGradNorms:
                         f"the model changed one of its inputs in place during its forward, and parameters "
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
                         "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
-                by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass))
+                weights = example_weights(self.loss_fn, targets, lambda: outputs, losses)
+                by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass,
+                                                              weights))
                 self._warn_if_redrawn(vmap_names, *drawn)
                 self._warn_if_buffers_missed(vmap_names, missed)
             by_parameter = _every_parameter(by_parameter, names, batch_size, dtype, loss.device)
@@ -822,11 +825,12 @@ class PerExampleGradNorms:
         )
 
     def _whole_model_sqnorms(self, inputs: Any, targets: Any, names: list[str], batch_size: int,
-                             ghost_pass: GhostPass) -> dict[str, Tensor]:
-        """The whole-model vmap's norms of ``names``, or an error saying why the hooks could not measure them."""
+                             ghost_pass: GhostPass, weights: Tensor | None) -> dict[str, Tensor]:
+        """The whole-model vmap's norms of ``names`` (each example's gradient scaled by ``weights``,
+        ``coupling.example_weights``), or an error saying why the hooks could not measure them."""
         try:
             return vmap_sqnorms(self.model, self.loss_fn, inputs, targets, names, batch_size, self.chunk_size,
-                                self._buffers_before.of(self.model))
+                                self._buffers_before.of(self.model), weights)
         except Exception as error:
             if self.backend == "vmap":
                 why = ("backend='vmap' runs the whole model under torch.func.vmap (or one example at a time where vmap "
@@ -1043,6 +1047,12 @@ class PerExampleGradNorms:
             "PerExampleGradNorms call with a per-example loss); check_independence=False skips this check",
             RuntimeWarning, stacklevel=4)
 
+    def _outputs_without_grad(self, inputs: Any) -> Any:
+        """The model's outputs on ``inputs``, without grad, its buffers and the random streams put back after."""
+        with kept_buffers(self.model), torch.no_grad(), isolated_rng(list(self.model.parameters())), \
+                quiet_torch_notes():
+            return call_model(self.model, inputs)
+
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
                           ghost_pass: GhostPass, batch_size: int, scale: float,
                           received: set[str]) -> dict[str, Tensor]:
@@ -1052,8 +1062,9 @@ class PerExampleGradNorms:
         gradient (``received``) must get it through the outputs; the others (XLNet's segment bias without
         token types) have zero norms."""
         if vmap_batch is not None:
+            weights = example_weights(self.loss_fn, vmap_batch[1], partial(self._outputs_without_grad, vmap_batch[0]))
             return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size,
-                                self._buffers_before.of(self.model))
+                                self._buffers_before.of(self.model), weights)
         kept = outputs.gradients([self.model.get_parameter(name) for name in names if name in received])
         if isinstance(kept, str):
             _refuse_vmap(names, ghost_pass, because=kept)

@@ -39,12 +39,14 @@ from noisescale._buffers import kept_buffers
 from noisescale._modes import eval_mode
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
 from noisescale.batches import call_model, map_tensors, tensors_of
+from noisescale.losses import example_weights_in_batch, normalised_over_the_batch
 from noisescale.per_example.checkpointing import checkpointing_off
-from noisescale.per_example.layers import rounding_tolerance
+from noisescale.per_example.layers import close_values, rounding_tolerance
 from noisescale.per_example.vmap import quiet_torch_notes
 from noisescale.sharded import sharding_kept
 
-__all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "replaced_examples"]
+__all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "example_weights",
+           "losses_of_parts", "observed_example_weights", "replaced_examples"]
 
 
 class Coupling:
@@ -250,3 +252,88 @@ def _tolerance(values: Tensor, parameters: list[Tensor]) -> float:
     if torch.is_autocast_enabled(values.device.type):
         dtypes.append(torch.bfloat16)
     return max(rounding_tolerance(dtype) for dtype in dtypes)
+
+
+def losses_of_parts(loss_fn: Callable[[Any, Any], Tensor], outputs: Any, targets: Any, batch_size: int,
+                    parts: list[slice]) -> Tensor | None:
+    """``loss_fn`` on each part (rows) of one forward's ``outputs`` and of ``targets``, concatenated, without grad;
+    None where it cannot be computed so (the loss raised, or gave no (n,) tensor for a part of n examples)."""
+    def rows(value: Any, part: slice) -> Any:
+        return map_tensors(lambda t: t[part] if t.dim() and t.shape[0] == batch_size else t, value)
+
+    pieces = []
+    with torch.no_grad():
+        for part in parts:
+            try:
+                piece = loss_fn(rows(outputs, part), rows(targets, part))
+            except Exception:   # outputs whose examples are not in dim 0: nothing can be told
+                return None
+            if not (isinstance(piece, Tensor) and piece.shape == (len(range(batch_size)[part]),)):
+                return None
+            pieces.append(piece)
+    return torch.cat(pieces)
+
+
+def observed_example_weights(loss_fn: Callable[[Any, Any], Tensor], outputs: Any, targets: Any,
+                             losses: Tensor) -> Tensor | None:
+    """(B,) w_i = l_i / l_i^alone for a loss normalised over the batch it is given by a count of its targets (a
+    token mean written in one's own function): ``losses`` are l_i of one forward's ``outputs``, and l_i^alone the
+    same loss on example i's rows of those outputs alone, so that a pass taking one example at a time can scale its
+    gradient back (``losses.example_weights_in_batch`` gives them where the loss is known). None where the losses
+    of two halves of the batch equal the whole batch's (no such normalisation) or are not the whole's times one
+    factor within each half (no count: outputs that pair examples with each other), or where the loss cannot be
+    computed on parts, or not finite (the step is reported as such). Raises ValueError where an example alone has
+    no loss but has one in the batch."""
+    batch_size = losses.shape[0]
+    losses = losses.detach()
+    half = batch_size // 2
+    halves = None if batch_size < 2 or not bool(torch.isfinite(losses).all()) else losses_of_parts(loss_fn, outputs, targets, batch_size,
+                                                         [slice(0, half), slice(half, batch_size)])
+    if halves is None or not bool(torch.isfinite(halves).all()) or close_values(halves, losses):
+        return None
+    if not all(_one_factor(losses[part], halves[part]) for part in (slice(0, half), slice(half, batch_size))):
+        return None   # the parts' losses are not the whole's times one factor: not a count (outputs that pair
+        # the examples with each other, CLIP's scores, whose rows alone are not the examples' own)
+    alone = losses_of_parts(loss_fn, outputs, targets, batch_size, [slice(i, i + 1) for i in range(batch_size)])
+    if alone is None:
+        return None
+    zero = alone == 0
+    if bool((zero & (losses != 0)).any()):
+        raise ValueError("loss_fn normalises each example's loss over the batch it is given, and an example that "
+                         "has a loss in the batch has none alone, so a pass that takes one example at a time cannot "
+                         "be scaled back to it; write the loss so that each example's loss reads that example alone")
+    return torch.where(zero, torch.zeros_like(losses), losses / torch.where(zero, torch.ones_like(alone), alone))
+
+
+def _one_factor(whole: Tensor, part: Tensor) -> bool:
+    """Whether ``whole`` is ``part`` times one factor (a part's count over the whole batch's), where neither is 0."""
+    counted = (whole != 0) & (part != 0)
+    if not bool(((whole == 0) == (part == 0)).all()):
+        return False
+    ratios = whole[counted] / part[counted]
+    return not ratios.numel() or close_values(ratios, ratios[:1].expand_as(ratios))
+
+
+def example_weights(loss_fn: Callable[[Any, Any], Tensor], targets: Any, forward: Callable[[], Any],
+                    losses: Tensor | None = None) -> Tensor | None:
+    """(B,) weights w_i that scale example i's gradient taken alone back to its loss within the batch, or None
+    (all 1): ``losses.example_weights_in_batch`` for a loss known from its arguments, else read by
+    :func:`observed_example_weights` from the outputs ``forward()`` returns (and their losses ``losses``, computed
+    from them where not given). A loss declared ``normalised_over_the_batch`` whose weights cannot be read so is
+    refused."""
+    known = example_weights_in_batch(loss_fn, targets)
+    if known is not None:
+        return known
+    outputs = forward()
+    with torch.no_grad():
+        losses = loss_fn(outputs, targets) if losses is None else losses
+    observed = observed_example_weights(loss_fn, outputs, targets, losses)
+    if observed is None and normalised_over_the_batch(loss_fn):
+        raise ValueError(
+            f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is declared normalised over the batch "
+            "(normalised_over_the_batch = True), but its losses on parts of the batch could not be computed from the "
+            "model's outputs, so the passes that take one example at a time (the whole-model vmap, B_noise's "
+            "per-example gradients) cannot scale each example back to the batch's normalisation; use "
+            "sequence_cross_entropy(weighting='token') as a functools.partial, whose weights noisescale knows, or "
+            "a loss that weights each example on its own")
+    return observed

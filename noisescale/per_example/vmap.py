@@ -37,7 +37,6 @@ from noisescale._functional import functional_call
 from noisescale._gradient_norm import dense_gradient
 from noisescale._rng import isolated_rng
 from noisescale.batches import call_arguments
-from noisescale.losses import example_weights_in_batch
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.factors import per_example_sqnorm
 
@@ -150,7 +149,7 @@ def _own_pass(model: nn.Module) -> Iterator[None]:
 
 def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
                  names: list[str], batch_size: int, chunk_size: int | None = None,
-                 buffers: PassBuffers | None = None) -> dict[str, Tensor]:
+                 buffers: PassBuffers | None = None, weights: Tensor | None = None) -> dict[str, Tensor]:
     """(B,) squared norms |dl_i/dtheta|^2 for each parameter named in ``names`` (names of model.named_parameters).
 
     Parameters not in ``names`` enter as constants. Tied parameters appear once in named_parameters and are
@@ -159,10 +158,9 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
     ``buffers``: the model's buffers as the forward should find them, and those a forward changes in place
     (default: as they are now, none known to change); every forward starts from fresh copies of the changing ones,
     and the others are copied once per call (a forward that starts to change one cannot touch the model's own).
-    A loss normalised over the batch (``sequence_cross_entropy(weighting="token")``) is taken here on each example
-    alone, so its norms are scaled by :func:`noisescale.losses.example_weights_in_batch` squared.
+    ``weights``: (B,) factors of the examples' gradients, for a loss normalised over the batch, which is taken here
+    on each example alone (``coupling.example_weights``); the norms are scaled by their squares.
     """
-    weights = example_weights_in_batch(loss_fn, targets)   # before any work: it raises for a weighting not known
     all_parameters = dict(model.named_parameters())
     trainable = {name: all_parameters[name].detach() for name in names}
     constants = _prefixed({name: p.detach() for name, p in all_parameters.items() if name not in trainable})
