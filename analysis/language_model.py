@@ -19,10 +19,11 @@ fixed-batch baseline at equal tokens.
    library's ``NoiseScaleBatchPolicy`` (kappa 1, at most doubling a step, never decreasing), from 8 in [8, 256] and
    from 32 in [32, 256]: what a user without the branching gets. Every arm's learning rate is multiplied by
    sqrt(B / 32).
-4. ``--tune-lr``: the learning rate tuned at equal tokens for the strongest simple baseline, fixed B = 16, 24, 32, 40,
-   64, for the online policy from 8, and for ``ramp``, a straight line from B = 8 to 80 in examples seen: the
-   online policy's step count without its measurement, a control for the schedule's shape (factors 0.5, 1, 2 of
-   the arms' rate on seed 0, widened past the grid's edge, then refined by sqrt(2); the best factor on 5 seeds);
+4. ``--tune-lr``: the learning rate tuned at equal tokens for the strongest simple baseline, fixed B = 8, 12, 16, 20,
+   24, 32, 40, 64, for the online policy from 8, and for ``ramp_E``, straight lines from B = 8 to E = 40, 80, 160 in
+   examples seen: batch growth without measurement, a control for the schedule's shape (E = 80 takes about the
+   online policy's steps). Factors 0.5, 1, 2 of the arms' rate on seed 0, widened past the grid's edge, then
+   refined by sqrt(2); the best factor on 5 seeds;
    data/lm/tuned_lr*.csv, resumable on the same machine (finished runs in tuned_lr_curves.csv are not trained
    again).
 
@@ -78,15 +79,16 @@ def experiment(quick: bool) -> dict:
                     settings=LanguageModelSettings(block_size=32, batch_size=16, validation_windows=64),
                     reference_steps=60, checkpoint_steps=(10, 30), hessian_every=20, branch_batch_sizes=(4, 8, 16, 32),
                     branch_examples=128, branch_seeds=(0, 1), tolerance=0.01, warmup_seeds=(0, 1), evaluations=4,
-                    tune_seeds=(0, 1), ramp_end=16)
+                    tune_seeds=(0, 1), ramp_ends=(16,))
     return dict(model=dict(d_model=64, n_heads=4, n_layers=2, block_size=64),
                 settings=LanguageModelSettings(block_size=64, batch_size=32, learning_rate=3e-3,
                                                validation_windows=256),
                 reference_steps=600, checkpoint_steps=(30, 75, 150, 300, 450), hessian_every=50,
                 branch_batch_sizes=(8, 16, 32, 64, 128, 256), branch_examples=2048, branch_seeds=(0, 1),
                 tolerance=0.01, warmup_seeds=(0, 1, 2), evaluations=8, tune_seeds=(0, 1, 2, 3, 4),
-                # (19,200 / 72) ln(80 / 8) = 614 steps on the straight line from 8 to 80, the online policy's ~610
-                ramp_end=80)
+                # (19,200 / (E - 8)) ln(E / 8) steps on the straight line from 8 to E: 966, 614 (the online policy's
+                # ~600) and 378
+                ramp_ends=(40, 80, 160))
 
 
 def layer_type(model: nn.Module, parameter_name: str) -> str:
@@ -308,7 +310,7 @@ def warmup_runs(config: dict, corpus, device, curve: pd.DataFrame, arms=WARMUP_A
                          for row in train_arm(config, corpus, device, arm, seed, schedules[arm])])
 
 
-TUNED = dict(batch_sizes=(16, 24, 32, 40, 64), lr_factors=(0.5, 1.0, 2.0))
+TUNED = dict(batch_sizes=(8, 12, 16, 20, 24, 32, 40, 64), lr_factors=(0.5, 1.0, 2.0))
 
 
 def linear_ramp(start: int, end: int, examples: int):
@@ -319,13 +321,13 @@ def linear_ramp(start: int, end: int, examples: int):
 
 def tuned_candidates(config: dict) -> dict:
     """Arm -> schedule factory of ``--tune-lr``: the fixed batches of ``TUNED`` (the strongest simple baseline), the
-    online policy from the smallest branch batch (``adaptive``), and ``ramp``: a straight line from that batch to
-    ``config["ramp_end"]``, chosen so that it takes about as many steps as the online policy, a control for whether
-    the measured shape matters at equal tokens and steps."""
+    online policy from the smallest branch batch (``adaptive``), and ``ramp_E``: a straight line from that batch to
+    each E of ``config["ramp_ends"]``, batch growth without measurement, a control for whether the measured shape
+    matters at equal tokens and steps."""
     sizes = config["branch_batch_sizes"]
     examples = config["reference_steps"] * config["settings"].batch_size
     candidates = {f"fixed_{size}": fixed_batch(size) for size in TUNED["batch_sizes"]}
-    candidates["ramp"] = linear_ramp(min(sizes), config["ramp_end"], examples)
+    candidates |= {f"ramp_{end}": linear_ramp(min(sizes), end, examples) for end in config["ramp_ends"]}
     candidates["adaptive"] = online_policy(min(sizes), max(sizes))
     return candidates
 
@@ -401,17 +403,21 @@ def tuned_summary(grid: pd.DataFrame) -> pd.DataFrame:
                                                                                      tried["validation_loss"])),
                      "at_edge": factor in (tried["lr_factor"].min(), tried["lr_factor"].max())})
     order = {arm: k for k, arm in enumerate(sorted(tuned["arm"].unique(), key=lambda arm: (
-        not arm.startswith("fixed_"), arm == "adaptive", int(arm.split("_")[1]) if arm.startswith("fixed_") else 0)))}
+        arm == "adaptive", arm.startswith("ramp_"), int(arm.split("_")[1]) if "_" in arm else 0)))}
     summary = pd.DataFrame(rows).sort_values("arm", key=lambda arms: arms.map(order))
-    summary["fixed_steps_at_this_loss"] = fixed_front_steps(summary, summary["validation_loss_mean"])
+    for kind in ("fixed", "ramp"):
+        summary[f"{kind}_steps_at_this_loss"] = front_steps(summary, summary["validation_loss_mean"], kind)
     return summary
 
 
-def fixed_front_steps(summary: pd.DataFrame, losses) -> np.ndarray:
-    """The steps the front of tuned fixed batches needs for each of ``losses``: linear between the fixed arms'
-    (mean final loss, steps), each fixed arm a run of its own length with its own schedule; NaN outside the front."""
-    front = summary[summary["arm"].str.startswith("fixed_")].sort_values("validation_loss_mean")
-    return np.interp(losses, front["validation_loss_mean"], front["steps_mean"], left=np.nan, right=np.nan)
+def front_steps(summary: pd.DataFrame, losses, kind: str = "fixed") -> np.ndarray:
+    """The steps the front of the tuned arms ``kind``_* (fixed batches, or ramps) needs for each of ``losses``:
+    linear between those arms' (mean final loss, mean steps), each a run of its own length with its own schedule,
+    leaving out an arm that another reaches a lower loss than in fewer steps; NaN outside the front."""
+    arms = summary[summary["arm"].str.startswith(f"{kind}_")].sort_values("steps_mean")
+    front = arms[arms["validation_loss_mean"] < arms["validation_loss_mean"].cummin().shift(1, fill_value=np.inf)]
+    return np.interp(losses, front["validation_loss_mean"][::-1], front["steps_mean"][::-1], left=np.nan,
+                     right=np.nan)
 
 
 def warmup_summary(curves: pd.DataFrame) -> pd.DataFrame:
@@ -517,7 +523,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=WARMUP_ARMS, default=list(WARMUP_ARMS),
                         help="warmup arms to run; the others' rows are kept from the existing warmup_curves.csv")
     parser.add_argument("--tune-lr", action="store_true",
-                        help="only the fixed batch sizes, the ramp and the online policy with their learning rate "
+                        help="only the fixed batch sizes, the ramps and the online policy with their learning rate "
                              "tuned (data/lm/tuned_lr*.csv); nothing else is run or written")
     args = parser.parse_args()
     device = resolve_device(args.device)

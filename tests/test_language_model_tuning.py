@@ -35,12 +35,13 @@ def fake_training(optimum: dict, calls: list):
 def test_the_search_finds_each_arms_best_factor_and_runs_it_on_every_seed(language_model, monkeypatch):
     config = language_model.experiment(quick=True)
     arms = list(language_model.tuned_candidates(config))
-    assert arms == ["fixed_16", "fixed_24", "fixed_32", "fixed_40", "fixed_64", "ramp", "adaptive"]
-    # log2 of each arm's true best: on the grid, between its points, past the upper edge (widened 3 times), past
-    # the lower edge, between the widened points
-    optimum = dict(zip(arms, [2 ** 0, 2 ** 0.4, 2 ** 3, 2 ** -2, 2 ** -0.6, 2 ** 1, 2 ** 2.3]))
+    assert arms == ["fixed_8", "fixed_12", "fixed_16", "fixed_20", "fixed_24", "fixed_32", "fixed_40", "fixed_64",
+                    "ramp_16", "adaptive"]
+    # each arm's true best: on the grid, between its points, past the upper edge (widened 3 times), past the lower
+    # edge, between the widened points
+    optimum = dict(zip(arms, [2 ** log2 for log2 in (0.1, 0, 0.4, 3, -2, -0.6, 1, 2.3, -0.4, 1.6)]))
     # the factor the search can find: the grid's, or one refinement of sqrt(2) from the grid's best
-    best = dict(zip(arms, [1.0, math.sqrt(2), 8.0, 0.25, 0.5 * math.sqrt(2), 2.0, 4 * math.sqrt(2)]))
+    best = dict(zip(arms, [2 ** log2 for log2 in (0, 0, 0.5, 3, -2, -0.5, 1, 2.5, -0.5, 1.5)]))
     calls, saved = [], []
     monkeypatch.setattr(language_model, "train_arm", fake_training(optimum, calls))
     grid = language_model.tuned_runs(config, None, "cpu", save=saved.append)
@@ -49,7 +50,7 @@ def test_the_search_finds_each_arms_best_factor_and_runs_it_on_every_seed(langua
     for arm, factor in best.items():
         assert summary.loc[arm, "lr_factor"] == pytest.approx(factor, rel=1e-12)
         assert summary.loc[arm, "seeds"] == len(config["tune_seeds"]) and not summary.loc[arm, "at_edge"]
-    assert (summary.index[-2:] == ["ramp", "adaptive"]).all()
+    assert (summary.index[-2:] == ["ramp_16", "adaptive"]).all()
 
     # resumed from the last table saved before the final run: only that run is trained again
     calls.clear()
@@ -70,9 +71,12 @@ def test_the_ramp_is_a_straight_line_in_examples_seen(language_model):
 
 
 def test_the_fixed_front_gives_the_steps_a_tuned_fixed_batch_needs_for_a_loss(language_model):
-    summary = pd.DataFrame({"arm": ["fixed_16", "fixed_24", "fixed_32", "adaptive"],
-                            "steps_mean": [1200.0, 800.0, 600.0, 575.0],
-                            "validation_loss_mean": [1.6, 1.8, 2.0, 1.7]})
-    steps = language_model.fixed_front_steps(summary, [1.7, 1.9, 1.6, 1.5, 2.1])
+    summary = pd.DataFrame({"arm": ["fixed_8", "fixed_16", "fixed_24", "fixed_32", "adaptive"],
+                            "steps_mean": [2400.0, 1200.0, 800.0, 600.0, 575.0],
+                            "validation_loss_mean": [1.61, 1.6, 1.8, 2.0, 1.7]})   # fixed_8: off the front
+    steps = language_model.front_steps(summary, [1.7, 1.9, 1.6, 1.5, 2.1])
     assert steps[:3].tolist() == pytest.approx([1000.0, 700.0, 1200.0])
     assert math.isnan(steps[3]) and math.isnan(steps[4])   # beyond the front: no extrapolation
+    ramps = pd.DataFrame({"arm": ["ramp_40", "ramp_80", "fixed_16"], "steps_mean": [960.0, 610.0, 1200.0],
+                          "validation_loss_mean": [1.64, 1.67, 1.6]})
+    assert language_model.front_steps(ramps, [1.65], "ramp").tolist() == pytest.approx([960 - 350 / 3])

@@ -62,12 +62,21 @@ def test_notebook_runs_and_prints_the_shipped_results():
         seed0 = final[(final["arm"] == arm) & (final["seed"] == 0)]   # tuned on seed 0
         assert runs["lr_factor"].iloc[0] == seed0.loc[seed0["validation_loss"].idxmin(), "lr_factor"]
         tuned[arm] = (runs["lr_factor"].iloc[0], runs["step"].mean(), runs["validation_loss"].mean())
-    assert set(tuned) == {"fixed_16", "fixed_24", "fixed_32", "fixed_40", "fixed_64", "ramp", "adaptive"}
-    best = min((arm for arm in tuned if arm.startswith("fixed_")), key=lambda arm: tuned[arm][2])
-    for arm, label in [("adaptive", "online policy ("), ("ramp", "straight-line ramp ("),
-                       (best, f"best fixed batch ({best}, ")]:
+    assert set(tuned) == {"fixed_8", "fixed_12", "fixed_16", "fixed_20", "fixed_24", "fixed_32", "fixed_40", "fixed_64",
+                          "ramp_40", "ramp_80", "ramp_160", "adaptive"}
+    fixed, lowest = [], np.inf   # (loss, steps) of the fixed batches no other beats in fewer steps
+    for steps, loss in sorted((tuned[arm][1], tuned[arm][2]) for arm in tuned if arm.startswith("fixed_")):
+        if loss < lowest:
+            fixed, lowest = [(loss, steps), *fixed], loss
+    for arm, label in [("adaptive", "online policy ("), ("ramp_40", "straight-line ramp 8 to 40 ("),
+                       ("ramp_80", "straight-line ramp 8 to 80 ("), ("ramp_160", "straight-line ramp 8 to 160 (")]:
         factor, steps, loss = tuned[arm]
-        assert f"{label}factor {factor:g}): {steps:.0f} steps to {loss:.3f}" in printed
+        front = np.interp(loss, *zip(*fixed), left=np.nan, right=np.nan)
+        assert f"{label}factor {factor:g}): {steps:.0f} steps to {loss:.3f}, where the fixed batches need " \
+               f"{front:.0f}" in printed
+    best = min((arm for arm in tuned if arm.startswith("fixed_")), key=lambda arm: tuned[arm][2])
+    factor, steps, loss = tuned[best]
+    assert f"best fixed batch ({best}, factor {factor:g}): {steps:.0f} steps to {loss:.3f}" in printed
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert len(images) == 2  # noise scale against branching, and the warmup comparison
