@@ -89,12 +89,17 @@ def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_
     assert example_weights_in_batch(my_token_loss, labels) is None
     torch.testing.assert_close(example_weights(my_token_loss, labels, lambda: logits),
                                example_weights_in_batch(token, labels), rtol=1e-12, atol=0)
-    assert example_weights(functools.partial(sequence_cross_entropy, shift=True), labels, lambda: logits) is None
+    ones = torch.ones(4, dtype=torch.float64)
+    assert torch.equal(example_weights(functools.partial(sequence_cross_entropy, shift=True), labels, lambda: logits),
+                       ones)
+    my_token_loss.normalised_over_the_batch = True   # declared: a batch of equal counts has weights 1, not an error
+    full = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(example_weights(my_token_loss, full, lambda: logits), ones, rtol=1e-12, atol=0)
 
     scores = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     def own_score(scores, y):   # a CLIP-like score of each example with itself: rows alone are not the examples
         return (scores.diagonal() - y).square()
-    assert example_weights(own_score, torch.zeros(4, dtype=torch.float64), lambda: scores) is None
+    assert torch.equal(example_weights(own_score, torch.zeros(4, dtype=torch.float64), lambda: scores), ones)
 
     def fixed_size_loss(outputs, labels):   # declared, but cannot be computed on parts of the batch
         if outputs.shape[0] != 4:

@@ -279,21 +279,24 @@ def observed_example_weights(loss_fn: Callable[[Any, Any], Tensor], outputs: Any
     """(B,) w_i = l_i / l_i^alone for a loss normalised over the batch it is given by a count of its targets (a
     token mean written in one's own function): ``losses`` are l_i of one forward's ``outputs``, and l_i^alone the
     same loss on example i's rows of those outputs alone, so that a pass taking one example at a time can scale its
-    gradient back (``losses.example_weights_in_batch`` gives them where the loss is known). None where the losses
-    of two halves of the batch equal the whole batch's (no such normalisation) or are not the whole's times one
-    factor within each half (no count: outputs that pair examples with each other), or where the loss cannot be
-    computed on parts, or not finite (the step is reported as such). Raises ValueError where an example alone has
-    no loss but has one in the batch."""
+    gradient back (``losses.example_weights_in_batch`` gives them where the loss is known). Ones where the losses of
+    two halves of the batch equal the whole batch's (no such normalisation in this batch), where they are not the
+    whole's times one factor within each half (no count: outputs that pair examples with each other, CLIP's scores,
+    whose rows alone are not the examples' own), and for a batch of one or a loss not finite (the step reports it).
+    None where the loss cannot be computed on parts. Raises ValueError where an example alone has no loss but has
+    one in the batch."""
     batch_size = losses.shape[0]
     losses = losses.detach()
+    ones = torch.ones_like(losses)
+    if batch_size < 2 or not bool(torch.isfinite(losses).all()):
+        return ones
     half = batch_size // 2
-    halves = None if batch_size < 2 or not bool(torch.isfinite(losses).all()) else losses_of_parts(loss_fn, outputs, targets, batch_size,
-                                                         [slice(0, half), slice(half, batch_size)])
-    if halves is None or not bool(torch.isfinite(halves).all()) or close_values(halves, losses):
+    halves = losses_of_parts(loss_fn, outputs, targets, batch_size, [slice(0, half), slice(half, batch_size)])
+    if halves is None:
         return None
-    if not all(_one_factor(losses[part], halves[part]) for part in (slice(0, half), slice(half, batch_size))):
-        return None   # the parts' losses are not the whole's times one factor: not a count (outputs that pair
-        # the examples with each other, CLIP's scores, whose rows alone are not the examples' own)
+    if (not bool(torch.isfinite(halves).all()) or close_values(halves, losses)
+            or not all(_one_factor(losses[part], halves[part]) for part in (slice(0, half), slice(half, batch_size)))):
+        return ones
     alone = losses_of_parts(loss_fn, outputs, targets, batch_size, [slice(i, i + 1) for i in range(batch_size)])
     if alone is None:
         return None
@@ -302,7 +305,7 @@ def observed_example_weights(loss_fn: Callable[[Any, Any], Tensor], outputs: Any
         raise ValueError("loss_fn normalises each example's loss over the batch it is given, and an example that "
                          "has a loss in the batch has none alone, so a pass that takes one example at a time cannot "
                          "be scaled back to it; write the loss so that each example's loss reads that example alone")
-    return torch.where(zero, torch.zeros_like(losses), losses / torch.where(zero, torch.ones_like(alone), alone))
+    return torch.where(zero, torch.zeros_like(losses), losses / torch.where(zero, ones, alone))
 
 
 def _one_factor(whole: Tensor, part: Tensor) -> bool:
@@ -316,11 +319,11 @@ def _one_factor(whole: Tensor, part: Tensor) -> bool:
 
 def example_weights(loss_fn: Callable[[Any, Any], Tensor], targets: Any, forward: Callable[[], Any],
                     losses: Tensor | None = None) -> Tensor | None:
-    """(B,) weights w_i that scale example i's gradient taken alone back to its loss within the batch, or None
-    (all 1): ``losses.example_weights_in_batch`` for a loss known from its arguments, else read by
+    """(B,) weights w_i that scale example i's gradient taken alone back to its loss within the batch:
+    ``losses.example_weights_in_batch`` for a loss known from its arguments, else read by
     :func:`observed_example_weights` from the outputs ``forward()`` returns (and their losses ``losses``, computed
-    from them where not given). A loss declared ``normalised_over_the_batch`` whose weights cannot be read so is
-    refused."""
+    from them where not given). None (taken as 1) where the loss cannot be computed on parts of the batch; a loss
+    declared ``normalised_over_the_batch`` is then refused."""
     known = example_weights_in_batch(loss_fn, targets)
     if known is not None:
         return known
@@ -328,7 +331,7 @@ def example_weights(loss_fn: Callable[[Any, Any], Tensor], targets: Any, forward
     with torch.no_grad():
         losses = loss_fn(outputs, targets) if losses is None else losses
     observed = observed_example_weights(loss_fn, outputs, targets, losses)
-    if observed is None and normalised_over_the_batch(loss_fn):
+    if observed is None and normalised_over_the_batch(loss_fn):   # declared, and its parts cannot be computed
         raise ValueError(
             f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is declared normalised over the batch "
             "(normalised_over_the_batch = True), but its losses on parts of the batch could not be computed from the "
