@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["example_weights_in_batch", "logits_of", "normalised_over_the_batch", "per_example_cross_entropy",
-           "sequence_cross_entropy", "WEIGHTINGS"]
+           "sequence_cross_entropy", "weighted_alone", "WEIGHTINGS"]
 
 WEIGHTINGS = ("example", "token")
 IGNORE_INDEX = -100   # the label of a token that counts for nothing, as in HuggingFace
@@ -95,6 +95,14 @@ def normalised_over_the_batch(loss_fn: Callable) -> bool:
 def _counted(labels: Tensor, ignore_index: int) -> Tensor:
     """Which tokens :func:`sequence_cross_entropy` counts: those whose label (after any shift) is not ignored."""
     return labels != ignore_index
+
+
+def weighted_alone(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` is known to weight each example on its own: :func:`per_example_cross_entropy`, or
+    :func:`sequence_cross_entropy` with the "example" weighting (called directly or through ``functools.partial``)."""
+    func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    return func is per_example_cross_entropy or (func is sequence_cross_entropy
+                                                 and not normalised_over_the_batch(loss_fn))
 
 
 def example_weights_in_batch(loss_fn: Callable, targets: Any) -> Tensor | None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisescale.losses import example_weights_in_batch, per_example_cross_entropy, sequence_cross_entropy
+from noisescale.losses import (example_weights_in_batch, per_example_cross_entropy, sequence_cross_entropy,
+                               weighted_alone)
 from noisescale.per_example.coupling import example_weights
 
 
@@ -90,8 +91,11 @@ def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_
     torch.testing.assert_close(example_weights(my_token_loss, labels, lambda: logits),
                                example_weights_in_batch(token, labels), rtol=1e-12, atol=0)
     ones = torch.ones(4, dtype=torch.float64)
-    assert torch.equal(example_weights(functools.partial(sequence_cross_entropy, shift=True), labels, lambda: logits),
-                       ones)
+    for alone in (functools.partial(sequence_cross_entropy, shift=True), sequence_cross_entropy):   # no forward run
+        assert weighted_alone(alone) and example_weights(alone, labels, forward=None) is None
+    assert not weighted_alone(token) and not weighted_alone(my_token_loss)
+    example = functools.partial(sequence_cross_entropy, shift=True)
+    assert torch.equal(example_weights(lambda outputs, y: example(outputs, y), labels, lambda: logits), ones)
     my_token_loss.normalised_over_the_batch = True   # declared: a batch of equal counts has weights 1, not an error
     full = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(example_weights(my_token_loss, full, lambda: logits), ones, rtol=1e-12, atol=0)

@@ -767,8 +767,7 @@ class PerExampleGradNorms:
                                         sharded=self._sharded, probe=probe, inputs=inputs,
                                         check_uses=not self._uses_checked) as ghost_pass:
                 drawn = self._random_state(plan)
-                outputs = call_model(self.model, inputs)
-                losses = _checked_losses(self.loss_fn(outputs, targets), batch_size)
+                losses = _checked_losses(self.loss_fn(call_model(self.model, inputs), targets), batch_size)
                 drawn = drawn, self._random_state(plan)
                 loss = losses.mean()
                 objective = loss if scale == 1.0 and not isinstance(loss_scale, Tensor) else loss * loss_scale
@@ -807,7 +806,8 @@ class PerExampleGradNorms:
                         f"the model changed one of its inputs in place during its forward, and parameters "
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
                         "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
-                weights = example_weights(self.loss_fn, targets, lambda: outputs, losses)
+                # from a forward of their own (no grad): the step's outputs, as large as the logits, are not kept
+                weights = example_weights(self.loss_fn, targets, partial(self._outputs_without_grad, inputs))
                 by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass,
                                                               weights))
                 self._warn_if_redrawn(vmap_names, *drawn)

@@ -39,7 +39,7 @@ from noisescale._buffers import kept_buffers
 from noisescale._modes import eval_mode
 from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
 from noisescale.batches import call_model, map_tensors, tensors_of
-from noisescale.losses import example_weights_in_batch, normalised_over_the_batch
+from noisescale.losses import example_weights_in_batch, normalised_over_the_batch, weighted_alone
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.layers import close_values, rounding_tolerance
 from noisescale.per_example.vmap import quiet_torch_notes
@@ -320,12 +320,13 @@ def _one_factor(whole: Tensor, part: Tensor) -> bool:
 def example_weights(loss_fn: Callable[[Any, Any], Tensor], targets: Any, forward: Callable[[], Any],
                     losses: Tensor | None = None) -> Tensor | None:
     """(B,) weights w_i that scale example i's gradient taken alone back to its loss within the batch:
-    ``losses.example_weights_in_batch`` for a loss known from its arguments, else read by
+    ``losses.example_weights_in_batch`` for a loss known from its arguments (None for the shipped losses that weight
+    each example alone), else read by
     :func:`observed_example_weights` from the outputs ``forward()`` returns (and their losses ``losses``, computed
     from them where not given). None (taken as 1) where the loss cannot be computed on parts of the batch; a loss
     declared ``normalised_over_the_batch`` is then refused."""
     known = example_weights_in_batch(loss_fn, targets)
-    if known is not None:
+    if known is not None or weighted_alone(loss_fn):   # no forward for the shipped losses
         return known
     outputs = forward()
     with torch.no_grad():
