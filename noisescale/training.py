@@ -113,7 +113,7 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
-from noisescale.per_example.coupling import losses_of_parts
+from noisescale.per_example.coupling import observed_example_weights
 from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
@@ -231,9 +231,11 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches would each
         be normalised by their own count, and the step would not be the batch's. Declared
         (``losses.normalised_over_the_batch``) at every split step; otherwise found once, at the first split step
-        on one process, by the first micro-batch's losses computed whole and in two halves on one forward's
-        outputs (no grad; random streams and buffers kept, so the training is unchanged). Under DDP (whose forward
-        may communicate) only the declared losses are refused."""
+        on one process, where the first micro-batch's examples' losses computed whole and each alone, on one
+        forward's outputs, differ by a count (``coupling.observed_example_weights``; no grad, random streams and
+        buffers kept, so the training is unchanged). A first micro-batch whose examples count alike (every sequence
+        full) shows nothing: declare such a loss. Under DDP (whose forward may communicate) only the declared
+        losses are refused."""
         batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
         how = f"accumulated from {len(micro_batches)} micro-batches"
         if normalised_over_the_batch(self.loss_fn):
@@ -249,8 +251,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
                 and bool(torch.isfinite(whole).all())):
             return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
-        halves = losses_of_parts(self.loss_fn, outputs, targets, size, [slice(0, size // 2), slice(size // 2, size)])
-        if halves is not None and not close_values(halves, whole):
+        weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
+        if weights is not None and not close_values(weights, torch.ones_like(weights)):
             raise ValueError(_split_refusal(how, batch_size, found=True))
 
     def _normalises_with_batch_statistics(self) -> bool:
@@ -934,7 +936,7 @@ def make_batch_size_source(
 
 
 def _split_refusal(how: str, batch_size: int, found: bool = False) -> str:
-    seen = ("its losses of the first micro-batch differ when computed in two halves" if found else
+    seen = ("its first micro-batch's losses differ when its examples are computed alone" if found else
             "sequence_cross_entropy with weighting='token'")
     return (f"the loss normalises each example's loss by a count over the whole batch it is given ({seen}: a "
             f"token mean), and the batch of {batch_size} would be {how}: each part would be normalised by its own "

@@ -3527,3 +3527,30 @@ def test_the_token_weighting_is_exact_where_examples_are_taken_one_at_a_time(bac
     for name, values in expected.items():
         torch.testing.assert_close(result.by_parameter[name], torch.stack(values), rtol=1e-10, atol=1e-300)
     assert result.sqnorms[3] == 0
+
+
+def _token_sum_over_count(outputs, labels):
+    """The token weighting as HF divides by num_items_in_batch, unclamped: an example alone without a counted token
+    has 0/0."""
+    tokens = F.cross_entropy(outputs[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+    return tokens.view(labels.shape[0], -1).sum(1) * labels.shape[0] / (labels[:, 1:] != -100).sum()
+
+
+@pytest.mark.parametrize("loss_fn, counts", [(_token_loss_of_ones_own, (1, 5, 3, 3)),
+                                              (_token_sum_over_count, (0, 0, 6, 2))],
+                         ids=["halves alike", "a half without tokens, unclamped"])
+def test_token_weights_of_ones_own_where_the_halves_tell_nothing(loss_fn, counts):
+    # a reviewer's batches: counts alike in the two halves (weights were taken as 1: one example 9 times too large),
+    # and a half without counted tokens whose loss is 0/0 (weights turned off: an example 1/9 of its norm)
+    torch.manual_seed(0)
+    model = _WeightUsedOutsideItsModule().double()
+    tokens = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(1))
+    labels = tokens.masked_fill(torch.arange(7) > torch.tensor(counts)[:, None], -100)
+    assert (labels[:, 1:] != -100).sum(1).tolist() == list(counts)
+    losses = loss_fn(model(tokens), labels)
+    parameters = dict(model.named_parameters())
+    expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses[i], list(parameters.values()),
+                                                                              retain_graph=True)) for i in range(4)])
+    for backend in ("vmap", "auto"):
+        result = per_example_sqnorms(model, loss_fn, tokens, labels, backend=backend)
+        torch.testing.assert_close(result.sqnorms, expected, rtol=1e-10, atol=1e-300)

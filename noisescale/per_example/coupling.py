@@ -279,39 +279,40 @@ def observed_example_weights(loss_fn: Callable[[Any, Any], Tensor], outputs: Any
     """(B,) w_i = l_i / l_i^alone for a loss normalised over the batch it is given by a count of its targets (a
     token mean written in one's own function): ``losses`` are l_i of one forward's ``outputs``, and l_i^alone the
     same loss on example i's rows of those outputs alone, so that a pass taking one example at a time can scale its
-    gradient back (``losses.example_weights_in_batch`` gives them where the loss is known). Ones where the losses of
-    two halves of the batch equal the whole batch's (no such normalisation in this batch), where they are not the
-    whole's times one factor within each half (no count: outputs that pair examples with each other, CLIP's scores,
-    whose rows alone are not the examples' own), and for a batch of one or a loss not finite (the step reports it).
-    None where the loss cannot be computed on parts. Raises ValueError where an example alone has no loss but has
-    one in the batch."""
+    gradient back (``losses.example_weights_in_batch`` gives them where the loss is known). An example without a
+    loss in the batch (l_i = 0) gets 0, also where alone it is 0/0.
+
+    Ones where every example's loss alone is its loss in the batch, or where the losses of the batch's two halves
+    are not the whole's times one factor within each half (no count: outputs that pair examples with each other,
+    CLIP's scores, whose rows alone are not the examples' own), and for a batch of one or a loss not finite (the
+    step reports it). None where the loss cannot be computed on parts."""
     batch_size = losses.shape[0]
     losses = losses.detach()
     ones = torch.ones_like(losses)
     if batch_size < 2 or not bool(torch.isfinite(losses).all()):
         return ones
+    alone = losses_of_parts(loss_fn, outputs, targets, batch_size, [slice(i, i + 1) for i in range(batch_size)])
+    if alone is None:
+        return None
+    counted = losses != 0   # an example without a loss in the batch: its gradient is 0 whatever the weight
+    if bool((counted & (~torch.isfinite(alone) | (alone == 0))).any()):
+        return ones   # an example with a loss in the batch has none alone: not a count of its own targets
+    if close_values(torch.where(counted, alone, losses), losses):
+        return ones
     half = batch_size // 2
     halves = losses_of_parts(loss_fn, outputs, targets, batch_size, [slice(0, half), slice(half, batch_size)])
     if halves is None:
         return None
-    if (not bool(torch.isfinite(halves).all()) or close_values(halves, losses)
-            or not all(_one_factor(losses[part], halves[part]) for part in (slice(0, half), slice(half, batch_size)))):
+    if not all(_one_factor(losses[part], halves[part]) for part in (slice(0, half), slice(half, batch_size))):
         return ones
-    alone = losses_of_parts(loss_fn, outputs, targets, batch_size, [slice(i, i + 1) for i in range(batch_size)])
-    if alone is None:
-        return None
-    zero = alone == 0
-    if bool((zero & (losses != 0)).any()):
-        raise ValueError("loss_fn normalises each example's loss over the batch it is given, and an example that "
-                         "has a loss in the batch has none alone, so a pass that takes one example at a time cannot "
-                         "be scaled back to it; write the loss so that each example's loss reads that example alone")
-    return torch.where(zero, torch.zeros_like(losses), losses / torch.where(zero, ones, alone))
+    return torch.where(counted, losses / torch.where(counted, alone, ones), torch.zeros_like(losses))
 
 
 def _one_factor(whole: Tensor, part: Tensor) -> bool:
-    """Whether ``whole`` is ``part`` times one factor (a part's count over the whole batch's), where neither is 0."""
-    counted = (whole != 0) & (part != 0)
-    if not bool(((whole == 0) == (part == 0)).all()):
+    """Whether ``whole`` is ``part`` times one factor (a part's count over the whole batch's), where ``whole`` is not
+    0 (an example without a loss: its part's loss may be 0 or 0/0)."""
+    counted = whole != 0
+    if not bool(torch.isfinite(part[counted]).all()) or bool((part[counted] == 0).any()):
         return False
     ratios = whole[counted] / part[counted]
     return not ratios.numel() or close_values(ratios, ratios[:1].expand_as(ratios))
