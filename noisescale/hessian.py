@@ -53,7 +53,6 @@ import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -62,14 +61,12 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from noisescale._buffers import kept_buffers
 from noisescale._checks import check_int
 from noisescale._compiled import eager
 from noisescale._functional import functional_call
 from noisescale._graph import autograd_nodes
 from noisescale._rng import isolated_rng
-from noisescale.batches import (batch_size_of, call_arguments, call_model, concatenate_examples, select_examples,
-                                tensors_of)
+from noisescale.batches import batch_size_of, call_arguments, concatenate_examples, select_examples, tensors_of
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.coupling import example_weights
 from noisescale.per_example.layers import batch_statistics_path
@@ -557,16 +554,9 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
     )
 
 
-def _outputs_without_grad(model: nn.Module, inputs: Any) -> Any:
-    """The model's outputs on ``inputs`` without grad (inside the caller's isolated random streams), its buffers put
-    back after."""
-    with kept_buffers(model), torch.no_grad():
-        return call_model(model, inputs)
-
-
 def _per_example_gradients_of(methods: _Methods, mean_loss, model: nn.Module, loss_fn: LossFunction,
-                              params: Parameters,
-                              parts: Batches, subsample: Tensor, chunk_size: int | None) -> Parameters:
+                              params: Parameters, parts: Batches, subsample: Tensor,
+                              chunk_size: int | None) -> Parameters:
     """The per-example gradients of the examples ``subsample`` (indices into the concatenated ``parts``), stacked
     part by part, in the subsample's order within each part; each example's loss as it is within its part (a loss
     normalised over the batch, scaled by ``coupling.example_weights``), so that their mean over a part is
@@ -576,7 +566,7 @@ def _per_example_gradients_of(methods: _Methods, mean_loss, model: nn.Module, lo
     for start, end, (inputs, targets) in zip([0, *ends], ends, parts):
         local = subsample[(subsample >= start) & (subsample < end)] - start
         if local.numel():
-            weights = example_weights(loss_fn, targets, partial(_outputs_without_grad, model, inputs))
+            weights = example_weights(loss_fn, model, inputs, targets)
             piece = _per_example_gradients(methods, mean_loss, params, select_examples(inputs, local),
                                            select_examples(targets, local), chunk_size)
             if weights is not None:

@@ -89,13 +89,13 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from noisescale._buffers import RunningStatistics, kept_buffers
+from noisescale._buffers import RunningStatistics
 from noisescale._checks import check_int, check_real
 from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
-from noisescale._rng import isolated_rng, rng_state, set_rng_state
+from noisescale._rng import rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
-from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, tensors_of, to_device
+from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
@@ -113,7 +113,7 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
-from noisescale.per_example.coupling import observed_example_weights
+from noisescale.per_example.coupling import observed_example_weights, outputs_without_grad
 from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
@@ -244,8 +244,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         size = batch_size_of(inputs)
         if self._parts_checked or size < 2 or self.process_group is not None:
             return
-        with torch.no_grad(), isolated_rng(tensors_of(inputs)), kept_buffers(self.model):
-            outputs = call_model(self.model, inputs)
+        outputs = outputs_without_grad(self.model, inputs)
+        with torch.no_grad():
             whole = self.loss_fn(outputs, targets)
         self._parts_checked = True
         if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()

@@ -80,6 +80,11 @@ def test_an_examples_token_weighted_loss_is_its_weight_times_its_loss_alone(shif
     assert example_weights_in_batch(per_example_cross_entropy, labels[:, 0]) is None
 
 
+class _NeverRun(torch.nn.Module):
+    def forward(self, inputs):
+        raise AssertionError("no forward is needed for the shipped losses")
+
+
 def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_unreadable_one_is_refused():
     logits, labels = _sequence_batch()
     token = functools.partial(sequence_cross_entropy, shift=True, weighting="token")
@@ -88,22 +93,23 @@ def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_
         return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
 
     assert example_weights_in_batch(my_token_loss, labels) is None
-    torch.testing.assert_close(example_weights(my_token_loss, labels, lambda: logits),
+    outputs = torch.nn.Identity()   # the "model" whose forward of the inputs gives the logits
+    torch.testing.assert_close(example_weights(my_token_loss, outputs, logits, labels),
                                example_weights_in_batch(token, labels), rtol=1e-12, atol=0)
     ones = torch.ones(4, dtype=torch.float64)
     for alone in (functools.partial(sequence_cross_entropy, shift=True), sequence_cross_entropy):   # no forward run
-        assert weighted_alone(alone) and example_weights(alone, labels, forward=None) is None
+        assert weighted_alone(alone) and example_weights(alone, _NeverRun(), logits, labels) is None
     assert not weighted_alone(token) and not weighted_alone(my_token_loss)
     example = functools.partial(sequence_cross_entropy, shift=True)
-    assert torch.equal(example_weights(lambda outputs, y: example(outputs, y), labels, lambda: logits), ones)
+    assert torch.equal(example_weights(lambda outputs, y: example(outputs, y), outputs, logits, labels), ones)
     my_token_loss.normalised_over_the_batch = True   # declared: a batch of equal counts has weights 1, not an error
     full = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(example_weights(my_token_loss, full, lambda: logits), ones, rtol=1e-12, atol=0)
+    torch.testing.assert_close(example_weights(my_token_loss, outputs, logits, full), ones, rtol=1e-12, atol=0)
 
     scores = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     def own_score(scores, y):   # a CLIP-like score of each example with itself: rows alone are not the examples
         return (scores.diagonal() - y).square()
-    assert torch.equal(example_weights(own_score, torch.zeros(4, dtype=torch.float64), lambda: scores), ones)
+    assert torch.equal(example_weights(own_score, outputs, scores, torch.zeros(4, dtype=torch.float64)), ones)
 
     def fixed_size_loss(outputs, labels):   # declared, but cannot be computed on parts of the batch
         if outputs.shape[0] != 4:
@@ -111,6 +117,6 @@ def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_
         return my_token_loss(outputs, labels)
     fixed_size_loss.normalised_over_the_batch = True
     with pytest.raises(ValueError, match="fixed_size_loss is declared normalised over the batch .* functools.partial"):
-        example_weights(fixed_size_loss, labels, lambda: logits)
+        example_weights(fixed_size_loss, outputs, logits, labels)
     with pytest.raises(ValueError, match=r"labels must be a \(B, T\) tensor, got Tensor of shape \(4,\)"):
         example_weights_in_batch(token, labels[:, 0])

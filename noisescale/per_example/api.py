@@ -807,7 +807,7 @@ class PerExampleGradNorms:
                         f"{vmap_names[:5]} need the whole-model vmap, which would re-run it on the changed input: "
                         "leave the inputs as they are (work on a copy, x = x.clone()) or use backend='ghost'")
                 # from a forward of their own (no grad): the step's outputs, as large as the logits, are not kept
-                weights = example_weights(self.loss_fn, targets, partial(self._outputs_without_grad, inputs))
+                weights = example_weights(self.loss_fn, self.model, inputs, targets)
                 by_parameter.update(self._whole_model_sqnorms(inputs, targets, vmap_names, batch_size, ghost_pass,
                                                               weights))
                 self._warn_if_redrawn(vmap_names, *drawn)
@@ -1047,12 +1047,6 @@ class PerExampleGradNorms:
             "PerExampleGradNorms call with a per-example loss); check_independence=False skips this check",
             RuntimeWarning, stacklevel=4)
 
-    def _outputs_without_grad(self, inputs: Any) -> Any:
-        """The model's outputs on ``inputs``, without grad, its buffers and the random streams put back after."""
-        with kept_buffers(self.model), torch.no_grad(), isolated_rng(list(self.model.parameters())), \
-                quiet_torch_notes():
-            return call_model(self.model, inputs)
-
     def _observed_by_vmap(self, names: list[str], vmap_batch: tuple[Any, Any] | None, outputs: OutputGradients,
                           ghost_pass: GhostPass, batch_size: int, scale: float,
                           received: set[str]) -> dict[str, Tensor]:
@@ -1062,7 +1056,7 @@ class PerExampleGradNorms:
         gradient (``received``) must get it through the outputs; the others (XLNet's segment bias without
         token types) have zero norms."""
         if vmap_batch is not None:
-            weights = example_weights(self.loss_fn, vmap_batch[1], partial(self._outputs_without_grad, vmap_batch[0]))
+            weights = example_weights(self.loss_fn, self.model, *vmap_batch)
             return vmap_sqnorms(self.model, self.loss_fn, *vmap_batch, names, batch_size, self.chunk_size,
                                 self._buffers_before.of(self.model), weights)
         kept = outputs.gradients([self.model.get_parameter(name) for name in names if name in received])

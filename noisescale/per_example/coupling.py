@@ -46,7 +46,7 @@ from noisescale.per_example.vmap import quiet_torch_notes
 from noisescale.sharded import sharding_kept
 
 __all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "example_weights",
-           "losses_of_parts", "observed_example_weights", "replaced_examples"]
+           "losses_of_parts", "observed_example_weights", "outputs_without_grad", "replaced_examples"]
 
 
 class Coupling:
@@ -318,21 +318,26 @@ def _one_factor(whole: Tensor, part: Tensor) -> bool:
     return not ratios.numel() or close_values(ratios, ratios[:1].expand_as(ratios))
 
 
-def example_weights(loss_fn: Callable[[Any, Any], Tensor], targets: Any, forward: Callable[[], Any],
-                    losses: Tensor | None = None) -> Tensor | None:
+def outputs_without_grad(model: nn.Module, inputs: Any) -> Any:
+    """The model's outputs on ``inputs`` from a forward of noisescale's own: without grad, on a copy of the random
+    streams, with the buffers put back after, so the training is unchanged."""
+    with kept_buffers(model), torch.no_grad(), isolated_rng(list(model.parameters())), quiet_torch_notes():
+        return call_model(model, inputs)
+
+
+def example_weights(loss_fn: Callable[[Any, Any], Tensor], model: nn.Module, inputs: Any,
+                    targets: Any) -> Tensor | None:
     """(B,) weights w_i that scale example i's gradient taken alone back to its loss within the batch:
     ``losses.example_weights_in_batch`` for a loss known from its arguments (None for the shipped losses that weight
-    each example alone), else read by
-    :func:`observed_example_weights` from the outputs ``forward()`` returns (and their losses ``losses``, computed
-    from them where not given). None (taken as 1) where the loss cannot be computed on parts of the batch; a loss
-    declared ``normalised_over_the_batch`` is then refused."""
+    each example alone), else read by :func:`observed_example_weights` from the outputs of a forward of its own
+    (:func:`outputs_without_grad`). None (taken as 1) where the loss cannot be computed on parts of the batch; a
+    loss declared ``normalised_over_the_batch`` is then refused."""
     known = example_weights_in_batch(loss_fn, targets)
     if known is not None or weighted_alone(loss_fn):   # no forward for the shipped losses
         return known
-    outputs = forward()
+    outputs = outputs_without_grad(model, inputs)
     with torch.no_grad():
-        losses = loss_fn(outputs, targets) if losses is None else losses
-    observed = observed_example_weights(loss_fn, outputs, targets, losses)
+        observed = observed_example_weights(loss_fn, outputs, targets, loss_fn(outputs, targets))
     if observed is None and normalised_over_the_batch(loss_fn):   # declared, and its parts cannot be computed
         raise ValueError(
             f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is declared normalised over the batch "
