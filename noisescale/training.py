@@ -95,7 +95,16 @@ from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
 from noisescale._rng import rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
-from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
+from noisescale.batches import (
+    batch_size_of,
+    call_model,
+    concatenate_examples,
+    fetch_examples,
+    select_examples,
+    split_examples,
+    tensors_of,
+    to_device,
+)
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
@@ -231,29 +240,43 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches would each
         be normalised by their own count, and the step would not be the batch's. Declared
         (``losses.normalised_over_the_batch``) at every split step; otherwise found once, at the first split step
-        on one process, where the first micro-batch's examples' losses computed whole and each alone, on one
-        forward's outputs, differ by a count (``coupling.observed_example_weights``; no grad, random streams and
-        buffers kept, so the training is unchanged). A first micro-batch whose examples count alike (every sequence
-        full) shows nothing: declare such a loss. Under DDP (whose forward may communicate) only the declared
-        losses are refused."""
+        on one process, from a forward of each micro-batch (no grad, random streams and buffers kept, so the
+        training is unchanged): within each micro-batch, its examples' losses computed together and each alone
+        differ by a count (``coupling.observed_example_weights``); across them, the same on a probe of every
+        micro-batch's first and last examples (where their outputs can be put together): between them, a count that
+        differs anywhere in the step (a micro-batch that counts alike is represented by its ends). A first split
+        step whose examples all count alike (every sequence full) shows nothing: declare such a loss. Under DDP
+        (whose forward may communicate) only the declared losses are refused."""
         batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
         how = f"accumulated from {len(micro_batches)} micro-batches"
         if normalised_over_the_batch(self.loss_fn):
             raise ValueError(_split_refusal(how, batch_size))
-        inputs, targets = micro_batches[0]
-        size = batch_size_of(inputs)
-        if self._parts_checked or size < 2 or self.process_group is not None:
+        if self._parts_checked or self.process_group is not None:
             return
-        outputs = outputs_without_grad(self.model, inputs)
+        self._parts_checked = True
+        probe = []
+        for inputs, targets in micro_batches:
+            outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
+            if self._counted_by_batch(outputs, targets, size):
+                raise ValueError(_split_refusal(how, batch_size, found=True))
+            probe.append(_end_examples(outputs, targets, size))
+        joined = _joined_examples(probe)
+        if joined is not None and self._counted_by_batch(*joined):
+            raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
+
+    def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool:
+        """Whether the loss of these ``size`` examples computed together differs from each one's loss alone by a
+        count (observed weights not all 1); False where it cannot tell (one example, a loss of the wrong shape,
+        which the step reports, or not finite, which it skips)."""
+        if size < 2:
+            return False
         with torch.no_grad():
             whole = self.loss_fn(outputs, targets)
-        self._parts_checked = True
         if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
                 and bool(torch.isfinite(whole).all())):
-            return   # the step itself reports a loss of the wrong shape; a non-finite one is skipped
+            return False
         weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
-        if weights is not None and not close_values(weights, torch.ones_like(weights)):
-            raise ValueError(_split_refusal(how, batch_size, found=True))
+        return weights is not None and not close_values(weights, torch.ones_like(weights))
 
     def _normalises_with_batch_statistics(self) -> bool:
         """Whether a module normalises with the statistics of its batch (BatchNorm in train mode): the examples'
@@ -935,11 +958,33 @@ def make_batch_size_source(
                                           decay_factor=decay_factor, max_batch_size=max_batch_size)}
 
 
-def _split_refusal(how: str, batch_size: int, found: bool = False) -> str:
-    seen = ("its first micro-batch's losses differ when its examples are computed alone" if found else
+def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool = False) -> str:
+    seen = ("the losses of examples from different micro-batches, computed together, differ from their losses alone"
+            if across else "a micro-batch's losses differ when its examples are computed alone" if found else
             "sequence_cross_entropy with weighting='token'")
     return (f"the loss normalises each example's loss by a count over the whole batch it is given ({seen}: a "
             f"token mean), and the batch of {batch_size} would be {how}: each part would be normalised by its own "
             "count, and the step would not be the batch's (a new user's GPT-2: parameters 2e-2 apart after 3 "
             "steps). Use a loss of each example alone (weighting='example'), or do not split the batch (one "
             "micro-batch; AdaptiveTrainer: one process and max_micro_batch=None)")
+
+
+def _end_examples(outputs: Any, targets: Any, size: int) -> tuple[Any, Any, int] | None:
+    """The outputs' and targets' rows of a micro-batch's first and last examples and their number, for the probe
+    across micro-batches; None where a tensor among them does not hold the micro-batch's examples in dim 0."""
+    if any(t.dim() == 0 or t.shape[0] != size for t in tensors_of(outputs) + tensors_of(targets)):
+        return None
+    ends = [0, size - 1] if size > 1 else [0]
+    return select_examples(outputs, ends), select_examples(targets, ends), len(ends)
+
+
+def _joined_examples(parts: list[tuple[Any, Any, int] | None]) -> tuple[Any, Any, int] | None:
+    """The micro-batches' end examples put together (outputs, targets, number); None where a micro-batch has none
+    or their outputs differ in shape beyond dim 0 (sequences padded to each micro-batch's own length)."""
+    if any(part is None for part in parts):
+        return None
+    outputs, targets, sizes = zip(*parts)
+    try:
+        return concatenate_examples(outputs), concatenate_examples(targets), sum(sizes)
+    except (RuntimeError, ValueError, TypeError):
+        return None

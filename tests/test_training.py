@@ -1204,3 +1204,66 @@ def test_a_loss_normalised_over_the_whole_batch_is_not_split_into_micro_batches(
             trainer.step()
         finals.append(parameters_of(model))
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(*finals))
+
+
+def _token_batch(lengths: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, 6) and their labels, example i's masked (-100) from position lengths[i] on."""
+    tokens = torch.randint(0, 11, (len(lengths), 6), generator=generator)
+    return tokens, tokens.masked_fill(torch.arange(6) >= torch.tensor(lengths)[:, None], -100)
+
+
+@pytest.mark.parametrize("lengths, seen", [
+    ([6, 6, 6, 6, 6, 2, 4, 3], "a micro-batch's losses differ"),                 # the first micro-batch all full
+    ([6, 6, 6, 6, 3, 3, 3, 3], "examples from different micro-batches"),   # each micro-batch alike, unlike the other
+], ids=["a later micro-batch differs", "micro-batches differ from each other"])
+def test_accumulate_finds_a_token_mean_of_ones_own_beyond_the_first_micro_batch(lengths, seen):
+    """An adversarial reviewer's find (session 28): a token mean in one's own function was looked for only in the
+    first micro-batch's examples, so a first micro-batch of full sequences let the split through silently (p.grad
+    0.32 off the batch's). Every micro-batch of the first split step is now checked, and so are examples of different
+    micro-batches put together. The reference: the step the batch's token mean gives, unsplit, against the split step
+    that the check stops (float64)."""
+    from noisescale.losses import sequence_cross_entropy
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    def own_token_mean(outputs, labels):
+        return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
+
+    tokens, labels = _token_batch(lengths, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = TinyTokenModel().double()
+    whole = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_token_mean, check_independence=False)
+    whole.accumulate([(tokens, labels)])
+    unchecked = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_token_mean, check_independence=False)
+    unchecked._parts_checked = True   # what the split step would have done without the check
+    unchecked.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
+    gap = max((a.grad - b.grad).abs().max().item()
+              for a, b in zip(whole.model.parameters(), unchecked.model.parameters()))
+    assert gap > 1e-3   # the split step is not the batch's: worth refusing
+
+    monitor = AccumulatingNoiseScaleMonitor(model, own_token_mean, check_independence=False)
+    with pytest.raises(ValueError, match=seen + r".*accumulated from 2 micro-batches"):
+        monitor.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
+    assert all(p.grad is None for p in model.parameters()) and monitor.step == 0
+
+
+def test_accumulate_lets_through_a_loss_of_each_example_alone_whatever_its_counts():
+    """The check's other side: the same sequences under a mean over each example's own tokens (weighting="example",
+    in one's own function) are split, and the step equals the unsplit batch's (float64), with the random state and
+    the parameters as a plain split step leaves them."""
+    from noisescale.losses import sequence_cross_entropy
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    def own_example_mean(outputs, labels):
+        return sequence_cross_entropy(outputs, labels, shift=True)
+
+    tokens, labels = _token_batch([6, 6, 6, 6, 3, 3, 2, 5], torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = TinyTokenModel().double()
+    whole = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_example_mean, check_independence=False)
+    whole.accumulate([(tokens, labels)])
+    split = AccumulatingNoiseScaleMonitor(model, own_example_mean, check_independence=False)
+    state = torch.get_rng_state()
+    split.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
+    assert split._parts_checked and torch.equal(torch.get_rng_state(), state)
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
