@@ -152,10 +152,15 @@ class LayerTypeNoiseScale:
         return result.loss
 
 
+def run_examples(config: dict) -> int:
+    """The examples every run of the experiment sees: the reference run's steps at its batch size."""
+    return config["reference_steps"] * config["settings"].batch_size
+
+
 def reference_run(config: dict, corpus, device, run_dir: Path):
     """Train (or reload) the reference run: checkpoints and the per-step noise-scale history."""
     settings = config["settings"]
-    examples = config["reference_steps"] * settings.batch_size
+    examples = run_examples(config)
     marks = [step * settings.batch_size for step in config["checkpoint_steps"]]
     key = {"factory": "noisescale.models:byte_gpt", "model": config["model"], "settings": asdict(settings),
            "examples": examples, "marks": marks, "hessian_every": config["hessian_every"], "seed": 0}
@@ -269,7 +274,7 @@ def train_arm(config: dict, corpus, device, arm: str, seed: int, make_schedule, 
     """One run on the experiment's tokens: rows of validation loss at the evaluation marks. The learning rate is
     the reference's warmup + cosine in tokens, times sqrt(B / 32), times ``lr_factor``."""
     settings = config["settings"]
-    examples = config["reference_steps"] * settings.batch_size
+    examples = run_examples(config)
     marks = {round(examples * k / config["evaluations"]) for k in range(1, config["evaluations"] + 1)}
     torch.manual_seed(seed)
     model = byte_gpt(**config["model"]).to(device)
@@ -325,7 +330,7 @@ def tuned_candidates(config: dict) -> dict:
     each E of ``config["ramp_ends"]``, batch growth without measurement, a control for whether the measured shape
     matters at equal tokens and steps."""
     sizes = config["branch_batch_sizes"]
-    examples = config["reference_steps"] * config["settings"].batch_size
+    examples = run_examples(config)
     candidates = {f"fixed_{size}": fixed_batch(size) for size in TUNED["batch_sizes"]}
     candidates |= {f"ramp_{end}": linear_ramp(min(sizes), end, examples) for end in config["ramp_ends"]}
     candidates["adaptive"] = online_policy(min(sizes), max(sizes))
