@@ -261,7 +261,11 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                 raise ValueError(_split_refusal(how, batch_size, found=True))
             probe.append(_end_examples(outputs, targets, size))
         joined = _joined_examples(probe)
-        if joined is not None and self._counted_by_batch(*joined):
+        try:
+            across = joined is not None and self._counted_by_batch(*joined)
+        except Exception:   # a loss that cannot take examples of several micro-batches (paired outputs): no probe
+            across = False
+        if across:
             raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
 
     def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool:

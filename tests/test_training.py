@@ -1267,3 +1267,37 @@ def test_accumulate_lets_through_a_loss_of_each_example_alone_whatever_its_count
     assert split._parts_checked and torch.equal(torch.get_rng_state(), state)
     for a, b in zip(whole.model.parameters(), split.model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (1, 1)])
+def test_accumulate_does_not_take_paired_scores_for_a_token_mean(sizes):
+    """Scores that pair each micro-batch's examples with each other (CLIP's) are no count: the check across
+    micro-batches, whose probe such a loss cannot take (2 examples of 1-example micro-batches raised IndexError from
+    inside it), lets the split through, and p.grad is the micro-batches' weighted sum (float64)."""
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    class Towers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image, self.text = torch.nn.Linear(5, 4), torch.nn.Linear(3, 4)
+
+        def forward(self, image, text):
+            return self.image(image) @ self.text(text).T
+
+    def paired_scores_loss(scores, targets):
+        labels = torch.arange(scores.shape[0])
+        return (F.cross_entropy(scores, labels, reduction="none")
+                + F.cross_entropy(scores.T, labels, reduction="none"))
+
+    torch.manual_seed(0)
+    model = Towers().double()
+    image, text = torch.randn(sum(sizes), 5, dtype=torch.float64), torch.randn(sum(sizes), 3, dtype=torch.float64)
+    targets = torch.zeros(sum(sizes))
+    parts = [slice(0, sizes[0]), slice(sizes[0], sum(sizes))]
+    reference = copy.deepcopy(model)
+    for part, size in zip(parts, sizes):
+        (paired_scores_loss(reference(image[part], text[part]), None).mean() * size / sum(sizes)).backward()
+    monitor = AccumulatingNoiseScaleMonitor(model, paired_scores_loss, check_independence=False)
+    monitor.accumulate([((image[part], text[part]), targets[part]) for part in parts])
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
