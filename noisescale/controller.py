@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -166,13 +167,23 @@ class NoiseScaleBatchPolicy:
         return {**asdict(self.state), "config": self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the batch size and hold counter; the saved configuration must equal this one."""
-        if state["config"] != self.config():
+        """Restore the batch size and hold counter; the saved configuration must equal this one but for the
+        granularity. A state saved at another granularity (a run resumed on another number of processes) continues
+        at its batch size rounded to the nearest multiple of this one, with a warning."""
+        saved = dict(state["config"])
+        saved_granularity = saved.pop("granularity", self.granularity)
+        if saved != {name: value for name, value in self.config().items() if name != "granularity"}:
             raise ValueError(f"state_dict was saved with config {state['config']}, this policy has {self.config()}")
-        batch_size = _check_batch_size(state["batch_size"], "batch_size", self.granularity)
+        batch_size = _check_batch_size(state["batch_size"], "batch_size", saved_granularity)
         if not self.min_batch_size <= batch_size <= self.max_batch_size:
             raise ValueError(f"state_dict batch_size={batch_size} lies outside [min_batch_size, max_batch_size]")
         steps = check_int(state["steps_since_change"], "steps_since_change", 0)
+        if batch_size % self.granularity:   # [B_min, B_max] hold multiples of it: the nearest lies inside
+            rounded = _round_to_multiple(batch_size, self.granularity)
+            warnings.warn(f"the policy's state was saved at granularity {saved_granularity} and continues at "
+                          f"granularity {self.granularity} (another number of processes): its batch size "
+                          f"{batch_size} becomes {rounded}, the nearest multiple", stacklevel=2)
+            batch_size = rounded
         self.state = NoiseScalePolicyState(batch_size, steps)
 
 

@@ -797,13 +797,17 @@ class AdaptiveTrainer:
         # the parts that check the checkpoint against this trainer (the sampler's seed and size, the policy's
         # settings) first, and put back if anything fails, so that a refused checkpoint leaves the trainer as it was
         # (it loaded the model and the optimizer first, then refused another seed's sampler)
-        parts = [(self.sampler, state["sampler"]), (self.monitor, state["monitor"])]
-        parts += [(self.policy, state["policy"])] if self.policy is not None else []
+        parts = [(self.policy, state["policy"])] if self.policy is not None else []
+        parts += [(self.sampler, state["sampler"]), (self.monitor, state["monitor"])]
         parts += [(self.grad_scaler, state["grad_scaler"])] if (
             self.grad_scaler is not None and state["grad_scaler"] is not None) else []
         before = [(part, copy.deepcopy(part.state_dict())) for part, _ in parts]
         try:
             for part, values in parts:
+                if part is self.sampler and self.policy is not None and values["batch_size"] % part.num_replicas:
+                    # saved on another number of processes: the last batch cannot be split over these; the next
+                    # step's is the policy's, which it rounded to a multiple of them
+                    values = {**values, "batch_size": self.policy.batch_size}
                 part.load_state_dict(values)
             _load_model_and_optimizer(self.model, self.optimizer, model_state, state["optimizer"],
                                       self.monitor.sharded)

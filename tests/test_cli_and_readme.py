@@ -179,7 +179,9 @@ def test_measure_rejects_a_batch_of_one(shipped_subset_only, tmp_path, capsys):
 
 def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadline_s):
     """Two gloo ranks: `measure` records the single-process history (same global batches), printed once;
-    `train --schedule noise-adaptive` runs and writes its files once."""
+    `train --schedule noise-adaptive` resumes a one-process run on two ranks and back, and writes its files once.
+    The one-process run ends at B = 33, which two ranks cannot split: the policy continues at 34, the nearest
+    multiple of 2 (before, a run resumed on another number of processes was refused as "not of this run")."""
     options = ["--steps", "4", "--batch-size", "16", "--hessian-every", "0", "--model", "noisescale.models:mlp"]
     printed = torchrun_noisescale("measure", *options, "--out", str(tmp_path / "ddp"), deadline_s=hang_deadline_s)
     assert printed.count("B_simple =") == 1
@@ -189,12 +191,25 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadl
     for column in ("loss", "grad_sqnorm", "trace_sigma", "b_simple"):
         pd.testing.assert_series_equal(ddp[column], single[column], rtol=1e-4, check_exact=False)
 
-    printed = torchrun_noisescale("train", "--schedule", "noise-adaptive", "--epochs", "0.5", "--train-examples",
-                                  "512", "--batch-size", "16", "--max-batch-size", "64", "--model",
-                                  "noisescale.models:mlp", "--out", str(tmp_path / "train"), deadline_s=hang_deadline_s)
+    train = ["train", "--schedule", "noise-adaptive", "--train-examples", "512", "--batch-size", "16",
+             "--max-batch-size", "64", "--model", "noisescale.models:mlp"]
+    assert main([*train, "--epochs", "2", "--checkpoint", str(tmp_path / "one.pt"), "--out", str(tmp_path / "one"),
+                 "--no-progress"]) == 0
+    one = pd.read_csv(tmp_path / "one" / "train_noise-adaptive_history.csv")
+    assert one["batch_size"].iloc[-1] == 33
+    printed = torchrun_noisescale(*train, "--epochs", "2.5", "--resume", str(tmp_path / "one.pt"), "--checkpoint",
+                                  str(tmp_path / "two.pt"), "--out", str(tmp_path / "two"), deadline_s=hang_deadline_s)
     assert printed.count("noise-adaptive: test accuracy") == 1
-    history = pd.read_csv(tmp_path / "train" / "train_noise-adaptive_history.csv")
-    assert (history["batch_size"] % 2 == 0).all() and history["examples_seen"].iloc[-1] >= 256
+    two = pd.read_csv(tmp_path / "two" / "train_noise-adaptive_history.csv")
+    resumed = two.iloc[len(one):]
+    assert two.iloc[:len(one)]["batch_size"].tolist() == one["batch_size"].tolist()
+    assert resumed["batch_size"].iloc[0] == 34 and (resumed["batch_size"] % 2 == 0).all()
+    assert resumed["examples_seen"].iloc[-1] >= 1280
+    assert main([*train, "--epochs", "3", "--resume", str(tmp_path / "two.pt"), "--out", str(tmp_path / "three"),
+                 "--no-progress"]) == 0
+    three = pd.read_csv(tmp_path / "three" / "train_noise-adaptive_history.csv")
+    assert three.iloc[:len(two)]["batch_size"].tolist() == two["batch_size"].tolist()
+    assert three["examples_seen"].iloc[-1] >= 1536
 
 
 DOCUMENTS = [README, *sorted(DOCS.glob("*.md"))]

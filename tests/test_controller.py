@@ -22,9 +22,11 @@ NAN, INF = math.nan, math.inf
 # --------------------------------------------------------------------------- noise-scale policy
 
 
-def reference_policy_run(noise_scales, *, initial, b_min, b_max, kappa, granularity, hold, factor, allow_decrease):
-    """Brute force over the grid of allowed batch sizes, one step at a time, from the rules as stated."""
-    batch, steps_at_batch, chosen = initial, 0, []
+def reference_policy_run(noise_scales, *, initial, b_min, b_max, kappa, granularity, hold, factor, allow_decrease,
+                         held=0):
+    """Brute force over the grid of allowed batch sizes, one step at a time, from the rules as stated; ``held``:
+    the steps already taken at ``initial``."""
+    batch, steps_at_batch, chosen = initial, held, []
     for noise_scale in noise_scales:
         steps_at_batch += 1
         if math.isfinite(noise_scale) and noise_scale > 0 and steps_at_batch >= hold:
@@ -108,6 +110,30 @@ def test_policy_state_dict_round_trip_continues_identically():
     other = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=800, granularity=8, hold_steps=5)
     with pytest.raises(ValueError, match="config"):
         other.load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize("granularity, continued", [(2, 86), (4, 84), (8, 88), (40, 80)])
+def test_policy_state_continues_at_another_granularity_rounded_to_it(granularity, continued):
+    """A run resumed on another number of processes: the policy's batch size (85, saved at granularity 1) continues
+    at the nearest multiple of the new granularity (inside [B_min, B_max], which are multiples of it), with a
+    warning naming both, keeps its hold counter, and then follows the reference decision rule on the new grid;
+    another setting is still refused."""
+    saved = NoiseScaleBatchPolicy(85, min_batch_size=40, max_batch_size=400, hold_steps=3)
+    saved.step(90.0)
+    checkpoint = json.loads(json.dumps(saved.state_dict()))
+    make = lambda **changed: NoiseScaleBatchPolicy(
+        200, **{"min_batch_size": 40, "max_batch_size": 400, "hold_steps": 3, "granularity": granularity, **changed})
+    resumed = make()
+    with pytest.warns(UserWarning, match=f"granularity 1 and continues at granularity {granularity}.*85 becomes "
+                                         f"{continued}"):
+        resumed.load_state_dict(checkpoint)
+    assert resumed.batch_size == continued and resumed.state.steps_since_change == 1
+    noise_scales = [90.0, 150.0, 300.0, 120.0, 700.0]
+    expected = reference_policy_run(noise_scales, initial=continued, b_min=40, b_max=400, kappa=1.0,
+                                    granularity=granularity, hold=3, factor=2.0, allow_decrease=False, held=1)
+    assert [resumed.step(x) for x in noise_scales] == expected
+    with pytest.raises(ValueError, match="config"):
+        make(kappa=2.0).load_state_dict(checkpoint)
 
 
 def test_policy_decide_is_pure():
