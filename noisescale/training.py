@@ -86,6 +86,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -93,18 +94,9 @@ from noisescale._buffers import RunningStatistics
 from noisescale._checks import check_int, check_real
 from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
-from noisescale._rng import rng_state, set_rng_state
+from noisescale._rng import isolated_rng, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
-from noisescale.batches import (
-    batch_size_of,
-    call_model,
-    concatenate_examples,
-    fetch_examples,
-    select_examples,
-    split_examples,
-    tensors_of,
-    to_device,
-)
+from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
 from noisescale.checkpoints import to_plain
 from noisescale.controller import (
     COUPLING_RULES,
@@ -239,43 +231,46 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def _check_parts_add_up(self, micro_batches: list[tuple[Any, Any]]) -> None:
         """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches would each
         be normalised by their own count, and the step would not be the batch's. Declared
-        (``losses.normalised_over_the_batch``) at every split step; otherwise found once, at the first split step
-        on one process, from a forward of each micro-batch (no grad, random streams and buffers kept, so the
-        training is unchanged): within each micro-batch, its examples' losses computed together and each alone
+        (``losses.normalised_over_the_batch``) at every split step; otherwise looked for at split steps on one
+        process until one passes, from a forward of each micro-batch (no grad, random streams and buffers kept, so
+        the training is unchanged): within each micro-batch, its examples' losses computed together and each alone
         differ by a count (``coupling.observed_example_weights``); across them, the same on a probe of every
-        micro-batch's first and last examples (where their outputs can be put together): between them, a count that
-        differs anywhere in the step (a micro-batch that counts alike is represented by its ends). A first split
-        step whose examples all count alike (every sequence full) shows nothing: declare such a loss. Under DDP
-        (whose forward may communicate) only the declared losses are refused."""
+        micro-batch's first and last examples put together: between them, a count that differs anywhere in the
+        step (a micro-batch that counts alike is represented by its ends). A set of two examples is not judged (its
+        halves are single examples, whose losses alone agree with any loss's). A first split step whose examples
+        all count alike (every sequence full) shows nothing: declare such a loss. Under DDP (whose forward may
+        communicate) only the declared losses are refused."""
         batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
         how = f"accumulated from {len(micro_batches)} micro-batches"
         if normalised_over_the_batch(self.loss_fn):
             raise ValueError(_split_refusal(how, batch_size))
         if self._parts_checked or self.process_group is not None:
             return
-        self._parts_checked = True
-        probe = []
-        for inputs, targets in micro_batches:
-            outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
-            if self._counted_by_batch(outputs, targets, size):
-                raise ValueError(_split_refusal(how, batch_size, found=True))
-            probe.append(_end_examples(outputs, targets, size))
-        joined = _joined_examples(probe)
-        try:
-            across = joined is not None and self._counted_by_batch(*joined)
-        except Exception:   # a loss that cannot take examples of several micro-batches (paired outputs): no probe
-            across = False
-        if across:
-            raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
+        with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
+            probe = []
+            for inputs, targets in micro_batches:
+                outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
+                if self._counted_by_batch(outputs, targets, size):
+                    raise ValueError(_split_refusal(how, batch_size, found=True))
+                probe.append(_end_examples(outputs, targets, size))
+            joined = _joined_examples(probe)
+            if joined is not None and self._counted_by_batch(*joined):
+                raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
+        self._parts_checked = True   # (a refused or failed check is run again at the next split step)
 
     def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool:
         """Whether the loss of these ``size`` examples computed together differs from each one's loss alone by a
-        count (observed weights not all 1); False where it cannot tell (one example, a loss of the wrong shape,
-        which the step reports, or not finite, which it skips)."""
-        if size < 2:
+        count (observed weights not all 1); False where it cannot tell (two examples or fewer; a loss that raises
+        without grad, of the wrong shape or not finite, which the step reports or skips)."""
+        if size < 3:
             return False
-        with torch.no_grad():
-            whole = self.loss_fn(outputs, targets)
+        try:
+            with torch.no_grad():
+                whole = self.loss_fn(outputs, targets)
+        except Exception as error:   # (a loss that differentiates its outputs: the step says what it needs)
+            if is_out_of_memory(error):
+                raise
+            return False
         if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
                 and bool(torch.isfinite(whole).all())):
             return False
@@ -977,22 +972,28 @@ def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool 
             "micro-batch; AdaptiveTrainer: one process and max_micro_batch=None)")
 
 
-def _end_examples(outputs: Any, targets: Any, size: int) -> tuple[Any, Any, int] | None:
-    """The outputs' and targets' rows of a micro-batch's first and last examples and their number, for the probe
-    across micro-batches; None where a tensor among them does not hold the micro-batch's examples in dim 0."""
-    if any(t.dim() == 0 or t.shape[0] != size for t in tensors_of(outputs) + tensors_of(targets)):
-        return None
+def _end_examples(outputs: Any, targets: Any, size: int) -> tuple[list[Any], list[bool], Any, int]:
+    """A micro-batch's part of the probe across micro-batches: the leaves of its outputs and targets (flattened),
+    of each tensor that holds its examples in dim 0 the rows of its first and last examples, other leaves as they
+    are (a scalar auxiliary loss, router logits of every token); which leaves hold examples; the tree's structure;
+    the number of examples taken."""
     ends = [0, size - 1] if size > 1 else [0]
-    return select_examples(outputs, ends), select_examples(targets, ends), len(ends)
+    leaves, structure = tree_flatten((outputs, targets))
+    rows = [isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size for leaf in leaves]
+    return [leaf[ends] if held else leaf for leaf, held in zip(leaves, rows)], rows, structure, len(ends)
 
 
-def _joined_examples(parts: list[tuple[Any, Any, int] | None]) -> tuple[Any, Any, int] | None:
-    """The micro-batches' end examples put together (outputs, targets, number); None where a micro-batch has none
-    or their outputs differ in shape beyond dim 0 (sequences padded to each micro-batch's own length)."""
-    if any(part is None for part in parts):
+def _joined_examples(parts: list[tuple[list[Any], list[bool], Any, int]]) -> tuple[Any, Any, int] | None:
+    """The micro-batches' end examples put together (outputs, targets, number), the other leaves the first
+    micro-batch's; None where the micro-batches' outputs differ in structure or in shape beyond dim 0 (sequences
+    padded to each micro-batch's own length)."""
+    _, rows, structure, _ = parts[0]
+    if any(part[1] != rows or part[2] != structure for part in parts):
         return None
-    outputs, targets, sizes = zip(*parts)
     try:
-        return concatenate_examples(outputs), concatenate_examples(targets), sum(sizes)
-    except (RuntimeError, ValueError, TypeError):
+        leaves = [torch.cat(column) if held else column[0]
+                  for column, held in zip(zip(*(part[0] for part in parts)), rows)]
+    except RuntimeError:
         return None
+    outputs, targets = tree_unflatten(leaves, structure)
+    return outputs, targets, sum(part[3] for part in parts)

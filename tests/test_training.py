@@ -1212,68 +1212,122 @@ def _token_batch(lengths: list[int], generator: torch.Generator) -> tuple[torch.
     return tokens, tokens.masked_fill(torch.arange(6) >= torch.tensor(lengths)[:, None], -100)
 
 
-@pytest.mark.parametrize("lengths, seen", [
-    ([6, 6, 6, 6, 6, 2, 4, 3], "a micro-batch's losses differ"),                 # the first micro-batch all full
-    ([6, 6, 6, 6, 3, 3, 3, 3], "examples from different micro-batches"),   # each micro-batch alike, unlike the other
-], ids=["a later micro-batch differs", "micro-batches differ from each other"])
-def test_accumulate_finds_a_token_mean_of_ones_own_beyond_the_first_micro_batch(lengths, seen):
+class TokenModelWithAuxiliaryLoss(TinyTokenModel):
+    """Outputs {"logits": (B, T, V), "aux": a scalar over the batch} (an MoE's load-balancing loss, HF's out.loss)."""
+
+    def forward(self, tokens):
+        logits = super().forward(tokens)
+        return {"logits": logits, "aux": logits.square().mean()}
+
+
+def _parts(tokens, labels, sizes):
+    starts = np.cumsum([0, *sizes])
+    return [(tokens[a:b], labels[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+@pytest.mark.parametrize("lengths, sizes, seen", [
+    ([6, 6, 6, 6, 6, 2, 4, 3], (4, 4), "a micro-batch's losses differ"),   # the first micro-batch all full
+    ([6, 6, 6, 6, 3, 3, 3, 3], (4, 4), "examples from different micro-batches"),   # each alike, unlike the other
+    ([6, 3, 5, 2], (1, 1, 1, 1), "examples from different micro-batches"),
+], ids=["a later micro-batch differs", "micro-batches differ from each other", "micro-batches of one"])
+@pytest.mark.parametrize("auxiliary", [False, True], ids=["logits", "logits and a scalar"])
+def test_accumulate_finds_a_token_mean_of_ones_own_beyond_the_first_micro_batch(lengths, sizes, seen, auxiliary):
     """An adversarial reviewer's find (session 28): a token mean in one's own function was looked for only in the
     first micro-batch's examples, so a first micro-batch of full sequences let the split through silently (p.grad
-    0.32 off the batch's). Every micro-batch of the first split step is now checked, and so are examples of different
-    micro-batches put together. The reference: the step the batch's token mean gives, unsplit, against the split step
-    that the check stops (float64)."""
+    0.32 off the batch's). Every micro-batch of a split step is now checked, and so are examples of different
+    micro-batches put together, also beside outputs that hold no examples (a scalar: session 29's review found it
+    switched the probe off, 0.50 to 0.78 off). A refused step is refused again when retried (it was let through).
+    The reference: the step of the batch's token mean, unsplit, against the split step the check stops (float64)."""
     from noisescale.losses import sequence_cross_entropy
     from noisescale.training import AccumulatingNoiseScaleMonitor
 
     def own_token_mean(outputs, labels):
-        return sequence_cross_entropy(outputs, labels, shift=True, weighting="token")
+        logits = outputs["logits"] if auxiliary else outputs
+        return sequence_cross_entropy(logits, labels, shift=True, weighting="token")
 
     tokens, labels = _token_batch(lengths, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = TinyTokenModel().double()
+    model = (TokenModelWithAuxiliaryLoss() if auxiliary else TinyTokenModel()).double()
     whole = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_token_mean, check_independence=False)
     whole.accumulate([(tokens, labels)])
     unchecked = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_token_mean, check_independence=False)
     unchecked._parts_checked = True   # what the split step would have done without the check
-    unchecked.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
+    unchecked.accumulate(_parts(tokens, labels, sizes))
     gap = max((a.grad - b.grad).abs().max().item()
               for a, b in zip(whole.model.parameters(), unchecked.model.parameters()))
     assert gap > 1e-3   # the split step is not the batch's: worth refusing
 
     monitor = AccumulatingNoiseScaleMonitor(model, own_token_mean, check_independence=False)
-    with pytest.raises(ValueError, match=seen + r".*accumulated from 2 micro-batches"):
-        monitor.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
-    assert all(p.grad is None for p in model.parameters()) and monitor.step == 0
+    for _ in range(2):
+        with pytest.raises(ValueError, match=seen + rf".*accumulated from {len(sizes)} micro-batches"):
+            monitor.accumulate(_parts(tokens, labels, sizes))
+        assert all(p.grad is None for p in model.parameters()) and monitor.step == 0
 
 
 def test_accumulate_lets_through_a_loss_of_each_example_alone_whatever_its_counts():
     """The check's other side: the same sequences under a mean over each example's own tokens (weighting="example",
-    in one's own function) are split, and the step equals the unsplit batch's (float64), with the random state and
-    the parameters as a plain split step leaves them."""
+    in one's own function, which draws from the global random stream as a noisy loss would) are split, and the step
+    equals the unsplit batch's (float64); the random stream and p.grad are those of the split step without the
+    check (the review found the check's loss calls moved the stream: p.grad 0.69 off after two steps)."""
     from noisescale.losses import sequence_cross_entropy
     from noisescale.training import AccumulatingNoiseScaleMonitor
 
     def own_example_mean(outputs, labels):
-        return sequence_cross_entropy(outputs, labels, shift=True)
+        return sequence_cross_entropy(outputs, labels, shift=True) + 0.0 * torch.rand(())
 
     tokens, labels = _token_batch([6, 6, 6, 6, 3, 3, 2, 5], torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = TinyTokenModel().double()
     whole = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_example_mean, check_independence=False)
     whole.accumulate([(tokens, labels)])
-    split = AccumulatingNoiseScaleMonitor(model, own_example_mean, check_independence=False)
-    state = torch.get_rng_state()
-    split.accumulate([(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
-    assert split._parts_checked and torch.equal(torch.get_rng_state(), state)
-    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+    finals = []
+    for checked in (True, False):
+        split = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_example_mean, check_independence=False)
+        split._parts_checked = not checked
+        torch.manual_seed(1)
+        split.accumulate(_parts(tokens, labels, (4, 4)))
+        assert split._parts_checked
+        finals.append((torch.get_rng_state(), [p.grad for p in split.model.parameters()]))
+    (checked_state, checked_grads), (unchecked_state, unchecked_grads) = finals
+    assert torch.equal(checked_state, unchecked_state)
+    assert all(torch.equal(a, b) for a, b in zip(checked_grads, unchecked_grads))
+    for a, b in zip(whole.model.parameters(), checked_grads):
+        torch.testing.assert_close(a.grad, b, rtol=1e-12, atol=1e-14)
+
+
+def test_accumulate_checks_a_forward_that_hooks_its_tensors():
+    """A forward that registers a hook on an activation (saliency models) cannot run without grad: the check's
+    forward raised where the plain step runs (session 29's review); it now runs with grad, detached at once."""
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    class Hooked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(3, 8), torch.nn.Linear(8, 1)
+
+        def forward(self, inputs):
+            hidden = torch.tanh(self.first(inputs))
+            hidden.register_hook(lambda grad: None)
+            return self.second(hidden).squeeze(1)
+
+    torch.manual_seed(0)
+    model = Hooked().double()
+    inputs, targets = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    F.mse_loss(reference(inputs), targets).backward()
+    monitor = AccumulatingNoiseScaleMonitor(model, lambda out, y: (out - y) ** 2, check_independence=False)
+    monitor.accumulate([(inputs[:4], targets[:4]), (inputs[4:], targets[4:])])
+    assert monitor._parts_checked
+    for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("sizes", [(4, 4), (1, 1)])
+@pytest.mark.parametrize("sizes", [(4, 4), (2, 2), (1, 1)])
 def test_accumulate_does_not_take_paired_scores_for_a_token_mean(sizes):
-    """Scores that pair each micro-batch's examples with each other (CLIP's) are no count: the check across
-    micro-batches, whose probe such a loss cannot take (2 examples of 1-example micro-batches raised IndexError from
-    inside it), lets the split through, and p.grad is the micro-batches' weighted sum (float64)."""
+    """Scores that pair each micro-batch's examples with each other (CLIP's) are no count: the check lets the split
+    through, and p.grad is the micro-batches' weighted sum (float64). Two examples are not judged: their halves are
+    single examples, which agree with any loss (session 29's review: a sampled-negatives loss was refused at
+    micro-batches of 2 in 10 seeds of 10); the probe of 1-example micro-batches raised IndexError from the loss."""
     from noisescale.training import AccumulatingNoiseScaleMonitor
 
     class Towers(torch.nn.Module):
@@ -1301,3 +1355,30 @@ def test_accumulate_does_not_take_paired_scores_for_a_token_mean(sizes):
     monitor.accumulate([((image[part], text[part]), targets[part]) for part in parts])
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_accumulate_does_not_take_sampled_negatives_of_micro_batches_of_two_for_a_token_mean(seed):
+    """A sampled softmax whose negatives each call draws anew gives an example other losses alone than together,
+    as a count would; a set of two examples, whose halves are single examples, cannot tell the two apart, and was
+    refused in 10 seeds of 10 (session 29's review). Micro-batches of two are left to the probe across them, which
+    lets this loss through; the step is the split step without the check (float64)."""
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    def sampled_negatives(logits, labels):
+        first = logits[:, 0]
+        negatives = torch.randint(0, first.shape[1], (3,))
+        scores = torch.cat([first.gather(1, labels[:, :1]), first[:, negatives]], 1)
+        return -scores.log_softmax(1)[:, 0]
+
+    tokens, labels = _token_batch([6, 6, 6, 6], torch.Generator().manual_seed(seed))
+    torch.manual_seed(0)
+    model = TinyTokenModel().double()
+    grads = []
+    for checked in (True, False):
+        monitor = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), sampled_negatives, check_independence=False)
+        monitor._parts_checked = not checked
+        torch.manual_seed(seed)
+        monitor.accumulate(_parts(tokens, labels, (2, 2)))
+        grads.append([p.grad for p in monitor.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

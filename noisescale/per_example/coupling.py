@@ -319,10 +319,18 @@ def _one_factor(whole: Tensor, part: Tensor) -> bool:
 
 
 def outputs_without_grad(model: nn.Module, inputs: Any) -> Any:
-    """The model's outputs on ``inputs`` from a forward of noisescale's own: without grad, on a copy of the random
-    streams, with the buffers put back after, so the training is unchanged."""
-    with kept_buffers(model), torch.no_grad(), isolated_rng(list(model.parameters())), quiet_torch_notes():
-        return call_model(model, inputs)
+    """The model's outputs on ``inputs`` from a forward of noisescale's own: without grad (or, where the forward
+    needs grad because it hooks its tensors, with grad and detached at once), on a copy of the random streams, with
+    the buffers put back after, so the training is unchanged."""
+    with isolated_rng(list(model.parameters())), quiet_torch_notes():
+        try:
+            with kept_buffers(model), torch.no_grad():
+                return call_model(model, inputs)
+        except RuntimeError as error:   # (not an out-of-memory error: the caller's, as the real forward's would be)
+            if "grad" not in str(error):
+                raise
+        with kept_buffers(model), torch.enable_grad():
+            return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, call_model(model, inputs))
 
 
 def example_weights(loss_fn: Callable[[Any, Any], Tensor], model: nn.Module, inputs: Any,
