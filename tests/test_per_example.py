@@ -1680,6 +1680,48 @@ def test_a_registered_rule_measures_its_parameters_whatever_their_names():
         del RULES[Scale]
 
 
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_registered_rule_that_leaves_a_parameter_out_is_an_error_unless_it_says_so(declared):
+    """A rule given every parameter of its module (parameter_names None) that returned no norm for one of them left
+    it at 0, silently, labelled "ghost" (a doc fact-check's find: the total 0.034 off a loop). That is an error now,
+    before p.grad changes; a rule whose parameter_names name the ones it measures sends the others to the
+    whole-model vmap, and every norm is the loop's (float64)."""
+    from noisescale.per_example import LayerRule, register_rule
+    from noisescale.per_example.layers import RULES
+
+    class ScaleShift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+            self.shift = nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight + self.shift
+
+    class ScaleRule(LayerRule):
+        parameter_names = frozenset({"weight"}) if declared else None
+
+        def per_example_grads(self, module, x, g, names):
+            return {"weight": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+    register_rule(ScaleShift, ScaleRule())
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), ScaleShift(), nn.Tanh(), nn.Linear(5, 3)).double()
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        if declared:
+            result = assert_matches_reference(model, classification_loss, x, y, "auto")
+            assert result.backend_of["1.weight"] == "ghost" and result.backend_of["1.shift"] == "vmap"
+            return
+        before = grads_of(model)
+        with pytest.raises(PerExampleError, match=r"module '1' \(ScaleShift\).*the rule ScaleRule returned nothing "
+                                                  r"for \['shift'\].*parameter_names"):
+            per_example_sqnorms(model, classification_loss, x, y, check_independence=False)
+        assert_grads_as_before(model, before)
+    finally:
+        del RULES[ScaleShift]
+
+
 def test_a_sparse_embedding_is_measured_as_a_dense_one():
     """nn.Embedding(sparse=True) gives a sparse p.grad: its rule declined it and the norm of the gradient raised
     torch's dispatcher error (a new user's trial). The formula reads the indices and the output gradient only, so

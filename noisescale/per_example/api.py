@@ -23,8 +23,8 @@ Backends, per parameter (``PerExampleNorms.backend_of``):
   backend="vmap" and, under auto, for what the hooks cannot reach.
 
 backend="auto" uses ghost where a rule applies, the per-module fallback for other modules and the whole-model
-vmap only for parameters used outside every module call that could measure them; backend="ghost" allows rules
-only and raises otherwise.
+vmap for what neither can measure (docs/models.md, "The whole-model vmap", lists the cases); backend="ghost" allows
+rules only and raises otherwise.
 
 Broadcast calls: a module called on index tensors that returns a batch of 1 inside a forward over B examples (HF
 position embeddings on ``position_ids`` of shape (1, T)) is measured exactly: its output is expanded to B in the
@@ -37,16 +37,18 @@ broadcast them over the examples in the real backward (``broadcast.py``: additio
 a walk of the graph after the model's forward; one that reaches the examples otherwise (a matrix product, Swin's
 windows) goes to the whole-model vmap.
 
-What cannot be detected: hooked modules must see the examples in dim 0 (or 1 shared by all). A layer called on
-another layout -- sequence-first (T, B, d) tensors outside nn.MultiheadAttention and the RNNs, windows or flattened
-(B * T, d) rows -- is sent to the whole-model vmap when dim 0 differs from B, but is measured wrongly when it
-happens to equal B. Positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like
-one index per example when T == B and no input shows a dim of size B, and their norms are then wrong (a warning
-is issued when the indices are arange(B)); otherwise they are measured as computed once for all the examples. Pass
-positions as (1, T). A parameter used both through its module and directly (``F.linear(x, self.embedding.weight)``
-next to the embedding call) is invisible to hooks: give such a model backend="vmap". An output computed once for
-all the examples that is combined elementwise with a per-example tensor of exactly its own shape (a table of B
-rows added to one row per example, no broadcast) is taken for a tensor still shared by all of them. Activation
+Layouts: hooked modules must see the examples in dim 0 (or 1 shared by all). A layer called on another layout --
+sequence-first (T, B, d) tensors outside nn.MultiheadAttention and the RNNs, windows or flattened (B * T, d) rows --
+is sent to the whole-model vmap when dim 0 differs from B; where another dim of an input has B's size, a forward on
+B - 1 examples (``PerExampleGradNorms._probe``) tells which dim holds the examples. What cannot be detected:
+positions passed *without* a batch dim (``embedding(torch.arange(T))``) look exactly like one index per example when
+T == B and no input shows a dim of size B, and their norms are then wrong (a warning is issued when the indices are
+arange(B)); otherwise they are measured as computed once for all the examples. Pass positions as (1, T). A parameter
+used both through its module and directly (``F.linear(x, self.embedding.weight)`` next to the embedding call) is
+found in the pass's graph (``graph_uses.py``) and measured with the layer's calls, or by the whole-model vmap where
+its use is not one the capture knows. An output computed once for all the examples that is combined elementwise with
+a per-example tensor of exactly its own shape (a table of B rows added to one row per example, no broadcast) is
+taken for a tensor still shared by all of them. Activation
 checkpointing (HF gradient checkpointing, reentrant or not) gives the same norms (tested): a non-reentrant
 recomputation inside the backward is not recorded again (its outputs get no gradient); under reentrant
 checkpointing the recomputed call is the one recorded.

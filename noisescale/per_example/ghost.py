@@ -1334,20 +1334,27 @@ class GhostNormEngine:
         gradient, both with the B examples in dim 0."""
         single = {local for local, name in entry.names.items() if ghost_pass.use_count[name] == 1}
         shared = set(entry.names) - single
+        where = f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}"
         try:
             with torch.no_grad(), full_precision():
-                if single:
-                    for local, sqnorm in entry.rule.per_example_sqnorms(module, x, grad_output, single).items():
-                        _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
-                if shared:
-                    for local, grads in entry.rule.per_example_factors(module, x, grad_output, shared).items():
-                        ghost_pass.add_shared(entry.names[local], grads)
+                sqnorms = entry.rule.per_example_sqnorms(module, x, grad_output, single) if single else {}
+                factors = entry.rule.per_example_factors(module, x, grad_output, shared) if shared else {}
         except Exception as error:
             raise PerExampleError(
-                f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
-                "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
+                where, "ghost", f"the rule {type(entry.rule).__name__} raised {type(error).__name__}: {error}",
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
+        missing = sorted((single - set(sqnorms)) | (shared - set(factors)))
+        if missing:   # a parameter left out would keep a norm of 0, silently
+            raise PerExampleError(
+                where, "ghost", f"the rule {type(entry.rule).__name__} returned nothing for {missing}, which it was "
+                "given to measure",
+                "Return every name the rule is given, or set the rule's parameter_names to those it measures (the "
+                "others then go to the whole-model vmap under backend='auto')")
+        for local, sqnorm in sqnorms.items():
+            _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
+        for local, grads in factors.items():
+            ghost_pass.add_shared(entry.names[local], grads)
 
 
 def _sqnorms_of_sum(parts: list[Tensor | LinearFactors | IndexFactors]) -> Tensor:
