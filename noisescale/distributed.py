@@ -32,12 +32,13 @@ does. ``step_estimate`` reads the numbers with one ``tolist`` each and does the 
 the moving average; the history's rows and their intervals (a Student-t quantile per row) are built when
 ``history`` or ``state_dict`` is read.
 
-The hook leaves the gradients as the wrapped hook makes them. With the default they equal DDP without a hook:
-bit for bit in the tests (3 gloo ranks with tiny buckets, float32 and float64; 2 ranks), since the bucket is scaled
-by 1/R as DDP does it (PyTorch's ``allreduce_hook`` divides by R instead, which differs in the last bit when R is not
-a power of two). For R > 2 a backend that splits the lengthened last bucket into different chunks adds an element's
-R terms in another order, a last-bit difference: gloo does with 3 ranks and DDP's default buckets (a survey, session
-25: 19 of 20 steps differed, by up to 1.4e-17 in float64 and 7.5e-9 in float32); two ranks add in one order only.
+The hook leaves the gradients as the wrapped hook makes them. With the default they equal DDP without a hook: bit
+for bit in the tests (3 gloo ranks with tiny buckets, float32; the float64 runs equal a one-process reference to
+rtol 1e-10), since the bucket is scaled by 1/R as DDP does it (PyTorch's ``allreduce_hook`` divides by R instead,
+which differs in the last bit when R is not a power of two). For R > 2 a backend that splits the lengthened last
+bucket into different chunks adds an element's R terms in another order, a last-bit difference: gloo does with 3
+ranks and DDP's default buckets (a survey, session 25: 19 of 20 steps differed, by up to 1.4e-17 in float64 and
+7.5e-9 in float32); two ranks add in one order only.
 
 The gradients must be the mean over the local batch (divide each micro-batch loss by the number of
 accumulation steps); with AMP, pass the loss scale as ``grad_scale`` so the squared norms are unscaled.

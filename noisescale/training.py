@@ -51,7 +51,7 @@ DistributedDataParallel: pass the DDP-wrapped model (after ``init_process_group`
 the global batch, world size x micro-batch x accumulation steps: every rank draws the same global batch from
 the sampler (same seed) and trains on its equal shard, accumulating its micro-batches under ``no_sync()``
 except the last, whose backward all-reduces the gradient. One all-gather of the per-example losses and squared
-norms (B numbers) per step gives every rank the single-process estimate of the whole global batch, so the
+norms (two numbers per example, and one per micro-batch) per step gives every rank the single-process estimate of the whole global batch, so the
 history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
 on every rank and rank 0's state is broadcast (two integers per step), so the ranks cannot disagree on B.
 B must stay divisible by the world size (the policy's granularity a multiple of it). The Hessian

@@ -84,7 +84,7 @@ def _add_run_arguments(parser, *, out: str, out_help: str, json_name: str | None
         parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                             help="under torchrun: DistributedDataParallel, or FSDP2 sharding (fully_shard on each "
                             "top-level child with parameters; no B_noise: --hessian-every must be 0, measure's "
-                            "default there); otherwise ignored in one process")
+                            "default there, in one process too); in one process the model is not wrapped")
         parser.add_argument("--json", action="store_true",
                             help=f"print the summary as JSON instead of text (it is always written to "
                             f"OUT/{json_name}; NaN = not measured is null, an unresolved infinite value is \"inf\")")

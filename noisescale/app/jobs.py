@@ -5,7 +5,9 @@ Under torchrun (``WORLD_SIZE`` > 1 in the environment) ``measure`` and ``train``
 (:func:`distributed_job`): NCCL with one GPU per process on CUDA, gloo on CPU, the model wrapped in
 DistributedDataParallel, the batch size global. Every rank computes the same history; rank 0 alone prints,
 shows progress and writes files. ``--parallel fsdp`` shards the model with FSDP2 instead (``fully_shard`` on every
-top-level child with parameters and on the model; :mod:`noisescale.sharded`); outside torchrun it changes nothing.
+top-level child with parameters and on the model; :mod:`noisescale.sharded`); outside torchrun the model is not
+wrapped, but the options still follow it (``measure``'s ``--hessian-every`` defaults to 0, and B_noise and
+``--checkpoint`` are refused).
 """
 
 from __future__ import annotations
