@@ -167,23 +167,30 @@ class NoiseScaleBatchPolicy:
         return {**asdict(self.state), "config": self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the batch size and hold counter; the saved configuration must equal this one but for the
-        granularity. A state saved at another granularity (a run resumed on another number of processes) continues
-        at its batch size rounded to the nearest multiple of this one, with a warning."""
+        """Restore the batch size and hold counter; the saved configuration must equal this one. A state saved at
+        another granularity (a run resumed on another number of processes) is this policy's where its B_min and
+        B_max, rounded to the nearest multiples of this granularity, are this one's; it continues at its batch size
+        rounded so too (inside [B_min, B_max], since rounding keeps the order), with a warning."""
         saved = dict(state["config"])
-        saved_granularity = saved.pop("granularity", self.granularity)
-        if saved != {name: value for name, value in self.config().items() if name != "granularity"}:
-            raise ValueError(f"state_dict was saved with config {state['config']}, this policy has {self.config()}")
+        saved_granularity = saved.get("granularity", self.granularity)
+        if saved_granularity != self.granularity:
+            saved |= {name: _round_to_multiple(saved[name], self.granularity)
+                      for name in ("min_batch_size", "max_batch_size")} | {"granularity": self.granularity}
+        differing = sorted(name for name, value in self.config().items() if saved.get(name) != value)
+        if differing:
+            rounded = " (B_min and B_max rounded to this granularity)" if saved_granularity != self.granularity else ""
+            raise ValueError(f"state_dict was saved with config {state['config']}, this policy has {self.config()}: "
+                             f"{' and '.join(differing)} {'differs' if len(differing) == 1 else 'differ'}{rounded}")
         batch_size = _check_batch_size(state["batch_size"], "batch_size", saved_granularity)
-        if not self.min_batch_size <= batch_size <= self.max_batch_size:
-            raise ValueError(f"state_dict batch_size={batch_size} lies outside [min_batch_size, max_batch_size]")
-        steps = check_int(state["steps_since_change"], "steps_since_change", 0)
-        if batch_size % self.granularity:   # [B_min, B_max] hold multiples of it: the nearest lies inside
+        if batch_size % self.granularity:
             rounded = _round_to_multiple(batch_size, self.granularity)
             warnings.warn(f"the policy's state was saved at granularity {saved_granularity} and continues at "
                           f"granularity {self.granularity} (another number of processes): its batch size "
                           f"{batch_size} becomes {rounded}, the nearest multiple", stacklevel=2)
             batch_size = rounded
+        if not self.min_batch_size <= batch_size <= self.max_batch_size:
+            raise ValueError(f"state_dict batch_size={batch_size} lies outside [min_batch_size, max_batch_size]")
+        steps = check_int(state["steps_since_change"], "steps_since_change", 0)
         self.state = NoiseScalePolicyState(batch_size, steps)
 
 

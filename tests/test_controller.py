@@ -136,6 +136,28 @@ def test_policy_state_continues_at_another_granularity_rounded_to_it(granularity
         make(kappa=2.0).load_state_dict(checkpoint)
 
 
+def test_policy_state_of_an_odd_minimum_continues_at_a_granularity_it_rounds_to():
+    """A run started at B_min = 9 on one process, resumed on two (a new user's find: no --batch-size was accepted,
+    9 by the command and 10 by the policy): B_min and B_max are compared rounded to the new granularity, so 10 is
+    the run's B_min there and 8 is another run's, named in the error; back on one process B_min is 10."""
+    saved = NoiseScaleBatchPolicy(9, min_batch_size=9, max_batch_size=63, hold_steps=2)
+    saved.step(100.0), saved.step(100.0)
+    checkpoint = json.loads(json.dumps(saved.state_dict()))
+    assert checkpoint["batch_size"] == 18
+    resumed = NoiseScaleBatchPolicy(10, min_batch_size=10, max_batch_size=64, granularity=2, hold_steps=2)
+    resumed.load_state_dict(checkpoint)   # 18 is a multiple of 2: no warning
+    assert resumed.batch_size == 18 and resumed.state.steps_since_change == 0
+    other = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=64, granularity=2, hold_steps=2)
+    with pytest.raises(ValueError, match=r"min_batch_size differs \(B_min and B_max rounded to this granularity\)"):
+        other.load_state_dict(checkpoint)
+    back = NoiseScaleBatchPolicy(10, min_batch_size=10, max_batch_size=64, hold_steps=2)
+    back.load_state_dict(resumed.state_dict())
+    assert back.batch_size == 18
+    with pytest.raises(ValueError, match="min_batch_size differs"):
+        NoiseScaleBatchPolicy(9, min_batch_size=9, max_batch_size=64, hold_steps=2).load_state_dict(
+            resumed.state_dict())
+
+
 def test_policy_decide_is_pure():
     policy = NoiseScaleBatchPolicy(16, min_batch_size=16, max_batch_size=64)
     state = policy.state

@@ -165,8 +165,10 @@ def run_train(
         processes = dist.get_world_size() if dist.is_initialized() else 1
         for flag, value in (("--batch-size", batch_size), ("--max-batch-size", max_batch_size)):
             if value % processes:
+                nearest = max(processes, processes * int(value / processes + 0.5))   # halves up, as the policy
                 raise option_error(flag, value, f"must be a multiple of the {processes} processes, which take equal "
-                                   "shares of each batch")
+                                   f"shares of each batch: give {nearest} (a run resumed from a checkpoint of "
+                                   "another number of processes takes its sizes rounded so)")
         job = build_training_job(target_device, model=model_spec, dataset=dataset, data=data, loss=loss, seed=seed,
                                  learning_rate=learning_rate, momentum=momentum, parallel=parallel)
         train_set = job.data.train
