@@ -112,7 +112,7 @@ from noisescale.distributed import (
     rank_sizes,
 )
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
-from noisescale.losses import normalised_over_the_batch
+from noisescale.losses import normalised_over_the_batch, weighted_alone
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
 from noisescale.per_example.coupling import observed_example_weights, outputs_without_grad
 from noisescale.per_example.layers import batch_statistics_path, close_values
@@ -237,45 +237,55 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         differ by a count (``coupling.observed_example_weights``); across them, the same on a probe of every
         micro-batch's first and last examples put together: between them, a count that differs anywhere in the
         step (a micro-batch that counts alike is represented by its ends). A set of two examples is not judged (its
-        halves are single examples, whose losses alone agree with any loss's). A first split step whose examples
-        all count alike (every sequence full) shows nothing: declare such a loss. Under DDP (whose forward may
-        communicate) only the declared losses are refused."""
+        halves are single examples, whose losses alone agree with any loss's). Where the probe cannot be judged
+        (outputs of other shapes, fewer than 3 examples, a loss not computable on parts) a warning says so, once.
+        A loss known or declared to weight each example alone (``losses.weighted_alone``) is not checked. A first
+        split step whose examples all count alike (every sequence full) shows nothing: declare such a loss. Under
+        DDP (whose forward may communicate) only the declared losses are refused."""
         batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
         how = f"accumulated from {len(micro_batches)} micro-batches"
         if normalised_over_the_batch(self.loss_fn):
             raise ValueError(_split_refusal(how, batch_size))
-        if self._parts_checked or self.process_group is not None:
+        if self._parts_checked or self.process_group is not None or weighted_alone(self.loss_fn):
             return
-        with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
-            probe = []
-            for inputs, targets in micro_batches:
-                outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
-                if self._counted_by_batch(outputs, targets, size):
-                    raise ValueError(_split_refusal(how, batch_size, found=True))
-                probe.append(_end_examples(outputs, targets, size))
-            joined = _joined_examples(probe)
-            if joined is not None and self._counted_by_batch(*joined):
-                raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
+        try:
+            with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
+                probe = []
+                for inputs, targets in micro_batches:
+                    outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
+                    if self._counted_by_batch(outputs, targets, size):
+                        raise ValueError(_split_refusal(how, batch_size, found=True))
+                    probe.append(_end_examples(outputs, targets, size))
+                joined = _joined_examples(probe)
+                across = None if joined is None else self._counted_by_batch(*joined)
+                if across:
+                    raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
+        except _NotFiniteYet:   # the step is skipped: the check waits for the next split step
+            return
+        if across is None:   # micro-batches alike within may differ from each other, unseen
+            warnings.warn(_unchecked_split(how), UserWarning, stacklevel=3)
         self._parts_checked = True   # (a refused or failed check is run again at the next split step)
 
-    def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool:
+    def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool | None:
         """Whether the loss of these ``size`` examples computed together differs from each one's loss alone by a
-        count (observed weights not all 1); False where it cannot tell (two examples or fewer; a loss that raises
-        without grad, of the wrong shape or not finite, which the step reports or skips)."""
+        count (observed weights not all 1); None where it cannot tell (two examples or fewer; a loss that raises
+        without grad or is of the wrong shape, which the step reports; one that cannot be computed on parts).
+        ``_NotFiniteYet`` where the loss is not finite."""
         if size < 3:
-            return False
+            return None
         try:
             with torch.no_grad():
                 whole = self.loss_fn(outputs, targets)
         except Exception as error:   # (a loss that differentiates its outputs: the step says what it needs)
             if is_out_of_memory(error):
                 raise
-            return False
-        if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()
-                and bool(torch.isfinite(whole).all())):
-            return False
+            return None
+        if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()):
+            return None
+        if not bool(torch.isfinite(whole).all()):
+            raise _NotFiniteYet
         weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
-        return weights is not None and not close_values(weights, torch.ones_like(weights))
+        return None if weights is None else not close_values(weights, torch.ones_like(weights))
 
     def _normalises_with_batch_statistics(self) -> bool:
         """Whether a module normalises with the statistics of its batch (BatchNorm in train mode): the examples'
@@ -970,6 +980,21 @@ def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool 
             "count, and the step would not be the batch's (a new user's GPT-2: parameters 2e-2 apart after 3 "
             "steps). Use a loss of each example alone (weighting='example'), or do not split the batch (one "
             "micro-batch; AdaptiveTrainer: one process and max_micro_batch=None)")
+
+
+class _NotFiniteYet(Exception):
+    """The losses the token-mean check compares are not finite (the step is skipped): it waits for the next split
+    step."""
+
+
+def _unchecked_split(how: str) -> str:
+    return (f"accumulate could not check whether loss_fn normalises each example's loss by a count over the batch it "
+            f"is given (a token mean, as HuggingFace's num_items_in_batch) across the micro-batches of a step {how}: "
+            "their examples could not be put together (outputs that differ in shape beyond dim 0, as sequences "
+            "padded to each micro-batch's own length do, fewer than 3 examples in all, or a loss that cannot be "
+            "computed on parts of a batch). If it does, each micro-batch is normalised by its own count and the step "
+            "is not the batch's. Declare it: loss_fn.normalised_over_the_batch = True has such a split refused; False "
+            "(each example's loss is its own) silences this warning")
 
 
 def _end_examples(outputs: Any, targets: Any, size: int) -> tuple[list[Any], list[bool], Any, int]:

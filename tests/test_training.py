@@ -1325,7 +1325,8 @@ def test_accumulate_checks_a_forward_that_hooks_its_tensors():
 @pytest.mark.parametrize("sizes", [(4, 4), (2, 2), (1, 1)])
 def test_accumulate_does_not_take_paired_scores_for_a_token_mean(sizes):
     """Scores that pair each micro-batch's examples with each other (CLIP's) are no count: the check lets the split
-    through, and p.grad is the micro-batches' weighted sum (float64). Two examples are not judged: their halves are
+    through, saying it could not tell (the loss of one example's rows alone cannot be computed), and p.grad is the
+    micro-batches' weighted sum (float64). Two examples are not judged: their halves are
     single examples, which agree with any loss (session 29's review: a sampled-negatives loss was refused at
     micro-batches of 2 in 10 seeds of 10); the probe of 1-example micro-batches raised IndexError from the loss."""
     from noisescale.training import AccumulatingNoiseScaleMonitor
@@ -1352,7 +1353,8 @@ def test_accumulate_does_not_take_paired_scores_for_a_token_mean(sizes):
     for part, size in zip(parts, sizes):
         (paired_scores_loss(reference(image[part], text[part]), None).mean() * size / sum(sizes)).backward()
     monitor = AccumulatingNoiseScaleMonitor(model, paired_scores_loss, check_independence=False)
-    monitor.accumulate([((image[part], text[part]), targets[part]) for part in parts])
+    with pytest.warns(UserWarning, match="could not check whether loss_fn normalises"):   # rows alone: no loss
+        monitor.accumulate([((image[part], text[part]), targets[part]) for part in parts])
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
 
@@ -1382,3 +1384,51 @@ def test_accumulate_does_not_take_sampled_negatives_of_micro_batches_of_two_for_
         monitor.accumulate(_parts(tokens, labels, (2, 2)))
         grads.append([p.grad for p in monitor.model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("shapes", [[(1, 6), (1, 3), (1, 5), (1, 2)], [(3, 6), (3, 4)]],
+                         ids=["one sequence each", "alike within, each padded to its own length"])
+@pytest.mark.parametrize("declared", [None, False, True])
+def test_accumulate_says_when_it_cannot_check_across_micro_batches(declared, shapes):
+    """A new user's find (session 29): micro-batches of one sequence each, unpadded and of other lengths (one
+    example per device with accumulation, the usual LLM setup), or micro-batches alike within and each padded to its
+    own length, give the check nothing to compare across them, and a token mean of one's own went through silently,
+    p.grad 1.16 and 0.43 off the batch's. It is now said, once, with the way out: a loss declared
+    normalised_over_the_batch = True is refused, one declared False (each example's own) is not checked (no
+    forward) and its step is the unsplit batch's (float64)."""
+    from noisescale.losses import sequence_cross_entropy
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    def own_loss(outputs, labels):
+        return sequence_cross_entropy(outputs, labels, shift=True, weighting="example" if declared is False else
+                                      "token")
+
+    if declared is not None:
+        own_loss.normalised_over_the_batch = declared
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 11, shape, generator=generator) for shape in shapes]
+    parts = [(tokens, tokens) for tokens in sequences]
+    torch.manual_seed(0)
+    model = TinyTokenModel().double()
+    monitor = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_loss, check_independence=False)
+    forwards = []
+    monitor.model.register_forward_hook(lambda *_: forwards.append(1))
+    if declared:
+        with pytest.raises(ValueError, match=f"accumulated from {len(shapes)} micro-batches"):
+            monitor.accumulate(parts)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.accumulate(parts)
+        monitor.model.zero_grad(set_to_none=True)
+        monitor.accumulate(parts)   # said once
+    said = [w for w in caught if "could not check whether loss_fn normalises" in str(w.message)]
+    assert len(said) == (1 if declared is None else 0)
+    parts_count = len(shapes)   # the check's forwards, once, unless declared
+    assert len(forwards) == 2 * parts_count + (parts_count if declared is None else 0)
+    if declared is False:   # each example's own: the step is the batch's mean of the examples' losses
+        reference = copy.deepcopy(model)
+        examples = sum(shape[0] for shape in shapes)
+        sum(own_loss(reference(tokens), tokens).sum() for tokens in sequences).div(examples).backward()
+        for a, b in zip(monitor.model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
