@@ -102,6 +102,11 @@ def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_
     assert not weighted_alone(token) and not weighted_alone(my_token_loss)
     example = functools.partial(sequence_cross_entropy, shift=True)
     assert torch.equal(example_weights(lambda outputs, y: example(outputs, y), outputs, logits, labels), ones)
+
+    def my_example_loss(outputs, y):   # declared each example's own: taken alone, no forward
+        return example(outputs, y)
+    my_example_loss.normalised_over_the_batch = False
+    assert weighted_alone(my_example_loss) and example_weights(my_example_loss, _NeverRun(), logits, labels) is None
     my_token_loss.normalised_over_the_batch = True   # declared: a batch of equal counts has weights 1, not an error
     full = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(example_weights(my_token_loss, outputs, logits, full), ones, rtol=1e-12, atol=0)
