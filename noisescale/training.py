@@ -791,11 +791,10 @@ class AdaptiveTrainer:
             raise ValueError(f"the checkpoint was saved with other settings: {'; '.join(differing)}")
         changes = _changed_settings(self.base_learning_rates, self.base_settings, state)
         if changes:
-            warnings.warn(f"resuming with the checkpoint's optimizer settings, not this trainer's: {'; '.join(changes)}. "
-                          "An exact resume continues the checkpointed run; to change them, set "
-                          "optimizer.param_groups after load_state_dict, "
-                          "or start a new run",
-                          UserWarning, stacklevel=2)
+            warnings.warn(f"resuming with the checkpoint's optimizer settings, not this trainer's: "
+                          f"{'; '.join(changes)}. An exact resume continues the checkpointed run; to change them, "
+                          "start a new run (in your own code you may also set optimizer.param_groups after "
+                          "load_state_dict)", UserWarning, stacklevel=2)
         model_state = copy.copy(state["model"])  # keeps the state dict's version metadata; the caller's is untouched
         for prefix in ("_orig_mod.", "module.", "_orig_mod."):   # checkpoints of earlier versions: the names under
             consume_prefix_in_state_dict_if_present(model_state, prefix)   # DDP and torch.compile, either order

@@ -177,7 +177,7 @@ def test_measure_rejects_a_batch_of_one(shipped_subset_only, tmp_path, capsys):
         "gradient variance"
 
 
-def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadline_s):
+def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadline_s, capsys):
     """Two gloo ranks: `measure` records the single-process history (same global batches), printed once;
     `train --schedule noise-adaptive` resumes a one-process run on two ranks and back, and writes its files once.
     The one-process run ends at B = 33, which two ranks cannot split: the policy continues at 34, the nearest
@@ -205,8 +205,14 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadl
     assert two.iloc[:len(one)]["batch_size"].tolist() == one["batch_size"].tolist()
     assert resumed["batch_size"].iloc[0] == 34 and (resumed["batch_size"] % 2 == 0).all()
     assert resumed["examples_seen"].iloc[-1] >= 1280
-    assert main([*train, "--epochs", "3", "--resume", str(tmp_path / "two.pt"), "--out", str(tmp_path / "three"),
-                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*train, "--epochs", "3", "--lr", "0.1", "--resume", str(tmp_path / "two.pt"), "--out",
+                 str(tmp_path / "three"), "--no-progress"]) == 0
+    said = capsys.readouterr().err.splitlines()   # in the command's words, not Python's warning format
+    assert [line for line in said if "optimizer settings" in line] == [
+        "noisescale: warning: resuming with the checkpoint's optimizer settings, not this trainer's: group 0: lr 0.05 "
+        "(this trainer: 0.1). An exact resume continues the checkpointed run; to change them, start a new run (in "
+        "your own code you may also set optimizer.param_groups after load_state_dict)"]
     three = pd.read_csv(tmp_path / "three" / "train_noise-adaptive_history.csv")
     assert three.iloc[:len(two)]["batch_size"].tolist() == two["batch_size"].tolist()
     assert three["examples_seen"].iloc[-1] >= 1536

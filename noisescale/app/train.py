@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,13 +189,17 @@ def run_train(
             state = load_checkpoint(resume, map_location=target_device, required_keys=("trainer", "evaluations"),
                                     source="--resume")
             try:
-                trainer.load_state_dict(state["trainer"])
+                with warnings.catch_warnings(record=True) as caught:   # the same on every rank: said once
+                    warnings.simplefilter("always")
+                    trainer.load_state_dict(state["trainer"])
             except (ValueError, RuntimeError, KeyError) as error:   # another run's: name the options to check
                 raise option_error("--resume", resume, f"the checkpoint is not of this run ({one_line(error)}); "
                                    "resume with the options it was started with (--seed; --schedule with its "
                                    "--epochs, --milestones, --batch-size, --max-batch-size and --lr; --kappa, "
                                    "--lr-coupling, --noise-scale, --hessian-every; the model and data), or start "
                                    "anew without --resume") from error
+            for warning in caught if main else ():
+                print(f"noisescale: warning: {warning.message}", file=sys.stderr)
             evaluations = list(state["evaluations"])
             if trainer.epoch >= epochs and main:
                 print(f"noisescale: note: the checkpoint has trained {trainer.epoch:.4g} epochs already, --epochs "
