@@ -112,8 +112,8 @@ def split_examples(value: Any, sizes: Sequence[int]) -> list[Any]:
 
 def concatenate_examples(parts: Sequence[Any]) -> Any:
     """The inverse of :func:`split_examples`: the parts' tensors concatenated along dim 0 (other leaves, equal in
-    every part, taken from the first; a dict subclass such as a HuggingFace ModelOutput keeps its type)."""
-    parts = [dict(part) if isinstance(part, Mapping) and not isinstance(part, dict) else part for part in parts]
+    every part, taken from the first)."""
+    parts = [dict(part) if isinstance(part, Mapping) else part for part in parts]
     return tree_map(lambda first, *rest: torch.cat([first, *rest]) if isinstance(first, Tensor) else first, *parts)
 
 

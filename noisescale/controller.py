@@ -32,6 +32,7 @@ __all__ = [
     "BatchSizeSchedule",
     "SCHEDULE_MODES",
     "COUPLING_RULES",
+    "round_to_multiple",
     "adascale_gain",
     "couple_learning_rate",
 ]
@@ -45,7 +46,7 @@ def _check_batch_size(value: Any, name: str, granularity: int) -> int:
     return value
 
 
-def _round_to_multiple(value: float, granularity: int) -> int:
+def round_to_multiple(value: float, granularity: int) -> int:
     """Nearest multiple of granularity (halves round up), at least one granularity."""
     return max(granularity, granularity * math.floor(value / granularity + 0.5))
 
@@ -134,7 +135,7 @@ class NoiseScaleBatchPolicy:
         # the 1e-9 keeps float rounding of B * max_factor (e.g. 3 * 1.1) from losing a grid point
         low = max(self.min_batch_size, g * math.ceil(batch_size / self.max_factor / g - 1e-9))
         high = min(self.max_batch_size, g * math.floor(batch_size * self.max_factor / g + 1e-9))
-        return min(max(_round_to_multiple(self.kappa * noise_scale, g), low), high)
+        return min(max(round_to_multiple(self.kappa * noise_scale, g), low), high)
 
     def decide(self, state: NoiseScalePolicyState, noise_scale: float) -> NoiseScalePolicyState:
         """Pure decision: the state after one more step at ``state.batch_size`` given this estimate."""
@@ -174,7 +175,7 @@ class NoiseScaleBatchPolicy:
         saved = dict(state["config"])
         saved_granularity = saved.get("granularity", self.granularity)
         if saved_granularity != self.granularity:
-            saved |= {name: _round_to_multiple(saved[name], self.granularity)
+            saved |= {name: round_to_multiple(saved[name], self.granularity)
                       for name in ("min_batch_size", "max_batch_size")} | {"granularity": self.granularity}
         differing = sorted(name for name, value in self.config().items() if saved.get(name) != value)
         if differing:
@@ -183,7 +184,7 @@ class NoiseScaleBatchPolicy:
                              f"{' and '.join(differing)} {'differs' if len(differing) == 1 else 'differ'}{rounded}")
         batch_size = _check_batch_size(state["batch_size"], "batch_size", saved_granularity)
         if batch_size % self.granularity:
-            rounded = _round_to_multiple(batch_size, self.granularity)
+            rounded = round_to_multiple(batch_size, self.granularity)
             warnings.warn(f"the policy's state was saved at granularity {saved_granularity} and continues at "
                           f"granularity {self.granularity} (another number of processes): its batch size "
                           f"{batch_size} becomes {rounded}, the nearest multiple", stacklevel=2)
@@ -315,7 +316,7 @@ class BatchSizeSchedule:
         decay = self.decay_factor ** self.decays_before(epoch)
         target_noise_scale = self.base_learning_rate * decay / (self.base_batch_size * (1 - self.base_momentum))
         ideal = self.base_batch_size * decay ** (-self.batch_share) * (1 - self.base_momentum) / (1 - momentum)
-        batch_size = _round_to_multiple(ideal, self.granularity)
+        batch_size = round_to_multiple(ideal, self.granularity)
         if self.max_batch_size is not None:
             batch_size = min(batch_size, self.max_batch_size)
         return ScheduleValue(batch_size, target_noise_scale * batch_size * (1 - momentum))

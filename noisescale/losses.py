@@ -101,6 +101,8 @@ def weighted_alone(loss_fn: Callable) -> bool:
     """Whether ``loss_fn`` is known to weight each example on its own: :func:`per_example_cross_entropy`,
     :func:`sequence_cross_entropy` with the "example" weighting (called directly or through ``functools.partial``),
     or a callable declared ``normalised_over_the_batch = False``."""
+    if normalised_over_the_batch(loss_fn):
+        return False
     if getattr(loss_fn, "normalised_over_the_batch", None) is False:
         return True
     func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn

@@ -47,18 +47,18 @@ An out-of-memory error halves ``max_micro_batch`` and runs the same step again f
 state and the BatchNorm running statistics it started with; nothing is lost or counted twice (a BatchNorm model in
 train mode then normalises smaller micro-batches, which changes its training).
 
-DistributedDataParallel: pass the DDP-wrapped model (after ``init_process_group``; torchrun sets it up). B is
-the global batch, world size x micro-batch x accumulation steps: every rank draws the same global batch from
-the sampler (same seed) and trains on its equal shard, accumulating its micro-batches under ``no_sync()``
-except the last, whose backward all-reduces the gradient. One all-gather of the per-example losses and squared
-norms (two numbers per example, and one per micro-batch) per step gives every rank the single-process estimate of the whole global batch, so the
-history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
-on every rank and rank 0's state is broadcast (two integers per step), so the ranks cannot disagree on B.
-B must stay divisible by the world size (the policy's granularity a multiple of it). The Hessian
-proxies (B_noise) are measured on each rank's whole share of the batch, one micro-batch at a time
+DistributedDataParallel: pass the DDP-wrapped model (after ``init_process_group``; torchrun sets it up). B is the
+global batch, world size x micro-batch x accumulation steps: every rank draws the same global batch from the sampler
+(same seed) and trains on its equal shard, accumulating its micro-batches under ``no_sync()`` except the last, whose
+backward all-reduces the gradient. One all-gather of the per-example losses and squared norms (two numbers per
+example, and one per micro-batch) per step gives every rank the single-process estimate of the whole global batch,
+so the history is the same on every rank and equals a single-process run with the same batches. A policy is stepped
+on every rank and rank 0's state is broadcast (two integers per step), so the ranks cannot disagree on B. B must
+stay divisible by the world size (the policy's granularity a multiple of it). The Hessian proxies (B_noise) are
+measured on each rank's whole share of the batch, one micro-batch at a time
 (:func:`~noisescale.hessian.micro_batch_hessian_noise_scale`, so max_micro_batch does not change them), and averaged
-over the ranks (one all-gather of five numbers a rank). Under DDP an out-of-memory error is raised, not retried (the other ranks already wait in the
-step's all-reduce).
+over the ranks (one all-gather of five numbers a rank). Under DDP an out-of-memory error is raised, not retried (the
+other ranks already wait in the step's all-reduce).
 
 FSDP: pass the model sharded by FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``, flat parameters
 or ``use_orig_params=True``); the process group is the sharding group (:mod:`noisescale.sharded`). Everything
@@ -248,29 +248,28 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             raise ValueError(_split_refusal(how, batch_size))
         if self._parts_checked or self.process_group is not None or weighted_alone(self.loss_fn):
             return
-        try:
-            with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
-                probe = []
-                for inputs, targets in micro_batches:
-                    outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
-                    if self._counted_by_batch(outputs, targets, size):
-                        raise ValueError(_split_refusal(how, batch_size, found=True))
-                    probe.append(_end_examples(outputs, targets, size))
-                joined = _joined_examples(probe)
-                across = None if joined is None else self._counted_by_batch(*joined)
-                if across:
-                    raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
-        except _NotFiniteYet:   # the step is skipped: the check waits for the next split step
-            return
+        with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
+            probe = []
+            for inputs, targets in micro_batches:
+                outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
+                if self._counted_by_batch(outputs, targets, size):
+                    raise ValueError(_split_refusal(how, batch_size, found=True))
+                probe.append(_end_examples(outputs, targets, size, others=not probe))
+                del outputs   # one micro-batch's outputs at a time
+            joined = _joined_examples(probe)
+            across = None if joined is None else self._counted_by_batch(*joined)
+            if across:
+                raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
         if across is None:   # micro-batches alike within may differ from each other, unseen
             warnings.warn(_unchecked_split(how), UserWarning, stacklevel=3)
         self._parts_checked = True   # (a refused or failed check is run again at the next split step)
 
     def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool | None:
         """Whether the loss of these ``size`` examples computed together differs from each one's loss alone by a
-        count (observed weights not all 1); None where it cannot tell (two examples or fewer; a loss that raises
-        without grad or is of the wrong shape, which the step reports; one that cannot be computed on parts).
-        ``_NotFiniteYet`` where the loss is not finite."""
+        count (observed weights not all 1), judged on the examples whose loss is finite (an example without a
+        counted token: sum / count is 0/0); None where it cannot tell (fewer than 3 such examples; a loss that
+        raises without grad or is of the wrong shape, which the step reports; one that cannot be computed on
+        parts)."""
         if size < 3:
             return None
         try:
@@ -282,8 +281,11 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             return None
         if not (isinstance(whole, torch.Tensor) and whole.shape == (size,) and whole.is_floating_point()):
             return None
-        if not bool(torch.isfinite(whole).all()):
-            raise _NotFiniteYet
+        finite = torch.isfinite(whole)
+        if not bool(finite.all()):
+            kept = finite.nonzero().flatten().tolist()
+            leaves, _, structure = _example_leaves(outputs, targets, size, kept)
+            return self._counted_by_batch(*tree_unflatten(leaves, structure), len(kept))
         weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
         return None if weights is None else not close_values(weights, torch.ones_like(weights))
 
@@ -981,11 +983,6 @@ def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool 
             "micro-batch; AdaptiveTrainer: one process and max_micro_batch=None)")
 
 
-class _NotFiniteYet(Exception):
-    """The losses the token-mean check compares are not finite (the step is skipped): it waits for the next split
-    step."""
-
-
 def _unchecked_split(how: str) -> str:
     return (f"accumulate could not check whether loss_fn normalises each example's loss by a count over the batch it "
             f"is given (a token mean, as HuggingFace's num_items_in_batch) across the micro-batches of a step {how}: "
@@ -996,15 +993,24 @@ def _unchecked_split(how: str) -> str:
             "(each example's loss is its own) silences this warning")
 
 
-def _end_examples(outputs: Any, targets: Any, size: int) -> tuple[list[Any], list[bool], Any, int]:
-    """A micro-batch's part of the probe across micro-batches: the leaves of its outputs and targets (flattened),
-    of each tensor that holds its examples in dim 0 the rows of its first and last examples, other leaves as they
-    are (a scalar auxiliary loss, router logits of every token); which leaves hold examples; the tree's structure;
-    the number of examples taken."""
-    ends = [0, size - 1] if size > 1 else [0]
+def _example_leaves(outputs: Any, targets: Any, size: int, index: list[int]) -> tuple[list[Any], list[bool], Any]:
+    """The leaves of (outputs, targets), flattened: of each tensor that holds the ``size`` examples in dim 0 its
+    rows ``index``, the other leaves as they are (a scalar auxiliary loss, router logits of every token); which
+    leaves hold examples; the tree's structure."""
     leaves, structure = tree_flatten((outputs, targets))
     rows = [isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size for leaf in leaves]
-    return [leaf[ends] if held else leaf for leaf, held in zip(leaves, rows)], rows, structure, len(ends)
+    return [leaf[index] if held else leaf for leaf, held in zip(leaves, rows)], rows, structure
+
+
+def _end_examples(outputs: Any, targets: Any, size: int, others: bool) -> tuple[list[Any], list[bool], Any, int]:
+    """A micro-batch's part of the probe across micro-batches: ``_example_leaves`` of its first and last examples,
+    the leaves without examples kept only where ``others`` (the first micro-batch's, which the probe takes), and the
+    number of examples taken."""
+    ends = [0, size - 1] if size > 1 else [0]
+    leaves, rows, structure = _example_leaves(outputs, targets, size, ends)
+    if not others:
+        leaves = [leaf if held else None for leaf, held in zip(leaves, rows)]
+    return leaves, rows, structure, len(ends)
 
 
 def _joined_examples(parts: list[tuple[list[Any], list[bool], Any, int]]) -> tuple[Any, Any, int] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -145,7 +146,9 @@ def test_policy_state_of_an_odd_minimum_continues_at_a_granularity_it_rounds_to(
     checkpoint = json.loads(json.dumps(saved.state_dict()))
     assert checkpoint["batch_size"] == 18
     resumed = NoiseScaleBatchPolicy(10, min_batch_size=10, max_batch_size=64, granularity=2, hold_steps=2)
-    resumed.load_state_dict(checkpoint)   # 18 is a multiple of 2: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # 18 is a multiple of 2: no warning
+        resumed.load_state_dict(checkpoint)
     assert resumed.batch_size == 18 and resumed.state.steps_since_change == 0
     other = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=64, granularity=2, hold_steps=2)
     with pytest.raises(ValueError, match=r"min_batch_size differs \(B_min and B_max rounded to this granularity\)"):

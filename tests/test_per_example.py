@@ -1680,7 +1680,7 @@ def test_a_registered_rule_measures_its_parameters_whatever_their_names():
         del RULES[Scale]
 
 
-@pytest.mark.parametrize("declared", [False, True])
+@pytest.mark.parametrize("declared", [False, True, "returns more"])
 def test_a_registered_rule_that_leaves_a_parameter_out_is_an_error_unless_it_says_so(declared):
     """A rule given every parameter of its module (parameter_names None) that returned no norm for one of them left
     it at 0, silently, labelled "ghost" (a doc fact-check's find: the total 0.034 off a loop). That is an error now,
@@ -1702,13 +1702,21 @@ def test_a_registered_rule_that_leaves_a_parameter_out_is_an_error_unless_it_say
         parameter_names = frozenset({"weight"}) if declared else None
 
         def per_example_grads(self, module, x, g, names):
-            return {"weight": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+            grads = {"weight": (g * x).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+            if declared == "returns more":   # a name it was not given: an error too (it raised a bare KeyError)
+                grads["shift"] = g.reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+            return grads
 
     register_rule(ScaleShift, ScaleRule())
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 5), ScaleShift(), nn.Tanh(), nn.Linear(5, 3)).double()
         x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        if declared == "returns more":
+            with pytest.raises(PerExampleError, match=r"the rule ScaleRule returned \['shift'\], which it was not "
+                                                      r"given"):
+                per_example_sqnorms(model, classification_loss, x, y, check_independence=False)
+            return
         if declared:
             result = assert_matches_reference(model, classification_loss, x, y, "auto")
             assert result.backend_of["1.weight"] == "ghost" and result.backend_of["1.shift"] == "vmap"

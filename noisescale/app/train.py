@@ -27,6 +27,7 @@ from noisescale.app.options import one_line, option_error, prepare_output_file, 
 from noisescale.app.plot import plot_training_curves, save_figure
 from noisescale.checkpoints import atomic_path, load_checkpoint, save_checkpoint
 from noisescale.monitor import NoiseScaleSummary
+from noisescale.controller import round_to_multiple
 from noisescale.training import AdaptiveTrainer, make_batch_size_source
 
 _SHOWN_BATCH_SIZE_CHANGES = 12  # more changes are printed as the first and last few
@@ -166,10 +167,10 @@ def run_train(
         processes = dist.get_world_size() if dist.is_initialized() else 1
         for flag, value in (("--batch-size", batch_size), ("--max-batch-size", max_batch_size)):
             if value % processes:
-                nearest = max(processes, processes * int(value / processes + 0.5))   # halves up, as the policy
+                resumed = (" (a noise-adaptive run resumed from a checkpoint of another number of processes "
+                           "takes its sizes rounded so)" if mode == "noise-adaptive" else "")
                 raise option_error(flag, value, f"must be a multiple of the {processes} processes, which take equal "
-                                   f"shares of each batch: give {nearest} (a run resumed from a checkpoint of "
-                                   "another number of processes takes its sizes rounded so)")
+                                   f"shares of each batch: give {round_to_multiple(value, processes)}{resumed}")
         job = build_training_job(target_device, model=model_spec, dataset=dataset, data=data, loss=loss, seed=seed,
                                  learning_rate=learning_rate, momentum=momentum, parallel=parallel)
         train_set = job.data.train
@@ -190,7 +191,6 @@ def run_train(
                                     source="--resume")
             try:
                 with warnings.catch_warnings(record=True) as caught:   # the same on every rank: said once
-                    warnings.simplefilter("always")
                     trainer.load_state_dict(state["trainer"])
             except (ValueError, RuntimeError, KeyError) as error:   # another run's: name the options to check
                 raise option_error("--resume", resume, f"the checkpoint is not of this run ({one_line(error)}); "

@@ -1345,12 +1345,14 @@ class GhostNormEngine:
                 "Fix or unregister the rule (noisescale.per_example.register_rule), or use backend='vmap'"
             ) from error
         missing = sorted((single - set(sqnorms)) | (shared - set(factors)))
-        if missing:   # a parameter left out would keep a norm of 0, silently
+        extra = sorted((set(sqnorms) - single) | (set(factors) - shared))
+        if missing or extra:   # a parameter left out would keep a norm of 0, silently
+            said = (f"returned nothing for {missing}, which it was given to measure" if missing else
+                    f"returned {extra}, which it was not given")
             raise PerExampleError(
-                where, "ghost", f"the rule {type(entry.rule).__name__} returned nothing for {missing}, which it was "
-                "given to measure",
-                "Return every name the rule is given, or set the rule's parameter_names to those it measures (the "
-                "others then go to the whole-model vmap under backend='auto')")
+                where, "ghost", f"the rule {type(entry.rule).__name__} {said}",
+                "Return exactly the names the rule is given, or set the rule's parameter_names to those it measures "
+                "(the others then go to the whole-model vmap under backend='auto')")
         for local, sqnorm in sqnorms.items():
             _add(ghost_pass.sqnorms, entry.names[local], sqnorm)
         for local, grads in factors.items():
