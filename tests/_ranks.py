@@ -53,9 +53,10 @@ def one_rank_process_group():
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def torchrun_noisescale(*arguments: str, deadline_s: float) -> str:
+def torchrun_noisescale(*arguments: str, deadline_s: float, stderr: bool = False) -> str | tuple[str, str]:
     """``torchrun --standalone --nproc_per_node 2 -m noisescale ARGUMENTS --no-progress`` on CPU (gloo), one torch
-    thread per rank; returns what it printed. ``deadline_s`` only catches a hang (tests/conftest.py). A failure shows
+    thread per rank; returns what it printed (and, with ``stderr``, what it printed there). ``deadline_s`` only
+    catches a hang (tests/conftest.py). A failure shows
     both streams, head and tail; with ``PYTHONFAULTHANDLER`` a rank that aborts prints its threads' Python stacks."""
     environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                    "PYTHONFAULTHANDLER": "1",
@@ -67,7 +68,7 @@ def torchrun_noisescale(*arguments: str, deadline_s: float) -> str:
     assert completed.returncode == 0, "\n".join([
         f"torchrun exited with {completed.returncode}", "stdout:", _head_and_tail(completed.stdout, 1500),
         "stderr:", _head_and_tail(completed.stderr, 4000)])
-    return completed.stdout
+    return (completed.stdout, completed.stderr) if stderr else completed.stdout
 
 
 def _head_and_tail(text: str, each: int) -> str:

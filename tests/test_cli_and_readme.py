@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -197,17 +198,23 @@ def test_measure_and_train_run_data_parallel_under_torchrun(tmp_path, hang_deadl
                  "--no-progress"]) == 0
     one = pd.read_csv(tmp_path / "one" / "train_noise-adaptive_history.csv")
     assert one["batch_size"].iloc[-1] == 33
-    printed = torchrun_noisescale(*train, "--epochs", "2.5", "--resume", str(tmp_path / "one.pt"), "--checkpoint",
-                                  str(tmp_path / "two.pt"), "--out", str(tmp_path / "two"), deadline_s=hang_deadline_s)
+    printed, said = torchrun_noisescale(*train, "--epochs", "2.5", "--resume", str(tmp_path / "one.pt"),
+                                        "--checkpoint", str(tmp_path / "two.pt"), "--out", str(tmp_path / "two"),
+                                        deadline_s=hang_deadline_s, stderr=True)
     assert printed.count("noise-adaptive: test accuracy") == 1
+    assert [line for line in said.splitlines() if "granularity" in line] == [   # once, by rank 0
+        "noisescale: warning: the policy's state was saved at granularity 1 and continues at granularity 2 (another "
+        "number of processes): its batch size 33 becomes 34, the nearest multiple"]
     two = pd.read_csv(tmp_path / "two" / "train_noise-adaptive_history.csv")
     resumed = two.iloc[len(one):]
     assert two.iloc[:len(one)]["batch_size"].tolist() == one["batch_size"].tolist()
     assert resumed["batch_size"].iloc[0] == 34 and (resumed["batch_size"] % 2 == 0).all()
     assert resumed["examples_seen"].iloc[-1] >= 1280
     capsys.readouterr()
-    assert main([*train, "--epochs", "3", "--lr", "0.1", "--resume", str(tmp_path / "two.pt"), "--out",
-                 str(tmp_path / "three"), "--no-progress"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")   # (whatever -W the suite runs with: the command follows the filters)
+        assert main([*train, "--epochs", "3", "--lr", "0.1", "--resume", str(tmp_path / "two.pt"), "--out",
+                     str(tmp_path / "three"), "--no-progress"]) == 0
     said = capsys.readouterr().err.splitlines()   # in the command's words, not Python's warning format
     assert [line for line in said if "optimizer settings" in line] == [
         "noisescale: warning: resuming with the checkpoint's optimizer settings, not this trainer's: group 0: lr 0.05 "

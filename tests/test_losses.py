@@ -107,6 +107,9 @@ def test_token_weights_read_from_a_forwards_outputs_equal_the_known_ones_and_an_
         return example(outputs, y)
     my_example_loss.normalised_over_the_batch = False
     assert weighted_alone(my_example_loss) and example_weights(my_example_loss, _NeverRun(), logits, labels) is None
+    contradicted = functools.partial(sequence_cross_entropy, shift=True, weighting="token")
+    contradicted.normalised_over_the_batch = False   # the weighting says otherwise, and wins
+    assert not weighted_alone(contradicted)
     my_token_loss.normalised_over_the_batch = True   # declared: a batch of equal counts has weights 1, not an error
     full = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(example_weights(my_token_loss, outputs, logits, full), ones, rtol=1e-12, atol=0)
