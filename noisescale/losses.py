@@ -106,8 +106,7 @@ def weighted_alone(loss_fn: Callable) -> bool:
     if getattr(loss_fn, "normalised_over_the_batch", None) is False:
         return True
     func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-    return func is per_example_cross_entropy or (func is sequence_cross_entropy
-                                                 and not normalised_over_the_batch(loss_fn))
+    return func is per_example_cross_entropy or func is sequence_cross_entropy
 
 
 def example_weights_in_batch(loss_fn: Callable, targets: Any) -> Tensor | None:

@@ -114,7 +114,12 @@ from noisescale.distributed import (
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
 from noisescale.losses import normalised_over_the_batch, weighted_alone
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
-from noisescale.per_example.coupling import observed_example_weights, outputs_without_grad
+from noisescale.per_example.coupling import (
+    example_rows,
+    holds_examples,
+    observed_example_weights,
+    outputs_without_grad,
+)
 from noisescale.per_example.layers import batch_statistics_path, close_values
 from noisescale.sampler import ResizableBatchSampler, split_micro_batches
 from noisescale.sharded import (
@@ -176,10 +181,10 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                              "micro-batches' gradients to it and reads |G|^2 from the sum, which would include it; "
                              "call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
                              "parameters only)")
+        sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
         if len(micro_batches) > 1:
-            self._check_parts_add_up(micro_batches)
+            self._check_parts_add_up(micro_batches, sizes)
         with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
-            sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
             batch_size = sum(sizes)
             measured = self.step % self.measure_every == 0
             by_micro_batches = measured and self._normalises_with_batch_statistics()
@@ -228,7 +233,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             self.step += 1
         return loss.detach()
 
-    def _check_parts_add_up(self, micro_batches: list[tuple[Any, Any]]) -> None:
+    def _check_parts_add_up(self, micro_batches: list[tuple[Any, Any]], sizes: list[int]) -> None:
         """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches would each
         be normalised by their own count, and the step would not be the batch's. Declared
         (``losses.normalised_over_the_batch``) at every split step; otherwise looked for at split steps on one
@@ -242,7 +247,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         A loss known or declared to weight each example alone (``losses.weighted_alone``) is not checked. A first
         split step whose examples all count alike (every sequence full) shows nothing: declare such a loss. Under
         DDP (whose forward may communicate) only the declared losses are refused."""
-        batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
+        batch_size = sum(sizes)
         how = f"accumulated from {len(micro_batches)} micro-batches"
         if normalised_over_the_batch(self.loss_fn):
             raise ValueError(_split_refusal(how, batch_size))
@@ -250,8 +255,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             return
         with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
             probe = []
-            for inputs, targets in micro_batches:
-                outputs, size = outputs_without_grad(self.model, inputs), batch_size_of(inputs)
+            for (inputs, targets), size in zip(micro_batches, sizes):
+                outputs = outputs_without_grad(self.model, inputs)
                 if self._counted_by_batch(outputs, targets, size):
                     raise ValueError(_split_refusal(how, batch_size, found=True))
                 probe.append(_end_examples(outputs, targets, size, others=not probe))
@@ -284,8 +289,8 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         finite = torch.isfinite(whole)
         if not bool(finite.all()):
             kept = finite.nonzero().flatten().tolist()
-            leaves, _, structure = _example_leaves(outputs, targets, size, kept)
-            return self._counted_by_batch(*tree_unflatten(leaves, structure), len(kept))
+            return self._counted_by_batch(example_rows(outputs, kept, size), example_rows(targets, kept, size),
+                                          len(kept))
         weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
         return None if weights is None else not close_values(weights, torch.ones_like(weights))
 
@@ -993,24 +998,16 @@ def _unchecked_split(how: str) -> str:
             "(each example's loss is its own) silences this warning")
 
 
-def _example_leaves(outputs: Any, targets: Any, size: int, index: list[int]) -> tuple[list[Any], list[bool], Any]:
-    """The leaves of (outputs, targets), flattened: of each tensor that holds the ``size`` examples in dim 0 its
-    rows ``index``, the other leaves as they are (a scalar auxiliary loss, router logits of every token); which
-    leaves hold examples; the tree's structure."""
-    leaves, structure = tree_flatten((outputs, targets))
-    rows = [isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size for leaf in leaves]
-    return [leaf[index] if held else leaf for leaf, held in zip(leaves, rows)], rows, structure
-
-
 def _end_examples(outputs: Any, targets: Any, size: int, others: bool) -> tuple[list[Any], list[bool], Any, int]:
-    """A micro-batch's part of the probe across micro-batches: ``_example_leaves`` of its first and last examples,
-    the leaves without examples kept only where ``others`` (the first micro-batch's, which the probe takes), and the
-    number of examples taken."""
+    """A micro-batch's part of the probe across micro-batches, flattened: the leaves of (outputs, targets), of each
+    tensor that holds the examples in dim 0 (``coupling.holds_examples``) the rows of its first and last examples,
+    the other leaves (a scalar auxiliary loss, router logits of every token) only where ``others`` (the first
+    micro-batch's, which the probe takes); which leaves hold examples; the tree's structure; the number taken."""
     ends = [0, size - 1] if size > 1 else [0]
-    leaves, rows, structure = _example_leaves(outputs, targets, size, ends)
-    if not others:
-        leaves = [leaf if held else None for leaf, held in zip(leaves, rows)]
-    return leaves, rows, structure, len(ends)
+    leaves, structure = tree_flatten((outputs, targets))
+    rows = [isinstance(leaf, torch.Tensor) and holds_examples(leaf, size) for leaf in leaves]
+    picked = [leaf[ends] if held else leaf if others else None for leaf, held in zip(leaves, rows)]
+    return picked, rows, structure, len(ends)
 
 
 def _joined_examples(parts: list[tuple[list[Any], list[bool], Any, int]]) -> tuple[Any, Any, int] | None:

@@ -26,8 +26,8 @@ from noisescale.app.jobs import (
 from noisescale.app.options import one_line, option_error, prepare_output_file, prepare_output_folder
 from noisescale.app.plot import plot_training_curves, save_figure
 from noisescale.checkpoints import atomic_path, load_checkpoint, save_checkpoint
-from noisescale.monitor import NoiseScaleSummary
 from noisescale.controller import round_to_multiple
+from noisescale.monitor import NoiseScaleSummary
 from noisescale.training import AdaptiveTrainer, make_batch_size_source
 
 _SHOWN_BATCH_SIZE_CHANGES = 12  # more changes are printed as the first and last few

@@ -45,8 +45,9 @@ from noisescale.per_example.layers import close_values, rounding_tolerance
 from noisescale.per_example.vmap import quiet_torch_notes
 from noisescale.sharded import sharding_kept
 
-__all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "example_weights",
-           "losses_of_parts", "observed_example_weights", "outputs_without_grad", "replaced_examples"]
+__all__ = ["Coupling", "coupled_losses", "coupled_on_any_rank", "coupled_outputs", "example_rows",
+           "example_weights", "holds_examples", "losses_of_parts", "observed_example_weights", "outputs_without_grad",
+           "replaced_examples"]
 
 
 class Coupling:
@@ -81,7 +82,7 @@ def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]
     example 0's (nothing to replace it with)."""
     if batch_size < 2:
         return None
-    rows = [t.reshape(batch_size, -1) for t in tensors_of(inputs) if _holds_examples(t, batch_size)]
+    rows = [t.reshape(batch_size, -1) for t in tensors_of(inputs) if holds_examples(t, batch_size)]
     replaced = {}
     for target in (0, batch_size - 1) if batch_size >= 3 else (0,):
         differs = torch.zeros(batch_size, dtype=torch.bool)
@@ -96,7 +97,7 @@ def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]
     index = torch.arange(batch_size)
     for target, source in replaced.items():
         index[target] = source
-    return map_tensors(lambda t: t[index.to(t.device)] if _holds_examples(t, batch_size) else t, inputs), replaced
+    return example_rows(inputs, index, batch_size), replaced
 
 
 def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
@@ -164,9 +165,19 @@ def _tensor_leaves(outputs: Any) -> list[tuple[str, Tensor]]:
     return [(path, leaf) for path, leaf in leaves if isinstance(leaf, Tensor)]
 
 
-def _holds_examples(t: Tensor, batch_size: int) -> bool:
-    """An input with the examples in dim 0; others (a count, position ids (1, T) shared by all) stay as they are."""
+def holds_examples(t: Tensor, batch_size: int) -> bool:
+    """A tensor with the examples in dim 0; others (a count, position ids (1, T) shared by all, a scalar auxiliary
+    loss) stay as they are where examples are picked (:func:`example_rows`)."""
     return t.dim() > 0 and t.shape[0] == batch_size
+
+
+def example_rows(value: Any, index: slice | list[int] | Tensor, batch_size: int) -> Any:
+    """``value`` (inputs, outputs or targets) with the examples ``index`` of every tensor that holds the
+    ``batch_size`` examples in dim 0, its other leaves as they are."""
+    def rows(t: Tensor) -> Tensor:
+        return t[index.to(t.device) if isinstance(index, Tensor) else index] if holds_examples(t, batch_size) else t
+
+    return map_tensors(rows, value)
 
 
 def _largest_move(before: Tensor, after: Tensor, kept: Tensor, dims: list[int]) -> float:
@@ -258,14 +269,11 @@ def losses_of_parts(loss_fn: Callable[[Any, Any], Tensor], outputs: Any, targets
                     parts: list[slice]) -> Tensor | None:
     """``loss_fn`` on each part (rows) of one forward's ``outputs`` and of ``targets``, concatenated, without grad;
     None where it cannot be computed so (the loss raised, or gave no (n,) tensor for a part of n examples)."""
-    def rows(value: Any, part: slice) -> Any:
-        return map_tensors(lambda t: t[part] if t.dim() and t.shape[0] == batch_size else t, value)
-
     pieces = []
     with torch.no_grad():
         for part in parts:
             try:
-                piece = loss_fn(rows(outputs, part), rows(targets, part))
+                piece = loss_fn(example_rows(outputs, part, batch_size), example_rows(targets, part, batch_size))
             except Exception:   # outputs whose examples are not in dim 0: nothing can be told
                 return None
             if not (isinstance(piece, Tensor) and piece.shape == (len(range(batch_size)[part]),)):
