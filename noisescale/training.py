@@ -182,7 +182,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                              "call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
                              "parameters only)")
         sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
-        if len(micro_batches) > 1:
+        if len(micro_batches) > 1 or self.process_group is not None:
             self._check_parts_add_up(micro_batches, sizes)
         with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
             batch_size = sum(sizes)
@@ -234,40 +234,64 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         return loss.detach()
 
     def _check_parts_add_up(self, micro_batches: list[tuple[Any, Any]], sizes: list[int]) -> None:
-        """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches would each
-        be normalised by their own count, and the step would not be the batch's. Declared
-        (``losses.normalised_over_the_batch``) at every split step; otherwise looked for at split steps on one
-        process until one passes, from a forward of each micro-batch (no grad, random streams and buffers kept, so
-        the training is unchanged): within each micro-batch, its examples' losses computed together and each alone
-        differ by a count (``coupling.observed_example_weights``); across them, the same on a probe of every
-        micro-batch's first and last examples put together: between them, a count that differs anywhere in the
-        step (a micro-batch that counts alike is represented by its ends). A set of two examples is not judged (its
-        halves are single examples, whose losses alone agree with any loss's). Where the probe cannot be judged
-        (outputs of other shapes, fewer than 3 examples, a loss not computable on parts) a warning says so, once.
-        A loss known or declared to weight each example alone (``losses.weighted_alone``) is not checked. A first
-        split step whose examples all count alike (every sequence full) shows nothing: declare such a loss. Under
-        DDP (whose forward may communicate) only the declared losses are refused."""
-        batch_size = sum(sizes)
-        how = f"accumulated from {len(micro_batches)} micro-batches"
+        """Refuse a loss normalised over the batch it is given (a token mean): accumulated micro-batches, and DDP's
+        ranks, would each be normalised by their own count, and the step would not be the batch's. Declared
+        (``losses.normalised_over_the_batch``) at every split step; otherwise looked for at split steps until one
+        passes, from a forward of each micro-batch (no grad, random streams and buffers kept, so the training is
+        unchanged): within each micro-batch, its examples' losses computed together and each alone differ by a
+        count (``coupling.observed_example_weights``); across them, the same on a probe of every micro-batch's first
+        and last examples put together: between them, a count that differs anywhere in the step (a micro-batch that
+        counts alike is represented by its ends). A set of two examples is not judged (its halves are single
+        examples, whose losses alone agree with any loss's). Where the probe cannot be judged (outputs of other
+        shapes, fewer than 3 examples, a loss not computable on parts) a warning says so, once. A loss known or
+        declared to weight each example alone (``losses.weighted_alone``) is not checked. A first split step whose
+        examples all count alike (every sequence full) shows nothing: declare such a loss.
+
+        Under DDP each rank checks its own micro-batches (the forward of the module inside DDP, which does not
+        communicate) and the ranks' verdicts are combined (one all-reduce of three flags), so that every rank
+        refuses or warns alike; a count that differs only between ranks whose examples each count alike is not
+        seen (each rank's token mean is then its examples' mean: the step is that of a per-example mean). Under
+        FSDP, whose forward gathers the shards, only the declared losses are refused."""
+        world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
+        batch_size = sum(sizes) * world_size
+        how = " and ".join(([f"split over {world_size} ranks"] if world_size > 1 else [])
+                           + ([f"accumulated from {len(micro_batches)} micro-batches"] if len(micro_batches) > 1
+                              else []))
         if normalised_over_the_batch(self.loss_fn):
             raise ValueError(_split_refusal(how, batch_size))
-        if self._parts_checked or self.process_group is not None or weighted_alone(self.loss_fn):
+        if self._parts_checked or self.sharded or weighted_alone(self.loss_fn):
             return
-        with isolated_rng(list(self.model.parameters())):   # a loss that draws from the random streams
-            probe = []
-            for (inputs, targets), size in zip(micro_batches, sizes):
-                outputs = outputs_without_grad(self.model, inputs)
-                if self._counted_by_batch(outputs, targets, size):
-                    raise ValueError(_split_refusal(how, batch_size, found=True))
-                probe.append(_end_examples(outputs, targets, size, others=not probe))
-                del outputs   # one micro-batch's outputs at a time
-            joined = _joined_examples(probe)
-            across = None if joined is None else self._counted_by_batch(*joined)
-            if across:
-                raise ValueError(_split_refusal(how, batch_size, found=True, across=True))
-        if across is None:   # micro-batches alike within may differ from each other, unseen
+        within, across, unjudged = self._counted_by_parts(micro_batches, sizes)
+        if self.process_group is not None:   # every rank's verdict, so that no rank refuses alone
+            flags = torch.tensor([within, across, unjudged], dtype=torch.float64,
+                                 device=next(self.model.parameters()).device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+            within, across, unjudged = (bool(flag) for flag in flags.tolist())
+        if within or across:
+            raise ValueError(_split_refusal(how, batch_size, found=True, across=not within))
+        if unjudged:
             warnings.warn(_unchecked_split(how), UserWarning, stacklevel=3)
         self._parts_checked = True   # (a refused or failed check is run again at the next split step)
+
+    def _counted_by_parts(self, micro_batches: list[tuple[Any, Any]], sizes: list[int]) -> tuple[bool, bool, bool]:
+        """This process's verdicts for :meth:`_check_parts_add_up`: whether a micro-batch's examples count by the
+        batch (within), whether the probe of the micro-batches' ends does (across), and whether the parts could
+        not be judged (the probe across several micro-batches, or the one micro-batch itself)."""
+        module = unwrapped_module(self.model)   # (DDP's own forward may communicate: not every rank checks alike)
+        with isolated_rng(list(module.parameters())):   # a loss that draws from the random streams
+            probe, verdicts = [], []
+            for (inputs, targets), size in zip(micro_batches, sizes):
+                outputs = outputs_without_grad(module, inputs)
+                verdicts.append(self._counted_by_batch(outputs, targets, size))
+                if verdicts[-1]:
+                    return True, False, False
+                probe.append(_end_examples(outputs, targets, size, others=not probe))
+                del outputs   # one micro-batch's outputs at a time
+            if len(micro_batches) == 1:
+                return False, False, verdicts[0] is None
+            joined = _joined_examples(probe)
+            across = None if joined is None else self._counted_by_batch(*joined)
+            return False, bool(across), across is None   # micro-batches alike within may differ, unseen
 
     def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool | None:
         """Whether the loss of these ``size`` examples computed together differs from each one's loss alone by a
@@ -990,11 +1014,11 @@ def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool 
 
 def _unchecked_split(how: str) -> str:
     return (f"accumulate could not check whether loss_fn normalises each example's loss by a count over the batch it "
-            f"is given (a token mean, as HuggingFace's num_items_in_batch) across the micro-batches of a step {how}: "
-            "their examples could not be put together (outputs that differ in shape beyond dim 0, as sequences "
-            "padded to each micro-batch's own length do, fewer than 3 examples in all, or a loss that cannot be "
-            "computed on parts of a batch). If it does, each micro-batch is normalised by its own count and the step "
-            "is not the batch's. Declare it: loss_fn.normalised_over_the_batch = True has such a split refused; False "
+            f"is given (a token mean, as HuggingFace's num_items_in_batch) for a step {how}: the examples of its "
+            "parts could not be put together (outputs that differ in shape beyond dim 0, as sequences padded to "
+            "each micro-batch's own length do, fewer than 3 examples in all or on a rank, or a loss that cannot be "
+            "computed on parts of a batch). If it does, each part is normalised by its own count and the step is "
+            "not the batch's. Declare it: loss_fn.normalised_over_the_batch = True has such a split refused; False "
             "(each example's loss is its own) silences this warning")
 
 

@@ -321,6 +321,31 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     results["masked_params"] = [p.detach().clone() for p in trainer.model.parameters()]
     report_progress(out_dir, rank, "masked")
 
+    # 6c. a token mean of one's own under DDP: each rank's step would be normalised by its own count. Rank 0's
+    # sequences all count alike (its check alone passes), the other ranks' do not: every rank refuses, p.grad left
+    # at None. With two examples a rank nothing can be judged: every rank warns. Through AdaptiveTrainer: refused
+    # before the step, nothing drawn or trained.
+    tokens, labels = _rank_token_batch(rank)
+    own = _ddp(_make_token_model())
+    own_monitor = AccumulatingNoiseScaleMonitor(own, _own_token_mean, check_independence=False)
+    results["own_token_mean_error"] = capture_error(lambda: own_monitor.accumulate([(tokens, labels)]))
+    results["own_token_mean_grads"] = [p.grad for p in own.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pair = AccumulatingNoiseScaleMonitor(_ddp(_make_token_model()), _token_mean, check_independence=False)
+        pair.accumulate([(tokens[:2], labels[:2])])
+    results["pair_warnings"] = [str(warning.message) for warning in caught]
+    varied = torch.stack([_rank_token_batch(1 + index % 2)[1] for index in range(12)]).reshape(48, 5)
+    model = _ddp(_make_token_model())
+    trainer = AdaptiveTrainer(model, _own_token_mean, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
+                              TensorDataset(varied.clamp(min=0), varied), batch_size=12, seed=4, progress=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    results["own_token_mean_trainer_error"] = capture_error(trainer.step)
+    results["own_token_mean_trainer_state"] = (trainer.steps, trainer.sampler.examples_seen, all(
+        torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())))
+    trainer.close()
+    report_progress(out_dir, rank, "own_token_mean")
+
     # 6b. the reverse resume: a one-process checkpoint (trained here on every rank) continued under DDP.
     single = _adaptive_trainer(_make_model(torch.float64), _trainer_data())
     with single:
@@ -438,6 +463,20 @@ def _token_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     gradient is 0 all the same."""
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
     return losses.sum(1) / (targets != -100).sum(1)
+
+
+def _own_token_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The batch's token mean written in one's own function (undeclared): each sequence's summed token loss over the
+    batch's mean count, so that the mean over the batch is sum / count over its tokens."""
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return losses.sum(1) / (targets != -100).sum() * len(targets)
+
+
+def _rank_token_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four sequences of 5 tokens: rank 0's all counted, the other ranks' masked from positions 2 to 5 on."""
+    tokens = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(5 + rank))
+    lengths = torch.tensor([5, 5, 5, 5] if rank == 0 else [5, 2, 4, 3])
+    return tokens, tokens.masked_fill(torch.arange(5) >= lengths[:, None], -100)
 
 
 def _masked_token_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
@@ -607,6 +646,35 @@ def test_a_0_over_0_loss_is_stepped_on_under_ddp_as_in_one_process_measured_or_n
         np.testing.assert_allclose(history["trace_sigma"], expected["trace_sigma"], rtol=1e-9)
         for trained, p in zip(result["masked_params"], reference.model.parameters()):
             torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_token_mean_of_ones_own_is_refused_by_every_rank_under_ddp(rank_results):
+    """Session 29 left it silent: under DDP a token mean in one's own function trained the mean of the ranks' token
+    means. Each rank now checks its own batch (a forward of the module inside DDP) and the ranks' verdicts are
+    combined: rank 0, whose sequences all count alike, refuses with the others, and p.grad stays None; a rank of
+    two examples cannot be judged, and every rank says so. The reference: in one process, rank 1's batch alone,
+    split in two, is refused by the same check, and the ranks' token means do differ from the global one."""
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    for result in rank_results:
+        kind, message = result["own_token_mean_error"]
+        assert kind == "ValueError" and "differ when its examples are computed alone" in message
+        assert "the batch of 12 would be split over 3 ranks" in message
+        assert all(grad is None for grad in result["own_token_mean_grads"])
+        assert ["could not check whether loss_fn normalises" in text for text in result["pair_warnings"]] == [True]
+        assert "split over 3 ranks" in result["pair_warnings"][0]
+        kind, message = result["own_token_mean_trainer_error"]
+        assert kind == "ValueError" and "split over 3 ranks" in message
+        assert result["own_token_mean_trainer_state"] == (0, 0, True)
+    tokens, labels = _rank_token_batch(1)
+    single = AccumulatingNoiseScaleMonitor(_make_token_model(), _own_token_mean, check_independence=False)
+    with pytest.raises(ValueError, match="examples from different micro-batches, computed together, differ"):
+        single.accumulate([(tokens[:2], labels[:2]), (tokens[2:], labels[2:])])
+    batches = [_rank_token_batch(rank) for rank in range(WORLD_SIZE)]
+    model = _make_token_model()
+    ranks_mean = sum(_own_token_mean(model(t), l).mean() for t, l in batches) / WORLD_SIZE
+    whole = _own_token_mean(model(torch.cat([t for t, _ in batches])), torch.cat([l for _, l in batches])).mean()
+    assert abs(float(ranks_mean - whole)) > 1e-3   # worth refusing
 
 
 def test_hessian_proxies_are_the_mean_over_ranks_of_each_shard(rank_results):
