@@ -68,7 +68,9 @@ Dropout inside a fallback module is replayed from the generator state saved befo
 global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
 
 Losses that couple the examples (a contrastive loss, statistics of the batch) have no per-example gradients: the
-first call checks that each l_i reads example i alone and raises otherwise; ``observe`` warns about outputs that
+first call checks that each l_i reads example i alone and raises otherwise (its two forwards also show a forward
+that reorders the raw inputs before its first layer, which no graph shows: ``row_order.py``; such a model goes to
+the whole-model vmap); ``observe`` warns about outputs that
 couple them (``coupling.py``) and about a term over the batch in the model's own loss (an MoE's router loss:
 ``OutputGradients.batch_terms``).
 
@@ -81,7 +83,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -101,7 +103,7 @@ from noisescale.batches import batch_size_of, call_model, select_examples, tenso
 from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs, example_weights
 from noisescale.per_example.errors import PerExampleError
 from noisescale.per_example.factors import full_precision
-from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass
+from noisescale.per_example.ghost import GhostModule, GhostNormEngine, GhostPass, reordered_inputs_message
 from noisescale.per_example.graph_uses import capture_linear_uses, linear_uses
 from noisescale.per_example.layers import RULES, STRUCTURAL_RULES, LayerRule, rule_for, uses_batch_statistics
 from noisescale.per_example.outputs import OutputGradients, inner_product
@@ -388,6 +390,7 @@ class PerExampleGradNorms:
         self._cached_plan: tuple[tuple, _Plan] | None = None
         self._probes: dict[tuple, dict] = {}   # (B, input shapes) -> the probe's shapes per call (``_probe``)
         self._warned_ambiguous = False
+        self._warned_reordered = False
         self._warned_unmatched: set[str] = set()   # modules whose re-run did not add up (warned once each)
         self._warned_redraws = False   # a pass drew random numbers and sent parameters to the vmap (warned once)
         self._buffers_before = BuffersBefore(model)   # each pass's buffers as it found them, for the vmap after it
@@ -658,8 +661,19 @@ class PerExampleGradNorms:
         runs on)."""
         if not self.check_independence or self._independence_checked:
             return
+        probes = []   # each forward's layer calls, with their input rows (``GhostNormEngine.note_row_order``)
+
+        @contextmanager
+        def watch():
+            with self._engine.probing(plan.ghost, batch_size, rows=True) as calls:
+                yield
+            probes.append(calls)
+
         coupling = coupled_losses(self._module, self.loss_fn, inputs, targets, batch_size,
-                                  list(plan.parameters.values()), always_forward=self._sharded)
+                                  list(plan.parameters.values()), always_forward=self._sharded,
+                                  watch=watch if plan.ghost else nullcontext)
+        if coupling is not None and not coupling.coupled and len(probes) >= 2:
+            self._engine.note_row_order(probes[-2], probes[-1], coupling.replaced)
         if self._sharded:
             self._independence_checked = True
             if coupled_on_any_rank(coupling is not None and coupling.coupled, next(self.model.parameters()).device):
@@ -743,6 +757,15 @@ class PerExampleGradNorms:
             "switch those random layers off in the modules that need the vmap (eval mode or rate 0), or give such "
             "modules a rule (noisescale.per_example.register_rule)", RuntimeWarning, stacklevel=4)
 
+    def _warn_if_reordered(self, paths: list[str]) -> None:
+        """Once per instance: the pass's layers were called on raw inputs in another order than the examples'
+        (``GhostPass.note_reordered``), so the whole model went to the whole-model vmap."""
+        if paths and not self._warned_reordered:
+            self._warned_reordered = True
+            warnings.warn(reordered_inputs_message(list(dict.fromkeys(paths)), (
+                "This model's parameters are measured by the whole-model vmap instead, in every call (exact, "
+                "slower)")), RuntimeWarning, stacklevel=4)
+
     def _warn_if_buffers_missed(self, vmap_names: list[str], missed: list[str]) -> None:
         """Once per buffer: the pass changed it in place although no earlier pass had (so no copy was taken before
         it), and the whole-model vmap, which re-runs the pass after it, started from its values after the pass."""
@@ -789,7 +812,9 @@ class PerExampleGradNorms:
         self._warn_if_unchecked(ghost_pass, batch_size)
         self._warn_if_rerun_unmatched(ghost_pass, batch_size)
         missed = self._buffers_before.missed()
-        vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names)
+        vmap_names = sorted(set(plan.vmap_names) | set(bypassed) | ghost_pass.vmap_names
+                            | (set(names) if ghost_pass.reordered else set()))
+        self._warn_if_reordered(ghost_pass.reordered)
         backend_of = dict(plan.backend_of) if not vmap_names and not ghost_pass.fallback_names else {
             name: "vmap" if name in vmap_names else "module" if name in ghost_pass.fallback_names
             else plan.backend_of[name] for name in names}

@@ -27,8 +27,9 @@ gradient between the examples.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -101,13 +102,14 @@ def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]
 
 
 def coupled_losses(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any,
-                   batch_size: int, parameters: list[Tensor], *, always_forward: bool = False) -> Coupling | None:
+                   batch_size: int, parameters: list[Tensor], *, always_forward: bool = False,
+                   watch: Callable[[], ContextManager] = contextlib.nullcontext) -> Coupling | None:
     """The check (module docstring) on ``loss_fn``'s (B,) losses; None where it cannot tell: nothing to replace,
     losses that are not (B,) floats (the real pass then reports it) or not finite. ``always_forward``: the two
     forwards run even where nothing can be replaced (FSDP: every rank's forwards take part in the same
-    collectives)."""
+    collectives). Each model call runs inside ``watch()`` (the hooks' probe of the layers' rows)."""
     forwards = _replaced_forwards(model, inputs, batch_size, parameters, lambda outputs: loss_fn(outputs, targets),
-                                  always_forward)
+                                  always_forward, watch)
     if forwards is None:
         return None
     replaced, before, after = forwards
@@ -195,7 +197,9 @@ def _kept_rows(batch_size: int, replaced: dict[int, int]) -> Tensor:
 
 
 def _replaced_forwards(model: nn.Module, inputs: Any, batch_size: int, parameters: list[Tensor],
-                       run: Callable[[Any], Any], always_forward: bool) -> tuple[dict[int, int], Any, Any] | None:
+                       run: Callable[[Any], Any], always_forward: bool,
+                       watch: Callable[[], ContextManager] = contextlib.nullcontext
+                       ) -> tuple[dict[int, int], Any, Any] | None:
     """(the examples replaced, ``run`` of the forward of ``inputs``, ``run`` of the forward with those examples
     replaced: ``replaced_examples``, ``_both_forwards``); None where nothing can be replaced, after running the two
     forwards anyway (on ``inputs`` twice) where ``always_forward``."""
@@ -203,7 +207,7 @@ def _replaced_forwards(model: nn.Module, inputs: Any, batch_size: int, parameter
     if found is None and not always_forward:
         return None
     replaced_inputs, replaced = found or (inputs, {})
-    before, after = _both_forwards(model, inputs, replaced_inputs, replaced, parameters, run)
+    before, after = _both_forwards(model, inputs, replaced_inputs, replaced, parameters, run, watch)
     return None if found is None else (replaced, before, after)
 
 
@@ -212,7 +216,8 @@ def _swaps(replaced: dict[int, int]) -> str:
 
 
 def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, replaced: dict[int, int],
-                   parameters: list[Tensor], run: Callable[[Any], Any]) -> tuple[Any, Any]:
+                   parameters: list[Tensor], run: Callable[[Any], Any],
+                   watch: Callable[[], ContextManager]) -> tuple[Any, Any]:
     """``run(model(inputs))`` and ``run(model(replaced_inputs))`` in eval mode, each from the same copy of the random
     streams and of the model's buffers (a step counter the forward advances), with its modes and buffers put back
     afterwards. Without grad (a forward's activations are not kept), or, where the model's forward needs grad (it
@@ -228,7 +233,9 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, replaced
             set_rng_state(state, device)
             set_host_rng_state(host)
             with kept_buffers(model):
-                return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, run(call_model(model, batch)))
+                with watch():
+                    outputs = call_model(model, batch)
+                return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, run(outputs))
 
         def both() -> tuple[Any, Any]:
             before = one(inputs)

@@ -71,6 +71,7 @@ from noisescale.per_example.layers import VERIFY_ROWS, LayerRule, close_values, 
 from noisescale.per_example.module_hook import ModuleHook
 from noisescale.per_example.padding import Padding
 from noisescale.per_example.recurrent import recurrent_weights, unrolled_supported
+from noisescale.per_example.row_order import row_fingerprint, rows_reordered
 from noisescale.per_example.used import attribute
 from noisescale.per_example.uses import ParameterUses, per_example_total
 from noisescale.sharded import clean_name
@@ -133,6 +134,7 @@ class GhostPass:
     noted: dict[str, tuple[Tensor, torch.dtype, Tensor] | None] = field(default_factory=dict)   # note_gradient
     probe: dict | None = None   # module -> per call, the shapes of its tensors with B - 1 examples (``probing``)
     calls: dict[nn.Module, int] = field(default_factory=lambda: defaultdict(int))   # calls so far, per module
+    reordered: list[str] = field(default_factory=list)   # paths of calls on raw inputs reordered (``note_reordered``)
     # without a probe, the paths of the modules whose measured calls had a dim besides the batch's of size B (vmap)
     ambiguous: list[str] = field(default_factory=list)
     verified: Any = field(default_factory=dict)   # the engine's module -> its rule reproduces its output
@@ -321,6 +323,18 @@ class GhostPass:
     def inputs_changed(self) -> bool:
         """Whether a tensor of the model's call's inputs was changed in place since the pass began."""
         return any(t._version != version for t, version in self.inputs.values())
+
+    def note_reordered(self, entry: GhostModule, x: Any) -> None:
+        """A call whose input rows the independence check found in another order than the examples'
+        (``GhostNormEngine.note_row_order``): where that input has no autograd graph (the model's raw inputs, reordered
+        before the first layer), no hook can tell which row is which example, and every later layer inherits the
+        error; the pass's parameters all go to the whole-model vmap (``reordered``), or, under backend='ghost' and
+        FSDP (where it cannot run), an error. An input with a graph is followed by the hooks."""
+        if not isinstance(x, Tensor) or x.grad_fn is not None or x.requires_grad:
+            return
+        if self.strict or self.sharded:
+            raise ValueError(_reordered_message(entry.path, self.strict))
+        self.reordered.append(entry.path)
 
     def decline(self, entry: GhostModule, why: str) -> None:
         """This call of ``entry``'s module cannot be measured by the hooks: its parameters go to the whole-model
@@ -749,6 +763,7 @@ class ProbedCall:
     block_ends: Tensor | None   # (3, examples, ...): ``_block_ends`` of its first input
     block_rows: int | None      # the rows of each block, k
     column_ends: Tensor | None = None   # (3, examples, ...): ``_column_ends`` of its first input
+    rows: Tensor | None = None   # ``row_order.row_fingerprint`` of its first input, in a probe that asks for it
     # the layout checks' results, made in the pass the probe ran for (the probe is cached per input shapes, and a
     # later batch's rows differ from the probe's; the layout is the model code's)
     verdicts: dict[str, bool] = field(default_factory=dict)
@@ -827,6 +842,8 @@ class GhostNormEngine:
         self._probe: dict | None = None                       # set inside ``probing``
         self._probe_modules: dict | None = None
         self._probe_batch = 0
+        self._probe_rows = False
+        self._reordered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # ``note_row_order``
         self._checkpointed = CheckpointedInputs()   # rule layers' inputs saved by activation checkpointing
         self._handles = []
         resharding = set(resharding)
@@ -876,14 +893,31 @@ class GhostNormEngine:
             self._open.clear()
 
     @contextmanager
-    def probing(self, modules: dict[nn.Module, GhostModule], batch_size: int) -> Iterator[dict[nn.Module, list]]:
+    def probing(self, modules: dict[nn.Module, GhostModule], batch_size: int,
+                rows: bool = False) -> Iterator[dict[nn.Module, list]]:
         """A forward on ``batch_size`` examples inside records, for each call of ``modules``, a ``ProbedCall``
-        and nothing else: the probe of ``GhostPass.follows_batch`` and ``GhostPass.row_blocks``."""
+        and nothing else: the probe of ``GhostPass.follows_batch`` and ``GhostPass.row_blocks``; with ``rows``
+        also its input rows' fingerprints (``note_row_order``)."""
         self._probe, self._probe_modules, self._probe_batch = defaultdict(list), modules, batch_size
+        self._probe_rows = rows
         try:
             yield self._probe
         finally:
             self._probe = self._probe_modules = None
+
+    def note_row_order(self, before: dict[nn.Module, list], after: dict[nn.Module, list],
+                       replaced: dict[int, int]) -> None:
+        """From the probes (``probing(..., rows=True)``) of the independence check's two forwards, the calls whose
+        input rows are not the examples in the batch's order (``row_order.rows_reordered``), kept for the passes
+        (``GhostPass.note_reordered``: where such a call's input has no autograd graph, the hooks cannot follow
+        its rows)."""
+        for module, calls in before.items():
+            found = {index for index, (a, b) in enumerate(zip(calls, after.get(module, ())))
+                     if rows_reordered(a.rows, b.rows, replaced)}
+            if found:
+                self._reordered[module] = found
+            else:
+                self._reordered.pop(module, None)
 
     def _after_any_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         """The global forward hook of an FSDP pass that checks uses (``recording``)."""
@@ -952,6 +986,9 @@ class GhostNormEngine:
         if self._probe is not None:
             if module in self._probe_modules and not recomputing():
                 x = _first_input(args, kwargs)
+                if self._probe_rows:   # the independence check's forwards: the rows alone (``note_row_order``)
+                    self._probe[module].append(ProbedCall([], None, None, rows=row_fingerprint(x, self._probe_batch)))
+                    return None
                 ends = _block_ends(x, self._probe_batch)
                 columns = (_column_ends(x) if isinstance(x, Tensor) and x.dim() > 1
                            and x.shape[1] == self._probe_batch else None)
@@ -968,6 +1005,8 @@ class GhostNormEngine:
         index = ghost_pass.calls[module]
         if torch.is_grad_enabled():   # as the probe counts: reentrant checkpointing's first forward runs without grad
             ghost_pass.calls[module] += 1
+        if self._reordered and index in self._reordered.get(module, ()):
+            ghost_pass.note_reordered(entry, _first_input(args, kwargs))
         verified = self._verified.get(module)   # None before the first call of each instance
         if entry.rule is None or verified is False:
             return self._record_fallback_call(ghost_pass, entry, module, args, kwargs, output, capture, index)
@@ -1445,6 +1484,24 @@ def _keep(store: dict[str, dict[int, Tensor]], module: nn.Module, entry: GhostMo
         tensor = attribute(module, local)
         if isinstance(tensor, Tensor):
             store[name][id(tensor)] = tensor
+
+
+def reordered_inputs_message(paths: list[str], outcome: str) -> str:
+    """What :meth:`GhostPass.note_reordered` found, and ``outcome``: what was done about it."""
+    named = (f"module {paths[0]!r} is" if len(paths) == 1 else
+             f"modules {', '.join(repr(path) for path in paths)} are")
+    return (f"{named} called on the examples' rows in another order than the batch's: the forward reorders its "
+            "inputs before it (sorted by length, flipped, indexed by a permutation), and without an autograd graph "
+            "there no hook can tell which row is which example, so each layer's norms would be credited to other "
+            "examples (their sum, and with it B_simple, unchanged). "
+            f"{outcome}. Reordering after the first layer (sort its outputs or the embeddings, not the raw inputs "
+            "or token ids) keeps the hooks, which follow the graph")
+
+
+def _reordered_message(path: str, strict: bool) -> str:
+    return reordered_inputs_message([path], (
+        "backend='ghost' cannot measure it: use backend='auto', which measures such a model by the whole-model "
+        "vmap (exact, slower)" if strict else "Under FSDP the whole-model vmap, which would measure it, cannot run"))
 
 
 def _shape(x: Any) -> Any:

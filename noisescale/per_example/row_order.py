@@ -1,0 +1,55 @@
+"""Whether a layer's input rows are the examples in the batch's order, where its autograd graph cannot say.
+
+The hooks take row i of a layer's input for example i, and follow reorderings through the autograd graph (rows
+picked, sorted or unsorted after the first layer). A forward that reorders the model's raw inputs before the first
+layer (token ids sorted by length, ``x.flip(0)``, ``x[order]``) leaves no graph: each layer's norms would be
+credited to other examples, silently (a review measured per-example norms 0.13 to 0.95 off; their sum, and with it
+tr(Sigma) and B_simple, unchanged). The independence check's two forwards (``coupling.coupled_losses``: the batch,
+and the batch with examples replaced, target <- source) show it: where a call's rows follow the examples, the
+replaced examples' rows become their sources' rows and no other row moves. Each call's input rows are compared by a
+fingerprint (three sums per row, in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from noisescale.per_example.layers import rounding_tolerance
+
+__all__ = ["row_fingerprint", "rows_reordered"]
+
+
+def row_fingerprint(x: object, batch_size: int) -> Tensor | None:
+    """(batch_size, 4): the sum, a weighted sum and the sum of absolute values of each of x's rows, in float64, and
+    the rounding of x's dtype (0 for integers); None where x does not have ``batch_size`` rows in dim 0, or has
+    another dim of that size (a sequence-first layer's (T, B, d) with T == B: the probe on B - 1 examples tells)."""
+    if (not isinstance(x, Tensor) or x.is_nested or x.is_sparse or x.is_complex() or x.dim() == 0
+            or x.shape[0] != batch_size or batch_size in x.shape[1:]):
+        return None
+    rows = x.detach().reshape(batch_size, -1).to(torch.float64)
+    weights = torch.cos(torch.arange(rows.shape[1], dtype=torch.float64, device=rows.device))
+    rounding = torch.full((batch_size,), rounding_tolerance(x.dtype) if x.is_floating_point() else 0.0,
+                          dtype=torch.float64, device=rows.device)
+    return torch.stack([rows.sum(1), rows @ weights, rows.abs().sum(1), rounding], 1)
+
+
+def rows_reordered(before: Tensor | None, after: Tensor | None, replaced: dict[int, int]) -> bool:
+    """Whether a call's input rows, fingerprinted (``row_fingerprint``) in the batch's forward (``before``) and in
+    the forward with examples replaced (``after``, target <- source), are not the examples in the batch's order: a
+    row other than a replaced example's moved, or a replaced example's row is not its source's. A call none of whose
+    rows moved (positions, a table shared by the examples) is not judged."""
+    if before is None or after is None or before.shape != after.shape or not replaced:
+        return False
+    if bool(_close(before, after).all()):
+        return False
+    expected = before.clone()
+    targets, sources = (torch.tensor(list(indices), device=before.device) for indices in zip(*replaced.items()))
+    expected[targets] = before[sources]
+    return not bool(_close(expected, after).all())
+
+
+def _close(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) whether two fingerprints' rows agree within the rounding, relative to the rows' absolute sums."""
+    allowed = torch.maximum(a[:, 3], b[:, 3]) * torch.maximum(a[:, 2], b[:, 2])
+    return ((a[:, :2] - b[:, :2]).abs() <= allowed[:, None]).all(1)

@@ -1,0 +1,152 @@
+"""A forward that reorders the model's raw inputs before its first layer (noisescale.per_example.row_order).
+
+A review (session 30) found such models silently wrong under backend="auto" and "ghost": token ids sorted by length,
+``x.flip(0)``, ``x[order]`` leave no autograd graph, so the hooks took row i of the first layer's input for example
+i and credited each layer's norms to other examples (per-example norms 0.13 to 0.95 off; their sum unchanged). The
+independence check's two forwards now show it, and such a model is measured by the whole-model vmap (exact), or
+refused under backend="ghost". The reference is a loop over single examples in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from noisescale.per_example import PerExampleGradNorms
+from noisescale.per_example.row_order import row_fingerprint, rows_reordered
+
+B, D = 5, 4
+
+
+def _naive(model, loss_fn, inputs, targets):
+    """(B,) |dl_i/dtheta|^2 per parameter, one forward and backward per example on a copy of the model."""
+    model = copy.deepcopy(model)
+    parameters = dict(model.named_parameters())
+    rows = {name: [] for name in parameters}
+    for i in range(B):
+        loss = loss_fn(model(*(t[i:i + 1] for t in inputs)), targets[i:i + 1]).sum()
+        for name, grad in zip(parameters, torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)):
+            rows[name].append(torch.zeros((), dtype=torch.float64) if grad is None else grad.square().sum())
+    return {name: torch.stack(values) for name, values in rows.items()}
+
+
+class Reordering(nn.Module):
+    """Two layers; the rows of the raw input reordered before the first (``kind``) and put back after it, or
+    (``after_first_layer``) reordered after the first layer, where the graph shows it."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.first, self.second = kind, nn.Linear(D, D), nn.Linear(D, 2)
+
+    def forward(self, x, lengths):
+        order = lengths.argsort(descending=True, stable=True)
+        if self.kind == "flip":
+            return self.second(torch.tanh(self.first(x.flip(0))).flip(0))
+        if self.kind == "sort_by_length":
+            return self.second(torch.tanh(self.first(x[order]))[order.argsort()])
+        if self.kind == "index_copy_back":
+            hidden = torch.tanh(self.first(x[order]))
+            return self.second(torch.empty_like(hidden).index_copy(0, order, hidden))
+        hidden = torch.tanh(self.first(x))   # "after_first_layer"
+        return self.second(torch.tanh(hidden[order])[order.argsort()])
+
+
+class SortedTagger(nn.Module):
+    """Token ids sorted by length before the embedding, packed for an LSTM (the per-module fallback), unsorted."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(7, D), nn.LSTM(D, D, batch_first=True), nn.Linear(D, 2)
+
+    def forward(self, tokens, lengths):
+        order = lengths.argsort(descending=True, stable=True)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens[order]), lengths[order], batch_first=True)
+        _, (hidden, _) = self.rnn(packed)
+        return self.head(hidden[-1][order.argsort()])
+
+
+def _squared_error(outputs, targets):
+    return (outputs - targets).square().sum(1)
+
+
+def _cross_entropy(outputs, targets):
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def _case(kind: str):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2, 5, 3, 1, 4])
+    torch.manual_seed(0)
+    if kind == "sorted_tagger":
+        tokens = torch.randint(1, 7, (B, 6), generator=generator)
+        return SortedTagger().double(), _cross_entropy, (tokens, lengths), torch.randint(0, 2, (B,),
+                                                                                        generator=generator)
+    inputs = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    return Reordering(kind).double(), _squared_error, (inputs, lengths), torch.randn(B, 2, generator=generator,
+                                                                                   dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["flip", "sort_by_length", "index_copy_back", "sorted_tagger"])
+def test_a_forward_that_reorders_its_raw_inputs_is_measured_by_the_whole_model_vmap(kind):
+    """Under auto: every parameter by the whole-model vmap, equal to the loop (it was 0.13 to 0.82 off, silently),
+    said once over two calls, p.grad that of a plain backward. Under ghost: refused, p.grad left as it was."""
+    model, loss_fn, inputs, targets = _case(kind)
+    expected = _naive(model, loss_fn, inputs, targets)
+    plain = copy.deepcopy(model)
+    loss_fn(plain(*inputs), targets).mean().backward()
+    engine = PerExampleGradNorms(model, loss_fn, by_parameter=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            result = engine(inputs, targets)
+            assert set(result.backend_of.values()) == {"vmap"}
+            for name, values in expected.items():
+                torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-10, atol=1e-14, msg=name)
+    said = [str(w.message) for w in caught if "in another order than the batch's" in str(w.message)]
+    assert len(said) == 1 and ("'embed'" if kind == "sorted_tagger" else "'first'") in said[0]
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
+
+    if kind != "sorted_tagger":   # (ghost has no rule for the LSTM)
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match="in another order than the batch's.*backend='ghost' cannot measure it"):
+            PerExampleGradNorms(model, loss_fn, backend="ghost")(inputs, targets)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_rows_reordered_after_the_first_layer_stay_with_the_hooks():
+    """The reordering the autograd graph shows (the AllenNLP idiom: sort the first layer's outputs) is followed by
+    the hooks, as before: no warning, the first layer by its rule, exact."""
+    model, loss_fn, inputs, targets = _case("after_first_layer")
+    expected = _naive(model, loss_fn, inputs, targets)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = PerExampleGradNorms(model, loss_fn, by_parameter=True)(inputs, targets)
+    assert not [w for w in caught if "in another order" in str(w.message)]
+    assert result.backend_of["first.weight"] == "ghost"
+    for name, values in expected.items():
+        torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("permutation, expected", [
+    ([0, 1, 2, 3, 4], False), ([4, 3, 2, 1, 0], True), ([1, 2, 3, 4, 0], True), ([0, 2, 1, 3, 4], True),
+])
+def test_rows_reordered_against_a_layer_input_reordered_by_hand(permutation, expected):
+    """The rows of a layer's input are the batch's rows permuted; examples 0 and 4 replaced by example 1's (the
+    check's swaps): the identity is not reordered, any other permutation is, the flip too, though it maps the two
+    replaced examples' rows onto each other. A table whose rows do not move with the examples is not judged."""
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(B, 3, 2, generator=generator)
+    replaced = {0: 1, 4: 1}
+    swapped = batch.clone()
+    swapped[[0, 4]] = batch[1]
+    before, after = (row_fingerprint(x[permutation], B) for x in (batch, swapped))
+    assert rows_reordered(before, after, replaced) is expected
+    table = torch.randn(B, 3, generator=generator)
+    assert not rows_reordered(row_fingerprint(table, B), row_fingerprint(table.clone(), B), replaced)
+    assert row_fingerprint(torch.randn(B, B), B) is None   # dims of B's size besides dim 0: the probe's to tell
