@@ -560,6 +560,34 @@ def test_a_later_train_resumed_from_a_checkpoint_continues_the_checkpoints_avera
 
 
 
+def test_a_run_resumed_from_a_plain_trainers_checkpoint_starts_its_averages_anew(tmp_path):
+    """A new user's find: resumed from a checkpoint of a plain Trainer (no noise-scale state in it), the first save
+    raised KeyError: 'NoiseScaleCheckpointState' after the resumed steps, leaving a checkpoint without
+    trainer_state.json. The run now resumes with a warning, its averages started anew, training as the plain
+    Trainer's resumed run, and its checkpoints carry the averages again."""
+    def args(path, max_steps):
+        arguments = _args(path, 1)
+        arguments.save_strategy, arguments.save_steps, arguments.max_steps = "steps", 2, max_steps
+        return arguments
+    transformers.Trainer(model=tiny_gpt2(), args=args(tmp_path / "plain", 3), train_dataset=_token_dataset()).train()
+    checkpoint = str(tmp_path / "plain" / "checkpoint-2")
+    plain = transformers.Trainer(model=tiny_gpt2(), args=args(tmp_path / "plain-resumed", 5),
+                                 train_dataset=_token_dataset())
+    plain.train(resume_from_checkpoint=checkpoint)
+    resumed = RecordingTrainer(model=tiny_gpt2(), args=args(tmp_path / "resumed", 5), train_dataset=_token_dataset(),
+                               noise_scale=NoiseScaleOptions(ema_decay=0.5))
+    with pytest.warns(RuntimeWarning, match="global step 2 holds no noise-scale state"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    _assert_same_parameters(plain, resumed)
+    history = resumed.noise_scale.history
+    assert history["step"].tolist() == [0, 1, 2] and history["global_step"].tolist() == [3, 4, 5]
+    assert resumed.noise_scale.average.num_updates == 3   # anew: none of the plain run's steps
+    for row in history.itertuples():
+        _assert_the_gpt2_steps_estimate(row, resumed.recorded[row.step], 1)
+    saved = transformers.TrainerState.load_from_json(str(tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json"))
+    assert saved.stateful_callbacks["NoiseScaleCheckpointState"]["attributes"]["monitor_state"]["step"] == 2
+
+
 def test_a_model_init_trainer_starts_each_trains_averages_anew(tmp_path):
     """With ``model_init`` every train() builds a new model (a hyperparameter search's trials): the second train()
     continued the first one's averages and step count (a review's finding). Its history is now its own, each row the

@@ -55,6 +55,7 @@ raises a clear error at the first step).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -89,9 +90,22 @@ class NoiseScaleCheckpointState(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         """The training loop starts, also again inside one ``train()`` (``auto_find_batch_size`` after an
         out-of-memory error): a monitor still open from the loop before is closed, its unfinished step dropped, and
-        the loop's first step opens one that continues its averages."""
+        the loop's first step opens one that continues its averages.
+
+        A checkpoint written without noisescale (a plain ``Trainer``'s) restores a ``trainer.state`` whose
+        ``stateful_callbacks`` lack this callback's entry, on which the Trainer's first save after the resume failed
+        (a ``KeyError`` after the resumed optimizer steps, leaving a checkpoint without ``trainer_state.json``): the
+        entry is added here, before any step, with no averages, and the resumed run starts them anew (warned)."""
         if self.monitor is not None:
             self.monitor.close()
+        name = type(self).__name__
+        if name not in state.stateful_callbacks:
+            state.stateful_callbacks[name] = {"args": {}, "attributes": {"monitor_state": None}}
+            if state.global_step > 0:
+                warnings.warn(f"the checkpoint resumed at global step {state.global_step} holds no noise-scale state "
+                              "(it was written without noisescale, by a plain Trainer): the noise-scale averages "
+                              "start anew at this step, and the history's step counts from 0 again (its global_step "
+                              "is the Trainer's)", RuntimeWarning, stacklevel=2)
 
 
 class NoiseScaleTrainerMixin:
@@ -145,8 +159,9 @@ class NoiseScaleTrainerMixin:
             stored = self.state.stateful_callbacks.get(NoiseScaleCheckpointState.__name__)
             stored = stored[0] if isinstance(stored, list) else stored
             saved = (stored or {}).get("attributes", {}).get("monitor_state")
-            if self.state.global_step > 0 and saved is not None:  # resumed from a checkpoint
-                self.noise_scale.load_state_dict(saved)
+            if self.state.global_step > 0:   # resumed from a checkpoint: its averages, or none (a plain Trainer's)
+                if saved is not None:
+                    self.noise_scale.load_state_dict(saved)
             elif previous is not None and unwrapped_module(previous.model) is unwrapped_module(model):
                 self.noise_scale.load_state_dict(previous.state_dict())   # a later train() of the same model
                 # continues the averages; a model_init's new model (a hyperparameter search's trial) starts anew
