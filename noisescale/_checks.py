@@ -18,15 +18,25 @@ def check_int(value: Any, name: str, minimum: int) -> int:
 
 
 def check_confidence(value: Any, name: str = "confidence") -> float:
-    """``value`` as a float in (0, 1) (Python or numpy reals; bool rejected)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+    """``value`` as a float in (0, 1) (Python or numpy reals; bool rejected: TypeError, as any other non-number)."""
+    value = check_real(value, name)
+    if not 0.0 < value < 1.0:
         raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
-    return float(value)
+    return value
+
+
+def check_decay(value: Any, name: str = "decay") -> float:
+    """``value`` as a float in [0, 1), the decay of a moving average (Python or numpy reals; bool rejected)."""
+    value = check_real(value, name)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return value
 
 
 def check_real(value: Any, name: str) -> float:
-    """``value`` as a float (ints and floats accepted, bool rejected)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float (Python or numpy reals: ``numbers.Real``, which np.float32 is and float's subclasses
+    alone are not; bool rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from noisescale._checks import check_confidence, check_int
+from noisescale._checks import check_confidence, check_decay, check_int
 from noisescale._digits import printed_b_simple
 
 __all__ = [
@@ -278,13 +278,10 @@ class ExponentialMovingRatio:
     _STATE_KEYS = ("weight_sum", "weight_sqsum", "num_sum", "den_sum", "num_sqsum", "den_sqsum", "cross_sum")
 
     def __init__(self, decay: float = 0.95, *, nonnegative: bool = False) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-            raise TypeError(f"decay must be a float in [0, 1), got {type(decay).__name__}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
+        decay = check_decay(decay)
         if not isinstance(nonnegative, bool):
             raise TypeError(f"nonnegative must be a bool, got {type(nonnegative).__name__}")
-        self.decay = float(decay)
+        self.decay = decay
         self.nonnegative = nonnegative
         self.num_updates = 0
         self.num_skipped = 0

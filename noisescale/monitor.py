@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from noisescale._checks import check_confidence, check_int, listed
+from noisescale._checks import check_confidence, check_decay, check_int, listed
 from noisescale._digits import printed, printed_b_simple, rounded, significant_digits, with_significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
@@ -304,9 +304,8 @@ def check_options(*, measure_every: int, ema_decay: float, confidence: float, he
     check_int(hessian_examples, "hessian_examples", 2)
     check_int(hessian_probes, "hessian_probes", 2)
     check_confidence(confidence)
-    for name, decay in (("ema_decay", ema_decay), ("hessian_ema_decay", hessian_ema_decay)):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {decay!r}")
+    check_decay(ema_decay, "ema_decay")
+    check_decay(hessian_ema_decay, "hessian_ema_decay")
 
 
 class NoiseScaleMonitor:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from noisescale._digits import estimate_digits, rounded
 from noisescale.data import dataset_as_tensors, load_fashion_mnist
+from noisescale.estimators import ExponentialMovingNoiseScale
 from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.monitor import NoiseScaleMonitor, measure
 from noisescale import losses
@@ -574,6 +576,35 @@ def test_bad_arguments_name_the_argument():
         NoiseScaleMonitor(model, per_example_cross_entropy, measure_every=0)
     with pytest.raises(ValueError, match="confidence"):
         NoiseScaleMonitor(model, per_example_cross_entropy, confidence=1.5)
+
+
+@pytest.mark.parametrize("name", ["ema_decay", "hessian_ema_decay", "confidence"])
+def test_numeric_options_take_any_real_number_and_refuse_a_non_number_by_type(name):
+    """A new user's find: ema_decay=np.float32(0.9) was refused as out of [0, 1) (the check took Python ints and
+    floats only, and np.float64 passed as a float subclass) while confidence=np.float32(0.9) was taken, and
+    ema_decay='0.9' got a range error. Every numeric option takes numpy reals now, and a non-number is a TypeError
+    naming the option, in the monitor, the integrations' options and the moving average alike."""
+    model = small_cnn()
+    for value in (np.float32(0.9), np.float64(0.9), np.float16(0.9), 0.9):
+        monitor = NoiseScaleMonitor(model, per_example_cross_entropy, **{name: value})
+        monitor.close()
+        assert NoiseScaleOptions(**{name: value}).monitor_options()[name] == value
+    observing = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(**{name: np.float32(0.5)}))
+    observing.close()
+    assert {"ema_decay": observing.average.decay, "hessian_ema_decay": observing.hessian_average.decay,
+            "confidence": observing.confidence}[name] == 0.5
+    for value in ("0.9", None, torch.tensor(0.9), True):
+        for make in (lambda: NoiseScaleMonitor(model, per_example_cross_entropy, **{name: value}),
+                     lambda: NoiseScaleOptions(**{name: value})):
+            with pytest.raises(TypeError, match=rf"^{name} must be a real number, got "):
+                make()
+    for value in (np.float32(1.0), np.float64(-0.5), math.nan):
+        with pytest.raises(ValueError, match=rf"^{name} must lie in"):
+            NoiseScaleOptions(**{name: value})
+    if name != "confidence":
+        with pytest.raises(TypeError, match="^decay must be a real number, got str"):
+            ExponentialMovingNoiseScale("0.9")
+        assert ExponentialMovingNoiseScale(np.float32(0.5)).decay == 0.5
 
 
 def test_softmax_regression_on_real_data_converges_to_exact_full_dataset_values():
