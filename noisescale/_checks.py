@@ -7,6 +7,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 
 def check_int(value: Any, name: str, minimum: int) -> int:
     """``value`` as an int >= minimum (Python or numpy integers; bool rejected)."""
@@ -15,6 +17,13 @@ def check_int(value: Any, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool (True or False only: a str such as 'no' is truthy, and is refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_confidence(value: Any, name: str = "confidence") -> float:

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from noisescale._checks import check_confidence, check_decay, check_int, listed
+from noisescale._checks import check_bool, check_confidence, check_decay, check_int, listed
 from noisescale._digits import printed, printed_b_simple, rounded, significant_digits, with_significant_digits
 from noisescale._gradient_norm import gradient_values, gradients_finite
 from noisescale._grads import GradSnapshot
@@ -296,9 +296,12 @@ def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, 
 
 
 def check_options(*, measure_every: int, ema_decay: float, confidence: float, hessian_every: int,
-                  hessian_ema_decay: float, hessian_examples: int, hessian_probes: int) -> None:
-    """Raises on a monitor option out of range (also checked by the integrations' ``NoiseScaleOptions`` when it is
-    built, before any training step)."""
+                  hessian_ema_decay: float, hessian_examples: int, hessian_probes: int, seed: int = 0,
+                  check_independence: bool = True) -> None:
+    """Raises on a monitor option of the wrong type or out of range (also checked by the integrations'
+    ``NoiseScaleOptions`` when it is built, before any training step)."""
+    check_int(seed, "seed", -2**63)   # (torch's manual_seed takes negative seeds too)
+    check_bool(check_independence, "check_independence")
     check_int(measure_every, "measure_every", 1)
     check_int(hessian_every, "hessian_every", 0)
     check_int(hessian_examples, "hessian_examples", 2)
@@ -372,7 +375,8 @@ class NoiseScaleMonitor:
     ) -> None:
         check_options(measure_every=measure_every, ema_decay=ema_decay, confidence=confidence,
                       hessian_every=hessian_every, hessian_ema_decay=hessian_ema_decay,
-                      hessian_examples=hessian_examples, hessian_probes=hessian_probes)
+                      hessian_examples=hessian_examples, hessian_probes=hessian_probes, seed=seed,
+                      check_independence=check_independence)
         if hessian_every and batch_statistics_path(model) is not None:
             raise ValueError("the Hessian proxies (B_noise) need per-example gradients, which are undefined for a "
                              "model that normalises with batch statistics (BatchNorm in train mode); set "

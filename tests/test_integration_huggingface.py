@@ -397,6 +397,26 @@ def test_bad_options_are_rejected_before_any_step(tmp_path):
         NoiseScaleTrainer(model=tiny_gpt2(), args=_args(tmp_path, 1), train_dataset=_token_dataset(), noise_scale={})
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(log_prefix=None), "log_prefix must be a str"),
+    (dict(log_prefix=3), "log_prefix must be a str"),
+    (dict(seed="x"), "seed must be an int, got str"),
+    (dict(seed=1.5), "seed must be an int, got float"),
+    (dict(per_example_loss="ce", hessian_every=1), "per_example_loss must be callable"),
+    (dict(per_example_loss=3), "per_example_loss must be callable"),
+    (dict(check_independence="no"), "check_independence must be True or False, got 'no'"),
+    (dict(check_independence=0), "check_independence must be True or False"),
+])
+def test_options_of_the_wrong_type_are_refused_by_name_when_made(options, message):
+    """A new user's find: these were taken, then failed in training after optimizer steps had run (log_prefix=None
+    at the first log, seed='x' at the first Hessian step without naming seed, a per_example_loss that is no
+    callable at the first step as 'loss_fn must be callable'), or were read as true (check_independence='no')."""
+    with pytest.raises(TypeError, match=f"^{message}"):
+        NoiseScaleOptions(**options)
+    NoiseScaleOptions(log_prefix="", seed=np.int64(-1), check_independence=np.bool_(False),
+                      per_example_loss=_class_loss, hessian_every=1)   # what they take
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_is_measured_exactly_and_trains_bit_identically(tmp_path, use_reentrant):
     """The Trainer's activation checkpointing re-runs each block's forward inside the backward (the MLP runs twice

@@ -576,6 +576,10 @@ def test_bad_arguments_name_the_argument():
         NoiseScaleMonitor(model, per_example_cross_entropy, measure_every=0)
     with pytest.raises(ValueError, match="confidence"):
         NoiseScaleMonitor(model, per_example_cross_entropy, confidence=1.5)
+    with pytest.raises(TypeError, match="^seed must be an int, got str"):
+        NoiseScaleMonitor(model, per_example_cross_entropy, seed="x")
+    with pytest.raises(TypeError, match="^check_independence must be True or False, got 'no'"):   # was taken as true
+        NoiseScaleMonitor(model, per_example_cross_entropy, check_independence="no")
 
 
 @pytest.mark.parametrize("name", ["ema_decay", "hessian_ema_decay", "confidence"])

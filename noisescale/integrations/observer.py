@@ -87,8 +87,13 @@ class NoiseScaleOptions:
     population_size: int | str | None = "auto"
 
     def __post_init__(self) -> None:   # out-of-range values fail here, not at the first training step
-        check_options(**{key: value for key, value in self.monitor_options().items()
-                         if key not in ("seed", "check_independence", "population_size")})
+        check_options(**{key: value for key, value in self.monitor_options().items() if key != "population_size"})
+        if self.per_example_loss is not None and not callable(self.per_example_loss):
+            raise TypeError("per_example_loss must be callable, per_example_loss(outputs, targets) -> (B,) losses "
+                            f"(or None without hessian_every), got {type(self.per_example_loss).__name__}")
+        if not isinstance(self.log_prefix, str):
+            raise TypeError("log_prefix must be a str, the prefix of the logged names ('noise_scale/' by default; "
+                            f"'' for none), got {type(self.log_prefix).__name__}")
         if isinstance(self.population_size, str) and self.population_size != "auto":
             raise ValueError(f"population_size must be an int >= 2, 'auto' or None, got {self.population_size!r}")
         if self.population_size not in (None, "auto"):
