@@ -361,7 +361,9 @@ class ExponentialMovingRatio:
         if missing:
             raise ValueError(f"state dict misses keys {sorted(missing)}")
         if float(state["decay"]) != self.decay:
-            raise ValueError(f"state dict has decay {state['decay']!r}, this average has decay {self.decay!r}")
+            raise ValueError(f"state dict has decay {state['decay']!r}, this average has decay {self.decay!r}: the "
+                             "average continues only with the EMA decay it was taken with (a monitor's ema_decay or "
+                             f"hessian_ema_decay); give decay={state['decay']!r}")
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state["num_skipped"])
         self._sums = {key: float(state[key]) for key in self._STATE_KEYS}

@@ -736,7 +736,15 @@ class NoiseScaleMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Averages taken with another ``population_size`` (or, from a version
         before session 25, without one: no finite-population correction) are continued with a warning: their
-        steps' |G|^2 differs from the later ones' by B_simple/N of it."""
+        steps' |G|^2 differs from the later ones' by B_simple/N of it. Averages taken with another ``ema_decay`` or
+        ``hessian_ema_decay`` are refused, naming the option and the checkpoint's value, before anything is changed."""
+        for name, average, saved_average in (("ema_decay", self.average, state["average"]),
+                                             ("hessian_ema_decay", self.hessian_average, state["hessian_average"])):
+            if float(saved_average["decay"]) != average.decay:
+                raise ValueError(f"the checkpoint's averages were taken with {name}={saved_average['decay']!r} and this "
+                                 f"monitor's {name} is {average.decay!r}: give {name}={saved_average['decay']!r} (the "
+                                 "checkpoint's) to continue them (NoiseScaleOptions too), or start without the "
+                                 "checkpoint's noise-scale state")
         saved = state.get("population_size", "missing")
         if saved != self.population_size and state["average"]["num_updates"]:
             taken = ("without the finite-population correction (a checkpoint of an earlier version)"

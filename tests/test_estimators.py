@@ -214,7 +214,8 @@ def test_state_dict_round_trip_continues_identically():
         restored.update(numerator, denominator)
     assert restored.state_dict() == original.state_dict()
     assert restored.b_simple == original.b_simple and restored.interval() == original.interval()
-    with pytest.raises(ValueError, match="decay"):
+    with pytest.raises(ValueError, match=r"this average has decay 0.5: .*\(a monitor's ema_decay or "
+                                         r"hessian_ema_decay\); give decay=0.9$"):
         ExponentialMovingNoiseScale(decay=0.5).load_state_dict(original.state_dict())
     with pytest.raises(ValueError, match="misses keys"):
         restored.load_state_dict({"decay": 0.9})

@@ -611,6 +611,25 @@ def test_numeric_options_take_any_real_number_and_refuse_a_non_number_by_type(na
         assert ExponentialMovingNoiseScale(np.float32(0.5)).decay == 0.5
 
 
+@pytest.mark.parametrize("name", ["ema_decay", "hessian_ema_decay"])
+def test_a_state_of_another_decay_is_refused_naming_the_option_and_the_value_to_give(name):
+    """A new user's find: resumed with another ema_decay, the refusal read 'state dict has decay 0.95, this average
+    has decay 0.5', naming neither the option nor what to do, and the monitor was left half loaded (step, counters
+    and the first average taken before the Hessian average refused). Now the option and the checkpoint's value are
+    named, and nothing is changed."""
+    torch.manual_seed(0)
+    _, saved = train(2, {})
+    state = saved.state_dict()
+    torch.manual_seed(0)
+    _, monitor = train(1, {name: 0.5})
+    before = monitor.state_dict()
+    saved_decay = state["average" if name == "ema_decay" else "hessian_average"]["decay"]
+    with pytest.raises(ValueError, match=rf"taken with {name}={saved_decay} and this monitor's {name} is 0.5: "
+                                         rf"give {name}={saved_decay} \(the checkpoint's\)"):
+        monitor.load_state_dict(state)
+    assert monitor.state_dict() == before and monitor.step == 1
+
+
 def test_softmax_regression_on_real_data_converges_to_exact_full_dataset_values():
     """Ground truth: on 3,000 shipped Fashion-MNIST images, softmax regression's per-example gradients are
     g_i = (p_i - y_i) [x_i, 1]^T, so the population tr(Sigma) = mean_i |g_i|^2 - |mean_i g_i|^2 and |G|^2 =
