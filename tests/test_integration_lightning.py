@@ -528,6 +528,28 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_averages(tmp_path):
     assert resumed.monitor.summary().b_simple == pytest.approx(average.b_simple, rel=1e-12)
 
 
+def test_a_fit_resumed_from_a_checkpoint_without_the_callback_numbers_its_rows_by_lightnings_step(tmp_path):
+    """A new user's find: the history had no global_step column (the HF Trainer's has), so after a resume from a
+    checkpoint written without the callback its step restarted at 0 while Lightning's was 3, and its rows could not
+    be joined with Lightning's logs. The rows now carry Lightning's step (its loggers' step); the averages start
+    anew there, each row the per-example loop's estimate of its step."""
+    _, trainer = _fit(tmp_path / "plain", 1, [])
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    callback, batches = NoiseScaleCallback(NoiseScaleOptions(ema_decay=0.5)), RecordBatches()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2 * STEPS, logger=pl.loggers.CSVLogger(tmp_path),
+                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback, batches])
+    trainer.fit(TinyModule(), _loader(), ckpt_path=tmp_path / "plain.ckpt")
+    history = callback.monitor.history
+    assert history["step"].tolist() == [0, 1, 2] and history["global_step"].tolist() == [3, 4, 5]
+    assert callback.monitor.average.num_updates == STEPS
+    for row in history.itertuples():
+        _assert_the_steps_estimate(row, batches.steps[row.step], 1e-9)
+    with open(trainer.logger.experiment.metrics_file_path) as file:
+        logged = [row for row in csv.DictReader(file) if row["noise_scale/trace_sigma"]]
+    assert [int(row["step"]) for row in logged] == history["global_step"].tolist()
+
+
 class InterruptedModule(TinyModule):
     """Raises in the forward of optimizer step 1's second micro-batch (once), as a bad batch would."""
 

@@ -6,7 +6,8 @@ One added line in an existing script::
     callback = NoiseScaleCallback()                  # options: NoiseScaleCallback(NoiseScaleOptions(...))
     trainer = pl.Trainer(..., callbacks=[callback])  # logs noise_scale/b_simple, _low, _high, grad_sqnorm, trace_sigma
     trainer.fit(module, loader)
-    callback.monitor.history        # one row per optimizer step (pandas DataFrame); callback.monitor.summary()
+    callback.monitor.history        # one row per optimizer step (pandas DataFrame); its global_step is Lightning's
+                                    # (its loggers' step, from 0), its step counts from 0; callback.monitor.summary()
 
 Why a ``Callback``: Lightning's hooks bracket every micro-batch of automatic optimization exactly where the ghost
 hooks need it -- ``on_train_batch_start`` (the batch, before the forward: arm the hooks), ``on_before_backward``
@@ -114,7 +115,10 @@ class NoiseScaleCallback(Callback):
         contribution_scale = 1.0 if scaler is None else float(scaler.get_scale())
         # an epoch's last window may hold k < K micro-batches, each loss still divided by K
         loss_weight = max(self.monitor.micro_batches, 1) / trainer.accumulate_grad_batches
-        if self.monitor.end_step(contribution_scale=contribution_scale, loss_weight=loss_weight) is not None:
+        # the row's global_step: Lightning's number of this step (from 0, its loggers' step; a resumed fit's goes on
+        # from the checkpoint's), as the HF Trainer's row has the Trainer's
+        if self.monitor.end_step(contribution_scale=contribution_scale, loss_weight=loss_weight,
+                                 global_step=trainer.global_step) is not None:
             metrics = self.monitor.logged_metrics()
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False)
