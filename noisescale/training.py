@@ -94,7 +94,7 @@ from noisescale._buffers import RunningStatistics
 from noisescale._checks import check_int, check_real
 from noisescale._gradient_norm import GradientSquaredNorm, gradient_values
 from noisescale._interrupts import deferred_interrupt
-from noisescale._rng import isolated_rng, rng_state, set_rng_state
+from noisescale._rng import isolated_rng, module_generators, rng_state, set_rng_state
 from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, fetch_examples, split_examples, to_device
 from noisescale.checkpoints import to_plain
@@ -278,7 +278,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         batch (within), whether the probe of the micro-batches' ends does (across), and whether the parts could
         not be judged (the probe across several micro-batches, or the one micro-batch itself)."""
         module = unwrapped_module(self.model)   # (DDP's own forward may communicate: not every rank checks alike)
-        with isolated_rng(list(module.parameters())):   # a loss that draws from the random streams
+        with isolated_rng(list(module.parameters()), module_generators(module)):   # a loss that draws from them
             probe, verdicts = [], []
             for (inputs, targets), size in zip(micro_batches, sizes):
                 outputs = outputs_without_grad(module, inputs)

@@ -5,6 +5,7 @@ time masking) draws again whenever noisescale re-runs it: the per-module fallbac
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -76,3 +77,49 @@ def test_measuring_leaves_the_callers_python_and_numpy_streams(source, used, mea
     draws, measured_by = _step(source, used, measure)
     assert measured_by == backend
     assert draws == expected
+
+
+class OwnNoise(nn.Module):
+    """Multiplicative noise drawn from a torch.Generator of the layer's own (in train mode), on a parameter read
+    directly: the per-module fallback re-runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+        self.generator = torch.Generator().manual_seed(123)
+
+    def forward(self, x):
+        return torch.tanh(self.scale * x * torch.rand(x.shape, generator=self.generator, dtype=x.dtype))
+
+
+def _own_noise_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 5), OwnNoise(), nn.Linear(5, 3)).double()
+
+
+def test_a_layer_drawing_from_a_generator_of_its_own_is_measured_with_the_steps_draw_and_left_as_a_step_leaves_it():
+    """A review's find (session 30): the check's two forwards, the per-module fallback's re-run and the whole-model
+    vmap replayed the global streams only. A layer drawing from its own generator was refused as coupled (the two
+    forwards drew differently); with check_independence=False its norms were 0.79 off (0.84 under the vmap, with no
+    warning), and every call advanced the generator, changing the training's later draws. Now its generator is
+    replayed and put back as the global ones are: under auto exact against each example's gradient from the batch's
+    own graph (the same draw), through two calls; under backend='vmap' the redraw is warned; the generator after
+    each call is where a plain step leaves it."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    for backend in ("auto", "vmap"):
+        model, plain = _own_noise_model(), _own_noise_model()
+        engine = PerExampleGradNorms(model, _loss, backend=backend)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                losses = _loss(plain(x), y)   # the reference: the batch's graph, so the same draw
+                expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+                    losses[i], list(plain.parameters()), retain_graph=True)) for i in range(6)])
+                result = engine(x, y)
+                assert torch.equal(model[1].generator.get_state(), plain[1].generator.get_state())
+                if backend == "auto":
+                    torch.testing.assert_close(result.sqnorms, expected, rtol=1e-10, atol=0)
+        redrawn = [w for w in caught if "drew random numbers" in str(w.message)]
+        assert (len(redrawn), len(caught)) == ((0, 0) if backend == "auto" else (1, 1))

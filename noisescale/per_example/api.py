@@ -65,7 +65,8 @@ tensors the layer's calls read (``GhostPass.hold``); so is a rule layer's weight
 called (``x @ self.proj.weight.T``), found on the unsharded tensors each module's call holds of the layers under
 it, at any depth (``GhostPass.hold_children``).
 Dropout inside a fallback module is replayed from the generator state saved before its call (exact with the
-global CPU/CUDA generators); dropout drawn from one's own ``torch.Generator`` is not.
+global CPU/CUDA generators, and ``torch.Generator`` objects the model's modules hold: ``_rng.module_generators``, which
+every extra forward of noisescale's puts back as it found them); a generator held elsewhere is not.
 
 Losses that couple the examples (a contrastive loss, statistics of the batch) have no per-example gradients: the
 first call checks that each l_i reads example i alone and raises otherwise (its two forwards also show a forward
@@ -97,7 +98,7 @@ from noisescale._compiled import eager
 from noisescale._grads import GradSnapshot
 from noisescale._gradient_norm import gradient_values
 from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
-from noisescale._rng import isolated_rng, rng_state
+from noisescale._rng import isolated_rng, module_generators, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
 from noisescale.per_example.coupling import coupled_losses, coupled_on_any_rank, coupled_outputs, example_weights
@@ -157,6 +158,7 @@ class _Plan:
     # parameters of rule layers their rules do not measure (``_unmeasured_by_rule``): to the whole-model vmap, never
     # to an enclosing fallback, whose captures in later passes would not see the weight a pre-hook computes
     unhooked: frozenset[str] = frozenset()
+    generators: tuple[torch.Generator, ...] = ()   # the model's own (``_rng.module_generators``)
 
 
 def _checked_losses(losses: Any, batch_size: int) -> Tensor:
@@ -535,7 +537,7 @@ class PerExampleGradNorms:
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
         shards = fsdp2_shards(self.model) if self._sharded else {}
         return _Plan(hooked, vmap_names, backend_of, {name: shards.get(id(p), p) for name, p in parameters.items()},
-                     frozenset(unhooked))
+                     frozenset(unhooked), module_generators(self._module))
 
     def _bypassed(self, plan: _Plan, ghost_pass: GhostPass, roots: list) -> list[str]:
         """Parameters in the graph of the pass (from the autograd nodes ``roots``) although no hooked call of their
@@ -643,7 +645,7 @@ class PerExampleGradNorms:
             model = self._module
             device = next(iter(plan.parameters.values())).device
             try:   # counters, running averages: put back after
-                with kept_buffers(model), torch.no_grad(), isolated_rng(plan.parameters.values()), \
+                with kept_buffers(model), torch.no_grad(), isolated_rng(plan.parameters.values(), plan.generators), \
                         quiet_torch_notes(), self._engine.probing(plan.ghost, batch_size - 1) as found:
                     call_model(model, to_device(select_examples(inputs, slice(0, batch_size - 1)), device))
             except Exception:   # the model does not run on these inputs alone: unchecked (warned after the pass)
@@ -737,10 +739,11 @@ class PerExampleGradNorms:
                 RuntimeWarning, stacklevel=4)
 
     def _random_state(self, plan: _Plan) -> dict[str, Tensor] | None:
-        """The global random state (CPU, and the parameters' CUDA device), until a redraw has been warned about."""
+        """The global random state (CPU, and the parameters' CUDA device) and the model's own generators', until a
+        redraw has been warned about."""
         if self._warned_redraws:
             return None
-        return rng_state(next((p.device for p in plan.parameters.values()), None))
+        return rng_state(next((p.device for p in plan.parameters.values()), None), plan.generators)
 
     def _warn_if_redrawn(self, vmap_names: list[str], before: dict | None, after: dict | None) -> None:
         """Once per instance: the pass drew random numbers (dropout, drop path), and parameters were measured by

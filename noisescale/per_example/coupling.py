@@ -38,7 +38,16 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tre
 
 from noisescale._buffers import kept_buffers
 from noisescale._modes import eval_mode
-from noisescale._rng import host_rng_state, isolated_rng, rng_state, set_host_rng_state, set_rng_state
+from noisescale._rng import (
+    generator_states,
+    host_rng_state,
+    isolated_rng,
+    module_generators,
+    rng_state,
+    set_generator_states,
+    set_host_rng_state,
+    set_rng_state,
+)
 from noisescale.batches import call_model, map_tensors, tensors_of
 from noisescale.losses import example_weights_in_batch, normalised_over_the_batch, weighted_alone
 from noisescale.per_example.checkpointing import checkpointing_off
@@ -72,9 +81,7 @@ class Coupling:
             "their own loss), or pass check_independence=False (to PerExampleGradNorms, NoiseScaleMonitor, or "
             "AdaptiveTrainer's monitor_options) to measure anyway: each layer's share of the batch gradient through "
             "each example's own rows, which is neither a loop's over single examples nor dl_i/dtheta on the batch, "
-            "and parameters the whole-model vmap measures get the loop's. (A forward that draws from a "
-            "torch.Generator of its own also moves the losses between the two forwards of this check, which "
-            "replay the global random streams only: there, check_independence=False is right.)")
+            "and parameters the whole-model vmap measures get the loop's.")
 
 
 def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]] | None:
@@ -225,13 +232,15 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, replaced
     else of the outputs). A ValueError where the forward of the batch runs and that of the ``replaced`` examples
     does not: a tensor of B rows that are not examples (an nn.EmbeddingBag's offsets)."""
     device = next((p.device for p in parameters if p.device.type == "cuda"), None)
-    with (eval_mode(model), isolated_rng(parameters), sharding_kept(model), quiet_torch_notes(),
+    generators = module_generators(model)   # (a layer that draws from a generator of its own)
+    with (eval_mode(model), isolated_rng(parameters, generators), sharding_kept(model), quiet_torch_notes(),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
-        state, host = rng_state(device), host_rng_state()
+        state, host, own = rng_state(device), host_rng_state(), generator_states(generators)
 
         def one(batch: Any) -> Any:
             set_rng_state(state, device)
             set_host_rng_state(host)
+            set_generator_states(own)
             with kept_buffers(model):
                 with watch():
                     outputs = call_model(model, batch)
@@ -337,7 +346,7 @@ def outputs_without_grad(model: nn.Module, inputs: Any) -> Any:
     """The model's outputs on ``inputs`` from a forward of noisescale's own: without grad (or, where the forward
     needs grad because it hooks its tensors, with grad and detached at once), on a copy of the random streams, with
     the buffers put back after, so the training is unchanged."""
-    with isolated_rng(list(model.parameters())), quiet_torch_notes():
+    with isolated_rng(list(model.parameters()), module_generators(model)), quiet_torch_notes():
         try:
             with kept_buffers(model), torch.no_grad():
                 return call_model(model, inputs)

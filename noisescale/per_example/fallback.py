@@ -20,10 +20,11 @@ are not batch-first have their own spec (``BATCH_DIMS``): nn.MultiheadAttention 
 ``batch_first=False`` hold the examples in dim 1, their hidden states always in dim 1.
 
 Randomness: when the module drew random numbers in its forward (dropout in train mode, detected by a change of
-the global generator's state across the call), it is re-run once on the whole batch from the generator state
-saved before the call, which reproduces the masks of the real pass exactly when the module draws from the global
-CPU/CUDA generators in a deterministic order; the per-example gradients then come from one backward of that re-run
-per example. Random numbers drawn from a user's own ``torch.Generator`` are not reproduced.
+the global generator's state, or of a ``torch.Generator`` the module holds, across the call), it is re-run once on
+the whole batch from the generators' states saved before the call, which reproduces the masks of the real pass
+exactly when the module draws from them in a deterministic order; the per-example gradients then come from one
+backward of that re-run per example. Random numbers drawn from a generator the module does not hold (one passed in
+its inputs, a global of one's own) are not reproduced.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from noisescale._functional import functional_call
-from noisescale._rng import set_rng_state
+from noisescale._rng import module_generators, set_rng_state
 from noisescale.per_example.attention import (attention_per_example_grads, attention_supported,
                                               captured_per_example_grads)
 from noisescale.per_example.experts import experts_per_example_grads, experts_supported
@@ -319,7 +320,7 @@ def _by_replay(module, parameters, constants, rebuild, leaves, dims, grads, outp
     variables = {name: p.detach().requires_grad_() for name, p in parameters.items()}
     rows: dict[str, list[Tensor]] = {name: [] for name in parameters}
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        set_rng_state(call.rng_before, call.device)
+        set_rng_state(call.rng_before, call.device, module_generators(module))   # its own put back by the caller
         outputs = _selected_outputs(module, variables, constants, rebuild, leaves, hooked)
         for i in range(batch_size):
             masked = []

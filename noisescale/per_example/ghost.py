@@ -56,7 +56,14 @@ from torch.utils._pytree import tree_leaves
 from noisescale._buffers import changed_in_place
 from noisescale._gradient_norm import dense_gradient
 from noisescale._graph import autograd_nodes, output_shape
-from noisescale._rng import host_rng_state, rng_state, set_host_rng_state
+from noisescale._rng import (
+    generator_states,
+    host_rng_state,
+    module_generators,
+    rng_state,
+    set_generator_states,
+    set_host_rng_state,
+)
 from noisescale.batches import tensors_of
 from noisescale.per_example.attention import LinearCapture, capturable
 from noisescale.per_example.broadcast import (Broadcast, BroadcastGradients, computed_once, picked_owners,
@@ -559,9 +566,11 @@ class GhostPass:
 
     def _rerun(self, module: nn.Module, entry: GhostModule, call: FallbackCall) -> dict:
         """The call's per-example gradients from re-runs of the module; Python's and NumPy's generators, which its
-        code may draw from, are put back after the pass's re-runs (``finish``)."""
+        code may draw from, are put back after the pass's re-runs (``finish``), and generators of its own after
+        each."""
         if self.host_rng is None:
             self.host_rng = host_rng_state()
+        own = generator_states(module_generators(module))
         try:
             with _autocast_as(call):
                 return module_per_example_grads(module, call, list(entry.names), self.batch_size)
@@ -571,6 +580,8 @@ class GhostPass:
             raise PerExampleError(
                 f"module {entry.path!r} ({type(module).__name__}), parameters {sorted(entry.names.values())}",
                 "module", f"{type(error).__name__}: {error}", _FALLBACK_ADVICE) from error
+        finally:
+            set_generator_states(own)
 
     def _read_rechecks(self) -> None:
         """The per-call checks of rules that recheck (one device sync for all): a call its rule did not reproduce
@@ -944,7 +955,7 @@ class GhostNormEngine:
         if entry is None or entry.rule is not None and self._verified.get(module) is not False:
             return   # a layer measured by its rule needs nothing before its call (tested first: the common case)
         if self._probe is None and self._active(module) is not None:
-            ghost_pass.rng_before[module].append(rng_state(_device_of(module)))
+            ghost_pass.rng_before[module].append(rng_state(_device_of(module), module_generators(module)))
             ghost_pass.buffers_before[module].append((
                 [(name, b, b._version) for name, b in module.named_buffers()],
                 {name: b.detach().clone() for name, b in module.named_buffers()}
@@ -1242,7 +1253,7 @@ class GhostNormEngine:
         if opaque is not None:   # the gradients of tensors inside it cannot be read
             ghost_pass.decline(entry, f"an output of type {opaque}, whose tensors cannot be found")
             return None
-        after = rng_state(_device_of(module))
+        after = rng_state(_device_of(module), module_generators(module))
         consumed = before is not None and not all(torch.equal(before[key], after[key]) for key in after)
         if shared and consumed:
             ghost_pass.decline(entry, "an output computed once for all the examples with random numbers")

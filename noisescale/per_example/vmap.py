@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from noisescale._buffers import PassBuffers
 from noisescale._functional import functional_call
 from noisescale._gradient_norm import dense_gradient
-from noisescale._rng import isolated_rng
+from noisescale._rng import isolated_rng, module_generators
 from noisescale.batches import call_arguments
 from noisescale.per_example.checkpointing import checkpointing_off
 from noisescale.per_example.factors import per_example_sqnorm
@@ -199,7 +199,7 @@ def vmap_sqnorms(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs
 
     step = batch_size if chunk_size is None else chunk_size
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
-    with isolated_rng(trainable.values()), _own_pass(model), quiet_torch_notes():
+    with isolated_rng(trainable.values(), module_generators(model)), _own_pass(model), quiet_torch_notes():
         for start in range(0, batch_size, step):
             rows_inputs = [t[start:start + step] for t in input_tensors]
             rows_targets = [t[start:start + step] for t in target_tensors]
