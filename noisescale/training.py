@@ -112,7 +112,7 @@ from noisescale.distributed import (
     rank_sizes,
 )
 from noisescale.estimators import ExponentialMovingNoiseScale, micro_batch_noise_scale
-from noisescale.losses import normalised_over_the_batch, weighted_alone
+from noisescale.losses import IGNORE_INDEX, normalised_over_the_batch, weighted_alone
 from noisescale.monitor import NoiseScaleMonitor, loss_scale_of, nonfinite_from_start
 from noisescale.per_example.coupling import (
     example_rows,
@@ -244,13 +244,15 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         counts alike is represented by its ends). A set of two examples is not judged (its halves are single
         examples, whose losses alone agree with any loss's). Where the probe cannot be judged (outputs of other
         shapes, fewer than 3 examples, a loss not computable on parts) a warning says so, once. A loss known or
-        declared to weight each example alone (``losses.weighted_alone``) is not checked. A first split step whose
-        examples all count alike (every sequence full) shows nothing: declare such a loss.
+        declared to weight each example alone (``losses.weighted_alone``) is not checked. Examples that all count
+        alike (every sequence full) show a count only where the targets hold integer token labels, by ignoring some
+        of one example's (``_masked_tokens_move_others``); otherwise nothing: declare such a loss.
 
         Under DDP each rank checks its own micro-batches (the forward of the module inside DDP, which does not
         communicate) and the ranks' verdicts are combined (one all-reduce of three flags), so that every rank
         refuses or warns alike; a count that differs only between ranks whose examples each count alike is not
-        seen (each rank's token mean is then its examples' mean: the step is that of a per-example mean). Under
+        seen where the targets hold no integer token labels (each rank's token mean is then its examples' mean: the
+        step is that of a per-example mean). Under
         FSDP, whose forward gathers the shards, only the declared losses are refused."""
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
         batch_size = sum(sizes) * world_size
@@ -301,6 +303,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         parts)."""
         if size < 3:
             return None
+        drawn = rng_state(next((p.device for p in self.model.parameters()), None))   # (a loss that draws)
         try:
             with torch.no_grad():
                 whole = self.loss_fn(outputs, targets)
@@ -316,7 +319,42 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             return self._counted_by_batch(example_rows(outputs, kept, size), example_rows(targets, kept, size),
                                           len(kept))
         weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
-        return None if weights is None else not close_values(weights, torch.ones_like(weights))
+        if weights is None:
+            return None
+        return not close_values(weights, torch.ones_like(weights)) or self._masked_tokens_move_others(
+            outputs, targets, whole, drawn)
+
+    def _masked_tokens_move_others(self, outputs: Any, targets: Any, whole: torch.Tensor,
+                                   drawn: dict[str, torch.Tensor]) -> bool:
+        """Whether ignoring all but one of the first example's counted label tokens (-100, HuggingFace's ignore
+        index) moves the other examples' losses: a count over the batch's tokens, which examples that all count
+        alike (every sequence full, where later batches are padded) do not show by their losses alone; the change
+        is about 1/B of each loss. Only for targets holding integer token labels (B, T, ...); False where there are
+        none, or the loss cannot be computed on the masked labels. The loss runs from the random state ``drawn`` it
+        computed ``whole`` from (a sampled softmax draws the same negatives)."""
+        leaves, structure = tree_flatten(targets)
+        size = whole.shape[0]
+        found = next((k for k, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2
+                      and leaf.shape[0] == size and not leaf.is_floating_point() and not leaf.is_complex()
+                      and leaf.dtype != torch.bool and int((leaf[0] != IGNORE_INDEX).sum()) > 1), None)
+        if found is None:
+            return False
+        labels = leaves[found].clone()
+        first = labels[0].reshape(-1)   # (a view of the copy)
+        first[(first != IGNORE_INDEX).nonzero().flatten()[1:]] = IGNORE_INDEX
+        set_rng_state(drawn, next((p.device for p in self.model.parameters()), None))
+        try:
+            with torch.no_grad():
+                masked = self.loss_fn(outputs, tree_unflatten([*leaves[:found], labels, *leaves[found + 1:]],
+                                                              structure))
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            return False
+        if not (isinstance(masked, torch.Tensor) and masked.shape == whole.shape
+                and bool(torch.isfinite(masked[1:]).all())):
+            return False
+        return not close_values(masked[1:], whole[1:])
 
     def _normalises_with_batch_statistics(self) -> bool:
         """Whether a module normalises with the statistics of its batch (BatchNorm in train mode): the examples'
@@ -1003,7 +1041,8 @@ def make_batch_size_source(
 
 def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool = False) -> str:
     seen = ("the losses of examples from different micro-batches, computed together, differ from their losses alone"
-            if across else "a micro-batch's losses differ when its examples are computed alone" if found else
+            if across else "a micro-batch's losses differ when its examples are computed alone, or move when another "
+            "example's label tokens are ignored" if found else
             "sequence_cross_entropy with weighting='token'")
     return (f"the loss normalises each example's loss by a count over the whole batch it is given ({seen}: a "
             f"token mean), and the batch of {batch_size} would be {how}: each part would be normalised by its own "

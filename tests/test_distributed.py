@@ -322,7 +322,7 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     report_progress(out_dir, rank, "masked")
 
     # 6c. a token mean of one's own under DDP: each rank's step would be normalised by its own count. Rank 0's
-    # sequences all count alike (its check alone passes), the other ranks' do not: every rank refuses, p.grad left
+    # sequences count one token each (its check alone passes), the other ranks' do not: every rank refuses, p.grad left
     # at None. With two examples a rank nothing can be judged: every rank warns. Through AdaptiveTrainer: refused
     # before the step, nothing drawn or trained.
     tokens, labels = _rank_token_batch(rank)
@@ -473,9 +473,10 @@ def _own_token_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def _rank_token_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Four sequences of 5 tokens: rank 0's all counted, the other ranks' masked from positions 2 to 5 on."""
+    """Four sequences of 5 tokens: rank 0's each with one counted token (no check on them alone can tell a count:
+    alike, and none to ignore), the other ranks' masked from positions 2 to 5 on."""
     tokens = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(5 + rank))
-    lengths = torch.tensor([5, 5, 5, 5] if rank == 0 else [5, 2, 4, 3])
+    lengths = torch.tensor([1, 1, 1, 1] if rank == 0 else [5, 2, 4, 3])
     return tokens, tokens.masked_fill(torch.arange(5) >= lengths[:, None], -100)
 
 
@@ -651,7 +652,7 @@ def test_a_0_over_0_loss_is_stepped_on_under_ddp_as_in_one_process_measured_or_n
 def test_a_token_mean_of_ones_own_is_refused_by_every_rank_under_ddp(rank_results):
     """Session 29 left it silent: under DDP a token mean in one's own function trained the mean of the ranks' token
     means. Each rank now checks its own batch (a forward of the module inside DDP) and the ranks' verdicts are
-    combined: rank 0, whose sequences all count alike, refuses with the others, and p.grad stays None; a rank of
+    combined: rank 0, whose sequences count one token each, refuses with the others, and p.grad stays None; a rank of
     two examples cannot be judged, and every rank says so. The reference: in one process, rank 1's batch alone,
     split in two, is refused by the same check, and the ranks' token means do differ from the global one."""
     from noisescale.training import AccumulatingNoiseScaleMonitor
@@ -670,6 +671,9 @@ def test_a_token_mean_of_ones_own_is_refused_by_every_rank_under_ddp(rank_result
     single = AccumulatingNoiseScaleMonitor(_make_token_model(), _own_token_mean, check_independence=False)
     with pytest.raises(ValueError, match="examples from different micro-batches, computed together, differ"):
         single.accumulate([(tokens[:2], labels[:2]), (tokens[2:], labels[2:])])
+    tokens, labels = _rank_token_batch(0)   # rank 0's batch alone shows nothing
+    AccumulatingNoiseScaleMonitor(_make_token_model(), _own_token_mean, check_independence=False).accumulate(
+        [(tokens[:2], labels[:2]), (tokens[2:], labels[2:])])
     batches = [_rank_token_batch(rank) for rank in range(WORLD_SIZE)]
     model = _make_token_model()
     ranks_mean = sum(_own_token_mean(model(t), l).mean() for t, l in batches) / WORLD_SIZE

@@ -1228,9 +1228,12 @@ def _parts(tokens, labels, sizes):
 
 @pytest.mark.parametrize("lengths, sizes, seen", [
     ([6, 6, 6, 6, 6, 2, 4, 3], (4, 4), "a micro-batch's losses differ"),   # the first micro-batch all full
-    ([6, 6, 6, 6, 3, 3, 3, 3], (4, 4), "examples from different micro-batches"),   # each alike, unlike the other
+    ([6, 6, 6, 6, 3, 3, 3, 3], (4, 4), "another example's label tokens are ignored"),   # each alike, unlike
+    # the other: found within each by ignoring tokens (before session 30 by the probe across them)
     ([6, 3, 5, 2], (1, 1, 1, 1), "examples from different micro-batches"),
-], ids=["a later micro-batch differs", "micro-batches differ from each other", "micro-batches of one"])
+    ([6] * 8, (4, 4), "move when another example's label tokens are ignored"),   # every sequence full
+], ids=["a later micro-batch differs", "micro-batches differ from each other", "micro-batches of one",
+        "every sequence full"])
 @pytest.mark.parametrize("auxiliary", [False, True], ids=["logits", "logits and a scalar"])
 def test_accumulate_finds_a_token_mean_of_ones_own_beyond_the_first_micro_batch(lengths, sizes, seen, auxiliary):
     """An adversarial reviewer's find (session 28): a token mean in one's own function was looked for only in the
@@ -1256,7 +1259,8 @@ def test_accumulate_finds_a_token_mean_of_ones_own_beyond_the_first_micro_batch(
     unchecked.accumulate(_parts(tokens, labels, sizes))
     gap = max((a.grad - b.grad).abs().max().item()
               for a, b in zip(whole.model.parameters(), unchecked.model.parameters()))
-    assert gap > 1e-3   # the split step is not the batch's: worth refusing
+    if len(set(lengths)) > 1:   # every sequence full: this step's split is the batch's, a padded batch's is not
+        assert gap > 1e-3   # the split step is not the batch's: worth refusing
 
     monitor = AccumulatingNoiseScaleMonitor(model, own_token_mean, check_independence=False)
     for _ in range(2):
@@ -1414,9 +1418,9 @@ def test_accumulate_says_when_it_cannot_check_across_micro_batches(declared, sha
     monitor = AccumulatingNoiseScaleMonitor(copy.deepcopy(model), own_loss, check_independence=False)
     forwards = []
     monitor.model.register_forward_hook(lambda *_: forwards.append(1))
-    if declared:
-        with pytest.raises(ValueError, match=f"accumulated from {len(shapes)} micro-batches"):
-            monitor.accumulate(parts)
+    if declared or declared is None and shapes[0][0] >= 3:   # undeclared: found since session 30 within a micro-batch
+        with pytest.raises(ValueError, match=f"accumulated from {len(shapes)} micro-batches"):   # of three by
+            monitor.accumulate(parts)   # ignoring an example's label tokens, which moves the others' losses
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
