@@ -20,10 +20,11 @@ def check_int(value: Any, name: str, minimum: int) -> int:
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """``value`` as a bool (True or False only: a str such as 'no' is truthy, and is refused)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    """``value`` as a bool: True or False (numpy's too), or the integers 1 and 0; anything else is refused (a str
+    such as 'no' is truthy)."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_confidence(value: Any, name: str = "confidence") -> float:

@@ -34,9 +34,13 @@ def isolated_rng(tensors: Iterable[torch.Tensor], generators: Iterable[torch.Gen
 
 
 def module_generators(module: nn.Module) -> tuple[torch.Generator, ...]:
-    """The ``torch.Generator`` objects that ``module`` and its descendants hold as attributes (each once)."""
-    found = {id(value): value for child in module.modules() for value in vars(child).values()
-             if isinstance(value, torch.Generator)}
+    """The ``torch.Generator`` objects that ``module`` and its descendants hold as attributes, or in a list, tuple
+    or dict attribute (each once); not one held deeper, by another object, or by the loss function."""
+    found = {}
+    for child in module.modules():
+        for value in vars(child).values():
+            held = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+            found.update((id(item), item) for item in held if isinstance(item, torch.Generator))
     return tuple(found.values())
 
 

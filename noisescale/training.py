@@ -182,7 +182,7 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
                              "call model.zero_grad() before each step (optimizer.zero_grad() clears the optimizer's "
                              "parameters only)")
         sizes = [batch_size_of(inputs) for inputs, _ in micro_batches]
-        if len(micro_batches) > 1 or self.process_group is not None:
+        if len(micro_batches) > 1 or self._world_size() > 1:
             self._check_parts_add_up(micro_batches, sizes)
         with self._undone_on_failure():   # a failed step leaves p.grad and the averages as they were
             batch_size = sum(sizes)
@@ -248,13 +248,13 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         alike (every sequence full) show a count only where the targets hold integer token labels, by ignoring some
         of one example's (``_masked_tokens_move_others``); otherwise nothing: declare such a loss.
 
-        Under DDP each rank checks its own micro-batches (the forward of the module inside DDP, which does not
-        communicate) and the ranks' verdicts are combined (one all-reduce of three flags), so that every rank
+        Under DDP each rank checks its own micro-batches (the forward of the module inside DDP, without DDP's buffer
+        broadcast) and the ranks' verdicts are combined (one all-reduce of three flags), so that every rank
         refuses or warns alike; a count that differs only between ranks whose examples each count alike is not
         seen where the targets hold no integer token labels (each rank's token mean is then its examples' mean: the
         step is that of a per-example mean). Under
         FSDP, whose forward gathers the shards, only the declared losses are refused."""
-        world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
+        world_size = self._world_size()
         batch_size = sum(sizes) * world_size
         how = " and ".join(([f"split over {world_size} ranks"] if world_size > 1 else [])
                            + ([f"accumulated from {len(micro_batches)} micro-batches"] if len(micro_batches) > 1
@@ -275,20 +275,29 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             warnings.warn(_unchecked_split(how), UserWarning, stacklevel=3)
         self._parts_checked = True   # (a refused or failed check is run again at the next split step)
 
+    def _world_size(self) -> int:
+        return 1 if self.process_group is None else dist.get_world_size(self.process_group)
+
     def _counted_by_parts(self, micro_batches: list[tuple[Any, Any]], sizes: list[int]) -> tuple[bool, bool, bool]:
         """This process's verdicts for :meth:`_check_parts_add_up`: whether a micro-batch's examples count by the
         batch (within), whether the probe of the micro-batches' ends does (across), and whether the parts could
-        not be judged (the probe across several micro-batches, or the one micro-batch itself)."""
-        module = unwrapped_module(self.model)   # (DDP's own forward may communicate: not every rank checks alike)
+        not be judged (the probe across several micro-batches, or the one micro-batch itself). The forwards are
+        those of the module inside DDP (DDP's own broadcasts its buffers); under DDP every micro-batch's forward
+        runs, also after a verdict, so that a forward that communicates (SyncBatchNorm) runs on every rank alike."""
+        module = unwrapped_module(self.model)
         with isolated_rng(list(module.parameters()), module_generators(module)):   # a loss that draws from them
             probe, verdicts = [], []
             for (inputs, targets), size in zip(micro_batches, sizes):
                 outputs = outputs_without_grad(module, inputs)
+                if any(verdicts):
+                    continue
                 verdicts.append(self._counted_by_batch(outputs, targets, size))
-                if verdicts[-1]:
+                if verdicts[-1] and self.process_group is None:
                     return True, False, False
                 probe.append(_end_examples(outputs, targets, size, others=not probe))
                 del outputs   # one micro-batch's outputs at a time
+            if any(verdicts):
+                return True, False, False
             if len(micro_batches) == 1:
                 return False, False, verdicts[0] is None
             joined = _joined_examples(probe)

@@ -344,6 +344,14 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     results["own_token_mean_trainer_state"] = (trainer.steps, trainer.sampler.examples_seen, all(
         torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())))
     trainer.close()
+    # a forward that communicates (as SyncBatchNorm's does): rank 0 finds the token mean in its first micro-batch,
+    # the others only in their second; every rank runs both forwards of the check and refuses (rank 0 returned
+    # after its first, and the ranks' collectives paired wrongly: a hang until the group's timeout)
+    talking = _ddp(AllReducingTokenModel())
+    first, second = _rank_token_batch(1), _rank_token_batch(0)
+    parts = [(first[0][:3], first[1][:3]), (second[0][:3], second[1][:3])]
+    talking_monitor = AccumulatingNoiseScaleMonitor(talking, _own_token_mean, check_independence=False)
+    results["talking_error"] = capture_error(lambda: talking_monitor.accumulate(parts if rank == 0 else parts[::-1]))
     report_progress(out_dir, rank, "own_token_mean")
 
     # 6b. the reverse resume: a one-process checkpoint (trained here on every rank) continued under DDP.
@@ -490,6 +498,20 @@ def _masked_token_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
     return AdaptiveTrainer(model, _token_mean, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
                            TensorDataset(tokens, labels), batch_size=12, max_micro_batch=2,
                            monitor_options={"measure_every": 2}, seed=4, progress=False)
+
+
+class AllReducingTokenModel(torch.nn.Module):
+    """The token model whose forward all-reduces a statistic of its activations (as SyncBatchNorm does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _make_token_model()
+
+    def forward(self, tokens):
+        hidden = self.inner[0](tokens)
+        total = hidden.detach().sum()
+        dist.all_reduce(total)
+        return self.inner[1](hidden + 0.0 * total)
 
 
 def _make_token_model() -> torch.nn.Module:
@@ -667,6 +689,8 @@ def test_a_token_mean_of_ones_own_is_refused_by_every_rank_under_ddp(rank_result
         kind, message = result["own_token_mean_trainer_error"]
         assert kind == "ValueError" and "split over 3 ranks" in message
         assert result["own_token_mean_trainer_state"] == (0, 0, True)
+        kind, message = result["talking_error"]
+        assert kind == "ValueError" and "differ when its examples are computed alone" in message
     tokens, labels = _rank_token_batch(1)
     single = AccumulatingNoiseScaleMonitor(_make_token_model(), _own_token_mean, check_independence=False)
     with pytest.raises(ValueError, match="examples from different micro-batches, computed together, differ"):
@@ -754,6 +778,22 @@ def test_combine_per_example_sums_with_unequal_counts():
 def test_combine_per_example_sums_rejects_bad_input(sums, counts, match):
     with pytest.raises(ValueError, match=match):
         combine_per_example_sums(sums, counts, 0.1)
+
+
+def test_a_token_mean_of_ones_own_is_taken_unsplit_by_ddp_of_one_process():
+    """DDP in one process, one micro-batch: the step is the whole batch's, so a token mean is right. The check
+    ran there all the same and refused it, with a message naming no split (a review's find); p.grad now equals a
+    plain backward's of the batch's token mean (float64)."""
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+
+    tokens, labels = _rank_token_batch(1)
+    reference = _make_token_model()
+    _own_token_mean(reference(tokens), labels).mean().backward()
+    with one_rank_process_group():
+        model = DistributedDataParallel(_make_token_model())
+        AccumulatingNoiseScaleMonitor(model, _own_token_mean, check_independence=False).accumulate([(tokens, labels)])
+        for p, q in zip(model.module.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_construction_errors_single_process():

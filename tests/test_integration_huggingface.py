@@ -405,7 +405,7 @@ def test_bad_options_are_rejected_before_any_step(tmp_path):
     (dict(per_example_loss="ce", hessian_every=1), "per_example_loss must be callable"),
     (dict(per_example_loss=3), "per_example_loss must be callable"),
     (dict(check_independence="no"), "check_independence must be True or False, got 'no'"),
-    (dict(check_independence=0), "check_independence must be True or False"),
+    (dict(check_independence=2), "check_independence must be True or False"),
 ])
 def test_options_of_the_wrong_type_are_refused_by_name_when_made(options, message):
     """A new user's find: these were taken, then failed in training after optimizer steps had run (log_prefix=None
@@ -415,6 +415,7 @@ def test_options_of_the_wrong_type_are_refused_by_name_when_made(options, messag
         NoiseScaleOptions(**options)
     NoiseScaleOptions(log_prefix="", seed=np.int64(-1), check_independence=np.bool_(False),
                       per_example_loss=_class_loss, hessian_every=1)   # what they take
+    NoiseScaleOptions(check_independence=0)   # (and 1 and 0, which a review found refused)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

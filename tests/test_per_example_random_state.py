@@ -80,24 +80,32 @@ def test_measuring_leaves_the_callers_python_and_numpy_streams(source, used, mea
 
 
 class OwnNoise(nn.Module):
-    """Multiplicative noise drawn from a torch.Generator of the layer's own (in train mode), on a parameter read
-    directly: the per-module fallback re-runs it."""
+    """Multiplicative noise drawn from a torch.Generator of the layer's own (in train mode), held as an attribute or
+    in a list or dict attribute, on a parameter read directly: the per-module fallback re-runs it."""
 
-    def __init__(self):
+    def __init__(self, held: str):
         super().__init__()
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
-        self.generator = torch.Generator().manual_seed(123)
+        generator = torch.Generator().manual_seed(123)
+        self.held = {"attribute": generator, "list": [generator], "dict": {"noise": generator}}[held]
+
+    @property
+    def generator(self) -> torch.Generator:
+        held = self.held
+        return held[0] if isinstance(held, list) else held["noise"] if isinstance(held, dict) else held
 
     def forward(self, x):
         return torch.tanh(self.scale * x * torch.rand(x.shape, generator=self.generator, dtype=x.dtype))
 
 
-def _own_noise_model() -> nn.Module:
+def _own_noise_model(held: str) -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(4, 5), OwnNoise(), nn.Linear(5, 3)).double()
+    return nn.Sequential(nn.Linear(4, 5), OwnNoise(held), nn.Linear(5, 3)).double()
 
 
-def test_a_layer_drawing_from_a_generator_of_its_own_is_measured_with_the_steps_draw_and_left_as_a_step_leaves_it():
+@pytest.mark.parametrize("held", ["attribute", "list", "dict"])
+def test_a_layer_drawing_from_a_generator_of_its_own_is_measured_with_the_steps_draw_and_left_as_a_step_leaves_it(
+        held):
     """A review's find (session 30): the check's two forwards, the per-module fallback's re-run and the whole-model
     vmap replayed the global streams only. A layer drawing from its own generator was refused as coupled (the two
     forwards drew differently); with check_independence=False its norms were 0.79 off (0.84 under the vmap, with no
@@ -109,7 +117,7 @@ def test_a_layer_drawing_from_a_generator_of_its_own_is_measured_with_the_steps_
     x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=generator)
     for backend in ("auto", "vmap"):
-        model, plain = _own_noise_model(), _own_noise_model()
+        model, plain = _own_noise_model(held), _own_noise_model(held)
         engine = PerExampleGradNorms(model, _loss, backend=backend)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -81,8 +81,8 @@ def _case(kind: str):
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([2, 5, 3, 1, 4])
     torch.manual_seed(0)
-    if kind == "sorted_tagger":
-        tokens = torch.randint(1, 7, (B, 6), generator=generator)
+    if kind.startswith("sorted_tagger"):   # sequences of 6, or as long as the batch (T == B)
+        tokens = torch.randint(1, 7, (B, B if kind.endswith("batch") else 6), generator=generator)
         return SortedTagger().double(), _cross_entropy, (tokens, lengths), torch.randint(0, 2, (B,),
                                                                                         generator=generator)
     inputs = torch.randn(B, D, generator=generator, dtype=torch.float64)
@@ -90,7 +90,8 @@ def _case(kind: str):
                                                                                    dtype=torch.float64)
 
 
-@pytest.mark.parametrize("kind", ["flip", "sort_by_length", "index_copy_back", "sorted_tagger"])
+@pytest.mark.parametrize("kind", ["flip", "sort_by_length", "index_copy_back", "sorted_tagger",
+                                  "sorted_tagger_as_long_as_the_batch"])
 def test_a_forward_that_reorders_its_raw_inputs_is_measured_by_the_whole_model_vmap(kind):
     """Under auto: every parameter by the whole-model vmap, equal to the loop (it was 0.13 to 0.82 off, silently),
     said once over two calls, p.grad that of a plain backward. Under ghost: refused, p.grad left as it was."""
@@ -108,11 +109,11 @@ def test_a_forward_that_reorders_its_raw_inputs_is_measured_by_the_whole_model_v
             for name, values in expected.items():
                 torch.testing.assert_close(result.by_parameter[name], values, rtol=1e-10, atol=1e-14, msg=name)
     said = [str(w.message) for w in caught if "in another order than the batch's" in str(w.message)]
-    assert len(said) == 1 and ("'embed'" if kind == "sorted_tagger" else "'first'") in said[0]
+    assert len(said) == 1 and ("'embed'" if kind.startswith("sorted_tagger") else "'first'") in said[0]
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, msg=name)
 
-    if kind != "sorted_tagger":   # (ghost has no rule for the LSTM)
+    if not kind.startswith("sorted_tagger"):   # (ghost has no rule for the LSTM)
         model.zero_grad(set_to_none=True)
         with pytest.raises(ValueError, match="in another order than the batch's.*backend='ghost' cannot measure it"):
             PerExampleGradNorms(model, loss_fn, backend="ghost")(inputs, targets)
@@ -149,4 +150,10 @@ def test_rows_reordered_against_a_layer_input_reordered_by_hand(permutation, exp
     assert rows_reordered(before, after, replaced) is expected
     table = torch.randn(B, 3, generator=generator)
     assert not rows_reordered(row_fingerprint(table, B), row_fingerprint(table.clone(), B), replaced)
-    assert row_fingerprint(torch.randn(B, B), B) is None   # dims of B's size besides dim 0: the probe's to tell
+    square = torch.randn(B, B, generator=generator)   # T == B: examples in dim 0 (token ids) or 1 (sequence-first)
+    square_swapped = square.clone()
+    square_swapped[[0, 4]] = square[1]
+    assert not rows_reordered(row_fingerprint(square, B), row_fingerprint(square_swapped, B), replaced)
+    assert rows_reordered(row_fingerprint(square[permutation], B), row_fingerprint(square_swapped[permutation], B),
+                          replaced) is expected
+    assert not rows_reordered(row_fingerprint(square.T, B), row_fingerprint(square_swapped.T, B), replaced)

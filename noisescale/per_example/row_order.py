@@ -21,26 +21,36 @@ __all__ = ["row_fingerprint", "rows_reordered"]
 
 
 def row_fingerprint(x: object, batch_size: int) -> Tensor | None:
-    """(batch_size, 4): the sum, a weighted sum and the sum of absolute values of each of x's rows, in float64, and
-    the rounding of x's dtype (0 for integers); None where x does not have ``batch_size`` rows in dim 0, or has
-    another dim of that size (a sequence-first layer's (T, B, d) with T == B: the probe on B - 1 examples tells)."""
+    """(layouts, batch_size, 4): the sum, a weighted sum and the sum of absolute values of each of x's rows, in
+    float64, and the rounding of x's dtype (0 for integers); where dim 1 also has ``batch_size`` entries, the same
+    of each of its columns as a second layout (a sequence-first layer's (T, B, d) at T == B holds the examples
+    there, token ids (B, T) at T == B in dim 0). None where x does not have ``batch_size`` rows in dim 0."""
     if (not isinstance(x, Tensor) or x.is_nested or x.is_sparse or x.is_complex() or x.dim() == 0
-            or x.shape[0] != batch_size or batch_size in x.shape[1:]):
+            or x.shape[0] != batch_size):
         return None
-    rows = x.detach().reshape(batch_size, -1).to(torch.float64)
+    layouts = [x] + ([x.transpose(0, 1)] if x.dim() > 1 and x.shape[1] == batch_size else [])
+    return torch.stack([_sums(layout.detach(), batch_size) for layout in layouts])
+
+
+def rows_reordered(before: Tensor | None, after: Tensor | None, replaced: dict[int, int]) -> bool:
+    """Whether a call's input rows, fingerprinted (``row_fingerprint``) in the batch's forward (``before``) and in
+    the forward with examples replaced (``after``, target <- source), are not the examples in the batch's order in
+    any layout: a row other than a replaced example's moved, or a replaced example's row is not its source's. A
+    layout none of whose rows moved (positions, a table shared by the examples) is not judged."""
+    if before is None or after is None or before.shape != after.shape or not replaced:
+        return False
+    return all(_layout_reordered(a, b, replaced) for a, b in zip(before, after))
+
+
+def _sums(x: Tensor, batch_size: int) -> Tensor:
+    rows = x.reshape(batch_size, -1).to(torch.float64)
     weights = torch.cos(torch.arange(rows.shape[1], dtype=torch.float64, device=rows.device))
     rounding = torch.full((batch_size,), rounding_tolerance(x.dtype) if x.is_floating_point() else 0.0,
                           dtype=torch.float64, device=rows.device)
     return torch.stack([rows.sum(1), rows @ weights, rows.abs().sum(1), rounding], 1)
 
 
-def rows_reordered(before: Tensor | None, after: Tensor | None, replaced: dict[int, int]) -> bool:
-    """Whether a call's input rows, fingerprinted (``row_fingerprint``) in the batch's forward (``before``) and in
-    the forward with examples replaced (``after``, target <- source), are not the examples in the batch's order: a
-    row other than a replaced example's moved, or a replaced example's row is not its source's. A call none of whose
-    rows moved (positions, a table shared by the examples) is not judged."""
-    if before is None or after is None or before.shape != after.shape or not replaced:
-        return False
+def _layout_reordered(before: Tensor, after: Tensor, replaced: dict[int, int]) -> bool:
     if bool(_close(before, after).all()):
         return False
     expected = before.clone()
