@@ -77,9 +77,11 @@ def rng_state(device: torch.device | None, generators: Iterable[torch.Generator]
 
 def set_rng_state(state: dict[str, Tensor], device: torch.device | None,
                   generators: Iterable[torch.Generator] = ()) -> None:
-    """Restore what :func:`rng_state` returned (``generators`` as given to it)."""
+    """Restore what :func:`rng_state` returned (``generators`` as given to it; one it did not hold, made since,
+    is left as it is)."""
     torch.set_rng_state(state["torch"])
     if device is not None and device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
     for i, generator in enumerate(generators):
-        generator.set_state(state[f"generator {i}"])
+        if f"generator {i}" in state:
+            generator.set_state(state[f"generator {i}"])

@@ -4,6 +4,7 @@ time masking) draws again whenever noisescale re-runs it: the per-module fallbac
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
@@ -131,3 +132,31 @@ def test_a_layer_drawing_from_a_generator_of_its_own_is_measured_with_the_steps_
                     torch.testing.assert_close(result.sqnorms, expected, rtol=1e-10, atol=0)
         redrawn = [w for w in caught if "drew random numbers" in str(w.message)]
         assert (len(redrawn), len(caught)) == ((0, 0) if backend == "auto" else (1, 1))
+
+
+class NoiseOfAFreshGenerator(nn.Module):
+    """The generator made anew, seeded, by each forward and kept as an attribute: the first call's pass met it only
+    after its start (a KeyError before the fix, with check_independence=False, whose check would have made it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        self.generator = torch.Generator().manual_seed(7)
+        return torch.tanh(self.scale * x * torch.rand(x.shape, generator=self.generator, dtype=x.dtype))
+
+
+def test_a_generator_made_by_the_forward_is_replayed_from_its_first_call_on():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), NoiseOfAFreshGenerator(), nn.Linear(5, 3)).double()
+    reference = copy.deepcopy(model)
+    losses = _loss(reference(x), y)
+    expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+        losses[i], list(reference.parameters()), retain_graph=True)) for i in range(6)])
+    engine = PerExampleGradNorms(model, _loss, check_independence=False)
+    for _ in range(2):
+        torch.testing.assert_close(engine(x, y).sqnorms, expected, rtol=1e-10, atol=0)

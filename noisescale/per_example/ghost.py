@@ -1254,7 +1254,8 @@ class GhostNormEngine:
             ghost_pass.decline(entry, f"an output of type {opaque}, whose tensors cannot be found")
             return None
         after = rng_state(_device_of(module), module_generators(module))
-        consumed = before is not None and not all(torch.equal(before[key], after[key]) for key in after)
+        consumed = before is not None and not all(key in before and torch.equal(before[key], after[key])
+                                                  for key in after)   # (a generator the call made: consumed)
         if shared and consumed:
             ghost_pass.decline(entry, "an output computed once for all the examples with random numbers")
             return None
