@@ -86,12 +86,14 @@ def _case(kind: str):
         return SortedTagger().double(), _cross_entropy, (tokens, lengths), torch.randint(0, 2, (B,),
                                                                                         generator=generator)
     inputs = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    if kind.endswith("requiring_grad"):   # an input-gradient method's: a graph of inputs alone, no parameter
+        kind, inputs = "sort_by_length", inputs.requires_grad_()
     return Reordering(kind).double(), _squared_error, (inputs, lengths), torch.randn(B, 2, generator=generator,
                                                                                    dtype=torch.float64)
 
 
 @pytest.mark.parametrize("kind", ["flip", "sort_by_length", "index_copy_back", "sorted_tagger",
-                                  "sorted_tagger_as_long_as_the_batch"])
+                                  "sorted_tagger_as_long_as_the_batch", "sort_by_length_of_inputs_requiring_grad"])
 def test_a_forward_that_reorders_its_raw_inputs_is_measured_by_the_whole_model_vmap(kind):
     """Under auto: every parameter by the whole-model vmap, equal to the loop (it was 0.13 to 0.82 off, silently),
     said once over two calls, p.grad that of a plain backward. Under ghost: refused, p.grad left as it was."""

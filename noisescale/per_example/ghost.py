@@ -336,8 +336,10 @@ class GhostPass:
         (``GhostNormEngine.note_row_order``): where that input has no autograd graph (the model's raw inputs, reordered
         before the first layer), no hook can tell which row is which example, and every later layer inherits the
         error; the pass's parameters all go to the whole-model vmap (``reordered``), or, under backend='ghost' and
-        FSDP (where it cannot run), an error. An input with a graph is followed by the hooks."""
-        if not isinstance(x, Tensor) or x.grad_fn is not None or x.requires_grad:
+        FSDP (where it cannot run), an error. An input whose graph reads a parameter (an activation) is followed by
+        the hooks; one whose graph reads only inputs that require grad (an input-gradient method's) is not."""
+        if not isinstance(x, Tensor) or isinstance(x, nn.Parameter) or x.grad_fn is not None and any(
+                isinstance(getattr(node, "variable", None), nn.Parameter) for node in autograd_nodes([x.grad_fn])):
             return
         if self.strict or self.sharded:
             raise ValueError(_reordered_message(entry.path, self.strict))
