@@ -81,10 +81,13 @@ class Coupling:
             "their own loss), or pass check_independence=False (to PerExampleGradNorms, NoiseScaleMonitor, or "
             "AdaptiveTrainer's monitor_options) to measure anyway: each layer's share of the batch gradient through "
             "each example's own rows, which is neither a loop's over single examples nor dl_i/dtheta on the batch, "
-            "and parameters the whole-model vmap measures get the loop's. (A forward or loss that draws from a "
-            "torch.Generator noisescale does not replay, one held other than as a module's attribute or in a list "
-            "or dict attribute, draws differently in the two forwards of this check too: hold it as a module's "
-            "attribute, which every extra forward replays and puts back.)")
+            "and parameters the whole-model vmap measures get the loop's. (Two causes that are no coupling: a "
+            "forward or loss that draws from a torch.Generator noisescale does not replay, one held other than as a "
+            "module's attribute or in a list or dict attribute, draws differently in the two forwards of this "
+            "check: hold it as a module's attribute, which every extra forward replays and puts back; and an input "
+            "whose dim 0 has the batch's size without holding the examples, as an RNN's initial state "
+            "(num_layers, B, H) at num_layers == B, is taken for the examples' rows: pass it batch-first, or use "
+            "another batch size.)")
 
 
 def replaced_examples(inputs: Any, batch_size: int) -> tuple[Any, dict[int, int]] | None:
