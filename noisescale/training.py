@@ -241,8 +241,9 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         unchanged): within each micro-batch, its examples' losses computed together and each alone differ by a
         count (``coupling.observed_example_weights``); across them, the same on a probe of every micro-batch's first
         and last examples put together: between them, a count that differs anywhere in the step (a micro-batch that
-        counts alike is represented by its ends). A set of two examples is not judged (its halves are single
-        examples, whose losses alone agree with any loss's). Where the probe cannot be judged (outputs of other
+        counts alike is represented by its ends). A set of two examples is judged only by ignoring label tokens
+        (its halves are single examples, whose losses alone agree with any loss's). Where the probe cannot be
+        judged and no micro-batch showed a count (outputs of other
         shapes, fewer than 3 examples, a loss not computable on parts) a warning says so, once. A loss known or
         declared to weight each example alone (``losses.weighted_alone``) is not checked. Examples that all count
         alike (every sequence full) show a count only where the targets hold integer token labels, by ignoring some
@@ -307,10 +308,12 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
     def _counted_by_batch(self, outputs: Any, targets: Any, size: int) -> bool | None:
         """Whether the loss of these ``size`` examples computed together differs from each one's loss alone by a
         count (observed weights not all 1), judged on the examples whose loss is finite (an example without a
-        counted token: sum / count is 0/0); None where it cannot tell (fewer than 3 such examples; a loss that
-        raises without grad or is of the wrong shape, which the step reports; one that cannot be computed on
-        parts)."""
-        if size < 3:
+        counted token: sum / count is 0/0), and whether ignoring one example's label tokens moves the others'
+        losses (``_masked_tokens_move_others``; the only test of two examples, whose halves are single examples
+        that agree with any loss alone); None where it cannot tell (fewer than 3 such examples, or 2 that show
+        nothing; a loss that raises without grad or is of the wrong shape, which the step reports; one that cannot
+        be computed on parts)."""
+        if size < 2:
             return None
         drawn = rng_state(next((p.device for p in self.model.parameters()), None))   # (a loss that draws)
         try:
@@ -327,9 +330,9 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
             kept = finite.nonzero().flatten().tolist()
             return self._counted_by_batch(example_rows(outputs, kept, size), example_rows(targets, kept, size),
                                           len(kept))
-        weights = observed_example_weights(self.loss_fn, outputs, targets, whole)
-        if weights is None:
-            return None
+        weights = None if size == 2 else observed_example_weights(self.loss_fn, outputs, targets, whole)
+        if weights is None:   # two examples, or a loss not computable on parts: only ignored tokens can show it
+            return self._masked_tokens_move_others(outputs, targets, whole, drawn) or None
         return not close_values(weights, torch.ones_like(weights)) or self._masked_tokens_move_others(
             outputs, targets, whole, drawn)
 
