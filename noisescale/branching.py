@@ -9,7 +9,10 @@ of examples D (D x block_size tokens), at the constant learning rate
 
 where eta_c is the reference run's learning rate at c and B_ref its batch size (:func:`branch_loss`); the
 optimizer state is carried over. The branch's result is its validation loss L(c, B, s) after D examples (seed s
-draws its batches).
+draws its batches). Every branch takes D / B whole steps of its batch size (:func:`check_branch_plan`): at least two
+strictly increasing batch sizes, each dividing D, are required, since a branch with B > D took one step of D
+examples and one with D not a multiple of B ended on a partial step, i.e. trained at another batch size, and
+B_crit was then reported for batch sizes that were never trained.
 
 Selection (:func:`select_critical_batch_size`): the reference loss is that of the smallest-batch branch,
 L_0 = L(c, B_0, s) (the most optimizer steps for the same tokens); B_crit is the largest tried B such that every
@@ -58,6 +61,7 @@ __all__ = [
     "saved_config",
     "branch_loss",
     "run_branches",
+    "check_branch_plan",
     "read_branch_results",
     "select_critical_batch_size",
     "critical_batch_sizes",
@@ -304,7 +308,13 @@ def branch_loss(
     device: torch.device | str = "cpu",
 ) -> tuple[float, int]:
     """Continue from ``checkpoint`` for ``examples`` windows at ``batch_size`` and the constant learning rate
-    eta_c r(B / B_ref) (module docstring); return (validation loss afterwards, optimizer steps)."""
+    eta_c r(B / B_ref) (module docstring); return (validation loss afterwards, optimizer steps).
+
+    ``examples`` must be a multiple of ``batch_size``: every step is a whole batch of that size."""
+    check_int(examples, "examples", 1)
+    if examples % check_int(batch_size, "batch_size", 1):
+        raise ValueError(f"examples={examples} is not a multiple of batch_size={batch_size}: the branch would end on "
+                         "a partial step of another batch size")
     if rule not in BRANCH_RULES:
         raise ValueError(f"rule must be one of {BRANCH_RULES}, got {rule!r}")
     model = model_factory().to(device)
@@ -330,6 +340,35 @@ def read_branch_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: not a branch result file, missing column(s) {missing}")
     return frame.sort_values(list(BRANCH_KEY), kind="stable").reset_index(drop=True)
+
+
+def check_branch_plan(batch_sizes: Sequence[int], branch_examples: int) -> list[int]:
+    """``batch_sizes`` as a list of ints once the plan measures what it reports: at least 2 batch sizes (B_crit
+    compares each branch with the smallest one's loss), strictly increasing (no repeats), each dividing
+    ``branch_examples`` (every branch takes whole steps of its own batch size over the same data; a batch size
+    above ``branch_examples`` took one step of ``branch_examples`` examples, and a remainder ended on a partial
+    step, i.e. at another batch size). Raises ValueError naming what to give instead."""
+    sizes = [check_int(size, "batch_sizes", 1) for size in batch_sizes]
+    check_int(branch_examples, "branch_examples", 1)
+    if len(sizes) < 2:
+        raise ValueError(f"batch_sizes {sizes} has {len(sizes)} batch size(s); B_crit compares the branches with the "
+                         "smallest one's loss, so at least 2 are needed (e.g. B_0, 2 B_0, 4 B_0)")
+    if any(later <= earlier for earlier, later in zip(sizes, sizes[1:])):
+        raise ValueError(f"batch_sizes must be strictly increasing without repeats, got {sizes}")
+    too_large = [size for size in sizes if size > branch_examples]
+    if too_large:
+        raise ValueError(f"batch size(s) {too_large} exceed branch_examples={branch_examples}: such a branch cannot "
+                         f"take one whole step (it would train on {branch_examples} examples, another batch size); "
+                         f"give branch_examples >= {sizes[-1]} (a multiple of {math.lcm(*sizes)}) or drop them")
+    uneven = [size for size in sizes if branch_examples % size]
+    if uneven:
+        whole = math.lcm(*sizes)
+        lower = branch_examples // whole * whole
+        suggestion = f"{lower} or {lower + whole}" if lower else f"{whole}"
+        raise ValueError(f"branch_examples={branch_examples} is not a multiple of batch size(s) {uneven}: their "
+                         "last step would be a partial batch, so those branches would not train at their batch size; "
+                         f"give a multiple of {whole} (every batch size divides it), e.g. {suggestion}")
+    return sizes
 
 
 def _expected_steps(examples: int, batch_size: int) -> int:
@@ -377,12 +416,13 @@ def run_branches(
 ) -> pd.DataFrame:
     """Every (checkpoint, batch size, seed) branch not yet in the CSV at ``path`` (module docstring); return all.
 
+    The plan is checked before anything is trained (:func:`check_branch_plan`).
+
     Each branch is seeded by its seed alone, so a result does not depend on the order or on resuming.
     """
     from tqdm.auto import tqdm
 
-    batch_sizes = sorted({check_int(b, "batch_sizes", 1) for b in batch_sizes})
-    check_int(branch_examples, "branch_examples", 1)
+    batch_sizes = check_branch_plan(batch_sizes, branch_examples)
     if rule not in BRANCH_RULES:
         raise ValueError(f"rule must be one of {BRANCH_RULES}, got {rule!r}")
     if not checkpoints:
@@ -423,11 +463,12 @@ def select_critical_batch_size(batch_sizes: Sequence[int], losses: Sequence[floa
                                tolerance: float) -> CriticalBatchSize:
     """The largest B such that every tried B' <= B has loss <= L_0 (1 + tolerance), L_0 the smallest batch's loss.
 
-    ``losses`` must be finite; ``tolerance`` >= 0 is relative (0.01: within 1 % of L_0).
+    ``losses`` must be finite; ``tolerance`` >= 0 is relative (0.01: within 1 % of L_0). At least 2 batch sizes:
+    with one there is nothing to compare (it was reported as B_crit >= that batch size).
     """
-    if len(batch_sizes) != len(losses) or not len(batch_sizes):
-        raise ValueError(f"batch_sizes and losses need the same non-zero length, got {len(batch_sizes)} and "
-                         f"{len(losses)}")
+    if len(batch_sizes) != len(losses) or len(batch_sizes) < 2:
+        raise ValueError(f"batch_sizes and losses need the same length, at least 2 (one batch size compares "
+                         f"nothing), got {len(batch_sizes)} and {len(losses)}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
     order = np.argsort(batch_sizes, kind="stable")
@@ -436,7 +477,7 @@ def select_critical_batch_size(batch_sizes: Sequence[int], losses: Sequence[floa
         raise ValueError(f"losses must be finite, got {values.tolist()}")
     within = values <= values[0] * (1.0 + tolerance)
     last = len(within) if within.all() else int(np.argmin(within))  # index of the first failure
-    return CriticalBatchSize(int(sizes[last - 1]), at_smallest=last == 1 and len(sizes) > 1,
+    return CriticalBatchSize(int(sizes[last - 1]), at_smallest=last == 1,
                              at_largest=last == len(sizes))
 
 

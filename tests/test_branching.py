@@ -77,7 +77,7 @@ def test_selection_stops_at_the_first_failure_and_flags_censoring():
     assert (largest.value, largest.at_smallest, largest.at_largest) == (64, False, True)
     with pytest.raises(ValueError, match="finite"):
         select_critical_batch_size(sizes, [1.0, math.nan, 1.0, 1.0], 0.01)
-    with pytest.raises(ValueError, match="same non-zero length"):
+    with pytest.raises(ValueError, match="same length"):
         select_critical_batch_size(sizes, [1.0], 0.01)
 
 
@@ -263,3 +263,30 @@ def test_byte_gpt_starts_near_the_uniform_loss_unlike_the_default_init():
         assert float(gpt.blocks[0].mlp[2].weight.std()) == pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(2 * 2)
         default = tiny_transformer(d_model=32, n_heads=2, n_layers=2, block_size=32)
         assert float(sequence_cross_entropy(default(tokens[:, :-1]), tokens[:, 1:]).mean()) > math.log(256) + 2
+
+
+@pytest.mark.parametrize(("batch_sizes", "examples", "message"), [
+    ([4, 8, 16, 32, 64], 24, r"batch size\(s\) \[32, 64\] exceed branch_examples=24.*>= 64"),  # a user's run
+    ([4, 8, 16], 24, r"not a multiple of batch size\(s\) \[16\].*multiple of 16 .*e.g. 16 or 32"),
+    ([4, 8, 24], 64, r"not a multiple of batch size\(s\) \[24\].*multiple of 24 .*e.g. 48 or 72"),
+    ([8], 64, "at least 2 are needed"),
+    ([8, 8, 16], 64, "strictly increasing without repeats"),
+    ([16, 8], 64, "strictly increasing without repeats"),
+])
+def test_run_branches_refuses_a_plan_with_untrained_batch_sizes_before_training(
+        batch_sizes, examples, message, tmp_path, corpus, checkpoints, monkeypatch):
+    """A new user's --branch-examples 24 with batch sizes 32 and 64: each took one step of 24 sequences and
+    B_crit = 64 was reported; B = 16 took 16 + 8 (a partial step); one batch size gave "B_crit = 8 (lower bound)"
+    with nothing compared. Now refused before any branch is trained."""
+    monkeypatch.setattr(branching, "branch_loss", lambda *a, **k: pytest.fail("a branch was trained"))
+    with pytest.raises(ValueError, match=message):
+        run_branches(tmp_path / "b.csv", factory, checkpoints[:1], corpus, SETTINGS, batch_sizes=batch_sizes,
+                     branch_examples=examples, seeds=[0], progress=False)
+    assert not (tmp_path / "b.csv").exists()
+    with pytest.raises(ValueError, match="not a multiple of batch_size=16"):
+        branch_loss(factory, checkpoints[0], corpus, SETTINGS, batch_size=16, examples=24)
+
+
+def test_selection_refuses_a_single_batch_size():
+    with pytest.raises(ValueError, match="one batch size compares nothing"):
+        select_critical_batch_size([8], [1.0], 0.01)

@@ -349,3 +349,23 @@ def test_a_learning_rate_that_is_not_a_positive_number_is_refused_by_the_parser(
     assert exit_.value.code == 2
     assert "argument --lr: expected a finite float > 0.0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("sizes", "examples", "expected"), [
+    ("4,8,16,32,64", "24", "--branch-batch-sizes 4,8,16,32,64 --branch-examples 24: batch size(s) [32, 64] exceed"),
+    ("4,8,16", "24", "--branch-batch-sizes 4,8,16 --branch-examples 24: branch_examples=24 is not a multiple of "
+                     "batch size(s) [16]"),
+    ("8", "64", "--branch-batch-sizes 8 --branch-examples 64: batch_sizes [8] has 1 batch size(s)"),
+    ("8,8,16", "64", "strictly increasing without repeats"),
+])
+def test_branch_refuses_batch_sizes_it_would_not_train_before_the_reference_run(sizes, examples, expected, tmp_path,
+                                                                               capsys, monkeypatch):
+    """A new user's --branch-examples 24 with --branch-batch-sizes up to 64 printed B_crit = 64 for batch sizes
+    that each took one step of 24 sequences; now refused before anything is trained or written."""
+    import noisescale.branching as branching
+
+    monkeypatch.setattr(branching, "train_reference_run", lambda *a, **k: pytest.fail("trained"))
+    assert main(["branch", "--branch-batch-sizes", sizes, "--branch-examples", examples, "--no-progress",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "b").exists()

@@ -7,6 +7,20 @@ from __future__ import annotations
 import argparse
 
 
+def checked_branch_batch_sizes(args: argparse.Namespace) -> list[int]:
+    """--branch-batch-sizes once checked against --branch-examples (``check_branch_plan``), before the command
+    takes its --out: a branch of B > --branch-examples, or one ending on a partial step, trained another batch
+    size, and B_crit was reported for batch sizes never trained."""
+    from noisescale.app.options import UsageError
+    from noisescale.branching import check_branch_plan
+
+    try:
+        return check_branch_plan(args.branch_batch_sizes, args.branch_examples)
+    except ValueError as error:
+        raise UsageError(f"--branch-batch-sizes {','.join(map(str, args.branch_batch_sizes))} --branch-examples "
+                         f"{args.branch_examples}: {error}") from error
+
+
 def run_branch_command(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments (registered in :mod:`noisescale.app.cli`)."""
     import hashlib
@@ -24,6 +38,7 @@ def run_branch_command(args: argparse.Namespace) -> int:
     from noisescale.text import load_shipped_corpus, load_text_file, unigram_cross_entropy
 
     set_threads(args.threads)
+    batch_sizes = checked_branch_batch_sizes(args)
     out = prepare_output_folder(args.out)
     device = resolve_device(args.device)
     factory = load_model_factory(args.model)
@@ -56,12 +71,13 @@ def run_branch_command(args: argparse.Namespace) -> int:
         print(f"reference run reloaded from {reference}")
     print(f"reference run: validation loss {checkpoints[-1].validation_loss:.4f} nats/byte after {args.steps} steps")
     branches = run_branches(out / "branches.csv", factory, checkpoints[:-1], corpus, settings,
-                            batch_sizes=args.branch_batch_sizes, branch_examples=args.branch_examples,
+                            batch_sizes=batch_sizes, branch_examples=args.branch_examples,
                             seeds=range(args.seeds), rule=args.rule, device=device, progress=not args.no_progress)
-    table = critical_batch_sizes(branches[branches["checkpoint_examples"].isin(marks)], args.tolerance)
+    table = critical_batch_sizes(branches[branches["checkpoint_examples"].isin(marks)
+                                          & branches["batch_size"].isin(batch_sizes)], args.tolerance)
     table.to_csv(out / "critical_batch_size.csv", index=False)
     print(f"critical batch size by branching ({args.branch_examples} sequences per branch, lr rule {args.rule}, "
-          f"tolerance {args.tolerance:.2%} of the B = {min(args.branch_batch_sizes)} branch's loss):")
+          f"tolerance {args.tolerance:.2%} of the B = {batch_sizes[0]} branch's loss):")
     for row in table.itertuples():
         bound = " (lower bound: the largest B passed)" if row.at_largest else (
             " (upper bound: 2 B_0 already failed)" if row.at_smallest else "")

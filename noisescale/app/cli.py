@@ -468,9 +468,11 @@ def _add_branch_command(subparsers) -> None:
                         help="where to branch, as fractions of the reference run (comma-separated)")
     parser.add_argument("--branch-batch-sizes", type=_comma_separated(int, positive=True),
                         default=[8, 16, 32, 64, 128, 256],
-                        help="B_0, 2 B_0, ... (comma-separated); the smallest is the reference of the tolerance")
+                        help="at least 2 strictly increasing batch sizes, e.g. B_0, 2 B_0, ... (comma-separated), "
+                        "each dividing --branch-examples; the smallest is the reference of the tolerance")
     parser.add_argument("--branch-examples", type=_at_least(int, 1), default=2048,
-                        help="sequences each branch trains on")
+                        help="sequences each branch trains on: a multiple of every --branch-batch-sizes (whole "
+                        "steps; refused otherwise, before any training)")
     parser.add_argument("--seeds", type=_at_least(int, 1), default=2,
                         help="seeds per branch (the uncertainty of B_crit)")
     parser.add_argument("--rule", choices=["sqrt", "linear", "none"], default="sqrt",
@@ -483,8 +485,9 @@ def _add_branch_command(subparsers) -> None:
 
 
 def _run_branch(args) -> int:
-    from noisescale.app.branch import run_branch_command
+    from noisescale.app.branch import checked_branch_batch_sizes, run_branch_command
 
+    checked_branch_batch_sizes(args)   # before the lock makes --out
     with _output_held(args.out):
         return run_branch_command(args)
 
