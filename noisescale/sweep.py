@@ -626,15 +626,41 @@ def noise_scale_at_target(best: pd.DataFrame) -> dict[str, float]:
 
 
 def fit_sweep(frame: pd.DataFrame, **fit_options: Any):
-    """:func:`noisescale.tradeoff.fit_tradeoff` on the best-learning-rate cell of each batch size."""
-    from noisescale.tradeoff import fit_tradeoff
+    """:func:`noisescale.tradeoff.fit_tradeoff` on the best-learning-rate cell of each batch size.
+
+    Batch sizes where no cell reached the target (censored or diverged) are left out of the fit with a
+    RuntimeWarning naming them: a censored batch size needs more steps than its budget, which the fit does not
+    see, so the fit rests on the others (and extrapolates where they were). Fewer than the fit's minimum of batch
+    sizes reaching the target is a ValueError saying so.
+    """
+    from noisescale.tradeoff import MIN_DISTINCT_BATCH_SIZES, fit_tradeoff
 
     best = best_learning_rate_cells(frame)
-    if best["batch_size"].nunique() < 3:
-        target = (f" ({frame['target_metric'].iloc[0]} {frame['target'].iloc[0]:g})"
-                  if len(frame) and {"target_metric", "target"} <= set(frame.columns) else "")
-        raise ValueError(f"{best['batch_size'].nunique()} of {frame['batch_size'].nunique()} batch sizes reached the "
-                         f"target{target}; the fit S = S_min (1 + B_crit / B) needs at least 3. Lower the target or "
-                         "raise max_steps or the learning rates, then run the sweep again into the same file: the "
-                         "cells already trained are kept there and skipped")
+    target = (f" ({frame['target_metric'].iloc[0]} {frame['target'].iloc[0]:g})"
+              if len(frame) and {"target_metric", "target"} <= set(frame.columns) else "")
+    swept, reached = frame["batch_size"].nunique(), best["batch_size"].nunique()
+    need = MIN_DISTINCT_BATCH_SIZES
+    if swept < need:
+        raise ValueError(f"the sweep has {swept} batch size(s), {_listed(sorted(frame['batch_size'].unique()))}; "
+                         f"the fit S = S_min (1 + B_crit / B) needs at least {need}: add batch sizes and run the "
+                         "sweep again into the same file (the cells already trained are kept there and skipped)")
+    if reached < need:
+        raise ValueError(f"fewer than {need} batch sizes reached the target{target}: {reached} of {swept}; the fit "
+                         f"S = S_min (1 + B_crit / B) needs at least {need}. Lower the target or raise max_steps or "
+                         "the learning rates, then run the sweep again into the same file: the cells already "
+                         "trained are kept there and skipped")
+    unreached = [size for size in sorted(frame["batch_size"].unique()) if size not in set(best["batch_size"])]
+    if unreached:
+        outcomes = []
+        for size in unreached:
+            counts = frame.loc[frame["batch_size"] == size, "outcome"].value_counts()
+            outcomes.append(f"{size:g} ({', '.join(f'{n} {outcome}' for outcome, n in counts.items())})")
+        warnings.warn(f"batch size(s) {', '.join(outcomes)} never reached the target{target} and are left out of "
+                      f"the fit, which rests on the other {reached}: {_listed(best['batch_size'])}. A censored "
+                      "batch size needs more steps than its budget; raise max_steps (max_examples) or the learning "
+                      "rates to measure it", RuntimeWarning, stacklevel=2)
     return fit_tradeoff(best["batch_size"].to_numpy(float), best["steps"].to_numpy(float), **fit_options)
+
+
+def _listed(sizes) -> str:
+    return ", ".join(f"{size:g}" for size in sizes)

@@ -39,7 +39,7 @@ __all__ = [
     "read_sweep_csv",
 ]
 
-_MIN_DISTINCT_BATCH_SIZES = 3
+MIN_DISTINCT_BATCH_SIZES = 3   # the fit's two parameters and a residual
 # Data-driven starts: log B_crit on a grid over the sampled batch sizes widened by e^3 (x20) at each end.
 _START_GRID_POINTS = 25
 _START_GRID_MARGIN = 3.0
@@ -187,9 +187,9 @@ def fit_tradeoff(
             f"batch_sizes and steps must have the same length, got {batch_sizes.size} and {steps.size}"
         )
     distinct = np.unique(batch_sizes)
-    if distinct.size < _MIN_DISTINCT_BATCH_SIZES:
+    if distinct.size < MIN_DISTINCT_BATCH_SIZES:
         raise ValueError(
-            f"fitting S_min and E_min needs at least {_MIN_DISTINCT_BATCH_SIZES} distinct batch sizes, "
+            f"fitting S_min and E_min needs at least {MIN_DISTINCT_BATCH_SIZES} distinct batch sizes, "
             f"got {distinct.size}: {distinct.tolist()}"
         )
     check_confidence(confidence)

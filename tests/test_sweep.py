@@ -417,15 +417,15 @@ def test_two_lock_holders_in_one_process_are_serialised_too(tmp_path):
 
 def test_a_sweep_in_which_no_cell_reaches_the_target_keeps_its_rows_and_says_so(tmp_path, capsys):
     out = tmp_path / "none.csv"
-    arguments = ["sweep", "--out", str(out), "--batch-sizes", "8,16", "--lr", "0.01", "--lr-reference-batch", "8",
+    arguments = ["sweep", "--out", str(out), "--batch-sizes", "8,16,32", "--lr", "0.01", "--lr-reference-batch", "8",
                  "--lr-scaling", "constant", "--lr-factors", "1", "--target", "0.99", "--model", TINY.model,
                  "--train-examples", "384", "--eval-examples", "100", "--eval-every", "4", "--max-steps", "8",
                  "--seed", "3", "--no-progress"]
     assert main(arguments) == 1
     printed = capsys.readouterr().out
-    assert "no fit: 0 of 2 batch sizes reached the target (test_accuracy 0.99)" in printed
+    assert "no fit: fewer than 3 batch sizes reached the target (test_accuracy 0.99): 0 of 3" in printed
     frame = read_sweep_results(out)
-    assert list(frame.outcome) == ["censored", "censored"]
+    assert list(frame.outcome) == ["censored"] * 3
     best = best_learning_rate_cells(frame)
     assert best.empty and {"batch_size", "steps", "lr_at_grid_edge"} <= set(best.columns)
 
@@ -491,3 +491,37 @@ def test_parallel_workers_end_when_the_sweep_is_killed(tmp_path, hang_deadline_s
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
+
+
+def _hand_made_sweep(reached_sizes, censored_sizes, rates=(0.01, 0.02, 0.04), best_rate=0.02):
+    """Cells of a sweep without training: at each reached batch size the steps of S = 75 (1 + 60 / B), fewest
+    at ``best_rate``; every cell of a censored batch size is censored."""
+    rows = []
+    for size in reached_sizes:
+        for rate in rates:
+            steps = 75 * (1 + 60 / size) * (1.0 if rate == best_rate else 1.3)
+            rows.append({"batch_size": size, "learning_rate": rate, "outcome": "reached", "steps": steps})
+    for size in censored_sizes:
+        for rate in rates:
+            rows.append({"batch_size": size, "learning_rate": rate, "outcome": "censored", "steps": np.nan})
+    return pd.DataFrame(rows).assign(target_metric="test_accuracy", target=0.8)
+
+
+def test_fit_names_the_batch_sizes_that_never_reached_the_target():
+    """A new user's sweep with B = 128 and 256 censored by --max-examples printed a fit on the other four, with no
+    line naming the two (they were missing from the table)."""
+    frame = _hand_made_sweep([8, 16, 32, 64], [128, 256])
+    with pytest.warns(RuntimeWarning, match=r"batch size\(s\) 128 \(3 censored\), 256 \(3 censored\) never reached "
+                                            r"the target \(test_accuracy 0.8\).*rests on the other 4: 8, 16, 32, 64"):
+        fit = fit_sweep(frame, n_bootstrap=20)
+    assert fit.batch_sizes.tolist() == [8, 16, 32, 64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_sweep(_hand_made_sweep([8, 16, 32, 64, 128], []), n_bootstrap=20)   # nothing left out, nothing said
+
+
+def test_fit_says_fewer_than_three_batch_sizes_reached_or_were_swept():
+    with pytest.raises(ValueError, match=r"fewer than 3 batch sizes reached the target \(test_accuracy 0.8\): 2 of 4"):
+        fit_sweep(_hand_made_sweep([8, 16], [32, 64]))
+    with pytest.raises(ValueError, match=r"the sweep has 2 batch size\(s\), 8, 16; .* needs at least 3: add batch"):
+        fit_sweep(_hand_made_sweep([], [8, 16]))
