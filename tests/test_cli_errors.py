@@ -213,7 +213,7 @@ def test_the_unexpected_error_is_one_line_with_exit_status_1(tmp_path, capsys, m
 
 
 def test_sweep_checks_its_options_before_training(tmp_path, capsys):
-    arguments = ["sweep", "--batch-sizes", "8,16", "--max-steps", "5", "--no-progress"]
+    arguments = ["sweep", "--batch-sizes", "8,16,32", "--max-steps", "5", "--no-progress"]
     assert main([*arguments, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.csv")]) == 2
     assert "--data '" in _error_line(capsys)
     assert main([*arguments, "--device", "mps", "--out", str(tmp_path / "s.csv")]) == 2
@@ -226,6 +226,14 @@ def test_sweep_checks_its_options_before_training(tmp_path, capsys):
 
     assert main([*arguments, "--target", "2", "--out", str(tmp_path / "s.csv")]) == 2
     assert "--target: target must lie in (0, 1)" in _error_line(capsys)   # it named "--a"
+
+    # fewer batch sizes than the fit needs: every cell was trained, then "no fit: 0 of 2 ... lower the target"
+    assert main([*arguments, "--batch-sizes", "8,16", "--out", str(tmp_path / "s.csv")]) == 2
+    assert ("--batch-sizes 8,16: 2 batch size(s); the fit S = S_min (1 + B_crit / B) needs at least 3"
+            in _error_line(capsys))
+    assert main([*arguments[:1], "--min-batch", "8", "--max-batch", "16", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "--min-batch 8 --max-batch 16: 2 batch size(s)" in _error_line(capsys)
+    assert not (tmp_path / "s.csv").exists()
 
 
 @pytest.mark.parametrize("option", [["--tolerance", "-1"], ["--tolerance", "nan"], ["--seeds", "0"],

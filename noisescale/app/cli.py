@@ -258,7 +258,7 @@ def _add_sweep_command(subparsers) -> None:
         "interrupted sweep resumes), then fit S = S_min (1 + B_crit / B) to the best learning rate per B.",
     )
     parser.add_argument("--batch-sizes", type=_comma_separated(int, positive=True), default=None, metavar="B1,B2,...",
-                        help="explicit geometric batch sizes (overrides --min-batch/--max-batch)")
+                        help="explicit geometric batch sizes, at least 3 (overrides --min-batch/--max-batch)")
     parser.add_argument("--min-batch", type=int, default=8, help="smallest batch size of the geometric range")
     parser.add_argument("--max-batch", type=int, default=2048, help="largest batch size of the geometric range")
     parser.add_argument("--lr", type=_POSITIVE, default=0.05, help="centre learning rate at --lr-reference-batch")
@@ -294,6 +294,7 @@ def _run_sweep(args) -> int:
     from noisescale.sweep import (
         SweepSettings, best_learning_rate_cells, fit_sweep, geometric_batch_sizes, learning_rate_grid, run_sweep,
     )
+    from noisescale.tradeoff import MIN_DISTINCT_BATCH_SIZES
 
     set_threads(args.threads)
     if args.data not in FASHION_MNIST_SOURCES and not Path(args.data).is_dir():
@@ -306,6 +307,11 @@ def _run_sweep(args) -> int:
         batch_sizes = args.batch_sizes or geometric_batch_sizes(args.min_batch, args.max_batch)
     except ValueError as error:
         raise UsageError(f"--min-batch {args.min_batch} --max-batch {args.max_batch}: {error}") from error
+    if len(batch_sizes) < MIN_DISTINCT_BATCH_SIZES:   # it trained every cell, then said "no fit"
+        given = (f"--batch-sizes {','.join(map(str, batch_sizes))}" if args.batch_sizes
+                 else f"--min-batch {args.min_batch} --max-batch {args.max_batch}")
+        raise UsageError(f"{given}: {len(batch_sizes)} batch size(s); the fit S = S_min (1 + B_crit / B) needs at "
+                         f"least {MIN_DISTINCT_BATCH_SIZES}: give at least {MIN_DISTINCT_BATCH_SIZES}")
     try:
         grid = learning_rate_grid(batch_sizes, args.lr, args.lr_reference_batch, factors=args.lr_factors,
                                   scaling=args.lr_scaling, max_learning_rate=args.max_lr)
