@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1569,7 +1570,11 @@ def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0, mi
     Perfect scaling is S_lin(B) = E_min / B with E_min = min_B B S(B) (examples at the most data-efficient
     batch size, normally the smallest); the crossing is searched above that batch size. For the McCandlish
     form S = S_min (1 + B_crit / B) sampled from B_0 up, the factor-2 crossing is B_crit + 2 B_0 (so B_crit
-    when B_0 << B_crit). Points with infinite or non-positive steps are ignored.
+    when B_0 << B_crit). Points with infinite or non-positive steps (never reached the target, e.g. within
+    ``max_steps``) are left out with a RuntimeWarning naming them; where they are smaller than every batch size
+    that reached the target, E_min is taken over larger batch sizes, so it can only be overstated and the crossing
+    moves to the same or a larger batch size (the NQM at d = 30, target 0.05 with max_steps = 100: 113 instead of
+    92.19, with B = 1 .. 8 left out).
 
     Steps to target cannot fall below one step: once one step suffices, at B_1, every larger batch also
     takes one step, so B S grows like B and reaches ``factor`` E_min by ``factor`` B_1 at the latest, whatever
@@ -1595,6 +1600,9 @@ def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0, mi
     finite = np.isfinite(steps) & (steps > 0)
     if finite.sum() < 2:
         raise ValueError("critical_batch_size needs at least two batch sizes with finite positive steps")
+    _warn_unreached(batch_sizes, finite,
+                    "E_min = min B S is taken over larger batch sizes, so it can only be overstated and the critical "
+                    "batch size is then too large or right, not too small")
     batch_sizes, steps = batch_sizes[finite], steps[finite]
     at_floor = np.nonzero(steps <= min_steps)[0]
     if at_floor.size:  # larger batches than the first one at the floor say nothing about the scaling
@@ -1617,6 +1625,8 @@ def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0, mi
 def fit_scaling_curve(curve: ScalingCurve, **fit_options: Any):
     """McCandlish fit S = S_min (1 + B_crit / B) of the finite points of ``curve`` (noisescale.tradeoff).
 
+    Batch sizes that never reached the target (infinite steps) are left out with a RuntimeWarning naming them.
+
     ``fit_options`` go to :func:`noisescale.tradeoff.fit_tradeoff` (confidence, n_bootstrap, seed).
     """
     from noisescale.tradeoff import fit_tradeoff
@@ -1624,7 +1634,25 @@ def fit_scaling_curve(curve: ScalingCurve, **fit_options: Any):
     if not isinstance(curve, ScalingCurve):
         raise TypeError(f"curve must be a ScalingCurve, got {type(curve).__name__}")
     finite = np.isfinite(curve.steps) & (curve.steps > 0)
+    _warn_unreached(curve.batch_sizes, finite,
+                    "the fit has no point at the data-efficient end of the curve, where E_min is set, and "
+                    "extrapolates there")
     return fit_tradeoff(curve.batch_sizes[finite], curve.steps[finite], **fit_options)
+
+
+def _warn_unreached(batch_sizes: np.ndarray, reached: np.ndarray, below_all: str) -> None:
+    """A RuntimeWarning naming the batch sizes that never reached the target (left out), with ``below_all`` (what
+    that does) where some lie below every batch size that reached it."""
+    if reached.all():
+        return
+    left_out, kept = batch_sizes[~reached], batch_sizes[reached]
+    message = (f"batch size(s) {', '.join(f'{size:g}' for size in left_out)} never reached the target (steps inf: "
+               f"beyond max_steps, or the risk stays above the target) and are left out; the result rests on the "
+               f"other {kept.size}")
+    if kept.size and left_out.min() < kept.min():
+        message += (f". They are smaller than every batch size that reached it (from {kept.min():g}): {below_all}; "
+                    "raise max_steps to include them")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def lower_bound_steps(model: NoisyQuadraticModel, batch_sizes: Any, target: float = 0.01) -> np.ndarray:

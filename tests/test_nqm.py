@@ -931,3 +931,29 @@ def test_cli_prints_steps_and_critical_batch(capsys, paper):
     assert "critical batch size" in out
     expected = nqm.critical_batch_size(curve.batch_sizes, curve.steps)
     assert f"{expected:.4g}" in out
+
+
+def test_batch_sizes_that_never_reached_the_target_are_named_with_what_leaving_them_out_does(capsys):
+    """A new user's NQM run with --max-steps 100: B = 1 .. 8 never reached the target and were dropped without a
+    word, the critical batch size 113 instead of 92.19 (E_min then comes from B = 16)."""
+    batch_sizes = 2.0 ** np.arange(8)
+    steps = 50.0 * (1.0 + 16.0 / batch_sizes)
+    full = nqm.critical_batch_size(batch_sizes, steps)
+    censored = np.where(batch_sizes < 4, np.inf, steps)
+    with pytest.warns(RuntimeWarning, match=r"batch size\(s\) 1, 2 never reached the target .* rests on the other 6\. "
+                                            r"They are smaller than every batch size that reached it \(from 4\): "
+                                            r"E_min .* can only be overstated"):
+        partial = nqm.critical_batch_size(batch_sizes, censored)
+    assert partial > full
+    with pytest.warns(RuntimeWarning, match=r"batch size\(s\) 1, 2 never reached .* extrapolates there"):
+        nqm.fit_scaling_curve(scaling_curve(batch_sizes, censored), n_bootstrap=20)
+    middle = np.where(batch_sizes == 8, np.inf, steps)
+    with pytest.warns(RuntimeWarning, match=r"batch size\(s\) 8 never reached the target") as caught:
+        nqm.critical_batch_size(batch_sizes, middle)
+    assert "smaller than every" not in str(caught[0].message)
+
+    code = main(["nqm", "--dim", "30", "--bins", "0", "--target", "0.05", "--batch-sizes", "1,2,4,8,16,32,64,128",
+                 "--max-steps", "100", "--n-bootstrap", "20", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("note: batch size(s) 1, 2, 4, 8 never reached the target") == 2

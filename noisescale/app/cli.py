@@ -191,11 +191,15 @@ def _run_nqm(args: argparse.Namespace) -> int:
     if finite.sum() < 2:
         print("critical batch size: undefined (fewer than two batch sizes reach the target)")
         return 0
-    critical = nqm.critical_batch_size(curve.batch_sizes, curve.steps)
-    print(f"critical batch size (steps = 2x perfect linear scaling): {critical:.4g}")
-    if finite.sum() >= 3:
-        import warnings
+    import warnings
 
+    with warnings.catch_warnings(record=True) as caught:   # batch sizes left out: said once, as a note
+        warnings.simplefilter("always")
+        critical = nqm.critical_batch_size(curve.batch_sizes, curve.steps)
+    print(f"critical batch size (steps = 2x perfect linear scaling): {critical:.4g}")
+    for warning in caught:
+        print(f"note: {warning.message}")
+    if finite.sum() >= 3:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
