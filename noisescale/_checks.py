@@ -62,3 +62,19 @@ def check_finite(value: Any, name: str) -> float:
 def listed(names: list[str], shown: int = 4) -> str:
     """The first ``shown`` of ``names`` joined by commas, and how many more there are, for a message."""
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def mark_repeated_rows(keys: Any, lines: Any, reasons: list[str | None], what: str) -> list[str | None]:
+    """``reasons`` (one per CSV row, None for a row so far trusted) with "repeats the <what> of line N" for each
+    trusted row whose key an earlier trusted row (at line N) has: the first copy is kept, a pasted or re-appended
+    copy would count as another measurement. Shared by the sweep's CSV and :func:`noisescale.tradeoff.read_sweep_csv`."""
+    seen: dict[Any, int] = {}
+    marked = list(reasons)
+    for index, (key, line) in enumerate(zip(keys, lines)):
+        if marked[index] is not None:
+            continue
+        if key in seen:
+            marked[index] = f"repeats the {what} of line {seen[key]}"
+        else:
+            seen[key] = line
+    return marked

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from noisescale._checks import mark_repeated_rows
 from noisescale.checkpoints import atomic_write, exclusive_lock
 
 __all__ = [
@@ -419,17 +420,13 @@ def _checked_lines(path: Path) -> tuple[str, list[str], list[str]]:
     if not candidates:
         return header, [], problems
     frame = _frame_of(header, candidates)
-    reasons = _row_problems(frame)
-    seen: dict[tuple[str, str], int] = {}
+    cells = zip(frame["batch_size"].astype(str), frame["learning_rate"].astype(str))
+    reasons = mark_repeated_rows(cells, numbers, _row_problems(frame), "cell")
     rows = []
-    for line, number, reason, cell in zip(candidates, numbers, reasons,
-                                          zip(frame["batch_size"].astype(str), frame["learning_rate"].astype(str))):
-        if reason is None and cell in seen:
-            reason = f"repeats the cell of line {seen[cell]}"
+    for line, number, reason in zip(candidates, numbers, reasons):
         if reason is not None:
             problems.append(f"line {number}: {reason}")
             continue
-        seen[cell] = number
         rows.append(line)
     return header, rows, problems
 

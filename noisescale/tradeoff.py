@@ -29,7 +29,7 @@ from scipy import stats
 from scipy.optimize import least_squares
 from scipy.special import expit
 
-from noisescale._checks import check_confidence
+from noisescale._checks import check_confidence, mark_repeated_rows
 from noisescale._digits import printed
 
 __all__ = [
@@ -280,7 +280,10 @@ def read_sweep_csv(
     """Read a sweep CSV with a header line and one run per line; return it with the two columns as float64.
 
     Errors name the file and, for a bad value, its line in the file (the header is line 1). Other columns
-    are kept unchanged; blank lines are ignored.
+    are kept unchanged; blank lines are ignored. A row equal to an earlier one in every column (the two columns
+    compared as numbers, the others as text) is left out with a RuntimeWarning naming both lines, as the sweep's
+    own CSV drops a repeated cell: a pasted copy would count as another measurement and narrow the intervals.
+    Repeated measurements that are separate runs need a column telling them apart (e.g. a seed).
     """
     path = Path(path)
     try:
@@ -298,6 +301,15 @@ def read_sweep_csv(
         frame[column] = _parse_positive_column(frame[column], column, path)
     if frame.empty:
         raise ValueError(f"{path}: no data rows after the header")
+    keys = zip(*(frame[column] if column in (batch_size_column, steps_column) else frame[column].str.strip()
+                 for column in frame.columns))
+    reasons = mark_repeated_rows(keys, frame.index, [None] * len(frame), "row")
+    repeats = [f"line {line} {reason}" for line, reason in zip(frame.index, reasons) if reason is not None]
+    if repeats:
+        warnings.warn(f"{path}: {len(repeats)} repeated row(s) left out (each copy would count as another "
+                      f"measurement): {'; '.join(repeats)}; give repeated runs a column that tells them apart "
+                      "(e.g. seed) to keep them", RuntimeWarning, stacklevel=2)
+        frame = frame[[reason is None for reason in reasons]]
     return frame.reset_index(drop=True)
 
 

@@ -421,3 +421,25 @@ def test_figures_of_an_unresolved_fit_draw_without_warnings():
             figure = plot(fit)
             lines = [line for ax in figure.axes for line in ax.get_lines()]
             assert all(np.isfinite(line.get_xdata()).all() for line in lines)
+
+
+def test_a_repeated_row_of_a_csv_is_left_out_with_a_warning_naming_its_line(tmp_path):
+    """A new user pasted the rows of a (batch_size, steps) CSV twice: each copy counted as a measurement and the
+    B_crit interval narrowed from [44, 77] to [50.0, 69.5] without a word. As the sweep's own CSV does with a
+    repeated cell, the copy is left out with a warning naming its line and the first's."""
+    batch_sizes, steps = noisy_sweep(seed=6)
+    lines = [f"{int(b)},{float(s)!r}" for b, s in zip(batch_sizes, steps)]
+    once = read_sweep_csv(write_csv(tmp_path, "\n".join(["batch_size,steps", *lines]) + "\n"))
+    path = write_csv(tmp_path, "\n".join(["batch_size,steps", *lines, *lines[:2]]) + "\n")
+    with pytest.warns(RuntimeWarning, match=rf"2 repeated row\(s\) left out .*: line {len(lines) + 2} repeats the "
+                                            rf"row of line 2; line {len(lines) + 3} repeats the row of line 3"):
+        twice = read_sweep_csv(path)
+    pd.testing.assert_frame_equal(twice, once)
+    # the same numbers written otherwise (8 and 8.0) are the same row; a column telling runs apart keeps both
+    path = write_csv(tmp_path, "batch_size,steps\n8,300\n8.0,300.0\n16,200\n32,150\n")
+    with pytest.warns(RuntimeWarning, match="line 3 repeats the row of line 2"):
+        assert len(read_sweep_csv(path)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = read_sweep_csv(write_csv(tmp_path, "batch_size,steps,seed\n8,300,0\n8,300,1\n16,200,0\n32,150,0\n"))
+    assert len(kept) == 4
