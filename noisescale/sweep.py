@@ -16,7 +16,8 @@ steps); one whose loss becomes non-finite is ``"diverged"``.
 
 Noise scale at the target. ``b_simple`` is the moving average of B_simple = tr(Sigma)/|G|^2 that the
 :class:`~noisescale.monitor.NoiseScaleMonitor` measured during the run, read at the crossing step, with its
-interval. ``b_noise`` = tr(H Sigma)/(G^T H G) (McCandlish et al. eq. 2.8) is measured once when the run stops
+interval; the monitor takes the finite-population correction of the training set the batches are drawn from
+without replacement (``population_size`` = the training examples used). ``b_noise`` = tr(H Sigma)/(G^T H G) (McCandlish et al. eq. 2.8) is measured once when the run stops
 (``(smoothing_window - 1) / 2`` evaluations after the crossing): ``trace_h_sigma`` and ``g_h_g`` from
 :func:`noisescale.hessian.hessian_noise_scale` are averaged over ``noise_batches`` fixed training batches
 before taking the ratio.
@@ -314,7 +315,9 @@ def train_cell(settings: SweepSettings, batch_size: int, learning_rate: float, *
     eval_steps = [0]
     eval_values = [_evaluate(model, test_x, test_y, settings.target_metric)]
     crossing, outcome, batches = math.nan, "censored", iter(())
-    with NoiseScaleMonitor(model, per_example_cross_entropy, ema_decay=settings.ema_decay) as monitor, \
+    # each epoch's batches are drawn without replacement from the training set: its finite-population correction
+    with NoiseScaleMonitor(model, per_example_cross_entropy, ema_decay=settings.ema_decay,
+                           population_size=len(train_y)) as monitor, \
             tqdm(total=step_budget, desc=f"B={batch_size} lr={learning_rate:g}", disable=not progress,
                  leave=False) as bar:
         while monitor.step < step_budget + half_window * settings.eval_every:

@@ -525,3 +525,23 @@ def test_fit_says_fewer_than_three_batch_sizes_reached_or_were_swept():
         fit_sweep(_hand_made_sweep([8, 16], [32, 64]))
     with pytest.raises(ValueError, match=r"the sweep has 2 batch size\(s\), 8, 16; .* needs at least 3: add batch"):
         fit_sweep(_hand_made_sweep([], [8, 16]))
+
+
+def test_a_cell_measures_b_simple_with_the_finite_population_correction_of_its_training_set(monkeypatch):
+    """The commands apply the finite-population correction (README), but a sweep cell built its monitor without
+    population_size, although its batches are drawn without replacement from the training set."""
+    import noisescale.monitor as monitor_module
+
+    made = []
+
+    class Recorded(monitor_module.NoiseScaleMonitor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(monitor_module, "NoiseScaleMonitor", Recorded)
+    settings = SweepSettings(**{**TINY.__dict__, "max_steps": 8, "target": 0.99})
+    row = sweep.train_cell(settings, 32, 0.03)
+    (monitor,) = made
+    assert monitor.population_size == TINY.train_examples
+    assert row["outcome"] == "censored" and row["b_simple"] == monitor.history["b_simple"].iloc[-1]
