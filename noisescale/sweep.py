@@ -630,8 +630,11 @@ def fit_sweep(frame: pd.DataFrame, **fit_options: Any):
 
     Batch sizes where no cell reached the target (censored or diverged) are left out of the fit with a
     RuntimeWarning naming them: a censored batch size needs more steps than its budget, which the fit does not
-    see, so the fit rests on the others (and extrapolates where they were). Fewer than the fit's minimum of batch
-    sizes reaching the target is a ValueError saying so.
+    see, so the fit rests on the others (and extrapolates where they were). A RuntimeWarning also names the batch
+    sizes whose best learning rate sits at the edge of its grid when they are more than half (the optimum may lie
+    outside, and the steps there are then overestimated; widen the grid, e.g. with
+    :func:`refine_learning_rate_grid`). Fewer than the fit's minimum of batch sizes reaching the target is a
+    ValueError saying so.
     """
     from noisescale.tradeoff import MIN_DISTINCT_BATCH_SIZES, fit_tradeoff
 
@@ -659,6 +662,12 @@ def fit_sweep(frame: pd.DataFrame, **fit_options: Any):
                       f"the fit, which rests on the other {reached}: {_listed(best['batch_size'])}. A censored "
                       "batch size needs more steps than its budget; raise max_steps (max_examples) or the learning "
                       "rates to measure it", RuntimeWarning, stacklevel=2)
+    edge = best.loc[best["lr_at_grid_edge"].astype(bool), "batch_size"]
+    if len(edge) > len(best) / 2:
+        warnings.warn(f"the best learning rate is at the edge of its grid for {len(edge)} of {len(best)} batch "
+                      f"sizes ({_listed(edge)}): the optimum may lie outside the grid and the steps there are then "
+                      "overestimated; widen the grid (--lr-factors, or refine_learning_rate_grid) and run the "
+                      "sweep again into the same file", RuntimeWarning, stacklevel=2)
     return fit_tradeoff(best["batch_size"].to_numpy(float), best["steps"].to_numpy(float), **fit_options)
 
 

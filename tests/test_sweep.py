@@ -545,3 +545,14 @@ def test_a_cell_measures_b_simple_with_the_finite_population_correction_of_its_t
     (monitor,) = made
     assert monitor.population_size == TINY.train_examples
     assert row["outcome"] == "censored" and row["b_simple"] == monitor.history["b_simple"].iloc[-1]
+
+
+def test_fit_warns_when_the_best_learning_rate_sits_at_the_grid_edge_for_most_batch_sizes():
+    """A new user's sweep printed a fit while the best rate sat at the grid's edge for 6 of 7 batch sizes."""
+    edge = pd.concat([_hand_made_sweep([8, 16, 32], [], best_rate=0.04), _hand_made_sweep([64, 128], [])])
+    with pytest.warns(RuntimeWarning, match=r"at the edge of its grid for 3 of 5 batch sizes \(8, 16, 32\).*widen"):
+        fit_sweep(edge, n_bootstrap=20)
+    inside = pd.concat([_hand_made_sweep([8, 16], [], best_rate=0.01), _hand_made_sweep([32, 64, 128], [])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_sweep(inside, n_bootstrap=20)   # 2 of 5 at the edge: the fit is not warned about
