@@ -289,14 +289,13 @@ class AccumulatingNoiseScaleMonitor(NoiseScaleMonitor):
         with isolated_rng(list(module.parameters()), module_generators(module)):   # a loss that draws from them
             probe, verdicts = [], []
             for (inputs, targets), size in zip(micro_batches, sizes):
-                outputs = outputs_without_grad(module, inputs)
-                if any(verdicts):
-                    continue
-                verdicts.append(self._counted_by_batch(outputs, targets, size))
-                if verdicts[-1] and self.process_group is None:
-                    return True, False, False
-                probe.append(_end_examples(outputs, targets, size, others=not probe))
+                outputs = outputs_without_grad(module, inputs)   # (under DDP also after a count was found)
+                if not any(verdicts):
+                    verdicts.append(self._counted_by_batch(outputs, targets, size))
+                    probe.append(_end_examples(outputs, targets, size, others=not probe))
                 del outputs   # one micro-batch's outputs at a time
+                if any(verdicts) and self.process_group is None:
+                    break
             if any(verdicts):
                 return True, False, False
             if len(micro_batches) == 1:

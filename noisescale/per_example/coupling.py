@@ -39,12 +39,10 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tre
 from noisescale._buffers import kept_buffers
 from noisescale._modes import eval_mode
 from noisescale._rng import (
-    generator_states,
     host_rng_state,
     isolated_rng,
     module_generators,
     rng_state,
-    set_generator_states,
     set_host_rng_state,
     set_rng_state,
 )
@@ -241,12 +239,11 @@ def _both_forwards(model: nn.Module, inputs: Any, replaced_inputs: Any, replaced
     generators = module_generators(model)   # (a layer that draws from a generator of its own)
     with (eval_mode(model), isolated_rng(parameters, generators), sharding_kept(model), quiet_torch_notes(),
           checkpointing_off(model)):   # (a reentrant checkpoint warns in a forward without grad)
-        state, host, own = rng_state(device), host_rng_state(), generator_states(generators)
+        state, host = rng_state(device, generators), host_rng_state()
 
         def one(batch: Any) -> Any:
-            set_rng_state(state, device)
+            set_rng_state(state, device, generators)
             set_host_rng_state(host)
-            set_generator_states(own)
             with kept_buffers(model):
                 with watch():
                     outputs = call_model(model, batch)
