@@ -38,10 +38,19 @@ def module_generators(module: nn.Module) -> tuple[torch.Generator, ...]:
     or dict attribute (each once); not one held deeper, by another object, or by the loss function."""
     found = {}
     for child in module.modules():
-        for value in vars(child).values():
-            held = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-            found.update((id(item), item) for item in held if isinstance(item, torch.Generator))
+        for name, value in vars(child).items():
+            if name in _MODULE_BOOKKEEPING:   # (its parameters, buffers, submodules and hooks: a scan per fallback
+                continue                      # call read them all, 24 us for an nn.MultiheadAttention)
+            if isinstance(value, torch.Generator):
+                found[id(value)] = value
+            elif isinstance(value, (list, tuple, dict)):
+                for item in value.values() if isinstance(value, dict) else value:
+                    if isinstance(item, torch.Generator):
+                        found[id(item)] = item
     return tuple(found.values())
+
+
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))   # the attributes every nn.Module has of its own
 
 
 def generator_states(generators: Iterable[torch.Generator]) -> list[tuple[torch.Generator, Tensor]]:
