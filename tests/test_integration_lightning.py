@@ -664,3 +664,120 @@ def test_fsdp2_under_model_parallel_strategy_logs_the_global_estimate_and_traini
     is that of the global batch, equal to the unsharded per-example loop (float64), and training is bit-identical
     to the run without the callback."""
     _check_the_global_batch_history(spawn_and_load(_fsdp2_worker, WORLD_SIZE, tmp_path, hang_deadline_s))
+
+
+class SequenceFirstModule(pl.LightningModule):
+    """A GRU on sequence-first inputs (T, B, 3) (torch's default layout), targets (B,)."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = nn.GRU(3, 5).double(), nn.Linear(5, 2).double()
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][-1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def _sequence_first_loader(lengths, batch_size=4):
+    """16 examples of 5 steps in batches (T, B, 3) whose k-th batch keeps the first lengths[k % len] steps."""
+    x = torch.randn(16, 5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = (x[:, :, 0].sum(1) > 0).long()
+    calls = iter(range(10 ** 6))
+
+    def collate(examples):
+        steps = lengths[next(calls) % len(lengths)]
+        return torch.stack([e[0][:steps] for e in examples], 1), torch.stack([e[1] for e in examples])
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, collate_fn=collate)
+
+
+def _fit_sequence_first(callbacks, lengths, steps=3):
+    pl.seed_everything(5, verbose=False)
+    module = SequenceFirstModule()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, _sequence_first_loader(lengths))
+    return module
+
+
+def test_a_sequence_first_batch_is_measured_along_its_examples_found_from_the_targets(tmp_path):
+    """Inputs (T, B, 3) with T = 3 != B = 4 and targets (4,): the examples are dim 1, found from the targets. Before,
+    the callback took T = 3 from dim 0 and stopped the fit with a ValueError about graphs and EmbeddingBags; now each
+    step's tr(Sigma) and |G|^2 are the per-example loop's (float64, one forward and backward per example; the GRU's
+    re-run agrees to 3e-8 here), and training is bit-identical to the plain fit."""
+    plain = _fit_sequence_first([], [3])
+    recorder, callback = RecordBatches(), NoiseScaleCallback()
+    measured = _fit_sequence_first([recorder, callback], [3])
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+    history = callback.monitor.history
+    assert history["batch_size"].tolist() == [4, 4, 4] and history["measured"].all()
+    for step, row in zip(recorder.steps, history.itertuples()):
+        module = SequenceFirstModule()
+        module.load_state_dict(step["weights"])
+        (x, y), = step["batches"]
+        parameters = list(module.parameters())
+        grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            F.cross_entropy(module(x[:, i:i + 1]), y[i:i + 1]), parameters)]) for i in range(4)])
+        estimate = simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum(), population=16)
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-6)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-6, abs=1e-9)
+
+
+def test_a_sequence_first_batch_as_long_as_its_sequence_is_unmeasured_or_warned_never_silently_measured(tmp_path):
+    """T == B = 4: the batch's shapes do not tell its examples (dim 1) from its positions (dim 0). Before, the
+    callback measured along the positions (per-example norms 0.12x to 3.0x the loop's on this GRU, tr(Sigma) of
+    another quantity) with warnings that named neither sequence-first batches nor a remedy. Now: with
+    ``batch_first=False``, or once an earlier batch of the fit (T = 3) showed the layout, such a step is recorded
+    unmeasured with a warning that says why; with nothing known, the step is taken batch-first with a warning
+    naming the sequence-first case and ``batch_first=False``. Training is bit-identical to the plain fit throughout."""
+    plain = _fit_sequence_first([], [4])
+    callback = NoiseScaleCallback(batch_first=False)
+    with pytest.warns(RuntimeWarning, match=r"sequence-first batch \(shapes \(4, 4, 3\), \(4,\)\) has a sequence as "
+                                            r"long as the batch \(4\).*not measured"):
+        measured = _fit_sequence_first([callback], [4])
+    assert callback.monitor.history["measured"].tolist() == [False, False, False]
+    for (name, p), q in zip(plain.named_parameters(), measured.parameters()):
+        assert torch.equal(p, q), name
+
+    callback = NoiseScaleCallback()   # T = 3, then 4 = B: found sequence-first by the first batch
+    with pytest.warns(RuntimeWarning, match=r"step 1: its sequence-first batch .* not measured"):
+        _fit_sequence_first([callback], [3, 4])
+    history = callback.monitor.history
+    assert history["measured"].tolist() == [True, False, True] and history["batch_size"].tolist() == [4, 4, 4]
+
+    callback = NoiseScaleCallback()   # T == B from the first batch: ambiguous, warned
+    with pytest.warns(RuntimeWarning, match=r"If the batch is sequence-first.*NoiseScaleCallback\(batch_first=False\)"):
+        _fit_sequence_first([callback], [4], steps=1)
+    with pytest.raises(TypeError, match="batch_first must be None, True or False"):
+        NoiseScaleCallback(batch_first=1)
+
+
+class SequenceFirstTransformer(SequenceFirstModule):
+    """nn.TransformerEncoder without batch_first: Linear and LayerNorm layers on (T, B, d)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.Sequential(nn.Linear(3, 8), nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1, enable_nested_tensor=False)).double()
+        self.head = nn.Linear(8, 2).double()
+
+    def forward(self, x):
+        return self.head(self.rnn(x).mean(0))
+
+
+def test_a_sequence_first_model_whose_layers_need_dim_0_is_refused_naming_the_layout(tmp_path):
+    """Linear layers on (T, B, d) with T != B: only the whole-model vmap over dim 0 of the module's inputs could
+    measure them. Before, the error spoke of graphs and EmbeddingBags; now it names the sequence-first batch and
+    what to do (batch-first inputs, batch_first=True layers)."""
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NoiseScaleCallback()])
+    with pytest.raises(ValueError, match=r"This batch is sequence-first.*batch_first=True"):
+        trainer.fit(SequenceFirstTransformer(), _sequence_first_loader([3]))

@@ -28,7 +28,8 @@ Lightning still takes that step's optimizer step
 batch.
 
 The training step's loss must be a mean (or any fixed-weight sum) of per-example terms over dim 0 of the batch;
-the batch is a tensor, a tuple or list (``[x, y]``) or a dict of tensors with the batch in dim 0. Under the ddp
+the batch is a tensor, a tuple or list (``[x, y]``) or a dict of tensors with the batch in dim 0, or a
+sequence-first batch (inputs (T, B, ...), targets (B, ...)): ``NoiseScaleCallback``'s ``batch_first``. Under the ddp
 strategy each rank's norms are all-gathered once per step (the estimate of the global batch on every rank). The
 averages and history are saved in Lightning checkpoints and continue when a fit resumes from one. B_noise
 (``hessian_every``) needs ``NoiseScaleOptions(per_example_loss=...)`` and batches ``(inputs, targets)``; it calls
@@ -41,6 +42,7 @@ manual optimization, several optimizers, the FSDPStrategy (FSDP1) and DeepSpeed 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -53,6 +55,7 @@ from noisescale.integrations.observer import (
     ObservingNoiseScaleMonitor,
     batch_size_of_framework_batch,
 )
+from noisescale.batches import tensors_of
 from noisescale.monitor import adapts_per_coordinate
 from noisescale.sampler import population_drawn_from
 
@@ -62,11 +65,26 @@ __all__ = ["NoiseScaleCallback", "NoiseScaleOptions"]
 class NoiseScaleCallback(Callback):
     """Measures the gradient noise scale of ``Trainer.fit`` (module docstring); ``options``: a
     :class:`~noisescale.integrations.observer.NoiseScaleOptions` (defaults if None). ``self.monitor`` holds the
-    history, ``summary()`` and ``state_dict()`` once training has started."""
+    history, ``summary()`` and ``state_dict()`` once training has started.
 
-    def __init__(self, options: NoiseScaleOptions | None = None) -> None:
+    ``batch_first``: where the batch's inputs (the first of a batch ``(inputs, targets)``, else the whole batch)
+    hold the examples. None (the default): in dim 0, as every tensor of the batch; or in dim 1 where the targets
+    show it, inputs (T, B, ...) with targets (B, ...) and T != B, a sequence-first batch as torch's nn.RNN, nn.LSTM,
+    nn.GRU and nn.Transformer take by default; from then on the fit's batches are taken as sequence-first. Where
+    the inputs hold the batch's size in dim 1 as well as in dim 0 (T == B) and no earlier batch of the fit showed
+    the layout, nothing tells the two apart: taken as dim 0, warned once. True: dim 0 always (no warning). False:
+    dim 1 of every input tensor (the targets may take any shape). The layers see a sequence-first batch as they
+    take it; a step with a sequence as long as the batch (an input tensor's dim 0 of the batch's size) is left
+    unmeasured, warned once, since the hooks would read its positions as examples."""
+
+    def __init__(self, options: NoiseScaleOptions | None = None, *, batch_first: bool | None = None) -> None:
         if options is not None and not isinstance(options, NoiseScaleOptions):
             raise TypeError(f"options must be a NoiseScaleOptions, got {type(options).__name__}")
+        if batch_first is not None and not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be None, True or False, got {batch_first!r}")
+        self.batch_first = batch_first
+        self._sequence_first = batch_first is False   # the fit's batches are known to be sequence-first
+        self._warned: set[str] = set()
         self.options = options or NoiseScaleOptions()
         self.monitor: ObservingNoiseScaleMonitor | None = None
         self._loss: torch.Tensor | None = None
@@ -100,14 +118,78 @@ class NoiseScaleCallback(Callback):
         pair = isinstance(batch, (tuple, list)) and len(batch) == 2
         if self.options.hessian_every and not pair:
             raise ValueError("hessian_every > 0 (B_noise) needs batches (inputs, targets); set hessian_every=0")
-        self.monitor.begin_micro_batch(batch_size_of_framework_batch(batch),
-                                       batch=tuple(batch) if pair else (batch, None))
+        batch_size, sequence_first = self._examples_of(batch, pair)
+        measurable = True
+        if sequence_first:
+            if self.options.hessian_every:
+                raise ValueError("hessian_every > 0 (B_noise) runs the module on the batch's examples taken from dim "
+                                 "0 of its inputs, and this batch is sequence-first (the examples in dim 1: "
+                                 f"{_shapes(batch)}); set hessian_every=0, or give the module batch-first inputs")
+            inputs = batch[0] if pair else batch
+            if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors_of(inputs)):
+                measurable = False
+                self._warn_once("sequence_as_long", f"step {self.monitor.step}: its sequence-first batch "
+                                f"({_shapes(batch)}) has a sequence as long as the batch ({batch_size}), and the "
+                                "layers' hooks cannot tell its positions from its examples, so the step is not "
+                                "measured (warned once; the norms along dim 0 would be those of its positions); a "
+                                "batch size other than the sequence length avoids it")
+        self.monitor.begin_micro_batch(batch_size, batch=tuple(batch) if pair else (batch, None),
+                                       measurable=measurable)
+
+    def _examples_of(self, batch: Any, pair: bool) -> tuple[int, bool]:
+        """(B, whether the batch is sequence-first): ``batch_first`` of the class docstring."""
+        inputs = batch[0] if pair else batch
+        if self.batch_first is False:
+            tensors = tensors_of(inputs)
+            sizes = {t.shape[1] for t in tensors if t.dim() >= 2}
+            if not tensors or len(sizes) != 1 or any(t.dim() < 2 for t in tensors) or 0 in sizes:
+                raise ValueError("NoiseScaleCallback(batch_first=False) takes the examples from dim 1 of every input "
+                                 f"tensor (sequence-first, (T, B, ...)); this batch's do not agree on one: "
+                                 f"{_shapes(batch)}")
+            return sizes.pop(), True
+        try:
+            batch_size = batch_size_of_framework_batch(batch)
+        except ValueError as error:
+            sequence = _sequence_first_size(*batch) if self.batch_first is None and pair else None
+            if sequence is None:
+                raise ValueError(f"{error}. A sequence-first batch, inputs (T, B, ...) with the examples in dim 1, "
+                                 "is measured with NoiseScaleCallback(batch_first=False), or found from targets "
+                                 "(B, ...) in a batch (inputs, targets)") from error
+            self._sequence_first = True
+            return sequence, True
+        if self.batch_first is None:
+            if self._sequence_first:   # the fit's earlier batches showed they are sequence-first: this one's T == B
+                return batch_size, True
+            if any(t.dim() >= 2 and t.shape[1] == batch_size for t in tensors_of(inputs)):
+                self._warn_once("ambiguous", f"the batch's inputs hold its size ({batch_size}) in dim 1 as well as "
+                                f"in dim 0 ({_shapes(batch)}): the examples are taken from dim 0. If the batch is "
+                                "sequence-first, (T, B, ...) with T == B (torch's nn.RNN, nn.LSTM, nn.GRU and "
+                                "nn.Transformer take that layout by default), the norms and the noise scale are "
+                                "those of its positions and wrong: give NoiseScaleCallback(batch_first=False), "
+                                "which leaves such steps unmeasured, and a batch size other than the sequence "
+                                "length; batch_first=True says dim 0 and silences this warning (warned once)")
+        return batch_size, False
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        self.monitor.end_micro_batch(self._loss)
+        try:
+            self.monitor.end_micro_batch(self._loss)
+        except ValueError as error:
+            if not self._sequence_first:
+                raise
+            raise ValueError(f"{error}. This batch is sequence-first (the examples in dim 1 of its inputs): layers "
+                             "whose rules need the examples in dim 0 (Linear, LayerNorm and attention on (T, B, d)) "
+                             "are measured only by the whole-model vmap over dim 0 of the module's inputs, which a "
+                             "sequence-first batch does not fit; give the module batch-first inputs (B, T, ...) and "
+                             "its layers batch_first=True (nn.TransformerEncoderLayer(..., batch_first=True)), or "
+                             "leave it unmeasured (remove the callback)") from error
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self.monitor.adaptive_optimizer = adapts_per_coordinate(optimizer)
@@ -143,3 +225,18 @@ class NoiseScaleCallback(Callback):
         self._restored = state_dict.get("monitor")
         if self.monitor is not None and self._restored is not None:
             self.monitor.load_state_dict(self._restored)
+
+
+def _shapes(batch: Any) -> str:
+    return "shapes " + ", ".join(str(tuple(t.shape)) for t in tensors_of(batch))
+
+
+def _sequence_first_size(inputs: Any, targets: Any) -> int | None:
+    """B where a batch (inputs, targets) is sequence-first: every target tensor holds B in dim 0 and every input
+    tensor B in dim 1 (the caller found dim 0 not shared); None otherwise."""
+    target_sizes = {t.shape[0] if t.dim() else 0 for t in tensors_of(targets)}
+    input_tensors = tensors_of(inputs)
+    if len(target_sizes) != 1 or 0 in target_sizes or not input_tensors:
+        return None
+    size = target_sizes.pop()
+    return size if all(t.dim() >= 2 and t.shape[1] == size for t in input_tensors) else None

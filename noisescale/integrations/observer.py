@@ -167,13 +167,14 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._batches: list[tuple[Any, Any]] = []  # the step's ended micro-batches, (inputs, targets): references
         self._pending: tuple[Any, Any] | None = None  # the open micro-batch's, kept once it ends
         self._by_micro_batches = False   # BatchNorm in train mode: the micro-batches are the units (module docstring)
+        self._unmeasurable = False       # a micro-batch begun with measurable=False: the step is left unmeasured
 
     @property
     def measures_this_step(self) -> bool:
         return self.step % self.measure_every == 0
 
     def begin_micro_batch(self, batch_size: int, batch: tuple[Any, Any] | None = None,
-                          model_inputs: Any = None) -> None:
+                          model_inputs: Any = None, measurable: bool = True) -> None:
         """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
         begun but never ended, e.g. skipped by the framework, is dropped). ``batch``: (inputs, targets) of this
         micro-batch, kept by reference (no copy) until the step ends or the monitor closes: on Hessian steps the
@@ -181,12 +182,15 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         are read to tell bad data from divergence (:meth:`_note_nonfinite`; under DDP each rank its own share).
         ``model_inputs``: what the framework calls
         the model on, for the check of dims as large as the batch and for the parameters only the whole-model vmap
-        can measure (``observe``)."""
+        can measure (``observe``). ``measurable=False``: the caller knows the hooks would read the examples along
+        the wrong dim (Lightning's sequence-first batch with a sequence as long as the batch): the step is recorded,
+        unmeasured, and no hook is armed for its later micro-batches."""
         self._drop_open_micro_batch()
         self._step_open = self._micro_batch_open = True
         self._pending = batch
         self._sizes.append(batch_size)
-        if self.measures_this_step:
+        self._unmeasurable = self._unmeasurable or not measurable
+        if self.measures_this_step and not self._unmeasurable:
             self._by_micro_batches = self._normalises_with_batch_statistics()
             self._micro_batch = (GradientSquaredNorm(self.model, 1.0, True) if self._by_micro_batches else
                                  self.norms.observe(batch_size, loss_scale=batch_size, model_inputs=model_inputs))
@@ -262,7 +266,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         sizes, sqnorms = self._sizes, self._sqnorms
         loss = torch.as_tensor(self._loss, dtype=torch.float64, device=self._device()).reshape(1) / loss_weight
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
-        measured = self.measures_this_step and not self._unequal_micro_batches(sizes)
+        measured = (self.measures_this_step and not self._unmeasurable
+                    and not self._unequal_micro_batches(sizes))
         if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
             units = torch.cat(sqnorms).double()
             if world_size > 1:
