@@ -31,3 +31,8 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'noisescale' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    """The lazily loaded names too, for dir() and tab completion."""
+    return sorted({*globals(), *__all__})

@@ -39,8 +39,10 @@ def call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
         if not all(isinstance(key, str) for key in inputs):
             raise TypeError(f"keyword inputs need string keys, got {[type(k).__name__ for k in inputs]}")
         return (), dict(inputs)
+    hint = (": a DataLoader's [inputs, targets] list is two arguments, monitor(*batch) or monitor(inputs, targets); a "
+            "list of the model's positional inputs, tuple(inputs)") if isinstance(inputs, list) else ""
     raise TypeError(f"inputs must be a tensor, a tuple of positional inputs or a mapping of keyword inputs, got "
-                    f"{type(inputs).__name__}")
+                    f"{type(inputs).__name__}{hint}")
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:

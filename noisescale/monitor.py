@@ -254,6 +254,16 @@ def adapts_per_coordinate(optimizer: Any) -> bool:
     return any("betas" in group or "beta1" in group for group in getattr(optimizer, "param_groups", ()))
 
 
+def _checked_optimizer(optimizer: Any) -> Any:
+    """``optimizer`` where it is an optimizer object (anything with ``param_groups``, as torch's, DeepSpeed's and the
+    frameworks' wrappers have); a TypeError for its class or name, which would read as SGD."""
+    if isinstance(optimizer, type) or not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer must be the training's optimizer object (one with param_groups), got "
+                        f"{optimizer!r}: pass the instance, torch.optim.AdamW(model.parameters(), ...), not its class "
+                        "or name (the summary reads from it whether the optimizer adapts each coordinate's step)")
+    return optimizer
+
+
 def _describe_suggestion(batch_size: float, place: int) -> str:
     """The suggestion's line: ``batch_size`` rounded as its estimate is printed (at 10^``place``), to whole
     examples."""
@@ -404,7 +414,7 @@ class NoiseScaleMonitor:
         self._rows: list[dict[str, Any]] = []
         self.backend_of: dict[str, str] = {}
         self._warned: set[str] = set()
-        self.adaptive_optimizer = None if optimizer is None else adapts_per_coordinate(optimizer)
+        self.adaptive_optimizer = None if optimizer is None else adapts_per_coordinate(_checked_optimizer(optimizer))
         self.population_size = _checked_population(population_size)
         self._rank_local = not self._gathers_ranks and ddp_of(model) is not None
         if self._rank_local:
@@ -718,9 +728,11 @@ class NoiseScaleMonitor:
         which holds some example twice (a sampler that pads a small dataset for its ranks) and so is no draw without
         replacement."""
         if self.population_size is not None and batch_size > self.population_size:
-            self._warn_once("population", f"a batch of {batch_size} examples from population_size="
-                            f"{self.population_size} holds some example twice: such steps take no finite-population "
-                            "correction (warned once)")
+            self._warn_once("population", f"population_size={self.population_size} is smaller than a batch of "
+                            f"{batch_size} examples: it is the number of examples batches are drawn from "
+                            "(len(loader.dataset), not len(loader), the number of batches); a batch larger than it "
+                            "(a sampler padding a small dataset for its ranks) holds some example twice. Such steps "
+                            "take no finite-population correction (warned once)")
             return None
         return self.population_size
 

@@ -1187,6 +1187,26 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
                             monitor_options={"hessian_every": 2}, progress=False)
 
 
+
+@pytest.mark.parametrize("given", [torch.optim.Adam, "adam", 0.1])
+def test_an_optimizer_class_or_name_is_refused_not_read_as_sgd(given):
+    """optimizer=torch.optim.Adam (the class) or "adam" was accepted and read as SGD (adaptive_optimizer False, a
+    new user's slip), so an Adam run could be told B_noise, SGD's critical batch size: now a TypeError naming it."""
+    with pytest.raises(TypeError, match="optimizer object.*not its class or name"):
+        NoiseScaleMonitor(torch.nn.Linear(3, 2), per_example_cross_entropy, optimizer=given)
+
+
+def test_a_data_loaders_list_given_as_the_inputs_is_refused_with_the_call_to_make():
+    """A DataLoader yields [inputs, targets] lists; monitor(batch, None) said only "got list" (a new user's slip):
+    the error now names monitor(*batch). p.grad stays None."""
+    model = torch.nn.Linear(3, 2)
+    batch = [torch.randn(4, 3), torch.randint(0, 2, (4,))]
+    with NoiseScaleMonitor(model, per_example_cross_entropy) as monitor:
+        with pytest.raises(TypeError, match=r"got list: a DataLoader's \[inputs, targets\] list is two arguments, "
+                                            r"monitor\(\*batch\)"):
+            monitor(batch, None)
+    assert all(p.grad is None for p in model.parameters())
+
 def test_a_negative_b_noise_is_not_resolved_and_never_suggested():
     """Unbiased tr(H Sigma) estimates can average below 0 (seen on a tiny GPT-2): the ratio is then no batch size."""
     from noisescale.monitor import NoiseScaleSummary
@@ -1299,8 +1319,9 @@ def test_a_batch_larger_than_the_population_takes_no_correction_with_a_warning()
                              2 * (model(inputs) - targets[:, None])], 1).detach()
     expected = simple_noise_scale(per_example.square().sum(1), per_example.mean(0).square().sum())
     with NoiseScaleMonitor(model, per_example_squared_error, population_size=7) as monitor:
-        with pytest.warns(RuntimeWarning, match="a batch of 8 examples from population_size=7 holds some example "
-                                                "twice: such steps take no finite-population correction"):
+        with pytest.warns(RuntimeWarning, match=r"population_size=7 is smaller than a batch of 8 examples: .*"
+                                                r"len\(loader.dataset\), not len\(loader\).* holds some example "
+                                                "twice. Such steps take no finite-population correction"):
             monitor(inputs, targets)
         row = monitor.history.iloc[0]
     assert row["trace_sigma"] == pytest.approx(expected.trace_sigma, rel=1e-12)

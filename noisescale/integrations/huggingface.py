@@ -44,8 +44,8 @@ proxies on the step's whole batch (its micro-batches one at a time), each micro-
 model's inputs and ``labels`` as the targets of ``NoiseScaleOptions(per_example_loss=...)``, e.g.
 ``functools.partial(sequence_cross_entropy,
 shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "example" weighting: the proxies vmap the
-loss over single examples), with ``attn_implementation="eager"`` (forward-mode AD has no rule for some SDPA
-kernels). Activation checkpointing (``activation_checkpointing=True``, reentrant or not) is measured: the hooks
+loss over single examples); attention on an SDPA kernel without those derivatives runs on SDPA's math kernel
+there (``noisescale.hessian``), so no ``attn_implementation="eager"`` is needed. Activation checkpointing (``activation_checkpointing=True``, reentrant or not) is measured: the hooks
 count each block once, its forward with grad (non-reentrant: the first call; reentrant: the re-run inside the
 backward, as the first runs without grad). Under FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2) the norms come
 from the sharded model as under :mod:`noisescale.sharded` (tested with FSDP2 on 2 gloo ranks, accelerate's FSDP
