@@ -155,6 +155,37 @@ def test_an_unresolved_b_noise_is_neither_written_nor_logged():
         assert ("noise_scale/b_noise" in observing.logged_metrics()) == resolved
 
 
+@pytest.mark.parametrize("g_h_g, resolved", [((2.0, 2.2, 1.8), True), ((3.0, -2.0, 0.6), False)])
+def test_the_integrations_log_b_noise_with_its_interval(g_h_g, resolved):
+    """A dashboard showed a B_noise that the summary called unresolved, with nothing to tell them apart (a new
+    user's find): B_noise is logged with its interval, the summary's, and without its bounds while G^T H G is not
+    resolved from 0 (Fieller's interval is then unbounded). The Hessian proxies are replaced by fixed values (their estimate is tested in test_hessian.py)."""
+    from noisescale.hessian import HessianNoiseScale
+    from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    observing = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(hessian_every=1,
+                                                                    per_example_loss=per_example_cross_entropy))
+    inputs, targets = synthetic_batches(1)[0]
+    for step in range(12):
+        observing._hessian_proxies = lambda micro_batches, v=g_h_g[step % 3]: HessianNoiseScale(
+            trace_h=1.0, trace_h_stderr=0.1, g_h_g=v, trace_h_sigma=15.0, fisher_trace=1.0, gradient_batch_size=8,
+            num_sigma_examples=4)
+        model.zero_grad()
+        observing.begin_micro_batch(len(inputs), batch=(inputs, targets))
+        per_example_cross_entropy(model(inputs), targets).mean().backward()
+        observing.end_micro_batch(0.0)
+        observing.end_step()
+    summary, logged = observing.summary(), observing.logged_metrics()
+    low, high = summary.b_noise_interval
+    assert math.isfinite(summary.b_noise) and summary.b_noise > 0 and summary.b_noise_resolved == resolved
+    assert math.isfinite(low) == math.isfinite(high) == resolved   # unresolved: Fieller's (-inf, inf)
+    assert logged["noise_scale/b_noise"] == summary.b_noise
+    assert logged.get("noise_scale/b_noise_low") == (low if resolved else None)
+    assert logged.get("noise_scale/b_noise_high") == (high if resolved else None)
+
+
 def test_nonfinite_loss_is_marked_and_left_out_of_the_averages():
     torch.manual_seed(0)
     model = small_cnn()

@@ -350,8 +350,10 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def logged_metrics(self) -> dict[str, float]:
         """What the integrations log, finite values only, named ``log_prefix + name``: B_simple with its interval,
-        the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise once resolved (its
-        averaged tr(H Sigma) and G^T H G both positive: a negative ratio is no noise scale); and
+        the moving averages of |G|^2 and tr(Sigma) (whose ratio B_simple is) and B_noise where its ratio is positive
+        (its averaged tr(H Sigma) and G^T H G both positive: a negative ratio is no noise scale), with its interval
+        (``b_noise_low`` and ``b_noise_high``, left out while G^T H G is not resolved from 0: the summary then calls
+        B_noise not resolved); and
         ``coupled_outputs`` = 1 once the independence check found outputs that couple the examples (the summary's
         ``coupling``: the values are no noise scale if the loss reads those outputs)."""
         summary = self.summary()
@@ -359,6 +361,8 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         values = {"b_simple": summary.b_simple, "b_simple_low": low, "b_simple_high": high,
                   "grad_sqnorm": summary.grad_sqnorm, "trace_sigma": summary.trace_sigma,
                   "b_noise": summary.b_noise if summary.b_noise > 0 else math.nan,
+                  **dict(zip(("b_noise_low", "b_noise_high"),
+                             summary.b_noise_interval if summary.b_noise > 0 else (math.nan, math.nan))),
                   "coupled_outputs": math.nan if summary.coupling is None else 1.0}
         return {self.options.log_prefix + name: float(value) for name, value in values.items() if math.isfinite(value)}
 
