@@ -1057,9 +1057,10 @@ def _split_refusal(how: str, batch_size: int, found: bool = False, across: bool 
             "sequence_cross_entropy with weighting='token'")
     return (f"the loss normalises each example's loss by a count over the whole batch it is given ({seen}: a "
             f"token mean), and the batch of {batch_size} would be {how}: each part would be normalised by its own "
-            "count, and the step would not be the batch's (a new user's GPT-2: parameters 2e-2 apart after 3 "
-            "steps). Use a loss of each example alone (weighting='example'), or do not split the batch (one "
-            "micro-batch; AdaptiveTrainer: one process and max_micro_batch=None)")
+            "count, and the step would not be the batch's. Use a loss of each example alone (sequence_cross_entropy's "
+            "weighting='example'; a loss of your own: each sequence's mean over its own tokens), or do not split the "
+            "batch (one micro-batch; AdaptiveTrainer: one process and max_micro_batch=None). A loss of each example "
+            "alone taken for a token mean here can say so: loss_fn.normalised_over_the_batch = False")
 
 
 def _unchecked_split(how: str) -> str:
