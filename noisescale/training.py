@@ -11,8 +11,14 @@ Where the batch size comes from (exactly one):
   hybrid of Smith, Kindermans & Le 2017); before every step (B, eps) = schedule.at(epoch), epoch = examples
   seen / N, and the step's learning rates are the groups' times eps / eps_0;
 * ``policy``: a :class:`~noisescale.controller.NoiseScaleBatchPolicy` fed after every step with the monitor's
-  moving-average B_simple (McCandlish et al. 2018); when B changes the learning rate follows ``lr_coupling``
-  (:func:`~noisescale.controller.couple_learning_rate`), as a factor on the groups' learning rates;
+  moving-average B_simple (McCandlish et al. 2018); the learning rate follows ``lr_coupling`` as a factor on the
+  groups' learning rates: ``linear`` and ``sqrt`` multiply it by (B_new / B_old) or its square root when B changes
+  (:func:`~noisescale.controller.couple_learning_rate`); ``adascale`` sets it at every step to AdaScale's gain
+  r_t of S = B / B_0 (Johnson et al. 2020; fairscale's ``AdaScale.gain``), B_0 the policy's initial batch size,
+  from the monitor's moving averages of tr(Sigma) and |G|^2 after the step's measurement
+  (:meth:`AdaptiveTrainer._adascale_factor`). AdaScale's scale-invariant iterations (its learning-rate schedule
+  driven by tau = sum of r_t, training stopped at tau = the base run's steps) are not implemented: ``train`` counts
+  epochs and a learning-rate scheduler of the user's steps as the user steps it;
 * ``batch_size``: a constant batch.
 
 The schedule's and the coupling's factor (``lr_factor``) multiplies each group's learning rate for the optimizer
@@ -103,6 +109,7 @@ from noisescale.controller import (
     BatchSizeSchedule,
     NoiseScaleBatchPolicy,
     NoiseScalePolicyState,
+    adascale_gain,
     couple_learning_rate,
 )
 from noisescale.distributed import (
@@ -472,7 +479,9 @@ class AdaptiveTrainer:
         dataset: a map-style dataset of (inputs, targets); a TensorDataset is indexed in one call.
         batch_size, schedule, policy: where B comes from -- exactly one of them.
         max_micro_batch: the most examples in one forward/backward (None: the whole batch).
-        lr_coupling: with ``policy``, how the learning rate follows a change of B: one of COUPLING_RULES.
+        lr_coupling: with ``policy``, how the learning rate follows B: one of COUPLING_RULES (``"adascale"``:
+            AdaScale's gain of B / B_0 at every step, B_0 the policy's initial batch size, for which the
+            optimizer's learning rate is taken to be tuned; module docstring).
         policy_noise_scale: with ``policy``, the moving average it follows: ``"b_simple"`` (every measured step)
             or ``"b_noise"`` (tr(H Sigma)/G^T H G, measured every ``hessian_every`` steps of ``monitor_options``;
             McCandlish et al.'s better predictor of B_crit, noisier). An unresolved (infinite) value holds B.
@@ -571,6 +580,8 @@ class AdaptiveTrainer:
         self.sampler = ResizableBatchSampler(num_examples, first_batch, seed=seed, num_replicas=world_size, rank=rank)
         self.base_learning_rates = [float(group["lr"]) for group in optimizer.param_groups]  # (a tensor lr by value)
         self.lr_factor = 1.0   # the schedule's eps / eps_0 or the coupling's factor, on the groups' rates at a step
+        # B_0 of lr_coupling="adascale": the batch size the optimizer's learning rate is for (checkpointed)
+        self.base_batch_size = policy.batch_size if policy is not None else None
         self.base_settings = [_settings_of(group) for group in optimizer.param_groups]  # as built (no scheduler yet)
         self.steps = 0
         self.skipped_steps = 0
@@ -664,6 +675,8 @@ class AdaptiveTrainer:
             self._check_whole_batch_loss(batch_size, local_batch_size, self.max_micro_batch)
             inputs, targets = to_device(fetch_examples(self.dataset, next(iter(self.sampler))), self.device)
             self._accumulate_with_retry(inputs, targets, local_batch_size, statistics)
+            if self.lr_coupling == "adascale":   # the gain with this step's measurement in the averages
+                self.lr_factor = self._adascale_factor(batch_size)
         except BaseException:
             self.sampler.load_state_dict(sampler_state)
             set_rng_state(rng_before, self.device)
@@ -788,9 +801,27 @@ class AdaptiveTrainer:
             decided = broadcast_from_first_rank(state, self.monitor.process_group).tolist()
             self.policy.state = NoiseScalePolicyState(*decided)
             new_batch_size = self.policy.batch_size
-        if new_batch_size != batch_size:
-            self.lr_factor = couple_learning_rate(self.lr_factor, batch_size, new_batch_size, self.lr_coupling,
-                                                  trace_sigma=average.trace_sigma, grad_sqnorm=average.grad_sqnorm)
+        if new_batch_size != batch_size and self.lr_coupling != "adascale":   # adascale's: at every step
+            self.lr_factor = couple_learning_rate(self.lr_factor, batch_size, new_batch_size, self.lr_coupling)
+
+    def _adascale_factor(self, batch_size: int) -> float:
+        """AdaScale's gain r_t = (sigma^2 + mu^2) / (sigma^2 / S + mu^2) of the step's S = B / B_0 (Johnson et al.
+        2020; fairscale's ``AdaScale.gain``), with sigma^2 = tr(Sigma) / B_0 the variance of a B_0 batch's gradient
+        and mu^2 = |G|^2, both the monitor's moving averages (``trace_sigma_ema``, ``grad_sqnorm_ema`` of the
+        history) after this step's measurement, as fairscale reads its averages after the backward pass. Recomputed
+        at every step, so it depends on B and the averages of the step, not on the path B took. Unresolved
+        estimates, as fairscale clips them: an averaged |G|^2 <= 0 gives the upper bound r = S (all noise); an
+        averaged tr(Sigma) <= 0 the lower bound r = 1. No average yet (no measured step had a finite estimate), or
+        a non-finite one: the factor in use is kept (1 at the start, where fairscale's initial state also gives
+        r = 1)."""
+        average = self.monitor.average
+        trace_sigma, grad_sqnorm = average.trace_sigma, average.grad_sqnorm
+        if not (average.num_updates and math.isfinite(trace_sigma) and math.isfinite(grad_sqnorm)):
+            return self.lr_factor
+        scale = batch_size / self.base_batch_size
+        if grad_sqnorm <= 0:
+            return scale
+        return adascale_gain(trace_sigma / self.base_batch_size, grad_sqnorm, scale)
 
     # ------------------------------------------------------------------ loops and results
     def train(self, epochs: float, *, callback: Callable[[AdaptiveTrainer], None] | None = None) -> pd.DataFrame:
@@ -834,6 +865,7 @@ class AdaptiveTrainer:
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "base_learning_rates": list(self.base_learning_rates),
             "lr_factor": self.lr_factor,
+            "base_batch_size": self.base_batch_size,
             "base_settings": self.base_settings,
             "max_micro_batch": self.max_micro_batch,
             "settings": self._settings(),
@@ -906,6 +938,8 @@ class AdaptiveTrainer:
             self.lr_factor = 1.0
             if self.schedule is not None:   # a schedule's is set again at each step, on the base rates
                 self._set_learning_rates(self.base_learning_rates)
+        if state.get("base_batch_size") is not None:   # absent in checkpoints of earlier versions
+            self.base_batch_size = int(state["base_batch_size"])
         if self.max_micro_batch is None:
             self.max_micro_batch = state["max_micro_batch"]
         self.steps = int(state["steps"])

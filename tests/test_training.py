@@ -234,25 +234,31 @@ def test_a_policy_on_a_batch_norm_model_whose_batch_runs_as_one_micro_batch_is_r
 # --------------------------------------------------------------------------- checkpoints and faults
 
 
-def noise_adaptive_trainer(seed_of_model: int = 0, max_micro_batch: int | None = 6, dropout: float = 0.2):
+def noise_adaptive_trainer(seed_of_model: int = 0, max_micro_batch: int | None = 6, dropout: float = 0.2,
+                           lr_coupling: str = "sqrt", initial_batch_size: int = 4):
     model = small_net(seed_of_model, dropout=dropout)
-    policy = NoiseScaleBatchPolicy(4, min_batch_size=4, max_batch_size=32, hold_steps=2, kappa=2.0)
+    policy = NoiseScaleBatchPolicy(initial_batch_size, min_batch_size=4, max_batch_size=32, hold_steps=2, kappa=2.0)
     trainer = make_trainer(model, classification_data(), lr=0.2, momentum=0.9, policy=policy,
-                           lr_coupling="sqrt", max_micro_batch=max_micro_batch, seed=5)
+                           lr_coupling=lr_coupling, max_micro_batch=max_micro_batch, seed=5)
     return model, trainer
 
 
-def test_resume_from_a_checkpoint_continues_the_run_identically():
-    model, trainer = noise_adaptive_trainer()
+@pytest.mark.parametrize("lr_coupling", ["sqrt", "adascale"])
+def test_resume_from_a_checkpoint_continues_the_run_identically(lr_coupling):
+    """Also with AdaScale's factor, recomputed at every step from the checkpointed averages and B_0 (the resumed
+    trainer's policy is even built at another initial batch size: B_0 is the checkpoint's)."""
+    model, trainer = noise_adaptive_trainer(lr_coupling=lr_coupling)
     trainer.train(epochs=3)
     assert trainer.history["batch_size"].nunique() > 1  # the policy changed B during the run
+    assert trainer.history["learning_rate"].nunique() > 2
 
-    interrupted_model, interrupted = noise_adaptive_trainer()
+    interrupted_model, interrupted = noise_adaptive_trainer(lr_coupling=lr_coupling)
     interrupted.train(epochs=1.5)
     buffer = io.BytesIO()
     torch.save(interrupted.state_dict(), buffer)
     torch.rand(7)  # the global RNG moves on in between; the checkpoint restores it
-    resumed_model, resumed = noise_adaptive_trainer(seed_of_model=1)  # different initial weights
+    resumed_model, resumed = noise_adaptive_trainer(seed_of_model=1, lr_coupling=lr_coupling,
+                                                    initial_batch_size=8)  # different initial weights
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))  # plain types: no code can run on load
     resumed.train(epochs=3)
@@ -893,6 +899,97 @@ def test_noise_adaptive_can_follow_b_noise():
     with pytest.raises(ValueError, match="b_noise' needs the Hessian proxies"):
         make_trainer(linear_model(), regression_data(3.0), policy=NoiseScaleBatchPolicy(4, min_batch_size=4,
                      max_batch_size=8), policy_noise_scale="b_noise")
+
+
+def adascale_reference(trace_sigma: float, grad_sqnorm: float, batch_size: int, base_batch_size: int) -> float:
+    """AdaScale's gain (Johnson et al. 2020, eq. 3; fairscale's AdaScale.gain) of S = B / B_0, written out here
+    apart from noisescale: sigma^2 = tr(Sigma) / B_0 (a B_0 batch's gradient variance), mu^2 = |G|^2, negative
+    estimates clipped to 0 as fairscale does (|G|^2 <= 0: r = S)."""
+    variance, mean = max(float(trace_sigma), 0.0) / base_batch_size, max(float(grad_sqnorm), 0.0)
+    scale = batch_size / base_batch_size
+    return scale if mean == 0.0 else (variance + mean) / (variance / scale + mean)
+
+
+@pytest.mark.parametrize("measure_every", [1, 3])
+def test_adascale_factor_is_the_gain_of_b_over_b0_from_the_steps_own_averages(measure_every):
+    """lr_coupling='adascale' (the hunt's repro in float64, B_max 96): every step's learning rate is eps_0 times
+    AdaScale's gain of S = B / B_0 computed from that row's logged moving averages (trace_sigma_ema,
+    grad_sqnorm_ema; carried over unmeasured steps), the rate the optimizer steps with. Once B sits at B_max the
+    factor keeps following B_simple (before, it was a product of ratios taken when B changed, frozen at B_max:
+    in the hunt's float32 repro 5.56 at step 39 where the gain was 13.86)."""
+    generator = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(400, 10, generator=generator, dtype=torch.float64),
+                            torch.randint(0, 3, (400,), generator=generator))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)).double()
+    policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=96, hold_steps=2)
+    trainer = make_trainer(model, dataset, lr=0.05, policy=policy, lr_coupling="adascale",
+                           monitor_options={"measure_every": measure_every})
+    stepped = []
+    optimizer_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *args, **kwargs: (stepped.append(trainer.optimizer.param_groups[0]["lr"]),
+                                                      optimizer_step(*args, **kwargs))[1]
+    history = pd.DataFrame([trainer.step() for _ in range(40)])
+    assert not history["skipped"].any() and history["measured"].sum() == len(range(0, 40, measure_every))
+    averages = history[["trace_sigma_ema", "grad_sqnorm_ema"]].ffill()
+    expected = [0.05 * adascale_reference(trace_sigma, grad_sqnorm, batch_size, 8) for trace_sigma, grad_sqnorm,
+                batch_size in zip(averages["trace_sigma_ema"], averages["grad_sqnorm_ema"], history["batch_size"])]
+    np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(stepped, history["learning_rate"], rtol=1e-15, atol=0)   # the rate logged is used
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.05   # the factor is applied for the step only
+    assert history["batch_size"].nunique() >= 4 and history["learning_rate"].max() > 3 * 0.05
+    if measure_every == 1:   # B fixed at B_max from step 22 on while B_simple grows 115 -> 215: the factor follows
+        at_max = history[history["batch_size"] == 96]
+        assert len(at_max) >= 15 and at_max["b_simple"].iloc[-1] > 1.5 * at_max["b_simple"].iloc[0]
+        assert at_max["learning_rate"].nunique() == len(at_max)
+        assert at_max["learning_rate"].iloc[-1] / at_max["learning_rate"].iloc[0] > 1.2
+
+
+class FrozenAverage:
+    """Stands in for the monitor's moving average with given values that no step's measurement moves."""
+
+    def __init__(self, average, trace_sigma: float, grad_sqnorm: float) -> None:
+        self.inner = average
+        self.set(trace_sigma, grad_sqnorm)
+
+    def set(self, trace_sigma: float, grad_sqnorm: float) -> None:
+        state = {**self.inner.state_dict(), "num_updates": 1, "weight_sum": 1.0, "weight_sqsum": 1.0,
+                 "num_sum": trace_sigma, "den_sum": grad_sqnorm}
+        self.inner.load_state_dict(state)
+
+    def update_estimate(self, estimate) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_adascale_factor_does_not_depend_on_the_path_b_took():
+    """With the averages held at given values (float64): run 1 goes 8 -> 16 at B_simple 80, then 16 -> 32 at
+    B_simple 400; run 2 goes 8 -> 32 at B_simple 400. At B = 32 both use AdaScale's gain of S = 4 at B_simple
+    400, 3.7778 (before: run 1 used the composed 3.5309). At |G|^2 <= 0 the factor is the upper bound S."""
+    def run(max_factor, estimates):
+        policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32, hold_steps=1, max_factor=max_factor)
+        trainer = make_trainer(small_net(), classification_data(), lr=0.1, policy=policy, lr_coupling="adascale")
+        trainer.monitor.average = FrozenAverage(trainer.monitor.average, *estimates[0])
+        rows = []
+        for trace_sigma, grad_sqnorm in estimates:
+            trainer.monitor.average.set(trace_sigma, grad_sqnorm)
+            rows.append(trainer.step())
+        return [row["batch_size"] for row in rows], [row["learning_rate"] / 0.1 for row in rows], trainer
+
+    sizes, factors, _ = run(2.0, [(80.0, 1.0), (400.0, 1.0), (400.0, 1.0)])
+    assert sizes == [8, 16, 32]
+    assert factors == pytest.approx([1.0, adascale_reference(400.0, 1.0, 16, 8),
+                                     adascale_reference(400.0, 1.0, 32, 8)], rel=1e-13)
+    direct_sizes, direct_factors, _ = run(4.0, [(400.0, 1.0), (400.0, 1.0)])
+    assert direct_sizes == [8, 32]
+    assert factors[-1] == pytest.approx(direct_factors[-1], rel=1e-13)
+    assert direct_factors[-1] == pytest.approx(34 / 9, rel=1e-13)   # (50 + 1) / (12.5 + 1)
+    # unresolved |G|^2 (the averaged estimate <= 0): the upper bound S; B_simple is infinite, the policy holds B
+    sizes, factors, trainer = run(2.0, [(80.0, 1.0), (80.0, -0.5), (80.0, 0.0)])
+    assert sizes == [8, 16, 16] and factors[1:] == [2.0, 2.0]
+    assert trainer.lr_factor == 2.0
 
 
 def test_max_micro_batch_does_not_change_the_hessian_proxies():

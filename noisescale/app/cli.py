@@ -370,7 +370,8 @@ def _add_train_command(subparsers) -> None:
                         help="epochs where the noise is divided by 5 (default: 30/55/80%% of --epochs)")
     parser.add_argument("--kappa", type=float, default=1.0, help="noise-adaptive: B = kappa * B_simple")
     parser.add_argument("--lr-coupling", default="none", choices=["none", "linear", "sqrt", "adascale"],
-                        help="noise-adaptive: how the learning rate follows a change of B")
+                        help="noise-adaptive: how the learning rate follows B (adascale: AdaScale's gain of B / B_0 "
+                             "at every step)")
     parser.add_argument("--noise-scale", default="b_simple", choices=["b_simple", "b_noise"],
                         help="noise-adaptive: the estimate B follows (b_noise needs --hessian-every)")
     parser.add_argument("--hessian-every", type=int, default=0,
