@@ -69,7 +69,8 @@ KINDS = {
     "hybrid": (lambda: _schedule("hybrid"), LR0, "none", {"measure_every": 10}),
     **{f"noise-adaptive kappa={kappa:g}": (lambda kappa=kappa: _policy(kappa), LR0, "none", {})
        for kappa in (0.5, 1.0, 2.0)},
-    # kappa = 2 with AdaScale was dropped: at kappa = 1 one seed already ran away (B and learning rate growing together)
+    # kappa = 2 with AdaScale was dropped when, at kappa = 1, one seed ran away (B and learning rate growing together);
+    # that was the factor before session 31 (a product of gain ratios taken when B changed), not AdaScale's gain
     **{f"noise-adaptive kappa={kappa:g} adascale": (lambda kappa=kappa: _policy(kappa), LR0, "adascale", {})
        for kappa in (0.5, 1.0)},
     # bounded improvements (lag of the moving average, hold steps): faster average, no hold
