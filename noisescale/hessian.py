@@ -27,6 +27,24 @@ Estimators (all from one batch of B i.i.d. examples, loss = mean of the per-exam
 - The empirical Fisher trace mean_i |g_i|^2 = tr(Sigma) + |G|^2 in expectation: a cheap proxy for tr(H)
   (equal to it for a well-specified likelihood at the optimum).
 
+Finite population. A batch drawn without replacement from a dataset of N examples (an epoch's shuffled batches;
+the truth is then the dataset's: G its mean gradient, H its mean Hessian, Sigma the covariance with divisor N) has
+E[gbar gbar^T] = G G^T + Sigma (N - h)/(h (N - 1)) for a half of h examples, and the sample covariance has
+E = Sigma N/(N - 1), as for B_simple (:mod:`noisescale.estimators`). The two halves are not independent either:
+given the gradient half A, the Hessian half C is drawn from the N - h other examples, so E[H_C | A] =
+(N H - h H_A)/(N - h), not H (H_A: the Hessian of A's mean loss). The same-example terms of gbar^T H_A gbar made
+the halves necessary, but with ``population=N`` they are what makes the correction exact: the Hessian the
+gradients are multiplied with is H' = ((N - h) H_C + h H_A)/N, whose E[H' | A] = H exactly, so that with T the
+sum_i d_i^T H' d_i/(m - 1) and R = gbar^T H' gbar
+
+    tr(H Sigma) ~ T (N - 1)/N,      G^T H G ~ R - T (N - h)/(h N),
+
+unbiased for the dataset's values (the identities checked by enumerating every draw of a small dataset; the
+halves' cross-covariance, Cov(gbar_A, gbar_C) = -Sigma/(N - 1), enters only through E[H_C | A]). It costs 1 + m
+more Hessian-vector products, on the gradient half. Without the correction (``population=None``, the i.i.d.
+formula) such batches read G^T H G low by about tr(H Sigma)/(N - 1), plus the halves' dependence: 0.117 against
+0.372 on a 40-example regression with B = 16 (B_noise 57 against 18).
+
 Independence: the batch Hessian H_hat is random and built from the same examples as the gradients, and the
 same-example terms bias gbar^T H_hat gbar and d_i^T H_hat d_i by O(tr(H)/B) relative (e.g. (x_i^T g_i)^2
 ~ tr(D)^2 for linear regression). The batch is therefore split in two disjoint halves: the first half
@@ -109,7 +127,7 @@ class HessianNoiseScale:
 
     trace_h: float
     trace_h_stderr: float
-    g_h_g: float  # unbiased G^T H G: gbar^T H gbar - tr(H Sigma)/gradient_batch_size
+    g_h_g: float  # unbiased G^T H G: gbar^T H gbar - tr(H Sigma)/gradient_batch_size (finite population: docstring)
     trace_h_sigma: float
     fisher_trace: float  # mean_i |g_i|^2 over the per-example subsample
     gradient_batch_size: int
@@ -127,7 +145,7 @@ def mean_hessian_proxies(parts: Sequence[HessianNoiseScale]) -> HessianNoiseScal
     """The mean of independent estimates of the Hessian proxies at the same parameters (micro-batches of one step,
     the ranks of a DDP step, each with its own probes): tr(H), G^T H G, tr(H Sigma) and the Fisher trace average,
     unbiased as each part is; the standard error of the mean tr(H) is sqrt(sum_k se_k^2) / K. The example counts
-    stay those of the first part (g_h_g = gbar^T H gbar - tr(H Sigma) / gradient_batch_size holds part by part)."""
+    stay those of the first part (g_h_g's correction, with or without a population, holds part by part)."""
     if not parts:
         raise ValueError("mean_hessian_proxies needs at least one estimate")
     if len(parts) == 1:
@@ -434,6 +452,7 @@ def hessian_noise_scale(
     num_sigma_examples: int = 8,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    population: int | None = None,
 ) -> HessianNoiseScale:
     """tr(H), unbiased G^T H G, tr(H Sigma) and the empirical Fisher trace from one batch (module docstring).
 
@@ -442,6 +461,9 @@ def hessian_noise_scale(
     num_probes + num_sigma_examples + 1 Hessian-vector products; ``chunk_size`` bounds the vmap batch.
     ``inputs``: the model's input tensor, a tuple of its positional inputs or a mapping of keyword inputs;
     ``targets``: a tensor, a pytree of tensors or None (every tensor with the batch in dim 0).
+    ``population``: N, for a batch drawn without replacement from a dataset of N >= B examples: the estimates are
+    then unbiased for that dataset's G^T H G and tr(H Sigma) (module docstring, "Finite population"; 1 +
+    ``num_sigma_examples`` more Hessian-vector products); None for i.i.d. draws.
     """
     inputs, batch_size = _check_batch(inputs, targets, minimum=HESSIAN_NOISE_SCALE_MIN_BATCH)
     half = batch_size // 2
@@ -449,7 +471,7 @@ def hessian_noise_scale(
     curvature_half = (select_examples(inputs, slice(half, None)), select_examples(targets, slice(half, None)))
     return _noise_scale_of_halves(model, loss_fn, [(inputs, targets)], [gradient_half], [curvature_half],
                                   num_probes=num_probes, num_sigma_examples=num_sigma_examples, generator=generator,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, population=population)
 
 
 def micro_batch_hessian_noise_scale(
@@ -461,17 +483,19 @@ def micro_batch_hessian_noise_scale(
     num_sigma_examples: int = 8,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    population: int | None = None,
 ) -> HessianNoiseScale:
     """:func:`hessian_noise_scale` of a batch given as (inputs, targets) micro-batches, holding one micro-batch's
     graph at a time: the micro-batches up to the boundary nearest half the examples are the gradient half (at
     least 2 examples), the others the Hessian half (each Hessian-vector product is the b_k / b weighted sum of the
     micro-batches' own). With an even number of equal micro-batches this is the estimate of their concatenation,
     to float rounding. A single micro-batch, or micro-batches with no such boundary (sizes 1 and 3), are taken
-    as one batch split in two as :func:`hessian_noise_scale` splits it."""
+    as one batch split in two as :func:`hessian_noise_scale` splits it. ``population``: as
+    :func:`hessian_noise_scale`'s, N of the dataset the whole batch is drawn from without replacement."""
     if not micro_batches:
         raise ValueError("micro_batch_hessian_noise_scale needs at least one (inputs, targets) micro-batch")
     options = {"num_probes": num_probes, "num_sigma_examples": num_sigma_examples, "generator": generator,
-               "chunk_size": chunk_size}
+               "chunk_size": chunk_size, "population": population}
     parts = [(_check_batch(inputs, targets, minimum=1)[0], targets) for inputs, targets in micro_batches]
     sizes = [batch_size_of(inputs) for inputs, _ in parts]
     if sum(sizes) < HESSIAN_NOISE_SCALE_MIN_BATCH:
@@ -506,9 +530,11 @@ def _weighted_sum(terms: list[tuple[float, Any]]) -> Any:
 
 def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batches, gradient_half: Batches,
                            curvature_half: Batches, *, num_probes: int, num_sigma_examples: int,
-                           generator: torch.Generator | None, chunk_size: int | None) -> HessianNoiseScale:
+                           generator: torch.Generator | None, chunk_size: int | None,
+                           population: int | None = None) -> HessianNoiseScale:
     """The estimators of the module docstring on a batch given as parts: tr(H) on ``whole``, gbar and the
-    per-example gradients on ``gradient_half``, the Hessian they are multiplied with on ``curvature_half``.
+    per-example gradients on ``gradient_half``, the Hessian they are multiplied with on ``curvature_half`` (with
+    ``population`` N, on both halves: ((N - h) H_curvature + h H_gradient)/N, module docstring).
     One part's Hessian operator (with reverse-over-reverse, its kept graph) lives at a time; every part sees the
     same Hutchinson probes (the generator is rewound for each), so the products add up to those of the union."""
     check_int(num_probes, "num_probes", 2)
@@ -519,6 +545,12 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
     mean_loss = _mean_loss_function(model, loss_fn)
     half = sum(batch_size_of(inputs) for inputs, _ in gradient_half)
     num_sigma_examples = min(num_sigma_examples, half)
+    curvature_weights = _weighted(curvature_half)
+    if population is not None:
+        population = check_int(population, "population", sum(batch_size_of(inputs) for inputs, _ in whole))
+        # H' = ((N - h) H_curvature + h H_gradient)/N: E[H' | gradient half] = the dataset's H
+        curvature_weights = ([(weight * (population - half) / population, part) for weight, part in curvature_weights]
+                             + [(weight * half / population, part) for weight, part in _weighted(gradient_half)])
 
     with isolated_rng(params.values()), quiet_torch_notes():   # torch's notes on its own internals
         probes_start, products = generator.get_state(), []
@@ -534,7 +566,7 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
                                                 gradient_half, subsample, chunk_size)
         deviations = {name: g - g.mean(dim=0, keepdim=True) for name, g in per_example.items()}
         raw_terms, sigma_terms = [], []
-        for weight, (inputs, targets) in _weighted(curvature_half):
+        for weight, (inputs, targets) in curvature_weights:
             curvature_hvp = _HessianOperator(model, mean_loss, params, inputs, targets)
             raw_terms.append((weight, _dot(mean_gradient, curvature_hvp(mean_gradient))))
             curvature_of_deviations = curvature_hvp.batched(deviations, chunk_size)
@@ -543,10 +575,15 @@ def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batch
         raw_g_h_g = _weighted_sum(raw_terms).item()
         trace_h_sigma = _weighted_sum(sigma_terms).item() / (num_sigma_examples - 1)
         fisher_trace = sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()).mean().item()
+    if population is None:
+        g_h_g = raw_g_h_g - trace_h_sigma / half
+    else:   # E[T] = tr(H Sigma) N/(N - 1), E[R] = G^T H G + tr(H Sigma)(N - h)/(h (N - 1)) (module docstring)
+        g_h_g = raw_g_h_g - trace_h_sigma * (population - half) / (half * population)
+        trace_h_sigma = trace_h_sigma * (population - 1) / population
     return HessianNoiseScale(
         trace_h=trace_h.estimate,
         trace_h_stderr=trace_h.stderr,
-        g_h_g=raw_g_h_g - trace_h_sigma / half,
+        g_h_g=g_h_g,
         trace_h_sigma=trace_h_sigma,
         fisher_trace=fisher_trace,
         gradient_batch_size=half,

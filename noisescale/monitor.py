@@ -353,7 +353,9 @@ class NoiseScaleMonitor:
         population_size: N, where each batch is drawn without replacement from a dataset of N examples (shuffled
             epochs): the per-example estimates are then corrected to be unbiased for that dataset's tr(Sigma) and
             |G|^2 (:func:`~noisescale.estimators.simple_noise_scale`; without it |G|^2 reads low by B_simple/N of
-            itself). None: batches taken as i.i.d. draws. AdaptiveTrainer and :func:`measure` over a DataLoader
+            itself), and the Hessian proxies for its G^T H G and tr(H Sigma) (:mod:`noisescale.hessian`, "Finite
+            population"; without it G^T H G reads low by about B_noise/N of itself, and more from the dependence
+            of the batch's two halves). None: batches taken as i.i.d. draws. AdaptiveTrainer and :func:`measure` over a DataLoader
             pass it themselves.
     """
 
@@ -621,6 +623,9 @@ class NoiseScaleMonitor:
         return proxies
 
     def _hessian_proxies(self, micro_batches: list[tuple[Any, Any]]) -> HessianNoiseScale:
+        """The proxies of this process's batch; with ``population_size``, corrected for a batch drawn without
+        replacement from that dataset (:mod:`noisescale.hessian`, "Finite population"), as B_simple is."""
+        batch_size = sum(batch_size_of(inputs) for inputs, _ in micro_batches)
         return micro_batch_hessian_noise_scale(
             unwrapped_module(self.model),  # no all-reduce
             self.loss_fn,
@@ -628,6 +633,7 @@ class NoiseScaleMonitor:
             num_probes=self.hessian_probes,
             num_sigma_examples=self.hessian_examples,
             generator=torch.Generator().manual_seed(self._hessian_seed()),
+            population=self._population_of(batch_size),
         )
 
     def _record(self, row: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ interval; the monitor takes the finite-population correction of the training set
 without replacement (``population_size`` = the training examples used). ``b_noise`` = tr(H Sigma)/(G^T H G) (McCandlish et al. eq. 2.8) is measured once when the run stops
 (``(smoothing_window - 1) / 2`` evaluations after the crossing): ``trace_h_sigma`` and ``g_h_g`` from
 :func:`noisescale.hessian.hessian_noise_scale` are averaged over ``noise_batches`` fixed training batches
-before taking the ratio.
+before taking the ratio, each batch (a window of one permutation of the training set) with the same finite-population
+correction.
 
 Each finished cell is appended at once as one row to the CSV (all settings included, one write, fsync'ed),
 so an interrupted sweep resumes: cells already in the file are skipped. Cells run in spawned worker processes
@@ -277,8 +278,10 @@ def _b_noise(model, loss_fn, train_x, train_y, settings: SweepSettings) -> float
     numerators, denominators = [], []
     for index in range(settings.noise_batches):
         chosen = order.roll(-index * batch_size)[:batch_size]
+        # a window of one permutation: drawn without replacement from the training set (its correction)
         proxies = hessian_noise_scale(model, loss_fn, train_x[chosen], train_y[chosen], num_probes=2,
-                                      num_sigma_examples=settings.noise_sigma_examples, generator=generator)
+                                      num_sigma_examples=settings.noise_sigma_examples, generator=generator,
+                                      population=len(train_y))
         numerators.append(proxies.trace_h_sigma)
         denominators.append(proxies.g_h_g)
     denominator = float(np.mean(denominators))

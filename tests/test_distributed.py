@@ -716,7 +716,7 @@ def test_hessian_proxies_are_the_mean_over_ranks_of_each_shard(rank_results):
         sampler = ResizableBatchSampler(len(dataset), WORLD_SIZE * 4, seed=4, num_replicas=WORLD_SIZE, rank=rank)
         inputs, targets = dataset[next(iter(sampler))]
         per_rank.append(hessian_noise_scale(model, per_example_cross_entropy, inputs, targets, num_probes=4,
-                                            num_sigma_examples=MICRO_BATCH,
+                                            num_sigma_examples=MICRO_BATCH, population=len(dataset),
                                             generator=torch.Generator().manual_seed(HESSIAN_SEED * WORLD_SIZE + rank)))
     assert len({proxies.trace_h for proxies in per_rank}) == WORLD_SIZE  # the shards do differ
     histories = [result["hessian_history"] for result in rank_results]

@@ -226,9 +226,9 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         estimate = simple_noise_scale(sqnorms, grad_sqnorm, population=len(data))
         average.update_estimate(estimate)
         # B_noise: the Hessian proxies of the step's whole batch (its equal micro-batches are its halves), probes
-        # seeded k
+        # seeded k, with the same finite-population correction
         proxies = hessian_noise_scale(_Positional(model, list(batch)), HESSIAN_LOSS[case], tuple(batch.values()),
-                                      targets, generator=torch.Generator().manual_seed(k))
+                                      targets, generator=torch.Generator().manual_seed(k), population=len(data))
         curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
         curvature.append((proxies, curvature_average.ratio))
         reference_rows.append((estimate, average.b_simple, average.grad_sqnorm, average.trace_sigma,

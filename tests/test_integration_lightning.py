@@ -339,8 +339,9 @@ def test_training_is_bit_identical_and_the_logged_noise_scale_is_that_of_each_op
         estimate = simple_noise_scale(sqnorms, grad_sqnorm, population=32)
         average.update_estimate(estimate)
         # B_noise: the Hessian proxies of the step's whole batch (its equal micro-batches are its halves), probes
-        # seeded with seed + step
-        proxies = hessian_noise_scale(module, _per_example_loss, x, y, generator=torch.Generator().manual_seed(k))
+        # seeded with seed + step, with the same finite-population correction
+        proxies = hessian_noise_scale(module, _per_example_loss, x, y, generator=torch.Generator().manual_seed(k),
+                                      population=32)
         curvature_average.update(proxies.trace_h_sigma, proxies.g_h_g)
         curvature.append({"trace_h_sigma": proxies.trace_h_sigma, "g_h_g": proxies.g_h_g, "trace_h": proxies.trace_h})
         expected.append({"noise_scale/grad_sqnorm": average.grad_sqnorm, "noise_scale/trace_sigma": average.trace_sigma,

@@ -1381,3 +1381,53 @@ def test_a_batch_size_is_suggested_exactly_where_the_text_suggests_one():
         assert math.isnan(single.suggested_batch_size) and "B_noise: not resolved yet (40 from 1 Hessian" in str(single)
     negative = dataclasses.replace(resolved, b_simple=math.inf, grad_sqnorm=-0.1, b_simple_interval=(30.0, math.inf))
     assert math.isnan(negative.suggested_batch_size) and "not resolved" in str(negative)
+
+
+def test_b_noise_takes_the_population_correction_exactly_over_every_draw_without_replacement():
+    """With population_size = N, the monitor's (and the accumulating monitor's, micro-batches of 2 + 2) Hessian
+    proxies averaged over every batch of 4 drawn without replacement from N = 5 examples are the dataset's G^T H G
+    and tr(H Sigma) (its exact mean Hessian, float64) to 1e-10 relative. Before, the monitor passed no population to
+    the proxies: G^T H G read 0.036 and tr(H Sigma) 0.496 where the dataset's are 0.189 and 0.628 here."""
+    import itertools
+
+    from torch.func import functional_call, grad, vmap
+
+    from noisescale.training import AccumulatingNoiseScaleMonitor
+    torch.manual_seed(3)
+    population = 5
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    inputs = torch.randn(population, 4, dtype=torch.float64)
+    targets = torch.randint(0, 3, (population,))
+    names = [name for name, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def mean_loss(vector, x, y):
+        pieces = dict(zip(names, (piece.view(p.shape) for piece, p in
+                                  zip(vector.split([p.numel() for p in model.parameters()]), model.parameters()))))
+        return per_example_cross_entropy(functional_call(model, pieces, (x,)), y).mean()
+
+    hessian = torch.autograd.functional.hessian(lambda vector: mean_loss(vector, inputs, targets), flat)
+    per_example = vmap(grad(lambda vector, x, y: mean_loss(vector, x[None], y[None])), in_dims=(None, 0, 0))(
+        flat, inputs, targets)
+    mean = per_example.mean(0)
+    sigma = (per_example - mean).T @ (per_example - mean) / population
+    g_h_g, trace_h_sigma = (mean @ hessian @ mean).item(), (hessian * sigma).sum().item()
+
+    draws = [list(first) + list(second) for first in itertools.combinations(range(population), 2)
+             for second in itertools.combinations([k for k in range(population) if k not in first], 2)]
+    options = {"hessian_every": 1, "hessian_examples": 8, "hessian_probes": 2, "population_size": population,
+               "check_independence": False}
+    with NoiseScaleMonitor(model, per_example_cross_entropy, **options) as monitor:
+        for order in draws:
+            model.zero_grad()
+            monitor(inputs[order], targets[order])
+        rows = monitor.history
+    with AccumulatingNoiseScaleMonitor(model, per_example_cross_entropy, **options) as accumulating:
+        for order in draws:
+            model.zero_grad()
+            accumulating.accumulate([(inputs[order[:2]], targets[order[:2]]), (inputs[order[2:]], targets[order[2:]])])
+        accumulated = accumulating.history
+    for history in (rows, accumulated):
+        assert len(history) == len(draws) == 30
+        assert history["g_h_g"].mean() == pytest.approx(g_h_g, rel=1e-10)
+        assert history["trace_h_sigma"].mean() == pytest.approx(trace_h_sigma, rel=1e-10)

@@ -1010,7 +1010,7 @@ def test_max_micro_batch_does_not_change_the_hessian_proxies():
     split = micro_batch_hessian_noise_scale(linear_model(), per_example_squared_error,
                                             list(zip(inputs.split([6, 5, 5]), targets.split([6, 5, 5]))),
                                             num_probes=3, num_sigma_examples=4,
-                                            generator=torch.Generator().manual_seed(7))
+                                            generator=torch.Generator().manual_seed(7), population=256)
     first = histories[6].iloc[0]
     assert split.gradient_batch_size == 6 and first["trace_h"] == pytest.approx(histories[None]["trace_h"][0])
     assert first["g_h_g"] == pytest.approx(split.g_h_g, rel=1e-12) and first["g_h_g"] != histories[None]["g_h_g"][0]
