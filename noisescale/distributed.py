@@ -42,11 +42,18 @@ ranks and DDP's default buckets (a survey, session 25: 19 of 20 steps differed, 
 
 The gradients must be the mean over the local batch (divide each micro-batch loss by the number of
 accumulation steps); with AMP, pass the loss scale as ``grad_scale`` so the squared norms are unscaled.
+
+Batches drawn without replacement (a ``DistributedSampler``: the ranks' shards of one permutation, so the global
+batch holds no example twice) read |G|^2 low by tr(Sigma)/(N - 1), B_simple/N of it, and tr(Sigma) high by
+N/(N - 1) (exact by enumeration). ``population_size=N`` corrects both as
+:func:`~noisescale.estimators.micro_batch_noise_scale` does with ``population=N``; a global batch larger than N (a
+sampler padding a small dataset) takes no correction, with a warning.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -61,6 +68,7 @@ from noisescale._wrappers import ddp_of, unwrapped_module
 from noisescale.estimators import (
     ExponentialMovingNoiseScale,
     NoiseScaleEstimate,
+    _finite_population,
     _two_batch_estimate,
     two_batch_noise_scale,
 )
@@ -157,6 +165,10 @@ class DDPNoiseScale:
         wrapped_hook: the communication hook that does the actual reduction and returns the averaged bucket
             (default :func:`mean_allreduce_hook`, DDP's own arithmetic; PyTorch's ``allreduce_hook`` or
             ``fp16_compress_hook`` work too).
+        population_size: N, where the global batch is drawn without replacement from a dataset of N examples (a
+            ``DistributedSampler``, shuffled or not, ``len(sampler.dataset)``): |G|^2 and tr(Sigma) are then
+            corrected to be unbiased for that dataset (module docstring; without it |G|^2 reads low by B_simple/N
+            of itself). None (default): batches taken as i.i.d. draws, no correction.
 
     Raises:
         TypeError: ``ddp_model`` is not a DistributedDataParallel.
@@ -172,6 +184,7 @@ class DDPNoiseScale:
         ema_decay: float = 0.95,
         measure_every: int = 1,
         wrapped_hook: CommHook = mean_allreduce_hook,
+        population_size: int | None = None,
     ) -> None:
         ddp = ddp_of(ddp_model)   # also inside torch.compile(DDP(model)), as accelerate builds it
         if ddp is None:
@@ -179,6 +192,8 @@ class DDPNoiseScale:
                 f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
             )
         ddp_model = ddp
+        self.population_size = None if population_size is None else check_int(population_size, "population_size", 2)
+        self._warned_population = False
         self.process_group = ddp_model.process_group
         self.world_size = _world_size(self.process_group)
         if self.world_size < 2:
@@ -335,10 +350,25 @@ class DDPNoiseScale:
         else:
             # two_batch_noise_scale's arithmetic without its input checks (tens of microseconds a step): the batch
             # sizes were checked by the setter, the norms are finite here and >= 0 by construction
-            estimate = _two_batch_estimate(local_sqnorm, batch, global_sqnorm, ranks * batch)
+            estimate = self._corrected(_two_batch_estimate(local_sqnorm, batch, global_sqnorm, ranks * batch))
         self.average.update_estimate(estimate)
         self._records.append((step, batch, local_sqnorm, global_sqnorm, estimate, skipped, self.average.state_dict()))
         return estimate
+
+    def _corrected(self, estimate: NoiseScaleEstimate) -> NoiseScaleEstimate:
+        """``estimate`` with the finite-population correction of ``population_size``; as it is for None, and for a
+        global batch larger than N (it holds some example twice: warned once)."""
+        population = self.population_size
+        if population is None:
+            return estimate
+        if estimate.batch_size > population:
+            if not self._warned_population:
+                self._warned_population = True
+                warnings.warn(f"a global batch of {estimate.batch_size} examples from population_size={population} "
+                              "holds some example twice: such steps take no finite-population correction (warned "
+                              "once)", RuntimeWarning, stacklevel=3)
+            return estimate
+        return _finite_population(estimate, population)
 
     def _build_rows(self) -> None:
         """The history rows of the steps measured since the last read, with the 90% interval of each row's
@@ -374,13 +404,19 @@ class DDPNoiseScale:
 
     def state_dict(self) -> dict[str, Any]:
         self._build_rows()
-        return {"step": self.step, "average": self.average.state_dict(), "history": list(self._rows)}
+        return {"step": self.step, "average": self.average.state_dict(), "history": list(self._rows),
+                "population_size": self.population_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"step", "average", "history"} - set(state)
         if missing:
             raise ValueError(f"state dict misses keys {sorted(missing)}")
         self.average.load_state_dict(state["average"])
+        saved = state.get("population_size")   # (absent from a checkpoint of an earlier version: none taken)
+        if saved != self.population_size and state["average"]["num_updates"]:
+            warnings.warn(f"the checkpoint's averages were taken with population_size={saved}, this DDPNoiseScale's "
+                          f"is {self.population_size}: the averages mix steps with different finite-population "
+                          "corrections", RuntimeWarning, stacklevel=2)
         self.step = int(state["step"])
         self._rows, self._records = list(state["history"]), []
         self._pending, self._global_sqnorms, self._local_sqnorms, self._unread_backwards = None, [], [], 0

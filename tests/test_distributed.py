@@ -9,6 +9,7 @@ progress for ``NOISESCALE_TEST_HANG_S`` seconds (tests/conftest.py): a busy mach
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import warnings
@@ -49,6 +50,7 @@ NAN_STEP, NAN_RANK = 1, 1
 TRAINER_STEPS, NAN_EXAMPLE = 8, 40
 HESSIAN_STEPS, HESSIAN_SEED = 2, 7
 INPUTS, HIDDEN, CLASSES = 6, 8, 3
+POPULATION = 5   # DDPNoiseScale(population_size=...): every draw of WORLD_SIZE examples, 60
 
 
 
@@ -103,6 +105,13 @@ def _train(model, noise, inputs, labels, rank, *, momentum=0.0, poison=None):
             optimizer.step()
         optimizer.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def _population_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """POPULATION labelled examples, the dataset of DDPNoiseScale's finite-population correction."""
+    generator = torch.Generator().manual_seed(6)
+    return (torch.randn(POPULATION, INPUTS, generator=generator, dtype=torch.float64),
+            torch.randint(0, CLASSES, (POPULATION,), generator=generator))
 
 
 def _trainer_data(poison: bool = False) -> TensorDataset:
@@ -375,6 +384,23 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
             trainer.step()
     results["hessian_history"] = trainer.history
 
+    # 8. population_size: every draw without replacement of one example per rank from POPULATION examples, at
+    # fixed parameters (no optimizer step); an error (an older DDPNoiseScale) is recorded, not raised
+    def every_draw():
+        model = _ddp(_make_model(torch.float64))
+        noise = DDPNoiseScale(model, 1, population_size=POPULATION)
+        inputs, labels = _population_data()
+        for order in itertools.permutations(range(POPULATION), WORLD_SIZE):
+            model.zero_grad()
+            example = order[rank]
+            F.cross_entropy(model(inputs[example:example + 1]), labels[example:example + 1]).backward()
+            noise.step_estimate()
+        results["population_history"] = noise.history
+        results["population_state"] = noise.state_dict()
+
+    results["population_error"] = capture_error(every_draw)
+    report_progress(out_dir, rank, "population")
+
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     report_progress(out_dir, rank, "saved")
     dist.destroy_process_group()
@@ -464,6 +490,35 @@ def test_ema_in_history_matches_estimators_average(rank_results):
     assert history["b_simple"].iloc[-1] == pytest.approx(average.b_simple, rel=1e-12)
     state = rank_results[0]["estimate_state"]
     assert state["step"] == STEPS and state["average"]["num_updates"] == STEPS
+
+
+def test_ddp_population_size_makes_the_estimates_exact_over_every_draw_without_replacement(rank_results):
+    """3 gloo ranks, one example each, over all 60 draws without replacement from 5 examples at fixed parameters:
+    with population_size=5 the mean of the step estimates is the dataset's |G|^2 and tr(Sigma) (divisor N, from a
+    loop of per-example gradients in this process) to 1e-10 relative, on every rank. Without a correction (the
+    history's own local and global norms, the arithmetic DDPNoiseScale used before) |G|^2 reads low by exactly
+    tr(Sigma)/(N - 1) and tr(Sigma) high by N/(N - 1)."""
+    from noisescale.estimators import _two_batch_estimate
+    inputs, labels = _population_data()
+    model = _make_model(torch.float64)
+    per_example = torch.stack([torch.cat([g.flatten() for g in _gradient(model, inputs[k:k + 1], labels[k:k + 1])])
+                               for k in range(POPULATION)])
+    mean = per_example.mean(0)
+    grad_sqnorm = float(mean @ mean)
+    trace_sigma = float((per_example - mean).square().sum(1).mean())
+    for result in rank_results:
+        assert result["population_error"] is None
+        history = result["population_history"]
+        assert len(history) == 60 and not history["skipped"].any()
+        assert history["grad_sqnorm"].mean() == pytest.approx(grad_sqnorm, rel=1e-10)
+        assert history["trace_sigma"].mean() == pytest.approx(trace_sigma, rel=1e-10)
+        assert result["population_state"]["population_size"] == POPULATION
+        uncorrected = [_two_batch_estimate(row.local_sqnorm, 1, row.global_sqnorm, WORLD_SIZE)
+                       for row in history.itertuples()]
+        assert np.mean([e.grad_sqnorm for e in uncorrected]) == pytest.approx(
+            grad_sqnorm - trace_sigma / (POPULATION - 1), rel=1e-10)
+        assert np.mean([e.trace_sigma for e in uncorrected]) == pytest.approx(
+            trace_sigma * POPULATION / (POPULATION - 1), rel=1e-10)
 
 
 def _token_mean(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -804,5 +859,9 @@ def test_construction_errors_single_process():
         ddp_model = DistributedDataParallel(model)
         with pytest.raises(ValueError, match="world size is 1.*accumulation"):
             DDPNoiseScale(ddp_model, 8)
+        with pytest.raises(ValueError, match="population_size must be >= 2, got 1"):
+            DDPNoiseScale(ddp_model, 8, population_size=1)
+        with pytest.raises(TypeError, match="population_size must be an int"):
+            DDPNoiseScale(ddp_model, 8, population_size=10.0)
     with pytest.raises(RuntimeError, match="not initialised"):
         DDPNoiseScale(ddp_model, 8)
