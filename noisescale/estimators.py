@@ -86,7 +86,11 @@ class NoiseScaleEstimate:
 
     @property
     def b_simple(self) -> float:
-        """tr(Sigma)/|G|^2 of this single batch: biased and noisy, average with ExponentialMovingNoiseScale."""
+        """tr(Sigma)/|G|^2 of this single batch: biased and noisy, average with ExponentialMovingNoiseScale.
+        +inf when the |G|^2 estimate is <= 0 with noise (the mean gradient not resolved); NaN when both are exactly 0
+        (every per-example gradient is 0: no noise and no signal, 0/0)."""
+        if self.grad_sqnorm == 0 and self.trace_sigma == 0:
+            return math.nan
         if self.grad_sqnorm <= 0:
             return math.inf
         return self.trace_sigma / self.grad_sqnorm
@@ -249,7 +253,8 @@ class ExponentialMovingRatio:
     After t accepted updates with values x_1..x_t the weights are w_k = (1 - decay) decay^(t-k) and the
     average is sum_k w_k x_k / sum_k w_k: the EMA with Adam's start-up bias correction (divide by
     1 - decay^t). The reported ratio is mean(numerator)/mean(denominator); +inf when the averaged
-    denominator is <= 0 (the signal is not resolved yet).
+    denominator is <= 0 (the signal is not resolved yet), NaN when both averages are exactly 0 (0/0: every
+    per-example gradient was 0, so there is neither noise nor signal to resolve).
 
     Interval: Fieller's (Fieller 1954, "Some problems in interval estimation", J. R. Stat. Soc. B 16:175-185),
     exact for the ratio R = E[num]/E[den] of two jointly normal means. With a = mean(num), b = mean(den) and
@@ -327,12 +332,20 @@ class ExponentialMovingRatio:
 
     @property
     def ratio(self) -> float:
-        """mean(numerator)/mean(denominator); +inf when mean(denominator) <= 0, NaN before any update."""
-        if self.num_updates == 0:
+        """mean(numerator)/mean(denominator); +inf when mean(denominator) <= 0, NaN before any update and where both
+        means are exactly 0 (undefined: :attr:`all_zero`)."""
+        if self.num_updates == 0 or self.all_zero:
             return math.nan
         if self.denominator <= 0:
             return math.inf
         return self.numerator / self.denominator
+
+    @property
+    def all_zero(self) -> bool:
+        """Whether both averages are exactly 0 after some update, the ratio 0/0 undefined. For B_simple (its tr(Sigma)
+        estimates are >= 0) that means every step's tr(Sigma) and |G|^2 were 0: every per-example gradient was 0 (a
+        perfectly fitted batch, or no trainable parameter reaches the loss)."""
+        return self.num_updates > 0 and self._sums["num_sum"] == 0 and self._sums["den_sum"] == 0
 
     def interval(self, confidence: float = 0.9) -> tuple[float, float]:
         """Fieller's confidence interval of the ratio (class docstring); (nan, nan) until n_eff > 1.5.

@@ -220,7 +220,9 @@ class NoiseScaleSummary:
             suggestion = _describe_suggestion(self.b_simple, shown.place)
         interval = (f"({self.confidence:.0%} interval {shown.low} .. {shown.high})" if not math.isnan(high)
                     else "(no interval yet: too few measured steps)")
-        b_simple = ([f"  B_simple = {shown.value}  {interval}",
+        undefined = measured and self.trace_sigma == 0 and self.grad_sqnorm == 0   # 0/0: no gradient at all
+        b_simple = ([f"  B_simple: undefined ({_ALL_GRADIENTS_ZERO})" if undefined
+                     else f"  B_simple = {shown.value}  {interval}",
                      f"  tr(Sigma) = {with_significant_digits(self.trace_sigma, digits)}, "
                      f"|G|^2 = {with_significant_digits(self.grad_sqnorm, digits)}"] if measured
                     else
@@ -264,9 +266,16 @@ def _checked_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+_ALL_GRADIENTS_ZERO = ("every per-example gradient is 0: a perfectly fitted batch, or no trainable parameter reaches the "
+                       "loss")
+
+
 def _describe_suggestion(batch_size: float, place: int) -> str:
     """The suggestion's line: ``batch_size`` rounded as its estimate is printed (at 10^``place``), to whole
-    examples."""
+    examples; for NaN (a measured B_simple of 0/0: tr(Sigma) = |G|^2 = 0) the cause."""
+    if math.isnan(batch_size):
+        return (f"  critical batch size: undefined (tr(Sigma) = |G|^2 = 0, B_simple is 0/0: {_ALL_GRADIENTS_ZERO}; "
+                "measuring longer or with larger batches would not change it)")
     if math.isfinite(batch_size) and batch_size < 1:   # "about 0 examples" suggests nothing
         return (f"  critical batch size suggested: below one example ({batch_size:.2g}): the gradient noise is small "
                 "against the mean gradient, so any batch size is past the critical one")
@@ -286,6 +295,8 @@ def _resolved(b_noise: float) -> bool:
 
 def _describe_b_noise(b_noise: float, measurements: int, interval: tuple[float, float], confidence: float,
                       hessian_off: str, hessian_every: int) -> str:
+    if math.isnan(b_noise) and measurements:
+        return f"  B_noise: undefined (tr(H Sigma) = G^T H G = 0: {_ALL_GRADIENTS_ZERO})"
     if math.isnan(b_noise):
         return (f"  B_noise: not measured ({hessian_off})" if not hessian_every else
                 f"  B_noise: not measured yet (it is measured at steps 0, {hessian_every}, {2 * hessian_every}, ... "
@@ -522,6 +533,9 @@ class NoiseScaleMonitor:
         population = self._population_of(batch_size)
         estimate = (simple_noise_scale(sqnorms, grad_sqnorm, population=population) if unit_sizes is None
                     else micro_batch_noise_scale(sqnorms, unit_sizes, grad_sqnorm, population=population))
+        if estimate.trace_sigma == 0 and estimate.grad_sqnorm == 0:
+            self._warn_once("all_zero", f"step {self.step}: tr(Sigma) = |G|^2 = 0, so B_simple is undefined (NaN): "
+                            f"{_ALL_GRADIENTS_ZERO} (warned once)")
         self.average.update_estimate(estimate)
         low, high = self.average.interval(self.confidence)
         return {

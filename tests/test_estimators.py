@@ -129,6 +129,25 @@ def test_b_simple_is_infinite_when_gradient_estimate_not_positive():
     assert math.isnan(NoiseScaleEstimate(grad_sqnorm=math.nan, trace_sigma=2.0, batch_size=4).b_simple)
 
 
+def test_b_simple_is_undefined_where_every_per_example_gradient_is_zero_and_infinite_where_only_the_mean_is():
+    """Every per-example gradient 0 gives tr(Sigma) = |G|^2 = 0: B_simple is 0/0, NaN (before, inf, read as "the
+    mean gradient is lost in the noise"), per batch and in the moving averages (B_noise's too). A zero mean gradient
+    with noise (g_i = +-1) stays +inf: its |G|^2 estimate is negative, the true ratio infinite."""
+    zero = simple_noise_scale(np.zeros(8), 0.0, population=40)
+    assert (zero.trace_sigma, zero.grad_sqnorm) == (0.0, 0.0) and math.isnan(zero.b_simple)
+    assert math.isnan(micro_batch_noise_scale([0.0, 0.0, 0.0], [2, 3, 3], 0.0).b_simple)
+    noisy = simple_noise_scale(np.ones(4), 0.0)   # g_i = +1, -1, +1, -1: gbar = 0, tr(Sigma) > 0
+    assert noisy.trace_sigma > 0 and noisy.b_simple == math.inf
+    average, ratio = ExponentialMovingNoiseScale(0.9), ExponentialMovingRatio(0.8)
+    for _ in range(5):
+        average.update_estimate(zero)
+        ratio.update(0.0, 0.0)
+    assert math.isnan(average.b_simple) and math.isnan(ratio.ratio) and average.all_zero
+    average.update_estimate(noisy)
+    assert average.b_simple == math.inf and not average.all_zero
+    assert NoiseScaleEstimate(grad_sqnorm=0.0, trace_sigma=2.0, batch_size=4).b_simple == math.inf
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -1431,3 +1431,34 @@ def test_b_noise_takes_the_population_correction_exactly_over_every_draw_without
         assert len(history) == len(draws) == 30
         assert history["g_h_g"].mean() == pytest.approx(g_h_g, rel=1e-10)
         assert history["trace_h_sigma"].mean() == pytest.approx(trace_h_sigma, rel=1e-10)
+
+
+def test_every_per_example_gradient_zero_is_reported_as_undefined_with_its_cause():
+    """A linear model fitted exactly (targets its own outputs): every per-example gradient is 0, tr(Sigma) = |G|^2
+    = 0. Before, B_simple read inf with no warning and the summary said the mean gradient "is lost in the noise;
+    measure longer". Now B_simple and B_noise are NaN (0/0), a warning and the summary name the cause, and nothing
+    is suggested."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+
+    def squared_error(outputs, targets):
+        return (outputs - targets).square().sum(1)
+
+    with NoiseScaleMonitor(model, squared_error, hessian_every=2, population_size=100) as monitor:
+        with pytest.warns(RuntimeWarning, match=r"step 0: tr\(Sigma\) = \|G\|\^2 = 0, so B_simple is undefined "
+                                                r"\(NaN\): every per-example gradient is 0: a perfectly fitted batch, "
+                                                "or no trainable parameter reaches the loss"):
+            for _ in range(6):
+                inputs = torch.randn(8, 3, dtype=torch.float64)
+                model.zero_grad()
+                monitor(inputs, model(inputs).detach())
+        rows, summary = monitor.history, monitor.summary()
+    assert (rows["trace_sigma"] == 0).all() and (rows["grad_sqnorm"] == 0).all()
+    assert rows["b_simple_batch"].isna().all() and rows["b_simple"].isna().all()
+    assert math.isnan(summary.b_simple) and math.isnan(summary.b_noise) and summary.b_noise_measurements == 3
+    assert math.isnan(summary.suggested_batch_size) and summary.suggested_from is None
+    text = str(summary)
+    assert "B_simple: undefined (every per-example gradient is 0: a perfectly fitted batch" in text
+    assert "B_noise: undefined (tr(H Sigma) = G^T H G = 0" in text
+    assert "critical batch size: undefined (tr(Sigma) = |G|^2 = 0, B_simple is 0/0" in text
+    assert "lost in the noise" not in text and "inf" not in text
