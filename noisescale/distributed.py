@@ -166,9 +166,10 @@ class DDPNoiseScale:
             (default :func:`mean_allreduce_hook`, DDP's own arithmetic; PyTorch's ``allreduce_hook`` or
             ``fp16_compress_hook`` work too).
         population_size: N, where the global batch is drawn without replacement from a dataset of N examples (a
-            ``DistributedSampler``, shuffled or not, ``len(sampler.dataset)``): |G|^2 and tr(Sigma) are then
-            corrected to be unbiased for that dataset (module docstring; without it |G|^2 reads low by B_simple/N
-            of itself). None (default): batches taken as i.i.d. draws, no correction.
+            shuffled ``DistributedSampler``, ``len(sampler.dataset)``; an unshuffled one is a draw only where the
+            stored order is random): |G|^2 and tr(Sigma) are then corrected to be unbiased for that dataset (module
+            docstring; without it |G|^2 reads low by B_simple/N of itself). None (default): batches taken as
+            i.i.d. draws, no correction.
 
     Raises:
         TypeError: ``ddp_model`` is not a DistributedDataParallel.

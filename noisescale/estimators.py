@@ -455,6 +455,11 @@ def noise_scale_across_runs(trace_sigmas: Any, grad_sqnorms: Any, *, confidence:
         raise ValueError(f"trace_sigmas and grad_sqnorms must be 1-D and of one length (one value per run), got "
                          f"shapes {numerators.shape} and {denominators.shape}")
     runs = len(numerators)
+    zero = np.flatnonzero((numerators == 0) & (denominators == 0)).tolist()
+    if zero:
+        raise ValueError(f"runs {zero} have tr(Sigma) = |G|^2 = 0: every per-example gradient was 0 (a perfectly "
+                         "fitted batch, or no trainable parameter reaches the loss), so their B_simple is undefined "
+                         "(0/0); leave them out")
     if runs < 2:
         raise ValueError(f"the spread across runs needs at least 2 runs (3 or more for a useful interval), got {runs}")
     if not (np.isfinite(numerators).all() and np.isfinite(denominators).all()):

@@ -135,7 +135,10 @@ class HessianNoiseScale:
 
     @property
     def b_noise(self) -> float:
-        """tr(H Sigma)/(G^T H G) of this batch; +inf when the G^T H G estimate is <= 0."""
+        """tr(H Sigma)/(G^T H G) of this batch; +inf when the G^T H G estimate is <= 0, NaN when both are exactly 0
+        (every per-example gradient 0: 0/0, as ``NoiseScaleEstimate.b_simple``)."""
+        if self.g_h_g == 0 and self.trace_h_sigma == 0:
+            return math.nan
         if self.g_h_g <= 0:
             return math.inf
         return self.trace_h_sigma / self.g_h_g

@@ -811,12 +811,13 @@ class AdaptiveTrainer:
         history) after this step's measurement, as fairscale reads its averages after the backward pass. Recomputed
         at every step, so it depends on B and the averages of the step, not on the path B took. Unresolved
         estimates, as fairscale clips them: an averaged |G|^2 <= 0 gives the upper bound r = S (all noise); an
-        averaged tr(Sigma) <= 0 the lower bound r = 1. No average yet (no measured step had a finite estimate), or
-        a non-finite one: the factor in use is kept (1 at the start, where fairscale's initial state also gives
-        r = 1)."""
+        averaged tr(Sigma) <= 0 the lower bound r = 1. No average yet (no measured step had a finite estimate), a
+        non-finite one, or both exactly 0 (every per-example gradient 0: the gain is 0/0, not the bound S): the
+        factor in use is kept (1 at the start, where fairscale's initial state also gives r = 1)."""
         average = self.monitor.average
         trace_sigma, grad_sqnorm = average.trace_sigma, average.grad_sqnorm
-        if not (average.num_updates and math.isfinite(trace_sigma) and math.isfinite(grad_sqnorm)):
+        if not (average.num_updates and math.isfinite(trace_sigma) and math.isfinite(grad_sqnorm)) or (
+                trace_sigma == 0 and grad_sqnorm == 0):
             return self.lr_factor
         scale = batch_size / self.base_batch_size
         if grad_sqnorm <= 0:

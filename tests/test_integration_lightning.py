@@ -764,6 +764,19 @@ def test_a_sequence_first_batch_as_long_as_its_sequence_is_unmeasured_or_warned_
         NoiseScaleCallback(batch_first=1)
 
 
+def test_a_batch_first_model_whose_features_are_as_many_as_the_examples_is_not_warned_about():
+    """Inputs (6, 6) to an MLP: dim 1 holds B = 6 features by chance. The sequence-first warning is for modules
+    with a layer that takes (T, B, ...) (a review found it given to any input with B in dim 1); here none."""
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=6)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NoiseScaleCallback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyModule(), loader)
+    assert not [w for w in caught if "sequence-first" in str(w.message)]
+
+
 class SequenceFirstTransformer(SequenceFirstModule):
     """nn.TransformerEncoder without batch_first: Linear and LayerNorm layers on (T, B, d)."""
 

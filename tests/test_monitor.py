@@ -1462,3 +1462,8 @@ def test_every_per_example_gradient_zero_is_reported_as_undefined_with_its_cause
     assert "B_noise: undefined (tr(H Sigma) = G^T H G = 0" in text
     assert "critical batch size: undefined (tr(Sigma) = |G|^2 = 0, B_simple is 0/0" in text
     assert "lost in the noise" not in text and "inf" not in text
+    assert rows["b_noise_batch"].dropna().empty   # 0/0 on the Hessian steps too, not inf
+    from noisescale.monitor import noise_scale_across_seeds
+    with pytest.raises(ValueError, match=r"runs \[0, 1\] have tr\(Sigma\) = \|G\|\^2 = 0: every per-example "
+                                         r"gradient was 0 .* undefined \(0/0\); leave them out"):
+        noise_scale_across_seeds([summary, summary])

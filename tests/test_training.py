@@ -967,7 +967,8 @@ class FrozenAverage:
 def test_adascale_factor_does_not_depend_on_the_path_b_took():
     """With the averages held at given values (float64): run 1 goes 8 -> 16 at B_simple 80, then 16 -> 32 at
     B_simple 400; run 2 goes 8 -> 32 at B_simple 400. At B = 32 both use AdaScale's gain of S = 4 at B_simple
-    400, 3.7778 (before: run 1 used the composed 3.5309). At |G|^2 <= 0 the factor is the upper bound S."""
+    400, 3.7778 (before: run 1 used the composed 3.5309). At |G|^2 <= 0 the factor is the upper bound S; where both
+    averages are 0 (every per-example gradient 0) the factor in use is kept."""
     def run(max_factor, estimates):
         policy = NoiseScaleBatchPolicy(8, min_batch_size=8, max_batch_size=32, hold_steps=1, max_factor=max_factor)
         trainer = make_trainer(small_net(), classification_data(), lr=0.1, policy=policy, lr_coupling="adascale")
@@ -990,6 +991,9 @@ def test_adascale_factor_does_not_depend_on_the_path_b_took():
     sizes, factors, trainer = run(2.0, [(80.0, 1.0), (80.0, -0.5), (80.0, 0.0)])
     assert sizes == [8, 16, 16] and factors[1:] == [2.0, 2.0]
     assert trainer.lr_factor == 2.0
+    # both averages exactly 0 (every per-example gradient 0): the gain is 0/0, not the bound S; the factor is kept
+    sizes, factors, trainer = run(2.0, [(80.0, 1.0), (80.0, 1.0), (0.0, 0.0)])
+    assert sizes == [8, 16, 32] and factors[2] == factors[1] == pytest.approx(adascale_reference(80.0, 1.0, 16, 8))
 
 
 def test_max_micro_batch_does_not_change_the_hessian_proxies():

@@ -118,7 +118,7 @@ class NoiseScaleCallback(Callback):
         pair = isinstance(batch, (tuple, list)) and len(batch) == 2
         if self.options.hessian_every and not pair:
             raise ValueError("hessian_every > 0 (B_noise) needs batches (inputs, targets); set hessian_every=0")
-        batch_size, sequence_first = self._examples_of(batch, pair)
+        batch_size, sequence_first = self._examples_of(batch, pair, pl_module)
         measurable = True
         if sequence_first:
             if self.options.hessian_every:
@@ -136,8 +136,9 @@ class NoiseScaleCallback(Callback):
         self.monitor.begin_micro_batch(batch_size, batch=tuple(batch) if pair else (batch, None),
                                        measurable=measurable)
 
-    def _examples_of(self, batch: Any, pair: bool) -> tuple[int, bool]:
-        """(B, whether the batch is sequence-first): ``batch_first`` of the class docstring."""
+    def _examples_of(self, batch: Any, pair: bool, pl_module: Any) -> tuple[int, bool]:
+        """(B, whether the batch is sequence-first): ``batch_first`` of the class docstring; the warning for T == B
+        only where ``pl_module`` holds a layer that takes sequence-first inputs (``_sequence_first_layers``)."""
         inputs = batch[0] if pair else batch
         if self.batch_first is False:
             tensors = tensors_of(inputs)
@@ -160,7 +161,8 @@ class NoiseScaleCallback(Callback):
         if self.batch_first is None:
             if self._sequence_first:   # the fit's earlier batches showed they are sequence-first: this one's T == B
                 return batch_size, True
-            if any(t.dim() >= 2 and t.shape[1] == batch_size for t in tensors_of(inputs)):
+            if (any(t.dim() >= 2 and t.shape[1] == batch_size for t in tensors_of(inputs))
+                    and _sequence_first_layers(pl_module)):
                 self._warn_once("ambiguous", f"the batch's inputs hold its size ({batch_size}) in dim 1 as well as "
                                 f"in dim 0 ({_shapes(batch)}): the examples are taken from dim 0. If the batch is "
                                 "sequence-first, (T, B, ...) with T == B (torch's nn.RNN, nn.LSTM, nn.GRU and "
@@ -229,6 +231,14 @@ class NoiseScaleCallback(Callback):
 
 def _shapes(batch: Any) -> str:
     return "shapes " + ", ".join(str(tuple(t.shape)) for t in tensors_of(batch))
+
+
+def _sequence_first_layers(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s layers that take sequence-first inputs, (T, B, ...): torch's RNNs and attention
+    (inside nn.Transformer and its layers too) built without ``batch_first=True``. A batch-first model whose inputs
+    hold B in dim 1 by chance (B features) is not warned about."""
+    return [name for name, layer in module.named_modules()
+            if isinstance(layer, (torch.nn.RNNBase, torch.nn.MultiheadAttention)) and not layer.batch_first]
 
 
 def _sequence_first_size(inputs: Any, targets: Any) -> int | None:
