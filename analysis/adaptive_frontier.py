@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     runs.to_csv(paths["runs"], index=False)
     summary = summarise(runs, fit)
     summary.to_csv(args.out / "summary.csv", index=False)
-    sweep_cost = {"sweep": str(args.sweep.resolve().relative_to(ROOT)) if args.sweep.resolve().is_relative_to(ROOT)
-                  else str(args.sweep), "cells": len(frame), "examples_trained": float((frame["steps_trained"] * frame["batch_size"]).sum()),
+    sweep = args.sweep.resolve()
+    sweep_cost = {"sweep": str(sweep.relative_to(ROOT)) if sweep.is_relative_to(ROOT) else str(args.sweep),
+                  "cells": len(frame), "examples_trained": float((frame["steps_trained"] * frame["batch_size"]).sum()),
                   "seconds": float(frame["seconds"].sum()), "fit": fit.summary()}
     (args.out / "sweep_cost.json").write_text(json.dumps(sweep_cost, indent=2))
     plot(frame, fit, runs, summary, args.out / "frontier.png")

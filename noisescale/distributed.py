@@ -70,6 +70,7 @@ from noisescale.estimators import (
     NoiseScaleEstimate,
     _finite_population,
     _two_batch_estimate,
+    population_smaller_than_batch,
     two_batch_noise_scale,
 )
 from noisescale.hessian import HessianNoiseScale, mean_hessian_proxies
@@ -365,9 +366,8 @@ class DDPNoiseScale:
         if estimate.batch_size > population:
             if not self._warned_population:
                 self._warned_population = True
-                warnings.warn(f"a global batch of {estimate.batch_size} examples from population_size={population} "
-                              "holds some example twice: such steps take no finite-population correction (warned "
-                              "once)", RuntimeWarning, stacklevel=3)
+                warnings.warn(population_smaller_than_batch(population, estimate.batch_size), RuntimeWarning,
+                              stacklevel=3)
             return estimate
         return _finite_population(estimate, population)
 

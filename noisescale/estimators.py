@@ -182,6 +182,15 @@ def micro_batch_noise_scale(sqnorms: Any, sizes: Any, grad_sqnorm: Any, *,
                                                  batch_size=int(batch_size)), population)
 
 
+def population_smaller_than_batch(population: int, batch_size: int) -> str:
+    """The warning for a batch of more examples than ``population_size``, where no correction is taken (the
+    monitors' and ``DDPNoiseScale``'s)."""
+    return (f"population_size={population} is smaller than a batch of {batch_size} examples: it is the number of "
+            "examples batches are drawn from (len(loader.dataset), not len(loader), the number of batches); a batch "
+            "larger than it (a sampler padding a small dataset for its ranks) holds some example twice. Such steps "
+            "take no finite-population correction (warned once)")
+
+
 def _finite_population(estimate: NoiseScaleEstimate, population: int | None) -> NoiseScaleEstimate:
     """``estimate`` of a batch drawn without replacement from ``population`` examples, made unbiased for that
     dataset (module docstring: tr(Sigma) ~ S (N-1)/N, |G|^2 ~ |G|^2 estimate + S/N); itself for None."""

@@ -42,7 +42,8 @@ from noisescale.batches import (batch_size_of, call_model, describe_nonfinite_co
                                 nonfinite_counts, to_device)
 from noisescale.checkpoints import atomic_write, to_plain
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio, NoiseScaleAcrossRuns,
-                                   micro_batch_noise_scale, noise_scale_across_runs, simple_noise_scale)
+                                   micro_batch_noise_scale, noise_scale_across_runs,
+                                   population_smaller_than_batch, simple_noise_scale)
 from noisescale.hessian import HESSIAN_NOISE_SCALE_MIN_BATCH, HessianNoiseScale, micro_batch_hessian_noise_scale
 from noisescale.per_example import PerExampleGradNorms
 from noisescale.per_example.layers import batch_statistics_path
@@ -748,11 +749,7 @@ class NoiseScaleMonitor:
         which holds some example twice (a sampler that pads a small dataset for its ranks) and so is no draw without
         replacement."""
         if self.population_size is not None and batch_size > self.population_size:
-            self._warn_once("population", f"population_size={self.population_size} is smaller than a batch of "
-                            f"{batch_size} examples: it is the number of examples batches are drawn from "
-                            "(len(loader.dataset), not len(loader), the number of batches); a batch larger than it "
-                            "(a sampler padding a small dataset for its ranks) holds some example twice. Such steps "
-                            "take no finite-population correction (warned once)")
+            self._warn_once("population", population_smaller_than_batch(self.population_size, batch_size))
             return None
         return self.population_size
 
