@@ -960,7 +960,6 @@ class AdaptiveTrainer:
         self.close()
 
 
-
 def _map_style_size(dataset: Any) -> int:
     """len(dataset), where it is a map-style dataset the trainer can draw batches of any size from; a TypeError
     naming what to pass instead for a DataLoader, an iterable dataset or anything without len and indexing."""
@@ -1045,8 +1044,6 @@ def _load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Opt
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
-
-
 
 
 # --------------------------------------------------------------------------- named batch-size sources

@@ -53,8 +53,6 @@ INPUTS, HIDDEN, CLASSES = 6, 8, 3
 POPULATION = 5   # DDPNoiseScale(population_size=...): every draw of WORLD_SIZE examples, 60
 
 
-
-
 def _make_model(dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -123,12 +121,13 @@ def _trainer_data(poison: bool = False) -> TensorDataset:
     return TensorDataset(inputs, torch.randint(0, CLASSES, (96,), generator=generator))
 
 
-def _adaptive_trainer(model: torch.nn.Module, dataset: TensorDataset, kappa: float = 4.0) -> AdaptiveTrainer:
+def _adaptive_trainer(model: torch.nn.Module, dataset: TensorDataset, kappa: float = 4.0,
+                      lr_coupling: str = "sqrt") -> AdaptiveTrainer:
     """B follows kappa B_simple from 12 up to 48 in multiples of 6 (= 3 ranks x 2), micro-batches of 2 per process."""
     policy = NoiseScaleBatchPolicy(12, min_batch_size=12, max_batch_size=48, kappa=kappa, granularity=6, hold_steps=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
     return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, dataset, policy=policy, max_micro_batch=2,
-                           lr_coupling="sqrt", monitor_options={"ema_decay": 0.5}, seed=4, progress=False)
+                           lr_coupling=lr_coupling, monitor_options={"ema_decay": 0.5}, seed=4, progress=False)
 
 
 @contextlib.contextmanager
@@ -155,12 +154,6 @@ def _hessian_trainer(model: torch.nn.Module) -> AdaptiveTrainer:
     options = {"hessian_every": 1, "hessian_examples": MICRO_BATCH, "hessian_probes": 4, "seed": HESSIAN_SEED}
     return AdaptiveTrainer(model, per_example_cross_entropy, optimizer, _trainer_data(), batch_size=WORLD_SIZE * 4,
                            monitor_options=options, seed=4, progress=False)
-
-
-
-
-
-
 
 
 def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
@@ -307,11 +300,13 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     # 6. the adaptive trainer under DDP (noise-scale policy, micro-batches), and with a NaN example.
     # "adaptive_kappa": every rank but the first would keep the smallest batch; rank 0's decisions must rule.
     # "adaptive_batch_norm": every rank's micro-batches are units of the global batch's micro-batch estimate.
+    # "adaptive_adascale": AdaScale's gain at every step, from averages every rank holds alike.
     for key, dataset, kappa in (("adaptive", _trainer_data(), 4.0), ("adaptive_nan", _trainer_data(poison=True), 4.0),
                                 ("adaptive_kappa", _trainer_data(), 4.0 if rank == 0 else 1e-3),
-                                ("adaptive_batch_norm", _trainer_data(), 4.0)):
+                                ("adaptive_batch_norm", _trainer_data(), 4.0),
+                                ("adaptive_adascale", _trainer_data(), 4.0)):
         model = _make_batch_norm_model() if key == "adaptive_batch_norm" else _make_model(torch.float64)
-        trainer = _adaptive_trainer(_ddp(model), dataset, kappa)
+        trainer = _adaptive_trainer(_ddp(model), dataset, kappa, "adascale" if key == "adaptive_adascale" else "sqrt")
         with trainer:
             for _ in range(TRAINER_STEPS):
                 trainer.step()
@@ -643,6 +638,24 @@ def test_adaptive_ddp_run_equals_the_single_process_run_with_the_same_global_bat
             torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
         # ranks 1 and 2 run policies with a tiny kappa, yet every rank follows rank 0's (the reference's) batches
         assert result["adaptive_kappa_history"]["batch_size"].tolist() == expected["batch_size"].tolist()
+
+
+def test_adascale_under_ddp_equals_the_single_process_run(rank_results):
+    """lr_coupling="adascale" on 3 ranks: the gain of B / B_0 from the monitor's averages, which every rank holds
+    alike, gives each rank the learning rates, batch sizes and parameters of the one process with the same global
+    batches (float64 tolerance), and the factor moves from step to step."""
+    reference = _adaptive_trainer(_make_model(torch.float64), _trainer_data(), lr_coupling="adascale")
+    with reference:
+        for _ in range(TRAINER_STEPS):
+            reference.step()
+    expected = reference.history
+    assert expected["learning_rate"].nunique() > 2
+    for result in rank_results:
+        history = result["adaptive_adascale_history"]
+        assert history["batch_size"].tolist() == expected["batch_size"].tolist()
+        np.testing.assert_allclose(history["learning_rate"], expected["learning_rate"], rtol=1e-9)
+        for trained, p in zip(result["adaptive_adascale_params"], reference.model.parameters()):
+            torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_a_batch_norm_model_under_ddp_equals_the_single_process_run_with_the_same_micro_batches(rank_results):

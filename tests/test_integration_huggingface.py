@@ -580,7 +580,6 @@ def test_a_later_train_resumed_from_a_checkpoint_continues_the_checkpoints_avera
     assert trainer.noise_scale.summary().trace_sigma == pytest.approx(average.trace_sigma, rel=1e-12)
 
 
-
 def test_a_run_resumed_from_a_plain_trainers_checkpoint_starts_its_averages_anew(tmp_path):
     """A new user's find: resumed from a checkpoint of a plain Trainer (no noise-scale state in it), the first save
     raised KeyError: 'NoiseScaleCheckpointState' after the resumed steps, leaving a checkpoint without
@@ -662,8 +661,6 @@ def test_an_exception_in_a_step_leaves_the_model_and_the_process_as_they_were(tm
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
-
-
 
 
 def _ddp_worker(rank, out_dir):

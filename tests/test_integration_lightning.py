@@ -461,8 +461,6 @@ def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
 WORLD_SIZE = 2
 
 
-
-
 def _ddp_worker(rank, out_dir):
     """One rank of Lightning's ddp strategy (the environment variables say the processes exist already): a run
     without the callback and one with it, same seed; parameters, history and batches saved for the test."""

@@ -1218,7 +1218,6 @@ def test_with_an_adaptive_optimizer_the_summary_suggests_b_simple_and_says_why(m
                             monitor_options={"hessian_every": 2}, progress=False)
 
 
-
 @pytest.mark.parametrize("given", [torch.optim.Adam, "adam", 0.1])
 def test_an_optimizer_class_or_name_is_refused_not_read_as_sgd(given):
     """optimizer=torch.optim.Adam (the class) or "adam" was accepted and read as SGD (adaptive_optimizer False, a

@@ -267,7 +267,6 @@ def test_resume_from_a_checkpoint_continues_the_run_identically(lr_coupling):
     pd.testing.assert_frame_equal(trainer.history.drop(columns="seconds"), resumed.history.drop(columns="seconds"))
 
 
-
 def test_a_refused_checkpoint_leaves_the_trainer_as_it_was():
     """A checkpoint of another sampler seed was refused only after the model and the optimizer had been loaded (an
     audit's finding: the trainer half-loaded). Now every part is as before the call, and training goes on exactly as
@@ -436,7 +435,6 @@ def test_a_non_finite_step_is_skipped_counted_and_warned_once():
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert not torch.equal(after_skips[0], trainer.model[0].weight)  # the finite step did train
     assert trainer.history["skipped"].tolist() == [False, True, True, False]
-
 
 
 def test_a_batch_holding_nan_is_reported_as_bad_data_not_as_a_diverged_run():
