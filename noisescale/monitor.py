@@ -742,6 +742,7 @@ class NoiseScaleMonitor:
             "average": self.average.state_dict(),
             "hessian_average": self.hessian_average.state_dict(),
             "population_size": self.population_size,
+            "b_noise_population_corrected": True,   # since 58a7566 B_noise takes the correction too
         }
 
     def _population_of(self, batch_size: int) -> int | None:
@@ -765,7 +766,8 @@ class NoiseScaleMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Averages taken with another ``population_size`` (or, from a version
         before session 25, without one: no finite-population correction) are continued with a warning: their
-        steps' |G|^2 differs from the later ones' by B_simple/N of it. Averages taken with another ``ema_decay`` or
+        steps' |G|^2 differs from the later ones' by B_simple/N of it; so are B_noise averages of a version before
+        B_noise took the correction (58a7566). Averages taken with another ``ema_decay`` or
         ``hessian_ema_decay`` are refused, naming the option and the checkpoint's value, before anything is changed."""
         for name, average, saved_average in (("ema_decay", self.average, state["average"]),
                                              ("hessian_ema_decay", self.hessian_average, state["hessian_average"])):
@@ -780,6 +782,12 @@ class NoiseScaleMonitor:
                      if saved in ("missing", None) else f"with population_size={saved}")
             _warn_population_changed(f"the checkpoint's averages were taken {taken}",
                                      f"this monitor's population_size is {self.population_size}")
+        elif (self.population_size is not None and state["hessian_average"]["num_updates"]
+              and not state.get("b_noise_population_corrected")):
+            warnings.warn("the checkpoint's B_noise averages were taken by an earlier version, before B_noise took "
+                          f"the finite-population correction (population_size={self.population_size}): their "
+                          "G^T H G read low by about B_noise/N of it, and the averages continued here mix both",
+                          RuntimeWarning, stacklevel=2)
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.nonfinite_steps = int(state["nonfinite_steps"])

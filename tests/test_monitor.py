@@ -661,6 +661,28 @@ def test_a_state_of_another_decay_is_refused_naming_the_option_and_the_value_to_
     assert monitor.state_dict() == before and monitor.step == 1
 
 
+def test_b_noise_averages_of_a_version_before_its_population_correction_are_continued_with_a_warning():
+    """A review's find: a checkpoint of a version before B_noise took the finite-population correction (its state
+    without the marker) was continued silently by a monitor with the same population_size, mixing uncorrected and
+    corrected G^T H G. Now warned; a checkpoint of this version is not, and neither is one without B_noise."""
+    _, saved = train(2, {"hessian_every": 1, "hessian_examples": 4, "population_size": 1000})
+    state = saved.state_dict()
+    _, monitor = train(1, {"hessian_every": 1, "hessian_examples": 4, "population_size": 1000})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.load_state_dict(state)
+    del state["b_noise_population_corrected"]
+    with pytest.warns(RuntimeWarning, match=r"B_noise averages were taken by an earlier version, before B_noise took "
+                                            r"the finite-population correction \(population_size=1000\)"):
+        monitor.load_state_dict(state)
+    _, plain = train(2, {"population_size": 1000})
+    old = plain.state_dict()
+    del old["b_noise_population_corrected"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.load_state_dict(old)
+
+
 def test_softmax_regression_on_real_data_converges_to_exact_full_dataset_values():
     """Ground truth: on 3,000 shipped Fashion-MNIST images, softmax regression's per-example gradients are
     g_i = (p_i - y_i) [x_i, 1]^T, so the population tr(Sigma) = mean_i |g_i|^2 - |mean_i g_i|^2 and |G|^2 =
