@@ -775,6 +775,36 @@ def test_a_batch_first_model_whose_features_are_as_many_as_the_examples_is_not_w
     assert not [w for w in caught if "sequence-first" in str(w.message)]
 
 
+class PerStepModule(SequenceFirstModule):
+    """The GRU with a head at every step: targets (T, B), a per-step loss, sequence-first like the inputs."""
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+
+def test_sequence_first_targets_are_warned_about_where_the_module_takes_sequence_first_inputs():
+    """Inputs (3, 4, 3) and per-step targets (3, 4): every tensor agrees in dim 0, so the batch is taken with B = 3,
+    the positions (tr(Sigma) 0.230 against the loop's 0.355 in a review's script), and nothing but the independence
+    check's coupling warning said so. Now a warning names the module's sequence-first layer and batch_first=False,
+    before the first step; a batch-first model with targets of 2 dims is not warned about (the MLP test above)."""
+    x = torch.randn(8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = (x[..., 0] > 0).long()
+
+    def collate(examples):
+        return torch.stack([e[0] for e in examples], 1), torch.stack([e[1] for e in examples], 1)
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=collate)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NoiseScaleCallback()])
+    with pytest.warns(RuntimeWarning, match=r"layers \['rnn'\] take sequence-first inputs by default, and this "
+                                            r"batch's targets have 2 dims or more .*batch_first=False"):
+        trainer.fit(PerStepModule(), loader)
+
+
 class SequenceFirstTransformer(SequenceFirstModule):
     """nn.TransformerEncoder without batch_first: Linear and LayerNorm layers on (T, B, d)."""
 

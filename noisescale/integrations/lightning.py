@@ -85,6 +85,7 @@ class NoiseScaleCallback(Callback):
         self.batch_first = batch_first
         self._sequence_first = batch_first is False   # the fit's batches are known to be sequence-first
         self._warned: set[str] = set()
+        self._sequence_first_layers: list[str] = []   # the module's layers taking (T, B, ...): set at fit start
         self.options = options or NoiseScaleOptions()
         self.monitor: ObservingNoiseScaleMonitor | None = None
         self._loss: torch.Tensor | None = None
@@ -98,6 +99,7 @@ class NoiseScaleCallback(Callback):
             raise ValueError(f"NoiseScaleCallback cannot measure under {type(trainer.strategy).__name__}; use "
                              "strategy='ddp', a single device, or FSDP2 through ModelParallelStrategy (fully_shard "
                              "in configure_model, tensor_parallel_size=1)")
+        self._sequence_first_layers = _sequence_first_layers(pl_module)
         previous = self.monitor.state_dict() if self.monitor is not None else self._restored
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         self.monitor = ObservingNoiseScaleMonitor(pl_module, self.options,
@@ -118,7 +120,7 @@ class NoiseScaleCallback(Callback):
         pair = isinstance(batch, (tuple, list)) and len(batch) == 2
         if self.options.hessian_every and not pair:
             raise ValueError("hessian_every > 0 (B_noise) needs batches (inputs, targets); set hessian_every=0")
-        batch_size, sequence_first = self._examples_of(batch, pair, pl_module)
+        batch_size, sequence_first = self._examples_of(batch, pair)
         measurable = True
         if sequence_first:
             if self.options.hessian_every:
@@ -136,9 +138,11 @@ class NoiseScaleCallback(Callback):
         self.monitor.begin_micro_batch(batch_size, batch=tuple(batch) if pair else (batch, None),
                                        measurable=measurable)
 
-    def _examples_of(self, batch: Any, pair: bool, pl_module: Any) -> tuple[int, bool]:
-        """(B, whether the batch is sequence-first): ``batch_first`` of the class docstring; the warning for T == B
-        only where ``pl_module`` holds a layer that takes sequence-first inputs (``_sequence_first_layers``)."""
+    def _examples_of(self, batch: Any, pair: bool) -> tuple[int, bool]:
+        """(B, whether the batch is sequence-first): ``batch_first`` of the class docstring. Where nothing tells
+        and the module holds a layer that takes sequence-first inputs (``_sequence_first_layers``), a warning: for
+        inputs with B in dim 1 as well as dim 0 (T == B), or targets of 2 dims or more, (T, B) as a sequence-first
+        per-step loss takes them, which agree with the inputs in dim 0."""
         inputs = batch[0] if pair else batch
         if self.batch_first is False:
             tensors = tensors_of(inputs)
@@ -161,8 +165,9 @@ class NoiseScaleCallback(Callback):
         if self.batch_first is None:
             if self._sequence_first:   # the fit's earlier batches showed they are sequence-first: this one's T == B
                 return batch_size, True
-            if (any(t.dim() >= 2 and t.shape[1] == batch_size for t in tensors_of(inputs))
-                    and _sequence_first_layers(pl_module)):
+            if not self._sequence_first_layers:
+                return batch_size, False
+            if any(t.dim() >= 2 and t.shape[1] == batch_size for t in tensors_of(inputs)):
                 self._warn_once("ambiguous", f"the batch's inputs hold its size ({batch_size}) in dim 1 as well as "
                                 f"in dim 0 ({_shapes(batch)}): the examples are taken from dim 0. If the batch is "
                                 "sequence-first, (T, B, ...) with T == B (torch's nn.RNN, nn.LSTM, nn.GRU and "
@@ -170,6 +175,14 @@ class NoiseScaleCallback(Callback):
                                 "those of its positions and wrong: give NoiseScaleCallback(batch_first=False), "
                                 "which leaves such steps unmeasured, and a batch size other than the sequence "
                                 "length; batch_first=True says dim 0 and silences this warning (warned once)")
+            elif pair and tensors_of(batch[1]) and all(t.dim() >= 2 for t in tensors_of(batch[1])):
+                self._warn_once("sequence_targets", f"the module's layers {self._sequence_first_layers[:3]} take "
+                                "sequence-first inputs by default, and this batch's targets have 2 dims or more "
+                                f"({_shapes(batch)}): its examples are taken from dim 0 ({batch_size}). If the batch "
+                                "is sequence-first, inputs (T, B, ...) with per-step targets (T, B), the norms and the "
+                                "noise scale are those of its positions and wrong: give "
+                                "NoiseScaleCallback(batch_first=False); batch_first=True says dim 0 and silences this "
+                                "warning (warned once)")
         return batch_size, False
 
     def _warn_once(self, key: str, message: str) -> None:
