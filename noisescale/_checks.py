@@ -67,7 +67,8 @@ def listed(names: list[str], shown: int = 4) -> str:
 def mark_repeated_rows(keys: Any, lines: Any, reasons: list[str | None], what: str) -> list[str | None]:
     """``reasons`` (one per CSV row, None for a row so far trusted) with "repeats the <what> of line N" for each
     trusted row whose key an earlier trusted row (at line N) has: the first copy is kept, a pasted or re-appended
-    copy would count as another measurement. Shared by the sweep's CSV and :func:`noisescale.tradeoff.read_sweep_csv`."""
+    copy would count as another measurement. Shared by the sweep's CSV and
+    :func:`noisescale.tradeoff.read_sweep_csv`."""
     seen: dict[Any, int] = {}
     marked = list(reasons)
     for index, (key, line) in enumerate(zip(keys, lines)):

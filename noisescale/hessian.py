@@ -534,7 +534,7 @@ def _weighted_sum(terms: list[tuple[float, Any]]) -> Any:
 def _noise_scale_of_halves(model: nn.Module, loss_fn: LossFunction, whole: Batches, gradient_half: Batches,
                            curvature_half: Batches, *, num_probes: int, num_sigma_examples: int,
                            generator: torch.Generator | None, chunk_size: int | None,
-                           population: int | None = None) -> HessianNoiseScale:
+                           population: int | None) -> HessianNoiseScale:
     """The estimators of the module docstring on a batch given as parts: tr(H) on ``whole``, gbar and the
     per-example gradients on ``gradient_half``, the Hessian they are multiplied with on ``curvature_half`` (with
     ``population`` N, on both halves: ((N - h) H_curvature + h H_gradient)/N, module docstring).

@@ -267,8 +267,8 @@ def _checked_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-_ALL_GRADIENTS_ZERO = ("every per-example gradient is 0: a perfectly fitted batch, or no trainable parameter reaches the "
-                       "loss")
+_ALL_GRADIENTS_ZERO = ("every per-example gradient is 0: a perfectly fitted batch, or no trainable parameter reaches "
+                       "the loss")
 
 
 def _describe_suggestion(batch_size: float, place: int) -> str:
@@ -367,8 +367,8 @@ class NoiseScaleMonitor:
             |G|^2 (:func:`~noisescale.estimators.simple_noise_scale`; without it |G|^2 reads low by B_simple/N of
             itself), and the Hessian proxies for its G^T H G and tr(H Sigma) (:mod:`noisescale.hessian`, "Finite
             population"; without it G^T H G reads low by about B_noise/N of itself, and more from the dependence
-            of the batch's two halves). None: batches taken as i.i.d. draws. AdaptiveTrainer and :func:`measure` over a DataLoader
-            pass it themselves.
+            of the batch's two halves). None: batches taken as i.i.d. draws. AdaptiveTrainer and :func:`measure`
+            over a DataLoader pass it themselves.
     """
 
     # what the warnings of a step holding bad data advise about its optimizer step (the loop is the caller's)
@@ -772,10 +772,10 @@ class NoiseScaleMonitor:
         for name, average, saved_average in (("ema_decay", self.average, state["average"]),
                                              ("hessian_ema_decay", self.hessian_average, state["hessian_average"])):
             if float(saved_average["decay"]) != average.decay:
-                raise ValueError(f"the checkpoint's averages were taken with {name}={saved_average['decay']!r} and this "
-                                 f"monitor's {name} is {average.decay!r}: give {name}={saved_average['decay']!r} (the "
-                                 "checkpoint's) to continue them (NoiseScaleOptions too), or start without the "
-                                 "checkpoint's noise-scale state")
+                raise ValueError(f"the checkpoint's averages were taken with {name}={saved_average['decay']!r} and "
+                                 f"this monitor's {name} is {average.decay!r}: give {name}="
+                                 f"{saved_average['decay']!r} (the checkpoint's) to continue them (NoiseScaleOptions "
+                                 "too), or start without the checkpoint's noise-scale state")
         saved = state.get("population_size", "missing")
         if saved != self.population_size and state["average"]["num_updates"]:
             taken = ("without the finite-population correction (a checkpoint of an earlier version)"

@@ -17,11 +17,11 @@ steps); one whose loss becomes non-finite is ``"diverged"``.
 Noise scale at the target. ``b_simple`` is the moving average of B_simple = tr(Sigma)/|G|^2 that the
 :class:`~noisescale.monitor.NoiseScaleMonitor` measured during the run, read at the crossing step, with its
 interval; the monitor takes the finite-population correction of the training set the batches are drawn from
-without replacement (``population_size`` = the training examples used). ``b_noise`` = tr(H Sigma)/(G^T H G) (McCandlish et al. eq. 2.8) is measured once when the run stops
-(``(smoothing_window - 1) / 2`` evaluations after the crossing): ``trace_h_sigma`` and ``g_h_g`` from
-:func:`noisescale.hessian.hessian_noise_scale` are averaged over ``noise_batches`` fixed training batches
-before taking the ratio, each batch (a window of one permutation of the training set) with the same finite-population
-correction.
+without replacement (``population_size`` = the training examples used). ``b_noise`` = tr(H Sigma)/(G^T H G)
+(McCandlish et al. eq. 2.8) is measured once when the run stops (``(smoothing_window - 1) / 2`` evaluations after
+the crossing): ``trace_h_sigma`` and ``g_h_g`` from :func:`noisescale.hessian.hessian_noise_scale` are averaged
+over ``noise_batches`` fixed training batches before taking the ratio, each batch (a window of one permutation of
+the training set) with the same finite-population correction.
 
 Each finished cell is appended at once as one row to the CSV (all settings included, one write, fsync'ed),
 so an interrupted sweep resumes: cells already in the file are skipped. Cells run in spawned worker processes

@@ -712,8 +712,8 @@ def _fit_sequence_first(callbacks, lengths, steps=3):
 def test_a_sequence_first_batch_is_measured_along_its_examples_found_from_the_targets(tmp_path):
     """Inputs (T, B, 3) with T = 3 != B = 4 and targets (4,): the examples are dim 1, found from the targets. Before,
     the callback took T = 3 from dim 0 and stopped the fit with a ValueError about graphs and EmbeddingBags; now each
-    step's tr(Sigma) and |G|^2 are the per-example loop's (float64, one forward and backward per example; equal to 2.2e-16
-    relative), and training is bit-identical to the plain fit."""
+    step's tr(Sigma) and |G|^2 are the per-example loop's (float64, one forward and backward per example; equal to
+    2.2e-16 relative), and training is bit-identical to the plain fit."""
     plain = _fit_sequence_first([], [3])
     recorder, callback = RecordBatches(), NoiseScaleCallback()
     measured = _fit_sequence_first([recorder, callback], [3])

@@ -159,7 +159,8 @@ def test_an_unresolved_b_noise_is_neither_written_nor_logged():
 def test_the_integrations_log_b_noise_with_its_interval(g_h_g, resolved):
     """A dashboard showed a B_noise that the summary called unresolved, with nothing to tell them apart (a new
     user's find): B_noise is logged with its interval, the summary's, and without its bounds while G^T H G is not
-    resolved from 0 (Fieller's interval is then unbounded). The Hessian proxies are replaced by fixed values (their estimate is tested in test_hessian.py)."""
+    resolved from 0 (Fieller's interval is then unbounded). The Hessian proxies are replaced by fixed values (their
+    estimate is tested in test_hessian.py)."""
     from noisescale.hessian import HessianNoiseScale
     from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 

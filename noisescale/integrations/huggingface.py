@@ -45,9 +45,10 @@ model's inputs and ``labels`` as the targets of ``NoiseScaleOptions(per_example_
 ``functools.partial(sequence_cross_entropy,
 shift=True)`` from :mod:`noisescale.losses` for a causal LM (its default "example" weighting: the proxies vmap the
 loss over single examples); attention on an SDPA kernel without those derivatives runs on SDPA's math kernel
-there (``noisescale.hessian``), so no ``attn_implementation="eager"`` is needed. Activation checkpointing (``activation_checkpointing=True``, reentrant or not) is measured: the hooks
-count each block once, its forward with grad (non-reentrant: the first call; reentrant: the re-run inside the
-backward, as the first runs without grad). Under FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2) the norms come
+there (``noisescale.hessian``), so no ``attn_implementation="eager"`` is needed. Activation checkpointing
+(``activation_checkpointing=True``, reentrant or not) is measured: the hooks count each block once, its forward
+with grad (non-reentrant: the first call; reentrant: the re-run inside the backward, as the first runs without
+grad). Under FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2) the norms come
 from the sharded model as under :mod:`noisescale.sharded` (tested with FSDP2 on 2 gloo ranks, accelerate's FSDP
 state forced on CPU, where accelerate itself runs DDP instead). Not supported: DeepSpeed and DataParallel (each
 raises a clear error at the first step).

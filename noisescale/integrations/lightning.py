@@ -42,7 +42,6 @@ manual optimization, several optimizers, the FSDPStrategy (FSDP1) and DeepSpeed 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -84,7 +83,6 @@ class NoiseScaleCallback(Callback):
             raise TypeError(f"batch_first must be None, True or False, got {batch_first!r}")
         self.batch_first = batch_first
         self._sequence_first = batch_first is False   # the fit's batches are known to be sequence-first
-        self._warned: set[str] = set()
         self._sequence_first_layers: list[str] = []   # the module's layers taking (T, B, ...): set at fit start
         self.options = options or NoiseScaleOptions()
         self.monitor: ObservingNoiseScaleMonitor | None = None
@@ -130,11 +128,11 @@ class NoiseScaleCallback(Callback):
             inputs = batch[0] if pair else batch
             if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors_of(inputs)):
                 measurable = False
-                self._warn_once("sequence_as_long", f"step {self.monitor.step}: its sequence-first batch "
-                                f"({_shapes(batch)}) has a sequence as long as the batch ({batch_size}), and the "
-                                "layers' hooks cannot tell its positions from its examples, so the step is not "
-                                "measured (warned once; the norms along dim 0 would be those of its positions); a "
-                                "batch size other than the sequence length avoids it")
+                self.monitor._warn_once(
+                    "sequence_as_long", f"step {self.monitor.step}: its sequence-first batch ({_shapes(batch)}) has "
+                    f"a sequence as long as the batch ({batch_size}), and the layers' hooks cannot tell its positions "
+                    "from its examples, so the step is not measured (warned once; the norms along dim 0 would be those "
+                    "of its positions); a batch size other than the sequence length avoids it")
         self.monitor.begin_micro_batch(batch_size, batch=tuple(batch) if pair else (batch, None),
                                        measurable=measurable)
 
@@ -168,27 +166,22 @@ class NoiseScaleCallback(Callback):
             if not self._sequence_first_layers:
                 return batch_size, False
             if any(t.dim() >= 2 and t.shape[1] == batch_size for t in tensors_of(inputs)):
-                self._warn_once("ambiguous", f"the batch's inputs hold its size ({batch_size}) in dim 1 as well as "
-                                f"in dim 0 ({_shapes(batch)}): the examples are taken from dim 0. If the batch is "
-                                "sequence-first, (T, B, ...) with T == B (torch's nn.RNN, nn.LSTM, nn.GRU and "
-                                "nn.Transformer take that layout by default), the norms and the noise scale are "
-                                "those of its positions and wrong: give NoiseScaleCallback(batch_first=False), "
-                                "which leaves such steps unmeasured, and a batch size other than the sequence "
-                                "length; batch_first=True says dim 0 and silences this warning (warned once)")
+                self.monitor._warn_once(
+                    "ambiguous", f"the batch's inputs hold its size ({batch_size}) in dim 1 as well as in dim 0 "
+                    f"({_shapes(batch)}): the examples are taken from dim 0. If the batch is sequence-first, "
+                    "(T, B, ...) with T == B (torch's nn.RNN, nn.LSTM, nn.GRU and nn.Transformer take that layout by "
+                    "default), the norms and the noise scale are those of its positions and wrong: give "
+                    "NoiseScaleCallback(batch_first=False), which leaves such steps unmeasured, and a batch size other "
+                    "than the sequence length; batch_first=True says dim 0 and silences this warning (warned once)")
             elif pair and tensors_of(batch[1]) and all(t.dim() >= 2 for t in tensors_of(batch[1])):
-                self._warn_once("sequence_targets", f"the module's layers {self._sequence_first_layers[:3]} take "
-                                "sequence-first inputs by default, and this batch's targets have 2 dims or more "
-                                f"({_shapes(batch)}): its examples are taken from dim 0 ({batch_size}). If the batch "
-                                "is sequence-first, inputs (T, B, ...) with per-step targets (T, B), the norms and the "
-                                "noise scale are those of its positions and wrong: give "
-                                "NoiseScaleCallback(batch_first=False); batch_first=True says dim 0 and silences this "
-                                "warning (warned once)")
+                self.monitor._warn_once(
+                    "sequence_targets", f"the module's layers {self._sequence_first_layers[:3]} take sequence-first "
+                    "inputs by default, and this batch's targets have 2 dims or more "
+                    f"({_shapes(batch)}): its examples are taken from dim 0 ({batch_size}). If the batch is "
+                    "sequence-first, inputs (T, B, ...) with per-step targets (T, B), the norms and the noise scale "
+                    "are those of its positions and wrong: give NoiseScaleCallback(batch_first=False); "
+                    "batch_first=True says dim 0 and silences this warning (warned once)")
         return batch_size, False
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
