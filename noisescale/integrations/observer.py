@@ -185,7 +185,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         can measure (``observe``). ``measurable=False``: the caller knows the hooks would read the examples along
         the wrong dim (Lightning's sequence-first batch with a sequence as long as the batch): the step is recorded,
         unmeasured, and no hook is armed for its later micro-batches."""
-        self._drop_open_micro_batch()
+        self._drop_open_micro_batch("begin_micro_batch")
         self._step_open = self._micro_batch_open = True
         self._pending = batch
         self._sizes.append(batch_size)
@@ -212,17 +212,29 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 self._sqnorms.append(self._observed.sqnorms)
                 self.backend_of = dict(self._observed.backend_of)
 
-    def _drop_open_micro_batch(self) -> None:
+    def _drop_open_micro_batch(self, caller: str | None = None) -> None:
         """Forget a micro-batch whose backward never came (the framework skipped it or raised): its size too, on a
-        step measured or not (it trained nothing)."""
+        step measured or not (it trained nothing). ``caller``: the method that found it open; where the hooks saw
+        its backward run (a loop of one's own that left out ``end_micro_batch``), the step is forgotten and a
+        ValueError names the call missing: its gradient is in p.grad, its examples would be missing from the
+        estimate."""
         self._pending = None
         if self._micro_batch_open:
             self._micro_batch_open = False
             self._sizes.pop()
         if self._micro_batch is not None:
             micro_batch, self._micro_batch = self._micro_batch, None
+            backward_ran = bool(self._observed.received)
             dropped = RuntimeError("micro-batch dropped")
             micro_batch.__exit__(type(dropped), dropped, None)  # removes the hooks' state, records nothing
+            if backward_ran and caller is not None:
+                self._step_open = False
+                self._reset_step()
+                raise ValueError(
+                    f"{caller} was called while the micro-batch begun last had run its backward without "
+                    "end_micro_batch(loss) after it: its gradient is in p.grad, and its examples would be missing "
+                    "from the estimate. Call monitor.end_micro_batch(loss) after each micro-batch's backward; this "
+                    "step is dropped (no row), the model and p.grad are as they were")
 
     def close(self) -> None:
         """Remove the hooks from the model, after disarming a micro-batch left open and forgetting the step it
@@ -257,7 +269,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
 
     def _end_step(self, contribution_scale: float, grad_scale: float, loss_weight: float,
                   global_step: int | None) -> dict[str, Any] | None:
-        self._drop_open_micro_batch()
+        self._drop_open_micro_batch("end_step")
         if self._step_open and not self._sizes:   # every micro-batch skipped (Lightning: training_step returned
             self._step_open = False               # None): no backward, nothing trained, no row
             self._reset_step()

@@ -85,7 +85,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -142,11 +142,14 @@ class PerExampleNorms:
 class ObservedNorms:
     """What :meth:`PerExampleGradNorms.observe` read from a forward and backward run by the caller; filled when the
     ``with`` block ends. sqnorms: (B,) |g_i|^2 summed over all trainable parameters; by_parameter: name -> (B,)
-    contribution, when asked for; backend_of: name -> "ghost" | "module" | "vmap", as in ``PerExampleNorms``."""
+    contribution, when asked for; backend_of: name -> "ghost" | "module" | "vmap", as in ``PerExampleNorms``;
+    received: the names of the parameters the caller's backward has brought a gradient so far, filled as it runs
+    (a block left before its end can tell whether its backward ran)."""
 
     sqnorms: Tensor | None = None
     by_parameter: dict[str, Tensor] | None = None
     backend_of: dict[str, str] | None = None
+    received: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -933,9 +936,9 @@ class PerExampleGradNorms:
         # not given (nanoGPT measures raw_model and steps torch.compile(raw_model))
         with eager():
             parameters = plan.parameters
-            received: set[str] = set()
-            split: set[str] = set()   # parameters whose gradient came in two parts (reentrant checkpointing)
             observed = ObservedNorms()
+            received = observed.received
+            split: set[str] = set()   # parameters whose gradient came in two parts (reentrant checkpointing)
             probe = None if model_inputs is None else self._probe(plan, model_inputs, batch_size)
             can_vmap = not self._sharded
             first = not self._uses_checked   # the first pass of the plan (under FSDP the only one checked)
