@@ -390,26 +390,29 @@ def test_under_ddp_the_walk_passes_through_its_output_node():
         torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-12, atol=0)
 
 
-def _parametrized(kind):
+def _parametrized(kind, bias=True):
     """A Conv1d and a Linear whose weights torch.nn.utils.parametrizations computes from other parameters; kind
     "spectral_norm_hook": the older torch.nn.utils.spectral_norm, whose forward pre-hook computes the weight from
     ``weight_orig`` outside the layer's call (the whole-model vmap measures it)."""
     from torch.nn.utils import parametrizations
     torch.manual_seed(0)
     parametrize = nn.utils.spectral_norm if kind == "spectral_norm_hook" else getattr(parametrizations, kind)
-    conv, linear = nn.Conv1d(3, 4, 3, padding=1), nn.Linear(2, 2)
+    conv, linear = nn.Conv1d(3, 4, 3, padding=1, bias=bias), nn.Linear(2, 2, bias=bias)
     parametrize(conv)
     parametrize(linear)
     return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(20, 6), nn.Unflatten(1, (3, 2)), linear).double()
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "orthogonal"])
-def test_parametrized_weights_are_measured_from_their_layers_rule(kind):
+def test_parametrized_weights_are_measured_from_their_layers_rule(kind, bias):
     """The parametrization's call computes the weight once for all the examples; the Conv1d's and Linear's rules
     give each example's gradient of it from the real pass, and the per-module fallback takes it back to the
     parametrization's own parameters (Wav2Vec2's weight-normed positional convolution). Spectral norm in eval mode
-    (in train mode its forward updates its power-iteration buffers: next test)."""
-    model = _parametrized(kind)
+    (in train mode its forward updates its power-iteration buffers: next test). Layers without a bias, which have
+    no trainable parameter of their own, too: they were not hooked, and their weights' parametrizations went to the
+    whole-model vmap."""
+    model = _parametrized(kind, bias)
     model.train(kind != "spectral_norm")
     x = torch.randn(5, 3, 5, dtype=torch.float64, generator=generator(1))
     y = torch.randn(5, 3, 2, dtype=torch.float64, generator=generator(2))
@@ -463,14 +466,15 @@ def _assert_steps_at_the_pass_weights(model, engine, steps=3, observe=False):
                                        rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("observe", [False, True])
-def test_the_fallback_leaves_the_buffers_a_forward_updates_as_the_real_pass_left_them(observe):
+def test_the_fallback_leaves_the_buffers_a_forward_updates_as_the_real_pass_left_them(observe, bias):
     """Spectral norm in train mode updates its power-iteration vectors in every forward; the fallback's re-run of the
     parametrization works on copies, so the buffers and p.grad after a measured step are a plain step's. The re-run
     starts from copies of the buffers taken before the call (before every call of a module seen to change them,
     and before its first call), so the norms are those of the weight the real pass used from the first call on
     (the first call's were one update further on before: 4.5e-4 off with a warning, 2.4e-3 in observe without)."""
-    model = _parametrized("spectral_norm").train()
+    model = _parametrized("spectral_norm", bias).train()
     engine = PerExampleGradNorms(model, regression_loss, by_parameter=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -173,6 +173,18 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
     return losses
 
 
+def _parametrized_rule(module: nn.Module) -> LayerRule | None:
+    """The rule of a rule layer that computes a tensor its rule measures by ``torch.nn.utils.parametrize`` from
+    trainable parameters (weight norm on a Linear without bias, on an Embedding), or None."""
+    parametrizations = getattr(module, "parametrizations", None)
+    rule = rule_for(module) if isinstance(parametrizations, nn.ModuleDict) else None
+    if rule is None or rule.unsupported_reason(module) is not None:
+        return None
+    return rule if any((rule.parameter_names is None or name in rule.parameter_names)
+                       and any(p.requires_grad for p in parametrizations[name].parameters())
+                       for name in parametrizations) else None
+
+
 def _encloses(outer: str, inner: str) -> bool:
     """Whether the module at path ``outer`` contains the one at ``inner`` (the model's own path is "<model>")."""
     return outer != inner and (outer == "<model>" or inner.startswith(outer + "."))
@@ -389,7 +401,8 @@ class PerExampleGradNorms:
             hooked = [m for m in self._path_of if rule_for(m) is not None]
         else:  # auto: every module with parameters of its own, by its rule or by the per-module fallback
             adopted = _adopted_containers(model, self._sharded)
-            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in _own_parameters(m, adopted))]
+            hooked = [m for m in self._path_of if m in flat_owners or any(True for _ in _own_parameters(m, adopted))
+                      or _parametrized_rule(m) is not None]
         self._engine = GhostNormEngine(hooked, root=model, resharding=fsdp2_units(model) if self._sharded else ())
         self._taps = _GradientTaps()  # |gbar|^2 (FSDP: hooks on its unsharded parameters, per call)
         self._cached_plan: tuple[tuple, _Plan] | None = None
@@ -537,6 +550,13 @@ class PerExampleGradNorms:
                     names = dict(entry.names) if entry else {}
                     entry = hooked[module] = GhostModule(self._path_of[module], rule, names)
                 entry.names[local_name] = name
+        if self.backend == "auto":   # a rule layer without trainable parameters of its own whose weight is
+            # parametrized (weight norm on a Linear without bias, on an Embedding): its rule gives each example's
+            # gradient of that weight (``GhostPass.claim_parametrized``), as for a layer with a bias
+            for module, path in self._path_of.items():
+                rule = None if module in hooked else _parametrized_rule(module)
+                if rule is not None:
+                    hooked[module] = GhostModule(path, rule, {})
         vmap_names = sorted(name for name, backend in backend_of.items() if backend == "vmap")
         shards = fsdp2_shards(self.model) if self._sharded else {}
         return _Plan(hooked, vmap_names, backend_of, {name: shards.get(id(p), p) for name, p in parameters.items()},
