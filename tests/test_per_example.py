@@ -506,6 +506,22 @@ def test_loss_of_wrong_shape_is_rejected():
         per_example_sqnorms(model, lambda out, t: F.cross_entropy(out, t), x, y)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_of_an_integer_dtype_or_without_a_graph_are_rejected_naming_the_cause(backend):
+    """Before, torch's own messages ('mean(): could not infer output dtype', 'element 0 of tensors does not require
+    grad'), which name neither loss_fn nor the fix; p.grad is left as it was."""
+    model, x, y, loss_fn = _mlp_case()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = grads_of(model)
+    with pytest.raises(ValueError, match="floating-point per-example losses, got torch.int64"):
+        per_example_sqnorms(model, lambda out, t: (out.argmax(1) == t).long(), x, y, backend=backend)
+    assert_grads_as_before(model, before)
+    with pytest.raises(ValueError, match=r"without an autograd graph.*\.detach\(\)"):
+        per_example_sqnorms(model, lambda out, t: loss_fn(out, t).detach(), x, y, backend=backend)
+    assert_grads_as_before(model, before)
+
+
 def test_bad_arguments_are_rejected():
     model, x, y, loss_fn = _mlp_case()
     with pytest.raises(ValueError, match="backend"):
