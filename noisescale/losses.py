@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,6 +37,10 @@ def _check_labels(labels: Any, name: str) -> None:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a tensor of class indices, got {type(labels).__name__}; pass the batch's "
                         f"labels as the targets (for a HuggingFace batch that holds them: targets=batch['labels'])")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be class indices of an integer dtype, got {labels.dtype}; convert them with "
+                        f"{name}.long() (class probabilities need a loss of your own: F.cross_entropy(logits, probs, "
+                        "reduction='none'))")
 
 
 def per_example_cross_entropy(outputs: Any, targets: Tensor) -> Tensor:

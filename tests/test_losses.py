@@ -36,6 +36,21 @@ def test_classification_is_cross_entropy_per_example_and_reads_model_outputs():
         per_example_cross_entropy({"scores": logits}, targets)
 
 
+def test_class_indices_of_a_float_dtype_are_refused_naming_the_conversion():
+    """Labels read as floats (a CSV, a NumPy array): torch's own message was 'expected target dtype to be Long or
+    Byte, but got Float', naming neither the targets nor the fix."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 3, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 3, (5,), generator=generator)
+    with pytest.raises(TypeError, match=r"targets must be class indices of an integer dtype, got torch.float32; "
+                                        r"convert them with targets.long\(\)"):
+        per_example_cross_entropy(logits, targets.float())
+    with pytest.raises(TypeError, match=r"labels must be class indices .* got torch.float64; .*labels.long\(\)"):
+        sequence_cross_entropy(logits[None], targets[None].double())
+    torch.testing.assert_close(per_example_cross_entropy(logits, targets.to(torch.uint8)),
+                               per_example_cross_entropy(logits, targets), rtol=0, atol=0)
+
+
 def test_example_weighting_is_each_examples_mean_over_its_counted_tokens():
     logits, labels = _sequence_batch()
     losses = sequence_cross_entropy(logits, labels)
