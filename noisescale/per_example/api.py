@@ -694,18 +694,23 @@ class PerExampleGradNorms:
         if not self.check_independence or self._independence_checked:
             return
         probes = []   # each forward's layer calls, with their input rows (``GhostNormEngine.note_row_order``)
+        drew = []     # whether each forward drew random numbers (noise added to the inputs in any mode)
+        device = next((p.device for p in plan.parameters.values()), None)
 
         @contextmanager
         def watch():
+            before = rng_state(device, plan.generators)
             with self._engine.probing(plan.ghost, batch_size, rows=True) as calls:
                 yield
             probes.append(calls)
+            after = rng_state(device, plan.generators)
+            drew.append(any(not torch.equal(before[key], after[key]) for key in before))
 
         coupling = coupled_losses(self._module, self.loss_fn, inputs, targets, batch_size,
                                   list(plan.parameters.values()), always_forward=self._sharded,
                                   watch=watch if plan.ghost else nullcontext)
         if coupling is not None and not coupling.coupled and len(probes) >= 2:
-            self._engine.note_row_order(probes[-2], probes[-1], coupling.replaced)
+            self._engine.note_row_order(probes[-2], probes[-1], coupling.replaced, any(drew))
         if self._sharded:
             self._independence_checked = True
             if coupled_on_any_rank(coupling is not None and coupling.coupled, next(self.model.parameters()).device):

@@ -919,14 +919,14 @@ class GhostNormEngine:
             self._probe = self._probe_modules = None
 
     def note_row_order(self, before: dict[nn.Module, list], after: dict[nn.Module, list],
-                       replaced: dict[int, int]) -> None:
+                       replaced: dict[int, int], random: bool = False) -> None:
         """From the probes (``probing(..., rows=True)``) of the independence check's two forwards, the calls whose
-        input rows are not the examples in the batch's order (``row_order.rows_reordered``), kept for the passes
-        (``GhostPass.note_reordered``: where such a call's input has no autograd graph, the hooks cannot follow
-        its rows)."""
+        input rows are not the examples in the batch's order (``row_order.rows_reordered``; ``random``: the
+        forwards drew random numbers), kept for the passes (``GhostPass.note_reordered``: where such a call's input
+        has no autograd graph, the hooks cannot follow its rows)."""
         for module, calls in before.items():
             found = {index for index, (a, b) in enumerate(zip(calls, after.get(module, ())))
-                     if rows_reordered(a.rows, b.rows, replaced)}
+                     if rows_reordered(a.rows, b.rows, replaced, random)}
             if found:
                 self._reordered[module] = found
             else:
