@@ -174,9 +174,9 @@ def _checked_losses(losses: Any, batch_size: int) -> Tensor:
         raise ValueError(f"loss_fn(outputs, targets) must return floating-point per-example losses, got "
                          f"{losses.dtype}: a loss computed from the outputs, not a count of correct predictions")
     if losses.grad_fn is None:
-        raise ValueError("loss_fn(outputs, targets) returned losses without an autograd graph, so no gradient can "
-                         "be taken: compute them from the outputs without .detach(), .item() or torch.no_grad(), "
-                         "and call with gradients enabled")
+        raise ValueError("loss_fn(outputs, targets) returned losses without an autograd graph (no trainable "
+                         "parameter reaches them), so no gradient can be taken: compute them from the outputs "
+                         "without .detach(), .item() or torch.no_grad(), and call with gradients enabled")
     return losses
 
 
