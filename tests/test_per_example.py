@@ -1902,6 +1902,34 @@ def test_an_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(
     assert_matches_reference(model, classification_loss, x, y, "auto")
 
 
+class FunctionalScaledEmbedding(nn.Module):
+    """A table of its own looked up by F.embedding (or F.embedding_bag) with scale_grad_by_freq=True."""
+
+    def __init__(self, bag):
+        super().__init__()
+        self.bag, self.table, self.head = bag, nn.Parameter(torch.randn(12, 6)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.bag:
+            return self.head(F.embedding_bag(x, self.table, mode="sum", scale_grad_by_freq=True))
+        return self.head(F.embedding(x, self.table, scale_grad_by_freq=True).sum(1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "vmap"])   # (ghost refuses the module: no rule)
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding_bag"])
+def test_a_functional_embedding_scaling_its_gradient_by_the_batch_token_counts_is_refused(bag, backend):
+    """The nn.Embedding refusal above missed F.embedding(..., scale_grad_by_freq=True) in a module of one's own: its
+    norms were the loop's over single examples, but p.grad is not their mean (0.73 off here), so tr(Sigma) and
+    B_simple were wrong without a word. Refused before the backward, naming the parameter; p.grad untouched."""
+    torch.manual_seed(0)
+    model = FunctionalScaledEmbedding(bag).double()
+    x = torch.randint(0, 4, (5, 4), generator=generator(1))
+    y = torch.randint(0, 3, (5,), generator=generator(2))
+    with pytest.raises(ValueError, match="an embedding lookup of parameter 'table' has scale_grad_by_freq=True"):
+        per_example_sqnorms(model, classification_loss, x, y, backend=backend)
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("tokens", [4, 7], ids=["as_many_tokens_as_bags", "more_tokens"])
 def test_an_embedding_bag_given_flat_tokens_and_offsets_is_refused_naming_the_padded_form(tokens):
     """nn.EmbeddingBag(tokens, offsets): neither tensor holds one example per row. With as many tokens as bags, the

@@ -192,6 +192,27 @@ def _parametrized_rule(module: nn.Module) -> LayerRule | None:
                        for name in parametrizations) else None
 
 
+def _scaled_by_frequency(what: str) -> str:
+    return (f"{what} scale_grad_by_freq=True: its gradient divides each token's by the token's count in the whole "
+            "batch, so the examples are coupled, their gradients taken alone do not add up to the batch's, and the "
+            "batch gradient's mean changes with the batch size, which the noise scale assumes it does not; measure "
+            "with scale_grad_by_freq=False")
+
+
+def _refuse_scaled_by_frequency(nodes: set, parameters: dict[str, Tensor]) -> None:
+    """A ValueError where an operation of the graph (``nodes``) is an embedding lookup with scale_grad_by_freq=True
+    outside an nn.Embedding, whose flag the plan refuses (``F.embedding`` in a module of one's own): its
+    per-example norms were those of a loop, silently, while the batch's gradient is not their mean."""
+    for node in nodes:
+        if type(node).__name__ in ("EmbeddingBackward0", "EmbeddingBagBackward0") and node._saved_scale_grad_by_freq:
+            source = node.next_functions[0][0]
+            variable = getattr(source, "variable", None)
+            names = [name for name, p in parameters.items() if p is variable]
+            raise ValueError(_scaled_by_frequency(
+                f"an embedding lookup of parameter {names[0]!r} has" if names else
+                "an embedding lookup (F.embedding, F.embedding_bag) of a tensor computed from parameters has"))
+
+
 def _encloses(outer: str, inner: str) -> bool:
     """Whether the module at path ``outer`` contains the one at ``inner`` (the model's own path is "<model>")."""
     return outer != inner and (outer == "<model>" or inner.startswith(outer + "."))
@@ -513,12 +534,7 @@ class PerExampleGradNorms:
                     "gradient accumulation do (under DDP too)")
             if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq
                     and module.weight.requires_grad):   # (a frozen table's flag scales no gradient)
-                raise ValueError(
-                    f"module {path!r} ({type(module).__name__}) has scale_grad_by_freq=True: its gradient divides "
-                    "each token's by the token's count in the whole batch, so the examples are coupled, their "
-                    "gradients taken alone do not add up to the batch's, and the batch gradient's mean changes with "
-                    "the batch size, which the noise scale assumes it does not; measure with "
-                    "scale_grad_by_freq=False")
+                raise ValueError(_scaled_by_frequency(f"module {path!r} ({type(module).__name__}) has"))
             local = owned.get(module)
             if not local:
                 continue
@@ -614,6 +630,8 @@ class PerExampleGradNorms:
         (``_captured_from_graph``). Returns the graph's leaves (``_leaf_uses``)."""
         visited: set = set()
         in_graph = _leaf_uses(roots, visited)
+        if not self._uses_checked:   # the first pass of a plan
+            _refuse_scaled_by_frequency(visited, plan.parameters)
         extra = self._read_elsewhere_now(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters),
                                          ghost_pass.calls_outside(visited))
         self._read_elsewhere = set(extra) - (_captured_from_graph(
