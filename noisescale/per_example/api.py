@@ -97,7 +97,7 @@ from noisescale._checks import listed
 from noisescale._compiled import eager
 from noisescale._grads import GradSnapshot
 from noisescale._gradient_norm import gradient_values
-from noisescale._graph import autograd_consumers, leaf_uses, operations_taking
+from noisescale._graph import autograd_consumers, leaf_uses, operations_taking, output_shape
 from noisescale._rng import isolated_rng, module_generators, rng_state
 from noisescale._wrappers import path_to, unwrapped_module
 from noisescale.batches import batch_size_of, call_model, select_examples, tensors_of, to_device
@@ -199,18 +199,33 @@ def _scaled_by_frequency(what: str) -> str:
             "with scale_grad_by_freq=False")
 
 
-def _refuse_scaled_by_frequency(nodes: set, parameters: dict[str, Tensor]) -> None:
-    """A ValueError where an operation of the graph (``nodes``) is an embedding lookup with scale_grad_by_freq=True
-    outside an nn.Embedding, whose flag the plan refuses (``F.embedding`` in a module of one's own): its
-    per-example norms were those of a loop, silently, while the batch's gradient is not their mean."""
+_BATCH_NORMS = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
+
+
+def _refuse_coupled_operations(nodes: set, parameters: dict[str, Tensor]) -> None:
+    """A ValueError where an operation of the graph (``nodes``) couples the examples in the backward or by batch
+    statistics outside the modules the plan refuses for it (``_build_plan``), which the independence check's
+    forwards, in eval mode, do not see: an embedding lookup with scale_grad_by_freq=True (``F.embedding`` on a table
+    of one's own module), whose norms were the loop's while the batch's gradient is not their mean; a batch norm
+    with training=True over more than one row (``F.batch_norm(..., self.training)`` in one's own module; an
+    instance norm's runs on one row of all the channels), whose norms were a mix of neither."""
     for node in nodes:
-        if type(node).__name__ in ("EmbeddingBackward0", "EmbeddingBagBackward0") and node._saved_scale_grad_by_freq:
-            source = node.next_functions[0][0]
-            variable = getattr(source, "variable", None)
+        kind = type(node).__name__
+        if kind in ("EmbeddingBackward0", "EmbeddingBagBackward0") and node._saved_scale_grad_by_freq:
+            variable = getattr(node.next_functions[0][0], "variable", None)
             names = [name for name, p in parameters.items() if p is variable]
             raise ValueError(_scaled_by_frequency(
                 f"an embedding lookup of parameter {names[0]!r} has" if names else
                 "an embedding lookup (F.embedding, F.embedding_bag) of a tensor computed from parameters has"))
+        rows = (output_shape(node, 0) or (1,))[0] if kind in _BATCH_NORMS and getattr(node, "_saved_training",
+                                                                                      False) else 1
+        if rows > 1:   # (the output's shape from the node's metadata: a saved tensor under checkpointing is not read)
+            raise ValueError(
+                f"an operation of the model normalises with batch statistics over {rows} rows "
+                "(F.batch_norm with training=True outside an nn.BatchNorm), so the examples are coupled and a "
+                "per-example gradient is undefined; use nn.BatchNorm (measured from micro-batches by AdaptiveTrainer "
+                "and the integrations), GroupNorm or LayerNorm, or normalise with running statistics "
+                "(training=False)")
 
 
 def _encloses(outer: str, inner: str) -> bool:
@@ -631,7 +646,7 @@ class PerExampleGradNorms:
         visited: set = set()
         in_graph = _leaf_uses(roots, visited)
         if not self._uses_checked:   # the first pass of a plan
-            _refuse_scaled_by_frequency(visited, plan.parameters)
+            _refuse_coupled_operations(visited, plan.parameters)
         extra = self._read_elsewhere_now(plan, ghost_pass, _uses_by_name(in_graph, plan.parameters),
                                          ghost_pass.calls_outside(visited))
         self._read_elsewhere = set(extra) - (_captured_from_graph(
