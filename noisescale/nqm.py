@@ -1356,8 +1356,10 @@ def steps_to_target(
 class ScalingCurve:
     """Minimal steps to target per batch size with the tuned hyperparameters that achieve them.
 
-    ``learning_rate_at_grid_edge`` flags batch sizes whose best learning rate is the largest or smallest
-    stable value of the grid (the optimum may lie outside it).
+    ``learning_rate_at_grid_edge`` flags batch sizes whose best learning rate is the smallest value of the grid,
+    its largest, or the largest stable value searched at that momentum, the near-limit rates of
+    :func:`steps_vs_batch_size` included (the optimum may lie outside the grid, e.g. between (1 - 2^-6) times
+    the stability limit and the limit).
     """
 
     optimizer: OptimizerSetting
@@ -1427,12 +1429,17 @@ def steps_vs_batch_size(
         if grid.size == 0 or np.any(grid < 0) or np.any(grid >= 1):
             raise ValueError(f"{name} must be values in [0, 1), got {grid.tolist()}")
     h_eff_max = float(np.max(model.curvatures ** (1.0 - optimizer.precondition_power)))
-    configs = []
+    configs, largest_stable = [], []
     for momentum in momenta:  # the grid plus (1 - 2^-k) of the stability limit 2 (1 + beta) / h~_max
         near_limit = 2.0 * (1.0 + momentum) / h_eff_max * (1.0 - 2.0 ** -np.arange(2.0, 7.0))
         rates = np.union1d(learning_rates, near_limit)
+        stable = _first_moment(model, optimizer.precondition_power, rates, np.full(rates.size, momentum),
+                               np.zeros(rates.size)).stable  # gamma < 1 leaves the spectral radius alone
         configs.append(np.stack([a.reshape(-1) for a in np.meshgrid(rates, [momentum], emas, indexing="ij")]))
+        largest_stable.append(np.full(configs[-1].shape[1], rates[stable].max(initial=rates[0])))
     config_lr, config_momentum, config_ema = np.concatenate(configs, axis=1)
+    # the grid's upper edge per configuration: its largest rate, or the largest stable one searched at its momentum
+    config_top = np.minimum(learning_rates.max(), np.concatenate(largest_stable))
     times, gaps = _time_grid(max_steps)
 
     from tqdm.auto import tqdm
@@ -1546,7 +1553,7 @@ def steps_vs_batch_size(
     steps[steps > max_steps] = np.inf
     found = np.isfinite(steps)
     chosen = np.maximum(best_config, 0)
-    edge = found & ((config_lr[chosen] >= learning_rates.max()) | (config_lr[chosen] <= learning_rates.min()))
+    edge = found & ((config_lr[chosen] >= config_top[chosen]) | (config_lr[chosen] <= learning_rates.min()))
     nan = np.full(n_batches, np.nan)
     return ScalingCurve(
         optimizer=optimizer,

@@ -824,6 +824,25 @@ def test_mccandlish_fit_agrees_with_the_factor_2_critical_batch_size(curves, nam
     assert low <= critical(curve) <= high, (low, critical(curve), high, fit.b_crit)
 
 
+def test_a_best_learning_rate_at_the_largest_stable_rate_searched_is_at_the_grid_edge():
+    # at large batch the best SGD rate sits just below the stability limit 2 / h_max = 2: with the default grid it
+    # was the largest stable rate searched, (1 - 2^-6) 2, and the flag read False (it compared with the largest
+    # rate of the grid, 8, which diverges); rates closer to the limit do better, so the optimum lay outside
+    model, sgd = nqm.paper_model(dim=1000, n_bins=20), nqm.OptimizerSetting()
+    curve = nqm.steps_vs_batch_size(model, sgd, [1.0, 2.0**20])
+    assert curve.learning_rates[1] == pytest.approx(2.0 * (1.0 - 2.0**-6), rel=1e-12)
+    assert curve.learning_rate_at_grid_edge.tolist() == [False, True]
+    closer = 2.0 * (1.0 - np.geomspace(2.0**-7, 2.0**-14, 8))
+    wider = nqm.steps_vs_batch_size(model, sgd, [1.0, 2.0**20],
+                                    learning_rates=np.r_[nqm.DEFAULT_LEARNING_RATES, closer])
+    assert wider.steps[1] < curve.steps[1] and curve.learning_rates[1] < wider.learning_rates[1] < closer.max()
+    assert wider.learning_rate_at_grid_edge.tolist() == [False, False]
+    # the smallest and the largest rate of a grid that is stable throughout are edges, as before
+    for grid, best in (([0.003, 0.006], 0.003), ([0.002, 0.004], 0.004)):
+        small_batch = nqm.steps_vs_batch_size(model, sgd, [1.0], learning_rates=grid)
+        assert small_batch.learning_rates[0] == best and small_batch.learning_rate_at_grid_edge[0]
+
+
 def test_critical_batch_size_of_the_mccandlish_form():
     # S = S_min (1 + B_crit / B) sampled from B_0 up: B S / E_min = (B + B_crit) / (B_0 + B_crit) = 2 exactly
     # at B = B_crit + 2 B_0, here a sampled batch size, so no interpolation error.
