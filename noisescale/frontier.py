@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from noisescale.sweep import first_crossing
+from noisescale.sweep import _stop_step, first_crossing
 from noisescale.tradeoff import TradeoffFit, _parametric_bootstrap
 
 __all__ = [
@@ -75,8 +75,9 @@ def train_to_target(
     """Step a fresh ``trainer`` (an :class:`~noisescale.training.AdaptiveTrainer`) until the target is met, evaluating
     ``evaluate()`` after 0, k, 2k, ... steps, with the stopping rule of a sweep cell: stop at the first
     evaluation at which the smoothed curve has crossed (``window // 2`` evaluations after the crossing one),
-    or (window // 2) k steps after the budget is spent: max_steps steps or, if ``max_examples`` > 0, the
-    step at which the examples trained reach max_examples (the sweep's min(max_steps, max_examples // B)).
+    or window // 2 evaluations after the first evaluation at or past the budget (whose smoothed value decides a
+    crossing up to the budget): max_steps steps or, if ``max_examples`` > 0, the step at which the examples trained
+    reach max_examples (the sweep's min(max_steps, max_examples // B)).
     A crossing past either budget is censored.
 
     A step whose batch holds NaN or Inf (the row's ``nonfinite_data``, which the trainer skipped) raises a
@@ -100,7 +101,7 @@ def train_to_target(
     steps = examples = math.nan
     outcome = "censored"
     budget_steps, examples_trained = max_steps, 0
-    while trainer.steps < budget_steps + (window // 2) * eval_every:
+    while trainer.steps < _stop_step(budget_steps, eval_every, window):
         row = trainer.step()
         if isinstance(row.get("nonfinite_data"), str):
             raise ValueError(f"step {row['step']}: the batch holds {row['nonfinite_data']}: check the data (remove or "

@@ -228,6 +228,13 @@ def first_crossing(steps: Sequence[float], values: Sequence[float], target: floa
     return float(steps[index - 1] + (steps[index] - steps[index - 1]) * (-before) / (after - before))
 
 
+def _stop_step(budget: int, eval_every: int, window: int) -> int:
+    """Steps a run trains while the target is not met: up to the first evaluation at or after ``budget`` steps
+    (its smoothed value decides a crossing between the evaluation before and the budget), then ``window // 2``
+    evaluations more, which its centred window needs: (ceil(budget / k) + window // 2) k."""
+    return (-(-budget // eval_every) + window // 2) * eval_every
+
+
 # ---------------------------------------------------------------------------------------------- one cell
 def _load_data(settings: SweepSettings):
     import torch
@@ -314,7 +321,6 @@ def train_cell(settings: SweepSettings, batch_size: int, learning_rate: float, *
     step_budget = settings.max_steps
     if settings.max_examples:
         step_budget = min(step_budget, max(1, settings.max_examples // batch_size))
-    half_window = settings.smoothing_window // 2
     eval_steps = [0]
     eval_values = [_evaluate(model, test_x, test_y, settings.target_metric)]
     crossing, outcome, batches = math.nan, "censored", iter(())
@@ -323,7 +329,7 @@ def train_cell(settings: SweepSettings, batch_size: int, learning_rate: float, *
                            population_size=len(train_y)) as monitor, \
             tqdm(total=step_budget, desc=f"B={batch_size} lr={learning_rate:g}", disable=not progress,
                  leave=False) as bar:
-        while monitor.step < step_budget + half_window * settings.eval_every:
+        while monitor.step < _stop_step(step_budget, settings.eval_every, settings.smoothing_window):
             chosen = next(batches, None)
             if chosen is None:
                 epoch = torch.randperm(len(train_y), generator=shuffler).split(batch_size)

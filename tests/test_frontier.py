@@ -126,6 +126,21 @@ def test_train_to_target_stops_like_a_sweep_cell_one_evaluation_after_the_crossi
         train_to_target(started, lambda: 0.1, target=0.75)
 
 
+def test_a_crossing_after_the_last_evaluation_before_the_budget_and_within_it_is_reached():
+    # smoothed (window 3) at 30 and 40 steps: 0.6 and 0.833, so 0.65 is met at 32.14 steps, within max_steps = 35;
+    # the run stopped at 45 steps, before the evaluation at 50 that the smoothed value at 40 needs: censored
+    values = [0.1, 0.2, 0.3, 0.6, 0.9, 1.0, 1.0]
+    curve = iter(values)
+    result = train_to_target(_ScriptedTrainer(), lambda: next(curve), target=0.65, eval_every=10, window=3,
+                             max_steps=35)
+    assert result["outcome"] == "reached" and result["steps_trained"] == 50
+    assert result["steps"] == pytest.approx(30 + 10 * (0.65 - 0.6) / (2.5 / 3 - 0.6), rel=1e-12)
+    curve = iter(values)
+    later = train_to_target(_ScriptedTrainer(), lambda: next(curve), target=0.65, eval_every=10, window=3,
+                            max_steps=31)
+    assert later["outcome"] == "censored" and math.isnan(later["steps"]) and later["steps_trained"] == 50
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_train_to_target_refuses_a_batch_holding_nan_rather_than_calling_the_run_diverged():
     """Before, the first step whose batch held NaN ended the run as "diverged"."""

@@ -547,6 +547,17 @@ def test_a_cell_measures_b_simple_with_the_finite_population_correction_of_its_t
     assert row["outcome"] == "censored" and row["b_simple"] == monitor.history["b_simple"].iloc[-1]
 
 
+def test_a_cell_reaches_a_target_crossed_after_its_last_evaluation_before_the_budget(monkeypatch):
+    """A budget that is no multiple of eval_every (max_steps, or max_examples // B): the smoothed value at the first
+    evaluation past it decides a crossing up to the budget, and the cell stopped before the evaluation it needs."""
+    values = iter([0.1, 0.2, 0.3, 0.6, 0.9, 1.0, 1.0])  # smoothed at 30 and 40 steps: 0.6, 0.833
+    monkeypatch.setattr(sweep, "_evaluate", lambda *args, **kwargs: next(values))
+    settings = SweepSettings(**{**TINY.__dict__, "eval_every": 10, "max_steps": 35, "target": 0.65})
+    row = sweep.train_cell(settings, 32, 0.03)
+    assert row["outcome"] == "reached" and row["steps_trained"] == 50
+    assert row["steps"] == pytest.approx(30 + 10 * (0.65 - 0.6) / (2.5 / 3 - 0.6), rel=1e-12)
+
+
 def test_fit_warns_when_the_best_learning_rate_sits_at_the_grid_edge_for_most_batch_sizes():
     """A new user's sweep printed a fit while the best rate sat at the grid's edge for 6 of 7 batch sizes."""
     edge = pd.concat([_hand_made_sweep([8, 16, 32], [], best_rate=0.04), _hand_made_sweep([64, 128], [])])
