@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from noisescale.sweep import _stop_step, first_crossing
+from noisescale.sweep import _refuse_crossing_at_start, _stop_step, first_crossing
 from noisescale.tradeoff import TradeoffFit, _parametric_bootstrap
 
 __all__ = [
@@ -84,7 +84,8 @@ def train_to_target(
     ValueError naming it: bad data is no divergence, and the steps to the target would count a step that trained
     nothing. So does a first step whose loss is not finite on finite data: no optimizer step has moved the
     parameters yet, so the model or the loss computes a non-finite value (the row's ``nonfinite_examples`` names
-    the examples where others are finite).
+    the examples where others are finite). A target met at step 0 (``window`` 1 and a target the untrained model
+    meets) is a ValueError too: there are no steps to the target to measure.
 
     Returns the outcome ("reached", "censored", or "diverged" at a non-finite training loss), steps and
     examples to the target (NaN unless reached), the evaluations, the batch size of every
@@ -127,6 +128,7 @@ def train_to_target(
         steps, examples = steps_and_examples_to_target(eval_steps, eval_values, trainer.history["batch_size"],
                                                        target=target, higher_is_better=higher_is_better,
                                                        window=window)
+        _refuse_crossing_at_start(steps, eval_values[0], target)
         if math.isfinite(steps):
             within = steps <= max_steps and (not max_examples or examples <= max_examples)
             outcome = "reached" if within else "censored"

@@ -235,6 +235,15 @@ def _stop_step(budget: int, eval_every: int, window: int) -> int:
     return (-(-budget // eval_every) + window // 2) * eval_every
 
 
+def _refuse_crossing_at_start(crossing: float, first_value: float, target: float) -> None:
+    """A ValueError for a crossing at step 0 (``smoothing_window`` 1 and a target the untrained model meets): such a
+    run measures nothing, and its 0 steps would be read back as a damaged row and trained again on every resume."""
+    if crossing == 0:
+        raise ValueError(f"the target {target:g} is met before any training step (the metric at step 0 is "
+                         f"{first_value:g}), so there are no steps to the target to measure: set a target that "
+                         "training has to reach")
+
+
 # ---------------------------------------------------------------------------------------------- one cell
 def _load_data(settings: SweepSettings):
     import torch
@@ -348,6 +357,7 @@ def train_cell(settings: SweepSettings, batch_size: int, learning_rate: float, *
                 eval_values.append(_evaluate(model, test_x, test_y, settings.target_metric))
                 crossing = first_crossing(eval_steps, eval_values, settings.target,
                                           higher_is_better=higher_is_better, window=settings.smoothing_window)
+                _refuse_crossing_at_start(crossing, eval_values[0], settings.target)
                 if math.isfinite(crossing):
                     outcome = "reached" if crossing <= step_budget else "censored"
                     break

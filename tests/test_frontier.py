@@ -141,6 +141,11 @@ def test_a_crossing_after_the_last_evaluation_before_the_budget_and_within_it_is
     assert later["outcome"] == "censored" and math.isnan(later["steps"]) and later["steps_trained"] == 50
 
 
+def test_train_to_target_refuses_a_target_met_before_any_step():
+    with pytest.raises(ValueError, match=r"target 0.75 is met before any training step \(the metric at step 0 is 0.9"):
+        train_to_target(_ScriptedTrainer(), lambda: 0.9, target=0.75, eval_every=10, window=1)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_train_to_target_refuses_a_batch_holding_nan_rather_than_calling_the_run_diverged():
     """Before, the first step whose batch held NaN ended the run as "diverged"."""

@@ -558,6 +558,15 @@ def test_a_cell_reaches_a_target_crossed_after_its_last_evaluation_before_the_bu
     assert row["steps"] == pytest.approx(30 + 10 * (0.65 - 0.6) / (2.5 / 3 - 0.6), rel=1e-12)
 
 
+def test_a_sweep_whose_target_is_met_before_any_step_is_refused(monkeypatch, tmp_path):
+    """With smoothing_window 1 a target the untrained model meets gave reached cells of 0 steps, which the sweep's own
+    reader then dropped as damaged rows (and a resume trained again): the sweep ended with no rows."""
+    monkeypatch.setattr(sweep, "_evaluate", lambda *args, **kwargs: 0.9)
+    settings = SweepSettings(**{**TINY.__dict__, "smoothing_window": 1, "target": 0.65})
+    with pytest.raises(ValueError, match=r"target 0.65 is met before any training step \(the metric at step 0 is 0.9"):
+        run_sweep(tmp_path / "cells.csv", [8, 16, 32], [0.03], settings, progress=False)
+
+
 def test_fit_warns_when_the_best_learning_rate_sits_at_the_grid_edge_for_most_batch_sizes():
     """A new user's sweep printed a fit while the best rate sat at the grid's edge for 6 of 7 batch sizes."""
     edge = pd.concat([_hand_made_sweep([8, 16, 32], [], best_rate=0.04), _hand_made_sweep([64, 128], [])])
