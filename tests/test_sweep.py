@@ -235,6 +235,9 @@ def test_smoothing_and_crossing_against_hand_computation():
     assert math.isnan(first_crossing(steps, values, 0.95, higher_is_better=True, window=3))
     losses = [2.0, 1.0, 0.5]
     assert first_crossing([0, 5, 10], losses, 0.75, higher_is_better=False, window=1) == pytest.approx(7.5)
+    for window in (2, 0, -1, 3.0):  # an even window failed inside numpy (could not broadcast), as train_to_target
+        with pytest.raises(ValueError, match="window must be a positive odd int"):  # does not check its own
+            first_crossing(steps, values, 0.55, higher_is_better=True, window=window)
 
 
 def test_grids():
