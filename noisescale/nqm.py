@@ -1629,10 +1629,14 @@ def critical_batch_size(batch_sizes: Any, steps: Any, *, factor: float = 2.0, mi
     return float(np.exp(x0 + (threshold - y0) * (x1 - x0) / (y1 - y0)))
 
 
-def fit_scaling_curve(curve: ScalingCurve, **fit_options: Any):
+def fit_scaling_curve(curve: ScalingCurve, *, min_steps: float = 1.0, **fit_options: Any):
     """McCandlish fit S = S_min (1 + B_crit / B) of the finite points of ``curve`` (noisescale.tradeoff).
 
     Batch sizes that never reached the target (infinite steps) are left out with a RuntimeWarning naming them.
+    So are the batch sizes above the first whose steps are at the floor (steps <= ``min_steps``; 0 for a curve
+    without one): there the steps stay at one step however the optimizer scales, a bend the fit took for a
+    critical batch size (a curve of perfect scaling down to one step, 128 / B and then 1, got B_crit = 170 [123,
+    248], where :func:`critical_batch_size`, which ignores them too, says not resolved).
 
     ``fit_options`` go to :func:`noisescale.tradeoff.fit_tradeoff` (confidence, n_bootstrap, seed).
     """
@@ -1640,11 +1644,24 @@ def fit_scaling_curve(curve: ScalingCurve, **fit_options: Any):
 
     if not isinstance(curve, ScalingCurve):
         raise TypeError(f"curve must be a ScalingCurve, got {type(curve).__name__}")
-    finite = np.isfinite(curve.steps) & (curve.steps > 0)
-    _warn_unreached(curve.batch_sizes, finite,
+    if check_finite(min_steps, "min_steps") < 0:
+        raise ValueError(f"min_steps must be >= 0, got {min_steps!r}")
+    order = np.argsort(curve.batch_sizes)
+    batch_sizes, steps = curve.batch_sizes[order], curve.steps[order]
+    finite = np.isfinite(steps) & (steps > 0)
+    _warn_unreached(batch_sizes, finite,
                     "the fit has no point at the data-efficient end of the curve, where E_min is set, and "
                     "extrapolates there")
-    return fit_tradeoff(curve.batch_sizes[finite], curve.steps[finite], **fit_options)
+    batch_sizes, steps = batch_sizes[finite], steps[finite]
+    at_floor = np.nonzero(steps <= min_steps)[0]
+    if at_floor.size and at_floor[0] + 1 < steps.size:
+        beyond = batch_sizes[at_floor[0] + 1:]
+        warnings.warn(f"batch size(s) {', '.join(f'{size:.10g}' for size in beyond)} lie above "
+                      f"{batch_sizes[at_floor[0]]:.10g}, which reaches the target in {steps[at_floor[0]]:g} step(s), "
+                      "the floor: their steps show the floor, not the scaling, and are left out of the fit",
+                      RuntimeWarning, stacklevel=2)
+        batch_sizes, steps = batch_sizes[: at_floor[0] + 1], steps[: at_floor[0] + 1]
+    return fit_tradeoff(batch_sizes, steps, **fit_options)
 
 
 def _warn_unreached(batch_sizes: np.ndarray, reached: np.ndarray, below_all: str) -> None:
@@ -1653,8 +1670,8 @@ def _warn_unreached(batch_sizes: np.ndarray, reached: np.ndarray, below_all: str
     if reached.all():
         return
     left_out, kept = batch_sizes[~reached], batch_sizes[reached]
-    message = (f"batch size(s) {', '.join(f'{size:g}' for size in left_out)} never reached the target (steps inf: "
-               f"beyond max_steps, or the risk stays above the target) and are left out; the result rests on the "
+    message = (f"batch size(s) {', '.join(f'{size:.10g}' for size in left_out)} never reached the target (steps "
+               f"inf: beyond max_steps, or the risk stays above the target) and are left out; the result rests on the "
                f"other {kept.size}")
     if kept.size and left_out.min() < kept.min():
         message += (f". They are smaller than every batch size that reached it (from {kept.min():g}): {below_all}; "

@@ -798,6 +798,25 @@ def test_mccandlish_fit_recovers_an_exact_curve():
     assert fit.log_residual_std < 1e-6
 
 
+def test_mccandlish_fit_leaves_out_the_batch_sizes_beyond_the_one_step_floor():
+    """Perfect scaling down to one step (128 / B, then 1 step from B = 128 on) has no critical batch size; the
+    points beyond the floor only show that steps cannot fall below one. The fit took that bend for one (B_crit 170
+    [123, 248], resolved, without a word), where critical_batch_size said not resolved."""
+    batch_sizes = 2.0 ** np.arange(11)
+    steps = np.maximum(128.0 / batch_sizes, 1.0)
+    assert nqm.critical_batch_size(batch_sizes, steps) == np.inf
+    with pytest.warns(RuntimeWarning, match=r"batch size\(s\) 256, 512, 1024 lie above 128, which reaches the target "
+                                            r"in 1 step\(s\), the floor"):
+        fit = nqm.fit_scaling_curve(scaling_curve(batch_sizes, steps), n_bootstrap=50, seed=0)
+    assert not fit.resolved and fit.b_crit == np.inf
+    # a curve that bends well above its floor keeps its fit: the floor's points are left out, the bend is not
+    s_min, b_crit = 3.0, 64.0
+    bent = np.maximum(np.round(s_min * (1.0 + b_crit / batch_sizes)), 1.0)
+    with pytest.warns(RuntimeWarning, match="lie above"):
+        fit = nqm.fit_scaling_curve(scaling_curve(batch_sizes, bent), min_steps=3.0, n_bootstrap=50, seed=0)
+    assert fit.resolved and fit.b_crit_interval[0] <= b_crit <= fit.b_crit_interval[1]
+
+
 @pytest.mark.parametrize("name", ["sgd", "momentum"])
 def test_mccandlish_fit_agrees_with_the_factor_2_critical_batch_size(curves, name):
     curve = curves[name]
