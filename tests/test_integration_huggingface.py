@@ -292,6 +292,26 @@ def test_a_batch_whose_every_label_is_ignored_is_no_divergence(tmp_path):
     assert "diverged" not in str(summary) and "1 step(s) with a non-finite loss or gradient" in str(summary)
 
 
+
+def test_a_weight_penalty_added_in_compute_loss_is_warned_about(tmp_path):
+    """A subclass's compute_loss adds an L2 penalty to the model's loss: its gradient belongs to no example, so the
+    per-example norms leave it out while p.grad holds it. Before, nothing said so (a review's GPT-2 with 1e-3 |theta|^2,
+    accumulation 2: |G|^2 0.3 % off the loop's g_i = B c_i + K r; with 0.5 |theta|^2 the first step stopped train()
+    with 'was the loss summed instead of averaged'). Now the first micro-batch warns, naming the parameters."""
+
+    class Penalised(NoiseScaleTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss + 1e-3 * sum(p.square().sum() for p in model.parameters())
+
+    args = _args(tmp_path, 2)
+    args.max_steps = 1
+    trainer = Penalised(model=tiny_gpt2(), args=args, train_dataset=_token_dataset(), noise_scale=NoiseScaleOptions())
+    with pytest.warns(RuntimeWarning, match=r"the loss reads parameters outside the model's module calls "
+                                            r"\(transformer.h.0.attn.c_attn.bias, .*weight_decay"):
+        trainer.train()
+    assert vars(trainer.accelerator).get("backward") is None   # the accelerator's own backward again
+
 def tiny_t5(dropout=0.0):
     """T5ForConditionalGeneration from a config, with its default SDPA attention: the relative position tables,
     looked up once for all the examples, enter every layer's attention mask by an addition (the encoder's) or a

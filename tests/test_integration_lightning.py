@@ -457,6 +457,30 @@ def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
         trainer.fit(Manual(), _loader())
 
 
+
+class PenalisedModule(TinyModule):
+    """An L2 penalty added to the loss in training_step, outside every call of the module's layers."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.1 * sum(p.square().sum() for p in self.parameters())
+
+
+def test_a_weight_penalty_in_the_training_step_is_warned_about(tmp_path):
+    """The penalty's gradient belongs to no example: the per-example norms leave it out and the batch's gradient holds
+    it. Before, nothing said so, and a review's per-example loop (g_i = the example's gradient + the penalty's) read
+    tr(Sigma) 2.92 and |G|^2 0.864 at the second step where the callback logged 2.40 and 0.981. Now the first step
+    warns, naming the parameters; training is unchanged, and the module without the penalty is not warned about."""
+    plain, _ = _fit(tmp_path / "plain", 1, [], make_module=lambda dropout: PenalisedModule())
+    with pytest.warns(RuntimeWarning, match=r"the loss reads parameters outside the model's module calls \(net.0.bias, "
+                                            r"net.0.weight, net.3.bias, net.3.weight\).*weight_decay"):
+        measured, _ = _fit(tmp_path / "measured", 1, [NoiseScaleCallback()],
+                           make_module=lambda dropout: PenalisedModule())
+    for p, q in zip(plain.parameters(), measured.parameters()):
+        assert torch.equal(p, q)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the loss reads parameters")
+        _fit(tmp_path / "unpenalised", 2, [NoiseScaleCallback()])
+
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
 

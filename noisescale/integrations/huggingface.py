@@ -56,7 +56,9 @@ raises a clear error at the first step).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -138,7 +140,8 @@ class NoiseScaleTrainerMixin:
         monitor = self._noise_scale_monitor(model)
         monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), batch=_inputs_and_labels(model, inputs),
                                   model_inputs=inputs)
-        loss = super().training_step(model, inputs, *args, **kwargs)
+        with _loss_seen(self.accelerator, monitor.check_loss) if monitor.checks_loss else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)
         if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: p.grad is complete
             scaler = getattr(self.accelerator, "scaler", None)
@@ -181,6 +184,28 @@ class NoiseScaleTrainerMixin:
 
 class NoiseScaleTrainer(NoiseScaleTrainerMixin, Trainer):
     """``transformers.Trainer`` that measures the gradient noise scale of its training (module docstring)."""
+
+
+@contextlib.contextmanager
+def _loss_seen(accelerator: Any, see: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """``accelerator.backward(loss)`` gives ``see`` the loss first, with its graph (the Trainer's ``training_step``
+    computes the loss, a subclass's ``compute_loss`` included, and backpropagates it without returning it before):
+    the monitor's check for a term outside the model (``check_loss``)."""
+    own = vars(accelerator).get("backward")
+    backward = accelerator.backward
+
+    def seen(loss: torch.Tensor, **kwargs: Any) -> Any:
+        see(loss)
+        return backward(loss, **kwargs)
+
+    accelerator.backward = seen
+    try:
+        yield
+    finally:
+        if own is None:
+            del accelerator.backward
+        else:
+            accelerator.backward = own
 
 
 def _inputs_and_labels(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:

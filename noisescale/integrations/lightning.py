@@ -185,6 +185,7 @@ class NoiseScaleCallback(Callback):
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
+        self.monitor.check_loss(loss)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         try:
