@@ -70,6 +70,7 @@ __all__ = [
     "fieller_interval",
     "NoiseScaleAcrossRuns",
     "noise_scale_across_runs",
+    "mean_dominates",
 ]
 
 # Relative slack allowed when checking |mean g|^2 <= mean |g_i|^2 (float32 rounding in the caller).
@@ -117,11 +118,17 @@ def _as_scalar(value: Any, name: str) -> float:
     return float(array.reshape(()))
 
 
+def mean_dominates(mean_small: float, big: float) -> bool:
+    """Whether ``big`` can be |mean of vectors|^2 of vectors whose mean |vector|^2 is ``mean_small`` (Jensen, within
+    float32 rounding); True for non-finite inputs, which propagate to non-finite estimates that averages skip."""
+    if not (math.isfinite(big) and math.isfinite(mean_small)):
+        return True
+    return big <= mean_small * (1 + _JENSEN_RELATIVE_TOLERANCE) + 1e-30
+
+
 def _check_mean_dominates(mean_small: float, big: float, what: str) -> None:
     """|mean of vectors|^2 <= mean of |vector|^2 always; a violation means inconsistent inputs."""
-    if not (math.isfinite(big) and math.isfinite(mean_small)):
-        return  # non-finite inputs propagate to non-finite estimates, which averages skip
-    if big > mean_small * (1 + _JENSEN_RELATIVE_TOLERANCE) + 1e-30:
+    if not mean_dominates(mean_small, big):
         raise ValueError(
             f"{what}: the squared norm of the mean gradient ({big!r}) exceeds the mean of the smaller-batch "
             f"squared norms ({mean_small!r}), impossible for a mean of those gradients; was the loss summed "

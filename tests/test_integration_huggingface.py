@@ -297,7 +297,8 @@ def test_a_weight_penalty_added_in_compute_loss_is_warned_about(tmp_path):
     """A subclass's compute_loss adds an L2 penalty to the model's loss: its gradient belongs to no example, so the
     per-example norms leave it out while p.grad holds it. Before, nothing said so (a review's GPT-2 with 1e-3 |theta|^2,
     accumulation 2: |G|^2 0.3 % off the loop's g_i = B c_i + K r; with 0.5 |theta|^2 the first step stopped train()
-    with 'was the loss summed instead of averaged'). Now the first micro-batch warns, naming the parameters."""
+    with 'was the loss summed instead of averaged', now left unmeasured). Now the first micro-batch warns, naming
+    the parameters."""
 
     class Penalised(NoiseScaleTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):

@@ -461,8 +461,11 @@ def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
 class PenalisedModule(TinyModule):
     """An L2 penalty added to the loss in training_step, outside every call of the module's layers."""
 
+    coefficient = 0.1
+
     def training_step(self, batch, batch_idx):
-        return super().training_step(batch, batch_idx) + 0.1 * sum(p.square().sum() for p in self.parameters())
+        penalty = sum(p.square().sum() for p in self.parameters())
+        return super().training_step(batch, batch_idx) + self.coefficient * penalty
 
 
 def test_a_weight_penalty_in_the_training_step_is_warned_about(tmp_path):
@@ -480,6 +483,23 @@ def test_a_weight_penalty_in_the_training_step_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the loss reads parameters")
         _fit(tmp_path / "unpenalised", 2, [NoiseScaleCallback()])
+
+
+def test_a_step_whose_gradient_its_examples_cannot_make_is_left_unmeasured_and_training_goes_on(tmp_path,
+                                                                                               monkeypatch):
+    """With a penalty of 1 |theta|^2 the batch's |gbar|^2 (16.7) exceeds its examples' mean |g_i|^2 (1.85), which no
+    mean of them can: before, the estimator's ValueError ('was the loss summed instead of averaged') stopped fit()
+    at the first step, where the run without the callback trains on. Now such steps are recorded unmeasured,
+    warned once, and training is bit-identical to the run without the callback."""
+    monkeypatch.setattr(PenalisedModule, "coefficient", 1.0)
+    plain, _ = _fit(tmp_path / "plain", 1, [], make_module=lambda dropout: PenalisedModule())
+    callback = NoiseScaleCallback()
+    with pytest.warns(RuntimeWarning, match=r"step 0: the batch's gradient \(\|gbar\|\^2 = 16.69\) is larger than "
+                                            r"its examples' gradients allow \(their mean \|g_i\|\^2 = 1.853\)"):
+        measured, _ = _fit(tmp_path / "measured", 1, [callback], make_module=lambda dropout: PenalisedModule())
+    for p, q in zip(plain.parameters(), measured.parameters()):
+        assert torch.equal(p, q)
+    assert callback.monitor.history["measured"].tolist() == [False] * STEPS
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2

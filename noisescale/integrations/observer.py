@@ -48,6 +48,7 @@ from noisescale._graph import autograd_nodes
 from noisescale._wrappers import unwrapped_module
 from noisescale.batches import batch_size_of
 from noisescale.distributed import all_gather_concat, rank_sizes
+from noisescale.estimators import mean_dominates
 from noisescale.monitor import check_options
 from noisescale.sampler import population_drawn_from
 from noisescale.training import AccumulatingNoiseScaleMonitor
@@ -324,19 +325,22 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         world_size = 1 if self.process_group is None else dist.get_world_size(self.process_group)
         measured = (self.measures_this_step and not self._unmeasurable
                     and not self._unequal_micro_batches(sizes))
+        gathered = False
         if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
             units = torch.cat(sqnorms).double()
             if world_size > 1:
-                loss, units = self._gather_step(loss, units)
+                (loss, units), gathered = self._gather_step(loss, units), True
             unit_sizes = sizes * world_size if self._by_micro_batches else None   # the ranks' shares are equal
             batch_size = units.shape[0] if unit_sizes is None else sum(unit_sizes)
             # g_i = B c_i / (R S), and a micro-batch's g_k = (1/b_k) sum_{i in k} g_i = B C_k / (b_k R S)
             counts = 1.0 if unit_sizes is None else torch.tensor(unit_sizes, dtype=torch.float64, device=units.device)
             units = units * (batch_size / (counts * world_size * contribution_scale)) ** 2
-            row = self._measure(loss, units, self._accumulated_grad_sqnorm(grad_scale), batch_size,
-                                unit_sizes=unit_sizes)
+            grad_sqnorm = self._accumulated_grad_sqnorm(grad_scale)
+            measured = self._from_its_units(units, counts, batch_size, grad_sqnorm)
+        if measured:
+            row = self._measure(loss, units, grad_sqnorm, batch_size, unit_sizes=unit_sizes)
         else:
-            if world_size > 1:
+            if world_size > 1 and not gathered:
                 loss = all_gather_concat(loss, self.process_group)
             batch_size = sum(sizes) * world_size
             row = {"loss": loss.mean().item(), "measured": False}
@@ -368,6 +372,24 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                         "the two cannot be read from the framework's loss, so the step is not measured (warned once; "
                         "drop_last=True in the data loader avoids such steps)")
         return True
+
+    def _from_its_units(self, units: torch.Tensor, counts: torch.Tensor | float, batch_size: int,
+                        grad_sqnorm: torch.Tensor) -> bool:
+        """Whether |gbar|^2 can be that of the mean of the step's units (examples, or micro-batches weighted by
+        their sizes): where it is larger than their mean squared norm allows, part of the gradient came from no
+        unit, as a weight penalty added to the loss outside the model (``check_loss``). Such a step is left
+        unmeasured, warned once: before, the estimator's ValueError ('was the loss summed instead of averaged')
+        stopped the framework's training at that step, which may come late in a run, as the data's gradient shrinks
+        next to the penalty's."""
+        mean_sqnorm = float((units * counts).sum()) / batch_size
+        if mean_dominates(mean_sqnorm, float(grad_sqnorm)):
+            return True
+        self._warn_once("beyond_units", f"step {self.step}: the batch's gradient (|gbar|^2 = {float(grad_sqnorm):.4g}) "
+                        f"is larger than its examples' gradients allow (their mean |g_i|^2 = {mean_sqnorm:.4g}): "
+                        "part of it belongs to no example, as a weight penalty added to the loss outside the model "
+                        "does; such steps are left unmeasured and training goes on (warned once); put the penalty "
+                        "in the optimizer (weight_decay) to measure them")
+        return False
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
