@@ -211,12 +211,13 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def check_loss(self, loss: Any) -> None:
         """The framework's loss of the open micro-batch, before its backward: on the first measured micro-batch
         (``check_independence``), a warning where its graph takes a parameter directly, outside every call of the
-        model's modules: a weight penalty added to the loss (an L2 term in ``training_step`` or ``compute_loss``), or
-        a term kept by a module and added to the loss. Its gradient belongs to no example: the per-example norms
-        leave it out while |gbar|^2 holds it, so tr(Sigma) and |G|^2 are silently off (a review's classifier with an
-        L2 term of 0.1 in its Lightning ``training_step``: tr(Sigma) 18 % low, |G|^2 52 % off). A model whose
-        parameters appear only inside its modules' calls gets no warning; a micro-batch model (BatchNorm) is not
-        checked, as its units' gradients hold such a term."""
+        model's modules. A weight penalty added to the loss (an L2 term in ``training_step`` or ``compute_loss``) or
+        a term kept by a module and added to it has a gradient that belongs to no example; a parameter the loss
+        applies to the outputs itself (a temperature) has one that ``observe`` then refuses to measure. The hooks do
+        not see such a use: the per-example norms leave its gradient out while |gbar|^2 holds it, so tr(Sigma) and
+        |G|^2 are silently off (a review's classifier with an L2 term of 0.1 in its Lightning ``training_step``:
+        tr(Sigma) 18 % low, |G|^2 52 % off). A model whose parameters appear only inside its modules' calls gets no
+        warning; a micro-batch model (BatchNorm) is not checked, as its units' gradients hold such a term."""
         outputs = self._module_outputs
         if outputs is None or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return
@@ -226,11 +227,13 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                   if hasattr(node, "variable") and id(node.variable) in names]
         if direct:
             self._warn_once("loss_outside_model", f"the loss reads parameters outside the model's module calls "
-                            f"({', '.join(sorted(direct)[:4])}{', ...' if len(direct) > 4 else ''}): a term such as "
-                            "a weight penalty added to the loss, whose gradient belongs to no example. The "
-                            "per-example norms leave it out while the batch's gradient holds it, so tr(Sigma), |G|^2 "
-                            "and B_simple are off; put the penalty in the optimizer (weight_decay) or measure without "
-                            "it (check_independence=False skips this check; warned once)")
+                            f"({', '.join(sorted(direct)[:4])}{', ...' if len(direct) > 4 else ''}): the layers' hooks "
+                            "do not see such a use, so its gradient is left out of the per-example norms while the "
+                            "batch's gradient holds it, and tr(Sigma), |G|^2 and B_simple are off. A weight penalty "
+                            "added to the loss is such a use, and its gradient belongs to no example: put it in the "
+                            "optimizer (weight_decay); a parameter that the loss applies to the model's outputs "
+                            "belongs in one of the model's modules (check_independence=False skips this check; "
+                            "warned once)")
 
     def _close_module_outputs(self) -> None:
         """The check of the loss is made, or its micro-batch ended without the framework giving its loss: either
