@@ -522,9 +522,10 @@ class NoiseScaleMonitor:
                 row["finite_gradient"] = True   # a NaN that never reached the gradient (0/0), unless bad data
             return row
         if unit_sizes is not None and len(unit_sizes) < 2:
-            self._warn_once("micro1", f"step {self.step}: a model that normalises with batch statistics is measured "
-                            "from its micro-batches' gradients, and this batch ran as one: tr(Sigma) and B_simple "
-                            "are recorded as NaN for such steps; set max_micro_batch below the batch size "
+            self._warn_once("micro1", f"step {self.step}: a model that normalises with batch statistics (or a batch "
+                            "of sequences packed into rows) is measured from its micro-batches' gradients, and this "
+                            "batch ran as one: tr(Sigma) and B_simple are recorded as NaN for such steps; set "
+                            "max_micro_batch below the batch size (in a framework: gradient accumulation) "
                             "(warned once)")
             return {"loss": loss, "measured": True, "nonfinite": False, "trace_sigma": math.nan}
         if batch_size < 2:

@@ -25,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 from _bad_data import assert_named_as_bad_data  # noqa: E402
 from _left_behind import compiles, hooks_on  # noqa: E402
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load  # noqa: E402
-from noisescale.estimators import ExponentialMovingNoiseScale, ExponentialMovingRatio, simple_noise_scale  # noqa: E402
+from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
+                                   micro_batch_noise_scale, simple_noise_scale)
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
 from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
@@ -509,6 +510,43 @@ def test_a_batch_norm_model_is_measured_from_its_accumulated_micro_batches(tmp_p
         assert row.grad_sqnorm == pytest.approx((batch_gradient.square().sum() - noise / 8 + noise / 24).item(),
                                                 rel=1e-10)
 
+
+
+def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examples(tmp_path):
+    """Padding-free packing (DataCollatorWithFlattening, TRL's padding_free): each micro-batch of 4 sequences comes
+    as one row (1, T) whose position_ids restart at each sequence, and the model attends within each. Before, the
+    hooks took each row for one example: batch_size 2 for the step's 8 sequences, tr(Sigma) 1.73 and B_simple 2.68
+    (in packs of 4) where the per-sequence loop read 9.70 and 15.3, silently. Now the sequences are counted and
+    the step is measured from its micro-batches' gradients (as a BatchNorm model's): exactly the micro-batch
+    estimator of the two packs with 4 sequences each, warned once; training is bit-identical to the plain Trainer's."""
+    generator = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(1, VOCAB, (3 + i % 6,), generator=generator).tolist()} for i in range(24)]
+    collate = transformers.DataCollatorWithFlattening()
+    plain = transformers.Trainer(model=tiny_gpt2(), args=_args(tmp_path / "plain", 2), train_dataset=data,
+                                 data_collator=collate)
+    plain.train()
+    measured = RecordingTrainer(model=tiny_gpt2(), args=_args(tmp_path / "measured", 2), train_dataset=data,
+                                data_collator=collate, noise_scale=NoiseScaleOptions())
+    with pytest.warns(RuntimeWarning, match="step 0: its micro-batch packs 4 sequences into rows"):
+        measured.train()
+    _assert_same_parameters(plain, measured)
+    history = measured.noise_scale.history
+    assert history["batch_size"].tolist() == [8, 8, 8] and history["micro_batches"].tolist() == [2, 2, 2]
+    for step, row in zip(measured.recorded, history.itertuples()):
+        model = tiny_gpt2()
+        model.load_state_dict(step["weights"])
+        model.config.use_cache = False   # as the Trainer trains it (a cache would hide the packing from its masks)
+        parameters, contributions = list(model.parameters()), []
+        total = sum(batch["labels"].ne(-100).sum() for batch in step["batches"])   # the Trainer's num_items_in_batch
+        for batch in step["batches"]:
+            assert batch["input_ids"].shape[0] == 1 and int(batch["position_ids"].eq(0).sum()) == 4
+            loss = model(**batch, num_items_in_batch=total).loss
+            contributions.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)]))
+        units = torch.stack([8 * c / 4 for c in contributions])   # each pack's mean gradient g_k = B C_k / b_k
+        estimate = micro_batch_noise_scale(units.square().sum(1), [4, 4], sum(contributions).square().sum(),
+                                           population=24)
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
 
 def test_a_compiled_model_is_measured_eagerly_and_trains_as_the_compiled_trainer(tmp_path):
     """``torch_compile=True``: accelerate wraps the model in ``torch.compile``. Before, the first measured step

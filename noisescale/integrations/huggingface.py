@@ -29,6 +29,11 @@ the gradients its backward brought to the model's outputs (:mod:`noisescale.per_
 ``trainer.noise_scale.backend_of`` says which. The values reach every ``report_to``
 (TensorBoard, W&B, ...) through the Trainer's own ``log``, merged into its training logs every ``logging_steps``.
 
+Sequences packed into rows without padding (``DataCollatorWithFlattening``, TRL's ``padding_free``: position_ids
+that restart inside a row, no attention_mask) are counted one by one, and such steps are measured from their
+micro-batches' gradients (:func:`~noisescale.integrations.observer.packed_sequences`), which needs gradient
+accumulation or DDP ranks.
+
 A step whose loss or gradient is not finite because its batch holds NaN (a floating input: ``pixel_values``,
 ``inputs_embeds``) is named as bad data, not divergence, in the warning, the history's ``nonfinite_data`` and the
 summary: the monitor keeps a reference to each micro-batch, without ``labels`` as the inputs and ``labels`` as the
@@ -70,6 +75,7 @@ from noisescale.integrations.observer import (
     NoiseScaleOptions,
     ObservingNoiseScaleMonitor,
     batch_size_of_framework_batch,
+    packed_sequences,
     split_labels,
 )
 from noisescale.monitor import adapts_per_coordinate
@@ -138,8 +144,10 @@ class NoiseScaleTrainerMixin:
         """The Trainer's own step on one micro-batch (``num_items_in_batch`` and whatever else the installed
         transformers passes go through unchanged), observed (module docstring)."""
         monitor = self._noise_scale_monitor(model)
-        monitor.begin_micro_batch(batch_size_of_framework_batch(inputs), batch=_inputs_and_labels(model, inputs),
-                                  model_inputs=inputs)
+        sequences = packed_sequences(inputs)
+        monitor.begin_micro_batch(sequences or batch_size_of_framework_batch(inputs),
+                                  batch=_inputs_and_labels(model, inputs), model_inputs=inputs,
+                                  packed=sequences is not None)
         with _loss_seen(self.accelerator, monitor.check_loss) if monitor.checks_loss else contextlib.nullcontext():
             loss = super().training_step(model, inputs, *args, **kwargs)
         monitor.end_micro_batch(loss)

@@ -53,7 +53,8 @@ from noisescale.monitor import check_options
 from noisescale.sampler import population_drawn_from
 from noisescale.training import AccumulatingNoiseScaleMonitor
 
-__all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "split_labels"]
+__all__ = ["NoiseScaleOptions", "ObservingNoiseScaleMonitor", "batch_size_of_framework_batch", "packed_sequences",
+           "split_labels"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,18 @@ def batch_size_of_framework_batch(batch: Any) -> int:
     return batch_size_of(tuple(batch) if isinstance(batch, list) else batch)
 
 
+def packed_sequences(batch: Any) -> int | None:
+    """The number of sequences in a keyword batch whose rows each pack several, with ``position_ids`` that restart
+    inside a row and no ``attention_mask`` (padding-free packing: transformers' ``DataCollatorWithFlattening``,
+    TRL's ``padding_free``; the model then attends within each sequence, and a sequence starts wherever the position
+    does not go up by 1, as transformers finds them); None where no row packs more than one."""
+    positions = batch.get("position_ids") if isinstance(batch, Mapping) and "attention_mask" not in batch else None
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] < 2:
+        return None
+    starts = int((positions.diff(dim=1) != 1).sum())
+    return positions.shape[0] + starts if starts else None
+
+
 class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     """A monitor fed by the framework's own passes (module docstring): per optimizer step,
     :meth:`begin_micro_batch` / :meth:`end_micro_batch` around each micro-batch's forward and backward, then
@@ -179,7 +192,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         return self.step % self.measure_every == 0
 
     def begin_micro_batch(self, batch_size: int, batch: tuple[Any, Any] | None = None,
-                          model_inputs: Any = None, measurable: bool = True) -> None:
+                          model_inputs: Any = None, measurable: bool = True, packed: bool = False) -> None:
         """Arm the ghost hooks for the forward and backward of the next ``batch_size`` examples (a micro-batch
         begun but never ended, e.g. skipped by the framework, is dropped). ``batch``: (inputs, targets) of this
         micro-batch, kept by reference (no copy) until the step ends or the monitor closes: on Hessian steps the
@@ -189,14 +202,24 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         the model on, for the check of dims as large as the batch and for the parameters only the whole-model vmap
         can measure (``observe``). ``measurable=False``: the caller knows the hooks would read the examples along
         the wrong dim (Lightning's sequence-first batch with a sequence as long as the batch): the step is recorded,
-        unmeasured, and no hook is armed for its later micro-batches."""
+        unmeasured, and no hook is armed for its later micro-batches. ``packed``: the micro-batch's
+        ``batch_size`` sequences are packed into fewer rows (:func:`packed_sequences`), which the layers' hooks would
+        take for the examples: the step is measured from its micro-batches' gradients, as a BatchNorm model's, which
+        needs 2 or more micro-batches a step."""
         self._drop_open_micro_batch("begin_micro_batch")
         self._step_open = self._micro_batch_open = True
         self._pending = batch
         self._sizes.append(batch_size)
         self._unmeasurable = self._unmeasurable or not measurable
+        if packed:
+            self._warn_once("packed", f"step {self.step}: its micro-batch packs {batch_size} sequences into rows "
+                            "(position_ids restart inside a row: padding-free packing, DataCollatorWithFlattening or "
+                            "TRL's padding_free), whose sequences the layers' hooks cannot tell apart: the steps are "
+                            "measured from their micro-batches' gradients, which needs 2 or more micro-batches a step "
+                            "(gradient accumulation or DDP ranks; with one, tr(Sigma) and B_simple are NaN). B_noise's "
+                            "per_example_loss gets the packed rows as they are (warned once)")
         if self.measures_this_step and not self._unmeasurable:
-            self._by_micro_batches = self._normalises_with_batch_statistics()
+            self._by_micro_batches = packed or self._normalises_with_batch_statistics()
             self._micro_batch = (GradientSquaredNorm(self.model, 1.0, True) if self._by_micro_batches else
                                  self.norms.observe(batch_size, loss_scale=batch_size, model_inputs=model_inputs))
             self._observed = self._micro_batch.__enter__()
