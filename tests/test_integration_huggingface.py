@@ -293,7 +293,6 @@ def test_a_batch_whose_every_label_is_ignored_is_no_divergence(tmp_path):
     assert "diverged" not in str(summary) and "1 step(s) with a non-finite loss or gradient" in str(summary)
 
 
-
 def test_a_weight_penalty_added_in_compute_loss_is_warned_about(tmp_path):
     """A subclass's compute_loss adds an L2 penalty to the model's loss: its gradient belongs to no example, so the
     per-example norms leave it out while p.grad holds it. Before, nothing said so (a review's GPT-2 with 1e-3 |theta|^2,
@@ -313,6 +312,7 @@ def test_a_weight_penalty_added_in_compute_loss_is_warned_about(tmp_path):
                                             r"\(transformer.h.0.attn.c_attn.bias, .*weight_decay"):
         trainer.train()
     assert vars(trainer.accelerator).get("backward") is None   # the accelerator's own backward again
+
 
 def tiny_t5(dropout=0.0):
     """T5ForConditionalGeneration from a config, with its default SDPA attention: the relative position tables,
@@ -511,7 +511,6 @@ def test_a_batch_norm_model_is_measured_from_its_accumulated_micro_batches(tmp_p
                                                 rel=1e-10)
 
 
-
 def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examples(tmp_path):
     """Padding-free packing (DataCollatorWithFlattening, TRL's padding_free): each micro-batch of 4 sequences comes
     as one row (1, T) whose position_ids restart at each sequence, and the model attends within each. Before, the
@@ -547,6 +546,7 @@ def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examp
                                            population=24)
         assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+
 
 def test_a_compiled_model_is_measured_eagerly_and_trains_as_the_compiled_trainer(tmp_path):
     """``torch_compile=True``: accelerate wraps the model in ``torch.compile``. Before, the first measured step

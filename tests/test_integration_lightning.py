@@ -457,7 +457,6 @@ def test_manual_optimization_is_rejected_with_a_clear_error(tmp_path):
         trainer.fit(Manual(), _loader())
 
 
-
 class PenalisedModule(TinyModule):
     """An L2 penalty added to the loss in training_step, outside every call of the module's layers."""
 
@@ -500,6 +499,7 @@ def test_a_step_whose_gradient_its_examples_cannot_make_is_left_unmeasured_and_t
     for p, q in zip(plain.parameters(), measured.parameters()):
         assert torch.equal(p, q)
     assert callback.monitor.history["measured"].tolist() == [False] * STEPS
+
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
