@@ -501,6 +501,69 @@ def test_a_step_whose_gradient_its_examples_cannot_make_is_left_unmeasured_and_t
     assert callback.monitor.history["measured"].tolist() == [False] * STEPS
 
 
+def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examples(tmp_path):
+    """A tiny GPT-2 in a LightningModule fed by transformers' DataCollatorWithFlattening: each micro-batch of 4
+    sequences is one row (1, T) with position_ids restarting at each. Before, the row was taken for one example,
+    silently: batch_size 2 a step of 8 sequences, tr(Sigma) 2.85 and |G|^2 -0.22 at the first step, where a
+    per-sequence loop read 9.84 and 0.285. Now its sequences are counted and the step is measured from its
+    micro-batches' gradients: the micro-batch estimator of the two packs (each micro-batch's mean token loss divided
+    by Lightning's 2), training bit-identical."""
+    transformers = pytest.importorskip("transformers")
+
+    class PackedLanguageModel(pl.LightningModule):
+        def __init__(self, dropout=0.0):
+            super().__init__()
+            torch.manual_seed(0)
+            config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                             resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                             bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+                                             use_cache=False)   # without a cache its masks see the packing
+            self.model = transformers.GPT2LMHeadModel(config).double()
+
+        def forward(self, **batch):
+            return self.model(**batch)
+
+        def training_step(self, batch, batch_idx):
+            return self(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.2)
+
+    generator = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(1, 32, (3 + i % 6,), generator=generator).tolist()} for i in range(24)]
+
+    def loader():
+        return DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2),
+                          collate_fn=transformers.DataCollatorWithFlattening())
+
+    class RecordDictBatches(RecordBatches):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx % trainer.accumulate_grad_batches == 0:
+                self.steps.append({"weights": copy.deepcopy(pl_module.state_dict()), "batches": []})
+            self.steps[-1]["batches"].append({key: value.clone() for key, value in batch.items()})
+
+    plain, _ = _fit(tmp_path / "plain", 2, [], make_module=PackedLanguageModel, loader=loader())
+    recorder, callback = RecordDictBatches(), NoiseScaleCallback()
+    with pytest.warns(RuntimeWarning, match="step 0: its micro-batch packs 4 sequences into rows"):
+        measured, _ = _fit(tmp_path / "measured", 2, [recorder, callback], make_module=PackedLanguageModel,
+                           loader=loader())
+    for p, q in zip(plain.parameters(), measured.parameters()):
+        assert torch.equal(p, q)
+    history = callback.monitor.history
+    assert history["batch_size"].tolist() == [8] * STEPS
+    for step, row in zip(recorder.steps, history.itertuples()):
+        module = PackedLanguageModel()
+        module.load_state_dict(step["weights"])
+        parameters = list(module.parameters())
+        contributions = [torch.cat([g.flatten() for g in torch.autograd.grad(module(**batch).loss / 2, parameters)])
+                         for batch in step["batches"]]
+        units = torch.stack([8 * c / 4 for c in contributions])   # each pack's mean gradient g_k = B C_k / b_k
+        estimate = micro_batch_noise_scale(units.square().sum(1), [4, 4], sum(contributions).square().sum(),
+                                           population=24)
+        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
+        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
 

@@ -19,6 +19,11 @@ optimizer step's whole batch follow from that loss as :mod:`noisescale.integrati
 averages go to every logger through ``pl_module.log_dict`` (``on_step=True``, written every
 ``log_every_n_steps``; also in ``trainer.callback_metrics``).
 
+A dict batch that packs its sequences into rows without padding (``position_ids`` restarting inside a row, no
+``attention_mask``: transformers' ``DataCollatorWithFlattening`` as the DataLoader's ``collate_fn``) is measured as
+under the HF Trainer, its sequences counted, from its micro-batches' gradients
+(:func:`~noisescale.integrations.observer.packed_sequences`), which needs ``accumulate_grad_batches`` >= 2 or DDP.
+
 A step whose loss or gradient is not finite because its batch holds NaN (or Inf in its targets) is named as bad
 data, not divergence, in the warning, the history's ``nonfinite_data`` and the summary: the callback keeps a
 reference to each micro-batch until the optimizer step and reads it only on such a step (a batch of two as
@@ -53,6 +58,7 @@ from noisescale.integrations.observer import (
     NoiseScaleOptions,
     ObservingNoiseScaleMonitor,
     batch_size_of_framework_batch,
+    packed_sequences,
 )
 from noisescale.batches import tensors_of
 from noisescale.monitor import adapts_per_coordinate
@@ -133,8 +139,9 @@ class NoiseScaleCallback(Callback):
                     f"a sequence as long as the batch ({batch_size}), and the layers' hooks cannot tell its positions "
                     "from its examples, so the step is not measured (warned once; the norms along dim 0 would be those "
                     "of its positions); a batch size other than the sequence length avoids it")
-        self.monitor.begin_micro_batch(batch_size, batch=tuple(batch) if pair else (batch, None),
-                                       measurable=measurable)
+        sequences = packed_sequences(batch)   # a keyword batch packing its sequences into rows, padding-free
+        self.monitor.begin_micro_batch(sequences or batch_size, batch=tuple(batch) if pair else (batch, None),
+                                       measurable=measurable, packed=sequences is not None)
 
     def _examples_of(self, batch: Any, pair: bool) -> tuple[int, bool]:
         """(B, whether the batch is sequence-first): ``batch_first`` of the class docstring. Where nothing tells
