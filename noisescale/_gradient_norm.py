@@ -48,6 +48,11 @@ class GradientSquaredNorm:
     def _add(self, grad: torch.Tensor) -> None:
         self._parts.append(torch.linalg.vector_norm(gradient_values(grad), dtype=torch.float64).square())
 
+    @property
+    def received(self) -> bool:
+        """Whether a backward has brought the parameters a gradient inside the block so far."""
+        return bool(self._parts)
+
     def sqnorm(self) -> torch.Tensor:
         if not self._parts:   # no gradient reached the parameters
             return torch.zeros((), dtype=torch.float64)

@@ -117,3 +117,26 @@ def test_a_backward_left_without_end_micro_batch_is_refused_and_the_step_dropped
     row = monitor.end_step()
     assert row["batch_size"] == 8 and row["measured"]
     assert row["trace_sigma"] == pytest.approx(reference_estimate(model, [(x1, y1), (x2, y2)])[0], rel=1e-10)
+
+
+def test_a_forgotten_end_micro_batch_is_refused_for_a_model_measured_by_micro_batches():
+    """A BatchNorm model in train mode is measured from its micro-batches' gradients (GradientSquaredNorm): dropping
+    such an open micro-batch read a field only the per-example pass has (AttributeError)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).double()
+    monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(population_size=None))
+    (x1, y1), (x2, y2) = step_batches(1)[0]
+    monitor.begin_micro_batch(len(x1), batch=(x1, y1))
+    (F.cross_entropy(model(x1), y1) / 2).backward()
+    with pytest.raises(ValueError, match=r"without end_micro_batch\(loss\)"):
+        monitor.begin_micro_batch(len(x2), batch=(x2, y2))
+    # a micro-batch begun and skipped (no backward: Lightning's training_step returning None) is dropped quietly
+    model.zero_grad()
+    monitor.begin_micro_batch(len(x1), batch=(x1, y1))
+    for x, y in ((x1, y1), (x2, y2)):
+        monitor.begin_micro_batch(len(x), batch=(x, y))
+        loss = F.cross_entropy(model(x), y) / 2
+        loss.backward()
+        monitor.end_micro_batch(loss)
+    row = monitor.end_step()
+    assert row["batch_size"] == 8 and row["micro_batches"] == 2
