@@ -266,7 +266,17 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             self._module_outputs, self._loss_checked = None, True
 
     def end_micro_batch(self, loss: torch.Tensor | float) -> None:
-        """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it."""
+        """After the micro-batch's backward: keep |c_i|^2 and the loss the framework accumulated for it. Called with
+        no micro-batch begun (a loop of one's own that left out ``begin_micro_batch``: its backward ran unseen by
+        the hooks), the step is forgotten and a ValueError says so."""
+        if not self._micro_batch_open:
+            self._step_open = False
+            self._reset_step()
+            raise ValueError("end_micro_batch was called with no micro-batch begun: its forward and backward ran "
+                             "without begin_micro_batch(b, batch=(x, y)) before them, unseen by the hooks, so its "
+                             "examples would be missing from the estimate while its gradient is in p.grad. Call "
+                             "begin_micro_batch before each micro-batch's forward; this step is dropped (no row), "
+                             "p.grad is left as the backward passes made it")
         self._micro_batch_open = False
         self._close_module_outputs()
         self._loss = self._loss + torch.as_tensor(loss).detach().double()
@@ -305,7 +315,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                     f"{caller} was called while the micro-batch begun last had run its backward without "
                     "end_micro_batch(loss) after it: its gradient is in p.grad, and its examples would be missing "
                     "from the estimate. Call monitor.end_micro_batch(loss) after each micro-batch's backward; this "
-                    "step is dropped (no row), the model and p.grad are as they were")
+                    "step is dropped (no row), p.grad is left as the backward passes made it")
 
     def close(self) -> None:
         """Remove the hooks from the model, after disarming a micro-batch left open and forgetting the step it
@@ -352,6 +362,12 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         measured = (self.measures_this_step and not self._unmeasurable
                     and not self._unequal_micro_batches(sizes))
         gathered = False
+        if measured and not self.sharded and all(p.grad is None for p in self.model.parameters() if p.requires_grad):
+            self._step_open = False
+            self._reset_step()
+            raise ValueError("end_step found no gradient in p.grad, from which it reads the step's |gbar|^2: call it "
+                             "after the step's last backward and before optimizer.zero_grad() (and before clipping, "
+                             "which it does not see); this step is dropped (no row)")
         if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
             units = torch.cat(sqnorms).double()
             if world_size > 1:
