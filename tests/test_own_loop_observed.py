@@ -142,11 +142,12 @@ def test_a_forgotten_end_micro_batch_is_refused_for_a_model_measured_by_micro_ba
     assert row["batch_size"] == 8 and row["micro_batches"] == 2
 
 
-@pytest.mark.parametrize("mistake", ["no begin_micro_batch", "end_step after zero_grad"])
+@pytest.mark.parametrize("mistake", ["no begin_micro_batch", "end_step after zero_grad", "no end_step"])
 def test_a_micro_batch_run_unseen_or_a_step_ended_without_gradients_is_refused(mistake):
     """A micro-batch run without begin_micro_batch had its gradient in p.grad and its examples left out: a step of
     16 examples read as 12, tr(Sigma) 5.03 against 9.15 (a new user's loop). end_step after zero_grad() failed
-    with AttributeError: 'float' object has no attribute 'item'."""
+    with AttributeError: 'float' object has no attribute 'item'. A step left without end_step was merged into the
+    next (one row of B = 32 against the last step's p.grad)."""
     model = small_model()
     monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(population_size=None))
     (x1, y1), (x2, y2) = step_batches(1)[0]
@@ -159,10 +160,14 @@ def test_a_micro_batch_run_unseen_or_a_step_ended_without_gradients_is_refused(m
         loss.backward()
         with pytest.raises(ValueError, match="end_micro_batch was called with no micro-batch begun"):
             monitor.end_micro_batch(loss)
-    else:
+    elif mistake == "end_step after zero_grad":
         model.zero_grad()
         with pytest.raises(ValueError, match=r"end_step found no gradient in p.grad"):
             monitor.end_step()
+    else:
+        model.zero_grad()   # the optimizer step taken, end_step() forgotten
+        with pytest.raises(ValueError, match=r"begin_micro_batch found p.grad cleared .* end_step\(\) was not"):
+            monitor.begin_micro_batch(len(x2), batch=(x2, y2))
     assert monitor.history.empty and monitor.end_step() is None
     model.zero_grad()
     for x, y in ((x1, y1), (x2, y2)):

@@ -207,6 +207,11 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         take for the examples: the step is measured from its micro-batches' gradients, as a BatchNorm model's, which
         needs 2 or more micro-batches a step."""
         self._drop_open_micro_batch("begin_micro_batch")
+        if self._sizes and self._gradients_cleared():
+            self._refuse_step("begin_micro_batch found p.grad cleared since the step's earlier micro-batches "
+                              "ended: end_step() was not called after the last step's backward, and its micro-batches "
+                              "would be counted in this step. Call monitor.end_step() after each step's last "
+                              "backward, before optimizer.zero_grad()")
         self._step_open = self._micro_batch_open = True
         self._pending = batch
         self._sizes.append(batch_size)
@@ -270,13 +275,10 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         no micro-batch begun (a loop of one's own that left out ``begin_micro_batch``: its backward ran unseen by
         the hooks), the step is forgotten and a ValueError says so."""
         if not self._micro_batch_open:
-            self._step_open = False
-            self._reset_step()
-            raise ValueError("end_micro_batch was called with no micro-batch begun: its forward and backward ran "
-                             "without begin_micro_batch(b, batch=(x, y)) before them, unseen by the hooks, so its "
-                             "examples would be missing from the estimate while its gradient is in p.grad. Call "
-                             "begin_micro_batch before each micro-batch's forward; this step is dropped (no row), "
-                             "p.grad is left as the backward passes made it")
+            self._refuse_step("end_micro_batch was called with no micro-batch begun: its forward and backward ran "
+                              "without begin_micro_batch(b, batch=(x, y)) before them, unseen by the hooks, so its "
+                              "examples would be missing from the estimate while its gradient is in p.grad. Call "
+                              "begin_micro_batch before each micro-batch's forward")
         self._micro_batch_open = False
         self._close_module_outputs()
         self._loss = self._loss + torch.as_tensor(loss).detach().double()
@@ -291,6 +293,18 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             else:
                 self._sqnorms.append(self._observed.sqnorms)
                 self.backend_of = dict(self._observed.backend_of)
+
+    def _gradients_cleared(self) -> bool:
+        """Whether no trainable parameter holds a p.grad (zero_grad() since the backward); never under FSDP, whose
+        shards are read otherwise."""
+        return not self.sharded and all(p.grad is None for p in self.model.parameters() if p.requires_grad)
+
+    def _refuse_step(self, why: str) -> None:
+        """Forget the open step (no row) and raise a ValueError saying ``why``: a call out of order in a loop of
+        one's own, whose p.grad stays as its backward passes made it."""
+        self._step_open = False
+        self._reset_step()
+        raise ValueError(f"{why}; this step is dropped (no row), p.grad is left as the backward passes made it")
 
     def _drop_open_micro_batch(self, caller: str | None = None) -> None:
         """Forget a micro-batch whose backward never came (the framework skipped it or raised): its size too, on a
@@ -309,13 +323,10 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             dropped = RuntimeError("micro-batch dropped")
             micro_batch.__exit__(type(dropped), dropped, None)  # removes the hooks' state, records nothing
             if backward_ran and caller is not None:
-                self._step_open = False
-                self._reset_step()
-                raise ValueError(
+                self._refuse_step(
                     f"{caller} was called while the micro-batch begun last had run its backward without "
                     "end_micro_batch(loss) after it: its gradient is in p.grad, and its examples would be missing "
-                    "from the estimate. Call monitor.end_micro_batch(loss) after each micro-batch's backward; this "
-                    "step is dropped (no row), p.grad is left as the backward passes made it")
+                    "from the estimate. Call monitor.end_micro_batch(loss) after each micro-batch's backward")
 
     def close(self) -> None:
         """Remove the hooks from the model, after disarming a micro-batch left open and forgetting the step it
@@ -362,12 +373,10 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         measured = (self.measures_this_step and not self._unmeasurable
                     and not self._unequal_micro_batches(sizes))
         gathered = False
-        if measured and not self.sharded and all(p.grad is None for p in self.model.parameters() if p.requires_grad):
-            self._step_open = False
-            self._reset_step()
-            raise ValueError("end_step found no gradient in p.grad, from which it reads the step's |gbar|^2: call it "
-                             "after the step's last backward and before optimizer.zero_grad() (and before clipping, "
-                             "which it does not see); this step is dropped (no row)")
+        if measured and self._gradients_cleared():
+            self._refuse_step("end_step found no gradient in p.grad, from which it reads the step's |gbar|^2: call it "
+                              "after the step's last backward and before optimizer.zero_grad() (and before clipping, "
+                              "which it does not see)")
         if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
             units = torch.cat(sqnorms).double()
             if world_size > 1:
