@@ -44,10 +44,11 @@ def reference_estimate(model: torch.nn.Module, micro_batches) -> tuple[float, fl
     return estimate.trace_sigma, estimate.grad_sqnorm
 
 
-def train(steps: int, observed: bool, *, loss_factor: float = 1.0 / MICRO_BATCHES, scale: float = 1.0):
+def train(steps: int, observed: bool, *, loss_factor: float = 1.0 / MICRO_BATCHES, scale: float = 1.0,
+          unscale_first: bool = False):
     """The loop: each micro-batch's mean loss times ``loss_factor`` (1/K: the batch's mean loss; 1: their sum)
-    and a constant loss scale (an fp16 GradScaler's), unscaled before clipping and AdamW's step. Returns the model,
-    the rows and the reference estimates."""
+    and a constant loss scale (an fp16 GradScaler's), unscaled before clipping and AdamW's step (``unscale_first``:
+    before ``end_step``, told by grad_scale=1). Returns the model, the rows and the reference estimates."""
     model = small_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     monitor = (ObservingNoiseScaleMonitor(model, NoiseScaleOptions(population_size=None)) if observed else None)
@@ -62,27 +63,33 @@ def train(steps: int, observed: bool, *, loss_factor: float = 1.0 / MICRO_BATCHE
             (loss * scale).backward()
             if observed:
                 monitor.end_micro_batch(loss)
-        if observed:   # after the last backward, before unscaling and clipping
-            rows.append(monitor.end_step(contribution_scale=scale, grad_scale=scale,
+        if unscale_first:
+            for p in model.parameters():
+                p.grad /= scale
+        if observed:   # after the last backward, before clipping
+            rows.append(monitor.end_step(contribution_scale=scale, grad_scale=1.0 if unscale_first else scale,
                                          loss_weight=loss_factor * MICRO_BATCHES))
-        for p in model.parameters():
-            p.grad /= scale
+        if not unscale_first:
+            for p in model.parameters():
+                p.grad /= scale
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         optimizer.step()
         optimizer.zero_grad()
     return model, rows, references
 
 
-@pytest.mark.parametrize("loss_factor, scale", [(1.0 / MICRO_BATCHES, 1.0), (1.0, 1.0), (1.0 / MICRO_BATCHES, 1024.0)],
-                         ids=["mean over the batch", "sum of micro-batch means", "loss scale 1024"])
-def test_each_step_is_the_per_example_loops_estimate_and_training_is_unchanged(loss_factor, scale):
-    model, rows, references = train(3, True, loss_factor=loss_factor, scale=scale)
+@pytest.mark.parametrize("loss_factor, scale, unscale_first", [
+    (1.0 / MICRO_BATCHES, 1.0, False), (1.0, 1.0, False), (1.0 / MICRO_BATCHES, 1024.0, False),
+    (1.0 / MICRO_BATCHES, 1024.0, True)],
+    ids=["mean over the batch", "sum of micro-batch means", "loss scale 1024", "unscaled before end_step"])
+def test_each_step_is_the_per_example_loops_estimate_and_training_is_unchanged(loss_factor, scale, unscale_first):
+    model, rows, references = train(3, True, loss_factor=loss_factor, scale=scale, unscale_first=unscale_first)
     assert [row["batch_size"] for row in rows] == [MICRO_BATCHES * MICRO_BATCH] * 3
     for row, (trace_sigma, grad_sqnorm) in zip(rows, references):
         assert row["measured"]
         assert row["trace_sigma"] == pytest.approx(trace_sigma, rel=1e-10)
         assert row["grad_sqnorm"] == pytest.approx(grad_sqnorm, rel=1e-9, abs=1e-12)
-    plain, _, _ = train(3, False, loss_factor=loss_factor, scale=scale)
+    plain, _, _ = train(3, False, loss_factor=loss_factor, scale=scale, unscale_first=unscale_first)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
@@ -142,7 +149,8 @@ def test_a_forgotten_end_micro_batch_is_refused_for_a_model_measured_by_micro_ba
     assert row["batch_size"] == 8 and row["micro_batches"] == 2
 
 
-@pytest.mark.parametrize("mistake", ["no begin_micro_batch", "end_step after zero_grad", "no end_step"])
+@pytest.mark.parametrize("mistake", ["no begin_micro_batch", "end_step after zero_grad", "no end_step",
+                                     "end_step after clipping"])
 def test_a_micro_batch_run_unseen_or_a_step_ended_without_gradients_is_refused(mistake):
     """A micro-batch run without begin_micro_batch had its gradient in p.grad and its examples left out: a step of
     16 examples read as 12, tr(Sigma) 5.03 against 9.15 (a new user's loop). end_step after zero_grad() failed
@@ -160,6 +168,10 @@ def test_a_micro_batch_run_unseen_or_a_step_ended_without_gradients_is_refused(m
         loss.backward()
         with pytest.raises(ValueError, match="end_micro_batch was called with no micro-batch begun"):
             monitor.end_micro_batch(loss)
+    elif mistake == "end_step after clipping":   # |G|^2 -0.61 for 0.157 in a new user's loop, silently
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        with pytest.raises(ValueError, match=r"end_step found p.grad changed since the step's last backward"):
+            monitor.end_step()
     elif mistake == "end_step after zero_grad":
         model.zero_grad()
         with pytest.raises(ValueError, match=r"end_step found no gradient in p.grad"):

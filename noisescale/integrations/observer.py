@@ -186,6 +186,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._pending: tuple[Any, Any] | None = None  # the open micro-batch's, kept once it ends
         self._by_micro_batches = False   # BatchNorm in train mode: the micro-batches are the units (module docstring)
         self._unmeasurable = False       # a micro-batch begun with measurable=False: the step is left unmeasured
+        self._left_by_backward: list[tuple[int, int]] | None = None   # p.grad's versions after the last backward
 
     @property
     def measures_this_step(self) -> bool:
@@ -293,6 +294,13 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             else:
                 self._sqnorms.append(self._observed.sqnorms)
                 self.backend_of = dict(self._observed.backend_of)
+            self._left_by_backward = self._gradient_versions()
+
+    def _gradient_versions(self) -> list[tuple[int, int]] | None:
+        """(id, in-place version) of each trainable parameter's p.grad, to tell whether a later call changed it;
+        None under FSDP, whose shards are read otherwise."""
+        return None if self.sharded else [(id(p.grad), p.grad._version) for p in self.model.parameters()
+                                          if p.requires_grad and p.grad is not None]
 
     def _gradients_cleared(self) -> bool:
         """Whether no trainable parameter holds a p.grad (zero_grad() since the backward); never under FSDP, whose
@@ -377,6 +385,11 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             self._refuse_step("end_step found no gradient in p.grad, from which it reads the step's |gbar|^2: call it "
                               "after the step's last backward and before optimizer.zero_grad() (and before clipping, "
                               "which it does not see)")
+        if measured and grad_scale == contribution_scale and self._gradient_versions() != self._left_by_backward:
+            self._refuse_step("end_step found p.grad changed since the step's last backward (clip_grad_norm_, "
+                              "zero_grad(set_to_none=False), or unscale_), from which it reads the step's |gbar|^2: "
+                              "call it right after the last backward, before clipping; after a GradScaler's "
+                              "unscale_, pass contribution_scale=scaler.get_scale() and grad_scale=1")
         if measured:   # units: the examples, or the micro-batches of a model normalising with batch statistics
             units = torch.cat(sqnorms).double()
             if world_size > 1:
