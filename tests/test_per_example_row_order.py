@@ -230,3 +230,43 @@ def test_noise_drawn_into_the_raw_inputs_is_not_taken_for_a_reordering():
     with pytest.warns(RuntimeWarning, match="in another order than the batch's"):
         result = PerExampleGradNorms(Noisy(model), loss_fn)(inputs, targets)
     assert set(result.backend_of.values()) == {"vmap"}
+
+
+class Conditioned(nn.Module):
+    """A layer on the inputs and an embedding of a class label, added: ``Noisy(Conditioned())(x, label)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.label, self.head = nn.Linear(D, D), nn.Embedding(3, D), nn.Linear(D, 2)
+
+    def forward(self, x, label):
+        return self.head(torch.tanh(self.layer(x) + self.label(label)))
+
+
+def test_noise_drawn_with_a_replaced_example_whose_label_is_its_source_s():
+    """With noise drawn in the forwards, a replaced example's row was also required to change: the embedding of a
+    class label that example 0 shares with its source (example 1) keeps its row, and the model was taken for one
+    that reorders its inputs (measured by the whole-model vmap, of another draw of the noise, and refused under
+    ghost). Only rows other than the replaced examples' must be kept: by the rules, exact against a loop over
+    single examples with the pass's noise, no warning."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Noisy(Conditioned()).double()
+    x = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    label = torch.tensor([1, 1, 0, 2, 0])
+    targets = torch.randn(B, 2, generator=generator, dtype=torch.float64)
+    for backend in ("auto", "ghost"):
+        measured = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = PerExampleGradNorms(measured, _squared_error, backend=backend, by_parameter=True)((x, label),
+                                                                                                       targets)
+        assert set(result.backend_of.values()) == {"ghost"}
+        noise = measured.noise
+        for i in range(B):
+            single = copy.deepcopy(model.model)
+            loss = _squared_error(single(x[i:i + 1] + 0.5 * noise[i:i + 1], label[i:i + 1]), targets[i:i + 1]).sum()
+            grads = torch.autograd.grad(loss, list(single.parameters()))
+            for (name, _), grad in zip(single.named_parameters(), grads):
+                torch.testing.assert_close(result.by_parameter["model." + name][i], grad.square().sum(),
+                                           rtol=1e-10, atol=1e-14)

@@ -43,8 +43,9 @@ def rows_reordered(before: Tensor | None, after: Tensor | None, replaced: dict[i
     """Whether a call's input rows, fingerprinted (``row_fingerprint``) in the batch's forward (``before``) and in
     the forward with examples replaced (``after``, target <- source), are not the examples in the batch's order in
     any layout: a row other than a replaced example's moved, or a replaced example's row is not its source's (with
-    ``random``, forwards that drew random numbers: a row other than the replaced examples' changed, or one of
-    theirs did not). A layout none of whose rows moved (positions, a table shared by the examples) is not judged."""
+    ``random``, forwards that drew random numbers: a row other than the replaced examples' changed; theirs may
+    change or not, as a layer that reads an input their sources share with them, a class label, leaves them). A
+    layout none of whose rows moved (positions, a table shared by the examples) is not judged."""
     if before is None or after is None or before.shape != after.shape or not replaced:
         return False
     return all(_layout_reordered(a, b, replaced, random) for a, b in zip(before, after))
@@ -63,10 +64,10 @@ def _layout_reordered(before: Tensor, after: Tensor, replaced: dict[int, int], r
     if bool(kept.all()):
         return False
     targets, sources = (torch.tensor(list(indices), device=before.device) for indices in zip(*replaced.items()))
-    if random:
-        changed = torch.zeros_like(kept)
-        changed[targets] = True
-        return not torch.equal(~kept, changed)
+    if random:   # a replaced example's row may be left as it was (its source's row equal to its own there)
+        elsewhere = ~kept
+        elsewhere[targets] = False
+        return bool(elsewhere.any())
     expected = before.clone()
     expected[targets] = before[sources]
     return not bool(_close(expected, after).all())
