@@ -93,6 +93,16 @@ def test_each_step_is_the_per_example_loops_estimate_and_training_is_unchanged(l
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
+def observed_step(model: torch.nn.Module, monitor: ObservingNoiseScaleMonitor, micro_batches) -> dict:
+    """One step of the loop, each micro-batch's mean loss over the K micro-batches, observed; its row."""
+    for x, y in micro_batches:
+        monitor.begin_micro_batch(len(x), batch=(x, y))
+        loss = F.cross_entropy(model(x), y) / len(micro_batches)
+        loss.backward()
+        monitor.end_micro_batch(loss)
+    return monitor.end_step()
+
+
 @pytest.mark.parametrize("next_call", ["begin_micro_batch", "end_step"])
 def test_a_backward_left_without_end_micro_batch_is_refused_and_the_step_dropped(next_call):
     """A loop that ran a micro-batch's backward but left out end_micro_batch had that micro-batch dropped as one the
@@ -116,12 +126,7 @@ def test_a_backward_left_without_end_micro_batch_is_refused_and_the_step_dropped
     assert monitor.history.empty and monitor.end_step() is None
     # the next step is measured as usual
     model.zero_grad()
-    for x, y in ((x1, y1), (x2, y2)):
-        monitor.begin_micro_batch(len(x), batch=(x, y))
-        loss = F.cross_entropy(model(x), y) / 2
-        loss.backward()
-        monitor.end_micro_batch(loss)
-    row = monitor.end_step()
+    row = observed_step(model, monitor, [(x1, y1), (x2, y2)])
     assert row["batch_size"] == 8 and row["measured"]
     assert row["trace_sigma"] == pytest.approx(reference_estimate(model, [(x1, y1), (x2, y2)])[0], rel=1e-10)
 
@@ -140,12 +145,7 @@ def test_a_forgotten_end_micro_batch_is_refused_for_a_model_measured_by_micro_ba
     # a micro-batch begun and skipped (no backward: Lightning's training_step returning None) is dropped quietly
     model.zero_grad()
     monitor.begin_micro_batch(len(x1), batch=(x1, y1))
-    for x, y in ((x1, y1), (x2, y2)):
-        monitor.begin_micro_batch(len(x), batch=(x, y))
-        loss = F.cross_entropy(model(x), y) / 2
-        loss.backward()
-        monitor.end_micro_batch(loss)
-    row = monitor.end_step()
+    row = observed_step(model, monitor, [(x1, y1), (x2, y2)])
     assert row["batch_size"] == 8 and row["micro_batches"] == 2
 
 

@@ -161,7 +161,6 @@ def test_rows_reordered_against_a_layer_input_reordered_by_hand(permutation, exp
     assert not rows_reordered(row_fingerprint(square.T, B), row_fingerprint(square_swapped.T, B), replaced)
 
 
-
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_an_input_row_that_is_not_finite_is_not_taken_for_a_reordering(value):
     """An inf in one example's input (the tanh after the first layer keeps the losses finite) left its row's
