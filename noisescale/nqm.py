@@ -1636,7 +1636,8 @@ def fit_scaling_curve(curve: ScalingCurve, *, min_steps: float = 1.0, **fit_opti
     So are the batch sizes above the first whose steps are at the floor (steps <= ``min_steps``; 0 for a curve
     without one): there the steps stay at one step however the optimizer scales, a bend the fit took for a
     critical batch size (a curve of perfect scaling down to one step, 128 / B and then 1, got B_crit = 170 [123,
-    248], where :func:`critical_batch_size`, which ignores them too, says not resolved).
+    248], where :func:`critical_batch_size`, which ignores them too, says not resolved); a ValueError where fewer
+    than 3 batch sizes are left.
 
     ``fit_options`` go to :func:`noisescale.tradeoff.fit_tradeoff` (confidence, n_bootstrap, seed).
     """
@@ -1656,11 +1657,15 @@ def fit_scaling_curve(curve: ScalingCurve, *, min_steps: float = 1.0, **fit_opti
     at_floor = np.nonzero(steps <= min_steps)[0]
     if at_floor.size and at_floor[0] + 1 < steps.size:
         beyond = batch_sizes[at_floor[0] + 1:]
-        warnings.warn(f"batch size(s) {', '.join(f'{size:.10g}' for size in beyond)} lie above "
-                      f"{batch_sizes[at_floor[0]]:.10g}, which reaches the target in {steps[at_floor[0]]:g} step(s), "
-                      "the floor: their steps show the floor, not the scaling, and are left out of the fit",
-                      RuntimeWarning, stacklevel=2)
+        floor = (f"batch size(s) {', '.join(f'{size:.10g}' for size in beyond)} lie above "
+                 f"{batch_sizes[at_floor[0]]:.10g}, which reaches the target in {steps[at_floor[0]]:g} step(s), the "
+                 "floor: their steps show the floor, not the scaling")
         batch_sizes, steps = batch_sizes[: at_floor[0] + 1], steps[: at_floor[0] + 1]
+        if np.unique(batch_sizes).size < 3:
+            raise ValueError(f"{floor}; without them {np.unique(batch_sizes).size} batch size(s) are left, and the "
+                             "fit of S_min and E_min needs 3: sample batch sizes below the floor's (critical_batch_size "
+                             "reads such a curve as not resolved), or pass min_steps=0 to fit the floor's points too")
+        warnings.warn(f"{floor}, and are left out of the fit", RuntimeWarning, stacklevel=2)
     return fit_tradeoff(batch_sizes, steps, **fit_options)
 
 

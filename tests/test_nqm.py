@@ -817,6 +817,25 @@ def test_mccandlish_fit_leaves_out_the_batch_sizes_beyond_the_one_step_floor():
     assert fit.resolved and fit.b_crit_interval[0] <= b_crit <= fit.b_crit_interval[1]
 
 
+def test_a_curve_at_the_floor_below_three_batch_sizes_has_no_fit_and_the_cli_says_so(capsys):
+    """Leaving out the batch sizes beyond the one-step floor can leave fewer than the fit's 3 points: the fit then
+    failed inside fit_tradeoff ('needs at least 3 distinct batch sizes, got 2'), and the nqm command, which fits
+    wherever 3 batch sizes reach the target, stopped with that error (p = 1 at d = 30, 1 step from B = 2048 on),
+    where before the floor's points were left out it printed a fit. Now the ValueError says why, and the command
+    prints no fit, with the reason, and succeeds."""
+    batch_sizes = 2.0 ** np.arange(6)
+    with pytest.raises(ValueError, match=r"batch size\(s\) 4, 8, 16, 32 lie above 2, which reaches the target in 1 "
+                                         r"step\(s\), the floor.*2 batch size\(s\) are left.*needs 3"):
+        nqm.fit_scaling_curve(scaling_curve(batch_sizes, [3.0, 1, 1, 1, 1, 1]), n_bootstrap=20)
+    nqm.fit_scaling_curve(scaling_curve(batch_sizes, [3.0, 1, 1, 1, 1, 1]), min_steps=0, n_bootstrap=20)
+    code = main(["nqm", "--dim", "30", "--bins", "0", "--precondition-power", "1", "--batch-sizes",
+                 "1024,2048,4096,8192,16384", "--n-bootstrap", "20", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "critical batch size (steps = 2x perfect linear scaling): inf" in out
+    assert "McCandlish fit: none (batch size(s) 4096, 8192, 16384 lie above 2048" in out
+
+
 @pytest.mark.parametrize("name", ["sgd", "momentum"])
 def test_mccandlish_fit_agrees_with_the_factor_2_critical_batch_size(curves, name):
     curve = curves[name]

@@ -202,12 +202,18 @@ def _run_nqm(args: argparse.Namespace) -> int:
     if finite.sum() >= 3:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
-        low, high = fit.b_crit_interval
-        shown = printed(fit.b_crit, low, high)   # with the digits the interval supports
-        print(f"McCandlish fit: B_crit = {shown.value} (90% interval {shown.low} .. {shown.high}), "
-              f"{with_interval('S_min', fit.s_min, fit.s_min_interval)}, "
-              f"{with_interval('E_min', fit.e_min, fit.e_min_interval)}{'' if fit.resolved else ' -- not resolved'}")
+            try:
+                fit = nqm.fit_scaling_curve(curve, n_bootstrap=args.n_bootstrap)
+            except ValueError as error:   # too few batch sizes below the one-step floor
+                fit = None
+                print(f"McCandlish fit: none ({error})")
+        if fit is not None:
+            low, high = fit.b_crit_interval
+            shown = printed(fit.b_crit, low, high)   # with the digits the interval supports
+            print(f"McCandlish fit: B_crit = {shown.value} (90% interval {shown.low} .. {shown.high}), "
+                  f"{with_interval('S_min', fit.s_min, fit.s_min_interval)}, "
+                  f"{with_interval('E_min', fit.e_min, fit.e_min_interval)}"
+                  f"{'' if fit.resolved else ' -- not resolved'}")
         for warning in caught:
             print(f"note: {warning.message}")
     return 0
