@@ -10,10 +10,12 @@ replaced examples' rows become their sources' rows and no other row moves. Each 
 fingerprint (three sums per row, in float64).
 
 Where the forwards draw random numbers (noise added to the raw inputs in any mode), a replaced example's row holds
-its source's inputs with its own draw, not its source's row: there only which rows changed is compared (a session's
-review found such a model taken for one that reorders its inputs, so its norms went to the whole-model vmap, of
-another draw of the noise, up to 0.48 off an example's, and backend='ghost' refused it). A reordering that maps
-the replaced examples onto each other (a flip, which swaps the first and the last) is then not seen.
+its source's inputs with its own draw, not its source's row: there only whether a row other than the replaced
+examples' changed is compared (a replaced example's row may stay as it was: a layer reading a class label that the
+example shares with its source). A session's review found such a model taken for one that reorders its inputs,
+so its norms went to the whole-model vmap, of another draw of the noise, up to 0.48 off an example's, and
+backend='ghost' refused it. A reordering that maps the replaced examples onto each other (a flip, which swaps the
+first and the last) is then not seen.
 """
 
 from __future__ import annotations
