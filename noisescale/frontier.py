@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from noisescale._checks import check_int
 from noisescale.sweep import _refuse_crossing_at_start, _stop_step, first_crossing
 from noisescale.tradeoff import TradeoffFit, _parametric_bootstrap
 
@@ -85,7 +86,8 @@ def train_to_target(
     nothing. So does a first step whose loss is not finite on finite data: no optimizer step has moved the
     parameters yet, so the model or the loss computes a non-finite value (the row's ``nonfinite_examples`` names
     the examples where others are finite). A target met at step 0 (``window`` 1 and a target the untrained model
-    meets) is a ValueError too: there are no steps to the target to measure.
+    meets) is a ValueError too, before any step: there are no steps to the target to measure. ``window`` must be a
+    positive odd int, checked before any step.
 
     Returns the outcome ("reached", "censored", or "diverged" at a non-finite training loss), steps and
     examples to the target (NaN unless reached), the evaluations, the batch size of every
@@ -95,10 +97,18 @@ def train_to_target(
     if trainer.steps != 0:
         raise ValueError(f"train_to_target needs a fresh trainer (its steps and examples count from 0); this one has "
                          f"taken {trainer.steps} steps")
+    check_int(eval_every, "eval_every", 1)
+    check_int(max_steps, "max_steps", 1)
+    check_int(max_examples, "max_examples", 0)
+    if check_int(window, "window", 1) % 2 == 0:   # (smooth_centered's check, before any step is trained)
+        raise ValueError(f"window must be a positive odd int (a centred window), got {window!r}")
     eval_steps, eval_values, eval_seconds = [0], [], 0.0
     started = time.perf_counter()
     eval_values.append(float(evaluate()))
     eval_seconds += time.perf_counter() - started
+    if window == 1:   # the step-0 evaluation alone decides a crossing at step 0
+        _refuse_crossing_at_start(first_crossing(eval_steps, eval_values, target, higher_is_better=higher_is_better,
+                                                 window=1), eval_values[0], target)
     steps = examples = math.nan
     outcome = "censored"
     budget_steps, examples_trained = max_steps, 0

@@ -146,6 +146,22 @@ def test_train_to_target_refuses_a_target_met_before_any_step():
         train_to_target(_ScriptedTrainer(), lambda: 0.9, target=0.75, eval_every=10, window=1)
 
 
+def test_train_to_target_refuses_its_window_and_a_target_met_at_step_0_before_training():
+    """An even window failed only at the first smoothing, after eval_every steps (smooth_centered's check), and a
+    target met at step 0 with window 1 was refused after the first eval_every steps: both before any step now."""
+    for window in (2, 0):
+        trainer = _ScriptedTrainer()
+        with pytest.raises(ValueError, match="window must be"):
+            train_to_target(trainer, lambda: 0.1, target=0.75, eval_every=10, window=window)
+        assert trainer.steps == 0
+    trainer = _ScriptedTrainer()
+    with pytest.raises(ValueError, match=r"target 0.75 is met before any training step"):
+        train_to_target(trainer, lambda: 0.9, target=0.75, eval_every=10, window=1)
+    assert trainer.steps == 0
+    with pytest.raises(TypeError, match="eval_every must be an int"):
+        train_to_target(_ScriptedTrainer(), lambda: 0.1, target=0.75, eval_every=10.0)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_train_to_target_refuses_a_batch_holding_nan_rather_than_calling_the_run_diverged():
     """Before, the first step whose batch held NaN ended the run as "diverged"."""
