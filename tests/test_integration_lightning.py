@@ -564,6 +564,32 @@ def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examp
         assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
 
 
+class LBFGSModule(TinyModule):
+    """LBFGS, which calls Lightning's closure (training_step and its backward) several times in one step."""
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+def test_an_optimizer_that_runs_the_closure_again_leaves_each_row_the_step_s_first_pass(tmp_path):
+    """LBFGS runs Lightning's closure up to max_iter times a step; the row is recorded at the first (its
+    on_before_optimizer_step), and each later backward's on_after_backward, with no micro-batch open, added its
+    loss to the next step's row: losses 3.35 and 4.70 where the step's batch at its start weights gave 1.71 and
+    0.50. Now such a backward is left alone: each row's loss and estimate are those of the step's batch at its
+    start weights (a loop over single examples)."""
+    recorder, callback = RecordBatches(), NoiseScaleCallback()
+    _fit(tmp_path, 1, [recorder, callback], make_module=lambda dropout: LBFGSModule())
+    history = callback.monitor.history
+    assert len(history) == STEPS
+    for step, row in zip(recorder.steps, history.itertuples()):
+        module = TinyModule()
+        module.load_state_dict(step["weights"])
+        x, y = (torch.cat(parts) for parts in zip(*step["batches"]))
+        with torch.no_grad():
+            assert row.loss == pytest.approx(F.cross_entropy(module(x), y).item(), rel=1e-12)
+        _assert_the_steps_estimate(row, step, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- DDP, 2 gloo ranks
 WORLD_SIZE = 2
 

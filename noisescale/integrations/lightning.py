@@ -14,10 +14,11 @@ hooks need it -- ``on_train_batch_start`` (the batch, before the forward: arm th
 (the loss Lightning backpropagates, already divided by ``accumulate_grad_batches``), ``on_after_backward`` (read
 the norms) and ``on_before_optimizer_step`` (p.grad accumulated, all-reduced under DDP and unscaled under 16-mixed,
 before clipping: read |gbar|^2). The user's ``training_step``, Lightning's closure, ``no_sync`` and the optimizer
-step run unchanged, so training is bit-identical to the run without the callback. The per-example gradients of the
-optimizer step's whole batch follow from that loss as :mod:`noisescale.integrations.observer` explains; the
-averages go to every logger through ``pl_module.log_dict`` (``on_step=True``, written every
-``log_every_n_steps``; also in ``trainer.callback_metrics``).
+step run unchanged, so training is bit-identical to the run without the callback (an optimizer that runs the
+closure several times a step, LBFGS, is measured at its first run: the later ones are left alone). The
+per-example gradients of the optimizer step's whole batch follow from that loss as
+:mod:`noisescale.integrations.observer` explains; the averages go to every logger through ``pl_module.log_dict``
+(``on_step=True``, written every ``log_every_n_steps``; also in ``trainer.callback_metrics``).
 
 A dict batch that packs its sequences into rows without padding (``position_ids`` restarting inside a row, no
 ``attention_mask``: transformers' ``DataCollatorWithFlattening`` as the DataLoader's ``collate_fn``) is measured as
@@ -195,6 +196,8 @@ class NoiseScaleCallback(Callback):
         self.monitor.check_loss(loss)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if not self.monitor.micro_batch_open:   # the optimizer ran the closure again after the step's row (LBFGS)
+            return
         try:
             self.monitor.end_micro_batch(self._loss)
         except ValueError as error:

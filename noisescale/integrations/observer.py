@@ -346,6 +346,11 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self.closed = True
 
     @property
+    def micro_batch_open(self) -> bool:
+        """Whether a micro-batch is begun and neither ended nor dropped."""
+        return self._micro_batch_open
+
+    @property
     def micro_batches(self) -> int:
         """The micro-batches of the open step ended so far (a framework's step that skipped one trained on the
         others only)."""
