@@ -190,3 +190,18 @@ def test_a_micro_batch_run_unseen_or_a_step_ended_without_gradients_is_refused(m
     row = monitor.end_step()
     assert row["batch_size"] == 8
     assert row["trace_sigma"] == pytest.approx(reference_estimate(model, [(x1, y1), (x2, y2)])[0], rel=1e-10)
+
+
+def test_drop_step_forgets_a_step_the_loop_skips():
+    """A loop that catches an error in a micro-batch's backward and skips the step had no call to say so: the next
+    begin_micro_batch refused the step left open, advising end_micro_batch."""
+    model = small_model()
+    monitor = ObservingNoiseScaleMonitor(model, NoiseScaleOptions(population_size=None))
+    (x1, y1), (x2, y2) = step_batches(1)[0]
+    monitor.begin_micro_batch(len(x1), batch=(x1, y1))
+    (F.cross_entropy(model(x1), y1) / 2).backward()   # then, say, out of memory: the loop skips the step
+    monitor.drop_step()
+    model.zero_grad()
+    row = observed_step(model, monitor, [(x1, y1), (x2, y2)])
+    assert row["step"] == 0 and row["batch_size"] == 8 and len(monitor.history) == 1
+    assert row["trace_sigma"] == pytest.approx(reference_estimate(model, [(x1, y1), (x2, y2)])[0], rel=1e-10)

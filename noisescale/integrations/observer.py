@@ -334,14 +334,20 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                 self._refuse_step(
                     f"{caller} was called while the micro-batch begun last had run its backward without "
                     "end_micro_batch(loss) after it: its gradient is in p.grad, and its examples would be missing "
-                    "from the estimate. Call monitor.end_micro_batch(loss) after each micro-batch's backward")
+                    "from the estimate. Call monitor.end_micro_batch(loss) after each micro-batch's backward (or "
+                    "monitor.drop_step() where the loop skips the step)")
+
+    def drop_step(self) -> None:
+        """Forget the open step, its micro-batches and any micro-batch left open, without a row: a loop of one's
+        own that skips a step (an out-of-memory error in a backward, caught) and zeroes p.grad."""
+        self._drop_open_micro_batch()
+        self._step_open = False
+        self._reset_step()
 
     def close(self) -> None:
         """Remove the hooks from the model, after disarming a micro-batch left open and forgetting the step it
         began (training stopped by an exception in its middle); the history and averages stay readable."""
-        self._drop_open_micro_batch()
-        self._step_open = False
-        self._reset_step()
+        self.drop_step()
         super().close()
         self.closed = True
 
