@@ -24,9 +24,10 @@ transformers = pytest.importorskip("transformers")
 
 from _bad_data import assert_named_as_bad_data  # noqa: E402
 from _left_behind import compiles, hooks_on  # noqa: E402
+from _packed import assert_packs_estimate  # noqa: E402
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load  # noqa: E402
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
-                                   micro_batch_noise_scale, simple_noise_scale)
+                                   simple_noise_scale)
 from noisescale.hessian import hessian_noise_scale  # noqa: E402
 from noisescale.integrations.huggingface import NoiseScaleTrainer  # noqa: E402
 from noisescale.integrations.observer import NoiseScaleOptions  # noqa: E402
@@ -541,11 +542,7 @@ def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examp
             assert batch["input_ids"].shape[0] == 1 and int(batch["position_ids"].eq(0).sum()) == 4
             loss = model(**batch, num_items_in_batch=total).loss
             contributions.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)]))
-        units = torch.stack([8 * c / 4 for c in contributions])   # each pack's mean gradient g_k = B C_k / b_k
-        estimate = micro_batch_noise_scale(units.square().sum(1), [4, 4], sum(contributions).square().sum(),
-                                           population=24)
-        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
-        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+        assert_packs_estimate(row, contributions, [4, 4], population=24)
 
 
 def test_a_compiled_model_is_measured_eagerly_and_trains_as_the_compiled_trainer(tmp_path):

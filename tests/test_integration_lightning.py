@@ -23,6 +23,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 from _bad_data import assert_named_as_bad_data
 from _left_behind import compiles, hooks_on
+from _packed import assert_packs_estimate
 from _ranks import check_global_batch_history, framework_rank, full_state, spawn_and_load
 from noisescale.estimators import (ExponentialMovingNoiseScale, ExponentialMovingRatio,  # noqa: E402
                                    micro_batch_noise_scale, simple_noise_scale)
@@ -557,11 +558,7 @@ def test_sequences_packed_into_rows_are_measured_from_the_micro_batches_as_examp
         parameters = list(module.parameters())
         contributions = [torch.cat([g.flatten() for g in torch.autograd.grad(module(**batch).loss / 2, parameters)])
                          for batch in step["batches"]]
-        units = torch.stack([8 * c / 4 for c in contributions])   # each pack's mean gradient g_k = B C_k / b_k
-        estimate = micro_batch_noise_scale(units.square().sum(1), [4, 4], sum(contributions).square().sum(),
-                                           population=24)
-        assert row.trace_sigma == pytest.approx(estimate.trace_sigma, rel=1e-9)
-        assert row.grad_sqnorm == pytest.approx(estimate.grad_sqnorm, rel=1e-9)
+        assert_packs_estimate(row, contributions, [4, 4], population=24)
 
 
 class LBFGSModule(TinyModule):
