@@ -35,6 +35,7 @@ from noisescale.distributed import (
 )
 from noisescale.estimators import simple_noise_scale, two_batch_noise_scale
 from noisescale.hessian import hessian_noise_scale
+from noisescale.integrations.observer import NoiseScaleOptions, ObservingNoiseScaleMonitor
 from noisescale.losses import per_example_cross_entropy
 from noisescale.monitor import NoiseScaleMonitor
 from noisescale.sampler import ResizableBatchSampler
@@ -79,15 +80,19 @@ def _ddp(model: torch.nn.Module, **options) -> DistributedDataParallel:
     return DistributedDataParallel(model, bucket_cap_mb=1e-4, **options)  # tiny buckets: several per backward
 
 
-def _accumulated_backward(model: DistributedDataParallel, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-    """ACCUMULATION_STEPS micro-batches, no_sync() for all but the last, each loss divided by the count."""
+def _accumulated_backward(model: DistributedDataParallel, inputs: torch.Tensor, labels: torch.Tensor,
+                          observer=None) -> None:
+    """ACCUMULATION_STEPS micro-batches, no_sync() for all but the last, each loss divided by the count; each
+    observed by ``observer`` (an ObservingNoiseScaleMonitor, docs/own-loop.md), if given."""
     for k in range(ACCUMULATION_STEPS):
         part = slice(k * MICRO_BATCH, (k + 1) * MICRO_BATCH)
-        if k < ACCUMULATION_STEPS - 1:
-            with model.no_sync():
-                (F.cross_entropy(model(inputs[part]), labels[part]) / ACCUMULATION_STEPS).backward()
-        else:
-            (F.cross_entropy(model(inputs[part]), labels[part]) / ACCUMULATION_STEPS).backward()
+        with model.no_sync() if k < ACCUMULATION_STEPS - 1 else contextlib.nullcontext():
+            if observer is not None:
+                observer.begin_micro_batch(MICRO_BATCH, batch=(inputs[part], labels[part]))
+            loss = F.cross_entropy(model(inputs[part]), labels[part]) / ACCUMULATION_STEPS
+            loss.backward()
+            if observer is not None:
+                observer.end_micro_batch(loss)
 
 
 def _train(model, noise, inputs, labels, rank, *, momentum=0.0, poison=None):
@@ -396,6 +401,20 @@ def _worker(rank: int, out_dir: str, hang_deadline_s: float) -> None:
     results["population_error"] = capture_error(every_draw)
     report_progress(out_dir, rank, "population")
 
+    # 9. a loop of one's own, its backward kept, observed (docs/own-loop.md): one row per step, the global batch's
+    own_inputs, own_labels = _make_data(torch.float64)
+    own = _ddp(_make_model(torch.float64))
+    observer = ObservingNoiseScaleMonitor(own, NoiseScaleOptions(population_size=None))
+    optimizer = torch.optim.SGD(own.parameters(), lr=LEARNING_RATE)
+    results["own_loop_rows"] = []
+    for step in range(STEPS):
+        _accumulated_backward(own, own_inputs[step, rank], own_labels[step, rank], observer)
+        results["own_loop_rows"].append(observer.end_step())
+        optimizer.step()
+        optimizer.zero_grad()
+    results["own_loop_params"] = [p.detach().clone() for p in own.parameters()]
+    report_progress(out_dir, rank, "own loop")
+
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     report_progress(out_dir, rank, "saved")
     dist.destroy_process_group()
@@ -441,6 +460,32 @@ def test_ddp_estimate_matches_single_process_two_batch_estimate(rank_results):
             assert row.grad_sqnorm == pytest.approx(reference.grad_sqnorm, rel=1e-6)
             assert row.trace_sigma == pytest.approx(reference.trace_sigma, rel=1e-6)
         for trained, p in zip(result["estimate_params"], model.parameters()):
+            torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_loop_of_ones_own_observed_under_ddp_is_the_per_example_loop_over_the_global_batch(rank_results):
+    """ObservingNoiseScaleMonitor fed by a loop of one's own (no_sync accumulation, 3 ranks x 2 micro-batches of 4):
+    every rank's row is the per-example estimate of the step's 24 examples, each example's gradient taken alone in
+    one process; the training is that of the single-process loop."""
+    inputs, labels = _make_data(torch.float64)
+    model = _make_model(torch.float64)
+    expected = []
+    for step in range(STEPS):
+        examples, targets = inputs[step].reshape(-1, INPUTS), labels[step].reshape(-1)
+        grads = torch.stack([torch.cat([g.flatten() for g in _gradient(model, examples[i:i + 1], targets[i:i + 1])])
+                             for i in range(len(examples))])
+        expected.append(simple_noise_scale(grads.square().sum(1), grads.mean(0).square().sum()))
+        full_gradient = _gradient(model, examples, targets)
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), full_gradient):
+                p -= LEARNING_RATE * g
+    for result in rank_results:
+        rows = result["own_loop_rows"]
+        assert [row["batch_size"] for row in rows] == [WORLD_SIZE * LOCAL_BATCH] * STEPS
+        for row, reference in zip(rows, expected):
+            assert row["trace_sigma"] == pytest.approx(reference.trace_sigma, rel=1e-10)
+            assert row["grad_sqnorm"] == pytest.approx(reference.grad_sqnorm, rel=1e-9, abs=1e-12)
+        for trained, p in zip(result["own_loop_params"], model.parameters()):
             torch.testing.assert_close(trained, p.detach(), rtol=1e-10, atol=1e-12)
 
 
