@@ -462,8 +462,10 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         self._warn_once("beyond_units", f"step {self.step}: the batch's gradient (|gbar|^2 = {float(grad_sqnorm):.4g}) "
                         f"is larger than its examples' gradients allow (their mean |g_i|^2 = {mean_sqnorm:.4g}): "
                         "part of it belongs to no example, as a weight penalty added to the loss outside the model "
-                        "does; such steps are left unmeasured and training goes on (warned once); put the penalty "
-                        "in the optimizer (weight_decay) to measure them")
+                        "does (or, in a loop of one's own, an end_step(contribution_scale=...) larger than the "
+                        "scaling its backward passes ran under); such steps are left unmeasured and "
+                        "training goes on (warned once); put the penalty in the optimizer (weight_decay) to measure "
+                        "them")
         return False
 
     def _device(self) -> torch.device:
