@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from noisescale._checks import check_int
-from noisescale.sweep import _refuse_crossing_at_start, _stop_step, first_crossing
+from noisescale.sweep import _checked_window, _refuse_crossing_at_start, _stop_step, first_crossing
 from noisescale.tradeoff import TradeoffFit, _parametric_bootstrap
 
 __all__ = [
@@ -100,8 +100,7 @@ def train_to_target(
     check_int(eval_every, "eval_every", 1)
     check_int(max_steps, "max_steps", 1)
     check_int(max_examples, "max_examples", 0)
-    if check_int(window, "window", 1) % 2 == 0:   # (smooth_centered's check, before any step is trained)
-        raise ValueError(f"window must be a positive odd int (a centred window), got {window!r}")
+    _checked_window(window)   # (smooth_centered's check, before any step is trained)
     eval_steps, eval_values, eval_seconds = [0], [], 0.0
     started = time.perf_counter()
     eval_values.append(float(evaluate()))

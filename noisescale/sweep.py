@@ -201,11 +201,17 @@ def _cells(batch_sizes: Sequence[int], learning_rates) -> list[tuple[int, float]
 
 
 # ---------------------------------------------------------------------------------------------- smoothing
+def _checked_window(window: Any) -> int:
+    """``window`` of a centred moving average: a positive odd int, else a ValueError."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd int (a centred window), got {window!r}")
+    return int(window)
+
+
 def smooth_centered(values: Sequence[float], window: int) -> np.ndarray:
     """Centred moving average over ``window`` (a positive odd int) values; entries without a full window on both
     sides are NaN."""
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd int (a centred window), got {window!r}")
+    _checked_window(window)
     values = np.asarray(values, dtype=float)
     smoothed = np.full(values.shape, np.nan)
     half = window // 2
