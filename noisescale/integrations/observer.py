@@ -171,13 +171,13 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
             self.process_group = process_group
         self.options = options
         self.closed = False
-        self._step_open = False
         self._micro_batch: contextlib.AbstractContextManager | None = None
         self._loss_checked = not options.check_independence   # check_loss, on the first measured micro-batch
         self._module_outputs: _ModuleOutputs | None = None
         self._reset_step()
 
     def _reset_step(self) -> None:
+        self._step_open = False   # a micro-batch begun since the last row (or since the monitor was made)
         self._micro_batch_open = False   # begun, neither ended nor dropped
         self._sizes: list[int] = []
         self._sqnorms: list[torch.Tensor] = []
@@ -310,7 +310,6 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
     def _refuse_step(self, why: str) -> None:
         """Forget the open step (no row) and raise a ValueError saying ``why``: a call out of order in a loop of
         one's own, whose p.grad stays as its backward passes made it."""
-        self._step_open = False
         self._reset_step()
         raise ValueError(f"{why}; this step is dropped (no row), p.grad is left as the backward passes made it")
 
@@ -341,7 +340,6 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
         """Forget the open step, its micro-batches and any micro-batch left open, without a row: a loop of one's
         own that skips a step (an out-of-memory error in a backward, caught) and zeroes p.grad."""
         self._drop_open_micro_batch()
-        self._step_open = False
         self._reset_step()
 
     def close(self) -> None:
@@ -382,8 +380,7 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                   global_step: int | None) -> dict[str, Any] | None:
         self._drop_open_micro_batch("end_step")
         if self._step_open and not self._sizes:   # every micro-batch skipped (Lightning: training_step returned
-            self._step_open = False               # None): no backward, nothing trained, no row
-            self._reset_step()
+            self._reset_step()                    # None): no backward, nothing trained, no row
         if not self._step_open:
             return None
         sizes, sqnorms = self._sizes, self._sqnorms
@@ -427,7 +424,6 @@ class ObservingNoiseScaleMonitor(AccumulatingNoiseScaleMonitor):
                "examples_seen": self.examples_seen, "batch_size": batch_size, "micro_batches": len(sizes), **row}
         self._record(row)
         self.step += 1
-        self._step_open = False
         self._reset_step()
         return row
 
